@@ -1,0 +1,2 @@
+// Translation unit that carries the shared LibTorch precompiled header.
+#include <torch/torch.h>

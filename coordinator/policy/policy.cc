@@ -1,0 +1,306 @@
+#include "coordinator/policy/policy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace mat::policy {
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// A uniform integer in [0, n), n >= 1, from the raw 64-bit output of `rng` by rejection:
+// outputs below 2^64 mod n are redrawn so every residue is equally likely. Unlike
+// std::uniform_int_distribution, the result is the same on every standard library.
+uint64_t UniformBelow(std::mt19937_64& rng, uint64_t n) {
+  const uint64_t reject_below = (0 - n) % n;  // 2^64 mod n
+  while (true) {
+    const uint64_t r = rng();
+    if (r >= reject_below) return r % n;
+  }
+}
+
+// round(fraction·size), halves away from zero, clamped to [0, size].
+int RoundedCount(double fraction, int size) {
+  const long long n = std::llround(fraction * size);
+  return static_cast<int>(std::clamp<long long>(n, 0, size));
+}
+
+std::string NonFiniteName(double v) {
+  if (std::isnan(v)) return "nan";
+  return v > 0 ? "inf" : "-inf";
+}
+
+nlohmann::json JsonNumber(double v) {
+  if (std::isfinite(v)) return v;
+  return NonFiniteName(v);
+}
+
+}  // namespace
+
+nlohmann::json Decision::ToJson(const std::vector<ModuleInfo>& modules,
+                                const PolicyConfig& config) const {
+  MAT_CHECK(mask.size() == modules.size() && converged.size() == modules.size() &&
+            lambda_smoothed.size() == modules.size() &&
+            (lambda_raw.empty() || lambda_raw.size() == modules.size()))
+      << "Decision::ToJson: decision for " << mask.size() << " modules, given " << modules.size();
+  nlohmann::json thresholds = nlohmann::json::object();
+  for (const auto& [group, value] : threshold) thresholds[group] = JsonNumber(value);
+  nlohmann::json entries = nlohmann::json::array();
+  int num_active = 0;
+  for (size_t i = 0; i < modules.size(); ++i) {
+    num_active += mask[i] ? 1 : 0;
+    entries.push_back({
+        {"name", modules[i].name},
+        {"group", modules[i].group},
+        {"layer", modules[i].layer},
+        {"index", modules[i].index},
+        {"lambda", lambda_raw.empty() ? nlohmann::json(nullptr) : JsonNumber(lambda_raw[i])},
+        {"lambda_smoothed", JsonNumber(lambda_smoothed[i])},
+        {"active", mask[i] != 0},
+        {"converged", converged[i] != 0},
+    });
+  }
+  return nlohmann::json{
+      {"step", step},
+      {"phase", phase},
+      {"policy", PolicyConfigToJson(config)},
+      {"threshold", std::move(thresholds)},
+      {"num_active", num_active},
+      {"rejected", rejected},
+      {"modules", std::move(entries)},
+  };
+}
+
+absl::StatusOr<std::unique_ptr<Policy>> Policy::Create(const PolicyConfig& config,
+                                                       std::vector<ModuleInfo> modules) {
+  MAT_RETURN_IF_ERROR(ValidatePolicyConfig(config));
+  std::set<std::string> names;
+  std::set<std::tuple<std::string, int, int>> positions;
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const ModuleInfo& m = modules[i];
+    if (m.name.empty() || m.group.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("policy module ", i,
+                                                     " needs a name and a group (name \"", m.name,
+                                                     "\", group \"", m.group, "\")"));
+    }
+    if (m.layer < 0 || m.index < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("policy module ", m.name,
+                                                     ": layer and index must be >= 0, got ",
+                                                     m.layer, " and ", m.index));
+    }
+    if (!names.insert(m.name).second) {
+      return absl::InvalidArgumentError(absl::StrCat("policy module name ", m.name, " repeats"));
+    }
+    if (!positions.insert({m.group, m.layer, m.index}).second) {
+      return absl::InvalidArgumentError(absl::StrCat("policy module ", m.name, ": group ", m.group,
+                                                     " layer ", m.layer, " index ", m.index,
+                                                     " repeats"));
+    }
+  }
+  return std::unique_ptr<Policy>(new Policy(config, std::move(modules)));
+}
+
+Policy::Policy(const PolicyConfig& config, std::vector<ModuleInfo> modules)
+    : config_(config), modules_(std::move(modules)) {
+  const size_t n = modules_.size();
+  for (size_t i = 0; i < n; ++i) groups_[modules_[i].group].push_back(static_cast<int>(i));
+  state_.smoothed.assign(n, 0.0);
+  state_.has_smoothed.assign(n, 0);
+  state_.delta1.assign(n, 0.0);
+  state_.has_delta1.assign(n, 0);
+  state_.below_count.assign(n, 0);
+  state_.converged.assign(n, 0);
+  state_.mask.assign(n, 1);
+  state_.fast.assign(n, 1);
+  state_.rng.seed(config_.seed);
+}
+
+bool Policy::NeedsSpectra() const { return config_.kind == PolicyKind::kMat; }
+
+absl::StatusOr<Decision> Policy::Observe(int64_t step, const std::vector<double>& lambda) {
+  if (step < 0 || step % config_.interval_steps != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy observation at step ", step,
+                     ": expected a step >= 0 that is a multiple of policy.interval_steps = ",
+                     config_.interval_steps));
+  }
+  if (step <= state_.last_step) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "policy observation at step ", step, ": already observed step ", state_.last_step));
+  }
+  const bool may_be_empty = !NeedsSpectra() && lambda.empty();
+  if (!may_be_empty && lambda.size() != modules_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "policy observation at step ", step, ": got ", lambda.size(), " lambda values for ",
+        modules_.size(), " modules", NeedsSpectra() ? "" : " (or none)"));
+  }
+
+  Decision decision;
+  decision.step = step;
+  decision.lambda_raw = lambda;
+  const bool warmup = step < config_.warmup_steps;
+  decision.phase = warmup ? "warmup" : "policy";
+  Smooth(step, lambda, &decision);
+  for (const auto& group : groups_) decision.threshold[group.first] = kNaN;
+
+  std::vector<uint8_t> mask(modules_.size(), 1);
+  if (!warmup) {
+    switch (config_.kind) {
+      case PolicyKind::kFull:
+        break;
+      case PolicyKind::kMat:
+        mask = MatMask(&decision);
+        break;
+      case PolicyKind::kRand:
+        mask = RandomSubset(config_.rand_fraction);
+        break;
+      case PolicyKind::kMultirate:
+        if (!state_.split_chosen) {
+          state_.fast = RandomSubset(config_.multirate_fast_fraction);
+          state_.split_chosen = true;
+        }
+        mask = state_.fast;
+        break;
+    }
+  }
+  state_.mask = mask;
+  state_.last_step = step;
+  decision.mask = std::move(mask);
+  decision.converged = state_.converged;
+  decision.lambda_smoothed.resize(modules_.size());
+  for (size_t i = 0; i < modules_.size(); ++i) {
+    decision.lambda_smoothed[i] = state_.has_smoothed[i] ? state_.smoothed[i] : kNaN;
+  }
+  return decision;
+}
+
+void Policy::Smooth(int64_t step, const std::vector<double>& lambda, Decision* decision) {
+  const bool temporal =
+      config_.kind == PolicyKind::kMat && config_.beta > 0.0 && step >= config_.warmup_steps;
+  for (size_t i = 0; i < lambda.size(); ++i) {
+    const double x = lambda[i];
+    if (!std::isfinite(x)) {
+      decision->rejected.push_back(
+          absl::StrCat(modules_[i].name, ": lambda is ", NonFiniteName(x)));
+      continue;
+    }
+    if (!state_.has_smoothed[i]) {
+      state_.smoothed[i] = x;
+      state_.has_smoothed[i] = 1;
+      continue;  // no Δ without a previous value
+    }
+    const double previous = state_.smoothed[i];
+    state_.smoothed[i] = config_.gamma * previous + (1.0 - config_.gamma) * x;
+    if (!temporal || state_.converged[i]) continue;
+    const double delta = std::fabs(state_.smoothed[i] - previous);
+    if (!state_.has_delta1[i]) {
+      state_.delta1[i] = std::max(delta, config_.delta_floor);
+      state_.has_delta1[i] = 1;
+    }
+    if (delta / state_.delta1[i] < config_.beta) {
+      if (++state_.below_count[i] >= config_.patience) state_.converged[i] = 1;
+    } else {
+      state_.below_count[i] = 0;
+    }
+  }
+}
+
+std::vector<uint8_t> Policy::MatMask(Decision* decision) const {
+  std::vector<uint8_t> mask(modules_.size(), 1);
+  for (const auto& [group, members] : groups_) {
+    double lo = std::numeric_limits<double>::infinity();
+    double hi = -lo;
+    for (int i : members) {
+      if (!state_.has_smoothed[i]) continue;
+      lo = std::min(lo, state_.smoothed[i]);
+      hi = std::max(hi, state_.smoothed[i]);
+    }
+    const bool any = lo <= hi;
+    const double threshold = any ? lo + (hi - lo) * config_.alpha : kNaN;
+    decision->threshold[group] = threshold;
+    for (int i : members) {
+      const bool above = !state_.has_smoothed[i] || lo == hi || state_.smoothed[i] > threshold;
+      mask[i] = above && !state_.converged[i] ? 1 : 0;
+    }
+  }
+  ApplyGuard(&mask);
+  return mask;
+}
+
+std::vector<uint8_t> Policy::RandomSubset(double fraction) {
+  std::vector<uint8_t> mask(modules_.size(), 0);
+  for (const auto& [group, members] : groups_) {
+    const int size = static_cast<int>(members.size());
+    const int count = std::max(GuardCount(size), RoundedCount(fraction, size));
+    std::vector<int> order = members;
+    for (int k = 0; k < count; ++k) {  // partial Fisher–Yates: order[0..count) is the subset
+      const uint64_t j = k + UniformBelow(state_.rng, static_cast<uint64_t>(size - k));
+      std::swap(order[k], order[j]);
+      mask[order[k]] = 1;
+    }
+  }
+  return mask;
+}
+
+void Policy::ApplyGuard(std::vector<uint8_t>* mask) const {
+  for (const auto& [group, members] : groups_) {
+    const int need = GuardCount(static_cast<int>(members.size()));
+    std::vector<int> inactive;
+    for (int i : members) {
+      if (!(*mask)[i]) inactive.push_back(i);
+    }
+    int active = static_cast<int>(members.size() - inactive.size());
+    if (active >= need) continue;
+    // Non-converged first, then higher s (no s yet counts as highest), then lower index.
+    auto key = [this](int i) {
+      const double s =
+          state_.has_smoothed[i] ? state_.smoothed[i] : std::numeric_limits<double>::infinity();
+      return std::make_tuple(state_.converged[i], -s, i);
+    };
+    std::sort(inactive.begin(), inactive.end(), [&key](int a, int b) { return key(a) < key(b); });
+    for (size_t k = 0; k < inactive.size() && active < need; ++k, ++active) {
+      (*mask)[inactive[k]] = 1;
+    }
+  }
+}
+
+int Policy::GuardCount(int group_size) const {
+  if (config_.min_active_fraction <= 0.0 || group_size == 0) return 0;
+  // The 1e-9 keeps products such as 0.07·100 = 7.000000000000001 from rounding up to 8.
+  const double exact = config_.min_active_fraction * group_size;
+  const int count = static_cast<int>(std::ceil(exact - 1e-9));
+  return std::clamp(count, 1, group_size);
+}
+
+StepMask Policy::MaskAt(int64_t step) const {
+  const size_t n = modules_.size();
+  StepMask out{std::vector<uint8_t>(n, 1), std::vector<double>(n, 1.0)};
+  if (step < config_.warmup_steps) return out;
+  switch (config_.kind) {
+    case PolicyKind::kFull:
+      break;
+    case PolicyKind::kMat:
+    case PolicyKind::kRand:
+      out.active = state_.mask;
+      break;
+    case PolicyKind::kMultirate:
+      if (!state_.split_chosen) break;
+      const bool slow_step = step % config_.multirate_k == 0;
+      for (size_t i = 0; i < n; ++i) {
+        if (state_.fast[i]) continue;
+        out.active[i] = slow_step ? 1 : 0;
+        if (slow_step) out.lr_scale[i] = config_.multirate_k;
+      }
+      break;
+  }
+  return out;
+}
+
+}  // namespace mat::policy

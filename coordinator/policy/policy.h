@@ -1,0 +1,174 @@
+// The module-selection policy (DESIGN §5): from per-module λ_max reports to training masks.
+//
+// Inputs: one λ_max per module at every probe step (step % interval_steps == 0, from step 0).
+// Output: a Decision per report, and the StepMask the trainer applies on each training step.
+//
+//   smoothing  s_t = γ·s_{t-1} + (1-γ)·λ_t per module; the first finite λ initialises s.
+//   modular    (kMat, paper eq. 4–5) per group, over all layers:
+//              λ_α = min(s) + (max(s) - min(s))·α;  active ⇔ s > λ_α (strictly; all active when
+//              every s of the group is equal). Modules without any finite report yet are active
+//              and do not enter min/max.
+//   temporal   (kMat with β > 0, paper eq. 6–7) Δ_t = |s_t - s_{t-1}|; Δ_1 = the module's first
+//              Δ at a step >= warmup_steps, floored at delta_floor. Every post-warm-up Δ_t
+//              (Δ_1 included) with Δ_t/Δ_1 < β increments a counter, any other resets it; at
+//              `patience` the module is converged: inactive for good (but for the guard).
+//              A rejected report leaves the counter as it was.
+//   guard      per group at least ceil(min_active_fraction·size) active modules (>= 1 when the
+//              fraction is > 0); when short, the inactive modules with the highest s are
+//              re-activated, non-converged before converged, lower module index on ties.
+//   warm-up    every decision at a step < warmup_steps, and MaskAt(step < warmup_steps), is all
+//              active, for every kind.
+//   kFull      all active always.
+//   kRand      each post-warm-up decision picks, per group, max(guard, round(rand_fraction·size))
+//              modules uniformly at random (partial Fisher–Yates on a std::mt19937_64 seeded with
+//              `seed`, bounded by rejection sampling on its raw output: the same on every
+//              platform).
+//   kMultirate the first post-warm-up decision picks, per group, max(guard,
+//              round(multirate_fast_fraction·size)) fast modules the same way; the split is then
+//              fixed. Fast modules train on every step; slow ones on steps with step % k == 0,
+//              with lr_scale = k.
+// Groups are visited in lexicographic order of their names, modules in index order, so the
+// random draws depend only on the config, the modules and the calls.
+//
+// NaN and ±Inf reports are rejected per module: listed in Decision::rejected, never used (the
+// module keeps its previous smoothed value); the rest of the decision is made as usual.
+//
+// Deterministic: the same config, modules and Observe calls give the same decisions, masks and
+// saved state, bit for bit. SaveState/LoadState carry everything (EMA, temporal counters, RNG,
+// the multirate split, the latest mask), so a restored policy continues bit-identically.
+//
+// Thread-safety: not thread-safe; the owner (the coordinator's job loop) serialises all calls.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/policy/policy_config.h"
+
+namespace mat::policy {
+
+// One switchable module (DESIGN §3). A policy's modules are indexed 0..n-1 in the order given to
+// Policy::Create; every per-module vector below uses that order.
+struct ModuleInfo {
+  std::string group;  // "heads" | "ffn" | "experts" | "filters"; thresholds are per group
+  int layer = 0;
+  int index = 0;     // index within its layer and group
+  std::string name;  // unique, e.g. "layer0.head3"
+};
+
+// What the trainer applies on one training step.
+struct StepMask {
+  std::vector<uint8_t> active;   // one per module, 1 = weights get gradients and updates
+  std::vector<double> lr_scale;  // one per module: 1.0, except multirate_k for a slow
+                                 // multirate module on the steps it trains
+};
+
+// One per Observe call; logged to decisions.jsonl.
+struct Decision {
+  int64_t step = 0;
+  std::vector<double> lambda_raw;       // as reported (NaN/Inf kept here for the log); may be
+                                        // empty when the policy does not need spectra
+  std::vector<double> lambda_smoothed;  // EMA after this observation (NaN: no finite report yet)
+  std::map<std::string, double> threshold;  // per group λ_α (NaN when not computed: warm-up,
+                                            // kinds other than kMat, no smoothed value yet)
+  std::vector<uint8_t> mask;          // applies to steps after `step` until the next decision;
+                                      // kMultirate: the fast modules (see Policy::MaskAt)
+  std::vector<uint8_t> converged;     // temporal policy verdict so far (kMat only, else 0)
+  std::vector<std::string> rejected;  // e.g. "layer0.head3: lambda is nan"
+  std::string phase;                  // "warmup" | "policy"
+
+  // One JSON object with the inputs and the policy parameters, for a replayable audit log:
+  //   {"step", "phase", "policy": PolicyConfigToJson(config), "threshold": {group: x},
+  //    "num_active", "rejected": [...],
+  //    "modules": [{"name", "group", "layer", "index", "lambda", "lambda_smoothed", "active",
+  //                 "converged"}, ...]}
+  // Non-finite numbers are written as the strings "nan", "inf" and "-inf"; "lambda" is null when
+  // lambda_raw is empty. REQUIRES: `modules` is the list this decision was made for.
+  nlohmann::json ToJson(const std::vector<ModuleInfo>& modules, const PolicyConfig& config) const;
+};
+
+// The MAT modular + temporal policy and the baselines behind one interface (see the file
+// comment). Deterministic. Not thread-safe. Not copyable.
+class Policy {
+ public:
+  // INVALID_ARGUMENT for a config that fails ValidatePolicyConfig, a module with an empty name or
+  // group, a negative layer or index, or a duplicate name or (group, layer, index).
+  static absl::StatusOr<std::unique_ptr<Policy>> Create(const PolicyConfig& config,
+                                                        std::vector<ModuleInfo> modules);
+
+  Policy(const Policy&) = delete;
+  Policy& operator=(const Policy&) = delete;
+
+  // True for kMat only: the other kinds accept an empty λ vector.
+  bool NeedsSpectra() const;
+
+  // Records the λ_max reports of the probe at `step` and decides the mask.
+  // REQUIRES (else INVALID_ARGUMENT): step >= 0 and step % interval_steps == 0;
+  //   lambda.size() == modules().size(), or lambda is empty when !NeedsSpectra().
+  // FAILED_PRECONDITION when `step` is not after the previously observed step.
+  // NaN/Inf entries are not errors: see Decision::rejected. After an error the policy is
+  // unchanged.
+  absl::StatusOr<Decision> Observe(int64_t step, const std::vector<double>& lambda);
+
+  // The mask for training step `step`: all active (lr_scale 1) for step < warmup_steps, for
+  // kFull, and before the first decision; otherwise the latest decision's mask (kMat, kRand), or
+  // for kMultirate the fast modules plus, when step % multirate_k == 0, the slow ones with
+  // lr_scale = multirate_k.
+  StepMask MaskAt(int64_t step) const;
+
+  const std::vector<ModuleInfo>& modules() const { return modules_; }
+  const PolicyConfig& config() const { return config_; }
+
+  // JSON text with everything needed to continue bit-identically (format "mat.policy.state/1"),
+  // including the config and the module names it was made for.
+  std::string SaveState() const;
+  // Replaces this policy's state with a SaveState() text. DATA_LOSS when the text is not JSON or
+  // is not a well-formed state (missing field, wrong size or type, bad RNG state);
+  // INVALID_ARGUMENT when it was saved by a policy with another config or other modules (the
+  // message names the first difference). After an error the policy is unchanged.
+  absl::Status LoadState(const std::string& state);
+
+ private:
+  // Everything that changes after Create; SaveState/LoadState move exactly this.
+  struct State {
+    int64_t last_step = -1;        // step of the latest Observe; -1 before the first
+    std::vector<double> smoothed;  // s per module, valid where has_smoothed
+    std::vector<uint8_t> has_smoothed;
+    std::vector<double> delta1;  // Δ_1 per module (floored), valid where has_delta1
+    std::vector<uint8_t> has_delta1;
+    std::vector<int> below_count;  // consecutive post-warm-up Δ_t/Δ_1 < β
+    std::vector<uint8_t> converged;
+    std::vector<uint8_t> mask;  // latest decision's mask; all 1 before the first
+    bool split_chosen = false;  // kMultirate
+    std::vector<uint8_t> fast;  // kMultirate: 1 = fast, valid when split_chosen
+    std::mt19937_64 rng;
+  };
+
+  Policy(const PolicyConfig& config, std::vector<ModuleInfo> modules);
+
+  // Updates s (and the temporal counters) from `lambda`; fills decision->rejected.
+  void Smooth(int64_t step, const std::vector<double>& lambda, Decision* decision);
+  // The kMat mask from the current s and verdicts; fills decision->threshold.
+  std::vector<uint8_t> MatMask(Decision* decision) const;
+  // Per group, max(guard, round(fraction·size)) members drawn uniformly from state_.rng.
+  std::vector<uint8_t> RandomSubset(double fraction);
+  // Raises the active count of every group to the guard, in the order the file comment states.
+  void ApplyGuard(std::vector<uint8_t>* mask) const;
+  // ceil(min_active_fraction·size), >= 1 when the fraction is > 0, <= size.
+  int GuardCount(int group_size) const;
+
+  const PolicyConfig config_;
+  const std::vector<ModuleInfo> modules_;
+  std::map<std::string, std::vector<int>> groups_;  // group name -> module indices, ascending
+  State state_;
+};
+
+}  // namespace mat::policy

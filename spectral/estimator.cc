@@ -1,0 +1,35 @@
+#include "spectral/estimator.h"
+
+#include <cmath>
+
+#include "spectral/exact_estimator.h"
+#include "spectral/gram_estimator.h"
+
+namespace mat::spectral {
+
+ModuleSpectrum KernelStats(const torch::Tensor& kernel) {
+  torch::Tensor k = kernel.detach().to(torch::kFloat64).cpu();
+  k = 0.5 * (k + k.t());  // symmetrize away round-off
+  torch::Tensor eig = torch::linalg::eigvalsh(k, "L");  // ascending
+  ModuleSpectrum s;
+  s.lambda_max = eig[-1].item<double>();
+  s.trace = k.diagonal().sum().item<double>();
+  torch::Tensor pos = eig.clamp_min(0);
+  double total = pos.sum().item<double>();
+  if (total > 0) {
+    torch::Tensor p = pos / total;
+    torch::Tensor nz = p.masked_select(p > 0);
+    double h = -(nz * nz.log()).sum().item<double>();
+    s.effective_rank = std::exp(h);
+  }
+  return s;
+}
+
+absl::StatusOr<std::unique_ptr<Estimator>> MakeEstimator(const std::string& name) {
+  if (name == "gram") return std::unique_ptr<Estimator>(new GramEstimator());
+  if (name == "exact") return std::unique_ptr<Estimator>(new ExactEstimator());
+  return absl::InvalidArgumentError("policy.estimator: unknown estimator '" + name +
+                                    "' (expected gram or exact)");
+}
+
+}  // namespace mat::spectral

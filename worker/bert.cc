@@ -1,0 +1,208 @@
+#include "worker/bert.h"
+
+#include <cmath>
+
+#include "worker/sliced_linear.h"
+
+namespace mat::worker {
+namespace F = torch::nn::functional;
+
+namespace {
+torch::Tensor Normal(std::vector<int64_t> shape) { return torch::randn(shape) * 0.02; }
+}  // namespace
+
+BertLayerImpl::BertLayerImpl(const BertConfig& c, int layer) : c_(c) {
+  const int64_t dh = c.d_model / c.heads;
+  const char* comp[3] = {"q", "k", "v"};
+  qkv_w.resize(c.heads);
+  qkv_b.resize(c.heads);
+  for (int64_t h = 0; h < c.heads; ++h) {
+    for (int k = 0; k < 3; ++k) {
+      std::string n = std::string(comp[k]) + std::to_string(h);
+      qkv_w[h].push_back(register_parameter("w" + n, Normal({dh, c.d_model})));
+      qkv_b[h].push_back(register_parameter("b" + n, torch::zeros({dh})));
+    }
+    o_w.push_back(register_parameter("wo" + std::to_string(h), Normal({c.d_model, dh})));
+  }
+  o_b = register_parameter("bo", torch::zeros({c.d_model}));
+  const int64_t groups = std::max<int64_t>(c.ffn_groups, 1);
+  const int64_t fs = c.d_ff / groups;
+  ff1_w.resize(groups);
+  ff1_b.resize(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    ff1_w[g].push_back(register_parameter("wff1_" + std::to_string(g), Normal({fs, c.d_model})));
+    ff1_b[g].push_back(register_parameter("bff1_" + std::to_string(g), torch::zeros({fs})));
+    ff2_w.push_back(register_parameter("wff2_" + std::to_string(g), Normal({c.d_model, fs})));
+  }
+  ff2_b = register_parameter("bff2", torch::zeros({c.d_model}));
+  ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
+  ln2 = register_module("ln2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
+  (void)layer;
+}
+
+void BertLayerImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> head_modules,
+                                 std::vector<int> ffn_modules) {
+  recorder_ = r;
+  head_modules_ = std::move(head_modules);
+  ffn_modules_ = std::move(ffn_modules);
+}
+
+torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector<bool>& active) {
+  const int64_t B = x.size(0), T = x.size(1), H = c_.heads, dh = c_.d_model / c_.heads;
+  size_t num_active = 0;
+  std::vector<int> order = ActiveFirstOrder(active, &num_active);
+  torch::Tensor qkv = RowSplitForward(x, qkv_w, qkv_b, order, num_active);  // [B,T,3*H*dh]
+  if (recorder_ != nullptr) {
+    spectral::LinearSite site{x, qkv, {}};
+    for (int64_t i = 0; i < H; ++i) {
+      for (int64_t k = 0; k < 3; ++k) {
+        int64_t begin = k * H * dh + i * dh;
+        site.slices.push_back({head_modules_[order[i]], spectral::SliceAxis::kRows, begin,
+                               begin + dh, true});
+      }
+    }
+    recorder_->Record(std::move(site));
+  }
+  std::vector<torch::Tensor> parts = qkv.chunk(3, -1);
+  auto heads = [&](const torch::Tensor& t) { return t.view({B, T, H, dh}).transpose(1, 2); };
+  torch::Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);  // [B,H,T,dh]
+  torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
+  torch::Tensor probs = F::dropout(torch::softmax(scores, -1),
+                                   F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+  torch::Tensor ctx = torch::matmul(probs, v).transpose(1, 2).reshape({B, T, H * dh});
+  torch::Tensor y = ColSplitForward(ctx, o_w, order, num_active);  // [B,T,d]
+  if (recorder_ != nullptr) {
+    spectral::LinearSite site{ctx, y, {}};
+    for (int64_t i = 0; i < H; ++i) {
+      site.slices.push_back(
+          {head_modules_[order[i]], spectral::SliceAxis::kCols, i * dh, (i + 1) * dh, false});
+    }
+    recorder_->Record(std::move(site));
+  }
+  return y + o_b;
+}
+
+torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vector<bool>& active) {
+  size_t num_active = 0;
+  std::vector<int> order =
+      active.empty() ? std::vector<int>{0} : ActiveFirstOrder(active, &num_active);
+  if (active.empty()) num_active = 1;
+  torch::Tensor h = RowSplitForward(x, ff1_w, ff1_b, order, num_active);
+  const bool record = recorder_ != nullptr && !ffn_modules_.empty();
+  const int64_t fs = ff2_w[0].size(1);
+  if (record) {
+    spectral::LinearSite site{x, h, {}};
+    for (size_t i = 0; i < order.size(); ++i) {
+      site.slices.push_back({ffn_modules_[order[i]], spectral::SliceAxis::kRows,
+                             int64_t(i) * fs, int64_t(i + 1) * fs, true});
+    }
+    recorder_->Record(std::move(site));
+  }
+  torch::Tensor a = F::dropout(F::gelu(h), F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+  torch::Tensor y = ColSplitForward(a, ff2_w, order, num_active);
+  if (record) {
+    spectral::LinearSite site{a, y, {}};
+    for (size_t i = 0; i < order.size(); ++i) {
+      site.slices.push_back({ffn_modules_[order[i]], spectral::SliceAxis::kCols,
+                             int64_t(i) * fs, int64_t(i + 1) * fs, false});
+    }
+    recorder_->Record(std::move(site));
+  }
+  return y + ff2_b;
+}
+
+torch::Tensor BertLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>& head_active,
+                                     const std::vector<bool>& ffn_active) {
+  auto drop = [&](const torch::Tensor& t) {
+    return F::dropout(t, F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+  };
+  if (c_.pre_ln) {
+    torch::Tensor h = x + drop(Attention(ln1(x), head_active));
+    return h + drop(FeedForward(ln2(h), ffn_active));
+  }
+  torch::Tensor h = ln1(x + drop(Attention(x, head_active)));
+  return ln2(h + drop(FeedForward(h, ffn_active)));
+}
+
+BertMlmImpl::BertMlmImpl(const BertConfig& c) : c_(c) {
+  tok_emb = register_module("tok_emb", torch::nn::Embedding(c.vocab_size, c.d_model));
+  pos_emb = register_module("pos_emb", torch::nn::Embedding(c.max_seq_len, c.d_model));
+  {
+    torch::NoGradGuard g;
+    tok_emb->weight.normal_(0, 0.02);
+    pos_emb->weight.normal_(0, 0.02);
+  }
+  emb_ln = register_module("emb_ln", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
+  for (int64_t l = 0; l < c.layers; ++l) {
+    layers.push_back(register_module("layer" + std::to_string(l), BertLayer(c, int(l))));
+  }
+  head_dense = register_module("head_dense", torch::nn::Linear(c.d_model, c.d_model));
+  {
+    torch::NoGradGuard g;
+    head_dense->weight.normal_(0, 0.02);
+    head_dense->bias.zero_();
+  }
+  head_ln = register_module("head_ln", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
+  decoder_bias = register_parameter("decoder_bias", torch::zeros({c.vocab_size}));
+  head_active_.assign(c.layers, std::vector<bool>(c.heads, true));
+  ffn_active_.assign(c.layers, std::vector<bool>(c.ffn_groups, true));
+  num_modules_ = int(c.layers * (c.heads + c.ffn_groups));
+}
+
+torch::Tensor BertMlmImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& positions) {
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  torch::Tensor pos = torch::arange(T, torch::kLong);
+  torch::Tensor x = tok_emb(input_ids) + pos_emb(pos).unsqueeze(0);
+  x = F::dropout(emb_ln(x), F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+  for (int64_t l = 0; l < c_.layers; ++l) x = layers[l](x, head_active_[l], ffn_active_[l]);
+  // Predict only the masked positions: [M, d] -> [M, V].
+  torch::Tensor h = x.reshape({B * T, c_.d_model}).index_select(0, positions);
+  h = head_ln(F::gelu(head_dense(h)));
+  return F::linear(h, tok_emb->weight, decoder_bias);
+}
+
+spectral::ModulePartition BertMlmImpl::Partition() {
+  spectral::ModulePartition p;
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    for (int64_t h = 0; h < c_.heads; ++h) {
+      spectral::ModuleSpec m{"heads", int(l), int(h), "layer" + std::to_string(l) + ".head" + std::to_string(h), {}};
+      for (int k = 0; k < 3; ++k) {
+        m.params.push_back(layers[l]->qkv_w[h][k]);
+        m.params.push_back(layers[l]->qkv_b[h][k]);
+      }
+      m.params.push_back(layers[l]->o_w[h]);
+      p.modules.push_back(std::move(m));
+    }
+  }
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    for (int64_t g = 0; g < c_.ffn_groups; ++g) {
+      spectral::ModuleSpec m{"ffn", int(l), int(g), "layer" + std::to_string(l) + ".ffn" + std::to_string(g), {}};
+      m.params = {layers[l]->ff1_w[g][0], layers[l]->ff1_b[g][0], layers[l]->ff2_w[g]};
+      p.modules.push_back(std::move(m));
+    }
+  }
+  return p;
+}
+
+void BertMlmImpl::SetMask(const std::vector<uint8_t>& active) {
+  TORCH_CHECK(int(active.size()) == num_modules_, "mask has ", active.size(), " bits, model has ",
+              num_modules_, " modules");
+  size_t i = 0;
+  for (int64_t l = 0; l < c_.layers; ++l)
+    for (int64_t h = 0; h < c_.heads; ++h) head_active_[l][h] = active[i++] != 0;
+  for (int64_t l = 0; l < c_.layers; ++l)
+    for (int64_t g = 0; g < c_.ffn_groups; ++g) ffn_active_[l][g] = active[i++] != 0;
+}
+
+void BertMlmImpl::SetRecorder(spectral::SiteRecorder* recorder) {
+  int heads_base = 0;
+  int ffn_base = int(c_.layers * c_.heads);
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    std::vector<int> hm, fm;
+    for (int64_t h = 0; h < c_.heads; ++h) hm.push_back(heads_base + int(l * c_.heads + h));
+    for (int64_t g = 0; g < c_.ffn_groups; ++g) fm.push_back(ffn_base + int(l * c_.ffn_groups + g));
+    layers[l]->set_recorder(recorder, hm, fm);
+  }
+}
+
+}  // namespace mat::worker

@@ -1,0 +1,92 @@
+// BERT encoder with a masked-LM head; attention heads (and optionally FFN slices) as MAT modules.
+//
+// Every head h of layer l owns its own leaves: W_Q^h, W_K^h, W_V^h [d_h, d] with biases [d_h],
+// and W_O^h [d, d_h] (the columns of W_O that read head h). With ffn_groups = G > 0 the FFN
+// hidden units are split into G slices: W_1^g [d_ff/G, d] + b_1^g and W_2^g [d, d_ff/G].
+// Everything else (embeddings, LayerNorms, W_O's bias, the MLM head, the FFN when G = 0) is
+// always trained. The decoder is tied to the token embedding.
+//
+// Not thread-safe. The mask set by SetMask applies to every following forward.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "spectral/module_partition.h"
+#include "spectral/probe.h"
+
+namespace mat::worker {
+
+struct BertConfig {
+  int64_t vocab_size = 0;      // including special tokens
+  int64_t max_seq_len = 128;   // positions
+  int64_t layers = 4;
+  int64_t d_model = 256;
+  int64_t heads = 8;           // d_model % heads == 0
+  int64_t d_ff = 1024;
+  int64_t ffn_groups = 0;      // 0: FFN always trained; G > 0: G modules per layer, d_ff % G == 0
+  double dropout = 0.1;
+  bool pre_ln = false;         // false: post-LN (original BERT)
+};
+
+class BertLayerImpl : public torch::nn::Module {
+ public:
+  BertLayerImpl(const BertConfig& c, int layer);
+  // x: [B, T, d] -> [B, T, d]. head_active: [heads], ffn_active: [ffn_groups] (may be empty).
+  torch::Tensor forward(const torch::Tensor& x, const std::vector<bool>& head_active,
+                        const std::vector<bool>& ffn_active);
+  void set_recorder(spectral::SiteRecorder* r, std::vector<int> head_modules,
+                    std::vector<int> ffn_modules);
+
+  std::vector<std::vector<torch::Tensor>> qkv_w, qkv_b;  // [head][q,k,v]: [d_h, d], [d_h]
+  std::vector<torch::Tensor> o_w;                         // [head]: [d, d_h]
+  torch::Tensor o_b;                                      // [d]
+  std::vector<std::vector<torch::Tensor>> ff1_w, ff1_b;   // [slice][1]: [d_ff/G, d], [d_ff/G]
+  std::vector<torch::Tensor> ff2_w;                       // [slice]: [d, d_ff/G]
+  torch::Tensor ff2_b;                                    // [d]
+  torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
+
+ private:
+  torch::Tensor Attention(const torch::Tensor& x, const std::vector<bool>& head_active);
+  torch::Tensor FeedForward(const torch::Tensor& x, const std::vector<bool>& ffn_active);
+
+  BertConfig c_;
+  spectral::SiteRecorder* recorder_ = nullptr;
+  std::vector<int> head_modules_, ffn_modules_;
+};
+TORCH_MODULE(BertLayer);
+
+class BertMlmImpl : public torch::nn::Module {
+ public:
+  explicit BertMlmImpl(const BertConfig& c);
+
+  // input_ids: [B, T] int64 (T <= max_seq_len); positions: [M] int64, flat indices into B*T of
+  // the positions to predict. Returns logits [M, vocab_size] float32.
+  torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& positions);
+
+  // The switchable modules, heads of layer 0..L-1 then FFN slices; indices match SetMask.
+  spectral::ModulePartition Partition();
+  // active: one flag per Partition() module.
+  void SetMask(const std::vector<uint8_t>& active);
+  // While set, every forward records its module sites (call with all modules active).
+  void SetRecorder(spectral::SiteRecorder* recorder);
+
+  const BertConfig& config() const { return c_; }
+  int num_modules() const { return num_modules_; }
+
+  torch::nn::Embedding tok_emb{nullptr}, pos_emb{nullptr};
+  torch::nn::LayerNorm emb_ln{nullptr}, head_ln{nullptr};
+  torch::nn::Linear head_dense{nullptr};
+  torch::Tensor decoder_bias;  // [vocab]
+  std::vector<BertLayer> layers;
+
+ private:
+  BertConfig c_;
+  int num_modules_ = 0;
+  std::vector<std::vector<bool>> head_active_, ffn_active_;  // [layer][module in layer]
+};
+TORCH_MODULE(BertMlm);
+
+}  // namespace mat::worker

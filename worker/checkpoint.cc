@@ -1,0 +1,98 @@
+#include "worker/checkpoint.h"
+
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+
+#include "common/file_util.h"
+#include "common/status.h"
+
+namespace mat::worker {
+namespace {
+
+constexpr char kMagic[8] = {'M', 'A', 'T', 'C', 'K', 'P', 'T', '1'};
+constexpr size_t kHeader = 24;
+
+uint64_t Fnv1a(const char* p, size_t n) {
+  uint64_t h = 1469598103934665603ULL;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= static_cast<unsigned char>(p[i]);
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+void PutU64(std::string& s, uint64_t v) {
+  for (int i = 0; i < 8; ++i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+uint64_t GetU64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= uint64_t(static_cast<unsigned char>(p[i])) << (8 * i);
+  return v;
+}
+
+}  // namespace
+
+absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputArchive& archive) {
+  std::ostringstream payload_stream;
+  try {
+    archive.save_to(payload_stream);
+  } catch (const c10::Error& e) {
+    return absl::InternalError("cannot serialise checkpoint: " + std::string(e.what_without_backtrace()));
+  }
+  const std::string payload = payload_stream.str();
+  std::string data(kMagic, sizeof(kMagic));
+  PutU64(data, payload.size());
+  PutU64(data, Fnv1a(payload.data(), payload.size()));
+  data += payload;
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec)) {
+    std::filesystem::rename(path, path + ".prev", ec);
+    if (ec) return absl::InternalError("cannot keep previous checkpoint " + path + ": " + ec.message());
+  }
+  return common::WriteFileAtomic(path, data);
+}
+
+absl::Status ReadCheckpoint(const std::string& path, torch::serialize::InputArchive& archive) {
+  MAT_ASSIGN_OR_RETURN(std::string data, common::ReadFile(path));
+  if (data.size() < kHeader || std::memcmp(data.data(), kMagic, sizeof(kMagic)) != 0) {
+    return absl::DataLossError("checkpoint " + path + " is not a MAT checkpoint or is truncated (" +
+                               std::to_string(data.size()) + " bytes)");
+  }
+  const uint64_t len = GetU64(data.data() + 8);
+  if (data.size() - kHeader != len) {
+    return absl::DataLossError("checkpoint " + path + " is truncated: header says " +
+                               std::to_string(len) + " payload bytes, file has " +
+                               std::to_string(data.size() - kHeader));
+  }
+  if (Fnv1a(data.data() + kHeader, len) != GetU64(data.data() + 16)) {
+    return absl::DataLossError("checkpoint " + path + " is corrupt: checksum mismatch");
+  }
+  try {
+    std::istringstream in(data.substr(kHeader));
+    archive.load_from(in);
+  } catch (const c10::Error& e) {
+    return absl::DataLossError("checkpoint " + path + " cannot be read: " + e.what_without_backtrace());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> LoadNewestCheckpoint(const std::string& path,
+                                                 torch::serialize::InputArchive& archive,
+                                                 std::string* warning) {
+  absl::Status newest = ReadCheckpoint(path, archive);
+  if (newest.ok()) {
+    if (warning) warning->clear();
+    return path;
+  }
+  const std::string prev = path + ".prev";
+  absl::Status older = ReadCheckpoint(prev, archive);
+  if (older.ok()) {
+    if (warning) *warning = std::string(newest.message());
+    return prev;
+  }
+  return absl::DataLossError(std::string(newest.message()) + "; previous: " + std::string(older.message()));
+}
+
+}  // namespace mat::worker

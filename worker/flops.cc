@@ -1,0 +1,63 @@
+#include "worker/flops.h"
+
+namespace mat::worker {
+
+FlopCounts& FlopCounts::operator+=(const FlopCounts& o) {
+  forward += o.forward;
+  activation_grad += o.activation_grad;
+  weight_grad += o.weight_grad;
+  spectral += o.spectral;
+  decoder += o.decoder;
+  return *this;
+}
+
+namespace {
+
+FlopCounts Count(const BertConfig& c, int64_t B, int64_t T, int64_t M,
+                 const std::vector<uint8_t>& active, bool backward) {
+  const double N = double(B) * T;  // tokens
+  const double d = double(c.d_model), dh = d / c.heads, f = double(c.d_ff);
+  const int64_t G = c.ffn_groups;
+  FlopCounts r;
+  size_t heads_base = 0, ffn_base = size_t(c.layers * c.heads);
+  for (int64_t l = 0; l < c.layers; ++l) {
+    double heads_on = 0, ffn_on_frac = 1;
+    for (int64_t h = 0; h < c.heads; ++h)
+      heads_on += active.empty() ? 1 : active[heads_base + l * c.heads + h];
+    if (G > 0) {
+      double on = 0;
+      for (int64_t g = 0; g < G; ++g) on += active.empty() ? 1 : active[ffn_base + l * G + g];
+      ffn_on_frac = on / G;
+    }
+    const double qkv = 2 * N * d * 3 * d, out = 2 * N * d * d, ffn = 2 * 2 * N * d * f;
+    const double attn = 2 * 2 * double(B) * c.heads * double(T) * T * dh;  // QK^T and PV
+    r.forward += qkv + out + ffn + attn;
+    if (backward) {
+      r.activation_grad += qkv + out + ffn + 2 * attn;  // both operands of QK^T and PV
+      r.weight_grad += (qkv + out) * (heads_on / c.heads) + ffn * ffn_on_frac;
+    }
+  }
+  // MLM head on the M predicted positions: dense d x d, then the tied decoder d x V.
+  const double dense = 2 * double(M) * d * d, dec = 2 * double(M) * d * c.vocab_size;
+  r.forward += dense + dec;
+  r.decoder += dec;
+  if (backward) {
+    r.activation_grad += dense + dec;
+    r.weight_grad += dense + dec;
+    r.decoder += 2 * dec;
+  }
+  return r;
+}
+
+}  // namespace
+
+FlopCounts BertStepFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked,
+                         const std::vector<uint8_t>& active) {
+  return Count(c, batch, seq, masked, active, true);
+}
+
+FlopCounts BertForwardFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked) {
+  return Count(c, batch, seq, masked, {}, false);
+}
+
+}  // namespace mat::worker

@@ -1,0 +1,38 @@
+// Analytic FLOP accounting for the BERT masked-LM step, by phase (DESIGN §6).
+//
+// A multiply-add is 2 FLOPs. Counted: every matmul (linear maps, attention scores and
+// context), forward, activation gradients and weight gradients, each only where it is computed:
+// a masked-off module's weight gradient counts zero. Element-wise work (softmax, GELU,
+// LayerNorm, dropout, the optimizer) and embedding lookups count zero. The decoder (tied
+// embedding, [M, d] x [d, V]) is counted separately so the "without embedding/decoder" figure
+// the paper uses is available.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "worker/bert.h"
+
+namespace mat::worker {
+
+struct FlopCounts {
+  double forward = 0;
+  double activation_grad = 0;
+  double weight_grad = 0;
+  double spectral = 0;
+  double decoder = 0;  // part of the three training phases above that belongs to the decoder
+
+  double total() const { return forward + activation_grad + weight_grad + spectral; }
+  double total_without_decoder() const { return total() - decoder; }
+  FlopCounts& operator+=(const FlopCounts& o);
+};
+
+// One training step of `c` on a [batch, seq] input with `masked` predicted positions.
+// active: one flag per module (BertMlm::Partition order); empty = all active.
+FlopCounts BertStepFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked,
+                         const std::vector<uint8_t>& active);
+
+// The forward pass only (evaluation or the probe's forward).
+FlopCounts BertForwardFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked);
+
+}  // namespace mat::worker

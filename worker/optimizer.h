@@ -1,0 +1,57 @@
+// Mask-aware AdamW (decoupled weight decay, Loshchilov & Hutter) with per-tensor step counts.
+//
+// Every parameter tensor belongs to one module or to none (always trained). On Step, a tensor
+// whose module is masked off is skipped entirely: its value, its moments and its step count do
+// not change (no momentum drift, no weight decay, no bias-correction advance). Such tensors must
+// have no gradient (the model does not compute it); Step returns FAILED_PRECONDITION otherwise,
+// so a masking bug cannot hide. After Step every gradient is reset to undefined.
+// Not thread-safe.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "absl/status/status.h"
+
+namespace mat::worker {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+struct ParamEntry {
+  std::string name;
+  torch::Tensor param;
+  int module = -1;     // -1: always trained
+  bool decay = true;   // apply weight decay
+};
+
+class MaskedAdamW {
+ public:
+  MaskedAdamW(std::vector<ParamEntry> params, AdamWOptions opt);
+
+  // active/lr_scale: one per module (may be empty when no parameter has a module).
+  absl::Status Step(double lr, const std::vector<uint8_t>& active,
+                    const std::vector<double>& lr_scale);
+
+  const std::vector<ParamEntry>& params() const { return params_; }
+  const torch::Tensor& exp_avg(size_t i) const { return m_[i]; }
+  const torch::Tensor& exp_avg_sq(size_t i) const { return v_[i]; }
+  int64_t step_count(size_t i) const { return steps_[i]; }
+
+  void Save(torch::serialize::OutputArchive& ar) const;
+  absl::Status Load(torch::serialize::InputArchive& ar);
+
+ private:
+  std::vector<ParamEntry> params_;
+  AdamWOptions opt_;
+  std::vector<torch::Tensor> m_, v_;
+  std::vector<int64_t> steps_;
+};
+
+}  // namespace mat::worker

@@ -1,0 +1,228 @@
+#include "worker/train_config.h"
+
+#include <functional>
+#include <sstream>
+
+#include "common/file_util.h"
+#include "common/status.h"
+#include "yaml-cpp/yaml.h"
+
+namespace mat::worker {
+namespace {
+
+// One typed key of the schema.
+struct Field {
+  std::string key;
+  std::function<absl::Status(const YAML::Node&)> set;
+  std::function<std::string()> get;
+};
+
+template <typename T>
+Field MakeField(const std::string& key, T* target, const char* type) {
+  Field f;
+  f.key = key;
+  f.set = [key, target, type](const YAML::Node& n) -> absl::Status {
+    if (!n.IsScalar()) return absl::InvalidArgumentError(key + ": expected a " + type + " scalar");
+    try {
+      *target = n.as<T>();
+    } catch (const YAML::Exception&) {
+      return absl::InvalidArgumentError(key + ": '" + n.Scalar() + "' is not a " + type);
+    }
+    return absl::OkStatus();
+  };
+  f.get = [target]() {
+    std::ostringstream ss;
+    if constexpr (std::is_same_v<T, bool>) {
+      ss << (*target ? "true" : "false");
+    } else {
+      ss << *target;
+    }
+    return ss.str();
+  };
+  return f;
+}
+
+std::vector<Field> Schema(TrainConfig& c) {
+  std::vector<Field> f;
+  f.push_back(MakeField("seed", &c.seed, "non-negative integer"));
+  f.push_back(MakeField("model.kind", &c.model.kind, "string"));
+  f.push_back(MakeField("model.layers", &c.model.layers, "integer"));
+  f.push_back(MakeField("model.d_model", &c.model.d_model, "integer"));
+  f.push_back(MakeField("model.heads", &c.model.heads, "integer"));
+  f.push_back(MakeField("model.d_ff", &c.model.d_ff, "integer"));
+  f.push_back(MakeField("model.ffn_groups", &c.model.ffn_groups, "integer"));
+  f.push_back(MakeField("model.max_seq_len", &c.model.max_seq_len, "integer"));
+  f.push_back(MakeField("model.dropout", &c.model.dropout, "number"));
+  f.push_back(MakeField("model.pre_ln", &c.model.pre_ln, "boolean"));
+  f.push_back(MakeField("data.kind", &c.data.kind, "string"));
+  f.push_back(MakeField("data.dir", &c.data.dir, "string"));
+  f.push_back(MakeField("data.seq_len", &c.data.seq_len, "integer"));
+  f.push_back(MakeField("data.mask_prob", &c.data.mask_prob, "number"));
+  f.push_back(MakeField("train.steps", &c.train.steps, "integer"));
+  f.push_back(MakeField("train.batch_size", &c.train.batch_size, "integer"));
+  f.push_back(MakeField("train.lr", &c.train.lr, "number"));
+  f.push_back(MakeField("train.min_lr_ratio", &c.train.min_lr_ratio, "number"));
+  f.push_back(MakeField("train.warmup_steps", &c.train.warmup_steps, "integer"));
+  f.push_back(MakeField("train.schedule", &c.train.schedule, "string"));
+  f.push_back(MakeField("train.weight_decay", &c.train.weight_decay, "number"));
+  f.push_back(MakeField("train.beta1", &c.train.beta1, "number"));
+  f.push_back(MakeField("train.beta2", &c.train.beta2, "number"));
+  f.push_back(MakeField("train.eps", &c.train.eps, "number"));
+  f.push_back(MakeField("train.eval_every", &c.train.eval_every, "integer"));
+  f.push_back(MakeField("train.eval_batches", &c.train.eval_batches, "integer"));
+  f.push_back(MakeField("train.checkpoint_every", &c.train.checkpoint_every, "integer"));
+  f.push_back(MakeField("train.threads", &c.train.threads, "integer"));
+  f.push_back(MakeField("policy.kind", &c.policy.kind, "string"));
+  f.push_back(MakeField("policy.alpha", &c.policy.alpha, "number"));
+  f.push_back(MakeField("policy.beta", &c.policy.beta, "number"));
+  f.push_back(MakeField("policy.gamma", &c.policy.gamma, "number"));
+  f.push_back(MakeField("policy.patience", &c.policy.patience, "integer"));
+  f.push_back(MakeField("policy.warmup_steps", &c.policy.warmup_steps, "integer"));
+  f.push_back(MakeField("policy.probe_every", &c.policy.probe_every, "integer"));
+  f.push_back(MakeField("policy.probe_samples", &c.policy.probe_samples, "integer"));
+  f.push_back(MakeField("policy.estimator", &c.policy.estimator, "string"));
+  f.push_back(MakeField("policy.min_active_fraction", &c.policy.min_active_fraction, "number"));
+  f.push_back(MakeField("policy.rand_fraction", &c.policy.rand_fraction, "number"));
+  f.push_back(MakeField("policy.multirate_k", &c.policy.multirate_k, "integer"));
+  f.push_back(MakeField("policy.multirate_fast_fraction", &c.policy.multirate_fast_fraction, "number"));
+  return f;
+}
+
+absl::Status SetKey(TrainConfig& c, const std::string& key, const YAML::Node& value,
+                    const std::string& origin) {
+  for (Field& f : Schema(c)) {
+    if (f.key == key) {
+      absl::Status s = f.set(value);
+      if (!s.ok()) return absl::InvalidArgumentError(origin + ": " + std::string(s.message()));
+      return absl::OkStatus();
+    }
+  }
+  return absl::InvalidArgumentError(origin + ": unknown key '" + key + "'");
+}
+
+absl::Status Walk(TrainConfig& c, const YAML::Node& node, const std::string& prefix,
+                  const std::string& origin) {
+  for (const auto& kv : node) {
+    std::string name = kv.first.as<std::string>();
+    std::string key = prefix.empty() ? name : prefix + "." + name;
+    if (kv.second.IsMap()) {
+      bool is_section = prefix.empty() && (name == "model" || name == "data" || name == "train" ||
+                                           name == "policy");
+      if (!is_section) return absl::InvalidArgumentError(origin + ": unknown key '" + key + "'");
+      MAT_RETURN_IF_ERROR(Walk(c, kv.second, key, origin));
+    } else {
+      MAT_RETURN_IF_ERROR(SetKey(c, key, kv.second, origin));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Check(bool ok, const std::string& msg) {
+  return ok ? absl::OkStatus() : absl::InvalidArgumentError(msg);
+}
+
+}  // namespace
+
+absl::StatusOr<TrainConfig> ParseTrainConfig(const std::string& yaml, const std::string& origin) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(origin + ": not valid YAML: " + e.what());
+  }
+  TrainConfig c;
+  if (root.IsNull()) return c;
+  if (!root.IsMap()) return absl::InvalidArgumentError(origin + ": the top level must be a mapping");
+  MAT_RETURN_IF_ERROR(Walk(c, root, "", origin));
+  return c;
+}
+
+absl::StatusOr<TrainConfig> LoadTrainConfig(const std::string& path) {
+  MAT_ASSIGN_OR_RETURN(std::string text, common::ReadFile(path));
+  return ParseTrainConfig(text, path);
+}
+
+absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment) {
+  size_t eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    return absl::InvalidArgumentError("--set '" + assignment + "': expected key=value");
+  }
+  std::string key = assignment.substr(0, eq);
+  YAML::Node value;
+  try {
+    value = YAML::Load(assignment.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError("--set " + key + ": " + e.what());
+  }
+  if (value.IsNull()) value = YAML::Node(std::string());
+  return SetKey(config, key, value, "--set");
+}
+
+absl::Status ValidateTrainConfig(const TrainConfig& c) {
+  const auto& m = c.model;
+  MAT_RETURN_IF_ERROR(Check(m.kind == "bert", "model.kind: unknown model '" + m.kind + "' (expected bert)"));
+  MAT_RETURN_IF_ERROR(Check(m.layers >= 1, "model.layers must be >= 1"));
+  MAT_RETURN_IF_ERROR(Check(m.heads >= 1 && m.d_model >= 1 && m.d_model % m.heads == 0,
+                            "model.d_model must be a positive multiple of model.heads"));
+  MAT_RETURN_IF_ERROR(Check(m.d_ff >= 1, "model.d_ff must be >= 1"));
+  MAT_RETURN_IF_ERROR(Check(m.ffn_groups >= 0 && (m.ffn_groups == 0 || m.d_ff % m.ffn_groups == 0),
+                            "model.ffn_groups must be 0 or divide model.d_ff"));
+  MAT_RETURN_IF_ERROR(Check(m.dropout >= 0 && m.dropout < 1, "model.dropout must be in [0,1)"));
+  MAT_RETURN_IF_ERROR(Check(c.data.kind == "wikitext", "data.kind: unknown data kind '" + c.data.kind + "' (expected wikitext)"));
+  MAT_RETURN_IF_ERROR(Check(c.data.seq_len >= 2 && c.data.seq_len <= m.max_seq_len,
+                            "data.seq_len must be in [2, model.max_seq_len]"));
+  MAT_RETURN_IF_ERROR(Check(c.data.mask_prob > 0 && c.data.mask_prob < 1, "data.mask_prob must be in (0,1)"));
+  const auto& t = c.train;
+  MAT_RETURN_IF_ERROR(Check(t.steps >= 1, "train.steps must be >= 1"));
+  MAT_RETURN_IF_ERROR(Check(t.batch_size >= 1, "train.batch_size must be >= 1"));
+  MAT_RETURN_IF_ERROR(Check(t.lr > 0, "train.lr must be > 0"));
+  MAT_RETURN_IF_ERROR(Check(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0,1]"));
+  MAT_RETURN_IF_ERROR(Check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0"));
+  MAT_RETURN_IF_ERROR(Check(t.schedule == "linear" || t.schedule == "cosine" || t.schedule == "constant",
+                            "train.schedule: unknown schedule '" + t.schedule + "' (expected linear, cosine or constant)"));
+  MAT_RETURN_IF_ERROR(Check(t.weight_decay >= 0, "train.weight_decay must be >= 0"));
+  MAT_RETURN_IF_ERROR(Check(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
+                            "train.beta1 and train.beta2 must be in [0,1)"));
+  MAT_RETURN_IF_ERROR(Check(t.eval_every >= 1, "train.eval_every must be >= 1"));
+  MAT_RETURN_IF_ERROR(Check(t.eval_batches >= 0, "train.eval_batches must be >= 0"));
+  MAT_RETURN_IF_ERROR(Check(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"));
+  MAT_RETURN_IF_ERROR(Check(t.threads >= 0, "train.threads must be >= 0"));
+  const auto& p = c.policy;
+  MAT_RETURN_IF_ERROR(Check(p.probe_samples >= 2, "policy.probe_samples must be >= 2, got " + std::to_string(p.probe_samples)));
+  MAT_RETURN_IF_ERROR(Check(p.probe_samples <= t.batch_size,
+                            "policy.probe_samples must be <= train.batch_size (the probe uses the step's first samples)"));
+  MAT_RETURN_IF_ERROR(Check(p.probe_every >= 1, "policy.probe_every must be >= 1"));
+  MAT_RETURN_IF_ERROR(Check(p.estimator == "gram" || p.estimator == "exact",
+                            "policy.estimator: unknown estimator '" + p.estimator + "' (expected gram or exact)"));
+  MAT_RETURN_IF_ERROR(Check(p.patience >= 1, "policy.patience must be >= 1"));
+  MAT_ASSIGN_OR_RETURN(policy::PolicyKind kind, policy::ParsePolicyKind(p.kind));
+  (void)kind;
+  return policy::ValidatePolicyConfig(ToPolicyConfig(c));
+}
+
+policy::PolicyConfig ToPolicyConfig(const TrainConfig& c) {
+  policy::PolicyConfig p;
+  auto kind = policy::ParsePolicyKind(c.policy.kind);
+  if (kind.ok()) p.kind = *kind;
+  p.warmup_steps = c.policy.warmup_steps;
+  p.interval_steps = c.policy.probe_every;
+  p.alpha = c.policy.alpha;
+  p.beta = c.policy.beta;
+  p.gamma = c.policy.gamma;
+  p.patience = static_cast<int>(c.policy.patience);
+  p.min_active_fraction = c.policy.min_active_fraction;
+  p.rand_fraction = c.policy.rand_fraction;
+  p.multirate_k = static_cast<int>(c.policy.multirate_k);
+  p.multirate_fast_fraction = c.policy.multirate_fast_fraction;
+  p.seed = c.seed;
+  return p;
+}
+
+std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& config) {
+  TrainConfig copy = config;
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const Field& f : Schema(copy)) out.emplace_back(f.key, f.get());
+  return out;
+}
+
+}  // namespace mat::worker

@@ -1,0 +1,97 @@
+// The configuration of one training run (mat-train's YAML, later the JobSpec): every tunable is
+// defined here once, typed, defaulted and commented. Files and --set only fill it.
+//
+//   seed: 1
+//   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln}
+//   data:   {kind, dir, seq_len, mask_prob}
+//   train:  {steps, batch_size, lr, min_lr_ratio, warmup_steps, schedule, weight_decay, beta1,
+//            beta2, eps, grad_clip, eval_every, eval_batches, checkpoint_every, threads}
+//   policy: {kind, alpha, beta, gamma, patience, warmup_steps, probe_every, probe_samples,
+//            estimator, min_active_fraction, rand_fraction, multirate_k, multirate_fast_fraction}
+//
+// An unknown key or a value of the wrong type is INVALID_ARGUMENT naming the key.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/policy/policy.h"
+
+namespace mat::worker {
+
+struct ModelSection {
+  std::string kind = "bert";   // bert
+  int64_t layers = 4;
+  int64_t d_model = 256;
+  int64_t heads = 8;
+  int64_t d_ff = 1024;
+  int64_t ffn_groups = 0;      // FFN slices per layer as modules (0: FFN always trained)
+  int64_t max_seq_len = 128;   // position embeddings
+  double dropout = 0.1;
+  bool pre_ln = false;
+};
+
+struct DataSection {
+  std::string kind = "wikitext";                 // wikitext: any corpus in the WikiText layout
+  std::string dir = "../shared/data/wikitext-2";  // relative paths are from the working directory
+  int64_t seq_len = 128;                         // tokens per sample
+  double mask_prob = 0.15;
+};
+
+struct TrainSection {
+  int64_t steps = 2000;
+  int64_t batch_size = 32;
+  double lr = 5e-4;              // peak learning rate
+  double min_lr_ratio = 0.0;     // final lr = lr * min_lr_ratio
+  int64_t warmup_steps = 100;    // linear lr warm-up
+  std::string schedule = "linear";  // linear | cosine | constant (after warm-up)
+  double weight_decay = 0.01;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  int64_t eval_every = 200;      // steps between evaluations
+  int64_t eval_batches = 50;     // validation/test batches per evaluation (0: whole split)
+  int64_t checkpoint_every = 0;  // steps between checkpoints (0: only at the end)
+  int64_t threads = 0;           // intra-op threads (0: all cores)
+};
+
+struct PolicySection {
+  std::string kind = "mat";      // full | mat | rand | multirate
+  double alpha = 0.3;
+  double beta = 0.0;
+  double gamma = 0.5;
+  int64_t patience = 3;
+  int64_t warmup_steps = 200;    // steps before the policy may switch modules off
+  int64_t probe_every = 20;      // steps between probes / decisions
+  int64_t probe_samples = 16;    // n, the probe batch (<= train.batch_size)
+  std::string estimator = "gram";  // gram | exact
+  double min_active_fraction = 0.25;
+  double rand_fraction = 0.5;
+  int64_t multirate_k = 4;
+  double multirate_fast_fraction = 0.5;
+};
+
+struct TrainConfig {
+  uint64_t seed = 1;
+  ModelSection model;
+  DataSection data;
+  TrainSection train;
+  PolicySection policy;
+};
+
+// Parses YAML text onto defaults. `origin` names the source in messages.
+absl::StatusOr<TrainConfig> ParseTrainConfig(const std::string& yaml, const std::string& origin);
+absl::StatusOr<TrainConfig> LoadTrainConfig(const std::string& path);
+// Applies "a.b=value" (value is parsed as YAML scalar).
+absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment);
+// Range checks across fields; INVALID_ARGUMENT naming the key.
+absl::Status ValidateTrainConfig(const TrainConfig& config);
+// The policy library's config for this run.
+policy::PolicyConfig ToPolicyConfig(const TrainConfig& config);
+// Every key with its current value, as "key: value" lines (documentation and logs).
+std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& config);
+
+}  // namespace mat::worker

@@ -1,0 +1,456 @@
+#include "worker/trainer.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+#include "common/file_util.h"
+#include "common/status.h"
+#include "spdlog/spdlog.h"
+#include "worker/checkpoint.h"
+
+namespace mat::worker {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Mean CE per sample of the rows [0, n): losses [n]. logits [M, V], labels [M], positions [M].
+torch::Tensor PerSampleLoss(const torch::Tensor& logits, const torch::Tensor& labels,
+                            const torch::Tensor& positions, int64_t seq, int64_t n) {
+  torch::Tensor ce = torch::nn::functional::cross_entropy(
+      logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+  torch::Tensor sample = torch::div(positions, seq, "floor");
+  torch::Tensor sums = torch::zeros({n}, ce.options()).index_add(0, sample, ce);
+  torch::Tensor counts = torch::zeros({n}, ce.options()).index_add(0, sample, torch::ones_like(ce));
+  return sums / counts;
+}
+
+}  // namespace
+
+Trainer::Trainer(const TrainConfig& config, TrainerOptions options)
+    : config_(config), options_(std::move(options)) {}
+
+Trainer::~Trainer() = default;
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& config,
+                                                         TrainerOptions options) {
+  MAT_RETURN_IF_ERROR(ValidateTrainConfig(config));
+  std::unique_ptr<Trainer> t(new Trainer(config, std::move(options)));
+  MAT_RETURN_IF_ERROR(t->Init());
+  return t;
+}
+
+absl::Status Trainer::Init() {
+  const auto& c = config_;
+  torch::set_num_threads(c.train.threads > 0 ? int(c.train.threads)
+                                             : int(std::max(1u, std::thread::hardware_concurrency())));
+  torch::manual_seed(c.seed);
+  MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
+  const int64_t real = corpus_.vocab.size();
+  mlm_.seq_len = c.data.seq_len;
+  mlm_.mask_prob = c.data.mask_prob;
+  mlm_.mask_id = real;  // [MASK] is the last id
+  mlm_.num_real_tokens = real;
+
+  BertConfig bc;
+  bc.vocab_size = real + 1;
+  bc.max_seq_len = c.model.max_seq_len;
+  bc.layers = c.model.layers;
+  bc.d_model = c.model.d_model;
+  bc.heads = c.model.heads;
+  bc.d_ff = c.model.d_ff;
+  bc.ffn_groups = c.model.ffn_groups;
+  bc.dropout = c.model.dropout;
+  bc.pre_ln = c.model.pre_ln;
+  model_ = BertMlm(bc);
+  model_->train();
+  partition_ = model_->Partition();
+
+  std::vector<ParamEntry> entries;
+  std::unordered_map<const void*, int> module_of;
+  for (int m = 0; m < partition_.size(); ++m)
+    for (const auto& p : partition_.modules[m].params) module_of[p.unsafeGetTensorImpl()] = m;
+  for (const auto& kv : model_->named_parameters()) {
+    auto it = module_of.find(kv.value().unsafeGetTensorImpl());
+    entries.push_back({kv.key(), kv.value(), it == module_of.end() ? -1 : it->second,
+                       kv.value().dim() >= 2});
+  }
+  AdamWOptions ao;
+  ao.beta1 = c.train.beta1;
+  ao.beta2 = c.train.beta2;
+  ao.eps = c.train.eps;
+  ao.weight_decay = c.train.weight_decay;
+  optimizer_ = std::make_unique<MaskedAdamW>(std::move(entries), ao);
+
+  std::vector<policy::ModuleInfo> infos;
+  for (const auto& m : partition_.modules) infos.push_back({m.group, m.layer, m.index, m.name});
+  MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(ToPolicyConfig(c), std::move(infos)));
+  MAT_ASSIGN_OR_RETURN(estimator_, spectral::MakeEstimator(c.policy.estimator));
+
+  train_stream_ = std::make_unique<MlmStream>(corpus_.train, mlm_, 0, 1, c.seed);
+  if (train_stream_->num_blocks() == 0) {
+    return absl::InvalidArgumentError("data.dir: train split has fewer than data.seq_len tokens");
+  }
+  valid_batches_ = MakeEvalBatches(corpus_.valid, mlm_, c.train.batch_size, c.train.eval_batches, 1234);
+  test_batches_ = MakeEvalBatches(corpus_.test, mlm_, c.train.batch_size, c.train.eval_batches, 4321);
+  if (valid_batches_.empty() || test_batches_.empty()) {
+    return absl::InvalidArgumentError("data.dir: valid or test split has fewer than data.seq_len tokens");
+  }
+  if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(options_.out_dir));
+  return absl::OkStatus();
+}
+
+double Trainer::LearningRate(int64_t step) const {
+  const auto& t = config_.train;
+  if (step < t.warmup_steps) return t.lr * double(step + 1) / double(t.warmup_steps);
+  if (t.schedule == "constant") return t.lr;
+  double span = double(std::max<int64_t>(1, t.steps - t.warmup_steps));
+  double p = std::min(1.0, double(step - t.warmup_steps) / span);
+  double lo = t.lr * t.min_lr_ratio;
+  if (t.schedule == "cosine") return lo + (t.lr - lo) * 0.5 * (1 + std::cos(M_PI * p));
+  return t.lr + (lo - t.lr) * p;
+}
+
+absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vector<uint8_t>& active,
+                                          const std::vector<double>& lr_scale, double lr) {
+  double loss_value = 0;
+  try {
+    model_->SetMask(active);
+    torch::Tensor logits = model_->forward(batch.input_ids, batch.positions);
+    torch::Tensor loss = torch::nn::functional::cross_entropy(logits, batch.labels);
+    loss.backward();
+    loss_value = loss.item<double>();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(std::string("training step failed: ") + e.what_without_backtrace());
+  }
+  if (!std::isfinite(loss_value)) {
+    return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
+  }
+  MAT_RETURN_IF_ERROR(optimizer_->Step(lr, active, lr_scale));
+  return loss_value;
+}
+
+absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch) {
+  const int64_t n = config_.policy.probe_samples, T = config_.data.seq_len;
+  auto t0 = Clock::now();
+  spectral::SiteRecorder recorder;
+  spectral::ProbeBatch probe;
+  torch::Tensor keep = batch.positions < n * T;
+  torch::Tensor positions = batch.positions.masked_select(keep);
+  torch::Tensor labels = batch.labels.masked_select(keep);
+  try {
+    model_->eval();
+    model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
+    model_->SetRecorder(&recorder);
+    torch::Tensor logits = model_->forward(batch.input_ids.slice(0, 0, n), positions);
+    model_->SetRecorder(nullptr);
+    model_->train();
+    probe.losses = PerSampleLoss(logits, labels, positions, T, n);
+    probe.sites = recorder.Take();
+  } catch (const c10::Error& e) {
+    model_->SetRecorder(nullptr);
+    model_->train();
+    return absl::InternalError(std::string("probe forward failed: ") + e.what_without_backtrace());
+  }
+  absl::StatusOr<spectral::EstimateResult> est = [&]() -> absl::StatusOr<spectral::EstimateResult> {
+    try {
+      return estimator_->Estimate(partition_, std::move(probe));
+    } catch (const c10::Error& e) {
+      return absl::InternalError(std::string("spectral estimate failed: ") + e.what_without_backtrace());
+    }
+  }();
+  for (auto& p : model_->parameters()) p.mutable_grad().reset();
+  if (!est.ok()) return est.status();
+  ProbeResult r;
+  r.modules = std::move(est->modules);
+  const int64_t m = positions.size(0);
+  const BertConfig& bc = model_->config();
+  r.flops = BertForwardFlops(bc, n, T, m).forward +
+            BertStepFlops(bc, n, T, m, {}).activation_grad + est->flops;
+  r.seconds = Since(t0);
+  return r;
+}
+
+double Trainer::Evaluate(const std::vector<MlmBatch>& batches) {
+  torch::NoGradGuard guard;
+  model_->eval();
+  model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
+  double sum = 0;
+  int64_t count = 0;
+  for (const MlmBatch& b : batches) {
+    torch::Tensor logits = model_->forward(b.input_ids, b.positions);
+    torch::Tensor ce = torch::nn::functional::cross_entropy(
+        logits, b.labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    sum += ce.item<double>();
+    count += b.labels.size(0);
+  }
+  model_->train();
+  return sum / double(std::max<int64_t>(count, 1));
+}
+
+absl::Status Trainer::AppendLine(const std::string& file, const nlohmann::json& line) {
+  if (options_.out_dir.empty()) return absl::OkStatus();
+  std::ofstream out(options_.out_dir + "/" + file, std::ios::app);
+  out << line.dump() << "\n";
+  if (!out) return absl::InternalError("cannot append to " + options_.out_dir + "/" + file);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::TruncateLog(const std::string& file, int64_t max_step) {
+  const std::string path = options_.out_dir + "/" + file;
+  auto text = common::ReadFile(path);
+  if (!text.ok()) return absl::OkStatus();  // nothing logged yet
+  std::istringstream in(*text);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("step")) continue;  // a torn last line
+    if (j["step"].get<int64_t>() <= max_step) kept += line + "\n";
+  }
+  return common::WriteFileAtomic(path, kept);
+}
+
+void Trainer::ShowProgress(double loss, int active, double elapsed) {
+  const int64_t total = config_.train.steps;
+  const int width = 30;
+  int filled = int(width * double(step_) / double(total));
+  double rate = elapsed > 0 ? double(step_) / elapsed : 0;
+  double eta = rate > 0 ? double(total - step_) / rate : 0;
+  std::fprintf(stderr, "\r[%s%s] %lld/%lld %.2f step/s loss %.3f active %d/%d ETA %.0fs ",
+               std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
+               (long long)step_, (long long)total, rate, loss, active, partition_.size(), eta);
+  std::fflush(stderr);
+}
+
+absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
+  const auto& c = config_;
+  const std::string ckpt = options_.out_dir + "/checkpoint.pt";
+  if (options_.resume && !options_.out_dir.empty() &&
+      (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
+    MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));
+    MAT_RETURN_IF_ERROR(TruncateLog("metrics.jsonl", step_));
+    MAT_RETURN_IF_ERROR(TruncateLog("decisions.jsonl", step_ - 1));
+    spdlog::info("resumed from {} at step {}", ckpt, step_);
+  } else if (!options_.out_dir.empty()) {
+    for (const char* f : {"metrics.jsonl", "decisions.jsonl", "summary.json"})
+      std::filesystem::remove(options_.out_dir + "/" + f);
+  }
+  const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;
+  const BertConfig& bc = model_->config();
+  const int64_t B = c.train.batch_size, T = c.data.seq_len;
+  auto run_start = Clock::now();
+  const double seconds_before = train_seconds_;
+  int active_now = partition_.size();
+  while (step_ < end) {
+    auto t0 = Clock::now();
+    MlmBatch batch = train_stream_->Next(B);
+    if (step_ % c.policy.probe_every == 0) {
+      std::vector<double> lambda;
+      ProbeResult probe;
+      if (policy_->NeedsSpectra()) {
+        MAT_ASSIGN_OR_RETURN(probe, Probe(batch));
+        for (const auto& s : probe.modules) lambda.push_back(s.lambda_max);
+        flops_.spectral += probe.flops;
+        spectral_seconds_ += probe.seconds;
+      }
+      MAT_ASSIGN_OR_RETURN(policy::Decision d, policy_->Observe(step_, lambda));
+      nlohmann::json line = d.ToJson(policy_->modules(), policy_->config());
+      if (!probe.modules.empty()) {
+        std::vector<double> tr, er;
+        for (const auto& s : probe.modules) {
+          tr.push_back(s.trace);
+          er.push_back(s.effective_rank);
+        }
+        line["trace"] = tr;
+        line["effective_rank"] = er;
+        line["probe_seconds"] = probe.seconds;
+      }
+      MAT_RETURN_IF_ERROR(AppendLine("decisions.jsonl", line));
+    }
+    policy::StepMask mask = policy_->MaskAt(step_);
+    MAT_ASSIGN_OR_RETURN(double loss, TrainStep(batch, mask.active, mask.lr_scale, LearningRate(step_)));
+    const int64_t M = batch.positions.size(0);
+    flops_ += BertStepFlops(bc, B, T, M, mask.active);
+    flops_full_ += BertStepFlops(bc, B, T, M, {}).total();
+    active_now = 0;
+    for (uint8_t a : mask.active) active_now += a;
+    active_sum_ += partition_.size() ? double(active_now) / partition_.size() : 1.0;
+    loss_sum_ += loss;
+    ++loss_count_;
+    ++step_;
+    train_seconds_ += Since(t0);
+    if (options_.progress_bar) ShowProgress(loss, active_now, train_seconds_ - seconds_before);
+
+    if (step_ % c.train.eval_every == 0 || step_ == c.train.steps) {
+      auto e0 = Clock::now();
+      double val = Evaluate(valid_batches_);
+      bool best = best_step_ < 0 || val < best_val_loss_;
+      if (best) {
+        best_val_loss_ = val;
+        best_step_ = step_;
+        test_loss_at_best_ = Evaluate(test_batches_);
+        flops_to_best_ = flops_.total();
+        seconds_to_best_ = train_seconds_;
+      }
+      eval_seconds_ += Since(e0);
+      std::map<std::string, int> active_by_group;
+      for (int m = 0; m < partition_.size(); ++m)
+        active_by_group[partition_.modules[m].group] += mask.active[m];
+      nlohmann::json line = {
+          {"step", step_},
+          {"train_loss", loss_sum_ / double(std::max<int64_t>(loss_count_, 1))},
+          {"val_loss", val},
+          {"lr", LearningRate(step_ - 1)},
+          {"flops", {{"forward", flops_.forward}, {"activation_grad", flops_.activation_grad},
+                     {"weight_grad", flops_.weight_grad}, {"spectral", flops_.spectral},
+                     {"total", flops_.total()}, {"total_without_decoder", flops_.total_without_decoder()}}},
+          {"active_modules", active_by_group},
+          {"wall_seconds", train_seconds_},
+      };
+      if (best) line["test_loss"] = test_loss_at_best_;
+      MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
+      if (options_.progress_bar) std::fprintf(stderr, "\n");
+      spdlog::info("step {}/{} train_loss {:.4f} val_loss {:.4f} active {}/{} flops {:.3e} {:.1f}s",
+                   step_, c.train.steps, line["train_loss"].get<double>(), val, active_now,
+                   partition_.size(), flops_.total(), train_seconds_);
+      loss_sum_ = 0;
+      loss_count_ = 0;
+    }
+    if (c.train.checkpoint_every > 0 && step_ % c.train.checkpoint_every == 0 && step_ < end &&
+        !options_.out_dir.empty()) {
+      MAT_RETURN_IF_ERROR(SaveCheckpoint(ckpt));
+    }
+  }
+  if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(SaveCheckpoint(ckpt));
+  (void)run_start;
+  nlohmann::json summary = Summary(train_seconds_);
+  if (step_ >= c.train.steps && !options_.out_dir.empty()) {
+    MAT_RETURN_IF_ERROR(common::WriteFileAtomic(options_.out_dir + "/summary.json", summary.dump(2) + "\n"));
+  }
+  return summary;
+}
+
+nlohmann::json Trainer::Summary(double wall_seconds) const {
+  return {
+      {"mode", config_.policy.kind},
+      {"seed", config_.seed},
+      {"steps", step_},
+      {"modules", partition_.size()},
+      {"best_val_loss", best_val_loss_},
+      {"best_step", best_step_},
+      {"test_loss_at_best", test_loss_at_best_},
+      {"flops_total", flops_.total()},
+      {"flops_total_without_decoder", flops_.total_without_decoder()},
+      {"flops_by_phase", {{"forward", flops_.forward}, {"activation_grad", flops_.activation_grad},
+                          {"weight_grad", flops_.weight_grad}, {"spectral", flops_.spectral}}},
+      {"flops_to_best", flops_to_best_},
+      {"flops_saved", flops_full_ - (flops_.total() - flops_.spectral)},
+      {"mean_active_fraction", step_ > 0 ? active_sum_ / double(step_) : 1.0},
+      {"spectral_seconds", spectral_seconds_},
+      {"wall_seconds", wall_seconds},
+      {"wall_seconds_to_best", seconds_to_best_},
+      {"eval_seconds", eval_seconds_},
+  };
+}
+
+std::string Trainer::ParamChecksum() {
+  uint64_t h = 1469598103934665603ULL;
+  for (const auto& kv : model_->named_parameters()) {
+    torch::Tensor t = kv.value().detach().contiguous().cpu();
+    const auto* p = static_cast<const unsigned char*>(t.data_ptr());
+    for (size_t i = 0; i < size_t(t.nbytes()); ++i) {
+      h ^= p[i];
+      h *= 1099511628211ULL;
+    }
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", (unsigned long long)h);
+  return buf;
+}
+
+absl::Status Trainer::SaveCheckpoint(const std::string& path) {
+  torch::serialize::OutputArchive ar;
+  for (const auto& kv : model_->named_parameters()) ar.write("model." + kv.key(), kv.value().detach());
+  optimizer_->Save(ar);
+  nlohmann::json meta = {
+      {"step", step_},
+      {"policy", policy_->SaveState()},
+      {"data", train_stream_->SaveState()},
+      {"flops", {flops_.forward, flops_.activation_grad, flops_.weight_grad, flops_.spectral, flops_.decoder}},
+      {"flops_full", flops_full_},
+      {"train_seconds", train_seconds_},
+      {"spectral_seconds", spectral_seconds_},
+      {"eval_seconds", eval_seconds_},
+      {"best", {best_val_loss_, double(best_step_), test_loss_at_best_, flops_to_best_, seconds_to_best_}},
+      {"loss_acc", {loss_sum_, double(loss_count_)}},
+      {"active_sum", active_sum_},
+  };
+  ar.write("meta", c10::IValue(meta.dump()));
+  ar.write("rng.torch", at::detail::getDefaultCPUGenerator().get_state());
+  return WriteCheckpoint(path, ar);
+}
+
+absl::Status Trainer::LoadCheckpoint(const std::string& path) {
+  torch::serialize::InputArchive ar;
+  std::string warning;
+  MAT_ASSIGN_OR_RETURN(std::string used, LoadNewestCheckpoint(path, ar, &warning));
+  if (!warning.empty()) spdlog::warn("{}; resuming from {}", warning, used);
+  try {
+    torch::NoGradGuard guard;
+    for (auto& kv : model_->named_parameters()) {
+      torch::Tensor t;
+      ar.read("model." + kv.key(), t);
+      if (!t.sizes().equals(kv.value().sizes())) {
+        return absl::InvalidArgumentError("checkpoint " + used + ": parameter " + kv.key() +
+                                          " has the wrong shape (different model config?)");
+      }
+      kv.value().copy_(t);
+    }
+    MAT_RETURN_IF_ERROR(optimizer_->Load(ar));
+    c10::IValue meta_value;
+    ar.read("meta", meta_value);
+    nlohmann::json meta = nlohmann::json::parse(meta_value.toStringRef());
+    step_ = meta["step"];
+    MAT_RETURN_IF_ERROR(policy_->LoadState(meta["policy"].get<std::string>()));
+    MAT_RETURN_IF_ERROR(train_stream_->LoadState(meta["data"].get<std::string>()));
+    auto f = meta["flops"];
+    flops_.forward = f[0];
+    flops_.activation_grad = f[1];
+    flops_.weight_grad = f[2];
+    flops_.spectral = f[3];
+    flops_.decoder = f[4];
+    flops_full_ = meta["flops_full"];
+    train_seconds_ = meta["train_seconds"];
+    spectral_seconds_ = meta["spectral_seconds"];
+    eval_seconds_ = meta["eval_seconds"];
+    auto b = meta["best"];
+    best_val_loss_ = b[0];
+    best_step_ = int64_t(b[1].get<double>());
+    test_loss_at_best_ = b[2];
+    flops_to_best_ = b[3];
+    seconds_to_best_ = b[4];
+    loss_sum_ = meta["loss_acc"][0];
+    loss_count_ = int64_t(meta["loss_acc"][1].get<double>());
+    active_sum_ = meta["active_sum"];
+    torch::Tensor rng;
+    ar.read("rng.torch", rng);
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    gen.set_state(rng);
+  } catch (const c10::Error& e) {
+    return absl::DataLossError("checkpoint " + used + " is incomplete: " + e.what_without_backtrace());
+  } catch (const nlohmann::json::exception& e) {
+    return absl::DataLossError("checkpoint " + used + " has malformed metadata: " + e.what());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace mat::worker

@@ -1,0 +1,182 @@
+// gram against exact (and both against a closed form) on small float64 models.
+#include "spectral/estimator.h"
+
+#include <gtest/gtest.h>
+
+#include "spectral/exact_estimator.h"
+#include "spectral/gram_estimator.h"
+#include "worker/bert.h"
+
+namespace mat::spectral {
+namespace {
+
+constexpr double kTol = 1e-4;
+
+void ExpectClose(const EstimateResult& a, const EstimateResult& b) {
+  ASSERT_EQ(a.modules.size(), b.modules.size());
+  for (size_t m = 0; m < a.modules.size(); ++m) {
+    SCOPED_TRACE("module " + std::to_string(m));
+    const auto& x = a.modules[m];
+    const auto& y = b.modules[m];
+    ASSERT_GT(y.lambda_max, 0);
+    EXPECT_LE(std::abs(x.lambda_max - y.lambda_max) / y.lambda_max, kTol);
+    EXPECT_LE(std::abs(x.trace - y.trace) / y.trace, kTol);
+    EXPECT_LE(std::abs(x.effective_rank - y.effective_rank) / y.effective_rank, kTol);
+  }
+}
+
+torch::Tensor Leaf(std::vector<int64_t> shape) {
+  return torch::randn(shape, torch::kFloat64).requires_grad_(true);
+}
+
+// A two-layer MLP whose hidden units form 3 modules of 2 units each (rows of W1 + bias, cols of
+// W2), with per-sample squared loss.
+struct Mlp {
+  std::vector<torch::Tensor> w1, b1, w2;
+  torch::Tensor b2;
+  ModulePartition partition;
+
+  Mlp() {
+    for (int g = 0; g < 3; ++g) {
+      w1.push_back(Leaf({2, 5}));
+      b1.push_back(Leaf({2}));
+      w2.push_back(Leaf({3, 2}));
+      partition.modules.push_back({"ffn", 0, g, "g" + std::to_string(g), {w1[g], b1[g], w2[g]}});
+    }
+    b2 = Leaf({3});
+  }
+
+  ProbeBatch Forward(const torch::Tensor& x, const torch::Tensor& target, bool record) {
+    SiteRecorder rec;
+    torch::Tensor pre = torch::nn::functional::linear(x, torch::cat(w1, 0), torch::cat(b1, 0));
+    torch::Tensor h = torch::tanh(pre);
+    torch::Tensor lin = torch::nn::functional::linear(h, torch::cat(w2, 1));
+    if (record) {
+      LinearSite s1{x, pre, {}}, s2{h, lin, {}};
+      for (int g = 0; g < 3; ++g) {
+        s1.slices.push_back({g, SliceAxis::kRows, 2 * g, 2 * g + 2, true});
+        s2.slices.push_back({g, SliceAxis::kCols, 2 * g, 2 * g + 2, false});
+      }
+      rec.Record(s1);
+      rec.Record(s2);
+    }
+    torch::Tensor y = lin + b2;
+    return {0.5 * (y - target).pow(2).sum(1), rec.Take()};
+  }
+};
+
+TEST(EstimatorTest, GramMatchesExactOnMlp) {
+  torch::manual_seed(0);
+  Mlp mlp;
+  torch::Tensor x = torch::randn({6, 5}, torch::kFloat64);
+  torch::Tensor t = torch::randn({6, 3}, torch::kFloat64);
+  auto gram = GramEstimator().Estimate(mlp.partition, mlp.Forward(x, t, true));
+  auto exact = ExactEstimator().Estimate(mlp.partition, mlp.Forward(x, t, false));
+  ASSERT_TRUE(gram.ok()) << gram.status();
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  ExpectClose(*gram, *exact);
+  EXPECT_GT(gram->flops, 0);
+}
+
+// y = W x with ℓ_i = ½|W x_i - t_i|²: ∇_W ℓ_i = r_i x_i^T, so K_ij = (r_i·r_j)(x_i·x_j).
+TEST(EstimatorTest, BothMatchClosedFormOfLinearModel) {
+  torch::manual_seed(1);
+  torch::Tensor w = Leaf({4, 7});
+  ModulePartition p;
+  p.modules.push_back({"heads", 0, 0, "w", {w}});
+  torch::Tensor x = torch::randn({5, 7}, torch::kFloat64);
+  torch::Tensor t = torch::randn({5, 4}, torch::kFloat64);
+  auto probe = [&] {
+    torch::Tensor y = torch::nn::functional::linear(x, w);
+    ProbeBatch b{0.5 * (y - t).pow(2).sum(1), {}};
+    b.sites.push_back({x, y, {{0, SliceAxis::kRows, 0, 4, false}}});
+    return b;
+  };
+  torch::Tensor r = (torch::mm(x, w.detach().t()) - t);
+  ModuleSpectrum ref = KernelStats(torch::mm(r, r.t()) * torch::mm(x, x.t()));
+  for (auto* est : std::vector<Estimator*>{new GramEstimator(), new ExactEstimator()}) {
+    std::unique_ptr<Estimator> owned(est);
+    auto got = owned->Estimate(p, probe());
+    ASSERT_TRUE(got.ok()) << got.status();
+    SCOPED_TRACE(owned->name());
+    EXPECT_NEAR(got->modules[0].lambda_max, ref.lambda_max, kTol * ref.lambda_max);
+    EXPECT_NEAR(got->modules[0].trace, ref.trace, kTol * ref.trace);
+    EXPECT_NEAR(got->modules[0].effective_rank, ref.effective_rank, kTol * ref.effective_rank);
+  }
+}
+
+TEST(EstimatorTest, KernelStatsOfKnownSpectrum) {
+  // Eigenvalues 3, 1, 0: λ_max 3, trace 4, erank exp(H(3/4, 1/4)).
+  torch::Tensor q = std::get<0>(torch::linalg::qr(torch::randn({3, 3}, torch::kFloat64)));
+  torch::Tensor k = torch::mm(torch::mm(q, torch::diag(torch::tensor({3.0, 1.0, 0.0}, torch::kFloat64))), q.t());
+  ModuleSpectrum s = KernelStats(k);
+  EXPECT_NEAR(s.lambda_max, 3.0, 1e-12);
+  EXPECT_NEAR(s.trace, 4.0, 1e-12);
+  double h = -(0.75 * std::log(0.75) + 0.25 * std::log(0.25));
+  EXPECT_NEAR(s.effective_rank, std::exp(h), 1e-9);
+}
+
+TEST(EstimatorTest, RejectsMalformedProbe) {
+  ModulePartition p;
+  ProbeBatch one{torch::ones({1}, torch::kFloat64).requires_grad_(true), {}};
+  EXPECT_EQ(GramEstimator().Estimate(p, one).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeEstimator("lanczos?").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(MakeEstimator("gram").ok());
+  EXPECT_TRUE(MakeEstimator("exact").ok());
+}
+
+// One BERT encoder layer (heads and FFN slices as modules) in float64.
+class AttentionBlockTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(AttentionBlockTest, GramMatchesExact) {
+  torch::manual_seed(2);
+  worker::BertConfig c;
+  c.d_model = 8;
+  c.heads = 2;
+  c.d_ff = 16;
+  c.ffn_groups = 2;
+  c.dropout = 0;
+  c.pre_ln = GetParam();
+  worker::BertLayer layer(c, 0);
+  layer->to(torch::kFloat64);
+  ModulePartition p;
+  for (int h = 0; h < 2; ++h) {
+    ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
+    for (int k = 0; k < 3; ++k) {
+      m.params.push_back(layer->qkv_w[h][k]);
+      m.params.push_back(layer->qkv_b[h][k]);
+    }
+    m.params.push_back(layer->o_w[h]);
+    p.modules.push_back(m);
+  }
+  for (int g = 0; g < 2; ++g) {
+    p.modules.push_back({"ffn", 0, g, "ffn" + std::to_string(g),
+                         {layer->ff1_w[g][0], layer->ff1_b[g][0], layer->ff2_w[g]}});
+  }
+  // Random biases so every term of the per-sample gradient is exercised.
+  {
+    torch::NoGradGuard g;
+    for (auto& t : layer->parameters()) t.add_(0.1 * torch::randn_like(t));
+  }
+  const int64_t n = 4, T = 3;
+  torch::Tensor x = torch::randn({n, T, 8}, torch::kFloat64);
+  torch::Tensor r = torch::randn({n, T, 8}, torch::kFloat64);
+  auto probe = [&](bool record) {
+    SiteRecorder rec;
+    layer->set_recorder(record ? &rec : nullptr, {0, 1}, {2, 3});
+    torch::Tensor y = layer->forward(x, {true, true}, {true, true});
+    layer->set_recorder(nullptr, {}, {});
+    ProbeBatch b{(y * r).sum({1, 2}) + 0.5 * y.pow(2).sum({1, 2}), rec.Take()};
+    return b;
+  };
+  auto gram = GramEstimator().Estimate(p, probe(true));
+  auto exact = ExactEstimator().Estimate(p, probe(false));
+  ASSERT_TRUE(gram.ok()) << gram.status();
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  ExpectClose(*gram, *exact);
+}
+
+INSTANTIATE_TEST_SUITE_P(PreAndPostLn, AttentionBlockTest, ::testing::Bool());
+
+}  // namespace
+}  // namespace mat::spectral

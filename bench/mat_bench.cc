@@ -1,0 +1,211 @@
+// mat-bench: micro-benchmarks of the one-process trainer. `bench/run NAME` calls this.
+//
+//   masked-backward  backward (and whole-step) time with 100 %, 50 %, 25 % of heads active, on
+//                    the tiny and the default BERT; configurations interleaved round-robin in one
+//                    process, median of the repeats, ratios to 100 %.
+//   spectral-cost    the gram probe's cost as a fraction of training time at the default
+//                    settings (probe_samples every probe_every steps), probe and steps measured
+//                    side by side on the real data.
+//
+// Figures are ratios measured in one run; absolute times are printed for context only.
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <iostream>
+
+#include "CLI/CLI.hpp"
+#include "common/file_util.h"
+#include "common/logging.h"
+#include "nlohmann/json.hpp"
+#include "worker/bert.h"
+#include "worker/flops.h"
+#include "worker/train_config.h"
+#include "worker/trainer.h"
+
+namespace mat::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Heads active per layer: the first `fraction` of each layer's heads.
+std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
+  std::vector<uint8_t> m(c.layers * c.heads, 0);
+  int64_t on = std::max<int64_t>(1, int64_t(c.heads * fraction + 0.5));
+  for (int64_t l = 0; l < c.layers; ++l)
+    for (int64_t h = 0; h < on; ++h) m[l * c.heads + h] = 1;
+  return m;
+}
+
+nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainConfig& tc, int reps) {
+  worker::BertConfig c;
+  c.vocab_size = 33279;
+  c.max_seq_len = tc.model.max_seq_len;
+  c.layers = tc.model.layers;
+  c.d_model = tc.model.d_model;
+  c.heads = tc.model.heads;
+  c.d_ff = tc.model.d_ff;
+  c.dropout = tc.model.dropout;
+  torch::manual_seed(0);
+  worker::BertMlm model(c);
+  model->train();
+  const int64_t B = tc.train.batch_size, T = tc.data.seq_len;
+  torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong);
+  torch::Tensor positions = std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort());
+  torch::Tensor labels = torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong);
+  const std::vector<double> fractions = {1.0, 0.5, 0.25};
+  std::vector<std::vector<double>> bwd(fractions.size()), step(fractions.size());
+  auto run = [&](size_t k) {
+    model->SetMask(HeadMask(c, fractions[k]));
+    auto t0 = Clock::now();
+    torch::Tensor loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+    auto t1 = Clock::now();
+    loss.backward();
+    auto t2 = Clock::now();
+    for (auto& p : model->parameters()) p.mutable_grad().reset();
+    bwd[k].push_back(Seconds(t1, t2));
+    step[k].push_back(Seconds(t0, t2));
+  };
+  for (size_t k = 0; k < fractions.size(); ++k) run(k);  // warm-up, discarded
+  for (auto& v : bwd) v.clear();
+  for (auto& v : step) v.clear();
+  for (int r = 0; r < reps; ++r)
+    for (size_t k = 0; k < fractions.size(); ++k) run(k);
+  nlohmann::json out = {{"model", name}, {"layers", c.layers}, {"d_model", c.d_model},
+                        {"heads", c.heads}, {"batch", B}, {"seq_len", T}, {"reps", reps}};
+  const int64_t M = positions.size(0);
+  const double full_bwd_flops = [&] {
+    auto f = worker::BertStepFlops(c, B, T, M, {});
+    return f.activation_grad + f.weight_grad;
+  }();
+  for (size_t k = 0; k < fractions.size(); ++k) {
+    auto f = worker::BertStepFlops(c, B, T, M, HeadMask(c, fractions[k]));
+    std::string tag = std::to_string(int(fractions[k] * 100));
+    out["backward_seconds_" + tag] = Median(bwd[k]);
+    out["fwd_bwd_seconds_" + tag] = Median(step[k]);
+    out["ratio_" + tag] = Median(bwd[k]) / Median(bwd[0]);
+    out["fwd_bwd_ratio_" + tag] = Median(step[k]) / Median(step[0]);
+    out["flop_ratio_backward_" + tag] = (f.activation_grad + f.weight_grad) / full_bwd_flops;
+  }
+  return out;
+}
+
+absl::StatusOr<worker::TrainConfig> Config(const std::string& path) {
+  auto c = worker::LoadTrainConfig(path);
+  if (!c.ok()) return c.status();
+  return c;
+}
+
+int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
+  auto tiny = Config(root + "/examples/bert-wikitext2-tiny.yaml");
+  auto def = Config(root + "/examples/bert-wikitext2.yaml");
+  if (!tiny.ok() || !def.ok()) {
+    std::cerr << "mat-bench: " << (tiny.ok() ? def.status() : tiny.status()) << "\n";
+    return 2;
+  }
+  nlohmann::json tiny_r = MaskedBackwardFor("tiny", *tiny, reps);
+  nlohmann::json def_r = MaskedBackwardFor("default", *def, reps);
+  result = {{"benchmark", "masked-backward"}, {"tiny", tiny_r}, {"default", def_r},
+            {"ratio_50", def_r["ratio_50"]}, {"ratio_25", def_r["ratio_25"]}};
+  std::printf("%-8s %-6s %12s %10s %12s %14s\n", "model", "heads", "backward_s", "ratio", "flop_ratio", "fwd+bwd ratio");
+  for (const auto* r : {&tiny_r, &def_r}) {
+    for (const char* tag : {"100", "50", "25"}) {
+      std::printf("%-8s %5s%% %12.4f %10.3f %12.3f %14.3f\n", (*r)["model"].get<std::string>().c_str(), tag,
+                  (*r)[std::string("backward_seconds_") + tag].get<double>(),
+                  (*r)[std::string("ratio_") + tag].get<double>(),
+                  (*r)[std::string("flop_ratio_backward_") + tag].get<double>(),
+                  (*r)[std::string("fwd_bwd_ratio_") + tag].get<double>());
+    }
+  }
+  return 0;
+}
+
+int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
+  auto c = Config(root + "/examples/bert-wikitext2.yaml");
+  if (!c.ok()) {
+    std::cerr << "mat-bench: " << c.status() << "\n";
+    return 2;
+  }
+  c->policy.kind = "mat";
+  auto t = worker::Trainer::Create(*c, {"", false, false});
+  if (!t.ok()) {
+    std::cerr << "mat-bench: " << t.status() << "\n";
+    return 2;
+  }
+  auto& tr = **t;
+  std::vector<uint8_t> all(tr.partition().size(), 1);
+  std::vector<double> ones(all.size(), 1.0);
+  std::vector<double> step_s, probe_s;
+  for (int r = -1; r < reps; ++r) {  // r = -1: warm-up
+    worker::MlmBatch batch = tr.train_stream().Next(c->train.batch_size);
+    auto t0 = Clock::now();
+    auto probe = tr.Probe(batch);
+    auto t1 = Clock::now();
+    auto loss = tr.TrainStep(batch, all, ones, 1e-4);
+    auto t2 = Clock::now();
+    if (!probe.ok() || !loss.ok()) {
+      std::cerr << "mat-bench: " << (probe.ok() ? loss.status() : probe.status()) << "\n";
+      return 1;
+    }
+    if (r >= 0) {
+      probe_s.push_back(Seconds(t0, t1));
+      step_s.push_back(Seconds(t1, t2));
+    }
+  }
+  const double step = Median(step_s), probe = Median(probe_s);
+  const double every = double(c->policy.probe_every);
+  const double fraction = probe / (every * step + probe);
+  result = {{"benchmark", "spectral-cost"},
+            {"probe_samples", c->policy.probe_samples},
+            {"probe_every", c->policy.probe_every},
+            {"batch_size", c->train.batch_size},
+            {"seq_len", c->data.seq_len},
+            {"layers", c->model.layers},
+            {"d_model", c->model.d_model},
+            {"heads", c->model.heads},
+            {"reps", reps},
+            {"step_seconds_median", step},
+            {"probe_seconds_median", probe},
+            {"probe_over_step", probe / step},
+            {"probe_fraction", fraction},
+            {"goal_probe_fraction", 0.05}};
+  std::printf("step %.4f s  probe %.4f s (n=%lld)  probe/step %.3f  probe_fraction (every %lld) %.4f\n",
+              step, probe, (long long)c->policy.probe_samples, probe / step,
+              (long long)c->policy.probe_every, fraction);
+  return 0;
+}
+
+}  // namespace
+}  // namespace mat::bench
+
+int main(int argc, char** argv) {
+  CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost)"};
+  std::string name, root = ".", out;
+  int reps = 10;
+  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost"}));
+  app.add_option("--root", root, "repository root (examples/ live there)");
+  app.add_option("--reps", reps, "repeats per configuration");
+  app.add_option("--out", out, "JSON result file");
+  CLI11_PARSE(app, argc, argv);
+  mat::common::InitLogging("warn", false);
+  nlohmann::json result;
+  int rc = name == "masked-backward" ? mat::bench::MaskedBackward(root, reps, result)
+                                     : mat::bench::SpectralCost(root, reps, result);
+  if (rc != 0) return rc;
+  result["threads"] = torch::get_num_threads();
+  std::cout << result.dump(2) << std::endl;
+  if (!out.empty()) {
+    absl::Status s = mat::common::WriteFileAtomic(out, result.dump(2) + "\n");
+    if (!s.ok()) {
+      std::cerr << "mat-bench: " << s << "\n";
+      return 1;
+    }
+  }
+  return 0;
+}

@@ -12,6 +12,10 @@
 namespace mat::common {
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return absl::InvalidArgumentError("'" + path + "' is a directory, not a file");
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError("cannot open '" + path + "': " + std::strerror(errno));
   std::ostringstream ss;

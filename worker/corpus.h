@@ -2,7 +2,7 @@
 //
 // Each line is split on whitespace and followed by "<eos>" (empty lines contribute "<eos>"
 // only), as in the reference word-level language-model data pipeline. The vocabulary is built
-// from train in order of first appearance; a valid/test word missing from it maps to "<unk>"
+// from train: "<eos>" is id 0, the other words follow in order of first appearance; a valid/test word missing from it maps to "<unk>"
 // (added to the vocabulary when absent). WikiText-2: train 2,088,628 tokens, 33,278 types.
 #pragma once
 

@@ -2,11 +2,14 @@
 
 #include <sstream>
 
+#include "common/status.h"
+
 namespace mat::worker {
 
 double UniformUnit(std::mt19937_64& rng) { return double(rng() >> 11) * (1.0 / 9007199254740992.0); }
 
 uint64_t UniformInt(std::mt19937_64& rng, uint64_t n) {
+  MAT_CHECK(n > 0) << "UniformInt needs a non-empty range";
   // Rejection sampling: unbiased and independent of the standard library.
   const uint64_t limit = UINT64_MAX - UINT64_MAX % n;
   uint64_t x;

@@ -30,12 +30,12 @@ struct MlmOptions {
   int64_t seq_len = 128;
   double mask_prob = 0.15;
   int64_t mask_id = 0;     // the [MASK] token
-  int64_t num_real_tokens = 0;  // random replacements are drawn from [0, num_real_tokens)
+  int64_t num_real_tokens = 0;  // > 0; random replacements are drawn from [0, num_real_tokens)
 };
 
 class MlmStream {
  public:
-  // tokens: borrowed, must outlive the stream.
+  // tokens: borrowed, must outlive the stream. REQUIRES before Next: num_blocks() > 0.
   MlmStream(const std::vector<int32_t>& tokens, MlmOptions opt, int rank, int world, uint64_t seed);
 
   MlmBatch Next(int64_t batch_size);

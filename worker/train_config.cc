@@ -105,6 +105,9 @@ absl::Status Walk(TrainConfig& c, const YAML::Node& node, const std::string& pre
   for (const auto& kv : node) {
     std::string name = kv.first.as<std::string>();
     std::string key = prefix.empty() ? name : prefix + "." + name;
+    const bool section_name = prefix.empty() && (name == "model" || name == "data" ||
+                                                 name == "train" || name == "policy");
+    if (section_name && kv.second.IsNull()) continue;  // an empty section keeps the defaults
     if (kv.second.IsMap()) {
       bool is_section = prefix.empty() && (name == "model" || name == "data" || name == "train" ||
                                            name == "policy");
@@ -195,8 +198,9 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   MAT_RETURN_IF_ERROR(Check(p.estimator == "gram" || p.estimator == "exact",
                             "policy.estimator: unknown estimator '" + p.estimator + "' (expected gram or exact)"));
   MAT_RETURN_IF_ERROR(Check(p.patience >= 1, "policy.patience must be >= 1"));
-  MAT_ASSIGN_OR_RETURN(policy::PolicyKind kind, policy::ParsePolicyKind(p.kind));
-  (void)kind;
+  if (absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind); !kind.ok()) {
+    return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));
+  }
   return policy::ValidatePolicyConfig(ToPolicyConfig(c));
 }
 

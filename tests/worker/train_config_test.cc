@@ -1,0 +1,304 @@
+// Tests of mat::worker's TrainConfig: YAML parsing onto defaults, --set overrides, validation
+// and ListConfig. Every error must be INVALID_ARGUMENT and name the offending key.
+#include "worker/train_config.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <ostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace mat::worker {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+// Every key of the schema, as documented in train_config.h.
+const std::vector<std::string> kAllKeys = {
+    "seed",
+    "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
+    "model.max_seq_len", "model.dropout", "model.pre_ln",
+    "data.kind", "data.dir", "data.seq_len", "data.mask_prob",
+    "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
+    "train.schedule", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
+    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads",
+    "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
+    "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
+    "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",
+    "policy.multirate_fast_fraction"};
+
+std::map<std::string, std::string> AsMap(const TrainConfig& c) {
+  std::map<std::string, std::string> m;
+  for (const auto& [k, v] : ListConfig(c)) m[k] = v;
+  return m;
+}
+
+TEST(TrainConfigTest, DefaultsValidate) {
+  TrainConfig c;
+  EXPECT_TRUE(ValidateTrainConfig(c).ok()) << ValidateTrainConfig(c);
+}
+
+TEST(TrainConfigTest, EmptyYamlGivesDefaults) {
+  auto c = ParseTrainConfig("", "empty.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(AsMap(*c), AsMap(TrainConfig{}));
+}
+
+TEST(TrainConfigTest, ParsesEveryTypeOntoDefaults) {
+  auto c = ParseTrainConfig(
+      "seed: 42\n"
+      "model: {layers: 3, pre_ln: true, dropout: 0.25}\n"
+      "data:\n  dir: /some/where\n  seq_len: 32\n"
+      "train: {lr: 1.0e-3, schedule: cosine}\n"
+      "policy: {kind: full, probe_samples: 4}\n",
+      "x.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->seed, 42u);
+  EXPECT_EQ(c->model.layers, 3);
+  EXPECT_TRUE(c->model.pre_ln);
+  EXPECT_DOUBLE_EQ(c->model.dropout, 0.25);
+  EXPECT_EQ(c->data.dir, "/some/where");
+  EXPECT_EQ(c->data.seq_len, 32);
+  EXPECT_DOUBLE_EQ(c->train.lr, 1e-3);
+  EXPECT_EQ(c->train.schedule, "cosine");
+  EXPECT_EQ(c->policy.kind, "full");
+  EXPECT_EQ(c->policy.probe_samples, 4);
+  // Untouched keys keep their defaults.
+  TrainConfig d;
+  EXPECT_EQ(c->model.d_model, d.model.d_model);
+  EXPECT_EQ(c->train.steps, d.train.steps);
+  EXPECT_DOUBLE_EQ(c->policy.alpha, d.policy.alpha);
+  EXPECT_TRUE(ValidateTrainConfig(*c).ok()) << ValidateTrainConfig(*c);
+}
+
+// The example files in examples/ parse and validate.
+class ExampleConfigTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ExampleConfigTest, ParsesAndValidates) {
+  const std::string path = std::string(MAT_SOURCE_DIR) + "/examples/" + GetParam();
+  if (GetParam() == "bert-wikitext2.yaml" && !fs::exists(path)) {
+    GTEST_SKIP() << path << " does not exist yet";
+  }
+  auto c = LoadTrainConfig(path);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(ValidateTrainConfig(*c).ok()) << ValidateTrainConfig(*c);
+  EXPECT_EQ(c->model.kind, "bert");
+  EXPECT_EQ(c->data.kind, "wikitext");
+}
+
+INSTANTIATE_TEST_SUITE_P(Examples, ExampleConfigTest,
+                         ::testing::Values("bert-wikitext2-tiny.yaml", "bert-wikitext2.yaml"));
+
+TEST(TrainConfigTest, TinyExampleHasItsDocumentedValues) {
+  auto c = LoadTrainConfig(std::string(MAT_SOURCE_DIR) + "/examples/bert-wikitext2-tiny.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->model.layers, 2);
+  EXPECT_EQ(c->model.d_model, 128);
+  EXPECT_EQ(c->data.seq_len, 64);
+  EXPECT_EQ(c->train.steps, 300);
+  EXPECT_EQ(c->policy.kind, "mat");
+  EXPECT_EQ(c->policy.probe_samples, 8);
+}
+
+// Parse errors: the YAML, the key the message must name.
+struct BadYaml {
+  std::string name, yaml, key;
+};
+
+void PrintTo(const BadYaml& c, std::ostream* os) { *os << c.name; }
+
+class BadYamlTest : public ::testing::TestWithParam<BadYaml> {};
+
+TEST_P(BadYamlTest, IsInvalidArgumentNamingTheKey) {
+  auto c = ParseTrainConfig(GetParam().yaml, "job.yaml");
+  ASSERT_FALSE(c.ok()) << "accepted:\n" << GetParam().yaml;
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << c.status();
+  EXPECT_THAT(c.status().message(), HasSubstr(GetParam().key));
+  EXPECT_THAT(c.status().message(), HasSubstr("job.yaml"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, BadYamlTest,
+    ::testing::Values(
+        BadYaml{"UnknownTopLevelKey", "sed: 1\n", "sed"},
+        BadYaml{"UnknownNestedKey", "model:\n  layers: 2\n  colour: red\n", "model.colour"},
+        BadYaml{"UnknownSection", "optimizer:\n  lr: 0.1\n", "optimizer"},
+        BadYaml{"MapUnderAKey", "model:\n  layers: {a: 1}\n", "model.layers"},
+        BadYaml{"SectionInsideSection", "train:\n  policy:\n    alpha: 0.5\n", "train.policy"},
+        BadYaml{"NotAnInteger", "model:\n  layers: abc\n", "model.layers"},
+        BadYaml{"FractionForInteger", "train:\n  steps: 2.5\n", "train.steps"},
+        BadYaml{"NotABoolean", "model:\n  pre_ln: maybe\n", "model.pre_ln"},
+        BadYaml{"NotANumber", "policy:\n  alpha: high\n", "policy.alpha"},
+        BadYaml{"SequenceForScalar", "train:\n  steps: [1, 2]\n", "train.steps"},
+        BadYaml{"NegativeSeed", "seed: -1\n", "seed"},
+        BadYaml{"MalformedFlow", "model: [1, 2\n", "not valid YAML"},
+        BadYaml{"UnclosedFlowMap", "train: {steps: 3\n", "not valid YAML"},
+        BadYaml{"UnclosedSequence", "policy:\n  kind: [full\n", "not valid YAML"},
+        BadYaml{"TopLevelSequence", "- a\n- b\n", "mapping"}),
+    [](const ::testing::TestParamInfo<BadYaml>& info) { return info.param.name; });
+
+// Validation errors: an override on top of valid defaults, the text the message must contain.
+struct BadValue {
+  std::string name, assignment, key;
+};
+
+void PrintTo(const BadValue& c, std::ostream* os) { *os << c.assignment; }
+
+class ValidateTest : public ::testing::TestWithParam<BadValue> {};
+
+TEST_P(ValidateTest, IsInvalidArgumentNamingTheKey) {
+  TrainConfig c;
+  ASSERT_TRUE(ApplyOverride(c, GetParam().assignment).ok()) << GetParam().assignment;
+  absl::Status st = ValidateTrainConfig(c);
+  ASSERT_FALSE(st.ok()) << GetParam().assignment << " validated";
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(st.message(), HasSubstr(GetParam().key));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ValidateTest,
+    ::testing::Values(BadValue{"AlphaAboveOne", "policy.alpha=1.5", "policy.alpha"},
+                      BadValue{"AlphaNegative", "policy.alpha=-0.1", "policy.alpha"},
+                      BadValue{"ProbeSamplesOne", "policy.probe_samples=1", "policy.probe_samples"},
+                      BadValue{"ProbeSamplesAboveBatch", "policy.probe_samples=33",
+                               "policy.probe_samples"},
+                      BadValue{"UnknownPolicyKind", "policy.kind=sometimes", "policy.kind"},
+                      BadValue{"UnknownPolicyKindValue", "policy.kind=sometimes", "sometimes"},
+                      BadValue{"UnknownEstimator", "policy.estimator=lanczos", "policy.estimator"},
+                      BadValue{"UnknownEstimatorValue", "policy.estimator=lanczos", "lanczos"},
+                      BadValue{"GammaOne", "policy.gamma=1", "policy.gamma"},
+                      BadValue{"ZeroLayers", "model.layers=0", "model.layers"},
+                      BadValue{"HeadsDoNotDivide", "model.heads=7", "model.d_model"},
+                      BadValue{"SeqLenAboveMax", "data.seq_len=129", "data.seq_len"},
+                      BadValue{"MaskProbOne", "data.mask_prob=1", "data.mask_prob"},
+                      BadValue{"UnknownSchedule", "train.schedule=step", "train.schedule"},
+                      BadValue{"UnknownModel", "model.kind=gpt", "model.kind"},
+                      BadValue{"ZeroSteps", "train.steps=0", "train.steps"},
+                      BadValue{"GroupsDoNotDivide", "model.ffn_groups=3", "model.ffn_groups"}),
+    [](const ::testing::TestParamInfo<BadValue>& info) { return info.param.name; });
+
+TEST(ApplyOverrideTest, SetsValuesOfEveryType) {
+  TrainConfig c;
+  ASSERT_TRUE(ApplyOverride(c, "train.steps=40").ok());
+  ASSERT_TRUE(ApplyOverride(c, "model.pre_ln=true").ok());
+  ASSERT_TRUE(ApplyOverride(c, "policy.alpha=0.75").ok());
+  ASSERT_TRUE(ApplyOverride(c, "policy.kind=full").ok());
+  ASSERT_TRUE(ApplyOverride(c, "data.dir=/tmp/a=b").ok());  // only the first '=' splits
+  ASSERT_TRUE(ApplyOverride(c, "seed=7").ok());
+  EXPECT_EQ(c.train.steps, 40);
+  EXPECT_TRUE(c.model.pre_ln);
+  EXPECT_DOUBLE_EQ(c.policy.alpha, 0.75);
+  EXPECT_EQ(c.policy.kind, "full");
+  EXPECT_EQ(c.data.dir, "/tmp/a=b");
+  EXPECT_EQ(c.seed, 7u);
+  // A later override wins.
+  ASSERT_TRUE(ApplyOverride(c, "train.steps=41").ok());
+  EXPECT_EQ(c.train.steps, 41);
+}
+
+TEST(ApplyOverrideTest, RejectsUnknownKeysMalformedAssignmentsAndBadValues) {
+  TrainConfig c;
+  const auto before = AsMap(c);
+  for (const auto& [assignment, needle] :
+       std::vector<std::pair<std::string, std::string>>{{"train.stepz=3", "train.stepz"},
+                                                        {"bogus=1", "bogus"},
+                                                        {"model=3", "model"},
+                                                        {"noequals", "noequals"},
+                                                        {"=5", "=5"},
+                                                        {"train.steps=abc", "train.steps"},
+                                                        {"train.steps=", "train.steps"},
+                                                        {"model.pre_ln=maybe", "model.pre_ln"},
+                                                        {"train.steps=[1, 2]", "train.steps"}}) {
+    absl::Status st = ApplyOverride(c, assignment);
+    ASSERT_FALSE(st.ok()) << assignment;
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+    EXPECT_THAT(st.message(), HasSubstr(needle)) << assignment;
+  }
+  EXPECT_EQ(AsMap(c), before) << "a rejected override changed the config";
+}
+
+TEST(ListConfigTest, ListsEveryKeyOnce) {
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : ListConfig(TrainConfig{})) keys.push_back(k);
+  EXPECT_EQ(keys.size(), std::set<std::string>(keys.begin(), keys.end()).size()) << "duplicates";
+  EXPECT_EQ(std::set<std::string>(keys.begin(), keys.end()),
+            std::set<std::string>(kAllKeys.begin(), kAllKeys.end()));
+}
+
+TEST(ListConfigTest, ReflectsValuesAndRoundTripsThroughOverrides) {
+  TrainConfig c;
+  ASSERT_TRUE(ApplyOverride(c, "model.layers=3").ok());
+  ASSERT_TRUE(ApplyOverride(c, "model.pre_ln=true").ok());
+  ASSERT_TRUE(ApplyOverride(c, "policy.kind=rand").ok());
+  auto listed = AsMap(c);
+  EXPECT_EQ(listed["model.layers"], "3");
+  EXPECT_EQ(listed["model.pre_ln"], "true");
+  EXPECT_EQ(listed["policy.kind"], "rand");
+  EXPECT_EQ(listed["data.dir"], TrainConfig{}.data.dir);
+  // Every listed "key: value" can be fed back through ApplyOverride and gives the same listing.
+  TrainConfig copy;
+  for (const auto& [k, v] : ListConfig(c)) {
+    absl::Status st = ApplyOverride(copy, k + "=" + v);
+    EXPECT_TRUE(st.ok()) << k << "=" << v << ": " << st;
+  }
+  EXPECT_EQ(AsMap(copy), listed);
+}
+
+TEST(LoadTrainConfigTest, MissingFileIsAnErrorNamingThePath) {
+  const std::string path = (fs::temp_directory_path() / "mat_no_such_config.yaml").string();
+  auto c = LoadTrainConfig(path);
+  ASSERT_FALSE(c.ok());
+  EXPECT_THAT(c.status().message(), HasSubstr(path));
+}
+
+TEST(LoadTrainConfigTest, ADirectoryIsAnErrorNamingThePath) {
+  std::string tmpl = (fs::temp_directory_path() / "mat_config_dir_XXXXXX").string();
+  ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+  auto c = LoadTrainConfig(tmpl);
+  std::error_code ec;
+  fs::remove_all(tmpl, ec);
+  ASSERT_FALSE(c.ok()) << "a directory was read as an empty (default) config";
+  EXPECT_THAT(c.status().message(), HasSubstr(tmpl));
+}
+
+TEST(LoadTrainConfigTest, ErrorsNameTheFile) {
+  std::string tmpl = (fs::temp_directory_path() / "mat_config_XXXXXX").string();
+  ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+  const std::string path = tmpl + "/job.yaml";
+  {
+    std::ofstream out(path);
+    out << "train:\n  stepz: 3\n";
+  }
+  auto c = LoadTrainConfig(path);
+  std::error_code ec;
+  fs::remove_all(tmpl, ec);
+  ASSERT_FALSE(c.ok());
+  EXPECT_THAT(c.status().message(), HasSubstr(path));
+  EXPECT_THAT(c.status().message(), HasSubstr("train.stepz"));
+}
+
+TEST(ToPolicyConfigTest, CopiesThePolicySection) {
+  TrainConfig c;
+  ASSERT_TRUE(ApplyOverride(c, "policy.kind=multirate").ok());
+  ASSERT_TRUE(ApplyOverride(c, "policy.alpha=0.4").ok());
+  ASSERT_TRUE(ApplyOverride(c, "policy.probe_every=7").ok());
+  ASSERT_TRUE(ApplyOverride(c, "policy.warmup_steps=9").ok());
+  ASSERT_TRUE(ApplyOverride(c, "seed=5").ok());
+  policy::PolicyConfig p = ToPolicyConfig(c);
+  EXPECT_EQ(p.kind, policy::PolicyKind::kMultirate);
+  EXPECT_DOUBLE_EQ(p.alpha, 0.4);
+  EXPECT_EQ(p.interval_steps, 7);
+  EXPECT_EQ(p.warmup_steps, 9);
+  EXPECT_EQ(p.seed, 5u);
+}
+
+}  // namespace
+}  // namespace mat::worker

@@ -14,7 +14,9 @@
 #include <iostream>
 
 #include "CLI/CLI.hpp"
+#include "torch/csrc/autograd/profiler_legacy.h"
 #include "common/file_util.h"
+#include "common/allocator.h"
 #include "common/logging.h"
 #include "nlohmann/json.hpp"
 #include "worker/bert.h"
@@ -26,6 +28,7 @@ namespace mat::bench {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+std::string g_profile_path;  // --profile: chrome trace of one full-mask step per model
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
@@ -77,6 +80,10 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
   for (auto& v : step) v.clear();
   for (int r = 0; r < reps; ++r)
     for (size_t k = 0; k < fractions.size(); ++k) run(k);
+  if (!g_profile_path.empty()) {
+    torch::autograd::profiler::RecordProfile guard(g_profile_path + "." + name + ".json");
+    run(0);
+  }
   nlohmann::json out = {{"model", name}, {"layers", c.layers}, {"d_model", c.d_model},
                         {"heads", c.heads}, {"batch", B}, {"seq_len", T}, {"reps", reps}};
   const int64_t M = positions.size(0);
@@ -192,7 +199,9 @@ int main(int argc, char** argv) {
   app.add_option("--root", root, "repository root (examples/ live there)");
   app.add_option("--reps", reps, "repeats per configuration");
   app.add_option("--out", out, "JSON result file");
+  app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);
+  mat::common::ConfigureAllocatorForTraining();
   mat::common::InitLogging("warn", false);
   nlohmann::json result;
   int rc = name == "masked-backward" ? mat::bench::MaskedBackward(root, reps, result)

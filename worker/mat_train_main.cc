@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "CLI/CLI.hpp"
+#include "common/allocator.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "worker/train_config.h"
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
   app.add_flag("--no-progress", no_progress, "no progress bar even on a terminal");
   app.add_flag("--print-config", print_config, "print every key with its value and exit");
   CLI11_PARSE(app, argc, argv);
+  mat::common::ConfigureAllocatorForTraining();
   mat::common::InitLogging(log_level, log_json);
 
   auto config = mat::worker::LoadTrainConfig(config_path);

@@ -37,9 +37,10 @@ double Median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-// Heads active per layer: the first `fraction` of each layer's heads.
+// Heads active per layer: the first `fraction` of each layer's heads (FFN slices, if any, on).
 std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
-  std::vector<uint8_t> m(c.layers * c.heads, 0);
+  std::vector<uint8_t> m(c.layers * (c.heads + c.ffn_groups), 1);
+  std::fill(m.begin(), m.begin() + c.layers * c.heads, 0);
   int64_t on = std::max<int64_t>(1, int64_t(c.heads * fraction + 0.5));
   for (int64_t l = 0; l < c.layers; ++l)
     for (int64_t h = 0; h < on; ++h) m[l * c.heads + h] = 1;
@@ -47,14 +48,7 @@ std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
 }
 
 nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainConfig& tc, int reps) {
-  worker::BertConfig c;
-  c.vocab_size = 33279;
-  c.max_seq_len = tc.model.max_seq_len;
-  c.layers = tc.model.layers;
-  c.d_model = tc.model.d_model;
-  c.heads = tc.model.heads;
-  c.d_ff = tc.model.d_ff;
-  c.dropout = tc.model.dropout;
+  worker::BertConfig c = worker::MakeBertConfig(tc, 33279);  // WikiText-2 + [MASK]
   torch::manual_seed(0);
   worker::BertMlm model(c);
   model->train();

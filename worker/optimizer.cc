@@ -1,8 +1,23 @@
 #include "worker/optimizer.h"
 
 #include <cmath>
+#include <unordered_map>
 
 namespace mat::worker {
+
+std::vector<ParamEntry> BuildParamEntries(torch::nn::Module& model,
+                                          const spectral::ModulePartition& partition) {
+  std::unordered_map<const void*, int> module_of;
+  for (int m = 0; m < partition.size(); ++m)
+    for (const auto& p : partition.modules[m].params) module_of[p.unsafeGetTensorImpl()] = m;
+  std::vector<ParamEntry> entries;
+  for (const auto& kv : model.named_parameters()) {
+    auto it = module_of.find(kv.value().unsafeGetTensorImpl());
+    entries.push_back({kv.key(), kv.value(), it == module_of.end() ? -1 : it->second,
+                       kv.value().dim() >= 2});
+  }
+  return entries;
+}
 
 MaskedAdamW::MaskedAdamW(std::vector<ParamEntry> params, AdamWOptions opt)
     : params_(std::move(params)), opt_(opt) {

@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "absl/status/status.h"
+#include "spectral/module_partition.h"
 
 namespace mat::worker {
 
@@ -30,6 +31,11 @@ struct ParamEntry {
   int module = -1;     // -1: always trained
   bool decay = true;   // apply weight decay
 };
+
+// One entry per named parameter of `model`, with its module index from `partition` (-1 when the
+// tensor belongs to no module) and weight decay on matrices (dim >= 2) only.
+std::vector<ParamEntry> BuildParamEntries(torch::nn::Module& model,
+                                          const spectral::ModulePartition& partition);
 
 class MaskedAdamW {
  public:

@@ -60,35 +60,16 @@ absl::Status Trainer::Init() {
   mlm_.mask_id = real;  // [MASK] is the last id
   mlm_.num_real_tokens = real;
 
-  BertConfig bc;
-  bc.vocab_size = real + 1;
-  bc.max_seq_len = c.model.max_seq_len;
-  bc.layers = c.model.layers;
-  bc.d_model = c.model.d_model;
-  bc.heads = c.model.heads;
-  bc.d_ff = c.model.d_ff;
-  bc.ffn_groups = c.model.ffn_groups;
-  bc.dropout = c.model.dropout;
-  bc.pre_ln = c.model.pre_ln;
-  model_ = BertMlm(bc);
+  model_ = BertMlm(MakeBertConfig(c, real + 1));
   model_->train();
   partition_ = model_->Partition();
 
-  std::vector<ParamEntry> entries;
-  std::unordered_map<const void*, int> module_of;
-  for (int m = 0; m < partition_.size(); ++m)
-    for (const auto& p : partition_.modules[m].params) module_of[p.unsafeGetTensorImpl()] = m;
-  for (const auto& kv : model_->named_parameters()) {
-    auto it = module_of.find(kv.value().unsafeGetTensorImpl());
-    entries.push_back({kv.key(), kv.value(), it == module_of.end() ? -1 : it->second,
-                       kv.value().dim() >= 2});
-  }
   AdamWOptions ao;
   ao.beta1 = c.train.beta1;
   ao.beta2 = c.train.beta2;
   ao.eps = c.train.eps;
   ao.weight_decay = c.train.weight_decay;
-  optimizer_ = std::make_unique<MaskedAdamW>(std::move(entries), ao);
+  optimizer_ = std::make_unique<MaskedAdamW>(BuildParamEntries(*model_, partition_), ao);
 
   std::vector<policy::ModuleInfo> infos;
   for (const auto& m : partition_.modules) infos.push_back({m.group, m.layer, m.index, m.name});

@@ -32,15 +32,7 @@ Net MakeNet(const BertConfig& c) {
   n.model = BertMlm(c);
   n.model->train();
   n.partition = n.model->Partition();
-  std::unordered_map<const void*, int> module_of;
-  for (int m = 0; m < n.partition.size(); ++m)
-    for (const auto& p : n.partition.modules[m].params) module_of[p.unsafeGetTensorImpl()] = m;
-  std::vector<ParamEntry> entries;
-  for (const auto& kv : n.model->named_parameters()) {
-    auto it = module_of.find(kv.value().unsafeGetTensorImpl());
-    entries.push_back({kv.key(), kv.value(), it == module_of.end() ? -1 : it->second, kv.value().dim() >= 2});
-  }
-  n.opt = std::make_unique<MaskedAdamW>(std::move(entries), AdamWOptions{});
+  n.opt = std::make_unique<MaskedAdamW>(BuildParamEntries(*n.model, n.partition), AdamWOptions{});
   return n;
 }
 

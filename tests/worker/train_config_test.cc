@@ -103,7 +103,7 @@ TEST(TrainConfigTest, TinyExampleHasItsDocumentedValues) {
   EXPECT_EQ(c->model.layers, 2);
   EXPECT_EQ(c->model.d_model, 128);
   EXPECT_EQ(c->data.seq_len, 64);
-  EXPECT_EQ(c->train.steps, 300);
+  EXPECT_EQ(c->train.steps, 1000);
   EXPECT_EQ(c->policy.kind, "mat");
   EXPECT_EQ(c->policy.probe_samples, 8);
 }

@@ -5,7 +5,7 @@
 //   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln}
 //   data:   {kind, dir, seq_len, mask_prob}
 //   train:  {steps, batch_size, lr, min_lr_ratio, warmup_steps, schedule, weight_decay, beta1,
-//            beta2, eps, grad_clip, eval_every, eval_batches, checkpoint_every, threads}
+//            beta2, eps, eval_every, eval_batches, checkpoint_every, threads}
 //   policy: {kind, alpha, beta, gamma, patience, warmup_steps, probe_every, probe_samples,
 //            estimator, min_active_fraction, rand_fraction, multirate_k, multirate_fast_fraction}
 //

@@ -1,0 +1,486 @@
+// Sections: reflection helpers · YAML -> JobSpec · defaults · validation · JobSpec -> YAML.
+#include "coordinator/job_spec.h"
+
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "common/file_util.h"
+#include "common/status.h"
+#include "coordinator/policy/policy_config.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/message.h"
+#include "yaml-cpp/yaml.h"
+
+namespace mat::coordinator {
+namespace {
+
+using google::protobuf::Descriptor;
+using google::protobuf::FieldDescriptor;
+using google::protobuf::Message;
+using google::protobuf::Reflection;
+
+// ----- reflection helpers -----
+
+// What a value of this field must be, for messages ("an integer").
+std::string TypeName(const FieldDescriptor* f) {
+  switch (f->cpp_type()) {
+    case FieldDescriptor::CPPTYPE_INT32:
+      return "a 32-bit integer";
+    case FieldDescriptor::CPPTYPE_INT64:
+      return "an integer";
+    case FieldDescriptor::CPPTYPE_UINT32:
+    case FieldDescriptor::CPPTYPE_UINT64:
+      return "a non-negative integer";
+    case FieldDescriptor::CPPTYPE_FLOAT:
+    case FieldDescriptor::CPPTYPE_DOUBLE:
+      return "a number";
+    case FieldDescriptor::CPPTYPE_BOOL:
+      return "a boolean";
+    case FieldDescriptor::CPPTYPE_STRING:
+      return "a string";
+    case FieldDescriptor::CPPTYPE_MESSAGE:
+      return "a mapping";
+    default:
+      return "a supported value";
+  }
+}
+
+std::string NodeKind(const YAML::Node& n) {
+  if (n.IsNull()) return "null";
+  if (n.IsMap()) return "a mapping";
+  if (n.IsSequence()) return "a sequence";
+  return "a scalar";
+}
+
+template <typename T>
+bool Convert(const YAML::Node& n, T* out) {
+  try {
+    *out = n.as<T>();
+    return true;
+  } catch (const YAML::Exception&) {
+    return false;
+  }
+}
+
+// ----- YAML -> JobSpec -----
+
+absl::Status SetScalar(const YAML::Node& value, const FieldDescriptor* f, const std::string& key,
+                       Message* msg) {
+  if (!value.IsScalar()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, ": expected ", TypeName(f), ", got ", NodeKind(value)));
+  }
+  const Reflection* r = msg->GetReflection();
+  bool ok = false;
+  switch (f->cpp_type()) {
+    case FieldDescriptor::CPPTYPE_INT32: {
+      int32_t v = 0;
+      if ((ok = Convert(value, &v))) r->SetInt32(msg, f, v);
+      break;
+    }
+    case FieldDescriptor::CPPTYPE_INT64: {
+      int64_t v = 0;
+      if ((ok = Convert(value, &v))) r->SetInt64(msg, f, v);
+      break;
+    }
+    case FieldDescriptor::CPPTYPE_UINT64: {
+      uint64_t v = 0;
+      if ((ok = Convert(value, &v))) r->SetUInt64(msg, f, v);
+      break;
+    }
+    case FieldDescriptor::CPPTYPE_DOUBLE: {
+      double v = 0;
+      if ((ok = Convert(value, &v))) r->SetDouble(msg, f, v);
+      break;
+    }
+    case FieldDescriptor::CPPTYPE_BOOL: {
+      bool v = false;
+      if ((ok = Convert(value, &v))) r->SetBool(msg, f, v);
+      break;
+    }
+    case FieldDescriptor::CPPTYPE_STRING: {
+      std::string v;
+      if ((ok = Convert(value, &v))) r->SetString(msg, f, v);
+      break;
+    }
+    default:
+      return absl::InternalError(absl::StrCat(key, ": unsupported field type in the proto"));
+  }
+  if (!ok) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, ": '", value.Scalar(), "' is not ", TypeName(f)));
+  }
+  return absl::OkStatus();
+}
+
+// Sets the fields of `msg` from the mapping `node`; `prefix` is the section's key ("" at the top).
+absl::Status ParseMessage(const YAML::Node& node, const std::string& prefix, Message* msg) {
+  std::set<std::string> seen;
+  for (const auto& kv : node) {
+    if (!kv.first.IsScalar()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          prefix.empty() ? "top level" : prefix, ": a key must be a scalar, got ",
+          NodeKind(kv.first)));
+    }
+    const std::string& name = kv.first.Scalar();
+    const std::string key = prefix.empty() ? name : absl::StrCat(prefix, ".", name);
+    if (!seen.insert(name).second) return absl::InvalidArgumentError(key + ": duplicate key");
+    const FieldDescriptor* f = msg->GetDescriptor()->FindFieldByName(name);
+    if (f == nullptr || f->is_repeated()) {
+      return absl::InvalidArgumentError(key + ": unknown key");
+    }
+    if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+      Message* section = msg->GetReflection()->MutableMessage(msg, f);
+      if (kv.second.IsNull()) continue;  // `model:` alone: a present, empty section
+      if (!kv.second.IsMap()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(key, ": expected a mapping, got ", NodeKind(kv.second)));
+      }
+      MAT_RETURN_IF_ERROR(ParseMessage(kv.second, key, section));
+    } else {
+      MAT_RETURN_IF_ERROR(SetScalar(kv.second, f, key, msg));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// ----- validation -----
+
+absl::Status Check(bool ok, const std::string& msg) {
+  return ok ? absl::OkStatus() : absl::InvalidArgumentError(msg);
+}
+
+// Every double field of `msg` (and its sections) must be finite.
+absl::Status CheckFinite(const Message& msg, const std::string& prefix) {
+  const Descriptor* d = msg.GetDescriptor();
+  const Reflection* r = msg.GetReflection();
+  for (int i = 0; i < d->field_count(); ++i) {
+    const FieldDescriptor* f = d->field(i);
+    const std::string key = prefix.empty() ? f->name() : absl::StrCat(prefix, ".", f->name());
+    if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE && !f->is_repeated()) {
+      MAT_RETURN_IF_ERROR(CheckFinite(r->GetMessage(msg, f), key));
+    } else if (f->cpp_type() == FieldDescriptor::CPPTYPE_DOUBLE && !f->is_repeated()) {
+      const double v = r->GetDouble(msg, f);
+      MAT_RETURN_IF_ERROR(
+          Check(std::isfinite(v), absl::StrCat(key, " must be a finite number, got ", v)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+policy::PolicyConfig ToPolicyConfig(const v1::JobSpec& s) {
+  const v1::PolicySpec& p = s.policy();
+  policy::PolicyConfig c;
+  absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind());
+  if (kind.ok()) c.kind = *kind;
+  c.warmup_steps = p.warmup_steps();
+  c.interval_steps = p.probe_every();
+  c.alpha = p.alpha();
+  c.beta = p.beta();
+  c.gamma = p.gamma();
+  c.patience = static_cast<int>(p.patience());  // range-checked before
+  c.min_active_fraction = p.min_active_fraction();
+  c.rand_fraction = p.rand_fraction();
+  c.multirate_k = static_cast<int>(p.multirate_k());  // range-checked before
+  c.multirate_fast_fraction = p.multirate_fast_fraction();
+  c.seed = s.seed();
+  return c;
+}
+
+// ----- JobSpec -> YAML -----
+
+// Shortest text that reads back to exactly `v`, always with a '.' or an exponent marked as a
+// float ("1.0", "1.0e-08") so YAML tools read it as a number; .nan/.inf/-.inf otherwise.
+std::string FormatDouble(double v) {
+  if (std::isnan(v)) return ".nan";
+  if (std::isinf(v)) return v > 0 ? ".inf" : "-.inf";
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v);
+  std::string s(buf, res.ptr);
+  const size_t e = s.find_first_of("eE");
+  const std::string mantissa = s.substr(0, e);
+  if (mantissa.find('.') == std::string::npos) {
+    s.insert(e == std::string::npos ? s.size() : e, ".0");
+  }
+  return s;
+}
+
+void EmitMessage(const Message& msg, bool skip_resources, YAML::Emitter* out) {
+  const Descriptor* d = msg.GetDescriptor();
+  const Reflection* r = msg.GetReflection();
+  *out << YAML::BeginMap;
+  for (int i = 0; i < d->field_count(); ++i) {
+    const FieldDescriptor* f = d->field(i);
+    if (f->is_repeated() || !r->HasField(msg, f)) continue;
+    if (skip_resources && f->name() == "resources") continue;
+    *out << YAML::Key << f->name() << YAML::Value;
+    switch (f->cpp_type()) {
+      case FieldDescriptor::CPPTYPE_MESSAGE:
+        EmitMessage(r->GetMessage(msg, f), false, out);
+        break;
+      case FieldDescriptor::CPPTYPE_INT32:
+        *out << std::to_string(r->GetInt32(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_INT64:
+        *out << std::to_string(r->GetInt64(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_UINT64:
+        *out << std::to_string(r->GetUInt64(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_DOUBLE:
+        *out << FormatDouble(r->GetDouble(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_BOOL:
+        *out << (r->GetBool(msg, f) ? "true" : "false");
+        break;
+      case FieldDescriptor::CPPTYPE_STRING:
+        // Always quoted: "true", "~" or "123" stay strings for every YAML reader.
+        *out << YAML::DoubleQuoted << r->GetString(msg, f);
+        break;
+      default:
+        MAT_CHECK(false) << "job_spec: unsupported field type of " << f->full_name();
+    }
+  }
+  *out << YAML::EndMap;
+}
+
+std::string ToYaml(const v1::JobSpec& spec, bool skip_resources) {
+  YAML::Emitter out;
+  EmitMessage(spec, skip_resources, &out);
+  MAT_CHECK(out.good()) << "job_spec: YAML emitter failed: " << out.GetLastError();
+  return std::string(out.c_str()) + "\n";
+}
+
+void CollectKeys(const Descriptor* d, const std::string& prefix, std::vector<std::string>* out) {
+  for (int i = 0; i < d->field_count(); ++i) {
+    const FieldDescriptor* f = d->field(i);
+    const std::string key = prefix.empty() ? f->name() : absl::StrCat(prefix, ".", f->name());
+    if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+      CollectKeys(f->message_type(), key, out);
+    } else {
+      out->push_back(key);
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std::string& origin) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": not valid YAML: ", e.what()));
+  }
+  v1::JobSpec spec;
+  if (root.IsNull()) return spec;
+  if (!root.IsMap()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": the top level must be a mapping, got ", NodeKind(root)));
+  }
+  absl::Status status = ParseMessage(root, "", &spec);
+  if (!status.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": ", status.message()));
+  }
+  return spec;
+}
+
+absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
+  MAT_ASSIGN_OR_RETURN(std::string text, common::ReadFile(path));
+  return ParseJobSpecYaml(text, path);
+}
+
+v1::JobSpec JobSpecDefaults() {
+  // The defaults of worker/train_config.h (TrainConfig), key for key; tests check that every
+  // field is set here.
+  v1::JobSpec s;
+  s.set_seed(1);
+  v1::ModelSpec* m = s.mutable_model();
+  m->set_kind("bert");
+  m->set_layers(4);
+  m->set_d_model(256);
+  m->set_heads(8);
+  m->set_d_ff(1024);
+  m->set_ffn_groups(0);
+  m->set_max_seq_len(128);
+  m->set_dropout(0.1);
+  m->set_pre_ln(false);
+  v1::DataSpec* d = s.mutable_data();
+  d->set_kind("wikitext");
+  d->set_dir("../shared/data/wikitext-2");
+  d->set_seq_len(128);
+  d->set_mask_prob(0.15);
+  v1::TrainSpec* t = s.mutable_train();
+  t->set_steps(2000);
+  t->set_batch_size(32);
+  t->set_lr(5e-4);
+  t->set_min_lr_ratio(0.0);
+  t->set_warmup_steps(100);
+  t->set_schedule("linear");
+  t->set_weight_decay(0.01);
+  t->set_beta1(0.9);
+  t->set_beta2(0.999);
+  t->set_eps(1e-8);
+  t->set_eval_every(200);
+  t->set_eval_batches(50);
+  t->set_checkpoint_every(0);
+  t->set_threads(0);
+  v1::PolicySpec* p = s.mutable_policy();
+  p->set_kind("mat");
+  p->set_alpha(0.3);
+  p->set_beta(0.0);
+  p->set_gamma(0.5);
+  p->set_patience(3);
+  p->set_warmup_steps(200);
+  p->set_probe_every(20);
+  p->set_probe_samples(16);
+  p->set_estimator("gram");
+  p->set_min_active_fraction(0.25);
+  p->set_rand_fraction(0.5);
+  p->set_multirate_k(4);
+  p->set_multirate_fast_fraction(0.5);
+  v1::ResourceSpec* r = s.mutable_resources();
+  r->set_workers(1);
+  r->set_device("cpu");
+  return s;
+}
+
+v1::JobSpec WithJobSpecDefaults(const v1::JobSpec& spec) {
+  // MergeFrom copies exactly the fields set in `spec` (proto3 optional tracks presence) over the
+  // defaults.
+  v1::JobSpec out = JobSpecDefaults();
+  out.MergeFrom(spec);
+  return out;
+}
+
+absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
+  const v1::JobSpec s = WithJobSpecDefaults(spec);
+  MAT_RETURN_IF_ERROR(CheckFinite(s, ""));
+
+  const v1::ModelSpec& m = s.model();
+  MAT_RETURN_IF_ERROR(Check(m.kind() == "bert",
+                            "model.kind: unknown model '" + m.kind() + "' (expected bert)"));
+  MAT_RETURN_IF_ERROR(
+      Check(m.layers() >= 1, absl::StrCat("model.layers must be >= 1, got ", m.layers())));
+  MAT_RETURN_IF_ERROR(Check(m.heads() >= 1 && m.d_model() >= 1 && m.d_model() % m.heads() == 0,
+                            absl::StrCat("model.d_model must be a positive multiple of "
+                                         "model.heads, got d_model ",
+                                         m.d_model(), " and heads ", m.heads())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.d_ff() >= 1, absl::StrCat("model.d_ff must be >= 1, got ", m.d_ff())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.ffn_groups() >= 0 && (m.ffn_groups() == 0 || m.d_ff() % m.ffn_groups() == 0),
+            absl::StrCat("model.ffn_groups must be 0 or divide model.d_ff, got ",
+                         m.ffn_groups())));
+  MAT_RETURN_IF_ERROR(Check(m.dropout() >= 0 && m.dropout() < 1,
+                            absl::StrCat("model.dropout must be in [0,1), got ", m.dropout())));
+
+  const v1::DataSpec& d = s.data();
+  MAT_RETURN_IF_ERROR(
+      Check(d.kind() == "wikitext",
+            "data.kind: unknown data kind '" + d.kind() + "' (expected wikitext)"));
+  MAT_RETURN_IF_ERROR(Check(d.seq_len() >= 2 && d.seq_len() <= m.max_seq_len(),
+                            absl::StrCat("data.seq_len must be in [2, model.max_seq_len], got ",
+                                         d.seq_len(), " with model.max_seq_len ",
+                                         m.max_seq_len())));
+  MAT_RETURN_IF_ERROR(Check(d.mask_prob() > 0 && d.mask_prob() < 1,
+                            absl::StrCat("data.mask_prob must be in (0,1), got ", d.mask_prob())));
+
+  const v1::TrainSpec& t = s.train();
+  MAT_RETURN_IF_ERROR(
+      Check(t.steps() >= 1, absl::StrCat("train.steps must be >= 1, got ", t.steps())));
+  MAT_RETURN_IF_ERROR(Check(t.batch_size() >= 1,
+                            absl::StrCat("train.batch_size must be >= 1, got ", t.batch_size())));
+  MAT_RETURN_IF_ERROR(Check(t.lr() > 0, absl::StrCat("train.lr must be > 0, got ", t.lr())));
+  MAT_RETURN_IF_ERROR(
+      Check(t.min_lr_ratio() >= 0 && t.min_lr_ratio() <= 1,
+            absl::StrCat("train.min_lr_ratio must be in [0,1], got ", t.min_lr_ratio())));
+  MAT_RETURN_IF_ERROR(
+      Check(t.warmup_steps() >= 0,
+            absl::StrCat("train.warmup_steps must be >= 0, got ", t.warmup_steps())));
+  MAT_RETURN_IF_ERROR(
+      Check(t.schedule() == "linear" || t.schedule() == "cosine" || t.schedule() == "constant",
+            "train.schedule: unknown schedule '" + t.schedule() +
+                "' (expected linear, cosine or constant)"));
+  MAT_RETURN_IF_ERROR(
+      Check(t.weight_decay() >= 0,
+            absl::StrCat("train.weight_decay must be >= 0, got ", t.weight_decay())));
+  MAT_RETURN_IF_ERROR(Check(t.beta1() >= 0 && t.beta1() < 1 && t.beta2() >= 0 && t.beta2() < 1,
+                            absl::StrCat("train.beta1 and train.beta2 must be in [0,1), got ",
+                                         t.beta1(), " and ", t.beta2())));
+  MAT_RETURN_IF_ERROR(Check(t.eval_every() >= 1,
+                            absl::StrCat("train.eval_every must be >= 1, got ", t.eval_every())));
+  MAT_RETURN_IF_ERROR(
+      Check(t.eval_batches() >= 0,
+            absl::StrCat("train.eval_batches must be >= 0, got ", t.eval_batches())));
+  MAT_RETURN_IF_ERROR(
+      Check(t.checkpoint_every() >= 0,
+            absl::StrCat("train.checkpoint_every must be >= 0, got ", t.checkpoint_every())));
+  MAT_RETURN_IF_ERROR(
+      Check(t.threads() >= 0, absl::StrCat("train.threads must be >= 0, got ", t.threads())));
+
+  const v1::PolicySpec& p = s.policy();
+  MAT_RETURN_IF_ERROR(
+      Check(p.probe_samples() >= 2,
+            absl::StrCat("policy.probe_samples must be >= 2, got ", p.probe_samples())));
+  MAT_RETURN_IF_ERROR(Check(p.probe_samples() <= t.batch_size(),
+                            absl::StrCat("policy.probe_samples must be <= train.batch_size (the "
+                                         "probe uses the step's first samples), got ",
+                                         p.probe_samples(), " with train.batch_size ",
+                                         t.batch_size())));
+  MAT_RETURN_IF_ERROR(
+      Check(p.probe_every() >= 1,
+            absl::StrCat("policy.probe_every must be >= 1, got ", p.probe_every())));
+  MAT_RETURN_IF_ERROR(Check(p.estimator() == "gram" || p.estimator() == "exact",
+                            "policy.estimator: unknown estimator '" + p.estimator() +
+                                "' (expected gram or exact)"));
+  MAT_RETURN_IF_ERROR(
+      Check(p.patience() >= 1, absl::StrCat("policy.patience must be >= 1, got ", p.patience())));
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  MAT_RETURN_IF_ERROR(Check(p.patience() <= kIntMax,
+                            absl::StrCat("policy.patience must be <= ", kIntMax, ", got ",
+                                         p.patience())));
+  MAT_RETURN_IF_ERROR(Check(p.multirate_k() <= kIntMax,
+                            absl::StrCat("policy.multirate_k must be <= ", kIntMax, ", got ",
+                                         p.multirate_k())));
+  if (absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind()); !kind.ok()) {
+    return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));
+  }
+  MAT_RETURN_IF_ERROR(policy::ValidatePolicyConfig(ToPolicyConfig(s)));
+
+  const v1::ResourceSpec& r = s.resources();
+  MAT_RETURN_IF_ERROR(Check(r.workers() >= 1,
+                            absl::StrCat("resources.workers must be >= 1, got ", r.workers())));
+  MAT_RETURN_IF_ERROR(Check(r.device() == "cpu" || r.device() == "cuda",
+                            "resources.device: unknown device '" + r.device() +
+                                "' (expected cpu or cuda)"));
+  MAT_RETURN_IF_ERROR(Check(t.batch_size() % r.workers() == 0,
+                            absl::StrCat("train.batch_size must be a multiple of "
+                                         "resources.workers (each rank takes an equal share), "
+                                         "got ",
+                                         t.batch_size(), " for ", r.workers(), " workers")));
+  const int64_t per_rank = t.batch_size() / r.workers();
+  MAT_RETURN_IF_ERROR(Check(p.probe_samples() <= per_rank,
+                            absl::StrCat("policy.probe_samples must be <= train.batch_size / "
+                                         "resources.workers (each rank probes its own batch), "
+                                         "got ",
+                                         p.probe_samples(), " with ", per_rank,
+                                         " samples per rank")));
+  return absl::OkStatus();
+}
+
+std::string JobSpecToYaml(const v1::JobSpec& spec) { return ToYaml(spec, false); }
+
+std::string JobSpecToTrainerYaml(const v1::JobSpec& spec) { return ToYaml(spec, true); }
+
+std::vector<std::string> JobSpecKeys() {
+  std::vector<std::string> keys;
+  CollectKeys(v1::JobSpec::descriptor(), "", &keys);
+  return keys;
+}
+
+}  // namespace mat::coordinator

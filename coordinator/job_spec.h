@@ -1,0 +1,73 @@
+// Job specs as YAML (DESIGN §7): the file a user submits maps onto mat.v1.JobSpec key for key.
+//
+// The YAML format is mat-train's config (worker/train_config.h: `seed` and the sections `model`,
+// `data`, `train`, `policy`) plus a `resources` section:
+//
+//   seed: 1
+//   model: {kind: bert, layers: 2, ...}
+//   ...
+//   resources: {workers: 2, device: cpu}
+//
+// The schema is the proto itself (read through protobuf reflection): a section is a message field
+// of JobSpec, a key is a scalar field of that message, with its name. So a key added to
+// proto/mat/v1/job.proto is accepted here without further code; its default belongs in
+// JobSpecDefaults() and its range check in ValidateJobSpec().
+//
+// Parsing sets exactly the keys present (proto3 `optional`: unset = default), so a spec keeps
+// what the user wrote; WithJobSpecDefaults fills in the rest. Errors are INVALID_ARGUMENT and name
+// the key: "job.yaml: model.layres: unknown key", "job.yaml: train.steps: '2.5' is not an
+// integer", "policy.alpha must be in [0,1], got 1.5".
+//
+// Thread-safety: pure functions; safe from any thread.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "mat/v1/job.pb.h"
+
+namespace mat::coordinator {
+
+// Parses job YAML text. `origin` (a file name, "request") prefixes every message. An empty
+// document is an empty spec. INVALID_ARGUMENT for text that is not YAML, a top level that is not a
+// mapping, an unknown key, a duplicate key, a section that is not a mapping, or a value that is
+// not a scalar of the key's type (integers must be integral and in range; seed is non-negative;
+// booleans are YAML booleans; a null value is an error). Range checks are ValidateJobSpec's.
+absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std::string& origin);
+
+// Reads and parses a job YAML file; messages start with `path`. NOT_FOUND when it cannot be read.
+absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path);
+
+// A spec with every field set to its default: mat-train's TrainConfig defaults (README.md table)
+// and resources {workers: 1, device: cpu}.
+v1::JobSpec JobSpecDefaults();
+
+// `spec` with every unset field set to its default (set fields are kept as they are).
+v1::JobSpec WithJobSpecDefaults(const v1::JobSpec& spec);
+
+// Range and cross-field checks on WithJobSpecDefaults(spec), with worker/train_config.cc's rules
+// and messages (ValidateTrainConfig) so the coordinator rejects a job before a worker would; in
+// addition:
+//   - every number must be finite ("train.lr must be a finite number, got inf");
+//   - resources.workers >= 1; resources.device is "cpu" or "cuda";
+//   - train.batch_size is a multiple of resources.workers (each rank takes
+//     batch_size / workers samples per step) and policy.probe_samples <= that per-rank batch
+//     (each rank probes the first samples of its own batch).
+// OK or INVALID_ARGUMENT naming the first bad key.
+absl::Status ValidateJobSpec(const v1::JobSpec& spec);
+
+// YAML text of the keys set in `spec` (unset keys are omitted; a present but empty section is
+// written as `name: {}`). ParseJobSpecYaml(JobSpecToYaml(s)) equals s field for field, doubles
+// bit for bit (shortest round-trip form; NaN and infinities as .nan, .inf, -.inf).
+std::string JobSpecToYaml(const v1::JobSpec& spec);
+
+// The same without the `resources` section: the config text mat-train's ParseTrainConfig reads.
+// Pass WithJobSpecDefaults(spec) to hand a trainer every value explicitly.
+std::string JobSpecToTrainerYaml(const v1::JobSpec& spec);
+
+// Every key of the schema as "section.key" (or "seed"), in proto field order.
+std::vector<std::string> JobSpecKeys();
+
+}  // namespace mat::coordinator

@@ -1,0 +1,605 @@
+// Sections: schema · helpers · open · jobs · λ history and decisions · workers and assignments.
+#include "coordinator/job_store.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/file_util.h"
+#include "common/status.h"
+#include "coordinator/sqlite_db.h"
+#include "google/protobuf/util/message_differencer.h"
+
+namespace mat::coordinator {
+namespace {
+
+// ----- schema -----
+
+// Version 1. Append new versions as migrations; never edit this text once released.
+constexpr const char* kSchemaV1 = R"sql(
+CREATE TABLE schema_version (
+  version INTEGER NOT NULL
+);
+CREATE TABLE jobs (
+  seq INTEGER PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  client_request_id TEXT UNIQUE,
+  spec BLOB NOT NULL,
+  state TEXT NOT NULL CHECK (state IN
+    ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED', 'RESTARTING')),
+  created_unix_seconds INTEGER NOT NULL,
+  updated_unix_seconds INTEGER NOT NULL,
+  error_message TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE workers (
+  id TEXT PRIMARY KEY,
+  host TEXT NOT NULL,
+  device TEXT NOT NULL,
+  memory_bytes INTEGER NOT NULL,
+  registered_unix_seconds INTEGER NOT NULL,
+  last_seen_unix_seconds INTEGER NOT NULL
+);
+CREATE TABLE assignments (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  rank INTEGER NOT NULL CHECK (rank >= 0),
+  worker_id TEXT NOT NULL REFERENCES workers(id),
+  attempt INTEGER NOT NULL CHECK (attempt >= 0),
+  assigned_unix_seconds INTEGER NOT NULL,
+  PRIMARY KEY (job_id, rank)
+);
+CREATE TABLE lambda_history (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  step INTEGER NOT NULL CHECK (step >= 0),
+  module_index INTEGER NOT NULL CHECK (module_index >= 0),
+  lambda REAL NOT NULL,
+  PRIMARY KEY (job_id, step, module_index)
+) WITHOUT ROWID;
+CREATE TABLE decisions (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  step INTEGER NOT NULL CHECK (step >= 0),
+  decision_json TEXT NOT NULL,
+  PRIMARY KEY (job_id, step)
+) WITHOUT ROWID;
+)sql";
+
+constexpr const char* kJobColumns =
+    "id, client_request_id, spec, state, created_unix_seconds, updated_unix_seconds, "
+    "error_message";
+
+// ----- helpers -----
+
+absl::StatusOr<v1::JobState> ParseJobState(const std::string& name) {
+  for (v1::JobState s :
+       {v1::JOB_STATE_QUEUED, v1::JOB_STATE_RUNNING, v1::JOB_STATE_SUCCEEDED,
+        v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED, v1::JOB_STATE_RESTARTING}) {
+    if (JobStateName(s) == name) return s;
+  }
+  return absl::DataLossError(absl::StrCat("jobs.state holds an unknown state '", name, "'"));
+}
+
+// Reads a row selected with kJobColumns.
+absl::StatusOr<JobRecord> ReadJob(const SqliteStatement& row) {
+  JobRecord job;
+  job.id = row.ColumnText(0);
+  job.client_request_id = row.ColumnText(1);
+  if (!job.spec.ParseFromString(row.ColumnBlob(2))) {
+    return absl::DataLossError(absl::StrCat("job ", job.id, ": stored spec does not parse"));
+  }
+  MAT_ASSIGN_OR_RETURN(job.state, ParseJobState(row.ColumnText(3)));
+  job.created_unix_seconds = row.ColumnInt64(4);
+  job.updated_unix_seconds = row.ColumnInt64(5);
+  job.error_message = row.ColumnText(6);
+  return job;
+}
+
+// Page size after defaults and clamping; INVALID_ARGUMENT when negative.
+absl::StatusOr<int> EffectivePageSize(int page_size) {
+  if (page_size < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("page_size must be >= 0, got ", page_size));
+  }
+  if (page_size == 0) return kDefaultPageSize;
+  return std::min(page_size, kMaxPageSize);
+}
+
+// Page tokens are the decimal position (a job seq or a step) the next page starts at.
+absl::StatusOr<int64_t> ParsePageToken(const std::string& token) {
+  if (token.empty()) return 0;
+  int64_t v = 0;
+  if (!absl::SimpleAtoi(token, &v) || v < 0 || std::to_string(v) != token) {
+    return absl::InvalidArgumentError(absl::StrCat("page_token '", token, "' is malformed"));
+  }
+  return v;
+}
+
+std::string Placeholders(size_t n) {
+  std::vector<std::string> q(n, "?");
+  return absl::StrJoin(q, ", ");
+}
+
+absl::Status LockStateDir(const std::string& state_dir, int* fd_out) {
+  const std::string path = state_dir + "/LOCK";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    ::close(fd);
+    if (err == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "state dir '", state_dir, "' is in use by another coordinator (", path, " is locked)"));
+    }
+    return absl::UnavailableError(absl::StrCat("cannot lock '", path, "': ", std::strerror(err)));
+  }
+  *fd_out = fd;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool IsLegalJobTransition(v1::JobState from, v1::JobState to) {
+  switch (from) {
+    case v1::JOB_STATE_QUEUED:
+      return to == v1::JOB_STATE_RUNNING || to == v1::JOB_STATE_CANCELLED ||
+             to == v1::JOB_STATE_FAILED;
+    case v1::JOB_STATE_RUNNING:
+      return to == v1::JOB_STATE_SUCCEEDED || to == v1::JOB_STATE_FAILED ||
+             to == v1::JOB_STATE_CANCELLED || to == v1::JOB_STATE_RESTARTING;
+    case v1::JOB_STATE_RESTARTING:
+      return to == v1::JOB_STATE_RUNNING || to == v1::JOB_STATE_FAILED ||
+             to == v1::JOB_STATE_CANCELLED;
+    default:
+      return false;
+  }
+}
+
+std::string JobStateName(v1::JobState state) {
+  switch (state) {
+    case v1::JOB_STATE_QUEUED:
+      return "QUEUED";
+    case v1::JOB_STATE_RUNNING:
+      return "RUNNING";
+    case v1::JOB_STATE_SUCCEEDED:
+      return "SUCCEEDED";
+    case v1::JOB_STATE_FAILED:
+      return "FAILED";
+    case v1::JOB_STATE_CANCELLED:
+      return "CANCELLED";
+    case v1::JOB_STATE_RESTARTING:
+      return "RESTARTING";
+    default:
+      return "UNSPECIFIED";
+  }
+}
+
+// ----- open -----
+
+std::string JobStore::DatabasePath(const std::string& state_dir) {
+  return state_dir + "/coordinator.db";
+}
+
+JobStore::JobStore(std::unique_ptr<SqliteDb> db, int lock_fd, JobStoreOptions options)
+    : db_(std::move(db)), lock_fd_(lock_fd), options_(std::move(options)) {}
+
+JobStore::~JobStore() {
+  db_.reset();  // close the database before releasing the lock
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& state_dir,
+                                                         JobStoreOptions options) {
+  if (state_dir.empty()) return absl::InvalidArgumentError("state_dir is empty");
+  if (absl::Status st = common::MakeDirs(state_dir); !st.ok()) {
+    return absl::UnavailableError(st.message());
+  }
+  int lock_fd = -1;
+  MAT_RETURN_IF_ERROR(LockStateDir(state_dir, &lock_fd));
+  absl::StatusOr<std::unique_ptr<SqliteDb>> db = SqliteDb::Open(DatabasePath(state_dir));
+  if (!db.ok()) {
+    ::close(lock_fd);
+    return db.status();
+  }
+  // From here the JobStore owns the lock and closes it on every path.
+  std::unique_ptr<JobStore> store(new JobStore(std::move(*db), lock_fd, std::move(options)));
+  MAT_RETURN_IF_ERROR(store->Configure());
+  MAT_RETURN_IF_ERROR(store->EnsureSchema());
+  return store;
+}
+
+absl::Status JobStore::Configure() {
+  MAT_ASSIGN_OR_RETURN(std::string mode, db_->QueryText("PRAGMA journal_mode=WAL"));
+  if (mode != "wal") {
+    return absl::FailedPreconditionError(absl::StrCat(
+        db_->path(), ": cannot enable the WAL journal (journal_mode is '", mode, "')"));
+  }
+  MAT_RETURN_IF_ERROR(db_->Exec("PRAGMA synchronous=FULL"));
+  MAT_RETURN_IF_ERROR(db_->Exec("PRAGMA foreign_keys=ON"));
+  // Readers such as the sqlite3 shell may briefly hold locks: wait rather than fail at once.
+  MAT_RETURN_IF_ERROR(db_->Exec("PRAGMA busy_timeout=5000"));
+  return absl::OkStatus();
+}
+
+absl::Status JobStore::EnsureSchema() {
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_ASSIGN_OR_RETURN(
+      std::string exists,
+      db_->QueryText("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND "
+                     "name = 'schema_version'"));
+  if (exists == "0") {
+    MAT_RETURN_IF_ERROR(db_->Exec(kSchemaV1));
+    MAT_RETURN_IF_ERROR(
+        db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
+                               kJobStoreSchemaVersion, ")")));
+    return txn.Commit();
+  }
+  absl::StatusOr<std::string> text = db_->QueryText("SELECT version FROM schema_version");
+  int version = 0;
+  if (!text.ok() || !absl::SimpleAtoi(*text, &version)) {
+    return absl::DataLossError(absl::StrCat(db_->path(), ": schema_version has no valid row"));
+  }
+  if (version > kJobStoreSchemaVersion) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        db_->path(), ": written by a newer coordinator (schema version ", version,
+        "; this one reads up to ", kJobStoreSchemaVersion, ")"));
+  }
+  if (version < kJobStoreSchemaVersion) {
+    // No released older schema exists yet; migrations go here.
+    return absl::DataLossError(
+        absl::StrCat(db_->path(), ": unknown old schema version ", version));
+  }
+  return txn.Commit();
+}
+
+int64_t JobStore::Now() const {
+  if (options_.now_unix_seconds) return options_.now_unix_seconds();
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+absl::StatusOr<std::string> JobStore::Pragma(const std::string& name) {
+  for (char c : name) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_')) {
+      return absl::InvalidArgumentError(absl::StrCat("pragma name '", name, "' is not plain"));
+    }
+  }
+  return db_->QueryText("PRAGMA " + name);
+}
+
+absl::Status JobStore::RequireJob(const std::string& job_id) {
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q, db_->Prepare("SELECT 1 FROM jobs WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
+  MAT_ASSIGN_OR_RETURN(bool found, q.Step());
+  if (!found) return absl::NotFoundError(absl::StrCat("job '", job_id, "' not found"));
+  return absl::OkStatus();
+}
+
+// ----- jobs -----
+
+absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_request_id,
+                                                    const v1::JobSpec& spec) {
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  if (!client_request_id.empty()) {
+    MAT_ASSIGN_OR_RETURN(
+        SqliteStatement q,
+        db_->Prepare(absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE client_request_id = ?")));
+    MAT_RETURN_IF_ERROR(q.BindText(1, client_request_id));
+    MAT_ASSIGN_OR_RETURN(bool found, q.Step());
+    if (found) {
+      MAT_ASSIGN_OR_RETURN(JobRecord existing, ReadJob(q));
+      if (!google::protobuf::util::MessageDifferencer::Equals(existing.spec, spec)) {
+        return absl::AlreadyExistsError(absl::StrCat(
+            "client_request_id '", client_request_id, "' was used for job ", existing.id,
+            " with a different spec"));
+      }
+      return CreateJobResult{existing.id, false};
+    }
+  }
+  MAT_ASSIGN_OR_RETURN(std::string max_seq,
+                       db_->QueryText("SELECT COALESCE(MAX(seq), 0) FROM jobs"));
+  int64_t seq = 0;
+  MAT_CHECK(absl::SimpleAtoi(max_seq, &seq)) << "MAX(seq) is not an integer: " << max_seq;
+  ++seq;
+  const std::string id = absl::StrFormat("job-%06d", seq);
+  std::string blob;
+  MAT_CHECK(spec.SerializeToString(&blob)) << "JobSpec does not serialize";
+  const int64_t now = Now();
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement ins,
+      db_->Prepare("INSERT INTO jobs (seq, id, client_request_id, spec, state, "
+                   "created_unix_seconds, updated_unix_seconds) VALUES (?, ?, ?, ?, ?, ?, ?)"));
+  MAT_RETURN_IF_ERROR(ins.BindInt64(1, seq));
+  MAT_RETURN_IF_ERROR(ins.BindText(2, id));
+  if (client_request_id.empty()) {
+    MAT_RETURN_IF_ERROR(ins.BindNull(3));
+  } else {
+    MAT_RETURN_IF_ERROR(ins.BindText(3, client_request_id));
+  }
+  MAT_RETURN_IF_ERROR(ins.BindBlob(4, blob));
+  MAT_RETURN_IF_ERROR(ins.BindText(5, JobStateName(v1::JOB_STATE_QUEUED)));
+  MAT_RETURN_IF_ERROR(ins.BindInt64(6, now));
+  MAT_RETURN_IF_ERROR(ins.BindInt64(7, now));
+  MAT_RETURN_IF_ERROR(ins.Run());
+  MAT_RETURN_IF_ERROR(txn.Commit());
+  return CreateJobResult{id, true};
+}
+
+absl::StatusOr<JobRecord> JobStore::GetJob(const std::string& job_id) {
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement q,
+      db_->Prepare(absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE id = ?")));
+  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
+  MAT_ASSIGN_OR_RETURN(bool found, q.Step());
+  if (!found) return absl::NotFoundError(absl::StrCat("job '", job_id, "' not found"));
+  return ReadJob(q);
+}
+
+absl::StatusOr<JobPage> JobStore::ListJobs(int page_size, const std::string& page_token,
+                                           const std::vector<v1::JobState>& states) {
+  MAT_ASSIGN_OR_RETURN(const int size, EffectivePageSize(page_size));
+  MAT_ASSIGN_OR_RETURN(const int64_t start, ParsePageToken(page_token));
+  std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq >= ?");
+  if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", Placeholders(states.size()), ")");
+  absl::StrAppend(&sql, " ORDER BY seq LIMIT ?");
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q, db_->Prepare(sql));
+  int arg = 1;
+  MAT_RETURN_IF_ERROR(q.BindInt64(arg++, start));
+  for (v1::JobState s : states) MAT_RETURN_IF_ERROR(q.BindText(arg++, JobStateName(s)));
+  MAT_RETURN_IF_ERROR(q.BindInt64(arg++, size + 1));  // one more tells whether a page follows
+  JobPage page;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    if (static_cast<int>(page.jobs.size()) == size) {
+      page.next_page_token = std::to_string(q.ColumnInt64(7));
+      break;
+    }
+    MAT_ASSIGN_OR_RETURN(JobRecord job, ReadJob(q));
+    page.jobs.push_back(std::move(job));
+  }
+  return page;
+}
+
+absl::Status JobStore::UpdateJobState(const std::string& job_id, v1::JobState state,
+                                      const std::string& error_message) {
+  if (JobStateName(state) == "UNSPECIFIED") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("state ", static_cast<int>(state), " is not a job state"));
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_ASSIGN_OR_RETURN(JobRecord job, GetJob(job_id));
+  if (!IsLegalJobTransition(job.state, state)) {
+    return absl::FailedPreconditionError(absl::StrCat("job ", job_id, " is ",
+                                                      JobStateName(job.state), ": cannot move to ",
+                                                      JobStateName(state)));
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
+                       db_->Prepare("UPDATE jobs SET state = ?, error_message = ?, "
+                                    "updated_unix_seconds = ? WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(upd.BindText(1, JobStateName(state)));
+  MAT_RETURN_IF_ERROR(upd.BindText(2, error_message));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(3, Now()));
+  MAT_RETURN_IF_ERROR(upd.BindText(4, job_id));
+  MAT_RETURN_IF_ERROR(upd.Run());
+  return txn.Commit();
+}
+
+// ----- λ history and decisions -----
+
+absl::Status JobStore::AppendLambdas(const std::string& job_id, int64_t step,
+                                     const std::vector<double>& lambda) {
+  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
+  if (lambda.empty()) return absl::InvalidArgumentError("lambda is empty (no modules)");
+  for (size_t i = 0; i < lambda.size(); ++i) {
+    if (!std::isfinite(lambda[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("module ", i, ": lambda is ", std::isnan(lambda[i]) ? "nan" : "inf",
+                       " (job ", job_id, ", step ", step, ")"));
+    }
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement del,
+                       db_->Prepare("DELETE FROM lambda_history WHERE job_id = ? AND step = ?"));
+  MAT_RETURN_IF_ERROR(del.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(del.BindInt64(2, step));
+  MAT_RETURN_IF_ERROR(del.Run());
+  MAT_ASSIGN_OR_RETURN(SqliteStatement ins,
+                       db_->Prepare("INSERT INTO lambda_history (job_id, step, module_index, "
+                                    "lambda) VALUES (?, ?, ?, ?)"));
+  for (size_t i = 0; i < lambda.size(); ++i) {
+    ins.Reset();
+    MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
+    MAT_RETURN_IF_ERROR(ins.BindInt64(2, step));
+    MAT_RETURN_IF_ERROR(ins.BindInt64(3, static_cast<int64_t>(i)));
+    MAT_RETURN_IF_ERROR(ins.BindDouble(4, lambda[i]));
+    MAT_RETURN_IF_ERROR(ins.Run());
+  }
+  return txn.Commit();
+}
+
+absl::StatusOr<LambdaPage> JobStore::GetLambdas(const std::string& job_id, int page_size,
+                                                const std::string& page_token) {
+  MAT_ASSIGN_OR_RETURN(const int size, EffectivePageSize(page_size));
+  MAT_ASSIGN_OR_RETURN(const int64_t start, ParsePageToken(page_token));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  // The steps of this page (and the first of the next one).
+  MAT_ASSIGN_OR_RETURN(SqliteStatement steps,
+                       db_->Prepare("SELECT DISTINCT step FROM lambda_history WHERE job_id = ? "
+                                    "AND step >= ? ORDER BY step LIMIT ?"));
+  MAT_RETURN_IF_ERROR(steps.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(steps.BindInt64(2, start));
+  MAT_RETURN_IF_ERROR(steps.BindInt64(3, size + 1));
+  LambdaPage page;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, steps.Step());
+    if (!row) break;
+    if (static_cast<int>(page.points.size()) == size) {
+      page.next_page_token = std::to_string(steps.ColumnInt64(0));
+      break;
+    }
+    page.points.push_back(LambdaPoint{steps.ColumnInt64(0), {}});
+  }
+  if (page.points.empty()) return page;
+  MAT_ASSIGN_OR_RETURN(SqliteStatement rows,
+                       db_->Prepare("SELECT step, module_index, lambda FROM lambda_history "
+                                    "WHERE job_id = ? AND step >= ? AND step <= ? "
+                                    "ORDER BY step, module_index"));
+  MAT_RETURN_IF_ERROR(rows.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(rows.BindInt64(2, page.points.front().step));
+  MAT_RETURN_IF_ERROR(rows.BindInt64(3, page.points.back().step));
+  size_t p = 0;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, rows.Step());
+    if (!row) break;
+    const int64_t step = rows.ColumnInt64(0);
+    while (page.points[p].step != step) ++p;  // both ascending; every row's step is listed
+    std::vector<double>& lambda = page.points[p].lambda;
+    if (rows.ColumnInt64(1) != static_cast<int64_t>(lambda.size())) {
+      return absl::DataLossError(absl::StrCat("job ", job_id, " step ", step,
+                                              ": module indices are not contiguous"));
+    }
+    lambda.push_back(rows.ColumnDouble(2));
+  }
+  return page;
+}
+
+absl::Status JobStore::AppendDecision(const std::string& job_id, int64_t step,
+                                      const std::string& decision_json) {
+  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
+  if (!nlohmann::json::accept(decision_json)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("decision at step ", step, " of job ", job_id, " is not JSON"));
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement ins,
+                       db_->Prepare("INSERT OR REPLACE INTO decisions (job_id, step, "
+                                    "decision_json) VALUES (?, ?, ?)"));
+  MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(ins.BindInt64(2, step));
+  MAT_RETURN_IF_ERROR(ins.BindText(3, decision_json));
+  MAT_RETURN_IF_ERROR(ins.Run());
+  return txn.Commit();
+}
+
+absl::StatusOr<DecisionPage> JobStore::GetDecisions(const std::string& job_id, int page_size,
+                                                    const std::string& page_token) {
+  MAT_ASSIGN_OR_RETURN(const int size, EffectivePageSize(page_size));
+  MAT_ASSIGN_OR_RETURN(const int64_t start, ParsePageToken(page_token));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare("SELECT step, decision_json FROM decisions WHERE job_id = ? "
+                                    "AND step >= ? ORDER BY step LIMIT ?"));
+  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(q.BindInt64(2, start));
+  MAT_RETURN_IF_ERROR(q.BindInt64(3, size + 1));
+  DecisionPage page;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    if (static_cast<int>(page.decisions.size()) == size) {
+      page.next_page_token = std::to_string(q.ColumnInt64(0));
+      break;
+    }
+    page.decisions.push_back(DecisionRecord{q.ColumnInt64(0), q.ColumnText(1)});
+  }
+  return page;
+}
+
+// ----- workers and assignments -----
+
+absl::Status JobStore::UpsertWorker(const WorkerRecord& worker) {
+  if (worker.id.empty()) return absl::InvalidArgumentError("worker id is empty");
+  const int64_t now = Now();
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement q,
+      db_->Prepare("INSERT INTO workers (id, host, device, memory_bytes, registered_unix_seconds, "
+                   "last_seen_unix_seconds) VALUES (?, ?, ?, ?, ?, ?) "
+                   "ON CONFLICT (id) DO UPDATE SET host = excluded.host, "
+                   "device = excluded.device, memory_bytes = excluded.memory_bytes, "
+                   "last_seen_unix_seconds = excluded.last_seen_unix_seconds"));
+  MAT_RETURN_IF_ERROR(q.BindText(1, worker.id));
+  MAT_RETURN_IF_ERROR(q.BindText(2, worker.host));
+  MAT_RETURN_IF_ERROR(q.BindText(3, worker.device));
+  MAT_RETURN_IF_ERROR(q.BindInt64(4, worker.memory_bytes));
+  MAT_RETURN_IF_ERROR(q.BindInt64(5, now));
+  MAT_RETURN_IF_ERROR(q.BindInt64(6, now));
+  return q.Run();  // one statement: atomic on its own
+}
+
+absl::StatusOr<std::vector<WorkerRecord>> JobStore::ListWorkers() {
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement q,
+      db_->Prepare("SELECT id, host, device, memory_bytes, registered_unix_seconds, "
+                   "last_seen_unix_seconds FROM workers ORDER BY id"));
+  std::vector<WorkerRecord> out;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    out.push_back(WorkerRecord{q.ColumnText(0), q.ColumnText(1), q.ColumnText(2),
+                               q.ColumnInt64(3), q.ColumnInt64(4), q.ColumnInt64(5)});
+  }
+  return out;
+}
+
+absl::Status JobStore::PutAssignment(const std::string& job_id, int32_t rank,
+                                     const std::string& worker_id, int64_t attempt) {
+  if (rank < 0) return absl::InvalidArgumentError(absl::StrCat("rank must be >= 0, got ", rank));
+  if (attempt < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attempt must be >= 0, got ", attempt));
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  {
+    MAT_ASSIGN_OR_RETURN(SqliteStatement q, db_->Prepare("SELECT 1 FROM workers WHERE id = ?"));
+    MAT_RETURN_IF_ERROR(q.BindText(1, worker_id));
+    MAT_ASSIGN_OR_RETURN(bool found, q.Step());
+    if (!found) return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
+  }
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement ins,
+      db_->Prepare("INSERT OR REPLACE INTO assignments (job_id, rank, worker_id, attempt, "
+                   "assigned_unix_seconds) VALUES (?, ?, ?, ?, ?)"));
+  MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(ins.BindInt64(2, rank));
+  MAT_RETURN_IF_ERROR(ins.BindText(3, worker_id));
+  MAT_RETURN_IF_ERROR(ins.BindInt64(4, attempt));
+  MAT_RETURN_IF_ERROR(ins.BindInt64(5, Now()));
+  MAT_RETURN_IF_ERROR(ins.Run());
+  return txn.Commit();
+}
+
+absl::StatusOr<std::vector<AssignmentRecord>> JobStore::ListAssignments(
+    const std::string& job_id) {
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare("SELECT job_id, rank, worker_id, attempt, "
+                                    "assigned_unix_seconds FROM assignments WHERE job_id = ? "
+                                    "ORDER BY rank"));
+  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
+  std::vector<AssignmentRecord> out;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    out.push_back(AssignmentRecord{q.ColumnText(0), static_cast<int32_t>(q.ColumnInt64(1)),
+                                   q.ColumnText(2), q.ColumnInt64(3), q.ColumnInt64(4)});
+  }
+  return out;
+}
+
+}  // namespace mat::coordinator

@@ -1,0 +1,210 @@
+// The coordinator's durable state (DESIGN §8) in one SQLite database, `<state_dir>/coordinator.db`:
+//
+//   schema_version  one row: the schema this file was written with (kJobStoreSchemaVersion)
+//   jobs            id, client_request_id (UNIQUE), spec (mat.v1.JobSpec bytes), state,
+//                   created/updated (unix seconds), error message
+//   workers         id, host, device, memory, registered/last seen (unix seconds)
+//   assignments     (job, rank) -> worker, attempt
+//   lambda_history  (job, step, module index) -> λ_max (rank-averaged)
+//   decisions       (job, step) -> the policy decision's JSON (coordinator/policy Decision::ToJson)
+//
+// Durability: WAL journal, synchronous=FULL, so a call that returned OK survives a crash or a power
+// loss; every mutating call is one transaction (all or nothing). A store reopened on the same
+// directory sees everything written before. One process at a time: Open takes an exclusive lock
+// on `<state_dir>/LOCK` and fails with FAILED_PRECONDITION while another JobStore holds it.
+//
+// Errors (absl::Status): INVALID_ARGUMENT bad input, naming it; NOT_FOUND unknown job;
+// FAILED_PRECONDITION illegal state transition; ALREADY_EXISTS a client_request_id reused for a
+// different spec; UNAVAILABLE the disk or the database could not be used (retry or fix);
+// DATA_LOSS a database that is not one or is corrupt. After an error nothing was written.
+//
+// Thread-safety: not thread-safe; call on the coordinator loop (one owner serialises all calls).
+// Not copyable.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "mat/v1/job.pb.h"
+
+namespace mat::coordinator {
+
+class SqliteDb;  // coordinator/sqlite_db.h
+
+// The schema this code reads and writes. A database with a higher version is refused.
+inline constexpr int kJobStoreSchemaVersion = 1;
+// Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
+inline constexpr int kDefaultPageSize = 100;
+inline constexpr int kMaxPageSize = 1000;
+
+struct JobStoreOptions {
+  // Current time in seconds since the Unix epoch; the system clock when empty. Tests inject one.
+  std::function<int64_t()> now_unix_seconds;
+};
+
+// One row of `jobs`.
+struct JobRecord {
+  std::string id;                 // "job-000001", assigned by CreateJob, in submission order
+  std::string client_request_id;  // "" when the submitter gave none
+  v1::JobSpec spec;               // as given to CreateJob
+  v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
+  int64_t created_unix_seconds = 0;
+  int64_t updated_unix_seconds = 0;  // last state change
+  std::string error_message;         // set by UpdateJobState; "" otherwise
+};
+
+struct CreateJobResult {
+  std::string job_id;
+  bool created = false;  // false: client_request_id named an existing job with the same spec
+};
+
+struct JobPage {
+  std::vector<JobRecord> jobs;  // submission order
+  std::string next_page_token;  // "" on the last page
+};
+
+// λ_max of every module at one step.
+struct LambdaPoint {
+  int64_t step = 0;
+  std::vector<double> lambda;  // index = module index
+};
+
+struct LambdaPage {
+  std::vector<LambdaPoint> points;  // ascending step
+  std::string next_page_token;      // "" on the last page
+};
+
+struct DecisionRecord {
+  int64_t step = 0;
+  std::string json;  // as appended
+};
+
+struct DecisionPage {
+  std::vector<DecisionRecord> decisions;  // ascending step
+  std::string next_page_token;            // "" on the last page
+};
+
+// One row of `workers`.
+struct WorkerRecord {
+  std::string id;
+  std::string host;
+  std::string device;        // "cpu" | "cuda:N"
+  int64_t memory_bytes = 0;
+  int64_t registered_unix_seconds = 0;  // set by the store on first upsert
+  int64_t last_seen_unix_seconds = 0;   // set by the store on every upsert
+};
+
+// One row of `assignments`.
+struct AssignmentRecord {
+  std::string job_id;
+  int32_t rank = 0;
+  std::string worker_id;
+  int64_t attempt = 0;  // 0 for the first start, +1 per restart
+  int64_t assigned_unix_seconds = 0;
+};
+
+// True when a job may move from `from` to `to`:
+//   QUEUED     -> RUNNING | CANCELLED | FAILED
+//   RUNNING    -> SUCCEEDED | FAILED | CANCELLED | RESTARTING
+//   RESTARTING -> RUNNING | FAILED | CANCELLED
+// SUCCEEDED, FAILED and CANCELLED are terminal; no state moves to itself or to UNSPECIFIED.
+bool IsLegalJobTransition(v1::JobState from, v1::JobState to);
+
+// "QUEUED", "RUNNING", ... (the enum name without JOB_STATE_); "UNSPECIFIED" for anything else.
+std::string JobStateName(v1::JobState state);
+
+class JobStore {
+ public:
+  // Opens (creating when missing) the store under `state_dir` (created with its parents).
+  // FAILED_PRECONDITION when another JobStore holds the directory, when the database was written
+  // by a newer schema, or when WAL mode cannot be enabled; UNAVAILABLE when the directory or file
+  // cannot be created; DATA_LOSS for a file that is not an SQLite database.
+  static absl::StatusOr<std::unique_ptr<JobStore>> Open(const std::string& state_dir,
+                                                        JobStoreOptions options = {});
+
+  JobStore(const JobStore&) = delete;
+  JobStore& operator=(const JobStore&) = delete;
+  ~JobStore();
+
+  // ----- jobs -----
+
+  // Stores a new QUEUED job. Idempotent by `client_request_id`: when a job with that id exists,
+  // returns it (created = false) if its spec equals `spec`, else ALREADY_EXISTS naming both ids.
+  // An empty client_request_id never matches (every call creates a job).
+  // REQUIRES: `spec` passed ValidateJobSpec (the store keeps whatever it is given); the service
+  // stores WithJobSpecDefaults(spec).
+  absl::StatusOr<CreateJobResult> CreateJob(const std::string& client_request_id,
+                                            const v1::JobSpec& spec);
+  // NOT_FOUND for an unknown id.
+  absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
+  // Jobs in submission order, `page_size` at a time (0: kDefaultPageSize; clamped to
+  // kMaxPageSize); only `states` when not empty. `page_token` is "" or a next_page_token from the
+  // same listing; INVALID_ARGUMENT for a negative page_size or a malformed token.
+  absl::StatusOr<JobPage> ListJobs(int page_size, const std::string& page_token,
+                                   const std::vector<v1::JobState>& states = {});
+  // Moves a job to `state` and stores `error_message` (replacing the previous one), updating
+  // updated_unix_seconds. FAILED_PRECONDITION (naming both states) unless
+  // IsLegalJobTransition(current, state); NOT_FOUND for an unknown id.
+  absl::Status UpdateJobState(const std::string& job_id, v1::JobState state,
+                              const std::string& error_message = "");
+
+  // ----- λ history and decisions -----
+
+  // Stores λ_max of every module of `job_id` at `step` (index = module index). Re-appending a
+  // step replaces its values (a job restarted from a checkpoint replays steps).
+  // INVALID_ARGUMENT for step < 0, an empty vector, or a NaN/Inf value (naming the module index:
+  // "module 3: lambda is nan"); NOT_FOUND for an unknown job.
+  absl::Status AppendLambdas(const std::string& job_id, int64_t step,
+                             const std::vector<double>& lambda);
+  // λ history of a job in ascending step, `page_size` steps at a time (paging as ListJobs).
+  absl::StatusOr<LambdaPage> GetLambdas(const std::string& job_id, int page_size,
+                                        const std::string& page_token);
+  // Stores the decision made at `step` (JSON text; re-appending a step replaces it).
+  // INVALID_ARGUMENT for step < 0 or text that is not JSON; NOT_FOUND for an unknown job.
+  absl::Status AppendDecision(const std::string& job_id, int64_t step,
+                              const std::string& decision_json);
+  // Decisions of a job in ascending step (paging as ListJobs).
+  absl::StatusOr<DecisionPage> GetDecisions(const std::string& job_id, int page_size,
+                                            const std::string& page_token);
+
+  // ----- workers and assignments -----
+
+  // Inserts or updates a worker by id (keeps registered_unix_seconds of an existing one; sets
+  // last_seen_unix_seconds to now). INVALID_ARGUMENT for an empty id.
+  absl::Status UpsertWorker(const WorkerRecord& worker);
+  // Every worker, by id.
+  absl::StatusOr<std::vector<WorkerRecord>> ListWorkers();
+  // Records that `worker_id` runs `rank` of `job_id` (replacing the rank's previous assignment).
+  // NOT_FOUND for an unknown job or worker; INVALID_ARGUMENT for rank < 0 or attempt < 0.
+  absl::Status PutAssignment(const std::string& job_id, int32_t rank,
+                             const std::string& worker_id, int64_t attempt);
+  // A job's assignments in rank order.
+  absl::StatusOr<std::vector<AssignmentRecord>> ListAssignments(const std::string& job_id);
+
+  // The value of `PRAGMA <name>` on this store's connection, as text ("wal", "2"). For tests and
+  // diagnostics. REQUIRES: `name` is a plain identifier.
+  absl::StatusOr<std::string> Pragma(const std::string& name);
+
+  // `<state_dir>/coordinator.db`.
+  static std::string DatabasePath(const std::string& state_dir);
+
+ private:
+  JobStore(std::unique_ptr<SqliteDb> db, int lock_fd, JobStoreOptions options);
+
+  absl::Status Configure();     // pragmas
+  absl::Status EnsureSchema();  // create or check the schema
+  int64_t Now() const;
+  // NOT_FOUND unless the job exists.
+  absl::Status RequireJob(const std::string& job_id);
+
+  std::unique_ptr<SqliteDb> db_;
+  int lock_fd_;  // holds the flock on <state_dir>/LOCK; closed on destruction
+  JobStoreOptions options_;
+};
+
+}  // namespace mat::coordinator

@@ -1,0 +1,521 @@
+// Tests of coordinator/job_spec.h: job YAML -> mat.v1.JobSpec, defaults, validation and the YAML
+// round trip. Every error must be INVALID_ARGUMENT and name the offending key.
+#include "coordinator/job_spec.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <ostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "yaml-cpp/yaml.h"
+
+namespace mat::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using google::protobuf::FieldDescriptor;
+using google::protobuf::Message;
+using google::protobuf::util::MessageDifferencer;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+const std::string kExamples = std::string(MAT_SOURCE_DIR) + "/examples";
+
+// mat-train's keys, as listed in worker/train_config.h and README.md (and the worker's
+// train_config_test). The job schema must be exactly these plus resources.*.
+const std::vector<std::string> kTrainerKeys = {
+    "seed",
+    "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
+    "model.max_seq_len", "model.dropout", "model.pre_ln",
+    "data.kind", "data.dir", "data.seq_len", "data.mask_prob",
+    "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
+    "train.schedule", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
+    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads",
+    "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
+    "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
+    "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",
+    "policy.multirate_fast_fraction"};
+
+// Every set scalar of `msg` as key -> text (doubles via StrCat: 6 significant digits).
+void Flatten(const Message& msg, const std::string& prefix, std::map<std::string, std::string>* out) {
+  const auto* d = msg.GetDescriptor();
+  const auto* r = msg.GetReflection();
+  for (int i = 0; i < d->field_count(); ++i) {
+    const FieldDescriptor* f = d->field(i);
+    if (!r->HasField(msg, f)) continue;
+    const std::string key = prefix.empty() ? f->name() : prefix + "." + f->name();
+    switch (f->cpp_type()) {
+      case FieldDescriptor::CPPTYPE_MESSAGE:
+        Flatten(r->GetMessage(msg, f), key, out);
+        break;
+      case FieldDescriptor::CPPTYPE_INT32:
+        (*out)[key] = absl::StrCat(r->GetInt32(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_INT64:
+        (*out)[key] = absl::StrCat(r->GetInt64(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_UINT64:
+        (*out)[key] = absl::StrCat(r->GetUInt64(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_DOUBLE:
+        (*out)[key] = absl::StrCat(r->GetDouble(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_BOOL:
+        (*out)[key] = r->GetBool(msg, f) ? "true" : "false";
+        break;
+      case FieldDescriptor::CPPTYPE_STRING:
+        (*out)[key] = r->GetString(msg, f);
+        break;
+      default:
+        ADD_FAILURE() << "unexpected field type of " << key;
+    }
+  }
+}
+
+std::map<std::string, std::string> Flatten(const v1::JobSpec& spec) {
+  std::map<std::string, std::string> out;
+  Flatten(spec, "", &out);
+  return out;
+}
+
+// Sets every scalar of `msg` to a value unlike its default and unlike its neighbours', with
+// awkward cases: doubles that need 17 digits, huge and tiny magnitudes, strings that YAML would
+// read as other types or that need quoting.
+void SetEverything(Message* msg, int* counter) {
+  static const std::vector<std::string> kStrings = {
+      "true", "~", "123", "a: b #c", "", "quote \" and \\ backslash", "ünïcødé", "- dash",
+      "null", "line\nbreak", "  padded  ", "{not: a map}", "[1, 2]"};
+  static const std::vector<double> kDoubles = {
+      1.0 / 3.0, 0.1 + 0.2, 1e-300, 5e-4, 123456789.123456789, 0.0, -2.5, 1e300,
+      std::numeric_limits<double>::denorm_min(), 0.999999999999, 7.0, -0.0, 2.0 / 3.0};
+  const auto* d = msg->GetDescriptor();
+  const auto* r = msg->GetReflection();
+  for (int i = 0; i < d->field_count(); ++i) {
+    const FieldDescriptor* f = d->field(i);
+    const int n = (*counter)++;
+    switch (f->cpp_type()) {
+      case FieldDescriptor::CPPTYPE_MESSAGE:
+        SetEverything(r->MutableMessage(msg, f), counter);
+        break;
+      case FieldDescriptor::CPPTYPE_INT32:
+        r->SetInt32(msg, f, n % 2 ? -1000 - n : std::numeric_limits<int32_t>::max() - n);
+        break;
+      case FieldDescriptor::CPPTYPE_INT64:
+        r->SetInt64(msg, f, n % 2 ? -(int64_t{1} << 40) - n : std::numeric_limits<int64_t>::max() - n);
+        break;
+      case FieldDescriptor::CPPTYPE_UINT64:
+        r->SetUInt64(msg, f, std::numeric_limits<uint64_t>::max() - n);
+        break;
+      case FieldDescriptor::CPPTYPE_DOUBLE:
+        r->SetDouble(msg, f, kDoubles[n % kDoubles.size()]);
+        break;
+      case FieldDescriptor::CPPTYPE_BOOL:
+        r->SetBool(msg, f, true);  // every default is false
+        break;
+      case FieldDescriptor::CPPTYPE_STRING:
+        r->SetString(msg, f, kStrings[n % kStrings.size()]);
+        break;
+      default:
+        ADD_FAILURE() << "unexpected field type of " << f->full_name();
+    }
+  }
+}
+
+// Equality that also tells -0.0 from 0.0 (MessageDifferencer compares doubles with ==).
+void ExpectBitIdentical(const v1::JobSpec& a, const v1::JobSpec& b) {
+  std::string diff;
+  MessageDifferencer differ;
+  differ.ReportDifferencesToString(&diff);
+  EXPECT_TRUE(differ.Compare(a, b)) << diff;
+  std::string sa, sb;
+  ASSERT_TRUE(a.SerializeToString(&sa));
+  ASSERT_TRUE(b.SerializeToString(&sb));
+  EXPECT_EQ(sa, sb) << "serializations differ (a double's bits?)";
+}
+
+absl::StatusOr<v1::JobSpec> Parse(const std::string& yaml) {
+  return ParseJobSpecYaml(yaml, "job.yaml");
+}
+
+// ----- parsing -----
+
+TEST(JobSpecTest, TinyExampleParsesWithItsValuesAndValidates) {
+  auto spec = LoadJobSpecYaml(kExamples + "/bert-wikitext2-tiny.yaml");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->seed(), 1u);
+  EXPECT_EQ(spec->model().kind(), "bert");
+  EXPECT_EQ(spec->model().layers(), 2);
+  EXPECT_EQ(spec->model().d_model(), 128);
+  EXPECT_EQ(spec->model().heads(), 4);
+  EXPECT_EQ(spec->model().d_ff(), 512);
+  EXPECT_EQ(spec->model().max_seq_len(), 64);
+  EXPECT_DOUBLE_EQ(spec->model().dropout(), 0.1);
+  EXPECT_EQ(spec->data().dir(), "../shared/data/wikitext-2");
+  EXPECT_EQ(spec->data().seq_len(), 64);
+  EXPECT_EQ(spec->train().batch_size(), 16);
+  EXPECT_DOUBLE_EQ(spec->train().lr(), 1e-3);
+  EXPECT_EQ(spec->train().warmup_steps(), 30);
+  EXPECT_EQ(spec->policy().kind(), "mat");
+  EXPECT_EQ(spec->policy().probe_samples(), 8);
+  EXPECT_DOUBLE_EQ(spec->policy().min_active_fraction(), 0.25);
+  // Keys the file does not set stay unset (they mean "the default").
+  EXPECT_FALSE(spec->model().has_pre_ln());
+  EXPECT_FALSE(spec->data().has_mask_prob());
+  EXPECT_FALSE(spec->train().has_weight_decay());
+  EXPECT_FALSE(spec->has_resources());
+  EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+}
+
+TEST(JobSpecTest, EveryExampleParsesAndValidates) {
+  int seen = 0;
+  for (const auto& entry : fs::directory_iterator(kExamples)) {
+    if (entry.path().extension() != ".yaml") continue;
+    SCOPED_TRACE(entry.path().string());
+    ++seen;
+    auto spec = LoadJobSpecYaml(entry.path().string());
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+  }
+  EXPECT_GE(seen, 2) << "expected the example job files in " << kExamples;
+}
+
+TEST(JobSpecTest, EmptyDocumentIsAnEmptySpec) {
+  for (const std::string text : {"", "# only a comment\n", "~\n"}) {
+    auto spec = Parse(text);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->ByteSizeLong(), 0u) << "'" << text << "' set fields";
+  }
+}
+
+TEST(JobSpecTest, ParsesEveryTypeAndKeepsExplicitDefaultValues) {
+  auto spec = Parse(
+      "seed: 18446744073709551615\n"
+      "model: {layers: 3, pre_ln: true, dropout: 0, ffn_groups: 0}\n"
+      "data:\n  dir: /some/where\n  mask_prob: 0.2\n"
+      "train: {lr: 1.0e-3, schedule: cosine, steps: 16}\n"
+      "resources: {workers: 2, device: cuda}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->seed(), std::numeric_limits<uint64_t>::max());
+  EXPECT_EQ(spec->model().layers(), 3);
+  EXPECT_TRUE(spec->model().pre_ln());
+  EXPECT_EQ(spec->data().dir(), "/some/where");
+  EXPECT_DOUBLE_EQ(spec->data().mask_prob(), 0.2);
+  EXPECT_DOUBLE_EQ(spec->train().lr(), 1e-3);
+  EXPECT_EQ(spec->train().schedule(), "cosine");
+  EXPECT_EQ(spec->train().steps(), 16);
+  EXPECT_EQ(spec->resources().workers(), 2);
+  EXPECT_EQ(spec->resources().device(), "cuda");
+  // Zero is a value, not "unset": presence survives and defaults do not overwrite it.
+  ASSERT_TRUE(spec->model().has_dropout());
+  ASSERT_TRUE(spec->model().has_ffn_groups());
+  const v1::JobSpec full = WithJobSpecDefaults(*spec);
+  EXPECT_EQ(full.model().dropout(), 0.0);
+  EXPECT_EQ(full.model().layers(), 3);
+  EXPECT_EQ(full.model().d_model(), 256);  // default filled in
+  EXPECT_EQ(full.resources().workers(), 2);
+}
+
+TEST(JobSpecTest, AnEmptySectionIsPresentAndEmpty) {
+  for (const std::string text : {"model:\n", "model: {}\n", "model: ~\n"}) {
+    auto spec = Parse(text);
+    ASSERT_TRUE(spec.ok()) << text << ": " << spec.status();
+    EXPECT_TRUE(spec->has_model()) << text;
+    EXPECT_EQ(spec->model().ByteSizeLong(), 0u) << text;
+  }
+}
+
+// Parse errors: the YAML, the text the message must contain (the key, or what is wrong).
+struct BadYaml {
+  std::string name, yaml, key;
+};
+
+void PrintTo(const BadYaml& c, std::ostream* os) { *os << c.name; }
+
+class BadYamlTest : public ::testing::TestWithParam<BadYaml> {};
+
+TEST_P(BadYamlTest, IsInvalidArgumentNamingTheKeyAndFile) {
+  auto spec = Parse(GetParam().yaml);
+  ASSERT_FALSE(spec.ok()) << "accepted:\n" << GetParam().yaml;
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << spec.status();
+  EXPECT_THAT(spec.status().message(), HasSubstr(GetParam().key));
+  EXPECT_THAT(spec.status().message(), HasSubstr("job.yaml"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, BadYamlTest,
+    ::testing::Values(
+        BadYaml{"MisspelledKey", "model:\n  layres: 2\n", "model.layres: unknown key"},
+        BadYaml{"UnknownTopLevelKey", "sed: 1\n", "sed: unknown key"},
+        BadYaml{"UnknownSection", "optimizer:\n  lr: 0.1\n", "optimizer: unknown key"},
+        BadYaml{"UnknownResourceKey", "resources: {gpus: 2}\n", "resources.gpus: unknown key"},
+        BadYaml{"SectionInsideSection", "train:\n  policy:\n    alpha: 0.5\n",
+                "train.policy: unknown key"},
+        BadYaml{"DuplicateKey", "model:\n  layers: 2\n  layers: 3\n", "model.layers: duplicate"},
+        BadYaml{"DuplicateSection", "model: {}\nmodel: {}\n", "model: duplicate"},
+        BadYaml{"SectionIsAScalar", "model: 3\n", "model: expected a mapping"},
+        BadYaml{"SectionIsASequence", "policy: [1, 2]\n", "policy: expected a mapping"},
+        BadYaml{"MapUnderAKey", "model:\n  layers: {a: 1}\n", "model.layers"},
+        BadYaml{"SequenceForScalar", "train:\n  steps: [1, 2]\n", "train.steps"},
+        BadYaml{"NullValue", "train:\n  steps:\n", "train.steps: expected an integer, got null"},
+        BadYaml{"NotAnInteger", "model:\n  layers: abc\n", "model.layers"},
+        BadYaml{"FractionForInteger", "train:\n  steps: 2.5\n", "train.steps: '2.5'"},
+        BadYaml{"ExponentForInteger", "train:\n  steps: 1e3\n", "train.steps"},
+        BadYaml{"IntegerOverflow", "train:\n  steps: 9223372036854775808\n", "train.steps"},
+        BadYaml{"Int32Overflow", "resources:\n  workers: 3000000000\n", "resources.workers"},
+        BadYaml{"FractionForWorkers", "resources:\n  workers: 1.5\n", "resources.workers"},
+        BadYaml{"NotABoolean", "model:\n  pre_ln: maybe\n", "model.pre_ln"},
+        BadYaml{"NotANumber", "policy:\n  alpha: high\n", "policy.alpha"},
+        BadYaml{"NegativeSeed", "seed: -1\n", "seed"},
+        BadYaml{"SeedOverflow", "seed: 18446744073709551616\n", "seed"},
+        BadYaml{"NonScalarKey", "? [a, b]\n: 1\n", "key must be a scalar"},
+        BadYaml{"MalformedFlow", "model: [1, 2\n", "not valid YAML"},
+        BadYaml{"UnclosedFlowMap", "train: {steps: 3\n", "not valid YAML"},
+        BadYaml{"TopLevelSequence", "- a\n- b\n", "mapping"},
+        BadYaml{"TopLevelScalar", "hello\n", "mapping"}),
+    [](const ::testing::TestParamInfo<BadYaml>& info) { return info.param.name; });
+
+TEST(JobSpecTest, LoadNamesAMissingFile) {
+  const std::string path = (fs::temp_directory_path() / "mat_no_such_job.yaml").string();
+  auto spec = LoadJobSpecYaml(path);
+  ASSERT_FALSE(spec.ok());
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(spec.status().message(), HasSubstr(path));
+}
+
+// ----- schema and defaults -----
+
+TEST(JobSpecTest, KeysAreMatTrainsSchemaPlusResources) {
+  std::vector<std::string> expected = kTrainerKeys;
+  expected.push_back("resources.workers");
+  expected.push_back("resources.device");
+  const std::vector<std::string> keys = JobSpecKeys();
+  EXPECT_EQ(std::set<std::string>(keys.begin(), keys.end()),
+            std::set<std::string>(expected.begin(), expected.end()));
+  EXPECT_EQ(keys.size(), expected.size()) << "a key is listed twice";
+}
+
+TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
+  // README.md's configuration table (= worker/train_config.h) and resources.
+  const std::map<std::string, std::string> documented = {
+      {"seed", "1"},
+      {"model.kind", "bert"}, {"model.layers", "4"}, {"model.d_model", "256"},
+      {"model.heads", "8"}, {"model.d_ff", "1024"}, {"model.ffn_groups", "0"},
+      {"model.max_seq_len", "128"}, {"model.dropout", "0.1"}, {"model.pre_ln", "false"},
+      {"data.kind", "wikitext"}, {"data.dir", "../shared/data/wikitext-2"},
+      {"data.seq_len", "128"}, {"data.mask_prob", "0.15"},
+      {"train.steps", "2000"}, {"train.batch_size", "32"}, {"train.lr", "0.0005"},
+      {"train.min_lr_ratio", "0"}, {"train.warmup_steps", "100"}, {"train.schedule", "linear"},
+      {"train.weight_decay", "0.01"}, {"train.beta1", "0.9"}, {"train.beta2", "0.999"},
+      {"train.eps", "1e-08"}, {"train.eval_every", "200"}, {"train.eval_batches", "50"},
+      {"train.checkpoint_every", "0"}, {"train.threads", "0"},
+      {"policy.kind", "mat"}, {"policy.alpha", "0.3"}, {"policy.beta", "0"},
+      {"policy.gamma", "0.5"}, {"policy.patience", "3"}, {"policy.warmup_steps", "200"},
+      {"policy.probe_every", "20"}, {"policy.probe_samples", "16"},
+      {"policy.estimator", "gram"}, {"policy.min_active_fraction", "0.25"},
+      {"policy.rand_fraction", "0.5"}, {"policy.multirate_k", "4"},
+      {"policy.multirate_fast_fraction", "0.5"},
+      {"resources.workers", "1"}, {"resources.device", "cpu"}};
+  EXPECT_EQ(Flatten(JobSpecDefaults()), documented);
+  EXPECT_TRUE(ValidateJobSpec(JobSpecDefaults()).ok()) << ValidateJobSpec(JobSpecDefaults());
+  EXPECT_TRUE(ValidateJobSpec(v1::JobSpec()).ok()) << "an empty spec means all defaults";
+}
+
+// ----- validation -----
+
+// A YAML snippet that parses but must not validate, and the text the message must contain.
+struct BadValue {
+  std::string name, yaml, key;
+};
+
+void PrintTo(const BadValue& c, std::ostream* os) { *os << c.yaml; }
+
+class ValidateTest : public ::testing::TestWithParam<BadValue> {};
+
+TEST_P(ValidateTest, IsInvalidArgumentNamingTheKey) {
+  auto spec = Parse(GetParam().yaml);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  absl::Status st = ValidateJobSpec(*spec);
+  ASSERT_FALSE(st.ok()) << GetParam().yaml << " validated";
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(st.message(), HasSubstr(GetParam().key));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ValidateTest,
+    ::testing::Values(
+        BadValue{"UnknownModel", "model: {kind: gpt}", "model.kind"},
+        BadValue{"ZeroLayers", "model: {layers: 0}", "model.layers"},
+        BadValue{"HeadsDoNotDivide", "model: {heads: 7}", "model.d_model"},
+        BadValue{"ZeroHeads", "model: {heads: 0}", "model.d_model"},
+        BadValue{"ZeroDff", "model: {d_ff: 0}", "model.d_ff"},
+        BadValue{"GroupsDoNotDivide", "model: {ffn_groups: 3}", "model.ffn_groups"},
+        BadValue{"NegativeGroups", "model: {ffn_groups: -1}", "model.ffn_groups"},
+        BadValue{"DropoutOne", "model: {dropout: 1}", "model.dropout"},
+        BadValue{"DropoutNan", "model: {dropout: .nan}", "model.dropout"},
+        BadValue{"UnknownData", "data: {kind: imagenet}", "data.kind"},
+        BadValue{"SeqLenAboveMax", "data: {seq_len: 129}", "data.seq_len"},
+        BadValue{"SeqLenOne", "data: {seq_len: 1}", "data.seq_len"},
+        BadValue{"MaskProbOne", "data: {mask_prob: 1}", "data.mask_prob"},
+        BadValue{"MaskProbZero", "data: {mask_prob: 0}", "data.mask_prob"},
+        BadValue{"ZeroSteps", "train: {steps: 0}", "train.steps"},
+        BadValue{"ZeroBatch", "train: {batch_size: 0}", "train.batch_size"},
+        BadValue{"ZeroLr", "train: {lr: 0}", "train.lr"},
+        BadValue{"InfiniteLr", "train: {lr: .inf}", "train.lr must be a finite number"},
+        BadValue{"MinLrRatioAboveOne", "train: {min_lr_ratio: 1.5}", "train.min_lr_ratio"},
+        BadValue{"NegativeWarmup", "train: {warmup_steps: -1}", "train.warmup_steps"},
+        BadValue{"UnknownSchedule", "train: {schedule: step}", "train.schedule"},
+        BadValue{"NegativeDecay", "train: {weight_decay: -0.1}", "train.weight_decay"},
+        BadValue{"Beta1One", "train: {beta1: 1}", "train.beta1"},
+        BadValue{"Beta2Negative", "train: {beta2: -0.5}", "train.beta2"},
+        BadValue{"InfiniteEps", "train: {eps: -.inf}", "train.eps"},
+        BadValue{"ZeroEvalEvery", "train: {eval_every: 0}", "train.eval_every"},
+        BadValue{"NegativeEvalBatches", "train: {eval_batches: -1}", "train.eval_batches"},
+        BadValue{"NegativeCheckpointEvery", "train: {checkpoint_every: -5}",
+                 "train.checkpoint_every"},
+        BadValue{"NegativeThreads", "train: {threads: -1}", "train.threads"},
+        BadValue{"ProbeSamplesOne", "policy: {probe_samples: 1}", "policy.probe_samples"},
+        BadValue{"ProbeSamplesAboveBatch", "policy: {probe_samples: 33}", "policy.probe_samples"},
+        BadValue{"ZeroProbeEvery", "policy: {probe_every: 0}", "policy.probe_every"},
+        BadValue{"UnknownEstimator", "policy: {estimator: lanczos}", "policy.estimator"},
+        BadValue{"ZeroPatience", "policy: {patience: 0}", "policy.patience"},
+        BadValue{"HugePatience", "policy: {patience: 4294967297}", "policy.patience"},
+        BadValue{"UnknownPolicyKind", "policy: {kind: sometimes}", "policy.kind"},
+        BadValue{"UnknownPolicyKindValue", "policy: {kind: sometimes}", "sometimes"},
+        BadValue{"AlphaAboveOne", "policy: {alpha: 1.5}", "policy.alpha"},
+        BadValue{"AlphaNegative", "policy: {alpha: -0.1}", "policy.alpha"},
+        BadValue{"BetaAboveOne", "policy: {beta: 2}", "policy.beta"},
+        BadValue{"GammaOne", "policy: {gamma: 1}", "policy.gamma"},
+        BadValue{"NegativePolicyWarmup", "policy: {warmup_steps: -1}", "policy.warmup_steps"},
+        BadValue{"MinActiveAboveOne", "policy: {min_active_fraction: 1.1}",
+                 "policy.min_active_fraction"},
+        BadValue{"RandFractionNegative", "policy: {rand_fraction: -1}", "policy.rand_fraction"},
+        BadValue{"ZeroMultirateK", "policy: {multirate_k: 0}", "policy.multirate_k"},
+        BadValue{"HugeMultirateK", "policy: {multirate_k: 4294967300}", "policy.multirate_k"},
+        BadValue{"FastFractionAboveOne", "policy: {multirate_fast_fraction: 3}",
+                 "policy.multirate_fast_fraction"},
+        BadValue{"ZeroWorkers", "resources: {workers: 0}", "resources.workers"},
+        BadValue{"NegativeWorkers", "resources: {workers: -2}", "resources.workers"},
+        BadValue{"UnknownDevice", "resources: {device: tpu}", "resources.device"},
+        BadValue{"BatchNotSplittable", "resources: {workers: 3}", "resources.workers"},
+        BadValue{"ProbeAbovePerRankBatch", "resources: {workers: 4}", "policy.probe_samples"}),
+    [](const ::testing::TestParamInfo<BadValue>& info) { return info.param.name; });
+
+TEST(JobSpecTest, BoundaryValuesValidate) {
+  for (const std::string yaml :
+       {"policy: {alpha: 0, beta: 1, gamma: 0, min_active_fraction: 1}",
+        "policy: {alpha: 1, probe_samples: 2}",
+        "model: {dropout: 0, ffn_groups: 4}",
+        "data: {seq_len: 2}",
+        "data: {seq_len: 128}",
+        "train: {min_lr_ratio: 1, warmup_steps: 0, eval_batches: 0, threads: 0}",
+        "resources: {workers: 2, device: cuda}",
+        "resources: {workers: 32}\npolicy: {probe_samples: 2, kind: full}\ntrain: {batch_size: 64}",
+        "policy: {kind: rand}", "policy: {kind: multirate, multirate_k: 1}",
+        "policy: {estimator: exact}", "train: {schedule: constant}"}) {
+    auto spec = Parse(yaml);
+    ASSERT_TRUE(spec.ok()) << yaml << ": " << spec.status();
+    EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << yaml << ": " << ValidateJobSpec(*spec);
+  }
+}
+
+// ----- YAML round trip -----
+
+TEST(JobSpecYamlTest, EveryFieldRoundTripsBitForBit) {
+  v1::JobSpec spec;
+  int counter = 0;
+  SetEverything(&spec, &counter);
+  ASSERT_EQ(Flatten(spec).size(), JobSpecKeys().size()) << "SetEverything missed a field";
+  const std::string yaml = JobSpecToYaml(spec);
+  auto back = Parse(yaml);
+  ASSERT_TRUE(back.ok()) << back.status() << "\n" << yaml;
+  ExpectBitIdentical(spec, *back);
+  EXPECT_EQ(Flatten(*back).size(), JobSpecKeys().size()) << yaml;
+}
+
+TEST(JobSpecYamlTest, NonFiniteNumbersRoundTrip) {
+  v1::JobSpec spec;
+  spec.mutable_train()->set_lr(std::numeric_limits<double>::infinity());
+  spec.mutable_train()->set_eps(-std::numeric_limits<double>::infinity());
+  spec.mutable_policy()->set_alpha(std::numeric_limits<double>::quiet_NaN());
+  const std::string yaml = JobSpecToYaml(spec);
+  auto back = Parse(yaml);
+  ASSERT_TRUE(back.ok()) << back.status() << "\n" << yaml;
+  EXPECT_EQ(back->train().lr(), std::numeric_limits<double>::infinity()) << yaml;
+  EXPECT_EQ(back->train().eps(), -std::numeric_limits<double>::infinity()) << yaml;
+  EXPECT_TRUE(std::isnan(back->policy().alpha())) << yaml;
+}
+
+TEST(JobSpecYamlTest, UnsetFieldsStayUnset) {
+  v1::JobSpec partial;
+  partial.mutable_model()->set_layers(3);
+  partial.mutable_model()->set_dropout(0.0);  // set to zero: must stay set
+  partial.mutable_data();                     // present, empty section
+  for (const v1::JobSpec& spec : {v1::JobSpec(), partial}) {
+    const std::string yaml = JobSpecToYaml(spec);
+    auto back = Parse(yaml);
+    ASSERT_TRUE(back.ok()) << back.status() << "\n" << yaml;
+    ExpectBitIdentical(spec, *back);
+  }
+  const std::string yaml = JobSpecToYaml(partial);
+  EXPECT_THAT(yaml, Not(HasSubstr("d_model"))) << yaml;
+  EXPECT_THAT(yaml, HasSubstr("dropout")) << yaml;
+}
+
+TEST(JobSpecYamlTest, TinyExampleRoundTrips) {
+  auto spec = LoadJobSpecYaml(kExamples + "/bert-wikitext2-tiny.yaml");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  for (const v1::JobSpec& s : {*spec, WithJobSpecDefaults(*spec)}) {
+    auto back = Parse(JobSpecToYaml(s));
+    ASSERT_TRUE(back.ok()) << back.status();
+    ExpectBitIdentical(s, *back);
+  }
+}
+
+TEST(JobSpecYamlTest, TrainerYamlHasEveryTrainerKeyAndNoResources) {
+  v1::JobSpec spec = WithJobSpecDefaults(v1::JobSpec());
+  spec.mutable_resources()->set_workers(4);
+  const std::string yaml = JobSpecToTrainerYaml(spec);
+  const YAML::Node root = YAML::Load(yaml);
+  ASSERT_TRUE(root.IsMap()) << yaml;
+  EXPECT_FALSE(root["resources"]) << "mat-train rejects a resources section:\n" << yaml;
+  for (const std::string& key : kTrainerKeys) {
+    const size_t dot = key.find('.');
+    const YAML::Node value =
+        dot == std::string::npos ? root[key] : root[key.substr(0, dot)][key.substr(dot + 1)];
+    EXPECT_TRUE(value && value.IsScalar()) << key << " missing from\n" << yaml;
+  }
+  // Everything but resources comes back.
+  auto back = Parse(yaml);
+  ASSERT_TRUE(back.ok()) << back.status();
+  v1::JobSpec expected = spec;
+  expected.clear_resources();
+  ExpectBitIdentical(expected, *back);
+}
+
+TEST(JobSpecYamlTest, StringsThatLookLikeOtherTypesStayStrings) {
+  v1::JobSpec spec;
+  spec.mutable_data()->set_dir("true");
+  spec.mutable_model()->set_kind("123");
+  spec.mutable_train()->set_schedule("~");
+  const YAML::Node root = YAML::Load(JobSpecToYaml(spec));
+  // A YAML 1.2 reader that resolves plain scalars would turn these into a bool, an int and null;
+  // quoted, they are strings for everyone.
+  EXPECT_EQ(root["data"]["dir"].Tag(), "!");
+  EXPECT_EQ(root["model"]["kind"].Tag(), "!");
+  EXPECT_EQ(root["train"]["schedule"].Tag(), "!");
+  EXPECT_EQ(root["train"]["schedule"].as<std::string>(), "~");
+}
+
+}  // namespace
+}  // namespace mat::coordinator

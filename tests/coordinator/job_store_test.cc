@@ -1,0 +1,564 @@
+// Tests of coordinator/job_store.h against real SQLite files in a temporary directory: jobs,
+// idempotent submission, persistence across reopen, state transitions, λ history (NaN rejection,
+// paging), decisions, workers and assignments, and the durability settings (WAL, FULL sync,
+// schema version, the state-dir lock).
+#include "coordinator/job_store.h"
+
+#include <sqlite3.h>
+#include <stdlib.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "google/protobuf/util/message_differencer.h"
+
+namespace mat::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using google::protobuf::util::MessageDifferencer;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+v1::JobSpec Spec(int64_t layers) {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_layers(layers);
+  spec.mutable_resources()->set_workers(2);
+  return spec;
+}
+
+class JobStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (fs::temp_directory_path() / "mat_job_store_XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    dir_ = root_ + "/state";  // not created yet: Open must create it
+    Reopen();
+  }
+
+  void TearDown() override {
+    store_.reset();
+    std::error_code ec;
+    fs::remove_all(root_, ec);
+  }
+
+  // Closes the store (if open) and opens a new one on the same directory.
+  void Reopen() {
+    store_.reset();
+    JobStoreOptions options;
+    options.now_unix_seconds = [this] { return now_; };
+    auto store = JobStore::Open(dir_, options);
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+  }
+
+  std::string Create(const std::string& request_id, const v1::JobSpec& spec) {
+    auto r = store_->CreateJob(request_id, spec);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->job_id : "";
+  }
+
+  // Runs SQL on the database file through a separate connection (as an operator's sqlite3 shell
+  // would), returning the first column of the first row.
+  std::string RawQuery(const std::string& sql) {
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open_v2(JobStore::DatabasePath(dir_).c_str(), &db, SQLITE_OPEN_READWRITE,
+                              nullptr),
+              SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    std::string out;
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK) {
+      const int rc = sqlite3_step(stmt);
+      if (rc == SQLITE_ROW && sqlite3_column_text(stmt, 0) != nullptr) {
+        out = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+      }
+      EXPECT_TRUE(rc == SQLITE_ROW || rc == SQLITE_DONE) << sqlite3_errmsg(db);
+    } else {
+      ADD_FAILURE() << sql << ": " << sqlite3_errmsg(db);
+    }
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return out;
+  }
+
+  std::string root_, dir_;
+  int64_t now_ = 1'700'000'000;
+  std::unique_ptr<JobStore> store_;
+};
+
+// ----- jobs -----
+
+TEST_F(JobStoreTest, CreatesGetsAndListsJobsInSubmissionOrder) {
+  const std::string a = Create("req-a", Spec(1));
+  now_ += 5;
+  const std::string b = Create("req-b", Spec(2));
+  const std::string c = Create("", Spec(3));
+  EXPECT_NE(a, b);
+  EXPECT_NE(b, c);
+
+  auto job = store_->GetJob(b);
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->id, b);
+  EXPECT_EQ(job->client_request_id, "req-b");
+  EXPECT_TRUE(MessageDifferencer::Equals(job->spec, Spec(2)));
+  EXPECT_EQ(job->state, v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(job->created_unix_seconds, 1'700'000'005);
+  EXPECT_EQ(job->updated_unix_seconds, 1'700'000'005);
+  EXPECT_EQ(job->error_message, "");
+
+  auto page = store_->ListJobs(0, "");
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->jobs.size(), 3u);
+  EXPECT_EQ(page->jobs[0].id, a);
+  EXPECT_EQ(page->jobs[1].id, b);
+  EXPECT_EQ(page->jobs[2].id, c);
+  EXPECT_EQ(page->jobs[2].client_request_id, "");
+  EXPECT_EQ(page->jobs[2].spec.model().layers(), 3);
+  EXPECT_EQ(page->next_page_token, "");
+}
+
+TEST_F(JobStoreTest, UnknownJobIsNotFound) {
+  EXPECT_EQ(store_->GetJob("job-999999").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->UpdateJobState("nope", v1::JOB_STATE_RUNNING).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->AppendLambdas("nope", 0, {1.0}).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->GetLambdas("nope", 0, "").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->AppendDecision("nope", 0, "{}").code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(JobStoreTest, SubmitIsIdempotentByClientRequestId) {
+  auto first = store_->CreateJob("req-1", Spec(4));
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(first->created);
+  now_ += 60;
+  auto again = store_->CreateJob("req-1", Spec(4));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->created);
+  EXPECT_EQ(again->job_id, first->job_id);
+
+  // The same request id with another spec is a client bug, not a retry.
+  auto other = store_->CreateJob("req-1", Spec(5));
+  ASSERT_FALSE(other.ok());
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kAlreadyExists) << other.status();
+  EXPECT_THAT(other.status().message(), HasSubstr("req-1"));
+  EXPECT_THAT(other.status().message(), HasSubstr(first->job_id));
+
+  // Without a request id every call is a new job.
+  const std::string x = Create("", Spec(4));
+  const std::string y = Create("", Spec(4));
+  EXPECT_NE(x, y);
+
+  auto page = store_->ListJobs(0, "");
+  ASSERT_TRUE(page.ok()) << page.status();
+  EXPECT_EQ(page->jobs.size(), 3u);  // req-1 once, plus x and y
+  // The retry did not touch the stored job.
+  auto job = store_->GetJob(first->job_id);
+  ASSERT_TRUE(job.ok());
+  EXPECT_EQ(job->created_unix_seconds, 1'700'000'000);
+}
+
+TEST_F(JobStoreTest, IdempotencySurvivesReopen) {
+  const std::string id = Create("req-r", Spec(2));
+  Reopen();
+  auto again = store_->CreateJob("req-r", Spec(2));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->created);
+  EXPECT_EQ(again->job_id, id);
+}
+
+TEST_F(JobStoreTest, ReopenSeesEverything) {
+  const std::string a = Create("req-a", Spec(1));
+  const std::string b = Create("req-b", Spec(2));
+  now_ += 10;
+  ASSERT_TRUE(store_->UpdateJobState(a, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(store_->UpdateJobState(b, v1::JOB_STATE_FAILED, "no workers").ok());
+  ASSERT_TRUE(store_->AppendLambdas(a, 20, {1.5, 2.5, 3.5}).ok());
+  ASSERT_TRUE(store_->AppendDecision(a, 20, R"({"step": 20})").ok());
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "host1", "cpu", 1 << 30, 0, 0}).ok());
+  ASSERT_TRUE(store_->PutAssignment(a, 0, "w1", 0).ok());
+
+  Reopen();
+
+  auto page = store_->ListJobs(0, "");
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->jobs.size(), 2u);
+  EXPECT_EQ(page->jobs[0].id, a);
+  EXPECT_EQ(page->jobs[0].state, v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(page->jobs[0].updated_unix_seconds, 1'700'000'010);
+  EXPECT_TRUE(MessageDifferencer::Equals(page->jobs[0].spec, Spec(1)));
+  EXPECT_EQ(page->jobs[1].state, v1::JOB_STATE_FAILED);
+  EXPECT_EQ(page->jobs[1].error_message, "no workers");
+
+  auto lambdas = store_->GetLambdas(a, 0, "");
+  ASSERT_TRUE(lambdas.ok()) << lambdas.status();
+  ASSERT_EQ(lambdas->points.size(), 1u);
+  EXPECT_EQ(lambdas->points[0].step, 20);
+  EXPECT_THAT(lambdas->points[0].lambda, ElementsAre(1.5, 2.5, 3.5));
+
+  auto decisions = store_->GetDecisions(a, 0, "");
+  ASSERT_TRUE(decisions.ok()) << decisions.status();
+  ASSERT_EQ(decisions->decisions.size(), 1u);
+  EXPECT_EQ(decisions->decisions[0].json, R"({"step": 20})");
+
+  auto workers = store_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->size(), 1u);
+  EXPECT_EQ((*workers)[0].host, "host1");
+  auto assignments = store_->ListAssignments(a);
+  ASSERT_TRUE(assignments.ok()) << assignments.status();
+  ASSERT_EQ(assignments->size(), 1u);
+  EXPECT_EQ((*assignments)[0].worker_id, "w1");
+
+  // Ids continue after the existing ones.
+  const std::string c = Create("req-c", Spec(3));
+  EXPECT_NE(c, a);
+  EXPECT_NE(c, b);
+}
+
+TEST_F(JobStoreTest, ListJobsPagesAndFilters) {
+  std::vector<std::string> ids;
+  for (int i = 0; i < 7; ++i) ids.push_back(Create("req-" + std::to_string(i), Spec(i + 1)));
+  ASSERT_TRUE(store_->UpdateJobState(ids[1], v1::JOB_STATE_CANCELLED).ok());
+  ASSERT_TRUE(store_->UpdateJobState(ids[4], v1::JOB_STATE_RUNNING).ok());
+
+  std::vector<std::string> listed;
+  std::string token;
+  int pages = 0;
+  do {
+    auto page = store_->ListJobs(3, token);
+    ASSERT_TRUE(page.ok()) << page.status();
+    EXPECT_LE(page->jobs.size(), 3u);
+    for (const auto& j : page->jobs) listed.push_back(j.id);
+    token = page->next_page_token;
+    ASSERT_LT(++pages, 10) << "paging does not end";
+  } while (!token.empty());
+  EXPECT_EQ(listed, ids);
+  EXPECT_EQ(pages, 3);  // 3 + 3 + 1, no empty trailing page
+
+  auto queued = store_->ListJobs(0, "", {v1::JOB_STATE_QUEUED});
+  ASSERT_TRUE(queued.ok()) << queued.status();
+  EXPECT_EQ(queued->jobs.size(), 5u);
+  auto some = store_->ListJobs(0, "", {v1::JOB_STATE_CANCELLED, v1::JOB_STATE_RUNNING});
+  ASSERT_TRUE(some.ok()) << some.status();
+  ASSERT_EQ(some->jobs.size(), 2u);
+  EXPECT_EQ(some->jobs[0].id, ids[1]);
+  EXPECT_EQ(some->jobs[1].id, ids[4]);
+
+  EXPECT_EQ(store_->ListJobs(-1, "").status().code(), absl::StatusCode::kInvalidArgument);
+  for (const std::string bad : {"abc", "-3", "007", " 3", "3x"}) {
+    auto page = store_->ListJobs(0, bad);
+    EXPECT_EQ(page.status().code(), absl::StatusCode::kInvalidArgument) << "token " << bad;
+  }
+}
+
+// ----- state transitions -----
+
+const std::vector<v1::JobState> kStates = {
+    v1::JOB_STATE_QUEUED,    v1::JOB_STATE_RUNNING,   v1::JOB_STATE_SUCCEEDED,
+    v1::JOB_STATE_FAILED,    v1::JOB_STATE_CANCELLED, v1::JOB_STATE_RESTARTING};
+
+TEST(JobTransitionTest, TableMatchesTheLifecycle) {
+  // Every (from, to) pair, listed explicitly: the legal ones are the lifecycle of DESIGN §8.
+  const std::set<std::pair<v1::JobState, v1::JobState>> legal = {
+      {v1::JOB_STATE_QUEUED, v1::JOB_STATE_RUNNING},
+      {v1::JOB_STATE_QUEUED, v1::JOB_STATE_CANCELLED},
+      {v1::JOB_STATE_QUEUED, v1::JOB_STATE_FAILED},
+      {v1::JOB_STATE_RUNNING, v1::JOB_STATE_SUCCEEDED},
+      {v1::JOB_STATE_RUNNING, v1::JOB_STATE_FAILED},
+      {v1::JOB_STATE_RUNNING, v1::JOB_STATE_CANCELLED},
+      {v1::JOB_STATE_RUNNING, v1::JOB_STATE_RESTARTING},
+      {v1::JOB_STATE_RESTARTING, v1::JOB_STATE_RUNNING},
+      {v1::JOB_STATE_RESTARTING, v1::JOB_STATE_FAILED},
+      {v1::JOB_STATE_RESTARTING, v1::JOB_STATE_CANCELLED}};
+  std::vector<v1::JobState> all = kStates;
+  all.push_back(v1::JOB_STATE_UNSPECIFIED);
+  for (v1::JobState from : all) {
+    for (v1::JobState to : all) {
+      EXPECT_EQ(IsLegalJobTransition(from, to), legal.count({from, to}) == 1)
+          << JobStateName(from) << " -> " << JobStateName(to);
+    }
+  }
+}
+
+// The shortest legal path from QUEUED to each state.
+std::vector<v1::JobState> PathTo(v1::JobState s) {
+  switch (s) {
+    case v1::JOB_STATE_QUEUED:
+      return {};
+    case v1::JOB_STATE_RUNNING:
+      return {v1::JOB_STATE_RUNNING};
+    case v1::JOB_STATE_RESTARTING:
+      return {v1::JOB_STATE_RUNNING, v1::JOB_STATE_RESTARTING};
+    default:
+      return {v1::JOB_STATE_RUNNING, s};
+  }
+}
+
+class JobStoreTransitionTest
+    : public JobStoreTest,
+      public ::testing::WithParamInterface<std::tuple<v1::JobState, v1::JobState>> {};
+
+TEST_P(JobStoreTransitionTest, StoreAppliesOnlyLegalTransitions) {
+  const auto [from, to] = GetParam();
+  const std::string id = Create("", Spec(1));
+  for (v1::JobState s : PathTo(from)) ASSERT_TRUE(store_->UpdateJobState(id, s).ok());
+  now_ += 7;
+  absl::Status st = store_->UpdateJobState(id, to, "why");
+  auto job = store_->GetJob(id);
+  ASSERT_TRUE(job.ok()) << job.status();
+  if (IsLegalJobTransition(from, to)) {
+    EXPECT_TRUE(st.ok()) << st;
+    EXPECT_EQ(job->state, to);
+    EXPECT_EQ(job->error_message, "why");
+    EXPECT_EQ(job->updated_unix_seconds, now_);
+  } else {
+    EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+    EXPECT_THAT(st.message(), HasSubstr(JobStateName(from)));
+    EXPECT_THAT(st.message(), HasSubstr(JobStateName(to)));
+    EXPECT_EQ(job->state, from) << "a refused transition changed the state";
+    EXPECT_EQ(job->error_message, "");
+    EXPECT_LT(job->updated_unix_seconds, now_);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllPairs, JobStoreTransitionTest,
+                         ::testing::Combine(::testing::ValuesIn(kStates),
+                                            ::testing::ValuesIn(kStates)),
+                         [](const auto& info) {
+                           return JobStateName(std::get<0>(info.param)) + "_to_" +
+                                  JobStateName(std::get<1>(info.param));
+                         });
+
+TEST_F(JobStoreTest, UnspecifiedStateIsInvalidArgument) {
+  const std::string id = Create("", Spec(1));
+  EXPECT_EQ(store_->UpdateJobState(id, v1::JOB_STATE_UNSPECIFIED).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->UpdateJobState(id, static_cast<v1::JobState>(42)).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// ----- λ history -----
+
+TEST_F(JobStoreTest, RejectsNonFiniteLambdasNamingTheModuleAndWritesNothing) {
+  const std::string id = Create("", Spec(1));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  struct Case {
+    std::vector<double> lambda;
+    std::string needle;
+  };
+  for (const Case& c : {Case{{1.0, nan, 2.0}, "module 1: lambda is nan"},
+                        Case{{1.0, 2.0, 3.0, -inf}, "module 3: lambda is inf"},
+                        Case{{inf}, "module 0: lambda is inf"}}) {
+    absl::Status st = store_->AppendLambdas(id, 40, c.lambda);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+    EXPECT_THAT(st.message(), HasSubstr(c.needle));
+  }
+  EXPECT_EQ(store_->AppendLambdas(id, 40, {}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->AppendLambdas(id, -20, {1.0}).code(), absl::StatusCode::kInvalidArgument);
+  auto page = store_->GetLambdas(id, 0, "");
+  ASSERT_TRUE(page.ok()) << page.status();
+  EXPECT_TRUE(page->points.empty()) << "a rejected report was stored";
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM lambda_history"), "0");
+}
+
+TEST_F(JobStoreTest, LambdasAreExactAndReappendingAStepReplacesIt) {
+  const std::string id = Create("", Spec(1));
+  const std::vector<double> exact = {0.1 + 0.2, 1e-300, 123456.789012345678, 0.0};
+  ASSERT_TRUE(store_->AppendLambdas(id, 0, exact).ok());
+  ASSERT_TRUE(store_->AppendLambdas(id, 20, {5.0, 6.0, 7.0, 8.0}).ok());
+  // A restarted job replays step 20 (here with fewer modules reported, to see old rows go).
+  ASSERT_TRUE(store_->AppendLambdas(id, 20, {9.0, 10.0}).ok());
+  auto page = store_->GetLambdas(id, 0, "");
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->points.size(), 2u);
+  EXPECT_EQ(page->points[0].lambda, exact);  // bit-exact doubles
+  EXPECT_THAT(page->points[1].lambda, ElementsAre(9.0, 10.0));
+}
+
+TEST_F(JobStoreTest, LambdasPageBySteps) {
+  const std::string a = Create("", Spec(1));
+  const std::string b = Create("", Spec(2));
+  for (int64_t k = 0; k < 25; ++k) {
+    // Appended out of order: pages must still come back in step order.
+    const int64_t step = ((k * 7) % 25) * 20;
+    ASSERT_TRUE(store_->AppendLambdas(a, step, {double(step), double(step) + 0.5}).ok());
+  }
+  ASSERT_TRUE(store_->AppendLambdas(b, 0, {99.0}).ok());  // another job's history stays apart
+
+  std::vector<int64_t> steps;
+  std::vector<size_t> sizes;
+  std::string token;
+  do {
+    auto page = store_->GetLambdas(a, 10, token);
+    ASSERT_TRUE(page.ok()) << page.status();
+    sizes.push_back(page->points.size());
+    for (const auto& p : page->points) {
+      steps.push_back(p.step);
+      EXPECT_THAT(p.lambda, ElementsAre(double(p.step), double(p.step) + 0.5));
+    }
+    token = page->next_page_token;
+    ASSERT_LT(sizes.size(), 10u) << "paging does not end";
+  } while (!token.empty());
+  EXPECT_THAT(sizes, ElementsAre(10u, 10u, 5u));
+  ASSERT_EQ(steps.size(), 25u);
+  for (size_t i = 0; i < steps.size(); ++i) EXPECT_EQ(steps[i], int64_t(i) * 20);
+
+  // page_size is clamped, not an error; a malformed token is.
+  auto big = store_->GetLambdas(a, 1'000'000, "");
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(big->points.size(), 25u);
+  EXPECT_EQ(store_->GetLambdas(a, 10, "x").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->GetLambdas(a, -1, "").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ----- decisions -----
+
+TEST_F(JobStoreTest, DecisionsAreJsonPagedAndReplaced) {
+  const std::string id = Create("", Spec(1));
+  EXPECT_EQ(store_->AppendDecision(id, 0, "{not json").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->AppendDecision(id, -1, "{}").code(), absl::StatusCode::kInvalidArgument);
+  for (int64_t step = 0; step < 100; step += 20) {
+    ASSERT_TRUE(store_->AppendDecision(id, step, "{\"step\": " + std::to_string(step) + "}").ok());
+  }
+  ASSERT_TRUE(store_->AppendDecision(id, 40, R"({"step": 40, "replayed": true})").ok());
+  auto first = store_->GetDecisions(id, 3, "");
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->decisions.size(), 3u);
+  EXPECT_EQ(first->decisions[2].json, R"({"step": 40, "replayed": true})");
+  ASSERT_FALSE(first->next_page_token.empty());
+  auto second = store_->GetDecisions(id, 3, first->next_page_token);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(second->decisions.size(), 2u);
+  EXPECT_EQ(second->decisions[0].step, 60);
+  EXPECT_EQ(second->decisions[1].step, 80);
+  EXPECT_EQ(second->next_page_token, "");
+}
+
+// ----- workers and assignments -----
+
+TEST_F(JobStoreTest, WorkersUpsertKeepsRegistrationTime) {
+  ASSERT_TRUE(store_->UpsertWorker({"w2", "h2", "cuda:0", 80LL << 30, 0, 0}).ok());
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "h1", "cpu", 1 << 30, 0, 0}).ok());
+  now_ += 30;
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "h1b", "cpu", int64_t{2} << 30, 0, 0}).ok());
+  EXPECT_EQ(store_->UpsertWorker({"", "h", "cpu", 0, 0, 0}).code(),
+            absl::StatusCode::kInvalidArgument);
+  auto workers = store_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->size(), 2u);
+  const WorkerRecord& w1 = (*workers)[0];
+  EXPECT_EQ(w1.id, "w1");
+  EXPECT_EQ(w1.host, "h1b");
+  EXPECT_EQ(w1.memory_bytes, int64_t{2} << 30);
+  EXPECT_EQ(w1.registered_unix_seconds, 1'700'000'000);
+  EXPECT_EQ(w1.last_seen_unix_seconds, 1'700'000'030);
+  EXPECT_EQ((*workers)[1].device, "cuda:0");
+}
+
+TEST_F(JobStoreTest, AssignmentsNeedAKnownJobAndWorker) {
+  const std::string id = Create("", Spec(1));
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "h1", "cpu", 1, 0, 0}).ok());
+  ASSERT_TRUE(store_->UpsertWorker({"w2", "h2", "cpu", 1, 0, 0}).ok());
+  EXPECT_EQ(store_->PutAssignment(id, 0, "ghost", 0).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->PutAssignment("job-404", 0, "w1", 0).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->PutAssignment(id, -1, "w1", 0).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(store_->PutAssignment(id, 1, "w2", 0).ok());
+  ASSERT_TRUE(store_->PutAssignment(id, 0, "w1", 0).ok());
+  ASSERT_TRUE(store_->PutAssignment(id, 1, "w1", 1).ok());  // restart: rank 1 moves to w1
+  auto list = store_->ListAssignments(id);
+  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_EQ(list->size(), 2u);
+  EXPECT_EQ((*list)[0].rank, 0);
+  EXPECT_EQ((*list)[1].rank, 1);
+  EXPECT_EQ((*list)[1].worker_id, "w1");
+  EXPECT_EQ((*list)[1].attempt, 1);
+}
+
+// ----- durability and the state directory -----
+
+TEST_F(JobStoreTest, UsesWalAndFullSync) {
+  auto mode = store_->Pragma("journal_mode");
+  ASSERT_TRUE(mode.ok()) << mode.status();
+  EXPECT_EQ(*mode, "wal");
+  auto sync = store_->Pragma("synchronous");
+  ASSERT_TRUE(sync.ok()) << sync.status();
+  // Debian's SQLite already defaults to FULL in WAL mode; this guards builds whose default is
+  // NORMAL (SQLITE_DEFAULT_WAL_SYNCHRONOUS=1), where an acknowledged write could be lost.
+  EXPECT_EQ(*sync, "2") << "synchronous must be FULL (2)";
+  auto fk = store_->Pragma("foreign_keys");
+  ASSERT_TRUE(fk.ok()) << fk.status();
+  EXPECT_EQ(*fk, "1");
+  // WAL is a property of the file: a fresh connection sees it too, and the -wal file exists
+  // after a write.
+  Create("", Spec(1));
+  EXPECT_EQ(RawQuery("PRAGMA journal_mode"), "wal");
+  EXPECT_TRUE(fs::exists(JobStore::DatabasePath(dir_) + "-wal"));
+  EXPECT_EQ(store_->Pragma("journal_mode; DROP TABLE jobs").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(JobStoreTest, RecordsTheSchemaVersion) {
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"),
+            std::to_string(kJobStoreSchemaVersion));
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
+  Reopen();  // reopening does not add rows
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
+}
+
+TEST_F(JobStoreTest, RefusesADatabaseFromANewerSchema) {
+  Create("", Spec(1));
+  store_.reset();
+  RawQuery("UPDATE schema_version SET version = 99");
+  auto store = JobStore::Open(dir_);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
+  EXPECT_THAT(store.status().message(), HasSubstr("99"));
+}
+
+TEST_F(JobStoreTest, OneStorePerStateDir) {
+  auto second = JobStore::Open(dir_);
+  ASSERT_FALSE(second.ok()) << "two stores opened the same state dir";
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition) << second.status();
+  EXPECT_THAT(second.status().message(), HasSubstr(dir_));
+  // Closing the first releases the directory.
+  store_.reset();
+  auto third = JobStore::Open(dir_);
+  EXPECT_TRUE(third.ok()) << third.status();
+}
+
+TEST_F(JobStoreTest, AFileThatIsNotADatabaseIsDataLoss) {
+  store_.reset();
+  const std::string other = root_ + "/garbage";
+  fs::create_directories(other);
+  {
+    std::ofstream out(JobStore::DatabasePath(other), std::ios::binary);
+    out << std::string(8192, 'x');
+  }
+  auto store = JobStore::Open(other);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
+}
+
+TEST_F(JobStoreTest, AStateDirThatCannotBeCreatedIsUnavailable) {
+  const std::string file = root_ + "/a-file";
+  { std::ofstream out(file); }
+  auto store = JobStore::Open(file + "/state");
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kUnavailable) << store.status();
+  EXPECT_EQ(JobStore::Open("").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace mat::coordinator

@@ -14,7 +14,11 @@
 #include <iostream>
 
 #include "CLI/CLI.hpp"
+#include "torch/version.h"
+#if TORCH_VERSION_MAJOR < 2
 #include "torch/csrc/autograd/profiler_legacy.h"
+#define MAT_BENCH_PROFILE 1
+#endif
 #include "common/file_util.h"
 #include "common/allocator.h"
 #include "common/logging.h"
@@ -29,6 +33,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 std::string g_profile_path;  // --profile: chrome trace of one full-mask step per model
+std::string g_device = "cpu";  // --device
+std::string g_data_dir;        // --data-dir: overrides the examples' data.dir
+
+// Waits for the device's queued work (a host copy of a scalar is stream-ordered).
+void Sync(const torch::Device& d) {
+  if (d.is_cuda()) torch::zeros({1}, torch::TensorOptions().device(d)).item<float>();
+}
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
@@ -50,20 +61,25 @@ std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
 nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainConfig& tc, int reps) {
   worker::BertConfig c = worker::MakeBertConfig(tc, 33279);  // WikiText-2 + [MASK]
   torch::manual_seed(0);
+  const torch::Device dev(g_device);
   worker::BertMlm model(c);
+  model->to(dev);
   model->train();
   const int64_t B = tc.train.batch_size, T = tc.data.seq_len;
-  torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong);
-  torch::Tensor positions = std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort());
-  torch::Tensor labels = torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong);
+  torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong).to(dev);
+  torch::Tensor positions = std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort()).to(dev);
+  torch::Tensor labels = torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong).to(dev);
   const std::vector<double> fractions = {1.0, 0.5, 0.25};
   std::vector<std::vector<double>> bwd(fractions.size()), step(fractions.size());
   auto run = [&](size_t k) {
     model->SetMask(HeadMask(c, fractions[k]));
+    Sync(dev);
     auto t0 = Clock::now();
     torch::Tensor loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+    Sync(dev);
     auto t1 = Clock::now();
     loss.backward();
+    Sync(dev);
     auto t2 = Clock::now();
     for (auto& p : model->parameters()) p.mutable_grad().reset();
     bwd[k].push_back(Seconds(t1, t2));
@@ -74,11 +90,13 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
   for (auto& v : step) v.clear();
   for (int r = 0; r < reps; ++r)
     for (size_t k = 0; k < fractions.size(); ++k) run(k);
+#ifdef MAT_BENCH_PROFILE
   if (!g_profile_path.empty()) {
     torch::autograd::profiler::RecordProfile guard(g_profile_path + "." + name + ".json");
     run(0);
   }
-  nlohmann::json out = {{"model", name}, {"layers", c.layers}, {"d_model", c.d_model},
+#endif
+  nlohmann::json out = {{"model", name}, {"device", g_device}, {"layers", c.layers}, {"d_model", c.d_model},
                         {"heads", c.heads}, {"batch", B}, {"seq_len", T}, {"reps", reps}};
   const int64_t M = positions.size(0);
   const double full_bwd_flops = [&] {
@@ -100,6 +118,7 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
 absl::StatusOr<worker::TrainConfig> Config(const std::string& path) {
   auto c = worker::LoadTrainConfig(path);
   if (!c.ok()) return c.status();
+  if (!g_data_dir.empty()) c->data.dir = g_data_dir;
   return c;
 }
 
@@ -134,6 +153,7 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
     return 2;
   }
   c->policy.kind = "mat";
+  c->train.device = g_device;
   auto t = worker::Trainer::Create(*c, {"", false, false});
   if (!t.ok()) {
     std::cerr << "mat-bench: " << t.status() << "\n";
@@ -163,6 +183,7 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
   const double every = double(c->policy.probe_every);
   const double fraction = probe / (every * step + probe);
   result = {{"benchmark", "spectral-cost"},
+            {"device", g_device},
             {"probe_samples", c->policy.probe_samples},
             {"probe_every", c->policy.probe_every},
             {"batch_size", c->train.batch_size},
@@ -193,6 +214,8 @@ int main(int argc, char** argv) {
   app.add_option("--root", root, "repository root (examples/ live there)");
   app.add_option("--reps", reps, "repeats per configuration");
   app.add_option("--out", out, "JSON result file");
+  app.add_option("--device", mat::bench::g_device, "cpu | cuda | cuda:N");
+  app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
   app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);
   mat::common::ConfigureAllocatorForTraining();

@@ -10,7 +10,7 @@ namespace mat::spectral {
 ModuleSpectrum KernelStats(const torch::Tensor& kernel) {
   torch::Tensor k = kernel.detach().to(torch::kFloat64).cpu();
   k = 0.5 * (k + k.t());  // symmetrize away round-off
-  torch::Tensor eig = torch::linalg::eigvalsh(k, "L");  // ascending
+  torch::Tensor eig = at::linalg_eigvalsh(k, "L");  // ascending
   ModuleSpectrum s;
   s.lambda_max = eig[-1].item<double>();
   s.trace = k.diagonal().sum().item<double>();

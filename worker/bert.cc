@@ -151,7 +151,7 @@ BertMlmImpl::BertMlmImpl(const BertConfig& c) : c_(c) {
 
 torch::Tensor BertMlmImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& positions) {
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
-  torch::Tensor pos = torch::arange(T, torch::kLong);
+  torch::Tensor pos = torch::arange(T, input_ids.options());
   torch::Tensor x = tok_emb(input_ids) + pos_emb(pos).unsqueeze(0);
   x = F::dropout(emb_ln(x), F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
   for (int64_t l = 0; l < c_.layers; ++l) x = layers[l](x, head_active_[l], ffn_active_[l]);

@@ -68,8 +68,8 @@ absl::Status MaskedAdamW::Step(double lr, const std::vector<uint8_t>& active,
 
 void MaskedAdamW::Save(torch::serialize::OutputArchive& ar) const {
   for (size_t i = 0; i < params_.size(); ++i) {
-    ar.write("opt.m." + params_[i].name, m_[i]);
-    ar.write("opt.v." + params_[i].name, v_[i]);
+    ar.write("opt.m." + params_[i].name, m_[i].cpu());
+    ar.write("opt.v." + params_[i].name, v_[i].cpu());
     ar.write("opt.step." + params_[i].name, torch::tensor(steps_[i], torch::kLong));
   }
 }

@@ -72,6 +72,7 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("train.eval_batches", &c.train.eval_batches, "integer"));
   f.push_back(MakeField("train.checkpoint_every", &c.train.checkpoint_every, "integer"));
   f.push_back(MakeField("train.threads", &c.train.threads, "integer"));
+  f.push_back(MakeField("train.device", &c.train.device, "string"));
   f.push_back(MakeField("policy.kind", &c.policy.kind, "string"));
   f.push_back(MakeField("policy.alpha", &c.policy.alpha, "number"));
   f.push_back(MakeField("policy.beta", &c.policy.beta, "number"));
@@ -190,6 +191,8 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   MAT_RETURN_IF_ERROR(Check(t.eval_batches >= 0, "train.eval_batches must be >= 0"));
   MAT_RETURN_IF_ERROR(Check(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"));
   MAT_RETURN_IF_ERROR(Check(t.threads >= 0, "train.threads must be >= 0"));
+  MAT_RETURN_IF_ERROR(Check(t.device == "cpu" || t.device == "cuda" || t.device.rfind("cuda:", 0) == 0,
+                            "train.device: unknown device '" + t.device + "' (expected cpu, cuda or cuda:N)"));
   const auto& p = c.policy;
   MAT_RETURN_IF_ERROR(Check(p.probe_samples >= 2, "policy.probe_samples must be >= 2, got " + std::to_string(p.probe_samples)));
   MAT_RETURN_IF_ERROR(Check(p.probe_samples <= t.batch_size,

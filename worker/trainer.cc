@@ -53,6 +53,17 @@ absl::Status Trainer::Init() {
   torch::set_num_threads(c.train.threads > 0 ? int(c.train.threads)
                                              : int(std::max(1u, std::thread::hardware_concurrency())));
   torch::manual_seed(c.seed);
+  if (c.train.device != "cpu") {
+    if (!torch::cuda::is_available()) {
+      return absl::FailedPreconditionError("train.device: " + c.train.device +
+                                           " requested but no CUDA device is available");
+    }
+    try {
+      device_ = torch::Device(c.train.device);
+    } catch (const c10::Error& e) {
+      return absl::InvalidArgumentError("train.device: " + std::string(e.what_without_backtrace()));
+    }
+  }
   MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
   const int64_t real = corpus_.vocab.size();
   mlm_.seq_len = c.data.seq_len;
@@ -61,6 +72,7 @@ absl::Status Trainer::Init() {
   mlm_.num_real_tokens = real;
 
   model_ = BertMlm(MakeBertConfig(c, real + 1));
+  model_->to(device_);
   model_->train();
   partition_ = model_->Partition();
 
@@ -105,8 +117,9 @@ absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vect
   double loss_value = 0;
   try {
     model_->SetMask(active);
-    torch::Tensor logits = model_->forward(batch.input_ids, batch.positions);
-    torch::Tensor loss = torch::nn::functional::cross_entropy(logits, batch.labels);
+    torch::Tensor logits =
+        model_->forward(batch.input_ids.to(device_), batch.positions.to(device_));
+    torch::Tensor loss = torch::nn::functional::cross_entropy(logits, batch.labels.to(device_));
     loss.backward();
     loss_value = loss.item<double>();
   } catch (const c10::Error& e) {
@@ -125,13 +138,13 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch) {
   spectral::SiteRecorder recorder;
   spectral::ProbeBatch probe;
   torch::Tensor keep = batch.positions < n * T;
-  torch::Tensor positions = batch.positions.masked_select(keep);
-  torch::Tensor labels = batch.labels.masked_select(keep);
+  torch::Tensor positions = batch.positions.masked_select(keep).to(device_);
+  torch::Tensor labels = batch.labels.masked_select(keep).to(device_);
   try {
     model_->eval();
     model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
     model_->SetRecorder(&recorder);
-    torch::Tensor logits = model_->forward(batch.input_ids.slice(0, 0, n), positions);
+    torch::Tensor logits = model_->forward(batch.input_ids.slice(0, 0, n).to(device_), positions);
     model_->SetRecorder(nullptr);
     model_->train();
     probe.losses = PerSampleLoss(logits, labels, positions, T, n);
@@ -167,9 +180,10 @@ double Trainer::Evaluate(const std::vector<MlmBatch>& batches) {
   double sum = 0;
   int64_t count = 0;
   for (const MlmBatch& b : batches) {
-    torch::Tensor logits = model_->forward(b.input_ids, b.positions);
+    torch::Tensor logits = model_->forward(b.input_ids.to(device_), b.positions.to(device_));
     torch::Tensor ce = torch::nn::functional::cross_entropy(
-        logits, b.labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+        logits, b.labels.to(device_),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
     sum += ce.item<double>();
     count += b.labels.size(0);
   }
@@ -360,7 +374,7 @@ std::string Trainer::ParamChecksum() {
 
 absl::Status Trainer::SaveCheckpoint(const std::string& path) {
   torch::serialize::OutputArchive ar;
-  for (const auto& kv : model_->named_parameters()) ar.write("model." + kv.key(), kv.value().detach());
+  for (const auto& kv : model_->named_parameters()) ar.write("model." + kv.key(), kv.value().detach().cpu());
   optimizer_->Save(ar);
   nlohmann::json meta = {
       {"step", step_},

@@ -80,6 +80,7 @@ class Trainer {
   double LearningRate(int64_t step) const;
   // Sum of all parameters' bytes hashed (FNV-1a): equal runs have equal checksums.
   std::string ParamChecksum();
+  const torch::Device& device() const { return device_; }
 
  private:
   Trainer(const TrainConfig& config, TrainerOptions options);
@@ -91,6 +92,7 @@ class Trainer {
 
   TrainConfig config_;
   TrainerOptions options_;
+  torch::Device device_{torch::kCPU};
   Corpus corpus_;
   MlmOptions mlm_;
   BertMlm model_{nullptr};

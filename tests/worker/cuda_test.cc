@@ -1,0 +1,160 @@
+// CPU against CUDA on the same weights and inputs (label gpu; skipped without a CUDA device).
+// Tolerances: float32 on both sides, TF32 off (LibTorch's default for matmuls); reductions run in
+// a different order on the GPU, so 1e-4 relative for activations and gradients, 1e-3 for λ.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "spectral/gram_estimator.h"
+#include "worker/bert.h"
+#include "worker/optimizer.h"
+#include "worker/trainer.h"
+
+namespace mat::worker {
+namespace {
+
+double RelDiff(const torch::Tensor& a, const torch::Tensor& b) {
+  torch::Tensor x = a.detach().cpu().to(torch::kFloat64), y = b.detach().cpu().to(torch::kFloat64);
+  return (x - y).norm().item<double>() / std::max(y.norm().item<double>(), 1e-3);
+}
+
+class CudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    c_.vocab_size = 50;
+    c_.max_seq_len = 16;
+    c_.layers = 2;
+    c_.d_model = 32;
+    c_.heads = 4;
+    c_.d_ff = 64;
+    c_.ffn_groups = 2;
+    c_.dropout = 0;
+    torch::manual_seed(3);
+    cpu_ = BertMlm(c_);
+    cuda_ = BertMlm(c_);
+    torch::NoGradGuard g;
+    auto src = cpu_->named_parameters();
+    for (auto& kv : cuda_->named_parameters()) kv.value().copy_(src[kv.key()]);
+    cuda_->to(torch::kCUDA);
+    ids_ = torch::randint(0, 50, {6, 16}, torch::kLong);
+    positions_ = torch::arange(0, 96, 5, torch::kLong);
+    labels_ = torch::randint(0, 50, {positions_.size(0)}, torch::kLong);
+  }
+
+  BertConfig c_;
+  BertMlm cpu_{nullptr}, cuda_{nullptr};
+  torch::Tensor ids_, positions_, labels_;
+};
+
+TEST_F(CudaTest, MaskedForwardAndBackwardAgreeWithCpu) {
+  std::vector<uint8_t> mask(c_.layers * (c_.heads + c_.ffn_groups), 1);
+  mask[1] = mask[6] = mask[9] = 0;
+  cpu_->SetMask(mask);
+  cuda_->SetMask(mask);
+  torch::Tensor lc = torch::nn::functional::cross_entropy(cpu_->forward(ids_, positions_), labels_);
+  torch::Tensor lg = torch::nn::functional::cross_entropy(
+      cuda_->forward(ids_.cuda(), positions_.cuda()), labels_.cuda());
+  EXPECT_LE(RelDiff(lg, lc), 1e-5);
+  lc.backward();
+  lg.backward();
+  auto cpu_params = cpu_->named_parameters();
+  int undefined = 0;
+  for (const auto& kv : cuda_->named_parameters()) {
+    SCOPED_TRACE(kv.key());
+    const torch::Tensor& g = kv.value().grad();
+    const torch::Tensor& ref = cpu_params[kv.key()].grad();
+    ASSERT_EQ(g.defined(), ref.defined());
+    if (!g.defined()) {
+      ++undefined;
+      continue;
+    }
+    EXPECT_TRUE(g.is_cuda());
+    EXPECT_LE(RelDiff(g, ref), 1e-4);
+  }
+  EXPECT_EQ(undefined, 2 * 7 + 3);  // two heads and one FFN slice masked off
+}
+
+TEST_F(CudaTest, GramLambdasAgreeWithCpu) {
+  auto probe = [&](BertMlm& m, const torch::Device& d) {
+    spectral::SiteRecorder rec;
+    m->SetMask(std::vector<uint8_t>(c_.layers * (c_.heads + c_.ffn_groups), 1));
+    m->SetRecorder(&rec);
+    torch::Tensor logits = m->forward(ids_.to(d), positions_.to(d));
+    m->SetRecorder(nullptr);
+    torch::Tensor ce = torch::nn::functional::cross_entropy(
+        logits, labels_.to(d), torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+    torch::Tensor sample = torch::div(positions_.to(d), 16, "floor");
+    torch::Tensor losses = torch::zeros({6}, ce.options()).index_add(0, sample, ce);
+    auto r = spectral::GramEstimator().Estimate(m->Partition(), {losses, rec.Take()});
+    EXPECT_TRUE(r.ok()) << r.status();
+    return *r;
+  };
+  auto a = probe(cpu_, torch::kCPU);
+  auto b = probe(cuda_, torch::kCUDA);
+  ASSERT_EQ(a.modules.size(), b.modules.size());
+  for (size_t m = 0; m < a.modules.size(); ++m) {
+    EXPECT_NEAR(b.modules[m].lambda_max, a.modules[m].lambda_max, 1e-3 * a.modules[m].lambda_max) << m;
+    EXPECT_NEAR(b.modules[m].trace, a.modules[m].trace, 1e-3 * a.modules[m].trace) << m;
+  }
+}
+
+TEST_F(CudaTest, OptimizerStepAgreesWithCpu) {
+  std::vector<uint8_t> mask(c_.layers * (c_.heads + c_.ffn_groups), 1);
+  mask[2] = 0;
+  MaskedAdamW oc(BuildParamEntries(*cpu_, cpu_->Partition()), {});
+  MaskedAdamW og(BuildParamEntries(*cuda_, cuda_->Partition()), {});
+  std::vector<double> ones(mask.size(), 1.0);
+  for (int step = 0; step < 3; ++step) {
+    cpu_->SetMask(mask);
+    cuda_->SetMask(mask);
+    torch::nn::functional::cross_entropy(cpu_->forward(ids_, positions_), labels_).backward();
+    torch::nn::functional::cross_entropy(cuda_->forward(ids_.cuda(), positions_.cuda()), labels_.cuda()).backward();
+    ASSERT_TRUE(oc.Step(1e-3, mask, ones).ok());
+    ASSERT_TRUE(og.Step(1e-3, mask, ones).ok());
+  }
+  for (size_t i = 0; i < oc.params().size(); ++i) {
+    if (oc.params()[i].name.find(".bk") != std::string::npos) continue;  // zero-gradient noise
+    EXPECT_LE(RelDiff(og.params()[i].param, oc.params()[i].param), 1e-4) << oc.params()[i].name;
+  }
+}
+
+TEST(CudaTrainerTest, TrainsOnCudaWithFiniteLosses) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  namespace fs = std::filesystem;
+  fs::path dir = fs::temp_directory_path() / "mat_cuda_trainer_corpus";
+  fs::create_directories(dir);
+  for (const char* split : {"train", "valid", "test"}) {
+    std::ofstream out(dir / (std::string(split) + ".txt"));
+    for (int l = 0; l < 300; ++l) {
+      for (int w = 0; w < 12; ++w) out << "w" << (l * 7 + w * 3) % 40 << ' ';
+      out << "\n";
+    }
+  }
+  TrainConfig c;
+  c.model.layers = 1;
+  c.model.d_model = 32;
+  c.model.heads = 4;
+  c.model.d_ff = 64;
+  c.model.max_seq_len = 16;
+  c.data.dir = dir.string();
+  c.data.seq_len = 16;
+  c.train.steps = 30;
+  c.train.batch_size = 8;
+  c.train.eval_every = 10;
+  c.train.eval_batches = 2;
+  c.train.device = "cuda";
+  c.policy.warmup_steps = 10;
+  c.policy.probe_every = 5;
+  c.policy.probe_samples = 4;
+  auto t = Trainer::Create(c, {"", false, false});
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto s = (*t)->Run();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE(std::isfinite((*s)["best_val_loss"].get<double>()));
+  EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+}
+
+}  // namespace
+}  // namespace mat::worker

@@ -29,7 +29,7 @@ const std::vector<std::string> kAllKeys = {
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob",
     "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
     "train.schedule", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
-    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads",
+    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads", "train.device",
     "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",

@@ -1,0 +1,145 @@
+#include "client/job_client.h"
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "coordinator/grpc_status.h"
+
+namespace mat::client {
+namespace {
+
+std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
+  return std::chrono::system_clock::now() +
+         std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
+}  // namespace
+
+JobClient::JobClient(const std::string& address, double timeout_seconds)
+    : JobClient(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()), address,
+                timeout_seconds) {}
+
+JobClient::JobClient(std::shared_ptr<grpc::Channel> channel, const std::string& address,
+                     double timeout_seconds)
+    : channel_(std::move(channel)),
+      stub_(v1::JobService::NewStub(channel_)),
+      address_(address),
+      timeout_seconds_(timeout_seconds) {}
+
+std::unique_ptr<grpc::ClientContext> JobClient::UnaryContext() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(DeadlineAfter(timeout_seconds_));
+  return context;
+}
+
+absl::Status JobClient::Convert(const grpc::Status& status) const {
+  if (status.ok()) return absl::OkStatus();
+  const grpc_connectivity_state state = channel_->GetState(/*try_to_connect=*/false);
+  // Not connected: the call never reached the coordinator (an UNAVAILABLE from a connected
+  // coordinator, e.g. its disk, keeps its own message).
+  if ((status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+       status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) &&
+      state != GRPC_CHANNEL_READY) {
+    if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+      return absl::UnavailableError(absl::StrCat("cannot reach the coordinator at ", address_,
+                                                 " within ", timeout_seconds_, " s"));
+    }
+    return absl::UnavailableError(absl::StrCat("cannot reach the coordinator at ", address_,
+                                               ": ", status.error_message()));
+  }
+  return coordinator::FromGrpcStatus(status);
+}
+
+absl::StatusOr<v1::SubmitJobReply> JobClient::SubmitJob(const std::string& client_request_id,
+                                                        const v1::JobSpec& spec) {
+  v1::SubmitJobRequest request;
+  request.set_client_request_id(client_request_id);
+  *request.mutable_spec() = spec;
+  v1::SubmitJobReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->SubmitJob(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply;
+}
+
+absl::StatusOr<v1::GetJobReply> JobClient::GetJob(const std::string& job_id) {
+  v1::GetJobRequest request;
+  request.set_job_id(job_id);
+  v1::GetJobReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->GetJob(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply;
+}
+
+absl::StatusOr<std::vector<v1::Job>> JobClient::ListAllJobs(
+    const std::vector<v1::JobState>& states) {
+  std::vector<v1::Job> jobs;
+  v1::ListJobsRequest request;
+  for (v1::JobState s : states) request.add_states(s);
+  do {
+    v1::ListJobsReply reply;
+    auto context = UnaryContext();
+    absl::Status status = Convert(stub_->ListJobs(context.get(), request, &reply));
+    if (!status.ok()) return status;
+    for (v1::Job& job : *reply.mutable_jobs()) jobs.push_back(std::move(job));
+    request.set_page_token(reply.next_page_token());
+  } while (!request.page_token().empty());
+  return jobs;
+}
+
+absl::StatusOr<v1::CancelJobReply> JobClient::CancelJob(const std::string& job_id,
+                                                        const std::string& reason) {
+  v1::CancelJobRequest request;
+  request.set_job_id(job_id);
+  request.set_reason(reason);
+  v1::CancelJobReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->CancelJob(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply;
+}
+
+absl::StatusOr<v1::GetSpectraReply> JobClient::GetAllSpectra(const std::string& job_id) {
+  v1::GetSpectraReply all;
+  v1::GetSpectraRequest request;
+  request.set_job_id(job_id);
+  bool first = true;
+  do {
+    v1::GetSpectraReply reply;
+    auto context = UnaryContext();
+    absl::Status status = Convert(stub_->GetSpectra(context.get(), request, &reply));
+    if (!status.ok()) return status;
+    if (first) *all.mutable_modules() = reply.modules();
+    first = false;
+    for (v1::SpectraPoint& p : *reply.mutable_points()) *all.add_points() = std::move(p);
+    request.set_page_token(reply.next_page_token());
+  } while (!request.page_token().empty());
+  return all;
+}
+
+absl::Status JobClient::WatchJob(const std::string& job_id,
+                                 const std::function<void(const v1::JobEvent&)>& on_event) {
+  if (!channel_->WaitForConnected(DeadlineAfter(timeout_seconds_))) {
+    return absl::UnavailableError(absl::StrCat("cannot reach the coordinator at ", address_,
+                                               " within ", timeout_seconds_, " s"));
+  }
+  v1::WatchJobRequest request;
+  request.set_job_id(job_id);
+  grpc::ClientContext context;  // no deadline: the stream lasts as long as the job
+  std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader = stub_->WatchJob(&context, request);
+  v1::JobEvent event;
+  while (reader->Read(&event)) on_event(event);
+  const grpc::Status status = reader->Finish();
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return absl::UnavailableError(absl::StrCat("lost the coordinator at ", address_, " (",
+                                               status.error_message(), ")"));
+  }
+  return coordinator::FromGrpcStatus(status);
+}
+
+}  // namespace mat::client

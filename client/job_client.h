@@ -1,0 +1,68 @@
+// JobClient: JobService calls with deadlines and absl::Status results (through
+// coordinator/grpc_status.h), for matctl and tests. One insecure channel to the coordinator.
+//
+// Every unary call has a deadline of `timeout_seconds`. A coordinator that cannot be reached is
+// UNAVAILABLE naming the address, also when the deadline passes while connecting (rather than
+// DEADLINE_EXCEEDED); a call that reached the coordinator and ran out of time stays
+// DEADLINE_EXCEEDED. WatchJob has no overall deadline (a job may run for hours), but waits at most
+// `timeout_seconds` to connect.
+//
+// Thread-safety: the calls may be made from several threads at once (gRPC stubs are).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/channel.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "mat/v1/service.grpc.pb.h"
+
+namespace mat::client {
+
+inline constexpr double kDefaultTimeoutSeconds = 5;
+
+class JobClient {
+ public:
+  // A client of the coordinator at `address` ("HOST:PORT"). Does not connect yet.
+  JobClient(const std::string& address, double timeout_seconds = kDefaultTimeoutSeconds);
+  // Over an existing channel (in-process tests); `address` only names it in messages.
+  JobClient(std::shared_ptr<grpc::Channel> channel, const std::string& address,
+            double timeout_seconds = kDefaultTimeoutSeconds);
+  JobClient(const JobClient&) = delete;
+  JobClient& operator=(const JobClient&) = delete;
+
+  absl::StatusOr<v1::SubmitJobReply> SubmitJob(const std::string& client_request_id,
+                                               const v1::JobSpec& spec);
+  absl::StatusOr<v1::GetJobReply> GetJob(const std::string& job_id);
+  // Every job (following next_page_token), only `states` when not empty.
+  absl::StatusOr<std::vector<v1::Job>> ListAllJobs(const std::vector<v1::JobState>& states = {});
+  absl::StatusOr<v1::CancelJobReply> CancelJob(const std::string& job_id,
+                                               const std::string& reason);
+  // The whole λ history (every page, points concatenated; modules from the first page).
+  absl::StatusOr<v1::GetSpectraReply> GetAllSpectra(const std::string& job_id);
+
+  // Streams the job's events into `on_event` (called on this thread) until the coordinator ends
+  // the stream: OK after the job's terminal state; the stream's error otherwise (NOT_FOUND for
+  // an unknown job; UNAVAILABLE when the coordinator went away).
+  absl::Status WatchJob(const std::string& job_id,
+                        const std::function<void(const v1::JobEvent&)>& on_event);
+
+  const std::string& address() const { return address_; }
+
+ private:
+  // A context with the unary deadline.
+  std::unique_ptr<grpc::ClientContext> UnaryContext() const;
+  // The call's status in absl terms, with the address named for connection failures.
+  absl::Status Convert(const grpc::Status& status) const;
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::JobService::Stub> stub_;
+  std::string address_;
+  double timeout_seconds_;
+};
+
+}  // namespace mat::client

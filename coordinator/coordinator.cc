@@ -1,0 +1,239 @@
+#include "coordinator/coordinator.h"
+
+#include <chrono>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "coordinator/job_spec.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/message.h"
+#include "google/protobuf/unknown_field_set.h"
+#include "spdlog/spdlog.h"
+
+namespace mat::coordinator {
+namespace {
+
+// INVALID_ARGUMENT naming the first field of `message` (or of a message inside it) that this
+// binary's schema does not know: a newer client's field would otherwise be dropped silently.
+absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
+                                  const std::string& path) {
+  const google::protobuf::Reflection* reflection = message.GetReflection();
+  const google::protobuf::UnknownFieldSet& unknown = reflection->GetUnknownFields(message);
+  if (unknown.field_count() > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": unknown field number ", unknown.field(0).number(),
+        " (not in this coordinator's mat.v1 schema)"));
+  }
+  std::vector<const google::protobuf::FieldDescriptor*> fields;
+  reflection->ListFields(message, &fields);
+  for (const google::protobuf::FieldDescriptor* field : fields) {
+    if (field->cpp_type() != google::protobuf::FieldDescriptor::CPPTYPE_MESSAGE ||
+        field->is_repeated()) {
+      continue;  // JobSpec has no repeated messages
+    }
+    MAT_RETURN_IF_ERROR(CheckNoUnknownFields(reflection->GetMessage(message, field),
+                                             absl::StrCat(path, ".", field->name())));
+  }
+  return absl::OkStatus();
+}
+
+// INVALID_ARGUMENT for a request that names no job.
+absl::Status CheckJobId(const std::string& job_id) {
+  if (job_id.empty()) return absl::InvalidArgumentError("job_id is empty");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool IsTerminalJobState(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+v1::Job JobRecordToProto(const JobRecord& record) {
+  v1::Job job;
+  job.set_job_id(record.id);
+  job.set_client_request_id(record.client_request_id);
+  *job.mutable_spec() = record.spec;
+  job.set_state(record.state);
+  job.set_create_time_unix_seconds(record.created_unix_seconds);
+  job.set_update_time_unix_seconds(record.updated_unix_seconds);
+  job.set_error_message(record.error_message);
+  return job;
+}
+
+Coordinator::Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions options)
+    : store_(std::move(store)), options_(std::move(options)) {
+  MAT_CHECK(store_ != nullptr) << "Coordinator needs an open JobStore";
+}
+
+Coordinator::~Coordinator() = default;
+
+int64_t Coordinator::Now() const {
+  if (options_.now_unix_seconds) return options_.now_unix_seconds();
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// ----- JobService -----
+
+absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& client_request_id,
+                                                          const v1::JobSpec& spec) {
+  MAT_RETURN_IF_ERROR(CheckNoUnknownFields(spec, "spec"));
+  MAT_RETURN_IF_ERROR(ValidateJobSpec(spec));
+  MAT_ASSIGN_OR_RETURN(CreateJobResult result,
+                       store_->CreateJob(client_request_id, WithJobSpecDefaults(spec)));
+  if (result.created) {
+    spdlog::info("job {}: submitted (request id '{}')", result.job_id, client_request_id);
+  }
+  v1::SubmitJobReply reply;
+  reply.set_job_id(result.job_id);
+  reply.set_created(result.created);
+  return reply;
+}
+
+absl::StatusOr<v1::GetJobReply> Coordinator::GetJob(const std::string& job_id) {
+  MAT_RETURN_IF_ERROR(CheckJobId(job_id));
+  MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
+  v1::GetJobReply reply;
+  *reply.mutable_job() = JobRecordToProto(record);
+  // Ranks come from the scheduler's assignments and the workers' reports (next slice).
+  return reply;
+}
+
+absl::StatusOr<v1::ListJobsReply> Coordinator::ListJobs(const v1::ListJobsRequest& request) {
+  std::vector<v1::JobState> states;
+  for (int s : request.states()) states.push_back(static_cast<v1::JobState>(s));
+  MAT_ASSIGN_OR_RETURN(JobPage page,
+                       store_->ListJobs(request.page_size(), request.page_token(), states));
+  v1::ListJobsReply reply;
+  for (const JobRecord& record : page.jobs) *reply.add_jobs() = JobRecordToProto(record);
+  reply.set_next_page_token(page.next_page_token);
+  return reply;
+}
+
+absl::StatusOr<v1::CancelJobReply> Coordinator::CancelJob(const std::string& job_id,
+                                                          const std::string& reason) {
+  MAT_RETURN_IF_ERROR(CheckJobId(job_id));
+  MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
+  if (IsTerminalJobState(record.state)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job_id, " is already ", JobStateName(record.state), ": nothing to cancel"));
+  }
+  // The scheduler (next slice) also tells the job's workers to stop.
+  MAT_RETURN_IF_ERROR(UpdateJobState(job_id, v1::JOB_STATE_CANCELLED,
+                                     reason.empty() ? "cancelled by request" : reason));
+  v1::CancelJobReply reply;
+  reply.set_state(v1::JOB_STATE_CANCELLED);
+  return reply;
+}
+
+absl::StatusOr<v1::GetSpectraReply> Coordinator::GetSpectra(
+    const v1::GetSpectraRequest& request) {
+  MAT_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  MAT_ASSIGN_OR_RETURN(LambdaPage page, store_->GetLambdas(request.job_id(), request.page_size(),
+                                                           request.page_token()));
+  v1::GetSpectraReply reply;
+  // modules: the job's ModuleList, once rank 0 declares it (next slice).
+  for (const LambdaPoint& point : page.points) {
+    v1::SpectraPoint* out = reply.add_points();
+    out->set_step(point.step);
+    out->mutable_lambda_max()->Add(point.lambda.begin(), point.lambda.end());
+  }
+  reply.set_next_page_token(page.next_page_token);
+  return reply;
+}
+
+// ----- watching -----
+
+v1::JobEvent Coordinator::StateEvent(const JobRecord& job) const {
+  v1::JobEvent event;
+  event.set_job_id(job.id);
+  event.set_time_unix_seconds(Now());
+  event.mutable_state()->set_state(job.state);
+  event.mutable_state()->set_error_message(job.error_message);
+  return event;
+}
+
+absl::StatusOr<WatchId> Coordinator::WatchJob(const std::string& job_id,
+                                              JobEventListener listener) {
+  MAT_CHECK(listener) << "WatchJob needs a listener";
+  MAT_RETURN_IF_ERROR(CheckJobId(job_id));
+  MAT_ASSIGN_OR_RETURN(JobRecord job, store_->GetJob(job_id));
+  const WatchId id = next_watch_id_++;
+  const v1::JobEvent current = StateEvent(job);
+  if (IsTerminalJobState(job.state)) {
+    listener(current, /*last=*/true);
+    return id;
+  }
+  // Subscribe first, so that an event caused by the listener itself is not lost.
+  watches_by_job_[job_id].emplace(id, listener);
+  job_of_watch_.emplace(id, job_id);
+  listener(current, /*last=*/false);
+  return id;
+}
+
+void Coordinator::UnwatchJob(WatchId id) {
+  auto it = job_of_watch_.find(id);
+  if (it == job_of_watch_.end()) return;
+  auto job = watches_by_job_.find(it->second);
+  MAT_CHECK(job != watches_by_job_.end()) << "watch " << id << " has no job entry";
+  job->second.erase(id);
+  if (job->second.empty()) watches_by_job_.erase(job);
+  job_of_watch_.erase(it);
+}
+
+int Coordinator::WatcherCount(const std::string& job_id) const {
+  auto it = watches_by_job_.find(job_id);
+  return it == watches_by_job_.end() ? 0 : static_cast<int>(it->second.size());
+}
+
+void Coordinator::Publish(const v1::JobEvent& event, bool last) {
+  auto job = watches_by_job_.find(event.job_id());
+  if (job == watches_by_job_.end()) return;
+  // A listener may subscribe or unsubscribe: iterate over a snapshot of the ids and look each up
+  // again before calling it.
+  std::vector<WatchId> ids;
+  for (const auto& [id, listener] : job->second) ids.push_back(id);
+  if (last) {
+    // Remove every subscription first: the last event ends them all.
+    std::map<WatchId, JobEventListener> ending = std::move(job->second);
+    watches_by_job_.erase(job);
+    for (WatchId id : ids) job_of_watch_.erase(id);
+    for (auto& [id, listener] : ending) listener(event, /*last=*/true);
+    return;
+  }
+  for (WatchId id : ids) {
+    auto j = watches_by_job_.find(event.job_id());
+    if (j == watches_by_job_.end()) return;
+    auto w = j->second.find(id);
+    if (w == j->second.end()) continue;
+    JobEventListener listener = w->second;  // a copy: the listener may unwatch itself
+    listener(event, /*last=*/false);
+  }
+}
+
+absl::Status Coordinator::UpdateJobState(const std::string& job_id, v1::JobState state,
+                                         const std::string& error_message) {
+  MAT_RETURN_IF_ERROR(store_->UpdateJobState(job_id, state, error_message));
+  spdlog::info("job {}: {}{}{}", job_id, JobStateName(state), error_message.empty() ? "" : ": ",
+               error_message);
+  JobRecord changed;  // only what StateEvent reads
+  changed.id = job_id;
+  changed.state = state;
+  changed.error_message = error_message;
+  Publish(StateEvent(changed), IsTerminalJobState(state));
+  return absl::OkStatus();
+}
+
+void Coordinator::PublishJobEvent(v1::JobEvent event) {
+  MAT_CHECK(!event.job_id().empty()) << "PublishJobEvent needs a job id";
+  MAT_CHECK(!event.has_state()) << "state changes go through UpdateJobState";
+  if (event.time_unix_seconds() == 0) event.set_time_unix_seconds(Now());
+  Publish(event, /*last=*/false);
+}
+
+}  // namespace mat::coordinator

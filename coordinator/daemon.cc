@@ -1,0 +1,145 @@
+#include "coordinator/daemon.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <chrono>
+#include <cstdio>
+#include <utility>
+
+#include <boost/asio/post.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "common/file_util.h"
+#include "common/status.h"
+#include "coordinator/http_server.h"
+#include "coordinator/job_service.h"
+#include "spdlog/spdlog.h"
+
+namespace mat::coordinator {
+namespace {
+
+// "HOST:PORT" for display and the address file (IPv6 hosts in brackets).
+std::string JoinHostPort(const std::string& host, int port) {
+  return host.find(':') != std::string::npos ? absl::StrCat("[", host, "]:", port)
+                                             : absl::StrCat(host, ":", port);
+}
+
+}  // namespace
+
+std::string CoordinatorDaemon::AddressFilePath(const std::string& state_dir) {
+  return state_dir + "/coordinator.addr";
+}
+
+std::string CoordinatorDaemon::MetricsAddressFilePath(const std::string& state_dir) {
+  return state_dir + "/coordinator.metrics.addr";
+}
+
+CoordinatorDaemon::CoordinatorDaemon(CoordinatorDaemonConfig config)
+    : config_(std::move(config)), work_guard_(boost::asio::make_work_guard(loop_)) {}
+
+CoordinatorDaemon::~CoordinatorDaemon() { Shutdown(); }
+
+absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> CoordinatorDaemon::Start(
+    const CoordinatorDaemonConfig& config) {
+  std::unique_ptr<CoordinatorDaemon> daemon(new CoordinatorDaemon(config));
+  // On error, the destructor stops whatever StartImpl had started.
+  MAT_RETURN_IF_ERROR(daemon->StartImpl());
+  return daemon;
+}
+
+absl::Status CoordinatorDaemon::StartImpl() {
+  MAT_ASSIGN_OR_RETURN(const auto grpc_host_port, ParseHostPort(config_.listen_address));
+  if (!config_.metrics_listen_address.empty()) {
+    MAT_RETURN_IF_ERROR(ParseHostPort(config_.metrics_listen_address).status());
+  }
+
+  // The store first: it takes the state dir's lock, so a second daemon stops here without
+  // touching the first one's address files.
+  MAT_ASSIGN_OR_RETURN(std::unique_ptr<JobStore> store, JobStore::Open(config_.state_dir));
+  for (const std::string& path :
+       {AddressFilePath(config_.state_dir), MetricsAddressFilePath(config_.state_dir)}) {
+    std::remove(path.c_str());
+  }
+  coordinator_ = std::make_unique<Coordinator>(std::move(store));
+  loop_thread_ = std::thread([this] { loop_.run(); });
+
+  JobServiceOptions service_options;
+  service_options.max_queued_watch_events = config_.max_queued_watch_events;
+  job_service_ = std::make_unique<JobService>(loop_, *coordinator_, service_options);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(config_.listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(job_service_.get());
+  builder.SetMaxReceiveMessageSize(config_.max_receive_message_bytes);
+  // gRPC sets SO_REUSEPORT by default, which would let a second coordinator share the port.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen for gRPC on '", config_.listen_address, "'"));
+  }
+  grpc_address_ = JoinHostPort(grpc_host_port.first, port);
+  spdlog::info("listening on {} (gRPC: JobService, health, reflection)", grpc_address_);
+
+  if (!config_.metrics_listen_address.empty()) {
+    MAT_ASSIGN_OR_RETURN(
+        http_, HttpServer::Start(
+                   config_.metrics_listen_address,
+                   [this](const std::string& target) {
+                     if (target == "/healthz") return HttpResponse{200, "text/plain", "ok\n"};
+                     if (target == "/readyz") {
+                       return ready_.load() ? HttpResponse{200, "text/plain", "ready\n"}
+                                            : HttpResponse{503, "text/plain", "not ready\n"};
+                     }
+                     return HttpResponse{404, "text/plain", "not found\n"};
+                   },
+                   config_.http_request_timeout_seconds));
+    metrics_address_ = http_->address();
+    spdlog::info("metrics listening on {} (/healthz, /readyz)", metrics_address_);
+  }
+
+  wrote_address_files_ = true;
+  MAT_RETURN_IF_ERROR(
+      common::WriteFileAtomic(AddressFilePath(config_.state_dir), grpc_address_ + "\n"));
+  if (!metrics_address_.empty()) {
+    MAT_RETURN_IF_ERROR(common::WriteFileAtomic(MetricsAddressFilePath(config_.state_dir),
+                                                metrics_address_ + "\n"));
+  }
+  ready_ = true;
+  return absl::OkStatus();
+}
+
+void CoordinatorDaemon::Post(std::function<void(Coordinator&)> fn) {
+  boost::asio::post(loop_, [this, fn = std::move(fn)] { fn(*coordinator_); });
+}
+
+void CoordinatorDaemon::Shutdown() {
+  if (shut_down_) return;
+  shut_down_ = true;
+  ready_ = false;
+  if (server_ != nullptr) {
+    spdlog::info("shutting down: draining gRPC for up to {} s", config_.shutdown_grace_seconds);
+    // The loop keeps running meanwhile: every outstanding RPC finishes there.
+    server_->Shutdown(std::chrono::system_clock::now() +
+                      std::chrono::milliseconds(
+                          static_cast<int64_t>(config_.shutdown_grace_seconds * 1000)));
+    server_->Wait();
+    server_.reset();
+  }
+  if (http_ != nullptr) http_->Stop();
+  work_guard_.reset();
+  if (loop_thread_.joinable()) loop_thread_.join();  // runs what gRPC's last callbacks posted
+  job_service_.reset();
+  coordinator_.reset();  // closes the store and releases the state dir
+  if (wrote_address_files_) {
+    std::remove(AddressFilePath(config_.state_dir).c_str());
+    std::remove(MetricsAddressFilePath(config_.state_dir).c_str());
+  }
+  spdlog::info("coordinator stopped");
+}
+
+}  // namespace mat::coordinator

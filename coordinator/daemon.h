@@ -1,0 +1,116 @@
+// The mat-coordinator daemon (DESIGN §2, §8): everything `mat-coordinator` runs, as a library so
+// tests can start it in-process. main only fills CoordinatorDaemonConfig from flags, starts it
+// and waits for SIGTERM/SIGINT.
+//
+// One Boost.Asio io_context with one thread (the coordinator loop) owns the Coordinator and its
+// JobStore; the gRPC server (callback API) serves JobService through adapters that post to that
+// loop, plus grpc.health.v1.Health (SERVING while up) and server reflection. A second, small
+// thread serves HTTP `/healthz` (200 "ok" while the process runs) and `/readyz` (200 "ready"
+// once the store is open and the gRPC server started, 503 while starting or draining) on the
+// metrics listener.
+//
+// Address files: once both listeners are bound, `<state_dir>/coordinator.addr` holds the gRPC
+// address and `<state_dir>/coordinator.metrics.addr` the metrics address ("HOST:PORT\n", real
+// ports, also when the configured port was 0). A starting daemon first removes stale ones; a
+// graceful shutdown removes them.
+//
+// Thread-safety: Start, Shutdown and the accessors from one owner thread.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/coordinator.h"
+
+namespace grpc {
+class Server;
+}
+
+namespace mat::coordinator {
+
+class HttpServer;
+class JobService;
+
+// Every tunable of mat-coordinator, with its default. Flags only fill this.
+struct CoordinatorDaemonConfig {
+  // gRPC listener (JobService, health, reflection), "HOST:PORT"; port 0 binds a free port.
+  std::string listen_address = "127.0.0.1:50051";
+  // HTTP listener for /healthz and /readyz, "HOST:PORT" (port 0: a free port); "" = none.
+  std::string metrics_listen_address = "127.0.0.1:9464";
+  // Directory of the SQLite state (coordinator.db), its LOCK and the address files; created
+  // with its parents. One daemon per directory.
+  std::string state_dir = ".mat/coordinator";
+  // spdlog level: trace | debug | info | warn | error (read by main).
+  std::string log_level = "info";
+  // One JSON object per log line (read by main).
+  bool log_json = false;
+  // On shutdown, in-flight RPCs get this long to finish before they are cancelled, seconds.
+  double shutdown_grace_seconds = 5;
+  // Largest request message accepted, bytes.
+  int max_receive_message_bytes = 16 * 1024 * 1024;
+  // Events queued per WatchJob stream before its progress events are dropped, count.
+  int max_queued_watch_events = 1024;
+  // An HTTP client must send its whole request within this time, seconds.
+  double http_request_timeout_seconds = 5;
+};
+
+class CoordinatorDaemon {
+ public:
+  // Opens the store, starts the loop, the gRPC server and the HTTP listener, writes the address
+  // files. FAILED_PRECONDITION when another coordinator holds state_dir; INVALID_ARGUMENT for a
+  // malformed address; UNAVAILABLE when a listener cannot be bound or the state cannot be
+  // written. After an error nothing keeps running and the state dir is released.
+  static absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> Start(
+      const CoordinatorDaemonConfig& config);
+
+  CoordinatorDaemon(const CoordinatorDaemon&) = delete;
+  CoordinatorDaemon& operator=(const CoordinatorDaemon&) = delete;
+  ~CoordinatorDaemon();  // Shutdown()
+
+  // Bound addresses, "HOST:PORT" with the real ports ("" for a disabled metrics listener).
+  const std::string& grpc_address() const { return grpc_address_; }
+  const std::string& metrics_address() const { return metrics_address_; }
+  // What /readyz reports.
+  bool ready() const { return ready_.load(); }
+
+  // Runs `fn` on the coordinator loop (for tests and in-process tools); returns at once.
+  // REQUIRES: called before Shutdown (afterwards `fn` never runs).
+  void Post(std::function<void(Coordinator&)> fn);
+
+  // Graceful stop: not ready, gRPC drained (in-flight RPCs get shutdown_grace_seconds, open
+  // WatchJob streams end CANCELLED), HTTP stopped, loop joined, store closed, address files
+  // removed. Idempotent.
+  void Shutdown();
+
+  static std::string AddressFilePath(const std::string& state_dir);
+  static std::string MetricsAddressFilePath(const std::string& state_dir);
+
+ private:
+  explicit CoordinatorDaemon(CoordinatorDaemonConfig config);
+
+  absl::Status StartImpl();
+
+  const CoordinatorDaemonConfig config_;
+  boost::asio::io_context loop_{1};
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_guard_;
+  std::thread loop_thread_;
+  std::unique_ptr<Coordinator> coordinator_;  // used on the loop only once the loop runs
+  std::unique_ptr<JobService> job_service_;   // outlives server_
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<HttpServer> http_;
+  std::string grpc_address_;
+  std::string metrics_address_;
+  bool wrote_address_files_ = false;
+  std::atomic<bool> ready_{false};  // read by the HTTP thread
+  bool shut_down_ = false;
+};
+
+}  // namespace mat::coordinator

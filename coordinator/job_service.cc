@@ -1,0 +1,186 @@
+#include "coordinator/job_service.h"
+
+#include <algorithm>
+#include <deque>
+#include <utility>
+
+#include <boost/asio/post.hpp>
+
+#include "coordinator/grpc_status.h"
+#include "spdlog/spdlog.h"
+
+namespace mat::coordinator {
+namespace {
+
+// Posts `call` (returning absl::StatusOr<Reply>) to the loop; there the reply is moved into
+// `*reply` and the RPC finished with the mapped status. gRPC keeps `reply` alive until Finish.
+template <typename Reply, typename Call>
+grpc::ServerUnaryReactor* RunOnLoop(boost::asio::io_context& loop,
+                                    grpc::CallbackServerContext* context, Reply* reply,
+                                    Call call) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  boost::asio::post(loop, [reactor, reply, call = std::move(call)]() mutable {
+    absl::StatusOr<Reply> result = call();
+    if (result.ok()) *reply = std::move(*result);
+    reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  return reactor;
+}
+
+// One WatchJob call. Its state (below the marker) is touched on the loop only; gRPC's callbacks
+// post there. It deletes itself on the loop after OnDone, gRPC's last callback.
+class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
+ public:
+  WatchJobReactor(boost::asio::io_context& loop, Coordinator& coordinator, std::string job_id,
+                  size_t max_queued)
+      : loop_(loop), coordinator_(coordinator), job_id_(std::move(job_id)),
+        max_queued_(max_queued) {
+    boost::asio::post(loop_, [this] { Start(); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    boost::asio::post(loop_, [this, ok] {
+      writing_ = false;
+      if (!ok) client_gone_ = true;  // cancelled, or the connection broke
+      Pump();
+    });
+  }
+
+  void OnCancel() override {
+    boost::asio::post(loop_, [this] {
+      client_gone_ = true;
+      Pump();
+    });
+  }
+
+  void OnDone() override {
+    boost::asio::post(loop_, [this] {
+      Unwatch();  // already done on every path that finishes; kept as a safety net
+      delete this;
+    });
+  }
+
+ private:
+  void Start() {
+    absl::StatusOr<WatchId> id = coordinator_.WatchJob(
+        job_id_, [this](const v1::JobEvent& event, bool last) { Enqueue(event, last); });
+    if (!id.ok()) {
+      FinishOnce(ToGrpcStatus(id.status()));
+      return;
+    }
+    if (!ended_) watch_id_ = *id;  // an already finished job leaves no subscription
+    started_ = true;
+    Pump();
+  }
+
+  void Enqueue(const v1::JobEvent& event, bool last) {
+    if (finished_) return;
+    if (queue_.size() >= max_queued_ && !event.has_state()) {
+      if (dropped_++ == 0) {
+        spdlog::warn("job {}: a WatchJob client reads too slowly; dropping progress events",
+                     job_id_);
+      }
+      return;
+    }
+    queue_.push_back(event);
+    if (last) ended_ = true;
+    if (started_) Pump();  // inside Start's WatchJob call the subscription id is not known yet
+  }
+
+  // Starts the next write, or finishes when there is nothing more to send. At most one write is
+  // in flight, and Finish never overlaps a write.
+  void Pump() {
+    if (finished_ || writing_) return;
+    if (client_gone_) {
+      FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "watch cancelled"));
+      return;
+    }
+    if (!queue_.empty()) {
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+      writing_ = true;
+      StartWrite(&current_);
+      return;
+    }
+    if (ended_) FinishOnce(grpc::Status::OK);
+  }
+
+  void FinishOnce(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Unwatch();
+    queue_.clear();
+    Finish(status);
+  }
+
+  void Unwatch() {
+    if (watch_id_ != 0) coordinator_.UnwatchJob(watch_id_);
+    watch_id_ = 0;
+  }
+
+  boost::asio::io_context& loop_;
+  Coordinator& coordinator_;
+  const std::string job_id_;
+  const size_t max_queued_;
+  // ----- loop only -----
+  WatchId watch_id_ = 0;  // 0: not subscribed
+  bool started_ = false;  // Start has returned from Coordinator::WatchJob
+  std::deque<v1::JobEvent> queue_;
+  v1::JobEvent current_;  // the message of the write in flight
+  bool writing_ = false;
+  bool ended_ = false;        // the terminal event is queued (or sent)
+  bool client_gone_ = false;  // cancelled or a write failed
+  bool finished_ = false;
+  int64_t dropped_ = 0;  // events not queued because the client was too slow
+};
+
+}  // namespace
+
+JobService::JobService(boost::asio::io_context& loop, Coordinator& coordinator,
+                       JobServiceOptions options)
+    : loop_(loop), coordinator_(coordinator), options_(options) {}
+
+grpc::ServerUnaryReactor* JobService::SubmitJob(grpc::CallbackServerContext* context,
+                                                const v1::SubmitJobRequest* request,
+                                                v1::SubmitJobReply* reply) {
+  return RunOnLoop(loop_, context, reply, [this, request] {
+    return coordinator_.SubmitJob(request->client_request_id(), request->spec());
+  });
+}
+
+grpc::ServerUnaryReactor* JobService::GetJob(grpc::CallbackServerContext* context,
+                                             const v1::GetJobRequest* request,
+                                             v1::GetJobReply* reply) {
+  return RunOnLoop(loop_, context, reply,
+                   [this, request] { return coordinator_.GetJob(request->job_id()); });
+}
+
+grpc::ServerUnaryReactor* JobService::ListJobs(grpc::CallbackServerContext* context,
+                                               const v1::ListJobsRequest* request,
+                                               v1::ListJobsReply* reply) {
+  return RunOnLoop(loop_, context, reply,
+                   [this, request] { return coordinator_.ListJobs(*request); });
+}
+
+grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* context,
+                                                const v1::CancelJobRequest* request,
+                                                v1::CancelJobReply* reply) {
+  return RunOnLoop(loop_, context, reply, [this, request] {
+    return coordinator_.CancelJob(request->job_id(), request->reason());
+  });
+}
+
+grpc::ServerWriteReactor<v1::JobEvent>* JobService::WatchJob(
+    grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
+  return new WatchJobReactor(loop_, coordinator_, request->job_id(),
+                             static_cast<size_t>(std::max(1, options_.max_queued_watch_events)));
+}
+
+grpc::ServerUnaryReactor* JobService::GetSpectra(grpc::CallbackServerContext* context,
+                                                 const v1::GetSpectraRequest* request,
+                                                 v1::GetSpectraReply* reply) {
+  return RunOnLoop(loop_, context, reply,
+                   [this, request] { return coordinator_.GetSpectra(*request); });
+}
+
+}  // namespace mat::coordinator

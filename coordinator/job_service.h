@@ -1,0 +1,69 @@
+// JobService over gRPC's callback API: a thin adapter over Coordinator (DESIGN §7, STYLE 3).
+//
+// Every handler runs on a gRPC thread and never blocks it: it posts the work to the coordinator
+// loop (`loop`, the io_context whose one thread owns the Coordinator), which calls the
+// Coordinator and finishes the RPC there with ToGrpcStatus of the result. Every RPC is finished
+// exactly once.
+//
+// WatchJob is a server-streaming reactor fed from the loop: the job's current state first, then
+// every event, and the stream ends with OK after the event of a terminal state. It ends with
+// CANCELLED when the client goes away or the server shuts down, and with the Coordinator's error
+// (NOT_FOUND) for an unknown job. Its subscription is removed on the loop in every case.
+//
+// A watcher that reads slower than events arrive gets at most `max_queued_watch_events` queued;
+// beyond that, progress/evaluation/mask events are dropped (state changes never are), so a slow
+// client costs bounded memory and still sees how the job ends.
+//
+// Lifetime: `loop` and `coordinator` must outlive the service, and the loop must keep running
+// until the grpc::Server serving this service has shut down (Server::Shutdown returns), because
+// every outstanding RPC finishes on the loop. The service itself must outlive that server.
+//
+// Thread-safety: the handlers are called by gRPC on any thread; all Coordinator access happens on
+// the loop.
+#pragma once
+
+#include <boost/asio/io_context.hpp>
+
+#include "coordinator/coordinator.h"
+#include "mat/v1/service.grpc.pb.h"
+
+namespace mat::coordinator {
+
+struct JobServiceOptions {
+  // Events queued per WatchJob stream before non-state events are dropped, count.
+  int max_queued_watch_events = 1024;
+};
+
+class JobService final : public v1::JobService::CallbackService {
+ public:
+  // Borrows both (see Lifetime above).
+  JobService(boost::asio::io_context& loop, Coordinator& coordinator,
+             JobServiceOptions options = {});
+  JobService(const JobService&) = delete;
+  JobService& operator=(const JobService&) = delete;
+
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
+                                      const v1::SubmitJobRequest* request,
+                                      v1::SubmitJobReply* reply) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const v1::GetJobRequest* request,
+                                   v1::GetJobReply* reply) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
+                                     const v1::ListJobsRequest* request,
+                                     v1::ListJobsReply* reply) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const v1::CancelJobRequest* request,
+                                      v1::CancelJobReply* reply) override;
+  grpc::ServerWriteReactor<v1::JobEvent>* WatchJob(grpc::CallbackServerContext* context,
+                                                   const v1::WatchJobRequest* request) override;
+  grpc::ServerUnaryReactor* GetSpectra(grpc::CallbackServerContext* context,
+                                       const v1::GetSpectraRequest* request,
+                                       v1::GetSpectraReply* reply) override;
+
+ private:
+  boost::asio::io_context& loop_;
+  Coordinator& coordinator_;
+  const JobServiceOptions options_;
+};
+
+}  // namespace mat::coordinator

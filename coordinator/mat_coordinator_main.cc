@@ -1,0 +1,68 @@
+// mat-coordinator: flags -> CoordinatorDaemonConfig, start the daemon, wait for SIGTERM/SIGINT,
+// shut down gracefully. Exit codes: 0 after a graceful stop, 1 when the daemon cannot start,
+// 2 for bad flags.
+#include <signal.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "CLI/CLI.hpp"
+#include "common/logging.h"
+#include "coordinator/daemon.h"
+#include "coordinator/grpc_status.h"
+#include "spdlog/spdlog.h"
+
+int main(int argc, char** argv) {
+  mat::coordinator::CoordinatorDaemonConfig config;
+  CLI::App app{"mat-coordinator: the MAT service's scheduler daemon (JobService over gRPC)"};
+  app.add_option("--listen", config.listen_address,
+                 "gRPC address HOST:PORT (port 0: a free port, printed and written to "
+                 "STATE_DIR/coordinator.addr)")
+      ->capture_default_str();
+  app.add_option("--metrics-listen", config.metrics_listen_address,
+                 "HTTP address HOST:PORT for /healthz and /readyz ('' = none)")
+      ->capture_default_str();
+  app.add_option("--state-dir", config.state_dir, "directory of the SQLite state")
+      ->capture_default_str();
+  app.add_option("--log-level", config.log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
+  app.add_flag("--log-json", config.log_json, "one JSON object per log line");
+  app.add_option("--shutdown-grace-seconds", config.shutdown_grace_seconds,
+                 "how long in-flight RPCs may run on shutdown")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+
+  mat::common::InitLogging(config.log_level, config.log_json);
+
+  // Block the stop signals in every thread (gRPC's and Asio's inherit this mask), and take them
+  // synchronously below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  auto daemon = mat::coordinator::CoordinatorDaemon::Start(config);
+  if (!daemon.ok()) {
+    spdlog::error("cannot start: {}", mat::coordinator::StatusLine(daemon.status()));
+    std::cerr << "mat-coordinator: " << mat::coordinator::StatusLine(daemon.status()) << "\n";
+    return 1;
+  }
+  std::cout << "listening on " << (*daemon)->grpc_address() << "\n";
+  if (!(*daemon)->metrics_address().empty()) {
+    std::cout << "metrics listening on " << (*daemon)->metrics_address() << "\n";
+  }
+  std::cout.flush();
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  spdlog::info("received signal {}; stopping", signal_number);
+  (*daemon)->Shutdown();
+  return 0;
+}

@@ -1,0 +1,427 @@
+// Tests of coordinator/coordinator.h with a real JobStore in a temporary directory and no
+// network: submission (defaults, validation naming the field, unknown fields, idempotency),
+// reads, paging, cancellation rules, spectra paging, and the watch subscriptions (first event,
+// ordering, the terminal event ending them, unsubscribing from inside a listener).
+#include "coordinator/coordinator.h"
+
+#include <stdlib.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "coordinator/job_spec.h"
+#include "google/protobuf/unknown_field_set.h"
+#include "google/protobuf/util/message_differencer.h"
+
+namespace mat::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using google::protobuf::util::MessageDifferencer;
+using ::testing::HasSubstr;
+
+// A spec that passes ValidateJobSpec, with a few keys set.
+v1::JobSpec SmallSpec(int64_t layers = 2) {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_layers(layers);
+  spec.mutable_train()->set_steps(10);
+  return spec;
+}
+
+// One recorded listener call.
+struct Received {
+  v1::JobEvent event;
+  bool last = false;
+};
+
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (fs::temp_directory_path() / "mat_coordinator_XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+    Open();
+  }
+
+  void TearDown() override {
+    coordinator_.reset();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  // (Re)opens the store and a Coordinator over it, both on the fake clock.
+  void Open() {
+    coordinator_.reset();
+    JobStoreOptions store_options;
+    store_options.now_unix_seconds = [this] { return now_; };
+    auto store = JobStore::Open(dir_ + "/state", store_options);
+    ASSERT_TRUE(store.ok()) << store.status();
+    CoordinatorOptions options;
+    options.now_unix_seconds = [this] { return now_ + 1000; };  // distinguishable from the store
+    coordinator_ = std::make_unique<Coordinator>(std::move(*store), options);
+  }
+
+  std::string Submit(const std::string& request_id, const v1::JobSpec& spec) {
+    auto reply = coordinator_->SubmitJob(request_id, spec);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? reply->job_id() : "";
+  }
+
+  v1::JobState StateOf(const std::string& job_id) {
+    auto reply = coordinator_->GetJob(job_id);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? reply->job().state() : v1::JOB_STATE_UNSPECIFIED;
+  }
+
+  // Subscribes and records every call into `out`.
+  WatchId Watch(const std::string& job_id, std::vector<Received>* out) {
+    auto id = coordinator_->WatchJob(
+        job_id, [out](const v1::JobEvent& e, bool last) { out->push_back({e, last}); });
+    EXPECT_TRUE(id.ok()) << id.status();
+    return id.ok() ? *id : 0;
+  }
+
+  std::string dir_;
+  int64_t now_ = 1'700'000'000;
+  std::unique_ptr<Coordinator> coordinator_;
+};
+
+TEST_F(CoordinatorTest, SubmitJobStoresQueuedJobWithDefaultsFilled) {
+  auto reply = coordinator_->SubmitJob("req-1", SmallSpec());
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_TRUE(reply->created());
+  EXPECT_EQ(reply->job_id(), "job-000001");
+
+  auto job = coordinator_->GetJob(reply->job_id());
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->job().state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(job->job().client_request_id(), "req-1");
+  EXPECT_EQ(job->job().create_time_unix_seconds(), now_);
+  EXPECT_TRUE(job->ranks().empty());
+  // Set keys are kept, unset ones take their defaults.
+  EXPECT_EQ(job->job().spec().model().layers(), 2);
+  EXPECT_EQ(job->job().spec().train().steps(), 10);
+  EXPECT_TRUE(job->job().spec().policy().has_alpha());
+  EXPECT_TRUE(MessageDifferencer::Equals(job->job().spec(), WithJobSpecDefaults(SmallSpec())));
+}
+
+TEST_F(CoordinatorTest, SubmitJobIsIdempotentByClientRequestId) {
+  const std::string first = Submit("req-1", SmallSpec());
+  auto again = coordinator_->SubmitJob("req-1", SmallSpec());
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->job_id(), first);
+  EXPECT_FALSE(again->created());
+
+  // Writing a default out explicitly is the same spec once defaults are filled.
+  v1::JobSpec explicit_default = SmallSpec();
+  explicit_default.mutable_policy()->set_alpha(JobSpecDefaults().policy().alpha());
+  auto same = coordinator_->SubmitJob("req-1", explicit_default);
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_EQ(same->job_id(), first);
+
+  // No request id: always a new job.
+  const std::string second = Submit("", SmallSpec());
+  const std::string third = Submit("", SmallSpec());
+  EXPECT_NE(second, first);
+  EXPECT_NE(third, second);
+
+  // The same request id for another spec is refused and stores nothing.
+  auto other = coordinator_->SubmitJob("req-1", SmallSpec(3));
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kAlreadyExists) << other.status();
+  auto all = coordinator_->ListJobs({});
+  ASSERT_TRUE(all.ok());
+  EXPECT_EQ(all->jobs_size(), 3);
+}
+
+TEST_F(CoordinatorTest, SubmitJobRejectsInvalidSpecNamingTheField) {
+  v1::JobSpec spec = SmallSpec();
+  spec.mutable_policy()->set_alpha(1.5);
+  auto reply = coordinator_->SubmitJob("bad", spec);
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(reply.status().message(), HasSubstr("policy.alpha"));
+
+  spec = SmallSpec();
+  spec.mutable_resources()->set_workers(0);
+  reply = coordinator_->SubmitJob("bad", spec);
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(reply.status().message(), HasSubstr("resources.workers"));
+
+  auto all = coordinator_->ListJobs({});
+  ASSERT_TRUE(all.ok());
+  EXPECT_EQ(all->jobs_size(), 0) << "a rejected spec must not be stored";
+}
+
+TEST_F(CoordinatorTest, SubmitJobRejectsFieldsUnknownToThisSchema) {
+  // What a newer client's spec looks like to this server: a field number it does not know.
+  v1::JobSpec spec = SmallSpec();
+  spec.mutable_model()->GetReflection()->MutableUnknownFields(spec.mutable_model())
+      ->AddVarint(42, 7);
+  auto reply = coordinator_->SubmitJob("", spec);
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(reply.status().message(), HasSubstr("spec.model"));
+  EXPECT_THAT(reply.status().message(), HasSubstr("42"));
+
+  v1::JobSpec top = SmallSpec();
+  top.GetReflection()->MutableUnknownFields(&top)->AddVarint(99, 1);
+  reply = coordinator_->SubmitJob("", top);
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(reply.status().message(), HasSubstr("spec: unknown field number 99"));
+}
+
+TEST_F(CoordinatorTest, GetJobOfUnknownIdIsNotFoundNamingIt) {
+  auto reply = coordinator_->GetJob("job-424242");
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(reply.status().message(), HasSubstr("job-424242"));
+}
+
+TEST_F(CoordinatorTest, EmptyJobIdIsInvalidArgumentEverywhere) {
+  Submit("", SmallSpec());
+  EXPECT_EQ(coordinator_->GetJob("").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(coordinator_->CancelJob("", "").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(coordinator_->GetSpectra({}).status().code(), absl::StatusCode::kInvalidArgument);
+  auto watch = coordinator_->WatchJob("", [](const v1::JobEvent&, bool) {});
+  EXPECT_EQ(watch.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(watch.status().message(), HasSubstr("job_id"));
+}
+
+TEST_F(CoordinatorTest, ListJobsPagesInSubmissionOrderAndFiltersByState) {
+  const std::string a = Submit("", SmallSpec());
+  const std::string b = Submit("", SmallSpec());
+  const std::string c = Submit("", SmallSpec());
+  ASSERT_TRUE(coordinator_->CancelJob(b, "").ok());
+
+  v1::ListJobsRequest request;
+  request.set_page_size(2);
+  auto first = coordinator_->ListJobs(request);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->jobs_size(), 2);
+  EXPECT_EQ(first->jobs(0).job_id(), a);
+  EXPECT_EQ(first->jobs(1).job_id(), b);
+  ASSERT_FALSE(first->next_page_token().empty());
+  request.set_page_token(first->next_page_token());
+  auto second = coordinator_->ListJobs(request);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(second->jobs_size(), 1);
+  EXPECT_EQ(second->jobs(0).job_id(), c);
+  EXPECT_TRUE(second->next_page_token().empty());
+
+  v1::ListJobsRequest cancelled;
+  cancelled.add_states(v1::JOB_STATE_CANCELLED);
+  auto only = coordinator_->ListJobs(cancelled);
+  ASSERT_TRUE(only.ok());
+  ASSERT_EQ(only->jobs_size(), 1);
+  EXPECT_EQ(only->jobs(0).job_id(), b);
+
+  v1::ListJobsRequest bad;
+  bad.set_page_size(-1);
+  EXPECT_EQ(coordinator_->ListJobs(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CoordinatorTest, CancelJobMovesActiveJobsToCancelledAndRefusesFinishedOnes) {
+  const std::string queued = Submit("", SmallSpec());
+  auto reply = coordinator_->CancelJob(queued, "no longer needed");
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->state(), v1::JOB_STATE_CANCELLED);
+  auto job = coordinator_->GetJob(queued);
+  ASSERT_TRUE(job.ok());
+  EXPECT_EQ(job->job().state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(job->job().error_message(), "no longer needed");
+
+  // Cancelling again: FAILED_PRECONDITION naming the state; the stored reason is unchanged.
+  auto again = coordinator_->CancelJob(queued, "twice");
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(again.status().message(), HasSubstr("CANCELLED"));
+  EXPECT_EQ(coordinator_->GetJob(queued)->job().error_message(), "no longer needed");
+
+  const std::string running = Submit("", SmallSpec());
+  ASSERT_TRUE(coordinator_->UpdateJobState(running, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(coordinator_->CancelJob(running, "").ok());
+  EXPECT_EQ(StateOf(running), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(coordinator_->GetJob(running)->job().error_message(), "cancelled by request");
+
+  const std::string done = Submit("", SmallSpec());
+  ASSERT_TRUE(coordinator_->UpdateJobState(done, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(coordinator_->UpdateJobState(done, v1::JOB_STATE_SUCCEEDED).ok());
+  auto finished = coordinator_->CancelJob(done, "");
+  EXPECT_EQ(finished.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(finished.status().message(), HasSubstr("SUCCEEDED"));
+  EXPECT_EQ(StateOf(done), v1::JOB_STATE_SUCCEEDED);
+
+  auto unknown = coordinator_->CancelJob("job-999999", "");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(unknown.status().message(), HasSubstr("job-999999"));
+}
+
+TEST_F(CoordinatorTest, WatchJobDeliversCurrentStateThenEveryEventUntilTerminal) {
+  const std::string id = Submit("", SmallSpec());
+  std::vector<Received> got;
+  Watch(id, &got);
+  ASSERT_EQ(got.size(), 1u) << "the current state comes before WatchJob returns";
+  EXPECT_EQ(got[0].event.job_id(), id);
+  EXPECT_EQ(got[0].event.state().state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(got[0].event.time_unix_seconds(), now_ + 1000);
+  EXPECT_FALSE(got[0].last);
+  EXPECT_EQ(coordinator_->WatcherCount(id), 1);
+
+  ASSERT_TRUE(coordinator_->UpdateJobState(id, v1::JOB_STATE_RUNNING).ok());
+  v1::JobEvent progress;
+  progress.set_job_id(id);
+  progress.set_step(40);
+  progress.mutable_progress()->set_train_loss(5.5);
+  coordinator_->PublishJobEvent(progress);
+  ASSERT_TRUE(coordinator_->CancelJob(id, "stop").ok());
+
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(got[1].event.state().state(), v1::JOB_STATE_RUNNING);
+  EXPECT_FALSE(got[1].last);
+  EXPECT_EQ(got[2].event.progress().train_loss(), 5.5);
+  EXPECT_EQ(got[2].event.step(), 40);
+  EXPECT_EQ(got[2].event.time_unix_seconds(), now_ + 1000) << "time filled in when 0";
+  EXPECT_FALSE(got[2].last);
+  EXPECT_EQ(got[3].event.state().state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(got[3].event.state().error_message(), "stop");
+  EXPECT_TRUE(got[3].last);
+  EXPECT_EQ(coordinator_->WatcherCount(id), 0) << "the terminal event ends the subscription";
+
+  // Nothing is delivered after the last event.
+  coordinator_->PublishJobEvent(progress);
+  EXPECT_EQ(got.size(), 4u);
+}
+
+TEST_F(CoordinatorTest, WatchJobOfFinishedJobSendsOneLastEventAndKeepsNoSubscription) {
+  const std::string id = Submit("", SmallSpec());
+  ASSERT_TRUE(coordinator_->CancelJob(id, "early").ok());
+  std::vector<Received> got;
+  const WatchId watch = Watch(id, &got);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].event.state().state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(got[0].event.state().error_message(), "early");
+  EXPECT_TRUE(got[0].last);
+  EXPECT_EQ(coordinator_->WatcherCount(id), 0);
+  coordinator_->UnwatchJob(watch);  // a no-op
+}
+
+TEST_F(CoordinatorTest, WatchJobOfUnknownJobIsNotFoundAndNeverCallsTheListener) {
+  bool called = false;
+  auto id = coordinator_->WatchJob("job-777", [&](const v1::JobEvent&, bool) { called = true; });
+  EXPECT_EQ(id.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(id.status().message(), HasSubstr("job-777"));
+  EXPECT_FALSE(called);
+}
+
+TEST_F(CoordinatorTest, EventsReachOnlyTheWatchersOfTheirJobAndStopAfterUnwatch) {
+  const std::string a = Submit("", SmallSpec());
+  const std::string b = Submit("", SmallSpec());
+  std::vector<Received> on_a, on_a2, on_b;
+  const WatchId wa = Watch(a, &on_a);
+  Watch(a, &on_a2);
+  Watch(b, &on_b);
+  EXPECT_EQ(coordinator_->WatcherCount(a), 2);
+
+  ASSERT_TRUE(coordinator_->UpdateJobState(a, v1::JOB_STATE_RUNNING).ok());
+  EXPECT_EQ(on_a.size(), 2u);
+  EXPECT_EQ(on_a2.size(), 2u);
+  EXPECT_EQ(on_b.size(), 1u) << "b's watcher got a's event";
+
+  coordinator_->UnwatchJob(wa);
+  coordinator_->UnwatchJob(wa);       // idempotent
+  coordinator_->UnwatchJob(123456);   // unknown: no-op
+  EXPECT_EQ(coordinator_->WatcherCount(a), 1);
+  ASSERT_TRUE(coordinator_->UpdateJobState(a, v1::JOB_STATE_FAILED, "boom").ok());
+  EXPECT_EQ(on_a.size(), 2u) << "delivered after UnwatchJob";
+  ASSERT_EQ(on_a2.size(), 3u);
+  EXPECT_EQ(on_a2[2].event.state().error_message(), "boom");
+  EXPECT_TRUE(on_a2[2].last);
+  EXPECT_EQ(on_b.size(), 1u);
+}
+
+TEST_F(CoordinatorTest, ListenerMayUnwatchOthersAndItselfWhileAnEventIsDelivered) {
+  const std::string id = Submit("", SmallSpec());
+  std::vector<Received> second_got;
+  WatchId second = 0;
+  WatchId first = 0;
+  int first_calls = 0;
+  auto first_id = coordinator_->WatchJob(id, [&](const v1::JobEvent&, bool) {
+    ++first_calls;
+    if (first_calls == 2) {  // on the first published event: drop the other one, then itself
+      coordinator_->UnwatchJob(second);
+      coordinator_->UnwatchJob(first);
+    }
+  });
+  ASSERT_TRUE(first_id.ok());
+  first = *first_id;
+  second = Watch(id, &second_got);
+
+  ASSERT_TRUE(coordinator_->UpdateJobState(id, v1::JOB_STATE_RUNNING).ok());
+  EXPECT_EQ(first_calls, 2);
+  EXPECT_EQ(second_got.size(), 1u) << "an unwatched listener was still called";
+  EXPECT_EQ(coordinator_->WatcherCount(id), 0);
+  ASSERT_TRUE(coordinator_->CancelJob(id, "").ok());
+  EXPECT_EQ(first_calls, 2);
+}
+
+TEST_F(CoordinatorTest, IllegalStateChangeFailsAndPublishesNothing) {
+  const std::string id = Submit("", SmallSpec());
+  std::vector<Received> got;
+  Watch(id, &got);
+  absl::Status s = coordinator_->UpdateJobState(id, v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_EQ(got.size(), 1u);
+  EXPECT_EQ(StateOf(id), v1::JOB_STATE_QUEUED);
+}
+
+TEST_F(CoordinatorTest, GetSpectraPagesTheStoredHistory) {
+  const std::string id = Submit("", SmallSpec());
+  for (int64_t step : {0, 20, 40}) {
+    ASSERT_TRUE(coordinator_->store()
+                    .AppendLambdas(id, step, {1.0 + step, 2.0 + step, 0.5})
+                    .ok());
+  }
+  v1::GetSpectraRequest request;
+  request.set_job_id(id);
+  request.set_page_size(2);
+  auto first = coordinator_->GetSpectra(request);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->points_size(), 2);
+  EXPECT_EQ(first->points(0).step(), 0);
+  EXPECT_EQ(first->points(1).step(), 20);
+  EXPECT_THAT(first->points(1).lambda_max(), ::testing::ElementsAre(21.0, 22.0, 0.5));
+  ASSERT_FALSE(first->next_page_token().empty());
+  request.set_page_token(first->next_page_token());
+  auto second = coordinator_->GetSpectra(request);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(second->points_size(), 1);
+  EXPECT_EQ(second->points(0).step(), 40);
+  EXPECT_TRUE(second->next_page_token().empty());
+
+  v1::GetSpectraRequest unknown;
+  unknown.set_job_id("job-000404");
+  EXPECT_EQ(coordinator_->GetSpectra(unknown).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorTest, ReopenedStateListsTheSameJobs) {
+  const std::string a = Submit("r", SmallSpec());
+  const std::string b = Submit("", SmallSpec(3));
+  ASSERT_TRUE(coordinator_->CancelJob(b, "x").ok());
+  Open();
+  auto all = coordinator_->ListJobs({});
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->jobs_size(), 2);
+  EXPECT_EQ(all->jobs(0).job_id(), a);
+  EXPECT_EQ(all->jobs(0).state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(all->jobs(1).job_id(), b);
+  EXPECT_EQ(all->jobs(1).state(), v1::JOB_STATE_CANCELLED);
+  // Idempotency survives the restart.
+  auto again = coordinator_->SubmitJob("r", SmallSpec());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->job_id(), a);
+  EXPECT_FALSE(again->created());
+}
+
+}  // namespace
+}  // namespace mat::coordinator

@@ -1,0 +1,221 @@
+// Tests of coordinator/daemon.h, the whole daemon in-process on loopback with ports chosen by the
+// kernel: address files, HTTP /healthz and /readyz (raw socket), the gRPC health service and
+// server reflection, one daemon per state dir, a port in use, graceful shutdown with open watch
+// streams, and a restart on the same state dir.
+#include "coordinator/daemon.h"
+
+#include <grpcpp/grpcpp.h>
+#include <stdlib.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "mat/v1/service.grpc.pb.h"
+#include "tests/integration/probes.h"
+
+namespace mat::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class CoordinatorDaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (fs::temp_directory_path() / "mat_daemon_XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    config_.listen_address = "127.0.0.1:0";
+    config_.metrics_listen_address = "127.0.0.1:0";
+    config_.state_dir = root_ + "/state";
+    config_.shutdown_grace_seconds = 1;
+  }
+
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(root_, ec);
+  }
+
+  std::unique_ptr<CoordinatorDaemon> StartOk(const CoordinatorDaemonConfig& config) {
+    auto daemon = CoordinatorDaemon::Start(config);
+    EXPECT_TRUE(daemon.ok()) << daemon.status();
+    return daemon.ok() ? std::move(*daemon) : nullptr;
+  }
+
+  std::unique_ptr<v1::JobService::Stub> Stub(const std::string& address) {
+    return v1::JobService::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  }
+
+  std::string Submit(v1::JobService::Stub& stub) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 5s);
+    v1::SubmitJobRequest request;
+    request.mutable_spec()->mutable_train()->set_steps(5);
+    v1::SubmitJobReply reply;
+    grpc::Status s = stub.SubmitJob(&context, request, &reply);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return reply.job_id();
+  }
+
+  std::string root_;
+  CoordinatorDaemonConfig config_;
+};
+
+TEST_F(CoordinatorDaemonTest, ServesGrpcHealthReflectionAndHttpOnEphemeralPorts) {
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  EXPECT_TRUE(daemon->ready());
+  EXPECT_THAT(daemon->grpc_address(), ::testing::StartsWith("127.0.0.1:"));
+  EXPECT_NE(daemon->grpc_address(), "127.0.0.1:0");
+  EXPECT_NE(daemon->metrics_address(), "127.0.0.1:0");
+  EXPECT_EQ(ReadText(CoordinatorDaemon::AddressFilePath(config_.state_dir)),
+            daemon->grpc_address() + "\n");
+  EXPECT_EQ(ReadText(CoordinatorDaemon::MetricsAddressFilePath(config_.state_dir)),
+            daemon->metrics_address() + "\n");
+
+  auto healthz = probes::HttpGet(daemon->metrics_address(), "/healthz");
+  EXPECT_EQ(healthz.status, 200) << healthz.raw;
+  EXPECT_EQ(healthz.body, "ok\n");
+  auto readyz = probes::HttpGet(daemon->metrics_address(), "/readyz");
+  EXPECT_EQ(readyz.status, 200) << readyz.raw;
+  EXPECT_EQ(probes::HttpGet(daemon->metrics_address(), "/nope").status, 404);
+  EXPECT_EQ(probes::HttpGet(daemon->metrics_address(), "/healthz", "POST").status, 405);
+  auto head = probes::HttpGet(daemon->metrics_address(), "/healthz", "HEAD");
+  EXPECT_EQ(head.status, 200);
+  EXPECT_EQ(head.body, "");
+
+  auto channel = grpc::CreateChannel(daemon->grpc_address(), grpc::InsecureChannelCredentials());
+  std::string error;
+  EXPECT_EQ(probes::GrpcHealthCheck(channel, "", &error), 1) << "not SERVING: " << error;
+  const std::string services = probes::GrpcReflectionListServices(channel, &error);
+  EXPECT_THAT(services, HasSubstr("mat.v1.JobService")) << error;
+  EXPECT_THAT(services, HasSubstr("grpc.health.v1.Health")) << error;
+
+  auto stub = Stub(daemon->grpc_address());
+  EXPECT_EQ(Submit(*stub), "job-000001");
+}
+
+TEST_F(CoordinatorDaemonTest, SecondDaemonOnTheSameStateDirIsRefusedAndLeavesTheFirstAlone) {
+  auto first = StartOk(config_);
+  ASSERT_NE(first, nullptr);
+  auto second = CoordinatorDaemon::Start(config_);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition) << second.status();
+  EXPECT_EQ(ReadText(CoordinatorDaemon::AddressFilePath(config_.state_dir)),
+            first->grpc_address() + "\n");
+  auto stub = Stub(first->grpc_address());
+  EXPECT_FALSE(Submit(*stub).empty());
+}
+
+TEST_F(CoordinatorDaemonTest, PortsInUseAndBadAddressesAreErrors) {
+  auto first = StartOk(config_);
+  ASSERT_NE(first, nullptr);
+
+  CoordinatorDaemonConfig same_grpc = config_;
+  same_grpc.state_dir = root_ + "/other";
+  same_grpc.listen_address = first->grpc_address();
+  auto busy = CoordinatorDaemon::Start(same_grpc);
+  EXPECT_EQ(busy.status().code(), absl::StatusCode::kUnavailable) << busy.status();
+
+  CoordinatorDaemonConfig same_http = config_;
+  same_http.state_dir = root_ + "/other";
+  same_http.metrics_listen_address = first->metrics_address();
+  busy = CoordinatorDaemon::Start(same_http);
+  EXPECT_EQ(busy.status().code(), absl::StatusCode::kUnavailable) << busy.status();
+  EXPECT_FALSE(fs::exists(CoordinatorDaemon::AddressFilePath(same_http.state_dir)));
+
+  CoordinatorDaemonConfig bad = config_;
+  bad.state_dir = root_ + "/other";
+  bad.listen_address = "127.0.0.1";
+  busy = CoordinatorDaemon::Start(bad);
+  EXPECT_EQ(busy.status().code(), absl::StatusCode::kInvalidArgument) << busy.status();
+  EXPECT_THAT(busy.status().message(), HasSubstr("127.0.0.1"));
+
+  // After those failures the other state dir is free again.
+  CoordinatorDaemonConfig other = config_;
+  other.state_dir = root_ + "/other";
+  EXPECT_NE(StartOk(other), nullptr);
+}
+
+TEST_F(CoordinatorDaemonTest, ShutdownEndsOpenWatchesRemovesAddressFilesAndRestartKeepsJobs) {
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  auto stub = Stub(daemon->grpc_address());
+  const std::string id = Submit(*stub);
+
+  grpc::ClientContext watch_context;
+  v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto reader = stub->WatchJob(&watch_context, request);
+  v1::JobEvent event;
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_QUEUED);
+
+  const auto start = std::chrono::steady_clock::now();
+  daemon->Shutdown();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+  EXPECT_FALSE(daemon->ready());
+  EXPECT_FALSE(reader->Read(&event));
+  EXPECT_FALSE(reader->Finish().ok());
+  EXPECT_FALSE(fs::exists(CoordinatorDaemon::AddressFilePath(config_.state_dir)));
+  EXPECT_FALSE(fs::exists(CoordinatorDaemon::MetricsAddressFilePath(config_.state_dir)));
+  daemon->Shutdown();  // idempotent
+
+  auto again = StartOk(config_);
+  ASSERT_NE(again, nullptr);
+  auto stub2 = Stub(again->grpc_address());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 5s);
+  v1::ListJobsReply jobs;
+  ASSERT_TRUE(stub2->ListJobs(&context, v1::ListJobsRequest(), &jobs).ok());
+  ASSERT_EQ(jobs.jobs_size(), 1);
+  EXPECT_EQ(jobs.jobs(0).job_id(), id);
+  EXPECT_EQ(jobs.jobs(0).state(), v1::JOB_STATE_QUEUED);
+}
+
+TEST_F(CoordinatorDaemonTest, PostRunsOnTheLoopAndItsEventsReachWatchers) {
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  auto stub = Stub(daemon->grpc_address());
+  const std::string id = Submit(*stub);
+
+  grpc::ClientContext watch_context;
+  v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto reader = stub->WatchJob(&watch_context, request);
+  v1::JobEvent event;
+  ASSERT_TRUE(reader->Read(&event));
+
+  std::promise<absl::Status> done;
+  daemon->Post([&](Coordinator& c) {
+    absl::Status s = c.UpdateJobState(id, v1::JOB_STATE_RUNNING);
+    if (s.ok()) s = c.UpdateJobState(id, v1::JOB_STATE_SUCCEEDED);
+    done.set_value(s);
+  });
+  ASSERT_TRUE(done.get_future().get().ok());
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_RUNNING);
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_FALSE(reader->Read(&event));
+  EXPECT_TRUE(reader->Finish().ok());
+}
+
+}  // namespace
+}  // namespace mat::coordinator

@@ -1,0 +1,398 @@
+// Tests of coordinator/job_service.h through an in-process gRPC channel: a real Coordinator on its
+// own io_context thread (as in the daemon), the adapter registered on a grpc::Server, and the
+// generated stub. Checks the status mapping of every unary RPC, concurrent calls, and the
+// WatchJob stream: first event, live events, OK end on a terminal state, NOT_FOUND, a client that
+// cancels (its subscription is removed on the loop), and a server shutdown with open streams.
+#include "coordinator/job_service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <stdlib.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "google/protobuf/unknown_field_set.h"
+#include "mat/v1/service.grpc.pb.h"
+
+namespace mat::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+
+v1::JobSpec SmallSpec() {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_layers(2);
+  spec.mutable_train()->set_steps(10);
+  return spec;
+}
+
+class JobServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (fs::temp_directory_path() / "mat_job_service_XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+    auto store = JobStore::Open(dir_ + "/state");
+    ASSERT_TRUE(store.ok()) << store.status();
+    coordinator_ = std::make_unique<Coordinator>(std::move(*store));
+    loop_thread_ = std::thread([this] { loop_.run(); });
+    service_ = std::make_unique<JobService>(loop_, *coordinator_, ServiceOptions());
+    grpc::ServerBuilder builder;
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    stub_ = v1::JobService::NewStub(server_->InProcessChannel(grpc::ChannelArguments()));
+  }
+
+  void TearDown() override {
+    ShutdownServer();
+    work_.reset();
+    if (loop_thread_.joinable()) loop_thread_.join();
+    service_.reset();
+    coordinator_.reset();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  virtual JobServiceOptions ServiceOptions() const { return {}; }
+
+  void ShutdownServer() {
+    if (server_ == nullptr) return;
+    server_->Shutdown(std::chrono::system_clock::now() + 2s);
+    server_->Wait();
+    server_.reset();
+  }
+
+  // Runs `fn` on the loop (the only thread that may touch the Coordinator) and waits for it.
+  template <typename Fn>
+  auto OnLoop(Fn fn) -> decltype(fn()) {
+    std::packaged_task<decltype(fn())()> task(std::move(fn));
+    auto result = task.get_future();
+    boost::asio::post(loop_, [&task] { task(); });
+    return result.get();
+  }
+
+  // Polls (on the loop) until the job has `n` watchers or 5 s pass.
+  bool WaitForWatchers(const std::string& job_id, int n) {
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (OnLoop([&] { return coordinator_->WatcherCount(job_id); }) == n) return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  }
+
+  std::unique_ptr<grpc::ClientContext> Context() {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->set_deadline(std::chrono::system_clock::now() + 10s);
+    return context;
+  }
+
+  grpc::Status Submit(const std::string& request_id, const v1::JobSpec& spec,
+                      v1::SubmitJobReply* reply) {
+    v1::SubmitJobRequest request;
+    request.set_client_request_id(request_id);
+    *request.mutable_spec() = spec;
+    return stub_->SubmitJob(Context().get(), request, reply);
+  }
+
+  std::string SubmitOk() {
+    v1::SubmitJobReply reply;
+    grpc::Status s = Submit("", SmallSpec(), &reply);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return reply.job_id();
+  }
+
+  std::string dir_;
+  boost::asio::io_context loop_{1};
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_ =
+      boost::asio::make_work_guard(loop_);
+  std::thread loop_thread_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<JobService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<v1::JobService::Stub> stub_;
+};
+
+TEST_F(JobServiceTest, SubmitJobIsIdempotentAndNamesTheBadField) {
+  v1::SubmitJobReply first, again, other;
+  ASSERT_TRUE(Submit("req", SmallSpec(), &first).ok());
+  EXPECT_TRUE(first.created());
+  ASSERT_TRUE(Submit("req", SmallSpec(), &again).ok());
+  EXPECT_EQ(again.job_id(), first.job_id());
+  EXPECT_FALSE(again.created());
+  ASSERT_TRUE(Submit("", SmallSpec(), &other).ok());
+  EXPECT_NE(other.job_id(), first.job_id());
+
+  v1::JobSpec bad = SmallSpec();
+  bad.mutable_policy()->set_alpha(1.5);
+  v1::SubmitJobReply ignored;
+  grpc::Status s = Submit("", bad, &ignored);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("policy.alpha"));
+
+  v1::JobSpec unknown = SmallSpec();
+  unknown.mutable_train()->GetReflection()->MutableUnknownFields(unknown.mutable_train())
+      ->AddVarint(77, 1);
+  s = Submit("", unknown, &ignored);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("spec.train: unknown field number 77"));
+
+  v1::JobSpec changed = SmallSpec();
+  changed.mutable_model()->set_layers(3);
+  s = Submit("req", changed, &ignored);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS) << s.error_message();
+}
+
+TEST_F(JobServiceTest, UnaryCallsMapTheCoordinatorsStatus) {
+  const std::string id = SubmitOk();
+
+  v1::GetJobRequest get;
+  get.set_job_id(id);
+  v1::GetJobReply job;
+  ASSERT_TRUE(stub_->GetJob(Context().get(), get, &job).ok());
+  EXPECT_EQ(job.job().state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(job.job().spec().model().layers(), 2);
+
+  get.set_job_id("job-000999");
+  grpc::Status s = stub_->GetJob(Context().get(), get, &job);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(), HasSubstr("job-000999"));
+
+  v1::CancelJobRequest cancel;
+  cancel.set_job_id(id);
+  cancel.set_reason("because");
+  v1::CancelJobReply cancelled;
+  ASSERT_TRUE(stub_->CancelJob(Context().get(), cancel, &cancelled).ok());
+  EXPECT_EQ(cancelled.state(), v1::JOB_STATE_CANCELLED);
+  s = stub_->CancelJob(Context().get(), cancel, &cancelled);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+
+  v1::ListJobsRequest list;
+  v1::ListJobsReply jobs;
+  ASSERT_TRUE(stub_->ListJobs(Context().get(), list, &jobs).ok());
+  ASSERT_EQ(jobs.jobs_size(), 1);
+  EXPECT_EQ(jobs.jobs(0).state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(jobs.jobs(0).error_message(), "because");
+  list.set_page_token("not-a-token");
+  s = stub_->ListJobs(Context().get(), list, &jobs);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  ASSERT_TRUE(OnLoop([&] { return coordinator_->store().AppendLambdas(id, 20, {1.5, 2.5}); }).ok());
+  v1::GetSpectraRequest spectra;
+  spectra.set_job_id(id);
+  v1::GetSpectraReply points;
+  ASSERT_TRUE(stub_->GetSpectra(Context().get(), spectra, &points).ok());
+  ASSERT_EQ(points.points_size(), 1);
+  EXPECT_EQ(points.points(0).step(), 20);
+  EXPECT_THAT(points.points(0).lambda_max(), ::testing::ElementsAre(1.5, 2.5));
+  spectra.set_job_id("job-000998");
+  EXPECT_EQ(stub_->GetSpectra(Context().get(), spectra, &points).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(JobServiceTest, ConcurrentSubmissionsFromManyThreadsAllLand) {
+  constexpr int kThreads = 6;
+  constexpr int kPerThread = 15;
+  std::vector<std::thread> threads;
+  std::vector<std::vector<std::string>> ids(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        v1::SubmitJobReply reply;
+        // Every other call repeats the previous request id: idempotency under concurrency.
+        const std::string request_id = "t" + std::to_string(t) + "-" + std::to_string(i / 2);
+        if (Submit(request_id, SmallSpec(), &reply).ok()) ids[t].push_back(reply.job_id());
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  std::set<std::string> distinct;
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_EQ(ids[t].size(), static_cast<size_t>(kPerThread));
+    distinct.insert(ids[t].begin(), ids[t].end());
+  }
+  EXPECT_EQ(distinct.size(), static_cast<size_t>(kThreads * ((kPerThread + 1) / 2)));
+}
+
+TEST_F(JobServiceTest, WatchJobStreamsCurrentStateThenEventsAndEndsOkOnTerminalState) {
+  const std::string id = SubmitOk();
+  grpc::ClientContext context;
+  v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto reader = stub_->WatchJob(&context, request);
+
+  v1::JobEvent event;
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.job_id(), id);
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_QUEUED);
+  ASSERT_TRUE(WaitForWatchers(id, 1));
+
+  ASSERT_TRUE(
+      OnLoop([&] { return coordinator_->UpdateJobState(id, v1::JOB_STATE_RUNNING); }).ok());
+  OnLoop([&] {
+    for (int step = 1; step <= 50; ++step) {  // a burst: queued behind the write in flight
+      v1::JobEvent progress;
+      progress.set_job_id(id);
+      progress.set_step(step);
+      progress.mutable_progress()->set_train_loss(10.0 - step * 0.1);
+      coordinator_->PublishJobEvent(progress);
+    }
+    return 0;
+  });
+  ASSERT_TRUE(OnLoop([&] { return coordinator_->UpdateJobState(id, v1::JOB_STATE_SUCCEEDED); })
+                  .ok());
+
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_RUNNING);
+  for (int step = 1; step <= 50; ++step) {
+    ASSERT_TRUE(reader->Read(&event));
+    ASSERT_TRUE(event.has_progress());
+    EXPECT_EQ(event.step(), step) << "events out of order";
+  }
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_FALSE(reader->Read(&event)) << "the stream must end after the terminal state";
+  grpc::Status s = reader->Finish();
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_TRUE(WaitForWatchers(id, 0));
+}
+
+TEST_F(JobServiceTest, WatchJobOfUnknownJobEndsNotFound) {
+  grpc::ClientContext context;
+  v1::WatchJobRequest request;
+  request.set_job_id("job-000555");
+  auto reader = stub_->WatchJob(&context, request);
+  v1::JobEvent event;
+  EXPECT_FALSE(reader->Read(&event));
+  grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(), HasSubstr("job-000555"));
+}
+
+TEST_F(JobServiceTest, WatchJobOfFinishedJobSendsItsStateAndEndsOk) {
+  const std::string id = SubmitOk();
+  ASSERT_TRUE(OnLoop([&] { return coordinator_->CancelJob(id, "done"); }).ok());
+  grpc::ClientContext context;
+  v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto reader = stub_->WatchJob(&context, request);
+  v1::JobEvent event;
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_FALSE(reader->Read(&event));
+  EXPECT_TRUE(reader->Finish().ok());
+}
+
+TEST_F(JobServiceTest, ClientCancellingAWatchRemovesItsSubscription) {
+  const std::string id = SubmitOk();
+  grpc::ClientContext context;
+  v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto reader = stub_->WatchJob(&context, request);
+  v1::JobEvent event;
+  ASSERT_TRUE(reader->Read(&event));
+  ASSERT_TRUE(WaitForWatchers(id, 1));
+
+  context.TryCancel();
+  EXPECT_FALSE(reader->Read(&event));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitForWatchers(id, 0)) << "a cancelled watch left its subscription behind";
+
+  // The job itself is untouched and later events go nowhere.
+  ASSERT_TRUE(
+      OnLoop([&] { return coordinator_->UpdateJobState(id, v1::JOB_STATE_RUNNING); }).ok());
+}
+
+TEST_F(JobServiceTest, ServerShutdownEndsOpenWatchesAndReturnsPromptly) {
+  const std::string id = SubmitOk();
+  constexpr int kWatchers = 3;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::JobEvent>>> readers;
+  for (int i = 0; i < kWatchers; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    v1::WatchJobRequest request;
+    request.set_job_id(id);
+    readers.push_back(stub_->WatchJob(contexts.back().get(), request));
+    v1::JobEvent event;
+    ASSERT_TRUE(readers.back()->Read(&event));
+  }
+  ASSERT_TRUE(WaitForWatchers(id, kWatchers));
+
+  const auto start = std::chrono::steady_clock::now();
+  ShutdownServer();  // 2 s grace, then the open streams are cancelled
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+  for (auto& reader : readers) {
+    v1::JobEvent event;
+    EXPECT_FALSE(reader->Read(&event));
+    EXPECT_FALSE(reader->Finish().ok());
+  }
+  EXPECT_TRUE(WaitForWatchers(id, 0));
+}
+
+// A service whose watchers may queue only a few events.
+class JobServiceSlowWatcherTest : public JobServiceTest {
+ protected:
+  JobServiceOptions ServiceOptions() const override {
+    JobServiceOptions options;
+    options.max_queued_watch_events = 4;
+    return options;
+  }
+};
+
+TEST_F(JobServiceSlowWatcherTest, ABurstBeyondTheQueueDropsProgressButNeverStateChanges) {
+  const std::string id = SubmitOk();
+  grpc::ClientContext context;
+  v1::WatchJobRequest request;
+  request.set_job_id(id);
+  auto reader = stub_->WatchJob(&context, request);
+  v1::JobEvent event;
+  ASSERT_TRUE(reader->Read(&event));
+  ASSERT_TRUE(WaitForWatchers(id, 1));
+
+  OnLoop([&] {  // one loop turn: OnWriteDone waits behind it, so nothing drains the queue
+    EXPECT_TRUE(coordinator_->UpdateJobState(id, v1::JOB_STATE_RUNNING).ok());
+    for (int step = 1; step <= 50; ++step) {
+      v1::JobEvent progress;
+      progress.set_job_id(id);
+      progress.set_step(step);
+      progress.mutable_progress();
+      coordinator_->PublishJobEvent(progress);
+    }
+    EXPECT_TRUE(coordinator_->UpdateJobState(id, v1::JOB_STATE_SUCCEEDED).ok());
+    return 0;
+  });
+
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_RUNNING);
+  int progress_events = 0;
+  int64_t last_step = 0;
+  while (reader->Read(&event) && event.has_progress()) {
+    ++progress_events;
+    EXPECT_GT(event.step(), last_step);
+    last_step = event.step();
+  }
+  EXPECT_GE(progress_events, 1);
+  EXPECT_LE(progress_events, 4) << "the queue bound was not applied";
+  EXPECT_EQ(event.state().state(), v1::JOB_STATE_SUCCEEDED) << "the terminal state was dropped";
+  EXPECT_FALSE(reader->Read(&event));
+  EXPECT_TRUE(reader->Finish().ok());
+}
+
+}  // namespace
+}  // namespace mat::coordinator

@@ -9,6 +9,7 @@
 //
 // Figures are ratios measured in one run; absolute times are printed for context only.
 #include <algorithm>
+#include <thread>
 #include <chrono>
 #include <fstream>
 #include <iostream>
@@ -25,6 +26,7 @@
 #include "nlohmann/json.hpp"
 #include "worker/bert.h"
 #include "worker/flops.h"
+#include "worker/optimizer.h"
 #include "worker/train_config.h"
 #include "worker/trainer.h"
 
@@ -146,6 +148,93 @@ int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
   return 0;
 }
 
+// One full training step (forward, backward, masked AdamW with every module on) of the default
+// BERT on a random batch of the configured shape, median of `reps` — the figure bench/run
+// step-vs-pytorch compares with the PyTorch peer's.
+int Step(const std::string& root, int reps, nlohmann::json& result) {
+  auto tc = Config(root + "/examples/bert-wikitext2.yaml");
+  if (!tc.ok()) {
+    std::cerr << "mat-bench: " << tc.status() << "\n";
+    return 2;
+  }
+  worker::BertConfig c = worker::MakeBertConfig(*tc, 33279);
+  torch::manual_seed(0);
+  const torch::Device dev(g_device);
+  worker::BertMlm model(c);
+  model->to(dev);
+  model->train();
+  spectral::ModulePartition partition = model->Partition();
+  worker::AdamWOptions ao;
+  ao.weight_decay = tc->train.weight_decay;
+  worker::MaskedAdamW opt(worker::BuildParamEntries(*model, partition), ao);
+  const int64_t B = tc->train.batch_size, T = tc->data.seq_len;
+  torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong).to(dev);
+  torch::Tensor positions =
+      std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort()).to(dev);
+  torch::Tensor labels = torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong).to(dev);
+  std::vector<uint8_t> all(partition.size(), 1);
+  std::vector<double> ones(all.size(), 1.0);
+  std::vector<double> times;
+  double loss_value = 0;
+  for (int r = -1; r < reps; ++r) {
+    Sync(dev);
+    auto t0 = Clock::now();
+    model->SetMask(all);
+    torch::Tensor loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+    loss.backward();
+    absl::Status s = opt.Step(1e-4, all, ones);
+    Sync(dev);
+    auto t1 = Clock::now();
+    if (!s.ok()) {
+      std::cerr << "mat-bench: " << s << "\n";
+      return 1;
+    }
+    loss_value = loss.item<double>();
+    if (r >= 0) times.push_back(Seconds(t0, t1));
+  }
+  auto f = worker::BertStepFlops(c, B, T, positions.size(0), {});
+  const double step = Median(times);
+  result = {{"benchmark", "step"}, {"device", g_device}, {"layers", c.layers},
+            {"d_model", c.d_model}, {"heads", c.heads}, {"batch", B}, {"seq_len", T},
+            {"reps", reps}, {"step_seconds_median", step}, {"flops_per_step", f.total()},
+            {"achieved_flops_per_second", f.total() / step}, {"loss", loss_value}};
+  std::printf("step %.4f s  %.2f GFLOP/s  loss %.3f\n", step, f.total() / step / 1e9, loss_value);
+  return 0;
+}
+
+// The machine's float32 matmul peak through the BLAS LibTorch uses (torch::mm, square sizes),
+// and the default BERT step's achieved FLOP/s as a fraction of the best size's figure.
+int MatmulPeak(const std::string& root, int reps, nlohmann::json& result) {
+  const torch::Device dev(g_device);
+  nlohmann::json sizes = nlohmann::json::array();
+  double best = 0;
+  for (int64_t n : {512, 1024, 2048, 4096}) {
+    torch::Tensor a = torch::randn({n, n}, torch::TensorOptions().device(dev));
+    torch::Tensor b = torch::randn({n, n}, torch::TensorOptions().device(dev));
+    std::vector<double> t;
+    for (int r = -1; r < reps; ++r) {
+      Sync(dev);
+      auto t0 = Clock::now();
+      torch::Tensor c = torch::mm(a, b);
+      Sync(dev);
+      if (r >= 0) t.push_back(Seconds(t0, Clock::now()));
+    }
+    double flops = 2.0 * n * n * n / Median(t);
+    best = std::max(best, flops);
+    sizes.push_back({{"n", n}, {"seconds_median", Median(t)}, {"flops_per_second", flops}});
+    std::printf("sgemm %5lld^3  %8.2f GFLOP/s\n", (long long)n, flops / 1e9);
+  }
+  nlohmann::json step;
+  if (int rc = Step(root, reps, step); rc != 0) return rc;
+  const double achieved = step["achieved_flops_per_second"].get<double>();
+  result = {{"benchmark", "matmul-peak"}, {"device", g_device}, {"sizes", sizes},
+            {"peak_flops_per_second", best}, {"step", step},
+            {"step_fraction_of_peak", achieved / best}, {"goal_fraction", 0.5}};
+  std::printf("default BERT step: %.2f GFLOP/s = %.3f of the sgemm peak %.2f GFLOP/s\n",
+              achieved / 1e9, achieved / best, best / 1e9);
+  return 0;
+}
+
 int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
   auto c = Config(root + "/examples/bert-wikitext2.yaml");
   if (!c.ok()) {
@@ -207,22 +296,27 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
 }  // namespace mat::bench
 
 int main(int argc, char** argv) {
-  CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost)"};
+  CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost, step)"};
   std::string name, root = ".", out;
-  int reps = 10;
-  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost"}));
+  int reps = 10, threads = 0;
+  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "step", "matmul-peak"}));
   app.add_option("--root", root, "repository root (examples/ live there)");
   app.add_option("--reps", reps, "repeats per configuration");
   app.add_option("--out", out, "JSON result file");
   app.add_option("--device", mat::bench::g_device, "cpu | cuda | cuda:N");
+  app.add_option("--threads", threads, "intra-op threads (0: all cores, as mat-train)");
   app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
   app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);
   mat::common::ConfigureAllocatorForTraining();
   mat::common::InitLogging("warn", false);
+  // LibTorch's OpenMP default can be 1 thread here; use every core, as the trainer does.
+  torch::set_num_threads(threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency())));
   nlohmann::json result;
   int rc = name == "masked-backward" ? mat::bench::MaskedBackward(root, reps, result)
-                                     : mat::bench::SpectralCost(root, reps, result);
+           : name == "step"           ? mat::bench::Step(root, reps, result)
+           : name == "matmul-peak"    ? mat::bench::MatmulPeak(root, reps, result)
+                                      : mat::bench::SpectralCost(root, reps, result);
   if (rc != 0) return rc;
   result["threads"] = torch::get_num_threads();
   std::cout << result.dump(2) << std::endl;

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""The PyTorch peer of mat-bench's `step`: the same BERT masked-LM, one full training step
+(forward, backward, AdamW) on the same batch shape, median of repeated steps.
+
+Same architecture as worker/bert.h: post-LN (or pre-LN) encoder, fused QKV, GELU FFN, the MLM
+head (dense + GELU + LayerNorm) applied to the masked positions only, decoder tied to the token
+embedding, dropout as configured. Prints one JSON object.
+
+  bert_step.py --layers 4 --d-model 256 --heads 8 --d-ff 1024 --batch 32 --seq 128 \
+               --vocab 33279 --reps 10 --threads 2 --device cpu
+"""
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Layer(nn.Module):
+    def __init__(self, d, h, f, p, pre_ln):
+        super().__init__()
+        self.h, self.p, self.pre_ln = h, p, pre_ln
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+        self.ff1 = nn.Linear(d, f)
+        self.ff2 = nn.Linear(f, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.ln2 = nn.LayerNorm(d)
+
+    def attn(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (z.view(b, t, self.h, d // self.h).transpose(1, 2) for z in (q, k, v))
+        s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d // self.h)
+        a = F.dropout(torch.softmax(s, -1), self.p, self.training)
+        return self.o(torch.matmul(a, v).transpose(1, 2).reshape(b, t, d))
+
+    def ffn(self, x):
+        return self.ff2(F.dropout(F.gelu(self.ff1(x)), self.p, self.training))
+
+    def forward(self, x):
+        if self.pre_ln:
+            x = x + F.dropout(self.attn(self.ln1(x)), self.p, self.training)
+            return x + F.dropout(self.ffn(self.ln2(x)), self.p, self.training)
+        x = self.ln1(x + F.dropout(self.attn(x), self.p, self.training))
+        return self.ln2(x + F.dropout(self.ffn(x), self.p, self.training))
+
+
+class BertMlm(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.p = a.dropout
+        self.tok = nn.Embedding(a.vocab, a.d_model)
+        self.pos = nn.Embedding(a.seq, a.d_model)
+        self.emb_ln = nn.LayerNorm(a.d_model)
+        self.layers = nn.ModuleList(
+            Layer(a.d_model, a.heads, a.d_ff, a.dropout, a.pre_ln) for _ in range(a.layers))
+        self.dense = nn.Linear(a.d_model, a.d_model)
+        self.head_ln = nn.LayerNorm(a.d_model)
+        self.dec_bias = nn.Parameter(torch.zeros(a.vocab))
+
+    def forward(self, ids, positions):
+        b, t = ids.shape
+        x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device)).unsqueeze(0)
+        x = F.dropout(self.emb_ln(x), self.p, self.training)
+        for layer in self.layers:
+            x = layer(x)
+        h = x.reshape(b * t, -1).index_select(0, positions)
+        h = self.head_ln(F.gelu(self.dense(h)))
+        return F.linear(h, self.tok.weight, self.dec_bias)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    for k, v in [("layers", 4), ("d-model", 256), ("heads", 8), ("d-ff", 1024), ("batch", 32),
+                 ("seq", 128), ("vocab", 33279), ("reps", 10), ("threads", 2)]:
+        ap.add_argument("--" + k, type=int, default=v)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--pre-ln", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    model = BertMlm(a)
+    with torch.no_grad():  # the same initialisation as worker/bert.cc
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+            elif "ln" not in name:
+                p.zero_()
+    model = model.to(dev).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                             {"params": rest, "weight_decay": 0.0}], lr=1e-4)
+    ids = torch.randint(0, a.vocab - 1, (a.batch, a.seq), device=dev)
+    m = a.batch * a.seq * 15 // 100
+    positions = torch.randperm(a.batch * a.seq)[:m].sort().values.to(dev)
+    labels = torch.randint(0, a.vocab - 1, (m,), device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for r in range(a.reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(ids, positions), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if r > 0:  # the first step is warm-up
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "device": a.device,
+                      "threads": torch.get_num_threads(), "reps": a.reps,
+                      "step_seconds_median": times[len(times) // 2],
+                      "loss": float(loss)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,18 +3,97 @@
 namespace mat::worker {
 namespace {
 
-// Concatenates w[s][c] (or b[s][c]) over c-major, s in order[lo:hi].
-torch::Tensor Gather(const std::vector<std::vector<torch::Tensor>>& parts,
-                     const std::vector<int>& order, size_t lo, size_t hi, bool detach) {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Concatenates w[order[i]][c] for c-major, i in [0, |order|), outside autograd.
+torch::Tensor GatherAll(const std::vector<std::vector<torch::Tensor>>& parts,
+                        const std::vector<int>& order) {
+  torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> pieces;
-  const size_t comps = parts[order[lo]].size();
-  pieces.reserve(comps * (hi - lo));
-  for (size_t c = 0; c < comps; ++c) {
-    for (size_t i = lo; i < hi; ++i) pieces.push_back(parts[order[i]][c]);
-  }
-  torch::Tensor t = pieces.size() == 1 ? pieces[0] : torch::cat(pieces, 0);
-  return detach ? t.detach() : t;
+  const size_t comps = parts[order[0]].size();
+  pieces.reserve(comps * order.size());
+  for (size_t c = 0; c < comps; ++c)
+    for (int s : order) pieces.push_back(parts[s][c]);
+  return pieces.size() == 1 ? pieces[0].detach() : torch::cat(pieces, 0);
 }
+
+// y = x W^T (+ b) with one matmul each way; weight (and bias) gradients only for the attached
+// slices, whose leaves are the function's tensor-list input (weights c-major, then biases).
+class RowSplitFunction : public torch::autograd::Function<RowSplitFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               torch::TensorList attached, const torch::Tensor& w_all,
+                               const c10::optional<torch::Tensor>& b_all, int64_t comps,
+                               int64_t slices, int64_t rows, int64_t num_attached) {
+    ctx->save_for_backward({x, w_all});
+    ctx->saved_data["comps"] = comps;
+    ctx->saved_data["slices"] = slices;
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["attached"] = num_attached;
+    ctx->saved_data["bias"] = b_all.has_value();
+    return torch::nn::functional::linear(x, w_all, b_all.has_value() ? *b_all : torch::Tensor());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor& x = saved[0];
+    const torch::Tensor& w_all = saved[1];
+    const int64_t comps = ctx->saved_data["comps"].toInt();
+    const int64_t slices = ctx->saved_data["slices"].toInt();
+    const int64_t rows = ctx->saved_data["rows"].toInt();
+    const int64_t num_attached = ctx->saved_data["attached"].toInt();
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    torch::Tensor g = grad_out[0].reshape({-1, grad_out[0].size(-1)});
+    torch::Tensor x2 = x.reshape({-1, x.size(-1)});
+    variable_list out;
+    out.push_back(ctx->needs_input_grad(0) ? torch::mm(g, w_all).view(x.sizes()) : torch::Tensor());
+    std::vector<torch::Tensor> wgrads, bgrads;
+    for (int64_t c = 0; c < comps && num_attached > 0; ++c) {
+      torch::Tensor block = g.narrow(1, c * slices * rows, num_attached * rows);  // [N, A*r]
+      for (torch::Tensor& t : torch::mm(block.t(), x2).split(rows, 0)) wgrads.push_back(t);
+      if (has_bias) {
+        for (torch::Tensor& t : block.sum(0).split(rows, 0)) bgrads.push_back(t);
+      }
+    }
+    out.insert(out.end(), wgrads.begin(), wgrads.end());
+    out.insert(out.end(), bgrads.begin(), bgrads.end());
+    for (int i = 0; i < 6; ++i) out.emplace_back();  // w_all, b_all and the four integers
+    return out;
+  }
+};
+
+// y = x W^T with W = [W_order[0] | W_order[1] | ...] column blocks of width c; weight gradients
+// only for the first num_attached blocks.
+class ColSplitFunction : public torch::autograd::Function<ColSplitFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               torch::TensorList attached, const torch::Tensor& w_all,
+                               int64_t cols, int64_t num_attached) {
+    ctx->save_for_backward({x, w_all});
+    ctx->saved_data["cols"] = cols;
+    ctx->saved_data["attached"] = num_attached;
+    return torch::nn::functional::linear(x, w_all);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor& x = saved[0];
+    const torch::Tensor& w_all = saved[1];
+    const int64_t cols = ctx->saved_data["cols"].toInt();
+    const int64_t num_attached = ctx->saved_data["attached"].toInt();
+    torch::Tensor g = grad_out[0].reshape({-1, grad_out[0].size(-1)});
+    torch::Tensor x2 = x.reshape({-1, x.size(-1)});
+    variable_list out;
+    out.push_back(ctx->needs_input_grad(0) ? torch::mm(g, w_all).view(x.sizes()) : torch::Tensor());
+    if (num_attached > 0) {
+      torch::Tensor gw = torch::mm(g.t(), x2.narrow(1, 0, num_attached * cols));  // [out, A*c]
+      for (torch::Tensor& t : gw.split(cols, 1)) out.push_back(t.contiguous());
+    }
+    for (int i = 0; i < 3; ++i) out.emplace_back();  // w_all and the two integers
+    return out;
+  }
+};
 
 }  // namespace
 
@@ -34,47 +113,34 @@ torch::Tensor RowSplitForward(const torch::Tensor& x,
                               const std::vector<std::vector<torch::Tensor>>& b,
                               const std::vector<int>& order, size_t num_attached) {
   const bool has_bias = !b.empty();
-  std::vector<torch::Tensor> parts;  // [..., C * n_part * r] for attached, detached
-  for (int part = 0; part < 2; ++part) {
-    size_t lo = part == 0 ? 0 : num_attached;
-    size_t hi = part == 0 ? num_attached : order.size();
-    if (lo == hi) continue;
-    bool detach = part == 1;
-    torch::Tensor wt = Gather(w, order, lo, hi, detach);
-    torch::Tensor bt = has_bias ? Gather(b, order, lo, hi, detach) : torch::Tensor();
-    parts.push_back(torch::nn::functional::linear(x, wt, bt));
-  }
-  if (parts.size() == 1) return parts[0];
-  // Interleave components: [C][attached slices] ++ [C][detached slices] -> [C][all slices].
   const int64_t comps = static_cast<int64_t>(w[order[0]].size());
-  if (comps == 1) return torch::cat(parts, -1);
-  std::vector<torch::Tensor> a = parts[0].chunk(comps, -1);
-  std::vector<torch::Tensor> d = parts[1].chunk(comps, -1);
-  std::vector<torch::Tensor> out;
-  for (int64_t c = 0; c < comps; ++c) {
-    out.push_back(a[c]);
-    out.push_back(d[c]);
+  std::vector<torch::Tensor> attached;
+  for (int64_t c = 0; c < comps; ++c)
+    for (size_t i = 0; i < num_attached; ++i) attached.push_back(w[order[i]][c]);
+  if (has_bias) {
+    for (int64_t c = 0; c < comps; ++c)
+      for (size_t i = 0; i < num_attached; ++i) attached.push_back(b[order[i]][c]);
   }
-  return torch::cat(out, -1);
+  c10::optional<torch::Tensor> b_all;
+  if (has_bias) b_all = GatherAll(b, order);
+  return RowSplitFunction::apply(x, torch::TensorList(attached), GatherAll(w, order), b_all, comps,
+                                 static_cast<int64_t>(order.size()), w[order[0]][0].size(0),
+                                 static_cast<int64_t>(num_attached));
 }
 
 torch::Tensor ColSplitForward(const torch::Tensor& x, const std::vector<torch::Tensor>& w,
                               const std::vector<int>& order, size_t num_attached) {
-  const int64_t c = w[0].size(1);
-  torch::Tensor y;
-  for (int part = 0; part < 2; ++part) {
-    size_t lo = part == 0 ? 0 : num_attached;
-    size_t hi = part == 0 ? num_attached : order.size();
-    if (lo == hi) continue;
+  std::vector<torch::Tensor> attached;
+  for (size_t i = 0; i < num_attached; ++i) attached.push_back(w[order[i]]);
+  torch::Tensor w_all;
+  {
+    torch::NoGradGuard no_grad;
     std::vector<torch::Tensor> pieces;
-    for (size_t i = lo; i < hi; ++i) pieces.push_back(w[order[i]]);
-    torch::Tensor wt = pieces.size() == 1 ? pieces[0] : torch::cat(pieces, 1);
-    if (part == 1) wt = wt.detach();
-    torch::Tensor xs = x.narrow(-1, static_cast<int64_t>(lo) * c, static_cast<int64_t>(hi - lo) * c);
-    torch::Tensor p = torch::nn::functional::linear(xs, wt);
-    y = y.defined() ? y + p : p;
+    for (int s : order) pieces.push_back(w[s]);
+    w_all = pieces.size() == 1 ? pieces[0].detach() : torch::cat(pieces, 1);
   }
-  return y;
+  return ColSplitFunction::apply(x, torch::TensorList(attached), w_all, w[order[0]].size(1),
+                                 static_cast<int64_t>(num_attached));
 }
 
 }  // namespace mat::worker

@@ -1,10 +1,11 @@
 // Linear maps whose weight is split into module slices, each slice its own leaf tensor.
 //
-// This is how a masked-off module's weight gradient is *not computed*: the slices of active
-// modules are concatenated into one weight that is part of the autograd graph, the slices of
-// inactive modules into one that is detached. Activations still flow through both (so earlier
-// layers keep learning); only the active slices' weight gradients are formed, with one matmul
-// each for the active and the inactive part.
+// This is how a masked-off module's weight gradient is *not computed*: a custom autograd function
+// computes y = x W^T with one matmul over all slices (W concatenated outside autograd), and its
+// backward forms the input gradient with one matmul and weight (and bias) gradients only for the
+// attached slices, one matmul per component over their contiguous block. Detached slices are not
+// inputs of the function, so their leaves never receive a gradient; activations still flow
+// through every slice, so earlier layers keep learning.
 //
 // Units are reordered: the output (row-split) or input (col-split) units come in `order`
 // (active slices first). Consumers must use the same order; attention heads and FFN hidden

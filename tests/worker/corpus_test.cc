@@ -241,7 +241,7 @@ TEST_F(CorpusTest, UnkAlreadyInTrainDoesNotGrowTheVocabulary) {
 }
 
 TEST_F(CorpusTest, XzFilesGiveTheSameIdsAsPlainText) {
-  if (!HaveXz()) GTEST_SKIP() << "the xz command is not installed";
+  ASSERT_TRUE(HaveXz()) << "the xz command is missing (scripts/setup installs xz-utils)";
   WriteSplits(train_, valid_, test_);
   auto plain = LoadCorpus(dir_.string());
   ASSERT_TRUE(plain.ok()) << plain.status();
@@ -256,7 +256,7 @@ TEST_F(CorpusTest, XzFilesGiveTheSameIdsAsPlainText) {
 }
 
 TEST_F(CorpusTest, PrefersXzOverPlainText) {
-  if (!HaveXz()) GTEST_SKIP() << "the xz command is not installed";
+  ASSERT_TRUE(HaveXz()) << "the xz command is missing (scripts/setup installs xz-utils)";
   WriteSplits("from xz\n", "xz\n", "xz\n");
   XzCompress(dir_ / "train.txt");
   WriteText(dir_ / "train.txt", "from plain text\n");
@@ -289,7 +289,7 @@ TEST_F(CorpusTest, EmptyTrainIsAnError) {
 class TruncatedXzTest : public CorpusTest, public ::testing::WithParamInterface<int> {};
 
 TEST_P(TruncatedXzTest, IsDataLossNamingTheFile) {
-  if (!HaveXz()) GTEST_SKIP() << "the xz command is not installed";
+  ASSERT_TRUE(HaveXz()) << "the xz command is missing (scripts/setup installs xz-utils)";
   std::string text;
   for (int i = 0; i < 2000; ++i) text += " word" + std::to_string(i % 97) + " x" + std::to_string(i) + "\n";
   WriteSplits("a b\n", text, "a b\n");
@@ -317,7 +317,7 @@ INSTANTIATE_TEST_SUITE_P(CutPoints, TruncatedXzTest,
                          ::testing::Values(0, 6, 12, 40, -40, -13, -1, 1000));
 
 TEST_F(CorpusTest, DecompressXzRoundTripsAndConcatenatesStreams) {
-  if (!HaveXz()) GTEST_SKIP() << "the xz command is not installed";
+  ASSERT_TRUE(HaveXz()) << "the xz command is missing (scripts/setup installs xz-utils)";
   WriteText(dir_ / "a", "first stream\n");
   WriteText(dir_ / "b", std::string(100000, 'z') + "\n");
   XzCompress(dir_ / "a");

@@ -84,9 +84,6 @@ class ExampleConfigTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ExampleConfigTest, ParsesAndValidates) {
   const std::string path = std::string(MAT_SOURCE_DIR) + "/examples/" + GetParam();
-  if (GetParam() == "bert-wikitext2.yaml" && !fs::exists(path)) {
-    GTEST_SKIP() << path << " does not exist yet";
-  }
   auto c = LoadTrainConfig(path);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_TRUE(ValidateTrainConfig(*c).ok()) << ValidateTrainConfig(*c);

@@ -207,20 +207,6 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   return policy::ValidatePolicyConfig(ToPolicyConfig(c));
 }
 
-BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
-  BertConfig b;
-  b.vocab_size = vocab_size;
-  b.max_seq_len = c.model.max_seq_len;
-  b.layers = c.model.layers;
-  b.d_model = c.model.d_model;
-  b.heads = c.model.heads;
-  b.d_ff = c.model.d_ff;
-  b.ffn_groups = c.model.ffn_groups;
-  b.dropout = c.model.dropout;
-  b.pre_ln = c.model.pre_ln;
-  return b;
-}
-
 policy::PolicyConfig ToPolicyConfig(const TrainConfig& c) {
   policy::PolicyConfig p;
   auto kind = policy::ParsePolicyKind(c.policy.kind);

@@ -10,6 +10,7 @@
 //            estimator, min_active_fraction, rand_fraction, multirate_k, multirate_fast_fraction}
 //
 // An unknown key or a value of the wrong type is INVALID_ARGUMENT naming the key.
+// Library mat_train_config: no LibTorch, so the coordinator can validate with the same code.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +20,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/policy/policy.h"
-#include "worker/bert.h"
 
 namespace mat::worker {
 
@@ -91,8 +91,6 @@ absl::StatusOr<TrainConfig> LoadTrainConfig(const std::string& path);
 absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment);
 // Range checks across fields; INVALID_ARGUMENT naming the key.
 absl::Status ValidateTrainConfig(const TrainConfig& config);
-// The model section as a BertConfig over a vocabulary of `vocab_size` ids (specials included).
-BertConfig MakeBertConfig(const TrainConfig& config, int64_t vocab_size);
 // The policy library's config for this run.
 policy::PolicyConfig ToPolicyConfig(const TrainConfig& config);
 // Every key with its current value, as "key: value" lines (documentation and logs).

@@ -35,6 +35,20 @@ torch::Tensor PerSampleLoss(const torch::Tensor& logits, const torch::Tensor& la
 
 }  // namespace
 
+BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
+  BertConfig b;
+  b.vocab_size = vocab_size;
+  b.max_seq_len = c.model.max_seq_len;
+  b.layers = c.model.layers;
+  b.d_model = c.model.d_model;
+  b.heads = c.model.heads;
+  b.d_ff = c.model.d_ff;
+  b.ffn_groups = c.model.ffn_groups;
+  b.dropout = c.model.dropout;
+  b.pre_ln = c.model.pre_ln;
+  return b;
+}
+
 Trainer::Trainer(const TrainConfig& config, TrainerOptions options)
     : config_(config), options_(std::move(options)) {}
 

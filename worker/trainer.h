@@ -31,6 +31,9 @@
 
 namespace mat::worker {
 
+// The model section as a BertConfig over a vocabulary of `vocab_size` ids (specials included).
+BertConfig MakeBertConfig(const TrainConfig& config, int64_t vocab_size);
+
 struct TrainerOptions {
   std::string out_dir;       // created if missing
   bool progress_bar = false;  // a live line on a terminal instead of one log line per evaluation

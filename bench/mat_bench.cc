@@ -10,6 +10,7 @@
 // Figures are ratios measured in one run; absolute times are printed for context only.
 #include <algorithm>
 #include <thread>
+#include <tuple>
 #include <chrono>
 #include <fstream>
 #include <iostream>
@@ -50,6 +51,18 @@ double Median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
+// A random masked-LM batch of the benchmarks' shape: ids [B, T], 15 % of the positions sorted,
+// random labels; on `dev`.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RandomMlmBatch(
+    const worker::BertConfig& c, int64_t B, int64_t T, const torch::Device& dev) {
+  torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong).to(dev);
+  torch::Tensor positions =
+      std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort()).to(dev);
+  torch::Tensor labels =
+      torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong).to(dev);
+  return {ids, positions, labels};
+}
+
 // Heads active per layer: the first `fraction` of each layer's heads (FFN slices, if any, on).
 std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
   std::vector<uint8_t> m(c.layers * (c.heads + c.ffn_groups), 1);
@@ -68,9 +81,8 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
   model->to(dev);
   model->train();
   const int64_t B = tc.train.batch_size, T = tc.data.seq_len;
-  torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong).to(dev);
-  torch::Tensor positions = std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort()).to(dev);
-  torch::Tensor labels = torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong).to(dev);
+  torch::Tensor ids, positions, labels;
+  std::tie(ids, positions, labels) = RandomMlmBatch(c, B, T, dev);
   const std::vector<double> fractions = {1.0, 0.5, 0.25};
   std::vector<std::vector<double>> bwd(fractions.size()), step(fractions.size());
   auto run = [&](size_t k) {
@@ -168,10 +180,8 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
   ao.weight_decay = tc->train.weight_decay;
   worker::MaskedAdamW opt(worker::BuildParamEntries(*model, partition), ao);
   const int64_t B = tc->train.batch_size, T = tc->data.seq_len;
-  torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong).to(dev);
-  torch::Tensor positions =
-      std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort()).to(dev);
-  torch::Tensor labels = torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong).to(dev);
+  torch::Tensor ids, positions, labels;
+  std::tie(ids, positions, labels) = RandomMlmBatch(c, B, T, dev);
   std::vector<uint8_t> all(partition.size(), 1);
   std::vector<double> ones(all.size(), 1.0);
   std::vector<double> times;

@@ -62,7 +62,6 @@ absl::Status MaskedAdamW::Step(double lr, const std::vector<uint8_t>& active,
     e.param.addcdiv_(m_[i], denom, -step_lr / bc1);
     grad.reset();
   }
-  for (auto& e : params_) e.param.mutable_grad().reset();
   return absl::OkStatus();
 }
 

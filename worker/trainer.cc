@@ -256,7 +256,6 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;
   const BertConfig& bc = model_->config();
   const int64_t B = c.train.batch_size, T = c.data.seq_len;
-  auto run_start = Clock::now();
   const double seconds_before = train_seconds_;
   int active_now = partition_.size();
   while (step_ < end) {
@@ -340,7 +339,6 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
     }
   }
   if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(SaveCheckpoint(ckpt));
-  (void)run_start;
   nlohmann::json summary = Summary(train_seconds_);
   if (step_ >= c.train.steps && !options_.out_dir.empty()) {
     MAT_RETURN_IF_ERROR(common::WriteFileAtomic(options_.out_dir + "/summary.json", summary.dump(2) + "\n"));

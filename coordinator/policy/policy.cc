@@ -303,4 +303,39 @@ StepMask Policy::MaskAt(int64_t step) const {
   return out;
 }
 
+MaskSchedule Policy::Schedule() const {
+  const size_t n = modules_.size();
+  MaskSchedule out{std::vector<uint8_t>(n, 1), std::vector<uint8_t>(n, 0), 0};
+  switch (config_.kind) {
+    case PolicyKind::kFull:
+      break;
+    case PolicyKind::kMat:
+    case PolicyKind::kRand:
+      out.every_step = state_.mask;
+      break;
+    case PolicyKind::kMultirate:
+      if (!state_.split_chosen) break;
+      for (size_t i = 0; i < n; ++i) {
+        out.every_step[i] = state_.fast[i] ? 1 : 0;
+        out.slow[i] = state_.fast[i] ? 0 : 1;
+      }
+      out.slow_every = config_.multirate_k;
+      break;
+  }
+  return out;
+}
+
+StepMask MaskFromSchedule(const MaskSchedule& schedule, int64_t step) {
+  const size_t n = schedule.every_step.size();
+  StepMask out{schedule.every_step, std::vector<double>(n, 1.0)};
+  if (schedule.slow_every > 0 && step % schedule.slow_every == 0) {
+    for (size_t i = 0; i < n && i < schedule.slow.size(); ++i) {
+      if (!schedule.slow[i]) continue;
+      out.active[i] = 1;
+      out.lr_scale[i] = double(schedule.slow_every);
+    }
+  }
+  return out;
+}
+
 }  // namespace mat::policy

@@ -71,6 +71,18 @@ struct StepMask {
                                  // multirate module on the steps it trains
 };
 
+// The masks of every step from the latest decision until the next one, in the form the service
+// sends them (mat.v1.MaskUpdate): `every_step` modules train on every step; `slow` modules (only
+// multirate) train on steps with step % slow_every == 0, with lr × slow_every.
+struct MaskSchedule {
+  std::vector<uint8_t> every_step;  // one per module
+  std::vector<uint8_t> slow;        // one per module; all 0 (or empty) when slow_every == 0
+  int64_t slow_every = 0;           // k, steps; 0 = no slow modules
+};
+
+// The StepMask `schedule` gives at `step`.
+StepMask MaskFromSchedule(const MaskSchedule& schedule, int64_t step);
+
 // One per Observe call; logged to decisions.jsonl.
 struct Decision {
   int64_t step = 0;
@@ -123,6 +135,11 @@ class Policy {
   // for kMultirate the fast modules plus, when step % multirate_k == 0, the slow ones with
   // lr_scale = multirate_k.
   StepMask MaskAt(int64_t step) const;
+
+  // The latest decision as a MaskSchedule: MaskFromSchedule(Schedule(), t) == MaskAt(t) for every
+  // t from the latest Observe'd step up to (not including) the next one (warm-up decisions are
+  // all active, and so is every step after them until a post-warm-up decision).
+  MaskSchedule Schedule() const;
 
   const std::vector<ModuleInfo>& modules() const { return modules_; }
   const PolicyConfig& config() const { return config_; }

@@ -878,5 +878,61 @@ TEST_F(PolicyTest, LoadStateNamesTheDifferingField) {
   EXPECT_THAT(other->LoadState(a->SaveState()).message(), HasSubstr("2 modules"));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Schedule: the service's MaskUpdate form reproduces MaskAt between decisions, for every kind,
+// including decisions made during warm-up and a warm-up that ends between two decisions.
+
+class PolicyScheduleTest : public PolicyTest, public ::testing::WithParamInterface<PolicyKind> {};
+
+TEST_P(PolicyScheduleTest, ScheduleReproducesMaskAtUntilTheNextDecision) {
+  PolicyConfig c = Config(GetParam());
+  c.warmup_steps = 30;  // not a multiple of the interval: ends inside [20, 40)
+  c.interval_steps = 20;
+  c.beta = 0.5;
+  c.patience = 1;
+  c.gamma = 0.5;
+  c.rand_fraction = 0.5;
+  c.multirate_fast_fraction = 0.5;
+  c.multirate_k = 3;
+  auto p = MustCreate(c, Concat(Group("heads", 6), Group("ffn", 3, 1)));
+  ASSERT_NE(p, nullptr);
+  std::mt19937_64 rng(7);
+  int differing_decisions = 0;
+  std::vector<uint8_t> previous;
+  for (int64_t s = 0; s < 400; s += c.interval_steps) {
+    std::vector<double> lambda;
+    if (p->NeedsSpectra()) {
+      lambda = RandomLambda(rng, p->modules().size());
+    }
+    MustObserve(*p, s, lambda);
+    const MaskSchedule schedule = p->Schedule();
+    for (int64_t t = s; t < s + c.interval_steps; ++t) {
+      const StepMask expected = p->MaskAt(t);
+      const StepMask got = MaskFromSchedule(schedule, t);
+      ASSERT_EQ(got.active, expected.active) << "step " << t;
+      ASSERT_EQ(got.lr_scale, expected.lr_scale) << "step " << t;
+    }
+    if (!previous.empty() && previous != p->MaskAt(s).active) ++differing_decisions;
+    previous = p->MaskAt(s).active;
+  }
+  if (GetParam() == PolicyKind::kRand) {
+    EXPECT_GT(differing_decisions, 0);  // the check above compared more than one mask
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, PolicyScheduleTest,
+                         ::testing::Values(PolicyKind::kFull, PolicyKind::kMat, PolicyKind::kRand,
+                                           PolicyKind::kMultirate));
+
+TEST(MaskFromScheduleTest, SlowModulesTrainEveryKthStepWithScaledLr) {
+  MaskSchedule schedule{{1, 0, 0}, {0, 1, 0}, 4};
+  StepMask on = MaskFromSchedule(schedule, 8);
+  EXPECT_THAT(on.active, ElementsAre(1, 1, 0));
+  EXPECT_THAT(on.lr_scale, ElementsAre(1.0, 4.0, 1.0));
+  StepMask off = MaskFromSchedule(schedule, 9);
+  EXPECT_THAT(off.active, ElementsAre(1, 0, 0));
+  EXPECT_THAT(off.lr_scale, ElementsAre(1.0, 1.0, 1.0));
+}
+
 }  // namespace
 }  // namespace mat::policy

@@ -57,6 +57,16 @@ Trainer::~Trainer() = default;
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& config,
                                                          TrainerOptions options) {
   MAT_RETURN_IF_ERROR(ValidateTrainConfig(config));
+  if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
+    return absl::InvalidArgumentError("rank " + std::to_string(options.rank) +
+                                      " is not in [0, world_size " +
+                                      std::to_string(options.world_size) + ")");
+  }
+  if (config.train.batch_size % options.world_size != 0) {
+    return absl::InvalidArgumentError("train.batch_size " + std::to_string(config.train.batch_size) +
+                                      " is not a multiple of the " +
+                                      std::to_string(options.world_size) + " ranks");
+  }
   std::unique_ptr<Trainer> t(new Trainer(config, std::move(options)));
   MAT_RETURN_IF_ERROR(t->Init());
   return t;
@@ -89,6 +99,9 @@ absl::Status Trainer::Init() {
   model_->to(device_);
   model_->train();
   partition_ = model_->Partition();
+  // Every rank initialises the same model (same seed); dropout then differs per rank. Rank 0
+  // keeps mat-train's random stream exactly.
+  if (options_.rank > 0) torch::manual_seed(c.seed + 7919ULL * uint64_t(options_.rank));
 
   AdamWOptions ao;
   ao.beta1 = c.train.beta1;
@@ -102,7 +115,8 @@ absl::Status Trainer::Init() {
   MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(ToPolicyConfig(c), std::move(infos)));
   MAT_ASSIGN_OR_RETURN(estimator_, spectral::MakeEstimator(c.policy.estimator));
 
-  train_stream_ = std::make_unique<MlmStream>(corpus_.train, mlm_, 0, 1, c.seed);
+  train_stream_ = std::make_unique<MlmStream>(corpus_.train, mlm_, options_.rank,
+                                              options_.world_size, c.seed);
   if (train_stream_->num_blocks() == 0) {
     return absl::InvalidArgumentError("data.dir: train split has fewer than data.seq_len tokens");
   }
@@ -142,6 +156,7 @@ absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vect
   if (!std::isfinite(loss_value)) {
     return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
   }
+  if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
   MAT_RETURN_IF_ERROR(optimizer_->Step(lr, active, lr_scale));
   return loss_value;
 }
@@ -248,17 +263,20 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
     MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));
     MAT_RETURN_IF_ERROR(TruncateLog("metrics.jsonl", step_));
     MAT_RETURN_IF_ERROR(TruncateLog("decisions.jsonl", step_ - 1));
+    MAT_RETURN_IF_ERROR(TruncateLog("masks.jsonl", step_ - 1));
     spdlog::info("resumed from {} at step {}", ckpt, step_);
   } else if (!options_.out_dir.empty()) {
-    for (const char* f : {"metrics.jsonl", "decisions.jsonl", "summary.json"})
+    for (const char* f : {"metrics.jsonl", "decisions.jsonl", "masks.jsonl", "summary.json"})
       std::filesystem::remove(options_.out_dir + "/" + f);
   }
   const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;
   const BertConfig& bc = model_->config();
-  const int64_t B = c.train.batch_size, T = c.data.seq_len;
+  const int64_t B = c.train.batch_size / options_.world_size, T = c.data.seq_len;
   const double seconds_before = train_seconds_;
+  TrainerHooks* hooks = options_.hooks;
   int active_now = partition_.size();
   while (step_ < end) {
+    if (hooks != nullptr) MAT_RETURN_IF_ERROR(hooks->CheckContinue());
     auto t0 = Clock::now();
     MlmBatch batch = train_stream_->Next(B);
     if (step_ % c.policy.probe_every == 0) {
@@ -270,8 +288,23 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
         flops_.spectral += probe.flops;
         spectral_seconds_ += probe.seconds;
       }
-      MAT_ASSIGN_OR_RETURN(policy::Decision d, policy_->Observe(step_, lambda));
-      nlohmann::json line = d.ToJson(policy_->modules(), policy_->config());
+      nlohmann::json line;
+      if (hooks != nullptr) {
+        // The coordinator decides (from every rank's λ); this rank logs what it was told.
+        MAT_ASSIGN_OR_RETURN(schedule_, hooks->Decide(step_, probe));
+        if (schedule_.every_step.size() != size_t(partition_.size())) {
+          return absl::InvalidArgumentError(
+              "mask for step " + std::to_string(step_) + " has " +
+              std::to_string(schedule_.every_step.size()) + " modules, the model " +
+              std::to_string(partition_.size()));
+        }
+        has_schedule_ = true;
+        line = {{"step", step_}, {"every_step", schedule_.every_step}, {"slow", schedule_.slow},
+                {"slow_every", schedule_.slow_every}, {"lambda_max", lambda}};
+      } else {
+        MAT_ASSIGN_OR_RETURN(policy::Decision d, policy_->Observe(step_, lambda));
+        line = d.ToJson(policy_->modules(), policy_->config());
+      }
       if (!probe.modules.empty()) {
         std::vector<double> tr, er;
         for (const auto& s : probe.modules) {
@@ -282,9 +315,14 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
         line["effective_rank"] = er;
         line["probe_seconds"] = probe.seconds;
       }
-      MAT_RETURN_IF_ERROR(AppendLine("decisions.jsonl", line));
+      MAT_RETURN_IF_ERROR(AppendLine(hooks != nullptr ? "masks.jsonl" : "decisions.jsonl", line));
     }
-    policy::StepMask mask = policy_->MaskAt(step_);
+    if (hooks != nullptr && !has_schedule_) {
+      return absl::FailedPreconditionError("no mask for step " + std::to_string(step_) +
+                                           " (resumed between probe steps without one)");
+    }
+    policy::StepMask mask =
+        hooks != nullptr ? policy::MaskFromSchedule(schedule_, step_) : policy_->MaskAt(step_);
     MAT_ASSIGN_OR_RETURN(double loss, TrainStep(batch, mask.active, mask.lr_scale, LearningRate(step_)));
     const int64_t M = batch.positions.size(0);
     flops_ += BertStepFlops(bc, B, T, M, mask.active);
@@ -298,7 +336,19 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
     train_seconds_ += Since(t0);
     if (options_.progress_bar) ShowProgress(loss, active_now, train_seconds_ - seconds_before);
 
-    if (step_ % c.train.eval_every == 0 || step_ == c.train.steps) {
+    TrainerProgress progress;
+    progress.step = step_;
+    progress.train_loss = loss;
+    progress.active_modules = active_now;
+    if ((step_ % c.train.eval_every == 0 || step_ == c.train.steps) && options_.rank > 0) {
+      // Only rank 0 evaluates (every rank holds the same parameters).
+      nlohmann::json line = {{"step", step_},
+                             {"train_loss", loss_sum_ / double(std::max<int64_t>(loss_count_, 1))},
+                             {"wall_seconds", train_seconds_}};
+      MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
+      loss_sum_ = 0;
+      loss_count_ = 0;
+    } else if (step_ % c.train.eval_every == 0 || step_ == c.train.steps) {
       auto e0 = Clock::now();
       double val = Evaluate(valid_batches_);
       bool best = best_step_ < 0 || val < best_val_loss_;
@@ -326,12 +376,21 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
       };
       if (best) line["test_loss"] = test_loss_at_best_;
       MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
+      progress.evaluated = true;
+      progress.val_loss = val;
+      progress.has_test_loss = best;
+      progress.test_loss = test_loss_at_best_;
       if (options_.progress_bar) std::fprintf(stderr, "\n");
       spdlog::info("step {}/{} train_loss {:.4f} val_loss {:.4f} active {}/{} flops {:.3e} {:.1f}s",
                    step_, c.train.steps, line["train_loss"].get<double>(), val, active_now,
                    partition_.size(), flops_.total(), train_seconds_);
       loss_sum_ = 0;
       loss_count_ = 0;
+    }
+    if (hooks != nullptr) {
+      progress.flops_total = flops_.total();
+      progress.wall_seconds = train_seconds_;
+      hooks->OnProgress(progress);
     }
     if (c.train.checkpoint_every > 0 && step_ % c.train.checkpoint_every == 0 && step_ < end &&
         !options_.out_dir.empty()) {
@@ -349,6 +408,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
 nlohmann::json Trainer::Summary(double wall_seconds) const {
   return {
       {"mode", config_.policy.kind},
+      {"world_size", options_.world_size},
       {"seed", config_.seed},
       {"steps", step_},
       {"modules", partition_.size()},
@@ -400,6 +460,8 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
       {"best", {best_val_loss_, double(best_step_), test_loss_at_best_, flops_to_best_, seconds_to_best_}},
       {"loss_acc", {loss_sum_, double(loss_count_)}},
       {"active_sum", active_sum_},
+      {"schedule", {{"has", has_schedule_}, {"every_step", schedule_.every_step},
+                    {"slow", schedule_.slow}, {"slow_every", schedule_.slow_every}}},
   };
   ar.write("meta", c10::IValue(meta.dump()));
   ar.write("rng.torch", at::detail::getDefaultCPUGenerator().get_state());
@@ -448,6 +510,13 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     loss_sum_ = meta["loss_acc"][0];
     loss_count_ = int64_t(meta["loss_acc"][1].get<double>());
     active_sum_ = meta["active_sum"];
+    if (meta.contains("schedule")) {
+      const auto& sch = meta["schedule"];
+      has_schedule_ = sch["has"];
+      schedule_.every_step = sch["every_step"].get<std::vector<uint8_t>>();
+      schedule_.slow = sch["slow"].get<std::vector<uint8_t>>();
+      schedule_.slow_every = sch["slow_every"];
+    }
     torch::Tensor rng;
     ar.read("rng.torch", rng);
     at::Generator gen = at::detail::getDefaultCPUGenerator();

@@ -34,16 +34,56 @@ namespace mat::worker {
 // The model section as a BertConfig over a vocabulary of `vocab_size` ids (specials included).
 BertConfig MakeBertConfig(const TrainConfig& config, int64_t vocab_size);
 
+struct ProbeResult {
+  std::vector<spectral::ModuleSpectrum> modules;  // empty when the policy needs no spectra
+  double flops = 0;
+  double seconds = 0;
+};
+
+// Where a rank of a service job stands, for TrainerHooks::OnProgress.
+struct TrainerProgress {
+  int64_t step = 0;            // steps completed
+  double train_loss = 0;       // this step's loss, nats per masked token
+  bool evaluated = false;      // an evaluation finished at `step` (val_loss, maybe test_loss)
+  double val_loss = 0;
+  bool has_test_loss = false;  // the test split was evaluated (validation improved)
+  double test_loss = 0;
+  double flops_total = 0;      // this rank's FLOPs so far
+  int active_modules = 0;      // under this step's mask
+  double wall_seconds = 0;     // training wall time so far (evaluation excluded)
+};
+
+// What mat-worker plugs into the training loop so that a rank of a data-parallel service job
+// trains under the coordinator's masks. All calls come from the thread running Trainer::Run.
+// Without hooks (mat-train) the Trainer's own Policy decides and nothing is reduced.
+class TrainerHooks {
+ public:
+  virtual ~TrainerHooks() = default;
+  // At every probe step (step % policy.probe_every == 0): `probe` holds this rank's λ (empty
+  // modules when the policy needs no spectra). Returns the masks from `step` until the next probe
+  // step; may block until the coordinator's mask for `step` arrives, and fails (ending Run with
+  // the error) when it does not arrive in time.
+  virtual absl::StatusOr<policy::MaskSchedule> Decide(int64_t step, const ProbeResult& probe) = 0;
+  // After backward, before the optimizer step: average the gradients over the ranks. `active`
+  // is this step's mask (masked-off modules have no gradient, identically on every rank).
+  virtual absl::Status ReduceGradients(const std::vector<uint8_t>& active) = 0;
+  // After every step (and its evaluation, if any).
+  virtual void OnProgress(const TrainerProgress& progress) = 0;
+  // Before every step: a non-OK status (e.g. CANCELLED) ends Run with it, without a checkpoint.
+  virtual absl::Status CheckContinue() = 0;
+};
+
 struct TrainerOptions {
   std::string out_dir;       // created if missing
   bool progress_bar = false;  // a live line on a terminal instead of one log line per evaluation
   bool resume = false;        // continue from out_dir/checkpoint.pt (or its .prev) when present
-};
-
-struct ProbeResult {
-  std::vector<spectral::ModuleSpectrum> modules;
-  double flops = 0;
-  double seconds = 0;
+  // Data parallelism (mat-worker): this rank reads every world_size-th block of the shuffled
+  // training data and takes train.batch_size / world_size samples a step; only rank 0 evaluates.
+  // REQUIRES: 0 <= rank < world_size, batch_size % world_size == 0.
+  int rank = 0;
+  int world_size = 1;
+  // Borrowed; must outlive Run. nullptr: mat-train (local policy, no reduction).
+  TrainerHooks* hooks = nullptr;
 };
 
 class Trainer {
@@ -121,6 +161,9 @@ class Trainer {
   double loss_sum_ = 0;          // train loss since the last evaluation
   int64_t loss_count_ = 0;
   double active_sum_ = 0;        // Σ over steps of the active fraction
+  // Service jobs (hooks set): the coordinator's masks since the latest probe step.
+  policy::MaskSchedule schedule_;
+  bool has_schedule_ = false;
 };
 
 }  // namespace mat::worker

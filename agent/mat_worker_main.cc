@@ -1,0 +1,81 @@
+// mat-worker: flags -> WorkerAgentConfig, run the agent until SIGTERM/SIGINT (or a Drain).
+// Exit codes: 0 after a stop, 1 when the agent cannot start, 2 for bad flags.
+#include <signal.h>
+
+#include <iostream>
+#include <thread>
+
+#include "CLI/CLI.hpp"
+#include "agent/worker_agent.h"
+#include "common/allocator.h"
+#include "common/logging.h"
+#include "spdlog/spdlog.h"
+
+int main(int argc, char** argv) {
+  mat::agent::WorkerAgentConfig config;
+  std::string log_level = "info";
+  bool log_json = false;
+  int64_t mask_timeout_ms = config.mask_timeout.count();
+  int64_t rendezvous_timeout_ms = config.rendezvous_timeout.count();
+  CLI::App app{"mat-worker: trains ranks of MAT jobs for a mat-coordinator"};
+  app.add_option("--coordinator", config.coordinator_address, "coordinator HOST:PORT")
+      ->capture_default_str();
+  app.add_option("--work-dir", config.work_dir,
+                 "checkpoints, logs and worker.id (created if missing)")
+      ->capture_default_str();
+  app.add_option("--device", config.device, "cpu or cuda:N")->capture_default_str();
+  app.add_option("--host", config.host, "address other ranks reach this worker at")
+      ->capture_default_str();
+  app.add_option("--rendezvous-port", config.rendezvous_port,
+                 "TCP port for a job's c10d store when this worker is rank 0 (0: a free one)")
+      ->capture_default_str();
+  app.add_option("--threads", config.threads,
+                 "intra-op threads per rank (0: the job's train.threads)")
+      ->capture_default_str();
+  app.add_option("--mask-timeout-ms", mask_timeout_ms,
+                 "how long a rank waits for a due mask before failing (milliseconds)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--rendezvous-timeout-ms", rendezvous_timeout_ms,
+                 "how long forming a job's process group may take (milliseconds)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
+  app.add_flag("--log-json", log_json, "one JSON object per log line");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  config.mask_timeout = std::chrono::milliseconds(mask_timeout_ms);
+  config.rendezvous_timeout = std::chrono::milliseconds(rendezvous_timeout_ms);
+  mat::common::InitLogging(log_level, log_json);
+  mat::common::ConfigureAllocatorForTraining();
+
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  auto agent = mat::agent::WorkerAgent::Create(config);
+  if (!agent.ok()) {
+    std::cerr << "mat-worker: " << agent.status().ToString() << "\n";
+    return 1;
+  }
+  std::thread signals([&] {
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    spdlog::info("signal {}: stopping", signal);
+    (*agent)->Shutdown();
+  });
+  signals.detach();
+  absl::Status status = (*agent)->Run();
+  if (!status.ok()) {
+    std::cerr << "mat-worker: " << status.ToString() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,304 @@
+#include "agent/worker_agent.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/file_util.h"
+#include "common/status.h"
+#include "spdlog/spdlog.h"
+
+namespace mat::agent {
+namespace {
+
+// A TCP port that is free right now (bound to port 0 and released).
+absl::StatusOr<int> PickFreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::UnavailableError("cannot open a socket to pick a rendezvous port");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ::close(fd);
+    return absl::UnavailableError("cannot bind a socket to pick a rendezvous port");
+  }
+  ::close(fd);
+  return int(ntohs(addr.sin_port));
+}
+
+int64_t PhysicalMemoryBytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), size = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && size > 0 ? int64_t(pages) * int64_t(size) : 0;
+}
+
+bool ValidDevice(const std::string& d) {
+  if (d == "cpu") return true;
+  if (d.rfind("cuda:", 0) != 0 || d.size() == 5) return false;
+  return d.find_first_not_of("0123456789", 5) == std::string::npos;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConfig config) {
+  if (config.coordinator_address.empty()) {
+    return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
+  }
+  if (!ValidDevice(config.device)) {
+    return absl::InvalidArgumentError("--device '" + config.device +
+                                      "' is not cpu or cuda:N");
+  }
+  if (config.host.empty()) return absl::InvalidArgumentError("--host is empty");
+  if (config.rendezvous_port < 0 || config.rendezvous_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--rendezvous-port ", config.rendezvous_port, " is not in 0..65535"));
+  }
+  if (config.threads < 0) return absl::InvalidArgumentError("--threads is negative");
+  MAT_RETURN_IF_ERROR(common::MakeDirs(config.work_dir));
+  if (config.rendezvous_port == 0) {
+    MAT_ASSIGN_OR_RETURN(config.rendezvous_port, PickFreePort());
+  }
+  if (config.memory_bytes <= 0) config.memory_bytes = PhysicalMemoryBytes();
+  std::unique_ptr<WorkerAgent> agent(new WorkerAgent(std::move(config)));
+  auto saved = common::ReadFile(agent->config_.work_dir + "/worker.id");
+  if (saved.ok()) {
+    std::string id = *saved;
+    while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
+    agent->worker_id_ = id;
+  }
+  return agent;
+}
+
+WorkerAgent::WorkerAgent(WorkerAgentConfig config) : config_(std::move(config)) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  channel_ = grpc::CreateCustomChannel(config_.coordinator_address,
+                                       grpc::InsecureChannelCredentials(), args);
+  stub_ = v1::WorkerService::NewStub(channel_);
+}
+
+WorkerAgent::~WorkerAgent() {
+  Shutdown();
+  ReapRunner(true, "worker shutting down");
+}
+
+std::string WorkerAgent::worker_id() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return worker_id_;
+}
+
+void WorkerAgent::Shutdown() {
+  stopping_.store(true);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (session_context_ != nullptr) session_context_->TryCancel();
+  cv_.notify_all();
+}
+
+absl::Status WorkerAgent::Run() {
+  while (!stopping_.load()) {
+    if (!RegisterLoop()) break;
+    SessionLoop();
+    ReapRunner(true, "the coordinator session ended");
+    if (stopping_.load()) break;
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
+  }
+  ReapRunner(true, "worker shutting down");
+  spdlog::info("worker {} stopped", worker_id());
+  return absl::OkStatus();
+}
+
+bool WorkerAgent::RegisterLoop() {
+  bool warned = false;
+  while (!stopping_.load()) {
+    v1::RegisterRequest request;
+    request.set_worker_id(worker_id());
+    v1::WorkerCapabilities* caps = request.mutable_capabilities();
+    caps->set_device(config_.device);
+    caps->set_memory_bytes(config_.memory_bytes);
+    caps->set_host(config_.host);
+    caps->set_rendezvous_port(config_.rendezvous_port);
+    v1::RegisterReply reply;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::Status status = stub_->Register(&context, request, &reply);
+    if (status.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        worker_id_ = reply.worker_id();
+        heartbeat_interval_ms_ = std::max<int64_t>(10, reply.heartbeat_interval_ms());
+      }
+      absl::Status saved =
+          common::WriteFileAtomic(config_.work_dir + "/worker.id", reply.worker_id() + "\n");
+      if (!saved.ok()) spdlog::warn("cannot save the worker id: {}", saved.ToString());
+      spdlog::info("registered with {} as {} (device {}, rendezvous {}:{})",
+                   config_.coordinator_address, reply.worker_id(), config_.device, config_.host,
+                   config_.rendezvous_port);
+      return true;
+    }
+    if (status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+      spdlog::error("the coordinator refused this worker: {}", status.error_message());
+      stopping_.store(true);
+      return false;
+    }
+    if (!warned) {
+      spdlog::warn("cannot register with the coordinator at {} ({}); retrying every {} ms",
+                   config_.coordinator_address, status.error_message(),
+                   config_.reconnect_interval.count());
+      warned = true;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
+  }
+  return false;
+}
+
+v1::WorkerMessage WorkerAgent::Heartbeat() {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker_id());
+  v1::Heartbeat* hb = m.mutable_heartbeat();
+  hb->set_sent_time_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count());
+  std::lock_guard<std::mutex> lock(mu_);
+  if (runner_ != nullptr && !runner_->done()) hb->add_job_ids(runner_->job_id());
+  return m;
+}
+
+bool WorkerAgent::Send(const v1::WorkerMessage& message) {
+  std::lock_guard<std::mutex> write_lock(write_mu_);
+  grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stream = stream_;
+  }
+  if (stream == nullptr) return false;
+  return stream->Write(message);
+}
+
+void WorkerAgent::SessionLoop() {
+  grpc::ClientContext context;
+  auto stream = stub_->Session(&context);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    session_context_ = &context;
+    stream_ = stream.get();
+    if (stopping_.load()) context.TryCancel();
+  }
+  std::thread heartbeats;
+  if (Send(Heartbeat())) {
+    heartbeats = std::thread([this, s = stream.get()] { HeartbeatLoop(s); });
+    v1::CoordinatorMessage message;
+    while (stream->Read(&message)) Dispatch(message);
+  }
+  {
+    std::lock_guard<std::mutex> write_lock(write_mu_);
+    std::lock_guard<std::mutex> lock(mu_);
+    stream_ = nullptr;
+    cv_.notify_all();
+  }
+  if (heartbeats.joinable()) heartbeats.join();
+  grpc::Status status = stream->Finish();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    session_context_ = nullptr;
+  }
+  if (!stopping_.load()) {
+    spdlog::warn("session with the coordinator at {} ended: {} {}", config_.coordinator_address,
+                 int(status.error_code()), status.error_message());
+  }
+}
+
+void WorkerAgent::HeartbeatLoop(
+    grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream) {
+  while (true) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const auto interval = std::chrono::milliseconds(heartbeat_interval_ms_);
+    cv_.wait_for(lock, interval, [&] { return stopping_.load() || stream_ != stream; });
+    if (stopping_.load() || stream_ != stream) return;
+    lock.unlock();
+    Send(Heartbeat());
+  }
+}
+
+void WorkerAgent::ReapRunner(bool stop, const std::string& reason) {
+  std::unique_ptr<RankRunner> runner;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (runner_ == nullptr || (!stop && !runner_->done())) return;
+    runner = std::move(runner_);
+  }
+  runner->Cancel(reason);
+  runner->Join();
+}
+
+void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
+  switch (message.body_case()) {
+    case v1::CoordinatorMessage::kAssign: {
+      const v1::Assign& a = message.assign();
+      ReapRunner(false, "");
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (runner_ != nullptr) {
+          spdlog::error("assigned rank {} of {} while still running {}; ignoring it", a.rank(),
+                        a.job_id(), runner_->job_id());
+          return;
+        }
+      }
+      spdlog::info("assigned rank {}/{} of {} (attempt {})", a.rank(), a.world_size(), a.job_id(),
+                   a.attempt());
+      RankRunnerOptions o;
+      o.worker_id = worker_id();
+      o.work_dir = config_.work_dir;
+      o.device = config_.device;
+      o.local_host = config_.host;
+      o.threads = config_.threads;
+      o.mask_timeout = config_.mask_timeout;
+      o.rendezvous_timeout = config_.rendezvous_timeout;
+      o.progress_interval = config_.progress_interval;
+      auto runner = std::make_unique<RankRunner>(a, o, [this](const v1::WorkerMessage& m) {
+        return Send(m);
+      });
+      runner->Start();
+      std::lock_guard<std::mutex> lock(mu_);
+      runner_ = std::move(runner);
+      return;
+    }
+    case v1::CoordinatorMessage::kMask: {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (runner_ != nullptr && runner_->job_id() == message.mask().job_id()) {
+        runner_->OnMask(message.mask());
+      }
+      return;
+    }
+    case v1::CoordinatorMessage::kCancel: {
+      spdlog::info("coordinator cancelled {}: {}", message.cancel().job_id(),
+                   message.cancel().reason());
+      std::lock_guard<std::mutex> lock(mu_);
+      if (runner_ != nullptr && runner_->job_id() == message.cancel().job_id()) {
+        runner_->Cancel(message.cancel().reason());
+      }
+      return;
+    }
+    case v1::CoordinatorMessage::kDrain:
+      spdlog::info("coordinator asked this worker to drain: {}", message.drain().reason());
+      Shutdown();
+      return;
+    case v1::CoordinatorMessage::kReject:
+      spdlog::error("coordinator refused a message about {}: {} (code {})",
+                    message.reject().job_id(), message.reject().message(),
+                    message.reject().code());
+      return;
+    default:
+      spdlog::warn("ignoring a coordinator message this worker does not know (field {})",
+                   int(message.body_case()));
+  }
+}
+
+}  // namespace mat::agent

@@ -1,0 +1,96 @@
+// WorkerAgent: everything `mat-worker` does, as a library (main only fills the config, starts it
+// and turns SIGTERM/SIGINT into Shutdown).
+//
+//   1. Register with the coordinator (retrying every reconnect_interval while it is down), with
+//      the worker id saved in <work_dir>/worker.id when there is one, so a restarted worker keeps
+//      its id; the rendezvous port is reserved at start (a free one when 0).
+//   2. Open the Session stream, send a Heartbeat at once and then every heartbeat interval the
+//      coordinator asked for (listing the job this worker runs a rank of).
+//   3. Assign starts a RankRunner (agent/rank_runner.h); MaskUpdate goes to it; Cancel stops it;
+//      Reject is logged (the runner fails on its own when the coordinator cannot serve it);
+//      Drain stops it and ends the agent.
+//   4. When the session breaks (coordinator gone or restarted), the running rank is cancelled (the
+//      coordinator has failed its job) and the agent registers again with the same id.
+//
+// Thread-safety: Run blocks on the calling thread; Shutdown may be called from any thread, once
+// or more. Not copyable.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "agent/rank_runner.h"
+#include "mat/v1/service.grpc.pb.h"
+
+namespace mat::agent {
+
+// Every tunable of mat-worker, with its default. Flags only fill this.
+struct WorkerAgentConfig {
+  std::string coordinator_address = "127.0.0.1:50051";  // HOST:PORT of mat-coordinator
+  std::string work_dir = ".mat/worker";  // checkpoints, logs, worker.id; created with parents
+  std::string device = "cpu";            // "cpu" | "cuda:N": where this worker trains
+  std::string host = "127.0.0.1";        // the address other ranks reach this worker at
+  int rendezvous_port = 0;               // TCP port for a job's c10d store when rank 0; 0 = free
+  int threads = 0;                       // > 0: intra-op threads per rank (overrides the spec)
+  int64_t memory_bytes = 0;              // advertised; 0 = this machine's physical memory
+  std::chrono::milliseconds mask_timeout{120000};        // wait for a due mask, then fail
+  std::chrono::milliseconds rendezvous_timeout{120000};  // process group formation
+  std::chrono::milliseconds reconnect_interval{1000};    // between Register attempts
+  std::chrono::milliseconds progress_interval{1000};     // Progress at most this often
+};
+
+class WorkerAgent {
+ public:
+  // Validates the config (INVALID_ARGUMENT naming the flag), creates the work dir, reserves the
+  // rendezvous port. Does not contact the coordinator yet.
+  static absl::StatusOr<std::unique_ptr<WorkerAgent>> Create(WorkerAgentConfig config);
+  ~WorkerAgent();
+  WorkerAgent(const WorkerAgent&) = delete;
+  WorkerAgent& operator=(const WorkerAgent&) = delete;
+
+  // Serves until Shutdown (OK) or a Drain (OK). Errors only for a broken work dir.
+  absl::Status Run();
+  // Stops: cancels the running rank, closes the session; Run returns.
+  void Shutdown();
+
+  // The id the coordinator gave ("" before the first registration).
+  std::string worker_id() const;
+  int rendezvous_port() const { return config_.rendezvous_port; }
+
+ private:
+  explicit WorkerAgent(WorkerAgentConfig config);
+  // Registers (retrying); false when shut down meanwhile.
+  bool RegisterLoop();
+  // One session until it ends.
+  void SessionLoop();
+  void HeartbeatLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream);
+  void Dispatch(const v1::CoordinatorMessage& message);
+  bool Send(const v1::WorkerMessage& message);
+  v1::WorkerMessage Heartbeat();
+  // Joins a finished runner; stops and joins a running one when `stop`.
+  void ReapRunner(bool stop, const std::string& reason);
+
+  WorkerAgentConfig config_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::WorkerService::Stub> stub_;
+  std::atomic<bool> stopping_{false};
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::string worker_id_;                       // guarded by mu_
+  int64_t heartbeat_interval_ms_ = 1000;        // guarded by mu_
+  grpc::ClientContext* session_context_ = nullptr;  // guarded by mu_; the open session's
+  grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream_ = nullptr;  // mu_
+  std::mutex write_mu_;                         // one Write at a time
+  std::unique_ptr<RankRunner> runner_;          // the reader thread (Run) only
+};
+
+}  // namespace mat::agent

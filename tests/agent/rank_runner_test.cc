@@ -1,0 +1,142 @@
+// RankRunner's protocol side without a coordinator: a fake session records what the rank sends.
+// Decide reports λ and blocks until the mask of its step arrives (then acks it), fails after the
+// bound, and stops on Cancel; the bit strings decode LSB-first; a bad mask is refused.
+#include "agent/rank_runner.h"
+
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace mat::agent {
+namespace {
+
+using namespace std::chrono_literals;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+class FakeSession {
+ public:
+  bool Send(const v1::WorkerMessage& m) {
+    std::lock_guard<std::mutex> lock(mu_);
+    sent_.push_back(m);
+    return true;
+  }
+  std::vector<v1::WorkerMessage> sent() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return sent_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<v1::WorkerMessage> sent_;
+};
+
+v1::Assign MakeAssign() {
+  v1::Assign a;
+  a.set_job_id("job-000007");
+  a.set_rank(1);
+  a.set_world_size(2);
+  return a;
+}
+
+v1::MaskUpdate MakeMask(int64_t version, int64_t step, std::string bits, int n) {
+  v1::MaskUpdate m;
+  m.set_job_id("job-000007");
+  m.set_mask_version(version);
+  m.set_effective_step(step);
+  m.set_bits(std::move(bits));
+  m.set_num_modules(n);
+  return m;
+}
+
+class RankRunnerTest : public ::testing::Test {
+ protected:
+  RankRunner MakeRunner(std::chrono::milliseconds timeout) {
+    RankRunnerOptions o;
+    o.worker_id = "worker-000002";
+    o.mask_timeout = timeout;
+    return RankRunner(MakeAssign(), o, [this](const v1::WorkerMessage& m) { return session_.Send(m); });
+  }
+  FakeSession session_;
+};
+
+TEST(ScheduleFromMaskUpdateTest, DecodesBitsLeastSignificantFirst) {
+  // 10 modules: byte 0 = 0b00100101 -> modules 0, 2, 5; byte 1 = 0b10 -> module 9.
+  v1::MaskUpdate m = MakeMask(1, 0, std::string("\x25\x02", 2), 10);
+  auto s = ScheduleFromMaskUpdate(m, 10);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_THAT(s->every_step, ElementsAre(1, 0, 1, 0, 0, 1, 0, 0, 0, 1));
+  EXPECT_EQ(s->slow_every, 0);
+  m.set_slow_bits(std::string("\x02\x00", 2));
+  m.set_slow_every_steps(4);
+  s = ScheduleFromMaskUpdate(m, 10);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_THAT(s->slow, ElementsAre(0, 1, 0, 0, 0, 0, 0, 0, 0, 0));
+  EXPECT_EQ(s->slow_every, 4);
+}
+
+TEST(ScheduleFromMaskUpdateTest, RefusesWrongSizes) {
+  EXPECT_EQ(ScheduleFromMaskUpdate(MakeMask(1, 0, "\x01", 10), 10).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ScheduleFromMaskUpdate(MakeMask(1, 0, "\x01", 8), 9).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  v1::MaskUpdate m = MakeMask(1, 0, "\x01", 8);
+  m.set_slow_every_steps(2);  // but no slow_bits
+  EXPECT_EQ(ScheduleFromMaskUpdate(m, 8).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(RankRunnerTest, DecideReportsThenWaitsForTheMaskOfItsStepAndAcksIt) {
+  RankRunner runner = MakeRunner(10s);
+  worker::ProbeResult probe;
+  probe.modules.resize(3);
+  for (int i = 0; i < 3; ++i) probe.modules[i].lambda_max = 1.5 * (i + 1);
+  std::thread coordinator([&] {
+    std::this_thread::sleep_for(50ms);
+    runner.OnMask(MakeMask(3, 10, "\x05", 3));  // a mask for a later step: not this one
+    std::this_thread::sleep_for(50ms);
+    runner.OnMask(MakeMask(2, 20, "\x05", 3));  // older version than 3: ignored
+    runner.OnMask(MakeMask(4, 20, "\x06", 3));
+  });
+  auto schedule = runner.Decide(20, probe);
+  coordinator.join();
+  ASSERT_TRUE(schedule.ok()) << schedule.status();
+  EXPECT_THAT(schedule->every_step, ElementsAre(0, 1, 1));
+  std::vector<v1::WorkerMessage> sent = session_.sent();
+  ASSERT_EQ(sent.size(), 2u);
+  ASSERT_TRUE(sent[0].has_spectra());
+  EXPECT_EQ(sent[0].worker_id(), "worker-000002");
+  EXPECT_EQ(sent[0].spectra().job_id(), "job-000007");
+  EXPECT_EQ(sent[0].spectra().rank(), 1);
+  EXPECT_EQ(sent[0].spectra().step(), 20);
+  EXPECT_THAT(sent[0].spectra().lambda_max(), ElementsAre(1.5, 3.0, 4.5));
+  ASSERT_TRUE(sent[1].has_mask_ack());
+  EXPECT_EQ(sent[1].mask_ack().mask_version(), 4);
+}
+
+TEST_F(RankRunnerTest, DecideFailsWhenTheMaskDoesNotComeInTime) {
+  RankRunner runner = MakeRunner(100ms);
+  auto schedule = runner.Decide(0, worker::ProbeResult{});
+  EXPECT_EQ(schedule.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(std::string(schedule.status().message()), HasSubstr("no mask for step 0"));
+  // The report went out with no λ (a policy that needs none).
+  ASSERT_FALSE(session_.sent().empty());
+  EXPECT_EQ(session_.sent()[0].spectra().lambda_max_size(), 0);
+}
+
+TEST_F(RankRunnerTest, CancelWakesAWaitingDecideAndStopsTheLoop) {
+  RankRunner runner = MakeRunner(60s);
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(50ms);
+    runner.Cancel("cancelled by request");
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  auto schedule = runner.Decide(0, worker::ProbeResult{});
+  canceller.join();
+  EXPECT_EQ(schedule.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);
+  EXPECT_EQ(runner.CheckContinue().code(), absl::StatusCode::kCancelled);
+}
+
+}  // namespace
+}  // namespace mat::agent

@@ -1,0 +1,142 @@
+// GradientSync over a real ProcessGroupGloo: two ranks in two threads of this process, rendezvous
+// through a TCPStore on a free loopback port. Checks the averaged values (exact: small integers),
+// that masked-off modules are neither sent nor touched, the byte counts, and bucket boundaries.
+#include "worker/grad_sync.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <functional>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace mat::worker {
+namespace {
+
+// A free TCP port on 127.0.0.1 (bound and released).
+int FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// Shared [4], module 0: [2,3] + [3], module 1: [5], module 2: [2,2]. Gradients = (rank+1)·(i+1)
+// for element i of parameter p, plus 100·p, so the mean over ranks 0 and 1 is 1.5·(i+1) + 100·p.
+std::vector<ParamEntry> MakeParams(int rank) {
+  std::vector<std::pair<std::vector<int64_t>, int>> shapes = {
+      {{4}, -1}, {{2, 3}, 0}, {{3}, 0}, {{5}, 1}, {{2, 2}, 2}};
+  std::vector<ParamEntry> out;
+  for (size_t p = 0; p < shapes.size(); ++p) {
+    torch::Tensor t = torch::zeros(shapes[p].first);
+    const int64_t n = t.numel();
+    t.mutable_grad() = (torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p)
+                           .reshape(shapes[p].first);
+    out.push_back({"p" + std::to_string(p), t, shapes[p].second, true});
+  }
+  return out;
+}
+
+// Runs `body(rank, sync)` on two ranks at once.
+void OnTwoRanks(int64_t bucket_bytes,
+                const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body) {
+  const int port = FreePort();
+  auto run = [&](int rank) {
+    RendezvousOptions o;
+    o.master_host = "127.0.0.1";
+    o.master_port = port;
+    o.local_host = "127.0.0.1";
+    o.rank = rank;
+    o.world_size = 2;
+    o.prefix = "test/attempt-0";
+    o.timeout = std::chrono::milliseconds(20000);
+    auto group = ConnectProcessGroup(o);
+    ASSERT_TRUE(group.ok()) << group.status();
+    std::vector<ParamEntry> params = MakeParams(rank);
+    GradientSync sync(*group, params, bucket_bytes);
+    body(rank, sync, params);
+  };
+  std::thread r1(run, 1);
+  run(0);
+  r1.join();
+}
+
+TEST(GradientSyncTest, AveragesActiveModulesAndSkipsMaskedOnes) {
+  OnTwoRanks(1 << 20, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
+    ASSERT_EQ(sync.world_size(), 2);
+    const std::vector<uint8_t> active = {1, 0, 1};
+    ASSERT_TRUE(sync.AllReduce(active).ok());
+    for (size_t p = 0; p < params.size(); ++p) {
+      const torch::Tensor g = params[p].param.grad();
+      const int64_t n = g.numel();
+      torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
+      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * 1.5f + 100.0f * p;
+      const bool skipped = params[p].module == 1;
+      EXPECT_TRUE(torch::equal(g.reshape({-1}), skipped ? mine : mean))
+          << "rank " << rank << " parameter " << p;
+    }
+    // 4 + 6 + 3 + 4 floats sent, module 1's 5 floats skipped.
+    EXPECT_EQ(sync.stats().bytes_reduced, 17 * 4);
+    EXPECT_EQ(sync.stats().bytes_skipped, 5 * 4);
+    EXPECT_EQ(sync.BytesFor(active), 17 * 4);
+    EXPECT_EQ(sync.BytesFor({1, 1, 1}), 22 * 4);
+    EXPECT_EQ(sync.stats().buckets, 1);
+  });
+}
+
+TEST(GradientSyncTest, BucketsCloseOnlyAtModuleBoundaries) {
+  // 8-byte buckets: shared (16 B) alone, module 0 (36 B) whole, module 1, module 2: 4 buckets.
+  OnTwoRanks(8, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
+    ASSERT_TRUE(sync.AllReduce({1, 1, 1}).ok());
+    EXPECT_EQ(sync.stats().buckets, 4);
+    for (size_t p = 0; p < params.size(); ++p) {
+      const int64_t n = params[p].param.numel();
+      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * 1.5f + 100.0f * p;
+      EXPECT_TRUE(torch::equal(params[p].param.grad().reshape({-1}), mean)) << "rank " << rank;
+    }
+  });
+}
+
+TEST(GradientSyncTest, RejectsAMaskOfTheWrongSize) {
+  OnTwoRanks(1 << 20, [](int, GradientSync& sync, std::vector<ParamEntry>&) {
+    absl::Status s = sync.AllReduce({1, 1});
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  });
+}
+
+TEST(ConnectProcessGroupTest, ReportsAnUnreachableStoreNamingTheAddress) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = FreePort();  // nobody listens
+  o.rank = 1;
+  o.world_size = 2;
+  o.timeout = std::chrono::milliseconds(1500);
+  auto group = ConnectProcessGroup(o);
+  ASSERT_FALSE(group.ok());
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(group.status().message().find("127.0.0.1:" + std::to_string(o.master_port)),
+            std::string::npos)
+      << group.status();
+}
+
+TEST(ConnectProcessGroupTest, RejectsBadRankAndPort) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = 0;
+  o.world_size = 2;
+  EXPECT_EQ(ConnectProcessGroup(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.master_port = 1234;
+  o.rank = 2;
+  EXPECT_EQ(ConnectProcessGroup(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace mat::worker

@@ -1,0 +1,140 @@
+// ProcessGroupGloo.hpp declares its API only under this macro (LibTorch is built with Gloo).
+#define USE_C10D_GLOO 1
+#include "worker/grad_sync.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace mat::worker {
+
+absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
+    const RendezvousOptions& o) {
+  if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", o.rank, " is not in [0, world_size ", o.world_size, ")"));
+  }
+  if (o.master_port < 1 || o.master_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rendezvous port ", o.master_port, " is not in 1..65535"));
+  }
+  const std::string where = absl::StrCat(o.master_host, ":", o.master_port);
+  try {
+    c10d::TCPStoreOptions store_options;
+    store_options.port = static_cast<uint16_t>(o.master_port);
+    store_options.isServer = o.rank == 0;
+    store_options.numWorkers = static_cast<size_t>(o.world_size);
+    store_options.waitWorkers = true;
+    store_options.timeout = o.timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(o.master_host, store_options);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(o.prefix, store);
+    auto options = c10d::ProcessGroupGloo::Options::create(o.timeout);
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
+        o.local_host.empty() ? o.master_host : o.local_host));
+    options->threads = 2;
+    c10::intrusive_ptr<c10d::ProcessGroup> group =
+        c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.rank, o.world_size, options);
+    return group;
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("cannot form the process group of ", o.world_size,
+                                               " ranks at ", where, " as rank ", o.rank, ": ",
+                                               e.what()));
+  }
+}
+
+GradientSync::GradientSync(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                           std::vector<ParamEntry> params, int64_t bucket_bytes)
+    : group_(std::move(group)), params_(std::move(params)), bucket_bytes_(bucket_bytes) {
+  MAT_CHECK(group_) << "GradientSync needs a process group";
+  MAT_CHECK(bucket_bytes_ > 0) << "bucket_bytes must be positive";
+  for (const ParamEntry& p : params_) num_modules_ = std::max(num_modules_, p.module + 1);
+  // Shared parameters first, then modules in index order; the order of `params` within each.
+  std::stable_sort(params_.begin(), params_.end(), [](const ParamEntry& a, const ParamEntry& b) {
+    const int ka = a.module < 0 ? -1 : a.module, kb = b.module < 0 ? -1 : b.module;
+    return ka < kb;
+  });
+}
+
+int GradientSync::world_size() const { return group_->getSize(); }
+
+int64_t GradientSync::BytesFor(const std::vector<uint8_t>& active) const {
+  int64_t bytes = 0;
+  for (const ParamEntry& p : params_) {
+    if (p.module >= 0 && (size_t(p.module) >= active.size() || !active[p.module])) continue;
+    bytes += p.param.numel() * int64_t(p.param.element_size());
+  }
+  return bytes;
+}
+
+absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
+  if (active.size() != size_t(num_modules_)) {
+    return absl::InvalidArgumentError(absl::StrCat("mask has ", active.size(), " modules, the ",
+                                                   "model ", num_modules_));
+  }
+  torch::NoGradGuard no_grad;
+  struct Bucket {
+    std::vector<torch::Tensor> grads;  // views of the parameters' .grad()
+    int64_t numel = 0;
+    torch::Tensor flat;
+  };
+  std::vector<Bucket> buckets(1);
+  int64_t skipped = 0;
+  int previous_module = -2;
+  for (ParamEntry& p : params_) {
+    const int64_t bytes = p.param.numel() * int64_t(p.param.element_size());
+    if (p.module >= 0 && !active[p.module]) {
+      skipped += bytes;
+      continue;
+    }
+    torch::Tensor& grad = p.param.mutable_grad();
+    if (!grad.defined()) {
+      if (p.module >= 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("active module ", p.module, " parameter ", p.name, " has no gradient"));
+      }
+      grad = torch::zeros_like(p.param);
+    }
+    // A bucket closes only between modules (or before the first module).
+    const bool boundary = p.module != previous_module;
+    if (boundary && buckets.back().numel * int64_t(p.param.element_size()) >= bucket_bytes_) {
+      buckets.emplace_back();
+    }
+    previous_module = p.module;
+    buckets.back().grads.push_back(grad);
+    buckets.back().numel += grad.numel();
+  }
+  const double world = group_->getSize();
+  try {
+    std::vector<c10::intrusive_ptr<c10d::Work>> work;
+    for (Bucket& b : buckets) {
+      if (b.grads.empty()) continue;
+      std::vector<torch::Tensor> flat_views;
+      for (const torch::Tensor& g : b.grads) flat_views.push_back(g.reshape({-1}));
+      b.flat = torch::cat(flat_views);
+      std::vector<torch::Tensor> tensors{b.flat};
+      work.push_back(group_->allreduce(tensors));
+      stats_.bytes_reduced += b.flat.numel() * int64_t(b.flat.element_size());
+      ++stats_.buckets;
+    }
+    for (auto& w : work) w->wait();
+    for (Bucket& b : buckets) {
+      if (b.grads.empty()) continue;
+      b.flat.div_(world);
+      int64_t offset = 0;
+      for (torch::Tensor& g : b.grads) {
+        g.copy_(b.flat.narrow(0, offset, g.numel()).view_as(g));
+        offset += g.numel();
+      }
+    }
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("gradient all-reduce failed: ", e.what()));
+  }
+  stats_.bytes_skipped += skipped;
+  ++stats_.steps;
+  return absl::OkStatus();
+}
+
+}  // namespace mat::worker

@@ -1,0 +1,82 @@
+// Data parallelism for mat-worker: the job's c10d process group (TCPStore rendezvous +
+// ProcessGroupGloo) and gradient averaging in module-aligned buckets that skip masked-off modules.
+//
+// Buckets: every step the gradients to reduce are laid out in one fixed order: the parameters
+// outside any module (embeddings, layer norms, biases of unsliced maps, the decoder) first, then
+// the active modules' leaf tensors in module order. They are packed into flat float buffers of at
+// most `bucket_bytes` each (a bucket closes only at a module boundary, so a module is never split
+// and a masked-off module costs no bytes), every bucket is all-reduced (sum) asynchronously, then
+// divided by the world size and copied back. Every rank applies the same mask at the same step
+// (the coordinator's), so every rank builds the same buckets in the same order.
+//
+// Thread-safety: not thread-safe; called from the training thread only. Not copyable.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/torch.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "worker/optimizer.h"
+
+namespace mat::worker {
+
+struct RendezvousOptions {
+  std::string master_host;  // rank 0's host, where it listens with the TCPStore
+  int master_port = 0;      // 1..65535
+  std::string local_host;   // the address this rank's Gloo transport binds to (e.g. 127.0.0.1)
+  int rank = 0;
+  int world_size = 1;
+  std::string prefix;       // keys namespace, e.g. "job-000003/attempt-0": attempts never mix
+  std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
+};
+
+// The job's process group: rank 0 starts the TCPStore server on master_port; every rank connects
+// and builds a ProcessGroupGloo. UNAVAILABLE naming the address when the store cannot be reached
+// or the group not formed within `timeout`; INVALID_ARGUMENT for a bad rank/size/port.
+absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
+    const RendezvousOptions& options);
+
+struct GradSyncStats {
+  int64_t steps = 0;            // AllReduce calls
+  int64_t buckets = 0;          // buckets all-reduced, count
+  int64_t bytes_reduced = 0;    // gradient bytes this rank put into all-reduces
+  int64_t bytes_skipped = 0;    // gradient bytes of masked-off modules not sent
+};
+
+class GradientSync {
+ public:
+  // `params`: every trainable parameter with its module index (-1 = shared), as the optimizer
+  // sees them (BuildParamEntries). `group` is shared with the caller. bucket_bytes > 0.
+  GradientSync(c10::intrusive_ptr<c10d::ProcessGroup> group, std::vector<ParamEntry> params,
+               int64_t bucket_bytes = 16 << 20);
+  GradientSync(const GradientSync&) = delete;
+  GradientSync& operator=(const GradientSync&) = delete;
+
+  // Averages the gradients of the shared parameters and of the modules with active[m] = 1 over
+  // the ranks. A shared parameter without a gradient is reduced as zeros (and gets that
+  // gradient). REQUIRES: active.size() == number of modules; every active module's tensors have
+  // gradients. INTERNAL with the collective's error (e.g. a peer gone, a timeout).
+  absl::Status AllReduce(const std::vector<uint8_t>& active);
+
+  // Bytes AllReduce(active) puts into all-reduces, without communicating.
+  int64_t BytesFor(const std::vector<uint8_t>& active) const;
+
+  const GradSyncStats& stats() const { return stats_; }
+  int world_size() const;
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  std::vector<ParamEntry> params_;
+  int64_t bucket_bytes_;
+  int num_modules_ = 0;
+  GradSyncStats stats_;
+};
+
+}  // namespace mat::worker

@@ -109,6 +109,19 @@ absl::Status Walk(TrainConfig& c, const YAML::Node& node, const std::string& pre
     const bool section_name = prefix.empty() && (name == "model" || name == "data" ||
                                                  name == "train" || name == "policy");
     if (section_name && kv.second.IsNull()) continue;  // an empty section keeps the defaults
+    if (prefix.empty() && name == "resources") {
+      // A service job file (coordinator/job_spec.h) is a mat-train config plus `resources`;
+      // mat-train runs one process and ignores it, but still names a misspelt key.
+      if (kv.second.IsNull()) continue;
+      if (!kv.second.IsMap()) return absl::InvalidArgumentError(origin + ": resources must be a mapping");
+      for (const auto& r : kv.second) {
+        const std::string rkey = r.first.as<std::string>();
+        if (rkey != "workers" && rkey != "device") {
+          return absl::InvalidArgumentError(origin + ": unknown key 'resources." + rkey + "'");
+        }
+      }
+      continue;
+    }
     if (kv.second.IsMap()) {
       bool is_section = prefix.empty() && (name == "model" || name == "data" || name == "train" ||
                                            name == "policy");

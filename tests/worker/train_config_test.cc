@@ -105,6 +105,12 @@ TEST(TrainConfigTest, TinyExampleHasItsDocumentedValues) {
   EXPECT_EQ(c->policy.probe_samples, 8);
 }
 
+TEST(TrainConfigTest, AServiceJobFileIsAConfigWhoseResourcesAreIgnored) {
+  auto c = ParseTrainConfig("train: {steps: 7}\nresources: {workers: 2, device: cpu}\n", "job.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->train.steps, 7);
+}
+
 // Parse errors: the YAML, the key the message must name.
 struct BadYaml {
   std::string name, yaml, key;
@@ -139,7 +145,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadYaml{"MalformedFlow", "model: [1, 2\n", "not valid YAML"},
         BadYaml{"UnclosedFlowMap", "train: {steps: 3\n", "not valid YAML"},
         BadYaml{"UnclosedSequence", "policy:\n  kind: [full\n", "not valid YAML"},
-        BadYaml{"TopLevelSequence", "- a\n- b\n", "mapping"}),
+        BadYaml{"TopLevelSequence", "- a\n- b\n", "mapping"},
+        BadYaml{"UnknownResourcesKey", "resources: {workers: 2, gpus: 1}\n", "resources.gpus"},
+        BadYaml{"ResourcesNotAMapping", "resources: 2\n", "resources"}),
     [](const ::testing::TestParamInfo<BadYaml>& info) { return info.param.name; });
 
 // Validation errors: an override on top of valid defaults, the text the message must contain.

@@ -61,12 +61,26 @@ v1::Job JobRecordToProto(const JobRecord& record) {
   job.set_create_time_unix_seconds(record.created_unix_seconds);
   job.set_update_time_unix_seconds(record.updated_unix_seconds);
   job.set_error_message(record.error_message);
+  job.set_step(record.step);
+  job.set_summary_json(record.summary_json);
+  job.set_train_loss(record.train_loss);
+  if (record.val_loss) job.set_val_loss(*record.val_loss);
+  if (record.test_loss) job.set_test_loss(*record.test_loss);
+  job.set_active_modules(record.active_modules);
+  job.set_total_modules(record.total_modules);
+  job.set_mask_version(record.mask_version);
+  job.set_flops_total(record.flops_total);
+  job.set_wall_seconds(record.wall_seconds);
+  job.set_attempt(record.attempt);
   return job;
 }
 
 Coordinator::Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions options)
     : store_(std::move(store)), options_(std::move(options)) {
   MAT_CHECK(store_ != nullptr) << "Coordinator needs an open JobStore";
+  MAT_CHECK(options_.heartbeat_interval_ms > 0)
+      << "heartbeat_interval_ms must be > 0, got " << options_.heartbeat_interval_ms;
+  Recover();
 }
 
 Coordinator::~Coordinator() = default;
@@ -75,6 +89,13 @@ int64_t Coordinator::Now() const {
   if (options_.now_unix_seconds) return options_.now_unix_seconds();
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+int64_t Coordinator::NowMs() const {
+  if (options_.now_ms) return options_.now_ms();
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -88,6 +109,7 @@ absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& cli
                        store_->CreateJob(client_request_id, WithJobSpecDefaults(spec)));
   if (result.created) {
     spdlog::info("job {}: submitted (request id '{}')", result.job_id, client_request_id);
+    Schedule();
   }
   v1::SubmitJobReply reply;
   reply.set_job_id(result.job_id);
@@ -100,7 +122,18 @@ absl::StatusOr<v1::GetJobReply> Coordinator::GetJob(const std::string& job_id) {
   MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
   v1::GetJobReply reply;
   *reply.mutable_job() = JobRecordToProto(record);
-  // Ranks come from the scheduler's assignments and the workers' reports (next slice).
+  MAT_ASSIGN_OR_RETURN(std::vector<AssignmentRecord> assignments,
+                       store_->ListAssignments(job_id));
+  // A start that failed half way may leave rows of a job that is still queued.
+  if (record.state == v1::JOB_STATE_QUEUED) assignments.clear();
+  for (const AssignmentRecord& a : assignments) {
+    v1::RankStatus* rank = reply.add_ranks();
+    rank->set_rank(a.rank);
+    rank->set_worker_id(a.worker_id);
+    rank->set_step(a.step);
+    rank->set_mask_version(a.mask_version);
+    rank->set_param_checksum(a.param_checksum);
+  }
   return reply;
 }
 
@@ -123,9 +156,9 @@ absl::StatusOr<v1::CancelJobReply> Coordinator::CancelJob(const std::string& job
     return absl::FailedPreconditionError(absl::StrCat(
         "job ", job_id, " is already ", JobStateName(record.state), ": nothing to cancel"));
   }
-  // The scheduler (next slice) also tells the job's workers to stop.
-  MAT_RETURN_IF_ERROR(UpdateJobState(job_id, v1::JOB_STATE_CANCELLED,
-                                     reason.empty() ? "cancelled by request" : reason));
+  // Also tells the job's running ranks to stop and frees their workers.
+  MAT_RETURN_IF_ERROR(EndJob(job_id, v1::JOB_STATE_CANCELLED,
+                             reason.empty() ? "cancelled by request" : reason));
   v1::CancelJobReply reply;
   reply.set_state(v1::JOB_STATE_CANCELLED);
   return reply;
@@ -136,8 +169,15 @@ absl::StatusOr<v1::GetSpectraReply> Coordinator::GetSpectra(
   MAT_RETURN_IF_ERROR(CheckJobId(request.job_id()));
   MAT_ASSIGN_OR_RETURN(LambdaPage page, store_->GetLambdas(request.job_id(), request.page_size(),
                                                            request.page_token()));
+  MAT_ASSIGN_OR_RETURN(std::vector<ModuleRecord> modules, store_->GetModules(request.job_id()));
   v1::GetSpectraReply reply;
-  // modules: the job's ModuleList, once rank 0 declares it (next slice).
+  for (const ModuleRecord& m : modules) {
+    v1::ModuleDescriptor* out = reply.add_modules();
+    out->set_name(m.name);
+    out->set_group(m.group);
+    out->set_layer(m.layer);
+    out->set_index(m.index);
+  }
   for (const LambdaPoint& point : page.points) {
     v1::SpectraPoint* out = reply.add_points();
     out->set_step(point.step);

@@ -1,35 +1,65 @@
-// Coordinator: the coordinator daemon's domain object behind JobService (DESIGN §7, §8). It owns
-// the JobStore and answers the job RPCs in domain terms (mat.v1 messages in and out, absl::Status
-// errors), with no gRPC and no threads, so it is unit-tested without a network; the gRPC adapter
-// (coordinator/job_service.h) only converts and posts here.
+// Coordinator: the coordinator daemon's domain object behind JobService and WorkerService
+// (DESIGN §7, §8). It owns the JobStore, the worker sessions, the scheduler and one policy engine
+// per running job, and answers the RPCs in domain terms (mat.v1 messages in and out, absl::Status
+// errors), with no gRPC and no threads, so it is unit-tested without a network; the gRPC adapters
+// (coordinator/job_service.h and the worker service) only convert and post here.
 //
 //   SubmitJob   fills the spec's defaults, validates it (INVALID_ARGUMENT naming the field, also
-//               for fields this server does not know), stores it QUEUED; idempotent by
-//               client_request_id (ALREADY_EXISTS when reused for a different spec).
+//               for fields this server does not know), stores it QUEUED, runs the scheduler;
+//               idempotent by client_request_id (ALREADY_EXISTS when reused for a different spec).
 //   GetJob, ListJobs, GetSpectra   read the store (NOT_FOUND naming an unknown job).
-//   CancelJob   QUEUED | RUNNING | RESTARTING -> CANCELLED; FAILED_PRECONDITION when finished.
+//   CancelJob   QUEUED | RUNNING | RESTARTING -> CANCELLED, Cancel to every rank still running;
+//               FAILED_PRECONDITION when finished.
 //   WatchJob    subscribes a listener to a job's events (see JobEventListener).
-//   UpdateJobState, PublishJobEvent   for the scheduler and worker sessions (the next slice):
-//               every state change and progress event reaches the job's watchers.
+//   RegisterWorker, OpenSession, HandleWorkerMessage, CloseSession, CheckHeartbeats
+//               the session protocol of proto/mat/v1/service.proto (implemented in
+//               worker_sessions.cc and worker_sessions_reports.cc).
+//   UpdateJobState, PublishJobEvent   every state change and progress event reaches the job's
+//               watchers.
+//
+// Scheduling (Schedule): QUEUED jobs in submission order; a job starts when W =
+// spec.resources.workers IDLE workers of its device kind have open sessions ("cpu" jobs on
+// device "cpu" workers, "cuda" jobs on "cuda:N" workers), taking the idle workers in id order
+// (rank 0 = the first). A job that cannot start does not block later ones: a smaller or
+// other-device job behind it may start at once (backfilling, no reservation). The price: a large
+// job can wait as long as smaller jobs keep enough workers busy; the oldest such job still goes
+// first whenever enough workers are idle at one Schedule() call.
+//
+// Per running job the Coordinator keeps (in memory only) the ranks' workers and reports, the
+// λ probes still waiting for ranks, the latest mask version and the job's mat::policy::Policy
+// (made from the job spec when rank 0 declares its modules). The store keeps what must survive a
+// restart: assignments with each rank's step, acknowledged mask and checksum, the modules, the
+// λ history, the decisions, rank 0's progress and the summary.
+//
+// Restart: a Coordinator constructed on a store that holds RUNNING or RESTARTING jobs cannot
+// resume them (the per-job policy state and the sessions are gone), so the constructor moves
+// each to FAILED with "coordinator restarted while the job was running; resubmit it". QUEUED
+// jobs stay queued. Workers keep their ids across restarts: they reconnect by RegisterWorker
+// with their old worker_id, then OpenSession.
 //
 // A request with an empty job id is INVALID_ARGUMENT ("job_id is empty").
 //
-// What remains after an error: nothing was written and no event was published.
+// What remains after an error: nothing was written, no event was published and no worker was
+// sent anything, except where a method says otherwise (a refused worker message is answered with
+// a Reject; a NaN/Inf λ also fails its job).
 //
 // Thread-safety: not thread-safe; call on the coordinator loop (the daemon's one io_context
-// thread). Listeners are called on that same thread, from inside the call that caused the event.
-// Not copyable.
+// thread). Listeners and WorkerChannel methods are called on that same thread, from inside the
+// call that caused the event. Not copyable.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/job_store.h"
+#include "coordinator/policy/policy.h"
 #include "mat/v1/job.pb.h"
 #include "mat/v1/service.pb.h"
 
@@ -48,18 +78,41 @@ using WatchId = uint64_t;
 struct CoordinatorOptions {
   // Current time in seconds since the Unix epoch for events; the system clock when empty.
   std::function<int64_t()> now_unix_seconds;
+  // Current time in milliseconds (any epoch, monotonic) for heartbeats; steady_clock when empty.
+  std::function<int64_t()> now_ms;
+  // RegisterReply.heartbeat_interval_ms; a worker silent for 3 intervals is lost, milliseconds.
+  int64_t heartbeat_interval_ms = 1000;
+};
+
+// Where the Coordinator sends one worker's messages: the adapter's Session stream (which queues
+// them and writes one at a time) or a fake in unit tests.
+// Thread-safety: called on the coordinator loop only; an implementation may hand off to gRPC.
+class WorkerChannel {
+ public:
+  virtual ~WorkerChannel() = default;
+  // Queues `message` for the worker; never blocks.
+  virtual void Send(const v1::CoordinatorMessage& message) = 0;
+  // Ends the session with `status` once the queued messages are written. The Coordinator has
+  // already forgotten the channel when it calls this (no CloseSession follows for it).
+  virtual void Close(const absl::Status& status) = 0;
 };
 
 // True for SUCCEEDED, FAILED and CANCELLED.
 bool IsTerminalJobState(v1::JobState state);
 
-// The wire form of a stored job (step and summary_json stay 0 / "" until workers report them).
+// The wire form of a stored job (progress fields stay 0 / "" / unset until workers report them).
 v1::Job JobRecordToProto(const JobRecord& record);
+
+// The wire form of a mask: module i is bit (i % 8) of byte (i / 8), least significant bit first;
+// ceil(size / 8) bytes; a module is on when its entry is non-zero.
+std::string PackModuleBits(const std::vector<uint8_t>& on);
 
 class Coordinator {
  public:
   // Takes ownership of an open store. The store's own clock (JobStoreOptions) stamps jobs;
-  // `options.now_unix_seconds` stamps events.
+  // `options.now_unix_seconds` stamps events, `options.now_ms` times heartbeats. Fails every
+  // RUNNING or RESTARTING job of the store (see "Restart" above); a store error there is logged
+  // and leaves those jobs as they are.
   explicit Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions options = {});
   Coordinator(const Coordinator&) = delete;
   Coordinator& operator=(const Coordinator&) = delete;
@@ -76,18 +129,20 @@ class Coordinator {
   // watch it yet).
   absl::StatusOr<v1::SubmitJobReply> SubmitJob(const std::string& client_request_id,
                                                const v1::JobSpec& spec);
-  // NOT_FOUND naming the id. `ranks` is empty until the scheduler assigns workers.
+  // NOT_FOUND naming the id. `ranks` (from the store's assignments) is empty until the scheduler
+  // assigns workers.
   absl::StatusOr<v1::GetJobReply> GetJob(const std::string& job_id);
   // Jobs in submission order, paged (page_size 0 = 100, at most 1000; INVALID_ARGUMENT for a
   // negative size or a malformed token), only `states` when not empty.
   absl::StatusOr<v1::ListJobsReply> ListJobs(const v1::ListJobsRequest& request);
   // Moves the job to CANCELLED with `reason` (or "cancelled by request" when empty) as its
-  // error_message and publishes the change (its watchers get their last event).
+  // error_message and publishes the change (its watchers get their last event). Every rank still
+  // running gets Cancel {job, reason}; its worker becomes IDLE and the scheduler runs.
   // NOT_FOUND naming an unknown id; FAILED_PRECONDITION naming the state of a finished job.
   absl::StatusOr<v1::CancelJobReply> CancelJob(const std::string& job_id,
                                                const std::string& reason);
-  // λ_max history from the store, paged by probe steps (paging as ListJobs). `modules` is empty
-  // until workers declare them. NOT_FOUND for an unknown job.
+  // λ_max history from the store, paged by probe steps (paging as ListJobs). `modules` (every
+  // page) is empty until rank 0 declares them. NOT_FOUND for an unknown job.
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);
 
   // Subscribes `listener` to `job_id`. Before returning it calls the listener once with the
@@ -99,6 +154,74 @@ class Coordinator {
   void UnwatchJob(WatchId id);
   // Live subscriptions on `job_id` (for tests and metrics).
   int WatcherCount(const std::string& job_id) const;
+
+  // Every worker the store knows, by id, with its live state (IDLE/BUSY while its session is
+  // open, else DISCONNECTED). last_seen is live for an open session (the store's copy is written
+  // at most every kLastSeenPersistMs, and on open, close and state changes).
+  absl::StatusOr<v1::ListWorkersReply> ListWorkers();
+
+  // ----- WorkerService (the session protocol of proto/mat/v1/service.proto) -----
+
+  // Stores the worker (a new id "worker-000001"... when request.worker_id is empty; the same id
+  // when given, also one this store has never seen: a worker resuming after a coordinator lost
+  // its state). INVALID_ARGUMENT naming the field for an empty device, a device other than
+  // "cpu"/"cuda:N", a negative memory_bytes, an empty host, a rendezvous_port outside 1..65535 or
+  // a worker_id that is not 1..128 of [A-Za-z0-9._-]. Re-registering an id updates its
+  // capabilities (an open session and its rank are kept).
+  absl::StatusOr<v1::RegisterReply> RegisterWorker(const v1::RegisterRequest& request);
+  // A worker opened its Session; `first` is its first message (any body; usually a Heartbeat),
+  // handled as by HandleWorkerMessage once the session is open (a refused first message gets
+  // its Reject; the session is open all the same and OK is returned). INVALID_ARGUMENT for an
+  // empty worker_id; NOT_FOUND for an unregistered one; FAILED_PRECONDITION when that worker's
+  // session is already open (the old one stays). On OK the Coordinator keeps `channel` until
+  // CloseSession (or until it closes it) and runs the scheduler (the worker may get an Assign at
+  // once). REQUIRES: channel is not null.
+  absl::Status OpenSession(const v1::WorkerMessage& first, std::shared_ptr<WorkerChannel> channel);
+  // A message of an open session (NOT_FOUND when the worker has none, INVALID_ARGUMENT for an
+  // empty worker_id; no Reject then: there is no channel). Every message counts as a sign of
+  // life. When the result is not OK the Coordinator has already sent the worker a Reject
+  // {job_id, code, message} with it; the session stays open and nothing else changed, except
+  // that a NaN/Inf λ also fails its job. A message with no body is INVALID_ARGUMENT. Checks of
+  // the job messages, in order:
+  //   every job message  empty job_id INVALID_ARGUMENT; unknown job NOT_FOUND; the worker holds
+  //                      no such rank of the job NOT_FOUND ("worker-000002 runs no rank 1 of
+  //                      job-000003"); job not RUNNING FAILED_PRECONDITION; the rank already
+  //                      sent RankDone FAILED_PRECONDITION.
+  //   ModuleList   rank != 0 INVALID_ARGUMENT; a second, different list FAILED_PRECONDITION (an
+  //                identical one, from any rank, is accepted and changes nothing); empty or
+  //                invalid modules INVALID_ARGUMENT.
+  //   SpectraReport  no ModuleList yet FAILED_PRECONDITION; step < 0 or not a multiple of
+  //                policy.probe_every INVALID_ARGUMENT; lambda_max size != module count (or not
+  //                empty for a policy that needs no spectra), trace / effective_rank neither
+  //                empty nor one per module INVALID_ARGUMENT; NaN/Inf INVALID_ARGUMENT naming
+  //                rank, step, module index and name, and the job FAILS with that message (Cancel
+  //                to every rank); step <= the last decided step ABORTED (stale); a second report
+  //                of the rank for a pending step INVALID_ARGUMENT.
+  //   MaskAck      version < 1 or > the latest sent INVALID_ARGUMENT; below the rank's latest
+  //                ack ABORTED ("stale mask version 3, rank 0 already acknowledged 5").
+  //   Progress     step < 0, a non-finite loss, negative or non-finite flops_total /
+  //                wall_seconds, negative active_modules INVALID_ARGUMENT. Rank 0's is the job's
+  //                progress (stored, and published as JobProgress, plus JobEvaluation with a
+  //                val_loss); flops_total of the job sums every rank's latest.
+  //   RankDone     ok = false fails the job ("rank R (worker-…): <error>"; Cancel to the other
+  //                ranks still running); the last ok rank makes it SUCCEEDED with rank 0's
+  //                summary_json. Either way the sender becomes IDLE and the scheduler runs.
+  //   Heartbeat    never refused; a listed job id the worker runs no rank of (any more) gets a
+  //                Cancel for that job.
+  // A store error (UNAVAILABLE) is refused the same way and changes nothing in memory (a rank 0
+  // Progress may have stored the rank's step before its job write failed).
+  absl::Status HandleWorkerMessage(const v1::WorkerMessage& message);
+  // The worker's session ended (stream closed or broken); its channel is dropped without a call.
+  // A rank it ran fails its job ("worker-000002 (rank 1) lost: session closed"), the job's other
+  // ranks get Cancel and become IDLE. Unknown ids and workers without a session are a no-op.
+  void CloseSession(const std::string& worker_id);
+  // Call every heartbeat interval: a worker with an open session and no message for more than 3
+  // intervals is lost: its channel is closed (UNAVAILABLE "no heartbeat for N ms") and its job
+  // fails as by CloseSession ("worker-000002 (rank 1) lost: no heartbeat for N ms").
+  void CheckHeartbeats();
+  // Starts every QUEUED job that can start now (see the protocol's gang scheduling). Called by
+  // SubmitJob, OpenSession and whenever a worker becomes idle; public for tests.
+  void Schedule();
 
   // ----- for the scheduler and worker sessions -----
 
@@ -114,11 +237,121 @@ class Coordinator {
   // The store, for the scheduler and worker sessions (λ history, workers, assignments).
   JobStore& store() { return *store_; }
 
+  // The policy of a running job once rank 0 declared its modules, else null (for tests).
+  const policy::Policy* JobPolicy(const std::string& job_id) const;
+  // Workers with an open session (for tests and metrics).
+  int OpenSessionCount() const { return static_cast<int>(sessions_.size()); }
+
+  // The store's last_seen of a worker with an open session is refreshed at most this often
+  // (plus on open, close and state changes), milliseconds.
+  static constexpr int64_t kLastSeenPersistMs = 5000;
+
  private:
+  // One open Session.
+  struct Session {
+    std::shared_ptr<WorkerChannel> channel;
+    int64_t last_message_ms = 0;    // options_.now_ms of the latest message
+    int64_t last_persisted_ms = 0;  // when last_seen was last written to the store
+    std::string job_id;             // BUSY: the job it runs a rank of; "" = IDLE
+    int rank = -1;                  // BUSY: that rank
+  };
+  // One rank of a running job.
+  struct RankState {
+    std::string worker_id;
+    int64_t step = 0;            // latest Progress step
+    int64_t acked_version = 0;   // latest MaskAck
+    double flops_total = 0;      // latest Progress flops_total
+    bool done = false;           // sent RankDone ok
+    std::string param_checksum;  // from RankDone
+    std::string summary_json;    // from RankDone (rank 0)
+  };
+  // A probe step some ranks reported and others not yet.
+  struct PendingProbe {
+    std::vector<std::optional<std::vector<double>>> lambda;  // per rank; unset = not yet
+    int reported = 0;
+  };
+  // A RUNNING job started by this Coordinator. Erased when the job leaves RUNNING.
+  struct JobRuntime {
+    v1::JobSpec spec;
+    int world_size = 0;
+    std::vector<RankState> ranks;                // index = rank
+    policy::PolicyConfig policy_config;          // from the spec, at start
+    std::vector<policy::ModuleInfo> modules;     // rank 0's ModuleList; empty before
+    std::unique_ptr<policy::Policy> policy;      // made with the modules; null before
+    std::map<int64_t, PendingProbe> pending;     // probe step -> reports so far
+    // SpectraReports that arrived before rank 0's ModuleList (other ranks' streams may overtake
+    // it), replayed once it arrives; at most one per rank.
+    std::vector<std::pair<std::string, v1::SpectraReport>> early_reports;
+    int64_t last_decided_step = -1;
+    int64_t mask_version = 0;                    // latest MaskUpdate sent; 0 = none
+    int64_t rank0_step = -1;                     // rank 0's previous Progress, for steps/s
+    double rank0_wall_seconds = 0;
+  };
+
   int64_t Now() const;
+  int64_t NowMs() const;
   v1::JobEvent StateEvent(const JobRecord& job) const;
   // Calls every listener of event.job_id(); with `last`, each subscription is removed first.
   void Publish(const v1::JobEvent& event, bool last);
+
+  // ----- worker sessions (worker_sessions.cc) -----
+
+  // Fails RUNNING / RESTARTING jobs left by a previous process; loads the workers.
+  void Recover();
+  // Sends `message` to the worker's open session; no-op without one.
+  void SendTo(const std::string& worker_id, const v1::CoordinatorMessage& message);
+  void SendCancel(const std::string& worker_id, const std::string& job_id,
+                  const std::string& reason);
+  // Sets the worker IDLE or BUSY (job_id "" = IDLE) and persists last_seen.
+  void SetWorkerJob(const std::string& worker_id, const std::string& job_id, int rank);
+  // Writes last_seen to the store when `force` or kLastSeenPersistMs passed since the last write.
+  void PersistLastSeen(const std::string& worker_id, Session& session, bool force);
+  // Ends a job in `state` (FAILED, CANCELLED or SUCCEEDED) with `message`: UpdateJobState, then
+  // DetachJob and Schedule. On a store error nothing changed (the caller decides whether to
+  // DetachJob anyway).
+  absl::Status EndJob(const std::string& job_id, v1::JobState state, const std::string& message,
+                      const std::string& except_worker = "");
+  // The in-memory half of EndJob: every rank whose worker still runs the job (but
+  // `except_worker`) gets Cancel {job, message} when `cancel`, those workers become IDLE, the
+  // runtime is dropped. No-op for a job without runtime.
+  void DetachJob(const std::string& job_id, const std::string& message, bool cancel,
+                 const std::string& except_worker);
+  // EndJob(FAILED, message), and when the store refuses, DetachJob anyway (the job stays
+  // RUNNING in the store until the next start's Recover fails it) and Schedule.
+  void FailJob(const std::string& job_id, const std::string& message,
+               const std::string& except_worker = "");
+  // A session ended (closed or lost): forgets it and fails its job with "<worker> (rank R) lost:
+  // <why>".
+  void DropSession(const std::string& worker_id, const std::string& why);
+  // One scheduling pass over the QUEUED jobs (see Schedule).
+  void SchedulePass();
+  // Starts `job` on `workers` (rank order): assignments, runtime, BUSY workers, RUNNING, Assigns.
+  // A spec that is not a valid trainer config fails the job instead (OK is returned). On a store
+  // error nothing was sent and the workers stay IDLE (assignment rows may remain; they are
+  // replaced at the next start).
+  absl::Status StartJob(const JobRecord& job, const std::vector<std::string>& workers);
+  absl::Status HandleBody(const std::string& worker_id, const v1::WorkerMessage& message);
+  void HandleHeartbeat(const std::string& worker_id, const v1::Heartbeat& heartbeat);
+
+  // ----- job messages (worker_sessions_reports.cc) -----
+
+  // A rank of a running job, as CheckRank found it.
+  struct RankRef {
+    JobRuntime* job = nullptr;  // valid until the job ends
+    int rank = 0;
+  };
+  // The checks every job message shares (see HandleWorkerMessage). `rank` unset (ModuleList,
+  // which names none): whichever rank the worker holds.
+  absl::StatusOr<RankRef> CheckRank(const std::string& worker_id, const std::string& job_id,
+                                    std::optional<int> rank);
+  absl::Status HandleModuleList(const std::string& worker_id, const v1::ModuleList& list);
+  absl::Status HandleSpectra(const std::string& worker_id, const v1::SpectraReport& report);
+  // All ranks reported `step`: averages, observes, stores, sends the MaskUpdate.
+  absl::Status Decide(const std::string& job_id, JobRuntime& job, int64_t step,
+                      const std::vector<std::vector<double>>& lambda);
+  absl::Status HandleMaskAck(const std::string& worker_id, const v1::MaskAck& ack);
+  absl::Status HandleProgress(const std::string& worker_id, const v1::Progress& progress);
+  absl::Status HandleRankDone(const std::string& worker_id, const v1::RankDone& done);
 
   std::unique_ptr<JobStore> store_;
   CoordinatorOptions options_;
@@ -127,6 +360,17 @@ class Coordinator {
   // subscription has no entry.
   std::map<std::string, std::map<WatchId, JobEventListener>> watches_by_job_;
   std::map<WatchId, std::string> job_of_watch_;
+
+  // Every registered worker (the store's rows, kept in step with it), by id.
+  std::map<std::string, WorkerRecord> workers_;
+  // Open sessions by worker id (id order = scheduling order).
+  std::map<std::string, Session> sessions_;
+  // RUNNING jobs started by this Coordinator, by id.
+  std::map<std::string, JobRuntime> jobs_;
+  // True while Schedule() runs; a nested call (from a listener or a job ending inside it) only
+  // sets schedule_again_, and the running call makes another pass.
+  bool scheduling_ = false;
+  bool schedule_again_ = false;
 };
 
 }  // namespace mat::coordinator

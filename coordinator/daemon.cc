@@ -15,6 +15,7 @@
 #include "common/status.h"
 #include "coordinator/http_server.h"
 #include "coordinator/job_service.h"
+#include "coordinator/worker_service.h"
 #include "spdlog/spdlog.h"
 
 namespace mat::coordinator {
@@ -51,6 +52,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> CoordinatorDaemon::Start(
 
 absl::Status CoordinatorDaemon::StartImpl() {
   MAT_ASSIGN_OR_RETURN(const auto grpc_host_port, ParseHostPort(config_.listen_address));
+  if (config_.heartbeat_interval_ms < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "heartbeat interval must be >= 1 ms, got ", config_.heartbeat_interval_ms));
+  }
   if (!config_.metrics_listen_address.empty()) {
     MAT_RETURN_IF_ERROR(ParseHostPort(config_.metrics_listen_address).status());
   }
@@ -62,18 +67,26 @@ absl::Status CoordinatorDaemon::StartImpl() {
        {AddressFilePath(config_.state_dir), MetricsAddressFilePath(config_.state_dir)}) {
     std::remove(path.c_str());
   }
-  coordinator_ = std::make_unique<Coordinator>(std::move(store));
+  CoordinatorOptions coordinator_options;
+  coordinator_options.heartbeat_interval_ms = config_.heartbeat_interval_ms;
+  coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
+  heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   loop_thread_ = std::thread([this] { loop_.run(); });
+  boost::asio::post(loop_, [this] { ScheduleHeartbeatCheck(); });
 
   JobServiceOptions service_options;
   service_options.max_queued_watch_events = config_.max_queued_watch_events;
   job_service_ = std::make_unique<JobService>(loop_, *coordinator_, service_options);
+  WorkerServiceOptions worker_options;
+  worker_options.max_queued_session_messages = config_.max_queued_session_messages;
+  worker_service_ = std::make_unique<WorkerService>(loop_, *coordinator_, worker_options);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(config_.listen_address, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(job_service_.get());
+  builder.RegisterService(worker_service_.get());
   builder.SetMaxReceiveMessageSize(config_.max_receive_message_bytes);
   // gRPC sets SO_REUSEPORT by default, which would let a second coordinator share the port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -83,7 +96,8 @@ absl::Status CoordinatorDaemon::StartImpl() {
         absl::StrCat("cannot listen for gRPC on '", config_.listen_address, "'"));
   }
   grpc_address_ = JoinHostPort(grpc_host_port.first, port);
-  spdlog::info("listening on {} (gRPC: JobService, health, reflection)", grpc_address_);
+  spdlog::info("listening on {} (gRPC: JobService, WorkerService, health, reflection)",
+               grpc_address_);
 
   if (!config_.metrics_listen_address.empty()) {
     MAT_ASSIGN_OR_RETURN(
@@ -113,6 +127,16 @@ absl::Status CoordinatorDaemon::StartImpl() {
   return absl::OkStatus();
 }
 
+void CoordinatorDaemon::ScheduleHeartbeatCheck() {
+  if (heartbeats_stopped_) return;
+  heartbeat_timer_->expires_after(std::chrono::milliseconds(config_.heartbeat_interval_ms));
+  heartbeat_timer_->async_wait([this](const boost::system::error_code& error) {
+    if (error || heartbeats_stopped_) return;  // cancelled by Shutdown
+    coordinator_->CheckHeartbeats();
+    ScheduleHeartbeatCheck();
+  });
+}
+
 void CoordinatorDaemon::Post(std::function<void(Coordinator&)> fn) {
   boost::asio::post(loop_, [this, fn = std::move(fn)] { fn(*coordinator_); });
 }
@@ -121,6 +145,15 @@ void CoordinatorDaemon::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
   ready_ = false;
+  if (loop_thread_.joinable()) {
+    // The pending timer wait would keep the loop from returning.
+    boost::asio::post(loop_, [this] {
+      heartbeats_stopped_ = true;
+      heartbeat_timer_->cancel();
+    });
+  }
+  // Sessions last as long as their workers: end them now rather than after the grace period.
+  if (worker_service_ != nullptr) worker_service_->BeginShutdown();
   if (server_ != nullptr) {
     spdlog::info("shutting down: draining gRPC for up to {} s", config_.shutdown_grace_seconds);
     // The loop keeps running meanwhile: every outstanding RPC finishes there.
@@ -134,6 +167,8 @@ void CoordinatorDaemon::Shutdown() {
   work_guard_.reset();
   if (loop_thread_.joinable()) loop_thread_.join();  // runs what gRPC's last callbacks posted
   job_service_.reset();
+  worker_service_.reset();
+  heartbeat_timer_.reset();
   coordinator_.reset();  // closes the store and releases the state dir
   if (wrote_address_files_) {
     std::remove(AddressFilePath(config_.state_dir).c_str());

@@ -3,8 +3,10 @@
 // and waits for SIGTERM/SIGINT.
 //
 // One Boost.Asio io_context with one thread (the coordinator loop) owns the Coordinator and its
-// JobStore; the gRPC server (callback API) serves JobService through adapters that post to that
-// loop, plus grpc.health.v1.Health (SERVING while up) and server reflection. A second, small
+// JobStore; the gRPC server (callback API) serves JobService and WorkerService through adapters
+// that post to that loop, plus grpc.health.v1.Health (SERVING while up) and server reflection. A
+// timer on the loop calls Coordinator::CheckHeartbeats every heartbeat interval (workers silent
+// for 3 intervals are lost). A second, small
 // thread serves HTTP `/healthz` (200 "ok" while the process runs) and `/readyz` (200 "ready"
 // once the store is open and the gRPC server started, 503 while starting or draining) on the
 // metrics listener.
@@ -25,6 +27,7 @@
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -38,10 +41,12 @@ namespace mat::coordinator {
 
 class HttpServer;
 class JobService;
+class WorkerService;
 
 // Every tunable of mat-coordinator, with its default. Flags only fill this.
 struct CoordinatorDaemonConfig {
-  // gRPC listener (JobService, health, reflection), "HOST:PORT"; port 0 binds a free port.
+  // gRPC listener (JobService, WorkerService, health, reflection), "HOST:PORT"; port 0 binds a
+  // free port.
   std::string listen_address = "127.0.0.1:50051";
   // HTTP listener for /healthz and /readyz, "HOST:PORT" (port 0: a free port); "" = none.
   std::string metrics_listen_address = "127.0.0.1:9464";
@@ -58,6 +63,12 @@ struct CoordinatorDaemonConfig {
   int max_receive_message_bytes = 16 * 1024 * 1024;
   // Events queued per WatchJob stream before its progress events are dropped, count.
   int max_queued_watch_events = 1024;
+  // Workers must send something at least this often (RegisterReply.heartbeat_interval_ms); one
+  // silent for 3 intervals is lost. Also the period of the loss check, milliseconds >= 1.
+  int64_t heartbeat_interval_ms = 1000;
+  // Messages queued for a worker whose Session does not read them before it is handled as
+  // lost, count.
+  int max_queued_session_messages = 4096;
   // An HTTP client must send its whole request within this time, seconds.
   double http_request_timeout_seconds = 5;
 };
@@ -66,8 +77,9 @@ class CoordinatorDaemon {
  public:
   // Opens the store, starts the loop, the gRPC server and the HTTP listener, writes the address
   // files. FAILED_PRECONDITION when another coordinator holds state_dir; INVALID_ARGUMENT for a
-  // malformed address; UNAVAILABLE when a listener cannot be bound or the state cannot be
-  // written. After an error nothing keeps running and the state dir is released.
+  // malformed address or a heartbeat interval < 1 ms; UNAVAILABLE when a listener cannot be
+  // bound or the state cannot be written. After an error nothing keeps running and the state dir
+  // is released.
   static absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> Start(
       const CoordinatorDaemonConfig& config);
 
@@ -85,9 +97,10 @@ class CoordinatorDaemon {
   // REQUIRES: called before Shutdown (afterwards `fn` never runs).
   void Post(std::function<void(Coordinator&)> fn);
 
-  // Graceful stop: not ready, gRPC drained (in-flight RPCs get shutdown_grace_seconds, open
-  // WatchJob streams end CANCELLED), HTTP stopped, loop joined, store closed, address files
-  // removed. Idempotent.
+  // Graceful stop: not ready, heartbeat checks stopped, open Session streams end UNAVAILABLE at
+  // once (without failing their workers' jobs: see worker_service.h), gRPC drained (in-flight
+  // RPCs get shutdown_grace_seconds, open WatchJob streams end CANCELLED), HTTP stopped, loop
+  // joined, store closed, address files removed. Idempotent.
   void Shutdown();
 
   static std::string AddressFilePath(const std::string& state_dir);
@@ -97,13 +110,19 @@ class CoordinatorDaemon {
   explicit CoordinatorDaemon(CoordinatorDaemonConfig config);
 
   absl::Status StartImpl();
+  // Arms the heartbeat timer once more. Loop only.
+  void ScheduleHeartbeatCheck();
 
   const CoordinatorDaemonConfig config_;
   boost::asio::io_context loop_{1};
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_guard_;
   std::thread loop_thread_;
   std::unique_ptr<Coordinator> coordinator_;  // used on the loop only once the loop runs
-  std::unique_ptr<JobService> job_service_;   // outlives server_
+  std::unique_ptr<JobService> job_service_;        // outlives server_
+  std::unique_ptr<WorkerService> worker_service_;  // outlives server_ and the loop's last run
+  // Calls CheckHeartbeats every heartbeat_interval_ms; used on the loop only once it runs.
+  std::unique_ptr<boost::asio::steady_timer> heartbeat_timer_;
+  bool heartbeats_stopped_ = false;  // loop only
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpServer> http_;
   std::string grpc_address_;

@@ -7,25 +7,11 @@
 #include <boost/asio/post.hpp>
 
 #include "coordinator/grpc_status.h"
+#include "coordinator/run_on_loop.h"
 #include "spdlog/spdlog.h"
 
 namespace mat::coordinator {
 namespace {
-
-// Posts `call` (returning absl::StatusOr<Reply>) to the loop; there the reply is moved into
-// `*reply` and the RPC finished with the mapped status. gRPC keeps `reply` alive until Finish.
-template <typename Reply, typename Call>
-grpc::ServerUnaryReactor* RunOnLoop(boost::asio::io_context& loop,
-                                    grpc::CallbackServerContext* context, Reply* reply,
-                                    Call call) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  boost::asio::post(loop, [reactor, reply, call = std::move(call)]() mutable {
-    absl::StatusOr<Reply> result = call();
-    if (result.ok()) *reply = std::move(*result);
-    reactor->Finish(ToGrpcStatus(result.status()));
-  });
-  return reactor;
-}
 
 // One WatchJob call. Its state (below the marker) is touched on the loop only; gRPC's callbacks
 // post there. It deletes itself on the loop after OnDone, gRPC's last callback.
@@ -181,6 +167,12 @@ grpc::ServerUnaryReactor* JobService::GetSpectra(grpc::CallbackServerContext* co
                                                  v1::GetSpectraReply* reply) {
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.GetSpectra(*request); });
+}
+
+grpc::ServerUnaryReactor* JobService::ListWorkers(grpc::CallbackServerContext* context,
+                                                  const v1::ListWorkersRequest* request,
+                                                  v1::ListWorkersReply* reply) {
+  return RunOnLoop(loop_, context, reply, [this] { return coordinator_.ListWorkers(); });
 }
 
 }  // namespace mat::coordinator

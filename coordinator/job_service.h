@@ -2,8 +2,9 @@
 //
 // Every handler runs on a gRPC thread and never blocks it: it posts the work to the coordinator
 // loop (`loop`, the io_context whose one thread owns the Coordinator), which calls the
-// Coordinator and finishes the RPC there with ToGrpcStatus of the result. Every RPC is finished
-// exactly once.
+// Coordinator and finishes the RPC there with ToGrpcStatus of the result (RunOnLoop,
+// coordinator/run_on_loop.h). Every RPC is finished exactly once. ListWorkers is
+// Coordinator::ListWorkers (the workers of WorkerService, coordinator/worker_service.h).
 //
 // WatchJob is a server-streaming reactor fed from the loop: the job's current state first, then
 // every event, and the stream ends with OK after the event of a terminal state. It ends with
@@ -59,6 +60,9 @@ class JobService final : public v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* GetSpectra(grpc::CallbackServerContext* context,
                                        const v1::GetSpectraRequest* request,
                                        v1::GetSpectraReply* reply) override;
+  grpc::ServerUnaryReactor* ListWorkers(grpc::CallbackServerContext* context,
+                                        const v1::ListWorkersRequest* request,
+                                        v1::ListWorkersReply* reply) override;
 
  private:
   boost::asio::io_context& loop_;

@@ -1,4 +1,5 @@
-// Sections: schema · helpers · open · jobs · λ history and decisions · workers and assignments.
+// Sections: schema · helpers · open · jobs · modules · λ history and decisions · workers and
+// assignments.
 #include "coordinator/job_store.h"
 
 #include <fcntl.h>
@@ -76,9 +77,45 @@ CREATE TABLE decisions (
 ) WITHOUT ROWID;
 )sql";
 
+// Version 2: rank 0's progress, the mask and the summary on jobs; the rendezvous port of
+// workers; per-rank status on assignments; the modules table. Applied to a new database right
+// after kSchemaV1, and to a version-1 database by Open.
+constexpr const char* kMigrationV1ToV2 = R"sql(
+ALTER TABLE jobs ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN train_loss REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN val_loss REAL;
+ALTER TABLE jobs ADD COLUMN test_loss REAL;
+ALTER TABLE jobs ADD COLUMN flops_total REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN wall_seconds REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN mask_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN active_modules INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN total_modules INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN summary_json TEXT NOT NULL DEFAULT '';
+ALTER TABLE workers ADD COLUMN rendezvous_port INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE assignments ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE assignments ADD COLUMN mask_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE assignments ADD COLUMN param_checksum TEXT NOT NULL DEFAULT '';
+CREATE TABLE modules (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  module_index INTEGER NOT NULL CHECK (module_index >= 0),
+  name TEXT NOT NULL,
+  module_group TEXT NOT NULL,
+  layer INTEGER NOT NULL CHECK (layer >= 0),
+  index_in_layer INTEGER NOT NULL CHECK (index_in_layer >= 0),
+  PRIMARY KEY (job_id, module_index)
+) WITHOUT ROWID;
+)sql";
+
 constexpr const char* kJobColumns =
     "id, client_request_id, spec, state, created_unix_seconds, updated_unix_seconds, "
-    "error_message";
+    "error_message, step, train_loss, val_loss, test_loss, flops_total, wall_seconds, "
+    "mask_version, active_modules, total_modules, attempt, summary_json";
+constexpr int kJobColumnCount = 18;  // the columns of kJobColumns
+
+constexpr const char* kWorkerColumns =
+    "id, host, device, memory_bytes, registered_unix_seconds, last_seen_unix_seconds, "
+    "rendezvous_port";
 
 // ----- helpers -----
 
@@ -103,7 +140,56 @@ absl::StatusOr<JobRecord> ReadJob(const SqliteStatement& row) {
   job.created_unix_seconds = row.ColumnInt64(4);
   job.updated_unix_seconds = row.ColumnInt64(5);
   job.error_message = row.ColumnText(6);
+  job.step = row.ColumnInt64(7);
+  job.train_loss = row.ColumnDouble(8);
+  if (!row.ColumnIsNull(9)) job.val_loss = row.ColumnDouble(9);
+  if (!row.ColumnIsNull(10)) job.test_loss = row.ColumnDouble(10);
+  job.flops_total = row.ColumnDouble(11);
+  job.wall_seconds = row.ColumnDouble(12);
+  job.mask_version = row.ColumnInt64(13);
+  job.active_modules = row.ColumnInt64(14);
+  job.total_modules = row.ColumnInt64(15);
+  job.attempt = row.ColumnInt64(16);
+  job.summary_json = row.ColumnText(17);
   return job;
+}
+
+// Reads a row selected with kWorkerColumns.
+WorkerRecord ReadWorker(const SqliteStatement& row) {
+  WorkerRecord w;
+  w.id = row.ColumnText(0);
+  w.host = row.ColumnText(1);
+  w.device = row.ColumnText(2);
+  w.memory_bytes = row.ColumnInt64(3);
+  w.registered_unix_seconds = row.ColumnInt64(4);
+  w.last_seen_unix_seconds = row.ColumnInt64(5);
+  w.rendezvous_port = static_cast<int32_t>(row.ColumnInt64(6));
+  return w;
+}
+
+// INVALID_ARGUMENT naming `field` unless `value` is finite (and >= 0 when `non_negative`).
+absl::Status CheckNumber(const std::string& field, double value, bool non_negative) {
+  if (!std::isfinite(value)) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " must be a finite number, got ",
+                                                   std::isnan(value) ? "nan" : "inf"));
+  }
+  if (non_negative && value < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " must be >= 0, got ", value));
+  }
+  return absl::OkStatus();
+}
+
+// INVALID_ARGUMENT naming the first non-finite λ (as AppendLambdas documents).
+absl::Status CheckLambdas(const std::string& job_id, int64_t step,
+                          const std::vector<double>& lambda) {
+  for (size_t i = 0; i < lambda.size(); ++i) {
+    if (!std::isfinite(lambda[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("module ", i, ": lambda is ", std::isnan(lambda[i]) ? "nan" : "inf",
+                       " (job ", job_id, ", step ", step, ")"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 // Page size after defaults and clamping; INVALID_ARGUMENT when negative.
@@ -240,7 +326,9 @@ absl::Status JobStore::EnsureSchema() {
       db_->QueryText("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND "
                      "name = 'schema_version'"));
   if (exists == "0") {
+    // A new database: the first schema, then every migration, as an old file would get them.
     MAT_RETURN_IF_ERROR(db_->Exec(kSchemaV1));
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
     MAT_RETURN_IF_ERROR(
         db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
                                kJobStoreSchemaVersion, ")")));
@@ -256,10 +344,14 @@ absl::Status JobStore::EnsureSchema() {
         db_->path(), ": written by a newer coordinator (schema version ", version,
         "; this one reads up to ", kJobStoreSchemaVersion, ")"));
   }
-  if (version < kJobStoreSchemaVersion) {
-    // No released older schema exists yet; migrations go here.
+  if (version < 1) {
     return absl::DataLossError(
         absl::StrCat(db_->path(), ": unknown old schema version ", version));
+  }
+  if (version == 1) {
+    // In the same transaction: a failed migration leaves the version-1 file as it was.
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
+    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 2"));
   }
   return txn.Commit();
 }
@@ -365,7 +457,7 @@ absl::StatusOr<JobPage> JobStore::ListJobs(int page_size, const std::string& pag
     MAT_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) break;
     if (static_cast<int>(page.jobs.size()) == size) {
-      page.next_page_token = std::to_string(q.ColumnInt64(7));
+      page.next_page_token = std::to_string(q.ColumnInt64(kJobColumnCount));
       break;
     }
     MAT_ASSIGN_OR_RETURN(JobRecord job, ReadJob(q));
@@ -398,21 +490,130 @@ absl::Status JobStore::UpdateJobState(const std::string& job_id, v1::JobState st
   return txn.Commit();
 }
 
+absl::Status JobStore::UpdateJobProgress(const std::string& job_id,
+                                         const JobProgressUpdate& progress) {
+  if (progress.step < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", progress.step));
+  }
+  MAT_RETURN_IF_ERROR(CheckNumber("train_loss", progress.train_loss, false));
+  if (progress.val_loss) MAT_RETURN_IF_ERROR(CheckNumber("val_loss", *progress.val_loss, false));
+  if (progress.test_loss) {
+    MAT_RETURN_IF_ERROR(CheckNumber("test_loss", *progress.test_loss, false));
+  }
+  MAT_RETURN_IF_ERROR(CheckNumber("flops_total", progress.flops_total, true));
+  MAT_RETURN_IF_ERROR(CheckNumber("wall_seconds", progress.wall_seconds, true));
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  // COALESCE keeps the stored loss when the update has none (bound as NULL).
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement upd,
+      db_->Prepare("UPDATE jobs SET step = ?, train_loss = ?, val_loss = COALESCE(?, val_loss), "
+                   "test_loss = COALESCE(?, test_loss), flops_total = ?, wall_seconds = ? "
+                   "WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(1, progress.step));
+  MAT_RETURN_IF_ERROR(upd.BindDouble(2, progress.train_loss));
+  MAT_RETURN_IF_ERROR(progress.val_loss ? upd.BindDouble(3, *progress.val_loss) : upd.BindNull(3));
+  MAT_RETURN_IF_ERROR(progress.test_loss ? upd.BindDouble(4, *progress.test_loss)
+                                         : upd.BindNull(4));
+  MAT_RETURN_IF_ERROR(upd.BindDouble(5, progress.flops_total));
+  MAT_RETURN_IF_ERROR(upd.BindDouble(6, progress.wall_seconds));
+  MAT_RETURN_IF_ERROR(upd.BindText(7, job_id));
+  MAT_RETURN_IF_ERROR(upd.Run());
+  return txn.Commit();
+}
+
+absl::Status JobStore::SetJobSummary(const std::string& job_id, const std::string& summary_json) {
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
+                       db_->Prepare("UPDATE jobs SET summary_json = ? WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(upd.BindText(1, summary_json));
+  MAT_RETURN_IF_ERROR(upd.BindText(2, job_id));
+  MAT_RETURN_IF_ERROR(upd.Run());
+  return txn.Commit();
+}
+
+// ----- modules -----
+
+absl::Status JobStore::PutModules(const std::string& job_id,
+                                  const std::vector<ModuleRecord>& modules) {
+  if (modules.empty()) return absl::InvalidArgumentError("modules is empty");
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const ModuleRecord& m = modules[i];
+    if (m.name.empty() || m.group.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("module ", i, ": ", m.name.empty() ? "name" : "group", " is empty"));
+    }
+    if (m.layer < 0 || m.index < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "module ", i, " (", m.name, "): layer and index must be >= 0, got ", m.layer, " and ",
+          m.index));
+    }
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement del, db_->Prepare("DELETE FROM modules WHERE job_id = ?"));
+  MAT_RETURN_IF_ERROR(del.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(del.Run());
+  MAT_ASSIGN_OR_RETURN(SqliteStatement ins,
+                       db_->Prepare("INSERT INTO modules (job_id, module_index, name, "
+                                    "module_group, layer, index_in_layer) "
+                                    "VALUES (?, ?, ?, ?, ?, ?)"));
+  for (size_t i = 0; i < modules.size(); ++i) {
+    ins.Reset();
+    MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
+    MAT_RETURN_IF_ERROR(ins.BindInt64(2, static_cast<int64_t>(i)));
+    MAT_RETURN_IF_ERROR(ins.BindText(3, modules[i].name));
+    MAT_RETURN_IF_ERROR(ins.BindText(4, modules[i].group));
+    MAT_RETURN_IF_ERROR(ins.BindInt64(5, modules[i].layer));
+    MAT_RETURN_IF_ERROR(ins.BindInt64(6, modules[i].index));
+    MAT_RETURN_IF_ERROR(ins.Run());
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
+                       db_->Prepare("UPDATE jobs SET total_modules = ? WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(1, static_cast<int64_t>(modules.size())));
+  MAT_RETURN_IF_ERROR(upd.BindText(2, job_id));
+  MAT_RETURN_IF_ERROR(upd.Run());
+  return txn.Commit();
+}
+
+absl::StatusOr<std::vector<ModuleRecord>> JobStore::GetModules(const std::string& job_id) {
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare("SELECT module_index, name, module_group, layer, "
+                                    "index_in_layer FROM modules WHERE job_id = ? "
+                                    "ORDER BY module_index"));
+  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
+  std::vector<ModuleRecord> out;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    if (q.ColumnInt64(0) != static_cast<int64_t>(out.size())) {
+      return absl::DataLossError(
+          absl::StrCat("job ", job_id, ": module indices are not contiguous"));
+    }
+    out.push_back(ModuleRecord{q.ColumnText(1), q.ColumnText(2),
+                               static_cast<int32_t>(q.ColumnInt64(3)),
+                               static_cast<int32_t>(q.ColumnInt64(4))});
+  }
+  return out;
+}
+
 // ----- λ history and decisions -----
 
 absl::Status JobStore::AppendLambdas(const std::string& job_id, int64_t step,
                                      const std::vector<double>& lambda) {
   if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
   if (lambda.empty()) return absl::InvalidArgumentError("lambda is empty (no modules)");
-  for (size_t i = 0; i < lambda.size(); ++i) {
-    if (!std::isfinite(lambda[i])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("module ", i, ": lambda is ", std::isnan(lambda[i]) ? "nan" : "inf",
-                       " (job ", job_id, ", step ", step, ")"));
-    }
-  }
+  MAT_RETURN_IF_ERROR(CheckLambdas(job_id, step, lambda));
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_RETURN_IF_ERROR(WriteLambdas(job_id, step, lambda));
+  return txn.Commit();
+}
+
+absl::Status JobStore::WriteLambdas(const std::string& job_id, int64_t step,
+                                    const std::vector<double>& lambda) {
   MAT_ASSIGN_OR_RETURN(SqliteStatement del,
                        db_->Prepare("DELETE FROM lambda_history WHERE job_id = ? AND step = ?"));
   MAT_RETURN_IF_ERROR(del.BindText(1, job_id));
@@ -429,7 +630,7 @@ absl::Status JobStore::AppendLambdas(const std::string& job_id, int64_t step,
     MAT_RETURN_IF_ERROR(ins.BindDouble(4, lambda[i]));
     MAT_RETURN_IF_ERROR(ins.Run());
   }
-  return txn.Commit();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<LambdaPage> JobStore::GetLambdas(const std::string& job_id, int page_size,
@@ -487,13 +688,51 @@ absl::Status JobStore::AppendDecision(const std::string& job_id, int64_t step,
   }
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_RETURN_IF_ERROR(WriteDecision(job_id, step, decision_json));
+  return txn.Commit();
+}
+
+absl::Status JobStore::WriteDecision(const std::string& job_id, int64_t step,
+                                     const std::string& decision_json) {
   MAT_ASSIGN_OR_RETURN(SqliteStatement ins,
                        db_->Prepare("INSERT OR REPLACE INTO decisions (job_id, step, "
                                     "decision_json) VALUES (?, ?, ?)"));
   MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
   MAT_RETURN_IF_ERROR(ins.BindInt64(2, step));
   MAT_RETURN_IF_ERROR(ins.BindText(3, decision_json));
-  MAT_RETURN_IF_ERROR(ins.Run());
+  return ins.Run();
+}
+
+absl::Status JobStore::RecordDecision(const std::string& job_id, const DecisionUpdate& update) {
+  if (update.step < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", update.step));
+  }
+  MAT_RETURN_IF_ERROR(CheckLambdas(job_id, update.step, update.lambda));
+  if (!nlohmann::json::accept(update.decision_json)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("decision at step ", update.step, " of job ", job_id, " is not JSON"));
+  }
+  if (update.mask_version < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("mask_version must be >= 1, got ", update.mask_version));
+  }
+  if (update.active_modules < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("active_modules must be >= 0, got ", update.active_modules));
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  if (!update.lambda.empty()) {
+    MAT_RETURN_IF_ERROR(WriteLambdas(job_id, update.step, update.lambda));
+  }
+  MAT_RETURN_IF_ERROR(WriteDecision(job_id, update.step, update.decision_json));
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement upd,
+      db_->Prepare("UPDATE jobs SET mask_version = ?, active_modules = ? WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(1, update.mask_version));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(2, update.active_modules));
+  MAT_RETURN_IF_ERROR(upd.BindText(3, job_id));
+  MAT_RETURN_IF_ERROR(upd.Run());
   return txn.Commit();
 }
 
@@ -529,30 +768,73 @@ absl::Status JobStore::UpsertWorker(const WorkerRecord& worker) {
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement q,
       db_->Prepare("INSERT INTO workers (id, host, device, memory_bytes, registered_unix_seconds, "
-                   "last_seen_unix_seconds) VALUES (?, ?, ?, ?, ?, ?) "
+                   "last_seen_unix_seconds, rendezvous_port) VALUES (?, ?, ?, ?, ?, ?, ?) "
                    "ON CONFLICT (id) DO UPDATE SET host = excluded.host, "
                    "device = excluded.device, memory_bytes = excluded.memory_bytes, "
-                   "last_seen_unix_seconds = excluded.last_seen_unix_seconds"));
+                   "last_seen_unix_seconds = excluded.last_seen_unix_seconds, "
+                   "rendezvous_port = excluded.rendezvous_port"));
   MAT_RETURN_IF_ERROR(q.BindText(1, worker.id));
   MAT_RETURN_IF_ERROR(q.BindText(2, worker.host));
   MAT_RETURN_IF_ERROR(q.BindText(3, worker.device));
   MAT_RETURN_IF_ERROR(q.BindInt64(4, worker.memory_bytes));
   MAT_RETURN_IF_ERROR(q.BindInt64(5, now));
   MAT_RETURN_IF_ERROR(q.BindInt64(6, now));
+  MAT_RETURN_IF_ERROR(q.BindInt64(7, worker.rendezvous_port));
   return q.Run();  // one statement: atomic on its own
+}
+
+absl::StatusOr<std::string> JobStore::CreateWorker(const WorkerRecord& worker) {
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  // Ids a worker brought along (resuming against a fresh state dir) count too, so a new id never
+  // collides with one in use.
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare("SELECT id FROM workers WHERE id GLOB 'worker-[0-9]*'"));
+  int64_t highest = 0;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    int64_t n = 0;
+    if (absl::SimpleAtoi(q.ColumnText(0).substr(7), &n)) highest = std::max(highest, n);
+  }
+  WorkerRecord stored = worker;
+  stored.id = absl::StrFormat("worker-%06d", highest + 1);
+  MAT_RETURN_IF_ERROR(UpsertWorker(stored));
+  MAT_RETURN_IF_ERROR(txn.Commit());
+  return stored.id;
+}
+
+absl::StatusOr<WorkerRecord> JobStore::GetWorker(const std::string& worker_id) {
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement q,
+      db_->Prepare(absl::StrCat("SELECT ", kWorkerColumns, " FROM workers WHERE id = ?")));
+  MAT_RETURN_IF_ERROR(q.BindText(1, worker_id));
+  MAT_ASSIGN_OR_RETURN(bool found, q.Step());
+  if (!found) return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
+  return ReadWorker(q);
+}
+
+absl::Status JobStore::TouchWorker(const std::string& worker_id) {
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
+                       db_->Prepare("UPDATE workers SET last_seen_unix_seconds = ? WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(1, Now()));
+  MAT_RETURN_IF_ERROR(upd.BindText(2, worker_id));
+  MAT_RETURN_IF_ERROR(upd.Run());
+  if (sqlite3_changes(db_->raw()) == 0) {
+    return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
+  }
+  return txn.Commit();
 }
 
 absl::StatusOr<std::vector<WorkerRecord>> JobStore::ListWorkers() {
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement q,
-      db_->Prepare("SELECT id, host, device, memory_bytes, registered_unix_seconds, "
-                   "last_seen_unix_seconds FROM workers ORDER BY id"));
+      db_->Prepare(absl::StrCat("SELECT ", kWorkerColumns, " FROM workers ORDER BY id")));
   std::vector<WorkerRecord> out;
   while (true) {
     MAT_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) break;
-    out.push_back(WorkerRecord{q.ColumnText(0), q.ColumnText(1), q.ColumnText(2),
-                               q.ColumnInt64(3), q.ColumnInt64(4), q.ColumnInt64(5)});
+    out.push_back(ReadWorker(q));
   }
   return out;
 }
@@ -571,6 +853,7 @@ absl::Status JobStore::PutAssignment(const std::string& job_id, int32_t rank,
     MAT_ASSIGN_OR_RETURN(bool found, q.Step());
     if (!found) return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
   }
+  // A new assignment starts with a fresh status (the rank's step, acks and checksum).
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement ins,
       db_->Prepare("INSERT OR REPLACE INTO assignments (job_id, rank, worker_id, attempt, "
@@ -584,20 +867,52 @@ absl::Status JobStore::PutAssignment(const std::string& job_id, int32_t rank,
   return txn.Commit();
 }
 
+absl::Status JobStore::UpdateRankStatus(const std::string& job_id, int32_t rank, int64_t step,
+                                        int64_t mask_version, const std::string& param_checksum) {
+  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
+  if (mask_version < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("mask_version must be >= 0, got ", mask_version));
+  }
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
+                       db_->Prepare("UPDATE assignments SET step = ?, mask_version = ?, "
+                                    "param_checksum = ? WHERE job_id = ? AND rank = ?"));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(1, step));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(2, mask_version));
+  MAT_RETURN_IF_ERROR(upd.BindText(3, param_checksum));
+  MAT_RETURN_IF_ERROR(upd.BindText(4, job_id));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(5, rank));
+  MAT_RETURN_IF_ERROR(upd.Run());
+  if (sqlite3_changes(db_->raw()) == 0) {
+    return absl::NotFoundError(absl::StrCat("job ", job_id, " has no rank ", rank));
+  }
+  return txn.Commit();
+}
+
 absl::StatusOr<std::vector<AssignmentRecord>> JobStore::ListAssignments(
     const std::string& job_id) {
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
   MAT_ASSIGN_OR_RETURN(SqliteStatement q,
                        db_->Prepare("SELECT job_id, rank, worker_id, attempt, "
-                                    "assigned_unix_seconds FROM assignments WHERE job_id = ? "
-                                    "ORDER BY rank"));
+                                    "assigned_unix_seconds, step, mask_version, param_checksum "
+                                    "FROM assignments WHERE job_id = ? ORDER BY rank"));
   MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
   std::vector<AssignmentRecord> out;
   while (true) {
     MAT_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) break;
-    out.push_back(AssignmentRecord{q.ColumnText(0), static_cast<int32_t>(q.ColumnInt64(1)),
-                                   q.ColumnText(2), q.ColumnInt64(3), q.ColumnInt64(4)});
+    AssignmentRecord a;
+    a.job_id = q.ColumnText(0);
+    a.rank = static_cast<int32_t>(q.ColumnInt64(1));
+    a.worker_id = q.ColumnText(2);
+    a.attempt = q.ColumnInt64(3);
+    a.assigned_unix_seconds = q.ColumnInt64(4);
+    a.step = q.ColumnInt64(5);
+    a.mask_version = q.ColumnInt64(6);
+    a.param_checksum = q.ColumnText(7);
+    out.push_back(std::move(a));
   }
   return out;
 }

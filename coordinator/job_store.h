@@ -2,11 +2,21 @@
 //
 //   schema_version  one row: the schema this file was written with (kJobStoreSchemaVersion)
 //   jobs            id, client_request_id (UNIQUE), spec (mat.v1.JobSpec bytes), state,
-//                   created/updated (unix seconds), error message
-//   workers         id, host, device, memory, registered/last seen (unix seconds)
-//   assignments     (job, rank) -> worker, attempt
+//                   created/updated (unix seconds), error message; since v2 also rank 0's
+//                   progress (step, losses, FLOPs, wall time), the mask (version, active and
+//                   total modules), attempt and summary_json
+//   workers         id, host, device, memory, registered/last seen (unix seconds); since v2 the
+//                   rendezvous port
+//   assignments     (job, rank) -> worker, attempt; since v2 the rank's step, acknowledged mask
+//                   version and final parameter checksum
 //   lambda_history  (job, step, module index) -> λ_max (rank-averaged)
 //   decisions       (job, step) -> the policy decision's JSON (coordinator/policy Decision::ToJson)
+//   modules         (job, module index) -> name, group, layer, index (v2; rank 0's ModuleList)
+//
+// Schema versions: 1 (the first release), 2 (the columns and table marked v2 above). Open
+// migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
+// defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
+// stays as it was.
 //
 // Durability: WAL journal, synchronous=FULL, so a call that returned OK survives a crash or a power
 // loss; every mutating call is one transaction (all or nothing). A store reopened on the same
@@ -25,6 +35,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,7 +48,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 1;
+inline constexpr int kJobStoreSchemaVersion = 2;
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -56,6 +67,19 @@ struct JobRecord {
   int64_t created_unix_seconds = 0;
   int64_t updated_unix_seconds = 0;  // last state change
   std::string error_message;         // set by UpdateJobState; "" otherwise
+  // Rank 0's latest progress (UpdateJobProgress); 0 / unset before the first.
+  int64_t step = 0;                  // steps
+  double train_loss = 0;             // nats per masked token
+  std::optional<double> val_loss;    // nats per masked token; unset before an evaluation
+  std::optional<double> test_loss;   // nats per masked token; unset before a test evaluation
+  double flops_total = 0;            // summed over ranks, floating-point operations
+  double wall_seconds = 0;           // rank 0's training wall time, seconds
+  // The latest mask (RecordDecision) and the module count (PutModules); 0 before.
+  int64_t mask_version = 0;
+  int64_t active_modules = 0;
+  int64_t total_modules = 0;
+  int64_t attempt = 0;               // 0 for the first start, +1 per restart
+  std::string summary_json;          // SetJobSummary; "" before
 };
 
 struct CreateJobResult {
@@ -96,7 +120,8 @@ struct WorkerRecord {
   std::string device;        // "cpu" | "cuda:N"
   int64_t memory_bytes = 0;
   int64_t registered_unix_seconds = 0;  // set by the store on first upsert
-  int64_t last_seen_unix_seconds = 0;   // set by the store on every upsert
+  int64_t last_seen_unix_seconds = 0;   // set by the store on every upsert and TouchWorker
+  int32_t rendezvous_port = 0;          // c10d TCPStore port on `host`; 0 in v1 rows
 };
 
 // One row of `assignments`.
@@ -106,6 +131,38 @@ struct AssignmentRecord {
   std::string worker_id;
   int64_t attempt = 0;  // 0 for the first start, +1 per restart
   int64_t assigned_unix_seconds = 0;
+  // UpdateRankStatus; 0 / "" before.
+  int64_t step = 0;            // latest step the rank reported, steps
+  int64_t mask_version = 0;    // latest mask version it acknowledged
+  std::string param_checksum;  // its final parameters' checksum (hex), once it finished
+};
+
+// One switchable module of a job, as rank 0 declared it (mat.v1.ModuleDescriptor).
+struct ModuleRecord {
+  std::string name;   // unique within the job
+  std::string group;  // "heads" | "ffn" | ...
+  int32_t layer = 0;
+  int32_t index = 0;  // within its layer and group
+};
+
+// Rank 0's progress report, as stored on the job (UpdateJobProgress).
+struct JobProgressUpdate {
+  int64_t step = 0;                 // steps, >= 0
+  double train_loss = 0;            // finite
+  std::optional<double> val_loss;   // finite when set; unset keeps the stored value
+  std::optional<double> test_loss;  // finite when set; unset keeps the stored value
+  double flops_total = 0;           // finite, >= 0
+  double wall_seconds = 0;          // finite, >= 0
+};
+
+// What one policy decision writes (RecordDecision).
+struct DecisionUpdate {
+  int64_t step = 0;             // the probe step, >= 0
+  std::vector<double> lambda;   // rank-averaged λ_max per module; empty when the policy needs
+                                // no spectra (then no λ row is written)
+  std::string decision_json;    // Decision::ToJson text
+  int64_t mask_version = 0;     // the MaskUpdate version sent for it, >= 1
+  int64_t active_modules = 0;   // modules on in its every-step mask, >= 0
 };
 
 // True when a job may move from `from` to `to`:
@@ -152,6 +209,21 @@ class JobStore {
   // IsLegalJobTransition(current, state); NOT_FOUND for an unknown id.
   absl::Status UpdateJobState(const std::string& job_id, v1::JobState state,
                               const std::string& error_message = "");
+  // Stores rank 0's progress on the job (step, losses, FLOPs, wall time; an unset val_loss or
+  // test_loss keeps the stored one). INVALID_ARGUMENT naming the field for step < 0, a non-finite
+  // number or negative FLOPs / wall time; NOT_FOUND for an unknown job.
+  absl::Status UpdateJobProgress(const std::string& job_id, const JobProgressUpdate& progress);
+  // Stores rank 0's summary.json text (any text; "" clears it). NOT_FOUND for an unknown job.
+  absl::Status SetJobSummary(const std::string& job_id, const std::string& summary_json);
+
+  // ----- modules -----
+
+  // Stores a job's modules in index order, replacing any previous list, and sets the job's
+  // total_modules. INVALID_ARGUMENT for an empty list or a module with an empty name or group or
+  // a negative layer or index (naming its index); NOT_FOUND for an unknown job.
+  absl::Status PutModules(const std::string& job_id, const std::vector<ModuleRecord>& modules);
+  // A job's modules in index order (empty before PutModules). NOT_FOUND for an unknown job.
+  absl::StatusOr<std::vector<ModuleRecord>> GetModules(const std::string& job_id);
 
   // ----- λ history and decisions -----
 
@@ -171,19 +243,37 @@ class JobStore {
   // Decisions of a job in ascending step (paging as ListJobs).
   absl::StatusOr<DecisionPage> GetDecisions(const std::string& job_id, int page_size,
                                             const std::string& page_token);
+  // One policy decision in one transaction: the λ row of update.step (as AppendLambdas, skipped
+  // when update.lambda is empty), the decision (as AppendDecision) and the job's mask_version and
+  // active_modules. INVALID_ARGUMENT as those two, or for mask_version < 1 or
+  // active_modules < 0; NOT_FOUND for an unknown job.
+  absl::Status RecordDecision(const std::string& job_id, const DecisionUpdate& update);
 
   // ----- workers and assignments -----
 
   // Inserts or updates a worker by id (keeps registered_unix_seconds of an existing one; sets
   // last_seen_unix_seconds to now). INVALID_ARGUMENT for an empty id.
   absl::Status UpsertWorker(const WorkerRecord& worker);
+  // Inserts a new worker under the next free id "worker-NNNNNN" (one more than the highest such
+  // id stored, from worker-000001) and returns the id; worker.id is ignored, the times are set
+  // as by UpsertWorker.
+  absl::StatusOr<std::string> CreateWorker(const WorkerRecord& worker);
+  // NOT_FOUND for an unknown id.
+  absl::StatusOr<WorkerRecord> GetWorker(const std::string& worker_id);
+  // Sets a worker's last_seen_unix_seconds to now. NOT_FOUND for an unknown id.
+  absl::Status TouchWorker(const std::string& worker_id);
   // Every worker, by id.
   absl::StatusOr<std::vector<WorkerRecord>> ListWorkers();
   // Records that `worker_id` runs `rank` of `job_id` (replacing the rank's previous assignment).
   // NOT_FOUND for an unknown job or worker; INVALID_ARGUMENT for rank < 0 or attempt < 0.
   absl::Status PutAssignment(const std::string& job_id, int32_t rank,
                              const std::string& worker_id, int64_t attempt);
-  // A job's assignments in rank order.
+  // Stores what rank `rank` of `job_id` reported: its latest step, the latest mask version it
+  // acknowledged and its final parameter checksum ("" until it finished). NOT_FOUND for an
+  // unknown job or a rank without an assignment; INVALID_ARGUMENT for a negative step or version.
+  absl::Status UpdateRankStatus(const std::string& job_id, int32_t rank, int64_t step,
+                                int64_t mask_version, const std::string& param_checksum);
+  // A job's assignments in rank order (NOT_FOUND for an unknown job).
   absl::StatusOr<std::vector<AssignmentRecord>> ListAssignments(const std::string& job_id);
 
   // The value of `PRAGMA <name>` on this store's connection, as text ("wal", "2"). For tests and
@@ -197,10 +287,16 @@ class JobStore {
   JobStore(std::unique_ptr<SqliteDb> db, int lock_fd, JobStoreOptions options);
 
   absl::Status Configure();     // pragmas
-  absl::Status EnsureSchema();  // create or check the schema
+  absl::Status EnsureSchema();  // create, migrate or check the schema
   int64_t Now() const;
   // NOT_FOUND unless the job exists.
   absl::Status RequireJob(const std::string& job_id);
+  // The statements of AppendLambdas / AppendDecision, inside the caller's transaction (after
+  // RequireJob and input checks).
+  absl::Status WriteLambdas(const std::string& job_id, int64_t step,
+                            const std::vector<double>& lambda);
+  absl::Status WriteDecision(const std::string& job_id, int64_t step,
+                             const std::string& decision_json);
 
   std::unique_ptr<SqliteDb> db_;
   int lock_fd_;  // holds the flock on <state_dir>/LOCK; closed on destruction

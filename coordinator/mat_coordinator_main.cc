@@ -14,7 +14,9 @@
 
 int main(int argc, char** argv) {
   mat::coordinator::CoordinatorDaemonConfig config;
-  CLI::App app{"mat-coordinator: the MAT service's scheduler daemon (JobService over gRPC)"};
+  CLI::App app{
+      "mat-coordinator: the MAT service's scheduler daemon (JobService and WorkerService over "
+      "gRPC)"};
   app.add_option("--listen", config.listen_address,
                  "gRPC address HOST:PORT (port 0: a free port, printed and written to "
                  "STATE_DIR/coordinator.addr)")
@@ -31,6 +33,11 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-grace-seconds", config.shutdown_grace_seconds,
                  "how long in-flight RPCs may run on shutdown")
       ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--heartbeat-interval-ms", config.heartbeat_interval_ms,
+                 "workers send something at least this often; one silent for 3 intervals is "
+                 "lost (milliseconds)")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   try {
     app.parse(argc, argv);

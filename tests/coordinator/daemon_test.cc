@@ -1,7 +1,8 @@
 // Tests of coordinator/daemon.h, the whole daemon in-process on loopback with ports chosen by the
 // kernel: address files, HTTP /healthz and /readyz (raw socket), the gRPC health service and
 // server reflection, one daemon per state dir, a port in use, graceful shutdown with open watch
-// streams, and a restart on the same state dir.
+// and session streams, a restart on the same state dir, and WorkerService with the heartbeat
+// timer.
 #include "coordinator/daemon.h"
 
 #include <grpcpp/grpcpp.h>
@@ -14,6 +15,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -106,6 +108,7 @@ TEST_F(CoordinatorDaemonTest, ServesGrpcHealthReflectionAndHttpOnEphemeralPorts)
   EXPECT_EQ(probes::GrpcHealthCheck(channel, "", &error), 1) << "not SERVING: " << error;
   const std::string services = probes::GrpcReflectionListServices(channel, &error);
   EXPECT_THAT(services, HasSubstr("mat.v1.JobService")) << error;
+  EXPECT_THAT(services, HasSubstr("mat.v1.WorkerService")) << error;
   EXPECT_THAT(services, HasSubstr("grpc.health.v1.Health")) << error;
 
   auto stub = Stub(daemon->grpc_address());
@@ -187,6 +190,96 @@ TEST_F(CoordinatorDaemonTest, ShutdownEndsOpenWatchesRemovesAddressFilesAndResta
   ASSERT_EQ(jobs.jobs_size(), 1);
   EXPECT_EQ(jobs.jobs(0).job_id(), id);
   EXPECT_EQ(jobs.jobs(0).state(), v1::JOB_STATE_QUEUED);
+}
+
+TEST_F(CoordinatorDaemonTest, ServesWorkerServiceAndItsHeartbeatTimerDropsSilentWorkers) {
+  config_.heartbeat_interval_ms = 50;
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  auto channel = grpc::CreateChannel(daemon->grpc_address(), grpc::InsecureChannelCredentials());
+  auto workers = v1::WorkerService::NewStub(channel);
+  auto jobs = v1::JobService::NewStub(channel);
+
+  grpc::ClientContext register_context;
+  register_context.set_deadline(std::chrono::system_clock::now() + 5s);
+  v1::RegisterRequest request;
+  request.mutable_capabilities()->set_device("cpu");
+  request.mutable_capabilities()->set_host("127.0.0.1");
+  request.mutable_capabilities()->set_rendezvous_port(29500);
+  v1::RegisterReply reply;
+  grpc::Status s = workers->Register(&register_context, request, &reply);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(reply.worker_id(), "worker-000001");
+  EXPECT_EQ(reply.heartbeat_interval_ms(), 50);
+
+  // One heartbeat, then silence: the daemon's own timer finds the worker lost (3 intervals).
+  grpc::ClientContext session_context;
+  session_context.set_deadline(std::chrono::system_clock::now() + 10s);
+  auto session = workers->Session(&session_context);
+  v1::WorkerMessage heartbeat;
+  heartbeat.set_worker_id(reply.worker_id());
+  heartbeat.mutable_heartbeat();
+  ASSERT_TRUE(session->Write(heartbeat));
+  v1::CoordinatorMessage message;
+  EXPECT_FALSE(session->Read(&message));
+  s = session->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+
+  grpc::ClientContext list_context;
+  list_context.set_deadline(std::chrono::system_clock::now() + 5s);
+  v1::ListWorkersReply list;
+  ASSERT_TRUE(jobs->ListWorkers(&list_context, v1::ListWorkersRequest(), &list).ok());
+  ASSERT_EQ(list.workers_size(), 1);
+  EXPECT_EQ(list.workers(0).state(), v1::WORKER_STATE_DISCONNECTED);
+}
+
+TEST_F(CoordinatorDaemonTest, ShutdownEndsOpenSessionsAtOnce) {
+  config_.shutdown_grace_seconds = 5;
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  auto channel = grpc::CreateChannel(daemon->grpc_address(), grpc::InsecureChannelCredentials());
+  auto workers = v1::WorkerService::NewStub(channel);
+  auto jobs = v1::JobService::NewStub(channel);
+  grpc::ClientContext register_context;
+  v1::RegisterRequest request;
+  request.mutable_capabilities()->set_device("cpu");
+  request.mutable_capabilities()->set_host("127.0.0.1");
+  request.mutable_capabilities()->set_rendezvous_port(29500);
+  v1::RegisterReply reply;
+  ASSERT_TRUE(workers->Register(&register_context, request, &reply).ok());
+
+  grpc::ClientContext session_context;
+  auto session = workers->Session(&session_context);
+  v1::WorkerMessage heartbeat;
+  heartbeat.set_worker_id(reply.worker_id());
+  heartbeat.mutable_heartbeat();
+  ASSERT_TRUE(session->Write(heartbeat));
+  // Wait until the session is open (the worker is IDLE).
+  bool open = false;
+  for (auto until = std::chrono::steady_clock::now() + 5s;
+       !open && std::chrono::steady_clock::now() < until;
+       std::this_thread::sleep_for(10ms)) {
+    grpc::ClientContext list_context;
+    v1::ListWorkersReply list;
+    ASSERT_TRUE(jobs->ListWorkers(&list_context, v1::ListWorkersRequest(), &list).ok());
+    open = list.workers_size() == 1 && list.workers(0).state() == v1::WORKER_STATE_IDLE;
+  }
+  ASSERT_TRUE(open) << "the session never opened";
+
+  const auto start = std::chrono::steady_clock::now();
+  daemon->Shutdown();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s)
+      << "shutdown waited for the grace period with an open Session";
+  v1::CoordinatorMessage message;
+  EXPECT_FALSE(session->Read(&message));
+  EXPECT_EQ(session->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(CoordinatorDaemonTest, AHeartbeatIntervalBelowOneMillisecondIsRefused) {
+  config_.heartbeat_interval_ms = 0;
+  auto daemon = CoordinatorDaemon::Start(config_);
+  EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument) << daemon.status();
+  EXPECT_THAT(daemon.status().message(), HasSubstr("heartbeat"));
 }
 
 TEST_F(CoordinatorDaemonTest, PostRunsOnTheLoopAndItsEventsReachWatchers) {

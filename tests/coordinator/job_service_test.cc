@@ -1,8 +1,9 @@
 // Tests of coordinator/job_service.h through an in-process gRPC channel: a real Coordinator on its
 // own io_context thread (as in the daemon), the adapter registered on a grpc::Server, and the
-// generated stub. Checks the status mapping of every unary RPC, concurrent calls, and the
-// WatchJob stream: first event, live events, OK end on a terminal state, NOT_FOUND, a client that
-// cancels (its subscription is removed on the loop), and a server shutdown with open streams.
+// generated stub. Checks the status mapping of every unary RPC (ListWorkers too), concurrent
+// calls, and the WatchJob stream: first event, live events, OK end on a terminal state,
+// NOT_FOUND, a client that cancels (its subscription is removed on the loop), and a server
+// shutdown with open streams.
 #include "coordinator/job_service.h"
 
 #include <grpcpp/grpcpp.h>
@@ -204,6 +205,25 @@ TEST_F(JobServiceTest, UnaryCallsMapTheCoordinatorsStatus) {
   spectra.set_job_id("job-000998");
   EXPECT_EQ(stub_->GetSpectra(Context().get(), spectra, &points).error_code(),
             grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(JobServiceTest, ListWorkersListsRegisteredWorkersById) {
+  v1::ListWorkersReply workers;
+  ASSERT_TRUE(stub_->ListWorkers(Context().get(), v1::ListWorkersRequest(), &workers).ok());
+  EXPECT_EQ(workers.workers_size(), 0);
+
+  for (int port : {29501, 29500}) {
+    v1::RegisterRequest request;
+    request.mutable_capabilities()->set_device("cpu");
+    request.mutable_capabilities()->set_host("127.0.0.1");
+    request.mutable_capabilities()->set_rendezvous_port(port);
+    ASSERT_TRUE(OnLoop([&] { return coordinator_->RegisterWorker(request); }).ok());
+  }
+  ASSERT_TRUE(stub_->ListWorkers(Context().get(), v1::ListWorkersRequest(), &workers).ok());
+  ASSERT_EQ(workers.workers_size(), 2);
+  EXPECT_LT(workers.workers(0).worker_id(), workers.workers(1).worker_id());
+  EXPECT_EQ(workers.workers(0).state(), v1::WORKER_STATE_DISCONNECTED);  // no session yet
+  EXPECT_EQ(workers.workers(0).capabilities().rendezvous_port(), 29501);
 }
 
 TEST_F(JobServiceTest, ConcurrentSubmissionsFromManyThreadsAllLand) {

@@ -173,7 +173,9 @@ TEST(JobSpecTest, TinyExampleParsesWithItsValuesAndValidates) {
   EXPECT_FALSE(spec->model().has_pre_ln());
   EXPECT_FALSE(spec->data().has_mask_prob());
   EXPECT_FALSE(spec->train().has_weight_decay());
-  EXPECT_FALSE(spec->has_resources());
+  ASSERT_TRUE(spec->has_resources());
+  EXPECT_EQ(spec->resources().workers(), 2);
+  EXPECT_EQ(spec->resources().device(), "cpu");
   EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
 }
 

@@ -1,7 +1,8 @@
 // Tests of coordinator/job_store.h against real SQLite files in a temporary directory: jobs,
 // idempotent submission, persistence across reopen, state transitions, λ history (NaN rejection,
-// paging), decisions, workers and assignments, and the durability settings (WAL, FULL sync,
-// schema version, the state-dir lock).
+// paging), decisions, rank 0's progress, modules, workers and assignments with rank status, and
+// the durability settings (WAL, FULL sync, schema version and the v1 -> v2 migration, the
+// state-dir lock).
 #include "coordinator/job_store.h"
 
 #include <sqlite3.h>
@@ -20,6 +21,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "google/protobuf/util/message_differencer.h"
 
 namespace mat::coordinator {
@@ -67,6 +70,19 @@ class JobStoreTest : public ::testing::Test {
     auto r = store_->CreateJob(request_id, spec);
     EXPECT_TRUE(r.ok()) << r.status();
     return r.ok() ? r->job_id : "";
+  }
+
+  // Runs one or more statements on the database file through a separate connection.
+  void RawExec(const std::string& sql) {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open_v2(JobStore::DatabasePath(dir_).c_str(), &db,
+                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr),
+              SQLITE_OK);
+    char* error = nullptr;
+    EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error), SQLITE_OK)
+        << (error != nullptr ? error : "");
+    sqlite3_free(error);
+    sqlite3_close(db);
   }
 
   // Runs SQL on the database file through a separate connection (as an operator's sqlite3 shell
@@ -135,6 +151,15 @@ TEST_F(JobStoreTest, UnknownJobIsNotFound) {
   EXPECT_EQ(store_->AppendLambdas("nope", 0, {1.0}).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->GetLambdas("nope", 0, "").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->AppendDecision("nope", 0, "{}").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->UpdateJobProgress("nope", {}).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->SetJobSummary("nope", "{}").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->PutModules("nope", {{"m", "heads", 0, 0}}).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->GetModules("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->RecordDecision("nope", {0, {}, "{}", 1, 0}).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->UpdateRankStatus("nope", 0, 0, 0, "").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->ListAssignments("nope").status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(JobStoreTest, SubmitIsIdempotentByClientRequestId) {
@@ -446,6 +471,124 @@ TEST_F(JobStoreTest, DecisionsAreJsonPagedAndReplaced) {
   EXPECT_EQ(second->next_page_token, "");
 }
 
+// ----- progress, summary and modules -----
+
+TEST_F(JobStoreTest, ProgressSummaryAndModulesAreStoredAndSurviveReopen) {
+  const std::string id = Create("", Spec(1));
+  auto fresh = store_->GetJob(id);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->step, 0);
+  EXPECT_FALSE(fresh->val_loss.has_value());
+  EXPECT_EQ(fresh->summary_json, "");
+
+  JobProgressUpdate progress;
+  progress.step = 200;
+  progress.train_loss = 5.25;
+  progress.val_loss = 5.5;
+  progress.test_loss = 5.75;
+  progress.flops_total = 1.5e15;
+  progress.wall_seconds = 61.25;
+  ASSERT_TRUE(store_->UpdateJobProgress(id, progress).ok());
+  // A later progress without losses keeps the latest evaluation.
+  progress.step = 220;
+  progress.train_loss = 5.0;
+  progress.val_loss.reset();
+  progress.test_loss.reset();
+  ASSERT_TRUE(store_->UpdateJobProgress(id, progress).ok());
+  ASSERT_TRUE(store_->SetJobSummary(id, R"({"steps": 220})").ok());
+  const std::vector<ModuleRecord> modules = {
+      {"layer0.head0", "heads", 0, 0}, {"layer0.head1", "heads", 0, 1}, {"layer0.ffn0", "ffn", 0, 0}};
+  ASSERT_TRUE(store_->PutModules(id, {{"old", "heads", 0, 0}}).ok());
+  ASSERT_TRUE(store_->PutModules(id, modules).ok());  // replaces
+
+  Reopen();
+
+  auto job = store_->GetJob(id);
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->step, 220);
+  EXPECT_EQ(job->train_loss, 5.0);
+  ASSERT_TRUE(job->val_loss.has_value());
+  EXPECT_EQ(*job->val_loss, 5.5);
+  ASSERT_TRUE(job->test_loss.has_value());
+  EXPECT_EQ(*job->test_loss, 5.75);
+  EXPECT_EQ(job->flops_total, 1.5e15);
+  EXPECT_EQ(job->wall_seconds, 61.25);
+  EXPECT_EQ(job->summary_json, R"({"steps": 220})");
+  EXPECT_EQ(job->total_modules, 3);
+  EXPECT_EQ(job->attempt, 0);
+  auto listed = store_->ListJobs(0, "");
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->jobs[0].step, 220) << "ListJobs reads the same columns";
+  auto stored = store_->GetModules(id);
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  ASSERT_EQ(stored->size(), 3u);
+  EXPECT_EQ((*stored)[1].name, "layer0.head1");
+  EXPECT_EQ((*stored)[1].index, 1);
+  EXPECT_EQ((*stored)[2].group, "ffn");
+}
+
+TEST_F(JobStoreTest, RefusesBadProgressAndModulesNamingTheFieldAndWritesNothing) {
+  const std::string id = Create("", Spec(1));
+  JobProgressUpdate bad;
+  bad.step = -1;
+  EXPECT_EQ(store_->UpdateJobProgress(id, bad).code(), absl::StatusCode::kInvalidArgument);
+  bad.step = 1;
+  bad.train_loss = std::numeric_limits<double>::quiet_NaN();
+  absl::Status st = store_->UpdateJobProgress(id, bad);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("train_loss"));
+  bad.train_loss = 1;
+  bad.val_loss = std::numeric_limits<double>::infinity();
+  EXPECT_THAT(store_->UpdateJobProgress(id, bad).message(), HasSubstr("val_loss"));
+  bad.val_loss.reset();
+  bad.flops_total = -1;
+  EXPECT_THAT(store_->UpdateJobProgress(id, bad).message(), HasSubstr("flops_total"));
+
+  EXPECT_EQ(store_->PutModules(id, {}).code(), absl::StatusCode::kInvalidArgument);
+  st = store_->PutModules(id, {{"a", "heads", 0, 0}, {"", "heads", 0, 1}});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("module 1"));
+  EXPECT_EQ(store_->PutModules(id, {{"a", "heads", -1, 0}}).code(),
+            absl::StatusCode::kInvalidArgument);
+
+  auto job = store_->GetJob(id);
+  ASSERT_TRUE(job.ok());
+  EXPECT_EQ(job->step, 0);
+  EXPECT_EQ(job->total_modules, 0);
+  auto modules = store_->GetModules(id);
+  ASSERT_TRUE(modules.ok());
+  EXPECT_TRUE(modules->empty());
+}
+
+TEST_F(JobStoreTest, RecordDecisionWritesLambdaDecisionAndMaskInOneTransaction) {
+  const std::string id = Create("", Spec(1));
+  ASSERT_TRUE(store_->RecordDecision(id, {20, {1.5, 2.5}, R"({"step": 20})", 1, 2}).ok());
+  ASSERT_TRUE(store_->RecordDecision(id, {40, {}, R"({"step": 40})", 2, 1}).ok());  // no λ
+  // Refused ones write nothing, not even the parts that were fine.
+  EXPECT_EQ(store_->RecordDecision(id, {60, {1.0, 2.0}, "not json", 3, 1}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->RecordDecision(id, {60, {std::nan(""), 2.0}, "{}", 3, 1}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->RecordDecision(id, {60, {1.0, 2.0}, "{}", 0, 1}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->RecordDecision(id, {-20, {1.0}, "{}", 3, 1}).code(),
+            absl::StatusCode::kInvalidArgument);
+
+  auto lambdas = store_->GetLambdas(id, 0, "");
+  ASSERT_TRUE(lambdas.ok()) << lambdas.status();
+  ASSERT_EQ(lambdas->points.size(), 1u);
+  EXPECT_EQ(lambdas->points[0].step, 20);
+  EXPECT_THAT(lambdas->points[0].lambda, ElementsAre(1.5, 2.5));
+  auto decisions = store_->GetDecisions(id, 0, "");
+  ASSERT_TRUE(decisions.ok()) << decisions.status();
+  ASSERT_EQ(decisions->decisions.size(), 2u);
+  EXPECT_EQ(decisions->decisions[1].json, R"({"step": 40})");
+  auto job = store_->GetJob(id);
+  ASSERT_TRUE(job.ok());
+  EXPECT_EQ(job->mask_version, 2);
+  EXPECT_EQ(job->active_modules, 1);
+}
+
 // ----- workers and assignments -----
 
 TEST_F(JobStoreTest, WorkersUpsertKeepsRegistrationTime) {
@@ -486,6 +629,62 @@ TEST_F(JobStoreTest, AssignmentsNeedAKnownJobAndWorker) {
   EXPECT_EQ((*list)[1].attempt, 1);
 }
 
+TEST_F(JobStoreTest, CreateWorkerNumbersIdsAfterTheHighestStored) {
+  WorkerRecord w{"ignored", "h1", "cpu", 1 << 20, 0, 0, 29500};
+  auto first = store_->CreateWorker(w);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(*first, "worker-000001");
+  // A worker that brought its id along (resuming against a fresh state dir) is skipped over.
+  ASSERT_TRUE(store_->UpsertWorker({"worker-000041", "h2", "cuda:0", 1, 0, 0, 29501}).ok());
+  ASSERT_TRUE(store_->UpsertWorker({"worker-x", "h3", "cpu", 1, 0, 0, 29502}).ok());
+  auto next = store_->CreateWorker(w);
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(*next, "worker-000042");
+
+  now_ += 7;
+  ASSERT_TRUE(store_->TouchWorker("worker-000001").ok());
+  EXPECT_EQ(store_->TouchWorker("ghost").code(), absl::StatusCode::kNotFound);
+  Reopen();
+  auto got = store_->GetWorker("worker-000001");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->host, "h1");
+  EXPECT_EQ(got->rendezvous_port, 29500);
+  EXPECT_EQ(got->registered_unix_seconds, 1'700'000'000);
+  EXPECT_EQ(got->last_seen_unix_seconds, 1'700'000'007);
+  EXPECT_EQ(store_->GetWorker("ghost").status().code(), absl::StatusCode::kNotFound);
+  auto all = store_->ListWorkers();
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 4u);
+  EXPECT_EQ((*all)[1].rendezvous_port, 29501);
+}
+
+TEST_F(JobStoreTest, RankStatusIsStoredPerAssignmentAndResetByANewAssignment) {
+  const std::string id = Create("", Spec(1));
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "h1", "cpu", 1, 0, 0, 1}).ok());
+  ASSERT_TRUE(store_->UpsertWorker({"w2", "h2", "cpu", 1, 0, 0, 2}).ok());
+  ASSERT_TRUE(store_->PutAssignment(id, 0, "w1", 0).ok());
+  ASSERT_TRUE(store_->PutAssignment(id, 1, "w2", 0).ok());
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 120, 6, "").ok());
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 1, 200, 7, "beef").ok());
+  EXPECT_EQ(store_->UpdateRankStatus(id, 2, 0, 0, "").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->UpdateRankStatus(id, 0, -1, 0, "").code(),
+            absl::StatusCode::kInvalidArgument);
+  Reopen();
+  auto list = store_->ListAssignments(id);
+  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_EQ(list->size(), 2u);
+  EXPECT_EQ((*list)[0].step, 120);
+  EXPECT_EQ((*list)[0].mask_version, 6);
+  EXPECT_EQ((*list)[1].param_checksum, "beef");
+  EXPECT_EQ((*list)[1].step, 200);
+  // A new assignment of the rank (a restart) starts from a clean status.
+  ASSERT_TRUE(store_->PutAssignment(id, 1, "w1", 1).ok());
+  list = store_->ListAssignments(id);
+  ASSERT_TRUE(list.ok());
+  EXPECT_EQ((*list)[1].step, 0);
+  EXPECT_EQ((*list)[1].param_checksum, "");
+}
+
 // ----- durability and the state directory -----
 
 TEST_F(JobStoreTest, UsesWalAndFullSync) {
@@ -515,6 +714,146 @@ TEST_F(JobStoreTest, RecordsTheSchemaVersion) {
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   Reopen();  // reopening does not add rows
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
+}
+
+// The released version-1 schema, verbatim: what a coordinator of the first release wrote.
+constexpr const char* kV1Schema = R"sql(
+CREATE TABLE schema_version (
+  version INTEGER NOT NULL
+);
+CREATE TABLE jobs (
+  seq INTEGER PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  client_request_id TEXT UNIQUE,
+  spec BLOB NOT NULL,
+  state TEXT NOT NULL CHECK (state IN
+    ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED', 'RESTARTING')),
+  created_unix_seconds INTEGER NOT NULL,
+  updated_unix_seconds INTEGER NOT NULL,
+  error_message TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE workers (
+  id TEXT PRIMARY KEY,
+  host TEXT NOT NULL,
+  device TEXT NOT NULL,
+  memory_bytes INTEGER NOT NULL,
+  registered_unix_seconds INTEGER NOT NULL,
+  last_seen_unix_seconds INTEGER NOT NULL
+);
+CREATE TABLE assignments (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  rank INTEGER NOT NULL CHECK (rank >= 0),
+  worker_id TEXT NOT NULL REFERENCES workers(id),
+  attempt INTEGER NOT NULL CHECK (attempt >= 0),
+  assigned_unix_seconds INTEGER NOT NULL,
+  PRIMARY KEY (job_id, rank)
+);
+CREATE TABLE lambda_history (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  step INTEGER NOT NULL CHECK (step >= 0),
+  module_index INTEGER NOT NULL CHECK (module_index >= 0),
+  lambda REAL NOT NULL,
+  PRIMARY KEY (job_id, step, module_index)
+) WITHOUT ROWID;
+CREATE TABLE decisions (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  step INTEGER NOT NULL CHECK (step >= 0),
+  decision_json TEXT NOT NULL,
+  PRIMARY KEY (job_id, step)
+) WITHOUT ROWID;
+INSERT INTO schema_version (version) VALUES (1);
+)sql";
+
+// A version-1 database with one running job (spec Spec(3)), one worker, an assignment, a λ row
+// and a decision.
+std::string V1Database() {
+  std::string blob;
+  EXPECT_TRUE(Spec(3).SerializeToString(&blob));
+  std::string hex;
+  for (unsigned char c : blob) hex += absl::StrFormat("%02X", c);
+  return absl::StrCat(
+      kV1Schema,
+      "INSERT INTO jobs (seq, id, client_request_id, spec, state, created_unix_seconds, "
+      "updated_unix_seconds, error_message) VALUES (1, 'job-000001', 'req-1', X'", hex,
+      "', 'RUNNING', 10, 20, '');"
+      "INSERT INTO workers VALUES ('worker-000001', 'h1', 'cpu', 1024, 5, 6);"
+      "INSERT INTO assignments VALUES ('job-000001', 0, 'worker-000001', 0, 7);"
+      "INSERT INTO lambda_history VALUES ('job-000001', 0, 0, 1.5);"
+      "INSERT INTO decisions VALUES ('job-000001', 0, '{\"step\": 0}');");
+}
+
+TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
+  store_.reset();
+  fs::remove_all(dir_);
+  fs::create_directories(dir_);
+  RawExec(V1Database());
+  ASSERT_EQ(RawQuery("SELECT version FROM schema_version"), "1");
+
+  Reopen();
+
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "2");
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
+  // The old rows read with the new columns at their defaults.
+  auto job = store_->GetJob("job-000001");
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->state, v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(job->client_request_id, "req-1");
+  EXPECT_TRUE(MessageDifferencer::Equals(job->spec, Spec(3)));
+  EXPECT_EQ(job->updated_unix_seconds, 20);
+  EXPECT_EQ(job->step, 0);
+  EXPECT_FALSE(job->val_loss.has_value());
+  EXPECT_EQ(job->mask_version, 0);
+  EXPECT_EQ(job->summary_json, "");
+  auto workers = store_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->size(), 1u);
+  EXPECT_EQ((*workers)[0].rendezvous_port, 0);
+  EXPECT_EQ((*workers)[0].registered_unix_seconds, 5);
+  auto assignments = store_->ListAssignments("job-000001");
+  ASSERT_TRUE(assignments.ok()) << assignments.status();
+  ASSERT_EQ(assignments->size(), 1u);
+  EXPECT_EQ((*assignments)[0].worker_id, "worker-000001");
+  EXPECT_EQ((*assignments)[0].param_checksum, "");
+  auto lambdas = store_->GetLambdas("job-000001", 0, "");
+  ASSERT_TRUE(lambdas.ok());
+  ASSERT_EQ(lambdas->points.size(), 1u);
+  EXPECT_THAT(lambdas->points[0].lambda, ElementsAre(1.5));
+  auto modules = store_->GetModules("job-000001");
+  ASSERT_TRUE(modules.ok()) << modules.status();
+  EXPECT_TRUE(modules->empty());
+
+  // The new calls work on the migrated file, and everything survives another reopen.
+  ASSERT_TRUE(store_->PutModules("job-000001", {{"layer0.head0", "heads", 0, 0}}).ok());
+  ASSERT_TRUE(store_->UpdateJobProgress("job-000001", {40, 6.5, 6.75, std::nullopt, 1e9, 3}).ok());
+  ASSERT_TRUE(store_->UpdateRankStatus("job-000001", 0, 40, 2, "").ok());
+  auto created = store_->CreateWorker({"", "h2", "cpu", 1, 0, 0, 29500});
+  ASSERT_TRUE(created.ok()) << created.status();
+  EXPECT_EQ(*created, "worker-000002");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "2");
+  job = store_->GetJob("job-000001");
+  ASSERT_TRUE(job.ok());
+  EXPECT_EQ(job->step, 40);
+  EXPECT_EQ(job->total_modules, 1);
+  ASSERT_TRUE(job->val_loss.has_value());
+  EXPECT_EQ(*job->val_loss, 6.75);
+  EXPECT_EQ(store_->ListAssignments("job-000001")->at(0).mask_version, 2);
+  // New jobs continue the numbering.
+  EXPECT_EQ(Create("", Spec(1)), "job-000002");
+}
+
+TEST_F(JobStoreTest, AFailedMigrationLeavesTheVersion1DatabaseAsItWas) {
+  store_.reset();
+  fs::remove_all(dir_);
+  fs::create_directories(dir_);
+  // A stray table with the new table's name makes the migration fail half way.
+  RawExec(V1Database() + "CREATE TABLE modules (x INTEGER);");
+  auto store = JobStore::Open(dir_);
+  ASSERT_FALSE(store.ok()) << "opened a database whose migration failed";
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "1");
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'step'"), "0")
+      << "the ALTER TABLEs before the failure were kept";
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM jobs"), "1");
 }
 
 TEST_F(JobStoreTest, RefusesADatabaseFromANewerSchema) {

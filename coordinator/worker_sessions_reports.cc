@@ -1,0 +1,468 @@
+// The Coordinator's WorkerService side, part 2 (coordinator.h): the job messages of a session.
+// Every handler checks first and changes state only once every check passed, so a refused
+// message (answered with a Reject by HandleWorkerMessage) leaves everything as it was; the one
+// exception is a NaN/Inf λ, which also fails its job.
+//
+// Sections: helpers · rank checks · ModuleList · SpectraReport and decisions · MaskAck ·
+// Progress · RankDone.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "coordinator/coordinator.h"
+#include "spdlog/spdlog.h"
+
+namespace mat::coordinator {
+namespace {
+
+// "nan" or "inf" for a non-finite value.
+const char* NonFiniteName(double v) { return std::isnan(v) ? "nan" : "inf"; }
+
+bool SameModules(const std::vector<policy::ModuleInfo>& a,
+                 const std::vector<policy::ModuleInfo>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].name != b[i].name || a[i].group != b[i].group || a[i].layer != b[i].layer ||
+        a[i].index != b[i].index) {
+      return false;
+    }
+  }
+  return true;
+}
+
+int64_t CountOn(const std::vector<uint8_t>& bits) {
+  int64_t n = 0;
+  for (uint8_t b : bits) n += b != 0 ? 1 : 0;
+  return n;
+}
+
+// INVALID_ARGUMENT naming `field` of a report unless `value` is finite (and >= 0 when asked).
+absl::Status CheckReportNumber(const std::string& what, const char* field, double value,
+                               bool non_negative) {
+  if (!std::isfinite(value)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", field, " must be a finite number, got ", NonFiniteName(value)));
+  }
+  if (non_negative && value < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", field, " must be >= 0, got ", value));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string PackModuleBits(const std::vector<uint8_t>& on) {
+  std::string bytes((on.size() + 7) / 8, '\0');
+  for (size_t i = 0; i < on.size(); ++i) {
+    if (on[i] != 0) bytes[i / 8] = static_cast<char>(bytes[i / 8] | (1u << (i % 8)));
+  }
+  return bytes;
+}
+
+// ----- rank checks -----
+
+absl::StatusOr<Coordinator::RankRef> Coordinator::CheckRank(const std::string& worker_id,
+                                                            const std::string& job_id,
+                                                            std::optional<int> rank) {
+  if (job_id.empty()) return absl::InvalidArgumentError("job_id is empty");
+  const std::string rank_text = rank ? absl::StrCat("rank ", *rank) : "rank";
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) {
+    // Not running here: unknown, queued or finished (or lost by a failed store write).
+    MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
+    MAT_ASSIGN_OR_RETURN(std::vector<AssignmentRecord> assignments,
+                         store_->ListAssignments(job_id));
+    bool holds = false;
+    for (const AssignmentRecord& a : assignments) {
+      holds = holds || (a.worker_id == worker_id && (!rank || a.rank == *rank));
+    }
+    if (!holds) {
+      return absl::NotFoundError(absl::StrCat(worker_id, " runs no ", rank_text, " of ", job_id));
+    }
+    if (record.state == v1::JOB_STATE_RUNNING) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", job_id, " is not running on this coordinator"));
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", job_id, " is ", JobStateName(record.state), ", not RUNNING"));
+  }
+  JobRuntime& job = it->second;
+  int r = -1;
+  if (rank) {
+    if (*rank >= 0 && *rank < job.world_size && job.ranks[*rank].worker_id == worker_id) r = *rank;
+  } else {
+    for (int i = 0; i < job.world_size && r < 0; ++i) {
+      if (job.ranks[i].worker_id == worker_id) r = i;
+    }
+  }
+  if (r < 0) {
+    return absl::NotFoundError(absl::StrCat(worker_id, " runs no ", rank_text, " of ", job_id));
+  }
+  if (job.ranks[r].done) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("rank ", r, " of job ", job_id, " already finished (RankDone)"));
+  }
+  return RankRef{&job, r};
+}
+
+// ----- ModuleList -----
+
+absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
+                                           const v1::ModuleList& list) {
+  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, list.job_id(), std::nullopt));
+  JobRuntime& job = *ref.job;
+  const std::string what = absl::StrCat("ModuleList of job ", list.job_id());
+  std::vector<policy::ModuleInfo> modules;
+  for (const v1::ModuleDescriptor& m : list.modules()) {
+    modules.push_back(policy::ModuleInfo{m.group(), m.layer(), m.index(), m.name()});
+  }
+  // Every rank builds the same model: repeating the declared list is harmless.
+  if (!job.modules.empty() && SameModules(modules, job.modules)) return absl::OkStatus();
+  if (ref.rank != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " from rank ", ref.rank, " (", worker_id, "): only rank 0 declares the modules"));
+  }
+  if (!job.modules.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, ": the job already declared its ", job.modules.size(),
+                     " modules; a different list cannot replace them"));
+  }
+  if (modules.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": modules is empty"));
+  absl::StatusOr<std::unique_ptr<policy::Policy>> created =
+      policy::Policy::Create(job.policy_config, modules);
+  if (!created.ok()) {
+    return absl::Status(created.status().code(),
+                        absl::StrCat(what, ": ", created.status().message()));
+  }
+  std::vector<ModuleRecord> records;
+  for (const policy::ModuleInfo& m : modules) {
+    records.push_back(ModuleRecord{m.name, m.group, m.layer, m.index});
+  }
+  MAT_RETURN_IF_ERROR(store_->PutModules(list.job_id(), records));
+  job.modules = std::move(modules);
+  job.policy = std::move(*created);
+  spdlog::info("job {}: {} modules declared, policy {}", list.job_id(), job.modules.size(),
+               policy::PolicyKindName(job.policy_config.kind));
+  std::vector<std::pair<std::string, v1::SpectraReport>> early;
+  early.swap(job.early_reports);
+  const std::string job_id = list.job_id();
+  for (const auto& [from, report] : early) {
+    // A replayed report is answered as if it arrived now (a Reject to its sender when refused).
+    v1::WorkerMessage replay;
+    replay.set_worker_id(from);
+    *replay.mutable_spectra() = report;
+    if (sessions_.count(from) == 0) continue;
+    (void)HandleWorkerMessage(replay);
+    if (jobs_.count(job_id) == 0) break;  // the replay failed the job (a NaN λ)
+  }
+  return absl::OkStatus();
+}
+
+// ----- SpectraReport and decisions -----
+
+absl::Status Coordinator::HandleSpectra(const std::string& worker_id,
+                                        const v1::SpectraReport& report) {
+  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, report.job_id(), report.rank()));
+  JobRuntime& job = *ref.job;
+  const std::string& job_id = report.job_id();
+  const int64_t step = report.step();
+  const std::string what = absl::StrCat("spectra for ", job_id, " step ", step);
+  if (job.policy == nullptr) {
+    // Rank 0's ModuleList travels on another stream and may arrive later: keep one early report
+    // per rank (the rank then waits for its mask) and replay it when the modules are known.
+    for (const auto& early : job.early_reports) {
+      if (early.second.rank() == ref.rank) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            what, ": no ModuleList yet and rank ", ref.rank, " already has a report waiting for it"));
+      }
+    }
+    job.early_reports.emplace_back(worker_id, report);
+    return absl::OkStatus();
+  }
+  const int64_t probe_every = job.policy->config().interval_steps;
+  if (step < 0 || step % probe_every != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": step must be >= 0 and a multiple of policy.probe_every (", probe_every, ")"));
+  }
+  const size_t n = job.modules.size();
+  const size_t got = static_cast<size_t>(report.lambda_max_size());
+  if (job.policy->NeedsSpectra() && got != n) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": lambda_max has ", got,
+                                                   " values, the job has ", n, " modules"));
+  }
+  if (!job.policy->NeedsSpectra() && got != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": policy ", policy::PolicyKindName(job.policy_config.kind),
+        " needs no spectra: lambda_max must be empty, got ", got, " values"));
+  }
+  for (const auto& [field, size] : {std::pair<const char*, int>{"trace", report.trace_size()},
+                                    {"effective_rank", report.effective_rank_size()}}) {
+    if (size != 0 && static_cast<size_t>(size) != n) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": ", field, " has ", size, " values, want none or one per module (", n, ")"));
+    }
+  }
+  for (size_t i = 0; i < got; ++i) {
+    const double v = report.lambda_max(static_cast<int>(i));
+    if (std::isfinite(v)) continue;
+    // The policy cannot go on from here: the job fails, every rank stops.
+    const std::string message =
+        absl::StrCat(what, ": rank ", ref.rank, ": module ", i, " (", job.modules[i].name,
+                     "): lambda is ", NonFiniteName(v));
+    FailJob(job_id, message);  // `job` is gone after this
+    return absl::InvalidArgumentError(message);
+  }
+  if (step <= job.last_decided_step) {
+    return absl::AbortedError(absl::StrCat(what, ": stale, step ", job.last_decided_step,
+                                           " was already decided"));
+  }
+  auto pending = job.pending.find(step);
+  if (pending != job.pending.end() && pending->second.lambda[ref.rank].has_value()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": rank ", ref.rank, " already reported this step"));
+  }
+  PendingProbe probe;
+  if (pending != job.pending.end()) {
+    probe = pending->second;
+  } else {
+    probe.lambda.resize(job.world_size);
+  }
+  probe.lambda[ref.rank] =
+      std::vector<double>(report.lambda_max().begin(), report.lambda_max().end());
+  ++probe.reported;
+  if (probe.reported < job.world_size) {
+    job.pending[step] = std::move(probe);
+    return absl::OkStatus();
+  }
+  std::vector<std::vector<double>> by_rank;
+  for (std::optional<std::vector<double>>& l : probe.lambda) by_rank.push_back(std::move(*l));
+  return Decide(job_id, job, step, by_rank);
+}
+
+absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int64_t step,
+                                 const std::vector<std::vector<double>>& lambda) {
+  // Mean per module: the sum over ranks in rank order, / W (the same bits on every run).
+  const size_t n = lambda.empty() ? 0 : lambda[0].size();
+  std::vector<double> mean(n, 0.0);
+  for (size_t i = 0; i < n; ++i) {
+    double sum = 0;
+    for (const std::vector<double>& rank : lambda) sum += rank[i];
+    mean[i] = sum / static_cast<double>(job.world_size);
+  }
+  policy::Policy& policy = *job.policy;
+  const std::string saved = policy.SaveState();
+  MAT_ASSIGN_OR_RETURN(policy::Decision decision, policy.Observe(step, mean));
+  const policy::MaskSchedule schedule = policy.Schedule();
+  DecisionUpdate update;
+  update.step = step;
+  update.lambda = mean;
+  update.decision_json = decision.ToJson(policy.modules(), policy.config())
+                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  update.mask_version = job.mask_version + 1;
+  update.active_modules = CountOn(schedule.every_step);
+  if (absl::Status st = store_->RecordDecision(job_id, update); !st.ok()) {
+    absl::Status restored = policy.LoadState(saved);
+    MAT_CHECK(restored.ok()) << "job " << job_id << ": cannot restore its policy: " << restored;
+    return st;
+  }
+  job.mask_version = update.mask_version;
+  job.last_decided_step = step;
+  job.pending.erase(job.pending.begin(), job.pending.upper_bound(step));
+
+  v1::CoordinatorMessage message;
+  v1::MaskUpdate* mask = message.mutable_mask();
+  mask->set_job_id(job_id);
+  mask->set_mask_version(job.mask_version);
+  mask->set_effective_step(step);
+  mask->set_bits(PackModuleBits(schedule.every_step));
+  mask->set_num_modules(static_cast<int32_t>(job.modules.size()));
+  if (schedule.slow_every > 0) {
+    mask->set_slow_bits(PackModuleBits(schedule.slow));
+    mask->set_slow_every_steps(schedule.slow_every);
+  }
+  for (int r = 0; r < job.world_size; ++r) {
+    const std::string& worker_id = job.ranks[r].worker_id;
+    auto session = sessions_.find(worker_id);
+    if (session != sessions_.end() && session->second.job_id == job_id &&
+        session->second.rank == r) {
+      SendTo(worker_id, message);
+    }
+  }
+  v1::JobEvent event;
+  event.set_job_id(job_id);
+  event.set_step(step);
+  event.mutable_mask()->set_mask_version(job.mask_version);
+  event.mutable_mask()->set_effective_step(step);
+  event.mutable_mask()->set_active_modules(update.active_modules);
+  PublishJobEvent(event);
+  return absl::OkStatus();
+}
+
+// ----- MaskAck -----
+
+absl::Status Coordinator::HandleMaskAck(const std::string& worker_id, const v1::MaskAck& ack) {
+  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, ack.job_id(), ack.rank()));
+  JobRuntime& job = *ref.job;
+  RankState& rank = job.ranks[ref.rank];
+  const int64_t version = ack.mask_version();
+  if (version < 1 || version > job.mask_version) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("mask ack for ", ack.job_id(), ": mask version ", version,
+                     " was never sent (the latest is ", job.mask_version, ")"));
+  }
+  if (version < rank.acked_version) {
+    return absl::AbortedError(absl::StrCat("stale mask version ", version, ", rank ", ref.rank,
+                                           " already acknowledged ", rank.acked_version));
+  }
+  if (version == rank.acked_version) return absl::OkStatus();
+  MAT_RETURN_IF_ERROR(
+      store_->UpdateRankStatus(ack.job_id(), ref.rank, rank.step, version, rank.param_checksum));
+  rank.acked_version = version;
+  return absl::OkStatus();
+}
+
+// ----- Progress -----
+
+absl::Status Coordinator::HandleProgress(const std::string& worker_id,
+                                         const v1::Progress& progress) {
+  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, progress.job_id(), progress.rank()));
+  JobRuntime& job = *ref.job;
+  const std::string& job_id = progress.job_id();
+  const std::string what = absl::StrCat("progress of ", job_id, " rank ", ref.rank);
+  if (progress.step() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": step must be >= 0, got ", progress.step()));
+  }
+  MAT_RETURN_IF_ERROR(CheckReportNumber(what, "train_loss", progress.train_loss(), false));
+  if (progress.has_val_loss()) {
+    MAT_RETURN_IF_ERROR(CheckReportNumber(what, "val_loss", progress.val_loss(), false));
+  }
+  if (progress.has_test_loss()) {
+    MAT_RETURN_IF_ERROR(CheckReportNumber(what, "test_loss", progress.test_loss(), false));
+  }
+  MAT_RETURN_IF_ERROR(CheckReportNumber(what, "flops_total", progress.flops_total(), true));
+  MAT_RETURN_IF_ERROR(CheckReportNumber(what, "wall_seconds", progress.wall_seconds(), true));
+  if (progress.active_modules() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": active_modules must be >= 0, got ", progress.active_modules()));
+  }
+  RankState& rank = job.ranks[ref.rank];
+  double flops = 0;  // every rank's latest, this one's new value
+  for (int r = 0; r < job.world_size; ++r) {
+    flops += r == ref.rank ? progress.flops_total() : job.ranks[r].flops_total;
+  }
+  MAT_RETURN_IF_ERROR(store_->UpdateRankStatus(job_id, ref.rank, progress.step(),
+                                               rank.acked_version, rank.param_checksum));
+  if (ref.rank == 0) {
+    JobProgressUpdate update;
+    update.step = progress.step();
+    update.train_loss = progress.train_loss();
+    if (progress.has_val_loss()) update.val_loss = progress.val_loss();
+    if (progress.has_test_loss()) update.test_loss = progress.test_loss();
+    update.flops_total = flops;
+    update.wall_seconds = progress.wall_seconds();
+    MAT_RETURN_IF_ERROR(store_->UpdateJobProgress(job_id, update));
+  }
+  rank.step = progress.step();
+  rank.flops_total = progress.flops_total();
+  if (ref.rank != 0) return absl::OkStatus();
+
+  double steps_per_second = 0;
+  if (job.rank0_step >= 0 && progress.step() > job.rank0_step &&
+      progress.wall_seconds() > job.rank0_wall_seconds) {
+    steps_per_second = static_cast<double>(progress.step() - job.rank0_step) /
+                       (progress.wall_seconds() - job.rank0_wall_seconds);
+  }
+  job.rank0_step = progress.step();
+  job.rank0_wall_seconds = progress.wall_seconds();
+  v1::JobEvent event;
+  event.set_job_id(job_id);
+  event.set_step(progress.step());
+  v1::JobProgress* p = event.mutable_progress();
+  p->set_train_loss(progress.train_loss());
+  p->set_active_modules(progress.active_modules());
+  p->set_total_modules(static_cast<int64_t>(job.modules.size()));
+  p->set_flops_total(flops);
+  p->set_wall_seconds(progress.wall_seconds());
+  p->set_steps_per_second(steps_per_second);
+  PublishJobEvent(event);
+  if (progress.has_val_loss()) {
+    v1::JobEvent eval;
+    eval.set_job_id(job_id);
+    eval.set_step(progress.step());
+    eval.mutable_evaluation()->set_val_loss(progress.val_loss());
+    eval.mutable_evaluation()->set_test_loss(progress.has_test_loss()
+                                                 ? progress.test_loss()
+                                                 : std::numeric_limits<double>::quiet_NaN());
+    PublishJobEvent(eval);
+  }
+  return absl::OkStatus();
+}
+
+// ----- RankDone -----
+
+absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1::RankDone& done) {
+  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, done.job_id(), done.rank()));
+  JobRuntime& job = *ref.job;
+  const std::string& job_id = done.job_id();
+  if (!done.ok()) {
+    // Best effort: the failure below must happen even when the store cannot take this.
+    if (absl::Status st = store_->UpdateRankStatus(
+            job_id, ref.rank, std::max<int64_t>(done.step(), 0), job.ranks[ref.rank].acked_version,
+            done.param_checksum());
+        !st.ok()) {
+      spdlog::warn("job {}: cannot store rank {}'s last step: {}", job_id, ref.rank,
+                   st.ToString());
+    }
+    const std::string message =
+        absl::StrCat("rank ", ref.rank, " (", worker_id, "): ",
+                     done.error_message().empty() ? "failed without an error message"
+                                                  : done.error_message());
+    FailJob(job_id, message, worker_id);  // the sender stopped already: no Cancel for it
+    return absl::OkStatus();
+  }
+  if (done.step() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("RankDone of ", job_id, " rank ", ref.rank,
+                                                   ": step must be >= 0, got ", done.step()));
+  }
+  RankState& rank = job.ranks[ref.rank];
+  int remaining = 0;
+  for (int r = 0; r < job.world_size; ++r) remaining += job.ranks[r].done ? 0 : 1;
+  const bool last = remaining == 1;  // this rank is the only one not done yet
+  MAT_RETURN_IF_ERROR(store_->UpdateRankStatus(job_id, ref.rank, done.step(), rank.acked_version,
+                                               done.param_checksum()));
+  const std::string summary = ref.rank == 0 ? done.summary_json() : job.ranks[0].summary_json;
+  if (last) MAT_RETURN_IF_ERROR(store_->SetJobSummary(job_id, summary));
+  rank.done = true;
+  rank.step = done.step();
+  rank.param_checksum = done.param_checksum();
+  rank.summary_json = done.summary_json();
+  SetWorkerJob(worker_id, "", -1);
+  spdlog::info("job {}: rank {} ({}) finished at step {}, checksum {}", job_id, ref.rank,
+               worker_id, done.step(), done.param_checksum());
+  if (!last) {
+    Schedule();
+    return absl::OkStatus();
+  }
+  for (int r = 1; r < job.world_size; ++r) {
+    if (job.ranks[r].param_checksum != job.ranks[0].param_checksum) {
+      spdlog::warn("job {}: rank {} checksum {} differs from rank 0's {}", job_id, r,
+                   job.ranks[r].param_checksum, job.ranks[0].param_checksum);
+    }
+  }
+  if (absl::Status st = EndJob(job_id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
+    spdlog::error("job {}: cannot store its success: {}", job_id, st.ToString());
+    DetachJob(job_id, "", /*cancel=*/false, "");
+    Schedule();
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace mat::coordinator

@@ -1,0 +1,1054 @@
+// Tests of the Coordinator's WorkerService side (coordinator/coordinator.h, worker_sessions*.cc)
+// with a real JobStore in a temporary directory, fake worker channels and an injected clock, no
+// network: registration, sessions, gang scheduling (FIFO, backfilling, device kinds), the λ
+// aggregation and the masks (checked against a local Policy fed the same means), mask acks,
+// every refused message with its code and its Reject, job failure paths (NaN λ, RankDone
+// failure, lost and closed sessions, cancellation), success with summary and checksums, and a
+// restart on the same state dir.
+#include <stdlib.h>
+
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "coordinator/coordinator.h"
+#include "coordinator/job_spec.h"
+#include "coordinator/policy/policy.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "worker/train_config.h"
+
+namespace mat::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using google::protobuf::util::MessageDifferencer;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+// Records what the Coordinator sends one worker, and whether it closed the session.
+class FakeWorkerChannel : public WorkerChannel {
+ public:
+  void Send(const v1::CoordinatorMessage& message) override { sent.push_back(message); }
+  void Close(const absl::Status& status) override {
+    closed = true;
+    close_status = status;
+  }
+
+  std::vector<v1::Assign> Assigns() const {
+    return Collect<v1::Assign>(&v1::CoordinatorMessage::has_assign,
+                               &v1::CoordinatorMessage::assign);
+  }
+  std::vector<v1::MaskUpdate> Masks() const {
+    return Collect<v1::MaskUpdate>(&v1::CoordinatorMessage::has_mask,
+                                   &v1::CoordinatorMessage::mask);
+  }
+  std::vector<v1::Cancel> Cancels() const {
+    return Collect<v1::Cancel>(&v1::CoordinatorMessage::has_cancel,
+                               &v1::CoordinatorMessage::cancel);
+  }
+  std::vector<v1::Reject> Rejects() const {
+    return Collect<v1::Reject>(&v1::CoordinatorMessage::has_reject,
+                               &v1::CoordinatorMessage::reject);
+  }
+
+  std::vector<v1::CoordinatorMessage> sent;
+  bool closed = false;
+  absl::Status close_status;
+
+ private:
+  template <typename T>
+  std::vector<T> Collect(bool (v1::CoordinatorMessage::*has)() const,
+                         const T& (v1::CoordinatorMessage::*get)() const) const {
+    std::vector<T> out;
+    for (const v1::CoordinatorMessage& m : sent) {
+      if ((m.*has)()) out.push_back((m.*get)());
+    }
+    return out;
+  }
+};
+
+struct Worker {
+  std::string id;
+  std::shared_ptr<FakeWorkerChannel> channel;
+};
+
+// A valid job: 2 small layers, warm-up off and a probe every 10 steps, so the policy decides
+// from the first probe.
+v1::JobSpec Spec(int workers = 1, const std::string& device = "cpu",
+                 const std::string& policy = "mat") {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_layers(2);
+  spec.mutable_train()->set_steps(100);
+  spec.mutable_resources()->set_workers(workers);
+  spec.mutable_resources()->set_device(device);
+  spec.mutable_policy()->set_kind(policy);
+  spec.mutable_policy()->set_warmup_steps(0);
+  spec.mutable_policy()->set_probe_every(10);
+  return spec;
+}
+
+// 2 layers × 5 heads: 10 modules, so masks take two bytes.
+std::vector<policy::ModuleInfo> Modules() {
+  std::vector<policy::ModuleInfo> out;
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int head = 0; head < 5; ++head) {
+      out.push_back({"heads", layer, head,
+                     "layer" + std::to_string(layer) + ".head" + std::to_string(head)});
+    }
+  }
+  return out;
+}
+
+// Module i is bit (i % 8) of byte (i / 8), LSB first (the proto's rule, decoded independently of
+// PackModuleBits).
+std::vector<uint8_t> Unpack(const std::string& bytes, int n) {
+  std::vector<uint8_t> out(n);
+  for (int i = 0; i < n; ++i) out[i] = (static_cast<uint8_t>(bytes[i / 8]) >> (i % 8)) & 1;
+  return out;
+}
+
+// The policy a job with `spec` and Modules() must follow, made the way the service documents.
+std::unique_ptr<policy::Policy> LocalPolicy(const v1::JobSpec& spec) {
+  auto config = worker::ParseTrainConfig(JobSpecToTrainerYaml(WithJobSpecDefaults(spec)), "t");
+  EXPECT_TRUE(config.ok()) << config.status();
+  auto created = policy::Policy::Create(worker::ToPolicyConfig(*config), Modules());
+  EXPECT_TRUE(created.ok()) << created.status();
+  return std::move(*created);
+}
+
+// ----- worker messages -----
+
+v1::WorkerMessage Heartbeat(const std::string& worker, std::vector<std::string> jobs = {}) {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker);
+  m.mutable_heartbeat()->set_sent_time_unix_ms(1);
+  for (const std::string& j : jobs) m.mutable_heartbeat()->add_job_ids(j);
+  return m;
+}
+
+v1::WorkerMessage ModuleList(const std::string& worker, const std::string& job,
+                             const std::vector<policy::ModuleInfo>& modules = Modules()) {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker);
+  m.mutable_modules()->set_job_id(job);
+  for (const policy::ModuleInfo& info : modules) {
+    v1::ModuleDescriptor* d = m.mutable_modules()->add_modules();
+    d->set_name(info.name);
+    d->set_group(info.group);
+    d->set_layer(info.layer);
+    d->set_index(info.index);
+  }
+  return m;
+}
+
+v1::WorkerMessage Spectra(const std::string& worker, const std::string& job, int rank,
+                          int64_t step, const std::vector<double>& lambda) {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker);
+  v1::SpectraReport* r = m.mutable_spectra();
+  r->set_job_id(job);
+  r->set_rank(rank);
+  r->set_step(step);
+  r->mutable_lambda_max()->Add(lambda.begin(), lambda.end());
+  return m;
+}
+
+v1::WorkerMessage Ack(const std::string& worker, const std::string& job, int rank,
+                      int64_t version) {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker);
+  m.mutable_mask_ack()->set_job_id(job);
+  m.mutable_mask_ack()->set_rank(rank);
+  m.mutable_mask_ack()->set_mask_version(version);
+  return m;
+}
+
+v1::WorkerMessage Progress(const std::string& worker, const std::string& job, int rank,
+                           int64_t step, double train_loss, double flops, double wall,
+                           std::optional<double> val_loss = std::nullopt) {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker);
+  v1::Progress* p = m.mutable_progress();
+  p->set_job_id(job);
+  p->set_rank(rank);
+  p->set_step(step);
+  p->set_train_loss(train_loss);
+  p->set_flops_total(flops);
+  p->set_wall_seconds(wall);
+  p->set_active_modules(7);
+  if (val_loss) p->set_val_loss(*val_loss);
+  return m;
+}
+
+v1::WorkerMessage Done(const std::string& worker, const std::string& job, int rank, bool ok,
+                       const std::string& checksum = "", const std::string& summary = "",
+                       const std::string& error = "") {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker);
+  v1::RankDone* d = m.mutable_done();
+  d->set_job_id(job);
+  d->set_rank(rank);
+  d->set_ok(ok);
+  d->set_param_checksum(checksum);
+  d->set_summary_json(summary);
+  d->set_error_message(error);
+  d->set_step(100);
+  return m;
+}
+
+// λ of `rank` at probe number `k`: distinct, spread values, so the MAT thresholds switch modules
+// on and off.
+std::vector<double> Lambda(int rank, int k) {
+  std::vector<double> out;
+  for (int i = 0; i < 10; ++i) {
+    out.push_back(0.1 * (i + 1) * (1 + 0.37 * rank) + 0.013 * k * ((i * 7 + k) % 5) +
+                  (i == k % 10 ? 2.5 : 0.0));
+  }
+  return out;
+}
+
+class WorkerSessionsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (fs::temp_directory_path() / "mat_worker_sessions_XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+    Open();
+  }
+
+  void TearDown() override {
+    coordinator_.reset();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  // (Re)opens the store and a Coordinator over it, on the fake clocks.
+  void Open() {
+    coordinator_.reset();
+    JobStoreOptions store_options;
+    store_options.now_unix_seconds = [this] { return now_; };
+    auto store = JobStore::Open(dir_ + "/state", store_options);
+    ASSERT_TRUE(store.ok()) << store.status();
+    CoordinatorOptions options;
+    options.now_unix_seconds = [this] { return now_; };
+    options.now_ms = [this] { return now_ms_; };
+    options.heartbeat_interval_ms = 1000;
+    coordinator_ = std::make_unique<Coordinator>(std::move(*store), options);
+  }
+
+  std::string Register(const std::string& device, const std::string& host, int port,
+                       const std::string& id = "") {
+    v1::RegisterRequest request;
+    request.set_worker_id(id);
+    request.mutable_capabilities()->set_device(device);
+    request.mutable_capabilities()->set_host(host);
+    request.mutable_capabilities()->set_rendezvous_port(port);
+    request.mutable_capabilities()->set_memory_bytes(int64_t{1} << 30);
+    auto reply = coordinator_->RegisterWorker(request);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? reply->worker_id() : "";
+  }
+
+  std::shared_ptr<FakeWorkerChannel> Connect(const std::string& id) {
+    auto channel = std::make_shared<FakeWorkerChannel>();
+    absl::Status st = coordinator_->OpenSession(Heartbeat(id), channel);
+    EXPECT_TRUE(st.ok()) << st;
+    return channel;
+  }
+
+  // Registers a worker on host "host-N", port 29500 + N (N counts from 1), and opens its
+  // session.
+  Worker AddWorker(const std::string& device = "cpu") {
+    ++workers_added_;
+    const std::string id = Register(device, "host-" + std::to_string(workers_added_),
+                                    29500 + workers_added_);
+    return Worker{id, Connect(id)};
+  }
+
+  std::string Submit(const v1::JobSpec& spec) {
+    auto reply = coordinator_->SubmitJob("", spec);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? reply->job_id() : "";
+  }
+
+  v1::GetJobReply GetJob(const std::string& id) {
+    auto reply = coordinator_->GetJob(id);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? *reply : v1::GetJobReply();
+  }
+  v1::JobState StateOf(const std::string& id) { return GetJob(id).job().state(); }
+
+  absl::Status Send(const v1::WorkerMessage& m) { return coordinator_->HandleWorkerMessage(m); }
+  void SendOk(const v1::WorkerMessage& m) {
+    absl::Status st = Send(m);
+    EXPECT_TRUE(st.ok()) << st;
+  }
+
+  // Records every event of `job` into `out`.
+  void Watch(const std::string& job, std::vector<v1::JobEvent>* out) {
+    auto id = coordinator_->WatchJob(
+        job, [out](const v1::JobEvent& e, bool) { out->push_back(e); });
+    ASSERT_TRUE(id.ok()) << id.status();
+  }
+
+  v1::WorkerInfo WorkerInfoOf(const std::string& id) {
+    auto reply = coordinator_->ListWorkers();
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    for (const v1::WorkerInfo& w : reply->workers()) {
+      if (w.worker_id() == id) return w;
+    }
+    ADD_FAILURE() << "worker " << id << " not listed";
+    return v1::WorkerInfo();
+  }
+
+  // A RUNNING 2-rank job on two new workers, with its modules declared by rank 0.
+  std::string StartTwoRankJob(Worker* w0, Worker* w1, const v1::JobSpec& spec = Spec(2)) {
+    *w0 = AddWorker();
+    *w1 = AddWorker();
+    const std::string job = Submit(spec);
+    EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+    SendOk(ModuleList(w0->id, job));
+    return job;
+  }
+
+  std::string dir_;
+  int64_t now_ = 1'700'000'000;
+  int64_t now_ms_ = 5'000'000;
+  int workers_added_ = 0;
+  std::unique_ptr<Coordinator> coordinator_;
+};
+
+// ----- registration and sessions -----
+
+TEST_F(WorkerSessionsTest, RegisterAssignsIdsInOrderAndKeepsAGivenOne) {
+  EXPECT_EQ(Register("cpu", "a", 1), "worker-000001");
+  EXPECT_EQ(Register("cuda:0", "b", 2), "worker-000002");
+  EXPECT_EQ(Register("cpu", "c", 3, "worker-000007"), "worker-000007");  // resuming
+  EXPECT_EQ(Register("cpu", "d", 4), "worker-000008");
+  // Re-registering updates the capabilities and keeps the id.
+  EXPECT_EQ(Register("cpu", "a2", 11, "worker-000001"), "worker-000001");
+
+  v1::RegisterRequest request;
+  request.mutable_capabilities()->set_device("cpu");
+  request.mutable_capabilities()->set_host("h");
+  request.mutable_capabilities()->set_rendezvous_port(1);
+  auto reply = coordinator_->RegisterWorker(request);
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->heartbeat_interval_ms(), 1000);
+
+  auto workers = coordinator_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->workers_size(), 5);
+  const v1::WorkerInfo& first = workers->workers(0);
+  EXPECT_EQ(first.worker_id(), "worker-000001");
+  EXPECT_EQ(first.capabilities().host(), "a2");
+  EXPECT_EQ(first.capabilities().rendezvous_port(), 11);
+  EXPECT_EQ(first.state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(first.registered_unix_seconds(), now_);
+  EXPECT_EQ(workers->workers(1).capabilities().device(), "cuda:0");
+}
+
+TEST_F(WorkerSessionsTest, RegisterRejectsBadCapabilitiesNamingTheField) {
+  struct Case {
+    std::function<void(v1::RegisterRequest*)> change;
+    std::string field;
+  };
+  const std::vector<Case> cases = {
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_device(""); },
+       "capabilities.device"},
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_device("gpu"); },
+       "capabilities.device"},
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_device("cuda:"); },
+       "capabilities.device"},
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_device("cuda"); },
+       "capabilities.device"},
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_host(""); },
+       "capabilities.host"},
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_rendezvous_port(0); },
+       "capabilities.rendezvous_port"},
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_rendezvous_port(65536); },
+       "capabilities.rendezvous_port"},
+      {[](v1::RegisterRequest* r) { r->mutable_capabilities()->set_memory_bytes(-1); },
+       "capabilities.memory_bytes"},
+      {[](v1::RegisterRequest* r) { r->set_worker_id("bad id"); }, "worker_id"},
+  };
+  for (const Case& c : cases) {
+    v1::RegisterRequest request;
+    request.mutable_capabilities()->set_device("cuda:1");
+    request.mutable_capabilities()->set_host("h");
+    request.mutable_capabilities()->set_rendezvous_port(29500);
+    c.change(&request);
+    auto reply = coordinator_->RegisterWorker(request);
+    ASSERT_FALSE(reply.ok()) << c.field;
+    EXPECT_EQ(reply.status().code(), absl::StatusCode::kInvalidArgument) << reply.status();
+    EXPECT_THAT(reply.status().message(), HasSubstr(c.field));
+  }
+  auto workers = coordinator_->ListWorkers();
+  ASSERT_TRUE(workers.ok());
+  EXPECT_EQ(workers->workers_size(), 0) << "a refused registration stored a worker";
+}
+
+TEST_F(WorkerSessionsTest, OpenSessionNeedsARegisteredWorkerAndOneSessionAtATime) {
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  EXPECT_EQ(coordinator_->OpenSession(Heartbeat("worker-000009"), channel).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(coordinator_->OpenSession(Heartbeat(""), channel).code(),
+            absl::StatusCode::kInvalidArgument);
+  const Worker w = AddWorker();
+  EXPECT_EQ(coordinator_->OpenSession(Heartbeat(w.id), channel).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(coordinator_->OpenSessionCount(), 1);
+  EXPECT_EQ(WorkerInfoOf(w.id).state(), v1::WORKER_STATE_IDLE);
+  // Messages of a worker without a session: NOT_FOUND, and no channel to send a Reject on.
+  EXPECT_EQ(Send(Heartbeat("worker-000009")).code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(channel->sent.empty());
+}
+
+TEST_F(WorkerSessionsTest, LastSeenIsLiveButStoredOnlyEveryFewSeconds) {
+  const Worker w = AddWorker();
+  auto stored_last_seen = [&] {
+    auto workers = coordinator_->store().ListWorkers();
+    EXPECT_TRUE(workers.ok()) << workers.status();
+    return workers->at(0).last_seen_unix_seconds;
+  };
+  const int64_t opened = now_;
+  EXPECT_EQ(stored_last_seen(), opened);
+  now_ += 3;
+  now_ms_ += 3000;
+  SendOk(Heartbeat(w.id));
+  EXPECT_EQ(stored_last_seen(), opened) << "stored on every message";
+  EXPECT_EQ(WorkerInfoOf(w.id).last_seen_unix_seconds(), now_) << "ListWorkers is live";
+  now_ += 2;
+  now_ms_ += Coordinator::kLastSeenPersistMs - 3000;
+  SendOk(Heartbeat(w.id));
+  EXPECT_EQ(stored_last_seen(), now_);
+}
+
+// ----- scheduling -----
+
+TEST_F(WorkerSessionsTest, GangAllocationWaitsForAllRanksThenAssignsThemTogether) {
+  const Worker w0 = AddWorker();
+  const std::string job = Submit(Spec(2));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_QUEUED) << "started with one of two workers";
+  EXPECT_THAT(w0.channel->Assigns(), IsEmpty());
+  EXPECT_THAT(GetJob(job).ranks(), IsEmpty());
+
+  const Worker w1 = AddWorker();  // host-2:29502
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  const v1::JobSpec stored = GetJob(job).job().spec();
+  for (int r = 0; r < 2; ++r) {
+    const Worker& w = r == 0 ? w0 : w1;
+    auto assigns = w.channel->Assigns();
+    ASSERT_EQ(assigns.size(), 1u) << "rank " << r;
+    EXPECT_EQ(assigns[0].job_id(), job);
+    EXPECT_EQ(assigns[0].rank(), r);
+    EXPECT_EQ(assigns[0].world_size(), 2);
+    EXPECT_EQ(assigns[0].rendezvous_address(), "host-1:29501");  // rank 0's host and port
+    EXPECT_EQ(assigns[0].attempt(), 0);
+    EXPECT_FALSE(assigns[0].resume());
+    EXPECT_TRUE(MessageDifferencer::Equals(assigns[0].spec(), stored));
+    EXPECT_TRUE(assigns[0].spec().policy().has_alpha()) << "defaults are filled in";
+  }
+  const v1::GetJobReply reply = GetJob(job);
+  ASSERT_EQ(reply.ranks_size(), 2);
+  EXPECT_EQ(reply.ranks(0).worker_id(), w0.id);
+  EXPECT_EQ(reply.ranks(1).worker_id(), w1.id);
+  EXPECT_EQ(reply.ranks(1).rank(), 1);
+  EXPECT_EQ(reply.job().attempt(), 0);
+  const v1::WorkerInfo busy = WorkerInfoOf(w1.id);
+  EXPECT_EQ(busy.state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(busy.job_id(), job);
+  EXPECT_EQ(busy.rank(), 1);
+}
+
+TEST_F(WorkerSessionsTest, QueuedJobsStartInSubmissionOrderWithoutHeadOfLineBlocking) {
+  const Worker w0 = AddWorker();
+  const std::string big = Submit(Spec(2));    // needs two workers
+  const std::string small = Submit(Spec(1));  // fits now: may pass the big one
+  const std::string next = Submit(Spec(1));
+  EXPECT_EQ(StateOf(big), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(StateOf(small), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(StateOf(next), v1::JOB_STATE_QUEUED);
+  ASSERT_EQ(w0.channel->Assigns().size(), 1u);
+  EXPECT_EQ(w0.channel->Assigns()[0].job_id(), small);
+
+  // The small job ends: its one worker still cannot take the big job, so the next small one
+  // gets it; with two more workers the big one starts.
+  SendOk(ModuleList(w0.id, small));
+  SendOk(Done(w0.id, small, 0, true, "abc"));
+  EXPECT_EQ(StateOf(small), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(StateOf(next), v1::JOB_STATE_RUNNING) << "the one idle worker took the next fit";
+  const Worker w1 = AddWorker();
+  const Worker w2 = AddWorker();
+  EXPECT_EQ(StateOf(big), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w1.channel->Assigns()[0].job_id(), big);
+  EXPECT_EQ(w2.channel->Assigns()[0].rank(), 1);
+}
+
+TEST_F(WorkerSessionsTest, JobsRunOnlyOnWorkersOfTheirDeviceKind) {
+  const Worker cpu = AddWorker("cpu");
+  const std::string gpu_job = Submit(Spec(1, "cuda"));
+  EXPECT_EQ(StateOf(gpu_job), v1::JOB_STATE_QUEUED) << "a cuda job took a cpu worker";
+  const Worker gpu = AddWorker("cuda:3");
+  EXPECT_EQ(StateOf(gpu_job), v1::JOB_STATE_RUNNING);
+  ASSERT_EQ(gpu.channel->Assigns().size(), 1u);
+  EXPECT_THAT(cpu.channel->Assigns(), IsEmpty());
+
+  const Worker gpu2 = AddWorker("cuda:0");
+  const std::string cpu_job = Submit(Spec(1, "cpu"));
+  EXPECT_THAT(gpu2.channel->Assigns(), IsEmpty()) << "a cpu job took a cuda worker";
+  ASSERT_EQ(cpu.channel->Assigns().size(), 1u);
+  EXPECT_EQ(cpu.channel->Assigns()[0].job_id(), cpu_job);
+}
+
+// ----- λ, decisions and masks -----
+
+TEST_F(WorkerSessionsTest, RankAveragedLambdaIsStoredAndModulesAreListed) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const std::vector<double> a = Lambda(0, 0), b = Lambda(1, 0);
+  SendOk(Spectra(w1.id, job, 1, 0, b));
+  EXPECT_THAT(w0.channel->Masks(), IsEmpty()) << "decided before every rank reported";
+  SendOk(Spectra(w0.id, job, 0, 0, a));
+
+  v1::GetSpectraRequest request;
+  request.set_job_id(job);
+  auto spectra = coordinator_->GetSpectra(request);
+  ASSERT_TRUE(spectra.ok()) << spectra.status();
+  ASSERT_EQ(spectra->points_size(), 1);
+  EXPECT_EQ(spectra->points(0).step(), 0);
+  ASSERT_EQ(spectra->points(0).lambda_max_size(), 10);
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_EQ(spectra->points(0).lambda_max(i), (a[i] + b[i]) / 2) << "module " << i;  // exact
+  }
+  ASSERT_EQ(spectra->modules_size(), 10);
+  EXPECT_EQ(spectra->modules(6).name(), "layer1.head1");
+  EXPECT_EQ(spectra->modules(6).group(), "heads");
+  EXPECT_EQ(spectra->modules(6).layer(), 1);
+  EXPECT_EQ(spectra->modules(6).index(), 1);
+  EXPECT_EQ(GetJob(job).job().total_modules(), 10);
+}
+
+TEST_F(WorkerSessionsTest, MasksFollowALocalPolicyFedTheSameMeans) {
+  Worker w0, w1;
+  const v1::JobSpec spec = Spec(2);
+  const std::string job = StartTwoRankJob(&w0, &w1, spec);
+  std::vector<v1::JobEvent> events;
+  Watch(job, &events);
+  std::unique_ptr<policy::Policy> local = LocalPolicy(spec);
+  ASSERT_NE(coordinator_->JobPolicy(job), nullptr);
+  EXPECT_EQ(coordinator_->JobPolicy(job)->config().interval_steps, 10);
+
+  bool saw_off = false;
+  for (int k = 0; k < 6; ++k) {
+    const int64_t step = 10 * k;
+    const std::vector<double> a = Lambda(0, k), b = Lambda(1, k);
+    SendOk(Spectra(w0.id, job, 0, step, a));
+    SendOk(Spectra(w1.id, job, 1, step, b));
+    std::vector<double> mean(10);
+    for (int i = 0; i < 10; ++i) mean[i] = (a[i] + b[i]) / 2;
+    auto decision = local->Observe(step, mean);
+    ASSERT_TRUE(decision.ok()) << decision.status();
+    const policy::MaskSchedule schedule = local->Schedule();
+
+    for (const Worker* w : {&w0, &w1}) {
+      auto masks = w->channel->Masks();
+      ASSERT_EQ(masks.size(), static_cast<size_t>(k + 1));
+      const v1::MaskUpdate& mask = masks.back();
+      EXPECT_EQ(mask.job_id(), job);
+      EXPECT_EQ(mask.mask_version(), k + 1);
+      EXPECT_EQ(mask.effective_step(), step);
+      EXPECT_EQ(mask.num_modules(), 10);
+      ASSERT_EQ(mask.bits().size(), 2u);
+      EXPECT_EQ(Unpack(mask.bits(), 10), schedule.every_step) << "probe " << k;
+      EXPECT_EQ(static_cast<uint8_t>(mask.bits()[1]) & 0xfc, 0) << "bits past num_modules";
+      EXPECT_TRUE(mask.slow_bits().empty());
+      EXPECT_EQ(mask.slow_every_steps(), 0);
+    }
+    for (uint8_t on : schedule.every_step) saw_off = saw_off || on == 0;
+
+    // The decision is stored as Decision::ToJson; the mask is published and persisted.
+    auto decisions = coordinator_->store().GetDecisions(job, 0, "");
+    ASSERT_TRUE(decisions.ok()) << decisions.status();
+    ASSERT_EQ(decisions->decisions.size(), static_cast<size_t>(k + 1));
+    EXPECT_EQ(decisions->decisions.back().step, step);
+    EXPECT_EQ(nlohmann::json::parse(decisions->decisions.back().json),
+              decision->ToJson(local->modules(), local->config()));
+    int64_t active = 0;
+    for (uint8_t on : schedule.every_step) active += on;
+    ASSERT_FALSE(events.empty());
+    const v1::JobEvent& event = events.back();
+    ASSERT_TRUE(event.has_mask());
+    EXPECT_EQ(event.step(), step);
+    EXPECT_EQ(event.mask().mask_version(), k + 1);
+    EXPECT_EQ(event.mask().effective_step(), step);
+    EXPECT_EQ(event.mask().active_modules(), active);
+    const v1::Job stored = GetJob(job).job();
+    EXPECT_EQ(stored.mask_version(), k + 1);
+    EXPECT_EQ(stored.active_modules(), active);
+  }
+  EXPECT_TRUE(saw_off) << "the test's λ never switched a module off";
+}
+
+TEST_F(WorkerSessionsTest, MaskBitsAreLeastSignificantBitFirst) {
+  EXPECT_EQ(PackModuleBits({1, 0, 0, 0, 0, 0, 0, 0, 0, 1}), std::string("\x01\x02", 2));
+  EXPECT_EQ(PackModuleBits({0, 1, 1}), std::string("\x06", 1));
+  EXPECT_EQ(PackModuleBits({1, 1, 1, 1, 1, 1, 1, 1}), std::string("\xff", 1));
+  EXPECT_EQ(PackModuleBits({}), "");
+}
+
+TEST_F(WorkerSessionsTest, MultirateJobsGetSlowBitsAndSendNoSpectra) {
+  Worker w0, w1;
+  const v1::JobSpec spec = Spec(2, "cpu", "multirate");
+  const std::string job = StartTwoRankJob(&w0, &w1, spec);
+  // A policy without spectra takes empty reports only.
+  absl::Status st = Send(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(st.message(), HasSubstr("lambda_max must be empty"));
+  SendOk(Spectra(w0.id, job, 0, 0, {}));
+  SendOk(Spectra(w1.id, job, 1, 0, {}));
+  std::unique_ptr<policy::Policy> local = LocalPolicy(spec);
+  ASSERT_TRUE(local->Observe(0, {}).ok());
+  const policy::MaskSchedule schedule = local->Schedule();
+  ASSERT_GT(schedule.slow_every, 0);
+  auto masks = w1.channel->Masks();
+  ASSERT_EQ(masks.size(), 1u);
+  EXPECT_EQ(Unpack(masks[0].bits(), 10), schedule.every_step);
+  EXPECT_EQ(Unpack(masks[0].slow_bits(), 10), schedule.slow);
+  EXPECT_EQ(masks[0].slow_every_steps(), schedule.slow_every);
+  auto spectra_page = coordinator_->store().GetLambdas(job, 0, "");
+  ASSERT_TRUE(spectra_page.ok());
+  EXPECT_THAT(spectra_page->points, IsEmpty()) << "no λ to store";
+}
+
+TEST_F(WorkerSessionsTest, MaskAcksAreRecordedAndStaleOnesAborted) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  for (int k = 0; k < 5; ++k) {
+    SendOk(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)));
+    SendOk(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)));
+  }
+  ASSERT_EQ(w0.channel->Masks().back().mask_version(), 5);
+  SendOk(Ack(w0.id, job, 0, 5));
+  SendOk(Ack(w0.id, job, 0, 5));  // repeated: accepted
+  SendOk(Ack(w1.id, job, 1, 2));
+
+  absl::Status st = Send(Ack(w0.id, job, 0, 3));
+  EXPECT_EQ(st.code(), absl::StatusCode::kAborted) << st;
+  EXPECT_EQ(st.message(), "stale mask version 3, rank 0 already acknowledged 5");
+  st = Send(Ack(w0.id, job, 0, 6));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  st = Send(Ack(w1.id, job, 1, 0));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  auto rejects = w0.channel->Rejects();
+  ASSERT_EQ(rejects.size(), 2u);
+  EXPECT_EQ(rejects[0].job_id(), job);
+  EXPECT_EQ(rejects[0].code(), static_cast<int>(absl::StatusCode::kAborted));
+  EXPECT_EQ(rejects[0].message(), "stale mask version 3, rank 0 already acknowledged 5");
+  EXPECT_EQ(rejects[1].code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+
+  const v1::GetJobReply reply = GetJob(job);
+  EXPECT_EQ(reply.ranks(0).mask_version(), 5);
+  EXPECT_EQ(reply.ranks(1).mask_version(), 2);
+}
+
+// ----- refused messages -----
+
+// Every bad input is refused with its code, answered with a Reject naming the job, and changes
+// nothing: the job keeps running, no mask is sent, the next good report still decides.
+TEST_F(WorkerSessionsTest, RefusedMessagesGetARejectWithTheirCodeAndChangeNothing) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const Worker idle = AddWorker();
+  const std::string queued = Submit(Spec(2));  // one idle worker: stays queued
+  SendOk(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
+  SendOk(Spectra(w1.id, job, 1, 0, Lambda(1, 0)));  // step 0 decided
+  SendOk(Spectra(w0.id, job, 0, 10, Lambda(0, 1)));  // step 10 pending for rank 1
+
+  std::vector<double> short_lambda = Lambda(1, 1);
+  short_lambda.pop_back();
+  v1::WorkerMessage bad_trace = Spectra(w1.id, job, 1, 10, Lambda(1, 1));
+  bad_trace.mutable_spectra()->add_trace(1.0);
+  v1::WorkerMessage no_body;
+  no_body.set_worker_id(w1.id);
+  std::vector<policy::ModuleInfo> other_modules = Modules();
+  other_modules[3].name = "renamed";
+
+  struct Case {
+    std::string name;
+    const Worker* from;
+    v1::WorkerMessage message;
+    absl::StatusCode code;
+    std::string text;
+  };
+  const std::vector<Case> cases = {
+      {"no body", &w1, no_body, absl::StatusCode::kInvalidArgument, "no body"},
+      {"empty job id", &w1, Spectra(w1.id, "", 1, 10, Lambda(1, 1)),
+       absl::StatusCode::kInvalidArgument, "job_id is empty"},
+      {"unknown job", &w1, Spectra(w1.id, "job-000404", 1, 10, Lambda(1, 1)),
+       absl::StatusCode::kNotFound, "job-000404"},
+      {"not this worker's rank", &w1, Spectra(w1.id, job, 0, 10, Lambda(1, 1)),
+       absl::StatusCode::kNotFound, "worker-000002 runs no rank 0 of job-000001"},
+      {"rank out of range", &w1, Progress(w1.id, job, 5, 10, 1.0, 1.0, 1.0),
+       absl::StatusCode::kNotFound, "runs no rank 5"},
+      {"idle worker", &idle, Ack(idle.id, job, 1, 1), absl::StatusCode::kNotFound,
+       "worker-000003 runs no rank 1 of job-000001"},
+      {"queued job", &idle, Spectra(idle.id, queued, 0, 0, Lambda(0, 0)),
+       absl::StatusCode::kNotFound, "runs no rank 0"},
+      {"step not a probe step", &w1, Spectra(w1.id, job, 1, 15, Lambda(1, 1)),
+       absl::StatusCode::kInvalidArgument, "probe_every"},
+      {"negative step", &w1, Spectra(w1.id, job, 1, -10, Lambda(1, 1)),
+       absl::StatusCode::kInvalidArgument, "step must be >= 0"},
+      {"wrong module count", &w1, Spectra(w1.id, job, 1, 10, short_lambda),
+       absl::StatusCode::kInvalidArgument, "lambda_max has 9 values, the job has 10 modules"},
+      {"wrong trace count", &w1, bad_trace, absl::StatusCode::kInvalidArgument, "trace"},
+      {"stale step", &w1, Spectra(w1.id, job, 1, 0, Lambda(1, 0)), absl::StatusCode::kAborted,
+       "stale"},
+      {"second report of a pending step", &w0, Spectra(w0.id, job, 0, 10, Lambda(0, 1)),
+       absl::StatusCode::kInvalidArgument, "rank 0 already reported"},
+      {"ModuleList from rank 1", &w1, ModuleList(w1.id, job, other_modules),
+       absl::StatusCode::kInvalidArgument, "only rank 0 declares the modules"},
+      {"a different second ModuleList", &w0, ModuleList(w0.id, job, other_modules),
+       absl::StatusCode::kFailedPrecondition, "already declared its 10 modules"},
+      {"non-finite loss", &w0,
+       Progress(w0.id, job, 0, 10, std::numeric_limits<double>::quiet_NaN(), 1, 1),
+       absl::StatusCode::kInvalidArgument, "train_loss must be a finite number"},
+      {"negative flops", &w1, Progress(w1.id, job, 1, 10, 1.0, -1.0, 1.0),
+       absl::StatusCode::kInvalidArgument, "flops_total must be >= 0"},
+      {"RankDone with a negative step", &w1,
+       [&] {
+         v1::WorkerMessage m = Done(w1.id, job, 1, true, "x");
+         m.mutable_done()->set_step(-1);
+         return m;
+       }(),
+       absl::StatusCode::kInvalidArgument, "step must be >= 0"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const size_t rejects_before = c.from->channel->Rejects().size();
+    absl::Status st = Send(c.message);
+    EXPECT_EQ(st.code(), c.code) << st;
+    EXPECT_THAT(st.message(), HasSubstr(c.text));
+    auto rejects = c.from->channel->Rejects();
+    ASSERT_EQ(rejects.size(), rejects_before + 1) << "no Reject sent";
+    EXPECT_EQ(rejects.back().code(), static_cast<int>(c.code));
+    EXPECT_EQ(rejects.back().message(), std::string(st.message()));
+    const std::string named_job =
+        c.message.has_spectra()    ? c.message.spectra().job_id()
+        : c.message.has_progress() ? c.message.progress().job_id()
+        : c.message.has_mask_ack() ? c.message.mask_ack().job_id()
+        : c.message.has_modules()  ? c.message.modules().job_id()
+        : c.message.has_done()     ? c.message.done().job_id()
+                                   : "";
+    EXPECT_EQ(rejects.back().job_id(), named_job);
+    EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+    EXPECT_EQ(w0.channel->Masks().size(), 1u);
+  }
+  // An identical ModuleList, from any rank, is accepted and changes nothing.
+  SendOk(ModuleList(w1.id, job));
+  SendOk(ModuleList(w0.id, job));
+  EXPECT_EQ(coordinator_->OpenSessionCount(), 3) << "a refused message closed a session";
+  // State is as before: rank 1's report of step 10 completes it.
+  SendOk(Spectra(w1.id, job, 1, 10, Lambda(1, 1)));
+  ASSERT_EQ(w0.channel->Masks().size(), 2u);
+  EXPECT_EQ(w0.channel->Masks().back().effective_step(), 10);
+  EXPECT_EQ(GetJob(job).ranks(0).step(), 0) << "a refused Progress was recorded";
+}
+
+TEST_F(WorkerSessionsTest, AReportBeforeTheModuleListWaitsForItAndAfterTheJobEndedIsRefused) {
+  const Worker w0 = AddWorker();
+  const std::string job = Submit(Spec(1));
+  // Rank 0's ModuleList may arrive after a report (another stream): the report is kept...
+  SendOk(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
+  EXPECT_TRUE(w0.channel->Masks().empty());
+  // ...but only one per rank.
+  absl::Status st = Send(Spectra(w0.id, job, 0, 10, Lambda(0, 1)));
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_THAT(st.message(), HasSubstr("no ModuleList yet"));
+  // A ModuleList the policy refuses (duplicate names) is INVALID_ARGUMENT and declares nothing.
+  std::vector<policy::ModuleInfo> duplicate = Modules();
+  duplicate[1].name = duplicate[0].name;
+  EXPECT_EQ(Send(ModuleList(w0.id, job, duplicate)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Send(ModuleList(w0.id, job, {})).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(coordinator_->JobPolicy(job), nullptr);
+  EXPECT_TRUE(w0.channel->Masks().empty());
+  // The list arrives: the kept report of step 0 is decided at once.
+  SendOk(ModuleList(w0.id, job));
+  ASSERT_EQ(w0.channel->Masks().size(), 1u);
+  EXPECT_EQ(w0.channel->Masks()[0].effective_step(), 0);
+
+  ASSERT_TRUE(coordinator_->CancelJob(job, "stop").ok());
+  st = Send(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_THAT(st.message(), HasSubstr("CANCELLED"));
+  // Another worker asking about that job still gets NOT_FOUND for the rank it never held.
+  const Worker other = AddWorker();
+  EXPECT_EQ(Send(Progress(other.id, job, 0, 1, 1, 1, 1)).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(w0.channel->Rejects().back().code(),
+            static_cast<int>(absl::StatusCode::kFailedPrecondition));
+}
+
+// ----- failures -----
+
+TEST_F(WorkerSessionsTest, NonFiniteLambdaFailsOnlyThatJobAndCancelsItsRanks) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const Worker other = AddWorker();
+  const std::string other_job = Submit(Spec(1));
+  ASSERT_EQ(StateOf(other_job), v1::JOB_STATE_RUNNING);
+  SendOk(ModuleList(other.id, other_job));
+
+  SendOk(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
+  std::vector<double> bad = Lambda(1, 0);
+  bad[3] = std::numeric_limits<double>::quiet_NaN();
+  absl::Status st = Send(Spectra(w1.id, job, 1, 0, bad));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  const std::string expected =
+      "spectra for job-000001 step 0: rank 1: module 3 (layer0.head3): lambda is nan";
+  EXPECT_EQ(st.message(), expected);
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(), expected);
+  for (const Worker* w : {&w0, &w1}) {
+    auto cancels = w->channel->Cancels();
+    ASSERT_EQ(cancels.size(), 1u) << w->id;
+    EXPECT_EQ(cancels[0].job_id(), job);
+    EXPECT_EQ(cancels[0].reason(), expected);
+    EXPECT_EQ(WorkerInfoOf(w->id).state(), v1::WORKER_STATE_IDLE);
+  }
+  ASSERT_EQ(w1.channel->Rejects().size(), 1u);
+  EXPECT_EQ(w1.channel->Rejects()[0].code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(w0.channel->Masks(), IsEmpty());
+
+  // The other job is untouched and keeps deciding.
+  EXPECT_EQ(StateOf(other_job), v1::JOB_STATE_RUNNING);
+  EXPECT_THAT(other.channel->Cancels(), IsEmpty());
+  std::vector<double> inf = Lambda(0, 0);
+  SendOk(Spectra(other.id, other_job, 0, 0, Lambda(0, 0)));
+  EXPECT_EQ(other.channel->Masks().size(), 1u);
+  inf[9] = std::numeric_limits<double>::infinity();
+  st = Send(Spectra(other.id, other_job, 0, 10, inf));
+  EXPECT_THAT(st.message(), HasSubstr("module 9 (layer1.head4): lambda is inf"));
+  EXPECT_EQ(StateOf(other_job), v1::JOB_STATE_FAILED);
+}
+
+TEST_F(WorkerSessionsTest, RankDoneOnEveryRankSucceedsWithSummaryAndChecksums) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const std::string queued = Submit(Spec(2));
+  std::vector<v1::JobEvent> events;
+  Watch(job, &events);
+  SendOk(Done(w1.id, job, 1, true, "cafe01"));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING) << "succeeded before rank 0 finished";
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_QUEUED);
+  // A finished rank sends nothing more for its job.
+  EXPECT_EQ(Send(Done(w1.id, job, 1, true, "cafe01")).code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  SendOk(Done(w0.id, job, 0, true, "cafe01", R"({"final_val_loss": 3.5})"));
+  const v1::GetJobReply reply = GetJob(job);
+  EXPECT_EQ(reply.job().state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(reply.job().error_message(), "");
+  EXPECT_EQ(reply.job().summary_json(), R"({"final_val_loss": 3.5})");
+  ASSERT_EQ(reply.ranks_size(), 2);
+  EXPECT_EQ(reply.ranks(0).param_checksum(), "cafe01");
+  EXPECT_EQ(reply.ranks(1).param_checksum(), "cafe01");
+  EXPECT_EQ(reply.ranks(1).step(), 100);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().state().state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty());
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
+  // Both workers are free again: the queued job starts on them.
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w0.channel->Assigns().back().job_id(), queued);
+}
+
+TEST_F(WorkerSessionsTest, RankDoneWithAnErrorFailsTheJobAndCancelsTheOtherRanks) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w1.id, job, 1, false, "", "", "CUDA out of memory"));
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(), "rank 1 (worker-000002): CUDA out of memory");
+  ASSERT_EQ(w0.channel->Cancels().size(), 1u);
+  EXPECT_EQ(w0.channel->Cancels()[0].reason(), "rank 1 (worker-000002): CUDA out of memory");
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty()) << "the failed rank stopped by itself";
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+}
+
+TEST_F(WorkerSessionsTest, CancelJobCancelsEveryRankAndFreesTheWorkers) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const std::string queued = Submit(Spec(1));
+  auto reply = coordinator_->CancelJob(job, "user changed their mind");
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->state(), v1::JOB_STATE_CANCELLED);
+  for (const Worker* w : {&w0, &w1}) {
+    auto cancels = w->channel->Cancels();
+    ASSERT_EQ(cancels.size(), 1u);
+    EXPECT_EQ(cancels[0].job_id(), job);
+    EXPECT_EQ(cancels[0].reason(), "user changed their mind");
+  }
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w0.channel->Assigns().back().job_id(), queued);
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+}
+
+TEST_F(WorkerSessionsTest, ASilentWorkerIsLostAndItsJobFails) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  now_ms_ += 2000;
+  SendOk(Heartbeat(w0.id, {job}));
+  now_ms_ += 1000;  // w1 silent for exactly 3 intervals: not yet lost
+  coordinator_->CheckHeartbeats();
+  EXPECT_FALSE(w1.channel->closed);
+  now_ms_ += 1;
+  coordinator_->CheckHeartbeats();
+  ASSERT_TRUE(w1.channel->closed);
+  EXPECT_EQ(w1.channel->close_status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(w1.channel->close_status.message(), "no heartbeat for 3001 ms");
+  EXPECT_FALSE(w0.channel->closed);
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(), "worker-000002 (rank 1) lost: no heartbeat for 3001 ms");
+  ASSERT_EQ(w0.channel->Cancels().size(), 1u);
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
+  // Its messages are refused now (no session); it may open a new one.
+  EXPECT_EQ(Send(Heartbeat(w1.id)).code(), absl::StatusCode::kNotFound);
+  auto again = std::make_shared<FakeWorkerChannel>();
+  EXPECT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), again).ok());
+}
+
+TEST_F(WorkerSessionsTest, AClosedSessionFailsItsJobWithoutClosingTheChannel) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  coordinator_->CloseSession(w0.id);
+  coordinator_->CloseSession("worker-000404");  // unknown: no-op
+  EXPECT_FALSE(w0.channel->closed);
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(), "worker-000001 (rank 0) lost: session closed");
+  ASSERT_EQ(w1.channel->Cancels().size(), 1u);
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_DISCONNECTED);
+  // An idle worker's session closing changes no job.
+  coordinator_->CloseSession(w1.id);
+  EXPECT_EQ(coordinator_->OpenSessionCount(), 0);
+}
+
+TEST_F(WorkerSessionsTest, AHeartbeatListingAJobTheWorkerDoesNotRunGetsACancel) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Heartbeat(w0.id, {job}));
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty());
+  SendOk(Heartbeat(w0.id, {job, "job-000077", "job-000077"}));
+  auto cancels = w0.channel->Cancels();
+  ASSERT_EQ(cancels.size(), 1u);
+  EXPECT_EQ(cancels[0].job_id(), "job-000077");
+  // After the job ended, a rank still listing it is told again.
+  ASSERT_TRUE(coordinator_->CancelJob(job, "").ok());
+  SendOk(Heartbeat(w1.id, {job}));
+  cancels = w1.channel->Cancels();
+  ASSERT_EQ(cancels.size(), 2u);
+  EXPECT_EQ(cancels[1].job_id(), job);
+}
+
+// ----- progress -----
+
+TEST_F(WorkerSessionsTest, RankZeroProgressIsTheJobsProgressAndIsPublished) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  std::vector<v1::JobEvent> events;
+  Watch(job, &events);
+  events.clear();
+  SendOk(Progress(w1.id, job, 1, 20, 9.0, 5e12, 10.0));
+  EXPECT_THAT(events, IsEmpty()) << "rank 1's progress is not the job's";
+  SendOk(Progress(w0.id, job, 0, 20, 4.5, 6e12, 10.0, 4.25));
+  SendOk(Progress(w0.id, job, 0, 40, 4.0, 8e12, 20.0));
+
+  const v1::GetJobReply reply = GetJob(job);
+  const v1::Job& j = reply.job();
+  EXPECT_EQ(j.step(), 40);
+  EXPECT_EQ(j.train_loss(), 4.0);
+  ASSERT_TRUE(j.has_val_loss());
+  EXPECT_EQ(j.val_loss(), 4.25) << "a Progress without val_loss keeps the latest";
+  EXPECT_FALSE(j.has_test_loss());
+  EXPECT_EQ(j.flops_total(), 8e12 + 5e12);
+  EXPECT_EQ(j.wall_seconds(), 20.0);
+  EXPECT_EQ(reply.ranks(0).step(), 40);
+  EXPECT_EQ(reply.ranks(1).step(), 20);
+
+  ASSERT_EQ(events.size(), 3u);  // progress, evaluation, progress
+  ASSERT_TRUE(events[0].has_progress());
+  EXPECT_EQ(events[0].step(), 20);
+  EXPECT_EQ(events[0].progress().train_loss(), 4.5);
+  EXPECT_EQ(events[0].progress().flops_total(), 6e12 + 5e12);
+  EXPECT_EQ(events[0].progress().total_modules(), 10);
+  EXPECT_EQ(events[0].progress().active_modules(), 7);
+  ASSERT_TRUE(events[1].has_evaluation());
+  EXPECT_EQ(events[1].step(), 20);
+  EXPECT_EQ(events[1].evaluation().val_loss(), 4.25);
+  EXPECT_TRUE(std::isnan(events[1].evaluation().test_loss()));
+  ASSERT_TRUE(events[2].has_progress());
+  EXPECT_EQ(events[2].progress().steps_per_second(), 2.0);  // 20 steps in 10 s
+}
+
+// ----- restart -----
+
+TEST_F(WorkerSessionsTest, ARestartFailsRunningJobsKeepsQueuedOnesAndWorkersReconnect) {
+  Worker w0, w1;
+  const std::string running = StartTwoRankJob(&w0, &w1);
+  SendOk(Spectra(w0.id, running, 0, 0, Lambda(0, 0)));
+  SendOk(Spectra(w1.id, running, 1, 0, Lambda(1, 0)));
+  const std::string queued = Submit(Spec(1));
+  now_ += 100;
+
+  Open();  // a new process on the same state dir
+
+  const v1::Job failed = GetJob(running).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(),
+            "coordinator restarted while the job was running; resubmit it");
+  EXPECT_EQ(failed.mask_version(), 1) << "the stored progress survives";
+  EXPECT_EQ(GetJob(running).ranks_size(), 2);
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_QUEUED);
+  v1::GetSpectraRequest request;
+  request.set_job_id(running);
+  auto spectra = coordinator_->GetSpectra(request);
+  ASSERT_TRUE(spectra.ok()) << spectra.status();
+  EXPECT_EQ(spectra->modules_size(), 10);
+  EXPECT_EQ(spectra->points_size(), 1);
+
+  auto workers = coordinator_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->workers_size(), 2);
+  EXPECT_EQ(workers->workers(0).worker_id(), w0.id);
+  EXPECT_EQ(workers->workers(0).state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(workers->workers(0).capabilities().rendezvous_port(), 29501);
+
+  // A worker of the old process reconnects with its id; the queued job starts on it, and a
+  // report of the failed job from it is refused as not RUNNING.
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  std::shared_ptr<FakeWorkerChannel> channel = Connect(w0.id);
+  ASSERT_EQ(channel->Assigns().size(), 1u);
+  EXPECT_EQ(channel->Assigns()[0].job_id(), queued);
+  EXPECT_EQ(Send(Progress(w0.id, running, 0, 1, 1, 1, 1)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Register("cpu", "x", 1), "worker-000003") << "new ids continue after the old ones";
+}
+
+}  // namespace
+}  // namespace mat::coordinator

@@ -1,7 +1,9 @@
 #include "client/format.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <ctime>
 #include <sstream>
 
@@ -56,6 +58,39 @@ json MessageToJson(const google::protobuf::Message& message) {
 
 std::string StateName(v1::JobState state) { return coordinator::JobStateName(state); }
 
+// `v` with `digits` significant digits ("%.4g": 6.123, 6.05, 10.52).
+std::string FormatSignificant(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.*g", digits, v);
+  return buf;
+}
+
+// A rate: three significant digits below 100, whole numbers above ("3.2", "0.0456", "250").
+std::string FormatRate(double v) {
+  if (v >= 100) return absl::StrCat(static_cast<int64_t>(std::llround(v)));
+  return FormatSignificant(v, 3);
+}
+
+// Rows of cells as columns aligned by two spaces; every line ends with a newline.
+std::string FormatTable(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto& row : rows) {
+    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
+  }
+  std::string out;
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t c = 0; c < row.size(); ++c) {
+      line += row[c];
+      if (c + 1 < row.size()) line += std::string(width[c] - row[c].size() + 2, ' ');
+    }
+    out += line + "\n";
+  }
+  return out;
+}
+
+json OptionalDoubleToJson(bool has, double v) { return has ? DoubleToJson(v) : json(nullptr); }
+
 }  // namespace
 
 std::string FormatUnixTime(int64_t unix_seconds) {
@@ -65,6 +100,25 @@ std::string FormatUnixTime(int64_t unix_seconds) {
   gmtime_r(&t, &tm);
   char buf[32];
   std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string FormatDuration(double seconds) {
+  if (!(seconds > 0)) return "0s";  // also NaN
+  if (seconds >= 9999.5 * 86400) return ">9999d";  // also infinity
+  if (seconds < 59.5) return absl::StrCat(std::llround(seconds), "s");
+  const int64_t minutes = std::llround(seconds / 60);
+  if (minutes < 60) return absl::StrCat(minutes, "m");
+  if (minutes < 24 * 60) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%lldh%02lldm", static_cast<long long>(minutes / 60),
+                  static_cast<long long>(minutes % 60));
+    return buf;
+  }
+  const int64_t hours = std::llround(seconds / 3600);
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lldd%02lldh", static_cast<long long>(hours / 24),
+                static_cast<long long>(hours % 24));
   return buf;
 }
 
@@ -94,20 +148,7 @@ std::string FormatJobTable(const std::vector<v1::Job>& jobs) {
     rows.push_back({job.job_id(), StateName(job.state()), DescribeModel(job.spec()),
                     DescribePolicy(job.spec()), FormatUnixTime(job.create_time_unix_seconds())});
   }
-  std::vector<size_t> width(rows[0].size(), 0);
-  for (const auto& row : rows) {
-    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
-  }
-  std::string out;
-  for (const auto& row : rows) {
-    std::string line;
-    for (size_t c = 0; c < row.size(); ++c) {
-      line += row[c];
-      if (c + 1 < row.size()) line += std::string(width[c] - row[c].size() + 2, ' ');
-    }
-    out += line + "\n";
-  }
-  return out;
+  return FormatTable(rows);
 }
 
 json JobSpecToJson(const v1::JobSpec& spec) { return MessageToJson(spec); }
@@ -118,8 +159,18 @@ json JobToJson(const v1::GetJobReply& reply) {
   out["job_id"] = job.job_id();
   out["client_request_id"] = job.client_request_id();
   out["state"] = StateName(job.state());
-  out["step"] = job.step();
   out["error_message"] = job.error_message();
+  out["step"] = job.step();
+  out["total_steps"] = job.spec().train().steps();
+  out["train_loss"] = DoubleToJson(job.train_loss());
+  out["val_loss"] = OptionalDoubleToJson(job.has_val_loss(), job.val_loss());
+  out["test_loss"] = OptionalDoubleToJson(job.has_test_loss(), job.test_loss());
+  out["active_modules"] = job.active_modules();
+  out["total_modules"] = job.total_modules();
+  out["mask_version"] = job.mask_version();
+  out["flops_total"] = DoubleToJson(job.flops_total());
+  out["wall_seconds"] = DoubleToJson(job.wall_seconds());
+  out["attempt"] = job.attempt();
   out["created_unix_seconds"] = job.create_time_unix_seconds();
   out["created"] = FormatUnixTime(job.create_time_unix_seconds());
   out["updated_unix_seconds"] = job.update_time_unix_seconds();
@@ -147,7 +198,22 @@ std::string FormatJobText(const v1::GetJobReply& reply) {
   out << "job:         " << job.job_id() << "\n"
       << "state:       " << StateName(job.state()) << "\n";
   if (!job.error_message().empty()) out << "message:     " << job.error_message() << "\n";
-  out << "step:        " << job.step() << " / " << job.spec().train().steps() << "\n"
+  out << "step:        " << job.step() << " / " << job.spec().train().steps() << "\n";
+  const bool reported = job.train_loss() != 0 || job.has_val_loss();
+  out << "loss:        train " << (reported ? FormatSignificant(job.train_loss(), 4) : "-")
+      << "  val " << (job.has_val_loss() ? FormatSignificant(job.val_loss(), 4) : "-")
+      << "  test " << (job.has_test_loss() ? FormatSignificant(job.test_loss(), 4) : "-")
+      << "\n";
+  out << "modules:     ";
+  if (job.total_modules() > 0) {
+    out << job.active_modules() << "/" << job.total_modules() << " active";
+  } else {
+    out << "-";
+  }
+  out << "  mask " << (job.mask_version() > 0 ? absl::StrCat("v", job.mask_version()) : "-")
+      << "\n"
+      << "compute:     " << FormatSignificant(job.flops_total(), 3) << " FLOPs  "
+      << FormatDuration(job.wall_seconds()) << " wall  attempt " << job.attempt() << "\n"
       << "model:       " << DescribeModel(job.spec()) << "\n"
       << "policy:      " << DescribePolicy(job.spec()) << "\n"
       << "workers:     " << job.spec().resources().workers() << " x "
@@ -163,6 +229,35 @@ std::string FormatJobText(const v1::GetJobReply& reply) {
   }
   if (!job.summary_json().empty()) out << "summary:     " << job.summary_json() << "\n";
   return out.str();
+}
+
+std::string WorkerStateName(v1::WorkerState state) {
+  switch (state) {
+    case v1::WORKER_STATE_IDLE: return "IDLE";
+    case v1::WORKER_STATE_BUSY: return "BUSY";
+    case v1::WORKER_STATE_DISCONNECTED: return "DISCONNECTED";
+    default: return "UNSPECIFIED";
+  }
+}
+
+std::string FormatWorkerTable(const std::vector<v1::WorkerInfo>& workers,
+                              int64_t now_unix_seconds) {
+  std::vector<std::vector<std::string>> rows = {
+      {"WORKER", "STATE", "DEVICE", "HOST", "JOB", "RANK", "LAST-SEEN"}};
+  for (const v1::WorkerInfo& w : workers) {
+    const bool busy = w.state() == v1::WORKER_STATE_BUSY;
+    const std::string last_seen =
+        w.last_seen_unix_seconds() == 0
+            ? "-"
+            : FormatDuration(static_cast<double>(now_unix_seconds - w.last_seen_unix_seconds())) +
+                  " ago";
+    rows.push_back({w.worker_id(), WorkerStateName(w.state()),
+                    w.capabilities().device().empty() ? "-" : w.capabilities().device(),
+                    w.capabilities().host().empty() ? "-" : w.capabilities().host(),
+                    busy && !w.job_id().empty() ? w.job_id() : "-",
+                    busy ? absl::StrCat(w.rank()) : "-", last_seen});
+  }
+  return FormatTable(rows);
 }
 
 std::string FormatJobEvent(const v1::JobEvent& event) {
@@ -196,6 +291,118 @@ std::string FormatJobEvent(const v1::JobEvent& event) {
       break;
   }
   return out;
+}
+
+WatchState WatchStateFromJob(const v1::GetJobReply& reply) {
+  const v1::Job& job = reply.job();
+  WatchState s;
+  s.state = job.state();
+  s.step = job.step();
+  s.total_steps = job.spec().train().steps();
+  if (job.train_loss() != 0) s.train_loss = job.train_loss();
+  if (job.has_val_loss()) s.val_loss = job.val_loss();
+  s.active_modules = job.active_modules();
+  s.total_modules = job.total_modules();
+  s.mask_version = job.mask_version();
+  if (job.wall_seconds() > 0 && job.step() > 0) {
+    s.steps_per_second = static_cast<double>(job.step()) / job.wall_seconds();
+  }
+  return s;
+}
+
+bool ApplyJobEvent(const v1::JobEvent& event, WatchState* state) {
+  state->step = std::max(state->step, event.step());
+  switch (event.event_case()) {
+    case v1::JobEvent::kState:
+      state->state = event.state().state();
+      return true;
+    case v1::JobEvent::kProgress: {
+      const v1::JobProgress& p = event.progress();
+      state->step = event.step();  // a restarted job may go back to its checkpoint's step
+      state->train_loss = p.train_loss();
+      state->active_modules = p.active_modules();
+      if (p.total_modules() > 0) state->total_modules = p.total_modules();
+      state->steps_per_second = p.steps_per_second();
+      return false;
+    }
+    case v1::JobEvent::kEvaluation:
+      state->val_loss = event.evaluation().val_loss();
+      return true;
+    case v1::JobEvent::kMask:
+      state->mask_version = std::max(state->mask_version, event.mask().mask_version());
+      state->active_modules = event.mask().active_modules();
+      return false;
+    case v1::JobEvent::EVENT_NOT_SET:
+      return false;
+  }
+  return false;
+}
+
+std::string FormatProgressBar(const WatchState& state, int width) {
+  const bool known_total = state.total_steps > 0;
+  const double fraction =
+      known_total ? std::clamp(static_cast<double>(state.step) /
+                                   static_cast<double>(state.total_steps), 0.0, 1.0)
+                  : 0.0;
+  // The parts after the bar, in display order, each with its rank in the order parts are left
+  // out when the line is too long (lowest first; kKeep never).
+  constexpr int kKeep = 100;
+  struct Part {
+    std::string text;
+    int keep;
+  };
+  std::vector<Part> parts;
+  std::string step = absl::StrCat(" step ", state.step);
+  if (known_total) {
+    absl::StrAppend(&step, "/", state.total_steps, " ",
+                    static_cast<int>(std::floor(fraction * 100)), "%");
+  }
+  parts.push_back({step, kKeep});
+  if (state.train_loss) {
+    parts.push_back({absl::StrCat(" loss ", FormatSignificant(*state.train_loss, 4)), 6});
+  }
+  if (state.val_loss) {
+    parts.push_back({absl::StrCat(" val ", FormatSignificant(*state.val_loss, 4)), 4});
+  }
+  if (state.total_modules > 0) {
+    parts.push_back(
+        {absl::StrCat(" active ", state.active_modules, "/", state.total_modules), 3});
+  }
+  if (state.mask_version > 0) parts.push_back({absl::StrCat(" mask v", state.mask_version), 1});
+  const bool running = state.state == v1::JOB_STATE_RUNNING;
+  if (running && state.steps_per_second > 0 && std::isfinite(state.steps_per_second)) {
+    parts.push_back({absl::StrCat(" ", FormatRate(state.steps_per_second), " step/s"), 2});
+    if (known_total && state.step < state.total_steps) {
+      parts.push_back({absl::StrCat(" ETA ", FormatDuration(static_cast<double>(
+                                                                state.total_steps - state.step) /
+                                                            state.steps_per_second)),
+                       5});
+    }
+  }
+  if (!running && state.state != v1::JOB_STATE_UNSPECIFIED) {
+    parts.push_back({absl::StrCat(" ", StateName(state.state)), kKeep});
+  }
+
+  constexpr int kMinCells = 10;
+  constexpr int kMaxCells = 30;
+  const int limit = std::max(width - 1, 40);  // the last column would wrap on some terminals
+  auto rest_size = [&] {
+    int n = 0;
+    for (const Part& p : parts) n += static_cast<int>(p.text.size());
+    return n;
+  };
+  while (2 + kMinCells + rest_size() > limit) {
+    auto lowest = std::min_element(parts.begin(), parts.end(),
+                                   [](const Part& a, const Part& b) { return a.keep < b.keep; });
+    if (lowest == parts.end() || lowest->keep == kKeep) break;
+    parts.erase(lowest);
+  }
+  const int cells = std::clamp(limit - 2 - rest_size(), kMinCells, kMaxCells);
+  const int filled = static_cast<int>(std::floor(fraction * cells));
+  std::string line = "[" + std::string(filled, '#') + std::string(cells - filled, '.') + "]";
+  for (const Part& p : parts) line += p.text;
+  if (static_cast<int>(line.size()) > limit) line.resize(limit);
+  return line;
 }
 
 std::string SpectraToCsv(const v1::GetSpectraReply& spectra) {

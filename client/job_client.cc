@@ -4,6 +4,7 @@
 #include <grpcpp/security/credentials.h>
 
 #include <chrono>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -120,6 +121,24 @@ absl::StatusOr<v1::GetSpectraReply> JobClient::GetAllSpectra(const std::string& 
     request.set_page_token(reply.next_page_token());
   } while (!request.page_token().empty());
   return all;
+}
+
+absl::StatusOr<std::vector<v1::WorkerInfo>> JobClient::ListWorkers() {
+  v1::ListWorkersReply reply;
+  auto context = UnaryContext();
+  const grpc::Status grpc_status =
+      stub_->ListWorkers(context.get(), v1::ListWorkersRequest(), &reply);
+  if (grpc_status.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+    return absl::UnimplementedError(
+        absl::StrCat("the coordinator at ", address_, " does not serve ListWorkers",
+                     grpc_status.error_message().empty() ? "" : " (",
+                     grpc_status.error_message(),
+                     grpc_status.error_message().empty() ? "" : ")"));
+  }
+  absl::Status status = Convert(grpc_status);
+  if (!status.ok()) return status;
+  return std::vector<v1::WorkerInfo>(std::make_move_iterator(reply.mutable_workers()->begin()),
+                                     std::make_move_iterator(reply.mutable_workers()->end()));
 }
 
 absl::Status JobClient::WatchJob(const std::string& job_id,

@@ -44,6 +44,9 @@ class JobClient {
                                                const std::string& reason);
   // The whole λ history (every page, points concatenated; modules from the first page).
   absl::StatusOr<v1::GetSpectraReply> GetAllSpectra(const std::string& job_id);
+  // Every worker the coordinator knows, by id. UNIMPLEMENTED naming the address when the
+  // coordinator predates ListWorkers.
+  absl::StatusOr<std::vector<v1::WorkerInfo>> ListWorkers();
 
   // Streams the job's events into `on_event` (called on this thread) until the coordinator ends
   // the stream: OK after the job's terminal state; the stream's error otherwise (NOT_FOUND for

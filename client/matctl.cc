@@ -1,5 +1,10 @@
 #include "client/matctl.h"
 
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -9,6 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "client/format.h"
 #include "client/job_client.h"
+#include "client/plot.h"
+#include "common/file_util.h"
 #include "coordinator/grpc_status.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/job_store.h"
@@ -31,7 +38,13 @@ struct MatctlOptions {
   std::string job_id;
   std::string output;
   std::string reason;
+  bool progress = false;     // --progress: draw the bar even when `out` is not a terminal
+  bool no_progress = false;  // --no-progress: one line per event even on a terminal
+  std::string plot_file;     // plot --out
 };
+
+// ANSI "erase to the end of the line", after a redrawn bar that may be shorter than the last.
+constexpr const char* kEraseLineEnd = "\033[K";
 
 int Fail(std::ostream& err, const absl::Status& status) {
   err << "matctl: " << coordinator::StatusLine(status) << "\n";
@@ -51,16 +64,42 @@ absl::StatusOr<v1::JobState> ParseState(const std::string& text) {
   return absl::InvalidArgumentError("--state: unknown job state '" + text + "'");
 }
 
-// Prints events until the job finishes; the job's final state through `final_state`.
-absl::Status Watch(JobClient& client, const std::string& job_id, std::ostream& out,
-                   v1::JobState* final_state) {
-  return client.WatchJob(job_id, [&](const v1::JobEvent& event) {
-    out << FormatJobEvent(event) << std::endl;  // flushed: someone is watching
+// Prints events until the job finishes; the job's final state through `final_state`. With
+// `progress`, one progress bar (FormatProgressBar) redrawn in place with '\r', and state changes
+// and evaluations on lines of their own above it; otherwise one line per event.
+absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, int columns,
+                   std::ostream& out, v1::JobState* final_state) {
+  if (!progress) {
+    return client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+      out << FormatJobEvent(event) << std::endl;  // flushed: someone is watching
+      if (event.has_state()) *final_state = event.state().state();
+    });
+  }
+  absl::StatusOr<v1::GetJobReply> job = client.GetJob(job_id);  // the total steps
+  if (!job.ok()) return job.status();
+  WatchState state = WatchStateFromJob(*job);
+  bool bar_shown = false;
+  absl::Status status = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
     if (event.has_state()) *final_state = event.state().state();
+    if (ApplyJobEvent(event, &state)) {
+      out << "\r" << FormatJobEvent(event) << kEraseLineEnd << "\n";
+    }
+    out << "\r" << FormatProgressBar(state, columns) << kEraseLineEnd << std::flush;
+    bar_shown = true;
   });
+  if (bar_shown) out << "\n" << std::flush;  // leave the last bar on screen
+  return status;
 }
 
-int Submit(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+// Whether `watch` draws the bar: the flags, else whether `out` is a terminal.
+bool UseProgressBar(const MatctlOptions& o, const OutputTerminal& terminal) {
+  if (o.progress) return true;
+  if (o.no_progress) return false;
+  return terminal.is_terminal;
+}
+
+int Submit(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream& out,
+           std::ostream& err) {
   absl::StatusOr<v1::JobSpec> spec = coordinator::LoadJobSpecYaml(o.job_file);
   if (!spec.ok()) return Fail(err, spec.status());
   if (absl::Status valid = coordinator::ValidateJobSpec(*spec); !valid.ok()) {
@@ -76,7 +115,9 @@ int Submit(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   }
   if (!o.wait) return kExitOk;
   v1::JobState final_state = v1::JOB_STATE_UNSPECIFIED;
-  if (absl::Status s = Watch(client, reply->job_id(), out, &final_state); !s.ok()) {
+  if (absl::Status s = Watch(client, reply->job_id(), UseProgressBar(o, terminal),
+                             terminal.columns, out, &final_state);
+      !s.ok()) {
     return Fail(err, s);
   }
   return final_state == v1::JOB_STATE_SUCCEEDED ? kExitOk : kExitError;
@@ -116,10 +157,15 @@ int Cancel(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
-int WatchCommand(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+int WatchCommand(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream& out,
+                 std::ostream& err) {
   JobClient client(o.coordinator, o.timeout_seconds);
   v1::JobState final_state = v1::JOB_STATE_UNSPECIFIED;
-  if (absl::Status s = Watch(client, o.job_id, out, &final_state); !s.ok()) return Fail(err, s);
+  if (absl::Status s = Watch(client, o.job_id, UseProgressBar(o, terminal), terminal.columns,
+                             out, &final_state);
+      !s.ok()) {
+    return Fail(err, s);
+  }
   return kExitOk;
 }
 
@@ -135,11 +181,73 @@ int Spectra(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
+int Plot(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<v1::GetJobReply> job = client.GetJob(o.job_id);
+  if (!job.ok()) return Fail(err, job.status());
+  absl::StatusOr<v1::GetSpectraReply> spectra = client.GetAllSpectra(o.job_id);
+  if (!spectra.ok()) return Fail(err, spectra.status());
+  const v1::JobSpec& spec = job->job().spec();
+  if (spectra->points_size() == 0) {
+    std::string why = o.job_id + " has no λ reports yet";
+    if (spec.policy().kind() != "mat") {
+      absl::StrAppend(&why, " (policy ", spec.policy().kind(), " needs no spectra)");
+    }
+    return Fail(err, absl::FailedPreconditionError(why));
+  }
+  // Only the mat policy thresholds λ; other policies get no mask overlay (alpha NaN).
+  const double alpha = spec.policy().kind() == "mat" ? spec.policy().alpha() : std::nan("");
+  const std::string title = absl::StrCat(o.job_id, ": λ_max per module and probe step (",
+                                         DescribeModel(spec), ", ", DescribePolicy(spec), ")");
+  absl::StatusOr<std::string> svg = RenderSpectraSvg(*spectra, alpha, title);
+  if (!svg.ok()) {
+    return Fail(err, absl::Status(svg.status().code(),
+                                  absl::StrCat(o.job_id, ": ", svg.status().message())));
+  }
+  if (absl::Status s = common::WriteFileAtomic(o.plot_file, *svg); !s.ok()) return Fail(err, s);
+  out << o.plot_file << "\n";
+  return kExitOk;
+}
+
+int Workers(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::vector<v1::WorkerInfo>> workers = client.ListWorkers();
+  if (!workers.ok()) return Fail(err, workers.status());
+  out << FormatWorkerTable(*workers, static_cast<int64_t>(std::time(nullptr)));
+  return kExitOk;
+}
+
+// --progress / --no-progress on a command that watches.
+void AddProgressFlags(CLI::App* command, MatctlOptions& o) {
+  CLI::Option* on = command->add_flag(
+      "--progress", o.progress,
+      "draw a progress bar redrawn in place (default: when stdout is a terminal)");
+  CLI::Option* off =
+      command->add_flag("--no-progress", o.no_progress, "one line per event, also on a terminal");
+  on->excludes(off);
+}
+
 }  // namespace
 
-int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
+OutputTerminal DetectStdoutTerminal() {
+  OutputTerminal terminal;
+  terminal.is_terminal = ::isatty(STDOUT_FILENO) == 1;
+  winsize size{};
+  if (terminal.is_terminal && ::ioctl(STDOUT_FILENO, TIOCGWINSZ, &size) == 0 && size.ws_col > 0) {
+    terminal.columns = size.ws_col;
+  }
+  return terminal;
+}
+
+int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream& err,
+              const OutputTerminal& terminal) {
   MatctlOptions o;
-  CLI::App app{"matctl: submit, inspect, watch and cancel MAT jobs on a mat-coordinator"};
+  CLI::App app{
+      "matctl: submit, inspect, watch, plot and cancel MAT jobs, and list the workers of a "
+      "mat-coordinator"};
+  app.footer(
+      "Exit codes: 0 success; 1 an error, printed as \"matctl: CODE: message\" (and submit "
+      "--wait when the job did not succeed); 2 bad command-line usage.");
   app.require_subcommand(1);
   app.add_option("--coordinator", o.coordinator, "coordinator gRPC address HOST:PORT")
       ->capture_default_str();
@@ -151,12 +259,16 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   submit->add_option("job_file", o.job_file, "the job spec (YAML)")->required();
   submit->add_option("--request-id", o.request_id,
                      "idempotency key: resubmitting with the same id returns the same job");
-  submit->add_flag("--wait", o.wait, "then watch the job until it finishes");
+  CLI::Option* wait = submit->add_flag("--wait", o.wait, "then watch the job until it finishes");
+  AddProgressFlags(submit, o);
+  submit->get_option("--progress")->needs(wait);
+  submit->get_option("--no-progress")->needs(wait);
 
   CLI::App* list = app.add_subcommand("list", "list jobs");
   list->add_option("--state", o.states, "only jobs in this state (repeatable)");
 
-  CLI::App* status = app.add_subcommand("status", "show one job");
+  CLI::App* status =
+      app.add_subcommand("status", "show one job (progress, losses, mask, ranks, summary)");
   status->add_option("job", o.job_id, "job id")->required();
   status->add_option("-o,--output", o.output, "text or json")
       ->check(CLI::IsMember({"text", "json"}))
@@ -166,14 +278,37 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   cancel->add_option("job", o.job_id, "job id")->required();
   cancel->add_option("--reason", o.reason, "stored as the job's message");
 
-  CLI::App* watch = app.add_subcommand("watch", "print a job's events until it finishes");
+  CLI::App* watch =
+      app.add_subcommand("watch", "follow a job until it finishes (a progress bar on a terminal)");
+  watch->footer(
+      "On a terminal (or with --progress): one line redrawn in place, e.g.\n"
+      "  [###.......] step 120/1000 12% loss 6.123 val 6.05 active 40/48 mask v7 3.2 step/s "
+      "ETA 4m\n"
+      "with state changes and evaluations on lines of their own. Otherwise (or with "
+      "--no-progress): one line per event.");
   watch->add_option("job", o.job_id, "job id")->required();
+  AddProgressFlags(watch, o);
 
   CLI::App* spectra = app.add_subcommand("spectra", "print a job's λ_max history");
   spectra->add_option("job", o.job_id, "job id")->required();
   spectra->add_option("-o,--output", o.output, "csv or json")
       ->check(CLI::IsMember({"csv", "json"}))
       ->default_val("csv");
+
+  CLI::App* plot = app.add_subcommand(
+      "plot", "write a job's λ_max history as an SVG heatmap with an approximate mask");
+  plot->footer(
+      "x: probe step, y: module (grouped), color: log10 λ_max (viridis). Hatched cells "
+      "APPROXIMATE the mask, which the API does not expose: a module counts as off at a probe "
+      "step when its λ is at or below min + (max - min)·alpha of its group's λ at that step, "
+      "alpha = the job's policy.alpha (mat policy only). The real mask also depends on the EMA "
+      "smoothing, warm-up, min_active_fraction and the temporal rule. Prints the file's path.");
+  plot->add_option("job", o.job_id, "job id")->required();
+  plot->add_option("--out", o.plot_file, "the SVG file to write (replaced atomically)")
+      ->required();
+
+  CLI::App* workers = app.add_subcommand(
+      "workers", "list the coordinator's workers (state, device, host, job, rank, last seen)");
 
   try {
     app.parse(argc, argv);
@@ -182,12 +317,14 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
     return code == 0 ? kExitOk : kExitUsage;
   }
 
-  if (submit->parsed()) return Submit(o, out, err);
+  if (submit->parsed()) return Submit(o, terminal, out, err);
   if (list->parsed()) return List(o, out, err);
   if (status->parsed()) return Status(o, out, err);
   if (cancel->parsed()) return Cancel(o, out, err);
-  if (watch->parsed()) return WatchCommand(o, out, err);
+  if (watch->parsed()) return WatchCommand(o, terminal, out, err);
   if (spectra->parsed()) return Spectra(o, out, err);
+  if (plot->parsed()) return Plot(o, out, err);
+  if (workers->parsed()) return Workers(o, out, err);
   return Fail(err, absl::InternalError("no command"));  // require_subcommand prevents this
 }
 

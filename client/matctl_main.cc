@@ -3,4 +3,7 @@
 
 #include "client/matctl.h"
 
-int main(int argc, char** argv) { return mat::client::RunMatctl(argc, argv, std::cout, std::cerr); }
+int main(int argc, char** argv) {
+  return mat::client::RunMatctl(argc, argv, std::cout, std::cerr,
+                                mat::client::DetectStdoutTerminal());
+}

@@ -32,6 +32,18 @@ TEST(FormatTest, UnixTimeIsIsoUtcAndDashWhenUnset) {
   EXPECT_EQ(FormatUnixTime(0), "-");
 }
 
+TEST(FormatTest, DurationsAreCompactAndRounded) {
+  EXPECT_EQ(FormatDuration(0), "0s");
+  EXPECT_EQ(FormatDuration(-5), "0s");
+  EXPECT_EQ(FormatDuration(std::nan("")), "0s");
+  EXPECT_EQ(FormatDuration(44.6), "45s");
+  EXPECT_EQ(FormatDuration(251), "4m");
+  EXPECT_EQ(FormatDuration(3599), "1h00m");
+  EXPECT_EQ(FormatDuration(2 * 3600 + 5 * 60 + 10), "2h05m");
+  EXPECT_EQ(FormatDuration(3 * 86400 + 4 * 3600), "3d04h");
+  EXPECT_EQ(FormatDuration(std::numeric_limits<double>::infinity()), ">9999d");
+}
+
 TEST(FormatTest, ModelAndPolicyDescriptionsNameTheirMainParameters) {
   v1::JobSpec spec = coordinator::JobSpecDefaults();
   EXPECT_EQ(DescribeModel(spec), "bert L4 d256 H8");
@@ -88,6 +100,54 @@ TEST(FormatTest, JobJsonHasStateSpecAndRanksWithTypedValues) {
   EXPECT_TRUE(JobToJson(reply)["summary"].is_null());
 }
 
+TEST(FormatTest, JobJsonHasProgressLossesMaskAndComputeWithNullForUnsetLosses) {
+  v1::GetJobReply reply;
+  *reply.mutable_job() = MakeJob("job-000008", v1::JOB_STATE_RUNNING);
+  v1::Job& job = *reply.mutable_job();
+  job.set_step(120);
+  job.set_train_loss(6.125);
+  job.set_active_modules(40);
+  job.set_total_modules(48);
+  job.set_mask_version(7);
+  job.set_flops_total(1.5e15);
+  job.set_wall_seconds(37.5);
+  job.set_attempt(1);
+  v1::RankStatus* rank = reply.add_ranks();
+  rank->set_rank(1);
+  rank->set_worker_id("worker-000002");
+  rank->set_step(119);
+  rank->set_mask_version(6);
+
+  json j = JobToJson(reply);
+  EXPECT_EQ(j["error_message"], "");
+  EXPECT_EQ(j["step"], 120);
+  EXPECT_EQ(j["total_steps"], 2000);
+  EXPECT_EQ(j["train_loss"], 6.125);
+  EXPECT_TRUE(j.contains("val_loss"));
+  EXPECT_TRUE(j["val_loss"].is_null()) << "unset until the first evaluation";
+  EXPECT_TRUE(j["test_loss"].is_null());
+  EXPECT_EQ(j["active_modules"], 40);
+  EXPECT_EQ(j["total_modules"], 48);
+  EXPECT_EQ(j["mask_version"], 7);
+  EXPECT_EQ(j["flops_total"], 1.5e15);
+  EXPECT_EQ(j["wall_seconds"], 37.5);
+  EXPECT_EQ(j["attempt"], 1);
+  EXPECT_TRUE(j["summary"].is_null());
+  ASSERT_EQ(j["ranks"].size(), 1u);
+  EXPECT_EQ(j["ranks"][0], json({{"rank", 1},
+                                 {"worker_id", "worker-000002"},
+                                 {"step", 119},
+                                 {"mask_version", 6},
+                                 {"param_checksum", ""}}));
+
+  job.set_val_loss(6.05);
+  job.set_test_loss(std::nan(""));
+  j = JobToJson(reply);
+  EXPECT_EQ(j["val_loss"], 6.05);
+  EXPECT_EQ(j["test_loss"], "nan") << "JSON has no NaN";
+  EXPECT_NO_THROW(json::parse(j.dump())) << "the dump must be valid JSON";
+}
+
 TEST(FormatTest, SpecJsonHasOnlySetKeysAndWritesNonFiniteNumbersAsText) {
   v1::JobSpec spec;
   spec.mutable_train()->set_lr(std::numeric_limits<double>::infinity());
@@ -108,6 +168,184 @@ TEST(FormatTest, JobTextNamesStateAndMessage) {
   EXPECT_THAT(text, HasSubstr("state:       CANCELLED\n"));
   EXPECT_THAT(text, HasSubstr("message:     no longer needed\n"));
   EXPECT_THAT(text, HasSubstr("step:        0 / 2000\n"));
+  EXPECT_THAT(text, HasSubstr("loss:        train -  val -  test -\n"));
+  EXPECT_THAT(text, HasSubstr("modules:     -  mask -\n"));
+}
+
+TEST(FormatTest, JobTextShowsProgressLossesMaskComputeAndRanks) {
+  v1::GetJobReply reply;
+  *reply.mutable_job() = MakeJob("job-000004", v1::JOB_STATE_RUNNING);
+  v1::Job& job = *reply.mutable_job();
+  job.set_step(120);
+  job.set_train_loss(6.1234);
+  job.set_val_loss(6.05);
+  job.set_active_modules(40);
+  job.set_total_modules(48);
+  job.set_mask_version(7);
+  job.set_flops_total(1.5e15);
+  job.set_wall_seconds(300);
+  job.set_attempt(2);
+  v1::RankStatus* rank = reply.add_ranks();
+  rank->set_rank(0);
+  rank->set_worker_id("worker-000001");
+  rank->set_step(120);
+  rank->set_mask_version(7);
+  const std::string text = FormatJobText(reply);
+  EXPECT_THAT(text, HasSubstr("step:        120 / 2000\n"));
+  EXPECT_THAT(text, HasSubstr("loss:        train 6.123  val 6.05  test -\n"));
+  EXPECT_THAT(text, HasSubstr("modules:     40/48 active  mask v7\n"));
+  EXPECT_THAT(text, HasSubstr("compute:     1.5e+15 FLOPs  5m wall  attempt 2\n"));
+  EXPECT_THAT(text, HasSubstr("rank 0:      worker worker-000001 step 120 mask v7\n"));
+}
+
+v1::WorkerInfo MakeWorker(const std::string& id, v1::WorkerState state, const std::string& device,
+                          const std::string& host, int64_t last_seen) {
+  v1::WorkerInfo w;
+  w.set_worker_id(id);
+  w.set_state(state);
+  w.mutable_capabilities()->set_device(device);
+  w.mutable_capabilities()->set_host(host);
+  w.set_last_seen_unix_seconds(last_seen);
+  return w;
+}
+
+TEST(FormatTest, WorkerTableShowsJobAndRankOnlyForBusyWorkersAndTheAgeOfTheLastMessage) {
+  const int64_t now = 1700000000;
+  v1::WorkerInfo busy =
+      MakeWorker("worker-000001", v1::WORKER_STATE_BUSY, "cuda:0", "gpu1", now - 2);
+  busy.set_job_id("job-000003");
+  busy.set_rank(1);
+  v1::WorkerInfo idle = MakeWorker("worker-000002", v1::WORKER_STATE_IDLE, "cpu", "10.0.0.7", now);
+  idle.set_job_id("job-000001");  // stale: only BUSY workers show their job
+  const v1::WorkerInfo gone =
+      MakeWorker("worker-000003", v1::WORKER_STATE_DISCONNECTED, "cpu", "host-c", now - 250);
+  const v1::WorkerInfo never =
+      MakeWorker("worker-000004", v1::WORKER_STATE_DISCONNECTED, "", "", 0);
+  const std::vector<std::string> expected = {
+      "WORKER         STATE         DEVICE  HOST      JOB         RANK  LAST-SEEN",
+      "worker-000001  BUSY          cuda:0  gpu1      job-000003  1     2s ago",
+      "worker-000002  IDLE          cpu     10.0.0.7  -           -     0s ago",
+      "worker-000003  DISCONNECTED  cpu     host-c    -           -     4m ago",
+      "worker-000004  DISCONNECTED  -       -         -           -     -",
+  };
+  std::string want;
+  for (const std::string& line : expected) want += line + "\n";
+  EXPECT_EQ(FormatWorkerTable({busy, idle, gone, never}, now), want);
+  EXPECT_EQ(FormatWorkerTable({}, now), "WORKER  STATE  DEVICE  HOST  JOB  RANK  LAST-SEEN\n");
+  EXPECT_EQ(WorkerStateName(v1::WORKER_STATE_UNSPECIFIED), "UNSPECIFIED");
+}
+
+WatchState RunningState() {
+  WatchState s;
+  s.state = v1::JOB_STATE_RUNNING;
+  s.step = 120;
+  s.total_steps = 1000;
+  s.train_loss = 6.1234;
+  s.val_loss = 6.05;
+  s.active_modules = 40;
+  s.total_modules = 48;
+  s.mask_version = 7;
+  s.steps_per_second = 3.5;
+  return s;
+}
+
+TEST(FormatTest, ProgressBarShowsStepPercentLossesModulesMaskRateAndEta) {
+  const std::string rest =
+      " step 120/1000 12% loss 6.123 val 6.05 active 40/48 mask v7 3.5 step/s ETA 4m";
+  // Exactly wide enough for the smallest bar (10 cells, 1 filled).
+  const int narrowest = static_cast<int>(rest.size()) + 12 + 1;
+  EXPECT_EQ(FormatProgressBar(RunningState(), narrowest), "[#.........]" + rest);
+  // Wider: the bar grows, up to 30 cells.
+  EXPECT_EQ(FormatProgressBar(RunningState(), narrowest + 5), "[#..............]" + rest);
+  EXPECT_EQ(FormatProgressBar(RunningState(), 500), "[###...........................]" + rest);
+}
+
+TEST(FormatTest, ProgressBarFitsNarrowTerminalsByLeavingOutTheLeastUsefulParts) {
+  for (int width : {80, 70, 60, 50, 41, 20}) {
+    const std::string line = FormatProgressBar(RunningState(), width);
+    EXPECT_LE(static_cast<int>(line.size()), std::max(width - 1, 40)) << width;
+    EXPECT_THAT(line, ::testing::StartsWith("[#")) << width;
+    EXPECT_THAT(line, HasSubstr(" step 120/1000 12%")) << width;
+    EXPECT_THAT(line, ::testing::Not(HasSubstr("mask v7"))) << width;
+  }
+  // 80 columns: mask and rate go first, and the bar takes what is left.
+  EXPECT_EQ(FormatProgressBar(RunningState(), 80),
+            "[##.................] step 120/1000 12% loss 6.123 val 6.05 active 40/48 ETA 4m");
+  EXPECT_EQ(FormatProgressBar(RunningState(), 50),
+            "[#..........] step 120/1000 12% loss 6.123 ETA 4m");
+  EXPECT_EQ(FormatProgressBar(RunningState(), 20),
+            "[##..................] step 120/1000 12%")
+      << "at least 40 columns, even on a tinier terminal";
+}
+
+TEST(FormatTest, ProgressBarLeavesOutWhatIsUnknownAndNamesStatesOtherThanRunning) {
+  WatchState queued;
+  queued.state = v1::JOB_STATE_QUEUED;
+  queued.total_steps = 1000;
+  EXPECT_EQ(FormatProgressBar(queued, 60),
+            "[..............................] step 0/1000 0% QUEUED");
+
+  WatchState unknown_total = RunningState();
+  unknown_total.total_steps = 0;
+  unknown_total.val_loss.reset();
+  unknown_total.mask_version = 0;
+  EXPECT_EQ(FormatProgressBar(unknown_total, 100),
+            "[..............................] step 120 loss 6.123 active 40/48 3.5 step/s");
+
+  WatchState done = RunningState();
+  done.state = v1::JOB_STATE_SUCCEEDED;
+  done.step = 1000;
+  EXPECT_EQ(FormatProgressBar(done, 200),
+            "[##############################] step 1000/1000 100% loss 6.123 val 6.05 active "
+            "40/48 mask v7 SUCCEEDED");
+  done.step = 5000;  // past the end (never happens): still a full bar, not more
+  EXPECT_THAT(FormatProgressBar(done, 200),
+              ::testing::StartsWith("[" + std::string(30, '#') + "]"));
+}
+
+TEST(FormatTest, WatchStateStartsFromTheJobAndFoldsEveryEventIn) {
+  v1::GetJobReply reply;
+  *reply.mutable_job() = MakeJob("job-000005", v1::JOB_STATE_RUNNING);
+  reply.mutable_job()->set_step(100);
+  reply.mutable_job()->set_wall_seconds(50);
+  reply.mutable_job()->set_total_modules(48);
+  reply.mutable_job()->set_active_modules(48);
+  WatchState s = WatchStateFromJob(reply);
+  EXPECT_EQ(s.state, v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(s.step, 100);
+  EXPECT_EQ(s.total_steps, 2000);
+  EXPECT_FALSE(s.train_loss.has_value()) << "0 means no progress yet";
+  EXPECT_FALSE(s.val_loss.has_value());
+  EXPECT_DOUBLE_EQ(s.steps_per_second, 2.0);
+
+  v1::JobEvent e;
+  e.set_job_id("job-000005");
+  e.set_step(120);
+  e.mutable_progress()->set_train_loss(6.5);
+  e.mutable_progress()->set_active_modules(40);
+  e.mutable_progress()->set_total_modules(48);
+  e.mutable_progress()->set_steps_per_second(4);
+  EXPECT_FALSE(ApplyJobEvent(e, &s)) << "progress only redraws the bar";
+  EXPECT_EQ(s.step, 120);
+  EXPECT_EQ(s.train_loss, 6.5);
+  EXPECT_EQ(s.active_modules, 40);
+  EXPECT_EQ(s.steps_per_second, 4);
+
+  e.mutable_mask()->set_mask_version(3);
+  e.mutable_mask()->set_active_modules(36);
+  EXPECT_FALSE(ApplyJobEvent(e, &s));
+  EXPECT_EQ(s.mask_version, 3);
+  EXPECT_EQ(s.active_modules, 36);
+
+  e.set_step(200);
+  e.mutable_evaluation()->set_val_loss(6.25);
+  EXPECT_TRUE(ApplyJobEvent(e, &s)) << "evaluations get a line of their own";
+  EXPECT_EQ(s.val_loss, 6.25);
+  EXPECT_EQ(s.step, 200);
+
+  e.mutable_state()->set_state(v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(ApplyJobEvent(e, &s));
+  EXPECT_EQ(s.state, v1::JOB_STATE_SUCCEEDED);
 }
 
 TEST(FormatTest, EventLinesDescribeEachKind) {

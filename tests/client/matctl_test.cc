@@ -1,6 +1,7 @@
 // Tests of client/matctl.h: every matctl command against an in-process coordinator daemon on
 // loopback (port 0), through RunMatctl with captured output: results, exit codes, the messages
-// of errors (code name + message), client-side spec checks, and unreachable coordinators (a
+// of errors (code name + message), client-side spec checks, `watch`'s progress bar (forced, and
+// by default on a terminal), `plot`'s SVG file, `workers`, and unreachable coordinators (a
 // closed port, and one that accepts TCP but never speaks HTTP/2, which only the deadline ends).
 #include "client/matctl.h"
 
@@ -22,6 +23,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "common/file_util.h"
 #include "coordinator/daemon.h"
 #include "nlohmann/json.hpp"
 
@@ -30,6 +32,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using namespace std::chrono_literals;
 
 const std::string kTinyJob = std::string(MAT_SOURCE_DIR) + "/examples/bert-wikitext2-tiny.yaml";
@@ -88,15 +91,16 @@ class MatctlTest : public ::testing::Test {
     fs::remove_all(root_, ec);
   }
 
-  // matctl --coordinator <daemon> ARGS...
-  Result Run(std::vector<std::string> args, const std::string& address = "") {
+  // matctl --coordinator <daemon> ARGS..., with `out` described by `terminal`.
+  Result Run(std::vector<std::string> args, const std::string& address = "",
+             const OutputTerminal& terminal = {}) {
     args.insert(args.begin(), {"matctl", "--coordinator",
                                address.empty() ? daemon_->grpc_address() : address});
     std::vector<const char*> argv;
     for (const std::string& a : args) argv.push_back(a.c_str());
     std::ostringstream out, err;
     Result r;
-    r.code = RunMatctl(static_cast<int>(argv.size()), argv.data(), out, err);
+    r.code = RunMatctl(static_cast<int>(argv.size()), argv.data(), out, err, terminal);
     r.out = out.str();
     r.err = err.str();
     return r;
@@ -124,6 +128,53 @@ class MatctlTest : public ::testing::Test {
       std::this_thread::sleep_for(10ms);
     }
     return false;
+  }
+
+  // Publishes a non-state event of job-000001 at `step` on the loop.
+  void Publish(int64_t step, const std::function<void(v1::JobEvent&)>& fill) {
+    v1::JobEvent event;
+    event.set_job_id("job-000001");
+    event.set_step(step);
+    fill(event);
+    ASSERT_TRUE(OnLoop([&](coordinator::Coordinator& c) {
+                  c.PublishJobEvent(event);
+                  return absl::OkStatus();
+                }).ok());
+  }
+
+  // Watches job-000001 (`args` after "watch job-000001") while it runs: RUNNING, a progress
+  // event, a mask, an evaluation, more progress, SUCCEEDED. Returns the watch's result.
+  Result WatchARun(const std::vector<std::string>& args, const OutputTerminal& terminal) {
+    std::vector<std::string> command = {"watch", "job-000001"};
+    command.insert(command.end(), args.begin(), args.end());
+    auto watch = std::async(std::launch::async, [&] { return Run(command, "", terminal); });
+    EXPECT_TRUE(WaitForWatcher("job-000001"));
+    EXPECT_TRUE(OnLoop([](coordinator::Coordinator& c) {
+                  return c.UpdateJobState("job-000001", v1::JOB_STATE_RUNNING);
+                }).ok());
+    Publish(100, [](v1::JobEvent& e) {
+      e.mutable_progress()->set_train_loss(6.5);
+      e.mutable_progress()->set_active_modules(8);
+      e.mutable_progress()->set_total_modules(8);
+      e.mutable_progress()->set_steps_per_second(4);
+    });
+    Publish(100, [](v1::JobEvent& e) {
+      e.mutable_mask()->set_mask_version(2);
+      e.mutable_mask()->set_effective_step(100);
+      e.mutable_mask()->set_active_modules(6);
+    });
+    Publish(200, [](v1::JobEvent& e) { e.mutable_evaluation()->set_val_loss(6.25); });
+    Publish(250, [](v1::JobEvent& e) {
+      e.mutable_progress()->set_train_loss(6.125);
+      e.mutable_progress()->set_active_modules(6);
+      e.mutable_progress()->set_total_modules(8);
+      e.mutable_progress()->set_steps_per_second(5);
+    });
+    EXPECT_TRUE(OnLoop([](coordinator::Coordinator& c) {
+                  return c.UpdateJobState("job-000001", v1::JOB_STATE_SUCCEEDED);
+                }).ok());
+    EXPECT_EQ(watch.wait_for(10s), std::future_status::ready);
+    return watch.get();
   }
 
   std::string root_;
@@ -175,8 +226,24 @@ TEST_F(MatctlTest, ListStatusAndCancelShowAndChangeJobs) {
   const auto j = nlohmann::json::parse(json_status.out);
   EXPECT_EQ(j["state"], "QUEUED");
   EXPECT_EQ(j["spec"]["train"]["steps"], 1000);
+  // Progress, losses, mask, compute and ranks: present before anything was reported.
+  EXPECT_EQ(j["job_id"], "job-000001");
+  EXPECT_EQ(j["error_message"], "");
+  EXPECT_EQ(j["step"], 0);
+  EXPECT_EQ(j["total_steps"], 1000);
+  EXPECT_EQ(j["train_loss"], 0);
+  EXPECT_TRUE(j["val_loss"].is_null());
+  EXPECT_TRUE(j["test_loss"].is_null());
+  for (const char* key : {"active_modules", "total_modules", "mask_version", "flops_total",
+                          "wall_seconds", "attempt"}) {
+    EXPECT_EQ(j[key], 0) << key;
+  }
+  EXPECT_TRUE(j["summary"].is_null());
+  EXPECT_EQ(j["ranks"], nlohmann::json::array());
   Result text = Run({"status", "job-000001"});
   EXPECT_THAT(text.out, HasSubstr("state:       QUEUED"));
+  EXPECT_THAT(text.out, HasSubstr("step:        0 / 1000\n"));
+  EXPECT_THAT(text.out, HasSubstr("loss:        train -  val -  test -\n"));
 
   Result cancel = Run({"cancel", "job-000001", "--reason", "enough"});
   ASSERT_EQ(cancel.code, 0) << cancel.err;
@@ -192,12 +259,20 @@ TEST_F(MatctlTest, ListStatusAndCancelShowAndChangeJobs) {
 }
 
 TEST_F(MatctlTest, UnknownJobsAreNotFoundNamingTheId) {
-  for (const char* command : {"status", "cancel", "watch", "spectra"}) {
-    Result r = Run({command, "job-000404"});
-    EXPECT_EQ(r.code, 1) << command;
-    EXPECT_THAT(r.err, HasSubstr("matctl: NOT_FOUND: ")) << command;
-    EXPECT_THAT(r.err, HasSubstr("job-000404")) << command;
+  const std::string svg = root_ + "/unknown.svg";
+  for (const std::vector<std::string>& command :
+       std::vector<std::vector<std::string>>{{"status", "job-000404"},
+                                             {"cancel", "job-000404"},
+                                             {"watch", "job-000404"},
+                                             {"watch", "job-000404", "--progress"},
+                                             {"spectra", "job-000404"},
+                                             {"plot", "job-000404", "--out", svg}}) {
+    Result r = Run(command);
+    EXPECT_EQ(r.code, 1) << command[0];
+    EXPECT_THAT(r.err, HasSubstr("matctl: NOT_FOUND: ")) << command[0];
+    EXPECT_THAT(r.err, HasSubstr("job-000404")) << command[0];
   }
+  EXPECT_FALSE(fs::exists(svg));
 }
 
 TEST_F(MatctlTest, WatchPrintsEventsUntilTheJobFinishes) {
@@ -215,6 +290,67 @@ TEST_F(MatctlTest, WatchPrintsEventsUntilTheJobFinishes) {
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("job-000001 step 0 state QUEUED\n"));
   EXPECT_THAT(r.out, HasSubstr("state RUNNING\n"));
+  EXPECT_THAT(r.out, HasSubstr("state SUCCEEDED\n"));
+}
+
+TEST_F(MatctlTest, WatchProgressRedrawsOneBarWithStateChangesAndEvaluationsOnTheirOwnLines) {
+  ASSERT_EQ(Run({"submit", kTinyJob}).code, 0);
+  Result r = WatchARun({"--progress"}, OutputTerminal{});  // forced, though not a terminal
+  EXPECT_EQ(r.code, 0) << r.err;
+  // Lines of their own: the first state, RUNNING, the evaluation, SUCCEEDED.
+  EXPECT_THAT(r.out, ::testing::StartsWith("\r"));
+  EXPECT_THAT(r.out, HasSubstr(" job-000001 step 0 state QUEUED\033[K\n"));
+  EXPECT_THAT(r.out, HasSubstr(" job-000001 step 0 state RUNNING\033[K\n"));
+  EXPECT_THAT(r.out, HasSubstr(" job-000001 step 200 eval val_loss 6.25 test_loss 0\033[K\n"));
+  EXPECT_THAT(r.out, HasSubstr("state SUCCEEDED\033[K\n"));
+  // The bar, redrawn in place after every event (total steps from the job's spec).
+  EXPECT_THAT(r.out, HasSubstr("\r[..............................] step 0/1000 0% QUEUED\033[K"));
+  EXPECT_THAT(r.out, HasSubstr("\r[##.....................] step 100/1000 10% loss 6.5 "
+                               "active 8/8 4 step/s ETA 4m\033[K"));
+  EXPECT_THAT(r.out, HasSubstr("] step 100/1000 10% loss 6.5 active 6/8 mask v2 4 step/s ETA 4m"
+                               "\033[K"));
+  // 80 columns (the default width): the mask version is left out to fit.
+  EXPECT_THAT(r.out, HasSubstr("] step 250/1000 25% loss 6.125 val 6.25 active 6/8 5 step/s "
+                               "ETA 3m\033[K"));
+  // The last bar stays, ending the output with a newline.
+  EXPECT_THAT(r.out, ::testing::EndsWith("val 6.25 active 6/8 mask v2 SUCCEEDED\033[K\n"));
+  // Progress and mask events have no line of their own.
+  EXPECT_THAT(r.out, Not(HasSubstr(" loss 6.5 active 8/8 flops")));
+  EXPECT_THAT(r.out, Not(HasSubstr(" mask v2 from step")));
+}
+
+TEST_F(MatctlTest, WatchDrawsTheBarOnATerminalUnlessToldNotTo) {
+  ASSERT_EQ(Run({"submit", kTinyJob}).code, 0);
+  ASSERT_EQ(Run({"submit", kTinyJob}).code, 0);
+  const OutputTerminal terminal{/*is_terminal=*/true, /*columns=*/120};
+  Result bar = WatchARun({}, terminal);
+  EXPECT_EQ(bar.code, 0) << bar.err;
+  EXPECT_THAT(bar.out, HasSubstr("\r[")) << "a terminal gets the bar by default";
+  EXPECT_THAT(bar.out, HasSubstr("] step 250/1000 25% loss 6.125 val 6.25 active 6/8 mask v2 5 "
+                                 "step/s ETA 3m\033[K"))
+      << "120 columns fit everything";
+
+  // Not a terminal: one line per event (the bar only with --progress).
+  auto lines = std::async(std::launch::async, [&] { return Run({"watch", "job-000002"}); });
+  ASSERT_TRUE(WaitForWatcher("job-000002"));
+  ASSERT_EQ(Run({"cancel", "job-000002"}).code, 0);
+  ASSERT_EQ(lines.wait_for(10s), std::future_status::ready);
+  Result plain = lines.get();
+  EXPECT_EQ(plain.code, 0) << plain.err;
+  EXPECT_THAT(plain.out, Not(HasSubstr("\r")));
+  EXPECT_THAT(plain.out, Not(HasSubstr("\033")));
+  EXPECT_THAT(plain.out, HasSubstr("job-000002 step 0 state QUEUED\n"));
+  EXPECT_THAT(plain.out, HasSubstr("state CANCELLED (cancelled by request)\n"));
+}
+
+TEST_F(MatctlTest, WatchNoProgressPrintsOneLinePerEventEvenOnATerminal) {
+  ASSERT_EQ(Run({"submit", kTinyJob}).code, 0);
+  Result r = WatchARun({"--no-progress"}, OutputTerminal{true, 120});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, Not(HasSubstr("\r")));
+  EXPECT_THAT(r.out, HasSubstr("job-000001 step 100 loss 6.5 active 8/8 flops 0 4 steps/s\n"));
+  EXPECT_THAT(r.out, HasSubstr("job-000001 step 100 mask v2 from step 100: 6 active\n"));
+  EXPECT_THAT(r.out, HasSubstr("job-000001 step 200 eval val_loss 6.25 test_loss 0\n"));
   EXPECT_THAT(r.out, HasSubstr("state SUCCEEDED\n"));
 }
 
@@ -245,6 +381,74 @@ TEST_F(MatctlTest, SpectraPrintsCsvAndJson) {
   const auto j = nlohmann::json::parse(json.out);
   ASSERT_EQ(j["points"].size(), 2u);
   EXPECT_EQ(j["points"][1]["lambda_max"][0], 0.25);
+}
+
+TEST_F(MatctlTest, PlotWritesAnSvgHeatmapOfTheLambdaHistory) {
+  ASSERT_EQ(Run({"submit", kTinyJob}).code, 0);
+  const std::string svg = root_ + "/job-000001.svg";
+  // No λ yet: FAILED_PRECONDITION naming the job, and no file.
+  Result early = Run({"plot", "job-000001", "--out", svg});
+  EXPECT_EQ(early.code, 1);
+  EXPECT_THAT(early.err, HasSubstr("matctl: FAILED_PRECONDITION: job-000001 has no λ reports yet"));
+  EXPECT_FALSE(fs::exists(svg));
+
+  ASSERT_TRUE(OnLoop([](coordinator::Coordinator& c) {
+                absl::Status s = c.store().AppendLambdas("job-000001", 0, {0.5, 1.5, 3});
+                if (s.ok()) s = c.store().AppendLambdas("job-000001", 20, {0.25, 2, 8});
+                return s;
+              }).ok());
+  Result r = Run({"plot", "job-000001", "--out", svg});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, svg + "\n");
+  absl::StatusOr<std::string> text = common::ReadFile(svg);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_THAT(*text, ::testing::StartsWith("<?xml"));
+  EXPECT_THAT(*text, HasSubstr("<title>job-000001: λ_max per module and probe step (bert L2 "
+                               "d128 H4, mat a=0.3)</title>"));
+  EXPECT_THAT(*text, HasSubstr("α = 0.3")) << "the job's policy.alpha";
+  EXPECT_THAT(*text, ::testing::EndsWith("</svg>\n"));
+
+  // Replaced as a whole on the next run; an unwritable path is an error and no file.
+  ASSERT_EQ(Run({"plot", "job-000001", "--out", svg}).code, 0);
+  Result bad = Run({"plot", "job-000001", "--out", root_ + "/no/such/dir/x.svg"});
+  EXPECT_EQ(bad.code, 1);
+  EXPECT_THAT(bad.err, HasSubstr("matctl: "));
+  EXPECT_THAT(bad.err, HasSubstr("x.svg"));
+  EXPECT_FALSE(fs::exists(root_ + "/no/such/dir/x.svg"));
+}
+
+// Needs the coordinator's ListWorkers (JobService); against a coordinator that does not serve
+// it yet this fails with "matctl: UNIMPLEMENTED: the coordinator at … does not serve
+// ListWorkers".
+TEST_F(MatctlTest, WorkersListsEveryKnownWorker) {
+  Result none = Run({"workers"});
+  ASSERT_EQ(none.code, 0) << none.err;
+  EXPECT_EQ(none.out, "WORKER  STATE  DEVICE  HOST  JOB  RANK  LAST-SEEN\n");
+
+  ASSERT_TRUE(OnLoop([](coordinator::Coordinator& c) {
+                coordinator::WorkerRecord a;
+                a.id = "worker-a";
+                a.host = "host-a";
+                a.device = "cpu";
+                absl::Status s = c.store().UpsertWorker(a);
+                coordinator::WorkerRecord b;
+                b.id = "worker-b";
+                b.host = "gpu-host";
+                b.device = "cuda:0";
+                if (s.ok()) s = c.store().UpsertWorker(b);
+                return s;
+              }).ok());
+  Result r = Run({"workers"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  // Known to the store but no session open: DISCONNECTED, no job, seen just now.
+  EXPECT_THAT(r.out, ::testing::StartsWith("WORKER    STATE         DEVICE  HOST      JOB  RANK  "
+                                           "LAST-SEEN\n"));
+  EXPECT_THAT(r.out, ::testing::MatchesRegex(
+                         "(.|\n)*worker-a  DISCONNECTED  cpu     host-a    -    -     [0-9]+s "
+                         "ago\n(.|\n)*"));
+  EXPECT_THAT(r.out, ::testing::MatchesRegex(
+                         "(.|\n)*worker-b  DISCONNECTED  cuda:0  gpu-host  -    -     [0-9]+s "
+                         "ago\n(.|\n)*"));
 }
 
 TEST_F(MatctlTest, UnreachableCoordinatorIsUnavailableWithinTheTimeout) {
@@ -279,7 +483,20 @@ TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(Run({"status"}).code, 2);
   EXPECT_EQ(Run({"status", "job-000001", "-o", "yaml"}).code, 2);
   EXPECT_EQ(Run({"--timeout", "0", "list"}).code, 2);
-  EXPECT_EQ(Run({"--help"}).code, 0);
+  EXPECT_EQ(Run({"watch", "job-000001", "--progress", "--no-progress"}).code, 2);
+  EXPECT_EQ(Run({"submit", kTinyJob, "--progress"}).code, 2) << "--progress needs --wait";
+  EXPECT_EQ(Run({"plot", "job-000001"}).code, 2) << "--out is required";
+  EXPECT_EQ(Run({"workers", "extra"}).code, 2);
+  Result help = Run({"--help"});
+  EXPECT_EQ(help.code, 0);
+  for (const char* command : {"submit", "list", "status", "cancel", "watch", "spectra", "plot",
+                              "workers"}) {
+    EXPECT_THAT(help.out, HasSubstr(command));
+  }
+  Result plot_help = Run({"plot", "--help"});
+  EXPECT_EQ(plot_help.code, 0);
+  EXPECT_THAT(plot_help.out, HasSubstr("approximate"));
+  EXPECT_THAT(Run({"watch", "--help"}).out, HasSubstr("--no-progress"));
 }
 
 }  // namespace

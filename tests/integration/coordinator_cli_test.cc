@@ -30,6 +30,7 @@
 #include "google/protobuf/unknown_field_set.h"
 #include "mat/v1/service.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/integration/harness.h"
 #include "tests/integration/probes.h"
 
 extern char** environ;
@@ -41,143 +42,12 @@ namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 using namespace std::chrono_literals;
 
-const std::string kCoordinator = std::string(MAT_BIN_DIR) + "/mat-coordinator";
-const std::string kMatctl = std::string(MAT_BIN_DIR) + "/matctl";
-const std::string kTinyJob = std::string(MAT_SOURCE_DIR) + "/examples/bert-wikitext2-tiny.yaml";
-
-std::string ReadText(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-struct CommandResult {
-  int exit_code = -1;  // -1: did not exit in time (killed)
-  std::string out;
-  std::string err;
-};
-
-class CoordinatorCliTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_coordinator_cli_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
-    state_dir_ = root_ + "/state";
-    ASSERT_TRUE(fs::exists(kCoordinator)) << kCoordinator;
-    ASSERT_TRUE(fs::exists(kMatctl)) << kMatctl;
-  }
-
-  void TearDown() override {
-    for (pid_t pid : children_) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-    std::error_code ec;
-    fs::remove_all(root_, ec);
-  }
-
-  // Starts `argv` with stdout and stderr redirected to files; remembers the child for TearDown.
-  pid_t Spawn(const std::vector<std::string>& args, const std::string& out_path,
-              const std::string& err_path) {
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    std::vector<char*> argv;
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    pid_t pid = -1;
-    const int rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    EXPECT_EQ(rc, 0) << "cannot start " << args[0];
-    if (rc != 0) return -1;
-    children_.insert(pid);
-    return pid;
-  }
-
-  // Waits up to `timeout` for `pid`; its exit code, or -1 (after SIGKILL) when it did not exit.
-  int Wait(pid_t pid, std::chrono::milliseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    int status = 0;
-    while (true) {
-      const pid_t done = ::waitpid(pid, &status, WNOHANG);
-      if (done == pid) break;
-      if (std::chrono::steady_clock::now() > deadline) {
-        ::kill(pid, SIGKILL);
-        ::waitpid(pid, &status, 0);
-        children_.erase(pid);
-        return -1;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    children_.erase(pid);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-
-  // Runs matctl against `address` and waits (at most 15 s) for it.
-  CommandResult Matctl(const std::string& address, std::vector<std::string> args) {
-    args.insert(args.begin(), {kMatctl, "--coordinator", address});
-    const std::string out = root_ + "/matctl.out";
-    const std::string err = root_ + "/matctl.err";
-    CommandResult r;
-    const pid_t pid = Spawn(args, out, err);
-    if (pid < 0) return r;
-    r.exit_code = Wait(pid, 15s);
-    r.out = ReadText(out);
-    r.err = ReadText(err);
-    return r;
-  }
-
-  // Polls until `path` exists and is a complete line; its text without the newline, or "".
-  std::string WaitForLine(const std::string& path, std::chrono::milliseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      const std::string text = ReadText(path);
-      if (!text.empty() && text.back() == '\n') return text.substr(0, text.size() - 1);
-      std::this_thread::sleep_for(20ms);
-    }
-    return "";
-  }
-
-  // Starts mat-coordinator on free ports and waits for its address files.
-  void StartCoordinator() {
-    fs::remove(state_dir_ + "/coordinator.addr");
-    fs::remove(state_dir_ + "/coordinator.metrics.addr");
-    coordinator_log_ = root_ + "/coordinator." + std::to_string(++starts_);
-    coordinator_pid_ = Spawn({kCoordinator, "--listen", "127.0.0.1:0", "--metrics-listen",
-                              "127.0.0.1:0", "--state-dir", state_dir_, "--log-level", "info"},
-                             coordinator_log_ + ".out", coordinator_log_ + ".err");
-    ASSERT_GT(coordinator_pid_, 0);
-    address_ = WaitForLine(state_dir_ + "/coordinator.addr", 15s);
-    ASSERT_FALSE(address_.empty()) << "no address file; stderr:\n"
-                                   << ReadText(coordinator_log_ + ".err");
-    metrics_address_ = WaitForLine(state_dir_ + "/coordinator.metrics.addr", 5s);
-    ASSERT_FALSE(metrics_address_.empty());
-    EXPECT_THAT(address_, ::testing::StartsWith("127.0.0.1:"));
-    EXPECT_NE(address_, "127.0.0.1:0");
-    // stdout says the same (written right after the files).
-    const auto deadline = std::chrono::steady_clock::now() + 5s;
-    while (ReadText(coordinator_log_ + ".out").find("listening on " + address_ + "\n") ==
-               std::string::npos &&
-           std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(20ms);
-    }
-    EXPECT_THAT(ReadText(coordinator_log_ + ".out"), HasSubstr("listening on " + address_ + "\n"));
-  }
-
-  std::string root_;
-  std::string state_dir_;
-  std::set<pid_t> children_;
-  int starts_ = 0;
-  pid_t coordinator_pid_ = -1;
-  std::string coordinator_log_;
-  std::string address_;
-  std::string metrics_address_;
-};
+class CoordinatorCliTest : public testing_loopback::LoopbackTest {};
+using testing_loopback::CommandResult;
+using testing_loopback::ReadText;
+using testing_loopback::kCoordinator;
+using testing_loopback::kMatctl;
+using testing_loopback::kTinyJob;
 
 TEST_F(CoordinatorCliTest, SubmitListStatusWatchCancelHealthAndRestartOnLoopback) {
   const auto test_start = std::chrono::steady_clock::now();
@@ -241,11 +111,11 @@ TEST_F(CoordinatorCliTest, SubmitListStatusWatchCancelHealthAndRestartOnLoopback
 
   // A spec with an unknown key: matctl refuses it, naming the key.
   const std::string bad = root_ + "/bad.yaml";
-  std::ofstream(bad) << ReadText(kTinyJob) << "  layres: 3\n";  // inside `policy:`, the last section
+  std::ofstream(bad) << ReadText(kTinyJob) << "  layres: 3\n";  // inside `resources:`, the last section
   CommandResult rejected = Matctl(address_, {"submit", bad});
   EXPECT_EQ(rejected.exit_code, 1);
   EXPECT_THAT(rejected.err, HasSubstr("INVALID_ARGUMENT"));
-  EXPECT_THAT(rejected.err, HasSubstr("policy.layres"));
+  EXPECT_THAT(rejected.err, HasSubstr("resources.layres"));
 
   // The coordinator checks too: the gRPC API called directly with bad specs.
   auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());

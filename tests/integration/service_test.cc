@@ -1,0 +1,228 @@
+// The whole service on loopback: the real mat-coordinator, mat-worker and matctl binaries
+// (MAT_BIN_DIR), free ports, temporary state and work dirs, a small BERT on the real WikiText-2.
+//
+//   - a 2-worker MAT job succeeds; both ranks end with the same param_checksum; the masks the two
+//     ranks applied are identical step by step; masked-off modules' gradients were not sent;
+//   - a 1-worker job through the service gives exactly mat-train's losses and masks for the same
+//     config and seed (the service does not change the math);
+//   - a worker killed mid-job fails the job with a message naming it;
+//   - a job whose dataset is missing fails with the worker's error naming data.dir.
+//
+// Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
+#include <glob.h>
+
+#include <map>
+
+#include "nlohmann/json.hpp"
+#include "tests/integration/harness.h"
+
+namespace mat {
+namespace {
+
+using json = nlohmann::json;
+using testing_loopback::CommandResult;
+using testing_loopback::ReadText;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+const std::string kCorpus = std::string(MAT_SHARED_DIR) + "/data/wikitext-2";
+const std::string kMatTrain = std::string(MAT_BIN_DIR) + "/mat-train";
+
+// A BERT small enough for seconds per job on 2 cores, with a MAT policy that switches modules
+// off after its warm-up.
+std::string JobYaml(int workers, int steps, const std::string& data_dir = kCorpus) {
+  return "seed: 3\n"
+         "model: {kind: bert, layers: 2, d_model: 64, heads: 4, d_ff: 128, ffn_groups: 2,"
+         " max_seq_len: 32, dropout: 0.1}\n"
+         "data: {kind: wikitext, dir: " + data_dir + ", seq_len: 32}\n"
+         "train: {steps: " + std::to_string(steps) + ", batch_size: 8, lr: 1.0e-3,"
+         " warmup_steps: 5, eval_every: 20, eval_batches: 2, threads: 1}\n"
+         "policy: {kind: mat, alpha: 0.5, beta: 0.0, gamma: 0.5, warmup_steps: 10,"
+         " probe_every: 10, probe_samples: 2, estimator: gram, min_active_fraction: 0.25}\n"
+         "resources: {workers: " + std::to_string(workers) + ", device: cpu}\n";
+}
+
+std::vector<json> ReadJsonLines(const std::string& path) {
+  std::vector<json> out;
+  std::istringstream in(ReadText(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!line.empty()) out.push_back(json::parse(line));
+  }
+  return out;
+}
+
+std::vector<std::string> Glob(const std::string& pattern) {
+  glob_t g{};
+  std::vector<std::string> out;
+  if (::glob(pattern.c_str(), 0, nullptr, &g) == 0) {
+    for (size_t i = 0; i < g.gl_pathc; ++i) out.push_back(g.gl_pathv[i]);
+  }
+  ::globfree(&g);
+  return out;
+}
+
+class ServiceTest : public testing_loopback::LoopbackTest {
+ protected:
+  std::string WriteJob(const std::string& name, const std::string& yaml) {
+    const std::string path = root_ + "/" + name;
+    std::ofstream(path) << yaml;
+    return path;
+  }
+
+  // matctl status JOB -o json, parsed (null when it failed).
+  json Status(const std::string& job) {
+    CommandResult r = Matctl(address_, {"status", job, "-o", "json"});
+    if (r.exit_code != 0) {
+      ADD_FAILURE() << "matctl status failed: " << r.err;
+      return nullptr;
+    }
+    return json::parse(r.out, nullptr, false);
+  }
+
+  // Polls status until `pred` holds (or `timeout`); the last status.
+  json WaitFor(const std::string& job, const std::function<bool(const json&)>& pred,
+               std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    json s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      s = Status(job);
+      if (!s.is_null() && !s.is_discarded() && pred(s)) return s;
+      std::this_thread::sleep_for(200ms);
+    }
+    return s;
+  }
+
+  // Submits and waits for the end; the job id.
+  std::string SubmitAndWait(const std::string& job_file, std::chrono::milliseconds timeout,
+                            int expected_exit = 0) {
+    CommandResult r = Matctl(address_, {"submit", job_file, "--wait", "--no-progress"}, timeout);
+    EXPECT_EQ(r.exit_code, expected_exit) << r.out << r.err << "\ncoordinator:\n"
+                                          << ReadText(coordinator_log_ + ".err");
+    return r.out.substr(0, r.out.find('\n'));
+  }
+
+  std::string Logs() {
+    std::string out = "coordinator:\n" + ReadText(coordinator_log_ + ".err");
+    for (const char* w : {"w1", "w2"}) out += std::string("\n") + w + ":\n" + ReadText(root_ + "/" + w + ".err");
+    return out;
+  }
+};
+
+TEST_F(ServiceTest, TwoWorkersTrainOneMatJobWithIdenticalMasksAndEqualParameters) {
+  StartCoordinator();
+  StartWorker("w1");
+  StartWorker("w2");
+  const std::string job = SubmitAndWait(WriteJob("job.yaml", JobYaml(2, 40)), 240s);
+  ASSERT_FALSE(job.empty());
+  json s = Status(job);
+  ASSERT_TRUE(s.is_object()) << Logs();
+  EXPECT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  ASSERT_EQ(s["ranks"].size(), 2u) << s.dump(2);
+  const std::string c0 = s["ranks"][0]["param_checksum"], c1 = s["ranks"][1]["param_checksum"];
+  EXPECT_EQ(c0.size(), 16u);
+  EXPECT_EQ(c0, c1) << "the ranks' parameters differ";
+  ASSERT_TRUE(s["summary"].is_object()) << s.dump(2);
+  EXPECT_EQ(s["summary"]["steps"], 40);
+  EXPECT_EQ(s["summary"]["world_size"], 2);
+
+  // The masks each rank applied, step by step.
+  const std::vector<std::string> masks = Glob(root_ + "/w*/jobs/" + job + "/rank*/masks.jsonl");
+  ASSERT_EQ(masks.size(), 2u) << Logs();
+  std::vector<json> m0 = ReadJsonLines(masks[0]), m1 = ReadJsonLines(masks[1]);
+  ASSERT_EQ(m0.size(), 4u);  // probe steps 0, 10, 20, 30
+  ASSERT_EQ(m1.size(), m0.size());
+  bool some_module_off = false;
+  for (size_t i = 0; i < m0.size(); ++i) {
+    EXPECT_EQ(m0[i]["step"], m1[i]["step"]);
+    EXPECT_EQ(m0[i]["every_step"], m1[i]["every_step"]) << "step " << m0[i]["step"];
+    for (int bit : m0[i]["every_step"]) some_module_off |= bit == 0;
+  }
+  EXPECT_TRUE(some_module_off) << "the policy never switched a module off; the test checks less";
+  // Gradients of masked-off modules were not all-reduced.
+  EXPECT_GT(s["summary"]["allreduce_bytes"].get<double>(), 0);
+  EXPECT_GT(s["summary"]["allreduce_bytes_skipped"].get<double>(), 0);
+
+  // The coordinator kept the λ history (averaged over the ranks).
+  CommandResult spectra = Matctl(address_, {"spectra", job, "-o", "csv"});
+  EXPECT_EQ(spectra.exit_code, 0) << spectra.err;
+  EXPECT_THAT(spectra.out, ::testing::HasSubstr("layer1.head3"));
+}
+
+TEST_F(ServiceTest, OneWorkerJobGivesExactlyTheLossesAndMasksOfMatTrain) {
+  StartCoordinator();
+  StartWorker("w1");
+  const std::string job = SubmitAndWait(WriteJob("job.yaml", JobYaml(1, 40)), 240s);
+  ASSERT_FALSE(job.empty());
+
+  // The same config through mat-train (its YAML has no resources section).
+  std::string local = JobYaml(1, 40);
+  local = local.substr(0, local.find("resources:"));
+  const std::string config = WriteJob("local.yaml", local);
+  const pid_t pid = Spawn({kMatTrain, "--config", config, "--out", root_ + "/local", "--no-progress"},
+                          root_ + "/local.out", root_ + "/local.err");
+  ASSERT_EQ(Wait(pid, 240s), 0) << ReadText(root_ + "/local.err");
+
+  const std::string rank0 = root_ + "/w1/jobs/" + job + "/rank0";
+  std::vector<json> service = ReadJsonLines(rank0 + "/metrics.jsonl");
+  std::vector<json> alone = ReadJsonLines(root_ + "/local/metrics.jsonl");
+  ASSERT_EQ(service.size(), 2u) << Logs();
+  ASSERT_EQ(alone.size(), service.size());
+  for (size_t i = 0; i < alone.size(); ++i) {
+    for (const char* key : {"step", "train_loss", "val_loss", "test_loss"}) {
+      EXPECT_EQ(service[i].value(key, json()), alone[i].value(key, json()))
+          << key << " at evaluation " << i;
+    }
+  }
+  std::vector<json> masks = ReadJsonLines(rank0 + "/masks.jsonl");
+  std::vector<json> decisions = ReadJsonLines(root_ + "/local/decisions.jsonl");
+  ASSERT_EQ(masks.size(), decisions.size());
+  for (size_t i = 0; i < masks.size(); ++i) {
+    EXPECT_EQ(masks[i]["step"], decisions[i]["step"]);
+    json local_mask = json::array();
+    for (const json& m : decisions[i]["modules"]) local_mask.push_back(m["active"].get<bool>() ? 1 : 0);
+    EXPECT_EQ(masks[i]["every_step"], local_mask) << "step " << masks[i]["step"];
+  }
+  EXPECT_EQ(ReadText(rank0 + "/summary.json").empty(), false);
+}
+
+TEST_F(ServiceTest, AWorkerKilledMidJobFailsTheJobNamingIt) {
+  StartCoordinator();
+  StartWorker("w1");
+  const pid_t w2 = StartWorker("w2");
+  CommandResult submit = Matctl(address_, {"submit", WriteJob("job.yaml", JobYaml(2, 100000))});
+  ASSERT_EQ(submit.exit_code, 0) << submit.err;
+  const std::string job = submit.out.substr(0, submit.out.find('\n'));
+  json s = WaitFor(job, [](const json& j) { return j["state"] == "RUNNING" && j["step"] > 0; },
+                   120s);
+  ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
+  ASSERT_EQ(::kill(w2, SIGKILL), 0);
+  s = WaitFor(job, [](const json& j) { return j["state"] != "RUNNING"; }, 30s);
+  EXPECT_EQ(s["state"], "FAILED") << s.dump(2);
+  EXPECT_THAT(s["error_message"].get<std::string>(), ::testing::HasSubstr("worker-"));
+  // The surviving worker was told to stop and is free again.
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  CommandResult workers;
+  while (std::chrono::steady_clock::now() < deadline) {
+    workers = Matctl(address_, {"workers"});
+    if (workers.out.find("IDLE") != std::string::npos) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_THAT(workers.out, ::testing::HasSubstr("IDLE")) << workers.out << workers.err;
+}
+
+TEST_F(ServiceTest, AMissingDatasetFailsTheJobWithTheWorkersError) {
+  StartCoordinator();
+  StartWorker("w1");
+  const std::string job =
+      SubmitAndWait(WriteJob("job.yaml", JobYaml(1, 10, root_ + "/no_such_corpus")), 120s, 1);
+  json s = Status(job);
+  EXPECT_EQ(s["state"], "FAILED") << s.dump(2);
+  EXPECT_THAT(s["error_message"].get<std::string>(), ::testing::HasSubstr("no_such_corpus"));
+  // The worker survives its job's failure and takes the next one.
+  const std::string next = SubmitAndWait(WriteJob("ok.yaml", JobYaml(1, 10)), 120s);
+  EXPECT_EQ(Status(next)["state"], "SUCCEEDED") << Logs();
+}
+
+}  // namespace
+}  // namespace mat

@@ -142,6 +142,22 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
   MAT_ASSIGN_OR_RETURN(std::unique_ptr<worker::Trainer> trainer,
                        worker::Trainer::Create(config, trainer_options));
 
+  // Before the rendezvous: no rank can report λ (after the rendezvous) before the coordinator
+  // knows the modules.
+  if (assign_.rank() == 0) {
+    v1::WorkerMessage m = Message();
+    v1::ModuleList* list = m.mutable_modules();
+    list->set_job_id(job_id());
+    for (const auto& module : trainer->partition().modules) {
+      v1::ModuleDescriptor* d = list->add_modules();
+      d->set_name(module.name);
+      d->set_group(module.group);
+      d->set_layer(module.layer);
+      d->set_index(module.index);
+    }
+    if (!send_(m)) return absl::UnavailableError("lost the coordinator session");
+  }
+
   if (assign_.world_size() > 1) {
     const std::string& address = assign_.rendezvous_address();
     const size_t colon = address.rfind(':');
@@ -156,25 +172,15 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
     r.world_size = assign_.world_size();
     r.prefix = absl::StrCat(job_id(), "/attempt-", assign_.attempt());
     r.timeout = options_.rendezvous_timeout;
+    r.cancelled = [this] {
+      std::lock_guard<std::mutex> lock(mu_);
+      return cancelled_;
+    };
     spdlog::info("{} rank {}: forming the process group of {} ranks at {}", job_id(), rank(),
                  r.world_size, address);
     MAT_ASSIGN_OR_RETURN(auto group, worker::ConnectProcessGroup(r));
     sync_ = std::make_unique<worker::GradientSync>(
         group, worker::BuildParamEntries(*trainer->model(), trainer->partition()));
-  }
-
-  if (assign_.rank() == 0) {
-    v1::WorkerMessage m = Message();
-    v1::ModuleList* list = m.mutable_modules();
-    list->set_job_id(job_id());
-    for (const auto& module : trainer->partition().modules) {
-      v1::ModuleDescriptor* d = list->add_modules();
-      d->set_name(module.name);
-      d->set_group(module.group);
-      d->set_layer(module.layer);
-      d->set_index(module.index);
-    }
-    if (!send_(m)) return absl::UnavailableError("lost the coordinator session");
   }
 
   absl::StatusOr<nlohmann::json> summary = trainer->Run();

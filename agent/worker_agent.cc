@@ -242,15 +242,9 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
   switch (message.body_case()) {
     case v1::CoordinatorMessage::kAssign: {
       const v1::Assign& a = message.assign();
-      ReapRunner(false, "");
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (runner_ != nullptr) {
-          spdlog::error("assigned rank {} of {} while still running {}; ignoring it", a.rank(),
-                        a.job_id(), runner_->job_id());
-          return;
-        }
-      }
+      // A rank still running here was cancelled by the coordinator (it gives a worker a new
+      // rank only once the old one ended or was cancelled): stop it before starting the new one.
+      ReapRunner(true, "superseded by " + a.job_id());
       spdlog::info("assigned rank {}/{} of {} (attempt {})", a.rank(), a.world_size(), a.job_id(),
                    a.attempt());
       RankRunnerOptions o;

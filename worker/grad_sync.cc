@@ -6,6 +6,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <thread>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 
@@ -27,10 +29,25 @@ absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
     store_options.port = static_cast<uint16_t>(o.master_port);
     store_options.isServer = o.rank == 0;
     store_options.numWorkers = static_cast<size_t>(o.world_size);
-    store_options.waitWorkers = true;
+    store_options.waitWorkers = false;  // counted below, so the wait can be cancelled
     store_options.timeout = o.timeout;
     auto store = c10::make_intrusive<c10d::TCPStore>(o.master_host, store_options);
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>(o.prefix, store);
+    const auto deadline = std::chrono::steady_clock::now() + o.timeout;
+    int64_t joined = prefixed->add("mat/joined", 1);
+    while (joined < o.world_size) {
+      if (o.cancelled && o.cancelled()) {
+        return absl::CancelledError(absl::StrCat("cancelled while waiting for the other ranks at ",
+                                                 where));
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        return absl::UnavailableError(absl::StrCat(
+            "only ", joined, " of ", o.world_size, " ranks reached the rendezvous at ", where,
+            " within ", o.timeout.count() / 1000.0, " s"));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      joined = prefixed->add("mat/joined", 0);
+    }
     auto options = c10d::ProcessGroupGloo::Options::create(o.timeout);
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
         o.local_host.empty() ? o.master_host : o.local_host));

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,11 +36,15 @@ struct RendezvousOptions {
   int world_size = 1;
   std::string prefix;       // keys namespace, e.g. "job-000003/attempt-0": attempts never mix
   std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
+  // Polled while waiting for the other ranks to join; true stops the wait with CANCELLED.
+  std::function<bool()> cancelled;
 };
 
-// The job's process group: rank 0 starts the TCPStore server on master_port; every rank connects
-// and builds a ProcessGroupGloo. UNAVAILABLE naming the address when the store cannot be reached
-// or the group not formed within `timeout`; INVALID_ARGUMENT for a bad rank/size/port.
+// The job's process group: rank 0 starts the TCPStore server on master_port; every rank connects,
+// counts itself in under `prefix`, waits until all world_size ranks did (polling `cancelled`),
+// then builds a ProcessGroupGloo. UNAVAILABLE naming the address when the store cannot be reached
+// or the ranks do not all arrive within `timeout`; CANCELLED when `cancelled` said so;
+// INVALID_ARGUMENT for a bad rank/size/port.
 absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
     const RendezvousOptions& options);
 

@@ -127,6 +127,27 @@ TEST(ConnectProcessGroupTest, ReportsAnUnreachableStoreNamingTheAddress) {
       << group.status();
 }
 
+TEST(ConnectProcessGroupTest, AWaitForMissingRanksCanBeCancelledAndTimesOut) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = FreePort();
+  o.rank = 0;  // hosts the store; rank 1 never comes
+  o.world_size = 2;
+  o.timeout = std::chrono::milliseconds(60000);
+  const auto t0 = std::chrono::steady_clock::now();
+  o.cancelled = [&] { return std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(200); };
+  auto group = ConnectProcessGroup(o);
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kCancelled) << group.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+
+  o.master_port = FreePort();
+  o.cancelled = nullptr;
+  o.timeout = std::chrono::milliseconds(2500);
+  group = ConnectProcessGroup(o);
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kUnavailable) << group.status();
+  EXPECT_NE(group.status().message().find("only 1 of 2 ranks"), std::string::npos) << group.status();
+}
+
 TEST(ConnectProcessGroupTest, RejectsBadRankAndPort) {
   RendezvousOptions o;
   o.master_host = "127.0.0.1";

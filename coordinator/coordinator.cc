@@ -1,5 +1,6 @@
 #include "coordinator/coordinator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <utility>
 #include <vector>
@@ -133,6 +134,12 @@ absl::StatusOr<v1::GetJobReply> Coordinator::GetJob(const std::string& job_id) {
     rank->set_step(a.step);
     rank->set_mask_version(a.mask_version);
     rank->set_param_checksum(a.param_checksum);
+    // A running job's live state (mask acks are kept in memory between Progress messages).
+    auto live = jobs_.find(job_id);
+    if (live != jobs_.end() && a.rank >= 0 && a.rank < live->second.world_size) {
+      const RankState& state = live->second.ranks[a.rank];
+      rank->set_mask_version(std::max(a.mask_version, state.acked_version));
+    }
   }
   return reply;
 }

@@ -228,20 +228,17 @@ absl::Status Coordinator::HandleSpectra(const std::string& worker_id,
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": rank ", ref.rank, " already reported this step"));
   }
-  PendingProbe probe;
-  if (pending != job.pending.end()) {
-    probe = pending->second;
-  } else {
-    probe.lambda.resize(job.world_size);
+  // Every check passed: record in place (no copy of the other ranks' reports).
+  if (pending == job.pending.end()) {
+    pending = job.pending.emplace(step, PendingProbe{}).first;
+    pending->second.lambda.resize(job.world_size);
   }
-  probe.lambda[ref.rank] =
-      std::vector<double>(report.lambda_max().begin(), report.lambda_max().end());
+  PendingProbe& probe = pending->second;
+  probe.lambda[ref.rank].emplace(report.lambda_max().begin(), report.lambda_max().end());
   ++probe.reported;
-  if (probe.reported < job.world_size) {
-    job.pending[step] = std::move(probe);
-    return absl::OkStatus();
-  }
+  if (probe.reported < job.world_size) return absl::OkStatus();
   std::vector<std::vector<double>> by_rank;
+  by_rank.reserve(job.world_size);
   for (std::optional<std::vector<double>>& l : probe.lambda) by_rank.push_back(std::move(*l));
   return Decide(job_id, job, step, by_rank);
 }
@@ -257,25 +254,19 @@ absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int
     mean[i] = sum / static_cast<double>(job.world_size);
   }
   policy::Policy& policy = *job.policy;
-  const std::string saved = policy.SaveState();
   MAT_ASSIGN_OR_RETURN(policy::Decision decision, policy.Observe(step, mean));
   const policy::MaskSchedule schedule = policy.Schedule();
   DecisionUpdate update;
   update.step = step;
   update.lambda = mean;
-  update.decision_json = decision.ToJson(policy.modules(), policy.config())
-                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   update.mask_version = job.mask_version + 1;
   update.active_modules = CountOn(schedule.every_step);
-  if (absl::Status st = store_->RecordDecision(job_id, update); !st.ok()) {
-    absl::Status restored = policy.LoadState(saved);
-    MAT_CHECK(restored.ok()) << "job " << job_id << ": cannot restore its policy: " << restored;
-    return st;
-  }
   job.mask_version = update.mask_version;
   job.last_decided_step = step;
   job.pending.erase(job.pending.begin(), job.pending.upper_bound(step));
 
+  // The ranks wait for this mask: send it first, then persist (a coordinator that dies in
+  // between fails the job on restart anyway, so nothing the store promised is lost).
   v1::CoordinatorMessage message;
   v1::MaskUpdate* mask = message.mutable_mask();
   mask->set_job_id(job_id);
@@ -301,6 +292,16 @@ absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int
   event.mutable_mask()->set_mask_version(job.mask_version);
   event.mutable_mask()->set_effective_step(step);
   event.mutable_mask()->set_active_modules(update.active_modules);
+  update.decision_json = decision.ToJson(policy.modules(), policy.config())
+                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  if (absl::Status st = store_->RecordDecision(job_id, update); !st.ok()) {
+    // The masks are out but the history cannot be kept: the job stops rather than run on
+    // without its record.
+    const std::string message_text =
+        absl::StrCat("cannot store the decision of step ", step, ": ", st.message());
+    FailJob(job_id, message_text);  // `job` is gone after this
+    return absl::Status(st.code(), message_text);
+  }
   PublishJobEvent(event);
   return absl::OkStatus();
 }
@@ -321,9 +322,8 @@ absl::Status Coordinator::HandleMaskAck(const std::string& worker_id, const v1::
     return absl::AbortedError(absl::StrCat("stale mask version ", version, ", rank ", ref.rank,
                                            " already acknowledged ", rank.acked_version));
   }
-  if (version == rank.acked_version) return absl::OkStatus();
-  MAT_RETURN_IF_ERROR(
-      store_->UpdateRankStatus(ack.job_id(), ref.rank, rank.step, version, rank.param_checksum));
+  // Kept in memory here (one ack per rank per probe is on the mask's critical path); the store
+  // gets it with the rank's next Progress or RankDone.
   rank.acked_version = version;
   return absl::OkStatus();
 }

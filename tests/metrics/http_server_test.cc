@@ -1,0 +1,47 @@
+// HttpServer serves a Registry on /metrics with the exposition's Content-Type; ParseHostPort.
+#include "metrics/http_server.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "tests/integration/probes.h"
+
+namespace mat::metrics {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(HttpServerTest, ServesMetricsWithTheExpositionContentType) {
+  Registry registry;
+  Gauge g = registry.AddGauge("mat_test_value", "A value.", {"job"});
+  g.Set({"j"}, 2);
+  auto server = HttpServer::Start("127.0.0.1:0", [&](const std::string& target) {
+    if (target == "/metrics") return MetricsResponse(registry);
+    return HttpResponse{404, "text/plain", "not found\n"};
+  });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const probes::HttpResult r = probes::HttpGet((*server)->address(), "/metrics");
+  EXPECT_EQ(r.status, 200) << r.raw;
+  EXPECT_THAT(r.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
+  EXPECT_THAT(r.body, HasSubstr("mat_test_value{job=\"j\"} 2\n"));
+  g.Set({"j"}, 3);  // every scrape renders anew
+  EXPECT_THAT(probes::HttpGet((*server)->address(), "/metrics").body,
+              HasSubstr("mat_test_value{job=\"j\"} 3\n"));
+  EXPECT_EQ(probes::HttpGet((*server)->address(), "/other").status, 404);
+  (*server)->Stop();
+}
+
+TEST(HttpServerTest, ParsesHostPort) {
+  auto hp = ParseHostPort("[::1]:80");
+  ASSERT_TRUE(hp.ok());
+  EXPECT_EQ(hp->first, "::1");
+  EXPECT_EQ(hp->second, 80);
+  EXPECT_FALSE(ParseHostPort("nohost").ok());
+  EXPECT_FALSE(ParseHostPort(":80").ok());
+  EXPECT_FALSE(ParseHostPort("h:70000").ok());
+  EXPECT_EQ(JoinHostPort("::1", 5), "[::1]:5");
+  EXPECT_EQ(JoinHostPort("127.0.0.1", 5), "127.0.0.1:5");
+}
+
+}  // namespace
+}  // namespace mat::metrics

@@ -81,7 +81,28 @@ Coordinator::Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions opt
   MAT_CHECK(store_ != nullptr) << "Coordinator needs an open JobStore";
   MAT_CHECK(options_.heartbeat_interval_ms > 0)
       << "heartbeat_interval_ms must be > 0, got " << options_.heartbeat_interval_ms;
+  if (options_.metrics != nullptr) {
+    // The job counts start from the store (Recover then moves its running jobs on).
+    std::string token;
+    do {
+      absl::StatusOr<JobPage> page = store_->ListJobs(kMaxPageSize, token, {});
+      if (!page.ok()) {
+        spdlog::error("metrics: cannot count the stored jobs: {}", page.status().ToString());
+        break;
+      }
+      for (const JobRecord& job : page->jobs) {
+        if (IsTerminalJobState(job.state)) {
+          ++terminal_job_counts_[job.state];
+        } else {
+          live_job_states_[job.id] = job.state;
+        }
+      }
+      token = page->next_page_token;
+    } while (!token.empty());
+  }
   Recover();
+  UpdateJobGauges();
+  UpdateWorkerGauges();
 }
 
 Coordinator::~Coordinator() = default;
@@ -110,6 +131,7 @@ absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& cli
                        store_->CreateJob(client_request_id, WithJobSpecDefaults(spec)));
   if (result.created) {
     spdlog::info("job {}: submitted (request id '{}')", result.job_id, client_request_id);
+    NoteJobState(result.job_id, v1::JOB_STATE_QUEUED);
     Schedule();
   }
   v1::SubmitJobReply reply;
@@ -266,6 +288,7 @@ void Coordinator::Publish(const v1::JobEvent& event, bool last) {
 absl::Status Coordinator::UpdateJobState(const std::string& job_id, v1::JobState state,
                                          const std::string& error_message) {
   MAT_RETURN_IF_ERROR(store_->UpdateJobState(job_id, state, error_message));
+  NoteJobState(job_id, state);
   spdlog::info("job {}: {}{}{}", job_id, JobStateName(state), error_message.empty() ? "" : ": ",
                error_message);
   JobRecord changed;  // only what StateEvent reads

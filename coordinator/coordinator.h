@@ -37,6 +37,13 @@
 // jobs stay queued. Workers keep their ids across restarts: they reconnect by RegisterWorker
 // with their old worker_id, then OpenSession.
 //
+// Metrics (CoordinatorOptions::metrics, coordinator_metrics.h): decisions set the modules' λ and
+// active series, the thresholds and the active count; rank 0's Progress the step and losses;
+// every Progress the FLOPs; the success of a job the per-phase FLOPs and the savings from its
+// summary; sessions and state changes the worker and job counts; refused messages count by code.
+// RefreshMetrics (called periodically) updates heartbeat ages and drops a finished job's series
+// after options.metrics_retention_seconds. Only the registry is shared with other threads.
+//
 // A request with an empty job id is INVALID_ARGUMENT ("job_id is empty").
 //
 // What remains after an error: nothing was written, no event was published and no worker was
@@ -48,6 +55,7 @@
 // call that caused the event. Not copyable.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -58,6 +66,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_store.h"
 #include "coordinator/policy/policy.h"
 #include "mat/v1/job.pb.h"
@@ -82,6 +91,12 @@ struct CoordinatorOptions {
   std::function<int64_t()> now_ms;
   // RegisterReply.heartbeat_interval_ms; a worker silent for 3 intervals is lost, milliseconds.
   int64_t heartbeat_interval_ms = 1000;
+  // Where the Coordinator reports its metrics (coordinator_metrics.h); borrowed, must outlive
+  // the Coordinator; nullptr = no metrics (unit tests).
+  CoordinatorMetrics* metrics = nullptr;
+  // A finished job's series stay this long (RefreshMetrics removes them later), seconds (by
+  // now_ms).
+  int64_t metrics_retention_seconds = 600;
 };
 
 // Where the Coordinator sends one worker's messages: the adapter's Session stream (which queues
@@ -242,6 +257,13 @@ class Coordinator {
   // Workers with an open session (for tests and metrics).
   int OpenSessionCount() const { return static_cast<int>(sessions_.size()); }
 
+  // ----- metrics (no-op without options.metrics) -----
+
+  // Call periodically (the daemon: every second): refreshes the heartbeat ages of open sessions
+  // and removes every series of a job that finished more than metrics_retention_seconds ago.
+  // The other metrics are updated as events happen (see coordinator_metrics.h).
+  void RefreshMetrics();
+
   // The store's last_seen of a worker with an open session is refreshed at most this often
   // (plus on open, close and state changes), milliseconds.
   static constexpr int64_t kLastSeenPersistMs = 5000;
@@ -333,6 +355,16 @@ class Coordinator {
   absl::Status HandleBody(const std::string& worker_id, const v1::WorkerMessage& message);
   void HandleHeartbeat(const std::string& worker_id, const v1::Heartbeat& heartbeat);
 
+  // ----- metrics (worker_sessions.cc) -----
+
+  // mat_coordinator_workers from workers_ and sessions_.
+  void UpdateWorkerGauges();
+  // Records a job's new state for mat_coordinator_jobs (a finished job's series expire later).
+  void NoteJobState(const std::string& job_id, v1::JobState state);
+  void UpdateJobGauges();
+  // rank 0's summary.json text -> the per-phase FLOPs and flops_saved series.
+  void RecordSummaryMetrics(const std::string& job_id, const std::string& summary_json);
+
   // ----- job messages (worker_sessions_reports.cc) -----
 
   // A rank of a running job, as CheckRank found it.
@@ -371,6 +403,15 @@ class Coordinator {
   // sets schedule_again_, and the running call makes another pass.
   bool scheduling_ = false;
   bool schedule_again_ = false;
+
+  // Metrics (options_.metrics set). Non-terminal jobs by id -> state, terminal jobs counted by
+  // state (both from the store at start, then kept by NoteJobState); finished jobs -> NowMs() of
+  // their end, until RefreshMetrics removes their series.
+  std::map<std::string, v1::JobState> live_job_states_;
+  std::map<v1::JobState, int64_t> terminal_job_counts_;
+  std::map<std::string, int64_t> finished_job_ms_;
+  // When the worker message being handled entered HandleWorkerMessage (mask latency).
+  std::chrono::steady_clock::time_point handling_since_{};
 };
 
 }  // namespace mat::coordinator

@@ -13,21 +13,17 @@
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "common/status.h"
-#include "coordinator/http_server.h"
 #include "coordinator/job_service.h"
 #include "coordinator/worker_service.h"
+#include "metrics/http_server.h"
 #include "spdlog/spdlog.h"
 
 namespace mat::coordinator {
-namespace {
 
-// "HOST:PORT" for display and the address file (IPv6 hosts in brackets).
-std::string JoinHostPort(const std::string& host, int port) {
-  return host.find(':') != std::string::npos ? absl::StrCat("[", host, "]:", port)
-                                             : absl::StrCat(host, ":", port);
-}
-
-}  // namespace
+using metrics::HttpResponse;
+using metrics::HttpServer;
+using metrics::JoinHostPort;
+using metrics::ParseHostPort;
 
 std::string CoordinatorDaemon::AddressFilePath(const std::string& state_dir) {
   return state_dir + "/coordinator.addr";
@@ -56,6 +52,11 @@ absl::Status CoordinatorDaemon::StartImpl() {
     return absl::InvalidArgumentError(absl::StrCat(
         "heartbeat interval must be >= 1 ms, got ", config_.heartbeat_interval_ms));
   }
+  if (config_.metrics_refresh_interval_ms < 1 || config_.metrics_retention_seconds < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "metrics refresh interval must be >= 1 ms and retention >= 0 s, got ",
+        config_.metrics_refresh_interval_ms, " ms and ", config_.metrics_retention_seconds, " s"));
+  }
   if (!config_.metrics_listen_address.empty()) {
     MAT_RETURN_IF_ERROR(ParseHostPort(config_.metrics_listen_address).status());
   }
@@ -69,10 +70,16 @@ absl::Status CoordinatorDaemon::StartImpl() {
   }
   CoordinatorOptions coordinator_options;
   coordinator_options.heartbeat_interval_ms = config_.heartbeat_interval_ms;
+  coordinator_options.metrics = &metrics_;
+  coordinator_options.metrics_retention_seconds = config_.metrics_retention_seconds;
   coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
   heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
+  metrics_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   loop_thread_ = std::thread([this] { loop_.run(); });
-  boost::asio::post(loop_, [this] { ScheduleHeartbeatCheck(); });
+  boost::asio::post(loop_, [this] {
+    ScheduleHeartbeatCheck();
+    ScheduleMetricsRefresh();
+  });
 
   JobServiceOptions service_options;
   service_options.max_queued_watch_events = config_.max_queued_watch_events;
@@ -104,6 +111,8 @@ absl::Status CoordinatorDaemon::StartImpl() {
         http_, HttpServer::Start(
                    config_.metrics_listen_address,
                    [this](const std::string& target) {
+                     // The HTTP thread: only the registry (its own mutex), never the Coordinator.
+                     if (target == "/metrics") return metrics::MetricsResponse(metrics_.registry);
                      if (target == "/healthz") return HttpResponse{200, "text/plain", "ok\n"};
                      if (target == "/readyz") {
                        return ready_.load() ? HttpResponse{200, "text/plain", "ready\n"}
@@ -113,7 +122,7 @@ absl::Status CoordinatorDaemon::StartImpl() {
                    },
                    config_.http_request_timeout_seconds));
     metrics_address_ = http_->address();
-    spdlog::info("metrics listening on {} (/healthz, /readyz)", metrics_address_);
+    spdlog::info("metrics listening on {} (/healthz, /readyz, /metrics)", metrics_address_);
   }
 
   wrote_address_files_ = true;
@@ -137,6 +146,16 @@ void CoordinatorDaemon::ScheduleHeartbeatCheck() {
   });
 }
 
+void CoordinatorDaemon::ScheduleMetricsRefresh() {
+  if (heartbeats_stopped_) return;
+  metrics_timer_->expires_after(std::chrono::milliseconds(config_.metrics_refresh_interval_ms));
+  metrics_timer_->async_wait([this](const boost::system::error_code& error) {
+    if (error || heartbeats_stopped_) return;  // cancelled by Shutdown
+    coordinator_->RefreshMetrics();
+    ScheduleMetricsRefresh();
+  });
+}
+
 void CoordinatorDaemon::Post(std::function<void(Coordinator&)> fn) {
   boost::asio::post(loop_, [this, fn = std::move(fn)] { fn(*coordinator_); });
 }
@@ -150,6 +169,7 @@ void CoordinatorDaemon::Shutdown() {
     boost::asio::post(loop_, [this] {
       heartbeats_stopped_ = true;
       heartbeat_timer_->cancel();
+      metrics_timer_->cancel();
     });
   }
   // Sessions last as long as their workers: end them now rather than after the grace period.
@@ -169,6 +189,7 @@ void CoordinatorDaemon::Shutdown() {
   job_service_.reset();
   worker_service_.reset();
   heartbeat_timer_.reset();
+  metrics_timer_.reset();
   coordinator_.reset();  // closes the store and releases the state dir
   if (wrote_address_files_) {
     std::remove(AddressFilePath(config_.state_dir).c_str());

@@ -6,10 +6,12 @@
 // JobStore; the gRPC server (callback API) serves JobService and WorkerService through adapters
 // that post to that loop, plus grpc.health.v1.Health (SERVING while up) and server reflection. A
 // timer on the loop calls Coordinator::CheckHeartbeats every heartbeat interval (workers silent
-// for 3 intervals are lost). A second, small
-// thread serves HTTP `/healthz` (200 "ok" while the process runs) and `/readyz` (200 "ready"
-// once the store is open and the gRPC server started, 503 while starting or draining) on the
-// metrics listener.
+// for 3 intervals are lost), and another every second Coordinator::RefreshMetrics (heartbeat ages;
+// a finished job's series are removed metrics_retention_seconds after its end). A second, small
+// thread (metrics/http_server.h) serves HTTP `/healthz` (200 "ok" while the process runs),
+// `/readyz` (200 "ready" once the store is open and the gRPC server started, 503 while starting
+// or draining) and `/metrics` (the Prometheus text of coordinator_metrics.h) on the metrics
+// listener; it reads only the metrics registry (its own mutex), never the Coordinator.
 //
 // Address files: once both listeners are bound, `<state_dir>/coordinator.addr` holds the gRPC
 // address and `<state_dir>/coordinator.metrics.addr` the metrics address ("HOST:PORT\n", real
@@ -32,14 +34,18 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator.h"
+#include "coordinator/coordinator_metrics.h"
 
 namespace grpc {
 class Server;
 }
 
+namespace mat::metrics {
+class HttpServer;
+}
+
 namespace mat::coordinator {
 
-class HttpServer;
 class JobService;
 class WorkerService;
 
@@ -48,7 +54,8 @@ struct CoordinatorDaemonConfig {
   // gRPC listener (JobService, WorkerService, health, reflection), "HOST:PORT"; port 0 binds a
   // free port.
   std::string listen_address = "127.0.0.1:50051";
-  // HTTP listener for /healthz and /readyz, "HOST:PORT" (port 0: a free port); "" = none.
+  // HTTP listener for /healthz, /readyz and /metrics, "HOST:PORT" (port 0: a free port);
+  // "" = none.
   std::string metrics_listen_address = "127.0.0.1:9464";
   // Directory of the SQLite state (coordinator.db), its LOCK and the address files; created
   // with its parents. One daemon per directory.
@@ -71,13 +78,19 @@ struct CoordinatorDaemonConfig {
   int max_queued_session_messages = 4096;
   // An HTTP client must send its whole request within this time, seconds.
   double http_request_timeout_seconds = 5;
+  // A finished job's metric series (every series with its `job` label) are removed this long
+  // after it ended, seconds >= 0.
+  int64_t metrics_retention_seconds = 600;
+  // Period of the metrics refresh (heartbeat ages, retention), milliseconds >= 1.
+  int64_t metrics_refresh_interval_ms = 1000;
 };
 
 class CoordinatorDaemon {
  public:
   // Opens the store, starts the loop, the gRPC server and the HTTP listener, writes the address
   // files. FAILED_PRECONDITION when another coordinator holds state_dir; INVALID_ARGUMENT for a
-  // malformed address or a heartbeat interval < 1 ms; UNAVAILABLE when a listener cannot be
+  // malformed address, a heartbeat or metrics refresh interval < 1 ms or a negative retention;
+  // UNAVAILABLE when a listener cannot be
   // bound or the state cannot be written. After an error nothing keeps running and the state dir
   // is released.
   static absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> Start(
@@ -92,6 +105,8 @@ class CoordinatorDaemon {
   const std::string& metrics_address() const { return metrics_address_; }
   // What /readyz reports.
   bool ready() const { return ready_.load(); }
+  // The daemon's metrics (what /metrics renders); thread-safe.
+  CoordinatorMetrics& metrics() { return metrics_; }
 
   // Runs `fn` on the coordinator loop (for tests and in-process tools); returns at once.
   // REQUIRES: called before Shutdown (afterwards `fn` never runs).
@@ -112,8 +127,11 @@ class CoordinatorDaemon {
   absl::Status StartImpl();
   // Arms the heartbeat timer once more. Loop only.
   void ScheduleHeartbeatCheck();
+  // Arms the metrics refresh timer once more. Loop only.
+  void ScheduleMetricsRefresh();
 
   const CoordinatorDaemonConfig config_;
+  CoordinatorMetrics metrics_;  // outlives the Coordinator and the HTTP server
   boost::asio::io_context loop_{1};
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_guard_;
   std::thread loop_thread_;
@@ -123,8 +141,9 @@ class CoordinatorDaemon {
   // Calls CheckHeartbeats every heartbeat_interval_ms; used on the loop only once it runs.
   std::unique_ptr<boost::asio::steady_timer> heartbeat_timer_;
   bool heartbeats_stopped_ = false;  // loop only
+  std::unique_ptr<boost::asio::steady_timer> metrics_timer_;  // RefreshMetrics; loop only
   std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<HttpServer> http_;
+  std::unique_ptr<metrics::HttpServer> http_;
   std::string grpc_address_;
   std::string metrics_address_;
   bool wrote_address_files_ = false;

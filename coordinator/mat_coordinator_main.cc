@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
                  "STATE_DIR/coordinator.addr)")
       ->capture_default_str();
   app.add_option("--metrics-listen", config.metrics_listen_address,
-                 "HTTP address HOST:PORT for /healthz and /readyz ('' = none)")
+                 "HTTP address HOST:PORT for /healthz, /readyz and /metrics ('' = none)")
       ->capture_default_str();
   app.add_option("--state-dir", config.state_dir, "directory of the SQLite state")
       ->capture_default_str();
@@ -38,6 +38,10 @@ int main(int argc, char** argv) {
                  "workers send something at least this often; one silent for 3 intervals is "
                  "lost (milliseconds)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--metrics-retention-seconds", config.metrics_retention_seconds,
+                 "how long a finished job's metric series stay on /metrics (seconds)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   try {
     app.parse(argc, argv);

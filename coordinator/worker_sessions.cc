@@ -2,9 +2,12 @@
 // sessions and heartbeats, the gang scheduler, and ending jobs. The job messages of a session
 // (ModuleList, SpectraReport, MaskAck, Progress, RankDone) are in worker_sessions_reports.cc.
 //
-// Sections: helpers · recovery · registration · sessions · heartbeats · scheduling · ending jobs.
+// Sections: helpers · recovery · registration · sessions · heartbeats · scheduling · ending jobs ·
+// metrics.
 #include <algorithm>
 #include <cctype>
+#include <cmath>
+#include <limits>
 #include <set>
 #include <utility>
 #include <vector>
@@ -14,6 +17,7 @@
 #include "common/status.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/job_spec.h"
+#include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
 #include "worker/train_config.h"
 
@@ -137,6 +141,7 @@ absl::StatusOr<v1::RegisterReply> Coordinator::RegisterWorker(const v1::Register
   }
   absl::StatusOr<WorkerRecord> stored = store_->GetWorker(record.id);
   workers_[record.id] = stored.ok() ? *stored : record;
+  UpdateWorkerGauges();
   spdlog::info("worker {}: registered ({} on {}, rendezvous port {})", record.id, record.device,
                record.host, record.rendezvous_port);
   v1::RegisterReply reply;
@@ -197,6 +202,7 @@ absl::Status Coordinator::OpenSession(const v1::WorkerMessage& first,
   session.last_message_ms = NowMs();
   PersistLastSeen(id, session, /*force=*/true);
   spdlog::info("worker {}: session opened", id);
+  UpdateWorkerGauges();
   // A refused first message got its Reject; the session stays open either way.
   HandleWorkerMessage(first).IgnoreError();
   Schedule();
@@ -210,11 +216,15 @@ absl::Status Coordinator::HandleWorkerMessage(const v1::WorkerMessage& message) 
   if (it == sessions_.end()) {
     return absl::NotFoundError(absl::StrCat("worker ", id, " has no open session"));
   }
+  handling_since_ = std::chrono::steady_clock::now();
   it->second.last_message_ms = NowMs();
   PersistLastSeen(id, it->second, /*force=*/false);
   absl::Status status = HandleBody(id, message);
   if (!status.ok()) {
     spdlog::warn("worker {}: message refused: {}", id, status.ToString());
+    if (options_.metrics != nullptr) {
+      options_.metrics->rejected_messages_total.Inc({absl::StatusCodeToString(status.code())});
+    }
     v1::CoordinatorMessage reject;
     reject.mutable_reject()->set_job_id(JobIdOf(message));
     reject.mutable_reject()->set_code(static_cast<int>(status.code()));
@@ -269,6 +279,10 @@ void Coordinator::DropSession(const std::string& worker_id, const std::string& w
   const std::string job_id = it->second.job_id;
   const int rank = it->second.rank;
   sessions_.erase(it);
+  if (options_.metrics != nullptr) {
+    options_.metrics->worker_heartbeat_age_seconds.Remove({worker_id});
+  }
+  UpdateWorkerGauges();
   if (absl::Status st = store_->TouchWorker(worker_id); !st.ok()) {
     spdlog::warn("worker {}: cannot store last_seen: {}", worker_id, st.ToString());
   }
@@ -301,6 +315,7 @@ void Coordinator::SetWorkerJob(const std::string& worker_id, const std::string& 
   it->second.job_id = job_id;
   it->second.rank = job_id.empty() ? -1 : rank;
   PersistLastSeen(worker_id, it->second, /*force=*/true);
+  UpdateWorkerGauges();
 }
 
 void Coordinator::PersistLastSeen(const std::string& worker_id, Session& session, bool force) {
@@ -474,6 +489,96 @@ void Coordinator::FailJob(const std::string& job_id, const std::string& message,
   spdlog::error("job {}: cannot store its failure ({}): {}", job_id, message, st.ToString());
   DetachJob(job_id, message, /*cancel=*/true, except_worker);
   Schedule();
+}
+
+// ----- metrics -----
+
+void Coordinator::UpdateWorkerGauges() {
+  if (options_.metrics == nullptr) return;
+  int64_t idle = 0, busy = 0, disconnected = 0;
+  for (const auto& [id, worker] : workers_) {
+    auto session = sessions_.find(id);
+    if (session == sessions_.end()) {
+      ++disconnected;
+    } else if (session->second.job_id.empty()) {
+      ++idle;
+    } else {
+      ++busy;
+    }
+  }
+  const metrics::Gauge& gauge = options_.metrics->workers;
+  gauge.Set({"idle"}, static_cast<double>(idle));
+  gauge.Set({"busy"}, static_cast<double>(busy));
+  gauge.Set({"disconnected"}, static_cast<double>(disconnected));
+}
+
+void Coordinator::NoteJobState(const std::string& job_id, v1::JobState state) {
+  if (options_.metrics == nullptr) return;
+  if (IsTerminalJobState(state)) {
+    // A job moves into a terminal state once (the store refuses any later transition).
+    live_job_states_.erase(job_id);
+    ++terminal_job_counts_[state];
+    finished_job_ms_[job_id] = NowMs();
+  } else {
+    live_job_states_[job_id] = state;
+  }
+  UpdateJobGauges();
+}
+
+void Coordinator::UpdateJobGauges() {
+  if (options_.metrics == nullptr) return;
+  std::map<v1::JobState, int64_t> counts = terminal_job_counts_;
+  for (const auto& [id, state] : live_job_states_) ++counts[state];
+  for (v1::JobState state :
+       {v1::JOB_STATE_QUEUED, v1::JOB_STATE_RUNNING, v1::JOB_STATE_SUCCEEDED,
+        v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED, v1::JOB_STATE_RESTARTING}) {
+    std::string name = JobStateName(state);
+    std::transform(name.begin(), name.end(), name.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    options_.metrics->jobs.Set({name}, static_cast<double>(counts[state]));
+  }
+}
+
+void Coordinator::RecordSummaryMetrics(const std::string& job_id,
+                                       const std::string& summary_json) {
+  if (options_.metrics == nullptr || summary_json.empty()) return;
+  const nlohmann::json summary = nlohmann::json::parse(summary_json, nullptr, false);
+  if (!summary.is_object()) return;
+  auto number = [](const nlohmann::json& v) {
+    return v.is_number() ? v.get<double>() : std::numeric_limits<double>::quiet_NaN();
+  };
+  if (summary.contains("flops_by_phase") && summary["flops_by_phase"].is_object()) {
+    for (const auto& [phase, value] : summary["flops_by_phase"].items()) {
+      const double v = number(value);
+      if (std::isfinite(v) && v >= 0) {
+        options_.metrics->job_flops_total.SetIfGreater({job_id, phase}, v);
+      }
+    }
+  }
+  if (summary.contains("flops_saved")) {
+    const double saved = number(summary["flops_saved"]);
+    if (std::isfinite(saved) && saved >= 0) {
+      options_.metrics->job_flops_saved_total.SetIfGreater({job_id}, saved);
+    }
+  }
+}
+
+void Coordinator::RefreshMetrics() {
+  if (options_.metrics == nullptr) return;
+  const int64_t now_ms = NowMs();
+  for (const auto& [id, session] : sessions_) {
+    options_.metrics->worker_heartbeat_age_seconds.Set(
+        {id}, static_cast<double>(now_ms - session.last_message_ms) / 1000.0);
+  }
+  const int64_t retention_ms = options_.metrics_retention_seconds * 1000;
+  for (auto it = finished_job_ms_.begin(); it != finished_job_ms_.end();) {
+    if (now_ms - it->second >= retention_ms) {
+      options_.metrics->registry.RemoveSeriesWithLabel("job", it->first);
+      it = finished_job_ms_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 const policy::Policy* Coordinator::JobPolicy(const std::string& job_id) const {

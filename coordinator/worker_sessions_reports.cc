@@ -6,9 +6,11 @@
 // Sections: helpers · rank checks · ModuleList · SpectraReport and decisions · MaskAck ·
 // Progress · RankDone.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -236,6 +238,7 @@ absl::Status Coordinator::HandleSpectra(const std::string& worker_id,
   PendingProbe& probe = pending->second;
   probe.lambda[ref.rank].emplace(report.lambda_max().begin(), report.lambda_max().end());
   ++probe.reported;
+  if (options_.metrics != nullptr) options_.metrics->spectra_reports_total.Inc({});
   if (probe.reported < job.world_size) return absl::OkStatus();
   std::vector<std::vector<double>> by_rank;
   by_rank.reserve(job.world_size);
@@ -285,6 +288,29 @@ absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int
         session->second.rank == r) {
       SendTo(worker_id, message);
     }
+  }
+  if (CoordinatorMetrics* m = options_.metrics; m != nullptr) {
+    m->mask_latency_seconds.Observe(
+        {}, std::chrono::duration<double>(std::chrono::steady_clock::now() - handling_since_)
+                .count());
+    const auto& modules = policy.modules();
+    for (size_t i = 0; i < modules.size(); ++i) {
+      const metrics::LabelValues labels = {job_id, modules[i].group,
+                                           std::to_string(modules[i].layer), modules[i].name};
+      if (mean.size() == modules.size()) m->module_lambda_max.Set(labels, mean[i]);
+      m->module_active.Set(labels, i < schedule.every_step.size() && schedule.every_step[i] != 0
+                                       ? 1.0
+                                       : 0.0);
+    }
+    std::set<std::string> groups;
+    for (const auto& module : modules) groups.insert(module.group);
+    for (const std::string& group : groups) {
+      auto t = decision.threshold.find(group);
+      m->policy_threshold.Set({job_id, group}, t != decision.threshold.end()
+                                                   ? t->second
+                                                   : std::numeric_limits<double>::quiet_NaN());
+    }
+    m->job_active_modules.Set({job_id}, static_cast<double>(update.active_modules));
   }
   v1::JobEvent event;
   event.set_job_id(job_id);
@@ -372,6 +398,15 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
   }
   rank.step = progress.step();
   rank.flops_total = progress.flops_total();
+  if (CoordinatorMetrics* m = options_.metrics; m != nullptr) {
+    m->job_flops_total.SetIfGreater({job_id, "total"}, flops);
+    if (ref.rank == 0) {
+      m->job_step.Set({job_id}, static_cast<double>(progress.step()));
+      m->job_loss.Set({job_id, "train"}, progress.train_loss());
+      if (progress.has_val_loss()) m->job_loss.Set({job_id, "val"}, progress.val_loss());
+      if (progress.has_test_loss()) m->job_loss.Set({job_id, "test"}, progress.test_loss());
+    }
+  }
   if (ref.rank != 0) return absl::OkStatus();
 
   double steps_per_second = 0;
@@ -440,6 +475,7 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
                                                done.param_checksum()));
   const std::string summary = ref.rank == 0 ? done.summary_json() : job.ranks[0].summary_json;
   if (last) MAT_RETURN_IF_ERROR(store_->SetJobSummary(job_id, summary));
+  if (last) RecordSummaryMetrics(job_id, summary);
   rank.done = true;
   rank.step = done.step();
   rank.param_checksum = done.param_checksum();

@@ -102,6 +102,14 @@ TEST_F(CoordinatorDaemonTest, ServesGrpcHealthReflectionAndHttpOnEphemeralPorts)
   auto head = probes::HttpGet(daemon->metrics_address(), "/healthz", "HEAD");
   EXPECT_EQ(head.status, 200);
   EXPECT_EQ(head.body, "");
+  // /metrics: the Prometheus text of coordinator_metrics.h, every family listed.
+  auto metrics = probes::HttpGet(daemon->metrics_address(), "/metrics");
+  EXPECT_EQ(metrics.status, 200) << metrics.raw;
+  EXPECT_THAT(metrics.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
+  for (const std::string& name : MetricNames()) {
+    EXPECT_THAT(metrics.body, HasSubstr("# TYPE " + name + " ")) << name;
+  }
+  EXPECT_THAT(metrics.body, HasSubstr("mat_coordinator_jobs{state=\"queued\"} 0\n"));
 
   auto channel = grpc::CreateChannel(daemon->grpc_address(), grpc::InsecureChannelCredentials());
   std::string error;

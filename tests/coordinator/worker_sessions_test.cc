@@ -243,7 +243,16 @@ class WorkerSessionsTest : public ::testing::Test {
     options.now_unix_seconds = [this] { return now_; };
     options.now_ms = [this] { return now_ms_; };
     options.heartbeat_interval_ms = 1000;
+    options.metrics = metrics_.get();
+    options.metrics_retention_seconds = 60;
     coordinator_ = std::make_unique<Coordinator>(std::move(*store), options);
+  }
+
+  // Reopens the Coordinator with metrics (retention 60 s).
+  void EnableMetrics() {
+    coordinator_.reset();
+    metrics_ = std::make_unique<CoordinatorMetrics>();
+    Open();
   }
 
   std::string Register(const std::string& device, const std::string& host, int port,
@@ -325,6 +334,7 @@ class WorkerSessionsTest : public ::testing::Test {
   int64_t now_ = 1'700'000'000;
   int64_t now_ms_ = 5'000'000;
   int workers_added_ = 0;
+  std::unique_ptr<CoordinatorMetrics> metrics_;  // outlives coordinator_ (declared first)
   std::unique_ptr<Coordinator> coordinator_;
 };
 
@@ -1048,6 +1058,111 @@ TEST_F(WorkerSessionsTest, ARestartFailsRunningJobsKeepsQueuedOnesAndWorkersReco
   EXPECT_EQ(Send(Progress(w0.id, running, 0, 1, 1, 1, 1)).code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(Register("cpu", "x", 1), "worker-000003") << "new ids continue after the old ones";
+}
+
+
+// ----- metrics -----
+
+namespace metrics_test {
+
+metrics::LabelValues ModuleLabels(const std::string& job, int i) {
+  const policy::ModuleInfo m = Modules()[i];
+  return {job, m.group, std::to_string(m.layer), m.name};
+}
+
+}  // namespace metrics_test
+
+TEST_F(WorkerSessionsTest, MetricsFollowDecisionsProgressAndTheEndOfAJob) {
+  EnableMetrics();
+  CoordinatorMetrics& m = *metrics_;
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  EXPECT_EQ(m.jobs.Value({"running"}), 1);
+  EXPECT_EQ(m.jobs.Value({"queued"}), 0);
+  EXPECT_EQ(m.workers.Value({"busy"}), 2);
+  EXPECT_EQ(m.workers.Value({"idle"}), 0);
+  EXPECT_FALSE(m.module_lambda_max.Exists(metrics_test::ModuleLabels(job, 0)));
+
+  const std::vector<double> a = Lambda(0, 0), b = Lambda(1, 0);
+  SendOk(Spectra(w0.id, job, 0, 0, a));
+  SendOk(Spectra(w1.id, job, 1, 0, b));
+  ASSERT_EQ(w0.channel->Masks().size(), 1u);
+  const std::vector<uint8_t> bits = Unpack(w0.channel->Masks()[0].bits(), 10);
+  int on = 0;
+  for (int i = 0; i < 10; ++i) {
+    const metrics::LabelValues labels = metrics_test::ModuleLabels(job, i);
+    EXPECT_EQ(m.module_lambda_max.Value(labels), (a[i] + b[i]) / 2) << i;
+    EXPECT_EQ(m.module_active.Value(labels), bits[i]) << i;
+    on += bits[i];
+  }
+  EXPECT_GT(on, 0);
+  EXPECT_LT(on, 10) << "the policy switched nothing off; the test checks less";
+  EXPECT_EQ(m.job_active_modules.Value({job}), on);
+  EXPECT_EQ(GetJob(job).job().active_modules(), on);
+  const double threshold = m.policy_threshold.Value({job, "heads"});
+  EXPECT_TRUE(std::isfinite(threshold)) << threshold;
+  EXPECT_EQ(m.mask_latency_seconds.Get({}).count, 1u);
+  EXPECT_EQ(m.spectra_reports_total.Value({}), 2);
+
+  SendOk(Progress(w1.id, job, 1, 5, 4.0, 200, 1.0));
+  SendOk(Progress(w0.id, job, 0, 5, 3.5, 100, 1.0, 3.25));
+  EXPECT_EQ(m.job_step.Value({job}), 5);
+  EXPECT_EQ(m.job_loss.Value({job, "train"}), 3.5);
+  EXPECT_EQ(m.job_loss.Value({job, "val"}), 3.25);
+  EXPECT_FALSE(m.job_loss.Exists({job, "test"}));
+  EXPECT_EQ(m.job_flops_total.Value({job, "total"}), 300);
+
+  // A refused message is counted by its code.
+  EXPECT_EQ(Send(Spectra(w0.id, job, 0, 3, a)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.rejected_messages_total.Value({"INVALID_ARGUMENT"}), 1);
+
+  // The end: the per-phase FLOPs and the savings from rank 0's summary.
+  SendOk(Done(w1.id, job, 1, true, "c"));
+  SendOk(Done(w0.id, job, 0, true, "c",
+              R"({"flops_by_phase": {"forward": 10, "activation_grad": 20, "weight_grad": 5,)"
+              R"( "spectral": 1}, "flops_saved": 7})"));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(m.job_flops_total.Value({job, "forward"}), 10);
+  EXPECT_EQ(m.job_flops_total.Value({job, "weight_grad"}), 5);
+  EXPECT_EQ(m.job_flops_saved_total.Value({job}), 7);
+  EXPECT_EQ(m.jobs.Value({"running"}), 0);
+  EXPECT_EQ(m.jobs.Value({"succeeded"}), 1);
+  EXPECT_EQ(m.workers.Value({"idle"}), 2);
+
+  // Retention: the job's series stay 60 s after its end, then every one of them goes.
+  now_ms_ += 59'000;
+  coordinator_->RefreshMetrics();
+  EXPECT_TRUE(m.module_active.Exists(metrics_test::ModuleLabels(job, 0)));
+  EXPECT_THAT(m.registry.Expose(), HasSubstr("job=\"" + job + "\""));
+  EXPECT_EQ(m.worker_heartbeat_age_seconds.Value({w0.id}), 59);
+  now_ms_ += 1'000;
+  coordinator_->RefreshMetrics();
+  EXPECT_FALSE(m.module_active.Exists(metrics_test::ModuleLabels(job, 0)));
+  EXPECT_FALSE(m.policy_threshold.Exists({job, "heads"}));
+  EXPECT_FALSE(m.job_step.Exists({job}));
+  EXPECT_THAT(m.registry.Expose(), ::testing::Not(HasSubstr(job)));
+  EXPECT_EQ(m.jobs.Value({"succeeded"}), 1) << "counts are not per job";
+  EXPECT_EQ(m.rejected_messages_total.Value({"INVALID_ARGUMENT"}), 1);
+}
+
+TEST_F(WorkerSessionsTest, MetricsThresholdIsNaNDuringWarmUpAndLostWorkersAreDisconnected) {
+  EnableMetrics();
+  CoordinatorMetrics& m = *metrics_;
+  v1::JobSpec spec = Spec(1);
+  spec.mutable_policy()->set_warmup_steps(50);
+  Worker w0 = AddWorker();
+  const std::string job = Submit(spec);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  SendOk(ModuleList(w0.id, job));
+  SendOk(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
+  EXPECT_TRUE(std::isnan(m.policy_threshold.Value({job, "heads"})));
+  EXPECT_EQ(m.module_active.Value(metrics_test::ModuleLabels(job, 3)), 1);  // warm-up: all on
+  EXPECT_EQ(m.job_active_modules.Value({job}), 10);
+  coordinator_->CloseSession(w0.id);
+  EXPECT_EQ(m.workers.Value({"disconnected"}), 1);
+  EXPECT_EQ(m.jobs.Value({"failed"}), 1);
+  EXPECT_FALSE(m.worker_heartbeat_age_seconds.Exists({w0.id}));
+  // Without metrics the Coordinator works the same (every other test here).
 }
 
 }  // namespace

@@ -1,0 +1,68 @@
+// Every Prometheus metric of mat-coordinator (DESIGN §9; STYLE habit 14: defined in this one
+// file, dashboards use only these names). CoordinatorMetrics owns the daemon's metrics::Registry
+// and a handle per family; the Coordinator (on its loop) updates them, the HTTP thread renders
+// `registry.Expose()` on /metrics. The registry's mutex is the only thing the two share.
+//
+//   name                                          type       labels                      set by
+//   mat_module_lambda_max                         gauge      job, group, layer, module   decision: rank-mean λ_max of the module
+//   mat_module_active                             gauge      job, group, layer, module   decision: 1 = on under the latest mask
+//   mat_policy_threshold                          gauge      job, group                  decision: λ_α of the group (NaN in warm-up)
+//   mat_job_step                                  gauge      job                         rank 0's Progress
+//   mat_job_loss                                  gauge      job, split                  rank 0's Progress: train | val | test, nats/token
+//   mat_job_flops_total                           counter    job, phase                  phase="total": Σ ranks' Progress; forward |
+//                                                                                        activation_grad | weight_grad | spectral: rank 0's
+//                                                                                        summary when the job succeeds
+//   mat_job_flops_saved_total                     counter    job                         rank 0's summary (flops_saved) at the end
+//   mat_job_active_modules                        gauge      job                         decision: modules on under the latest mask
+//   mat_coordinator_mask_latency_seconds          histogram  -                           the report completing a probe step entered
+//                                                                                        HandleWorkerMessage -> every rank's MaskUpdate
+//                                                                                        handed to its channel
+//   mat_coordinator_workers                       gauge      state (idle|busy|disconnected)
+//   mat_coordinator_jobs                          gauge      state (queued|running|succeeded|failed|cancelled|restarting)
+//   mat_coordinator_worker_heartbeat_age_seconds  gauge      worker                      open sessions: time since the last message
+//   mat_coordinator_spectra_reports_total         counter    -                           SpectraReports taken into a probe
+//   mat_coordinator_rejected_messages_total       counter    code (INVALID_ARGUMENT, …)  worker messages answered with a Reject
+//
+// Every series with a `job` label goes away `metrics_retention_seconds` after its job finished
+// (Coordinator::RefreshMetrics).
+//
+// Thread-safety: the handles and the registry are thread-safe (metrics/registry.h). Not copyable.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "metrics/registry.h"
+
+namespace mat::coordinator {
+
+struct CoordinatorMetrics {
+  CoordinatorMetrics();
+  CoordinatorMetrics(const CoordinatorMetrics&) = delete;
+  CoordinatorMetrics& operator=(const CoordinatorMetrics&) = delete;
+
+  metrics::Registry registry;  // declared first: the handles point into it
+
+  metrics::Gauge module_lambda_max;
+  metrics::Gauge module_active;
+  metrics::Gauge policy_threshold;
+  metrics::Gauge job_step;
+  metrics::Gauge job_loss;
+  metrics::Counter job_flops_total;
+  metrics::Counter job_flops_saved_total;
+  metrics::Gauge job_active_modules;
+  metrics::Histogram mask_latency_seconds;
+  metrics::Gauge workers;
+  metrics::Gauge jobs;
+  metrics::Gauge worker_heartbeat_age_seconds;
+  metrics::Counter spectra_reports_total;
+  metrics::Counter rejected_messages_total;
+};
+
+// The upper bounds of mat_coordinator_mask_latency_seconds: 50 µs … 1 s.
+std::vector<double> MaskLatencyBuckets();
+
+// Every metric name of mat-coordinator, in definition order (for tests of dashboards).
+std::vector<std::string> MetricNames();
+
+}  // namespace mat::coordinator

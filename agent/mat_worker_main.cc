@@ -40,6 +40,10 @@ int main(int argc, char** argv) {
                  "how long forming a job's process group may take (milliseconds)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--metrics-listen", config.metrics_listen_address,
+                 "HTTP address HOST:PORT for /metrics (port 0: a free one, logged and written to "
+                 "WORK_DIR/worker.metrics.addr; '' = none)")
+      ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
       ->capture_default_str();

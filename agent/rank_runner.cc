@@ -1,5 +1,8 @@
 #include "agent/rank_runner.h"
 
+#include <algorithm>
+#include <chrono>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "coordinator/job_spec.h"
@@ -122,6 +125,7 @@ void RankRunner::Main() {
     if (!send_(m)) spdlog::warn("{} rank {}: RankDone not delivered (no session)", job_id(), rank());
   }
   sync_.reset();
+  if (options_.metrics != nullptr) options_.metrics->busy.Set({}, 0);
   done_.store(true);
 }
 
@@ -212,6 +216,12 @@ absl::StatusOr<policy::MaskSchedule> RankRunner::Decide(int64_t step,
     report->add_effective_rank(s.effective_rank);
   }
   if (!send_(m)) return absl::UnavailableError("lost the coordinator session");
+  const metrics::LabelValues labels = {job_id(), std::to_string(rank())};
+  if (options_.metrics != nullptr && !probe.modules.empty()) {
+    options_.metrics->spectral_duration_seconds.Observe(labels, probe.seconds);
+  }
+  step_overhead_seconds_ += probe.seconds;
+  const auto wait_start = std::chrono::steady_clock::now();
 
   v1::MaskUpdate mask;
   {
@@ -228,6 +238,10 @@ absl::StatusOr<policy::MaskSchedule> RankRunner::Decide(int64_t step,
     mask = masks_[step];
     masks_.erase(masks_.begin(), masks_.upper_bound(step));  // keep only future ones
   }
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
+  step_overhead_seconds_ += waited;
+  if (options_.metrics != nullptr) options_.metrics->mask_wait_seconds.Observe(labels, waited);
   v1::WorkerMessage ack = Message();
   ack.mutable_mask_ack()->set_job_id(job_id());
   ack.mutable_mask_ack()->set_rank(rank());
@@ -239,10 +253,37 @@ absl::StatusOr<policy::MaskSchedule> RankRunner::Decide(int64_t step,
 
 absl::Status RankRunner::ReduceGradients(const std::vector<uint8_t>& active) {
   if (sync_ == nullptr) return absl::OkStatus();
-  return sync_->AllReduce(active);
+  absl::Status status = sync_->AllReduce(active);
+  if (options_.metrics != nullptr) {
+    const metrics::LabelValues labels = {job_id(), std::to_string(rank())};
+    const worker::GradSyncStats& s = sync_->stats();
+    options_.metrics->allreduce_bytes_total.Inc(
+        labels, static_cast<double>(s.bytes_reduced - reported_bytes_reduced_));
+    options_.metrics->allreduce_skipped_bytes_total.Inc(
+        labels, static_cast<double>(s.bytes_skipped - reported_bytes_skipped_));
+    reported_bytes_reduced_ = s.bytes_reduced;
+    reported_bytes_skipped_ = s.bytes_skipped;
+  }
+  return status;
 }
 
 void RankRunner::OnProgress(const worker::TrainerProgress& p) {
+  if (options_.metrics != nullptr) {
+    const metrics::LabelValues labels = {job_id(), std::to_string(rank())};
+    // wall_seconds counts steps, probes and mask waits (not evaluation); the step alone is what
+    // remains of its growth. The first call after a resume has no previous value.
+    if (last_wall_seconds_ > 0 || p.step == 1) {
+      options_.metrics->step_duration_seconds.Observe(
+          labels, std::max(0.0, p.wall_seconds - last_wall_seconds_ - step_overhead_seconds_));
+    }
+    options_.metrics->step.Set(labels, static_cast<double>(p.step));
+    options_.metrics->last_step_timestamp_seconds.Set(
+        labels, std::chrono::duration<double>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count());
+  }
+  last_wall_seconds_ = p.wall_seconds;
+  step_overhead_seconds_ = 0;
   const auto now = std::chrono::steady_clock::now();
   if (!p.evaluated && p.step != total_steps_ && now - last_progress_ < options_.progress_interval) {
     return;

@@ -18,6 +18,10 @@
 // Files: <work_dir>/jobs/<job_id>/rank<r>/ holds what mat-train writes (metrics.jsonl,
 // checkpoint.pt, summary.json) plus masks.jsonl: one line per probe step with the mask applied.
 //
+// Metrics (agent/worker_metrics.h, when options.metrics is set): the step, its time stamp and
+// duration (OnProgress), the probe's duration and the mask wait (Decide), all-reduced and skipped
+// bytes (ReduceGradients), all labelled {job, rank}; mat_worker_busy goes to 0 when the rank ends.
+//
 // Thread-safety: OnMask, Cancel, done and Join may be called from any thread; the rest is private
 // to the runner's thread. `send` must be thread-safe. Not copyable.
 #pragma once
@@ -33,6 +37,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "agent/worker_metrics.h"
 #include "mat/v1/service.pb.h"
 #include "worker/trainer.h"
 
@@ -54,6 +59,8 @@ struct RankRunnerOptions {
   std::chrono::milliseconds mask_timeout{120000};
   std::chrono::milliseconds rendezvous_timeout{120000};
   std::chrono::milliseconds progress_interval{1000};
+  // Where the rank's metrics go; borrowed, must outlive the runner; nullptr = none.
+  WorkerMetrics* metrics = nullptr;
 };
 
 class RankRunner : public worker::TrainerHooks {
@@ -107,6 +114,10 @@ class RankRunner : public worker::TrainerHooks {
   std::unique_ptr<worker::GradientSync> sync_;
   std::chrono::steady_clock::time_point last_progress_{};
   int64_t total_steps_ = 0;
+  // Metrics bookkeeping (the runner's thread).
+  double last_wall_seconds_ = 0;     // TrainerProgress.wall_seconds at the previous step
+  double step_overhead_seconds_ = 0; // probe + mask wait since then (not the step itself)
+  int64_t reported_bytes_reduced_ = 0, reported_bytes_skipped_ = 0;
 };
 
 // The MaskUpdate's bits as a MaskSchedule. INVALID_ARGUMENT when the bit strings do not have

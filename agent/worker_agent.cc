@@ -4,12 +4,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "common/status.h"
+#include "metrics/http_server.h"
 #include "spdlog/spdlog.h"
 
 namespace mat::agent {
@@ -65,7 +67,34 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
     MAT_ASSIGN_OR_RETURN(config.rendezvous_port, PickFreePort());
   }
   if (config.memory_bytes <= 0) config.memory_bytes = PhysicalMemoryBytes();
+  if (!config.metrics_listen_address.empty()) {
+    if (absl::Status st = metrics::ParseHostPort(config.metrics_listen_address).status(); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", st.message()));
+    }
+  }
   std::unique_ptr<WorkerAgent> agent(new WorkerAgent(std::move(config)));
+  const std::string addr_file = MetricsAddressFilePath(agent->config_.work_dir);
+  std::remove(addr_file.c_str());
+  if (!agent->config_.metrics_listen_address.empty()) {
+    WorkerAgent* self = agent.get();
+    MAT_ASSIGN_OR_RETURN(
+        agent->http_,
+        metrics::HttpServer::Start(agent->config_.metrics_listen_address,
+                                   [self](const std::string& target) {
+                                     // The HTTP thread: the registry only (its own mutex).
+                                     if (target == "/metrics") {
+                                       return metrics::MetricsResponse(self->metrics_.registry);
+                                     }
+                                     if (target == "/healthz") {
+                                       return metrics::HttpResponse{200, "text/plain", "ok\n"};
+                                     }
+                                     return metrics::HttpResponse{404, "text/plain",
+                                                                  "not found\n"};
+                                   }));
+    agent->metrics_address_ = agent->http_->address();
+    MAT_RETURN_IF_ERROR(common::WriteFileAtomic(addr_file, agent->metrics_address_ + "\n"));
+    spdlog::info("metrics listening on {} (/metrics)", agent->metrics_address_);
+  }
   auto saved = common::ReadFile(agent->config_.work_dir + "/worker.id");
   if (saved.ok()) {
     std::string id = *saved;
@@ -86,6 +115,14 @@ WorkerAgent::WorkerAgent(WorkerAgentConfig config) : config_(std::move(config)) 
 WorkerAgent::~WorkerAgent() {
   Shutdown();
   ReapRunner(true, "worker shutting down");
+  if (http_ != nullptr) {
+    http_->Stop();
+    std::remove(MetricsAddressFilePath(config_.work_dir).c_str());
+  }
+}
+
+std::string WorkerAgent::MetricsAddressFilePath(const std::string& work_dir) {
+  return work_dir + "/worker.metrics.addr";
 }
 
 std::string WorkerAgent::worker_id() const {
@@ -236,6 +273,7 @@ void WorkerAgent::ReapRunner(bool stop, const std::string& reason) {
   }
   runner->Cancel(reason);
   runner->Join();
+  metrics_.busy.Set({}, 0);
 }
 
 void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
@@ -247,7 +285,14 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       ReapRunner(true, "superseded by " + a.job_id());
       spdlog::info("assigned rank {}/{} of {} (attempt {})", a.rank(), a.world_size(), a.job_id(),
                    a.attempt());
+      // The previous job's series go; this job's start afresh.
+      if (!metrics_job_id_.empty() && metrics_job_id_ != a.job_id()) {
+        metrics_.registry.RemoveSeriesWithLabel("job", metrics_job_id_);
+      }
+      metrics_job_id_ = a.job_id();
+      metrics_.busy.Set({}, 1);
       RankRunnerOptions o;
+      o.metrics = &metrics_;
       o.worker_id = worker_id();
       o.work_dir = config_.work_dir;
       o.device = config_.device;

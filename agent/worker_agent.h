@@ -12,6 +12,12 @@
 //   4. When the session breaks (coordinator gone or restarted), the running rank is cancelled (the
 //      coordinator has failed its job) and the agent registers again with the same id.
 //
+// Metrics (agent/worker_metrics.h): the agent owns the registry; its RankRunner updates it; with
+// `metrics_listen_address` set, Create starts an HTTP listener (metrics/http_server.h, its own
+// thread) serving `/metrics` (and `/healthz`), writes the bound address to
+// <work_dir>/worker.metrics.addr ("HOST:PORT\n", removed again by the destructor) and logs it.
+// Starting a rank of another job removes the previous job's series.
+//
 // Thread-safety: Run blocks on the calling thread; Shutdown may be called from any thread, once
 // or more. Not copyable.
 #pragma once
@@ -28,7 +34,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "agent/rank_runner.h"
+#include "agent/worker_metrics.h"
 #include "mat/v1/service.grpc.pb.h"
+
+namespace mat::metrics {
+class HttpServer;
+}
 
 namespace mat::agent {
 
@@ -45,12 +56,16 @@ struct WorkerAgentConfig {
   std::chrono::milliseconds rendezvous_timeout{120000};  // process group formation
   std::chrono::milliseconds reconnect_interval{1000};    // between Register attempts
   std::chrono::milliseconds progress_interval{1000};     // Progress at most this often
+  // HTTP listener for /metrics, "HOST:PORT" (port 0: a free one, written to
+  // <work_dir>/worker.metrics.addr); "" = none.
+  std::string metrics_listen_address;
 };
 
 class WorkerAgent {
  public:
   // Validates the config (INVALID_ARGUMENT naming the flag), creates the work dir, reserves the
-  // rendezvous port. Does not contact the coordinator yet.
+  // rendezvous port, starts the metrics listener (UNAVAILABLE when it cannot bind). Does not
+  // contact the coordinator yet.
   static absl::StatusOr<std::unique_ptr<WorkerAgent>> Create(WorkerAgentConfig config);
   ~WorkerAgent();
   WorkerAgent(const WorkerAgent&) = delete;
@@ -64,6 +79,11 @@ class WorkerAgent {
   // The id the coordinator gave ("" before the first registration).
   std::string worker_id() const;
   int rendezvous_port() const { return config_.rendezvous_port; }
+  // The metrics listener's bound address ("" without one).
+  const std::string& metrics_address() const { return metrics_address_; }
+  // The worker's metrics; thread-safe.
+  WorkerMetrics& metrics() { return metrics_; }
+  static std::string MetricsAddressFilePath(const std::string& work_dir);
 
  private:
   explicit WorkerAgent(WorkerAgentConfig config);
@@ -79,6 +99,10 @@ class WorkerAgent {
   void ReapRunner(bool stop, const std::string& reason);
 
   WorkerAgentConfig config_;
+  WorkerMetrics metrics_;                       // outlives http_ and every runner
+  std::unique_ptr<metrics::HttpServer> http_;   // /metrics; null without a listener
+  std::string metrics_address_;
+  std::string metrics_job_id_;                  // the job whose series are shown; reader thread
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
   std::atomic<bool> stopping_{false};

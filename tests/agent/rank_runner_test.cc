@@ -1,6 +1,7 @@
 // RankRunner's protocol side without a coordinator: a fake session records what the rank sends.
 // Decide reports λ and blocks until the mask of its step arrives (then acks it), fails after the
-// bound, and stops on Cancel; the bit strings decode LSB-first; a bad mask is refused.
+// bound, and stops on Cancel; the bit strings decode LSB-first; a bad mask is refused; the hooks
+// record the rank's metrics (step, durations, mask wait).
 #include "agent/rank_runner.h"
 
 #include <thread>
@@ -14,6 +15,7 @@ namespace {
 using namespace std::chrono_literals;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using metrics::HistogramSnapshot;
 
 class FakeSession {
  public:
@@ -52,10 +54,11 @@ v1::MaskUpdate MakeMask(int64_t version, int64_t step, std::string bits, int n) 
 
 class RankRunnerTest : public ::testing::Test {
  protected:
-  RankRunner MakeRunner(std::chrono::milliseconds timeout) {
+  RankRunner MakeRunner(std::chrono::milliseconds timeout, WorkerMetrics* metrics = nullptr) {
     RankRunnerOptions o;
     o.worker_id = "worker-000002";
     o.mask_timeout = timeout;
+    o.metrics = metrics;
     return RankRunner(MakeAssign(), o, [this](const v1::WorkerMessage& m) { return session_.Send(m); });
   }
   FakeSession session_;
@@ -112,6 +115,44 @@ TEST_F(RankRunnerTest, DecideReportsThenWaitsForTheMaskOfItsStepAndAcksIt) {
   EXPECT_THAT(sent[0].spectra().lambda_max(), ElementsAre(1.5, 3.0, 4.5));
   ASSERT_TRUE(sent[1].has_mask_ack());
   EXPECT_EQ(sent[1].mask_ack().mask_version(), 4);
+}
+
+TEST_F(RankRunnerTest, HooksRecordTheRanksMetrics) {
+  WorkerMetrics metrics;
+  RankRunner runner = MakeRunner(10s, &metrics);
+  const metrics::LabelValues labels = {"job-000007", "1"};
+  worker::TrainerProgress p;
+  p.step = 1;
+  p.wall_seconds = 0.1;
+  runner.OnProgress(p);
+  EXPECT_EQ(metrics.step.Value(labels), 1);
+  EXPECT_GT(metrics.last_step_timestamp_seconds.Value(labels), 1.7e9);
+  EXPECT_EQ(metrics.step_duration_seconds.Get(labels).count, 1u);
+  EXPECT_DOUBLE_EQ(metrics.step_duration_seconds.Get(labels).sum, 0.1);
+
+  // A probe step: the probe and the wait for the mask are timed apart from the step.
+  worker::ProbeResult probe;
+  probe.modules.resize(3);
+  probe.seconds = 0.25;
+  std::thread coordinator([&] {
+    std::this_thread::sleep_for(30ms);
+    runner.OnMask(MakeMask(1, 1, "\x07", 3));
+  });
+  ASSERT_TRUE(runner.Decide(1, probe).ok());
+  coordinator.join();
+  EXPECT_EQ(metrics.spectral_duration_seconds.Get(labels).count, 1u);
+  EXPECT_DOUBLE_EQ(metrics.spectral_duration_seconds.Get(labels).sum, 0.25);
+  const HistogramSnapshot wait = metrics.mask_wait_seconds.Get(labels);
+  EXPECT_EQ(wait.count, 1u);
+  EXPECT_GE(wait.sum, 0.02);
+  p.step = 2;
+  p.wall_seconds = 0.1 + 0.25 + wait.sum + 0.125;  // the step itself took 0.125 s
+  runner.OnProgress(p);
+  EXPECT_EQ(metrics.step.Value(labels), 2);
+  EXPECT_NEAR(metrics.step_duration_seconds.Get(labels).sum, 0.1 + 0.125, 1e-9);
+  // A single rank all-reduces nothing (no process group): no bytes series.
+  ASSERT_TRUE(runner.ReduceGradients({1, 1, 1}).ok());
+  EXPECT_FALSE(metrics.allreduce_bytes_total.Exists(labels));
 }
 
 TEST_F(RankRunnerTest, DecideFailsWhenTheMaskDoesNotComeInTime) {

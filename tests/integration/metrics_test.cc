@@ -1,0 +1,255 @@
+// Metrics of the real daemons on loopback, checked by the Prometheus project's own tools: a
+// mat-coordinator and one mat-worker (both with --metrics-listen 127.0.0.1:0) run a small MAT
+// job; while it runs, `promtool check metrics` accepts both daemons' /metrics; then a real
+// Prometheus server (Debian's /usr/bin/prometheus, installed by scripts/setup) scrapes both every
+// second, and its query API must agree with the job: count(mat_module_lambda_max{job}) is the
+// model's module count and sum(mat_module_active{job}) the job's active_modules (matctl status),
+// compared once the job finished (the values are frozen then and stay until retention ends).
+//
+// The scrape config uses `honor_labels: true`: our `job` label (the MAT job id) would otherwise
+// be renamed `exported_job` by Prometheus, whose own `job` label names the scrape job.
+//
+// Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cstdio>
+
+#include "nlohmann/json.hpp"
+#include "tests/integration/harness.h"
+#include "tests/integration/probes.h"
+
+namespace mat {
+namespace {
+
+using json = nlohmann::json;
+using testing_loopback::CommandResult;
+using testing_loopback::ReadText;
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+const std::string kCorpus = std::string(MAT_SHARED_DIR) + "/data/wikitext-2";
+const std::string kPromtool = "/usr/bin/promtool";
+const std::string kPrometheus = "/usr/bin/prometheus";
+
+// The service test's small BERT (2 layers × (4 heads + 2 FFN groups) = 12 modules) with a MAT
+// policy that switches modules off after its warm-up; long enough to be caught running.
+std::string JobYaml(int steps) {
+  return "seed: 3\n"
+         "model: {kind: bert, layers: 2, d_model: 64, heads: 4, d_ff: 128, ffn_groups: 2,"
+         " max_seq_len: 32, dropout: 0.1}\n"
+         "data: {kind: wikitext, dir: " + kCorpus + ", seq_len: 32}\n"
+         "train: {steps: " + std::to_string(steps) + ", batch_size: 8, lr: 1.0e-3,"
+         " warmup_steps: 5, eval_every: 100, eval_batches: 2, threads: 1}\n"
+         "policy: {kind: mat, alpha: 0.5, beta: 0.0, gamma: 0.5, warmup_steps: 10,"
+         " probe_every: 10, probe_samples: 2, estimator: gram, min_active_fraction: 0.25}\n"
+         "resources: {workers: 1, device: cpu}\n";
+}
+
+// A TCP port free right now.
+int FreePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
+
+std::string UrlEncode(const std::string& s) {
+  std::string out;
+  char buf[4];
+  for (unsigned char c : s) {
+    if (std::isalnum(c) || c == '_' || c == '-' || c == '.' || c == '~') {
+      out += static_cast<char>(c);
+    } else {
+      std::snprintf(buf, sizeof(buf), "%%%02X", c);
+      out += buf;
+    }
+  }
+  return out;
+}
+
+class MetricsTest : public testing_loopback::LoopbackTest {
+ protected:
+  json Status(const std::string& job) {
+    CommandResult r = Matctl(address_, {"status", job, "-o", "json"});
+    if (r.exit_code != 0) return nullptr;
+    return json::parse(r.out, nullptr, false);
+  }
+
+  json WaitFor(const std::string& job, const std::function<bool(const json&)>& pred,
+               std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    json s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      s = Status(job);
+      if (s.is_object() && pred(s)) return s;
+      std::this_thread::sleep_for(100ms);
+    }
+    return s;
+  }
+
+  // `promtool check metrics` on `text` (stdin); its exit code, output in `*output`.
+  int Promtool(const std::string& text, std::string* output) {
+    const std::string in = root_ + "/exposition.txt";
+    std::ofstream(in) << text;
+    const std::string out = root_ + "/promtool.out";
+    const pid_t pid = SpawnWithStdin({kPromtool, "check", "metrics"}, in, out);
+    const int rc = Wait(pid, 30s);
+    *output = ReadText(out);
+    return rc;
+  }
+
+  pid_t SpawnWithStdin(const std::vector<std::string>& args, const std::string& in,
+                       const std::string& out) {
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 0, in.c_str(), O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    std::vector<char*> argv;
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    pid_t pid = -1;
+    const int rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    EXPECT_EQ(rc, 0) << "cannot start " << args[0];
+    if (rc == 0) children_.insert(pid);
+    return pid;
+  }
+
+  // An instant query against the Prometheus HTTP API; the result vector (empty on any error).
+  json Query(const std::string& expr) {
+    const probes::HttpResult r =
+        probes::HttpGet(prometheus_address_, "/api/v1/query?query=" + UrlEncode(expr));
+    if (r.status != 200) return json::array();
+    const json body = json::parse(r.body, nullptr, false);
+    if (!body.is_object() || body.value("status", "") != "success") return json::array();
+    return body["data"]["result"];
+  }
+  // The value of a one-element query result; NaN when there is none.
+  double QueryScalar(const std::string& expr) {
+    const json result = Query(expr);
+    if (!result.is_array() || result.size() != 1) return std::nan("");
+    return std::stod(result[0]["value"][1].get<std::string>());
+  }
+
+  std::string Logs() {
+    return "coordinator:\n" + ReadText(coordinator_log_ + ".err") + "\nw1:\n" +
+           ReadText(root_ + "/w1.err") + "\nprometheus:\n" + ReadText(root_ + "/prometheus.err");
+  }
+
+  std::string prometheus_address_;
+};
+
+TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
+  ASSERT_TRUE(fs::exists(kPromtool)) << kPromtool << " missing: scripts/setup installs prometheus";
+  ASSERT_TRUE(fs::exists(kPrometheus)) << kPrometheus << " missing";
+  StartCoordinator();
+  StartWorker("w1", {"--metrics-listen", "127.0.0.1:0"});
+  const std::string worker_metrics = WaitForLine(root_ + "/w1/worker.metrics.addr", 30s);
+  ASSERT_FALSE(worker_metrics.empty()) << Logs();
+  EXPECT_NE(worker_metrics, "127.0.0.1:0");
+
+  const std::string job_file = root_ + "/job.yaml";
+  std::ofstream(job_file) << JobYaml(400);
+  CommandResult submit = Matctl(address_, {"submit", job_file});
+  ASSERT_EQ(submit.exit_code, 0) << submit.err;
+  const std::string job = submit.out.substr(0, submit.out.find('\n'));
+
+  // While it runs (past the warm-up, so the policy has switched modules off): both expositions
+  // pass promtool.
+  json s = WaitFor(job, [](const json& j) { return j["state"] == "RUNNING" && j["step"] >= 30; },
+                   120s);
+  ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
+  const probes::HttpResult coordinator = probes::HttpGet(metrics_address_, "/metrics");
+  const probes::HttpResult worker = probes::HttpGet(worker_metrics, "/metrics");
+  ASSERT_EQ(coordinator.status, 200) << coordinator.raw;
+  ASSERT_EQ(worker.status, 200) << worker.raw;
+  EXPECT_THAT(coordinator.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
+  EXPECT_THAT(worker.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
+  EXPECT_THAT(coordinator.body, HasSubstr("mat_module_lambda_max{job=\"" + job + "\""));
+  EXPECT_THAT(coordinator.body, HasSubstr("mat_coordinator_jobs{state=\"running\"} 1\n"));
+  EXPECT_THAT(worker.body, HasSubstr("mat_worker_busy 1\n"));
+  EXPECT_THAT(worker.body, HasSubstr("mat_worker_step{job=\"" + job + "\",rank=\"0\"}"));
+  std::string output;
+  EXPECT_EQ(Promtool(coordinator.body, &output), 0) << output << "\n" << coordinator.body;
+  EXPECT_EQ(output, "") << "promtool lint findings on the coordinator's /metrics";
+  EXPECT_EQ(Promtool(worker.body, &output), 0) << output << "\n" << worker.body;
+  EXPECT_EQ(output, "") << "promtool lint findings on the worker's /metrics";
+  EXPECT_EQ(Status(job)["state"], "RUNNING") << "the job ended before both scrapes";
+
+  // A real Prometheus scraping both daemons every second.
+  prometheus_address_ = "127.0.0.1:" + std::to_string(FreePort());
+  const std::string config = root_ + "/prometheus.yml";
+  std::ofstream(config) << "global: {scrape_interval: 1s, scrape_timeout: 1s, "
+                           "evaluation_interval: 1s}\n"
+                           "scrape_configs:\n"
+                           "  - job_name: mat-coordinator\n"
+                           "    honor_labels: true\n"
+                           "    static_configs: [{targets: ['" + metrics_address_ + "']}]\n"
+                           "  - job_name: mat-worker\n"
+                           "    honor_labels: true\n"
+                           "    static_configs: [{targets: ['" + worker_metrics + "']}]\n";
+  const pid_t prometheus =
+      Spawn({kPrometheus, "--config.file=" + config, "--storage.tsdb.path=" + root_ + "/tsdb",
+             "--web.listen-address=" + prometheus_address_, "--log.level=warn"},
+            root_ + "/prometheus.out", root_ + "/prometheus.err");
+  ASSERT_GT(prometheus, 0);
+  // Both targets scraped and up.
+  auto deadline = std::chrono::steady_clock::now() + 60s;
+  double up = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    up = QueryScalar("sum(up)");
+    if (up == 2) break;
+    std::this_thread::sleep_for(250ms);
+  }
+  ASSERT_EQ(up, 2) << "Prometheus did not scrape both daemons\n" << Logs();
+
+  // Once the job finished its metrics stand still: Prometheus must then show the job's numbers.
+  s = WaitFor(job, [](const json& j) { return j["state"] != "RUNNING"; }, 180s);
+  ASSERT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  const int total = s["total_modules"].get<int>();
+  const int active = s["active_modules"].get<int>();
+  EXPECT_EQ(total, 12);
+  EXPECT_GT(active, 0);
+  EXPECT_LT(active, total) << "the policy switched nothing off; the test checks less";
+  const std::string sel = "{job=\"" + job + "\"}";
+  double count = 0, sum = 0, step = 0, succeeded = 0;
+  deadline = std::chrono::steady_clock::now() + 30s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    // A scrape after the end (the worker reaches step 400 before the coordinator ends the job).
+    succeeded = QueryScalar("mat_coordinator_jobs{state=\"succeeded\"}");
+    count = QueryScalar("count(mat_module_lambda_max" + sel + ")");
+    sum = QueryScalar("sum(mat_module_active" + sel + ")");
+    step = QueryScalar("max(mat_worker_step" + sel + ")");
+    if (succeeded == 1 && count == total && sum == active && step == 400) break;
+    std::this_thread::sleep_for(250ms);
+  }
+  EXPECT_EQ(count, total) << Logs();
+  EXPECT_EQ(sum, active) << Logs();
+  EXPECT_EQ(step, 400);
+  EXPECT_EQ(QueryScalar("mat_job_active_modules" + sel), active);
+  EXPECT_EQ(QueryScalar("mat_job_step" + sel), 400);
+  EXPECT_EQ(QueryScalar("count(mat_policy_threshold" + sel + ")"), 2);  // heads, ffn
+  EXPECT_GT(QueryScalar("sum(mat_worker_step_duration_seconds_count" + sel + ")"), 0);
+  EXPECT_GT(QueryScalar("sum(mat_worker_spectral_duration_seconds_count" + sel + ")"), 0);
+  EXPECT_GT(QueryScalar("mat_coordinator_mask_latency_seconds_count"), 0);
+  EXPECT_EQ(succeeded, 1);
+  EXPECT_GT(QueryScalar("mat_job_flops_saved_total" + sel), 0);
+  std::printf("prometheus: count(mat_module_lambda_max)=%g, sum(mat_module_active)=%g "
+              "(matctl: total_modules=%d, active_modules=%d), max(mat_worker_step)=%g\n",
+              count, sum, total, active, step);
+}
+
+}  // namespace
+}  // namespace mat

@@ -17,6 +17,7 @@
 #include "coordinator/coordinator.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/job_store.h"
+#include "google/protobuf/stubs/logging.h"
 #include "spdlog/spdlog.h"
 
 namespace {
@@ -45,6 +46,8 @@ std::unique_ptr<World> MakeWorld() {
   static int generation = 0;
   if (dir.empty()) {
     spdlog::set_level(spdlog::level::off);  // the refusals are the point; their logs are noise
+    // Inputs with invalid UTF-8 in string fields do not decode; protobuf would log each one.
+    google::protobuf::SetLogHandler(nullptr);
     char tmpl[] = "/tmp/mat_fuzz_worker_XXXXXX";
     Must(::mkdtemp(tmpl) != nullptr);
     dir = tmpl;

@@ -272,14 +272,16 @@ std::string FormatJobEvent(const v1::JobEvent& event) {
       break;
     case v1::JobEvent::kProgress: {
       const v1::JobProgress& p = event.progress();
-      absl::StrAppend(&out, "loss ", FormatDouble(p.train_loss()), " active ", p.active_modules(),
-                      "/", p.total_modules(), " flops ", FormatDouble(p.flops_total()), " ",
-                      FormatDouble(p.steps_per_second()), " steps/s");
+      // A log line, not data (status -o json has the exact values): 5 significant digits.
+      absl::StrAppend(&out, "loss ", FormatSignificant(p.train_loss(), 5), " active ",
+                      p.active_modules(), "/", p.total_modules(), " flops ",
+                      FormatSignificant(p.flops_total(), 4), " ",
+                      FormatSignificant(p.steps_per_second(), 3), " steps/s");
       break;
     }
     case v1::JobEvent::kEvaluation:
-      absl::StrAppend(&out, "eval val_loss ", FormatDouble(event.evaluation().val_loss()),
-                      " test_loss ", FormatDouble(event.evaluation().test_loss()));
+      absl::StrAppend(&out, "eval val_loss ", FormatSignificant(event.evaluation().val_loss(), 5),
+                      " test_loss ", FormatSignificant(event.evaluation().test_loss(), 5));
       break;
     case v1::JobEvent::kMask:
       absl::StrAppend(&out, "mask v", event.mask().mask_version(), " from step ",

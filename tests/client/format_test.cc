@@ -364,6 +364,13 @@ TEST(FormatTest, EventLinesDescribeEachKind) {
   e.mutable_progress()->set_steps_per_second(2.5);
   EXPECT_EQ(FormatJobEvent(e),
             "2023-11-14T22:13:20Z job-000001 step 12 loss 5.5 active 6/8 flops 1e+12 2.5 steps/s");
+  // Long doubles are shortened for the log line (status -o json keeps every digit).
+  e.mutable_progress()->set_train_loss(10.392549514770508);
+  e.mutable_progress()->set_flops_total(1113727280128.0);
+  e.mutable_progress()->set_steps_per_second(2.710911915472291);
+  EXPECT_EQ(FormatJobEvent(e),
+            "2023-11-14T22:13:20Z job-000001 step 12 loss 10.393 active 6/8 flops 1.114e+12 2.71 "
+            "steps/s");
 
   e.mutable_evaluation()->set_val_loss(4.25);
   e.mutable_evaluation()->set_test_loss(std::nan(""));

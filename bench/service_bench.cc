@@ -21,6 +21,8 @@
 // Exit codes: 0 done (the JSON written), 1 the benchmark failed (the coordinator's log is kept and
 // named), 2 bad flags.
 #include <fcntl.h>
+#include <netdb.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
@@ -57,6 +59,77 @@ extern char** environ;
 
 namespace mat::bench {
 namespace {
+
+// GET http://HOST:PORT/metrics with a raw socket (HTTP/1.0, read to EOF); "" on failure.
+std::string ScrapeMetrics(const std::string& host_port) {
+  const size_t colon = host_port.rfind(':');
+  if (colon == std::string::npos) return "";
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* info = nullptr;
+  if (::getaddrinfo(host_port.substr(0, colon).c_str(), host_port.substr(colon + 1).c_str(),
+                    &hints, &info) != 0) {
+    return "";
+  }
+  const int fd = ::socket(info->ai_family, info->ai_socktype, info->ai_protocol);
+  const bool connected = fd >= 0 && ::connect(fd, info->ai_addr, info->ai_addrlen) == 0;
+  ::freeaddrinfo(info);
+  std::string raw;
+  if (connected) {
+    const std::string request = "GET /metrics HTTP/1.0\r\nHost: " + host_port + "\r\n\r\n";
+    if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) == ssize_t(request.size())) {
+      char buf[65536];
+      ssize_t n = 0;
+      while ((n = ::recv(fd, buf, sizeof(buf), 0)) > 0) raw.append(buf, size_t(n));
+    }
+  }
+  if (fd >= 0) ::close(fd);
+  const size_t body = raw.find("\r\n\r\n");
+  return body == std::string::npos ? "" : raw.substr(body + 4);
+}
+
+// The cumulative buckets (le -> count) of histogram `name` in an exposition.
+std::vector<std::pair<double, double>> HistogramBuckets(const std::string& text,
+                                                        const std::string& name) {
+  std::vector<std::pair<double, double>> out;
+  std::istringstream in(text);
+  std::string line;
+  const std::string prefix = name + "_bucket{";
+  while (std::getline(in, line)) {
+    if (line.rfind(prefix, 0) != 0) continue;
+    const size_t le = line.find("le=\"");
+    const size_t close = line.find('"', le + 4);
+    const size_t space = line.rfind(' ');
+    if (le == std::string::npos || close == std::string::npos || space == std::string::npos) continue;
+    const std::string bound = line.substr(le + 4, close - le - 4);
+    const double upper = bound == "+Inf" ? INFINITY : std::stod(bound);
+    out.push_back({upper, std::stod(line.substr(space + 1))});
+  }
+  return out;
+}
+
+// histogram_quantile over the difference of two scrapes (linear within a bucket, as PromQL).
+double HistogramQuantile(const std::vector<std::pair<double, double>>& before,
+                         const std::vector<std::pair<double, double>>& after, double q,
+                         double* count) {
+  std::vector<std::pair<double, double>> d = after;
+  for (size_t i = 0; i < d.size() && i < before.size(); ++i) d[i].second -= before[i].second;
+  *count = d.empty() ? 0 : d.back().second;
+  if (*count <= 0) return NAN;
+  const double rank = q * *count;
+  double lower = 0, below = 0;
+  for (const auto& [upper, cumulative] : d) {
+    if (cumulative >= rank) {
+      if (std::isinf(upper)) return lower;
+      const double in_bucket = cumulative - below;
+      return in_bucket > 0 ? lower + (upper - lower) * (rank - below) / in_bucket : upper;
+    }
+    lower = upper;
+    below = cumulative;
+  }
+  return lower;
+}
+
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
@@ -505,6 +578,13 @@ int MaskLatency(const MaskLatencyConfig& config) {
   shared.t0 = Clock::now() + 200ms;
   shared.Set(shared.go);
   std::this_thread::sleep_until(shared.t0 + warmup_steps * period);
+  const std::string metrics_address = [&] {
+    std::string a = ReadText(state_dir + "/coordinator.metrics.addr");
+    while (!a.empty() && (a.back() == '\n' || a.back() == ' ')) a.pop_back();
+    return a;
+  }();
+  constexpr char kLatencyMetric[] = "mat_coordinator_mask_latency_seconds";
+  const auto server_before = HistogramBuckets(ScrapeMetrics(metrics_address), kLatencyMetric);
   const double cpu_start = ProcessCpuSeconds(coordinator.pid());
   const auto wall_start = Clock::now();
   if (!shared.WaitCount(shared.done, config.workers,
@@ -514,6 +594,10 @@ int MaskLatency(const MaskLatencyConfig& config) {
   }
   const auto wall_end = Clock::now();
   const double cpu_end = ProcessCpuSeconds(coordinator.pid());
+  const auto server_after = HistogramBuckets(ScrapeMetrics(metrics_address), kLatencyMetric);
+  double server_count = 0;
+  const double server_p50 = HistogramQuantile(server_before, server_after, 0.50, &server_count);
+  const double server_p99 = HistogramQuantile(server_before, server_after, 0.99, &server_count);
   const int64_t peak_memory = ProcessPeakMemoryBytes(coordinator.pid());
 
   v1::CancelJobRequest cancel;
@@ -588,6 +672,13 @@ int MaskLatency(const MaskLatencyConfig& config) {
       {"goal_module_reports_per_second", kGoalModuleReportsPerSecond},
       {"meets_p99_goal", Percentile(last_rank, 0.99) <= kGoalP99Seconds},
       {"meets_throughput_goal", reports * config.modules / elapsed >= kGoalModuleReportsPerSecond},
+      {"server_p50_seconds", std::isnan(server_p50) ? nlohmann::json(nullptr) : nlohmann::json(server_p50)},
+      {"server_p99_seconds", std::isnan(server_p99) ? nlohmann::json(nullptr) : nlohmann::json(server_p99)},
+      {"server_decisions", server_count},
+      {"server_definition",
+       "the coordinator's own mat_coordinator_mask_latency_seconds histogram over the measured "
+       "window (report that completes a step entering the loop -> every rank's MaskUpdate handed "
+       "to gRPC), quantiles interpolated within buckets as PromQL histogram_quantile"},
       {"host_cpus", std::thread::hardware_concurrency()},
       {"host_cpu_model", CpuModel()},
       {"host_load_average_1m_at_start", load_at_start},
@@ -608,6 +699,9 @@ int MaskLatency(const MaskLatencyConfig& config) {
       kGoalModuleReportsPerSecond, cpu_seconds, elapsed, 100 * cpu_seconds / elapsed,
       static_cast<double>(peak_memory) / (1024.0 * 1024.0), std::thread::hardware_concurrency(),
       load_at_start, fsync_seconds * 1e3);
+  std::printf("  coordinator's own histogram (report on the loop -> masks handed to gRPC): p50 %.3f ms  "
+              "p99 %.3f ms over %.0f decisions\n",
+              server_p50 * 1e3, server_p99 * 1e3, server_count);
   if (!config.send_acks) std::printf("  (diagnosis run: no MaskAck was sent)\n");
   if (!config.out.empty()) {
     absl::Status written = common::WriteFileAtomic(config.out, result.dump(2) + "\n");

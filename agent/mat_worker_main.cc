@@ -1,5 +1,6 @@
 // mat-worker: flags -> WorkerAgentConfig, run the agent until SIGTERM/SIGINT (or a Drain).
-// Exit codes: 0 after a stop, 1 when the agent cannot start, 2 for bad flags.
+// Exit codes: 0 after a stop, 1 when the agent cannot start or the coordinator refuses it (a
+// missing or wrong join token), 2 for bad flags.
 #include <signal.h>
 
 #include <iostream>
@@ -44,6 +45,15 @@ int main(int argc, char** argv) {
                  "HTTP address HOST:PORT for /metrics (port 0: a free one, logged and written to "
                  "WORK_DIR/worker.metrics.addr; '' = none)")
       ->capture_default_str();
+  app.add_option("--join-token-file", config.join_token_file,
+                 "send the first token of this file (one per line, '#' comments) as the join "
+                 "token a coordinator started with --join-token-file requires");
+  app.add_option("--tls-ca", config.tls_ca_file,
+                 "connect over TLS, verifying the coordinator's certificate against this CA (PEM)");
+  app.add_option("--tls-cert", config.tls_cert_file,
+                 "client certificate (PEM) for a coordinator that requires mutual TLS; needs "
+                 "--tls-key and --tls-ca");
+  app.add_option("--tls-key", config.tls_key_file, "the private key of --tls-cert (PEM)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
       ->capture_default_str();

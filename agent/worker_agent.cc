@@ -8,7 +8,9 @@
 #include <fstream>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "common/status.h"
 #include "metrics/http_server.h"
@@ -46,6 +48,48 @@ bool ValidDevice(const std::string& d) {
   return d.find_first_not_of("0123456789", 5) == std::string::npos;
 }
 
+// A file's text; errors name the flag and the file.
+absl::StatusOr<std::string> ReadFlagFile(const std::string& flag, const std::string& path) {
+  absl::StatusOr<std::string> text = common::ReadFile(path);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(), absl::StrCat(flag, ": ", text.status().message()));
+  }
+  return text;
+}
+
+// The first token of a token file (blank lines and '#' comments skipped).
+absl::StatusOr<std::string> ReadJoinToken(const std::string& path) {
+  MAT_ASSIGN_OR_RETURN(const std::string text, ReadFlagFile("--join-token-file", path));
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    line = absl::StripAsciiWhitespace(line);
+    if (!line.empty() && line.front() != '#') return std::string(line);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--join-token-file: '", path, "' holds no token"));
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(
+    const WorkerAgentConfig& config) {
+  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (config.tls_ca_file.empty()) {
+    if (!config.tls_cert_file.empty()) {
+      return absl::InvalidArgumentError("--tls-cert needs --tls-ca");
+    }
+    return grpc::InsecureChannelCredentials();
+  }
+  grpc::SslCredentialsOptions options;
+  MAT_ASSIGN_OR_RETURN(options.pem_root_certs, ReadFlagFile("--tls-ca", config.tls_ca_file));
+  if (!config.tls_cert_file.empty()) {
+    MAT_ASSIGN_OR_RETURN(options.pem_cert_chain,
+                         ReadFlagFile("--tls-cert", config.tls_cert_file));
+    MAT_ASSIGN_OR_RETURN(options.pem_private_key,
+                         ReadFlagFile("--tls-key", config.tls_key_file));
+  }
+  return grpc::SslCredentials(options);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConfig config) {
@@ -72,7 +116,14 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
       return absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", st.message()));
     }
   }
-  std::unique_ptr<WorkerAgent> agent(new WorkerAgent(std::move(config)));
+  std::string join_token;
+  if (!config.join_token_file.empty()) {
+    MAT_ASSIGN_OR_RETURN(join_token, ReadJoinToken(config.join_token_file));
+  }
+  MAT_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                       MakeCredentials(config));
+  std::unique_ptr<WorkerAgent> agent(
+      new WorkerAgent(std::move(config), std::move(credentials), std::move(join_token)));
   const std::string addr_file = MetricsAddressFilePath(agent->config_.work_dir);
   std::remove(addr_file.c_str());
   if (!agent->config_.metrics_listen_address.empty()) {
@@ -104,11 +155,13 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   return agent;
 }
 
-WorkerAgent::WorkerAgent(WorkerAgentConfig config) : config_(std::move(config)) {
+WorkerAgent::WorkerAgent(WorkerAgentConfig config,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials,
+                         std::string join_token)
+    : config_(std::move(config)), join_token_(std::move(join_token)) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  channel_ = grpc::CreateCustomChannel(config_.coordinator_address,
-                                       grpc::InsecureChannelCredentials(), args);
+  channel_ = grpc::CreateCustomChannel(config_.coordinator_address, credentials, args);
   stub_ = v1::WorkerService::NewStub(channel_);
 }
 
@@ -137,6 +190,31 @@ void WorkerAgent::Shutdown() {
   cv_.notify_all();
 }
 
+void WorkerAgent::AddJoinToken(grpc::ClientContext& context) const {
+  if (!join_token_.empty()) context.AddMetadata("x-mat-join-token", join_token_);
+}
+
+bool WorkerAgent::RefusedByCoordinator(const grpc::Status& status, const char* call) {
+  if (status.error_code() != grpc::StatusCode::UNAUTHENTICATED &&
+      status.error_code() != grpc::StatusCode::PERMISSION_DENIED) {
+    return false;
+  }
+  spdlog::error("the coordinator at {} refused this worker's {} ({}: {}); check "
+                "--join-token-file; stopping",
+                config_.coordinator_address, call,
+                status.error_code() == grpc::StatusCode::UNAUTHENTICATED ? "UNAUTHENTICATED"
+                                                                         : "PERMISSION_DENIED",
+                status.error_message());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    refused_ = absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                            absl::StrCat("the coordinator refused this worker: ",
+                                         status.error_message()));
+  }
+  Shutdown();
+  return true;
+}
+
 absl::Status WorkerAgent::Run() {
   while (!stopping_.load()) {
     if (!RegisterLoop()) break;
@@ -148,7 +226,8 @@ absl::Status WorkerAgent::Run() {
   }
   ReapRunner(true, "worker shutting down");
   spdlog::info("worker {} stopped", worker_id());
-  return absl::OkStatus();
+  std::lock_guard<std::mutex> lock(mu_);
+  return refused_;
 }
 
 bool WorkerAgent::RegisterLoop() {
@@ -164,7 +243,9 @@ bool WorkerAgent::RegisterLoop() {
     v1::RegisterReply reply;
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    AddJoinToken(context);
     grpc::Status status = stub_->Register(&context, request, &reply);
+    if (RefusedByCoordinator(status, "Register")) return false;
     if (status.ok()) {
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -221,6 +302,7 @@ bool WorkerAgent::Send(const v1::WorkerMessage& message) {
 
 void WorkerAgent::SessionLoop() {
   grpc::ClientContext context;
+  AddJoinToken(context);
   auto stream = stub_->Session(&context);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -246,6 +328,7 @@ void WorkerAgent::SessionLoop() {
     std::lock_guard<std::mutex> lock(mu_);
     session_context_ = nullptr;
   }
+  if (RefusedByCoordinator(status, "Session")) return;
   if (!stopping_.load()) {
     spdlog::warn("session with the coordinator at {} ended: {} {}", config_.coordinator_address,
                  int(status.error_code()), status.error_message());

@@ -9,7 +9,12 @@
 //   3. Assign starts a RankRunner (agent/rank_runner.h); MaskUpdate goes to it; Cancel stops it;
 //      Reject is logged (the runner fails on its own when the coordinator cannot serve it);
 //      Drain stops it and ends the agent.
-//   4. When the session breaks (coordinator gone or restarted), the running rank is cancelled (the
+//   4. Security: with `join_token_file`, Register and Session carry its first token as
+//      "x-mat-join-token" metadata; with `tls_ca_file`, the channel is TLS (verifying the
+//      coordinator), with `tls_cert_file`/`tls_key_file` also presenting a client certificate
+//      (mutual TLS). A coordinator that refuses the worker (UNAUTHENTICATED or
+//      PERMISSION_DENIED on Register or Session) ends Run with that error instead of retrying.
+//   5. When the session breaks (coordinator gone or restarted), the running rank is cancelled (the
 //      coordinator has failed its job) and the agent registers again with the same id.
 //
 // Metrics (agent/worker_metrics.h): the agent owns the registry; its RankRunner updates it; with
@@ -59,11 +64,19 @@ struct WorkerAgentConfig {
   // HTTP listener for /metrics, "HOST:PORT" (port 0: a free one, written to
   // <work_dir>/worker.metrics.addr); "" = none.
   std::string metrics_listen_address;
+  // Join token file (one token per line, '#' comments; the first is sent); "" = none.
+  std::string join_token_file;
+  // TLS to the coordinator: its CA (PEM; "" = plaintext) and, for mutual TLS, this worker's
+  // certificate chain and key (PEM; both or neither, only with a CA).
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 class WorkerAgent {
  public:
-  // Validates the config (INVALID_ARGUMENT naming the flag), creates the work dir, reserves the
+  // Validates the config (INVALID_ARGUMENT naming the flag), reads the join token and TLS files
+  // (errors name the file), creates the work dir, reserves the
   // rendezvous port, starts the metrics listener (UNAVAILABLE when it cannot bind). Does not
   // contact the coordinator yet.
   static absl::StatusOr<std::unique_ptr<WorkerAgent>> Create(WorkerAgentConfig config);
@@ -71,7 +84,8 @@ class WorkerAgent {
   WorkerAgent(const WorkerAgent&) = delete;
   WorkerAgent& operator=(const WorkerAgent&) = delete;
 
-  // Serves until Shutdown (OK) or a Drain (OK). Errors only for a broken work dir.
+  // Serves until Shutdown (OK) or a Drain (OK). UNAUTHENTICATED / PERMISSION_DENIED when the
+  // coordinator refuses this worker (a missing or wrong join token, see above).
   absl::Status Run();
   // Stops: cancels the running rank, closes the session; Run returns.
   void Shutdown();
@@ -86,7 +100,13 @@ class WorkerAgent {
   static std::string MetricsAddressFilePath(const std::string& work_dir);
 
  private:
-  explicit WorkerAgent(WorkerAgentConfig config);
+  WorkerAgent(WorkerAgentConfig config, std::shared_ptr<grpc::ChannelCredentials> credentials,
+              std::string join_token);
+  // Adds the join token (if any) to `context`'s metadata.
+  void AddJoinToken(grpc::ClientContext& context) const;
+  // Whether `status` is the coordinator refusing this worker; if so, records it as Run's result
+  // and stops the agent.
+  bool RefusedByCoordinator(const grpc::Status& status, const char* call);
   // Registers (retrying); false when shut down meanwhile.
   bool RegisterLoop();
   // One session until it ends.
@@ -105,11 +125,13 @@ class WorkerAgent {
   std::string metrics_job_id_;                  // the job whose series are shown; reader thread
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
+  const std::string join_token_;               // "" = none
   std::atomic<bool> stopping_{false};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::string worker_id_;                       // guarded by mu_
+  absl::Status refused_;                        // guarded by mu_; Run's result when not OK
   int64_t heartbeat_interval_ms_ = 1000;        // guarded by mu_
   grpc::ClientContext* session_context_ = nullptr;  // guarded by mu_; the open session's
   grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream_ = nullptr;  // mu_

@@ -7,7 +7,10 @@
 #include <iterator>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/file_util.h"
 #include "coordinator/grpc_status.h"
 
 namespace mat::client {
@@ -18,21 +21,95 @@ std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
          std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
 }
 
+// A PEM file's text; errors name the flag and the file.
+absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
+  absl::StatusOr<std::string> text = common::ReadFile(path);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(), absl::StrCat(flag, ": ", text.status().message()));
+  }
+  if (text->find("-----BEGIN") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", path, "' holds no PEM data"));
+  }
+  return text;
+}
+
 }  // namespace
+
+absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
+  absl::StatusOr<std::string> text = common::ReadFile(path);
+  if (!text.ok()) return text.status();
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    line = absl::StripAsciiWhitespace(line);
+    if (!line.empty() && line.front() != '#') return std::string(line);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("'", path, "' holds no token"));
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeJobClientCredentials(
+    const JobClientSecurity& security) {
+  if (security.tls_cert_file.empty() != security.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (security.tls_ca_file.empty()) {
+    if (!security.tls_cert_file.empty()) {
+      return absl::InvalidArgumentError("--tls-cert needs --tls-ca");
+    }
+    return grpc::InsecureChannelCredentials();
+  }
+  grpc::SslCredentialsOptions options;
+  absl::StatusOr<std::string> ca = ReadPem("--tls-ca", security.tls_ca_file);
+  if (!ca.ok()) return ca.status();
+  options.pem_root_certs = std::move(*ca);
+  if (!security.tls_cert_file.empty()) {
+    absl::StatusOr<std::string> cert = ReadPem("--tls-cert", security.tls_cert_file);
+    if (!cert.ok()) return cert.status();
+    absl::StatusOr<std::string> key = ReadPem("--tls-key", security.tls_key_file);
+    if (!key.ok()) return key.status();
+    options.pem_cert_chain = std::move(*cert);
+    options.pem_private_key = std::move(*key);
+  }
+  return grpc::SslCredentials(options);
+}
+
+absl::StatusOr<std::unique_ptr<JobClient>> JobClient::Create(const std::string& address,
+                                                             double timeout_seconds,
+                                                             const JobClientSecurity& security) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      MakeJobClientCredentials(security);
+  if (!credentials.ok()) return credentials.status();
+  std::string token;
+  if (!security.token_file.empty()) {
+    absl::StatusOr<std::string> read = ReadFirstToken(security.token_file);
+    if (!read.ok()) {
+      return absl::Status(read.status().code(),
+                          absl::StrCat("--token-file: ", read.status().message()));
+    }
+    token = std::move(*read);
+  }
+  return std::make_unique<JobClient>(grpc::CreateChannel(address, *credentials), address,
+                                     timeout_seconds, std::move(token));
+}
 
 JobClient::JobClient(const std::string& address, double timeout_seconds)
     : JobClient(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()), address,
                 timeout_seconds) {}
 
 JobClient::JobClient(std::shared_ptr<grpc::Channel> channel, const std::string& address,
-                     double timeout_seconds)
+                     double timeout_seconds, std::string bearer_token)
     : channel_(std::move(channel)),
       stub_(v1::JobService::NewStub(channel_)),
       address_(address),
-      timeout_seconds_(timeout_seconds) {}
+      timeout_seconds_(timeout_seconds),
+      bearer_token_(std::move(bearer_token)) {}
+
+std::unique_ptr<grpc::ClientContext> JobClient::NewContext() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  if (!bearer_token_.empty()) context->AddMetadata("authorization", "Bearer " + bearer_token_);
+  return context;
+}
 
 std::unique_ptr<grpc::ClientContext> JobClient::UnaryContext() const {
-  auto context = std::make_unique<grpc::ClientContext>();
+  auto context = NewContext();
   context->set_deadline(DeadlineAfter(timeout_seconds_));
   return context;
 }
@@ -149,8 +226,10 @@ absl::Status JobClient::WatchJob(const std::string& job_id,
   }
   v1::WatchJobRequest request;
   request.set_job_id(job_id);
-  grpc::ClientContext context;  // no deadline: the stream lasts as long as the job
-  std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader = stub_->WatchJob(&context, request);
+  // No deadline: the stream lasts as long as the job.
+  std::unique_ptr<grpc::ClientContext> context = NewContext();
+  std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader =
+      stub_->WatchJob(context.get(), request);
   v1::JobEvent event;
   while (reader->Read(&event)) on_event(event);
   const grpc::Status status = reader->Finish();

@@ -1,5 +1,7 @@
 // JobClient: JobService calls with deadlines and absl::Status results (through
-// coordinator/grpc_status.h), for matctl and tests. One insecure channel to the coordinator.
+// coordinator/grpc_status.h), for matctl and tests. One channel to the coordinator: plaintext, or
+// TLS with JobClientSecurity's CA (and client certificate for mutual TLS); with a bearer token,
+// every call carries "authorization: Bearer <token>" (coordinator/auth.h).
 //
 // Every unary call has a deadline of `timeout_seconds`. A coordinator that cannot be reached is
 // UNAVAILABLE naming the address, also when the deadline passes while connecting (rather than
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include <grpcpp/channel.h>
+#include <grpcpp/security/credentials.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -25,13 +28,34 @@ namespace mat::client {
 
 inline constexpr double kDefaultTimeoutSeconds = 5;
 
+// How matctl authenticates to the coordinator. Empty fields: not used.
+struct JobClientSecurity {
+  std::string token_file;     // the first token of this file (token-file format of auth.h)
+  std::string tls_ca_file;    // set: TLS, verifying the coordinator against this CA (PEM)
+  std::string tls_cert_file;  // with tls_key_file: the client certificate (mutual TLS)
+  std::string tls_key_file;
+};
+
+// Channel credentials for `security`: insecure without tls_ca_file; INVALID_ARGUMENT when only
+// one of cert/key is set or they are set without a CA; errors name the flag and the file.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeJobClientCredentials(
+    const JobClientSecurity& security);
+
+// The first token of a token file (one per line, blank lines and '#' comments skipped);
+// NOT_FOUND naming an unreadable file, INVALID_ARGUMENT naming one without a token.
+absl::StatusOr<std::string> ReadFirstToken(const std::string& path);
+
 class JobClient {
  public:
   // A client of the coordinator at `address` ("HOST:PORT"). Does not connect yet.
   JobClient(const std::string& address, double timeout_seconds = kDefaultTimeoutSeconds);
   // Over an existing channel (in-process tests); `address` only names it in messages.
   JobClient(std::shared_ptr<grpc::Channel> channel, const std::string& address,
-            double timeout_seconds = kDefaultTimeoutSeconds);
+            double timeout_seconds = kDefaultTimeoutSeconds, std::string bearer_token = "");
+  // A client with `security` (credentials and token read now; errors name the file).
+  static absl::StatusOr<std::unique_ptr<JobClient>> Create(const std::string& address,
+                                                           double timeout_seconds,
+                                                           const JobClientSecurity& security);
   JobClient(const JobClient&) = delete;
   JobClient& operator=(const JobClient&) = delete;
 
@@ -57,7 +81,9 @@ class JobClient {
   const std::string& address() const { return address_; }
 
  private:
-  // A context with the unary deadline.
+  // A context with the bearer token, if any.
+  std::unique_ptr<grpc::ClientContext> NewContext() const;
+  // A context with the unary deadline (and the token).
   std::unique_ptr<grpc::ClientContext> UnaryContext() const;
   // The call's status in absl terms, with the address named for connection failures.
   absl::Status Convert(const grpc::Status& status) const;
@@ -66,6 +92,7 @@ class JobClient {
   std::unique_ptr<v1::JobService::Stub> stub_;
   std::string address_;
   double timeout_seconds_;
+  std::string bearer_token_;  // "" = no authorization metadata
 };
 
 }  // namespace mat::client

@@ -31,6 +31,7 @@ constexpr int kExitUsage = 2;
 struct MatctlOptions {
   std::string coordinator = "127.0.0.1:50051";
   double timeout_seconds = kDefaultTimeoutSeconds;
+  JobClientSecurity security;  // --token-file, --tls-ca, --tls-cert, --tls-key
   std::string job_file;
   std::string request_id;
   bool wait = false;
@@ -105,7 +106,10 @@ int Submit(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream&
   if (absl::Status valid = coordinator::ValidateJobSpec(*spec); !valid.ok()) {
     return Fail(err, absl::InvalidArgumentError(absl::StrCat(o.job_file, ": ", valid.message())));
   }
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   absl::StatusOr<v1::SubmitJobReply> reply = client.SubmitJob(o.request_id, *spec);
   if (!reply.ok()) return Fail(err, reply.status());
   out << reply->job_id() << std::endl;
@@ -130,7 +134,10 @@ int List(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
     if (!state.ok()) return Fail(err, state.status());
     states.push_back(*state);
   }
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   absl::StatusOr<std::vector<v1::Job>> jobs = client.ListAllJobs(states);
   if (!jobs.ok()) return Fail(err, jobs.status());
   out << FormatJobTable(*jobs);
@@ -138,7 +145,10 @@ int List(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
 }
 
 int Status(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   absl::StatusOr<v1::GetJobReply> reply = client.GetJob(o.job_id);
   if (!reply.ok()) return Fail(err, reply.status());
   if (o.output == "json") {
@@ -150,7 +160,10 @@ int Status(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
 }
 
 int Cancel(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   absl::StatusOr<v1::CancelJobReply> reply = client.CancelJob(o.job_id, o.reason);
   if (!reply.ok()) return Fail(err, reply.status());
   out << o.job_id << " " << coordinator::JobStateName(reply->state()) << "\n";
@@ -159,7 +172,10 @@ int Cancel(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
 
 int WatchCommand(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream& out,
                  std::ostream& err) {
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   v1::JobState final_state = v1::JOB_STATE_UNSPECIFIED;
   if (absl::Status s = Watch(client, o.job_id, UseProgressBar(o, terminal), terminal.columns,
                              out, &final_state);
@@ -170,7 +186,10 @@ int WatchCommand(const MatctlOptions& o, const OutputTerminal& terminal, std::os
 }
 
 int Spectra(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   absl::StatusOr<v1::GetSpectraReply> reply = client.GetAllSpectra(o.job_id);
   if (!reply.ok()) return Fail(err, reply.status());
   if (o.output == "json") {
@@ -182,7 +201,10 @@ int Spectra(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
 }
 
 int Plot(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   absl::StatusOr<v1::GetJobReply> job = client.GetJob(o.job_id);
   if (!job.ok()) return Fail(err, job.status());
   absl::StatusOr<v1::GetSpectraReply> spectra = client.GetAllSpectra(o.job_id);
@@ -210,7 +232,10 @@ int Plot(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
 }
 
 int Workers(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
-  JobClient client(o.coordinator, o.timeout_seconds);
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
   absl::StatusOr<std::vector<v1::WorkerInfo>> workers = client.ListWorkers();
   if (!workers.ok()) return Fail(err, workers.status());
   out << FormatWorkerTable(*workers, static_cast<int64_t>(std::time(nullptr)));
@@ -254,6 +279,15 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   app.add_option("--timeout", o.timeout_seconds, "deadline of each call, seconds")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--token-file", o.security.token_file,
+                 "send the first token of this file as 'authorization: Bearer TOKEN' (for a "
+                 "coordinator started with --auth-token-file)");
+  app.add_option("--tls-ca", o.security.tls_ca_file,
+                 "connect over TLS, verifying the coordinator's certificate against this CA (PEM)");
+  app.add_option("--tls-cert", o.security.tls_cert_file,
+                 "client certificate (PEM) for a coordinator that requires mutual TLS; needs "
+                 "--tls-key and --tls-ca");
+  app.add_option("--tls-key", o.security.tls_key_file, "the private key of --tls-cert (PEM)");
 
   CLI::App* submit = app.add_subcommand("submit", "submit a job YAML file; prints the job id");
   submit->add_option("job_file", o.job_file, "the job spec (YAML)")->required();

@@ -1,7 +1,8 @@
 // matctl, the MAT service's command-line client, as a library function (the binary's main only
 // calls it), so its commands run in tests against an in-process coordinator.
 //
-//   matctl [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND ...
+//   matctl [--coordinator HOST:PORT] [--timeout SECONDS] [--token-file FILE]
+//          [--tls-ca FILE [--tls-cert FILE --tls-key FILE]] COMMAND ...
 //     submit JOB.yaml [--request-id ID] [--wait [--progress|--no-progress]]   prints the job id
 //     list [--state STATE]...                       table: ID STATE MODEL POLICY CREATED
 //     status JOB [-o text|json]                     state, progress, losses, mask, ranks, summary
@@ -22,6 +23,8 @@
 // Exit codes: 0 success (`watch` and `submit --wait`: the job finished; `--wait` exits 1 unless
 // it SUCCEEDED); 1 an error, printed on `err` as "matctl: CODE: message" (the gRPC status code
 // name, e.g. "matctl: NOT_FOUND: job 'job-000009' not found"; `plot` of a job without λ:
+// "matctl: UNAUTHENTICATED: missing bearer token" without --token-file against a coordinator
+// that requires one, "matctl: PERMISSION_DENIED: unknown token" with a wrong one;
 // "matctl: FAILED_PRECONDITION: job-000003 has no λ reports yet"; `workers` against a
 // coordinator without ListWorkers: UNIMPLEMENTED); 2 bad command-line usage.
 //

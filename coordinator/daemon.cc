@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "common/status.h"
+#include "coordinator/auth.h"
 #include "coordinator/job_service.h"
 #include "coordinator/worker_service.h"
 #include "metrics/http_server.h"
@@ -61,6 +62,19 @@ absl::Status CoordinatorDaemon::StartImpl() {
     MAT_RETURN_IF_ERROR(ParseHostPort(config_.metrics_listen_address).status());
   }
 
+  // Security material before anything starts, so a bad file stops the daemon early.
+  if (!config_.auth_token_file.empty()) {
+    MAT_ASSIGN_OR_RETURN(TokenSet tokens, TokenSet::LoadFile(config_.auth_token_file));
+    bearer_tokens_ = std::make_unique<TokenSet>(std::move(tokens));
+  }
+  if (!config_.join_token_file.empty()) {
+    MAT_ASSIGN_OR_RETURN(TokenSet tokens, TokenSet::LoadFile(config_.join_token_file));
+    join_tokens_ = std::make_unique<TokenSet>(std::move(tokens));
+  }
+  MAT_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                       MakeServerCredentials(config_.tls_cert_file, config_.tls_key_file,
+                                             config_.tls_ca_file));
+
   // The store first: it takes the state dir's lock, so a second daemon stops here without
   // touching the first one's address files.
   MAT_ASSIGN_OR_RETURN(std::unique_ptr<JobStore> store, JobStore::Open(config_.state_dir));
@@ -83,15 +97,17 @@ absl::Status CoordinatorDaemon::StartImpl() {
 
   JobServiceOptions service_options;
   service_options.max_queued_watch_events = config_.max_queued_watch_events;
+  service_options.bearer_tokens = bearer_tokens_.get();
   job_service_ = std::make_unique<JobService>(loop_, *coordinator_, service_options);
   WorkerServiceOptions worker_options;
   worker_options.max_queued_session_messages = config_.max_queued_session_messages;
+  worker_options.join_tokens = join_tokens_.get();
   worker_service_ = std::make_unique<WorkerService>(loop_, *coordinator_, worker_options);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config_.listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(config_.listen_address, credentials, &port);
   builder.RegisterService(job_service_.get());
   builder.RegisterService(worker_service_.get());
   builder.SetMaxReceiveMessageSize(config_.max_receive_message_bytes);
@@ -103,8 +119,21 @@ absl::Status CoordinatorDaemon::StartImpl() {
         absl::StrCat("cannot listen for gRPC on '", config_.listen_address, "'"));
   }
   grpc_address_ = JoinHostPort(grpc_host_port.first, port);
-  spdlog::info("listening on {} (gRPC: JobService, WorkerService, health, reflection)",
-               grpc_address_);
+  spdlog::info("listening on {} (gRPC: JobService, WorkerService, health, reflection; {})",
+               grpc_address_,
+               config_.tls_cert_file.empty() ? "plaintext"
+               : config_.tls_ca_file.empty() ? "TLS"
+                                             : "mutual TLS");
+  if (bearer_tokens_ == nullptr) {
+    spdlog::warn("no --auth-token-file: every JobService client is admitted");
+  } else {
+    spdlog::info("JobService requires a bearer token ({} known)", bearer_tokens_->size());
+  }
+  if (join_tokens_ == nullptr) {
+    spdlog::warn("no --join-token-file: every worker is admitted");
+  } else {
+    spdlog::info("workers must present a join token");
+  }
 
   if (!config_.metrics_listen_address.empty()) {
     MAT_ASSIGN_OR_RETURN(

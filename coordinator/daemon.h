@@ -47,6 +47,7 @@ class HttpServer;
 namespace mat::coordinator {
 
 class JobService;
+class TokenSet;
 class WorkerService;
 
 // Every tunable of mat-coordinator, with its default. Flags only fill this.
@@ -83,6 +84,20 @@ struct CoordinatorDaemonConfig {
   int64_t metrics_retention_seconds = 600;
   // Period of the metrics refresh (heartbeat ages, retention), milliseconds >= 1.
   int64_t metrics_refresh_interval_ms = 1000;
+  // Security (coordinator/auth.h). Token files: one token per line, '#' comments.
+  // JobService clients must send "authorization: Bearer <token>" with a token of this file;
+  // "" = every client is admitted (a warning is logged at start).
+  std::string auth_token_file;
+  // Workers must send "x-mat-join-token: <token>" with a token of this file on Register and
+  // Session; "" = every worker is admitted.
+  std::string join_token_file;
+  // TLS on the gRPC listener: certificate chain and private key (PEM), both or neither; ""
+  // = plaintext.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // With TLS: CA (PEM) that client certificates must chain to; set = mutual TLS (a client
+  // without a valid certificate is refused in the handshake). "" = no client certificates.
+  std::string tls_ca_file;
 };
 
 class CoordinatorDaemon {
@@ -90,6 +105,8 @@ class CoordinatorDaemon {
   // Opens the store, starts the loop, the gRPC server and the HTTP listener, writes the address
   // files. FAILED_PRECONDITION when another coordinator holds state_dir; INVALID_ARGUMENT for a
   // malformed address, a heartbeat or metrics refresh interval < 1 ms or a negative retention;
+  // NOT_FOUND / INVALID_ARGUMENT naming a token, certificate or key file that cannot be read or
+  // is empty;
   // UNAVAILABLE when a listener cannot be
   // bound or the state cannot be written. After an error nothing keeps running and the state dir
   // is released.
@@ -136,6 +153,8 @@ class CoordinatorDaemon {
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_guard_;
   std::thread loop_thread_;
   std::unique_ptr<Coordinator> coordinator_;  // used on the loop only once the loop runs
+  std::unique_ptr<TokenSet> bearer_tokens_;  // null: open; outlives job_service_
+  std::unique_ptr<TokenSet> join_tokens_;    // null: open; outlives worker_service_
   std::unique_ptr<JobService> job_service_;        // outlives server_
   std::unique_ptr<WorkerService> worker_service_;  // outlives server_ and the loop's last run
   // Calls CheckHeartbeats every heartbeat_interval_ms; used on the loop only once it runs.

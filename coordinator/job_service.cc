@@ -6,6 +6,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "coordinator/auth.h"
 #include "coordinator/grpc_status.h"
 #include "coordinator/run_on_loop.h"
 #include "spdlog/spdlog.h"
@@ -120,6 +121,21 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
   int64_t dropped_ = 0;  // events not queued because the client was too slow
 };
 
+// A WatchJob refused before it started: finishes with the refusal at once.
+class RefusedWatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
+ public:
+  explicit RefusedWatchReactor(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  void OnDone() override { delete this; }
+};
+
+// Finishes a unary call with `status` on the calling (gRPC) thread.
+grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context,
+                                 const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
 }  // namespace
 
 JobService::JobService(boost::asio::io_context& loop, Coordinator& coordinator,
@@ -129,6 +145,9 @@ JobService::JobService(boost::asio::io_context& loop, Coordinator& coordinator,
 grpc::ServerUnaryReactor* JobService::SubmitJob(grpc::CallbackServerContext* context,
                                                 const v1::SubmitJobRequest* request,
                                                 v1::SubmitJobReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
   return RunOnLoop(loop_, context, reply, [this, request] {
     return coordinator_.SubmitJob(request->client_request_id(), request->spec());
   });
@@ -137,6 +156,9 @@ grpc::ServerUnaryReactor* JobService::SubmitJob(grpc::CallbackServerContext* con
 grpc::ServerUnaryReactor* JobService::GetJob(grpc::CallbackServerContext* context,
                                              const v1::GetJobRequest* request,
                                              v1::GetJobReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.GetJob(request->job_id()); });
 }
@@ -144,6 +166,9 @@ grpc::ServerUnaryReactor* JobService::GetJob(grpc::CallbackServerContext* contex
 grpc::ServerUnaryReactor* JobService::ListJobs(grpc::CallbackServerContext* context,
                                                const v1::ListJobsRequest* request,
                                                v1::ListJobsReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.ListJobs(*request); });
 }
@@ -151,6 +176,9 @@ grpc::ServerUnaryReactor* JobService::ListJobs(grpc::CallbackServerContext* cont
 grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* context,
                                                 const v1::CancelJobRequest* request,
                                                 v1::CancelJobReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
   return RunOnLoop(loop_, context, reply, [this, request] {
     return coordinator_.CancelJob(request->job_id(), request->reason());
   });
@@ -158,6 +186,9 @@ grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* con
 
 grpc::ServerWriteReactor<v1::JobEvent>* JobService::WatchJob(
     grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return new RefusedWatchReactor(auth);
+  }
   return new WatchJobReactor(loop_, coordinator_, request->job_id(),
                              static_cast<size_t>(std::max(1, options_.max_queued_watch_events)));
 }
@@ -165,6 +196,9 @@ grpc::ServerWriteReactor<v1::JobEvent>* JobService::WatchJob(
 grpc::ServerUnaryReactor* JobService::GetSpectra(grpc::CallbackServerContext* context,
                                                  const v1::GetSpectraRequest* request,
                                                  v1::GetSpectraReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.GetSpectra(*request); });
 }
@@ -172,6 +206,9 @@ grpc::ServerUnaryReactor* JobService::GetSpectra(grpc::CallbackServerContext* co
 grpc::ServerUnaryReactor* JobService::ListWorkers(grpc::CallbackServerContext* context,
                                                   const v1::ListWorkersRequest* request,
                                                   v1::ListWorkersReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
   return RunOnLoop(loop_, context, reply, [this] { return coordinator_.ListWorkers(); });
 }
 

@@ -19,6 +19,10 @@
 // until the grpc::Server serving this service has shut down (Server::Shutdown returns), because
 // every outstanding RPC finishes on the loop. The service itself must outlive that server.
 //
+// Authentication: with `bearer_tokens`, every handler first checks the call's bearer token
+// (CheckBearer, coordinator/auth.h) on the gRPC thread and, when it is refused, finishes the RPC
+// at once with UNAUTHENTICATED or PERMISSION_DENIED without posting to the loop.
+//
 // Thread-safety: the handlers are called by gRPC on any thread; all Coordinator access happens on
 // the loop.
 #pragma once
@@ -30,9 +34,14 @@
 
 namespace mat::coordinator {
 
+class TokenSet;
+
 struct JobServiceOptions {
   // Events queued per WatchJob stream before non-state events are dropped, count.
   int max_queued_watch_events = 1024;
+  // Bearer tokens every call must carry (coordinator/auth.h), borrowed: must outlive the
+  // service. nullptr: every caller is admitted.
+  const TokenSet* bearer_tokens = nullptr;
 };
 
 class JobService final : public v1::JobService::CallbackService {

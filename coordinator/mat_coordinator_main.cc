@@ -43,6 +43,19 @@ int main(int argc, char** argv) {
                  "how long a finished job's metric series stay on /metrics (seconds)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--auth-token-file", config.auth_token_file,
+                 "JobService clients must send 'authorization: Bearer TOKEN' with a token of this "
+                 "file (one per line, '#' comments); without it EVERY client is admitted "
+                 "(a warning is logged)");
+  app.add_option("--join-token-file", config.join_token_file,
+                 "workers must send a token of this file (one per line, '#' comments) as "
+                 "x-mat-join-token; without it every worker is admitted (a trusted single host)");
+  app.add_option("--tls-cert", config.tls_cert_file,
+                 "serve gRPC over TLS with this certificate chain (PEM; needs --tls-key)");
+  app.add_option("--tls-key", config.tls_key_file, "the private key of --tls-cert (PEM)");
+  app.add_option("--tls-ca", config.tls_ca_file,
+                 "mutual TLS: require client certificates signed by this CA (PEM; needs "
+                 "--tls-cert)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

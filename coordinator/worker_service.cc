@@ -9,6 +9,7 @@
 #include <boost/asio/post.hpp>
 
 #include "common/status.h"
+#include "coordinator/auth.h"
 #include "coordinator/grpc_status.h"
 #include "coordinator/run_on_loop.h"
 #include "spdlog/spdlog.h"
@@ -193,6 +194,18 @@ class WorkerSessionReactor final
   bool finished_ = false;           // Finish was called
 };
 
+namespace {
+
+// A Session refused before it started: finishes with the refusal at once.
+class RefusedSessionReactor final
+    : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage> {
+ public:
+  explicit RefusedSessionReactor(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
 void WorkerSessionChannel::Send(const v1::CoordinatorMessage& message) {
   MAT_CHECK(loop_.get_executor().running_in_this_thread())
       << "WorkerChannel::Send called off the coordinator loop";
@@ -217,12 +230,20 @@ WorkerService::~WorkerService() {
 grpc::ServerUnaryReactor* WorkerService::Register(grpc::CallbackServerContext* context,
                                                   const v1::RegisterRequest* request,
                                                   v1::RegisterReply* reply) {
+  if (absl::Status auth = CheckJoinToken(*context, options_.join_tokens); !auth.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(ToGrpcStatus(auth));
+    return reactor;
+  }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.RegisterWorker(*request); });
 }
 
 grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerService::Session(
     grpc::CallbackServerContext* context) {
+  if (absl::Status auth = CheckJoinToken(*context, options_.join_tokens); !auth.ok()) {
+    return new RefusedSessionReactor(auth);
+  }
   return new WorkerSessionReactor(*this);
 }
 

@@ -33,6 +33,10 @@
 // run (each stream's reactor deletes itself on the loop after gRPC's OnDone). A channel the
 // Coordinator still holds after its stream ended stays valid and drops what it is given.
 //
+// Authentication: with `join_tokens`, Register and Session first check the call's join token
+// (CheckJoinToken, coordinator/auth.h) on the gRPC thread; a refused call finishes at once with
+// UNAUTHENTICATED or PERMISSION_DENIED, never reaching the loop or the Coordinator.
+//
 // Thread-safety: gRPC calls the handlers and reactor callbacks on its threads; they only post to
 // the loop, where every Coordinator call and all per-stream state live. A handler never blocks.
 // BeginShutdown is safe from any thread.
@@ -49,11 +53,15 @@
 namespace mat::coordinator {
 
 class WorkerSessionReactor;  // one Session stream (worker_service.cc)
+class TokenSet;
 
 struct WorkerServiceOptions {
   // Messages queued for one worker (its stream not reading them) before the worker is handled as
   // lost, count.
   int max_queued_session_messages = 4096;
+  // Join tokens a worker must send on Register and Session (coordinator/auth.h), borrowed: must
+  // outlive the service. nullptr: every worker is admitted.
+  const TokenSet* join_tokens = nullptr;
 };
 
 class WorkerService final : public v1::WorkerService::CallbackService {

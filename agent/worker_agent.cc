@@ -1,7 +1,5 @@
 #include "agent/worker_agent.h"
 
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -12,30 +10,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/file_util.h"
+#include "common/net_util.h"
 #include "common/status.h"
 #include "metrics/http_server.h"
 #include "spdlog/spdlog.h"
 
 namespace mat::agent {
 namespace {
-
-// A TCP port that is free right now (bound to port 0 and released).
-absl::StatusOr<int> PickFreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return absl::UnavailableError("cannot open a socket to pick a rendezvous port");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_ANY);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    ::close(fd);
-    return absl::UnavailableError("cannot bind a socket to pick a rendezvous port");
-  }
-  ::close(fd);
-  return int(ntohs(addr.sin_port));
-}
 
 int64_t PhysicalMemoryBytes() {
   const long pages = ::sysconf(_SC_PHYS_PAGES), size = ::sysconf(_SC_PAGE_SIZE);
@@ -108,7 +89,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   if (config.threads < 0) return absl::InvalidArgumentError("--threads is negative");
   MAT_RETURN_IF_ERROR(common::MakeDirs(config.work_dir));
   if (config.rendezvous_port == 0) {
-    MAT_ASSIGN_OR_RETURN(config.rendezvous_port, PickFreePort());
+    MAT_ASSIGN_OR_RETURN(config.rendezvous_port, common::PickFreePort(/*loopback_only=*/false));
   }
   if (config.memory_bytes <= 0) config.memory_bytes = PhysicalMemoryBytes();
   if (!config.metrics_listen_address.empty()) {

@@ -5,8 +5,6 @@
 // buckets actually carried (GradSyncStats), the time is the AllReduce call, median of --reps.
 //
 //   mat-bench-allreduce --root . --out bench/results/allreduce-bytes.json [--reps N]
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +15,7 @@
 
 #include "CLI/CLI.hpp"
 #include "common/allocator.h"
+#include "common/net_util.h"
 #include "nlohmann/json.hpp"
 #include "worker/bert.h"
 #include "worker/grad_sync.h"
@@ -25,18 +24,6 @@
 
 namespace mat::bench {
 namespace {
-
-int FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -54,7 +41,7 @@ struct Measured {
 // Both ranks; returns rank 0's figures per mask.
 std::vector<Measured> Run(const worker::TrainConfig& tc, const std::vector<double>& fractions,
                           int reps) {
-  const int port = FreePort();
+  const int port = common::PickFreePort().value_or(29500);
   std::vector<Measured> result(fractions.size());
   auto rank_main = [&](int rank) {
     torch::set_num_threads(1);

@@ -10,11 +10,10 @@
 // be renamed `exported_job` by Prometheus, whose own `job` label names the scrape job.
 //
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
-#include <netinet/in.h>
-#include <sys/socket.h>
 
 #include <cstdio>
 
+#include "common/net_util.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/harness.h"
 #include "tests/integration/probes.h"
@@ -48,20 +47,7 @@ std::string JobYaml(int steps) {
 }
 
 // A TCP port free right now.
-int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(addr);
-  int port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-    port = ntohs(addr.sin_port);
-  }
-  ::close(fd);
-  return port;
-}
+int FreePort() { return common::PickFreePort().value_or(0); }
 
 std::string UrlEncode(const std::string& s) {
   std::string out;

@@ -3,8 +3,8 @@
 // that masked-off modules are neither sent nor touched, the byte counts, and bucket boundaries.
 #include "worker/grad_sync.h"
 
-#include <netinet/in.h>
-#include <sys/socket.h>
+#include "common/net_util.h"
+
 #include <unistd.h>
 
 #include <functional>
@@ -15,18 +15,11 @@
 namespace mat::worker {
 namespace {
 
-// A free TCP port on 127.0.0.1 (bound and released).
+// A free TCP port on 127.0.0.1.
 int FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
+  absl::StatusOr<int> port = common::PickFreePort();
+  EXPECT_TRUE(port.ok()) << port.status();
+  return port.value_or(0);
 }
 
 // Shared [4], module 0: [2,3] + [3], module 1: [5], module 2: [2,2]. Gradients = (rank+1)·(i+1)

@@ -8,7 +8,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
+#include "client/credentials.h"
 #include "common/file_util.h"
 #include "common/net_util.h"
 #include "common/status.h"
@@ -27,48 +27,6 @@ bool ValidDevice(const std::string& d) {
   if (d == "cpu") return true;
   if (d.rfind("cuda:", 0) != 0 || d.size() == 5) return false;
   return d.find_first_not_of("0123456789", 5) == std::string::npos;
-}
-
-// A file's text; errors name the flag and the file.
-absl::StatusOr<std::string> ReadFlagFile(const std::string& flag, const std::string& path) {
-  absl::StatusOr<std::string> text = common::ReadFile(path);
-  if (!text.ok()) {
-    return absl::Status(text.status().code(), absl::StrCat(flag, ": ", text.status().message()));
-  }
-  return text;
-}
-
-// The first token of a token file (blank lines and '#' comments skipped).
-absl::StatusOr<std::string> ReadJoinToken(const std::string& path) {
-  MAT_ASSIGN_OR_RETURN(const std::string text, ReadFlagFile("--join-token-file", path));
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    line = absl::StripAsciiWhitespace(line);
-    if (!line.empty() && line.front() != '#') return std::string(line);
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("--join-token-file: '", path, "' holds no token"));
-}
-
-absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(
-    const WorkerAgentConfig& config) {
-  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
-    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
-  }
-  if (config.tls_ca_file.empty()) {
-    if (!config.tls_cert_file.empty()) {
-      return absl::InvalidArgumentError("--tls-cert needs --tls-ca");
-    }
-    return grpc::InsecureChannelCredentials();
-  }
-  grpc::SslCredentialsOptions options;
-  MAT_ASSIGN_OR_RETURN(options.pem_root_certs, ReadFlagFile("--tls-ca", config.tls_ca_file));
-  if (!config.tls_cert_file.empty()) {
-    MAT_ASSIGN_OR_RETURN(options.pem_cert_chain,
-                         ReadFlagFile("--tls-cert", config.tls_cert_file));
-    MAT_ASSIGN_OR_RETURN(options.pem_private_key,
-                         ReadFlagFile("--tls-key", config.tls_key_file));
-  }
-  return grpc::SslCredentials(options);
 }
 
 }  // namespace
@@ -99,10 +57,16 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   }
   std::string join_token;
   if (!config.join_token_file.empty()) {
-    MAT_ASSIGN_OR_RETURN(join_token, ReadJoinToken(config.join_token_file));
+    absl::StatusOr<std::string> token = client::ReadFirstToken(config.join_token_file);
+    if (!token.ok()) {
+      return absl::Status(token.status().code(),
+                          absl::StrCat("--join-token-file: ", token.status().message()));
+    }
+    join_token = *std::move(token);
   }
   MAT_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
-                       MakeCredentials(config));
+                       client::MakeChannelCredentials(client::TlsFiles{
+                           config.tls_ca_file, config.tls_cert_file, config.tls_key_file}));
   std::unique_ptr<WorkerAgent> agent(
       new WorkerAgent(std::move(config), std::move(credentials), std::move(join_token)));
   const std::string addr_file = MetricsAddressFilePath(agent->config_.work_dir);

@@ -9,7 +9,6 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "coordinator/grpc_status.h"
 
@@ -21,54 +20,12 @@ std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
          std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
 }
 
-// A PEM file's text; errors name the flag and the file.
-absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
-  absl::StatusOr<std::string> text = common::ReadFile(path);
-  if (!text.ok()) {
-    return absl::Status(text.status().code(), absl::StrCat(flag, ": ", text.status().message()));
-  }
-  if (text->find("-----BEGIN") == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", path, "' holds no PEM data"));
-  }
-  return text;
-}
-
 }  // namespace
-
-absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
-  absl::StatusOr<std::string> text = common::ReadFile(path);
-  if (!text.ok()) return text.status();
-  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
-    line = absl::StripAsciiWhitespace(line);
-    if (!line.empty() && line.front() != '#') return std::string(line);
-  }
-  return absl::InvalidArgumentError(absl::StrCat("'", path, "' holds no token"));
-}
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeJobClientCredentials(
     const JobClientSecurity& security) {
-  if (security.tls_cert_file.empty() != security.tls_key_file.empty()) {
-    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
-  }
-  if (security.tls_ca_file.empty()) {
-    if (!security.tls_cert_file.empty()) {
-      return absl::InvalidArgumentError("--tls-cert needs --tls-ca");
-    }
-    return grpc::InsecureChannelCredentials();
-  }
-  grpc::SslCredentialsOptions options;
-  absl::StatusOr<std::string> ca = ReadPem("--tls-ca", security.tls_ca_file);
-  if (!ca.ok()) return ca.status();
-  options.pem_root_certs = std::move(*ca);
-  if (!security.tls_cert_file.empty()) {
-    absl::StatusOr<std::string> cert = ReadPem("--tls-cert", security.tls_cert_file);
-    if (!cert.ok()) return cert.status();
-    absl::StatusOr<std::string> key = ReadPem("--tls-key", security.tls_key_file);
-    if (!key.ok()) return key.status();
-    options.pem_cert_chain = std::move(*cert);
-    options.pem_private_key = std::move(*key);
-  }
-  return grpc::SslCredentials(options);
+  return MakeChannelCredentials(
+      TlsFiles{security.tls_ca_file, security.tls_cert_file, security.tls_key_file});
 }
 
 absl::StatusOr<std::unique_ptr<JobClient>> JobClient::Create(const std::string& address,

@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "client/credentials.h"
 #include "mat/v1/service.grpc.pb.h"
 
 namespace mat::client {
@@ -41,9 +42,6 @@ struct JobClientSecurity {
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeJobClientCredentials(
     const JobClientSecurity& security);
 
-// The first token of a token file (one per line, blank lines and '#' comments skipped);
-// NOT_FOUND naming an unreadable file, INVALID_ARGUMENT naming one without a token.
-absl::StatusOr<std::string> ReadFirstToken(const std::string& path);
 
 class JobClient {
  public:

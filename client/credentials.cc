@@ -1,0 +1,64 @@
+#include "client/credentials.h"
+
+#include <grpcpp/security/credentials.h>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "common/file_util.h"
+
+namespace mat::client {
+namespace {
+
+// A PEM file's text; errors name the flag and the file.
+absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
+  absl::StatusOr<std::string> text = common::ReadFile(path);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(), absl::StrCat(flag, ": ", text.status().message()));
+  }
+  if (text->find("-----BEGIN") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", path, "' holds no PEM data"));
+  }
+  return text;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
+  absl::StatusOr<std::string> text = common::ReadFile(path);
+  if (!text.ok()) return text.status();
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    line = absl::StripAsciiWhitespace(line);
+    if (!line.empty() && line.front() != '#') return std::string(line);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("'", path, "' holds no token"));
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
+    const TlsFiles& files) {
+  if (files.cert_file.empty() != files.key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (files.ca_file.empty()) {
+    if (!files.cert_file.empty()) {
+      return absl::InvalidArgumentError("--tls-cert needs --tls-ca");
+    }
+    return grpc::InsecureChannelCredentials();
+  }
+  grpc::SslCredentialsOptions options;
+  absl::StatusOr<std::string> ca = ReadPem("--tls-ca", files.ca_file);
+  if (!ca.ok()) return ca.status();
+  options.pem_root_certs = std::move(*ca);
+  if (!files.cert_file.empty()) {
+    absl::StatusOr<std::string> cert = ReadPem("--tls-cert", files.cert_file);
+    if (!cert.ok()) return cert.status();
+    absl::StatusOr<std::string> key = ReadPem("--tls-key", files.key_file);
+    if (!key.ok()) return key.status();
+    options.pem_cert_chain = std::move(*cert);
+    options.pem_private_key = std::move(*key);
+  }
+  return grpc::SslCredentials(options);
+}
+
+}  // namespace mat::client

@@ -435,9 +435,10 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
   MAT_RETURN_IF_ERROR(
       Check(p.probe_every() >= 1,
             absl::StrCat("policy.probe_every must be >= 1, got ", p.probe_every())));
-  MAT_RETURN_IF_ERROR(Check(p.estimator() == "gram" || p.estimator() == "exact",
+  MAT_RETURN_IF_ERROR(Check(p.estimator() == "gram" || p.estimator() == "exact" ||
+                                p.estimator() == "lanczos" || p.estimator() == "exact-output",
                             "policy.estimator: unknown estimator '" + p.estimator() +
-                                "' (expected gram or exact)"));
+                                "' (expected gram, exact, lanczos or exact-output)"));
   MAT_RETURN_IF_ERROR(
       Check(p.patience() >= 1, absl::StrCat("policy.patience must be >= 1, got ", p.patience())));
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();

@@ -4,6 +4,7 @@
 
 #include "spectral/exact_estimator.h"
 #include "spectral/gram_estimator.h"
+#include "spectral/lanczos_estimator.h"
 
 namespace mat::spectral {
 
@@ -25,11 +26,24 @@ ModuleSpectrum KernelStats(const torch::Tensor& kernel) {
   return s;
 }
 
-absl::StatusOr<std::unique_ptr<Estimator>> MakeEstimator(const std::string& name) {
+absl::StatusOr<std::unique_ptr<Estimator>> MakeEstimator(const std::string& name,
+                                                         const EstimatorOptions& options) {
+  if (options.lanczos_iterations < 1) {
+    return absl::InvalidArgumentError("policy.lanczos_iterations must be >= 1, got " +
+                                      std::to_string(options.lanczos_iterations));
+  }
+  if (options.projections < 1) {
+    return absl::InvalidArgumentError("policy.probe_projections must be >= 1, got " +
+                                      std::to_string(options.projections));
+  }
   if (name == "gram") return std::unique_ptr<Estimator>(new GramEstimator());
   if (name == "exact") return std::unique_ptr<Estimator>(new ExactEstimator());
+  if (name == "lanczos") return std::unique_ptr<Estimator>(new LanczosEstimator(options));
+  if (name == "exact-output") {
+    return std::unique_ptr<Estimator>(new ExactOutputEstimator(options.projections));
+  }
   return absl::InvalidArgumentError("policy.estimator: unknown estimator '" + name +
-                                    "' (expected gram or exact)");
+                                    "' (expected gram, exact, lanczos or exact-output)");
 }
 
 }  // namespace mat::spectral

@@ -37,6 +37,12 @@ struct LinearSite {
 struct ProbeBatch {
   torch::Tensor losses;  // [n], requires grad; ℓ_i depends on sample i only
   std::vector<LinearSite> sites;
+  // [n, k], part of the graph; only when the estimator NeedsOutputs(), else undefined. k random
+  // projections of the model's outputs per sample: for the masked LM, the logits at sample i's
+  // masked positions times a fixed Gaussian R [V, k] / sqrt(V), summed over those positions.
+  // outputs[i] depends on sample i only. The output kernel's entries are indexed by the
+  // flattened (i, j), d = n * k.
+  torch::Tensor outputs;
 };
 
 // Collects sites during a probe forward. Models call Record when a recorder is installed.

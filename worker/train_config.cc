@@ -83,6 +83,8 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("policy.probe_samples", &c.policy.probe_samples, "integer"));
   f.push_back(MakeField("policy.estimator", &c.policy.estimator, "string"));
   f.push_back(MakeField("policy.min_active_fraction", &c.policy.min_active_fraction, "number"));
+  f.push_back(MakeField("policy.lanczos_iterations", &c.policy.lanczos_iterations, "integer"));
+  f.push_back(MakeField("policy.probe_projections", &c.policy.probe_projections, "integer"));
   f.push_back(MakeField("policy.rand_fraction", &c.policy.rand_fraction, "number"));
   f.push_back(MakeField("policy.multirate_k", &c.policy.multirate_k, "integer"));
   f.push_back(MakeField("policy.multirate_fast_fraction", &c.policy.multirate_fast_fraction, "number"));
@@ -211,8 +213,16 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   MAT_RETURN_IF_ERROR(Check(p.probe_samples <= t.batch_size,
                             "policy.probe_samples must be <= train.batch_size (the probe uses the step's first samples)"));
   MAT_RETURN_IF_ERROR(Check(p.probe_every >= 1, "policy.probe_every must be >= 1"));
-  MAT_RETURN_IF_ERROR(Check(p.estimator == "gram" || p.estimator == "exact",
-                            "policy.estimator: unknown estimator '" + p.estimator + "' (expected gram or exact)"));
+  MAT_RETURN_IF_ERROR(Check(p.estimator == "gram" || p.estimator == "exact" ||
+                                p.estimator == "lanczos" || p.estimator == "exact-output",
+                            "policy.estimator: unknown estimator '" + p.estimator +
+                                "' (expected gram, exact, lanczos or exact-output)"));
+  MAT_RETURN_IF_ERROR(Check(p.lanczos_iterations >= 1 && p.lanczos_iterations <= 1000000,
+                            "policy.lanczos_iterations must be in [1, 1000000], got " +
+                                std::to_string(p.lanczos_iterations)));
+  MAT_RETURN_IF_ERROR(Check(p.probe_projections >= 1 && p.probe_projections <= 1000000,
+                            "policy.probe_projections must be in [1, 1000000], got " +
+                                std::to_string(p.probe_projections)));
   MAT_RETURN_IF_ERROR(Check(p.patience >= 1, "policy.patience must be >= 1"));
   if (absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind); !kind.ok()) {
     return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));

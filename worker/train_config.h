@@ -7,7 +7,8 @@
 //   train:  {steps, batch_size, lr, min_lr_ratio, warmup_steps, schedule, weight_decay, beta1,
 //            beta2, eps, eval_every, eval_batches, checkpoint_every, threads, device}
 //   policy: {kind, alpha, beta, gamma, patience, warmup_steps, probe_every, probe_samples,
-//            estimator, min_active_fraction, rand_fraction, multirate_k, multirate_fast_fraction}
+//            estimator, lanczos_iterations, probe_projections, min_active_fraction,
+//            rand_fraction, multirate_k, multirate_fast_fraction}
 //
 // An unknown key or a value of the wrong type is INVALID_ARGUMENT naming the key.
 // Library mat_train_config: no LibTorch, so the coordinator can validate with the same code.
@@ -69,7 +70,11 @@ struct PolicySection {
   int64_t warmup_steps = 200;    // steps before the policy may switch modules off
   int64_t probe_every = 20;      // steps between probes / decisions
   int64_t probe_samples = 16;    // n, the probe batch (<= train.batch_size)
-  std::string estimator = "gram";  // gram | exact
+  // gram | exact (loss kernel) | lanczos | exact-output (output kernel of a random projection
+  // of the logits; spectral/estimator.h). exact and exact-output: tiny models only.
+  std::string estimator = "gram";
+  int64_t lanczos_iterations = 8;  // lanczos: Krylov steps K (>= 1; capped at n * k)
+  int64_t probe_projections = 1;   // lanczos, exact-output: k projections of the logits (>= 1)
   double min_active_fraction = 0.25;
   double rand_fraction = 0.5;
   int64_t multirate_k = 4;

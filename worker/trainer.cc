@@ -1,4 +1,5 @@
 #include "worker/trainer.h"
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <unistd.h>
 
@@ -31,6 +32,20 @@ torch::Tensor PerSampleLoss(const torch::Tensor& logits, const torch::Tensor& la
   torch::Tensor sums = torch::zeros({n}, ce.options()).index_add(0, sample, ce);
   torch::Tensor counts = torch::zeros({n}, ce.options()).index_add(0, sample, torch::ones_like(ce));
   return sums / counts;
+}
+
+// The output-kernel estimators' outputs [n, k]: logits [m, V] at the masked positions times a
+// fixed Gaussian R [V, k] / sqrt(V) (drawn on the CPU from a generator seeded by the run's seed,
+// the same at every probe), summed per sample (sample = position / seq).
+torch::Tensor ProjectOutputs(const torch::Tensor& logits, const torch::Tensor& positions,
+                             int64_t seq, int64_t n, int64_t k, uint64_t seed) {
+  const int64_t vocab = logits.size(1);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 0x9E3779B97F4A7C15ULL + 0x70726f6aULL);
+  torch::Tensor r = torch::randn({vocab, k}, gen, torch::TensorOptions().dtype(torch::kFloat64)) /
+                    std::sqrt(double(vocab));
+  torch::Tensor proj = torch::mm(logits, r.to(logits.options()));  // [m, k]
+  torch::Tensor sample = torch::div(positions, seq, "floor");
+  return torch::zeros({n, k}, proj.options()).index_add(0, sample, proj);
 }
 
 }  // namespace
@@ -113,7 +128,11 @@ absl::Status Trainer::Init() {
   std::vector<policy::ModuleInfo> infos;
   for (const auto& m : partition_.modules) infos.push_back({m.group, m.layer, m.index, m.name});
   MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(ToPolicyConfig(c), std::move(infos)));
-  MAT_ASSIGN_OR_RETURN(estimator_, spectral::MakeEstimator(c.policy.estimator));
+  spectral::EstimatorOptions eo;
+  eo.lanczos_iterations = static_cast<int>(c.policy.lanczos_iterations);
+  eo.projections = static_cast<int>(c.policy.probe_projections);
+  eo.seed = c.seed + 0x6c616e637a6f73ULL;
+  MAT_ASSIGN_OR_RETURN(estimator_, spectral::MakeEstimator(c.policy.estimator, eo));
 
   train_stream_ = std::make_unique<MlmStream>(corpus_.train, mlm_, options_.rank,
                                               options_.world_size, c.seed);
@@ -161,7 +180,8 @@ absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vect
   return loss_value;
 }
 
-absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch) {
+absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Estimator* estimator) {
+  if (estimator == nullptr) estimator = estimator_.get();
   const int64_t n = config_.policy.probe_samples, T = config_.data.seq_len;
   auto t0 = Clock::now();
   spectral::SiteRecorder recorder;
@@ -183,9 +203,13 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch) {
     model_->train();
     return absl::InternalError(std::string("probe forward failed: ") + e.what_without_backtrace());
   }
+    if (estimator->NeedsOutputs()) {
+      probe.outputs = ProjectOutputs(logits, positions, T, n, estimator->OutputProjections(),
+                                     config_.seed);
+    }
   absl::StatusOr<spectral::EstimateResult> est = [&]() -> absl::StatusOr<spectral::EstimateResult> {
     try {
-      return estimator_->Estimate(partition_, std::move(probe));
+      return estimator->Estimate(partition_, std::move(probe));
     } catch (const c10::Error& e) {
       return absl::InternalError(std::string("spectral estimate failed: ") + e.what_without_backtrace());
     }

@@ -105,8 +105,10 @@ class Trainer {
   // One optimizer step on `batch` under `active`/`lr_scale`; returns the mean masked-LM loss.
   absl::StatusOr<double> TrainStep(const MlmBatch& batch, const std::vector<uint8_t>& active,
                                    const std::vector<double>& lr_scale, double lr);
-  // λ_max etc. of every module on the first policy.probe_samples samples of `batch`.
-  absl::StatusOr<ProbeResult> Probe(const MlmBatch& batch);
+  // λ_max etc. of every module on the first policy.probe_samples samples of `batch`, by
+  // `estimator` (borrowed; nullptr: the configured policy.estimator).
+  absl::StatusOr<ProbeResult> Probe(const MlmBatch& batch,
+                                    spectral::Estimator* estimator = nullptr);
   // Mean masked-LM loss over fixed batches (no gradients, dropout off).
   double Evaluate(const std::vector<MlmBatch>& batches);
 

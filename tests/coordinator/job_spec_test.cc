@@ -389,7 +389,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"ProbeSamplesOne", "policy: {probe_samples: 1}", "policy.probe_samples"},
         BadValue{"ProbeSamplesAboveBatch", "policy: {probe_samples: 33}", "policy.probe_samples"},
         BadValue{"ZeroProbeEvery", "policy: {probe_every: 0}", "policy.probe_every"},
-        BadValue{"UnknownEstimator", "policy: {estimator: lanczos}", "policy.estimator"},
+        BadValue{"UnknownEstimator", "policy: {estimator: power}", "policy.estimator"},
         BadValue{"ZeroPatience", "policy: {patience: 0}", "policy.patience"},
         BadValue{"HugePatience", "policy: {patience: 4294967297}", "policy.patience"},
         BadValue{"UnknownPolicyKind", "policy: {kind: sometimes}", "policy.kind"},
@@ -424,7 +424,8 @@ TEST(JobSpecTest, BoundaryValuesValidate) {
         "resources: {workers: 2, device: cuda}",
         "resources: {workers: 32}\npolicy: {probe_samples: 2, kind: full}\ntrain: {batch_size: 64}",
         "policy: {kind: rand}", "policy: {kind: multirate, multirate_k: 1}",
-        "policy: {estimator: exact}", "train: {schedule: constant}"}) {
+        "policy: {estimator: exact}", "policy: {estimator: lanczos}",
+        "policy: {estimator: exact-output}", "train: {schedule: constant}"}) {
     auto spec = Parse(yaml);
     ASSERT_TRUE(spec.ok()) << yaml << ": " << spec.status();
     EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << yaml << ": " << ValidateJobSpec(*spec);

@@ -123,6 +123,8 @@ TEST(EstimatorTest, RejectsMalformedProbe) {
   EXPECT_EQ(MakeEstimator("lanczos?").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(MakeEstimator("gram").ok());
   EXPECT_TRUE(MakeEstimator("exact").ok());
+  EXPECT_TRUE(MakeEstimator("lanczos").ok());
+  EXPECT_TRUE(MakeEstimator("exact-output").ok());
 }
 
 // One BERT encoder layer (heads and FFN slices as modules) in float64.

@@ -32,8 +32,8 @@ const std::vector<std::string> kAllKeys = {
     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads", "train.device",
     "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
-    "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",
-    "policy.multirate_fast_fraction"};
+    "policy.lanczos_iterations", "policy.probe_projections", "policy.min_active_fraction",
+    "policy.rand_fraction", "policy.multirate_k", "policy.multirate_fast_fraction"};
 
 std::map<std::string, std::string> AsMap(const TrainConfig& c) {
   std::map<std::string, std::string> m;
@@ -44,6 +44,22 @@ std::map<std::string, std::string> AsMap(const TrainConfig& c) {
 TEST(TrainConfigTest, DefaultsValidate) {
   TrainConfig c;
   EXPECT_TRUE(ValidateTrainConfig(c).ok()) << ValidateTrainConfig(c);
+}
+
+TEST(TrainConfigTest, EveryEstimatorAndItsOptionsValidate) {
+  for (const std::string name : {"gram", "exact", "lanczos", "exact-output"}) {
+    TrainConfig c;
+    ASSERT_TRUE(ApplyOverride(c, "policy.estimator=" + name).ok()) << name;
+    EXPECT_TRUE(ValidateTrainConfig(c).ok()) << name << ": " << ValidateTrainConfig(c);
+  }
+  auto c = ParseTrainConfig("policy: {estimator: lanczos, lanczos_iterations: 3, probe_projections: 2}\n",
+                            "lanczos.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->policy.estimator, "lanczos");
+  EXPECT_EQ(c->policy.lanczos_iterations, 3);
+  EXPECT_EQ(c->policy.probe_projections, 2);
+  EXPECT_EQ(TrainConfig{}.policy.lanczos_iterations, 8);
+  EXPECT_EQ(TrainConfig{}.policy.probe_projections, 1);
 }
 
 TEST(TrainConfigTest, EmptyYamlGivesDefaults) {
@@ -177,8 +193,12 @@ INSTANTIATE_TEST_SUITE_P(
                                "policy.probe_samples"},
                       BadValue{"UnknownPolicyKind", "policy.kind=sometimes", "policy.kind"},
                       BadValue{"UnknownPolicyKindValue", "policy.kind=sometimes", "sometimes"},
-                      BadValue{"UnknownEstimator", "policy.estimator=lanczos", "policy.estimator"},
-                      BadValue{"UnknownEstimatorValue", "policy.estimator=lanczos", "lanczos"},
+                      BadValue{"UnknownEstimator", "policy.estimator=power", "policy.estimator"},
+                      BadValue{"UnknownEstimatorValue", "policy.estimator=power", "power"},
+                      BadValue{"ZeroLanczosIterations", "policy.lanczos_iterations=0",
+                               "policy.lanczos_iterations"},
+                      BadValue{"ZeroProbeProjections", "policy.probe_projections=0",
+                               "policy.probe_projections"},
                       BadValue{"GammaOne", "policy.gamma=1", "policy.gamma"},
                       BadValue{"ZeroLayers", "model.layers=0", "model.layers"},
                       BadValue{"HeadsDoNotDivide", "model.heads=7", "model.d_model"},

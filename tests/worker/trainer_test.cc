@@ -148,6 +148,43 @@ TEST(TrainerSingleTest, ProbeReportsAFiniteSpectrumPerModule) {
   for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
 }
 
+// policy.estimator=lanczos (output kernel of the projected logits) through the real model: the
+// probes of a short run succeed and every module gets a finite λ; with K = d = n·k the Ritz
+// values are the exact-output kernel's spectrum.
+TEST(TrainerSingleTest, LanczosProbesGiveFiniteSpectraAndMatchExactOutput) {
+  std::string data = MakeCorpus("lanczos");
+  TrainConfig c = TinyConfig(data, "mat");
+  c.train.steps = 12;
+  c.policy.estimator = "lanczos";
+  c.policy.probe_projections = 2;  // d = 4 · 2 = 8
+  c.policy.lanczos_iterations = 8;
+  auto t = Trainer::Create(c, {"", false, false});
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto s = (*t)->Run();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+  MlmBatch batch = (*t)->train_stream().Next(8);
+  auto lz = (*t)->Probe(batch);
+  ASSERT_TRUE(lz.ok()) << lz.status();
+  spectral::EstimatorOptions o;
+  o.projections = 2;
+  auto exact = spectral::MakeEstimator("exact-output", o);
+  ASSERT_TRUE(exact.ok());
+  auto ex = (*t)->Probe(batch, exact->get());
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_EQ(int(lz->modules.size()), (*t)->partition().size());
+  for (size_t m = 0; m < lz->modules.size(); ++m) {
+    SCOPED_TRACE((*t)->partition().modules[m].name);
+    const auto& l = lz->modules[m];
+    EXPECT_TRUE(std::isfinite(l.lambda_max));
+    EXPECT_GT(l.lambda_max, 0);
+    EXPECT_GE(l.trace, l.lambda_max * (1 - 1e-6));
+    EXPECT_NEAR(l.lambda_max, ex->modules[m].lambda_max, 1e-3 * ex->modules[m].lambda_max);
+    EXPECT_NEAR(l.trace, ex->modules[m].trace, 1e-3 * ex->modules[m].trace);
+  }
+  for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
+}
+
 TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
   std::string data = MakeCorpus("ckpt");
   TrainConfig c = TinyConfig(data, "mat");

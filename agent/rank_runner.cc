@@ -174,6 +174,7 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
     r.local_host = options_.local_host;
     r.rank = assign_.rank();
     r.world_size = assign_.world_size();
+    r.backend = trainer->device().is_cuda() ? "nccl" : "gloo";  // gradients live on the device
     r.prefix = absl::StrCat(job_id(), "/attempt-", assign_.attempt());
     r.timeout = options_.rendezvous_timeout;
     r.cancelled = [this] {

@@ -7,7 +7,8 @@
 //                   mask_timeout) for the coordinator's MaskUpdate with effective_step == step,
 //                   acknowledges it (MaskAck) and returns its schedule. No mask in time: the rank
 //                   fails with DEADLINE_EXCEEDED naming the step, rather than diverge.
-//   ReduceGradients GradientSync::AllReduce over the job's ProcessGroupGloo (nothing when alone).
+//   ReduceGradients GradientSync::AllReduce over the job's process group (Gloo on CPU, NCCL on
+//                   CUDA; nothing when alone).
 //   OnProgress      Progress at every evaluation, else at most every progress_interval.
 //   CheckContinue   CANCELLED once Cancel() was called.
 //

@@ -9,6 +9,13 @@ namespace F = torch::nn::functional;
 
 namespace {
 torch::Tensor Normal(std::vector<int64_t> shape) { return torch::randn(shape) * 0.02; }
+
+// Layer norms take float32 (their weights' dtype): under bf16 autocast a bf16 activation is cast
+// up first (CUDA's autocast does this itself; LibTorch 1.13's CPU layer_norm rejects the mix).
+torch::Tensor UpIfLow(const torch::Tensor& t) {
+  const auto d = t.scalar_type();
+  return d == torch::kBFloat16 || d == torch::kHalf ? t.to(torch::kFloat) : t;
+}
 }  // namespace
 
 BertLayerImpl::BertLayerImpl(const BertConfig& c, int layer) : c_(c) {
@@ -117,11 +124,11 @@ torch::Tensor BertLayerImpl::forward(const torch::Tensor& x, const std::vector<b
     return F::dropout(t, F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
   };
   if (c_.pre_ln) {
-    torch::Tensor h = x + drop(Attention(ln1(x), head_active));
-    return h + drop(FeedForward(ln2(h), ffn_active));
+    torch::Tensor h = x + drop(Attention(ln1(UpIfLow(x)), head_active));
+    return h + drop(FeedForward(ln2(UpIfLow(h)), ffn_active));
   }
-  torch::Tensor h = ln1(x + drop(Attention(x, head_active)));
-  return ln2(h + drop(FeedForward(h, ffn_active)));
+  torch::Tensor h = ln1(UpIfLow(x + drop(Attention(x, head_active))));
+  return ln2(UpIfLow(h + drop(FeedForward(h, ffn_active))));
 }
 
 BertMlmImpl::BertMlmImpl(const BertConfig& c) : c_(c) {
@@ -157,7 +164,7 @@ torch::Tensor BertMlmImpl::forward(const torch::Tensor& input_ids, const torch::
   for (int64_t l = 0; l < c_.layers; ++l) x = layers[l](x, head_active_[l], ffn_active_[l]);
   // Predict only the masked positions: [M, d] -> [M, V].
   torch::Tensor h = x.reshape({B * T, c_.d_model}).index_select(0, positions);
-  h = head_ln(F::gelu(head_dense(h)));
+  h = head_ln(UpIfLow(F::gelu(head_dense(h))));
   return F::linear(h, tok_emb->weight, decoder_bias);
 }
 

@@ -1,20 +1,50 @@
-// ProcessGroupGloo.hpp declares its API only under this macro (LibTorch is built with Gloo).
+// ProcessGroupGloo.hpp and ProcessGroupNCCL.hpp declare their API only under these macros (set
+// by LibTorch's own build, not by its CMake config).
+#ifdef MAT_WITH_GLOO
 #define USE_C10D_GLOO 1
+#endif
+#ifdef MAT_WITH_NCCL
+#define USE_C10D_NCCL 1
+#endif
 #include "worker/grad_sync.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef MAT_WITH_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#ifdef MAT_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
+#include <algorithm>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status.h"
 
 namespace mat::worker {
 
-absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
+std::vector<std::string> AvailableBackends() {
+  std::vector<std::string> b;
+#ifdef MAT_WITH_GLOO
+  b.push_back("gloo");
+#endif
+#ifdef MAT_WITH_NCCL
+  b.push_back("nccl");
+#endif
+  return b;
+}
+
+absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     const RendezvousOptions& o) {
+  const std::vector<std::string> backends = AvailableBackends();
+  if (std::find(backends.begin(), backends.end(), o.backend) == backends.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "process group backend '", o.backend, "' is not in this build (it has: ",
+        absl::StrJoin(backends, ", "), "); gloo needs libgloo-dev, nccl a CUDA LibTorch"));
+  }
   if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("rank ", o.rank, " is not in [0, world_size ", o.world_size, ")"));
@@ -48,12 +78,23 @@ absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       joined = prefixed->add("mat/joined", 0);
     }
-    auto options = c10d::ProcessGroupGloo::Options::create(o.timeout);
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
-        o.local_host.empty() ? o.master_host : o.local_host));
-    options->threads = 2;
-    c10::intrusive_ptr<c10d::ProcessGroup> group =
-        c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.rank, o.world_size, options);
+    c10::intrusive_ptr<CollectiveGroup> group;
+#ifdef MAT_WITH_NCCL
+    if (o.backend == "nccl") {
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = o.timeout;
+      group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, o.rank, o.world_size, options);
+    }
+#endif
+#ifdef MAT_WITH_GLOO
+    if (o.backend == "gloo") {
+      auto options = c10d::ProcessGroupGloo::Options::create(o.timeout);
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
+          o.local_host.empty() ? o.master_host : o.local_host));
+      options->threads = 2;
+      group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.rank, o.world_size, options);
+    }
+#endif
     return group;
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot form the process group of ", o.world_size,
@@ -62,7 +103,7 @@ absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
   }
 }
 
-GradientSync::GradientSync(c10::intrusive_ptr<c10d::ProcessGroup> group,
+GradientSync::GradientSync(c10::intrusive_ptr<CollectiveGroup> group,
                            std::vector<ParamEntry> params, int64_t bucket_bytes)
     : group_(std::move(group)), params_(std::move(params)), bucket_bytes_(bucket_bytes) {
   MAT_CHECK(group_) << "GradientSync needs a process group";

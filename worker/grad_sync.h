@@ -1,5 +1,9 @@
 // Data parallelism for mat-worker: the job's c10d process group (TCPStore rendezvous +
-// ProcessGroupGloo) and gradient averaging in module-aligned buckets that skip masked-off modules.
+// ProcessGroupGloo for CPU tensors, ProcessGroupNCCL for CUDA tensors) and gradient averaging in
+// module-aligned buckets that skip masked-off modules.
+//
+// Which backends a build has: Gloo where its headers were found (Debian: libgloo-dev;
+// MAT_WITH_GLOO), NCCL where LibTorch is a CUDA build and nccl.h was found (MAT_WITH_NCCL).
 //
 // Buckets: every step the gradients to reduce are laid out in one fixed order: the parameters
 // outside any module (embeddings, layer norms, biases of unsliced maps, the decoder) first, then
@@ -21,6 +25,10 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/torch.h>
+#include <torch/version.h>
+#if TORCH_VERSION_MAJOR >= 2
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#endif
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -28,12 +36,25 @@
 
 namespace mat::worker {
 
+// What runs the collectives: LibTorch 2 splits the process group into a front and per-device
+// backends (ProcessGroupGloo and ProcessGroupNCCL are Backends); in 1.13 they are ProcessGroups.
+#if TORCH_VERSION_MAJOR >= 2
+using CollectiveGroup = c10d::Backend;
+#else
+using CollectiveGroup = c10d::ProcessGroup;
+#endif
+
+// The backends this build has, e.g. {"gloo"} or {"nccl"}.
+std::vector<std::string> AvailableBackends();
+
 struct RendezvousOptions {
   std::string master_host;  // rank 0's host, where it listens with the TCPStore
   int master_port = 0;      // 1..65535
   std::string local_host;   // the address this rank's Gloo transport binds to (e.g. 127.0.0.1)
   int rank = 0;
   int world_size = 1;
+  // "gloo": gradients are CPU tensors; "nccl": CUDA tensors (each rank on its own GPU).
+  std::string backend = "gloo";
   std::string prefix;       // keys namespace, e.g. "job-000003/attempt-0": attempts never mix
   std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
   // Polled while waiting for the other ranks to join; true stops the wait with CANCELLED.
@@ -42,10 +63,10 @@ struct RendezvousOptions {
 
 // The job's process group: rank 0 starts the TCPStore server on master_port; every rank connects,
 // counts itself in under `prefix`, waits until all world_size ranks did (polling `cancelled`),
-// then builds a ProcessGroupGloo. UNAVAILABLE naming the address when the store cannot be reached
-// or the ranks do not all arrive within `timeout`; CANCELLED when `cancelled` said so;
-// INVALID_ARGUMENT for a bad rank/size/port.
-absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> ConnectProcessGroup(
+// then builds the `backend`'s group over the same store. UNAVAILABLE naming the address when the
+// store cannot be reached or the ranks do not all arrive within `timeout`; CANCELLED when
+// `cancelled` said so; INVALID_ARGUMENT for a bad rank/size/port or a backend this build lacks.
+absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     const RendezvousOptions& options);
 
 struct GradSyncStats {
@@ -59,7 +80,7 @@ class GradientSync {
  public:
   // `params`: every trainable parameter with its module index (-1 = shared), as the optimizer
   // sees them (BuildParamEntries). `group` is shared with the caller. bucket_bytes > 0.
-  GradientSync(c10::intrusive_ptr<c10d::ProcessGroup> group, std::vector<ParamEntry> params,
+  GradientSync(c10::intrusive_ptr<CollectiveGroup> group, std::vector<ParamEntry> params,
                int64_t bucket_bytes = 16 << 20);
   GradientSync(const GradientSync&) = delete;
   GradientSync& operator=(const GradientSync&) = delete;
@@ -77,7 +98,7 @@ class GradientSync {
   int world_size() const;
 
  private:
-  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  c10::intrusive_ptr<CollectiveGroup> group_;
   std::vector<ParamEntry> params_;
   int64_t bucket_bytes_;
   int num_modules_ = 0;

@@ -1,5 +1,7 @@
 #include "worker/sliced_linear.h"
 
+#include "worker/autocast.h"
+
 namespace mat::worker {
 namespace {
 
@@ -123,7 +125,14 @@ torch::Tensor RowSplitForward(const torch::Tensor& x,
   }
   c10::optional<torch::Tensor> b_all;
   if (has_bias) b_all = GatherAll(b, order);
-  return RowSplitFunction::apply(x, torch::TensorList(attached), GatherAll(w, order), b_all, comps,
+  torch::Tensor w_all = GatherAll(w, order);
+  torch::Tensor xc = x;
+  if (auto dtype = AutocastDtype(x.device().type())) {  // bf16 step: the function computes in it
+    xc = x.to(*dtype);
+    w_all = w_all.to(*dtype);
+    if (b_all) b_all = b_all->to(*dtype);
+  }
+  return RowSplitFunction::apply(xc, torch::TensorList(attached), w_all, b_all, comps,
                                  static_cast<int64_t>(order.size()), w[order[0]][0].size(0),
                                  static_cast<int64_t>(num_attached));
 }
@@ -139,7 +148,12 @@ torch::Tensor ColSplitForward(const torch::Tensor& x, const std::vector<torch::T
     for (int s : order) pieces.push_back(w[s]);
     w_all = pieces.size() == 1 ? pieces[0].detach() : torch::cat(pieces, 1);
   }
-  return ColSplitFunction::apply(x, torch::TensorList(attached), w_all, w[order[0]].size(1),
+  torch::Tensor xc = x;
+  if (auto dtype = AutocastDtype(x.device().type())) {
+    xc = x.to(*dtype);
+    w_all = w_all.to(*dtype);
+  }
+  return ColSplitFunction::apply(xc, torch::TensorList(attached), w_all, w[order[0]].size(1),
                                  static_cast<int64_t>(num_attached));
 }
 

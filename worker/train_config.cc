@@ -73,6 +73,7 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("train.checkpoint_every", &c.train.checkpoint_every, "integer"));
   f.push_back(MakeField("train.threads", &c.train.threads, "integer"));
   f.push_back(MakeField("train.device", &c.train.device, "string"));
+  f.push_back(MakeField("train.precision", &c.train.precision, "string"));
   f.push_back(MakeField("policy.kind", &c.policy.kind, "string"));
   f.push_back(MakeField("policy.alpha", &c.policy.alpha, "number"));
   f.push_back(MakeField("policy.beta", &c.policy.beta, "number"));
@@ -82,9 +83,9 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("policy.probe_every", &c.policy.probe_every, "integer"));
   f.push_back(MakeField("policy.probe_samples", &c.policy.probe_samples, "integer"));
   f.push_back(MakeField("policy.estimator", &c.policy.estimator, "string"));
-  f.push_back(MakeField("policy.min_active_fraction", &c.policy.min_active_fraction, "number"));
   f.push_back(MakeField("policy.lanczos_iterations", &c.policy.lanczos_iterations, "integer"));
   f.push_back(MakeField("policy.probe_projections", &c.policy.probe_projections, "integer"));
+  f.push_back(MakeField("policy.min_active_fraction", &c.policy.min_active_fraction, "number"));
   f.push_back(MakeField("policy.rand_fraction", &c.policy.rand_fraction, "number"));
   f.push_back(MakeField("policy.multirate_k", &c.policy.multirate_k, "integer"));
   f.push_back(MakeField("policy.multirate_fast_fraction", &c.policy.multirate_fast_fraction, "number"));
@@ -208,6 +209,8 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   MAT_RETURN_IF_ERROR(Check(t.threads >= 0, "train.threads must be >= 0"));
   MAT_RETURN_IF_ERROR(Check(t.device == "cpu" || t.device == "cuda" || t.device.rfind("cuda:", 0) == 0,
                             "train.device: unknown device '" + t.device + "' (expected cpu, cuda or cuda:N)"));
+  MAT_RETURN_IF_ERROR(Check(t.precision == "fp32" || t.precision == "bf16",
+                            "train.precision: unknown precision '" + t.precision + "' (expected fp32 or bf16)"));
   const auto& p = c.policy;
   MAT_RETURN_IF_ERROR(Check(p.probe_samples >= 2, "policy.probe_samples must be >= 2, got " + std::to_string(p.probe_samples)));
   MAT_RETURN_IF_ERROR(Check(p.probe_samples <= t.batch_size,

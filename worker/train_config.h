@@ -5,7 +5,8 @@
 //   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln}
 //   data:   {kind, dir, seq_len, mask_prob}
 //   train:  {steps, batch_size, lr, min_lr_ratio, warmup_steps, schedule, weight_decay, beta1,
-//            beta2, eps, eval_every, eval_batches, checkpoint_every, threads, device}
+//            beta2, eps, eval_every, eval_batches, checkpoint_every, threads, device,
+//            precision}
 //   policy: {kind, alpha, beta, gamma, patience, warmup_steps, probe_every, probe_samples,
 //            estimator, lanczos_iterations, probe_projections, min_active_fraction,
 //            rand_fraction, multirate_k, multirate_fast_fraction}
@@ -59,6 +60,7 @@ struct TrainSection {
   int64_t checkpoint_every = 0;  // steps between checkpoints (0: only at the end)
   int64_t threads = 0;           // intra-op threads (0: all cores)
   std::string device = "cpu";    // cpu | cuda | cuda:N
+  std::string precision = "fp32";  // fp32 | bf16: autocast of the step's forward (worker/autocast.h)
 };
 
 struct PolicySection {

@@ -103,6 +103,7 @@ absl::Status Trainer::Init() {
       return absl::InvalidArgumentError("train.device: " + std::string(e.what_without_backtrace()));
     }
   }
+  MAT_ASSIGN_OR_RETURN(precision_, ParsePrecision(c.train.precision));
   MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
   const int64_t real = corpus_.vocab.size();
   mlm_.seq_len = c.data.seq_len;
@@ -164,9 +165,13 @@ absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vect
   double loss_value = 0;
   try {
     model_->SetMask(active);
-    torch::Tensor logits =
-        model_->forward(batch.input_ids.to(device_), batch.positions.to(device_));
-    torch::Tensor loss = torch::nn::functional::cross_entropy(logits, batch.labels.to(device_));
+    torch::Tensor loss;
+    {
+      AutocastGuard autocast(device_, precision_);  // bf16: forward and loss; backward outside
+      torch::Tensor logits =
+          model_->forward(batch.input_ids.to(device_), batch.positions.to(device_));
+      loss = torch::nn::functional::cross_entropy(logits, batch.labels.to(device_));
+    }
     loss.backward();
     loss_value = loss.item<double>();
   } catch (const c10::Error& e) {
@@ -450,6 +455,11 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       {"wall_seconds", wall_seconds},
       {"wall_seconds_to_best", seconds_to_best_},
       {"eval_seconds", eval_seconds_},
+      {"device", config_.train.device},
+      {"precision", PrecisionName(precision_)},
+      // Achieved FLOP/s of training (steps and probes; each step ends with the loss read back,
+      // so on CUDA the time includes the device's work, not only the launches).
+      {"flops_per_second", wall_seconds > 0 ? flops_.total() / wall_seconds : 0.0},
   };
 }
 

@@ -22,6 +22,7 @@
 #include "coordinator/policy/policy.h"
 #include "nlohmann/json.hpp"
 #include "spectral/estimator.h"
+#include "worker/autocast.h"
 #include "worker/bert.h"
 #include "worker/corpus.h"
 #include "worker/flops.h"
@@ -138,6 +139,7 @@ class Trainer {
   TrainConfig config_;
   TrainerOptions options_;
   torch::Device device_{torch::kCPU};
+  Precision precision_ = Precision::kFloat32;  // train.precision: the step's forward
   Corpus corpus_;
   MlmOptions mlm_;
   BertMlm model_{nullptr};

@@ -1,12 +1,15 @@
 // CPU against CUDA on the same weights and inputs (label gpu; skipped without a CUDA device).
 // Tolerances: float32 on both sides, TF32 off (LibTorch's default for matmuls); reductions run in
 // a different order on the GPU, so 1e-4 relative for activations and gradients, 1e-3 for λ.
+// bf16 autocast on CUDA against float32 on CPU: 1e-2 relative for the loss, 6e-2 for gradients
+// (8 mantissa bits; the same bounds as autocast_test.cc on CPU).
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 
 #include "spectral/gram_estimator.h"
+#include "worker/autocast.h"
 #include "worker/bert.h"
 #include "worker/optimizer.h"
 #include "worker/trainer.h"
@@ -120,6 +123,39 @@ TEST_F(CudaTest, OptimizerStepAgreesWithCpu) {
   }
 }
 
+TEST_F(CudaTest, Bf16MaskedStepAgreesWithFp32Cpu) {
+  std::vector<uint8_t> mask(c_.layers * (c_.heads + c_.ffn_groups), 1);
+  mask[2] = mask[5] = mask[8] = 0;
+  cpu_->SetMask(mask);
+  cuda_->SetMask(mask);
+  torch::Tensor lc = torch::nn::functional::cross_entropy(cpu_->forward(ids_, positions_), labels_);
+  torch::Tensor lg;
+  {
+    AutocastGuard g(torch::Device(torch::kCUDA), Precision::kBFloat16);
+    torch::Tensor logits = cuda_->forward(ids_.cuda(), positions_.cuda());
+    EXPECT_EQ(logits.scalar_type(), at::kBFloat16);
+    lg = torch::nn::functional::cross_entropy(logits, labels_.cuda());
+  }
+  EXPECT_LE(RelDiff(lg, lc), 1e-2);
+  lc.backward();
+  lg.backward();
+  auto pc = cpu_->Partition(), pg = cuda_->Partition();
+  for (size_t m = 0; m < pc.modules.size(); ++m) {
+    for (size_t k = 0; k < pc.modules[m].params.size(); ++k) {
+      const torch::Tensor& gg = pg.modules[m].params[k].grad();
+      if (!mask[m]) {
+        EXPECT_FALSE(gg.defined()) << pg.modules[m].name;
+        continue;
+      }
+      ASSERT_TRUE(gg.defined()) << pg.modules[m].name;
+      EXPECT_EQ(gg.scalar_type(), at::kFloat);
+      if (pc.modules[m].params[k].grad().norm().item<double>() > 1e-6) {
+        EXPECT_LE(RelDiff(gg, pc.modules[m].params[k].grad()), 6e-2) << pg.modules[m].name;
+      }
+    }
+  }
+}
+
 TEST(CudaTrainerTest, TrainsOnCudaWithFiniteLosses) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   namespace fs = std::filesystem;
@@ -148,12 +184,17 @@ TEST(CudaTrainerTest, TrainsOnCudaWithFiniteLosses) {
   c.policy.warmup_steps = 10;
   c.policy.probe_every = 5;
   c.policy.probe_samples = 4;
-  auto t = Trainer::Create(c, {"", false, false});
-  ASSERT_TRUE(t.ok()) << t.status();
-  auto s = (*t)->Run();
-  ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_TRUE(std::isfinite((*s)["best_val_loss"].get<double>()));
-  EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+  for (const char* precision : {"fp32", "bf16"}) {
+    c.train.precision = precision;
+    auto t = Trainer::Create(c, {"", false, false});
+    ASSERT_TRUE(t.ok()) << t.status();
+    auto s = (*t)->Run();
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_TRUE(std::isfinite((*s)["best_val_loss"].get<double>())) << precision;
+    EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+    EXPECT_EQ((*s)["precision"], precision);
+    EXPECT_GT((*s)["flops_per_second"].get<double>(), 0);
+  }
 }
 
 }  // namespace

@@ -4,7 +4,11 @@
 
 Rounds alternate the two programs (ours, peer with glibc's default malloc, peer with the malloc
 settings this project applies in-process) so machine noise hits all of them alike; each figure is
-the median over rounds of each program's median step. Writes bench/results/step-vs-pytorch.json.
+the median over rounds of each program's median step. Writes bench/results/step-vs-pytorch.json
+(CPU, fp32) or step-vs-pytorch-DEVICE-PRECISION.json; MAT_BENCH_OUT_DIR overrides the folder and
+MAT_BUILD_DIR the build (default build/).
+
+    step_vs_pytorch.py [REPS [ROUNDS [DEVICE [PRECISION]]]]   PRECISION: fp32 | bf16
 """
 import json
 import os
@@ -24,15 +28,18 @@ def main():
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
-    ours_cmd = [os.path.join(ROOT, "build/bin/mat-bench"), "step", "--root", ROOT,
-                "--reps", str(reps), "--device", device]
+    precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
+    build = os.environ.get("MAT_BUILD_DIR", os.path.join(ROOT, "build"))
+    ours_cmd = [os.path.join(build, "bin/mat-bench"), "step", "--root", ROOT,
+                "--reps", str(reps), "--device", device, "--precision", precision]
     threads = 2 if device == "cpu" else 1
     ours0 = run(ours_cmd)
     peer_cmd = [sys.executable, os.path.join(ROOT, "bench/peers/bert_step.py"),
                 "--layers", str(ours0["layers"]), "--d-model", str(ours0["d_model"]),
                 "--heads", str(ours0["heads"]), "--batch", str(ours0["batch"]),
                 "--seq", str(ours0["seq_len"]), "--reps", str(reps), "--device", device,
-                "--threads", str(os.cpu_count() if device == "cpu" else threads)]
+                "--threads", str(os.cpu_count() if device == "cpu" else threads),
+                "--precision", precision]
     tuned = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="1073741824",
                  MALLOC_TOP_PAD_="67108864")
     ours, peer, peer_tuned = [ours0["step_seconds_median"]], [], []
@@ -43,7 +50,8 @@ def main():
             ours.append(run(ours_cmd)["step_seconds_median"])
     o, p, pt = statistics.median(ours), statistics.median(peer), statistics.median(peer_tuned)
     result = {
-        "benchmark": "step-vs-pytorch", "device": device, "reps": reps, "rounds": rounds,
+        "benchmark": "step-vs-pytorch", "device": device, "precision": precision, "reps": reps,
+        "rounds": rounds,
         "model": {k: ours0[k] for k in ("layers", "d_model", "heads", "batch", "seq_len")},
         "ours_step_seconds": o, "peer_step_seconds": p, "peer_tuned_malloc_step_seconds": pt,
         "ratio_ours_over_peer": o / p, "ratio_ours_over_peer_tuned_malloc": o / pt,
@@ -51,8 +59,12 @@ def main():
         "flops_per_step": ours0["flops_per_step"],
         "ours_achieved_flops_per_second": ours0["flops_per_step"] / o,
     }
-    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench/results/step-vs-pytorch.json"), "w") as f:
+    out_dir = os.environ.get("MAT_BENCH_OUT_DIR", os.path.join(ROOT, "bench/results"))
+    name = "step-vs-pytorch"
+    if device != "cpu" or precision != "fp32":
+        name += "-%s-%s" % (device.replace(":", ""), precision)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     print("%-28s %10s" % ("program", "step_s"))
     print("%-28s %10.4f" % ("mat-bench step", o))

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The CUDA check, for a machine with PyTorch (its LibTorch) and CUDA but without gRPC, SQLite or
-# the Debian libraries (Ubuntu 24.04 + pip PyTorch): builds the one-process trainer against
-# PyTorch's LibTorch with -DMAT_WITH_SERVICE=OFF, runs the CPU-vs-CUDA tests (ctest label gpu)
-# and a few CPU unit tests, then times the masked backward and the gram probe on CUDA.
+# the Debian libraries (Ubuntu 24.04 + pip PyTorch): builds the one-process trainer and the
+# gradient sync (NCCL) against PyTorch's LibTorch with -DMAT_WITH_SERVICE=OFF, runs the CUDA
+# tests (ctest label gpu: CPU against CUDA in fp32 and bf16, NCCL all-reduce) and a few CPU unit
+# tests, then the benchmarks on the GPU: masked backward, the gram probe's cost, the matmul peak
+# and the step's fraction of it (fp32 and bf16), the step against the PyTorch peer (fp32, bf16).
 #
 #   bench/gpu/check.sh DEPS_DIR OUT_DIR
 #     DEPS_DIR: Debian 12 .deb files of abseil, yaml-cpp, CLI11, nlohmann-json, liblzma, gtest,
 #               gmock, spdlog, fmt (extracted into a private prefix, never into /), and a
 #               wikitext-2/ folder with the corpus.
-#     OUT_DIR:  results (logs, JSON).
+#     OUT_DIR:  machine.txt (card, versions, timings), ctest.log, bench.txt (the printed tables),
+#               results.json (every benchmark's JSON by name), build.log on a build failure.
 # Everything in under 8 minutes on 16 cores.
 set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
@@ -16,7 +19,8 @@ out=$(readlink -f "${2:?out dir}")
 cd "$(dirname "$0")/../.."
 mkdir -p "$out"
 prefix=/tmp/mat-gpu-deps
-rm -rf "$prefix" && mkdir -p "$prefix"
+json=/tmp/mat-gpu-json
+rm -rf "$prefix" "$json" && mkdir -p "$prefix" "$json"
 for f in "$deps_dir"/*.deb; do dpkg -x "$f" "$prefix"; done
 export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
@@ -24,24 +28,58 @@ torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   g++ --version | head -n1
+  nproc
 } | tee "$out/machine.txt"
 
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAT_WITH_SERVICE=OFF \
   -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr" -DMAT_SHARED_DIR="$deps_dir/.." \
-  > "$out/cmake.log" 2>&1 || { tail -n 60 "$out/cmake.log"; exit 1; }
-ninja -C build-gpu -k 0 -j "$(nproc)" worker_cuda_test spectral_estimator_test worker_masked_backward_test \
-  worker_flops_test coordinator_policy_test mat-train mat-bench > "$out/build.log" 2>&1 \
+  > "$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; exit 1; }
+grep -E "NCCL|Gloo|nccl" build-gpu/CMakeCache.txt | grep -v "^//" | tee -a "$out/machine.txt" || true
+targets="worker_cuda_test worker_autocast_test spectral_estimator_test worker_masked_backward_test
+  worker_flops_test coordinator_policy_test mat-train mat-bench"
+if ninja -C build-gpu -t targets all | grep -q '^worker_grad_sync_test:'; then
+  targets="$targets worker_grad_sync_test"
+fi
+# shellcheck disable=SC2086
+ninja -C build-gpu -k 0 -j "$(nproc)" $targets >> "$out/build.log" 2>&1 \
   || { grep -E "error|Error" "$out/build.log" | head -n 40; exit 1; }
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 set +e
-(cd build-gpu && ctest --output-on-failure -R 'worker_cuda_test|spectral_estimator_test|worker_masked_backward_test|worker_flops_test|coordinator_policy_test') \
-  2>&1 | tee "$out/ctest.log" | tail -n 15
-./build-gpu/tests/worker_cuda_test 2>&1 | grep -E "^\[ +(OK|SKIPPED|FAILED|PASSED)" | tee "$out/cuda_test.txt"
-set -e
-build-gpu/bin/mat-bench masked-backward --root . --device cuda --reps 20 --out "$out/masked-backward-cuda.json" \
-  2>&1 | head -n 8 | tee "$out/masked-backward-cuda.txt"
-build-gpu/bin/mat-bench spectral-cost --root . --device cuda --reps 20 --data-dir "$deps_dir/wikitext-2" \
-  --out "$out/spectral-cost-cuda.json" 2>&1 | head -n 1 | tee "$out/spectral-cost-cuda.txt"
+(cd build-gpu && ctest --output-on-failure \
+  -R 'worker_cuda_test|worker_autocast_test|worker_grad_sync_test|spectral_estimator_test|worker_masked_backward_test|worker_flops_test|coordinator_policy_test') \
+  > "$out/ctest.log" 2>&1
+echo "ctest rc $?" | tee -a "$out/machine.txt"
+for t in worker_cuda_test worker_grad_sync_test; do
+  [ -x "build-gpu/tests/$t" ] && "build-gpu/tests/$t" 2>&1 | grep -E "^\[ +(OK|SKIPPED|FAILED|PASSED) " >> "$out/ctest.log"
+done
+tail -n 30 "$out/ctest.log"
+echo "tests: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
+
+bench() {  # NAME ARGS...: mat-bench NAME on cuda, JSON into $json/NAME-<suffix>.json
+  local tag=$1; shift
+  echo "== $tag" | tee -a "$out/bench.txt"
+  timeout 240 build-gpu/bin/mat-bench "$@" --root . --device cuda --out "$json/$tag.json" 2>&1 \
+    | grep -v '^ \|^{\|^}' | tee -a "$out/bench.txt"
+}
+bench masked-backward-cuda-fp32 masked-backward --reps 20
+bench masked-backward-cuda-bf16 masked-backward --reps 20 --precision bf16
+bench spectral-cost-cuda-fp32 spectral-cost --reps 20 --data-dir "$deps_dir/wikitext-2"
+bench matmul-peak-cuda-fp32 matmul-peak --reps 20
+bench matmul-peak-cuda-bf16 matmul-peak --reps 20 --precision bf16
+for p in fp32 bf16; do
+  echo "== step-vs-pytorch-cuda-$p" | tee -a "$out/bench.txt"
+  MAT_BUILD_DIR=build-gpu MAT_BENCH_OUT_DIR="$json" timeout 240 \
+    python3 bench/step_vs_pytorch.py 30 3 cuda "$p" 2>&1 | tee -a "$out/bench.txt"
+done
+if build-gpu/bin/mat-bench --help 2>&1 | grep -q spectral-compare; then
+  bench spectral-compare-cuda spectral-compare --reps 3 --data-dir "$deps_dir/wikitext-2"
+fi
+python3 - "$json" "$out/results.json" <<'PY'
+import json, os, sys
+d = {f[:-5]: json.load(open(os.path.join(sys.argv[1], f)))
+     for f in sorted(os.listdir(sys.argv[1])) if f.endswith(".json")}
+json.dump(d, open(sys.argv[2], "w"), indent=1)
+PY
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"

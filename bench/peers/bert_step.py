@@ -81,6 +81,8 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--pre-ln", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: forward and loss under torch.autocast(bfloat16), as mat-train")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -110,7 +112,8 @@ def main():
     for r in range(a.reps + 1):
         sync()
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(ids, positions), labels)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            loss = F.cross_entropy(model(ids, positions), labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -119,6 +122,7 @@ def main():
             times.append(time.perf_counter() - t0)
     times.sort()
     print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "device": a.device,
+                      "precision": a.precision,
                       "threads": torch.get_num_threads(), "reps": a.reps,
                       "step_seconds_median": times[len(times) // 2],
                       "loss": float(loss)}))

@@ -19,6 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def up(t):
+    """Layer norms take float32, as worker/bert.cc's UpIfLow (torch 1.13's CPU layer_norm rejects
+    a bf16 input with float32 weights; CUDA autocast casts it up itself)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class Layer(nn.Module):
     def __init__(self, d, h, f, p, pre_ln):
         super().__init__()
@@ -43,10 +49,10 @@ class Layer(nn.Module):
 
     def forward(self, x):
         if self.pre_ln:
-            x = x + F.dropout(self.attn(self.ln1(x)), self.p, self.training)
-            return x + F.dropout(self.ffn(self.ln2(x)), self.p, self.training)
-        x = self.ln1(x + F.dropout(self.attn(x), self.p, self.training))
-        return self.ln2(x + F.dropout(self.ffn(x), self.p, self.training))
+            x = x + F.dropout(self.attn(self.ln1(up(x))), self.p, self.training)
+            return x + F.dropout(self.ffn(self.ln2(up(x))), self.p, self.training)
+        x = self.ln1(up(x + F.dropout(self.attn(x), self.p, self.training)))
+        return self.ln2(up(x + F.dropout(self.ffn(x), self.p, self.training)))
 
 
 class BertMlm(nn.Module):
@@ -69,7 +75,7 @@ class BertMlm(nn.Module):
         for layer in self.layers:
             x = layer(x)
         h = x.reshape(b * t, -1).index_select(0, positions)
-        h = self.head_ln(F.gelu(self.dense(h)))
+        h = self.head_ln(up(F.gelu(self.dense(h))))
         return F.linear(h, self.tok.weight, self.dec_bias)
 
 

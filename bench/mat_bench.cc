@@ -6,9 +6,16 @@
 //   spectral-cost    the gram probe's cost as a fraction of training time at the default
 //                    settings (probe_samples every probe_every steps), probe and steps measured
 //                    side by side on the real data.
+//   spectral-compare gram vs exact (loss kernel), lanczos vs exact-output (output kernel) and
+//                    the kernels against each other on the same probe batches (tiny and
+//                    default BERT trained with full masks on the real data, --reps probes
+//                    --gap steps apart): Spearman ρ of the modules' λ_max, threshold decisions
+//                    that differ at policy.alpha, relative errors, seconds per probe.
 //
 // Figures are ratios measured in one run; absolute times are printed for context only.
 #include <algorithm>
+#include <cmath>
+#include <map>
 #include <thread>
 #include <tuple>
 #include <chrono>
@@ -25,6 +32,7 @@
 #include "common/allocator.h"
 #include "common/logging.h"
 #include "nlohmann/json.hpp"
+#include "spectral/estimator.h"
 #include "worker/bert.h"
 #include "worker/flops.h"
 #include "worker/optimizer.h"
@@ -43,6 +51,7 @@ std::string g_data_dir;        // --data-dir: overrides the examples' data.dir
 void Sync(const torch::Device& d) {
   if (d.is_cuda()) torch::zeros({1}, torch::TensorOptions().device(d)).item<float>();
 }
+int g_compare_gap = 20;        // --gap: spectral-compare's training steps between probes
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
@@ -309,7 +318,7 @@ int main(int argc, char** argv) {
   CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost, step)"};
   std::string name, root = ".", out;
   int reps = 10, threads = 0;
-  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "step", "matmul-peak"}));
+  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "spectral-compare", "step", "matmul-peak"}));
   app.add_option("--root", root, "repository root (examples/ live there)");
   app.add_option("--reps", reps, "repeats per configuration");
   app.add_option("--out", out, "JSON result file");
@@ -319,6 +328,236 @@ int main(int argc, char** argv) {
   app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);
   mat::common::ConfigureAllocatorForTraining();
+// Average ranks (ties share their mean rank), then Pearson of the ranks.
+double Spearman(const std::vector<double>& a, const std::vector<double>& b) {
+  auto ranks = [](const std::vector<double>& v) {
+    std::vector<size_t> idx(v.size());
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+    std::sort(idx.begin(), idx.end(), [&](size_t x, size_t y) { return v[x] < v[y]; });
+    std::vector<double> r(v.size());
+    for (size_t i = 0; i < idx.size();) {
+      size_t j = i;
+      while (j + 1 < idx.size() && v[idx[j + 1]] == v[idx[i]]) ++j;
+      for (size_t k = i; k <= j; ++k) r[idx[k]] = 0.5 * double(i + j);
+      i = j + 1;
+    }
+    return r;
+  };
+  std::vector<double> x = ranks(a), y = ranks(b);
+  const double n = double(x.size());
+  double mx = 0, my = 0;
+  for (size_t i = 0; i < x.size(); ++i) mx += x[i] / n, my += y[i] / n;
+  double sxy = 0, sxx = 0, syy = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    sxy += (x[i] - mx) * (y[i] - my);
+    sxx += (x[i] - mx) * (x[i] - mx);
+    syy += (y[i] - my) * (y[i] - my);
+  }
+  return sxx > 0 && syy > 0 ? sxy / std::sqrt(sxx * syy) : 0;
+}
+
+// The policy's threshold decision per module (DESIGN §5, without EMA and guards): within each
+// group, active iff λ > λ_min + (λ_max - λ_min)·α (all active when λ_min = λ_max).
+std::vector<bool> ThresholdDecisions(const spectral::ModulePartition& p, const std::vector<double>& lambda,
+                                     double alpha) {
+  std::map<std::string, std::pair<double, double>> range;
+  for (int i = 0; i < p.size(); ++i) {
+    auto [it, fresh] = range.emplace(p.modules[i].group, std::pair{lambda[i], lambda[i]});
+    if (!fresh) {
+      it->second.first = std::min(it->second.first, lambda[i]);
+      it->second.second = std::max(it->second.second, lambda[i]);
+    }
+  }
+  std::vector<bool> active(p.size());
+  for (int i = 0; i < p.size(); ++i) {
+    const auto [lo, hi] = range[p.modules[i].group];
+    active[i] = lo == hi || lambda[i] > lo + (hi - lo) * alpha;
+  }
+  return active;
+}
+
+// gram (loss kernel) vs exact (loss kernel), lanczos (output kernel) vs exact-output, and the
+// kernels against each other, on the same probe batches of a model trained with full masks on
+// the real data: probes at steps 0, gap, 2·gap, ... (`probes` of them), each estimator on its own
+// probe forward of the same batch (estimators consume the graph).
+nlohmann::json SpectralCompareFor(const std::string& model, worker::TrainConfig c, int probes,
+                                  int gap) {
+  c.train.device = g_device;
+  c.policy.kind = "full";
+  auto created = worker::Trainer::Create(c, {"", false, false});
+  if (!created.ok()) return {{"error", created.status().ToString()}};
+  auto& tr = **created;
+  const spectral::ModulePartition& part = tr.partition();
+  const std::vector<std::string> names = {"gram", "exact", "lanczos", "exact-output"};
+  spectral::EstimatorOptions eo;
+  eo.lanczos_iterations = int(c.policy.lanczos_iterations);
+  eo.projections = int(c.policy.probe_projections);
+  eo.seed = c.seed + 0x6c616e637a6f73ULL;
+  std::vector<std::unique_ptr<spectral::Estimator>> est;
+  for (const auto& n : names) est.push_back(std::move(*spectral::MakeEstimator(n, eo)));
+  const std::vector<std::pair<int, int>> pairs = {{0, 1}, {2, 3}, {0, 2}, {1, 3}};
+  auto pair_name = [&](std::pair<int, int> p) { return names[p.first] + "~" + names[p.second]; };
+
+  std::vector<uint8_t> all(part.size(), 1);
+  std::vector<double> ones(all.size(), 1.0);
+  std::map<std::string, std::vector<double>> seconds;
+  std::vector<double> step_s;
+  nlohmann::json points = nlohmann::json::array();
+  {  // warm-up (allocator, first-call costs), untimed
+    worker::MlmBatch warm = tr.train_stream().Next(c.train.batch_size);
+    auto r = tr.Probe(warm, est[0].get());
+    if (!r.ok()) return {{"error", r.status().ToString()}};
+  }
+  int64_t step = 0;
+  for (int pr = 0; pr < probes; ++pr) {
+    worker::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
+    std::vector<std::vector<double>> lambda(names.size());
+    nlohmann::json point = {{"step", step}};
+    for (size_t e = 0; e < names.size(); ++e) {
+      auto t0 = Clock::now();
+      auto r = tr.Probe(batch, est[e].get());
+      Sync(tr.device());
+      const double sec = Seconds(t0, Clock::now());
+      if (!r.ok()) return {{"error", names[e] + ": " + r.status().ToString()}};
+      seconds[names[e]].push_back(sec);
+      for (const auto& m : r->modules) lambda[e].push_back(m.lambda_max);
+      point["lambda_max"][names[e]] = lambda[e];
+      point["seconds"][names[e]] = sec;
+    }
+    for (auto pp : pairs) {
+      const auto da = ThresholdDecisions(part, lambda[pp.first], c.policy.alpha);
+      const auto db = ThresholdDecisions(part, lambda[pp.second], c.policy.alpha);
+      int diff = 0;
+      for (size_t i = 0; i < da.size(); ++i) diff += da[i] != db[i];
+      point["spearman"][pair_name(pp)] = Spearman(lambda[pp.first], lambda[pp.second]);
+      point["decisions_differ"][pair_name(pp)] = diff;
+    }
+    for (auto pp : {std::pair{0, 1}, std::pair{2, 3}}) {
+      double worst = 0;
+      for (size_t i = 0; i < lambda[pp.first].size(); ++i) {
+        const double ref = lambda[pp.second][i];
+        worst = std::max(worst, std::abs(lambda[pp.first][i] - ref) / std::max(std::abs(ref), 1e-30));
+      }
+      point["max_rel_err"][pair_name(pp)] = worst;
+    }
+    points.push_back(point);
+    std::fprintf(stderr, "%s probe at step %lld done\n", model.c_str(), (long long)step);
+    if (pr + 1 == probes) break;
+    for (int g = 0; g < gap; ++g, ++step) {  // the first step trains on the probe's batch
+      if (g > 0) batch = tr.train_stream().Next(c.train.batch_size);
+      Sync(tr.device());
+      auto t0 = Clock::now();
+      auto loss = tr.TrainStep(batch, all, ones, tr.LearningRate(step));
+      Sync(tr.device());
+      if (!loss.ok()) return {{"error", loss.status().ToString()}};
+      step_s.push_back(Seconds(t0, Clock::now()));
+    }
+  }
+  if (step_s.empty()) {  // one probe only: time a few steps anyway
+    for (int g = 0; g < 3; ++g) {
+      worker::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
+      auto t0 = Clock::now();
+      auto loss = tr.TrainStep(batch, all, ones, tr.LearningRate(g));
+      Sync(tr.device());
+      if (!loss.ok()) return {{"error", loss.status().ToString()}};
+      step_s.push_back(Seconds(t0, Clock::now()));
+    }
+  }
+  const double step_med = Median(step_s);
+  nlohmann::json summary;
+  for (auto pp : pairs) {
+    double mean = 0, lo = 1;
+    int diff_total = 0, diff_max = 0;
+    for (const auto& p : points) {
+      const double r = p["spearman"][pair_name(pp)].get<double>();
+      mean += r / double(points.size());
+      lo = std::min(lo, r);
+      const int d = p["decisions_differ"][pair_name(pp)].get<int>();
+      diff_total += d;
+      diff_max = std::max(diff_max, d);
+    }
+    summary["spearman_mean"][pair_name(pp)] = mean;
+    summary["spearman_min"][pair_name(pp)] = lo;
+    summary["decisions_differ_max"][pair_name(pp)] = diff_max;
+    summary["decisions_differ_total"][pair_name(pp)] = diff_total;
+  }
+  for (auto pp : {std::pair{0, 1}, std::pair{2, 3}}) {
+    double worst = 0;
+    for (const auto& p : points) worst = std::max(worst, p["max_rel_err"][pair_name(pp)].get<double>());
+    summary["max_rel_err"][pair_name(pp)] = worst;
+  }
+  for (const auto& n : names) {
+    summary["probe_seconds_median"][n] = Median(seconds[n]);
+    summary["probe_over_step"][n] = Median(seconds[n]) / step_med;
+  }
+  return {{"model", model},
+          {"layers", c.model.layers},
+          {"d_model", c.model.d_model},
+          {"heads", c.model.heads},
+          {"modules", part.size()},
+          {"batch_size", c.train.batch_size},
+          {"seq_len", c.data.seq_len},
+          {"probe_samples", c.policy.probe_samples},
+          {"probe_projections", c.policy.probe_projections},
+          {"lanczos_iterations", c.policy.lanczos_iterations},
+          {"output_kernel_d", c.policy.probe_samples * c.policy.probe_projections},
+          {"alpha", c.policy.alpha},
+          {"probes", probes},
+          {"steps_between_probes", gap},
+          {"step_seconds_median", step_med},
+          {"summary", summary},
+          {"points", points}};
+}
+
+int SpectralCompare(const std::string& root, int reps, nlohmann::json& result) {
+  const int probes = std::max(1, reps);
+  nlohmann::json models = nlohmann::json::array();
+  for (const auto& [name, file] : {std::pair{std::string("tiny"), std::string("bert-wikitext2-tiny.yaml")},
+                                   std::pair{std::string("default"), std::string("bert-wikitext2.yaml")}}) {
+    auto c = Config(root + "/examples/" + file);
+    if (!c.ok()) {
+      std::cerr << "mat-bench: " << c.status() << "\n";
+      return 2;
+    }
+    nlohmann::json r = SpectralCompareFor(name, *c, probes, g_compare_gap);
+    if (r.contains("error")) {
+      std::cerr << "mat-bench: " << name << ": " << r["error"].get<std::string>() << "\n";
+      return 1;
+    }
+    models.push_back(r);
+  }
+  result = {{"benchmark", "spectral-compare"}, {"device", g_device}, {"models", models}};
+  const std::vector<std::string> pairs = {"gram~exact", "lanczos~exact-output", "gram~lanczos",
+                                          "exact~exact-output"};
+  std::printf("\n| model | modules | pair | Spearman ρ mean (min) | threshold decisions differ, max per probe (total) |\n");
+  std::printf("|---|---|---|---|---|\n");
+  for (const auto& m : models) {
+    for (const auto& p : pairs) {
+      const auto& s = m["summary"];
+      std::printf("| %s | %d | %s | %.3f (%.3f) | %d (%d) |\n", m["model"].get<std::string>().c_str(),
+                  m["modules"].get<int>(), p.c_str(), s["spearman_mean"][p].get<double>(),
+                  s["spearman_min"][p].get<double>(), s["decisions_differ_max"][p].get<int>(),
+                  s["decisions_differ_total"][p].get<int>());
+    }
+  }
+  std::printf("\n| model | max rel err gram vs exact | max rel err lanczos vs exact-output | step s | gram s (×step) | exact s (×step) | lanczos s (×step) | exact-output s (×step) |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (const auto& m : models) {
+    const auto& s = m["summary"];
+    std::printf("| %s | %.2e | %.2e | %.3f |", m["model"].get<std::string>().c_str(),
+                s["max_rel_err"]["gram~exact"].get<double>(),
+                s["max_rel_err"]["lanczos~exact-output"].get<double>(),
+                m["step_seconds_median"].get<double>());
+    for (const char* e : {"gram", "exact", "lanczos", "exact-output"}) {
+      std::printf(" %.3f (%.1f) |", s["probe_seconds_median"][e].get<double>(),
+                  s["probe_over_step"][e].get<double>());
+    }
+    std::printf("\n");
+  }
+  std::printf("\n");
+  return 0;
+}
+
   mat::common::InitLogging("warn", false);
   // LibTorch's OpenMP default can be 1 thread here; use every core, as the trainer does.
   torch::set_num_threads(threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency())));
@@ -334,8 +573,10 @@ int main(int argc, char** argv) {
     absl::Status s = mat::common::WriteFileAtomic(out, result.dump(2) + "\n");
     if (!s.ok()) {
       std::cerr << "mat-bench: " << s << "\n";
+  app.add_option("--gap", mat::bench::g_compare_gap, "spectral-compare: training steps between probes");
       return 1;
     }
   }
   return 0;
 }
+           : name == "spectral-compare" ? mat::bench::SpectralCompare(root, reps, result)

@@ -32,6 +32,7 @@
 #include "common/allocator.h"
 #include "common/logging.h"
 #include "nlohmann/json.hpp"
+#include "worker/autocast.h"
 #include "spectral/estimator.h"
 #include "worker/bert.h"
 #include "worker/flops.h"
@@ -45,13 +46,17 @@ namespace {
 using Clock = std::chrono::steady_clock;
 std::string g_profile_path;  // --profile: chrome trace of one full-mask step per model
 std::string g_device = "cpu";  // --device
+std::string g_precision = "fp32";  // --precision: the step's forward under bf16 autocast or not
+worker::Precision Prec() {
+  return g_precision == "bf16" ? worker::Precision::kBFloat16 : worker::Precision::kFloat32;
+}
 std::string g_data_dir;        // --data-dir: overrides the examples' data.dir
+int g_compare_gap = 20;        // --gap: spectral-compare's training steps between probes
 
 // Waits for the device's queued work (a host copy of a scalar is stream-ordered).
 void Sync(const torch::Device& d) {
   if (d.is_cuda()) torch::zeros({1}, torch::TensorOptions().device(d)).item<float>();
 }
-int g_compare_gap = 20;        // --gap: spectral-compare's training steps between probes
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
@@ -98,7 +103,11 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
     model->SetMask(HeadMask(c, fractions[k]));
     Sync(dev);
     auto t0 = Clock::now();
-    torch::Tensor loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+    torch::Tensor loss;
+    {
+      worker::AutocastGuard autocast(dev, Prec());
+      loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+    }
     Sync(dev);
     auto t1 = Clock::now();
     loss.backward();
@@ -199,7 +208,11 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
     Sync(dev);
     auto t0 = Clock::now();
     model->SetMask(all);
-    torch::Tensor loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+    torch::Tensor loss;
+    {
+      worker::AutocastGuard autocast(dev, Prec());
+      loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+    }
     loss.backward();
     absl::Status s = opt.Step(1e-4, all, ones);
     Sync(dev);
@@ -213,7 +226,7 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
   }
   auto f = worker::BertStepFlops(c, B, T, positions.size(0), {});
   const double step = Median(times);
-  result = {{"benchmark", "step"}, {"device", g_device}, {"layers", c.layers},
+  result = {{"benchmark", "step"}, {"device", g_device}, {"precision", g_precision}, {"layers", c.layers},
             {"d_model", c.d_model}, {"heads", c.heads}, {"batch", B}, {"seq_len", T},
             {"reps", reps}, {"step_seconds_median", step}, {"flops_per_step", f.total()},
             {"achieved_flops_per_second", f.total() / step}, {"loss", loss_value}};
@@ -228,8 +241,10 @@ int MatmulPeak(const std::string& root, int reps, nlohmann::json& result) {
   nlohmann::json sizes = nlohmann::json::array();
   double best = 0;
   for (int64_t n : {512, 1024, 2048, 4096}) {
-    torch::Tensor a = torch::randn({n, n}, torch::TensorOptions().device(dev));
-    torch::Tensor b = torch::randn({n, n}, torch::TensorOptions().device(dev));
+    // bf16: the peak the bf16 step's matmuls can reach (autocast runs them in bf16).
+    const auto dtype = Prec() == worker::Precision::kBFloat16 ? torch::kBFloat16 : torch::kFloat;
+    torch::Tensor a = torch::randn({n, n}, torch::TensorOptions().device(dev)).to(dtype);
+    torch::Tensor b = torch::randn({n, n}, torch::TensorOptions().device(dev)).to(dtype);
     std::vector<double> t;
     for (int r = -1; r < reps; ++r) {
       Sync(dev);
@@ -241,12 +256,13 @@ int MatmulPeak(const std::string& root, int reps, nlohmann::json& result) {
     double flops = 2.0 * n * n * n / Median(t);
     best = std::max(best, flops);
     sizes.push_back({{"n", n}, {"seconds_median", Median(t)}, {"flops_per_second", flops}});
-    std::printf("sgemm %5lld^3  %8.2f GFLOP/s\n", (long long)n, flops / 1e9);
+    std::printf("%s mm %5lld^3  %8.2f GFLOP/s\n", g_precision.c_str(), (long long)n, flops / 1e9);
   }
   nlohmann::json step;
   if (int rc = Step(root, reps, step); rc != 0) return rc;
   const double achieved = step["achieved_flops_per_second"].get<double>();
-  result = {{"benchmark", "matmul-peak"}, {"device", g_device}, {"sizes", sizes},
+  result = {{"benchmark", "matmul-peak"}, {"device", g_device}, {"precision", g_precision},
+            {"sizes", sizes},
             {"peak_flops_per_second", best}, {"step", step},
             {"step_fraction_of_peak", achieved / best}, {"goal_fraction", 0.5}};
   std::printf("default BERT step: %.2f GFLOP/s = %.3f of the sgemm peak %.2f GFLOP/s\n",
@@ -262,6 +278,7 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
   }
   c->policy.kind = "mat";
   c->train.device = g_device;
+  c->train.precision = g_precision;
   auto t = worker::Trainer::Create(*c, {"", false, false});
   if (!t.ok()) {
     std::cerr << "mat-bench: " << t.status() << "\n";
@@ -311,23 +328,6 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
   return 0;
 }
 
-}  // namespace
-}  // namespace mat::bench
-
-int main(int argc, char** argv) {
-  CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost, step)"};
-  std::string name, root = ".", out;
-  int reps = 10, threads = 0;
-  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "spectral-compare", "step", "matmul-peak"}));
-  app.add_option("--root", root, "repository root (examples/ live there)");
-  app.add_option("--reps", reps, "repeats per configuration");
-  app.add_option("--out", out, "JSON result file");
-  app.add_option("--device", mat::bench::g_device, "cpu | cuda | cuda:N");
-  app.add_option("--threads", threads, "intra-op threads (0: all cores, as mat-train)");
-  app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
-  app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
-  CLI11_PARSE(app, argc, argv);
-  mat::common::ConfigureAllocatorForTraining();
 // Average ranks (ties share their mean rank), then Pearson of the ranks.
 double Spearman(const std::vector<double>& a, const std::vector<double>& b) {
   auto ranks = [](const std::vector<double>& v) {
@@ -558,6 +558,26 @@ int SpectralCompare(const std::string& root, int reps, nlohmann::json& result) {
   return 0;
 }
 
+}  // namespace
+}  // namespace mat::bench
+
+int main(int argc, char** argv) {
+  CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost, step)"};
+  std::string name, root = ".", out;
+  int reps = 10, threads = 0;
+  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "spectral-compare", "step", "matmul-peak"}));
+  app.add_option("--root", root, "repository root (examples/ live there)");
+  app.add_option("--reps", reps, "repeats per configuration");
+  app.add_option("--out", out, "JSON result file");
+  app.add_option("--device", mat::bench::g_device, "cpu | cuda | cuda:N");
+  app.add_option("--precision", mat::bench::g_precision, "fp32 | bf16 (autocast of the forward)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--threads", threads, "intra-op threads (0: all cores, as mat-train)");
+  app.add_option("--gap", mat::bench::g_compare_gap, "spectral-compare: training steps between probes");
+  app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
+  app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
+  CLI11_PARSE(app, argc, argv);
+  mat::common::ConfigureAllocatorForTraining();
   mat::common::InitLogging("warn", false);
   // LibTorch's OpenMP default can be 1 thread here; use every core, as the trainer does.
   torch::set_num_threads(threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency())));
@@ -565,6 +585,7 @@ int SpectralCompare(const std::string& root, int reps, nlohmann::json& result) {
   int rc = name == "masked-backward" ? mat::bench::MaskedBackward(root, reps, result)
            : name == "step"           ? mat::bench::Step(root, reps, result)
            : name == "matmul-peak"    ? mat::bench::MatmulPeak(root, reps, result)
+           : name == "spectral-compare" ? mat::bench::SpectralCompare(root, reps, result)
                                       : mat::bench::SpectralCost(root, reps, result);
   if (rc != 0) return rc;
   result["threads"] = torch::get_num_threads();
@@ -573,10 +594,8 @@ int SpectralCompare(const std::string& root, int reps, nlohmann::json& result) {
     absl::Status s = mat::common::WriteFileAtomic(out, result.dump(2) + "\n");
     if (!s.ok()) {
       std::cerr << "mat-bench: " << s << "\n";
-  app.add_option("--gap", mat::bench::g_compare_gap, "spectral-compare: training steps between probes");
       return 1;
     }
   }
   return 0;
 }
-           : name == "spectral-compare" ? mat::bench::SpectralCompare(root, reps, result)

@@ -1,5 +1,6 @@
 #include "spectral/estimator.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "spectral/exact_estimator.h"
@@ -8,23 +9,45 @@
 
 namespace mat::spectral {
 
-ModuleSpectrum KernelStats(const torch::Tensor& kernel) {
-  torch::Tensor k = kernel.detach().to(torch::kFloat64).cpu();
-  k = 0.5 * (k + k.t());  // symmetrize away round-off
-  torch::Tensor eig = at::linalg_eigvalsh(k, "L");  // ascending
-  ModuleSpectrum s;
-  s.lambda_max = eig[-1].item<double>();
-  s.trace = k.diagonal().sum().item<double>();
-  torch::Tensor pos = eig.clamp_min(0);
-  double total = pos.sum().item<double>();
-  if (total > 0) {
-    torch::Tensor p = pos / total;
-    torch::Tensor nz = p.masked_select(p > 0);
-    double h = -(nz * nz.log()).sum().item<double>();
-    s.effective_rank = std::exp(h);
+std::vector<ModuleSpectrum> KernelStatsBatch(const std::vector<torch::Tensor>& kernels) {
+  std::vector<ModuleSpectrum> out(kernels.size());
+  std::vector<torch::Tensor> defined;
+  std::vector<size_t> where;
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    if (!kernels[i].defined()) continue;
+    defined.push_back(kernels[i].detach());
+    where.push_back(i);
   }
-  return s;
+  if (defined.empty()) return out;
+  // One copy to the host and one batched eigendecomposition (on a GPU, per-module copies and
+  // scalar reads were most of the probe's time).
+  torch::Tensor k = torch::stack(defined).to(torch::kFloat64).cpu();  // [M, n, n]
+  k = 0.5 * (k + k.transpose(1, 2));  // symmetrize away round-off
+  torch::Tensor eig = at::linalg_eigvalsh(k, "L").contiguous();  // [M, n] ascending
+  torch::Tensor trace = k.diagonal(0, 1, 2).sum(1).contiguous();  // [M]
+  const int64_t n = eig.size(1);
+  const double* e = eig.data_ptr<double>();
+  const double* tr = trace.data_ptr<double>();
+  for (size_t j = 0; j < where.size(); ++j) {
+    const double* ej = e + j * n;
+    ModuleSpectrum& s = out[where[j]];
+    s.lambda_max = ej[n - 1];
+    s.trace = tr[j];
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) total += std::max(ej[i], 0.0);
+    if (total > 0) {
+      double h = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double p = std::max(ej[i], 0.0) / total;
+        if (p > 0) h -= p * std::log(p);
+      }
+      s.effective_rank = std::exp(h);
+    }
+  }
+  return out;
 }
+
+ModuleSpectrum KernelStats(const torch::Tensor& kernel) { return KernelStatsBatch({kernel})[0]; }
 
 absl::StatusOr<std::unique_ptr<Estimator>> MakeEstimator(const std::string& name,
                                                          const EstimatorOptions& options) {

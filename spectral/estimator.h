@@ -42,6 +42,9 @@ struct EstimateResult {
 
 // Eigen-statistics of a symmetric PSD kernel K [n, n] (any float dtype; computed in float64).
 ModuleSpectrum KernelStats(const torch::Tensor& kernel);
+// The same for many kernels of one size n (each [n, n]; undefined entries give a zero
+// spectrum), with one host copy and one batched eigendecomposition.
+std::vector<ModuleSpectrum> KernelStatsBatch(const std::vector<torch::Tensor>& kernels);
 
 struct EstimatorOptions {
   int lanczos_iterations = 8;  // lanczos: Krylov steps K (>= 1; capped at d)

@@ -55,11 +55,13 @@ void AppendRows(const std::vector<torch::Tensor>& g, const std::vector<torch::Te
 EstimateResult KernelsOf(const std::vector<std::vector<torch::Tensor>>& rows) {
   EstimateResult result;
   torch::NoGradGuard guard;
+  std::vector<torch::Tensor> kernels;
   for (const auto& r : rows) {
     torch::Tensor j = torch::stack(r).to(torch::kFloat64);  // [rows, p_m]
     result.flops += 2.0 * j.size(0) * j.size(0) * j.size(1);
-    result.modules.push_back(KernelStats(torch::mm(j, j.t())));
+    kernels.push_back(torch::mm(j, j.t()));
   }
+  result.modules = KernelStatsBatch(kernels);
   return result;
 }
 

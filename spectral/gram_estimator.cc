@@ -61,9 +61,7 @@ absl::StatusOr<EstimateResult> GramEstimator::Estimate(const ModulePartition& pa
       kernels[s.module] = kernels[s.module].defined() ? kernels[s.module] + k : k;
     }
   }
-  for (int m = 0; m < num_modules; ++m) {
-    if (kernels[m].defined()) result.modules[m] = KernelStats(kernels[m]);
-  }
+  result.modules = KernelStatsBatch(kernels);
   result.flops = flops;
   return result;
 }

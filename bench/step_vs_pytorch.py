@@ -43,8 +43,11 @@ def main():
     tuned = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="1073741824",
                  MALLOC_TOP_PAD_="67108864")
     ours, peer, peer_tuned = [ours0["step_seconds_median"]], [], []
+    peer0 = None
     for r in range(rounds):
-        peer.append(run(peer_cmd)["step_seconds_median"])
+        pr = run(peer_cmd)
+        peer0 = peer0 or pr
+        peer.append(pr["step_seconds_median"])
         peer_tuned.append(run(peer_cmd, tuned)["step_seconds_median"])
         if r + 1 < rounds:
             ours.append(run(ours_cmd)["step_seconds_median"])
@@ -58,6 +61,8 @@ def main():
         "goal_ratio": 0.9, "ours_rounds": ours, "peer_rounds": peer, "peer_tuned_rounds": peer_tuned,
         "flops_per_step": ours0["flops_per_step"],
         "ours_achieved_flops_per_second": ours0["flops_per_step"] / o,
+        "ours_phases_seconds": ours0.get("phases_seconds_median"),
+        "peer_phases_seconds": peer0.get("phases_seconds_median"),
     }
     out_dir = os.environ.get("MAT_BENCH_OUT_DIR", os.path.join(ROOT, "bench/results"))
     name = "step-vs-pytorch"
@@ -71,6 +76,10 @@ def main():
     print("%-28s %10.4f" % ("pytorch peer", p))
     print("%-28s %10.4f" % ("pytorch peer, tuned malloc", pt))
     print("ratio ours/peer %.3f, ours/peer(tuned malloc) %.3f (goal <= 0.9)" % (o / p, o / pt))
+    for who, ph in (("ours", result["ours_phases_seconds"]), ("peer", result["peer_phases_seconds"])):
+        if ph:
+            print("%s synchronized phases: forward %.4f s, backward %.4f s, optimizer %.4f s"
+                  % (who, ph["forward"], ph["backward"], ph["optimizer"]))
 
 
 if __name__ == "__main__":

@@ -126,11 +126,31 @@ def main():
         sync()
         if r > 0:  # the first step is warm-up
             times.append(time.perf_counter() - t0)
+    # Where the time goes: separate repeats, synchronized between phases.
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    for r in range(a.reps):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            loss = F.cross_entropy(model(ids, positions), labels)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        phases["forward"].append(t1 - t0)
+        phases["backward"].append(t2 - t1)
+        phases["optimizer"].append(t3 - t2)
     times.sort()
     print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "device": a.device,
                       "precision": a.precision,
                       "threads": torch.get_num_threads(), "reps": a.reps,
                       "step_seconds_median": times[len(times) // 2],
+                      "phases_seconds_median": {k: sorted(v)[len(v) // 2] for k, v in phases.items()},
                       "loss": float(loss)}))
 
 

@@ -30,6 +30,7 @@ const std::vector<std::string> kAllKeys = {
     "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
     "train.schedule", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads", "train.device",
+    "train.precision",
     "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.lanczos_iterations", "policy.probe_projections", "policy.min_active_fraction",

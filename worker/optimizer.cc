@@ -36,13 +36,18 @@ namespace {
 // writes every array 9 times): p ← p·(1 − lr·wd); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
 // p ← p − (lr/bc1)·m / (√(v/bc2) + ε). Elementwise, so every rank and thread count gives the
 // same bits.
+// The scalars come in double and are rounded once (1 − β2 rounded from double is 0.001, from
+// float(0.999) it would be 0.00099999).
 void FusedAdamWCpu(torch::Tensor& p, const torch::Tensor& g, torch::Tensor& m, torch::Tensor& v,
-                   float decay_factor, float b1, float b2, float bc2, float eps, float step) {
+                   double decay_factor, double beta1, double beta2, double bc2_d, double eps_d,
+                   double step_d) {
+  const float b1 = float(beta1), b2 = float(beta2), one_b1 = float(1.0 - beta1),
+              one_b2 = float(1.0 - beta2), bc2 = float(bc2_d), eps = float(eps_d),
+              step = float(step_d), decay = float(decay_factor);
   float* pp = p.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   float* mp = m.data_ptr<float>();
   float* vp = v.data_ptr<float>();
-  const float one_b1 = 1.0f - b1, one_b2 = 1.0f - b2;
   at::parallel_for(0, p.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float gi = gp[i];
@@ -50,7 +55,7 @@ void FusedAdamWCpu(torch::Tensor& p, const torch::Tensor& g, torch::Tensor& m, t
       const float vi = b2 * vp[i] + one_b2 * gi * gi;
       mp[i] = mi;
       vp[i] = vi;
-      pp[i] = pp[i] * decay_factor + step * (mi / (std::sqrt(vi / bc2) + eps));
+      pp[i] = pp[i] * decay + step * (mi / (std::sqrt(vi / bc2) + eps));
     }
   });
 }
@@ -104,12 +109,22 @@ absl::Status MaskedAdamW::Step(double lr, const std::vector<uint8_t>& active,
     const double step_lr = lr * scale;
     const int64_t t = ++steps_[i];
     const bool decay = e.decay && opt_.weight_decay != 0;
+    if (!opt_.fused) {
+      const double bc1 = 1.0 - std::pow(opt_.beta1, double(t));
+      const double bc2 = 1.0 - std::pow(opt_.beta2, double(t));
+      if (decay) e.param.mul_(1.0 - step_lr * opt_.weight_decay);
+      m_[i].mul_(opt_.beta1).add_(grad, 1.0 - opt_.beta1);
+      v_[i].mul_(opt_.beta2).addcmul_(grad, grad, 1.0 - opt_.beta2);
+      torch::Tensor denom = (v_[i] / bc2).sqrt_().add_(opt_.eps);
+      e.param.addcdiv_(m_[i], denom, -step_lr / bc1);
+      grad.reset();
+      continue;
+    }
     if (FusableOnCpu(e.param, grad, m_[i], v_[i])) {
       const double bc1 = 1.0 - std::pow(opt_.beta1, double(t));
       const double bc2 = 1.0 - std::pow(opt_.beta2, double(t));
-      FusedAdamWCpu(e.param, grad, m_[i], v_[i],
-                    decay ? float(1.0 - step_lr * opt_.weight_decay) : 1.0f, float(opt_.beta1),
-                    float(opt_.beta2), float(bc2), float(opt_.eps), float(-step_lr / bc1));
+      FusedAdamWCpu(e.param, grad, m_[i], v_[i], decay ? 1.0 - step_lr * opt_.weight_decay : 1.0,
+                    opt_.beta1, opt_.beta2, bc2, opt_.eps, -step_lr / bc1);
       grad.reset();
       continue;
     }

@@ -203,15 +203,15 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
     model_->train();
     probe.losses = PerSampleLoss(logits, labels, positions, T, n);
     probe.sites = recorder.Take();
+    if (estimator->NeedsOutputs()) {
+      probe.outputs = ProjectOutputs(logits, positions, T, n, estimator->OutputProjections(),
+                                     config_.seed);
+    }
   } catch (const c10::Error& e) {
     model_->SetRecorder(nullptr);
     model_->train();
     return absl::InternalError(std::string("probe forward failed: ") + e.what_without_backtrace());
   }
-    if (estimator->NeedsOutputs()) {
-      probe.outputs = ProjectOutputs(logits, positions, T, n, estimator->OutputProjections(),
-                                     config_.seed);
-    }
   absl::StatusOr<spectral::EstimateResult> est = [&]() -> absl::StatusOr<spectral::EstimateResult> {
     try {
       return estimator->Estimate(partition_, std::move(probe));

@@ -51,6 +51,7 @@ worker::Precision Prec() {
   return g_precision == "bf16" ? worker::Precision::kBFloat16 : worker::Precision::kFloat32;
 }
 std::string g_data_dir;        // --data-dir: overrides the examples' data.dir
+std::string g_step_config = "examples/bert-wikitext2.yaml";  // --config: step, matmul-peak
 int g_compare_gap = 20;        // --gap: spectral-compare's training steps between probes
 
 // Waits for the device's queued work (a host copy of a scalar is stream-ordered).
@@ -182,7 +183,7 @@ int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
 // BERT on a random batch of the configured shape, median of `reps` — the figure bench/run
 // step-vs-pytorch compares with the PyTorch peer's.
 int Step(const std::string& root, int reps, nlohmann::json& result) {
-  auto tc = Config(root + "/examples/bert-wikitext2.yaml");
+  auto tc = Config(root + "/" + g_step_config);
   if (!tc.ok()) {
     std::cerr << "mat-bench: " << tc.status() << "\n";
     return 2;
@@ -257,8 +258,9 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
   }
   auto f = worker::BertStepFlops(c, B, T, positions.size(0), {});
   const double step = Median(times);
-  result = {{"benchmark", "step"}, {"device", g_device}, {"precision", g_precision}, {"layers", c.layers},
-            {"d_model", c.d_model}, {"heads", c.heads}, {"batch", B}, {"seq_len", T},
+  result = {{"benchmark", "step"}, {"config", g_step_config}, {"device", g_device},
+            {"precision", g_precision}, {"layers", c.layers}, {"d_model", c.d_model},
+            {"heads", c.heads}, {"d_ff", c.d_ff}, {"batch", B}, {"seq_len", T},
             {"reps", reps}, {"step_seconds_median", step}, {"flops_per_step", f.total()},
             {"achieved_flops_per_second", f.total() / step}, {"loss", loss_value},
             {"phases_seconds_median", {{"forward", Median(fwd)}, {"backward", Median(bwd)},
@@ -611,6 +613,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--threads", threads, "intra-op threads (0: all cores, as mat-train)");
   app.add_option("--gap", mat::bench::g_compare_gap, "spectral-compare: training steps between probes");
+  app.add_option("--config", mat::bench::g_step_config,
+                 "step, matmul-peak: the model/batch config, relative to --root");
   app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
   app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);

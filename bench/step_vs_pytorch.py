@@ -6,7 +6,8 @@ Rounds alternate the two programs (ours, peer with glibc's default malloc, peer 
 settings this project applies in-process) so machine noise hits all of them alike; each figure is
 the median over rounds of each program's median step. Writes bench/results/step-vs-pytorch.json
 (CPU, fp32) or step-vs-pytorch-DEVICE-PRECISION.json; MAT_BENCH_OUT_DIR overrides the folder and
-MAT_BUILD_DIR the build (default build/).
+MAT_BUILD_DIR the build (default build/), MAT_BENCH_CONFIG the model (default
+examples/bert-wikitext2.yaml; the peer gets the same shape).
 
     step_vs_pytorch.py [REPS [ROUNDS [DEVICE [PRECISION]]]]   PRECISION: fp32 | bf16
 """
@@ -30,13 +31,16 @@ def main():
     device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
     precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
     build = os.environ.get("MAT_BUILD_DIR", os.path.join(ROOT, "build"))
+    config = os.environ.get("MAT_BENCH_CONFIG", "examples/bert-wikitext2.yaml")
     ours_cmd = [os.path.join(build, "bin/mat-bench"), "step", "--root", ROOT,
-                "--reps", str(reps), "--device", device, "--precision", precision]
+                "--reps", str(reps), "--device", device, "--precision", precision,
+                "--config", config]
     threads = 2 if device == "cpu" else 1
     ours0 = run(ours_cmd)
     peer_cmd = [sys.executable, os.path.join(ROOT, "bench/peers/bert_step.py"),
                 "--layers", str(ours0["layers"]), "--d-model", str(ours0["d_model"]),
-                "--heads", str(ours0["heads"]), "--batch", str(ours0["batch"]),
+                "--heads", str(ours0["heads"]), "--d-ff", str(ours0["d_ff"]),
+                "--batch", str(ours0["batch"]),
                 "--seq", str(ours0["seq_len"]), "--reps", str(reps), "--device", device,
                 "--threads", str(os.cpu_count() if device == "cpu" else threads),
                 "--precision", precision]
@@ -55,7 +59,8 @@ def main():
     result = {
         "benchmark": "step-vs-pytorch", "device": device, "precision": precision, "reps": reps,
         "rounds": rounds,
-        "model": {k: ours0[k] for k in ("layers", "d_model", "heads", "batch", "seq_len")},
+        "config": config,
+        "model": {k: ours0[k] for k in ("layers", "d_model", "heads", "d_ff", "batch", "seq_len")},
         "ours_step_seconds": o, "peer_step_seconds": p, "peer_tuned_malloc_step_seconds": pt,
         "ratio_ours_over_peer": o / p, "ratio_ours_over_peer_tuned_malloc": o / pt,
         "goal_ratio": 0.9, "ours_rounds": ours, "peer_rounds": peer, "peer_tuned_rounds": peer_tuned,
@@ -68,6 +73,8 @@ def main():
     name = "step-vs-pytorch"
     if device != "cpu" or precision != "fp32":
         name += "-%s-%s" % (device.replace(":", ""), precision)
+    if "MAT_BENCH_CONFIG" in os.environ:
+        name += "-" + os.path.basename(config).rsplit(".", 1)[0]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -5,9 +5,9 @@
 // not change (no momentum drift, no weight decay, no bias-correction advance). Such tensors must
 // have no gradient (the model does not compute it); Step returns FAILED_PRECONDITION otherwise,
 // so a masking bug cannot hide. After Step every gradient is reset to undefined.
-// Speed: float32 CPU tensors are updated in one fused pass each (memory-bound: one read and
-// write of p, m, v instead of nine); other tensors (CUDA) in groups of equal scalars with
-// multi-tensor _foreach_ kernels. Both are elementwise, so results do not depend on threads.
+// Speed: tensors are updated in groups of equal scalars with multi-tensor _foreach_ ops (on a
+// GPU a few kernel launches per group instead of ~9 per tensor). Elementwise, so results do not
+// depend on the thread count.
 // Not thread-safe.
 #pragma once
 
@@ -27,7 +27,7 @@ struct AdamWOptions {
   double eps = 1e-8;
   double weight_decay = 0.01;
   // false: the plain per-tensor sequence of ATen ops (9 per tensor), kept as the reference the
-  // fused and multi-tensor forms are checked and benchmarked against.
+  // multi-tensor form is checked and benchmarked against.
   bool fused = true;
 };
 

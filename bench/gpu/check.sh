@@ -4,7 +4,8 @@
 # gradient sync (NCCL) against PyTorch's LibTorch with -DMAT_WITH_SERVICE=OFF, runs the CUDA
 # tests (ctest label gpu: CPU against CUDA in fp32 and bf16, NCCL all-reduce) and a few CPU unit
 # tests, then the benchmarks on the GPU: masked backward, the gram probe's cost, the matmul peak
-# and the step's fraction of it (fp32 and bf16), the step against the PyTorch peer (fp32, bf16).
+# and the step's fraction of it (fp32 and bf16), the step against the PyTorch peer (fp32, bf16)
+# on the default BERT and on a BERT-base shape, and the estimators compared (spectral-compare).
 #
 #   bench/gpu/check.sh DEPS_DIR OUT_DIR
 #     DEPS_DIR: Debian 12 .deb files of abseil, yaml-cpp, CLI11, nlohmann-json, liblzma, gtest,
@@ -30,6 +31,17 @@ torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
   g++ --version | head -n1
   nproc
 } | tee "$out/machine.txt"
+
+# Every benchmark's JSON into one file, also when a step fails or the time runs out.
+merge() {
+  python3 - "$json" "$out/results.json" <<'PY'
+import json, os, sys
+d = {f[:-5]: json.load(open(os.path.join(sys.argv[1], f)))
+     for f in sorted(os.listdir(sys.argv[1])) if f.endswith(".json")}
+json.dump(d, open(sys.argv[2], "w"), indent=1)
+PY
+}
+trap merge EXIT
 
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAT_WITH_SERVICE=OFF \
@@ -79,13 +91,16 @@ for p in fp32 bf16; do
   MAT_BUILD_DIR=build-gpu MAT_BENCH_OUT_DIR="$json" timeout 240 \
     python3 bench/step_vs_pytorch.py 30 3 cuda "$p" 2>&1 | tee -a "$out/bench.txt"
 done
+# A BERT-base shape (12 x 768), where the GPU is not launch-bound: fraction of the bf16 matmul
+# peak, and against the peer.
+bench matmul-peak-cuda-bf16-base matmul-peak --reps 10 --precision bf16 \
+  --config examples/bert-base-wikitext2.yaml
+for p in bf16 fp32; do
+  echo "== step-vs-pytorch-cuda-$p-base" | tee -a "$out/bench.txt"
+  MAT_BUILD_DIR=build-gpu MAT_BENCH_OUT_DIR="$json" MAT_BENCH_CONFIG=examples/bert-base-wikitext2.yaml \
+    timeout 240 python3 bench/step_vs_pytorch.py 10 1 cuda "$p" 2>&1 | tee -a "$out/bench.txt"
+done
 if build-gpu/bin/mat-bench --help 2>&1 | grep -q spectral-compare; then
   bench spectral-compare-cuda spectral-compare --reps 3 --data-dir "$deps_dir/wikitext-2"
 fi
-python3 - "$json" "$out/results.json" <<'PY'
-import json, os, sys
-d = {f[:-5]: json.load(open(os.path.join(sys.argv[1], f)))
-     for f in sorted(os.listdir(sys.argv[1])) if f.endswith(".json")}
-json.dump(d, open(sys.argv[2], "w"), indent=1)
-PY
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"

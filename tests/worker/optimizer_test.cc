@@ -1,8 +1,8 @@
-// MaskedAdamW against LibTorch's own torch::optim::AdamW: the fused CPU pass (float32) and the
-// multi-tensor path (here float64 on CPU; CUDA tensors take it in production) give the same
-// trajectory, also when modules are masked off for some steps (per-tensor step counts, groups
-// of different bias corrections). Tolerances: 2e-6 relative in float32 (the two write the
-// bias correction differently: sqrt(v/bc2) against sqrt(v)/sqrt(bc2)), 1e-12 in float64.
+// MaskedAdamW against LibTorch's own torch::optim::AdamW: the multi-tensor path gives the same
+// trajectory in float32 and float64, also when modules are masked off for some steps (per-tensor
+// step counts, groups of different bias corrections). Tolerances: 2e-6 relative in float32 (the
+// two write the bias correction differently: sqrt(v/bc2) against sqrt(v)/sqrt(bc2)), 1e-12 in
+// float64.
 #include "worker/optimizer.h"
 
 #include <gtest/gtest.h>
@@ -74,8 +74,8 @@ TEST_P(MaskedAdamWTest, MatchesLibTorchAdamWPerModuleWithMasking) {
   EXPECT_EQ(opt.step_count(4), 6);
 }
 
-// The fused CPU pass and the per-tensor reference agree to float32 rounding over 20 steps.
-TEST(MaskedAdamWFusedTest, FusedMatchesThePerTensorReference) {
+// The multi-tensor form and the per-tensor reference agree to float32 rounding over 20 steps.
+TEST(MaskedAdamWFusedTest, MultiTensorMatchesThePerTensorReference) {
   torch::manual_seed(3);
   torch::Tensor a0 = torch::randn({64, 33}), b0 = torch::randn({33});
   std::vector<torch::Tensor> pf = {a0.clone(), b0.clone()}, pr = {a0.clone(), b0.clone()};
@@ -98,7 +98,7 @@ TEST(MaskedAdamWFusedTest, FusedMatchesThePerTensorReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(FusedFloatAndForeachDouble, MaskedAdamWTest,
+INSTANTIATE_TEST_SUITE_P(FloatAndDouble, MaskedAdamWTest,
                          ::testing::Values(Case{torch::kFloat, 2e-6}, Case{torch::kDouble, 1e-12}));
 
 }  // namespace

@@ -34,6 +34,10 @@ class RowSplitFunction : public torch::autograd::Function<RowSplitFunction> {
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["attached"] = num_attached;
     ctx->saved_data["bias"] = b_all.has_value();
+    // The leaves' dtype: under bf16 autocast the weight gradients are computed in bf16 and cast
+    // once per block here, not once per leaf by autograd (hundreds of small casts per step).
+    ctx->saved_data["leaf_dtype"] =
+        static_cast<int64_t>(attached.empty() ? x.scalar_type() : attached[0].scalar_type());
     return torch::nn::functional::linear(x, w_all, b_all.has_value() ? *b_all : torch::Tensor());
   }
 
@@ -46,6 +50,7 @@ class RowSplitFunction : public torch::autograd::Function<RowSplitFunction> {
     const int64_t rows = ctx->saved_data["rows"].toInt();
     const int64_t num_attached = ctx->saved_data["attached"].toInt();
     const bool has_bias = ctx->saved_data["bias"].toBool();
+    const auto leaf = static_cast<at::ScalarType>(ctx->saved_data["leaf_dtype"].toInt());
     torch::Tensor g = grad_out[0].reshape({-1, grad_out[0].size(-1)});
     torch::Tensor x2 = x.reshape({-1, x.size(-1)});
     variable_list out;
@@ -53,9 +58,9 @@ class RowSplitFunction : public torch::autograd::Function<RowSplitFunction> {
     std::vector<torch::Tensor> wgrads, bgrads;
     for (int64_t c = 0; c < comps && num_attached > 0; ++c) {
       torch::Tensor block = g.narrow(1, c * slices * rows, num_attached * rows);  // [N, A*r]
-      for (torch::Tensor& t : torch::mm(block.t(), x2).split(rows, 0)) wgrads.push_back(t);
+      for (torch::Tensor& t : torch::mm(block.t(), x2).to(leaf).split(rows, 0)) wgrads.push_back(t);
       if (has_bias) {
-        for (torch::Tensor& t : block.sum(0).split(rows, 0)) bgrads.push_back(t);
+        for (torch::Tensor& t : block.sum(0).to(leaf).split(rows, 0)) bgrads.push_back(t);
       }
     }
     out.insert(out.end(), wgrads.begin(), wgrads.end());
@@ -75,6 +80,8 @@ class ColSplitFunction : public torch::autograd::Function<ColSplitFunction> {
     ctx->save_for_backward({x, w_all});
     ctx->saved_data["cols"] = cols;
     ctx->saved_data["attached"] = num_attached;
+    ctx->saved_data["leaf_dtype"] =
+        static_cast<int64_t>(attached.empty() ? x.scalar_type() : attached[0].scalar_type());
     return torch::nn::functional::linear(x, w_all);
   }
 
@@ -84,12 +91,14 @@ class ColSplitFunction : public torch::autograd::Function<ColSplitFunction> {
     const torch::Tensor& w_all = saved[1];
     const int64_t cols = ctx->saved_data["cols"].toInt();
     const int64_t num_attached = ctx->saved_data["attached"].toInt();
+    const auto leaf = static_cast<at::ScalarType>(ctx->saved_data["leaf_dtype"].toInt());
     torch::Tensor g = grad_out[0].reshape({-1, grad_out[0].size(-1)});
     torch::Tensor x2 = x.reshape({-1, x.size(-1)});
     variable_list out;
     out.push_back(ctx->needs_input_grad(0) ? torch::mm(g, w_all).view(x.sizes()) : torch::Tensor());
     if (num_attached > 0) {
-      torch::Tensor gw = torch::mm(g.t(), x2.narrow(1, 0, num_attached * cols));  // [out, A*c]
+      torch::Tensor gw =
+          torch::mm(g.t(), x2.narrow(1, 0, num_attached * cols)).to(leaf);  // [out, A*c]
       for (torch::Tensor& t : gw.split(cols, 1)) out.push_back(t.contiguous());
     }
     for (int i = 0; i < 3; ++i) out.emplace_back();  // w_all and the two integers

@@ -54,7 +54,8 @@ targets="worker_cuda_test worker_autocast_test spectral_estimator_test worker_ma
 ninja -C build-gpu -k 0 -j "$(nproc)" $targets >> "$out/build.log" 2>&1 \
   || { grep -E "error|Error" "$out/build.log" | head -n 40; exit 1; }
 # The NCCL gradient sync: reported, not fatal, so the rest of the check still runs.
-if ninja -C build-gpu -t targets all | grep -q '^worker_grad_sync_test:'; then
+ninja -C build-gpu -t targets all > /tmp/mat-gpu-targets.txt  # (grep -q in a pipe: SIGPIPE)
+if grep -q '^worker_grad_sync_test:' /tmp/mat-gpu-targets.txt; then
   ninja -C build-gpu -j "$(nproc)" worker_grad_sync_test > /tmp/mat-grad-sync-build.log 2>&1 \
     && echo "grad sync (NCCL): built" | tee -a "$out/machine.txt" \
     || { echo "grad sync (NCCL): BUILD FAILED" | tee -a "$out/machine.txt";

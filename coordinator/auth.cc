@@ -1,6 +1,7 @@
 #include "coordinator/auth.h"
 
 #include <grpcpp/security/server_credentials.h>
+#include <openssl/sha.h>
 
 #include <utility>
 
@@ -107,6 +108,38 @@ absl::Status CheckJoinTokenMetadata(const ClientMetadata& metadata, const TokenS
     return absl::PermissionDeniedError("unknown join token");
   }
   return absl::OkStatus();
+}
+
+std::string ClientIdentity(const ClientMetadata& metadata, const TokenSet* tokens,
+                           const std::string& peer) {
+  if (tokens == nullptr) {
+    const size_t colon = peer.rfind(':');
+    const size_t first = peer.find(':');
+    // "ipv4:HOST:PORT" / "ipv6:[HOST]:PORT": drop the port; anything else as it is.
+    const bool has_port = colon != std::string::npos && first != std::string::npos && colon > first;
+    return absl::StrCat("peer:", has_port ? peer.substr(0, colon) : peer);
+  }
+  const grpc::string_ref* value = FindMetadata(metadata, "authorization");
+  absl::string_view token;
+  if (value != nullptr) {
+    const absl::string_view text(value->data(), value->size());
+    if (text.size() > kBearerPrefix.size()) {
+      token = absl::StripAsciiWhitespace(text.substr(kBearerPrefix.size()));
+    }
+  }
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(token.data()), token.size(), digest);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id = "token:";
+  for (int i = 0; i < 8; ++i) {
+    id.push_back(kHex[digest[i] >> 4]);
+    id.push_back(kHex[digest[i] & 0xf]);
+  }
+  return id;
+}
+
+std::string ClientIdentity(const grpc::CallbackServerContext& context, const TokenSet* tokens) {
+  return ClientIdentity(context.client_metadata(), tokens, context.peer());
 }
 
 absl::Status CheckBearer(const grpc::CallbackServerContext& context, const TokenSet* tokens) {

@@ -66,6 +66,15 @@ absl::Status CheckBearer(const grpc::CallbackServerContext& context, const Token
 // WorkerService: the call's "x-mat-join-token" against `tokens` (null: OK).
 absl::Status CheckJoinToken(const grpc::CallbackServerContext& context, const TokenSet* tokens);
 
+// Who a JobService caller is, for per-client limits (the per-client job limit) and logs: with
+// `tokens`, "token:" + the first 16 hex digits of SHA-256(bearer token), so the stored id cannot
+// be turned back into the token; without, "peer:" + the peer address without its port
+// ("peer:ipv4:127.0.0.1", "peer:ipv6:[::1]"). REQUIRES with tokens: the call passed
+// CheckBearerMetadata.
+std::string ClientIdentity(const ClientMetadata& metadata, const TokenSet* tokens,
+                           const std::string& peer);
+std::string ClientIdentity(const grpc::CallbackServerContext& context, const TokenSet* tokens);
+
 // Server credentials: insecure when `cert_file` and `key_file` are both empty; TLS with that
 // certificate chain and key otherwise; with `ca_file` also mutual TLS (client certificates are
 // required and verified against that CA). INVALID_ARGUMENT when only one of cert/key is given

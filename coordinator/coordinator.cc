@@ -124,11 +124,20 @@ int64_t Coordinator::NowMs() const {
 // ----- JobService -----
 
 absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& client_request_id,
-                                                          const v1::JobSpec& spec) {
+                                                          const v1::JobSpec& spec,
+                                                          const std::string& client) {
   MAT_RETURN_IF_ERROR(CheckNoUnknownFields(spec, "spec"));
   MAT_RETURN_IF_ERROR(ValidateJobSpec(spec));
-  MAT_ASSIGN_OR_RETURN(CreateJobResult result,
-                       store_->CreateJob(client_request_id, WithJobSpecDefaults(spec)));
+  if (absl::Status limits = CheckJobSpecLimits(spec, options_.spec_limits); !limits.ok()) {
+    spdlog::warn("refused a job from '{}': {}", client, std::string(limits.message()));
+    return limits;
+  }
+  absl::StatusOr<CreateJobResult> created = store_->CreateJob(
+      client_request_id, WithJobSpecDefaults(spec), client, options_.max_jobs_per_client);
+  if (!created.ok() && created.status().code() == absl::StatusCode::kResourceExhausted) {
+    spdlog::warn("refused a job: {}", std::string(created.status().message()));
+  }
+  MAT_ASSIGN_OR_RETURN(CreateJobResult result, std::move(created));
   if (result.created) {
     spdlog::info("job {}: submitted (request id '{}')", result.job_id, client_request_id);
     NoteJobState(result.job_id, v1::JOB_STATE_QUEUED);

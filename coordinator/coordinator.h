@@ -67,6 +67,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator_metrics.h"
+#include "coordinator/job_spec.h"
 #include "coordinator/job_store.h"
 #include "coordinator/policy/policy.h"
 #include "mat/v1/job.pb.h"
@@ -97,6 +98,11 @@ struct CoordinatorOptions {
   // A finished job's series stay this long (RefreshMetrics removes them later), seconds (by
   // now_ms).
   int64_t metrics_retention_seconds = 600;
+  // Admission limits of SubmitJob (job_spec.h CheckJobSpecLimits: spec size, data roots, model
+  // size). The defaults limit spec and model size and allow any data.dir.
+  JobSpecLimits spec_limits;
+  // Active (QUEUED, RUNNING, RESTARTING) jobs per client, count; 0 = unlimited.
+  int64_t max_jobs_per_client = 0;
 };
 
 // Where the Coordinator sends one worker's messages: the adapter's Session stream (which queues
@@ -142,8 +148,14 @@ class Coordinator {
   // non-empty client_request_id with an equal spec (after defaults) returns the existing job with
   // created = false; with another spec ALREADY_EXISTS. A new job publishes nothing (no one can
   // watch it yet).
+  // Admission (options.spec_limits, after validation): INVALID_ARGUMENT for a spec over
+  // max_spec_bytes or a data.dir outside the data roots, RESOURCE_EXHAUSTED for a model over
+  // max_model_params; RESOURCE_EXHAUSTED when `client` (the caller's non-reversible id, stored
+  // with the job; JobService's ClientIdentity) already has options.max_jobs_per_client active
+  // jobs (an idempotent retry of an existing job is still answered).
   absl::StatusOr<v1::SubmitJobReply> SubmitJob(const std::string& client_request_id,
-                                               const v1::JobSpec& spec);
+                                               const v1::JobSpec& spec,
+                                               const std::string& client = "");
   // NOT_FOUND naming the id. `ranks` (from the store's assignments) is empty until the scheduler
   // assigns workers.
   absl::StatusOr<v1::GetJobReply> GetJob(const std::string& job_id);

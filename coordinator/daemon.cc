@@ -11,6 +11,7 @@
 #include <boost/asio/post.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/status.h"
 #include "coordinator/auth.h"
@@ -61,6 +62,20 @@ absl::Status CoordinatorDaemon::StartImpl() {
   if (!config_.metrics_listen_address.empty()) {
     MAT_RETURN_IF_ERROR(ParseHostPort(config_.metrics_listen_address).status());
   }
+  if (config_.max_receive_message_bytes < 1 || config_.max_spec_bytes < 0 ||
+      config_.max_model_params < 0 || config_.max_jobs_per_client < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "limits must be >= 0 (max message bytes >= 1), got max message bytes ",
+        config_.max_receive_message_bytes, ", max spec bytes ", config_.max_spec_bytes,
+        ", max model params ", config_.max_model_params, ", max jobs per client ",
+        config_.max_jobs_per_client));
+  }
+  for (const std::string& root : config_.data_roots) {
+    if (root.empty() || root.front() != '/') {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--data-root '", root, "' is not an absolute path"));
+    }
+  }
 
   // Security material before anything starts, so a bad file stops the daemon early.
   if (!config_.auth_token_file.empty()) {
@@ -86,6 +101,10 @@ absl::Status CoordinatorDaemon::StartImpl() {
   coordinator_options.heartbeat_interval_ms = config_.heartbeat_interval_ms;
   coordinator_options.metrics = &metrics_;
   coordinator_options.metrics_retention_seconds = config_.metrics_retention_seconds;
+  coordinator_options.spec_limits.data_roots = config_.data_roots;
+  coordinator_options.spec_limits.max_spec_bytes = config_.max_spec_bytes;
+  coordinator_options.spec_limits.max_model_params = config_.max_model_params;
+  coordinator_options.max_jobs_per_client = config_.max_jobs_per_client;
   coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
   heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   metrics_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
@@ -129,6 +148,15 @@ absl::Status CoordinatorDaemon::StartImpl() {
   } else {
     spdlog::info("JobService requires a bearer token ({} known)", bearer_tokens_->size());
   }
+  if (config_.data_roots.empty()) {
+    spdlog::warn("no --data-root: jobs may read any data.dir (a trusted single host)");
+  } else {
+    spdlog::info("jobs may read data under: {}", absl::StrJoin(config_.data_roots, ", "));
+  }
+  spdlog::info("limits: messages {} bytes, specs {} bytes, models {:g} parameters, {} active "
+               "jobs per client (0 = no limit)",
+               config_.max_receive_message_bytes, config_.max_spec_bytes,
+               config_.max_model_params, config_.max_jobs_per_client);
   if (join_tokens_ == nullptr) {
     spdlog::warn("no --join-token-file: every worker is admitted");
   } else {

@@ -26,6 +26,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -67,8 +68,21 @@ struct CoordinatorDaemonConfig {
   bool log_json = false;
   // On shutdown, in-flight RPCs get this long to finish before they are cancelled, seconds.
   double shutdown_grace_seconds = 5;
-  // Largest request message accepted, bytes.
+  // Largest request message accepted (gRPC max receive message size; larger requests end
+  // RESOURCE_EXHAUSTED before any handler runs), bytes.
   int max_receive_message_bytes = 16 * 1024 * 1024;
+  // Admission limits of SubmitJob (Coordinator::SubmitJob, job_spec.h CheckJobSpecLimits).
+  // data.dir must be an absolute path under one of these (no `..` or symlink escape); empty =
+  // any path (a trusted single host).
+  std::vector<std::string> data_roots;
+  // Largest job spec, bytes of its serialized mat.v1.JobSpec; 0 = no limit.
+  int64_t max_spec_bytes = 64 * 1024;
+  // Largest model, parameters (EstimateModelParams, vocabulary assumed kAssumedVocabSize);
+  // 0 = no limit.
+  double max_model_params = 1e9;
+  // Active (queued, running, restarting) jobs per client (bearer token, or peer host without
+  // auth), count; 0 = unlimited.
+  int64_t max_jobs_per_client = 100;
   // Events queued per WatchJob stream before its progress events are dropped, count.
   int max_queued_watch_events = 1024;
   // Workers must send something at least this often (RegisterReply.heartbeat_interval_ms); one

@@ -148,8 +148,9 @@ grpc::ServerUnaryReactor* JobService::SubmitJob(grpc::CallbackServerContext* con
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  return RunOnLoop(loop_, context, reply, [this, request] {
-    return coordinator_.SubmitJob(request->client_request_id(), request->spec());
+  std::string client = ClientIdentity(*context, options_.bearer_tokens);
+  return RunOnLoop(loop_, context, reply, [this, request, client = std::move(client)] {
+    return coordinator_.SubmitJob(request->client_request_id(), request->spec(), client);
   });
 }
 

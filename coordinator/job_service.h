@@ -21,7 +21,9 @@
 //
 // Authentication: with `bearer_tokens`, every handler first checks the call's bearer token
 // (CheckBearer, coordinator/auth.h) on the gRPC thread and, when it is refused, finishes the RPC
-// at once with UNAUTHENTICATED or PERMISSION_DENIED without posting to the loop.
+// at once with UNAUTHENTICATED or PERMISSION_DENIED without posting to the loop. SubmitJob
+// passes the caller's ClientIdentity (a SHA-256 prefix of its token, or its peer host without
+// auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit.
 //
 // Thread-safety: the handlers are called by gRPC on any thread; all Coordinator access happens on
 // the loop.

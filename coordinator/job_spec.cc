@@ -8,7 +8,10 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/file_util.h"
+#include "common/path_util.h"
 #include "common/status.h"
 #include "coordinator/policy/policy_config.h"
 #include "google/protobuf/descriptor.h"
@@ -482,6 +485,46 @@ std::vector<std::string> JobSpecKeys() {
   std::vector<std::string> keys;
   CollectKeys(v1::JobSpec::descriptor(), "", &keys);
   return keys;
+}
+
+// ----- admission limits -----
+
+double EstimateModelParams(const v1::JobSpec& spec, int64_t vocab_size) {
+  const v1::ModelSpec m = WithJobSpecDefaults(spec).model();
+  const double d = static_cast<double>(m.d_model());
+  const double ff = static_cast<double>(m.d_ff());
+  const double layers = static_cast<double>(m.layers());
+  const double vocab = static_cast<double>(vocab_size);
+  const double embeddings = vocab * d + static_cast<double>(m.max_seq_len()) * d + 2 * d;
+  const double attention = 4 * d * d + 4 * d;  // Q, K, V, O with biases
+  const double ffn = 2 * d * ff + ff + d;
+  const double layer_norms = 4 * d;
+  const double head = d * d + d + 2 * d + vocab;  // dense, LayerNorm, decoder bias (tied weights)
+  return embeddings + layers * (attention + ffn + layer_norms) + head;
+}
+
+absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& limits) {
+  const int64_t bytes = static_cast<int64_t>(spec.ByteSizeLong());
+  if (limits.max_spec_bytes > 0 && bytes > limits.max_spec_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("job spec is ", bytes, " bytes; the limit is ",
+                                                   limits.max_spec_bytes,
+                                                   " (--max-spec-bytes)"));
+  }
+  const v1::JobSpec full = WithJobSpecDefaults(spec);
+  if (absl::Status s = common::CheckUnderRoots(full.data().dir(), limits.data_roots); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("data.dir: ", s.message(), " (--data-root)"));
+  }
+  const double params = EstimateModelParams(full);
+  if (limits.max_model_params > 0 && params > limits.max_model_params) {
+    const v1::ModelSpec& m = full.model();
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "model has about %.3g parameters (layers %d, d_model %d, d_ff %d, max_seq_len %d; "
+        "vocabulary assumed %d); the limit is %.3g (--max-model-params)",
+        params, m.layers(), m.d_model(), m.d_ff(), m.max_seq_len(), kAssumedVocabSize,
+        limits.max_model_params));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace mat::coordinator

@@ -70,4 +70,40 @@ std::string JobSpecToTrainerYaml(const v1::JobSpec& spec);
 // Every key of the schema as "section.key" (or "seed"), in proto field order.
 std::vector<std::string> JobSpecKeys();
 
+// ----- admission limits (issue 6, "Security"; mat-coordinator's --data-root and --max-* flags) --
+
+// The vocabulary size EstimateModelParams assumes: the vocabulary is built from the corpus on the
+// worker, so the coordinator cannot know it; this bounds the corpora the service is meant for
+// (WikiText-2: 33,278 types plus the specials; WikiText-103: 267,735 would need a larger limit).
+inline constexpr int64_t kAssumedVocabSize = 50000;
+
+// Parameters of the BERT model `spec` describes (after WithJobSpecDefaults), count, for a
+// vocabulary of `vocab_size` ids (worker/bert.h: token and position embeddings, per layer the
+// attention projections with biases, the FFN with biases and two LayerNorms, the MLM head's
+// dense layer, LayerNorm and decoder bias; the decoder is tied to the token embedding). Computed
+// in double so absurd shapes do not overflow. An estimate of the layout above: meant for an
+// admission limit, not for accounting.
+double EstimateModelParams(const v1::JobSpec& spec, int64_t vocab_size = kAssumedVocabSize);
+
+struct JobSpecLimits {
+  // data.dir must lie under one of these (common/path_util.h CheckUnderRoots: absolute paths
+  // only, `..` and symlink escapes refused); empty = any path (a trusted single host).
+  std::vector<std::string> data_roots;
+  // Largest spec accepted, bytes of its serialized mat.v1.JobSpec as received; 0 = no limit.
+  int64_t max_spec_bytes = 64 * 1024;
+  // Largest model accepted, EstimateModelParams(spec) parameters; 0 = no limit.
+  double max_model_params = 1e9;
+};
+
+// The admission checks of `limits` on a spec as submitted (`spec`, whose size is measured) and
+// with its defaults filled in (for data.dir and the model shape):
+//   - spec too large: INVALID_ARGUMENT "job spec is 70000 bytes; the limit is 65536
+//     (--max-spec-bytes)";
+//   - data.dir outside the roots: INVALID_ARGUMENT "data.dir: '/etc' is not under a data root
+//     (/data) (--data-root)";
+//   - model too large: RESOURCE_EXHAUSTED "model has about 2.1e+09 parameters (layers 48,
+//     d_model 2048, ...; vocabulary assumed 50000); the limit is 1e+09 (--max-model-params)".
+// OK otherwise.
+absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& limits);
+
 }  // namespace mat::coordinator

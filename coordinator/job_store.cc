@@ -107,6 +107,12 @@ CREATE TABLE modules (
 ) WITHOUT ROWID;
 )sql";
 
+// Version 3: who submitted each job (the per-client job limit). Applied after kMigrationV1ToV2.
+constexpr const char* kMigrationV2ToV3 = R"sql(
+ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT '';
+CREATE INDEX jobs_client_state ON jobs (client, state);
+)sql";
+
 constexpr const char* kJobColumns =
     "id, client_request_id, spec, state, created_unix_seconds, updated_unix_seconds, "
     "error_message, step, train_loss, val_loss, test_loss, flops_total, wall_seconds, "
@@ -329,6 +335,7 @@ absl::Status JobStore::EnsureSchema() {
     // A new database: the first schema, then every migration, as an old file would get them.
     MAT_RETURN_IF_ERROR(db_->Exec(kSchemaV1));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV2ToV3));
     MAT_RETURN_IF_ERROR(
         db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
                                kJobStoreSchemaVersion, ")")));
@@ -352,6 +359,11 @@ absl::Status JobStore::EnsureSchema() {
     // In the same transaction: a failed migration leaves the version-1 file as it was.
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
     MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 2"));
+    version = 2;
+  }
+  if (version == 2) {
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV2ToV3));
+    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 3"));
   }
   return txn.Commit();
 }
@@ -382,8 +394,23 @@ absl::Status JobStore::RequireJob(const std::string& job_id) {
 
 // ----- jobs -----
 
+absl::StatusOr<int64_t> JobStore::CountActiveJobs(const std::string& client) {
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement q,
+      db_->Prepare("SELECT count(*) FROM jobs WHERE client = ? AND state IN (?, ?, ?)"));
+  MAT_RETURN_IF_ERROR(q.BindText(1, client));
+  MAT_RETURN_IF_ERROR(q.BindText(2, JobStateName(v1::JOB_STATE_QUEUED)));
+  MAT_RETURN_IF_ERROR(q.BindText(3, JobStateName(v1::JOB_STATE_RUNNING)));
+  MAT_RETURN_IF_ERROR(q.BindText(4, JobStateName(v1::JOB_STATE_RESTARTING)));
+  MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+  MAT_CHECK(row) << "count(*) returned no row";
+  return q.ColumnInt64(0);
+}
+
 absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_request_id,
-                                                    const v1::JobSpec& spec) {
+                                                    const v1::JobSpec& spec,
+                                                    const std::string& client,
+                                                    int64_t max_active_jobs) {
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   if (!client_request_id.empty()) {
     MAT_ASSIGN_OR_RETURN(
@@ -401,6 +428,15 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
       return CreateJobResult{existing.id, false};
     }
   }
+  if (max_active_jobs > 0) {
+    MAT_ASSIGN_OR_RETURN(int64_t active, CountActiveJobs(client));
+    if (active >= max_active_jobs) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "client '", client, "' has ", active,
+          " active jobs (queued, running or restarting); the limit is ", max_active_jobs,
+          " (--max-jobs-per-client): wait for one to finish or cancel one"));
+    }
+  }
   MAT_ASSIGN_OR_RETURN(std::string max_seq,
                        db_->QueryText("SELECT COALESCE(MAX(seq), 0) FROM jobs"));
   int64_t seq = 0;
@@ -413,7 +449,8 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement ins,
       db_->Prepare("INSERT INTO jobs (seq, id, client_request_id, spec, state, "
-                   "created_unix_seconds, updated_unix_seconds) VALUES (?, ?, ?, ?, ?, ?, ?)"));
+                   "created_unix_seconds, updated_unix_seconds, client) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"));
   MAT_RETURN_IF_ERROR(ins.BindInt64(1, seq));
   MAT_RETURN_IF_ERROR(ins.BindText(2, id));
   if (client_request_id.empty()) {
@@ -425,6 +462,7 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
   MAT_RETURN_IF_ERROR(ins.BindText(5, JobStateName(v1::JOB_STATE_QUEUED)));
   MAT_RETURN_IF_ERROR(ins.BindInt64(6, now));
   MAT_RETURN_IF_ERROR(ins.BindInt64(7, now));
+  MAT_RETURN_IF_ERROR(ins.BindText(8, client));
   MAT_RETURN_IF_ERROR(ins.Run());
   MAT_RETURN_IF_ERROR(txn.Commit());
   return CreateJobResult{id, true};

@@ -12,8 +12,11 @@
 //   lambda_history  (job, step, module index) -> λ_max (rank-averaged)
 //   decisions       (job, step) -> the policy decision's JSON (coordinator/policy Decision::ToJson)
 //   modules         (job, module index) -> name, group, layer, index (v2; rank 0's ModuleList)
+//   jobs.client     (v3) who submitted the job: a non-reversible id of the caller (never a
+//                   token; JobService's ClientIdentity), "" for jobs stored before v3
 //
-// Schema versions: 1 (the first release), 2 (the columns and table marked v2 above). Open
+// Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
+// client column and its index). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -48,7 +51,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 2;
+inline constexpr int kJobStoreSchemaVersion = 3;
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -195,8 +198,18 @@ class JobStore {
   // An empty client_request_id never matches (every call creates a job).
   // REQUIRES: `spec` passed ValidateJobSpec (the store keeps whatever it is given); the service
   // stores WithJobSpecDefaults(spec).
+  //
+  // `client` (may be "") is stored with the job. With `max_active_jobs` > 0, a new job is
+  // refused with RESOURCE_EXHAUSTED ("client 'peer:ipv4:127.0.0.1' has 2 active jobs (queued,
+  // running or restarting); the limit is 2 (--max-jobs-per-client)") when `client` already has
+  // that many; the idempotent return of an existing job is never refused. Check and insert are
+  // one transaction.
   absl::StatusOr<CreateJobResult> CreateJob(const std::string& client_request_id,
-                                            const v1::JobSpec& spec);
+                                            const v1::JobSpec& spec,
+                                            const std::string& client = "",
+                                            int64_t max_active_jobs = 0);
+  // Jobs of `client` in QUEUED, RUNNING or RESTARTING, count.
+  absl::StatusOr<int64_t> CountActiveJobs(const std::string& client);
   // NOT_FOUND for an unknown id.
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
   // Jobs in submission order, `page_size` at a time (0: kDefaultPageSize; clamped to

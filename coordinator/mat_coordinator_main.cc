@@ -56,6 +56,29 @@ int main(int argc, char** argv) {
   app.add_option("--tls-ca", config.tls_ca_file,
                  "mutual TLS: require client certificates signed by this CA (PEM; needs "
                  "--tls-cert)");
+  // Limits and data roots (issue 6, "Security").
+  app.add_option("--data-root", config.data_roots,
+                 "job specs may only name a data.dir (absolute) under this directory; "
+                 "repeatable; `..` and symlinks that lead outside are refused. Without it any "
+                 "data.dir is accepted (a trusted single host)");
+  app.add_option("--max-message-bytes", config.max_receive_message_bytes,
+                 "largest gRPC request accepted (bytes)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-spec-bytes", config.max_spec_bytes,
+                 "largest job spec accepted, serialized (bytes; 0 = no limit)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--max-model-params", config.max_model_params,
+                 "largest model accepted, parameters computed from the spec's model shape with "
+                 "a vocabulary of 50000 (0 = no limit)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--max-jobs-per-client", config.max_jobs_per_client,
+                 "queued, running or restarting jobs one client may have (client = its bearer "
+                 "token, or its host without --auth-token-file; 0 = no limit)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -25,6 +25,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "coordinator/auth.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "mat/v1/service.grpc.pb.h"
 
@@ -50,7 +51,7 @@ class JobServiceTest : public ::testing::Test {
     dir_ = tmpl;
     auto store = JobStore::Open(dir_ + "/state");
     ASSERT_TRUE(store.ok()) << store.status();
-    coordinator_ = std::make_unique<Coordinator>(std::move(*store));
+    coordinator_ = std::make_unique<Coordinator>(std::move(*store), CoordinatorOpts());
     loop_thread_ = std::thread([this] { loop_.run(); });
     service_ = std::make_unique<JobService>(loop_, *coordinator_, ServiceOptions());
     grpc::ServerBuilder builder;
@@ -71,6 +72,7 @@ class JobServiceTest : public ::testing::Test {
   }
 
   virtual JobServiceOptions ServiceOptions() const { return {}; }
+  virtual CoordinatorOptions CoordinatorOpts() const { return {}; }
 
   void ShutdownServer() {
     if (server_ == nullptr) return;
@@ -412,6 +414,126 @@ TEST_F(JobServiceSlowWatcherTest, ABurstBeyondTheQueueDropsProgressButNeverState
   EXPECT_EQ(event.state().state(), v1::JOB_STATE_SUCCEEDED) << "the terminal state was dropped";
   EXPECT_FALSE(reader->Read(&event));
   EXPECT_TRUE(reader->Finish().ok());
+}
+
+}  // namespace
+}  // namespace mat::coordinator
+
+namespace mat::coordinator {
+namespace {
+
+// Admission limits (issue 6): data roots, spec size, model size, jobs per client.
+class JobServiceLimitsTest : public JobServiceTest {
+ protected:
+  CoordinatorOptions CoordinatorOpts() const override {
+    CoordinatorOptions options;
+    options.spec_limits.data_roots = {"/srv/mat-data"};
+    options.spec_limits.max_spec_bytes = 1024;
+    options.spec_limits.max_model_params = 5e6;
+    options.max_jobs_per_client = 2;
+    return options;
+  }
+
+  static v1::JobSpec SpecIn(const std::string& dir) {
+    v1::JobSpec spec = SmallSpec();
+    spec.mutable_model()->set_d_model(64);
+    spec.mutable_model()->set_heads(4);
+    spec.mutable_model()->set_d_ff(128);
+    spec.mutable_data()->set_dir(dir);
+    return spec;
+  }
+};
+
+TEST_F(JobServiceLimitsTest, DataDirMustBeUnderARoot) {
+  v1::SubmitJobReply reply;
+  grpc::Status s = Submit("", SpecIn("/srv/mat-data/wikitext-2"), &reply);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  for (const std::string dir : {"/etc", "/srv/mat-data/../../etc", "/srv/mat-data-2",
+                                "../shared/data/wikitext-2"}) {
+    s = Submit("", SpecIn(dir), &reply);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << dir;
+    EXPECT_THAT(s.error_message(), HasSubstr("data.dir: '" + dir + "'"));
+    EXPECT_THAT(s.error_message(), HasSubstr("/srv/mat-data"));
+  }
+  // The default data.dir is relative: refused once roots are set.
+  v1::JobSpec no_dir = SpecIn("");
+  no_dir.mutable_data()->clear_dir();
+  s = Submit("", no_dir, &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("relative path"));
+}
+
+TEST_F(JobServiceLimitsTest, SpecAndModelSizeAreLimited) {
+  v1::SubmitJobReply reply;
+  v1::JobSpec big = SpecIn("/srv/mat-data/" + std::string(2000, 'x'));
+  grpc::Status s = Submit("", big, &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("the limit is 1024 (--max-spec-bytes)"));
+
+  v1::JobSpec wide = SpecIn("/srv/mat-data/w");
+  wide.mutable_model()->set_d_model(1024);
+  wide.mutable_model()->set_d_ff(4096);
+  s = Submit("", wide, &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("(--max-model-params)"));
+  EXPECT_THAT(s.error_message(), HasSubstr("d_model 1024"));
+}
+
+TEST_F(JobServiceLimitsTest, ActiveJobsPerClientAreLimited) {
+  v1::SubmitJobReply first, second, third;
+  ASSERT_TRUE(Submit("r1", SpecIn("/srv/mat-data/a"), &first).ok());
+  ASSERT_TRUE(Submit("r2", SpecIn("/srv/mat-data/a"), &second).ok());
+  grpc::Status s = Submit("r3", SpecIn("/srv/mat-data/a"), &third);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("has 2 active jobs"));
+  EXPECT_THAT(s.error_message(), HasSubstr("the limit is 2 (--max-jobs-per-client)"));
+  // A retry of an accepted job still answers; a cancelled job frees its slot.
+  v1::SubmitJobReply again;
+  ASSERT_TRUE(Submit("r1", SpecIn("/srv/mat-data/a"), &again).ok());
+  EXPECT_EQ(again.job_id(), first.job_id());
+  ASSERT_TRUE(OnLoop([&] { return coordinator_->CancelJob(first.job_id(), "").status(); }).ok());
+  EXPECT_TRUE(Submit("r3", SpecIn("/srv/mat-data/a"), &third).ok());
+}
+
+// With bearer tokens, each token is its own client, stored by a hash, never the token.
+class JobServiceTokenLimitsTest : public JobServiceLimitsTest {
+ protected:
+  JobServiceOptions ServiceOptions() const override {
+    JobServiceOptions options;
+    options.bearer_tokens = &tokens_;
+    return options;
+  }
+  grpc::Status SubmitAs(const std::string& token, v1::SubmitJobReply* reply) {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + token);
+    v1::SubmitJobRequest request;
+    *request.mutable_spec() = SpecIn("/srv/mat-data/a");
+    return stub_->SubmitJob(&context, request, reply);
+  }
+  TokenSet tokens_ = *TokenSet::Parse("alice-secret\nbob-secret\n", "test");
+};
+
+TEST_F(JobServiceTokenLimitsTest, EachTokenIsOneClient) {
+  v1::SubmitJobReply reply;
+  ASSERT_TRUE(SubmitAs("alice-secret", &reply).ok());
+  ASSERT_TRUE(SubmitAs("alice-secret", &reply).ok());
+  grpc::Status s = SubmitAs("alice-secret", &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("client 'token:"));
+  EXPECT_THAT(s.error_message(), ::testing::Not(HasSubstr("alice-secret")));
+  EXPECT_TRUE(SubmitAs("bob-secret", &reply).ok());
+}
+
+TEST(ClientIdentityTest, HashesTokensAndDropsThePeerPort) {
+  EXPECT_EQ(ClientIdentity({}, nullptr, "ipv4:127.0.0.1:43210"), "peer:ipv4:127.0.0.1");
+  EXPECT_EQ(ClientIdentity({}, nullptr, "ipv6:[::1]:5000"), "peer:ipv6:[::1]");
+  EXPECT_EQ(ClientIdentity({}, nullptr, "inproc"), "peer:inproc");
+  TokenSet tokens = *TokenSet::Parse("abc\n", "test");
+  ClientMetadata metadata;
+  const std::string value = "Bearer abc";
+  metadata.emplace("authorization", grpc::string_ref(value.data(), value.size()));
+  // SHA-256("abc") = ba7816bf8f01cfea...
+  EXPECT_EQ(ClientIdentity(metadata, &tokens, "ipv4:10.0.0.1:1"), "token:ba7816bf8f01cfea");
 }
 
 }  // namespace

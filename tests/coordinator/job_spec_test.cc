@@ -522,3 +522,85 @@ TEST(JobSpecYamlTest, StringsThatLookLikeOtherTypesStayStrings) {
 
 }  // namespace
 }  // namespace mat::coordinator
+
+// ----- admission limits -----
+
+namespace mat::coordinator {
+namespace {
+
+TEST(JobSpecLimitsTest, EstimateModelParamsCountsTheBertLayout) {
+  v1::JobSpec spec;
+  v1::ModelSpec* m = spec.mutable_model();
+  m->set_layers(1);
+  m->set_d_model(4);
+  m->set_heads(2);
+  m->set_d_ff(8);
+  m->set_max_seq_len(3);
+  // embeddings 10*4 + 3*4 + LN 8 = 60; layer: attention 4*16+16 = 80, FFN 2*4*8+8+4 = 76,
+  // LNs 16 -> 172; head: 16+4+8+10 = 38.
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec, 10), 60 + 172 + 38);
+  // BERT-base's shape is about 110 M parameters with a 30k vocabulary.
+  m->set_layers(12);
+  m->set_d_model(768);
+  m->set_heads(12);
+  m->set_d_ff(3072);
+  m->set_max_seq_len(512);
+  EXPECT_NEAR(EstimateModelParams(spec, 30522), 110e6, 1e6);
+}
+
+TEST(JobSpecLimitsTest, DefaultsAdmitTheExamples) {
+  for (const auto& entry : fs::directory_iterator(kExamples)) {
+    if (entry.path().extension() != ".yaml") continue;
+    auto spec = LoadJobSpecYaml(entry.path().string());
+    if (!spec.ok()) continue;  // not a job spec
+    EXPECT_TRUE(CheckJobSpecLimits(*spec, JobSpecLimits{}).ok()) << entry.path();
+  }
+}
+
+TEST(JobSpecLimitsTest, SpecSizeIsLimitedNamingSizeAndLimit) {
+  v1::JobSpec spec;
+  spec.mutable_data()->set_dir("/d/" + std::string(100, 'x'));
+  JobSpecLimits limits;
+  limits.max_spec_bytes = 50;
+  absl::Status s = CheckJobSpecLimits(spec, limits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr(absl::StrCat("job spec is ", spec.ByteSizeLong(),
+                                                  " bytes; the limit is 50 (--max-spec-bytes)")));
+  limits.max_spec_bytes = 0;  // no limit
+  EXPECT_TRUE(CheckJobSpecLimits(spec, limits).ok());
+}
+
+TEST(JobSpecLimitsTest, DataDirMustBeUnderARootWhenRootsAreSet) {
+  v1::JobSpec spec;
+  JobSpecLimits limits;
+  // No roots: anything, the relative default included.
+  EXPECT_TRUE(CheckJobSpecLimits(spec, limits).ok());
+  limits.data_roots = {"/srv/data", "/scratch"};
+  absl::Status s = CheckJobSpecLimits(spec, limits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("data.dir: '../shared/data/wikitext-2' is a relative path"));
+  spec.mutable_data()->set_dir("/srv/data/../../etc");
+  s = CheckJobSpecLimits(spec, limits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("not under a data root (/srv/data, /scratch) (--data-root)"));
+  spec.mutable_data()->set_dir("/scratch/wikitext-2");
+  EXPECT_TRUE(CheckJobSpecLimits(spec, limits).ok());
+}
+
+TEST(JobSpecLimitsTest, ModelSizeIsLimited) {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_layers(48);
+  spec.mutable_model()->set_d_model(4096);
+  spec.mutable_model()->set_heads(32);
+  spec.mutable_model()->set_d_ff(16384);
+  JobSpecLimits limits;  // 1e9 by default
+  absl::Status s = CheckJobSpecLimits(spec, limits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(s.message(), HasSubstr("layers 48, d_model 4096, d_ff 16384"));
+  EXPECT_THAT(s.message(), HasSubstr("the limit is 1e+09 (--max-model-params)"));
+  limits.max_model_params = 0;
+  EXPECT_TRUE(CheckJobSpecLimits(spec, limits).ok());
+}
+
+}  // namespace
+}  // namespace mat::coordinator

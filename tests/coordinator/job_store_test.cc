@@ -791,7 +791,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "2");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "3");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -830,7 +830,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "2");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "3");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -840,6 +840,46 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   EXPECT_EQ(store_->ListAssignments("job-000001")->at(0).mask_version, 2);
   // New jobs continue the numbering.
   EXPECT_EQ(Create("", Spec(1)), "job-000002");
+}
+
+TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
+  Create("req-1", Spec(1));
+  store_.reset();
+  // What a version-2 coordinator left: no client column, no index.
+  RawExec("DROP INDEX jobs_client_state; ALTER TABLE jobs DROP COLUMN client; "
+          "UPDATE schema_version SET version = 2;");
+  ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "3");
+  EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
+  auto active = store_->CountActiveJobs("");
+  ASSERT_TRUE(active.ok()) << active.status();
+  EXPECT_EQ(*active, 1) << "an old job counts for the unnamed client";
+  auto job = store_->GetJob("job-000001");
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->client_request_id, "req-1");
+}
+
+TEST_F(JobStoreTest, LimitsActiveJobsPerClient) {
+  auto a1 = store_->CreateJob("a-1", Spec(1), "alice", 2);
+  auto a2 = store_->CreateJob("", Spec(2), "alice", 2);
+  ASSERT_TRUE(a1.ok() && a2.ok());
+  auto a3 = store_->CreateJob("", Spec(3), "alice", 2);
+  ASSERT_EQ(a3.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(a3.status().message(), HasSubstr("client 'alice' has 2 active jobs"));
+  EXPECT_THAT(a3.status().message(), HasSubstr("the limit is 2 (--max-jobs-per-client)"));
+  // Another client, and no limit, are not affected.
+  EXPECT_TRUE(store_->CreateJob("", Spec(3), "bob", 2).ok());
+  EXPECT_TRUE(store_->CreateJob("", Spec(3), "alice", 0).ok());
+  // The idempotent retry of an existing job is never refused.
+  auto again = store_->CreateJob("a-1", Spec(1), "alice", 2);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->created);
+  // Finished jobs do not count.
+  ASSERT_TRUE(store_->UpdateJobState(a1->job_id, v1::JOB_STATE_CANCELLED, "").ok());
+  ASSERT_TRUE(store_->UpdateJobState(a2->job_id, v1::JOB_STATE_CANCELLED, "").ok());
+  EXPECT_EQ(*store_->CountActiveJobs("alice"), 1);
+  EXPECT_TRUE(store_->CreateJob("", Spec(4), "alice", 2).ok());
 }
 
 TEST_F(JobStoreTest, AFailedMigrationLeavesTheVersion1DatabaseAsItWas) {

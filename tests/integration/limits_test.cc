@@ -1,0 +1,107 @@
+// Integration test of the admission limits (issue 6, "Security") with the real mat-coordinator
+// on loopback and `matctl submit`:
+//   - with --data-root, a spec whose data.dir escapes the root (`..`, a symlink to outside, an
+//     absolute path elsewhere) is refused INVALID_ARGUMENT with a message naming data.dir and the
+//     root; one inside is accepted;
+//   - with --max-jobs-per-client 2, the third queued job from the same client (no auth: the peer
+//     host) is refused RESOURCE_EXHAUSTED naming the count and the limit; cancelling one frees
+//     a slot.
+// No workers: jobs stay QUEUED, so the test takes a couple of seconds. ctest TIMEOUT 60.
+#include <signal.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "tests/integration/harness.h"
+
+namespace mat {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+using testing_loopback::CommandResult;
+using testing_loopback::kCoordinator;
+using testing_loopback::ReadText;
+
+class LimitsTest : public testing_loopback::LoopbackTest {
+ protected:
+  void StartCoordinatorWith(const std::vector<std::string>& extra) {
+    coordinator_log_ = root_ + "/coordinator";
+    std::vector<std::string> args = {kCoordinator, "--listen", "127.0.0.1:0", "--metrics-listen",
+                                     "", "--state-dir", state_dir_, "--log-level", "info"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    coordinator_pid_ = Spawn(args, coordinator_log_ + ".out", coordinator_log_ + ".err");
+    ASSERT_GT(coordinator_pid_, 0);
+    address_ = WaitForLine(state_dir_ + "/coordinator.addr", 15s);
+    ASSERT_FALSE(address_.empty()) << "no address file; stderr:\n"
+                                   << ReadText(coordinator_log_ + ".err");
+  }
+
+  // A small job spec reading `data_dir`, written to root_/<name>.yaml.
+  std::string JobFile(const std::string& name, const std::string& data_dir) {
+    const std::string path = root_ + "/" + name + ".yaml";
+    std::ofstream(path) << "model: {layers: 1, d_model: 32, heads: 2, d_ff: 64}\n"
+                        << "data: {dir: '" << data_dir << "'}\n"
+                        << "train: {steps: 10, batch_size: 4}\n"
+                        << "policy: {probe_samples: 2}\n";
+    return path;
+  }
+
+  CommandResult Submit(const std::string& file) { return Matctl(address_, {"submit", file}); }
+};
+
+TEST_F(LimitsTest, DataRootAndJobsPerClient) {
+  const std::string data = root_ + "/data";
+  fs::create_directories(data + "/wikitext-2");
+  fs::create_directories(root_ + "/private");
+  fs::create_directory_symlink(root_ + "/private", data + "/escape");
+  StartCoordinatorWith({"--data-root", data, "--max-jobs-per-client", "2"});
+  EXPECT_THAT(ReadText(coordinator_log_ + ".err") + ReadText(coordinator_log_ + ".out"),
+              HasSubstr("jobs may read data under: " + data));
+
+  // Outside the root: refused, naming data.dir and the root; nothing is stored.
+  for (const std::string& dir :
+       {data + "/../private", data + "/escape", std::string("/etc"), std::string("wikitext-2")}) {
+    CommandResult r = Submit(JobFile("outside", dir));
+    EXPECT_EQ(r.exit_code, 1) << dir << "\n" << r.out << r.err;
+    EXPECT_THAT(r.err, HasSubstr("INVALID_ARGUMENT")) << dir;
+    EXPECT_THAT(r.err, HasSubstr("data.dir: '" + dir + "'")) << dir;
+    EXPECT_THAT(r.err, HasSubstr(data)) << dir;
+  }
+  CommandResult list = Matctl(address_, {"list"});
+  ASSERT_EQ(list.exit_code, 0) << list.err;
+  EXPECT_THAT(list.out, ::testing::Not(HasSubstr("job-")));
+
+  // Inside: accepted (twice: the per-client limit).
+  CommandResult first = Submit(JobFile("inside", data + "/wikitext-2"));
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_THAT(first.out, HasSubstr("job-000001"));
+  CommandResult second = Submit(JobFile("inside", data + "/./wikitext-2/"));
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+
+  // The third active job of this client (the loopback host) is refused.
+  CommandResult third = Submit(JobFile("inside", data + "/wikitext-2"));
+  EXPECT_EQ(third.exit_code, 1) << third.out;
+  EXPECT_THAT(third.err, HasSubstr("RESOURCE_EXHAUSTED"));
+  EXPECT_THAT(third.err, HasSubstr("has 2 active jobs"));
+  EXPECT_THAT(third.err, HasSubstr("the limit is 2 (--max-jobs-per-client)"));
+
+  // Cancelling one frees its slot.
+  CommandResult cancel = Matctl(address_, {"cancel", "job-000001"});
+  ASSERT_EQ(cancel.exit_code, 0) << cancel.err;
+  CommandResult fourth = Submit(JobFile("inside", data + "/wikitext-2"));
+  EXPECT_EQ(fourth.exit_code, 0) << fourth.err;
+
+  ::kill(coordinator_pid_, SIGTERM);
+  EXPECT_EQ(Wait(coordinator_pid_, 20s), 0);
+}
+
+}  // namespace
+}  // namespace mat

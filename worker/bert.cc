@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "worker/dropout.h"
 #include "worker/sliced_linear.h"
 
 namespace mat::worker {
@@ -74,8 +75,7 @@ torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector
   auto heads = [&](const torch::Tensor& t) { return t.view({B, T, H, dh}).transpose(1, 2); };
   torch::Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);  // [B,H,T,dh]
   torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
-  torch::Tensor probs = F::dropout(torch::softmax(scores, -1),
-                                   F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+  torch::Tensor probs = Dropout(torch::softmax(scores, -1), c_.dropout, is_training());
   torch::Tensor ctx = torch::matmul(probs, v).transpose(1, 2).reshape({B, T, H * dh});
   torch::Tensor y = ColSplitForward(ctx, o_w, order, num_active);  // [B,T,d]
   if (recorder_ != nullptr) {
@@ -105,7 +105,7 @@ torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vect
     }
     recorder_->Record(std::move(site));
   }
-  torch::Tensor a = F::dropout(F::gelu(h), F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+  torch::Tensor a = Dropout(F::gelu(h), c_.dropout, is_training());
   torch::Tensor y = ColSplitForward(a, ff2_w, order, num_active);
   if (record) {
     spectral::LinearSite site{a, y, {}};
@@ -121,7 +121,7 @@ torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vect
 torch::Tensor BertLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>& head_active,
                                      const std::vector<bool>& ffn_active) {
   auto drop = [&](const torch::Tensor& t) {
-    return F::dropout(t, F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+    return Dropout(t, c_.dropout, is_training());
   };
   if (c_.pre_ln) {
     torch::Tensor h = x + drop(Attention(ln1(UpIfLow(x)), head_active));
@@ -160,7 +160,7 @@ torch::Tensor BertMlmImpl::forward(const torch::Tensor& input_ids, const torch::
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   torch::Tensor pos = torch::arange(T, input_ids.options());
   torch::Tensor x = tok_emb(input_ids) + pos_emb(pos).unsqueeze(0);
-  x = F::dropout(emb_ln(x), F::DropoutFuncOptions().p(c_.dropout).training(is_training()));
+  x = Dropout(emb_ln(x), c_.dropout, is_training());
   for (int64_t l = 0; l < c_.layers; ++l) x = layers[l](x, head_active_[l], ffn_active_[l]);
   // Predict only the masked positions: [M, d] -> [M, V].
   torch::Tensor h = x.reshape({B * T, c_.d_model}).index_select(0, positions);

@@ -3,7 +3,9 @@
 // missing or wrong join token), 2 for bad flags.
 #include <signal.h>
 
+#include <filesystem>
 #include <iostream>
+#include <system_error>
 #include <thread>
 
 #include "CLI/CLI.hpp"
@@ -54,6 +56,10 @@ int main(int argc, char** argv) {
                  "client certificate (PEM) for a coordinator that requires mutual TLS; needs "
                  "--tls-key and --tls-ca");
   app.add_option("--tls-key", config.tls_key_file, "the private key of --tls-cert (PEM)");
+  app.add_option("--data-root", config.data_roots,
+                 "only run jobs whose data.dir is under this directory (repeatable; relative "
+                 "data.dir is resolved against the working directory; `..` and symlinks that "
+                 "lead outside are refused); without it any data.dir is read");
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
       ->capture_default_str();
@@ -62,6 +68,15 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
+  }
+  for (std::string& root : config.data_roots) {
+    std::error_code error;
+    const std::filesystem::path absolute = std::filesystem::absolute(root, error);
+    if (error || root.empty()) {
+      std::cerr << "mat-worker: --data-root '" << root << "' is not a usable path\n";
+      return 2;
+    }
+    root = absolute.lexically_normal().string();
   }
   config.mask_timeout = std::chrono::milliseconds(mask_timeout_ms);
   config.rendezvous_timeout = std::chrono::milliseconds(rendezvous_timeout_ms);

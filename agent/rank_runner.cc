@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "common/path_util.h"
 #include "common/status.h"
 #include "coordinator/job_spec.h"
 #include "spdlog/spdlog.h"
@@ -134,6 +137,17 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
   MAT_ASSIGN_OR_RETURN(worker::TrainConfig config,
                        worker::ParseTrainConfig(coordinator::JobSpecToTrainerYaml(spec),
                                                 "job " + job_id()));
+  if (!options_.data_roots.empty()) {
+    // Defence in depth behind the coordinator's --data-root: this process reads the files.
+    std::error_code error;
+    const std::filesystem::path dir = std::filesystem::absolute(config.data.dir, error);
+    if (absl::Status s = common::CheckUnderRoots(error ? config.data.dir : dir.string(),
+                                                 options_.data_roots);
+        !s.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("data.dir: ", s.message(), " (mat-worker --data-root)"));
+    }
+  }
   config.train.device = options_.device;
   if (options_.threads > 0) config.train.threads = options_.threads;
   total_steps_ = config.train.steps;

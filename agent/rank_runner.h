@@ -36,6 +36,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "agent/worker_metrics.h"
@@ -60,6 +61,11 @@ struct RankRunnerOptions {
   std::chrono::milliseconds mask_timeout{120000};
   std::chrono::milliseconds rendezvous_timeout{120000};
   std::chrono::milliseconds progress_interval{1000};
+  // The worker's --data-root directories (absolute). When set, the rank checks the spec's
+  // data.dir (relative paths resolved against the working directory, as the trainer opens them)
+  // with common::CheckUnderRoots before opening anything, and fails FAILED_PRECONDITION naming
+  // the path (RankDone's error) when it is outside. Empty: any data.dir.
+  std::vector<std::string> data_roots;
   // Where the rank's metrics go; borrowed, must outlive the runner; nullptr = none.
   WorkerMetrics* metrics = nullptr;
 };

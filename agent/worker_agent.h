@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
@@ -71,6 +72,9 @@ struct WorkerAgentConfig {
   std::string tls_ca_file;
   std::string tls_cert_file;
   std::string tls_key_file;
+  // Directories a job's data.dir must lie in (absolute; common/path_util.h CheckUnderRoots),
+  // checked by each rank before it opens data (RankRunnerOptions::data_roots); empty = any.
+  std::vector<std::string> data_roots;
 };
 
 class WorkerAgent {

@@ -179,5 +179,26 @@ TEST_F(RankRunnerTest, CancelWakesAWaitingDecideAndStopsTheLoop) {
   EXPECT_EQ(runner.CheckContinue().code(), absl::StatusCode::kCancelled);
 }
 
+TEST_F(RankRunnerTest, DataDirOutsideTheWorkersDataRootsFailsTheRankBeforeOpeningIt) {
+  for (const std::string dir : {"/etc", "/srv/mat-data/../../etc", "relative/corpus"}) {
+    v1::Assign assign = MakeAssign();
+    assign.mutable_spec()->mutable_data()->set_dir(dir);
+    RankRunnerOptions o;
+    o.worker_id = "worker-000002";
+    o.data_roots = {"/srv/mat-data"};
+    RankRunner runner(assign, o, [this](const v1::WorkerMessage& m) { return session_.Send(m); });
+    runner.Start();
+    runner.Join();
+    ASSERT_FALSE(session_.sent().empty()) << dir;
+    const v1::WorkerMessage last = session_.sent().back();
+    ASSERT_TRUE(last.has_done()) << dir;
+    EXPECT_FALSE(last.done().ok());
+    EXPECT_THAT(last.done().error_message(), HasSubstr("FAILED_PRECONDITION: data.dir: '"));
+    EXPECT_THAT(last.done().error_message(), HasSubstr("not under a data root (/srv/mat-data)"))
+        << last.done().error_message();
+    EXPECT_THAT(last.done().error_message(), HasSubstr("(mat-worker --data-root)"));
+  }
+}
+
 }  // namespace
 }  // namespace mat::agent

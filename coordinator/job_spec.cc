@@ -332,6 +332,7 @@ v1::JobSpec JobSpecDefaults() {
   t->set_eval_batches(50);
   t->set_checkpoint_every(0);
   t->set_threads(0);
+  t->set_precision("fp32");
   v1::PolicySpec* p = s.mutable_policy();
   p->set_kind("mat");
   p->set_alpha(0.3);
@@ -425,6 +426,9 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
             absl::StrCat("train.checkpoint_every must be >= 0, got ", t.checkpoint_every())));
   MAT_RETURN_IF_ERROR(
       Check(t.threads() >= 0, absl::StrCat("train.threads must be >= 0, got ", t.threads())));
+  MAT_RETURN_IF_ERROR(Check(t.precision() == "fp32" || t.precision() == "bf16",
+                            "train.precision: unknown precision '" + t.precision() +
+                                "' (expected fp32 or bf16)"));
 
   const v1::PolicySpec& p = s.policy();
   MAT_RETURN_IF_ERROR(

@@ -6,11 +6,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <filesystem>
-#include <fstream>
 
 #include "worker/bert.h"
 #include "worker/trainer.h"
+#include "tests/worker/toy_run.h"
 
 namespace mat::worker {
 namespace {
@@ -107,32 +106,12 @@ TEST_F(Bf16ModelTest, MaskedStepAgreesWithFp32AndKeepsFp32Gradients) {
 }
 
 TEST(Bf16TrainerTest, FirstStepsTrackFp32) {
-  namespace fs = std::filesystem;
-  fs::path dir = fs::temp_directory_path() / "mat_bf16_trainer_corpus";
-  fs::create_directories(dir);
-  for (const char* split : {"train", "valid", "test"}) {
-    std::ofstream out(dir / (std::string(split) + ".txt"));
-    for (int l = 0; l < 300; ++l) {
-      for (int w = 0; w < 12; ++w) out << "w" << (l * 7 + w * 3) % 40 << ' ';
-      out << "\n";
-    }
-  }
-  TrainConfig c;
-  c.model.layers = 1;
-  c.model.d_model = 32;
-  c.model.heads = 4;
-  c.model.d_ff = 64;
-  c.model.max_seq_len = 16;
+  TrainConfig c = testing::ToyConfig(testing::WriteToyCorpus("bf16_trainer"));
   c.model.dropout = 0;
-  c.data.dir = dir.string();
-  c.data.seq_len = 16;
   c.train.steps = 6;
-  c.train.batch_size = 8;
   c.train.eval_every = 6;
-  c.train.eval_batches = 2;
   c.train.threads = 1;
   c.policy.kind = "full";
-  c.policy.probe_samples = 4;
   auto run = [&](const std::string& precision) {
     TrainConfig k = c;
     k.train.precision = precision;

@@ -13,6 +13,7 @@
 #include "worker/bert.h"
 #include "worker/optimizer.h"
 #include "worker/trainer.h"
+#include "tests/worker/toy_run.h"
 
 namespace mat::worker {
 namespace {
@@ -158,32 +159,12 @@ TEST_F(CudaTest, Bf16MaskedStepAgreesWithFp32Cpu) {
 
 TEST(CudaTrainerTest, TrainsOnCudaWithFiniteLosses) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  namespace fs = std::filesystem;
-  fs::path dir = fs::temp_directory_path() / "mat_cuda_trainer_corpus";
-  fs::create_directories(dir);
-  for (const char* split : {"train", "valid", "test"}) {
-    std::ofstream out(dir / (std::string(split) + ".txt"));
-    for (int l = 0; l < 300; ++l) {
-      for (int w = 0; w < 12; ++w) out << "w" << (l * 7 + w * 3) % 40 << ' ';
-      out << "\n";
-    }
-  }
-  TrainConfig c;
-  c.model.layers = 1;
-  c.model.d_model = 32;
-  c.model.heads = 4;
-  c.model.d_ff = 64;
-  c.model.max_seq_len = 16;
-  c.data.dir = dir.string();
-  c.data.seq_len = 16;
+  TrainConfig c = testing::ToyConfig(testing::WriteToyCorpus("cuda_trainer"));
   c.train.steps = 30;
-  c.train.batch_size = 8;
   c.train.eval_every = 10;
-  c.train.eval_batches = 2;
   c.train.device = "cuda";
   c.policy.warmup_steps = 10;
   c.policy.probe_every = 5;
-  c.policy.probe_samples = 4;
   for (const char* precision : {"fp32", "bf16"}) {
     c.train.precision = precision;
     auto t = Trainer::Create(c, {"", false, false});

@@ -6,9 +6,14 @@
 //     1 and never appears in `matctl workers`; one with it registers;
 //   - TLS: matctl with the test CA lists jobs, plaintext fails UNAVAILABLE; with mutual TLS
 //     (--tls-ca on the coordinator) matctl without a client certificate fails, with one it works,
-//     and a mat-worker with a client certificate registers.
+//     and a mat-worker with a client certificate registers;
+//   - expired TLS material: with mutual TLS, a mat-worker whose client certificate is signed by the
+//     right CA but expired never registers (it keeps retrying; the coordinator logs the failed
+//     handshake), and matctl against a coordinator whose server certificate is expired fails
+//     UNAVAILABLE naming the failed certificate verification.
 // Certificates come from `openssl` (a throw-away CA valid for one day; the server certificate for
-// IP:127.0.0.1); the test fails when openssl is missing (scripts/setup installs it).
+// IP:127.0.0.1; expired ones from `openssl ca` with 2020 dates); the test fails when openssl is
+// missing (scripts/setup installs it).
 //
 // Every child is waited for with a deadline and killed in TearDown; ctest TIMEOUT 300.
 #include <signal.h>
@@ -94,6 +99,36 @@ class AuthTest : public testing_loopback::LoopbackTest {
         "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 "
         "-extfile client.ext -out client.pem";
     const std::string command = "(" + script + ") > " + root_ + "/openssl.log 2>&1";
+    return std::system(command.c_str()) == 0;
+  }
+
+  // After MakeCertificates: a client and a server certificate signed by the same CA but valid
+  // only on 2020-01-01 (`openssl x509 -req` of OpenSSL 3.0 cannot set past dates; `openssl ca`
+  // can), as expired-client.{pem,key} and expired-server.{pem,key}. False (with the log) on error.
+  bool MakeExpiredCertificates() {
+    const std::string ec = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    const std::string config =
+        "[ca]\ndefault_ca = test_ca\n"
+        "[test_ca]\ndatabase = ca-db/index.txt\nserial = ca-db/serial\n"
+        "new_certs_dir = ca-db\ndefault_md = sha256\npolicy = any\nunique_subject = no\n"
+        "[any]\ncommonName = supplied\n"
+        "[server_ext]\nsubjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n"
+        "[client_ext]\nextendedKeyUsage = clientAuth\n";
+    std::ofstream(tls_ + "/ca.cnf") << config;
+    const std::string sign =
+        "openssl ca -batch -notext -config ca.cnf -cert ca.pem -keyfile ca.key "
+        "-startdate 20200101000000Z -enddate 20200102000000Z ";
+    const std::string script =
+        "set -e; cd " + tls_ + "; mkdir -p ca-db; : > ca-db/index.txt; echo 01 > ca-db/serial; " +
+        "openssl req" + ec + " -keyout expired-client.key -out expired-client.csr "
+        "-subj /CN=mat-expired-client; " +
+        sign + "-extensions client_ext -in expired-client.csr -out expired-client.pem; " +
+        "openssl req" + ec + " -keyout expired-server.key -out expired-server.csr -subj /CN=127.0.0.1; " +
+        sign + "-extensions server_ext -in expired-server.csr -out expired-server.pem; " +
+        // The material really is expired (and otherwise valid: same CA).
+        "! openssl verify -CAfile ca.pem expired-client.pem; "
+        "openssl verify -no_check_time -CAfile ca.pem expired-client.pem expired-server.pem";
+    const std::string command = "(" + script + ") >> " + root_ + "/openssl.log 2>&1";
     return std::system(command.c_str()) == 0;
   }
 
@@ -185,6 +220,68 @@ TEST_F(AuthTest, TlsAndMutualTls) {
   ASSERT_GT(StartWorker("worker-tls", client_tls), 0);
   CommandResult registered = WaitForWorker(client_tls, 60s);
   EXPECT_THAT(registered.out, HasSubstr(" cpu ")) << registered.err;
+  StopCoordinator();
+}
+
+TEST_F(AuthTest, ExpiredCertificatesAreRefused) {
+  ASSERT_EQ(std::system("command -v openssl > /dev/null 2>&1"), 0)
+      << "openssl is not installed (scripts/setup installs it)";
+  ASSERT_TRUE(MakeCertificates()) << ReadText(root_ + "/openssl.log");
+  ASSERT_TRUE(MakeExpiredCertificates()) << ReadText(root_ + "/openssl.log");
+  const std::string ca = tls_ + "/ca.pem";
+
+  // (a) Mutual TLS with a valid server certificate: a worker presenting an expired client
+  // certificate of the right CA fails the handshake and never registers.
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatorWith({"--tls-cert", tls_ + "/server.pem", "--tls-key",
+                                                tls_ + "/server.key", "--tls-ca", ca}));
+  const pid_t expired = StartWorker(
+      "worker-expired", {"--tls-ca", ca, "--tls-cert", tls_ + "/expired-client.pem",
+                         "--tls-key", tls_ + "/expired-client.key"});
+  ASSERT_GT(expired, 0);
+  const std::string worker_err = root_ + "/worker-expired.err";
+  const auto deadline = std::chrono::steady_clock::now() + 15s;
+  while (ReadText(worker_err).find("cannot register") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(50ms);
+  }
+  const std::string worker_log = ReadText(worker_err) + ReadText(root_ + "/worker-expired.out");
+  // With TLS 1.3 the client's side of a refused client certificate is only a closed socket
+  // (gRPC: "UNAVAILABLE ... Socket closed"); the worker keeps retrying, never registered.
+  EXPECT_THAT(worker_log, HasSubstr("cannot register with the coordinator"));
+  EXPECT_THAT(worker_log, Not(HasSubstr("registered with")));
+  const std::vector<std::string> client_tls = {"--tls-ca", ca, "--tls-cert",
+                                               tls_ + "/client.pem", "--tls-key",
+                                               tls_ + "/client.key"};
+  std::vector<std::string> workers_args = client_tls;
+  workers_args.push_back("workers");
+  CommandResult workers = Matctl(address_, workers_args);
+  ASSERT_EQ(workers.exit_code, 0) << workers.err;
+  EXPECT_THAT(workers.out, Not(HasSubstr(" cpu ")));
+  // matctl with the same expired certificate is refused as well.
+  CommandResult expired_matctl =
+      Matctl(address_, {"--timeout", "3", "--tls-ca", ca, "--tls-cert",
+                        tls_ + "/expired-client.pem", "--tls-key",
+                        tls_ + "/expired-client.key", "list"});
+  EXPECT_EQ(expired_matctl.exit_code, 1);
+  EXPECT_THAT(expired_matctl.err, HasSubstr("UNAVAILABLE"));
+  // The coordinator logs the failed handshake (gRPC: "Handshake failed ... certificate verify
+  // failed").
+  const std::string coordinator_log =
+      ReadText(coordinator_log_ + ".err") + ReadText(coordinator_log_ + ".out");
+  EXPECT_THAT(coordinator_log, HasSubstr("Handshake failed"));
+  EXPECT_THAT(coordinator_log, HasSubstr("certificate verify failed"));
+  ::kill(expired, SIGTERM);
+  EXPECT_NE(Wait(expired, 10s), -1);
+  StopCoordinator();
+
+  // (b) A coordinator serving an expired certificate: matctl (trusting the CA) refuses it.
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatorWith(
+      {"--tls-cert", tls_ + "/expired-server.pem", "--tls-key", tls_ + "/expired-server.key"}));
+  CommandResult stale = Matctl(address_, {"--timeout", "3", "--tls-ca", ca, "list"});
+  EXPECT_EQ(stale.exit_code, 1);
+  EXPECT_THAT(stale.err, HasSubstr("UNAVAILABLE"));
+  EXPECT_THAT(stale.err, HasSubstr("certificate verify failed"));
+  EXPECT_THAT(stale.out, Not(::testing::StartsWith("ID ")));
   StopCoordinator();
 }
 

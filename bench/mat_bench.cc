@@ -78,6 +78,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RandomMlmBatch(
   return {ids, positions, labels};
 }
 
+// The masked-LM loss of one forward pass, under bf16 autocast when --precision bf16 (the
+// backward then runs outside it, as in the trainer).
+torch::Tensor MlmLoss(worker::BertMlm& model, const torch::Tensor& ids, const torch::Tensor& positions,
+                      const torch::Tensor& labels) {
+  worker::AutocastGuard autocast(ids.device(), Prec());
+  return torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
+}
+
 // Heads active per layer: the first `fraction` of each layer's heads (FFN slices, if any, on).
 std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
   std::vector<uint8_t> m(c.layers * (c.heads + c.ffn_groups), 1);
@@ -104,11 +112,7 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
     model->SetMask(HeadMask(c, fractions[k]));
     Sync(dev);
     auto t0 = Clock::now();
-    torch::Tensor loss;
-    {
-      worker::AutocastGuard autocast(dev, Prec());
-      loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
-    }
+    torch::Tensor loss = MlmLoss(model, ids, positions, labels);
     Sync(dev);
     auto t1 = Clock::now();
     loss.backward();
@@ -209,11 +213,7 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
     Sync(dev);
     auto t0 = Clock::now();
     model->SetMask(all);
-    torch::Tensor loss;
-    {
-      worker::AutocastGuard autocast(dev, Prec());
-      loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
-    }
+    torch::Tensor loss = MlmLoss(model, ids, positions, labels);
     loss.backward();
     absl::Status s = opt.Step(1e-4, all, ones);
     Sync(dev);
@@ -238,11 +238,7 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
     Sync(dev);
     auto t0 = Clock::now();
     model->SetMask(all);
-    torch::Tensor loss;
-    {
-      worker::AutocastGuard autocast(dev, Prec());
-      loss = torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
-    }
+    torch::Tensor loss = MlmLoss(model, ids, positions, labels);
     Sync(dev);
     auto t1 = Clock::now();
     loss.backward();

@@ -34,18 +34,41 @@ uint64_t GetU64(const char* p) {
 
 }  // namespace
 
+std::string MakeEnvelope(absl::string_view payload) {
+  std::string data(kMagic, sizeof(kMagic));
+  PutU64(data, payload.size());
+  PutU64(data, Fnv1a(payload.data(), payload.size()));
+  data.append(payload.data(), payload.size());
+  return data;
+}
+
+absl::StatusOr<std::string> ParseEnvelope(absl::string_view data, const std::string& name) {
+  if (data.size() < kHeader || std::memcmp(data.data(), kMagic, sizeof(kMagic)) != 0) {
+    return absl::DataLossError("checkpoint " + name + " is not a MAT checkpoint or is truncated (" +
+                               std::to_string(data.size()) + " bytes)");
+  }
+  const uint64_t len = GetU64(data.data() + 8);
+  if (data.size() - kHeader != len) {
+    return absl::DataLossError("checkpoint " + name + " is truncated: header says " +
+                               std::to_string(len) + " payload bytes, file has " +
+                               std::to_string(data.size() - kHeader));
+  }
+  if (Fnv1a(data.data() + kHeader, len) != GetU64(data.data() + 16)) {
+    return absl::DataLossError("checkpoint " + name + " is corrupt: checksum mismatch");
+  }
+  return std::string(data.substr(kHeader));
+}
+
 absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputArchive& archive) {
   std::ostringstream payload_stream;
   try {
     archive.save_to(payload_stream);
   } catch (const c10::Error& e) {
     return absl::InternalError("cannot serialise checkpoint: " + std::string(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    return absl::InternalError("cannot serialise checkpoint: " + std::string(e.what()));
   }
-  const std::string payload = payload_stream.str();
-  std::string data(kMagic, sizeof(kMagic));
-  PutU64(data, payload.size());
-  PutU64(data, Fnv1a(payload.data(), payload.size()));
-  data += payload;
+  const std::string data = MakeEnvelope(payload_stream.str());
   std::error_code ec;
   if (std::filesystem::exists(path, ec)) {
     std::filesystem::rename(path, path + ".prev", ec);
@@ -56,24 +79,14 @@ absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputAr
 
 absl::Status ReadCheckpoint(const std::string& path, torch::serialize::InputArchive& archive) {
   MAT_ASSIGN_OR_RETURN(std::string data, common::ReadFile(path));
-  if (data.size() < kHeader || std::memcmp(data.data(), kMagic, sizeof(kMagic)) != 0) {
-    return absl::DataLossError("checkpoint " + path + " is not a MAT checkpoint or is truncated (" +
-                               std::to_string(data.size()) + " bytes)");
-  }
-  const uint64_t len = GetU64(data.data() + 8);
-  if (data.size() - kHeader != len) {
-    return absl::DataLossError("checkpoint " + path + " is truncated: header says " +
-                               std::to_string(len) + " payload bytes, file has " +
-                               std::to_string(data.size() - kHeader));
-  }
-  if (Fnv1a(data.data() + kHeader, len) != GetU64(data.data() + 16)) {
-    return absl::DataLossError("checkpoint " + path + " is corrupt: checksum mismatch");
-  }
+  MAT_ASSIGN_OR_RETURN(std::string payload, ParseEnvelope(data, path));
   try {
-    std::istringstream in(data.substr(kHeader));
+    std::istringstream in(std::move(payload));
     archive.load_from(in);
   } catch (const c10::Error& e) {
     return absl::DataLossError("checkpoint " + path + " cannot be read: " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return absl::DataLossError("checkpoint " + path + " cannot be read: " + e.what());
   }
   return absl::OkStatus();
 }

@@ -12,13 +12,22 @@
 #include <torch/torch.h>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace mat::worker {
 
 absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputArchive& archive);
 
-// Reads and verifies one file into `archive`.
+// Reads and verifies one file into `archive`. Every failure is a Status (DATA_LOSS for a file
+// that is not a valid checkpoint); LibTorch's exceptions do not escape.
 absl::Status ReadCheckpoint(const std::string& path, torch::serialize::InputArchive& archive);
+
+// The envelope alone (no LibTorch): the payload of checkpoint `bytes`, or DATA_LOSS naming
+// `name` when the magic, the length or the checksum is wrong.
+absl::StatusOr<std::string> ParseEnvelope(absl::string_view bytes, const std::string& name);
+
+// The envelope around `payload` (what WriteCheckpoint writes).
+std::string MakeEnvelope(absl::string_view payload);
 
 // Tries `path`, then `path.prev`. Returns the path actually loaded; `warning` gets the reason
 // the newest one was skipped (empty when it loaded).

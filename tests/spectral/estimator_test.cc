@@ -61,7 +61,7 @@ struct Mlp {
       rec.Record(s2);
     }
     torch::Tensor y = lin + b2;
-    return {0.5 * (y - target).pow(2).sum(1), rec.Take()};
+    return {0.5 * (y - target).pow(2).sum(1), rec.Take(), {}};
   }
 };
 
@@ -88,7 +88,7 @@ TEST(EstimatorTest, BothMatchClosedFormOfLinearModel) {
   torch::Tensor t = torch::randn({5, 4}, torch::kFloat64);
   auto probe = [&] {
     torch::Tensor y = torch::nn::functional::linear(x, w);
-    ProbeBatch b{0.5 * (y - t).pow(2).sum(1), {}};
+    ProbeBatch b{0.5 * (y - t).pow(2).sum(1), {}, {}};
     b.sites.push_back({x, y, {{0, SliceAxis::kRows, 0, 4, false}}});
     return b;
   };
@@ -118,7 +118,7 @@ TEST(EstimatorTest, KernelStatsOfKnownSpectrum) {
 
 TEST(EstimatorTest, RejectsMalformedProbe) {
   ModulePartition p;
-  ProbeBatch one{torch::ones({1}, torch::kFloat64).requires_grad_(true), {}};
+  ProbeBatch one{torch::ones({1}, torch::kFloat64).requires_grad_(true), {}, {}};
   EXPECT_EQ(GramEstimator().Estimate(p, one).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(MakeEstimator("lanczos?").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(MakeEstimator("gram").ok());
@@ -168,7 +168,7 @@ TEST_P(AttentionBlockTest, GramMatchesExact) {
     layer->set_recorder(record ? &rec : nullptr, {0, 1}, {2, 3});
     torch::Tensor y = layer->forward(x, {true, true}, {true, true});
     layer->set_recorder(nullptr, {}, {});
-    ProbeBatch b{(y * r).sum({1, 2}) + 0.5 * y.pow(2).sum({1, 2}), rec.Take()};
+    ProbeBatch b{(y * r).sum({1, 2}) + 0.5 * y.pow(2).sum({1, 2}), rec.Take(), {}};
     return b;
   };
   auto gram = GramEstimator().Estimate(p, probe(true));

@@ -91,7 +91,7 @@ TEST_F(CudaTest, GramLambdasAgreeWithCpu) {
         logits, labels_.to(d), torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
     torch::Tensor sample = torch::div(positions_.to(d), 16, "floor");
     torch::Tensor losses = torch::zeros({6}, ce.options()).index_add(0, sample, ce);
-    auto r = spectral::GramEstimator().Estimate(m->Partition(), {losses, rec.Take()});
+    auto r = spectral::GramEstimator().Estimate(m->Partition(), {losses, rec.Take(), {}});
     EXPECT_TRUE(r.ok()) << r.status();
     return *r;
   };

@@ -47,23 +47,13 @@ TEST(AutocastGuardTest, EnablesBf16InsideAndRestoresOutside) {
 class Bf16ModelTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    c_.vocab_size = 50;
-    c_.max_seq_len = 16;
-    c_.layers = 2;
-    c_.d_model = 32;
-    c_.heads = 4;
-    c_.d_ff = 64;
-    c_.ffn_groups = 2;
-    c_.dropout = 0;
-    torch::manual_seed(5);
-    a_ = BertMlm(c_);
-    b_ = BertMlm(c_);
-    torch::NoGradGuard g;
-    auto src = a_->named_parameters();
-    for (auto& kv : b_->named_parameters()) kv.value().copy_(src[kv.key()]);
-    ids_ = torch::randint(0, 50, {6, 16}, torch::kLong);
-    positions_ = torch::arange(0, 96, 5, torch::kLong);
-    labels_ = torch::randint(0, 50, {positions_.size(0)}, torch::kLong);
+    testing::ModelPair p = testing::MakeModelPair(5);
+    c_ = p.config;
+    a_ = p.a;
+    b_ = p.b;
+    ids_ = p.ids;
+    positions_ = p.positions;
+    labels_ = p.labels;
   }
   BertConfig c_;
   BertMlm a_{nullptr}, b_{nullptr};

@@ -27,24 +27,14 @@ class CudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-    c_.vocab_size = 50;
-    c_.max_seq_len = 16;
-    c_.layers = 2;
-    c_.d_model = 32;
-    c_.heads = 4;
-    c_.d_ff = 64;
-    c_.ffn_groups = 2;
-    c_.dropout = 0;
-    torch::manual_seed(3);
-    cpu_ = BertMlm(c_);
-    cuda_ = BertMlm(c_);
-    torch::NoGradGuard g;
-    auto src = cpu_->named_parameters();
-    for (auto& kv : cuda_->named_parameters()) kv.value().copy_(src[kv.key()]);
+    testing::ModelPair p = testing::MakeModelPair(3);
+    c_ = p.config;
+    cpu_ = p.a;
+    cuda_ = p.b;
     cuda_->to(torch::kCUDA);
-    ids_ = torch::randint(0, 50, {6, 16}, torch::kLong);
-    positions_ = torch::arange(0, 96, 5, torch::kLong);
-    labels_ = torch::randint(0, 50, {positions_.size(0)}, torch::kLong);
+    ids_ = p.ids;
+    positions_ = p.positions;
+    labels_ = p.labels;
   }
 
   BertConfig c_;

@@ -1,5 +1,5 @@
-// A toy corpus and a one-layer BERT config for trainer tests that need a real run but not
-// real data (autocast_test, cuda_test).
+// A toy corpus, a one-layer training config, and a pair of identical toy BERTs with one batch,
+// for tests that compare two ways of running the same model (autocast_test, cuda_test).
 #pragma once
 
 #include <unistd.h>
@@ -8,6 +8,7 @@
 #include <fstream>
 #include <string>
 
+#include "worker/bert.h"
 #include "worker/train_config.h"
 
 namespace mat::worker::testing {
@@ -42,6 +43,39 @@ inline TrainConfig ToyConfig(const std::string& data_dir) {
   c.train.eval_batches = 2;
   c.policy.probe_samples = 4;
   return c;
+}
+
+// Two BERTs (2 layers of 32, 4 heads, 2 FFN groups, vocabulary 50, no dropout) with the same
+// weights (seeded by `seed`), and one batch: ids [6, 16], every 5th position masked, labels.
+struct ModelPair {
+  BertConfig config;
+  BertMlm a{nullptr}, b{nullptr};
+  torch::Tensor ids, positions, labels;
+};
+
+inline ModelPair MakeModelPair(uint64_t seed) {
+  ModelPair p;
+  BertConfig& c = p.config;
+  c.vocab_size = 50;
+  c.max_seq_len = 16;
+  c.layers = 2;
+  c.d_model = 32;
+  c.heads = 4;
+  c.d_ff = 64;
+  c.ffn_groups = 2;
+  c.dropout = 0;
+  torch::manual_seed(seed);
+  p.a = BertMlm(c);
+  p.b = BertMlm(c);
+  {
+    torch::NoGradGuard g;
+    auto src = p.a->named_parameters();
+    for (auto& kv : p.b->named_parameters()) kv.value().copy_(src[kv.key()]);
+  }
+  p.ids = torch::randint(0, 50, {6, 16}, torch::kLong);
+  p.positions = torch::arange(0, 96, 5, torch::kLong);
+  p.labels = torch::randint(0, 50, {p.positions.size(0)}, torch::kLong);
+  return p;
 }
 
 }  // namespace mat::worker::testing

@@ -5,6 +5,7 @@
 
 #include "common/file_util.h"
 #include "common/status.h"
+#include "nlohmann/json.hpp"
 #include "yaml-cpp/yaml.h"
 
 namespace mat::worker {
@@ -87,6 +88,7 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("policy.probe_projections", &c.policy.probe_projections, "integer"));
   f.push_back(MakeField("policy.min_active_fraction", &c.policy.min_active_fraction, "number"));
   f.push_back(MakeField("policy.rand_fraction", &c.policy.rand_fraction, "number"));
+  f.push_back(MakeField("policy.rand_schedule", &c.policy.rand_schedule, "string"));
   f.push_back(MakeField("policy.multirate_k", &c.policy.multirate_k, "integer"));
   f.push_back(MakeField("policy.multirate_fast_fraction", &c.policy.multirate_fast_fraction, "number"));
   return f;
@@ -230,6 +232,9 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   if (absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind); !kind.ok()) {
     return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));
   }
+  MAT_RETURN_IF_ERROR(Check(p.rand_schedule.empty() || p.kind == "rand",
+                            "policy.rand_schedule replays active counts for policy.kind rand only, "
+                            "got kind '" + p.kind + "'"));
   return policy::ValidatePolicyConfig(ToPolicyConfig(c));
 }
 
@@ -249,6 +254,39 @@ policy::PolicyConfig ToPolicyConfig(const TrainConfig& c) {
   p.multirate_fast_fraction = c.policy.multirate_fast_fraction;
   p.seed = c.seed;
   return p;
+}
+
+absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedule(
+    const std::string& path) {
+  MAT_ASSIGN_OR_RETURN(std::string text, common::ReadFile(path));
+  std::vector<policy::Policy::ScheduleEntry> out;
+  std::istringstream in(text);
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    auto bad = [&](const std::string& what) {
+      return absl::InvalidArgumentError("policy.rand_schedule: " + path + " line " +
+                                        std::to_string(number) + ": " + what);
+    };
+    nlohmann::json d = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (d.is_discarded() || !d.is_object()) return bad("not a JSON object");
+    if (!d.contains("step") || !d["step"].is_number_integer()) return bad("no integer \"step\"");
+    if (!d.contains("modules") || !d["modules"].is_array()) return bad("no \"modules\" array");
+    policy::Policy::ScheduleEntry e;
+    e.step = d["step"].get<int64_t>();
+    for (const auto& m : d["modules"]) {
+      if (!m.is_object() || !m.contains("group") || !m["group"].is_string() ||
+          !m.contains("active") || !m["active"].is_boolean()) {
+        return bad("a module without string \"group\" and boolean \"active\"");
+      }
+      int& count = e.active[m["group"].get<std::string>()];
+      if (m["active"].get<bool>()) ++count;
+    }
+    if (!out.empty() && e.step <= out.back().step) return bad("steps do not ascend");
+    out.push_back(std::move(e));
+  }
+  if (out.empty()) return absl::InvalidArgumentError("policy.rand_schedule: " + path + " holds no decision");
+  return out;
 }
 
 std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& config) {

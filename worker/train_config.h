@@ -79,6 +79,9 @@ struct PolicySection {
   int64_t probe_projections = 1;   // lanczos, exact-output: k projections of the logits (>= 1)
   double min_active_fraction = 0.25;
   double rand_fraction = 0.5;
+  // rand only: a MAT run's decisions.jsonl whose per-group active counts rand replays (the
+  // paper's "-Rand" baseline at equal active counts); empty: rand_fraction.
+  std::string rand_schedule;
   int64_t multirate_k = 4;
   double multirate_fast_fraction = 0.5;
 };
@@ -100,6 +103,12 @@ absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment);
 absl::Status ValidateTrainConfig(const TrainConfig& config);
 // The policy library's config for this run.
 policy::PolicyConfig ToPolicyConfig(const TrainConfig& config);
+
+// The per-group active counts of every decision in a decisions.jsonl (one JSON object per line
+// with "step" and "modules": [{"group", "active"}, ...]), for Policy::SetRandSchedule.
+// NOT_FOUND names a missing file; INVALID_ARGUMENT names the file and line of a malformed one.
+absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedule(
+    const std::string& decisions_jsonl);
 // Every key with its current value, as "key: value" lines (documentation and logs).
 std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& config);
 

@@ -129,6 +129,10 @@ absl::Status Trainer::Init() {
   std::vector<policy::ModuleInfo> infos;
   for (const auto& m : partition_.modules) infos.push_back({m.group, m.layer, m.index, m.name});
   MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(ToPolicyConfig(c), std::move(infos)));
+  if (!c.policy.rand_schedule.empty()) {
+    MAT_ASSIGN_OR_RETURN(auto schedule, LoadActiveCountSchedule(c.policy.rand_schedule));
+    MAT_RETURN_IF_ERROR(policy_->SetRandSchedule(std::move(schedule)));
+  }
   spectral::EstimatorOptions eo;
   eo.lanczos_iterations = static_cast<int>(c.policy.lanczos_iterations);
   eo.projections = static_cast<int>(c.policy.probe_projections);

@@ -159,7 +159,7 @@ absl::StatusOr<Decision> Policy::Observe(int64_t step, const std::vector<double>
         mask = MatMask(&decision);
         break;
       case PolicyKind::kRand:
-        mask = RandomSubset(config_.rand_fraction);
+        mask = rand_schedule_.empty() ? RandomSubset(config_.rand_fraction) : RandomSubsetAt(step);
         break;
       case PolicyKind::kMultirate:
         if (!state_.split_chosen) {
@@ -241,6 +241,53 @@ std::vector<uint8_t> Policy::RandomSubset(double fraction) {
     const int count = std::max(GuardCount(size), RoundedCount(fraction, size));
     std::vector<int> order = members;
     for (int k = 0; k < count; ++k) {  // partial Fisher–Yates: order[0..count) is the subset
+      const uint64_t j = k + UniformBelow(state_.rng, static_cast<uint64_t>(size - k));
+      std::swap(order[k], order[j]);
+      mask[order[k]] = 1;
+    }
+  }
+  return mask;
+}
+
+absl::Status Policy::SetRandSchedule(std::vector<ScheduleEntry> schedule) {
+  if (config_.kind != PolicyKind::kRand) {
+    return absl::InvalidArgumentError("a replayed active-count schedule needs policy.kind rand, not " +
+                                      PolicyKindName(config_.kind));
+  }
+  for (size_t i = 0; i < schedule.size(); ++i) {
+    if (i > 0 && schedule[i].step <= schedule[i - 1].step) {
+      return absl::InvalidArgumentError(absl::StrCat("schedule steps must ascend: ",
+                                                     schedule[i - 1].step, " then ",
+                                                     schedule[i].step));
+    }
+    for (const auto& [group, count] : schedule[i].active) {
+      if (count < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("schedule at step ", schedule[i].step,
+                                                       ": group ", group, " has count ", count));
+      }
+    }
+  }
+  rand_schedule_ = std::move(schedule);
+  return absl::OkStatus();
+}
+
+std::vector<uint8_t> Policy::RandomSubsetAt(int64_t step) {
+  const ScheduleEntry* entry = nullptr;
+  for (const ScheduleEntry& e : rand_schedule_) {
+    if (e.step > step) break;
+    entry = &e;
+  }
+  std::vector<uint8_t> mask(modules_.size(), 0);
+  for (const auto& [group, members] : groups_) {
+    const int size = static_cast<int>(members.size());
+    int wanted = RoundedCount(config_.rand_fraction, size);
+    if (entry != nullptr) {
+      auto it = entry->active.find(group);
+      if (it != entry->active.end()) wanted = std::min(it->second, size);
+    }
+    const int count = std::max(GuardCount(size), wanted);
+    std::vector<int> order = members;
+    for (int k = 0; k < count; ++k) {  // as RandomSubset
       const uint64_t j = k + UniformBelow(state_.rng, static_cast<uint64_t>(size - k));
       std::swap(order[k], order[j]);
       mask[order[k]] = 1;

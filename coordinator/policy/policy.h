@@ -20,7 +20,7 @@
 //              active, for every kind.
 //   kFull      all active always.
 //   kRand      each post-warm-up decision picks, per group, max(guard, round(rand_fraction·size))
-//              modules uniformly at random (partial Fisher–Yates on a std::mt19937_64 seeded with
+//              (or the count SetRandSchedule replays from another run) modules uniformly at random (partial Fisher–Yates on a std::mt19937_64 seeded with
 //              `seed`, bounded by rejection sampling on its raw output: the same on every
 //              platform).
 //   kMultirate the first post-warm-up decision picks, per group, max(guard,
@@ -144,6 +144,18 @@ class Policy {
   const std::vector<ModuleInfo>& modules() const { return modules_; }
   const PolicyConfig& config() const { return config_; }
 
+  // kRand replaying another run's active counts (the paper's "-Rand" baseline): each
+  // post-warm-up decision at step t draws, per group, max(guard, count) modules, where count is
+  // the group's active count in the entry with the largest step <= t (rand_fraction before the
+  // first entry and for groups an entry does not name). Entries: ascending steps. An input,
+  // like the reports, not config: it is not in SaveState, the owner sets it again on resume.
+  // INVALID_ARGUMENT for another kind, unsorted steps or a negative count.
+  struct ScheduleEntry {
+    int64_t step = 0;
+    std::map<std::string, int> active;  // group -> active modules
+  };
+  absl::Status SetRandSchedule(std::vector<ScheduleEntry> schedule);
+
   // JSON text with everything needed to continue bit-identically (format "mat.policy.state/1"),
   // including the config and the module names it was made for.
   std::string SaveState() const;
@@ -177,6 +189,8 @@ class Policy {
   std::vector<uint8_t> MatMask(Decision* decision) const;
   // Per group, max(guard, round(fraction·size)) members drawn uniformly from state_.rng.
   std::vector<uint8_t> RandomSubset(double fraction);
+  // The same with each group's count from the replayed schedule at `step`.
+  std::vector<uint8_t> RandomSubsetAt(int64_t step);
   // Raises the active count of every group to the guard, in the order the file comment states.
   void ApplyGuard(std::vector<uint8_t>* mask) const;
   // ceil(min_active_fraction·size), >= 1 when the fraction is > 0, <= size.
@@ -186,6 +200,7 @@ class Policy {
   const std::vector<ModuleInfo> modules_;
   std::map<std::string, std::vector<int>> groups_;  // group name -> module indices, ascending
   State state_;
+  std::vector<ScheduleEntry> rand_schedule_;  // SetRandSchedule; empty: rand_fraction
 };
 
 }  // namespace mat::policy

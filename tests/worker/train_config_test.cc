@@ -34,7 +34,8 @@ const std::vector<std::string> kAllKeys = {
     "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.lanczos_iterations", "policy.probe_projections", "policy.min_active_fraction",
-    "policy.rand_fraction", "policy.multirate_k", "policy.multirate_fast_fraction"};
+    "policy.rand_fraction", "policy.rand_schedule", "policy.multirate_k",
+    "policy.multirate_fast_fraction"};
 
 std::map<std::string, std::string> AsMap(const TrainConfig& c) {
   std::map<std::string, std::string> m;
@@ -324,6 +325,52 @@ TEST(ToPolicyConfigTest, CopiesThePolicySection) {
   EXPECT_EQ(p.interval_steps, 7);
   EXPECT_EQ(p.warmup_steps, 9);
   EXPECT_EQ(p.seed, 5u);
+}
+
+}  // namespace
+}  // namespace mat::worker
+
+namespace mat::worker {
+namespace {
+
+TEST(ActiveCountScheduleTest, ReadsCountsPerGroupAndNamesBadLines) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("mat_schedule_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir / name) << text;
+    return (dir / name).string();
+  };
+  const std::string good = write("good.jsonl",
+      "{\"step\":0,\"modules\":[{\"group\":\"heads\",\"active\":true},"
+      "{\"group\":\"heads\",\"active\":true},{\"group\":\"ffn\",\"active\":true}]}\n"
+      "{\"step\":20,\"modules\":[{\"group\":\"heads\",\"active\":false},"
+      "{\"group\":\"heads\",\"active\":true},{\"group\":\"ffn\",\"active\":false}]}\n");
+  auto s = LoadActiveCountSchedule(good);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_EQ(s->size(), 2u);
+  EXPECT_EQ((*s)[0].active.at("heads"), 2);
+  EXPECT_EQ((*s)[1].step, 20);
+  EXPECT_EQ((*s)[1].active.at("heads"), 1);
+  EXPECT_EQ((*s)[1].active.at("ffn"), 0);
+
+  auto bad = LoadActiveCountSchedule(write("bad.jsonl", "{\"step\":0,\"modules\":[]}\n{oops\n"));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("line 2"), std::string::npos) << bad.status();
+  auto back = LoadActiveCountSchedule(
+      write("back.jsonl", "{\"step\":20,\"modules\":[]}\n{\"step\":0,\"modules\":[]}\n"));
+  EXPECT_EQ(back.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(LoadActiveCountSchedule((dir / "none.jsonl").string()).ok());
+  fs::remove_all(dir);
+}
+
+TEST(ActiveCountScheduleTest, OnlyForKindRand) {
+  TrainConfig c;
+  c.policy.rand_schedule = "/x/decisions.jsonl";
+  c.policy.kind = "mat";
+  EXPECT_EQ(ValidateTrainConfig(c).code(), absl::StatusCode::kInvalidArgument);
+  c.policy.kind = "rand";
+  EXPECT_TRUE(ValidateTrainConfig(c).ok());
 }
 
 }  // namespace

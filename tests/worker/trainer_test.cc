@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -127,6 +129,56 @@ TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
   EXPECT_GT((*s)["spectral_seconds"].get<double>(), 0);
   EXPECT_TRUE(std::isfinite((*s)["best_val_loss"].get<double>()));
+}
+
+// The "-Rand" baseline: rand replaying a MAT run's decisions.jsonl trains the same number of
+// modules per group at every decision (other modules: random), and says so in its own log.
+TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
+  namespace fs = std::filesystem;
+  std::string data = MakeCorpus("replay");
+  const fs::path root = fs::temp_directory_path() / ("mat_replay_" + std::to_string(::getpid()));
+  TrainConfig mat = TinyConfig(data, "mat");
+  mat.policy.alpha = 0.5;
+  mat.policy.min_active_fraction = 0.25;
+  auto tm = Trainer::Create(mat, {(root / "mat").string(), false, false});
+  ASSERT_TRUE(tm.ok()) << tm.status();
+  ASSERT_TRUE((*tm)->Run().ok());
+
+  TrainConfig rand = TinyConfig(data, "rand");
+  rand.policy.rand_schedule = (root / "mat" / "decisions.jsonl").string();
+  auto tr = Trainer::Create(rand, {(root / "rand").string(), false, false});
+  ASSERT_TRUE(tr.ok()) << tr.status();
+  ASSERT_TRUE((*tr)->Run().ok());
+
+  auto counts = [](const fs::path& file) {
+    std::vector<std::pair<int64_t, int64_t>> out;  // (step, num_active)
+    std::ifstream in(file);
+    std::string line;
+    while (std::getline(in, line)) {
+      auto d = nlohmann::json::parse(line);
+      out.emplace_back(d["step"].get<int64_t>(), d["num_active"].get<int64_t>());
+    }
+    return out;
+  };
+  auto a = counts(root / "mat" / "decisions.jsonl"), b = counts(root / "rand" / "decisions.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  bool some_masked = false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i], b[i]) << "decision " << i;
+    some_masked = some_masked || a[i].second < int64_t((*tm)->partition().size());
+  }
+  EXPECT_TRUE(some_masked) << "the MAT run never masked a module: the replay shows nothing";
+
+  TrainConfig wrong = TinyConfig(data, "mat");
+  wrong.policy.rand_schedule = rand.policy.rand_schedule;
+  EXPECT_EQ(Trainer::Create(wrong, {"", false, false}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  TrainConfig missing = TinyConfig(data, "rand");
+  missing.policy.rand_schedule = (root / "nope.jsonl").string();
+  auto m = Trainer::Create(missing, {"", false, false});
+  EXPECT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("nope.jsonl"), std::string::npos) << m.status();
+  fs::remove_all(root);
 }
 
 TEST(TrainerSingleTest, ProbeReportsAFiniteSpectrumPerModule) {

@@ -9,6 +9,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -932,6 +933,54 @@ TEST(MaskFromScheduleTest, SlowModulesTrainEveryKthStepWithScaledLr) {
   StepMask off = MaskFromSchedule(schedule, 9);
   EXPECT_THAT(off.active, ElementsAre(1, 0, 0));
   EXPECT_THAT(off.lr_scale, ElementsAre(1.0, 1.0, 1.0));
+}
+
+}  // namespace
+}  // namespace mat::policy
+
+namespace mat::policy {
+namespace {
+
+// kRand replaying another run's active counts: each decision draws the count of the schedule
+// entry at or before its step, per group, raised to the guard; other kinds refuse a schedule.
+TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
+  PolicyConfig c;
+  c.kind = PolicyKind::kRand;
+  c.warmup_steps = 20;
+  c.interval_steps = 20;
+  c.gamma = 0.0;
+  c.min_active_fraction = 0.25;  // guard: 2 of 8 heads, 1 of 4 ffn
+  c.rand_fraction = 0.5;
+  std::vector<ModuleInfo> modules;
+  for (int i = 0; i < 8; ++i) modules.push_back({"heads", 0, i, "h" + std::to_string(i)});
+  for (int i = 0; i < 4; ++i) modules.push_back({"ffn", 0, i, "f" + std::to_string(i)});
+  auto p = Policy::Create(c, modules);
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::vector<Policy::ScheduleEntry> schedule = {
+      {0, {{"heads", 8}, {"ffn", 4}}},   // warm-up in the replayed run
+      {40, {{"heads", 3}, {"ffn", 4}}},
+      {80, {{"heads", 1}}},              // below the guard; ffn not named: rand_fraction
+  };
+  ASSERT_TRUE((*p)->SetRandSchedule(schedule).ok());
+  // step -> expected (heads, ffn) active
+  const std::vector<std::tuple<int64_t, int, int>> expected = {
+      {0, 8, 4}, {20, 8, 4}, {40, 3, 4}, {60, 3, 4}, {80, 2, 2}, {100, 2, 2}};
+  for (const auto& [step, heads, ffn] : expected) {
+    absl::StatusOr<Decision> d = (*p)->Observe(step, {});
+    ASSERT_TRUE(d.ok()) << d.status();
+    int h = 0, f = 0;
+    for (size_t i = 0; i < modules.size(); ++i) (modules[i].group == "heads" ? h : f) += d->mask[i];
+    EXPECT_EQ(h, heads) << "step " << step;
+    EXPECT_EQ(f, ffn) << "step " << step;
+  }
+
+  PolicyConfig mat = c;
+  mat.kind = PolicyKind::kMat;
+  auto q = Policy::Create(mat, modules);
+  ASSERT_TRUE(q.ok());
+  EXPECT_EQ((*q)->SetRandSchedule(schedule).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<Policy::ScheduleEntry> unsorted = {{40, {}}, {20, {}}};
+  EXPECT_EQ((*p)->SetRandSchedule(unsorted).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

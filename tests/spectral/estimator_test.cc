@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/spectral/toy_mlp.h"
+
 #include "spectral/exact_estimator.h"
 #include "spectral/gram_estimator.h"
 #include "worker/bert.h"
@@ -25,53 +27,17 @@ void ExpectClose(const EstimateResult& a, const EstimateResult& b) {
   }
 }
 
-torch::Tensor Leaf(std::vector<int64_t> shape) {
-  return torch::randn(shape, torch::kFloat64).requires_grad_(true);
-}
+using testing::Leaf;
 
-// A two-layer MLP whose hidden units form 3 modules of 2 units each (rows of W1 + bias, cols of
-// W2), with per-sample squared loss.
-struct Mlp {
-  std::vector<torch::Tensor> w1, b1, w2;
-  torch::Tensor b2;
-  ModulePartition partition;
-
-  Mlp() {
-    for (int g = 0; g < 3; ++g) {
-      w1.push_back(Leaf({2, 5}));
-      b1.push_back(Leaf({2}));
-      w2.push_back(Leaf({3, 2}));
-      partition.modules.push_back({"ffn", 0, g, "g" + std::to_string(g), {w1[g], b1[g], w2[g]}});
-    }
-    b2 = Leaf({3});
-  }
-
-  ProbeBatch Forward(const torch::Tensor& x, const torch::Tensor& target, bool record) {
-    SiteRecorder rec;
-    torch::Tensor pre = torch::nn::functional::linear(x, torch::cat(w1, 0), torch::cat(b1, 0));
-    torch::Tensor h = torch::tanh(pre);
-    torch::Tensor lin = torch::nn::functional::linear(h, torch::cat(w2, 1));
-    if (record) {
-      LinearSite s1{x, pre, {}}, s2{h, lin, {}};
-      for (int g = 0; g < 3; ++g) {
-        s1.slices.push_back({g, SliceAxis::kRows, 2 * g, 2 * g + 2, true});
-        s2.slices.push_back({g, SliceAxis::kCols, 2 * g, 2 * g + 2, false});
-      }
-      rec.Record(s1);
-      rec.Record(s2);
-    }
-    torch::Tensor y = lin + b2;
-    return {0.5 * (y - target).pow(2).sum(1), rec.Take(), {}};
-  }
-};
+using Mlp = testing::ToyMlp;
 
 TEST(EstimatorTest, GramMatchesExactOnMlp) {
   torch::manual_seed(0);
   Mlp mlp;
   torch::Tensor x = torch::randn({6, 5}, torch::kFloat64);
   torch::Tensor t = torch::randn({6, 3}, torch::kFloat64);
-  auto gram = GramEstimator().Estimate(mlp.partition, mlp.Forward(x, t, true));
-  auto exact = ExactEstimator().Estimate(mlp.partition, mlp.Forward(x, t, false));
+  auto gram = GramEstimator().Estimate(mlp.partition, mlp.LossProbe(x, t, true));
+  auto exact = ExactEstimator().Estimate(mlp.partition, mlp.LossProbe(x, t, false));
   ASSERT_TRUE(gram.ok()) << gram.status();
   ASSERT_TRUE(exact.ok()) << exact.status();
   ExpectClose(*gram, *exact);

@@ -3,6 +3,8 @@
 // functions of worker/sliced_linear.cc (the double backward runs through them).
 #include <gtest/gtest.h>
 
+#include "tests/spectral/toy_mlp.h"
+
 #include "spectral/estimator.h"
 #include "spectral/exact_estimator.h"
 #include "spectral/lanczos_estimator.h"
@@ -11,37 +13,11 @@
 namespace mat::spectral {
 namespace {
 
-torch::Tensor Leaf(std::vector<int64_t> shape) {
-  return torch::randn(shape, torch::kFloat64).requires_grad_(true);
-}
+using testing::Leaf;
 
 double Rel(double x, double y) { return std::abs(x - y) / std::max(std::abs(y), 1e-300); }
 
-// Two-layer MLP, hidden units in 3 modules of 2 units; outputs = y [n, 3] (k = 3, d = 3n).
-struct Mlp {
-  std::vector<torch::Tensor> w1, b1, w2;
-  torch::Tensor b2;
-  ModulePartition partition;
-
-  Mlp() {
-    for (int g = 0; g < 3; ++g) {
-      w1.push_back(Leaf({2, 5}));
-      b1.push_back(Leaf({2}));
-      w2.push_back(Leaf({3, 2}));
-      partition.modules.push_back({"ffn", 0, g, "g" + std::to_string(g), {w1[g], b1[g], w2[g]}});
-    }
-    b2 = Leaf({3});
-  }
-
-  ProbeBatch Forward(const torch::Tensor& x) {
-    torch::Tensor h = torch::tanh(torch::nn::functional::linear(x, torch::cat(w1, 0), torch::cat(b1, 0)));
-    torch::Tensor y = torch::nn::functional::linear(h, torch::cat(w2, 1)) + b2;
-    ProbeBatch b;
-    b.losses = 0.5 * y.pow(2).sum(1);
-    b.outputs = y;
-    return b;
-  }
-};
+using Mlp = testing::ToyMlp;
 
 std::unique_ptr<Estimator> Make(const std::string& name, int iterations) {
   EstimatorOptions o;
@@ -55,8 +31,8 @@ TEST(LanczosTest, FullKrylovSpaceMatchesExactOutputOnMlp) {
   torch::manual_seed(0);
   Mlp mlp;
   torch::Tensor x = torch::randn({6, 5}, torch::kFloat64);
-  auto exact = Make("exact-output", 1)->Estimate(mlp.partition, mlp.Forward(x));
-  auto lz = Make("lanczos", 100)->Estimate(mlp.partition, mlp.Forward(x));  // K capped at d = 18
+  auto exact = Make("exact-output", 1)->Estimate(mlp.partition, mlp.OutputProbe(x));
+  auto lz = Make("lanczos", 100)->Estimate(mlp.partition, mlp.OutputProbe(x));  // K capped at d = 18
   ASSERT_TRUE(exact.ok()) << exact.status();
   ASSERT_TRUE(lz.ok()) << lz.status();
   ASSERT_EQ(lz->modules.size(), 3u);
@@ -154,10 +130,10 @@ TEST(LanczosTest, FewStepsGiveALowerBoundCloseToLambdaMax) {
   torch::manual_seed(3);
   Mlp mlp;
   torch::Tensor x = torch::randn({8, 5}, torch::kFloat64);  // d = 24
-  auto exact = Make("exact-output", 1)->Estimate(mlp.partition, mlp.Forward(x));
+  auto exact = Make("exact-output", 1)->Estimate(mlp.partition, mlp.OutputProbe(x));
   ASSERT_TRUE(exact.ok());
   for (int k : {3, 6, 12}) {
-    auto lz = Make("lanczos", k)->Estimate(mlp.partition, mlp.Forward(x));
+    auto lz = Make("lanczos", k)->Estimate(mlp.partition, mlp.OutputProbe(x));
     ASSERT_TRUE(lz.ok()) << lz.status();
     for (size_t m = 0; m < 3; ++m) {
       SCOPED_TRACE("K " + std::to_string(k) + " module " + std::to_string(m));
@@ -178,13 +154,13 @@ TEST(LanczosTest, RejectsMalformedProbe) {
     auto est = Make(name, 4);
     EXPECT_TRUE(est->NeedsOutputs());
     EXPECT_EQ(est->OutputProjections(), 1);
-    ProbeBatch none = mlp.Forward(x);
+    ProbeBatch none = mlp.OutputProbe(x);
     none.outputs = torch::Tensor();
     EXPECT_EQ(est->Estimate(mlp.partition, none).status().code(), absl::StatusCode::kInvalidArgument);
-    ProbeBatch wrong_n = mlp.Forward(x);
+    ProbeBatch wrong_n = mlp.OutputProbe(x);
     wrong_n.outputs = wrong_n.outputs.slice(0, 0, 5);
     EXPECT_EQ(est->Estimate(mlp.partition, wrong_n).status().code(), absl::StatusCode::kInvalidArgument);
-    ProbeBatch flat = mlp.Forward(x);
+    ProbeBatch flat = mlp.OutputProbe(x);
     flat.outputs = flat.outputs.reshape({-1});
     EXPECT_EQ(est->Estimate(mlp.partition, flat).status().code(), absl::StatusCode::kInvalidArgument);
   }

@@ -312,6 +312,10 @@ v1::JobSpec JobSpecDefaults() {
   m->set_max_seq_len(128);
   m->set_dropout(0.1);
   m->set_pre_ln(false);
+  m->set_experts(8);
+  m->set_capacity_factor(1.25);
+  m->set_aux_loss_weight(0.01);
+  m->set_moe_every(1);
   v1::DataSpec* d = s.mutable_data();
   d->set_kind("wikitext");
   d->set_dir("../shared/data/wikitext-2");
@@ -366,8 +370,9 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
   MAT_RETURN_IF_ERROR(CheckFinite(s, ""));
 
   const v1::ModelSpec& m = s.model();
-  MAT_RETURN_IF_ERROR(Check(m.kind() == "bert",
-                            "model.kind: unknown model '" + m.kind() + "' (expected bert)"));
+  MAT_RETURN_IF_ERROR(Check(m.kind() == "bert" || m.kind() == "switch",
+                            "model.kind: unknown model '" + m.kind() +
+                                "' (expected bert or switch)"));
   MAT_RETURN_IF_ERROR(
       Check(m.layers() >= 1, absl::StrCat("model.layers must be >= 1, got ", m.layers())));
   MAT_RETURN_IF_ERROR(Check(m.heads() >= 1 && m.d_model() >= 1 && m.d_model() % m.heads() == 0,
@@ -382,6 +387,22 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
                          m.ffn_groups())));
   MAT_RETURN_IF_ERROR(Check(m.dropout() >= 0 && m.dropout() < 1,
                             absl::StrCat("model.dropout must be in [0,1), got ", m.dropout())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.experts() >= 1 && m.experts() <= 4096,
+            absl::StrCat("model.experts must be in [1, 4096], got ", m.experts())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.capacity_factor() > 0,
+            absl::StrCat("model.capacity_factor must be > 0, got ", m.capacity_factor())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.aux_loss_weight() >= 0,
+            absl::StrCat("model.aux_loss_weight must be >= 0, got ", m.aux_loss_weight())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.moe_every() >= 1, absl::StrCat("model.moe_every must be >= 1, got ", m.moe_every())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.kind() != "switch" || m.ffn_groups() == 0,
+            absl::StrCat("model.ffn_groups must be 0 for model.kind switch (its FFNs are "
+                         "experts), got ",
+                         m.ffn_groups())));
 
   const v1::DataSpec& d = s.data();
   MAT_RETURN_IF_ERROR(
@@ -504,7 +525,15 @@ double EstimateModelParams(const v1::JobSpec& spec, int64_t vocab_size) {
   const double ffn = 2 * d * ff + ff + d;
   const double layer_norms = 4 * d;
   const double head = d * d + d + 2 * d + vocab;  // dense, LayerNorm, decoder bias (tied weights)
-  return embeddings + layers * (attention + ffn + layer_norms) + head;
+  double total = embeddings + layers * (attention + ffn + layer_norms) + head;
+  if (m.kind() == "switch" && m.experts() >= 1 && m.moe_every() >= 1) {
+    // Layers 0, moe_every, ...: E experts (each an FFN) and a router instead of the FFN.
+    const double e = static_cast<double>(m.experts());
+    const double switch_layers =
+        std::ceil(layers / static_cast<double>(m.moe_every()));
+    total += switch_layers * ((e - 1) * ffn + d * e + e);
+  }
+  return total;
 }
 
 absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& limits) {

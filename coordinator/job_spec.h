@@ -79,7 +79,8 @@ inline constexpr int64_t kAssumedVocabSize = 50000;
 
 // Parameters of the BERT model `spec` describes (after WithJobSpecDefaults), count, for a
 // vocabulary of `vocab_size` ids (worker/bert.h: token and position embeddings, per layer the
-// attention projections with biases, the FFN with biases and two LayerNorms, the MLM head's
+// attention projections with biases, the FFN with biases (model.kind switch: in its Switch
+// layers `experts` such FFNs and the router) and two LayerNorms, the MLM head's
 // dense layer, LayerNorm and decoder bias; the decoder is tied to the token embedding). Computed
 // in double so absurd shapes do not overflow. An estimate of the layout above: meant for an
 // admission limit, not for accounting.

@@ -19,6 +19,16 @@ torch::Tensor UpIfLow(const torch::Tensor& t) {
 }
 }  // namespace
 
+bool IsSwitchLayer(const BertConfig& c, int64_t layer) {
+  return c.experts > 0 && layer % std::max<int64_t>(c.moe_every, 1) == 0;
+}
+
+int64_t NumSwitchLayers(const BertConfig& c) {
+  int64_t n = 0;
+  for (int64_t l = 0; l < c.layers; ++l) n += IsSwitchLayer(c, l);
+  return n;
+}
+
 BertLayerImpl::BertLayerImpl(const BertConfig& c, int layer) : c_(c) {
   const int64_t dh = c.d_model / c.heads;
   const char* comp[3] = {"q", "k", "v"};
@@ -33,6 +43,20 @@ BertLayerImpl::BertLayerImpl(const BertConfig& c, int layer) : c_(c) {
     o_w.push_back(register_parameter("wo" + std::to_string(h), Normal({c.d_model, dh})));
   }
   o_b = register_parameter("bo", torch::zeros({c.d_model}));
+  ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
+  ln2 = register_module("ln2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
+  if (IsSwitchLayer(c, layer)) {
+    TORCH_CHECK(c.ffn_groups == 0, "a Switch layer has experts, not FFN slices (ffn_groups ",
+                c.ffn_groups, ")");
+    SwitchFfnConfig sc;
+    sc.d_model = c.d_model;
+    sc.d_ff = c.d_ff;
+    sc.experts = c.experts;
+    sc.capacity_factor = c.capacity_factor;
+    sc.dropout = c.dropout;
+    moe = register_module("moe", SwitchFfn(sc));
+    return;
+  }
   const int64_t groups = std::max<int64_t>(c.ffn_groups, 1);
   const int64_t fs = c.d_ff / groups;
   ff1_w.resize(groups);
@@ -43,16 +67,14 @@ BertLayerImpl::BertLayerImpl(const BertConfig& c, int layer) : c_(c) {
     ff2_w.push_back(register_parameter("wff2_" + std::to_string(g), Normal({c.d_model, fs})));
   }
   ff2_b = register_parameter("bff2", torch::zeros({c.d_model}));
-  ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
-  ln2 = register_module("ln2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
-  (void)layer;
 }
 
 void BertLayerImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> head_modules,
-                                 std::vector<int> ffn_modules) {
+                                 std::vector<int> ffn_modules, std::vector<int> expert_modules) {
   recorder_ = r;
   head_modules_ = std::move(head_modules);
   ffn_modules_ = std::move(ffn_modules);
+  if (!moe.is_empty()) moe->set_recorder(r, std::move(expert_modules));
 }
 
 torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector<bool>& active) {
@@ -89,7 +111,9 @@ torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector
   return y + o_b;
 }
 
-torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vector<bool>& active) {
+torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vector<bool>& active,
+                                         const std::vector<bool>& expert_active) {
+  if (!moe.is_empty()) return moe(x, expert_active);
   size_t num_active = 0;
   std::vector<int> order =
       active.empty() ? std::vector<int>{0} : ActiveFirstOrder(active, &num_active);
@@ -119,16 +143,17 @@ torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vect
 }
 
 torch::Tensor BertLayerImpl::forward(const torch::Tensor& x, const std::vector<bool>& head_active,
-                                     const std::vector<bool>& ffn_active) {
+                                     const std::vector<bool>& ffn_active,
+                                     const std::vector<bool>& expert_active) {
   auto drop = [&](const torch::Tensor& t) {
     return Dropout(t, c_.dropout, is_training());
   };
   if (c_.pre_ln) {
     torch::Tensor h = x + drop(Attention(ln1(UpIfLow(x)), head_active));
-    return h + drop(FeedForward(ln2(UpIfLow(h)), ffn_active));
+    return h + drop(FeedForward(ln2(UpIfLow(h)), ffn_active, expert_active));
   }
   torch::Tensor h = ln1(UpIfLow(x + drop(Attention(x, head_active))));
-  return ln2(UpIfLow(h + drop(FeedForward(h, ffn_active))));
+  return ln2(UpIfLow(h + drop(FeedForward(h, ffn_active, expert_active))));
 }
 
 BertMlmImpl::BertMlmImpl(const BertConfig& c) : c_(c) {
@@ -153,7 +178,10 @@ BertMlmImpl::BertMlmImpl(const BertConfig& c) : c_(c) {
   decoder_bias = register_parameter("decoder_bias", torch::zeros({c.vocab_size}));
   head_active_.assign(c.layers, std::vector<bool>(c.heads, true));
   ffn_active_.assign(c.layers, std::vector<bool>(c.ffn_groups, true));
-  num_modules_ = int(c.layers * (c.heads + c.ffn_groups));
+  expert_active_.assign(c.layers, {});
+  for (int64_t l = 0; l < c.layers; ++l)
+    if (IsSwitchLayer(c, l)) expert_active_[l].assign(c.experts, true);
+  num_modules_ = int(c.layers * (c.heads + c.ffn_groups) + NumSwitchLayers(c) * c.experts);
 }
 
 torch::Tensor BertMlmImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& positions) {
@@ -161,7 +189,9 @@ torch::Tensor BertMlmImpl::forward(const torch::Tensor& input_ids, const torch::
   torch::Tensor pos = torch::arange(T, input_ids.options());
   torch::Tensor x = tok_emb(input_ids) + pos_emb(pos).unsqueeze(0);
   x = Dropout(emb_ln(x), c_.dropout, is_training());
-  for (int64_t l = 0; l < c_.layers; ++l) x = layers[l](x, head_active_[l], ffn_active_[l]);
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    x = layers[l](x, head_active_[l], ffn_active_[l], expert_active_[l]);
+  }
   // Predict only the masked positions: [M, d] -> [M, V].
   torch::Tensor h = x.reshape({B * T, c_.d_model}).index_select(0, positions);
   h = head_ln(UpIfLow(F::gelu(head_dense(h))));
@@ -188,7 +218,38 @@ spectral::ModulePartition BertMlmImpl::Partition() {
       p.modules.push_back(std::move(m));
     }
   }
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    if (!IsSwitchLayer(c_, l)) continue;
+    const SwitchFfn& moe = layers[l]->moe;
+    for (int64_t e = 0; e < c_.experts; ++e) {
+      spectral::ModuleSpec m{"experts", int(l), int(e),
+                             "layer" + std::to_string(l) + ".expert" + std::to_string(e), {}};
+      m.params = {moe->w1[e], moe->b1[e], moe->w2[e], moe->b2[e]};
+      p.modules.push_back(std::move(m));
+    }
+  }
   return p;
+}
+
+torch::Tensor BertMlmImpl::aux_loss() const {
+  torch::Tensor sum;
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    if (!IsSwitchLayer(c_, l)) continue;
+    const torch::Tensor& a = layers[l]->moe->aux_loss();
+    if (!a.defined()) continue;
+    sum = sum.defined() ? sum + a : a;
+  }
+  return sum.defined() ? sum * c_.aux_loss_weight : sum;
+}
+
+std::vector<int64_t> BertMlmImpl::RoutedTokens() const {
+  std::vector<int64_t> out;
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    if (!IsSwitchLayer(c_, l)) continue;
+    const auto& r = layers[l]->moe->routed_tokens();
+    out.insert(out.end(), r.begin(), r.end());
+  }
+  return out;
 }
 
 void BertMlmImpl::SetMask(const std::vector<uint8_t>& active) {
@@ -199,16 +260,20 @@ void BertMlmImpl::SetMask(const std::vector<uint8_t>& active) {
     for (int64_t h = 0; h < c_.heads; ++h) head_active_[l][h] = active[i++] != 0;
   for (int64_t l = 0; l < c_.layers; ++l)
     for (int64_t g = 0; g < c_.ffn_groups; ++g) ffn_active_[l][g] = active[i++] != 0;
+  for (int64_t l = 0; l < c_.layers; ++l)
+    for (size_t e = 0; e < expert_active_[l].size(); ++e) expert_active_[l][e] = active[i++] != 0;
 }
 
 void BertMlmImpl::SetRecorder(spectral::SiteRecorder* recorder) {
   int heads_base = 0;
   int ffn_base = int(c_.layers * c_.heads);
+  int expert_next = int(c_.layers * (c_.heads + c_.ffn_groups));
   for (int64_t l = 0; l < c_.layers; ++l) {
-    std::vector<int> hm, fm;
+    std::vector<int> hm, fm, em;
     for (int64_t h = 0; h < c_.heads; ++h) hm.push_back(heads_base + int(l * c_.heads + h));
     for (int64_t g = 0; g < c_.ffn_groups; ++g) fm.push_back(ffn_base + int(l * c_.ffn_groups + g));
-    layers[l]->set_recorder(recorder, hm, fm);
+    for (size_t e = 0; e < expert_active_[l].size(); ++e) em.push_back(expert_next++);
+    layers[l]->set_recorder(recorder, hm, fm, em);
   }
 }
 

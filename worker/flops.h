@@ -6,6 +6,12 @@
 // LayerNorm, dropout, the optimizer) and embedding lookups count zero. The decoder (tied
 // embedding, [M, d] x [d, V]) is counted separately so the "without embedding/decoder" figure
 // the paper uses is available.
+//
+// Switch layers (BertConfig::experts > 0): the router (d x E, always trained) counts for every
+// token in all three phases; expert e's two matmuls (d x d_ff each) count only for the tokens it
+// actually processed in that step (`routed`, BertMlm::RoutedTokens(); overflow tokens cost
+// nothing), in forward and activation_grad, and in weight_grad only while expert e is active.
+// Without `routed` every token is assumed processed, spread evenly over the experts.
 #pragma once
 
 #include <cstdint>
@@ -29,10 +35,13 @@ struct FlopCounts {
 
 // One training step of `c` on a [batch, seq] input with `masked` predicted positions.
 // active: one flag per module (BertMlm::Partition order); empty = all active.
+// routed: tokens processed per expert (BertMlm::RoutedTokens() order); empty = even spread.
 FlopCounts BertStepFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked,
-                         const std::vector<uint8_t>& active);
+                         const std::vector<uint8_t>& active,
+                         const std::vector<int64_t>& routed = {});
 
 // The forward pass only (evaluation or the probe's forward).
-FlopCounts BertForwardFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked);
+FlopCounts BertForwardFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked,
+                            const std::vector<int64_t>& routed = {});
 
 }  // namespace mat::worker

@@ -1,5 +1,6 @@
 #include "worker/train_config.h"
 
+#include <cmath>
 #include <functional>
 #include <sstream>
 
@@ -55,6 +56,10 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("model.max_seq_len", &c.model.max_seq_len, "integer"));
   f.push_back(MakeField("model.dropout", &c.model.dropout, "number"));
   f.push_back(MakeField("model.pre_ln", &c.model.pre_ln, "boolean"));
+  f.push_back(MakeField("model.experts", &c.model.experts, "integer"));
+  f.push_back(MakeField("model.capacity_factor", &c.model.capacity_factor, "number"));
+  f.push_back(MakeField("model.aux_loss_weight", &c.model.aux_loss_weight, "number"));
+  f.push_back(MakeField("model.moe_every", &c.model.moe_every, "integer"));
   f.push_back(MakeField("data.kind", &c.data.kind, "string"));
   f.push_back(MakeField("data.dir", &c.data.dir, "string"));
   f.push_back(MakeField("data.seq_len", &c.data.seq_len, "integer"));
@@ -182,7 +187,9 @@ absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment) {
 
 absl::Status ValidateTrainConfig(const TrainConfig& c) {
   const auto& m = c.model;
-  MAT_RETURN_IF_ERROR(Check(m.kind == "bert", "model.kind: unknown model '" + m.kind + "' (expected bert)"));
+  MAT_RETURN_IF_ERROR(Check(m.kind == "bert" || m.kind == "switch",
+                            "model.kind: unknown model '" + m.kind +
+                                "' (expected bert or switch)"));
   MAT_RETURN_IF_ERROR(Check(m.layers >= 1, "model.layers must be >= 1"));
   MAT_RETURN_IF_ERROR(Check(m.heads >= 1 && m.d_model >= 1 && m.d_model % m.heads == 0,
                             "model.d_model must be a positive multiple of model.heads"));
@@ -190,6 +197,18 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   MAT_RETURN_IF_ERROR(Check(m.ffn_groups >= 0 && (m.ffn_groups == 0 || m.d_ff % m.ffn_groups == 0),
                             "model.ffn_groups must be 0 or divide model.d_ff"));
   MAT_RETURN_IF_ERROR(Check(m.dropout >= 0 && m.dropout < 1, "model.dropout must be in [0,1)"));
+  MAT_RETURN_IF_ERROR(Check(m.experts >= 1 && m.experts <= 4096,
+                            "model.experts must be in [1, 4096], got " +
+                                std::to_string(m.experts)));
+  MAT_RETURN_IF_ERROR(Check(std::isfinite(m.capacity_factor) && m.capacity_factor > 0,
+                            "model.capacity_factor must be a finite number > 0"));
+  MAT_RETURN_IF_ERROR(Check(std::isfinite(m.aux_loss_weight) && m.aux_loss_weight >= 0,
+                            "model.aux_loss_weight must be a finite number >= 0"));
+  MAT_RETURN_IF_ERROR(Check(m.moe_every >= 1,
+                            "model.moe_every must be >= 1, got " + std::to_string(m.moe_every)));
+  MAT_RETURN_IF_ERROR(Check(m.kind != "switch" || m.ffn_groups == 0,
+                            "model.ffn_groups must be 0 for model.kind switch (its FFNs are "
+                            "experts)"));
   MAT_RETURN_IF_ERROR(Check(c.data.kind == "wikitext", "data.kind: unknown data kind '" + c.data.kind + "' (expected wikitext)"));
   MAT_RETURN_IF_ERROR(Check(c.data.seq_len >= 2 && c.data.seq_len <= m.max_seq_len,
                             "data.seq_len must be in [2, model.max_seq_len]"));

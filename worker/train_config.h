@@ -2,7 +2,8 @@
 // defined here once, typed, defaulted and commented. Files and --set only fill it.
 //
 //   seed: 1
-//   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln}
+//   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln,
+//            experts, capacity_factor, aux_loss_weight, moe_every}
 //   data:   {kind, dir, seq_len, mask_prob}
 //   train:  {steps, batch_size, lr, min_lr_ratio, warmup_steps, schedule, weight_decay, beta1,
 //            beta2, eps, eval_every, eval_batches, checkpoint_every, threads, device,
@@ -26,7 +27,7 @@
 namespace mat::worker {
 
 struct ModelSection {
-  std::string kind = "bert";   // bert
+  std::string kind = "bert";   // bert | switch (BERT with Switch FFNs: worker/switch_ffn.h)
   int64_t layers = 4;
   int64_t d_model = 256;
   int64_t heads = 8;
@@ -35,6 +36,11 @@ struct ModelSection {
   int64_t max_seq_len = 128;   // position embeddings
   double dropout = 0.1;
   bool pre_ln = false;
+  // switch only (ignored by bert):
+  int64_t experts = 8;             // experts per Switch layer, each a module of group "experts"
+  double capacity_factor = 1.25;   // expert capacity = ceil(capacity_factor · tokens / experts)
+  double aux_loss_weight = 0.01;   // α of the load-balancing loss added to the training loss
+  int64_t moe_every = 1;           // Switch FFN in layers 0, moe_every, 2·moe_every, ...
 };
 
 struct DataSection {

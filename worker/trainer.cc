@@ -61,6 +61,12 @@ BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
   b.ffn_groups = c.model.ffn_groups;
   b.dropout = c.model.dropout;
   b.pre_ln = c.model.pre_ln;
+  if (c.model.kind == "switch") {
+    b.experts = c.model.experts;
+    b.moe_every = c.model.moe_every;
+    b.capacity_factor = c.model.capacity_factor;
+    b.aux_loss_weight = c.model.aux_loss_weight;
+  }
   return b;
 }
 
@@ -166,7 +172,7 @@ double Trainer::LearningRate(int64_t step) const {
 
 absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vector<uint8_t>& active,
                                           const std::vector<double>& lr_scale, double lr) {
-  double loss_value = 0;
+  double loss_value = 0, aux_value = 0;
   try {
     model_->SetMask(active);
     torch::Tensor loss;
@@ -176,12 +182,15 @@ absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vect
           model_->forward(batch.input_ids.to(device_), batch.positions.to(device_));
       loss = torch::nn::functional::cross_entropy(logits, batch.labels.to(device_));
     }
-    loss.backward();
+    // switch: the load-balancing loss joins the gradient; the returned loss stays masked-LM.
+    torch::Tensor aux = model_->aux_loss();
+    (aux.defined() ? loss + aux.to(loss.scalar_type()) : loss).backward();
     loss_value = loss.item<double>();
+    if (aux.defined()) aux_value = aux.item<double>();
   } catch (const c10::Error& e) {
     return absl::InternalError(std::string("training step failed: ") + e.what_without_backtrace());
   }
-  if (!std::isfinite(loss_value)) {
+  if (!std::isfinite(loss_value) || !std::isfinite(aux_value)) {
     return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
   }
   if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
@@ -195,6 +204,7 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
   auto t0 = Clock::now();
   spectral::SiteRecorder recorder;
   spectral::ProbeBatch probe;
+  std::vector<int64_t> probe_routed;  // switch: the probe forward's tokens per expert
   torch::Tensor keep = batch.positions < n * T;
   torch::Tensor positions = batch.positions.masked_select(keep).to(device_);
   torch::Tensor labels = batch.labels.masked_select(keep).to(device_);
@@ -203,6 +213,7 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
     model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
     model_->SetRecorder(&recorder);
     torch::Tensor logits = model_->forward(batch.input_ids.slice(0, 0, n).to(device_), positions);
+    probe_routed = model_->RoutedTokens();
     model_->SetRecorder(nullptr);
     model_->train();
     probe.losses = PerSampleLoss(logits, labels, positions, T, n);
@@ -229,8 +240,8 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
   r.modules = std::move(est->modules);
   const int64_t m = positions.size(0);
   const BertConfig& bc = model_->config();
-  r.flops = BertForwardFlops(bc, n, T, m).forward +
-            BertStepFlops(bc, n, T, m, {}).activation_grad + est->flops;
+  r.flops = BertForwardFlops(bc, n, T, m, probe_routed).forward +
+            BertStepFlops(bc, n, T, m, {}, probe_routed).activation_grad + est->flops;
   r.seconds = Since(t0);
   return r;
 }
@@ -308,6 +319,10 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   const double seconds_before = train_seconds_;
   TrainerHooks* hooks = options_.hooks;
   int active_now = partition_.size();
+  // switch: the load-balancing loss since the last evaluation (of this process; bookkeeping
+  // only, not checkpointed).
+  double aux_sum = 0;
+  int64_t aux_count = 0;
   while (step_ < end) {
     if (hooks != nullptr) MAT_RETURN_IF_ERROR(hooks->CheckContinue());
     auto t0 = Clock::now();
@@ -358,8 +373,13 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
         hooks != nullptr ? policy::MaskFromSchedule(schedule_, step_) : policy_->MaskAt(step_);
     MAT_ASSIGN_OR_RETURN(double loss, TrainStep(batch, mask.active, mask.lr_scale, LearningRate(step_)));
     const int64_t M = batch.positions.size(0);
-    flops_ += BertStepFlops(bc, B, T, M, mask.active);
-    flops_full_ += BertStepFlops(bc, B, T, M, {}).total();
+    const std::vector<int64_t> routed = model_->RoutedTokens();  // switch: tokens per expert
+    flops_ += BertStepFlops(bc, B, T, M, mask.active, routed);
+    flops_full_ += BertStepFlops(bc, B, T, M, {}, routed).total();
+    if (torch::Tensor aux = model_->aux_loss(); aux.defined()) {
+      aux_sum += aux.item<double>();
+      ++aux_count;
+    }
     active_now = 0;
     for (uint8_t a : mask.active) active_now += a;
     active_sum_ += partition_.size() ? double(active_now) / partition_.size() : 1.0;
@@ -408,6 +428,9 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
           {"wall_seconds", train_seconds_},
       };
       if (best) line["test_loss"] = test_loss_at_best_;
+      if (aux_count > 0) line["train_aux_loss"] = aux_sum / double(aux_count);
+      aux_sum = 0;
+      aux_count = 0;
       MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
       progress.evaluated = true;
       progress.val_loss = val;

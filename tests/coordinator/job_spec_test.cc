@@ -37,7 +37,8 @@ const std::string kExamples = std::string(MAT_SOURCE_DIR) + "/examples";
 const std::vector<std::string> kTrainerKeys = {
     "seed",
     "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
-    "model.max_seq_len", "model.dropout", "model.pre_ln",
+    "model.max_seq_len", "model.dropout", "model.pre_ln", "model.experts",
+    "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob",
     "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
     "train.schedule", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
@@ -179,6 +180,28 @@ TEST(JobSpecTest, TinyExampleParsesWithItsValuesAndValidates) {
   EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
 }
 
+TEST(JobSpecTest, SwitchExampleParsesWithItsValuesAndValidates) {
+  auto spec = LoadJobSpecYaml(kExamples + "/switch-wikitext2.yaml");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().kind(), "switch");
+  EXPECT_EQ(spec->model().experts(), 8);
+  EXPECT_DOUBLE_EQ(spec->model().capacity_factor(), 1.25);
+  EXPECT_DOUBLE_EQ(spec->model().aux_loss_weight(), 0.01);
+  EXPECT_EQ(spec->model().moe_every(), 1);
+  EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+}
+
+TEST(JobSpecTest, SwitchKeysParseAndUnsetOnesTakeTheDefaults) {
+  auto spec = Parse("model: {kind: switch, experts: 4, capacity_factor: 2, moe_every: 2}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().experts(), 4);
+  EXPECT_DOUBLE_EQ(spec->model().capacity_factor(), 2.0);
+  EXPECT_EQ(spec->model().moe_every(), 2);
+  EXPECT_FALSE(spec->model().has_aux_loss_weight());
+  EXPECT_DOUBLE_EQ(WithJobSpecDefaults(*spec).model().aux_loss_weight(), 0.01);
+  EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+}
+
 TEST(JobSpecTest, EveryExampleParsesAndValidates) {
   int seen = 0;
   for (const auto& entry : fs::directory_iterator(kExamples)) {
@@ -277,6 +300,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadYaml{"Int32Overflow", "resources:\n  workers: 3000000000\n", "resources.workers"},
         BadYaml{"FractionForWorkers", "resources:\n  workers: 1.5\n", "resources.workers"},
         BadYaml{"NotABoolean", "model:\n  pre_ln: maybe\n", "model.pre_ln"},
+        BadYaml{"ExpertsNotAnInteger", "model:\n  experts: many\n", "model.experts"},
+        BadYaml{"CapacityNotANumber", "model:\n  capacity_factor: big\n",
+                "model.capacity_factor"},
         BadYaml{"NotANumber", "policy:\n  alpha: high\n", "policy.alpha"},
         BadYaml{"NegativeSeed", "seed: -1\n", "seed"},
         BadYaml{"SeedOverflow", "seed: 18446744073709551616\n", "seed"},
@@ -314,6 +340,8 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"model.kind", "bert"}, {"model.layers", "4"}, {"model.d_model", "256"},
       {"model.heads", "8"}, {"model.d_ff", "1024"}, {"model.ffn_groups", "0"},
       {"model.max_seq_len", "128"}, {"model.dropout", "0.1"}, {"model.pre_ln", "false"},
+      {"model.experts", "8"}, {"model.capacity_factor", "1.25"},
+      {"model.aux_loss_weight", "0.01"}, {"model.moe_every", "1"},
       {"data.kind", "wikitext"}, {"data.dir", "../shared/data/wikitext-2"},
       {"data.seq_len", "128"}, {"data.mask_prob", "0.15"},
       {"train.steps", "2000"}, {"train.batch_size", "32"}, {"train.lr", "0.0005"},
@@ -365,6 +393,17 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"NegativeGroups", "model: {ffn_groups: -1}", "model.ffn_groups"},
         BadValue{"DropoutOne", "model: {dropout: 1}", "model.dropout"},
         BadValue{"DropoutNan", "model: {dropout: .nan}", "model.dropout"},
+        BadValue{"ZeroExperts", "model: {kind: switch, experts: 0}", "model.experts"},
+        BadValue{"TooManyExperts", "model: {kind: switch, experts: 5000}", "model.experts"},
+        BadValue{"ZeroCapacity", "model: {kind: switch, capacity_factor: 0}",
+                 "model.capacity_factor"},
+        BadValue{"InfiniteCapacity", "model: {kind: switch, capacity_factor: .inf}",
+                 "model.capacity_factor"},
+        BadValue{"NegativeAuxWeight", "model: {kind: switch, aux_loss_weight: -0.1}",
+                 "model.aux_loss_weight"},
+        BadValue{"ZeroMoeEvery", "model: {kind: switch, moe_every: 0}", "model.moe_every"},
+        BadValue{"SwitchWithFfnGroups", "model: {kind: switch, ffn_groups: 2}",
+                 "model.ffn_groups"},
         BadValue{"UnknownData", "data: {kind: imagenet}", "data.kind"},
         BadValue{"SeqLenAboveMax", "data: {seq_len: 129}", "data.seq_len"},
         BadValue{"SeqLenOne", "data: {seq_len: 1}", "data.seq_len"},
@@ -419,6 +458,9 @@ TEST(JobSpecTest, BoundaryValuesValidate) {
        {"policy: {alpha: 0, beta: 1, gamma: 0, min_active_fraction: 1}",
         "policy: {alpha: 1, probe_samples: 2}",
         "model: {dropout: 0, ffn_groups: 4}",
+        "model: {kind: switch}",
+        "model: {kind: switch, experts: 1, capacity_factor: 0.01, aux_loss_weight: 0, "
+        "moe_every: 9}",
         "data: {seq_len: 2}",
         "data: {seq_len: 128}",
         "train: {min_lr_ratio: 1, warmup_steps: 0, eval_batches: 0, threads: 0}",
@@ -547,6 +589,22 @@ TEST(JobSpecLimitsTest, EstimateModelParamsCountsTheBertLayout) {
   m->set_d_ff(3072);
   m->set_max_seq_len(512);
   EXPECT_NEAR(EstimateModelParams(spec, 30522), 110e6, 1e6);
+}
+
+TEST(JobSpecLimitsTest, EstimateModelParamsCountsTheSwitchLayout) {
+  v1::JobSpec spec;
+  v1::ModelSpec* m = spec.mutable_model();
+  m->set_layers(3);
+  m->set_d_model(4);
+  m->set_heads(2);
+  m->set_d_ff(8);
+  m->set_max_seq_len(3);
+  const double bert = EstimateModelParams(spec, 10);
+  m->set_kind("switch");
+  m->set_experts(5);
+  m->set_moe_every(2);  // layers 0 and 2
+  // Per Switch layer: 4 more FFNs of 76 and a router 4*5+5 = 25.
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec, 10), bert + 2 * (4 * 76 + 25));
 }
 
 TEST(JobSpecLimitsTest, DefaultsAdmitTheExamples) {

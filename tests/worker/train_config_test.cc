@@ -25,7 +25,8 @@ using ::testing::HasSubstr;
 const std::vector<std::string> kAllKeys = {
     "seed",
     "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
-    "model.max_seq_len", "model.dropout", "model.pre_ln",
+    "model.max_seq_len", "model.dropout", "model.pre_ln", "model.experts",
+    "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob",
     "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
     "train.schedule", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
@@ -209,7 +210,12 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"UnknownSchedule", "train.schedule=step", "train.schedule"},
                       BadValue{"UnknownModel", "model.kind=gpt", "model.kind"},
                       BadValue{"ZeroSteps", "train.steps=0", "train.steps"},
-                      BadValue{"GroupsDoNotDivide", "model.ffn_groups=3", "model.ffn_groups"}),
+                      BadValue{"GroupsDoNotDivide", "model.ffn_groups=3", "model.ffn_groups"},
+                      BadValue{"ZeroExperts", "model.experts=0", "model.experts"},
+                      BadValue{"ZeroCapacity", "model.capacity_factor=0", "model.capacity_factor"},
+                      BadValue{"NegativeAuxWeight", "model.aux_loss_weight=-1",
+                               "model.aux_loss_weight"},
+                      BadValue{"ZeroMoeEvery", "model.moe_every=0", "model.moe_every"}),
     [](const ::testing::TestParamInfo<BadValue>& info) { return info.param.name; });
 
 TEST(ApplyOverrideTest, SetsValuesOfEveryType) {

@@ -113,6 +113,13 @@ ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT '';
 CREATE INDEX jobs_client_state ON jobs (client, state);
 )sql";
 
+// Version 4: what a restarted job needs to continue its policy bit for bit: the policy's state
+// after each decision and the MaskUpdate sent for it. Applied after kMigrationV2ToV3.
+constexpr const char* kMigrationV3ToV4 = R"sql(
+ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
+ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
+)sql";
+
 constexpr const char* kJobColumns =
     "id, client_request_id, spec, state, created_unix_seconds, updated_unix_seconds, "
     "error_message, step, train_loss, val_loss, test_loss, flops_total, wall_seconds, "
@@ -336,6 +343,7 @@ absl::Status JobStore::EnsureSchema() {
     MAT_RETURN_IF_ERROR(db_->Exec(kSchemaV1));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV2ToV3));
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV3ToV4));
     MAT_RETURN_IF_ERROR(
         db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
                                kJobStoreSchemaVersion, ")")));
@@ -364,6 +372,11 @@ absl::Status JobStore::EnsureSchema() {
   if (version == 2) {
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV2ToV3));
     MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 3"));
+    version = 3;
+  }
+  if (version == 3) {
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV3ToV4));
+    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 4"));
   }
   return txn.Commit();
 }
@@ -517,9 +530,15 @@ absl::Status JobStore::UpdateJobState(const std::string& job_id, v1::JobState st
                                                       JobStateName(job.state), ": cannot move to ",
                                                       JobStateName(state)));
   }
+  // A restart is a new attempt (the ranks of different attempts never mix), counted with the
+  // state change in one write.
   MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
-                       db_->Prepare("UPDATE jobs SET state = ?, error_message = ?, "
-                                    "updated_unix_seconds = ? WHERE id = ?"));
+                       db_->Prepare(state == v1::JOB_STATE_RESTARTING
+                                        ? "UPDATE jobs SET state = ?, error_message = ?, "
+                                          "updated_unix_seconds = ?, attempt = attempt + 1 "
+                                          "WHERE id = ?"
+                                        : "UPDATE jobs SET state = ?, error_message = ?, "
+                                          "updated_unix_seconds = ? WHERE id = ?"));
   MAT_RETURN_IF_ERROR(upd.BindText(1, JobStateName(state)));
   MAT_RETURN_IF_ERROR(upd.BindText(2, error_message));
   MAT_RETURN_IF_ERROR(upd.BindInt64(3, Now()));
@@ -726,19 +745,43 @@ absl::Status JobStore::AppendDecision(const std::string& job_id, int64_t step,
   }
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  MAT_RETURN_IF_ERROR(WriteDecision(job_id, step, decision_json));
+  MAT_RETURN_IF_ERROR(WriteDecision(job_id, step, decision_json, "", ""));
   return txn.Commit();
 }
 
 absl::Status JobStore::WriteDecision(const std::string& job_id, int64_t step,
-                                     const std::string& decision_json) {
+                                     const std::string& decision_json,
+                                     const std::string& policy_state,
+                                     const std::string& mask_update) {
   MAT_ASSIGN_OR_RETURN(SqliteStatement ins,
                        db_->Prepare("INSERT OR REPLACE INTO decisions (job_id, step, "
-                                    "decision_json) VALUES (?, ?, ?)"));
+                                    "decision_json, policy_state, mask_update) "
+                                    "VALUES (?, ?, ?, ?, ?)"));
   MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
   MAT_RETURN_IF_ERROR(ins.BindInt64(2, step));
   MAT_RETURN_IF_ERROR(ins.BindText(3, decision_json));
+  MAT_RETURN_IF_ERROR(ins.BindText(4, policy_state));
+  MAT_RETURN_IF_ERROR(ins.BindBlob(5, mask_update));
   return ins.Run();
+}
+
+absl::StatusOr<std::optional<StoredDecision>> JobStore::LatestDecisionAtOrBefore(
+    const std::string& job_id, int64_t step) {
+  MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare("SELECT step, decision_json, policy_state, mask_update "
+                                    "FROM decisions WHERE job_id = ? AND step <= ? "
+                                    "ORDER BY step DESC LIMIT 1"));
+  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
+  MAT_RETURN_IF_ERROR(q.BindInt64(2, step));
+  MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+  if (!row) return std::optional<StoredDecision>();
+  StoredDecision d;
+  d.step = q.ColumnInt64(0);
+  d.decision_json = q.ColumnText(1);
+  d.policy_state = q.ColumnText(2);
+  d.mask_update = q.ColumnBlob(3);
+  return std::optional<StoredDecision>(std::move(d));
 }
 
 absl::Status JobStore::RecordDecision(const std::string& job_id, const DecisionUpdate& update) {
@@ -763,7 +806,8 @@ absl::Status JobStore::RecordDecision(const std::string& job_id, const DecisionU
   if (!update.lambda.empty()) {
     MAT_RETURN_IF_ERROR(WriteLambdas(job_id, update.step, update.lambda));
   }
-  MAT_RETURN_IF_ERROR(WriteDecision(job_id, update.step, update.decision_json));
+  MAT_RETURN_IF_ERROR(WriteDecision(job_id, update.step, update.decision_json,
+                                    update.policy_state, update.mask_update));
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement upd,
       db_->Prepare("UPDATE jobs SET mask_version = ?, active_modules = ? WHERE id = ?"));

@@ -14,9 +14,13 @@
 //   modules         (job, module index) -> name, group, layer, index (v2; rank 0's ModuleList)
 //   jobs.client     (v3) who submitted the job: a non-reversible id of the caller (never a
 //                   token; JobService's ClientIdentity), "" for jobs stored before v3
+//   decisions.policy_state, decisions.mask_update
+//                   (v4) the policy's SaveState() text after the decision and the serialized
+//                   mat.v1.MaskUpdate sent for it ("" for rows written before v4), so that a
+//                   restarted job continues its policy from any decided step
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
-// client column and its index). Open
+// client column and its index), 4 (the decisions' policy state and mask). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -51,7 +55,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 3;
+inline constexpr int kJobStoreSchemaVersion = 4;
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -111,6 +115,14 @@ struct DecisionRecord {
   std::string json;  // as appended
 };
 
+// One decision with what a restart needs (LatestDecisionAtOrBefore).
+struct StoredDecision {
+  int64_t step = 0;
+  std::string decision_json;
+  std::string policy_state;  // Policy::SaveState() after this decision; "" before schema v4
+  std::string mask_update;   // serialized mat.v1.MaskUpdate sent for it; "" before schema v4
+};
+
 struct DecisionPage {
   std::vector<DecisionRecord> decisions;  // ascending step
   std::string next_page_token;            // "" on the last page
@@ -166,6 +178,8 @@ struct DecisionUpdate {
   std::string decision_json;    // Decision::ToJson text
   int64_t mask_version = 0;     // the MaskUpdate version sent for it, >= 1
   int64_t active_modules = 0;   // modules on in its every-step mask, >= 0
+  std::string policy_state;     // Policy::SaveState() after the decision ("" = not kept)
+  std::string mask_update;      // the serialized mat.v1.MaskUpdate sent for it ("" = not kept)
 };
 
 // True when a job may move from `from` to `to`:
@@ -218,8 +232,9 @@ class JobStore {
   absl::StatusOr<JobPage> ListJobs(int page_size, const std::string& page_token,
                                    const std::vector<v1::JobState>& states = {});
   // Moves a job to `state` and stores `error_message` (replacing the previous one), updating
-  // updated_unix_seconds. FAILED_PRECONDITION (naming both states) unless
-  // IsLegalJobTransition(current, state); NOT_FOUND for an unknown id.
+  // updated_unix_seconds; moving to RESTARTING also increments `attempt` (same write).
+  // FAILED_PRECONDITION (naming both states) unless IsLegalJobTransition(current, state);
+  // NOT_FOUND for an unknown id.
   absl::Status UpdateJobState(const std::string& job_id, v1::JobState state,
                               const std::string& error_message = "");
   // Stores rank 0's progress on the job (step, losses, FLOPs, wall time; an unset val_loss or
@@ -253,6 +268,10 @@ class JobStore {
   // INVALID_ARGUMENT for step < 0 or text that is not JSON; NOT_FOUND for an unknown job.
   absl::Status AppendDecision(const std::string& job_id, int64_t step,
                               const std::string& decision_json);
+  // The decision with the highest step <= `step` (unset when there is none). NOT_FOUND for an
+  // unknown job.
+  absl::StatusOr<std::optional<StoredDecision>> LatestDecisionAtOrBefore(const std::string& job_id,
+                                                                        int64_t step);
   // Decisions of a job in ascending step (paging as ListJobs).
   absl::StatusOr<DecisionPage> GetDecisions(const std::string& job_id, int page_size,
                                             const std::string& page_token);
@@ -309,7 +328,8 @@ class JobStore {
   absl::Status WriteLambdas(const std::string& job_id, int64_t step,
                             const std::vector<double>& lambda);
   absl::Status WriteDecision(const std::string& job_id, int64_t step,
-                             const std::string& decision_json);
+                             const std::string& decision_json, const std::string& policy_state,
+                             const std::string& mask_update);
 
   std::unique_ptr<SqliteDb> db_;
   int lock_fd_;  // holds the flock on <state_dir>/LOCK; closed on destruction

@@ -791,7 +791,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "3");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -830,7 +830,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "3");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -847,10 +847,12 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
   store_.reset();
   // What a version-2 coordinator left: no client column, no index.
   RawExec("DROP INDEX jobs_client_state; ALTER TABLE jobs DROP COLUMN client; "
+          "ALTER TABLE decisions DROP COLUMN policy_state; "
+          "ALTER TABLE decisions DROP COLUMN mask_update; "
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "3");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -858,6 +860,85 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
   auto job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->client_request_id, "req-1");
+}
+
+TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
+  const std::string id = Create("", Spec(1));
+  ASSERT_TRUE(store_->AppendDecision(id, 20, R"({"step":20})").ok());
+  store_.reset();
+  // What a version-3 coordinator left: decisions without the policy state and the mask.
+  RawExec("ALTER TABLE decisions DROP COLUMN policy_state; "
+          "ALTER TABLE decisions DROP COLUMN mask_update; "
+          "UPDATE schema_version SET version = 3;");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
+  auto old = store_->LatestDecisionAtOrBefore(id, 100);
+  ASSERT_TRUE(old.ok()) << old.status();
+  ASSERT_TRUE(old->has_value());
+  EXPECT_EQ((*old)->step, 20);
+  EXPECT_EQ((*old)->policy_state, "") << "an old row has no state: a restart must say so";
+  EXPECT_EQ((*old)->mask_update, "");
+}
+
+TEST_F(JobStoreTest, KeepsEachDecisionsPolicyStateAndMask) {
+  const std::string id = Create("", Spec(1));
+  auto none = store_->LatestDecisionAtOrBefore(id, 100);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->has_value());
+  const std::string mask_bytes("\x01\x00\xff", 3);  // bytes, NUL included
+  for (int64_t step : {0, 20, 40}) {
+    DecisionUpdate update;
+    update.step = step;
+    update.lambda = {1.0, 2.0};
+    update.decision_json = absl::StrCat(R"({"step":)", step, "}");
+    update.mask_version = step / 20 + 1;
+    update.active_modules = 1;
+    update.policy_state = absl::StrCat(R"({"after":)", step, "}");
+    update.mask_update = mask_bytes + std::to_string(step);
+    ASSERT_TRUE(store_->RecordDecision(id, update).ok());
+  }
+  Reopen();
+  auto at = [&](int64_t step) {
+    auto d = store_->LatestDecisionAtOrBefore(id, step);
+    EXPECT_TRUE(d.ok()) << d.status();
+    return d.ok() ? *d : std::nullopt;
+  };
+  EXPECT_EQ(at(39)->step, 20);
+  EXPECT_EQ(at(39)->policy_state, R"({"after":20})");
+  EXPECT_EQ(at(39)->mask_update, mask_bytes + "20");
+  EXPECT_EQ(at(40)->step, 40);
+  EXPECT_EQ(at(1000)->step, 40);
+  EXPECT_EQ(at(0)->step, 0);
+  // A restarted job decides a step again: the row is replaced.
+  DecisionUpdate again;
+  again.step = 20;
+  again.decision_json = "{}";
+  again.mask_version = 4;
+  again.policy_state = "new";
+  again.mask_update = "m";
+  ASSERT_TRUE(store_->RecordDecision(id, again).ok());
+  EXPECT_EQ(at(20)->policy_state, "new");
+  EXPECT_EQ(store_->LatestDecisionAtOrBefore("job-999999", 1).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(JobStoreTest, ARestartCountsAnAttempt) {
+  const std::string id = Create("", Spec(1));
+  ASSERT_TRUE(store_->UpdateJobState(id, v1::JOB_STATE_RUNNING).ok());
+  EXPECT_EQ(store_->GetJob(id)->attempt, 0);
+  ASSERT_TRUE(store_->UpdateJobState(id, v1::JOB_STATE_RESTARTING, "worker lost").ok());
+  EXPECT_EQ(store_->GetJob(id)->attempt, 1);
+  EXPECT_EQ(store_->GetJob(id)->error_message, "worker lost");
+  ASSERT_TRUE(store_->UpdateJobState(id, v1::JOB_STATE_RUNNING).ok());
+  EXPECT_EQ(store_->GetJob(id)->attempt, 1) << "only RESTARTING counts";
+  ASSERT_TRUE(store_->UpdateJobState(id, v1::JOB_STATE_RESTARTING).ok());
+  ASSERT_TRUE(store_->UpdateJobState(id, v1::JOB_STATE_RUNNING).ok());
+  Reopen();
+  EXPECT_EQ(store_->GetJob(id)->attempt, 2);
+  // A refused transition counts nothing.
+  ASSERT_TRUE(store_->UpdateJobState(id, v1::JOB_STATE_SUCCEEDED).ok());
+  EXPECT_FALSE(store_->UpdateJobState(id, v1::JOB_STATE_RESTARTING).ok());
+  EXPECT_EQ(store_->GetJob(id)->attempt, 2);
 }
 
 TEST_F(JobStoreTest, LimitsActiveJobsPerClient) {

@@ -31,11 +31,21 @@
 // restart: assignments with each rank's step, acknowledged mask and checksum, the modules, the
 // λ history, the decisions, rank 0's progress and the summary.
 //
-// Restart: a Coordinator constructed on a store that holds RUNNING or RESTARTING jobs cannot
-// resume them (the per-job policy state and the sessions are gone), so the constructor moves
-// each to FAILED with "coordinator restarted while the job was running; resubmit it". QUEUED
-// jobs stay queued. Workers keep their ids across restarts: they reconnect by RegisterWorker
-// with their old worker_id, then OpenSession.
+// Worker loss (its session closed, no heartbeat for 3 intervals, or a rank reporting that its
+// process group failed): the job moves to RESTARTING (the store counts the attempt), its other
+// ranks get Cancel, and the scheduler starts it again, before any QUEUED job, once enough workers
+// are idle: Assign {attempt, resume = true}. The ranks continue from the newest checkpoint they
+// all hold; the job's policy is restored from the store (each decision keeps the policy's state
+// and its MaskUpdate) to the decision at or before the first probe step a rank reports, and a
+// report of that decided step is answered with its stored MaskUpdate. After
+// options.max_restarts restarts a further loss fails the job.
+//
+// Coordinator restart: a Coordinator constructed on a store that holds RUNNING jobs keeps them
+// RUNNING and rebuilds their runtime (spec, ranks, modules, policy as above); a worker
+// reconnecting (RegisterWorker with its old id, OpenSession) whose Heartbeat lists such a job
+// is re-attached to its rank. A rank whose worker has not come back within 10 heartbeat
+// intervals is lost (a restart as above). RESTARTING jobs are started again by the scheduler;
+// QUEUED jobs stay queued.
 //
 // Metrics (CoordinatorOptions::metrics, coordinator_metrics.h): decisions set the modules' λ and
 // active series, the thresholds and the active count; rank 0's Progress the step and losses;
@@ -103,6 +113,8 @@ struct CoordinatorOptions {
   JobSpecLimits spec_limits;
   // Active (QUEUED, RUNNING, RESTARTING) jobs per client, count; 0 = unlimited.
   int64_t max_jobs_per_client = 0;
+  // Restarts after worker losses per job, count; the next loss fails the job.
+  int64_t max_restarts = 10;
 };
 
 // Where the Coordinator sends one worker's messages: the adapter's Session stream (which queues
@@ -233,18 +245,27 @@ class Coordinator {
   //   RankDone     ok = false fails the job ("rank R (worker-…): <error>"; Cancel to the other
   //                ranks still running); the last ok rank makes it SUCCEEDED with rank 0's
   //                summary_json. Either way the sender becomes IDLE and the scheduler runs.
-  //   Heartbeat    never refused; a listed job id the worker runs no rank of (any more) gets a
-  //                Cancel for that job.
+  //   Heartbeat    never refused; a listed RUNNING job whose rank this worker holds but whose
+  //                session does not run it (after a coordinator restart) re-attaches the
+  //                session to that rank; any other listed job id the worker runs no rank of
+  //                (any more) gets a Cancel for that job.
+  // Every job message carries the sender's attempt: one of another attempt than the job's is
+  // ABORTED ("stale attempt 0 of job-000003, now 1"). RankDone with ok = false and retryable
+  // = true (the rank's process group failed: a peer was lost) restarts the job like a worker
+  // loss instead of failing it.
   // A store error (UNAVAILABLE) is refused the same way and changes nothing in memory (a rank 0
   // Progress may have stored the rank's step before its job write failed).
   absl::Status HandleWorkerMessage(const v1::WorkerMessage& message);
   // The worker's session ended (stream closed or broken); its channel is dropped without a call.
-  // A rank it ran fails its job ("worker-000002 (rank 1) lost: session closed"), the job's other
-  // ranks get Cancel and become IDLE. Unknown ids and workers without a session are a no-op.
+  // A rank it ran restarts its job ("worker-000002 (rank 1) lost: session closed"; see Worker
+  // loss), the job's other ranks get Cancel and become IDLE. Unknown ids and workers without a
+  // session are a no-op.
   void CloseSession(const std::string& worker_id);
   // Call every heartbeat interval: a worker with an open session and no message for more than 3
   // intervals is lost: its channel is closed (UNAVAILABLE "no heartbeat for N ms") and its job
-  // fails as by CloseSession ("worker-000002 (rank 1) lost: no heartbeat for N ms").
+  // restarts as by CloseSession ("worker-000002 (rank 1) lost: no heartbeat for N ms"). A job
+  // kept across a coordinator restart whose ranks are not all re-attached 10 intervals after
+  // the start restarts the same way ("... did not reconnect").
   void CheckHeartbeats();
   // Starts every QUEUED job that can start now (see the protocol's gang scheduling). Called by
   // SubmitJob, OpenSession and whenever a worker becomes idle; public for tests.
@@ -296,6 +317,8 @@ class Coordinator {
     int64_t acked_version = 0;   // latest MaskAck
     double flops_total = 0;      // latest Progress flops_total
     bool done = false;           // sent RankDone ok
+    bool attached = true;        // its worker's session runs it (false after a coordinator
+                                 // restart until the worker's Heartbeat re-attaches it)
     std::string param_checksum;  // from RankDone
     std::string summary_json;    // from RankDone (rank 0)
   };
@@ -320,6 +343,15 @@ class Coordinator {
     int64_t mask_version = 0;                    // latest MaskUpdate sent; 0 = none
     int64_t rank0_step = -1;                     // rank 0's previous Progress, for steps/s
     double rank0_wall_seconds = 0;
+    int64_t attempt = 0;                         // the store's attempt when it (re)started
+    // Restarted or kept across a coordinator restart: the first SpectraReport restores the
+    // policy from the store (RestorePolicy) before it is handled.
+    bool restore_policy = false;
+    // The latest decision's MaskUpdate message, to answer a rank that reports that step again.
+    std::optional<v1::CoordinatorMessage> last_mask;
+    // Kept across a coordinator restart: NowMs() by which every rank must be re-attached; 0 =
+    // no deadline.
+    int64_t attach_deadline_ms = 0;
   };
 
   int64_t Now() const;
@@ -330,8 +362,23 @@ class Coordinator {
 
   // ----- worker sessions (worker_sessions.cc) -----
 
-  // Fails RUNNING / RESTARTING jobs left by a previous process; loads the workers.
+  // Loads the workers; keeps the RUNNING jobs of a previous process (KeepJob).
   void Recover();
+  // The runtime of a RUNNING job from the store: spec, ranks (not attached), modules and policy
+  // (restored at its first report), attempt. A job that cannot be rebuilt fails.
+  void KeepJob(const JobRecord& job);
+  // The spec's trainer config, validated (StartJob, KeepJob).
+  absl::StatusOr<policy::PolicyConfig> JobPolicyConfig(const JobRecord& job);
+  // Creates job.policy for `modules` (from rank 0's ModuleList or the store).
+  absl::Status CreatePolicy(const std::string& job_id, JobRuntime& job,
+                            std::vector<policy::ModuleInfo> modules);
+  // A rank's worker was lost (or its process group failed): RESTARTING, Cancel to the other
+  // ranks (but `except_worker`), Schedule; FailJob after options_.max_restarts restarts.
+  void RestartJob(const std::string& job_id, const std::string& why,
+                  const std::string& except_worker = "");
+  // The policy, last decided step, mask version and last mask of a restarted or kept job from
+  // its stored decision at or before `step`.
+  absl::Status RestorePolicy(const std::string& job_id, JobRuntime& job, int64_t step);
   // Sends `message` to the worker's open session; no-op without one.
   void SendTo(const std::string& worker_id, const v1::CoordinatorMessage& message);
   void SendCancel(const std::string& worker_id, const std::string& job_id,
@@ -387,7 +434,7 @@ class Coordinator {
   // The checks every job message shares (see HandleWorkerMessage). `rank` unset (ModuleList,
   // which names none): whichever rank the worker holds.
   absl::StatusOr<RankRef> CheckRank(const std::string& worker_id, const std::string& job_id,
-                                    std::optional<int> rank);
+                                    std::optional<int> rank, int64_t attempt);
   absl::Status HandleModuleList(const std::string& worker_id, const v1::ModuleList& list);
   absl::Status HandleSpectra(const std::string& worker_id, const v1::SpectraReport& report);
   // All ranks reported `step`: averages, observes, stores, sends the MaskUpdate.

@@ -24,9 +24,6 @@
 namespace mat::coordinator {
 namespace {
 
-constexpr const char* kRestartMessage =
-    "coordinator restarted while the job was running; resubmit it";
-
 // Longest worker id a worker may bring along, characters.
 constexpr size_t kMaxWorkerIdLength = 128;
 
@@ -105,22 +102,97 @@ void Coordinator::Recover() {
   } else {
     spdlog::error("cannot read the workers from the store: {}", workers.status().ToString());
   }
-  // The sessions and the per-job policy state of a previous process are gone: its running jobs
-  // cannot continue.
+  // The ranks of a previous process's running jobs keep training and reconnect; RESTARTING
+  // jobs are started again by the scheduler.
   std::string token;
   do {
-    absl::StatusOr<JobPage> page = store_->ListJobs(
-        kMaxPageSize, token, {v1::JOB_STATE_RUNNING, v1::JOB_STATE_RESTARTING});
+    absl::StatusOr<JobPage> page = store_->ListJobs(kMaxPageSize, token, {v1::JOB_STATE_RUNNING});
     if (!page.ok()) {
       spdlog::error("cannot list the running jobs to recover: {}", page.status().ToString());
       return;
     }
-    for (const JobRecord& job : page->jobs) {
-      absl::Status st = UpdateJobState(job.id, v1::JOB_STATE_FAILED, kRestartMessage);
-      if (!st.ok()) spdlog::error("job {}: cannot fail it after a restart: {}", job.id, st.ToString());
-    }
+    for (const JobRecord& job : page->jobs) KeepJob(job);
     token = page->next_page_token;
   } while (!token.empty());
+}
+
+void Coordinator::KeepJob(const JobRecord& job) {
+  auto fail = [&](const std::string& why) {
+    const std::string message =
+        absl::StrCat("cannot continue the job after a coordinator restart: ", why);
+    if (absl::Status st = UpdateJobState(job.id, v1::JOB_STATE_FAILED, message); !st.ok()) {
+      spdlog::error("job {}: cannot fail it ({}): {}", job.id, message, st.ToString());
+    }
+  };
+  absl::StatusOr<policy::PolicyConfig> config = JobPolicyConfig(job);
+  if (!config.ok()) return fail(std::string(config.status().message()));
+  absl::StatusOr<std::vector<AssignmentRecord>> assignments = store_->ListAssignments(job.id);
+  if (!assignments.ok()) return fail(std::string(assignments.status().message()));
+  const int world = job.spec.resources().workers();
+  if (world < 1 || static_cast<int>(assignments->size()) != world) {
+    return fail(absl::StrCat("the store has ", assignments->size(), " rank assignments for ",
+                             world, " ranks"));
+  }
+  absl::StatusOr<std::vector<ModuleRecord>> stored_modules = store_->GetModules(job.id);
+  if (!stored_modules.ok()) return fail(std::string(stored_modules.status().message()));
+  JobRuntime& runtime = jobs_[job.id];
+  runtime.spec = job.spec;
+  runtime.world_size = world;
+  runtime.policy_config = *config;
+  runtime.ranks.resize(world);
+  runtime.attempt = job.attempt;
+  runtime.mask_version = job.mask_version;
+  runtime.restore_policy = true;
+  runtime.attach_deadline_ms = NowMs() + 10 * options_.heartbeat_interval_ms;
+  for (const AssignmentRecord& a : *assignments) {
+    RankState& rank = runtime.ranks[a.rank];
+    rank.worker_id = a.worker_id;
+    rank.step = a.step;
+    rank.acked_version = a.mask_version;
+    rank.param_checksum = a.param_checksum;
+    rank.done = !a.param_checksum.empty();  // only a finished rank stores its checksum
+    rank.attached = false;
+  }
+  runtime.ranks[0].summary_json = job.summary_json;
+  if (!stored_modules->empty()) {
+    std::vector<policy::ModuleInfo> modules;
+    for (const ModuleRecord& m : *stored_modules) {
+      modules.push_back(policy::ModuleInfo{m.group, m.layer, m.index, m.name});
+    }
+    if (absl::Status st = CreatePolicy(job.id, runtime, std::move(modules)); !st.ok()) {
+      jobs_.erase(job.id);
+      return fail(std::string(st.message()));
+    }
+  }
+  spdlog::info("job {}: kept across the restart (attempt {}, {} ranks); waiting for its workers",
+               job.id, job.attempt, world);
+}
+
+absl::StatusOr<policy::PolicyConfig> Coordinator::JobPolicyConfig(const JobRecord& job) {
+  // The policy config comes from the same text the workers' trainers read.
+  absl::StatusOr<worker::TrainConfig> config =
+      worker::ParseTrainConfig(JobSpecToTrainerYaml(WithJobSpecDefaults(job.spec)),
+                               absl::StrCat("job ", job.id));
+  absl::Status valid = config.ok() ? worker::ValidateTrainConfig(*config) : config.status();
+  if (valid.ok()) valid = policy::ValidatePolicyConfig(worker::ToPolicyConfig(*config));
+  if (!valid.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the job's spec is not a valid trainer config: ", valid.message()));
+  }
+  return worker::ToPolicyConfig(*config);
+}
+
+absl::Status Coordinator::CreatePolicy(const std::string& job_id, JobRuntime& job,
+                                       std::vector<policy::ModuleInfo> modules) {
+  absl::StatusOr<std::unique_ptr<policy::Policy>> created =
+      policy::Policy::Create(job.policy_config, modules);
+  if (!created.ok()) {
+    return absl::Status(created.status().code(), absl::StrCat("ModuleList of job ", job_id, ": ",
+                                                              created.status().message()));
+  }
+  job.modules = std::move(modules);
+  job.policy = std::move(*created);
+  return absl::OkStatus();
 }
 
 // ----- registration -----
@@ -263,6 +335,26 @@ void Coordinator::HandleHeartbeat(const std::string& worker_id, const v1::Heartb
   std::set<std::string> told;  // one Cancel per job even when listed twice
   for (const std::string& job_id : heartbeat.job_ids()) {
     if (job_id.empty() || job_id == current || !told.insert(job_id).second) continue;
+    // A rank kept across a coordinator restart: its worker is back.
+    auto job = jobs_.find(job_id);
+    if (current.empty() && job != jobs_.end()) {
+      JobRuntime& runtime = job->second;
+      bool attached = false;
+      for (int r = 0; r < runtime.world_size && !attached; ++r) {
+        RankState& rank = runtime.ranks[r];
+        if (rank.worker_id != worker_id || rank.attached || rank.done) continue;
+        rank.attached = true;
+        attached = true;
+        SetWorkerJob(worker_id, job_id, r);
+        spdlog::info("job {}: rank {} re-attached to {}", job_id, r, worker_id);
+      }
+      if (attached) {
+        bool all = true;
+        for (const RankState& rank : runtime.ranks) all = all && (rank.attached || rank.done);
+        if (all) runtime.attach_deadline_ms = 0;
+        continue;
+      }
+    }
     SendCancel(worker_id, job_id,
                absl::StrCat(worker_id, " runs no rank of ", job_id,
                             " (the job finished or the rank was never assigned to it): stop it"));
@@ -288,8 +380,27 @@ void Coordinator::DropSession(const std::string& worker_id, const std::string& w
   }
   spdlog::info("worker {}: session ended: {}", worker_id, why);
   if (!job_id.empty() && jobs_.count(job_id) != 0) {
-    FailJob(job_id, absl::StrCat(worker_id, " (rank ", rank, ") lost: ", why), worker_id);
+    RestartJob(job_id, absl::StrCat(worker_id, " (rank ", rank, ") lost: ", why), worker_id);
   }
+}
+
+void Coordinator::RestartJob(const std::string& job_id, const std::string& why,
+                             const std::string& except_worker) {
+  if (jobs_.count(job_id) == 0) return;
+  absl::StatusOr<JobRecord> record = store_->GetJob(job_id);
+  if (!record.ok()) return FailJob(job_id, why, except_worker);
+  if (record->attempt >= options_.max_restarts) {
+    return FailJob(job_id,
+                   absl::StrCat(why, " (the job was restarted ", record->attempt,
+                                " times already, the limit)"),
+                   except_worker);
+  }
+  if (absl::Status st = UpdateJobState(job_id, v1::JOB_STATE_RESTARTING, why); !st.ok()) {
+    spdlog::error("job {}: cannot store its restart: {}", job_id, st.ToString());
+    return FailJob(job_id, why, except_worker);
+  }
+  DetachJob(job_id, why, /*cancel=*/true, except_worker);
+  Schedule();
 }
 
 void Coordinator::SendTo(const std::string& worker_id, const v1::CoordinatorMessage& message) {
@@ -346,6 +457,20 @@ void Coordinator::CheckHeartbeats() {
     DropSession(id, why);  // forgets the channel before it is closed
     channel->Close(absl::UnavailableError(why));
   }
+  // Jobs kept across a restart whose workers did not all come back.
+  std::vector<std::pair<std::string, std::string>> overdue;  // job id, why
+  for (const auto& [id, job] : jobs_) {
+    if (job.attach_deadline_ms == 0 || now_ms <= job.attach_deadline_ms) continue;
+    for (int r = 0; r < job.world_size; ++r) {
+      const RankState& rank = job.ranks[r];
+      if (rank.attached || rank.done) continue;
+      overdue.emplace_back(id, absl::StrCat(rank.worker_id, " (rank ", r, ") lost: did not ",
+                                            "reconnect within ", 10 * options_.heartbeat_interval_ms,
+                                            " ms of the coordinator's restart"));
+      break;
+    }
+  }
+  for (const auto& [id, why] : overdue) RestartJob(id, why);
 }
 
 // ----- scheduling -----
@@ -372,60 +497,78 @@ void Coordinator::SchedulePass() {
     }
   };
   find_idle();
-  std::string token;
-  while (!idle.empty()) {
-    absl::StatusOr<JobPage> page = store_->ListJobs(kMaxPageSize, token, {v1::JOB_STATE_QUEUED});
-    if (!page.ok()) {
-      spdlog::error("scheduler: cannot list the queued jobs: {}", page.status().ToString());
-      return;
-    }
-    for (const JobRecord& job : page->jobs) {
-      if (idle.empty()) return;
-      const int world = job.spec.resources().workers();
-      const std::string& device = job.spec.resources().device();
-      std::vector<std::string> picked;
-      for (const std::string& id : idle) {
-        if (static_cast<int>(picked.size()) == world) break;
-        if (DeviceMatches(device, workers_.at(id).device)) picked.push_back(id);
+  // Restarting jobs first (they hold work already done), then the queue, each in submission
+  // order.
+  for (v1::JobState state : {v1::JOB_STATE_RESTARTING, v1::JOB_STATE_QUEUED}) {
+    std::string token;
+    while (!idle.empty()) {
+      absl::StatusOr<JobPage> page = store_->ListJobs(kMaxPageSize, token, {state});
+      if (!page.ok()) {
+        spdlog::error("scheduler: cannot list the {} jobs: {}", JobStateName(state),
+                      page.status().ToString());
+        return;
       }
-      // Not enough workers for this one: later jobs may still fit (no head-of-line blocking).
-      if (world < 1 || static_cast<int>(picked.size()) < world) continue;
-      if (absl::Status st = StartJob(job, picked); !st.ok()) {
-        spdlog::error("scheduler: job {} could not start: {}", job.id, st.ToString());
-        return;  // a store error: try again at the next Schedule()
+      for (const JobRecord& job : page->jobs) {
+        if (idle.empty()) return;
+        const int world = job.spec.resources().workers();
+        const std::string& device = job.spec.resources().device();
+        std::vector<std::string> picked;
+        for (const std::string& id : idle) {
+          if (static_cast<int>(picked.size()) == world) break;
+          if (DeviceMatches(device, workers_.at(id).device)) picked.push_back(id);
+        }
+        // Not enough workers for this one: later jobs may still fit (no head-of-line blocking).
+        if (world < 1 || static_cast<int>(picked.size()) < world) continue;
+        if (absl::Status st = StartJob(job, picked); !st.ok()) {
+          spdlog::error("scheduler: job {} could not start: {}", job.id, st.ToString());
+          return;  // a store error: try again at the next Schedule()
+        }
+        find_idle();  // the picked workers, unless the job failed to start or already ended
       }
-      find_idle();  // the picked workers, unless the job failed to start or already ended
+      token = page->next_page_token;
+      if (token.empty()) break;
     }
-    token = page->next_page_token;
-    if (token.empty()) return;
   }
 }
 
 absl::Status Coordinator::StartJob(const JobRecord& job, const std::vector<std::string>& workers) {
   const std::string& id = job.id;
-  // The policy config comes from the same text the workers' trainers read.
-  absl::StatusOr<worker::TrainConfig> config =
-      worker::ParseTrainConfig(JobSpecToTrainerYaml(WithJobSpecDefaults(job.spec)),
-                               absl::StrCat("job ", id));
-  absl::Status valid = config.ok() ? worker::ValidateTrainConfig(*config) : config.status();
-  if (valid.ok()) valid = policy::ValidatePolicyConfig(worker::ToPolicyConfig(*config));
-  if (!valid.ok()) {
+  absl::StatusOr<policy::PolicyConfig> config = JobPolicyConfig(job);
+  if (!config.ok()) {
     // Cannot happen for a spec that passed ValidateJobSpec; do not retry it forever.
-    return UpdateJobState(id, v1::JOB_STATE_FAILED,
-                          absl::StrCat("the job's spec is not a valid trainer config: ",
-                                       valid.message()));
+    return UpdateJobState(id, v1::JOB_STATE_FAILED, std::string(config.status().message()));
   }
   const int world = static_cast<int>(workers.size());
+  const int64_t attempt = job.attempt;
+  std::vector<policy::ModuleInfo> modules;  // a restarted job's, from the store
+  if (attempt > 0) {
+    MAT_ASSIGN_OR_RETURN(std::vector<ModuleRecord> stored, store_->GetModules(id));
+    for (const ModuleRecord& m : stored) {
+      modules.push_back(policy::ModuleInfo{m.group, m.layer, m.index, m.name});
+    }
+  }
   for (int r = 0; r < world; ++r) {
-    MAT_RETURN_IF_ERROR(store_->PutAssignment(id, r, workers[r], /*attempt=*/0));
+    MAT_RETURN_IF_ERROR(store_->PutAssignment(id, r, workers[r], attempt));
   }
   // The runtime and the workers' BUSY state exist before the state change is published, so a
   // listener sees a consistent Coordinator.
   JobRuntime& runtime = jobs_[id];
   runtime.spec = job.spec;
   runtime.world_size = world;
-  runtime.policy_config = worker::ToPolicyConfig(*config);
+  runtime.policy_config = *config;
   runtime.ranks.resize(world);
+  runtime.attempt = attempt;
+  if (attempt > 0) {
+    // A restart: the ranks resume from a checkpoint and the policy from the store.
+    runtime.mask_version = job.mask_version;
+    runtime.restore_policy = true;
+    if (!modules.empty()) {
+      if (absl::Status st = CreatePolicy(id, runtime, std::move(modules)); !st.ok()) {
+        jobs_.erase(id);
+        return UpdateJobState(id, v1::JOB_STATE_FAILED, std::string(st.message()));
+      }
+    }
+  }
   for (int r = 0; r < world; ++r) {
     runtime.ranks[r].worker_id = workers[r];
     SetWorkerJob(workers[r], id, r);
@@ -438,7 +581,8 @@ absl::Status Coordinator::StartJob(const JobRecord& job, const std::vector<std::
   if (jobs_.count(id) == 0) return absl::OkStatus();  // a listener already ended it
   const WorkerRecord& rank0 = workers_.at(workers[0]);
   const std::string rendezvous = absl::StrCat(rank0.host, ":", rank0.rendezvous_port);
-  spdlog::info("job {}: started on {} worker(s), rendezvous {}", id, world, rendezvous);
+  spdlog::info("job {}: started on {} worker(s), rendezvous {}, attempt {}", id, world,
+               rendezvous, attempt);
   for (int r = 0; r < world; ++r) {
     v1::CoordinatorMessage message;
     v1::Assign* assign = message.mutable_assign();
@@ -447,8 +591,8 @@ absl::Status Coordinator::StartJob(const JobRecord& job, const std::vector<std::
     assign->set_world_size(world);
     *assign->mutable_spec() = job.spec;
     assign->set_rendezvous_address(rendezvous);
-    assign->set_attempt(0);
-    assign->set_resume(false);
+    assign->set_attempt(attempt);
+    assign->set_resume(attempt > 0);
     SendTo(workers[r], message);
   }
   return absl::OkStatus();

@@ -72,7 +72,8 @@ std::string PackModuleBits(const std::vector<uint8_t>& on) {
 
 absl::StatusOr<Coordinator::RankRef> Coordinator::CheckRank(const std::string& worker_id,
                                                             const std::string& job_id,
-                                                            std::optional<int> rank) {
+                                                            std::optional<int> rank,
+                                                            int64_t attempt) {
   if (job_id.empty()) return absl::InvalidArgumentError("job_id is empty");
   const std::string rank_text = rank ? absl::StrCat("rank ", *rank) : "rank";
   auto it = jobs_.find(job_id);
@@ -107,6 +108,10 @@ absl::StatusOr<Coordinator::RankRef> Coordinator::CheckRank(const std::string& w
   if (r < 0) {
     return absl::NotFoundError(absl::StrCat(worker_id, " runs no ", rank_text, " of ", job_id));
   }
+  if (attempt != job.attempt) {
+    return absl::AbortedError(absl::StrCat("stale attempt ", attempt, " of job ", job_id,
+                                           " (rank ", r, "), now ", job.attempt));
+  }
   if (job.ranks[r].done) {
     return absl::FailedPreconditionError(
         absl::StrCat("rank ", r, " of job ", job_id, " already finished (RankDone)"));
@@ -118,7 +123,8 @@ absl::StatusOr<Coordinator::RankRef> Coordinator::CheckRank(const std::string& w
 
 absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
                                            const v1::ModuleList& list) {
-  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, list.job_id(), std::nullopt));
+  MAT_ASSIGN_OR_RETURN(RankRef ref,
+                       CheckRank(worker_id, list.job_id(), std::nullopt, list.attempt()));
   JobRuntime& job = *ref.job;
   const std::string what = absl::StrCat("ModuleList of job ", list.job_id());
   std::vector<policy::ModuleInfo> modules;
@@ -137,19 +143,14 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
                      " modules; a different list cannot replace them"));
   }
   if (modules.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": modules is empty"));
-  absl::StatusOr<std::unique_ptr<policy::Policy>> created =
-      policy::Policy::Create(job.policy_config, modules);
-  if (!created.ok()) {
-    return absl::Status(created.status().code(),
-                        absl::StrCat(what, ": ", created.status().message()));
-  }
+  // Checked before the store write; kept only once it succeeded.
+  MAT_RETURN_IF_ERROR(policy::Policy::Create(job.policy_config, modules).status());
   std::vector<ModuleRecord> records;
   for (const policy::ModuleInfo& m : modules) {
     records.push_back(ModuleRecord{m.name, m.group, m.layer, m.index});
   }
   MAT_RETURN_IF_ERROR(store_->PutModules(list.job_id(), records));
-  job.modules = std::move(modules);
-  job.policy = std::move(*created);
+  MAT_RETURN_IF_ERROR(CreatePolicy(list.job_id(), job, std::move(modules)));
   spdlog::info("job {}: {} modules declared, policy {}", list.job_id(), job.modules.size(),
                policy::PolicyKindName(job.policy_config.kind));
   std::vector<std::pair<std::string, v1::SpectraReport>> early;
@@ -171,7 +172,8 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
 
 absl::Status Coordinator::HandleSpectra(const std::string& worker_id,
                                         const v1::SpectraReport& report) {
-  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, report.job_id(), report.rank()));
+  MAT_ASSIGN_OR_RETURN(RankRef ref,
+                       CheckRank(worker_id, report.job_id(), report.rank(), report.attempt()));
   JobRuntime& job = *ref.job;
   const std::string& job_id = report.job_id();
   const int64_t step = report.step();
@@ -221,6 +223,21 @@ absl::Status Coordinator::HandleSpectra(const std::string& worker_id,
     FailJob(job_id, message);  // `job` is gone after this
     return absl::InvalidArgumentError(message);
   }
+  if (job.restore_policy) {
+    // A restarted (or kept) job: continue the policy from its stored decisions.
+    if (absl::Status st = RestorePolicy(job_id, job, step); !st.ok()) {
+      const std::string message =
+          absl::StrCat("cannot continue the policy of ", job_id, ": ", st.message());
+      FailJob(job_id, message);  // `job` is gone after this
+      return absl::Status(st.code(), message);
+    }
+  }
+  if (step == job.last_decided_step && job.last_mask.has_value() &&
+      job.ranks[ref.rank].acked_version < job.last_mask->mask().mask_version()) {
+    // Decided before a restart (of the job or of this coordinator): the same mask again.
+    SendTo(worker_id, *job.last_mask);
+    return absl::OkStatus();
+  }
   if (step <= job.last_decided_step) {
     return absl::AbortedError(absl::StrCat(what, ": stale, step ", job.last_decided_step,
                                            " was already decided"));
@@ -268,8 +285,7 @@ absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int
   job.last_decided_step = step;
   job.pending.erase(job.pending.begin(), job.pending.upper_bound(step));
 
-  // The ranks wait for this mask: send it first, then persist (a coordinator that dies in
-  // between fails the job on restart anyway, so nothing the store promised is lost).
+  // Persisted before any rank sees it: a mask a rank trained with is never lost by a crash.
   v1::CoordinatorMessage message;
   v1::MaskUpdate* mask = message.mutable_mask();
   mask->set_job_id(job_id);
@@ -281,6 +297,18 @@ absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int
     mask->set_slow_bits(PackModuleBits(schedule.slow));
     mask->set_slow_every_steps(schedule.slow_every);
   }
+  update.decision_json = decision.ToJson(policy.modules(), policy.config())
+                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  update.policy_state = policy.SaveState();
+  update.mask_update = mask->SerializeAsString();
+  if (absl::Status st = store_->RecordDecision(job_id, update); !st.ok()) {
+    // The history cannot be kept: the job stops rather than run on without its record.
+    const std::string message_text =
+        absl::StrCat("cannot store the decision of step ", step, ": ", st.message());
+    FailJob(job_id, message_text);  // `job` is gone after this
+    return absl::Status(st.code(), message_text);
+  }
+  job.last_mask = message;
   for (int r = 0; r < job.world_size; ++r) {
     const std::string& worker_id = job.ranks[r].worker_id;
     auto session = sessions_.find(worker_id);
@@ -318,24 +346,40 @@ absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int
   event.mutable_mask()->set_mask_version(job.mask_version);
   event.mutable_mask()->set_effective_step(step);
   event.mutable_mask()->set_active_modules(update.active_modules);
-  update.decision_json = decision.ToJson(policy.modules(), policy.config())
-                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  if (absl::Status st = store_->RecordDecision(job_id, update); !st.ok()) {
-    // The masks are out but the history cannot be kept: the job stops rather than run on
-    // without its record.
-    const std::string message_text =
-        absl::StrCat("cannot store the decision of step ", step, ": ", st.message());
-    FailJob(job_id, message_text);  // `job` is gone after this
-    return absl::Status(st.code(), message_text);
-  }
   PublishJobEvent(event);
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::RestorePolicy(const std::string& job_id, JobRuntime& job,
+                                       int64_t step) {
+  job.restore_policy = false;
+  MAT_ASSIGN_OR_RETURN(std::optional<StoredDecision> decision,
+                       store_->LatestDecisionAtOrBefore(job_id, step));
+  if (!decision.has_value()) return absl::OkStatus();  // nothing decided yet: the new policy
+  if (decision->policy_state.empty() || decision->mask_update.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "its decision at step ", decision->step,
+        " was stored without the policy state (by a coordinator before schema version 4)"));
+  }
+  MAT_RETURN_IF_ERROR(job.policy->LoadState(decision->policy_state));
+  v1::CoordinatorMessage mask;
+  if (!mask.mutable_mask()->ParseFromString(decision->mask_update)) {
+    return absl::DataLossError(
+        absl::StrCat("the stored mask of step ", decision->step, " is not a MaskUpdate"));
+  }
+  job.last_mask = std::move(mask);
+  job.last_decided_step = decision->step;
+  job.pending.erase(job.pending.begin(), job.pending.upper_bound(decision->step));
+  spdlog::info("job {}: policy restored from its decision at step {} (first report: step {})",
+               job_id, decision->step, step);
   return absl::OkStatus();
 }
 
 // ----- MaskAck -----
 
 absl::Status Coordinator::HandleMaskAck(const std::string& worker_id, const v1::MaskAck& ack) {
-  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, ack.job_id(), ack.rank()));
+  MAT_ASSIGN_OR_RETURN(RankRef ref,
+                       CheckRank(worker_id, ack.job_id(), ack.rank(), ack.attempt()));
   JobRuntime& job = *ref.job;
   RankState& rank = job.ranks[ref.rank];
   const int64_t version = ack.mask_version();
@@ -358,7 +402,8 @@ absl::Status Coordinator::HandleMaskAck(const std::string& worker_id, const v1::
 
 absl::Status Coordinator::HandleProgress(const std::string& worker_id,
                                          const v1::Progress& progress) {
-  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, progress.job_id(), progress.rank()));
+  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, progress.job_id(), progress.rank(),
+                                              progress.attempt()));
   JobRuntime& job = *ref.job;
   const std::string& job_id = progress.job_id();
   const std::string what = absl::StrCat("progress of ", job_id, " rank ", ref.rank);
@@ -444,7 +489,8 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
 // ----- RankDone -----
 
 absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1::RankDone& done) {
-  MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, done.job_id(), done.rank()));
+  MAT_ASSIGN_OR_RETURN(RankRef ref,
+                       CheckRank(worker_id, done.job_id(), done.rank(), done.attempt()));
   JobRuntime& job = *ref.job;
   const std::string& job_id = done.job_id();
   if (!done.ok()) {
@@ -460,7 +506,12 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
         absl::StrCat("rank ", ref.rank, " (", worker_id, "): ",
                      done.error_message().empty() ? "failed without an error message"
                                                   : done.error_message());
-    FailJob(job_id, message, worker_id);  // the sender stopped already: no Cancel for it
+    if (done.retryable()) {
+      // Its process group failed (a peer was lost): the job continues from its checkpoints.
+      RestartJob(job_id, message, worker_id);
+    } else {
+      FailJob(job_id, message, worker_id);  // the sender stopped already: no Cancel for it
+    }
     return absl::OkStatus();
   }
   if (done.step() < 0) {
@@ -474,7 +525,8 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   MAT_RETURN_IF_ERROR(store_->UpdateRankStatus(job_id, ref.rank, done.step(), rank.acked_version,
                                                done.param_checksum()));
   const std::string summary = ref.rank == 0 ? done.summary_json() : job.ranks[0].summary_json;
-  if (last) MAT_RETURN_IF_ERROR(store_->SetJobSummary(job_id, summary));
+  // Rank 0's summary is stored at once: it must survive a coordinator restart.
+  if (last || ref.rank == 0) MAT_RETURN_IF_ERROR(store_->SetJobSummary(job_id, summary));
   if (last) RecordSummaryMetrics(job_id, summary);
   rank.done = true;
   rank.step = done.step();

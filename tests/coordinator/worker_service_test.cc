@@ -481,7 +481,7 @@ TEST_F(WorkerServiceTest, TwoRanksGetAssignSameMaskThenNanRejectFailsTheJobAndCa
   }
 }
 
-TEST_F(WorkerServiceTest, AClientCancellingItsSessionFailsItsJobAndCancelsTheOtherRank) {
+TEST_F(WorkerServiceTest, AClientCancellingItsSessionRestartsItsJobAndCancelsTheOtherRank) {
   RunningJob job = StartTwoRankJob();
   ASSERT_NE(job.ranks[0], nullptr);
   ASSERT_NE(job.ranks[1], nullptr);
@@ -490,7 +490,9 @@ TEST_F(WorkerServiceTest, AClientCancellingItsSessionFailsItsJobAndCancelsTheOth
   ASSERT_TRUE(job.ranks[1]->WaitEnded());
   EXPECT_EQ(job.ranks[1]->Finish().error_code(), grpc::StatusCode::CANCELLED);
 
-  ASSERT_TRUE(WaitForJobState(job.job_id, v1::JOB_STATE_FAILED));
+  // A lost worker: the job waits for workers to start again from its checkpoints.
+  ASSERT_TRUE(WaitForJobState(job.job_id, v1::JOB_STATE_RESTARTING));
+  EXPECT_EQ(GetJob(job.job_id).attempt(), 1);
   EXPECT_THAT(GetJob(job.job_id).error_message(), HasSubstr(job.ranks[1]->id()));
   auto cancel = job.ranks[0]->WaitFor(IsCancel);
   ASSERT_TRUE(cancel.has_value()) << "the other rank got no Cancel";

@@ -3,8 +3,9 @@
 // network: registration, sessions, gang scheduling (FIFO, backfilling, device kinds), the λ
 // aggregation and the masks (checked against a local Policy fed the same means), mask acks,
 // every refused message with its code and its Reject, job failure paths (NaN λ, RankDone
-// failure, lost and closed sessions, cancellation), success with summary and checksums, and a
-// restart on the same state dir.
+// failure, cancellation), restarts after lost and closed sessions (attempts, the policy
+// continued from the store, the restart limit), success with summary and checksums, and a
+// coordinator restart on the same state dir that keeps running jobs.
 #include <stdlib.h>
 
 #include <cmath>
@@ -206,6 +207,19 @@ v1::WorkerMessage Done(const std::string& worker, const std::string& job, int ra
   return m;
 }
 
+// `m` (a job message) as sent by a rank of `attempt`.
+v1::WorkerMessage Attempt(v1::WorkerMessage m, int64_t attempt) {
+  switch (m.body_case()) {
+    case v1::WorkerMessage::kProgress: m.mutable_progress()->set_attempt(attempt); break;
+    case v1::WorkerMessage::kSpectra: m.mutable_spectra()->set_attempt(attempt); break;
+    case v1::WorkerMessage::kMaskAck: m.mutable_mask_ack()->set_attempt(attempt); break;
+    case v1::WorkerMessage::kModules: m.mutable_modules()->set_attempt(attempt); break;
+    case v1::WorkerMessage::kDone: m.mutable_done()->set_attempt(attempt); break;
+    default: break;
+  }
+  return m;
+}
+
 // λ of `rank` at probe number `k`: distinct, spread values, so the MAT thresholds switch modules
 // on and off.
 std::vector<double> Lambda(int rank, int k) {
@@ -245,6 +259,7 @@ class WorkerSessionsTest : public ::testing::Test {
     options.heartbeat_interval_ms = 1000;
     options.metrics = metrics_.get();
     options.metrics_retention_seconds = 60;
+    options.max_restarts = max_restarts_;
     coordinator_ = std::make_unique<Coordinator>(std::move(*store), options);
   }
 
@@ -334,6 +349,7 @@ class WorkerSessionsTest : public ::testing::Test {
   int64_t now_ = 1'700'000'000;
   int64_t now_ms_ = 5'000'000;
   int workers_added_ = 0;
+  int64_t max_restarts_ = 10;
   std::unique_ptr<CoordinatorMetrics> metrics_;  // outlives coordinator_ (declared first)
   std::unique_ptr<Coordinator> coordinator_;
 };
@@ -683,6 +699,7 @@ TEST_F(WorkerSessionsTest, RefusedMessagesGetARejectWithTheirCodeAndChangeNothin
   const std::string queued = Submit(Spec(2));  // one idle worker: stays queued
   SendOk(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
   SendOk(Spectra(w1.id, job, 1, 0, Lambda(1, 0)));  // step 0 decided
+  SendOk(Ack(w1.id, job, 1, 1));                     // and rank 1 has its mask
   SendOk(Spectra(w0.id, job, 0, 10, Lambda(0, 1)));  // step 10 pending for rank 1
 
   std::vector<double> short_lambda = Lambda(1, 1);
@@ -722,6 +739,8 @@ TEST_F(WorkerSessionsTest, RefusedMessagesGetARejectWithTheirCodeAndChangeNothin
       {"wrong module count", &w1, Spectra(w1.id, job, 1, 10, short_lambda),
        absl::StatusCode::kInvalidArgument, "lambda_max has 9 values, the job has 10 modules"},
       {"wrong trace count", &w1, bad_trace, absl::StatusCode::kInvalidArgument, "trace"},
+      {"another attempt", &w1, Attempt(Spectra(w1.id, job, 1, 10, Lambda(1, 1)), 3),
+       absl::StatusCode::kAborted, "stale attempt 3 of job job-000001 (rank 1), now 0"},
       {"stale step", &w1, Spectra(w1.id, job, 1, 0, Lambda(1, 0)), absl::StatusCode::kAborted,
        "stale"},
       {"second report of a pending step", &w0, Spectra(w0.id, job, 0, 10, Lambda(0, 1)),
@@ -916,7 +935,7 @@ TEST_F(WorkerSessionsTest, CancelJobCancelsEveryRankAndFreesTheWorkers) {
   EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
 }
 
-TEST_F(WorkerSessionsTest, ASilentWorkerIsLostAndItsJobFails) {
+TEST_F(WorkerSessionsTest, ASilentWorkerIsLostAndItsJobRestartsWhenItComesBack) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);
   now_ms_ += 2000;
@@ -930,33 +949,154 @@ TEST_F(WorkerSessionsTest, ASilentWorkerIsLostAndItsJobFails) {
   EXPECT_EQ(w1.channel->close_status.code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(w1.channel->close_status.message(), "no heartbeat for 3001 ms");
   EXPECT_FALSE(w0.channel->closed);
-  const v1::Job failed = GetJob(job).job();
-  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
-  EXPECT_EQ(failed.error_message(), "worker-000002 (rank 1) lost: no heartbeat for 3001 ms");
-  ASSERT_EQ(w0.channel->Cancels().size(), 1u);
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.error_message(), "worker-000002 (rank 1) lost: no heartbeat for 3001 ms");
+  EXPECT_EQ(restarting.attempt(), 1);
+  ASSERT_EQ(w0.channel->Cancels().size(), 1u) << "the survivor stops its rank";
   EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
   EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_DISCONNECTED);
   EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
-  // Its messages are refused now (no session); it may open a new one.
+  EXPECT_THAT(w0.channel->Assigns(), ::testing::SizeIs(1)) << "one idle worker is not enough";
+  // Its messages are refused now (no session); it comes back and rejoins the pool: the job
+  // starts again on both, attempt 1, resuming.
   EXPECT_EQ(Send(Heartbeat(w1.id)).code(), absl::StatusCode::kNotFound);
   auto again = std::make_shared<FakeWorkerChannel>();
-  EXPECT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), again).ok());
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), again).ok());
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  for (const auto& channel : {w0.channel, again}) {
+    ASSERT_EQ(channel->Assigns().size(), channel == again ? 1u : 2u);
+    const v1::Assign a = channel->Assigns().back();
+    EXPECT_EQ(a.job_id(), job);
+    EXPECT_EQ(a.attempt(), 1);
+    EXPECT_TRUE(a.resume());
+  }
+  EXPECT_EQ(GetJob(job).job().attempt(), 1);
+  EXPECT_EQ(GetJob(job).job().error_message(), "");
 }
 
-TEST_F(WorkerSessionsTest, AClosedSessionFailsItsJobWithoutClosingTheChannel) {
+TEST_F(WorkerSessionsTest, AClosedSessionRestartsItsJobWithoutClosingTheChannel) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);
   coordinator_->CloseSession(w0.id);
   coordinator_->CloseSession("worker-000404");  // unknown: no-op
   EXPECT_FALSE(w0.channel->closed);
-  const v1::Job failed = GetJob(job).job();
-  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
-  EXPECT_EQ(failed.error_message(), "worker-000001 (rank 0) lost: session closed");
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.error_message(), "worker-000001 (rank 0) lost: session closed");
   ASSERT_EQ(w1.channel->Cancels().size(), 1u);
   EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_DISCONNECTED);
   // An idle worker's session closing changes no job.
   coordinator_->CloseSession(w1.id);
   EXPECT_EQ(coordinator_->OpenSessionCount(), 0);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  // A restarting job can be cancelled.
+  ASSERT_TRUE(coordinator_->CancelJob(job, "").ok());
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_CANCELLED);
+}
+
+TEST_F(WorkerSessionsTest, ARestartedJobContinuesItsPolicyAndRefusesTheOldAttempt) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  // Probes 0, 10, 20 decided in attempt 0.
+  for (int k = 0; k < 3; ++k) {
+    SendOk(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)));
+    SendOk(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)));
+    SendOk(Ack(w0.id, job, 0, k + 1));
+  }
+  const std::vector<v1::MaskUpdate> before = w0.channel->Masks();
+  ASSERT_EQ(before.size(), 3u);
+  // Rank 1's worker is lost at step 25; it comes back.
+  coordinator_->CloseSession(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  auto c1 = Connect(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  ASSERT_EQ(c1->Assigns().back().attempt(), 1);
+  // A late message of attempt 0 is refused and changes nothing.
+  absl::Status stale = Send(Spectra(w0.id, job, 0, 30, Lambda(0, 3)));
+  EXPECT_EQ(stale.code(), absl::StatusCode::kAborted) << stale;
+  EXPECT_THAT(std::string(stale.message()), HasSubstr("stale attempt 0"));
+  EXPECT_EQ(Send(Done(w0.id, job, 0, false, "", "", "peer gone")).code(),
+            absl::StatusCode::kAborted);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+
+  // The ranks resume from their checkpoint at step 10 (a probe step decided before): each gets
+  // that decision's mask again, as it was.
+  SendOk(Attempt(ModuleList(w0.id, job), 1));
+  SendOk(Attempt(Spectra(w0.id, job, 0, 10, Lambda(0, 1)), 1));
+  SendOk(Attempt(Spectra(w1.id, job, 1, 10, Lambda(1, 1)), 1));
+  for (const auto& channel : {w0.channel, c1}) {
+    ASSERT_FALSE(channel->Masks().empty());
+    const v1::MaskUpdate resent = channel->Masks().back();
+    EXPECT_TRUE(MessageDifferencer::Equals(resent, before[1])) << resent.DebugString();
+  }
+  SendOk(Attempt(Ack(w0.id, job, 0, before[1].mask_version()), 1));
+  // Step 20 again and a new step 30: the same masks as a policy that never restarted.
+  std::unique_ptr<policy::Policy> local = LocalPolicy(Spec(2));
+  for (int k = 0; k < 4; ++k) {
+    std::vector<double> mean(10);
+    for (int i = 0; i < 10; ++i) mean[i] = (Lambda(0, k)[i] + Lambda(1, k)[i]) / 2;
+    ASSERT_TRUE(local->Observe(10 * k, mean).ok());
+    if (k < 2) continue;
+    const size_t masks = c1->Masks().size();
+    SendOk(Attempt(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)), 1));
+    SendOk(Attempt(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)), 1));
+    ASSERT_EQ(c1->Masks().size(), masks + 1) << "step " << 10 * k;
+    const v1::MaskUpdate m = c1->Masks().back();
+    EXPECT_EQ(m.effective_step(), 10 * k);
+    EXPECT_EQ(Unpack(m.bits(), 10), local->Schedule().every_step) << "step " << 10 * k;
+    EXPECT_GT(m.mask_version(), before.back().mask_version()) << "versions only grow";
+    if (k == 2) {
+      EXPECT_EQ(m.bits(), before[2].bits()) << "step 20 decided as in attempt 0";
+    }
+  }
+  // The history holds each step once.
+  v1::GetSpectraRequest request;
+  request.set_job_id(job);
+  auto spectra = coordinator_->GetSpectra(request);
+  ASSERT_TRUE(spectra.ok()) << spectra.status();
+  EXPECT_EQ(spectra->points_size(), 4);
+}
+
+TEST_F(WorkerSessionsTest, ALossAfterTheRestartLimitFailsTheJob) {
+  max_restarts_ = 1;
+  Open();
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  coordinator_->CloseSession(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  auto c1 = Connect(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  coordinator_->CloseSession(w1.id);
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(),
+            "worker-000002 (rank 1) lost: session closed (the job was restarted 1 times "
+            "already, the limit)");
+}
+
+TEST_F(WorkerSessionsTest, ARankWhoseProcessGroupFailedRestartsTheJob) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  v1::WorkerMessage done = Done(w0.id, job, 0, false, "", "", "gradient all-reduce failed");
+  done.mutable_done()->set_retryable(true);
+  std::vector<v1::JobEvent> events;
+  Watch(job, &events);
+  events.clear();
+  SendOk(done);
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty()) << "the sender stopped already";
+  ASSERT_EQ(w1.channel->Cancels().size(), 1u);
+  // Both workers are idle again: it restarted at once.
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].state().state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(events[0].state().error_message(),
+            "rank 0 (worker-000001): gradient all-reduce failed");
+  EXPECT_EQ(events[1].state().state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w1.channel->Assigns().back().attempt(), 1);
+  // A failure that is not the process group's still fails it.
+  SendOk(Attempt(Done(w1.id, job, 1, false, "", "", "out of memory"), 1));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
 }
 
 TEST_F(WorkerSessionsTest, AHeartbeatListingAJobTheWorkerDoesNotRunGetsACancel) {
@@ -1018,46 +1158,90 @@ TEST_F(WorkerSessionsTest, RankZeroProgressIsTheJobsProgressAndIsPublished) {
 
 // ----- restart -----
 
-TEST_F(WorkerSessionsTest, ARestartFailsRunningJobsKeepsQueuedOnesAndWorkersReconnect) {
+TEST_F(WorkerSessionsTest, ACoordinatorRestartKeepsRunningJobsAndReattachesTheirWorkers) {
   Worker w0, w1;
   const std::string running = StartTwoRankJob(&w0, &w1);
   SendOk(Spectra(w0.id, running, 0, 0, Lambda(0, 0)));
   SendOk(Spectra(w1.id, running, 1, 0, Lambda(1, 0)));
+  SendOk(Spectra(w0.id, running, 0, 10, Lambda(0, 1)));  // pending when the process dies
+  const v1::MaskUpdate first = w0.channel->Masks().at(0);
   const std::string queued = Submit(Spec(1));
   now_ += 100;
 
   Open();  // a new process on the same state dir
 
-  const v1::Job failed = GetJob(running).job();
-  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
-  EXPECT_EQ(failed.error_message(),
-            "coordinator restarted while the job was running; resubmit it");
-  EXPECT_EQ(failed.mask_version(), 1) << "the stored progress survives";
-  EXPECT_EQ(GetJob(running).ranks_size(), 2);
+  EXPECT_EQ(StateOf(running), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(GetJob(running).job().mask_version(), 1) << "the stored progress survives";
   EXPECT_EQ(StateOf(queued), v1::JOB_STATE_QUEUED);
-  v1::GetSpectraRequest request;
-  request.set_job_id(running);
-  auto spectra = coordinator_->GetSpectra(request);
-  ASSERT_TRUE(spectra.ok()) << spectra.status();
-  EXPECT_EQ(spectra->modules_size(), 10);
-  EXPECT_EQ(spectra->points_size(), 1);
-
   auto workers = coordinator_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->workers_size(), 2);
-  EXPECT_EQ(workers->workers(0).worker_id(), w0.id);
   EXPECT_EQ(workers->workers(0).state(), v1::WORKER_STATE_DISCONNECTED);
   EXPECT_EQ(workers->workers(0).capabilities().rendezvous_port(), 29501);
 
-  // A worker of the old process reconnects with its id; the queued job starts on it, and a
-  // report of the failed job from it is refused as not RUNNING.
+  // The workers reconnect with their ids; their first heartbeat names the job they still run.
   EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
-  std::shared_ptr<FakeWorkerChannel> channel = Connect(w0.id);
-  ASSERT_EQ(channel->Assigns().size(), 1u);
-  EXPECT_EQ(channel->Assigns()[0].job_id(), queued);
-  EXPECT_EQ(Send(Progress(w0.id, running, 0, 1, 1, 1, 1)).code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Register("cpu", "host-2", 29502, w1.id), w1.id);
+  auto c0 = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id, {running}), c0).ok());
+  EXPECT_THAT(c0->Cancels(), IsEmpty());
+  EXPECT_THAT(c0->Assigns(), IsEmpty()) << "a re-attached worker is not idle";
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(WorkerInfoOf(w0.id).rank(), 0);
+  // Rank 0 resends its ModuleList and its unanswered report of step 10; rank 1 is back too and
+  // resends the report of step 0 it got no mask for: that decision's mask again.
+  auto c1 = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id, {running}), c1).ok());
+  SendOk(ModuleList(w0.id, running));
+  SendOk(Spectra(w0.id, running, 0, 10, Lambda(0, 1)));
+  SendOk(Spectra(w1.id, running, 1, 0, Lambda(1, 0)));
+  ASSERT_EQ(c1->Masks().size(), 1u);
+  EXPECT_TRUE(MessageDifferencer::Equals(c1->Masks()[0], first));
+  SendOk(Spectra(w1.id, running, 1, 10, Lambda(1, 1)));
+  ASSERT_EQ(c0->Masks().size(), 1u);
+  std::unique_ptr<policy::Policy> local = LocalPolicy(Spec(2));
+  for (int k = 0; k < 2; ++k) {
+    std::vector<double> mean(10);
+    for (int i = 0; i < 10; ++i) mean[i] = (Lambda(0, k)[i] + Lambda(1, k)[i]) / 2;
+    ASSERT_TRUE(local->Observe(10 * k, mean).ok());
+  }
+  EXPECT_EQ(c0->Masks()[0].effective_step(), 10);
+  EXPECT_EQ(c0->Masks()[0].mask_version(), 2);
+  EXPECT_EQ(Unpack(c0->Masks()[0].bits(), 10), local->Schedule().every_step);
+  // Both ranks finish: the job succeeds with rank 0's summary.
+  SendOk(Done(w0.id, running, 0, true, "abc", R"({"steps":100})"));
+  SendOk(Done(w1.id, running, 1, true, "abc"));
+  EXPECT_EQ(StateOf(running), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(GetJob(running).job().summary_json(), R"({"steps":100})");
+  // The queued job takes a worker now.
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(Register("cpu", "x", 1), "worker-000003") << "new ids continue after the old ones";
+}
+
+TEST_F(WorkerSessionsTest, AKeptJobWhoseWorkerDoesNotReturnRestarts) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));  // rank 0 finished
+  Open();
+  ASSERT_EQ(Register("cpu", "host-2", 29502, w1.id), w1.id);
+  auto c1 = std::make_shared<FakeWorkerChannel>();
+  // Its runner ended meanwhile: the heartbeat lists nothing, so rank 1 stays detached.
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), c1).ok());
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+  for (int i = 0; i < 10; ++i) {
+    now_ms_ += 1000;
+    SendOk(Heartbeat(w1.id));
+    coordinator_->CheckHeartbeats();
+  }
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING) << "10 intervals are not over yet";
+  now_ms_ += 1;
+  coordinator_->CheckHeartbeats();
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.error_message(),
+            "worker-000002 (rank 1) lost: did not reconnect within 10000 ms of the "
+            "coordinator's restart");
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.summary_json(), R"({"steps":100})") << "rank 0's summary was kept";
 }
 
 
@@ -1160,7 +1344,8 @@ TEST_F(WorkerSessionsTest, MetricsThresholdIsNaNDuringWarmUpAndLostWorkersAreDis
   EXPECT_EQ(m.job_active_modules.Value({job}), 10);
   coordinator_->CloseSession(w0.id);
   EXPECT_EQ(m.workers.Value({"disconnected"}), 1);
-  EXPECT_EQ(m.jobs.Value({"failed"}), 1);
+  EXPECT_EQ(m.jobs.Value({"restarting"}), 1);
+  EXPECT_EQ(m.jobs.Value({"running"}), 0);
   EXPECT_FALSE(m.worker_heartbeat_age_seconds.Exists({w0.id}));
   // Without metrics the Coordinator works the same (every other test here).
 }

@@ -26,6 +26,10 @@ int main(int argc, char** argv) {
   app.add_option("--work-dir", config.work_dir,
                  "checkpoints, logs and worker.id (created if missing)")
       ->capture_default_str();
+  app.add_option("--checkpoint-dir", config.checkpoint_dir,
+                 "where ranks keep checkpoints and logs (DIR/jobs/JOB/rankR); storage every "
+                 "worker shares lets a job restarted on other workers resume (default: "
+                 "--work-dir)");
   app.add_option("--device", config.device, "cpu or cuda:N")->capture_default_str();
   app.add_option("--host", config.host, "address other ranks reach this worker at")
       ->capture_default_str();
@@ -38,6 +42,12 @@ int main(int argc, char** argv) {
   app.add_option("--mask-timeout-ms", mask_timeout_ms,
                  "how long a rank waits for a due mask before failing (milliseconds)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-mask-staleness-steps", config.max_mask_staleness_steps,
+                 "while the coordinator is away, train on under the previous mask for at most "
+                 "this many steps (the ranks agree), then wait; 0: wait at the probe step (the "
+                 "result then equals a fault-free run's)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_option("--rendezvous-timeout-ms", rendezvous_timeout_ms,
                  "how long forming a job's process group may take (milliseconds)")

@@ -10,6 +10,7 @@
 #include "common/status.h"
 #include "coordinator/job_spec.h"
 #include "spdlog/spdlog.h"
+#include "worker/checkpoint.h"
 #include "worker/grad_sync.h"
 #include "worker/train_config.h"
 
@@ -64,7 +65,39 @@ RankRunner::~RankRunner() {
 }
 
 std::string RankRunner::OutDir() const {
-  return absl::StrCat(options_.work_dir, "/jobs/", assign_.job_id(), "/rank", assign_.rank());
+  const std::string& root =
+      options_.checkpoint_dir.empty() ? options_.work_dir : options_.checkpoint_dir;
+  return absl::StrCat(root, "/jobs/", assign_.job_id(), "/rank", assign_.rank());
+}
+
+bool RankRunner::Send(const v1::WorkerMessage& m) { return send_(m); }
+
+void RankRunner::SetConnected(bool connected) {
+  std::lock_guard<std::mutex> lock(mu_);
+  connected_ = connected;
+  cv_.notify_all();
+}
+
+void RankRunner::OnReconnect() {
+  std::vector<v1::WorkerMessage> resend;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_) return;
+    for (const auto* m : {&module_list_, &waiting_report_, &undelivered_done_}) {
+      if (m->has_value()) resend.push_back(**m);
+    }
+    undelivered_done_.reset();
+  }
+  for (const v1::WorkerMessage& m : resend) {
+    if (!send_(m) && m.has_done()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      undelivered_done_ = m;  // lost again: the next session tries again
+    }
+  }
+  if (!resend.empty()) {
+    spdlog::info("{} rank {}: resent {} message(s) to the coordinator", job_id(), rank(),
+                 resend.size());
+  }
 }
 
 void RankRunner::Start() {
@@ -114,7 +147,9 @@ void RankRunner::Main() {
     v1::RankDone* done = m.mutable_done();
     done->set_job_id(job_id());
     done->set_rank(rank());
+    done->set_attempt(assign_.attempt());
     done->set_ok(status.ok());
+    done->set_retryable(!status.ok() && collective_failed_);
     done->set_step(step);
     if (status.ok()) {
       done->set_summary_json(summary);
@@ -125,7 +160,12 @@ void RankRunner::Main() {
       done->set_error_message(status.ToString());
       spdlog::error("{} rank {}: failed: {}", job_id(), rank(), status.ToString());
     }
-    if (!send_(m)) spdlog::warn("{} rank {}: RankDone not delivered (no session)", job_id(), rank());
+    if (!send_(m)) {
+      spdlog::warn("{} rank {}: RankDone not delivered (no session); resent on reconnect",
+                   job_id(), rank());
+      std::lock_guard<std::mutex> lock(mu_);
+      undelivered_done_ = m;
+    }
   }
   sync_.reset();
   if (options_.metrics != nullptr) options_.metrics->busy.Set({}, 0);
@@ -151,6 +191,7 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
   config.train.device = options_.device;
   if (options_.threads > 0) config.train.threads = options_.threads;
   total_steps_ = config.train.steps;
+  probe_every_ = config.policy.probe_every;
   worker::TrainerOptions trainer_options;
   trainer_options.out_dir = OutDir();
   trainer_options.resume = assign_.resume();
@@ -166,6 +207,7 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
     v1::WorkerMessage m = Message();
     v1::ModuleList* list = m.mutable_modules();
     list->set_job_id(job_id());
+    list->set_attempt(assign_.attempt());
     for (const auto& module : trainer->partition().modules) {
       v1::ModuleDescriptor* d = list->add_modules();
       d->set_name(module.name);
@@ -173,7 +215,12 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
       d->set_layer(module.layer);
       d->set_index(module.index);
     }
-    if (!send_(m)) return absl::UnavailableError("lost the coordinator session");
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      module_list_ = m;  // resent on reconnect
+    }
+    if (!send_(m)) spdlog::warn("{} rank 0: no coordinator session; ModuleList sent on reconnect",
+                                job_id());
   }
 
   if (assign_.world_size() > 1) {
@@ -197,10 +244,17 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
     };
     spdlog::info("{} rank {}: forming the process group of {} ranks at {}", job_id(), rank(),
                  r.world_size, address);
-    MAT_ASSIGN_OR_RETURN(auto group, worker::ConnectProcessGroup(r));
+    absl::StatusOr<c10::intrusive_ptr<worker::CollectiveGroup>> group =
+        worker::ConnectProcessGroup(r);
+    if (!group.ok()) {
+      collective_failed_ = group.status().code() != absl::StatusCode::kCancelled &&
+                           group.status().code() != absl::StatusCode::kInvalidArgument;
+      return group.status();
+    }
     sync_ = std::make_unique<worker::GradientSync>(
-        group, worker::BuildParamEntries(*trainer->model(), trainer->partition()));
+        *group, worker::BuildParamEntries(*trainer->model(), trainer->partition()));
   }
+  if (assign_.resume()) MAT_RETURN_IF_ERROR(AgreeOnCheckpoint());
 
   absl::StatusOr<nlohmann::json> summary = trainer->Run();
   *step = trainer->step();
@@ -218,19 +272,87 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
   return absl::OkStatus();
 }
 
+absl::Status RankRunner::AgreeOnCheckpoint() {
+  namespace fs = std::filesystem;
+  const std::string path = OutDir() + "/checkpoint.pt";
+  const std::string prev = path + ".prev";
+  // A file that is missing or unreadable counts as absent (-1).
+  auto step_of = [&](const std::string& file) -> int64_t {
+    std::error_code error;
+    if (!fs::exists(file, error)) return -1;
+    absl::StatusOr<int64_t> step = worker::ReadCheckpointStep(file);
+    if (!step.ok()) {
+      spdlog::warn("{} rank {}: {}", job_id(), rank(), step.status().ToString());
+      return -1;
+    }
+    return *step;
+  };
+  const int64_t newest = step_of(path), older = step_of(prev);
+  const int64_t mine = std::max(newest, older);
+  int64_t agreed = mine;
+  if (sync_ != nullptr) {
+    absl::StatusOr<int64_t> min = sync_->AgreeMin(mine);
+    if (!min.ok()) {
+      collective_failed_ = true;
+      return min.status();
+    }
+    agreed = *min;
+  }
+  const std::string suffix = absl::StrCat("attempt", assign_.attempt());
+  auto move_aside = [&](const std::string& file, const std::string& why) -> absl::Status {
+    std::error_code error;
+    if (!fs::exists(file, error)) return absl::OkStatus();
+    fs::rename(file, absl::StrCat(file, ".", why, "-", suffix), error);
+    if (error) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot move ", file, " aside: ", error.message()));
+    }
+    return absl::OkStatus();
+  };
+  if (agreed < 0) {
+    spdlog::warn("{} rank {}: no checkpoint that every rank holds (this rank's newest: {}); "
+                 "starting from step 0", job_id(), rank(), mine);
+    MAT_RETURN_IF_ERROR(move_aside(path, "unused"));
+    return move_aside(prev, "unused");
+  }
+  if (newest == agreed) {
+    spdlog::info("{} rank {}: resuming from {} (step {})", job_id(), rank(), path, agreed);
+    return absl::OkStatus();
+  }
+  if (older == agreed) {
+    spdlog::warn("{} rank {}: resuming from {} (step {}): the newest checkpoint ({}) is not one "
+                 "every rank holds",
+                 job_id(), rank(), prev, agreed,
+                 newest < 0 ? std::string("missing or unreadable") : absl::StrCat("step ", newest));
+    return move_aside(path, "skipped");
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "rank ", rank(), " has no checkpoint at step ", agreed,
+      ", the newest step every rank holds (it has ", newest, " and ", older, " in ", OutDir(),
+      ")"));
+}
+
 absl::StatusOr<policy::MaskSchedule> RankRunner::Decide(int64_t step,
                                                         const worker::ProbeResult& probe) {
   v1::WorkerMessage m = Message();
   v1::SpectraReport* report = m.mutable_spectra();
   report->set_job_id(job_id());
   report->set_rank(rank());
+  report->set_attempt(assign_.attempt());
   report->set_step(step);
   for (const auto& s : probe.modules) {
     report->add_lambda_max(s.lambda_max);
     report->add_trace(s.trace);
     report->add_effective_rank(s.effective_rank);
   }
-  if (!send_(m)) return absl::UnavailableError("lost the coordinator session");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    waiting_report_ = m;  // resent on reconnect until its mask arrives
+  }
+  if (!send_(m)) {
+    spdlog::warn("{} rank {}: no coordinator session at probe step {}; waiting for it (at most "
+                 "{} s)", job_id(), rank(), step, options_.mask_timeout.count() / 1000.0);
+  }
   const metrics::LabelValues labels = {job_id(), std::to_string(rank())};
   if (options_.metrics != nullptr && !probe.modules.empty()) {
     options_.metrics->spectral_duration_seconds.Observe(labels, probe.seconds);
@@ -239,19 +361,16 @@ absl::StatusOr<policy::MaskSchedule> RankRunner::Decide(int64_t step,
   const auto wait_start = std::chrono::steady_clock::now();
 
   v1::MaskUpdate mask;
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    const bool ready = cv_.wait_for(lock, options_.mask_timeout, [&] {
-      return cancelled_ || masks_.count(step) > 0;
-    });
-    if (cancelled_) return absl::CancelledError(cancel_reason_);
-    if (!ready) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "no mask for step ", step, " from the coordinator within ",
-          options_.mask_timeout.count() / 1000.0, " s; stopping rather than diverge"));
-    }
-    mask = masks_[step];
-    masks_.erase(masks_.begin(), masks_.upper_bound(step));  // keep only future ones
+  MAT_ASSIGN_OR_RETURN(const bool fresh, WaitForMask(step, &mask));
+  if (!fresh) {
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
+    step_overhead_seconds_ += waited;
+    stale_steps_ += probe_every_;
+    spdlog::warn("{} rank {}: no coordinator at probe step {}: training on under the previous "
+                 "mask ({} steps without a fresh one, at most {})",
+                 job_id(), rank(), step, stale_steps_, options_.max_mask_staleness_steps);
+    return last_schedule_;
   }
   const double waited =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
@@ -260,15 +379,90 @@ absl::StatusOr<policy::MaskSchedule> RankRunner::Decide(int64_t step,
   v1::WorkerMessage ack = Message();
   ack.mutable_mask_ack()->set_job_id(job_id());
   ack.mutable_mask_ack()->set_rank(rank());
+  ack.mutable_mask_ack()->set_attempt(assign_.attempt());
   ack.mutable_mask_ack()->set_mask_version(mask.mask_version());
   send_(ack);
   // The module count is checked again by the Trainer against its model.
-  return ScheduleFromMaskUpdate(mask, mask.num_modules());
+  MAT_ASSIGN_OR_RETURN(policy::MaskSchedule schedule,
+                       ScheduleFromMaskUpdate(mask, mask.num_modules()));
+  last_schedule_ = schedule;
+  has_last_schedule_ = true;
+  stale_steps_ = 0;
+  return schedule;
+}
+
+absl::StatusOr<bool> RankRunner::WaitForMask(int64_t step, v1::MaskUpdate* mask) {
+  const auto deadline = std::chrono::steady_clock::now() + options_.mask_timeout;
+  auto timeout_error = [&] {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "no mask for step ", step, " from the coordinator within ",
+        options_.mask_timeout.count() / 1000.0, " s; stopping rather than diverge"));
+  };
+  auto take = [&] {  // REQUIRES: mu_ held, masks_ has `step`
+    *mask = masks_[step];
+    masks_.erase(masks_.begin(), masks_.upper_bound(step));  // keep only future ones
+    waiting_report_.reset();
+  };
+  const bool may_go_stale = options_.max_mask_staleness_steps > 0 && has_last_schedule_;
+  if (!may_go_stale) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const bool ready = cv_.wait_until(lock, deadline, [&] {
+      return cancelled_ || masks_.count(step) > 0;
+    });
+    if (cancelled_) return absl::CancelledError(cancel_reason_);
+    if (!ready) return timeout_error();
+    take();
+    return true;
+  }
+  // Every rank decides the same: 2 = has the mask, 1 = would go on stale, 0 = waits,
+  // -1 = cancelled or out of time; the minimum over the ranks wins.
+  const bool within_bound =
+      stale_steps_ + probe_every_ <= options_.max_mask_staleness_steps;
+  while (true) {
+    int64_t flag;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(100), [&] {
+        return cancelled_ || masks_.count(step) > 0 || (!connected_ && within_bound);
+      });
+      if (cancelled_ || std::chrono::steady_clock::now() > deadline) {
+        flag = -1;
+      } else if (masks_.count(step) > 0) {
+        flag = 2;
+      } else {
+        flag = !connected_ && within_bound ? 1 : 0;
+      }
+    }
+    int64_t agreed = flag;
+    if (sync_ != nullptr) {
+      absl::StatusOr<int64_t> min = sync_->AgreeMin(flag);
+      if (!min.ok()) {
+        collective_failed_ = true;
+        return min.status();
+      }
+      agreed = *min;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (agreed == -1) {
+      if (cancelled_) return absl::CancelledError(cancel_reason_);
+      return timeout_error();
+    }
+    if (agreed == 2) {
+      take();
+      return true;
+    }
+    if (agreed == 1) {
+      // The report of this step is dropped: the coordinator decides at a later probe step.
+      waiting_report_.reset();
+      return false;
+    }
+  }
 }
 
 absl::Status RankRunner::ReduceGradients(const std::vector<uint8_t>& active) {
   if (sync_ == nullptr) return absl::OkStatus();
   absl::Status status = sync_->AllReduce(active);
+  if (!status.ok() && status.code() == absl::StatusCode::kInternal) collective_failed_ = true;
   if (options_.metrics != nullptr) {
     const metrics::LabelValues labels = {job_id(), std::to_string(rank())};
     const worker::GradSyncStats& s = sync_->stats();
@@ -308,6 +502,7 @@ void RankRunner::OnProgress(const worker::TrainerProgress& p) {
   v1::Progress* progress = m.mutable_progress();
   progress->set_job_id(job_id());
   progress->set_rank(rank());
+  progress->set_attempt(assign_.attempt());
   progress->set_step(p.step);
   progress->set_train_loss(p.train_loss);
   if (p.evaluated) {

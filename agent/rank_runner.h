@@ -13,11 +13,25 @@
 //   CheckContinue   CANCELLED once Cancel() was called.
 //
 // Rank 0 declares the modules (ModuleList) once the model is built. At the end every rank sends
-// RankDone: ok with its param_checksum (rank 0 adds summary.json's text), or the error. A
-// cancelled rank sends nothing (the coordinator already ended the job).
+// RankDone: ok with its param_checksum (rank 0 adds summary.json's text), or the error (with
+// `retryable` when the job's process group failed: a peer was lost). A cancelled rank sends
+// nothing (the coordinator already ended the job). Every job message carries the Assign's attempt.
 //
-// Files: <work_dir>/jobs/<job_id>/rank<r>/ holds what mat-train writes (metrics.jsonl,
-// checkpoint.pt, summary.json) plus masks.jsonl: one line per probe step with the mask applied.
+// The coordinator may go away and come back (its session breaks): the rank keeps training; at a
+// probe step it waits for its mask (mask_timeout), and OnReconnect (the agent's new session)
+// resends what the coordinator may have lost: rank 0's ModuleList, the SpectraReport still
+// waiting for its mask, and a RankDone that was not delivered.
+//
+// Resume (Assign.resume, a restarted job): after the process group forms, the ranks agree on the
+// newest checkpoint step every rank holds (each rank's newest readable one of checkpoint.pt and
+// checkpoint.pt.prev; the minimum over the ranks). A rank whose checkpoint.pt is newer than that
+// (or unreadable) moves it aside as checkpoint.pt.skipped-attempt<N>, so the trainer loads the
+// agreed one; when some rank holds none, every rank moves its files aside
+// (checkpoint.pt[.prev].unused-attempt<N>) and the job starts from step 0.
+//
+// Files: <checkpoint_dir>/jobs/<job_id>/rank<r>/ (checkpoint_dir: storage every worker shares, or
+// the worker's work dir) holds what mat-train writes (metrics.jsonl, checkpoint.pt,
+// summary.json) plus masks.jsonl: one line per probe step with the mask applied.
 //
 // Metrics (agent/worker_metrics.h, when options.metrics is set): the step, its time stamp and
 // duration (OnProgress), the probe's duration and the mask wait (Decide), all-reduced and skipped
@@ -34,6 +48,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -55,10 +70,19 @@ using SessionSend = std::function<bool(const v1::WorkerMessage&)>;
 struct RankRunnerOptions {
   std::string worker_id;
   std::string work_dir;           // the worker's --work-dir
+  // Where the ranks' directories live (the worker's --checkpoint-dir); "" = work_dir. A job
+  // restarted on other workers resumes from its checkpoints only when this is shared storage.
+  std::string checkpoint_dir;
   std::string device = "cpu";     // the worker's device: overrides the spec's train.device
   std::string local_host = "127.0.0.1";  // this worker's address for the Gloo transport
   int threads = 0;                // > 0: overrides train.threads
   std::chrono::milliseconds mask_timeout{120000};
+  // While the coordinator session is down, a rank at a probe step without its mask may go on
+  // under the previous mask, as long as its steps trained without a fresh mask stay <= this
+  // (then it waits, up to mask_timeout). The ranks agree at every probe step (one tiny
+  // all-reduce, only when this is > 0): all go on stale, or all wait. 0 = always wait (the
+  // result then equals a fault-free run's). Steps.
+  int64_t max_mask_staleness_steps = 0;
   std::chrono::milliseconds rendezvous_timeout{120000};
   std::chrono::milliseconds progress_interval{1000};
   // The worker's --data-root directories (absolute). When set, the rank checks the spec's
@@ -83,6 +107,11 @@ class RankRunner : public worker::TrainerHooks {
   void OnMask(const v1::MaskUpdate& mask);
   // Stops the rank at its next step or wait; no RankDone is sent.
   void Cancel(const std::string& reason);
+  // A new coordinator session is open: resends rank 0's ModuleList, the SpectraReport waiting
+  // for its mask and an undelivered RankDone (whichever exist).
+  void OnReconnect();
+  // Whether the worker has a coordinator session (max_mask_staleness_steps); true at start.
+  void SetConnected(bool connected);
   bool done() const { return done_.load(); }
   void Join();
 
@@ -100,6 +129,12 @@ class RankRunner : public worker::TrainerHooks {
 
  private:
   void Main();
+  // Resume: agree with the other ranks on the checkpoint to continue from (see above).
+  absl::Status AgreeOnCheckpoint();
+  // Decide's wait for the mask of `step` into `*mask`; false = go on under last_schedule_.
+  absl::StatusOr<bool> WaitForMask(int64_t step, v1::MaskUpdate* mask);
+  // Sends `m`; when there is no session, keeps nothing (callers keep what must be resent).
+  bool Send(const v1::WorkerMessage& m);
   // Runs the job; the summary JSON text for rank 0 ("" otherwise) and the checksum.
   absl::Status Train(std::string* summary_json, std::string* checksum, int64_t* step);
   v1::WorkerMessage Message() const;
@@ -116,6 +151,19 @@ class RankRunner : public worker::TrainerHooks {
   int64_t newest_version_ = 0;               // guarded by mu_
   bool cancelled_ = false;                   // guarded by mu_
   std::string cancel_reason_;                // guarded by mu_
+  // What OnReconnect resends; guarded by mu_.
+  std::optional<v1::WorkerMessage> module_list_;     // rank 0, once the model is built
+  std::optional<v1::WorkerMessage> waiting_report_;  // a SpectraReport without its mask yet
+  std::optional<v1::WorkerMessage> undelivered_done_;
+  // The job's process group failed (RankDone.retryable); the runner's thread only.
+  bool collective_failed_ = false;
+  bool connected_ = true;  // guarded by mu_
+  // Staleness (the runner's thread): the schedule of the last mask received, whether there is
+  // one, the steps trained since without a fresh mask, the probe interval.
+  policy::MaskSchedule last_schedule_;
+  bool has_last_schedule_ = false;
+  int64_t stale_steps_ = 0;
+  int64_t probe_every_ = 1;
 
   // The runner's thread only.
   std::unique_ptr<worker::GradientSync> sync_;

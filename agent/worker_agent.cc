@@ -46,6 +46,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   }
   if (config.threads < 0) return absl::InvalidArgumentError("--threads is negative");
   MAT_RETURN_IF_ERROR(common::MakeDirs(config.work_dir));
+  if (!config.checkpoint_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(config.checkpoint_dir));
   if (config.rendezvous_port == 0) {
     MAT_ASSIGN_OR_RETURN(config.rendezvous_port, common::PickFreePort(/*loopback_only=*/false));
   }
@@ -105,6 +106,9 @@ WorkerAgent::WorkerAgent(WorkerAgentConfig config,
                          std::string join_token)
     : config_(std::move(config)), join_token_(std::move(join_token)) {
   grpc::ChannelArguments args;
+  // A restarted coordinator is found within about a second.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   channel_ = grpc::CreateCustomChannel(config_.coordinator_address, credentials, args);
   stub_ = v1::WorkerService::NewStub(channel_);
@@ -164,7 +168,8 @@ absl::Status WorkerAgent::Run() {
   while (!stopping_.load()) {
     if (!RegisterLoop()) break;
     SessionLoop();
-    ReapRunner(true, "the coordinator session ended");
+    // A running rank keeps training: the coordinator keeps the job and the rank is re-attached
+    // by the next session's first Heartbeat (or cancelled there when the job is gone).
     if (stopping_.load()) break;
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
@@ -187,7 +192,7 @@ bool WorkerAgent::RegisterLoop() {
     caps->set_rendezvous_port(config_.rendezvous_port);
     v1::RegisterReply reply;
     grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
     AddJoinToken(context);
     grpc::Status status = stub_->Register(&context, request, &reply);
     if (RefusedByCoordinator(status, "Register")) return false;
@@ -257,6 +262,18 @@ void WorkerAgent::SessionLoop() {
   }
   std::thread heartbeats;
   if (Send(Heartbeat())) {
+    // After the first Heartbeat (which re-attaches a running rank): what the coordinator may
+    // have lost with the previous session. Not under mu_ (OnReconnect sends); runner_ changes
+    // only on this thread (Dispatch) until the session ends.
+    RankRunner* runner;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      runner = runner_.get();
+    }
+    if (runner != nullptr) {
+      runner->SetConnected(true);
+      runner->OnReconnect();
+    }
     heartbeats = std::thread([this, s = stream.get()] { HeartbeatLoop(s); });
     v1::CoordinatorMessage message;
     while (stream->Read(&message)) Dispatch(message);
@@ -265,6 +282,7 @@ void WorkerAgent::SessionLoop() {
     std::lock_guard<std::mutex> write_lock(write_mu_);
     std::lock_guard<std::mutex> lock(mu_);
     stream_ = nullptr;
+    if (runner_ != nullptr) runner_->SetConnected(false);
     cv_.notify_all();
   }
   if (heartbeats.joinable()) heartbeats.join();
@@ -323,10 +341,12 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       o.metrics = &metrics_;
       o.worker_id = worker_id();
       o.work_dir = config_.work_dir;
+      o.checkpoint_dir = config_.checkpoint_dir;
       o.device = config_.device;
       o.local_host = config_.host;
       o.threads = config_.threads;
       o.mask_timeout = config_.mask_timeout;
+      o.max_mask_staleness_steps = config_.max_mask_staleness_steps;
       o.rendezvous_timeout = config_.rendezvous_timeout;
       o.progress_interval = config_.progress_interval;
       o.data_roots = config_.data_roots;

@@ -14,8 +14,10 @@
 //      coordinator), with `tls_cert_file`/`tls_key_file` also presenting a client certificate
 //      (mutual TLS). A coordinator that refuses the worker (UNAUTHENTICATED or
 //      PERMISSION_DENIED on Register or Session) ends Run with that error instead of retrying.
-//   5. When the session breaks (coordinator gone or restarted), the running rank is cancelled (the
-//      coordinator has failed its job) and the agent registers again with the same id.
+//   5. When the session breaks (coordinator gone or restarted), the running rank keeps training
+//      (waiting at its next probe step for the mask) and the agent registers again with the same
+//      id every reconnect_interval; the new session's first Heartbeat lists the rank's job, and
+//      the runner then resends what the coordinator may have lost (RankRunner::OnReconnect).
 //
 // Metrics (agent/worker_metrics.h): the agent owns the registry; its RankRunner updates it; with
 // `metrics_listen_address` set, Create starts an HTTP listener (metrics/http_server.h, its own
@@ -53,12 +55,18 @@ namespace mat::agent {
 struct WorkerAgentConfig {
   std::string coordinator_address = "127.0.0.1:50051";  // HOST:PORT of mat-coordinator
   std::string work_dir = ".mat/worker";  // checkpoints, logs, worker.id; created with parents
+  // Where ranks keep their checkpoints and logs (<dir>/jobs/<job>/rank<r>/); storage shared by
+  // every worker lets a job restarted on other workers resume; "" = work_dir.
+  std::string checkpoint_dir;
   std::string device = "cpu";            // "cpu" | "cuda:N": where this worker trains
   std::string host = "127.0.0.1";        // the address other ranks reach this worker at
   int rendezvous_port = 0;               // TCP port for a job's c10d store when rank 0; 0 = free
   int threads = 0;                       // > 0: intra-op threads per rank (overrides the spec)
   int64_t memory_bytes = 0;              // advertised; 0 = this machine's physical memory
   std::chrono::milliseconds mask_timeout{120000};        // wait for a due mask, then fail
+  // Without a coordinator session, train on under the previous mask for at most this many
+  // steps (RankRunnerOptions::max_mask_staleness_steps); 0 = wait at the probe step.
+  int64_t max_mask_staleness_steps = 0;
   std::chrono::milliseconds rendezvous_timeout{120000};  // process group formation
   std::chrono::milliseconds reconnect_interval{1000};    // between Register attempts
   std::chrono::milliseconds progress_interval{1000};     // Progress at most this often

@@ -6,6 +6,7 @@
 
 #include "common/file_util.h"
 #include "common/status.h"
+#include "nlohmann/json.hpp"
 
 namespace mat::worker {
 namespace {
@@ -106,6 +107,21 @@ absl::StatusOr<std::string> LoadNewestCheckpoint(const std::string& path,
     return prev;
   }
   return absl::DataLossError(std::string(newest.message()) + "; previous: " + std::string(older.message()));
+}
+
+absl::StatusOr<int64_t> ReadCheckpointStep(const std::string& path) {
+  torch::serialize::InputArchive archive;
+  MAT_RETURN_IF_ERROR(ReadCheckpoint(path, archive));
+  try {
+    c10::IValue meta;
+    archive.read("meta", meta);
+    const nlohmann::json json = nlohmann::json::parse(meta.toStringRef());
+    return json.at("step").get<int64_t>();
+  } catch (const c10::Error& e) {
+    return absl::DataLossError("checkpoint " + path + " has no metadata: " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return absl::DataLossError("checkpoint " + path + " has malformed metadata: " + e.what());
+  }
 }
 
 }  // namespace mat::worker

@@ -35,4 +35,8 @@ absl::StatusOr<std::string> LoadNewestCheckpoint(const std::string& path,
                                                  torch::serialize::InputArchive& archive,
                                                  std::string* warning);
 
+// The step of a Trainer checkpoint (its "meta" JSON's "step": steps completed), after verifying
+// the file as ReadCheckpoint does; DATA_LOSS naming the file when it is not a valid checkpoint.
+absl::StatusOr<int64_t> ReadCheckpointStep(const std::string& path);
+
 }  // namespace mat::worker

@@ -127,6 +127,21 @@ int64_t GradientSync::BytesFor(const std::vector<uint8_t>& active) const {
   return bytes;
 }
 
+absl::StatusOr<int64_t> GradientSync::AgreeMin(int64_t value) {
+  // On the parameters' device: NCCL reduces CUDA tensors only.
+  const torch::Device device = params_.empty() ? torch::Device(torch::kCPU) : params_[0].param.device();
+  torch::Tensor t = torch::full({1}, value, torch::TensorOptions().dtype(torch::kInt64).device(device));
+  try {
+    std::vector<torch::Tensor> tensors{t};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp::MIN;
+    group_->allreduce(tensors, options)->wait();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("all-reduce (min) failed: ", e.what()));
+  }
+  return t.cpu().item<int64_t>();
+}
+
 absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
   if (active.size() != size_t(num_modules_)) {
     return absl::InvalidArgumentError(absl::StrCat("mask has ", active.size(), " modules, the ",

@@ -91,6 +91,10 @@ class GradientSync {
   // gradients. INTERNAL with the collective's error (e.g. a peer gone, a timeout).
   absl::Status AllReduce(const std::vector<uint8_t>& active);
 
+  // The minimum of `value` over the ranks (every rank calls it at the same point; e.g. the
+  // newest checkpoint step every rank holds). INTERNAL with the collective's error.
+  absl::StatusOr<int64_t> AgreeMin(int64_t value);
+
   // Bytes AllReduce(active) puts into all-reduces, without communicating.
   int64_t BytesFor(const std::vector<uint8_t>& active) const;
 

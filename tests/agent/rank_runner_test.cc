@@ -54,10 +54,12 @@ v1::MaskUpdate MakeMask(int64_t version, int64_t step, std::string bits, int n) 
 
 class RankRunnerTest : public ::testing::Test {
  protected:
-  RankRunner MakeRunner(std::chrono::milliseconds timeout, WorkerMetrics* metrics = nullptr) {
+  RankRunner MakeRunner(std::chrono::milliseconds timeout, WorkerMetrics* metrics = nullptr,
+                        int64_t max_staleness = 0) {
     RankRunnerOptions o;
     o.worker_id = "worker-000002";
     o.mask_timeout = timeout;
+    o.max_mask_staleness_steps = max_staleness;
     o.metrics = metrics;
     return RankRunner(MakeAssign(), o, [this](const v1::WorkerMessage& m) { return session_.Send(m); });
   }
@@ -163,6 +165,38 @@ TEST_F(RankRunnerTest, DecideFailsWhenTheMaskDoesNotComeInTime) {
   // The report went out with no λ (a policy that needs none).
   ASSERT_FALSE(session_.sent().empty());
   EXPECT_EQ(session_.sent()[0].spectra().lambda_max_size(), 0);
+}
+
+TEST_F(RankRunnerTest, WithoutACoordinatorARankGoesOnUnderTheLastMaskUpToTheBound) {
+  // Probes every step here (Train was not run: the interval defaults to 1), at most 2 stale.
+  RankRunner runner = MakeRunner(300ms, nullptr, 2);
+  runner.OnMask(MakeMask(1, 0, "\x05", 3));
+  auto first = runner.Decide(0, worker::ProbeResult{});
+  ASSERT_TRUE(first.ok()) << first.status();
+  // Connected, no mask: it waits (and fails after the bound) rather than go stale.
+  EXPECT_EQ(runner.Decide(1, worker::ProbeResult{}).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  runner.SetConnected(false);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t step : {2, 3}) {
+    auto stale = runner.Decide(step, worker::ProbeResult{});
+    ASSERT_TRUE(stale.ok()) << step << ": " << stale.status();
+    EXPECT_THAT(stale->every_step, ElementsAre(1, 0, 1)) << "the mask of step 0";
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 250ms) << "a stale step must not wait";
+  // Two steps without a fresh mask: the third waits and fails.
+  EXPECT_EQ(runner.Decide(4, worker::ProbeResult{}).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  // A fresh mask resets the count.
+  runner.SetConnected(true);
+  runner.OnMask(MakeMask(2, 5, "\x02", 3));
+  auto fresh = runner.Decide(5, worker::ProbeResult{});
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_THAT(fresh->every_step, ElementsAre(0, 1, 0));
+  runner.SetConnected(false);
+  auto stale = runner.Decide(6, worker::ProbeResult{});
+  ASSERT_TRUE(stale.ok()) << stale.status();
+  EXPECT_THAT(stale->every_step, ElementsAre(0, 1, 0));
 }
 
 TEST_F(RankRunnerTest, CancelWakesAWaitingDecideAndStopsTheLoop) {

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -21,6 +22,8 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include "nlohmann/json.hpp"
 
 extern char** environ;
 
@@ -41,6 +44,17 @@ inline std::string ReadText(const fs::path& path) {
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+// One JSON value per non-empty line of `path` (metrics.jsonl, masks.jsonl, ...).
+inline std::vector<nlohmann::json> ReadJsonLines(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::istringstream in(ReadText(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  }
+  return out;
 }
 
 struct CommandResult {
@@ -122,6 +136,35 @@ class LoopbackTest : public ::testing::Test {
     r.out = ReadText(out);
     r.err = ReadText(err);
     return r;
+  }
+
+  // Writes `text` to root_/name; the path.
+  std::string WriteJob(const std::string& name, const std::string& text) {
+    const std::string path = root_ + "/" + name;
+    std::ofstream(path) << text;
+    return path;
+  }
+
+  // `matctl status JOB -o json` against address_, parsed; null when matctl failed (e.g. the
+  // coordinator is down).
+  nlohmann::json Status(const std::string& job) {
+    CommandResult r = Matctl(address_, {"status", job, "-o", "json"});
+    if (r.exit_code != 0) return nullptr;
+    return nlohmann::json::parse(r.out, nullptr, false);
+  }
+
+  // Polls Status every 100 ms until `pred` holds on an object (or `timeout`); the last status.
+  nlohmann::json WaitFor(const std::string& job,
+                         const std::function<bool(const nlohmann::json&)>& pred,
+                         std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    nlohmann::json s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      s = Status(job);
+      if (s.is_object() && pred(s)) return s;
+      std::this_thread::sleep_for(100ms);
+    }
+    return s;
   }
 
   // Polls until `path` exists and is a complete line; its text without the newline, or "".

@@ -65,24 +65,6 @@ std::string UrlEncode(const std::string& s) {
 
 class MetricsTest : public testing_loopback::LoopbackTest {
  protected:
-  json Status(const std::string& job) {
-    CommandResult r = Matctl(address_, {"status", job, "-o", "json"});
-    if (r.exit_code != 0) return nullptr;
-    return json::parse(r.out, nullptr, false);
-  }
-
-  json WaitFor(const std::string& job, const std::function<bool(const json&)>& pred,
-               std::chrono::milliseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    json s;
-    while (std::chrono::steady_clock::now() < deadline) {
-      s = Status(job);
-      if (s.is_object() && pred(s)) return s;
-      std::this_thread::sleep_for(100ms);
-    }
-    return s;
-  }
-
   // `promtool check metrics` on `text` (stdin); its exit code, output in `*output`.
   int Promtool(const std::string& text, std::string* output) {
     const std::string in = root_ + "/exposition.txt";

@@ -10,7 +10,9 @@
 //     the same state dir and address: the ranks keep training, reconnect and the job ends with
 //     the fault-free result; `matctl list` still shows every job submitted before the kills;
 //   - the newest checkpoint of one rank corrupted (truncated) while its worker is down: the
-//     ranks agree on the previous one and the result is again the fault-free one.
+//     ranks agree on the previous one and the result is again the fault-free one;
+//   - with --max-mask-staleness-steps, ranks whose coordinator is away train on under their
+//     last mask (at most that many steps, all ranks alike), then wait; the job still succeeds.
 //
 // The fault-free reference is the same job spec run once without faults (computed by the first
 // test that needs it). Detection and recovery times are printed (RecordProperty and stdout).
@@ -19,6 +21,7 @@
 
 #include <optional>
 #include <random>
+#include <regex>
 
 #include "nlohmann/json.hpp"
 #include "tests/integration/harness.h"
@@ -71,8 +74,11 @@ class FaultsTest : public testing_loopback::LoopbackTest {
  protected:
   std::string SharedDir() const { return root_ + "/shared"; }
 
-  pid_t StartFaultWorker(const std::string& name) {
-    return StartWorker(name, {"--checkpoint-dir", SharedDir(), "--mask-timeout-ms", "60000"});
+  pid_t StartFaultWorker(const std::string& name, std::vector<std::string> extra = {}) {
+    std::vector<std::string> flags = {"--checkpoint-dir", SharedDir(), "--mask-timeout-ms",
+                                      "60000"};
+    flags.insert(flags.end(), extra.begin(), extra.end());
+    return StartWorker(name, flags);
   }
 
   // Restarts mat-coordinator on the same state dir and the same address (the workers' flag).
@@ -346,6 +352,46 @@ TEST_F(FaultsTest, ACorruptNewestCheckpointResumesFromThePreviousOne) {
   EXPECT_THAT(w1_log, ::testing::ContainsRegex("rank [01]: resuming from .*checkpoint.pt.prev "
                                                "\\(step [1-9][0-9]*\\)"))
       << Logs();
+}
+
+TEST_F(FaultsTest, WithAStalenessBoundRanksTrainOnWhileTheCoordinatorIsAway) {
+  StartCoordinator();
+  const std::vector<std::string> stale = {"--max-mask-staleness-steps", "30"};
+  StartFaultWorker("w1", stale);
+  StartFaultWorker("w2", stale);
+  const std::string job = Submit(WriteJob("job.yaml", FaultJobYaml()));
+  json s = WaitFor(job, [](const json& j) { return j["state"] == "RUNNING" && j["step"] >= 15; },
+                   120s);
+  ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
+  ASSERT_EQ(::kill(coordinator_pid_, SIGKILL), 0);
+  ASSERT_EQ(Wait(coordinator_pid_, 5s), 128 + SIGKILL);
+  // Away long enough for the ranks to use up the bound (30 steps) and wait.
+  std::this_thread::sleep_for(8s);
+  RestartCoordinator();
+  s = WaitDone(job, 240s);
+  EXPECT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  EXPECT_EQ(s["attempt"], 0);
+  for (const char* w : {"w1", "w2"}) {
+    const std::string log = ReadText(root_ + "/" + w + ".err");
+    std::regex stale_line("training on under the previous mask \\(([0-9]+) steps without");
+    int lines = 0, most = 0;
+    for (auto it = std::sregex_iterator(log.begin(), log.end(), stale_line);
+         it != std::sregex_iterator(); ++it) {
+      ++lines;
+      most = std::max(most, std::stoi((*it)[1]));
+    }
+    EXPECT_GE(lines, 1) << w << " never trained on without the coordinator:\n" << log;
+    EXPECT_LE(most, 30) << w << " went past the bound";
+  }
+  // Both ranks made the same choices: their masks agree step by step.
+  const std::vector<json> m0 = ReadJsonLines(SharedDir() + "/jobs/" + job + "/rank0/masks.jsonl");
+  const std::vector<json> m1 = ReadJsonLines(SharedDir() + "/jobs/" + job + "/rank1/masks.jsonl");
+  ASSERT_EQ(m0.size(), 12u);
+  ASSERT_EQ(m1.size(), m0.size());
+  for (size_t i = 0; i < m0.size(); ++i) {
+    EXPECT_EQ(m0[i]["every_step"], m1[i]["every_step"]) << "step " << m0[i]["step"];
+  }
+  EXPECT_EQ(s["ranks"][0]["param_checksum"], s["ranks"][1]["param_checksum"]);
 }
 
 }  // namespace

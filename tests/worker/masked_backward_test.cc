@@ -5,6 +5,7 @@
 #include <map>
 #include <set>
 
+#include "tests/worker/toy_run.h"
 #include "worker/bert.h"
 #include "worker/optimizer.h"
 
@@ -20,21 +21,8 @@ double RelDiff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).norm().item<double>() / denom;
 }
 
-struct Net {
-  BertMlm model{nullptr};
-  std::unique_ptr<MaskedAdamW> opt;
-  spectral::ModulePartition partition;
-};
-
-Net MakeNet(const BertConfig& c) {
-  torch::manual_seed(7);
-  Net n;
-  n.model = BertMlm(c);
-  n.model->train();
-  n.partition = n.model->Partition();
-  n.opt = std::make_unique<MaskedAdamW>(BuildParamEntries(*n.model, n.partition), AdamWOptions{});
-  return n;
-}
+using testing::MakeNet;
+using testing::Net;
 
 class MaskedBackwardTest : public ::testing::Test {
  protected:

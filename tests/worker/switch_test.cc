@@ -271,21 +271,8 @@ TEST(SwitchPartitionTest, CoversExactlyTheHeadsAndExperts) {
 
 // ----- masking -----
 
-struct Net {
-  BertMlm model{nullptr};
-  std::unique_ptr<MaskedAdamW> opt;
-  spectral::ModulePartition partition;
-};
-
-Net MakeNet(const BertConfig& c) {
-  torch::manual_seed(7);
-  Net n;
-  n.model = BertMlm(c);
-  n.model->train();
-  n.partition = n.model->Partition();
-  n.opt = std::make_unique<MaskedAdamW>(BuildParamEntries(*n.model, n.partition), AdamWOptions{});
-  return n;
-}
+using testing::MakeNet;
+using testing::Net;
 
 class SwitchMaskTest : public ::testing::Test {
  protected:
@@ -540,40 +527,15 @@ TEST(SwitchConfigTest, KeysParseValidateAndReachTheModel) {
   EXPECT_TRUE(ValidateTrainConfig(*example).ok()) << ValidateTrainConfig(*example);
 }
 
+// The trainer tests' tiny config as a switch model: 4 experts per layer, no FFN groups.
 TrainConfig TinySwitch(const std::string& data) {
-  TrainConfig c;
-  c.seed = 5;
+  TrainConfig c = testing::TinyTrainConfig(data, "mat");
   c.model.kind = "switch";
-  c.model.layers = 2;
-  c.model.d_model = 16;
-  c.model.heads = 4;
-  c.model.d_ff = 32;
+  c.model.ffn_groups = 0;
   c.model.experts = 4;
-  c.model.max_seq_len = 16;
-  c.data.dir = data;
-  c.data.seq_len = 16;
-  c.train.steps = 40;
-  c.train.batch_size = 8;
-  c.train.lr = 3e-3;
-  c.train.warmup_steps = 5;
-  c.train.eval_every = 10;
-  c.train.eval_batches = 2;
-  c.train.threads = 1;
-  c.policy.kind = "mat";
   c.policy.alpha = 0.5;
-  c.policy.warmup_steps = 10;
-  c.policy.probe_every = 5;
-  c.policy.probe_samples = 4;
   c.policy.min_active_fraction = 0.25;
   return c;
-}
-
-std::vector<nlohmann::json> ReadLines(const std::string& path) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
-  return out;
 }
 
 TEST(SwitchTrainerTest, MatTrainsAndDecidesOverExperts) {
@@ -590,7 +552,7 @@ TEST(SwitchTrainerTest, MatTrainsAndDecidesOverExperts) {
   EXPECT_LT((*s)["mean_active_fraction"].get<double>(), 1.0);
   EXPECT_GT((*s)["flops_saved"].get<double>(), 0);
 
-  auto decisions = ReadLines((out / "decisions.jsonl").string());
+  auto decisions = testing::ReadJsonLines((out / "decisions.jsonl").string());
   ASSERT_EQ(decisions.size(), 8u);
   bool expert_off = false;
   int experts_seen = 0;
@@ -604,7 +566,7 @@ TEST(SwitchTrainerTest, MatTrainsAndDecidesOverExperts) {
   }
   EXPECT_EQ(experts_seen, 8 * 8);
   EXPECT_TRUE(expert_off) << "MAT never switched an expert off";
-  auto metrics = ReadLines((out / "metrics.jsonl").string());
+  auto metrics = testing::ReadJsonLines((out / "metrics.jsonl").string());
   ASSERT_EQ(metrics.size(), 4u);
   for (const auto& m : metrics) {
     ASSERT_TRUE(m.contains("train_aux_loss")) << m;

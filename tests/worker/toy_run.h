@@ -1,14 +1,21 @@
-// A toy corpus, a one-layer training config, and a pair of identical toy BERTs with one batch,
-// for tests that compare two ways of running the same model (autocast_test, cuda_test).
+// A toy corpus, small training configs, a pair of identical toy BERTs with one batch (tests that
+// compare two ways of running the same model: autocast_test, cuda_test), a BERT with its masked
+// optimizer (masking tests) and a JSON-lines reader (the trainer's logs).
 #pragma once
 
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
+#include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "spectral/estimator.h"
 #include "worker/bert.h"
+#include "worker/optimizer.h"
 #include "worker/train_config.h"
 
 namespace mat::worker::testing {
@@ -43,6 +50,59 @@ inline TrainConfig ToyConfig(const std::string& data_dir) {
   c.train.eval_batches = 2;
   c.policy.probe_samples = 4;
   return c;
+}
+
+// Two layers of 16 units, 4 heads, 2 FFN groups, 40 steps of 8 sequences of 16, evaluations every
+// 10 steps, the policy `kind` probing every 5 steps after a 10-step warm-up.
+inline TrainConfig TinyTrainConfig(const std::string& data, const std::string& kind) {
+  TrainConfig c;
+  c.seed = 5;
+  c.model.layers = 2;
+  c.model.d_model = 16;
+  c.model.heads = 4;
+  c.model.d_ff = 32;
+  c.model.ffn_groups = 2;
+  c.model.max_seq_len = 16;
+  c.data.dir = data;
+  c.data.seq_len = 16;
+  c.train.steps = 40;
+  c.train.batch_size = 8;
+  c.train.lr = 3e-3;
+  c.train.warmup_steps = 5;
+  c.train.eval_every = 10;
+  c.train.eval_batches = 2;
+  c.train.threads = 1;
+  c.policy.kind = kind;
+  c.policy.warmup_steps = 10;
+  c.policy.probe_every = 5;
+  c.policy.probe_samples = 4;
+  return c;
+}
+
+// One JSON value per line of `path` (metrics.jsonl, decisions.jsonl).
+inline std::vector<nlohmann::json> ReadJsonLines(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+// A BERT of `c` (seed 7, training mode), its partition and a MaskedAdamW over it.
+struct Net {
+  BertMlm model{nullptr};
+  std::unique_ptr<MaskedAdamW> opt;
+  spectral::ModulePartition partition;
+};
+
+inline Net MakeNet(const BertConfig& c) {
+  torch::manual_seed(7);
+  Net n;
+  n.model = BertMlm(c);
+  n.model->train();
+  n.partition = n.model->Partition();
+  n.opt = std::make_unique<MaskedAdamW>(BuildParamEntries(*n.model, n.partition), AdamWOptions{});
+  return n;
 }
 
 // Two BERTs (2 layers of 32, 4 heads, 2 FFN groups, vocabulary 50, no dropout) with the same

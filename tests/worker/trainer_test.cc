@@ -11,11 +11,14 @@
 #include <random>
 
 #include "common/file_util.h"
+#include "tests/worker/toy_run.h"
 
 namespace mat::worker {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::ReadJsonLines;
+using testing::TinyTrainConfig;
 
 // A small corpus in the WikiText layout with a Zipf-like word distribution.
 std::string MakeCorpus(const std::string& name) {
@@ -33,39 +36,6 @@ std::string MakeCorpus(const std::string& name) {
   return dir.string();
 }
 
-TrainConfig TinyConfig(const std::string& data, const std::string& kind) {
-  TrainConfig c;
-  c.seed = 5;
-  c.model.layers = 2;
-  c.model.d_model = 16;
-  c.model.heads = 4;
-  c.model.d_ff = 32;
-  c.model.ffn_groups = 2;
-  c.model.max_seq_len = 16;
-  c.data.dir = data;
-  c.data.seq_len = 16;
-  c.train.steps = 40;
-  c.train.batch_size = 8;
-  c.train.lr = 3e-3;
-  c.train.warmup_steps = 5;
-  c.train.eval_every = 10;
-  c.train.eval_batches = 2;
-  c.train.threads = 1;
-  c.policy.kind = kind;
-  c.policy.warmup_steps = 10;
-  c.policy.probe_every = 5;
-  c.policy.probe_samples = 4;
-  return c;
-}
-
-std::vector<nlohmann::json> ReadLines(const std::string& path) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
-  return out;
-}
-
 class TrainerTest : public ::testing::TestWithParam<std::string> {
  protected:
   static void SetUpTestSuite() { data_ = new std::string(MakeCorpus("resume")); }
@@ -80,7 +50,7 @@ class TrainerTest : public ::testing::TestWithParam<std::string> {
 std::string* TrainerTest::data_ = nullptr;
 
 TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
-  TrainConfig c = TinyConfig(*data_, GetParam());
+  TrainConfig c = TinyTrainConfig(*data_, GetParam());
   std::string straight_dir = Out("straight"), split_dir = Out("split");
   auto straight = Trainer::Create(c, {straight_dir, false, false});
   ASSERT_TRUE(straight.ok()) << straight.status();
@@ -98,7 +68,7 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
   ASSERT_TRUE(summary.ok()) << summary.status();
   EXPECT_EQ((*second)->ParamChecksum(), straight_sum);
 
-  auto a = ReadLines(straight_dir + "/metrics.jsonl"), b = ReadLines(split_dir + "/metrics.jsonl");
+  auto a = ReadJsonLines(straight_dir + "/metrics.jsonl"), b = ReadJsonLines(split_dir + "/metrics.jsonl");
   ASSERT_EQ(a.size(), 4u);
   ASSERT_EQ(b.size(), a.size());
   for (size_t i = 0; i < a.size(); ++i) {
@@ -107,7 +77,7 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
     EXPECT_EQ(a[i]["val_loss"].get<double>(), b[i]["val_loss"].get<double>()) << i;
     EXPECT_EQ(a[i]["flops"]["total"].get<double>(), b[i]["flops"]["total"].get<double>()) << i;
   }
-  auto da = ReadLines(straight_dir + "/decisions.jsonl"), db = ReadLines(split_dir + "/decisions.jsonl");
+  auto da = ReadJsonLines(straight_dir + "/decisions.jsonl"), db = ReadJsonLines(split_dir + "/decisions.jsonl");
   ASSERT_EQ(da.size(), 8u);
   ASSERT_EQ(db.size(), da.size());
   for (size_t i = 0; i < da.size(); ++i) EXPECT_EQ(da[i]["modules"], db[i]["modules"]) << i;
@@ -117,7 +87,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, TrainerTest, ::testing::Values("mat", "full",
 
 TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   std::string data = MakeCorpus("mat");
-  TrainConfig c = TinyConfig(data, "mat");
+  TrainConfig c = TinyTrainConfig(data, "mat");
   c.policy.alpha = 0.5;
   c.policy.min_active_fraction = 0.25;
   auto t = Trainer::Create(c, {"", false, false});
@@ -137,14 +107,14 @@ TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
   namespace fs = std::filesystem;
   std::string data = MakeCorpus("replay");
   const fs::path root = fs::temp_directory_path() / ("mat_replay_" + std::to_string(::getpid()));
-  TrainConfig mat = TinyConfig(data, "mat");
+  TrainConfig mat = TinyTrainConfig(data, "mat");
   mat.policy.alpha = 0.5;
   mat.policy.min_active_fraction = 0.25;
   auto tm = Trainer::Create(mat, {(root / "mat").string(), false, false});
   ASSERT_TRUE(tm.ok()) << tm.status();
   ASSERT_TRUE((*tm)->Run().ok());
 
-  TrainConfig rand = TinyConfig(data, "rand");
+  TrainConfig rand = TinyTrainConfig(data, "rand");
   rand.policy.rand_schedule = (root / "mat" / "decisions.jsonl").string();
   auto tr = Trainer::Create(rand, {(root / "rand").string(), false, false});
   ASSERT_TRUE(tr.ok()) << tr.status();
@@ -169,11 +139,11 @@ TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
   }
   EXPECT_TRUE(some_masked) << "the MAT run never masked a module: the replay shows nothing";
 
-  TrainConfig wrong = TinyConfig(data, "mat");
+  TrainConfig wrong = TinyTrainConfig(data, "mat");
   wrong.policy.rand_schedule = rand.policy.rand_schedule;
   EXPECT_EQ(Trainer::Create(wrong, {"", false, false}).status().code(),
             absl::StatusCode::kInvalidArgument);
-  TrainConfig missing = TinyConfig(data, "rand");
+  TrainConfig missing = TinyTrainConfig(data, "rand");
   missing.policy.rand_schedule = (root / "nope.jsonl").string();
   auto m = Trainer::Create(missing, {"", false, false});
   EXPECT_FALSE(m.ok());
@@ -183,7 +153,7 @@ TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
 
 TEST(TrainerSingleTest, ProbeReportsAFiniteSpectrumPerModule) {
   std::string data = MakeCorpus("probe");
-  auto t = Trainer::Create(TinyConfig(data, "mat"), {"", false, false});
+  auto t = Trainer::Create(TinyTrainConfig(data, "mat"), {"", false, false});
   ASSERT_TRUE(t.ok());
   MlmBatch batch = (*t)->train_stream().Next(8);
   auto r = (*t)->Probe(batch);
@@ -205,7 +175,7 @@ TEST(TrainerSingleTest, ProbeReportsAFiniteSpectrumPerModule) {
 // values are the exact-output kernel's spectrum.
 TEST(TrainerSingleTest, LanczosProbesGiveFiniteSpectraAndMatchExactOutput) {
   std::string data = MakeCorpus("lanczos");
-  TrainConfig c = TinyConfig(data, "mat");
+  TrainConfig c = TinyTrainConfig(data, "mat");
   c.train.steps = 12;
   c.policy.estimator = "lanczos";
   c.policy.probe_projections = 2;  // d = 4 · 2 = 8
@@ -239,7 +209,7 @@ TEST(TrainerSingleTest, LanczosProbesGiveFiniteSpectraAndMatchExactOutput) {
 
 TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
   std::string data = MakeCorpus("ckpt");
-  TrainConfig c = TinyConfig(data, "mat");
+  TrainConfig c = TinyTrainConfig(data, "mat");
   c.train.checkpoint_every = 10;
   fs::path out = fs::temp_directory_path() / ("mat_trainer_ckpt_" + std::to_string(::getpid()));
   fs::remove_all(out);
@@ -264,7 +234,7 @@ TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
 
 TEST(TrainerSingleTest, LearningRateSchedule) {
   std::string data = MakeCorpus("lr");
-  TrainConfig c = TinyConfig(data, "full");
+  TrainConfig c = TinyTrainConfig(data, "full");
   c.train.lr = 1.0;
   c.train.warmup_steps = 4;
   c.train.steps = 14;

@@ -72,7 +72,17 @@ absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputAr
   const std::string data = MakeEnvelope(payload_stream.str());
   std::error_code ec;
   if (std::filesystem::exists(path, ec)) {
-    std::filesystem::rename(path, path + ".prev", ec);
+    // The current file becomes `.prev` through a second name (a hard link, or a copy where the
+    // file system has none), so `path` exists at every moment: a crash anywhere in here leaves
+    // a loadable `path`, and the rename below replaces it atomically.
+    const std::string keep = path + ".prev.tmp";
+    std::filesystem::remove(keep, ec);
+    std::filesystem::create_hard_link(path, keep, ec);
+    if (ec) {
+      ec.clear();
+      std::filesystem::copy_file(path, keep, std::filesystem::copy_options::overwrite_existing, ec);
+    }
+    if (!ec) std::filesystem::rename(keep, path + ".prev", ec);
     if (ec) return absl::InternalError("cannot keep previous checkpoint " + path + ": " + ec.message());
   }
   return common::WriteFileAtomic(path, data);

@@ -3,7 +3,8 @@
 //   "MATCKPT1" | payload length (u64 LE) | FNV-1a 64 of payload (u64 LE) | payload
 //
 // Writes are atomic (temp file + fsync + rename); the previous checkpoint is kept as
-// `<path>.prev`. A truncated or corrupt file is DATA_LOSS naming the file and what is wrong, and
+// `<path>.prev` (through a hard link first, so `<path>` exists at every moment of a write: a
+// crash leaves the old or the new file there, never none). A truncated or corrupt file is DATA_LOSS naming the file and what is wrong, and
 // LoadNewestCheckpoint then falls back to the previous one.
 #pragma once
 

@@ -232,7 +232,7 @@ TEST_F(FaultsTest, AWorkerKilledMidJobRestartsTheJobWithTheFaultFreeResult) {
   ExpectFaultFreeResult(outcome);
   const std::string w2_log = ReadText(root_ + "/w2.err");
   // Both ranks continued from a checkpoint past step 0 (the newest one, or the one before when
-  // the kill hit between the two renames of a checkpoint write).
+  // the killed rank died before writing the newest).
   for (const char* w : {"w1", "w2"}) {
     EXPECT_THAT(ReadText(root_ + "/" + w + ".err"),
                 ::testing::ContainsRegex("rank [01]: resuming from .*checkpoint.pt(.prev)? "
@@ -319,8 +319,8 @@ TEST_F(FaultsTest, ACorruptNewestCheckpointResumesFromThePreviousOne) {
   json s = WaitFor(job, [](const json& j) { return j["state"] == "RUNNING" && j["step"] >= 45; },
                    120s);
   ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
-  // The survivor's rank: it stops cleanly after the loss (a killed rank may die between the two
-  // renames of a checkpoint write, leaving only .prev).
+  // The survivor's rank: it stops at a step boundary after the loss, so it holds both files (the
+  // killed rank may not have written its newest one).
   std::string w1_id = ReadText(root_ + "/w1/worker.id");
   w1_id = w1_id.substr(0, w1_id.find('\n'));
   int survivor_rank = -1;

@@ -154,6 +154,18 @@ void Coordinator::KeepJob(const JobRecord& job) {
     rank.attached = false;
   }
   runtime.ranks[0].summary_json = job.summary_json;
+  bool all_done = true;
+  for (const RankState& rank : runtime.ranks) all_done = all_done && rank.done;
+  if (all_done) {
+    // Every rank finished before the previous process could record the end.
+    spdlog::info("job {}: every rank had finished before the restart", job.id);
+    RecordSummaryMetrics(job.id, job.summary_json);
+    if (absl::Status st = EndJob(job.id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
+      spdlog::error("job {}: cannot store its success: {}", job.id, st.ToString());
+      jobs_.erase(job.id);
+    }
+    return;
+  }
   if (!stored_modules->empty()) {
     std::vector<policy::ModuleInfo> modules;
     for (const ModuleRecord& m : *stored_modules) {

@@ -1218,6 +1218,17 @@ TEST_F(WorkerSessionsTest, ACoordinatorRestartKeepsRunningJobsAndReattachesTheir
   EXPECT_EQ(Register("cpu", "x", 1), "worker-000003") << "new ids continue after the old ones";
 }
 
+TEST_F(WorkerSessionsTest, AJobWhoseRanksAllFinishedBeforeTheRestartSucceeds) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
+  // The previous process stored rank 1's end but died before the job's.
+  ASSERT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, "abc").ok());
+  Open();
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(GetJob(job).job().summary_json(), R"({"steps":100})");
+}
+
 TEST_F(WorkerSessionsTest, AKeptJobWhoseWorkerDoesNotReturnRestarts) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);

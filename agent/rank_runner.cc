@@ -57,7 +57,8 @@ absl::StatusOr<policy::MaskSchedule> ScheduleFromMaskUpdate(const v1::MaskUpdate
 }
 
 RankRunner::RankRunner(v1::Assign assign, RankRunnerOptions options, SessionSend send)
-    : assign_(std::move(assign)), options_(std::move(options)), send_(std::move(send)) {}
+    : assign_(std::move(assign)), options_(std::move(options)), send_(std::move(send)),
+      max_staleness_(options_.max_mask_staleness_steps) {}
 
 RankRunner::~RankRunner() {
   Cancel("worker shutting down");
@@ -253,6 +254,13 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
     }
     sync_ = std::make_unique<worker::GradientSync>(
         *group, worker::BuildParamEntries(*trainer->model(), trainer->partition()));
+    // Decide's collectives must be the same on every rank: one staleness bound for the job.
+    absl::StatusOr<int64_t> bound = sync_->AgreeMin(options_.max_mask_staleness_steps);
+    if (!bound.ok()) {
+      collective_failed_ = true;
+      return bound.status();
+    }
+    max_staleness_ = *bound;
   }
   if (assign_.resume()) MAT_RETURN_IF_ERROR(AgreeOnCheckpoint());
 
@@ -369,7 +377,7 @@ absl::StatusOr<policy::MaskSchedule> RankRunner::Decide(int64_t step,
     stale_steps_ += probe_every_;
     spdlog::warn("{} rank {}: no coordinator at probe step {}: training on under the previous "
                  "mask ({} steps without a fresh one, at most {})",
-                 job_id(), rank(), step, stale_steps_, options_.max_mask_staleness_steps);
+                 job_id(), rank(), step, stale_steps_, max_staleness_);
     return last_schedule_;
   }
   const double waited =
@@ -403,7 +411,7 @@ absl::StatusOr<bool> RankRunner::WaitForMask(int64_t step, v1::MaskUpdate* mask)
     masks_.erase(masks_.begin(), masks_.upper_bound(step));  // keep only future ones
     waiting_report_.reset();
   };
-  const bool may_go_stale = options_.max_mask_staleness_steps > 0 && has_last_schedule_;
+  const bool may_go_stale = max_staleness_ > 0 && has_last_schedule_;
   if (!may_go_stale) {
     std::unique_lock<std::mutex> lock(mu_);
     const bool ready = cv_.wait_until(lock, deadline, [&] {
@@ -416,8 +424,7 @@ absl::StatusOr<bool> RankRunner::WaitForMask(int64_t step, v1::MaskUpdate* mask)
   }
   // Every rank decides the same: 2 = has the mask, 1 = would go on stale, 0 = waits,
   // -1 = cancelled or out of time; the minimum over the ranks wins.
-  const bool within_bound =
-      stale_steps_ + probe_every_ <= options_.max_mask_staleness_steps;
+  const bool within_bound = stale_steps_ + probe_every_ <= max_staleness_;
   while (true) {
     int64_t flag;
     {

@@ -80,8 +80,9 @@ struct RankRunnerOptions {
   // While the coordinator session is down, a rank at a probe step without its mask may go on
   // under the previous mask, as long as its steps trained without a fresh mask stay <= this
   // (then it waits, up to mask_timeout). The ranks agree at every probe step (one tiny
-  // all-reduce, only when this is > 0): all go on stale, or all wait. 0 = always wait (the
-  // result then equals a fault-free run's). Steps.
+  // all-reduce, only when this is > 0): all go on stale, or all wait. The ranks of a job use
+  // the smallest of their workers' values (agreed when the process group forms). 0 = always
+  // wait (the result then equals a fault-free run's). Steps.
   int64_t max_mask_staleness_steps = 0;
   std::chrono::milliseconds rendezvous_timeout{120000};
   std::chrono::milliseconds progress_interval{1000};
@@ -164,6 +165,7 @@ class RankRunner : public worker::TrainerHooks {
   bool has_last_schedule_ = false;
   int64_t stale_steps_ = 0;
   int64_t probe_every_ = 1;
+  int64_t max_staleness_ = 0;  // options_.max_mask_staleness_steps, min over the ranks
 
   // The runner's thread only.
   std::unique_ptr<worker::GradientSync> sync_;

@@ -369,7 +369,7 @@ class Coordinator {
   void KeepJob(const JobRecord& job);
   // The spec's trainer config, validated (StartJob, KeepJob).
   absl::StatusOr<policy::PolicyConfig> JobPolicyConfig(const JobRecord& job);
-  // Creates job.policy for `modules` (from rank 0's ModuleList or the store).
+  // Creates job.policy for a restarted or kept job from the modules the store holds.
   absl::Status CreatePolicy(const std::string& job_id, JobRuntime& job,
                             std::vector<policy::ModuleInfo> modules);
   // A rank's worker was lost (or its process group failed): RESTARTING, Cancel to the other

@@ -70,6 +70,15 @@ absl::Status ValidateRegisterRequest(const v1::RegisterRequest& request) {
   return absl::OkStatus();
 }
 
+// The store's modules of a job in the policy's form (index order kept).
+std::vector<policy::ModuleInfo> ModuleInfos(const std::vector<ModuleRecord>& records) {
+  std::vector<policy::ModuleInfo> out;
+  for (const ModuleRecord& m : records) {
+    out.push_back(policy::ModuleInfo{m.group, m.layer, m.index, m.name});
+  }
+  return out;
+}
+
 // The job id a worker message refers to ("" for a heartbeat or no body).
 std::string JobIdOf(const v1::WorkerMessage& message) {
   switch (message.body_case()) {
@@ -167,11 +176,7 @@ void Coordinator::KeepJob(const JobRecord& job) {
     return;
   }
   if (!stored_modules->empty()) {
-    std::vector<policy::ModuleInfo> modules;
-    for (const ModuleRecord& m : *stored_modules) {
-      modules.push_back(policy::ModuleInfo{m.group, m.layer, m.index, m.name});
-    }
-    if (absl::Status st = CreatePolicy(job.id, runtime, std::move(modules)); !st.ok()) {
+    if (absl::Status st = CreatePolicy(job.id, runtime, ModuleInfos(*stored_modules)); !st.ok()) {
       jobs_.erase(job.id);
       return fail(std::string(st.message()));
     }
@@ -555,9 +560,7 @@ absl::Status Coordinator::StartJob(const JobRecord& job, const std::vector<std::
   std::vector<policy::ModuleInfo> modules;  // a restarted job's, from the store
   if (attempt > 0) {
     MAT_ASSIGN_OR_RETURN(std::vector<ModuleRecord> stored, store_->GetModules(id));
-    for (const ModuleRecord& m : stored) {
-      modules.push_back(policy::ModuleInfo{m.group, m.layer, m.index, m.name});
-    }
+    modules = ModuleInfos(stored);
   }
   for (int r = 0; r < world; ++r) {
     MAT_RETURN_IF_ERROR(store_->PutAssignment(id, r, workers[r], attempt));

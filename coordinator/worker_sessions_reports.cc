@@ -143,14 +143,19 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
                      " modules; a different list cannot replace them"));
   }
   if (modules.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": modules is empty"));
-  // Checked before the store write; kept only once it succeeded.
-  MAT_RETURN_IF_ERROR(policy::Policy::Create(job.policy_config, modules).status());
+  absl::StatusOr<std::unique_ptr<policy::Policy>> created =
+      policy::Policy::Create(job.policy_config, modules);
+  if (!created.ok()) {
+    return absl::Status(created.status().code(),
+                        absl::StrCat(what, ": ", created.status().message()));
+  }
   std::vector<ModuleRecord> records;
   for (const policy::ModuleInfo& m : modules) {
     records.push_back(ModuleRecord{m.name, m.group, m.layer, m.index});
   }
   MAT_RETURN_IF_ERROR(store_->PutModules(list.job_id(), records));
-  MAT_RETURN_IF_ERROR(CreatePolicy(list.job_id(), job, std::move(modules)));
+  job.modules = std::move(modules);
+  job.policy = std::move(*created);
   spdlog::info("job {}: {} modules declared, policy {}", list.job_id(), job.modules.size(),
                policy::PolicyKindName(job.policy_config.kind));
   std::vector<std::pair<std::string, v1::SpectraReport>> early;

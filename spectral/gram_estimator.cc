@@ -23,6 +23,29 @@ absl::StatusOr<EstimateResult> GramEstimator::Estimate(const ModulePartition& pa
     }
     outputs.push_back(site.output);
   }
+  for (const auto& site : probe.scale_shift_sites) {
+    if (!site.input.defined() || !site.output.defined() || site.input.dim() < 2 ||
+        site.input.dim() > 3 || site.input.sizes() != site.output.sizes()) {
+      return absl::InvalidArgumentError(
+          "probe scale-shift site: input and output must have one shape, [n, T, C] or [n, C]");
+    }
+    if (site.input.size(0) != n) {
+      return absl::InvalidArgumentError("probe site batch size differs from the losses' n");
+    }
+    const int64_t channels = site.input.size(-1);
+    for (const auto& s : site.slices) {
+      if (s.module < 0 || s.module >= num_modules) {
+        return absl::InvalidArgumentError("probe site names module " + std::to_string(s.module) +
+                                          " outside the partition");
+      }
+      if (s.begin < 0 || s.end <= s.begin || s.end > channels) {
+        return absl::InvalidArgumentError(
+            "probe scale-shift slice [" + std::to_string(s.begin) + ", " + std::to_string(s.end) +
+            ") is not a non-empty range of the site's " + std::to_string(channels) + " channels");
+      }
+    }
+    outputs.push_back(site.output);
+  }
   EstimateResult result;
   result.modules.resize(num_modules);
   if (outputs.empty()) return result;
@@ -56,6 +79,40 @@ absl::StatusOr<EstimateResult> GramEstimator::Estimate(const ModulePartition& pa
       } else {
         p = per_sample_w.slice(2, s.begin, s.end).reshape({n, -1});
       }
+      torch::Tensor k = torch::mm(p, p.t());
+      flops += 2.0 * n * n * p.size(1);
+      kernels[s.module] = kernels[s.module].defined() ? kernels[s.module] + k : k;
+    }
+  }
+  // Per-channel affine sites: per sample ∇_scale = Σ_t g ⊙ x (2·n·T·C FLOPs), ∇_shift = Σ_t g
+  // (n·T·C), each [n, C], sliced per module and appended to the module's kernel.
+  const size_t linear_sites = probe.sites.size();
+  for (size_t si = 0; si < probe.scale_shift_sites.size(); ++si) {
+    const ScaleShiftSite& site = probe.scale_shift_sites[si];
+    const int64_t c = site.input.size(-1);
+    torch::Tensor x = site.input.detach().reshape({n, -1, c});  // [n, T, C]
+    const torch::Tensor& grad = grads[linear_sites + si];
+    torch::Tensor g = grad.defined() ? grad.reshape({n, -1, c}) : torch::zeros_like(x);
+    const int64_t t = x.size(1);
+    torch::Tensor per_sample_scale, per_sample_shift;  // [n, C], computed on demand
+    for (const ChannelSlice& s : site.slices) {
+      std::vector<torch::Tensor> parts;
+      if (s.has_scale) {
+        if (!per_sample_scale.defined()) {
+          per_sample_scale = (g * x).sum(1);
+          flops += 2.0 * n * t * c;
+        }
+        parts.push_back(per_sample_scale.slice(1, s.begin, s.end));
+      }
+      if (s.has_shift) {
+        if (!per_sample_shift.defined()) {
+          per_sample_shift = g.sum(1);
+          flops += 1.0 * n * t * c;
+        }
+        parts.push_back(per_sample_shift.slice(1, s.begin, s.end));
+      }
+      if (parts.empty()) continue;
+      torch::Tensor p = parts.size() == 1 ? parts[0] : torch::cat(parts, 1);  // [n, slice numel]
       torch::Tensor k = torch::mm(p, p.t());
       flops += 2.0 * n * n * p.size(1);
       kernels[s.module] = kernels[s.module].defined() ? kernels[s.module] + k : k;

@@ -3,8 +3,15 @@
 // For each recorded site y = a W^T + b with a: [n, T, in], y: [n, T, out], the backward of
 // Σ_i ℓ_i gives g = ∂/∂y: [n, T, out], and per sample
 //   ∇_W ℓ_i = g_i^T a_i: [out, in],   ∇_b ℓ_i = Σ_t g_{i,t}: [out].
-// Each module's kernel is the sum over its slices of P P^T with P: [n, slice numel].
-// Cost: Σ_sites 2·n·T·in·out (per-sample grads) + Σ_modules 2·n²·p_m (kernels).
+// For each per-channel affine site y = x ⊙ scale + shift (ScaleShiftSite; x, y: [n, T, C]),
+//   ∇_scale ℓ_i = Σ_t g_{i,t} ⊙ x_{i,t}: [C],   ∇_shift ℓ_i = Σ_t g_{i,t}: [C].
+// Each module's kernel is the sum over its slices (of both kinds) of P P^T with
+// P: [n, slice numel].
+// Cost: Σ_linear sites 2·n·T·in·out + Σ_scale-shift sites 3·n·T·C (per-sample grads)
+//       + Σ_modules 2·n²·p_m (kernels).
+// INVALID_ARGUMENT (beside estimator.h's cases) for a site whose n differs from the losses', a
+// slice naming a module outside the partition, or a scale-shift site whose input and output
+// shapes differ or whose channel slice is empty or out of range.
 #pragma once
 
 #include "spectral/estimator.h"

@@ -2,10 +2,20 @@
 //
 // The probe forward runs the model on n samples with every module's weights attached to the
 // autograd graph and records, for every linear map that contains module slices, its input
-// activations and its output (a LinearSite). Estimators then need one backward pass.
+// activations and its output (a LinearSite), and for every per-channel affine map that contains
+// module channels (a BatchNorm's scale and shift), its normalised input and its output (a
+// ScaleShiftSite). Estimators then need one backward pass.
+//
+// Contract of a recorded site (both kinds): `output` is the very tensor the rest of the forward
+// reads from (so ∂Σℓ/∂output is the gradient the estimator needs), row i of input and output
+// belongs to sample i only, and the model parameters the slices name enter `output` only through
+// the recorded map. Only the gram estimator reads the sites; the others (exact, lanczos,
+// exact-output) differentiate the partition's leaf tensors and ignore them (lanczos reads the
+// linear sites' token counts for its FLOP count only).
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <torch/torch.h>
@@ -33,6 +43,25 @@ struct LinearSite {
   std::vector<SiteSlice> slices;
 };
 
+// Which channels of a per-channel affine map y = x · scale + shift belong to a module: the scale
+// entries [begin, end) when has_scale, the shift entries [begin, end) when has_shift.
+struct ChannelSlice {
+  int module = 0;  // index into ModulePartition::modules
+  int64_t begin = 0;
+  int64_t end = 0;
+  bool has_scale = true;
+  bool has_shift = true;
+};
+
+// y = x · scale + shift with scale, shift: [C] broadcast over the last dimension, recorded
+// during the probe forward (a BatchNorm's affine part: x is the normalised activation). Per
+// sample, ∇_scale ℓ_i = Σ_t g_{i,t} ⊙ x_{i,t} and ∇_shift ℓ_i = Σ_t g_{i,t}, g = ∂Σℓ/∂y.
+struct ScaleShiftSite {
+  torch::Tensor input;   // x: [n, T, C] or [n, C]; detached; same dtype/device as the model
+  torch::Tensor output;  // y: same shape as x; part of the autograd graph of `losses`
+  std::vector<ChannelSlice> slices;
+};
+
 // One probe: per-sample losses of n samples and the sites recorded while computing them.
 struct ProbeBatch {
   torch::Tensor losses;  // [n], requires grad; ℓ_i depends on sample i only
@@ -43,6 +72,10 @@ struct ProbeBatch {
   // outputs[i] depends on sample i only. The output kernel's entries are indexed by the
   // flattened (i, j), d = n * k.
   torch::Tensor outputs;
+  // Per-channel affine sites (gram estimator only, like `sites`). Last and with an explicit
+  // initialiser, so that aggregate initialisations {losses, sites, outputs} stay valid and
+  // warning-free.
+  std::vector<ScaleShiftSite> scale_shift_sites{};
 };
 
 // Collects sites during a probe forward. Models call Record when a recorder is installed.
@@ -50,10 +83,20 @@ struct ProbeBatch {
 class SiteRecorder {
  public:
   void Record(LinearSite site) { sites_.push_back(std::move(site)); }
-  std::vector<LinearSite> Take() { return std::move(sites_); }
+  void Record(ScaleShiftSite site) { scale_shift_sites_.push_back(std::move(site)); }
+  // The linear sites recorded so far, in order; leaves none behind.
+  std::vector<LinearSite> Take() { return std::exchange(sites_, {}); }
+  // The per-channel affine sites recorded so far, in order; leaves none behind.
+  std::vector<ScaleShiftSite> TakeScaleShift() { return std::exchange(scale_shift_sites_, {}); }
+  // Moves every recorded site of both kinds into `probe` (replacing its sites).
+  void TakeInto(ProbeBatch* probe) {
+    probe->sites = Take();
+    probe->scale_shift_sites = TakeScaleShift();
+  }
 
  private:
   std::vector<LinearSite> sites_;
+  std::vector<ScaleShiftSite> scale_shift_sites_;
 };
 
 }  // namespace mat::spectral

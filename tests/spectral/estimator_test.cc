@@ -1,4 +1,5 @@
-// gram against exact (and both against a closed form) on small float64 models.
+// gram against exact (and both against a closed form) on small float64 models; gram's
+// per-channel affine (scale-shift) sites against explicit per-sample gradients.
 #include "spectral/estimator.h"
 
 #include <gtest/gtest.h>
@@ -91,6 +92,92 @@ TEST(EstimatorTest, RejectsMalformedProbe) {
   EXPECT_TRUE(MakeEstimator("exact").ok());
   EXPECT_TRUE(MakeEstimator("lanczos").ok());
   EXPECT_TRUE(MakeEstimator("exact-output").ok());
+}
+
+// A per-channel affine map y = x ⊙ scale + shift (x: [n, T, C], or [n, C] without T) whose
+// channels form three modules: [0, 2) scale and shift, [2, 5) scale only, [2, 5) shift only.
+// The reference kernels come from explicit per-sample gradients (one backward per sample).
+class ScaleShiftSiteTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ScaleShiftSiteTest, GramMatchesExplicitPerSampleGradients) {
+  torch::manual_seed(3);
+  const bool with_t = GetParam();
+  const int64_t n = 4, T = 3, C = 5;
+  // One leaf per module part, as a model holds them; the map uses their concatenations.
+  torch::Tensor s0 = Leaf({2}), s1 = Leaf({3}), b0 = Leaf({2}), b1 = Leaf({3});
+  torch::Tensor x = with_t ? torch::randn({n, T, C}, torch::kFloat64)
+                           : torch::randn({n, C}, torch::kFloat64);
+  torch::Tensor r = torch::randn_like(x);
+  ModulePartition p;  // the leaves are for the exact estimator; gram reads the slices
+  p.modules.push_back({"bn", 0, 0, "both", {s0, b0}});
+  p.modules.push_back({"bn", 0, 1, "scale", {s1}});
+  p.modules.push_back({"bn", 0, 2, "shift", {b1}});
+  torch::Tensor scale, shift;
+  auto probe = [&] {
+    scale = torch::cat({s0, s1});
+    shift = torch::cat({b0, b1});
+    torch::Tensor y = x * scale + shift;
+    std::vector<int64_t> dims = with_t ? std::vector<int64_t>{1, 2} : std::vector<int64_t>{1};
+    ProbeBatch b{(torch::sin(y) * r).sum(dims) + 0.5 * y.pow(2).sum(dims), {}, {}};
+    b.scale_shift_sites.push_back({x, y,
+                                   {{0, 0, 2, true, true},
+                                    {1, 2, 5, true, false},
+                                    {2, 2, 5, false, true}}});
+    return b;
+  };
+  // Reference: ∇ℓ_i with respect to the whole scale and shift, then sliced per module.
+  ProbeBatch ref = probe();
+  std::vector<torch::Tensor> gs, gb;
+  for (int64_t i = 0; i < n; ++i) {
+    auto g = torch::autograd::grad({ref.losses[i]}, {scale, shift}, {}, /*retain_graph=*/true);
+    gs.push_back(g[0]);
+    gb.push_back(g[1]);
+  }
+  torch::Tensor s = torch::stack(gs), b = torch::stack(gb);  // [n, C]
+  std::vector<torch::Tensor> per_module = {
+      torch::cat({s.slice(1, 0, 2), b.slice(1, 0, 2)}, 1), s.slice(1, 2, 5), b.slice(1, 2, 5)};
+  auto got = GramEstimator().Estimate(p, probe());
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->modules.size(), 3u);
+  for (int m = 0; m < 3; ++m) {
+    SCOPED_TRACE("module " + std::to_string(m));
+    ModuleSpectrum want = KernelStats(torch::mm(per_module[m], per_module[m].t()));
+    EXPECT_NEAR(got->modules[m].lambda_max, want.lambda_max, 1e-10 * want.lambda_max);
+    EXPECT_NEAR(got->modules[m].trace, want.trace, 1e-10 * want.trace);
+    EXPECT_NEAR(got->modules[m].effective_rank, want.effective_rank, 1e-9 * want.effective_rank);
+  }
+  // Per-sample grads 3·n·T·C, kernels 2·n²·(4 + 3 + 3).
+  const double tokens = with_t ? double(n * T) : double(n);
+  EXPECT_DOUBLE_EQ(got->flops, 3.0 * tokens * C + 2.0 * n * n * 10);
+  // The exact estimator differentiates the leaves and ignores the sites: the same spectra.
+  auto exact = ExactEstimator().Estimate(p, probe());
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  ExpectClose(*got, *exact);
+}
+
+INSTANTIATE_TEST_SUITE_P(WithAndWithoutTokens, ScaleShiftSiteTest, ::testing::Bool());
+
+TEST(EstimatorTest, GramRejectsMalformedScaleShiftSites) {
+  torch::Tensor scale = Leaf({3});
+  ModulePartition p;
+  p.modules.push_back({"bn", 0, 0, "bn", {scale}});
+  torch::Tensor x = torch::randn({4, 3}, torch::kFloat64);
+  auto probe = [&](torch::Tensor input, ChannelSlice slice) {
+    torch::Tensor y = x * scale;
+    ProbeBatch b{y.sum(1), {}, {}};
+    b.scale_shift_sites.push_back({input, y, {slice}});
+    return b;
+  };
+  EXPECT_TRUE(GramEstimator().Estimate(p, probe(x, {0, 0, 3, true, false})).ok());
+  for (auto [input, slice] : std::vector<std::pair<torch::Tensor, ChannelSlice>>{
+           {x.slice(0, 0, 3), {0, 0, 3, true, false}},   // n differs from the losses'
+           {x.unsqueeze(1), {0, 0, 3, true, false}},     // shape differs from the output's
+           {x, {1, 0, 3, true, false}},                  // module outside the partition
+           {x, {0, 2, 4, true, false}},                  // channels out of range
+           {x, {0, 2, 2, true, false}}}) {               // empty
+    EXPECT_EQ(GramEstimator().Estimate(p, probe(input, slice)).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
 }
 
 // One BERT encoder layer (heads and FFN slices as modules) in float64.

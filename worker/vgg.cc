@@ -177,9 +177,60 @@ VggConvImpl::VggConvImpl(int64_t in_channels, int64_t out_channels, int64_t grou
   running_var = register_buffer("running_var", torch::ones({out_channels}));
 }
 
+void VggConvImpl::set_recorder(spectral::SiteRecorder* recorder, int first_module) {
+  recorder_ = recorder;
+  first_module_ = first_module;
+}
+
+torch::Tensor VggConvImpl::RecordedForward(const torch::Tensor& x) {
+  TORCH_CHECK(!is_training(),
+              "Vgg: a probe forward (recorder set) needs eval() mode: in training mode BatchNorm "
+              "couples the samples through the batch statistics");
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), wd = x.size(3);
+  std::vector<int64_t> sizes;
+  for (const auto& wg : w) sizes.push_back(wg.size(0));
+  torch::Tensor w_all = w.size() == 1 ? w[0] : torch::cat(w, 0);  // attached: [C_out, C_in, 3, 3]
+  const int64_t c_out = w_all.size(0);
+  w_all = w_all.reshape({c_out, c_in * 9});
+  torch::Tensor xc = x;
+  if (auto dtype = AutocastDtype(x.device().type())) {
+    xc = x.to(*dtype);
+    w_all = w_all.to(*dtype);
+  }
+  // Patches in unfold's (c, kh, kw) order, which is the order of w_all's columns. a stays in
+  // the graph (the earlier layers need its gradient); the site records it detached.
+  torch::Tensor a = torch::im2col(xc, {3, 3}, {1, 1}, {1, 1}, {1, 1})  // [n, C_in·9, H·W]
+                        .transpose(1, 2)
+                        .contiguous();  // [n, H·W, C_in·9]
+  torch::Tensor y = torch::matmul(a, w_all.t());  // [n, H·W, C_out]
+  spectral::LinearSite conv{a.detach(), y, {}};
+  int64_t at = 0;
+  for (size_t g = 0; g < sizes.size(); ++g) {
+    conv.slices.push_back({first_module_ + int(g), spectral::SliceAxis::kRows, at,
+                           at + sizes[g], false});
+    at += sizes[g];
+  }
+  recorder_->Record(std::move(conv));
+
+  torch::Tensor yf = UpIfLow(y);
+  torch::Tensor xhat = (yf - running_mean) * torch::rsqrt(running_var + bn_eps_);
+  torch::Tensor gamma_all = gamma.size() == 1 ? gamma[0] : torch::cat(gamma, 0);
+  torch::Tensor beta_all = beta.size() == 1 ? beta[0] : torch::cat(beta, 0);
+  torch::Tensor z = xhat * gamma_all + beta_all;  // [n, H·W, C_out]
+  spectral::ScaleShiftSite bn{xhat.detach(), z, {}};
+  at = 0;
+  for (size_t g = 0; g < sizes.size(); ++g) {
+    bn.slices.push_back({first_module_ + int(g), at, at + sizes[g], true, true});
+    at += sizes[g];
+  }
+  recorder_->Record(std::move(bn));
+  return torch::relu(z.transpose(1, 2).reshape({n, c_out, h, wd}));
+}
+
 torch::Tensor VggConvImpl::forward(const torch::Tensor& x, const std::vector<bool>& active) {
   TORCH_CHECK(active.size() == w.size(), "VggConv: ", active.size(), " mask bits for ", w.size(),
               " filter groups");
+  if (recorder_ != nullptr) return RecordedForward(x);
   std::vector<torch::Tensor> attached, gammas, betas;
   std::vector<int64_t> sizes, attached_sizes;
   for (size_t g = 0; g < w.size(); ++g) {
@@ -263,6 +314,12 @@ spectral::ModulePartition VggImpl::Partition() {
     }
   }
   return p;
+}
+
+void VggImpl::SetRecorder(spectral::SiteRecorder* recorder) {
+  for (size_t l = 0; l < convs.size(); ++l) {
+    convs[l]->set_recorder(recorder, static_cast<int>(l * c_.filter_groups));
+  }
 }
 
 void VggImpl::SetMask(const std::vector<uint8_t>& active) {

@@ -31,9 +31,24 @@
 // statistics. The input gradient of a layer is computed only when something before it trains
 // (the first layer's only when the images themselves require a gradient).
 //
-// Not yet here: a spectral::SiteRecorder (the gram estimator needs per-sample kernel and BN
-// affine gradients of each group), and a probe must run BatchNorm in eval mode, since in
-// training mode sample i's loss depends on the whole batch's statistics.
+// Probe (SetRecorder). While a spectral::SiteRecorder is set the model must be in eval() mode
+// (BatchNorm on its running statistics, so sample i's loss depends on sample i only; a forward
+// in training mode throws c10::Error), and every conv layer l runs as explicit linear maps that
+// the gram estimator can read, giving the same logits as the plain eval forward (up to float
+// rounding):
+//   a = unfold(x, 3x3, padding 1)^T: [n, H·W, C_in·9] (recorded detached; the forward's own a
+//     stays in the graph, so earlier layers still get their gradient), y = a W^T: [n, H·W, C_out]
+//     with W = [w_0; w_1; ...] reshaped [C_out, C_in·9] (attached: gradients reach every w[g]),
+//     recorded as a LinearSite with one kRows slice per group (no bias);
+//   xhat = (y − running_mean) / sqrt(running_var + eps): [n, H·W, C_out] (recorded detached),
+//     z = xhat ⊙ gamma + beta with gamma, beta the groups' vectors concatenated, recorded as a
+//     ScaleShiftSite with one ChannelSlice per group (scale and shift);
+// then z is laid out back to [n, C_out, H, W] for ReLU and pooling. Slice modules are Partition()
+// indices. Every group's leaves are attached whatever SetMask said (the probe measures every
+// module; callers set the mask all-on anyway). Under autocast a and W are cast like the plain
+// forward's convolution, and y is cast up to float32 before the normalisation.
+// The unfolded input a holds n·H·W·C_in·9 elements per layer, nine times the layer's input,
+// kept until the estimator's backward.
 //
 // Not thread-safe. The mask set by SetMask applies to every following forward. float32 on CPU;
 // under bf16 autocast the masked convolution computes in bf16 like sliced_linear.h (untested
@@ -47,6 +62,7 @@
 
 #include "absl/status/status.h"
 #include "spectral/module_partition.h"
+#include "spectral/probe.h"
 #include "worker/flops.h"
 
 namespace mat::worker {
@@ -84,14 +100,24 @@ class VggConvImpl : public torch::nn::Module {
   VggConvImpl(int64_t in_channels, int64_t out_channels, int64_t groups, double bn_momentum,
               double bn_eps);
   // x: [B, C_in, H, W] → relu(bn(conv(x))): [B, C_out, H, W]. active: one flag per group.
+  // With a recorder set: the probe path of vgg.h's "Probe" (REQUIRES eval mode; `active` is
+  // ignored).
   torch::Tensor forward(const torch::Tensor& x, const std::vector<bool>& active);
+
+  // nullptr: off. first_module: the Partition() index of group 0 (group g is first_module + g).
+  // `recorder` is borrowed and must outlive every forward made while it is set.
+  void set_recorder(spectral::SiteRecorder* recorder, int first_module);
 
   std::vector<torch::Tensor> w;            // [group]: [c_g, C_in, 3, 3]
   std::vector<torch::Tensor> gamma, beta;  // [group]: [c_g]
   torch::Tensor running_mean, running_var; // buffers [C_out] float32
 
  private:
+  torch::Tensor RecordedForward(const torch::Tensor& x);
+
   double bn_momentum_, bn_eps_;
+  spectral::SiteRecorder* recorder_ = nullptr;
+  int first_module_ = 0;
 };
 TORCH_MODULE(VggConv);
 
@@ -107,6 +133,10 @@ class VggImpl : public torch::nn::Module {
   spectral::ModulePartition Partition();
   // active: one flag per Partition() module.
   void SetMask(const std::vector<uint8_t>& active);
+  // While set (nullptr: off), every forward records one LinearSite and one ScaleShiftSite per
+  // conv layer (see "Probe" above; REQUIRES eval mode). Take both kinds from the recorder
+  // (SiteRecorder::TakeInto). `recorder` is borrowed; unset it before it dies.
+  void SetRecorder(spectral::SiteRecorder* recorder);
 
   const VggConfig& config() const { return c_; }
   int num_modules() const { return num_modules_; }

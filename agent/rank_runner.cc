@@ -253,7 +253,7 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
       return group.status();
     }
     sync_ = std::make_unique<worker::GradientSync>(
-        *group, worker::BuildParamEntries(*trainer->model(), trainer->partition()));
+        *group, trainer->ParamEntries());
     // Decide's collectives must be the same on every rank: one staleness bound for the job.
     absl::StatusOr<int64_t> bound = sync_->AgreeMin(options_.max_mask_staleness_steps);
     if (!bound.ok()) {
@@ -480,6 +480,13 @@ absl::Status RankRunner::ReduceGradients(const std::vector<uint8_t>& active) {
     reported_bytes_reduced_ = s.bytes_reduced;
     reported_bytes_skipped_ = s.bytes_skipped;
   }
+  return status;
+}
+
+absl::Status RankRunner::AverageBuffers(const std::vector<torch::Tensor>& buffers) {
+  if (sync_ == nullptr) return absl::OkStatus();
+  absl::Status status = sync_->AverageTensors(buffers);
+  if (!status.ok() && status.code() == absl::StatusCode::kInternal) collective_failed_ = true;
   return status;
 }
 

@@ -9,6 +9,8 @@
 //                   fails with DEADLINE_EXCEEDED naming the step, rather than diverge.
 //   ReduceGradients GradientSync::AllReduce over the job's process group (Gloo on CPU, NCCL on
 //                   CUDA; nothing when alone).
+//   AverageBuffers  GradientSync::AverageTensors (VGG's BatchNorm running statistics), so every
+//                   rank probes, evaluates and checkpoints the same statistics.
 //   OnProgress      Progress at every evaluation, else at most every progress_interval.
 //   CheckContinue   CANCELLED once Cancel() was called.
 //
@@ -125,6 +127,7 @@ class RankRunner : public worker::TrainerHooks {
   absl::StatusOr<policy::MaskSchedule> Decide(int64_t step,
                                               const worker::ProbeResult& probe) override;
   absl::Status ReduceGradients(const std::vector<uint8_t>& active) override;
+  absl::Status AverageBuffers(const std::vector<torch::Tensor>& buffers) override;
   void OnProgress(const worker::TrainerProgress& progress) override;
   absl::Status CheckContinue() override;
 

@@ -142,6 +142,28 @@ absl::StatusOr<int64_t> GradientSync::AgreeMin(int64_t value) {
   return t.cpu().item<int64_t>();
 }
 
+absl::Status GradientSync::AverageTensors(const std::vector<torch::Tensor>& tensors) {
+  if (tensors.empty()) return absl::OkStatus();
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> flat_parts;
+  for (const torch::Tensor& t : tensors) flat_parts.push_back(t.detach().reshape({-1}).to(torch::kFloat64));
+  torch::Tensor flat = torch::cat(flat_parts);
+  try {
+    std::vector<torch::Tensor> list{flat};
+    group_->allreduce(list)->wait();  // sum
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("all-reduce (buffers) failed: ", e.what()));
+  }
+  flat.div_(double(group_->getSize()));
+  int64_t offset = 0;
+  for (const torch::Tensor& t : tensors) {
+    const int64_t n = t.numel();
+    torch::Tensor(t).copy_(flat.slice(0, offset, offset + n).view(t.sizes()));
+    offset += n;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
   if (active.size() != size_t(num_modules_)) {
     return absl::InvalidArgumentError(absl::StrCat("mask has ", active.size(), " modules, the ",

@@ -94,6 +94,11 @@ class GradientSync {
   // The minimum of `value` over the ranks (every rank calls it at the same point; e.g. the
   // newest checkpoint step every rank holds). INTERNAL with the collective's error.
   absl::StatusOr<int64_t> AgreeMin(int64_t value);
+  // Replaces each of `tensors` (float32 or float64, on one device, e.g. BatchNorm running
+  // statistics) by its mean over the ranks, in one all-reduce of their concatenation. Every
+  // rank calls it at the same point with tensors of the same shapes, and afterwards holds the
+  // same values. INTERNAL with the collective's error.
+  absl::Status AverageTensors(const std::vector<torch::Tensor>& tensors);
 
   // Bytes AllReduce(active) puts into all-reduces, without communicating.
   int64_t BytesFor(const std::vector<uint8_t>& active) const;

@@ -60,20 +60,31 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("model.capacity_factor", &c.model.capacity_factor, "number"));
   f.push_back(MakeField("model.aux_loss_weight", &c.model.aux_loss_weight, "number"));
   f.push_back(MakeField("model.moe_every", &c.model.moe_every, "integer"));
+  f.push_back(MakeField("model.arch", &c.model.arch, "string"));
+  f.push_back(MakeField("model.width", &c.model.width, "number"));
+  f.push_back(MakeField("model.filter_groups", &c.model.filter_groups, "integer"));
+  f.push_back(MakeField("model.classifier_hidden", &c.model.classifier_hidden, "integer"));
   f.push_back(MakeField("data.kind", &c.data.kind, "string"));
   f.push_back(MakeField("data.dir", &c.data.dir, "string"));
   f.push_back(MakeField("data.seq_len", &c.data.seq_len, "integer"));
   f.push_back(MakeField("data.mask_prob", &c.data.mask_prob, "number"));
+  f.push_back(MakeField("data.valid_size", &c.data.valid_size, "integer"));
+  f.push_back(MakeField("data.augment", &c.data.augment, "boolean"));
   f.push_back(MakeField("train.steps", &c.train.steps, "integer"));
   f.push_back(MakeField("train.batch_size", &c.train.batch_size, "integer"));
+  f.push_back(MakeField("train.optimizer", &c.train.optimizer, "string"));
   f.push_back(MakeField("train.lr", &c.train.lr, "number"));
   f.push_back(MakeField("train.min_lr_ratio", &c.train.min_lr_ratio, "number"));
   f.push_back(MakeField("train.warmup_steps", &c.train.warmup_steps, "integer"));
   f.push_back(MakeField("train.schedule", &c.train.schedule, "string"));
+  f.push_back(MakeField("train.decay_every", &c.train.decay_every, "integer"));
+  f.push_back(MakeField("train.decay_factor", &c.train.decay_factor, "number"));
   f.push_back(MakeField("train.weight_decay", &c.train.weight_decay, "number"));
   f.push_back(MakeField("train.beta1", &c.train.beta1, "number"));
   f.push_back(MakeField("train.beta2", &c.train.beta2, "number"));
   f.push_back(MakeField("train.eps", &c.train.eps, "number"));
+  f.push_back(MakeField("train.momentum", &c.train.momentum, "number"));
+  f.push_back(MakeField("train.nesterov", &c.train.nesterov, "boolean"));
   f.push_back(MakeField("train.eval_every", &c.train.eval_every, "integer"));
   f.push_back(MakeField("train.eval_batches", &c.train.eval_batches, "integer"));
   f.push_back(MakeField("train.checkpoint_every", &c.train.checkpoint_every, "integer"));
@@ -187,40 +198,71 @@ absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment) {
 
 absl::Status ValidateTrainConfig(const TrainConfig& c) {
   const auto& m = c.model;
-  MAT_RETURN_IF_ERROR(Check(m.kind == "bert" || m.kind == "switch",
+  MAT_RETURN_IF_ERROR(Check(m.kind == "bert" || m.kind == "switch" || m.kind == "vgg",
                             "model.kind: unknown model '" + m.kind +
-                                "' (expected bert or switch)"));
-  MAT_RETURN_IF_ERROR(Check(m.layers >= 1, "model.layers must be >= 1"));
-  MAT_RETURN_IF_ERROR(Check(m.heads >= 1 && m.d_model >= 1 && m.d_model % m.heads == 0,
-                            "model.d_model must be a positive multiple of model.heads"));
-  MAT_RETURN_IF_ERROR(Check(m.d_ff >= 1, "model.d_ff must be >= 1"));
-  MAT_RETURN_IF_ERROR(Check(m.ffn_groups >= 0 && (m.ffn_groups == 0 || m.d_ff % m.ffn_groups == 0),
-                            "model.ffn_groups must be 0 or divide model.d_ff"));
-  MAT_RETURN_IF_ERROR(Check(m.dropout >= 0 && m.dropout < 1, "model.dropout must be in [0,1)"));
-  MAT_RETURN_IF_ERROR(Check(m.experts >= 1 && m.experts <= 4096,
-                            "model.experts must be in [1, 4096], got " +
-                                std::to_string(m.experts)));
-  MAT_RETURN_IF_ERROR(Check(std::isfinite(m.capacity_factor) && m.capacity_factor > 0,
-                            "model.capacity_factor must be a finite number > 0"));
-  MAT_RETURN_IF_ERROR(Check(std::isfinite(m.aux_loss_weight) && m.aux_loss_weight >= 0,
-                            "model.aux_loss_weight must be a finite number >= 0"));
-  MAT_RETURN_IF_ERROR(Check(m.moe_every >= 1,
-                            "model.moe_every must be >= 1, got " + std::to_string(m.moe_every)));
-  MAT_RETURN_IF_ERROR(Check(m.kind != "switch" || m.ffn_groups == 0,
-                            "model.ffn_groups must be 0 for model.kind switch (its FFNs are "
-                            "experts)"));
-  MAT_RETURN_IF_ERROR(Check(c.data.kind == "wikitext", "data.kind: unknown data kind '" + c.data.kind + "' (expected wikitext)"));
-  MAT_RETURN_IF_ERROR(Check(c.data.seq_len >= 2 && c.data.seq_len <= m.max_seq_len,
-                            "data.seq_len must be in [2, model.max_seq_len]"));
-  MAT_RETURN_IF_ERROR(Check(c.data.mask_prob > 0 && c.data.mask_prob < 1, "data.mask_prob must be in (0,1)"));
+                                "' (expected bert, switch or vgg)"));
+  const bool images = c.data.kind == "fashion-mnist" || c.data.kind == "cifar10";
+  MAT_RETURN_IF_ERROR(Check(c.data.kind == "wikitext" || images,
+                            "data.kind: unknown data kind '" + c.data.kind +
+                                "' (expected wikitext, fashion-mnist or cifar10)"));
+  if (m.kind == "vgg") {
+    MAT_RETURN_IF_ERROR(Check(images, "data.kind " + c.data.kind +
+                                          " does not fit model.kind vgg (expected fashion-mnist "
+                                          "or cifar10)"));
+    MAT_RETURN_IF_ERROR(Check(m.arch == "vgg11" || m.arch == "vgg16",
+                              "model.arch: unknown VGG '" + m.arch + "' (expected vgg11 or vgg16)"));
+    MAT_RETURN_IF_ERROR(Check(std::isfinite(m.width) && m.width > 0 && m.width <= 64,
+                              "model.width must be a number in (0, 64]"));
+    MAT_RETURN_IF_ERROR(Check(m.filter_groups >= 1, "model.filter_groups must be >= 1, got " +
+                                                        std::to_string(m.filter_groups)));
+    MAT_RETURN_IF_ERROR(Check(m.classifier_hidden >= 0, "model.classifier_hidden must be >= 0"));
+    MAT_RETURN_IF_ERROR(Check(c.data.valid_size >= 1, "data.valid_size must be >= 1, got " +
+                                                          std::to_string(c.data.valid_size)));
+  } else {
+    MAT_RETURN_IF_ERROR(Check(!images, "data.kind " + c.data.kind + " does not fit model.kind " +
+                                           m.kind + " (expected wikitext)"));
+    MAT_RETURN_IF_ERROR(Check(m.layers >= 1, "model.layers must be >= 1"));
+    MAT_RETURN_IF_ERROR(Check(m.heads >= 1 && m.d_model >= 1 && m.d_model % m.heads == 0,
+                              "model.d_model must be a positive multiple of model.heads"));
+    MAT_RETURN_IF_ERROR(Check(m.d_ff >= 1, "model.d_ff must be >= 1"));
+    MAT_RETURN_IF_ERROR(Check(m.ffn_groups >= 0 && (m.ffn_groups == 0 || m.d_ff % m.ffn_groups == 0),
+                              "model.ffn_groups must be 0 or divide model.d_ff"));
+    MAT_RETURN_IF_ERROR(Check(m.dropout >= 0 && m.dropout < 1, "model.dropout must be in [0,1)"));
+    MAT_RETURN_IF_ERROR(Check(m.experts >= 1 && m.experts <= 4096,
+                              "model.experts must be in [1, 4096], got " +
+                                  std::to_string(m.experts)));
+    MAT_RETURN_IF_ERROR(Check(std::isfinite(m.capacity_factor) && m.capacity_factor > 0,
+                              "model.capacity_factor must be a finite number > 0"));
+    MAT_RETURN_IF_ERROR(Check(std::isfinite(m.aux_loss_weight) && m.aux_loss_weight >= 0,
+                              "model.aux_loss_weight must be a finite number >= 0"));
+    MAT_RETURN_IF_ERROR(Check(m.moe_every >= 1,
+                              "model.moe_every must be >= 1, got " + std::to_string(m.moe_every)));
+    MAT_RETURN_IF_ERROR(Check(m.kind != "switch" || m.ffn_groups == 0,
+                              "model.ffn_groups must be 0 for model.kind switch (its FFNs are "
+                              "experts)"));
+    MAT_RETURN_IF_ERROR(Check(c.data.seq_len >= 2 && c.data.seq_len <= m.max_seq_len,
+                              "data.seq_len must be in [2, model.max_seq_len]"));
+    MAT_RETURN_IF_ERROR(Check(c.data.mask_prob > 0 && c.data.mask_prob < 1, "data.mask_prob must be in (0,1)"));
+  }
   const auto& t = c.train;
   MAT_RETURN_IF_ERROR(Check(t.steps >= 1, "train.steps must be >= 1"));
   MAT_RETURN_IF_ERROR(Check(t.batch_size >= 1, "train.batch_size must be >= 1"));
   MAT_RETURN_IF_ERROR(Check(t.lr > 0, "train.lr must be > 0"));
   MAT_RETURN_IF_ERROR(Check(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0,1]"));
   MAT_RETURN_IF_ERROR(Check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0"));
-  MAT_RETURN_IF_ERROR(Check(t.schedule == "linear" || t.schedule == "cosine" || t.schedule == "constant",
-                            "train.schedule: unknown schedule '" + t.schedule + "' (expected linear, cosine or constant)"));
+  MAT_RETURN_IF_ERROR(Check(t.schedule == "linear" || t.schedule == "cosine" ||
+                                t.schedule == "constant" || t.schedule == "step",
+                            "train.schedule: unknown schedule '" + t.schedule +
+                                "' (expected linear, cosine, constant or step)"));
+  MAT_RETURN_IF_ERROR(Check(t.decay_every >= 1, "train.decay_every must be >= 1"));
+  MAT_RETURN_IF_ERROR(Check(t.decay_factor > 0 && t.decay_factor <= 1,
+                            "train.decay_factor must be in (0, 1]"));
+  MAT_RETURN_IF_ERROR(Check(t.optimizer == "adamw" || t.optimizer == "sgd",
+                            "train.optimizer: unknown optimizer '" + t.optimizer +
+                                "' (expected adamw or sgd)"));
+  MAT_RETURN_IF_ERROR(Check(t.momentum >= 0 && t.momentum < 1, "train.momentum must be in [0,1)"));
+  MAT_RETURN_IF_ERROR(Check(!t.nesterov || t.momentum > 0,
+                            "train.nesterov needs train.momentum > 0"));
   MAT_RETURN_IF_ERROR(Check(t.weight_decay >= 0, "train.weight_decay must be >= 0"));
   MAT_RETURN_IF_ERROR(Check(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
                             "train.beta1 and train.beta2 must be in [0,1)"));

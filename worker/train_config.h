@@ -3,11 +3,12 @@
 //
 //   seed: 1
 //   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln,
-//            experts, capacity_factor, aux_loss_weight, moe_every}
-//   data:   {kind, dir, seq_len, mask_prob}
-//   train:  {steps, batch_size, lr, min_lr_ratio, warmup_steps, schedule, weight_decay, beta1,
-//            beta2, eps, eval_every, eval_batches, checkpoint_every, threads, device,
-//            precision}
+//            experts, capacity_factor, aux_loss_weight, moe_every,
+//            arch, width, filter_groups, classifier_hidden}
+//   data:   {kind, dir, seq_len, mask_prob, valid_size, augment}
+//   train:  {steps, batch_size, optimizer, lr, min_lr_ratio, warmup_steps, schedule,
+//            decay_every, decay_factor, weight_decay, beta1, beta2, eps, momentum, nesterov,
+//            eval_every, eval_batches, checkpoint_every, threads, device, precision}
 //   policy: {kind, alpha, beta, gamma, patience, warmup_steps, probe_every, probe_samples,
 //            estimator, lanczos_iterations, probe_projections, min_active_fraction,
 //            rand_fraction, multirate_k, multirate_fast_fraction}
@@ -27,7 +28,9 @@
 namespace mat::worker {
 
 struct ModelSection {
-  std::string kind = "bert";   // bert | switch (BERT with Switch FFNs: worker/switch_ffn.h)
+  // bert | switch (BERT with Switch FFNs: worker/switch_ffn.h) | vgg (worker/vgg.h; needs
+  // data.kind fashion-mnist or cifar10)
+  std::string kind = "bert";
   int64_t layers = 4;
   int64_t d_model = 256;
   int64_t heads = 8;
@@ -41,26 +44,48 @@ struct ModelSection {
   double capacity_factor = 1.25;   // expert capacity = ceil(capacity_factor · tokens / experts)
   double aux_loss_weight = 0.01;   // α of the load-balancing loss added to the training loss
   int64_t moe_every = 1;           // Switch FFN in layers 0, moe_every, 2·moe_every, ...
+  // vgg only (bert and switch ignore these; vgg ignores the keys above):
+  std::string arch = "vgg11";      // vgg11 (configuration A) | vgg16 (configuration D)
+  double width = 0.25;             // channel multiplier (0.25: 16 … 128 channels)
+  int64_t filter_groups = 4;       // modules of group "filters" per conv layer
+  int64_t classifier_hidden = 0;   // 0: one linear classifier
 };
 
 struct DataSection {
-  std::string kind = "wikitext";                 // wikitext: any corpus in the WikiText layout
-  std::string dir = "../shared/data/wikitext-2";  // relative paths are from the working directory
-  int64_t seq_len = 128;                         // tokens per sample
-  double mask_prob = 0.15;
+  // wikitext: any corpus in the WikiText layout (bert, switch); fashion-mnist: the IDX files
+  // (plain or .gz) of Fashion-MNIST; cifar10: CIFAR-10's binary batches (vgg).
+  std::string kind = "wikitext";
+  // Relative paths are from the working directory. The default is WikiText-2's; image kinds
+  // name theirs (fashion-mnist: /usr/share/datasets/fashion-mnist of the Debian package
+  // dataset-fashion-mnist; cifar10: the folder of data_batch_1.bin … test_batch.bin).
+  std::string dir = "../shared/data/wikitext-2";
+  int64_t seq_len = 128;                         // wikitext: tokens per sample
+  double mask_prob = 0.15;                       // wikitext
+  // Images: validation is the LAST valid_size examples of the training files (the test files
+  // are only evaluated at a new best validation loss, never used to choose anything); training
+  // uses the rest.
+  int64_t valid_size = 5000;
+  bool augment = false;  // images: random crop (4-pixel zero padding) and horizontal flip
 };
 
 struct TrainSection {
   int64_t steps = 2000;
   int64_t batch_size = 32;
+  std::string optimizer = "adamw";  // adamw (worker/optimizer.h) | sgd (momentum, worker/sgd.h)
   double lr = 5e-4;              // peak learning rate
   double min_lr_ratio = 0.0;     // final lr = lr * min_lr_ratio
   int64_t warmup_steps = 100;    // linear lr warm-up
-  std::string schedule = "linear";  // linear | cosine | constant (after warm-up)
-  double weight_decay = 0.01;
+  // After warm-up: linear | cosine (both to lr·min_lr_ratio at train.steps) | constant |
+  // step (lr · decay_factor^k after k·decay_every steps past the warm-up).
+  std::string schedule = "linear";
+  int64_t decay_every = 1000;    // step schedule only
+  double decay_factor = 0.1;     // step schedule only
+  double weight_decay = 0.01;    // adamw: decoupled; sgd: L2 added to the gradient
   double beta1 = 0.9;
   double beta2 = 0.999;
   double eps = 1e-8;
+  double momentum = 0.9;         // sgd only
+  bool nesterov = false;         // sgd only
   int64_t eval_every = 200;      // steps between evaluations
   int64_t eval_batches = 50;     // validation/test batches per evaluation (0: whole split)
   int64_t checkpoint_every = 0;  // steps between checkpoints (0: only at the end)

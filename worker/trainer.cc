@@ -70,6 +70,18 @@ BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
   return b;
 }
 
+VggConfig MakeVggConfig(const TrainConfig& c, int64_t channels, int64_t image_size) {
+  VggConfig v;
+  v.arch = c.model.arch;
+  v.width = c.model.width;
+  v.in_channels = channels;
+  v.image_size = image_size;
+  v.num_classes = 10;
+  v.filter_groups = c.model.filter_groups;
+  v.classifier_hidden = c.model.classifier_hidden;
+  return v;
+}
+
 Trainer::Trainer(const TrainConfig& config, TrainerOptions options)
     : config_(config), options_(std::move(options)) {}
 
@@ -110,27 +122,25 @@ absl::Status Trainer::Init() {
     }
   }
   MAT_ASSIGN_OR_RETURN(precision_, ParsePrecision(c.train.precision));
-  MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
-  const int64_t real = corpus_.vocab.size();
-  mlm_.seq_len = c.data.seq_len;
-  mlm_.mask_prob = c.data.mask_prob;
-  mlm_.mask_id = real;  // [MASK] is the last id
-  mlm_.num_real_tokens = real;
-
-  model_ = BertMlm(MakeBertConfig(c, real + 1));
-  model_->to(device_);
-  model_->train();
-  partition_ = model_->Partition();
-  // Every rank initialises the same model (same seed); dropout then differs per rank. Rank 0
-  // keeps mat-train's random stream exactly.
+  MAT_RETURN_IF_ERROR(c.model.kind == "vgg" ? InitImages() : InitText());
+  // Every rank initialises the same model (same seed); dropout and augmentation then differ
+  // per rank. Rank 0 keeps mat-train's random stream exactly.
   if (options_.rank > 0) torch::manual_seed(c.seed + 7919ULL * uint64_t(options_.rank));
 
-  AdamWOptions ao;
-  ao.beta1 = c.train.beta1;
-  ao.beta2 = c.train.beta2;
-  ao.eps = c.train.eps;
-  ao.weight_decay = c.train.weight_decay;
-  optimizer_ = std::make_unique<MaskedAdamW>(BuildParamEntries(*model_, partition_), ao);
+  if (c.train.optimizer == "sgd") {
+    SgdOptions so;
+    so.momentum = c.train.momentum;
+    so.nesterov = c.train.nesterov;
+    so.weight_decay = c.train.weight_decay;
+    sgd_ = std::make_unique<MaskedSgd>(ParamEntries(), so);
+  } else {
+    AdamWOptions ao;
+    ao.beta1 = c.train.beta1;
+    ao.beta2 = c.train.beta2;
+    ao.eps = c.train.eps;
+    ao.weight_decay = c.train.weight_decay;
+    optimizer_ = std::make_unique<MaskedAdamW>(ParamEntries(), ao);
+  }
 
   std::vector<policy::ModuleInfo> infos;
   for (const auto& m : partition_.modules) infos.push_back({m.group, m.layer, m.index, m.name});
@@ -144,7 +154,23 @@ absl::Status Trainer::Init() {
   eo.projections = static_cast<int>(c.policy.probe_projections);
   eo.seed = c.seed + 0x6c616e637a6f73ULL;
   MAT_ASSIGN_OR_RETURN(estimator_, spectral::MakeEstimator(c.policy.estimator, eo));
+  if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(options_.out_dir));
+  return absl::OkStatus();
+}
 
+absl::Status Trainer::InitText() {
+  const auto& c = config_;
+  MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
+  const int64_t real = corpus_.vocab.size();
+  mlm_.seq_len = c.data.seq_len;
+  mlm_.mask_prob = c.data.mask_prob;
+  mlm_.mask_id = real;  // [MASK] is the last id
+  mlm_.num_real_tokens = real;
+
+  model_ = BertMlm(MakeBertConfig(c, real + 1));
+  model_->to(device_);
+  model_->train();
+  partition_ = model_->Partition();
   train_stream_ = std::make_unique<MlmStream>(corpus_.train, mlm_, options_.rank,
                                               options_.world_size, c.seed);
   if (train_stream_->num_blocks() == 0) {
@@ -155,14 +181,80 @@ absl::Status Trainer::Init() {
   if (valid_batches_.empty() || test_batches_.empty()) {
     return absl::InvalidArgumentError("data.dir: valid or test split has fewer than data.seq_len tokens");
   }
-  if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(options_.out_dir));
   return absl::OkStatus();
+}
+
+absl::Status Trainer::InitImages() {
+  const auto& c = config_;
+  const bool fashion = c.data.kind == "fashion-mnist";
+  absl::StatusOr<ImageDataset> train = fashion ? LoadFashionMnist(c.data.dir, ImageSplit::kTrain)
+                                               : LoadCifar10(c.data.dir, ImageSplit::kTrain);
+  if (!train.ok()) return absl::Status(train.status().code(), "data.dir: " + std::string(train.status().message()));
+  absl::StatusOr<ImageDataset> test = fashion ? LoadFashionMnist(c.data.dir, ImageSplit::kTest)
+                                              : LoadCifar10(c.data.dir, ImageSplit::kTest);
+  if (!test.ok()) return absl::Status(test.status().code(), "data.dir: " + std::string(test.status().message()));
+  const int64_t n = train->size();
+  if (c.data.valid_size >= n) {
+    return absl::InvalidArgumentError("data.valid_size " + std::to_string(c.data.valid_size) +
+                                      " leaves no training images (the training files hold " +
+                                      std::to_string(n) + ")");
+  }
+  train_images_ = SliceImages(*train, 0, n - c.data.valid_size);
+  valid_images_ = SliceImages(*train, n - c.data.valid_size, n);
+  test_images_ = std::move(*test);
+  if (test_images_.channels() != train_images_.channels() ||
+      test_images_.height() != train_images_.height()) {
+    return absl::InvalidArgumentError("data.dir: the test images' shape differs from the training images'");
+  }
+  VggConfig vc = MakeVggConfig(c, train_images_.channels(), train_images_.height());
+  if (absl::Status s = ValidateVggConfig(vc); !s.ok()) {
+    return absl::InvalidArgumentError("model: " + std::string(s.message()));
+  }
+  vgg_ = Vgg(vc);
+  vgg_->to(device_);
+  vgg_->train();
+  partition_ = vgg_->Partition();
+  ImageStreamOptions so;
+  so.augment = c.data.augment;
+  image_stream_ = std::make_unique<ImageStream>(train_images_, so, options_.rank,
+                                                options_.world_size, c.seed);
+  if (image_stream_->num_examples() == 0) {
+    return absl::InvalidArgumentError("data.dir: no training images for rank " +
+                                      std::to_string(options_.rank));
+  }
+  valid_image_batches_ = MakeImageEvalBatches(valid_images_, c.train.batch_size, c.train.eval_batches);
+  test_image_batches_ = MakeImageEvalBatches(test_images_, c.train.batch_size, c.train.eval_batches);
+  if (test_image_batches_.empty()) return absl::InvalidArgumentError("data.dir: the test split is empty");
+  return absl::OkStatus();
+}
+
+torch::nn::Module& Trainer::network() {
+  if (is_vgg()) return *vgg_;
+  return *model_;
+}
+
+std::vector<ParamEntry> Trainer::ParamEntries() { return BuildParamEntries(network(), partition_); }
+
+absl::Status Trainer::SyncBuffers() {
+  if (options_.hooks == nullptr || options_.world_size < 2) return absl::OkStatus();
+  std::vector<torch::Tensor> buffers;
+  for (const auto& kv : network().named_buffers()) buffers.push_back(kv.value());
+  if (buffers.empty()) return absl::OkStatus();
+  return options_.hooks->AverageBuffers(buffers);
+}
+
+absl::Status Trainer::OptimizerStep(double lr, const std::vector<uint8_t>& active,
+                                    const std::vector<double>& lr_scale) {
+  return sgd_ != nullptr ? sgd_->Step(lr, active, lr_scale) : optimizer_->Step(lr, active, lr_scale);
 }
 
 double Trainer::LearningRate(int64_t step) const {
   const auto& t = config_.train;
   if (step < t.warmup_steps) return t.lr * double(step + 1) / double(t.warmup_steps);
   if (t.schedule == "constant") return t.lr;
+  if (t.schedule == "step") {
+    return t.lr * std::pow(t.decay_factor, double((step - t.warmup_steps) / t.decay_every));
+  }
   double span = double(std::max<int64_t>(1, t.steps - t.warmup_steps));
   double p = std::min(1.0, double(step - t.warmup_steps) / span);
   double lo = t.lr * t.min_lr_ratio;
@@ -172,6 +264,7 @@ double Trainer::LearningRate(int64_t step) const {
 
 absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vector<uint8_t>& active,
                                           const std::vector<double>& lr_scale, double lr) {
+  if (is_vgg()) return absl::FailedPreconditionError("TrainStep(MlmBatch) on a vgg model");
   double loss_value = 0, aux_value = 0;
   try {
     model_->SetMask(active);
@@ -194,11 +287,51 @@ absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vect
     return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
   }
   if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
-  MAT_RETURN_IF_ERROR(optimizer_->Step(lr, active, lr_scale));
+  MAT_RETURN_IF_ERROR(OptimizerStep(lr, active, lr_scale));
   return loss_value;
 }
 
+absl::StatusOr<double> Trainer::TrainStep(const ImageBatch& batch, const std::vector<uint8_t>& active,
+                                          const std::vector<double>& lr_scale, double lr) {
+  if (!is_vgg()) return absl::FailedPreconditionError("TrainStep(ImageBatch) on a masked LM");
+  double loss_value = 0;
+  try {
+    vgg_->SetMask(active);
+    torch::Tensor loss;
+    {
+      AutocastGuard autocast(device_, precision_);
+      torch::Tensor logits = vgg_->forward(batch.images.to(device_));
+      loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat32),
+                                                  batch.labels.to(device_));
+    }
+    loss.backward();
+    loss_value = loss.item<double>();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(std::string("training step failed: ") + e.what_without_backtrace());
+  }
+  if (!std::isfinite(loss_value)) {
+    return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
+  }
+  if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
+  MAT_RETURN_IF_ERROR(OptimizerStep(lr, active, lr_scale));
+  return loss_value;
+}
+
+absl::StatusOr<spectral::EstimateResult> Trainer::RunEstimator(spectral::Estimator* estimator,
+                                                               spectral::ProbeBatch probe) {
+  absl::StatusOr<spectral::EstimateResult> est = [&]() -> absl::StatusOr<spectral::EstimateResult> {
+    try {
+      return estimator->Estimate(partition_, std::move(probe));
+    } catch (const c10::Error& e) {
+      return absl::InternalError(std::string("spectral estimate failed: ") + e.what_without_backtrace());
+    }
+  }();
+  for (auto& p : network().parameters()) p.mutable_grad().reset();
+  return est;
+}
+
 absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Estimator* estimator) {
+  if (is_vgg()) return absl::FailedPreconditionError("Probe(MlmBatch) on a vgg model");
   if (estimator == nullptr) estimator = estimator_.get();
   const int64_t n = config_.policy.probe_samples, T = config_.data.seq_len;
   auto t0 = Clock::now();
@@ -227,14 +360,7 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
     model_->train();
     return absl::InternalError(std::string("probe forward failed: ") + e.what_without_backtrace());
   }
-  absl::StatusOr<spectral::EstimateResult> est = [&]() -> absl::StatusOr<spectral::EstimateResult> {
-    try {
-      return estimator->Estimate(partition_, std::move(probe));
-    } catch (const c10::Error& e) {
-      return absl::InternalError(std::string("spectral estimate failed: ") + e.what_without_backtrace());
-    }
-  }();
-  for (auto& p : model_->parameters()) p.mutable_grad().reset();
+  absl::StatusOr<spectral::EstimateResult> est = RunEstimator(estimator, std::move(probe));
   if (!est.ok()) return est.status();
   ProbeResult r;
   r.modules = std::move(est->modules);
@@ -246,7 +372,75 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
   return r;
 }
 
+absl::StatusOr<ProbeResult> Trainer::Probe(const ImageBatch& batch, spectral::Estimator* estimator) {
+  if (!is_vgg()) return absl::FailedPreconditionError("Probe(ImageBatch) on a masked LM");
+  if (estimator == nullptr) estimator = estimator_.get();
+  const int64_t n = config_.policy.probe_samples;
+  if (batch.labels.size(0) < n) {
+    return absl::InvalidArgumentError("probe batch has " + std::to_string(batch.labels.size(0)) +
+                                      " images, policy.probe_samples is " + std::to_string(n));
+  }
+  auto t0 = Clock::now();
+  spectral::SiteRecorder recorder;
+  spectral::ProbeBatch probe;
+  try {
+    // Eval mode: BatchNorm normalises with its running statistics, so ℓ_i depends on image i
+    // only (in training mode every image's loss depends on the whole batch's statistics).
+    vgg_->eval();
+    vgg_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
+    vgg_->SetRecorder(&recorder);
+    torch::Tensor logits = vgg_->forward(batch.images.slice(0, 0, n).to(device_));
+    vgg_->SetRecorder(nullptr);
+    vgg_->train();
+    probe.losses = torch::nn::functional::cross_entropy(
+        logits, batch.labels.slice(0, 0, n).to(device_),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+    recorder.TakeInto(&probe);
+    if (estimator->NeedsOutputs()) {
+      torch::Tensor rows = torch::arange(n, torch::TensorOptions().dtype(torch::kLong).device(device_));
+      probe.outputs = ProjectOutputs(logits, rows, 1, n, estimator->OutputProjections(), config_.seed);
+    }
+  } catch (const c10::Error& e) {
+    vgg_->SetRecorder(nullptr);
+    vgg_->train();
+    return absl::InternalError(std::string("probe forward failed: ") + e.what_without_backtrace());
+  }
+  absl::StatusOr<spectral::EstimateResult> est = RunEstimator(estimator, std::move(probe));
+  if (!est.ok()) return est.status();
+  ProbeResult r;
+  r.modules = std::move(est->modules);
+  const VggConfig& vc = vgg_->config();
+  r.flops = VggForwardFlops(vc, n).forward + VggStepFlops(vc, n, {}).activation_grad + est->flops;
+  r.seconds = Since(t0);
+  return r;
+}
+
+EvalResult Trainer::Evaluate(const std::vector<ImageBatch>& batches) {
+  EvalResult r;
+  if (!is_vgg()) return r;
+  torch::NoGradGuard guard;
+  vgg_->eval();
+  vgg_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
+  double sum = 0;
+  int64_t count = 0, correct = 0;
+  for (const ImageBatch& b : batches) {
+    torch::Tensor logits = vgg_->forward(b.images.to(device_)).to(torch::kFloat32);
+    torch::Tensor labels = b.labels.to(device_);
+    sum += torch::nn::functional::cross_entropy(
+               logits, labels,
+               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+               .item<double>();
+    correct += CountTop1Correct(logits, labels);
+    count += b.labels.size(0);
+  }
+  vgg_->train();
+  r.loss = sum / double(std::max<int64_t>(count, 1));
+  r.accuracy = double(correct) / double(std::max<int64_t>(count, 1));
+  return r;
+}
+
 double Trainer::Evaluate(const std::vector<MlmBatch>& batches) {
+  if (is_vgg()) return 0;
   torch::NoGradGuard guard;
   model_->eval();
   model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
@@ -314,7 +508,8 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
       std::filesystem::remove(options_.out_dir + "/" + f);
   }
   const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;
-  const BertConfig& bc = model_->config();
+  const bool vgg = is_vgg();
+  const BertConfig bc = vgg ? BertConfig{} : model_->config();
   const int64_t B = c.train.batch_size / options_.world_size, T = c.data.seq_len;
   const double seconds_before = train_seconds_;
   TrainerHooks* hooks = options_.hooks;
@@ -326,12 +521,19 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   while (step_ < end) {
     if (hooks != nullptr) MAT_RETURN_IF_ERROR(hooks->CheckContinue());
     auto t0 = Clock::now();
-    MlmBatch batch = train_stream_->Next(B);
+    MlmBatch batch;
+    ImageBatch images;
+    if (vgg) {
+      images = image_stream_->Next(B);
+    } else {
+      batch = train_stream_->Next(B);
+    }
     if (step_ % c.policy.probe_every == 0) {
       std::vector<double> lambda;
       ProbeResult probe;
       if (policy_->NeedsSpectra()) {
-        MAT_ASSIGN_OR_RETURN(probe, Probe(batch));
+        if (vgg) MAT_RETURN_IF_ERROR(SyncBuffers());
+        MAT_ASSIGN_OR_RETURN(probe, vgg ? Probe(images) : Probe(batch));
         for (const auto& s : probe.modules) lambda.push_back(s.lambda_max);
         flops_.spectral += probe.flops;
         spectral_seconds_ += probe.seconds;
@@ -371,14 +573,21 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
     }
     policy::StepMask mask =
         hooks != nullptr ? policy::MaskFromSchedule(schedule_, step_) : policy_->MaskAt(step_);
-    MAT_ASSIGN_OR_RETURN(double loss, TrainStep(batch, mask.active, mask.lr_scale, LearningRate(step_)));
-    const int64_t M = batch.positions.size(0);
-    const std::vector<int64_t> routed = model_->RoutedTokens();  // switch: tokens per expert
-    flops_ += BertStepFlops(bc, B, T, M, mask.active, routed);
-    flops_full_ += BertStepFlops(bc, B, T, M, {}, routed).total();
-    if (torch::Tensor aux = model_->aux_loss(); aux.defined()) {
-      aux_sum += aux.item<double>();
-      ++aux_count;
+    MAT_ASSIGN_OR_RETURN(double loss,
+                         vgg ? TrainStep(images, mask.active, mask.lr_scale, LearningRate(step_))
+                             : TrainStep(batch, mask.active, mask.lr_scale, LearningRate(step_)));
+    if (vgg) {
+      flops_ += VggStepFlops(vgg_->config(), B, mask.active);
+      flops_full_ += VggStepFlops(vgg_->config(), B, {}).total();
+    } else {
+      const int64_t M = batch.positions.size(0);
+      const std::vector<int64_t> routed = model_->RoutedTokens();  // switch: tokens per expert
+      flops_ += BertStepFlops(bc, B, T, M, mask.active, routed);
+      flops_full_ += BertStepFlops(bc, B, T, M, {}, routed).total();
+      if (torch::Tensor aux = model_->aux_loss(); aux.defined()) {
+        aux_sum += aux.item<double>();
+        ++aux_count;
+      }
     }
     active_now = 0;
     for (uint8_t a : mask.active) active_now += a;
@@ -389,6 +598,12 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
     train_seconds_ += Since(t0);
     if (options_.progress_bar) ShowProgress(loss, active_now, train_seconds_ - seconds_before);
 
+    const bool checkpoint_now = c.train.checkpoint_every > 0 &&
+                                step_ % c.train.checkpoint_every == 0 && step_ < end &&
+                                !options_.out_dir.empty();
+    if (step_ % c.train.eval_every == 0 || step_ == c.train.steps || checkpoint_now || step_ == end) {
+      MAT_RETURN_IF_ERROR(SyncBuffers());  // every rank, before rank 0 evaluates or any saves
+    }
     TrainerProgress progress;
     progress.step = step_;
     progress.train_loss = loss;
@@ -403,12 +618,16 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
       loss_count_ = 0;
     } else if (step_ % c.train.eval_every == 0 || step_ == c.train.steps) {
       auto e0 = Clock::now();
-      double val = Evaluate(valid_batches_);
+      EvalResult val_eval = vgg ? Evaluate(valid_image_batches_) : EvalResult{Evaluate(valid_batches_), 0};
+      const double val = val_eval.loss;
       bool best = best_step_ < 0 || val < best_val_loss_;
       if (best) {
         best_val_loss_ = val;
         best_step_ = step_;
-        test_loss_at_best_ = Evaluate(test_batches_);
+        EvalResult test = vgg ? Evaluate(test_image_batches_) : EvalResult{Evaluate(test_batches_), 0};
+        test_loss_at_best_ = test.loss;
+        val_accuracy_at_best_ = val_eval.accuracy;
+        test_accuracy_at_best_ = test.accuracy;
         flops_to_best_ = flops_.total();
         seconds_to_best_ = train_seconds_;
       }
@@ -428,6 +647,10 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
           {"wall_seconds", train_seconds_},
       };
       if (best) line["test_loss"] = test_loss_at_best_;
+      if (vgg) {
+        line["val_accuracy"] = val_eval.accuracy;
+        if (best) line["test_accuracy"] = test_accuracy_at_best_;
+      }
       if (aux_count > 0) line["train_aux_loss"] = aux_sum / double(aux_count);
       aux_sum = 0;
       aux_count = 0;
@@ -436,6 +659,8 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
       progress.val_loss = val;
       progress.has_test_loss = best;
       progress.test_loss = test_loss_at_best_;
+      progress.val_accuracy = val_eval.accuracy;
+      progress.test_accuracy = test_accuracy_at_best_;
       if (options_.progress_bar) std::fprintf(stderr, "\n");
       spdlog::info("step {}/{} train_loss {:.4f} val_loss {:.4f} active {}/{} flops {:.3e} {:.1f}s",
                    step_, c.train.steps, line["train_loss"].get<double>(), val, active_now,
@@ -448,8 +673,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
       progress.wall_seconds = train_seconds_;
       hooks->OnProgress(progress);
     }
-    if (c.train.checkpoint_every > 0 && step_ % c.train.checkpoint_every == 0 && step_ < end &&
-        !options_.out_dir.empty()) {
+    if (checkpoint_now) {
       MAT_RETURN_IF_ERROR(SaveCheckpoint(ckpt));
     }
   }
@@ -462,7 +686,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
 }
 
 nlohmann::json Trainer::Summary(double wall_seconds) const {
-  return {
+  nlohmann::json s = {
       {"mode", config_.policy.kind},
       {"world_size", options_.world_size},
       {"seed", config_.seed},
@@ -471,6 +695,10 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       {"best_val_loss", best_val_loss_},
       {"best_step", best_step_},
       {"test_loss_at_best", test_loss_at_best_},
+      // The table's test metric: top-1 accuracy for images (higher is better), else the test
+      // loss (lower is better), both at the best validation step.
+      {"test_metric_name", is_vgg() ? "accuracy" : "loss"},
+      {"test_metric", is_vgg() ? test_accuracy_at_best_ : test_loss_at_best_},
       {"flops_total", flops_.total()},
       {"flops_total_without_decoder", flops_.total_without_decoder()},
       {"flops_by_phase", {{"forward", flops_.forward}, {"activation_grad", flops_.activation_grad},
@@ -488,12 +716,21 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       // so on CUDA the time includes the device's work, not only the launches).
       {"flops_per_second", wall_seconds > 0 ? flops_.total() / wall_seconds : 0.0},
   };
+  if (is_vgg()) {
+    s["model"] = config_.model.arch;
+    s["val_accuracy_at_best"] = val_accuracy_at_best_;
+    s["test_accuracy_at_best"] = test_accuracy_at_best_;
+  }
+  return s;
 }
 
 std::string Trainer::ParamChecksum() {
   uint64_t h = 1469598103934665603ULL;
-  for (const auto& kv : model_->named_parameters()) {
-    torch::Tensor t = kv.value().detach().contiguous().cpu();
+  std::vector<torch::Tensor> tensors;
+  for (const auto& kv : network().named_parameters()) tensors.push_back(kv.value());
+  for (const auto& kv : network().named_buffers()) tensors.push_back(kv.value());  // BN statistics
+  for (const torch::Tensor& tensor : tensors) {
+    torch::Tensor t = tensor.detach().contiguous().cpu();
     const auto* p = static_cast<const unsigned char*>(t.data_ptr());
     for (size_t i = 0; i < size_t(t.nbytes()); ++i) {
       h ^= p[i];
@@ -507,18 +744,25 @@ std::string Trainer::ParamChecksum() {
 
 absl::Status Trainer::SaveCheckpoint(const std::string& path) {
   torch::serialize::OutputArchive ar;
-  for (const auto& kv : model_->named_parameters()) ar.write("model." + kv.key(), kv.value().detach().cpu());
-  optimizer_->Save(ar);
+  for (const auto& kv : network().named_parameters()) ar.write("model." + kv.key(), kv.value().detach().cpu());
+  // Buffers (VGG's BatchNorm running statistics; BERT has none).
+  for (const auto& kv : network().named_buffers()) ar.write("buffer." + kv.key(), kv.value().detach().cpu(), true);
+  if (sgd_ != nullptr) {
+    sgd_->Save(ar);
+  } else {
+    optimizer_->Save(ar);
+  }
   nlohmann::json meta = {
       {"step", step_},
       {"policy", policy_->SaveState()},
-      {"data", train_stream_->SaveState()},
+      {"data", is_vgg() ? image_stream_->SaveState() : train_stream_->SaveState()},
       {"flops", {flops_.forward, flops_.activation_grad, flops_.weight_grad, flops_.spectral, flops_.decoder}},
       {"flops_full", flops_full_},
       {"train_seconds", train_seconds_},
       {"spectral_seconds", spectral_seconds_},
       {"eval_seconds", eval_seconds_},
       {"best", {best_val_loss_, double(best_step_), test_loss_at_best_, flops_to_best_, seconds_to_best_}},
+      {"best_accuracy", {val_accuracy_at_best_, test_accuracy_at_best_}},
       {"loss_acc", {loss_sum_, double(loss_count_)}},
       {"active_sum", active_sum_},
       {"schedule", {{"has", has_schedule_}, {"every_step", schedule_.every_step},
@@ -536,7 +780,7 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
   if (!warning.empty()) spdlog::warn("{}; resuming from {}", warning, used);
   try {
     torch::NoGradGuard guard;
-    for (auto& kv : model_->named_parameters()) {
+    for (auto& kv : network().named_parameters()) {
       torch::Tensor t;
       ar.read("model." + kv.key(), t);
       if (!t.sizes().equals(kv.value().sizes())) {
@@ -545,13 +789,23 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
       }
       kv.value().copy_(t);
     }
-    MAT_RETURN_IF_ERROR(optimizer_->Load(ar));
+    for (auto& kv : network().named_buffers()) {
+      torch::Tensor t;
+      ar.read("buffer." + kv.key(), t, true);
+      if (!t.sizes().equals(kv.value().sizes())) {
+        return absl::InvalidArgumentError("checkpoint " + used + ": buffer " + kv.key() +
+                                          " has the wrong shape (different model config?)");
+      }
+      kv.value().copy_(t);
+    }
+    MAT_RETURN_IF_ERROR(sgd_ != nullptr ? sgd_->Load(ar) : optimizer_->Load(ar));
     c10::IValue meta_value;
     ar.read("meta", meta_value);
     nlohmann::json meta = nlohmann::json::parse(meta_value.toStringRef());
     step_ = meta["step"];
     MAT_RETURN_IF_ERROR(policy_->LoadState(meta["policy"].get<std::string>()));
-    MAT_RETURN_IF_ERROR(train_stream_->LoadState(meta["data"].get<std::string>()));
+    MAT_RETURN_IF_ERROR(is_vgg() ? image_stream_->LoadState(meta["data"].get<std::string>())
+                                 : train_stream_->LoadState(meta["data"].get<std::string>()));
     auto f = meta["flops"];
     flops_.forward = f[0];
     flops_.activation_grad = f[1];
@@ -568,6 +822,10 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     test_loss_at_best_ = b[2];
     flops_to_best_ = b[3];
     seconds_to_best_ = b[4];
+    if (meta.contains("best_accuracy")) {
+      val_accuracy_at_best_ = meta["best_accuracy"][0];
+      test_accuracy_at_best_ = meta["best_accuracy"][1];
+    }
     loss_sum_ = meta["loss_acc"][0];
     loss_count_ = int64_t(meta["loss_acc"][1].get<double>());
     active_sum_ = meta["active_sum"];

@@ -1,4 +1,10 @@
-// The one-process training loop shared by mat-train, the benchmarks and (later) mat-worker.
+// The one-process training loop shared by mat-train, the benchmarks and mat-worker.
+//
+// Two model families: the masked LM (model.kind bert or switch, on a WikiText corpus; loss in
+// nats per masked token) and image classification (model.kind vgg, on Fashion-MNIST or CIFAR-10;
+// cross-entropy per image and top-1 accuracy). Methods that take an MlmBatch are for the masked
+// LM, those that take an ImageBatch for VGG; calling one for the other family is
+// FAILED_PRECONDITION.
 //
 // Per step: at every policy interval the policy decides (MAT probes the modules' λ_max on the
 // step's first probe_samples samples first); the step's mask is applied to the model (masked-off
@@ -26,14 +32,26 @@
 #include "worker/bert.h"
 #include "worker/corpus.h"
 #include "worker/flops.h"
+#include "worker/image_data.h"
 #include "worker/mlm_data.h"
 #include "worker/optimizer.h"
+#include "worker/sgd.h"
 #include "worker/train_config.h"
+#include "worker/vgg.h"
 
 namespace mat::worker {
 
 // The model section as a BertConfig over a vocabulary of `vocab_size` ids (specials included).
 BertConfig MakeBertConfig(const TrainConfig& config, int64_t vocab_size);
+// The model section as a VggConfig for images of `channels` x `image_size`².
+VggConfig MakeVggConfig(const TrainConfig& config, int64_t channels, int64_t image_size);
+
+// An evaluation: mean loss (nats per masked token, or per image) and, for images, top-1
+// accuracy in [0, 1] (0 for the masked LM).
+struct EvalResult {
+  double loss = 0;
+  double accuracy = 0;
+};
 
 struct ProbeResult {
   std::vector<spectral::ModuleSpectrum> modules;  // empty when the policy needs no spectra
@@ -49,6 +67,8 @@ struct TrainerProgress {
   double val_loss = 0;
   bool has_test_loss = false;  // the test split was evaluated (validation improved)
   double test_loss = 0;
+  double val_accuracy = 0;     // vgg: top-1 on validation / test (when evaluated)
+  double test_accuracy = 0;
   double flops_total = 0;      // this rank's FLOPs so far
   int active_modules = 0;      // under this step's mask
   double wall_seconds = 0;     // training wall time so far (evaluation excluded)
@@ -68,6 +88,16 @@ class TrainerHooks {
   // After backward, before the optimizer step: average the gradients over the ranks. `active`
   // is this step's mask (masked-off modules have no gradient, identically on every rank).
   virtual absl::Status ReduceGradients(const std::vector<uint8_t>& active) = 0;
+  // Replace each tensor by its mean over the ranks (the model's buffers: VGG's BatchNorm
+  // running statistics, which each rank updates from its own share of the batch). The trainer
+  // calls it on every rank before the buffers are read: before a probe, an evaluation step and a
+  // checkpoint. Running statistics are exponential moving averages, linear in the batch
+  // statistics, so averaging them then equals averaging them after every step. Default: a
+  // single process, nothing to do.
+  virtual absl::Status AverageBuffers(const std::vector<torch::Tensor>& buffers) {
+    (void)buffers;
+    return absl::OkStatus();
+  }
   // After every step (and its evaluation, if any).
   virtual void OnProgress(const TrainerProgress& progress) = 0;
   // Before every step: a non-OK status (e.g. CANCELLED) ends Run with it, without a checkpoint.
@@ -103,28 +133,45 @@ class Trainer {
   absl::StatusOr<nlohmann::json> Run(int64_t stop_at_step = -1);
 
   // Building blocks, public for tests and benchmarks.
-  // One optimizer step on `batch` under `active`/`lr_scale`; returns the mean masked-LM loss.
+  // One optimizer step on `batch` under `active`/`lr_scale`; returns the mean masked-LM loss
+  // (MlmBatch) or the mean cross-entropy per image (ImageBatch).
   absl::StatusOr<double> TrainStep(const MlmBatch& batch, const std::vector<uint8_t>& active,
                                    const std::vector<double>& lr_scale, double lr);
+  absl::StatusOr<double> TrainStep(const ImageBatch& batch, const std::vector<uint8_t>& active,
+                                   const std::vector<double>& lr_scale, double lr);
   // λ_max etc. of every module on the first policy.probe_samples samples of `batch`, by
-  // `estimator` (borrowed; nullptr: the configured policy.estimator).
+  // `estimator` (borrowed; nullptr: the configured policy.estimator). VGG probes with
+  // BatchNorm in eval mode (running statistics), so that sample i's loss depends on sample i
+  // only.
   absl::StatusOr<ProbeResult> Probe(const MlmBatch& batch,
+                                    spectral::Estimator* estimator = nullptr);
+  absl::StatusOr<ProbeResult> Probe(const ImageBatch& batch,
                                     spectral::Estimator* estimator = nullptr);
   // Mean masked-LM loss over fixed batches (no gradients, dropout off).
   double Evaluate(const std::vector<MlmBatch>& batches);
+  // Mean cross-entropy per image and top-1 accuracy (no gradients, BatchNorm in eval mode).
+  EvalResult Evaluate(const std::vector<ImageBatch>& batches);
 
   absl::Status SaveCheckpoint(const std::string& path);
   absl::Status LoadCheckpoint(const std::string& path);
 
-  BertMlm& model() { return model_; }
-  MaskedAdamW& optimizer() { return *optimizer_; }
+  bool is_vgg() const { return !vgg_.is_empty(); }
+  // The model as a torch module (BERT/Switch or VGG).
+  torch::nn::Module& network();
+  // The parameters the optimizer updates, with their modules (what GradientSync reduces).
+  std::vector<ParamEntry> ParamEntries();
+  BertMlm& model() { return model_; }            // REQUIRES: !is_vgg()
+  Vgg& vgg() { return vgg_; }                    // REQUIRES: is_vgg()
+  MaskedAdamW& optimizer() { return *optimizer_; }  // REQUIRES: train.optimizer adamw
+  MaskedSgd& sgd() { return *sgd_; }                // REQUIRES: train.optimizer sgd
   policy::Policy& policy() { return *policy_; }
-  MlmStream& train_stream() { return *train_stream_; }
+  MlmStream& train_stream() { return *train_stream_; }   // REQUIRES: !is_vgg()
+  ImageStream& image_stream() { return *image_stream_; }  // REQUIRES: is_vgg()
   const spectral::ModulePartition& partition() const { return partition_; }
   const TrainConfig& config() const { return config_; }
   int64_t step() const { return step_; }
   double LearningRate(int64_t step) const;
-  // Sum of all parameters' bytes hashed (FNV-1a): equal runs have equal checksums.
+  // All parameters' and buffers' bytes hashed (FNV-1a): equal runs have equal checksums.
   std::string ParamChecksum();
   const torch::Device& device() const { return device_; }
 
@@ -134,6 +181,15 @@ class Trainer {
   absl::Status AppendLine(const std::string& file, const nlohmann::json& line);
   absl::Status TruncateLog(const std::string& file, int64_t max_step);
   void ShowProgress(double loss, int active, double elapsed);
+  absl::Status InitText();
+  absl::Status InitImages();
+  // hooks->AverageBuffers over the model's buffers, when there are hooks and buffers.
+  absl::Status SyncBuffers();
+  absl::Status OptimizerStep(double lr, const std::vector<uint8_t>& active,
+                             const std::vector<double>& lr_scale);
+  // Runs `estimator` on a recorded probe (catching LibTorch errors) and clears the gradients.
+  absl::StatusOr<spectral::EstimateResult> RunEstimator(spectral::Estimator* estimator,
+                                                        spectral::ProbeBatch probe);
   nlohmann::json Summary(double wall_seconds) const;
 
   TrainConfig config_;
@@ -143,8 +199,14 @@ class Trainer {
   Corpus corpus_;
   MlmOptions mlm_;
   BertMlm model_{nullptr};
+  // vgg: the model, its data (validation = the training files' last data.valid_size images).
+  Vgg vgg_{nullptr};
+  ImageDataset train_images_, valid_images_, test_images_;
+  std::unique_ptr<ImageStream> image_stream_;
+  std::vector<ImageBatch> valid_image_batches_, test_image_batches_;
   spectral::ModulePartition partition_;
-  std::unique_ptr<MaskedAdamW> optimizer_;
+  std::unique_ptr<MaskedAdamW> optimizer_;  // train.optimizer adamw
+  std::unique_ptr<MaskedSgd> sgd_;          // train.optimizer sgd
   std::unique_ptr<policy::Policy> policy_;
   std::unique_ptr<spectral::Estimator> estimator_;
   std::unique_ptr<MlmStream> train_stream_;
@@ -160,6 +222,8 @@ class Trainer {
   double best_val_loss_ = 0;
   int64_t best_step_ = -1;
   double test_loss_at_best_ = 0;
+  double val_accuracy_at_best_ = 0;   // vgg
+  double test_accuracy_at_best_ = 0;  // vgg
   double flops_to_best_ = 0;
   double seconds_to_best_ = 0;
   double loss_sum_ = 0;          // train loss since the last evaluation

@@ -106,6 +106,21 @@ TEST(GradientSyncTest, AveragesActiveModulesAndSkipsMaskedOnes) {
   });
 }
 
+// BatchNorm running statistics: each rank's buffers become the mean over the ranks, the same
+// values on every rank, in the buffers' own dtype and shape.
+TEST(GradientSyncTest, AverageTensorsGivesEveryRankTheMean) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  OnTwoRanks(1 << 20, [](int rank, GradientSync& sync, std::vector<ParamEntry>&) {
+    torch::Tensor mean = torch::arange(6, torch::kFloat).reshape({2, 3}) * float(rank + 1);
+    torch::Tensor var = torch::full({4}, rank == 0 ? 1.0 : 3.0, torch::kFloat64);
+    ASSERT_TRUE(sync.AverageTensors({mean, var}).ok());
+    EXPECT_TRUE(torch::equal(mean, torch::arange(6, torch::kFloat).reshape({2, 3}) * 1.5f)) << rank;
+    EXPECT_EQ(mean.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(torch::equal(var, torch::full({4}, 2.0, torch::kFloat64))) << rank;
+    EXPECT_TRUE(sync.AverageTensors({}).ok());
+  });
+}
+
 TEST(GradientSyncTest, BucketsCloseOnlyAtModuleBoundaries) {
   if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
   // 8-byte buckets: shared (16 B) alone, module 0 (36 B) whole, module 1, module 2: 4 buckets.

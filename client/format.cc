@@ -124,6 +124,16 @@ std::string FormatDuration(double seconds) {
 
 std::string DescribeModel(const v1::JobSpec& spec) {
   const v1::ModelSpec& m = spec.model();
+  if (m.kind() == "vgg") {
+    // "vgg11 w0.25 g4 fashion-mnist": arch, width, filter groups per conv layer ("h512" when
+    // the classifier has a hidden layer), the image set ("+aug" with augmentation).
+    std::string out = absl::StrCat(m.arch(), " w", FormatDouble(m.width()), " g",
+                                   m.filter_groups());
+    if (m.classifier_hidden() > 0) absl::StrAppend(&out, " h", m.classifier_hidden());
+    absl::StrAppend(&out, " ", spec.data().kind());
+    if (spec.data().augment()) absl::StrAppend(&out, "+aug");
+    return out;
+  }
   std::string out = absl::StrCat(m.kind(), " L", m.layers(), " d", m.d_model(), " H", m.heads());
   if (m.ffn_groups() > 0) absl::StrAppend(&out, " ffn", m.ffn_groups());
   return out;
@@ -141,6 +151,26 @@ std::string DescribePolicy(const v1::JobSpec& spec) {
   if (kind == "multirate") return absl::StrCat("multirate k=", p.multirate_k());
   return kind;
 }
+
+namespace {
+
+// The optimizer and the lr schedule: "adamw lr=0.0005 linear", "sgd lr=0.1 m=0.9 nesterov
+// step x0.1/1000" (decay_factor per decay_every steps).
+std::string DescribeTraining(const v1::JobSpec& spec) {
+  const v1::TrainSpec& t = spec.train();
+  std::string out = absl::StrCat(t.optimizer(), " lr=", FormatSignificant(t.lr(), 4));
+  if (t.optimizer() == "sgd") {
+    absl::StrAppend(&out, " m=", FormatDouble(t.momentum()));
+    if (t.nesterov()) absl::StrAppend(&out, " nesterov");
+  }
+  absl::StrAppend(&out, " ", t.schedule());
+  if (t.schedule() == "step") {
+    absl::StrAppend(&out, " x", FormatDouble(t.decay_factor()), "/", t.decay_every());
+  }
+  return out;
+}
+
+}  // namespace
 
 std::string FormatJobTable(const std::vector<v1::Job>& jobs) {
   std::vector<std::vector<std::string>> rows = {{"ID", "STATE", "MODEL", "POLICY", "CREATED"}};
@@ -215,6 +245,7 @@ std::string FormatJobText(const v1::GetJobReply& reply) {
       << "compute:     " << FormatSignificant(job.flops_total(), 3) << " FLOPs  "
       << FormatDuration(job.wall_seconds()) << " wall  attempt " << job.attempt() << "\n"
       << "model:       " << DescribeModel(job.spec()) << "\n"
+      << "train:       " << DescribeTraining(job.spec()) << "\n"
       << "policy:      " << DescribePolicy(job.spec()) << "\n"
       << "workers:     " << job.spec().resources().workers() << " x "
       << job.spec().resources().device() << "\n"

@@ -24,7 +24,9 @@ std::string FormatUnixTime(int64_t unix_seconds);
 // durations are "0s".
 std::string FormatDuration(double seconds);
 
-// "bert L2 d128 H4" (kind, layers, d_model, heads; "ffn4" appended when model.ffn_groups > 0).
+// "bert L2 d128 H4" (kind, layers, d_model, heads; "ffn4" appended when model.ffn_groups > 0);
+// for vgg e.g. "vgg16 w0.5 g8 h256 cifar10+aug" (arch, width, filter groups, classifier hidden
+// features when > 0, data kind, "+aug" with augmentation).
 std::string DescribeModel(const v1::JobSpec& spec);
 
 // The policy kind with its main parameter: "mat a=0.3", "mat a=0.3 b=0.05", "full",

@@ -1,11 +1,14 @@
-// Sections: reflection helpers · YAML -> JobSpec · defaults · validation · JobSpec -> YAML.
+// Sections: reflection helpers · YAML -> JobSpec · validation (transformer, VGG shapes) ·
+// JobSpec -> YAML · defaults · admission limits.
 #include "coordinator/job_spec.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <set>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -194,6 +197,105 @@ policy::PolicyConfig ToPolicyConfig(const v1::JobSpec& s) {
   return c;
 }
 
+bool IsImageData(const std::string& kind) { return kind == "fashion-mnist" || kind == "cifar10"; }
+
+// The model and data keys of bert and switch (worker/train_config.cc's rules; vgg skips them).
+absl::Status ValidateTransformerSpec(const v1::ModelSpec& m, const v1::DataSpec& d) {
+  MAT_RETURN_IF_ERROR(
+      Check(m.layers() >= 1, absl::StrCat("model.layers must be >= 1, got ", m.layers())));
+  MAT_RETURN_IF_ERROR(Check(m.heads() >= 1 && m.d_model() >= 1 && m.d_model() % m.heads() == 0,
+                            absl::StrCat("model.d_model must be a positive multiple of "
+                                         "model.heads, got d_model ",
+                                         m.d_model(), " and heads ", m.heads())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.d_ff() >= 1, absl::StrCat("model.d_ff must be >= 1, got ", m.d_ff())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.ffn_groups() >= 0 && (m.ffn_groups() == 0 || m.d_ff() % m.ffn_groups() == 0),
+            absl::StrCat("model.ffn_groups must be 0 or divide model.d_ff, got ",
+                         m.ffn_groups())));
+  MAT_RETURN_IF_ERROR(Check(m.dropout() >= 0 && m.dropout() < 1,
+                            absl::StrCat("model.dropout must be in [0,1), got ", m.dropout())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.experts() >= 1 && m.experts() <= 4096,
+            absl::StrCat("model.experts must be in [1, 4096], got ", m.experts())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.capacity_factor() > 0,
+            absl::StrCat("model.capacity_factor must be > 0, got ", m.capacity_factor())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.aux_loss_weight() >= 0,
+            absl::StrCat("model.aux_loss_weight must be >= 0, got ", m.aux_loss_weight())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.moe_every() >= 1, absl::StrCat("model.moe_every must be >= 1, got ", m.moe_every())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.kind() != "switch" || m.ffn_groups() == 0,
+            absl::StrCat("model.ffn_groups must be 0 for model.kind switch (its FFNs are "
+                         "experts), got ",
+                         m.ffn_groups())));
+  MAT_RETURN_IF_ERROR(Check(d.seq_len() >= 2 && d.seq_len() <= m.max_seq_len(),
+                            absl::StrCat("data.seq_len must be in [2, model.max_seq_len], got ",
+                                         d.seq_len(), " with model.max_seq_len ",
+                                         m.max_seq_len())));
+  MAT_RETURN_IF_ERROR(Check(d.mask_prob() > 0 && d.mask_prob() < 1,
+                            absl::StrCat("data.mask_prob must be in (0,1), got ", d.mask_prob())));
+  return absl::OkStatus();
+}
+
+// ----- VGG shapes (worker/vgg.h's layout, computed here without LibTorch) -----
+
+constexpr int64_t kVggPool = -1;
+constexpr int64_t kVggClasses = 10;  // Fashion-MNIST and CIFAR-10
+
+// Nominal conv channels with kVggPool for a 2x2 max-pool: configurations A and D of Simonyan &
+// Zisserman (worker/vgg.cc's kConfigA, kConfigD).
+const std::vector<int64_t>& VggLayout(const std::string& arch) {
+  static const std::vector<int64_t> kA = {64,  kVggPool, 128, kVggPool, 256, 256,  kVggPool,
+                                          512, 512,      kVggPool, 512, 512, kVggPool};
+  static const std::vector<int64_t> kD = {64,  64,  kVggPool, 128, 128, kVggPool, 256,
+                                          256, 256, kVggPool, 512, 512, 512, kVggPool,
+                                          512, 512, 512, kVggPool};
+  return arch == "vgg16" ? kD : kA;
+}
+
+// Channels of a layer of nominal width c: max(1, round(c · width)), in double so an absurd width
+// does not overflow (ValidateVggSpec bounds width to (0, 64]).
+double VggScaled(int64_t channels, double width) {
+  return std::max(1.0, std::round(static_cast<double>(channels) * width));
+}
+
+// Input channels of the images of `data_kind`: 1 for Fashion-MNIST, 3 for CIFAR-10.
+int64_t VggInChannels(const std::string& data_kind) {
+  return data_kind == "fashion-mnist" ? 1 : 3;
+}
+
+absl::Status ValidateVggSpec(const v1::ModelSpec& m, const v1::DataSpec& d) {
+  MAT_RETURN_IF_ERROR(Check(IsImageData(d.kind()),
+                            "data.kind " + d.kind() +
+                                " does not fit model.kind vgg (expected fashion-mnist or "
+                                "cifar10)"));
+  MAT_RETURN_IF_ERROR(Check(m.arch() == "vgg11" || m.arch() == "vgg16",
+                            "model.arch: unknown VGG '" + m.arch() +
+                                "' (expected vgg11 or vgg16)"));
+  MAT_RETURN_IF_ERROR(Check(m.width() > 0 && m.width() <= 64,
+                            absl::StrCat("model.width must be a number in (0, 64], got ",
+                                         m.width())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.filter_groups() >= 1,
+            absl::StrCat("model.filter_groups must be >= 1, got ", m.filter_groups())));
+  // The worker's VGG (worker/vgg.h ValidateVggConfig) also needs a group per layer to hold at
+  // least one channel; the narrowest layer is the first (nominal 64).
+  const double narrowest = VggScaled(64, m.width());
+  MAT_RETURN_IF_ERROR(Check(static_cast<double>(m.filter_groups()) <= narrowest,
+                            absl::StrCat("model.filter_groups must be <= ", narrowest,
+                                         " (the narrowest conv layer's channels at model.width ",
+                                         m.width(), "), got ", m.filter_groups())));
+  MAT_RETURN_IF_ERROR(
+      Check(m.classifier_hidden() >= 0,
+            absl::StrCat("model.classifier_hidden must be >= 0, got ", m.classifier_hidden())));
+  MAT_RETURN_IF_ERROR(Check(d.valid_size() >= 1,
+                            absl::StrCat("data.valid_size must be >= 1, got ", d.valid_size())));
+  return absl::OkStatus();
+}
+
 // ----- JobSpec -> YAML -----
 
 // Shortest text that reads back to exactly `v`, always with a '.' or an exponent marked as a
@@ -316,11 +418,17 @@ v1::JobSpec JobSpecDefaults() {
   m->set_capacity_factor(1.25);
   m->set_aux_loss_weight(0.01);
   m->set_moe_every(1);
+  m->set_arch("vgg11");
+  m->set_width(0.25);
+  m->set_filter_groups(4);
+  m->set_classifier_hidden(0);
   v1::DataSpec* d = s.mutable_data();
   d->set_kind("wikitext");
   d->set_dir("../shared/data/wikitext-2");
   d->set_seq_len(128);
   d->set_mask_prob(0.15);
+  d->set_valid_size(5000);
+  d->set_augment(false);
   v1::TrainSpec* t = s.mutable_train();
   t->set_steps(2000);
   t->set_batch_size(32);
@@ -337,6 +445,11 @@ v1::JobSpec JobSpecDefaults() {
   t->set_checkpoint_every(0);
   t->set_threads(0);
   t->set_precision("fp32");
+  t->set_optimizer("adamw");
+  t->set_decay_every(1000);
+  t->set_decay_factor(0.1);
+  t->set_momentum(0.9);
+  t->set_nesterov(false);
   v1::PolicySpec* p = s.mutable_policy();
   p->set_kind("mat");
   p->set_alpha(0.3);
@@ -370,50 +483,21 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
   MAT_RETURN_IF_ERROR(CheckFinite(s, ""));
 
   const v1::ModelSpec& m = s.model();
-  MAT_RETURN_IF_ERROR(Check(m.kind() == "bert" || m.kind() == "switch",
-                            "model.kind: unknown model '" + m.kind() +
-                                "' (expected bert or switch)"));
-  MAT_RETURN_IF_ERROR(
-      Check(m.layers() >= 1, absl::StrCat("model.layers must be >= 1, got ", m.layers())));
-  MAT_RETURN_IF_ERROR(Check(m.heads() >= 1 && m.d_model() >= 1 && m.d_model() % m.heads() == 0,
-                            absl::StrCat("model.d_model must be a positive multiple of "
-                                         "model.heads, got d_model ",
-                                         m.d_model(), " and heads ", m.heads())));
-  MAT_RETURN_IF_ERROR(
-      Check(m.d_ff() >= 1, absl::StrCat("model.d_ff must be >= 1, got ", m.d_ff())));
-  MAT_RETURN_IF_ERROR(
-      Check(m.ffn_groups() >= 0 && (m.ffn_groups() == 0 || m.d_ff() % m.ffn_groups() == 0),
-            absl::StrCat("model.ffn_groups must be 0 or divide model.d_ff, got ",
-                         m.ffn_groups())));
-  MAT_RETURN_IF_ERROR(Check(m.dropout() >= 0 && m.dropout() < 1,
-                            absl::StrCat("model.dropout must be in [0,1), got ", m.dropout())));
-  MAT_RETURN_IF_ERROR(
-      Check(m.experts() >= 1 && m.experts() <= 4096,
-            absl::StrCat("model.experts must be in [1, 4096], got ", m.experts())));
-  MAT_RETURN_IF_ERROR(
-      Check(m.capacity_factor() > 0,
-            absl::StrCat("model.capacity_factor must be > 0, got ", m.capacity_factor())));
-  MAT_RETURN_IF_ERROR(
-      Check(m.aux_loss_weight() >= 0,
-            absl::StrCat("model.aux_loss_weight must be >= 0, got ", m.aux_loss_weight())));
-  MAT_RETURN_IF_ERROR(
-      Check(m.moe_every() >= 1, absl::StrCat("model.moe_every must be >= 1, got ", m.moe_every())));
-  MAT_RETURN_IF_ERROR(
-      Check(m.kind() != "switch" || m.ffn_groups() == 0,
-            absl::StrCat("model.ffn_groups must be 0 for model.kind switch (its FFNs are "
-                         "experts), got ",
-                         m.ffn_groups())));
-
   const v1::DataSpec& d = s.data();
-  MAT_RETURN_IF_ERROR(
-      Check(d.kind() == "wikitext",
-            "data.kind: unknown data kind '" + d.kind() + "' (expected wikitext)"));
-  MAT_RETURN_IF_ERROR(Check(d.seq_len() >= 2 && d.seq_len() <= m.max_seq_len(),
-                            absl::StrCat("data.seq_len must be in [2, model.max_seq_len], got ",
-                                         d.seq_len(), " with model.max_seq_len ",
-                                         m.max_seq_len())));
-  MAT_RETURN_IF_ERROR(Check(d.mask_prob() > 0 && d.mask_prob() < 1,
-                            absl::StrCat("data.mask_prob must be in (0,1), got ", d.mask_prob())));
+  MAT_RETURN_IF_ERROR(Check(m.kind() == "bert" || m.kind() == "switch" || m.kind() == "vgg",
+                            "model.kind: unknown model '" + m.kind() +
+                                "' (expected bert, switch or vgg)"));
+  const bool images = IsImageData(d.kind());
+  MAT_RETURN_IF_ERROR(Check(d.kind() == "wikitext" || images,
+                            "data.kind: unknown data kind '" + d.kind() +
+                                "' (expected wikitext, fashion-mnist or cifar10)"));
+  if (m.kind() == "vgg") {
+    MAT_RETURN_IF_ERROR(ValidateVggSpec(m, d));
+  } else {
+    MAT_RETURN_IF_ERROR(Check(!images, "data.kind " + d.kind() + " does not fit model.kind " +
+                                           m.kind() + " (expected wikitext)"));
+    MAT_RETURN_IF_ERROR(ValidateTransformerSpec(m, d));
+  }
 
   const v1::TrainSpec& t = s.train();
   MAT_RETURN_IF_ERROR(
@@ -427,10 +511,25 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
   MAT_RETURN_IF_ERROR(
       Check(t.warmup_steps() >= 0,
             absl::StrCat("train.warmup_steps must be >= 0, got ", t.warmup_steps())));
+  MAT_RETURN_IF_ERROR(Check(t.schedule() == "linear" || t.schedule() == "cosine" ||
+                                t.schedule() == "constant" || t.schedule() == "step",
+                            "train.schedule: unknown schedule '" + t.schedule() +
+                                "' (expected linear, cosine, constant or step)"));
   MAT_RETURN_IF_ERROR(
-      Check(t.schedule() == "linear" || t.schedule() == "cosine" || t.schedule() == "constant",
-            "train.schedule: unknown schedule '" + t.schedule() +
-                "' (expected linear, cosine or constant)"));
+      Check(t.decay_every() >= 1,
+            absl::StrCat("train.decay_every must be >= 1, got ", t.decay_every())));
+  MAT_RETURN_IF_ERROR(
+      Check(t.decay_factor() > 0 && t.decay_factor() <= 1,
+            absl::StrCat("train.decay_factor must be in (0, 1], got ", t.decay_factor())));
+  MAT_RETURN_IF_ERROR(Check(t.optimizer() == "adamw" || t.optimizer() == "sgd",
+                            "train.optimizer: unknown optimizer '" + t.optimizer() +
+                                "' (expected adamw or sgd)"));
+  MAT_RETURN_IF_ERROR(
+      Check(t.momentum() >= 0 && t.momentum() < 1,
+            absl::StrCat("train.momentum must be in [0,1), got ", t.momentum())));
+  MAT_RETURN_IF_ERROR(Check(!t.nesterov() || t.momentum() > 0,
+                            absl::StrCat("train.nesterov needs train.momentum > 0, got ",
+                                         t.momentum())));
   MAT_RETURN_IF_ERROR(
       Check(t.weight_decay() >= 0,
             absl::StrCat("train.weight_decay must be >= 0, got ", t.weight_decay())));
@@ -514,7 +613,30 @@ std::vector<std::string> JobSpecKeys() {
 
 // ----- admission limits -----
 
+namespace {
+
+// EstimateModelParams for model.kind vgg (see job_spec.h).
+double EstimateVggParams(const v1::JobSpec& spec) {
+  const v1::JobSpec full = WithJobSpecDefaults(spec);
+  const v1::ModelSpec& m = full.model();
+  double in = static_cast<double>(VggInChannels(full.data().kind()));
+  double total = 0;
+  for (int64_t nominal : VggLayout(m.arch())) {
+    if (nominal == kVggPool) continue;
+    const double out = VggScaled(nominal, m.width());
+    total += out * in * 9 + 2 * out;  // 3x3 kernel (no bias), BatchNorm scale and shift
+    in = out;
+  }
+  const double classes = static_cast<double>(kVggClasses);
+  const double hidden = static_cast<double>(std::max<int64_t>(0, m.classifier_hidden()));
+  total += hidden > 0 ? in * hidden + hidden + hidden * classes + classes : in * classes + classes;
+  return total;
+}
+
+}  // namespace
+
 double EstimateModelParams(const v1::JobSpec& spec, int64_t vocab_size) {
+  if (WithJobSpecDefaults(spec).model().kind() == "vgg") return EstimateVggParams(spec);
   const v1::ModelSpec m = WithJobSpecDefaults(spec).model();
   const double d = static_cast<double>(m.d_model());
   const double ff = static_cast<double>(m.d_ff());
@@ -551,6 +673,12 @@ absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& li
   const double params = EstimateModelParams(full);
   if (limits.max_model_params > 0 && params > limits.max_model_params) {
     const v1::ModelSpec& m = full.model();
+    if (m.kind() == "vgg") {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "model has about %.3g parameters (%s, width %g, classifier_hidden %d); the limit is "
+          "%.3g (--max-model-params)",
+          params, m.arch(), m.width(), m.classifier_hidden(), limits.max_model_params));
+    }
     return absl::ResourceExhaustedError(absl::StrFormat(
         "model has about %.3g parameters (layers %d, d_model %d, d_ff %d, max_seq_len %d; "
         "vocabulary assumed %d); the limit is %.3g (--max-model-params)",

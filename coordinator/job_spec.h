@@ -51,6 +51,8 @@ v1::JobSpec WithJobSpecDefaults(const v1::JobSpec& spec);
 // and messages (ValidateTrainConfig) so the coordinator rejects a job before a worker would; in
 // addition:
 //   - every number must be finite ("train.lr must be a finite number, got inf");
+//   - model.kind vgg: model.filter_groups <= the channels of the narrowest conv layer,
+//     max(1, round(64 · model.width)) (worker/vgg.h ValidateVggConfig's rule);
 //   - resources.workers >= 1; resources.device is "cpu" or "cuda";
 //   - train.batch_size is a multiple of resources.workers (each rank takes
 //     batch_size / workers samples per step) and policy.probe_samples <= that per-rank batch
@@ -77,13 +79,16 @@ std::vector<std::string> JobSpecKeys();
 // (WikiText-2: 33,278 types plus the specials; WikiText-103: 267,735 would need a larger limit).
 inline constexpr int64_t kAssumedVocabSize = 50000;
 
-// Parameters of the BERT model `spec` describes (after WithJobSpecDefaults), count, for a
-// vocabulary of `vocab_size` ids (worker/bert.h: token and position embeddings, per layer the
-// attention projections with biases, the FFN with biases (model.kind switch: in its Switch
+// Parameters of the model `spec` describes (after WithJobSpecDefaults), count. bert and switch,
+// for a vocabulary of `vocab_size` ids (worker/bert.h: token and position embeddings, per layer
+// the attention projections with biases, the FFN with biases (model.kind switch: in its Switch
 // layers `experts` such FFNs and the router) and two LayerNorms, the MLM head's
-// dense layer, LayerNorm and decoder bias; the decoder is tied to the token embedding). Computed
-// in double so absurd shapes do not overflow. An estimate of the layout above: meant for an
-// admission limit, not for accounting.
+// dense layer, LayerNorm and decoder bias; the decoder is tied to the token embedding). vgg
+// (worker/vgg.h; `vocab_size` unused): per conv layer of configuration A (vgg11) or D (vgg16)
+// with max(1, round(c · width)) channels, the 3x3 kernel without bias and the BatchNorm scale and
+// shift, on 1 input channel (fashion-mnist) or 3 (cifar10); then the classifier's linear
+// layer(s) with biases to 10 classes. Computed in double so absurd shapes do not overflow. An
+// estimate of the layout above: meant for an admission limit, not for accounting.
 double EstimateModelParams(const v1::JobSpec& spec, int64_t vocab_size = kAssumedVocabSize);
 
 struct JobSpecLimits {
@@ -103,7 +108,8 @@ struct JobSpecLimits {
 //   - data.dir outside the roots: INVALID_ARGUMENT "data.dir: '/etc' is not under a data root
 //     (/data) (--data-root)";
 //   - model too large: RESOURCE_EXHAUSTED "model has about 2.1e+09 parameters (layers 48,
-//     d_model 2048, ...; vocabulary assumed 50000); the limit is 1e+09 (--max-model-params)".
+//     d_model 2048, ...; vocabulary assumed 50000); the limit is 1e+09 (--max-model-params)"; for
+//     vgg "model has about 2.1e+09 parameters (vgg16, width 64, classifier_hidden 0); ...".
 // OK otherwise.
 absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& limits);
 

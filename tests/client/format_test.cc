@@ -44,6 +44,34 @@ TEST(FormatTest, DurationsAreCompactAndRounded) {
   EXPECT_EQ(FormatDuration(std::numeric_limits<double>::infinity()), ">9999d");
 }
 
+TEST(FormatTest, VggModelDescriptionNamesArchWidthGroupsAndImages) {
+  v1::JobSpec spec = coordinator::JobSpecDefaults();
+  spec.mutable_model()->set_kind("vgg");
+  spec.mutable_data()->set_kind("fashion-mnist");
+  EXPECT_EQ(DescribeModel(spec), "vgg11 w0.25 g4 fashion-mnist");
+  spec.mutable_model()->set_arch("vgg16");
+  spec.mutable_model()->set_width(0.5);
+  spec.mutable_model()->set_filter_groups(8);
+  spec.mutable_model()->set_classifier_hidden(256);
+  spec.mutable_data()->set_kind("cifar10");
+  spec.mutable_data()->set_augment(true);
+  EXPECT_EQ(DescribeModel(spec), "vgg16 w0.5 g8 h256 cifar10+aug");
+}
+
+TEST(FormatTest, JobTextShowsOptimizerAndSchedule) {
+  v1::GetJobReply reply;
+  *reply.mutable_job() = MakeJob("job-000005", v1::JOB_STATE_QUEUED);
+  EXPECT_THAT(FormatJobText(reply), HasSubstr("train:       adamw lr=0.0005 linear\n"));
+  v1::TrainSpec* t = reply.mutable_job()->mutable_spec()->mutable_train();
+  t->set_optimizer("sgd");
+  t->set_lr(0.1);
+  t->set_nesterov(true);
+  t->set_schedule("step");
+  t->set_decay_every(500);
+  EXPECT_THAT(FormatJobText(reply),
+              HasSubstr("train:       sgd lr=0.1 m=0.9 nesterov step x0.1/500\n"));
+}
+
 TEST(FormatTest, ModelAndPolicyDescriptionsNameTheirMainParameters) {
   v1::JobSpec spec = coordinator::JobSpecDefaults();
   EXPECT_EQ(DescribeModel(spec), "bert L4 d256 H8");

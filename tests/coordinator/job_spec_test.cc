@@ -10,6 +10,7 @@
 #include <ostream>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -18,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "worker/train_config.h"
 #include "yaml-cpp/yaml.h"
 
 namespace mat::coordinator {
@@ -39,11 +41,14 @@ const std::vector<std::string> kTrainerKeys = {
     "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
     "model.max_seq_len", "model.dropout", "model.pre_ln", "model.experts",
     "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
-    "data.kind", "data.dir", "data.seq_len", "data.mask_prob",
-    "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
-    "train.schedule", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
-    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads",
-    "train.precision", "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
+    "model.arch", "model.width", "model.filter_groups", "model.classifier_hidden",
+    "data.kind", "data.dir", "data.seq_len", "data.mask_prob", "data.valid_size", "data.augment",
+    "train.steps", "train.batch_size", "train.optimizer", "train.lr", "train.min_lr_ratio",
+    "train.warmup_steps", "train.schedule", "train.decay_every", "train.decay_factor",
+    "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.momentum",
+    "train.nesterov", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    "train.threads", "train.precision",
+    "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",
     "policy.multirate_fast_fraction"};
@@ -202,6 +207,72 @@ TEST(JobSpecTest, SwitchKeysParseAndUnsetOnesTakeTheDefaults) {
   EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
 }
 
+TEST(JobSpecTest, VggSpecWithFashionMnistParsesWithItsValuesAndValidates) {
+  auto spec = Parse(
+      "model: {kind: vgg, arch: vgg16, width: 0.5, filter_groups: 8, classifier_hidden: 256}\n"
+      "data: {kind: fashion-mnist, dir: /usr/share/datasets/fashion-mnist, valid_size: 6000,\n"
+      "       augment: true}\n"
+      "train: {optimizer: sgd, lr: 0.05, schedule: step, decay_every: 500, decay_factor: 0.2,\n"
+      "        momentum: 0.85, nesterov: true, batch_size: 64}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().kind(), "vgg");
+  EXPECT_EQ(spec->model().arch(), "vgg16");
+  EXPECT_DOUBLE_EQ(spec->model().width(), 0.5);
+  EXPECT_EQ(spec->model().filter_groups(), 8);
+  EXPECT_EQ(spec->model().classifier_hidden(), 256);
+  EXPECT_EQ(spec->data().kind(), "fashion-mnist");
+  EXPECT_EQ(spec->data().dir(), "/usr/share/datasets/fashion-mnist");
+  EXPECT_EQ(spec->data().valid_size(), 6000);
+  EXPECT_TRUE(spec->data().augment());
+  EXPECT_EQ(spec->train().optimizer(), "sgd");
+  EXPECT_EQ(spec->train().schedule(), "step");
+  EXPECT_EQ(spec->train().decay_every(), 500);
+  EXPECT_DOUBLE_EQ(spec->train().decay_factor(), 0.2);
+  EXPECT_DOUBLE_EQ(spec->train().momentum(), 0.85);
+  EXPECT_TRUE(spec->train().nesterov());
+  // The BERT keys stay unset; vgg ignores them.
+  EXPECT_FALSE(spec->model().has_layers());
+  EXPECT_FALSE(spec->data().has_seq_len());
+  EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+}
+
+TEST(JobSpecTest, VggKeysTakeTheDefaultsWhenUnset) {
+  auto spec = Parse("model: {kind: vgg}\ndata: {kind: cifar10}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_FALSE(spec->model().has_arch());
+  const v1::JobSpec full = WithJobSpecDefaults(*spec);
+  EXPECT_EQ(full.model().arch(), "vgg11");
+  EXPECT_DOUBLE_EQ(full.model().width(), 0.25);
+  EXPECT_EQ(full.model().filter_groups(), 4);
+  EXPECT_EQ(full.model().classifier_hidden(), 0);
+  EXPECT_EQ(full.data().valid_size(), 5000);
+  EXPECT_FALSE(full.data().augment());
+  EXPECT_EQ(full.train().optimizer(), "adamw");
+  EXPECT_EQ(full.train().decay_every(), 1000);
+  EXPECT_DOUBLE_EQ(full.train().decay_factor(), 0.1);
+  EXPECT_DOUBLE_EQ(full.train().momentum(), 0.9);
+  EXPECT_FALSE(full.train().nesterov());
+  EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+}
+
+TEST(JobSpecTest, NewKeysHaveTheirTypesChecked) {
+  for (const auto& [yaml, key] : std::vector<std::pair<std::string, std::string>>{
+           {"model: {width: wide}", "model.width: 'wide' is not a number"},
+           {"model: {filter_groups: 2.5}", "model.filter_groups: '2.5' is not an integer"},
+           {"model: {arch: [vgg11]}", "model.arch: expected a string"},
+           {"data: {augment: sometimes}", "data.augment: 'sometimes' is not a boolean"},
+           {"data: {valid_size: many}", "data.valid_size"},
+           {"train: {nesterov: 2}", "train.nesterov"},
+           {"train: {momentum: fast}", "train.momentum"},
+           {"train: {decay_every: 1.5}", "train.decay_every"},
+           {"train: {optimzer: sgd}", "train.optimzer: unknown key"}}) {
+    auto spec = Parse(yaml);
+    ASSERT_FALSE(spec.ok()) << "accepted: " << yaml;
+    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << spec.status();
+    EXPECT_THAT(spec.status().message(), HasSubstr(key)) << yaml;
+  }
+}
+
 TEST(JobSpecTest, EveryExampleParsesAndValidates) {
   int seen = 0;
   for (const auto& entry : fs::directory_iterator(kExamples)) {
@@ -342,13 +413,18 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"model.max_seq_len", "128"}, {"model.dropout", "0.1"}, {"model.pre_ln", "false"},
       {"model.experts", "8"}, {"model.capacity_factor", "1.25"},
       {"model.aux_loss_weight", "0.01"}, {"model.moe_every", "1"},
+      {"model.arch", "vgg11"}, {"model.width", "0.25"}, {"model.filter_groups", "4"},
+      {"model.classifier_hidden", "0"},
       {"data.kind", "wikitext"}, {"data.dir", "../shared/data/wikitext-2"},
-      {"data.seq_len", "128"}, {"data.mask_prob", "0.15"},
+      {"data.seq_len", "128"}, {"data.mask_prob", "0.15"}, {"data.valid_size", "5000"},
+      {"data.augment", "false"},
       {"train.steps", "2000"}, {"train.batch_size", "32"}, {"train.lr", "0.0005"},
       {"train.min_lr_ratio", "0"}, {"train.warmup_steps", "100"}, {"train.schedule", "linear"},
       {"train.weight_decay", "0.01"}, {"train.beta1", "0.9"}, {"train.beta2", "0.999"},
       {"train.eps", "1e-08"}, {"train.eval_every", "200"}, {"train.eval_batches", "50"},
       {"train.checkpoint_every", "0"}, {"train.threads", "0"}, {"train.precision", "fp32"},
+      {"train.optimizer", "adamw"}, {"train.decay_every", "1000"}, {"train.decay_factor", "0.1"},
+      {"train.momentum", "0.9"}, {"train.nesterov", "false"},
       {"policy.kind", "mat"}, {"policy.alpha", "0.3"}, {"policy.beta", "0"},
       {"policy.gamma", "0.5"}, {"policy.patience", "3"}, {"policy.warmup_steps", "200"},
       {"policy.probe_every", "20"}, {"policy.probe_samples", "16"},
@@ -405,6 +481,34 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"SwitchWithFfnGroups", "model: {kind: switch, ffn_groups: 2}",
                  "model.ffn_groups"},
         BadValue{"UnknownData", "data: {kind: imagenet}", "data.kind"},
+        BadValue{"UnknownArch", "model: {kind: vgg, arch: vgg19}\ndata: {kind: fashion-mnist}",
+                 "model.arch"},
+        BadValue{"UnknownArchValue", "model: {kind: vgg, arch: vgg19}\ndata: {kind: cifar10}",
+                 "vgg19"},
+        BadValue{"ZeroWidth", "model: {kind: vgg, width: 0}\ndata: {kind: fashion-mnist}",
+                 "model.width"},
+        BadValue{"WidthAbove64", "model: {kind: vgg, width: 65}\ndata: {kind: fashion-mnist}",
+                 "model.width"},
+        BadValue{"InfiniteWidth", "model: {kind: vgg, width: .inf}\ndata: {kind: fashion-mnist}",
+                 "model.width"},
+        BadValue{"ZeroFilterGroups",
+                 "model: {kind: vgg, filter_groups: 0}\ndata: {kind: fashion-mnist}",
+                 "model.filter_groups"},
+        // width 0.25: the first layer has round(64 · 0.25) = 16 channels.
+        BadValue{"MoreFilterGroupsThanChannels",
+                 "model: {kind: vgg, filter_groups: 17}\ndata: {kind: fashion-mnist}",
+                 "model.filter_groups must be <= 16"},
+        BadValue{"NegativeClassifierHidden",
+                 "model: {kind: vgg, classifier_hidden: -1}\ndata: {kind: cifar10}",
+                 "model.classifier_hidden"},
+        BadValue{"ZeroValidSize", "model: {kind: vgg}\ndata: {kind: cifar10, valid_size: 0}",
+                 "data.valid_size"},
+        BadValue{"VggWithWikitext", "model: {kind: vgg}",
+                 "data.kind wikitext does not fit model.kind vgg"},
+        BadValue{"BertWithFashionMnist", "data: {kind: fashion-mnist}",
+                 "data.kind fashion-mnist does not fit model.kind bert"},
+        BadValue{"SwitchWithCifar", "model: {kind: switch}\ndata: {kind: cifar10}",
+                 "data.kind cifar10 does not fit model.kind switch"},
         BadValue{"SeqLenAboveMax", "data: {seq_len: 129}", "data.seq_len"},
         BadValue{"SeqLenOne", "data: {seq_len: 1}", "data.seq_len"},
         BadValue{"MaskProbOne", "data: {mask_prob: 1}", "data.mask_prob"},
@@ -415,7 +519,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"InfiniteLr", "train: {lr: .inf}", "train.lr must be a finite number"},
         BadValue{"MinLrRatioAboveOne", "train: {min_lr_ratio: 1.5}", "train.min_lr_ratio"},
         BadValue{"NegativeWarmup", "train: {warmup_steps: -1}", "train.warmup_steps"},
-        BadValue{"UnknownSchedule", "train: {schedule: step}", "train.schedule"},
+        BadValue{"UnknownSchedule", "train: {schedule: exponential}", "train.schedule"},
         BadValue{"NegativeDecay", "train: {weight_decay: -0.1}", "train.weight_decay"},
         BadValue{"Beta1One", "train: {beta1: 1}", "train.beta1"},
         BadValue{"Beta2Negative", "train: {beta2: -0.5}", "train.beta2"},
@@ -425,6 +529,16 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"NegativeCheckpointEvery", "train: {checkpoint_every: -5}",
                  "train.checkpoint_every"},
         BadValue{"NegativeThreads", "train: {threads: -1}", "train.threads"},
+        BadValue{"UnknownOptimizer", "train: {optimizer: adam}", "train.optimizer"},
+        BadValue{"UnknownOptimizerValue", "train: {optimizer: adam}", "'adam'"},
+        BadValue{"ZeroDecayEvery", "train: {schedule: step, decay_every: 0}", "train.decay_every"},
+        BadValue{"ZeroDecayFactor", "train: {schedule: step, decay_factor: 0}",
+                 "train.decay_factor"},
+        BadValue{"DecayFactorAboveOne", "train: {decay_factor: 1.5}", "train.decay_factor"},
+        BadValue{"MomentumOne", "train: {optimizer: sgd, momentum: 1}", "train.momentum"},
+        BadValue{"NegativeMomentum", "train: {momentum: -0.1}", "train.momentum"},
+        BadValue{"NesterovWithoutMomentum", "train: {optimizer: sgd, momentum: 0, nesterov: true}",
+                 "train.nesterov needs train.momentum > 0"},
         BadValue{"ProbeSamplesOne", "policy: {probe_samples: 1}", "policy.probe_samples"},
         BadValue{"ProbeSamplesAboveBatch", "policy: {probe_samples: 33}", "policy.probe_samples"},
         BadValue{"ZeroProbeEvery", "policy: {probe_every: 0}", "policy.probe_every"},
@@ -468,7 +582,17 @@ TEST(JobSpecTest, BoundaryValuesValidate) {
         "resources: {workers: 32}\npolicy: {probe_samples: 2, kind: full}\ntrain: {batch_size: 64}",
         "policy: {kind: rand}", "policy: {kind: multirate, multirate_k: 1}",
         "policy: {estimator: exact}", "policy: {estimator: lanczos}",
-        "policy: {estimator: exact-output}", "train: {schedule: constant}"}) {
+        "policy: {estimator: exact-output}", "train: {schedule: constant}",
+        "train: {schedule: step, decay_every: 1, decay_factor: 1}",
+        "train: {optimizer: sgd, momentum: 0, nesterov: false, weight_decay: 0}",
+        "train: {optimizer: sgd, momentum: 0.99, nesterov: true}",
+        "model: {kind: vgg}\ndata: {kind: fashion-mnist}",
+        "model: {kind: vgg, arch: vgg16, width: 64, filter_groups: 4096, classifier_hidden: 0}\n"
+        "data: {kind: cifar10, valid_size: 1, augment: true}",
+        "model: {kind: vgg, width: 0.001, filter_groups: 1}\ndata: {kind: fashion-mnist}",
+        // vgg skips the BERT-only checks: these shapes would not do for bert.
+        "model: {kind: vgg, layers: 0, heads: 7, ffn_groups: 3, dropout: 1}\n"
+        "data: {kind: cifar10, seq_len: 1, mask_prob: 0}"}) {
     auto spec = Parse(yaml);
     ASSERT_TRUE(spec.ok()) << yaml << ": " << spec.status();
     EXPECT_TRUE(ValidateJobSpec(*spec).ok()) << yaml << ": " << ValidateJobSpec(*spec);
@@ -549,6 +673,61 @@ TEST(JobSpecYamlTest, TrainerYamlHasEveryTrainerKeyAndNoResources) {
   ExpectBitIdentical(expected, *back);
 }
 
+// The config text a worker hands mat-train: ParseTrainConfig and ValidateTrainConfig (the
+// trainer's own rules) accept it and read back every value the spec holds.
+TEST(JobSpecYamlTest, VggTrainerYamlIsAValidMatTrainConfigWithTheSpecsValues) {
+  auto spec = Parse(
+      "seed: 7\n"
+      "model: {kind: vgg, arch: vgg16, width: 0.125, filter_groups: 2, classifier_hidden: 32}\n"
+      "data: {kind: fashion-mnist, dir: /usr/share/datasets/fashion-mnist, valid_size: 1000,\n"
+      "       augment: true}\n"
+      "train: {optimizer: sgd, lr: 0.1, schedule: step, decay_every: 300, decay_factor: 0.5,\n"
+      "        momentum: 0.8, nesterov: true, weight_decay: 0.0005, batch_size: 16}\n"
+      "policy: {probe_samples: 4}\n"
+      "resources: {workers: 2}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  ASSERT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
+  const std::string yaml = JobSpecToTrainerYaml(WithJobSpecDefaults(*spec));
+  absl::StatusOr<worker::TrainConfig> config = worker::ParseTrainConfig(yaml, "trainer.yaml");
+  ASSERT_TRUE(config.ok()) << config.status() << "\n" << yaml;
+  EXPECT_TRUE(worker::ValidateTrainConfig(*config).ok())
+      << worker::ValidateTrainConfig(*config) << "\n" << yaml;
+  EXPECT_EQ(config->seed, 7u);
+  EXPECT_EQ(config->model.kind, "vgg");
+  EXPECT_EQ(config->model.arch, "vgg16");
+  EXPECT_EQ(config->model.width, 0.125);
+  EXPECT_EQ(config->model.filter_groups, 2);
+  EXPECT_EQ(config->model.classifier_hidden, 32);
+  EXPECT_EQ(config->data.kind, "fashion-mnist");
+  EXPECT_EQ(config->data.dir, "/usr/share/datasets/fashion-mnist");
+  EXPECT_EQ(config->data.valid_size, 1000);
+  EXPECT_TRUE(config->data.augment);
+  EXPECT_EQ(config->train.optimizer, "sgd");
+  EXPECT_EQ(config->train.lr, 0.1);
+  EXPECT_EQ(config->train.schedule, "step");
+  EXPECT_EQ(config->train.decay_every, 300);
+  EXPECT_EQ(config->train.decay_factor, 0.5);
+  EXPECT_EQ(config->train.momentum, 0.8);
+  EXPECT_TRUE(config->train.nesterov);
+  EXPECT_EQ(config->train.weight_decay, 0.0005);
+  EXPECT_EQ(config->train.batch_size, 16);
+  EXPECT_EQ(config->policy.probe_samples, 4);
+}
+
+// Every key's default in JobSpecDefaults() is mat-train's (worker/train_config.h), so a trainer
+// handed WithJobSpecDefaults(spec) runs what the README documents.
+TEST(JobSpecYamlTest, DefaultsAreMatTrainsDefaults) {
+  const std::string yaml = JobSpecToTrainerYaml(JobSpecDefaults());
+  absl::StatusOr<worker::TrainConfig> config = worker::ParseTrainConfig(yaml, "trainer.yaml");
+  ASSERT_TRUE(config.ok()) << config.status() << "\n" << yaml;
+  const auto from_spec = worker::ListConfig(*config);
+  const auto defaults = worker::ListConfig(worker::TrainConfig());
+  ASSERT_EQ(from_spec.size(), defaults.size());
+  for (size_t i = 0; i < defaults.size(); ++i) {
+    EXPECT_EQ(from_spec[i], defaults[i]) << "the job spec's default of " << defaults[i].first;
+  }
+}
+
 TEST(JobSpecYamlTest, StringsThatLookLikeOtherTypesStayStrings) {
   v1::JobSpec spec;
   spec.mutable_data()->set_dir("true");
@@ -605,6 +784,58 @@ TEST(JobSpecLimitsTest, EstimateModelParamsCountsTheSwitchLayout) {
   m->set_moe_every(2);  // layers 0 and 2
   // Per Switch layer: 4 more FFNs of 76 and a router 4*5+5 = 25.
   EXPECT_DOUBLE_EQ(EstimateModelParams(spec, 10), bert + 2 * (4 * 76 + 25));
+}
+
+// Hand count of the VGG-11 layout at width 1/32: channels 2, 4, 8, 8, 16, 16, 16, 16.
+TEST(JobSpecLimitsTest, EstimateModelParamsCountsTheVggLayout) {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_kind("vgg");
+  spec.mutable_model()->set_width(1.0 / 32);
+  spec.mutable_model()->set_filter_groups(1);
+  spec.mutable_data()->set_kind("fashion-mnist");  // 1 input channel
+  // Per conv layer: 9 · C_in · C_out kernel weights and 2 · C_out BatchNorm scale and shift.
+  double convs = 0;
+  const std::vector<double> channels = {1, 2, 4, 8, 8, 16, 16, 16, 16};
+  for (size_t l = 1; l < channels.size(); ++l) {
+    convs += 9 * channels[l - 1] * channels[l] + 2 * channels[l];
+  }
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec), convs + 16 * 10 + 10);  // vocab_size unused
+  spec.mutable_model()->set_classifier_hidden(5);
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec, 10), convs + (16 * 5 + 5) + (5 * 10 + 10));
+  spec.mutable_data()->set_kind("cifar10");  // 3 input channels: 9 · 2 · 2 more in layer 0
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec), convs + 36 + (16 * 5 + 5) + (5 * 10 + 10));
+  // Widths below 1/128 keep one channel per layer (max(1, round(c · width))).
+  spec.mutable_model()->set_width(1e-6);
+  spec.mutable_model()->set_classifier_hidden(0);
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec), (9 * 3 + 2) + 7 * (9 + 2) + 1 * 10 + 10);
+}
+
+TEST(JobSpecLimitsTest, EstimateModelParamsOfFullWidthVggIsThePublishedSize) {
+  // VGG-16's conv layers (configuration D, 3 input channels) hold 14,714,688 parameters with
+  // biases, of which 4,224 biases; without them, with BatchNorm (2 · 4,224) and a 512 -> 10
+  // classifier (5,130): 14,724,042. VGG-11's (A): 9,217,728 kernel weights + 2 · 2,752 + 5,130.
+  v1::JobSpec spec;
+  spec.mutable_model()->set_kind("vgg");
+  spec.mutable_model()->set_arch("vgg16");
+  spec.mutable_model()->set_width(1.0);
+  spec.mutable_data()->set_kind("cifar10");
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec), 14724042);
+  spec.mutable_model()->set_arch("vgg11");
+  EXPECT_DOUBLE_EQ(EstimateModelParams(spec), 9217728 + 2 * 2752 + 5130);
+}
+
+TEST(JobSpecLimitsTest, VggModelSizeIsLimitedNamingItsShape) {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_kind("vgg");
+  spec.mutable_model()->set_arch("vgg16");
+  spec.mutable_model()->set_width(64);  // ~6e10 parameters
+  spec.mutable_data()->set_kind("cifar10");
+  absl::Status s = CheckJobSpecLimits(spec, JobSpecLimits{});
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(s.message(), HasSubstr("(vgg16, width 64, classifier_hidden 0)"));
+  EXPECT_THAT(s.message(), HasSubstr("the limit is 1e+09 (--max-model-params)"));
+  spec.mutable_model()->set_width(0.25);
+  EXPECT_TRUE(CheckJobSpecLimits(spec, JobSpecLimits{}).ok());
 }
 
 TEST(JobSpecLimitsTest, DefaultsAdmitTheExamples) {

@@ -5,7 +5,11 @@
 //     ranks applied are identical step by step; masked-off modules' gradients were not sent;
 //   - a 1-worker job through the service gives exactly mat-train's losses and masks for the same
 //     config and seed (the service does not change the math);
-//   - a job whose dataset is missing fails with the worker's error naming data.dir.
+//   - a job whose dataset is missing fails with the worker's error naming data.dir;
+//   - a 2-worker VGG job on Fashion-MNIST (Debian's dataset-fashion-mnist) succeeds with equal
+//     parameters AND BatchNorm running statistics on both ranks (averaged over the ranks before
+//     every probe, evaluation and checkpoint), identical masks over filter groups, and top-1
+//     accuracy as its test metric.
 //
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 #include <glob.h>
@@ -50,6 +54,19 @@ std::vector<std::string> Glob(const std::string& pattern) {
   }
   ::globfree(&g);
   return out;
+}
+
+// VGG-11 at width 1/16 with 2 filter groups per conv layer (16 modules) on Fashion-MNIST.
+std::string VggJobYaml(int workers, int steps) {
+  return "seed: 4\n"
+         "model: {kind: vgg, arch: vgg11, width: 0.0625, filter_groups: 2}\n"
+         "data: {kind: fashion-mnist, dir: /usr/share/datasets/fashion-mnist, valid_size: 1000}\n"
+         "train: {steps: " + std::to_string(steps) + ", batch_size: 16, optimizer: sgd, lr: 0.05,"
+         " momentum: 0.9, weight_decay: 5.0e-4, warmup_steps: 5, schedule: cosine,"
+         " eval_every: 10, eval_batches: 4, checkpoint_every: 10, threads: 1}\n"
+         "policy: {kind: mat, alpha: 0.5, beta: 0.0, gamma: 0.5, warmup_steps: 10,"
+         " probe_every: 10, probe_samples: 4, estimator: gram, min_active_fraction: 0.25}\n"
+         "resources: {workers: " + std::to_string(workers) + ", device: cpu}\n";
 }
 
 class ServiceTest : public testing_loopback::LoopbackTest {
@@ -158,6 +175,48 @@ TEST_F(ServiceTest, AMissingDatasetFailsTheJobWithTheWorkersError) {
   // The worker survives its job's failure and takes the next one.
   const std::string next = SubmitAndWait(WriteJob("ok.yaml", JobYaml(1, 10)), 120s);
   EXPECT_EQ(Status(next)["state"], "SUCCEEDED") << Logs();
+}
+
+TEST_F(ServiceTest, TwoWorkersTrainAVggJobWithEqualParametersAndBatchNormStatistics) {
+  if (!fs::exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed (scripts/setup installs it)";
+  }
+  StartCoordinator();
+  StartWorker("w1");
+  StartWorker("w2");
+  const std::string job = SubmitAndWait(WriteJob("vgg.yaml", VggJobYaml(2, 30)), 240s);
+  ASSERT_FALSE(job.empty());
+  json s = Status(job);
+  ASSERT_TRUE(s.is_object()) << Logs();
+  EXPECT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  ASSERT_EQ(s["ranks"].size(), 2u) << s.dump(2);
+  // The checksum covers the parameters and the buffers (BatchNorm running statistics), which
+  // each rank updates from its own half of the batch and the ranks average.
+  const std::string c0 = s["ranks"][0]["param_checksum"], c1 = s["ranks"][1]["param_checksum"];
+  EXPECT_EQ(c0.size(), 16u);
+  EXPECT_EQ(c0, c1) << "the ranks' parameters or BatchNorm statistics differ";
+  ASSERT_TRUE(s["summary"].is_object()) << s.dump(2);
+  EXPECT_EQ(s["summary"]["steps"], 30);
+  EXPECT_EQ(s["summary"]["modules"], 16);
+  EXPECT_EQ(s["summary"]["test_metric_name"], "accuracy");
+  const double accuracy = s["summary"]["test_accuracy_at_best"].get<double>();
+  EXPECT_GT(accuracy, 0.2) << "chance is 0.1";
+  EXPECT_LE(accuracy, 1.0);
+
+  const std::vector<std::string> masks = Glob(root_ + "/w*/jobs/" + job + "/rank*/masks.jsonl");
+  ASSERT_EQ(masks.size(), 2u) << Logs();
+  std::vector<json> m0 = ReadJsonLines(masks[0]), m1 = ReadJsonLines(masks[1]);
+  ASSERT_EQ(m0.size(), 3u);  // probe steps 0, 10, 20
+  ASSERT_EQ(m1.size(), m0.size());
+  bool some_group_off = false;
+  for (size_t i = 0; i < m0.size(); ++i) {
+    EXPECT_EQ(m0[i]["every_step"], m1[i]["every_step"]) << "step " << m0[i]["step"];
+    for (int bit : m0[i]["every_step"]) some_group_off |= bit == 0;
+  }
+  EXPECT_TRUE(some_group_off) << "the policy never switched a filter group off; the test checks less";
+  CommandResult spectra = Matctl(address_, {"spectra", job, "-o", "csv"});
+  EXPECT_EQ(spectra.exit_code, 0) << spectra.err;
+  EXPECT_THAT(spectra.out, ::testing::HasSubstr("conv7.filters1"));
 }
 
 }  // namespace

@@ -3,7 +3,7 @@
 20 steps a run (4 modes x 3 seeds, 2 at a time), then checks what it wrote: results.json (one row
 per run with the issue's columns, every mode and seed, finite numbers), table.md (the paper's
 columns, every mode, the goals), table.json and the two SVG plots. Runs in a temporary folder;
-the committed results are not touched.
+the committed results are not touched. vgg runs on Fashion-MNIST (dataset-fashion-mnist).
 
 usage: check_repro.py --source-dir DIR --mat-train BIN MODEL [MODEL ...]
 """
@@ -55,7 +55,13 @@ def check(model, source_dir, mat_train, work):
         problems.append(f"{model}: MAT never switched a module off in 20 steps")
     with open(os.path.join(out, "table.md")) as f:
         table = f.read()
-    for needle in ["| mode |", "test loss at convergence", "Goals"] + [f"| {m} |" for m in MODES]:
+    metric = "test accuracy" if model == "vgg" else "test loss"
+    for row in rows:
+        if row.get("test_metric_name") != metric.replace(" ", "_"):
+            problems.append(f"{model}: test_metric_name = {row.get('test_metric_name')}")
+        if model == "vgg" and not 0 < row.get("test_metric", -1) <= 1:
+            problems.append(f"{model}: an accuracy outside (0, 1]: {row.get('test_metric')}")
+    for needle in ["| mode |", f"{metric} at convergence", "Goals"] + [f"| {m} |" for m in MODES]:
         if needle not in table:
             problems.append(f"{model}: table.md lacks {needle!r}")
     with open(os.path.join(out, "table.json")) as f:

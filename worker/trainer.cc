@@ -514,10 +514,6 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   const double seconds_before = train_seconds_;
   TrainerHooks* hooks = options_.hooks;
   int active_now = partition_.size();
-  // switch: the load-balancing loss since the last evaluation (of this process; bookkeeping
-  // only, not checkpointed).
-  double aux_sum = 0;
-  int64_t aux_count = 0;
   while (step_ < end) {
     if (hooks != nullptr) MAT_RETURN_IF_ERROR(hooks->CheckContinue());
     auto t0 = Clock::now();
@@ -585,8 +581,8 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
       flops_ += BertStepFlops(bc, B, T, M, mask.active, routed);
       flops_full_ += BertStepFlops(bc, B, T, M, {}, routed).total();
       if (torch::Tensor aux = model_->aux_loss(); aux.defined()) {
-        aux_sum += aux.item<double>();
-        ++aux_count;
+        aux_sum_ += aux.item<double>();
+        ++aux_count_;
       }
     }
     active_now = 0;
@@ -651,9 +647,9 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
         line["val_accuracy"] = val_eval.accuracy;
         if (best) line["test_accuracy"] = test_accuracy_at_best_;
       }
-      if (aux_count > 0) line["train_aux_loss"] = aux_sum / double(aux_count);
-      aux_sum = 0;
-      aux_count = 0;
+      if (aux_count_ > 0) line["train_aux_loss"] = aux_sum_ / double(aux_count_);
+      aux_sum_ = 0;
+      aux_count_ = 0;
       MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
       progress.evaluated = true;
       progress.val_loss = val;
@@ -764,6 +760,7 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
       {"best", {best_val_loss_, double(best_step_), test_loss_at_best_, flops_to_best_, seconds_to_best_}},
       {"best_accuracy", {val_accuracy_at_best_, test_accuracy_at_best_}},
       {"loss_acc", {loss_sum_, double(loss_count_)}},
+      {"aux_acc", {aux_sum_, double(aux_count_)}},
       {"active_sum", active_sum_},
       {"schedule", {{"has", has_schedule_}, {"every_step", schedule_.every_step},
                     {"slow", schedule_.slow}, {"slow_every", schedule_.slow_every}}},
@@ -828,6 +825,10 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     }
     loss_sum_ = meta["loss_acc"][0];
     loss_count_ = int64_t(meta["loss_acc"][1].get<double>());
+    if (meta.contains("aux_acc")) {  // switch; absent in checkpoints written before it was saved
+      aux_sum_ = meta["aux_acc"][0];
+      aux_count_ = int64_t(meta["aux_acc"][1].get<double>());
+    }
     active_sum_ = meta["active_sum"];
     if (meta.contains("schedule")) {
       const auto& sch = meta["schedule"];

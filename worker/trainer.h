@@ -228,6 +228,8 @@ class Trainer {
   double seconds_to_best_ = 0;
   double loss_sum_ = 0;          // train loss since the last evaluation
   int64_t loss_count_ = 0;
+  double aux_sum_ = 0;           // switch: load-balancing loss since the last evaluation
+  int64_t aux_count_ = 0;
   double active_sum_ = 0;        // Σ over steps of the active fraction
   // Service jobs (hooks set): the coordinator's masks since the latest probe step.
   policy::MaskSchedule schedule_;

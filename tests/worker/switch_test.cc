@@ -597,6 +597,17 @@ TEST(SwitchTrainerTest, ResumeReproducesTheUninterruptedRun) {
   auto summary = (*second)->Run();
   ASSERT_TRUE(summary.ok()) << summary.status();
   EXPECT_EQ((*second)->ParamChecksum(), (*straight)->ParamChecksum());
+  // The load-balancing loss's average over an evaluation period that the resume splits is the
+  // uninterrupted run's (its running sum is in the checkpoint).
+  auto a = testing::ReadJsonLines((root / "a" / "metrics.jsonl").string());
+  auto b = testing::ReadJsonLines((root / "b" / "metrics.jsonl").string());
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_FALSE(a.empty());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_TRUE(a[i].contains("train_aux_loss")) << a[i];
+    EXPECT_EQ(a[i]["train_aux_loss"].get<double>(), b[i]["train_aux_loss"].get<double>()) << i;
+    EXPECT_EQ(a[i]["train_loss"].get<double>(), b[i]["train_loss"].get<double>()) << i;
+  }
   fs::remove_all(root);
   fs::remove_all(data);
 }

@@ -71,8 +71,10 @@ check_env mat-worker@.service worker-0.env
 # Run each unit's ExecStart as systemd would expand it with the example env file (${X}: one
 # argument, $X: split on spaces; %i=1), with /usr/local/bin -> BIN_DIR, /var/lib/mat -> a temp
 # dir, listen addresses and the rendezvous port -> port 0, the example coordinator address -> a
-# closed port: the command line must be accepted (still running after 2 s) and SIGTERM must stop
-# it with exit 0.
+# closed port: the command line must be accepted (still running 2 s after its first log line;
+# the daemons log only once their stop signals are handled, so a slow start under load, e.g.
+# LibTorch's libraries loading, cannot be mistaken for a failure) and SIGTERM must stop it with
+# exit 0.
 run_execstart() {  # UNIT ENVFILE
   local line v val args pid rc
   line=$(grep '^ExecStart=' "$units/$1" | cut -d= -f2-)
@@ -89,6 +91,11 @@ run_execstart() {  # UNIT ENVFILE
   mkdir -p "$tmp/var-lib-mat"
   "${args[@]}" >"$tmp/$1.log" 2>&1 &
   pid=$!
+  for _ in $(seq 300); do  # at most 30 s for the first log line
+    [ -s "$tmp/$1.log" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
   sleep 2
   if ! kill -0 "$pid" 2>/dev/null; then
     wait "$pid" && rc=0 || rc=$?

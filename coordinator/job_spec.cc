@@ -616,8 +616,8 @@ std::vector<std::string> JobSpecKeys() {
 namespace {
 
 // EstimateModelParams for model.kind vgg (see job_spec.h).
-double EstimateVggParams(const v1::JobSpec& spec) {
-  const v1::JobSpec full = WithJobSpecDefaults(spec);
+// REQUIRES: `full` has its defaults filled in.
+double EstimateVggParams(const v1::JobSpec& full) {
   const v1::ModelSpec& m = full.model();
   double in = static_cast<double>(VggInChannels(full.data().kind()));
   double total = 0;
@@ -636,8 +636,9 @@ double EstimateVggParams(const v1::JobSpec& spec) {
 }  // namespace
 
 double EstimateModelParams(const v1::JobSpec& spec, int64_t vocab_size) {
-  if (WithJobSpecDefaults(spec).model().kind() == "vgg") return EstimateVggParams(spec);
-  const v1::ModelSpec m = WithJobSpecDefaults(spec).model();
+  const v1::JobSpec full = WithJobSpecDefaults(spec);
+  if (full.model().kind() == "vgg") return EstimateVggParams(full);
+  const v1::ModelSpec& m = full.model();
   const double d = static_cast<double>(m.d_model());
   const double ff = static_cast<double>(m.d_ff());
   const double layers = static_cast<double>(m.layers());

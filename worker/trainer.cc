@@ -243,9 +243,15 @@ absl::Status Trainer::SyncBuffers() {
   return options_.hooks->AverageBuffers(buffers);
 }
 
-absl::Status Trainer::OptimizerStep(double lr, const std::vector<uint8_t>& active,
-                                    const std::vector<double>& lr_scale) {
-  return sgd_ != nullptr ? sgd_->Step(lr, active, lr_scale) : optimizer_->Step(lr, active, lr_scale);
+absl::StatusOr<double> Trainer::FinishStep(double loss_value, const std::vector<uint8_t>& active,
+                                          const std::vector<double>& lr_scale, double lr) {
+  if (!std::isfinite(loss_value)) {
+    return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
+  }
+  if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
+  MAT_RETURN_IF_ERROR(sgd_ != nullptr ? sgd_->Step(lr, active, lr_scale)
+                                      : optimizer_->Step(lr, active, lr_scale));
+  return loss_value;
 }
 
 double Trainer::LearningRate(int64_t step) const {
@@ -283,12 +289,8 @@ absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vect
   } catch (const c10::Error& e) {
     return absl::InternalError(std::string("training step failed: ") + e.what_without_backtrace());
   }
-  if (!std::isfinite(loss_value) || !std::isfinite(aux_value)) {
-    return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
-  }
-  if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
-  MAT_RETURN_IF_ERROR(OptimizerStep(lr, active, lr_scale));
-  return loss_value;
+  if (!std::isfinite(aux_value)) loss_value = aux_value;  // reported as a non-finite loss
+  return FinishStep(loss_value, active, lr_scale, lr);
 }
 
 absl::StatusOr<double> Trainer::TrainStep(const ImageBatch& batch, const std::vector<uint8_t>& active,
@@ -309,12 +311,7 @@ absl::StatusOr<double> Trainer::TrainStep(const ImageBatch& batch, const std::ve
   } catch (const c10::Error& e) {
     return absl::InternalError(std::string("training step failed: ") + e.what_without_backtrace());
   }
-  if (!std::isfinite(loss_value)) {
-    return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
-  }
-  if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
-  MAT_RETURN_IF_ERROR(OptimizerStep(lr, active, lr_scale));
-  return loss_value;
+  return FinishStep(loss_value, active, lr_scale, lr);
 }
 
 absl::StatusOr<spectral::EstimateResult> Trainer::RunEstimator(spectral::Estimator* estimator,
@@ -511,6 +508,8 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   const bool vgg = is_vgg();
   const BertConfig bc = vgg ? BertConfig{} : model_->config();
   const int64_t B = c.train.batch_size / options_.world_size, T = c.data.seq_len;
+  // vgg: a full step's FLOPs depend on the batch size only.
+  const double vgg_full_step = vgg ? VggStepFlops(vgg_->config(), B, {}).total() : 0;
   const double seconds_before = train_seconds_;
   TrainerHooks* hooks = options_.hooks;
   int active_now = partition_.size();
@@ -574,7 +573,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
                              : TrainStep(batch, mask.active, mask.lr_scale, LearningRate(step_)));
     if (vgg) {
       flops_ += VggStepFlops(vgg_->config(), B, mask.active);
-      flops_full_ += VggStepFlops(vgg_->config(), B, {}).total();
+      flops_full_ += vgg_full_step;
     } else {
       const int64_t M = batch.positions.size(0);
       const std::vector<int64_t> routed = model_->RoutedTokens();  // switch: tokens per expert

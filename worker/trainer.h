@@ -3,8 +3,8 @@
 // Two model families: the masked LM (model.kind bert or switch, on a WikiText corpus; loss in
 // nats per masked token) and image classification (model.kind vgg, on Fashion-MNIST or CIFAR-10;
 // cross-entropy per image and top-1 accuracy). Methods that take an MlmBatch are for the masked
-// LM, those that take an ImageBatch for VGG; calling one for the other family is
-// FAILED_PRECONDITION.
+// LM, those that take an ImageBatch for VGG; TrainStep and Probe for the other family are
+// FAILED_PRECONDITION (Evaluate returns zeros).
 //
 // Per step: at every policy interval the policy decides (MAT probes the modules' λ_max on the
 // step's first probe_samples samples first); the step's mask is applied to the model (masked-off
@@ -147,9 +147,10 @@ class Trainer {
                                     spectral::Estimator* estimator = nullptr);
   absl::StatusOr<ProbeResult> Probe(const ImageBatch& batch,
                                     spectral::Estimator* estimator = nullptr);
-  // Mean masked-LM loss over fixed batches (no gradients, dropout off).
+  // Mean masked-LM loss over fixed batches (no gradients, dropout off); 0 on a VGG trainer.
   double Evaluate(const std::vector<MlmBatch>& batches);
-  // Mean cross-entropy per image and top-1 accuracy (no gradients, BatchNorm in eval mode).
+  // Mean cross-entropy per image and top-1 accuracy (no gradients, BatchNorm in eval mode);
+  // zeros on a masked-LM trainer.
   EvalResult Evaluate(const std::vector<ImageBatch>& batches);
 
   absl::Status SaveCheckpoint(const std::string& path);
@@ -185,8 +186,10 @@ class Trainer {
   absl::Status InitImages();
   // hooks->AverageBuffers over the model's buffers, when there are hooks and buffers.
   absl::Status SyncBuffers();
-  absl::Status OptimizerStep(double lr, const std::vector<uint8_t>& active,
-                             const std::vector<double>& lr_scale);
+  // The end of both TrainSteps: INTERNAL when the loss is not finite, else the hooks' gradient
+  // reduction and the optimizer's step; returns loss_value.
+  absl::StatusOr<double> FinishStep(double loss_value, const std::vector<uint8_t>& active,
+                                    const std::vector<double>& lr_scale, double lr);
   // Runs `estimator` on a recorded probe (catching LibTorch errors) and clears the gradients.
   absl::StatusOr<spectral::EstimateResult> RunEstimator(spectral::Estimator* estimator,
                                                         spectral::ProbeBatch probe);

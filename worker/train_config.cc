@@ -70,6 +70,7 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("data.mask_prob", &c.data.mask_prob, "number"));
   f.push_back(MakeField("data.valid_size", &c.data.valid_size, "integer"));
   f.push_back(MakeField("data.augment", &c.data.augment, "boolean"));
+  f.push_back(MakeField("data.train_fraction", &c.data.train_fraction, "number"));
   f.push_back(MakeField("train.steps", &c.train.steps, "integer"));
   f.push_back(MakeField("train.batch_size", &c.train.batch_size, "integer"));
   f.push_back(MakeField("train.optimizer", &c.train.optimizer, "string"));
@@ -244,6 +245,8 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
                               "data.seq_len must be in [2, model.max_seq_len]"));
     MAT_RETURN_IF_ERROR(Check(c.data.mask_prob > 0 && c.data.mask_prob < 1, "data.mask_prob must be in (0,1)"));
   }
+  MAT_RETURN_IF_ERROR(Check(c.data.train_fraction > 0 && c.data.train_fraction <= 1,
+                            "data.train_fraction must be in (0, 1]"));
   const auto& t = c.train;
   MAT_RETURN_IF_ERROR(Check(t.steps >= 1, "train.steps must be >= 1"));
   MAT_RETURN_IF_ERROR(Check(t.batch_size >= 1, "train.batch_size must be >= 1"));
@@ -329,20 +332,11 @@ absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedu
       return absl::InvalidArgumentError("policy.rand_schedule: " + path + " line " +
                                         std::to_string(number) + ": " + what);
     };
-    nlohmann::json d = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (d.is_discarded() || !d.is_object()) return bad("not a JSON object");
-    if (!d.contains("step") || !d["step"].is_number_integer()) return bad("no integer \"step\"");
-    if (!d.contains("modules") || !d["modules"].is_array()) return bad("no \"modules\" array");
-    policy::Policy::ScheduleEntry e;
-    e.step = d["step"].get<int64_t>();
-    for (const auto& m : d["modules"]) {
-      if (!m.is_object() || !m.contains("group") || !m["group"].is_string() ||
-          !m.contains("active") || !m["active"].is_boolean()) {
-        return bad("a module without string \"group\" and boolean \"active\"");
-      }
-      int& count = e.active[m["group"].get<std::string>()];
-      if (m["active"].get<bool>()) ++count;
-    }
+    const nlohmann::json d = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (d.is_discarded()) return bad("not a JSON object");
+    absl::StatusOr<policy::Policy::ScheduleEntry> entry = policy::ScheduleEntryFromDecisionJson(d);
+    if (!entry.ok()) return bad(std::string(entry.status().message()));
+    policy::Policy::ScheduleEntry& e = *entry;
     if (!out.empty() && e.step <= out.back().step) return bad("steps do not ascend");
     out.push_back(std::move(e));
   }

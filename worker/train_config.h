@@ -5,7 +5,7 @@
 //   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln,
 //            experts, capacity_factor, aux_loss_weight, moe_every,
 //            arch, width, filter_groups, classifier_hidden}
-//   data:   {kind, dir, seq_len, mask_prob, valid_size, augment}
+//   data:   {kind, dir, seq_len, mask_prob, valid_size, augment, train_fraction}
 //   train:  {steps, batch_size, optimizer, lr, min_lr_ratio, warmup_steps, schedule,
 //            decay_every, decay_factor, weight_decay, beta1, beta2, eps, momentum, nesterov,
 //            eval_every, eval_batches, checkpoint_every, threads, device, precision}
@@ -66,6 +66,12 @@ struct DataSection {
   // uses the rest.
   int64_t valid_size = 5000;
   bool augment = false;  // images: random crop (4-pixel zero padding) and horizontal flip
+  // Trains on the first train_fraction of the training split only, in (0, 1]: wikitext, the
+  // first ⌈fraction · tokens⌉ tokens of train (the vocabulary is still the whole train split's);
+  // images, the first ⌈fraction · images⌉ of the training images left before the validation
+  // slice. Validation and test are unchanged. A smaller set reaches the regime where a model
+  // overfits in fewer steps (the benchmarks' CPU presets).
+  double train_fraction = 1.0;
 };
 
 struct TrainSection {
@@ -135,8 +141,10 @@ absl::Status ValidateTrainConfig(const TrainConfig& config);
 // The policy library's config for this run.
 policy::PolicyConfig ToPolicyConfig(const TrainConfig& config);
 
-// The per-group active counts of every decision in a decisions.jsonl (one JSON object per line
-// with "step" and "modules": [{"group", "active"}, ...]), for Policy::SetRandSchedule.
+// The per-group active counts (and group sizes) of every decision in a decisions.jsonl (one JSON
+// object per line with "step" and "modules": [{"group", "active"}, ...]; each line read by
+// policy::ScheduleEntryFromDecisionJson, as the coordinator reads its stored decisions), for
+// Policy::SetRandSchedule.
 // NOT_FOUND names a missing file; INVALID_ARGUMENT names the file and line of a malformed one.
 absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedule(
     const std::string& decisions_jsonl);

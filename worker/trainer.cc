@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -167,6 +168,13 @@ absl::Status Trainer::InitText() {
   mlm_.mask_id = real;  // [MASK] is the last id
   mlm_.num_real_tokens = real;
 
+  if (c.data.train_fraction < 1) {
+    const auto keep = static_cast<size_t>(
+        std::ceil(c.data.train_fraction * static_cast<double>(corpus_.train.size())));
+    corpus_.train.resize(std::min(keep, corpus_.train.size()));
+  }
+  train_size_ = static_cast<int64_t>(corpus_.train.size());
+
   model_ = BertMlm(MakeBertConfig(c, real + 1));
   model_->to(device_);
   model_->train();
@@ -174,7 +182,11 @@ absl::Status Trainer::InitText() {
   train_stream_ = std::make_unique<MlmStream>(corpus_.train, mlm_, options_.rank,
                                               options_.world_size, c.seed);
   if (train_stream_->num_blocks() == 0) {
-    return absl::InvalidArgumentError("data.dir: train split has fewer than data.seq_len tokens");
+    return absl::InvalidArgumentError(
+        c.data.train_fraction < 1
+            ? "data.train_fraction " + std::to_string(c.data.train_fraction) + " leaves " +
+                  std::to_string(train_size_) + " training tokens, fewer than data.seq_len"
+            : std::string("data.dir: train split has fewer than data.seq_len tokens"));
   }
   valid_batches_ = MakeEvalBatches(corpus_.valid, mlm_, c.train.batch_size, c.train.eval_batches, 1234);
   test_batches_ = MakeEvalBatches(corpus_.test, mlm_, c.train.batch_size, c.train.eval_batches, 4321);
@@ -199,7 +211,11 @@ absl::Status Trainer::InitImages() {
                                       " leaves no training images (the training files hold " +
                                       std::to_string(n) + ")");
   }
-  train_images_ = SliceImages(*train, 0, n - c.data.valid_size);
+  const int64_t available = n - c.data.valid_size;
+  const auto keep = std::min<int64_t>(
+      available, static_cast<int64_t>(std::ceil(c.data.train_fraction * static_cast<double>(available))));
+  train_images_ = SliceImages(*train, 0, keep);
+  train_size_ = keep;
   valid_images_ = SliceImages(*train, n - c.data.valid_size, n);
   test_images_ = std::move(*test);
   if (test_images_.channels() != train_images_.channels() ||
@@ -687,6 +703,9 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       {"seed", config_.seed},
       {"steps", step_},
       {"modules", partition_.size()},
+      // What data.train_fraction left to train on: tokens (wikitext) or images.
+      {"train_size", train_size_},
+      {"train_size_unit", is_vgg() ? "images" : "tokens"},
       {"best_val_loss", best_val_loss_},
       {"best_step", best_step_},
       {"test_loss_at_best", test_loss_at_best_},

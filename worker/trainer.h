@@ -214,6 +214,7 @@ class Trainer {
   std::unique_ptr<spectral::Estimator> estimator_;
   std::unique_ptr<MlmStream> train_stream_;
   std::vector<MlmBatch> valid_batches_, test_batches_;
+  int64_t train_size_ = 0;  // training tokens (wikitext) or images, after data.train_fraction
 
   // Progress, all saved in checkpoints.
   int64_t step_ = 0;

@@ -265,6 +265,30 @@ absl::Status Policy::SetRandSchedule(std::vector<ScheduleEntry> schedule) {
         return absl::InvalidArgumentError(absl::StrCat("schedule at step ", schedule[i].step,
                                                        ": group ", group, " has count ", count));
       }
+      if (groups_.count(group) == 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("schedule at step ", schedule[i].step, ": group ", group,
+                         " is not a group of this model's modules"));
+      }
+    }
+    if (schedule[i].size.empty()) continue;
+    // The replayed run's groups and sizes must be this model's, group for group.
+    for (const auto& [group, members] : groups_) {
+      auto it = schedule[i].size.find(group);
+      const int mine = static_cast<int>(members.size());
+      if (it == schedule[i].size.end() || it->second != mine) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "schedule at step ", schedule[i].step, ": group ", group, " has ", mine,
+            " modules in this model, ",
+            it == schedule[i].size.end() ? 0 : it->second, " in the replayed run"));
+      }
+    }
+    for (const auto& [group, count] : schedule[i].size) {
+      if (groups_.count(group) == 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("schedule at step ", schedule[i].step, ": the replayed run has group ",
+                         group, " (", count, " modules), this model does not"));
+      }
     }
   }
   rand_schedule_ = std::move(schedule);
@@ -383,6 +407,30 @@ StepMask MaskFromSchedule(const MaskSchedule& schedule, int64_t step) {
     }
   }
   return out;
+}
+
+absl::StatusOr<Policy::ScheduleEntry> ScheduleEntryFromDecisionJson(const nlohmann::json& d) {
+  if (!d.is_object()) return absl::InvalidArgumentError("not a JSON object");
+  if (!d.contains("step") || !d["step"].is_number_integer()) {
+    return absl::InvalidArgumentError("no integer \"step\"");
+  }
+  if (!d.contains("modules") || !d["modules"].is_array()) {
+    return absl::InvalidArgumentError("no \"modules\" array");
+  }
+  Policy::ScheduleEntry e;
+  e.step = d["step"].get<int64_t>();
+  for (const auto& m : d["modules"]) {
+    if (!m.is_object() || !m.contains("group") || !m["group"].is_string() ||
+        !m.contains("active") || !m["active"].is_boolean()) {
+      return absl::InvalidArgumentError(
+          "a module without string \"group\" and boolean \"active\"");
+    }
+    const std::string group = m["group"].get<std::string>();
+    int& count = e.active[group];
+    if (m["active"].get<bool>()) ++count;
+    ++e.size[group];
+  }
+  return e;
 }
 
 }  // namespace mat::policy

@@ -149,10 +149,13 @@ class Policy {
   // the group's active count in the entry with the largest step <= t (rand_fraction before the
   // first entry and for groups an entry does not name). Entries: ascending steps. An input,
   // like the reports, not config: it is not in SaveState, the owner sets it again on resume.
-  // INVALID_ARGUMENT for another kind, unsorted steps or a negative count.
+  // INVALID_ARGUMENT for another kind, unsorted steps, a negative count, a group this policy's
+  // modules do not have, or (for an entry with `size`) groups or group sizes other than this
+  // policy's: the replayed run trained another model. After an error the schedule is unchanged.
   struct ScheduleEntry {
     int64_t step = 0;
     std::map<std::string, int> active;  // group -> active modules
+    std::map<std::string, int> size;    // group -> modules in the replayed run; empty: unchecked
   };
   absl::Status SetRandSchedule(std::vector<ScheduleEntry> schedule);
 
@@ -202,5 +205,12 @@ class Policy {
   State state_;
   std::vector<ScheduleEntry> rand_schedule_;  // SetRandSchedule; empty: rand_fraction
 };
+
+// The per-group active counts and sizes of one logged decision (a Decision::ToJson object: one
+// line of decisions.jsonl, one row of the coordinator's decisions table), for
+// Policy::SetRandSchedule. Reads "step" and "modules": [{"group", "active"}, ...] only.
+// INVALID_ARGUMENT saying what is missing: "not a JSON object", "no integer \"step\"", "no
+// \"modules\" array", "a module without string \"group\" and boolean \"active\"".
+absl::StatusOr<Policy::ScheduleEntry> ScheduleEntryFromDecisionJson(const nlohmann::json& decision);
 
 }  // namespace mat::policy

@@ -9,7 +9,9 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
+#include <tuple>
 
 #include "tests/worker/toy_run.h"
 #include "worker/checkpoint.h"
@@ -292,6 +294,55 @@ TEST(VggTrainerTest, StepScheduleDecaysByTheFactor) {
   EXPECT_DOUBLE_EQ((*t)->LearningRate(11), 1.0);
   EXPECT_DOUBLE_EQ((*t)->LearningRate(12), 0.5);
   EXPECT_DOUBLE_EQ((*t)->LearningRate(32), 0.125);
+}
+
+// data.train_fraction keeps the first images before the validation slice: at 0.5 the 700-image
+// training file trains exactly like a file of its first 300 and last 100 (validation) images.
+TEST(VggTrainerTest, TrainFractionKeepsTheFirstTrainingImages) {
+  const fs::path cut = fs::temp_directory_path() / ("mat_vgg_trainer_cut_" + std::to_string(::getpid()));
+  fs::create_directories(cut);
+  auto read = [](const fs::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  const fs::path src = Images();
+  for (const char* f : {"t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}) {
+    fs::copy_file(src / f, cut / f, fs::copy_options::overwrite_existing);
+  }
+  // Images: 16-byte header, 784 bytes each; labels: 8-byte header, 1 byte each.
+  for (auto [name, header, size] : {std::tuple{"train-images-idx3-ubyte", 16, 784},
+                                    std::tuple{"train-labels-idx1-ubyte", 8, 1}}) {
+    const std::string all = read(src / name);
+    ASSERT_EQ(all.size(), size_t(header + 700 * size));
+    std::string out = all.substr(0, header);
+    out[4] = out[5] = 0, out[6] = char(400 >> 8), out[7] = char(400 & 0xff);  // count 400
+    out += all.substr(header, 300 * size) + all.substr(header + 600 * size, 100 * size);
+    std::ofstream(cut / name, std::ios::binary) << out;
+  }
+  auto run = [](const std::string& dir, double fraction, nlohmann::json* summary) {
+    TrainConfig c = VggConfig("mat");
+    c.data.dir = dir;
+    c.data.train_fraction = fraction;
+    c.data.augment = true;
+    auto t = Trainer::Create(c, {"", false, false});
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (!t.ok()) return std::string();
+    auto s = (*t)->Run();
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (s.ok()) *summary = *s;
+    return (*t)->ParamChecksum();
+  };
+  nlohmann::json half, cut_whole, whole;
+  const std::string a = run(Images(), 0.5, &half);
+  const std::string b = run(cut.string(), 1.0, &cut_whole);
+  const std::string c = run(Images(), 1.0, &whole);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  EXPECT_EQ(half["train_size"].get<int64_t>(), 300);
+  EXPECT_EQ(half["train_size_unit"], "images");
+  EXPECT_EQ(cut_whole["train_size"].get<int64_t>(), 300);
+  EXPECT_EQ(whole["train_size"].get<int64_t>(), 600);
+  EXPECT_EQ(half["test_accuracy_at_best"].get<double>(), cut_whole["test_accuracy_at_best"].get<double>());
 }
 
 TEST(VggTrainerTest, BadConfigsNameTheKeyOrFile) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <map>
 #include <random>
 #include <set>
 #include <string>
@@ -981,6 +982,60 @@ TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
   EXPECT_EQ((*q)->SetRandSchedule(schedule).code(), absl::StatusCode::kInvalidArgument);
   std::vector<Policy::ScheduleEntry> unsorted = {{40, {}}, {20, {}}};
   EXPECT_EQ((*p)->SetRandSchedule(unsorted).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// One logged decision -> its per-group active counts and sizes (the parser mat-train's
+// policy.rand_schedule and the coordinator's policy.rand_schedule_job share); a schedule whose
+// sizes are not this model's is refused, naming the group.
+TEST(PolicyRandScheduleTest, EntriesFromLoggedDecisionsCarryGroupSizesThatMustMatch) {
+  PolicyConfig c;
+  c.kind = PolicyKind::kMat;
+  c.warmup_steps = 0;
+  c.interval_steps = 20;
+  std::vector<ModuleInfo> modules;
+  for (int i = 0; i < 4; ++i) modules.push_back({"heads", 0, i, "h" + std::to_string(i)});
+  for (int i = 0; i < 2; ++i) modules.push_back({"ffn", 0, i, "f" + std::to_string(i)});
+  auto mat = Policy::Create(c, modules);
+  ASSERT_TRUE(mat.ok()) << mat.status();
+  auto d = (*mat)->Observe(0, {1, 2, 3, 4, 5, 6});
+  ASSERT_TRUE(d.ok()) << d.status();
+  absl::StatusOr<Policy::ScheduleEntry> e =
+      ScheduleEntryFromDecisionJson(d->ToJson(modules, c));
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->step, 0);
+  int heads = 0, ffn = 0;
+  for (size_t i = 0; i < modules.size(); ++i) (modules[i].group == "heads" ? heads : ffn) += d->mask[i];
+  EXPECT_EQ(e->active, (std::map<std::string, int>{{"ffn", ffn}, {"heads", heads}}));
+  EXPECT_EQ(e->size, (std::map<std::string, int>{{"ffn", 2}, {"heads", 4}}));
+
+  for (const char* bad : {"[1]", R"({"modules": []})", R"({"step": 1.5, "modules": []})",
+                          R"({"step": 0})", R"({"step": 0, "modules": [{"group": "heads"}]})",
+                          R"({"step": 0, "modules": [{"group": 1, "active": true}]})"}) {
+    EXPECT_EQ(ScheduleEntryFromDecisionJson(nlohmann::json::parse(bad)).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+
+  c.kind = PolicyKind::kRand;
+  auto same = Policy::Create(c, modules);
+  ASSERT_TRUE(same.ok());
+  EXPECT_TRUE((*same)->SetRandSchedule({*e}).ok());
+  std::vector<ModuleInfo> fewer = modules;
+  fewer.erase(fewer.begin());  // 3 heads
+  auto other = Policy::Create(c, fewer);
+  ASSERT_TRUE(other.ok());
+  absl::Status st = (*other)->SetRandSchedule({*e});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("group heads has 3 modules"));
+  std::vector<ModuleInfo> no_ffn(modules.begin(), modules.begin() + 4);
+  auto heads_only = Policy::Create(c, no_ffn);
+  ASSERT_TRUE(heads_only.ok());
+  st = (*heads_only)->SetRandSchedule({*e});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("group ffn"));
+  // Without sizes (an entry made by hand) only the group names are checked.
+  EXPECT_EQ((*heads_only)->SetRandSchedule({{0, {{"experts", 1}}}}).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 #include "google/protobuf/unknown_field_set.h"
+#include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
 
 namespace mat::coordinator {
@@ -132,6 +133,9 @@ absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& cli
     spdlog::warn("refused a job from '{}': {}", client, std::string(limits.message()));
     return limits;
   }
+  if (const std::string& replayed = spec.policy().rand_schedule_job(); !replayed.empty()) {
+    MAT_RETURN_IF_ERROR(ReplayedSchedule(replayed).status());
+  }
   absl::StatusOr<CreateJobResult> created = store_->CreateJob(
       client_request_id, WithJobSpecDefaults(spec), client, options_.max_jobs_per_client);
   if (!created.ok() && created.status().code() == absl::StatusCode::kResourceExhausted) {
@@ -147,6 +151,65 @@ absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& cli
   reply.set_job_id(result.job_id);
   reply.set_created(result.created);
   return reply;
+}
+
+absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> Coordinator::ReplayedSchedule(
+    const std::string& replayed_job_id) {
+  const std::string key = "policy.rand_schedule_job";
+  absl::StatusOr<JobRecord> job = store_->GetJob(replayed_job_id);
+  if (absl::IsNotFound(job.status())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, ": no job '", replayed_job_id, "' on this coordinator"));
+  }
+  MAT_RETURN_IF_ERROR(job.status());
+  const v1::JobSpec replayed = WithJobSpecDefaults(job->spec);
+  if (replayed.policy().kind() != "mat") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        key, ": job ", replayed_job_id, " ran policy.kind ", replayed.policy().kind(),
+        ", not mat: only a MAT job's active counts can be replayed"));
+  }
+  if (job->state != v1::JOB_STATE_SUCCEEDED) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        key, ": job ", replayed_job_id, " is ", JobStateName(job->state),
+        ", not SUCCEEDED: only a finished MAT job's active counts can be replayed"));
+  }
+  std::vector<policy::Policy::ScheduleEntry> schedule;
+  std::string token;
+  do {
+    MAT_ASSIGN_OR_RETURN(DecisionPage page,
+                         store_->GetDecisions(replayed_job_id, kMaxPageSize, token));
+    for (const DecisionRecord& d : page.decisions) {
+      absl::StatusOr<policy::Policy::ScheduleEntry> entry = policy::ScheduleEntryFromDecisionJson(
+          nlohmann::json::parse(d.json, nullptr, /*allow_exceptions=*/false));
+      if (!entry.ok()) {
+        return absl::DataLossError(absl::StrCat(key, ": the stored decision of job ",
+                                                replayed_job_id, " at step ", d.step, ": ",
+                                                entry.status().message()));
+      }
+      schedule.push_back(std::move(*entry));
+    }
+    token = page.next_page_token;
+  } while (!token.empty());
+  if (schedule.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, ": job ", replayed_job_id, " has no stored decision to replay"));
+  }
+  return schedule;
+}
+
+absl::Status Coordinator::ApplyRandSchedule(const std::string& job_id, const v1::JobSpec& spec,
+                                            policy::Policy& policy) {
+  const std::string& replayed = spec.policy().rand_schedule_job();
+  if (replayed.empty()) return absl::OkStatus();
+  absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> schedule = ReplayedSchedule(replayed);
+  absl::Status st = schedule.ok() ? policy.SetRandSchedule(std::move(*schedule))
+                                  : schedule.status();
+  if (!st.ok()) {
+    return absl::Status(st.code(), absl::StrCat("job ", job_id, " cannot replay the active counts "
+                                                "of job ", replayed, ": ", st.message()));
+  }
+  spdlog::info("job {}: rand replays the active counts of job {}", job_id, replayed);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<v1::GetJobReply> Coordinator::GetJob(const std::string& job_id) {

@@ -5,8 +5,9 @@
 // (coordinator/job_service.h and the worker service) only convert and post here.
 //
 //   SubmitJob   fills the spec's defaults, validates it (INVALID_ARGUMENT naming the field, also
-//               for fields this server does not know), stores it QUEUED, runs the scheduler;
-//               idempotent by client_request_id (ALREADY_EXISTS when reused for a different spec).
+//               for fields this server does not know; policy.rand_schedule_job against the
+//               store), stores it QUEUED, runs the scheduler; idempotent by client_request_id
+//               (ALREADY_EXISTS when reused for a different spec).
 //   GetJob, ListJobs, GetSpectra   read the store (NOT_FOUND naming an unknown job).
 //   CancelJob   QUEUED | RUNNING | RESTARTING -> CANCELLED, Cancel to every rank still running;
 //               FAILED_PRECONDITION when finished.
@@ -27,8 +28,12 @@
 //
 // Per running job the Coordinator keeps (in memory only) the ranks' workers and reports, the
 // λ probes still waiting for ranks, the latest mask version and the job's mat::policy::Policy
-// (made from the job spec when rank 0 declares its modules). The store keeps what must survive a
-// restart: assignments with each rank's step, acknowledged mask and checksum, the modules, the
+// (made from the job spec when rank 0 declares its modules; for a rand job with
+// policy.rand_schedule_job, replaying the per-group active counts of that MAT job's stored
+// decisions: Policy::SetRandSchedule, applied again whenever the policy is made anew after a
+// restart, since it is not part of the policy's saved state; a replayed job whose module groups
+// or sizes differ fails the rand job with a message naming both). The store keeps what must
+// survive a restart: assignments with each rank's step, acknowledged mask and checksum, the modules, the
 // λ history, the decisions, rank 0's progress and the summary.
 //
 // Worker loss (its session closed, no heartbeat for 3 intervals, or a rank reporting that its
@@ -165,6 +170,11 @@ class Coordinator {
   // max_model_params; RESOURCE_EXHAUSTED when `client` (the caller's non-reversible id, stored
   // with the job; JobService's ClientIdentity) already has options.max_jobs_per_client active
   // jobs (an idempotent retry of an existing job is still answered).
+  // policy.rand_schedule_job (ValidateJobSpec: rand only) must name a job of the store
+  // (INVALID_ARGUMENT "policy.rand_schedule_job: no job 'job-000009' on this coordinator") that
+  // ran policy.kind mat (INVALID_ARGUMENT naming it and its kind), is SUCCEEDED
+  // (FAILED_PRECONDITION naming it and its state) and has at least one stored decision
+  // (INVALID_ARGUMENT naming it).
   absl::StatusOr<v1::SubmitJobReply> SubmitJob(const std::string& client_request_id,
                                                const v1::JobSpec& spec,
                                                const std::string& client = "");
@@ -228,7 +238,9 @@ class Coordinator {
   //                      sent RankDone FAILED_PRECONDITION.
   //   ModuleList   rank != 0 INVALID_ARGUMENT; a second, different list FAILED_PRECONDITION (an
   //                identical one, from any rank, is accepted and changes nothing); empty or
-  //                invalid modules INVALID_ARGUMENT.
+  //                invalid modules INVALID_ARGUMENT; a rand job whose policy.rand_schedule_job
+  //                does not fit these modules (other groups or group sizes) INVALID_ARGUMENT
+  //                naming both jobs, and the job FAILS with that message.
   //   SpectraReport  no ModuleList yet FAILED_PRECONDITION; step < 0 or not a multiple of
   //                policy.probe_every INVALID_ARGUMENT; lambda_max size != module count (or not
   //                empty for a policy that needs no spectra), trace / effective_rank neither
@@ -357,6 +369,18 @@ class Coordinator {
   int64_t Now() const;
   int64_t NowMs() const;
   v1::JobEvent StateEvent(const JobRecord& job) const;
+  // The active-count schedule of the MAT job `replayed_job_id` (policy.rand_schedule_job): one
+  // entry per stored decision (policy::ScheduleEntryFromDecisionJson), ascending steps. The
+  // errors of SubmitJob's policy.rand_schedule_job check; DATA_LOSS for a stored decision that
+  // is not a Decision::ToJson object; a store error as it is.
+  absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> ReplayedSchedule(
+      const std::string& replayed_job_id);
+  // For `spec` with policy.rand_schedule_job: `policy` (of job `job_id`) replays that job's
+  // schedule (SetRandSchedule). No-op without one. The errors of ReplayedSchedule and
+  // SetRandSchedule (other module groups or sizes), prefixed "job J cannot replay the active
+  // counts of job R: "; the policy is unchanged then.
+  absl::Status ApplyRandSchedule(const std::string& job_id, const v1::JobSpec& spec,
+                                 policy::Policy& policy);
   // Calls every listener of event.job_id(); with `last`, each subscription is removed first.
   void Publish(const v1::JobEvent& event, bool last);
 
@@ -369,7 +393,8 @@ class Coordinator {
   void KeepJob(const JobRecord& job);
   // The spec's trainer config, validated (StartJob, KeepJob).
   absl::StatusOr<policy::PolicyConfig> JobPolicyConfig(const JobRecord& job);
-  // Creates job.policy for a restarted or kept job from the modules the store holds.
+  // Creates job.policy for a restarted or kept job from the modules the store holds (with its
+  // replayed schedule: ApplyRandSchedule).
   absl::Status CreatePolicy(const std::string& job_id, JobRuntime& job,
                             std::vector<policy::ModuleInfo> modules);
   // A rank's worker was lost (or its process group failed): RESTARTING, Cancel to the other

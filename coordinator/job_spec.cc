@@ -314,18 +314,25 @@ std::string FormatDouble(double v) {
   return s;
 }
 
-void EmitMessage(const Message& msg, bool skip_resources, YAML::Emitter* out) {
+// True for the fields of the job-only keys (JobOnlyKeys): the `resources` section and
+// policy.rand_schedule_job, which mat-train's schema does not have.
+bool IsJobOnlyField(const FieldDescriptor* f) {
+  return f == v1::JobSpec::descriptor()->FindFieldByName("resources") ||
+         f == v1::PolicySpec::descriptor()->FindFieldByName("rand_schedule_job");
+}
+
+void EmitMessage(const Message& msg, bool skip_job_only, YAML::Emitter* out) {
   const Descriptor* d = msg.GetDescriptor();
   const Reflection* r = msg.GetReflection();
   *out << YAML::BeginMap;
   for (int i = 0; i < d->field_count(); ++i) {
     const FieldDescriptor* f = d->field(i);
     if (f->is_repeated() || !r->HasField(msg, f)) continue;
-    if (skip_resources && f->name() == "resources") continue;
+    if (skip_job_only && IsJobOnlyField(f)) continue;
     *out << YAML::Key << f->name() << YAML::Value;
     switch (f->cpp_type()) {
       case FieldDescriptor::CPPTYPE_MESSAGE:
-        EmitMessage(r->GetMessage(msg, f), false, out);
+        EmitMessage(r->GetMessage(msg, f), skip_job_only, out);
         break;
       case FieldDescriptor::CPPTYPE_INT32:
         *out << std::to_string(r->GetInt32(msg, f));
@@ -353,20 +360,23 @@ void EmitMessage(const Message& msg, bool skip_resources, YAML::Emitter* out) {
   *out << YAML::EndMap;
 }
 
-std::string ToYaml(const v1::JobSpec& spec, bool skip_resources) {
+std::string ToYaml(const v1::JobSpec& spec, bool skip_job_only) {
   YAML::Emitter out;
-  EmitMessage(spec, skip_resources, &out);
+  EmitMessage(spec, skip_job_only, &out);
   MAT_CHECK(out.good()) << "job_spec: YAML emitter failed: " << out.GetLastError();
   return std::string(out.c_str()) + "\n";
 }
 
-void CollectKeys(const Descriptor* d, const std::string& prefix, std::vector<std::string>* out) {
+// Every key under `d` (`job_only`: only those of job-only fields, or of sections inside one).
+void CollectKeys(const Descriptor* d, const std::string& prefix, bool job_only,
+                 std::vector<std::string>* out) {
   for (int i = 0; i < d->field_count(); ++i) {
     const FieldDescriptor* f = d->field(i);
     const std::string key = prefix.empty() ? f->name() : absl::StrCat(prefix, ".", f->name());
+    const bool take = !job_only || IsJobOnlyField(f);
     if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
-      CollectKeys(f->message_type(), key, out);
-    } else {
+      CollectKeys(f->message_type(), key, job_only && !take, out);
+    } else if (take) {
       out->push_back(key);
     }
   }
@@ -429,6 +439,7 @@ v1::JobSpec JobSpecDefaults() {
   d->set_mask_prob(0.15);
   d->set_valid_size(5000);
   d->set_augment(false);
+  d->set_train_fraction(1.0);
   v1::TrainSpec* t = s.mutable_train();
   t->set_steps(2000);
   t->set_batch_size(32);
@@ -464,6 +475,7 @@ v1::JobSpec JobSpecDefaults() {
   p->set_rand_fraction(0.5);
   p->set_multirate_k(4);
   p->set_multirate_fast_fraction(0.5);
+  p->set_rand_schedule_job("");  // job-only: no replay
   v1::ResourceSpec* r = s.mutable_resources();
   r->set_workers(1);
   r->set_device("cpu");
@@ -498,6 +510,9 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
                                            m.kind() + " (expected wikitext)"));
     MAT_RETURN_IF_ERROR(ValidateTransformerSpec(m, d));
   }
+  MAT_RETURN_IF_ERROR(Check(d.train_fraction() > 0 && d.train_fraction() <= 1,
+                            absl::StrCat("data.train_fraction must be in (0, 1], got ",
+                                         d.train_fraction())));
 
   const v1::TrainSpec& t = s.train();
   MAT_RETURN_IF_ERROR(
@@ -579,6 +594,11 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
     return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));
   }
   MAT_RETURN_IF_ERROR(policy::ValidatePolicyConfig(ToPolicyConfig(s)));
+  // Whether the replayed job exists and fits is the Coordinator's check (it needs the store).
+  MAT_RETURN_IF_ERROR(Check(p.rand_schedule_job().empty() || p.kind() == "rand",
+                            "policy.rand_schedule_job replays a MAT job's active counts for "
+                            "policy.kind rand only, got kind '" +
+                                p.kind() + "'"));
 
   const v1::ResourceSpec& r = s.resources();
   MAT_RETURN_IF_ERROR(Check(r.workers() >= 1,
@@ -607,7 +627,13 @@ std::string JobSpecToTrainerYaml(const v1::JobSpec& spec) { return ToYaml(spec, 
 
 std::vector<std::string> JobSpecKeys() {
   std::vector<std::string> keys;
-  CollectKeys(v1::JobSpec::descriptor(), "", &keys);
+  CollectKeys(v1::JobSpec::descriptor(), "", /*job_only=*/false, &keys);
+  return keys;
+}
+
+std::vector<std::string> JobOnlyKeys() {
+  std::vector<std::string> keys;
+  CollectKeys(v1::JobSpec::descriptor(), "", /*job_only=*/true, &keys);
   return keys;
 }
 

@@ -1,7 +1,8 @@
 // Job specs as YAML (DESIGN §7): the file a user submits maps onto mat.v1.JobSpec key for key.
 //
 // The YAML format is mat-train's config (worker/train_config.h: `seed` and the sections `model`,
-// `data`, `train`, `policy`) plus a `resources` section:
+// `data`, `train`, `policy`) plus the job-only keys (JobOnlyKeys): a `resources` section and
+// policy.rand_schedule_job (a stored MAT job whose active counts a rand job replays):
 //
 //   seed: 1
 //   model: {kind: bert, layers: 2, ...}
@@ -40,8 +41,8 @@ absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std:
 // Reads and parses a job YAML file; messages start with `path`. NOT_FOUND when it cannot be read.
 absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path);
 
-// A spec with every field set to its default: mat-train's TrainConfig defaults (README.md table)
-// and resources {workers: 1, device: cpu}.
+// A spec with every field set to its default: mat-train's TrainConfig defaults (README.md table),
+// resources {workers: 1, device: cpu} and policy.rand_schedule_job "" (no replay).
 v1::JobSpec JobSpecDefaults();
 
 // `spec` with every unset field set to its default (set fields are kept as they are).
@@ -56,7 +57,9 @@ v1::JobSpec WithJobSpecDefaults(const v1::JobSpec& spec);
 //   - resources.workers >= 1; resources.device is "cpu" or "cuda";
 //   - train.batch_size is a multiple of resources.workers (each rank takes
 //     batch_size / workers samples per step) and policy.probe_samples <= that per-rank batch
-//     (each rank probes the first samples of its own batch).
+//     (each rank probes the first samples of its own batch);
+//   - policy.rand_schedule_job is "" unless policy.kind is rand (whether the job it names exists,
+//     ran policy mat and succeeded is Coordinator::SubmitJob's check: it needs the store).
 // OK or INVALID_ARGUMENT naming the first bad key.
 absl::Status ValidateJobSpec(const v1::JobSpec& spec);
 
@@ -65,12 +68,16 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec);
 // bit for bit (shortest round-trip form; NaN and infinities as .nan, .inf, -.inf).
 std::string JobSpecToYaml(const v1::JobSpec& spec);
 
-// The same without the `resources` section: the config text mat-train's ParseTrainConfig reads.
-// Pass WithJobSpecDefaults(spec) to hand a trainer every value explicitly.
+// The same without the job-only keys (the `resources` section, policy.rand_schedule_job): the
+// config text mat-train's ParseTrainConfig reads. Pass WithJobSpecDefaults(spec) to hand a
+// trainer every value explicitly.
 std::string JobSpecToTrainerYaml(const v1::JobSpec& spec);
 
 // Every key of the schema as "section.key" (or "seed"), in proto field order.
 std::vector<std::string> JobSpecKeys();
+// The keys of JobSpecKeys() that mat-train's schema does not have (resources.*,
+// policy.rand_schedule_job), in proto field order; JobSpecToTrainerYaml leaves them out.
+std::vector<std::string> JobOnlyKeys();
 
 // ----- admission limits (issue 6, "Security"; mat-coordinator's --data-root and --max-* flags) --
 

@@ -207,6 +207,8 @@ absl::Status Coordinator::CreatePolicy(const std::string& job_id, JobRuntime& jo
     return absl::Status(created.status().code(), absl::StrCat("ModuleList of job ", job_id, ": ",
                                                               created.status().message()));
   }
+  // Not part of the policy's saved state: set again on every policy made for the job.
+  MAT_RETURN_IF_ERROR(ApplyRandSchedule(job_id, job.spec, **created));
   job.modules = std::move(modules);
   job.policy = std::move(*created);
   return absl::OkStatus();

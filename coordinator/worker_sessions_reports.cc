@@ -149,6 +149,12 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
     return absl::Status(created.status().code(),
                         absl::StrCat(what, ": ", created.status().message()));
   }
+  if (absl::Status st = ApplyRandSchedule(list.job_id(), job.spec, **created); !st.ok()) {
+    // The replayed job trained another model (or is gone): this job cannot run as asked.
+    const std::string job_id = list.job_id();
+    FailJob(job_id, std::string(st.message()));  // `job` is gone after this
+    return st;
+  }
   std::vector<ModuleRecord> records;
   for (const policy::ModuleInfo& m : modules) {
     records.push_back(ModuleRecord{m.name, m.group, m.layer, m.index});

@@ -82,10 +82,26 @@ TEST(FormatTest, ModelAndPolicyDescriptionsNameTheirMainParameters) {
   EXPECT_EQ(DescribePolicy(spec), "mat a=0.3 b=0.05");
   spec.mutable_policy()->set_kind("rand");
   EXPECT_EQ(DescribePolicy(spec), "rand f=0.5");
+  spec.mutable_policy()->set_rand_schedule_job("job-000003");
+  EXPECT_EQ(DescribePolicy(spec), "rand (replays job-000003)");
   spec.mutable_policy()->set_kind("multirate");
   EXPECT_EQ(DescribePolicy(spec), "multirate k=4");
   spec.mutable_policy()->set_kind("full");
   EXPECT_EQ(DescribePolicy(spec), "full");
+}
+
+// A rand job replaying a MAT job says which one, in `matctl status` and `matctl list`.
+TEST(FormatTest, JobTextAndTableNameTheJobARandJobReplays) {
+  v1::GetJobReply reply;
+  *reply.mutable_job() = MakeJob("job-000004", v1::JOB_STATE_RUNNING);
+  v1::PolicySpec* p = reply.mutable_job()->mutable_spec()->mutable_policy();
+  p->set_kind("rand");
+  p->set_rand_schedule_job("job-000002");
+  EXPECT_THAT(FormatJobText(reply), HasSubstr("policy:      rand (replays job-000002)\n"));
+  EXPECT_THAT(FormatJobTable({reply.job()}), HasSubstr("  rand (replays job-000002)  "));
+  EXPECT_EQ(JobToJson(reply)["spec"]["policy"]["rand_schedule_job"], "job-000002");
+  p->set_rand_schedule_job("");
+  EXPECT_THAT(FormatJobText(reply), HasSubstr("policy:      rand f=0.5\n"));
 }
 
 TEST(FormatTest, JobTableHasHeaderAndAlignedColumns) {

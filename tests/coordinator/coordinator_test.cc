@@ -156,6 +156,69 @@ TEST_F(CoordinatorTest, SubmitJobRejectsInvalidSpecNamingTheField) {
   EXPECT_EQ(all->jobs_size(), 0) << "a rejected spec must not be stored";
 }
 
+// policy.rand_schedule_job must name a MAT job of this store that SUCCEEDED with at least one
+// decision; every refusal names the key, the job and why, and stores nothing.
+TEST_F(CoordinatorTest, SubmitJobChecksTheMatJobARandJobReplays) {
+  v1::JobSpec rand = SmallSpec();
+  rand.mutable_policy()->set_kind("rand");
+  auto replaying = [&](const std::string& job_id) {
+    rand.mutable_policy()->set_rand_schedule_job(job_id);
+    return coordinator_->SubmitJob("", rand);
+  };
+  auto expect_refused = [](const absl::StatusOr<v1::SubmitJobReply>& reply, absl::StatusCode code,
+                           const std::vector<std::string>& texts) {
+    ASSERT_FALSE(reply.ok()) << "accepted as " << reply->job_id();
+    EXPECT_EQ(reply.status().code(), code) << reply.status();
+    EXPECT_THAT(std::string(reply.status().message()), HasSubstr("policy.rand_schedule_job"));
+    for (const std::string& text : texts) {
+      EXPECT_THAT(std::string(reply.status().message()), HasSubstr(text));
+    }
+  };
+  JobStore& store = coordinator_->store();
+
+  expect_refused(replaying("job-000042"), absl::StatusCode::kInvalidArgument,
+                 {"no job 'job-000042'"});
+  const std::string mat = Submit("", SmallSpec());  // QUEUED: no workers here
+  expect_refused(replaying(mat), absl::StatusCode::kFailedPrecondition,
+                 {"job " + mat + " is QUEUED, not SUCCEEDED"});
+  ASSERT_TRUE(store.UpdateJobState(mat, v1::JOB_STATE_RUNNING).ok());
+  expect_refused(replaying(mat), absl::StatusCode::kFailedPrecondition,
+                 {"job " + mat + " is RUNNING, not SUCCEEDED"});
+  v1::JobSpec full_spec = SmallSpec();
+  full_spec.mutable_policy()->set_kind("full");
+  const std::string full = Submit("", full_spec);
+  ASSERT_TRUE(store.UpdateJobState(full, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(store.UpdateJobState(full, v1::JOB_STATE_SUCCEEDED).ok());
+  expect_refused(replaying(full), absl::StatusCode::kInvalidArgument,
+                 {"job " + full + " ran policy.kind full, not mat"});
+  ASSERT_TRUE(store.UpdateJobState(mat, v1::JOB_STATE_SUCCEEDED).ok());
+  expect_refused(replaying(mat), absl::StatusCode::kInvalidArgument,
+                 {"job " + mat + " has no stored decision"});
+  // Only kind rand may replay (ValidateJobSpec), whatever the job it names.
+  v1::JobSpec mat_replaying = SmallSpec();
+  mat_replaying.mutable_policy()->set_rand_schedule_job(mat);
+  auto wrong_kind = coordinator_->SubmitJob("", mat_replaying);
+  EXPECT_EQ(wrong_kind.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(wrong_kind.status().message()), HasSubstr("policy.rand_schedule_job"));
+
+  auto listed = coordinator_->ListJobs(v1::ListJobsRequest());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->jobs_size(), 2) << "a refused job was stored";
+
+  // A finished MAT job with its decisions: accepted, the key kept in the stored spec.
+  ASSERT_TRUE(store
+                  .AppendDecision(mat, 0,
+                                  R"({"step":0,"modules":[{"group":"heads","active":true},)"
+                                  R"({"group":"heads","active":false}]})")
+                  .ok());
+  auto accepted = replaying(mat);
+  ASSERT_TRUE(accepted.ok()) << accepted.status();
+  auto job = coordinator_->GetJob(accepted->job_id());
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->job().spec().policy().rand_schedule_job(), mat);
+  EXPECT_EQ(job->job().spec().policy().kind(), "rand");
+}
+
 TEST_F(CoordinatorTest, SubmitJobRejectsFieldsUnknownToThisSchema) {
   // What a newer client's spec looks like to this server: a field number it does not know.
   v1::JobSpec spec = SmallSpec();

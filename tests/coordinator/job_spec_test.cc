@@ -35,7 +35,7 @@ using ::testing::Not;
 const std::string kExamples = std::string(MAT_SOURCE_DIR) + "/examples";
 
 // mat-train's keys, as listed in worker/train_config.h and README.md (and the worker's
-// train_config_test). The job schema must be exactly these plus resources.*.
+// train_config_test). The job schema must be exactly these plus the job-only keys (kJobOnlyKeys).
 const std::vector<std::string> kTrainerKeys = {
     "seed",
     "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
@@ -43,6 +43,7 @@ const std::vector<std::string> kTrainerKeys = {
     "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
     "model.arch", "model.width", "model.filter_groups", "model.classifier_hidden",
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob", "data.valid_size", "data.augment",
+    "data.train_fraction",
     "train.steps", "train.batch_size", "train.optimizer", "train.lr", "train.min_lr_ratio",
     "train.warmup_steps", "train.schedule", "train.decay_every", "train.decay_factor",
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.momentum",
@@ -52,6 +53,11 @@ const std::vector<std::string> kTrainerKeys = {
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",
     "policy.multirate_fast_fraction"};
+
+// The keys mat-train does not have: what the cluster must provide, and the stored MAT job a rand
+// job replays. JobSpecToTrainerYaml leaves them out.
+const std::vector<std::string> kJobOnlyKeys = {"policy.rand_schedule_job", "resources.workers",
+                                               "resources.device"};
 
 // Every set scalar of `msg` as key -> text (doubles via StrCat: 6 significant digits).
 void Flatten(const Message& msg, const std::string& prefix, std::map<std::string, std::string>* out) {
@@ -394,14 +400,14 @@ TEST(JobSpecTest, LoadNamesAMissingFile) {
 
 // ----- schema and defaults -----
 
-TEST(JobSpecTest, KeysAreMatTrainsSchemaPlusResources) {
+TEST(JobSpecTest, KeysAreMatTrainsSchemaPlusTheJobOnlyKeys) {
   std::vector<std::string> expected = kTrainerKeys;
-  expected.push_back("resources.workers");
-  expected.push_back("resources.device");
+  expected.insert(expected.end(), kJobOnlyKeys.begin(), kJobOnlyKeys.end());
   const std::vector<std::string> keys = JobSpecKeys();
   EXPECT_EQ(std::set<std::string>(keys.begin(), keys.end()),
             std::set<std::string>(expected.begin(), expected.end()));
   EXPECT_EQ(keys.size(), expected.size()) << "a key is listed twice";
+  EXPECT_EQ(JobOnlyKeys(), kJobOnlyKeys) << "in proto field order";
 }
 
 TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
@@ -417,7 +423,7 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"model.classifier_hidden", "0"},
       {"data.kind", "wikitext"}, {"data.dir", "../shared/data/wikitext-2"},
       {"data.seq_len", "128"}, {"data.mask_prob", "0.15"}, {"data.valid_size", "5000"},
-      {"data.augment", "false"},
+      {"data.augment", "false"}, {"data.train_fraction", "1"},
       {"train.steps", "2000"}, {"train.batch_size", "32"}, {"train.lr", "0.0005"},
       {"train.min_lr_ratio", "0"}, {"train.warmup_steps", "100"}, {"train.schedule", "linear"},
       {"train.weight_decay", "0.01"}, {"train.beta1", "0.9"}, {"train.beta2", "0.999"},
@@ -430,7 +436,7 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"policy.probe_every", "20"}, {"policy.probe_samples", "16"},
       {"policy.estimator", "gram"}, {"policy.min_active_fraction", "0.25"},
       {"policy.rand_fraction", "0.5"}, {"policy.multirate_k", "4"},
-      {"policy.multirate_fast_fraction", "0.5"},
+      {"policy.multirate_fast_fraction", "0.5"}, {"policy.rand_schedule_job", ""},
       {"resources.workers", "1"}, {"resources.device", "cpu"}};
   EXPECT_EQ(Flatten(JobSpecDefaults()), documented);
   EXPECT_TRUE(ValidateJobSpec(JobSpecDefaults()).ok()) << ValidateJobSpec(JobSpecDefaults());
@@ -512,6 +518,12 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"SeqLenAboveMax", "data: {seq_len: 129}", "data.seq_len"},
         BadValue{"SeqLenOne", "data: {seq_len: 1}", "data.seq_len"},
         BadValue{"MaskProbOne", "data: {mask_prob: 1}", "data.mask_prob"},
+        BadValue{"TrainFractionZero", "data: {train_fraction: 0}",
+                 "data.train_fraction must be in (0, 1], got 0"},
+        BadValue{"TrainFractionAboveOne", "data: {train_fraction: 1.5}", "data.train_fraction"},
+        BadValue{"TrainFractionOfImagesZero",
+                 "model: {kind: vgg}\ndata: {kind: fashion-mnist, train_fraction: -0.5}",
+                 "data.train_fraction"},
         BadValue{"MaskProbZero", "data: {mask_prob: 0}", "data.mask_prob"},
         BadValue{"ZeroSteps", "train: {steps: 0}", "train.steps"},
         BadValue{"ZeroBatch", "train: {batch_size: 0}", "train.batch_size"},
@@ -560,6 +572,14 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"HugeMultirateK", "policy: {multirate_k: 4294967300}", "policy.multirate_k"},
         BadValue{"FastFractionAboveOne", "policy: {multirate_fast_fraction: 3}",
                  "policy.multirate_fast_fraction"},
+        BadValue{"ReplayForTheDefaultKindMat", "policy: {rand_schedule_job: job-000001}",
+                 "policy.rand_schedule_job replays a MAT job's active counts for policy.kind "
+                 "rand only, got kind 'mat'"},
+        BadValue{"ReplayForKindFull", "policy: {kind: full, rand_schedule_job: job-000001}",
+                 "policy.rand_schedule_job"},
+        BadValue{"ReplayForKindMultirate",
+                 "policy: {kind: multirate, rand_schedule_job: job-000001}",
+                 "policy.rand_schedule_job"},
         BadValue{"ZeroWorkers", "resources: {workers: 0}", "resources.workers"},
         BadValue{"NegativeWorkers", "resources: {workers: -2}", "resources.workers"},
         BadValue{"UnknownDevice", "resources: {device: tpu}", "resources.device"},
@@ -581,6 +601,8 @@ TEST(JobSpecTest, BoundaryValuesValidate) {
         "resources: {workers: 2, device: cuda}",
         "resources: {workers: 32}\npolicy: {probe_samples: 2, kind: full}\ntrain: {batch_size: 64}",
         "policy: {kind: rand}", "policy: {kind: multirate, multirate_k: 1}",
+        "policy: {kind: rand, rand_schedule_job: job-000001}",
+        "policy: {kind: mat, rand_schedule_job: ''}",
         "policy: {estimator: exact}", "policy: {estimator: lanczos}",
         "policy: {estimator: exact-output}", "train: {schedule: constant}",
         "train: {schedule: step, decay_every: 1, decay_factor: 1}",
@@ -652,24 +674,34 @@ TEST(JobSpecYamlTest, TinyExampleRoundTrips) {
   }
 }
 
-TEST(JobSpecYamlTest, TrainerYamlHasEveryTrainerKeyAndNoResources) {
+TEST(JobSpecYamlTest, TrainerYamlHasEveryTrainerKeyAndNoJobOnlyKey) {
   v1::JobSpec spec = WithJobSpecDefaults(v1::JobSpec());
   spec.mutable_resources()->set_workers(4);
+  spec.mutable_policy()->set_kind("rand");
+  spec.mutable_policy()->set_rand_schedule_job("job-000001");
   const std::string yaml = JobSpecToTrainerYaml(spec);
   const YAML::Node root = YAML::Load(yaml);
   ASSERT_TRUE(root.IsMap()) << yaml;
   EXPECT_FALSE(root["resources"]) << "mat-train rejects a resources section:\n" << yaml;
+  EXPECT_FALSE(root["policy"]["rand_schedule_job"])
+      << "mat-train rejects an unknown policy key:\n" << yaml;
+  absl::StatusOr<worker::TrainConfig> config = worker::ParseTrainConfig(yaml, "trainer.yaml");
+  ASSERT_TRUE(config.ok()) << config.status() << "\n" << yaml;
+  EXPECT_TRUE(worker::ValidateTrainConfig(*config).ok()) << worker::ValidateTrainConfig(*config);
+  EXPECT_EQ(config->policy.kind, "rand");
+  EXPECT_EQ(config->policy.rand_schedule, "") << "the worker gets no file to replay";
   for (const std::string& key : kTrainerKeys) {
     const size_t dot = key.find('.');
     const YAML::Node value =
         dot == std::string::npos ? root[key] : root[key.substr(0, dot)][key.substr(dot + 1)];
     EXPECT_TRUE(value && value.IsScalar()) << key << " missing from\n" << yaml;
   }
-  // Everything but resources comes back.
+  // Everything but the job-only keys comes back.
   auto back = Parse(yaml);
   ASSERT_TRUE(back.ok()) << back.status();
   v1::JobSpec expected = spec;
   expected.clear_resources();
+  expected.mutable_policy()->clear_rand_schedule_job();
   ExpectBitIdentical(expected, *back);
 }
 

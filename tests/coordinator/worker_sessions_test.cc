@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -1359,6 +1360,120 @@ TEST_F(WorkerSessionsTest, MetricsThresholdIsNaNDuringWarmUpAndLostWorkersAreDis
   EXPECT_EQ(m.jobs.Value({"running"}), 0);
   EXPECT_FALSE(m.worker_heartbeat_age_seconds.Exists({w0.id}));
   // Without metrics the Coordinator works the same (every other test here).
+}
+
+// ----- rand replaying a MAT job (policy.rand_schedule_job) -----
+
+// 2 layers × (3 heads + 2 FFN slices): two groups of different sizes, 10 modules (as Lambda).
+std::vector<policy::ModuleInfo> TwoGroupModules() {
+  std::vector<policy::ModuleInfo> out;
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int i = 0; i < 3; ++i) {
+      out.push_back({"heads", layer, i, "layer" + std::to_string(layer) + ".head" + std::to_string(i)});
+    }
+    for (int i = 0; i < 2; ++i) {
+      out.push_back({"ffn", layer, i, "layer" + std::to_string(layer) + ".ffn" + std::to_string(i)});
+    }
+  }
+  return out;
+}
+
+// Active modules per group of a mask over `modules`.
+std::map<std::string, int> CountsByGroup(const v1::MaskUpdate& mask,
+                                         const std::vector<policy::ModuleInfo>& modules) {
+  std::map<std::string, int> out;
+  const std::vector<uint8_t> on = Unpack(mask.bits(), static_cast<int>(modules.size()));
+  for (size_t i = 0; i < modules.size(); ++i) out[modules[i].group] += on[i];
+  return out;
+}
+
+// A rand job with policy.rand_schedule_job draws, at every decision, as many modules per group
+// as the finished MAT job had active at that step (which ones: at random), also after a
+// coordinator restart (the schedule is not in the policy's saved state: it is set again).
+TEST_F(WorkerSessionsTest, ARandJobReplaysTheActiveCountsOfAFinishedMatJob) {
+  const std::vector<policy::ModuleInfo> modules = TwoGroupModules();
+  Worker w = AddWorker();
+  const std::string mat = Submit(Spec(1));
+  ASSERT_EQ(StateOf(mat), v1::JOB_STATE_RUNNING);
+  SendOk(ModuleList(w.id, mat, modules));
+  constexpr int kProbes = 6;
+  for (int k = 0; k < kProbes; ++k) SendOk(Spectra(w.id, mat, 0, 10 * k, Lambda(0, k)));
+  SendOk(Done(w.id, mat, 0, true, "abc", R"({"steps":100})"));
+  ASSERT_EQ(StateOf(mat), v1::JOB_STATE_SUCCEEDED);
+  const std::vector<v1::MaskUpdate> mat_masks = w.channel->Masks();
+  ASSERT_EQ(mat_masks.size(), static_cast<size_t>(kProbes));
+  // rand_fraction 0.5 alone would draw 3 of 6 heads and 2 of 4 FFN slices.
+  const std::map<std::string, int> by_fraction = {{"ffn", 2}, {"heads", 3}};
+  std::vector<bool> differs_from_fraction(kProbes);
+  for (int k = 0; k < kProbes; ++k) {
+    differs_from_fraction[k] = CountsByGroup(mat_masks[k], modules) != by_fraction;
+  }
+  ASSERT_TRUE(differs_from_fraction[1] || differs_from_fraction[2])
+      << "the MAT job's counts equal rand_fraction's before the restart: the test checks less";
+  ASSERT_TRUE(differs_from_fraction[3] || differs_from_fraction[4] || differs_from_fraction[5])
+      << "the MAT job's counts equal rand_fraction's after the restart: the test checks less";
+
+  v1::JobSpec spec = Spec(1, "cpu", "rand");
+  spec.mutable_policy()->set_rand_schedule_job(mat);
+  const std::string rand = Submit(spec);
+  ASSERT_EQ(StateOf(rand), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w.channel->Assigns().back().spec().policy().rand_schedule_job(), mat);
+  SendOk(ModuleList(w.id, rand, modules));
+  bool some_set_differs = false;
+  auto expect_replayed = [&](const std::shared_ptr<FakeWorkerChannel>& channel, int k) {
+    const v1::MaskUpdate mask = channel->Masks().back();
+    ASSERT_EQ(mask.effective_step(), 10 * k);
+    EXPECT_EQ(CountsByGroup(mask, modules), CountsByGroup(mat_masks[k], modules)) << "step " << 10 * k;
+    some_set_differs = some_set_differs || mask.bits() != mat_masks[k].bits();
+  };
+  for (int k = 0; k < 3; ++k) {
+    SendOk(Spectra(w.id, rand, 0, 10 * k, {}));
+    expect_replayed(w.channel, k);
+  }
+
+  Open();  // a new coordinator process on the same state dir keeps the rand job
+  ASSERT_EQ(StateOf(rand), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w.id), w.id);
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w.id, {rand}), channel).ok());
+  SendOk(ModuleList(w.id, rand, modules));
+  for (int k = 3; k < kProbes; ++k) {
+    SendOk(Spectra(w.id, rand, 0, 10 * k, {}));
+    ASSERT_EQ(channel->Masks().size(), static_cast<size_t>(k - 2));
+    expect_replayed(channel, k);
+  }
+  EXPECT_TRUE(some_set_differs) << "the rand job copied the MAT job's masks";
+  SendOk(Done(w.id, rand, 0, true, "def", R"({"steps":100})"));
+  EXPECT_EQ(StateOf(rand), v1::JOB_STATE_SUCCEEDED);
+}
+
+// The replayed MAT job trained another model (other group sizes): the rand job fails at its
+// ModuleList with a message naming both jobs, and its worker is told to stop.
+TEST_F(WorkerSessionsTest, ARandJobReplayingAJobWithOtherModulesFailsNamingBoth) {
+  Worker w = AddWorker();
+  const std::string mat = Submit(Spec(1));
+  SendOk(ModuleList(w.id, mat));  // 10 heads
+  SendOk(Spectra(w.id, mat, 0, 0, Lambda(0, 0)));
+  SendOk(Done(w.id, mat, 0, true, "abc", "{}"));
+  ASSERT_EQ(StateOf(mat), v1::JOB_STATE_SUCCEEDED);
+
+  v1::JobSpec spec = Spec(1, "cpu", "rand");
+  spec.mutable_policy()->set_rand_schedule_job(mat);
+  const std::string rand = Submit(spec);
+  ASSERT_EQ(StateOf(rand), v1::JOB_STATE_RUNNING);
+  std::vector<policy::ModuleInfo> eight = Modules();
+  eight.resize(8);
+  absl::Status st = Send(ModuleList(w.id, rand, eight));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  const v1::Job failed = GetJob(rand).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  for (const std::string& text : {rand, mat, std::string("group heads has 8 modules")}) {
+    EXPECT_THAT(std::string(st.message()), HasSubstr(text));
+    EXPECT_THAT(failed.error_message(), HasSubstr(text));
+  }
+  ASSERT_FALSE(w.channel->Cancels().empty());
+  EXPECT_EQ(w.channel->Cancels().back().job_id(), rand);
+  EXPECT_EQ(WorkerInfoOf(w.id).state(), v1::WORKER_STATE_IDLE);
 }
 
 }  // namespace

@@ -9,7 +9,10 @@
 //   - a 2-worker VGG job on Fashion-MNIST (Debian's dataset-fashion-mnist) succeeds with equal
 //     parameters AND BatchNorm running statistics on both ranks (averaged over the ranks before
 //     every probe, evaluation and checkpoint), identical masks over filter groups, and top-1
-//     accuracy as its test metric.
+//     accuracy as its test metric;
+//   - a rand job with policy.rand_schedule_job replays a finished MAT job's per-group active
+//     counts at every decision step, with other (random) modules; a replay of an unknown job is
+//     refused at submission.
 //
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 #include <glob.h>
@@ -217,6 +220,76 @@ TEST_F(ServiceTest, TwoWorkersTrainAVggJobWithEqualParametersAndBatchNormStatist
   CommandResult spectra = Matctl(address_, {"spectra", job, "-o", "csv"});
   EXPECT_EQ(spectra.exit_code, 0) << spectra.err;
   EXPECT_THAT(spectra.out, ::testing::HasSubstr("conv7.filters1"));
+}
+
+// The service form of the paper's "-Rand" baseline: a rand job with policy.rand_schedule_job
+// trains, at every decision step, as many modules per group as the finished MAT job had active
+// (the coordinator reads that job's stored decisions), but other ones: random, not a copy.
+TEST_F(ServiceTest, ARandJobReplaysTheActiveCountsOfAFinishedMatJob) {
+  StartCoordinator();
+  StartWorker("w1");
+  const std::string mat = SubmitAndWait(WriteJob("mat.yaml", JobYaml(1, 40)), 240s);
+  ASSERT_FALSE(mat.empty());
+  ASSERT_EQ(Status(mat)["state"], "SUCCEEDED") << Logs();
+
+  std::string yaml = JobYaml(1, 40);
+  const std::string kind = "policy: {kind: mat,";
+  ASSERT_NE(yaml.find(kind), std::string::npos);
+  yaml.replace(yaml.find(kind), kind.size(), "policy: {kind: rand, rand_schedule_job: " + mat + ",");
+  const std::string rand = SubmitAndWait(WriteJob("rand.yaml", yaml), 240s);
+  ASSERT_FALSE(rand.empty());
+  json s = Status(rand);
+  ASSERT_TRUE(s.is_object()) << Logs();
+  EXPECT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  EXPECT_EQ(s["spec"]["policy"]["rand_schedule_job"], mat);
+  CommandResult text = Matctl(address_, {"status", rand});
+  EXPECT_THAT(text.out, ::testing::HasSubstr("rand (replays " + mat + ")")) << text.out << text.err;
+
+  // The modules' groups (rank 0's ModuleList, the same model in both jobs).
+  std::vector<std::string> groups;
+  std::string listed;
+  for (const std::string& job : {mat, rand}) {
+    CommandResult r = Matctl(address_, {"spectra", job, "-o", "json"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const json listing = json::parse(r.out);
+    std::vector<std::string> g;
+    for (const json& m : listing["modules"]) g.push_back(m["group"].get<std::string>());
+    if (groups.empty()) groups = g;
+    EXPECT_EQ(g, groups) << job;
+    listed += r.out;
+  }
+  ASSERT_EQ(groups.size(), 12u) << "2 layers x (4 heads + 2 FFN slices):\n" << listed;
+
+  // The masks the rank applied at each decision step, per job.
+  auto masks_of = [&](const std::string& job) {
+    return ReadJsonLines(root_ + "/w1/jobs/" + job + "/rank0/masks.jsonl");
+  };
+  const std::vector<json> a = masks_of(mat), b = masks_of(rand);
+  ASSERT_EQ(a.size(), 4u) << Logs();  // probe steps 0, 10, 20, 30
+  ASSERT_EQ(b.size(), a.size());
+  auto counts = [&](const json& mask) {
+    std::map<std::string, int> out;
+    for (size_t i = 0; i < groups.size(); ++i) out[groups[i]] += mask["every_step"][i].get<int>();
+    return out;
+  };
+  bool some_module_off = false, some_set_differs = false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i]["step"], b[i]["step"]);
+    ASSERT_EQ(b[i]["every_step"].size(), groups.size());
+    EXPECT_EQ(counts(b[i]), counts(a[i])) << "step " << a[i]["step"];
+    for (int bit : a[i]["every_step"]) some_module_off |= bit == 0;
+    some_set_differs |= a[i]["every_step"] != b[i]["every_step"];
+  }
+  EXPECT_TRUE(some_module_off) << "the MAT job never switched a module off; the test checks less";
+  EXPECT_TRUE(some_set_differs) << "the rand job copied the MAT job's masks";
+
+  // Replaying a job the coordinator does not have is refused at submission, naming it.
+  std::string unknown = yaml;
+  unknown.replace(unknown.find(mat), mat.size(), "job-000099");
+  CommandResult refused = Matctl(address_, {"submit", WriteJob("unknown.yaml", unknown)});
+  EXPECT_NE(refused.exit_code, 0) << refused.out;
+  EXPECT_THAT(refused.err, ::testing::HasSubstr("policy.rand_schedule_job"));
+  EXPECT_THAT(refused.err, ::testing::HasSubstr("job-000099"));
 }
 
 }  // namespace

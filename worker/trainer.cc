@@ -49,6 +49,11 @@ torch::Tensor ProjectOutputs(const torch::Tensor& logits, const torch::Tensor& p
   return torch::zeros({n, k}, proj.options()).index_add(0, sample, proj);
 }
 
+// How many of n training examples (tokens or images) data.train_fraction keeps: ⌈fraction · n⌉.
+int64_t TrainPrefix(double fraction, int64_t n) {
+  return std::min(n, static_cast<int64_t>(std::ceil(fraction * static_cast<double>(n))));
+}
+
 }  // namespace
 
 BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
@@ -168,12 +173,8 @@ absl::Status Trainer::InitText() {
   mlm_.mask_id = real;  // [MASK] is the last id
   mlm_.num_real_tokens = real;
 
-  if (c.data.train_fraction < 1) {
-    const auto keep = static_cast<size_t>(
-        std::ceil(c.data.train_fraction * static_cast<double>(corpus_.train.size())));
-    corpus_.train.resize(std::min(keep, corpus_.train.size()));
-  }
-  train_size_ = static_cast<int64_t>(corpus_.train.size());
+  train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
+  corpus_.train.resize(static_cast<size_t>(train_size_));
 
   model_ = BertMlm(MakeBertConfig(c, real + 1));
   model_->to(device_);
@@ -211,11 +212,8 @@ absl::Status Trainer::InitImages() {
                                       " leaves no training images (the training files hold " +
                                       std::to_string(n) + ")");
   }
-  const int64_t available = n - c.data.valid_size;
-  const auto keep = std::min<int64_t>(
-      available, static_cast<int64_t>(std::ceil(c.data.train_fraction * static_cast<double>(available))));
-  train_images_ = SliceImages(*train, 0, keep);
-  train_size_ = keep;
+  train_size_ = TrainPrefix(c.data.train_fraction, n - c.data.valid_size);
+  train_images_ = SliceImages(*train, 0, train_size_);
   valid_images_ = SliceImages(*train, n - c.data.valid_size, n);
   test_images_ = std::move(*test);
   if (test_images_.channels() != train_images_.channels() ||

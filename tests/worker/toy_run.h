@@ -1,6 +1,7 @@
 // A toy corpus, small training configs, a pair of identical toy BERTs with one batch (tests that
 // compare two ways of running the same model: autocast_test, cuda_test), a BERT with its masked
-// optimizer (masking tests) and a JSON-lines reader (the trainer's logs).
+// optimizer (masking tests), a whole in-memory run (RunToEnd) and a JSON-lines reader (the
+// trainer's logs).
 #pragma once
 
 #include <unistd.h>
@@ -11,12 +12,14 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "spectral/estimator.h"
 #include "worker/bert.h"
 #include "worker/optimizer.h"
 #include "worker/train_config.h"
+#include "worker/trainer.h"
 
 namespace mat::worker::testing {
 
@@ -77,6 +80,18 @@ inline TrainConfig TinyTrainConfig(const std::string& data, const std::string& k
   c.policy.probe_every = 5;
   c.policy.probe_samples = 4;
   return c;
+}
+
+// Runs `c` to its last step in memory (no output folder); returns the parameter checksum and
+// stores the summary in *summary ("" and a failed expectation when creation or the run fails).
+inline std::string RunToEnd(const TrainConfig& c, nlohmann::json* summary) {
+  auto t = Trainer::Create(c, {"", false, false});
+  EXPECT_TRUE(t.ok()) << t.status();
+  if (!t.ok()) return "";
+  auto s = (*t)->Run();
+  EXPECT_TRUE(s.ok()) << s.status();
+  if (s.ok()) *summary = *s;
+  return (*t)->ParamChecksum();
 }
 
 // One JSON value per line of `path` (metrics.jsonl, decisions.jsonl).

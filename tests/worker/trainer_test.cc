@@ -269,13 +269,7 @@ TEST(TrainerSingleTest, TrainFractionTrainsOnThePrefixOnly) {
   auto run = [](const std::string& data, double fraction, nlohmann::json* summary) {
     TrainConfig c = TinyTrainConfig(data, "mat");
     c.data.train_fraction = fraction;
-    auto t = Trainer::Create(c, {"", false, false});
-    EXPECT_TRUE(t.ok()) << t.status();
-    if (!t.ok()) return std::string();
-    auto s = (*t)->Run();
-    EXPECT_TRUE(s.ok()) << s.status();
-    if (s.ok()) *summary = *s;
-    return (*t)->ParamChecksum();
+    return testing::RunToEnd(c, summary);
   };
   nlohmann::json a, b, c;
   const std::string whole_once = run(once, 1.0, &a);

@@ -324,13 +324,7 @@ TEST(VggTrainerTest, TrainFractionKeepsTheFirstTrainingImages) {
     c.data.dir = dir;
     c.data.train_fraction = fraction;
     c.data.augment = true;
-    auto t = Trainer::Create(c, {"", false, false});
-    EXPECT_TRUE(t.ok()) << t.status();
-    if (!t.ok()) return std::string();
-    auto s = (*t)->Run();
-    EXPECT_TRUE(s.ok()) << s.status();
-    if (s.ok()) *summary = *s;
-    return (*t)->ParamChecksum();
+    return testing::RunToEnd(c, summary);
   };
   nlohmann::json half, cut_whole, whole;
   const std::string a = run(Images(), 0.5, &half);

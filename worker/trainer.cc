@@ -694,6 +694,24 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   return summary;
 }
 
+nlohmann::json Trainer::NominalStepFlops() const {
+  const int64_t B = config_.train.batch_size / options_.world_size;
+  const std::vector<uint8_t> off(partition_.size(), 0);
+  FlopCounts full, none;
+  if (is_vgg()) {
+    full = VggStepFlops(vgg_->config(), B, {});
+    none = VggStepFlops(vgg_->config(), B, off);
+  } else {
+    const int64_t T = config_.data.seq_len;
+    const auto M = int64_t(std::llround(config_.data.mask_prob * double(B * T)));
+    full = BertStepFlops(model_->config(), B, T, M, {});
+    none = BertStepFlops(model_->config(), B, T, M, off);
+  }
+  return {{"full", full.total()}, {"full_without_decoder", full.total_without_decoder()},
+          {"modules_off", none.total()},
+          {"modules_off_without_decoder", none.total_without_decoder()}};
+}
+
 nlohmann::json Trainer::Summary(double wall_seconds) const {
   nlohmann::json s = {
       {"mode", config_.policy.kind},
@@ -717,6 +735,10 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
                           {"weight_grad", flops_.weight_grad}, {"spectral", flops_.spectral}}},
       {"flops_to_best", flops_to_best_},
       {"flops_saved", flops_full_ - (flops_.total() - flops_.spectral)},
+      // One nominal step (this rank's batch; wikitext: mask_prob of its tokens predicted,
+      // experts evenly loaded) with every module active and with none: a masked-off module
+      // still passes activation gradients, so "modules_off" is the floor masking can reach.
+      {"step_flops", NominalStepFlops()},
       {"mean_active_fraction", step_ > 0 ? active_sum_ / double(step_) : 1.0},
       {"spectral_seconds", spectral_seconds_},
       {"wall_seconds", wall_seconds},

@@ -194,6 +194,9 @@ class Trainer {
   absl::StatusOr<spectral::EstimateResult> RunEstimator(spectral::Estimator* estimator,
                                                         spectral::ProbeBatch probe);
   nlohmann::json Summary(double wall_seconds) const;
+  // summary.json's "step_flops": {full, full_without_decoder, modules_off,
+  // modules_off_without_decoder}, FLOPs of one nominal step (Summary's comment).
+  nlohmann::json NominalStepFlops() const;
 
   TrainConfig config_;
   TrainerOptions options_;

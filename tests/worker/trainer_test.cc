@@ -96,10 +96,24 @@ TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   auto s = (*t)->Run();
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_LT((*s)["mean_active_fraction"].get<double>(), 1.0);
-  EXPECT_GT((*s)["flops_saved"].get<double>(), 0);
   EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
   EXPECT_GT((*s)["spectral_seconds"].get<double>(), 0);
   EXPECT_TRUE(std::isfinite((*s)["best_val_loss"].get<double>()));
+  // The masking floor: with every module off a step still costs its forward, its activation
+  // gradients and the always-trained weights' gradients; the decoder's share does not change.
+  const auto& sf = (*s)["step_flops"];
+  const double full = sf["full"].get<double>(), off = sf["modules_off"].get<double>();
+  const double full_wo = sf["full_without_decoder"].get<double>();
+  const double off_wo = sf["modules_off_without_decoder"].get<double>();
+  EXPECT_LT(off, full);
+  EXPECT_GT(off, 0.5 * full);
+  EXPECT_LT(full_wo, full);
+  EXPECT_NEAR(full - off, full_wo - off_wo, 1e-9 * full);
+  // Masking saved less than switching every module off after the warm-up would have (the
+  // modules' weight gradients do not depend on the batch's masked-token count).
+  EXPECT_GT((*s)["flops_saved"].get<double>(), 0);
+  EXPECT_LT((*s)["flops_saved"].get<double>(),
+            (c.train.steps - c.policy.warmup_steps) * (full - off));
 }
 
 // The "-Rand" baseline: rand replaying a MAT run's decisions.jsonl trains the same number of

@@ -241,6 +241,18 @@ TEST(VggTrainerTest, MatSwitchesFilterGroupsOffAndSavesFlops) {
   EXPECT_LT((*s)["mean_active_fraction"].get<double>(), 1.0);
   EXPECT_GT((*s)["flops_saved"].get<double>(), 0);
   EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+  // A VGG step's FLOPs depend on the batch only: the nominal full step times the steps is what
+  // the run spent training plus what masking saved, which is less than switching every filter
+  // group off (weight gradients, and activation gradients below the earliest active group)
+  // on every step after the warm-up.
+  const auto& sf = (*s)["step_flops"];
+  const double full = sf["full"].get<double>(), off = sf["modules_off"].get<double>();
+  const double trained = (*s)["flops_total"].get<double>() - (*s)["flops_by_phase"]["spectral"].get<double>();
+  EXPECT_NEAR(trained + (*s)["flops_saved"].get<double>(), c.train.steps * full, 1e-9 * c.train.steps * full);
+  EXPECT_LT(off, full);
+  EXPECT_GT(off, 0);
+  EXPECT_LT((*s)["flops_saved"].get<double>(), (c.train.steps - c.policy.warmup_steps) * (full - off));
+  EXPECT_EQ(sf["full_without_decoder"].get<double>(), full);  // no decoder
   auto decisions = ReadJsonLines(out + "/decisions.jsonl");
   ASSERT_FALSE(decisions.empty());
   for (const auto& d : decisions) {

@@ -736,8 +736,9 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       {"flops_to_best", flops_to_best_},
       {"flops_saved", flops_full_ - (flops_.total() - flops_.spectral)},
       // One nominal step (this rank's batch; wikitext: mask_prob of its tokens predicted,
-      // experts evenly loaded) with every module active and with none: a masked-off module
-      // still passes activation gradients, so "modules_off" is the floor masking can reach.
+      // experts evenly loaded) with every module active and with none: "modules_off" is the
+      // floor masking can reach (BERT/Switch: activation gradients still run down to the
+      // embeddings; VGG: they stop below the earliest active filter group).
       {"step_flops", NominalStepFlops()},
       {"mean_active_fraction", step_ > 0 ? active_sum_ / double(step_) : 1.0},
       {"spectral_seconds", spectral_seconds_},

@@ -1,12 +1,19 @@
 #include "worker/checkpoint.h"
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
+#include <tuple>
 #include <filesystem>
 #include <sstream>
+
+#include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/read_adapter_interface.h>
 
 #include "common/file_util.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
+#include "worker/archive_check.h"
 
 namespace mat::worker {
 namespace {
@@ -31,6 +38,55 @@ uint64_t GetU64(const char* p) {
   uint64_t v = 0;
   for (int i = 0; i < 8; ++i) v |= uint64_t(static_cast<unsigned char>(p[i])) << (8 * i);
   return v;
+}
+
+// The payload in memory, for LibTorch's zip reader (no copy).
+class StringAdapter : public caffe2::serialize::ReadAdapterInterface {
+ public:
+  explicit StringAdapter(absl::string_view data) : data_(data) {}
+  size_t size() const override { return data_.size(); }
+  size_t read(uint64_t pos, void* buf, size_t n, const char* /*what*/) const override {
+    if (pos >= data_.size()) return 0;
+    n = std::min<uint64_t>(n, data_.size() - pos);
+    std::memcpy(buf, data_.data() + pos, n);
+    return n;
+  }
+
+ private:
+  absl::string_view data_;
+};
+
+// Verifies the archive in `payload` (worker/archive_check.h) through the zip reader LibTorch's
+// loader uses, so that both see the same records.
+absl::Status CheckPayload(absl::string_view payload) {
+  if (absl::Status st = CheckZipDirectory(payload); !st.ok()) return st;
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(std::make_shared<StringAdapter>(payload));
+    ArchiveRecords records;
+    records.names = reader.getAllRecords();
+    const auto get = [&reader](const std::string& name) -> absl::StatusOr<std::tuple<at::DataPtr, size_t>> {
+      try {
+        return reader.getRecord(name);
+      } catch (const c10::Error& e) {
+        return absl::DataLossError("record " + name + " cannot be read: " + e.what_without_backtrace());
+      }
+    };
+    records.read = [&get](const std::string& name) -> absl::StatusOr<std::string> {
+      auto record = get(name);
+      if (!record.ok()) return record.status();
+      return std::string(static_cast<const char*>(std::get<0>(*record).get()), std::get<1>(*record));
+    };
+    records.size = [&get](const std::string& name) -> absl::StatusOr<uint64_t> {
+      auto record = get(name);
+      if (!record.ok()) return record.status();
+      return std::get<1>(*record);
+    };
+    return CheckArchiveRecords(records);
+  } catch (const c10::Error& e) {
+    return absl::DataLossError(std::string("not a LibTorch archive: ") + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return absl::DataLossError(std::string("not a LibTorch archive: ") + e.what());
+  }
 }
 
 }  // namespace
@@ -91,9 +147,14 @@ absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputAr
 absl::Status ReadCheckpoint(const std::string& path, torch::serialize::InputArchive& archive) {
   MAT_ASSIGN_OR_RETURN(std::string data, common::ReadFile(path));
   MAT_ASSIGN_OR_RETURN(std::string payload, ParseEnvelope(data, path));
+  data.clear();
+  data.shrink_to_fit();
+  if (absl::Status st = CheckPayload(payload); !st.ok()) {
+    return absl::DataLossError("checkpoint " + path + " is malformed: " +
+                               std::string(st.message()));
+  }
   try {
-    std::istringstream in(std::move(payload));
-    archive.load_from(in);
+    archive.load_from(payload.data(), payload.size());
   } catch (const c10::Error& e) {
     return absl::DataLossError("checkpoint " + path + " cannot be read: " + e.what_without_backtrace());
   } catch (const std::exception& e) {

@@ -1,18 +1,23 @@
 // Tests of mat::worker's checkpoint files: round trip, the integrity envelope (truncation and
 // corruption are DATA_LOSS naming the file), `.prev` rotation and LoadNewestCheckpoint's
-// fallback.
+// fallback, and the archive check that runs before LibTorch parses a payload (hostile records
+// that crash LibTorch 1.13's loader are DATA_LOSS instead).
 #include "worker/checkpoint.h"
 
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <fstream>
 #include <sstream>
 #include <string>
 
+#include <caffe2/serialize/inline_container.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include "absl/strings/str_replace.h"
 
 namespace mat::worker {
 namespace {
@@ -293,6 +298,206 @@ TEST_F(CheckpointTest, LoadNewestFailsWhenNeitherExists) {
   auto used = LoadNewestCheckpoint(path_, ar, &warning);
   ASSERT_FALSE(used.ok());
   EXPECT_THAT(used.status().message(), HasSubstr(path_));
+}
+
+// The archive inside a checkpoint file, record by record (names without the "archive/" folder).
+std::map<std::string, std::string> Records(const std::string& file) {
+  const std::string payload = ReadBytes(file).substr(kHeaderBytes);
+  std::istringstream in(payload);
+  caffe2::serialize::PyTorchStreamReader reader(&in);
+  std::map<std::string, std::string> records;
+  for (const std::string& name : reader.getAllRecords()) {
+    auto [data, size] = reader.getRecord(name);
+    records[name] = std::string(static_cast<const char*>(data.get()), size);
+  }
+  return records;
+}
+
+// Writes `records` as a checkpoint file (a new zip, wrapped in a valid envelope).
+void WriteRecords(const std::string& file, const std::map<std::string, std::string>& records) {
+  std::string zip;
+  {
+    caffe2::serialize::PyTorchStreamWriter writer([&zip](const void* p, size_t n) {
+      zip.append(static_cast<const char*>(p), n);
+      return n;
+    });
+    for (const auto& [name, data] : records) {
+      if (name != "version") writer.writeRecord(name, data.data(), data.size());
+    }
+    writer.writeEndOfFile();
+  }
+  WriteBytes(file, MakeEnvelope(zip));
+}
+
+// Re-wraps `payload` (a zip, edited in place) in a valid envelope.
+void WritePayload(const std::string& file, const std::string& payload) {
+  WriteBytes(file, MakeEnvelope(payload));
+}
+
+// The byte offset of `name`'s entry in the zip's central directory.
+size_t DirectoryEntry(const std::string& zip, const std::string& name) {
+  size_t at = 0;
+  while ((at = zip.find("PK\x01\x02", at)) != std::string::npos) {
+    if (zip.compare(at + 46, name.size(), name) == 0) return at;
+    ++at;
+  }
+  ADD_FAILURE() << "no directory entry " << name;
+  return 0;
+}
+
+void PutLe32(std::string& s, size_t at, uint32_t v) {
+  for (int i = 0; i < 4; ++i) s[at + i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+absl::Status ReadStatus(const std::string& file) {
+  torch::serialize::InputArchive ar;
+  return ReadCheckpoint(file, ar);
+}
+
+TEST_F(CheckpointTest, TheUneditedRecordsRewrittenStillLoad) {
+  ASSERT_TRUE(Write(path_, torch::arange(6.0), 5).ok());
+  WriteRecords(path_, Records(path_));
+  torch::serialize::InputArchive ar;
+  absl::Status st = ReadCheckpoint(path_, ar);
+  ASSERT_TRUE(st.ok()) << st;
+  torch::Tensor w;
+  int64_t step = 0;
+  ReadBack(ar, &w, &step);
+  EXPECT_TRUE(torch::equal(w, torch::arange(6.0)));
+  EXPECT_EQ(step, 5);
+}
+
+// LibTorch 1.13's class parser dereferences null on a broken annotation (the fuzzer's SEGV).
+TEST_F(CheckpointTest, AMutatedAnnotationIsDataLossNamingTheLine) {
+  ASSERT_TRUE(Write(path_, torch::ones({3}), 1).ok());
+  auto records = Records(path_);
+  std::string& code = records["code/__torch__.py"];
+  ASSERT_THAT(code, HasSubstr("w : Tensor\n"));
+  code = absl::StrReplaceAll(code, {{"w : Tensor\n", "w : Tensor[\n"}});
+  WriteRecords(path_, records);
+  absl::Status st = ReadStatus(path_);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_THAT(st.message(), HasSubstr(path_));
+  EXPECT_THAT(st.message(), HasSubstr("code/__torch__.py line 4"));
+}
+
+// One BINPUT id of 2^31 - 1 made LibTorch 1.13's unpickler resize its memo to 18 GB.
+TEST_F(CheckpointTest, AHugeMemoIdIsDataLoss) {
+  ASSERT_TRUE(Write(path_, torch::ones({3}), 1).ok());
+  auto records = Records(path_);
+  std::string& pkl = records["data.pkl"];
+  const size_t at = pkl.find(std::string("q\x00", 2));
+  ASSERT_NE(at, std::string::npos);
+  pkl.replace(at, 2, std::string("r\xff\xff\xff\x7f", 5));
+  WriteRecords(path_, records);
+  absl::Status st = ReadStatus(path_);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_THAT(st.message(), HasSubstr("data.pkl"));
+  EXPECT_THAT(st.message(), HasSubstr("memo id 2147483647"));
+}
+
+// LibTorch 1.13 does not check that a storage record holds the bytes its tensor needs.
+TEST_F(CheckpointTest, AShortStorageRecordIsDataLoss) {
+  ASSERT_TRUE(Write(path_, torch::ones({16}), 1).ok());
+  auto records = Records(path_);
+  ASSERT_EQ(records["data/0"].size(), 16 * sizeof(float));
+  records["data/0"].resize(10);
+  WriteRecords(path_, records);
+  absl::Status st = ReadStatus(path_);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_THAT(st.message(), HasSubstr("data/0"));
+  EXPECT_THAT(st.message(), HasSubstr("10 bytes"));
+}
+
+TEST_F(CheckpointTest, ARecordTheWriterNeverMakesIsDataLoss) {
+  ASSERT_TRUE(Write(path_, torch::ones({3}), 1).ok());
+  auto records = Records(path_);
+  records["code/__torch__/other.py"] = "class Other(Module):\n  pass\n";
+  WriteRecords(path_, records);
+  absl::Status st = ReadStatus(path_);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_THAT(st.message(), HasSubstr("code/__torch__/other.py"));
+}
+
+// LibTorch allocates the size a directory entry states before it reads the record.
+TEST_F(CheckpointTest, ADirectoryEntryClaimingGigabytesIsDataLoss) {
+  ASSERT_TRUE(Write(path_, torch::ones({3}), 1).ok());
+  const std::string good = ReadBytes(path_).substr(kHeaderBytes);
+  {
+    // The deflated class source claiming 4 GB.
+    std::string zip = good;
+    PutLe32(zip, DirectoryEntry(zip, "archive/code/__torch__.py") + 24, 0xfffffff0u);
+    WritePayload(path_, zip);
+    absl::Status st = ReadStatus(path_);
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+    EXPECT_THAT(st.message(), HasSubstr("archive/code/__torch__.py"));
+  }
+  {
+    // A tensor record marked deflated, so miniz would not compare its two sizes.
+    std::string zip = good;
+    const size_t entry = DirectoryEntry(zip, "archive/data/0");
+    zip[entry + 10] = 8;
+    PutLe32(zip, entry + 24, 0xfffffff0u);
+    WritePayload(path_, zip);
+    absl::Status st = ReadStatus(path_);
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+    EXPECT_THAT(st.message(), HasSubstr("archive/data/0 is compressed"));
+  }
+  {
+    // A stored record saying it holds more than the archive.
+    std::string zip = good;
+    const size_t entry = DirectoryEntry(zip, "archive/data/0");
+    PutLe32(zip, entry + 20, 0x7ffffff0u);
+    PutLe32(zip, entry + 24, 0x7ffffff0u);
+    WritePayload(path_, zip);
+    absl::Status st = ReadStatus(path_);
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+    EXPECT_THAT(st.message(), HasSubstr("past the end of the archive"));
+  }
+}
+
+// What mat::worker::Trainer writes: dotted parameter and buffer names, a string, a byte tensor
+// (the generator state), a 0-dim integer tensor, doubles and bools.
+TEST_F(CheckpointTest, AnArchiveShapedLikeTheTrainersRoundTrips) {
+  torch::manual_seed(3);
+  const torch::Tensor weight = torch::randn({4, 3});
+  const torch::Tensor mean = torch::randn({3}).to(torch::kFloat64);
+  const torch::Tensor state = at::detail::getDefaultCPUGenerator().get_state();
+  const torch::Tensor count = torch::tensor(int64_t{17});
+  const torch::Tensor view = torch::randn({6, 5}).slice(1, 1, 4);  // offset and strides
+  {
+    torch::serialize::OutputArchive out;
+    out.write("model.encoder.0.weight", weight);
+    out.write("buffer.bn.running_mean", mean, /*is_buffer=*/true);
+    out.write("adam.step", count);
+    out.write("view", view);
+    out.write("meta", c10::IValue(std::string(R"({"step": 3, "name": "a \"quoted\" run"})")));
+    out.write("lr", c10::IValue(0.25));
+    out.write("warm", c10::IValue(true));
+    out.write("rng.torch", state);
+    ASSERT_TRUE(WriteCheckpoint(path_, out).ok());
+  }
+  torch::serialize::InputArchive in;
+  absl::Status st = ReadCheckpoint(path_, in);
+  ASSERT_TRUE(st.ok()) << st;
+  // InputArchive::read into a defined tensor copies into it; read each into a fresh one.
+  const auto read = [&in](const std::string& key, bool is_buffer = false) {
+    torch::Tensor t;
+    in.read(key, t, is_buffer);
+    return t;
+  };
+  EXPECT_TRUE(torch::equal(read("model.encoder.0.weight"), weight));
+  EXPECT_TRUE(torch::equal(read("buffer.bn.running_mean", true), mean));
+  EXPECT_EQ(read("adam.step").item<int64_t>(), 17);
+  EXPECT_TRUE(torch::equal(read("view"), view));
+  EXPECT_TRUE(torch::equal(read("rng.torch"), state));
+  c10::IValue v;
+  in.read("meta", v);
+  EXPECT_EQ(v.toStringRef(), R"({"step": 3, "name": "a \"quoted\" run"})");
+  in.read("lr", v);
+  EXPECT_EQ(v.toDouble(), 0.25);
+  in.read("warm", v);
+  EXPECT_TRUE(v.toBool());
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/status.h"
 
 namespace mat::worker {
 namespace {
@@ -89,10 +90,8 @@ absl::StatusOr<std::vector<ArchiveAttribute>> ParseArchiveClassSource(absl::stri
     return SourceError(1, "expected `class Module(Module):`", lines[0]);
   }
   if (lines.size() < 3) return SourceError(lines.size(), "class body ends early", lines.back());
-  auto parameters = ParseNameList(lines[1], 2, "  __parameters__ = [");
-  if (!parameters.ok()) return parameters.status();
-  auto buffers = ParseNameList(lines[2], 3, "  __buffers__ = [");
-  if (!buffers.ok()) return buffers.status();
+  MAT_ASSIGN_OR_RETURN(auto parameters, ParseNameList(lines[1], 2, "  __parameters__ = ["));
+  MAT_ASSIGN_OR_RETURN(auto buffers, ParseNameList(lines[2], 3, "  __buffers__ = ["));
 
   std::vector<ArchiveAttribute> attributes;
   std::map<std::string, size_t> index;
@@ -138,8 +137,8 @@ absl::StatusOr<std::vector<ArchiveAttribute>> ParseArchiveClassSource(absl::stri
     }
     attributes.push_back(std::move(attr));
   }
-  for (auto* list : {&*parameters, &*buffers}) {
-    const bool is_param = list == &*parameters;
+  for (auto* list : {&parameters, &buffers}) {
+    const bool is_param = list == &parameters;
     for (const std::string& name : *list) {
       auto it = index.find(name);
       if (it == index.end() || attributes[it->second].type != "Tensor") {
@@ -365,22 +364,11 @@ class PickleChecker {
   std::vector<Ref> memo_;
 };
 
-#define MAT_PK_ASSIGN(lhs, expr)          \
-  auto lhs##_or = (expr);                 \
-  if (!lhs##_or.ok()) return lhs##_or.status(); \
-  auto lhs = std::move(*lhs##_or)
-
-#define MAT_PK_RETURN(expr)               \
-  do {                                    \
-    absl::Status _st = (expr);            \
-    if (!_st.ok()) return _st;            \
-  } while (0)
-
 absl::Status PickleChecker::Step(uint8_t op) {
   switch (op) {
     case 0x80: {  // PROTO
       if (at_ != 0) return Error("PROTO after the start");
-      MAT_PK_RETURN(Need(1));
+      MAT_RETURN_IF_ERROR(Need(1));
       const uint64_t proto = Le(1);
       if (proto != 2) return Error(absl::StrCat("pickle protocol ", proto, ", the writer uses 2"));
       return absl::OkStatus();
@@ -394,8 +382,8 @@ absl::Status PickleChecker::Step(uint8_t op) {
       return absl::OkStatus();
     }
     case 'c': {  // GLOBAL
-      MAT_PK_ASSIGN(module, Line());
-      MAT_PK_ASSIGN(name, Line());
+      MAT_ASSIGN_OR_RETURN(auto module, Line());
+      MAT_ASSIGN_OR_RETURN(auto name, Line());
       if (!GlobalAllowed(module, name)) {
         return Error(absl::StrCat("GLOBAL ", module, ".", name, " is not one the writer uses"));
       }
@@ -407,7 +395,7 @@ absl::Status PickleChecker::Step(uint8_t op) {
     case 'q':    // BINPUT
     case 'r': {  // LONG_BINPUT
       const size_t n = op == 'q' ? 1 : 4;
-      MAT_PK_RETURN(Need(n));
+      MAT_RETURN_IF_ERROR(Need(n));
       const uint64_t id = Le(n);
       if (stack_.empty()) return Error("BINPUT with an empty stack");
       if (id > memo_.size()) {
@@ -423,7 +411,7 @@ absl::Status PickleChecker::Step(uint8_t op) {
     case 'h':    // BINGET
     case 'j': {  // LONG_BINGET
       const size_t n = op == 'h' ? 1 : 4;
-      MAT_PK_RETURN(Need(n));
+      MAT_RETURN_IF_ERROR(Need(n));
       const uint64_t id = Le(n);
       if (id >= memo_.size()) {
         return Error(absl::StrCat("memo id ", id, " was never stored (the memo holds ", memo_.size(), ")"));
@@ -436,20 +424,20 @@ absl::Status PickleChecker::Step(uint8_t op) {
     case 'N': return Push(std::make_shared<Value>(Kind::kNone));
     case 0x88: return Push(Scalar(Kind::kBool, 1));
     case 0x89: return Push(Scalar(Kind::kBool, 0));
-    case 'K': MAT_PK_RETURN(Need(1)); return Push(Scalar(Kind::kInt, int64_t(Le(1))));
-    case 'M': MAT_PK_RETURN(Need(2)); return Push(Scalar(Kind::kInt, int64_t(Le(2))));
-    case 'J': MAT_PK_RETURN(Need(4)); return Push(Scalar(Kind::kInt, int64_t(int32_t(uint32_t(Le(4))))));
+    case 'K': MAT_RETURN_IF_ERROR(Need(1)); return Push(Scalar(Kind::kInt, int64_t(Le(1))));
+    case 'M': MAT_RETURN_IF_ERROR(Need(2)); return Push(Scalar(Kind::kInt, int64_t(Le(2))));
+    case 'J': MAT_RETURN_IF_ERROR(Need(4)); return Push(Scalar(Kind::kInt, int64_t(int32_t(uint32_t(Le(4))))));
     case 0x8a: {  // LONG1
-      MAT_PK_RETURN(Need(1));
+      MAT_RETURN_IF_ERROR(Need(1));
       const size_t n = Le(1);
       if (n > 8) return Error(absl::StrCat("LONG1 of ", n, " bytes (more than 64 bits)"));
-      MAT_PK_RETURN(Need(n));
+      MAT_RETURN_IF_ERROR(Need(n));
       uint64_t v = Le(n);
       if (n > 0 && n < 8 && (v >> (8 * n - 1)) & 1) v |= ~uint64_t{0} << (8 * n);  // sign
       return Push(Scalar(Kind::kInt, static_cast<int64_t>(v)));
     }
     case 'G': {  // BINFLOAT, big-endian
-      MAT_PK_RETURN(Need(8));
+      MAT_RETURN_IF_ERROR(Need(8));
       uint64_t bits = 0;
       for (int k = 0; k < 8; ++k) bits = (bits << 8) | static_cast<uint8_t>(data_[pos_ + k]);
       pos_ += 8;
@@ -458,9 +446,9 @@ absl::Status PickleChecker::Step(uint8_t op) {
       return Push(std::move(v));
     }
     case 'X': {  // BINUNICODE
-      MAT_PK_RETURN(Need(4));
+      MAT_RETURN_IF_ERROR(Need(4));
       const uint64_t n = Le(4);
-      MAT_PK_RETURN(Need(n));
+      MAT_RETURN_IF_ERROR(Need(n));
       auto v = std::make_shared<Value>(Kind::kStr);
       v->s = std::string(data_.substr(pos_, n));
       pos_ += n;
@@ -470,8 +458,8 @@ absl::Status PickleChecker::Step(uint8_t op) {
       marks_.push_back(stack_.size());
       return absl::OkStatus();
     case 't': {  // TUPLE
-      MAT_PK_ASSIGN(items, PopMark());
-      MAT_PK_ASSIGN(t, MakeTuple(std::move(items)));
+      MAT_ASSIGN_OR_RETURN(auto items, PopMark());
+      MAT_ASSIGN_OR_RETURN(auto t, MakeTuple(std::move(items)));
       return Push(std::move(t));
     }
     case 0x85:
@@ -480,45 +468,45 @@ absl::Status PickleChecker::Step(uint8_t op) {
       const size_t n = op - 0x84;
       std::vector<Ref> items(n);
       for (size_t k = n; k-- > 0;) {
-        MAT_PK_ASSIGN(v, Pop());
+        MAT_ASSIGN_OR_RETURN(auto v, Pop());
         items[k] = std::move(v);
       }
-      MAT_PK_ASSIGN(t, MakeTuple(std::move(items)));
+      MAT_ASSIGN_OR_RETURN(auto t, MakeTuple(std::move(items)));
       return Push(std::move(t));
     }
     case 'e':    // APPENDS
     case 'a': {  // APPEND
       std::vector<Ref> items;
       if (op == 'e') {
-        MAT_PK_ASSIGN(popped, PopMark());
+        MAT_ASSIGN_OR_RETURN(auto popped, PopMark());
         items = std::move(popped);
       } else {
-        MAT_PK_ASSIGN(v, Pop());
+        MAT_ASSIGN_OR_RETURN(auto v, Pop());
         items.push_back(std::move(v));
       }
       if (stack_.size() <= Floor()) return Error("APPEND without a list");
       Ref target = stack_.back();
       for (Ref& v : items) v->sealed = true;
-      MAT_PK_RETURN(Mutable(target, Kind::kList));
-      for (Ref& v : items) MAT_PK_RETURN(Adopt(*target, std::move(v)));
+      MAT_RETURN_IF_ERROR(Mutable(target, Kind::kList));
+      for (Ref& v : items) MAT_RETURN_IF_ERROR(Adopt(*target, std::move(v)));
       return absl::OkStatus();
     }
     case 'u':    // SETITEMS
     case 's': {  // SETITEM
       std::vector<Ref> items;
       if (op == 'u') {
-        MAT_PK_ASSIGN(popped, PopMark());
+        MAT_ASSIGN_OR_RETURN(auto popped, PopMark());
         items = std::move(popped);
       } else {
-        MAT_PK_ASSIGN(v, Pop());
-        MAT_PK_ASSIGN(k, Pop());
+        MAT_ASSIGN_OR_RETURN(auto v, Pop());
+        MAT_ASSIGN_OR_RETURN(auto k, Pop());
         items = {std::move(k), std::move(v)};
       }
       if (items.size() % 2 != 0) return Error("SETITEMS with an odd number of values");
       if (stack_.size() <= Floor()) return Error("SETITEM without a dict");
       Ref target = stack_.back();
       for (Ref& v : items) v->sealed = true;
-      MAT_PK_RETURN(Mutable(target, Kind::kDict));
+      MAT_RETURN_IF_ERROR(Mutable(target, Kind::kDict));
       for (size_t k = 0; k < items.size(); k += 2) {
         if (items[k]->kind != Kind::kStr) {
           return Error(absl::StrCat("dict key is a ", KindName(items[k]->kind), ", not a str"));
@@ -526,14 +514,14 @@ absl::Status PickleChecker::Step(uint8_t op) {
         if (!target->keys.insert(items[k]->s).second) {
           return Error(absl::StrCat("dict key \"", items[k]->s, "\" twice"));
         }
-        MAT_PK_RETURN(Adopt(*target, std::move(items[k])));
-        MAT_PK_RETURN(Adopt(*target, std::move(items[k + 1])));
+        MAT_RETURN_IF_ERROR(Adopt(*target, std::move(items[k])));
+        MAT_RETURN_IF_ERROR(Adopt(*target, std::move(items[k + 1])));
       }
       return absl::OkStatus();
     }
     case 0x81: {  // NEWOBJ
-      MAT_PK_ASSIGN(args, Pop());
-      MAT_PK_ASSIGN(cls, Pop());
+      MAT_ASSIGN_OR_RETURN(auto args, Pop());
+      MAT_ASSIGN_OR_RETURN(auto cls, Pop());
       if (cls->kind != Kind::kGlobal || cls->s != kTorchPrefix) return Error("NEWOBJ of something not a __torch__ class");
       if (args->kind != Kind::kTuple || !args->items.empty()) return Error("NEWOBJ with arguments");
       auto obj = std::make_shared<Value>(Kind::kObject);
@@ -541,7 +529,7 @@ absl::Status PickleChecker::Step(uint8_t op) {
       return Push(std::move(obj));
     }
     case 'b': {  // BUILD
-      MAT_PK_ASSIGN(state, Pop());
+      MAT_ASSIGN_OR_RETURN(auto state, Pop());
       if (stack_.size() <= Floor()) return Error("BUILD without an object");
       Ref obj = stack_.back();
       if (obj->kind != Kind::kObject || obj->built || obj->sealed) return Error("BUILD of something not a fresh object");
@@ -550,14 +538,14 @@ absl::Status PickleChecker::Step(uint8_t op) {
       return Adopt(*obj, std::move(state));
     }
     case 'R': {  // REDUCE
-      MAT_PK_ASSIGN(args, Pop());
-      MAT_PK_ASSIGN(fn, Pop());
-      MAT_PK_ASSIGN(v, Reduce(fn, args));
+      MAT_ASSIGN_OR_RETURN(auto args, Pop());
+      MAT_ASSIGN_OR_RETURN(auto fn, Pop());
+      MAT_ASSIGN_OR_RETURN(auto v, Reduce(fn, args));
       return Push(std::move(v));
     }
     case 'Q': {  // BINPERSID
-      MAT_PK_ASSIGN(pid, Pop());
-      MAT_PK_ASSIGN(v, Storage(pid));
+      MAT_ASSIGN_OR_RETURN(auto pid, Pop());
+      MAT_ASSIGN_OR_RETURN(auto v, Storage(pid));
       return Push(std::move(v));
     }
     default:
@@ -586,7 +574,7 @@ absl::StatusOr<Ref> PickleChecker::Reduce(const Ref& fn, const Ref& args) {
     list->element = KindName(want);
     for (const Ref& v : args->items[0]->items) {
       if (v->kind != want) return Error(absl::StrCat(fn->s2, " holds a ", KindName(v->kind)));
-      MAT_PK_RETURN(Adopt(*list, v));
+      MAT_RETURN_IF_ERROR(Adopt(*list, v));
     }
     return list;
   }
@@ -614,10 +602,9 @@ absl::StatusOr<Ref> PickleChecker::Storage(const Ref& pid) {
     }
   } else if (numel > 0) {
     if (storages_->names.count(record) == 0) return Error(absl::StrCat("storage record ", record, " is missing"));
-    auto size = storages_->archive->size(record);
-    if (!size.ok()) return size.status();
-    if (*size < uint64_t(numel) * uint64_t(itemsize)) {
-      return Error(absl::StrCat("storage record ", record, " holds ", *size, " bytes, the pickle says ",
+    MAT_ASSIGN_OR_RETURN(auto size, storages_->archive->size(record));
+    if (size < uint64_t(numel) * uint64_t(itemsize)) {
+      return Error(absl::StrCat("storage record ", record, " holds ", size, " bytes, the pickle says ",
                                 numel, " x ", itemsize));
     }
     storages_->seen.emplace(record, std::make_pair(e[1]->s2, numel));
@@ -744,9 +731,8 @@ absl::Status CheckDebug(const Ref& top) {
 
 absl::StatusOr<Ref> RunPickle(const ArchiveRecords& archive, const std::string& record,
                               const std::string& storage_prefix, Storages* storages) {
-  auto bytes = archive.read(record);
-  if (!bytes.ok()) return bytes.status();
-  PickleChecker checker(record, *bytes, storage_prefix, storages);
+  MAT_ASSIGN_OR_RETURN(auto bytes, archive.read(record));
+  PickleChecker checker(record, bytes, storage_prefix, storages);
   return checker.Run();
 }
 
@@ -762,9 +748,8 @@ absl::Status CheckArchiveRecords(const ArchiveRecords& archive) {
       return absl::DataLossError(absl::StrCat("record ", name, " is not one the writer makes"));
     }
     if (name == "version") {
-      auto v = archive.read(name);
-      if (!v.ok()) return v.status();
-      absl::string_view text = *v;
+      MAT_ASSIGN_OR_RETURN(auto v, archive.read(name));
+      absl::string_view text = v;
       absl::ConsumeSuffix(&text, "\n");
       if (!IsDigits(text, 4)) return absl::DataLossError("record version is not a number");
     }
@@ -774,23 +759,18 @@ absl::Status CheckArchiveRecords(const ArchiveRecords& archive) {
       return absl::DataLossError(absl::StrCat("record ", needed, " is missing"));
     }
   }
-  auto source = archive.read("code/__torch__.py");
-  if (!source.ok()) return source.status();
-  auto attrs = ParseArchiveClassSource(*source);
-  if (!attrs.ok()) return attrs.status();
+  MAT_ASSIGN_OR_RETURN(auto source, archive.read("code/__torch__.py"));
+  MAT_ASSIGN_OR_RETURN(auto attrs, ParseArchiveClassSource(source));
   if (storages.names.count("code/__torch__.py.debug_pkl") != 0) {
-    auto debug = RunPickle(archive, "code/__torch__.py.debug_pkl", "", &storages);
-    if (!debug.ok()) return debug.status();
-    MAT_PK_RETURN(CheckDebug(*debug));
+    MAT_ASSIGN_OR_RETURN(auto debug, RunPickle(archive, "code/__torch__.py.debug_pkl", "", &storages));
+    MAT_RETURN_IF_ERROR(CheckDebug(debug));
   }
   if (storages.names.count("constants.pkl") != 0) {
-    auto constants = RunPickle(archive, "constants.pkl", "constants/", &storages);
-    if (!constants.ok()) return constants.status();
-    MAT_PK_RETURN(CheckConstants(*constants));
+    MAT_ASSIGN_OR_RETURN(auto constants, RunPickle(archive, "constants.pkl", "constants/", &storages));
+    MAT_RETURN_IF_ERROR(CheckConstants(constants));
   }
-  auto data = RunPickle(archive, "data.pkl", "data/", &storages);
-  if (!data.ok()) return data.status();
-  return CheckData(*data, *attrs);
+  MAT_ASSIGN_OR_RETURN(auto data, RunPickle(archive, "data.pkl", "data/", &storages));
+  return CheckData(data, attrs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -810,7 +790,7 @@ absl::Status ZipError(absl::string_view what) {
 
 }  // namespace
 
-absl::Status CheckZipDirectory(absl::string_view zip) {
+absl::StatusOr<std::map<std::string, uint64_t>> CheckZipDirectory(absl::string_view zip) {
   constexpr uint64_t kEndSize = 22, kLocatorSize = 20, kEnd64Size = 56, kEntrySize = 46,
                      kLocalSize = 30, kMax32 = 0xffffffffu;
   constexpr uint64_t kMaxCodeBytes = uint64_t{64} << 20;  // a class's source, 64 MiB at most
@@ -846,7 +826,8 @@ absl::Status CheckZipDirectory(absl::string_view zip) {
   if (entries > dir_size / kEntrySize) {
     return ZipError(absl::StrCat(entries, " entries cannot fit in ", dir_size, " bytes"));
   }
-  std::set<absl::string_view> names;
+  std::map<std::string, uint64_t> sizes;
+  std::string folder;  // "archive/": every entry's, as PyTorchStreamReader requires
   uint64_t p = dir_at;
   const uint64_t dir_end = dir_at + dir_size;
   for (uint64_t i = 0; i < entries; ++i) {
@@ -861,9 +842,16 @@ absl::Status CheckZipDirectory(absl::string_view zip) {
       return ZipError(absl::StrCat("entry ", i, " runs past the directory"));
     }
     const absl::string_view name = zip.substr(p + kEntrySize, name_len);
-    if (!names.insert(name).second) {
-      return ZipError(absl::StrCat("two entries are named ", name));
+    if (folder.empty()) folder = std::string(name.substr(0, name.find('/') + 1));
+    if (folder.empty()) {
+      return ZipError(absl::StrCat("entry ", name, " is not in a folder (the writer puts every "
+                                   "record in one)"));
     }
+    if (name.size() == folder.size() || !absl::StartsWith(name, folder)) {
+      return ZipError(absl::StrCat("entry ", name, " is not a record in the folder ", folder));
+    }
+    const std::string record(name.substr(folder.size()));
+    if (sizes.count(record) != 0) return ZipError(absl::StrCat("two entries are named ", name));
     if (unpacked == kMax32 || packed == kMax32 || local == kMax32) {
       // The zip64 extra field holds the 64-bit values, in this order, of those that are 0xffffffff.
       bool found = false;
@@ -912,9 +900,10 @@ absl::Status CheckZipDirectory(absl::string_view zip) {
       return ZipError(absl::StrCat("entry ", name, " holds ", packed, " bytes at byte ", data_at,
                                    ", past the end of the archive (", size, " bytes)"));
     }
+    sizes[record] = unpacked;
     p += kEntrySize + name_len + extra_len + comment_len;
   }
-  return absl::OkStatus();
+  return sizes;
 }
 
 }  // namespace mat::worker

@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -42,7 +43,7 @@ struct ArchiveRecords {
   std::vector<std::string> names;
   // A record's bytes (only the small ones are read: pickles, code, version).
   std::function<absl::StatusOr<std::string>(const std::string& name)> read;
-  // A record's size in bytes (tensor data records).
+  // A record's size in bytes (tensor data records), without reading it.
   std::function<absl::StatusOr<uint64_t>(const std::string& name)> size;
 };
 
@@ -58,12 +59,13 @@ struct ArchiveAttribute {
   bool buffer = false;
 };
 
-// OK when `zip` is a zip archive whose every entry is stored uncompressed or, for `code/`
-// records, deflated to at most 64 MiB (as the writer stores them), lies inside the archive, and
-// no two share a name; read
-// the way miniz (LibTorch's zip library) reads it, zip64 included. LibTorch allocates a record's
-// stated size before it reads it, so this runs before any record is read.
-absl::Status CheckZipDirectory(absl::string_view zip);
+// Reads `zip`'s directory the way miniz (LibTorch's zip library) reads it, zip64 included, and
+// returns each record's size by its name inside the archive's folder ("data/0" for
+// "archive/data/0"). DATA_LOSS unless every entry is in one top folder, is stored uncompressed or,
+// for `code/` records, deflated to at most 64 MiB (as the writer stores them), lies inside the
+// archive, and no two share a name. LibTorch allocates a record's stated size before it reads it,
+// so this runs before any record is read.
+absl::StatusOr<std::map<std::string, uint64_t>> CheckZipDirectory(absl::string_view zip);
 
 // Parses `code/__torch__.py` (the grammar in the header comment); DATA_LOSS naming the line.
 absl::StatusOr<std::vector<ArchiveAttribute>> ParseArchiveClassSource(absl::string_view source);

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <memory>
-#include <tuple>
 #include <filesystem>
 #include <sstream>
 
@@ -59,27 +59,23 @@ class StringAdapter : public caffe2::serialize::ReadAdapterInterface {
 // Verifies the archive in `payload` (worker/archive_check.h) through the zip reader LibTorch's
 // loader uses, so that both see the same records.
 absl::Status CheckPayload(absl::string_view payload) {
-  if (absl::Status st = CheckZipDirectory(payload); !st.ok()) return st;
+  MAT_ASSIGN_OR_RETURN(const auto sizes, CheckZipDirectory(payload));
   try {
     caffe2::serialize::PyTorchStreamReader reader(std::make_shared<StringAdapter>(payload));
     ArchiveRecords records;
     records.names = reader.getAllRecords();
-    const auto get = [&reader](const std::string& name) -> absl::StatusOr<std::tuple<at::DataPtr, size_t>> {
+    records.read = [&reader](const std::string& name) -> absl::StatusOr<std::string> {
       try {
-        return reader.getRecord(name);
+        auto [data, size] = reader.getRecord(name);
+        return std::string(static_cast<const char*>(data.get()), size);
       } catch (const c10::Error& e) {
         return absl::DataLossError("record " + name + " cannot be read: " + e.what_without_backtrace());
       }
     };
-    records.read = [&get](const std::string& name) -> absl::StatusOr<std::string> {
-      auto record = get(name);
-      if (!record.ok()) return record.status();
-      return std::string(static_cast<const char*>(std::get<0>(*record).get()), std::get<1>(*record));
-    };
-    records.size = [&get](const std::string& name) -> absl::StatusOr<uint64_t> {
-      auto record = get(name);
-      if (!record.ok()) return record.status();
-      return std::get<1>(*record);
+    records.size = [&sizes](const std::string& name) -> absl::StatusOr<uint64_t> {
+      const auto it = sizes.find(name);
+      if (it == sizes.end()) return absl::DataLossError("record " + name + " is not in the zip directory");
+      return it->second;
     };
     return CheckArchiveRecords(records);
   } catch (const c10::Error& e) {

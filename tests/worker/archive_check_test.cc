@@ -387,17 +387,19 @@ std::string Zip(const std::vector<ZipEntry>& entries) {
 }
 
 void ExpectZipLoss(const std::string& zip, const std::string& what) {
-  absl::Status st = CheckZipDirectory(zip);
+  absl::Status st = CheckZipDirectory(zip).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
   EXPECT_THAT(std::string(st.message()), HasSubstr(what));
 }
 
 TEST(ZipDirectoryTest, AcceptsWhatTheWriterStores) {
   EXPECT_TRUE(CheckZipDirectory(Zip({})).ok());
-  const absl::Status st = CheckZipDirectory(
+  const auto sizes = CheckZipDirectory(
       Zip({{"archive/data.pkl", "\x80\x02"}, {"archive/data/0", std::string(8, '\0')},
            {"archive/code/__torch__.py", "xx", 8, 2, 40}}));  // deflated code
-  EXPECT_TRUE(st.ok()) << st;
+  ASSERT_TRUE(sizes.ok()) << sizes.status();
+  EXPECT_EQ(*sizes, (std::map<std::string, uint64_t>{
+                        {"data.pkl", 2}, {"data/0", 8}, {"code/__torch__.py", 40}}));
 }
 
 TEST(ZipDirectoryTest, RefusesWhatWouldMakeLibTorchAllocateOrReadPastTheEnd) {
@@ -415,6 +417,9 @@ TEST(ZipDirectoryTest, RefusesWhatWouldMakeLibTorchAllocateOrReadPastTheEnd) {
   ExpectZipLoss(Zip({{"archive/data/0", "abcd", 0, 4000, 4000}}), "past the end of the archive");
   ExpectZipLoss(Zip({{"archive/data/0", "ab"}, {"archive/data/0", "cd"}}),
                 "two entries are named archive/data/0");
+  ExpectZipLoss(Zip({{"archive/data/0", "ab"}, {"other/data/1", "cd"}}),
+                "entry other/data/1 is not a record in the folder archive/");
+  ExpectZipLoss(Zip({{"data.pkl", "ab"}}), "entry data.pkl is not in a folder");
   std::string lying = Zip({{"archive/data/0", "ab"}});
   lying[lying.size() - 12] = 9;  // 9 entries in a 60-byte directory
   ExpectZipLoss(lying, "9 entries cannot fit");

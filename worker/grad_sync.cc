@@ -93,6 +93,10 @@ absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
           o.local_host.empty() ? o.master_host : o.local_host));
       options->threads = 2;
       group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.rank, o.world_size, options);
+      // Gloo's constructor returns on a rank once its own pairs are made, while another rank may
+      // still be connecting to it: a rank that then dropped its group at once made that rank's
+      // connect fail with "Connection closed by peer". The barrier makes OK mean every rank is in.
+      group->barrier()->wait();
     }
 #endif
     return group;

@@ -66,6 +66,9 @@ struct RendezvousOptions {
 // then builds the `backend`'s group over the same store. UNAVAILABLE naming the address when the
 // store cannot be reached or the ranks do not all arrive within `timeout`; CANCELLED when
 // `cancelled` said so; INVALID_ARGUMENT for a bad rank/size/port or a backend this build lacks.
+// On OK every rank's group is connected (gloo: a barrier after the group is made), so a rank may
+// drop its group at once without failing another's connect. NCCL connects lazily at the first
+// collective; no barrier there (1.13's NCCL barrier guesses the device from the rank).
 absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     const RendezvousOptions& options);
 

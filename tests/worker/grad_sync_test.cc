@@ -221,6 +221,38 @@ TEST(ConnectProcessGroupTest, AWaitForMissingRanksCanBeCancelledAndTimesOut) {
   EXPECT_NE(group.status().message().find("only 1 of 2 ranks"), std::string::npos) << group.status();
 }
 
+// The contract the flaky CI run of stop 16 broke: when ConnectProcessGroup returns OK on one rank,
+// every rank's group is connected, so a rank that drops its group at once (a job whose work is
+// refused locally, a rank that fails right after the rendezvous) cannot make another rank's
+// connect fail with "Connection closed by peer". Rank 0 hosts the store and lets go of everything
+// the moment it returns; rank 1 must still get its group. Many rounds, because without the
+// barrier the loss is a race of a few milliseconds.
+TEST(ConnectProcessGroupTest, EveryRankIsConnectedWhenAnyRankReturns) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  constexpr int kRounds = 25;
+  for (int round = 0; round < kRounds; ++round) {
+    const int port = FreePort();
+    auto options = [&](int rank) {
+      RendezvousOptions o;
+      o.master_host = "127.0.0.1";
+      o.master_port = port;
+      o.local_host = "127.0.0.1";
+      o.rank = rank;
+      o.world_size = 2;
+      o.backend = "gloo";
+      o.prefix = "test/round-" + std::to_string(round);
+      o.timeout = std::chrono::milliseconds(20000);
+      return o;
+    };
+    absl::Status second;
+    std::thread rank1([&] { second = ConnectProcessGroup(options(1)).status(); });
+    absl::Status first = ConnectProcessGroup(options(0)).status();  // the group dies here
+    rank1.join();
+    ASSERT_TRUE(first.ok()) << "round " << round << ": " << first;
+    ASSERT_TRUE(second.ok()) << "round " << round << ": " << second;
+  }
+}
+
 TEST(ConnectProcessGroupTest, RejectsBadRankAndPort) {
   RendezvousOptions o;
   o.master_host = "127.0.0.1";

@@ -48,6 +48,21 @@ bool Has(const std::string& backend) {
   return std::find(b.begin(), b.end(), backend) != b.end();
 }
 
+// Rank `rank` of `world` meeting on 127.0.0.1:port under `prefix`, 20 s timeout.
+RendezvousOptions Loopback(int port, int rank, int world, const std::string& backend,
+                           const std::string& prefix) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = port;
+  o.local_host = "127.0.0.1";
+  o.rank = rank;
+  o.world_size = world;
+  o.backend = backend;
+  o.prefix = prefix;
+  o.timeout = std::chrono::milliseconds(20000);
+  return o;
+}
+
 // Runs `body(rank, sync)` on `world` ranks at once over `backend`; rank r's tensors on
 // devices[r].
 void OnRanks(int world, const std::string& backend, const std::vector<torch::Device>& devices,
@@ -55,16 +70,7 @@ void OnRanks(int world, const std::string& backend, const std::vector<torch::Dev
              const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body) {
   const int port = FreePort();
   auto run = [&](int rank) {
-    RendezvousOptions o;
-    o.master_host = "127.0.0.1";
-    o.master_port = port;
-    o.local_host = "127.0.0.1";
-    o.rank = rank;
-    o.world_size = world;
-    o.backend = backend;
-    o.prefix = "test/attempt-0";
-    o.timeout = std::chrono::milliseconds(20000);
-    auto group = ConnectProcessGroup(o);
+    auto group = ConnectProcessGroup(Loopback(port, rank, world, backend, "test/attempt-0"));
     ASSERT_TRUE(group.ok()) << group.status();
     std::vector<ParamEntry> params = MakeParams(rank, devices[rank]);
     GradientSync sync(*group, params, bucket_bytes);
@@ -233,16 +239,7 @@ TEST(ConnectProcessGroupTest, EveryRankIsConnectedWhenAnyRankReturns) {
   for (int round = 0; round < kRounds; ++round) {
     const int port = FreePort();
     auto options = [&](int rank) {
-      RendezvousOptions o;
-      o.master_host = "127.0.0.1";
-      o.master_port = port;
-      o.local_host = "127.0.0.1";
-      o.rank = rank;
-      o.world_size = 2;
-      o.backend = "gloo";
-      o.prefix = "test/round-" + std::to_string(round);
-      o.timeout = std::chrono::milliseconds(20000);
-      return o;
+      return Loopback(port, rank, 2, "gloo", "test/round-" + std::to_string(round));
     };
     absl::Status second;
     std::thread rank1([&] { second = ConnectProcessGroup(options(1)).status(); });

@@ -11,9 +11,12 @@ function(_mat_torch_pch target)
   if(NOT TARGET mat_torch_pch)
     add_library(mat_torch_pch STATIC ${CMAKE_SOURCE_DIR}/cmake/torch_pch.cc)
     target_link_libraries(mat_torch_pch PUBLIC ${TORCH_LIBRARIES})
-    target_compile_options(mat_torch_pch PRIVATE -Wno-unused-parameter)
+    # -pthread everywhere the header is reused: GCC drops a PCH built without _REENTRANT for a
+    # translation unit that defines it (every target that links gRPC or abseil threads does).
+    target_compile_options(mat_torch_pch PRIVATE -Wno-unused-parameter -pthread)
     target_precompile_headers(mat_torch_pch PRIVATE <torch/torch.h>)
   endif()
+  target_compile_options(${target} PRIVATE -pthread)
   target_precompile_headers(${target} REUSE_FROM mat_torch_pch)
 endfunction()
 

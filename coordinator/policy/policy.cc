@@ -48,11 +48,13 @@ nlohmann::json Decision::ToJson(const std::vector<ModuleInfo>& modules,
                                 const PolicyConfig& config) const {
   MAT_CHECK(mask.size() == modules.size() && converged.size() == modules.size() &&
             lambda_smoothed.size() == modules.size() &&
+            (rule.empty() || rule.size() == modules.size()) &&
             (lambda_raw.empty() || lambda_raw.size() == modules.size()))
       << "Decision::ToJson: decision for " << mask.size() << " modules, given " << modules.size();
   nlohmann::json thresholds = nlohmann::json::object();
   for (const auto& [group, value] : threshold) thresholds[group] = JsonNumber(value);
   nlohmann::json entries = nlohmann::json::array();
+  nlohmann::json rules = nlohmann::json::object();
   int num_active = 0;
   for (size_t i = 0; i < modules.size(); ++i) {
     num_active += mask[i] ? 1 : 0;
@@ -65,7 +67,9 @@ nlohmann::json Decision::ToJson(const std::vector<ModuleInfo>& modules,
         {"lambda_smoothed", JsonNumber(lambda_smoothed[i])},
         {"active", mask[i] != 0},
         {"converged", converged[i] != 0},
+        {"rule", rule.empty() ? std::string() : rule[i]},
     });
+    if (!rule.empty()) rules[rule[i]] = rules.value(rule[i], 0) + 1;
   }
   return nlohmann::json{
       {"step", step},
@@ -73,6 +77,7 @@ nlohmann::json Decision::ToJson(const std::vector<ModuleInfo>& modules,
       {"policy", PolicyConfigToJson(config)},
       {"threshold", std::move(thresholds)},
       {"num_active", num_active},
+      {"rules", std::move(rules)},
       {"rejected", rejected},
       {"modules", std::move(entries)},
   };
@@ -119,10 +124,12 @@ Policy::Policy(const PolicyConfig& config, std::vector<ModuleInfo> modules)
   state_.converged.assign(n, 0);
   state_.mask.assign(n, 1);
   state_.fast.assign(n, 1);
+  state_.permutation.resize(n);
+  for (size_t i = 0; i < n; ++i) state_.permutation[i] = static_cast<int>(i);
   state_.rng.seed(config_.seed);
 }
 
-bool Policy::NeedsSpectra() const { return config_.kind == PolicyKind::kMat; }
+bool Policy::NeedsSpectra() const { return UsesMatRules(config_.kind); }
 
 absl::StatusOr<Decision> Policy::Observe(int64_t step, const std::vector<double>& lambda) {
   if (step < 0 || step % config_.interval_steps != 0) {
@@ -151,15 +158,24 @@ absl::StatusOr<Decision> Policy::Observe(int64_t step, const std::vector<double>
   for (const auto& group : groups_) decision.threshold[group.first] = kNaN;
 
   std::vector<uint8_t> mask(modules_.size(), 1);
+  decision.rule.assign(modules_.size(), "warmup");
   if (!warmup) {
     switch (config_.kind) {
       case PolicyKind::kFull:
+        decision.rule.assign(modules_.size(), "full");
         break;
       case PolicyKind::kMat:
         mask = MatMask(&decision);
         break;
+      case PolicyKind::kFrozenRandom:
+        mask = FrozenRandomMask(MatMask(&decision), &decision);
+        break;
+      case PolicyKind::kInverse:
+        mask = InverseMask(MatMask(&decision), &decision);
+        break;
       case PolicyKind::kRand:
         mask = rand_schedule_.empty() ? RandomSubset(config_.rand_fraction) : RandomSubsetAt(step);
+        decision.rule.assign(modules_.size(), "random");
         break;
       case PolicyKind::kMultirate:
         if (!state_.split_chosen) {
@@ -167,6 +183,7 @@ absl::StatusOr<Decision> Policy::Observe(int64_t step, const std::vector<double>
           state_.split_chosen = true;
         }
         mask = state_.fast;
+        decision.rule.assign(modules_.size(), "multirate");
         break;
     }
   }
@@ -182,8 +199,9 @@ absl::StatusOr<Decision> Policy::Observe(int64_t step, const std::vector<double>
 }
 
 void Policy::Smooth(int64_t step, const std::vector<double>& lambda, Decision* decision) {
-  const bool temporal =
-      config_.kind == PolicyKind::kMat && config_.beta > 0.0 && step >= config_.warmup_steps;
+  // Δ is tracked whenever the temporal policy is on; it counts only after warm-up.
+  const bool tracked = UsesMatRules(config_.kind) && config_.beta > 0.0;
+  const bool temporal = tracked && step >= config_.warmup_steps;
   for (size_t i = 0; i < lambda.size(); ++i) {
     const double x = lambda[i];
     if (!std::isfinite(x)) {
@@ -198,12 +216,14 @@ void Policy::Smooth(int64_t step, const std::vector<double>& lambda, Decision* d
     }
     const double previous = state_.smoothed[i];
     state_.smoothed[i] = config_.gamma * previous + (1.0 - config_.gamma) * x;
-    if (!temporal || state_.converged[i]) continue;
+    if (!tracked || state_.converged[i]) continue;
     const double delta = std::fabs(state_.smoothed[i] - previous);
-    if (!state_.has_delta1[i]) {
+    const bool take_delta1 = temporal || config_.delta1 == Delta1Reading::kFirstProbe;
+    if (!state_.has_delta1[i] && take_delta1) {
       state_.delta1[i] = std::max(delta, config_.delta_floor);
       state_.has_delta1[i] = 1;
     }
+    if (!temporal) continue;
     if (delta / state_.delta1[i] < config_.beta) {
       if (++state_.below_count[i] >= config_.patience) state_.converged[i] = 1;
     } else {
@@ -228,9 +248,54 @@ std::vector<uint8_t> Policy::MatMask(Decision* decision) const {
     for (int i : members) {
       const bool above = !state_.has_smoothed[i] || lo == hi || state_.smoothed[i] > threshold;
       mask[i] = above && !state_.converged[i] ? 1 : 0;
+      decision->rule[i] = state_.converged[i]       ? "temporal"
+                          : !state_.has_smoothed[i] ? "unmeasured"
+                                                    : "threshold";
     }
   }
-  ApplyGuard(&mask);
+  ApplyGuard(&mask, &decision->rule);
+  return mask;
+}
+
+std::vector<uint8_t> Policy::InverseMask(const std::vector<uint8_t>& mat,
+                                         Decision* decision) const {
+  std::vector<uint8_t> mask(modules_.size(), 0);
+  for (const auto& [group, members] : groups_) {
+    int count = 0;
+    for (int i : members) count += mat[i];
+    // Lowest s first (no s yet counts as highest), then lower index.
+    std::vector<int> order = members;
+    auto key = [this](int i) {
+      const double s =
+          state_.has_smoothed[i] ? state_.smoothed[i] : std::numeric_limits<double>::infinity();
+      return std::make_pair(s, i);
+    };
+    std::sort(order.begin(), order.end(), [&key](int a, int b) { return key(a) < key(b); });
+    for (int k = 0; k < count; ++k) mask[order[k]] = 1;
+    for (int i : members) decision->rule[i] = "inverse";
+  }
+  return mask;
+}
+
+std::vector<uint8_t> Policy::FrozenRandomMask(const std::vector<uint8_t>& mat,
+                                              Decision* decision) {
+  if (!state_.permutation_chosen) {
+    for (const auto& [group, members] : groups_) {
+      const int size = static_cast<int>(members.size());
+      std::vector<int> image = members;
+      for (int k = 0; k + 1 < size; ++k) {  // Fisher–Yates, as RandomSubset draws
+        const uint64_t j = k + UniformBelow(state_.rng, static_cast<uint64_t>(size - k));
+        std::swap(image[k], image[j]);
+      }
+      for (int k = 0; k < size; ++k) state_.permutation[members[k]] = image[k];
+    }
+    state_.permutation_chosen = true;
+  }
+  std::vector<uint8_t> mask(modules_.size(), 0);
+  for (size_t i = 0; i < modules_.size(); ++i) {
+    mask[state_.permutation[i]] = mat[i];
+    decision->rule[i] = "frozen-random";
+  }
   return mask;
 }
 
@@ -320,7 +385,7 @@ std::vector<uint8_t> Policy::RandomSubsetAt(int64_t step) {
   return mask;
 }
 
-void Policy::ApplyGuard(std::vector<uint8_t>* mask) const {
+void Policy::ApplyGuard(std::vector<uint8_t>* mask, std::vector<std::string>* rule) const {
   for (const auto& [group, members] : groups_) {
     const int need = GuardCount(static_cast<int>(members.size()));
     std::vector<int> inactive;
@@ -338,6 +403,7 @@ void Policy::ApplyGuard(std::vector<uint8_t>* mask) const {
     std::sort(inactive.begin(), inactive.end(), [&key](int a, int b) { return key(a) < key(b); });
     for (size_t k = 0; k < inactive.size() && active < need; ++k, ++active) {
       (*mask)[inactive[k]] = 1;
+      if (rule != nullptr) (*rule)[inactive[k]] = "guard";
     }
   }
 }
@@ -359,6 +425,8 @@ StepMask Policy::MaskAt(int64_t step) const {
       break;
     case PolicyKind::kMat:
     case PolicyKind::kRand:
+    case PolicyKind::kFrozenRandom:
+    case PolicyKind::kInverse:
       out.active = state_.mask;
       break;
     case PolicyKind::kMultirate:
@@ -382,6 +450,8 @@ MaskSchedule Policy::Schedule() const {
       break;
     case PolicyKind::kMat:
     case PolicyKind::kRand:
+    case PolicyKind::kFrozenRandom:
+    case PolicyKind::kInverse:
       out.every_step = state_.mask;
       break;
     case PolicyKind::kMultirate:

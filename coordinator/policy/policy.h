@@ -9,7 +9,8 @@
 //              every s of the group is equal). Modules without any finite report yet are active
 //              and do not enter min/max.
 //   temporal   (kMat with β > 0, paper eq. 6–7) Δ_t = |s_t - s_{t-1}|; Δ_1 = the module's first
-//              Δ at a step >= warmup_steps, floored at delta_floor. Every post-warm-up Δ_t
+//              Δ at a step >= warmup_steps (delta1 kAfterWarmup), or its first Δ of training,
+//              warm-up included (kFirstProbe), floored at delta_floor. Every post-warm-up Δ_t
 //              (Δ_1 included) with Δ_t/Δ_1 < β increments a counter, any other resets it; at
 //              `patience` the module is converged: inactive for good (but for the guard).
 //              A rejected report leaves the counter as it was.
@@ -27,6 +28,12 @@
 //              round(multirate_fast_fraction·size)) fast modules the same way; the split is then
 //              fixed. Fast modules train on every step; slow ones on steps with step % k == 0,
 //              with lr_scale = k.
+//   kFrozenRandom  kMat's mask (threshold, temporal, guard) on the same reports, carried through
+//              a per-group random permutation π drawn (as the rand draws) at the first post-warm-up
+//              decision and kept for the run: mask[π(i)] = mat_mask[i].
+//   kInverse   per group, as many active modules as kMat's mask has, filled with the lowest s
+//              (lower module index on ties).
+// Every decision says, per module, which rule set its bit (Decision::rule).
 // Groups are visited in lexicographic order of their names, modules in index order, so the
 // random draws depend only on the config, the modules and the calls.
 //
@@ -96,12 +103,18 @@ struct Decision {
   std::vector<uint8_t> converged;     // temporal policy verdict so far (kMat only, else 0)
   std::vector<std::string> rejected;  // e.g. "layer0.head3: lambda is nan"
   std::string phase;                  // "warmup" | "policy"
+  // Per module, the rule that set its bit: "warmup" (a warm-up decision), "full", "threshold"
+  // (kMat: s above λ_α or not), "unmeasured" (kMat: no finite report yet, active), "temporal"
+  // (converged, inactive), "guard" (re-activated by min_active_fraction), "random" (kRand),
+  // "multirate" (the fixed split), "frozen-random", "inverse".
+  std::vector<std::string> rule;
 
   // One JSON object with the inputs and the policy parameters, for a replayable audit log:
   //   {"step", "phase", "policy": PolicyConfigToJson(config), "threshold": {group: x},
   //    "num_active", "rejected": [...],
+  //    "rules": {rule: count},
   //    "modules": [{"name", "group", "layer", "index", "lambda", "lambda_smoothed", "active",
-  //                 "converged"}, ...]}
+  //                 "converged", "rule"}, ...]}
   // Non-finite numbers are written as the strings "nan", "inf" and "-inf"; "lambda" is null when
   // lambda_raw is empty. REQUIRES: `modules` is the list this decision was made for.
   nlohmann::json ToJson(const std::vector<ModuleInfo>& modules, const PolicyConfig& config) const;
@@ -119,7 +132,7 @@ class Policy {
   Policy(const Policy&) = delete;
   Policy& operator=(const Policy&) = delete;
 
-  // True for kMat only: the other kinds accept an empty λ vector.
+  // True for the kinds that use MAT's rules (UsesMatRules): the others accept an empty λ vector.
   bool NeedsSpectra() const;
 
   // Records the λ_max reports of the probe at `step` and decides the mask.
@@ -181,6 +194,10 @@ class Policy {
     std::vector<uint8_t> mask;  // latest decision's mask; all 1 before the first
     bool split_chosen = false;  // kMultirate
     std::vector<uint8_t> fast;  // kMultirate: 1 = fast, valid when split_chosen
+    // kFrozenRandom: module i's bit goes to module permutation[i] (same group); identity until
+    // permutation_chosen.
+    bool permutation_chosen = false;
+    std::vector<int> permutation;
     std::mt19937_64 rng;
   };
 
@@ -188,14 +205,19 @@ class Policy {
 
   // Updates s (and the temporal counters) from `lambda`; fills decision->rejected.
   void Smooth(int64_t step, const std::vector<double>& lambda, Decision* decision);
-  // The kMat mask from the current s and verdicts; fills decision->threshold.
+  // The kMat mask from the current s and verdicts; fills decision->threshold and ->rule.
   std::vector<uint8_t> MatMask(Decision* decision) const;
+  // kInverse: per group, MatMask's count filled with the lowest s; sets the rules to "inverse".
+  std::vector<uint8_t> InverseMask(const std::vector<uint8_t>& mat, Decision* decision) const;
+  // kFrozenRandom: `mat` through the permutation (drawn on first use); sets the rules.
+  std::vector<uint8_t> FrozenRandomMask(const std::vector<uint8_t>& mat, Decision* decision);
   // Per group, max(guard, round(fraction·size)) members drawn uniformly from state_.rng.
   std::vector<uint8_t> RandomSubset(double fraction);
   // The same with each group's count from the replayed schedule at `step`.
   std::vector<uint8_t> RandomSubsetAt(int64_t step);
-  // Raises the active count of every group to the guard, in the order the file comment states.
-  void ApplyGuard(std::vector<uint8_t>* mask) const;
+  // Raises the active count of every group to the guard, in the order the file comment states;
+  // marks the re-activated modules' rule "guard" when `rule` is given.
+  void ApplyGuard(std::vector<uint8_t>* mask, std::vector<std::string>* rule = nullptr) const;
   // ceil(min_active_fraction·size), >= 1 when the fraction is > 0, <= size.
   int GuardCount(int group_size) const;
 

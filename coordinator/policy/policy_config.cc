@@ -59,8 +59,26 @@ absl::StatusOr<PolicyKind> ParsePolicyKind(const std::string& s) {
   if (s == "mat") return PolicyKind::kMat;
   if (s == "rand") return PolicyKind::kRand;
   if (s == "multirate") return PolicyKind::kMultirate;
+  if (s == "frozen-random") return PolicyKind::kFrozenRandom;
+  if (s == "inverse") return PolicyKind::kInverse;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown policy kind \"", s,
+      "\" (expected full, mat, rand, multirate, frozen-random or inverse)"));
+}
+
+bool UsesMatRules(PolicyKind k) {
+  return k == PolicyKind::kMat || k == PolicyKind::kFrozenRandom || k == PolicyKind::kInverse;
+}
+
+absl::StatusOr<Delta1Reading> ParseDelta1Reading(const std::string& s) {
+  if (s == "warmup") return Delta1Reading::kAfterWarmup;
+  if (s == "first-probe") return Delta1Reading::kFirstProbe;
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown policy kind \"", s, "\" (expected full, mat, rand or multirate)"));
+      absl::StrCat("unknown delta1 reading \"", s, "\" (expected warmup or first-probe)"));
+}
+
+std::string Delta1ReadingName(Delta1Reading r) {
+  return r == Delta1Reading::kFirstProbe ? "first-probe" : "warmup";
 }
 
 std::string PolicyKindName(PolicyKind k) {
@@ -73,6 +91,10 @@ std::string PolicyKindName(PolicyKind k) {
       return "rand";
     case PolicyKind::kMultirate:
       return "multirate";
+    case PolicyKind::kFrozenRandom:
+      return "frozen-random";
+    case PolicyKind::kInverse:
+      return "inverse";
   }
   return "unknown";
 }
@@ -111,6 +133,7 @@ nlohmann::json PolicyConfigToJson(const PolicyConfig& c) {
       {"gamma", c.gamma},
       {"patience", c.patience},
       {"min_active_fraction", c.min_active_fraction},
+      {"delta1", Delta1ReadingName(c.delta1)},
       {"delta_floor", c.delta_floor},
       {"rand_fraction", c.rand_fraction},
       {"multirate_k", c.multirate_k},
@@ -134,6 +157,10 @@ absl::StatusOr<PolicyConfig> PolicyConfigFromJson(const nlohmann::json& j) {
   MAT_RETURN_IF_ERROR(ReadDouble(j, "gamma", &c.gamma));
   MAT_RETURN_IF_ERROR(ReadInt(j, "patience", &c.patience));
   MAT_RETURN_IF_ERROR(ReadDouble(j, "min_active_fraction", &c.min_active_fraction));
+  if (auto d1 = j.find("delta1"); d1 != j.end()) {
+    if (!d1->is_string()) return absl::InvalidArgumentError("policy.delta1 is not a string");
+    MAT_ASSIGN_OR_RETURN(c.delta1, ParseDelta1Reading(d1->get<std::string>()));
+  }
   MAT_RETURN_IF_ERROR(ReadDouble(j, "delta_floor", &c.delta_floor));
   MAT_RETURN_IF_ERROR(ReadDouble(j, "rand_fraction", &c.rand_fraction));
   MAT_RETURN_IF_ERROR(ReadInt(j, "multirate_k", &c.multirate_k));

@@ -4,7 +4,8 @@
 //   {"format", "config": PolicyConfigToJson, "modules": [{"name","group","layer","index"}],
 //    "last_step", "smoothed": [x|null], "delta1": [x|null], "below_count": [int],
 //    "converged": [0|1], "mask": [0|1], "split_chosen": bool, "fast": [0|1],
-//    "rng": std::mt19937_64 text state}
+//    "rng": std::mt19937_64 text state, "permutation_chosen": bool, "permutation": [int]}
+// (the last two, kFrozenRandom's, may be absent in states saved before it existed: not chosen).
 // Doubles are written by nlohmann::json in shortest round-trip form, so they load bit-identically.
 #include <cmath>
 #include <sstream>
@@ -140,6 +141,8 @@ std::string Policy::SaveState() const {
       {"split_chosen", state_.split_chosen},
       {"fast", state_.fast},
       {"rng", rng.str()},
+      {"permutation_chosen", state_.permutation_chosen},
+      {"permutation", state_.permutation},
   };
   return j.dump();
 }
@@ -194,6 +197,28 @@ absl::Status Policy::LoadState(const std::string& text) {
   std::istringstream in(rng->get<std::string>());
   in >> s.rng;
   if (in.fail() || !(in >> std::ws).eof()) return Corrupt("\"rng\" is not a mt19937_64 state");
+
+  s.permutation.resize(n);
+  for (size_t i = 0; i < n; ++i) s.permutation[i] = static_cast<int>(i);
+  if (auto chosen = j.find("permutation_chosen"); chosen != j.end()) {
+    if (!chosen->is_boolean()) return Corrupt("\"permutation_chosen\" must be a boolean");
+    s.permutation_chosen = chosen->get<bool>();
+    MAT_ASSIGN_OR_RETURN(const Json* perm, ArrayField(j, "permutation", n));
+    std::vector<uint8_t> seen(n, 0);
+    for (size_t i = 0; i < n; ++i) {
+      const Json& v = (*perm)[i];
+      // A permutation within each group: every target once, in the source's group.
+      const bool ok = v.is_number_unsigned() && v.get<uint64_t>() < n &&
+                      !seen[v.get<uint64_t>()] &&
+                      modules_[v.get<uint64_t>()].group == modules_[i].group;
+      if (!ok) {
+        return Corrupt(absl::StrCat("\"permutation\"[", i,
+                                    "] must be a module of the same group, each once"));
+      }
+      seen[v.get<uint64_t>()] = 1;
+      s.permutation[i] = static_cast<int>(v.get<uint64_t>());
+    }
+  }
 
   state_ = std::move(s);
   return absl::OkStatus();

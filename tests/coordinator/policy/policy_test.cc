@@ -19,6 +19,7 @@
 namespace mat::policy {
 namespace {
 
+using ::testing::Each;
 using ::testing::ElementsAre;
 using ::testing::ElementsAreArray;
 using ::testing::HasSubstr;
@@ -55,6 +56,15 @@ std::vector<double> RandomLambda(std::mt19937_64& rng, size_t n) {
     x = (r % 97 == 0) ? kNaN : 0.5 + static_cast<double>(r >> 11) * 0x1.0p-53;
   }
   return out;
+}
+
+// A kind's name as a test name (no '-').
+std::string TestName(PolicyKind kind) {
+  std::string s = PolicyKindName(kind);
+  for (char& ch : s) {
+    if (ch == '-') ch = '_';
+  }
+  return s;
 }
 
 class PolicyTest : public ::testing::Test {
@@ -184,8 +194,9 @@ TEST_P(PolicyWarmupTest, AllActiveBeforeWarmupSteps) {
 
 INSTANTIATE_TEST_SUITE_P(Kinds, PolicyWarmupTest,
                          ::testing::Values(PolicyKind::kFull, PolicyKind::kMat, PolicyKind::kRand,
-                                           PolicyKind::kMultirate),
-                         [](const auto& info) { return PolicyKindName(info.param); });
+                                           PolicyKind::kMultirate, PolicyKind::kFrozenRandom,
+                                           PolicyKind::kInverse),
+                         [](const auto& info) { return TestName(info.param); });
 
 TEST_F(PolicyTest, EmaSmoothing) {
   PolicyConfig c = Config();
@@ -493,8 +504,9 @@ TEST_P(PolicyKindTest, LoadedStateContinuesIdentically) {
 
 INSTANTIATE_TEST_SUITE_P(Kinds, PolicyKindTest,
                          ::testing::Values(PolicyKind::kFull, PolicyKind::kMat, PolicyKind::kRand,
-                                           PolicyKind::kMultirate),
-                         [](const auto& info) { return PolicyKindName(info.param); });
+                                           PolicyKind::kMultirate, PolicyKind::kFrozenRandom,
+                                           PolicyKind::kInverse),
+                         [](const auto& info) { return TestName(info.param); });
 
 TEST_F(PolicyTest, RandStateRestoresTheGenerator) {
   // Empty λ: the only state rand carries between decisions is its generator.
@@ -924,7 +936,8 @@ TEST_P(PolicyScheduleTest, ScheduleReproducesMaskAtUntilTheNextDecision) {
 
 INSTANTIATE_TEST_SUITE_P(Kinds, PolicyScheduleTest,
                          ::testing::Values(PolicyKind::kFull, PolicyKind::kMat, PolicyKind::kRand,
-                                           PolicyKind::kMultirate));
+                                           PolicyKind::kMultirate, PolicyKind::kFrozenRandom,
+                                           PolicyKind::kInverse));
 
 TEST(MaskFromScheduleTest, SlowModulesTrainEveryKthStepWithScaledLr) {
   MaskSchedule schedule{{1, 0, 0}, {0, 1, 0}, 4};
@@ -1036,6 +1049,193 @@ TEST(PolicyRandScheduleTest, EntriesFromLoggedDecisionsCarryGroupSizesThatMustMa
   // Without sizes (an entry made by hand) only the group names are checked.
   EXPECT_EQ((*heads_only)->SetRandSchedule({{0, {{"experts", 1}}}}).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Δ_1 readings, the rule log, an empty group, and the controls (frozen-random, inverse).
+
+// One module per group, so only the temporal policy can switch it off (a lone module is always
+// above its group's threshold). Warm-up ends at step 40; λ moves 0 → 10 → 13 → 13.5.
+//   first-probe: Δ_1 = 10 (steps 0→20, in warm-up); at 40, Δ = 3: 0.3 < β = 0.5 -> converged.
+//   warmup:      Δ_1 = 3 (the first post-warm-up Δ, step 40), ratio 1; at 60, Δ = 0.5: 1/6
+//                < 0.5 -> converged one probe later.
+TEST_F(PolicyTest, TemporalDelta1AtTheFirstProbeOfTraining) {
+  for (Delta1Reading reading : {Delta1Reading::kFirstProbe, Delta1Reading::kAfterWarmup}) {
+    PolicyConfig c = Config();
+    c.warmup_steps = 40;
+    c.beta = 0.5;
+    c.patience = 1;
+    c.delta1 = reading;
+    auto p = MustCreate(c, Group("heads", 1));
+    const int converge_step = reading == Delta1Reading::kFirstProbe ? 40 : 60;
+    const std::vector<double> lambda = {0, 10, 13, 13.5};
+    for (size_t t = 0; t < lambda.size(); ++t) {
+      const int64_t step = static_cast<int64_t>(t) * 20;
+      Decision d = MustObserve(*p, step, {lambda[t]});
+      const bool converged = step >= converge_step;
+      EXPECT_EQ(d.converged[0], converged ? 1 : 0) << Delta1ReadingName(reading) << " " << step;
+      EXPECT_EQ(d.mask[0], converged ? 0 : 1) << Delta1ReadingName(reading) << " " << step;
+      EXPECT_EQ(d.rule[0], step < 40 ? "warmup" : converged ? "temporal" : "threshold")
+          << Delta1ReadingName(reading) << " " << step;
+    }
+    const nlohmann::json state = nlohmann::json::parse(p->SaveState());
+    EXPECT_EQ(state["delta1"][0], reading == Delta1Reading::kFirstProbe ? 10.0 : 3.0);
+  }
+}
+
+TEST_F(PolicyTest, Delta1ReadingNamesRoundTripAndUnknownIsNamed) {
+  for (Delta1Reading r : {Delta1Reading::kAfterWarmup, Delta1Reading::kFirstProbe}) {
+    absl::StatusOr<Delta1Reading> back = ParseDelta1Reading(Delta1ReadingName(r));
+    ASSERT_TRUE(back.ok());
+    EXPECT_EQ(*back, r);
+  }
+  absl::StatusOr<Delta1Reading> bad = ParseDelta1Reading("first");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("\"first\""));
+  // A saved config without "delta1" (written before it existed) reads as the old reading.
+  nlohmann::json j = PolicyConfigToJson(Config());
+  j.erase("delta1");
+  absl::StatusOr<PolicyConfig> old = PolicyConfigFromJson(j);
+  ASSERT_TRUE(old.ok()) << old.status();
+  EXPECT_EQ(old->delta1, Delta1Reading::kAfterWarmup);
+}
+
+TEST_F(PolicyTest, EveryDecisionSaysWhichRuleSetEachBit) {
+  PolicyConfig c = Config();
+  c.warmup_steps = 20;
+  c.alpha = 0.5;
+  c.beta = 0.5;
+  c.patience = 1;
+  c.min_active_fraction = 0.5;  // 2 of 4 heads
+  auto p = MustCreate(c, Concat(Group("heads", 4), Group("ffn", 2)));
+  Decision warm = MustObserve(*p, 0, {1, 2, 3, 10, 5, 5});
+  EXPECT_THAT(warm.rule, ElementsAre("warmup", "warmup", "warmup", "warmup", "warmup", "warmup"));
+  // Step 20 (γ = 0, so s = λ): every Δ is Δ_1 (ratio 1). heads s = 2, 3, 4, 30 -> λ_α = 16,
+  // only head 3 above; the guard adds head 2 (the highest s below). ffn: module 5's report is
+  // rejected (it keeps s = 5): s = 6, 5 -> λ_α = 5.5.
+  Decision d = MustObserve(*p, 20, {2, 3, 4, 30, 6, kNaN});
+  EXPECT_THAT(d.mask, ElementsAre(0, 0, 1, 1, 1, 0));
+  EXPECT_THAT(d.rule,
+              ElementsAre("threshold", "threshold", "guard", "threshold", "threshold", "threshold"));
+  // Step 40: heads 0 and 1 do not move (Δ = 0 < β·Δ_1): converged; head 2 moves by half its
+  // Δ_1 (not below β = 0.5) and the guard takes it again. ffn: s = 7, 8 -> λ_α = 7.5.
+  Decision e = MustObserve(*p, 40, {2, 3, 4.5, 60, 7, 8});
+  EXPECT_THAT(e.converged, ElementsAre(1, 1, 0, 0, 0, 0));
+  EXPECT_THAT(e.mask, ElementsAre(0, 0, 1, 1, 0, 1));
+  EXPECT_THAT(e.rule,
+              ElementsAre("temporal", "temporal", "guard", "threshold", "threshold", "threshold"));
+  const nlohmann::json j = e.ToJson(p->modules(), p->config());
+  EXPECT_EQ(j["modules"][0]["rule"], "temporal");
+  EXPECT_EQ(j["modules"][2]["rule"], "guard");
+  EXPECT_EQ(j["rules"], (nlohmann::json{{"temporal", 2}, {"guard", 1}, {"threshold", 3}}));
+  EXPECT_EQ(j["policy"]["delta1"], "warmup");
+}
+
+TEST_F(PolicyTest, UnmeasuredModulesSayTheyAreUnmeasured) {
+  auto p = MustCreate(Config(), Group("heads", 3));
+  Decision d = MustObserve(*p, 0, {kNaN, 2, 1});
+  EXPECT_THAT(d.rule, ElementsAre("unmeasured", "threshold", "threshold"));
+  EXPECT_THAT(d.mask, ElementsAre(1, 1, 0));
+}
+
+TEST_F(PolicyTest, MinActiveFractionZeroLetsAGroupSwitchOffEntirely) {
+  PolicyConfig c = Config();
+  c.alpha = 1.0;  // nothing is strictly above the largest s
+  c.min_active_fraction = 0.0;
+  auto p = MustCreate(c, Concat(Group("heads", 4), Group("ffn", 2)));
+  Decision d = MustObserve(*p, 0, {1, 2, 3, 4, 5, 6});
+  EXPECT_THAT(d.mask, ElementsAre(0, 0, 0, 0, 0, 0));
+  EXPECT_EQ(CountActive(p->MaskAt(1).active), 0);
+  // The same with a guard of 0.25 keeps one per group (the highest s).
+  c.min_active_fraction = 0.25;
+  auto q = MustCreate(c, Concat(Group("heads", 4), Group("ffn", 2)));
+  EXPECT_THAT(MustObserve(*q, 0, {1, 2, 3, 4, 5, 6}).mask, ElementsAre(0, 0, 0, 1, 0, 1));
+}
+
+TEST_F(PolicyTest, InverseTrainsTheLowestLambdaAtMatsCount) {
+  PolicyConfig c = Config(PolicyKind::kInverse);
+  auto p = MustCreate(c, Concat(Group("heads", 4), Group("ffn", 3)));
+  EXPECT_TRUE(p->NeedsSpectra());
+  // heads: λ_α = 2.5, MAT would train heads 1 and 3 (s 4, 3); inverse trains 0 and 2 (s 1, 2).
+  // ffn: λ_α = 5 + 2·0.5 = 6, MAT trains module 1 (s 7); inverse the lowest, module 0 (s 5)...
+  // s = 5, 7, 5: a tie, the lower index wins.
+  Decision d = MustObserve(*p, 0, {1, 4, 2, 3, 5, 7, 5});
+  EXPECT_THAT(d.mask, ElementsAre(1, 0, 1, 0, 1, 0, 0));
+  EXPECT_DOUBLE_EQ(d.threshold.at("heads"), 2.5);
+  for (const std::string& r : d.rule) EXPECT_EQ(r, "inverse");
+  EXPECT_THAT(p->MaskAt(5).active, ElementsAre(1, 0, 1, 0, 1, 0, 0));
+}
+
+TEST_F(PolicyTest, FrozenRandomKeepsMatsCountsAndPersistenceThroughOneFixedPermutation) {
+  PolicyConfig c = Config(PolicyKind::kFrozenRandom);
+  c.warmup_steps = 40;
+  c.gamma = 0.5;
+  c.beta = 0.2;
+  c.patience = 2;
+  c.min_active_fraction = 0.25;
+  c.seed = 11;
+  const std::vector<ModuleInfo> modules =
+      Concat(Concat(Group("heads", 4, 0), Group("heads", 4, 1)), Group("ffn", 4, 0));
+  auto frozen = MustCreate(c, modules);
+  PolicyConfig mat_config = c;
+  mat_config.kind = PolicyKind::kMat;
+  auto mat = MustCreate(mat_config, modules);
+  EXPECT_TRUE(frozen->NeedsSpectra());
+  std::mt19937_64 rng(5);
+  std::vector<int> permutation;
+  int flips = 0;
+  std::vector<uint8_t> previous;
+  for (int64_t step = 0; step < 800; step += 20) {
+    const std::vector<double> lambda = RandomLambda(rng, modules.size());
+    Decision f = MustObserve(*frozen, step, lambda);
+    Decision m = MustObserve(*mat, step, lambda);
+    if (step < 40) {
+      EXPECT_THAT(f.mask, Each(1)) << step;
+      continue;
+    }
+    if (permutation.empty()) {
+      const nlohmann::json state = nlohmann::json::parse(frozen->SaveState());
+      ASSERT_TRUE(state["permutation_chosen"].get<bool>());
+      permutation = state["permutation"].get<std::vector<int>>();
+      ASSERT_EQ(permutation.size(), modules.size());
+      std::set<int> images(permutation.begin(), permutation.end());
+      EXPECT_EQ(images.size(), modules.size()) << "a permutation";
+      int moved = 0;
+      for (size_t i = 0; i < modules.size(); ++i) {
+        EXPECT_EQ(modules[permutation[i]].group, modules[i].group) << "within the group";
+        moved += permutation[i] != static_cast<int>(i);
+      }
+      EXPECT_GT(moved, 0) << "seed 11 draws a permutation other than the identity";
+    }
+    // The same decision as MAT's, carried through the permutation drawn once.
+    for (size_t i = 0; i < modules.size(); ++i) {
+      EXPECT_EQ(f.mask[permutation[i]], m.mask[i]) << "step " << step << " module " << i;
+      EXPECT_EQ(f.rule[i], "frozen-random");
+    }
+    EXPECT_EQ(f.converged, m.converged);
+    if (!previous.empty() && previous != m.mask) ++flips;
+    previous = m.mask;
+  }
+  EXPECT_GT(flips, 0) << "MAT's mask changed, so the check followed it through changes";
+  const nlohmann::json state = nlohmann::json::parse(frozen->SaveState());
+  EXPECT_EQ(state["permutation"].get<std::vector<int>>(), permutation) << "drawn once";
+}
+
+TEST_F(PolicyTest, LoadStateRejectsAPermutationAcrossGroups) {
+  PolicyConfig c = Config(PolicyKind::kFrozenRandom);
+  auto p = MustCreate(c, Concat(Group("heads", 2), Group("ffn", 2)));
+  MustObserve(*p, 0, {1, 2, 3, 4});
+  nlohmann::json state = nlohmann::json::parse(p->SaveState());
+  state["permutation"] = {2, 1, 0, 3};  // head 0 -> ffn 0
+  const std::string before = p->SaveState();
+  absl::Status st = p->LoadState(state.dump());
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(st.message(), HasSubstr("permutation"));
+  EXPECT_EQ(p->SaveState(), before);
+  // A state from before the field existed loads, with no permutation chosen yet.
+  state.erase("permutation");
+  state.erase("permutation_chosen");
+  EXPECT_TRUE(p->LoadState(state.dump()).ok());
 }
 
 }  // namespace

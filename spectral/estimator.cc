@@ -59,14 +59,28 @@ absl::StatusOr<std::unique_ptr<Estimator>> MakeEstimator(const std::string& name
     return absl::InvalidArgumentError("policy.probe_projections must be >= 1, got " +
                                       std::to_string(options.projections));
   }
+  const int k = options.every_logit ? 0 : options.projections;  // OutputProjections(): 0 = all
+  if (options.positions < 1) {
+    return absl::InvalidArgumentError("policy.probe_positions must be >= 1, got " +
+                                      std::to_string(options.positions));
+  }
   if (name == "gram") return std::unique_ptr<Estimator>(new GramEstimator());
+  if (name == "output") {
+    return std::unique_ptr<Estimator>(
+        new OutputGramEstimator(k, options.positions));
+  }
   if (name == "exact") return std::unique_ptr<Estimator>(new ExactEstimator());
-  if (name == "lanczos") return std::unique_ptr<Estimator>(new LanczosEstimator(options));
+  if (name == "lanczos") {
+    EstimatorOptions o = options;
+    o.projections = k;
+    return std::unique_ptr<Estimator>(new LanczosEstimator(o));
+  }
   if (name == "exact-output") {
-    return std::unique_ptr<Estimator>(new ExactOutputEstimator(options.projections));
+    return std::unique_ptr<Estimator>(
+        new ExactOutputEstimator(k, options.positions));
   }
   return absl::InvalidArgumentError("policy.estimator: unknown estimator '" + name +
-                                    "' (expected gram, exact, lanczos or exact-output)");
+                                    "' (expected gram, output, exact, lanczos or exact-output)");
 }
 
 }  // namespace mat::spectral

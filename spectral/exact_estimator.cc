@@ -84,7 +84,9 @@ absl::StatusOr<EstimateResult> ExactEstimator::Estimate(const ModulePartition& p
                               /*create_graph=*/false, /*allow_unused=*/true);
     AppendRows(g, params, ranges, &rows);
   }
-  return KernelsOf(rows);
+  EstimateResult result = KernelsOf(rows);
+  result.backward_passes = n;
+  return result;
 }
 
 absl::StatusOr<EstimateResult> ExactOutputEstimator::Estimate(const ModulePartition& partition,
@@ -104,7 +106,9 @@ absl::StatusOr<EstimateResult> ExactOutputEstimator::Estimate(const ModulePartit
                               /*create_graph=*/false, /*allow_unused=*/true);
     AppendRows(g, params, ranges, &rows);
   }
-  return KernelsOf(rows);
+  EstimateResult result = KernelsOf(rows);
+  result.backward_passes = d;
+  return result;
 }
 
 }  // namespace mat::spectral

@@ -21,15 +21,18 @@ class ExactEstimator final : public Estimator {
 // INVALID_ARGUMENT when outputs is missing, not 2-D, n < 2, or n differs from the losses' n.
 class ExactOutputEstimator final : public Estimator {
  public:
-  explicit ExactOutputEstimator(int projections = 1) : projections_(projections) {}
+  explicit ExactOutputEstimator(int projections = 1, int positions = 1)
+      : projections_(projections), positions_(positions) {}
   std::string name() const override { return "exact-output"; }
   bool NeedsOutputs() const override { return true; }
   int OutputProjections() const override { return projections_; }
+  int OutputPositions() const override { return positions_; }
   absl::StatusOr<EstimateResult> Estimate(const ModulePartition& partition,
                                           ProbeBatch probe) override;
 
  private:
   int projections_;
+  int positions_;
 };
 
 // Shared by the output-kernel estimators: OK when probe.outputs is [n, k] with n >= 2 and, when

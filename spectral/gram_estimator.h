@@ -25,4 +25,30 @@ class GramEstimator final : public Estimator {
                                           ProbeBatch probe) override;
 };
 
+// "output": the paper's mNTK Θ_m = J_m J_m^T on the probe's outputs [n, q] (for the masked LM,
+// q = P·k: k random projections of the vocabulary at each of P masked positions per sample;
+// d = n·q), by the same per-sample-gradient construction: one VJP per output column c (q
+// backward passes over the one probe forward) gives g^(c) at every site, and row (c, i) of a
+// module's Jacobian is g^(c)_i^T a_i sliced per module, for all modules at once. The kernel is
+// exact (no sketch beyond the outputs' own projection): it equals exact-output's on the same
+// outputs, which needs d backward passes instead of q.
+// Cost: q backward passes (EstimateResult::backward_passes) + Σ_linear sites 2·d·T·in·out
+//       + Σ_scale-shift sites 3·d·T·C + Σ_modules 2·d²·p_m; memory q × the sites' outputs.
+// INVALID_ARGUMENT (beside the gram estimator's) as exact_estimator.h's ValidateOutputs.
+class OutputGramEstimator final : public Estimator {
+ public:
+  OutputGramEstimator(int projections, int positions)
+      : projections_(projections), positions_(positions) {}
+  std::string name() const override { return "output"; }
+  bool NeedsOutputs() const override { return true; }
+  int OutputProjections() const override { return projections_; }
+  int OutputPositions() const override { return positions_; }
+  absl::StatusOr<EstimateResult> Estimate(const ModulePartition& partition,
+                                          ProbeBatch probe) override;
+
+ private:
+  int projections_;
+  int positions_;
+};
+
 }  // namespace mat::spectral

@@ -36,6 +36,7 @@ class LanczosEstimator final : public Estimator {
   std::string name() const override { return "lanczos"; }
   bool NeedsOutputs() const override { return true; }
   int OutputProjections() const override { return options_.projections; }
+  int OutputPositions() const override { return options_.positions; }
   // INVALID_ARGUMENT as ExactOutputEstimator; INTERNAL when the double backward is not
   // differentiable through the model's ops.
   absl::StatusOr<EstimateResult> Estimate(const ModulePartition& partition,

@@ -66,11 +66,11 @@ struct ScaleShiftSite {
 struct ProbeBatch {
   torch::Tensor losses;  // [n], requires grad; ℓ_i depends on sample i only
   std::vector<LinearSite> sites;
-  // [n, k], part of the graph; only when the estimator NeedsOutputs(), else undefined. k random
-  // projections of the model's outputs per sample: for the masked LM, the logits at sample i's
-  // masked positions times a fixed Gaussian R [V, k] / sqrt(V), summed over those positions.
+  // [n, q], part of the graph; only when the estimator NeedsOutputs(), else undefined. q outputs
+  // per sample: for the masked LM, q = P·k, the logits at each of sample i's first P masked
+  // positions times a fixed Gaussian R [V, k] / sqrt(V) (0 where a sample has fewer than P).
   // outputs[i] depends on sample i only. The output kernel's entries are indexed by the
-  // flattened (i, j), d = n * k.
+  // flattened (i, c), d = n * q.
   torch::Tensor outputs;
   // Per-channel affine sites (gram estimator only, like `sites`). Last and with an explicit
   // initialiser, so that aggregate initialisations {losses, sites, outputs} stay valid and

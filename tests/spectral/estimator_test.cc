@@ -2,6 +2,7 @@
 // per-channel affine (scale-shift) sites against explicit per-sample gradients.
 #include "spectral/estimator.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "tests/spectral/toy_mlp.h"
@@ -178,6 +179,120 @@ TEST(EstimatorTest, GramRejectsMalformedScaleShiftSites) {
     EXPECT_EQ(GramEstimator().Estimate(p, probe(input, slice)).status().code(),
               absl::StatusCode::kInvalidArgument);
   }
+}
+
+// ---- output: the paper's mNTK by per-sample gradients of the outputs, against brute force ----
+
+// Relative agreement of two estimates of the same kernel, at `tol`.
+void ExpectSameKernel(const EstimateResult& a, const EstimateResult& b, double tol) {
+  ASSERT_EQ(a.modules.size(), b.modules.size());
+  for (size_t m = 0; m < a.modules.size(); ++m) {
+    SCOPED_TRACE("module " + std::to_string(m));
+    const auto& x = a.modules[m];
+    const auto& y = b.modules[m];
+    ASSERT_GT(y.lambda_max, 0);
+    EXPECT_LE(std::abs(x.lambda_max - y.lambda_max) / y.lambda_max, tol);
+    EXPECT_LE(std::abs(x.trace - y.trace) / y.trace, tol);
+    EXPECT_LE(std::abs(x.effective_rank - y.effective_rank) / y.effective_rank, tol);
+  }
+}
+
+TEST(OutputEstimatorTest, MatchesBruteForceJacobianOnMlp) {
+  torch::manual_seed(3);
+  Mlp mlp;
+  torch::Tensor x = torch::randn({6, 5}, torch::kFloat64);
+  OutputGramEstimator output(/*projections=*/3, /*positions=*/1);
+  auto fast = output.Estimate(mlp.partition, mlp.OutputSiteProbe(x, true));
+  auto brute = ExactOutputEstimator().Estimate(mlp.partition, mlp.OutputSiteProbe(x, false));
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  ASSERT_TRUE(brute.ok()) << brute.status();
+  ExpectSameKernel(*fast, *brute, 1e-6);
+  EXPECT_EQ(fast->backward_passes, 3) << "one VJP per output column, not per row";
+  EXPECT_EQ(brute->backward_passes, 18) << "d = n·q rows";
+  EXPECT_GT(fast->flops, 0);
+}
+
+// y_i = W x_i, outputs [n, k] = y: ∂y_{i,a}/∂W = e_a x_i^T, so Θ_{(i,a),(j,b)} = δ_ab (x_i·x_j):
+// k copies of X X^T, λ_max(Θ) = λ_max(X X^T) and trace(Θ) = k·trace(X X^T).
+TEST(OutputEstimatorTest, MatchesClosedFormOfLinearModel) {
+  torch::manual_seed(4);
+  torch::Tensor w = Leaf({4, 7});
+  ModulePartition p;
+  p.modules.push_back({"heads", 0, 0, "w", {w}});
+  torch::Tensor x = torch::randn({5, 7}, torch::kFloat64);
+  torch::Tensor y = torch::nn::functional::linear(x, w);
+  ProbeBatch b;
+  b.outputs = y;
+  b.sites.push_back({x, y, {{0, SliceAxis::kRows, 0, 4, false}}});
+  auto r = OutputGramEstimator(4, 1).Estimate(p, b);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const torch::Tensor xx = torch::mm(x, x.t());
+  const double lambda = torch::linalg_eigvalsh(xx, "L").max().item<double>();
+  EXPECT_NEAR(r->modules[0].lambda_max, lambda, 1e-9 * lambda);
+  EXPECT_NEAR(r->modules[0].trace, 4 * xx.trace().item<double>(), 1e-9 * lambda);
+}
+
+// One BERT encoder layer in float64, outputs: q = 3 random projections of each sample's whole
+// output [T, d] (every sample's outputs depend on that sample only).
+TEST(OutputEstimatorTest, MatchesBruteForceOnAnAttentionBlock) {
+  torch::manual_seed(5);
+  worker::BertConfig c;
+  c.d_model = 8;
+  c.heads = 2;
+  c.d_ff = 16;
+  c.ffn_groups = 2;
+  c.dropout = 0;
+  worker::BertLayer layer(c, 0);
+  layer->to(torch::kFloat64);
+  ModulePartition p;
+  for (int h = 0; h < 2; ++h) {
+    ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
+    for (int k = 0; k < 3; ++k) {
+      m.params.push_back(layer->qkv_w[h][k]);
+      m.params.push_back(layer->qkv_b[h][k]);
+    }
+    m.params.push_back(layer->o_w[h]);
+    p.modules.push_back(m);
+  }
+  for (int g = 0; g < 2; ++g) {
+    p.modules.push_back({"ffn", 0, g, "ffn" + std::to_string(g),
+                         {layer->ff1_w[g][0], layer->ff1_b[g][0], layer->ff2_w[g]}});
+  }
+  const int64_t n = 4, T = 3, q = 3;
+  torch::Tensor x = torch::randn({n, T, 8}, torch::kFloat64);
+  torch::Tensor proj = torch::randn({T * 8, q}, torch::kFloat64);
+  auto probe = [&](bool record) {
+    SiteRecorder rec;
+    layer->set_recorder(record ? &rec : nullptr, {0, 1}, {2, 3});
+    torch::Tensor y = layer->forward(x, {true, true}, {true, true});
+    layer->set_recorder(nullptr, {}, {});
+    ProbeBatch b;
+    b.outputs = torch::mm(y.reshape({n, T * 8}), proj);  // [n, q]
+    b.sites = rec.Take();
+    return b;
+  };
+  auto fast = OutputGramEstimator(q, 1).Estimate(p, probe(true));
+  auto brute = ExactOutputEstimator(q, 1).Estimate(p, probe(false));
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  ASSERT_TRUE(brute.ok()) << brute.status();
+  ExpectSameKernel(*fast, *brute, 1e-6);
+}
+
+TEST(OutputEstimatorTest, RejectsAProbeWithoutOutputs) {
+  torch::manual_seed(6);
+  Mlp mlp;
+  torch::Tensor x = torch::randn({4, 5}, torch::kFloat64);
+  auto r = OutputGramEstimator(3, 1).Estimate(mlp.partition, mlp.LossProbe(x, x.slice(1, 0, 3), true));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), ::testing::HasSubstr("outputs"));
+  EXPECT_EQ(MakeEstimator("output", {8, 4, 0}).status().code(),
+            absl::StatusCode::kInvalidArgument)
+      << "zero positions";
+  auto made = MakeEstimator("output", {8, 4, 2});
+  ASSERT_TRUE(made.ok());
+  EXPECT_EQ((*made)->OutputProjections(), 4);
+  EXPECT_EQ((*made)->OutputPositions(), 2);
+  EXPECT_TRUE((*made)->NeedsOutputs());
 }
 
 // One BERT encoder layer (heads and FFN slices as modules) in float64.

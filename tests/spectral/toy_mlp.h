@@ -51,6 +51,29 @@ struct ToyMlp {
     return {0.5 * (y - target).pow(2).sum(1), rec.Take(), {}};
   }
 
+  // Outputs y [n, 3] (q = 3, d = 3n) and losses ½|y|², with the two linear sites when `record`
+  // (the output estimator needs them; exact-output ignores them).
+  ProbeBatch OutputSiteProbe(const torch::Tensor& x, bool record) {
+    SiteRecorder rec;
+    torch::Tensor pre = torch::nn::functional::linear(x, torch::cat(w1, 0), torch::cat(b1, 0));
+    torch::Tensor h = torch::tanh(pre);
+    torch::Tensor lin = torch::nn::functional::linear(h, torch::cat(w2, 1));
+    if (record) {
+      LinearSite s1{x, pre, {}}, s2{h, lin, {}};
+      for (int g = 0; g < 3; ++g) {
+        s1.slices.push_back({g, SliceAxis::kRows, 2 * g, 2 * g + 2, true});
+        s2.slices.push_back({g, SliceAxis::kCols, 2 * g, 2 * g + 2, false});
+      }
+      rec.Record(s1);
+      rec.Record(s2);
+    }
+    ProbeBatch b;
+    b.outputs = lin + b2;
+    b.losses = 0.5 * b.outputs.pow(2).sum(1);
+    b.sites = rec.Take();
+    return b;
+  }
+
   // Outputs y [n, 3] (k = 3, d = 3n) and losses ½|y|², no sites.
   ProbeBatch OutputProbe(const torch::Tensor& x) {
     torch::Tensor h = torch::tanh(torch::nn::functional::linear(x, torch::cat(w1, 0), torch::cat(b1, 0)));

@@ -193,6 +193,8 @@ policy::PolicyConfig ToPolicyConfig(const v1::JobSpec& s) {
   c.rand_fraction = p.rand_fraction();
   c.multirate_k = static_cast<int>(p.multirate_k());  // range-checked before
   c.multirate_fast_fraction = p.multirate_fast_fraction();
+  absl::StatusOr<policy::Delta1Reading> delta1 = policy::ParseDelta1Reading(p.delta1());
+  if (delta1.ok()) c.delta1 = *delta1;
   c.seed = s.seed();
   return c;
 }
@@ -440,6 +442,7 @@ v1::JobSpec JobSpecDefaults() {
   d->set_valid_size(5000);
   d->set_augment(false);
   d->set_train_fraction(1.0);
+  d->set_vocab_size(0);
   v1::TrainSpec* t = s.mutable_train();
   t->set_steps(2000);
   t->set_batch_size(32);
@@ -476,6 +479,10 @@ v1::JobSpec JobSpecDefaults() {
   p->set_multirate_k(4);
   p->set_multirate_fast_fraction(0.5);
   p->set_rand_schedule_job("");  // job-only: no replay
+  p->set_delta1("warmup");
+  p->set_probe_projections(1);
+  p->set_probe_positions(1);
+  p->set_backward("weights");
   v1::ResourceSpec* r = s.mutable_resources();
   r->set_workers(1);
   r->set_device("cpu");
@@ -510,6 +517,9 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
                                            m.kind() + " (expected wikitext)"));
     MAT_RETURN_IF_ERROR(ValidateTransformerSpec(m, d));
   }
+  MAT_RETURN_IF_ERROR(Check(d.vocab_size() == 0 || d.vocab_size() >= 2,
+                            absl::StrCat("data.vocab_size must be 0 (no cap) or >= 2, got ",
+                                         d.vocab_size())));
   MAT_RETURN_IF_ERROR(Check(d.train_fraction() > 0 && d.train_fraction() <= 1,
                             absl::StrCat("data.train_fraction must be in (0, 1], got ",
                                          d.train_fraction())));
@@ -578,9 +588,10 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
       Check(p.probe_every() >= 1,
             absl::StrCat("policy.probe_every must be >= 1, got ", p.probe_every())));
   MAT_RETURN_IF_ERROR(Check(p.estimator() == "gram" || p.estimator() == "exact" ||
-                                p.estimator() == "lanczos" || p.estimator() == "exact-output",
+                                p.estimator() == "lanczos" || p.estimator() == "exact-output" ||
+                                p.estimator() == "output",
                             "policy.estimator: unknown estimator '" + p.estimator() +
-                                "' (expected gram, exact, lanczos or exact-output)"));
+                                "' (expected gram, output, exact, lanczos or exact-output)"));
   MAT_RETURN_IF_ERROR(
       Check(p.patience() >= 1, absl::StrCat("policy.patience must be >= 1, got ", p.patience())));
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
@@ -593,6 +604,21 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
   if (absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind()); !kind.ok()) {
     return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));
   }
+  if (auto delta1 = policy::ParseDelta1Reading(p.delta1()); !delta1.ok()) {
+    return absl::InvalidArgumentError("policy.delta1: " + std::string(delta1.status().message()));
+  }
+  MAT_RETURN_IF_ERROR(Check(p.probe_projections() >= 1 && p.probe_projections() <= 1000000,
+                            absl::StrCat("policy.probe_projections must be in [1, 1000000], got ",
+                                         p.probe_projections())));
+  MAT_RETURN_IF_ERROR(Check(p.backward() == "weights" || p.backward() == "detach",
+                            "policy.backward: unknown backward mode '" + p.backward() +
+                                "' (expected weights or detach)"));
+  MAT_RETURN_IF_ERROR(Check(p.backward() == "weights" || s.model().kind() != "vgg",
+                            "policy.backward detach is not implemented for model.kind vgg (its "
+                            "filter groups support weights only)"));
+  MAT_RETURN_IF_ERROR(Check(p.probe_positions() >= 1 && p.probe_positions() <= 1000000,
+                            absl::StrCat("policy.probe_positions must be in [1, 1000000], got ",
+                                         p.probe_positions())));
   MAT_RETURN_IF_ERROR(policy::ValidatePolicyConfig(ToPolicyConfig(s)));
   // Whether the replayed job exists and fits is the Coordinator's check (it needs the store).
   MAT_RETURN_IF_ERROR(Check(p.rand_schedule_job().empty() || p.kind() == "rand",
@@ -668,7 +694,8 @@ double EstimateModelParams(const v1::JobSpec& spec, int64_t vocab_size) {
   const double d = static_cast<double>(m.d_model());
   const double ff = static_cast<double>(m.d_ff());
   const double layers = static_cast<double>(m.layers());
-  const double vocab = static_cast<double>(vocab_size);
+  const int64_t cap = full.data().vocab_size();  // data.vocab_size: 0 = no cap
+  const double vocab = static_cast<double>(cap > 0 ? std::min(cap, vocab_size) : vocab_size);
   const double embeddings = vocab * d + static_cast<double>(m.max_seq_len()) * d + 2 * d;
   const double attention = 4 * d * d + 4 * d;  // Q, K, V, O with biases
   const double ffn = 2 * d * ff + ff + d;

@@ -1,6 +1,8 @@
 #include "worker/bert.h"
 
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "worker/dropout.h"
 #include "worker/sliced_linear.h"
@@ -77,11 +79,11 @@ void BertLayerImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> hea
   if (!moe.is_empty()) moe->set_recorder(r, std::move(expert_modules));
 }
 
-torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector<bool>& active) {
-  const int64_t B = x.size(0), T = x.size(1), H = c_.heads, dh = c_.d_model / c_.heads;
-  size_t num_active = 0;
-  std::vector<int> order = ActiveFirstOrder(active, &num_active);
-  torch::Tensor qkv = RowSplitForward(x, qkv_w, qkv_b, order, num_active);  // [B,T,3*H*dh]
+torch::Tensor BertLayerImpl::HeadsForward(const torch::Tensor& x, const std::vector<int>& order,
+                                          size_t num_attached) {
+  const int64_t B = x.size(0), T = x.size(1), H = int64_t(order.size()),
+                dh = c_.d_model / c_.heads;
+  torch::Tensor qkv = RowSplitForward(x, qkv_w, qkv_b, order, num_attached);  // [B,T,3*H*dh]
   if (recorder_ != nullptr) {
     spectral::LinearSite site{x, qkv, {}};
     for (int64_t i = 0; i < H; ++i) {
@@ -99,7 +101,7 @@ torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector
   torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
   torch::Tensor probs = Dropout(torch::softmax(scores, -1), c_.dropout, is_training());
   torch::Tensor ctx = torch::matmul(probs, v).transpose(1, 2).reshape({B, T, H * dh});
-  torch::Tensor y = ColSplitForward(ctx, o_w, order, num_active);  // [B,T,d]
+  torch::Tensor y = ColSplitForward(ctx, o_w, order, num_attached);  // [B,T,d]
   if (recorder_ != nullptr) {
     spectral::LinearSite site{ctx, y, {}};
     for (int64_t i = 0; i < H; ++i) {
@@ -108,17 +110,41 @@ torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector
     }
     recorder_->Record(std::move(site));
   }
+  return y;
+}
+
+namespace {
+
+// Splits an active-first order into its active and masked parts.
+std::pair<std::vector<int>, std::vector<int>> SplitOrder(const std::vector<int>& order,
+                                                         size_t num_active) {
+  return {std::vector<int>(order.begin(), order.begin() + num_active),
+          std::vector<int>(order.begin() + num_active, order.end())};
+}
+
+}  // namespace
+
+torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector<bool>& active) {
+  size_t num_active = 0;
+  std::vector<int> order = ActiveFirstOrder(active, &num_active);
+  if (!c_.detach_masked || num_active == order.size()) {
+    return HeadsForward(x, order, num_active) + o_b;
+  }
+  // detach: the masked heads run outside autograd (a constant in the backward), the active ones
+  // in a graph of their own, so no backward work is done for the masked heads at all.
+  auto [on, off] = SplitOrder(order, num_active);
+  torch::Tensor y;
+  {
+    torch::NoGradGuard no_grad;
+    y = HeadsForward(x.detach(), off, 0);
+  }
+  if (!on.empty()) y = HeadsForward(x, on, on.size()) + y;
   return y + o_b;
 }
 
-torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vector<bool>& active,
-                                         const std::vector<bool>& expert_active) {
-  if (!moe.is_empty()) return moe(x, expert_active);
-  size_t num_active = 0;
-  std::vector<int> order =
-      active.empty() ? std::vector<int>{0} : ActiveFirstOrder(active, &num_active);
-  if (active.empty()) num_active = 1;
-  torch::Tensor h = RowSplitForward(x, ff1_w, ff1_b, order, num_active);
+torch::Tensor BertLayerImpl::SlicesForward(const torch::Tensor& x, const std::vector<int>& order,
+                                           size_t num_attached) {
+  torch::Tensor h = RowSplitForward(x, ff1_w, ff1_b, order, num_attached);
   const bool record = recorder_ != nullptr && !ffn_modules_.empty();
   const int64_t fs = ff2_w[0].size(1);
   if (record) {
@@ -130,7 +156,7 @@ torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vect
     recorder_->Record(std::move(site));
   }
   torch::Tensor a = Dropout(F::gelu(h), c_.dropout, is_training());
-  torch::Tensor y = ColSplitForward(a, ff2_w, order, num_active);
+  torch::Tensor y = ColSplitForward(a, ff2_w, order, num_attached);
   if (record) {
     spectral::LinearSite site{a, y, {}};
     for (size_t i = 0; i < order.size(); ++i) {
@@ -139,6 +165,25 @@ torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vect
     }
     recorder_->Record(std::move(site));
   }
+  return y;
+}
+
+torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vector<bool>& active,
+                                         const std::vector<bool>& expert_active) {
+  if (!moe.is_empty()) return moe(x, expert_active);
+  if (active.empty()) return SlicesForward(x, {0}, 1) + ff2_b;
+  size_t num_active = 0;
+  std::vector<int> order = ActiveFirstOrder(active, &num_active);
+  if (!c_.detach_masked || num_active == order.size()) {
+    return SlicesForward(x, order, num_active) + ff2_b;
+  }
+  auto [on, off] = SplitOrder(order, num_active);  // detach: as in Attention
+  torch::Tensor y;
+  {
+    torch::NoGradGuard no_grad;
+    y = SlicesForward(x.detach(), off, 0);
+  }
+  if (!on.empty()) y = SlicesForward(x, on, on.size()) + y;
   return y + ff2_b;
 }
 

@@ -41,6 +41,15 @@ struct BertConfig {
   int64_t moe_every = 1;        // layer l has experts iff l % moe_every == 0 (>= 1)
   double capacity_factor = 1.25;  // capacity = ceil(capacity_factor · tokens / experts)
   double aux_loss_weight = 0.01;  // α in α · Σ_layers E · Σ_i f_i · P_i (load balancing)
+  // The backward of a masked-off head or FFN slice (policy.backward):
+  //   false ("weights")  it still passes activation gradients; only its weight gradients and
+  //                      update are skipped;
+  //   true ("detach")    its output is a constant in the backward: neither its weight gradients
+  //                      nor its share of the input gradient (its attention-probability and value
+  //                      backward, its slice of the QKV and W_O input gradients; an FFN slice's
+  //                      W_1/W_2 input gradients) are computed. The forward is the same.
+  // Switch experts keep the weights behaviour.
+  bool detach_masked = false;
 };
 
 // Whether layer `layer` of `c` has a Switch FFN instead of a dense one.
@@ -56,6 +65,12 @@ class BertLayerImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const std::vector<bool>& head_active,
                         const std::vector<bool>& ffn_active,
                         const std::vector<bool>& expert_active = {});
+  // The attention sublayer with W_O's bias: x [B, T, d] -> [B, T, d]; head_active: [heads].
+  torch::Tensor Attention(const torch::Tensor& x, const std::vector<bool>& head_active);
+  // The FFN sublayer with its output bias: x [B, T, d] -> [B, T, d]; ffn_active: [ffn_groups]
+  // (empty: one always-trained FFN), expert_active: as forward's.
+  torch::Tensor FeedForward(const torch::Tensor& x, const std::vector<bool>& ffn_active,
+                            const std::vector<bool>& expert_active);
   void set_recorder(spectral::SiteRecorder* r, std::vector<int> head_modules,
                     std::vector<int> ffn_modules, std::vector<int> expert_modules = {});
 
@@ -69,9 +84,14 @@ class BertLayerImpl : public torch::nn::Module {
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
 
  private:
-  torch::Tensor Attention(const torch::Tensor& x, const std::vector<bool>& head_active);
-  torch::Tensor FeedForward(const torch::Tensor& x, const std::vector<bool>& ffn_active,
-                            const std::vector<bool>& expert_active);
+  // Heads `order` (a subset of the layer's, in that order) on x: [B, T, d] -> [B, T, d] without
+  // W_O's bias; weight gradients for the first num_attached of them.
+  torch::Tensor HeadsForward(const torch::Tensor& x, const std::vector<int>& order,
+                             size_t num_attached);
+  // FFN slices `order` on x without the output bias; weight gradients for the first
+  // num_attached.
+  torch::Tensor SlicesForward(const torch::Tensor& x, const std::vector<int>& order,
+                              size_t num_attached);
 
   BertConfig c_;
   spectral::SiteRecorder* recorder_ = nullptr;

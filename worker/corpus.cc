@@ -2,8 +2,11 @@
 
 #include <lzma.h>
 
+#include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <filesystem>
+#include <numeric>
 
 #include "common/file_util.h"
 #include "common/status.h"
@@ -90,6 +93,46 @@ void Tokenize(const std::string& text, bool build, Vocabulary& vocab, std::vecto
 }
 
 }  // namespace
+
+void CapVocabulary(Corpus& corpus, int64_t max_size) {
+  const int64_t n = corpus.vocab.size();
+  if (n <= max_size) return;
+  std::vector<int64_t> count(n, 0);
+  for (int32_t id : corpus.train) ++count[id];
+  const int32_t old_unk = corpus.vocab.Find("<unk>");
+  std::vector<int32_t> by_count(n);
+  std::iota(by_count.begin(), by_count.end(), 0);
+  std::stable_sort(by_count.begin(), by_count.end(),
+                   [&count](int32_t a, int32_t b) { return count[a] > count[b]; });
+  std::vector<uint8_t> keep(n, 0);
+  int64_t kept = 0;
+  for (int32_t id : by_count) {
+    if (kept + 1 >= max_size) break;  // one place is "<unk>"'s
+    if (id == old_unk) continue;
+    keep[id] = 1;
+    ++kept;
+  }
+  Vocabulary capped;
+  std::vector<int32_t> map(n, -1);
+  for (int32_t id = 0; id < n; ++id) {
+    if (keep[id]) map[id] = capped.Add(corpus.vocab.Word(id));
+  }
+  const int32_t unk = capped.Add("<unk>");
+  for (std::vector<int32_t>* split : {&corpus.train, &corpus.valid, &corpus.test}) {
+    for (int32_t& id : *split) id = map[id] >= 0 ? map[id] : unk;
+  }
+  corpus.vocab = std::move(capped);
+}
+
+double UnigramCrossEntropy(const std::vector<int32_t>& fit, const std::vector<int32_t>& tokens,
+                           int64_t vocab_size) {
+  std::vector<double> count(vocab_size, 1.0);  // add-one
+  for (int32_t id : fit) count[id] += 1.0;
+  const double total = double(fit.size()) + double(vocab_size);
+  double sum = 0;
+  for (int32_t id : tokens) sum -= std::log(count[id] / total);
+  return tokens.empty() ? 0.0 : sum / double(tokens.size());
+}
 
 absl::StatusOr<Corpus> LoadCorpus(const std::string& dir) {
   Corpus c;

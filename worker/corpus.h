@@ -36,6 +36,18 @@ struct Corpus {
 // DATA_LOSS names a corrupt or truncated .xz file.
 absl::StatusOr<Corpus> LoadCorpus(const std::string& dir);
 
+// Keeps the max_size − 1 most frequent words of train (ties: first appearance) and "<unk>": every
+// other word of every split becomes "<unk>" (added when absent). Ids are renumbered in the order
+// of the words' first appearance, as LoadCorpus numbers them. A no-op when the vocabulary has at
+// most max_size words. REQUIRES: max_size >= 2.
+void CapVocabulary(Corpus& corpus, int64_t max_size);
+
+// The cross-entropy in nats per token of `tokens` under a unigram model fitted on `fit` with
+// add-one smoothing over `vocab_size` types: the loss a model that ignores the context reaches
+// (the MLM loss of one that predicts word frequencies). REQUIRES: ids in [0, vocab_size).
+double UnigramCrossEntropy(const std::vector<int32_t>& fit, const std::vector<int32_t>& tokens,
+                           int64_t vocab_size);
+
 // Decompresses a whole .xz stream held in memory.
 absl::StatusOr<std::string> DecompressXz(const std::string& compressed, const std::string& what);
 

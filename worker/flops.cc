@@ -51,7 +51,13 @@ FlopCounts Count(const BertConfig& c, int64_t B, int64_t T, int64_t M,
       ffn_weight = ffn * ffn_on_frac;
     }
     r.forward += qkv + out + ffn + attn;
-    if (backward) {
+    if (backward && c.detach_masked) {
+      // A masked head or FFN slice is a constant in the backward: its attention backward and
+      // its slices of the QKV, W_O, W_1 and W_2 input gradients are not computed.
+      const double ffn_act = IsSwitchLayer(c, l) ? ffn : ffn * ffn_on_frac;
+      r.activation_grad += (qkv + out + 2 * attn) * (heads_on / c.heads) + ffn_act;
+      r.weight_grad += (qkv + out) * (heads_on / c.heads) + ffn_weight;
+    } else if (backward) {
       r.activation_grad += qkv + out + ffn + 2 * attn;  // both operands of QK^T and PV
       r.weight_grad += (qkv + out) * (heads_on / c.heads) + ffn_weight;
     }

@@ -12,6 +12,10 @@
 // actually processed in that step (`routed`, BertMlm::RoutedTokens(); overflow tokens cost
 // nothing), in forward and activation_grad, and in weight_grad only while expert e is active.
 // Without `routed` every token is assumed processed, spread evenly over the experts.
+//
+// With BertConfig::detach_masked a masked head's attention backward and its slices of the QKV
+// and W_O input gradients count zero, and so do a masked FFN slice's W_1 and W_2 input
+// gradients (Switch experts keep the weights accounting).
 #pragma once
 
 #include <cstdint>

@@ -71,6 +71,7 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("data.valid_size", &c.data.valid_size, "integer"));
   f.push_back(MakeField("data.augment", &c.data.augment, "boolean"));
   f.push_back(MakeField("data.train_fraction", &c.data.train_fraction, "number"));
+  f.push_back(MakeField("data.vocab_size", &c.data.vocab_size, "integer"));
   f.push_back(MakeField("train.steps", &c.train.steps, "integer"));
   f.push_back(MakeField("train.batch_size", &c.train.batch_size, "integer"));
   f.push_back(MakeField("train.optimizer", &c.train.optimizer, "string"));
@@ -103,11 +104,14 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("policy.estimator", &c.policy.estimator, "string"));
   f.push_back(MakeField("policy.lanczos_iterations", &c.policy.lanczos_iterations, "integer"));
   f.push_back(MakeField("policy.probe_projections", &c.policy.probe_projections, "integer"));
+  f.push_back(MakeField("policy.probe_positions", &c.policy.probe_positions, "integer"));
   f.push_back(MakeField("policy.min_active_fraction", &c.policy.min_active_fraction, "number"));
   f.push_back(MakeField("policy.rand_fraction", &c.policy.rand_fraction, "number"));
   f.push_back(MakeField("policy.rand_schedule", &c.policy.rand_schedule, "string"));
   f.push_back(MakeField("policy.multirate_k", &c.policy.multirate_k, "integer"));
   f.push_back(MakeField("policy.multirate_fast_fraction", &c.policy.multirate_fast_fraction, "number"));
+  f.push_back(MakeField("policy.delta1", &c.policy.delta1, "string"));
+  f.push_back(MakeField("policy.backward", &c.policy.backward, "string"));
   return f;
 }
 
@@ -223,6 +227,9 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
     MAT_RETURN_IF_ERROR(Check(!images, "data.kind " + c.data.kind + " does not fit model.kind " +
                                            m.kind + " (expected wikitext)"));
     MAT_RETURN_IF_ERROR(Check(m.layers >= 1, "model.layers must be >= 1"));
+    MAT_RETURN_IF_ERROR(Check(c.data.vocab_size == 0 || c.data.vocab_size >= 2,
+                              "data.vocab_size must be 0 (no cap) or >= 2, got " +
+                                  std::to_string(c.data.vocab_size)));
     MAT_RETURN_IF_ERROR(Check(m.heads >= 1 && m.d_model >= 1 && m.d_model % m.heads == 0,
                               "model.d_model must be a positive multiple of model.heads"));
     MAT_RETURN_IF_ERROR(Check(m.d_ff >= 1, "model.d_ff must be >= 1"));
@@ -283,19 +290,32 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
                             "policy.probe_samples must be <= train.batch_size (the probe uses the step's first samples)"));
   MAT_RETURN_IF_ERROR(Check(p.probe_every >= 1, "policy.probe_every must be >= 1"));
   MAT_RETURN_IF_ERROR(Check(p.estimator == "gram" || p.estimator == "exact" ||
-                                p.estimator == "lanczos" || p.estimator == "exact-output",
+                                p.estimator == "lanczos" || p.estimator == "exact-output" ||
+                                p.estimator == "output",
                             "policy.estimator: unknown estimator '" + p.estimator +
-                                "' (expected gram, exact, lanczos or exact-output)"));
+                                "' (expected gram, output, exact, lanczos or exact-output)"));
   MAT_RETURN_IF_ERROR(Check(p.lanczos_iterations >= 1 && p.lanczos_iterations <= 1000000,
                             "policy.lanczos_iterations must be in [1, 1000000], got " +
                                 std::to_string(p.lanczos_iterations)));
   MAT_RETURN_IF_ERROR(Check(p.probe_projections >= 1 && p.probe_projections <= 1000000,
                             "policy.probe_projections must be in [1, 1000000], got " +
                                 std::to_string(p.probe_projections)));
+  MAT_RETURN_IF_ERROR(Check(p.probe_positions >= 1 && p.probe_positions <= 1000000,
+                            "policy.probe_positions must be in [1, 1000000], got " +
+                                std::to_string(p.probe_positions)));
   MAT_RETURN_IF_ERROR(Check(p.patience >= 1, "policy.patience must be >= 1"));
   if (absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind); !kind.ok()) {
     return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));
   }
+  if (auto delta1 = policy::ParseDelta1Reading(p.delta1); !delta1.ok()) {
+    return absl::InvalidArgumentError("policy.delta1: " + std::string(delta1.status().message()));
+  }
+  MAT_RETURN_IF_ERROR(Check(p.backward == "weights" || p.backward == "detach",
+                            "policy.backward: unknown backward mode '" + p.backward +
+                                "' (expected weights or detach)"));
+  MAT_RETURN_IF_ERROR(Check(p.backward == "weights" || c.model.kind != "vgg",
+                            "policy.backward detach is not implemented for model.kind vgg (its "
+                            "filter groups support weights only)"));
   MAT_RETURN_IF_ERROR(Check(p.rand_schedule.empty() || p.kind == "rand",
                             "policy.rand_schedule replays active counts for policy.kind rand only, "
                             "got kind '" + p.kind + "'"));
@@ -316,6 +336,8 @@ policy::PolicyConfig ToPolicyConfig(const TrainConfig& c) {
   p.rand_fraction = c.policy.rand_fraction;
   p.multirate_k = static_cast<int>(c.policy.multirate_k);
   p.multirate_fast_fraction = c.policy.multirate_fast_fraction;
+  auto delta1 = policy::ParseDelta1Reading(c.policy.delta1);
+  if (delta1.ok()) p.delta1 = *delta1;
   p.seed = c.seed;
   return p;
 }

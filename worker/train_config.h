@@ -5,13 +5,15 @@
 //   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln,
 //            experts, capacity_factor, aux_loss_weight, moe_every,
 //            arch, width, filter_groups, classifier_hidden}
-//   data:   {kind, dir, seq_len, mask_prob, valid_size, augment, train_fraction}
+//   data:   {kind, dir, seq_len, mask_prob, valid_size, augment, train_fraction, vocab_size}
 //   train:  {steps, batch_size, optimizer, lr, min_lr_ratio, warmup_steps, schedule,
 //            decay_every, decay_factor, weight_decay, beta1, beta2, eps, momentum, nesterov,
 //            eval_every, eval_batches, checkpoint_every, threads, device, precision}
 //   policy: {kind, alpha, beta, gamma, patience, warmup_steps, probe_every, probe_samples,
-//            estimator, lanczos_iterations, probe_projections, min_active_fraction,
-//            rand_fraction, multirate_k, multirate_fast_fraction}
+//            estimator, lanczos_iterations, probe_projections, probe_positions,
+//            min_active_fraction,
+//            rand_fraction, rand_schedule, multirate_k, multirate_fast_fraction, delta1,
+//            backward}
 //
 // An unknown key or a value of the wrong type is INVALID_ARGUMENT naming the key.
 // Library mat_train_config: no LibTorch, so the coordinator can validate with the same code.
@@ -72,6 +74,10 @@ struct DataSection {
   // slice. Validation and test are unchanged. A smaller set reaches the regime where a model
   // overfits in fewer steps (the benchmarks' CPU presets).
   double train_fraction = 1.0;
+  // wikitext: the vocabulary's size cap, 0 = every word of train. With V > 0 the V − 1 most
+  // frequent training words are kept and the rest become "<unk>" (worker/corpus.h); the tied
+  // decoder's cost scales with V.
+  int64_t vocab_size = 0;
 };
 
 struct TrainSection {
@@ -101,7 +107,8 @@ struct TrainSection {
 };
 
 struct PolicySection {
-  std::string kind = "mat";      // full | mat | rand | multirate
+  // full | mat | rand | multirate | frozen-random | inverse (coordinator/policy/policy_config.h)
+  std::string kind = "mat";
   double alpha = 0.3;
   double beta = 0.0;
   double gamma = 0.5;
@@ -109,11 +116,16 @@ struct PolicySection {
   int64_t warmup_steps = 200;    // steps before the policy may switch modules off
   int64_t probe_every = 20;      // steps between probes / decisions
   int64_t probe_samples = 16;    // n, the probe batch (<= train.batch_size)
-  // gram | exact (loss kernel) | lanczos | exact-output (output kernel of a random projection
-  // of the logits; spectral/estimator.h). exact and exact-output: tiny models only.
+  // gram | exact (loss kernel) | output (the paper's mNTK: output kernel at each masked
+  // position, k projections of the vocabulary) | lanczos | exact-output (output kernels;
+  // spectral/estimator.h). exact and exact-output: tiny models only.
   std::string estimator = "gram";
   int64_t lanczos_iterations = 8;  // lanczos: Krylov steps K (>= 1; capped at n * k)
-  int64_t probe_projections = 1;   // lanczos, exact-output: k projections of the logits (>= 1)
+  // output, lanczos, exact-output: k random projections of the logits per output (>= 1)
+  int64_t probe_projections = 1;
+  // output, lanczos, exact-output: P, masked positions per probe sample whose projected logits
+  // are outputs (the first P in batch order; >= 1). d = probe_samples · P · k.
+  int64_t probe_positions = 1;
   double min_active_fraction = 0.25;
   double rand_fraction = 0.5;
   // rand only: a MAT run's decisions.jsonl whose per-group active counts rand replays (the
@@ -121,6 +133,13 @@ struct PolicySection {
   std::string rand_schedule;
   int64_t multirate_k = 4;
   double multirate_fast_fraction = 0.5;
+  // Which Δ the temporal policy (beta > 0) divides by: warmup (the first Δ after warm-up) |
+  // first-probe (the first Δ of training, paper eq. 6–7).
+  std::string delta1 = "warmup";
+  // What a masked-off module's backward skips (bert, switch heads; worker/bert.h): weights (its
+  // weight gradients and update only; it still passes activation gradients) | detach (it is a
+  // constant in the backward: its share of the input gradient is skipped too). vgg: weights only.
+  std::string backward = "weights";
 };
 
 struct TrainConfig {

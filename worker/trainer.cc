@@ -35,18 +35,45 @@ torch::Tensor PerSampleLoss(const torch::Tensor& logits, const torch::Tensor& la
   return sums / counts;
 }
 
-// The output-kernel estimators' outputs [n, k]: logits [m, V] at the masked positions times a
-// fixed Gaussian R [V, k] / sqrt(V) (drawn on the CPU from a generator seeded by the run's seed,
-// the same at every probe), summed per sample (sample = position / seq).
+// The output-kernel estimators' outputs [n, P·k]: column p·k + j of row i is the logits at
+// sample i's p-th masked position (in batch order; sample = position / seq, each sample's
+// positions contiguous) times column j of a fixed Gaussian R [V, k] / sqrt(V) (drawn on the CPU
+// from a generator seeded by the run's seed, the same at every probe), and 0 where sample i has
+// fewer than P masked positions. k = 0: the logits themselves (k = V, no projection).
+// logits [m, V], positions [m].
 torch::Tensor ProjectOutputs(const torch::Tensor& logits, const torch::Tensor& positions,
-                             int64_t seq, int64_t n, int64_t k, uint64_t seed) {
+                             int64_t seq, int64_t n, int64_t positions_per_sample, int64_t k,
+                             uint64_t seed) {
   const int64_t vocab = logits.size(1);
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 0x9E3779B97F4A7C15ULL + 0x70726f6aULL);
-  torch::Tensor r = torch::randn({vocab, k}, gen, torch::TensorOptions().dtype(torch::kFloat64)) /
-                    std::sqrt(double(vocab));
-  torch::Tensor proj = torch::mm(logits, r.to(logits.options()));  // [m, k]
-  torch::Tensor sample = torch::div(positions, seq, "floor");
-  return torch::zeros({n, k}, proj.options()).index_add(0, sample, proj);
+  const int64_t P = positions_per_sample;
+  torch::Tensor proj = logits;  // [m, k]
+  if (k > 0) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 0x9E3779B97F4A7C15ULL + 0x70726f6aULL);
+    torch::Tensor r = torch::randn({vocab, k}, gen, torch::TensorOptions().dtype(torch::kFloat64)) /
+                      std::sqrt(double(vocab));
+    proj = torch::mm(logits, r.to(logits.options()));
+  } else {
+    k = vocab;
+  }
+  torch::Tensor pos = positions.to(torch::kCPU, torch::kLong).contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  std::vector<int64_t> keep, slot;  // rows of proj kept, and their row in [n·P, k]
+  int64_t sample = -1, rank = 0;
+  for (int64_t i = 0; i < pos.numel(); ++i) {
+    const int64_t s = p[i] / seq;
+    rank = s == sample ? rank + 1 : 0;
+    sample = s;
+    if (rank < P && s < n) {
+      keep.push_back(i);
+      slot.push_back(s * P + rank);
+    }
+  }
+  auto index = [&](const std::vector<int64_t>& v) {
+    return torch::tensor(v, torch::kLong).to(logits.device());
+  };
+  torch::Tensor out = torch::zeros({n * P, k}, proj.options());
+  if (!keep.empty()) out = out.index_add(0, index(slot), proj.index_select(0, index(keep)));
+  return out.reshape({n, P * k});
 }
 
 // How many of n training examples (tokens or images) data.train_fraction keeps: ⌈fraction · n⌉.
@@ -67,6 +94,7 @@ BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
   b.ffn_groups = c.model.ffn_groups;
   b.dropout = c.model.dropout;
   b.pre_ln = c.model.pre_ln;
+  b.detach_masked = c.policy.backward == "detach";
   if (c.model.kind == "switch") {
     b.experts = c.model.experts;
     b.moe_every = c.model.moe_every;
@@ -158,6 +186,7 @@ absl::Status Trainer::Init() {
   spectral::EstimatorOptions eo;
   eo.lanczos_iterations = static_cast<int>(c.policy.lanczos_iterations);
   eo.projections = static_cast<int>(c.policy.probe_projections);
+  eo.positions = static_cast<int>(c.policy.probe_positions);
   eo.seed = c.seed + 0x6c616e637a6f73ULL;
   MAT_ASSIGN_OR_RETURN(estimator_, spectral::MakeEstimator(c.policy.estimator, eo));
   if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(options_.out_dir));
@@ -167,7 +196,11 @@ absl::Status Trainer::Init() {
 absl::Status Trainer::InitText() {
   const auto& c = config_;
   MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
+  if (c.data.vocab_size > 0) CapVocabulary(corpus_, c.data.vocab_size);
   const int64_t real = corpus_.vocab.size();
+  // The context-free baselines (bench/repro's regime check): fitted on the whole training
+  // split, and on the prefix this run trains on.
+  unigram_test_loss_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
   mlm_.seq_len = c.data.seq_len;
   mlm_.mask_prob = c.data.mask_prob;
   mlm_.mask_id = real;  // [MASK] is the last id
@@ -175,6 +208,7 @@ absl::Status Trainer::InitText() {
 
   train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
   corpus_.train.resize(static_cast<size_t>(train_size_));
+  unigram_test_loss_prefix_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
 
   model_ = BertMlm(MakeBertConfig(c, real + 1));
   model_->to(device_);
@@ -363,8 +397,8 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
     probe.losses = PerSampleLoss(logits, labels, positions, T, n);
     probe.sites = recorder.Take();
     if (estimator->NeedsOutputs()) {
-      probe.outputs = ProjectOutputs(logits, positions, T, n, estimator->OutputProjections(),
-                                     config_.seed);
+      probe.outputs = ProjectOutputs(logits, positions, T, n, estimator->OutputPositions(),
+                                     estimator->OutputProjections(), config_.seed);
     }
   } catch (const c10::Error& e) {
     model_->SetRecorder(nullptr);
@@ -378,7 +412,8 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Esti
   const int64_t m = positions.size(0);
   const BertConfig& bc = model_->config();
   r.flops = BertForwardFlops(bc, n, T, m, probe_routed).forward +
-            BertStepFlops(bc, n, T, m, {}, probe_routed).activation_grad + est->flops;
+            double(est->backward_passes) * BertStepFlops(bc, n, T, m, {}, probe_routed).activation_grad +
+            est->flops;
   r.seconds = Since(t0);
   return r;
 }
@@ -409,7 +444,8 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const ImageBatch& batch, spectral::Es
     recorder.TakeInto(&probe);
     if (estimator->NeedsOutputs()) {
       torch::Tensor rows = torch::arange(n, torch::TensorOptions().dtype(torch::kLong).device(device_));
-      probe.outputs = ProjectOutputs(logits, rows, 1, n, estimator->OutputProjections(), config_.seed);
+      probe.outputs = ProjectOutputs(logits, rows, 1, n, estimator->OutputPositions(),
+                                     estimator->OutputProjections(), config_.seed);
     }
   } catch (const c10::Error& e) {
     vgg_->SetRecorder(nullptr);
@@ -421,7 +457,8 @@ absl::StatusOr<ProbeResult> Trainer::Probe(const ImageBatch& batch, spectral::Es
   ProbeResult r;
   r.modules = std::move(est->modules);
   const VggConfig& vc = vgg_->config();
-  r.flops = VggForwardFlops(vc, n).forward + VggStepFlops(vc, n, {}).activation_grad + est->flops;
+  r.flops = VggForwardFlops(vc, n).forward +
+            double(est->backward_passes) * VggStepFlops(vc, n, {}).activation_grad + est->flops;
   r.seconds = Since(t0);
   return r;
 }
@@ -751,6 +788,13 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       // so on CUDA the time includes the device's work, not only the launches).
       {"flops_per_second", wall_seconds > 0 ? flops_.total() / wall_seconds : 0.0},
   };
+  if (!is_vgg()) {
+    // A unigram model's test loss (nats/token, add-one smoothing): fitted on all of the training
+    // split, and on the part this run trains on (data.train_fraction).
+    s["vocab_size"] = corpus_.vocab.size();
+    s["unigram_test_loss"] = unigram_test_loss_;
+    s["unigram_test_loss_train_prefix"] = unigram_test_loss_prefix_;
+  }
   if (is_vgg()) {
     s["model"] = config_.model.arch;
     s["val_accuracy_at_best"] = val_accuracy_at_best_;

@@ -217,6 +217,7 @@ class Trainer {
   std::unique_ptr<spectral::Estimator> estimator_;
   std::unique_ptr<MlmStream> train_stream_;
   std::vector<MlmBatch> valid_batches_, test_batches_;
+  double unigram_test_loss_ = 0, unigram_test_loss_prefix_ = 0;  // wikitext, nats/token
   int64_t train_size_ = 0;  // training tokens (wikitext) or images, after data.train_fraction
 
   // Progress, all saved in checkpoints.

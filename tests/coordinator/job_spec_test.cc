@@ -43,7 +43,7 @@ const std::vector<std::string> kTrainerKeys = {
     "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
     "model.arch", "model.width", "model.filter_groups", "model.classifier_hidden",
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob", "data.valid_size", "data.augment",
-    "data.train_fraction",
+    "data.train_fraction", "data.vocab_size",
     "train.steps", "train.batch_size", "train.optimizer", "train.lr", "train.min_lr_ratio",
     "train.warmup_steps", "train.schedule", "train.decay_every", "train.decay_factor",
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.momentum",
@@ -52,7 +52,8 @@ const std::vector<std::string> kTrainerKeys = {
     "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",
-    "policy.multirate_fast_fraction"};
+    "policy.multirate_fast_fraction", "policy.delta1", "policy.probe_projections",
+    "policy.probe_positions", "policy.backward"};
 
 // The keys mat-train does not have: what the cluster must provide, and the stored MAT job a rand
 // job replays. JobSpecToTrainerYaml leaves them out.
@@ -423,7 +424,7 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"model.classifier_hidden", "0"},
       {"data.kind", "wikitext"}, {"data.dir", "../shared/data/wikitext-2"},
       {"data.seq_len", "128"}, {"data.mask_prob", "0.15"}, {"data.valid_size", "5000"},
-      {"data.augment", "false"}, {"data.train_fraction", "1"},
+      {"data.augment", "false"}, {"data.train_fraction", "1"}, {"data.vocab_size", "0"},
       {"train.steps", "2000"}, {"train.batch_size", "32"}, {"train.lr", "0.0005"},
       {"train.min_lr_ratio", "0"}, {"train.warmup_steps", "100"}, {"train.schedule", "linear"},
       {"train.weight_decay", "0.01"}, {"train.beta1", "0.9"}, {"train.beta2", "0.999"},
@@ -437,6 +438,8 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"policy.estimator", "gram"}, {"policy.min_active_fraction", "0.25"},
       {"policy.rand_fraction", "0.5"}, {"policy.multirate_k", "4"},
       {"policy.multirate_fast_fraction", "0.5"}, {"policy.rand_schedule_job", ""},
+      {"policy.delta1", "warmup"}, {"policy.probe_projections", "1"},
+      {"policy.probe_positions", "1"}, {"policy.backward", "weights"},
       {"resources.workers", "1"}, {"resources.device", "cpu"}};
   EXPECT_EQ(Flatten(JobSpecDefaults()), documented);
   EXPECT_TRUE(ValidateJobSpec(JobSpecDefaults()).ok()) << ValidateJobSpec(JobSpecDefaults());
@@ -564,6 +567,12 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"AlphaNegative", "policy: {alpha: -0.1}", "policy.alpha"},
         BadValue{"BetaAboveOne", "policy: {beta: 2}", "policy.beta"},
         BadValue{"GammaOne", "policy: {gamma: 1}", "policy.gamma"},
+        BadValue{"UnknownDelta1", "policy: {delta1: first}", "policy.delta1"},
+        BadValue{"UnknownBackward", "policy: {backward: skip}", "policy.backward"},
+        BadValue{"ZeroProbePositions", "policy: {probe_positions: 0}", "policy.probe_positions"},
+        BadValue{"ZeroProbeProjections", "policy: {probe_projections: 0}",
+                 "policy.probe_projections"},
+        BadValue{"VocabSizeOne", "data: {vocab_size: 1}", "data.vocab_size"},
         BadValue{"NegativePolicyWarmup", "policy: {warmup_steps: -1}", "policy.warmup_steps"},
         BadValue{"MinActiveAboveOne", "policy: {min_active_fraction: 1.1}",
                  "policy.min_active_fraction"},

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -346,6 +347,52 @@ TEST(VocabularyTest, AddIsIdempotentAndFindReportsAbsence) {
   EXPECT_EQ(v.size(), 2);
   EXPECT_EQ(v.Find("y"), 1);
   EXPECT_EQ(v.Word(1), "y");
+}
+
+// CapVocabulary keeps the max_size − 1 most frequent training words (ties: first appearance) and
+// "<unk>", renumbers in order of first appearance, and maps every other word of every split to
+// "<unk>"; UnigramCrossEntropy is the add-one closed form.
+TEST(CapVocabularyTest, KeepsTheMostFrequentWordsAndMapsTheRestToUnk) {
+  Corpus c;
+  for (const char* w : {"<eos>", "a", "b", "c", "d"}) c.vocab.Add(w);
+  // counts in train: <eos> 3, a 1, b 3, c 2, d 1
+  c.train = {1, 0, 2, 2, 3, 0, 2, 3, 4, 0};
+  c.valid = {4, 1, 2};
+  c.test = {3, 4};
+  CapVocabulary(c, 4);  // <eos>, b, c and <unk>
+  ASSERT_EQ(c.vocab.size(), 4);
+  EXPECT_EQ(c.vocab.Word(0), "<eos>");
+  EXPECT_EQ(c.vocab.Word(1), "b");
+  EXPECT_EQ(c.vocab.Word(2), "c");
+  EXPECT_EQ(c.vocab.Word(3), "<unk>");
+  EXPECT_EQ(c.train, (std::vector<int32_t>{3, 0, 1, 1, 2, 0, 1, 2, 3, 0}));
+  EXPECT_EQ(c.valid, (std::vector<int32_t>{3, 3, 1}));
+  EXPECT_EQ(c.test, (std::vector<int32_t>{2, 3}));
+  Corpus same = c;
+  CapVocabulary(same, 4);  // already within the cap: unchanged
+  EXPECT_EQ(same.train, c.train);
+  EXPECT_EQ(same.vocab.size(), 4);
+}
+
+TEST(CapVocabularyTest, UnigramCrossEntropyIsTheAddOneClosedForm) {
+  // fit: ids 0,0,0,1 over 3 types -> p = (3+1)/7, (1+1)/7, (0+1)/7.
+  const double ce = UnigramCrossEntropy({0, 0, 0, 1}, {0, 1, 2}, 3);
+  EXPECT_NEAR(ce, -(std::log(4.0 / 7) + std::log(2.0 / 7) + std::log(1.0 / 7)) / 3, 1e-12);
+}
+
+TEST_F(WikiText2Test, CappedVocabularyOfWikiText2) {
+  Corpus c = *corpus_;
+  CapVocabulary(c, 8192);
+  EXPECT_EQ(c.vocab.size(), 8192);
+  EXPECT_EQ(c.train.size(), corpus_->train.size());
+  const int32_t unk = c.vocab.Find("<unk>");
+  ASSERT_GE(unk, 0);
+  for (const auto* split : {&c.train, &c.valid, &c.test}) {
+    for (int32_t id : *split) ASSERT_LT(id, 8192);
+  }
+  // A unigram model is a worse predictor with all 33,278 words than with the cap's <unk> class.
+  EXPECT_LT(UnigramCrossEntropy(c.train, c.test, c.vocab.size()),
+            UnigramCrossEntropy(corpus_->train, corpus_->test, corpus_->vocab.size()));
 }
 
 }  // namespace

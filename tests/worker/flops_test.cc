@@ -53,5 +53,31 @@ TEST(FlopsTest, FfnSlicesCountWhenTheyAreModules) {
   EXPECT_DOUBLE_EQ(full.weight_grad - f.weight_grad, 4096 * 3.0 / 4.0);
 }
 
+// detach_masked: a masked head's QKV and W_O input gradients and its attention backward count
+// zero too (one of two heads: half of 3072 + 1024 + 2048); the weight gradients as before.
+TEST(FlopsTest, DetachSkipsTheMaskedHeadsInputGradientsToo) {
+  BertConfig c = OneLayer();
+  c.detach_masked = true;
+  FlopCounts full = BertStepFlops(c, 2, 4, 3, {1, 1});
+  FlopCounts half = BertStepFlops(c, 2, 4, 3, {1, 0});
+  FlopCounts none = BertStepFlops(c, 2, 4, 3, {0, 0});
+  EXPECT_DOUBLE_EQ(full.activation_grad, BertStepFlops(OneLayer(), 2, 4, 3, {1, 1}).activation_grad);
+  EXPECT_DOUBLE_EQ(half.forward, full.forward);
+  EXPECT_DOUBLE_EQ(full.activation_grad - half.activation_grad, (3072 + 1024 + 2048) / 2.0);
+  EXPECT_DOUBLE_EQ(full.weight_grad - half.weight_grad, (3072 + 1024) / 2.0);
+  // Every head masked: the FFN and the MLM head's backward are left.
+  EXPECT_DOUBLE_EQ(none.activation_grad, 4096 + 384 + 480);
+}
+
+TEST(FlopsTest, DetachSkipsTheMaskedFfnSlicesInputGradients) {
+  BertConfig c = OneLayer();
+  c.ffn_groups = 4;
+  c.detach_masked = true;
+  FlopCounts f = BertStepFlops(c, 2, 4, 3, {1, 1, 1, 0, 0, 0});
+  FlopCounts full = BertStepFlops(c, 2, 4, 3, {});
+  EXPECT_DOUBLE_EQ(full.activation_grad - f.activation_grad, 4096 * 3.0 / 4.0);
+  EXPECT_DOUBLE_EQ(full.weight_grad - f.weight_grad, 4096 * 3.0 / 4.0);
+}
+
 }  // namespace
 }  // namespace mat::worker

@@ -29,7 +29,7 @@ const std::vector<std::string> kAllKeys = {
     "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
     "model.arch", "model.width", "model.filter_groups", "model.classifier_hidden",
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob", "data.valid_size", "data.augment",
-    "data.train_fraction",
+    "data.train_fraction", "data.vocab_size",
     "train.steps", "train.batch_size", "train.optimizer", "train.lr", "train.min_lr_ratio",
     "train.warmup_steps", "train.schedule", "train.decay_every", "train.decay_factor",
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.momentum",
@@ -40,7 +40,8 @@ const std::vector<std::string> kAllKeys = {
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.lanczos_iterations", "policy.probe_projections", "policy.min_active_fraction",
     "policy.rand_fraction", "policy.rand_schedule", "policy.multirate_k",
-    "policy.multirate_fast_fraction"};
+    "policy.multirate_fast_fraction", "policy.delta1", "policy.probe_positions",
+    "policy.backward"};
 
 std::map<std::string, std::string> AsMap(const TrainConfig& c) {
   std::map<std::string, std::string> m;
@@ -53,8 +54,32 @@ TEST(TrainConfigTest, DefaultsValidate) {
   EXPECT_TRUE(ValidateTrainConfig(c).ok()) << ValidateTrainConfig(c);
 }
 
+TEST(TrainConfigTest, DetachIsForTransformersOnly) {
+  TrainConfig c;
+  for (const char* a : {"model.kind=vgg", "data.kind=fashion-mnist", "policy.backward=detach"}) {
+    ASSERT_TRUE(ApplyOverride(c, a).ok()) << a;
+  }
+  absl::Status st = ValidateTrainConfig(c);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(st.message(), HasSubstr("policy.backward detach"));
+  ASSERT_TRUE(ApplyOverride(c, "policy.backward=weights").ok());
+  EXPECT_TRUE(ValidateTrainConfig(c).ok()) << ValidateTrainConfig(c);
+  TrainConfig bert;
+  for (const char* a : {"policy.backward=detach", "policy.delta1=first-probe",
+                        "policy.kind=frozen-random", "policy.min_active_fraction=0",
+                        "data.vocab_size=8192", "policy.estimator=output",
+                        "policy.probe_positions=2", "policy.probe_projections=4"}) {
+    ASSERT_TRUE(ApplyOverride(bert, a).ok()) << a;
+  }
+  EXPECT_TRUE(ValidateTrainConfig(bert).ok()) << ValidateTrainConfig(bert);
+  const policy::PolicyConfig p = ToPolicyConfig(bert);
+  EXPECT_EQ(p.kind, policy::PolicyKind::kFrozenRandom);
+  EXPECT_EQ(p.delta1, policy::Delta1Reading::kFirstProbe);
+  EXPECT_EQ(p.min_active_fraction, 0.0);
+}
+
 TEST(TrainConfigTest, EveryEstimatorAndItsOptionsValidate) {
-  for (const std::string name : {"gram", "exact", "lanczos", "exact-output"}) {
+  for (const std::string name : {"gram", "output", "exact", "lanczos", "exact-output"}) {
     TrainConfig c;
     ASSERT_TRUE(ApplyOverride(c, "policy.estimator=" + name).ok()) << name;
     EXPECT_TRUE(ValidateTrainConfig(c).ok()) << name << ": " << ValidateTrainConfig(c);
@@ -207,6 +232,11 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"ZeroProbeProjections", "policy.probe_projections=0",
                                "policy.probe_projections"},
                       BadValue{"GammaOne", "policy.gamma=1", "policy.gamma"},
+                      BadValue{"UnknownDelta1", "policy.delta1=first", "policy.delta1"},
+                      BadValue{"UnknownBackward", "policy.backward=skip", "policy.backward"},
+                      BadValue{"ZeroProbePositions", "policy.probe_positions=0",
+                               "policy.probe_positions"},
+                      BadValue{"VocabSizeOne", "data.vocab_size=1", "data.vocab_size"},
                       BadValue{"ZeroLayers", "model.layers=0", "model.layers"},
                       BadValue{"HeadsDoNotDivide", "model.heads=7", "model.d_model"},
                       BadValue{"SeqLenAboveMax", "data.seq_len=129", "data.seq_len"},

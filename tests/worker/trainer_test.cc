@@ -222,6 +222,67 @@ TEST(TrainerSingleTest, LanczosProbesGiveFiniteSpectraAndMatchExactOutput) {
   for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
 }
 
+// policy.estimator=output (the paper's mNTK at the masked positions) through the real model:
+// a short run probes with it, and on one batch its kernels equal exact-output's brute-force
+// Jacobian kernels on the same outputs (P = 2 positions × k = 2 projections per sample, d = 16),
+// from q = 4 backward passes instead of 16. The FLOP count includes every backward pass.
+TEST(TrainerSingleTest, OutputEstimatorMatchesTheBruteForceOutputKernel) {
+  std::string data = MakeCorpus("output");
+  TrainConfig c = TinyTrainConfig(data, "mat");
+  c.train.steps = 12;
+  c.policy.estimator = "output";
+  c.policy.probe_projections = 2;
+  c.policy.probe_positions = 2;
+  auto t = Trainer::Create(c, {"", false, false});
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto s = (*t)->Run();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+  MlmBatch batch = (*t)->train_stream().Next(8);
+  auto fast = (*t)->Probe(batch);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  spectral::EstimatorOptions o;
+  o.projections = 2;
+  o.positions = 2;
+  auto exact = spectral::MakeEstimator("exact-output", o);
+  ASSERT_TRUE(exact.ok());
+  auto ex = (*t)->Probe(batch, exact->get());
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  auto gram_estimator = spectral::MakeEstimator("gram");
+  ASSERT_TRUE(gram_estimator.ok());
+  auto gram = (*t)->Probe(batch, gram_estimator->get());
+  ASSERT_TRUE(gram.ok()) << gram.status();
+  ASSERT_EQ(int(fast->modules.size()), (*t)->partition().size());
+  for (size_t m = 0; m < fast->modules.size(); ++m) {
+    SCOPED_TRACE((*t)->partition().modules[m].name);
+    const auto& f = fast->modules[m];
+    EXPECT_TRUE(std::isfinite(f.lambda_max));
+    EXPECT_GT(f.lambda_max, 0);
+    EXPECT_NEAR(f.lambda_max, ex->modules[m].lambda_max, 1e-3 * ex->modules[m].lambda_max);
+    EXPECT_NEAR(f.trace, ex->modules[m].trace, 1e-3 * ex->modules[m].trace);
+    EXPECT_NEAR(f.effective_rank, ex->modules[m].effective_rank,
+                1e-3 * ex->modules[m].effective_rank);
+  }
+  // The probe's FLOPs count its 4 backward passes: more than one forward and backward.
+  EXPECT_GT(fast->flops, gram->flops);
+  // Every logit, unprojected (the exact mNTK at one position per sample: d = 8·V): the same.
+  spectral::EstimatorOptions every;
+  every.every_logit = true;
+  auto all_fast = spectral::MakeEstimator("output", every);
+  auto all_brute = spectral::MakeEstimator("exact-output", every);
+  ASSERT_TRUE(all_fast.ok() && all_brute.ok());
+  EXPECT_EQ((*all_fast)->OutputProjections(), 0);
+  auto af = (*t)->Probe(batch, all_fast->get());
+  auto ab = (*t)->Probe(batch, all_brute->get());
+  ASSERT_TRUE(af.ok()) << af.status();
+  ASSERT_TRUE(ab.ok()) << ab.status();
+  for (size_t m = 0; m < af->modules.size(); ++m) {
+    EXPECT_NEAR(af->modules[m].lambda_max, ab->modules[m].lambda_max,
+                1e-3 * ab->modules[m].lambda_max);
+  }
+  for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
+}
+
 TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
   std::string data = MakeCorpus("ckpt");
   TrainConfig c = TinyTrainConfig(data, "mat");

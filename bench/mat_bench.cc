@@ -11,6 +11,9 @@
 //                    default BERT trained with full masks on the real data, --reps probes
 //                    --gap steps apart): Spearman ρ of the modules' λ_max, threshold decisions
 //                    that differ at policy.alpha, relative errors, seconds per probe.
+//   output-kernel    the paper's mNTK (every logit, brute-force Jacobians) at trained checkpoints
+//                    of the tiny BERT with a capped vocabulary, against the shared-pass output
+//                    estimator (exact and k = 4 projections) and the loss kernel (OutputKernel).
 //
 // Figures are ratios measured in one run; absolute times are printed for context only.
 #include <algorithm>
@@ -593,6 +596,171 @@ int SpectralCompare(const std::string& root, int reps, nlohmann::json& result) {
   return 0;
 }
 
+// The paper's mNTK at trained checkpoints: the tiny BERT on WikiText-2 with its vocabulary
+// capped at g_output_vocab words (so that the full kernel over every logit is affordable),
+// trained with full masks, probed every --gap steps (--reps probes, step 0 first) on the same
+// batch by
+//   exact-output-all  brute force: J_m built row by row (n·V backward passes), Θ_m = J_m J_m^T
+//                     over every logit at one masked position per sample (the paper's mNTK);
+//   output-all        the shared-pass estimator on the same outputs (V backward passes);
+//   output            the shared-pass estimator on k = 4 random projections (4 passes);
+//   gram              the loss kernel (1 pass).
+// Reported per probe: output-all's relative error against the brute force (the estimator's
+// validation), and against the exact mNTK: output's λ_max scaled by V/k (E[R R^T] = k/V · I)
+// and the loss kernel's, as Spearman ρ of the modules' λ_max, threshold decisions that differ at
+// policy.alpha, and the scaled relative error; seconds per probe against a training step.
+int64_t g_output_vocab = 256;  // --output-vocab
+
+nlohmann::json OutputKernelRun(worker::TrainConfig c, int probes, int gap) {
+  c.train.device = g_device;
+  c.policy.kind = "full";
+  c.data.vocab_size = g_output_vocab;
+  c.policy.probe_samples = 8;
+  c.policy.probe_positions = 1;
+  auto created = worker::Trainer::Create(c, {"", false, false});
+  if (!created.ok()) return {{"error", created.status().ToString()}};
+  auto& tr = **created;
+  const spectral::ModulePartition& part = tr.partition();
+  const int k = 4;
+  struct Named {
+    std::string name;
+    std::unique_ptr<spectral::Estimator> est;
+  };
+  std::vector<Named> est;
+  for (const auto& [name, kind, proj] :
+       {std::tuple{std::string("exact-output-all"), std::string("exact-output"), 0},
+        std::tuple{std::string("output-all"), std::string("output"), 0},
+        std::tuple{std::string("output"), std::string("output"), k},
+        std::tuple{std::string("gram"), std::string("gram"), 1}}) {
+    spectral::EstimatorOptions o;
+    o.projections = std::max(proj, 1);
+    o.every_logit = proj == 0;
+    o.positions = 1;
+    auto e = spectral::MakeEstimator(kind, o);
+    if (!e.ok()) return {{"error", e.status().ToString()}};
+    est.push_back({name, std::move(*e)});
+  }
+  std::vector<uint8_t> all(part.size(), 1);
+  std::vector<double> ones(all.size(), 1.0);
+  std::map<std::string, std::vector<double>> seconds;
+  std::vector<double> step_s;
+  nlohmann::json points = nlohmann::json::array();
+  double vocab = 0;
+  int64_t step = 0;
+  for (int pr = 0; pr < probes; ++pr) {
+    worker::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
+    std::map<std::string, std::vector<double>> lambda;
+    nlohmann::json point = {{"step", step}};
+    for (auto& e : est) {
+      auto t0 = Clock::now();
+      auto r = tr.Probe(batch, e.est.get());
+      Sync(tr.device());
+      const double sec = Seconds(t0, Clock::now());
+      if (!r.ok()) return {{"error", e.name + ": " + r.status().ToString()}};
+      if (pr > 0) seconds[e.name].push_back(sec);  // the first probe pays first-call costs
+      for (const auto& m : r->modules) lambda[e.name].push_back(m.lambda_max);
+      point["lambda_max"][e.name] = lambda[e.name];
+      point["seconds"][e.name] = sec;
+    }
+    vocab = double(tr.model()->config().vocab_size);
+    const auto& ref = lambda["exact-output-all"];
+    auto rel_err = [&](const std::vector<double>& x, double scale) {
+      double worst = 0;
+      for (size_t i = 0; i < x.size(); ++i) {
+        worst = std::max(worst, std::abs(scale * x[i] - ref[i]) / std::max(std::abs(ref[i]), 1e-30));
+      }
+      return worst;
+    };
+    point["max_rel_err"]["output-all~exact-output-all"] = rel_err(lambda["output-all"], 1.0);
+    point["max_rel_err"]["output(scaled V/k)~exact-output-all"] = rel_err(lambda["output"], vocab / k);
+    for (const std::string other : {"output", "gram"}) {
+      const std::string key = other + "~exact-output-all";
+      point["spearman"][key] = Spearman(lambda[other], ref);
+      const auto da = ThresholdDecisions(part, lambda[other], c.policy.alpha);
+      const auto db = ThresholdDecisions(part, ref, c.policy.alpha);
+      int diff = 0;
+      for (size_t i = 0; i < da.size(); ++i) diff += da[i] != db[i];
+      point["decisions_differ"][key] = diff;
+    }
+    points.push_back(point);
+    std::fprintf(stderr, "output-kernel probe at step %lld done\n", (long long)step);
+    if (pr + 1 == probes) break;
+    for (int g = 0; g < gap; ++g, ++step) {
+      worker::MlmBatch b = tr.train_stream().Next(c.train.batch_size);
+      auto t0 = Clock::now();
+      auto loss = tr.TrainStep(b, all, ones, tr.LearningRate(step));
+      Sync(tr.device());
+      if (!loss.ok()) return {{"error", loss.status().ToString()}};
+      step_s.push_back(Seconds(t0, Clock::now()));
+      if (g + 1 == gap) points.back()["train_loss_after"] = *loss;
+    }
+  }
+  if (step_s.empty()) return {{"error", "--reps must be >= 2 (probes apart by --gap steps)"}};
+  const double step_med = Median(step_s);
+  nlohmann::json summary;
+  for (const std::string key : {"output-all~exact-output-all", "output(scaled V/k)~exact-output-all"}) {
+    double worst = 0;
+    for (const auto& p : points) worst = std::max(worst, p["max_rel_err"][key].get<double>());
+    summary["max_rel_err"][key] = worst;
+  }
+  for (const std::string key : {"output~exact-output-all", "gram~exact-output-all"}) {
+    double mean = 0, lo = 1;
+    int total = 0;
+    for (const auto& p : points) {
+      mean += p["spearman"][key].get<double>() / double(points.size());
+      lo = std::min(lo, p["spearman"][key].get<double>());
+      total += p["decisions_differ"][key].get<int>();
+    }
+    summary["spearman_mean"][key] = mean;
+    summary["spearman_min"][key] = lo;
+    summary["decisions_differ_total"][key] = total;
+  }
+  for (const auto& e : est) {
+    summary["probe_seconds_median"][e.name] = Median(seconds[e.name]);
+    summary["probe_over_step"][e.name] = Median(seconds[e.name]) / step_med;
+  }
+  return {{"model", "tiny"}, {"vocab_size", vocab}, {"modules", part.size()},
+          {"probe_samples", c.policy.probe_samples}, {"positions_per_sample", 1},
+          {"projections", k}, {"batch_size", c.train.batch_size}, {"seq_len", c.data.seq_len},
+          {"alpha", c.policy.alpha}, {"probes", probes}, {"steps_between_probes", gap},
+          {"step_seconds_median", step_med}, {"summary", summary}, {"points", points}};
+}
+
+int OutputKernel(const std::string& root, int reps, nlohmann::json& result) {
+  auto c = Config(root + "/examples/bert-wikitext2-tiny.yaml");
+  if (!c.ok()) {
+    std::cerr << "mat-bench: " << c.status() << "\n";
+    return 2;
+  }
+  c->model.ffn_groups = 4;  // heads and FFN slices: 16 modules
+  nlohmann::json r = OutputKernelRun(*c, std::max(2, reps), g_compare_gap);
+  if (r.contains("error")) {
+    std::cerr << "mat-bench: output-kernel: " << r["error"].get<std::string>() << "\n";
+    return 1;
+  }
+  result = {{"benchmark", "output-kernel"}, {"device", g_device}, {"run", r}};
+  const auto& s = r["summary"];
+  std::printf("\n| probe | step | output-all vs brute force (max rel err) | output k=4 scaled vs exact mNTK (max rel err) | Spearman output~mNTK | Spearman gram~mNTK | decisions differ output / gram |\n|---|---|---|---|---|---|---|\n");
+  int i = 0;
+  for (const auto& p : r["points"]) {
+    std::printf("| %d | %lld | %.2e | %.3f | %.3f | %.3f | %d / %d |\n", i++,
+                (long long)p["step"].get<int64_t>(),
+                p["max_rel_err"]["output-all~exact-output-all"].get<double>(),
+                p["max_rel_err"]["output(scaled V/k)~exact-output-all"].get<double>(),
+                p["spearman"]["output~exact-output-all"].get<double>(),
+                p["spearman"]["gram~exact-output-all"].get<double>(),
+                p["decisions_differ"]["output~exact-output-all"].get<int>(),
+                p["decisions_differ"]["gram~exact-output-all"].get<int>());
+  }
+  std::printf("\nseconds per probe (× a training step of %.3f s):", r["step_seconds_median"].get<double>());
+  for (const char* e : {"exact-output-all", "output-all", "output", "gram"}) {
+    std::printf(" %s %.3f (%.1f)", e, s["probe_seconds_median"][e].get<double>(),
+                s["probe_over_step"][e].get<double>());
+  }
+  std::printf("\n");
+  return 0;
+}
+
 }  // namespace
 }  // namespace mat::bench
 
@@ -600,7 +768,7 @@ int main(int argc, char** argv) {
   CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost, step)"};
   std::string name, root = ".", out;
   int reps = 10, threads = 0;
-  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "spectral-compare", "step", "matmul-peak"}));
+  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "spectral-compare", "output-kernel", "step", "matmul-peak"}));
   app.add_option("--root", root, "repository root (examples/ live there)");
   app.add_option("--reps", reps, "repeats per configuration");
   app.add_option("--out", out, "JSON result file");
@@ -608,7 +776,8 @@ int main(int argc, char** argv) {
   app.add_option("--precision", mat::bench::g_precision, "fp32 | bf16 (autocast of the forward)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--threads", threads, "intra-op threads (0: all cores, as mat-train)");
-  app.add_option("--gap", mat::bench::g_compare_gap, "spectral-compare: training steps between probes");
+  app.add_option("--gap", mat::bench::g_compare_gap, "spectral-compare, output-kernel: training steps between probes");
+  app.add_option("--output-vocab", mat::bench::g_output_vocab, "output-kernel: vocabulary cap (the exact mNTK has V outputs per position)");
   app.add_option("--config", mat::bench::g_step_config,
                  "step, matmul-peak: the model/batch config, relative to --root");
   app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
@@ -623,6 +792,7 @@ int main(int argc, char** argv) {
            : name == "step"           ? mat::bench::Step(root, reps, result)
            : name == "matmul-peak"    ? mat::bench::MatmulPeak(root, reps, result)
            : name == "spectral-compare" ? mat::bench::SpectralCompare(root, reps, result)
+           : name == "output-kernel"  ? mat::bench::OutputKernel(root, reps, result)
                                       : mat::bench::SpectralCost(root, reps, result);
   if (rc != 0) return rc;
   result["threads"] = torch::get_num_threads();

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""bench/sweep and bench/verdict, shrunk to 20 steps a run: the sweep trains full and a
+two-setting grid (the gram and the output estimator, weights and detach backward) on one tuning
+seed and writes the chosen setting; the verdict trains the six modes (full, mat, rand replaying
+mat, frozen-random, inverse, multirate) on two seeds and writes results.json (every mode and
+seed, flops_to_full_best and steps_to_full_best keys, unigram_test_loss, verdict, paired
+differences) and table.md. Then --analyze-only rebuilds the same verdict from the kept runs.
+Runs in a temporary folder; the committed results are not touched.
+
+usage: check_verdict.py --source-dir DIR --mat-train BIN
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+SMALL = ["--set", "train.steps=20", "--set", "train.eval_every=10", "--set",
+         "policy.warmup_steps=5", "--set", "policy.probe_every=5", "--set",
+         "policy.probe_samples=2"]
+MODES = ["full", "mat", "rand", "frozen-random", "inverse", "multirate"]
+
+
+def run(cmd, cwd):
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--source-dir", required=True)
+    p.add_argument("--mat-train", required=True)
+    a = p.parse_args()
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="mat-check-verdict-") as work:
+        sweep_out, sweep_runs = os.path.join(work, "sweep"), os.path.join(work, "sweep-runs")
+        run([sys.executable, os.path.join(a.source_dir, "bench", "sweep"), "--quick",
+             "--seeds", "101", "--mat-train", a.mat_train, "--out", sweep_out,
+             "--runs", sweep_runs] + SMALL, a.source_dir)
+        with open(os.path.join(sweep_out, "chosen.json")) as f:
+            chosen = json.load(f)
+        if not chosen.get("setting") or chosen.get("tuning_seeds") != [101]:
+            problems.append(f"sweep: chosen.json is {chosen}")
+        with open(os.path.join(sweep_out, "grid.json")) as f:
+            grid = json.load(f)
+        if len(grid["grid"]) != 2 or any(g["val_loss_at_budget"] is None for g in grid["grid"]):
+            problems.append(f"sweep: grid.json scores {grid['grid']}")
+        r = subprocess.run([sys.executable, os.path.join(a.source_dir, "bench", "sweep"),
+                            "--seeds", "3", "--mat-train", a.mat_train, "--out",
+                            os.path.join(work, "x"), "--analyze-only", "--runs", sweep_runs],
+                           cwd=a.source_dir, capture_output=True, text=True)
+        if r.returncode == 0 or "disjoint" not in r.stderr:
+            problems.append("sweep accepted a final seed as a tuning seed")
+
+        out, runs = os.path.join(work, "verdict"), os.path.join(work, "verdict-runs")
+        run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+             "--seeds", "1,2", "--mat-train", a.mat_train, "--out", out, "--runs", runs] + SMALL,
+            a.source_dir)
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+        for key in ("unigram_test_loss", "verdict", "paired", "checks", "rows"):
+            if key not in res:
+                problems.append(f"verdict: results.json lacks {key}")
+        u = res.get("unigram_test_loss")
+        if not (isinstance(u, float) and math.isfinite(u) and u > 0):
+            problems.append(f"verdict: unigram_test_loss is {u}")
+        seen = {(w["mode"], w["seed"]) for w in res.get("rows", [])}
+        want = {(m, s) for m in MODES for s in (1, 2)}
+        if seen != want:
+            problems.append(f"verdict: rows for {sorted(seen)}, want {sorted(want)}")
+        for w in res.get("rows", []):
+            for key in ("flops_to_full_best", "steps_to_full_best", "test_metric", "best_val_loss"):
+                if key not in w:
+                    problems.append(f"verdict: row {w['mode']}-s{w['seed']} lacks {key}")
+        for pair in ("mat - rand", "mat - frozen-random", "mat - inverse", "mat - multirate"):
+            if pair not in res.get("paired", {}) or res["paired"][pair]["n"] != 2:
+                problems.append(f"verdict: no paired difference {pair} over 2 seeds")
+        with open(os.path.join(out, "table.md")) as f:
+            md = f.read()
+        for m in MODES:
+            if f"| {m} |" not in md:
+                problems.append(f"verdict: table.md has no {m} row")
+        if "Verdict:" not in md:
+            problems.append("verdict: table.md states no verdict")
+        # The same table from the kept runs alone.
+        again = os.path.join(work, "verdict-again")
+        run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+             "--seeds", "1,2", "--mat-train", a.mat_train, "--out", again, "--runs", runs,
+             "--analyze-only"], a.source_dir)
+        with open(os.path.join(again, "results.json")) as f:
+            res2 = json.load(f)
+        if res2["rows"] != res["rows"] or res2["verdict"] != res["verdict"]:
+            problems.append("verdict: --analyze-only gave another table from the same runs")
+    for line in problems:
+        print("FAIL:", line)
+    print(f"{0 if problems else 1} passed, {1 if problems else 0} failed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

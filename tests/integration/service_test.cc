@@ -4,7 +4,9 @@
 //   - a 2-worker MAT job succeeds; both ranks end with the same param_checksum; the masks the two
 //     ranks applied are identical step by step; masked-off modules' gradients were not sent;
 //   - a 1-worker job through the service gives exactly mat-train's losses and masks for the same
-//     config and seed (the service does not change the math);
+//     config and seed (the service does not change the math); so do jobs with the paper's
+//     policy (output estimator, Δ_1 at the first probe, no guard, detach, a capped vocabulary)
+//     for kinds mat, frozen-random and inverse;
 //   - a job whose dataset is missing fails with the worker's error naming data.dir;
 //   - a 2-worker VGG job on Fashion-MNIST (Debian's dataset-fashion-mnist) succeeds with equal
 //     parameters AND BatchNorm running statistics on both ranks (averaged over the ranks before
@@ -83,6 +85,46 @@ class ServiceTest : public testing_loopback::LoopbackTest {
     return r.out.substr(0, r.out.find('\n'));
   }
 
+  // One worker runs `yaml` as a job; mat-train runs the same config alone: the same losses at
+  // every evaluation and the same mask at every decision (the coordinator ran the same policy
+  // on the same reports). Returns the masks the rank applied.
+  std::vector<json> RunJobAgainstMatTrain(const std::string& yaml) {
+    const std::string job = SubmitAndWait(WriteJob("job.yaml", yaml), 240s);
+    EXPECT_FALSE(job.empty());
+
+    // The same config through mat-train (its YAML has no resources section).
+    std::string local = yaml;
+    local = local.substr(0, local.find("resources:"));
+    const std::string config = WriteJob("local.yaml", local);
+    const pid_t pid = Spawn({kMatTrain, "--config", config, "--out", root_ + "/local", "--no-progress"},
+                            root_ + "/local.out", root_ + "/local.err");
+    EXPECT_EQ(Wait(pid, 240s), 0) << ReadText(root_ + "/local.err");
+
+    const std::string rank0 = root_ + "/w1/jobs/" + job + "/rank0";
+    std::vector<json> service = ReadJsonLines(rank0 + "/metrics.jsonl");
+    std::vector<json> alone = ReadJsonLines(root_ + "/local/metrics.jsonl");
+    EXPECT_EQ(service.size(), 2u) << Logs();
+    EXPECT_EQ(alone.size(), service.size());
+    for (size_t i = 0; i < alone.size() && i < service.size(); ++i) {
+      for (const char* key : {"step", "train_loss", "val_loss", "test_loss"}) {
+        EXPECT_EQ(service[i].value(key, json()), alone[i].value(key, json()))
+            << key << " at evaluation " << i;
+      }
+    }
+    std::vector<json> masks = ReadJsonLines(rank0 + "/masks.jsonl");
+    std::vector<json> decisions = ReadJsonLines(root_ + "/local/decisions.jsonl");
+    EXPECT_EQ(masks.size(), decisions.size());
+    EXPECT_FALSE(masks.empty());
+    for (size_t i = 0; i < masks.size() && i < decisions.size(); ++i) {
+      EXPECT_EQ(masks[i]["step"], decisions[i]["step"]);
+      json local_mask = json::array();
+      for (const json& m : decisions[i]["modules"]) local_mask.push_back(m["active"].get<bool>() ? 1 : 0);
+      EXPECT_EQ(masks[i]["every_step"], local_mask) << "step " << masks[i]["step"];
+    }
+    EXPECT_EQ(ReadText(rank0 + "/summary.json").empty(), false);
+    return masks;
+  }
+
   std::string Logs() {
     std::string out = "coordinator:\n" + ReadText(coordinator_log_ + ".err");
     for (const char* w : {"w1", "w2"}) out += std::string("\n") + w + ":\n" + ReadText(root_ + "/" + w + ".err");
@@ -133,39 +175,42 @@ TEST_F(ServiceTest, TwoWorkersTrainOneMatJobWithIdenticalMasksAndEqualParameters
 TEST_F(ServiceTest, OneWorkerJobGivesExactlyTheLossesAndMasksOfMatTrain) {
   StartCoordinator();
   StartWorker("w1");
-  const std::string job = SubmitAndWait(WriteJob("job.yaml", JobYaml(1, 40)), 240s);
-  ASSERT_FALSE(job.empty());
-
-  // The same config through mat-train (its YAML has no resources section).
-  std::string local = JobYaml(1, 40);
-  local = local.substr(0, local.find("resources:"));
-  const std::string config = WriteJob("local.yaml", local);
-  const pid_t pid = Spawn({kMatTrain, "--config", config, "--out", root_ + "/local", "--no-progress"},
-                          root_ + "/local.out", root_ + "/local.err");
-  ASSERT_EQ(Wait(pid, 240s), 0) << ReadText(root_ + "/local.err");
-
-  const std::string rank0 = root_ + "/w1/jobs/" + job + "/rank0";
-  std::vector<json> service = ReadJsonLines(rank0 + "/metrics.jsonl");
-  std::vector<json> alone = ReadJsonLines(root_ + "/local/metrics.jsonl");
-  ASSERT_EQ(service.size(), 2u) << Logs();
-  ASSERT_EQ(alone.size(), service.size());
-  for (size_t i = 0; i < alone.size(); ++i) {
-    for (const char* key : {"step", "train_loss", "val_loss", "test_loss"}) {
-      EXPECT_EQ(service[i].value(key, json()), alone[i].value(key, json()))
-          << key << " at evaluation " << i;
-    }
-  }
-  std::vector<json> masks = ReadJsonLines(rank0 + "/masks.jsonl");
-  std::vector<json> decisions = ReadJsonLines(root_ + "/local/decisions.jsonl");
-  ASSERT_EQ(masks.size(), decisions.size());
-  for (size_t i = 0; i < masks.size(); ++i) {
-    EXPECT_EQ(masks[i]["step"], decisions[i]["step"]);
-    json local_mask = json::array();
-    for (const json& m : decisions[i]["modules"]) local_mask.push_back(m["active"].get<bool>() ? 1 : 0);
-    EXPECT_EQ(masks[i]["every_step"], local_mask) << "step " << masks[i]["step"];
-  }
-  EXPECT_EQ(ReadText(rank0 + "/summary.json").empty(), false);
+  RunJobAgainstMatTrain(JobYaml(1, 40));
 }
+
+// The paper's policy and the controls through the service (issue 20): the output-kernel
+// estimator, the temporal policy with Δ_1 at the first probe, no guard, detached masked modules,
+// a capped vocabulary, and each control kind; the coordinator decides as mat-train does.
+class ServicePolicyTest : public ServiceTest, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(ServicePolicyTest, JobGivesExactlyTheLossesAndMasksOfMatTrain) {
+  StartCoordinator();
+  StartWorker("w1");
+  std::string yaml = JobYaml(1, 40);
+  const size_t from = yaml.find("policy: {"), to = yaml.find("}\n", from);
+  ASSERT_NE(to, std::string::npos);
+  yaml.replace(from, to + 2 - from,
+               "policy: {kind: " + GetParam() + ", alpha: 0.5, beta: 0.2, gamma: 0.5,"
+               " delta1: first-probe, patience: 1, warmup_steps: 10, probe_every: 10,"
+               " probe_samples: 2, estimator: output, probe_projections: 2, probe_positions: 2,"
+               " backward: detach, min_active_fraction: 0}\n");
+  const std::string data = "seq_len: 32}";
+  ASSERT_NE(yaml.find(data), std::string::npos);
+  yaml.replace(yaml.find(data), data.size(), "seq_len: 32, vocab_size: 512}");
+  const std::vector<json> masks = RunJobAgainstMatTrain(yaml);
+  bool some_module_off = false;
+  for (const json& m : masks) {
+    for (int bit : m["every_step"]) some_module_off |= bit == 0;
+  }
+  EXPECT_TRUE(some_module_off) << "the policy never switched a module off; the test checks less";
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, ServicePolicyTest,
+                         ::testing::Values("mat", "frozen-random", "inverse"),
+                         [](const auto& info) {
+                           return info.param == "frozen-random" ? std::string("frozen_random")
+                                                                : info.param;
+                         });
 
 TEST_F(ServiceTest, AMissingDatasetFailsTheJobWithTheWorkersError) {
   StartCoordinator();

@@ -1,8 +1,9 @@
 // mat-bench: micro-benchmarks of the one-process trainer. `bench/run NAME` calls this.
 //
 //   masked-backward  backward (and whole-step) time with 100 %, 50 %, 25 % of heads active, on
-//                    the tiny and the default BERT; configurations interleaved round-robin in one
-//                    process, median of the repeats, ratios to 100 %.
+//                    the tiny and the default BERT, in both backward modes (weights, detach);
+//                    configurations interleaved round-robin in one process, median of the
+//                    repeats, ratios to the weights mode at 100 %.
 //   spectral-cost    the gram probe's cost as a fraction of training time at the default
 //                    settings (probe_samples every probe_every steps), probe and steps measured
 //                    side by side on the real data.
@@ -99,19 +100,31 @@ std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
   return m;
 }
 
+// Both backward modes (policy.backward) side by side: `weights` (a masked head still passes
+// activation gradients) and `detach` (it is a constant in the backward), same weights, same
+// batch, configurations interleaved; ratios to the weights mode at 100 %.
 nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainConfig& tc, int reps) {
   worker::BertConfig c = worker::MakeBertConfig(tc, 33279);  // WikiText-2 + [MASK]
-  torch::manual_seed(0);
   const torch::Device dev(g_device);
-  worker::BertMlm model(c);
-  model->to(dev);
-  model->train();
+  std::vector<worker::BertMlm> models;
+  for (bool detach : {false, true}) {
+    worker::BertConfig mc = c;
+    mc.detach_masked = detach;
+    torch::manual_seed(0);  // the same initial weights
+    worker::BertMlm model(mc);
+    model->to(dev);
+    model->train();
+    models.push_back(model);
+  }
   const int64_t B = tc.train.batch_size, T = tc.data.seq_len;
   torch::Tensor ids, positions, labels;
   std::tie(ids, positions, labels) = RandomMlmBatch(c, B, T, dev);
   const std::vector<double> fractions = {1.0, 0.5, 0.25};
-  std::vector<std::vector<double>> bwd(fractions.size()), step(fractions.size());
-  auto run = [&](size_t k) {
+  // [mode][fraction]
+  std::vector<std::vector<std::vector<double>>> bwd(2, std::vector<std::vector<double>>(fractions.size())),
+      step = bwd;
+  auto run = [&](size_t mode, size_t k) {
+    worker::BertMlm& model = models[mode];
     model->SetMask(HeadMask(c, fractions[k]));
     Sync(dev);
     auto t0 = Clock::now();
@@ -122,18 +135,21 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
     Sync(dev);
     auto t2 = Clock::now();
     for (auto& p : model->parameters()) p.mutable_grad().reset();
-    bwd[k].push_back(Seconds(t1, t2));
-    step[k].push_back(Seconds(t0, t2));
+    bwd[mode][k].push_back(Seconds(t1, t2));
+    step[mode][k].push_back(Seconds(t0, t2));
   };
-  for (size_t k = 0; k < fractions.size(); ++k) run(k);  // warm-up, discarded
-  for (auto& v : bwd) v.clear();
-  for (auto& v : step) v.clear();
+  for (size_t mode = 0; mode < 2; ++mode)
+    for (size_t k = 0; k < fractions.size(); ++k) run(mode, k);  // warm-up, discarded
+  for (auto* v : {&bwd, &step})
+    for (auto& per_mode : *v)
+      for (auto& x : per_mode) x.clear();
   for (int r = 0; r < reps; ++r)
-    for (size_t k = 0; k < fractions.size(); ++k) run(k);
+    for (size_t k = 0; k < fractions.size(); ++k)
+      for (size_t mode = 0; mode < 2; ++mode) run(mode, k);
 #ifdef MAT_BENCH_PROFILE
   if (!g_profile_path.empty()) {
     torch::autograd::profiler::RecordProfile guard(g_profile_path + "." + name + ".json");
-    run(0);
+    run(0, 0);
   }
 #endif
   nlohmann::json out = {{"model", name}, {"device", g_device}, {"layers", c.layers}, {"d_model", c.d_model},
@@ -143,14 +159,19 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
     auto f = worker::BertStepFlops(c, B, T, M, {});
     return f.activation_grad + f.weight_grad;
   }();
-  for (size_t k = 0; k < fractions.size(); ++k) {
-    auto f = worker::BertStepFlops(c, B, T, M, HeadMask(c, fractions[k]));
-    std::string tag = std::to_string(int(fractions[k] * 100));
-    out["backward_seconds_" + tag] = Median(bwd[k]);
-    out["fwd_bwd_seconds_" + tag] = Median(step[k]);
-    out["ratio_" + tag] = Median(bwd[k]) / Median(bwd[0]);
-    out["fwd_bwd_ratio_" + tag] = Median(step[k]) / Median(step[0]);
-    out["flop_ratio_backward_" + tag] = (f.activation_grad + f.weight_grad) / full_bwd_flops;
+  for (size_t mode = 0; mode < 2; ++mode) {
+    worker::BertConfig mc = c;
+    mc.detach_masked = mode == 1;
+    const std::string prefix = mode == 1 ? "detach_" : "";
+    for (size_t k = 0; k < fractions.size(); ++k) {
+      auto f = worker::BertStepFlops(mc, B, T, M, HeadMask(c, fractions[k]));
+      std::string tag = std::to_string(int(fractions[k] * 100));
+      out[prefix + "backward_seconds_" + tag] = Median(bwd[mode][k]);
+      out[prefix + "fwd_bwd_seconds_" + tag] = Median(step[mode][k]);
+      out[prefix + "ratio_" + tag] = Median(bwd[mode][k]) / Median(bwd[0][0]);
+      out[prefix + "fwd_bwd_ratio_" + tag] = Median(step[mode][k]) / Median(step[0][0]);
+      out[prefix + "flop_ratio_backward_" + tag] = (f.activation_grad + f.weight_grad) / full_bwd_flops;
+    }
   }
   return out;
 }
@@ -172,15 +193,19 @@ int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
   nlohmann::json tiny_r = MaskedBackwardFor("tiny", *tiny, reps);
   nlohmann::json def_r = MaskedBackwardFor("default", *def, reps);
   result = {{"benchmark", "masked-backward"}, {"tiny", tiny_r}, {"default", def_r},
-            {"ratio_50", def_r["ratio_50"]}, {"ratio_25", def_r["ratio_25"]}};
-  std::printf("%-8s %-6s %12s %10s %12s %14s\n", "model", "heads", "backward_s", "ratio", "flop_ratio", "fwd+bwd ratio");
+            {"ratio_50", def_r["ratio_50"]}, {"ratio_25", def_r["ratio_25"]},
+            {"detach_ratio_50", def_r["detach_ratio_50"]}, {"detach_ratio_25", def_r["detach_ratio_25"]}};
+  std::printf("%-8s %-8s %-6s %12s %10s %12s %14s\n", "model", "backward", "heads", "backward_s", "ratio", "flop_ratio", "fwd+bwd ratio");
   for (const auto* r : {&tiny_r, &def_r}) {
-    for (const char* tag : {"100", "50", "25"}) {
-      std::printf("%-8s %5s%% %12.4f %10.3f %12.3f %14.3f\n", (*r)["model"].get<std::string>().c_str(), tag,
-                  (*r)[std::string("backward_seconds_") + tag].get<double>(),
-                  (*r)[std::string("ratio_") + tag].get<double>(),
-                  (*r)[std::string("flop_ratio_backward_") + tag].get<double>(),
-                  (*r)[std::string("fwd_bwd_ratio_") + tag].get<double>());
+    for (const std::string prefix : {"", "detach_"}) {
+      for (const char* tag : {"100", "50", "25"}) {
+        std::printf("%-8s %-8s %5s%% %12.4f %10.3f %12.3f %14.3f\n", (*r)["model"].get<std::string>().c_str(),
+                    prefix.empty() ? "weights" : "detach", tag,
+                    (*r)[prefix + "backward_seconds_" + tag].get<double>(),
+                    (*r)[prefix + "ratio_" + tag].get<double>(),
+                    (*r)[prefix + "flop_ratio_backward_" + tag].get<double>(),
+                    (*r)[prefix + "fwd_bwd_ratio_" + tag].get<double>());
+      }
     }
   }
   return 0;

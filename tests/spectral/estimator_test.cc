@@ -181,6 +181,42 @@ TEST(EstimatorTest, GramRejectsMalformedScaleShiftSites) {
   }
 }
 
+// One float64 BERT encoder layer of width 8 (2 heads, 2 FFN slices, no dropout) and its 4
+// modules: heads (Q, K, V rows with biases, W_O columns), then FFN slices.
+struct AttentionBlock {
+  worker::BertLayer layer{nullptr};
+  ModulePartition partition;
+};
+
+AttentionBlock MakeAttentionBlock(bool pre_ln) {
+  worker::BertConfig c;
+  c.d_model = 8;
+  c.heads = 2;
+  c.d_ff = 16;
+  c.ffn_groups = 2;
+  c.dropout = 0;
+  c.pre_ln = pre_ln;
+  AttentionBlock b;
+  b.layer = worker::BertLayer(c, 0);
+  auto& layer = b.layer;
+  auto& p = b.partition;
+  layer->to(torch::kFloat64);
+  for (int h = 0; h < 2; ++h) {
+    ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
+    for (int k = 0; k < 3; ++k) {
+      m.params.push_back(layer->qkv_w[h][k]);
+      m.params.push_back(layer->qkv_b[h][k]);
+    }
+    m.params.push_back(layer->o_w[h]);
+    p.modules.push_back(m);
+  }
+  for (int g = 0; g < 2; ++g) {
+    p.modules.push_back({"ffn", 0, g, "ffn" + std::to_string(g),
+                         {layer->ff1_w[g][0], layer->ff1_b[g][0], layer->ff2_w[g]}});
+  }
+  return b;
+}
+
 // ---- output: the paper's mNTK by per-sample gradients of the outputs, against brute force ----
 
 // Relative agreement of two estimates of the same kernel, at `tol`.
@@ -236,28 +272,9 @@ TEST(OutputEstimatorTest, MatchesClosedFormOfLinearModel) {
 // output [T, d] (every sample's outputs depend on that sample only).
 TEST(OutputEstimatorTest, MatchesBruteForceOnAnAttentionBlock) {
   torch::manual_seed(5);
-  worker::BertConfig c;
-  c.d_model = 8;
-  c.heads = 2;
-  c.d_ff = 16;
-  c.ffn_groups = 2;
-  c.dropout = 0;
-  worker::BertLayer layer(c, 0);
-  layer->to(torch::kFloat64);
-  ModulePartition p;
-  for (int h = 0; h < 2; ++h) {
-    ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
-    for (int k = 0; k < 3; ++k) {
-      m.params.push_back(layer->qkv_w[h][k]);
-      m.params.push_back(layer->qkv_b[h][k]);
-    }
-    m.params.push_back(layer->o_w[h]);
-    p.modules.push_back(m);
-  }
-  for (int g = 0; g < 2; ++g) {
-    p.modules.push_back({"ffn", 0, g, "ffn" + std::to_string(g),
-                         {layer->ff1_w[g][0], layer->ff1_b[g][0], layer->ff2_w[g]}});
-  }
+  AttentionBlock b = MakeAttentionBlock(false);
+  auto& layer = b.layer;
+  const ModulePartition& p = b.partition;
   const int64_t n = 4, T = 3, q = 3;
   torch::Tensor x = torch::randn({n, T, 8}, torch::kFloat64);
   torch::Tensor proj = torch::randn({T * 8, q}, torch::kFloat64);
@@ -300,29 +317,9 @@ class AttentionBlockTest : public ::testing::TestWithParam<bool> {};
 
 TEST_P(AttentionBlockTest, GramMatchesExact) {
   torch::manual_seed(2);
-  worker::BertConfig c;
-  c.d_model = 8;
-  c.heads = 2;
-  c.d_ff = 16;
-  c.ffn_groups = 2;
-  c.dropout = 0;
-  c.pre_ln = GetParam();
-  worker::BertLayer layer(c, 0);
-  layer->to(torch::kFloat64);
-  ModulePartition p;
-  for (int h = 0; h < 2; ++h) {
-    ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
-    for (int k = 0; k < 3; ++k) {
-      m.params.push_back(layer->qkv_w[h][k]);
-      m.params.push_back(layer->qkv_b[h][k]);
-    }
-    m.params.push_back(layer->o_w[h]);
-    p.modules.push_back(m);
-  }
-  for (int g = 0; g < 2; ++g) {
-    p.modules.push_back({"ffn", 0, g, "ffn" + std::to_string(g),
-                         {layer->ff1_w[g][0], layer->ff1_b[g][0], layer->ff2_w[g]}});
-  }
+  AttentionBlock b = MakeAttentionBlock(GetParam());
+  auto& layer = b.layer;
+  const ModulePartition& p = b.partition;
   // Random biases so every term of the per-sample gradient is exercised.
   {
     torch::NoGradGuard g;

@@ -31,44 +31,37 @@ struct ToyMlp {
     b2 = Leaf({3});
   }
 
-  // Per-sample squared loss against `target` [n, 3]; with `record`, the two linear sites the
-  // gram estimator needs.
-  ProbeBatch LossProbe(const torch::Tensor& x, const torch::Tensor& target, bool record) {
-    SiteRecorder rec;
+  // The forward x [n, 5] -> y [n, 3]; with `record`, the two linear sites the per-sample-gradient
+  // estimators need (gram, output) into `rec`.
+  torch::Tensor Forward(const torch::Tensor& x, SiteRecorder* rec) {
     torch::Tensor pre = torch::nn::functional::linear(x, torch::cat(w1, 0), torch::cat(b1, 0));
     torch::Tensor h = torch::tanh(pre);
     torch::Tensor lin = torch::nn::functional::linear(h, torch::cat(w2, 1));
-    if (record) {
+    if (rec != nullptr) {
       LinearSite s1{x, pre, {}}, s2{h, lin, {}};
       for (int g = 0; g < 3; ++g) {
         s1.slices.push_back({g, SliceAxis::kRows, 2 * g, 2 * g + 2, true});
         s2.slices.push_back({g, SliceAxis::kCols, 2 * g, 2 * g + 2, false});
       }
-      rec.Record(s1);
-      rec.Record(s2);
+      rec->Record(s1);
+      rec->Record(s2);
     }
-    torch::Tensor y = lin + b2;
+    return lin + b2;
+  }
+
+  // Per-sample squared loss against `target` [n, 3]; with `record`, the sites.
+  ProbeBatch LossProbe(const torch::Tensor& x, const torch::Tensor& target, bool record) {
+    SiteRecorder rec;
+    torch::Tensor y = Forward(x, record ? &rec : nullptr);
     return {0.5 * (y - target).pow(2).sum(1), rec.Take(), {}};
   }
 
-  // Outputs y [n, 3] (q = 3, d = 3n) and losses ½|y|², with the two linear sites when `record`
-  // (the output estimator needs them; exact-output ignores them).
+  // Outputs y [n, 3] (q = 3, d = 3n) and losses ½|y|², with the sites when `record` (the output
+  // estimator needs them; exact-output ignores them).
   ProbeBatch OutputSiteProbe(const torch::Tensor& x, bool record) {
     SiteRecorder rec;
-    torch::Tensor pre = torch::nn::functional::linear(x, torch::cat(w1, 0), torch::cat(b1, 0));
-    torch::Tensor h = torch::tanh(pre);
-    torch::Tensor lin = torch::nn::functional::linear(h, torch::cat(w2, 1));
-    if (record) {
-      LinearSite s1{x, pre, {}}, s2{h, lin, {}};
-      for (int g = 0; g < 3; ++g) {
-        s1.slices.push_back({g, SliceAxis::kRows, 2 * g, 2 * g + 2, true});
-        s2.slices.push_back({g, SliceAxis::kCols, 2 * g, 2 * g + 2, false});
-      }
-      rec.Record(s1);
-      rec.Record(s2);
-    }
     ProbeBatch b;
-    b.outputs = lin + b2;
+    b.outputs = Forward(x, record ? &rec : nullptr);
     b.losses = 0.5 * b.outputs.pow(2).sum(1);
     b.sites = rec.Take();
     return b;

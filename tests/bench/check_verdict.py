@@ -49,6 +49,13 @@ def main():
             grid = json.load(f)
         if len(grid["grid"]) != 2 or any(g["val_loss_at_budget"] is None for g in grid["grid"]):
             problems.append(f"sweep: grid.json scores {grid['grid']}")
+        # Tuning seed 102 was not trained: the grid is incomplete and nothing is chosen.
+        partial = os.path.join(work, "sweep-partial")
+        run([sys.executable, os.path.join(a.source_dir, "bench", "sweep"), "--quick",
+             "--seeds", "101,102", "--out", partial, "--runs", sweep_runs, "--analyze-only"],
+            a.source_dir)
+        if os.path.exists(os.path.join(partial, "chosen.json")):
+            problems.append("sweep: an incomplete grid wrote chosen.json")
         r = subprocess.run([sys.executable, os.path.join(a.source_dir, "bench", "sweep"),
                             "--seeds", "3", "--mat-train", a.mat_train, "--out",
                             os.path.join(work, "x"), "--analyze-only", "--runs", sweep_runs],

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The folder the CUDA scripts (check.sh, repro.sh, verdict.sh) take as DEPS_DIR: the Debian 12
+# .deb files they extract into a private prefix on the device machine (which has PyTorch, CUDA,
+# protobuf, Boost, spdlog and GoogleTest headers but not these versions or libraries), and a copy
+# of the WikiText-2 corpus (the ../shared beside the checkout does not travel). About 7 MB.
+#
+#   bench/gpu/deps.sh [DIR]   (default .gpudeps, ignored by git; name it in the device call's carry)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+dir=${1:-.gpudeps}
+mkdir -p "$dir"
+pkgs="libabsl-dev libabsl20220623 libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 libyaml-cpp-dev
+  libyaml-cpp0.7 libcli11-dev nlohmann-json3-dev liblzma-dev libgtest-dev libgmock-dev"
+# shellcheck disable=SC2086
+(cd "$dir" && apt-get download $pkgs)
+rm -rf "$dir/wikitext-2" && cp -r ../shared/data/wikitext-2 "$dir/wikitext-2"
+du -sh "$dir"

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The verdict's final runs (bench/verdict: six modes x seeds 1-5 with the setting committed in
+# bench/results/verdict/criteria.json) on a CUDA machine (Ubuntu 24.04 + pip PyTorch, no gRPC or
+# SQLite; see check.sh): builds mat-train against PyTorch's LibTorch (-DMAT_WITH_SERVICE=OFF),
+# checks every policy kind for a few steps on the GPU, then trains the table several runs at
+# once with train.device=cuda (fp32), seed by seed, so that a time limit leaves whole seeds.
+# CUDA's MPS daemon is started where it works, so that the small runs' kernels share the GPU
+# instead of taking turns.
+#
+#   bench/gpu/verdict.sh DEPS_DIR OUT_DIR [SECONDS [JOBS]]   (runs' limit, default 480 s; 10 at once)
+#     DEPS_DIR: bench/gpu/deps.sh's folder (.gpudeps).
+#     OUT_DIR:  machine.txt, build.log, smoke.log, verdict.log, runs.tar.xz (every finished run's
+#               summary.json, metrics.jsonl, decisions.jsonl, mat-train.log), verdict/table.md
+#               and verdict/results.json where all 30 runs finished. Elsewhere:
+#               tar -xJf runs.tar.xz -C DIR; bench/verdict --analyze-only --runs DIR.
+set -euo pipefail
+deps_dir=$(readlink -f "${1:?deps dir}")
+out=$(readlink -f "${2:?out dir}")
+seconds=${3:-480}
+jobs=${4:-10}
+cd "$(dirname "$0")/../.."
+mkdir -p "$out"
+criteria=bench/results/verdict/criteria.json
+python3 -c "import json,sys; sys.exit(json.load(open('$criteria'))['setting'] is None)" \
+  || { echo "$criteria: the setting is null (bench/sweep first)"; exit 1; }
+prefix=/tmp/mat-gpu-deps
+rm -rf "$prefix" && mkdir -p "$prefix"
+for f in "$deps_dir"/*.deb; do dpkg -x "$f" "$prefix"; done
+export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  nproc
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+} | tee "$out/machine.txt"
+
+start=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAT_WITH_SERVICE=OFF \
+  -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr" -DMAT_SHARED_DIR="$deps_dir/.." \
+  > "$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; exit 1; }
+ninja -C build-gpu -j "$(nproc)" mat-train >> "$out/build.log" 2>&1 \
+  || { grep -E -A3 "error" "$out/build.log" | head -n 60; exit 1; }
+echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
+
+mps=off
+if command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d 2>> "$out/machine.txt"; then
+  if timeout 60 python3 -c 'import torch; print(torch.ones(4, device="cuda").sum().item())' \
+      >> "$out/machine.txt" 2>&1; then
+    mps=on
+  else
+    echo quit | nvidia-cuda-mps-control || true
+  fi
+fi
+echo "mps: $mps" | tee -a "$out/machine.txt"
+
+# Every policy kind for 100 steps on the GPU (probes from step 20), at once: a CUDA failure shows
+# here, before the table's runs.
+mapfile -t setting < <(python3 -c "
+import json
+for s in json.load(open('$criteria'))['setting']: print('--set'); print(s)")
+common=(--config examples/bert-wikitext2-verdict.yaml "${setting[@]}" --set train.device=cuda
+  --set "data.dir=$deps_dir/wikitext-2" --set train.threads=1 --no-progress --log-level warn)
+smoke=(--set train.steps=100 --set train.eval_every=50 --set train.eval_batches=2
+  --set policy.warmup_steps=20)
+pids=()
+for kind in full mat frozen-random inverse multirate; do
+  timeout 120 build-gpu/bin/mat-train "${common[@]}" "${smoke[@]}" --set policy.kind=$kind \
+    --out "/tmp/mat-smoke-$kind" > "/tmp/mat-smoke-$kind.log" 2>&1 &
+  pids+=($!)
+done
+ok=1
+for i in "${!pids[@]}"; do wait "${pids[$i]}" || ok=0; done
+for kind in full mat frozen-random inverse multirate; do
+  { echo "== $kind"; tail -n 5 "/tmp/mat-smoke-$kind.log"
+    python3 -c "import json; s=json.load(open('/tmp/mat-smoke-$kind/summary.json')); print('smoke $kind: device', s['device'], 'best val', round(s['best_val_loss'], 3), 'active', round(s['mean_active_fraction'], 3), 'wall', round(s['wall_seconds'], 1))" 2>&1; } >> "$out/smoke.log"
+done
+cat "$out/smoke.log"
+[ "$ok" = 1 ] || { echo "smoke failed"; exit 1; }
+echo "smoke: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
+
+runs=/tmp/mat-verdict-runs
+mkdir -p "$runs"
+pack() {
+  (cd "$runs" && find . -maxdepth 2 \( -name summary.json -o -name metrics.jsonl \
+     -o -name decisions.jsonl -o -name mat-train.log \) -print0 \
+     | tar --null -T - -cJf "$out/runs.tar.xz")
+  echo "runs finished: $(find "$runs" -name summary.json | wc -l) of 30; total $(( $(date +%s) - start )) s" \
+    | tee -a "$out/machine.txt"
+}
+trap pack EXIT
+set +e
+PYTHONUNBUFFERED=1 timeout "$seconds" python3 bench/verdict --criteria "$criteria" \
+  --mat-train build-gpu/bin/mat-train --set train.device=cuda --set "data.dir=$deps_dir/wikitext-2" \
+  --jobs "$jobs" --runs "$runs" --out "$out/verdict" > "$out/verdict.log" 2>&1
+echo "verdict rc $?" | tee -a "$out/machine.txt"
+tail -n 20 "$out/verdict.log"

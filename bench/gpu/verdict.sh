@@ -7,7 +7,8 @@
 # CUDA's MPS daemon is started where it works, so that the small runs' kernels share the GPU
 # instead of taking turns.
 #
-#   bench/gpu/verdict.sh DEPS_DIR OUT_DIR [SECONDS [JOBS]]   (runs' limit, default 480 s; 10 at once)
+#   bench/gpu/verdict.sh DEPS_DIR OUT_DIR [SECONDS [JOBS]]   (runs' limit, default 480 s; JOBS
+#                                                            default 15 at once with MPS, 8 without)
 #     DEPS_DIR: bench/gpu/deps.sh's folder (.gpudeps).
 #     OUT_DIR:  machine.txt, build.log, smoke.log, verdict.log, runs.tar.xz (every finished run's
 #               summary.json, metrics.jsonl, decisions.jsonl, mat-train.log), verdict/table.md
@@ -17,7 +18,7 @@ set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")
 seconds=${3:-480}
-jobs=${4:-10}
+jobs=${4:-auto}  # auto: 15 at once with MPS, 8 without
 cd "$(dirname "$0")/../.."
 mkdir -p "$out"
 criteria=bench/results/verdict/criteria.json
@@ -52,7 +53,8 @@ if command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d 
     echo quit | nvidia-cuda-mps-control || true
   fi
 fi
-echo "mps: $mps" | tee -a "$out/machine.txt"
+[ "$jobs" = auto ] && { [ "$mps" = on ] && jobs=15 || jobs=8; }
+echo "mps: $mps; $jobs runs at once" | tee -a "$out/machine.txt"
 
 # Every policy kind for 100 steps on the GPU (probes from step 20), at once: a CUDA failure shows
 # here, before the table's runs.

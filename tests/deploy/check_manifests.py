@@ -9,7 +9,8 @@
   Grafana mounts the provisioning and the dashboards where the provider looks;
 - prometheus/prometheus.yml passes `promtool check config` and sets honor_labels on every MAT job;
   prometheus-kubernetes.yml too where promtool knows kubernetes_sd_configs (Debian's does not:
-  then YAML and honor_labels only);
+  then YAML and honor_labels only); both load alerts.yml (rule_files, resolved beside the file),
+  and compose.yaml mounts every rule file beside prometheus.yml;
 - Grafana provisioning: a Prometheus datasource with uid "prometheus", a file provider;
 - k8s/: apiVersion, kind, metadata.name and namespace mat on every object; selectors match
   the pod labels; Service targetPorts and prometheus.io/port annotations name container ports;
@@ -143,6 +144,32 @@ def check_prometheus(deploy, compose, promtool):
                 fail(f"{path}: scrape job {j.get('job_name')} lacks honor_labels: true")
         if not any(j.get("job_name", "").startswith("mat") for j in jobs):
             fail(f"{path}: no MAT scrape job")
+        # promtool and Prometheus take a rule_files pattern that matches nothing silently.
+        rule_files = docs[0].get("rule_files") or []
+        if "alerts.yml" not in [os.path.basename(str(r)) for r in rule_files]:
+            fail(f"{path}: rule_files does not load alerts.yml")
+        for r in rule_files:
+            if not glob.glob(os.path.join(os.path.dirname(path), str(r))):
+                fail(f"{path}: rule_files entry {r} matches no file beside it")
+        if fname == "prometheus.yml" and compose:
+            mounts = {}
+            for v in compose["services"].get("prometheus", {}).get("volumes", []):
+                parts = str(v).split(":")
+                if len(parts) >= 2:
+                    mounts[parts[1]] = parts[0]
+            config_dir = None
+            for target, source in mounts.items():
+                if os.path.normpath(source) == os.path.normpath("./prometheus/prometheus.yml"):
+                    config_dir = os.path.dirname(target)
+            if config_dir is None:
+                fail("compose.yaml: prometheus does not mount ./prometheus/prometheus.yml")
+            else:
+                for r in rule_files:
+                    want = os.path.normpath(os.path.join("./prometheus", str(r)))
+                    got = mounts.get(os.path.join(config_dir, str(r)))
+                    if got is None or os.path.normpath(got) != want:
+                        fail(f"compose.yaml: prometheus does not mount {want} at "
+                             f"{os.path.join(config_dir, str(r))} (prometheus.yml's rule_files)")
         if promtool is None:
             fail("promtool not found: install the Debian package prometheus")
             continue

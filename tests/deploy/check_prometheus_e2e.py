@@ -6,7 +6,8 @@
 
 Starts mat-coordinator and two mat-workers on loopback and a Prometheus (the Debian package's
 server, a temporary TSDB) whose configuration is deploy/prometheus/prometheus.yml with only the
-targets and the scrape interval replaced (so its honor_labels semantics are what is tested). Runs a
+targets and the scrape interval replaced and its rule_files made absolute (so its honor_labels
+semantics are what is tested, and the server loads alerts.yml). Runs a
 small 2-rank MAT job and then the same job with policy.kind=full as the baseline, waits for a few
 scrapes, then:
 - label_values(mat_job_step, job) as the dashboards' `job` variable asks for it
@@ -122,6 +123,10 @@ def prometheus_config(source_dir, coordinator, workers):
     if len(jobs) != 2:
         raise RuntimeError("deploy/prometheus/prometheus.yml lacks the mat-coordinator or mat-worker job")
     cfg["scrape_configs"] = jobs
+    # rule_files are relative to prometheus.yml (alerts.yml): the copy in a temporary folder
+    # loads them from deploy/prometheus/, so the server refuses to start on a broken rule.
+    cfg["rule_files"] = [os.path.join(source_dir, "deploy/prometheus", r)
+                         for r in cfg.get("rule_files") or []]
     return cfg
 
 

@@ -6,6 +6,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <future>
+#include <memory>
 #include <utility>
 
 #include <boost/asio/post.hpp>
@@ -50,6 +52,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> CoordinatorDaemon::Start(
 
 absl::Status CoordinatorDaemon::StartImpl() {
   MAT_ASSIGN_OR_RETURN(const auto grpc_host_port, ParseHostPort(config_.listen_address));
+  if (config_.health_timeout_ms < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("health timeout must be >= 1 ms, got ", config_.health_timeout_ms));
+  }
   if (config_.heartbeat_interval_ms < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "heartbeat interval must be >= 1 ms, got ", config_.heartbeat_interval_ms));
@@ -168,13 +174,11 @@ absl::Status CoordinatorDaemon::StartImpl() {
         http_, HttpServer::Start(
                    config_.metrics_listen_address,
                    [this](const std::string& target) {
-                     // The HTTP thread: only the registry (its own mutex), never the Coordinator.
+                     // The HTTP thread: the registry (its own mutex) and Health, never the
+                     // Coordinator itself.
                      if (target == "/metrics") return metrics::MetricsResponse(metrics_.registry);
-                     if (target == "/healthz") return HttpResponse{200, "text/plain", "ok\n"};
-                     if (target == "/readyz") {
-                       return ready_.load() ? HttpResponse{200, "text/plain", "ready\n"}
-                                            : HttpResponse{503, "text/plain", "not ready\n"};
-                     }
+                     if (target == "/healthz") return Health(false);
+                     if (target == "/readyz") return Health(true);
                      return HttpResponse{404, "text/plain", "not found\n"};
                    },
                    config_.http_request_timeout_seconds));
@@ -211,6 +215,30 @@ void CoordinatorDaemon::ScheduleMetricsRefresh() {
     coordinator_->RefreshMetrics();
     ScheduleMetricsRefresh();
   });
+}
+
+HttpResponse CoordinatorDaemon::Health(bool readiness) {
+  if (readiness && !ready_.load()) return HttpResponse{503, "text/plain", "not ready\n"};
+  // The check runs on the loop; a loop that never runs it (hung, or stopped) leaves the future
+  // unanswered (or broken) and the deadline answers.
+  auto answer = std::make_shared<std::promise<absl::Status>>();
+  std::future<absl::Status> result = answer->get_future();
+  boost::asio::post(loop_, [this, answer] { answer->set_value(coordinator_->store().CheckFile()); });
+  absl::Status status = absl::DeadlineExceededError(
+      absl::StrCat("coordinator loop did not answer within ", config_.health_timeout_ms, " ms"));
+  if (result.wait_for(std::chrono::milliseconds(config_.health_timeout_ms)) ==
+      std::future_status::ready) {
+    try {
+      status = result.get();
+    } catch (const std::future_error&) {
+      status = absl::UnavailableError("coordinator loop stopped");
+    }
+  }
+  if (!status.ok()) {
+    spdlog::warn("{}: unhealthy: {}", readiness ? "/readyz" : "/healthz", status.ToString());
+    return HttpResponse{503, "text/plain", std::string(status.message()) + "\n"};
+  }
+  return HttpResponse{200, "text/plain", readiness ? "ready\n" : "ok\n"};
 }
 
 void CoordinatorDaemon::Post(std::function<void(Coordinator&)> fn) {

@@ -8,10 +8,14 @@
 // timer on the loop calls Coordinator::CheckHeartbeats every heartbeat interval (workers silent
 // for 3 intervals are lost), and another every second Coordinator::RefreshMetrics (heartbeat ages;
 // a finished job's series are removed metrics_retention_seconds after its end). A second, small
-// thread (metrics/http_server.h) serves HTTP `/healthz` (200 "ok" while the process runs),
-// `/readyz` (200 "ready" once the store is open and the gRPC server started, 503 while starting
-// or draining) and `/metrics` (the Prometheus text of coordinator_metrics.h) on the metrics
-// listener; it reads only the metrics registry (its own mutex), never the Coordinator.
+// thread (metrics/http_server.h) serves HTTP `/healthz`, `/readyz` and `/metrics` (the
+// Prometheus text of coordinator_metrics.h) on the metrics listener. `/healthz` posts a check to
+// the coordinator loop and waits at most health_timeout_ms for it: the loop answers by opening
+// the SQLite file afresh and reading it (JobStore::CheckFile). 200 "ok" when both answered; 503
+// naming what failed ("coordinator loop did not answer within 2000 ms", or the store's error)
+// otherwise, so a hung loop or a broken database file is not "healthy". `/readyz`: 503 "not
+// ready" while starting or draining, else the same check ("ready"). The HTTP thread reads the
+// metrics registry (its own mutex) and never touches the Coordinator itself.
 //
 // Address files: once both listeners are bound, `<state_dir>/coordinator.addr` holds the gRPC
 // address and `<state_dir>/coordinator.metrics.addr` the metrics address ("HOST:PORT\n", real
@@ -43,6 +47,7 @@ class Server;
 
 namespace mat::metrics {
 class HttpServer;
+struct HttpResponse;
 }
 
 namespace mat::coordinator {
@@ -93,6 +98,8 @@ struct CoordinatorDaemonConfig {
   int max_queued_session_messages = 4096;
   // An HTTP client must send its whole request within this time, seconds.
   double http_request_timeout_seconds = 5;
+  // /healthz and /readyz wait this long for the coordinator loop's check, milliseconds >= 1.
+  int64_t health_timeout_ms = 2000;
   // A finished job's metric series (every series with its `job` label) are removed this long
   // after it ended, seconds >= 0.
   int64_t metrics_retention_seconds = 600;
@@ -160,6 +167,8 @@ class CoordinatorDaemon {
   void ScheduleHeartbeatCheck();
   // Arms the metrics refresh timer once more. Loop only.
   void ScheduleMetricsRefresh();
+  // /healthz (readiness=false) and /readyz: see the file comment. HTTP thread.
+  metrics::HttpResponse Health(bool readiness);
 
   const CoordinatorDaemonConfig config_;
   CoordinatorMetrics metrics_;  // outlives the Coordinator and the HTTP server

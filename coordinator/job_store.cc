@@ -388,6 +388,12 @@ int64_t JobStore::Now() const {
       .count();
 }
 
+absl::Status JobStore::CheckFile() const {
+  MAT_ASSIGN_OR_RETURN(std::unique_ptr<SqliteDb> db, SqliteDb::OpenExisting(db_->path()));
+  sqlite3_busy_timeout(db->raw(), 500);
+  return db->QueryText("SELECT COUNT(*) FROM jobs").status();
+}
+
 absl::StatusOr<std::string> JobStore::Pragma(const std::string& name) {
   for (char c : name) {
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_')) {

@@ -315,6 +315,12 @@ class JobStore {
   // `<state_dir>/coordinator.db`.
   static std::string DatabasePath(const std::string& state_dir);
 
+  // Health: opens the database file afresh (a second connection, never creating it) and reads
+  // the jobs table, so that a file deleted, truncated or overwritten under the open connection
+  // (whose page cache would still answer) shows. OK, or the error naming the file (NOT_FOUND,
+  // DATA_LOSS for "file is not a database", ...).
+  absl::Status CheckFile() const;
+
  private:
   JobStore(std::unique_ptr<SqliteDb> db, int lock_fd, JobStoreOptions options);
 

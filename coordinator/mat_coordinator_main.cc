@@ -39,6 +39,11 @@ int main(int argc, char** argv) {
                  "lost (milliseconds)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--health-timeout-ms", config.health_timeout_ms,
+                 "/healthz and /readyz answer 503 when the coordinator loop has not checked the "
+                 "store within this time (milliseconds)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--metrics-retention-seconds", config.metrics_retention_seconds,
                  "how long a finished job's metric series stay on /metrics (seconds)")
       ->check(CLI::NonNegativeNumber)

@@ -126,6 +126,25 @@ bool SqliteStatement::ColumnIsNull(int column) const {
 
 // ----- SqliteDb -----
 
+namespace {
+
+absl::StatusOr<std::unique_ptr<sqlite3, int (*)(sqlite3*)>> OpenHandle(const std::string& path,
+                                                                          int flags) {
+  sqlite3* db = nullptr;
+  const int rc = sqlite3_open_v2(path.c_str(), &db, flags, nullptr);
+  std::unique_ptr<sqlite3, int (*)(sqlite3*)> handle(db, sqlite3_close_v2);
+  if (rc != SQLITE_OK) return SqliteStatus(rc, db, "open " + path);  // a handle even on failure
+  sqlite3_extended_result_codes(db, 1);
+  return handle;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SqliteDb>> SqliteDb::OpenExisting(const std::string& path) {
+  MAT_ASSIGN_OR_RETURN(auto handle, OpenHandle(path, SQLITE_OPEN_READWRITE));
+  return std::unique_ptr<SqliteDb>(new SqliteDb(handle.release(), path));
+}
+
 absl::StatusOr<std::unique_ptr<SqliteDb>> SqliteDb::Open(const std::string& path) {
   sqlite3* db = nullptr;
   const int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,

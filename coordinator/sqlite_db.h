@@ -70,6 +70,9 @@ class SqliteDb {
  public:
   // Opens (creating when missing) the database at `path`.
   static absl::StatusOr<std::unique_ptr<SqliteDb>> Open(const std::string& path);
+  // Opens the existing database at `path` (read-write, never creating it): an error status
+  // naming the path when it is missing or cannot be opened.
+  static absl::StatusOr<std::unique_ptr<SqliteDb>> OpenExisting(const std::string& path);
 
   SqliteDb(const SqliteDb&) = delete;
   SqliteDb& operator=(const SqliteDb&) = delete;

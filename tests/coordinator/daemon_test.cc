@@ -283,11 +283,54 @@ TEST_F(CoordinatorDaemonTest, ShutdownEndsOpenSessionsAtOnce) {
   EXPECT_EQ(session->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
 }
 
+TEST_F(CoordinatorDaemonTest, AHealthTimeoutBelowOneMillisecondIsRefused) {
+  config_.health_timeout_ms = 0;
+  auto daemon = CoordinatorDaemon::Start(config_);
+  EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(daemon.status().message(), HasSubstr("health timeout"));
+}
+
 TEST_F(CoordinatorDaemonTest, AHeartbeatIntervalBelowOneMillisecondIsRefused) {
   config_.heartbeat_interval_ms = 0;
   auto daemon = CoordinatorDaemon::Start(config_);
   EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument) << daemon.status();
   EXPECT_THAT(daemon.status().message(), HasSubstr("heartbeat"));
+}
+
+TEST_F(CoordinatorDaemonTest, HealthzFailsWhileTheLoopHangsAndRecoversAfter) {
+  config_.health_timeout_ms = 300;
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  ASSERT_EQ(probes::HttpGet(daemon->metrics_address(), "/healthz").status, 200);
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  daemon->Post([released](Coordinator&) { released.wait(); });  // the loop hangs here
+  for (const char* target : {"/healthz", "/readyz"}) {
+    auto r = probes::HttpGet(daemon->metrics_address(), target);
+    EXPECT_EQ(r.status, 503) << target << ": " << r.raw;
+    EXPECT_EQ(r.body, "coordinator loop did not answer within 300 ms\n") << target;
+  }
+  release.set_value();
+  auto healthz = probes::HttpGet(daemon->metrics_address(), "/healthz");
+  EXPECT_EQ(healthz.status, 200) << healthz.raw;
+  auto readyz = probes::HttpGet(daemon->metrics_address(), "/readyz");
+  EXPECT_EQ(readyz.status, 200) << readyz.raw;
+  EXPECT_EQ(readyz.body, "ready\n");
+}
+
+TEST_F(CoordinatorDaemonTest, HealthzFailsNamingTheDatabaseWhenItsFileIsGone) {
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  const std::string db = config_.state_dir + "/coordinator.db";
+  ASSERT_TRUE(fs::exists(db));
+  // The open connection still answers from its page cache: only a fresh one sees the loss.
+  fs::rename(db, db + ".moved");
+  auto r = probes::HttpGet(daemon->metrics_address(), "/healthz");
+  EXPECT_EQ(r.status, 503) << r.raw;
+  EXPECT_THAT(r.body, HasSubstr(db)) << "names the file";
+  EXPECT_EQ(probes::HttpGet(daemon->metrics_address(), "/readyz").status, 503);
+  fs::rename(db + ".moved", db);
+  EXPECT_EQ(probes::HttpGet(daemon->metrics_address(), "/healthz").status, 200);
 }
 
 TEST_F(CoordinatorDaemonTest, PostRunsOnTheLoopAndItsEventsReachWatchers) {

@@ -14,6 +14,11 @@
 #include "common/logging.h"
 #include "spdlog/spdlog.h"
 
+namespace {
+// Exit status when the coordinator refuses this worker for good (EX_CONFIG of sysexits.h).
+constexpr int kExitRefused = 78;
+}  // namespace
+
 int main(int argc, char** argv) {
   mat::agent::WorkerAgentConfig config;
   std::string log_level = "info";
@@ -21,6 +26,9 @@ int main(int argc, char** argv) {
   int64_t mask_timeout_ms = config.mask_timeout.count();
   int64_t rendezvous_timeout_ms = config.rendezvous_timeout.count();
   CLI::App app{"mat-worker: trains ranks of MAT jobs for a mat-coordinator"};
+  app.footer("Exit status: 0 after SIGTERM/SIGINT or a drain, 2 for bad flags, 78 when the "
+             "coordinator refuses this worker for good (UNAUTHENTICATED or PERMISSION_DENIED: a "
+             "missing or wrong --join-token-file), 1 for any other error.");
   app.add_option("--coordinator", config.coordinator_address, "coordinator HOST:PORT")
       ->capture_default_str();
   app.add_option("--work-dir", config.work_dir,
@@ -114,6 +122,12 @@ int main(int argc, char** argv) {
   absl::Status status = (*agent)->Run();
   if (!status.ok()) {
     std::cerr << "mat-worker: " << status.ToString() << "\n";
+    // Refused for good (a missing or wrong join token): retrying cannot help, so a distinct
+    // code that the systemd unit's RestartPreventExitStatus stops on.
+    if (status.code() == absl::StatusCode::kUnauthenticated ||
+        status.code() == absl::StatusCode::kPermissionDenied) {
+      return kExitRefused;
+    }
     return 1;
   }
   return 0;

@@ -78,19 +78,30 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
         agent->http_,
         metrics::HttpServer::Start(agent->config_.metrics_listen_address,
                                    [self](const std::string& target) {
-                                     // The HTTP thread: the registry only (its own mutex).
+                                     // The HTTP thread: the registry (its own mutex) and
+                                     // an atomic, nothing else.
                                      if (target == "/metrics") {
                                        return metrics::MetricsResponse(self->metrics_.registry);
                                      }
                                      if (target == "/healthz") {
                                        return metrics::HttpResponse{200, "text/plain", "ok\n"};
                                      }
+                                     if (target == "/readyz") {
+                                       if (self->connected()) {
+                                         return metrics::HttpResponse{200, "text/plain",
+                                                                      "ready\n"};
+                                       }
+                                       return metrics::HttpResponse{
+                                           503, "text/plain",
+                                           "not connected to the coordinator at " +
+                                               self->config_.coordinator_address + "\n"};
+                                     }
                                      return metrics::HttpResponse{404, "text/plain",
                                                                   "not found\n"};
                                    }));
     agent->metrics_address_ = agent->http_->address();
     MAT_RETURN_IF_ERROR(common::WriteFileAtomic(addr_file, agent->metrics_address_ + "\n"));
-    spdlog::info("metrics listening on {} (/metrics)", agent->metrics_address_);
+    spdlog::info("metrics listening on {} (/metrics, /healthz, /readyz)", agent->metrics_address_);
   }
   auto saved = common::ReadFile(agent->config_.work_dir + "/worker.id");
   if (saved.ok()) {
@@ -262,6 +273,7 @@ void WorkerAgent::SessionLoop() {
   }
   std::thread heartbeats;
   if (Send(Heartbeat())) {
+    connected_.store(true);
     // After the first Heartbeat (which re-attaches a running rank): what the coordinator may
     // have lost with the previous session. Not under mu_ (OnReconnect sends); runner_ changes
     // only on this thread (Dispatch) until the session ends.
@@ -278,6 +290,7 @@ void WorkerAgent::SessionLoop() {
     v1::CoordinatorMessage message;
     while (stream->Read(&message)) Dispatch(message);
   }
+  connected_.store(false);
   {
     std::lock_guard<std::mutex> write_lock(write_mu_);
     std::lock_guard<std::mutex> lock(mu_);

@@ -21,7 +21,9 @@
 //
 // Metrics (agent/worker_metrics.h): the agent owns the registry; its RankRunner updates it; with
 // `metrics_listen_address` set, Create starts an HTTP listener (metrics/http_server.h, its own
-// thread) serving `/metrics` (and `/healthz`), writes the bound address to
+// thread) serving `/metrics`, `/healthz` (200 while the process serves HTTP) and `/readyz` (200
+// "ready" while a Session with the coordinator is open, 503 "not connected to the coordinator at
+// HOST:PORT" before the first one and between sessions), writes the bound address to
 // <work_dir>/worker.metrics.addr ("HOST:PORT\n", removed again by the destructor) and logs it.
 // Starting a rank of another job removes the previous job's series.
 //
@@ -102,6 +104,8 @@ class WorkerAgent {
   // Stops: cancels the running rank, closes the session; Run returns.
   void Shutdown();
 
+  // Whether a Session with the coordinator is open (what /readyz reports); thread-safe.
+  bool connected() const { return connected_.load(); }
   // The id the coordinator gave ("" before the first registration).
   std::string worker_id() const;
   int rendezvous_port() const { return config_.rendezvous_port; }
@@ -138,6 +142,7 @@ class WorkerAgent {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
   const std::string join_token_;               // "" = none
+  std::atomic<bool> connected_{false};  // read by the HTTP thread
   std::atomic<bool> stopping_{false};
 
   mutable std::mutex mu_;

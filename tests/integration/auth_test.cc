@@ -3,7 +3,9 @@
 //     (UNAUTHENTICATED) and with a wrong one (PERMISSION_DENIED), serves it with the right one,
 //     and logs each refusal without the token;
 //   - the join token: with --join-token-file, a mat-worker without it or with another one exits
-//     1 and never appears in `matctl workers`; one with it registers;
+//     78 (refused for good: the systemd unit does not restart it) and never appears in `matctl
+//     workers`; one with it registers, and its /readyz answers 200 while its session is open and
+//     503 once the coordinator is gone;
 //   - TLS: matctl with the test CA lists jobs, plaintext fails UNAVAILABLE; with mutual TLS
 //     (--tls-ca on the coordinator) matctl without a client certificate fails, with one it works,
 //     and a mat-worker with a client certificate registers;
@@ -29,6 +31,7 @@
 #include <gtest/gtest.h>
 
 #include "tests/integration/harness.h"
+#include "tests/integration/probes.h"
 
 namespace mat {
 namespace {
@@ -60,6 +63,19 @@ class AuthTest : public testing_loopback::LoopbackTest {
     address_ = WaitForLine(state_dir_ + "/coordinator.addr", 15s);
     ASSERT_FALSE(address_.empty()) << "no address file; stderr:\n"
                                    << ReadText(coordinator_log_ + ".err");
+  }
+
+  // Polls GET /readyz on the address in `addr_file` (written by the worker) for up to 60 s until
+  // it answers `status`; the address, or "" when it never did.
+  std::string WaitForHttpReady(const std::string& addr_file, int status) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      std::string address = ReadText(addr_file);
+      while (!address.empty() && address.back() == '\n') address.pop_back();
+      if (!address.empty() && probes::HttpGet(address, "/readyz").status == status) return address;
+      std::this_thread::sleep_for(100ms);
+    }
+    return "";
   }
 
   void StopCoordinator() {
@@ -162,20 +178,23 @@ TEST_F(AuthTest, TokensRefuseMatctlAndWorkersWithoutTheRightOne) {
   // Workers without the join token, or with another one, are refused and stop.
   const pid_t no_token = StartWorker("worker-no-token");
   ASSERT_GT(no_token, 0);
-  EXPECT_EQ(Wait(no_token, 60s), 1);
+  EXPECT_EQ(Wait(no_token, 60s), 78);
   EXPECT_THAT(ReadText(root_ + "/worker-no-token.err"), HasSubstr("UNAUTHENTICATED"));
   const pid_t other = StartWorker("worker-other", {"--join-token-file", wrong_join});
   ASSERT_GT(other, 0);
-  EXPECT_EQ(Wait(other, 60s), 1);
+  EXPECT_EQ(Wait(other, 60s), 78);
   EXPECT_THAT(ReadText(root_ + "/worker-other.err"), HasSubstr("PERMISSION_DENIED"));
   CommandResult workers = Matctl(address_, {"--token-file", tokens, "workers"});
   ASSERT_EQ(workers.exit_code, 0) << workers.err;
   EXPECT_THAT(workers.out, Not(HasSubstr(" cpu ")));
 
-  // With the join token the worker registers.
-  ASSERT_GT(StartWorker("worker-ok", {"--join-token-file", join}), 0);
+  // With the join token the worker registers, and is ready while its session is open.
+  ASSERT_GT(StartWorker("worker-ok", {"--join-token-file", join, "--metrics-listen", "127.0.0.1:0"}),
+            0);
   CommandResult registered = WaitForWorker({"--token-file", tokens}, 60s);
   EXPECT_THAT(registered.out, HasSubstr(" cpu ")) << registered.err;
+  const std::string worker_http = WaitForHttpReady(root_ + "/worker-ok/worker.metrics.addr", 200);
+  EXPECT_FALSE(worker_http.empty()) << "worker /readyz never answered 200";
 
   // Refusals are logged with the peer, never with the token.
   const std::string log =
@@ -185,6 +204,11 @@ TEST_F(AuthTest, TokensRefuseMatctlAndWorkersWithoutTheRightOne) {
   EXPECT_THAT(log, Not(HasSubstr("not-a-token")));
   EXPECT_THAT(log, Not(HasSubstr("other-join")));
   StopCoordinator();
+  // The coordinator is gone: the worker keeps retrying, not ready.
+  EXPECT_FALSE(WaitForHttpReady(root_ + "/worker-ok/worker.metrics.addr", 503).empty())
+      << "worker /readyz still answers 200 without a coordinator";
+  const probes::HttpResult gone = probes::HttpGet(worker_http, "/readyz");
+  EXPECT_THAT(gone.body, HasSubstr("not connected to the coordinator at " + address_));
 }
 
 TEST_F(AuthTest, TlsAndMutualTls) {

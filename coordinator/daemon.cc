@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <future>
@@ -11,6 +12,7 @@
 #include <utility>
 
 #include <boost/asio/post.hpp>
+#include <systemd/sd-daemon.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -114,6 +116,7 @@ absl::Status CoordinatorDaemon::StartImpl() {
   coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
   heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   metrics_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
+  watchdog_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   loop_thread_ = std::thread([this] { loop_.run(); });
   boost::asio::post(loop_, [this] {
     ScheduleHeartbeatCheck();
@@ -194,7 +197,28 @@ absl::Status CoordinatorDaemon::StartImpl() {
                                                 metrics_address_ + "\n"));
   }
   ready_ = true;
+  // systemd (Type=notify): ready now; with WatchdogSec, pinged from the loop at half the period,
+  // so a hung loop stops the pings and systemd restarts the daemon. Without NOTIFY_SOCKET
+  // (not under systemd) both are no-ops.
+  sd_notifyf(0, "READY=1\nSTATUS=serving gRPC on %s", grpc_address_.c_str());
+  uint64_t watchdog_usec = 0;
+  if (sd_watchdog_enabled(0, &watchdog_usec) > 0 && watchdog_usec > 0) {
+    watchdog_interval_ = std::chrono::microseconds(std::max<uint64_t>(watchdog_usec / 2, 1000));
+    spdlog::info("systemd watchdog: pinging every {} ms from the coordinator loop",
+                 watchdog_interval_.count() / 1000);
+    boost::asio::post(loop_, [this] { ScheduleWatchdog(); });
+  }
   return absl::OkStatus();
+}
+
+void CoordinatorDaemon::ScheduleWatchdog() {
+  if (heartbeats_stopped_) return;
+  sd_notify(0, "WATCHDOG=1");
+  watchdog_timer_->expires_after(watchdog_interval_);
+  watchdog_timer_->async_wait([this](const boost::system::error_code& error) {
+    if (error || heartbeats_stopped_) return;  // cancelled by Shutdown
+    ScheduleWatchdog();
+  });
 }
 
 void CoordinatorDaemon::ScheduleHeartbeatCheck() {
@@ -248,6 +272,7 @@ void CoordinatorDaemon::Post(std::function<void(Coordinator&)> fn) {
 void CoordinatorDaemon::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  if (ready_.load()) sd_notify(0, "STOPPING=1");
   ready_ = false;
   if (loop_thread_.joinable()) {
     // The pending timer wait would keep the loop from returning.
@@ -255,6 +280,7 @@ void CoordinatorDaemon::Shutdown() {
       heartbeats_stopped_ = true;
       heartbeat_timer_->cancel();
       metrics_timer_->cancel();
+      watchdog_timer_->cancel();
     });
   }
   // Sessions last as long as their workers: end them now rather than after the grace period.
@@ -275,6 +301,7 @@ void CoordinatorDaemon::Shutdown() {
   worker_service_.reset();
   heartbeat_timer_.reset();
   metrics_timer_.reset();
+  watchdog_timer_.reset();
   coordinator_.reset();  // closes the store and releases the state dir
   if (wrote_address_files_) {
     std::remove(AddressFilePath(config_.state_dir).c_str());

@@ -17,6 +17,11 @@
 // ready" while starting or draining, else the same check ("ready"). The HTTP thread reads the
 // metrics registry (its own mutex) and never touches the Coordinator itself.
 //
+// systemd: once ready, `READY=1` to $NOTIFY_SOCKET (Type=notify); with WatchdogSec
+// ($WATCHDOG_USEC for this process), `WATCHDOG=1` from a timer on the loop every half period, so
+// a hung loop gets the daemon restarted; `STOPPING=1` when a ready daemon shuts down. No-ops
+// without $NOTIFY_SOCKET.
+//
 // Address files: once both listeners are bound, `<state_dir>/coordinator.addr` holds the gRPC
 // address and `<state_dir>/coordinator.metrics.addr` the metrics address ("HOST:PORT\n", real
 // ports, also when the configured port was 0). A starting daemon first removes stale ones; a
@@ -26,6 +31,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -167,6 +173,8 @@ class CoordinatorDaemon {
   void ScheduleHeartbeatCheck();
   // Arms the metrics refresh timer once more. Loop only.
   void ScheduleMetricsRefresh();
+  // Sends WATCHDOG=1 and arms the watchdog timer once more. Loop only.
+  void ScheduleWatchdog();
   // /healthz (readiness=false) and /readyz: see the file comment. HTTP thread.
   metrics::HttpResponse Health(bool readiness);
 
@@ -184,6 +192,8 @@ class CoordinatorDaemon {
   std::unique_ptr<boost::asio::steady_timer> heartbeat_timer_;
   bool heartbeats_stopped_ = false;  // loop only
   std::unique_ptr<boost::asio::steady_timer> metrics_timer_;  // RefreshMetrics; loop only
+  std::unique_ptr<boost::asio::steady_timer> watchdog_timer_;  // systemd pings; loop only
+  std::chrono::microseconds watchdog_interval_{0};  // 0: no watchdog
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<metrics::HttpServer> http_;
   std::string grpc_address_;

@@ -7,8 +7,12 @@
 
 #include <grpcpp/grpcpp.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -16,6 +20,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -331,6 +336,82 @@ TEST_F(CoordinatorDaemonTest, HealthzFailsNamingTheDatabaseWhenItsFileIsGone) {
   EXPECT_EQ(probes::HttpGet(daemon->metrics_address(), "/readyz").status, 503);
   fs::rename(db + ".moved", db);
   EXPECT_EQ(probes::HttpGet(daemon->metrics_address(), "/healthz").status, 200);
+}
+
+// A systemd notify socket: a unix datagram socket that NOTIFY_SOCKET points at while it lives.
+class NotifySocket {
+ public:
+  explicit NotifySocket(const std::string& path) : path_(path) {
+    fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path.c_str());
+    bound_ = fd_ >= 0 && ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    timeval tv{0, 20 * 1000};  // reads wait at most 20 ms
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  }
+  ~NotifySocket() {
+    ::unsetenv("NOTIFY_SOCKET");
+    ::unsetenv("WATCHDOG_USEC");
+    ::unsetenv("WATCHDOG_PID");
+    if (fd_ >= 0) ::close(fd_);
+    ::unlink(path_.c_str());
+  }
+  bool bound() const { return bound_; }
+  // The datagrams received within `window`, in order.
+  std::vector<std::string> Receive(std::chrono::milliseconds window) {
+    std::vector<std::string> out;
+    const auto end = std::chrono::steady_clock::now() + window;
+    char buf[4096];
+    while (std::chrono::steady_clock::now() < end) {
+      const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+      if (n > 0) out.emplace_back(buf, static_cast<size_t>(n));
+    }
+    return out;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  bool bound_ = false;
+};
+
+int Count(const std::vector<std::string>& messages, const std::string& what) {
+  int n = 0;
+  for (const auto& m : messages) n += m.find(what) != std::string::npos;
+  return n;
+}
+
+TEST_F(CoordinatorDaemonTest, NotifiesSystemdAndFeedsItsWatchdogFromTheLoop) {
+  NotifySocket notify(root_ + "/notify.sock");
+  ASSERT_TRUE(notify.bound());
+  ::setenv("WATCHDOG_USEC", "100000", 1);  // WatchdogSec=100ms: a ping every 50 ms
+  ::setenv("WATCHDOG_PID", std::to_string(::getpid()).c_str(), 1);
+  auto daemon = StartOk(config_);
+  ASSERT_NE(daemon, nullptr);
+  auto first = notify.Receive(300ms);
+  ASSERT_GE(first.size(), 1u);
+  EXPECT_THAT(first[0], HasSubstr("READY=1"));
+  EXPECT_THAT(first[0], HasSubstr("STATUS=serving gRPC on " + daemon->grpc_address()));
+  EXPECT_GE(Count(first, "WATCHDOG=1"), 3) << "pings every 50 ms";
+
+  // A hung loop stops the pings (systemd would kill and restart the daemon); they resume after.
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::promise<void> hung;
+  daemon->Post([released, &hung](Coordinator&) {
+    hung.set_value();
+    released.wait();
+  });
+  hung.get_future().wait();
+  notify.Receive(60ms);  // a ping already in flight
+  EXPECT_EQ(Count(notify.Receive(400ms), "WATCHDOG=1"), 0) << "pinged while the loop hung";
+  release.set_value();
+  EXPECT_GE(Count(notify.Receive(300ms), "WATCHDOG=1"), 2);
+
+  daemon->Shutdown();
+  EXPECT_GE(Count(notify.Receive(100ms), "STOPPING=1"), 1);
 }
 
 TEST_F(CoordinatorDaemonTest, PostRunsOnTheLoopAndItsEventsReachWatchers) {

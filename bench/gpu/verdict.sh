@@ -84,9 +84,12 @@ echo "smoke: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 runs=/tmp/mat-verdict-runs
 mkdir -p "$runs"
 pack() {
+  # timeout stops bench/verdict, not the mat-train runs it started: stop them first.
+  pkill -f build-gpu/bin/mat-train 2> /dev/null || true
+  sleep 1
   (cd "$runs" && find . -maxdepth 2 \( -name summary.json -o -name metrics.jsonl \
      -o -name decisions.jsonl -o -name mat-train.log \) -print0 \
-     | tar --null -T - -cJf "$out/runs.tar.xz")
+     | tar --null -T - --warning=no-file-changed -I 'xz -T0' -cf "$out/runs.tar.xz") || true
   echo "runs finished: $(find "$runs" -name summary.json | wc -l) of 30; total $(( $(date +%s) - start )) s" \
     | tee -a "$out/machine.txt"
 }

@@ -46,7 +46,7 @@ echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 mps=off
 if command -v nvidia-cuda-mps-control > /dev/null && nvidia-cuda-mps-control -d 2>> "$out/machine.txt"; then
-  if timeout 60 python3 -c 'import torch; print(torch.ones(4, device="cuda").sum().item())' \
+  if timeout 30 python3 -c 'import torch; print(torch.ones(4, device="cuda").sum().item())' \
       >> "$out/machine.txt" 2>&1; then
     mps=on
   else

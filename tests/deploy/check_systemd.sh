@@ -6,7 +6,8 @@
 # executables to exist); any message (unknown key, bad value, missing binary) fails, since verify
 # exits 0 on most of them. Then `systemd-analyze security --offline` must rate the units'
 # exposure at most 2.0 (coordinator) and 3.5 (worker); the units must keep the hardening and
-# service settings the deployment relies on; the example env files must set every variable the
+# service settings the deployment relies on (and set MemoryMax= and TasksMax= limits; the
+# coordinator Type=notify with a WatchdogSec, the worker RestartPreventExitStatus=78); the example env files must set every variable the
 # units' ExecStart uses; each ExecStart, expanded with its example env file, must run and stop
 # with exit 0 on SIGTERM.
 set -euo pipefail
@@ -49,12 +50,21 @@ for u in mat-coordinator.service mat-worker@.service; do
   for want in '^User=mat$' '^Restart=on-failure$' '^KillSignal=SIGTERM$' '^TimeoutStopSec=' \
       '^ProtectSystem=strict$' '^ProtectHome=yes$' '^PrivateTmp=yes$' '^NoNewPrivileges=yes$' \
       '^StateDirectory=mat ' '^ReadWritePaths=/var/lib/mat/' '^ExecStart=/usr/local/bin/mat-' \
-      '^EnvironmentFile=/etc/mat/'; do
+      '^EnvironmentFile=/etc/mat/' '^MemoryMax=[0-9]+[KMGT]?$' '^TasksMax=[0-9]+$'; do
     if ! grep -Eq "$want" "$units/$u"; then
       echo "FAIL $u: no line matching $want"
       fails=$((fails + 1))
     fi
   done
+done
+for pair in 'mat-coordinator.service:^Type=notify$' 'mat-coordinator.service:^WatchdogSec=[0-9]+s?$' \
+    'mat-coordinator.service:^NotifyAccess=main$' 'mat-worker@.service:^RestartPreventExitStatus=78$'; do
+  u=${pair%%:*}
+  want=${pair#*:}
+  if ! grep -Eq "$want" "$units/$u"; then
+    echo "FAIL $u: no line matching $want"
+    fails=$((fails + 1))
+  fi
 done
 check_env() {  # UNIT ENVFILE
   local vars v

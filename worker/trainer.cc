@@ -15,6 +15,7 @@
 #include "common/status.h"
 #include "spdlog/spdlog.h"
 #include "worker/checkpoint.h"
+#include "worker/model_io.h"
 
 namespace mat::worker {
 namespace {
@@ -726,6 +727,12 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(SaveCheckpoint(ckpt));
   nlohmann::json summary = Summary(train_seconds_);
   if (step_ >= c.train.steps && !options_.out_dir.empty()) {
+    if (options_.rank == 0) {  // the trained model, for its user (worker/model_io.h)
+      MAT_RETURN_IF_ERROR(SaveModelSafetensors(
+          network(), options_.out_dir + "/model.safetensors",
+          {{"format", "pt"}, {"mat.model", c.model.kind}, {"mat.step", std::to_string(step_)},
+           {"mat.seed", std::to_string(c.seed)}}));
+    }
     MAT_RETURN_IF_ERROR(common::WriteFileAtomic(options_.out_dir + "/summary.json", summary.dump(2) + "\n"));
   }
   return summary;

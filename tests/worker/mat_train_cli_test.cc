@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <ostream>
@@ -23,6 +24,7 @@
 #include <gtest/gtest.h>
 
 #include "nlohmann/json.hpp"
+#include "safetensors/safetensors.h"
 
 namespace mat::worker {
 namespace {
@@ -189,6 +191,21 @@ json CheckFinishedRun(const fs::path& out, const RunResult& r, const std::string
   EXPECT_EQ(summary.value("steps", -1), 30);
   // stdout carries the same summary.
   EXPECT_EQ(json::parse(r.out, nullptr, false), summary);
+  // The trained model, as safetensors: every tensor by its name, finite, the step in metadata.
+  auto model = safetensors::ReadFile((out / "model.safetensors").string());
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (model.ok()) {
+    EXPECT_EQ(model->metadata["mat.step"], "30");
+    EXPECT_EQ(model->metadata["mat.model"], "bert");
+    EXPECT_TRUE(model->tensors.count("tok_emb.weight"));
+    for (const auto& [name, t] : model->tensors) {
+      EXPECT_EQ(t.dtype, safetensors::DType::kF32) << name;
+      std::vector<float> v(t.data.size() / 4);
+      std::memcpy(v.data(), t.data.data(), v.size() * 4);
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); }))
+          << name;
+    }
+  }
 
   const std::vector<json> metrics = ReadJsonl(out / "metrics.jsonl");
   EXPECT_EQ(metrics.size(), 3u);

@@ -24,22 +24,8 @@ mkdir -p "$out"
 criteria=bench/results/verdict/criteria.json
 python3 -c "import json,sys; sys.exit(json.load(open('$criteria'))['setting'] is None)" \
   || { echo "$criteria: the setting is null (bench/sweep first)"; exit 1; }
-prefix=/tmp/mat-gpu-deps
-rm -rf "$prefix" && mkdir -p "$prefix"
-for f in "$deps_dir"/*.deb; do dpkg -x "$f" "$prefix"; done
-export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-  nproc
-  git log -1 --format='commit %h %s' 2>/dev/null || true
-} | tee "$out/machine.txt"
-
-start=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAT_WITH_SERVICE=OFF \
-  -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr" -DMAT_SHARED_DIR="$deps_dir/.." \
-  > "$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; exit 1; }
+# shellcheck source=bench/gpu/prepare.sh
+source bench/gpu/prepare.sh
 ninja -C build-gpu -j "$(nproc)" mat-train >> "$out/build.log" 2>&1 \
   || { grep -E -A3 "error" "$out/build.log" | head -n 60; exit 1; }
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"

@@ -180,13 +180,18 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
                                                 "job " + job_id()));
   if (!options_.data_roots.empty()) {
     // Defence in depth behind the coordinator's --data-root: this process reads the files.
-    std::error_code error;
-    const std::filesystem::path dir = std::filesystem::absolute(config.data.dir, error);
-    if (absl::Status s = common::CheckUnderRoots(error ? config.data.dir : dir.string(),
-                                                 options_.data_roots);
-        !s.ok()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("data.dir: ", s.message(), " (mat-worker --data-root)"));
+    const std::vector<std::pair<std::string, std::string>> paths = {
+        {"data.dir", config.data.dir}, {"model.init_from", config.model.init_from}};
+    for (const auto& [key, path] : paths) {
+      if (path.empty()) continue;
+      std::error_code error;
+      const std::filesystem::path full = std::filesystem::absolute(path, error);
+      if (absl::Status s = common::CheckUnderRoots(error ? path : full.string(),
+                                                   options_.data_roots);
+          !s.ok()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(key, ": ", s.message(), " (mat-worker --data-root)"));
+      }
     }
   }
   config.train.device = options_.device;

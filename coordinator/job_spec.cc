@@ -434,6 +434,7 @@ v1::JobSpec JobSpecDefaults() {
   m->set_width(0.25);
   m->set_filter_groups(4);
   m->set_classifier_hidden(0);
+  m->set_init_from("");
   v1::DataSpec* d = s.mutable_data();
   d->set_kind("wikitext");
   d->set_dir("../shared/data/wikitext-2");
@@ -723,6 +724,13 @@ absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& li
   if (absl::Status s = common::CheckUnderRoots(full.data().dir(), limits.data_roots); !s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("data.dir: ", s.message(), " (--data-root)"));
+  }
+  if (!full.model().init_from().empty()) {
+    if (absl::Status s = common::CheckUnderRoots(full.model().init_from(), limits.data_roots);
+        !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.init_from: ", s.message(), " (--data-root)"));
+    }
   }
   const double params = EstimateModelParams(full);
   if (limits.max_model_params > 0 && params > limits.max_model_params) {

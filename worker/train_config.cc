@@ -64,6 +64,7 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("model.width", &c.model.width, "number"));
   f.push_back(MakeField("model.filter_groups", &c.model.filter_groups, "integer"));
   f.push_back(MakeField("model.classifier_hidden", &c.model.classifier_hidden, "integer"));
+  f.push_back(MakeField("model.init_from", &c.model.init_from, "string"));
   f.push_back(MakeField("data.kind", &c.data.kind, "string"));
   f.push_back(MakeField("data.dir", &c.data.dir, "string"));
   f.push_back(MakeField("data.seq_len", &c.data.seq_len, "integer"));

@@ -4,7 +4,7 @@
 //   seed: 1
 //   model:  {kind, layers, d_model, heads, d_ff, ffn_groups, max_seq_len, dropout, pre_ln,
 //            experts, capacity_factor, aux_loss_weight, moe_every,
-//            arch, width, filter_groups, classifier_hidden}
+//            arch, width, filter_groups, classifier_hidden, init_from}
 //   data:   {kind, dir, seq_len, mask_prob, valid_size, augment, train_fraction, vocab_size}
 //   train:  {steps, batch_size, optimizer, lr, min_lr_ratio, warmup_steps, schedule,
 //            decay_every, decay_factor, weight_decay, beta1, beta2, eps, momentum, nesterov,
@@ -51,6 +51,11 @@ struct ModelSection {
   double width = 0.25;             // channel multiplier (0.25: 16 … 128 channels)
   int64_t filter_groups = 4;       // modules of group "filters" per conv layer
   int64_t classifier_hidden = 0;   // 0: one linear classifier
+  // Every kind: a safetensors file (e.g. a run's OUT/model.safetensors, or a job's downloaded
+  // model) whose tensors replace the fresh initialisation before step 0; names and shapes must
+  // be the model's (worker/model_io.h), else INVALID_ARGUMENT naming the tensor. A resumed run
+  // takes its checkpoint instead. Relative paths are from the working directory. Empty: none.
+  std::string init_from;
 };
 
 struct DataSection {

@@ -158,6 +158,14 @@ absl::Status Trainer::Init() {
   }
   MAT_ASSIGN_OR_RETURN(precision_, ParsePrecision(c.train.precision));
   MAT_RETURN_IF_ERROR(c.model.kind == "vgg" ? InitImages() : InitText());
+  if (!c.model.init_from.empty()) {
+    // Before the optimizer sees the parameters; a resumed run then overwrites them from its
+    // checkpoint. Every rank reads the same file, so the ranks start equal.
+    if (absl::Status s = LoadModelSafetensors(network(), c.model.init_from); !s.ok()) {
+      return absl::Status(s.code(), "model.init_from: " + std::string(s.message()));
+    }
+    spdlog::info("model initialised from {}", c.model.init_from);
+  }
   // Every rank initialises the same model (same seed); dropout and augmentation then differ
   // per rank. Rank 0 keeps mat-train's random stream exactly.
   if (options_.rank > 0) torch::manual_seed(c.seed + 7919ULL * uint64_t(options_.rank));
@@ -679,6 +687,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
         seconds_to_best_ = train_seconds_;
       }
       eval_seconds_ += Since(e0);
+      eval_curve_.push_back({double(step_), flops_.total(), val, train_seconds_});
       std::map<std::string, int> active_by_group;
       for (int m = 0; m < partition_.size(); ++m)
         active_by_group[partition_.modules[m].group] += mask.active[m];
@@ -795,6 +804,23 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       // so on CUDA the time includes the device's work, not only the launches).
       {"flops_per_second", wall_seconds > 0 ? flops_.total() / wall_seconds : 0.0},
   };
+  {
+    // Validation loss against FLOPs (matctl compare reads it at equal budgets): every
+    // evaluation, or at most kMaxPoints of them evenly spaced, the last always kept.
+    constexpr size_t kMaxPoints = 1000;
+    const size_t n = eval_curve_.size();
+    nlohmann::json steps = nlohmann::json::array(), flops = nlohmann::json::array(),
+                   vals = nlohmann::json::array(), secs = nlohmann::json::array();
+    const size_t stride = (n + kMaxPoints - 1) / kMaxPoints;
+    for (size_t i = 0; i < n; ++i) {
+      if (stride > 1 && i % stride != 0 && i + 1 != n) continue;
+      steps.push_back(int64_t(eval_curve_[i][0]));
+      flops.push_back(eval_curve_[i][1]);
+      vals.push_back(eval_curve_[i][2]);
+      secs.push_back(eval_curve_[i][3]);
+    }
+    s["eval_curve"] = {{"step", steps}, {"flops", flops}, {"val_loss", vals}, {"wall_seconds", secs}};
+  }
   if (!is_vgg()) {
     // A unigram model's test loss (nats/token, add-one smoothing): fitted on all of the training
     // split, and on the part this run trains on (data.train_fraction).
@@ -852,6 +878,7 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
       {"loss_acc", {loss_sum_, double(loss_count_)}},
       {"aux_acc", {aux_sum_, double(aux_count_)}},
       {"active_sum", active_sum_},
+      {"eval_curve", eval_curve_},
       {"schedule", {{"has", has_schedule_}, {"every_step", schedule_.every_step},
                     {"slow", schedule_.slow}, {"slow_every", schedule_.slow_every}}},
   };
@@ -920,6 +947,10 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
       aux_count_ = int64_t(meta["aux_acc"][1].get<double>());
     }
     active_sum_ = meta["active_sum"];
+    eval_curve_.clear();
+    if (meta.contains("eval_curve")) {  // absent in checkpoints written before it was saved
+      eval_curve_ = meta["eval_curve"].get<std::vector<std::array<double, 4>>>();
+    }
     if (meta.contains("schedule")) {
       const auto& sch = meta["schedule"];
       has_schedule_ = sch["has"];

@@ -16,6 +16,7 @@
 // Not thread-safe. Owns the model, the optimizer, the policy and the data streams.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -239,6 +240,9 @@ class Trainer {
   double aux_sum_ = 0;           // switch: load-balancing loss since the last evaluation
   int64_t aux_count_ = 0;
   double active_sum_ = 0;        // Σ over steps of the active fraction
+  // Rank 0's evaluations: {step, FLOPs so far, validation loss, training seconds so far} each
+  // (summary.json's "eval_curve").
+  std::vector<std::array<double, 4>> eval_curve_;
   // Service jobs (hooks set): the coordinator's masks since the latest probe step.
   policy::MaskSchedule schedule_;
   bool has_schedule_ = false;

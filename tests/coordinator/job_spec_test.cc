@@ -42,6 +42,7 @@ const std::vector<std::string> kTrainerKeys = {
     "model.max_seq_len", "model.dropout", "model.pre_ln", "model.experts",
     "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
     "model.arch", "model.width", "model.filter_groups", "model.classifier_hidden",
+    "model.init_from",
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob", "data.valid_size", "data.augment",
     "data.train_fraction", "data.vocab_size",
     "train.steps", "train.batch_size", "train.optimizer", "train.lr", "train.min_lr_ratio",
@@ -421,7 +422,7 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"model.experts", "8"}, {"model.capacity_factor", "1.25"},
       {"model.aux_loss_weight", "0.01"}, {"model.moe_every", "1"},
       {"model.arch", "vgg11"}, {"model.width", "0.25"}, {"model.filter_groups", "4"},
-      {"model.classifier_hidden", "0"},
+      {"model.classifier_hidden", "0"}, {"model.init_from", ""},
       {"data.kind", "wikitext"}, {"data.dir", "../shared/data/wikitext-2"},
       {"data.seq_len", "128"}, {"data.mask_prob", "0.15"}, {"data.valid_size", "5000"},
       {"data.augment", "false"}, {"data.train_fraction", "1"}, {"data.vocab_size", "0"},
@@ -915,6 +916,13 @@ TEST(JobSpecLimitsTest, DataDirMustBeUnderARootWhenRootsAreSet) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("not under a data root (/srv/data, /scratch) (--data-root)"));
   spec.mutable_data()->set_dir("/scratch/wikitext-2");
+  EXPECT_TRUE(CheckJobSpecLimits(spec, limits).ok());
+  // model.init_from is a file the worker reads too: under the same roots.
+  spec.mutable_model()->set_init_from("/home/someone/model.safetensors");
+  s = CheckJobSpecLimits(spec, limits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("model.init_from: '/home/someone/model.safetensors'"));
+  spec.mutable_model()->set_init_from("/srv/data/runs/model.safetensors");
   EXPECT_TRUE(CheckJobSpecLimits(spec, limits).ok());
 }
 

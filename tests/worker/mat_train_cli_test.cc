@@ -247,6 +247,17 @@ json CheckFinishedRun(const fs::path& out, const RunResult& r, const std::string
   }
   EXPECT_GT(summary.value("wall_seconds", 0.0), 0.0);
   EXPECT_GE(summary.value("spectral_seconds", -1.0), 0.0);
+  // The evaluation curve (matctl compare) is the metrics' evaluations, point for point.
+  const json curve = summary.value("eval_curve", json());
+  EXPECT_TRUE(curve.is_object()) << "summary.json lacks eval_curve";
+  if (curve.is_object()) {
+    EXPECT_EQ(curve.value("step", json()).get<std::vector<int64_t>>(), Steps(metrics));
+    for (size_t i = 0; i < metrics.size() && i < curve["flops"].size(); ++i) {
+      EXPECT_EQ(curve["flops"][i], metrics[i]["flops"]["total"]) << i;
+      EXPECT_EQ(curve["val_loss"][i], metrics[i]["val_loss"]) << i;
+      EXPECT_EQ(curve["wall_seconds"][i], metrics[i]["wall_seconds"]) << i;
+    }
+  }
 
   const std::vector<json> decisions = ReadJsonl(out / "decisions.jsonl");
   EXPECT_EQ(decisions.size(), 6u);  // probes at steps 0, 5, ..., 25
@@ -315,12 +326,53 @@ TEST_F(MatTrainCliTest, ResumeWithMoreStepsContinuesFromTheLastStep) {
   EXPECT_EQ(Steps(decisions), (std::vector<int64_t>{0, 5, 10, 15, 20, 25, 30, 35}));
   for (size_t i = 0; i < std::min(decisions.size(), decisions_before.size()); ++i)
     EXPECT_EQ(decisions[i], decisions_before[i]) << "decision line " << i;
+  // The evaluation curve survives the restart: all four evaluations.
+  EXPECT_EQ(summary["eval_curve"].value("step", json()), json({10, 20, 30, 40}));
   // Time and FLOPs accumulate across the restart.
   if (metrics.size() == 4) {
     EXPECT_GT(metrics[3]["flops"].value("total", 0.0), metrics[2]["flops"].value("total", 0.0));
     EXPECT_GE(metrics[3].value("wall_seconds", 0.0), metrics[2].value("wall_seconds", 0.0));
     EXPECT_DOUBLE_EQ(summary.value("flops_total", NAN), metrics[3]["flops"].value("total", NAN));
   }
+}
+
+// model.init_from: a run started from another run's model.safetensors evaluates as that model
+// did (one step at a vanishing learning rate leaves the weights as loaded); a model of another
+// shape is refused naming the tensor.
+TEST_F(MatTrainCliTest, InitFromStartsFromTheSavedWeightsAndRefusesAnotherShape) {
+  RunResult first = Run(With(TinyArgs("init_source"), {"policy.kind=full"}));
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const fs::path model = root() / "init_source" / "model.safetensors";
+  const std::vector<json> source = ReadJsonl(root() / "init_source" / "metrics.jsonl");
+  ASSERT_EQ(source.size(), 3u);
+  const double trained_val = source.back().value("val_loss", NAN);
+
+  RunResult from = Run(With(TinyArgs("init_from"),
+                            {"policy.kind=full", "train.steps=1", "train.warmup_steps=0",
+                             "train.lr=1e-12", "model.init_from=" + model.string()}));
+  ASSERT_EQ(from.exit_code, 0) << from.err;
+  const std::vector<json> metrics = ReadJsonl(root() / "init_from" / "metrics.jsonl");
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_NEAR(metrics[0].value("val_loss", NAN), trained_val, 1e-5);
+  // The same step from a fresh initialisation evaluates far from the trained model.
+  RunResult fresh = Run(With(TinyArgs("init_fresh"), {"policy.kind=full", "train.steps=1",
+                                                       "train.warmup_steps=0", "train.lr=1e-12"}));
+  ASSERT_EQ(fresh.exit_code, 0) << fresh.err;
+  const std::vector<json> fresh_metrics = ReadJsonl(root() / "init_fresh" / "metrics.jsonl");
+  ASSERT_EQ(fresh_metrics.size(), 1u);
+  EXPECT_GT(std::abs(fresh_metrics[0].value("val_loss", NAN) - trained_val), 1e-3);
+
+  RunResult wrong = Run(With(TinyArgs("init_wrong"),
+                             {"model.d_ff=64", "model.init_from=" + model.string()}));
+  EXPECT_NE(wrong.exit_code, 0);
+  EXPECT_THAT(wrong.err, HasSubstr("model.init_from"));
+  EXPECT_THAT(wrong.err, HasSubstr("has shape"));
+  EXPECT_FALSE(fs::exists(root() / "init_wrong" / "summary.json"));
+
+  RunResult missing = Run(With(TinyArgs("init_missing"),
+                               {"model.init_from=" + (root() / "nope.safetensors").string()}));
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_THAT(missing.err, HasSubstr("nope.safetensors"));
 }
 
 // Bad input: exit code 2, nothing trained, and stderr names the problem. "{root}" in the case

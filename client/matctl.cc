@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <ctime>
+#include <filesystem>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -12,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "client/compare.h"
 #include "client/format.h"
 #include "client/job_client.h"
 #include "client/plot.h"
@@ -42,6 +45,10 @@ struct MatctlOptions {
   bool progress = false;     // --progress: draw the bar even when `out` is not a terminal
   bool no_progress = false;  // --no-progress: one line per event even on a terminal
   std::string plot_file;     // plot --out
+  std::vector<std::string> runs;      // compare: job ids or run directories
+  std::string baseline;               // compare --baseline
+  std::vector<double> budgets = {0.25, 0.5, 0.75, 1.0};  // compare --budgets
+  std::string svg_file;               // compare --svg
 };
 
 // ANSI "erase to the end of the line", after a redrawn bar that may be shorter than the last.
@@ -242,6 +249,105 @@ int Workers(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
+// A summary's "eval_curve" rebuilt from a run's metrics.jsonl (its lines with a val_loss).
+absl::StatusOr<nlohmann::json> EvalCurveFromMetrics(const std::string& path) {
+  absl::StatusOr<std::string> text = common::ReadFile(path);
+  if (!text.ok()) return text.status();
+  nlohmann::json step = nlohmann::json::array(), flops = nlohmann::json::array(),
+                 val = nlohmann::json::array(), wall = nlohmann::json::array();
+  std::istringstream lines(*text);
+  for (std::string line; std::getline(lines, line);) {
+    nlohmann::json m = nlohmann::json::parse(line, nullptr, false);
+    if (!m.is_object() || !m.contains("val_loss") || !m["val_loss"].is_number() ||
+        !m.contains("flops") || !m["flops"].is_object()) {
+      continue;
+    }
+    step.push_back(m.value("step", int64_t{0}));
+    flops.push_back(m["flops"].value("total", 0.0));
+    val.push_back(m["val_loss"].get<double>());
+    wall.push_back(m.value("wall_seconds", 0.0));
+  }
+  if (step.empty()) return absl::NotFoundError(path + ": no evaluation lines");
+  return nlohmann::json{{"step", step}, {"flops", flops}, {"val_loss", val}, {"wall_seconds", wall}};
+}
+
+// compare's runs: a directory holding summary.json (a mat-train --out, a downloaded job) is read
+// from disk; anything else is a job id, whose summary the coordinator holds once it finished.
+absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
+  std::vector<CompareRun> runs;
+  std::unique_ptr<JobClient> client;
+  for (const std::string& name : o.runs) {
+    std::error_code error;
+    if (std::filesystem::is_directory(name, error)) {
+      const std::string path = (std::filesystem::path(name) / "summary.json").string();
+      absl::StatusOr<std::string> text = common::ReadFile(path);
+      if (!text.ok()) return text.status();
+      nlohmann::json summary = nlohmann::json::parse(*text, nullptr, false);
+      if (summary.is_discarded() || !summary.is_object()) {
+        return absl::InvalidArgumentError(path + ": not a JSON object");
+      }
+      if (!summary.contains("eval_curve")) {
+        // A run from before summaries carried their curve: its metrics.jsonl has the points.
+        absl::StatusOr<nlohmann::json> curve =
+            EvalCurveFromMetrics((std::filesystem::path(name) / "metrics.jsonl").string());
+        if (curve.ok()) summary["eval_curve"] = std::move(*curve);
+      }
+      runs.push_back({name, std::move(summary)});
+      continue;
+    }
+    if (client == nullptr) {
+      absl::StatusOr<std::unique_ptr<JobClient>> made =
+          JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+      if (!made.ok()) return made.status();
+      client = std::move(*made);
+    }
+    absl::StatusOr<v1::GetJobReply> job = client->GetJob(name);
+    if (!job.ok()) return job.status();
+    if (job->job().summary_json().empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(name, " has no summary yet (state ",
+                       coordinator::JobStateName(job->job().state()),
+                       "); compare needs finished jobs"));
+    }
+    nlohmann::json summary = nlohmann::json::parse(job->job().summary_json(), nullptr, false);
+    if (summary.is_discarded() || !summary.is_object()) {
+      return absl::DataLossError(name + ": the coordinator's summary is not a JSON object");
+    }
+    runs.push_back({name, std::move(summary)});
+  }
+  return runs;
+}
+
+int Compare(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<std::vector<CompareRun>> runs = LoadRuns(o);
+  if (!runs.ok()) return Fail(err, runs.status());
+  int baseline = DefaultBaseline(*runs);
+  if (!o.baseline.empty()) {
+    baseline = -1;
+    for (size_t i = 0; i < runs->size(); ++i) {
+      if ((*runs)[i].name == o.baseline) baseline = static_cast<int>(i);
+    }
+    if (baseline < 0) {
+      return Fail(err, absl::InvalidArgumentError("--baseline " + o.baseline +
+                                                  " is not one of the runs compared"));
+    }
+  }
+  absl::StatusOr<CompareTable> table = CompareRuns(*runs, baseline, o.budgets);
+  if (!table.ok()) return Fail(err, table.status());
+  if (!o.svg_file.empty()) {
+    absl::StatusOr<std::string> svg = RenderCompareSvg(
+        *runs, *table, "validation loss against FLOPs (baseline " + table->baseline + ")");
+    if (!svg.ok()) return Fail(err, svg.status());
+    if (absl::Status s = common::WriteFileAtomic(o.svg_file, *svg); !s.ok()) return Fail(err, s);
+  }
+  if (o.output == "json") {
+    out << CompareToJson(*table).dump(2) << "\n";
+  } else {
+    out << FormatCompareTable(*table);
+  }
+  return kExitOk;
+}
+
 // --progress / --no-progress on a command that watches.
 void AddProgressFlags(CLI::App* command, MatctlOptions& o) {
   CLI::Option* on = command->add_flag(
@@ -344,6 +450,24 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   CLI::App* workers = app.add_subcommand(
       "workers", "list the coordinator's workers (state, device, host, job, rank, last seen)");
 
+  CLI::App* compare = app.add_subcommand(
+      "compare", "finished runs side by side: loss at equal FLOP budgets, test, cost to the "
+                 "baseline's best");
+  compare->footer(
+      "RUN is a job id (the coordinator's summary, once the job finished) or a directory "
+      "holding a summary.json (mat-train --out, a downloaded job). The baseline is --baseline, "
+      "else the first run with policy full, else the first run. VAL@b is the validation loss "
+      "at the last evaluation within b x the baseline's FLOPs.");
+  compare->add_option("runs", o.runs, "job ids or run directories")->required();
+  compare->add_option("--baseline", o.baseline, "the run the others are measured against");
+  compare->add_option("--budgets", o.budgets, "FLOP budgets as fractions of the baseline's")
+      ->delimiter(',')
+      ->capture_default_str();
+  compare->add_option("-o,--output", o.output, "text or json")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->default_val("text");
+  compare->add_option("--svg", o.svg_file, "also write validation loss against FLOPs as SVG");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -359,6 +483,7 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   if (spectra->parsed()) return Spectra(o, out, err);
   if (plot->parsed()) return Plot(o, out, err);
   if (workers->parsed()) return Workers(o, out, err);
+  if (compare->parsed()) return Compare(o, out, err);
   return Fail(err, absl::InternalError("no command"));  // require_subcommand prevents this
 }
 

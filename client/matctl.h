@@ -16,6 +16,9 @@
 //                                                   overlay (client/plot.h); prints FILE.svg
 //     workers                                       table: WORKER STATE DEVICE HOST JOB RANK
 //                                                   LAST-SEEN
+//     compare RUN... [--baseline RUN] [--budgets 0.25,0.5,0.75,1] [-o text|json] [--svg FILE]
+//                                                   finished jobs (or run directories) side by
+//                                                   side: client/compare.h
 //
 // A job spec is checked before it is sent (ParseJobSpecYaml + ValidateJobSpec: INVALID_ARGUMENT
 // naming the key), and again by the coordinator.

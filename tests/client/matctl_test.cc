@@ -477,6 +477,46 @@ TEST_F(MatctlTest, UnreachableCoordinatorIsUnavailableWithinTheTimeout) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, 4s);
 }
 
+// compare reads run directories (mat-train --out) as well as jobs; a summary written before
+// summaries carried eval_curve gets it from the run's metrics.jsonl.
+TEST_F(MatctlTest, CompareReadsRunDirectoriesAndOldRunsMetrics) {
+  fs::create_directories(root_ + "/full");
+  fs::create_directories(root_ + "/mat");
+  WriteFile("full/summary.json",
+            R"({"mode": "full", "seed": 1, "steps": 20, "flops_total": 100, "best_val_loss": 5.0,
+                "best_step": 20, "test_metric_name": "loss", "test_metric": 5.1,
+                "flops_to_best": 100, "wall_seconds": 9, "wall_seconds_to_best": 8,
+                "mean_active_fraction": 1,
+                "eval_curve": {"step": [10, 20], "flops": [50, 100], "val_loss": [6.0, 5.0],
+                               "wall_seconds": [4, 8]}})");
+  WriteFile("mat/summary.json",
+            R"({"mode": "mat", "seed": 1, "steps": 20, "flops_total": 70, "best_val_loss": 4.9,
+                "best_step": 20, "test_metric_name": "loss", "test_metric": 5.0,
+                "wall_seconds": 7, "mean_active_fraction": 0.5})");
+  WriteFile("mat/metrics.jsonl",
+            "{\"step\": 10, \"val_loss\": 5.8, \"flops\": {\"total\": 35}, \"wall_seconds\": 3}\n"
+            "{\"step\": 20, \"val_loss\": 4.9, \"flops\": {\"total\": 70}, \"wall_seconds\": 6}\n");
+  Result r = Run({"compare", root_ + "/mat", root_ + "/full", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["baseline"], root_ + "/full");
+  EXPECT_EQ(j["runs"][0]["val_loss_at_budget"],
+            nlohmann::json({nullptr, 5.8, 4.9, 4.9}));  // at 25, 50, 75, 100 of 100 FLOPs
+  EXPECT_EQ(j["runs"][0]["flops_to_baseline_best"], 70.0);
+  EXPECT_EQ(j["runs"][0]["wall_seconds_to_baseline_best"], 6.0);
+  EXPECT_DOUBLE_EQ(j["runs"][0]["flops_ratio"].get<double>(), 0.7);
+  Result text = Run({"compare", root_ + "/mat", root_ + "/full", "--baseline", root_ + "/mat"});
+  ASSERT_EQ(text.code, 0) << text.err;
+  EXPECT_THAT(text.out, HasSubstr("baseline: " + root_ + "/mat (mat"));
+  // A run that is neither a directory nor a known job; a --baseline that is not compared.
+  Result missing = Run({"compare", root_ + "/full", "job-000077"});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_THAT(missing.err, HasSubstr("job-000077"));
+  Result bad = Run({"compare", root_ + "/full", "--baseline", "elsewhere"});
+  EXPECT_EQ(bad.code, 1);
+  EXPECT_THAT(bad.err, HasSubstr("--baseline elsewhere"));
+}
+
 TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(Run({}).code, 2);
   EXPECT_EQ(Run({"frobnicate"}).code, 2);
@@ -487,10 +527,12 @@ TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(Run({"submit", kTinyJob, "--progress"}).code, 2) << "--progress needs --wait";
   EXPECT_EQ(Run({"plot", "job-000001"}).code, 2) << "--out is required";
   EXPECT_EQ(Run({"workers", "extra"}).code, 2);
+  EXPECT_EQ(Run({"compare"}).code, 2) << "a run is required";
+  EXPECT_EQ(Run({"compare", "a", "-o", "yaml"}).code, 2);
   Result help = Run({"--help"});
   EXPECT_EQ(help.code, 0);
   for (const char* command : {"submit", "list", "status", "cancel", "watch", "spectra", "plot",
-                              "workers"}) {
+                              "workers", "compare"}) {
     EXPECT_THAT(help.out, HasSubstr(command));
   }
   Result plot_help = Run({"plot", "--help"});

@@ -12,6 +12,9 @@
 //     parameters AND BatchNorm running statistics on both ranks (averaged over the ranks before
 //     every probe, evaluation and checkpoint), identical masks over filter groups, and top-1
 //     accuracy as its test metric;
+//   - `matctl compare` of a MAT job and a full job gives their summaries' numbers; a job with
+//     model.init_from starts from another job's model.safetensors, a wrong shape fails naming
+//     the tensor;
 //   - a rand job with policy.rand_schedule_job replays a finished MAT job's per-group active
 //     counts at every decision step, with other (random) modules; a replay of an unknown job is
 //     refused at submission.
@@ -265,6 +268,91 @@ TEST_F(ServiceTest, TwoWorkersTrainAVggJobWithEqualParametersAndBatchNormStatist
   CommandResult spectra = Matctl(address_, {"spectra", job, "-o", "csv"});
   EXPECT_EQ(spectra.exit_code, 0) << spectra.err;
   EXPECT_THAT(spectra.out, ::testing::HasSubstr("conv7.filters1"));
+}
+
+// What a user reads back (issue 24): `matctl compare` of a MAT job and a full job gives the
+// numbers of their summaries; a job with model.init_from starts from another job's model, and
+// one whose model has another shape fails naming the tensor.
+TEST_F(ServiceTest, CompareGivesTheSummariesNumbersAndInitFromStartsFromAJobsModel) {
+  StartCoordinator();
+  StartWorker("w1");
+  std::string full_yaml = JobYaml(1, 40);
+  const std::string kind = "policy: {kind: mat,";
+  ASSERT_NE(full_yaml.find(kind), std::string::npos);
+  full_yaml.replace(full_yaml.find(kind), kind.size(), "policy: {kind: full,");
+  const std::string mat = SubmitAndWait(WriteJob("mat.yaml", JobYaml(1, 40)), 240s);
+  const std::string full = SubmitAndWait(WriteJob("full.yaml", full_yaml), 240s);
+  ASSERT_FALSE(mat.empty());
+  ASSERT_FALSE(full.empty());
+
+  CommandResult r = Matctl(address_, {"compare", mat, full, "-o", "json", "--budgets", "0.5,2",
+                                      "--svg", root_ + "/compare.svg"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << Logs();
+  const json c = json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(c.is_object()) << r.out;
+  EXPECT_EQ(c["baseline"], full);  // the full job, though named second
+  ASSERT_EQ(c["runs"].size(), 2u);
+  const json sm = Status(mat)["summary"], sf = Status(full)["summary"];
+  ASSERT_TRUE(sm.is_object() && sf.is_object()) << Logs();
+  const json& rm = c["runs"][0];
+  const json& rf = c["runs"][1];
+  EXPECT_EQ(rm["name"], mat);
+  EXPECT_EQ(rm["mode"], "mat");
+  EXPECT_EQ(rf["mode"], "full");
+  for (const char* key : {"flops_total", "best_val_loss", "test_metric", "mean_active_fraction"}) {
+    EXPECT_EQ(rm[key], sm[key]) << key;
+    EXPECT_EQ(rf[key], sf[key]) << key;
+  }
+  EXPECT_DOUBLE_EQ(rm["flops_ratio"].get<double>(),
+                   sm["flops_total"].get<double>() / sf["flops_total"].get<double>());
+  // At twice full's FLOPs both runs read their last evaluation; at half, the last evaluation
+  // each had made within that budget.
+  EXPECT_EQ(rf["val_loss_at_budget"][1], sf["eval_curve"]["val_loss"].back());
+  EXPECT_EQ(rm["val_loss_at_budget"][1], sm["eval_curve"]["val_loss"].back());
+  const double half = 0.5 * sf["flops_total"].get<double>();
+  for (const json* pair : {&rm, &rf}) {
+    const json& summary = pair == &rm ? sm : sf;
+    json expected = nullptr;
+    for (size_t i = 0; i < summary["eval_curve"]["flops"].size(); ++i) {
+      if (summary["eval_curve"]["flops"][i].get<double>() <= half) {
+        expected = summary["eval_curve"]["val_loss"][i];
+      }
+    }
+    EXPECT_EQ((*pair)["val_loss_at_budget"][0], expected) << (*pair)["name"];
+  }
+  EXPECT_EQ(rf["flops_to_baseline_best"], sf["flops_to_best"]);
+  EXPECT_THAT(ReadText(root_ + "/compare.svg"), ::testing::HasSubstr("<polyline"));
+  CommandResult text = Matctl(address_, {"compare", mat, full});
+  EXPECT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_THAT(text.out, ::testing::HasSubstr("baseline: " + full + " (full"));
+
+  // model.init_from: the full job's model, as rank 0 wrote it.
+  const std::string model = root_ + "/w1/jobs/" + full + "/rank0/model.safetensors";
+  ASSERT_TRUE(fs::exists(model)) << Logs();
+  std::string from_yaml = full_yaml;
+  const std::string model_key = "model: {kind: bert,";
+  from_yaml.replace(from_yaml.find(model_key), model_key.size(),
+                    "model: {kind: bert, init_from: " + model + ",");
+  const std::string from = SubmitAndWait(WriteJob("from.yaml", from_yaml), 240s);
+  const json sfrom = Status(from)["summary"];
+  ASSERT_TRUE(sfrom.is_object()) << Logs();
+  // It starts where the full job ended: its first evaluation is below the full job's first.
+  EXPECT_LT(sfrom["eval_curve"]["val_loss"][0].get<double>(),
+            sf["eval_curve"]["val_loss"][0].get<double>());
+  std::string wrong_yaml = from_yaml;
+  const std::string d_ff = "d_ff: 128";
+  ASSERT_NE(wrong_yaml.find(d_ff), std::string::npos);
+  wrong_yaml.replace(wrong_yaml.find(d_ff), d_ff.size(), "d_ff: 256");
+  const std::string wrong = SubmitAndWait(WriteJob("wrong.yaml", wrong_yaml), 240s, 1);
+  const json sw = Status(wrong);
+  EXPECT_EQ(sw["state"], "FAILED") << sw.dump(2);
+  EXPECT_THAT(sw["error_message"].get<std::string>(), ::testing::HasSubstr("model.init_from"));
+  EXPECT_THAT(sw["error_message"].get<std::string>(), ::testing::HasSubstr("has shape"));
+
+  // compare of a job without a summary is refused naming it.
+  CommandResult unfinished = Matctl(address_, {"compare", wrong, full});
+  EXPECT_EQ(unfinished.exit_code, 1);
+  EXPECT_THAT(unfinished.err, ::testing::HasSubstr(wrong + " has no summary"));
 }
 
 // The service form of the paper's "-Rand" baseline: a rand job with policy.rand_schedule_job

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "agent/log_forwarder.h"
 #include "agent/worker_agent.h"
 #include "common/allocator.h"
 #include "common/logging.h"
@@ -99,6 +100,11 @@ int main(int argc, char** argv) {
   config.mask_timeout = std::chrono::milliseconds(mask_timeout_ms);
   config.rendezvous_timeout = std::chrono::milliseconds(rendezvous_timeout_ms);
   mat::common::InitLogging(log_level, log_json);
+  // Each rank's lines also go to the coordinator (`matctl logs`).
+  auto log_forwarder = std::make_shared<mat::agent::LogForwarder>();
+  log_forwarder->set_level(spdlog::default_logger()->level());
+  spdlog::default_logger()->sinks().push_back(log_forwarder);
+  config.logs = log_forwarder.get();
   mat::common::ConfigureAllocatorForTraining();
 
   sigset_t stop_signals;

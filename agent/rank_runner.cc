@@ -132,7 +132,23 @@ v1::WorkerMessage RankRunner::Message() const {
   return m;
 }
 
+void RankRunner::SendLogs() {
+  if (options_.logs == nullptr) return;
+  while (true) {
+    std::vector<v1::LogLine> lines = options_.logs->Take(1000);
+    if (lines.empty()) return;
+    v1::WorkerMessage m = Message();
+    v1::LogBatch* batch = m.mutable_logs();
+    batch->set_job_id(job_id());
+    batch->set_rank(rank());
+    batch->set_attempt(assign_.attempt());
+    for (v1::LogLine& line : lines) *batch->add_lines() = std::move(line);
+    send_(m);
+  }
+}
+
 void RankRunner::Main() {
+  if (options_.logs != nullptr) options_.logs->Arm(job_id());
   std::string summary, checksum;
   int64_t step = 0;
   absl::Status status = Train(&summary, &checksum, &step);
@@ -161,6 +177,8 @@ void RankRunner::Main() {
       done->set_error_message(status.ToString());
       spdlog::error("{} rank {}: failed: {}", job_id(), rank(), status.ToString());
     }
+    SendLogs();  // before RankDone: a finished job's log is complete
+    if (options_.logs != nullptr) options_.logs->Disarm();
     if (!send_(m)) {
       spdlog::warn("{} rank {}: RankDone not delivered (no session); resent on reconnect",
                    job_id(), rank());
@@ -532,6 +550,7 @@ void RankRunner::OnProgress(const worker::TrainerProgress& p) {
   progress->set_active_modules(p.active_modules);
   progress->set_wall_seconds(p.wall_seconds);
   send_(m);
+  SendLogs();
 }
 
 absl::Status RankRunner::CheckContinue() {

@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "agent/log_forwarder.h"
 #include "agent/worker_metrics.h"
 #include "mat/v1/service.pb.h"
 #include "worker/trainer.h"
@@ -95,6 +96,9 @@ struct RankRunnerOptions {
   std::vector<std::string> data_roots;
   // Where the rank's metrics go; borrowed, must outlive the runner; nullptr = none.
   WorkerMetrics* metrics = nullptr;
+  // The process's log lines while this rank runs, forwarded to the coordinator (LogBatch) with
+  // each Progress and before RankDone; borrowed, must outlive the runner; nullptr = none.
+  LogForwarder* logs = nullptr;
 };
 
 class RankRunner : public worker::TrainerHooks {
@@ -139,6 +143,9 @@ class RankRunner : public worker::TrainerHooks {
   absl::StatusOr<bool> WaitForMask(int64_t step, v1::MaskUpdate* mask);
   // Sends `m`; when there is no session, keeps nothing (callers keep what must be resent).
   bool Send(const v1::WorkerMessage& m);
+  // Sends the lines options_.logs kept since the last call, in batches of at most 1000 (lines
+  // that find no session are lost: logs are best effort).
+  void SendLogs();
   // Runs the job; the summary JSON text for rank 0 ("" otherwise) and the checksum.
   absl::Status Train(std::string* summary_json, std::string* checksum, int64_t* step);
   v1::WorkerMessage Message() const;

@@ -363,6 +363,7 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       o.rendezvous_timeout = config_.rendezvous_timeout;
       o.progress_interval = config_.progress_interval;
       o.data_roots = config_.data_roots;
+      o.logs = config_.logs;
       auto runner = std::make_unique<RankRunner>(a, o, [this](const v1::WorkerMessage& m) {
         return Send(m);
       });

@@ -43,6 +43,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "agent/log_forwarder.h"
 #include "agent/rank_runner.h"
 #include "agent/worker_metrics.h"
 #include "mat/v1/service.grpc.pb.h"
@@ -85,6 +86,9 @@ struct WorkerAgentConfig {
   // Directories a job's data.dir must lie in (absolute; common/path_util.h CheckUnderRoots),
   // checked by each rank before it opens data (RankRunnerOptions::data_roots); empty = any.
   std::vector<std::string> data_roots;
+  // The process's log sink whose lines each rank forwards to the coordinator (`matctl logs`);
+  // borrowed, must outlive the agent; nullptr = none (mat-worker installs one).
+  LogForwarder* logs = nullptr;
 };
 
 class WorkerAgent {

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "coordinator/job_store.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
@@ -101,6 +102,17 @@ std::string FormatUnixTime(int64_t unix_seconds) {
   char buf[32];
   std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
   return buf;
+}
+
+std::string FormatLogLine(const v1::LogLine& line) {
+  const int64_t ms = line.time_unix_ms();
+  const int64_t seconds = ms >= 0 ? ms / 1000 : (ms - 999) / 1000;
+  std::string time = FormatUnixTime(seconds);
+  if (time.size() > 1 && time.back() == 'Z') {
+    time.pop_back();
+    time += absl::StrFormat(".%03dZ", static_cast<int>(ms - seconds * 1000));
+  }
+  return absl::StrCat(time, " [rank ", line.rank(), "] ", line.level(), ": ", line.text());
 }
 
 std::string FormatDuration(double seconds) {

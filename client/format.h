@@ -19,6 +19,9 @@ namespace mat::client {
 // "2024-11-27T03:28:03Z" (UTC); "-" for 0 (unset).
 std::string FormatUnixTime(int64_t unix_seconds);
 
+// One log line as `matctl logs` prints it: "2024-11-27T03:28:03.123Z [rank 0] info: text".
+std::string FormatLogLine(const v1::LogLine& line);
+
 // A duration, compact and rounded: "0s", "45s", "4m" (from 60 s, to the nearest minute),
 // "2h05m" (from 1 h), "3d04h" (from 1 day), ">9999d" beyond (infinity included). Negative or NaN
 // durations are "0s".

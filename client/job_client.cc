@@ -139,6 +139,19 @@ absl::StatusOr<v1::CancelJobReply> JobClient::CancelJob(const std::string& job_i
   return reply;
 }
 
+absl::StatusOr<v1::GetJobLogsReply> JobClient::GetJobLogs(const std::string& job_id, int rank,
+                                                          int64_t after_seq) {
+  v1::GetJobLogsRequest request;
+  request.set_job_id(job_id);
+  if (rank >= 0) request.set_rank(rank);
+  request.set_after_seq(after_seq);
+  v1::GetJobLogsReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->GetJobLogs(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply;
+}
+
 absl::StatusOr<v1::GetSpectraReply> JobClient::GetAllSpectra(const std::string& job_id) {
   v1::GetSpectraReply all;
   v1::GetSpectraRequest request;

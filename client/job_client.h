@@ -64,6 +64,9 @@ class JobClient {
   absl::StatusOr<std::vector<v1::Job>> ListAllJobs(const std::vector<v1::JobState>& states = {});
   absl::StatusOr<v1::CancelJobReply> CancelJob(const std::string& job_id,
                                                const std::string& reason);
+  // One page of a job's log lines after `after_seq` (GetJobLogs); `rank` < 0 = every rank.
+  absl::StatusOr<v1::GetJobLogsReply> GetJobLogs(const std::string& job_id, int rank,
+                                                 int64_t after_seq);
   // The whole λ history (every page, points concatenated; modules from the first page).
   absl::StatusOr<v1::GetSpectraReply> GetAllSpectra(const std::string& job_id);
   // Every worker the coordinator knows, by id. UNIMPLEMENTED naming the address when the

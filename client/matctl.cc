@@ -3,11 +3,13 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <ctime>
 #include <filesystem>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -49,6 +51,8 @@ struct MatctlOptions {
   std::string baseline;               // compare --baseline
   std::vector<double> budgets = {0.25, 0.5, 0.75, 1.0};  // compare --budgets
   std::string svg_file;               // compare --svg
+  int rank = -1;                      // logs --rank
+  bool follow = false;                // logs --follow
 };
 
 // ANSI "erase to the end of the line", after a redrawn bar that may be shorter than the last.
@@ -348,6 +352,37 @@ int Compare(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
+bool Terminal(v1::JobState s) {
+  return s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED ||
+         s == v1::JOB_STATE_CANCELLED;
+}
+
+// Prints the job's kept lines; with --follow, polls for new ones until the job has ended and
+// every line is printed.
+int Logs(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
+  int64_t after = 0;
+  bool first = true;
+  while (true) {
+    absl::StatusOr<v1::GetJobLogsReply> reply = client.GetJobLogs(o.job_id, o.rank, after);
+    if (!reply.ok()) return Fail(err, reply.status());
+    if (first && reply->dropped() > 0) {
+      err << "matctl: the coordinator dropped " << reply->dropped()
+          << " older lines of " << o.job_id << " (mat-coordinator --max-log-lines)\n";
+    }
+    first = false;
+    for (const v1::LogLine& line : reply->lines()) out << FormatLogLine(line) << "\n";
+    out << std::flush;
+    after = reply->last_seq();
+    if (reply->lines_size() > 0) continue;  // maybe more pages
+    if (!o.follow || Terminal(reply->state())) return kExitOk;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+}
+
 // --progress / --no-progress on a command that watches.
 void AddProgressFlags(CLI::App* command, MatctlOptions& o) {
   CLI::Option* on = command->add_flag(
@@ -450,6 +485,12 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   CLI::App* workers = app.add_subcommand(
       "workers", "list the coordinator's workers (state, device, host, job, rank, last seen)");
 
+  CLI::App* logs = app.add_subcommand(
+      "logs", "print a job's log lines as its ranks forwarded them (like kubectl logs)");
+  logs->add_option("job", o.job_id, "job id")->required();
+  logs->add_option("--rank", o.rank, "only this rank's lines")->check(CLI::NonNegativeNumber);
+  logs->add_flag("-f,--follow", o.follow, "keep printing new lines until the job ends");
+
   CLI::App* compare = app.add_subcommand(
       "compare", "finished runs side by side: loss at equal FLOP budgets, test, cost to the "
                  "baseline's best");
@@ -484,6 +525,7 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   if (plot->parsed()) return Plot(o, out, err);
   if (workers->parsed()) return Workers(o, out, err);
   if (compare->parsed()) return Compare(o, out, err);
+  if (logs->parsed()) return Logs(o, out, err);
   return Fail(err, absl::InternalError("no command"));  // require_subcommand prevents this
 }
 

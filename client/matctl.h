@@ -16,6 +16,8 @@
 //                                                   overlay (client/plot.h); prints FILE.svg
 //     workers                                       table: WORKER STATE DEVICE HOST JOB RANK
 //                                                   LAST-SEEN
+//     logs JOB [--rank R] [-f|--follow]              the job's log lines ("TIME [rank R] level:
+//                                                   text"); --follow until the job ends
 //     compare RUN... [--baseline RUN] [--budgets 0.25,0.5,0.75,1] [-o text|json] [--svg FILE]
 //                                                   finished jobs (or run directories) side by
 //                                                   side: client/compare.h

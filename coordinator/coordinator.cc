@@ -265,6 +265,40 @@ absl::StatusOr<v1::CancelJobReply> Coordinator::CancelJob(const std::string& job
   return reply;
 }
 
+absl::StatusOr<v1::GetJobLogsReply> Coordinator::GetJobLogs(
+    const v1::GetJobLogsRequest& request) {
+  MAT_RETURN_IF_ERROR(CheckJobId(request.job_id()));
+  if (request.has_rank() && request.rank() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("rank must be >= 0, got ", request.rank()));
+  }
+  if (request.after_seq() < 0 || request.max_lines() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("after_seq and max_lines must be >= 0, got ",
+                                                   request.after_seq(), " and ",
+                                                   request.max_lines()));
+  }
+  const int limit = request.max_lines() == 0 ? 1000 : std::min(request.max_lines(), 10000);
+  // The state first: when it is terminal, every line the ranks sent is already stored.
+  MAT_ASSIGN_OR_RETURN(JobRecord job, store_->GetJob(request.job_id()));
+  std::optional<int> rank;
+  if (request.has_rank()) rank = request.rank();
+  MAT_ASSIGN_OR_RETURN(JobLogPage page,
+                       store_->GetJobLogs(request.job_id(), rank, request.after_seq(), limit));
+  v1::GetJobLogsReply reply;
+  reply.set_state(job.state);
+  reply.set_dropped(page.dropped);
+  reply.set_last_seq(request.after_seq());
+  for (const LogLineRecord& l : page.lines) {
+    v1::LogLine* out = reply.add_lines();
+    out->set_seq(l.seq);
+    out->set_rank(l.rank);
+    out->set_time_unix_ms(l.time_unix_ms);
+    out->set_level(l.level);
+    out->set_text(l.text);
+    reply.set_last_seq(l.seq);
+  }
+  return reply;
+}
+
 absl::StatusOr<v1::GetSpectraReply> Coordinator::GetSpectra(
     const v1::GetSpectraRequest& request) {
   MAT_RETURN_IF_ERROR(CheckJobId(request.job_id()));

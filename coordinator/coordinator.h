@@ -8,7 +8,7 @@
 //               for fields this server does not know; policy.rand_schedule_job against the
 //               store), stores it QUEUED, runs the scheduler; idempotent by client_request_id
 //               (ALREADY_EXISTS when reused for a different spec).
-//   GetJob, ListJobs, GetSpectra   read the store (NOT_FOUND naming an unknown job).
+//   GetJob, ListJobs, GetSpectra, GetJobLogs   read the store (NOT_FOUND naming an unknown job).
 //   CancelJob   QUEUED | RUNNING | RESTARTING -> CANCELLED, Cancel to every rank still running;
 //               FAILED_PRECONDITION when finished.
 //   WatchJob    subscribes a listener to a job's events (see JobEventListener).
@@ -120,6 +120,8 @@ struct CoordinatorOptions {
   int64_t max_jobs_per_client = 0;
   // Restarts after worker losses per job, count; the next loss fails the job.
   int64_t max_restarts = 10;
+  // Log lines kept per job (LogBatch; GetJobLogs), the newest; 0 = unbounded.
+  int64_t max_log_lines_per_job = 10000;
 };
 
 // Where the Coordinator sends one worker's messages: the adapter's Session stream (which queues
@@ -193,6 +195,9 @@ class Coordinator {
   // λ_max history from the store, paged by probe steps (paging as ListJobs). `modules` (every
   // page) is empty until rank 0 declares them. NOT_FOUND for an unknown job.
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);
+  // A job's log lines (GetJobLogs). INVALID_ARGUMENT for a negative rank, after_seq or
+  // max_lines; NOT_FOUND for an unknown job.
+  absl::StatusOr<v1::GetJobLogsReply> GetJobLogs(const v1::GetJobLogsRequest& request);
 
   // Subscribes `listener` to `job_id`. Before returning it calls the listener once with the
   // job's current state (a JobStateChange event; `last` = true when the job is already finished,
@@ -468,6 +473,8 @@ class Coordinator {
   absl::Status HandleMaskAck(const std::string& worker_id, const v1::MaskAck& ack);
   absl::Status HandleProgress(const std::string& worker_id, const v1::Progress& progress);
   absl::Status HandleRankDone(const std::string& worker_id, const v1::RankDone& done);
+  // Stores a rank's log lines (more than 1000 in a batch: INVALID_ARGUMENT).
+  absl::Status HandleLogs(const std::string& worker_id, const v1::LogBatch& batch);
 
   std::unique_ptr<JobStore> store_;
   CoordinatorOptions options_;

@@ -71,12 +71,13 @@ absl::Status CoordinatorDaemon::StartImpl() {
     MAT_RETURN_IF_ERROR(ParseHostPort(config_.metrics_listen_address).status());
   }
   if (config_.max_receive_message_bytes < 1 || config_.max_spec_bytes < 0 ||
-      config_.max_model_params < 0 || config_.max_jobs_per_client < 0) {
+      config_.max_model_params < 0 || config_.max_jobs_per_client < 0 ||
+      config_.max_log_lines < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "limits must be >= 0 (max message bytes >= 1), got max message bytes ",
         config_.max_receive_message_bytes, ", max spec bytes ", config_.max_spec_bytes,
         ", max model params ", config_.max_model_params, ", max jobs per client ",
-        config_.max_jobs_per_client));
+        config_.max_jobs_per_client, ", max log lines ", config_.max_log_lines));
   }
   for (const std::string& root : config_.data_roots) {
     if (root.empty() || root.front() != '/') {
@@ -113,6 +114,7 @@ absl::Status CoordinatorDaemon::StartImpl() {
   coordinator_options.spec_limits.max_spec_bytes = config_.max_spec_bytes;
   coordinator_options.spec_limits.max_model_params = config_.max_model_params;
   coordinator_options.max_jobs_per_client = config_.max_jobs_per_client;
+  coordinator_options.max_log_lines_per_job = config_.max_log_lines;
   coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
   heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   metrics_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);

@@ -94,6 +94,8 @@ struct CoordinatorDaemonConfig {
   // Active (queued, running, restarting) jobs per client (bearer token, or peer host without
   // auth), count; 0 = unlimited.
   int64_t max_jobs_per_client = 100;
+  // Log lines kept per job (the newest; `matctl logs`), count; 0 = unbounded.
+  int64_t max_log_lines = 10000;
   // Events queued per WatchJob stream before its progress events are dropped, count.
   int max_queued_watch_events = 1024;
   // Workers must send something at least this often (RegisterReply.heartbeat_interval_ms); one

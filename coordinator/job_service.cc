@@ -213,4 +213,14 @@ grpc::ServerUnaryReactor* JobService::ListWorkers(grpc::CallbackServerContext* c
   return RunOnLoop(loop_, context, reply, [this] { return coordinator_.ListWorkers(); });
 }
 
+grpc::ServerUnaryReactor* JobService::GetJobLogs(grpc::CallbackServerContext* context,
+                                                 const v1::GetJobLogsRequest* request,
+                                                 v1::GetJobLogsReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
+  return RunOnLoop(loop_, context, reply,
+                   [this, request] { return coordinator_.GetJobLogs(*request); });
+}
+
 }  // namespace mat::coordinator

@@ -115,6 +115,18 @@ CREATE INDEX jobs_client_state ON jobs (client, state);
 
 // Version 4: what a restarted job needs to continue its policy bit for bit: the policy's state
 // after each decision and the MaskUpdate sent for it. Applied after kMigrationV2ToV3.
+constexpr const char* kMigrationV4ToV5 = R"sql(
+CREATE TABLE job_logs (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  seq INTEGER NOT NULL CHECK (seq >= 1),
+  rank INTEGER NOT NULL CHECK (rank >= 0),
+  time_unix_ms INTEGER NOT NULL,
+  level TEXT NOT NULL,
+  text TEXT NOT NULL,
+  PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+)sql";
+
 constexpr const char* kMigrationV3ToV4 = R"sql(
 ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
@@ -344,6 +356,7 @@ absl::Status JobStore::EnsureSchema() {
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV2ToV3));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV3ToV4));
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV4ToV5));
     MAT_RETURN_IF_ERROR(
         db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
                                kJobStoreSchemaVersion, ")")));
@@ -377,6 +390,11 @@ absl::Status JobStore::EnsureSchema() {
   if (version == 3) {
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV3ToV4));
     MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 4"));
+    version = 4;
+  }
+  if (version == 4) {
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV4ToV5));
+    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 5"));
   }
   return txn.Commit();
 }

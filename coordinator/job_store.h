@@ -18,9 +18,11 @@
 //                   (v4) the policy's SaveState() text after the decision and the serialized
 //                   mat.v1.MaskUpdate sent for it ("" for rows written before v4), so that a
 //                   restarted job continues its policy from any decided step
+//   job_logs        (v5) (job, seq) -> rank, time (ms), level, text: the lines its ranks
+//                   forwarded (`matctl logs`), the newest max_lines per job
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
-// client column and its index), 4 (the decisions' policy state and mask). Open
+// client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -55,7 +57,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 4;
+inline constexpr int kJobStoreSchemaVersion = 5;
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -108,6 +110,20 @@ struct LambdaPoint {
 struct LambdaPage {
   std::vector<LambdaPoint> points;  // ascending step
   std::string next_page_token;      // "" on the last page
+};
+
+// One line of a job's log (`matctl logs`), as a rank forwarded it.
+struct LogLineRecord {
+  int64_t seq = 0;          // per job from 1, assigned by AppendJobLogs
+  int rank = 0;
+  int64_t time_unix_ms = 0;
+  std::string level;
+  std::string text;
+};
+
+struct JobLogPage {
+  std::vector<LogLineRecord> lines;  // ascending seq
+  int64_t dropped = 0;               // the job's lines removed by the bound so far
 };
 
 struct DecisionRecord {
@@ -280,6 +296,18 @@ class JobStore {
   // active_modules. INVALID_ARGUMENT as those two, or for mask_version < 1 or
   // active_modules < 0; NOT_FOUND for an unknown job.
   absl::Status RecordDecision(const std::string& job_id, const DecisionUpdate& update);
+
+  // ----- logs -----
+
+  // Appends `lines` (their seq and rank ignored) to the job's log as `rank`'s, numbered on from
+  // the job's highest seq, then removes the job's oldest lines beyond `max_lines` (0 = no
+  // bound). INVALID_ARGUMENT for rank < 0 or max_lines < 0; NOT_FOUND for an unknown job.
+  absl::Status AppendJobLogs(const std::string& job_id, int rank,
+                             const std::vector<LogLineRecord>& lines, int64_t max_lines);
+  // The job's lines with seq > after_seq (only `rank`'s when set), ascending, at most `limit`
+  // (1 … 10000, else INVALID_ARGUMENT). NOT_FOUND for an unknown job.
+  absl::StatusOr<JobLogPage> GetJobLogs(const std::string& job_id, std::optional<int> rank,
+                                        int64_t after_seq, int limit);
 
   // ----- workers and assignments -----
 

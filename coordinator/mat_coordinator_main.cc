@@ -84,6 +84,10 @@ int main(int argc, char** argv) {
                  "token, or its host without --auth-token-file; 0 = no limit)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--max-log-lines", config.max_log_lines,
+                 "log lines kept per job, the newest (matctl logs; 0 = no limit)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

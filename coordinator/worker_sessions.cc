@@ -92,6 +92,8 @@ std::string JobIdOf(const v1::WorkerMessage& message) {
       return message.modules().job_id();
     case v1::WorkerMessage::kDone:
       return message.done().job_id();
+    case v1::WorkerMessage::kLogs:
+      return message.logs().job_id();
     default:
       return "";
   }
@@ -341,6 +343,8 @@ absl::Status Coordinator::HandleBody(const std::string& worker_id,
       return HandleModuleList(worker_id, message.modules());
     case v1::WorkerMessage::kDone:
       return HandleRankDone(worker_id, message.done());
+    case v1::WorkerMessage::kLogs:
+      return HandleLogs(worker_id, message.logs());
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("message from ", worker_id, " has no body"));

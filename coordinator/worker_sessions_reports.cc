@@ -411,6 +411,29 @@ absl::Status Coordinator::HandleMaskAck(const std::string& worker_id, const v1::
 
 // ----- Progress -----
 
+absl::Status Coordinator::HandleLogs(const std::string& worker_id, const v1::LogBatch& batch) {
+  MAT_ASSIGN_OR_RETURN(RankRef ref,
+                       CheckRank(worker_id, batch.job_id(), batch.rank(), batch.attempt()));
+  constexpr int kMaxLinesPerBatch = 1000;
+  constexpr size_t kMaxTextBytes = 4096, kMaxLevelBytes = 16;
+  if (batch.lines_size() > kMaxLinesPerBatch) {
+    return absl::InvalidArgumentError(absl::StrCat("logs of ", batch.job_id(), " rank ", ref.rank,
+                                                   ": ", batch.lines_size(),
+                                                   " lines in one batch; at most ",
+                                                   kMaxLinesPerBatch));
+  }
+  std::vector<LogLineRecord> lines;
+  lines.reserve(batch.lines_size());
+  for (const v1::LogLine& l : batch.lines()) {
+    LogLineRecord r;
+    r.time_unix_ms = l.time_unix_ms();
+    r.level = l.level().substr(0, kMaxLevelBytes);
+    r.text = l.text().substr(0, kMaxTextBytes);
+    lines.push_back(std::move(r));
+  }
+  return store_->AppendJobLogs(batch.job_id(), ref.rank, lines, options_.max_log_lines_per_job);
+}
+
 absl::Status Coordinator::HandleProgress(const std::string& worker_id,
                                          const v1::Progress& progress) {
   MAT_ASSIGN_OR_RETURN(RankRef ref, CheckRank(worker_id, progress.job_id(), progress.rank(),

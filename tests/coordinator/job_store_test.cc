@@ -471,6 +471,64 @@ TEST_F(JobStoreTest, DecisionsAreJsonPagedAndReplaced) {
   EXPECT_EQ(second->next_page_token, "");
 }
 
+// ----- logs -----
+
+std::vector<LogLineRecord> Lines(const std::vector<std::string>& texts) {
+  std::vector<LogLineRecord> out;
+  for (const std::string& t : texts) out.push_back({99, 7, 1700000000123, "info", t});
+  return out;
+}
+
+TEST_F(JobStoreTest, LogsAreNumberedPerJobFilteredByRankBoundedAndSurviveReopen) {
+  const std::string a = Create("", Spec(1)), b = Create("", Spec(2));
+  ASSERT_TRUE(store_->AppendJobLogs(a, 0, Lines({"a0", "a1"}), 0).ok());
+  ASSERT_TRUE(store_->AppendJobLogs(b, 0, Lines({"b0"}), 0).ok());
+  ASSERT_TRUE(store_->AppendJobLogs(a, 1, Lines({"a2"}), 0).ok());
+  auto all = store_->GetJobLogs(a, std::nullopt, 0, 100);
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->lines.size(), 3u);
+  EXPECT_EQ(all->dropped, 0);
+  // Numbered per job from 1 (the records' own seq and rank are not used).
+  EXPECT_EQ(all->lines[0].seq, 1);
+  EXPECT_EQ(all->lines[2].seq, 3);
+  EXPECT_EQ(all->lines[0].rank, 0);
+  EXPECT_EQ(all->lines[2].rank, 1);
+  EXPECT_EQ(all->lines[1].text, "a1");
+  EXPECT_EQ(all->lines[1].level, "info");
+  EXPECT_EQ(all->lines[1].time_unix_ms, 1700000000123);
+  auto other = store_->GetJobLogs(b, std::nullopt, 0, 100);
+  ASSERT_TRUE(other.ok());
+  ASSERT_EQ(other->lines.size(), 1u);
+  EXPECT_EQ(other->lines[0].seq, 1);
+  auto rank1 = store_->GetJobLogs(a, 1, 0, 100);
+  ASSERT_TRUE(rank1.ok());
+  ASSERT_EQ(rank1->lines.size(), 1u);
+  EXPECT_EQ(rank1->lines[0].text, "a2");
+  auto after = store_->GetJobLogs(a, std::nullopt, 1, 1);
+  ASSERT_TRUE(after.ok());
+  ASSERT_EQ(after->lines.size(), 1u);
+  EXPECT_EQ(after->lines[0].seq, 2);
+
+  // A bound of 4 keeps the newest 4 and counts the rest as dropped.
+  ASSERT_TRUE(store_->AppendJobLogs(a, 0, Lines({"a3", "a4", "a5"}), 4).ok());
+  Reopen();
+  auto bounded = store_->GetJobLogs(a, std::nullopt, 0, 100);
+  ASSERT_TRUE(bounded.ok());
+  ASSERT_EQ(bounded->lines.size(), 4u);
+  EXPECT_EQ(bounded->lines.front().text, "a2");
+  EXPECT_EQ(bounded->lines.back().seq, 6);
+  EXPECT_EQ(bounded->dropped, 2);
+
+  EXPECT_EQ(store_->AppendJobLogs("job-000099", 0, Lines({"x"}), 0).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->GetJobLogs("job-000099", std::nullopt, 0, 10).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->AppendJobLogs(a, -1, Lines({"x"}), 0).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->GetJobLogs(a, std::nullopt, 0, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 // ----- progress, summary and modules -----
 
 TEST_F(JobStoreTest, ProgressSummaryAndModulesAreStoredAndSurviveReopen) {
@@ -791,7 +849,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -830,7 +888,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -848,11 +906,11 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
   // What a version-2 coordinator left: no client column, no index.
   RawExec("DROP INDEX jobs_client_state; ALTER TABLE jobs DROP COLUMN client; "
           "ALTER TABLE decisions DROP COLUMN policy_state; "
-          "ALTER TABLE decisions DROP COLUMN mask_update; "
+          "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -868,10 +926,10 @@ TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
   store_.reset();
   // What a version-3 coordinator left: decisions without the policy state and the mask.
   RawExec("ALTER TABLE decisions DROP COLUMN policy_state; "
-          "ALTER TABLE decisions DROP COLUMN mask_update; "
+          "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
           "UPDATE schema_version SET version = 3;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "4");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
   auto old = store_->LatestDecisionAtOrBefore(id, 100);
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_TRUE(old->has_value());

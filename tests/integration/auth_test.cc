@@ -171,6 +171,14 @@ TEST_F(AuthTest, TokensRefuseMatctlAndWorkersWithoutTheRightOne) {
   CommandResult watch = Matctl(address_, {"--token-file", wrong, "watch", "job-000001"});
   EXPECT_EQ(watch.exit_code, 1);
   EXPECT_THAT(watch.err, HasSubstr("PERMISSION_DENIED: unknown token"));
+  // Logs need the token too (the job need not exist: the token is checked first).
+  CommandResult logs = Matctl(address_, {"logs", "job-000001"});
+  EXPECT_EQ(logs.exit_code, 1);
+  EXPECT_THAT(logs.err, HasSubstr("UNAUTHENTICATED: missing bearer token"));
+  CommandResult logs_wrong = Matctl(address_, {"--token-file", wrong, "logs", "job-000001"});
+  EXPECT_THAT(logs_wrong.err, HasSubstr("PERMISSION_DENIED: unknown token"));
+  CommandResult logs_good = Matctl(address_, {"--token-file", tokens, "logs", "job-000001"});
+  EXPECT_THAT(logs_good.err, HasSubstr("NOT_FOUND")) << "past the token check";
   CommandResult missing_file = Matctl(address_, {"--token-file", root_ + "/nope.txt", "list"});
   EXPECT_EQ(missing_file.exit_code, 1);
   EXPECT_THAT(missing_file.err, HasSubstr(root_ + "/nope.txt"));

@@ -12,6 +12,8 @@
 //     parameters AND BatchNorm running statistics on both ranks (averaged over the ranks before
 //     every probe, evaluation and checkpoint), identical masks over filter groups, and top-1
 //     accuracy as its test metric;
+//   - `matctl logs --follow` prints a running 2-rank job's forwarded lines and ends with the job;
+//     a failed job's error is its last line;
 //   - `matctl compare` of a MAT job and a full job gives their summaries' numbers; a job with
 //     model.init_from starts from another job's model.safetensors, a wrong shape fails naming
 //     the tensor;
@@ -223,6 +225,12 @@ TEST_F(ServiceTest, AMissingDatasetFailsTheJobWithTheWorkersError) {
   json s = Status(job);
   EXPECT_EQ(s["state"], "FAILED") << s.dump(2);
   EXPECT_THAT(s["error_message"].get<std::string>(), ::testing::HasSubstr("no_such_corpus"));
+  // The failed rank's story is in its forwarded log: the error is the last line.
+  CommandResult logs = Matctl(address_, {"logs", job});
+  EXPECT_EQ(logs.exit_code, 0) << logs.err;
+  const std::string last = logs.out.substr(logs.out.rfind('\n', logs.out.size() - 2) + 1);
+  EXPECT_THAT(last, ::testing::HasSubstr("[rank 0] error: "));
+  EXPECT_THAT(last, ::testing::HasSubstr("no_such_corpus"));
   // The worker survives its job's failure and takes the next one.
   const std::string next = SubmitAndWait(WriteJob("ok.yaml", JobYaml(1, 10)), 120s);
   EXPECT_EQ(Status(next)["state"], "SUCCEEDED") << Logs();
@@ -353,6 +361,36 @@ TEST_F(ServiceTest, CompareGivesTheSummariesNumbersAndInitFromStartsFromAJobsMod
   CommandResult unfinished = Matctl(address_, {"compare", wrong, full});
   EXPECT_EQ(unfinished.exit_code, 1);
   EXPECT_THAT(unfinished.err, ::testing::HasSubstr(wrong + " has no summary"));
+}
+
+// `matctl logs --follow` (issue 24): started while the job runs, it prints the ranks' lines as
+// they arrive and returns once the job has ended and its last line is printed.
+TEST_F(ServiceTest, LogsFollowPrintsARunningJobsLinesAndEndsWithTheJob) {
+  StartCoordinator();
+  StartWorker("w1");
+  StartWorker("w2");
+  CommandResult submit = Matctl(address_, {"submit", WriteJob("job.yaml", JobYaml(2, 40))});
+  ASSERT_EQ(submit.exit_code, 0) << submit.err;
+  const std::string job = submit.out.substr(0, submit.out.find('\n'));
+  const json before = Status(job);
+  ASSERT_TRUE(before.is_object());
+  EXPECT_NE(before["state"], "SUCCEEDED") << "the job ended before logs was started";
+  CommandResult follow = Matctl(address_, {"logs", job, "--follow"}, 240s);
+  ASSERT_EQ(follow.exit_code, 0) << follow.err << Logs();
+  EXPECT_EQ(Status(job)["state"], "SUCCEEDED") << "--follow returned before the job ended";
+  // Both ranks' lines, rank 0's evaluations among them, each rank's last line its finish.
+  EXPECT_THAT(follow.out, ::testing::HasSubstr("[rank 0] info: step 20/40"));
+  EXPECT_THAT(follow.out, ::testing::HasSubstr("[rank 0] info: " + job + " rank 0: finished 40 steps"));
+  EXPECT_THAT(follow.out, ::testing::HasSubstr("[rank 1] info: " + job + " rank 1: finished 40 steps"));
+  // Without --follow, the same lines; --rank keeps one rank's.
+  CommandResult again = Matctl(address_, {"logs", job});
+  EXPECT_EQ(again.out, follow.out);
+  CommandResult one = Matctl(address_, {"logs", job, "--rank", "1"});
+  EXPECT_THAT(one.out, ::testing::Not(::testing::HasSubstr("[rank 0]")));
+  EXPECT_THAT(one.out, ::testing::HasSubstr("[rank 1]"));
+  CommandResult unknown = Matctl(address_, {"logs", "job-000099"});
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.err, ::testing::HasSubstr("job-000099"));
 }
 
 // The service form of the paper's "-Rand" baseline: a rand job with policy.rand_schedule_job

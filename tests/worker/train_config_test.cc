@@ -27,7 +27,7 @@ const std::vector<std::string> kAllKeys = {
     "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
     "model.max_seq_len", "model.dropout", "model.pre_ln", "model.experts",
     "model.capacity_factor", "model.aux_loss_weight", "model.moe_every",
-    "model.arch", "model.width", "model.filter_groups", "model.classifier_hidden",
+    "model.arch", "model.width", "model.filter_groups", "model.classifier_hidden", "model.init_from",
     "data.kind", "data.dir", "data.seq_len", "data.mask_prob", "data.valid_size", "data.augment",
     "data.train_fraction", "data.vocab_size",
     "train.steps", "train.batch_size", "train.optimizer", "train.lr", "train.min_lr_ratio",

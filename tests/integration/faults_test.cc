@@ -19,6 +19,7 @@
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 #include <glob.h>
 
+#include <cstdlib>
 #include <optional>
 #include <random>
 #include <regex>
@@ -28,6 +29,18 @@
 
 namespace mat {
 namespace {
+
+// The seed of a test's random draws: MAT_TEST_SEED when set (to replay a failure), else drawn;
+// printed either way.
+uint64_t TestSeed() {
+  uint64_t seed = std::random_device{}();
+  if (const char* env = std::getenv("MAT_TEST_SEED"); env != nullptr) {
+    seed = std::strtoull(env, nullptr, 10);
+  }
+  std::printf("random seed %llu (MAT_TEST_SEED=%llu replays it)\n",
+              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
+  return seed;
+}
 
 using json = nlohmann::json;
 using ::testing::HasSubstr;
@@ -260,7 +273,7 @@ TEST_F(FaultsTest, TheCoordinatorKilledThreeTimesLosesNothing) {
                    120s);
   ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
 
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(TestSeed()));
   std::uniform_int_distribution<int> pause_ms(200, 1500);
   int kills_mid_run = 0;
   for (int kill = 0; kill < 3; ++kill) {
@@ -283,7 +296,13 @@ TEST_F(FaultsTest, TheCoordinatorKilledThreeTimesLosesNothing) {
       if (!back) std::this_thread::sleep_for(50ms);
     }
     ASSERT_TRUE(back) << "workers not re-attached within 20 s: " << s.dump(2) << Logs();
-    ASSERT_EQ(s["state"], running ? s["state"] : json("SUCCEEDED")) << s.dump(2);
+    // A job running at the kill is running again, or finished meanwhile; one that had ended
+    // stays SUCCEEDED.
+    if (running) {
+      ASSERT_TRUE(s["state"] == "RUNNING" || s["state"] == "SUCCEEDED") << s.dump(2);
+    } else {
+      ASSERT_EQ(s["state"], "SUCCEEDED") << s.dump(2);
+    }
     std::printf("coordinator kill %d %s (step %s): ranks re-attached %.2f s after the kill\n",
                 kill + 1, running ? "mid-run" : "after the job ended",
                 before.is_object() ? before["step"].dump().c_str() : "?",

@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/path_util.h"
 #include "common/status.h"
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 #include "spdlog/spdlog.h"
 #include "worker/checkpoint.h"
 #include "worker/grad_sync.h"
@@ -192,9 +192,9 @@ void RankRunner::Main() {
 }
 
 absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum, int64_t* step) {
-  const v1::JobSpec spec = coordinator::WithJobSpecDefaults(assign_.spec());
+  const v1::JobSpec spec = api::WithJobSpecDefaults(assign_.spec());
   MAT_ASSIGN_OR_RETURN(worker::TrainConfig config,
-                       worker::ParseTrainConfig(coordinator::JobSpecToTrainerYaml(spec),
+                       worker::ParseTrainConfig(api::JobSpecToTrainerYaml(spec),
                                                 "job " + job_id()));
   if (!options_.data_roots.empty()) {
     // Defence in depth behind the coordinator's --data-root: this process reads the files.

@@ -8,7 +8,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "client/credentials.h"
+#include "api/credentials.h"
 #include "common/file_util.h"
 #include "common/net_util.h"
 #include "common/status.h"
@@ -58,7 +58,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   }
   std::string join_token;
   if (!config.join_token_file.empty()) {
-    absl::StatusOr<std::string> token = client::ReadFirstToken(config.join_token_file);
+    absl::StatusOr<std::string> token = api::ReadFirstToken(config.join_token_file);
     if (!token.ok()) {
       return absl::Status(token.status().code(),
                           absl::StrCat("--join-token-file: ", token.status().message()));
@@ -66,7 +66,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
     join_token = *std::move(token);
   }
   MAT_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
-                       client::MakeChannelCredentials(client::TlsFiles{
+                       api::MakeChannelCredentials(api::TlsFiles{
                            config.tls_ca_file, config.tls_cert_file, config.tls_key_file}));
   std::unique_ptr<WorkerAgent> agent(
       new WorkerAgent(std::move(config), std::move(credentials), std::move(join_token)));

@@ -9,7 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "coordinator/job_store.h"
+#include "api/job_state.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 
@@ -57,7 +57,7 @@ json MessageToJson(const google::protobuf::Message& message) {
   return out;
 }
 
-std::string StateName(v1::JobState state) { return coordinator::JobStateName(state); }
+std::string StateName(v1::JobState state) { return api::JobStateName(state); }
 
 // `v` with `digits` significant digits ("%.4g": 6.123, 6.05, 10.52).
 std::string FormatSignificant(double v, int digits) {

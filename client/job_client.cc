@@ -10,7 +10,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
-#include "coordinator/grpc_status.h"
+#include "api/grpc_status.h"
 
 namespace mat::client {
 namespace {
@@ -24,8 +24,8 @@ std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeJobClientCredentials(
     const JobClientSecurity& security) {
-  return MakeChannelCredentials(
-      TlsFiles{security.tls_ca_file, security.tls_cert_file, security.tls_key_file});
+  return api::MakeChannelCredentials(
+      api::TlsFiles{security.tls_ca_file, security.tls_cert_file, security.tls_key_file});
 }
 
 absl::StatusOr<std::unique_ptr<JobClient>> JobClient::Create(const std::string& address,
@@ -36,7 +36,7 @@ absl::StatusOr<std::unique_ptr<JobClient>> JobClient::Create(const std::string& 
   if (!credentials.ok()) return credentials.status();
   std::string token;
   if (!security.token_file.empty()) {
-    absl::StatusOr<std::string> read = ReadFirstToken(security.token_file);
+    absl::StatusOr<std::string> read = api::ReadFirstToken(security.token_file);
     if (!read.ok()) {
       return absl::Status(read.status().code(),
                           absl::StrCat("--token-file: ", read.status().message()));
@@ -86,7 +86,7 @@ absl::Status JobClient::Convert(const grpc::Status& status) const {
     return absl::UnavailableError(absl::StrCat("cannot reach the coordinator at ", address_,
                                                ": ", status.error_message()));
   }
-  return coordinator::FromGrpcStatus(status);
+  return api::FromGrpcStatus(status);
 }
 
 absl::StatusOr<v1::SubmitJobReply> JobClient::SubmitJob(const std::string& client_request_id,
@@ -207,7 +207,7 @@ absl::Status JobClient::WatchJob(const std::string& job_id,
     return absl::UnavailableError(absl::StrCat("lost the coordinator at ", address_, " (",
                                                status.error_message(), ")"));
   }
-  return coordinator::FromGrpcStatus(status);
+  return api::FromGrpcStatus(status);
 }
 
 }  // namespace mat::client

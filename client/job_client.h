@@ -1,5 +1,5 @@
 // JobClient: JobService calls with deadlines and absl::Status results (through
-// coordinator/grpc_status.h), for matctl and tests. One channel to the coordinator: plaintext, or
+// api/grpc_status.h), for matctl and tests. One channel to the coordinator: plaintext, or
 // TLS with JobClientSecurity's CA (and client certificate for mutual TLS); with a bearer token,
 // every call carries "authorization: Bearer <token>" (coordinator/auth.h).
 //
@@ -22,7 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "client/credentials.h"
+#include "api/credentials.h"
 #include "mat/v1/service.grpc.pb.h"
 
 namespace mat::client {

@@ -21,9 +21,9 @@
 #include "client/job_client.h"
 #include "client/plot.h"
 #include "common/file_util.h"
-#include "coordinator/grpc_status.h"
-#include "coordinator/job_spec.h"
-#include "coordinator/job_store.h"
+#include "api/grpc_status.h"
+#include "api/job_spec.h"
+#include "api/job_state.h"
 
 namespace mat::client {
 namespace {
@@ -59,7 +59,7 @@ struct MatctlOptions {
 constexpr const char* kEraseLineEnd = "\033[K";
 
 int Fail(std::ostream& err, const absl::Status& status) {
-  err << "matctl: " << coordinator::StatusLine(status) << "\n";
+  err << "matctl: " << api::StatusLine(status) << "\n";
   return kExitError;
 }
 
@@ -69,7 +69,7 @@ absl::StatusOr<v1::JobState> ParseState(const std::string& text) {
   for (int s = v1::JobState_MIN; s <= v1::JobState_MAX; ++s) {
     const auto state = static_cast<v1::JobState>(s);
     if (state != v1::JOB_STATE_UNSPECIFIED && v1::JobState_IsValid(s) &&
-        coordinator::JobStateName(state) == upper) {
+        api::JobStateName(state) == upper) {
       return state;
     }
   }
@@ -112,9 +112,9 @@ bool UseProgressBar(const MatctlOptions& o, const OutputTerminal& terminal) {
 
 int Submit(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream& out,
            std::ostream& err) {
-  absl::StatusOr<v1::JobSpec> spec = coordinator::LoadJobSpecYaml(o.job_file);
+  absl::StatusOr<v1::JobSpec> spec = api::LoadJobSpecYaml(o.job_file);
   if (!spec.ok()) return Fail(err, spec.status());
-  if (absl::Status valid = coordinator::ValidateJobSpec(*spec); !valid.ok()) {
+  if (absl::Status valid = api::ValidateJobSpec(*spec); !valid.ok()) {
     return Fail(err, absl::InvalidArgumentError(absl::StrCat(o.job_file, ": ", valid.message())));
   }
   absl::StatusOr<std::unique_ptr<JobClient>> made =
@@ -177,7 +177,7 @@ int Cancel(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   JobClient& client = **made;
   absl::StatusOr<v1::CancelJobReply> reply = client.CancelJob(o.job_id, o.reason);
   if (!reply.ok()) return Fail(err, reply.status());
-  out << o.job_id << " " << coordinator::JobStateName(reply->state()) << "\n";
+  out << o.job_id << " " << api::JobStateName(reply->state()) << "\n";
   return kExitOk;
 }
 
@@ -310,7 +310,7 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
     if (job->job().summary_json().empty()) {
       return absl::FailedPreconditionError(
           absl::StrCat(name, " has no summary yet (state ",
-                       coordinator::JobStateName(job->job().state()),
+                       api::JobStateName(job->job().state()),
                        "); compare needs finished jobs"));
     }
     nlohmann::json summary = nlohmann::json::parse(job->job().summary_json(), nullptr, false);

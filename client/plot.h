@@ -12,7 +12,7 @@
 // module i counts as "off" at a probe step when its λ there is at or below
 //   λ_α = min + (max − min)·α
 // over that step's finite λ of i's group (no module is off when they are all equal). This is
-// the policy's modular rule (coordinator/policy/policy.h) applied to the raw λ of one step; the
+// the policy's modular rule (policy/policy.h) applied to the raw λ of one step; the
 // real mask also depends on the EMA smoothing, warm-up, min_active_fraction and the temporal
 // rule. Off cells are dimmed and hatched; the SVG's legend states the approximation.
 //

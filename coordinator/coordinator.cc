@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 #include "google/protobuf/unknown_field_set.h"
@@ -128,8 +128,8 @@ absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& cli
                                                           const v1::JobSpec& spec,
                                                           const std::string& client) {
   MAT_RETURN_IF_ERROR(CheckNoUnknownFields(spec, "spec"));
-  MAT_RETURN_IF_ERROR(ValidateJobSpec(spec));
-  if (absl::Status limits = CheckJobSpecLimits(spec, options_.spec_limits); !limits.ok()) {
+  MAT_RETURN_IF_ERROR(api::ValidateJobSpec(spec));
+  if (absl::Status limits = api::CheckJobSpecLimits(spec, options_.spec_limits); !limits.ok()) {
     spdlog::warn("refused a job from '{}': {}", client, std::string(limits.message()));
     return limits;
   }
@@ -137,7 +137,7 @@ absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& cli
     MAT_RETURN_IF_ERROR(ReplayedSchedule(replayed).status());
   }
   absl::StatusOr<CreateJobResult> created = store_->CreateJob(
-      client_request_id, WithJobSpecDefaults(spec), client, options_.max_jobs_per_client);
+      client_request_id, api::WithJobSpecDefaults(spec), client, options_.max_jobs_per_client);
   if (!created.ok() && created.status().code() == absl::StatusCode::kResourceExhausted) {
     spdlog::warn("refused a job: {}", std::string(created.status().message()));
   }
@@ -162,7 +162,7 @@ absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> Coordinator::Replayed
         absl::StrCat(key, ": no job '", replayed_job_id, "' on this coordinator"));
   }
   MAT_RETURN_IF_ERROR(job.status());
-  const v1::JobSpec replayed = WithJobSpecDefaults(job->spec);
+  const v1::JobSpec replayed = api::WithJobSpecDefaults(job->spec);
   if (replayed.policy().kind() != "mat") {
     return absl::InvalidArgumentError(absl::StrCat(
         key, ": job ", replayed_job_id, " ran policy.kind ", replayed.policy().kind(),

@@ -82,9 +82,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator_metrics.h"
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 #include "coordinator/job_store.h"
-#include "coordinator/policy/policy.h"
+#include "policy/policy.h"
 #include "mat/v1/job.pb.h"
 #include "mat/v1/service.pb.h"
 
@@ -115,7 +115,7 @@ struct CoordinatorOptions {
   int64_t metrics_retention_seconds = 600;
   // Admission limits of SubmitJob (job_spec.h CheckJobSpecLimits: spec size, data roots, model
   // size). The defaults limit spec and model size and allow any data.dir.
-  JobSpecLimits spec_limits;
+  api::JobSpecLimits spec_limits;
   // Active (QUEUED, RUNNING, RESTARTING) jobs per client, count; 0 = unlimited.
   int64_t max_jobs_per_client = 0;
   // Restarts after worker losses per job, count; the next loss fails the job.

@@ -7,7 +7,7 @@
 #include <boost/asio/post.hpp>
 
 #include "coordinator/auth.h"
-#include "coordinator/grpc_status.h"
+#include "api/grpc_status.h"
 #include "coordinator/run_on_loop.h"
 #include "spdlog/spdlog.h"
 
@@ -52,7 +52,7 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
     absl::StatusOr<WatchId> id = coordinator_.WatchJob(
         job_id_, [this](const v1::JobEvent& event, bool last) { Enqueue(event, last); });
     if (!id.ok()) {
-      FinishOnce(ToGrpcStatus(id.status()));
+      FinishOnce(api::ToGrpcStatus(id.status()));
       return;
     }
     if (!ended_) watch_id_ = *id;  // an already finished job leaves no subscription
@@ -124,7 +124,7 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
 // A WatchJob refused before it started: finishes with the refusal at once.
 class RefusedWatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
-  explicit RefusedWatchReactor(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  explicit RefusedWatchReactor(const absl::Status& status) { Finish(api::ToGrpcStatus(status)); }
   void OnDone() override { delete this; }
 };
 
@@ -132,7 +132,7 @@ class RefusedWatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> 
 grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context,
                                  const absl::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
+  reactor->Finish(api::ToGrpcStatus(status));
   return reactor;
 }
 

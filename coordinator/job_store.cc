@@ -278,25 +278,6 @@ bool IsLegalJobTransition(v1::JobState from, v1::JobState to) {
   }
 }
 
-std::string JobStateName(v1::JobState state) {
-  switch (state) {
-    case v1::JOB_STATE_QUEUED:
-      return "QUEUED";
-    case v1::JOB_STATE_RUNNING:
-      return "RUNNING";
-    case v1::JOB_STATE_SUCCEEDED:
-      return "SUCCEEDED";
-    case v1::JOB_STATE_FAILED:
-      return "FAILED";
-    case v1::JOB_STATE_CANCELLED:
-      return "CANCELLED";
-    case v1::JOB_STATE_RESTARTING:
-      return "RESTARTING";
-    default:
-      return "UNSPECIFIED";
-  }
-}
-
 // ----- open -----
 
 std::string JobStore::DatabasePath(const std::string& state_dir) {

@@ -10,7 +10,7 @@
 //   assignments     (job, rank) -> worker, attempt; since v2 the rank's step, acknowledged mask
 //                   version and final parameter checksum
 //   lambda_history  (job, step, module index) -> λ_max (rank-averaged)
-//   decisions       (job, step) -> the policy decision's JSON (coordinator/policy Decision::ToJson)
+//   decisions       (job, step) -> the policy decision's JSON (policy Decision::ToJson)
 //   modules         (job, module index) -> name, group, layer, index (v2; rank 0's ModuleList)
 //   jobs.client     (v3) who submitted the job: a non-reversible id of the caller (never a
 //                   token; JobService's ClientIdentity), "" for jobs stored before v3
@@ -50,6 +50,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "api/job_state.h"
 #include "mat/v1/job.pb.h"
 
 namespace mat::coordinator {
@@ -205,8 +206,8 @@ struct DecisionUpdate {
 // SUCCEEDED, FAILED and CANCELLED are terminal; no state moves to itself or to UNSPECIFIED.
 bool IsLegalJobTransition(v1::JobState from, v1::JobState to);
 
-// "QUEUED", "RUNNING", ... (the enum name without JOB_STATE_); "UNSPECIFIED" for anything else.
-std::string JobStateName(v1::JobState state);
+// Job state names: api/job_state.h (api::JobStateName), used here unqualified.
+using api::JobStateName;
 
 class JobStore {
  public:

@@ -9,7 +9,7 @@
 #include "CLI/CLI.hpp"
 #include "common/logging.h"
 #include "coordinator/daemon.h"
-#include "coordinator/grpc_status.h"
+#include "api/grpc_status.h"
 #include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
@@ -106,8 +106,8 @@ int main(int argc, char** argv) {
 
   auto daemon = mat::coordinator::CoordinatorDaemon::Start(config);
   if (!daemon.ok()) {
-    spdlog::error("cannot start: {}", mat::coordinator::StatusLine(daemon.status()));
-    std::cerr << "mat-coordinator: " << mat::coordinator::StatusLine(daemon.status()) << "\n";
+    spdlog::error("cannot start: {}", mat::api::StatusLine(daemon.status()));
+    std::cerr << "mat-coordinator: " << mat::api::StatusLine(daemon.status()) << "\n";
     return 1;
   }
   std::cout << "listening on " << (*daemon)->grpc_address() << "\n";

@@ -16,7 +16,7 @@
 #include <boost/asio/post.hpp>
 
 #include "absl/status/statusor.h"
-#include "coordinator/grpc_status.h"
+#include "api/grpc_status.h"
 
 namespace mat::coordinator {
 
@@ -29,7 +29,7 @@ grpc::ServerUnaryReactor* RunOnLoop(boost::asio::io_context& loop,
   boost::asio::post(loop, [reactor, reply, call = std::move(call)]() mutable {
     absl::StatusOr<Reply> result = call();
     if (result.ok()) *reply = std::move(*result);
-    reactor->Finish(ToGrpcStatus(result.status()));
+    reactor->Finish(api::ToGrpcStatus(result.status()));
   });
   return reactor;
 }

@@ -10,7 +10,7 @@
 
 #include "common/status.h"
 #include "coordinator/auth.h"
-#include "coordinator/grpc_status.h"
+#include "api/grpc_status.h"
 #include "coordinator/run_on_loop.h"
 #include "spdlog/spdlog.h"
 
@@ -105,7 +105,7 @@ class WorkerSessionReactor final
 
   void CloseByCoordinator(const absl::Status& status) {
     open_ = false;  // the Coordinator has forgotten the channel
-    End(ToGrpcStatus(status));
+    End(api::ToGrpcStatus(status));
   }
 
   // BeginShutdown: end without CloseSession, after the queued messages.
@@ -134,7 +134,7 @@ class WorkerSessionReactor final
       absl::Status status = coordinator.OpenSession(in_, channel_);
       if (!status.ok()) {
         open_ = false;
-        End(ToGrpcStatus(status));
+        End(api::ToGrpcStatus(status));
         return;
       }
     } else {
@@ -200,7 +200,7 @@ namespace {
 class RefusedSessionReactor final
     : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage> {
  public:
-  explicit RefusedSessionReactor(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  explicit RefusedSessionReactor(const absl::Status& status) { Finish(api::ToGrpcStatus(status)); }
   void OnDone() override { delete this; }
 };
 
@@ -232,7 +232,7 @@ grpc::ServerUnaryReactor* WorkerService::Register(grpc::CallbackServerContext* c
                                                   v1::RegisterReply* reply) {
   if (absl::Status auth = CheckJoinToken(*context, options_.join_tokens); !auth.ok()) {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-    reactor->Finish(ToGrpcStatus(auth));
+    reactor->Finish(api::ToGrpcStatus(auth));
     return reactor;
   }
   return RunOnLoop(loop_, context, reply,

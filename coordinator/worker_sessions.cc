@@ -16,7 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "coordinator/coordinator.h"
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
 #include "worker/train_config.h"
@@ -190,7 +190,7 @@ void Coordinator::KeepJob(const JobRecord& job) {
 absl::StatusOr<policy::PolicyConfig> Coordinator::JobPolicyConfig(const JobRecord& job) {
   // The policy config comes from the same text the workers' trainers read.
   absl::StatusOr<worker::TrainConfig> config =
-      worker::ParseTrainConfig(JobSpecToTrainerYaml(WithJobSpecDefaults(job.spec)),
+      worker::ParseTrainConfig(api::JobSpecToTrainerYaml(api::WithJobSpecDefaults(job.spec)),
                                absl::StrCat("job ", job.id));
   absl::Status valid = config.ok() ? worker::ValidateTrainConfig(*config) : config.status();
   if (valid.ok()) valid = policy::ValidatePolicyConfig(worker::ToPolicyConfig(*config));

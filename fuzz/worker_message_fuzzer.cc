@@ -15,7 +15,7 @@
 #include <string>
 
 #include "coordinator/coordinator.h"
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 #include "coordinator/job_store.h"
 #include "google/protobuf/stubs/logging.h"
 #include "spdlog/spdlog.h"
@@ -72,7 +72,7 @@ std::unique_ptr<World> MakeWorld() {
     hello.mutable_heartbeat();
     Must(world->coordinator->OpenSession(hello, std::make_shared<NullChannel>()).ok());
   }
-  auto spec = mat::coordinator::ParseJobSpecYaml(
+  auto spec = mat::api::ParseJobSpecYaml(
       "train: {steps: 100, batch_size: 8}\n"
       "policy: {kind: mat, probe_every: 10, warmup_steps: 10, probe_samples: 2}\n"
       "resources: {workers: 2}\n",

@@ -137,7 +137,7 @@ absl::Status Walk(TrainConfig& c, const YAML::Node& node, const std::string& pre
                                                  name == "train" || name == "policy");
     if (section_name && kv.second.IsNull()) continue;  // an empty section keeps the defaults
     if (prefix.empty() && name == "resources") {
-      // A service job file (coordinator/job_spec.h) is a mat-train config plus `resources`;
+      // A service job file (api/job_spec.h) is a mat-train config plus `resources`;
       // mat-train runs one process and ignores it, but still names a misspelt key.
       if (kv.second.IsNull()) continue;
       if (!kv.second.IsMap()) return absl::InvalidArgumentError(origin + ": resources must be a mapping");

@@ -25,7 +25,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "coordinator/policy/policy.h"
+#include "policy/policy.h"
 
 namespace mat::worker {
 
@@ -112,7 +112,7 @@ struct TrainSection {
 };
 
 struct PolicySection {
-  // full | mat | rand | multirate | frozen-random | inverse (coordinator/policy/policy_config.h)
+  // full | mat | rand | multirate | frozen-random | inverse (policy/policy_config.h)
   std::string kind = "mat";
   double alpha = 0.3;
   double beta = 0.0;

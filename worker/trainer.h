@@ -26,7 +26,7 @@
 #include <torch/torch.h>
 
 #include "absl/status/statusor.h"
-#include "coordinator/policy/policy.h"
+#include "policy/policy.h"
 #include "nlohmann/json.hpp"
 #include "spectral/estimator.h"
 #include "worker/autocast.h"

@@ -49,7 +49,7 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAT_WITH_SERVICE=O
   > "$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; exit 1; }
 grep -E "NCCL|Gloo|nccl" build-gpu/CMakeCache.txt | grep -v "^//" | tee -a "$out/machine.txt" || true
 targets="worker_cuda_test worker_autocast_test spectral_estimator_test worker_masked_backward_test
-  worker_flops_test coordinator_policy_test mat-train mat-bench"
+  worker_flops_test policy_test mat-train mat-bench"
 # shellcheck disable=SC2086
 ninja -C build-gpu -k 0 -j "$(nproc)" $targets >> "$out/build.log" 2>&1 \
   || { grep -E "error|Error" "$out/build.log" | head -n 40; exit 1; }
@@ -67,7 +67,7 @@ echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 set +e
 (cd build-gpu && ctest --output-on-failure \
-  -R 'worker_cuda_test|worker_autocast_test|worker_grad_sync_test|spectral_estimator_test|worker_masked_backward_test|worker_flops_test|coordinator_policy_test') \
+  -R 'worker_cuda_test|worker_autocast_test|worker_grad_sync_test|spectral_estimator_test|worker_masked_backward_test|worker_flops_test|policy_test') \
   > "$out/ctest.log" 2>&1
 echo "ctest rc $?" | tee -a "$out/machine.txt"
 for t in worker_cuda_test worker_grad_sync_test; do

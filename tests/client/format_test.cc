@@ -9,7 +9,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 
 namespace mat::client {
 namespace {
@@ -21,7 +21,7 @@ v1::Job MakeJob(const std::string& id, v1::JobState state) {
   v1::Job job;
   job.set_job_id(id);
   job.set_state(state);
-  *job.mutable_spec() = coordinator::JobSpecDefaults();
+  *job.mutable_spec() = api::JobSpecDefaults();
   job.mutable_spec()->mutable_model()->set_layers(2);
   job.set_create_time_unix_seconds(1700000000);  // 2023-11-14T22:13:20Z
   return job;
@@ -45,7 +45,7 @@ TEST(FormatTest, DurationsAreCompactAndRounded) {
 }
 
 TEST(FormatTest, VggModelDescriptionNamesArchWidthGroupsAndImages) {
-  v1::JobSpec spec = coordinator::JobSpecDefaults();
+  v1::JobSpec spec = api::JobSpecDefaults();
   spec.mutable_model()->set_kind("vgg");
   spec.mutable_data()->set_kind("fashion-mnist");
   EXPECT_EQ(DescribeModel(spec), "vgg11 w0.25 g4 fashion-mnist");
@@ -73,7 +73,7 @@ TEST(FormatTest, JobTextShowsOptimizerAndSchedule) {
 }
 
 TEST(FormatTest, ModelAndPolicyDescriptionsNameTheirMainParameters) {
-  v1::JobSpec spec = coordinator::JobSpecDefaults();
+  v1::JobSpec spec = api::JobSpecDefaults();
   EXPECT_EQ(DescribeModel(spec), "bert L4 d256 H8");
   spec.mutable_model()->set_ffn_groups(4);
   EXPECT_EQ(DescribeModel(spec), "bert L4 d256 H8 ffn4");

@@ -14,7 +14,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "google/protobuf/util/message_differencer.h"
 
@@ -107,7 +107,7 @@ TEST_F(CoordinatorTest, SubmitJobStoresQueuedJobWithDefaultsFilled) {
   EXPECT_EQ(job->job().spec().model().layers(), 2);
   EXPECT_EQ(job->job().spec().train().steps(), 10);
   EXPECT_TRUE(job->job().spec().policy().has_alpha());
-  EXPECT_TRUE(MessageDifferencer::Equals(job->job().spec(), WithJobSpecDefaults(SmallSpec())));
+  EXPECT_TRUE(MessageDifferencer::Equals(job->job().spec(), api::WithJobSpecDefaults(SmallSpec())));
 }
 
 TEST_F(CoordinatorTest, SubmitJobIsIdempotentByClientRequestId) {
@@ -119,7 +119,7 @@ TEST_F(CoordinatorTest, SubmitJobIsIdempotentByClientRequestId) {
 
   // Writing a default out explicitly is the same spec once defaults are filled.
   v1::JobSpec explicit_default = SmallSpec();
-  explicit_default.mutable_policy()->set_alpha(JobSpecDefaults().policy().alpha());
+  explicit_default.mutable_policy()->set_alpha(api::JobSpecDefaults().policy().alpha());
   auto same = coordinator_->SubmitJob("req-1", explicit_default);
   ASSERT_TRUE(same.ok()) << same.status();
   EXPECT_EQ(same->job_id(), first);

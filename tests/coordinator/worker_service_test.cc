@@ -31,7 +31,7 @@
 #include <gtest/gtest.h>
 
 #include "coordinator/job_service.h"
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 #include "mat/v1/service.grpc.pb.h"
 
 namespace mat::coordinator {
@@ -43,7 +43,7 @@ using namespace std::chrono_literals;
 
 // A 2-rank job whose policy probes at every step from step 0.
 v1::JobSpec TwoRankSpec() {
-  auto spec = ParseJobSpecYaml(
+  auto spec = api::ParseJobSpecYaml(
       "train: {steps: 1000, batch_size: 4}\n"
       "policy: {kind: mat, probe_every: 1, warmup_steps: 0, probe_samples: 2}\n"
       "resources: {workers: 2, device: cpu}\n",

@@ -23,8 +23,8 @@
 #include <nlohmann/json.hpp>
 
 #include "coordinator/coordinator.h"
-#include "coordinator/job_spec.h"
-#include "coordinator/policy/policy.h"
+#include "api/job_spec.h"
+#include "policy/policy.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "worker/train_config.h"
 
@@ -121,7 +121,7 @@ std::vector<uint8_t> Unpack(const std::string& bytes, int n) {
 
 // The policy a job with `spec` and Modules() must follow, made the way the service documents.
 std::unique_ptr<policy::Policy> LocalPolicy(const v1::JobSpec& spec) {
-  auto config = worker::ParseTrainConfig(JobSpecToTrainerYaml(WithJobSpecDefaults(spec)), "t");
+  auto config = worker::ParseTrainConfig(api::JobSpecToTrainerYaml(api::WithJobSpecDefaults(spec)), "t");
   EXPECT_TRUE(config.ok()) << config.status();
   auto created = policy::Policy::Create(worker::ToPolicyConfig(*config), Modules());
   EXPECT_TRUE(created.ok()) << created.status();

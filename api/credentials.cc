@@ -1,4 +1,4 @@
-#include "client/credentials.h"
+#include "api/credentials.h"
 
 #include <grpcpp/security/credentials.h>
 
@@ -8,7 +8,7 @@
 #include "absl/strings/strip.h"
 #include "common/file_util.h"
 
-namespace mat::client {
+namespace mat::api {
 namespace {
 
 // A PEM file's text; errors name the flag and the file.
@@ -61,4 +61,4 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
   return grpc::SslCredentials(options);
 }
 
-}  // namespace mat::client
+}  // namespace mat::api

@@ -1,7 +1,7 @@
 // Tests of mat::policy::Policy: the MAT modular/temporal policy on hand-made λ sequences, the
 // guards, the baselines, determinism and SaveState/LoadState. All arithmetic is checked against
 // closed forms computed by hand in the test (exact for the values used, or EXPECT_DOUBLE_EQ).
-#include "coordinator/policy/policy.h"
+#include "policy/policy.h"
 
 #include <cmath>
 #include <functional>

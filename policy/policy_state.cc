@@ -13,7 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "coordinator/policy/policy.h"
+#include "policy/policy.h"
 
 namespace mat::policy {
 namespace {

@@ -14,7 +14,7 @@
 
 #include "absl/status/status.h"
 
-namespace mat::coordinator {
+namespace mat::api {
 
 // absl -> grpc (a server finishing an RPC).
 grpc::Status ToGrpcStatus(const absl::Status& status);
@@ -25,4 +25,4 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 // "NOT_FOUND: job 'job-000009' not found" ("OK" for an OK status): what matctl prints.
 std::string StatusLine(const absl::Status& status);
 
-}  // namespace mat::coordinator
+}  // namespace mat::api

@@ -1,6 +1,6 @@
 // Sections: reflection helpers · YAML -> JobSpec · validation (transformer, VGG shapes) ·
 // JobSpec -> YAML · defaults · admission limits.
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 
 #include <algorithm>
 #include <charconv>
@@ -16,12 +16,12 @@
 #include "common/file_util.h"
 #include "common/path_util.h"
 #include "common/status.h"
-#include "coordinator/policy/policy_config.h"
+#include "policy/policy_config.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 #include "yaml-cpp/yaml.h"
 
-namespace mat::coordinator {
+namespace mat::api {
 namespace {
 
 using google::protobuf::Descriptor;
@@ -750,4 +750,4 @@ absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& li
   return absl::OkStatus();
 }
 
-}  // namespace mat::coordinator
+}  // namespace mat::api

@@ -10,7 +10,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace mat::client {
+namespace mat::api {
 
 struct TlsFiles {
   std::string ca_file;    // set: TLS, verifying the coordinator against this CA (PEM)
@@ -28,4 +28,4 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
 // NOT_FOUND naming an unreadable file, INVALID_ARGUMENT naming one without a token.
 absl::StatusOr<std::string> ReadFirstToken(const std::string& path);
 
-}  // namespace mat::client
+}  // namespace mat::api

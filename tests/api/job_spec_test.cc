@@ -1,6 +1,6 @@
-// Tests of coordinator/job_spec.h: job YAML -> mat.v1.JobSpec, defaults, validation and the YAML
+// Tests of api/job_spec.h: job YAML -> mat.v1.JobSpec, defaults, validation and the YAML
 // round trip. Every error must be INVALID_ARGUMENT and name the offending key.
-#include "coordinator/job_spec.h"
+#include "api/job_spec.h"
 
 #include <cmath>
 #include <cstring>
@@ -22,7 +22,7 @@
 #include "worker/train_config.h"
 #include "yaml-cpp/yaml.h"
 
-namespace mat::coordinator {
+namespace mat::api {
 namespace {
 
 namespace fs = std::filesystem;
@@ -785,11 +785,11 @@ TEST(JobSpecYamlTest, StringsThatLookLikeOtherTypesStayStrings) {
 }
 
 }  // namespace
-}  // namespace mat::coordinator
+}  // namespace mat::api
 
 // ----- admission limits -----
 
-namespace mat::coordinator {
+namespace mat::api {
 namespace {
 
 TEST(JobSpecLimitsTest, EstimateModelParamsCountsTheBertLayout) {
@@ -942,4 +942,4 @@ TEST(JobSpecLimitsTest, ModelSizeIsLimited) {
 }
 
 }  // namespace
-}  // namespace mat::coordinator
+}  // namespace mat::api

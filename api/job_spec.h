@@ -29,7 +29,7 @@
 #include "absl/status/statusor.h"
 #include "mat/v1/job.pb.h"
 
-namespace mat::coordinator {
+namespace mat::api {
 
 // Parses job YAML text. `origin` (a file name, "request") prefixes every message. An empty
 // document is an empty spec. INVALID_ARGUMENT for text that is not YAML, a top level that is not a
@@ -120,4 +120,4 @@ struct JobSpecLimits {
 // OK otherwise.
 absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& limits);
 
-}  // namespace mat::coordinator
+}  // namespace mat::api

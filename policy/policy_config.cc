@@ -1,4 +1,4 @@
-#include "coordinator/policy/policy_config.h"
+#include "policy/policy_config.h"
 
 #include <cmath>
 #include <limits>

@@ -1,4 +1,4 @@
-#include "coordinator/policy/policy.h"
+#include "policy/policy.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,8 +1,8 @@
-#include "coordinator/grpc_status.h"
+#include "api/grpc_status.h"
 
 #include "absl/strings/str_cat.h"
 
-namespace mat::coordinator {
+namespace mat::api {
 namespace {
 
 constexpr int kLastSharedCode = 16;  // UNAUTHENTICATED in both enums
@@ -42,4 +42,4 @@ std::string StatusLine(const absl::Status& status) {
   return absl::StrCat(absl::StatusCodeToString(status.code()), ": ", status.message());
 }
 
-}  // namespace mat::coordinator
+}  // namespace mat::api

@@ -58,7 +58,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "coordinator/policy/policy_config.h"
+#include "policy/policy_config.h"
 
 namespace mat::policy {
 

@@ -346,7 +346,7 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
                    a.attempt());
       // The previous job's series go; this job's start afresh.
       if (!metrics_job_id_.empty() && metrics_job_id_ != a.job_id()) {
-        metrics_.registry.RemoveSeriesWithLabel("job", metrics_job_id_);
+        metrics_.registry.RemoveSeriesWithLabel("mat_job", metrics_job_id_);
       }
       metrics_job_id_ = a.job_id();
       metrics_.busy.Set({}, 1);

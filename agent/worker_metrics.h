@@ -4,15 +4,15 @@
 // job and rank from the training thread (its TrainerHooks calls).
 //
 //   name                                       type       labels     meaning
-//   mat_worker_step_duration_seconds           histogram  job, rank  one training step's wall time, without the probe, the
+//   mat_worker_step_duration_seconds           histogram  mat_job, rank  one training step's wall time, without the probe, the
 //                                                                    wait for the mask and evaluation (Δ TrainerProgress.wall_seconds
 //                                                                    minus the two)
-//   mat_worker_spectral_duration_seconds       histogram  job, rank  one λ probe (ProbeResult.seconds), MAT policies only
-//   mat_worker_mask_wait_seconds               histogram  job, rank  from this rank's SpectraReport sent to the step's MaskUpdate here
-//   mat_worker_allreduce_bytes_total           counter    job, rank  gradient bytes all-reduced (worker/grad_sync.h)
-//   mat_worker_allreduce_skipped_bytes_total   counter    job, rank  gradient bytes of masked-off modules not sent
-//   mat_worker_last_step_timestamp_seconds     gauge      job, rank  Unix time at which the latest step finished
-//   mat_worker_step                            gauge      job, rank  steps completed
+//   mat_worker_spectral_duration_seconds       histogram  mat_job, rank  one λ probe (ProbeResult.seconds), MAT policies only
+//   mat_worker_mask_wait_seconds               histogram  mat_job, rank  from this rank's SpectraReport sent to the step's MaskUpdate here
+//   mat_worker_allreduce_bytes_total           counter    mat_job, rank  gradient bytes all-reduced (worker/grad_sync.h)
+//   mat_worker_allreduce_skipped_bytes_total   counter    mat_job, rank  gradient bytes of masked-off modules not sent
+//   mat_worker_last_step_timestamp_seconds     gauge      mat_job, rank  Unix time at which the latest step finished
+//   mat_worker_step                            gauge      mat_job, rank  steps completed
 //   mat_worker_busy                            gauge      -          1 while this worker runs a rank, else 0
 //
 // A job's series are removed when the worker starts a rank of another job.

@@ -12,30 +12,30 @@ CoordinatorMetrics::CoordinatorMetrics()
           "mat_module_lambda_max",
           "Largest Hessian eigenvalue estimate of the module at the job's last decision, the mean "
           "over the ranks.",
-          {"job", "group", "layer", "module"})),
+          {"mat_job", "group", "layer", "module"})),
       module_active(registry.AddGauge(
           "mat_module_active", "1 when the module is trained under the job's latest mask, else 0.",
-          {"job", "group", "layer", "module"})),
+          {"mat_job", "group", "layer", "module"})),
       policy_threshold(registry.AddGauge(
           "mat_policy_threshold",
           "The MAT policy's lambda threshold of the group at the last decision (NaN in warm-up).",
-          {"job", "group"})),
+          {"mat_job", "group"})),
       job_step(registry.AddGauge("mat_job_step", "Latest training step of the job (rank 0).",
-                                 {"job"})),
+                                 {"mat_job"})),
       job_loss(registry.AddGauge(
           "mat_job_loss",
           "Latest loss of the job by split (train, val, test), nats per predicted token.",
-          {"job", "split"})),
+          {"mat_job", "split"})),
       job_flops_total(registry.AddCounter(
           "mat_job_flops_total",
           "FLOPs the job spent: phase=total over all ranks while it runs; forward, "
           "activation_grad, weight_grad and spectral from rank 0's summary at the end.",
-          {"job", "phase"})),
+          {"mat_job", "phase"})),
       job_flops_saved_total(registry.AddCounter(
           "mat_job_flops_saved_total",
-          "FLOPs the masks saved against full training (rank 0's summary at the end).", {"job"})),
+          "FLOPs the masks saved against full training (rank 0's summary at the end).", {"mat_job"})),
       job_active_modules(registry.AddGauge(
-          "mat_job_active_modules", "Modules trained under the job's latest mask.", {"job"})),
+          "mat_job_active_modules", "Modules trained under the job's latest mask.", {"mat_job"})),
       mask_latency_seconds(registry.AddHistogram(
           "mat_coordinator_mask_latency_seconds",
           "From the spectra report completing a probe step to every rank's mask update queued.",

@@ -4,16 +4,16 @@
 // `registry.Expose()` on /metrics. The registry's mutex is the only thing the two share.
 //
 //   name                                          type       labels                      set by
-//   mat_module_lambda_max                         gauge      job, group, layer, module   decision: rank-mean λ_max of the module
-//   mat_module_active                             gauge      job, group, layer, module   decision: 1 = on under the latest mask
-//   mat_policy_threshold                          gauge      job, group                  decision: λ_α of the group (NaN in warm-up)
-//   mat_job_step                                  gauge      job                         rank 0's Progress
-//   mat_job_loss                                  gauge      job, split                  rank 0's Progress: train | val | test, nats/token
-//   mat_job_flops_total                           counter    job, phase                  phase="total": Σ ranks' Progress; forward |
+//   mat_module_lambda_max                         gauge      mat_job, group, layer, module   decision: rank-mean λ_max of the module
+//   mat_module_active                             gauge      mat_job, group, layer, module   decision: 1 = on under the latest mask
+//   mat_policy_threshold                          gauge      mat_job, group                  decision: λ_α of the group (NaN in warm-up)
+//   mat_job_step                                  gauge      mat_job                     rank 0's Progress
+//   mat_job_loss                                  gauge      mat_job, split                  rank 0's Progress: train | val | test, nats/token
+//   mat_job_flops_total                           counter    mat_job, phase                  phase="total": Σ ranks' Progress; forward |
 //                                                                                        activation_grad | weight_grad | spectral: rank 0's
 //                                                                                        summary when the job succeeds
-//   mat_job_flops_saved_total                     counter    job                         rank 0's summary (flops_saved) at the end
-//   mat_job_active_modules                        gauge      job                         decision: modules on under the latest mask
+//   mat_job_flops_saved_total                     counter    mat_job                     rank 0's summary (flops_saved) at the end
+//   mat_job_active_modules                        gauge      mat_job                     decision: modules on under the latest mask
 //   mat_coordinator_mask_latency_seconds          histogram  -                           the report completing a probe step entered
 //                                                                                        HandleWorkerMessage -> every rank's MaskUpdate
 //                                                                                        handed to its channel
@@ -23,7 +23,7 @@
 //   mat_coordinator_spectra_reports_total         counter    -                           SpectraReports taken into a probe
 //   mat_coordinator_rejected_messages_total       counter    code (INVALID_ARGUMENT, …)  worker messages answered with a Reject
 //
-// Every series with a `job` label goes away `metrics_retention_seconds` after its job finished
+// Every series with a `mat_job` label goes away `metrics_retention_seconds` after its job finished
 // (Coordinator::RefreshMetrics).
 //
 // Thread-safety: the handles and the registry are thread-safe (metrics/registry.h). Not copyable.

@@ -738,7 +738,7 @@ void Coordinator::RefreshMetrics() {
   const int64_t retention_ms = options_.metrics_retention_seconds * 1000;
   for (auto it = finished_job_ms_.begin(); it != finished_job_ms_.end();) {
     if (now_ms - it->second >= retention_ms) {
-      options_.metrics->registry.RemoveSeriesWithLabel("job", it->first);
+      options_.metrics->registry.RemoveSeriesWithLabel("mat_job", it->first);
       it = finished_job_ms_.erase(it);
     } else {
       ++it;

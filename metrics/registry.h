@@ -3,7 +3,7 @@
 // label values, rendered in the Prometheus text exposition format 0.0.4 by Expose().
 //
 //   Registry registry;
-//   Gauge step = registry.AddGauge("mat_job_step", "Latest step of the job.", {"job"});
+//   Gauge step = registry.AddGauge("mat_job_step", "Latest step of the job.", {"mat_job"});
 //   step.Set({"job-000001"}, 120);
 //   Histogram latency = registry.AddHistogram("x_seconds", "…", {}, {0.001, 0.01, 0.1});
 //   latency.Observe({}, 0.004);
@@ -13,7 +13,7 @@
 // live as long as the Registry; the handles (Counter, Gauge, Histogram) are cheap copyable
 // pointers into it. A series is created by its first update; a family without label names has
 // its one series from the start (value 0), so it always appears in the exposition. Series go away
-// with Remove(labels) or Registry::RemoveSeriesWithLabel("job", id) (every family that has a
+// with Remove(labels) or Registry::RemoveSeriesWithLabel("mat_job", id) (every family that has a
 // `job` label).
 //
 // Exposition: families in registration order, each with `# HELP` and `# TYPE`, then its series in
@@ -145,7 +145,7 @@ class Registry {
                          const std::vector<std::string>& label_names, std::vector<double> bounds);
 
   // Removes, in every family with a label named `label`, each series whose value of it equals
-  // `value` (e.g. ("job", "job-000003")). Returns how many series went away.
+  // `value` (e.g. ("mat_job", "job-000003")). Returns how many series went away.
   int RemoveSeriesWithLabel(const std::string& label, const std::string& value);
 
   // Every family's name, in registration order.

@@ -1329,7 +1329,7 @@ TEST_F(WorkerSessionsTest, MetricsFollowDecisionsProgressAndTheEndOfAJob) {
   now_ms_ += 59'000;
   coordinator_->RefreshMetrics();
   EXPECT_TRUE(m.module_active.Exists(metrics_test::ModuleLabels(job, 0)));
-  EXPECT_THAT(m.registry.Expose(), HasSubstr("job=\"" + job + "\""));
+  EXPECT_THAT(m.registry.Expose(), HasSubstr("mat_job=\"" + job + "\""));
   EXPECT_EQ(m.worker_heartbeat_age_seconds.Value({w0.id}), 59);
   now_ms_ += 1'000;
   coordinator_->RefreshMetrics();

@@ -36,6 +36,8 @@ SAMPLE_VALUES = {"job": "job-000001", "baseline_job": "job-000002", "group": "he
 VARIABLE = re.compile(r"\$\{([A-Za-z0-9_]+)(?::[A-Za-z]+)?\}|\$([A-Za-z0-9_]+)|\[\[([A-Za-z0-9_]+)\]\]")
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 MAT_NAME = re.compile(r"(?<![A-Za-z0-9_:])mat_[A-Za-z0-9_:]*")
+# Label names that start like metric names: the MAT job id's label.
+MAT_LABELS = {"mat_job"}
 LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*$", re.S)
 
 
@@ -88,8 +90,8 @@ def collect(path, problems, seen_uids):
     if not ds_var or ds_var.get("type") != "datasource" or ds_var.get("query") != "prometheus":
         problems.append(f"{name}: no datasource variable DS_PROMETHEUS of type prometheus")
     job = variables.get("job")
-    if not job or not re.match(r"label_values\(mat_(job|worker)_step\s*,\s*job\)", job.get("definition", "")):
-        problems.append(f"{name}: no `job` variable from label_values(mat_job_step, job)")
+    if not job or not re.match(r"label_values\(mat_(job|worker)_step\s*,\s*mat_job\)", job.get("definition", "")):
+        problems.append(f"{name}: no `job` variable from label_values(mat_job_step, mat_job)")
     for vname, v in variables.items():
         if v.get("type") != "query":
             continue
@@ -142,6 +144,8 @@ def collect(path, problems, seen_uids):
 def check_names(exprs, names, problems):
     for where, expr in exprs:
         for n in MAT_NAME.findall(STRING.sub('""', expr)):
+            if n in MAT_LABELS:
+                continue
             if not metric_names.known(n, names):
                 problems.append(f"{where}: metric {n} is not in metric_names.txt")
 
@@ -187,7 +191,7 @@ def main():
     for path in files:
         exprs += collect(path, problems, seen)
     check_names(exprs, names, problems)
-    used = {n for _, e in exprs for n in MAT_NAME.findall(STRING.sub('""', e))}
+    used = {n for _, e in exprs for n in MAT_NAME.findall(STRING.sub('""', e))} - MAT_LABELS
     for name, (typ, _) in names.items():
         forms = {name} | ({name + s for s in metric_names.HISTOGRAM_SUFFIXES} if typ == "histogram" else set())
         if files and not forms & used:

@@ -6,13 +6,13 @@
 
 Starts mat-coordinator and two mat-workers on loopback and a Prometheus (the Debian package's
 server, a temporary TSDB) whose configuration is deploy/prometheus/prometheus.yml with only the
-targets and the scrape interval replaced and its rule_files made absolute (so its honor_labels
-semantics are what is tested, and the server loads alerts.yml). Runs a
+targets and the scrape interval replaced and its rule_files made absolute (so its labelling is
+what is tested, and the server loads alerts.yml). Runs a
 small 2-rank MAT job and then the same job with policy.kind=full as the baseline, waits for a few
 scrapes, then:
-- label_values(mat_job_step, job) as the dashboards' `job` variable asks for it
-  (/api/v1/label/job/values?match[]=mat_job_step) holds both MAT job ids (the daemons' `job` label
-  survived the scrape);
+- label_values(mat_job_step, mat_job) as the dashboards' `job` variable asks for it
+  (/api/v1/label/mat_job/values?match[]=mat_job_step) holds both MAT job ids, and `up`'s `job`
+  label names a MAT scrape job (the scrape job's name, not overridden);
 - every listed metric family but the ones only set on rare events has series in Prometheus;
 - every query of every dashboard, with $job / $baseline_job set to the two jobs and Grafana's
   interval variables to concrete values, runs as a range query over the run without an error (no
@@ -209,11 +209,14 @@ def run(args, tmp):
 
 def check(base, jobs, t0, t1, source_dir):
     names = metric_names.load()
-    r = api(base, "/api/v1/label/job/values", {"match[]": "mat_job_step", "start": t0, "end": t1})
+    r = api(base, "/api/v1/label/mat_job/values", {"match[]": "mat_job_step", "start": t0, "end": t1})
     got = set(r.get("data") or [])
     if not set(jobs) <= got:
-        problems.append(f"label_values(mat_job_step, job) = {sorted(got)}, want {jobs} among them "
-                        "(honor_labels lost the daemons' job label?)")
+        problems.append(f"label_values(mat_job_step, mat_job) = {sorted(got)}, want {jobs} among them")
+    r = api(base, "/api/v1/label/job/values", {"match[]": "up", "start": t0, "end": t1})
+    scrape_jobs = set(r.get("data") or [])
+    if not scrape_jobs & {"mat", "mat-coordinator", "mat-worker"}:
+        problems.append(f"up's job values {sorted(scrape_jobs)} name no MAT scrape job")
     for name in names:
         if name in MAY_BE_ABSENT:
             continue

@@ -6,8 +6,8 @@
 // model's module count and sum(mat_module_active{job}) the job's active_modules (matctl status),
 // compared once the job finished (the values are frozen then and stay until retention ends).
 //
-// The scrape config uses `honor_labels: true`: our `job` label (the MAT job id) would otherwise
-// be renamed `exported_job` by Prometheus, whose own `job` label names the scrape job.
+// The MAT job id is the daemons' `mat_job` label; Prometheus' own `job` names the scrape job
+// (no honor_labels), and the test checks both.
 //
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 
@@ -145,10 +145,10 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   ASSERT_EQ(worker.status, 200) << worker.raw;
   EXPECT_THAT(coordinator.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
   EXPECT_THAT(worker.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
-  EXPECT_THAT(coordinator.body, HasSubstr("mat_module_lambda_max{job=\"" + job + "\""));
+  EXPECT_THAT(coordinator.body, HasSubstr("mat_module_lambda_max{mat_job=\"" + job + "\""));
   EXPECT_THAT(coordinator.body, HasSubstr("mat_coordinator_jobs{state=\"running\"} 1\n"));
   EXPECT_THAT(worker.body, HasSubstr("mat_worker_busy 1\n"));
-  EXPECT_THAT(worker.body, HasSubstr("mat_worker_step{job=\"" + job + "\",rank=\"0\"}"));
+  EXPECT_THAT(worker.body, HasSubstr("mat_worker_step{mat_job=\"" + job + "\",rank=\"0\"}"));
   std::string output;
   EXPECT_EQ(Promtool(coordinator.body, &output), 0) << output << "\n" << coordinator.body;
   EXPECT_EQ(output, "") << "promtool lint findings on the coordinator's /metrics";
@@ -163,10 +163,8 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
                            "evaluation_interval: 1s}\n"
                            "scrape_configs:\n"
                            "  - job_name: mat-coordinator\n"
-                           "    honor_labels: true\n"
                            "    static_configs: [{targets: ['" + metrics_address_ + "']}]\n"
                            "  - job_name: mat-worker\n"
-                           "    honor_labels: true\n"
                            "    static_configs: [{targets: ['" + worker_metrics + "']}]\n";
   const pid_t prometheus =
       Spawn({kPrometheus, "--config.file=" + config, "--storage.tsdb.path=" + root_ + "/tsdb",
@@ -191,7 +189,7 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   EXPECT_EQ(total, 12);
   EXPECT_GT(active, 0);
   EXPECT_LT(active, total) << "the policy switched nothing off; the test checks less";
-  const std::string sel = "{job=\"" + job + "\"}";
+  const std::string sel = "{mat_job=\"" + job + "\"}";
   double count = 0, sum = 0, step = 0, succeeded = 0;
   deadline = std::chrono::steady_clock::now() + 30s;
   while (std::chrono::steady_clock::now() < deadline) {
@@ -208,6 +206,8 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   EXPECT_EQ(step, 400);
   EXPECT_EQ(QueryScalar("mat_job_active_modules" + sel), active);
   EXPECT_EQ(QueryScalar("mat_job_step" + sel), 400);
+  // Prometheus' own job label is the scrape job's name on the same series.
+  EXPECT_EQ(QueryScalar("count(mat_job_step{mat_job=\"" + job + "\", job=\"mat-coordinator\"})"), 1);
   EXPECT_EQ(QueryScalar("count(mat_policy_threshold" + sel + ")"), 2);  // heads, ffn
   EXPECT_GT(QueryScalar("sum(mat_worker_step_duration_seconds_count" + sel + ")"), 0);
   EXPECT_GT(QueryScalar("sum(mat_worker_spectral_duration_seconds_count" + sel + ")"), 0);

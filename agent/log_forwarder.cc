@@ -7,8 +7,8 @@ namespace mat::agent {
 
 LogForwarder::LogForwarder(size_t max_lines) : max_lines_(std::max<size_t>(1, max_lines)) {}
 
-void LogForwarder::Arm(const std::string& job_id) {
-  (void)job_id;  // one rank at a time: every line while armed is that rank's
+void LogForwarder::Arm() {
+  // One rank at a time: every line while armed is that rank's.
   std::lock_guard<std::mutex> lock(mutex_);
   armed_ = true;
   lines_.clear();

@@ -25,8 +25,8 @@ class LogForwarder final : public spdlog::sinks::base_sink<std::mutex> {
 
   static constexpr size_t kMaxLineBytes = 4096;
 
-  // Starts keeping lines for `job_id` (what was kept before is discarded).
-  void Arm(const std::string& job_id);
+  // Starts keeping lines for a new rank (what was kept before is discarded).
+  void Arm();
   // Stops keeping lines; what is kept stays for Take.
   void Disarm();
   // Removes and returns up to `max` of the oldest kept lines (seq and rank unset: the coordinator

@@ -148,7 +148,7 @@ void RankRunner::SendLogs() {
 }
 
 void RankRunner::Main() {
-  if (options_.logs != nullptr) options_.logs->Arm(job_id());
+  if (options_.logs != nullptr) options_.logs->Arm();
   std::string summary, checksum;
   int64_t step = 0;
   absl::Status status = Train(&summary, &checksum, &step);

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <set>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -721,15 +722,14 @@ absl::Status CheckJobSpecLimits(const v1::JobSpec& spec, const JobSpecLimits& li
                                                    " (--max-spec-bytes)"));
   }
   const v1::JobSpec full = WithJobSpecDefaults(spec);
-  if (absl::Status s = common::CheckUnderRoots(full.data().dir(), limits.data_roots); !s.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("data.dir: ", s.message(), " (--data-root)"));
-  }
+  // The files a worker reads lie under the data roots (init_from only when set).
+  std::vector<std::pair<std::string, std::string>> paths = {{"data.dir", full.data().dir()}};
   if (!full.model().init_from().empty()) {
-    if (absl::Status s = common::CheckUnderRoots(full.model().init_from(), limits.data_roots);
-        !s.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("model.init_from: ", s.message(), " (--data-root)"));
+    paths.emplace_back("model.init_from", full.model().init_from());
+  }
+  for (const auto& [key, path] : paths) {
+    if (absl::Status s = common::CheckUnderRoots(path, limits.data_roots); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(key, ": ", s.message(), " (--data-root)"));
     }
   }
   const double params = EstimateModelParams(full);

@@ -21,4 +21,9 @@ std::string JobStateName(v1::JobState state) {
   }
 }
 
+bool IsTerminalJobState(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
 }  // namespace mat::api

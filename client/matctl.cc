@@ -352,11 +352,6 @@ int Compare(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
-bool Terminal(v1::JobState s) {
-  return s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED ||
-         s == v1::JOB_STATE_CANCELLED;
-}
-
 // Prints the job's kept lines; with --follow, polls for new ones until the job has ended and
 // every line is printed.
 int Logs(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
@@ -378,7 +373,7 @@ int Logs(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
     out << std::flush;
     after = reply->last_seq();
     if (reply->lines_size() > 0) continue;  // maybe more pages
-    if (!o.follow || Terminal(reply->state())) return kExitOk;
+    if (!o.follow || api::IsTerminalJobState(reply->state())) return kExitOk;
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
   }
 }

@@ -49,11 +49,6 @@ absl::Status CheckJobId(const std::string& job_id) {
 
 }  // namespace
 
-bool IsTerminalJobState(v1::JobState state) {
-  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
-         state == v1::JOB_STATE_CANCELLED;
-}
-
 v1::Job JobRecordToProto(const JobRecord& record) {
   v1::Job job;
   job.set_job_id(record.id);

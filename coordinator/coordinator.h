@@ -83,6 +83,7 @@
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator_metrics.h"
 #include "api/job_spec.h"
+#include "api/job_state.h"
 #include "coordinator/job_store.h"
 #include "policy/policy.h"
 #include "mat/v1/job.pb.h"
@@ -137,8 +138,8 @@ class WorkerChannel {
   virtual void Close(const absl::Status& status) = 0;
 };
 
-// True for SUCCEEDED, FAILED and CANCELLED.
-bool IsTerminalJobState(v1::JobState state);
+// True for SUCCEEDED, FAILED and CANCELLED (api/job_state.h).
+using api::IsTerminalJobState;
 
 // The wire form of a stored job (progress fields stay 0 / "" / unset until workers report them).
 v1::Job JobRecordToProto(const JobRecord& record);

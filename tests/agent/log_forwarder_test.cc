@@ -15,7 +15,7 @@ TEST(LogForwarderTest, KeepsLinesOnlyWhileArmedBoundedOldestDropped) {
   spdlog::logger logger("test", sink);
   logger.set_level(spdlog::level::info);
   logger.info("before");  // not armed: not kept
-  sink->Arm("job-000001");
+  sink->Arm();
   logger.info("step {}", 1);
   logger.warn("slow");
   logger.debug("below the logger's level");
@@ -42,7 +42,7 @@ TEST(LogForwarderTest, KeepsLinesOnlyWhileArmedBoundedOldestDropped) {
   sink->Disarm();
   logger.info("after");
   EXPECT_TRUE(sink->Take(10).empty());
-  sink->Arm("job-000002");  // a new rank starts clean
+  sink->Arm();  // a new rank starts clean
   EXPECT_EQ(sink->dropped(), 0);
 }
 

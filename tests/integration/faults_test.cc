@@ -19,7 +19,6 @@
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 #include <glob.h>
 
-#include <cstdlib>
 #include <optional>
 #include <random>
 #include <regex>
@@ -29,18 +28,6 @@
 
 namespace mat {
 namespace {
-
-// The seed of a test's random draws: MAT_TEST_SEED when set (to replay a failure), else drawn;
-// printed either way.
-uint64_t TestSeed() {
-  uint64_t seed = std::random_device{}();
-  if (const char* env = std::getenv("MAT_TEST_SEED"); env != nullptr) {
-    seed = std::strtoull(env, nullptr, 10);
-  }
-  std::printf("random seed %llu (MAT_TEST_SEED=%llu replays it)\n",
-              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
-  return seed;
-}
 
 using json = nlohmann::json;
 using ::testing::HasSubstr;
@@ -273,7 +260,7 @@ TEST_F(FaultsTest, TheCoordinatorKilledThreeTimesLosesNothing) {
                    120s);
   ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
 
-  std::mt19937 rng(static_cast<std::mt19937::result_type>(TestSeed()));
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(testing_loopback::TestSeed()));
   std::uniform_int_distribution<int> pause_ms(200, 1500);
   int kills_mid_run = 0;
   for (int kill = 0; kill < 3; ++kill) {

@@ -11,9 +11,12 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <set>
 #include <sstream>
 #include <string>
@@ -38,6 +41,18 @@ inline const std::string kCoordinator = std::string(MAT_BIN_DIR) + "/mat-coordin
 inline const std::string kMatctl = std::string(MAT_BIN_DIR) + "/matctl";
 inline const std::string kWorker = std::string(MAT_BIN_DIR) + "/mat-worker";
 inline const std::string kTinyJob = std::string(MAT_SOURCE_DIR) + "/examples/bert-wikitext2-tiny.yaml";
+
+// The seed of a test's random draws (kill times, cancels): MAT_TEST_SEED when set, to replay a
+// failure, else drawn; printed either way.
+inline uint64_t TestSeed() {
+  uint64_t seed = std::random_device{}();
+  if (const char* env = std::getenv("MAT_TEST_SEED"); env != nullptr) {
+    seed = std::strtoull(env, nullptr, 10);
+  }
+  std::printf("random seed %llu (MAT_TEST_SEED=%llu replays it)\n",
+              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
+  return seed;
+}
 
 inline std::string ReadText(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);

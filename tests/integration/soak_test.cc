@@ -5,7 +5,6 @@
 // its reason; no worker is left BUSY), and neither the coordinator nor the workers may grow in
 // open file descriptors or memory from the first wave of jobs to the second.
 #include <algorithm>
-#include <cstdlib>
 #include <map>
 #include <random>
 
@@ -14,18 +13,6 @@
 
 namespace mat {
 namespace {
-
-// The seed of a test's random draws: MAT_TEST_SEED when set (to replay a failure), else drawn;
-// printed either way.
-uint64_t TestSeed() {
-  uint64_t seed = std::random_device{}();
-  if (const char* env = std::getenv("MAT_TEST_SEED"); env != nullptr) {
-    seed = std::strtoull(env, nullptr, 10);
-  }
-  std::printf("random seed %llu (MAT_TEST_SEED=%llu replays it)\n",
-              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
-  return seed;
-}
 
 using json = nlohmann::json;
 using ::testing::HasSubstr;
@@ -160,7 +147,7 @@ TEST_F(SoakTest, TwentyJobsFourClientsThreeWorkersRandomCancels) {
   StartCoordinator();
   std::vector<pid_t> workers;
   for (const char* w : {"w1", "w2", "w3"}) workers.push_back(StartWorker(w));
-  std::mt19937 rng(static_cast<std::mt19937::result_type>(TestSeed()));
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(testing_loopback::TestSeed()));
   std::vector<std::string> yaml;
   for (int j = 0; j < 20; ++j) {
     // Every fifth job needs two ranks (gang scheduling among the single-rank ones).

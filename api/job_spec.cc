@@ -466,6 +466,7 @@ v1::JobSpec JobSpecDefaults() {
   t->set_decay_factor(0.1);
   t->set_momentum(0.9);
   t->set_nesterov(false);
+  t->set_deterministic(false);
   v1::PolicySpec* p = s.mutable_policy();
   p->set_kind("mat");
   p->set_alpha(0.3);

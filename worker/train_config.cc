@@ -94,6 +94,7 @@ std::vector<Field> Schema(TrainConfig& c) {
   f.push_back(MakeField("train.threads", &c.train.threads, "integer"));
   f.push_back(MakeField("train.device", &c.train.device, "string"));
   f.push_back(MakeField("train.precision", &c.train.precision, "string"));
+  f.push_back(MakeField("train.deterministic", &c.train.deterministic, "boolean"));
   f.push_back(MakeField("policy.kind", &c.policy.kind, "string"));
   f.push_back(MakeField("policy.alpha", &c.policy.alpha, "number"));
   f.push_back(MakeField("policy.beta", &c.policy.beta, "number"));

@@ -8,7 +8,8 @@
 //   data:   {kind, dir, seq_len, mask_prob, valid_size, augment, train_fraction, vocab_size}
 //   train:  {steps, batch_size, optimizer, lr, min_lr_ratio, warmup_steps, schedule,
 //            decay_every, decay_factor, weight_decay, beta1, beta2, eps, momentum, nesterov,
-//            eval_every, eval_batches, checkpoint_every, threads, device, precision}
+//            eval_every, eval_batches, checkpoint_every, threads, device, precision,
+//            deterministic}
 //   policy: {kind, alpha, beta, gamma, patience, warmup_steps, probe_every, probe_samples,
 //            estimator, lanczos_iterations, probe_projections, probe_positions,
 //            min_active_fraction,
@@ -109,6 +110,10 @@ struct TrainSection {
   int64_t threads = 0;           // intra-op threads (0: all cores)
   std::string device = "cpu";    // cpu | cuda | cuda:N
   std::string precision = "fp32";  // fp32 | bf16: autocast of the step's forward (worker/autocast.h)
+  // Deterministic kernels only (torch's deterministic algorithms, cuBLAS's fixed workspace): on
+  // CUDA two runs of one config then give equal losses and parameters. CPU steps are
+  // deterministic either way.
+  bool deterministic = false;
 };
 
 struct PolicySection {

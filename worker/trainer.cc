@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -145,6 +146,12 @@ absl::Status Trainer::Init() {
   torch::set_num_threads(c.train.threads > 0 ? int(c.train.threads)
                                              : int(std::max(1u, std::thread::hardware_concurrency())));
   torch::manual_seed(c.seed);
+  // Process-wide switches, set either way so that one run's choice does not leak into the next
+  // in the same process. cuBLAS reads its workspace setting when its handle is made, so before
+  // any CUDA work. An operator without a deterministic kernel warns once (TORCH_WARN) and runs.
+  if (c.train.deterministic) ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  at::globalContext().setDeterministicAlgorithms(c.train.deterministic, /*warn_only=*/true);
+  at::globalContext().setDeterministicCuDNN(c.train.deterministic);
   if (c.train.device != "cpu") {
     if (!torch::cuda::is_available()) {
       return absl::FailedPreconditionError("train.device: " + c.train.device +
@@ -735,6 +742,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   }
   if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(SaveCheckpoint(ckpt));
   nlohmann::json summary = Summary(train_seconds_);
+  summary["param_checksum"] = ParamChecksum();  // equal runs, equal checksums
   if (step_ >= c.train.steps && !options_.out_dir.empty()) {
     if (options_.rank == 0) {  // the trained model, for its user (worker/model_io.h)
       MAT_RETURN_IF_ERROR(SaveModelSafetensors(

@@ -299,6 +299,23 @@ TEST_F(MatTrainCliTest, FullPolicySpendsNoSpectralFlops) {
   EXPECT_DOUBLE_EQ(summary.value("mean_active_fraction", -1.0), 1.0);
 }
 
+// train.deterministic (torch's deterministic kernels; what bench/gpu/service.sh sets on CUDA to
+// compare a service job with mat-train) changes nothing on the CPU: the same checksum, the same
+// losses. The checksum in summary.json is the same FNV-1a hash a service rank reports.
+TEST_F(MatTrainCliTest, DeterministicKernelsTrainTheSameParametersOnCpu) {
+  RunResult plain = Run(TinyArgs("plain"));
+  RunResult det = Run(With(TinyArgs("det"), {"train.deterministic=true"}));
+  json a = CheckFinishedRun(root() / "plain", plain, "mat");
+  json b = CheckFinishedRun(root() / "det", det, "mat");
+  ASSERT_FALSE(a.is_discarded());
+  ASSERT_FALSE(b.is_discarded());
+  const std::string ca = a.value("param_checksum", ""), cb = b.value("param_checksum", "");
+  EXPECT_EQ(ca.size(), 16u) << a.dump(2);
+  EXPECT_EQ(ca, cb);
+  EXPECT_EQ(a.value("best_val_loss", NAN), b.value("best_val_loss", NAN));
+  EXPECT_EQ(ReadJsonl(root() / "plain" / "decisions.jsonl"), ReadJsonl(root() / "det" / "decisions.jsonl"));
+}
+
 TEST_F(MatTrainCliTest, ResumeWithMoreStepsContinuesFromTheLastStep) {
   RunResult first = Run(TinyArgs("resume"));
   ASSERT_EQ(first.exit_code, 0) << first.err;

@@ -35,7 +35,7 @@ const std::vector<std::string> kAllKeys = {
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.momentum",
     "train.nesterov",
     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.threads", "train.device",
-    "train.precision",
+    "train.precision", "train.deterministic",
     "policy.kind", "policy.alpha", "policy.beta", "policy.gamma", "policy.patience",
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.lanczos_iterations", "policy.probe_projections", "policy.min_active_fraction",

@@ -4,6 +4,8 @@
 
 #include <unordered_map>
 
+#include <torch/version.h>
+
 namespace mat::worker {
 
 std::vector<ParamEntry> BuildParamEntries(torch::nn::Module& model,
@@ -103,6 +105,21 @@ absl::Status MaskedAdamW::Step(double lr, const std::vector<uint8_t>& active,
     used_grads.push_back(&grad);
   }
   for (Group& gr : groups) {
+#if TORCH_VERSION_MAJOR >= 2
+    if (gr.p.front().is_cuda()) {
+      // LibTorch 2's fused AdamW kernel (what torch.optim.AdamW(fused=True) calls): one pass
+      // over each chunk of tensors instead of the nine _foreach_ passes below, the same update
+      // (decoupled decay, bias correction, eps added to sqrt(v) / sqrt(bc2)). It reads each
+      // tensor's step from a device tensor; every tensor of a group has the same step count.
+      const torch::Tensor step =
+          torch::full({}, double(gr.t), gr.p.front().options().dtype(torch::kFloat));
+      const std::vector<torch::Tensor> steps(gr.p.size(), step);
+      at::_fused_adamw_(gr.p, gr.g, gr.m, gr.v, /*max_exp_avg_sqs=*/{}, steps, gr.step_lr,
+                        opt_.beta1, opt_.beta2, gr.decay ? opt_.weight_decay : 0.0, opt_.eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
+      continue;
+    }
+#endif
     const double bc1 = 1.0 - std::pow(opt_.beta1, double(gr.t));
     const double bc2 = 1.0 - std::pow(opt_.beta2, double(gr.t));
     if (gr.decay) at::_foreach_mul_(gr.p, 1.0 - gr.step_lr * opt_.weight_decay);

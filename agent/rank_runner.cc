@@ -12,7 +12,7 @@
 #include "spdlog/spdlog.h"
 #include "worker/checkpoint.h"
 #include "worker/grad_sync.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 
 namespace mat::agent {
 namespace {
@@ -193,8 +193,8 @@ void RankRunner::Main() {
 
 absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum, int64_t* step) {
   const v1::JobSpec spec = api::WithJobSpecDefaults(assign_.spec());
-  MAT_ASSIGN_OR_RETURN(worker::TrainConfig config,
-                       worker::ParseTrainConfig(api::JobSpecToTrainerYaml(spec),
+  MAT_ASSIGN_OR_RETURN(config::TrainConfig config,
+                       config::ParseTrainConfig(api::JobSpecToTrainerYaml(spec),
                                                 "job " + job_id()));
   if (!options_.data_roots.empty()) {
     // Defence in depth behind the coordinator's --data-root: this process reads the files.

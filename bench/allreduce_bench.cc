@@ -39,7 +39,7 @@ struct Measured {
 };
 
 // Both ranks; returns rank 0's figures per mask.
-std::vector<Measured> Run(const worker::TrainConfig& tc, const std::vector<double>& fractions,
+std::vector<Measured> Run(const config::TrainConfig& tc, const std::vector<double>& fractions,
                           int reps) {
   const int port = common::PickFreePort().value_or(29500);
   std::vector<Measured> result(fractions.size());
@@ -130,7 +130,7 @@ int main(int argc, char** argv) {
   for (const char* name : {"tiny", "default"}) {
     const std::string path = root + (std::string(name) == "tiny" ? "/examples/bert-wikitext2-tiny.yaml"
                                                                   : "/examples/bert-wikitext2.yaml");
-    auto tc = mat::worker::LoadTrainConfig(path);
+    auto tc = mat::config::LoadTrainConfig(path);
     if (!tc.ok()) {
       std::cerr << tc.status() << "\n";
       return 1;

@@ -41,7 +41,7 @@
 #include "worker/bert.h"
 #include "worker/flops.h"
 #include "worker/optimizer.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 #include "worker/trainer.h"
 
 namespace mat::bench {
@@ -103,7 +103,7 @@ std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
 // Both backward modes (policy.backward) side by side: `weights` (a masked head still passes
 // activation gradients) and `detach` (it is a constant in the backward), same weights, same
 // batch, configurations interleaved; ratios to the weights mode at 100 %.
-nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainConfig& tc, int reps) {
+nlohmann::json MaskedBackwardFor(const std::string& name, const config::TrainConfig& tc, int reps) {
   worker::BertConfig c = worker::MakeBertConfig(tc, 33279);  // WikiText-2 + [MASK]
   const torch::Device dev(g_device);
   std::vector<worker::BertMlm> models;
@@ -176,8 +176,8 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const worker::TrainCon
   return out;
 }
 
-absl::StatusOr<worker::TrainConfig> Config(const std::string& path) {
-  auto c = worker::LoadTrainConfig(path);
+absl::StatusOr<config::TrainConfig> Config(const std::string& path) {
+  auto c = config::LoadTrainConfig(path);
   if (!c.ok()) return c.status();
   if (!g_data_dir.empty()) c->data.dir = g_data_dir;
   return c;
@@ -443,7 +443,7 @@ std::vector<bool> ThresholdDecisions(const spectral::ModulePartition& p, const s
 // kernels against each other, on the same probe batches of a model trained with full masks on
 // the real data: probes at steps 0, gap, 2·gap, ... (`probes` of them), each estimator on its own
 // probe forward of the same batch (estimators consume the graph).
-nlohmann::json SpectralCompareFor(const std::string& model, worker::TrainConfig c, int probes,
+nlohmann::json SpectralCompareFor(const std::string& model, config::TrainConfig c, int probes,
                                   int gap) {
   c.train.device = g_device;
   c.policy.kind = "full";
@@ -636,7 +636,7 @@ int SpectralCompare(const std::string& root, int reps, nlohmann::json& result) {
 // policy.alpha, and the scaled relative error; seconds per probe against a training step.
 int64_t g_output_vocab = 256;  // --output-vocab
 
-nlohmann::json OutputKernelRun(worker::TrainConfig c, int probes, int gap) {
+nlohmann::json OutputKernelRun(config::TrainConfig c, int probes, int gap) {
   c.train.device = g_device;
   c.policy.kind = "full";
   c.data.vocab_size = g_output_vocab;

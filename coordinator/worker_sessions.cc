@@ -19,7 +19,7 @@
 #include "api/job_spec.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 
 namespace mat::coordinator {
 namespace {
@@ -189,16 +189,16 @@ void Coordinator::KeepJob(const JobRecord& job) {
 
 absl::StatusOr<policy::PolicyConfig> Coordinator::JobPolicyConfig(const JobRecord& job) {
   // The policy config comes from the same text the workers' trainers read.
-  absl::StatusOr<worker::TrainConfig> config =
-      worker::ParseTrainConfig(api::JobSpecToTrainerYaml(api::WithJobSpecDefaults(job.spec)),
+  absl::StatusOr<config::TrainConfig> config =
+      config::ParseTrainConfig(api::JobSpecToTrainerYaml(api::WithJobSpecDefaults(job.spec)),
                                absl::StrCat("job ", job.id));
-  absl::Status valid = config.ok() ? worker::ValidateTrainConfig(*config) : config.status();
-  if (valid.ok()) valid = policy::ValidatePolicyConfig(worker::ToPolicyConfig(*config));
+  absl::Status valid = config.ok() ? config::ValidateTrainConfig(*config) : config.status();
+  if (valid.ok()) valid = policy::ValidatePolicyConfig(config::ToPolicyConfig(*config));
   if (!valid.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the job's spec is not a valid trainer config: ", valid.message()));
   }
-  return worker::ToPolicyConfig(*config);
+  return config::ToPolicyConfig(*config);
 }
 
 absl::Status Coordinator::CreatePolicy(const std::string& job_id, JobRuntime& job,

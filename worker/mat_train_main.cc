@@ -9,7 +9,7 @@
 #include "common/allocator.h"
 #include "common/logging.h"
 #include "common/status.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 #include "worker/trainer.h"
 
 int main(int argc, char** argv) {
@@ -29,20 +29,20 @@ int main(int argc, char** argv) {
   mat::common::ConfigureAllocatorForTraining();
   mat::common::InitLogging(log_level, log_json);
 
-  auto config = mat::worker::LoadTrainConfig(config_path);
+  auto config = mat::config::LoadTrainConfig(config_path);
   if (!config.ok()) {
     std::cerr << "mat-train: " << config.status().message() << "\n";
     return 2;
   }
   for (const auto& s : sets) {
-    absl::Status st = mat::worker::ApplyOverride(*config, s);
+    absl::Status st = mat::config::ApplyOverride(*config, s);
     if (!st.ok()) {
       std::cerr << "mat-train: " << st.message() << "\n";
       return 2;
     }
   }
   if (print_config) {
-    for (const auto& [k, v] : mat::worker::ListConfig(*config)) std::cout << k << ": " << v << "\n";
+    for (const auto& [k, v] : mat::config::ListConfig(*config)) std::cout << k << ": " << v << "\n";
     return 0;
   }
   mat::worker::TrainerOptions options;

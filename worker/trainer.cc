@@ -85,7 +85,7 @@ int64_t TrainPrefix(double fraction, int64_t n) {
 
 }  // namespace
 
-BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
+BertConfig MakeBertConfig(const config::TrainConfig& c, int64_t vocab_size) {
   BertConfig b;
   b.vocab_size = vocab_size;
   b.max_seq_len = c.model.max_seq_len;
@@ -106,7 +106,7 @@ BertConfig MakeBertConfig(const TrainConfig& c, int64_t vocab_size) {
   return b;
 }
 
-VggConfig MakeVggConfig(const TrainConfig& c, int64_t channels, int64_t image_size) {
+VggConfig MakeVggConfig(const config::TrainConfig& c, int64_t channels, int64_t image_size) {
   VggConfig v;
   v.arch = c.model.arch;
   v.width = c.model.width;
@@ -118,14 +118,14 @@ VggConfig MakeVggConfig(const TrainConfig& c, int64_t channels, int64_t image_si
   return v;
 }
 
-Trainer::Trainer(const TrainConfig& config, TrainerOptions options)
+Trainer::Trainer(const config::TrainConfig& config, TrainerOptions options)
     : config_(config), options_(std::move(options)) {}
 
 Trainer::~Trainer() = default;
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainConfig& config,
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const config::TrainConfig& config,
                                                          TrainerOptions options) {
-  MAT_RETURN_IF_ERROR(ValidateTrainConfig(config));
+  MAT_RETURN_IF_ERROR(config::ValidateTrainConfig(config));
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
     return absl::InvalidArgumentError("rank " + std::to_string(options.rank) +
                                       " is not in [0, world_size " +
@@ -194,9 +194,9 @@ absl::Status Trainer::Init() {
 
   std::vector<policy::ModuleInfo> infos;
   for (const auto& m : partition_.modules) infos.push_back({m.group, m.layer, m.index, m.name});
-  MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(ToPolicyConfig(c), std::move(infos)));
+  MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(config::ToPolicyConfig(c), std::move(infos)));
   if (!c.policy.rand_schedule.empty()) {
-    MAT_ASSIGN_OR_RETURN(auto schedule, LoadActiveCountSchedule(c.policy.rand_schedule));
+    MAT_ASSIGN_OR_RETURN(auto schedule, config::LoadActiveCountSchedule(c.policy.rand_schedule));
     MAT_RETURN_IF_ERROR(policy_->SetRandSchedule(std::move(schedule)));
   }
   spectral::EstimatorOptions eo;

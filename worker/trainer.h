@@ -37,15 +37,15 @@
 #include "worker/mlm_data.h"
 #include "worker/optimizer.h"
 #include "worker/sgd.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 #include "worker/vgg.h"
 
 namespace mat::worker {
 
 // The model section as a BertConfig over a vocabulary of `vocab_size` ids (specials included).
-BertConfig MakeBertConfig(const TrainConfig& config, int64_t vocab_size);
+BertConfig MakeBertConfig(const config::TrainConfig& config, int64_t vocab_size);
 // The model section as a VggConfig for images of `channels` x `image_size`².
-VggConfig MakeVggConfig(const TrainConfig& config, int64_t channels, int64_t image_size);
+VggConfig MakeVggConfig(const config::TrainConfig& config, int64_t channels, int64_t image_size);
 
 // An evaluation: mean loss (nats per masked token, or per image) and, for images, top-1
 // accuracy in [0, 1] (0 for the masked LM).
@@ -122,7 +122,7 @@ class Trainer {
  public:
   // Loads the corpus, builds the model, optimizer, policy and streams. Errors name the bad key
   // or file.
-  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainConfig& config,
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const config::TrainConfig& config,
                                                          TrainerOptions options);
   ~Trainer();
   Trainer(const Trainer&) = delete;
@@ -170,7 +170,7 @@ class Trainer {
   MlmStream& train_stream() { return *train_stream_; }   // REQUIRES: !is_vgg()
   ImageStream& image_stream() { return *image_stream_; }  // REQUIRES: is_vgg()
   const spectral::ModulePartition& partition() const { return partition_; }
-  const TrainConfig& config() const { return config_; }
+  const config::TrainConfig& config() const { return config_; }
   int64_t step() const { return step_; }
   double LearningRate(int64_t step) const;
   // All parameters' and buffers' bytes hashed (FNV-1a): equal runs have equal checksums.
@@ -178,7 +178,7 @@ class Trainer {
   const torch::Device& device() const { return device_; }
 
  private:
-  Trainer(const TrainConfig& config, TrainerOptions options);
+  Trainer(const config::TrainConfig& config, TrainerOptions options);
   absl::Status Init();
   absl::Status AppendLine(const std::string& file, const nlohmann::json& line);
   absl::Status TruncateLog(const std::string& file, int64_t max_step);
@@ -199,7 +199,7 @@ class Trainer {
   // modules_off_without_decoder}, FLOPs of one nominal step (Summary's comment).
   nlohmann::json NominalStepFlops() const;
 
-  TrainConfig config_;
+  config::TrainConfig config_;
   TrainerOptions options_;
   torch::Device device_{torch::kCPU};
   Precision precision_ = Precision::kFloat32;  // train.precision: the step's forward

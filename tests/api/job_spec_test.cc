@@ -19,7 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/util/message_differencer.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 #include "yaml-cpp/yaml.h"
 
 namespace mat::api {
@@ -696,9 +696,9 @@ TEST(JobSpecYamlTest, TrainerYamlHasEveryTrainerKeyAndNoJobOnlyKey) {
   EXPECT_FALSE(root["resources"]) << "mat-train rejects a resources section:\n" << yaml;
   EXPECT_FALSE(root["policy"]["rand_schedule_job"])
       << "mat-train rejects an unknown policy key:\n" << yaml;
-  absl::StatusOr<worker::TrainConfig> config = worker::ParseTrainConfig(yaml, "trainer.yaml");
+  absl::StatusOr<config::TrainConfig> config = config::ParseTrainConfig(yaml, "trainer.yaml");
   ASSERT_TRUE(config.ok()) << config.status() << "\n" << yaml;
-  EXPECT_TRUE(worker::ValidateTrainConfig(*config).ok()) << worker::ValidateTrainConfig(*config);
+  EXPECT_TRUE(config::ValidateTrainConfig(*config).ok()) << config::ValidateTrainConfig(*config);
   EXPECT_EQ(config->policy.kind, "rand");
   EXPECT_EQ(config->policy.rand_schedule, "") << "the worker gets no file to replay";
   for (const std::string& key : kTrainerKeys) {
@@ -731,10 +731,10 @@ TEST(JobSpecYamlTest, VggTrainerYamlIsAValidMatTrainConfigWithTheSpecsValues) {
   ASSERT_TRUE(spec.ok()) << spec.status();
   ASSERT_TRUE(ValidateJobSpec(*spec).ok()) << ValidateJobSpec(*spec);
   const std::string yaml = JobSpecToTrainerYaml(WithJobSpecDefaults(*spec));
-  absl::StatusOr<worker::TrainConfig> config = worker::ParseTrainConfig(yaml, "trainer.yaml");
+  absl::StatusOr<config::TrainConfig> config = config::ParseTrainConfig(yaml, "trainer.yaml");
   ASSERT_TRUE(config.ok()) << config.status() << "\n" << yaml;
-  EXPECT_TRUE(worker::ValidateTrainConfig(*config).ok())
-      << worker::ValidateTrainConfig(*config) << "\n" << yaml;
+  EXPECT_TRUE(config::ValidateTrainConfig(*config).ok())
+      << config::ValidateTrainConfig(*config) << "\n" << yaml;
   EXPECT_EQ(config->seed, 7u);
   EXPECT_EQ(config->model.kind, "vgg");
   EXPECT_EQ(config->model.arch, "vgg16");
@@ -761,10 +761,10 @@ TEST(JobSpecYamlTest, VggTrainerYamlIsAValidMatTrainConfigWithTheSpecsValues) {
 // handed WithJobSpecDefaults(spec) runs what the README documents.
 TEST(JobSpecYamlTest, DefaultsAreMatTrainsDefaults) {
   const std::string yaml = JobSpecToTrainerYaml(JobSpecDefaults());
-  absl::StatusOr<worker::TrainConfig> config = worker::ParseTrainConfig(yaml, "trainer.yaml");
+  absl::StatusOr<config::TrainConfig> config = config::ParseTrainConfig(yaml, "trainer.yaml");
   ASSERT_TRUE(config.ok()) << config.status() << "\n" << yaml;
-  const auto from_spec = worker::ListConfig(*config);
-  const auto defaults = worker::ListConfig(worker::TrainConfig());
+  const auto from_spec = config::ListConfig(*config);
+  const auto defaults = config::ListConfig(config::TrainConfig());
   ASSERT_EQ(from_spec.size(), defaults.size());
   for (size_t i = 0; i < defaults.size(); ++i) {
     EXPECT_EQ(from_spec[i], defaults[i]) << "the job spec's default of " << defaults[i].first;

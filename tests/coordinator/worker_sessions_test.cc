@@ -26,7 +26,7 @@
 #include "api/job_spec.h"
 #include "policy/policy.h"
 #include "google/protobuf/util/message_differencer.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 
 namespace mat::coordinator {
 namespace {
@@ -121,9 +121,9 @@ std::vector<uint8_t> Unpack(const std::string& bytes, int n) {
 
 // The policy a job with `spec` and Modules() must follow, made the way the service documents.
 std::unique_ptr<policy::Policy> LocalPolicy(const v1::JobSpec& spec) {
-  auto config = worker::ParseTrainConfig(api::JobSpecToTrainerYaml(api::WithJobSpecDefaults(spec)), "t");
+  auto config = config::ParseTrainConfig(api::JobSpecToTrainerYaml(api::WithJobSpecDefaults(spec)), "t");
   EXPECT_TRUE(config.ok()) << config.status();
-  auto created = policy::Policy::Create(worker::ToPolicyConfig(*config), Modules());
+  auto created = policy::Policy::Create(config::ToPolicyConfig(*config), Modules());
   EXPECT_TRUE(created.ok()) << created.status();
   return std::move(*created);
 }

@@ -96,14 +96,14 @@ TEST_F(Bf16ModelTest, MaskedStepAgreesWithFp32AndKeepsFp32Gradients) {
 }
 
 TEST(Bf16TrainerTest, FirstStepsTrackFp32) {
-  TrainConfig c = testing::ToyConfig(testing::WriteToyCorpus("bf16_trainer"));
+  config::TrainConfig c = testing::ToyConfig(testing::WriteToyCorpus("bf16_trainer"));
   c.model.dropout = 0;
   c.train.steps = 6;
   c.train.eval_every = 6;
   c.train.threads = 1;
   c.policy.kind = "full";
   auto run = [&](const std::string& precision) {
-    TrainConfig k = c;
+    config::TrainConfig k = c;
     k.train.precision = precision;
     auto t = Trainer::Create(k, {"", false, false});
     EXPECT_TRUE(t.ok()) << t.status();

@@ -149,7 +149,7 @@ TEST_F(CudaTest, Bf16MaskedStepAgreesWithFp32Cpu) {
 
 TEST(CudaTrainerTest, TrainsOnCudaWithFiniteLosses) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  TrainConfig c = testing::ToyConfig(testing::WriteToyCorpus("cuda_trainer"));
+  config::TrainConfig c = testing::ToyConfig(testing::WriteToyCorpus("cuda_trainer"));
   c.train.steps = 30;
   c.train.eval_every = 10;
   c.train.device = "cuda";

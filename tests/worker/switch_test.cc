@@ -490,12 +490,12 @@ TEST(SwitchProbeTest, GramMatchesExactOnExpertsWithUnroutedSamplesAndOverflow) {
 // ----- configuration and the trainer -----
 
 TEST(SwitchConfigTest, KeysParseValidateAndReachTheModel) {
-  auto c = ParseTrainConfig(
+  auto c = config::ParseTrainConfig(
       "model: {kind: switch, experts: 4, capacity_factor: 1.5, aux_loss_weight: 0.02, "
       "moe_every: 2}\n",
       "switch.yaml");
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_TRUE(ValidateTrainConfig(*c).ok()) << ValidateTrainConfig(*c);
+  EXPECT_TRUE(config::ValidateTrainConfig(*c).ok()) << config::ValidateTrainConfig(*c);
   BertConfig b = MakeBertConfig(*c, 100);
   EXPECT_EQ(b.experts, 4);
   EXPECT_EQ(b.moe_every, 2);
@@ -511,25 +511,25 @@ TEST(SwitchConfigTest, KeysParseValidateAndReachTheModel) {
            {"model: {kind: switch, capacity_factor: .nan}", "model.capacity_factor"},
            {"model: {kind: switch, aux_loss_weight: -0.5}", "model.aux_loss_weight"},
            {"model: {kind: switch, moe_every: 0}", "model.moe_every"}}) {
-    auto bad = ParseTrainConfig(yaml, "bad.yaml");
+    auto bad = config::ParseTrainConfig(yaml, "bad.yaml");
     ASSERT_TRUE(bad.ok()) << yaml;
-    absl::Status st = ValidateTrainConfig(*bad);
+    absl::Status st = config::ValidateTrainConfig(*bad);
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << yaml;
     EXPECT_NE(st.message().find(key), std::string::npos) << yaml << ": " << st;
   }
-  auto typo = ParseTrainConfig("model: {experts: lots}", "typo.yaml");
+  auto typo = config::ParseTrainConfig("model: {experts: lots}", "typo.yaml");
   ASSERT_FALSE(typo.ok());
   EXPECT_NE(typo.status().message().find("model.experts"), std::string::npos) << typo.status();
 
-  auto example = LoadTrainConfig(std::string(MAT_SOURCE_DIR) + "/examples/switch-wikitext2.yaml");
+  auto example = config::LoadTrainConfig(std::string(MAT_SOURCE_DIR) + "/examples/switch-wikitext2.yaml");
   ASSERT_TRUE(example.ok()) << example.status();
   EXPECT_EQ(example->model.kind, "switch");
-  EXPECT_TRUE(ValidateTrainConfig(*example).ok()) << ValidateTrainConfig(*example);
+  EXPECT_TRUE(config::ValidateTrainConfig(*example).ok()) << config::ValidateTrainConfig(*example);
 }
 
 // The trainer tests' tiny config as a switch model: 4 experts per layer, no FFN groups.
-TrainConfig TinySwitch(const std::string& data) {
-  TrainConfig c = testing::TinyTrainConfig(data, "mat");
+config::TrainConfig TinySwitch(const std::string& data) {
+  config::TrainConfig c = testing::TinyTrainConfig(data, "mat");
   c.model.kind = "switch";
   c.model.ffn_groups = 0;
   c.model.experts = 4;
@@ -582,7 +582,7 @@ TEST(SwitchTrainerTest, ResumeReproducesTheUninterruptedRun) {
   const fs::path root =
       fs::temp_directory_path() / ("mat_switch_resume_out_" + std::to_string(::getpid()));
   fs::remove_all(root);
-  TrainConfig c = TinySwitch(data);
+  config::TrainConfig c = TinySwitch(data);
   c.train.steps = 20;
   auto straight = Trainer::Create(c, {(root / "a").string(), false, false});
   ASSERT_TRUE(straight.ok()) << straight.status();

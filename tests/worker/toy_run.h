@@ -18,7 +18,7 @@
 #include "spectral/estimator.h"
 #include "worker/bert.h"
 #include "worker/optimizer.h"
-#include "worker/train_config.h"
+#include "config/train_config.h"
 #include "worker/trainer.h"
 
 namespace mat::worker::testing {
@@ -40,8 +40,8 @@ inline std::string WriteToyCorpus(const std::string& name) {
 }
 
 // One layer of 32 units, 4 heads, sequences of 16, batches of 8, probes of 4 samples.
-inline TrainConfig ToyConfig(const std::string& data_dir) {
-  TrainConfig c;
+inline config::TrainConfig ToyConfig(const std::string& data_dir) {
+  config::TrainConfig c;
   c.model.layers = 1;
   c.model.d_model = 32;
   c.model.heads = 4;
@@ -57,8 +57,8 @@ inline TrainConfig ToyConfig(const std::string& data_dir) {
 
 // Two layers of 16 units, 4 heads, 2 FFN groups, 40 steps of 8 sequences of 16, evaluations every
 // 10 steps, the policy `kind` probing every 5 steps after a 10-step warm-up.
-inline TrainConfig TinyTrainConfig(const std::string& data, const std::string& kind) {
-  TrainConfig c;
+inline config::TrainConfig TinyTrainConfig(const std::string& data, const std::string& kind) {
+  config::TrainConfig c;
   c.seed = 5;
   c.model.layers = 2;
   c.model.d_model = 16;
@@ -84,7 +84,7 @@ inline TrainConfig TinyTrainConfig(const std::string& data, const std::string& k
 
 // Runs `c` to its last step in memory (no output folder); returns the parameter checksum and
 // stores the summary in *summary ("" and a failed expectation when creation or the run fails).
-inline std::string RunToEnd(const TrainConfig& c, nlohmann::json* summary) {
+inline std::string RunToEnd(const config::TrainConfig& c, nlohmann::json* summary) {
   auto t = Trainer::Create(c, {"", false, false});
   EXPECT_TRUE(t.ok()) << t.status();
   if (!t.ok()) return "";

@@ -51,7 +51,7 @@ class TrainerTest : public ::testing::TestWithParam<std::string> {
 std::string* TrainerTest::data_ = nullptr;
 
 TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
-  TrainConfig c = TinyTrainConfig(*data_, GetParam());
+  config::TrainConfig c = TinyTrainConfig(*data_, GetParam());
   std::string straight_dir = Out("straight"), split_dir = Out("split");
   auto straight = Trainer::Create(c, {straight_dir, false, false});
   ASSERT_TRUE(straight.ok()) << straight.status();
@@ -88,7 +88,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, TrainerTest, ::testing::Values("mat", "full",
 
 TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   std::string data = MakeCorpus("mat");
-  TrainConfig c = TinyTrainConfig(data, "mat");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
   c.policy.alpha = 0.5;
   c.policy.min_active_fraction = 0.25;
   auto t = Trainer::Create(c, {"", false, false});
@@ -122,14 +122,14 @@ TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
   namespace fs = std::filesystem;
   std::string data = MakeCorpus("replay");
   const fs::path root = fs::temp_directory_path() / ("mat_replay_" + std::to_string(::getpid()));
-  TrainConfig mat = TinyTrainConfig(data, "mat");
+  config::TrainConfig mat = TinyTrainConfig(data, "mat");
   mat.policy.alpha = 0.5;
   mat.policy.min_active_fraction = 0.25;
   auto tm = Trainer::Create(mat, {(root / "mat").string(), false, false});
   ASSERT_TRUE(tm.ok()) << tm.status();
   ASSERT_TRUE((*tm)->Run().ok());
 
-  TrainConfig rand = TinyTrainConfig(data, "rand");
+  config::TrainConfig rand = TinyTrainConfig(data, "rand");
   rand.policy.rand_schedule = (root / "mat" / "decisions.jsonl").string();
   auto tr = Trainer::Create(rand, {(root / "rand").string(), false, false});
   ASSERT_TRUE(tr.ok()) << tr.status();
@@ -154,11 +154,11 @@ TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
   }
   EXPECT_TRUE(some_masked) << "the MAT run never masked a module: the replay shows nothing";
 
-  TrainConfig wrong = TinyTrainConfig(data, "mat");
+  config::TrainConfig wrong = TinyTrainConfig(data, "mat");
   wrong.policy.rand_schedule = rand.policy.rand_schedule;
   EXPECT_EQ(Trainer::Create(wrong, {"", false, false}).status().code(),
             absl::StatusCode::kInvalidArgument);
-  TrainConfig missing = TinyTrainConfig(data, "rand");
+  config::TrainConfig missing = TinyTrainConfig(data, "rand");
   missing.policy.rand_schedule = (root / "nope.jsonl").string();
   auto m = Trainer::Create(missing, {"", false, false});
   EXPECT_FALSE(m.ok());
@@ -190,7 +190,7 @@ TEST(TrainerSingleTest, ProbeReportsAFiniteSpectrumPerModule) {
 // values are the exact-output kernel's spectrum.
 TEST(TrainerSingleTest, LanczosProbesGiveFiniteSpectraAndMatchExactOutput) {
   std::string data = MakeCorpus("lanczos");
-  TrainConfig c = TinyTrainConfig(data, "mat");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
   c.train.steps = 12;
   c.policy.estimator = "lanczos";
   c.policy.probe_projections = 2;  // d = 4 · 2 = 8
@@ -228,7 +228,7 @@ TEST(TrainerSingleTest, LanczosProbesGiveFiniteSpectraAndMatchExactOutput) {
 // from q = 4 backward passes instead of 16. The FLOP count includes every backward pass.
 TEST(TrainerSingleTest, OutputEstimatorMatchesTheBruteForceOutputKernel) {
   std::string data = MakeCorpus("output");
-  TrainConfig c = TinyTrainConfig(data, "mat");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
   c.train.steps = 12;
   c.policy.estimator = "output";
   c.policy.probe_projections = 2;
@@ -285,7 +285,7 @@ TEST(TrainerSingleTest, OutputEstimatorMatchesTheBruteForceOutputKernel) {
 
 TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
   std::string data = MakeCorpus("ckpt");
-  TrainConfig c = TinyTrainConfig(data, "mat");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
   c.train.checkpoint_every = 10;
   fs::path out = fs::temp_directory_path() / ("mat_trainer_ckpt_" + std::to_string(::getpid()));
   fs::remove_all(out);
@@ -310,7 +310,7 @@ TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
 
 TEST(TrainerSingleTest, LearningRateSchedule) {
   std::string data = MakeCorpus("lr");
-  TrainConfig c = TinyTrainConfig(data, "full");
+  config::TrainConfig c = TinyTrainConfig(data, "full");
   c.train.lr = 1.0;
   c.train.warmup_steps = 4;
   c.train.steps = 14;
@@ -342,7 +342,7 @@ TEST(TrainerSingleTest, TrainFractionTrainsOnThePrefixOnly) {
     std::ofstream(twice / "train.txt") << lines << lines;
   }
   auto run = [](const std::string& data, double fraction, nlohmann::json* summary) {
-    TrainConfig c = TinyTrainConfig(data, "mat");
+    config::TrainConfig c = TinyTrainConfig(data, "mat");
     c.data.train_fraction = fraction;
     return testing::RunToEnd(c, summary);
   };
@@ -359,7 +359,7 @@ TEST(TrainerSingleTest, TrainFractionTrainsOnThePrefixOnly) {
   EXPECT_EQ(b["test_loss_at_best"].get<double>(), a["test_loss_at_best"].get<double>());
 
   // A fraction that leaves less than one sequence is an error naming the key.
-  TrainConfig tiny = TinyTrainConfig(once, "full");
+  config::TrainConfig tiny = TinyTrainConfig(once, "full");
   tiny.data.train_fraction = 1e-6;
   auto t = Trainer::Create(tiny, {"", false, false});
   ASSERT_FALSE(t.ok());

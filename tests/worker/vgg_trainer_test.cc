@@ -62,8 +62,8 @@ const std::string& Images() {
 }
 
 // VGG-11 at width 1/16 (4 … 32 channels), 2 filter groups per layer (16 modules), SGD.
-TrainConfig VggConfig(const std::string& kind) {
-  TrainConfig c;
+config::TrainConfig VggConfig(const std::string& kind) {
+  config::TrainConfig c;
   c.seed = 5;
   c.model.kind = "vgg";
   c.model.arch = "vgg11";
@@ -100,7 +100,7 @@ std::string Out(const std::string& tag) {
 }
 
 TEST(VggTrainerTest, LearnsAndReportsTopOneAccuracy) {
-  TrainConfig c = VggConfig("full");
+  config::TrainConfig c = VggConfig("full");
   c.train.steps = 150;
   c.train.eval_every = 25;
   const std::string out = Out("learn");
@@ -132,7 +132,7 @@ TEST(VggTrainerTest, LearnsAndReportsTopOneAccuracy) {
 // Evaluate's loss and accuracy are the cross-entropy and the argmax counted by hand over the
 // whole test split, here early in training where some images are still misclassified.
 TEST(VggTrainerTest, EvaluateCountsTopOneByHand) {
-  TrainConfig c = VggConfig("full");
+  config::TrainConfig c = VggConfig("full");
   auto t = Trainer::Create(c, {"", false, false});
   ASSERT_TRUE(t.ok());
   ASSERT_TRUE((*t)->Run(6).ok());
@@ -156,7 +156,7 @@ class VggResumeTest : public ::testing::TestWithParam<std::string> {};
 // BatchNorm running statistics (in ParamChecksum), SGD momentum, the augmenting stream and the
 // policy continue exactly.
 TEST_P(VggResumeTest, ResumeReproducesTheUninterruptedRun) {
-  TrainConfig c = VggConfig(GetParam());
+  config::TrainConfig c = VggConfig(GetParam());
   c.data.augment = true;
   const std::string straight_dir = Out("straight" + GetParam()), split_dir = Out("split" + GetParam());
   auto straight = Trainer::Create(c, {straight_dir, false, false});
@@ -194,7 +194,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, VggResumeTest, ::testing::Values("mat", "full
 // A checkpoint without the BatchNorm statistics (e.g. written before they were saved) is an
 // error naming the checkpoint, not a silent reset of the statistics.
 TEST(VggTrainerTest, CheckpointWithoutBuffersIsRejected) {
-  TrainConfig c = VggConfig("full");
+  config::TrainConfig c = VggConfig("full");
   const std::string dir = Out("nobuffers");
   auto t = Trainer::Create(c, {dir, false, false});
   ASSERT_TRUE(t.ok());
@@ -232,7 +232,7 @@ TEST(VggTrainerTest, CheckpointWithoutBuffersIsRejected) {
 }
 
 TEST(VggTrainerTest, MatSwitchesFilterGroupsOffAndSavesFlops) {
-  TrainConfig c = VggConfig("mat");
+  config::TrainConfig c = VggConfig("mat");
   const std::string out = Out("mat");
   auto t = Trainer::Create(c, {out, false, false});
   ASSERT_TRUE(t.ok()) << t.status();
@@ -268,7 +268,7 @@ TEST(VggTrainerTest, MatSwitchesFilterGroupsOffAndSavesFlops) {
 // The trainer's VGG probe (BatchNorm in eval mode, recorded sites) gives the gram estimator the
 // same kernel as the exact per-sample Jacobian, and leaves no gradient behind.
 TEST(VggTrainerTest, GramProbeMatchesTheExactEstimator) {
-  TrainConfig c = VggConfig("mat");
+  config::TrainConfig c = VggConfig("mat");
   auto t = Trainer::Create(c, {"", false, false});
   ASSERT_TRUE(t.ok());
   ASSERT_TRUE((*t)->Run(8).ok());  // running statistics away from their initial values
@@ -293,7 +293,7 @@ TEST(VggTrainerTest, GramProbeMatchesTheExactEstimator) {
 }
 
 TEST(VggTrainerTest, StepScheduleDecaysByTheFactor) {
-  TrainConfig c = VggConfig("full");
+  config::TrainConfig c = VggConfig("full");
   c.train.schedule = "step";
   c.train.lr = 1.0;
   c.train.warmup_steps = 2;
@@ -332,7 +332,7 @@ TEST(VggTrainerTest, TrainFractionKeepsTheFirstTrainingImages) {
     std::ofstream(cut / name, std::ios::binary) << out;
   }
   auto run = [](const std::string& dir, double fraction, nlohmann::json* summary) {
-    TrainConfig c = VggConfig("mat");
+    config::TrainConfig c = VggConfig("mat");
     c.data.dir = dir;
     c.data.train_fraction = fraction;
     c.data.augment = true;
@@ -352,11 +352,11 @@ TEST(VggTrainerTest, TrainFractionKeepsTheFirstTrainingImages) {
 }
 
 TEST(VggTrainerTest, BadConfigsNameTheKeyOrFile) {
-  auto error = [](TrainConfig c) {
+  auto error = [](config::TrainConfig c) {
     auto t = Trainer::Create(c, {"", false, false});
     return t.ok() ? std::string("ok") : std::string(t.status().message());
   };
-  TrainConfig c = VggConfig("full");
+  config::TrainConfig c = VggConfig("full");
   c.data.kind = "wikitext";
   EXPECT_NE(error(c).find("data.kind"), std::string::npos) << error(c);
   c = VggConfig("full");

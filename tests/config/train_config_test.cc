@@ -1,6 +1,6 @@
-// Tests of mat::worker's TrainConfig: YAML parsing onto defaults, --set overrides, validation
+// Tests of mat::config::TrainConfig: YAML parsing onto defaults, --set overrides, validation
 // and ListConfig. Every error must be INVALID_ARGUMENT and name the offending key.
-#include "worker/train_config.h"
+#include "config/train_config.h"
 
 #include <unistd.h>
 
@@ -15,7 +15,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-namespace mat::worker {
+namespace mat::config {
 namespace {
 
 namespace fs = std::filesystem;
@@ -379,9 +379,9 @@ TEST(ToPolicyConfigTest, CopiesThePolicySection) {
 }
 
 }  // namespace
-}  // namespace mat::worker
+}  // namespace mat::config
 
-namespace mat::worker {
+namespace mat::config {
 namespace {
 
 TEST(ActiveCountScheduleTest, ReadsCountsPerGroupAndNamesBadLines) {
@@ -425,4 +425,4 @@ TEST(ActiveCountScheduleTest, OnlyForKindRand) {
 }
 
 }  // namespace
-}  // namespace mat::worker
+}  // namespace mat::config

@@ -28,7 +28,7 @@
 #include "absl/status/statusor.h"
 #include "policy/policy.h"
 
-namespace mat::worker {
+namespace mat::config {
 
 struct ModelSection {
   // bert | switch (BERT with Switch FFNs: worker/switch_ffn.h) | vgg (worker/vgg.h; needs
@@ -180,4 +180,4 @@ absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedu
 // Every key with its current value, as "key: value" lines (documentation and logs).
 std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& config);
 
-}  // namespace mat::worker
+}  // namespace mat::config

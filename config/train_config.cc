@@ -1,4 +1,4 @@
-#include "worker/train_config.h"
+#include "config/train_config.h"
 
 #include <cmath>
 #include <functional>
@@ -9,7 +9,7 @@
 #include "nlohmann/json.hpp"
 #include "yaml-cpp/yaml.h"
 
-namespace mat::worker {
+namespace mat::config {
 namespace {
 
 // One typed key of the schema.
@@ -375,4 +375,4 @@ std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& c
   return out;
 }
 
-}  // namespace mat::worker
+}  // namespace mat::config

@@ -1,6 +1,6 @@
 // Job specs as YAML (DESIGN §7): the file a user submits maps onto mat.v1.JobSpec key for key.
 //
-// The YAML format is mat-train's config (worker/train_config.h: `seed` and the sections `model`,
+// The YAML format is mat-train's config (config/train_config.h: `seed` and the sections `model`,
 // `data`, `train`, `policy`) plus the job-only keys (JobOnlyKeys): a `resources` section and
 // policy.rand_schedule_job (a stored MAT job whose active counts a rand job replays):
 //
@@ -10,9 +10,11 @@
 //   resources: {workers: 2, device: cpu}
 //
 // The schema is the proto itself (read through protobuf reflection): a section is a message field
-// of JobSpec, a key is a scalar field of that message, with its name. So a key added to
-// proto/mat/v1/job.proto is accepted here without further code; its default belongs in
-// JobSpecDefaults() and its range check in ValidateJobSpec().
+// of JobSpec, a key is a scalar field of that message, with its name. The trainer's keys are
+// config/train_config.h's (TrainConfig), where their defaults and range checks are defined once:
+// JobSpecDefaults() and ValidateJobSpec() read them from there. A key added to TrainConfig is
+// added to job.proto with the same name; a test checks that the two key sets agree
+// (JobSpecKeys() minus JobOnlyKeys() equals TrainConfig's keys minus TrainerOnlyKeys()).
 //
 // Parsing sets exactly the keys present (proto3 `optional`: unset = default), so a spec keeps
 // what the user wrote; WithJobSpecDefaults fills in the rest. Errors are INVALID_ARGUMENT and name
@@ -41,19 +43,17 @@ absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std:
 // Reads and parses a job YAML file; messages start with `path`. NOT_FOUND when it cannot be read.
 absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path);
 
-// A spec with every field set to its default: mat-train's TrainConfig defaults (README.md table),
+// A spec with every field set to its default: TrainConfig's defaults (config/train_config.h),
 // resources {workers: 1, device: cpu} and policy.rand_schedule_job "" (no replay).
 v1::JobSpec JobSpecDefaults();
 
 // `spec` with every unset field set to its default (set fields are kept as they are).
 v1::JobSpec WithJobSpecDefaults(const v1::JobSpec& spec);
 
-// Range and cross-field checks on WithJobSpecDefaults(spec), with worker/train_config.cc's rules
-// and messages (ValidateTrainConfig) so the coordinator rejects a job before a worker would; in
-// addition:
-//   - every number must be finite ("train.lr must be a finite number, got inf");
-//   - model.kind vgg: model.filter_groups <= the channels of the narrowest conv layer,
-//     max(1, round(64 · model.width)) (worker/vgg.h ValidateVggConfig's rule);
+// Range and cross-field checks on WithJobSpecDefaults(spec): config::ValidateTrainConfig on the
+// trainer config the spec becomes (the same rules and messages a worker applies, so the
+// coordinator rejects a job before a worker would: "train.lr must be a finite number, got inf"),
+// and on the job-only keys:
 //   - resources.workers >= 1; resources.device is "cpu" or "cuda";
 //   - train.batch_size is a multiple of resources.workers (each rank takes
 //     batch_size / workers samples per step) and policy.probe_samples <= that per-rank batch
@@ -78,6 +78,10 @@ std::vector<std::string> JobSpecKeys();
 // The keys of JobSpecKeys() that mat-train's schema does not have (resources.*,
 // policy.rand_schedule_job), in proto field order; JobSpecToTrainerYaml leaves them out.
 std::vector<std::string> JobOnlyKeys();
+// The TrainConfig keys a job spec does not carry: train.device (the worker's --device sets it)
+// and policy.rand_schedule (a file on the trainer's machine; a job names a stored job instead,
+// policy.rand_schedule_job).
+std::vector<std::string> TrainerOnlyKeys();
 
 // ----- admission limits (issue 6, "Security"; mat-coordinator's --data-root and --max-* flags) --
 

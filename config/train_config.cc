@@ -1,11 +1,15 @@
 #include "config/train_config.h"
 
+#include <charconv>
 #include <cmath>
+#include <limits>
 #include <functional>
 #include <sstream>
 
 #include "common/file_util.h"
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "config/vgg_layout.h"
 #include "nlohmann/json.hpp"
 #include "yaml-cpp/yaml.h"
 
@@ -17,7 +21,15 @@ struct Field {
   std::string key;
   std::function<absl::Status(const YAML::Node&)> set;
   std::function<std::string()> get;
+  const double* number = nullptr;  // the value of a "number" key (finite check)
 };
+
+// The shortest text that reads back to exactly `v` (ListConfig feeds JobSpecDefaults).
+std::string FormatNumber(double v) {
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v);
+  return std::string(buf, res.ptr);
+}
 
 template <typename T>
 Field MakeField(const std::string& key, T* target, const char* type) {
@@ -36,11 +48,14 @@ Field MakeField(const std::string& key, T* target, const char* type) {
     std::ostringstream ss;
     if constexpr (std::is_same_v<T, bool>) {
       ss << (*target ? "true" : "false");
+    } else if constexpr (std::is_same_v<T, double>) {
+      ss << FormatNumber(*target);
     } else {
       ss << *target;
     }
     return ss.str();
   };
+  if constexpr (std::is_same_v<T, double>) f.number = target;
   return f;
 }
 
@@ -204,108 +219,155 @@ absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment) {
 }
 
 absl::Status ValidateTrainConfig(const TrainConfig& c) {
+  using absl::StrCat;
+  {
+    TrainConfig copy = c;
+    for (const Field& f : Schema(copy)) {
+      if (f.number != nullptr) {
+        MAT_RETURN_IF_ERROR(Check(std::isfinite(*f.number),
+                                  StrCat(f.key, " must be a finite number, got ", *f.number)));
+      }
+    }
+  }
   const auto& m = c.model;
+  const auto& d = c.data;
   MAT_RETURN_IF_ERROR(Check(m.kind == "bert" || m.kind == "switch" || m.kind == "vgg",
                             "model.kind: unknown model '" + m.kind +
                                 "' (expected bert, switch or vgg)"));
-  const bool images = c.data.kind == "fashion-mnist" || c.data.kind == "cifar10";
-  MAT_RETURN_IF_ERROR(Check(c.data.kind == "wikitext" || images,
-                            "data.kind: unknown data kind '" + c.data.kind +
+  const bool images = d.kind == "fashion-mnist" || d.kind == "cifar10";
+  MAT_RETURN_IF_ERROR(Check(d.kind == "wikitext" || images,
+                            "data.kind: unknown data kind '" + d.kind +
                                 "' (expected wikitext, fashion-mnist or cifar10)"));
   if (m.kind == "vgg") {
-    MAT_RETURN_IF_ERROR(Check(images, "data.kind " + c.data.kind +
+    MAT_RETURN_IF_ERROR(Check(images, "data.kind " + d.kind +
                                           " does not fit model.kind vgg (expected fashion-mnist "
                                           "or cifar10)"));
     MAT_RETURN_IF_ERROR(Check(m.arch == "vgg11" || m.arch == "vgg16",
                               "model.arch: unknown VGG '" + m.arch + "' (expected vgg11 or vgg16)"));
-    MAT_RETURN_IF_ERROR(Check(std::isfinite(m.width) && m.width > 0 && m.width <= 64,
-                              "model.width must be a number in (0, 64]"));
-    MAT_RETURN_IF_ERROR(Check(m.filter_groups >= 1, "model.filter_groups must be >= 1, got " +
-                                                        std::to_string(m.filter_groups)));
-    MAT_RETURN_IF_ERROR(Check(m.classifier_hidden >= 0, "model.classifier_hidden must be >= 0"));
-    MAT_RETURN_IF_ERROR(Check(c.data.valid_size >= 1, "data.valid_size must be >= 1, got " +
-                                                          std::to_string(c.data.valid_size)));
+    MAT_RETURN_IF_ERROR(Check(m.width > 0 && m.width <= 64,
+                              StrCat("model.width must be a number in (0, 64], got ", m.width)));
+    MAT_RETURN_IF_ERROR(Check(m.filter_groups >= 1,
+                              StrCat("model.filter_groups must be >= 1, got ", m.filter_groups)));
+    // A group per conv layer holds at least one channel; the narrowest layer is the first
+    // (nominal 64 channels).
+    const double narrowest = VggScaledChannels(64, m.width);
+    MAT_RETURN_IF_ERROR(Check(static_cast<double>(m.filter_groups) <= narrowest,
+                              StrCat("model.filter_groups must be <= ", narrowest,
+                                     " (the narrowest conv layer's channels at model.width ",
+                                     m.width, "), got ", m.filter_groups)));
+    MAT_RETURN_IF_ERROR(Check(m.classifier_hidden >= 0,
+                              StrCat("model.classifier_hidden must be >= 0, got ",
+                                     m.classifier_hidden)));
+    MAT_RETURN_IF_ERROR(Check(d.valid_size >= 1,
+                              StrCat("data.valid_size must be >= 1, got ", d.valid_size)));
   } else {
-    MAT_RETURN_IF_ERROR(Check(!images, "data.kind " + c.data.kind + " does not fit model.kind " +
+    MAT_RETURN_IF_ERROR(Check(!images, "data.kind " + d.kind + " does not fit model.kind " +
                                            m.kind + " (expected wikitext)"));
-    MAT_RETURN_IF_ERROR(Check(m.layers >= 1, "model.layers must be >= 1"));
-    MAT_RETURN_IF_ERROR(Check(c.data.vocab_size == 0 || c.data.vocab_size >= 2,
-                              "data.vocab_size must be 0 (no cap) or >= 2, got " +
-                                  std::to_string(c.data.vocab_size)));
+    MAT_RETURN_IF_ERROR(Check(m.layers >= 1, StrCat("model.layers must be >= 1, got ", m.layers)));
     MAT_RETURN_IF_ERROR(Check(m.heads >= 1 && m.d_model >= 1 && m.d_model % m.heads == 0,
-                              "model.d_model must be a positive multiple of model.heads"));
-    MAT_RETURN_IF_ERROR(Check(m.d_ff >= 1, "model.d_ff must be >= 1"));
-    MAT_RETURN_IF_ERROR(Check(m.ffn_groups >= 0 && (m.ffn_groups == 0 || m.d_ff % m.ffn_groups == 0),
-                              "model.ffn_groups must be 0 or divide model.d_ff"));
-    MAT_RETURN_IF_ERROR(Check(m.dropout >= 0 && m.dropout < 1, "model.dropout must be in [0,1)"));
+                              StrCat("model.d_model must be a positive multiple of model.heads, "
+                                     "got d_model ",
+                                     m.d_model, " and heads ", m.heads)));
+    MAT_RETURN_IF_ERROR(Check(m.d_ff >= 1, StrCat("model.d_ff must be >= 1, got ", m.d_ff)));
+    MAT_RETURN_IF_ERROR(
+        Check(m.ffn_groups >= 0 && (m.ffn_groups == 0 || m.d_ff % m.ffn_groups == 0),
+              StrCat("model.ffn_groups must be 0 or divide model.d_ff, got ", m.ffn_groups)));
+    MAT_RETURN_IF_ERROR(Check(m.dropout >= 0 && m.dropout < 1,
+                              StrCat("model.dropout must be in [0,1), got ", m.dropout)));
     MAT_RETURN_IF_ERROR(Check(m.experts >= 1 && m.experts <= 4096,
-                              "model.experts must be in [1, 4096], got " +
-                                  std::to_string(m.experts)));
-    MAT_RETURN_IF_ERROR(Check(std::isfinite(m.capacity_factor) && m.capacity_factor > 0,
-                              "model.capacity_factor must be a finite number > 0"));
-    MAT_RETURN_IF_ERROR(Check(std::isfinite(m.aux_loss_weight) && m.aux_loss_weight >= 0,
-                              "model.aux_loss_weight must be a finite number >= 0"));
-    MAT_RETURN_IF_ERROR(Check(m.moe_every >= 1,
-                              "model.moe_every must be >= 1, got " + std::to_string(m.moe_every)));
+                              StrCat("model.experts must be in [1, 4096], got ", m.experts)));
+    MAT_RETURN_IF_ERROR(Check(m.capacity_factor > 0,
+                              StrCat("model.capacity_factor must be > 0, got ", m.capacity_factor)));
+    MAT_RETURN_IF_ERROR(Check(m.aux_loss_weight >= 0,
+                              StrCat("model.aux_loss_weight must be >= 0, got ", m.aux_loss_weight)));
+    MAT_RETURN_IF_ERROR(
+        Check(m.moe_every >= 1, StrCat("model.moe_every must be >= 1, got ", m.moe_every)));
     MAT_RETURN_IF_ERROR(Check(m.kind != "switch" || m.ffn_groups == 0,
-                              "model.ffn_groups must be 0 for model.kind switch (its FFNs are "
-                              "experts)"));
-    MAT_RETURN_IF_ERROR(Check(c.data.seq_len >= 2 && c.data.seq_len <= m.max_seq_len,
-                              "data.seq_len must be in [2, model.max_seq_len]"));
-    MAT_RETURN_IF_ERROR(Check(c.data.mask_prob > 0 && c.data.mask_prob < 1, "data.mask_prob must be in (0,1)"));
+                              StrCat("model.ffn_groups must be 0 for model.kind switch (its FFNs "
+                                     "are experts), got ",
+                                     m.ffn_groups)));
+    MAT_RETURN_IF_ERROR(Check(d.seq_len >= 2 && d.seq_len <= m.max_seq_len,
+                              StrCat("data.seq_len must be in [2, model.max_seq_len], got ",
+                                     d.seq_len, " with model.max_seq_len ", m.max_seq_len)));
+    MAT_RETURN_IF_ERROR(Check(d.mask_prob > 0 && d.mask_prob < 1,
+                              StrCat("data.mask_prob must be in (0,1), got ", d.mask_prob)));
   }
-  MAT_RETURN_IF_ERROR(Check(c.data.train_fraction > 0 && c.data.train_fraction <= 1,
-                            "data.train_fraction must be in (0, 1]"));
+  MAT_RETURN_IF_ERROR(Check(d.vocab_size == 0 || d.vocab_size >= 2,
+                            StrCat("data.vocab_size must be 0 (no cap) or >= 2, got ",
+                                   d.vocab_size)));
+  MAT_RETURN_IF_ERROR(Check(d.train_fraction > 0 && d.train_fraction <= 1,
+                            StrCat("data.train_fraction must be in (0, 1], got ", d.train_fraction)));
   const auto& t = c.train;
-  MAT_RETURN_IF_ERROR(Check(t.steps >= 1, "train.steps must be >= 1"));
-  MAT_RETURN_IF_ERROR(Check(t.batch_size >= 1, "train.batch_size must be >= 1"));
-  MAT_RETURN_IF_ERROR(Check(t.lr > 0, "train.lr must be > 0"));
-  MAT_RETURN_IF_ERROR(Check(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0,1]"));
-  MAT_RETURN_IF_ERROR(Check(t.warmup_steps >= 0, "train.warmup_steps must be >= 0"));
+  MAT_RETURN_IF_ERROR(Check(t.steps >= 1, StrCat("train.steps must be >= 1, got ", t.steps)));
+  MAT_RETURN_IF_ERROR(
+      Check(t.batch_size >= 1, StrCat("train.batch_size must be >= 1, got ", t.batch_size)));
+  MAT_RETURN_IF_ERROR(Check(t.lr > 0, StrCat("train.lr must be > 0, got ", t.lr)));
+  MAT_RETURN_IF_ERROR(Check(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1,
+                            StrCat("train.min_lr_ratio must be in [0,1], got ", t.min_lr_ratio)));
+  MAT_RETURN_IF_ERROR(Check(t.warmup_steps >= 0,
+                            StrCat("train.warmup_steps must be >= 0, got ", t.warmup_steps)));
   MAT_RETURN_IF_ERROR(Check(t.schedule == "linear" || t.schedule == "cosine" ||
                                 t.schedule == "constant" || t.schedule == "step",
                             "train.schedule: unknown schedule '" + t.schedule +
                                 "' (expected linear, cosine, constant or step)"));
-  MAT_RETURN_IF_ERROR(Check(t.decay_every >= 1, "train.decay_every must be >= 1"));
+  MAT_RETURN_IF_ERROR(
+      Check(t.decay_every >= 1, StrCat("train.decay_every must be >= 1, got ", t.decay_every)));
   MAT_RETURN_IF_ERROR(Check(t.decay_factor > 0 && t.decay_factor <= 1,
-                            "train.decay_factor must be in (0, 1]"));
+                            StrCat("train.decay_factor must be in (0, 1], got ", t.decay_factor)));
   MAT_RETURN_IF_ERROR(Check(t.optimizer == "adamw" || t.optimizer == "sgd",
                             "train.optimizer: unknown optimizer '" + t.optimizer +
                                 "' (expected adamw or sgd)"));
-  MAT_RETURN_IF_ERROR(Check(t.momentum >= 0 && t.momentum < 1, "train.momentum must be in [0,1)"));
+  MAT_RETURN_IF_ERROR(Check(t.momentum >= 0 && t.momentum < 1,
+                            StrCat("train.momentum must be in [0,1), got ", t.momentum)));
   MAT_RETURN_IF_ERROR(Check(!t.nesterov || t.momentum > 0,
-                            "train.nesterov needs train.momentum > 0"));
-  MAT_RETURN_IF_ERROR(Check(t.weight_decay >= 0, "train.weight_decay must be >= 0"));
+                            StrCat("train.nesterov needs train.momentum > 0, got ", t.momentum)));
+  MAT_RETURN_IF_ERROR(Check(t.weight_decay >= 0,
+                            StrCat("train.weight_decay must be >= 0, got ", t.weight_decay)));
   MAT_RETURN_IF_ERROR(Check(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
-                            "train.beta1 and train.beta2 must be in [0,1)"));
-  MAT_RETURN_IF_ERROR(Check(t.eval_every >= 1, "train.eval_every must be >= 1"));
-  MAT_RETURN_IF_ERROR(Check(t.eval_batches >= 0, "train.eval_batches must be >= 0"));
-  MAT_RETURN_IF_ERROR(Check(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"));
-  MAT_RETURN_IF_ERROR(Check(t.threads >= 0, "train.threads must be >= 0"));
+                            StrCat("train.beta1 and train.beta2 must be in [0,1), got ", t.beta1,
+                                   " and ", t.beta2)));
+  MAT_RETURN_IF_ERROR(
+      Check(t.eval_every >= 1, StrCat("train.eval_every must be >= 1, got ", t.eval_every)));
+  MAT_RETURN_IF_ERROR(Check(t.eval_batches >= 0,
+                            StrCat("train.eval_batches must be >= 0, got ", t.eval_batches)));
+  MAT_RETURN_IF_ERROR(Check(t.checkpoint_every >= 0, StrCat("train.checkpoint_every must be >= 0, got ",
+                                                            t.checkpoint_every)));
+  MAT_RETURN_IF_ERROR(Check(t.threads >= 0, StrCat("train.threads must be >= 0, got ", t.threads)));
   MAT_RETURN_IF_ERROR(Check(t.device == "cpu" || t.device == "cuda" || t.device.rfind("cuda:", 0) == 0,
                             "train.device: unknown device '" + t.device + "' (expected cpu, cuda or cuda:N)"));
   MAT_RETURN_IF_ERROR(Check(t.precision == "fp32" || t.precision == "bf16",
                             "train.precision: unknown precision '" + t.precision + "' (expected fp32 or bf16)"));
   const auto& p = c.policy;
-  MAT_RETURN_IF_ERROR(Check(p.probe_samples >= 2, "policy.probe_samples must be >= 2, got " + std::to_string(p.probe_samples)));
+  MAT_RETURN_IF_ERROR(Check(p.probe_samples >= 2,
+                            StrCat("policy.probe_samples must be >= 2, got ", p.probe_samples)));
   MAT_RETURN_IF_ERROR(Check(p.probe_samples <= t.batch_size,
-                            "policy.probe_samples must be <= train.batch_size (the probe uses the step's first samples)"));
-  MAT_RETURN_IF_ERROR(Check(p.probe_every >= 1, "policy.probe_every must be >= 1"));
+                            StrCat("policy.probe_samples must be <= train.batch_size (the probe "
+                                   "uses the step's first samples), got ",
+                                   p.probe_samples, " with train.batch_size ", t.batch_size)));
+  MAT_RETURN_IF_ERROR(
+      Check(p.probe_every >= 1, StrCat("policy.probe_every must be >= 1, got ", p.probe_every)));
   MAT_RETURN_IF_ERROR(Check(p.estimator == "gram" || p.estimator == "exact" ||
                                 p.estimator == "lanczos" || p.estimator == "exact-output" ||
                                 p.estimator == "output",
                             "policy.estimator: unknown estimator '" + p.estimator +
                                 "' (expected gram, output, exact, lanczos or exact-output)"));
   MAT_RETURN_IF_ERROR(Check(p.lanczos_iterations >= 1 && p.lanczos_iterations <= 1000000,
-                            "policy.lanczos_iterations must be in [1, 1000000], got " +
-                                std::to_string(p.lanczos_iterations)));
+                            StrCat("policy.lanczos_iterations must be in [1, 1000000], got ",
+                                   p.lanczos_iterations)));
   MAT_RETURN_IF_ERROR(Check(p.probe_projections >= 1 && p.probe_projections <= 1000000,
-                            "policy.probe_projections must be in [1, 1000000], got " +
-                                std::to_string(p.probe_projections)));
+                            StrCat("policy.probe_projections must be in [1, 1000000], got ",
+                                   p.probe_projections)));
   MAT_RETURN_IF_ERROR(Check(p.probe_positions >= 1 && p.probe_positions <= 1000000,
-                            "policy.probe_positions must be in [1, 1000000], got " +
-                                std::to_string(p.probe_positions)));
-  MAT_RETURN_IF_ERROR(Check(p.patience >= 1, "policy.patience must be >= 1"));
+                            StrCat("policy.probe_positions must be in [1, 1000000], got ",
+                                   p.probe_positions)));
+  MAT_RETURN_IF_ERROR(
+      Check(p.patience >= 1, StrCat("policy.patience must be >= 1, got ", p.patience)));
+  // The policy keeps these as int (ToPolicyConfig).
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  MAT_RETURN_IF_ERROR(Check(p.patience <= kIntMax, StrCat("policy.patience must be <= ", kIntMax,
+                                                          ", got ", p.patience)));
+  MAT_RETURN_IF_ERROR(Check(p.multirate_k <= kIntMax, StrCat("policy.multirate_k must be <= ",
+                                                             kIntMax, ", got ", p.multirate_k)));
   if (absl::StatusOr<policy::PolicyKind> kind = policy::ParsePolicyKind(p.kind); !kind.ok()) {
     return absl::InvalidArgumentError("policy.kind: " + std::string(kind.status().message()));
   }

@@ -17,7 +17,8 @@
 //            backward}
 //
 // An unknown key or a value of the wrong type is INVALID_ARGUMENT naming the key.
-// Library mat_train_config: no LibTorch, so the coordinator can validate with the same code.
+// Library mat_config: no LibTorch and no gRPC, so the coordinator validates job specs with the same
+// code (api/job_spec.h ValidateJobSpec, JobSpecDefaults).
 #pragma once
 
 #include <cstdint>

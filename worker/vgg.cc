@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "config/vgg_layout.h"
 #include "worker/autocast.h"
 
 namespace mat::worker {
@@ -10,18 +11,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kPool = -1;
-const std::vector<int64_t> kConfigA = {64,  kPool, 128, kPool, 256, 256,  kPool,
-                                       512, 512,   kPool, 512, 512, kPool};
-const std::vector<int64_t> kConfigD = {64,  64,  kPool, 128, 128, kPool, 256, 256, 256, kPool,
-                                       512, 512, 512,   kPool, 512, 512, 512, kPool};
-
-const std::vector<int64_t>& Layout(const std::string& arch) {
-  return arch == "vgg16" ? kConfigD : kConfigA;
-}
-
+// The layer table and the width rule are config/vgg_layout.h's (one definition).
 int64_t Scaled(int64_t channels, double width) {
-  return std::max<int64_t>(1, std::llround(double(channels) * width));
+  return static_cast<int64_t>(config::VggScaledChannels(channels, width));
 }
 
 // Contiguous runs of active groups as channel ranges: {start, length, start, length, ...}.
@@ -139,8 +131,8 @@ absl::Status ValidateVggConfig(const VggConfig& c) {
 std::vector<VggConvShape> VggConvShapes(const VggConfig& c) {
   std::vector<VggConvShape> shapes;
   int64_t channels = c.in_channels, size = c.image_size;
-  for (int64_t item : Layout(c.arch)) {
-    if (item == kPool) {
+  for (int64_t item : config::VggLayout(c.arch)) {
+    if (item == config::kVggPool) {
       shapes.back().pool_after = true;
       size = (size + 1) / 2;  // ceil_mode
       continue;

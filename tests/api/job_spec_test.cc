@@ -34,8 +34,8 @@ using ::testing::Not;
 
 const std::string kExamples = std::string(MAT_SOURCE_DIR) + "/examples";
 
-// mat-train's keys, as listed in worker/train_config.h and README.md (and the worker's
-// train_config_test). The job schema must be exactly these plus the job-only keys (kJobOnlyKeys).
+// mat-train's keys, as listed in config/train_config.h and README.md (and
+// config/train_config_test), less TrainerOnlyKeys(). The job schema must be exactly these plus the job-only keys (kJobOnlyKeys).
 const std::vector<std::string> kTrainerKeys = {
     "seed",
     "model.kind", "model.layers", "model.d_model", "model.heads", "model.d_ff", "model.ffn_groups",
@@ -54,7 +54,7 @@ const std::vector<std::string> kTrainerKeys = {
     "policy.warmup_steps", "policy.probe_every", "policy.probe_samples", "policy.estimator",
     "policy.min_active_fraction", "policy.rand_fraction", "policy.multirate_k",
     "policy.multirate_fast_fraction", "policy.delta1", "policy.probe_projections",
-    "policy.probe_positions", "policy.backward"};
+    "policy.probe_positions", "policy.backward", "policy.lanczos_iterations"};
 
 // The keys mat-train does not have: what the cluster must provide, and the stored MAT job a rand
 // job replays. JobSpecToTrainerYaml leaves them out.
@@ -412,8 +412,27 @@ TEST(JobSpecTest, KeysAreMatTrainsSchemaPlusTheJobOnlyKeys) {
   EXPECT_EQ(JobOnlyKeys(), kJobOnlyKeys) << "in proto field order";
 }
 
+// The two schemas cannot drift apart: every TrainConfig key is a job key, but for the trainer-only
+// ones, and every job key is a TrainConfig key, but for the job-only ones.
+TEST(JobSpecTest, JobKeysAreTrainConfigsKeysLessTrainerOnlyPlusJobOnly) {
+  std::set<std::string> job;
+  for (const std::string& k : JobSpecKeys()) job.insert(k);
+  for (const std::string& k : JobOnlyKeys()) EXPECT_EQ(job.erase(k), 1u) << k;
+  std::set<std::string> trainer;
+  for (const auto& kv : config::ListConfig(config::TrainConfig{})) trainer.insert(kv.first);
+  for (const std::string& k : TrainerOnlyKeys()) EXPECT_EQ(trainer.erase(k), 1u) << k;
+  EXPECT_EQ(job, trainer);
+}
+
+// The defaults come from TrainConfig's, bit for bit (doubles included).
+TEST(JobSpecTest, DefaultsAreTrainConfigsDefaults) {
+  auto c = config::ParseTrainConfig(JobSpecToTrainerYaml(JobSpecDefaults()), "defaults");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(config::ListConfig(*c), config::ListConfig(config::TrainConfig{}));
+}
+
 TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
-  // README.md's configuration table (= worker/train_config.h) and resources.
+  // README.md's configuration table (= config/train_config.h) and resources.
   const std::map<std::string, std::string> documented = {
       {"seed", "1"},
       {"model.kind", "bert"}, {"model.layers", "4"}, {"model.d_model", "256"},
@@ -442,6 +461,7 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"policy.multirate_fast_fraction", "0.5"}, {"policy.rand_schedule_job", ""},
       {"policy.delta1", "warmup"}, {"policy.probe_projections", "1"},
       {"policy.probe_positions", "1"}, {"policy.backward", "weights"},
+      {"policy.lanczos_iterations", "8"},
       {"resources.workers", "1"}, {"resources.device", "cpu"}};
   EXPECT_EQ(Flatten(JobSpecDefaults()), documented);
   EXPECT_TRUE(ValidateJobSpec(JobSpecDefaults()).ok()) << ValidateJobSpec(JobSpecDefaults());
@@ -757,7 +777,7 @@ TEST(JobSpecYamlTest, VggTrainerYamlIsAValidMatTrainConfigWithTheSpecsValues) {
   EXPECT_EQ(config->policy.probe_samples, 4);
 }
 
-// Every key's default in JobSpecDefaults() is mat-train's (worker/train_config.h), so a trainer
+// Every key's default in JobSpecDefaults() is mat-train's (config/train_config.h), so a trainer
 // handed WithJobSpecDefaults(spec) runs what the README documents.
 TEST(JobSpecYamlTest, DefaultsAreMatTrainsDefaults) {
   const std::string yaml = JobSpecToTrainerYaml(JobSpecDefaults());

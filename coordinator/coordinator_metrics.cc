@@ -28,8 +28,12 @@ CoordinatorMetrics::CoordinatorMetrics()
           {"mat_job", "split"})),
       job_flops_total(registry.AddCounter(
           "mat_job_flops_total",
-          "FLOPs the job spent: phase=total over all ranks while it runs; forward, "
-          "activation_grad, weight_grad and spectral from rank 0's summary at the end.",
+          "FLOPs the job spent so far, summed over its ranks' latest progress reports.",
+          {"mat_job"})),
+      job_flops_by_phase_total(registry.AddCounter(
+          "mat_job_flops_by_phase_total",
+          "Rank 0's FLOPs by phase (forward, activation_grad, weight_grad, spectral) from its "
+          "summary when the job ends; the phases add up to rank 0's total.",
           {"mat_job", "phase"})),
       job_flops_saved_total(registry.AddCounter(
           "mat_job_flops_saved_total",

@@ -9,9 +9,10 @@
 //   mat_policy_threshold                          gauge      mat_job, group                  decision: λ_α of the group (NaN in warm-up)
 //   mat_job_step                                  gauge      mat_job                     rank 0's Progress
 //   mat_job_loss                                  gauge      mat_job, split                  rank 0's Progress: train | val | test, nats/token
-//   mat_job_flops_total                           counter    mat_job, phase                  phase="total": Σ ranks' Progress; forward |
-//                                                                                        activation_grad | weight_grad | spectral: rank 0's
-//                                                                                        summary when the job succeeds
+//   mat_job_flops_total                           counter    mat_job                     Σ ranks' latest Progress
+//   mat_job_flops_by_phase_total                  counter    mat_job, phase                  rank 0's summary when the job succeeds: forward |
+//                                                                                        activation_grad | weight_grad | spectral (they add up
+//                                                                                        to rank 0's total; no series is a sum of others)
 //   mat_job_flops_saved_total                     counter    mat_job                     rank 0's summary (flops_saved) at the end
 //   mat_job_active_modules                        gauge      mat_job                     decision: modules on under the latest mask
 //   mat_coordinator_mask_latency_seconds          histogram  -                           the report completing a probe step entered
@@ -49,6 +50,7 @@ struct CoordinatorMetrics {
   metrics::Gauge job_step;
   metrics::Gauge job_loss;
   metrics::Counter job_flops_total;
+  metrics::Counter job_flops_by_phase_total;
   metrics::Counter job_flops_saved_total;
   metrics::Gauge job_active_modules;
   metrics::Histogram mask_latency_seconds;

@@ -716,7 +716,7 @@ void Coordinator::RecordSummaryMetrics(const std::string& job_id,
     for (const auto& [phase, value] : summary["flops_by_phase"].items()) {
       const double v = number(value);
       if (std::isfinite(v) && v >= 0) {
-        options_.metrics->job_flops_total.SetIfGreater({job_id, phase}, v);
+        options_.metrics->job_flops_by_phase_total.SetIfGreater({job_id, phase}, v);
       }
     }
   }

@@ -478,7 +478,7 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
   rank.step = progress.step();
   rank.flops_total = progress.flops_total();
   if (CoordinatorMetrics* m = options_.metrics; m != nullptr) {
-    m->job_flops_total.SetIfGreater({job_id, "total"}, flops);
+    m->job_flops_total.SetIfGreater({job_id}, flops);
     if (ref.rank == 0) {
       m->job_step.Set({job_id}, static_cast<double>(progress.step()));
       m->job_loss.Set({job_id, "train"}, progress.train_loss());

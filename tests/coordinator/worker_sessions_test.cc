@@ -1306,7 +1306,7 @@ TEST_F(WorkerSessionsTest, MetricsFollowDecisionsProgressAndTheEndOfAJob) {
   EXPECT_EQ(m.job_loss.Value({job, "train"}), 3.5);
   EXPECT_EQ(m.job_loss.Value({job, "val"}), 3.25);
   EXPECT_FALSE(m.job_loss.Exists({job, "test"}));
-  EXPECT_EQ(m.job_flops_total.Value({job, "total"}), 300);
+  EXPECT_EQ(m.job_flops_total.Value({job}), 300);
 
   // A refused message is counted by its code.
   EXPECT_EQ(Send(Spectra(w0.id, job, 0, 3, a)).code(), absl::StatusCode::kInvalidArgument);
@@ -1318,8 +1318,9 @@ TEST_F(WorkerSessionsTest, MetricsFollowDecisionsProgressAndTheEndOfAJob) {
               R"({"flops_by_phase": {"forward": 10, "activation_grad": 20, "weight_grad": 5,)"
               R"( "spectral": 1}, "flops_saved": 7})"));
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
-  EXPECT_EQ(m.job_flops_total.Value({job, "forward"}), 10);
-  EXPECT_EQ(m.job_flops_total.Value({job, "weight_grad"}), 5);
+  EXPECT_EQ(m.job_flops_by_phase_total.Value({job, "forward"}), 10);
+  EXPECT_EQ(m.job_flops_by_phase_total.Value({job, "weight_grad"}), 5);
+  EXPECT_EQ(m.job_flops_total.Value({job}), 300) << "the job's total is not a phase";
   EXPECT_EQ(m.job_flops_saved_total.Value({job}), 7);
   EXPECT_EQ(m.jobs.Value({"running"}), 0);
   EXPECT_EQ(m.jobs.Value({"succeeded"}), 1);

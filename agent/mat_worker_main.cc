@@ -66,6 +66,11 @@ int main(int argc, char** argv) {
                  "HTTP address HOST:PORT for /metrics (port 0: a free one, logged and written to "
                  "WORK_DIR/worker.metrics.addr; '' = none)")
       ->capture_default_str();
+  int64_t metrics_linger_seconds = config.metrics_linger.count();
+  app.add_option("--metrics-linger-seconds", metrics_linger_seconds,
+                 "how long a job's series stay on /metrics after its rank here ended (seconds)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--join-token-file", config.join_token_file,
                  "send the first token of this file (one per line, '#' comments) as the join "
                  "token a coordinator started with --join-token-file requires");
@@ -98,6 +103,7 @@ int main(int argc, char** argv) {
     root = absolute.lexically_normal().string();
   }
   config.mask_timeout = std::chrono::milliseconds(mask_timeout_ms);
+  config.metrics_linger = std::chrono::seconds(metrics_linger_seconds);
   config.rendezvous_timeout = std::chrono::milliseconds(rendezvous_timeout_ms);
   mat::common::InitLogging(log_level, log_json);
   // Each rank's lines also go to the coordinator (`matctl logs`).

@@ -320,7 +320,23 @@ void WorkerAgent::HeartbeatLoop(
     if (stopping_.load() || stream_ != stream) return;
     lock.unlock();
     Send(Heartbeat());
+    ExpireEndedJobSeries();
   }
+}
+
+void WorkerAgent::ExpireEndedJobSeries() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (metrics_job_id_.empty() || runner_ == nullptr || !runner_->done()) {
+    rank_ended_at_.reset();
+    return;
+  }
+  const auto now = std::chrono::steady_clock::now();
+  if (!rank_ended_at_) rank_ended_at_ = now;
+  if (now - *rank_ended_at_ < config_.metrics_linger) return;
+  // Under mu_, so that an Assign of the same job (a restart) cannot interleave.
+  metrics_.registry.RemoveSeriesWithLabel("mat_job", metrics_job_id_);
+  metrics_job_id_.clear();
+  rank_ended_at_.reset();
 }
 
 void WorkerAgent::ReapRunner(bool stop, const std::string& reason) {
@@ -344,11 +360,15 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       ReapRunner(true, "superseded by " + a.job_id());
       spdlog::info("assigned rank {}/{} of {} (attempt {})", a.rank(), a.world_size(), a.job_id(),
                    a.attempt());
-      // The previous job's series go; this job's start afresh.
-      if (!metrics_job_id_.empty() && metrics_job_id_ != a.job_id()) {
-        metrics_.registry.RemoveSeriesWithLabel("mat_job", metrics_job_id_);
+      {
+        // The previous job's series go, if they have not yet; this job's start afresh.
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!metrics_job_id_.empty() && metrics_job_id_ != a.job_id()) {
+          metrics_.registry.RemoveSeriesWithLabel("mat_job", metrics_job_id_);
+        }
+        metrics_job_id_ = a.job_id();
+        rank_ended_at_.reset();
       }
-      metrics_job_id_ = a.job_id();
       metrics_.busy.Set({}, 1);
       RankRunnerOptions o;
       o.metrics = &metrics_;

@@ -36,6 +36,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,9 @@ struct WorkerAgentConfig {
   // HTTP listener for /metrics, "HOST:PORT" (port 0: a free one, written to
   // <work_dir>/worker.metrics.addr); "" = none.
   std::string metrics_listen_address;
+  // How long a job's {mat_job, rank} series stay on /metrics after its rank here ended, so that
+  // the final values are scraped; then they are removed (checked at each heartbeat).
+  std::chrono::seconds metrics_linger{60};
   // Join token file (one token per line, '#' comments; the first is sent); "" = none.
   std::string join_token_file;
   // TLS to the coordinator: its CA (PEM; "" = plaintext) and, for mutual TLS, this worker's
@@ -132,6 +136,8 @@ class WorkerAgent {
   // One session until it ends.
   void SessionLoop();
   void HeartbeatLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream);
+  // Removes the shown job's series once its rank here has been over for config_.metrics_linger.
+  void ExpireEndedJobSeries();
   void Dispatch(const v1::CoordinatorMessage& message);
   bool Send(const v1::WorkerMessage& message);
   v1::WorkerMessage Heartbeat();
@@ -142,7 +148,9 @@ class WorkerAgent {
   WorkerMetrics metrics_;                       // outlives http_ and every runner
   std::unique_ptr<metrics::HttpServer> http_;   // /metrics; null without a listener
   std::string metrics_address_;
-  std::string metrics_job_id_;                  // the job whose series are shown; reader thread
+  std::string metrics_job_id_;                  // guarded by mu_; the job whose series are shown
+  // guarded by mu_; when the heartbeat thread first saw that job's rank ended (unset: running).
+  std::optional<std::chrono::steady_clock::time_point> rank_ended_at_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
   const std::string join_token_;               // "" = none
@@ -157,7 +165,7 @@ class WorkerAgent {
   grpc::ClientContext* session_context_ = nullptr;  // guarded by mu_; the open session's
   grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream_ = nullptr;  // mu_
   std::mutex write_mu_;                         // one Write at a time
-  std::unique_ptr<RankRunner> runner_;          // the reader thread (Run) only
+  std::unique_ptr<RankRunner> runner_;          // guarded by mu_; set by the reader thread
 };
 
 }  // namespace mat::agent

@@ -15,7 +15,8 @@
 //   mat_worker_step                            gauge      mat_job, rank  steps completed
 //   mat_worker_busy                            gauge      -          1 while this worker runs a rank, else 0
 //
-// A job's series are removed when the worker starts a rank of another job.
+// A job's series are removed --metrics-linger-seconds after its rank here ended (so that the final
+// values are scraped), or when the worker starts a rank of another job, whichever comes first.
 //
 // Thread-safety: the handles and the registry are thread-safe (metrics/registry.h). Not copyable.
 #pragma once

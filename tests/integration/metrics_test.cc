@@ -123,7 +123,9 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   ASSERT_TRUE(fs::exists(kPromtool)) << kPromtool << " missing: scripts/setup installs prometheus";
   ASSERT_TRUE(fs::exists(kPrometheus)) << kPrometheus << " missing";
   StartCoordinator();
-  StartWorker("w1", {"--metrics-listen", "127.0.0.1:0"});
+  // The job's worker series stay 15 s after its rank ended (long enough for the checks of the
+  // end below), then go.
+  StartWorker("w1", {"--metrics-listen", "127.0.0.1:0", "--metrics-linger-seconds", "15"});
   const std::string worker_metrics = WaitForLine(root_ + "/w1/worker.metrics.addr", 30s);
   ASSERT_FALSE(worker_metrics.empty()) << Logs();
   EXPECT_NE(worker_metrics, "127.0.0.1:0");
@@ -214,6 +216,22 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   EXPECT_GT(QueryScalar("mat_coordinator_mask_latency_seconds_count"), 0);
   EXPECT_EQ(succeeded, 1);
   EXPECT_GT(QueryScalar("mat_job_flops_saved_total" + sel), 0);
+  EXPECT_GT(QueryScalar("mat_job_flops_total" + sel), 0);
+  EXPECT_EQ(QueryScalar("count(mat_job_flops_by_phase_total" + sel + ")"), 4);  // the phases
+
+  // The worker's series of the ended job go after the linger; the worker's own stay.
+  bool gone = false;
+  std::string body;
+  for (auto end = std::chrono::steady_clock::now() + 60s; std::chrono::steady_clock::now() < end;) {
+    body = probes::HttpGet(worker_metrics, "/metrics").body;
+    if (body.find("mat_job=\"" + job + "\"") == std::string::npos) {
+      gone = true;
+      break;
+    }
+    std::this_thread::sleep_for(500ms);
+  }
+  EXPECT_TRUE(gone) << "the ended job's series are still on the worker's /metrics:\n" << body;
+  EXPECT_THAT(body, HasSubstr("mat_worker_busy 0\n"));
   std::printf("prometheus: count(mat_module_lambda_max)=%g, sum(mat_module_active)=%g "
               "(matctl: total_modules=%d, active_modules=%d), max(mat_worker_step)=%g\n",
               count, sum, total, active, step);

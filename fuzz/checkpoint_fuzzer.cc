@@ -3,22 +3,12 @@
 // (DATA_LOSS for a bad file), never a crash, an abort or an escaping exception.
 //
 // Two modes, chosen by the first byte so that both get a seed corpus (fuzz/corpus/checkpoint/):
-//   - input starting with 'M' (the "MATCKPT1" magic): the file as is; the envelope parser sees
+//   - input starting with 'M' (the "MATCKPT2" magic): the file as is; the envelope parser sees
 //     every mutation of the header, length and checksum;
-//   - any other input: a LibTorch archive payload, wrapped in a valid envelope (length and FNV-1a
-//     computed here) so that the mutations reach LibTorch's archive reader (zip + pickle).
-// ParseEnvelope (torch-free) is also run on every input as is. After a successful load the
-// harness reads the keys the seeds hold ("w", "step", a Linear's "weight"/"bias"), as a resuming
-// trainer would, catching LibTorch's exceptions (those are errors, not findings).
-//
-// Leaks inside LibTorch are suppressed (LSan, below): LibTorch 1.13's PyTorchStreamReader::init
-// throws after mz_zip_reader_init on a corrupt zip, and the constructor that throws never frees
-// the miniz state (~500 bytes per bad file; a LibTorch bug we cannot fix here, not a crash).
-//
-// LibTorch 1.13's loader crashes on some bad archives (a SEGV in its TorchScript class parser on
-// a mutated annotation, an 18 GB memo from one BINPUT id, found by this fuzzer); ReadCheckpoint
-// now verifies the archive first (worker/archive_check.h, compiled in here too), so no input is
-// skipped: every one that passes the check reaches LibTorch.
+//   - any other input: a safetensors payload, wrapped in a valid envelope (length and FNV-1a
+//     computed here) so that the mutations reach the safetensors parser and the tensors it makes.
+// ParseEnvelope is also run on every input as is. After a successful load the harness touches
+// every tensor (sum over its elements), as a resuming trainer would.
 //
 // MAT_CHECKPOINT_FUZZ_WRITE_SEEDS=DIR makes the binary write its seed corpus into DIR and exit
 // (how fuzz/corpus/checkpoint/ was made).
@@ -28,11 +18,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <string>
 
 #include <torch/torch.h>
 
+#include "safetensors/safetensors.h"
 #include "worker/checkpoint.h"
 
 namespace {
@@ -44,55 +34,40 @@ void WriteBytes(const std::string& path, const std::string& data) {
   out.write(data.data(), static_cast<std::streamsize>(data.size()));
 }
 
-void WriteSeeds(const std::string& dir) {
-  torch::manual_seed(1);
-  auto payload = [](torch::serialize::OutputArchive& ar) {
-    std::ostringstream out;
-    ar.save_to(out);
-    return out.str();
-  };
-  // 1. What tests/worker/checkpoint_test.cc writes: a tensor and a step.
-  torch::serialize::OutputArchive small;
-  small.write("w", torch::arange(6, torch::kFloat32).reshape({2, 3}));
-  small.write("step", c10::IValue(int64_t{7}));
-  const std::string small_payload = payload(small);
-  // 2. A tiny module (Linear 4 -> 2) and an int64 tensor, as the trainer's state.
-  torch::nn::Linear linear(4, 2);
-  torch::serialize::OutputArchive model;
-  linear->save(model);
-  model.write("step", c10::IValue(int64_t{123}));
-  model.write("ids", torch::tensor({1, 2, 3}, torch::kInt64));
-  const std::string model_payload = payload(model);
-  // 3. An empty archive.
-  torch::serialize::OutputArchive empty;
-  const std::string empty_payload = payload(empty);
-  WriteBytes(dir + "/small.ckpt", mat::worker::MakeEnvelope(small_payload));
-  WriteBytes(dir + "/linear.ckpt", mat::worker::MakeEnvelope(model_payload));
-  WriteBytes(dir + "/empty.ckpt", mat::worker::MakeEnvelope(empty_payload));
-  WriteBytes(dir + "/small.payload", small_payload);
-  WriteBytes(dir + "/linear.payload", model_payload);
-  WriteBytes(dir + "/empty.payload", empty_payload);
+void WriteSeed(const std::string& dir, const std::string& name,
+               const mat::worker::Checkpoint& checkpoint) {
+  const std::string file = dir + "/" + name + ".ckpt";
+  if (!mat::worker::WriteCheckpoint(file, checkpoint).ok()) std::exit(1);
+  std::ifstream in(file, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto payload = mat::worker::ParseEnvelope(bytes, file);
+  if (!payload.ok()) std::exit(1);
+  WriteBytes(dir + "/" + name + ".payload", *payload);
 }
 
-// Reads what the seeds hold; LibTorch's exceptions are the expected errors here.
-void ReadKeys(torch::serialize::InputArchive& ar) {
-  try {
-    torch::Tensor t;
-    if (ar.try_read("w", t)) (void)t.sum().item<double>();
-    c10::IValue v;
-    if (ar.try_read("step", v) && v.isInt()) (void)v.toInt();
-    if (ar.try_read("ids", t)) (void)t.numel();
-    if (ar.try_read("weight", t)) (void)t.sum().item<double>();
-    if (ar.try_read("bias", t)) (void)t.numel();
-    for (const std::string& key : ar.keys()) (void)key;
-  } catch (const c10::Error&) {
-  } catch (const std::exception&) {
-  }
+void WriteSeeds(const std::string& dir) {
+  torch::manual_seed(1);
+  // 1. What tests/worker/checkpoint_test.cc writes: a tensor and a step.
+  mat::worker::Checkpoint small;
+  small.tensors["w"] = torch::arange(6, torch::kFloat32).reshape({2, 3});
+  small.meta = R"({"step":7})";
+  WriteSeed(dir, "small", small);
+  // 2. Shaped like the trainer's: dotted names, an int64 0-dim step, a byte tensor, bf16.
+  mat::worker::Checkpoint model;
+  model.tensors["model.layer0.weight"] = torch::randn({2, 4});
+  model.tensors["model.layer0.bias"] = torch::zeros({2});
+  model.tensors["opt.step.layer0.weight"] = torch::tensor(int64_t{3}, torch::kLong);
+  model.tensors["rng.torch"] = torch::randint(0, 255, {16}, torch::kByte);
+  model.tensors["half"] = torch::ones({3}, torch::kBFloat16);
+  model.meta = R"({"step":123,"policy":"{}"})";
+  WriteSeed(dir, "linear", model);
+  // 3. No tensors.
+  mat::worker::Checkpoint empty;
+  empty.meta = "{}";
+  WriteSeed(dir, "empty", empty);
 }
 
 }  // namespace
-
-extern "C" const char* __lsan_default_suppressions() { return "leak:libtorch_cpu.so\n"; }
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   if (const char* dir = std::getenv("MAT_CHECKPOINT_FUZZ_WRITE_SEEDS")) {
@@ -114,11 +89,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string file = raw ? bytes : mat::worker::MakeEnvelope(bytes);
   if (!raw && !mat::worker::ParseEnvelope(file, "wrapped").ok()) __builtin_trap();
   WriteBytes(g_path, file);
-  torch::serialize::InputArchive archive;
-  absl::Status st = mat::worker::ReadCheckpoint(g_path, archive);
-  if (st.ok()) {
-    ReadKeys(archive);
-  } else if (st.code() != absl::StatusCode::kDataLoss) {
+  absl::StatusOr<mat::worker::Checkpoint> checkpoint = mat::worker::ReadCheckpoint(g_path);
+  if (checkpoint.ok()) {
+    for (const auto& [name, t] : checkpoint->tensors) {
+      (void)name;
+      if (t.numel() > 0 && t.scalar_type() != torch::kBool) (void)t.sum().item<double>();
+    }
+  } else if (checkpoint.status().code() != absl::StatusCode::kDataLoss) {
     __builtin_trap();  // the file exists: any failure to read it is DATA_LOSS
   }
   return 0;

@@ -1,25 +1,22 @@
 #include "worker/checkpoint.h"
 
-#include <algorithm>
 #include <cstring>
-#include <map>
-#include <memory>
 #include <filesystem>
-#include <sstream>
-
-#include <caffe2/serialize/inline_container.h>
-#include <caffe2/serialize/read_adapter_interface.h>
+#include <utility>
 
 #include "common/file_util.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
-#include "worker/archive_check.h"
+#include "safetensors/safetensors.h"
+#include "worker/model_io.h"
 
 namespace mat::worker {
 namespace {
 
-constexpr char kMagic[8] = {'M', 'A', 'T', 'C', 'K', 'P', 'T', '1'};
+constexpr char kMagic[8] = {'M', 'A', 'T', 'C', 'K', 'P', 'T', '2'};
+constexpr char kOldMagic[8] = {'M', 'A', 'T', 'C', 'K', 'P', 'T', '1'};
 constexpr size_t kHeader = 24;
+constexpr char kMetaKey[] = "mat.meta";
 
 uint64_t Fnv1a(const char* p, size_t n) {
   uint64_t h = 1469598103934665603ULL;
@@ -40,51 +37,6 @@ uint64_t GetU64(const char* p) {
   return v;
 }
 
-// The payload in memory, for LibTorch's zip reader (no copy).
-class StringAdapter : public caffe2::serialize::ReadAdapterInterface {
- public:
-  explicit StringAdapter(absl::string_view data) : data_(data) {}
-  size_t size() const override { return data_.size(); }
-  size_t read(uint64_t pos, void* buf, size_t n, const char* /*what*/) const override {
-    if (pos >= data_.size()) return 0;
-    n = std::min<uint64_t>(n, data_.size() - pos);
-    std::memcpy(buf, data_.data() + pos, n);
-    return n;
-  }
-
- private:
-  absl::string_view data_;
-};
-
-// Verifies the archive in `payload` (worker/archive_check.h) through the zip reader LibTorch's
-// loader uses, so that both see the same records.
-absl::Status CheckPayload(absl::string_view payload) {
-  MAT_ASSIGN_OR_RETURN(const auto sizes, CheckZipDirectory(payload));
-  try {
-    caffe2::serialize::PyTorchStreamReader reader(std::make_shared<StringAdapter>(payload));
-    ArchiveRecords records;
-    records.names = reader.getAllRecords();
-    records.read = [&reader](const std::string& name) -> absl::StatusOr<std::string> {
-      try {
-        auto [data, size] = reader.getRecord(name);
-        return std::string(static_cast<const char*>(data.get()), size);
-      } catch (const c10::Error& e) {
-        return absl::DataLossError("record " + name + " cannot be read: " + e.what_without_backtrace());
-      }
-    };
-    records.size = [&sizes](const std::string& name) -> absl::StatusOr<uint64_t> {
-      const auto it = sizes.find(name);
-      if (it == sizes.end()) return absl::DataLossError("record " + name + " is not in the zip directory");
-      return it->second;
-    };
-    return CheckArchiveRecords(records);
-  } catch (const c10::Error& e) {
-    return absl::DataLossError(std::string("not a LibTorch archive: ") + e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return absl::DataLossError(std::string("not a LibTorch archive: ") + e.what());
-  }
-}
-
 }  // namespace
 
 std::string MakeEnvelope(absl::string_view payload) {
@@ -96,6 +48,13 @@ std::string MakeEnvelope(absl::string_view payload) {
 }
 
 absl::StatusOr<std::string> ParseEnvelope(absl::string_view data, const std::string& name) {
+  if (data.size() >= sizeof(kOldMagic) &&
+      std::memcmp(data.data(), kOldMagic, sizeof(kOldMagic)) == 0) {
+    return absl::DataLossError("checkpoint " + name +
+                               " is in the LibTorch-archive format of earlier versions "
+                               "(MATCKPT1), which this version does not read; start the run "
+                               "afresh, or resume it with the version that wrote it");
+  }
   if (data.size() < kHeader || std::memcmp(data.data(), kMagic, sizeof(kMagic)) != 0) {
     return absl::DataLossError("checkpoint " + name + " is not a MAT checkpoint or is truncated (" +
                                std::to_string(data.size()) + " bytes)");
@@ -112,16 +71,16 @@ absl::StatusOr<std::string> ParseEnvelope(absl::string_view data, const std::str
   return std::string(data.substr(kHeader));
 }
 
-absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputArchive& archive) {
-  std::ostringstream payload_stream;
-  try {
-    archive.save_to(payload_stream);
-  } catch (const c10::Error& e) {
-    return absl::InternalError("cannot serialise checkpoint: " + std::string(e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    return absl::InternalError("cannot serialise checkpoint: " + std::string(e.what()));
+absl::Status WriteCheckpoint(const std::string& path, const Checkpoint& checkpoint) {
+  safetensors::File file;
+  file.metadata[kMetaKey] = checkpoint.meta;
+  for (const auto& [name, tensor] : checkpoint.tensors) {
+    absl::StatusOr<safetensors::Tensor> t = ToSafetensor(tensor);
+    if (!t.ok()) return absl::InvalidArgumentError("checkpoint tensor '" + name + "': " + std::string(t.status().message()));
+    file.tensors.emplace(name, *std::move(t));
   }
-  const std::string data = MakeEnvelope(payload_stream.str());
+  MAT_ASSIGN_OR_RETURN(const std::string payload, safetensors::Serialize(file));
+  const std::string data = MakeEnvelope(payload);
   std::error_code ec;
   if (std::filesystem::exists(path, ec)) {
     // The current file becomes `.prev` through a second name (a hard link, or a copy where the
@@ -140,52 +99,47 @@ absl::Status WriteCheckpoint(const std::string& path, torch::serialize::OutputAr
   return common::WriteFileAtomic(path, data);
 }
 
-absl::Status ReadCheckpoint(const std::string& path, torch::serialize::InputArchive& archive) {
+absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& path) {
   MAT_ASSIGN_OR_RETURN(std::string data, common::ReadFile(path));
   MAT_ASSIGN_OR_RETURN(std::string payload, ParseEnvelope(data, path));
   data.clear();
   data.shrink_to_fit();
-  if (absl::Status st = CheckPayload(payload); !st.ok()) {
-    return absl::DataLossError("checkpoint " + path + " is malformed: " +
-                               std::string(st.message()));
+  absl::StatusOr<safetensors::File> file = safetensors::Parse(payload, "checkpoint " + path);
+  if (!file.ok()) return absl::DataLossError(std::string(file.status().message()));
+  Checkpoint out;
+  const auto meta = file->metadata.find(kMetaKey);
+  if (meta == file->metadata.end()) {
+    return absl::DataLossError("checkpoint " + path + " has no \"" + kMetaKey + "\" metadata");
   }
-  try {
-    archive.load_from(payload.data(), payload.size());
-  } catch (const c10::Error& e) {
-    return absl::DataLossError("checkpoint " + path + " cannot be read: " + e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return absl::DataLossError("checkpoint " + path + " cannot be read: " + e.what());
-  }
-  return absl::OkStatus();
+  out.meta = meta->second;
+  for (const auto& [name, tensor] : file->tensors) out.tensors.emplace(name, FromSafetensor(tensor));
+  return out;
 }
 
-absl::StatusOr<std::string> LoadNewestCheckpoint(const std::string& path,
-                                                 torch::serialize::InputArchive& archive,
+absl::StatusOr<std::string> LoadNewestCheckpoint(const std::string& path, Checkpoint* checkpoint,
                                                  std::string* warning) {
-  absl::Status newest = ReadCheckpoint(path, archive);
+  absl::StatusOr<Checkpoint> newest = ReadCheckpoint(path);
   if (newest.ok()) {
     if (warning) warning->clear();
+    *checkpoint = *std::move(newest);
     return path;
   }
   const std::string prev = path + ".prev";
-  absl::Status older = ReadCheckpoint(prev, archive);
+  absl::StatusOr<Checkpoint> older = ReadCheckpoint(prev);
   if (older.ok()) {
-    if (warning) *warning = std::string(newest.message());
+    if (warning) *warning = std::string(newest.status().message());
+    *checkpoint = *std::move(older);
     return prev;
   }
-  return absl::DataLossError(std::string(newest.message()) + "; previous: " + std::string(older.message()));
+  return absl::DataLossError(std::string(newest.status().message()) + "; previous: " +
+                             std::string(older.status().message()));
 }
 
 absl::StatusOr<int64_t> ReadCheckpointStep(const std::string& path) {
-  torch::serialize::InputArchive archive;
-  MAT_RETURN_IF_ERROR(ReadCheckpoint(path, archive));
+  MAT_ASSIGN_OR_RETURN(const Checkpoint checkpoint, ReadCheckpoint(path));
   try {
-    c10::IValue meta;
-    archive.read("meta", meta);
-    const nlohmann::json json = nlohmann::json::parse(meta.toStringRef());
+    const nlohmann::json json = nlohmann::json::parse(checkpoint.meta);
     return json.at("step").get<int64_t>();
-  } catch (const c10::Error& e) {
-    return absl::DataLossError("checkpoint " + path + " has no metadata: " + e.what_without_backtrace());
   } catch (const std::exception& e) {
     return absl::DataLossError("checkpoint " + path + " has malformed metadata: " + e.what());
   }

@@ -38,28 +38,50 @@ std::vector<std::pair<std::string, torch::Tensor>> Named(torch::nn::Module& modu
   return out;
 }
 
+torch::ScalarType TorchType(st::DType dtype) {
+  for (const auto& p : kPairs) {
+    if (p.file == dtype) return p.torch;
+  }
+  return torch::kFloat;  // unreachable: kPairs covers every DType
+}
+
 }  // namespace
+
+absl::StatusOr<safetensors::Tensor> ToSafetensor(const torch::Tensor& tensor) {
+  const Pair* pair = nullptr;
+  for (const auto& p : kPairs) {
+    if (p.torch == tensor.scalar_type()) pair = &p;
+  }
+  if (pair == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("dtype ",
+                                                   std::string(c10::toString(tensor.scalar_type())),
+                                                   " cannot be held in safetensors"));
+  }
+  torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
+  st::Tensor out;
+  out.dtype = pair->file;
+  out.shape.assign(t.sizes().begin(), t.sizes().end());
+  out.data.assign(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
+  return out;
+}
+
+torch::Tensor FromSafetensor(const safetensors::Tensor& tensor) {
+  torch::Tensor t = torch::empty(tensor.shape, torch::TensorOptions().dtype(TorchType(tensor.dtype)));
+  if (!tensor.data.empty()) std::memcpy(t.data_ptr(), tensor.data.data(), tensor.data.size());
+  return t;
+}
 
 absl::Status SaveModelSafetensors(torch::nn::Module& module, const std::string& path,
                                   const std::map<std::string, std::string>& metadata) {
   st::File file;
   file.metadata = metadata;
   for (const auto& [name, tensor] : Named(module)) {
-    const Pair* pair = nullptr;
-    for (const auto& p : kPairs) {
-      if (p.torch == tensor.scalar_type()) pair = &p;
+    absl::StatusOr<st::Tensor> out = ToSafetensor(tensor);
+    if (!out.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor '", name, "': ", out.status().message()));
     }
-    if (pair == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' has dtype ",
-                                                     std::string(c10::toString(tensor.scalar_type())),
-                                                     ", which safetensors cannot hold"));
-    }
-    torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
-    st::Tensor out;
-    out.dtype = pair->file;
-    out.shape.assign(t.sizes().begin(), t.sizes().end());
-    out.data.assign(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
-    file.tensors.emplace(name, std::move(out));
+    file.tensors.emplace(name, *std::move(out));
   }
   return st::WriteFile(path, file);
 }
@@ -83,18 +105,12 @@ absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& 
       return bad(absl::StrCat("tensor '", name, "' has shape ", ShapeText(src.shape),
                               "; the model's is ", ShapeText(dest.sizes())));
     }
-    torch::ScalarType type = torch::kFloat;
-    for (const auto& p : kPairs) {
-      if (p.file == src.dtype) type = p.torch;
-    }
-    if (c10::isFloatingType(dest.scalar_type()) != c10::isFloatingType(type)) {
+    if (c10::isFloatingType(dest.scalar_type()) != c10::isFloatingType(TorchType(src.dtype))) {
       return bad(absl::StrCat("tensor '", name, "' is ", std::string(st::DTypeName(src.dtype)),
                               "; the model's is ",
                               std::string(c10::toString(dest.scalar_type()))));
     }
-    torch::Tensor t = torch::empty(dest.sizes(), torch::TensorOptions().dtype(type));
-    if (!src.data.empty()) std::memcpy(t.data_ptr(), src.data.data(), src.data.size());
-    copies.emplace_back(dest, t);
+    copies.emplace_back(dest, FromSafetensor(src));
   }
   if (file.tensors.size() != named.size()) {
     for (const auto& [name, t] : file.tensors) {

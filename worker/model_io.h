@@ -13,8 +13,17 @@
 #include <torch/torch.h>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "safetensors/safetensors.h"
 
 namespace mat::worker {
+
+// One tensor as safetensors bytes (a CPU, contiguous copy; any device). INVALID_ARGUMENT for a
+// dtype safetensors cannot hold (complex, quantized).
+absl::StatusOr<safetensors::Tensor> ToSafetensor(const torch::Tensor& tensor);
+// A new CPU tensor with `tensor`'s dtype, shape and bytes. REQUIRES: `tensor` is consistent
+// (what safetensors::Parse returns).
+torch::Tensor FromSafetensor(const safetensors::Tensor& tensor);
 
 // Writes every parameter and buffer of `module` to `path` (atomically), with `metadata`.
 // INVALID_ARGUMENT for a dtype safetensors cannot hold (complex, quantized).

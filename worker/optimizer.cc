@@ -136,31 +136,31 @@ absl::Status MaskedAdamW::Step(double lr, const std::vector<uint8_t>& active,
   return absl::OkStatus();
 }
 
-void MaskedAdamW::Save(torch::serialize::OutputArchive& ar) const {
+void MaskedAdamW::Save(std::map<std::string, torch::Tensor>* tensors) const {
   for (size_t i = 0; i < params_.size(); ++i) {
-    ar.write("opt.m." + params_[i].name, m_[i].cpu());
-    ar.write("opt.v." + params_[i].name, v_[i].cpu());
-    ar.write("opt.step." + params_[i].name, torch::tensor(steps_[i], torch::kLong));
+    (*tensors)["opt.m." + params_[i].name] = m_[i].cpu();
+    (*tensors)["opt.v." + params_[i].name] = v_[i].cpu();
+    (*tensors)["opt.step." + params_[i].name] = torch::tensor(steps_[i], torch::kLong);
   }
 }
 
-absl::Status MaskedAdamW::Load(torch::serialize::InputArchive& ar) {
+absl::Status MaskedAdamW::Load(const std::map<std::string, torch::Tensor>& tensors) {
   for (size_t i = 0; i < params_.size(); ++i) {
-    torch::Tensor m, v, s;
-    try {
-      ar.read("opt.m." + params_[i].name, m);
-      ar.read("opt.v." + params_[i].name, v);
-      ar.read("opt.step." + params_[i].name, s);
-    } catch (const c10::Error& e) {
+    const auto m_it = tensors.find("opt.m." + params_[i].name);
+    const auto v_it = tensors.find("opt.v." + params_[i].name);
+    const auto s_it = tensors.find("opt.step." + params_[i].name);
+    if (m_it == tensors.end() || v_it == tensors.end() || s_it == tensors.end() ||
+        s_it->second.numel() != 1) {
       return absl::DataLossError("checkpoint lacks optimizer state of " + params_[i].name);
     }
+    const torch::Tensor &m = m_it->second, &v = v_it->second, &s = s_it->second;
     if (!m.sizes().equals(params_[i].param.sizes()) || !v.sizes().equals(params_[i].param.sizes())) {
       return absl::InvalidArgumentError("checkpoint optimizer state of " + params_[i].name +
                                         " has the wrong shape");
     }
     m_[i].copy_(m);
     v_[i].copy_(v);
-    steps_[i] = s.item<int64_t>();
+    steps_[i] = s.to(torch::kLong).item<int64_t>();
   }
   return absl::OkStatus();
 }

@@ -12,6 +12,7 @@
 // Not thread-safe.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -57,8 +58,11 @@ class MaskedAdamW {
   const torch::Tensor& exp_avg_sq(size_t i) const { return v_[i]; }
   int64_t step_count(size_t i) const { return steps_[i]; }
 
-  void Save(torch::serialize::OutputArchive& ar) const;
-  absl::Status Load(torch::serialize::InputArchive& ar);
+  // Checkpoint tensors "opt.m.<name>", "opt.v.<name>" (CPU copies) and "opt.step.<name>" (0-dim
+  // int64). Load: DATA_LOSS naming the parameter when one is missing, INVALID_ARGUMENT when a
+  // shape differs.
+  void Save(std::map<std::string, torch::Tensor>* tensors) const;
+  absl::Status Load(const std::map<std::string, torch::Tensor>& tensors);
 
  private:
   std::vector<ParamEntry> params_;

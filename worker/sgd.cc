@@ -50,25 +50,25 @@ absl::Status MaskedSgd::Step(double lr, const std::vector<uint8_t>& active,
   return absl::OkStatus();
 }
 
-void MaskedSgd::Save(torch::serialize::OutputArchive& ar) const {
+void MaskedSgd::Save(std::map<std::string, torch::Tensor>* tensors) const {
   for (size_t i = 0; i < params_.size(); ++i) {
     const torch::Tensor buf = buf_[i].defined() ? buf_[i] : torch::zeros_like(params_[i].param);
-    ar.write("sgd.buf." + params_[i].name, buf.cpu());
-    ar.write("sgd.step." + params_[i].name, torch::tensor(steps_[i], torch::kLong));
+    (*tensors)["sgd.buf." + params_[i].name] = buf.cpu();
+    (*tensors)["sgd.step." + params_[i].name] = torch::tensor(steps_[i], torch::kLong);
   }
 }
 
-absl::Status MaskedSgd::Load(torch::serialize::InputArchive& ar) {
+absl::Status MaskedSgd::Load(const std::map<std::string, torch::Tensor>& tensors) {
   std::vector<torch::Tensor> bufs(params_.size());
   std::vector<int64_t> steps(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
-    torch::Tensor b, s;
-    try {
-      ar.read("sgd.buf." + params_[i].name, b);
-      ar.read("sgd.step." + params_[i].name, s);
-    } catch (const c10::Error&) {
+    const auto b_it = tensors.find("sgd.buf." + params_[i].name);
+    const auto s_it = tensors.find("sgd.step." + params_[i].name);
+    if (b_it == tensors.end() || s_it == tensors.end() || s_it->second.numel() != 1) {
       return absl::DataLossError("checkpoint lacks SGD state of " + params_[i].name);
     }
+    const torch::Tensor& b = b_it->second;
+    const torch::Tensor s = s_it->second.to(torch::kLong);
     if (!b.sizes().equals(params_[i].param.sizes())) {
       return absl::InvalidArgumentError("checkpoint SGD momentum of " + params_[i].name +
                                         " has the wrong shape");

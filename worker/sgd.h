@@ -49,9 +49,10 @@ class MaskedSgd {
   int64_t step_count(size_t i) const { return steps_[i]; }
   const SgdOptions& options() const { return opt_; }
 
-  // Archive keys "sgd.buf.<name>" and "sgd.step.<name>".
-  void Save(torch::serialize::OutputArchive& ar) const;
-  absl::Status Load(torch::serialize::InputArchive& ar);
+  // Checkpoint tensors "sgd.buf.<name>" and "sgd.step.<name>" (0-dim int64); Load errors as
+  // MaskedAdamW::Load's.
+  void Save(std::map<std::string, torch::Tensor>* tensors) const;
+  absl::Status Load(const std::map<std::string, torch::Tensor>& tensors);
 
  private:
   std::vector<ParamEntry> params_;

@@ -863,14 +863,14 @@ std::string Trainer::ParamChecksum() {
 }
 
 absl::Status Trainer::SaveCheckpoint(const std::string& path) {
-  torch::serialize::OutputArchive ar;
-  for (const auto& kv : network().named_parameters()) ar.write("model." + kv.key(), kv.value().detach().cpu());
+  Checkpoint ckpt;
+  for (const auto& kv : network().named_parameters()) ckpt.tensors["model." + kv.key()] = kv.value().detach();
   // Buffers (VGG's BatchNorm running statistics; BERT has none).
-  for (const auto& kv : network().named_buffers()) ar.write("buffer." + kv.key(), kv.value().detach().cpu(), true);
+  for (const auto& kv : network().named_buffers()) ckpt.tensors["buffer." + kv.key()] = kv.value().detach();
   if (sgd_ != nullptr) {
-    sgd_->Save(ar);
+    sgd_->Save(&ckpt.tensors);
   } else {
-    optimizer_->Save(ar);
+    optimizer_->Save(&ckpt.tensors);
   }
   nlohmann::json meta = {
       {"step", step_},
@@ -890,21 +890,27 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
       {"schedule", {{"has", has_schedule_}, {"every_step", schedule_.every_step},
                     {"slow", schedule_.slow}, {"slow_every", schedule_.slow_every}}},
   };
-  ar.write("meta", c10::IValue(meta.dump()));
-  ar.write("rng.torch", at::detail::getDefaultCPUGenerator().get_state());
-  return WriteCheckpoint(path, ar);
+  ckpt.meta = meta.dump();
+  ckpt.tensors["rng.torch"] = at::detail::getDefaultCPUGenerator().get_state();
+  return WriteCheckpoint(path, ckpt);
 }
 
 absl::Status Trainer::LoadCheckpoint(const std::string& path) {
-  torch::serialize::InputArchive ar;
+  Checkpoint ckpt;
   std::string warning;
-  MAT_ASSIGN_OR_RETURN(std::string used, LoadNewestCheckpoint(path, ar, &warning));
+  MAT_ASSIGN_OR_RETURN(std::string used, LoadNewestCheckpoint(path, &ckpt, &warning));
   if (!warning.empty()) spdlog::warn("{}; resuming from {}", warning, used);
+  auto tensor = [&](const std::string& name) -> absl::StatusOr<torch::Tensor> {
+    const auto it = ckpt.tensors.find(name);
+    if (it == ckpt.tensors.end()) {
+      return absl::DataLossError("checkpoint " + used + " lacks tensor " + name);
+    }
+    return it->second;
+  };
   try {
     torch::NoGradGuard guard;
     for (auto& kv : network().named_parameters()) {
-      torch::Tensor t;
-      ar.read("model." + kv.key(), t);
+      MAT_ASSIGN_OR_RETURN(const torch::Tensor t, tensor("model." + kv.key()));
       if (!t.sizes().equals(kv.value().sizes())) {
         return absl::InvalidArgumentError("checkpoint " + used + ": parameter " + kv.key() +
                                           " has the wrong shape (different model config?)");
@@ -912,18 +918,15 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
       kv.value().copy_(t);
     }
     for (auto& kv : network().named_buffers()) {
-      torch::Tensor t;
-      ar.read("buffer." + kv.key(), t, true);
+      MAT_ASSIGN_OR_RETURN(const torch::Tensor t, tensor("buffer." + kv.key()));
       if (!t.sizes().equals(kv.value().sizes())) {
         return absl::InvalidArgumentError("checkpoint " + used + ": buffer " + kv.key() +
                                           " has the wrong shape (different model config?)");
       }
       kv.value().copy_(t);
     }
-    MAT_RETURN_IF_ERROR(sgd_ != nullptr ? sgd_->Load(ar) : optimizer_->Load(ar));
-    c10::IValue meta_value;
-    ar.read("meta", meta_value);
-    nlohmann::json meta = nlohmann::json::parse(meta_value.toStringRef());
+    MAT_RETURN_IF_ERROR(sgd_ != nullptr ? sgd_->Load(ckpt.tensors) : optimizer_->Load(ckpt.tensors));
+    nlohmann::json meta = nlohmann::json::parse(ckpt.meta);
     step_ = meta["step"];
     MAT_RETURN_IF_ERROR(policy_->LoadState(meta["policy"].get<std::string>()));
     MAT_RETURN_IF_ERROR(is_vgg() ? image_stream_->LoadState(meta["data"].get<std::string>())
@@ -966,8 +969,7 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
       schedule_.slow = sch["slow"].get<std::vector<uint8_t>>();
       schedule_.slow_every = sch["slow_every"];
     }
-    torch::Tensor rng;
-    ar.read("rng.torch", rng);
+    MAT_ASSIGN_OR_RETURN(const torch::Tensor rng, tensor("rng.torch"));
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     gen.set_state(rng);
   } catch (const c10::Error& e) {

@@ -132,8 +132,10 @@ absl::StatusOr<File> Parse(std::string_view bytes, std::string_view what) {
       }
       continue;
     }
+    // A copy: a lambda may not capture a structured binding before C++20 (clang refuses).
+    const std::string tensor_name = name;
     auto bad_tensor = [&](const std::string& msg) {
-      return bad(absl::StrCat("tensor '", name, "': ", msg));
+      return bad(absl::StrCat("tensor '", tensor_name, "': ", msg));
     };
     if (!entry.is_object() || !entry.contains("dtype") || !entry["dtype"].is_string()) {
       return bad_tensor("no dtype");

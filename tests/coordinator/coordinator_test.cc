@@ -17,6 +17,7 @@
 #include "api/job_spec.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
 namespace {
@@ -41,17 +42,16 @@ struct Received {
 
 class CoordinatorTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_coordinator"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_coordinator_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    dir_ = tmp_.path();
     Open();
   }
 
   void TearDown() override {
     coordinator_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
   }
 
   // (Re)opens the store and a Coordinator over it, both on the fake clock.

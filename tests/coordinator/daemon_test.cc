@@ -27,6 +27,7 @@
 
 #include "mat/v1/service.grpc.pb.h"
 #include "tests/integration/probes.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
 namespace {
@@ -44,20 +45,17 @@ std::string ReadText(const std::string& path) {
 
 class CoordinatorDaemonTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_daemon"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_daemon_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    root_ = tmp_.path();
     config_.listen_address = "127.0.0.1:0";
     config_.metrics_listen_address = "127.0.0.1:0";
     config_.state_dir = root_ + "/state";
     config_.shutdown_grace_seconds = 1;
   }
 
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(root_, ec);
-  }
 
   std::unique_ptr<CoordinatorDaemon> StartOk(const CoordinatorDaemonConfig& config) {
     auto daemon = CoordinatorDaemon::Start(config);

@@ -28,6 +28,7 @@
 #include "coordinator/auth.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "mat/v1/service.grpc.pb.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
 namespace {
@@ -45,10 +46,11 @@ v1::JobSpec SmallSpec() {
 
 class JobServiceTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_job_service"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_job_service_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    dir_ = tmp_.path();
     auto store = JobStore::Open(dir_ + "/state");
     ASSERT_TRUE(store.ok()) << store.status();
     coordinator_ = std::make_unique<Coordinator>(std::move(*store), CoordinatorOpts());
@@ -67,8 +69,6 @@ class JobServiceTest : public ::testing::Test {
     if (loop_thread_.joinable()) loop_thread_.join();
     service_.reset();
     coordinator_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
   }
 
   virtual JobServiceOptions ServiceOptions() const { return {}; }

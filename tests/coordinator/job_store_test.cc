@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
 namespace {
@@ -42,18 +43,17 @@ v1::JobSpec Spec(int64_t layers) {
 
 class JobStoreTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_job_store"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_job_store_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    root_ = tmp_.path();
     dir_ = root_ + "/state";  // not created yet: Open must create it
     Reopen();
   }
 
   void TearDown() override {
     store_.reset();
-    std::error_code ec;
-    fs::remove_all(root_, ec);
   }
 
   // Closes the store (if open) and opens a new one on the same directory.

@@ -33,6 +33,7 @@
 #include "coordinator/job_service.h"
 #include "api/job_spec.h"
 #include "mat/v1/service.grpc.pb.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
 namespace {
@@ -153,10 +154,11 @@ class FakeWorker {
 
 class WorkerServiceTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_worker_service"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_worker_service_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    dir_ = tmp_.path();
     auto store = JobStore::Open(dir_ + "/state");
     ASSERT_TRUE(store.ok()) << store.status();
     CoordinatorOptions options;
@@ -183,8 +185,6 @@ class WorkerServiceTest : public ::testing::Test {
     worker_service_.reset();
     job_service_.reset();
     coordinator_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
   }
 
   virtual int64_t HeartbeatIntervalMs() const { return 1000; }

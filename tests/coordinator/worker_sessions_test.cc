@@ -27,6 +27,7 @@
 #include "policy/policy.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "config/train_config.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
 namespace {
@@ -234,17 +235,16 @@ std::vector<double> Lambda(int rank, int k) {
 
 class WorkerSessionsTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_worker_sessions"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_worker_sessions_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    dir_ = tmp_.path();
     Open();
   }
 
   void TearDown() override {
     coordinator_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
   }
 
   // (Re)opens the store and a Coordinator over it, on the fake clocks.

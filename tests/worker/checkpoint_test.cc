@@ -18,6 +18,7 @@
 
 #include "nlohmann/json.hpp"
 #include "safetensors/safetensors.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::worker {
 namespace {
@@ -43,15 +44,12 @@ void WriteBytes(const std::string& path, const std::string& data) {
 
 class CheckpointTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_checkpoint_test"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_checkpoint_test_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    dir_ = tmp_.path();
     path_ = dir_ + "/checkpoint.pt";
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
   }
 
   // A checkpoint holding tensor "w" = `w` and the integer "step" = `step`.

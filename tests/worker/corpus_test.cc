@@ -24,6 +24,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/status/status.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::worker {
 namespace {
@@ -165,14 +166,11 @@ TEST_F(WikiText2Test, StartsWithTheKnownFirstLines) {
 
 class CorpusTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_corpus_test"};  // outlives the members below
+
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "mat_corpus_test_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    dir_ = tmp_.path();
   }
   void WriteSplits(const std::string& train, const std::string& valid, const std::string& test) {
     WriteText(dir_ / "train.txt", train);

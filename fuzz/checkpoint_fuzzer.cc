@@ -2,13 +2,11 @@
 // worker reads back from its work dir when it resumes a job. Any input must give OK or a status
 // (DATA_LOSS for a bad file), never a crash, an abort or an escaping exception.
 //
-// Two modes, chosen by the first byte so that both get a seed corpus (fuzz/corpus/checkpoint/):
-//   - input starting with 'M' (the "MATCKPT2" magic): the file as is; the envelope parser sees
-//     every mutation of the header, length and checksum;
-//   - any other input: a safetensors payload, wrapped in a valid envelope (length and FNV-1a
-//     computed here) so that the mutations reach the safetensors parser and the tensors it makes.
-// ParseEnvelope is also run on every input as is. After a successful load the harness touches
-// every tensor (sum over its elements), as a resuming trainer would.
+// Every input is a checkpoint file (plain safetensors with the trainer's metadata and checksum):
+// the mutations reach the safetensors parser, the checksum check and the tensors made from the
+// file. A mutation that keeps the file well-formed is caught by the checksum, so the seeds and
+// the mutations that pass carry a valid one. After a successful load the harness touches every
+// tensor (sum over its elements), as a resuming trainer would.
 //
 // MAT_CHECKPOINT_FUZZ_WRITE_SEEDS=DIR makes the binary write its seed corpus into DIR and exit
 // (how fuzz/corpus/checkpoint/ was made).
@@ -22,7 +20,6 @@
 
 #include <torch/torch.h>
 
-#include "safetensors/safetensors.h"
 #include "worker/checkpoint.h"
 
 namespace {
@@ -36,13 +33,7 @@ void WriteBytes(const std::string& path, const std::string& data) {
 
 void WriteSeed(const std::string& dir, const std::string& name,
                const mat::worker::Checkpoint& checkpoint) {
-  const std::string file = dir + "/" + name + ".ckpt";
-  if (!mat::worker::WriteCheckpoint(file, checkpoint).ok()) std::exit(1);
-  std::ifstream in(file, std::ios::binary);
-  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto payload = mat::worker::ParseEnvelope(bytes, file);
-  if (!payload.ok()) std::exit(1);
-  WriteBytes(dir + "/" + name + ".payload", *payload);
+  if (!mat::worker::WriteCheckpoint(dir + "/" + name + ".ckpt", checkpoint).ok()) std::exit(1);
 }
 
 void WriteSeeds(const std::string& dir) {
@@ -82,13 +73,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const std::string bytes(reinterpret_cast<const char*>(data), size);
-  absl::StatusOr<std::string> parsed = mat::worker::ParseEnvelope(bytes, "fuzz");
-  if (!parsed.ok() && parsed.status().code() != absl::StatusCode::kDataLoss) __builtin_trap();
-  const bool raw = size > 0 && data[0] == 'M';
-  const std::string file = raw ? bytes : mat::worker::MakeEnvelope(bytes);
-  if (!raw && !mat::worker::ParseEnvelope(file, "wrapped").ok()) __builtin_trap();
-  WriteBytes(g_path, file);
+  WriteBytes(g_path, std::string(reinterpret_cast<const char*>(data), size));
   absl::StatusOr<mat::worker::Checkpoint> checkpoint = mat::worker::ReadCheckpoint(g_path);
   if (checkpoint.ok()) {
     for (const auto& [name, t] : checkpoint->tensors) {

@@ -1,5 +1,6 @@
 #include "worker/checkpoint.h"
 
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <utility>
@@ -13,74 +14,55 @@
 namespace mat::worker {
 namespace {
 
-constexpr char kMagic[8] = {'M', 'A', 'T', 'C', 'K', 'P', 'T', '2'};
 constexpr char kOldMagic[8] = {'M', 'A', 'T', 'C', 'K', 'P', 'T', '1'};
-constexpr size_t kHeader = 24;
+constexpr char kFormatKey[] = "mat.format";
+constexpr char kFormat[] = "checkpoint-2";
 constexpr char kMetaKey[] = "mat.meta";
+constexpr char kChecksumKey[] = "mat.fnv1a";
 
-uint64_t Fnv1a(const char* p, size_t n) {
+struct Fnv1a {
   uint64_t h = 1469598103934665603ULL;
-  for (size_t i = 0; i < n; ++i) {
-    h ^= static_cast<unsigned char>(p[i]);
-    h *= 1099511628211ULL;
+  void Add(absl::string_view bytes) {
+    for (const char c : bytes) {
+      h ^= static_cast<unsigned char>(c);
+      h *= 1099511628211ULL;
+    }
   }
-  return h;
-}
+};
 
-void PutU64(std::string& s, uint64_t v) {
-  for (int i = 0; i < 8; ++i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-
-uint64_t GetU64(const char* p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= uint64_t(static_cast<unsigned char>(p[i])) << (8 * i);
-  return v;
+// The checksum of `file`'s tensors (name, dtype, shape, bytes, in name order) and `meta`.
+std::string Checksum(const safetensors::File& file, const std::string& meta) {
+  Fnv1a f;
+  for (const auto& [name, t] : file.tensors) {
+    f.Add(name);
+    f.Add(std::string(1, '\0'));
+    f.Add(std::string(safetensors::DTypeName(t.dtype)));
+    for (const int64_t d : t.shape) f.Add("," + std::to_string(d));
+    f.Add(std::string(1, '\0'));
+    f.Add(t.data);
+  }
+  f.Add(meta);
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(f.h));
+  return hex;
 }
 
 }  // namespace
 
-std::string MakeEnvelope(absl::string_view payload) {
-  std::string data(kMagic, sizeof(kMagic));
-  PutU64(data, payload.size());
-  PutU64(data, Fnv1a(payload.data(), payload.size()));
-  data.append(payload.data(), payload.size());
-  return data;
-}
-
-absl::StatusOr<std::string> ParseEnvelope(absl::string_view data, const std::string& name) {
-  if (data.size() >= sizeof(kOldMagic) &&
-      std::memcmp(data.data(), kOldMagic, sizeof(kOldMagic)) == 0) {
-    return absl::DataLossError("checkpoint " + name +
-                               " is in the LibTorch-archive format of earlier versions "
-                               "(MATCKPT1), which this version does not read; start the run "
-                               "afresh, or resume it with the version that wrote it");
-  }
-  if (data.size() < kHeader || std::memcmp(data.data(), kMagic, sizeof(kMagic)) != 0) {
-    return absl::DataLossError("checkpoint " + name + " is not a MAT checkpoint or is truncated (" +
-                               std::to_string(data.size()) + " bytes)");
-  }
-  const uint64_t len = GetU64(data.data() + 8);
-  if (data.size() - kHeader != len) {
-    return absl::DataLossError("checkpoint " + name + " is truncated: header says " +
-                               std::to_string(len) + " payload bytes, file has " +
-                               std::to_string(data.size() - kHeader));
-  }
-  if (Fnv1a(data.data() + kHeader, len) != GetU64(data.data() + 16)) {
-    return absl::DataLossError("checkpoint " + name + " is corrupt: checksum mismatch");
-  }
-  return std::string(data.substr(kHeader));
-}
-
 absl::Status WriteCheckpoint(const std::string& path, const Checkpoint& checkpoint) {
   safetensors::File file;
-  file.metadata[kMetaKey] = checkpoint.meta;
   for (const auto& [name, tensor] : checkpoint.tensors) {
     absl::StatusOr<safetensors::Tensor> t = ToSafetensor(tensor);
-    if (!t.ok()) return absl::InvalidArgumentError("checkpoint tensor '" + name + "': " + std::string(t.status().message()));
+    if (!t.ok()) {
+      return absl::InvalidArgumentError("checkpoint tensor '" + name +
+                                        "': " + std::string(t.status().message()));
+    }
     file.tensors.emplace(name, *std::move(t));
   }
-  MAT_ASSIGN_OR_RETURN(const std::string payload, safetensors::Serialize(file));
-  const std::string data = MakeEnvelope(payload);
+  file.metadata[kFormatKey] = kFormat;
+  file.metadata[kMetaKey] = checkpoint.meta;
+  file.metadata[kChecksumKey] = Checksum(file, checkpoint.meta);
+  MAT_ASSIGN_OR_RETURN(const std::string data, safetensors::Serialize(file));
   std::error_code ec;
   if (std::filesystem::exists(path, ec)) {
     // The current file becomes `.prev` through a second name (a hard link, or a copy where the
@@ -101,16 +83,31 @@ absl::Status WriteCheckpoint(const std::string& path, const Checkpoint& checkpoi
 
 absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& path) {
   MAT_ASSIGN_OR_RETURN(std::string data, common::ReadFile(path));
-  MAT_ASSIGN_OR_RETURN(std::string payload, ParseEnvelope(data, path));
+  if (data.size() >= sizeof(kOldMagic) &&
+      std::memcmp(data.data(), kOldMagic, sizeof(kOldMagic)) == 0) {
+    return absl::DataLossError("checkpoint " + path +
+                               " is in the LibTorch-archive format of earlier versions "
+                               "(MATCKPT1), which this version does not read; start the run "
+                               "afresh, or resume it with the version that wrote it");
+  }
+  absl::StatusOr<safetensors::File> file = safetensors::Parse(data, "");
+  if (!file.ok()) {
+    return absl::DataLossError("checkpoint " + path + " is truncated or corrupt" +
+                               std::string(file.status().message()));
+  }
   data.clear();
   data.shrink_to_fit();
-  absl::StatusOr<safetensors::File> file = safetensors::Parse(payload, "checkpoint " + path);
-  if (!file.ok()) return absl::DataLossError(std::string(file.status().message()));
-  Checkpoint out;
   const auto meta = file->metadata.find(kMetaKey);
-  if (meta == file->metadata.end()) {
-    return absl::DataLossError("checkpoint " + path + " has no \"" + kMetaKey + "\" metadata");
+  const auto checksum = file->metadata.find(kChecksumKey);
+  if (meta == file->metadata.end() || checksum == file->metadata.end()) {
+    return absl::DataLossError("checkpoint " + path + " is corrupt or not a MAT checkpoint: no \"" +
+                               (meta == file->metadata.end() ? kMetaKey : kChecksumKey) +
+                               "\" metadata");
   }
+  if (Checksum(*file, meta->second) != checksum->second) {
+    return absl::DataLossError("checkpoint " + path + " is corrupt: checksum mismatch");
+  }
+  Checkpoint out;
   out.meta = meta->second;
   for (const auto& [name, tensor] : file->tensors) out.tensors.emplace(name, FromSafetensor(tensor));
   return out;

@@ -15,6 +15,7 @@
 #include "safetensors/safetensors.h"
 #include "worker/bert.h"
 #include "worker/vgg.h"
+#include "tests/testing/temp_dir.h"
 
 namespace mat::worker {
 namespace {
@@ -23,10 +24,11 @@ using ::testing::HasSubstr;
 
 class ModelIoTest : public ::testing::Test {
  protected:
+  tests::TempDir tmp_{"mat_model_io"};  // outlives the members below
+
   void SetUp() override {
-    char tmpl[] = "/tmp/mat_model_io_XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
+    dir_ = tmp_.path();
     c_.vocab_size = 50;
     c_.max_seq_len = 16;
     c_.layers = 2;
@@ -35,7 +37,6 @@ class ModelIoTest : public ::testing::Test {
     c_.d_ff = 64;
     c_.ffn_groups = 2;
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   static std::string Shape(c10::IntArrayRef shape) {
     std::string s = "[";

@@ -563,6 +563,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   if (options_.resume && !options_.out_dir.empty() &&
       (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
     MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));
+    resumed_from_step_ = step_;
     MAT_RETURN_IF_ERROR(TruncateLog("metrics.jsonl", step_));
     MAT_RETURN_IF_ERROR(TruncateLog("decisions.jsonl", step_ - 1));
     MAT_RETURN_IF_ERROR(TruncateLog("masks.jsonl", step_ - 1));

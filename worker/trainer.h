@@ -172,6 +172,8 @@ class Trainer {
   const spectral::ModulePartition& partition() const { return partition_; }
   const config::TrainConfig& config() const { return config_; }
   int64_t step() const { return step_; }
+  // The step the last Run resumed from (its checkpoint's), or -1 when it started afresh.
+  int64_t resumed_from_step() const { return resumed_from_step_; }
   double LearningRate(int64_t step) const;
   // All parameters' and buffers' bytes hashed (FNV-1a): equal runs have equal checksums.
   std::string ParamChecksum();
@@ -200,6 +202,7 @@ class Trainer {
   nlohmann::json NominalStepFlops() const;
 
   config::TrainConfig config_;
+  int64_t resumed_from_step_ = -1;
   TrainerOptions options_;
   torch::Device device_{torch::kCPU};
   Precision precision_ = Precision::kFloat32;  // train.precision: the step's forward

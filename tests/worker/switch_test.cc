@@ -596,6 +596,8 @@ TEST(SwitchTrainerTest, ResumeReproducesTheUninterruptedRun) {
   ASSERT_TRUE(second.ok());
   auto summary = (*second)->Run();
   ASSERT_TRUE(summary.ok()) << summary.status();
+  // It resumed at step 13: a fresh run would also end with the uninterrupted checksum.
+  EXPECT_EQ((*second)->resumed_from_step(), 13);
   EXPECT_EQ((*second)->ParamChecksum(), (*straight)->ParamChecksum());
   // The load-balancing loss's average over an evaluation period that the resume splits is the
   // uninterrupted run's (its running sum is in the checkpoint).

@@ -57,6 +57,7 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
   ASSERT_TRUE(straight.ok()) << straight.status();
   ASSERT_TRUE((*straight)->Run().ok());
   std::string straight_sum = (*straight)->ParamChecksum();
+  EXPECT_EQ((*straight)->resumed_from_step(), -1) << "a run without resume starts afresh";
   {
     auto first = Trainer::Create(c, {split_dir, false, false});
     ASSERT_TRUE(first.ok());
@@ -67,6 +68,8 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
   ASSERT_TRUE(second.ok());
   auto summary = (*second)->Run();
   ASSERT_TRUE(summary.ok()) << summary.status();
+  // It resumed at step 23: a fresh run would also end with the uninterrupted checksum.
+  EXPECT_EQ((*second)->resumed_from_step(), 23);
   EXPECT_EQ((*second)->ParamChecksum(), straight_sum);
 
   auto a = ReadJsonLines(straight_dir + "/metrics.jsonl"), b = ReadJsonLines(split_dir + "/metrics.jsonl");

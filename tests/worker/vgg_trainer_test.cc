@@ -173,6 +173,8 @@ TEST_P(VggResumeTest, ResumeReproducesTheUninterruptedRun) {
   ASSERT_TRUE(second.ok());
   auto summary = (*second)->Run();
   ASSERT_TRUE(summary.ok()) << summary.status();
+  // It resumed at step 17: a fresh run would also end with the uninterrupted checksum.
+  EXPECT_EQ((*second)->resumed_from_step(), 17);
   EXPECT_EQ((*second)->ParamChecksum(), straight_sum);
   auto a = ReadJsonLines(straight_dir + "/metrics.jsonl"), b = ReadJsonLines(split_dir + "/metrics.jsonl");
   ASSERT_EQ(a.size(), 4u);

@@ -1,11 +1,11 @@
 #include "worker/checkpoint.h"
 
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <utility>
 
 #include "common/file_util.h"
+#include "common/fnv1a.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "safetensors/safetensors.h"
@@ -20,19 +20,9 @@ constexpr char kFormat[] = "checkpoint-2";
 constexpr char kMetaKey[] = "mat.meta";
 constexpr char kChecksumKey[] = "mat.fnv1a";
 
-struct Fnv1a {
-  uint64_t h = 1469598103934665603ULL;
-  void Add(absl::string_view bytes) {
-    for (const char c : bytes) {
-      h ^= static_cast<unsigned char>(c);
-      h *= 1099511628211ULL;
-    }
-  }
-};
-
 // The checksum of `file`'s tensors (name, dtype, shape, bytes, in name order) and `meta`.
 std::string Checksum(const safetensors::File& file, const std::string& meta) {
-  Fnv1a f;
+  common::Fnv1a64 f;
   for (const auto& [name, t] : file.tensors) {
     f.Add(name);
     f.Add(std::string(1, '\0'));
@@ -42,9 +32,7 @@ std::string Checksum(const safetensors::File& file, const std::string& meta) {
     f.Add(t.data);
   }
   f.Add(meta);
-  char hex[17];
-  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(f.h));
-  return hex;
+  return f.Hex();
 }
 
 }  // namespace
@@ -109,7 +97,11 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& path) {
   }
   Checkpoint out;
   out.meta = meta->second;
-  for (const auto& [name, tensor] : file->tensors) out.tensors.emplace(name, FromSafetensor(tensor));
+  // Each tensor's bytes are freed once copied, so a large checkpoint is held about once.
+  for (auto& [name, tensor] : file->tensors) {
+    out.tensors.emplace(name, FromSafetensor(tensor));
+    std::string().swap(tensor.data);
+  }
   return out;
 }
 

@@ -21,7 +21,6 @@
 #include <torch/torch.h>
 
 #include "absl/status/statusor.h"
-#include "absl/strings/string_view.h"
 
 namespace mat::worker {
 

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "common/file_util.h"
+#include "common/fnv1a.h"
 #include "common/status.h"
 #include "spdlog/spdlog.h"
 #include "worker/checkpoint.h"
@@ -846,21 +847,15 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
 }
 
 std::string Trainer::ParamChecksum() {
-  uint64_t h = 1469598103934665603ULL;
+  common::Fnv1a64 hash;
   std::vector<torch::Tensor> tensors;
   for (const auto& kv : network().named_parameters()) tensors.push_back(kv.value());
   for (const auto& kv : network().named_buffers()) tensors.push_back(kv.value());  // BN statistics
   for (const torch::Tensor& tensor : tensors) {
-    torch::Tensor t = tensor.detach().contiguous().cpu();
-    const auto* p = static_cast<const unsigned char*>(t.data_ptr());
-    for (size_t i = 0; i < size_t(t.nbytes()); ++i) {
-      h ^= p[i];
-      h *= 1099511628211ULL;
-    }
+    const torch::Tensor t = tensor.detach().contiguous().cpu();
+    hash.Add(t.data_ptr(), size_t(t.nbytes()));
   }
-  char buf[17];
-  std::snprintf(buf, sizeof(buf), "%016llx", (unsigned long long)h);
-  return buf;
+  return hash.Hex();
 }
 
 absl::Status Trainer::SaveCheckpoint(const std::string& path) {

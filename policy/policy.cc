@@ -417,29 +417,12 @@ int Policy::GuardCount(int group_size) const {
 }
 
 StepMask Policy::MaskAt(int64_t step) const {
-  const size_t n = modules_.size();
-  StepMask out{std::vector<uint8_t>(n, 1), std::vector<double>(n, 1.0)};
-  if (step < config_.warmup_steps) return out;
-  switch (config_.kind) {
-    case PolicyKind::kFull:
-      break;
-    case PolicyKind::kMat:
-    case PolicyKind::kRand:
-    case PolicyKind::kFrozenRandom:
-    case PolicyKind::kInverse:
-      out.active = state_.mask;
-      break;
-    case PolicyKind::kMultirate:
-      if (!state_.split_chosen) break;
-      const bool slow_step = step % config_.multirate_k == 0;
-      for (size_t i = 0; i < n; ++i) {
-        if (state_.fast[i]) continue;
-        out.active[i] = slow_step ? 1 : 0;
-        if (slow_step) out.lr_scale[i] = config_.multirate_k;
-      }
-      break;
+  if (step < config_.warmup_steps) {
+    const size_t n = modules_.size();
+    return StepMask{std::vector<uint8_t>(n, 1), std::vector<double>(n, 1.0)};
   }
-  return out;
+  // The same masks the service sends (Schedule), read at `step`.
+  return MaskFromSchedule(Schedule(), step);
 }
 
 MaskSchedule Policy::Schedule() const {

@@ -19,18 +19,12 @@ deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")
 cd "$(dirname "$0")/../.."
 mkdir -p "$out"
-prefix=/tmp/mat-gpu-deps
 json=/tmp/mat-gpu-json
-rm -rf "$prefix" "$json" && mkdir -p "$prefix" "$json"
-for f in "$deps_dir"/*.deb; do dpkg -x "$f" "$prefix"; done
-export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-  g++ --version | head -n1
-  nproc
-} | tee "$out/machine.txt"
+rm -rf "$json" && mkdir -p "$json"
+# The prefix, machine.txt and the configure of build-gpu (-DMAT_WITH_SERVICE=OFF).
+# shellcheck source=bench/gpu/prepare.sh
+source bench/gpu/prepare.sh
+g++ --version | sed -n 1p | tee -a "$out/machine.txt"
 
 # Every benchmark's JSON into one file, also when a step fails or the time runs out.
 merge() {
@@ -43,10 +37,6 @@ PY
 }
 trap merge EXIT
 
-start=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAT_WITH_SERVICE=OFF \
-  -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr" -DMAT_SHARED_DIR="$deps_dir/.." \
-  > "$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; exit 1; }
 grep -E "NCCL|Gloo|nccl" build-gpu/CMakeCache.txt | grep -v "^//" | tee -a "$out/machine.txt" || true
 targets="worker_cuda_test worker_autocast_test spectral_estimator_test worker_masked_backward_test
   worker_flops_test policy_test mat-train mat-bench"

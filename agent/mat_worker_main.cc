@@ -48,6 +48,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", config.threads,
                  "intra-op threads per rank (0: the job's train.threads)")
       ->capture_default_str();
+  app.add_option("--artifact-piece-bytes", config.artifact_piece_bytes,
+                 "bytes per piece when rank 0 uploads a job's artifacts to the coordinator")
+      ->capture_default_str();
   app.add_option("--mask-timeout-ms", mask_timeout_ms,
                  "how long a rank waits for a due mask before failing (milliseconds)")
       ->check(CLI::PositiveNumber)

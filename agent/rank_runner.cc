@@ -1,11 +1,13 @@
 #include "agent/rank_runner.h"
 
+
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "common/file_util.h"
 #include "common/path_util.h"
 #include "common/status.h"
 #include "api/job_spec.h"
@@ -61,6 +63,7 @@ RankRunner::RankRunner(v1::Assign assign, RankRunnerOptions options, SessionSend
       max_staleness_(options_.max_mask_staleness_steps) {}
 
 RankRunner::~RankRunner() {
+  AbandonUploads();
   Cancel("worker shutting down");
   Join();
 }
@@ -152,6 +155,9 @@ void RankRunner::Main() {
   std::string summary, checksum;
   int64_t step = 0;
   absl::Status status = Train(&summary, &checksum, &step);
+  if (assign_.rank() == 0 && options_.upload_artifact && !collective_failed_) {
+    UploadArtifacts(status.ok());
+  }
   bool cancelled;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -189,6 +195,47 @@ void RankRunner::Main() {
   sync_.reset();
   if (options_.metrics != nullptr) options_.metrics->busy.Set({}, 0);
   done_.store(true);
+}
+
+void RankRunner::UploadArtifacts(bool ok) {
+  const std::string dir = OutDir();
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) return;  // failed before it made its directory
+  // The spec as accepted, defaults filled in: what `matctl submit` takes again.
+  common::WriteFileAtomic(dir + "/job_spec.yaml",
+                          api::JobSpecToYaml(api::WithJobSpecDefaults(assign_.spec())))
+      .IgnoreError();
+  if (!ok) {  // the model as of the newest checkpoint, if there is one
+    const absl::Status s =
+        ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/model.safetensors");
+    if (!s.ok() && s.code() != absl::StatusCode::kNotFound) {
+      spdlog::warn("{}: no model from the checkpoint: {}", job_id(), s.ToString());
+    }
+  }
+  const auto deadline = std::chrono::steady_clock::now() + options_.artifact_upload.deadline;
+  v1::UploadArtifactRequest identity;
+  identity.set_worker_id(options_.worker_id);
+  identity.set_job_id(job_id());
+  identity.set_rank(rank());
+  identity.set_attempt(assign_.attempt());
+  int uploaded = 0;
+  for (const std::string& name : ArtifactNames(dir)) {
+    const absl::Status s = UploadArtifactFile(
+        options_.upload_artifact, identity, name, dir + "/" + name, options_.artifact_upload,
+        deadline, [this] { return uploads_abandoned_.load(); });
+    if (s.ok()) {
+      ++uploaded;
+      continue;
+    }
+    spdlog::warn("{}: artifact {} not uploaded: {}", job_id(), name, s.ToString());
+    // These concern one file; anything else (the job, this worker, the coordinator) every file.
+    const absl::StatusCode c = s.code();
+    if (c != absl::StatusCode::kResourceExhausted && c != absl::StatusCode::kDataLoss &&
+        c != absl::StatusCode::kInvalidArgument) {
+      break;
+    }
+  }
+  spdlog::info("{}: {} artifacts uploaded to the coordinator", job_id(), uploaded);
 }
 
 absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum, int64_t* step) {

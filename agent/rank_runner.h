@@ -14,6 +14,13 @@
 //   OnProgress      Progress at every evaluation, else at most every progress_interval.
 //   CheckContinue   CANCELLED once Cancel() was called.
 //
+// Artifacts: when its part ends (trained, failed or cancelled; not when the job's process group
+// failed, which restarts the job), rank 0 writes job_spec.yaml (the Assign's spec as YAML), makes
+// model.safetensors from its newest checkpoint when the run did not finish, and uploads its
+// artifacts (agent/artifact_upload.h) before its RankDone, so that a SUCCEEDED job's artifacts
+// are on the coordinator. A file that cannot be uploaded is logged (a warning, in the job's log)
+// and does not change how the rank ends. AbandonUploads stops an upload (a new Assign, shutdown).
+//
 // Rank 0 declares the modules (ModuleList) once the model is built. At the end every rank sends
 // RankDone: ok with its param_checksum (rank 0 adds summary.json's text), or the error (with
 // `retryable` when the job's process group failed: a peer was lost). A cancelled rank sends
@@ -56,6 +63,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "agent/artifact_upload.h"
 #include "agent/log_forwarder.h"
 #include "agent/worker_metrics.h"
 #include "mat/v1/service.pb.h"
@@ -99,6 +107,9 @@ struct RankRunnerOptions {
   // The process's log lines while this rank runs, forwarded to the coordinator (LogBatch) with
   // each Progress and before RankDone; borrowed, must outlive the runner; nullptr = none.
   LogForwarder* logs = nullptr;
+  // Rank 0's artifact upload when its part ends (agent/artifact_upload.h); empty = no upload.
+  UploadArtifactCall upload_artifact;
+  ArtifactUploadOptions artifact_upload;
 };
 
 class RankRunner : public worker::TrainerHooks {
@@ -114,6 +125,8 @@ class RankRunner : public worker::TrainerHooks {
   void OnMask(const v1::MaskUpdate& mask);
   // Stops the rank at its next step or wait; no RankDone is sent.
   void Cancel(const std::string& reason);
+  // Stops an artifact upload in progress (at its next piece); the rank then ends as it would.
+  void AbandonUploads() { uploads_abandoned_.store(true); }
   // A new coordinator session is open: resends rank 0's ModuleList, the SpectraReport waiting
   // for its mask and an undelivered RankDone (whichever exist).
   void OnReconnect();
@@ -149,12 +162,15 @@ class RankRunner : public worker::TrainerHooks {
   // Runs the job; the summary JSON text for rank 0 ("" otherwise) and the checksum.
   absl::Status Train(std::string* summary_json, std::string* checksum, int64_t* step);
   v1::WorkerMessage Message() const;
+  // Rank 0's artifacts (see above); `ok`: the run trained every step.
+  void UploadArtifacts(bool ok);
 
   const v1::Assign assign_;
   const RankRunnerOptions options_;
   const SessionSend send_;
   std::thread thread_;
   std::atomic<bool> done_{false};
+  std::atomic<bool> uploads_abandoned_{false};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

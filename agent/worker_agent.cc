@@ -45,6 +45,10 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
         absl::StrCat("--rendezvous-port ", config.rendezvous_port, " is not in 0..65535"));
   }
   if (config.threads < 0) return absl::InvalidArgumentError("--threads is negative");
+  if (config.artifact_piece_bytes < 1 || config.artifact_piece_bytes > (4 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--artifact-piece-bytes ", config.artifact_piece_bytes, " is not in 1..4194304"));
+  }
   MAT_RETURN_IF_ERROR(common::MakeDirs(config.work_dir));
   if (!config.checkpoint_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(config.checkpoint_dir));
   if (config.rendezvous_port == 0) {
@@ -346,6 +350,7 @@ void WorkerAgent::ReapRunner(bool stop, const std::string& reason) {
     if (runner_ == nullptr || (!stop && !runner_->done())) return;
     runner = std::move(runner_);
   }
+  if (stop) runner->AbandonUploads();
   runner->Cancel(reason);
   runner->Join();
   metrics_.busy.Set({}, 0);
@@ -384,6 +389,14 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       o.progress_interval = config_.progress_interval;
       o.data_roots = config_.data_roots;
       o.logs = config_.logs;
+      o.artifact_upload.piece_bytes = config_.artifact_piece_bytes;
+      o.upload_artifact = [this](const v1::UploadArtifactRequest& request,
+                                 v1::UploadArtifactReply* reply) {
+        grpc::ClientContext context;
+        AddJoinToken(context);
+        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+        return stub_->UploadArtifact(&context, request, reply);
+      };
       auto runner = std::make_unique<RankRunner>(a, o, [this](const v1::WorkerMessage& m) {
         return Send(m);
       });

@@ -93,6 +93,8 @@ struct WorkerAgentConfig {
   // The process's log sink whose lines each rank forwards to the coordinator (`matctl logs`);
   // borrowed, must outlive the agent; nullptr = none (mat-worker installs one).
   LogForwarder* logs = nullptr;
+  // Bytes per piece of rank 0's artifact upload (agent/artifact_upload.h), 1 .. 4 MiB.
+  int64_t artifact_piece_bytes = 1 << 20;
 };
 
 class WorkerAgent {

@@ -189,11 +189,25 @@ std::string DescribeTraining(const v1::JobSpec& spec) {
 
 }  // namespace
 
+std::string FormatBytes(int64_t bytes) {
+  if (bytes < 1000) return absl::StrCat(bytes, " B");
+  const char* units[] = {"kB", "MB", "GB", "TB"};
+  double v = double(bytes);
+  int u = -1;
+  while (v >= 1000 && u < 3) {
+    v /= 1000;
+    ++u;
+  }
+  return absl::StrCat(FormatSignificant(v, 3), " ", units[u]);
+}
+
 std::string FormatJobTable(const std::vector<v1::Job>& jobs) {
-  std::vector<std::vector<std::string>> rows = {{"ID", "STATE", "MODEL", "POLICY", "CREATED"}};
+  std::vector<std::vector<std::string>> rows = {
+      {"ID", "STATE", "MODEL", "POLICY", "CREATED", "ARTIFACTS"}};
   for (const v1::Job& job : jobs) {
     rows.push_back({job.job_id(), StateName(job.state()), DescribeModel(job.spec()),
-                    DescribePolicy(job.spec()), FormatUnixTime(job.create_time_unix_seconds())});
+                    DescribePolicy(job.spec()), FormatUnixTime(job.create_time_unix_seconds()),
+                    job.artifact_bytes() > 0 ? FormatBytes(job.artifact_bytes()) : "-"});
   }
   return FormatTable(rows);
 }
@@ -218,6 +232,7 @@ json JobToJson(const v1::GetJobReply& reply) {
   out["flops_total"] = DoubleToJson(job.flops_total());
   out["wall_seconds"] = DoubleToJson(job.wall_seconds());
   out["attempt"] = job.attempt();
+  out["artifact_bytes"] = job.artifact_bytes();
   out["created_unix_seconds"] = job.create_time_unix_seconds();
   out["created"] = FormatUnixTime(job.create_time_unix_seconds());
   out["updated_unix_seconds"] = job.update_time_unix_seconds();
@@ -269,6 +284,10 @@ std::string FormatJobText(const v1::GetJobReply& reply) {
       << "created:     " << FormatUnixTime(job.create_time_unix_seconds()) << "\n"
       << "updated:     " << FormatUnixTime(job.update_time_unix_seconds()) << "\n";
   if (!job.client_request_id().empty()) out << "request id:  " << job.client_request_id() << "\n";
+  if (job.artifact_bytes() > 0) {
+    out << "artifacts:   " << FormatBytes(job.artifact_bytes()) << " (matctl download "
+        << job.job_id() << " --out DIR)\n";
+  }
   for (const v1::RankStatus& rank : reply.ranks()) {
     out << "rank " << rank.rank() << ":      worker " << rank.worker_id() << " step "
         << rank.step() << " mask v" << rank.mask_version();

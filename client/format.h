@@ -36,9 +36,12 @@ std::string DescribeModel(const v1::JobSpec& spec);
 // "rand f=0.5", "rand (replays job-000002)" (policy.rand_schedule_job), "multirate k=4".
 std::string DescribePolicy(const v1::JobSpec& spec);
 
-// `list`: a header and one aligned row per job: ID, STATE, MODEL, POLICY, CREATED. Ends with a
-// newline; only the header for no jobs.
+// `list`: a header and one aligned row per job: ID, STATE, MODEL, POLICY, CREATED, ARTIFACTS
+// (their size on the coordinator, "-" for none). Ends with a newline; only the header for no jobs.
 std::string FormatJobTable(const std::vector<v1::Job>& jobs);
+
+// A size in decimal units with 3 significant digits: "512 B", "17.2 MB", "1.5 GB".
+std::string FormatBytes(int64_t bytes);
 
 // The spec's set fields as nested JSON with the YAML key names ({"model": {"layers": 2, …}});
 // integers as JSON integers, NaN and infinities as strings ("nan", "inf", "-inf").

@@ -152,6 +152,30 @@ absl::StatusOr<v1::GetJobLogsReply> JobClient::GetJobLogs(const std::string& job
   return reply;
 }
 
+absl::StatusOr<v1::ListArtifactsReply> JobClient::ListArtifacts(const std::string& job_id) {
+  v1::ListArtifactsRequest request;
+  request.set_job_id(job_id);
+  v1::ListArtifactsReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->ListArtifacts(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply;
+}
+
+absl::StatusOr<v1::ReadArtifactReply> JobClient::ReadArtifact(const std::string& job_id,
+                                                              const std::string& name,
+                                                              int64_t offset) {
+  v1::ReadArtifactRequest request;
+  request.set_job_id(job_id);
+  request.set_name(name);
+  request.set_offset(offset);
+  v1::ReadArtifactReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->ReadArtifact(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply;
+}
+
 absl::StatusOr<v1::GetSpectraReply> JobClient::GetAllSpectra(const std::string& job_id) {
   v1::GetSpectraReply all;
   v1::GetSpectraRequest request;

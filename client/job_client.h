@@ -67,6 +67,11 @@ class JobClient {
   // One page of a job's log lines after `after_seq` (GetJobLogs); `rank` < 0 = every rank.
   absl::StatusOr<v1::GetJobLogsReply> GetJobLogs(const std::string& job_id, int rank,
                                                  int64_t after_seq);
+  // The job's artifacts on the coordinator (ListArtifacts).
+  absl::StatusOr<v1::ListArtifactsReply> ListArtifacts(const std::string& job_id);
+  // One piece of one artifact from `offset` (ReadArtifact; the server's piece size).
+  absl::StatusOr<v1::ReadArtifactReply> ReadArtifact(const std::string& job_id,
+                                                     const std::string& name, int64_t offset);
   // The whole λ history (every page, points concatenated; modules from the first page).
   absl::StatusOr<v1::GetSpectraReply> GetAllSpectra(const std::string& job_id);
   // Every worker the coordinator knows, by id. UNIMPLEMENTED naming the address when the

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -21,6 +22,8 @@
 #include "client/job_client.h"
 #include "client/plot.h"
 #include "common/file_util.h"
+#include "common/status.h"
+#include "api/artifacts.h"
 #include "api/grpc_status.h"
 #include "api/job_spec.h"
 #include "api/job_state.h"
@@ -53,6 +56,7 @@ struct MatctlOptions {
   std::string svg_file;               // compare --svg
   int rank = -1;                      // logs --rank
   bool follow = false;                // logs --follow
+  std::string out_dir;                // download --out
 };
 
 // ANSI "erase to the end of the line", after a redrawn bar that may be shorter than the last.
@@ -322,6 +326,79 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
   return runs;
 }
 
+// One artifact into `dir`: through `.NAME.download` (a download cut short goes on from its end),
+// checked against the SHA-256, then renamed into place. A file already there with that SHA-256
+// is kept.
+absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
+                              const v1::Artifact& artifact, const std::string& dir) {
+  namespace fs = std::filesystem;
+  MAT_RETURN_IF_ERROR(api::CheckArtifactName(artifact.name()));  // never outside `dir`
+  const std::string dest = dir + "/" + artifact.name();
+  const std::string part = dir + "/." + artifact.name() + ".download";
+  std::error_code ec;
+  if (fs::is_regular_file(dest, ec) && !fs::is_symlink(dest, ec)) {
+    absl::StatusOr<api::FileDigest> have = api::DigestFile(dest);
+    if (have.ok() && have->sha256 == artifact.sha256()) return absl::OkStatus();
+  }
+  if (fs::is_symlink(part, ec)) fs::remove(part, ec);
+  int64_t offset = fs::is_regular_file(part, ec) ? int64_t(fs::file_size(part, ec)) : 0;
+  if (ec || offset > artifact.bytes()) offset = 0;
+  std::ofstream file(part, std::ios::binary | (offset > 0 ? std::ios::app : std::ios::trunc));
+  if (!file) return absl::PermissionDeniedError(absl::StrCat(part, ": cannot write"));
+  while (offset < artifact.bytes()) {
+    MAT_ASSIGN_OR_RETURN(v1::ReadArtifactReply piece,
+                         client.ReadArtifact(job_id, artifact.name(), offset));
+    if (piece.data().empty()) {
+      return absl::DataLossError(absl::StrCat(artifact.name(), ": the coordinator sent nothing at ",
+                                              offset, " of ", artifact.bytes(), " bytes"));
+    }
+    file.write(piece.data().data(), std::streamsize(piece.data().size()));
+    offset += int64_t(piece.data().size());
+  }
+  file.close();
+  if (!file) return absl::InternalError(absl::StrCat(part, ": write failed"));
+  MAT_ASSIGN_OR_RETURN(api::FileDigest got, api::DigestFile(part));
+  if (got.sha256 != artifact.sha256() || got.bytes != artifact.bytes()) {
+    fs::remove(part, ec);
+    return absl::DataLossError(absl::StrCat(artifact.name(), ": SHA-256 ", got.sha256,
+                                            " of the bytes received, the coordinator's is ",
+                                            artifact.sha256(), "; removed, download again"));
+  }
+  fs::rename(part, dest, ec);
+  if (ec) return absl::InternalError(absl::StrCat(dest, ": cannot rename: ", ec.message()));
+  return absl::OkStatus();
+}
+
+int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
+  absl::StatusOr<v1::ListArtifactsReply> list = client.ListArtifacts(o.job_id);
+  if (!list.ok()) return Fail(err, list.status());
+  for (const std::string& why : list->refused()) {
+    err << "matctl: the coordinator refused artifact " << why << "\n";
+  }
+  if (list->artifacts_size() == 0) {
+    absl::StatusOr<v1::GetJobReply> job = client.GetJob(o.job_id);
+    if (!job.ok()) return Fail(err, job.status());
+    return Fail(err, absl::NotFoundError(absl::StrCat(
+                         "job ", o.job_id, " has no artifacts (it is ",
+                         api::JobStateName(job->job().state()),
+                         "; rank 0 uploads them when its part of the job ends)")));
+  }
+  if (absl::Status s = common::MakeDirs(o.out_dir); !s.ok()) return Fail(err, s);
+  for (const v1::Artifact& a : list->artifacts()) {
+    if (absl::Status s = DownloadArtifact(client, o.job_id, a, o.out_dir); !s.ok()) {
+      return Fail(err, s);
+    }
+    out << a.name() << "  " << FormatBytes(a.bytes()) << "  sha256 " << a.sha256() << "\n";
+  }
+  out << list->artifacts_size() << " files (" << FormatBytes(list->total_bytes()) << ") in "
+      << o.out_dir << "\n";
+  return kExitOk;
+}
+
 int Compare(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   absl::StatusOr<std::vector<CompareRun>> runs = LoadRuns(o);
   if (!runs.ok()) return Fail(err, runs.status());
@@ -486,6 +563,17 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   logs->add_option("--rank", o.rank, "only this rank's lines")->check(CLI::NonNegativeNumber);
   logs->add_flag("-f,--follow", o.follow, "keep printing new lines until the job ends");
 
+  CLI::App* download = app.add_subcommand(
+      "download", "fetch a job's artifacts (model.safetensors, summary.json, metrics.jsonl, "
+                  "masks.jsonl, job_spec.yaml) into a directory, each checked by SHA-256");
+  download->footer(
+      "Rank 0 uploads them to the coordinator when its part of the job ends (also after a "
+      "failure or a cancel, with the model of its newest checkpoint). A download cut short goes "
+      "on where it stopped; files already there with the right SHA-256 are kept. Open the model "
+      "in Python: safetensors.torch.load_file(\"DIR/model.safetensors\").");
+  download->add_option("job", o.job_id, "job id")->required();
+  download->add_option("--out", o.out_dir, "the directory to write (created)")->required();
+
   CLI::App* compare = app.add_subcommand(
       "compare", "finished runs side by side: loss at equal FLOP budgets, test, cost to the "
                  "baseline's best");
@@ -521,6 +609,7 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   if (workers->parsed()) return Workers(o, out, err);
   if (compare->parsed()) return Compare(o, out, err);
   if (logs->parsed()) return Logs(o, out, err);
+  if (download->parsed()) return Download(o, out, err);
   return Fail(err, absl::InternalError("no command"));  // require_subcommand prevents this
 }
 

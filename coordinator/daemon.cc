@@ -1,5 +1,6 @@
 #include "coordinator/daemon.h"
 
+
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -16,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "coordinator/artifact_store.h"
 #include "common/file_util.h"
 #include "common/status.h"
 #include "coordinator/auth.h"
@@ -106,6 +108,11 @@ absl::Status CoordinatorDaemon::StartImpl() {
        {AddressFilePath(config_.state_dir), MetricsAddressFilePath(config_.state_dir)}) {
     std::remove(path.c_str());
   }
+  MAT_ASSIGN_OR_RETURN(
+      artifacts_,
+      ArtifactStore::Open(config_.artifact_dir.empty() ? config_.state_dir + "/artifacts"
+                                                       : config_.artifact_dir,
+                          config_.max_artifact_bytes));
   CoordinatorOptions coordinator_options;
   coordinator_options.heartbeat_interval_ms = config_.heartbeat_interval_ms;
   coordinator_options.metrics = &metrics_;
@@ -128,10 +135,12 @@ absl::Status CoordinatorDaemon::StartImpl() {
   JobServiceOptions service_options;
   service_options.max_queued_watch_events = config_.max_queued_watch_events;
   service_options.bearer_tokens = bearer_tokens_.get();
+  service_options.artifacts = artifacts_.get();
   job_service_ = std::make_unique<JobService>(loop_, *coordinator_, service_options);
   WorkerServiceOptions worker_options;
   worker_options.max_queued_session_messages = config_.max_queued_session_messages;
   worker_options.join_tokens = join_tokens_.get();
+  worker_options.artifacts = artifacts_.get();
   worker_service_ = std::make_unique<WorkerService>(loop_, *coordinator_, worker_options);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -305,6 +314,7 @@ void CoordinatorDaemon::Shutdown() {
   heartbeat_timer_.reset();
   metrics_timer_.reset();
   watchdog_timer_.reset();
+  artifacts_.reset();    // after the loop: waits for the I/O thread's last piece
   coordinator_.reset();  // closes the store and releases the state dir
   if (wrote_address_files_) {
     std::remove(AddressFilePath(config_.state_dir).c_str());

@@ -58,6 +58,7 @@ struct HttpResponse;
 
 namespace mat::coordinator {
 
+class ArtifactStore;
 class JobService;
 class TokenSet;
 class WorkerService;
@@ -96,6 +97,11 @@ struct CoordinatorDaemonConfig {
   int64_t max_jobs_per_client = 100;
   // Log lines kept per job (the newest; `matctl logs`), count; 0 = unbounded.
   int64_t max_log_lines = 10000;
+  // Where the jobs' artifacts are kept (coordinator/artifact_store.h); "" = <state_dir>/artifacts.
+  std::string artifact_dir;
+  // Bytes of artifacts kept per job (an upload that would pass it is refused and reported by
+  // `matctl download`); 0 = no limit.
+  int64_t max_artifact_bytes = int64_t{4} << 30;
   // Events queued per WatchJob stream before its progress events are dropped, count.
   int max_queued_watch_events = 1024;
   // Workers must send something at least this often (RegisterReply.heartbeat_interval_ms); one
@@ -188,6 +194,7 @@ class CoordinatorDaemon {
   std::unique_ptr<Coordinator> coordinator_;  // used on the loop only once the loop runs
   std::unique_ptr<TokenSet> bearer_tokens_;  // null: open; outlives job_service_
   std::unique_ptr<TokenSet> join_tokens_;    // null: open; outlives worker_service_
+  std::unique_ptr<ArtifactStore> artifacts_;       // outlives the services and the loop
   std::unique_ptr<JobService> job_service_;        // outlives server_
   std::unique_ptr<WorkerService> worker_service_;  // outlives server_ and the loop's last run
   // Calls CheckHeartbeats every heartbeat_interval_ms; used on the loop only once it runs.

@@ -6,6 +6,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "coordinator/artifact_store.h"
 #include "coordinator/auth.h"
 #include "api/grpc_status.h"
 #include "coordinator/run_on_loop.h"
@@ -160,8 +161,13 @@ grpc::ServerUnaryReactor* JobService::GetJob(grpc::CallbackServerContext* contex
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  return RunOnLoop(loop_, context, reply,
-                   [this, request] { return coordinator_.GetJob(request->job_id()); });
+  return RunOnLoop(loop_, context, reply, [this, request] {
+    absl::StatusOr<v1::GetJobReply> job = coordinator_.GetJob(request->job_id());
+    if (job.ok() && options_.artifacts != nullptr) {
+      job->mutable_job()->set_artifact_bytes(options_.artifacts->JobBytes(job->job().job_id()));
+    }
+    return job;
+  });
 }
 
 grpc::ServerUnaryReactor* JobService::ListJobs(grpc::CallbackServerContext* context,
@@ -170,8 +176,15 @@ grpc::ServerUnaryReactor* JobService::ListJobs(grpc::CallbackServerContext* cont
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  return RunOnLoop(loop_, context, reply,
-                   [this, request] { return coordinator_.ListJobs(*request); });
+  return RunOnLoop(loop_, context, reply, [this, request] {
+    absl::StatusOr<v1::ListJobsReply> jobs = coordinator_.ListJobs(*request);
+    if (jobs.ok() && options_.artifacts != nullptr) {
+      for (v1::Job& job : *jobs->mutable_jobs()) {
+        job.set_artifact_bytes(options_.artifacts->JobBytes(job.job_id()));
+      }
+    }
+    return jobs;
+  });
 }
 
 grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* context,
@@ -221,6 +234,36 @@ grpc::ServerUnaryReactor* JobService::GetJobLogs(grpc::CallbackServerContext* co
   }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.GetJobLogs(*request); });
+}
+
+grpc::ServerUnaryReactor* JobService::ListArtifacts(grpc::CallbackServerContext* context,
+                                                    const v1::ListArtifactsRequest* request,
+                                                    v1::ListArtifactsReply* reply) {
+  absl::Status refused = CheckBearer(*context, options_.bearer_tokens);
+  if (refused.ok() && options_.artifacts == nullptr) {
+    refused = absl::UnimplementedError("this coordinator keeps no artifacts");
+  }
+  if (!refused.ok()) return Refuse(context, refused);
+  ArtifactStore* store = options_.artifacts;
+  return CheckOnLoopThenRun(
+      loop_, store->executor().get_executor(), context, reply,
+      [this, request] { return coordinator_.GetJob(request->job_id()).status(); },
+      [store, request] { return store->List(request->job_id()); });
+}
+
+grpc::ServerUnaryReactor* JobService::ReadArtifact(grpc::CallbackServerContext* context,
+                                                   const v1::ReadArtifactRequest* request,
+                                                   v1::ReadArtifactReply* reply) {
+  absl::Status refused = CheckBearer(*context, options_.bearer_tokens);
+  if (refused.ok() && options_.artifacts == nullptr) {
+    refused = absl::UnimplementedError("this coordinator keeps no artifacts");
+  }
+  if (!refused.ok()) return Refuse(context, refused);
+  ArtifactStore* store = options_.artifacts;
+  return CheckOnLoopThenRun(
+      loop_, store->executor().get_executor(), context, reply,
+      [this, request] { return coordinator_.GetJob(request->job_id()).status(); },
+      [store, request] { return store->Read(*request); });
 }
 
 }  // namespace mat::coordinator

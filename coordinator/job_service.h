@@ -25,6 +25,10 @@
 // passes the caller's ClientIdentity (a SHA-256 prefix of its token, or its peer host without
 // auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit.
 //
+// Artifacts (ListArtifacts, ReadArtifact): the job is checked on the loop, the files are read on
+// the ArtifactStore's own I/O thread, which finishes the RPC; GetJob and ListJobs fill each job's
+// artifact_bytes from the store's in-memory index.
+//
 // Thread-safety: the handlers are called by gRPC on any thread; all Coordinator access happens on
 // the loop.
 #pragma once
@@ -37,6 +41,7 @@
 namespace mat::coordinator {
 
 class TokenSet;
+class ArtifactStore;
 
 struct JobServiceOptions {
   // Events queued per WatchJob stream before non-state events are dropped, count.
@@ -44,6 +49,9 @@ struct JobServiceOptions {
   // Bearer tokens every call must carry (coordinator/auth.h), borrowed: must outlive the
   // service. nullptr: every caller is admitted.
   const TokenSet* bearer_tokens = nullptr;
+  // The jobs' artifacts (coordinator/artifact_store.h), borrowed: must outlive the service.
+  // nullptr: ListArtifacts and ReadArtifact are UNIMPLEMENTED, Job.artifact_bytes stays 0.
+  ArtifactStore* artifacts = nullptr;
 };
 
 class JobService final : public v1::JobService::CallbackService {
@@ -77,6 +85,13 @@ class JobService final : public v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* GetJobLogs(grpc::CallbackServerContext* context,
                                        const v1::GetJobLogsRequest* request,
                                        v1::GetJobLogsReply* reply) override;
+  // The job must exist (checked on the loop); the files are read on the store's I/O thread.
+  grpc::ServerUnaryReactor* ListArtifacts(grpc::CallbackServerContext* context,
+                                          const v1::ListArtifactsRequest* request,
+                                          v1::ListArtifactsReply* reply) override;
+  grpc::ServerUnaryReactor* ReadArtifact(grpc::CallbackServerContext* context,
+                                         const v1::ReadArtifactRequest* request,
+                                         v1::ReadArtifactReply* reply) override;
 
  private:
   boost::asio::io_context& loop_;

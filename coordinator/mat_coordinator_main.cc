@@ -88,6 +88,13 @@ int main(int argc, char** argv) {
                  "log lines kept per job, the newest (matctl logs; 0 = no limit)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--artifact-dir", config.artifact_dir,
+                 "where the jobs' artifacts are kept (matctl download; default "
+                 "<state-dir>/artifacts)");
+  app.add_option("--max-artifact-bytes", config.max_artifact_bytes,
+                 "bytes of artifacts kept per job; a larger upload is refused (0 = no limit)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -34,4 +34,27 @@ grpc::ServerUnaryReactor* RunOnLoop(boost::asio::io_context& loop,
   return reactor;
 }
 
+// The shape of an RPC whose work is file I/O (the artifacts): `check` (a callable returning
+// absl::Status: may the caller do this?) runs on `loop`; when it passes, `call` (returning
+// absl::StatusOr<Reply>) runs on `io`, off the loop, which finishes the RPC there.
+template <typename Reply, typename Executor, typename Check, typename Call>
+grpc::ServerUnaryReactor* CheckOnLoopThenRun(boost::asio::io_context& loop, Executor io,
+                                             grpc::CallbackServerContext* context, Reply* reply,
+                                             Check check, Call call) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  boost::asio::post(loop, [reactor, reply, io, check = std::move(check),
+                           call = std::move(call)]() mutable {
+    if (absl::Status allowed = check(); !allowed.ok()) {
+      reactor->Finish(api::ToGrpcStatus(allowed));
+      return;
+    }
+    boost::asio::post(io, [reactor, reply, call = std::move(call)]() mutable {
+      absl::StatusOr<Reply> result = call();
+      if (result.ok()) *reply = std::move(*result);
+      reactor->Finish(api::ToGrpcStatus(result.status()));
+    });
+  });
+  return reactor;
+}
+
 }  // namespace mat::coordinator

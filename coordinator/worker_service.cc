@@ -9,6 +9,7 @@
 #include <boost/asio/post.hpp>
 
 #include "common/status.h"
+#include "coordinator/artifact_store.h"
 #include "coordinator/auth.h"
 #include "api/grpc_status.h"
 #include "coordinator/run_on_loop.h"
@@ -245,6 +246,28 @@ grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerServic
     return new RefusedSessionReactor(auth);
   }
   return new WorkerSessionReactor(*this);
+}
+
+grpc::ServerUnaryReactor* WorkerService::UploadArtifact(grpc::CallbackServerContext* context,
+                                                        const v1::UploadArtifactRequest* request,
+                                                        v1::UploadArtifactReply* reply) {
+  absl::Status refused = CheckJoinToken(*context, options_.join_tokens);
+  if (refused.ok() && options_.artifacts == nullptr) {
+    refused = absl::UnimplementedError("this coordinator keeps no artifacts");
+  }
+  if (!refused.ok()) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(api::ToGrpcStatus(refused));
+    return reactor;
+  }
+  ArtifactStore* store = options_.artifacts;
+  return CheckOnLoopThenRun(
+      loop_, store->executor().get_executor(), context, reply,
+      [this, request] {
+        return coordinator_.CheckArtifactUpload(request->worker_id(), request->job_id(),
+                                                request->rank(), request->attempt());
+      },
+      [store, request] { return store->Upload(*request); });
 }
 
 void WorkerService::BeginShutdown() {

@@ -54,6 +54,7 @@ namespace mat::coordinator {
 
 class WorkerSessionReactor;  // one Session stream (worker_service.cc)
 class TokenSet;
+class ArtifactStore;
 
 struct WorkerServiceOptions {
   // Messages queued for one worker (its stream not reading them) before the worker is handled as
@@ -62,6 +63,9 @@ struct WorkerServiceOptions {
   // Join tokens a worker must send on Register and Session (coordinator/auth.h), borrowed: must
   // outlive the service. nullptr: every worker is admitted.
   const TokenSet* join_tokens = nullptr;
+  // Where UploadArtifact's bytes go (coordinator/artifact_store.h), borrowed: must outlive the
+  // service. nullptr: UploadArtifact is UNIMPLEMENTED.
+  ArtifactStore* artifacts = nullptr;
 };
 
 class WorkerService final : public v1::WorkerService::CallbackService {
@@ -79,6 +83,11 @@ class WorkerService final : public v1::WorkerService::CallbackService {
                                      v1::RegisterReply* reply) override;
   grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* Session(
       grpc::CallbackServerContext* context) override;
+  // After the join token: Coordinator::CheckArtifactUpload on the loop, then
+  // ArtifactStore::Upload on the store's I/O thread.
+  grpc::ServerUnaryReactor* UploadArtifact(grpc::CallbackServerContext* context,
+                                           const v1::UploadArtifactRequest* request,
+                                           v1::UploadArtifactReply* reply) override;
 
   // Ends every Session stream UNAVAILABLE without CloseSession (see above); later streams end so
   // at once. Call before Server::Shutdown so that shutdown does not wait for open streams.

@@ -409,6 +409,43 @@ absl::Status Coordinator::HandleMaskAck(const std::string& worker_id, const v1::
   return absl::OkStatus();
 }
 
+// ----- artifacts -----
+
+absl::Status Coordinator::CheckArtifactUpload(const std::string& worker_id,
+                                              const std::string& job_id, int rank,
+                                              int64_t attempt) {
+  if (rank != 0) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("only rank 0 uploads artifacts; ", worker_id, " sent rank ", rank));
+  }
+  if (jobs_.count(job_id) != 0) {
+    return CheckRank(worker_id, job_id, 0, attempt).status();
+  }
+  MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
+  MAT_ASSIGN_OR_RETURN(std::vector<AssignmentRecord> assignments, store_->ListAssignments(job_id));
+  bool holds = false;
+  for (const AssignmentRecord& a : assignments) {
+    holds = holds || (a.worker_id == worker_id && a.rank == 0);
+  }
+  if (!holds) return absl::NotFoundError(absl::StrCat(worker_id, " runs no rank 0 of ", job_id));
+  if (attempt != record.attempt) {
+    return absl::AbortedError(absl::StrCat("stale attempt ", attempt, " of job ", job_id,
+                                           ", now ", record.attempt));
+  }
+  switch (record.state) {
+    case v1::JOB_STATE_SUCCEEDED:
+    case v1::JOB_STATE_FAILED:
+    case v1::JOB_STATE_CANCELLED:
+      return absl::OkStatus();
+    case v1::JOB_STATE_RUNNING:
+      return absl::UnavailableError(absl::StrCat(
+          "job ", job_id, " has not re-attached its rank 0 to this coordinator yet; retry"));
+    default:
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", job_id, " is ", JobStateName(record.state)));
+  }
+}
+
 // ----- Progress -----
 
 absl::Status Coordinator::HandleLogs(const std::string& worker_id, const v1::LogBatch& batch) {

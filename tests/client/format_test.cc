@@ -105,15 +105,25 @@ TEST(FormatTest, JobTextAndTableNameTheJobARandJobReplays) {
 }
 
 TEST(FormatTest, JobTableHasHeaderAndAlignedColumns) {
-  const std::string table = FormatJobTable(
-      {MakeJob("job-000001", v1::JOB_STATE_QUEUED), MakeJob("job-000002", v1::JOB_STATE_CANCELLED)});
+  v1::Job cancelled = MakeJob("job-000002", v1::JOB_STATE_CANCELLED);
+  cancelled.set_artifact_bytes(17234567);
+  const std::string table =
+      FormatJobTable({MakeJob("job-000001", v1::JOB_STATE_QUEUED), cancelled});
   const std::vector<std::string> expected = {
-      "ID          STATE      MODEL            POLICY     CREATED",
-      "job-000001  QUEUED     bert L2 d256 H8  mat a=0.3  2023-11-14T22:13:20Z",
-      "job-000002  CANCELLED  bert L2 d256 H8  mat a=0.3  2023-11-14T22:13:20Z",
+      "ID          STATE      MODEL            POLICY     CREATED               ARTIFACTS",
+      "job-000001  QUEUED     bert L2 d256 H8  mat a=0.3  2023-11-14T22:13:20Z  -",
+      "job-000002  CANCELLED  bert L2 d256 H8  mat a=0.3  2023-11-14T22:13:20Z  17.2 MB",
   };
   EXPECT_EQ(table, expected[0] + "\n" + expected[1] + "\n" + expected[2] + "\n");
-  EXPECT_EQ(FormatJobTable({}), "ID  STATE  MODEL  POLICY  CREATED\n");
+  EXPECT_EQ(FormatJobTable({}), "ID  STATE  MODEL  POLICY  CREATED  ARTIFACTS\n");
+}
+
+TEST(FormatTest, BytesInDecimalUnits) {
+  EXPECT_EQ(FormatBytes(0), "0 B");
+  EXPECT_EQ(FormatBytes(999), "999 B");
+  EXPECT_EQ(FormatBytes(1000), "1 kB");
+  EXPECT_EQ(FormatBytes(17234567), "17.2 MB");
+  EXPECT_EQ(FormatBytes(int64_t{1500000000}), "1.5 GB");
 }
 
 TEST(FormatTest, JobJsonHasStateSpecAndRanksWithTypedValues) {

@@ -179,6 +179,14 @@ TEST_F(AuthTest, TokensRefuseMatctlAndWorkersWithoutTheRightOne) {
   EXPECT_THAT(logs_wrong.err, HasSubstr("PERMISSION_DENIED: unknown token"));
   CommandResult logs_good = Matctl(address_, {"--token-file", tokens, "logs", "job-000001"});
   EXPECT_THAT(logs_good.err, HasSubstr("NOT_FOUND")) << "past the token check";
+  // So does a download of artifacts.
+  CommandResult download = Matctl(address_, {"download", "job-000001", "--out", root_ + "/dl"});
+  EXPECT_EQ(download.exit_code, 1);
+  EXPECT_THAT(download.err, HasSubstr("UNAUTHENTICATED: missing bearer token"));
+  CommandResult download_good = Matctl(
+      address_, {"--token-file", tokens, "download", "job-000001", "--out", root_ + "/dl"});
+  EXPECT_THAT(download_good.err, HasSubstr("NOT_FOUND")) << "past the token check";
+  EXPECT_FALSE(std::filesystem::exists(root_ + "/dl"));
   CommandResult missing_file = Matctl(address_, {"--token-file", root_ + "/nope.txt", "list"});
   EXPECT_EQ(missing_file.exit_code, 1);
   EXPECT_THAT(missing_file.err, HasSubstr(root_ + "/nope.txt"));

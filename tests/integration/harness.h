@@ -193,14 +193,18 @@ class LoopbackTest : public ::testing::Test {
     return "";
   }
 
-  // Starts mat-coordinator on free ports and waits for its address files.
-  void StartCoordinator() {
+  // Starts mat-coordinator (gRPC on `listen`, by default a free port; metrics on a free port,
+  // with `extra` flags) and waits for its address files.
+  void StartCoordinator(const std::vector<std::string>& extra = {},
+                        const std::string& listen = "127.0.0.1:0") {
     fs::remove(state_dir_ + "/coordinator.addr");
     fs::remove(state_dir_ + "/coordinator.metrics.addr");
     coordinator_log_ = root_ + "/coordinator." + std::to_string(++starts_);
-    coordinator_pid_ = Spawn({kCoordinator, "--listen", "127.0.0.1:0", "--metrics-listen",
-                              "127.0.0.1:0", "--state-dir", state_dir_, "--log-level", "info"},
-                             coordinator_log_ + ".out", coordinator_log_ + ".err");
+    std::vector<std::string> args = {kCoordinator, "--listen", listen, "--metrics-listen",
+                                     "127.0.0.1:0", "--state-dir", state_dir_, "--log-level",
+                                     "info"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    coordinator_pid_ = Spawn(args, coordinator_log_ + ".out", coordinator_log_ + ".err");
     ASSERT_GT(coordinator_pid_, 0);
     address_ = WaitForLine(state_dir_ + "/coordinator.addr", 15s);
     ASSERT_FALSE(address_.empty()) << "no address file; stderr:\n"

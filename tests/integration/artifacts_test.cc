@@ -1,0 +1,198 @@
+// A job's artifacts on loopback (issue 24): the real mat-coordinator, mat-worker and matctl.
+//
+//   - a finished job's artifacts (model.safetensors, summary.json, metrics.jsonl, masks.jsonl,
+//     job_spec.yaml) come back through `matctl download` byte for byte as rank 0 wrote them, the
+//     model is the one of the job's last step with the job's parameter checksum, `matctl list`
+//     and `status` show their size, a second download keeps what is there;
+//   - the coordinator SIGKILLed in the middle of the model's upload and restarted: the upload
+//     resumes where the coordinator's bytes end, and the result is the same file;
+//   - a model over --max-artifact-bytes is refused with a message naming the limit (in the job's
+//     log and from `matctl download`), the job still SUCCEEDS with its summary, and the smaller
+//     files are there.
+#include <cstring>
+
+#include "nlohmann/json.hpp"
+#include "tests/integration/harness.h"
+
+namespace mat {
+namespace {
+
+using json = nlohmann::json;
+using testing_loopback::CommandResult;
+using testing_loopback::ReadText;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+const std::string kCorpus = std::string(MAT_SHARED_DIR) + "/data/wikitext-2";
+const std::vector<std::string> kArtifacts = {"job_spec.yaml", "masks.jsonl", "metrics.jsonl",
+                                             "model.safetensors", "summary.json"};
+
+std::string JobYaml(int steps) {
+  return "seed: 5\n"
+         "model: {kind: bert, layers: 2, d_model: 64, heads: 4, d_ff: 128, max_seq_len: 32,"
+         " dropout: 0.1}\n"
+         "data: {kind: wikitext, dir: " + kCorpus + ", seq_len: 32}\n"
+         "train: {steps: " + std::to_string(steps) + ", batch_size: 8, lr: 1.0e-3,"
+         " warmup_steps: 5, eval_every: 10, eval_batches: 2, threads: 1}\n"
+         "policy: {kind: mat, alpha: 0.5, warmup_steps: 10, probe_every: 10, probe_samples: 2,"
+         " estimator: gram, min_active_fraction: 0.25}\n"
+         "resources: {workers: 1, device: cpu}\n";
+}
+
+// The JSON header of a safetensors file (8-byte little-endian length, then JSON).
+json SafetensorsHeader(const std::string& bytes) {
+  if (bytes.size() < 8) return nullptr;
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  if (n > bytes.size() - 8) return nullptr;
+  return json::parse(bytes.substr(8, n), nullptr, false);
+}
+
+class ArtifactsTest : public testing_loopback::LoopbackTest {
+ protected:
+  std::string Submit(int steps) {
+    CommandResult r = Matctl(address_, {"submit", WriteJob("job.yaml", JobYaml(steps))});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::string id = r.out;
+    while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
+    return id;
+  }
+
+  json WaitEnded(const std::string& job, std::chrono::milliseconds timeout) {
+    return WaitFor(job, [](const json& s) {
+      const std::string state = s.value("state", "");
+      return state == "SUCCEEDED" || state == "FAILED" || state == "CANCELLED";
+    }, timeout);
+  }
+
+  std::string Rank0Dir(const std::string& worker, const std::string& job) {
+    return root_ + "/" + worker + "/jobs/" + job + "/rank0";
+  }
+
+  std::string Logs(const std::string& worker) {
+    return ReadText(root_ + "/" + worker + ".err") + ReadText(root_ + "/" + worker + ".out");
+  }
+};
+
+TEST_F(ArtifactsTest, DownloadGivesBackRankZerosFilesAndTheTrainedModel) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+  ASSERT_GT(StartWorker("w0"), 0);
+  const std::string job = Submit(30);
+  ASSERT_FALSE(job.empty());
+  const json status = WaitEnded(job, 300s);
+  ASSERT_EQ(status.value("state", ""), "SUCCEEDED") << status.dump(2) << Logs("w0");
+
+  const std::string rank0 = Rank0Dir("w0", job);
+  int64_t total = 0;
+  for (const std::string& name : kArtifacts) total += int64_t(fs::file_size(rank0 + "/" + name));
+  EXPECT_EQ(status.value("artifact_bytes", int64_t{0}), total);
+  CommandResult list = Matctl(address_, {"list"});
+  ASSERT_EQ(list.exit_code, 0) << list.err;
+  EXPECT_THAT(list.out, HasSubstr("ARTIFACTS"));
+  EXPECT_THAT(list.out, HasSubstr(" MB\n")) << list.out;
+
+  const std::string out = root_ + "/download";
+  CommandResult dl = Matctl(address_, {"download", job, "--out", out});
+  ASSERT_EQ(dl.exit_code, 0) << dl.err;
+  EXPECT_THAT(dl.out, HasSubstr("5 files ("));
+  for (const std::string& name : kArtifacts) {
+    ASSERT_TRUE(fs::exists(out + "/" + name)) << name;
+    EXPECT_EQ(ReadText(out + "/" + name), ReadText(rank0 + "/" + name)) << name;
+  }
+  EXPECT_TRUE(fs::is_empty(out) == false);
+  for (const auto& entry : fs::directory_iterator(out)) {  // nothing else, no temporary files
+    EXPECT_NE(std::find(kArtifacts.begin(), kArtifacts.end(), entry.path().filename().string()),
+              kArtifacts.end())
+        << entry.path();
+  }
+  // The model is the job's last step's; the summary carries the rank's checksum.
+  const json header = SafetensorsHeader(ReadText(out + "/model.safetensors"));
+  ASSERT_TRUE(header.is_object());
+  EXPECT_EQ(header["__metadata__"].value("mat.step", ""), "30");
+  EXPECT_TRUE(header.contains("tok_emb.weight")) << header.dump().substr(0, 400);
+  const json summary = json::parse(ReadText(out + "/summary.json"));
+  ASSERT_FALSE(status["ranks"].empty());
+  EXPECT_EQ(summary.value("param_checksum", ""), status["ranks"][0].value("param_checksum", "?"));
+  // The spec as accepted, defaults filled in, in the YAML `matctl submit` takes.
+  const std::string spec = ReadText(out + "/job_spec.yaml");
+  EXPECT_THAT(spec, HasSubstr("d_model: 64"));
+  EXPECT_THAT(spec, HasSubstr("steps: 30"));
+  EXPECT_THAT(spec, HasSubstr("workers: 1"));
+
+  // Again into the same directory: kept, same bytes.
+  CommandResult again = Matctl(address_, {"download", job, "--out", out});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(ReadText(out + "/model.safetensors"), ReadText(rank0 + "/model.safetensors"));
+  // An unknown job is named.
+  CommandResult unknown = Matctl(address_, {"download", "job-999999", "--out", out});
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.err, HasSubstr("job-999999"));
+}
+
+TEST_F(ArtifactsTest, AnUploadCutByACoordinatorKillResumesAfterItsRestart) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+  const std::string address = address_;
+  // Small pieces: the model's upload takes hundreds of calls, time enough to cut it.
+  ASSERT_GT(StartWorker("w0", {"--artifact-piece-bytes", "8192"}), 0);
+  const std::string job = Submit(20);
+  ASSERT_FALSE(job.empty());
+  const std::string part = state_dir_ + "/artifacts/" + job + "/model.safetensors.part";
+  const auto deadline = std::chrono::steady_clock::now() + 300s;
+  std::error_code ec;
+  int64_t cut_at = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    const auto size = fs::file_size(part, ec);
+    if (!ec && size >= 4 * 8192) {
+      cut_at = int64_t(size);
+      break;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_GT(cut_at, 0) << "the model's upload never started:\n" << Logs("w0");
+  ASSERT_EQ(::kill(coordinator_pid_, SIGKILL), 0);
+  ASSERT_EQ(Wait(coordinator_pid_, 5s), 128 + SIGKILL);
+  const int64_t kept = int64_t(fs::file_size(part, ec));
+  ASSERT_FALSE(ec) << "the partial upload is gone after the kill";
+  std::printf("coordinator killed with %lld bytes of the model uploaded\n",
+              static_cast<long long>(kept));
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator({}, address));
+  const json status = WaitEnded(job, 300s);
+  ASSERT_EQ(status.value("state", ""), "SUCCEEDED") << status.dump(2) << Logs("w0");
+  EXPECT_THAT(Logs("w0"), HasSubstr("resuming the upload of model.safetensors at byte"));
+
+  const std::string out = root_ + "/download";
+  CommandResult dl = Matctl(address_, {"download", job, "--out", out});
+  ASSERT_EQ(dl.exit_code, 0) << dl.err;
+  for (const std::string& name : kArtifacts) {
+    EXPECT_EQ(ReadText(out + "/" + name), ReadText(Rank0Dir("w0", job) + "/" + name)) << name;
+  }
+  EXPECT_FALSE(fs::exists(part));
+}
+
+TEST_F(ArtifactsTest, AModelOverTheLimitIsRefusedAndTheJobStillSucceeds) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator({"--max-artifact-bytes", "1000000"}));
+  ASSERT_GT(StartWorker("w0"), 0);
+  const std::string job = Submit(20);
+  ASSERT_FALSE(job.empty());
+  const json status = WaitEnded(job, 300s);
+  ASSERT_EQ(status.value("state", ""), "SUCCEEDED") << status.dump(2) << Logs("w0");
+  ASSERT_TRUE(status["summary"].is_object());
+  EXPECT_GT(status["summary"].value("best_val_loss", 0.0), 0.0);
+
+  const std::string out = root_ + "/download";
+  CommandResult dl = Matctl(address_, {"download", job, "--out", out});
+  ASSERT_EQ(dl.exit_code, 0) << dl.err;
+  EXPECT_THAT(dl.err, HasSubstr("refused artifact model.safetensors ("));
+  EXPECT_THAT(dl.err, HasSubstr("over the coordinator's --max-artifact-bytes 1000000"));
+  EXPECT_FALSE(fs::exists(out + "/model.safetensors"));
+  EXPECT_EQ(ReadText(out + "/summary.json"), ReadText(Rank0Dir("w0", job) + "/summary.json"));
+  CommandResult logs = Matctl(address_, {"logs", job});
+  ASSERT_EQ(logs.exit_code, 0) << logs.err;
+  EXPECT_THAT(logs.out, HasSubstr("artifact model.safetensors not uploaded"));
+  EXPECT_THAT(logs.out, HasSubstr("--max-artifact-bytes 1000000"));
+}
+
+}  // namespace
+}  // namespace mat

@@ -25,7 +25,7 @@ inline constexpr int64_t kMaxArtifactPieceBytes = 4 << 20;
 // INVALID_ARGUMENT naming it: a name can never point outside the directory it is written to.
 absl::Status CheckArtifactName(std::string_view name);
 
-// A streamed SHA-256.
+// A streamed SHA-256 (also what a bearer token's client id is made from, coordinator/auth.h).
 class Sha256 {
  public:
   Sha256();

@@ -1,7 +1,6 @@
 #include "coordinator/auth.h"
 
 #include <grpcpp/security/server_credentials.h>
-#include <openssl/sha.h>
 
 #include <utility>
 
@@ -9,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "api/artifacts.h"
 #include "common/file_util.h"
 #include "spdlog/spdlog.h"
 
@@ -127,15 +127,9 @@ std::string ClientIdentity(const ClientMetadata& metadata, const TokenSet* token
       token = absl::StripAsciiWhitespace(text.substr(kBearerPrefix.size()));
     }
   }
-  unsigned char digest[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const unsigned char*>(token.data()), token.size(), digest);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string id = "token:";
-  for (int i = 0; i < 8; ++i) {
-    id.push_back(kHex[digest[i] >> 4]);
-    id.push_back(kHex[digest[i] & 0xf]);
-  }
-  return id;
+  api::Sha256 sha;
+  sha.Add(std::string_view(token.data(), token.size()));
+  return "token:" + sha.Hex().substr(0, 16);
 }
 
 std::string ClientIdentity(const grpc::CallbackServerContext& context, const TokenSet* tokens) {

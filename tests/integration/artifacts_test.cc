@@ -6,6 +6,7 @@
 //     and `status` show their size, a second download keeps what is there;
 //   - the coordinator SIGKILLed in the middle of the model's upload and restarted: the upload
 //     resumes where the coordinator's bytes end, and the result is the same file;
+//   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint;
 //   - a model over --max-artifact-bytes is refused with a message naming the limit (in the job's
 //     log and from `matctl download`), the job still SUCCEEDS with its summary, and the smaller
 //     files are there.
@@ -29,13 +30,13 @@ const std::string kCorpus = std::string(MAT_SHARED_DIR) + "/data/wikitext-2";
 const std::vector<std::string> kArtifacts = {"job_spec.yaml", "masks.jsonl", "metrics.jsonl",
                                              "model.safetensors", "summary.json"};
 
-std::string JobYaml(int steps) {
+std::string JobYaml(int steps, const std::string& train_extra = "") {
   return "seed: 5\n"
          "model: {kind: bert, layers: 2, d_model: 64, heads: 4, d_ff: 128, max_seq_len: 32,"
          " dropout: 0.1}\n"
          "data: {kind: wikitext, dir: " + kCorpus + ", seq_len: 32}\n"
          "train: {steps: " + std::to_string(steps) + ", batch_size: 8, lr: 1.0e-3,"
-         " warmup_steps: 5, eval_every: 10, eval_batches: 2, threads: 1}\n"
+         " warmup_steps: 5, eval_every: 10, eval_batches: 2, threads: 1" + train_extra + "}\n"
          "policy: {kind: mat, alpha: 0.5, warmup_steps: 10, probe_every: 10, probe_samples: 2,"
          " estimator: gram, min_active_fraction: 0.25}\n"
          "resources: {workers: 1, device: cpu}\n";
@@ -52,8 +53,9 @@ json SafetensorsHeader(const std::string& bytes) {
 
 class ArtifactsTest : public testing_loopback::LoopbackTest {
  protected:
-  std::string Submit(int steps) {
-    CommandResult r = Matctl(address_, {"submit", WriteJob("job.yaml", JobYaml(steps))});
+  std::string Submit(int steps, const std::string& train_extra = "") {
+    CommandResult r =
+        Matctl(address_, {"submit", WriteJob("job.yaml", JobYaml(steps, train_extra))});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     std::string id = r.out;
     while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
@@ -169,6 +171,38 @@ TEST_F(ArtifactsTest, AnUploadCutByACoordinatorKillResumesAfterItsRestart) {
     EXPECT_EQ(ReadText(out + "/" + name), ReadText(Rank0Dir("w0", job) + "/" + name)) << name;
   }
   EXPECT_FALSE(fs::exists(part));
+}
+
+TEST_F(ArtifactsTest, ACancelledJobLeavesTheModelOfItsNewestCheckpoint) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+  ASSERT_GT(StartWorker("w0"), 0);
+  const std::string job = Submit(5000, ", checkpoint_every: 10");
+  ASSERT_FALSE(job.empty());
+  const json running = WaitFor(job, [](const json& s) { return s.value("step", 0) >= 25; }, 300s);
+  ASSERT_GE(running.value("step", 0), 25) << running.dump(2) << Logs("w0");
+  CommandResult cancel = Matctl(address_, {"cancel", job});
+  ASSERT_EQ(cancel.exit_code, 0) << cancel.err;
+
+  const std::string out = root_ + "/download";
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  CommandResult dl;
+  while (std::chrono::steady_clock::now() < deadline) {
+    dl = Matctl(address_, {"download", job, "--out", out});
+    if (dl.exit_code == 0 && fs::exists(out + "/model.safetensors")) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_TRUE(fs::exists(out + "/model.safetensors")) << dl.out << dl.err << Logs("w0");
+  const json header = SafetensorsHeader(ReadText(out + "/model.safetensors"));
+  ASSERT_TRUE(header.is_object());
+  EXPECT_EQ(header["__metadata__"].value("mat.source", ""), "checkpoint");
+  const int step = std::stoi(header["__metadata__"].value("mat.step", "-1"));
+  EXPECT_GE(step, 20);
+  EXPECT_EQ(step % 10, 0) << "a checkpoint step";
+  EXPECT_TRUE(header.contains("tok_emb.weight"));
+  EXPECT_FALSE(header.contains("model.tok_emb.weight"));
+  EXPECT_TRUE(fs::exists(out + "/metrics.jsonl"));
+  EXPECT_TRUE(fs::exists(out + "/job_spec.yaml"));
+  EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");
 }
 
 TEST_F(ArtifactsTest, AModelOverTheLimitIsRefusedAndTheJobStillSucceeds) {

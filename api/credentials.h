@@ -1,5 +1,5 @@
 // Client-side credentials shared by matctl (client/job_client.h) and mat-worker
-// (agent/worker_agent.h): TLS channel credentials from PEM files and the token-file format of
+// (worker/worker_agent.h): TLS channel credentials from PEM files and the token-file format of
 // coordinator/auth.h. Thread-safety: pure functions; safe from any thread.
 #pragma once
 

@@ -91,11 +91,11 @@ std::vector<std::string> TrainerOnlyKeys();
 inline constexpr int64_t kAssumedVocabSize = 50000;
 
 // Parameters of the model `spec` describes (after WithJobSpecDefaults), count. bert and switch,
-// for a vocabulary of `vocab_size` ids (worker/bert.h: token and position embeddings, per layer
+// for a vocabulary of `vocab_size` ids (trainer/models/bert.h: token and position embeddings, per layer
 // the attention projections with biases, the FFN with biases (model.kind switch: in its Switch
 // layers `experts` such FFNs and the router) and two LayerNorms, the MLM head's
 // dense layer, LayerNorm and decoder bias; the decoder is tied to the token embedding). vgg
-// (worker/vgg.h; `vocab_size` unused): per conv layer of configuration A (vgg11) or D (vgg16)
+// (trainer/models/vgg.h; `vocab_size` unused): per conv layer of configuration A (vgg11) or D (vgg16)
 // with max(1, round(c · width)) channels, the 3x3 kernel without bias and the BatchNorm scale and
 // shift, on 1 input channel (fashion-mnist) or 3 (cifar10); then the classifier's linear
 // layer(s) with biases to 10 classes. Computed in double so absurd shapes do not overflow. An

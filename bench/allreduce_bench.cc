@@ -17,10 +17,10 @@
 #include "common/allocator.h"
 #include "common/net_util.h"
 #include "nlohmann/json.hpp"
-#include "worker/bert.h"
-#include "worker/grad_sync.h"
-#include "worker/optimizer.h"
-#include "worker/trainer.h"
+#include "trainer/models/bert.h"
+#include "trainer/grad_sync.h"
+#include "trainer/optim/optimizer.h"
+#include "trainer/trainer.h"
 
 namespace mat::bench {
 namespace {
@@ -45,25 +45,25 @@ std::vector<Measured> Run(const config::TrainConfig& tc, const std::vector<doubl
   std::vector<Measured> result(fractions.size());
   auto rank_main = [&](int rank) {
     torch::set_num_threads(1);
-    worker::BertConfig c = worker::MakeBertConfig(tc, 33279);
+    trainer::BertConfig c = trainer::MakeBertConfig(tc, 33279);
     torch::manual_seed(0);
-    worker::BertMlm model(c);
+    trainer::BertMlm model(c);
     model->train();
     spectral::ModulePartition partition = model->Partition();
-    std::vector<worker::ParamEntry> params = worker::BuildParamEntries(*model, partition);
-    worker::RendezvousOptions o;
+    std::vector<trainer::ParamEntry> params = trainer::BuildParamEntries(*model, partition);
+    trainer::RendezvousOptions o;
     o.master_host = "127.0.0.1";
     o.master_port = port;
     o.local_host = "127.0.0.1";
     o.rank = rank;
     o.world_size = 2;
     o.prefix = "bench";
-    auto group = worker::ConnectProcessGroup(o);
+    auto group = trainer::ConnectProcessGroup(o);
     if (!group.ok()) {
       std::cerr << group.status() << "\n";
       std::exit(1);
     }
-    worker::GradientSync sync(*group, params);
+    trainer::GradientSync sync(*group, params);
     const int64_t B = 4, T = tc.data.seq_len;
     for (size_t k = 0; k < fractions.size(); ++k) {
       std::vector<uint8_t> active(partition.size(), 1);
@@ -75,7 +75,7 @@ std::vector<Measured> Run(const config::TrainConfig& tc, const std::vector<doubl
         }
       }
       std::vector<double> times;
-      const worker::GradSyncStats before = sync.stats();
+      const trainer::GradSyncStats before = sync.stats();
       for (int r = 0; r < reps; ++r) {
         model->SetMask(active);
         torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong);

@@ -36,13 +36,13 @@
 #include "common/allocator.h"
 #include "common/logging.h"
 #include "nlohmann/json.hpp"
-#include "worker/autocast.h"
+#include "trainer/models/autocast.h"
 #include "spectral/estimator.h"
-#include "worker/bert.h"
-#include "worker/flops.h"
-#include "worker/optimizer.h"
+#include "trainer/models/bert.h"
+#include "trainer/models/flops.h"
+#include "trainer/optim/optimizer.h"
 #include "config/train_config.h"
-#include "worker/trainer.h"
+#include "trainer/trainer.h"
 
 namespace mat::bench {
 namespace {
@@ -51,8 +51,8 @@ using Clock = std::chrono::steady_clock;
 std::string g_profile_path;  // --profile: chrome trace of one full-mask step per model
 std::string g_device = "cpu";  // --device
 std::string g_precision = "fp32";  // --precision: the step's forward under bf16 autocast or not
-worker::Precision Prec() {
-  return g_precision == "bf16" ? worker::Precision::kBFloat16 : worker::Precision::kFloat32;
+trainer::Precision Prec() {
+  return g_precision == "bf16" ? trainer::Precision::kBFloat16 : trainer::Precision::kFloat32;
 }
 std::string g_data_dir;        // --data-dir: overrides the examples' data.dir
 std::string g_step_config = "examples/bert-wikitext2.yaml";  // --config: step, matmul-peak
@@ -73,7 +73,7 @@ double Median(std::vector<double> v) {
 // A random masked-LM batch of the benchmarks' shape: ids [B, T], 15 % of the positions sorted,
 // random labels; on `dev`.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RandomMlmBatch(
-    const worker::BertConfig& c, int64_t B, int64_t T, const torch::Device& dev) {
+    const trainer::BertConfig& c, int64_t B, int64_t T, const torch::Device& dev) {
   torch::Tensor ids = torch::randint(0, c.vocab_size - 1, {B, T}, torch::kLong).to(dev);
   torch::Tensor positions =
       std::get<0>(torch::randperm(B * T, torch::kLong).slice(0, 0, B * T * 15 / 100).sort()).to(dev);
@@ -84,14 +84,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RandomMlmBatch(
 
 // The masked-LM loss of one forward pass, under bf16 autocast when --precision bf16 (the
 // backward then runs outside it, as in the trainer).
-torch::Tensor MlmLoss(worker::BertMlm& model, const torch::Tensor& ids, const torch::Tensor& positions,
+torch::Tensor MlmLoss(trainer::BertMlm& model, const torch::Tensor& ids, const torch::Tensor& positions,
                       const torch::Tensor& labels) {
-  worker::AutocastGuard autocast(ids.device(), Prec());
+  trainer::AutocastGuard autocast(ids.device(), Prec());
   return torch::nn::functional::cross_entropy(model->forward(ids, positions), labels);
 }
 
 // Heads active per layer: the first `fraction` of each layer's heads (FFN slices, if any, on).
-std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
+std::vector<uint8_t> HeadMask(const trainer::BertConfig& c, double fraction) {
   std::vector<uint8_t> m(c.layers * (c.heads + c.ffn_groups), 1);
   std::fill(m.begin(), m.begin() + c.layers * c.heads, 0);
   int64_t on = std::max<int64_t>(1, int64_t(c.heads * fraction + 0.5));
@@ -104,14 +104,14 @@ std::vector<uint8_t> HeadMask(const worker::BertConfig& c, double fraction) {
 // activation gradients) and `detach` (it is a constant in the backward), same weights, same
 // batch, configurations interleaved; ratios to the weights mode at 100 %.
 nlohmann::json MaskedBackwardFor(const std::string& name, const config::TrainConfig& tc, int reps) {
-  worker::BertConfig c = worker::MakeBertConfig(tc, 33279);  // WikiText-2 + [MASK]
+  trainer::BertConfig c = trainer::MakeBertConfig(tc, 33279);  // WikiText-2 + [MASK]
   const torch::Device dev(g_device);
-  std::vector<worker::BertMlm> models;
+  std::vector<trainer::BertMlm> models;
   for (bool detach : {false, true}) {
-    worker::BertConfig mc = c;
+    trainer::BertConfig mc = c;
     mc.detach_masked = detach;
     torch::manual_seed(0);  // the same initial weights
-    worker::BertMlm model(mc);
+    trainer::BertMlm model(mc);
     model->to(dev);
     model->train();
     models.push_back(model);
@@ -124,7 +124,7 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const config::TrainCon
   std::vector<std::vector<std::vector<double>>> bwd(2, std::vector<std::vector<double>>(fractions.size())),
       step = bwd;
   auto run = [&](size_t mode, size_t k) {
-    worker::BertMlm& model = models[mode];
+    trainer::BertMlm& model = models[mode];
     model->SetMask(HeadMask(c, fractions[k]));
     Sync(dev);
     auto t0 = Clock::now();
@@ -156,15 +156,15 @@ nlohmann::json MaskedBackwardFor(const std::string& name, const config::TrainCon
                         {"heads", c.heads}, {"batch", B}, {"seq_len", T}, {"reps", reps}};
   const int64_t M = positions.size(0);
   const double full_bwd_flops = [&] {
-    auto f = worker::BertStepFlops(c, B, T, M, {});
+    auto f = trainer::BertStepFlops(c, B, T, M, {});
     return f.activation_grad + f.weight_grad;
   }();
   for (size_t mode = 0; mode < 2; ++mode) {
-    worker::BertConfig mc = c;
+    trainer::BertConfig mc = c;
     mc.detach_masked = mode == 1;
     const std::string prefix = mode == 1 ? "detach_" : "";
     for (size_t k = 0; k < fractions.size(); ++k) {
-      auto f = worker::BertStepFlops(mc, B, T, M, HeadMask(c, fractions[k]));
+      auto f = trainer::BertStepFlops(mc, B, T, M, HeadMask(c, fractions[k]));
       std::string tag = std::to_string(int(fractions[k] * 100));
       out[prefix + "backward_seconds_" + tag] = Median(bwd[mode][k]);
       out[prefix + "fwd_bwd_seconds_" + tag] = Median(step[mode][k]);
@@ -220,16 +220,16 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
     std::cerr << "mat-bench: " << tc.status() << "\n";
     return 2;
   }
-  worker::BertConfig c = worker::MakeBertConfig(*tc, 33279);
+  trainer::BertConfig c = trainer::MakeBertConfig(*tc, 33279);
   torch::manual_seed(0);
   const torch::Device dev(g_device);
-  worker::BertMlm model(c);
+  trainer::BertMlm model(c);
   model->to(dev);
   model->train();
   spectral::ModulePartition partition = model->Partition();
-  worker::AdamWOptions ao;
+  trainer::AdamWOptions ao;
   ao.weight_decay = tc->train.weight_decay;
-  worker::MaskedAdamW opt(worker::BuildParamEntries(*model, partition), ao);
+  trainer::MaskedAdamW opt(trainer::BuildParamEntries(*model, partition), ao);
   const int64_t B = tc->train.batch_size, T = tc->data.seq_len;
   torch::Tensor ids, positions, labels;
   std::tie(ids, positions, labels) = RandomMlmBatch(c, B, T, dev);
@@ -257,12 +257,12 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
   // repeats, so the figure above stays free of the extra synchronizations).
   // The optimizer also as the plain per-tensor sequence (AdamWOptions::fused = false), alternated
   // with the fused/multi-tensor one: what fusing buys, side by side.
-  worker::AdamWOptions plain_options = ao;
+  trainer::AdamWOptions plain_options = ao;
   plain_options.fused = false;
-  worker::MaskedAdamW plain(worker::BuildParamEntries(*model, partition), plain_options);
+  trainer::MaskedAdamW plain(trainer::BuildParamEntries(*model, partition), plain_options);
   std::vector<double> fwd, bwd, optim, optim_plain;
   for (int r = 0; r < 2 * reps; ++r) {
-    worker::MaskedAdamW& o = r % 2 == 0 ? opt : plain;
+    trainer::MaskedAdamW& o = r % 2 == 0 ? opt : plain;
     Sync(dev);
     auto t0 = Clock::now();
     model->SetMask(all);
@@ -280,7 +280,7 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
     bwd.push_back(Seconds(t1, t2));
     (r % 2 == 0 ? optim : optim_plain).push_back(Seconds(t2, t3));
   }
-  auto f = worker::BertStepFlops(c, B, T, positions.size(0), {});
+  auto f = trainer::BertStepFlops(c, B, T, positions.size(0), {});
   const double step = Median(times);
   result = {{"benchmark", "step"}, {"config", g_step_config}, {"device", g_device},
             {"precision", g_precision}, {"layers", c.layers}, {"d_model", c.d_model},
@@ -305,7 +305,7 @@ int MatmulPeak(const std::string& root, int reps, nlohmann::json& result) {
   double best = 0;
   for (int64_t n : {512, 1024, 2048, 4096}) {
     // bf16: the peak the bf16 step's matmuls can reach (autocast runs them in bf16).
-    const auto dtype = Prec() == worker::Precision::kBFloat16 ? torch::kBFloat16 : torch::kFloat;
+    const auto dtype = Prec() == trainer::Precision::kBFloat16 ? torch::kBFloat16 : torch::kFloat;
     torch::Tensor a = torch::randn({n, n}, torch::TensorOptions().device(dev)).to(dtype);
     torch::Tensor b = torch::randn({n, n}, torch::TensorOptions().device(dev)).to(dtype);
     std::vector<double> t;
@@ -342,7 +342,7 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
   c->policy.kind = "mat";
   c->train.device = g_device;
   c->train.precision = g_precision;
-  auto t = worker::Trainer::Create(*c, {"", false, false});
+  auto t = trainer::Trainer::Create(*c, {"", false, false});
   if (!t.ok()) {
     std::cerr << "mat-bench: " << t.status() << "\n";
     return 2;
@@ -352,7 +352,7 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
   std::vector<double> ones(all.size(), 1.0);
   std::vector<double> step_s, probe_s;
   for (int r = -1; r < reps; ++r) {  // r = -1: warm-up
-    worker::MlmBatch batch = tr.train_stream().Next(c->train.batch_size);
+    trainer::MlmBatch batch = tr.train_stream().Next(c->train.batch_size);
     auto t0 = Clock::now();
     auto probe = tr.Probe(batch);
     auto t1 = Clock::now();
@@ -447,7 +447,7 @@ nlohmann::json SpectralCompareFor(const std::string& model, config::TrainConfig 
                                   int gap) {
   c.train.device = g_device;
   c.policy.kind = "full";
-  auto created = worker::Trainer::Create(c, {"", false, false});
+  auto created = trainer::Trainer::Create(c, {"", false, false});
   if (!created.ok()) return {{"error", created.status().ToString()}};
   auto& tr = **created;
   const spectral::ModulePartition& part = tr.partition();
@@ -467,13 +467,13 @@ nlohmann::json SpectralCompareFor(const std::string& model, config::TrainConfig 
   std::vector<double> step_s;
   nlohmann::json points = nlohmann::json::array();
   {  // warm-up (allocator, first-call costs), untimed
-    worker::MlmBatch warm = tr.train_stream().Next(c.train.batch_size);
+    trainer::MlmBatch warm = tr.train_stream().Next(c.train.batch_size);
     auto r = tr.Probe(warm, est[0].get());
     if (!r.ok()) return {{"error", r.status().ToString()}};
   }
   int64_t step = 0;
   for (int pr = 0; pr < probes; ++pr) {
-    worker::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
+    trainer::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
     std::vector<std::vector<double>> lambda(names.size());
     nlohmann::json point = {{"step", step}};
     for (size_t e = 0; e < names.size(); ++e) {
@@ -518,7 +518,7 @@ nlohmann::json SpectralCompareFor(const std::string& model, config::TrainConfig 
   }
   if (step_s.empty()) {  // one probe only: time a few steps anyway
     for (int g = 0; g < 3; ++g) {
-      worker::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
+      trainer::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
       auto t0 = Clock::now();
       auto loss = tr.TrainStep(batch, all, ones, tr.LearningRate(g));
       Sync(tr.device());
@@ -642,7 +642,7 @@ nlohmann::json OutputKernelRun(config::TrainConfig c, int probes, int gap) {
   c.data.vocab_size = g_output_vocab;
   c.policy.probe_samples = 8;
   c.policy.probe_positions = 1;
-  auto created = worker::Trainer::Create(c, {"", false, false});
+  auto created = trainer::Trainer::Create(c, {"", false, false});
   if (!created.ok()) return {{"error", created.status().ToString()}};
   auto& tr = **created;
   const spectral::ModulePartition& part = tr.partition();
@@ -673,7 +673,7 @@ nlohmann::json OutputKernelRun(config::TrainConfig c, int probes, int gap) {
   double vocab = 0;
   int64_t step = 0;
   for (int pr = 0; pr < probes; ++pr) {
-    worker::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
+    trainer::MlmBatch batch = tr.train_stream().Next(c.train.batch_size);
     std::map<std::string, std::vector<double>> lambda;
     nlohmann::json point = {{"step", step}};
     for (auto& e : est) {
@@ -711,7 +711,7 @@ nlohmann::json OutputKernelRun(config::TrainConfig c, int probes, int gap) {
     std::fprintf(stderr, "output-kernel probe at step %lld done\n", (long long)step);
     if (pr + 1 == probes) break;
     for (int g = 0; g < gap; ++g, ++step) {
-      worker::MlmBatch b = tr.train_stream().Next(c.train.batch_size);
+      trainer::MlmBatch b = tr.train_stream().Next(c.train.batch_size);
       auto t0 = Clock::now();
       auto loss = tr.TrainStep(b, all, ones, tr.LearningRate(step));
       Sync(tr.device());

@@ -1,5 +1,5 @@
 // A streamed 64-bit FNV-1a hash: the one behind parameter checksums (Trainer::ParamChecksum, what
-// a service rank reports and summary.json records) and checkpoint checksums (worker/checkpoint.h).
+// a service rank reports and summary.json records) and checkpoint checksums (trainer/checkpoint/checkpoint.h).
 // Not cryptographic: it detects accidents (a bit flip, a different result), not tampering.
 //
 // Its offset basis is 1469598103934665603, one digit short of the published

@@ -218,17 +218,24 @@ absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment) {
   return SetKey(config, key, value, "--set");
 }
 
-absl::Status ValidateTrainConfig(const TrainConfig& c) {
-  using absl::StrCat;
-  {
-    TrainConfig copy = c;
-    for (const Field& f : Schema(copy)) {
-      if (f.number != nullptr) {
-        MAT_RETURN_IF_ERROR(Check(std::isfinite(*f.number),
-                                  StrCat(f.key, " must be a finite number, got ", *f.number)));
-      }
+namespace {
+
+using absl::StrCat;
+
+// Every number of the config is finite.
+absl::Status ValidateFinite(const TrainConfig& c) {
+  TrainConfig copy = c;  // Schema hands out pointers into a mutable config
+  for (const Field& f : Schema(copy)) {
+    if (f.number != nullptr) {
+      MAT_RETURN_IF_ERROR(Check(std::isfinite(*f.number),
+                                StrCat(f.key, " must be a finite number, got ", *f.number)));
     }
   }
+  return absl::OkStatus();
+}
+
+// model.* and data.* (which model fits which data).
+absl::Status ValidateModelAndData(const TrainConfig& c) {
   const auto& m = c.model;
   const auto& d = c.data;
   MAT_RETURN_IF_ERROR(Check(m.kind == "bert" || m.kind == "switch" || m.kind == "vgg",
@@ -297,6 +304,10 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
                                    d.vocab_size)));
   MAT_RETURN_IF_ERROR(Check(d.train_fraction > 0 && d.train_fraction <= 1,
                             StrCat("data.train_fraction must be in (0, 1], got ", d.train_fraction)));
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTrain(const TrainConfig& c) {
   const auto& t = c.train;
   MAT_RETURN_IF_ERROR(Check(t.steps >= 1, StrCat("train.steps must be >= 1, got ", t.steps)));
   MAT_RETURN_IF_ERROR(
@@ -337,9 +348,14 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
                             "train.device: unknown device '" + t.device + "' (expected cpu, cuda or cuda:N)"));
   MAT_RETURN_IF_ERROR(Check(t.precision == "fp32" || t.precision == "bf16",
                             "train.precision: unknown precision '" + t.precision + "' (expected fp32 or bf16)"));
+  return absl::OkStatus();
+}
+
+absl::Status ValidatePolicy(const TrainConfig& c) {
   const auto& p = c.policy;
   MAT_RETURN_IF_ERROR(Check(p.probe_samples >= 2,
                             StrCat("policy.probe_samples must be >= 2, got ", p.probe_samples)));
+  const auto& t = c.train;
   MAT_RETURN_IF_ERROR(Check(p.probe_samples <= t.batch_size,
                             StrCat("policy.probe_samples must be <= train.batch_size (the probe "
                                    "uses the step's first samples), got ",
@@ -383,6 +399,16 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   MAT_RETURN_IF_ERROR(Check(p.rand_schedule.empty() || p.kind == "rand",
                             "policy.rand_schedule replays active counts for policy.kind rand only, "
                             "got kind '" + p.kind + "'"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateTrainConfig(const TrainConfig& c) {
+  MAT_RETURN_IF_ERROR(ValidateFinite(c));
+  MAT_RETURN_IF_ERROR(ValidateModelAndData(c));
+  MAT_RETURN_IF_ERROR(ValidateTrain(c));
+  MAT_RETURN_IF_ERROR(ValidatePolicy(c));
   return policy::ValidatePolicyConfig(ToPolicyConfig(c));
 }
 

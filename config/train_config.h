@@ -32,7 +32,7 @@
 namespace mat::config {
 
 struct ModelSection {
-  // bert | switch (BERT with Switch FFNs: worker/switch_ffn.h) | vgg (worker/vgg.h; needs
+  // bert | switch (BERT with Switch FFNs: trainer/models/switch_ffn.h) | vgg (trainer/models/vgg.h; needs
   // data.kind fashion-mnist or cifar10)
   std::string kind = "bert";
   int64_t layers = 4;
@@ -55,7 +55,7 @@ struct ModelSection {
   int64_t classifier_hidden = 0;   // 0: one linear classifier
   // Every kind: a safetensors file (e.g. a run's OUT/model.safetensors, or a job's downloaded
   // model) whose tensors replace the fresh initialisation before step 0; names and shapes must
-  // be the model's (worker/model_io.h), else INVALID_ARGUMENT naming the tensor. A resumed run
+  // be the model's (trainer/models/model_io.h), else INVALID_ARGUMENT naming the tensor. A resumed run
   // takes its checkpoint instead. Relative paths are from the working directory. Empty: none.
   std::string init_from;
 };
@@ -82,7 +82,7 @@ struct DataSection {
   // overfits in fewer steps (the benchmarks' CPU presets).
   double train_fraction = 1.0;
   // wikitext: the vocabulary's size cap, 0 = every word of train. With V > 0 the V − 1 most
-  // frequent training words are kept and the rest become "<unk>" (worker/corpus.h); the tied
+  // frequent training words are kept and the rest become "<unk>" (trainer/data/corpus.h); the tied
   // decoder's cost scales with V.
   int64_t vocab_size = 0;
 };
@@ -90,7 +90,7 @@ struct DataSection {
 struct TrainSection {
   int64_t steps = 2000;
   int64_t batch_size = 32;
-  std::string optimizer = "adamw";  // adamw (worker/optimizer.h) | sgd (momentum, worker/sgd.h)
+  std::string optimizer = "adamw";  // adamw (trainer/optim/optimizer.h) | sgd (momentum, trainer/optim/sgd.h)
   double lr = 5e-4;              // peak learning rate
   double min_lr_ratio = 0.0;     // final lr = lr * min_lr_ratio
   int64_t warmup_steps = 100;    // linear lr warm-up
@@ -110,7 +110,7 @@ struct TrainSection {
   int64_t checkpoint_every = 0;  // steps between checkpoints (0: only at the end)
   int64_t threads = 0;           // intra-op threads (0: all cores)
   std::string device = "cpu";    // cpu | cuda | cuda:N
-  std::string precision = "fp32";  // fp32 | bf16: autocast of the step's forward (worker/autocast.h)
+  std::string precision = "fp32";  // fp32 | bf16: autocast of the step's forward (trainer/models/autocast.h)
   // Deterministic kernels only (torch's deterministic algorithms, cuBLAS's fixed workspace): on
   // CUDA two runs of one config then give equal losses and parameters. CPU steps are
   // deterministic either way.
@@ -147,7 +147,7 @@ struct PolicySection {
   // Which Δ the temporal policy (beta > 0) divides by: warmup (the first Δ after warm-up) |
   // first-probe (the first Δ of training, paper eq. 6–7).
   std::string delta1 = "warmup";
-  // What a masked-off module's backward skips (bert, switch heads; worker/bert.h): weights (its
+  // What a masked-off module's backward skips (bert, switch heads; trainer/models/bert.h): weights (its
   // weight gradients and update only; it still passes activation gradients) | detach (it is a
   // constant in the backward: its share of the input gradient is skipped too). vgg: weights only.
   std::string backward = "weights";

@@ -1,5 +1,5 @@
 // VGG's layer table (Simonyan & Zisserman, configurations A and D), defined once: the trainer's
-// model (worker/vgg.h) builds from it, and the checks and estimates that run without LibTorch
+// model (trainer/models/vgg.h) builds from it, and the checks and estimates that run without LibTorch
 // (ValidateTrainConfig, the coordinator's model-size limit) read it.
 //
 // Thread-safety: pure functions; safe from any thread.

@@ -54,39 +54,49 @@ absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> CoordinatorDaemon::Start(
   return daemon;
 }
 
-absl::Status CoordinatorDaemon::StartImpl() {
-  MAT_ASSIGN_OR_RETURN(const auto grpc_host_port, ParseHostPort(config_.listen_address));
-  if (config_.health_timeout_ms < 1) {
+namespace {
+
+// The flags' values that Start refuses before it touches anything.
+absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
+  if (config.health_timeout_ms < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("health timeout must be >= 1 ms, got ", config_.health_timeout_ms));
+        absl::StrCat("health timeout must be >= 1 ms, got ", config.health_timeout_ms));
   }
-  if (config_.heartbeat_interval_ms < 1) {
+  if (config.heartbeat_interval_ms < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "heartbeat interval must be >= 1 ms, got ", config_.heartbeat_interval_ms));
+        "heartbeat interval must be >= 1 ms, got ", config.heartbeat_interval_ms));
   }
-  if (config_.metrics_refresh_interval_ms < 1 || config_.metrics_retention_seconds < 0) {
+  if (config.metrics_refresh_interval_ms < 1 || config.metrics_retention_seconds < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "metrics refresh interval must be >= 1 ms and retention >= 0 s, got ",
-        config_.metrics_refresh_interval_ms, " ms and ", config_.metrics_retention_seconds, " s"));
+        config.metrics_refresh_interval_ms, " ms and ", config.metrics_retention_seconds, " s"));
   }
-  if (!config_.metrics_listen_address.empty()) {
-    MAT_RETURN_IF_ERROR(ParseHostPort(config_.metrics_listen_address).status());
+  if (!config.metrics_listen_address.empty()) {
+    MAT_RETURN_IF_ERROR(ParseHostPort(config.metrics_listen_address).status());
   }
-  if (config_.max_receive_message_bytes < 1 || config_.max_spec_bytes < 0 ||
-      config_.max_model_params < 0 || config_.max_jobs_per_client < 0 ||
-      config_.max_log_lines < 0) {
+  if (config.max_receive_message_bytes < 1 || config.max_spec_bytes < 0 ||
+      config.max_model_params < 0 || config.max_jobs_per_client < 0 ||
+      config.max_log_lines < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "limits must be >= 0 (max message bytes >= 1), got max message bytes ",
-        config_.max_receive_message_bytes, ", max spec bytes ", config_.max_spec_bytes,
-        ", max model params ", config_.max_model_params, ", max jobs per client ",
-        config_.max_jobs_per_client, ", max log lines ", config_.max_log_lines));
+        config.max_receive_message_bytes, ", max spec bytes ", config.max_spec_bytes,
+        ", max model params ", config.max_model_params, ", max jobs per client ",
+        config.max_jobs_per_client, ", max log lines ", config.max_log_lines));
   }
-  for (const std::string& root : config_.data_roots) {
+  for (const std::string& root : config.data_roots) {
     if (root.empty() || root.front() != '/') {
       return absl::InvalidArgumentError(
           absl::StrCat("--data-root '", root, "' is not an absolute path"));
     }
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CoordinatorDaemon::StartImpl() {
+  MAT_RETURN_IF_ERROR(ValidateDaemonConfig(config_));
+  MAT_ASSIGN_OR_RETURN(const auto grpc_host_port, ParseHostPort(config_.listen_address));
 
   // Security material before anything starts, so a bad file stops the daemon early.
   if (!config_.auth_token_file.empty()) {
@@ -132,6 +142,14 @@ absl::Status CoordinatorDaemon::StartImpl() {
     ScheduleMetricsRefresh();
   });
 
+  MAT_RETURN_IF_ERROR(StartGrpc(credentials, grpc_host_port.first));
+  LogAdmission();
+  MAT_RETURN_IF_ERROR(StartHttp());
+  return Announce();
+}
+
+absl::Status CoordinatorDaemon::StartGrpc(std::shared_ptr<grpc::ServerCredentials> credentials,
+                                          const std::string& host) {
   JobServiceOptions service_options;
   service_options.max_queued_watch_events = config_.max_queued_watch_events;
   service_options.bearer_tokens = bearer_tokens_.get();
@@ -157,12 +175,16 @@ absl::Status CoordinatorDaemon::StartImpl() {
     return absl::UnavailableError(
         absl::StrCat("cannot listen for gRPC on '", config_.listen_address, "'"));
   }
-  grpc_address_ = JoinHostPort(grpc_host_port.first, port);
+  grpc_address_ = JoinHostPort(host, port);
   spdlog::info("listening on {} (gRPC: JobService, WorkerService, health, reflection; {})",
                grpc_address_,
                config_.tls_cert_file.empty() ? "plaintext"
                : config_.tls_ca_file.empty() ? "TLS"
                                              : "mutual TLS");
+  return absl::OkStatus();
+}
+
+void CoordinatorDaemon::LogAdmission() const {
   if (bearer_tokens_ == nullptr) {
     spdlog::warn("no --auth-token-file: every JobService client is admitted");
   } else {
@@ -182,7 +204,9 @@ absl::Status CoordinatorDaemon::StartImpl() {
   } else {
     spdlog::info("workers must present a join token");
   }
+}
 
+absl::Status CoordinatorDaemon::StartHttp() {
   if (!config_.metrics_listen_address.empty()) {
     MAT_ASSIGN_OR_RETURN(
         http_, HttpServer::Start(
@@ -200,6 +224,10 @@ absl::Status CoordinatorDaemon::StartImpl() {
     spdlog::info("metrics listening on {} (/healthz, /readyz, /metrics)", metrics_address_);
   }
 
+  return absl::OkStatus();
+}
+
+absl::Status CoordinatorDaemon::Announce() {
   wrote_address_files_ = true;
   MAT_RETURN_IF_ERROR(
       common::WriteFileAtomic(AddressFilePath(config_.state_dir), grpc_address_ + "\n"));

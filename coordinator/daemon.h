@@ -49,6 +49,7 @@
 
 namespace grpc {
 class Server;
+class ServerCredentials;
 }
 
 namespace mat::metrics {
@@ -177,6 +178,13 @@ class CoordinatorDaemon {
   explicit CoordinatorDaemon(CoordinatorDaemonConfig config);
 
   absl::Status StartImpl();
+  // StartImpl's steps: the gRPC server with both services (grpc_address_ on `host`), the
+  // admission settings in the log, the HTTP listener, the address files and systemd's READY=1.
+  absl::Status StartGrpc(std::shared_ptr<grpc::ServerCredentials> credentials,
+                         const std::string& host);
+  void LogAdmission() const;
+  absl::Status StartHttp();
+  absl::Status Announce();
   // Arms the heartbeat timer once more. Loop only.
   void ScheduleHeartbeatCheck();
   // Arms the metrics refresh timer once more. Loop only.

@@ -1,5 +1,5 @@
-// Sections: schema · helpers · open · jobs · modules · λ history and decisions · workers and
-// assignments.
+// Sections: schema · helpers · open · jobs · modules. λ history and decisions are in
+// job_store_history.cc, workers and assignments in job_store_workers.cc, logs in job_store_logs.cc.
 #include "coordinator/job_store.h"
 
 #include <fcntl.h>
@@ -22,10 +22,12 @@
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/status.h"
+#include "coordinator/job_store_internal.h"
 #include "coordinator/sqlite_db.h"
 #include "google/protobuf/util/message_differencer.h"
 
 namespace mat::coordinator {
+using namespace store_internal;
 namespace {
 
 // ----- schema -----
@@ -138,9 +140,7 @@ constexpr const char* kJobColumns =
     "mask_version, active_modules, total_modules, attempt, summary_json";
 constexpr int kJobColumnCount = 18;  // the columns of kJobColumns
 
-constexpr const char* kWorkerColumns =
-    "id, host, device, memory_bytes, registered_unix_seconds, last_seen_unix_seconds, "
-    "rendezvous_port";
+
 
 // ----- helpers -----
 
@@ -179,19 +179,6 @@ absl::StatusOr<JobRecord> ReadJob(const SqliteStatement& row) {
   return job;
 }
 
-// Reads a row selected with kWorkerColumns.
-WorkerRecord ReadWorker(const SqliteStatement& row) {
-  WorkerRecord w;
-  w.id = row.ColumnText(0);
-  w.host = row.ColumnText(1);
-  w.device = row.ColumnText(2);
-  w.memory_bytes = row.ColumnInt64(3);
-  w.registered_unix_seconds = row.ColumnInt64(4);
-  w.last_seen_unix_seconds = row.ColumnInt64(5);
-  w.rendezvous_port = static_cast<int32_t>(row.ColumnInt64(6));
-  return w;
-}
-
 // INVALID_ARGUMENT naming `field` unless `value` is finite (and >= 0 when `non_negative`).
 absl::Status CheckNumber(const std::string& field, double value, bool non_negative) {
   if (!std::isfinite(value)) {
@@ -203,6 +190,34 @@ absl::Status CheckNumber(const std::string& field, double value, bool non_negati
   }
   return absl::OkStatus();
 }
+
+std::string Placeholders(size_t n) {
+  std::vector<std::string> q(n, "?");
+  return absl::StrJoin(q, ", ");
+}
+
+absl::Status LockStateDir(const std::string& state_dir, int* fd_out) {
+  const std::string path = state_dir + "/LOCK";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    ::close(fd);
+    if (err == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "state dir '", state_dir, "' is in use by another coordinator (", path, " is locked)"));
+    }
+    return absl::UnavailableError(absl::StrCat("cannot lock '", path, "': ", std::strerror(err)));
+  }
+  *fd_out = fd;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+namespace store_internal {
 
 // INVALID_ARGUMENT naming the first non-finite λ (as AppendLambdas documents).
 absl::Status CheckLambdas(const std::string& job_id, int64_t step,
@@ -236,31 +251,7 @@ absl::StatusOr<int64_t> ParsePageToken(const std::string& token) {
   return v;
 }
 
-std::string Placeholders(size_t n) {
-  std::vector<std::string> q(n, "?");
-  return absl::StrJoin(q, ", ");
-}
-
-absl::Status LockStateDir(const std::string& state_dir, int* fd_out) {
-  const std::string path = state_dir + "/LOCK";
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    return absl::UnavailableError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
-  }
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    const int err = errno;
-    ::close(fd);
-    if (err == EWOULDBLOCK) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "state dir '", state_dir, "' is in use by another coordinator (", path, " is locked)"));
-    }
-    return absl::UnavailableError(absl::StrCat("cannot lock '", path, "': ", std::strerror(err)));
-  }
-  *fd_out = fd;
-  return absl::OkStatus();
-}
-
-}  // namespace
+}  // namespace store_internal
 
 bool IsLegalJobTransition(v1::JobState from, v1::JobState to) {
   switch (from) {
@@ -657,349 +648,6 @@ absl::StatusOr<std::vector<ModuleRecord>> JobStore::GetModules(const std::string
     out.push_back(ModuleRecord{q.ColumnText(1), q.ColumnText(2),
                                static_cast<int32_t>(q.ColumnInt64(3)),
                                static_cast<int32_t>(q.ColumnInt64(4))});
-  }
-  return out;
-}
-
-// ----- λ history and decisions -----
-
-absl::Status JobStore::AppendLambdas(const std::string& job_id, int64_t step,
-                                     const std::vector<double>& lambda) {
-  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
-  if (lambda.empty()) return absl::InvalidArgumentError("lambda is empty (no modules)");
-  MAT_RETURN_IF_ERROR(CheckLambdas(job_id, step, lambda));
-  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  MAT_RETURN_IF_ERROR(WriteLambdas(job_id, step, lambda));
-  return txn.Commit();
-}
-
-absl::Status JobStore::WriteLambdas(const std::string& job_id, int64_t step,
-                                    const std::vector<double>& lambda) {
-  MAT_ASSIGN_OR_RETURN(SqliteStatement del,
-                       db_->Prepare("DELETE FROM lambda_history WHERE job_id = ? AND step = ?"));
-  MAT_RETURN_IF_ERROR(del.BindText(1, job_id));
-  MAT_RETURN_IF_ERROR(del.BindInt64(2, step));
-  MAT_RETURN_IF_ERROR(del.Run());
-  MAT_ASSIGN_OR_RETURN(SqliteStatement ins,
-                       db_->Prepare("INSERT INTO lambda_history (job_id, step, module_index, "
-                                    "lambda) VALUES (?, ?, ?, ?)"));
-  for (size_t i = 0; i < lambda.size(); ++i) {
-    ins.Reset();
-    MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
-    MAT_RETURN_IF_ERROR(ins.BindInt64(2, step));
-    MAT_RETURN_IF_ERROR(ins.BindInt64(3, static_cast<int64_t>(i)));
-    MAT_RETURN_IF_ERROR(ins.BindDouble(4, lambda[i]));
-    MAT_RETURN_IF_ERROR(ins.Run());
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<LambdaPage> JobStore::GetLambdas(const std::string& job_id, int page_size,
-                                                const std::string& page_token) {
-  MAT_ASSIGN_OR_RETURN(const int size, EffectivePageSize(page_size));
-  MAT_ASSIGN_OR_RETURN(const int64_t start, ParsePageToken(page_token));
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  // The steps of this page (and the first of the next one).
-  MAT_ASSIGN_OR_RETURN(SqliteStatement steps,
-                       db_->Prepare("SELECT DISTINCT step FROM lambda_history WHERE job_id = ? "
-                                    "AND step >= ? ORDER BY step LIMIT ?"));
-  MAT_RETURN_IF_ERROR(steps.BindText(1, job_id));
-  MAT_RETURN_IF_ERROR(steps.BindInt64(2, start));
-  MAT_RETURN_IF_ERROR(steps.BindInt64(3, size + 1));
-  LambdaPage page;
-  while (true) {
-    MAT_ASSIGN_OR_RETURN(bool row, steps.Step());
-    if (!row) break;
-    if (static_cast<int>(page.points.size()) == size) {
-      page.next_page_token = std::to_string(steps.ColumnInt64(0));
-      break;
-    }
-    page.points.push_back(LambdaPoint{steps.ColumnInt64(0), {}});
-  }
-  if (page.points.empty()) return page;
-  MAT_ASSIGN_OR_RETURN(SqliteStatement rows,
-                       db_->Prepare("SELECT step, module_index, lambda FROM lambda_history "
-                                    "WHERE job_id = ? AND step >= ? AND step <= ? "
-                                    "ORDER BY step, module_index"));
-  MAT_RETURN_IF_ERROR(rows.BindText(1, job_id));
-  MAT_RETURN_IF_ERROR(rows.BindInt64(2, page.points.front().step));
-  MAT_RETURN_IF_ERROR(rows.BindInt64(3, page.points.back().step));
-  size_t p = 0;
-  while (true) {
-    MAT_ASSIGN_OR_RETURN(bool row, rows.Step());
-    if (!row) break;
-    const int64_t step = rows.ColumnInt64(0);
-    while (page.points[p].step != step) ++p;  // both ascending; every row's step is listed
-    std::vector<double>& lambda = page.points[p].lambda;
-    if (rows.ColumnInt64(1) != static_cast<int64_t>(lambda.size())) {
-      return absl::DataLossError(absl::StrCat("job ", job_id, " step ", step,
-                                              ": module indices are not contiguous"));
-    }
-    lambda.push_back(rows.ColumnDouble(2));
-  }
-  return page;
-}
-
-absl::Status JobStore::AppendDecision(const std::string& job_id, int64_t step,
-                                      const std::string& decision_json) {
-  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
-  if (!nlohmann::json::accept(decision_json)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("decision at step ", step, " of job ", job_id, " is not JSON"));
-  }
-  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  MAT_RETURN_IF_ERROR(WriteDecision(job_id, step, decision_json, "", ""));
-  return txn.Commit();
-}
-
-absl::Status JobStore::WriteDecision(const std::string& job_id, int64_t step,
-                                     const std::string& decision_json,
-                                     const std::string& policy_state,
-                                     const std::string& mask_update) {
-  MAT_ASSIGN_OR_RETURN(SqliteStatement ins,
-                       db_->Prepare("INSERT OR REPLACE INTO decisions (job_id, step, "
-                                    "decision_json, policy_state, mask_update) "
-                                    "VALUES (?, ?, ?, ?, ?)"));
-  MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
-  MAT_RETURN_IF_ERROR(ins.BindInt64(2, step));
-  MAT_RETURN_IF_ERROR(ins.BindText(3, decision_json));
-  MAT_RETURN_IF_ERROR(ins.BindText(4, policy_state));
-  MAT_RETURN_IF_ERROR(ins.BindBlob(5, mask_update));
-  return ins.Run();
-}
-
-absl::StatusOr<std::optional<StoredDecision>> JobStore::LatestDecisionAtOrBefore(
-    const std::string& job_id, int64_t step) {
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
-                       db_->Prepare("SELECT step, decision_json, policy_state, mask_update "
-                                    "FROM decisions WHERE job_id = ? AND step <= ? "
-                                    "ORDER BY step DESC LIMIT 1"));
-  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
-  MAT_RETURN_IF_ERROR(q.BindInt64(2, step));
-  MAT_ASSIGN_OR_RETURN(bool row, q.Step());
-  if (!row) return std::optional<StoredDecision>();
-  StoredDecision d;
-  d.step = q.ColumnInt64(0);
-  d.decision_json = q.ColumnText(1);
-  d.policy_state = q.ColumnText(2);
-  d.mask_update = q.ColumnBlob(3);
-  return std::optional<StoredDecision>(std::move(d));
-}
-
-absl::Status JobStore::RecordDecision(const std::string& job_id, const DecisionUpdate& update) {
-  if (update.step < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", update.step));
-  }
-  MAT_RETURN_IF_ERROR(CheckLambdas(job_id, update.step, update.lambda));
-  if (!nlohmann::json::accept(update.decision_json)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("decision at step ", update.step, " of job ", job_id, " is not JSON"));
-  }
-  if (update.mask_version < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("mask_version must be >= 1, got ", update.mask_version));
-  }
-  if (update.active_modules < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("active_modules must be >= 0, got ", update.active_modules));
-  }
-  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  if (!update.lambda.empty()) {
-    MAT_RETURN_IF_ERROR(WriteLambdas(job_id, update.step, update.lambda));
-  }
-  MAT_RETURN_IF_ERROR(WriteDecision(job_id, update.step, update.decision_json,
-                                    update.policy_state, update.mask_update));
-  MAT_ASSIGN_OR_RETURN(
-      SqliteStatement upd,
-      db_->Prepare("UPDATE jobs SET mask_version = ?, active_modules = ? WHERE id = ?"));
-  MAT_RETURN_IF_ERROR(upd.BindInt64(1, update.mask_version));
-  MAT_RETURN_IF_ERROR(upd.BindInt64(2, update.active_modules));
-  MAT_RETURN_IF_ERROR(upd.BindText(3, job_id));
-  MAT_RETURN_IF_ERROR(upd.Run());
-  return txn.Commit();
-}
-
-absl::StatusOr<DecisionPage> JobStore::GetDecisions(const std::string& job_id, int page_size,
-                                                    const std::string& page_token) {
-  MAT_ASSIGN_OR_RETURN(const int size, EffectivePageSize(page_size));
-  MAT_ASSIGN_OR_RETURN(const int64_t start, ParsePageToken(page_token));
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
-                       db_->Prepare("SELECT step, decision_json FROM decisions WHERE job_id = ? "
-                                    "AND step >= ? ORDER BY step LIMIT ?"));
-  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
-  MAT_RETURN_IF_ERROR(q.BindInt64(2, start));
-  MAT_RETURN_IF_ERROR(q.BindInt64(3, size + 1));
-  DecisionPage page;
-  while (true) {
-    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
-    if (!row) break;
-    if (static_cast<int>(page.decisions.size()) == size) {
-      page.next_page_token = std::to_string(q.ColumnInt64(0));
-      break;
-    }
-    page.decisions.push_back(DecisionRecord{q.ColumnInt64(0), q.ColumnText(1)});
-  }
-  return page;
-}
-
-// ----- workers and assignments -----
-
-absl::Status JobStore::UpsertWorker(const WorkerRecord& worker) {
-  if (worker.id.empty()) return absl::InvalidArgumentError("worker id is empty");
-  const int64_t now = Now();
-  MAT_ASSIGN_OR_RETURN(
-      SqliteStatement q,
-      db_->Prepare("INSERT INTO workers (id, host, device, memory_bytes, registered_unix_seconds, "
-                   "last_seen_unix_seconds, rendezvous_port) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                   "ON CONFLICT (id) DO UPDATE SET host = excluded.host, "
-                   "device = excluded.device, memory_bytes = excluded.memory_bytes, "
-                   "last_seen_unix_seconds = excluded.last_seen_unix_seconds, "
-                   "rendezvous_port = excluded.rendezvous_port"));
-  MAT_RETURN_IF_ERROR(q.BindText(1, worker.id));
-  MAT_RETURN_IF_ERROR(q.BindText(2, worker.host));
-  MAT_RETURN_IF_ERROR(q.BindText(3, worker.device));
-  MAT_RETURN_IF_ERROR(q.BindInt64(4, worker.memory_bytes));
-  MAT_RETURN_IF_ERROR(q.BindInt64(5, now));
-  MAT_RETURN_IF_ERROR(q.BindInt64(6, now));
-  MAT_RETURN_IF_ERROR(q.BindInt64(7, worker.rendezvous_port));
-  return q.Run();  // one statement: atomic on its own
-}
-
-absl::StatusOr<std::string> JobStore::CreateWorker(const WorkerRecord& worker) {
-  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
-  // Ids a worker brought along (resuming against a fresh state dir) count too, so a new id never
-  // collides with one in use.
-  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
-                       db_->Prepare("SELECT id FROM workers WHERE id GLOB 'worker-[0-9]*'"));
-  int64_t highest = 0;
-  while (true) {
-    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
-    if (!row) break;
-    int64_t n = 0;
-    if (absl::SimpleAtoi(q.ColumnText(0).substr(7), &n)) highest = std::max(highest, n);
-  }
-  WorkerRecord stored = worker;
-  stored.id = absl::StrFormat("worker-%06d", highest + 1);
-  MAT_RETURN_IF_ERROR(UpsertWorker(stored));
-  MAT_RETURN_IF_ERROR(txn.Commit());
-  return stored.id;
-}
-
-absl::StatusOr<WorkerRecord> JobStore::GetWorker(const std::string& worker_id) {
-  MAT_ASSIGN_OR_RETURN(
-      SqliteStatement q,
-      db_->Prepare(absl::StrCat("SELECT ", kWorkerColumns, " FROM workers WHERE id = ?")));
-  MAT_RETURN_IF_ERROR(q.BindText(1, worker_id));
-  MAT_ASSIGN_OR_RETURN(bool found, q.Step());
-  if (!found) return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
-  return ReadWorker(q);
-}
-
-absl::Status JobStore::TouchWorker(const std::string& worker_id) {
-  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
-  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
-                       db_->Prepare("UPDATE workers SET last_seen_unix_seconds = ? WHERE id = ?"));
-  MAT_RETURN_IF_ERROR(upd.BindInt64(1, Now()));
-  MAT_RETURN_IF_ERROR(upd.BindText(2, worker_id));
-  MAT_RETURN_IF_ERROR(upd.Run());
-  if (sqlite3_changes(db_->raw()) == 0) {
-    return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
-  }
-  return txn.Commit();
-}
-
-absl::StatusOr<std::vector<WorkerRecord>> JobStore::ListWorkers() {
-  MAT_ASSIGN_OR_RETURN(
-      SqliteStatement q,
-      db_->Prepare(absl::StrCat("SELECT ", kWorkerColumns, " FROM workers ORDER BY id")));
-  std::vector<WorkerRecord> out;
-  while (true) {
-    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
-    if (!row) break;
-    out.push_back(ReadWorker(q));
-  }
-  return out;
-}
-
-absl::Status JobStore::PutAssignment(const std::string& job_id, int32_t rank,
-                                     const std::string& worker_id, int64_t attempt) {
-  if (rank < 0) return absl::InvalidArgumentError(absl::StrCat("rank must be >= 0, got ", rank));
-  if (attempt < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attempt must be >= 0, got ", attempt));
-  }
-  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  {
-    MAT_ASSIGN_OR_RETURN(SqliteStatement q, db_->Prepare("SELECT 1 FROM workers WHERE id = ?"));
-    MAT_RETURN_IF_ERROR(q.BindText(1, worker_id));
-    MAT_ASSIGN_OR_RETURN(bool found, q.Step());
-    if (!found) return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
-  }
-  // A new assignment starts with a fresh status (the rank's step, acks and checksum).
-  MAT_ASSIGN_OR_RETURN(
-      SqliteStatement ins,
-      db_->Prepare("INSERT OR REPLACE INTO assignments (job_id, rank, worker_id, attempt, "
-                   "assigned_unix_seconds) VALUES (?, ?, ?, ?, ?)"));
-  MAT_RETURN_IF_ERROR(ins.BindText(1, job_id));
-  MAT_RETURN_IF_ERROR(ins.BindInt64(2, rank));
-  MAT_RETURN_IF_ERROR(ins.BindText(3, worker_id));
-  MAT_RETURN_IF_ERROR(ins.BindInt64(4, attempt));
-  MAT_RETURN_IF_ERROR(ins.BindInt64(5, Now()));
-  MAT_RETURN_IF_ERROR(ins.Run());
-  return txn.Commit();
-}
-
-absl::Status JobStore::UpdateRankStatus(const std::string& job_id, int32_t rank, int64_t step,
-                                        int64_t mask_version, const std::string& param_checksum) {
-  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
-  if (mask_version < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("mask_version must be >= 0, got ", mask_version));
-  }
-  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
-                       db_->Prepare("UPDATE assignments SET step = ?, mask_version = ?, "
-                                    "param_checksum = ? WHERE job_id = ? AND rank = ?"));
-  MAT_RETURN_IF_ERROR(upd.BindInt64(1, step));
-  MAT_RETURN_IF_ERROR(upd.BindInt64(2, mask_version));
-  MAT_RETURN_IF_ERROR(upd.BindText(3, param_checksum));
-  MAT_RETURN_IF_ERROR(upd.BindText(4, job_id));
-  MAT_RETURN_IF_ERROR(upd.BindInt64(5, rank));
-  MAT_RETURN_IF_ERROR(upd.Run());
-  if (sqlite3_changes(db_->raw()) == 0) {
-    return absl::NotFoundError(absl::StrCat("job ", job_id, " has no rank ", rank));
-  }
-  return txn.Commit();
-}
-
-absl::StatusOr<std::vector<AssignmentRecord>> JobStore::ListAssignments(
-    const std::string& job_id) {
-  MAT_RETURN_IF_ERROR(RequireJob(job_id));
-  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
-                       db_->Prepare("SELECT job_id, rank, worker_id, attempt, "
-                                    "assigned_unix_seconds, step, mask_version, param_checksum "
-                                    "FROM assignments WHERE job_id = ? ORDER BY rank"));
-  MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
-  std::vector<AssignmentRecord> out;
-  while (true) {
-    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
-    if (!row) break;
-    AssignmentRecord a;
-    a.job_id = q.ColumnText(0);
-    a.rank = static_cast<int32_t>(q.ColumnInt64(1));
-    a.worker_id = q.ColumnText(2);
-    a.attempt = q.ColumnInt64(3);
-    a.assigned_unix_seconds = q.ColumnInt64(4);
-    a.step = q.ColumnInt64(5);
-    a.mask_version = q.ColumnInt64(6);
-    a.param_checksum = q.ColumnText(7);
-    out.push_back(std::move(a));
   }
   return out;
 }

@@ -12,11 +12,10 @@
 #include "api/grpc_status.h"
 #include "spdlog/spdlog.h"
 
-int main(int argc, char** argv) {
-  mat::coordinator::CoordinatorDaemonConfig config;
-  CLI::App app{
-      "mat-coordinator: the MAT service's scheduler daemon (JobService and WorkerService over "
-      "gRPC)"};
+namespace {
+
+// Every flag, filling `config`.
+void AddFlags(CLI::App& app, mat::coordinator::CoordinatorDaemonConfig& config) {
   app.add_option("--listen", config.listen_address,
                  "gRPC address HOST:PORT (port 0: a free port, printed and written to "
                  "STATE_DIR/coordinator.addr)")
@@ -95,6 +94,16 @@ int main(int argc, char** argv) {
                  "bytes of artifacts kept per job; a larger upload is refused (0 = no limit)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  mat::coordinator::CoordinatorDaemonConfig config;
+  CLI::App app{
+      "mat-coordinator: the MAT service's scheduler daemon (JobService and WorkerService over "
+      "gRPC)"};
+  AddFlags(app, config);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,4 +1,4 @@
-// libFuzzer target: checkpoint files -> mat::worker::ReadCheckpoint (worker/checkpoint.h), what a
+// libFuzzer target: checkpoint files -> mat::trainer::ReadCheckpoint (trainer/checkpoint/checkpoint.h), what a
 // worker reads back from its work dir when it resumes a job. Any input must give OK or a status
 // (DATA_LOSS for a bad file), never a crash, an abort or an escaping exception.
 //
@@ -20,7 +20,7 @@
 
 #include <torch/torch.h>
 
-#include "worker/checkpoint.h"
+#include "trainer/checkpoint/checkpoint.h"
 
 namespace {
 
@@ -32,19 +32,19 @@ void WriteBytes(const std::string& path, const std::string& data) {
 }
 
 void WriteSeed(const std::string& dir, const std::string& name,
-               const mat::worker::Checkpoint& checkpoint) {
-  if (!mat::worker::WriteCheckpoint(dir + "/" + name + ".ckpt", checkpoint).ok()) std::exit(1);
+               const mat::trainer::Checkpoint& checkpoint) {
+  if (!mat::trainer::WriteCheckpoint(dir + "/" + name + ".ckpt", checkpoint).ok()) std::exit(1);
 }
 
 void WriteSeeds(const std::string& dir) {
   torch::manual_seed(1);
-  // 1. What tests/worker/checkpoint_test.cc writes: a tensor and a step.
-  mat::worker::Checkpoint small;
+  // 1. What tests/trainer/checkpoint_test.cc writes: a tensor and a step.
+  mat::trainer::Checkpoint small;
   small.tensors["w"] = torch::arange(6, torch::kFloat32).reshape({2, 3});
   small.meta = R"({"step":7})";
   WriteSeed(dir, "small", small);
   // 2. Shaped like the trainer's: dotted names, an int64 0-dim step, a byte tensor, bf16.
-  mat::worker::Checkpoint model;
+  mat::trainer::Checkpoint model;
   model.tensors["model.layer0.weight"] = torch::randn({2, 4});
   model.tensors["model.layer0.bias"] = torch::zeros({2});
   model.tensors["opt.step.layer0.weight"] = torch::tensor(int64_t{3}, torch::kLong);
@@ -53,7 +53,7 @@ void WriteSeeds(const std::string& dir) {
   model.meta = R"({"step":123,"policy":"{}"})";
   WriteSeed(dir, "linear", model);
   // 3. No tensors.
-  mat::worker::Checkpoint empty;
+  mat::trainer::Checkpoint empty;
   empty.meta = "{}";
   WriteSeed(dir, "empty", empty);
 }
@@ -74,7 +74,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   WriteBytes(g_path, std::string(reinterpret_cast<const char*>(data), size));
-  absl::StatusOr<mat::worker::Checkpoint> checkpoint = mat::worker::ReadCheckpoint(g_path);
+  absl::StatusOr<mat::trainer::Checkpoint> checkpoint = mat::trainer::ReadCheckpoint(g_path);
   if (checkpoint.ok()) {
     for (const auto& [name, t] : checkpoint->tensors) {
       (void)name;

@@ -1,7 +1,7 @@
 // Module partitions: which parameter tensors make up each switchable module of a model.
 //
 // A model declares its modules as data. Every module owns whole leaf parameter tensors (the
-// models in worker/ store each head, FFN slice, expert or filter group as its own leaves), so a
+// models in trainer/ store each head, FFN slice, expert or filter group as its own leaves), so a
 // module's slice of a layer's weight is exactly its tensors.
 #pragma once
 

@@ -38,15 +38,15 @@ PY
 trap merge EXIT
 
 grep -E "NCCL|Gloo|nccl" build-gpu/CMakeCache.txt | grep -v "^//" | tee -a "$out/machine.txt" || true
-targets="worker_cuda_test worker_autocast_test spectral_estimator_test worker_masked_backward_test
-  worker_flops_test policy_test mat-train mat-bench"
+targets="trainer_cuda_test trainer_autocast_test spectral_estimator_test trainer_masked_backward_test
+  trainer_flops_test policy_test mat-train mat-bench"
 # shellcheck disable=SC2086
 ninja -C build-gpu -k 0 -j "$(nproc)" $targets >> "$out/build.log" 2>&1 \
   || { grep -E "error|Error" "$out/build.log" | head -n 40; exit 1; }
 # The NCCL gradient sync: reported, not fatal, so the rest of the check still runs.
 ninja -C build-gpu -t targets all > /tmp/mat-gpu-targets.txt  # (grep -q in a pipe: SIGPIPE)
-if grep -q '^worker_grad_sync_test:' /tmp/mat-gpu-targets.txt; then
-  ninja -C build-gpu -j "$(nproc)" worker_grad_sync_test > /tmp/mat-grad-sync-build.log 2>&1 \
+if grep -q '^trainer_grad_sync_test:' /tmp/mat-gpu-targets.txt; then
+  ninja -C build-gpu -j "$(nproc)" trainer_grad_sync_test > /tmp/mat-grad-sync-build.log 2>&1 \
     && echo "grad sync (NCCL): built" | tee -a "$out/machine.txt" \
     || { echo "grad sync (NCCL): BUILD FAILED" | tee -a "$out/machine.txt";
          grep -E -A3 "error" /tmp/mat-grad-sync-build.log | head -n 40 | tee -a "$out/machine.txt"; }
@@ -57,10 +57,10 @@ echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 set +e
 (cd build-gpu && ctest --output-on-failure \
-  -R 'worker_cuda_test|worker_autocast_test|worker_grad_sync_test|spectral_estimator_test|worker_masked_backward_test|worker_flops_test|policy_test') \
+  -R 'trainer_cuda_test|trainer_autocast_test|trainer_grad_sync_test|spectral_estimator_test|trainer_masked_backward_test|trainer_flops_test|policy_test') \
   > "$out/ctest.log" 2>&1
 echo "ctest rc $?" | tee -a "$out/machine.txt"
-for t in worker_cuda_test worker_grad_sync_test; do
+for t in trainer_cuda_test trainer_grad_sync_test; do
   [ -x "build-gpu/tests/$t" ] && "build-gpu/tests/$t" 2>&1 | grep -E "^\[ +(OK|SKIPPED|FAILED|PASSED) " >> "$out/ctest.log"
 done
 tail -n 30 "$out/ctest.log"

@@ -18,13 +18,13 @@ cd "$(dirname "$0")/../.."
 mkdir -p "$out"
 # shellcheck source=bench/gpu/prepare.sh
 source bench/gpu/prepare.sh
-ninja -C build-gpu -k 0 -j "$(nproc)" mat-train worker_switch_test worker_vgg_test \
-  worker_sgd_test worker_image_data_test >> "$out/build.log" 2>&1 \
+ninja -C build-gpu -k 0 -j "$(nproc)" mat-train trainer_switch_test trainer_vgg_test \
+  trainer_sgd_test trainer_image_data_test >> "$out/build.log" 2>&1 \
   || { grep -E -A3 "error" "$out/build.log" | head -n 60; [ -x build-gpu/bin/mat-train ] || exit 1; }
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 set +e
-for t in worker_switch_test worker_vgg_test worker_sgd_test; do
+for t in trainer_switch_test trainer_vgg_test trainer_sgd_test; do
   [ -x "build-gpu/tests/$t" ] && timeout 120 "build-gpu/tests/$t" 2>&1 \
     | grep -E "^\[ +(PASSED|FAILED) |Failure" | head -n 20 | sed "s/^/$t: /" | tee -a "$out/machine.txt"
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The training step on a CUDA machine, short (about 3 minutes on 16 cores): builds mat-bench and
 # the CUDA tests against PyTorch's LibTorch (-DMAT_WITH_SERVICE=OFF, prepare.sh), runs the CUDA
-# tests (worker_cuda_test: CPU against CUDA, the optimizer step included; worker_optimizer_test),
+# tests (trainer_cuda_test: CPU against CUDA, the optimizer step included; trainer_optimizer_test),
 # then our step against the PyTorch peer side by side (bench/step_vs_pytorch.py) on the default
 # BERT and on BERT-base, fp32 and bf16, each with its synchronized phases (forward, backward,
 # optimizer).
@@ -17,12 +17,12 @@ cd "$(dirname "$0")/../.."
 mkdir -p "$out"
 # shellcheck source=bench/gpu/prepare.sh
 source bench/gpu/prepare.sh
-ninja -C "$build" -k 0 -j "$(nproc)" mat-bench worker_cuda_test worker_optimizer_test \
+ninja -C "$build" -k 0 -j "$(nproc)" mat-bench trainer_cuda_test trainer_optimizer_test \
   >> "$out/build.log" 2>&1 || { grep -E -A3 "error" "$out/build.log" | head -n 60; exit 1; }
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 set +e
-for t in worker_cuda_test worker_optimizer_test; do
+for t in trainer_cuda_test trainer_optimizer_test; do
   timeout 120 "$build/tests/$t" > "/tmp/$t.log" 2>&1
   echo "$t rc $?" | tee -a "$out/machine.txt"
   grep -E "^\[ +(OK|SKIPPED|FAILED|PASSED) |Failure|Expected|Which is|actual" "/tmp/$t.log" >> "$out/ctest.log"

@@ -2,7 +2,7 @@
 """The PyTorch peer of mat-bench's `step`: the same BERT masked-LM, one full training step
 (forward, backward, AdamW) on the same batch shape, median of repeated steps.
 
-Same architecture as worker/bert.h: post-LN (or pre-LN) encoder, fused QKV, GELU FFN, the MLM
+Same architecture as trainer/models/bert.h: post-LN (or pre-LN) encoder, fused QKV, GELU FFN, the MLM
 head (dense + GELU + LayerNorm) applied to the masked positions only, decoder tied to the token
 embedding, dropout as configured. Prints one JSON object.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 
 def up(t):
-    """Layer norms take float32, as worker/bert.cc's UpIfLow (torch 1.13's CPU layer_norm rejects
+    """Layer norms take float32, as trainer/models/bert.cc's UpIfLow (torch 1.13's CPU layer_norm rejects
     a bf16 input with float32 weights; CUDA autocast casts it up itself)."""
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
@@ -94,7 +94,7 @@ def main():
     torch.manual_seed(0)
     dev = torch.device(a.device)
     model = BertMlm(a)
-    with torch.no_grad():  # the same initialisation as worker/bert.cc
+    with torch.no_grad():  # the same initialisation as trainer/models/bert.cc
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.02)

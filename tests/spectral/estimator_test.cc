@@ -9,7 +9,7 @@
 
 #include "spectral/exact_estimator.h"
 #include "spectral/gram_estimator.h"
-#include "worker/bert.h"
+#include "trainer/models/bert.h"
 
 namespace mat::spectral {
 namespace {
@@ -184,12 +184,12 @@ TEST(EstimatorTest, GramRejectsMalformedScaleShiftSites) {
 // One float64 BERT encoder layer of width 8 (2 heads, 2 FFN slices, no dropout) and its 4
 // modules: heads (Q, K, V rows with biases, W_O columns), then FFN slices.
 struct AttentionBlock {
-  worker::BertLayer layer{nullptr};
+  trainer::BertLayer layer{nullptr};
   ModulePartition partition;
 };
 
 AttentionBlock MakeAttentionBlock(bool pre_ln) {
-  worker::BertConfig c;
+  trainer::BertConfig c;
   c.d_model = 8;
   c.heads = 2;
   c.d_ff = 16;
@@ -197,7 +197,7 @@ AttentionBlock MakeAttentionBlock(bool pre_ln) {
   c.dropout = 0;
   c.pre_ln = pre_ln;
   AttentionBlock b;
-  b.layer = worker::BertLayer(c, 0);
+  b.layer = trainer::BertLayer(c, 0);
   auto& layer = b.layer;
   auto& p = b.partition;
   layer->to(torch::kFloat64);

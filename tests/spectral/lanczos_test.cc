@@ -1,6 +1,6 @@
 // The output-kernel estimators: lanczos against exact-output (and exact-output against a closed
 // form) in float64, on an MLP and on a BERT layer whose linear maps are the custom autograd
-// functions of worker/sliced_linear.cc (the double backward runs through them).
+// functions of trainer/models/sliced_linear.cc (the double backward runs through them).
 #include <gtest/gtest.h>
 
 #include "tests/spectral/toy_mlp.h"
@@ -8,7 +8,7 @@
 #include "spectral/estimator.h"
 #include "spectral/exact_estimator.h"
 #include "spectral/lanczos_estimator.h"
-#include "worker/bert.h"
+#include "trainer/models/bert.h"
 
 namespace mat::spectral {
 namespace {
@@ -69,13 +69,13 @@ class BertLayerProbe {
  public:
   BertLayerProbe() {
     torch::manual_seed(2);
-    worker::BertConfig c;
+    trainer::BertConfig c;
     c.d_model = 8;
     c.heads = 2;
     c.d_ff = 16;
     c.ffn_groups = 2;
     c.dropout = 0;
-    layer_ = worker::BertLayer(c, 0);
+    layer_ = trainer::BertLayer(c, 0);
     layer_->to(torch::kFloat64);
     for (int h = 0; h < 2; ++h) {
       ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
@@ -106,7 +106,7 @@ class BertLayerProbe {
   ModulePartition partition;
 
  private:
-  worker::BertLayer layer_{nullptr};
+  trainer::BertLayer layer_{nullptr};
   torch::Tensor x_, proj_;
 };
 

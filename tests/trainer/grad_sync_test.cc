@@ -1,0 +1,265 @@
+// GradientSync over a real ProcessGroupGloo: two ranks in two threads of this process, rendezvous
+// through a TCPStore on a free loopback port. Checks the averaged values (exact: small integers),
+// that masked-off modules are neither sent nor touched, the byte counts, and bucket boundaries.
+// The same over ProcessGroupNCCL on CUDA tensors where the build has NCCL and a GPU is present
+// (the CUDA check, bench/gpu/check.sh): one rank per GPU, so one rank on a one-GPU machine.
+#include "trainer/grad_sync.h"
+
+#include "common/net_util.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <functional>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace mat::trainer {
+namespace {
+
+// A free TCP port on 127.0.0.1.
+int FreePort() {
+  absl::StatusOr<int> port = common::PickFreePort();
+  EXPECT_TRUE(port.ok()) << port.status();
+  return port.value_or(0);
+}
+
+// Shared [4], module 0: [2,3] + [3], module 1: [5], module 2: [2,2]. Gradients = (rank+1)·(i+1)
+// for element i of parameter p, plus 100·p, so the mean over ranks 0 and 1 is 1.5·(i+1) + 100·p.
+std::vector<ParamEntry> MakeParams(int rank, const torch::Device& device = torch::kCPU) {
+  std::vector<std::pair<std::vector<int64_t>, int>> shapes = {
+      {{4}, -1}, {{2, 3}, 0}, {{3}, 0}, {{5}, 1}, {{2, 2}, 2}};
+  std::vector<ParamEntry> out;
+  for (size_t p = 0; p < shapes.size(); ++p) {
+    torch::Tensor t = torch::zeros(shapes[p].first);
+    const int64_t n = t.numel();
+    t = t.to(device);
+    t.mutable_grad() = (torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p)
+                           .reshape(shapes[p].first)
+                           .to(device);
+    out.push_back({"p" + std::to_string(p), t, shapes[p].second, true});
+  }
+  return out;
+}
+
+bool Has(const std::string& backend) {
+  auto b = AvailableBackends();
+  return std::find(b.begin(), b.end(), backend) != b.end();
+}
+
+// Rank `rank` of `world` meeting on 127.0.0.1:port under `prefix`, 20 s timeout.
+RendezvousOptions Loopback(int port, int rank, int world, const std::string& backend,
+                           const std::string& prefix) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = port;
+  o.local_host = "127.0.0.1";
+  o.rank = rank;
+  o.world_size = world;
+  o.backend = backend;
+  o.prefix = prefix;
+  o.timeout = std::chrono::milliseconds(20000);
+  return o;
+}
+
+// Runs `body(rank, sync)` on `world` ranks at once over `backend`; rank r's tensors on
+// devices[r].
+void OnRanks(int world, const std::string& backend, const std::vector<torch::Device>& devices,
+             int64_t bucket_bytes,
+             const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body) {
+  const int port = FreePort();
+  auto run = [&](int rank) {
+    auto group = ConnectProcessGroup(Loopback(port, rank, world, backend, "test/attempt-0"));
+    ASSERT_TRUE(group.ok()) << group.status();
+    std::vector<ParamEntry> params = MakeParams(rank, devices[rank]);
+    GradientSync sync(*group, params, bucket_bytes);
+    body(rank, sync, params);
+  };
+  std::vector<std::thread> others;
+  for (int r = 1; r < world; ++r) others.emplace_back(run, r);
+  run(0);
+  for (auto& t : others) t.join();
+}
+
+void OnTwoRanks(int64_t bucket_bytes,
+                const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body) {
+  ASSERT_TRUE(Has("gloo")) << "this build has no Gloo";
+  OnRanks(2, "gloo", {torch::kCPU, torch::kCPU}, bucket_bytes, body);
+}
+
+TEST(GradientSyncTest, AveragesActiveModulesAndSkipsMaskedOnes) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  OnTwoRanks(1 << 20, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
+    ASSERT_EQ(sync.world_size(), 2);
+    const std::vector<uint8_t> active = {1, 0, 1};
+    ASSERT_TRUE(sync.AllReduce(active).ok());
+    for (size_t p = 0; p < params.size(); ++p) {
+      const torch::Tensor g = params[p].param.grad();
+      const int64_t n = g.numel();
+      torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
+      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * 1.5f + 100.0f * p;
+      const bool skipped = params[p].module == 1;
+      EXPECT_TRUE(torch::equal(g.reshape({-1}), skipped ? mine : mean))
+          << "rank " << rank << " parameter " << p;
+    }
+    // 4 + 6 + 3 + 4 floats sent, module 1's 5 floats skipped.
+    EXPECT_EQ(sync.stats().bytes_reduced, 17 * 4);
+    EXPECT_EQ(sync.stats().bytes_skipped, 5 * 4);
+    EXPECT_EQ(sync.BytesFor(active), 17 * 4);
+    EXPECT_EQ(sync.BytesFor({1, 1, 1}), 22 * 4);
+    EXPECT_EQ(sync.stats().buckets, 1);
+  });
+}
+
+// BatchNorm running statistics: each rank's buffers become the mean over the ranks, the same
+// values on every rank, in the buffers' own dtype and shape.
+TEST(GradientSyncTest, AverageTensorsGivesEveryRankTheMean) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  OnTwoRanks(1 << 20, [](int rank, GradientSync& sync, std::vector<ParamEntry>&) {
+    torch::Tensor mean = torch::arange(6, torch::kFloat).reshape({2, 3}) * float(rank + 1);
+    torch::Tensor var = torch::full({4}, rank == 0 ? 1.0 : 3.0, torch::kFloat64);
+    ASSERT_TRUE(sync.AverageTensors({mean, var}).ok());
+    EXPECT_TRUE(torch::equal(mean, torch::arange(6, torch::kFloat).reshape({2, 3}) * 1.5f)) << rank;
+    EXPECT_EQ(mean.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(torch::equal(var, torch::full({4}, 2.0, torch::kFloat64))) << rank;
+    EXPECT_TRUE(sync.AverageTensors({}).ok());
+  });
+}
+
+TEST(GradientSyncTest, BucketsCloseOnlyAtModuleBoundaries) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  // 8-byte buckets: shared (16 B) alone, module 0 (36 B) whole, module 1, module 2: 4 buckets.
+  OnTwoRanks(8, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
+    ASSERT_TRUE(sync.AllReduce({1, 1, 1}).ok());
+    EXPECT_EQ(sync.stats().buckets, 4);
+    for (size_t p = 0; p < params.size(); ++p) {
+      const int64_t n = params[p].param.numel();
+      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * 1.5f + 100.0f * p;
+      EXPECT_TRUE(torch::equal(params[p].param.grad().reshape({-1}), mean)) << "rank " << rank;
+    }
+  });
+}
+
+TEST(GradientSyncTest, RejectsAMaskOfTheWrongSize) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  OnTwoRanks(1 << 20, [](int, GradientSync& sync, std::vector<ParamEntry>&) {
+    absl::Status s = sync.AllReduce({1, 1});
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  });
+}
+
+// CUDA tensors over NCCL: as many ranks as GPUs (at most 2), each on its own GPU. With one rank
+// the mean is the rank's own gradient, still sent through NCCL and counted.
+TEST(GradientSyncNcclTest, AveragesActiveModulesOnGpus) {
+  if (!Has("nccl")) GTEST_SKIP() << "this build has no NCCL (a CPU LibTorch)";
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const int world = std::min<int>(2, int(torch::cuda::device_count()));
+  std::vector<torch::Device> devices;
+  for (int r = 0; r < world; ++r) devices.emplace_back(torch::kCUDA, r);
+  OnRanks(world, "nccl", devices, 8, [world](int rank, GradientSync& sync,
+                                             std::vector<ParamEntry>& params) {
+    ASSERT_EQ(sync.world_size(), world);
+    ASSERT_TRUE(sync.AllReduce({1, 0, 1}).ok());
+    for (size_t p = 0; p < params.size(); ++p) {
+      const torch::Tensor g = params[p].param.grad();
+      EXPECT_TRUE(g.is_cuda());
+      const int64_t n = g.numel();
+      torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
+      float mean_scale = 0;
+      for (int r = 0; r < world; ++r) mean_scale += float(r + 1) / float(world);
+      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * mean_scale + 100.0f * p;
+      EXPECT_TRUE(torch::equal(g.cpu().reshape({-1}), params[p].module == 1 ? mine : mean))
+          << "rank " << rank << " parameter " << p;
+    }
+    EXPECT_EQ(sync.stats().bytes_reduced, 17 * 4);
+    EXPECT_EQ(sync.stats().bytes_skipped, 5 * 4);
+    EXPECT_EQ(sync.stats().buckets, 3);  // shared, module 0, module 2
+  });
+}
+
+TEST(ConnectProcessGroupTest, RejectsABackendTheBuildLacks) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = 1234;
+  o.world_size = 2;
+  o.backend = "mpi";
+  auto group = ConnectProcessGroup(o);
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(group.status().message().find("'mpi'"), std::string::npos) << group.status();
+}
+
+TEST(ConnectProcessGroupTest, ReportsAnUnreachableStoreNamingTheAddress) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = FreePort();  // nobody listens
+  o.backend = AvailableBackends().at(0);
+  o.rank = 1;
+  o.world_size = 2;
+  o.timeout = std::chrono::milliseconds(1500);
+  auto group = ConnectProcessGroup(o);
+  ASSERT_FALSE(group.ok());
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(group.status().message().find("127.0.0.1:" + std::to_string(o.master_port)),
+            std::string::npos)
+      << group.status();
+}
+
+TEST(ConnectProcessGroupTest, AWaitForMissingRanksCanBeCancelledAndTimesOut) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = FreePort();
+  o.backend = AvailableBackends().at(0);
+  o.rank = 0;  // hosts the store; rank 1 never comes
+  o.world_size = 2;
+  o.timeout = std::chrono::milliseconds(60000);
+  const auto t0 = std::chrono::steady_clock::now();
+  o.cancelled = [&] { return std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(200); };
+  auto group = ConnectProcessGroup(o);
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kCancelled) << group.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+
+  o.master_port = FreePort();
+  o.cancelled = nullptr;
+  o.timeout = std::chrono::milliseconds(2500);
+  group = ConnectProcessGroup(o);
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kUnavailable) << group.status();
+  EXPECT_NE(group.status().message().find("only 1 of 2 ranks"), std::string::npos) << group.status();
+}
+
+// The contract the flaky CI run of stop 16 broke: when ConnectProcessGroup returns OK on one rank,
+// every rank's group is connected, so a rank that drops its group at once (a job whose work is
+// refused locally, a rank that fails right after the rendezvous) cannot make another rank's
+// connect fail with "Connection closed by peer". Rank 0 hosts the store and lets go of everything
+// the moment it returns; rank 1 must still get its group. Many rounds, because without the
+// barrier the loss is a race of a few milliseconds.
+TEST(ConnectProcessGroupTest, EveryRankIsConnectedWhenAnyRankReturns) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  constexpr int kRounds = 25;
+  for (int round = 0; round < kRounds; ++round) {
+    const int port = FreePort();
+    auto options = [&](int rank) {
+      return Loopback(port, rank, 2, "gloo", "test/round-" + std::to_string(round));
+    };
+    absl::Status second;
+    std::thread rank1([&] { second = ConnectProcessGroup(options(1)).status(); });
+    absl::Status first = ConnectProcessGroup(options(0)).status();  // the group dies here
+    rank1.join();
+    ASSERT_TRUE(first.ok()) << "round " << round << ": " << first;
+    ASSERT_TRUE(second.ok()) << "round " << round << ": " << second;
+  }
+}
+
+TEST(ConnectProcessGroupTest, RejectsBadRankAndPort) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = 0;
+  o.world_size = 2;
+  EXPECT_EQ(ConnectProcessGroup(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.master_port = 1234;
+  o.rank = 2;
+  EXPECT_EQ(ConnectProcessGroup(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace mat::trainer

@@ -1,0 +1,453 @@
+// Integration tests of the mat-train binary (MAT_BIN_DIR/mat-train): a tiny BERT on a generated
+// corpus, driven through --config examples/bert-wikitext2-tiny.yaml and --set overrides.
+// Checks the files it writes (summary.json, metrics.jsonl, decisions.jsonl) against each other,
+// --resume, and that bad input exits with 2 and a message naming the problem.
+//
+// Every command runs with the working directory set to a fresh temporary directory, so the
+// default relative data.dir never points at real data.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <ostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "nlohmann/json.hpp"
+#include "safetensors/safetensors.h"
+
+namespace mat::trainer {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using nlohmann::json;
+
+const std::string kBinary = std::string(MAT_BIN_DIR) + "/mat-train";
+const std::string kTinyConfig = std::string(MAT_SOURCE_DIR) + "/examples/bert-wikitext2-tiny.yaml";
+
+std::string ReadText(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void WriteText(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+}
+
+std::string Quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::vector<json> ReadJsonl(const fs::path& path) {
+  std::vector<json> out;
+  std::istringstream in(ReadText(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    json j = json::parse(line, nullptr, false);
+    EXPECT_FALSE(j.is_discarded()) << path << ": not JSON: " << line.substr(0, 200);
+    out.push_back(j);
+  }
+  return out;
+}
+
+std::vector<int64_t> Steps(const std::vector<json>& lines) {
+  std::vector<int64_t> s;
+  for (const json& j : lines) s.push_back(j.value("step", int64_t(-1)));
+  return s;
+}
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out, err;
+};
+
+// Generated WikiText-layout corpus: 150 word types, lines of 3-15 words.
+void WriteCorpus(const fs::path& dir) {
+  fs::create_directories(dir);
+  std::mt19937_64 rng(2024);
+  auto split = [&](const char* name, int lines) {
+    std::string text;
+    for (int l = 0; l < lines; ++l) {
+      const int n = 3 + int(rng() % 13);
+      text += " ";
+      for (int i = 0; i < n; ++i) text += "w" + std::to_string(rng() % 150) + " ";
+      text += "\n";
+      if (l % 10 == 0) text += " \n";  // blank lines, as in WikiText
+    }
+    WriteText(dir / name, text);
+  };
+  split("train.txt", 300);
+  split("valid.txt", 60);
+  split("test.txt", 60);
+}
+
+class MatTrainCliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::string tmpl = (fs::temp_directory_path() / "mat_train_cli_test_XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr) return;
+    root_ = new fs::path(tmpl);
+    WriteCorpus(*root_ / "corpus");
+    WriteText(*root_ / "malformed.yaml", "model: [1, 2\ntrain:\n  steps: 3\n");
+    WriteText(*root_ / "unknown_key.yaml", "train:\n  stepz: 3\n");
+    fs::create_directories(*root_ / "config_dir");
+  }
+  static void TearDownTestSuite() {
+    if (root_) {
+      std::error_code ec;
+      fs::remove_all(*root_, ec);
+    }
+    delete root_;
+    root_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(root_, nullptr) << "cannot create a temporary directory";
+    ASSERT_TRUE(fs::exists(kBinary)) << kBinary << " is not built";
+  }
+
+  static fs::path root() { return *root_; }
+
+  // The tiny job of the brief on top of the tiny example, writing to root/<out>.
+  static std::vector<std::string> TinyArgs(const std::string& out, const std::string& config = kTinyConfig) {
+    std::vector<std::string> a = {"--config", config, "--out", (root() / out).string(),
+                                  "--no-progress", "--set", "data.dir=" + (root() / "corpus").string()};
+    for (const char* s :
+         {"model.layers=1", "model.d_model=16", "model.heads=2", "model.d_ff=32",
+          "model.max_seq_len=16", "data.seq_len=16", "train.steps=30", "train.batch_size=8",
+          "train.eval_every=10", "train.eval_batches=2", "policy.warmup_steps=10",
+          "policy.probe_every=5", "policy.probe_samples=4", "train.threads=1"}) {
+      a.push_back("--set");
+      a.push_back(s);
+    }
+    return a;
+  }
+
+  // Runs mat-train with `args` in root(); stdout and stderr are captured.
+  static RunResult Run(const std::vector<std::string>& args) {
+    static int counter = 0;
+    const std::string tag = std::to_string(++counter);
+    const fs::path out = root() / ("stdout." + tag), err = root() / ("stderr." + tag);
+    std::string cmd = "cd " + Quote(root().string()) + " && timeout 600 " + Quote(kBinary);
+    for (const std::string& a : args) cmd += " " + Quote(a);
+    cmd += " > " + Quote(out.string()) + " 2> " + Quote(err.string());
+    const int rc = std::system(cmd.c_str());
+    RunResult r;
+    r.exit_code = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+    r.out = ReadText(out);
+    r.err = ReadText(err);
+    return r;
+  }
+
+  static std::vector<std::string> With(std::vector<std::string> args,
+                                       const std::vector<std::string>& sets) {
+    for (const std::string& s : sets) {
+      args.push_back("--set");
+      args.push_back(s);
+    }
+    return args;
+  }
+
+  static fs::path* root_;
+};
+fs::path* MatTrainCliTest::root_ = nullptr;
+
+// The metrics line of `step`, or null.
+json LineAt(const std::vector<json>& lines, int64_t step) {
+  for (const json& j : lines)
+    if (j.value("step", int64_t(-1)) == step) return j;
+  return json();
+}
+
+// Checks summary.json, metrics.jsonl and decisions.jsonl of a finished 30-step tiny run, and that
+// they agree with each other. Returns the summary.
+json CheckFinishedRun(const fs::path& out, const RunResult& r, const std::string& mode) {
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  const json summary = json::parse(ReadText(out / "summary.json"), nullptr, false);
+  EXPECT_FALSE(summary.is_discarded()) << "summary.json is missing or not JSON";
+  if (summary.is_discarded()) return summary;
+  for (const char* key : {"mode", "steps", "best_val_loss", "best_step", "test_loss_at_best",
+                          "flops_total", "flops_to_best", "flops_saved", "spectral_seconds",
+                          "wall_seconds"}) {
+    EXPECT_TRUE(summary.contains(key)) << "summary.json lacks " << key;
+  }
+  EXPECT_EQ(summary.value("mode", ""), mode);
+  EXPECT_EQ(summary.value("steps", -1), 30);
+  // stdout carries the same summary.
+  EXPECT_EQ(json::parse(r.out, nullptr, false), summary);
+  // The trained model, as safetensors: every tensor by its name, finite, the step in metadata.
+  auto model = safetensors::ReadFile((out / "model.safetensors").string());
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (model.ok()) {
+    EXPECT_EQ(model->metadata["mat.step"], "30");
+    EXPECT_EQ(model->metadata["mat.model"], "bert");
+    EXPECT_TRUE(model->tensors.count("tok_emb.weight"));
+    for (const auto& [name, t] : model->tensors) {
+      EXPECT_EQ(t.dtype, safetensors::DType::kF32) << name;
+      std::vector<float> v(t.data.size() / 4);
+      std::memcpy(v.data(), t.data.data(), v.size() * 4);
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); }))
+          << name;
+    }
+  }
+
+  const std::vector<json> metrics = ReadJsonl(out / "metrics.jsonl");
+  EXPECT_EQ(metrics.size(), 3u);
+  EXPECT_EQ(Steps(metrics), (std::vector<int64_t>{10, 20, 30}));
+  double min_val = INFINITY, prev_flops = 0, prev_wall = 0;
+  for (const json& m : metrics) {
+    SCOPED_TRACE("metrics line " + m.dump().substr(0, 300));
+    for (const char* key : {"step", "train_loss", "val_loss", "flops", "active_modules", "wall_seconds"})
+      EXPECT_TRUE(m.contains(key)) << key;
+    for (const char* key : {"forward", "activation_grad", "weight_grad", "spectral"})
+      EXPECT_TRUE(m["flops"].contains(key)) << "flops." << key;
+    EXPECT_TRUE(m["active_modules"].is_object());
+    const double train_loss = m.value("train_loss", NAN), val_loss = m.value("val_loss", NAN);
+    EXPECT_TRUE(std::isfinite(train_loss) && train_loss > 0) << train_loss;
+    EXPECT_TRUE(std::isfinite(val_loss) && val_loss > 0) << val_loss;
+    min_val = std::min(min_val, val_loss);
+    const double total = m["flops"].value("total", 0.0);
+    EXPECT_GT(total, prev_flops) << "flops must grow with steps";
+    EXPECT_DOUBLE_EQ(total, m["flops"].value("forward", 0.0) + m["flops"].value("activation_grad", 0.0) +
+                                m["flops"].value("weight_grad", 0.0) + m["flops"].value("spectral", 0.0));
+    prev_flops = total;
+    EXPECT_GE(m.value("wall_seconds", -1.0), prev_wall);
+    prev_wall = m.value("wall_seconds", -1.0);
+  }
+  // The summary agrees with the metrics.
+  const int64_t best_step = summary.value("best_step", int64_t(-1));
+  const json best = LineAt(metrics, best_step);
+  EXPECT_FALSE(best.is_null()) << "best_step " << best_step << " has no metrics line";
+  EXPECT_DOUBLE_EQ(summary.value("best_val_loss", NAN), min_val);
+  if (!best.is_null()) {
+    EXPECT_DOUBLE_EQ(best.value("val_loss", NAN), min_val);
+    EXPECT_DOUBLE_EQ(summary.value("test_loss_at_best", NAN), best.value("test_loss", NAN));
+    EXPECT_DOUBLE_EQ(summary.value("flops_to_best", NAN), best["flops"].value("total", NAN));
+  }
+  if (!metrics.empty()) {
+    EXPECT_DOUBLE_EQ(summary.value("flops_total", NAN), metrics.back()["flops"].value("total", NAN));
+    EXPECT_DOUBLE_EQ(summary["flops_by_phase"].value("spectral", NAN),
+                     metrics.back()["flops"].value("spectral", NAN));
+  }
+  EXPECT_GT(summary.value("wall_seconds", 0.0), 0.0);
+  EXPECT_GE(summary.value("spectral_seconds", -1.0), 0.0);
+  // The evaluation curve (matctl compare) is the metrics' evaluations, point for point.
+  const json curve = summary.value("eval_curve", json());
+  EXPECT_TRUE(curve.is_object()) << "summary.json lacks eval_curve";
+  if (curve.is_object()) {
+    EXPECT_EQ(curve.value("step", json()).get<std::vector<int64_t>>(), Steps(metrics));
+    for (size_t i = 0; i < metrics.size() && i < curve["flops"].size(); ++i) {
+      EXPECT_EQ(curve["flops"][i], metrics[i]["flops"]["total"]) << i;
+      EXPECT_EQ(curve["val_loss"][i], metrics[i]["val_loss"]) << i;
+      EXPECT_EQ(curve["wall_seconds"][i], metrics[i]["wall_seconds"]) << i;
+    }
+  }
+
+  const std::vector<json> decisions = ReadJsonl(out / "decisions.jsonl");
+  EXPECT_EQ(decisions.size(), 6u);  // probes at steps 0, 5, ..., 25
+  EXPECT_EQ(Steps(decisions), (std::vector<int64_t>{0, 5, 10, 15, 20, 25}));
+  for (const json& d : decisions) {
+    EXPECT_TRUE(d.contains("modules") && d["modules"].is_array()) << d.dump().substr(0, 200);
+    EXPECT_TRUE(d.contains("num_active"));
+  }
+  return summary;
+}
+
+TEST_F(MatTrainCliTest, MatRunWritesConsistentSummaryMetricsAndDecisions) {
+  RunResult r = Run(TinyArgs("mat"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json summary = CheckFinishedRun(root() / "mat", r, "mat");
+  ASSERT_FALSE(summary.is_discarded());
+  // MAT probes spectra: spectral FLOPs and time are spent, from the first probe (step 0) on.
+  EXPECT_GT(summary["flops_by_phase"].value("spectral", 0.0), 0.0);
+  EXPECT_GT(summary.value("spectral_seconds", 0.0), 0.0);
+  for (const json& m : ReadJsonl(root() / "mat" / "metrics.jsonl"))
+    EXPECT_GT(m["flops"].value("spectral", 0.0), 0.0) << "step " << m.value("step", -1);
+  // The decisions carry the probe's per-module values.
+  for (const json& d : ReadJsonl(root() / "mat" / "decisions.jsonl"))
+    EXPECT_TRUE(d.contains("trace")) << "step " << d.value("step", -1);
+}
+
+TEST_F(MatTrainCliTest, FullPolicySpendsNoSpectralFlops) {
+  RunResult r = Run(With(TinyArgs("full"), {"policy.kind=full"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json summary = CheckFinishedRun(root() / "full", r, "full");
+  ASSERT_FALSE(summary.is_discarded());
+  EXPECT_EQ(summary["flops_by_phase"].value("spectral", -1.0), 0.0);
+  EXPECT_EQ(summary.value("spectral_seconds", -1.0), 0.0);
+  for (const json& m : ReadJsonl(root() / "full" / "metrics.jsonl"))
+    EXPECT_EQ(m["flops"].value("spectral", -1.0), 0.0) << "step " << m.value("step", -1);
+  // Full training trains every module: nothing is saved and everything stays active.
+  const double total = summary.value("flops_total", 0.0);
+  EXPECT_NEAR(summary.value("flops_saved", -1.0), 0.0, 1e-9 * total);
+  EXPECT_DOUBLE_EQ(summary.value("mean_active_fraction", -1.0), 1.0);
+}
+
+// train.deterministic (torch's deterministic kernels; what bench/gpu/service.sh sets on CUDA to
+// compare a service job with mat-train) changes nothing on the CPU: the same checksum, the same
+// losses. The checksum in summary.json is the same FNV-1a hash a service rank reports.
+TEST_F(MatTrainCliTest, DeterministicKernelsTrainTheSameParametersOnCpu) {
+  RunResult plain = Run(TinyArgs("plain"));
+  RunResult det = Run(With(TinyArgs("det"), {"train.deterministic=true"}));
+  json a = CheckFinishedRun(root() / "plain", plain, "mat");
+  json b = CheckFinishedRun(root() / "det", det, "mat");
+  ASSERT_FALSE(a.is_discarded());
+  ASSERT_FALSE(b.is_discarded());
+  const std::string ca = a.value("param_checksum", ""), cb = b.value("param_checksum", "");
+  EXPECT_EQ(ca.size(), 16u) << a.dump(2);
+  EXPECT_EQ(ca, cb);
+  EXPECT_EQ(a.value("best_val_loss", NAN), b.value("best_val_loss", NAN));
+  // Every decision the same, but for its probe's wall time.
+  std::vector<json> da = ReadJsonl(root() / "plain" / "decisions.jsonl");
+  std::vector<json> db = ReadJsonl(root() / "det" / "decisions.jsonl");
+  ASSERT_EQ(da.size(), db.size());
+  ASSERT_FALSE(da.empty());
+  for (size_t i = 0; i < da.size(); ++i) {
+    da[i].erase("probe_seconds");
+    db[i].erase("probe_seconds");
+    EXPECT_EQ(da[i], db[i]) << "decision " << i;
+  }
+}
+
+TEST_F(MatTrainCliTest, ResumeWithMoreStepsContinuesFromTheLastStep) {
+  RunResult first = Run(TinyArgs("resume"));
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const fs::path out = root() / "resume";
+  const std::vector<json> metrics_before = ReadJsonl(out / "metrics.jsonl");
+  const std::vector<json> decisions_before = ReadJsonl(out / "decisions.jsonl");
+  ASSERT_EQ(metrics_before.size(), 3u);
+  ASSERT_TRUE(fs::exists(out / "checkpoint.pt"));
+
+  std::vector<std::string> args = With(TinyArgs("resume"), {"train.steps=40"});
+  args.push_back("--resume");
+  RunResult second = Run(args);
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_THAT(second.out + second.err, HasSubstr("at step 30"));
+  const json summary = json::parse(ReadText(out / "summary.json"), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded());
+  EXPECT_EQ(summary.value("steps", -1), 40);
+
+  const std::vector<json> metrics = ReadJsonl(out / "metrics.jsonl");
+  EXPECT_EQ(Steps(metrics), (std::vector<int64_t>{10, 20, 30, 40}));
+  // The first run's lines are kept as they were (their wall_seconds would differ on a rerun).
+  for (size_t i = 0; i < std::min<size_t>(3, metrics.size()); ++i)
+    EXPECT_EQ(metrics[i], metrics_before[i]) << "metrics line " << i;
+  const std::vector<json> decisions = ReadJsonl(out / "decisions.jsonl");
+  EXPECT_EQ(Steps(decisions), (std::vector<int64_t>{0, 5, 10, 15, 20, 25, 30, 35}));
+  for (size_t i = 0; i < std::min(decisions.size(), decisions_before.size()); ++i)
+    EXPECT_EQ(decisions[i], decisions_before[i]) << "decision line " << i;
+  // The evaluation curve survives the restart: all four evaluations.
+  EXPECT_EQ(summary["eval_curve"].value("step", json()), json({10, 20, 30, 40}));
+  // Time and FLOPs accumulate across the restart.
+  if (metrics.size() == 4) {
+    EXPECT_GT(metrics[3]["flops"].value("total", 0.0), metrics[2]["flops"].value("total", 0.0));
+    EXPECT_GE(metrics[3].value("wall_seconds", 0.0), metrics[2].value("wall_seconds", 0.0));
+    EXPECT_DOUBLE_EQ(summary.value("flops_total", NAN), metrics[3]["flops"].value("total", NAN));
+  }
+}
+
+// model.init_from: a run started from another run's model.safetensors evaluates as that model
+// did (one step at a vanishing learning rate leaves the weights as loaded); a model of another
+// shape is refused naming the tensor.
+TEST_F(MatTrainCliTest, InitFromStartsFromTheSavedWeightsAndRefusesAnotherShape) {
+  RunResult first = Run(With(TinyArgs("init_source"), {"policy.kind=full"}));
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const fs::path model = root() / "init_source" / "model.safetensors";
+  const std::vector<json> source = ReadJsonl(root() / "init_source" / "metrics.jsonl");
+  ASSERT_EQ(source.size(), 3u);
+  const double trained_val = source.back().value("val_loss", NAN);
+
+  RunResult from = Run(With(TinyArgs("init_from"),
+                            {"policy.kind=full", "train.steps=1", "train.warmup_steps=0",
+                             "train.lr=1e-12", "model.init_from=" + model.string()}));
+  ASSERT_EQ(from.exit_code, 0) << from.err;
+  const std::vector<json> metrics = ReadJsonl(root() / "init_from" / "metrics.jsonl");
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_NEAR(metrics[0].value("val_loss", NAN), trained_val, 1e-5);
+  // The same step from a fresh initialisation evaluates far from the trained model.
+  RunResult fresh = Run(With(TinyArgs("init_fresh"), {"policy.kind=full", "train.steps=1",
+                                                       "train.warmup_steps=0", "train.lr=1e-12"}));
+  ASSERT_EQ(fresh.exit_code, 0) << fresh.err;
+  const std::vector<json> fresh_metrics = ReadJsonl(root() / "init_fresh" / "metrics.jsonl");
+  ASSERT_EQ(fresh_metrics.size(), 1u);
+  EXPECT_GT(std::abs(fresh_metrics[0].value("val_loss", NAN) - trained_val), 1e-3);
+
+  RunResult wrong = Run(With(TinyArgs("init_wrong"),
+                             {"model.d_ff=64", "model.init_from=" + model.string()}));
+  EXPECT_NE(wrong.exit_code, 0);
+  EXPECT_THAT(wrong.err, HasSubstr("model.init_from"));
+  EXPECT_THAT(wrong.err, HasSubstr("has shape"));
+  EXPECT_FALSE(fs::exists(root() / "init_wrong" / "summary.json"));
+
+  RunResult missing = Run(With(TinyArgs("init_missing"),
+                               {"model.init_from=" + (root() / "nope.safetensors").string()}));
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_THAT(missing.err, HasSubstr("nope.safetensors"));
+}
+
+// Bad input: exit code 2, nothing trained, and stderr names the problem. "{root}" in the case
+// strings is the test's temporary directory.
+struct BadInput {
+  std::string name;
+  std::string config;               // --config (empty: the tiny example)
+  std::vector<std::string> sets;    // extra --set assignments
+  std::vector<std::string> needles;  // each must appear on stderr
+};
+
+void PrintTo(const BadInput& c, std::ostream* os) { *os << c.name; }
+
+std::string Expand(std::string s, const fs::path& root) {
+  const std::string key = "{root}";
+  for (size_t at; (at = s.find(key)) != std::string::npos;) s.replace(at, key.size(), root.string());
+  return s;
+}
+
+class MatTrainBadInputTest : public MatTrainCliTest, public ::testing::WithParamInterface<BadInput> {};
+
+TEST_P(MatTrainBadInputTest, ExitsWithTwoAndNamesTheProblem) {
+  const BadInput& c = GetParam();
+  const std::string out = "bad_" + c.name;
+  std::vector<std::string> sets;
+  for (const std::string& s : c.sets) sets.push_back(Expand(s, root()));
+  RunResult r = Run(With(TinyArgs(out, c.config.empty() ? kTinyConfig : Expand(c.config, root())), sets));
+  EXPECT_EQ(r.exit_code, 2) << "stderr:\n" << r.err;
+  for (const std::string& n : c.needles) EXPECT_THAT(r.err, HasSubstr(Expand(n, root())));
+  EXPECT_FALSE(fs::exists(root() / out / "summary.json"));
+  EXPECT_FALSE(fs::exists(root() / out / "metrics.jsonl"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, MatTrainBadInputTest,
+    ::testing::Values(
+        BadInput{"MissingDataDir", "", {"data.dir={root}/no_such_corpus"},
+                 {"data.dir", "{root}/no_such_corpus/train.txt"}},
+        BadInput{"NonexistentConfig", "{root}/no_such_config.yaml", {}, {"{root}/no_such_config.yaml"}},
+        BadInput{"MalformedYaml", "{root}/malformed.yaml", {}, {"{root}/malformed.yaml", "YAML"}},
+        BadInput{"ConfigIsADirectory", "{root}/config_dir", {}, {"{root}/config_dir"}},
+        BadInput{"UnknownKeyInConfig", "{root}/unknown_key.yaml", {},
+                 {"{root}/unknown_key.yaml", "train.stepz"}},
+        BadInput{"AlphaAboveOne", "", {"policy.alpha=1.5"}, {"policy.alpha"}},
+        BadInput{"ProbeSamplesOne", "", {"policy.probe_samples=1"}, {"policy.probe_samples"}},
+        BadInput{"UnknownSetKey", "", {"train.stepz=3"}, {"train.stepz"}},
+        BadInput{"SetWithoutEquals", "", {"noequals"}, {"noequals"}},
+        BadInput{"IllTypedSetValue", "", {"model.layers=abc"}, {"model.layers"}}),
+    [](const ::testing::TestParamInfo<BadInput>& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace mat::trainer

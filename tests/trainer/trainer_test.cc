@@ -1,0 +1,374 @@
+// The training loop: resume from a checkpoint reproduces the uninterrupted run exactly; probes
+// and policies are wired; a truncated newest checkpoint falls back to the previous one.
+#include "trainer/trainer.h"
+
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <random>
+
+#include "common/file_util.h"
+#include "tests/trainer/toy_run.h"
+
+namespace mat::trainer {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::ReadJsonLines;
+using testing::TinyTrainConfig;
+
+// A small corpus in the WikiText layout with a Zipf-like word distribution.
+std::string MakeCorpus(const std::string& name) {
+  fs::path dir = fs::temp_directory_path() / ("mat_trainer_test_" + name + "_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::mt19937 rng(3);
+  for (auto [split, lines] : {std::pair{"train", 400}, {"valid", 60}, {"test", 60}}) {
+    std::ofstream out(dir / (std::string(split) + ".txt"));
+    for (int l = 0; l < lines; ++l) {
+      int words = 5 + rng() % 15;
+      for (int w = 0; w < words; ++w) out << "w" << (rng() % 50) * (rng() % 4) << ' ';
+      out << "\n";
+    }
+  }
+  return dir.string();
+}
+
+class TrainerTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  static void SetUpTestSuite() { data_ = new std::string(MakeCorpus("resume")); }
+  static std::string* data_;
+  std::string Out(const std::string& tag) {
+    fs::path p = fs::temp_directory_path() /
+                 ("mat_trainer_out_" + tag + GetParam() + "_" + std::to_string(::getpid()));
+    fs::remove_all(p);
+    return p.string();
+  }
+};
+std::string* TrainerTest::data_ = nullptr;
+
+TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
+  config::TrainConfig c = TinyTrainConfig(*data_, GetParam());
+  std::string straight_dir = Out("straight"), split_dir = Out("split");
+  auto straight = Trainer::Create(c, {straight_dir, false, false});
+  ASSERT_TRUE(straight.ok()) << straight.status();
+  ASSERT_TRUE((*straight)->Run().ok());
+  std::string straight_sum = (*straight)->ParamChecksum();
+  EXPECT_EQ((*straight)->resumed_from_step(), -1) << "a run without resume starts afresh";
+  {
+    auto first = Trainer::Create(c, {split_dir, false, false});
+    ASSERT_TRUE(first.ok());
+    ASSERT_TRUE((*first)->Run(/*stop_at_step=*/23).ok());  // mid-interval, mid-eval-period
+    EXPECT_EQ((*first)->step(), 23);
+  }
+  auto second = Trainer::Create(c, {split_dir, false, true});
+  ASSERT_TRUE(second.ok());
+  auto summary = (*second)->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  // It resumed at step 23: a fresh run would also end with the uninterrupted checksum.
+  EXPECT_EQ((*second)->resumed_from_step(), 23);
+  EXPECT_EQ((*second)->ParamChecksum(), straight_sum);
+
+  auto a = ReadJsonLines(straight_dir + "/metrics.jsonl"), b = ReadJsonLines(split_dir + "/metrics.jsonl");
+  ASSERT_EQ(a.size(), 4u);
+  ASSERT_EQ(b.size(), a.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i]["step"], b[i]["step"]);
+    EXPECT_EQ(a[i]["train_loss"].get<double>(), b[i]["train_loss"].get<double>()) << i;
+    EXPECT_EQ(a[i]["val_loss"].get<double>(), b[i]["val_loss"].get<double>()) << i;
+    EXPECT_EQ(a[i]["flops"]["total"].get<double>(), b[i]["flops"]["total"].get<double>()) << i;
+  }
+  auto da = ReadJsonLines(straight_dir + "/decisions.jsonl"), db = ReadJsonLines(split_dir + "/decisions.jsonl");
+  ASSERT_EQ(da.size(), 8u);
+  ASSERT_EQ(db.size(), da.size());
+  for (size_t i = 0; i < da.size(); ++i) EXPECT_EQ(da[i]["modules"], db[i]["modules"]) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, TrainerTest, ::testing::Values("mat", "full", "rand", "multirate"));
+
+TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
+  std::string data = MakeCorpus("mat");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  c.policy.alpha = 0.5;
+  c.policy.min_active_fraction = 0.25;
+  auto t = Trainer::Create(c, {"", false, false});
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto s = (*t)->Run();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_LT((*s)["mean_active_fraction"].get<double>(), 1.0);
+  EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+  EXPECT_GT((*s)["spectral_seconds"].get<double>(), 0);
+  EXPECT_TRUE(std::isfinite((*s)["best_val_loss"].get<double>()));
+  // The masking floor: with every module off a step still costs its forward, its activation
+  // gradients and the always-trained weights' gradients; the decoder's share does not change.
+  const auto& sf = (*s)["step_flops"];
+  const double full = sf["full"].get<double>(), off = sf["modules_off"].get<double>();
+  const double full_wo = sf["full_without_decoder"].get<double>();
+  const double off_wo = sf["modules_off_without_decoder"].get<double>();
+  EXPECT_LT(off, full);
+  EXPECT_GT(off, 0.5 * full);
+  EXPECT_LT(full_wo, full);
+  EXPECT_NEAR(full - off, full_wo - off_wo, 1e-9 * full);
+  // Masking saved less than switching every module off after the warm-up would have (the
+  // modules' weight gradients do not depend on the batch's masked-token count).
+  EXPECT_GT((*s)["flops_saved"].get<double>(), 0);
+  EXPECT_LT((*s)["flops_saved"].get<double>(),
+            (c.train.steps - c.policy.warmup_steps) * (full - off));
+}
+
+// The "-Rand" baseline: rand replaying a MAT run's decisions.jsonl trains the same number of
+// modules per group at every decision (other modules: random), and says so in its own log.
+TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
+  namespace fs = std::filesystem;
+  std::string data = MakeCorpus("replay");
+  const fs::path root = fs::temp_directory_path() / ("mat_replay_" + std::to_string(::getpid()));
+  config::TrainConfig mat = TinyTrainConfig(data, "mat");
+  mat.policy.alpha = 0.5;
+  mat.policy.min_active_fraction = 0.25;
+  auto tm = Trainer::Create(mat, {(root / "mat").string(), false, false});
+  ASSERT_TRUE(tm.ok()) << tm.status();
+  ASSERT_TRUE((*tm)->Run().ok());
+
+  config::TrainConfig rand = TinyTrainConfig(data, "rand");
+  rand.policy.rand_schedule = (root / "mat" / "decisions.jsonl").string();
+  auto tr = Trainer::Create(rand, {(root / "rand").string(), false, false});
+  ASSERT_TRUE(tr.ok()) << tr.status();
+  ASSERT_TRUE((*tr)->Run().ok());
+
+  auto counts = [](const fs::path& file) {
+    std::vector<std::pair<int64_t, int64_t>> out;  // (step, num_active)
+    std::ifstream in(file);
+    std::string line;
+    while (std::getline(in, line)) {
+      auto d = nlohmann::json::parse(line);
+      out.emplace_back(d["step"].get<int64_t>(), d["num_active"].get<int64_t>());
+    }
+    return out;
+  };
+  auto a = counts(root / "mat" / "decisions.jsonl"), b = counts(root / "rand" / "decisions.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  bool some_masked = false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i], b[i]) << "decision " << i;
+    some_masked = some_masked || a[i].second < int64_t((*tm)->partition().size());
+  }
+  EXPECT_TRUE(some_masked) << "the MAT run never masked a module: the replay shows nothing";
+
+  config::TrainConfig wrong = TinyTrainConfig(data, "mat");
+  wrong.policy.rand_schedule = rand.policy.rand_schedule;
+  EXPECT_EQ(Trainer::Create(wrong, {"", false, false}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  config::TrainConfig missing = TinyTrainConfig(data, "rand");
+  missing.policy.rand_schedule = (root / "nope.jsonl").string();
+  auto m = Trainer::Create(missing, {"", false, false});
+  EXPECT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("nope.jsonl"), std::string::npos) << m.status();
+  fs::remove_all(root);
+}
+
+TEST(TrainerSingleTest, ProbeReportsAFiniteSpectrumPerModule) {
+  std::string data = MakeCorpus("probe");
+  auto t = Trainer::Create(TinyTrainConfig(data, "mat"), {"", false, false});
+  ASSERT_TRUE(t.ok());
+  MlmBatch batch = (*t)->train_stream().Next(8);
+  auto r = (*t)->Probe(batch);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(int(r->modules.size()), (*t)->partition().size());
+  for (const auto& m : r->modules) {
+    EXPECT_TRUE(std::isfinite(m.lambda_max));
+    EXPECT_GT(m.lambda_max, 0);
+    EXPECT_GE(m.trace, m.lambda_max * (1 - 1e-9));
+    EXPECT_GE(m.effective_rank, 1.0 - 1e-9);
+    EXPECT_LE(m.effective_rank, 4.0 + 1e-9);
+  }
+  // The probe leaves no gradients behind.
+  for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
+}
+
+// policy.estimator=lanczos (output kernel of the projected logits) through the real model: the
+// probes of a short run succeed and every module gets a finite λ; with K = d = n·k the Ritz
+// values are the exact-output kernel's spectrum.
+TEST(TrainerSingleTest, LanczosProbesGiveFiniteSpectraAndMatchExactOutput) {
+  std::string data = MakeCorpus("lanczos");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  c.train.steps = 12;
+  c.policy.estimator = "lanczos";
+  c.policy.probe_projections = 2;  // d = 4 · 2 = 8
+  c.policy.lanczos_iterations = 8;
+  auto t = Trainer::Create(c, {"", false, false});
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto s = (*t)->Run();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+  MlmBatch batch = (*t)->train_stream().Next(8);
+  auto lz = (*t)->Probe(batch);
+  ASSERT_TRUE(lz.ok()) << lz.status();
+  spectral::EstimatorOptions o;
+  o.projections = 2;
+  auto exact = spectral::MakeEstimator("exact-output", o);
+  ASSERT_TRUE(exact.ok());
+  auto ex = (*t)->Probe(batch, exact->get());
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_EQ(int(lz->modules.size()), (*t)->partition().size());
+  for (size_t m = 0; m < lz->modules.size(); ++m) {
+    SCOPED_TRACE((*t)->partition().modules[m].name);
+    const auto& l = lz->modules[m];
+    EXPECT_TRUE(std::isfinite(l.lambda_max));
+    EXPECT_GT(l.lambda_max, 0);
+    EXPECT_GE(l.trace, l.lambda_max * (1 - 1e-6));
+    EXPECT_NEAR(l.lambda_max, ex->modules[m].lambda_max, 1e-3 * ex->modules[m].lambda_max);
+    EXPECT_NEAR(l.trace, ex->modules[m].trace, 1e-3 * ex->modules[m].trace);
+  }
+  for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
+}
+
+// policy.estimator=output (the paper's mNTK at the masked positions) through the real model:
+// a short run probes with it, and on one batch its kernels equal exact-output's brute-force
+// Jacobian kernels on the same outputs (P = 2 positions × k = 2 projections per sample, d = 16),
+// from q = 4 backward passes instead of 16. The FLOP count includes every backward pass.
+TEST(TrainerSingleTest, OutputEstimatorMatchesTheBruteForceOutputKernel) {
+  std::string data = MakeCorpus("output");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  c.train.steps = 12;
+  c.policy.estimator = "output";
+  c.policy.probe_projections = 2;
+  c.policy.probe_positions = 2;
+  auto t = Trainer::Create(c, {"", false, false});
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto s = (*t)->Run();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_GT((*s)["flops_by_phase"]["spectral"].get<double>(), 0);
+  MlmBatch batch = (*t)->train_stream().Next(8);
+  auto fast = (*t)->Probe(batch);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  spectral::EstimatorOptions o;
+  o.projections = 2;
+  o.positions = 2;
+  auto exact = spectral::MakeEstimator("exact-output", o);
+  ASSERT_TRUE(exact.ok());
+  auto ex = (*t)->Probe(batch, exact->get());
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  auto gram_estimator = spectral::MakeEstimator("gram");
+  ASSERT_TRUE(gram_estimator.ok());
+  auto gram = (*t)->Probe(batch, gram_estimator->get());
+  ASSERT_TRUE(gram.ok()) << gram.status();
+  ASSERT_EQ(int(fast->modules.size()), (*t)->partition().size());
+  for (size_t m = 0; m < fast->modules.size(); ++m) {
+    SCOPED_TRACE((*t)->partition().modules[m].name);
+    const auto& f = fast->modules[m];
+    EXPECT_TRUE(std::isfinite(f.lambda_max));
+    EXPECT_GT(f.lambda_max, 0);
+    EXPECT_NEAR(f.lambda_max, ex->modules[m].lambda_max, 1e-3 * ex->modules[m].lambda_max);
+    EXPECT_NEAR(f.trace, ex->modules[m].trace, 1e-3 * ex->modules[m].trace);
+    EXPECT_NEAR(f.effective_rank, ex->modules[m].effective_rank,
+                1e-3 * ex->modules[m].effective_rank);
+  }
+  // The probe's FLOPs count its 4 backward passes: more than one forward and backward.
+  EXPECT_GT(fast->flops, gram->flops);
+  // Every logit, unprojected (the exact mNTK at one position per sample: d = 8·V): the same.
+  spectral::EstimatorOptions every;
+  every.every_logit = true;
+  auto all_fast = spectral::MakeEstimator("output", every);
+  auto all_brute = spectral::MakeEstimator("exact-output", every);
+  ASSERT_TRUE(all_fast.ok() && all_brute.ok());
+  EXPECT_EQ((*all_fast)->OutputProjections(), 0);
+  auto af = (*t)->Probe(batch, all_fast->get());
+  auto ab = (*t)->Probe(batch, all_brute->get());
+  ASSERT_TRUE(af.ok()) << af.status();
+  ASSERT_TRUE(ab.ok()) << ab.status();
+  for (size_t m = 0; m < af->modules.size(); ++m) {
+    EXPECT_NEAR(af->modules[m].lambda_max, ab->modules[m].lambda_max,
+                1e-3 * ab->modules[m].lambda_max);
+  }
+  for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
+}
+
+TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
+  std::string data = MakeCorpus("ckpt");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  c.train.checkpoint_every = 10;
+  fs::path out = fs::temp_directory_path() / ("mat_trainer_ckpt_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  {
+    auto t = Trainer::Create(c, {out.string(), false, false});
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->Run(25).ok());  // checkpoints at 10, 20 (-> .prev) and 25
+  }
+  const fs::path ckpt = out / "checkpoint.pt";
+  ASSERT_TRUE(fs::exists(ckpt.string() + ".prev"));
+  fs::resize_file(ckpt, fs::file_size(ckpt) / 2);
+  auto t = Trainer::Create(c, {out.string(), false, true});
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE((*t)->LoadCheckpoint(ckpt.string()).ok());
+  EXPECT_EQ((*t)->step(), 20);
+  // Both broken: a clear error naming the file.
+  fs::resize_file(ckpt.string() + ".prev", 100);
+  absl::Status s = (*t)->LoadCheckpoint(ckpt.string());
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(std::string(s.message()).find("truncated"), std::string::npos) << s;
+}
+
+TEST(TrainerSingleTest, LearningRateSchedule) {
+  std::string data = MakeCorpus("lr");
+  config::TrainConfig c = TinyTrainConfig(data, "full");
+  c.train.lr = 1.0;
+  c.train.warmup_steps = 4;
+  c.train.steps = 14;
+  c.train.min_lr_ratio = 0.0;
+  auto t = Trainer::Create(c, {"", false, false});
+  ASSERT_TRUE(t.ok());
+  EXPECT_DOUBLE_EQ((*t)->LearningRate(0), 0.25);
+  EXPECT_DOUBLE_EQ((*t)->LearningRate(3), 1.0);
+  EXPECT_DOUBLE_EQ((*t)->LearningRate(4), 1.0);
+  EXPECT_DOUBLE_EQ((*t)->LearningRate(9), 0.5);
+  EXPECT_DOUBLE_EQ((*t)->LearningRate(14), 0.0);
+}
+
+// data.train_fraction trains on the train split's prefix only: a corpus whose train split is
+// the same lines twice, at fraction 0.5, trains exactly like the corpus of those lines once
+// (same vocabulary, same blocks); at fraction 1 it trains differently. Validation and test are
+// the whole splits either way.
+TEST(TrainerSingleTest, TrainFractionTrainsOnThePrefixOnly) {
+  const std::string once = MakeCorpus("fraction_once");
+  const fs::path twice = fs::temp_directory_path() / ("mat_trainer_test_fraction_twice_" + std::to_string(::getpid()));
+  fs::create_directories(twice);
+  for (const char* split : {"valid", "test"}) {
+    fs::copy_file(fs::path(once) / (std::string(split) + ".txt"), twice / (std::string(split) + ".txt"),
+                  fs::copy_options::overwrite_existing);
+  }
+  {
+    std::ifstream in(fs::path(once) / "train.txt");
+    std::string lines((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream(twice / "train.txt") << lines << lines;
+  }
+  auto run = [](const std::string& data, double fraction, nlohmann::json* summary) {
+    config::TrainConfig c = TinyTrainConfig(data, "mat");
+    c.data.train_fraction = fraction;
+    return testing::RunToEnd(c, summary);
+  };
+  nlohmann::json a, b, c;
+  const std::string whole_once = run(once, 1.0, &a);
+  const std::string half_twice = run(twice.string(), 0.5, &b);
+  const std::string whole_twice = run(twice.string(), 1.0, &c);
+  EXPECT_EQ(half_twice, whole_once);
+  EXPECT_NE(whole_twice, whole_once);
+  EXPECT_EQ(a["train_size_unit"], "tokens");
+  EXPECT_EQ(b["train_size"].get<int64_t>(), a["train_size"].get<int64_t>());
+  EXPECT_EQ(c["train_size"].get<int64_t>(), 2 * a["train_size"].get<int64_t>());
+  EXPECT_EQ(b["best_val_loss"].get<double>(), a["best_val_loss"].get<double>());
+  EXPECT_EQ(b["test_loss_at_best"].get<double>(), a["test_loss_at_best"].get<double>());
+
+  // A fraction that leaves less than one sequence is an error naming the key.
+  config::TrainConfig tiny = TinyTrainConfig(once, "full");
+  tiny.data.train_fraction = 1e-6;
+  auto t = Trainer::Create(tiny, {"", false, false});
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(std::string(t.status().message()).find("data.train_fraction"), std::string::npos)
+      << t.status();
+}
+
+}  // namespace
+}  // namespace mat::trainer

@@ -1,0 +1,239 @@
+// ProcessGroupGloo.hpp and ProcessGroupNCCL.hpp declare their API only under these macros (set
+// by LibTorch's own build, not by its CMake config).
+#ifdef MAT_WITH_GLOO
+#define USE_C10D_GLOO 1
+#endif
+#ifdef MAT_WITH_NCCL
+#define USE_C10D_NCCL 1
+#endif
+#include "trainer/grad_sync.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef MAT_WITH_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#ifdef MAT_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <algorithm>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status.h"
+
+namespace mat::trainer {
+
+std::vector<std::string> AvailableBackends() {
+  std::vector<std::string> b;
+#ifdef MAT_WITH_GLOO
+  b.push_back("gloo");
+#endif
+#ifdef MAT_WITH_NCCL
+  b.push_back("nccl");
+#endif
+  return b;
+}
+
+absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
+    const RendezvousOptions& o) {
+  const std::vector<std::string> backends = AvailableBackends();
+  if (std::find(backends.begin(), backends.end(), o.backend) == backends.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "process group backend '", o.backend, "' is not in this build (it has: ",
+        absl::StrJoin(backends, ", "), "); gloo needs libgloo-dev, nccl a CUDA LibTorch"));
+  }
+  if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", o.rank, " is not in [0, world_size ", o.world_size, ")"));
+  }
+  if (o.master_port < 1 || o.master_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rendezvous port ", o.master_port, " is not in 1..65535"));
+  }
+  const std::string where = absl::StrCat(o.master_host, ":", o.master_port);
+  try {
+    c10d::TCPStoreOptions store_options;
+    store_options.port = static_cast<uint16_t>(o.master_port);
+    store_options.isServer = o.rank == 0;
+    store_options.numWorkers = static_cast<size_t>(o.world_size);
+    store_options.waitWorkers = false;  // counted below, so the wait can be cancelled
+    store_options.timeout = o.timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(o.master_host, store_options);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(o.prefix, store);
+    const auto deadline = std::chrono::steady_clock::now() + o.timeout;
+    int64_t joined = prefixed->add("mat/joined", 1);
+    while (joined < o.world_size) {
+      if (o.cancelled && o.cancelled()) {
+        return absl::CancelledError(absl::StrCat("cancelled while waiting for the other ranks at ",
+                                                 where));
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        return absl::UnavailableError(absl::StrCat(
+            "only ", joined, " of ", o.world_size, " ranks reached the rendezvous at ", where,
+            " within ", o.timeout.count() / 1000.0, " s"));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      joined = prefixed->add("mat/joined", 0);
+    }
+    c10::intrusive_ptr<CollectiveGroup> group;
+#ifdef MAT_WITH_NCCL
+    if (o.backend == "nccl") {
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = o.timeout;
+      group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, o.rank, o.world_size, options);
+    }
+#endif
+#ifdef MAT_WITH_GLOO
+    if (o.backend == "gloo") {
+      auto options = c10d::ProcessGroupGloo::Options::create(o.timeout);
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
+          o.local_host.empty() ? o.master_host : o.local_host));
+      options->threads = 2;
+      group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.rank, o.world_size, options);
+      // Gloo's constructor returns on a rank once its own pairs are made, while another rank may
+      // still be connecting to it: a rank that then dropped its group at once made that rank's
+      // connect fail with "Connection closed by peer". The barrier makes OK mean every rank is in.
+      group->barrier()->wait();
+    }
+#endif
+    return group;
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("cannot form the process group of ", o.world_size,
+                                               " ranks at ", where, " as rank ", o.rank, ": ",
+                                               e.what()));
+  }
+}
+
+GradientSync::GradientSync(c10::intrusive_ptr<CollectiveGroup> group,
+                           std::vector<ParamEntry> params, int64_t bucket_bytes)
+    : group_(std::move(group)), params_(std::move(params)), bucket_bytes_(bucket_bytes) {
+  MAT_CHECK(group_) << "GradientSync needs a process group";
+  MAT_CHECK(bucket_bytes_ > 0) << "bucket_bytes must be positive";
+  for (const ParamEntry& p : params_) num_modules_ = std::max(num_modules_, p.module + 1);
+  // Shared parameters first, then modules in index order; the order of `params` within each.
+  std::stable_sort(params_.begin(), params_.end(), [](const ParamEntry& a, const ParamEntry& b) {
+    const int ka = a.module < 0 ? -1 : a.module, kb = b.module < 0 ? -1 : b.module;
+    return ka < kb;
+  });
+}
+
+int GradientSync::world_size() const { return group_->getSize(); }
+
+int64_t GradientSync::BytesFor(const std::vector<uint8_t>& active) const {
+  int64_t bytes = 0;
+  for (const ParamEntry& p : params_) {
+    if (p.module >= 0 && (size_t(p.module) >= active.size() || !active[p.module])) continue;
+    bytes += p.param.numel() * int64_t(p.param.element_size());
+  }
+  return bytes;
+}
+
+absl::StatusOr<int64_t> GradientSync::AgreeMin(int64_t value) {
+  // On the parameters' device: NCCL reduces CUDA tensors only.
+  const torch::Device device = params_.empty() ? torch::Device(torch::kCPU) : params_[0].param.device();
+  torch::Tensor t = torch::full({1}, value, torch::TensorOptions().dtype(torch::kInt64).device(device));
+  try {
+    std::vector<torch::Tensor> tensors{t};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp::MIN;
+    group_->allreduce(tensors, options)->wait();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("all-reduce (min) failed: ", e.what()));
+  }
+  return t.cpu().item<int64_t>();
+}
+
+absl::Status GradientSync::AverageTensors(const std::vector<torch::Tensor>& tensors) {
+  if (tensors.empty()) return absl::OkStatus();
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> flat_parts;
+  for (const torch::Tensor& t : tensors) flat_parts.push_back(t.detach().reshape({-1}).to(torch::kFloat64));
+  torch::Tensor flat = torch::cat(flat_parts);
+  try {
+    std::vector<torch::Tensor> list{flat};
+    group_->allreduce(list)->wait();  // sum
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("all-reduce (buffers) failed: ", e.what()));
+  }
+  flat.div_(double(group_->getSize()));
+  int64_t offset = 0;
+  for (const torch::Tensor& t : tensors) {
+    const int64_t n = t.numel();
+    torch::Tensor(t).copy_(flat.slice(0, offset, offset + n).view(t.sizes()));
+    offset += n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
+  if (active.size() != size_t(num_modules_)) {
+    return absl::InvalidArgumentError(absl::StrCat("mask has ", active.size(), " modules, the ",
+                                                   "model ", num_modules_));
+  }
+  torch::NoGradGuard no_grad;
+  struct Bucket {
+    std::vector<torch::Tensor> grads;  // views of the parameters' .grad()
+    int64_t numel = 0;
+    torch::Tensor flat;
+  };
+  std::vector<Bucket> buckets(1);
+  int64_t skipped = 0;
+  int previous_module = -2;
+  for (ParamEntry& p : params_) {
+    const int64_t bytes = p.param.numel() * int64_t(p.param.element_size());
+    if (p.module >= 0 && !active[p.module]) {
+      skipped += bytes;
+      continue;
+    }
+    torch::Tensor& grad = p.param.mutable_grad();
+    if (!grad.defined()) {
+      if (p.module >= 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("active module ", p.module, " parameter ", p.name, " has no gradient"));
+      }
+      grad = torch::zeros_like(p.param);
+    }
+    // A bucket closes only between modules (or before the first module).
+    const bool boundary = p.module != previous_module;
+    if (boundary && buckets.back().numel * int64_t(p.param.element_size()) >= bucket_bytes_) {
+      buckets.emplace_back();
+    }
+    previous_module = p.module;
+    buckets.back().grads.push_back(grad);
+    buckets.back().numel += grad.numel();
+  }
+  const double world = group_->getSize();
+  try {
+    std::vector<c10::intrusive_ptr<c10d::Work>> work;
+    for (Bucket& b : buckets) {
+      if (b.grads.empty()) continue;
+      std::vector<torch::Tensor> flat_views;
+      for (const torch::Tensor& g : b.grads) flat_views.push_back(g.reshape({-1}));
+      b.flat = torch::cat(flat_views);
+      std::vector<torch::Tensor> tensors{b.flat};
+      work.push_back(group_->allreduce(tensors));
+      stats_.bytes_reduced += b.flat.numel() * int64_t(b.flat.element_size());
+      ++stats_.buckets;
+    }
+    for (auto& w : work) w->wait();
+    for (Bucket& b : buckets) {
+      if (b.grads.empty()) continue;
+      b.flat.div_(world);
+      int64_t offset = 0;
+      for (torch::Tensor& g : b.grads) {
+        g.copy_(b.flat.narrow(0, offset, g.numel()).view_as(g));
+        offset += g.numel();
+      }
+    }
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("gradient all-reduce failed: ", e.what()));
+  }
+  stats_.bytes_skipped += skipped;
+  ++stats_.steps;
+  return absl::OkStatus();
+}
+
+}  // namespace mat::trainer

@@ -1,0 +1,41 @@
+// A model's weights as a safetensors file (safetensors/safetensors.h): what a run leaves for its
+// user (OUT/model.safetensors: opens with Python's `safetensors.torch.load_file`), and what
+// `model.init_from` starts a run from.
+//
+// Names are the module's own (`named_parameters()` then `named_buffers()`, e.g.
+// "layer0.…", "tok_emb.weight", BatchNorm statistics too), tensors in their dtype,
+// little-endian, C order, on the CPU.
+#pragma once
+
+#include <map>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "safetensors/safetensors.h"
+
+namespace mat::trainer {
+
+// One tensor as safetensors bytes (a CPU, contiguous copy; any device). INVALID_ARGUMENT for a
+// dtype safetensors cannot hold (complex, quantized).
+absl::StatusOr<safetensors::Tensor> ToSafetensor(const torch::Tensor& tensor);
+// A new CPU tensor with `tensor`'s dtype, shape and bytes. REQUIRES: `tensor` is consistent
+// (what safetensors::Parse returns).
+torch::Tensor FromSafetensor(const safetensors::Tensor& tensor);
+
+// Writes every parameter and buffer of `module` to `path` (atomically), with `metadata`.
+// INVALID_ARGUMENT for a dtype safetensors cannot hold (complex, quantized).
+absl::Status SaveModelSafetensors(torch::nn::Module& module, const std::string& path,
+                                  const std::map<std::string, std::string>& metadata);
+
+// Copies the tensors of `path` into `module`'s parameters and buffers (on their device, cast to
+// their dtype; floating point only into floating point). Every parameter and buffer must be in
+// the file with the same shape, and the file may hold nothing else: otherwise INVALID_ARGUMENT
+// naming the file and the tensor ("model.safetensors: tensor 'layers.0.ffn.w1' has shape
+// [512, 128]; the model's is [256, 128]"), and the module is left unchanged. Errors of
+// safetensors::ReadFile (NOT_FOUND, DATA_LOSS for a truncated or malformed file) as they are.
+absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& path);
+
+}  // namespace mat::trainer

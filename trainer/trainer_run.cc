@@ -1,0 +1,253 @@
+// Trainer::Run and its phases (trainer.h): probe -> decide -> masked step -> evaluate ->
+// checkpoint, for both model families. The rest of the Trainer is trainer.cc.
+#include <chrono>
+#include <filesystem>
+#include <map>
+
+#include "common/file_util.h"
+#include "common/status.h"
+#include "spdlog/spdlog.h"
+#include "trainer/models/model_io.h"
+#include "trainer/trainer.h"
+
+namespace mat::trainer {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+}  // namespace
+
+absl::Status Trainer::PrepareRun() {
+  const std::string ckpt = options_.out_dir + "/checkpoint.pt";
+  if (options_.resume && !options_.out_dir.empty() &&
+      (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
+    MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));
+    resumed_from_step_ = step_;
+    MAT_RETURN_IF_ERROR(TruncateLog("metrics.jsonl", step_));
+    MAT_RETURN_IF_ERROR(TruncateLog("decisions.jsonl", step_ - 1));
+    MAT_RETURN_IF_ERROR(TruncateLog("masks.jsonl", step_ - 1));
+    spdlog::info("resumed from {} at step {}", ckpt, step_);
+  } else if (!options_.out_dir.empty()) {
+    for (const char* f : {"metrics.jsonl", "decisions.jsonl", "masks.jsonl", "summary.json"})
+      std::filesystem::remove(options_.out_dir + "/" + f);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::ProbeAndDecide(const StepBatch& batch) {
+  TrainerHooks* hooks = options_.hooks;
+  std::vector<double> lambda;
+  ProbeResult probe;
+  if (policy_->NeedsSpectra()) {
+    if (is_vgg()) MAT_RETURN_IF_ERROR(SyncBuffers());
+    MAT_ASSIGN_OR_RETURN(probe, is_vgg() ? Probe(batch.images) : Probe(batch.mlm));
+    for (const auto& s : probe.modules) lambda.push_back(s.lambda_max);
+    flops_.spectral += probe.flops;
+    spectral_seconds_ += probe.seconds;
+  }
+  nlohmann::json line;
+  if (hooks != nullptr) {
+    // The coordinator decides (from every rank's λ); this rank logs what it was told.
+    MAT_ASSIGN_OR_RETURN(schedule_, hooks->Decide(step_, probe));
+    if (schedule_.every_step.size() != size_t(partition_.size())) {
+      return absl::InvalidArgumentError(
+          "mask for step " + std::to_string(step_) + " has " +
+          std::to_string(schedule_.every_step.size()) + " modules, the model " +
+          std::to_string(partition_.size()));
+    }
+    has_schedule_ = true;
+    line = {{"step", step_}, {"every_step", schedule_.every_step}, {"slow", schedule_.slow},
+            {"slow_every", schedule_.slow_every}, {"lambda_max", lambda}};
+  } else {
+    MAT_ASSIGN_OR_RETURN(policy::Decision d, policy_->Observe(step_, lambda));
+    line = d.ToJson(policy_->modules(), policy_->config());
+  }
+  if (!probe.modules.empty()) {
+    std::vector<double> tr, er;
+    for (const auto& s : probe.modules) {
+      tr.push_back(s.trace);
+      er.push_back(s.effective_rank);
+    }
+    line["trace"] = tr;
+    line["effective_rank"] = er;
+    line["probe_seconds"] = probe.seconds;
+  }
+  return AppendLine(hooks != nullptr ? "masks.jsonl" : "decisions.jsonl", line);
+}
+
+absl::StatusOr<policy::StepMask> Trainer::StepMaskNow() const {
+  if (options_.hooks == nullptr) return policy_->MaskAt(step_);
+  if (!has_schedule_) {
+    return absl::FailedPreconditionError("no mask for step " + std::to_string(step_) +
+                                         " (resumed between probe steps without one)");
+  }
+  return policy::MaskFromSchedule(schedule_, step_);
+}
+
+absl::StatusOr<double> Trainer::StepAndCount(const StepBatch& batch,
+                                             const policy::StepMask& mask) {
+  const int64_t B = config_.train.batch_size / options_.world_size;
+  MAT_ASSIGN_OR_RETURN(
+      double loss, is_vgg() ? TrainStep(batch.images, mask.active, mask.lr_scale, LearningRate(step_))
+                            : TrainStep(batch.mlm, mask.active, mask.lr_scale, LearningRate(step_)));
+  if (is_vgg()) {
+    // A full step's FLOPs depend on the batch size only.
+    flops_ += VggStepFlops(vgg_->config(), B, mask.active);
+    flops_full_ += VggStepFlops(vgg_->config(), B, {}).total();
+  } else {
+    const BertConfig bc = model_->config();
+    const int64_t T = config_.data.seq_len;
+    const int64_t M = batch.mlm.positions.size(0);
+    const std::vector<int64_t> routed = model_->RoutedTokens();  // switch: tokens per expert
+    flops_ += BertStepFlops(bc, B, T, M, mask.active, routed);
+    flops_full_ += BertStepFlops(bc, B, T, M, {}, routed).total();
+    if (torch::Tensor aux = model_->aux_loss(); aux.defined()) {
+      aux_sum_ += aux.item<double>();
+      ++aux_count_;
+    }
+  }
+  return loss;
+}
+
+absl::Status Trainer::LogTrainLoss() {
+  // Only rank 0 evaluates (every rank holds the same parameters).
+  nlohmann::json line = {{"step", step_},
+                         {"train_loss", loss_sum_ / double(std::max<int64_t>(loss_count_, 1))},
+                         {"wall_seconds", train_seconds_}};
+  MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
+  loss_sum_ = 0;
+  loss_count_ = 0;
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_now,
+                                     TrainerProgress* progress) {
+  const bool vgg = is_vgg();
+  auto e0 = Clock::now();
+  EvalResult val_eval = vgg ? Evaluate(valid_image_batches_) : EvalResult{Evaluate(valid_batches_), 0};
+  const double val = val_eval.loss;
+  bool best = best_step_ < 0 || val < best_val_loss_;
+  if (best) {
+    best_val_loss_ = val;
+    best_step_ = step_;
+    EvalResult test = vgg ? Evaluate(test_image_batches_) : EvalResult{Evaluate(test_batches_), 0};
+    test_loss_at_best_ = test.loss;
+    val_accuracy_at_best_ = val_eval.accuracy;
+    test_accuracy_at_best_ = test.accuracy;
+    flops_to_best_ = flops_.total();
+    seconds_to_best_ = train_seconds_;
+  }
+  eval_seconds_ += Since(e0);
+  eval_curve_.push_back({double(step_), flops_.total(), val, train_seconds_});
+  std::map<std::string, int> active_by_group;
+  for (int m = 0; m < partition_.size(); ++m)
+    active_by_group[partition_.modules[m].group] += mask.active[m];
+  nlohmann::json line = {
+      {"step", step_},
+      {"train_loss", loss_sum_ / double(std::max<int64_t>(loss_count_, 1))},
+      {"val_loss", val},
+      {"lr", LearningRate(step_ - 1)},
+      {"flops", {{"forward", flops_.forward}, {"activation_grad", flops_.activation_grad},
+                 {"weight_grad", flops_.weight_grad}, {"spectral", flops_.spectral},
+                 {"total", flops_.total()}, {"total_without_decoder", flops_.total_without_decoder()}}},
+      {"active_modules", active_by_group},
+      {"wall_seconds", train_seconds_},
+  };
+  if (best) line["test_loss"] = test_loss_at_best_;
+  if (vgg) {
+    line["val_accuracy"] = val_eval.accuracy;
+    if (best) line["test_accuracy"] = test_accuracy_at_best_;
+  }
+  if (aux_count_ > 0) line["train_aux_loss"] = aux_sum_ / double(aux_count_);
+  aux_sum_ = 0;
+  aux_count_ = 0;
+  MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
+  progress->evaluated = true;
+  progress->val_loss = val;
+  progress->has_test_loss = best;
+  progress->test_loss = test_loss_at_best_;
+  progress->val_accuracy = val_eval.accuracy;
+  progress->test_accuracy = test_accuracy_at_best_;
+  if (options_.progress_bar) std::fprintf(stderr, "\n");
+  spdlog::info("step {}/{} train_loss {:.4f} val_loss {:.4f} active {}/{} flops {:.3e} {:.1f}s",
+               step_, config_.train.steps, line["train_loss"].get<double>(), val, active_now,
+               partition_.size(), flops_.total(), train_seconds_);
+  loss_sum_ = 0;
+  loss_count_ = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<nlohmann::json> Trainer::FinishRun() {
+  const auto& c = config_;
+  if (!options_.out_dir.empty()) MAT_RETURN_IF_ERROR(SaveCheckpoint(options_.out_dir + "/checkpoint.pt"));
+  nlohmann::json summary = Summary(train_seconds_);
+  summary["param_checksum"] = ParamChecksum();  // equal runs, equal checksums
+  if (step_ >= c.train.steps && !options_.out_dir.empty()) {
+    if (options_.rank == 0) {  // the trained model, for its user (trainer/models/model_io.h)
+      MAT_RETURN_IF_ERROR(SaveModelSafetensors(
+          network(), options_.out_dir + "/model.safetensors",
+          {{"format", "pt"}, {"mat.model", c.model.kind}, {"mat.step", std::to_string(step_)},
+           {"mat.seed", std::to_string(c.seed)}}));
+    }
+    MAT_RETURN_IF_ERROR(common::WriteFileAtomic(options_.out_dir + "/summary.json", summary.dump(2) + "\n"));
+  }
+  return summary;
+}
+
+absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
+  const auto& c = config_;
+  MAT_RETURN_IF_ERROR(PrepareRun());
+  const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;
+  const int64_t B = c.train.batch_size / options_.world_size;
+  const double seconds_before = train_seconds_;
+  TrainerHooks* hooks = options_.hooks;
+  while (step_ < end) {
+    if (hooks != nullptr) MAT_RETURN_IF_ERROR(hooks->CheckContinue());
+    auto t0 = Clock::now();
+    StepBatch batch;
+    if (is_vgg()) {
+      batch.images = image_stream_->Next(B);
+    } else {
+      batch.mlm = train_stream_->Next(B);
+    }
+    if (step_ % c.policy.probe_every == 0) MAT_RETURN_IF_ERROR(ProbeAndDecide(batch));
+    MAT_ASSIGN_OR_RETURN(const policy::StepMask mask, StepMaskNow());
+    MAT_ASSIGN_OR_RETURN(const double loss, StepAndCount(batch, mask));
+    int active_now = 0;
+    for (uint8_t a : mask.active) active_now += a;
+    active_sum_ += partition_.size() ? double(active_now) / partition_.size() : 1.0;
+    loss_sum_ += loss;
+    ++loss_count_;
+    ++step_;
+    train_seconds_ += Since(t0);
+    if (options_.progress_bar) ShowProgress(loss, active_now, train_seconds_ - seconds_before);
+
+    const bool checkpoint_now = c.train.checkpoint_every > 0 &&
+                                step_ % c.train.checkpoint_every == 0 && step_ < end &&
+                                !options_.out_dir.empty();
+    const bool evaluate_now = step_ % c.train.eval_every == 0 || step_ == c.train.steps;
+    if (evaluate_now || checkpoint_now || step_ == end) {
+      MAT_RETURN_IF_ERROR(SyncBuffers());  // every rank, before rank 0 evaluates or any saves
+    }
+    TrainerProgress progress;
+    progress.step = step_;
+    progress.train_loss = loss;
+    progress.active_modules = active_now;
+    if (evaluate_now) {
+      MAT_RETURN_IF_ERROR(options_.rank > 0 ? LogTrainLoss()
+                                            : EvaluateAndLog(mask, active_now, &progress));
+    }
+    if (hooks != nullptr) {
+      progress.flops_total = flops_.total();
+      progress.wall_seconds = train_seconds_;
+      hooks->OnProgress(progress);
+    }
+    if (checkpoint_now) MAT_RETURN_IF_ERROR(SaveCheckpoint(options_.out_dir + "/checkpoint.pt"));
+  }
+  return FinishRun();
+}
+
+}  // namespace mat::trainer

@@ -1,0 +1,439 @@
+#include "worker/worker_agent.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "api/credentials.h"
+#include "common/file_util.h"
+#include "common/net_util.h"
+#include "common/status.h"
+#include "metrics/http_server.h"
+#include "spdlog/spdlog.h"
+
+namespace mat::worker {
+namespace {
+
+int64_t PhysicalMemoryBytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), size = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && size > 0 ? int64_t(pages) * int64_t(size) : 0;
+}
+
+bool ValidDevice(const std::string& d) {
+  if (d == "cpu") return true;
+  if (d.rfind("cuda:", 0) != 0 || d.size() == 5) return false;
+  return d.find_first_not_of("0123456789", 5) == std::string::npos;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConfig config) {
+  if (config.coordinator_address.empty()) {
+    return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
+  }
+  if (!ValidDevice(config.device)) {
+    return absl::InvalidArgumentError("--device '" + config.device +
+                                      "' is not cpu or cuda:N");
+  }
+  if (config.host.empty()) return absl::InvalidArgumentError("--host is empty");
+  if (config.rendezvous_port < 0 || config.rendezvous_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--rendezvous-port ", config.rendezvous_port, " is not in 0..65535"));
+  }
+  if (config.threads < 0) return absl::InvalidArgumentError("--threads is negative");
+  if (config.artifact_piece_bytes < 1 || config.artifact_piece_bytes > (4 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--artifact-piece-bytes ", config.artifact_piece_bytes, " is not in 1..4194304"));
+  }
+  MAT_RETURN_IF_ERROR(common::MakeDirs(config.work_dir));
+  if (!config.checkpoint_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(config.checkpoint_dir));
+  if (config.rendezvous_port == 0) {
+    MAT_ASSIGN_OR_RETURN(config.rendezvous_port, common::PickFreePort(/*loopback_only=*/false));
+  }
+  if (config.memory_bytes <= 0) config.memory_bytes = PhysicalMemoryBytes();
+  if (!config.metrics_listen_address.empty()) {
+    if (absl::Status st = metrics::ParseHostPort(config.metrics_listen_address).status(); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", st.message()));
+    }
+  }
+  std::string join_token;
+  if (!config.join_token_file.empty()) {
+    absl::StatusOr<std::string> token = api::ReadFirstToken(config.join_token_file);
+    if (!token.ok()) {
+      return absl::Status(token.status().code(),
+                          absl::StrCat("--join-token-file: ", token.status().message()));
+    }
+    join_token = *std::move(token);
+  }
+  MAT_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                       api::MakeChannelCredentials(api::TlsFiles{
+                           config.tls_ca_file, config.tls_cert_file, config.tls_key_file}));
+  std::unique_ptr<WorkerAgent> agent(
+      new WorkerAgent(std::move(config), std::move(credentials), std::move(join_token)));
+  const std::string addr_file = MetricsAddressFilePath(agent->config_.work_dir);
+  std::remove(addr_file.c_str());
+  if (!agent->config_.metrics_listen_address.empty()) {
+    WorkerAgent* self = agent.get();
+    MAT_ASSIGN_OR_RETURN(
+        agent->http_,
+        metrics::HttpServer::Start(agent->config_.metrics_listen_address,
+                                   [self](const std::string& target) {
+                                     // The HTTP thread: the registry (its own mutex) and
+                                     // an atomic, nothing else.
+                                     if (target == "/metrics") {
+                                       return metrics::MetricsResponse(self->metrics_.registry);
+                                     }
+                                     if (target == "/healthz") {
+                                       return metrics::HttpResponse{200, "text/plain", "ok\n"};
+                                     }
+                                     if (target == "/readyz") {
+                                       if (self->connected()) {
+                                         return metrics::HttpResponse{200, "text/plain",
+                                                                      "ready\n"};
+                                       }
+                                       return metrics::HttpResponse{
+                                           503, "text/plain",
+                                           "not connected to the coordinator at " +
+                                               self->config_.coordinator_address + "\n"};
+                                     }
+                                     return metrics::HttpResponse{404, "text/plain",
+                                                                  "not found\n"};
+                                   }));
+    agent->metrics_address_ = agent->http_->address();
+    MAT_RETURN_IF_ERROR(common::WriteFileAtomic(addr_file, agent->metrics_address_ + "\n"));
+    spdlog::info("metrics listening on {} (/metrics, /healthz, /readyz)", agent->metrics_address_);
+  }
+  auto saved = common::ReadFile(agent->config_.work_dir + "/worker.id");
+  if (saved.ok()) {
+    std::string id = *saved;
+    while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
+    agent->worker_id_ = id;
+  }
+  return agent;
+}
+
+WorkerAgent::WorkerAgent(WorkerAgentConfig config,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials,
+                         std::string join_token)
+    : config_(std::move(config)), join_token_(std::move(join_token)) {
+  grpc::ChannelArguments args;
+  // A restarted coordinator is found within about a second.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  channel_ = grpc::CreateCustomChannel(config_.coordinator_address, credentials, args);
+  stub_ = v1::WorkerService::NewStub(channel_);
+}
+
+WorkerAgent::~WorkerAgent() {
+  Shutdown();
+  ReapRunner(true, "worker shutting down");
+  if (http_ != nullptr) {
+    http_->Stop();
+    std::remove(MetricsAddressFilePath(config_.work_dir).c_str());
+  }
+}
+
+std::string WorkerAgent::MetricsAddressFilePath(const std::string& work_dir) {
+  return work_dir + "/worker.metrics.addr";
+}
+
+std::string WorkerAgent::worker_id() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return worker_id_;
+}
+
+void WorkerAgent::Shutdown() {
+  stopping_.store(true);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (session_context_ != nullptr) session_context_->TryCancel();
+  cv_.notify_all();
+}
+
+void WorkerAgent::AddJoinToken(grpc::ClientContext& context) const {
+  if (!join_token_.empty()) context.AddMetadata("x-mat-join-token", join_token_);
+}
+
+bool WorkerAgent::RefusedByCoordinator(const grpc::Status& status, const char* call) {
+  if (status.error_code() != grpc::StatusCode::UNAUTHENTICATED &&
+      status.error_code() != grpc::StatusCode::PERMISSION_DENIED) {
+    return false;
+  }
+  spdlog::error("the coordinator at {} refused this worker's {} ({}: {}); check "
+                "--join-token-file; stopping",
+                config_.coordinator_address, call,
+                status.error_code() == grpc::StatusCode::UNAUTHENTICATED ? "UNAUTHENTICATED"
+                                                                         : "PERMISSION_DENIED",
+                status.error_message());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    refused_ = absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                            absl::StrCat("the coordinator refused this worker: ",
+                                         status.error_message()));
+  }
+  Shutdown();
+  return true;
+}
+
+absl::Status WorkerAgent::Run() {
+  while (!stopping_.load()) {
+    if (!RegisterLoop()) break;
+    SessionLoop();
+    // A running rank keeps training: the coordinator keeps the job and the rank is re-attached
+    // by the next session's first Heartbeat (or cancelled there when the job is gone).
+    if (stopping_.load()) break;
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
+  }
+  ReapRunner(true, "worker shutting down");
+  spdlog::info("worker {} stopped", worker_id());
+  std::lock_guard<std::mutex> lock(mu_);
+  return refused_;
+}
+
+bool WorkerAgent::RegisterLoop() {
+  bool warned = false;
+  while (!stopping_.load()) {
+    v1::RegisterRequest request;
+    request.set_worker_id(worker_id());
+    v1::WorkerCapabilities* caps = request.mutable_capabilities();
+    caps->set_device(config_.device);
+    caps->set_memory_bytes(config_.memory_bytes);
+    caps->set_host(config_.host);
+    caps->set_rendezvous_port(config_.rendezvous_port);
+    v1::RegisterReply reply;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    AddJoinToken(context);
+    grpc::Status status = stub_->Register(&context, request, &reply);
+    if (RefusedByCoordinator(status, "Register")) return false;
+    if (status.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        worker_id_ = reply.worker_id();
+        heartbeat_interval_ms_ = std::max<int64_t>(10, reply.heartbeat_interval_ms());
+      }
+      absl::Status saved =
+          common::WriteFileAtomic(config_.work_dir + "/worker.id", reply.worker_id() + "\n");
+      if (!saved.ok()) spdlog::warn("cannot save the worker id: {}", saved.ToString());
+      spdlog::info("registered with {} as {} (device {}, rendezvous {}:{})",
+                   config_.coordinator_address, reply.worker_id(), config_.device, config_.host,
+                   config_.rendezvous_port);
+      return true;
+    }
+    if (status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+      spdlog::error("the coordinator refused this worker: {}", status.error_message());
+      stopping_.store(true);
+      return false;
+    }
+    if (!warned) {
+      spdlog::warn("cannot register with the coordinator at {} ({}); retrying every {} ms",
+                   config_.coordinator_address, status.error_message(),
+                   config_.reconnect_interval.count());
+      warned = true;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
+  }
+  return false;
+}
+
+v1::WorkerMessage WorkerAgent::Heartbeat() {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker_id());
+  v1::Heartbeat* hb = m.mutable_heartbeat();
+  hb->set_sent_time_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count());
+  std::lock_guard<std::mutex> lock(mu_);
+  if (runner_ != nullptr && !runner_->done()) hb->add_job_ids(runner_->job_id());
+  return m;
+}
+
+bool WorkerAgent::Send(const v1::WorkerMessage& message) {
+  std::lock_guard<std::mutex> write_lock(write_mu_);
+  grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stream = stream_;
+  }
+  if (stream == nullptr) return false;
+  return stream->Write(message);
+}
+
+void WorkerAgent::SessionLoop() {
+  grpc::ClientContext context;
+  AddJoinToken(context);
+  auto stream = stub_->Session(&context);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    session_context_ = &context;
+    stream_ = stream.get();
+    if (stopping_.load()) context.TryCancel();
+  }
+  std::thread heartbeats;
+  if (Send(Heartbeat())) {
+    connected_.store(true);
+    // After the first Heartbeat (which re-attaches a running rank): what the coordinator may
+    // have lost with the previous session. Not under mu_ (OnReconnect sends); runner_ changes
+    // only on this thread (Dispatch) until the session ends.
+    RankRunner* runner;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      runner = runner_.get();
+    }
+    if (runner != nullptr) {
+      runner->SetConnected(true);
+      runner->OnReconnect();
+    }
+    heartbeats = std::thread([this, s = stream.get()] { HeartbeatLoop(s); });
+    v1::CoordinatorMessage message;
+    while (stream->Read(&message)) Dispatch(message);
+  }
+  connected_.store(false);
+  {
+    std::lock_guard<std::mutex> write_lock(write_mu_);
+    std::lock_guard<std::mutex> lock(mu_);
+    stream_ = nullptr;
+    if (runner_ != nullptr) runner_->SetConnected(false);
+    cv_.notify_all();
+  }
+  if (heartbeats.joinable()) heartbeats.join();
+  grpc::Status status = stream->Finish();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    session_context_ = nullptr;
+  }
+  if (RefusedByCoordinator(status, "Session")) return;
+  if (!stopping_.load()) {
+    spdlog::warn("session with the coordinator at {} ended: {} {}", config_.coordinator_address,
+                 int(status.error_code()), status.error_message());
+  }
+}
+
+void WorkerAgent::HeartbeatLoop(
+    grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream) {
+  while (true) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const auto interval = std::chrono::milliseconds(heartbeat_interval_ms_);
+    cv_.wait_for(lock, interval, [&] { return stopping_.load() || stream_ != stream; });
+    if (stopping_.load() || stream_ != stream) return;
+    lock.unlock();
+    Send(Heartbeat());
+    ExpireEndedJobSeries();
+  }
+}
+
+void WorkerAgent::ExpireEndedJobSeries() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (metrics_job_id_.empty() || runner_ == nullptr || !runner_->done()) {
+    rank_ended_at_.reset();
+    return;
+  }
+  const auto now = std::chrono::steady_clock::now();
+  if (!rank_ended_at_) rank_ended_at_ = now;
+  if (now - *rank_ended_at_ < config_.metrics_linger) return;
+  // Under mu_, so that an Assign of the same job (a restart) cannot interleave.
+  metrics_.registry.RemoveSeriesWithLabel("mat_job", metrics_job_id_);
+  metrics_job_id_.clear();
+  rank_ended_at_.reset();
+}
+
+void WorkerAgent::ReapRunner(bool stop, const std::string& reason) {
+  std::unique_ptr<RankRunner> runner;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (runner_ == nullptr || (!stop && !runner_->done())) return;
+    runner = std::move(runner_);
+  }
+  if (stop) runner->AbandonUploads();
+  runner->Cancel(reason);
+  runner->Join();
+  metrics_.busy.Set({}, 0);
+}
+
+void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
+  switch (message.body_case()) {
+    case v1::CoordinatorMessage::kAssign: {
+      const v1::Assign& a = message.assign();
+      // A rank still running here was cancelled by the coordinator (it gives a worker a new
+      // rank only once the old one ended or was cancelled): stop it before starting the new one.
+      ReapRunner(true, "superseded by " + a.job_id());
+      spdlog::info("assigned rank {}/{} of {} (attempt {})", a.rank(), a.world_size(), a.job_id(),
+                   a.attempt());
+      {
+        // The previous job's series go, if they have not yet; this job's start afresh.
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!metrics_job_id_.empty() && metrics_job_id_ != a.job_id()) {
+          metrics_.registry.RemoveSeriesWithLabel("mat_job", metrics_job_id_);
+        }
+        metrics_job_id_ = a.job_id();
+        rank_ended_at_.reset();
+      }
+      metrics_.busy.Set({}, 1);
+      RankRunnerOptions o;
+      o.metrics = &metrics_;
+      o.worker_id = worker_id();
+      o.work_dir = config_.work_dir;
+      o.checkpoint_dir = config_.checkpoint_dir;
+      o.device = config_.device;
+      o.local_host = config_.host;
+      o.threads = config_.threads;
+      o.mask_timeout = config_.mask_timeout;
+      o.max_mask_staleness_steps = config_.max_mask_staleness_steps;
+      o.rendezvous_timeout = config_.rendezvous_timeout;
+      o.progress_interval = config_.progress_interval;
+      o.data_roots = config_.data_roots;
+      o.logs = config_.logs;
+      o.artifact_upload.piece_bytes = config_.artifact_piece_bytes;
+      o.upload_artifact = [this](const v1::UploadArtifactRequest& request,
+                                 v1::UploadArtifactReply* reply) {
+        grpc::ClientContext context;
+        AddJoinToken(context);
+        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+        return stub_->UploadArtifact(&context, request, reply);
+      };
+      auto runner = std::make_unique<RankRunner>(a, o, [this](const v1::WorkerMessage& m) {
+        return Send(m);
+      });
+      runner->Start();
+      std::lock_guard<std::mutex> lock(mu_);
+      runner_ = std::move(runner);
+      return;
+    }
+    case v1::CoordinatorMessage::kMask: {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (runner_ != nullptr && runner_->job_id() == message.mask().job_id()) {
+        runner_->OnMask(message.mask());
+      }
+      return;
+    }
+    case v1::CoordinatorMessage::kCancel: {
+      spdlog::info("coordinator cancelled {}: {}", message.cancel().job_id(),
+                   message.cancel().reason());
+      std::lock_guard<std::mutex> lock(mu_);
+      if (runner_ != nullptr && runner_->job_id() == message.cancel().job_id()) {
+        runner_->Cancel(message.cancel().reason());
+      }
+      return;
+    }
+    case v1::CoordinatorMessage::kDrain:
+      spdlog::info("coordinator asked this worker to drain: {}", message.drain().reason());
+      Shutdown();
+      return;
+    case v1::CoordinatorMessage::kReject:
+      spdlog::error("coordinator refused a message about {}: {} (code {})",
+                    message.reject().job_id(), message.reject().message(),
+                    message.reject().code());
+      return;
+    default:
+      spdlog::warn("ignoring a coordinator message this worker does not know (field {})",
+                   int(message.body_case()));
+  }
+}
+
+}  // namespace mat::worker

@@ -8,6 +8,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -477,31 +478,16 @@ OutputTerminal DetectStdoutTerminal() {
   return terminal;
 }
 
-int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream& err,
-              const OutputTerminal& terminal) {
-  MatctlOptions o;
-  CLI::App app{
-      "matctl: submit, inspect, watch, plot and cancel MAT jobs, and list the workers of a "
-      "mat-coordinator"};
-  app.footer(
-      "Exit codes: 0 success; 1 an error, printed as \"matctl: CODE: message\" (and submit "
-      "--wait when the job did not succeed); 2 bad command-line usage.");
-  app.require_subcommand(1);
-  app.add_option("--coordinator", o.coordinator, "coordinator gRPC address HOST:PORT")
-      ->capture_default_str();
-  app.add_option("--timeout", o.timeout_seconds, "deadline of each call, seconds")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  app.add_option("--token-file", o.security.token_file,
-                 "send the first token of this file as 'authorization: Bearer TOKEN' (for a "
-                 "coordinator started with --auth-token-file)");
-  app.add_option("--tls-ca", o.security.tls_ca_file,
-                 "connect over TLS, verifying the coordinator's certificate against this CA (PEM)");
-  app.add_option("--tls-cert", o.security.tls_cert_file,
-                 "client certificate (PEM) for a coordinator that requires mutual TLS; needs "
-                 "--tls-key and --tls-ca");
-  app.add_option("--tls-key", o.security.tls_key_file, "the private key of --tls-cert (PEM)");
+// A subcommand and what runs it (after a successful parse).
+struct Command {
+  CLI::App* app;
+  std::function<int()> run;
+};
 
+// submit, list, status, cancel, watch: a job's life.
+std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
+                                    const OutputTerminal& terminal, std::ostream& out,
+                                    std::ostream& err) {
   CLI::App* submit = app.add_subcommand("submit", "submit a job YAML file; prints the job id");
   submit->add_option("job_file", o.job_file, "the job spec (YAML)")->required();
   submit->add_option("--request-id", o.request_id,
@@ -536,6 +522,16 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   watch->add_option("job", o.job_id, "job id")->required();
   AddProgressFlags(watch, o);
 
+  return {{submit, [&] { return Submit(o, terminal, out, err); }},
+          {list, [&] { return List(o, out, err); }},
+          {status, [&] { return Status(o, out, err); }},
+          {cancel, [&] { return Cancel(o, out, err); }},
+          {watch, [&] { return WatchCommand(o, terminal, out, err); }}};
+}
+
+// spectra, plot, workers, logs, download, compare: what a job left and the cluster.
+std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ostream& out,
+                                       std::ostream& err) {
   CLI::App* spectra = app.add_subcommand("spectra", "print a job's λ_max history");
   spectra->add_option("job", o.job_id, "job id")->required();
   spectra->add_option("-o,--output", o.output, "csv or json")
@@ -592,6 +588,41 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
       ->default_val("text");
   compare->add_option("--svg", o.svg_file, "also write validation loss against FLOPs as SVG");
 
+  return {{spectra, [&] { return Spectra(o, out, err); }},
+          {plot, [&] { return Plot(o, out, err); }},
+          {workers, [&] { return Workers(o, out, err); }},
+          {logs, [&] { return Logs(o, out, err); }},
+          {download, [&] { return Download(o, out, err); }},
+          {compare, [&] { return Compare(o, out, err); }}};
+}
+
+int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream& err,
+              const OutputTerminal& terminal) {
+  MatctlOptions o;
+  CLI::App app{
+      "matctl: submit, inspect, watch, plot and cancel MAT jobs, and list the workers of a "
+      "mat-coordinator"};
+  app.footer(
+      "Exit codes: 0 success; 1 an error, printed as \"matctl: CODE: message\" (and submit "
+      "--wait when the job did not succeed); 2 bad command-line usage.");
+  app.require_subcommand(1);
+  app.add_option("--coordinator", o.coordinator, "coordinator gRPC address HOST:PORT")
+      ->capture_default_str();
+  app.add_option("--timeout", o.timeout_seconds, "deadline of each call, seconds")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--token-file", o.security.token_file,
+                 "send the first token of this file as 'authorization: Bearer TOKEN' (for a "
+                 "coordinator started with --auth-token-file)");
+  app.add_option("--tls-ca", o.security.tls_ca_file,
+                 "connect over TLS, verifying the coordinator's certificate against this CA (PEM)");
+  app.add_option("--tls-cert", o.security.tls_cert_file,
+                 "client certificate (PEM) for a coordinator that requires mutual TLS; needs "
+                 "--tls-key and --tls-ca");
+  app.add_option("--tls-key", o.security.tls_key_file, "the private key of --tls-cert (PEM)");
+
+  std::vector<Command> commands = AddJobCommands(app, o, terminal, out, err);
+  for (Command& c : AddResultCommands(app, o, out, err)) commands.push_back(std::move(c));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -599,17 +630,9 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
     return code == 0 ? kExitOk : kExitUsage;
   }
 
-  if (submit->parsed()) return Submit(o, terminal, out, err);
-  if (list->parsed()) return List(o, out, err);
-  if (status->parsed()) return Status(o, out, err);
-  if (cancel->parsed()) return Cancel(o, out, err);
-  if (watch->parsed()) return WatchCommand(o, terminal, out, err);
-  if (spectra->parsed()) return Spectra(o, out, err);
-  if (plot->parsed()) return Plot(o, out, err);
-  if (workers->parsed()) return Workers(o, out, err);
-  if (compare->parsed()) return Compare(o, out, err);
-  if (logs->parsed()) return Logs(o, out, err);
-  if (download->parsed()) return Download(o, out, err);
+  for (const Command& c : commands) {
+    if (c.app->parsed()) return c.run();
+  }
   return Fail(err, absl::InternalError("no command"));  // require_subcommand prevents this
 }
 

@@ -61,7 +61,12 @@ CoordinatorMetrics::CoordinatorMetrics()
       rejected_messages_total(registry.AddCounter(
           "mat_coordinator_rejected_messages_total",
           "Worker messages the coordinator refused (answered with a Reject), by status code.",
-          {"code"})) {}
+          {"code"})),
+      grpc_requests_total(registry.AddCounter(
+          "mat_coordinator_grpc_requests_total",
+          "gRPC calls the coordinator finished, by full method name and status code.",
+          {"method", "code"})),
+      process(registry) {}
 
 std::vector<std::string> MetricNames() {
   CoordinatorMetrics metrics;

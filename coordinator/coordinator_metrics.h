@@ -23,6 +23,12 @@
 //   mat_coordinator_worker_heartbeat_age_seconds  gauge      worker                      open sessions: time since the last message
 //   mat_coordinator_spectra_reports_total         counter    -                           SpectraReports taken into a probe
 //   mat_coordinator_rejected_messages_total       counter    code (INVALID_ARGUMENT, …)  worker messages answered with a Reject
+//   mat_coordinator_grpc_requests_total           counter    method, code                every gRPC call when it ends
+//                                                                                        (grpc_metrics.h): method
+//                                                                                        "mat.v1.JobService/GetJob", code "OK",
+//                                                                                        "NOT_FOUND", …; a Session stream counts
+//                                                                                        once, when it ends
+//   mat_build_info, process_*                     (metrics/process_metrics.h)            the build; CPU, memory, fds, start time
 //
 // Every series with a `mat_job` label goes away `metrics_retention_seconds` after its job finished
 // (Coordinator::RefreshMetrics).
@@ -33,6 +39,7 @@
 #include <string>
 #include <vector>
 
+#include "metrics/process_metrics.h"
 #include "metrics/registry.h"
 
 namespace mat::coordinator {
@@ -59,6 +66,8 @@ struct CoordinatorMetrics {
   metrics::Gauge worker_heartbeat_age_seconds;
   metrics::Counter spectra_reports_total;
   metrics::Counter rejected_messages_total;
+  metrics::Counter grpc_requests_total;
+  metrics::ProcessMetrics process;  // last: its families follow the mat_coordinator_* ones
 };
 
 // The upper bounds of mat_coordinator_mask_latency_seconds: 50 µs … 1 s.

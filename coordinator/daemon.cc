@@ -21,6 +21,7 @@
 #include "common/file_util.h"
 #include "common/status.h"
 #include "coordinator/auth.h"
+#include "coordinator/grpc_metrics.h"
 #include "coordinator/job_service.h"
 #include "coordinator/worker_service.h"
 #include "metrics/http_server.h"
@@ -168,6 +169,9 @@ absl::Status CoordinatorDaemon::StartGrpc(std::shared_ptr<grpc::ServerCredential
   builder.RegisterService(job_service_.get());
   builder.RegisterService(worker_service_.get());
   builder.SetMaxReceiveMessageSize(config_.max_receive_message_bytes);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> counting;
+  counting.push_back(MakeRequestCounter(metrics_.grpc_requests_total));
+  builder.experimental().SetInterceptorCreators(std::move(counting));
   // gRPC sets SO_REUSEPORT by default, which would let a second coordinator share the port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   server_ = builder.BuildAndStart();
@@ -214,7 +218,10 @@ absl::Status CoordinatorDaemon::StartHttp() {
                    [this](const std::string& target) {
                      // The HTTP thread: the registry (its own mutex) and Health, never the
                      // Coordinator itself.
-                     if (target == "/metrics") return metrics::MetricsResponse(metrics_.registry);
+                     if (target == "/metrics") {
+                       metrics_.process.Update();
+                       return metrics::MetricsResponse(metrics_.registry);
+                     }
                      if (target == "/healthz") return Health(false);
                      if (target == "/readyz") return Health(true);
                      return HttpResponse{404, "text/plain", "not found\n"};

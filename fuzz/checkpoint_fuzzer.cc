@@ -38,7 +38,7 @@ void WriteSeed(const std::string& dir, const std::string& name,
 
 void WriteSeeds(const std::string& dir) {
   torch::manual_seed(1);
-  // 1. What tests/trainer/checkpoint_test.cc writes: a tensor and a step.
+  // 1. What tests/trainer/checkpoint/checkpoint_test.cc writes: a tensor and a step.
   mat::trainer::Checkpoint small;
   small.tensors["w"] = torch::arange(6, torch::kFloat32).reshape({2, 3});
   small.meta = R"({"step":7})";

@@ -85,6 +85,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
                                      // The HTTP thread: the registry (its own mutex) and
                                      // an atomic, nothing else.
                                      if (target == "/metrics") {
+                                       self->metrics_.process.Update();
                                        return metrics::MetricsResponse(self->metrics_.registry);
                                      }
                                      if (target == "/healthz") {

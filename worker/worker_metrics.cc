@@ -25,7 +25,8 @@ WorkerMetrics::WorkerMetrics()
           "Unix time at which the rank's latest training step finished.", {"mat_job", "rank"})),
       step(registry.AddGauge("mat_worker_step", "Training steps the rank completed.",
                              {"mat_job", "rank"})),
-      busy(registry.AddGauge("mat_worker_busy", "1 while the worker runs a rank of a job.", {})) {}
+      busy(registry.AddGauge("mat_worker_busy", "1 while the worker runs a rank of a job.", {})),
+      process(registry) {}
 
 std::vector<std::string> MetricNames() {
   WorkerMetrics metrics;

@@ -14,6 +14,8 @@
 //   mat_worker_last_step_timestamp_seconds     gauge      mat_job, rank  Unix time at which the latest step finished
 //   mat_worker_step                            gauge      mat_job, rank  steps completed
 //   mat_worker_busy                            gauge      -          1 while this worker runs a rank, else 0
+//   mat_build_info, process_*                  (metrics/process_metrics.h: the build; CPU, memory, fds,
+//                                              start time; read at each scrape)
 //
 // A job's series are removed --metrics-linger-seconds after its rank here ended (so that the final
 // values are scraped), or when the worker starts a rank of another job, whichever comes first.
@@ -24,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "metrics/process_metrics.h"
 #include "metrics/registry.h"
 
 namespace mat::worker {
@@ -43,6 +46,7 @@ struct WorkerMetrics {
   metrics::Gauge last_step_timestamp_seconds;
   metrics::Gauge step;
   metrics::Gauge busy;
+  metrics::ProcessMetrics process;  // last: its families follow the mat_worker_* ones
 };
 
 // Every metric name of mat-worker, in definition order (for tests of dashboards).

@@ -61,7 +61,7 @@ def scrape(addr):
 def compare(daemon, body, names):
     exposed = dict(TYPE_LINE.findall(body))
     for name, (typ, who) in names.items():
-        if who != daemon:
+        if not metric_names.exposed_by((typ, who), daemon):
             continue
         if name not in exposed:
             problems.append(f"{daemon}: {name} is listed but not exposed on /metrics")
@@ -70,7 +70,7 @@ def compare(daemon, body, names):
     for name in exposed:
         if name.startswith("mat_") and name not in names:
             problems.append(f"{daemon}: exposes {name}, which metric_names.txt lacks")
-        elif name.startswith("mat_") and names[name][1] != daemon:
+        elif name.startswith("mat_") and not metric_names.exposed_by(names[name], daemon):
             problems.append(f"{daemon}: exposes {name}, listed for {names[name][1]}")
     print(f"{daemon}: {sum(1 for n in exposed if n.startswith('mat_'))} mat_* families exposed")
 

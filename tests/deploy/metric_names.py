@@ -15,12 +15,18 @@ def load(path=None):
                 continue
             parts = line.split()
             if len(parts) != 3 or parts[1] not in ("counter", "gauge", "histogram") or \
-                    parts[2] not in ("coordinator", "worker"):
-                raise ValueError(f"{path}:{n}: want NAME counter|gauge|histogram coordinator|worker")
+                    parts[2] not in ("coordinator", "worker", "both"):
+                raise ValueError(
+                    f"{path}:{n}: want NAME counter|gauge|histogram coordinator|worker|both")
             if parts[0] in names:
                 raise ValueError(f"{path}:{n}: {parts[0]} listed twice")
             names[parts[0]] = (parts[1], parts[2])
     return names
+
+
+def exposed_by(entry, daemon):
+    """Whether a listed metric's (type, daemon) entry belongs on `daemon`'s /metrics."""
+    return entry[1] in (daemon, "both")
 
 
 def known(name, names):

@@ -12,6 +12,7 @@
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 
 #include <cstdio>
+#include <ctime>
 
 #include "common/net_util.h"
 #include "nlohmann/json.hpp"
@@ -218,6 +219,40 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   EXPECT_GT(QueryScalar("mat_job_flops_saved_total" + sel), 0);
   EXPECT_GT(QueryScalar("mat_job_flops_total" + sel), 0);
   EXPECT_EQ(QueryScalar("count(mat_job_flops_by_phase_total" + sel + ")"), 4);  // the phases
+
+  // The coordinator counts its gRPC calls by method and code: the submit, the OK status polls
+  // and, after one more, a NOT_FOUND.
+  EXPECT_EQ(Matctl(address_, {"status", "job-999999"}).exit_code, 1);
+  const std::string status_not_found =
+      "mat_coordinator_grpc_requests_total{method=\"mat.v1.JobService/GetJob\",code=\"NOT_FOUND\"}";
+  double not_found = 0;
+  for (auto end = std::chrono::steady_clock::now() + 10s; std::chrono::steady_clock::now() < end;) {
+    not_found = QueryScalar(status_not_found);
+    if (not_found == 1) break;
+    std::this_thread::sleep_for(250ms);
+  }
+  EXPECT_EQ(not_found, 1) << Logs();
+  EXPECT_EQ(QueryScalar("mat_coordinator_grpc_requests_total{method=\"mat.v1.JobService/"
+                        "SubmitJob\",code=\"OK\"}"),
+            1);
+  EXPECT_GT(QueryScalar("mat_coordinator_grpc_requests_total{method=\"mat.v1.JobService/"
+                        "GetJob\",code=\"OK\"}"),
+            1);
+  // Both daemons: the standard process metrics and their build.
+  for (const std::string daemon : {"mat-coordinator", "mat-worker"}) {
+    const std::string j = "{job=\"" + daemon + "\"}";
+    EXPECT_GT(QueryScalar("process_resident_memory_bytes" + j), 1e6) << daemon;
+    EXPECT_GT(QueryScalar("process_cpu_seconds_total" + j), 0) << daemon;
+    EXPECT_GT(QueryScalar("process_open_fds" + j), 3) << daemon;
+    EXPECT_GT(QueryScalar("process_max_fds" + j), QueryScalar("process_open_fds" + j)) << daemon;
+    const double started = QueryScalar("process_start_time_seconds" + j);
+    const double now = double(std::time(nullptr));
+    EXPECT_GT(started, now - 3600) << daemon;
+    EXPECT_LE(started, now + 1) << daemon;
+    EXPECT_EQ(QueryScalar("count(mat_build_info" + j + ")"), 1) << daemon;
+  }
+  EXPECT_EQ(QueryScalar("count(count by (version, commit) (mat_build_info))"), 1)
+      << "both daemons report the same build";
 
   // The worker's series of the ended job go after the linger; the worker's own stay.
   bool gone = false;

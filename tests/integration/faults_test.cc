@@ -396,9 +396,9 @@ TEST_F(FaultsTest, WithAStalenessBoundRanksTrainOnWhileTheCoordinatorIsAway) {
   ASSERT_EQ(m0.size(), 12u);
   ASSERT_EQ(m1.size(), m0.size());
   for (size_t i = 0; i < m0.size(); ++i) {
-    EXPECT_EQ(m0[i]["every_step"], m1[i]["every_step"]) << "step " << m0[i]["step"];
+    EXPECT_EQ(m0[i].at("every_step"), m1[i].at("every_step")) << "step " << m0[i]["step"];
   }
-  EXPECT_EQ(s["ranks"][0]["param_checksum"], s["ranks"][1]["param_checksum"]);
+  EXPECT_EQ(s.at("ranks").at(0).at("param_checksum"), s.at("ranks").at(1).at("param_checksum"));
 }
 
 }  // namespace

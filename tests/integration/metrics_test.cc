@@ -6,6 +6,10 @@
 // model's module count and sum(mat_module_active{job}) the job's active_modules (matctl status),
 // compared once the job finished (the values are frozen then and stay until retention ends).
 //
+// A second test loads deploy/prometheus/alerts.yml into a real Prometheus evaluating every second
+// and fails a job (its data.dir does not exist): MatJobFailed must fire (the /api/v1/alerts
+// state and the ALERTS series), with its labels and runbook link.
+//
 // The MAT job id is the daemons' `mat_job` label; Prometheus' own `job` names the scrape job
 // (no honor_labels), and the test checks both.
 //
@@ -270,6 +274,64 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   std::printf("prometheus: count(mat_module_lambda_max)=%g, sum(mat_module_active)=%g "
               "(matctl: total_modules=%d, active_modules=%d), max(mat_worker_step)=%g\n",
               count, sum, total, active, step);
+}
+
+TEST_F(MetricsTest, TheJobFailedAlertFiresOnARealPrometheus) {
+  ASSERT_TRUE(fs::exists(kPrometheus)) << kPrometheus << " missing";
+  StartCoordinator();
+  StartWorker("w1");
+  prometheus_address_ = "127.0.0.1:" + std::to_string(FreePort());
+  const std::string config = root_ + "/prometheus.yml";
+  std::ofstream(config) << "global: {scrape_interval: 1s, scrape_timeout: 1s, "
+                           "evaluation_interval: 1s}\n"
+                           "rule_files: ['" + std::string(MAT_SOURCE_DIR) +
+                               "/deploy/prometheus/alerts.yml']\n"
+                           "scrape_configs:\n"
+                           "  - job_name: mat-coordinator\n"
+                           "    static_configs: [{targets: ['" + metrics_address_ + "']}]\n";
+  ASSERT_GT(Spawn({kPrometheus, "--config.file=" + config,
+                   "--storage.tsdb.path=" + root_ + "/tsdb",
+                   "--web.listen-address=" + prometheus_address_, "--log.level=warn"},
+                  root_ + "/prometheus.out", root_ + "/prometheus.err"),
+            0);
+  // A few scrapes with no failed job first: the rule compares with the last 15 minutes' minimum.
+  auto deadline = std::chrono::steady_clock::now() + 60s;
+  double scrapes = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    scrapes = QueryScalar("count_over_time(mat_coordinator_jobs{state=\"failed\"}[1m])");
+    if (scrapes >= 3) break;
+    std::this_thread::sleep_for(250ms);
+  }
+  ASSERT_GE(scrapes, 3) << Logs();
+  EXPECT_TRUE(Query("ALERTS{alertname=\"MatJobFailed\"}").empty()) << "fired before any failure";
+
+  std::string yaml = JobYaml(20);
+  yaml.replace(yaml.find(kCorpus), kCorpus.size(), root_ + "/no-such-corpus");
+  const std::string job_file = root_ + "/job.yaml";
+  std::ofstream(job_file) << yaml;
+  CommandResult submit = Matctl(address_, {"submit", job_file});
+  ASSERT_EQ(submit.exit_code, 0) << submit.err;
+  const std::string job = submit.out.substr(0, submit.out.find('\n'));
+  const json s = WaitFor(job, [](const json& j) { return j["state"] == "FAILED"; }, 120s);
+  ASSERT_EQ(s["state"], "FAILED") << s.dump(2) << Logs();
+
+  json firing;
+  deadline = std::chrono::steady_clock::now() + 60s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    const json result = Query("ALERTS{alertname=\"MatJobFailed\", alertstate=\"firing\"}");
+    if (result.is_array() && result.size() == 1) {
+      firing = result[0];
+      break;
+    }
+    std::this_thread::sleep_for(250ms);
+  }
+  ASSERT_TRUE(firing.is_object()) << "MatJobFailed did not fire\n" << Logs();
+  EXPECT_EQ(firing["metric"].value("severity", ""), "warning");
+  EXPECT_EQ(firing["metric"].value("job", ""), "mat-coordinator");
+  const probes::HttpResult alerts = probes::HttpGet(prometheus_address_, "/api/v1/alerts");
+  ASSERT_EQ(alerts.status, 200);
+  EXPECT_THAT(alerts.body, HasSubstr("deploy/README.md#matjobfailed"));
+  EXPECT_THAT(alerts.body, HasSubstr("1 MAT job(s) moved to FAILED"));
 }
 
 }  // namespace

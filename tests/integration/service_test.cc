@@ -121,7 +121,7 @@ class ServiceTest : public testing_loopback::LoopbackTest {
     EXPECT_EQ(masks.size(), decisions.size());
     EXPECT_FALSE(masks.empty());
     for (size_t i = 0; i < masks.size() && i < decisions.size(); ++i) {
-      EXPECT_EQ(masks[i]["step"], decisions[i]["step"]);
+      EXPECT_EQ(masks[i].at("step"), decisions[i].at("step"));
       json local_mask = json::array();
       for (const json& m : decisions[i]["modules"]) local_mask.push_back(m["active"].get<bool>() ? 1 : 0);
       EXPECT_EQ(masks[i]["every_step"], local_mask) << "step " << masks[i]["step"];
@@ -162,8 +162,8 @@ TEST_F(ServiceTest, TwoWorkersTrainOneMatJobWithIdenticalMasksAndEqualParameters
   ASSERT_EQ(m1.size(), m0.size());
   bool some_module_off = false;
   for (size_t i = 0; i < m0.size(); ++i) {
-    EXPECT_EQ(m0[i]["step"], m1[i]["step"]);
-    EXPECT_EQ(m0[i]["every_step"], m1[i]["every_step"]) << "step " << m0[i]["step"];
+    EXPECT_EQ(m0[i].at("step"), m1[i].at("step"));
+    EXPECT_EQ(m0[i].at("every_step"), m1[i].at("every_step")) << "step " << m0[i]["step"];
     for (int bit : m0[i]["every_step"]) some_module_off |= bit == 0;
   }
   EXPECT_TRUE(some_module_off) << "the policy never switched a module off; the test checks less";
@@ -269,7 +269,7 @@ TEST_F(ServiceTest, TwoWorkersTrainAVggJobWithEqualParametersAndBatchNormStatist
   ASSERT_EQ(m1.size(), m0.size());
   bool some_group_off = false;
   for (size_t i = 0; i < m0.size(); ++i) {
-    EXPECT_EQ(m0[i]["every_step"], m1[i]["every_step"]) << "step " << m0[i]["step"];
+    EXPECT_EQ(m0[i].at("every_step"), m1[i].at("every_step")) << "step " << m0[i]["step"];
     for (int bit : m0[i]["every_step"]) some_group_off |= bit == 0;
   }
   EXPECT_TRUE(some_group_off) << "the policy never switched a filter group off; the test checks less";
@@ -328,7 +328,7 @@ TEST_F(ServiceTest, CompareGivesTheSummariesNumbersAndInitFromStartsFromAJobsMod
     }
     EXPECT_EQ((*pair)["val_loss_at_budget"][0], expected) << (*pair)["name"];
   }
-  EXPECT_EQ(rf["flops_to_baseline_best"], sf["flops_to_best"]);
+  EXPECT_EQ(rf.at("flops_to_baseline_best"), sf.at("flops_to_best"));
   EXPECT_THAT(ReadText(root_ + "/compare.svg"), ::testing::HasSubstr("<polyline"));
   CommandResult text = Matctl(address_, {"compare", mat, full});
   EXPECT_EQ(text.exit_code, 0) << text.err;

@@ -253,9 +253,9 @@ json CheckFinishedRun(const fs::path& out, const RunResult& r, const std::string
   if (curve.is_object()) {
     EXPECT_EQ(curve.value("step", json()).get<std::vector<int64_t>>(), Steps(metrics));
     for (size_t i = 0; i < metrics.size() && i < curve["flops"].size(); ++i) {
-      EXPECT_EQ(curve["flops"][i], metrics[i]["flops"]["total"]) << i;
-      EXPECT_EQ(curve["val_loss"][i], metrics[i]["val_loss"]) << i;
-      EXPECT_EQ(curve["wall_seconds"][i], metrics[i]["wall_seconds"]) << i;
+      EXPECT_EQ(curve.at("flops").at(i), metrics[i].at("flops").at("total")) << i;
+      EXPECT_EQ(curve.at("val_loss").at(i), metrics[i].at("val_loss")) << i;
+      EXPECT_EQ(curve.at("wall_seconds").at(i), metrics[i].at("wall_seconds")) << i;
     }
   }
 

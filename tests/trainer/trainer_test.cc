@@ -76,7 +76,7 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
   ASSERT_EQ(a.size(), 4u);
   ASSERT_EQ(b.size(), a.size());
   for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_EQ(a[i]["step"], b[i]["step"]);
+    EXPECT_EQ(a[i].at("step"), b[i].at("step"));
     EXPECT_EQ(a[i]["train_loss"].get<double>(), b[i]["train_loss"].get<double>()) << i;
     EXPECT_EQ(a[i]["val_loss"].get<double>(), b[i]["val_loss"].get<double>()) << i;
     EXPECT_EQ(a[i]["flops"]["total"].get<double>(), b[i]["flops"]["total"].get<double>()) << i;
@@ -84,7 +84,7 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
   auto da = ReadJsonLines(straight_dir + "/decisions.jsonl"), db = ReadJsonLines(split_dir + "/decisions.jsonl");
   ASSERT_EQ(da.size(), 8u);
   ASSERT_EQ(db.size(), da.size());
-  for (size_t i = 0; i < da.size(); ++i) EXPECT_EQ(da[i]["modules"], db[i]["modules"]) << i;
+  for (size_t i = 0; i < da.size(); ++i) EXPECT_EQ(da[i].at("modules"), db[i].at("modules")) << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(Policies, TrainerTest, ::testing::Values("mat", "full", "rand", "multirate"));

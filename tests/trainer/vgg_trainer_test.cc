@@ -188,7 +188,7 @@ TEST_P(VggResumeTest, ResumeReproducesTheUninterruptedRun) {
   auto da = ReadJsonLines(straight_dir + "/decisions.jsonl"), db = ReadJsonLines(split_dir + "/decisions.jsonl");
   ASSERT_EQ(da.size(), 8u);
   ASSERT_EQ(db.size(), da.size());
-  for (size_t i = 0; i < da.size(); ++i) EXPECT_EQ(da[i]["modules"], db[i]["modules"]) << i;
+  for (size_t i = 0; i < da.size(); ++i) EXPECT_EQ(da[i].at("modules"), db[i].at("modules")) << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(Policies, VggResumeTest, ::testing::Values("mat", "full", "rand", "multirate"));

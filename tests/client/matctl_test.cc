@@ -2,7 +2,8 @@
 // loopback (port 0), through RunMatctl with captured output: results, exit codes, the messages
 // of errors (code name + message), client-side spec checks, `watch`'s progress bar (forced, and
 // by default on a terminal), `plot`'s SVG file, `workers`, and unreachable coordinators (a
-// closed port, and one that accepts TCP but never speaks HTTP/2, which only the deadline ends).
+// closed port, and one that accepts TCP but never speaks HTTP/2, which only the deadline ends),
+// and `download` against a hostile coordinator (a name outside the directory, a bad SHA-256).
 #include "client/matctl.h"
 
 #include <netinet/in.h>
@@ -20,11 +21,13 @@
 #include <thread>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "common/file_util.h"
 #include "coordinator/daemon.h"
+#include "mat/v1/service.grpc.pb.h"
 #include "nlohmann/json.hpp"
 
 namespace mat::client {
@@ -539,6 +542,55 @@ TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(plot_help.code, 0);
   EXPECT_THAT(plot_help.out, HasSubstr("approximate"));
   EXPECT_THAT(Run({"watch", "--help"}).out, HasSubstr("--no-progress"));
+}
+
+// A coordinator that lies about its artifacts: a name that climbs out of the download
+// directory, and bytes that do not match the SHA-256 it announces.
+class HostileArtifacts final : public v1::JobService::Service {
+ public:
+  grpc::Status ListArtifacts(grpc::ServerContext*, const v1::ListArtifactsRequest*,
+                             v1::ListArtifactsReply* reply) override {
+    v1::Artifact* a = reply->add_artifacts();
+    a->set_name(name_);
+    a->set_bytes(4);
+    a->set_sha256(std::string(64, '0'));  // not the SHA-256 of "abcd"
+    reply->set_total_bytes(4);
+    return grpc::Status::OK;
+  }
+  grpc::Status ReadArtifact(grpc::ServerContext*, const v1::ReadArtifactRequest* request,
+                            v1::ReadArtifactReply* reply) override {
+    reply->set_data(std::string("abcd").substr(size_t(request->offset())));
+    reply->set_total_bytes(4);
+    reply->set_sha256(std::string(64, '0'));
+    return grpc::Status::OK;
+  }
+  std::string name_;
+};
+
+TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
+  HostileArtifacts service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(port, 0);
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+  const std::string out = root_ + "/dl";
+
+  service.name_ = "../escaped.txt";
+  Result escape = Run({"download", "job-000001", "--out", out}, address);
+  EXPECT_EQ(escape.code, 1);
+  EXPECT_THAT(escape.err, HasSubstr("artifact name '../escaped.txt'"));
+  EXPECT_FALSE(fs::exists(root_ + "/escaped.txt"));
+
+  service.name_ = "model.safetensors";
+  Result tampered = Run({"download", "job-000001", "--out", out}, address);
+  EXPECT_EQ(tampered.code, 1);
+  EXPECT_THAT(tampered.err, HasSubstr("DATA_LOSS: model.safetensors: SHA-256"));
+  EXPECT_FALSE(fs::exists(out + "/model.safetensors"));
+  EXPECT_FALSE(fs::exists(out + "/.model.safetensors.download")) << "the bad bytes are removed";
+  server->Shutdown();
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "common/status.h"
 #include "coordinator/artifact_store.h"
 #include "coordinator/auth.h"
 #include "api/grpc_status.h"
@@ -236,15 +237,22 @@ grpc::ServerUnaryReactor* JobService::GetJobLogs(grpc::CallbackServerContext* co
                    [this, request] { return coordinator_.GetJobLogs(*request); });
 }
 
+absl::Status JobService::CheckArtifactCall(const grpc::CallbackServerContext& context) const {
+  MAT_RETURN_IF_ERROR(CheckBearer(context, options_.bearer_tokens));
+  if (options_.artifacts == nullptr) {
+    return absl::UnimplementedError("this coordinator keeps no artifacts");
+  }
+  return absl::OkStatus();
+}
+
 grpc::ServerUnaryReactor* JobService::ListArtifacts(grpc::CallbackServerContext* context,
                                                     const v1::ListArtifactsRequest* request,
                                                     v1::ListArtifactsReply* reply) {
-  absl::Status refused = CheckBearer(*context, options_.bearer_tokens);
-  if (refused.ok() && options_.artifacts == nullptr) {
-    refused = absl::UnimplementedError("this coordinator keeps no artifacts");
+  if (absl::Status refused = CheckArtifactCall(*context); !refused.ok()) {
+    return Refuse(context, refused);
   }
-  if (!refused.ok()) return Refuse(context, refused);
   ArtifactStore* store = options_.artifacts;
+  // On the loop: NOT_FOUND for an unknown job, rather than an empty list.
   return CheckOnLoopThenRun(
       loop_, store->executor().get_executor(), context, reply,
       [this, request] { return coordinator_.GetJob(request->job_id()).status(); },
@@ -254,16 +262,19 @@ grpc::ServerUnaryReactor* JobService::ListArtifacts(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* JobService::ReadArtifact(grpc::CallbackServerContext* context,
                                                    const v1::ReadArtifactRequest* request,
                                                    v1::ReadArtifactReply* reply) {
-  absl::Status refused = CheckBearer(*context, options_.bearer_tokens);
-  if (refused.ok() && options_.artifacts == nullptr) {
-    refused = absl::UnimplementedError("this coordinator keeps no artifacts");
+  if (absl::Status refused = CheckArtifactCall(*context); !refused.ok()) {
+    return Refuse(context, refused);
   }
-  if (!refused.ok()) return Refuse(context, refused);
+  // Straight to the I/O thread: the store names what it does not hold (NOT_FOUND), so a
+  // download's pieces never wait for, or add work to, the coordinator loop.
   ArtifactStore* store = options_.artifacts;
-  return CheckOnLoopThenRun(
-      loop_, store->executor().get_executor(), context, reply,
-      [this, request] { return coordinator_.GetJob(request->job_id()).status(); },
-      [store, request] { return store->Read(*request); });
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  boost::asio::post(store->executor(), [store, request, reply, reactor] {
+    absl::StatusOr<v1::ReadArtifactReply> piece = store->Read(*request);
+    if (piece.ok()) *reply = *std::move(piece);
+    reactor->Finish(api::ToGrpcStatus(piece.status()));
+  });
+  return reactor;
 }
 
 }  // namespace mat::coordinator

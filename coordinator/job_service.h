@@ -25,9 +25,9 @@
 // passes the caller's ClientIdentity (a SHA-256 prefix of its token, or its peer host without
 // auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit.
 //
-// Artifacts (ListArtifacts, ReadArtifact): the job is checked on the loop, the files are read on
-// the ArtifactStore's own I/O thread, which finishes the RPC; GetJob and ListJobs fill each job's
-// artifact_bytes from the store's in-memory index.
+// Artifacts (ListArtifacts, ReadArtifact): the files are read on the ArtifactStore's own I/O
+// thread, which finishes the RPC (ListArtifacts first checks on the loop that the job exists);
+// GetJob and ListJobs fill each job's artifact_bytes from the store's in-memory index.
 //
 // Thread-safety: the handlers are called by gRPC on any thread; all Coordinator access happens on
 // the loop.
@@ -85,7 +85,7 @@ class JobService final : public v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* GetJobLogs(grpc::CallbackServerContext* context,
                                        const v1::GetJobLogsRequest* request,
                                        v1::GetJobLogsReply* reply) override;
-  // The job must exist (checked on the loop); the files are read on the store's I/O thread.
+  // ListArtifacts checks on the loop that the job exists; both read on the store's I/O thread.
   grpc::ServerUnaryReactor* ListArtifacts(grpc::CallbackServerContext* context,
                                           const v1::ListArtifactsRequest* request,
                                           v1::ListArtifactsReply* reply) override;
@@ -94,6 +94,9 @@ class JobService final : public v1::JobService::CallbackService {
                                          v1::ReadArtifactReply* reply) override;
 
  private:
+  // The bearer token, then whether this coordinator keeps artifacts (UNIMPLEMENTED otherwise).
+  absl::Status CheckArtifactCall(const grpc::CallbackServerContext& context) const;
+
   boost::asio::io_context& loop_;
   Coordinator& coordinator_;
   const JobServiceOptions options_;

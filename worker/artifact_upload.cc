@@ -9,9 +9,12 @@
 #include "absl/strings/str_cat.h"
 #include "api/artifacts.h"
 #include "api/grpc_status.h"
+#include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "safetensors/safetensors.h"
 #include "spdlog/spdlog.h"
+#include "trainer/checkpoint/checkpoint.h"
+#include "trainer/models/model_io.h"
 
 namespace mat::worker {
 namespace fs = std::filesystem;
@@ -28,18 +31,22 @@ std::vector<std::string> ArtifactNames(const std::string& dir) {
 
 absl::Status ModelFromCheckpoint(const std::string& checkpoint_path,
                                  const std::string& model_path) {
-  absl::StatusOr<safetensors::File> file = absl::NotFoundError(checkpoint_path + ": none");
-  for (const std::string& path : {checkpoint_path, checkpoint_path + ".prev"}) {
-    std::error_code ec;
-    if (!fs::exists(path, ec)) continue;
-    file = safetensors::ReadFile(path);
-    if (file.ok()) break;
+  std::error_code ec;
+  if (!fs::exists(checkpoint_path, ec) && !fs::exists(checkpoint_path + ".prev", ec)) {
+    return absl::NotFoundError(checkpoint_path + ": no checkpoint");
   }
-  if (!file.ok()) return file.status();
+  // The checkpoint reader's checks (checksum included) and its fallback to `.prev`.
+  trainer::Checkpoint checkpoint;
+  std::string warning;
+  MAT_RETURN_IF_ERROR(
+      trainer::LoadNewestCheckpoint(checkpoint_path, &checkpoint, &warning).status());
+  if (!warning.empty()) spdlog::warn("model from the previous checkpoint: {}", warning);
   safetensors::File model;
-  for (auto& [name, tensor] : file->tensors) {
+  for (const auto& [name, tensor] : checkpoint.tensors) {
     for (const std::string prefix : {"model.", "buffer."}) {
-      if (name.rfind(prefix, 0) == 0) model.tensors[name.substr(prefix.size())] = tensor;
+      if (name.rfind(prefix, 0) != 0) continue;
+      MAT_ASSIGN_OR_RETURN(model.tensors[name.substr(prefix.size())],
+                           trainer::ToSafetensor(tensor));
     }
   }
   if (model.tensors.empty()) {
@@ -47,8 +54,7 @@ absl::Status ModelFromCheckpoint(const std::string& checkpoint_path,
   }
   model.metadata["format"] = "pt";
   model.metadata["mat.source"] = "checkpoint";
-  const nlohmann::json meta =
-      nlohmann::json::parse(file->metadata["mat.meta"], nullptr, false);
+  const nlohmann::json meta = nlohmann::json::parse(checkpoint.meta, nullptr, false);
   if (meta.is_object() && meta.contains("step")) {
     model.metadata["mat.step"] = meta["step"].dump();
   }

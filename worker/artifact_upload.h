@@ -6,8 +6,10 @@
 //                      masks.jsonl, decisions.jsonl, then model.safetensors (the largest last, so
 //                      that a model over the coordinator's limit leaves the rest uploaded).
 //   ModelFromCheckpoint a job that ended without its final model (failed or cancelled after a
-//                      checkpoint): the checkpoint's model tensors ("model.*", "buffer.*") as
-//                      model.safetensors, with the checkpoint's step in its metadata.
+//                      checkpoint): the model tensors ("model.*", "buffer.*") of the newest
+//                      checkpoint the checkpoint reader accepts (trainer/checkpoint/checkpoint.h
+//                      LoadNewestCheckpoint: checksum, `.prev` fallback) as model.safetensors,
+//                      with the checkpoint's step in its metadata.
 //   UploadArtifactFile one file: asks how far the coordinator got (an empty piece), then sends
 //                      pieces from there until the reply says complete. UNAVAILABLE and
 //                      DEADLINE_EXCEEDED are retried every retry_interval until the deadline;
@@ -44,8 +46,8 @@ struct ArtifactUploadOptions {
 // The artifact files present in `dir`, in upload order (see above).
 std::vector<std::string> ArtifactNames(const std::string& dir);
 
-// Writes `model_path` from the newest readable checkpoint `checkpoint_path` (or its .prev).
-// NOT_FOUND when there is none; DATA_LOSS for one that cannot be read.
+// Writes `model_path` from the newest valid checkpoint `checkpoint_path` (or its .prev).
+// NOT_FOUND when neither file exists; DATA_LOSS when neither is a valid checkpoint.
 absl::Status ModelFromCheckpoint(const std::string& checkpoint_path,
                                  const std::string& model_path);
 

@@ -13,6 +13,7 @@
 #include "api/grpc_status.h"
 #include "coordinator/artifact_store.h"
 #include "safetensors/safetensors.h"
+#include "trainer/checkpoint/checkpoint.h"
 #include "tests/testing/temp_dir.h"
 
 namespace mat::worker {
@@ -122,18 +123,18 @@ TEST_F(ArtifactUploadTest, AnUnreachableCoordinatorEndsAtTheDeadline) {
 }
 
 TEST_F(ArtifactUploadTest, TheModelOfAFailedRunComesFromItsCheckpoint) {
-  safetensors::File ckpt;
-  ckpt.metadata["mat.meta"] = R"({"step": 40})";
-  safetensors::Tensor t;
-  t.shape = {2};
-  t.data = std::string(8, '\1');
+  // What the trainer writes (trainer/checkpoint/checkpoint.h): model, buffer and optimizer
+  // tensors and its meta.
+  trainer::Checkpoint ckpt;
+  ckpt.meta = R"({"step": 40})";
+  const torch::Tensor t = torch::ones({2});
   ckpt.tensors["model.layer.weight"] = t;
   ckpt.tensors["buffer.bn.running_mean"] = t;
   ckpt.tensors["adamw.m.layer.weight"] = t;
   const std::string dir = tmp_.path();
   EXPECT_EQ(ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/m.safetensors").code(),
             absl::StatusCode::kNotFound);
-  ASSERT_TRUE(safetensors::WriteFile(dir + "/checkpoint.pt.prev", ckpt).ok());
+  ASSERT_TRUE(trainer::WriteCheckpoint(dir + "/checkpoint.pt.prev", ckpt).ok());
   std::ofstream(dir + "/checkpoint.pt") << "truncated";  // the newest is broken: .prev is used
   ASSERT_TRUE(ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/m.safetensors").ok());
   absl::StatusOr<safetensors::File> model = safetensors::ReadFile(dir + "/m.safetensors");
@@ -143,6 +144,21 @@ TEST_F(ArtifactUploadTest, TheModelOfAFailedRunComesFromItsCheckpoint) {
   EXPECT_TRUE(model->tensors.count("bn.running_mean"));
   EXPECT_EQ(model->metadata["mat.step"], "40");
   EXPECT_EQ(model->metadata["mat.source"], "checkpoint");
+  // A newest checkpoint with a flipped bit fails its checksum: the previous one is used.
+  std::filesystem::remove(dir + "/checkpoint.pt");
+  std::filesystem::remove(dir + "/checkpoint.pt.prev");
+  ASSERT_TRUE(trainer::WriteCheckpoint(dir + "/checkpoint.pt", ckpt).ok());  // step 40
+  ckpt.meta = R"({"step": 50})";
+  ASSERT_TRUE(trainer::WriteCheckpoint(dir + "/checkpoint.pt", ckpt).ok());  // 40 -> .prev
+  {
+    std::fstream f(dir + "/checkpoint.pt", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-1, std::ios::end);
+    const char last = char(f.get());
+    f.seekp(-1, std::ios::end);
+    f.put(char(last ^ 1));
+  }
+  ASSERT_TRUE(ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/m.safetensors").ok());
+  EXPECT_EQ(safetensors::ReadFile(dir + "/m.safetensors")->metadata["mat.step"], "40");
 }
 
 }  // namespace

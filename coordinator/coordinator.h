@@ -1,6 +1,14 @@
 // Coordinator: the coordinator daemon's domain object behind JobService and WorkerService
-// (DESIGN §7, §8). It owns the JobStore, the worker sessions, the scheduler and one policy engine
-// per running job, and answers the RPCs in domain terms (mat.v1 messages in and out, absl::Status
+// (DESIGN §7, §8): a thin facade over a few managers, in the style of Ray's GCS, each of which
+// works on the one JobStore and is unit-tested alone (tests/coordinator/, fakes from
+// tests/testing/):
+//   JobManager      (job_manager.h)     admission, reads, state changes, watchers, job metrics;
+//   SessionManager  (session_manager.h) registered workers, open sessions, heartbeats;
+//   GangScheduler   (gang_scheduler.h)  all-or-nothing placement of queued and restarting jobs;
+//   MaskEngine      (mask_engine.h)     per running job: policy, rank averaging, mask versions.
+// The facade keeps what ties them together: the running jobs' ranks (who runs which rank, their
+// steps and acknowledgements) and the flows that cross managers (start, restart, end, the job
+// messages of a session). It answers the RPCs in domain terms (mat.v1 messages in and out, absl::Status
 // errors), with no gRPC and no threads, so it is unit-tested without a network; the gRPC adapters
 // (coordinator/job_service.h and the worker service) only convert and post here.
 //
@@ -81,25 +89,20 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "coordinator/coordinator_metrics.h"
 #include "api/job_spec.h"
 #include "api/job_state.h"
+#include "coordinator/clock.h"
+#include "coordinator/coordinator_metrics.h"
+#include "coordinator/gang_scheduler.h"
+#include "coordinator/job_manager.h"
 #include "coordinator/job_store.h"
+#include "coordinator/mask_engine.h"
+#include "coordinator/session_manager.h"
 #include "policy/policy.h"
 #include "mat/v1/job.pb.h"
 #include "mat/v1/service.pb.h"
 
 namespace mat::coordinator {
-
-// Receives the events of one watched job on the coordinator loop. `last` is true exactly once,
-// for the event that moves the job to a terminal state (SUCCEEDED, FAILED, CANCELLED); the
-// subscription is already removed when that call happens, so nothing follows it.
-// A listener may call UnwatchJob (its own id or another) and WatchJob; it must not destroy the
-// Coordinator.
-using JobEventListener = std::function<void(const v1::JobEvent& event, bool last)>;
-
-// Identifies one subscription; 0 is never used.
-using WatchId = uint64_t;
 
 struct CoordinatorOptions {
   // Current time in seconds since the Unix epoch for events; the system clock when empty.
@@ -124,29 +127,6 @@ struct CoordinatorOptions {
   // Log lines kept per job (LogBatch; GetJobLogs), the newest; 0 = unbounded.
   int64_t max_log_lines_per_job = 10000;
 };
-
-// Where the Coordinator sends one worker's messages: the adapter's Session stream (which queues
-// them and writes one at a time) or a fake in unit tests.
-// Thread-safety: called on the coordinator loop only; an implementation may hand off to gRPC.
-class WorkerChannel {
- public:
-  virtual ~WorkerChannel() = default;
-  // Queues `message` for the worker; never blocks.
-  virtual void Send(const v1::CoordinatorMessage& message) = 0;
-  // Ends the session with `status` once the queued messages are written. The Coordinator has
-  // already forgotten the channel when it calls this (no CloseSession follows for it).
-  virtual void Close(const absl::Status& status) = 0;
-};
-
-// True for SUCCEEDED, FAILED and CANCELLED (api/job_state.h).
-using api::IsTerminalJobState;
-
-// The wire form of a stored job (progress fields stay 0 / "" / unset until workers report them).
-v1::Job JobRecordToProto(const JobRecord& record);
-
-// The wire form of a mask: module i is bit (i % 8) of byte (i / 8), least significant bit first;
-// ceil(size / 8) bytes; a module is on when its entry is non-zero.
-std::string PackModuleBits(const std::vector<uint8_t>& on);
 
 class Coordinator {
  public:
@@ -314,7 +294,7 @@ class Coordinator {
   // The policy of a running job once rank 0 declared its modules, else null (for tests).
   const policy::Policy* JobPolicy(const std::string& job_id) const;
   // Workers with an open session (for tests and metrics).
-  int OpenSessionCount() const { return static_cast<int>(sessions_.size()); }
+  int OpenSessionCount() const { return sessions_.OpenCount(); }
 
   // ----- metrics (no-op without options.metrics) -----
 
@@ -325,17 +305,9 @@ class Coordinator {
 
   // The store's last_seen of a worker with an open session is refreshed at most this often
   // (plus on open, close and state changes), milliseconds.
-  static constexpr int64_t kLastSeenPersistMs = 5000;
+  static constexpr int64_t kLastSeenPersistMs = SessionManager::kLastSeenPersistMs;
 
  private:
-  // One open Session.
-  struct Session {
-    std::shared_ptr<WorkerChannel> channel;
-    int64_t last_message_ms = 0;    // options_.now_ms of the latest message
-    int64_t last_persisted_ms = 0;  // when last_seen was last written to the store
-    std::string job_id;             // BUSY: the job it runs a rank of; "" = IDLE
-    int rank = -1;                  // BUSY: that rank
-  };
   // One rank of a running job.
   struct RankState {
     std::string worker_id;
@@ -348,57 +320,24 @@ class Coordinator {
     std::string param_checksum;  // from RankDone
     std::string summary_json;    // from RankDone (rank 0)
   };
-  // A probe step some ranks reported and others not yet.
-  struct PendingProbe {
-    std::vector<std::optional<std::vector<double>>> lambda;  // per rank; unset = not yet
-    int reported = 0;
-  };
-  // A RUNNING job started by this Coordinator. Erased when the job leaves RUNNING.
+  // A RUNNING job started (or kept) by this Coordinator. Erased when the job leaves RUNNING.
   struct JobRuntime {
     v1::JobSpec spec;
     int world_size = 0;
-    std::vector<RankState> ranks;                // index = rank
-    policy::PolicyConfig policy_config;          // from the spec, at start
-    std::vector<policy::ModuleInfo> modules;     // rank 0's ModuleList; empty before
-    std::unique_ptr<policy::Policy> policy;      // made with the modules; null before
-    std::map<int64_t, PendingProbe> pending;     // probe step -> reports so far
+    std::vector<RankState> ranks;        // index = rank
+    std::unique_ptr<MaskEngine> masks;   // its policy, probes and mask versions
     // SpectraReports that arrived before rank 0's ModuleList (other ranks' streams may overtake
     // it), replayed once it arrives; at most one per rank.
     std::vector<std::pair<std::string, v1::SpectraReport>> early_reports;
-    int64_t last_decided_step = -1;
-    int64_t mask_version = 0;                    // latest MaskUpdate sent; 0 = none
-    int64_t rank0_step = -1;                     // rank 0's previous Progress, for steps/s
+    int64_t rank0_step = -1;             // rank 0's previous Progress, for steps/s
     double rank0_wall_seconds = 0;
-    int64_t attempt = 0;                         // the store's attempt when it (re)started
-    // Restarted or kept across a coordinator restart: the first SpectraReport restores the
-    // policy from the store (RestorePolicy) before it is handled.
-    bool restore_policy = false;
-    // The latest decision's MaskUpdate message, to answer a rank that reports that step again.
-    std::optional<v1::CoordinatorMessage> last_mask;
+    int64_t attempt = 0;                 // the store's attempt when it (re)started
     // Kept across a coordinator restart: NowMs() by which every rank must be re-attached; 0 =
     // no deadline.
     int64_t attach_deadline_ms = 0;
   };
 
-  int64_t Now() const;
-  int64_t NowMs() const;
-  v1::JobEvent StateEvent(const JobRecord& job) const;
-  // The active-count schedule of the MAT job `replayed_job_id` (policy.rand_schedule_job): one
-  // entry per stored decision (policy::ScheduleEntryFromDecisionJson), ascending steps. The
-  // errors of SubmitJob's policy.rand_schedule_job check; DATA_LOSS for a stored decision that
-  // is not a Decision::ToJson object; a store error as it is.
-  absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> ReplayedSchedule(
-      const std::string& replayed_job_id);
-  // For `spec` with policy.rand_schedule_job: `policy` (of job `job_id`) replays that job's
-  // schedule (SetRandSchedule). No-op without one. The errors of ReplayedSchedule and
-  // SetRandSchedule (other module groups or sizes), prefixed "job J cannot replay the active
-  // counts of job R: "; the policy is unchanged then.
-  absl::Status ApplyRandSchedule(const std::string& job_id, const v1::JobSpec& spec,
-                                 policy::Policy& policy);
-  // Calls every listener of event.job_id(); with `last`, each subscription is removed first.
-  void Publish(const v1::JobEvent& event, bool last);
-
-  // ----- worker sessions (worker_sessions.cc) -----
+  // ----- recovery and job lifecycle (worker_sessions.cc) -----
 
   // Loads the workers; keeps the RUNNING jobs of a previous process (KeepJob).
   void Recover();
@@ -407,25 +346,23 @@ class Coordinator {
   void KeepJob(const JobRecord& job);
   // The spec's trainer config, validated (StartJob, KeepJob).
   absl::StatusOr<policy::PolicyConfig> JobPolicyConfig(const JobRecord& job);
-  // Creates job.policy for a restarted or kept job from the modules the store holds (with its
-  // replayed schedule: ApplyRandSchedule).
+  // A new runtime for `job` with `world` ranks and its mask engine (continued from the store's
+  // mask version when `resume`), in running_.
+  JobRuntime& AddRuntime(const JobRecord& job, int world, const policy::PolicyConfig& config,
+                         bool resume);
+  // Makes and adopts the policy of a restarted or kept job from the modules the store holds
+  // (with its replayed schedule: JobManager::ApplyRandSchedule).
   absl::Status CreatePolicy(const std::string& job_id, JobRuntime& job,
                             std::vector<policy::ModuleInfo> modules);
   // A rank's worker was lost (or its process group failed): RESTARTING, Cancel to the other
   // ranks (but `except_worker`), Schedule; FailJob after options_.max_restarts restarts.
   void RestartJob(const std::string& job_id, const std::string& why,
                   const std::string& except_worker = "");
-  // The policy, last decided step, mask version and last mask of a restarted or kept job from
-  // its stored decision at or before `step`.
-  absl::Status RestorePolicy(const std::string& job_id, JobRuntime& job, int64_t step);
-  // Sends `message` to the worker's open session; no-op without one.
-  void SendTo(const std::string& worker_id, const v1::CoordinatorMessage& message);
-  void SendCancel(const std::string& worker_id, const std::string& job_id,
-                  const std::string& reason);
-  // Sets the worker IDLE or BUSY (job_id "" = IDLE) and persists last_seen.
-  void SetWorkerJob(const std::string& worker_id, const std::string& job_id, int rank);
-  // Writes last_seen to the store when `force` or kLastSeenPersistMs passed since the last write.
-  void PersistLastSeen(const std::string& worker_id, Session& session, bool force);
+  // Starts `job` on `workers` (rank order): assignments, runtime, BUSY workers, RUNNING, Assigns.
+  // A spec that is not a valid trainer config fails the job instead (OK is returned). On a store
+  // error nothing was sent and the workers stay IDLE (assignment rows may remain; they are
+  // replaced at the next start). The GangScheduler's start callback.
+  absl::Status StartJob(const JobRecord& job, const std::vector<std::string>& workers);
   // Ends a job in `state` (FAILED, CANCELLED or SUCCEEDED) with `message`: UpdateJobState, then
   // DetachJob and Schedule. On a store error nothing changed (the caller decides whether to
   // DetachJob anyway).
@@ -440,28 +377,11 @@ class Coordinator {
   // RUNNING in the store until the next start's Recover fails it) and Schedule.
   void FailJob(const std::string& job_id, const std::string& message,
                const std::string& except_worker = "");
-  // A session ended (closed or lost): forgets it and fails its job with "<worker> (rank R) lost:
-  // <why>".
-  void DropSession(const std::string& worker_id, const std::string& why);
-  // One scheduling pass over the QUEUED jobs (see Schedule).
-  void SchedulePass();
-  // Starts `job` on `workers` (rank order): assignments, runtime, BUSY workers, RUNNING, Assigns.
-  // A spec that is not a valid trainer config fails the job instead (OK is returned). On a store
-  // error nothing was sent and the workers stay IDLE (assignment rows may remain; they are
-  // replaced at the next start).
-  absl::Status StartJob(const JobRecord& job, const std::vector<std::string>& workers);
+  // A session ended (closed or lost): forgets it and restarts its job with "<worker> (rank R)
+  // lost: <why>". Returns the session's channel (null when the worker had none).
+  std::shared_ptr<WorkerChannel> DropSession(const std::string& worker_id, const std::string& why);
   absl::Status HandleBody(const std::string& worker_id, const v1::WorkerMessage& message);
   void HandleHeartbeat(const std::string& worker_id, const v1::Heartbeat& heartbeat);
-
-  // ----- metrics (worker_sessions.cc) -----
-
-  // mat_coordinator_workers from workers_ and sessions_.
-  void UpdateWorkerGauges();
-  // Records a job's new state for mat_coordinator_jobs (a finished job's series expire later).
-  void NoteJobState(const std::string& job_id, v1::JobState state);
-  void UpdateJobGauges();
-  // rank 0's summary.json text -> the per-phase FLOPs and flops_saved series.
-  void RecordSummaryMetrics(const std::string& job_id, const std::string& summary_json);
 
   // ----- job messages (worker_sessions_reports.cc) -----
 
@@ -476,7 +396,7 @@ class Coordinator {
                                     std::optional<int> rank, int64_t attempt);
   absl::Status HandleModuleList(const std::string& worker_id, const v1::ModuleList& list);
   absl::Status HandleSpectra(const std::string& worker_id, const v1::SpectraReport& report);
-  // All ranks reported `step`: averages, observes, stores, sends the MaskUpdate.
+  // All ranks reported `step`: the engine decides and stores; every rank gets the MaskUpdate.
   absl::Status Decide(const std::string& job_id, JobRuntime& job, int64_t step,
                       const std::vector<std::vector<double>>& lambda);
   absl::Status HandleMaskAck(const std::string& worker_id, const v1::MaskAck& ack);
@@ -485,31 +405,15 @@ class Coordinator {
   // Stores a rank's log lines (more than 1000 in a batch: INVALID_ARGUMENT).
   absl::Status HandleLogs(const std::string& worker_id, const v1::LogBatch& batch);
 
+  // Declared in this order: the managers borrow the clock, the store and the metrics.
   std::unique_ptr<JobStore> store_;
   CoordinatorOptions options_;
-  WatchId next_watch_id_ = 1;
-  // job id -> its subscriptions; id order = subscription order = delivery order. A job with no
-  // subscription has no entry.
-  std::map<std::string, std::map<WatchId, JobEventListener>> watches_by_job_;
-  std::map<WatchId, std::string> job_of_watch_;
-
-  // Every registered worker (the store's rows, kept in step with it), by id.
-  std::map<std::string, WorkerRecord> workers_;
-  // Open sessions by worker id (id order = scheduling order).
-  std::map<std::string, Session> sessions_;
-  // RUNNING jobs started by this Coordinator, by id.
-  std::map<std::string, JobRuntime> jobs_;
-  // True while Schedule() runs; a nested call (from a listener or a job ending inside it) only
-  // sets schedule_again_, and the running call makes another pass.
-  bool scheduling_ = false;
-  bool schedule_again_ = false;
-
-  // Metrics (options_.metrics set). Non-terminal jobs by id -> state, terminal jobs counted by
-  // state (both from the store at start, then kept by NoteJobState); finished jobs -> NowMs() of
-  // their end, until RefreshMetrics removes their series.
-  std::map<std::string, v1::JobState> live_job_states_;
-  std::map<v1::JobState, int64_t> terminal_job_counts_;
-  std::map<std::string, int64_t> finished_job_ms_;
+  Clock clock_;
+  JobManager jobs_;
+  SessionManager sessions_;
+  GangScheduler scheduler_;
+  // RUNNING jobs started (or kept) by this Coordinator, by id.
+  std::map<std::string, JobRuntime> running_;
   // When the worker message being handled entered HandleWorkerMessage (mask latency).
   std::chrono::steady_clock::time_point handling_since_{};
 };

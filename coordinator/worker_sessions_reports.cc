@@ -1,4 +1,4 @@
-// The Coordinator's WorkerService side, part 2 (coordinator.h): the job messages of a session.
+// The Coordinator facade's WorkerService side, part 2 (coordinator.h): the job messages of a session.
 // Every handler checks first and changes state only once every check passed, so a refused
 // message (answered with a Reject by HandleWorkerMessage) leaves everything as it was; the one
 // exception is a NaN/Inf λ, which also fails its job.
@@ -38,12 +38,6 @@ bool SameModules(const std::vector<policy::ModuleInfo>& a,
   return true;
 }
 
-int64_t CountOn(const std::vector<uint8_t>& bits) {
-  int64_t n = 0;
-  for (uint8_t b : bits) n += b != 0 ? 1 : 0;
-  return n;
-}
-
 // INVALID_ARGUMENT naming `field` of a report unless `value` is finite (and >= 0 when asked).
 absl::Status CheckReportNumber(const std::string& what, const char* field, double value,
                                bool non_negative) {
@@ -60,14 +54,6 @@ absl::Status CheckReportNumber(const std::string& what, const char* field, doubl
 
 }  // namespace
 
-std::string PackModuleBits(const std::vector<uint8_t>& on) {
-  std::string bytes((on.size() + 7) / 8, '\0');
-  for (size_t i = 0; i < on.size(); ++i) {
-    if (on[i] != 0) bytes[i / 8] = static_cast<char>(bytes[i / 8] | (1u << (i % 8)));
-  }
-  return bytes;
-}
-
 // ----- rank checks -----
 
 absl::StatusOr<Coordinator::RankRef> Coordinator::CheckRank(const std::string& worker_id,
@@ -76,8 +62,8 @@ absl::StatusOr<Coordinator::RankRef> Coordinator::CheckRank(const std::string& w
                                                             int64_t attempt) {
   if (job_id.empty()) return absl::InvalidArgumentError("job_id is empty");
   const std::string rank_text = rank ? absl::StrCat("rank ", *rank) : "rank";
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) {
+  auto it = running_.find(job_id);
+  if (it == running_.end()) {
     // Not running here: unknown, queued or finished (or lost by a failed store write).
     MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
     MAT_ASSIGN_OR_RETURN(std::vector<AssignmentRecord> assignments,
@@ -126,30 +112,26 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
   MAT_ASSIGN_OR_RETURN(RankRef ref,
                        CheckRank(worker_id, list.job_id(), std::nullopt, list.attempt()));
   JobRuntime& job = *ref.job;
+  MaskEngine& masks = *job.masks;
   const std::string what = absl::StrCat("ModuleList of job ", list.job_id());
   std::vector<policy::ModuleInfo> modules;
   for (const v1::ModuleDescriptor& m : list.modules()) {
     modules.push_back(policy::ModuleInfo{m.group(), m.layer(), m.index(), m.name()});
   }
   // Every rank builds the same model: repeating the declared list is harmless.
-  if (!job.modules.empty() && SameModules(modules, job.modules)) return absl::OkStatus();
+  if (!masks.modules().empty() && SameModules(modules, masks.modules())) return absl::OkStatus();
   if (ref.rank != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         what, " from rank ", ref.rank, " (", worker_id, "): only rank 0 declares the modules"));
   }
-  if (!job.modules.empty()) {
+  if (!masks.modules().empty()) {
     return absl::FailedPreconditionError(
-        absl::StrCat(what, ": the job already declared its ", job.modules.size(),
+        absl::StrCat(what, ": the job already declared its ", masks.modules().size(),
                      " modules; a different list cannot replace them"));
   }
   if (modules.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": modules is empty"));
-  absl::StatusOr<std::unique_ptr<policy::Policy>> created =
-      policy::Policy::Create(job.policy_config, modules);
-  if (!created.ok()) {
-    return absl::Status(created.status().code(),
-                        absl::StrCat(what, ": ", created.status().message()));
-  }
-  if (absl::Status st = ApplyRandSchedule(list.job_id(), job.spec, **created); !st.ok()) {
+  MAT_ASSIGN_OR_RETURN(std::unique_ptr<policy::Policy> created, masks.NewPolicy(modules));
+  if (absl::Status st = jobs_.ApplyRandSchedule(list.job_id(), job.spec, *created); !st.ok()) {
     // The replayed job trained another model (or is gone): this job cannot run as asked.
     const std::string job_id = list.job_id();
     FailJob(job_id, std::string(st.message()));  // `job` is gone after this
@@ -160,10 +142,9 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
     records.push_back(ModuleRecord{m.name, m.group, m.layer, m.index});
   }
   MAT_RETURN_IF_ERROR(store_->PutModules(list.job_id(), records));
-  job.modules = std::move(modules);
-  job.policy = std::move(*created);
-  spdlog::info("job {}: {} modules declared, policy {}", list.job_id(), job.modules.size(),
-               policy::PolicyKindName(job.policy_config.kind));
+  masks.Adopt(std::move(modules), std::move(created));
+  spdlog::info("job {}: {} modules declared, policy {}", list.job_id(), masks.modules().size(),
+               policy::PolicyKindName(masks.config().kind));
   std::vector<std::pair<std::string, v1::SpectraReport>> early;
   early.swap(job.early_reports);
   const std::string job_id = list.job_id();
@@ -172,9 +153,9 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
     v1::WorkerMessage replay;
     replay.set_worker_id(from);
     *replay.mutable_spectra() = report;
-    if (sessions_.count(from) == 0) continue;
+    if (!sessions_.HasSession(from)) continue;
     (void)HandleWorkerMessage(replay);
-    if (jobs_.count(job_id) == 0) break;  // the replay failed the job (a NaN λ)
+    if (running_.count(job_id) == 0) break;  // the replay failed the job (a NaN λ)
   }
   return absl::OkStatus();
 }
@@ -186,10 +167,11 @@ absl::Status Coordinator::HandleSpectra(const std::string& worker_id,
   MAT_ASSIGN_OR_RETURN(RankRef ref,
                        CheckRank(worker_id, report.job_id(), report.rank(), report.attempt()));
   JobRuntime& job = *ref.job;
+  MaskEngine& masks = *job.masks;
   const std::string& job_id = report.job_id();
   const int64_t step = report.step();
   const std::string what = absl::StrCat("spectra for ", job_id, " step ", step);
-  if (job.policy == nullptr) {
+  if (!masks.has_policy()) {
     // Rank 0's ModuleList travels on another stream and may arrive later: keep one early report
     // per rank (the rank then waits for its mask) and replay it when the modules are known.
     for (const auto& early : job.early_reports) {
@@ -201,188 +183,65 @@ absl::Status Coordinator::HandleSpectra(const std::string& worker_id,
     job.early_reports.emplace_back(worker_id, report);
     return absl::OkStatus();
   }
-  const int64_t probe_every = job.policy->config().interval_steps;
-  if (step < 0 || step % probe_every != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": step must be >= 0 and a multiple of policy.probe_every (", probe_every, ")"));
-  }
-  const size_t n = job.modules.size();
-  const size_t got = static_cast<size_t>(report.lambda_max_size());
-  if (job.policy->NeedsSpectra() && got != n) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": lambda_max has ", got,
-                                                   " values, the job has ", n, " modules"));
-  }
-  if (!job.policy->NeedsSpectra() && got != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": policy ", policy::PolicyKindName(job.policy_config.kind),
-        " needs no spectra: lambda_max must be empty, got ", got, " values"));
-  }
-  for (const auto& [field, size] : {std::pair<const char*, int>{"trace", report.trace_size()},
-                                    {"effective_rank", report.effective_rank_size()}}) {
-    if (size != 0 && static_cast<size_t>(size) != n) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": ", field, " has ", size, " values, want none or one per module (", n, ")"));
-    }
-  }
-  for (size_t i = 0; i < got; ++i) {
-    const double v = report.lambda_max(static_cast<int>(i));
+  MAT_RETURN_IF_ERROR(masks.CheckReport(what, report));
+  for (int i = 0; i < report.lambda_max_size(); ++i) {
+    const double v = report.lambda_max(i);
     if (std::isfinite(v)) continue;
     // The policy cannot go on from here: the job fails, every rank stops.
     const std::string message =
-        absl::StrCat(what, ": rank ", ref.rank, ": module ", i, " (", job.modules[i].name,
+        absl::StrCat(what, ": rank ", ref.rank, ": module ", i, " (", masks.modules()[i].name,
                      "): lambda is ", NonFiniteName(v));
     FailJob(job_id, message);  // `job` is gone after this
     return absl::InvalidArgumentError(message);
   }
-  if (job.restore_policy) {
-    // A restarted (or kept) job: continue the policy from its stored decisions.
-    if (absl::Status st = RestorePolicy(job_id, job, step); !st.ok()) {
-      const std::string message =
-          absl::StrCat("cannot continue the policy of ", job_id, ": ", st.message());
-      FailJob(job_id, message);  // `job` is gone after this
-      return absl::Status(st.code(), message);
-    }
+  // A restarted (or kept) job: continue the policy from its stored decisions.
+  if (absl::Status st = masks.RestoreIfNeeded(*store_, step); !st.ok()) {
+    const std::string message =
+        absl::StrCat("cannot continue the policy of ", job_id, ": ", st.message());
+    FailJob(job_id, message);  // `job` is gone after this
+    return absl::Status(st.code(), message);
   }
-  if (step == job.last_decided_step && job.last_mask.has_value() &&
-      job.ranks[ref.rank].acked_version < job.last_mask->mask().mask_version()) {
+  if (const v1::CoordinatorMessage* again = masks.Repeat(step, job.ranks[ref.rank].acked_version)) {
     // Decided before a restart (of the job or of this coordinator): the same mask again.
-    SendTo(worker_id, *job.last_mask);
+    sessions_.Send(worker_id, *again);
     return absl::OkStatus();
   }
-  if (step <= job.last_decided_step) {
-    return absl::AbortedError(absl::StrCat(what, ": stale, step ", job.last_decided_step,
-                                           " was already decided"));
-  }
-  auto pending = job.pending.find(step);
-  if (pending != job.pending.end() && pending->second.lambda[ref.rank].has_value()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": rank ", ref.rank, " already reported this step"));
-  }
-  // Every check passed: record in place (no copy of the other ranks' reports).
-  if (pending == job.pending.end()) {
-    pending = job.pending.emplace(step, PendingProbe{}).first;
-    pending->second.lambda.resize(job.world_size);
-  }
-  PendingProbe& probe = pending->second;
-  probe.lambda[ref.rank].emplace(report.lambda_max().begin(), report.lambda_max().end());
-  ++probe.reported;
+  MAT_ASSIGN_OR_RETURN(
+      std::optional<std::vector<std::vector<double>>> complete,
+      masks.Add(what, ref.rank, step,
+                std::vector<double>(report.lambda_max().begin(), report.lambda_max().end())));
   if (options_.metrics != nullptr) options_.metrics->spectra_reports_total.Inc({});
-  if (probe.reported < job.world_size) return absl::OkStatus();
-  std::vector<std::vector<double>> by_rank;
-  by_rank.reserve(job.world_size);
-  for (std::optional<std::vector<double>>& l : probe.lambda) by_rank.push_back(std::move(*l));
-  return Decide(job_id, job, step, by_rank);
+  if (!complete.has_value()) return absl::OkStatus();
+  return Decide(job_id, job, step, *complete);
 }
 
 absl::Status Coordinator::Decide(const std::string& job_id, JobRuntime& job, int64_t step,
                                  const std::vector<std::vector<double>>& lambda) {
-  // Mean per module: the sum over ranks in rank order, / W (the same bits on every run).
-  const size_t n = lambda.empty() ? 0 : lambda[0].size();
-  std::vector<double> mean(n, 0.0);
-  for (size_t i = 0; i < n; ++i) {
-    double sum = 0;
-    for (const std::vector<double>& rank : lambda) sum += rank[i];
-    mean[i] = sum / static_cast<double>(job.world_size);
-  }
-  policy::Policy& policy = *job.policy;
-  MAT_ASSIGN_OR_RETURN(policy::Decision decision, policy.Observe(step, mean));
-  const policy::MaskSchedule schedule = policy.Schedule();
-  DecisionUpdate update;
-  update.step = step;
-  update.lambda = mean;
-  update.mask_version = job.mask_version + 1;
-  update.active_modules = CountOn(schedule.every_step);
-  job.mask_version = update.mask_version;
-  job.last_decided_step = step;
-  job.pending.erase(job.pending.begin(), job.pending.upper_bound(step));
-
-  // Persisted before any rank sees it: a mask a rank trained with is never lost by a crash.
-  v1::CoordinatorMessage message;
-  v1::MaskUpdate* mask = message.mutable_mask();
-  mask->set_job_id(job_id);
-  mask->set_mask_version(job.mask_version);
-  mask->set_effective_step(step);
-  mask->set_bits(PackModuleBits(schedule.every_step));
-  mask->set_num_modules(static_cast<int32_t>(job.modules.size()));
-  if (schedule.slow_every > 0) {
-    mask->set_slow_bits(PackModuleBits(schedule.slow));
-    mask->set_slow_every_steps(schedule.slow_every);
-  }
-  update.decision_json = decision.ToJson(policy.modules(), policy.config())
-                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  update.policy_state = policy.SaveState();
-  update.mask_update = mask->SerializeAsString();
-  if (absl::Status st = store_->RecordDecision(job_id, update); !st.ok()) {
+  bool store_failed = false;
+  absl::StatusOr<MaskDecision> decided = job.masks->Decide(*store_, step, lambda, &store_failed);
+  if (store_failed) {
     // The history cannot be kept: the job stops rather than run on without its record.
-    const std::string message_text =
-        absl::StrCat("cannot store the decision of step ", step, ": ", st.message());
-    FailJob(job_id, message_text);  // `job` is gone after this
-    return absl::Status(st.code(), message_text);
+    FailJob(job_id, std::string(decided.status().message()));  // `job` is gone after this
+    return decided.status();
   }
-  job.last_mask = message;
+  MAT_RETURN_IF_ERROR(decided.status());
   for (int r = 0; r < job.world_size; ++r) {
     const std::string& worker_id = job.ranks[r].worker_id;
-    auto session = sessions_.find(worker_id);
-    if (session != sessions_.end() && session->second.job_id == job_id &&
-        session->second.rank == r) {
-      SendTo(worker_id, message);
-    }
+    if (sessions_.Runs(worker_id, job_id, r)) sessions_.Send(worker_id, decided->message);
   }
   if (CoordinatorMetrics* m = options_.metrics; m != nullptr) {
     m->mask_latency_seconds.Observe(
         {}, std::chrono::duration<double>(std::chrono::steady_clock::now() - handling_since_)
                 .count());
-    const auto& modules = policy.modules();
-    for (size_t i = 0; i < modules.size(); ++i) {
-      const metrics::LabelValues labels = {job_id, modules[i].group,
-                                           std::to_string(modules[i].layer), modules[i].name};
-      if (mean.size() == modules.size()) m->module_lambda_max.Set(labels, mean[i]);
-      m->module_active.Set(labels, i < schedule.every_step.size() && schedule.every_step[i] != 0
-                                       ? 1.0
-                                       : 0.0);
-    }
-    std::set<std::string> groups;
-    for (const auto& module : modules) groups.insert(module.group);
-    for (const std::string& group : groups) {
-      auto t = decision.threshold.find(group);
-      m->policy_threshold.Set({job_id, group}, t != decision.threshold.end()
-                                                   ? t->second
-                                                   : std::numeric_limits<double>::quiet_NaN());
-    }
-    m->job_active_modules.Set({job_id}, static_cast<double>(update.active_modules));
+    job.masks->SetDecisionMetrics(*decided);
   }
   v1::JobEvent event;
   event.set_job_id(job_id);
   event.set_step(step);
-  event.mutable_mask()->set_mask_version(job.mask_version);
+  event.mutable_mask()->set_mask_version(job.masks->mask_version());
   event.mutable_mask()->set_effective_step(step);
-  event.mutable_mask()->set_active_modules(update.active_modules);
+  event.mutable_mask()->set_active_modules(decided->active_modules);
   PublishJobEvent(event);
-  return absl::OkStatus();
-}
-
-absl::Status Coordinator::RestorePolicy(const std::string& job_id, JobRuntime& job,
-                                       int64_t step) {
-  job.restore_policy = false;
-  MAT_ASSIGN_OR_RETURN(std::optional<StoredDecision> decision,
-                       store_->LatestDecisionAtOrBefore(job_id, step));
-  if (!decision.has_value()) return absl::OkStatus();  // nothing decided yet: the new policy
-  if (decision->policy_state.empty() || decision->mask_update.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "its decision at step ", decision->step,
-        " was stored without the policy state (by a coordinator before schema version 4)"));
-  }
-  MAT_RETURN_IF_ERROR(job.policy->LoadState(decision->policy_state));
-  v1::CoordinatorMessage mask;
-  if (!mask.mutable_mask()->ParseFromString(decision->mask_update)) {
-    return absl::DataLossError(
-        absl::StrCat("the stored mask of step ", decision->step, " is not a MaskUpdate"));
-  }
-  job.last_mask = std::move(mask);
-  job.last_decided_step = decision->step;
-  job.pending.erase(job.pending.begin(), job.pending.upper_bound(decision->step));
-  spdlog::info("job {}: policy restored from its decision at step {} (first report: step {})",
-               job_id, decision->step, step);
   return absl::OkStatus();
 }
 
@@ -394,10 +253,10 @@ absl::Status Coordinator::HandleMaskAck(const std::string& worker_id, const v1::
   JobRuntime& job = *ref.job;
   RankState& rank = job.ranks[ref.rank];
   const int64_t version = ack.mask_version();
-  if (version < 1 || version > job.mask_version) {
+  if (version < 1 || version > job.masks->mask_version()) {
     return absl::InvalidArgumentError(
         absl::StrCat("mask ack for ", ack.job_id(), ": mask version ", version,
-                     " was never sent (the latest is ", job.mask_version, ")"));
+                     " was never sent (the latest is ", job.masks->mask_version(), ")"));
   }
   if (version < rank.acked_version) {
     return absl::AbortedError(absl::StrCat("stale mask version ", version, ", rank ", ref.rank,
@@ -418,7 +277,7 @@ absl::Status Coordinator::CheckArtifactUpload(const std::string& worker_id,
     return absl::PermissionDeniedError(
         absl::StrCat("only rank 0 uploads artifacts; ", worker_id, " sent rank ", rank));
   }
-  if (jobs_.count(job_id) != 0) {
+  if (running_.count(job_id) != 0) {
     return CheckRank(worker_id, job_id, 0, attempt).status();
   }
   MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
@@ -539,7 +398,7 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
   v1::JobProgress* p = event.mutable_progress();
   p->set_train_loss(progress.train_loss());
   p->set_active_modules(progress.active_modules());
-  p->set_total_modules(static_cast<int64_t>(job.modules.size()));
+  p->set_total_modules(static_cast<int64_t>(job.masks->modules().size()));
   p->set_flops_total(flops);
   p->set_wall_seconds(progress.wall_seconds());
   p->set_steps_per_second(steps_per_second);
@@ -598,12 +457,12 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   const std::string summary = ref.rank == 0 ? done.summary_json() : job.ranks[0].summary_json;
   // Rank 0's summary is stored at once: it must survive a coordinator restart.
   if (last || ref.rank == 0) MAT_RETURN_IF_ERROR(store_->SetJobSummary(job_id, summary));
-  if (last) RecordSummaryMetrics(job_id, summary);
+  if (last) jobs_.RecordSummaryMetrics(job_id, summary);
   rank.done = true;
   rank.step = done.step();
   rank.param_checksum = done.param_checksum();
   rank.summary_json = done.summary_json();
-  SetWorkerJob(worker_id, "", -1);
+  sessions_.SetJob(worker_id, "", -1);
   spdlog::info("job {}: rank {} ({}) finished at step {}, checksum {}", job_id, ref.rank,
                worker_id, done.step(), done.param_checksum());
   if (!last) {

@@ -27,10 +27,15 @@
 #include "policy/policy.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "config/train_config.h"
+#include "tests/testing/fake_worker_channel.h"
+#include "tests/testing/policy_fixtures.h"
 #include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
 namespace {
+
+using tests::Lambda;
+using tests::Modules;
 
 namespace fs = std::filesystem;
 using google::protobuf::util::MessageDifferencer;
@@ -38,47 +43,7 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
-// Records what the Coordinator sends one worker, and whether it closed the session.
-class FakeWorkerChannel : public WorkerChannel {
- public:
-  void Send(const v1::CoordinatorMessage& message) override { sent.push_back(message); }
-  void Close(const absl::Status& status) override {
-    closed = true;
-    close_status = status;
-  }
-
-  std::vector<v1::Assign> Assigns() const {
-    return Collect<v1::Assign>(&v1::CoordinatorMessage::has_assign,
-                               &v1::CoordinatorMessage::assign);
-  }
-  std::vector<v1::MaskUpdate> Masks() const {
-    return Collect<v1::MaskUpdate>(&v1::CoordinatorMessage::has_mask,
-                                   &v1::CoordinatorMessage::mask);
-  }
-  std::vector<v1::Cancel> Cancels() const {
-    return Collect<v1::Cancel>(&v1::CoordinatorMessage::has_cancel,
-                               &v1::CoordinatorMessage::cancel);
-  }
-  std::vector<v1::Reject> Rejects() const {
-    return Collect<v1::Reject>(&v1::CoordinatorMessage::has_reject,
-                               &v1::CoordinatorMessage::reject);
-  }
-
-  std::vector<v1::CoordinatorMessage> sent;
-  bool closed = false;
-  absl::Status close_status;
-
- private:
-  template <typename T>
-  std::vector<T> Collect(bool (v1::CoordinatorMessage::*has)() const,
-                         const T& (v1::CoordinatorMessage::*get)() const) const {
-    std::vector<T> out;
-    for (const v1::CoordinatorMessage& m : sent) {
-      if ((m.*has)()) out.push_back((m.*get)());
-    }
-    return out;
-  }
-};
+using tests::FakeWorkerChannel;
 
 struct Worker {
   std::string id;
@@ -100,17 +65,6 @@ v1::JobSpec Spec(int workers = 1, const std::string& device = "cpu",
   return spec;
 }
 
-// 2 layers × 5 heads: 10 modules, so masks take two bytes.
-std::vector<policy::ModuleInfo> Modules() {
-  std::vector<policy::ModuleInfo> out;
-  for (int layer = 0; layer < 2; ++layer) {
-    for (int head = 0; head < 5; ++head) {
-      out.push_back({"heads", layer, head,
-                     "layer" + std::to_string(layer) + ".head" + std::to_string(head)});
-    }
-  }
-  return out;
-}
 
 // Module i is bit (i % 8) of byte (i / 8), LSB first (the proto's rule, decoded independently of
 // PackModuleBits).
@@ -222,16 +176,6 @@ v1::WorkerMessage Attempt(v1::WorkerMessage m, int64_t attempt) {
   return m;
 }
 
-// λ of `rank` at probe number `k`: distinct, spread values, so the MAT thresholds switch modules
-// on and off.
-std::vector<double> Lambda(int rank, int k) {
-  std::vector<double> out;
-  for (int i = 0; i < 10; ++i) {
-    out.push_back(0.1 * (i + 1) * (1 + 0.37 * rank) + 0.013 * k * ((i * 7 + k) % 5) +
-                  (i == k % 10 ? 2.5 : 0.0));
-  }
-  return out;
-}
 
 class WorkerSessionsTest : public ::testing::Test {
  protected:

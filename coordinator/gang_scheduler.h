@@ -1,0 +1,70 @@
+// GangScheduler: the coordinator's gang scheduler (one of the managers behind the Coordinator
+// facade, coordinator.h). A job starts when W = spec.resources.workers idle workers of its device
+// kind have open sessions ("cpu" jobs on device "cpu" workers, "cuda" jobs on "cuda:N" workers),
+// taking the idle workers in id order (rank 0 = the first): all ranks or none.
+//
+// One pass: RESTARTING jobs first (they hold work already done), then QUEUED jobs, each in
+// submission order. A job that cannot start does not block later ones: a smaller or other-device
+// job behind it may start at once (backfilling, no reservation). The price: a large job can wait
+// as long as smaller jobs keep enough workers busy; the oldest such job still goes first whenever
+// enough workers are idle at one pass.
+//
+// The scheduler reads the jobs from the JobStore and the idle workers through a callback (the
+// SessionManager's), and starts a job through another (the facade's, which assigns the ranks and
+// sends the Assigns). It holds no job or worker state of its own.
+//
+// Thread-safety: not thread-safe; the coordinator loop only. Re-entrant: a Run() from inside a
+// start callback (a listener, a job ending inside it) makes the running Run() do another pass.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "coordinator/job_store.h"
+#include "coordinator/session_manager.h"
+
+namespace mat::coordinator {
+
+// True when a worker training on `worker_device` ("cpu" | "cuda:N") can run a rank of a job of
+// kind `job_device` ("cpu" | "cuda", JobSpec.resources.device).
+bool DeviceMatches(const std::string& job_device, const std::string& worker_device);
+
+// The first `world` workers of `idle` (in its order) whose device matches `job_device`; nullopt
+// when there are fewer, or world < 1.
+std::optional<std::vector<std::string>> PlaceGang(int world, const std::string& job_device,
+                                                  const std::vector<IdleWorker>& idle);
+
+class GangScheduler {
+ public:
+  // The idle workers now, in scheduling order.
+  using IdleFn = std::function<std::vector<IdleWorker>()>;
+  // Starts `job` on `workers` (rank order). A non-OK status (a store error) ends the pass; the
+  // next Run() tries again.
+  using StartFn = std::function<absl::Status(const JobRecord& job,
+                                             const std::vector<std::string>& workers)>;
+
+  // `store` is borrowed and must outlive the scheduler.
+  GangScheduler(JobStore& store, IdleFn idle, StartFn start);
+  GangScheduler(const GangScheduler&) = delete;
+  GangScheduler& operator=(const GangScheduler&) = delete;
+
+  // Starts every RESTARTING, then QUEUED, job that can start now. A store error listing the jobs
+  // is logged and ends the pass.
+  void Run();
+
+ private:
+  void Pass();
+
+  JobStore& store_;
+  IdleFn idle_;
+  StartFn start_;
+  // True while Run() runs; a nested call only sets again_, and the running call makes another
+  // pass.
+  bool running_ = false;
+  bool again_ = false;
+};
+
+}  // namespace mat::coordinator

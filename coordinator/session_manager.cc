@@ -1,0 +1,286 @@
+// SessionManager (session_manager.h): registered workers, open sessions, heartbeats.
+#include "coordinator/session_manager.h"
+
+#include <algorithm>
+#include <cctype>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "spdlog/spdlog.h"
+
+namespace mat::coordinator {
+namespace {
+
+// Longest worker id a worker may bring along, characters.
+constexpr size_t kMaxWorkerIdLength = 128;
+
+absl::Status ValidateRegisterRequest(const v1::RegisterRequest& request) {
+  const v1::WorkerCapabilities& caps = request.capabilities();
+  if (caps.device().empty()) return absl::InvalidArgumentError("capabilities.device is empty");
+  if (caps.device() != "cpu" && !IsCudaDevice(caps.device())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "capabilities.device must be \"cpu\" or \"cuda:N\", got '", caps.device(), "'"));
+  }
+  if (caps.memory_bytes() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("capabilities.memory_bytes must be >= 0, got ", caps.memory_bytes()));
+  }
+  if (caps.host().empty()) return absl::InvalidArgumentError("capabilities.host is empty");
+  if (caps.rendezvous_port() < 1 || caps.rendezvous_port() > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "capabilities.rendezvous_port must be in 1..65535, got ", caps.rendezvous_port()));
+  }
+  const std::string& id = request.worker_id();
+  const bool plain = std::all_of(id.begin(), id.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '-' || c == '_' || c == '.';
+  });
+  if (!plain || id.size() > kMaxWorkerIdLength) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker_id '", id, "' must be at most ", kMaxWorkerIdLength,
+                     " letters, digits, '-', '_' or '.'"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool IsCudaDevice(const std::string& device) {
+  if (!absl::StartsWith(device, "cuda:") || device.size() == 5) return false;
+  return std::all_of(device.begin() + 5, device.end(),
+                     [](char c) { return std::isdigit(static_cast<unsigned char>(c)) != 0; });
+}
+
+SessionManager::SessionManager(JobStore& store, const Clock& clock, CoordinatorMetrics* metrics,
+                               int64_t heartbeat_interval_ms)
+    : store_(store), clock_(clock), metrics_(metrics),
+      heartbeat_interval_ms_(heartbeat_interval_ms) {
+  MAT_CHECK(heartbeat_interval_ms_ > 0)
+      << "heartbeat_interval_ms must be > 0, got " << heartbeat_interval_ms_;
+}
+
+void SessionManager::Load() {
+  absl::StatusOr<std::vector<WorkerRecord>> workers = store_.ListWorkers();
+  if (workers.ok()) {
+    for (WorkerRecord& w : *workers) {
+      std::string id = w.id;
+      workers_.emplace(std::move(id), std::move(w));
+    }
+  } else {
+    spdlog::error("cannot read the workers from the store: {}", workers.status().ToString());
+  }
+  UpdateGauges();
+}
+
+// ----- registration -----
+
+absl::StatusOr<v1::RegisterReply> SessionManager::Register(const v1::RegisterRequest& request) {
+  MAT_RETURN_IF_ERROR(ValidateRegisterRequest(request));
+  const v1::WorkerCapabilities& caps = request.capabilities();
+  WorkerRecord record;
+  record.id = request.worker_id();
+  record.host = caps.host();
+  record.device = caps.device();
+  record.memory_bytes = caps.memory_bytes();
+  record.rendezvous_port = caps.rendezvous_port();
+  if (record.id.empty()) {
+    MAT_ASSIGN_OR_RETURN(record.id, store_.CreateWorker(record));
+  } else {
+    MAT_RETURN_IF_ERROR(store_.UpsertWorker(record));
+  }
+  absl::StatusOr<WorkerRecord> stored = store_.GetWorker(record.id);
+  workers_[record.id] = stored.ok() ? *stored : record;
+  UpdateGauges();
+  spdlog::info("worker {}: registered ({} on {}, rendezvous port {})", record.id, record.device,
+               record.host, record.rendezvous_port);
+  v1::RegisterReply reply;
+  reply.set_worker_id(record.id);
+  reply.set_heartbeat_interval_ms(heartbeat_interval_ms_);
+  return reply;
+}
+
+absl::StatusOr<v1::ListWorkersReply> SessionManager::List() const {
+  MAT_ASSIGN_OR_RETURN(std::vector<WorkerRecord> workers, store_.ListWorkers());
+  const int64_t now_ms = clock_.NowMs();
+  const int64_t now = clock_.Now();
+  v1::ListWorkersReply reply;
+  for (const WorkerRecord& w : workers) {
+    v1::WorkerInfo* info = reply.add_workers();
+    info->set_worker_id(w.id);
+    info->mutable_capabilities()->set_device(w.device);
+    info->mutable_capabilities()->set_memory_bytes(w.memory_bytes);
+    info->mutable_capabilities()->set_host(w.host);
+    info->mutable_capabilities()->set_rendezvous_port(w.rendezvous_port);
+    info->set_registered_unix_seconds(w.registered_unix_seconds);
+    auto session = sessions_.find(w.id);
+    if (session == sessions_.end()) {
+      info->set_state(v1::WORKER_STATE_DISCONNECTED);
+      info->set_last_seen_unix_seconds(w.last_seen_unix_seconds);
+      continue;
+    }
+    const Session& s = session->second;
+    info->set_state(s.job_id.empty() ? v1::WORKER_STATE_IDLE : v1::WORKER_STATE_BUSY);
+    if (!s.job_id.empty()) {
+      info->set_job_id(s.job_id);
+      info->set_rank(s.rank);
+    }
+    // Live: the store's copy may be up to kLastSeenPersistMs old.
+    info->set_last_seen_unix_seconds(
+        std::max(w.last_seen_unix_seconds, now - (now_ms - s.last_message_ms) / 1000));
+  }
+  return reply;
+}
+
+const WorkerRecord* SessionManager::Find(const std::string& worker_id) const {
+  auto it = workers_.find(worker_id);
+  return it == workers_.end() ? nullptr : &it->second;
+}
+
+// ----- sessions -----
+
+absl::Status SessionManager::Open(const std::string& id, std::shared_ptr<WorkerChannel> channel) {
+  MAT_CHECK(channel != nullptr) << "Open needs a channel";
+  if (id.empty()) return absl::InvalidArgumentError("worker_id is empty");
+  if (workers_.count(id) == 0) {
+    return absl::NotFoundError(
+        absl::StrCat("worker '", id, "' is not registered (call Register first)"));
+  }
+  if (sessions_.count(id) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", id, " already has an open session"));
+  }
+  Session& session = sessions_[id];
+  session.channel = std::move(channel);
+  session.last_message_ms = clock_.NowMs();
+  PersistLastSeen(id, session, /*force=*/true);
+  spdlog::info("worker {}: session opened", id);
+  UpdateGauges();
+  return absl::OkStatus();
+}
+
+bool SessionManager::Touch(const std::string& worker_id) {
+  auto it = sessions_.find(worker_id);
+  if (it == sessions_.end()) return false;
+  it->second.last_message_ms = clock_.NowMs();
+  PersistLastSeen(worker_id, it->second, /*force=*/false);
+  return true;
+}
+
+bool SessionManager::HasSession(const std::string& worker_id) const {
+  return sessions_.count(worker_id) != 0;
+}
+
+std::optional<SessionManager::Dropped> SessionManager::Drop(const std::string& worker_id) {
+  auto it = sessions_.find(worker_id);
+  if (it == sessions_.end()) return std::nullopt;
+  Dropped dropped{std::move(it->second.channel), it->second.job_id, it->second.rank};
+  sessions_.erase(it);
+  if (metrics_ != nullptr) metrics_->worker_heartbeat_age_seconds.Remove({worker_id});
+  UpdateGauges();
+  if (absl::Status st = store_.TouchWorker(worker_id); !st.ok()) {
+    spdlog::warn("worker {}: cannot store last_seen: {}", worker_id, st.ToString());
+  }
+  return dropped;
+}
+
+void SessionManager::SetJob(const std::string& worker_id, const std::string& job_id, int rank) {
+  auto it = sessions_.find(worker_id);
+  if (it == sessions_.end()) return;
+  it->second.job_id = job_id;
+  it->second.rank = job_id.empty() ? -1 : rank;
+  PersistLastSeen(worker_id, it->second, /*force=*/true);
+  UpdateGauges();
+}
+
+bool SessionManager::Runs(const std::string& worker_id, const std::string& job_id,
+                          int rank) const {
+  auto it = sessions_.find(worker_id);
+  return it != sessions_.end() && it->second.job_id == job_id && it->second.rank == rank;
+}
+
+std::string SessionManager::JobOf(const std::string& worker_id) const {
+  auto it = sessions_.find(worker_id);
+  return it == sessions_.end() ? std::string() : it->second.job_id;
+}
+
+void SessionManager::Send(const std::string& worker_id, const v1::CoordinatorMessage& message) {
+  auto it = sessions_.find(worker_id);
+  if (it == sessions_.end()) return;
+  // A copy: Send may not re-enter, but the map may change after it returns.
+  std::shared_ptr<WorkerChannel> channel = it->second.channel;
+  channel->Send(message);
+}
+
+void SessionManager::SendCancel(const std::string& worker_id, const std::string& job_id,
+                                const std::string& reason) {
+  v1::CoordinatorMessage message;
+  message.mutable_cancel()->set_job_id(job_id);
+  message.mutable_cancel()->set_reason(reason);
+  Send(worker_id, message);
+}
+
+void SessionManager::PersistLastSeen(const std::string& worker_id, Session& session, bool force) {
+  const int64_t now_ms = clock_.NowMs();
+  if (!force && now_ms - session.last_persisted_ms < kLastSeenPersistMs) return;
+  if (absl::Status st = store_.TouchWorker(worker_id); !st.ok()) {
+    spdlog::warn("worker {}: cannot store last_seen: {}", worker_id, st.ToString());
+    return;
+  }
+  session.last_persisted_ms = now_ms;
+}
+
+// ----- heartbeats and idle workers -----
+
+std::vector<std::pair<std::string, int64_t>> SessionManager::Silent() const {
+  const int64_t now_ms = clock_.NowMs();
+  const int64_t limit_ms = 3 * heartbeat_interval_ms_;
+  std::vector<std::pair<std::string, int64_t>> silent;
+  for (const auto& [id, session] : sessions_) {
+    const int64_t silence = now_ms - session.last_message_ms;
+    if (silence > limit_ms) silent.emplace_back(id, silence);
+  }
+  return silent;
+}
+
+std::vector<IdleWorker> SessionManager::Idle() const {
+  std::vector<IdleWorker> idle;
+  for (const auto& [id, session] : sessions_) {
+    if (!session.job_id.empty()) continue;
+    auto worker = workers_.find(id);
+    if (worker != workers_.end()) idle.push_back(IdleWorker{id, worker->second.device});
+  }
+  return idle;
+}
+
+// ----- metrics -----
+
+void SessionManager::RefreshHeartbeatAges() {
+  if (metrics_ == nullptr) return;
+  const int64_t now_ms = clock_.NowMs();
+  for (const auto& [id, session] : sessions_) {
+    metrics_->worker_heartbeat_age_seconds.Set(
+        {id}, static_cast<double>(now_ms - session.last_message_ms) / 1000.0);
+  }
+}
+
+void SessionManager::UpdateGauges() {
+  if (metrics_ == nullptr) return;
+  int64_t idle = 0, busy = 0, disconnected = 0;
+  for (const auto& [id, worker] : workers_) {
+    auto session = sessions_.find(id);
+    if (session == sessions_.end()) {
+      ++disconnected;
+    } else if (session->second.job_id.empty()) {
+      ++idle;
+    } else {
+      ++busy;
+    }
+  }
+  const metrics::Gauge& gauge = metrics_->workers;
+  gauge.Set({"idle"}, static_cast<double>(idle));
+  gauge.Set({"busy"}, static_cast<double>(busy));
+  gauge.Set({"disconnected"}, static_cast<double>(disconnected));
+}
+
+}  // namespace mat::coordinator

@@ -1,0 +1,148 @@
+// SessionManager: the coordinator's worker and session manager (one of the managers behind the
+// Coordinator facade, coordinator.h). It owns every registered worker (the store's rows, kept in
+// step with it), the open Session of each connected worker with its channel, the time of its last
+// message and the rank it runs, and the worker metrics (mat_coordinator_workers, heartbeat ages).
+// It decides nothing about jobs: the facade tells it which rank a worker runs (SetJob) and asks it
+// which workers are idle (Idle) or silent (Silent).
+//
+//   Register     validates and stores a worker (INVALID_ARGUMENT naming the field).
+//   List         every stored worker with its live state (ListWorkers).
+//   Open, Touch, Drop   a session's life: opened once per worker, every message a sign of life,
+//                dropped when it ends (the caller then restarts the rank it ran).
+//   Send, SendCancel    to a worker's open session (no-op without one).
+//
+// Thread-safety: not thread-safe; the coordinator loop only. Not copyable.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "coordinator/clock.h"
+#include "coordinator/coordinator_metrics.h"
+#include "coordinator/job_store.h"
+#include "mat/v1/service.pb.h"
+
+namespace mat::coordinator {
+
+// Where the Coordinator sends one worker's messages: the adapter's Session stream (which queues
+// them and writes one at a time) or a fake in unit tests (tests/testing/fake_worker_channel.h).
+// Thread-safety: called on the coordinator loop only; an implementation may hand off to gRPC.
+class WorkerChannel {
+ public:
+  virtual ~WorkerChannel() = default;
+  // Queues `message` for the worker; never blocks.
+  virtual void Send(const v1::CoordinatorMessage& message) = 0;
+  // Ends the session with `status` once the queued messages are written. The Coordinator has
+  // already forgotten the channel when it calls this (no CloseSession follows for it).
+  virtual void Close(const absl::Status& status) = 0;
+};
+
+// True for "cuda:N" with N one or more decimal digits.
+bool IsCudaDevice(const std::string& device);
+
+// A registered worker with an open session that runs no rank.
+struct IdleWorker {
+  std::string id;
+  std::string device;  // "cpu" | "cuda:N"
+};
+
+class SessionManager {
+ public:
+  // `store`, `clock` and `metrics` (nullptr = no metrics) are borrowed and must outlive the
+  // manager. heartbeat_interval_ms: RegisterReply's; Silent() is 3 intervals. REQUIRES: > 0.
+  SessionManager(JobStore& store, const Clock& clock, CoordinatorMetrics* metrics,
+                 int64_t heartbeat_interval_ms);
+  SessionManager(const SessionManager&) = delete;
+  SessionManager& operator=(const SessionManager&) = delete;
+
+  // Loads the workers the store knows (a store error is logged; no worker is known then).
+  void Load();
+
+  // Stores the worker: a new id "worker-000001"... for an empty request.worker_id, else that id
+  // (also one this store has never seen). INVALID_ARGUMENT naming the field for an empty device,
+  // a device other than "cpu"/"cuda:N", a negative memory_bytes, an empty host, a
+  // rendezvous_port outside 1..65535 or a worker_id that is not 1..128 of [A-Za-z0-9._-].
+  // Re-registering updates its capabilities (an open session and its rank are kept).
+  absl::StatusOr<v1::RegisterReply> Register(const v1::RegisterRequest& request);
+  // Every worker the store knows, with its live state (IDLE/BUSY while its session is open,
+  // else DISCONNECTED) and a live last_seen for an open session.
+  absl::StatusOr<v1::ListWorkersReply> List() const;
+  // The worker's stored record, or null for an unknown id.
+  const WorkerRecord* Find(const std::string& worker_id) const;
+
+  // Opens `worker_id`'s session (IDLE). INVALID_ARGUMENT for an empty id, NOT_FOUND for an
+  // unregistered one, FAILED_PRECONDITION when it already has one. REQUIRES: channel not null.
+  absl::Status Open(const std::string& worker_id, std::shared_ptr<WorkerChannel> channel);
+  // A message arrived: the session's sign of life (last_seen written at most every
+  // kLastSeenPersistMs). False when the worker has no open session.
+  bool Touch(const std::string& worker_id);
+  bool HasSession(const std::string& worker_id) const;
+  // What Drop returns: the ended session's channel and the rank it ran (job_id "" = none).
+  struct Dropped {
+    std::shared_ptr<WorkerChannel> channel;
+    std::string job_id;
+    int rank = -1;
+  };
+  // Forgets the session (its heartbeat-age series too) and stores last_seen; nullopt when the
+  // worker has none.
+  std::optional<Dropped> Drop(const std::string& worker_id);
+
+  // Marks the worker BUSY with `rank` of `job_id`, or IDLE for job_id "" (persists last_seen).
+  // No-op without a session.
+  void SetJob(const std::string& worker_id, const std::string& job_id, int rank);
+  // True when the worker's open session runs `rank` of `job_id`.
+  bool Runs(const std::string& worker_id, const std::string& job_id, int rank) const;
+  // The job whose rank the worker's session runs ("" when idle or without a session).
+  std::string JobOf(const std::string& worker_id) const;
+
+  // Queues `message` on the worker's open session; no-op without one.
+  void Send(const std::string& worker_id, const v1::CoordinatorMessage& message);
+  void SendCancel(const std::string& worker_id, const std::string& job_id,
+                  const std::string& reason);
+
+  // Open sessions with no message for more than 3 heartbeat intervals: (worker id, silence in
+  // ms), in id order.
+  std::vector<std::pair<std::string, int64_t>> Silent() const;
+  // Idle registered workers with an open session, in id order (the scheduling order).
+  std::vector<IdleWorker> Idle() const;
+  int OpenCount() const { return static_cast<int>(sessions_.size()); }
+  int64_t heartbeat_interval_ms() const { return heartbeat_interval_ms_; }
+
+  // Sets mat_coordinator_worker_heartbeat_age_seconds of every open session.
+  void RefreshHeartbeatAges();
+
+  // The store's last_seen of a worker with an open session is refreshed at most this often
+  // (plus on open, close and state changes), milliseconds.
+  static constexpr int64_t kLastSeenPersistMs = 5000;
+
+ private:
+  struct Session {
+    std::shared_ptr<WorkerChannel> channel;
+    int64_t last_message_ms = 0;    // clock NowMs() of the latest message
+    int64_t last_persisted_ms = 0;  // when last_seen was last written to the store
+    std::string job_id;             // BUSY: the job it runs a rank of; "" = IDLE
+    int rank = -1;                  // BUSY: that rank
+  };
+  // Writes last_seen to the store when `force` or kLastSeenPersistMs passed since the last write.
+  void PersistLastSeen(const std::string& worker_id, Session& session, bool force);
+  // mat_coordinator_workers from workers_ and sessions_.
+  void UpdateGauges();
+
+  JobStore& store_;
+  const Clock& clock_;
+  CoordinatorMetrics* metrics_;
+  int64_t heartbeat_interval_ms_;
+  // Every registered worker, by id.
+  std::map<std::string, WorkerRecord> workers_;
+  // Open sessions by worker id (id order = scheduling order).
+  std::map<std::string, Session> sessions_;
+};
+
+}  // namespace mat::coordinator

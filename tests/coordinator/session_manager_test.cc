@@ -1,0 +1,196 @@
+// Tests of the worker and session manager (coordinator/session_manager.h) alone, on a real
+// JobStore in a temporary directory, fake channels (tests/testing/fake_worker_channel.h) and a
+// manual clock (tests/testing/manual_clock.h): registration and its refusals, a session's life
+// (open, touch, drop), which workers are idle or silent (exactly 3 intervals is not yet silent),
+// the live worker list, the workers gauge, and last_seen written at most every 5 s.
+#include <memory>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "coordinator/coordinator_metrics.h"
+#include "coordinator/job_store.h"
+#include "coordinator/session_manager.h"
+#include "tests/testing/fake_worker_channel.h"
+#include "tests/testing/manual_clock.h"
+#include "tests/testing/temp_dir.h"
+
+namespace mat::coordinator {
+namespace {
+
+using ::testing::HasSubstr;
+using tests::FakeWorkerChannel;
+
+class SessionManagerTest : public ::testing::Test {
+ protected:
+  tests::TempDir tmp_{"mat_session_manager"};
+
+  void SetUp() override {
+    ASSERT_TRUE(tmp_.ok());
+    auto store = JobStore::Open(tmp_.path() + "/state", time_.store_options());
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+    sessions_ = std::make_unique<SessionManager>(*store_, clock_, &metrics_, 1000);
+    sessions_->Load();
+  }
+
+  v1::RegisterRequest Request(const std::string& device, const std::string& id = "") {
+    v1::RegisterRequest r;
+    r.set_worker_id(id);
+    r.mutable_capabilities()->set_device(device);
+    r.mutable_capabilities()->set_host("host-a");
+    r.mutable_capabilities()->set_rendezvous_port(29500);
+    return r;
+  }
+  std::string Register(const std::string& device, const std::string& id = "") {
+    auto reply = sessions_->Register(Request(device, id));
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? reply->worker_id() : "";
+  }
+  std::shared_ptr<FakeWorkerChannel> Open(const std::string& id) {
+    auto channel = std::make_shared<FakeWorkerChannel>();
+    absl::Status st = sessions_->Open(id, channel);
+    EXPECT_TRUE(st.ok()) << st;
+    return channel;
+  }
+  double Gauge(const std::string& state) { return metrics_.workers.Value({state}); }
+
+  tests::ManualClock time_;
+  Clock clock_ = time_.clock();
+  CoordinatorMetrics metrics_;
+  std::unique_ptr<JobStore> store_;
+  std::unique_ptr<SessionManager> sessions_;
+};
+
+TEST_F(SessionManagerTest, RegisterNamesTheBadFieldAndKeepsAGivenId) {
+  EXPECT_EQ(Register("cpu"), "worker-000001");
+  EXPECT_EQ(Register("cuda:3", "my-gpu.box_1"), "my-gpu.box_1");
+  ASSERT_NE(sessions_->Find("my-gpu.box_1"), nullptr);
+  EXPECT_EQ(sessions_->Find("my-gpu.box_1")->device, "cuda:3");
+  EXPECT_EQ(sessions_->Find("nobody"), nullptr);
+
+  auto bad = sessions_->Register(Request("tpu"));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("capabilities.device must be"));
+  v1::RegisterRequest no_port = Request("cpu");
+  no_port.mutable_capabilities()->set_rendezvous_port(70000);
+  EXPECT_THAT(sessions_->Register(no_port).status().message(),
+              HasSubstr("rendezvous_port must be in 1..65535, got 70000"));
+  EXPECT_THAT(sessions_->Register(Request("cpu", "a/b")).status().message(),
+              HasSubstr("worker_id 'a/b' must be"));
+  EXPECT_EQ(sessions_->Register(Request("cpu")).value().heartbeat_interval_ms(), 1000);
+}
+
+TEST_F(SessionManagerTest, ASessionOpensOnceAndDropReturnsItsChannelAndRank) {
+  const std::string w = Register("cpu");
+  EXPECT_EQ(sessions_->Open("", std::make_shared<FakeWorkerChannel>()).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(sessions_->Open("worker-000099", std::make_shared<FakeWorkerChannel>()).code(),
+            absl::StatusCode::kNotFound);
+  auto channel = Open(w);
+  EXPECT_EQ(sessions_->Open(w, std::make_shared<FakeWorkerChannel>()).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(sessions_->OpenCount(), 1);
+  EXPECT_EQ(Gauge("idle"), 1);
+
+  sessions_->SetJob(w, "job-000001", 2);
+  EXPECT_TRUE(sessions_->Runs(w, "job-000001", 2));
+  EXPECT_FALSE(sessions_->Runs(w, "job-000001", 1));
+  EXPECT_EQ(sessions_->JobOf(w), "job-000001");
+  EXPECT_EQ(Gauge("busy"), 1);
+  EXPECT_TRUE(sessions_->Idle().empty());
+
+  v1::CoordinatorMessage m;
+  m.mutable_mask()->set_mask_version(7);
+  sessions_->Send(w, m);
+  sessions_->SendCancel(w, "job-000001", "stop");
+  ASSERT_EQ(channel->Masks().size(), 1u);
+  ASSERT_EQ(channel->Cancels().size(), 1u);
+  EXPECT_EQ(channel->Cancels()[0].reason(), "stop");
+
+  auto dropped = sessions_->Drop(w);
+  ASSERT_TRUE(dropped.has_value());
+  EXPECT_EQ(dropped->channel, channel);
+  EXPECT_EQ(dropped->job_id, "job-000001");
+  EXPECT_EQ(dropped->rank, 2);
+  EXPECT_FALSE(sessions_->HasSession(w));
+  EXPECT_FALSE(sessions_->Drop(w).has_value());
+  EXPECT_FALSE(sessions_->Touch(w));
+  sessions_->Send(w, m);  // no session: nothing, no crash
+  EXPECT_EQ(channel->sent.size(), 2u);
+  EXPECT_EQ(Gauge("disconnected"), 1);
+}
+
+TEST_F(SessionManagerTest, SilentAfterMoreThanThreeIntervalsAndIdleInIdOrder) {
+  const std::string a = Register("cpu");
+  const std::string b = Register("cuda:0");
+  const std::string c = Register("cpu");
+  Open(c);
+  Open(a);
+  Open(b);
+  auto idle = sessions_->Idle();
+  ASSERT_EQ(idle.size(), 3u);
+  EXPECT_EQ(idle[0].id, a);
+  EXPECT_EQ(idle[1].id, b);
+  EXPECT_EQ(idle[1].device, "cuda:0");
+  EXPECT_EQ(idle[2].id, c);
+
+  time_.ms += 2000;
+  EXPECT_TRUE(sessions_->Touch(b));
+  time_.ms += 1000;  // a and c silent for exactly 3 intervals: not yet
+  EXPECT_TRUE(sessions_->Silent().empty());
+  time_.ms += 1;
+  auto silent = sessions_->Silent();
+  ASSERT_EQ(silent.size(), 2u);
+  EXPECT_EQ(silent[0], std::make_pair(a, int64_t{3001}));
+  EXPECT_EQ(silent[1], std::make_pair(c, int64_t{3001}));
+
+  sessions_->RefreshHeartbeatAges();
+  EXPECT_EQ(metrics_.worker_heartbeat_age_seconds.Value({b}), 1.001);
+  EXPECT_EQ(metrics_.worker_heartbeat_age_seconds.Value({a}), 3.001);
+  sessions_->Drop(b);
+  EXPECT_FALSE(metrics_.worker_heartbeat_age_seconds.Exists({b}))
+      << "a dropped session's series is removed";
+}
+
+TEST_F(SessionManagerTest, ListIsLiveAndLastSeenIsStoredAtMostEveryFiveSeconds) {
+  const std::string w = Register("cpu");
+  const std::string gone = Register("cpu");
+  Open(w);
+  auto stored_last_seen = [&] { return store_->GetWorker(w)->last_seen_unix_seconds; };
+  const int64_t opened = stored_last_seen();
+  time_.unix_seconds += 3;
+  time_.ms += 3000;
+  sessions_->Touch(w);
+  EXPECT_EQ(stored_last_seen(), opened) << "3 s after the last write: not written again";
+  auto list = sessions_->List();
+  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_EQ(list->workers_size(), 2);
+  EXPECT_EQ(list->workers(0).state(), v1::WORKER_STATE_IDLE);
+  EXPECT_EQ(list->workers(0).last_seen_unix_seconds(), opened + 3) << "live, not the stored copy";
+  EXPECT_EQ(list->workers(1).worker_id(), gone);
+  EXPECT_EQ(list->workers(1).state(), v1::WORKER_STATE_DISCONNECTED);
+  time_.unix_seconds += 2;
+  time_.ms += 2000;
+  sessions_->Touch(w);
+  EXPECT_EQ(stored_last_seen(), opened + 5);
+  sessions_->SetJob(w, "job-000004", 0);
+  list = sessions_->List();
+  EXPECT_EQ(list->workers(0).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(list->workers(0).job_id(), "job-000004");
+}
+
+TEST_F(SessionManagerTest, LoadKnowsTheStoredWorkersAfterARestart) {
+  const std::string w = Register("cuda:1");
+  SessionManager again(*store_, clock_, nullptr, 1000);
+  EXPECT_EQ(again.Find(w), nullptr);
+  again.Load();
+  ASSERT_NE(again.Find(w), nullptr);
+  EXPECT_EQ(again.Find(w)->device, "cuda:1");
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  EXPECT_TRUE(again.Open(w, channel).ok());
+}
+
+}  // namespace
+}  // namespace mat::coordinator

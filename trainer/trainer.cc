@@ -27,97 +27,7 @@ double Since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// Mean CE per sample of the rows [0, n): losses [n]. logits [M, V], labels [M], positions [M].
-torch::Tensor PerSampleLoss(const torch::Tensor& logits, const torch::Tensor& labels,
-                            const torch::Tensor& positions, int64_t seq, int64_t n) {
-  torch::Tensor ce = torch::nn::functional::cross_entropy(
-      logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-  torch::Tensor sample = torch::div(positions, seq, "floor");
-  torch::Tensor sums = torch::zeros({n}, ce.options()).index_add(0, sample, ce);
-  torch::Tensor counts = torch::zeros({n}, ce.options()).index_add(0, sample, torch::ones_like(ce));
-  return sums / counts;
-}
-
-// The output-kernel estimators' outputs [n, P·k]: column p·k + j of row i is the logits at
-// sample i's p-th masked position (in batch order; sample = position / seq, each sample's
-// positions contiguous) times column j of a fixed Gaussian R [V, k] / sqrt(V) (drawn on the CPU
-// from a generator seeded by the run's seed, the same at every probe), and 0 where sample i has
-// fewer than P masked positions. k = 0: the logits themselves (k = V, no projection).
-// logits [m, V], positions [m].
-torch::Tensor ProjectOutputs(const torch::Tensor& logits, const torch::Tensor& positions,
-                             int64_t seq, int64_t n, int64_t positions_per_sample, int64_t k,
-                             uint64_t seed) {
-  const int64_t vocab = logits.size(1);
-  const int64_t P = positions_per_sample;
-  torch::Tensor proj = logits;  // [m, k]
-  if (k > 0) {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 0x9E3779B97F4A7C15ULL + 0x70726f6aULL);
-    torch::Tensor r = torch::randn({vocab, k}, gen, torch::TensorOptions().dtype(torch::kFloat64)) /
-                      std::sqrt(double(vocab));
-    proj = torch::mm(logits, r.to(logits.options()));
-  } else {
-    k = vocab;
-  }
-  torch::Tensor pos = positions.to(torch::kCPU, torch::kLong).contiguous();
-  const int64_t* p = pos.data_ptr<int64_t>();
-  std::vector<int64_t> keep, slot;  // rows of proj kept, and their row in [n·P, k]
-  int64_t sample = -1, rank = 0;
-  for (int64_t i = 0; i < pos.numel(); ++i) {
-    const int64_t s = p[i] / seq;
-    rank = s == sample ? rank + 1 : 0;
-    sample = s;
-    if (rank < P && s < n) {
-      keep.push_back(i);
-      slot.push_back(s * P + rank);
-    }
-  }
-  auto index = [&](const std::vector<int64_t>& v) {
-    return torch::tensor(v, torch::kLong).to(logits.device());
-  };
-  torch::Tensor out = torch::zeros({n * P, k}, proj.options());
-  if (!keep.empty()) out = out.index_add(0, index(slot), proj.index_select(0, index(keep)));
-  return out.reshape({n, P * k});
-}
-
-// How many of n training examples (tokens or images) data.train_fraction keeps: ⌈fraction · n⌉.
-int64_t TrainPrefix(double fraction, int64_t n) {
-  return std::min(n, static_cast<int64_t>(std::ceil(fraction * static_cast<double>(n))));
-}
-
 }  // namespace
-
-BertConfig MakeBertConfig(const config::TrainConfig& c, int64_t vocab_size) {
-  BertConfig b;
-  b.vocab_size = vocab_size;
-  b.max_seq_len = c.model.max_seq_len;
-  b.layers = c.model.layers;
-  b.d_model = c.model.d_model;
-  b.heads = c.model.heads;
-  b.d_ff = c.model.d_ff;
-  b.ffn_groups = c.model.ffn_groups;
-  b.dropout = c.model.dropout;
-  b.pre_ln = c.model.pre_ln;
-  b.detach_masked = c.policy.backward == "detach";
-  if (c.model.kind == "switch") {
-    b.experts = c.model.experts;
-    b.moe_every = c.model.moe_every;
-    b.capacity_factor = c.model.capacity_factor;
-    b.aux_loss_weight = c.model.aux_loss_weight;
-  }
-  return b;
-}
-
-VggConfig MakeVggConfig(const config::TrainConfig& c, int64_t channels, int64_t image_size) {
-  VggConfig v;
-  v.arch = c.model.arch;
-  v.width = c.model.width;
-  v.in_channels = channels;
-  v.image_size = image_size;
-  v.num_classes = 10;
-  v.filter_groups = c.model.filter_groups;
-  v.classifier_hidden = c.model.classifier_hidden;
-  return v;
-}
 
 Trainer::Trainer(const config::TrainConfig& config, TrainerOptions options)
     : config_(config), options_(std::move(options)) {}
@@ -126,6 +36,12 @@ Trainer::~Trainer() = default;
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const config::TrainConfig& config,
                                                          TrainerOptions options) {
+  return CreateImpl(config, std::move(options), nullptr);
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateImpl(const config::TrainConfig& config,
+                                                             TrainerOptions options,
+                                                             std::unique_ptr<Task> task) {
   MAT_RETURN_IF_ERROR(config::ValidateTrainConfig(config));
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
     return absl::InvalidArgumentError("rank " + std::to_string(options.rank) +
@@ -138,8 +54,16 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const config::TrainConf
                                       std::to_string(options.world_size) + " ranks");
   }
   std::unique_ptr<Trainer> t(new Trainer(config, std::move(options)));
+  t->task_ = std::move(task);  // null: Init makes the config's
   MAT_RETURN_IF_ERROR(t->Init());
   return t;
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const config::TrainConfig& config,
+                                                         TrainerOptions options,
+                                                         std::unique_ptr<Task> task) {
+  MAT_CHECK(task != nullptr) << "Trainer::Create needs a task";
+  return CreateImpl(config, std::move(options), std::move(task));
 }
 
 absl::Status Trainer::Init() {
@@ -165,7 +89,17 @@ absl::Status Trainer::Init() {
     }
   }
   MAT_ASSIGN_OR_RETURN(precision_, ParsePrecision(c.train.precision));
-  MAT_RETURN_IF_ERROR(c.model.kind == "vgg" ? InitImages() : InitText());
+  if (task_ == nullptr) {
+    TaskContext context;
+    context.config = c;
+    context.device = device_;
+    context.precision = precision_;
+    context.rank = options_.rank;
+    context.world_size = options_.world_size;
+    MAT_ASSIGN_OR_RETURN(task_, MakeTask(context));
+  }
+  lm_ = dynamic_cast<MaskedLmTask*>(task_.get());
+  images_ = dynamic_cast<ImageTask*>(task_.get());
   if (!c.model.init_from.empty()) {
     // Before the optimizer sees the parameters; a resumed run then overwrites them from its
     // checkpoint. Every rank reads the same file, so the ranks start equal.
@@ -194,7 +128,7 @@ absl::Status Trainer::Init() {
   }
 
   std::vector<policy::ModuleInfo> infos;
-  for (const auto& m : partition_.modules) infos.push_back({m.group, m.layer, m.index, m.name});
+  for (const auto& m : partition().modules) infos.push_back({m.group, m.layer, m.index, m.name});
   MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(config::ToPolicyConfig(c), std::move(infos)));
   if (!c.policy.rand_schedule.empty()) {
     MAT_ASSIGN_OR_RETURN(auto schedule, config::LoadActiveCountSchedule(c.policy.rand_schedule));
@@ -210,95 +144,7 @@ absl::Status Trainer::Init() {
   return absl::OkStatus();
 }
 
-absl::Status Trainer::InitText() {
-  const auto& c = config_;
-  MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
-  if (c.data.vocab_size > 0) CapVocabulary(corpus_, c.data.vocab_size);
-  const int64_t real = corpus_.vocab.size();
-  // The context-free baselines (bench/repro's regime check): fitted on the whole training
-  // split, and on the prefix this run trains on.
-  unigram_test_loss_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
-  mlm_.seq_len = c.data.seq_len;
-  mlm_.mask_prob = c.data.mask_prob;
-  mlm_.mask_id = real;  // [MASK] is the last id
-  mlm_.num_real_tokens = real;
-
-  train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
-  corpus_.train.resize(static_cast<size_t>(train_size_));
-  unigram_test_loss_prefix_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
-
-  model_ = BertMlm(MakeBertConfig(c, real + 1));
-  model_->to(device_);
-  model_->train();
-  partition_ = model_->Partition();
-  train_stream_ = std::make_unique<MlmStream>(corpus_.train, mlm_, options_.rank,
-                                              options_.world_size, c.seed);
-  if (train_stream_->num_blocks() == 0) {
-    return absl::InvalidArgumentError(
-        c.data.train_fraction < 1
-            ? "data.train_fraction " + std::to_string(c.data.train_fraction) + " leaves " +
-                  std::to_string(train_size_) + " training tokens, fewer than data.seq_len"
-            : std::string("data.dir: train split has fewer than data.seq_len tokens"));
-  }
-  valid_batches_ = MakeEvalBatches(corpus_.valid, mlm_, c.train.batch_size, c.train.eval_batches, 1234);
-  test_batches_ = MakeEvalBatches(corpus_.test, mlm_, c.train.batch_size, c.train.eval_batches, 4321);
-  if (valid_batches_.empty() || test_batches_.empty()) {
-    return absl::InvalidArgumentError("data.dir: valid or test split has fewer than data.seq_len tokens");
-  }
-  return absl::OkStatus();
-}
-
-absl::Status Trainer::InitImages() {
-  const auto& c = config_;
-  const bool fashion = c.data.kind == "fashion-mnist";
-  absl::StatusOr<ImageDataset> train = fashion ? LoadFashionMnist(c.data.dir, ImageSplit::kTrain)
-                                               : LoadCifar10(c.data.dir, ImageSplit::kTrain);
-  if (!train.ok()) return absl::Status(train.status().code(), "data.dir: " + std::string(train.status().message()));
-  absl::StatusOr<ImageDataset> test = fashion ? LoadFashionMnist(c.data.dir, ImageSplit::kTest)
-                                              : LoadCifar10(c.data.dir, ImageSplit::kTest);
-  if (!test.ok()) return absl::Status(test.status().code(), "data.dir: " + std::string(test.status().message()));
-  const int64_t n = train->size();
-  if (c.data.valid_size >= n) {
-    return absl::InvalidArgumentError("data.valid_size " + std::to_string(c.data.valid_size) +
-                                      " leaves no training images (the training files hold " +
-                                      std::to_string(n) + ")");
-  }
-  train_size_ = TrainPrefix(c.data.train_fraction, n - c.data.valid_size);
-  train_images_ = SliceImages(*train, 0, train_size_);
-  valid_images_ = SliceImages(*train, n - c.data.valid_size, n);
-  test_images_ = std::move(*test);
-  if (test_images_.channels() != train_images_.channels() ||
-      test_images_.height() != train_images_.height()) {
-    return absl::InvalidArgumentError("data.dir: the test images' shape differs from the training images'");
-  }
-  VggConfig vc = MakeVggConfig(c, train_images_.channels(), train_images_.height());
-  if (absl::Status s = ValidateVggConfig(vc); !s.ok()) {
-    return absl::InvalidArgumentError("model: " + std::string(s.message()));
-  }
-  vgg_ = Vgg(vc);
-  vgg_->to(device_);
-  vgg_->train();
-  partition_ = vgg_->Partition();
-  ImageStreamOptions so;
-  so.augment = c.data.augment;
-  image_stream_ = std::make_unique<ImageStream>(train_images_, so, options_.rank,
-                                                options_.world_size, c.seed);
-  if (image_stream_->num_examples() == 0) {
-    return absl::InvalidArgumentError("data.dir: no training images for rank " +
-                                      std::to_string(options_.rank));
-  }
-  valid_image_batches_ = MakeImageEvalBatches(valid_images_, c.train.batch_size, c.train.eval_batches);
-  test_image_batches_ = MakeImageEvalBatches(test_images_, c.train.batch_size, c.train.eval_batches);
-  if (test_image_batches_.empty()) return absl::InvalidArgumentError("data.dir: the test split is empty");
-  return absl::OkStatus();
-}
-
-torch::nn::Module& Trainer::network() {
-  if (is_vgg()) return *vgg_;
-  return *model_;
-}
-
-std::vector<ParamEntry> Trainer::ParamEntries() { return BuildParamEntries(network(), partition_); }
+std::vector<ParamEntry> Trainer::ParamEntries() { return BuildParamEntries(network(), partition()); }
 
 absl::Status Trainer::SyncBuffers() {
   if (options_.hooks == nullptr || options_.world_size < 2) return absl::OkStatus();
@@ -335,192 +181,61 @@ double Trainer::LearningRate(int64_t step) const {
 
 absl::StatusOr<double> Trainer::TrainStep(const MlmBatch& batch, const std::vector<uint8_t>& active,
                                           const std::vector<double>& lr_scale, double lr) {
-  if (is_vgg()) return absl::FailedPreconditionError("TrainStep(MlmBatch) on a vgg model");
-  double loss_value = 0, aux_value = 0;
-  try {
-    model_->SetMask(active);
-    torch::Tensor loss;
-    {
-      AutocastGuard autocast(device_, precision_);  // bf16: forward and loss; backward outside
-      torch::Tensor logits =
-          model_->forward(batch.input_ids.to(device_), batch.positions.to(device_));
-      loss = torch::nn::functional::cross_entropy(logits, batch.labels.to(device_));
-    }
-    // switch: the load-balancing loss joins the gradient; the returned loss stays masked-LM.
-    torch::Tensor aux = model_->aux_loss();
-    (aux.defined() ? loss + aux.to(loss.scalar_type()) : loss).backward();
-    loss_value = loss.item<double>();
-    if (aux.defined()) aux_value = aux.item<double>();
-  } catch (const c10::Error& e) {
-    return absl::InternalError(std::string("training step failed: ") + e.what_without_backtrace());
-  }
-  if (!std::isfinite(aux_value)) loss_value = aux_value;  // reported as a non-finite loss
-  return FinishStep(loss_value, active, lr_scale, lr);
+  if (lm_ == nullptr) return absl::FailedPreconditionError("TrainStep(MlmBatch) on a vgg model");
+  MAT_ASSIGN_OR_RETURN(const double loss, lm_->ForwardBackward(batch, active));
+  return FinishStep(loss, active, lr_scale, lr);
 }
 
 absl::StatusOr<double> Trainer::TrainStep(const ImageBatch& batch, const std::vector<uint8_t>& active,
                                           const std::vector<double>& lr_scale, double lr) {
-  if (!is_vgg()) return absl::FailedPreconditionError("TrainStep(ImageBatch) on a masked LM");
-  double loss_value = 0;
-  try {
-    vgg_->SetMask(active);
-    torch::Tensor loss;
-    {
-      AutocastGuard autocast(device_, precision_);
-      torch::Tensor logits = vgg_->forward(batch.images.to(device_));
-      loss = torch::nn::functional::cross_entropy(logits.to(torch::kFloat32),
-                                                  batch.labels.to(device_));
-    }
-    loss.backward();
-    loss_value = loss.item<double>();
-  } catch (const c10::Error& e) {
-    return absl::InternalError(std::string("training step failed: ") + e.what_without_backtrace());
-  }
-  return FinishStep(loss_value, active, lr_scale, lr);
+  if (images_ == nullptr) return absl::FailedPreconditionError("TrainStep(ImageBatch) on a masked LM");
+  MAT_ASSIGN_OR_RETURN(const double loss, images_->ForwardBackward(batch, active));
+  return FinishStep(loss, active, lr_scale, lr);
 }
 
-absl::StatusOr<spectral::EstimateResult> Trainer::RunEstimator(spectral::Estimator* estimator,
-                                                               spectral::ProbeBatch probe) {
+absl::StatusOr<ProbeResult> Trainer::FinishProbe(absl::StatusOr<RecordedProbe> recorded,
+                                                 spectral::Estimator* estimator,
+                                                 Clock::time_point t0) {
+  if (!recorded.ok()) return recorded.status();
   absl::StatusOr<spectral::EstimateResult> est = [&]() -> absl::StatusOr<spectral::EstimateResult> {
     try {
-      return estimator->Estimate(partition_, std::move(probe));
+      return estimator->Estimate(partition(), std::move(recorded->probe));
     } catch (const c10::Error& e) {
       return absl::InternalError(std::string("spectral estimate failed: ") + e.what_without_backtrace());
     }
   }();
   for (auto& p : network().parameters()) p.mutable_grad().reset();
-  return est;
+  if (!est.ok()) return est.status();
+  ProbeResult r;
+  r.modules = std::move(est->modules);
+  r.flops = recorded->forward_flops +
+            double(est->backward_passes) * recorded->backward_pass_flops + est->flops;
+  r.seconds = Since(t0);
+  return r;
 }
 
 absl::StatusOr<ProbeResult> Trainer::Probe(const MlmBatch& batch, spectral::Estimator* estimator) {
-  if (is_vgg()) return absl::FailedPreconditionError("Probe(MlmBatch) on a vgg model");
+  if (lm_ == nullptr) return absl::FailedPreconditionError("Probe(MlmBatch) on a vgg model");
   if (estimator == nullptr) estimator = estimator_.get();
-  const int64_t n = config_.policy.probe_samples, T = config_.data.seq_len;
-  auto t0 = Clock::now();
-  spectral::SiteRecorder recorder;
-  spectral::ProbeBatch probe;
-  std::vector<int64_t> probe_routed;  // switch: the probe forward's tokens per expert
-  torch::Tensor keep = batch.positions < n * T;
-  torch::Tensor positions = batch.positions.masked_select(keep).to(device_);
-  torch::Tensor labels = batch.labels.masked_select(keep).to(device_);
-  try {
-    model_->eval();
-    model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
-    model_->SetRecorder(&recorder);
-    torch::Tensor logits = model_->forward(batch.input_ids.slice(0, 0, n).to(device_), positions);
-    probe_routed = model_->RoutedTokens();
-    model_->SetRecorder(nullptr);
-    model_->train();
-    probe.losses = PerSampleLoss(logits, labels, positions, T, n);
-    probe.sites = recorder.Take();
-    if (estimator->NeedsOutputs()) {
-      probe.outputs = ProjectOutputs(logits, positions, T, n, estimator->OutputPositions(),
-                                     estimator->OutputProjections(), config_.seed);
-    }
-  } catch (const c10::Error& e) {
-    model_->SetRecorder(nullptr);
-    model_->train();
-    return absl::InternalError(std::string("probe forward failed: ") + e.what_without_backtrace());
-  }
-  absl::StatusOr<spectral::EstimateResult> est = RunEstimator(estimator, std::move(probe));
-  if (!est.ok()) return est.status();
-  ProbeResult r;
-  r.modules = std::move(est->modules);
-  const int64_t m = positions.size(0);
-  const BertConfig& bc = model_->config();
-  r.flops = BertForwardFlops(bc, n, T, m, probe_routed).forward +
-            double(est->backward_passes) * BertStepFlops(bc, n, T, m, {}, probe_routed).activation_grad +
-            est->flops;
-  r.seconds = Since(t0);
-  return r;
+  const auto t0 = Clock::now();
+  return FinishProbe(lm_->RecordProbe(batch, config_.policy.probe_samples, *estimator), estimator,
+                     t0);
 }
 
 absl::StatusOr<ProbeResult> Trainer::Probe(const ImageBatch& batch, spectral::Estimator* estimator) {
-  if (!is_vgg()) return absl::FailedPreconditionError("Probe(ImageBatch) on a masked LM");
+  if (images_ == nullptr) return absl::FailedPreconditionError("Probe(ImageBatch) on a masked LM");
   if (estimator == nullptr) estimator = estimator_.get();
-  const int64_t n = config_.policy.probe_samples;
-  if (batch.labels.size(0) < n) {
-    return absl::InvalidArgumentError("probe batch has " + std::to_string(batch.labels.size(0)) +
-                                      " images, policy.probe_samples is " + std::to_string(n));
-  }
-  auto t0 = Clock::now();
-  spectral::SiteRecorder recorder;
-  spectral::ProbeBatch probe;
-  try {
-    // Eval mode: BatchNorm normalises with its running statistics, so ℓ_i depends on image i
-    // only (in training mode every image's loss depends on the whole batch's statistics).
-    vgg_->eval();
-    vgg_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
-    vgg_->SetRecorder(&recorder);
-    torch::Tensor logits = vgg_->forward(batch.images.slice(0, 0, n).to(device_));
-    vgg_->SetRecorder(nullptr);
-    vgg_->train();
-    probe.losses = torch::nn::functional::cross_entropy(
-        logits, batch.labels.slice(0, 0, n).to(device_),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-    recorder.TakeInto(&probe);
-    if (estimator->NeedsOutputs()) {
-      torch::Tensor rows = torch::arange(n, torch::TensorOptions().dtype(torch::kLong).device(device_));
-      probe.outputs = ProjectOutputs(logits, rows, 1, n, estimator->OutputPositions(),
-                                     estimator->OutputProjections(), config_.seed);
-    }
-  } catch (const c10::Error& e) {
-    vgg_->SetRecorder(nullptr);
-    vgg_->train();
-    return absl::InternalError(std::string("probe forward failed: ") + e.what_without_backtrace());
-  }
-  absl::StatusOr<spectral::EstimateResult> est = RunEstimator(estimator, std::move(probe));
-  if (!est.ok()) return est.status();
-  ProbeResult r;
-  r.modules = std::move(est->modules);
-  const VggConfig& vc = vgg_->config();
-  r.flops = VggForwardFlops(vc, n).forward +
-            double(est->backward_passes) * VggStepFlops(vc, n, {}).activation_grad + est->flops;
-  r.seconds = Since(t0);
-  return r;
+  const auto t0 = Clock::now();
+  return FinishProbe(images_->RecordProbe(batch, config_.policy.probe_samples, *estimator),
+                     estimator, t0);
 }
 
 EvalResult Trainer::Evaluate(const std::vector<ImageBatch>& batches) {
-  EvalResult r;
-  if (!is_vgg()) return r;
-  torch::NoGradGuard guard;
-  vgg_->eval();
-  vgg_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
-  double sum = 0;
-  int64_t count = 0, correct = 0;
-  for (const ImageBatch& b : batches) {
-    torch::Tensor logits = vgg_->forward(b.images.to(device_)).to(torch::kFloat32);
-    torch::Tensor labels = b.labels.to(device_);
-    sum += torch::nn::functional::cross_entropy(
-               logits, labels,
-               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-               .item<double>();
-    correct += CountTop1Correct(logits, labels);
-    count += b.labels.size(0);
-  }
-  vgg_->train();
-  r.loss = sum / double(std::max<int64_t>(count, 1));
-  r.accuracy = double(correct) / double(std::max<int64_t>(count, 1));
-  return r;
+  return images_ == nullptr ? EvalResult{} : images_->Evaluate(batches);
 }
 
 double Trainer::Evaluate(const std::vector<MlmBatch>& batches) {
-  if (is_vgg()) return 0;
-  torch::NoGradGuard guard;
-  model_->eval();
-  model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
-  double sum = 0;
-  int64_t count = 0;
-  for (const MlmBatch& b : batches) {
-    torch::Tensor logits = model_->forward(b.input_ids.to(device_), b.positions.to(device_));
-    torch::Tensor ce = torch::nn::functional::cross_entropy(
-        logits, b.labels.to(device_),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    sum += ce.item<double>();
-    count += b.labels.size(0);
-  }
-  model_->train();
-  return sum / double(std::max<int64_t>(count, 1));
+  return lm_ == nullptr ? 0 : lm_->Evaluate(batches);
 }
 
 absl::Status Trainer::AppendLine(const std::string& file, const nlohmann::json& line) {
@@ -554,23 +269,14 @@ void Trainer::ShowProgress(double loss, int active, double elapsed) {
   double eta = rate > 0 ? double(total - step_) / rate : 0;
   std::fprintf(stderr, "\r[%s%s] %lld/%lld %.2f step/s loss %.3f active %d/%d ETA %.0fs ",
                std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-               (long long)step_, (long long)total, rate, loss, active, partition_.size(), eta);
+               (long long)step_, (long long)total, rate, loss, active, partition().size(), eta);
   std::fflush(stderr);
 }
 
 nlohmann::json Trainer::NominalStepFlops() const {
   const int64_t B = config_.train.batch_size / options_.world_size;
-  const std::vector<uint8_t> off(partition_.size(), 0);
-  FlopCounts full, none;
-  if (is_vgg()) {
-    full = VggStepFlops(vgg_->config(), B, {});
-    none = VggStepFlops(vgg_->config(), B, off);
-  } else {
-    const int64_t T = config_.data.seq_len;
-    const auto M = int64_t(std::llround(config_.data.mask_prob * double(B * T)));
-    full = BertStepFlops(model_->config(), B, T, M, {});
-    none = BertStepFlops(model_->config(), B, T, M, off);
-  }
+  const FlopCounts full = task_->NominalStepFlops(B, {});
+  const FlopCounts none = task_->NominalStepFlops(B, std::vector<uint8_t>(partition().size(), 0));
   return {{"full", full.total()}, {"full_without_decoder", full.total_without_decoder()},
           {"modules_off", none.total()},
           {"modules_off_without_decoder", none.total_without_decoder()}};
@@ -582,17 +288,17 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
       {"world_size", options_.world_size},
       {"seed", config_.seed},
       {"steps", step_},
-      {"modules", partition_.size()},
+      {"modules", partition().size()},
       // What data.train_fraction left to train on: tokens (wikitext) or images.
-      {"train_size", train_size_},
-      {"train_size_unit", is_vgg() ? "images" : "tokens"},
+      {"train_size", task_->train_size()},
+      {"train_size_unit", task_->train_size_unit()},
       {"best_val_loss", best_val_loss_},
       {"best_step", best_step_},
       {"test_loss_at_best", test_loss_at_best_},
       // The table's test metric: top-1 accuracy for images (higher is better), else the test
       // loss (lower is better), both at the best validation step.
-      {"test_metric_name", is_vgg() ? "accuracy" : "loss"},
-      {"test_metric", is_vgg() ? test_accuracy_at_best_ : test_loss_at_best_},
+      {"test_metric_name", task_->classifies() ? "accuracy" : "loss"},
+      {"test_metric", task_->classifies() ? test_accuracy_at_best_ : test_loss_at_best_},
       {"flops_total", flops_.total()},
       {"flops_total_without_decoder", flops_.total_without_decoder()},
       {"flops_by_phase", {{"forward", flops_.forward}, {"activation_grad", flops_.activation_grad},
@@ -632,18 +338,11 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
     }
     s["eval_curve"] = {{"step", steps}, {"flops", flops}, {"val_loss", vals}, {"wall_seconds", secs}};
   }
-  if (!is_vgg()) {
-    // A unigram model's test loss (nats/token, add-one smoothing): fitted on all of the training
-    // split, and on the part this run trains on (data.train_fraction).
-    s["vocab_size"] = corpus_.vocab.size();
-    s["unigram_test_loss"] = unigram_test_loss_;
-    s["unigram_test_loss_train_prefix"] = unigram_test_loss_prefix_;
-  }
-  if (is_vgg()) {
-    s["model"] = config_.model.arch;
+  if (task_->classifies()) {
     s["val_accuracy_at_best"] = val_accuracy_at_best_;
     s["test_accuracy_at_best"] = test_accuracy_at_best_;
   }
+  task_->AddSummaryFields(&s);
   return s;
 }
 
@@ -672,7 +371,6 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
   nlohmann::json meta = {
       {"step", step_},
       {"policy", policy_->SaveState()},
-      {"data", is_vgg() ? image_stream_->SaveState() : train_stream_->SaveState()},
       {"flops", {flops_.forward, flops_.activation_grad, flops_.weight_grad, flops_.spectral, flops_.decoder}},
       {"flops_full", flops_full_},
       {"train_seconds", train_seconds_},
@@ -681,12 +379,12 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
       {"best", {best_val_loss_, double(best_step_), test_loss_at_best_, flops_to_best_, seconds_to_best_}},
       {"best_accuracy", {val_accuracy_at_best_, test_accuracy_at_best_}},
       {"loss_acc", {loss_sum_, double(loss_count_)}},
-      {"aux_acc", {aux_sum_, double(aux_count_)}},
       {"active_sum", active_sum_},
       {"eval_curve", eval_curve_},
       {"schedule", {{"has", has_schedule_}, {"every_step", schedule_.every_step},
                     {"slow", schedule_.slow}, {"slow_every", schedule_.slow_every}}},
   };
+  task_->SaveState(&meta);  // "data" (and the task's averages)
   ckpt.meta = meta.dump();
   ckpt.tensors["rng.torch"] = at::detail::getDefaultCPUGenerator().get_state();
   return WriteCheckpoint(path, ckpt);
@@ -726,8 +424,7 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     nlohmann::json meta = nlohmann::json::parse(ckpt.meta);
     step_ = meta["step"];
     MAT_RETURN_IF_ERROR(policy_->LoadState(meta["policy"].get<std::string>()));
-    MAT_RETURN_IF_ERROR(is_vgg() ? image_stream_->LoadState(meta["data"].get<std::string>())
-                                 : train_stream_->LoadState(meta["data"].get<std::string>()));
+    MAT_RETURN_IF_ERROR(task_->LoadState(meta));
     auto f = meta["flops"];
     flops_.forward = f[0];
     flops_.activation_grad = f[1];
@@ -750,10 +447,6 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     }
     loss_sum_ = meta["loss_acc"][0];
     loss_count_ = int64_t(meta["loss_acc"][1].get<double>());
-    if (meta.contains("aux_acc")) {  // switch; absent in checkpoints written before it was saved
-      aux_sum_ = meta["aux_acc"][0];
-      aux_count_ = int64_t(meta["aux_acc"][1].get<double>());
-    }
     active_sum_ = meta["active_sum"];
     eval_curve_.clear();
     if (meta.contains("eval_curve")) {  // absent in checkpoints written before it was saved

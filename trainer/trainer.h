@@ -1,10 +1,13 @@
 // The one-process training loop shared by mat-train, the benchmarks and mat-worker.
 //
-// Two model families: the masked LM (model.kind bert or switch, on a WikiText corpus; loss in
-// nats per masked token) and image classification (model.kind vgg, on Fashion-MNIST or CIFAR-10;
-// cross-entropy per image and top-1 accuracy). Methods that take an MlmBatch are for the masked
-// LM, those that take an ImageBatch for VGG; TrainStep and Probe for the other family are
-// FAILED_PRECONDITION (Evaluate returns zeros).
+// The loop is family-agnostic: it drives a Task (task.h) that owns the model, its data, its
+// forward passes, evaluation and summary fields. Two tasks exist: the masked LM (model.kind bert
+// or switch, on a WikiText corpus; loss in nats per masked token; lm_task.h) and image
+// classification (model.kind vgg, on Fashion-MNIST or CIFAR-10; cross-entropy per image and top-1
+// accuracy; image_task.h). The typed building blocks below (for tests and benchmarks) take the
+// family's batch: those that take an MlmBatch are for the masked LM, those that take an ImageBatch
+// for VGG; TrainStep and Probe for the other family are FAILED_PRECONDITION (Evaluate returns
+// zeros).
 //
 // Per step: at every policy interval the policy decides (MAT probes the modules' λ_max on the
 // step's first probe_samples samples first); the step's mask is applied to the model (masked-off
@@ -29,30 +32,14 @@
 #include "policy/policy.h"
 #include "nlohmann/json.hpp"
 #include "spectral/estimator.h"
-#include "trainer/models/autocast.h"
-#include "trainer/models/bert.h"
-#include "trainer/data/corpus.h"
-#include "trainer/models/flops.h"
-#include "trainer/data/image_data.h"
-#include "trainer/data/mlm_data.h"
+#include "config/train_config.h"
+#include "trainer/image_task.h"
+#include "trainer/lm_task.h"
 #include "trainer/optim/optimizer.h"
 #include "trainer/optim/sgd.h"
-#include "config/train_config.h"
-#include "trainer/models/vgg.h"
+#include "trainer/task.h"
 
 namespace mat::trainer {
-
-// The model section as a BertConfig over a vocabulary of `vocab_size` ids (specials included).
-BertConfig MakeBertConfig(const config::TrainConfig& config, int64_t vocab_size);
-// The model section as a VggConfig for images of `channels` x `image_size`².
-VggConfig MakeVggConfig(const config::TrainConfig& config, int64_t channels, int64_t image_size);
-
-// An evaluation: mean loss (nats per masked token, or per image) and, for images, top-1
-// accuracy in [0, 1] (0 for the masked LM).
-struct EvalResult {
-  double loss = 0;
-  double accuracy = 0;
-};
 
 struct ProbeResult {
   std::vector<spectral::ModuleSpectrum> modules;  // empty when the policy needs no spectra
@@ -124,6 +111,13 @@ class Trainer {
   // or file.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const config::TrainConfig& config,
                                                          TrainerOptions options);
+  // The same loop over a task the caller built (a third family, or a test's toy task) instead
+  // of MakeTask's; `config` still sets the optimizer, the policy, the estimator and the loop.
+  // The typed building blocks (MlmBatch, ImageBatch, model(), vgg(), ...) are then unavailable.
+  // REQUIRES: task != nullptr.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const config::TrainConfig& config,
+                                                         TrainerOptions options,
+                                                         std::unique_ptr<Task> task);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -157,19 +151,21 @@ class Trainer {
   absl::Status SaveCheckpoint(const std::string& path);
   absl::Status LoadCheckpoint(const std::string& path);
 
-  bool is_vgg() const { return !vgg_.is_empty(); }
+  // The task (its model, data and evaluation).
+  Task& task() { return *task_; }
+  bool is_vgg() const { return images_ != nullptr; }
   // The model as a torch module (BERT/Switch or VGG).
-  torch::nn::Module& network();
+  torch::nn::Module& network() { return task_->network(); }
   // The parameters the optimizer updates, with their modules (what GradientSync reduces).
   std::vector<ParamEntry> ParamEntries();
-  BertMlm& model() { return model_; }            // REQUIRES: !is_vgg()
-  Vgg& vgg() { return vgg_; }                    // REQUIRES: is_vgg()
+  BertMlm& model() { return lm_->model(); }      // REQUIRES: !is_vgg()
+  Vgg& vgg() { return images_->vgg(); }          // REQUIRES: is_vgg()
   MaskedAdamW& optimizer() { return *optimizer_; }  // REQUIRES: train.optimizer adamw
   MaskedSgd& sgd() { return *sgd_; }                // REQUIRES: train.optimizer sgd
   policy::Policy& policy() { return *policy_; }
-  MlmStream& train_stream() { return *train_stream_; }   // REQUIRES: !is_vgg()
-  ImageStream& image_stream() { return *image_stream_; }  // REQUIRES: is_vgg()
-  const spectral::ModulePartition& partition() const { return partition_; }
+  MlmStream& train_stream() { return lm_->stream(); }        // REQUIRES: !is_vgg()
+  ImageStream& image_stream() { return images_->stream(); }  // REQUIRES: is_vgg()
+  const spectral::ModulePartition& partition() const { return task_->partition(); }
   const config::TrainConfig& config() const { return config_; }
   int64_t step() const { return step_; }
   // The step the last Run resumed from (its checkpoint's), or -1 when it started afresh.
@@ -181,34 +177,34 @@ class Trainer {
 
  private:
   Trainer(const config::TrainConfig& config, TrainerOptions options);
+  // Both Creates: checks the config and options, then Init (MakeTask when `task` is null).
+  static absl::StatusOr<std::unique_ptr<Trainer>> CreateImpl(const config::TrainConfig& config,
+                                                             TrainerOptions options,
+                                                             std::unique_ptr<Task> task);
   absl::Status Init();
   absl::Status AppendLine(const std::string& file, const nlohmann::json& line);
   absl::Status TruncateLog(const std::string& file, int64_t max_step);
   void ShowProgress(double loss, int active, double elapsed);
-  absl::Status InitText();
-  absl::Status InitImages();
   // hooks->AverageBuffers over the model's buffers, when there are hooks and buffers.
   absl::Status SyncBuffers();
-  // The end of both TrainSteps: INTERNAL when the loss is not finite, else the hooks' gradient
-  // reduction and the optimizer's step; returns loss_value.
+  // The end of every training step (after the task's ForwardBackward): INTERNAL when the loss
+  // is not finite, else the hooks' gradient reduction and the optimizer's step; returns
+  // loss_value.
   absl::StatusOr<double> FinishStep(double loss_value, const std::vector<uint8_t>& active,
                                     const std::vector<double>& lr_scale, double lr);
-  // Runs `estimator` on a recorded probe (catching LibTorch errors) and clears the gradients.
-  absl::StatusOr<spectral::EstimateResult> RunEstimator(spectral::Estimator* estimator,
-                                                        spectral::ProbeBatch probe);
-  // One step's batch: the masked LM's or the images' (by is_vgg()).
-  struct StepBatch {
-    MlmBatch mlm;
-    ImageBatch images;
-  };
+  // The end of every probe: runs `estimator` on the task's recorded probe (catching LibTorch
+  // errors), clears the gradients, and adds up the probe's FLOPs and seconds since t0.
+  absl::StatusOr<ProbeResult> FinishProbe(absl::StatusOr<RecordedProbe> recorded,
+                                          spectral::Estimator* estimator,
+                                          std::chrono::steady_clock::time_point t0);
   // Run's phases (trainer_run.cc): resume from out_dir's checkpoint or clear its logs; probe and
   // decide at a probe step (the policy, or the hooks' coordinator), logging the decision; the
   // mask of step_; the masked step with its FLOPs; rank 0's evaluation (metrics.jsonl, best,
   // progress) or another rank's train-loss line; the final checkpoint, model and summary.
   absl::Status PrepareRun();
-  absl::Status ProbeAndDecide(const StepBatch& batch);
+  absl::Status ProbeAndDecide(const TaskBatch& batch);
   absl::StatusOr<policy::StepMask> StepMaskNow() const;
-  absl::StatusOr<double> StepAndCount(const StepBatch& batch, const policy::StepMask& mask);
+  absl::StatusOr<double> StepAndCount(const TaskBatch& batch, const policy::StepMask& mask);
   absl::Status EvaluateAndLog(const policy::StepMask& mask, int active_now,
                               TrainerProgress* progress);
   absl::Status LogTrainLoss();
@@ -223,23 +219,13 @@ class Trainer {
   TrainerOptions options_;
   torch::Device device_{torch::kCPU};
   Precision precision_ = Precision::kFloat32;  // train.precision: the step's forward
-  Corpus corpus_;
-  MlmOptions mlm_;
-  BertMlm model_{nullptr};
-  // vgg: the model, its data (validation = the training files' last data.valid_size images).
-  Vgg vgg_{nullptr};
-  ImageDataset train_images_, valid_images_, test_images_;
-  std::unique_ptr<ImageStream> image_stream_;
-  std::vector<ImageBatch> valid_image_batches_, test_image_batches_;
-  spectral::ModulePartition partition_;
+  std::unique_ptr<Task> task_;
+  MaskedLmTask* lm_ = nullptr;  // task_ when it is the masked LM, else null
+  ImageTask* images_ = nullptr;  // task_ when it is VGG, else null
   std::unique_ptr<MaskedAdamW> optimizer_;  // train.optimizer adamw
   std::unique_ptr<MaskedSgd> sgd_;          // train.optimizer sgd
   std::unique_ptr<policy::Policy> policy_;
   std::unique_ptr<spectral::Estimator> estimator_;
-  std::unique_ptr<MlmStream> train_stream_;
-  std::vector<MlmBatch> valid_batches_, test_batches_;
-  double unigram_test_loss_ = 0, unigram_test_loss_prefix_ = 0;  // wikitext, nats/token
-  int64_t train_size_ = 0;  // training tokens (wikitext) or images, after data.train_fraction
 
   // Progress, all saved in checkpoints.
   int64_t step_ = 0;
@@ -251,14 +237,12 @@ class Trainer {
   double best_val_loss_ = 0;
   int64_t best_step_ = -1;
   double test_loss_at_best_ = 0;
-  double val_accuracy_at_best_ = 0;   // vgg
-  double test_accuracy_at_best_ = 0;  // vgg
+  double val_accuracy_at_best_ = 0;   // a task that classifies
+  double test_accuracy_at_best_ = 0;
   double flops_to_best_ = 0;
   double seconds_to_best_ = 0;
   double loss_sum_ = 0;          // train loss since the last evaluation
   int64_t loss_count_ = 0;
-  double aux_sum_ = 0;           // switch: load-balancing loss since the last evaluation
-  int64_t aux_count_ = 0;
   double active_sum_ = 0;        // Σ over steps of the active fraction
   // Rank 0's evaluations: {step, FLOPs so far, validation loss, training seconds so far} each
   // (summary.json's "eval_curve").

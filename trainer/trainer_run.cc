@@ -1,5 +1,6 @@
 // Trainer::Run and its phases (trainer.h): probe -> decide -> masked step -> evaluate ->
-// checkpoint, for both model families. The rest of the Trainer is trainer.cc.
+// checkpoint, the same for every task (task.h): nothing here knows the model family. The rest of
+// the Trainer is trainer.cc.
 #include <chrono>
 #include <filesystem>
 #include <map>
@@ -37,13 +38,18 @@ absl::Status Trainer::PrepareRun() {
   return absl::OkStatus();
 }
 
-absl::Status Trainer::ProbeAndDecide(const StepBatch& batch) {
+absl::Status Trainer::ProbeAndDecide(const TaskBatch& batch) {
   TrainerHooks* hooks = options_.hooks;
   std::vector<double> lambda;
   ProbeResult probe;
   if (policy_->NeedsSpectra()) {
-    if (is_vgg()) MAT_RETURN_IF_ERROR(SyncBuffers());
-    MAT_ASSIGN_OR_RETURN(probe, is_vgg() ? Probe(batch.images) : Probe(batch.mlm));
+    // The probe reads the buffers (VGG's BatchNorm statistics): the ranks' mean first. A model
+    // without buffers (BERT, Switch) has nothing to average.
+    MAT_RETURN_IF_ERROR(SyncBuffers());
+    const auto t0 = Clock::now();
+    MAT_ASSIGN_OR_RETURN(
+        probe, FinishProbe(task_->RecordProbe(batch, config_.policy.probe_samples, *estimator_),
+                           estimator_.get(), t0));
     for (const auto& s : probe.modules) lambda.push_back(s.lambda_max);
     flops_.spectral += probe.flops;
     spectral_seconds_ += probe.seconds;
@@ -52,11 +58,11 @@ absl::Status Trainer::ProbeAndDecide(const StepBatch& batch) {
   if (hooks != nullptr) {
     // The coordinator decides (from every rank's λ); this rank logs what it was told.
     MAT_ASSIGN_OR_RETURN(schedule_, hooks->Decide(step_, probe));
-    if (schedule_.every_step.size() != size_t(partition_.size())) {
+    if (schedule_.every_step.size() != size_t(partition().size())) {
       return absl::InvalidArgumentError(
           "mask for step " + std::to_string(step_) + " has " +
           std::to_string(schedule_.every_step.size()) + " modules, the model " +
-          std::to_string(partition_.size()));
+          std::to_string(partition().size()));
     }
     has_schedule_ = true;
     line = {{"step", step_}, {"every_step", schedule_.every_step}, {"slow", schedule_.slow},
@@ -87,28 +93,14 @@ absl::StatusOr<policy::StepMask> Trainer::StepMaskNow() const {
   return policy::MaskFromSchedule(schedule_, step_);
 }
 
-absl::StatusOr<double> Trainer::StepAndCount(const StepBatch& batch,
+absl::StatusOr<double> Trainer::StepAndCount(const TaskBatch& batch,
                                              const policy::StepMask& mask) {
-  const int64_t B = config_.train.batch_size / options_.world_size;
-  MAT_ASSIGN_OR_RETURN(
-      double loss, is_vgg() ? TrainStep(batch.images, mask.active, mask.lr_scale, LearningRate(step_))
-                            : TrainStep(batch.mlm, mask.active, mask.lr_scale, LearningRate(step_)));
-  if (is_vgg()) {
-    // A full step's FLOPs depend on the batch size only.
-    flops_ += VggStepFlops(vgg_->config(), B, mask.active);
-    flops_full_ += VggStepFlops(vgg_->config(), B, {}).total();
-  } else {
-    const BertConfig bc = model_->config();
-    const int64_t T = config_.data.seq_len;
-    const int64_t M = batch.mlm.positions.size(0);
-    const std::vector<int64_t> routed = model_->RoutedTokens();  // switch: tokens per expert
-    flops_ += BertStepFlops(bc, B, T, M, mask.active, routed);
-    flops_full_ += BertStepFlops(bc, B, T, M, {}, routed).total();
-    if (torch::Tensor aux = model_->aux_loss(); aux.defined()) {
-      aux_sum_ += aux.item<double>();
-      ++aux_count_;
-    }
-  }
+  MAT_ASSIGN_OR_RETURN(const double forward_loss, task_->ForwardBackward(batch, mask.active));
+  MAT_ASSIGN_OR_RETURN(const double loss,
+                       FinishStep(forward_loss, mask.active, mask.lr_scale, LearningRate(step_)));
+  double full = 0;
+  flops_ += task_->StepFlops(batch, mask.active, &full);
+  flops_full_ += full;
   return loss;
 }
 
@@ -125,15 +117,14 @@ absl::Status Trainer::LogTrainLoss() {
 
 absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_now,
                                      TrainerProgress* progress) {
-  const bool vgg = is_vgg();
   auto e0 = Clock::now();
-  EvalResult val_eval = vgg ? Evaluate(valid_image_batches_) : EvalResult{Evaluate(valid_batches_), 0};
+  const EvalResult val_eval = task_->Evaluate(EvalSplit::kValid);
   const double val = val_eval.loss;
   bool best = best_step_ < 0 || val < best_val_loss_;
   if (best) {
     best_val_loss_ = val;
     best_step_ = step_;
-    EvalResult test = vgg ? Evaluate(test_image_batches_) : EvalResult{Evaluate(test_batches_), 0};
+    const EvalResult test = task_->Evaluate(EvalSplit::kTest);
     test_loss_at_best_ = test.loss;
     val_accuracy_at_best_ = val_eval.accuracy;
     test_accuracy_at_best_ = test.accuracy;
@@ -143,8 +134,8 @@ absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_no
   eval_seconds_ += Since(e0);
   eval_curve_.push_back({double(step_), flops_.total(), val, train_seconds_});
   std::map<std::string, int> active_by_group;
-  for (int m = 0; m < partition_.size(); ++m)
-    active_by_group[partition_.modules[m].group] += mask.active[m];
+  for (int m = 0; m < partition().size(); ++m)
+    active_by_group[partition().modules[m].group] += mask.active[m];
   nlohmann::json line = {
       {"step", step_},
       {"train_loss", loss_sum_ / double(std::max<int64_t>(loss_count_, 1))},
@@ -157,13 +148,11 @@ absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_no
       {"wall_seconds", train_seconds_},
   };
   if (best) line["test_loss"] = test_loss_at_best_;
-  if (vgg) {
+  if (task_->classifies()) {
     line["val_accuracy"] = val_eval.accuracy;
     if (best) line["test_accuracy"] = test_accuracy_at_best_;
   }
-  if (aux_count_ > 0) line["train_aux_loss"] = aux_sum_ / double(aux_count_);
-  aux_sum_ = 0;
-  aux_count_ = 0;
+  task_->AddEvalFields(&line);
   MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));
   progress->evaluated = true;
   progress->val_loss = val;
@@ -174,7 +163,7 @@ absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_no
   if (options_.progress_bar) std::fprintf(stderr, "\n");
   spdlog::info("step {}/{} train_loss {:.4f} val_loss {:.4f} active {}/{} flops {:.3e} {:.1f}s",
                step_, config_.train.steps, line["train_loss"].get<double>(), val, active_now,
-               partition_.size(), flops_.total(), train_seconds_);
+               partition().size(), flops_.total(), train_seconds_);
   loss_sum_ = 0;
   loss_count_ = 0;
   return absl::OkStatus();
@@ -207,18 +196,13 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
   while (step_ < end) {
     if (hooks != nullptr) MAT_RETURN_IF_ERROR(hooks->CheckContinue());
     auto t0 = Clock::now();
-    StepBatch batch;
-    if (is_vgg()) {
-      batch.images = image_stream_->Next(B);
-    } else {
-      batch.mlm = train_stream_->Next(B);
-    }
-    if (step_ % c.policy.probe_every == 0) MAT_RETURN_IF_ERROR(ProbeAndDecide(batch));
+    const std::unique_ptr<TaskBatch> batch = task_->NextBatch(B);
+    if (step_ % c.policy.probe_every == 0) MAT_RETURN_IF_ERROR(ProbeAndDecide(*batch));
     MAT_ASSIGN_OR_RETURN(const policy::StepMask mask, StepMaskNow());
-    MAT_ASSIGN_OR_RETURN(const double loss, StepAndCount(batch, mask));
+    MAT_ASSIGN_OR_RETURN(const double loss, StepAndCount(*batch, mask));
     int active_now = 0;
     for (uint8_t a : mask.active) active_now += a;
-    active_sum_ += partition_.size() ? double(active_now) / partition_.size() : 1.0;
+    active_sum_ += partition().size() ? double(active_now) / partition().size() : 1.0;
     loss_sum_ += loss;
     ++loss_count_;
     ++step_;

@@ -1,0 +1,235 @@
+// Tests of the Trainer over its Task interface (trainer/task.h): the loop drives a third, toy
+// task (two linear "heads" regressing a fixed map) that knows nothing of BERT or VGG, which
+// shows that Run has no family branch: the rand policy's masks reach the task, a masked head's
+// weights never move while an active one's always do, the FLOPs saved come from the task's own formulas, the task's
+// evaluation and summary fields reach metrics.jsonl and summary.json, and a run stopped half way
+// and resumed from its checkpoint (the task's data state included) ends bitwise equal to an
+// uninterrupted one. Also: MakeTask picks the task of model.kind.
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/testing/temp_dir.h"
+#include "tests/trainer/toy_run.h"
+#include "trainer/task.h"
+#include "trainer/trainer.h"
+
+namespace mat::trainer {
+namespace {
+
+// y = A x + B x on 4 inputs; A and B are the two modules ("heads", layer 0).
+struct PairNetImpl : torch::nn::Module {
+  PairNetImpl() {
+    a = register_module("a", torch::nn::Linear(4, 4));
+    b = register_module("b", torch::nn::Linear(4, 4));
+  }
+  torch::nn::Linear a{nullptr}, b{nullptr};
+};
+TORCH_MODULE(PairNet);
+
+struct ToyBatch : TaskBatch {
+  torch::Tensor x, y;
+};
+
+// Training pairs from a counter (the data state): batch k is drawn from a generator seeded by k.
+class ToyTask : public Task {
+ public:
+  ToyTask() {
+    torch::manual_seed(3);
+    target_ = torch::randn({4, 4});
+    for (auto* lin : {&net_->a, &net_->b}) {
+      spectral::ModuleSpec m;
+      m.group = "heads";
+      m.layer = 0;
+      m.index = static_cast<int>(partition_.modules.size());
+      m.name = m.index == 0 ? "a" : "b";
+      m.params = {(*lin)->weight, (*lin)->bias};
+      partition_.modules.push_back(m);
+    }
+    eval_x_ = torch::randn({32, 4});
+  }
+
+  torch::nn::Module& network() override { return *net_; }
+  const spectral::ModulePartition& partition() const override { return partition_; }
+  std::unique_ptr<TaskBatch> NextBatch(int64_t samples) override {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 + next_++);
+    auto batch = std::make_unique<ToyBatch>();
+    batch->x = torch::randn({samples, 4}, gen, torch::TensorOptions());
+    batch->y = torch::mm(batch->x, target_);
+    return batch;
+  }
+  absl::StatusOr<double> ForwardBackward(const TaskBatch& batch,
+                                         const std::vector<uint8_t>& active) override {
+    const auto& b = static_cast<const ToyBatch&>(batch);
+    // The previous step's masked heads must not have moved since (the optimizer skips them).
+    for (int m = 0; m < 2 && !snapshot_.empty(); ++m) {
+      const bool moved = !torch::equal(snapshot_[m], partition_.modules[m].params[0]);
+      (last_active_[m] != 0 ? active_moved_ : masked_moved_) += moved ? 1 : 0;
+      ++checked_;
+    }
+    snapshot_.clear();
+    for (const auto& m : partition_.modules) snapshot_.push_back(m.params[0].detach().clone());
+    last_active_ = active;
+    torch::Tensor out = torch::zeros_like(b.y);
+    if (active[0] != 0) out = out + net_->a(b.x);
+    if (active[1] != 0) out = out + net_->b(b.x);
+    torch::Tensor loss = torch::mse_loss(out, b.y);
+    if (active[0] != 0 || active[1] != 0) loss.backward();
+    return loss.item<double>();
+  }
+  FlopCounts StepFlops(const TaskBatch& batch, const std::vector<uint8_t>& active,
+                       double* full_total) override {
+    const int64_t n = static_cast<const ToyBatch&>(batch).x.size(0);
+    *full_total = NominalStepFlops(n, {}).total();
+    return NominalStepFlops(n, active);
+  }
+  FlopCounts NominalStepFlops(int64_t samples, const std::vector<uint8_t>& active) const override {
+    FlopCounts f;
+    for (int m = 0; m < 2; ++m) {
+      if (!active.empty() && active[m] == 0) continue;
+      f.forward += 32.0 * samples;
+      f.weight_grad += 32.0 * samples;
+    }
+    return f;
+  }
+  absl::StatusOr<RecordedProbe> RecordProbe(const TaskBatch&, int64_t,
+                                            const spectral::Estimator&) override {
+    return absl::UnimplementedError("the toy task is trained with policies that need no probe");
+  }
+  EvalResult Evaluate(EvalSplit split) override {
+    torch::NoGradGuard guard;
+    const torch::Tensor x = split == EvalSplit::kValid ? eval_x_ : eval_x_ * 2;
+    return EvalResult{torch::mse_loss(net_->a(x) + net_->b(x), torch::mm(x, target_)).item<double>(),
+                      0};
+  }
+  bool classifies() const override { return false; }
+  void AddEvalFields(nlohmann::json* line) override { (*line)["toy_batches_drawn"] = next_; }
+  void AddSummaryFields(nlohmann::json* summary) const override { (*summary)["toy"] = "pairs"; }
+  int64_t train_size() const override { return 1000; }
+  std::string train_size_unit() const override { return "pairs"; }
+  void SaveState(nlohmann::json* meta) const override { (*meta)["data"] = next_; }
+  absl::Status LoadState(const nlohmann::json& meta) override {
+    next_ = meta.at("data").get<int64_t>();
+    return absl::OkStatus();
+  }
+
+  std::vector<uint8_t> last_active_;
+  std::vector<torch::Tensor> snapshot_;  // the heads' weights before the latest step
+  int checked_ = 0, masked_moved_ = 0, active_moved_ = 0;
+  int64_t next_ = 0;
+
+ private:
+  PairNet net_;
+  spectral::ModulePartition partition_;
+  torch::Tensor target_, eval_x_;
+};
+
+// The loop's settings: 40 steps of 8 pairs, rand keeping 1 of the 2 heads from step 0, an
+// evaluation every 10 steps, a checkpoint every 10.
+config::TrainConfig ToyLoopConfig(const std::string& dir) {
+  config::TrainConfig c = testing::ToyConfig(dir);
+  c.train.steps = 40;
+  c.train.eval_every = 10;
+  c.train.checkpoint_every = 10;
+  c.train.warmup_steps = 0;
+  c.policy.kind = "rand";
+  c.policy.rand_fraction = 0.5;
+  c.policy.warmup_steps = 0;
+  c.policy.probe_every = 5;
+  return c;
+}
+
+std::unique_ptr<Trainer> MakeToyTrainer(const config::TrainConfig& c, const std::string& out,
+                                        bool resume, ToyTask** task_out) {
+  auto task = std::make_unique<ToyTask>();
+  *task_out = task.get();
+  TrainerOptions options;
+  options.out_dir = out;
+  options.resume = resume;
+  auto trainer = Trainer::Create(c, options, std::move(task));
+  EXPECT_TRUE(trainer.ok()) << trainer.status();
+  return trainer.ok() ? std::move(*trainer) : nullptr;
+}
+
+TEST(TaskTest, TheLoopTrainsAThirdTaskUnderMasksWithItsOwnFieldsAndFlops) {
+  tests::TempDir tmp("mat_task_toy");
+  ASSERT_TRUE(tmp.ok());
+  ToyTask* task = nullptr;
+  auto trainer = MakeToyTrainer(ToyLoopConfig(tmp.path()), tmp.path() + "/run", false, &task);
+  ASSERT_NE(trainer, nullptr);
+  EXPECT_FALSE(trainer->is_vgg());
+  EXPECT_EQ(&trainer->task(), task);
+
+  auto summary = trainer->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(task->checked_, 2 * 39);
+  EXPECT_EQ(task->masked_moved_, 0) << "a masked head moved";
+  EXPECT_EQ(task->active_moved_, 39) << "every step's active head moved";
+  EXPECT_EQ((*summary)["steps"], 40);
+  EXPECT_EQ((*summary)["toy"], "pairs");
+  EXPECT_EQ((*summary)["train_size_unit"], "pairs");
+  EXPECT_EQ((*summary)["test_metric_name"], "loss");
+  EXPECT_DOUBLE_EQ((*summary)["mean_active_fraction"].get<double>(), 0.5);
+  // Half the heads each step: the task's formulas say half the training FLOPs were saved.
+  EXPECT_DOUBLE_EQ((*summary)["flops_saved"].get<double>(), 40 * 8 * 64.0);
+  EXPECT_DOUBLE_EQ((*summary)["step_flops"]["full"].get<double>(), 8 * 128.0);
+  EXPECT_DOUBLE_EQ((*summary)["step_flops"]["modules_off"].get<double>(), 0.0);
+  const auto metrics = testing::ReadJsonLines(tmp.path() + "/run/metrics.jsonl");
+  ASSERT_EQ(metrics.size(), 4u);
+  EXPECT_EQ(metrics[0].at("toy_batches_drawn"), 10);
+  EXPECT_EQ(metrics[3].at("toy_batches_drawn"), 40);
+  EXPECT_LT(metrics[3].at("val_loss").get<double>(), metrics[0].at("val_loss").get<double>())
+      << "the heads learn the map";
+  EXPECT_EQ(testing::ReadJsonLines(tmp.path() + "/run/decisions.jsonl").size(), 8u);
+}
+
+TEST(TaskTest, AResumedRunOfTheToyTaskEqualsAnUninterruptedOne) {
+  tests::TempDir tmp("mat_task_resume");
+  ASSERT_TRUE(tmp.ok());
+  const config::TrainConfig c = ToyLoopConfig(tmp.path());
+  ToyTask* task = nullptr;
+  auto straight = MakeToyTrainer(c, tmp.path() + "/straight", false, &task);
+  ASSERT_NE(straight, nullptr);
+  ASSERT_TRUE(straight->Run().ok());
+  const std::string expected = straight->ParamChecksum();
+
+  auto first = MakeToyTrainer(c, tmp.path() + "/cut", false, &task);
+  ASSERT_NE(first, nullptr);
+  ASSERT_TRUE(first->Run(20).ok());
+  first.reset();
+  auto second = MakeToyTrainer(c, tmp.path() + "/cut", true, &task);
+  ASSERT_NE(second, nullptr);
+  auto summary = second->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(second->resumed_from_step(), 20);
+  EXPECT_EQ(task->next_, 40) << "the task's data state came back from the checkpoint";
+  EXPECT_EQ(second->ParamChecksum(), expected);
+}
+
+TEST(TaskTest, MakeTaskPicksTheTaskOfModelKind) {
+  const std::string corpus = testing::WriteToyCorpus("task_make");
+  TaskContext context;
+  context.config = testing::ToyConfig(corpus);
+  auto lm = MakeTask(context);
+  ASSERT_TRUE(lm.ok()) << lm.status();
+  EXPECT_EQ((*lm)->train_size_unit(), "tokens");
+  EXPECT_FALSE((*lm)->classifies());
+  nlohmann::json summary;
+  (*lm)->AddSummaryFields(&summary);
+  EXPECT_TRUE(summary.contains("unigram_test_loss"));
+  context.config.model.kind = "vgg";
+  context.config.data.kind = "fashion-mnist";
+  auto images = MakeTask(context);
+  ASSERT_FALSE(images.ok()) << "no Fashion-MNIST files in a text corpus folder";
+  EXPECT_NE(std::string(images.status().message()).find("data.dir"), std::string::npos)
+      << images.status();
+  std::filesystem::remove_all(corpus);
+}
+
+}  // namespace
+}  // namespace mat::trainer

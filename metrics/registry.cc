@@ -1,54 +1,118 @@
+// The registry over prometheus-cpp (registry.h): prometheus::Family objects hold the series and
+// the text serializer writes the exposition; this file keeps the project's handles, its checks
+// and an index of the series by label values (for Value, Exists and removal by label).
 #include "metrics/registry.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <set>
+#include <sstream>
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
 
 #include "common/status.h"
 
 namespace mat::metrics {
 namespace internal {
 
-struct Series {
-  double value = 0;                 // counter, gauge
-  std::vector<uint64_t> buckets;    // histogram: per bound (not cumulative), then +Inf
-  double sum = 0;
-  uint64_t count = 0;
-};
-
 struct Family {
   std::string name;
-  std::string help;
+  std::string help;  // escaped for the exposition
   MetricType type = MetricType::kGauge;
   std::vector<std::string> label_names;
   std::vector<double> bounds;  // histogram only
-  std::map<LabelValues, Series> series;
+  // The prometheus-cpp family of `type` (owned by the Registry's prometheus::Registry).
+  prometheus::Family<prometheus::Counter>* counters = nullptr;
+  prometheus::Family<prometheus::Gauge>* gauges = nullptr;
+  prometheus::Family<prometheus::Histogram>* histograms = nullptr;
+  // Every series, by label values: the prometheus-cpp metric of that family.
+  std::map<LabelValues, void*> series;
 
-  // The series of `labels`, created when absent. REQUIRES: the registry's mutex is held.
-  Series& At(const LabelValues& labels) {
-    MAT_CHECK(labels.size() == label_names.size())
+  prometheus::Labels Labels(const LabelValues& values) const {
+    MAT_CHECK(values.size() == label_names.size())
         << "metric " << name << " has " << label_names.size() << " labels, got "
-        << labels.size() << " values";
-    auto it = series.find(labels);
-    if (it == series.end()) {
-      it = series.emplace(labels, Series{}).first;
-      if (type == MetricType::kHistogram) it->second.buckets.assign(bounds.size() + 1, 0);
-    }
-    return it->second;
+        << values.size() << " values";
+    prometheus::Labels out;
+    for (size_t i = 0; i < values.size(); ++i) out.emplace(label_names[i], values[i]);
+    return out;
   }
-  const Series* Find(const LabelValues& labels) const {
-    auto it = series.find(labels);
-    return it == series.end() ? nullptr : &it->second;
-  }
-  void Remove(const LabelValues& labels) {
-    if (label_names.empty()) {
-      series.clear();
-      At({});  // a family without labels always has its one series
-      return;
+  // The series of `values`, created (at 0) when absent. REQUIRES: the registry's mutex is held.
+  void* At(const LabelValues& values) {
+    auto it = series.find(values);
+    if (it != series.end()) return it->second;
+    const prometheus::Labels labels = Labels(values);
+    void* metric = nullptr;
+    switch (type) {
+      case MetricType::kCounter:
+        metric = &counters->Add(labels);
+        break;
+      case MetricType::kGauge:
+        metric = &gauges->Add(labels);
+        break;
+      case MetricType::kHistogram:
+        metric = &histograms->Add(labels, prometheus::Histogram::BucketBoundaries(bounds));
+        break;
     }
-    series.erase(labels);
+    series.emplace(values, metric);
+    return metric;
+  }
+  void* Find(const LabelValues& values) const {
+    auto it = series.find(values);
+    return it == series.end() ? nullptr : it->second;
+  }
+  // Drops one series. REQUIRES: the registry's mutex is held.
+  void Erase(std::map<LabelValues, void*>::iterator it) {
+    switch (type) {
+      case MetricType::kCounter:
+        counters->Remove(static_cast<prometheus::Counter*>(it->second));
+        break;
+      case MetricType::kGauge:
+        gauges->Remove(static_cast<prometheus::Gauge*>(it->second));
+        break;
+      case MetricType::kHistogram:
+        histograms->Remove(static_cast<prometheus::Histogram*>(it->second));
+        break;
+    }
+    series.erase(it);
+  }
+  void Remove(const LabelValues& values) {
+    auto it = series.find(values);
+    if (it != series.end()) Erase(it);
+    if (label_names.empty()) At({});  // a family without labels always has its one series
+  }
+  // The family's series as prometheus-cpp collects them, sorted by labels; a family without
+  // series still has its HELP and TYPE.
+  prometheus::MetricFamily Collect() const {
+    std::vector<prometheus::MetricFamily> collected;
+    switch (type) {
+      case MetricType::kCounter:
+        collected = counters->Collect();
+        break;
+      case MetricType::kGauge:
+        collected = gauges->Collect();
+        break;
+      case MetricType::kHistogram:
+        collected = histograms->Collect();
+        break;
+    }
+    prometheus::MetricFamily out;
+    if (!collected.empty()) out = std::move(collected.front());
+    out.name = name;
+    out.help = help;
+    out.type = type == MetricType::kCounter ? prometheus::MetricType::Counter
+               : type == MetricType::kGauge ? prometheus::MetricType::Gauge
+                                            : prometheus::MetricType::Histogram;
+    std::sort(out.metric.begin(), out.metric.end(),
+              [](const prometheus::ClientMetric& a, const prometheus::ClientMetric& b) {
+                return a.label < b.label;
+              });
+    return out;
   }
 };
 
@@ -68,6 +132,8 @@ bool ValidName(const std::string& name, bool allow_colon) {
   return true;
 }
 
+// HELP text as the exposition format wants it: `\` -> `\\`, newline -> `\n`. prometheus-cpp
+// 1.0.1 writes HELP as given, so a newline in it would break the exposition.
 std::string EscapeHelp(const std::string& help) {
   std::string out;
   for (char c : help) {
@@ -82,68 +148,7 @@ std::string EscapeHelp(const std::string& help) {
   return out;
 }
 
-const char* TypeName(MetricType type) {
-  switch (type) {
-    case MetricType::kCounter:
-      return "counter";
-    case MetricType::kGauge:
-      return "gauge";
-    case MetricType::kHistogram:
-      return "histogram";
-  }
-  return "untyped";
-}
-
-// `{a="x",b="y"}` (with `extra` = `le="…"` appended), or "" without labels.
-std::string LabelText(const std::vector<std::string>& names, const LabelValues& values,
-                      const std::string& extra = "") {
-  if (names.empty() && extra.empty()) return "";
-  std::string out = "{";
-  for (size_t i = 0; i < names.size(); ++i) {
-    if (i > 0) out += ',';
-    out += names[i] + "=\"" + EscapeLabelValue(values[i]) + "\"";
-  }
-  if (!extra.empty()) {
-    if (!names.empty()) out += ',';
-    out += extra;
-  }
-  out += '}';
-  return out;
-}
-
 }  // namespace
-
-std::string FormatValue(double v) {
-  if (std::isnan(v)) return "NaN";
-  if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
-  char buf[64];
-  if (v == std::floor(v) && std::fabs(v) < 1e15) {
-    std::snprintf(buf, sizeof(buf), "%.0f", v);  // integers without an exponent: "10", not "1e+01"
-    return buf;
-  }
-  for (int precision = 1; precision <= 17; ++precision) {
-    std::snprintf(buf, sizeof(buf), "%.*g", precision, v);
-    if (std::strtod(buf, nullptr) == v) break;
-  }
-  return buf;
-}
-
-std::string EscapeLabelValue(const std::string& v) {
-  std::string out;
-  out.reserve(v.size());
-  for (char c : v) {
-    if (c == '\\') {
-      out += "\\\\";
-    } else if (c == '"') {
-      out += "\\\"";
-    } else if (c == '\n') {
-      out += "\\n";
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
 
 std::vector<double> ExponentialBuckets(double start, double factor, int count) {
   MAT_CHECK(start > 0 && factor > 1 && count >= 1)
@@ -159,19 +164,19 @@ std::vector<double> ExponentialBuckets(double start, double factor, int count) {
 void Counter::Inc(const LabelValues& labels, double v) const {
   MAT_CHECK(v >= 0) << "counter " << family_->name << " cannot decrease (Inc " << v << ")";
   std::lock_guard<std::mutex> lock(registry_->mu_);
-  family_->At(labels).value += v;
+  static_cast<prometheus::Counter*>(family_->At(labels))->Increment(v);
 }
 
 void Counter::SetIfGreater(const LabelValues& labels, double v) const {
   std::lock_guard<std::mutex> lock(registry_->mu_);
-  internal::Series& s = family_->At(labels);
-  if (v > s.value) s.value = v;
+  auto* c = static_cast<prometheus::Counter*>(family_->At(labels));
+  if (v > c->Value()) c->Increment(v - c->Value());
 }
 
 double Counter::Value(const LabelValues& labels) const {
   std::lock_guard<std::mutex> lock(registry_->mu_);
-  const internal::Series* s = family_->Find(labels);
-  return s == nullptr ? 0 : s->value;
+  const void* c = family_->Find(labels);
+  return c == nullptr ? 0 : static_cast<const prometheus::Counter*>(c)->Value();
 }
 
 void Counter::Remove(const LabelValues& labels) const {
@@ -186,18 +191,18 @@ bool Counter::Exists(const LabelValues& labels) const {
 
 void Gauge::Set(const LabelValues& labels, double v) const {
   std::lock_guard<std::mutex> lock(registry_->mu_);
-  family_->At(labels).value = v;
+  static_cast<prometheus::Gauge*>(family_->At(labels))->Set(v);
 }
 
 void Gauge::Add(const LabelValues& labels, double v) const {
   std::lock_guard<std::mutex> lock(registry_->mu_);
-  family_->At(labels).value += v;
+  static_cast<prometheus::Gauge*>(family_->At(labels))->Increment(v);
 }
 
 double Gauge::Value(const LabelValues& labels) const {
   std::lock_guard<std::mutex> lock(registry_->mu_);
-  const internal::Series* s = family_->Find(labels);
-  return s == nullptr ? 0 : s->value;
+  const void* g = family_->Find(labels);
+  return g == nullptr ? 0 : static_cast<const prometheus::Gauge*>(g)->Value();
 }
 
 void Gauge::Remove(const LabelValues& labels) const {
@@ -212,14 +217,15 @@ bool Gauge::Exists(const LabelValues& labels) const {
 
 void Histogram::Observe(const LabelValues& labels, double v) const {
   std::lock_guard<std::mutex> lock(registry_->mu_);
-  internal::Series& s = family_->At(labels);
-  const auto& bounds = family_->bounds;
-  // The first bound >= v (NaN compares false everywhere: +Inf only).
-  size_t i = 0;
-  while (i < bounds.size() && !(v <= bounds[i])) ++i;
-  ++s.buckets[i];
-  s.sum += v;
-  ++s.count;
+  auto* h = static_cast<prometheus::Histogram*>(family_->At(labels));
+  if (std::isnan(v)) {
+    // prometheus-cpp would put NaN in the first bucket; it counts in +Inf, _sum and _count only.
+    std::vector<double> increments(family_->bounds.size() + 1, 0.0);
+    increments.back() = 1;
+    h->ObserveMultiple(increments, v);
+    return;
+  }
+  h->Observe(v);
 }
 
 HistogramSnapshot Histogram::Get(const LabelValues& labels) const {
@@ -227,12 +233,14 @@ HistogramSnapshot Histogram::Get(const LabelValues& labels) const {
   HistogramSnapshot out;
   out.bounds = family_->bounds;
   out.cumulative.assign(out.bounds.size() + 1, 0);
-  const internal::Series* s = family_->Find(labels);
-  if (s == nullptr) return out;
-  uint64_t running = 0;
-  for (size_t i = 0; i < s->buckets.size(); ++i) out.cumulative[i] = running += s->buckets[i];
-  out.sum = s->sum;
-  out.count = s->count;
+  const void* h = family_->Find(labels);
+  if (h == nullptr) return out;
+  const prometheus::ClientMetric m = static_cast<const prometheus::Histogram*>(h)->Collect();
+  for (size_t i = 0; i < m.histogram.bucket.size() && i < out.cumulative.size(); ++i) {
+    out.cumulative[i] = m.histogram.bucket[i].cumulative_count;
+  }
+  out.sum = m.histogram.sample_sum;
+  out.count = m.histogram.sample_count;
   return out;
 }
 
@@ -248,7 +256,7 @@ bool Histogram::Exists(const LabelValues& labels) const {
 
 // ----- Registry -----
 
-Registry::Registry() = default;
+Registry::Registry() : prometheus_(std::make_unique<prometheus::Registry>()) {}
 Registry::~Registry() = default;
 
 internal::Family* Registry::Add(const std::string& name, const std::string& help, MetricType type,
@@ -272,13 +280,27 @@ internal::Family* Registry::Add(const std::string& name, const std::string& help
   }
   auto family = std::make_unique<internal::Family>();
   family->name = name;
-  family->help = help;
+  family->help = EscapeHelp(help);
   family->type = type;
   family->label_names = label_names;
   family->bounds = std::move(bounds);
   std::lock_guard<std::mutex> lock(mu_);
   for (const auto& f : families_) {
     MAT_CHECK(f->name != name) << "metric " << name << " registered twice";
+  }
+  switch (type) {
+    case MetricType::kCounter:
+      family->counters =
+          &prometheus::BuildCounter().Name(name).Help(family->help).Register(*prometheus_);
+      break;
+    case MetricType::kGauge:
+      family->gauges =
+          &prometheus::BuildGauge().Name(name).Help(family->help).Register(*prometheus_);
+      break;
+    case MetricType::kHistogram:
+      family->histograms =
+          &prometheus::BuildHistogram().Name(name).Help(family->help).Register(*prometheus_);
+      break;
   }
   if (label_names.empty()) family->At({});
   families_.push_back(std::move(family));
@@ -311,7 +333,7 @@ int Registry::RemoveSeriesWithLabel(const std::string& label, const std::string&
     const size_t index = static_cast<size_t>(pos - names.begin());
     for (auto it = family->series.begin(); it != family->series.end();) {
       if (it->first[index] == value) {
-        it = family->series.erase(it);
+        family->Erase(it++);
         ++removed;
       } else {
         ++it;
@@ -329,32 +351,12 @@ std::vector<std::string> Registry::Names() const {
 }
 
 std::string Registry::Expose() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::string out;
-  for (const auto& family : families_) {
-    const std::string& name = family->name;
-    out += "# HELP " + name + " " + EscapeHelp(family->help) + "\n";
-    out += "# TYPE " + name + " " + TypeName(family->type) + "\n";
-    for (const auto& [labels, series] : family->series) {
-      if (family->type != MetricType::kHistogram) {
-        out += name + LabelText(family->label_names, labels) + " " + FormatValue(series.value) +
-               "\n";
-        continue;
-      }
-      uint64_t running = 0;
-      for (size_t i = 0; i <= family->bounds.size(); ++i) {
-        running += series.buckets[i];
-        const std::string le =
-            i < family->bounds.size() ? FormatValue(family->bounds[i]) : std::string("+Inf");
-        out += name + "_bucket" + LabelText(family->label_names, labels, "le=\"" + le + "\"") +
-               " " + std::to_string(running) + "\n";
-      }
-      const std::string text = LabelText(family->label_names, labels);
-      out += name + "_sum" + text + " " + FormatValue(series.sum) + "\n";
-      out += name + "_count" + text + " " + std::to_string(series.count) + "\n";
-    }
+  std::vector<prometheus::MetricFamily> families;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& family : families_) families.push_back(family->Collect());
   }
-  return out;
+  return prometheus::TextSerializer().Serialize(families);
 }
 
 }  // namespace mat::metrics

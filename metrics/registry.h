@@ -1,6 +1,10 @@
-// A small Prometheus metrics registry (DESIGN §9; prometheus-cpp is not packaged for Debian 12):
-// families of counters, gauges and histograms with fixed label names, one series per tuple of
-// label values, rendered in the Prometheus text exposition format 0.0.4 by Expose().
+// The daemons' Prometheus metrics registry (DESIGN §9) over prometheus-cpp (Debian's
+// prometheus-cpp-dev 1.0.1, core library): families of counters, gauges and histograms with
+// fixed label names, one series per tuple of label values, rendered in the Prometheus text
+// exposition format 0.0.4 by prometheus-cpp's TextSerializer in Expose(). What this layer adds to
+// prometheus-cpp: handles that take label values in the family's label order, Value/Exists
+// lookups, removal of every series with a given label value, checks that crash naming the metric,
+// and families listed in registration order (with HELP and TYPE even before their first series).
 //
 //   Registry registry;
 //   Gauge step = registry.AddGauge("mat_job_step", "Latest step of the job.", {"mat_job"});
@@ -16,14 +20,14 @@
 // with Remove(labels) or Registry::RemoveSeriesWithLabel("mat_job", id) (every family that has a
 // `job` label).
 //
-// Exposition: families in registration order, each with `# HELP` and `# TYPE`, then its series in
-// the order of their label values; label values escape `\`, `"` and newline; HELP text escapes
-// `\` and newline; values are the shortest text that reads back to the same double, NaN as
-// `NaN`, infinities as `+Inf` / `-Inf`. A histogram series has one cumulative `_bucket{le="…"}`
-// line per bucket bound plus `le="+Inf"`, then `_sum` and `_count`.
+// Exposition (prometheus-cpp's TextSerializer): families in registration order, each with
+// `# HELP` and `# TYPE`, then its series sorted by their labels; labels in name order; label
+// values escape `\`, `"` and newline; HELP text escapes `\` and newline; values with 16
+// significant digits, NaN as `Nan`, infinities as `+Inf` / `-Inf`. A histogram series has one
+// cumulative `_bucket{le="…"}` line per bucket bound plus `le="+Inf"`, then `_sum` and `_count`.
 //
 // Thread-safety: every method of Registry and of the handles is thread-safe (one mutex per
-// Registry, held only for the map update or while rendering); the daemons update from their loop
+// Registry, held for the series index and the update, and while collecting); the daemons update from their loop
 // or rank threads and Expose() runs on the HTTP thread. Registering families is meant for start-up
 // but is also safe. Not copyable.
 //
@@ -39,6 +43,10 @@
 #include <mutex>
 #include <string>
 #include <vector>
+
+namespace prometheus {
+class Registry;
+}
 
 namespace mat::metrics {
 
@@ -123,13 +131,6 @@ class Histogram {
 // `count` bounds start, start·factor, start·factor², … (REQUIRES: start > 0, factor > 1).
 std::vector<double> ExponentialBuckets(double start, double factor, int count);
 
-// A number as the exposition writes it: "NaN", "+Inf", "-Inf", else the shortest decimal text
-// that parses back to the same double ("0.25", "1e-05", "3").
-std::string FormatValue(double v);
-
-// `v` with `\` -> `\\`, `"` -> `\"`, newline -> `\n` (a label value in the exposition).
-std::string EscapeLabelValue(const std::string& v);
-
 class Registry {
  public:
   Registry();
@@ -162,6 +163,7 @@ class Registry {
                         const std::vector<std::string>& label_names, std::vector<double> bounds);
 
   mutable std::mutex mu_;
+  std::unique_ptr<prometheus::Registry> prometheus_;  // owns the prometheus-cpp families
   std::vector<std::unique_ptr<internal::Family>> families_;  // guarded by mu_ (the series)
 };
 

@@ -11,7 +11,8 @@ cd "$(dirname "$0")/../.."
 dir=${1:-.gpudeps}
 mkdir -p "$dir"
 pkgs="libabsl-dev libabsl20220623 libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 libyaml-cpp-dev
-  libyaml-cpp0.7 libcli11-dev nlohmann-json3-dev liblzma-dev libgtest-dev libgmock-dev"
+  libyaml-cpp0.7 libcli11-dev nlohmann-json3-dev liblzma-dev libgtest-dev libgmock-dev
+  prometheus-cpp-dev libprometheus-cpp-core1.0"
 # The service (bench/gpu/service.sh: -DMAT_WITH_SERVICE=ON): gRPC 1.51 and protobuf 3.21 with
 # their compilers and dependencies, SQLite, libsystemd. About 20 MB more.
 pkgs="$pkgs libgrpc++-dev libgrpc++1.51 libgrpc-dev libgrpc29 protobuf-compiler-grpc

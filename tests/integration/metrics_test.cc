@@ -116,6 +116,36 @@ class MetricsTest : public testing_loopback::LoopbackTest {
     return std::stod(result[0]["value"][1].get<std::string>());
   }
 
+  // A real Prometheus scraping the coordinator every second (job "mat-coordinator") and
+  // evaluating deploy/prometheus/alerts.yml every second.
+  void StartPrometheusWithAlerts() {
+    prometheus_address_ = "127.0.0.1:" + std::to_string(FreePort());
+    const std::string config = root_ + "/prometheus.yml";
+    std::ofstream(config) << "global: {scrape_interval: 1s, scrape_timeout: 1s, "
+                             "evaluation_interval: 1s}\n"
+                             "rule_files: ['" + std::string(MAT_SOURCE_DIR) +
+                                 "/deploy/prometheus/alerts.yml']\n"
+                             "scrape_configs:\n"
+                             "  - job_name: mat-coordinator\n"
+                             "    static_configs: [{targets: ['" + metrics_address_ + "']}]\n";
+    ASSERT_GT(Spawn({kPrometheus, "--config.file=" + config,
+                     "--storage.tsdb.path=" + root_ + "/tsdb",
+                     "--web.listen-address=" + prometheus_address_, "--log.level=warn"},
+                    root_ + "/prometheus.out", root_ + "/prometheus.err"),
+              0);
+  }
+  // Polls until `series` has at least `n` samples in the last minute, or 60 s pass; the count.
+  double WaitForScrapes(const std::string& series, double n) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    double scrapes = 0;
+    while (std::chrono::steady_clock::now() < deadline) {
+      scrapes = QueryScalar("count_over_time(" + series + "[1m])");
+      if (scrapes >= n) break;
+      std::this_thread::sleep_for(250ms);
+    }
+    return scrapes;
+  }
+
   std::string Logs() {
     return "coordinator:\n" + ReadText(coordinator_log_ + ".err") + "\nw1:\n" +
            ReadText(root_ + "/w1.err") + "\nprometheus:\n" + ReadText(root_ + "/prometheus.err");
@@ -152,7 +182,9 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
   ASSERT_EQ(worker.status, 200) << worker.raw;
   EXPECT_THAT(coordinator.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
   EXPECT_THAT(worker.raw, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
-  EXPECT_THAT(coordinator.body, HasSubstr("mat_module_lambda_max{mat_job=\"" + job + "\""));
+  // prometheus-cpp writes the labels in name order: group, layer, mat_job, module.
+  EXPECT_THAT(coordinator.body,
+              ::testing::ContainsRegex("mat_module_lambda_max\\{[^}]*mat_job=\"" + job + "\""));
   EXPECT_THAT(coordinator.body, HasSubstr("mat_coordinator_jobs{state=\"running\"} 1\n"));
   EXPECT_THAT(worker.body, HasSubstr("mat_worker_busy 1\n"));
   EXPECT_THAT(worker.body, HasSubstr("mat_worker_step{mat_job=\"" + job + "\",rank=\"0\"}"));
@@ -280,29 +312,9 @@ TEST_F(MetricsTest, TheJobFailedAlertFiresOnARealPrometheus) {
   ASSERT_TRUE(fs::exists(kPrometheus)) << kPrometheus << " missing";
   StartCoordinator();
   StartWorker("w1");
-  prometheus_address_ = "127.0.0.1:" + std::to_string(FreePort());
-  const std::string config = root_ + "/prometheus.yml";
-  std::ofstream(config) << "global: {scrape_interval: 1s, scrape_timeout: 1s, "
-                           "evaluation_interval: 1s}\n"
-                           "rule_files: ['" + std::string(MAT_SOURCE_DIR) +
-                               "/deploy/prometheus/alerts.yml']\n"
-                           "scrape_configs:\n"
-                           "  - job_name: mat-coordinator\n"
-                           "    static_configs: [{targets: ['" + metrics_address_ + "']}]\n";
-  ASSERT_GT(Spawn({kPrometheus, "--config.file=" + config,
-                   "--storage.tsdb.path=" + root_ + "/tsdb",
-                   "--web.listen-address=" + prometheus_address_, "--log.level=warn"},
-                  root_ + "/prometheus.out", root_ + "/prometheus.err"),
-            0);
+  StartPrometheusWithAlerts();
   // A few scrapes with no failed job first: the rule compares with the last 15 minutes' minimum.
-  auto deadline = std::chrono::steady_clock::now() + 60s;
-  double scrapes = 0;
-  while (std::chrono::steady_clock::now() < deadline) {
-    scrapes = QueryScalar("count_over_time(mat_coordinator_jobs{state=\"failed\"}[1m])");
-    if (scrapes >= 3) break;
-    std::this_thread::sleep_for(250ms);
-  }
-  ASSERT_GE(scrapes, 3) << Logs();
+  ASSERT_GE(WaitForScrapes("mat_coordinator_jobs{state=\"failed\"}", 3), 3) << Logs();
   EXPECT_TRUE(Query("ALERTS{alertname=\"MatJobFailed\"}").empty()) << "fired before any failure";
 
   std::string yaml = JobYaml(20);
@@ -316,7 +328,7 @@ TEST_F(MetricsTest, TheJobFailedAlertFiresOnARealPrometheus) {
   ASSERT_EQ(s["state"], "FAILED") << s.dump(2) << Logs();
 
   json firing;
-  deadline = std::chrono::steady_clock::now() + 60s;
+  auto deadline = std::chrono::steady_clock::now() + 60s;
   while (std::chrono::steady_clock::now() < deadline) {
     const json result = Query("ALERTS{alertname=\"MatJobFailed\", alertstate=\"firing\"}");
     if (result.is_array() && result.size() == 1) {
@@ -332,6 +344,45 @@ TEST_F(MetricsTest, TheJobFailedAlertFiresOnARealPrometheus) {
   ASSERT_EQ(alerts.status, 200);
   EXPECT_THAT(alerts.body, HasSubstr("deploy/README.md#matjobfailed"));
   EXPECT_THAT(alerts.body, HasSubstr("1 MAT job(s) moved to FAILED"));
+}
+
+TEST_F(MetricsTest, AKilledWorkerFiresTheHeartbeatAlertWithinItsFor) {
+  ASSERT_TRUE(fs::exists(kPrometheus)) << kPrometheus << " missing";
+  StartCoordinator();
+  const pid_t worker = StartWorker("w1");
+  StartPrometheusWithAlerts();
+  ASSERT_GE(WaitForScrapes("mat_coordinator_worker_heartbeat_age_seconds", 3), 3) << Logs();
+  EXPECT_TRUE(Query("ALERTS{alertname=\"MatWorkerHeartbeatStale\"}").empty())
+      << "fired while the worker was alive";
+
+  ASSERT_EQ(::kill(worker, SIGKILL), 0);
+  const auto killed = std::chrono::steady_clock::now();
+  // The rule's `for: 1m`, plus the coordinator noticing the loss and a few scrape and evaluation
+  // intervals: it must fire within 1m + 60 s (the Prometheus server's own timing bounds it from
+  // below; only the upper bound is a property of the rule and the daemons).
+  json firing;
+  bool pending_seen = false;
+  const auto deadline = killed + 120s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    const json result = Query("ALERTS{alertname=\"MatWorkerHeartbeatStale\"}");
+    if (result.is_array() && result.size() == 1) {
+      const std::string state = result[0]["metric"].value("alertstate", "");
+      pending_seen = pending_seen || state == "pending";
+      if (state == "firing") {
+        firing = result[0];
+        break;
+      }
+    }
+    std::this_thread::sleep_for(500ms);
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed)
+                             .count();
+  ASSERT_TRUE(firing.is_object()) << "MatWorkerHeartbeatStale did not fire within 120 s\n"
+                                  << Logs();
+  RecordProperty("heartbeat_alert_fired_after_seconds", std::to_string(seconds));
+  EXPECT_TRUE(pending_seen) << "it fired without a pending period (for: 1m)";
+  EXPECT_EQ(firing["metric"].value("worker", ""), "worker-000001");
+  EXPECT_EQ(firing["metric"].value("severity", ""), "warning");
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Registry and exposition: escaping, cumulative buckets, removal, the text read back, concurrent
-// updates.
+// Registry (over prometheus-cpp) and exposition: escaping, values read back, cumulative
+// buckets, removal, the text read back, concurrent updates.
 #include "metrics/registry.h"
 
 #include <cmath>
@@ -26,23 +26,33 @@ TEST(RegistryTest, EscapesLabelValuesAndHelp) {
   const std::string text = registry.Expose();
   EXPECT_THAT(text, HasSubstr("# HELP x_value help with \\\\ and\\nnewline\n"));
   EXPECT_THAT(text, HasSubstr("x_value{path=\"a\\\\b\\\"c\\nd\"} 1\n"));
-  EXPECT_EQ(EscapeLabelValue("plain"), "plain");
   // Read back, the value is the original.
   const auto samples = ParseExposition(text);
   EXPECT_EQ(samples.count("x_value{path=\"a\\b\"c\nd\"}"), 1u);
 }
 
-TEST(RegistryTest, FormatsSpecialAndShortestValues) {
-  EXPECT_EQ(FormatValue(std::numeric_limits<double>::quiet_NaN()), "NaN");
-  EXPECT_EQ(FormatValue(std::numeric_limits<double>::infinity()), "+Inf");
-  EXPECT_EQ(FormatValue(-std::numeric_limits<double>::infinity()), "-Inf");
-  EXPECT_EQ(FormatValue(3), "3");
-  EXPECT_EQ(FormatValue(0.25), "0.25");
-  EXPECT_EQ(FormatValue(5e-05), "5e-05");
-  EXPECT_EQ(std::strtod(FormatValue(0.1 + 0.2).c_str(), nullptr), 0.1 + 0.2);
-  EXPECT_EQ(FormatValue(1e15), "1e+15");
-  EXPECT_EQ(FormatValue(10), "10");
-  EXPECT_EQ(FormatValue(-0.5), "-0.5");
+TEST(RegistryTest, SpecialAndOrdinaryValuesReadBack) {
+  Registry registry;
+  Gauge g = registry.AddGauge("v", "values", {"k"});
+  const std::vector<double> values = {std::numeric_limits<double>::infinity(),
+                                      -std::numeric_limits<double>::infinity(),
+                                      3, 0.25, 5e-05, 1e15, 10, -0.5, 0.1 + 0.2};
+  for (size_t i = 0; i < values.size(); ++i) g.Set({std::to_string(i)}, values[i]);
+  g.Set({"nan"}, std::numeric_limits<double>::quiet_NaN());
+  const std::string text = registry.Expose();
+  EXPECT_THAT(text, HasSubstr("v{k=\"0\"} +Inf\n"));
+  EXPECT_THAT(text, HasSubstr("v{k=\"1\"} -Inf\n"));
+  const auto samples = ParseExposition(text);
+  EXPECT_TRUE(std::isnan(samples.at("v{k=\"nan\"}")));
+  for (size_t i = 0; i < values.size(); ++i) {
+    const double got = samples.at("v{k=\"" + std::to_string(i) + "\"}");
+    if (std::isinf(values[i])) {
+      EXPECT_EQ(got, values[i]);
+    } else {
+      // prometheus-cpp writes 16 significant digits: exact for these but 0.1 + 0.2.
+      EXPECT_NEAR(got, values[i], std::fabs(values[i]) * 1e-15) << i;
+    }
+  }
 }
 
 TEST(RegistryTest, HistogramBucketsAreCumulative) {
@@ -121,7 +131,7 @@ TEST(RegistryTest, ExpositionReadsBackWithTypesAndValues) {
   EXPECT_EQ(types["d_seconds"], "histogram");
   EXPECT_EQ(s.at("req_total{code=\"OK\"}"), 3);
   EXPECT_EQ(s.at("req_total{code=\"NOT_FOUND\"}"), 7);
-  EXPECT_EQ(s.at("temp{where=\"in\",unit=\"c\"}"), -1.25);
+  EXPECT_EQ(s.at("temp{unit=\"c\",where=\"in\"}"), -1.25) << "labels in name order";
   EXPECT_TRUE(std::isnan(s.at("threshold{job=\"j\"}")));
   EXPECT_EQ(s.at("busy"), 0);
   EXPECT_EQ(s.at("d_seconds_bucket{le=\"0.5\"}"), 1);

@@ -36,6 +36,6 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAT_WITH_SERVICE="$
   > "$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; exit 1; }
 if [ "${service:-OFF}" = ON ]; then
   # Where each service dependency was found: the prefix, not a stray system copy.
-  grep -E "^(gRPC_DIR|Protobuf_INCLUDE_DIR|Protobuf_PROTOC_EXECUTABLE|Protobuf_LIBRARY_RELEASE|SQLite3_INCLUDE_DIR|SQLite3_LIBRARY|SYSTEMD_INCLUDEDIR|absl_DIR|MAT_NCCL_INCLUDE_DIR|MAT_GLOO)" \
+  grep -E "^(gRPC_DIR|Protobuf_INCLUDE_DIR|Protobuf_PROTOC_EXECUTABLE|Protobuf_LIBRARY_RELEASE|SQLite3_INCLUDE_DIR|SQLite3_LIBRARY|SYSTEMD_INCLUDEDIR|absl_DIR|MAT_NCCL_INCLUDE_DIR|MAT_GLOO|MAT_PROMETHEUS_CPP)" \
     "$build/CMakeCache.txt" | tee -a "$out/machine.txt" || true
 fi

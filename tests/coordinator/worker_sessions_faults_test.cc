@@ -1,0 +1,406 @@
+// Tests of the Coordinator's WorkerService side when things go wrong (fixture:
+// worker_sessions_fixture.h): job failure paths (NaN λ, RankDone failure, cancellation), success
+// with summary and checksums, restarts after lost and closed sessions (attempts, the policy
+// continued from the store, the restart limit, a failed process group), and a coordinator
+// restart on the same state dir that keeps running jobs.
+#include "tests/coordinator/worker_sessions_fixture.h"
+
+namespace mat::coordinator {
+namespace {
+
+using namespace testing_sessions;  // NOLINT: the fixture and its helpers
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+namespace fs = std::filesystem;
+
+// ----- failures -----
+
+TEST_F(WorkerSessionsTest, NonFiniteLambdaFailsOnlyThatJobAndCancelsItsRanks) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const Worker other = AddWorker();
+  const std::string other_job = Submit(Spec(1));
+  ASSERT_EQ(StateOf(other_job), v1::JOB_STATE_RUNNING);
+  SendOk(ModuleList(other.id, other_job));
+
+  SendOk(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
+  std::vector<double> bad = Lambda(1, 0);
+  bad[3] = std::numeric_limits<double>::quiet_NaN();
+  absl::Status st = Send(Spectra(w1.id, job, 1, 0, bad));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  const std::string expected =
+      "spectra for job-000001 step 0: rank 1: module 3 (layer0.head3): lambda is nan";
+  EXPECT_EQ(st.message(), expected);
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(), expected);
+  for (const Worker* w : {&w0, &w1}) {
+    auto cancels = w->channel->Cancels();
+    ASSERT_EQ(cancels.size(), 1u) << w->id;
+    EXPECT_EQ(cancels[0].job_id(), job);
+    EXPECT_EQ(cancels[0].reason(), expected);
+    EXPECT_EQ(WorkerInfoOf(w->id).state(), v1::WORKER_STATE_IDLE);
+  }
+  ASSERT_EQ(w1.channel->Rejects().size(), 1u);
+  EXPECT_EQ(w1.channel->Rejects()[0].code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(w0.channel->Masks(), IsEmpty());
+
+  // The other job is untouched and keeps deciding.
+  EXPECT_EQ(StateOf(other_job), v1::JOB_STATE_RUNNING);
+  EXPECT_THAT(other.channel->Cancels(), IsEmpty());
+  std::vector<double> inf = Lambda(0, 0);
+  SendOk(Spectra(other.id, other_job, 0, 0, Lambda(0, 0)));
+  EXPECT_EQ(other.channel->Masks().size(), 1u);
+  inf[9] = std::numeric_limits<double>::infinity();
+  st = Send(Spectra(other.id, other_job, 0, 10, inf));
+  EXPECT_THAT(st.message(), HasSubstr("module 9 (layer1.head4): lambda is inf"));
+  EXPECT_EQ(StateOf(other_job), v1::JOB_STATE_FAILED);
+}
+
+TEST_F(WorkerSessionsTest, RankDoneOnEveryRankSucceedsWithSummaryAndChecksums) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const std::string queued = Submit(Spec(2));
+  std::vector<v1::JobEvent> events;
+  Watch(job, &events);
+  SendOk(Done(w1.id, job, 1, true, "cafe01"));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING) << "succeeded before rank 0 finished";
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_QUEUED);
+  // A finished rank sends nothing more for its job.
+  EXPECT_EQ(Send(Done(w1.id, job, 1, true, "cafe01")).code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  SendOk(Done(w0.id, job, 0, true, "cafe01", R"({"final_val_loss": 3.5})"));
+  const v1::GetJobReply reply = GetJob(job);
+  EXPECT_EQ(reply.job().state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(reply.job().error_message(), "");
+  EXPECT_EQ(reply.job().summary_json(), R"({"final_val_loss": 3.5})");
+  ASSERT_EQ(reply.ranks_size(), 2);
+  EXPECT_EQ(reply.ranks(0).param_checksum(), "cafe01");
+  EXPECT_EQ(reply.ranks(1).param_checksum(), "cafe01");
+  EXPECT_EQ(reply.ranks(1).step(), 100);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().state().state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty());
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
+  // Both workers are free again: the queued job starts on them.
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w0.channel->Assigns().back().job_id(), queued);
+}
+
+TEST_F(WorkerSessionsTest, RankDoneWithAnErrorFailsTheJobAndCancelsTheOtherRanks) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w1.id, job, 1, false, "", "", "CUDA out of memory"));
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(), "rank 1 (worker-000002): CUDA out of memory");
+  ASSERT_EQ(w0.channel->Cancels().size(), 1u);
+  EXPECT_EQ(w0.channel->Cancels()[0].reason(), "rank 1 (worker-000002): CUDA out of memory");
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty()) << "the failed rank stopped by itself";
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+}
+
+TEST_F(WorkerSessionsTest, CancelJobCancelsEveryRankAndFreesTheWorkers) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  const std::string queued = Submit(Spec(1));
+  auto reply = coordinator_->CancelJob(job, "user changed their mind");
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->state(), v1::JOB_STATE_CANCELLED);
+  for (const Worker* w : {&w0, &w1}) {
+    auto cancels = w->channel->Cancels();
+    ASSERT_EQ(cancels.size(), 1u);
+    EXPECT_EQ(cancels[0].job_id(), job);
+    EXPECT_EQ(cancels[0].reason(), "user changed their mind");
+  }
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w0.channel->Assigns().back().job_id(), queued);
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+}
+
+TEST_F(WorkerSessionsTest, ASilentWorkerIsLostAndItsJobRestartsWhenItComesBack) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  now_ms_ += 2000;
+  SendOk(Heartbeat(w0.id, {job}));
+  now_ms_ += 1000;  // w1 silent for exactly 3 intervals: not yet lost
+  coordinator_->CheckHeartbeats();
+  EXPECT_FALSE(w1.channel->closed);
+  now_ms_ += 1;
+  coordinator_->CheckHeartbeats();
+  ASSERT_TRUE(w1.channel->closed);
+  EXPECT_EQ(w1.channel->close_status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(w1.channel->close_status.message(), "no heartbeat for 3001 ms");
+  EXPECT_FALSE(w0.channel->closed);
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.error_message(), "worker-000002 (rank 1) lost: no heartbeat for 3001 ms");
+  EXPECT_EQ(restarting.attempt(), 1);
+  ASSERT_EQ(w0.channel->Cancels().size(), 1u) << "the survivor stops its rank";
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
+  EXPECT_THAT(w0.channel->Assigns(), ::testing::SizeIs(1)) << "one idle worker is not enough";
+  // Its messages are refused now (no session); it comes back and rejoins the pool: the job
+  // starts again on both, attempt 1, resuming.
+  EXPECT_EQ(Send(Heartbeat(w1.id)).code(), absl::StatusCode::kNotFound);
+  auto again = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), again).ok());
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  for (const auto& channel : {w0.channel, again}) {
+    ASSERT_EQ(channel->Assigns().size(), channel == again ? 1u : 2u);
+    const v1::Assign a = channel->Assigns().back();
+    EXPECT_EQ(a.job_id(), job);
+    EXPECT_EQ(a.attempt(), 1);
+    EXPECT_TRUE(a.resume());
+  }
+  EXPECT_EQ(GetJob(job).job().attempt(), 1);
+  EXPECT_EQ(GetJob(job).job().error_message(), "");
+}
+
+TEST_F(WorkerSessionsTest, AClosedSessionRestartsItsJobWithoutClosingTheChannel) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  coordinator_->CloseSession(w0.id);
+  coordinator_->CloseSession("worker-000404");  // unknown: no-op
+  EXPECT_FALSE(w0.channel->closed);
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.error_message(), "worker-000001 (rank 0) lost: session closed");
+  ASSERT_EQ(w1.channel->Cancels().size(), 1u);
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_DISCONNECTED);
+  // An idle worker's session closing changes no job.
+  coordinator_->CloseSession(w1.id);
+  EXPECT_EQ(coordinator_->OpenSessionCount(), 0);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  // A restarting job can be cancelled.
+  ASSERT_TRUE(coordinator_->CancelJob(job, "").ok());
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_CANCELLED);
+}
+
+TEST_F(WorkerSessionsTest, ARestartedJobContinuesItsPolicyAndRefusesTheOldAttempt) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  // Probes 0, 10, 20 decided in attempt 0.
+  for (int k = 0; k < 3; ++k) {
+    SendOk(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)));
+    SendOk(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)));
+    SendOk(Ack(w0.id, job, 0, k + 1));
+  }
+  const std::vector<v1::MaskUpdate> before = w0.channel->Masks();
+  ASSERT_EQ(before.size(), 3u);
+  // Rank 1's worker is lost at step 25; it comes back.
+  coordinator_->CloseSession(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  auto c1 = Connect(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  ASSERT_EQ(c1->Assigns().back().attempt(), 1);
+  // A late message of attempt 0 is refused and changes nothing.
+  absl::Status stale = Send(Spectra(w0.id, job, 0, 30, Lambda(0, 3)));
+  EXPECT_EQ(stale.code(), absl::StatusCode::kAborted) << stale;
+  EXPECT_THAT(std::string(stale.message()), HasSubstr("stale attempt 0"));
+  EXPECT_EQ(Send(Done(w0.id, job, 0, false, "", "", "peer gone")).code(),
+            absl::StatusCode::kAborted);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+
+  // The ranks resume from their checkpoint at step 10 (a probe step decided before): each gets
+  // that decision's mask again, as it was.
+  SendOk(Attempt(ModuleList(w0.id, job), 1));
+  SendOk(Attempt(Spectra(w0.id, job, 0, 10, Lambda(0, 1)), 1));
+  SendOk(Attempt(Spectra(w1.id, job, 1, 10, Lambda(1, 1)), 1));
+  for (const auto& channel : {w0.channel, c1}) {
+    ASSERT_FALSE(channel->Masks().empty());
+    const v1::MaskUpdate resent = channel->Masks().back();
+    EXPECT_TRUE(MessageDifferencer::Equals(resent, before[1])) << resent.DebugString();
+  }
+  SendOk(Attempt(Ack(w0.id, job, 0, before[1].mask_version()), 1));
+  // Step 20 again and a new step 30: the same masks as a policy that never restarted.
+  std::unique_ptr<policy::Policy> local = LocalPolicy(Spec(2));
+  for (int k = 0; k < 4; ++k) {
+    std::vector<double> mean(10);
+    for (int i = 0; i < 10; ++i) mean[i] = (Lambda(0, k)[i] + Lambda(1, k)[i]) / 2;
+    ASSERT_TRUE(local->Observe(10 * k, mean).ok());
+    if (k < 2) continue;
+    const size_t masks = c1->Masks().size();
+    SendOk(Attempt(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)), 1));
+    SendOk(Attempt(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)), 1));
+    ASSERT_EQ(c1->Masks().size(), masks + 1) << "step " << 10 * k;
+    const v1::MaskUpdate m = c1->Masks().back();
+    EXPECT_EQ(m.effective_step(), 10 * k);
+    EXPECT_EQ(Unpack(m.bits(), 10), local->Schedule().every_step) << "step " << 10 * k;
+    EXPECT_GT(m.mask_version(), before.back().mask_version()) << "versions only grow";
+    if (k == 2) {
+      EXPECT_EQ(m.bits(), before[2].bits()) << "step 20 decided as in attempt 0";
+    }
+  }
+  // The history holds each step once.
+  v1::GetSpectraRequest request;
+  request.set_job_id(job);
+  auto spectra = coordinator_->GetSpectra(request);
+  ASSERT_TRUE(spectra.ok()) << spectra.status();
+  EXPECT_EQ(spectra->points_size(), 4);
+}
+
+TEST_F(WorkerSessionsTest, ALossAfterTheRestartLimitFailsTheJob) {
+  max_restarts_ = 1;
+  Open();
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  coordinator_->CloseSession(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  auto c1 = Connect(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  coordinator_->CloseSession(w1.id);
+  const v1::Job failed = GetJob(job).job();
+  EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.error_message(),
+            "worker-000002 (rank 1) lost: session closed (the job was restarted 1 times "
+            "already, the limit)");
+}
+
+TEST_F(WorkerSessionsTest, ARankWhoseProcessGroupFailedRestartsTheJob) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  v1::WorkerMessage done = Done(w0.id, job, 0, false, "", "", "gradient all-reduce failed");
+  done.mutable_done()->set_retryable(true);
+  std::vector<v1::JobEvent> events;
+  Watch(job, &events);
+  events.clear();
+  SendOk(done);
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty()) << "the sender stopped already";
+  ASSERT_EQ(w1.channel->Cancels().size(), 1u);
+  // Both workers are idle again: it restarted at once.
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].state().state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(events[0].state().error_message(),
+            "rank 0 (worker-000001): gradient all-reduce failed");
+  EXPECT_EQ(events[1].state().state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w1.channel->Assigns().back().attempt(), 1);
+  // A failure that is not the process group's still fails it.
+  SendOk(Attempt(Done(w1.id, job, 1, false, "", "", "out of memory"), 1));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
+}
+
+TEST_F(WorkerSessionsTest, AHeartbeatListingAJobTheWorkerDoesNotRunGetsACancel) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Heartbeat(w0.id, {job}));
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty());
+  SendOk(Heartbeat(w0.id, {job, "job-000077", "job-000077"}));
+  auto cancels = w0.channel->Cancels();
+  ASSERT_EQ(cancels.size(), 1u);
+  EXPECT_EQ(cancels[0].job_id(), "job-000077");
+  // After the job ended, a rank still listing it is told again.
+  ASSERT_TRUE(coordinator_->CancelJob(job, "").ok());
+  SendOk(Heartbeat(w1.id, {job}));
+  cancels = w1.channel->Cancels();
+  ASSERT_EQ(cancels.size(), 2u);
+  EXPECT_EQ(cancels[1].job_id(), job);
+}
+
+// ----- restart -----
+
+TEST_F(WorkerSessionsTest, ACoordinatorRestartKeepsRunningJobsAndReattachesTheirWorkers) {
+  Worker w0, w1;
+  const std::string running = StartTwoRankJob(&w0, &w1);
+  SendOk(Spectra(w0.id, running, 0, 0, Lambda(0, 0)));
+  SendOk(Spectra(w1.id, running, 1, 0, Lambda(1, 0)));
+  SendOk(Spectra(w0.id, running, 0, 10, Lambda(0, 1)));  // pending when the process dies
+  const v1::MaskUpdate first = w0.channel->Masks().at(0);
+  const std::string queued = Submit(Spec(1));
+  now_ += 100;
+
+  Open();  // a new process on the same state dir
+
+  EXPECT_EQ(StateOf(running), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(GetJob(running).job().mask_version(), 1) << "the stored progress survives";
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_QUEUED);
+  auto workers = coordinator_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->workers_size(), 2);
+  EXPECT_EQ(workers->workers(0).state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(workers->workers(0).capabilities().rendezvous_port(), 29501);
+
+  // The workers reconnect with their ids; their first heartbeat names the job they still run.
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  EXPECT_EQ(Register("cpu", "host-2", 29502, w1.id), w1.id);
+  auto c0 = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id, {running}), c0).ok());
+  EXPECT_THAT(c0->Cancels(), IsEmpty());
+  EXPECT_THAT(c0->Assigns(), IsEmpty()) << "a re-attached worker is not idle";
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(WorkerInfoOf(w0.id).rank(), 0);
+  // Rank 0 resends its ModuleList and its unanswered report of step 10; rank 1 is back too and
+  // resends the report of step 0 it got no mask for: that decision's mask again.
+  auto c1 = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id, {running}), c1).ok());
+  SendOk(ModuleList(w0.id, running));
+  SendOk(Spectra(w0.id, running, 0, 10, Lambda(0, 1)));
+  SendOk(Spectra(w1.id, running, 1, 0, Lambda(1, 0)));
+  ASSERT_EQ(c1->Masks().size(), 1u);
+  EXPECT_TRUE(MessageDifferencer::Equals(c1->Masks()[0], first));
+  SendOk(Spectra(w1.id, running, 1, 10, Lambda(1, 1)));
+  ASSERT_EQ(c0->Masks().size(), 1u);
+  std::unique_ptr<policy::Policy> local = LocalPolicy(Spec(2));
+  for (int k = 0; k < 2; ++k) {
+    std::vector<double> mean(10);
+    for (int i = 0; i < 10; ++i) mean[i] = (Lambda(0, k)[i] + Lambda(1, k)[i]) / 2;
+    ASSERT_TRUE(local->Observe(10 * k, mean).ok());
+  }
+  EXPECT_EQ(c0->Masks()[0].effective_step(), 10);
+  EXPECT_EQ(c0->Masks()[0].mask_version(), 2);
+  EXPECT_EQ(Unpack(c0->Masks()[0].bits(), 10), local->Schedule().every_step);
+  // Both ranks finish: the job succeeds with rank 0's summary.
+  SendOk(Done(w0.id, running, 0, true, "abc", R"({"steps":100})"));
+  SendOk(Done(w1.id, running, 1, true, "abc"));
+  EXPECT_EQ(StateOf(running), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(GetJob(running).job().summary_json(), R"({"steps":100})");
+  // The queued job takes a worker now.
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Register("cpu", "x", 1), "worker-000003") << "new ids continue after the old ones";
+}
+
+TEST_F(WorkerSessionsTest, AJobWhoseRanksAllFinishedBeforeTheRestartSucceeds) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
+  // The previous process stored rank 1's end but died before the job's.
+  ASSERT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, "abc").ok());
+  Open();
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(GetJob(job).job().summary_json(), R"({"steps":100})");
+}
+
+TEST_F(WorkerSessionsTest, AKeptJobWhoseWorkerDoesNotReturnRestarts) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));  // rank 0 finished
+  Open();
+  ASSERT_EQ(Register("cpu", "host-2", 29502, w1.id), w1.id);
+  auto c1 = std::make_shared<FakeWorkerChannel>();
+  // Its runner ended meanwhile: the heartbeat lists nothing, so rank 1 stays detached.
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), c1).ok());
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+  for (int i = 0; i < 10; ++i) {
+    now_ms_ += 1000;
+    SendOk(Heartbeat(w1.id));
+    coordinator_->CheckHeartbeats();
+  }
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING) << "10 intervals are not over yet";
+  now_ms_ += 1;
+  coordinator_->CheckHeartbeats();
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.error_message(),
+            "worker-000002 (rank 1) lost: did not reconnect within 10000 ms of the "
+            "coordinator's restart");
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.summary_json(), R"({"steps":100})") << "rank 0's summary was kept";
+}
+
+}  // namespace
+}  // namespace mat::coordinator

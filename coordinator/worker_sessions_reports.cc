@@ -60,7 +60,7 @@ absl::StatusOr<Coordinator::RankRef> Coordinator::CheckRank(const std::string& w
                                                             const std::string& job_id,
                                                             std::optional<int> rank,
                                                             int64_t attempt) {
-  if (job_id.empty()) return absl::InvalidArgumentError("job_id is empty");
+  MAT_RETURN_IF_ERROR(CheckJobId(job_id));
   const std::string rank_text = rank ? absl::StrCat("rank ", *rank) : "rank";
   auto it = running_.find(job_id);
   if (it == running_.end()) {

@@ -15,6 +15,7 @@
 #include "common/file_util.h"
 #include "common/fnv1a.h"
 #include "common/status.h"
+#include "common/stopwatch.h"
 #include "spdlog/spdlog.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/models/model_io.h"
@@ -22,10 +23,8 @@
 namespace mat::trainer {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+using Clock = common::SteadyClock;
+using common::SecondsSince;
 
 }  // namespace
 
@@ -210,7 +209,7 @@ absl::StatusOr<ProbeResult> Trainer::FinishProbe(absl::StatusOr<RecordedProbe> r
   r.modules = std::move(est->modules);
   r.flops = recorded->forward_flops +
             double(est->backward_passes) * recorded->backward_pass_flops + est->flops;
-  r.seconds = Since(t0);
+  r.seconds = SecondsSince(t0);
   return r;
 }
 

@@ -7,6 +7,7 @@
 
 #include "common/file_util.h"
 #include "common/status.h"
+#include "common/stopwatch.h"
 #include "spdlog/spdlog.h"
 #include "trainer/models/model_io.h"
 #include "trainer/trainer.h"
@@ -14,10 +15,8 @@
 namespace mat::trainer {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+using Clock = common::SteadyClock;
+using common::SecondsSince;
 
 }  // namespace
 
@@ -131,7 +130,7 @@ absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_no
     flops_to_best_ = flops_.total();
     seconds_to_best_ = train_seconds_;
   }
-  eval_seconds_ += Since(e0);
+  eval_seconds_ += SecondsSince(e0);
   eval_curve_.push_back({double(step_), flops_.total(), val, train_seconds_});
   std::map<std::string, int> active_by_group;
   for (int m = 0; m < partition().size(); ++m)
@@ -206,7 +205,7 @@ absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
     loss_sum_ += loss;
     ++loss_count_;
     ++step_;
-    train_seconds_ += Since(t0);
+    train_seconds_ += SecondsSince(t0);
     if (options_.progress_bar) ShowProgress(loss, active_now, train_seconds_ - seconds_before);
 
     const bool checkpoint_now = c.train.checkpoint_every > 0 &&

@@ -10,11 +10,7 @@
 namespace mat::coordinator {
 namespace {
 
-using namespace testing_sessions;  // NOLINT: the fixture and its helpers
-using ::testing::ElementsAre;
-using ::testing::HasSubstr;
-using ::testing::IsEmpty;
-namespace fs = std::filesystem;
+using namespace testing_sessions;  // NOLINT: the fixture, its helpers and their using-declarations
 
 // ----- registration and sessions -----
 

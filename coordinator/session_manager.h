@@ -113,7 +113,6 @@ class SessionManager {
   // Idle registered workers with an open session, in id order (the scheduling order).
   std::vector<IdleWorker> Idle() const;
   int OpenCount() const { return static_cast<int>(sessions_.size()); }
-  int64_t heartbeat_interval_ms() const { return heartbeat_interval_ms_; }
 
   // Sets mat_coordinator_worker_heartbeat_age_seconds of every open session.
   void RefreshHeartbeatAges();

@@ -1,5 +1,7 @@
 #include "spectral/exact_estimator.h"
 
+#include <map>
+
 namespace mat::spectral {
 
 absl::Status ValidateOutputs(const ProbeBatch& probe) {
@@ -20,36 +22,57 @@ absl::Status ValidateOutputs(const ProbeBatch& probe) {
   return absl::OkStatus();
 }
 
-absl::Status CollectParams(const ModulePartition& partition, std::vector<torch::Tensor>* params,
-                           std::vector<std::pair<size_t, size_t>>* ranges) {
+absl::StatusOr<ModuleLeaves> CollectParams(const ModulePartition& partition) {
+  ModuleLeaves out;
+  std::map<const void*, size_t> index;
   for (const auto& m : partition.modules) {
-    size_t first = params->size();
-    for (const auto& p : m.params) {
-      if (!p.requires_grad()) {
+    std::vector<ModuleLeaves::Part> parts;
+    for (const ParamSlice& p : m.params) {
+      if (!p.param.requires_grad()) {
         return absl::InvalidArgumentError("module " + m.name +
                                           " has a parameter that does not require grad");
       }
-      params->push_back(p);
+      auto [it, fresh] = index.emplace(p.param.unsafeGetTensorImpl(), out.leaves.size());
+      if (fresh) out.leaves.push_back(p.param);
+      parts.push_back({it->second, p.begin, p.end, p.whole()});
     }
-    ranges->emplace_back(first, params->size());
+    out.parts.push_back(std::move(parts));
   }
-  return absl::OkStatus();
+  return out;
+}
+
+std::vector<torch::Tensor> ModuleLeaves::Rows(size_t module,
+                                              const std::vector<torch::Tensor>& grads) const {
+  std::vector<torch::Tensor> rows;
+  for (const Part& p : parts[module]) {
+    const torch::Tensor& g = grads[p.leaf];
+    rows.push_back(!g.defined() || p.whole ? g : g.narrow(0, p.begin, p.end - p.begin));
+  }
+  return rows;
+}
+
+torch::Tensor ModuleLeaves::Flatten(size_t module, const std::vector<torch::Tensor>& grads) const {
+  std::vector<torch::Tensor> flat;
+  const std::vector<torch::Tensor> rows = Rows(module, grads);
+  for (size_t k = 0; k < rows.size(); ++k) {
+    const Part& p = parts[module][k];
+    if (rows[k].defined()) {
+      flat.push_back(rows[k].reshape({-1}));
+    } else {
+      const torch::Tensor& leaf = leaves[p.leaf];
+      const torch::Tensor v = p.whole ? leaf : leaf.narrow(0, p.begin, p.end - p.begin);
+      flat.push_back(torch::zeros({v.numel()}, leaf.options().requires_grad(false)));
+    }
+  }
+  return flat.empty() ? torch::zeros({0}, torch::kFloat64) : torch::cat(flat);
 }
 
 namespace {
 
-// Row r of every module's Jacobian from one VJP: flattened, zeros where unused.
-void AppendRows(const std::vector<torch::Tensor>& g, const std::vector<torch::Tensor>& params,
-                const std::vector<std::pair<size_t, size_t>>& ranges,
+// Row r of every module's Jacobian from one VJP over the leaves.
+void AppendRows(const std::vector<torch::Tensor>& g, const ModuleLeaves& leaves,
                 std::vector<std::vector<torch::Tensor>>* rows) {
-  for (size_t m = 0; m < ranges.size(); ++m) {
-    std::vector<torch::Tensor> flat;
-    for (size_t k = ranges[m].first; k < ranges[m].second; ++k) {
-      flat.push_back(g[k].defined() ? g[k].reshape({-1})
-                                    : torch::zeros_like(params[k]).reshape({-1}));
-    }
-    (*rows)[m].push_back(flat.empty() ? torch::zeros({0}, torch::kFloat64) : torch::cat(flat));
-  }
+  for (size_t m = 0; m < leaves.parts.size(); ++m) (*rows)[m].push_back(leaves.Flatten(m, g));
 }
 
 EstimateResult KernelsOf(const std::vector<std::vector<torch::Tensor>>& rows) {
@@ -73,16 +96,15 @@ absl::StatusOr<EstimateResult> ExactEstimator::Estimate(const ModulePartition& p
     return absl::InvalidArgumentError("probe losses must be a vector of n >= 2 samples");
   }
   const int64_t n = probe.losses.size(0);
-  std::vector<torch::Tensor> params;
-  std::vector<std::pair<size_t, size_t>> ranges;  // per module: [first, last) in params
-  if (absl::Status s = CollectParams(partition, &params, &ranges); !s.ok()) return s;
+  absl::StatusOr<ModuleLeaves> leaves = CollectParams(partition);
+  if (!leaves.ok()) return leaves.status();
   // rows[m][i]: flattened ∇_{θ^m} ℓ_i
   std::vector<std::vector<torch::Tensor>> rows(partition.modules.size());
   for (int64_t i = 0; i < n; ++i) {
     std::vector<torch::Tensor> g =
-        torch::autograd::grad({probe.losses[i]}, params, {}, /*retain_graph=*/i + 1 < n,
+        torch::autograd::grad({probe.losses[i]}, leaves->leaves, {}, /*retain_graph=*/i + 1 < n,
                               /*create_graph=*/false, /*allow_unused=*/true);
-    AppendRows(g, params, ranges, &rows);
+    AppendRows(g, *leaves, &rows);
   }
   EstimateResult result = KernelsOf(rows);
   result.backward_passes = n;
@@ -92,9 +114,8 @@ absl::StatusOr<EstimateResult> ExactEstimator::Estimate(const ModulePartition& p
 absl::StatusOr<EstimateResult> ExactOutputEstimator::Estimate(const ModulePartition& partition,
                                                               ProbeBatch probe) {
   if (absl::Status s = ValidateOutputs(probe); !s.ok()) return s;
-  std::vector<torch::Tensor> params;
-  std::vector<std::pair<size_t, size_t>> ranges;
-  if (absl::Status s = CollectParams(partition, &params, &ranges); !s.ok()) return s;
+  absl::StatusOr<ModuleLeaves> leaves = CollectParams(partition);
+  if (!leaves.ok()) return leaves.status();
   const torch::Tensor& out = probe.outputs;
   const int64_t d = out.numel();
   std::vector<std::vector<torch::Tensor>> rows(partition.modules.size());
@@ -102,9 +123,9 @@ absl::StatusOr<EstimateResult> ExactOutputEstimator::Estimate(const ModulePartit
     torch::Tensor e = torch::zeros_like(out);
     e.view({-1})[r] = 1;
     std::vector<torch::Tensor> g =
-        torch::autograd::grad({out}, params, {e}, /*retain_graph=*/r + 1 < d,
+        torch::autograd::grad({out}, leaves->leaves, {e}, /*retain_graph=*/r + 1 < d,
                               /*create_graph=*/false, /*allow_unused=*/true);
-    AppendRows(g, params, ranges, &rows);
+    AppendRows(g, *leaves, &rows);
   }
   EstimateResult result = KernelsOf(rows);
   result.backward_passes = d;

@@ -39,9 +39,25 @@ class ExactOutputEstimator final : public Estimator {
 // losses are present, n == losses.size(0).
 absl::Status ValidateOutputs(const ProbeBatch& probe);
 
-// Every module's parameters, concatenated, and each module's range [first, last) in them.
-// INVALID_ARGUMENT when a parameter does not require grad.
-absl::Status CollectParams(const ModulePartition& partition, std::vector<torch::Tensor>* params,
-                           std::vector<std::pair<size_t, size_t>>* ranges);
+// The leaves the modules live in, each once (autograd differentiates whole leaves), and every
+// module's slices as rows of them.
+struct ModuleLeaves {
+  struct Part {
+    size_t leaf = 0;  // index into leaves
+    int64_t begin = 0, end = 0;
+    bool whole = true;
+  };
+  std::vector<torch::Tensor> leaves;
+  std::vector<std::vector<Part>> parts;  // [module]
+
+  // The module's rows of `grads` (one per leaf, as autograd::grad returns them), flattened and
+  // concatenated: [p_m]; zeros where a leaf has no gradient.
+  torch::Tensor Flatten(size_t module, const std::vector<torch::Tensor>& grads) const;
+  // The module's rows of `grads`, one tensor per part (undefined where the leaf has none).
+  std::vector<torch::Tensor> Rows(size_t module, const std::vector<torch::Tensor>& grads) const;
+};
+
+// INVALID_ARGUMENT naming the module when one of its leaves does not require grad.
+absl::StatusOr<ModuleLeaves> CollectParams(const ModulePartition& partition);
 
 }  // namespace mat::spectral

@@ -55,9 +55,8 @@ absl::StatusOr<EstimateResult> LanczosEstimator::Estimate(const ModulePartition&
   if (options_.lanczos_iterations < 1) {
     return absl::InvalidArgumentError("lanczos_iterations must be >= 1");
   }
-  std::vector<torch::Tensor> params;
-  std::vector<std::pair<size_t, size_t>> ranges;
-  if (absl::Status s = CollectParams(partition, &params, &ranges); !s.ok()) return s;
+  absl::StatusOr<ModuleLeaves> leaves = CollectParams(partition);
+  if (!leaves.ok()) return leaves.status();
   const torch::Tensor outputs = probe.outputs;
   const int64_t n = outputs.size(0);
   const int64_t d = outputs.numel();
@@ -65,28 +64,35 @@ absl::StatusOr<EstimateResult> LanczosEstimator::Estimate(const ModulePartition&
 
   EstimateResult result;
   result.modules.resize(partition.modules.size());
-  if (params.empty()) return result;
+  if (leaves->leaves.empty()) return result;
 
-  // g = J^T w0 for every parameter, a graph linear in w0.
+  // g = J^T w0 for every leaf, a graph linear in w0.
   torch::Tensor w0 = torch::zeros_like(outputs).detach().requires_grad_(true);
   std::vector<torch::Tensor> g =
-      torch::autograd::grad({outputs}, params, {w0}, /*retain_graph=*/true,
+      torch::autograd::grad({outputs}, leaves->leaves, {w0}, /*retain_graph=*/true,
                             /*create_graph=*/true, /*allow_unused=*/true);
 
-  for (size_t m = 0; m < ranges.size(); ++m) {
-    std::vector<torch::Tensor> mp, mg;  // the module's params and their defined g entries
-    std::vector<size_t> mg_index;       // position of mg[i] within mp
-    for (size_t k = ranges[m].first; k < ranges[m].second; ++k) {
-      mp.push_back(params[k]);
-      if (g[k].defined()) {
-        if (!g[k].requires_grad()) {
-          return absl::InternalError("lanczos: the double backward does not reach module " +
-                                     partition.modules[m].name +
-                                     " (an op's backward is not differentiable)");
-        }
-        mg.push_back(g[k]);
-        mg_index.push_back(mp.size() - 1);
+  for (size_t m = 0; m < leaves->parts.size(); ++m) {
+    // The module's leaves (autograd differentiates whole leaves) and its rows of g, as graphs
+    // in w0 (the defined ones; mg_part[i] is the part mg[i] comes from).
+    std::vector<torch::Tensor> mp;
+    std::vector<size_t> mp_of_part;
+    for (const ModuleLeaves::Part& part : leaves->parts[m]) {
+      mp_of_part.push_back(mp.size());
+      mp.push_back(leaves->leaves[part.leaf]);
+    }
+    const std::vector<torch::Tensor> g_rows = leaves->Rows(m, g);
+    std::vector<torch::Tensor> mg;
+    std::vector<size_t> mg_part;
+    for (size_t k = 0; k < g_rows.size(); ++k) {
+      if (!g_rows[k].defined()) continue;
+      if (!g_rows[k].requires_grad()) {
+        return absl::InternalError("lanczos: the double backward does not reach module " +
+                                   partition.modules[m].name +
+                                   " (an op's backward is not differentiable)");
       }
+      mg.push_back(g_rows[k]);
+      mg_part.push_back(k);
     }
     if (mg.empty()) continue;  // θ_m does not affect the outputs: Θ_m = 0
 
@@ -98,8 +104,11 @@ absl::StatusOr<EstimateResult> LanczosEstimator::Estimate(const ModulePartition&
                                 /*create_graph=*/false, /*allow_unused=*/true);
       std::vector<torch::Tensor> ug;
       for (size_t i = 0; i < mg.size(); ++i) {
-        const torch::Tensor& ui = u[mg_index[i]];
-        ug.push_back(ui.defined() ? ui : torch::zeros_like(mg[i]));
+        const ModuleLeaves::Part& part = leaves->parts[m][mg_part[i]];
+        const torch::Tensor& ui = u[mp_of_part[mg_part[i]]];
+        ug.push_back(!ui.defined() ? torch::zeros_like(mg[i])
+                     : part.whole  ? ui
+                                   : ui.narrow(0, part.begin, part.end - part.begin));
       }
       std::vector<torch::Tensor> jv =
           torch::autograd::grad(mg, {w0}, ug, /*retain_graph=*/true, /*create_graph=*/false,

@@ -112,21 +112,31 @@ GradientSync::GradientSync(c10::intrusive_ptr<CollectiveGroup> group,
     : group_(std::move(group)), params_(std::move(params)), bucket_bytes_(bucket_bytes) {
   MAT_CHECK(group_) << "GradientSync needs a process group";
   MAT_CHECK(bucket_bytes_ > 0) << "bucket_bytes must be positive";
-  for (const ParamEntry& p : params_) num_modules_ = std::max(num_modules_, p.module + 1);
-  // Shared parameters first, then modules in index order; the order of `params` within each.
-  std::stable_sort(params_.begin(), params_.end(), [](const ParamEntry& a, const ParamEntry& b) {
-    const int ka = a.module < 0 ? -1 : a.module, kb = b.module < 0 ? -1 : b.module;
-    return ka < kb;
-  });
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::vector<ParamSegment> segments = params_[i].Segments();
+    for (const ParamSegment& s : segments) {
+      num_modules_ = std::max(num_modules_, s.module + 1);
+      pieces_.push_back({i, s.begin, s.end, s.module, segments.size() == 1});
+    }
+  }
+  // Shared rows first, then modules in index order; the order of `params` within each.
+  std::stable_sort(pieces_.begin(), pieces_.end(),
+                   [](const Piece& a, const Piece& b) { return a.module < b.module; });
 }
 
 int GradientSync::world_size() const { return group_->getSize(); }
 
+int64_t GradientSync::PieceBytes(const Piece& p) const {
+  const torch::Tensor& t = params_[p.entry].param;
+  const int64_t row = t.dim() == 0 ? 1 : t.numel() / std::max<int64_t>(t.size(0), 1);
+  return row * (p.end - p.begin) * int64_t(t.element_size());
+}
+
 int64_t GradientSync::BytesFor(const std::vector<uint8_t>& active) const {
   int64_t bytes = 0;
-  for (const ParamEntry& p : params_) {
+  for (const Piece& p : pieces_) {
     if (p.module >= 0 && (size_t(p.module) >= active.size() || !active[p.module])) continue;
-    bytes += p.param.numel() * int64_t(p.param.element_size());
+    bytes += PieceBytes(p);
   }
   return bytes;
 }
@@ -182,28 +192,30 @@ absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
   std::vector<Bucket> buckets(1);
   int64_t skipped = 0;
   int previous_module = -2;
-  for (ParamEntry& p : params_) {
-    const int64_t bytes = p.param.numel() * int64_t(p.param.element_size());
-    if (p.module >= 0 && !active[p.module]) {
+  for (const Piece& piece : pieces_) {
+    ParamEntry& p = params_[piece.entry];
+    const int64_t bytes = PieceBytes(piece);
+    if (piece.module >= 0 && !active[piece.module]) {
       skipped += bytes;
       continue;
     }
     torch::Tensor& grad = p.param.mutable_grad();
     if (!grad.defined()) {
-      if (p.module >= 0) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("active module ", p.module, " parameter ", p.name, " has no gradient"));
+      if (piece.module >= 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "active module ", piece.module, " parameter ", p.name, " has no gradient"));
       }
       grad = torch::zeros_like(p.param);
     }
     // A bucket closes only between modules (or before the first module).
-    const bool boundary = p.module != previous_module;
+    const bool boundary = piece.module != previous_module;
     if (boundary && buckets.back().numel * int64_t(p.param.element_size()) >= bucket_bytes_) {
       buckets.emplace_back();
     }
-    previous_module = p.module;
-    buckets.back().grads.push_back(grad);
-    buckets.back().numel += grad.numel();
+    previous_module = piece.module;
+    torch::Tensor rows = piece.whole ? grad : grad.narrow(0, piece.begin, piece.end - piece.begin);
+    buckets.back().numel += rows.numel();
+    buckets.back().grads.push_back(std::move(rows));
   }
   const double world = group_->getSize();
   try {

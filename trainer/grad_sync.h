@@ -7,7 +7,8 @@
 //
 // Buckets: every step the gradients to reduce are laid out in one fixed order: the parameters
 // outside any module (embeddings, layer norms, biases of unsliced maps, the decoder) first, then
-// the active modules' leaf tensors in module order. They are packed into flat float buffers of at
+// the active modules' gradient rows (whole leaves, or their row segments of a layer's split
+// tensor: ParamEntry::Segments) in module order. They are packed into flat float buffers of at
 // most `bucket_bytes` each (a bucket closes only at a module boundary, so a module is never split
 // and a masked-off module costs no bytes), every bucket is all-reduced (sum) asynchronously, then
 // divided by the world size and copied back. Every rank applies the same mask at the same step
@@ -110,8 +111,18 @@ class GradientSync {
   int world_size() const;
 
  private:
+  // Rows [begin, end) of params_[entry]'s gradient, reduced when `module` is -1 or active.
+  struct Piece {
+    size_t entry = 0;
+    int64_t begin = 0, end = 0;
+    int module = -1;
+    bool whole = true;
+  };
+  int64_t PieceBytes(const Piece& p) const;
+
   c10::intrusive_ptr<CollectiveGroup> group_;
   std::vector<ParamEntry> params_;
+  std::vector<Piece> pieces_;  // shared first, then by module
   int64_t bucket_bytes_;
   int num_modules_ = 0;
   GradSyncStats stats_;

@@ -44,6 +44,10 @@ class MaskedLmTask : public Task {
   std::string train_size_unit() const override { return "tokens"; }
   void SaveState(nlohmann::json* meta) const override;
   absl::Status LoadState(const nlohmann::json& meta) override;
+  // Checkpoints and model files of the per-module leaf layout (UpgradeLeafLayout).
+  int UpgradeTensors(std::map<std::string, torch::Tensor>* tensors) const override {
+    return UpgradeLeafLayout(model_->config(), tensors);
+  }
 
   // The typed building blocks (Trainer's MlmBatch overloads, tests and benchmarks).
   absl::StatusOr<double> ForwardBackward(const MlmBatch& batch,

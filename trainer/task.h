@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -113,6 +114,11 @@ class Task {
   // json exceptions propagate to the caller.
   virtual void SaveState(nlohmann::json* meta) const = 0;
   virtual absl::Status LoadState(const nlohmann::json& meta) = 0;
+
+  // Rewrites tensors saved with an earlier storage layout of this task's model (a checkpoint's
+  // or a model file's keys) into the current one, in place, before they are loaded. Returns how
+  // many groups it rewrote (0: none, and the default).
+  virtual int UpgradeTensors(std::map<std::string, torch::Tensor>* tensors) const { return 0; }
 };
 
 // The task of config.model.kind (bert | switch: MaskedLmTask; vgg: ImageTask): loads its data

@@ -102,7 +102,12 @@ absl::Status Trainer::Init() {
   if (!c.model.init_from.empty()) {
     // Before the optimizer sees the parameters; a resumed run then overwrites them from its
     // checkpoint. Every rank reads the same file, so the ranks start equal.
-    if (absl::Status s = LoadModelSafetensors(network(), c.model.init_from); !s.ok()) {
+    const TensorUpgrade upgrade = [this](std::map<std::string, torch::Tensor>* tensors) {
+      if (int n = task_->UpgradeTensors(tensors); n > 0) {
+        spdlog::info("model.init_from: {} layers of an earlier storage layout rewritten", n);
+      }
+    };
+    if (absl::Status s = LoadModelSafetensors(network(), c.model.init_from, upgrade); !s.ok()) {
       return absl::Status(s.code(), "model.init_from: " + std::string(s.message()));
     }
     spdlog::info("model initialised from {}", c.model.init_from);
@@ -394,6 +399,9 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
   std::string warning;
   MAT_ASSIGN_OR_RETURN(std::string used, LoadNewestCheckpoint(path, &ckpt, &warning));
   if (!warning.empty()) spdlog::warn("{}; resuming from {}", warning, used);
+  if (int n = task_->UpgradeTensors(&ckpt.tensors); n > 0) {
+    spdlog::info("checkpoint {}: {} tensor groups of an earlier storage layout rewritten", used, n);
+  }
   auto tensor = [&](const std::string& name) -> absl::StatusOr<torch::Tensor> {
     const auto it = ckpt.tensors.find(name);
     if (it == ckpt.tensors.end()) {

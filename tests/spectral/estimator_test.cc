@@ -202,17 +202,12 @@ AttentionBlock MakeAttentionBlock(bool pre_ln) {
   auto& p = b.partition;
   layer->to(torch::kFloat64);
   for (int h = 0; h < 2; ++h) {
-    ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
-    for (int k = 0; k < 3; ++k) {
-      m.params.push_back(layer->qkv_w[h][k]);
-      m.params.push_back(layer->qkv_b[h][k]);
-    }
-    m.params.push_back(layer->o_w[h]);
+    ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), layer->HeadParams(h)};
     p.modules.push_back(m);
   }
   for (int g = 0; g < 2; ++g) {
     p.modules.push_back({"ffn", 0, g, "ffn" + std::to_string(g),
-                         {layer->ff1_w[g][0], layer->ff1_b[g][0], layer->ff2_w[g]}});
+                         layer->FfnParams(g)});
   }
   return b;
 }

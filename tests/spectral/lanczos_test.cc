@@ -78,17 +78,12 @@ class BertLayerProbe {
     layer_ = trainer::BertLayer(c, 0);
     layer_->to(torch::kFloat64);
     for (int h = 0; h < 2; ++h) {
-      ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), {}};
-      for (int k = 0; k < 3; ++k) {
-        m.params.push_back(layer_->qkv_w[h][k]);
-        m.params.push_back(layer_->qkv_b[h][k]);
-      }
-      m.params.push_back(layer_->o_w[h]);
+      ModuleSpec m{"heads", 0, h, "head" + std::to_string(h), layer_->HeadParams(h)};
       partition.modules.push_back(m);
     }
     for (int g = 0; g < 2; ++g) {
       partition.modules.push_back({"ffn", 0, g, "ffn" + std::to_string(g),
-                                   {layer_->ff1_w[g][0], layer_->ff1_b[g][0], layer_->ff2_w[g]}});
+                                   layer_->FfnParams(g)});
     }
     x_ = torch::randn({4, 3, 8}, torch::kFloat64);
     proj_ = torch::randn({8, 2}, torch::kFloat64);

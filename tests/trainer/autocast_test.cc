@@ -80,10 +80,12 @@ TEST_F(Bf16ModelTest, MaskedStepAgreesWithFp32AndKeepsFp32Gradients) {
   auto pa = a_->Partition(), pb = b_->Partition();
   for (size_t m = 0; m < pa.modules.size(); ++m) {
     for (size_t k = 0; k < pa.modules[m].params.size(); ++k) {
-      const torch::Tensor& ga = pa.modules[m].params[k].grad();
-      const torch::Tensor& gb = pb.modules[m].params[k].grad();
+      const torch::Tensor ga = pa.modules[m].params[k].grad();
+      const torch::Tensor gb = pb.modules[m].params[k].grad();
       if (!mask[m]) {
-        EXPECT_FALSE(gb.defined()) << pb.modules[m].name << " is masked off but got a gradient";
+        // Not computed: its rows of the layer's gradient are zero.
+        EXPECT_TRUE(!gb.defined() || gb.abs().max().item<double>() == 0.0)
+            << pb.modules[m].name << " is masked off but got a gradient";
         continue;
       }
       ASSERT_TRUE(gb.defined()) << pb.modules[m].name;

@@ -63,16 +63,19 @@ RendezvousOptions Loopback(int port, int rank, int world, const std::string& bac
   return o;
 }
 
-// Runs `body(rank, sync)` on `world` ranks at once over `backend`; rank r's tensors on
+using ParamMaker = std::function<std::vector<ParamEntry>(int rank, const torch::Device& device)>;
+
+// Runs `body(rank, sync)` on `world` ranks at once over `backend`; rank r's tensors (`make`'s) on
 // devices[r].
 void OnRanks(int world, const std::string& backend, const std::vector<torch::Device>& devices,
              int64_t bucket_bytes,
-             const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body) {
+             const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body,
+             const ParamMaker& make = MakeParams) {
   const int port = FreePort();
   auto run = [&](int rank) {
     auto group = ConnectProcessGroup(Loopback(port, rank, world, backend, "test/attempt-0"));
     ASSERT_TRUE(group.ok()) << group.status();
-    std::vector<ParamEntry> params = MakeParams(rank, devices[rank]);
+    std::vector<ParamEntry> params = make(rank, devices[rank]);
     GradientSync sync(*group, params, bucket_bytes);
     body(rank, sync, params);
   };
@@ -83,9 +86,10 @@ void OnRanks(int world, const std::string& backend, const std::vector<torch::Dev
 }
 
 void OnTwoRanks(int64_t bucket_bytes,
-                const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body) {
+                const std::function<void(int, GradientSync&, std::vector<ParamEntry>&)>& body,
+                const ParamMaker& make = MakeParams) {
   ASSERT_TRUE(Has("gloo")) << "this build has no Gloo";
-  OnRanks(2, "gloo", {torch::kCPU, torch::kCPU}, bucket_bytes, body);
+  OnRanks(2, "gloo", {torch::kCPU, torch::kCPU}, bucket_bytes, body, make);
 }
 
 TEST(GradientSyncTest, AveragesActiveModulesAndSkipsMaskedOnes) {
@@ -139,6 +143,44 @@ TEST(GradientSyncTest, BucketsCloseOnlyAtModuleBoundaries) {
       EXPECT_TRUE(torch::equal(params[p].param.grad().reshape({-1}), mean)) << "rank " << rank;
     }
   });
+}
+
+// Modules as views: a layer's tensor split into module rows. Shared [4]; p1 [6, 2] with rows
+// [0, 2) in module 0, [2, 3) always trained, [3, 6) in module 1; p2 [3] whole in module 0.
+// Gradients as MakeParams's.
+std::vector<ParamEntry> MakeSplitParams(int rank, const torch::Device& device) {
+  std::vector<ParamEntry> out;
+  const std::vector<std::vector<int64_t>> shapes = {{4}, {6, 2}, {3}};
+  for (size_t p = 0; p < shapes.size(); ++p) {
+    torch::Tensor t = torch::zeros(shapes[p]).to(device);
+    t.mutable_grad() = (torch::arange(1, t.numel() + 1, torch::kFloat) * float(rank + 1) + 100.0f * p)
+                           .reshape(shapes[p])
+                           .to(device);
+    out.push_back({"p" + std::to_string(p), t, p == 2 ? 0 : -1, true, {}});
+  }
+  out[1].rows = {{0, 2, 0}, {2, 3, -1}, {3, 6, 1}};
+  return out;
+}
+
+TEST(GradientSyncTest, SplitTensorsReduceTheActiveModulesRowsOnly) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  OnTwoRanks(8, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
+    ASSERT_TRUE(sync.AllReduce({1, 0}).ok());
+    for (size_t p = 0; p < params.size(); ++p) {
+      const torch::Tensor g = params[p].param.grad().reshape({-1});
+      const int64_t n = g.numel();
+      torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
+      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * 1.5f + 100.0f * p;
+      if (p == 1) mean.narrow(0, 3 * 2, 3 * 2).copy_(mine.narrow(0, 3 * 2, 3 * 2));  // module 1
+      EXPECT_TRUE(torch::equal(g, mean)) << "rank " << rank << " parameter " << p;
+    }
+    // Sent: shared 4 + p1's rows 0..2 (6) + p2 3; skipped: p1's rows 3..5 (6).
+    EXPECT_EQ(sync.stats().bytes_reduced, 13 * 4);
+    EXPECT_EQ(sync.stats().bytes_skipped, 6 * 4);
+    EXPECT_EQ(sync.BytesFor({1, 1}), 19 * 4);
+    // Shared rows (p0 and p1's row 2) in one bucket, module 0's rows and p2 in the next.
+    EXPECT_EQ(sync.stats().buckets, 2);
+  }, MakeSplitParams);
 }
 
 TEST(GradientSyncTest, RejectsAMaskOfTheWrongSize) {

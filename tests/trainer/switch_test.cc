@@ -147,7 +147,7 @@ TEST_F(SwitchFfnTest, OverflowTokensPassThroughAPreLnLayerUnchangedByTheFfn) {
   {
     auto src = layer->named_parameters();
     for (auto& kv : zeroed->named_parameters()) {
-      if (kv.key().find("expert") != std::string::npos) {
+      if (kv.key().find("moe.") != std::string::npos && kv.key().find("router") == std::string::npos) {
         kv.value().zero_();
       } else {
         kv.value().copy_(src[kv.key()]);
@@ -239,10 +239,11 @@ TEST(SwitchPartitionTest, CoversExactlyTheHeadsAndExperts) {
     EXPECT_EQ(mod.NumParams(), 2 * 16 * 32 + 32 + 16) << mod.name;
   }
 
-  // Switchable by name: head slices and expert leaves; everything else (router, embeddings,
-  // LayerNorms, W_O's bias, layer 1's dense FFN, the MLM head) is always trained.
-  const std::regex head(R"(layer\d+\.(w[qkv]\d+|b[qkv]\d+|wo\d+))");
-  const std::regex expert(R"(layer\d+\.moe\.expert\d+_(w1|b1|w2|b2))");
+  // Switchable by name: the layers' QKV and W_O tensors (split into head rows) and the Switch
+  // layers' stacked expert tensors (split into expert rows); everything else (router, embeddings, LayerNorms, W_O's bias, layer 1's dense FFN, the
+  // MLM head) is always trained. Every switchable tensor's rows are covered exactly once.
+  const std::regex head(R"(layer\d+\.(wqkv|bqkv|wo_t))");
+  const std::regex expert(R"(layer\d+\.moe\.(w1|b1|w2|b2))");
   std::map<const void*, std::string> name_of;
   std::set<const void*> switchable;
   for (const auto& kv : m->named_parameters()) {
@@ -250,16 +251,26 @@ TEST(SwitchPartitionTest, CoversExactlyTheHeadsAndExperts) {
     if (std::regex_match(kv.key(), head) || std::regex_match(kv.key(), expert))
       switchable.insert(kv.value().unsafeGetTensorImpl());
   }
+  std::map<const void*, std::vector<int>> rows_owned;  // per leaf: modules owning each row
   std::set<const void*> covered;
-  for (const auto& mod : p.modules) {
-    for (const auto& t : mod.params) {
-      ASSERT_TRUE(name_of.count(t.unsafeGetTensorImpl())) << mod.name << ": not a model parameter";
-      EXPECT_TRUE(covered.insert(t.unsafeGetTensorImpl()).second)
-          << name_of[t.unsafeGetTensorImpl()] << " is in two modules";
+  for (size_t k = 0; k < p.modules.size(); ++k) {
+    for (const auto& t : p.modules[k].params) {
+      const void* leaf = t.param.unsafeGetTensorImpl();
+      ASSERT_TRUE(name_of.count(leaf)) << p.modules[k].name << ": not a model parameter";
+      covered.insert(leaf);
+      auto& owners = rows_owned[leaf];
+      owners.resize(t.param.size(0), -1);
+      for (int64_t r = t.begin; r < t.end; ++r) {
+        EXPECT_EQ(owners[r], -1) << name_of[leaf] << " row " << r << " is in two modules";
+        owners[r] = int(k);
+      }
     }
   }
+  for (const auto& [leaf, owners] : rows_owned) {
+    EXPECT_EQ(std::count(owners.begin(), owners.end(), -1), 0) << name_of[leaf] << " has rows in no module";
+  }
   EXPECT_EQ(covered, switchable);
-  EXPECT_EQ(switchable.size(), 6u * 7 + 8u * 4);
+  EXPECT_EQ(switchable.size(), 3u * 3 + 2u * 4);
   bool router_seen = false;
   for (const auto& kv : m->named_parameters()) {
     if (kv.key().find("router") == std::string::npos) continue;
@@ -312,33 +323,45 @@ TEST_F(SwitchMaskTest, MaskedOffExpertsGetNoGradientAndOthersMatchReference) {
   const auto routed = masked.model->RoutedTokens();
   EXPECT_GT(routed[0] + routed[2] + routed[7], 0);
 
-  auto ref_params = ref.model->named_parameters();
-  std::set<const void*> off;
-  for (int m = 0; m < masked.partition.size(); ++m)
-    if (!mask[m])
-      for (const auto& p : masked.partition.modules[m].params) off.insert(p.unsafeGetTensorImpl());
   int checked_off = 0, checked_on = 0;
-  for (const auto& kv : masked.model->named_parameters()) {
-    SCOPED_TRACE(kv.key());
-    const torch::Tensor& g = kv.value().grad();
-    if (off.count(kv.value().unsafeGetTensorImpl())) {
-      EXPECT_FALSE(g.defined()) << "a masked-off parameter's gradient was computed";
-      ++checked_off;
-    } else {
-      // Every active module has a gradient, zero when no token reached an expert.
-      ASSERT_TRUE(g.defined());
-      EXPECT_LE(RelDiff(g, ref_params[kv.key()].grad()), 1e-6);
-      ++checked_on;
+  for (int m = 0; m < masked.partition.size(); ++m) {
+    const auto& mine = masked.partition.modules[m].params;
+    const auto& theirs = ref.partition.modules[m].params;
+    for (size_t k = 0; k < mine.size(); ++k) {
+      SCOPED_TRACE(masked.partition.modules[m].name + " slice " + std::to_string(k));
+      const torch::Tensor g = mine[k].grad();
+      if (!mask[m]) {
+        // Not computed: an expert's leaves get none; a head's rows of its layer's gradient are 0.
+        EXPECT_TRUE(!g.defined() || (!mine[k].whole() && g.abs().max().item<double>() == 0.0))
+            << "a masked-off module's gradient was computed";
+        ++checked_off;
+      } else {
+        // Every active module has a gradient, zero when no token reached an expert.
+        ASSERT_TRUE(g.defined());
+        EXPECT_LE(RelDiff(g, theirs[k].grad()), 1e-6);
+        ++checked_on;
+      }
     }
   }
-  EXPECT_EQ(checked_off, 7 + 3 * 4);  // 1 head x 7 tensors, 3 experts x 4 tensors
+  EXPECT_EQ(checked_off, 3 + 3 * 4);  // 1 head x 3 slices, 3 experts x 4 tensors
   EXPECT_GT(checked_on, 0);
   // The router is always trained.
   EXPECT_TRUE(masked.model->layers[0]->moe->router->weight.grad().defined());
 }
 
+// The update count of module m's first segment in `opt`'s entries (-1: not found).
+int64_t StepsOf(const MaskedAdamW& opt, int m) {
+  for (size_t i = 0; i < opt.params().size(); ++i) {
+    const std::vector<ParamSegment> segments = opt.params()[i].Segments();
+    for (size_t s = 0; s < segments.size(); ++s)
+      if (segments[s].module == m) return opt.step_count(i, s);
+  }
+  return -1;
+}
+
 // Data-parallel ranks reduce the gradients of every active module: an active expert that no
-// token reached still gets one (zeros), and a masked-off one still gets none.
+// token reached still gets its rows of the gradient (zeros) and an update; a masked-off one's
+// rows are zeros too, and it gets no update.
 TEST_F(SwitchMaskTest, ActiveExpertsWithoutTokensGetAZeroGradient) {
   Net n = MakeNet(c_);
   {
@@ -354,9 +377,13 @@ TEST_F(SwitchMaskTest, ActiveExpertsWithoutTokensGetAZeroGradient) {
     ASSERT_TRUE(t.grad().defined());
     EXPECT_EQ(t.grad().abs().max().item<double>(), 0.0);
   }
-  for (const auto& t : n.partition.modules[11].params) EXPECT_FALSE(t.grad().defined());
+  for (const auto& t : n.partition.modules[11].params) {
+    EXPECT_TRUE(!t.grad().defined() || t.grad().abs().max().item<double>() == 0.0);
+  }
   std::vector<double> ones(14, 1.0);
   EXPECT_TRUE(n.opt->Step(1e-2, mask, ones).ok());
+  EXPECT_EQ(StepsOf(*n.opt, 10), 1);
+  EXPECT_EQ(StepsOf(*n.opt, 11), 0);
 }
 
 TEST_F(SwitchMaskTest, OptimizerLeavesMaskedOffExpertsUntouched) {
@@ -374,18 +401,23 @@ TEST_F(SwitchMaskTest, OptimizerLeavesMaskedOffExpertsUntouched) {
   const auto& entries = masked.opt->params();
   int off_seen = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
-    SCOPED_TRACE(entries[i].name);
-    const bool is_off = entries[i].module >= 0 && !mask[entries[i].module];
-    if (!is_off) {
-      EXPECT_EQ(masked.opt->step_count(i), 2);
-      continue;
+    const std::vector<ParamSegment> segments = entries[i].Segments();
+    for (size_t k = 0; k < segments.size(); ++k) {
+      const ParamSegment& seg = segments[k];
+      SCOPED_TRACE(entries[i].name + " rows " + std::to_string(seg.begin));
+      const bool is_off = seg.module >= 0 && !mask[seg.module];
+      if (!is_off) {
+        EXPECT_EQ(masked.opt->step_count(i, k), 2);
+        continue;
+      }
+      ++off_seen;
+      // Exactly the state after the first (unmasked) step: values, moments and step count.
+      auto rows = [&](const torch::Tensor& t) { return t.detach().narrow(0, seg.begin, seg.end - seg.begin); };
+      EXPECT_EQ(masked.opt->step_count(i, k), 1);
+      EXPECT_TRUE(torch::equal(rows(entries[i].param), rows(once.opt->params()[i].param)));
+      EXPECT_TRUE(torch::equal(rows(masked.opt->exp_avg(i)), rows(once.opt->exp_avg(i))));
+      EXPECT_TRUE(torch::equal(rows(masked.opt->exp_avg_sq(i)), rows(once.opt->exp_avg_sq(i))));
     }
-    ++off_seen;
-    // Exactly the state after the first (unmasked) step: value, moments and step count.
-    EXPECT_EQ(masked.opt->step_count(i), 1);
-    EXPECT_TRUE(torch::equal(entries[i].param, once.opt->params()[i].param));
-    EXPECT_TRUE(torch::equal(masked.opt->exp_avg(i), once.opt->exp_avg(i)));
-    EXPECT_TRUE(torch::equal(masked.opt->exp_avg_sq(i), once.opt->exp_avg_sq(i)));
   }
   EXPECT_EQ(off_seen, 2 * 4);
 }

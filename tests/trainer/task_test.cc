@@ -68,12 +68,12 @@ class ToyTask : public Task {
     const auto& b = static_cast<const ToyBatch&>(batch);
     // The previous step's masked heads must not have moved since (the optimizer skips them).
     for (int m = 0; m < 2 && !snapshot_.empty(); ++m) {
-      const bool moved = !torch::equal(snapshot_[m], partition_.modules[m].params[0]);
+      const bool moved = !torch::equal(snapshot_[m], partition_.modules[m].params[0].value());
       (last_active_[m] != 0 ? active_moved_ : masked_moved_) += moved ? 1 : 0;
       ++checked_;
     }
     snapshot_.clear();
-    for (const auto& m : partition_.modules) snapshot_.push_back(m.params[0].detach().clone());
+    for (const auto& m : partition_.modules) snapshot_.push_back(m.params[0].value().detach().clone());
     last_active_ = active;
     torch::Tensor out = torch::zeros_like(b.y);
     if (active[0] != 0) out = out + net_->a(b.x);

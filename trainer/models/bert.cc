@@ -1,11 +1,11 @@
 #include "trainer/models/bert.h"
 
 #include <cmath>
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include "trainer/models/dropout.h"
-#include "trainer/models/sliced_linear.h"
 
 namespace mat::trainer {
 namespace F = torch::nn::functional;
@@ -31,19 +31,104 @@ int64_t NumSwitchLayers(const BertConfig& c) {
   return n;
 }
 
+namespace {
+
+// Removes and returns tensors[key] for every key, or nothing (and removes nothing) when one is
+// missing.
+std::optional<std::vector<torch::Tensor>> TakeAll(std::map<std::string, torch::Tensor>* tensors,
+                                                  const std::vector<std::string>& keys) {
+  for (const std::string& k : keys)
+    if (tensors->count(k) == 0) return std::nullopt;
+  std::vector<torch::Tensor> out;
+  for (const std::string& k : keys) {
+    out.push_back(tensors->at(k));
+    tensors->erase(k);
+  }
+  return out;
+}
+
+// One old leaf name per head or slice for each of `parts` (e.g. {"wq", "wk", "wv"}), index-major.
+std::vector<std::string> OldKeys(const std::string& base, const std::vector<std::string>& parts,
+                                 int64_t count) {
+  std::vector<std::string> keys;
+  for (int64_t i = 0; i < count; ++i)
+    for (const std::string& p : parts) keys.push_back(base + p + std::to_string(i));
+  return keys;
+}
+
+// Rows of each group of `per` consecutive tensors stacked in order; `transpose`d first for the
+// maps the view layout stores transposed. Step counts: the first tensor of each group, as a
+// vector (a 0-dim count when `scalar_steps`).
+torch::Tensor Assemble(const std::vector<torch::Tensor>& parts, size_t per, bool transpose,
+                       bool steps, bool scalar_steps) {
+  std::vector<torch::Tensor> rows;
+  for (size_t i = 0; i < parts.size(); i += steps ? per : 1) {
+    const torch::Tensor& t = parts[i];
+    rows.push_back(steps ? t.reshape({1}) : transpose ? t.t() : t);
+  }
+  torch::Tensor out = torch::cat(rows, 0).contiguous();
+  return steps && scalar_steps ? out.reshape({}) : out;
+}
+
+}  // namespace
+
+int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>* tensors) {
+  int upgraded = 0;
+  const int64_t groups = std::max<int64_t>(c.ffn_groups, 1);
+  for (const std::string prefix : {"", "model.", "opt.m.", "opt.v.", "sgd.buf.", "opt.step.",
+                                   "sgd.step."}) {
+    const bool steps = prefix == "opt.step." || prefix == "sgd.step.";
+    for (int64_t l = 0; l < c.layers; ++l) {
+      const std::string base = prefix + "layer" + std::to_string(l) + ".";
+      if (auto w = TakeAll(tensors, OldKeys(base, {"wq", "wk", "wv"}, c.heads))) {
+        (*tensors)[base + "wqkv"] = Assemble(*w, 3, false, steps, false);
+        ++upgraded;
+      }
+      if (auto b = TakeAll(tensors, OldKeys(base, {"bq", "bk", "bv"}, c.heads))) {
+        (*tensors)[base + "bqkv"] = Assemble(*b, 3, false, steps, false);
+      }
+      if (auto o = TakeAll(tensors, OldKeys(base, {"wo"}, c.heads))) {
+        (*tensors)[base + "wo_t"] = Assemble(*o, 1, true, steps, false);
+      }
+      if (IsSwitchLayer(c, l)) {  // experts: "moe.expert<e>_w1" ... stacked into "moe.w1" ...
+        for (const std::string part : {"w1", "b1", "w2", "b2"}) {
+          std::vector<std::string> keys;
+          for (int64_t e = 0; e < c.experts; ++e) {
+            keys.push_back(base + "moe.expert" + std::to_string(e) + "_" + part);
+          }
+          if (auto t = TakeAll(tensors, keys)) {
+            (*tensors)[base + "moe." + part] = steps ? torch::stack(*t).reshape({-1}) : torch::stack(*t);
+            upgraded += part == "w1";
+          }
+        }
+        continue;
+      }
+      const bool unsplit = c.ffn_groups == 0;
+      if (auto w1 = TakeAll(tensors, OldKeys(base, {"wff1_"}, groups))) {
+        (*tensors)[base + "wff1"] = Assemble(*w1, 1, false, steps, unsplit);
+      }
+      if (auto b1 = TakeAll(tensors, OldKeys(base, {"bff1_"}, groups))) {
+        (*tensors)[base + "bff1"] = Assemble(*b1, 1, false, steps, unsplit);
+      }
+      if (auto w2 = TakeAll(tensors, OldKeys(base, {"wff2_"}, groups))) {
+        (*tensors)[base + "wff2_t"] = Assemble(*w2, 1, true, steps, unsplit);
+      }
+    }
+  }
+  return upgraded;
+}
+
 BertLayerImpl::BertLayerImpl(const BertConfig& c, int layer) : c_(c) {
   const int64_t dh = c.d_model / c.heads;
-  const char* comp[3] = {"q", "k", "v"};
-  qkv_w.resize(c.heads);
-  qkv_b.resize(c.heads);
+  // Drawn per head in the order of the earlier per-head leaves (W_Q^h, W_K^h, W_V^h, W_O^h).
+  std::vector<torch::Tensor> qkv_rows, o_rows;
   for (int64_t h = 0; h < c.heads; ++h) {
-    for (int k = 0; k < 3; ++k) {
-      std::string n = std::string(comp[k]) + std::to_string(h);
-      qkv_w[h].push_back(register_parameter("w" + n, Normal({dh, c.d_model})));
-      qkv_b[h].push_back(register_parameter("b" + n, torch::zeros({dh})));
-    }
-    o_w.push_back(register_parameter("wo" + std::to_string(h), Normal({c.d_model, dh})));
+    for (int k = 0; k < 3; ++k) qkv_rows.push_back(Normal({dh, c.d_model}));
+    o_rows.push_back(Normal({c.d_model, dh}).t());
   }
+  qkv_w = register_parameter("wqkv", torch::cat(qkv_rows, 0));
+  qkv_b = register_parameter("bqkv", torch::zeros({3 * c.d_model}));
+  o_w_t = register_parameter("wo_t", torch::cat(o_rows, 0));
   o_b = register_parameter("bo", torch::zeros({c.d_model}));
   ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
   ln2 = register_module("ln2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
@@ -61,14 +146,40 @@ BertLayerImpl::BertLayerImpl(const BertConfig& c, int layer) : c_(c) {
   }
   const int64_t groups = std::max<int64_t>(c.ffn_groups, 1);
   const int64_t fs = c.d_ff / groups;
-  ff1_w.resize(groups);
-  ff1_b.resize(groups);
+  std::vector<torch::Tensor> ff1_rows, ff2_rows;
   for (int64_t g = 0; g < groups; ++g) {
-    ff1_w[g].push_back(register_parameter("wff1_" + std::to_string(g), Normal({fs, c.d_model})));
-    ff1_b[g].push_back(register_parameter("bff1_" + std::to_string(g), torch::zeros({fs})));
-    ff2_w.push_back(register_parameter("wff2_" + std::to_string(g), Normal({c.d_model, fs})));
+    ff1_rows.push_back(Normal({fs, c.d_model}));
+    ff2_rows.push_back(Normal({c.d_model, fs}).t());
   }
+  ff1_w = register_parameter("wff1", torch::cat(ff1_rows, 0));
+  ff1_b = register_parameter("bff1", torch::zeros({c.d_ff}));
+  ff2_w_t = register_parameter("wff2_t", torch::cat(ff2_rows, 0));
   ff2_b = register_parameter("bff2", torch::zeros({c.d_model}));
+}
+
+RowBlock BertLayerImpl::QkvRows(int64_t h) const {
+  const int64_t n = 3 * (c_.d_model / c_.heads);
+  return {h * n, (h + 1) * n};
+}
+
+RowBlock BertLayerImpl::ORows(int64_t h) const {
+  const int64_t n = c_.d_model / c_.heads;
+  return {h * n, (h + 1) * n};
+}
+
+RowBlock BertLayerImpl::FfnRows(int64_t g) const {
+  const int64_t n = c_.d_ff / std::max<int64_t>(c_.ffn_groups, 1);
+  return {g * n, (g + 1) * n};
+}
+
+std::vector<spectral::ParamSlice> BertLayerImpl::HeadParams(int64_t h) const {
+  const RowBlock qkv = QkvRows(h), o = ORows(h);
+  return {{qkv_w, qkv.begin, qkv.end}, {qkv_b, qkv.begin, qkv.end}, {o_w_t, o.begin, o.end}};
+}
+
+std::vector<spectral::ParamSlice> BertLayerImpl::FfnParams(int64_t g) const {
+  const RowBlock r = FfnRows(g);
+  return {{ff1_w, r.begin, r.end}, {ff1_b, r.begin, r.end}, {ff2_w_t, r.begin, r.end}};
 }
 
 void BertLayerImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> head_modules,
@@ -79,34 +190,36 @@ void BertLayerImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> hea
   if (!moe.is_empty()) moe->set_recorder(r, std::move(expert_modules));
 }
 
-torch::Tensor BertLayerImpl::HeadsForward(const torch::Tensor& x, const std::vector<int>& order,
-                                          size_t num_attached) {
-  const int64_t B = x.size(0), T = x.size(1), H = int64_t(order.size()),
+torch::Tensor BertLayerImpl::HeadsForward(const torch::Tensor& x, const std::vector<int>& heads,
+                                          const std::vector<bool>& attached) {
+  const int64_t B = x.size(0), T = x.size(1), H = int64_t(heads.size()),
                 dh = c_.d_model / c_.heads;
-  torch::Tensor qkv = RowSplitForward(x, qkv_w, qkv_b, order, num_attached);  // [B,T,3*H*dh]
+  std::vector<RowBlock> qkv_blocks, o_blocks;
+  for (int h : heads) {
+    qkv_blocks.push_back(QkvRows(h));
+    o_blocks.push_back(ORows(h));
+  }
+  torch::Tensor qkv = RowSplitForward(x, qkv_w, qkv_b, qkv_blocks, attached);  // [B,T,H*3*dh]
   if (recorder_ != nullptr) {
     spectral::LinearSite site{x, qkv, {}};
     for (int64_t i = 0; i < H; ++i) {
-      for (int64_t k = 0; k < 3; ++k) {
-        int64_t begin = k * H * dh + i * dh;
-        site.slices.push_back({head_modules_[order[i]], spectral::SliceAxis::kRows, begin,
-                               begin + dh, true});
-      }
+      site.slices.push_back({head_modules_[heads[i]], spectral::SliceAxis::kRows, i * 3 * dh,
+                             (i + 1) * 3 * dh, true});
     }
     recorder_->Record(std::move(site));
   }
-  std::vector<torch::Tensor> parts = qkv.chunk(3, -1);
-  auto heads = [&](const torch::Tensor& t) { return t.view({B, T, H, dh}).transpose(1, 2); };
-  torch::Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);  // [B,H,T,dh]
+  torch::Tensor parts = qkv.view({B, T, H, 3, dh});
+  auto part = [&](int64_t k) { return parts.select(3, k).transpose(1, 2); };  // [B,H,T,dh]
+  torch::Tensor q = part(0), k = part(1), v = part(2);
   torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
   torch::Tensor probs = Dropout(torch::softmax(scores, -1), c_.dropout, is_training());
   torch::Tensor ctx = torch::matmul(probs, v).transpose(1, 2).reshape({B, T, H * dh});
-  torch::Tensor y = ColSplitForward(ctx, o_w, order, num_attached);  // [B,T,d]
+  torch::Tensor y = ColSplitForward(ctx, o_w_t, o_blocks, attached);  // [B,T,d]
   if (recorder_ != nullptr) {
     spectral::LinearSite site{ctx, y, {}};
     for (int64_t i = 0; i < H; ++i) {
       site.slices.push_back(
-          {head_modules_[order[i]], spectral::SliceAxis::kCols, i * dh, (i + 1) * dh, false});
+          {head_modules_[heads[i]], spectral::SliceAxis::kCols, i * dh, (i + 1) * dh, false});
     }
     recorder_->Record(std::move(site));
   }
@@ -115,52 +228,65 @@ torch::Tensor BertLayerImpl::HeadsForward(const torch::Tensor& x, const std::vec
 
 namespace {
 
-// Splits an active-first order into its active and masked parts.
-std::pair<std::vector<int>, std::vector<int>> SplitOrder(const std::vector<int>& order,
-                                                         size_t num_active) {
-  return {std::vector<int>(order.begin(), order.begin() + num_active),
-          std::vector<int>(order.begin() + num_active, order.end())};
+// The indices with active[i] == want, ascending.
+std::vector<int> Where(const std::vector<bool>& active, bool want) {
+  std::vector<int> out;
+  for (size_t i = 0; i < active.size(); ++i)
+    if (active[i] == want) out.push_back(static_cast<int>(i));
+  return out;
+}
+
+std::vector<int> All(size_t n) {
+  std::vector<int> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = static_cast<int>(i);
+  return out;
+}
+
+bool AllOn(const std::vector<bool>& active) {
+  for (bool a : active)
+    if (!a) return false;
+  return true;
 }
 
 }  // namespace
 
 torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector<bool>& active) {
-  size_t num_active = 0;
-  std::vector<int> order = ActiveFirstOrder(active, &num_active);
-  if (!c_.detach_masked || num_active == order.size()) {
-    return HeadsForward(x, order, num_active) + o_b;
+  if (!c_.detach_masked || AllOn(active)) {
+    return HeadsForward(x, All(active.size()), active) + o_b;
   }
   // detach: the masked heads run outside autograd (a constant in the backward), the active ones
   // in a graph of their own, so no backward work is done for the masked heads at all.
-  auto [on, off] = SplitOrder(order, num_active);
+  const std::vector<int> on = Where(active, true), off = Where(active, false);
   torch::Tensor y;
   {
     torch::NoGradGuard no_grad;
-    y = HeadsForward(x.detach(), off, 0);
+    y = HeadsForward(x.detach(), off, std::vector<bool>(off.size(), false));
   }
-  if (!on.empty()) y = HeadsForward(x, on, on.size()) + y;
+  if (!on.empty()) y = HeadsForward(x, on, std::vector<bool>(on.size(), true)) + y;
   return y + o_b;
 }
 
-torch::Tensor BertLayerImpl::SlicesForward(const torch::Tensor& x, const std::vector<int>& order,
-                                           size_t num_attached) {
-  torch::Tensor h = RowSplitForward(x, ff1_w, ff1_b, order, num_attached);
+torch::Tensor BertLayerImpl::SlicesForward(const torch::Tensor& x, const std::vector<int>& slices,
+                                           const std::vector<bool>& attached) {
+  std::vector<RowBlock> blocks;
+  for (int g : slices) blocks.push_back(FfnRows(g));
+  torch::Tensor h = RowSplitForward(x, ff1_w, ff1_b, blocks, attached);
   const bool record = recorder_ != nullptr && !ffn_modules_.empty();
-  const int64_t fs = ff2_w[0].size(1);
+  const int64_t fs = blocks[0].end - blocks[0].begin;
   if (record) {
     spectral::LinearSite site{x, h, {}};
-    for (size_t i = 0; i < order.size(); ++i) {
-      site.slices.push_back({ffn_modules_[order[i]], spectral::SliceAxis::kRows,
+    for (size_t i = 0; i < slices.size(); ++i) {
+      site.slices.push_back({ffn_modules_[slices[i]], spectral::SliceAxis::kRows,
                              int64_t(i) * fs, int64_t(i + 1) * fs, true});
     }
     recorder_->Record(std::move(site));
   }
   torch::Tensor a = Dropout(F::gelu(h), c_.dropout, is_training());
-  torch::Tensor y = ColSplitForward(a, ff2_w, order, num_attached);
+  torch::Tensor y = ColSplitForward(a, ff2_w_t, blocks, attached);
   if (record) {
     spectral::LinearSite site{a, y, {}};
-    for (size_t i = 0; i < order.size(); ++i) {
-      site.slices.push_back({ffn_modules_[order[i]], spectral::SliceAxis::kCols,
+    for (size_t i = 0; i < slices.size(); ++i) {
+      site.slices.push_back({ffn_modules_[slices[i]], spectral::SliceAxis::kCols,
                              int64_t(i) * fs, int64_t(i + 1) * fs, false});
     }
     recorder_->Record(std::move(site));
@@ -171,19 +297,17 @@ torch::Tensor BertLayerImpl::SlicesForward(const torch::Tensor& x, const std::ve
 torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vector<bool>& active,
                                          const std::vector<bool>& expert_active) {
   if (!moe.is_empty()) return moe(x, expert_active);
-  if (active.empty()) return SlicesForward(x, {0}, 1) + ff2_b;
-  size_t num_active = 0;
-  std::vector<int> order = ActiveFirstOrder(active, &num_active);
-  if (!c_.detach_masked || num_active == order.size()) {
-    return SlicesForward(x, order, num_active) + ff2_b;
+  if (active.empty()) return SlicesForward(x, {0}, {true}) + ff2_b;
+  if (!c_.detach_masked || AllOn(active)) {
+    return SlicesForward(x, All(active.size()), active) + ff2_b;
   }
-  auto [on, off] = SplitOrder(order, num_active);  // detach: as in Attention
+  const std::vector<int> on = Where(active, true), off = Where(active, false);  // as Attention
   torch::Tensor y;
   {
     torch::NoGradGuard no_grad;
-    y = SlicesForward(x.detach(), off, 0);
+    y = SlicesForward(x.detach(), off, std::vector<bool>(off.size(), false));
   }
-  if (!on.empty()) y = SlicesForward(x, on, on.size()) + y;
+  if (!on.empty()) y = SlicesForward(x, on, std::vector<bool>(on.size(), true)) + y;
   return y + ff2_b;
 }
 
@@ -248,18 +372,14 @@ spectral::ModulePartition BertMlmImpl::Partition() {
   for (int64_t l = 0; l < c_.layers; ++l) {
     for (int64_t h = 0; h < c_.heads; ++h) {
       spectral::ModuleSpec m{"heads", int(l), int(h), "layer" + std::to_string(l) + ".head" + std::to_string(h), {}};
-      for (int k = 0; k < 3; ++k) {
-        m.params.push_back(layers[l]->qkv_w[h][k]);
-        m.params.push_back(layers[l]->qkv_b[h][k]);
-      }
-      m.params.push_back(layers[l]->o_w[h]);
+      m.params = layers[l]->HeadParams(h);
       p.modules.push_back(std::move(m));
     }
   }
   for (int64_t l = 0; l < c_.layers; ++l) {
     for (int64_t g = 0; g < c_.ffn_groups; ++g) {
       spectral::ModuleSpec m{"ffn", int(l), int(g), "layer" + std::to_string(l) + ".ffn" + std::to_string(g), {}};
-      m.params = {layers[l]->ff1_w[g][0], layers[l]->ff1_b[g][0], layers[l]->ff2_w[g]};
+      m.params = layers[l]->FfnParams(g);
       p.modules.push_back(std::move(m));
     }
   }
@@ -269,7 +389,7 @@ spectral::ModulePartition BertMlmImpl::Partition() {
     for (int64_t e = 0; e < c_.experts; ++e) {
       spectral::ModuleSpec m{"experts", int(l), int(e),
                              "layer" + std::to_string(l) + ".expert" + std::to_string(e), {}};
-      m.params = {moe->w1[e], moe->b1[e], moe->w2[e], moe->b2[e]};
+      m.params = moe->ExpertParams(e);
       p.modules.push_back(std::move(m));
     }
   }

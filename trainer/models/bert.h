@@ -1,10 +1,19 @@
 // BERT encoder with a masked-LM head; attention heads (and optionally FFN slices) as MAT modules.
 //
-// Every head h of layer l owns its own leaves: W_Q^h, W_K^h, W_V^h [d_h, d] with biases [d_h],
-// and W_O^h [d, d_h] (the columns of W_O that read head h). With ffn_groups = G > 0 the FFN
-// hidden units are split into G slices: W_1^g [d_ff/G, d] + b_1^g and W_2^g [d, d_ff/G].
-// Everything else (embeddings, LayerNorms, W_O's bias, the MLM head, the FFN when G = 0) is
-// always trained. The decoder is tied to the token embedding.
+// Storage: modules as views. Each projection of a layer is one leaf tensor, and a module is a row
+// block of it (spectral::ParamSlice; trainer/models/sliced_linear.h):
+//   wqkv [H·3·d_h, d] and bqkv [H·3·d_h]: head h's rows [3·d_h·h, 3·d_h·(h+1)) are its W_Q^h,
+//     W_K^h, W_V^h rows in that order (so the QKV output is laid out [head][q, k, v][d_h]);
+//   wo_t [H·d_h, d]: W_O transposed; head h's rows [d_h·h, d_h·(h+1)) are the columns of W_O
+//     that read head h;
+//   with ffn_groups = G > 0 the FFN hidden units are split into G slices of d_ff/G: wff1
+//     [d_ff, d] + bff1 [d_ff] and wff2_t [d_ff, d] (W_2 transposed), slice g being rows
+//     [g·d_ff/G, (g+1)·d_ff/G) of each.
+// A layer's masked modules are skipped in the backward by rows of these few tensors, not by
+// hundreds of leaves. Everything else (embeddings, LayerNorms, W_O's bias bo, the MLM head, the
+// FFN when G = 0) is always trained. The decoder is tied to the token embedding. The initial
+// values are drawn per head and slice in the order of the earlier per-module leaf layout (W_Q^h,
+// W_K^h, W_V^h, W_O^h for h = 0, 1, ...; then W_1^g, W_2^g), so a seed gives the same model.
 //
 // With experts = E > 0 (model.kind switch) the FFN of every moe_every-th layer (layers 0,
 // moe_every, 2·moe_every, ...) is a Switch FFN (trainer/models/switch_ffn.h): E top-1 routed experts,
@@ -14,6 +23,7 @@
 // Not thread-safe. The mask set by SetMask applies to every following forward.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -21,6 +31,7 @@
 
 #include "spectral/module_partition.h"
 #include "spectral/probe.h"
+#include "trainer/models/sliced_linear.h"
 #include "trainer/models/switch_ffn.h"
 
 namespace mat::trainer {
@@ -57,6 +68,19 @@ bool IsSwitchLayer(const BertConfig& c, int64_t layer);
 // The number of Switch layers of `c`.
 int64_t NumSwitchLayers(const BertConfig& c);
 
+// Checkpoints and model files written with the per-module leaf layout that the view layout
+// replaced name a layer's tensors per head and FFN slice: "layer<l>.{w,b}{q,k,v}<h>",
+// "layer<l>.wo<h>" ([d, d_h]), "layer<l>.{wff1_,bff1_,wff2_}<g>" (wff2_ [d, d_ff/G]; g = 0 only
+// when ffn_groups = 0), and a Switch layer's experts "layer<l>.moe.expert<e>_{w1,b1,w2,b2}".
+// Rewrites every such group of `tensors` into this layout's tensors ("layer<l>.wqkv", "bqkv",
+// "wo_t", "wff1", "bff1", "wff2_t"; "layer<l>.moe.w1", ... stacked), under each of the key prefixes
+// a model file or a checkpoint uses: "" and "model." (values), "opt.m.", "opt.v.", "sgd.buf."
+// (optimizer state, shaped as the parameter) and "opt.step.", "sgd.step." (update counts: one
+// per head or FFN slice, from its W_Q or W_1 leaf). A layer whose old names are incomplete is
+// left as it is (the loader then names what is missing). Returns the number of (prefix, layer)
+// groups rewritten; 0 when `tensors` has nothing of the old layout.
+int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>* tensors);
+
 class BertLayerImpl : public torch::nn::Module {
  public:
   BertLayerImpl(const BertConfig& c, int layer);
@@ -74,24 +98,35 @@ class BertLayerImpl : public torch::nn::Module {
   void set_recorder(spectral::SiteRecorder* r, std::vector<int> head_modules,
                     std::vector<int> ffn_modules, std::vector<int> expert_modules = {});
 
-  std::vector<std::vector<torch::Tensor>> qkv_w, qkv_b;  // [head][q,k,v]: [d_h, d], [d_h]
-  std::vector<torch::Tensor> o_w;                         // [head]: [d, d_h]
-  torch::Tensor o_b;                                      // [d]
-  std::vector<std::vector<torch::Tensor>> ff1_w, ff1_b;   // [slice][1]: [d_ff/G, d], [d_ff/G]
-  std::vector<torch::Tensor> ff2_w;                       // [slice]: [d, d_ff/G]
-  torch::Tensor ff2_b;                                    // [d]  (dense layers only)
+  // The rows of head h in qkv_w/qkv_b and in o_w_t; of FFN slice g in ff1_w/ff1_b/ff2_w_t.
+  RowBlock QkvRows(int64_t h) const;
+  RowBlock ORows(int64_t h) const;
+  RowBlock FfnRows(int64_t g) const;
+  // Head h's module: its rows of wqkv, bqkv and wo_t. FFN slice g's: its rows of wff1, bff1,
+  // wff2_t.
+  std::vector<spectral::ParamSlice> HeadParams(int64_t h) const;
+  std::vector<spectral::ParamSlice> FfnParams(int64_t g) const;
+
+  torch::Tensor qkv_w;    // "wqkv" [H·3·d_h, d]
+  torch::Tensor qkv_b;    // "bqkv" [H·3·d_h]
+  torch::Tensor o_w_t;    // "wo_t" [H·d_h, d] = W_O^T
+  torch::Tensor o_b;      // "bo"   [d]
+  torch::Tensor ff1_w;    // "wff1" [d_ff, d]      (dense layers only)
+  torch::Tensor ff1_b;    // "bff1" [d_ff]
+  torch::Tensor ff2_w_t;  // "wff2_t" [d_ff, d] = W_2^T
+  torch::Tensor ff2_b;    // "bff2" [d]
   SwitchFfn moe{nullptr};                                 // Switch layers only
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
 
  private:
-  // Heads `order` (a subset of the layer's, in that order) on x: [B, T, d] -> [B, T, d] without
-  // W_O's bias; weight gradients for the first num_attached of them.
-  torch::Tensor HeadsForward(const torch::Tensor& x, const std::vector<int>& order,
-                             size_t num_attached);
-  // FFN slices `order` on x without the output bias; weight gradients for the first
-  // num_attached.
-  torch::Tensor SlicesForward(const torch::Tensor& x, const std::vector<int>& order,
-                              size_t num_attached);
+  // Heads `heads` (ascending, a subset of the layer's) on x: [B, T, d] -> [B, T, d] without
+  // W_O's bias; weight gradients for those with attached[i].
+  torch::Tensor HeadsForward(const torch::Tensor& x, const std::vector<int>& heads,
+                             const std::vector<bool>& attached);
+  // FFN slices `slices` (ascending) on x without the output bias; weight gradients for those
+  // with attached[i].
+  torch::Tensor SlicesForward(const torch::Tensor& x, const std::vector<int>& slices,
+                              const std::vector<bool>& attached);
 
   BertConfig c_;
   spectral::SiteRecorder* recorder_ = nullptr;

@@ -38,6 +38,14 @@ std::vector<std::pair<std::string, torch::Tensor>> Named(torch::nn::Module& modu
   return out;
 }
 
+// The safetensors name of a dtype ("F32"), or LibTorch's when safetensors has none.
+std::string DTypeText(torch::ScalarType type) {
+  for (const auto& p : kPairs) {
+    if (p.torch == type) return std::string(st::DTypeName(p.file));
+  }
+  return std::string(c10::toString(type));
+}
+
 torch::ScalarType TorchType(st::DType dtype) {
   for (const auto& p : kPairs) {
     if (p.file == dtype) return p.torch;
@@ -86,8 +94,13 @@ absl::Status SaveModelSafetensors(torch::nn::Module& module, const std::string& 
   return st::WriteFile(path, file);
 }
 
-absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& path) {
+absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& path,
+                                  const TensorUpgrade& upgrade) {
   MAT_ASSIGN_OR_RETURN(st::File file, st::ReadFile(path));
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& [name, t] : file.tensors) tensors.emplace(name, FromSafetensor(t));
+  file.tensors.clear();
+  if (upgrade) upgrade(&tensors);
   auto bad = [&](const std::string& msg) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", msg));
   };
@@ -95,25 +108,25 @@ absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& 
   std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;  // (destination, source)
   const auto named = Named(module);
   for (const auto& [name, dest] : named) {
-    auto it = file.tensors.find(name);
-    if (it == file.tensors.end()) {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) {
       return bad(absl::StrCat("no tensor '", name, "' (the model has one of shape ",
                               ShapeText(dest.sizes()), ")"));
     }
-    const st::Tensor& src = it->second;
-    if (!dest.sizes().equals(src.shape)) {
-      return bad(absl::StrCat("tensor '", name, "' has shape ", ShapeText(src.shape),
+    const torch::Tensor& src = it->second;
+    if (!dest.sizes().equals(src.sizes())) {
+      return bad(absl::StrCat("tensor '", name, "' has shape ", ShapeText(src.sizes()),
                               "; the model's is ", ShapeText(dest.sizes())));
     }
-    if (c10::isFloatingType(dest.scalar_type()) != c10::isFloatingType(TorchType(src.dtype))) {
-      return bad(absl::StrCat("tensor '", name, "' is ", std::string(st::DTypeName(src.dtype)),
+    if (c10::isFloatingType(dest.scalar_type()) != c10::isFloatingType(src.scalar_type())) {
+      return bad(absl::StrCat("tensor '", name, "' is ", DTypeText(src.scalar_type()),
                               "; the model's is ",
                               std::string(c10::toString(dest.scalar_type()))));
     }
-    copies.emplace_back(dest, FromSafetensor(src));
+    copies.emplace_back(dest, src);
   }
-  if (file.tensors.size() != named.size()) {
-    for (const auto& [name, t] : file.tensors) {
+  if (tensors.size() != named.size()) {
+    for (const auto& [name, t] : tensors) {
       bool known = false;
       for (const auto& kv : named) known = known || kv.first == name;
       if (!known) return bad(absl::StrCat("tensor '", name, "' is not in the model"));

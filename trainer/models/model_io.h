@@ -7,6 +7,7 @@
 // little-endian, C order, on the CPU.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -36,6 +37,10 @@ absl::Status SaveModelSafetensors(torch::nn::Module& module, const std::string& 
 // naming the file and the tensor ("model.safetensors: tensor 'layers.0.ffn.w1' has shape
 // [512, 128]; the model's is [256, 128]"), and the module is left unchanged. Errors of
 // safetensors::ReadFile (NOT_FOUND, DATA_LOSS for a truncated or malformed file) as they are.
-absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& path);
+// `upgrade` (optional) first rewrites the file's tensors of an earlier storage layout (e.g.
+// Task::UpgradeTensors).
+using TensorUpgrade = std::function<void(std::map<std::string, torch::Tensor>*)>;
+absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& path,
+                                  const TensorUpgrade& upgrade = nullptr);
 
 }  // namespace mat::trainer

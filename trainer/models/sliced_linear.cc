@@ -1,5 +1,7 @@
 #include "trainer/models/sliced_linear.h"
 
+#include <ATen/ATen.h>
+
 #include "trainer/models/autocast.h"
 
 namespace mat::trainer {
@@ -8,162 +10,283 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Concatenates w[order[i]][c] for c-major, i in [0, |order|), outside autograd.
-torch::Tensor GatherAll(const std::vector<std::vector<torch::Tensor>>& parts,
-                        const std::vector<int>& order) {
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> pieces;
-  const size_t comps = parts[order[0]].size();
-  pieces.reserve(comps * order.size());
-  for (size_t c = 0; c < comps; ++c)
-    for (int s : order) pieces.push_back(parts[s][c]);
-  return pieces.size() == 1 ? pieces[0].detach() : torch::cat(pieces, 0);
+// Whether the blocks are every row of a [rows, ·] weight, in order.
+bool CoversInOrder(const std::vector<int64_t>& begin, const std::vector<int64_t>& end,
+                   int64_t rows) {
+  int64_t next = 0;
+  for (size_t i = 0; i < begin.size(); ++i) {
+    if (begin[i] != next) return false;
+    next = end[i];
+  }
+  return next == rows;
 }
 
-// y = x W^T (+ b) with one matmul each way; weight (and bias) gradients only for the attached
-// slices, whose leaves are the function's tensor-list input (weights c-major, then biases).
-class RowSplitFunction : public torch::autograd::Function<RowSplitFunction> {
+// The blocks' rows of t stacked in block order (t itself when they cover it in order).
+torch::Tensor Gather(const torch::Tensor& t, const std::vector<int64_t>& begin,
+                     const std::vector<int64_t>& end, bool covers) {
+  if (covers) return t;
+  std::vector<torch::Tensor> parts;
+  for (size_t i = 0; i < begin.size(); ++i) parts.push_back(t.narrow(0, begin[i], end[i] - begin[i]));
+  return parts.size() == 1 ? parts[0] : torch::cat(parts, 0);
+}
+
+// A run of adjacent attached blocks: weight rows [row, row + n), map units [unit, unit + n).
+struct Run {
+  int64_t row = 0, unit = 0, n = 0;
+};
+
+std::vector<Run> AttachedRuns(const std::vector<int64_t>& begin, const std::vector<int64_t>& end,
+                              const std::vector<int64_t>& attached) {
+  std::vector<Run> runs;
+  int64_t unit = 0;
+  bool open = false;
+  for (size_t i = 0; i < begin.size(); ++i) {
+    const int64_t n = end[i] - begin[i];
+    if (!attached[i]) {
+      open = false;
+    } else if (open && runs.back().row + runs.back().n == begin[i]) {
+      runs.back().n += n;
+    } else {
+      runs.push_back({begin[i], unit, n});
+      open = true;
+    }
+    unit += n;
+  }
+  return runs;
+}
+
+// transposed = false: y = x W_S^T + b_S (W [R, in]); true: y = x W_S (W [R, out], no bias).
+class SplitFunction : public torch::autograd::Function<SplitFunction> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
-                               torch::TensorList attached, const torch::Tensor& w_all,
-                               const c10::optional<torch::Tensor>& b_all, int64_t comps,
-                               int64_t slices, int64_t rows, int64_t num_attached) {
-    ctx->save_for_backward({x, w_all});
-    ctx->saved_data["comps"] = comps;
-    ctx->saved_data["slices"] = slices;
-    ctx->saved_data["rows"] = rows;
-    ctx->saved_data["attached"] = num_attached;
-    ctx->saved_data["bias"] = b_all.has_value();
-    // The leaves' dtype: under bf16 autocast the weight gradients are computed in bf16 and cast
-    // once per block here, not once per leaf by autograd (hundreds of small casts per step).
-    ctx->saved_data["leaf_dtype"] =
-        static_cast<int64_t>(attached.empty() ? x.scalar_type() : attached[0].scalar_type());
-    return torch::nn::functional::linear(x, w_all, b_all.has_value() ? *b_all : torch::Tensor());
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
+                               const c10::optional<torch::Tensor>& b, std::vector<int64_t> begin,
+                               std::vector<int64_t> end, std::vector<int64_t> attached,
+                               bool transposed) {
+    const bool covers = CoversInOrder(begin, end, w.size(0));
+    // Computed in x's dtype (the caller casts x under bf16 autocast): one cast of the weight.
+    torch::Tensor ws = Gather(w, begin, end, covers).to(x.scalar_type());
+    torch::Tensor bs;
+    if (b.has_value()) bs = Gather(*b, begin, end, covers).to(x.scalar_type());
+    ctx->save_for_backward({x, ws});
+    ctx->saved_data["begin"] = begin;
+    ctx->saved_data["end"] = end;
+    ctx->saved_data["attached"] = attached;
+    ctx->saved_data["transposed"] = transposed;
+    ctx->saved_data["bias"] = b.has_value();
+    ctx->saved_data["rows"] = w.size(0);
+    ctx->saved_data["leaf_dtype"] = static_cast<int64_t>(w.scalar_type());
+    return transposed ? torch::nn::functional::linear(x, ws.t())
+                      : torch::nn::functional::linear(x, ws, bs);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     auto saved = ctx->get_saved_variables();
     const torch::Tensor& x = saved[0];
-    const torch::Tensor& w_all = saved[1];
-    const int64_t comps = ctx->saved_data["comps"].toInt();
-    const int64_t slices = ctx->saved_data["slices"].toInt();
-    const int64_t rows = ctx->saved_data["rows"].toInt();
-    const int64_t num_attached = ctx->saved_data["attached"].toInt();
+    const torch::Tensor ws = saved[1].detach();  // first order only in the weights
+    const std::vector<int64_t> begin = ctx->saved_data["begin"].toIntVector();
+    const std::vector<int64_t> end = ctx->saved_data["end"].toIntVector();
+    const std::vector<int64_t> attached = ctx->saved_data["attached"].toIntVector();
+    const bool transposed = ctx->saved_data["transposed"].toBool();
     const bool has_bias = ctx->saved_data["bias"].toBool();
+    const int64_t rows = ctx->saved_data["rows"].toInt();
     const auto leaf = static_cast<at::ScalarType>(ctx->saved_data["leaf_dtype"].toInt());
     torch::Tensor g = grad_out[0].reshape({-1, grad_out[0].size(-1)});
     torch::Tensor x2 = x.reshape({-1, x.size(-1)});
-    variable_list out;
-    out.push_back(ctx->needs_input_grad(0) ? torch::mm(g, w_all).view(x.sizes()) : torch::Tensor());
-    std::vector<torch::Tensor> wgrads, bgrads;
-    for (int64_t c = 0; c < comps && num_attached > 0; ++c) {
-      torch::Tensor block = g.narrow(1, c * slices * rows, num_attached * rows);  // [N, A*r]
-      for (torch::Tensor& t : torch::mm(block.t(), x2).to(leaf).split(rows, 0)) wgrads.push_back(t);
+    variable_list out(7);
+    if (ctx->needs_input_grad(0)) {
+      out[0] = (transposed ? torch::mm(g, ws.t()) : torch::mm(g, ws)).view(x.sizes());
+    }
+    const std::vector<Run> runs = AttachedRuns(begin, end, attached);
+    if (runs.empty()) return out;
+    // Weight rows of map units [u, u + n): row-split g[:, u:u+n]^T x, col-split x[:, u:u+n]^T g.
+    auto block_grad = [&](int64_t u, int64_t n) {
+      return transposed ? torch::mm(x2.narrow(1, u, n).t(), g) : torch::mm(g.narrow(1, u, n).t(), x2);
+    };
+    const int64_t cols = transposed ? g.size(1) : x2.size(1);
+    const bool whole = runs.size() == 1 && runs[0].row == 0 && runs[0].n == rows &&
+                       CoversInOrder(begin, end, rows);
+    torch::Tensor gw, gb;
+    if (whole) {  // every row attached, in order: one matmul, as nn.Linear's backward
+      gw = block_grad(0, rows);
+      if (has_bias) gb = g.sum(0);
+    } else if (torch::GradMode::is_enabled()) {  // differentiated again: no out= writes
+      gw = torch::zeros({rows, cols}, g.options());
+      for (const Run& r : runs) gw.narrow(0, r.row, r.n).copy_(block_grad(r.unit, r.n));
       if (has_bias) {
-        for (torch::Tensor& t : block.sum(0).to(leaf).split(rows, 0)) bgrads.push_back(t);
+        gb = torch::zeros({rows}, g.options());
+        for (const Run& r : runs) gb.narrow(0, r.row, r.n).copy_(g.narrow(1, r.unit, r.n).sum(0));
+      }
+    } else {
+      // The layer's gradient: the attached runs written in place, every other row zero.
+      gw = torch::empty({rows, cols}, g.options());
+      if (has_bias) gb = torch::empty({rows}, g.options());
+      int64_t next = 0;
+      for (const Run& r : runs) {
+        if (r.row > next) {
+          gw.narrow(0, next, r.row - next).zero_();
+          if (has_bias) gb.narrow(0, next, r.row - next).zero_();
+        }
+        torch::Tensor dst = gw.narrow(0, r.row, r.n);
+        if (transposed) {
+          at::mm_out(dst, x2.narrow(1, r.unit, r.n).t(), g);
+        } else {
+          at::mm_out(dst, g.narrow(1, r.unit, r.n).t(), x2);
+        }
+        if (has_bias) {
+          torch::Tensor bias_dst = gb.narrow(0, r.row, r.n);
+          at::sum_out(bias_dst, g.narrow(1, r.unit, r.n), {0});
+        }
+        next = r.row + r.n;
+      }
+      if (next < rows) {
+        gw.narrow(0, next, rows - next).zero_();
+        if (has_bias) gb.narrow(0, next, rows - next).zero_();
       }
     }
-    out.insert(out.end(), wgrads.begin(), wgrads.end());
-    out.insert(out.end(), bgrads.begin(), bgrads.end());
-    for (int i = 0; i < 6; ++i) out.emplace_back();  // w_all, b_all and the four integers
+    out[1] = gw.to(leaf);
+    if (has_bias) out[2] = gb.to(leaf);
     return out;
   }
 };
 
-// y = x W^T with W = [W_order[0] | W_order[1] | ...] column blocks of width c; weight gradients
-// only for the first num_attached blocks.
-class ColSplitFunction : public torch::autograd::Function<ColSplitFunction> {
+// y_e = x_e W[e]^T + b[e] over the row groups of x.
+class GroupedFunction : public torch::autograd::Function<GroupedFunction> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
-                               torch::TensorList attached, const torch::Tensor& w_all,
-                               int64_t cols, int64_t num_attached) {
-    ctx->save_for_backward({x, w_all});
-    ctx->saved_data["cols"] = cols;
-    ctx->saved_data["attached"] = num_attached;
-    ctx->saved_data["leaf_dtype"] =
-        static_cast<int64_t>(attached.empty() ? x.scalar_type() : attached[0].scalar_type());
-    return torch::nn::functional::linear(x, w_all);
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
+                               const c10::optional<torch::Tensor>& b, std::vector<int64_t> counts,
+                               std::vector<int64_t> attached) {
+    torch::Tensor wc = w.to(x.scalar_type());
+    torch::Tensor bc;
+    if (b.has_value()) bc = b->to(x.scalar_type());
+    torch::Tensor y = torch::empty({x.size(0), w.size(1)}, x.options());
+    int64_t offset = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) continue;
+      torch::Tensor dst = y.narrow(0, offset, counts[e]);
+      if (bc.defined()) {
+        at::addmm_out(dst, bc[e], x.narrow(0, offset, counts[e]), wc[e].t());
+      } else {
+        at::mm_out(dst, x.narrow(0, offset, counts[e]), wc[e].t());
+      }
+      offset += counts[e];
+    }
+    ctx->save_for_backward({x, wc});
+    ctx->saved_data["counts"] = counts;
+    ctx->saved_data["attached"] = attached;
+    ctx->saved_data["bias"] = b.has_value();
+    ctx->saved_data["leaf_dtype"] = static_cast<int64_t>(w.scalar_type());
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     auto saved = ctx->get_saved_variables();
     const torch::Tensor& x = saved[0];
-    const torch::Tensor& w_all = saved[1];
-    const int64_t cols = ctx->saved_data["cols"].toInt();
-    const int64_t num_attached = ctx->saved_data["attached"].toInt();
+    const torch::Tensor wc = saved[1].detach();
+    const std::vector<int64_t> counts = ctx->saved_data["counts"].toIntVector();
+    const std::vector<int64_t> attached = ctx->saved_data["attached"].toIntVector();
+    const bool has_bias = ctx->saved_data["bias"].toBool();
     const auto leaf = static_cast<at::ScalarType>(ctx->saved_data["leaf_dtype"].toInt());
-    torch::Tensor g = grad_out[0].reshape({-1, grad_out[0].size(-1)});
-    torch::Tensor x2 = x.reshape({-1, x.size(-1)});
-    variable_list out;
-    out.push_back(ctx->needs_input_grad(0) ? torch::mm(g, w_all).view(x.sizes()) : torch::Tensor());
-    if (num_attached > 0) {
-      torch::Tensor gw =
-          torch::mm(g.t(), x2.narrow(1, 0, num_attached * cols)).to(leaf);  // [out, A*c]
-      for (torch::Tensor& t : gw.split(cols, 1)) out.push_back(t.contiguous());
+    const torch::Tensor& g = grad_out[0];
+    const bool differentiable = torch::GradMode::is_enabled();  // differentiated again
+    variable_list out(5);
+    std::vector<torch::Tensor> gx;
+    bool any = false;
+    for (int64_t a : attached) any = any || a != 0;
+    torch::Tensor gw, gb;
+    if (any) {
+      gw = torch::zeros(wc.sizes(), g.options());
+      if (has_bias) gb = torch::zeros({wc.size(0), wc.size(1)}, g.options());
     }
-    for (int i = 0; i < 3; ++i) out.emplace_back();  // w_all and the two integers
+    int64_t offset = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) continue;
+      const torch::Tensor ge = g.narrow(0, offset, counts[e]);
+      const torch::Tensor xe = x.narrow(0, offset, counts[e]);
+      if (ctx->needs_input_grad(0)) gx.push_back(torch::mm(ge, wc[e]));
+      if (attached[e]) {
+        if (differentiable) {
+          gw[e].copy_(torch::mm(ge.t(), xe));
+          if (has_bias) gb[e].copy_(ge.sum(0));
+        } else {
+          torch::Tensor dst = gw[e];
+          at::mm_out(dst, ge.t(), xe);
+          if (has_bias) {
+            torch::Tensor bias_dst = gb[e];
+            at::sum_out(bias_dst, ge, {0});
+          }
+        }
+      }
+      offset += counts[e];
+    }
+    if (ctx->needs_input_grad(0)) {
+      out[0] = gx.empty() ? torch::zeros_like(x) : gx.size() == 1 ? gx[0] : torch::cat(gx, 0);
+    }
+    if (any) {
+      out[1] = gw.to(leaf);
+      if (has_bias) out[2] = gb.to(leaf);
+    }
     return out;
   }
 };
+
+torch::Tensor Apply(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                    const std::vector<RowBlock>& blocks, const std::vector<bool>& attached,
+                    bool transposed) {
+  TORCH_CHECK(!blocks.empty() && blocks.size() == attached.size(), "sliced linear: ",
+              blocks.size(), " blocks and ", attached.size(), " attached flags");
+  std::vector<int64_t> begin, end, on;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    TORCH_CHECK(0 <= blocks[i].begin && blocks[i].begin < blocks[i].end &&
+                    blocks[i].end <= w.size(0),
+                "sliced linear: block [", blocks[i].begin, ", ", blocks[i].end,
+                ") is not inside the weight's ", w.size(0), " rows");
+    begin.push_back(blocks[i].begin);
+    end.push_back(blocks[i].end);
+    on.push_back(attached[i] ? 1 : 0);
+  }
+  torch::Tensor xc = x;
+  if (auto dtype = AutocastDtype(x.device().type())) xc = x.to(*dtype);  // bf16 step
+  c10::optional<torch::Tensor> bias;
+  if (b.defined()) bias = b;
+  return SplitFunction::apply(xc, w, bias, begin, end, on, transposed);
+}
 
 }  // namespace
 
-std::vector<int> ActiveFirstOrder(const std::vector<bool>& active, size_t* num_active) {
-  std::vector<int> order;
-  order.reserve(active.size());
-  for (size_t s = 0; s < active.size(); ++s)
-    if (active[s]) order.push_back(static_cast<int>(s));
-  *num_active = order.size();
-  for (size_t s = 0; s < active.size(); ++s)
-    if (!active[s]) order.push_back(static_cast<int>(s));
-  return order;
+torch::Tensor GroupedForward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                             const std::vector<int64_t>& counts, const std::vector<bool>& attached) {
+  TORCH_CHECK(int64_t(counts.size()) == w.size(0) && counts.size() == attached.size(),
+              "grouped linear: ", counts.size(), " counts and ", attached.size(),
+              " attached flags for ", w.size(0), " experts");
+  int64_t total = 0;
+  for (int64_t n : counts) total += n;
+  TORCH_CHECK(total == x.size(0), "grouped linear: counts sum to ", total, ", x has ", x.size(0),
+              " rows");
+  std::vector<int64_t> on;
+  for (bool a : attached) on.push_back(a ? 1 : 0);
+  torch::Tensor xc = x;
+  if (auto dtype = AutocastDtype(x.device().type())) xc = x.to(*dtype);  // bf16 step
+  c10::optional<torch::Tensor> bias;
+  if (b.defined()) bias = b;
+  return GroupedFunction::apply(xc, w, bias, counts, on);
 }
 
-torch::Tensor RowSplitForward(const torch::Tensor& x,
-                              const std::vector<std::vector<torch::Tensor>>& w,
-                              const std::vector<std::vector<torch::Tensor>>& b,
-                              const std::vector<int>& order, size_t num_attached) {
-  const bool has_bias = !b.empty();
-  const int64_t comps = static_cast<int64_t>(w[order[0]].size());
-  std::vector<torch::Tensor> attached;
-  for (int64_t c = 0; c < comps; ++c)
-    for (size_t i = 0; i < num_attached; ++i) attached.push_back(w[order[i]][c]);
-  if (has_bias) {
-    for (int64_t c = 0; c < comps; ++c)
-      for (size_t i = 0; i < num_attached; ++i) attached.push_back(b[order[i]][c]);
-  }
-  c10::optional<torch::Tensor> b_all;
-  if (has_bias) b_all = GatherAll(b, order);
-  torch::Tensor w_all = GatherAll(w, order);
-  torch::Tensor xc = x;
-  if (auto dtype = AutocastDtype(x.device().type())) {  // bf16 step: the function computes in it
-    xc = x.to(*dtype);
-    w_all = w_all.to(*dtype);
-    if (b_all) b_all = b_all->to(*dtype);
-  }
-  return RowSplitFunction::apply(xc, torch::TensorList(attached), w_all, b_all, comps,
-                                 static_cast<int64_t>(order.size()), w[order[0]][0].size(0),
-                                 static_cast<int64_t>(num_attached));
+std::vector<RowBlock> EqualBlocks(int64_t count, int64_t size) {
+  std::vector<RowBlock> blocks;
+  for (int64_t i = 0; i < count; ++i) blocks.push_back({i * size, (i + 1) * size});
+  return blocks;
 }
 
-torch::Tensor ColSplitForward(const torch::Tensor& x, const std::vector<torch::Tensor>& w,
-                              const std::vector<int>& order, size_t num_attached) {
-  std::vector<torch::Tensor> attached;
-  for (size_t i = 0; i < num_attached; ++i) attached.push_back(w[order[i]]);
-  torch::Tensor w_all;
-  {
-    torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> pieces;
-    for (int s : order) pieces.push_back(w[s]);
-    w_all = pieces.size() == 1 ? pieces[0].detach() : torch::cat(pieces, 1);
-  }
-  torch::Tensor xc = x;
-  if (auto dtype = AutocastDtype(x.device().type())) {
-    xc = x.to(*dtype);
-    w_all = w_all.to(*dtype);
-  }
-  return ColSplitFunction::apply(xc, torch::TensorList(attached), w_all, w[order[0]].size(1),
-                                 static_cast<int64_t>(num_attached));
+torch::Tensor RowSplitForward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                              const std::vector<RowBlock>& blocks,
+                              const std::vector<bool>& attached) {
+  return Apply(x, w, b, blocks, attached, /*transposed=*/false);
+}
+
+torch::Tensor ColSplitForward(const torch::Tensor& x, const torch::Tensor& w_t,
+                              const std::vector<RowBlock>& blocks,
+                              const std::vector<bool>& attached) {
+  return Apply(x, w_t, torch::Tensor(), blocks, attached, /*transposed=*/true);
 }
 
 }  // namespace mat::trainer

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "trainer/models/dropout.h"
+#include "trainer/models/sliced_linear.h"
 
 namespace mat::trainer {
 namespace F = torch::nn::functional;
@@ -46,14 +47,20 @@ SwitchFfnImpl::SwitchFfnImpl(const SwitchFfnConfig& c) : c_(c) {
     router->weight.normal_(0, 0.02);
     router->bias.zero_();
   }
+  std::vector<torch::Tensor> w1s, w2s;  // drawn per expert, as the earlier per-expert leaves
   for (int64_t e = 0; e < c.experts; ++e) {
-    const std::string s = std::to_string(e);
-    w1.push_back(register_parameter("expert" + s + "_w1", Normal({c.d_ff, c.d_model})));
-    b1.push_back(register_parameter("expert" + s + "_b1", torch::zeros({c.d_ff})));
-    w2.push_back(register_parameter("expert" + s + "_w2", Normal({c.d_model, c.d_ff})));
-    b2.push_back(register_parameter("expert" + s + "_b2", torch::zeros({c.d_model})));
+    w1s.push_back(Normal({c.d_ff, c.d_model}));
+    w2s.push_back(Normal({c.d_model, c.d_ff}));
   }
+  w1 = register_parameter("w1", torch::stack(w1s));
+  b1 = register_parameter("b1", torch::zeros({c.experts, c.d_ff}));
+  w2 = register_parameter("w2", torch::stack(w2s));
+  b2 = register_parameter("b2", torch::zeros({c.experts, c.d_model}));
   routed_.assign(c.experts, 0);
+}
+
+std::vector<spectral::ParamSlice> SwitchFfnImpl::ExpertParams(int64_t e) const {
+  return {{w1, e, e + 1}, {b1, e, e + 1}, {w2, e, e + 1}, {b2, e, e + 1}};
 }
 
 void SwitchFfnImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> modules) {
@@ -85,42 +92,45 @@ torch::Tensor SwitchFfnImpl::forward(const torch::Tensor& x, const std::vector<b
       tokens[k[t]].push_back(t);
     }
   }
-  const bool record = recorder_ != nullptr;
-  std::vector<torch::Tensor> ys, index;
+  // Tokens grouped by expert (each expert's in token order), and who trains.
+  std::vector<int64_t> grouped, counts(E);
+  std::vector<bool> attached(E);
   for (int64_t e = 0; e < E; ++e) {
     routed_[e] = int64_t(tokens[e].size());
-    const bool on = active.empty() || active[e];
-    if (tokens[e].empty() && !on) continue;
-    torch::Tensor idx = torch::tensor(tokens[e], torch::kLong).to(x.device());
-    torch::Tensor xe = flat.index_select(0, idx);  // [n_e, d]
-    // A masked-off expert's leaves enter detached: no weight gradient is formed.
-    auto leaf = [&](const torch::Tensor& p) { return on ? p : p.detach(); };
-    torch::Tensor h = F::linear(xe, leaf(w1[e]), leaf(b1[e]));  // [n_e, d_ff]
-    const bool site = record && !tokens[e].empty();
-    if (site) {
-      // Dense layout for the probe: zeros for the rows of other tokens (see the header). The
-      // recorded output must be the tensor the rest of the forward reads from.
-      torch::Tensor dense = Scatter(h, idx, N).view({B, T, c_.d_ff});
-      recorder_->Record({Scatter(xe.detach(), idx, N).view({B, T, d}), dense,
-                         {{modules_[e], spectral::SliceAxis::kRows, 0, c_.d_ff, true}}});
-      h = dense.view({N, c_.d_ff}).index_select(0, idx);
-    }
-    torch::Tensor a = Dropout(F::gelu(h), c_.dropout, is_training());
-    torch::Tensor y = F::linear(a, leaf(w2[e]), leaf(b2[e]));  // [n_e, d]
-    if (site) {
-      torch::Tensor dense = Scatter(y, idx, N).view({B, T, d});
-      recorder_->Record({Scatter(a.detach(), idx, N).view({B, T, c_.d_ff}), dense,
-                         {{modules_[e], spectral::SliceAxis::kRows, 0, d, true}}});
-      y = dense.view({N, d}).index_select(0, idx);
-    }
-    ys.push_back(y * gate.index_select(0, idx).unsqueeze(1).to(y.scalar_type()));
-    index.push_back(idx);
+    counts[e] = routed_[e];
+    attached[e] = active.empty() || active[e];
+    grouped.insert(grouped.end(), tokens[e].begin(), tokens[e].end());
   }
-  if (ys.empty()) return torch::zeros_like(x);
-  torch::Tensor y_all = torch::cat(ys, 0);
-  torch::Tensor out =
-      torch::zeros({N, d}, y_all.options()).index_add(0, torch::cat(index, 0), y_all);
-  return out.view({B, T, d});
+  torch::Tensor idx = torch::tensor(grouped, torch::kLong).to(x.device());
+  torch::Tensor xg = flat.index_select(0, idx);  // [N', d]
+  torch::Tensor h = GroupedForward(xg, w1, b1, counts, attached);  // [N', d_ff]
+  if (recorder_ != nullptr) h = Record(xg, h, idx, counts, B, T);
+  torch::Tensor a = Dropout(F::gelu(h), c_.dropout, is_training());
+  torch::Tensor y = GroupedForward(a, w2, b2, counts, attached);  // [N', d]
+  if (recorder_ != nullptr) y = Record(a, y, idx, counts, B, T);
+  y = y * gate.index_select(0, idx).unsqueeze(1).to(y.scalar_type());
+  return torch::zeros({N, d}, y.options()).index_add(0, idx, y).view({B, T, d});
+}
+
+torch::Tensor SwitchFfnImpl::Record(const torch::Tensor& in, const torch::Tensor& out,
+                                    const torch::Tensor& idx, const std::vector<int64_t>& counts,
+                                    int64_t B, int64_t T) {
+  // Dense layout for the probe: zeros for the rows of other tokens (see the header). The
+  // recorded output must be the tensor the rest of the forward reads from, so the grouped rows
+  // are read back from the dense ones.
+  const int64_t N = B * T;
+  std::vector<torch::Tensor> back;
+  int64_t offset = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (counts[e] == 0) continue;
+    const torch::Tensor ie = idx.narrow(0, offset, counts[e]);
+    const torch::Tensor dense = Scatter(out.narrow(0, offset, counts[e]), ie, N).view({B, T, out.size(1)});
+    recorder_->Record({Scatter(in.narrow(0, offset, counts[e]).detach(), ie, N).view({B, T, in.size(1)}),
+                       dense, {{modules_[e], spectral::SliceAxis::kRows, 0, out.size(1), true}}});
+    back.push_back(dense.view({N, out.size(1)}).index_select(0, ie));
+    offset += counts[e];
+  }
+  return back.empty() ? out : torch::cat(back, 0);
 }
 
 }  // namespace mat::trainer

@@ -15,12 +15,14 @@
 //   aux = E · Σ_i f_i · P_i,  f_i = (tokens with e(t) = i) / N (before the capacity cut, not
 //   differentiable),  P_i = mean_t p[t, i] (differentiable: it trains the router).
 //
-// Masking: every expert owns its leaves W1_e [d_ff, d], b1_e [d_ff], W2_e [d, d_ff], b2_e [d].
-// A masked-off expert runs its tokens with detached leaves, so autograd never forms its weight
-// gradients (the matmul backward only computes the input gradient); its tokens' activation
-// gradients still flow to the router and the layers below. An active expert always gets a
-// gradient (zeros when no token reached it), so data-parallel ranks agree on which tensors
-// carry one.
+// Storage: modules as views. The layer's experts are stacked in four leaves, w1 [E, d_ff, d],
+// b1 [E, d_ff], w2 [E, d, d_ff], b2 [E, d]; expert e's module is row e of each
+// (spectral::ParamSlice). The tokens are grouped by expert and every map runs as one grouped
+// function (trainer/models/sliced_linear.h GroupedForward): one matmul per expert each way.
+// Masking: the backward forms no weight gradient for a masked-off expert (its rows of the
+// layer's gradients stay zero); its tokens' activation gradients still flow to the router and
+// the layers below. An active expert always gets its rows of the gradient (zeros when no token
+// reached it), so data-parallel ranks agree on what they reduce.
 //
 // Probes: with a recorder installed, every expert that received tokens records two LinearSites
 // in the dense [B, T, ·] layout the gram estimator expects: the rows of tokens not processed by
@@ -37,6 +39,7 @@
 
 #include <torch/torch.h>
 
+#include "spectral/module_partition.h"
 #include "spectral/probe.h"
 
 namespace mat::trainer {
@@ -80,10 +83,19 @@ class SwitchFfnImpl : public torch::nn::Module {
   int64_t dropped_tokens() const { return dropped_; }
   const SwitchFfnConfig& config() const { return c_; }
 
-  torch::nn::Linear router{nullptr};                 // d -> E, always trained
-  std::vector<torch::Tensor> w1, b1, w2, b2;         // [expert]: [d_ff, d], [d_ff], [d, d_ff], [d]
+  torch::nn::Linear router{nullptr};  // d -> E, always trained
+  // "w1" [E, d_ff, d], "b1" [E, d_ff], "w2" [E, d, d_ff], "b2" [E, d]; expert e is row e. The
+  // initial values are drawn per expert in the order of the earlier per-expert leaves.
+  torch::Tensor w1, b1, w2, b2;
+  // Expert e's module: its rows of w1, b1, w2, b2.
+  std::vector<spectral::ParamSlice> ExpertParams(int64_t e) const;
 
  private:
+  // Records every expert's site of the grouped map in -> out ([N', ·], rows grouped by expert,
+  // idx [N'] their token indices) and returns out read back from the recorded dense outputs.
+  torch::Tensor Record(const torch::Tensor& in, const torch::Tensor& out, const torch::Tensor& idx,
+                       const std::vector<int64_t>& counts, int64_t B, int64_t T);
+
   SwitchFfnConfig c_;
   spectral::SiteRecorder* recorder_ = nullptr;
   std::vector<int> modules_;

@@ -7,11 +7,12 @@
 //   d = d + momentum · buf  (nesterov)  or  d = buf
 //   p = p − lr · lr_scale[module] · d
 //
-// Every parameter tensor belongs to one module or to none (always trained), as for MaskedAdamW.
-// On Step, a tensor whose module is masked off is skipped entirely: its value, its momentum
-// buffer and its update count do not change (no momentum drift, no weight decay). Such tensors
-// must have no gradient (the model does not compute it); Step returns FAILED_PRECONDITION
-// otherwise, so a masking bug cannot hide. A tensor without a gradient is skipped likewise.
+// Every parameter tensor belongs to one module or to none (always trained), or is split into row
+// segments that do, as for MaskedAdamW. On Step, a tensor or segment whose module is masked off
+// is skipped entirely: its values, its momentum buffer rows and its update count do not change
+// (no momentum drift, no weight decay). A masked-off whole tensor must have no gradient (the
+// model does not compute it); Step returns FAILED_PRECONDITION otherwise, so a masking bug
+// cannot hide. A tensor without a gradient is skipped likewise. "First update" is per segment.
 // After Step every gradient is reset to undefined. The ops are LibTorch's SGD's, in its order,
 // so an unmasked step gives bit-identical results.
 // Not thread-safe.
@@ -46,10 +47,12 @@ class MaskedSgd {
   const std::vector<ParamEntry>& params() const { return params_; }
   // Undefined until the tensor's first update.
   const torch::Tensor& momentum_buffer(size_t i) const { return buf_[i]; }
-  int64_t step_count(size_t i) const { return steps_[i]; }
+  // Updates of entry i's segment s (ParamEntry::Segments() order; 0 for an unsplit tensor).
+  int64_t step_count(size_t i, size_t s = 0) const { return steps_[i][s]; }
   const SgdOptions& options() const { return opt_; }
 
-  // Checkpoint tensors "sgd.buf.<name>" and "sgd.step.<name>" (0-dim int64); Load errors as
+  // Checkpoint tensors "sgd.buf.<name>" and "sgd.step.<name>" (int64, one per segment; 0-dim
+  // for an unsplit tensor); Load errors as
   // MaskedAdamW::Load's.
   void Save(std::map<std::string, torch::Tensor>* tensors) const;
   absl::Status Load(const std::map<std::string, torch::Tensor>& tensors);
@@ -57,8 +60,9 @@ class MaskedSgd {
  private:
   std::vector<ParamEntry> params_;
   SgdOptions opt_;
-  std::vector<torch::Tensor> buf_;  // same shape as the parameter; undefined before step 1
-  std::vector<int64_t> steps_;
+  std::vector<std::vector<ParamSegment>> segments_;  // [entry]
+  std::vector<torch::Tensor> buf_;  // same shape as the parameter; undefined before its first update
+  std::vector<std::vector<int64_t>> steps_;          // [entry][segment]
 };
 
 }  // namespace mat::trainer

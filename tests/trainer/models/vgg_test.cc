@@ -131,11 +131,11 @@ TEST(VggPartitionTest, CoversExactlyTheConvKernelsAndBatchNormSlices) {
     EXPECT_EQ(spec.index, m % 3);
     EXPECT_EQ(spec.name, "conv" + std::to_string(m / 3) + ".filters" + std::to_string(m % 3));
     ASSERT_EQ(spec.params.size(), 3u);
-    const int64_t channels = spec.params[0].size(0);
-    EXPECT_EQ(spec.params[1].sizes(), torch::IntArrayRef({channels}));
-    EXPECT_EQ(spec.params[2].sizes(), torch::IntArrayRef({channels}));
+    const int64_t channels = spec.params[0].value().size(0);
+    EXPECT_EQ(spec.params[1].value().sizes(), torch::IntArrayRef({channels}));
+    EXPECT_EQ(spec.params[2].value().sizes(), torch::IntArrayRef({channels}));
     for (const auto& t : spec.params) {
-      EXPECT_TRUE(in_partition.insert(t.unsafeGetTensorImpl()).second)
+      EXPECT_TRUE(in_partition.insert(t.param.unsafeGetTensorImpl()).second)
           << spec.name << " shares a tensor with another module";
     }
   }
@@ -150,7 +150,7 @@ TEST(VggPartitionTest, CoversExactlyTheConvKernelsAndBatchNormSlices) {
   // Every output channel of every layer is in exactly one group.
   for (size_t l = 0; l < model->convs.size(); ++l) {
     int64_t sum = 0;
-    for (int g = 0; g < 3; ++g) sum += part.modules[l * 3 + g].params[0].size(0);
+    for (int g = 0; g < 3; ++g) sum += part.modules[l * 3 + g].params[0].value().size(0);
     EXPECT_EQ(sum, model->shapes()[l].out_channels) << "layer " << l;
   }
 }
@@ -241,7 +241,7 @@ TEST_F(VggMaskTest, MaskedGroupsGetNoGradientAndTheOthersTheUnmaskedOne) {
   std::set<const void*> masked;
   for (int m = 0; m < part.size(); ++m) {
     if (mask[m]) continue;
-    for (const auto& t : part.modules[m].params) masked.insert(t.unsafeGetTensorImpl());
+    for (const auto& t : part.modules[m].params) masked.insert(t.param.unsafeGetTensorImpl());
   }
   ASSERT_EQ(masked.size(), 15u);
   auto params = model_->named_parameters();
@@ -667,7 +667,7 @@ TEST(VggTrainingTest, LearnsAFashionMnistSubsetWithAndWithoutMasking) {
     }
     model->SetMask(mask);
     std::vector<torch::Tensor> initial;
-    for (const auto& spec : part.modules) initial.push_back(spec.params[0].detach().clone());
+    for (const auto& spec : part.modules) initial.push_back(spec.params[0].value().detach().clone());
     MaskedSgd opt(BuildParamEntries(*model, part), SgdOptions{});
     ImageStream stream(data, {}, 0, 1, 3);
     std::vector<double> losses;
@@ -684,7 +684,7 @@ TEST(VggTrainingTest, LearnsAFashionMnistSubsetWithAndWithoutMasking) {
     std::cout << (masked ? "masked" : "full") << ": mean loss " << first << " -> " << last << "\n";
     EXPECT_LT(last, 0.6 * first) << (masked ? "masked" : "full") << ": " << first << " -> " << last;
     for (size_t m = 0; m < mask.size(); ++m) {
-      EXPECT_EQ(part.modules[m].params[0].detach().equal(initial[m]), !mask[m])
+      EXPECT_EQ(part.modules[m].params[0].value().detach().equal(initial[m]), !mask[m])
           << part.modules[m].name;
     }
   }

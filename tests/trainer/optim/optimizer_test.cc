@@ -9,6 +9,8 @@
 
 #include <torch/optim/adamw.h>
 
+#include "tests/trainer/optim/split_fixture.h"
+
 namespace mat::trainer {
 namespace {
 
@@ -96,6 +98,90 @@ TEST(MaskedAdamWFusedTest, MultiTensorMatchesThePerTensorReference) {
     EXPECT_LE(RelDiff(pf[i], pr[i]), 1e-6) << i;
     EXPECT_LE(RelDiff(of.exp_avg_sq(i), orf.exp_avg_sq(i)), 1e-6) << i;
   }
+}
+
+// Modules as views: a tensor split into module row segments is updated exactly as the same rows
+// held as separate leaves (decay, bias corrections and lr scales per segment, both the
+// multi-tensor and the per-tensor form), and a masked segment is never touched: its rows hold
+// NaN gradients that any read would spread, and its values and moments stay bit for bit.
+class SplitAdamWTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(SplitAdamWTest, SplitTensorMatchesLeavesAndNeverTouchesMaskedRows) {
+  testing::SplitCase c;
+  AdamWOptions o;
+  o.weight_decay = 0.1;
+  o.fused = GetParam();
+  MaskedAdamW split(c.split_entries, o), leaves(c.leaf_entries, o);
+  const std::vector<std::vector<uint8_t>> masks = testing::SplitCaseMasks();
+  for (size_t step = 0; step < masks.size(); ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const std::vector<double> scale = {1.0, 0.5 + double(step % 3), 2.0};
+    std::vector<torch::Tensor> before;
+    for (size_t s = 0; s < c.segments.size(); ++s) {
+      before.push_back(c.Rows(c.split, s).clone());
+      before.push_back(c.Rows(split.exp_avg(0), s).clone());
+      before.push_back(c.Rows(split.exp_avg_sq(0), s).clone());
+    }
+    c.SetGradients(masks[step]);
+    ASSERT_TRUE(split.Step(0.05, masks[step], scale).ok());
+    ASSERT_TRUE(leaves.Step(0.05, masks[step], scale).ok());
+    EXPECT_FALSE(c.split.grad().defined()) << "Step resets the gradient";
+    for (size_t s = 0; s < c.segments.size(); ++s) {
+      SCOPED_TRACE("segment " + std::to_string(s));
+      const int m = c.segments[s].module;
+      if (m >= 0 && !masks[step][m]) {
+        EXPECT_TRUE(torch::equal(c.Rows(c.split, s), before[3 * s]));
+        EXPECT_TRUE(torch::equal(c.Rows(split.exp_avg(0), s), before[3 * s + 1]));
+        EXPECT_TRUE(torch::equal(c.Rows(split.exp_avg_sq(0), s), before[3 * s + 2]));
+      }
+      EXPECT_LE(RelDiff(c.Rows(c.split, s), c.leaves[s].detach()), 1e-6);
+      EXPECT_LE(RelDiff(c.Rows(split.exp_avg(0), s), leaves.exp_avg(s)), 1e-6);
+      EXPECT_LE(RelDiff(c.Rows(split.exp_avg_sq(0), s), leaves.exp_avg_sq(s)), 1e-6);
+      EXPECT_EQ(split.step_count(0, s), leaves.step_count(s));
+    }
+  }
+  EXPECT_EQ(split.step_count(0, 0), 6);  // module 0 off twice
+  EXPECT_EQ(split.step_count(0, 2), 8);  // the always-trained rows
+}
+
+INSTANTIATE_TEST_SUITE_P(MultiTensorAndPerTensor, SplitAdamWTest, ::testing::Bool());
+
+TEST(SplitAdamWErrorsTest, AFullyMaskedSplitTensorMustHaveNoGradient) {
+  testing::SplitCase c;
+  c.split_entries[0].rows = {{0, 2, 0}, {2, 8, 1}};  // no always-trained rows
+  MaskedAdamW opt(c.split_entries, {});
+  c.split.mutable_grad() = torch::ones({8, 8});
+  const torch::Tensor before = c.split.detach().clone();
+  absl::Status s = opt.Step(0.05, {0, 0, 1}, {});
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_NE(std::string(s.message()).find("parameter w is masked off"), std::string::npos) << s;
+  EXPECT_TRUE(torch::equal(c.split.detach(), before)) << "an error changes nothing";
+  EXPECT_EQ(opt.step_count(0, 0), 0);
+  // One active segment: its rows are updated, the masked ones are not read.
+  c.split.mutable_grad().narrow(0, 0, 2).fill_(NAN);
+  ASSERT_TRUE(opt.Step(0.05, {0, 1, 1}, {}).ok());
+  EXPECT_TRUE(torch::equal(c.split.detach().narrow(0, 0, 2), before.narrow(0, 0, 2)));
+  EXPECT_FALSE(torch::equal(c.split.detach().narrow(0, 2, 6), before.narrow(0, 2, 6)));
+}
+
+TEST(SplitAdamWErrorsTest, SaveAndLoadKeepStepCountsPerSegment) {
+  testing::SplitCase c;
+  MaskedAdamW a(c.split_entries, {});
+  for (const auto& mask : testing::SplitCaseMasks()) {
+    c.SetGradients(mask);
+    ASSERT_TRUE(a.Step(0.05, mask, {}).ok());
+  }
+  std::map<std::string, torch::Tensor> saved;
+  a.Save(&saved);
+  ASSERT_EQ(saved.at("opt.step.w").sizes(), torch::IntArrayRef({4}));
+  MaskedAdamW b(c.split_entries, {});
+  ASSERT_TRUE(b.Load(saved).ok());
+  for (size_t s = 0; s < 4; ++s) EXPECT_EQ(b.step_count(0, s), a.step_count(0, s)) << s;
+  EXPECT_TRUE(torch::equal(b.exp_avg(0), a.exp_avg(0)));
+  saved["opt.step.w"] = torch::tensor(int64_t{3}, torch::kLong);  // an unsplit tensor's count
+  absl::Status s = b.Load(saved);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(std::string(s.message()).find("4 segments"), std::string::npos) << s;
 }
 
 INSTANTIATE_TEST_SUITE_P(FloatAndDouble, MaskedAdamWTest,

@@ -97,7 +97,10 @@ std::vector<Measured> Run(const config::TrainConfig& tc, const std::vector<doubl
         m.skipped_bytes_per_step = (sync.stats().bytes_skipped - before.bytes_skipped) / reps;
         int64_t module_bytes = 0;
         for (const auto& p : params) {
-          if (p.module >= 0 && active[p.module]) module_bytes += p.param.numel() * 4;
+          const int64_t row = p.param.dim() == 0 ? 1 : p.param.numel() / p.param.size(0);
+          for (const trainer::ParamSegment& seg : p.Segments()) {
+            if (seg.module >= 0 && active[seg.module]) module_bytes += (seg.end - seg.begin) * row * 4;
+          }
         }
         m.module_bytes_per_step = module_bytes;
         m.seconds = Median(times);

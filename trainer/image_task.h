@@ -45,6 +45,10 @@ class ImageTask : public Task {
   std::string train_size_unit() const override { return "images"; }
   void SaveState(nlohmann::json* meta) const override;
   absl::Status LoadState(const nlohmann::json& meta) override;
+  // Checkpoints and model files of the per-group leaf layout (UpgradeVggLeafLayout).
+  int UpgradeTensors(std::map<std::string, torch::Tensor>* tensors) const override {
+    return UpgradeVggLeafLayout(vgg_->config(), tensors);
+  }
 
   // The typed building blocks (Trainer's ImageBatch overloads, tests and benchmarks).
   absl::StatusOr<double> ForwardBackward(const ImageBatch& batch,

@@ -12,7 +12,10 @@
 #include <random>
 
 #include "common/file_util.h"
+#include "tests/trainer/leaf_layout.h"
 #include "tests/trainer/toy_run.h"
+#include "trainer/checkpoint/checkpoint.h"
+#include "trainer/lm_task.h"
 
 namespace mat::trainer {
 namespace {
@@ -88,6 +91,44 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Policies, TrainerTest, ::testing::Values("mat", "full", "rand", "multirate"));
+
+// A checkpoint written before the view layout (every head and FFN slice its own leaves, one
+// update count each) resumes as the same run: LoadCheckpoint rewrites it (UpgradeLeafLayout),
+// and the run ends with the uninterrupted run's parameters.
+TEST(TrainerSingleTest, ACheckpointOfTheLeafLayoutResumesTheSameRun) {
+  std::string data = MakeCorpus("leaf_layout");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  const fs::path straight_dir = fs::temp_directory_path() / ("mat_trainer_leaf_a_" + std::to_string(::getpid()));
+  const fs::path split_dir = fs::temp_directory_path() / ("mat_trainer_leaf_b_" + std::to_string(::getpid()));
+  fs::remove_all(straight_dir);
+  fs::remove_all(split_dir);
+  auto straight = Trainer::Create(c, {straight_dir.string(), false, false});
+  ASSERT_TRUE(straight.ok()) << straight.status();
+  ASSERT_TRUE((*straight)->Run().ok());
+  {
+    auto first = Trainer::Create(c, {split_dir.string(), false, false});
+    ASSERT_TRUE(first.ok());
+    ASSERT_TRUE((*first)->Run(/*stop_at_step=*/23).ok());
+  }
+  // Rewrite the step-23 checkpoint in the old layout (and drop its predecessor).
+  const std::string ckpt = (split_dir / "checkpoint.pt").string();
+  auto read = ReadCheckpoint(ckpt);
+  ASSERT_TRUE(read.ok()) << read.status();
+  Checkpoint old = *read;
+  old.tensors = testing::ToLeafLayout(MakeBertConfig(c, 0), read->tensors);
+  ASSERT_TRUE(old.tensors.count("model.layer1.wv3") && old.tensors.count("opt.step.layer0.bff1_1"));
+  ASSERT_FALSE(old.tensors.count("model.layer0.wqkv"));
+  fs::remove(ckpt + ".prev");
+  ASSERT_TRUE(WriteCheckpoint(ckpt, old).ok());
+  fs::remove(ckpt + ".prev");
+
+  auto second = Trainer::Create(c, {split_dir.string(), false, true});
+  ASSERT_TRUE(second.ok());
+  auto summary = (*second)->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ((*second)->resumed_from_step(), 23);
+  EXPECT_EQ((*second)->ParamChecksum(), (*straight)->ParamChecksum());
+}
 
 TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   std::string data = MakeCorpus("mat");

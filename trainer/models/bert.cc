@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "trainer/models/dropout.h"
+#include "trainer/models/model_io.h"
 
 namespace mat::trainer {
 namespace F = torch::nn::functional;
@@ -32,20 +33,6 @@ int64_t NumSwitchLayers(const BertConfig& c) {
 }
 
 namespace {
-
-// Removes and returns tensors[key] for every key, or nothing (and removes nothing) when one is
-// missing.
-std::optional<std::vector<torch::Tensor>> TakeAll(std::map<std::string, torch::Tensor>* tensors,
-                                                  const std::vector<std::string>& keys) {
-  for (const std::string& k : keys)
-    if (tensors->count(k) == 0) return std::nullopt;
-  std::vector<torch::Tensor> out;
-  for (const std::string& k : keys) {
-    out.push_back(tensors->at(k));
-    tensors->erase(k);
-  }
-  return out;
-}
 
 // One old leaf name per head or slice for each of `parts` (e.g. {"wq", "wk", "wv"}), index-major.
 std::vector<std::string> OldKeys(const std::string& base, const std::vector<std::string>& parts,
@@ -75,19 +62,20 @@ torch::Tensor Assemble(const std::vector<torch::Tensor>& parts, size_t per, bool
 int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>* tensors) {
   int upgraded = 0;
   const int64_t groups = std::max<int64_t>(c.ffn_groups, 1);
-  for (const std::string prefix : {"", "model.", "opt.m.", "opt.v.", "sgd.buf.", "opt.step.",
-                                   "sgd.step."}) {
-    const bool steps = prefix == "opt.step." || prefix == "sgd.step.";
+  std::vector<std::pair<std::string, bool>> prefixes;  // (prefix, holds update counts)
+  for (const std::string& p : LayoutValuePrefixes()) prefixes.emplace_back(p, false);
+  for (const std::string& p : LayoutStepPrefixes()) prefixes.emplace_back(p, true);
+  for (const auto& [prefix, steps] : prefixes) {
     for (int64_t l = 0; l < c.layers; ++l) {
       const std::string base = prefix + "layer" + std::to_string(l) + ".";
-      if (auto w = TakeAll(tensors, OldKeys(base, {"wq", "wk", "wv"}, c.heads))) {
+      if (auto w = TakeTensors(tensors, OldKeys(base, {"wq", "wk", "wv"}, c.heads))) {
         (*tensors)[base + "wqkv"] = Assemble(*w, 3, false, steps, false);
         ++upgraded;
       }
-      if (auto b = TakeAll(tensors, OldKeys(base, {"bq", "bk", "bv"}, c.heads))) {
+      if (auto b = TakeTensors(tensors, OldKeys(base, {"bq", "bk", "bv"}, c.heads))) {
         (*tensors)[base + "bqkv"] = Assemble(*b, 3, false, steps, false);
       }
-      if (auto o = TakeAll(tensors, OldKeys(base, {"wo"}, c.heads))) {
+      if (auto o = TakeTensors(tensors, OldKeys(base, {"wo"}, c.heads))) {
         (*tensors)[base + "wo_t"] = Assemble(*o, 1, true, steps, false);
       }
       if (IsSwitchLayer(c, l)) {  // experts: "moe.expert<e>_w1" ... stacked into "moe.w1" ...
@@ -96,7 +84,7 @@ int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>*
           for (int64_t e = 0; e < c.experts; ++e) {
             keys.push_back(base + "moe.expert" + std::to_string(e) + "_" + part);
           }
-          if (auto t = TakeAll(tensors, keys)) {
+          if (auto t = TakeTensors(tensors, keys)) {
             (*tensors)[base + "moe." + part] = steps ? torch::stack(*t).reshape({-1}) : torch::stack(*t);
             upgraded += part == "w1";
           }
@@ -104,13 +92,13 @@ int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>*
         continue;
       }
       const bool unsplit = c.ffn_groups == 0;
-      if (auto w1 = TakeAll(tensors, OldKeys(base, {"wff1_"}, groups))) {
+      if (auto w1 = TakeTensors(tensors, OldKeys(base, {"wff1_"}, groups))) {
         (*tensors)[base + "wff1"] = Assemble(*w1, 1, false, steps, unsplit);
       }
-      if (auto b1 = TakeAll(tensors, OldKeys(base, {"bff1_"}, groups))) {
+      if (auto b1 = TakeTensors(tensors, OldKeys(base, {"bff1_"}, groups))) {
         (*tensors)[base + "bff1"] = Assemble(*b1, 1, false, steps, unsplit);
       }
-      if (auto w2 = TakeAll(tensors, OldKeys(base, {"wff2_"}, groups))) {
+      if (auto w2 = TakeTensors(tensors, OldKeys(base, {"wff2_"}, groups))) {
         (*tensors)[base + "wff2_t"] = Assemble(*w2, 1, true, steps, unsplit);
       }
     }
@@ -208,9 +196,12 @@ torch::Tensor BertLayerImpl::HeadsForward(const torch::Tensor& x, const std::vec
     }
     recorder_->Record(std::move(site));
   }
-  torch::Tensor parts = qkv.view({B, T, H, 3, dh});
-  auto part = [&](int64_t k) { return parts.select(3, k).transpose(1, 2); };  // [B,H,T,dh]
-  torch::Tensor q = part(0), k = part(1), v = part(2);
+  // One copy into [q, k, v][B, H, T, dh], so the batched matmuls read contiguous operands; its
+  // backward is one copy too (three selects of qkv would each write a zero-filled tensor of
+  // qkv's size).
+  std::vector<torch::Tensor> parts =
+      qkv.view({B, T, H, 3, dh}).permute({3, 0, 2, 1, 4}).contiguous().unbind(0);
+  torch::Tensor q = parts[0], k = parts[1], v = parts[2];  // [B,H,T,dh]
   torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
   torch::Tensor probs = Dropout(torch::softmax(scores, -1), c_.dropout, is_training());
   torch::Tensor ctx = torch::matmul(probs, v).transpose(1, 2).reshape({B, T, H * dh});

@@ -137,4 +137,26 @@ absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& 
   return absl::OkStatus();
 }
 
+const std::vector<std::string>& LayoutValuePrefixes() {
+  static const std::vector<std::string> prefixes = {"", "model.", "opt.m.", "opt.v.", "sgd.buf."};
+  return prefixes;
+}
+
+const std::vector<std::string>& LayoutStepPrefixes() {
+  static const std::vector<std::string> prefixes = {"opt.step.", "sgd.step."};
+  return prefixes;
+}
+
+std::optional<std::vector<torch::Tensor>> TakeTensors(std::map<std::string, torch::Tensor>* tensors,
+                                                      const std::vector<std::string>& keys) {
+  for (const std::string& k : keys)
+    if (tensors->count(k) == 0) return std::nullopt;
+  std::vector<torch::Tensor> out;
+  for (const std::string& k : keys) {
+    out.push_back(tensors->at(k));
+    tensors->erase(k);
+  }
+  return out;
+}
+
 }  // namespace mat::trainer

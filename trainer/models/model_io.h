@@ -9,7 +9,9 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -42,5 +44,15 @@ absl::Status SaveModelSafetensors(torch::nn::Module& module, const std::string& 
 using TensorUpgrade = std::function<void(std::map<std::string, torch::Tensor>*)>;
 absl::Status LoadModelSafetensors(torch::nn::Module& module, const std::string& path,
                                   const TensorUpgrade& upgrade = nullptr);
+
+// Upgrades of an earlier storage layout (UpgradeLeafLayout, UpgradeVggLeafLayout). The key
+// prefixes under which a model file and a checkpoint keep a parameter's values or optimizer state
+// shaped as the parameter, and its update counts.
+const std::vector<std::string>& LayoutValuePrefixes();  // "", "model.", "opt.m.", "opt.v.", "sgd.buf."
+const std::vector<std::string>& LayoutStepPrefixes();   // "opt.step.", "sgd.step."
+// Removes and returns tensors[key] for every key, in order; nothing (and removes nothing) when
+// one is missing.
+std::optional<std::vector<torch::Tensor>> TakeTensors(std::map<std::string, torch::Tensor>* tensors,
+                                                      const std::vector<std::string>& keys);
 
 }  // namespace mat::trainer

@@ -1,5 +1,7 @@
 #include "trainer/models/sliced_linear.h"
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include "trainer/models/autocast.h"
@@ -96,8 +98,9 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
     if (ctx->needs_input_grad(0)) {
       out[0] = (transposed ? torch::mm(g, ws.t()) : torch::mm(g, ws)).view(x.sizes());
     }
-    const std::vector<Run> runs = AttachedRuns(begin, end, attached);
+    std::vector<Run> runs = AttachedRuns(begin, end, attached);
     if (runs.empty()) return out;
+    std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.row < b.row; });
     // Weight rows of map units [u, u + n): row-split g[:, u:u+n]^T x, col-split x[:, u:u+n]^T g.
     auto block_grad = [&](int64_t u, int64_t n) {
       return transposed ? torch::mm(x2.narrow(1, u, n).t(), g) : torch::mm(g.narrow(1, u, n).t(), x2);
@@ -246,9 +249,12 @@ torch::Tensor Apply(const torch::Tensor& x, const torch::Tensor& w, const torch:
   }
   torch::Tensor xc = x;
   if (auto dtype = AutocastDtype(x.device().type())) xc = x.to(*dtype);  // bf16 step
+  // With no block attached the weights are constants: no autograd node unless x needs one.
+  bool any = false;
+  for (int64_t a : on) any = any || a != 0;
   c10::optional<torch::Tensor> bias;
-  if (b.defined()) bias = b;
-  return SplitFunction::apply(xc, w, bias, begin, end, on, transposed);
+  if (b.defined()) bias = any ? b : b.detach();
+  return SplitFunction::apply(xc, any ? w : w.detach(), bias, begin, end, on, transposed);
 }
 
 }  // namespace
@@ -266,9 +272,11 @@ torch::Tensor GroupedForward(const torch::Tensor& x, const torch::Tensor& w, con
   for (bool a : attached) on.push_back(a ? 1 : 0);
   torch::Tensor xc = x;
   if (auto dtype = AutocastDtype(x.device().type())) xc = x.to(*dtype);  // bf16 step
+  bool any = false;
+  for (int64_t a : on) any = any || a != 0;
   c10::optional<torch::Tensor> bias;
-  if (b.defined()) bias = b;
-  return GroupedFunction::apply(xc, w, bias, counts, on);
+  if (b.defined()) bias = any ? b : b.detach();
+  return GroupedFunction::apply(xc, any ? w : w.detach(), bias, counts, on);
 }
 
 std::vector<RowBlock> EqualBlocks(int64_t count, int64_t size) {

@@ -4,6 +4,7 @@
 
 #include "config/vgg_layout.h"
 #include "trainer/models/autocast.h"
+#include "trainer/models/model_io.h"
 
 namespace mat::trainer {
 namespace {
@@ -16,74 +17,51 @@ int64_t Scaled(int64_t channels, double width) {
   return static_cast<int64_t>(config::VggScaledChannels(channels, width));
 }
 
-// Contiguous runs of active groups as channel ranges: {start, length, start, length, ...}.
-std::vector<int64_t> ActiveRuns(const std::vector<bool>& active,
-                                const std::vector<int64_t>& sizes) {
-  std::vector<int64_t> runs;
-  int64_t at = 0;
-  bool open = false;
-  for (size_t g = 0; g < active.size(); ++g) {
-    if (active[g]) {
-      if (!open) {
-        runs.push_back(at);
-        runs.push_back(0);
-        open = true;
-      }
-      runs.back() += sizes[g];
-    } else {
-      open = false;
-    }
-    at += sizes[g];
-  }
-  return runs;
-}
-
-// y = conv2d(x, W, stride 1, padding 1) with W = [w_0; w_1; ...] concatenated outside autograd.
-// Kernel gradients only for the attached (active) groups, one convolution-backward per
-// contiguous run of them; the input gradient with one convolution-backward over all channels.
+// y = conv2d(x, W, stride 1, padding 1) with W the layer's kernel leaf [C_out, C_in, 3, 3].
+// Kernel gradients only for the attached (active) groups' output channels, one
+// convolution-backward per contiguous run of them, written into one gradient of the leaf's shape
+// (zeros elsewhere; undefined when no group is attached); the input gradient with one
+// convolution-backward over all channels.
 class ConvSplitFunction : public torch::autograd::Function<ConvSplitFunction> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
-                               torch::TensorList attached, const torch::Tensor& w_all,
-                               std::vector<int64_t> runs, std::vector<int64_t> attached_sizes) {
-    ctx->save_for_backward({x, w_all});
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
+                               std::vector<int64_t> runs) {
+    const torch::Tensor wc = w.to(x.scalar_type());  // bf16 step: x was cast by the caller
+    ctx->save_for_backward({x, wc});
     ctx->saved_data["runs"] = runs;
-    ctx->saved_data["sizes"] = attached_sizes;
-    ctx->saved_data["leaf_dtype"] =
-        static_cast<int64_t>(attached.empty() ? x.scalar_type() : attached[0].scalar_type());
-    return at::convolution(x, w_all, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1);
+    ctx->saved_data["leaf_dtype"] = static_cast<int64_t>(w.scalar_type());
+    return at::convolution(x, wc, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     auto saved = ctx->get_saved_variables();
     const torch::Tensor& x = saved[0];
-    const torch::Tensor& w_all = saved[1];
+    const torch::Tensor wc = saved[1].detach();
     const std::vector<int64_t> runs = ctx->saved_data["runs"].toIntVector();
-    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
     const auto leaf = static_cast<at::ScalarType>(ctx->saved_data["leaf_dtype"].toInt());
     const torch::Tensor g = grad_out[0].contiguous();
-    variable_list out;
+    variable_list out(3);
     if (ctx->needs_input_grad(0)) {
-      out.push_back(std::get<0>(at::convolution_backward(g, x, w_all, c10::nullopt, {1, 1},
-                                                         {1, 1}, {1, 1}, false, {0, 0}, 1,
-                                                         {true, false, false})));
-    } else {
-      out.emplace_back();
+      out[0] = std::get<0>(at::convolution_backward(g, x, wc, c10::nullopt, {1, 1}, {1, 1},
+                                                    {1, 1}, false, {0, 0}, 1,
+                                                    {true, false, false}));
     }
-    size_t next = 0;
-    for (size_t r = 0; r + 1 < runs.size(); r += 2) {
-      const int64_t start = runs[r], len = runs[r + 1];
-      torch::Tensor gw = std::get<1>(at::convolution_backward(
-          g.narrow(1, start, len).contiguous(), x, w_all.narrow(0, start, len), c10::nullopt,
+    if (runs.empty()) return out;
+    auto kernel_grad = [&](int64_t start, int64_t len) {
+      return std::get<1>(at::convolution_backward(
+          g.narrow(1, start, len).contiguous(), x, wc.narrow(0, start, len), c10::nullopt,
           {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1, {false, true, false}));
-      gw = gw.to(leaf);
-      int64_t at = 0;
-      while (at < len) {
-        out.push_back(gw.narrow(0, at, sizes[next]));
-        at += sizes[next++];
+    };
+    torch::Tensor gw;
+    if (runs.size() == 2 && runs[0] == 0 && runs[1] == wc.size(0)) {
+      gw = kernel_grad(0, wc.size(0));  // every group active
+    } else {
+      gw = torch::zeros(wc.sizes(), g.options());
+      for (size_t r = 0; r + 1 < runs.size(); r += 2) {
+        gw.narrow(0, runs[r], runs[r + 1]).copy_(kernel_grad(runs[r], runs[r + 1]));
       }
     }
-    for (int i = 0; i < 3; ++i) out.emplace_back();  // w_all, runs, sizes
+    out[1] = gw.to(leaf);
     return out;
   }
 };
@@ -153,20 +131,53 @@ std::vector<int64_t> VggGroupSizes(int64_t channels, int64_t groups) {
   return sizes;
 }
 
+int UpgradeVggLeafLayout(const VggConfig& c, std::map<std::string, torch::Tensor>* tensors) {
+  int upgraded = 0;
+  const size_t layers = VggConvShapes(c).size();
+  auto upgrade = [&](const std::string& prefix, bool steps) {
+    for (size_t l = 0; l < layers; ++l) {
+      const std::string base = prefix + "conv" + std::to_string(l) + ".";
+      for (const std::string part : {"w", "gamma", "beta"}) {
+        std::vector<std::string> keys;
+        for (int64_t g = 0; g < c.filter_groups; ++g) keys.push_back(base + part + std::to_string(g));
+        if (auto t = TakeTensors(tensors, keys)) {
+          std::vector<torch::Tensor> rows = *t;
+          if (steps)
+            for (torch::Tensor& r : rows) r = r.reshape({1});
+          (*tensors)[base + part] = torch::cat(rows, 0);
+          upgraded += part == "w";
+        }
+      }
+    }
+  };
+  for (const std::string& p : LayoutValuePrefixes()) upgrade(p, false);
+  for (const std::string& p : LayoutStepPrefixes()) upgrade(p, true);
+  return upgraded;
+}
+
 VggConvImpl::VggConvImpl(int64_t in_channels, int64_t out_channels, int64_t groups,
                          double bn_momentum, double bn_eps)
     : bn_momentum_(bn_momentum), bn_eps_(bn_eps) {
   // Kaiming normal, fan-out, for ReLU (torchvision's VGG): std = sqrt(2 / (C_out · 9)).
   const double std = std::sqrt(2.0 / double(out_channels * 9));
   const std::vector<int64_t> sizes = VggGroupSizes(out_channels, groups);
+  std::vector<torch::Tensor> kernels;  // drawn per group, as the earlier per-group leaves
+  int64_t at = 0;
   for (int64_t g = 0; g < groups; ++g) {
-    const std::string n = std::to_string(g);
-    w.push_back(register_parameter("w" + n, torch::randn({sizes[g], in_channels, 3, 3}) * std));
-    gamma.push_back(register_parameter("gamma" + n, torch::ones({sizes[g]})));
-    beta.push_back(register_parameter("beta" + n, torch::zeros({sizes[g]})));
+    kernels.push_back(torch::randn({sizes[g], in_channels, 3, 3}) * std);
+    rows.push_back({at, at + sizes[g]});
+    at += sizes[g];
   }
+  w = register_parameter("w", torch::cat(kernels, 0));
+  gamma = register_parameter("gamma", torch::ones({out_channels}));
+  beta = register_parameter("beta", torch::zeros({out_channels}));
   running_mean = register_buffer("running_mean", torch::zeros({out_channels}));
   running_var = register_buffer("running_var", torch::ones({out_channels}));
+}
+
+std::vector<spectral::ParamSlice> VggConvImpl::GroupParams(int64_t g) const {
+  const RowBlock r = rows[g];
+  return {{w, r.begin, r.end}, {gamma, r.begin, r.end}, {beta, r.begin, r.end}};
 }
 
 void VggConvImpl::set_recorder(spectral::SiteRecorder* recorder, int first_module) {
@@ -179,11 +190,8 @@ torch::Tensor VggConvImpl::RecordedForward(const torch::Tensor& x) {
               "Vgg: a probe forward (recorder set) needs eval() mode: in training mode BatchNorm "
               "couples the samples through the batch statistics");
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), wd = x.size(3);
-  std::vector<int64_t> sizes;
-  for (const auto& wg : w) sizes.push_back(wg.size(0));
-  torch::Tensor w_all = w.size() == 1 ? w[0] : torch::cat(w, 0);  // attached: [C_out, C_in, 3, 3]
-  const int64_t c_out = w_all.size(0);
-  w_all = w_all.reshape({c_out, c_in * 9});
+  const int64_t c_out = w.size(0);
+  torch::Tensor w_all = w.reshape({c_out, c_in * 9});  // attached
   torch::Tensor xc = x;
   if (auto dtype = AutocastDtype(x.device().type())) {
     xc = x.to(*dtype);
@@ -196,58 +204,52 @@ torch::Tensor VggConvImpl::RecordedForward(const torch::Tensor& x) {
                         .contiguous();  // [n, H·W, C_in·9]
   torch::Tensor y = torch::matmul(a, w_all.t());  // [n, H·W, C_out]
   spectral::LinearSite conv{a.detach(), y, {}};
-  int64_t at = 0;
-  for (size_t g = 0; g < sizes.size(); ++g) {
-    conv.slices.push_back({first_module_ + int(g), spectral::SliceAxis::kRows, at,
-                           at + sizes[g], false});
-    at += sizes[g];
+  for (size_t g = 0; g < rows.size(); ++g) {
+    conv.slices.push_back({first_module_ + int(g), spectral::SliceAxis::kRows, rows[g].begin,
+                           rows[g].end, false});
   }
   recorder_->Record(std::move(conv));
 
   torch::Tensor yf = UpIfLow(y);
   torch::Tensor xhat = (yf - running_mean) * torch::rsqrt(running_var + bn_eps_);
-  torch::Tensor gamma_all = gamma.size() == 1 ? gamma[0] : torch::cat(gamma, 0);
-  torch::Tensor beta_all = beta.size() == 1 ? beta[0] : torch::cat(beta, 0);
-  torch::Tensor z = xhat * gamma_all + beta_all;  // [n, H·W, C_out]
+  torch::Tensor z = xhat * gamma + beta;  // [n, H·W, C_out]
   spectral::ScaleShiftSite bn{xhat.detach(), z, {}};
-  at = 0;
-  for (size_t g = 0; g < sizes.size(); ++g) {
-    bn.slices.push_back({first_module_ + int(g), at, at + sizes[g], true, true});
-    at += sizes[g];
+  for (size_t g = 0; g < rows.size(); ++g) {
+    bn.slices.push_back({first_module_ + int(g), rows[g].begin, rows[g].end, true, true});
   }
   recorder_->Record(std::move(bn));
   return torch::relu(z.transpose(1, 2).reshape({n, c_out, h, wd}));
 }
 
 torch::Tensor VggConvImpl::forward(const torch::Tensor& x, const std::vector<bool>& active) {
-  TORCH_CHECK(active.size() == w.size(), "VggConv: ", active.size(), " mask bits for ", w.size(),
-              " filter groups");
+  TORCH_CHECK(active.size() == rows.size(), "VggConv: ", active.size(), " mask bits for ",
+              rows.size(), " filter groups");
   if (recorder_ != nullptr) return RecordedForward(x);
-  std::vector<torch::Tensor> attached, gammas, betas;
-  std::vector<int64_t> sizes, attached_sizes;
-  for (size_t g = 0; g < w.size(); ++g) {
-    sizes.push_back(w[g].size(0));
+  // Runs of active groups' channels ({start, length, ...}) and the BN affine vectors with the
+  // masked groups' entries detached (their rows of gamma's and beta's gradients stay zero).
+  std::vector<int64_t> runs;
+  std::vector<torch::Tensor> gammas, betas;
+  bool all_on = true;
+  for (size_t g = 0; g < rows.size(); ++g) {
+    const int64_t n = rows[g].end - rows[g].begin;
     if (active[g]) {
-      attached.push_back(w[g]);
-      attached_sizes.push_back(w[g].size(0));
+      if (!runs.empty() && runs[runs.size() - 2] + runs.back() == rows[g].begin) {
+        runs.back() += n;
+      } else {
+        runs.push_back(rows[g].begin);
+        runs.push_back(n);
+      }
     }
-    gammas.push_back(active[g] ? gamma[g] : gamma[g].detach());
-    betas.push_back(active[g] ? beta[g] : beta[g].detach());
-  }
-  torch::Tensor w_all;
-  {
-    torch::NoGradGuard no_grad;
-    w_all = w.size() == 1 ? w[0].detach() : torch::cat(w, 0);
+    all_on = all_on && active[g];
+    gammas.push_back(active[g] ? gamma.narrow(0, rows[g].begin, n) : gamma.narrow(0, rows[g].begin, n).detach());
+    betas.push_back(active[g] ? beta.narrow(0, rows[g].begin, n) : beta.narrow(0, rows[g].begin, n).detach());
   }
   torch::Tensor xc = x;
-  if (auto dtype = AutocastDtype(x.device().type())) {
-    xc = x.to(*dtype);
-    w_all = w_all.to(*dtype);
-  }
-  torch::Tensor y = ConvSplitFunction::apply(xc, torch::TensorList(attached), w_all,
-                                             ActiveRuns(active, sizes), attached_sizes);
-  torch::Tensor weight = gammas.size() == 1 ? gammas[0] : torch::cat(gammas, 0);
-  torch::Tensor bias = betas.size() == 1 ? betas[0] : torch::cat(betas, 0);
+  if (auto dtype = AutocastDtype(x.device().type())) xc = x.to(*dtype);
+  // With every group masked the kernel is a constant: no autograd node unless x needs one.
+  torch::Tensor y = ConvSplitFunction::apply(xc, runs.empty() ? w.detach() : w, runs);
+  torch::Tensor weight = all_on ? gamma : torch::cat(gammas, 0);
+  torch::Tensor bias = all_on ? beta : torch::cat(betas, 0);
   y = torch::batch_norm(UpIfLow(y), weight, bias, running_mean, running_var, is_training(),
                         bn_momentum_, bn_eps_, /*cudnn_enabled=*/true);
   return torch::relu(y);
@@ -301,7 +303,7 @@ spectral::ModulePartition VggImpl::Partition() {
     for (int64_t g = 0; g < c_.filter_groups; ++g) {
       spectral::ModuleSpec m{"filters", int(l), int(g),
                              "conv" + std::to_string(l) + ".filters" + std::to_string(g), {}};
-      m.params = {convs[l]->w[g], convs[l]->gamma[g], convs[l]->beta[g]};
+      m.params = convs[l]->GroupParams(g);
       p.modules.push_back(std::move(m));
     }
   }

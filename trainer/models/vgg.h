@@ -12,24 +12,27 @@
 // width c are max(1, round(c · width)).
 //
 // Modules. The C_out output channels of every conv layer are split into filter_groups
-// contiguous slices (sizes differ by at most one, larger first). A filter group's module holds
-// three leaf tensors, each its own parameter: the conv kernel rows w [c_g, C_in, 3, 3], the
-// BatchNorm scale gamma [c_g] and the BatchNorm shift beta [c_g] of those channels (the conv has
-// no bias: the BN shift plays its part). Everything else — the classifier — is always trained.
-// Partition order: layer 0 groups 0..G-1, then layer 1, ...; names "conv<l>.filters<g>".
+// contiguous slices (sizes differ by at most one, larger first). Storage: modules as views. A
+// layer has three leaves, the conv kernel w [C_out, C_in, 3, 3] (the conv has no bias: the BN
+// shift plays its part), the BatchNorm scale gamma [C_out] and shift beta [C_out]; filter group
+// g's module is its channels' rows of each (GroupParams, spectral::ParamSlice). Everything else
+// — the classifier — is always trained. Partition order: layer 0 groups 0..G-1, then layer 1,
+// ...; names "conv<l>.filters<g>". The kernels are drawn per group in the order of the earlier
+// per-group leaves, so a seed gives the same model.
 //
-// Masking (SetMask). A masked-off group's w, gamma and beta receive no gradient: the conv is a
-// custom autograd function whose backward forms the input gradient with one convolution over
-// all channels and the kernel gradient only for the active groups' output channels (one
-// convolution-backward per contiguous run of active groups), and the BN affine vectors of
-// masked groups enter the batch norm detached. (The BN affine gradient of a layer with some
-// active group is one per-channel reduction over all its channels, element-wise work that is
-// then dropped for the masked slices; the FLOP counter counts element-wise work as zero.)
-// Activations and activation gradients still flow through masked groups. BatchNorm running
-// statistics (buffers, not parameters) keep updating for every channel, masked or not: the
-// masked group's inputs still change as earlier layers train, and evaluation needs current
-// statistics. The input gradient of a layer is computed only when something before it trains
-// (the first layer's only when the images themselves require a gradient).
+// Masking (SetMask). A masked-off group's rows of w, gamma and beta get no gradient computed
+// (they stay zero in the layer's gradients): the conv is a custom autograd function whose
+// backward forms the input gradient with one convolution over all channels and the kernel
+// gradient only for the active groups' output channels (one convolution-backward per
+// contiguous run of active groups), and the BN affine entries of masked groups enter the batch
+// norm detached. (The BN affine gradient of a layer with some active group is one per-channel
+// reduction over all its channels, element-wise work that is then dropped for the masked
+// slices; the FLOP counter counts element-wise work as zero.) Activations and activation
+// gradients still flow through masked groups. BatchNorm running statistics (buffers, not
+// parameters) keep updating for every channel, masked or not: the masked group's inputs still
+// change as earlier layers train, and evaluation needs current statistics. The input gradient
+// of a layer is computed only when something before it trains (the first layer's only when the
+// images themselves require a gradient).
 //
 // Probe (SetRecorder). While a spectral::SiteRecorder is set the model must be in eval() mode
 // (BatchNorm on its running statistics, so sample i's loss depends on sample i only; a forward
@@ -38,13 +41,13 @@
 // rounding):
 //   a = unfold(x, 3x3, padding 1)^T: [n, H·W, C_in·9] (recorded detached; the forward's own a
 //     stays in the graph, so earlier layers still get their gradient), y = a W^T: [n, H·W, C_out]
-//     with W = [w_0; w_1; ...] reshaped [C_out, C_in·9] (attached: gradients reach every w[g]),
+//     with W = w reshaped [C_out, C_in·9] (attached: gradients reach every group's rows),
 //     recorded as a LinearSite with one kRows slice per group (no bias);
 //   xhat = (y − running_mean) / sqrt(running_var + eps): [n, H·W, C_out] (recorded detached),
-//     z = xhat ⊙ gamma + beta with gamma, beta the groups' vectors concatenated, recorded as a
+//     z = xhat ⊙ gamma + beta, recorded as a
 //     ScaleShiftSite with one ChannelSlice per group (scale and shift);
 // then z is laid out back to [n, C_out, H, W] for ReLU and pooling. Slice modules are Partition()
-// indices. Every group's leaves are attached whatever SetMask said (the probe measures every
+// indices. Every group's rows are attached whatever SetMask said (the probe measures every
 // module; callers set the mask all-on anyway). Under autocast a and W are cast like the plain
 // forward's convolution, and y is cast up to float32 before the normalisation.
 // The unfolded input a holds n·H·W·C_in·9 elements per layer, nine times the layer's input,
@@ -55,6 +58,7 @@
 // here: no GPU on this machine).
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -64,6 +68,7 @@
 #include "spectral/module_partition.h"
 #include "spectral/probe.h"
 #include "trainer/models/flops.h"
+#include "trainer/models/sliced_linear.h"
 
 namespace mat::trainer {
 
@@ -95,6 +100,14 @@ std::vector<VggConvShape> VggConvShapes(const VggConfig& c);
 // Channel counts of the filter groups of a layer with `channels` outputs (larger first).
 std::vector<int64_t> VggGroupSizes(int64_t channels, int64_t groups);
 
+// Checkpoints and model files written with the per-group leaf layout that the view layout
+// replaced name a conv layer's tensors per filter group: "conv<l>.w<g>", "conv<l>.gamma<g>",
+// "conv<l>.beta<g>". Rewrites every complete such group of `tensors` into "conv<l>.w", "gamma",
+// "beta" (rows stacked in group order; update counts one per group), under the key prefixes of
+// LayoutValuePrefixes and LayoutStepPrefixes (trainer/models/model_io.h), in place. Returns the
+// number of (prefix, layer) kernels rewritten; 0 when `tensors` has nothing of the old layout.
+int UpgradeVggLeafLayout(const VggConfig& c, std::map<std::string, torch::Tensor>* tensors);
+
 class VggConvImpl : public torch::nn::Module {
  public:
   VggConvImpl(int64_t in_channels, int64_t out_channels, int64_t groups, double bn_momentum,
@@ -108,9 +121,13 @@ class VggConvImpl : public torch::nn::Module {
   // `recorder` is borrowed and must outlive every forward made while it is set.
   void set_recorder(spectral::SiteRecorder* recorder, int first_module);
 
-  std::vector<torch::Tensor> w;            // [group]: [c_g, C_in, 3, 3]
-  std::vector<torch::Tensor> gamma, beta;  // [group]: [c_g]
-  torch::Tensor running_mean, running_var; // buffers [C_out] float32
+  // Group g's module: its channels' rows of w, gamma and beta.
+  std::vector<spectral::ParamSlice> GroupParams(int64_t g) const;
+
+  torch::Tensor w;                          // "w" [C_out, C_in, 3, 3]
+  torch::Tensor gamma, beta;                // "gamma", "beta" [C_out]
+  std::vector<RowBlock> rows;               // [group]: its output channels [begin, end)
+  torch::Tensor running_mean, running_var;  // buffers [C_out] float32
 
  private:
   torch::Tensor RecordedForward(const torch::Tensor& x);

@@ -16,6 +16,7 @@
 #include "trainer/models/bert.h"
 #include "trainer/models/vgg.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/trainer/leaf_layout.h"
 
 namespace mat::trainer {
 namespace {
@@ -83,6 +84,35 @@ TEST_F(ModelIoTest, BertRoundTripsAndTheFileIsPlainSafetensors) {
     torch::Tensor v = kv.value().detach().contiguous();
     EXPECT_EQ(t.data, std::string(static_cast<const char*>(v.data_ptr()), v.nbytes()));
   }
+}
+
+// A model file of the per-module leaf layout (model.init_from of a model an earlier version
+// trained): the upgrade hook rewrites it before the names are checked, and the model loads.
+TEST_F(ModelIoTest, ALeafLayoutFileLoadsThroughTheUpgrade) {
+  torch::manual_seed(1);
+  BertMlm a(c_);
+  torch::manual_seed(2);
+  BertMlm b(c_);
+  std::map<std::string, torch::Tensor> now;
+  for (const auto& kv : a->named_parameters()) now["model." + kv.key()] = kv.value().detach();
+  // The old names, written as a plain safetensors file (no "model." prefix there).
+  safetensors::File file;
+  for (const auto& [name, t] : testing::ToLeafLayout(c_, now)) {
+    auto st = ToSafetensor(t);
+    ASSERT_TRUE(st.ok());
+    file.tensors.emplace(name.substr(std::string("model.").size()), *st);
+  }
+  const std::string path = dir_ + "/old.safetensors";
+  ASSERT_TRUE(safetensors::WriteFile(path, file).ok());
+  absl::Status plain = LoadModelSafetensors(*b, path);
+  EXPECT_EQ(plain.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(plain.message()), HasSubstr("no tensor 'layer0.wqkv'"));
+  int rewritten = 0;
+  ASSERT_TRUE(LoadModelSafetensors(*b, path, [&](std::map<std::string, torch::Tensor>* t) {
+                rewritten = UpgradeLeafLayout(c_, t);
+              }).ok());
+  EXPECT_EQ(rewritten, 2);
+  ExpectSameState(*a, *b);
 }
 
 TEST_F(ModelIoTest, VggKeepsItsBatchNormStatistics) {

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <numeric>
 #include <random>
+#include <map>
 #include <set>
 
 #include <ATen/record_function.h>
@@ -135,8 +136,10 @@ TEST(VggPartitionTest, CoversExactlyTheConvKernelsAndBatchNormSlices) {
     EXPECT_EQ(spec.params[1].value().sizes(), torch::IntArrayRef({channels}));
     EXPECT_EQ(spec.params[2].value().sizes(), torch::IntArrayRef({channels}));
     for (const auto& t : spec.params) {
-      EXPECT_TRUE(in_partition.insert(t.param.unsafeGetTensorImpl()).second)
-          << spec.name << " shares a tensor with another module";
+      in_partition.insert(t.param.unsafeGetTensorImpl());
+      // The groups of a layer are consecutive row blocks of its three tensors.
+      EXPECT_EQ(t.begin, m % 3 == 0 ? 0 : part.modules[m - 1].params[0].end) << spec.name;
+      if (m % 3 == 2) EXPECT_EQ(t.end, t.param.size(0)) << spec.name;
     }
   }
   int64_t conv_params = 0;
@@ -145,6 +148,7 @@ TEST(VggPartitionTest, CoversExactlyTheConvKernelsAndBatchNormSlices) {
     EXPECT_EQ(in_partition.count(kv.value().unsafeGetTensorImpl()), is_conv ? 1u : 0u) << kv.key();
     if (is_conv) conv_params += kv.value().numel();
   }
+  EXPECT_EQ(in_partition.size(), 13u * 3);  // w, gamma, beta of each conv layer
   EXPECT_EQ(in_partition.size(), model->named_parameters().size() - 4);  // fc1, fc2: w, b
   EXPECT_EQ(part.NumParams(), conv_params);
   // Every output channel of every layer is in exactly one group.
@@ -155,17 +159,16 @@ TEST(VggPartitionTest, CoversExactlyTheConvKernelsAndBatchNormSlices) {
   }
 }
 
-// The same network in plain LibTorch ops on the model's own leaves: conv2d over the
-// concatenated kernels, batch_norm with the concatenated affine vectors (running statistics
-// on copies), ReLU, ceil-mode pooling, the classifier.
+// The same network in plain LibTorch ops on the model's own leaves: conv2d over the kernels,
+// batch_norm with the affine vectors (running statistics on copies), ReLU, ceil-mode pooling,
+// the classifier.
 torch::Tensor ReferenceForward(Vgg& model, const torch::Tensor& images) {
   torch::Tensor x = images;
   for (size_t l = 0; l < model->convs.size(); ++l) {
     auto& conv = model->convs[l];
-    x = torch::conv2d(x, torch::cat(conv->w, 0), {}, 1, 1);
+    x = torch::conv2d(x, conv->w, {}, 1, 1);
     torch::Tensor rm = conv->running_mean.clone(), rv = conv->running_var.clone();
-    x = torch::relu(torch::batch_norm(x, torch::cat(conv->gamma, 0), torch::cat(conv->beta, 0),
-                                      rm, rv, true, 0.1, 1e-5, false));
+    x = torch::relu(torch::batch_norm(x, conv->gamma, conv->beta, rm, rv, true, 0.1, 1e-5, false));
     if (model->shapes()[l].pool_after) x = torch::max_pool2d(x, 2, 2, 0, 1, true);
   }
   x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
@@ -238,21 +241,34 @@ TEST_F(VggMaskTest, MaskedGroupsGetNoGradientAndTheOthersTheUnmaskedOne) {
   const std::vector<uint8_t> mask = Mask({0, 6, 7, 8, last});
   torch::Tensor x_grad_masked = Backward(mask);
   spectral::ModulePartition part = model_->Partition();
-  std::set<const void*> masked;
-  for (int m = 0; m < part.size(); ++m) {
-    if (mask[m]) continue;
-    for (const auto& t : part.modules[m].params) masked.insert(t.param.unsafeGetTensorImpl());
-  }
-  ASSERT_EQ(masked.size(), 15u);
   auto params = model_->named_parameters();
-  for (size_t i = 0; i < params.size(); ++i) {
-    const torch::Tensor& p = params[i].value();
-    if (masked.count(p.unsafeGetTensorImpl())) {
-      EXPECT_FALSE(p.grad().defined()) << params[i].key() << " is masked but has a gradient";
-    } else {
-      ASSERT_TRUE(p.grad().defined()) << params[i].key();
-      EXPECT_LE(RelDiff(p.grad(), full[i]), 1e-5) << params[i].key();
+  std::map<const void*, size_t> index_of;
+  for (size_t i = 0; i < params.size(); ++i) index_of[params[i].value().unsafeGetTensorImpl()] = i;
+  int masked_slices = 0;
+  for (int m = 0; m < part.size(); ++m) {
+    for (const auto& t : part.modules[m].params) {
+      SCOPED_TRACE(part.modules[m].name);
+      const torch::Tensor g = t.grad();
+      if (!mask[m]) {
+        ++masked_slices;
+        EXPECT_TRUE(!g.defined() || g.abs().max().item<double>() == 0.0)
+            << "masked but its gradient was computed";
+      } else {
+        ASSERT_TRUE(g.defined());
+        const torch::Tensor& f = full[index_of.at(t.param.unsafeGetTensorImpl())];
+        EXPECT_LE(RelDiff(g, f.narrow(0, t.begin, t.end - t.begin)), 1e-5);
+      }
     }
+  }
+  ASSERT_EQ(masked_slices, 15);
+  // Layer 2 is masked whole: its tensors get no gradient at all. The classifier gets its own.
+  for (const auto& kv : model_->convs[2]->named_parameters()) {
+    EXPECT_FALSE(kv.value().grad().defined()) << kv.key();
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].key().rfind("fc", 0) != 0) continue;
+    ASSERT_TRUE(params[i].value().grad().defined()) << params[i].key();
+    EXPECT_LE(RelDiff(params[i].value().grad(), full[i]), 1e-5) << params[i].key();
   }
   // Activation gradients still pass through masked groups.
   model_->zero_grad();
@@ -375,16 +391,64 @@ TEST_F(VggMaskTest, MaskedGroupsKeepTheirWeightsAndOptimizerStateUnderSgdAndAdam
     }
     const std::vector<uint8_t> mask = Mask({1, 3, 4, 5, 10});
     for (int s = 0; s < 3; ++s) ASSERT_TRUE(step(mask).ok()) << "optimizer " << opt;
+    int off_seen = 0;
     for (size_t i = 0; i < entries.size(); ++i) {
-      const bool off = entries[i].module >= 0 && !mask[entries[i].module];
-      const torch::Tensor& s1 = opt == 0 ? sgd.momentum_buffer(i) : adamw.exp_avg(i);
-      const torch::Tensor& s2 = opt == 0 ? sgd.momentum_buffer(i) : adamw.exp_avg_sq(i);
-      const int64_t count = opt == 0 ? sgd.step_count(i) : adamw.step_count(i);
-      EXPECT_EQ(entries[i].param.detach().equal(params[i]), off) << entries[i].name;
-      EXPECT_EQ(s1.equal(state1[i]), off) << entries[i].name;
-      EXPECT_EQ(s2.equal(state2[i]), off) << entries[i].name;
-      EXPECT_EQ(count, off ? 1 : 4) << entries[i].name;
+      const std::vector<ParamSegment> segments = entries[i].Segments();
+      for (size_t k = 0; k < segments.size(); ++k) {
+        const ParamSegment& seg = segments[k];
+        SCOPED_TRACE(entries[i].name + " rows " + std::to_string(seg.begin));
+        const bool off = seg.module >= 0 && !mask[seg.module];
+        off_seen += off;
+        auto rows = [&](const torch::Tensor& t) { return t.detach().narrow(0, seg.begin, seg.end - seg.begin); };
+        const torch::Tensor& s1 = opt == 0 ? sgd.momentum_buffer(i) : adamw.exp_avg(i);
+        const torch::Tensor& s2 = opt == 0 ? sgd.momentum_buffer(i) : adamw.exp_avg_sq(i);
+        const int64_t count = opt == 0 ? sgd.step_count(i, k) : adamw.step_count(i, k);
+        EXPECT_EQ(rows(entries[i].param).equal(rows(params[i])), off);
+        EXPECT_EQ(rows(s1).equal(rows(state1[i])), off);
+        EXPECT_EQ(rows(s2).equal(rows(state2[i])), off);
+        EXPECT_EQ(count, off ? 1 : 4);
+      }
     }
+    EXPECT_EQ(off_seen, 5 * 3);
+  }
+}
+
+// A checkpoint of the per-group leaf layout ("conv<l>.w<g>", "gamma<g>", "beta<g>", one update
+// count per tensor), made here from this layout's tensors as the old names were, becomes this
+// layout's tensors again, bit for bit.
+TEST_F(VggMaskTest, AnOldLeafLayoutCheckpointUpgradesBitForBit) {
+  spectral::ModulePartition part = model_->Partition();
+  MaskedAdamW adamw(BuildParamEntries(*model_, part), AdamWOptions{});
+  for (const auto& mask : {Mask({}), Mask({1, 3, 4, 5, 10})}) {
+    Backward(mask);
+    ASSERT_TRUE(adamw.Step(1e-3, mask, {}).ok());
+  }
+  std::map<std::string, torch::Tensor> now;
+  for (const auto& kv : model_->named_parameters()) now["model." + kv.key()] = kv.value().detach().clone();
+  adamw.Save(&now);
+  std::map<std::string, torch::Tensor> old = now;
+  const int G = 3;
+  for (size_t l = 0; l < model_->convs.size(); ++l) {
+    const auto& rows = model_->convs[l]->rows;
+    ASSERT_EQ(rows.size(), size_t(G));
+    for (const std::string p : {"model.", "opt.m.", "opt.v.", "opt.step."}) {
+      for (const std::string part_name : {"w", "gamma", "beta"}) {
+        const std::string key = p + "conv" + std::to_string(l) + "." + part_name;
+        const torch::Tensor t = old.at(key);
+        for (int g = 0; g < G; ++g) {
+          old[key + std::to_string(g)] = p == "opt.step." ? t[g].clone()
+                                                          : t.narrow(0, rows[g].begin, rows[g].end - rows[g].begin).clone();
+        }
+        old.erase(key);
+      }
+    }
+  }
+  ASSERT_TRUE(old.count("model.conv0.gamma2") && old.count("opt.step.conv3.w1"));
+  EXPECT_EQ(UpgradeVggLeafLayout(model_->config(), &old), int(model_->convs.size()) * 4);
+  ASSERT_EQ(old.size(), now.size());
+  for (const auto& [name, t] : now) {
+    ASSERT_TRUE(old.count(name)) << name;
+    EXPECT_TRUE(old.at(name).sizes().equals(t.sizes()) && torch::equal(old.at(name), t)) << name;
   }
 }
 

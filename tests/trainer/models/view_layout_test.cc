@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/trainer/leaf_layout.h"
 #include "trainer/models/bert.h"
 #include "trainer/optim/optimizer.h"
 #include "trainer/optim/sgd.h"
@@ -232,52 +233,6 @@ INSTANTIATE_TEST_SUITE_P(Float32AndFloat64, ViewLayoutTest,
                                            Case{torch::kDouble, true, 6, 1e-10},
                                            Case{torch::kDouble, false, 6, 1e-10}));
 
-// The tensors of the leaf layout from this layout's (the inverse of UpgradeLeafLayout, written
-// out here as the old names were): model values and AdamW moments per head and slice, and each
-// head's or slice's update count repeated for each of its old leaves.
-std::map<std::string, torch::Tensor> ToLeafLayout(const BertConfig& c,
-                                                  const std::map<std::string, torch::Tensor>& now) {
-  std::map<std::string, torch::Tensor> old = now;
-  const int64_t dh = c.d_model / c.heads, G = std::max<int64_t>(c.ffn_groups, 1),
-                f = c.d_ff / G;
-  for (const std::string p : {"model.", "opt.m.", "opt.v.", "opt.step."}) {
-    const bool steps = p == "opt.step.";
-    for (int64_t l = 0; l < c.layers; ++l) {
-      const std::string L = p + "layer" + std::to_string(l) + ".";
-      const torch::Tensor qkv = old.at(L + "wqkv"), b = old.at(L + "bqkv"), o = old.at(L + "wo_t");
-      for (int64_t h = 0; h < c.heads; ++h) {
-        const char* comp[3] = {"q", "k", "v"};
-        for (int k = 0; k < 3; ++k) {
-          const std::string n = std::string(comp[k]) + std::to_string(h);
-          old[L + "w" + n] = steps ? qkv[h].clone() : qkv.narrow(0, 3 * dh * h + dh * k, dh).clone();
-          old[L + "b" + n] = steps ? b[h].clone() : b.narrow(0, 3 * dh * h + dh * k, dh).clone();
-        }
-        old[L + "wo" + std::to_string(h)] = steps ? o[h].clone() : o.narrow(0, dh * h, dh).t().contiguous();
-      }
-      if (IsSwitchLayer(c, l)) {  // experts: row e of moe.w1 ... is "moe.expert<e>_w1" ...
-        for (const std::string part : {"w1", "b1", "w2", "b2"}) {
-          const torch::Tensor t = old.at(L + "moe." + part);
-          for (int64_t e = 0; e < c.experts; ++e) old[L + "moe.expert" + std::to_string(e) + "_" + part] = t[e].clone();
-          old.erase(L + "moe." + part);
-        }
-        for (const char* n : {"wqkv", "bqkv", "wo_t"}) old.erase(L + n);
-        continue;
-      }
-      const torch::Tensor w1 = old.at(L + "wff1"), b1 = old.at(L + "bff1"), w2 = old.at(L + "wff2_t");
-      for (int64_t g = 0; g < G; ++g) {
-        const std::string n = std::to_string(g);
-        const bool one = steps && c.ffn_groups == 0;  // an unsplit FFN: one 0-dim count
-        old[L + "wff1_" + n] = one ? w1.clone() : steps ? w1[g].clone() : w1.narrow(0, f * g, f).clone();
-        old[L + "bff1_" + n] = one ? b1.clone() : steps ? b1[g].clone() : b1.narrow(0, f * g, f).clone();
-        old[L + "wff2_" + n] =
-            one ? w2.clone() : steps ? w2[g].clone() : w2.narrow(0, f * g, f).t().contiguous();
-      }
-      for (const char* n : {"wqkv", "bqkv", "wo_t", "wff1", "bff1", "wff2_t"}) old.erase(L + n);
-    }
-  }
-  return old;
-}
-
 // A checkpoint's model and optimizer tensors after masked steps, as Trainer::Save keeps them.
 std::map<std::string, torch::Tensor> TrainedCheckpointTensors(const BertConfig& c) {
   torch::manual_seed(3);
@@ -314,7 +269,7 @@ TEST(UpgradeLeafLayoutTest, AnOldCheckpointBecomesThisLayoutBitForBit) {
     BertConfig c = SmallConfig();
     c.ffn_groups = groups;
     const std::map<std::string, torch::Tensor> now = TrainedCheckpointTensors(c);
-    std::map<std::string, torch::Tensor> old = ToLeafLayout(c, now);
+    std::map<std::string, torch::Tensor> old = testing::ToLeafLayout(c, now);
     ASSERT_TRUE(old.count("model.layer1.wq3") && old.count("opt.step.layer0.wff2_0"));
     EXPECT_EQ(UpgradeLeafLayout(c, &old), 2 * 4);  // two layers under four prefixes
     ExpectSameTensors(old, now);
@@ -328,7 +283,7 @@ TEST(UpgradeLeafLayoutTest, SwitchExpertsAreStackedBack) {
   c.experts = 4;
   c.moe_every = 2;  // layer 0 has experts, layer 1 a dense FFN
   const std::map<std::string, torch::Tensor> now = TrainedCheckpointTensors(c);
-  std::map<std::string, torch::Tensor> old = ToLeafLayout(c, now);
+  std::map<std::string, torch::Tensor> old = testing::ToLeafLayout(c, now);
   ASSERT_TRUE(old.count("model.layer0.moe.expert3_w2") && old.count("opt.step.layer0.moe.expert0_b1"));
   EXPECT_EQ(UpgradeLeafLayout(c, &old), 2 * 4 + 4);  // attention of 2 layers, experts of 1
   ExpectSameTensors(old, now);
@@ -336,7 +291,7 @@ TEST(UpgradeLeafLayoutTest, SwitchExpertsAreStackedBack) {
 
 TEST(UpgradeLeafLayoutTest, AnIncompleteLayerIsLeftForTheLoaderToReport) {
   const BertConfig c = SmallConfig();
-  std::map<std::string, torch::Tensor> old = ToLeafLayout(c, TrainedCheckpointTensors(c));
+  std::map<std::string, torch::Tensor> old = testing::ToLeafLayout(c, TrainedCheckpointTensors(c));
   old.erase("model.layer1.wk2");
   UpgradeLeafLayout(c, &old);
   EXPECT_EQ(old.count("model.layer1.wqkv"), 0u);

@@ -82,25 +82,8 @@ TEST_F(MaskedBackwardTest, MaskedOffModulesGetNoGradientAndOthersMatchReference)
   double l_masked = Backward(masked, mask);
   EXPECT_NEAR(l_masked, l_ref, kRel * std::abs(l_ref));  // masks do not change the forward
 
-  int checked_off = 0, checked_on = 0;
-  for (int m = 0; m < masked.partition.size(); ++m) {
-    const auto& mine = masked.partition.modules[m].params;
-    const auto& theirs = ref.partition.modules[m].params;
-    for (size_t k = 0; k < mine.size(); ++k) {
-      SCOPED_TRACE(masked.partition.modules[m].name + " slice " + std::to_string(k));
-      const torch::Tensor g = mine[k].grad();
-      if (!mask[m]) {
-        // Not computed: the layer's gradient holds zeros in these rows.
-        ASSERT_TRUE(g.defined()) << "the layer has active modules";
-        EXPECT_EQ(g.abs().max().item<double>(), 0.0) << "a masked-off module's gradient was computed";
-        ++checked_off;
-      } else {
-        ASSERT_TRUE(g.defined());
-        EXPECT_LE(RelDiff(g, theirs[k].grad()), kRel);
-        ++checked_on;
-      }
-    }
-  }
+  const auto [checked_off, checked_on] =
+      testing::ExpectModuleGradients(masked.partition, ref.partition, mask, kRel);
   EXPECT_EQ(checked_off, 3 * 3 + 3);  // 3 heads x 3 slices, 1 FFN slice x 3 slices
   EXPECT_GT(checked_on, 0);
   // Everything outside the modules (embeddings, layer norms, W_O's bias, the head) as well.

@@ -323,26 +323,10 @@ TEST_F(SwitchMaskTest, MaskedOffExpertsGetNoGradientAndOthersMatchReference) {
   const auto routed = masked.model->RoutedTokens();
   EXPECT_GT(routed[0] + routed[2] + routed[7], 0);
 
-  int checked_off = 0, checked_on = 0;
-  for (int m = 0; m < masked.partition.size(); ++m) {
-    const auto& mine = masked.partition.modules[m].params;
-    const auto& theirs = ref.partition.modules[m].params;
-    for (size_t k = 0; k < mine.size(); ++k) {
-      SCOPED_TRACE(masked.partition.modules[m].name + " slice " + std::to_string(k));
-      const torch::Tensor g = mine[k].grad();
-      if (!mask[m]) {
-        // Not computed: an expert's leaves get none; a head's rows of its layer's gradient are 0.
-        EXPECT_TRUE(!g.defined() || (!mine[k].whole() && g.abs().max().item<double>() == 0.0))
-            << "a masked-off module's gradient was computed";
-        ++checked_off;
-      } else {
-        // Every active module has a gradient, zero when no token reached an expert.
-        ASSERT_TRUE(g.defined());
-        EXPECT_LE(RelDiff(g, theirs[k].grad()), 1e-6);
-        ++checked_on;
-      }
-    }
-  }
+  // Not computed: a masked-off head's or expert's rows of its layer's gradients are zero. Every
+  // active module has its rows, zero when no token reached an expert.
+  const auto [checked_off, checked_on] =
+      testing::ExpectModuleGradients(masked.partition, ref.partition, mask, 1e-6);
   EXPECT_EQ(checked_off, 3 + 3 * 4);  // 1 head x 3 slices, 3 experts x 4 tensors
   EXPECT_GT(checked_on, 0);
   // The router is always trained.

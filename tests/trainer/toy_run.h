@@ -6,10 +6,12 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -122,6 +124,34 @@ inline Net MakeNet(const BertConfig& c) {
 
 // Two BERTs (2 layers of 32, 4 heads, 2 FFN groups, vocabulary 50, no dropout) with the same
 // weights (seeded by `seed`), and one batch: ids [6, 16], every 5th position masked, labels.
+// After a backward of `masked` under `mask` and of `ref` with every module on (the same model
+// and batch): each slice of a masked-off module has no gradient or a zero one (not computed);
+// each slice of an active one has `ref`'s gradient within `rel` (relative, floor 1e-3). Returns
+// the slices checked: {masked off, active}.
+inline std::pair<int, int> ExpectModuleGradients(const spectral::ModulePartition& masked,
+                                                 const spectral::ModulePartition& ref,
+                                                 const std::vector<uint8_t>& mask, double rel) {
+  int off = 0, on = 0;
+  for (int m = 0; m < masked.size(); ++m) {
+    for (size_t k = 0; k < masked.modules[m].params.size(); ++k) {
+      SCOPED_TRACE(masked.modules[m].name + " slice " + std::to_string(k));
+      const torch::Tensor g = masked.modules[m].params[k].grad();
+      if (!mask[m]) {
+        EXPECT_TRUE(!g.defined() || g.abs().max().item<double>() == 0.0)
+            << "a masked-off module's gradient was computed";
+        ++off;
+        continue;
+      }
+      EXPECT_TRUE(g.defined()) << "an active module has a gradient";
+      if (!g.defined()) continue;
+      const torch::Tensor r = ref.modules[m].params[k].grad();
+      EXPECT_LE((g - r).norm().item<double>() / std::max(r.norm().item<double>(), 1e-3), rel);
+      ++on;
+    }
+  }
+  return {off, on};
+}
+
 struct ModelPair {
   BertConfig config;
   BertMlm a{nullptr}, b{nullptr};

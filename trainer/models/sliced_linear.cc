@@ -232,6 +232,24 @@ class GroupedFunction : public torch::autograd::Function<GroupedFunction> {
   }
 };
 
+// A function's inputs: x cast to the autocast dtype in a bf16 step (the function computes in
+// x's dtype), the weight and bias detached when no block is attached (constants: no autograd
+// node unless x needs one).
+struct Inputs {
+  torch::Tensor x, w;
+  c10::optional<torch::Tensor> b;
+};
+
+Inputs PrepareInputs(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                     const std::vector<int64_t>& attached) {
+  bool any = false;
+  for (int64_t a : attached) any = any || a != 0;
+  Inputs in{x, any ? w : w.detach(), c10::nullopt};
+  if (auto dtype = AutocastDtype(x.device().type())) in.x = x.to(*dtype);
+  if (b.defined()) in.b = any ? b : b.detach();
+  return in;
+}
+
 torch::Tensor Apply(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
                     const std::vector<RowBlock>& blocks, const std::vector<bool>& attached,
                     bool transposed) {
@@ -247,14 +265,8 @@ torch::Tensor Apply(const torch::Tensor& x, const torch::Tensor& w, const torch:
     end.push_back(blocks[i].end);
     on.push_back(attached[i] ? 1 : 0);
   }
-  torch::Tensor xc = x;
-  if (auto dtype = AutocastDtype(x.device().type())) xc = x.to(*dtype);  // bf16 step
-  // With no block attached the weights are constants: no autograd node unless x needs one.
-  bool any = false;
-  for (int64_t a : on) any = any || a != 0;
-  c10::optional<torch::Tensor> bias;
-  if (b.defined()) bias = any ? b : b.detach();
-  return SplitFunction::apply(xc, any ? w : w.detach(), bias, begin, end, on, transposed);
+  const Inputs in = PrepareInputs(x, w, b, on);
+  return SplitFunction::apply(in.x, in.w, in.b, begin, end, on, transposed);
 }
 
 }  // namespace
@@ -270,13 +282,8 @@ torch::Tensor GroupedForward(const torch::Tensor& x, const torch::Tensor& w, con
               " rows");
   std::vector<int64_t> on;
   for (bool a : attached) on.push_back(a ? 1 : 0);
-  torch::Tensor xc = x;
-  if (auto dtype = AutocastDtype(x.device().type())) xc = x.to(*dtype);  // bf16 step
-  bool any = false;
-  for (int64_t a : on) any = any || a != 0;
-  c10::optional<torch::Tensor> bias;
-  if (b.defined()) bias = any ? b : b.detach();
-  return GroupedFunction::apply(xc, any ? w : w.detach(), bias, counts, on);
+  const Inputs in = PrepareInputs(x, w, b, on);
+  return GroupedFunction::apply(in.x, in.w, in.b, counts, on);
 }
 
 std::vector<RowBlock> EqualBlocks(int64_t count, int64_t size) {

@@ -54,7 +54,7 @@ struct ParamEntry {
   bool decay = true;   // apply weight decay
   // Non-empty: the tensor's leading axis is split among modules; ascending segments that cover
   // [0, size(0)) exactly (`module` is then -1).
-  std::vector<ParamSegment> rows;
+  std::vector<ParamSegment> rows{};
 
   // `rows`, or the whole tensor as one segment of `module`.
   std::vector<ParamSegment> Segments() const;

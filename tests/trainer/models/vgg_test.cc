@@ -139,7 +139,9 @@ TEST(VggPartitionTest, CoversExactlyTheConvKernelsAndBatchNormSlices) {
       in_partition.insert(t.param.unsafeGetTensorImpl());
       // The groups of a layer are consecutive row blocks of its three tensors.
       EXPECT_EQ(t.begin, m % 3 == 0 ? 0 : part.modules[m - 1].params[0].end) << spec.name;
-      if (m % 3 == 2) EXPECT_EQ(t.end, t.param.size(0)) << spec.name;
+      if (m % 3 == 2) {
+        EXPECT_EQ(t.end, t.param.size(0)) << spec.name;
+      }
     }
   }
   int64_t conv_params = 0;

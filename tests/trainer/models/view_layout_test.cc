@@ -200,7 +200,9 @@ TEST_P(ViewLayoutTest, MaskedTrainingEqualsTheLeafLayout) {
         EXPECT_LE(RelDiff(v.qkv_w.narrow(0, 3 * dh * h + dh * k, dh), hd.w[k]), tol) << k;
         // Key biases: softmax is invariant to q·b_k, so their gradient is float round-off that
         // Adam's normalisation turns into ±lr steps; not comparable.
-        if (k != 1) EXPECT_LE(RelDiff(v.qkv_b.narrow(0, 3 * dh * h + dh * k, dh), hd.b[k]), tol) << k;
+        if (k != 1) {
+          EXPECT_LE(RelDiff(v.qkv_b.narrow(0, 3 * dh * h + dh * k, dh), hd.b[k]), tol) << k;
+        }
       }
       EXPECT_LE(RelDiff(v.o_w_t.narrow(0, dh * h, dh).t(), hd.wo), tol);
       compared += 6;

@@ -17,6 +17,7 @@
 #include "api/job_spec.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "tests/coordinator/coordinator_fixture.h"
 #include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
@@ -40,30 +41,14 @@ struct Received {
   bool last = false;
 };
 
-class CoordinatorTest : public ::testing::Test {
+class CoordinatorTest : public CoordinatorFixture {
  protected:
-  tests::TempDir tmp_{"mat_coordinator"};  // outlives the members below
+  CoordinatorTest() : CoordinatorFixture("mat_coordinator") {}
 
-  void SetUp() override {
-    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
-    dir_ = tmp_.path();
-    Open();
-  }
-
-  void TearDown() override {
-    coordinator_.reset();
-  }
-
-  // (Re)opens the store and a Coordinator over it, both on the fake clock.
-  void Open() {
-    coordinator_.reset();
-    JobStoreOptions store_options;
-    store_options.now_unix_seconds = [this] { return now_; };
-    auto store = JobStore::Open(dir_ + "/state", store_options);
-    ASSERT_TRUE(store.ok()) << store.status();
+  CoordinatorOptions Options() override {
     CoordinatorOptions options;
     options.now_unix_seconds = [this] { return now_ + 1000; };  // distinguishable from the store
-    coordinator_ = std::make_unique<Coordinator>(std::move(*store), options);
+    return options;
   }
 
   std::string Submit(const std::string& request_id, const v1::JobSpec& spec) {
@@ -86,9 +71,6 @@ class CoordinatorTest : public ::testing::Test {
     return id.ok() ? *id : 0;
   }
 
-  std::string dir_;
-  int64_t now_ = 1'700'000'000;
-  std::unique_ptr<Coordinator> coordinator_;
 };
 
 TEST_F(CoordinatorTest, SubmitJobStoresQueuedJobWithDefaultsFilled) {

@@ -183,8 +183,7 @@ TEST_F(WorkerSessionsTest, ARestartedJobContinuesItsPolicyAndRefusesTheOldAttemp
   const std::string job = StartTwoRankJob(&w0, &w1);
   // Probes 0, 10, 20 decided in attempt 0.
   for (int k = 0; k < 3; ++k) {
-    SendOk(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)));
-    SendOk(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)));
+    SendProbe(w0, w1, job, k);
     SendOk(Ack(w0.id, job, 0, k + 1));
   }
   const std::vector<v1::MaskUpdate> before = w0.channel->Masks();

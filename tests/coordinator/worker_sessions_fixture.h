@@ -25,6 +25,7 @@
 #include "policy/policy.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "config/train_config.h"
+#include "tests/coordinator/coordinator_fixture.h"
 #include "tests/testing/fake_worker_channel.h"
 #include "tests/testing/policy_fixtures.h"
 #include "tests/testing/temp_dir.h"
@@ -175,27 +176,14 @@ inline v1::WorkerMessage Attempt(v1::WorkerMessage m, int64_t attempt) {
 }
 
 
-class WorkerSessionsTest : public ::testing::Test {
+class WorkerSessionsTest : public CoordinatorFixture {
  protected:
-  tests::TempDir tmp_{"mat_worker_sessions"};  // outlives the members below
+  WorkerSessionsTest() : CoordinatorFixture("mat_worker_sessions") {}
+  // The Coordinator goes before metrics_, which it points into.
+  ~WorkerSessionsTest() override { coordinator_.reset(); }
 
-  void SetUp() override {
-    ASSERT_TRUE(tmp_.ok()) << "cannot create a temporary directory";
-    dir_ = tmp_.path();
-    Open();
-  }
-
-  void TearDown() override {
-    coordinator_.reset();
-  }
-
-  // (Re)opens the store and a Coordinator over it, on the fake clocks.
-  void Open() {
-    coordinator_.reset();
-    JobStoreOptions store_options;
-    store_options.now_unix_seconds = [this] { return now_; };
-    auto store = JobStore::Open(dir_ + "/state", store_options);
-    ASSERT_TRUE(store.ok()) << store.status();
+  // On the fake clocks; heartbeats every second; metrics when EnableMetrics made them.
+  CoordinatorOptions Options() override {
     CoordinatorOptions options;
     options.now_unix_seconds = [this] { return now_; };
     options.now_ms = [this] { return now_ms_; };
@@ -203,7 +191,7 @@ class WorkerSessionsTest : public ::testing::Test {
     options.metrics = metrics_.get();
     options.metrics_retention_seconds = 60;
     options.max_restarts = max_restarts_;
-    coordinator_ = std::make_unique<Coordinator>(std::move(*store), options);
+    return options;
   }
 
   // Reopens the Coordinator with metrics (retention 60 s).
@@ -260,6 +248,11 @@ class WorkerSessionsTest : public ::testing::Test {
     absl::Status st = Send(m);
     EXPECT_TRUE(st.ok()) << st;
   }
+  // Both ranks' λ of probe k: step 10·k, Lambda(rank, k).
+  void SendProbe(const Worker& w0, const Worker& w1, const std::string& job, int k) {
+    SendOk(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)));
+    SendOk(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)));
+  }
 
   // Records every event of `job` into `out`.
   void Watch(const std::string& job, std::vector<v1::JobEvent>* out) {
@@ -288,13 +281,10 @@ class WorkerSessionsTest : public ::testing::Test {
     return job;
   }
 
-  std::string dir_;
-  int64_t now_ = 1'700'000'000;
   int64_t now_ms_ = 5'000'000;
   int workers_added_ = 0;
   int64_t max_restarts_ = 10;
-  std::unique_ptr<CoordinatorMetrics> metrics_;  // outlives coordinator_ (declared first)
-  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<CoordinatorMetrics> metrics_;  // outlives coordinator_ (see the destructor)
 };
 
 }  // namespace mat::coordinator::testing_sessions

@@ -319,8 +319,7 @@ TEST_F(WorkerSessionsTest, MaskAcksAreRecordedAndStaleOnesAborted) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);
   for (int k = 0; k < 5; ++k) {
-    SendOk(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)));
-    SendOk(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)));
+    SendProbe(w0, w1, job, k);
   }
   ASSERT_EQ(w0.channel->Masks().back().mask_version(), 5);
   SendOk(Ack(w0.id, job, 0, 5));
@@ -355,8 +354,7 @@ TEST_F(WorkerSessionsTest, RefusedMessagesGetARejectWithTheirCodeAndChangeNothin
   const std::string job = StartTwoRankJob(&w0, &w1);
   const Worker idle = AddWorker();
   const std::string queued = Submit(Spec(2));  // one idle worker: stays queued
-  SendOk(Spectra(w0.id, job, 0, 0, Lambda(0, 0)));
-  SendOk(Spectra(w1.id, job, 1, 0, Lambda(1, 0)));  // step 0 decided
+  SendProbe(w0, w1, job, 0);  // step 0 decided
   SendOk(Ack(w1.id, job, 1, 1));                     // and rank 1 has its mask
   SendOk(Spectra(w0.id, job, 0, 10, Lambda(0, 1)));  // step 10 pending for rank 1
 

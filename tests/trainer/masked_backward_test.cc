@@ -31,14 +31,7 @@ using testing::Net;
 class MaskedBackwardTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    c_.vocab_size = 40;
-    c_.max_seq_len = 8;
-    c_.layers = 2;
-    c_.d_model = 16;
-    c_.heads = 4;
-    c_.d_ff = 32;
-    c_.ffn_groups = 2;
-    c_.dropout = 0;
+    c_ = testing::MaskingTestConfig();
     torch::manual_seed(11);
     ids_ = torch::randint(0, 40, {4, 8}, torch::kLong);
     positions_ = torch::tensor({1, 5, 9, 14, 20, 27, 31}, torch::kLong);

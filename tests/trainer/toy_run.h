@@ -106,6 +106,21 @@ inline std::vector<nlohmann::json> ReadJsonLines(const std::string& path) {
 }
 
 // A BERT of `c` (seed 7, training mode), its partition and a MaskedAdamW over it.
+// Two layers of 16 units, 4 heads, 2 FFN slices, no dropout, a vocabulary of 40 and 8
+// positions: the BERT of the masking tests (12 modules: 8 heads, then 4 FFN slices).
+inline BertConfig MaskingTestConfig() {
+  BertConfig c;
+  c.vocab_size = 40;
+  c.max_seq_len = 8;
+  c.layers = 2;
+  c.d_model = 16;
+  c.heads = 4;
+  c.d_ff = 32;
+  c.ffn_groups = 2;
+  c.dropout = 0;
+  return c;
+}
+
 struct Net {
   BertMlm model{nullptr};
   std::unique_ptr<MaskedAdamW> opt;

@@ -1,7 +1,6 @@
 #include "trainer/models/bert.h"
 
 #include <cmath>
-#include <optional>
 #include <utility>
 #include <vector>
 
@@ -43,20 +42,6 @@ std::vector<std::string> OldKeys(const std::string& base, const std::vector<std:
   return keys;
 }
 
-// Rows of each group of `per` consecutive tensors stacked in order; `transpose`d first for the
-// maps the view layout stores transposed. Step counts: the first tensor of each group, as a
-// vector (a 0-dim count when `scalar_steps`).
-torch::Tensor Assemble(const std::vector<torch::Tensor>& parts, size_t per, bool transpose,
-                       bool steps, bool scalar_steps) {
-  std::vector<torch::Tensor> rows;
-  for (size_t i = 0; i < parts.size(); i += steps ? per : 1) {
-    const torch::Tensor& t = parts[i];
-    rows.push_back(steps ? t.reshape({1}) : transpose ? t.t() : t);
-  }
-  torch::Tensor out = torch::cat(rows, 0).contiguous();
-  return steps && scalar_steps ? out.reshape({}) : out;
-}
-
 }  // namespace
 
 int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>* tensors) {
@@ -69,14 +54,14 @@ int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>*
     for (int64_t l = 0; l < c.layers; ++l) {
       const std::string base = prefix + "layer" + std::to_string(l) + ".";
       if (auto w = TakeTensors(tensors, OldKeys(base, {"wq", "wk", "wv"}, c.heads))) {
-        (*tensors)[base + "wqkv"] = Assemble(*w, 3, false, steps, false);
+        (*tensors)[base + "wqkv"] = JoinOldLeaves(*w, steps, 3, false, false);
         ++upgraded;
       }
       if (auto b = TakeTensors(tensors, OldKeys(base, {"bq", "bk", "bv"}, c.heads))) {
-        (*tensors)[base + "bqkv"] = Assemble(*b, 3, false, steps, false);
+        (*tensors)[base + "bqkv"] = JoinOldLeaves(*b, steps, 3, false, false);
       }
       if (auto o = TakeTensors(tensors, OldKeys(base, {"wo"}, c.heads))) {
-        (*tensors)[base + "wo_t"] = Assemble(*o, 1, true, steps, false);
+        (*tensors)[base + "wo_t"] = JoinOldLeaves(*o, steps, 1, true, false);
       }
       if (IsSwitchLayer(c, l)) {  // experts: "moe.expert<e>_w1" ... stacked into "moe.w1" ...
         for (const std::string part : {"w1", "b1", "w2", "b2"}) {
@@ -93,13 +78,13 @@ int UpgradeLeafLayout(const BertConfig& c, std::map<std::string, torch::Tensor>*
       }
       const bool unsplit = c.ffn_groups == 0;
       if (auto w1 = TakeTensors(tensors, OldKeys(base, {"wff1_"}, groups))) {
-        (*tensors)[base + "wff1"] = Assemble(*w1, 1, false, steps, unsplit);
+        (*tensors)[base + "wff1"] = JoinOldLeaves(*w1, steps, 1, false, unsplit);
       }
       if (auto b1 = TakeTensors(tensors, OldKeys(base, {"bff1_"}, groups))) {
-        (*tensors)[base + "bff1"] = Assemble(*b1, 1, false, steps, unsplit);
+        (*tensors)[base + "bff1"] = JoinOldLeaves(*b1, steps, 1, false, unsplit);
       }
       if (auto w2 = TakeTensors(tensors, OldKeys(base, {"wff2_"}, groups))) {
-        (*tensors)[base + "wff2_t"] = Assemble(*w2, 1, true, steps, unsplit);
+        (*tensors)[base + "wff2_t"] = JoinOldLeaves(*w2, steps, 1, true, unsplit);
       }
     }
   }

@@ -159,4 +159,15 @@ std::optional<std::vector<torch::Tensor>> TakeTensors(std::map<std::string, torc
   return out;
 }
 
+torch::Tensor JoinOldLeaves(const std::vector<torch::Tensor>& leaves, bool steps, size_t per,
+                            bool transpose, bool scalar) {
+  std::vector<torch::Tensor> rows;
+  for (size_t i = 0; i < leaves.size(); i += steps ? per : 1) {
+    const torch::Tensor& t = leaves[i];
+    rows.push_back(steps ? t.reshape({1}) : transpose ? t.t() : t);
+  }
+  torch::Tensor out = torch::cat(rows, 0).contiguous();
+  return steps && scalar ? out.reshape({}) : out;
+}
+
 }  // namespace mat::trainer

@@ -55,4 +55,11 @@ const std::vector<std::string>& LayoutStepPrefixes();   // "opt.step.", "sgd.ste
 std::optional<std::vector<torch::Tensor>> TakeTensors(std::map<std::string, torch::Tensor>* tensors,
                                                       const std::vector<std::string>& keys);
 
+// One tensor from the per-module leaves of an earlier layout, in order. Values: the leaves'
+// rows stacked (each leaf transposed first when `transpose`). Update counts (`steps`): every
+// `per`-th leaf's count (the leaves of one module share it) as one vector, or the single count
+// 0-dim when `scalar`.
+torch::Tensor JoinOldLeaves(const std::vector<torch::Tensor>& leaves, bool steps, size_t per = 1,
+                            bool transpose = false, bool scalar = false);
+
 }  // namespace mat::trainer

@@ -196,9 +196,14 @@ class GroupedFunction : public torch::autograd::Function<GroupedFunction> {
     bool any = false;
     for (int64_t a : attached) any = any || a != 0;
     torch::Tensor gw, gb;
-    if (any) {
-      gw = torch::zeros(wc.sizes(), g.options());
-      if (has_bias) gb = torch::zeros({wc.size(0), wc.size(1)}, g.options());
+    if (any) {  // rows of the experts written below are not zeroed first
+      gw = torch::empty(wc.sizes(), g.options());
+      if (has_bias) gb = torch::empty({wc.size(0), wc.size(1)}, g.options());
+      for (size_t e = 0; e < counts.size(); ++e) {
+        if (attached[e] && counts[e] > 0 && !differentiable) continue;
+        gw[e].zero_();
+        if (has_bias) gb[e].zero_();
+      }
     }
     int64_t offset = 0;
     for (size_t e = 0; e < counts.size(); ++e) {

@@ -141,10 +141,7 @@ int UpgradeVggLeafLayout(const VggConfig& c, std::map<std::string, torch::Tensor
         std::vector<std::string> keys;
         for (int64_t g = 0; g < c.filter_groups; ++g) keys.push_back(base + part + std::to_string(g));
         if (auto t = TakeTensors(tensors, keys)) {
-          std::vector<torch::Tensor> rows = *t;
-          if (steps)
-            for (torch::Tensor& r : rows) r = r.reshape({1});
-          (*tensors)[base + part] = torch::cat(rows, 0);
+          (*tensors)[base + part] = JoinOldLeaves(*t, steps);
           upgraded += part == "w";
         }
       }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "tests/trainer/leaf_layout.h"
+#include "tests/trainer/toy_run.h"
 #include "trainer/models/bert.h"
 #include "trainer/optim/optimizer.h"
 #include "trainer/optim/sgd.h"
@@ -24,19 +25,6 @@ namespace F = torch::nn::functional;
 double RelDiff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.detach() - b.detach()).norm().item<double>() /
          std::max(b.detach().norm().item<double>(), 1e-3);
-}
-
-BertConfig SmallConfig() {
-  BertConfig c;
-  c.vocab_size = 40;
-  c.max_seq_len = 8;
-  c.layers = 2;
-  c.d_model = 16;
-  c.heads = 4;
-  c.d_ff = 32;
-  c.ffn_groups = 2;
-  c.dropout = 0;
-  return c;
 }
 
 // The leaf layout: the modules' parameters as leaves copied from a view model's rows, the rest
@@ -147,7 +135,7 @@ struct Case {
 class ViewLayoutTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ViewLayoutTest, MaskedTrainingEqualsTheLeafLayout) {
-  const BertConfig c = SmallConfig();
+  const BertConfig c = testing::MaskingTestConfig();
   const double tol = GetParam().tol;
   torch::manual_seed(7);
   BertMlm view(c);
@@ -268,7 +256,7 @@ void ExpectSameTensors(const std::map<std::string, torch::Tensor>& a,
 TEST(UpgradeLeafLayoutTest, AnOldCheckpointBecomesThisLayoutBitForBit) {
   for (int64_t groups : {2, 0}) {
     SCOPED_TRACE("ffn_groups " + std::to_string(groups));
-    BertConfig c = SmallConfig();
+    BertConfig c = testing::MaskingTestConfig();
     c.ffn_groups = groups;
     const std::map<std::string, torch::Tensor> now = TrainedCheckpointTensors(c);
     std::map<std::string, torch::Tensor> old = testing::ToLeafLayout(c, now);
@@ -280,7 +268,7 @@ TEST(UpgradeLeafLayoutTest, AnOldCheckpointBecomesThisLayoutBitForBit) {
 }
 
 TEST(UpgradeLeafLayoutTest, SwitchExpertsAreStackedBack) {
-  BertConfig c = SmallConfig();
+  BertConfig c = testing::MaskingTestConfig();
   c.ffn_groups = 0;
   c.experts = 4;
   c.moe_every = 2;  // layer 0 has experts, layer 1 a dense FFN
@@ -292,7 +280,7 @@ TEST(UpgradeLeafLayoutTest, SwitchExpertsAreStackedBack) {
 }
 
 TEST(UpgradeLeafLayoutTest, AnIncompleteLayerIsLeftForTheLoaderToReport) {
-  const BertConfig c = SmallConfig();
+  const BertConfig c = testing::MaskingTestConfig();
   std::map<std::string, torch::Tensor> old = testing::ToLeafLayout(c, TrainedCheckpointTensors(c));
   old.erase("model.layer1.wk2");
   UpgradeLeafLayout(c, &old);

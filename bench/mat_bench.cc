@@ -15,6 +15,9 @@
 //   output-kernel    the paper's mNTK (every logit, brute-force Jacobians) at trained checkpoints
 //                    of the tiny BERT with a capped vocabulary, against the shared-pass output
 //                    estimator (exact and k = 4 projections) and the loss kernel (OutputKernel).
+//   op-census        the ops one full step runs, per phase (forward, backward, optimizer), from
+//                    the autograd profiler: calls and input elements by op name, to compare
+//                    with the PyTorch peer's (bench/op_census.py). LibTorch 1.x only.
 //
 // Figures are ratios measured in one run; absolute times are printed for context only.
 #include <algorithm>
@@ -24,6 +27,7 @@
 #include <tuple>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <iostream>
 
 #include "CLI/CLI.hpp"
@@ -56,6 +60,7 @@ trainer::Precision Prec() {
 }
 std::string g_data_dir;        // --data-dir: overrides the examples' data.dir
 std::string g_step_config = "examples/bert-wikitext2.yaml";  // --config: step, matmul-peak
+int64_t g_batch = 0;           // --batch: op-census's batch size (0: the config's)
 int g_compare_gap = 20;        // --gap: spectral-compare's training steps between probes
 
 // Waits for the device's queued work (a host copy of a scalar is stream-ordered).
@@ -296,6 +301,126 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
               Median(optim_plain));
   return 0;
 }
+
+#ifdef MAT_BENCH_PROFILE
+// One op name's calls in a profiled region. A "leaf" call nests no other op: on a GPU that is
+// what launches a kernel (or only allocates or makes a view; bench/op_census.py tells them
+// apart). Its input elements are the product of each tensor argument's shape, summed.
+struct OpTally {
+  int64_t calls = 0, leaf_calls = 0;
+  double leaf_input_elements = 0;
+  std::map<std::string, int64_t> leaf_shapes;  // "[[8,128,768],[768]]" -> leaf calls
+};
+
+// The ops `fn` runs, by name, from LibTorch's (legacy) autograd profiler with input shapes.
+// Each thread's events are nested push/pop ranges in order.
+std::map<std::string, OpTally> Census(const std::function<void()>& fn) {
+  std::map<std::string, OpTally> tally;
+  {
+    using namespace torch::autograd::profiler;
+    TLSLegacyProfilerGuard guard(
+        torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::CPU,
+                                              /*report_input_shapes=*/true,
+                                              /*profile_memory=*/false, /*with_stack=*/false,
+                                              /*with_flops=*/false),
+        [&tally](const thread_event_lists& lists) {
+          struct Open {
+            const LegacyEvent* event;
+            bool parent;
+          };
+          for (const auto& list : lists) {
+            std::vector<Open> stack;
+            for (const auto& e : list) {
+              if (e.kind() == EventKind::PushRange) {
+                if (!stack.empty()) stack.back().parent = true;
+                stack.push_back({&e, false});
+              } else if (e.kind() == EventKind::PopRange && !stack.empty()) {
+                const Open o = stack.back();
+                stack.pop_back();
+                OpTally& t = tally[o.event->name()];
+                ++t.calls;
+                if (o.parent) continue;
+                ++t.leaf_calls;
+                const std::vector<std::vector<int64_t>> shapes = o.event->shapes();
+                for (const auto& shape : shapes) {
+                  if (shape.empty()) continue;  // a scalar or a non-tensor argument
+                  double n = 1;
+                  for (int64_t d : shape) n *= double(d);
+                  t.leaf_input_elements += n;
+                }
+                ++t.leaf_shapes[nlohmann::json(shapes).dump()];
+              }
+            }
+          }
+        });
+    fn();
+  }
+  return tally;
+}
+
+nlohmann::json ToJson(const std::map<std::string, OpTally>& tally) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [name, t] : tally) {
+    out[name] = {{"calls", t.calls}, {"leaf_calls", t.leaf_calls},
+                 {"leaf_input_elements", t.leaf_input_elements}, {"leaf_shapes", t.leaf_shapes}};
+  }
+  return out;
+}
+
+// The ops of one full training step (`step`'s: forward under autocast as --precision says,
+// backward, masked AdamW with every module on) after one unprofiled warm-up step, per phase;
+// the PyTorch peer's counterpart is bench/peers/bert_step.py --census, and bench/op_census.py
+// compares the two.
+int OpCensus(const std::string& root, nlohmann::json& result) {
+  auto tc = Config(root + "/" + g_step_config);
+  if (!tc.ok()) {
+    std::cerr << "mat-bench: " << tc.status() << "\n";
+    return 2;
+  }
+  trainer::BertConfig c = trainer::MakeBertConfig(*tc, 33279);
+  torch::manual_seed(0);
+  const torch::Device dev(g_device);
+  trainer::BertMlm model(c);
+  model->to(dev);
+  model->train();
+  spectral::ModulePartition partition = model->Partition();
+  trainer::AdamWOptions ao;
+  ao.weight_decay = tc->train.weight_decay;
+  trainer::MaskedAdamW opt(trainer::BuildParamEntries(*model, partition), ao);
+  const int64_t B = g_batch > 0 ? g_batch : tc->train.batch_size, T = tc->data.seq_len;
+  torch::Tensor ids, positions, labels;
+  std::tie(ids, positions, labels) = RandomMlmBatch(c, B, T, dev);
+  std::vector<uint8_t> all(partition.size(), 1);
+  std::vector<double> ones(all.size(), 1.0);
+  nlohmann::json phases = nlohmann::json::object();
+  for (int r = 0; r < 2; ++r) {
+    model->SetMask(all);
+    torch::Tensor loss;
+    absl::Status s;
+    auto forward = [&] { loss = MlmLoss(model, ids, positions, labels); };
+    auto backward = [&] { loss.backward(); };
+    auto step = [&] { s = opt.Step(1e-4, all, ones); };
+    if (r == 0) {
+      forward();
+      backward();
+      step();
+    } else {
+      phases["forward"] = ToJson(Census(forward));
+      phases["backward"] = ToJson(Census(backward));
+      phases["optimizer"] = ToJson(Census(step));
+    }
+    if (!s.ok()) {
+      std::cerr << "mat-bench: " << s << "\n";
+      return 1;
+    }
+  }
+  result = {{"benchmark", "op-census"}, {"program", "mat-bench"}, {"config", g_step_config},
+            {"device", g_device}, {"precision", g_precision}, {"layers", c.layers},
+            {"d_model", c.d_model}, {"heads", c.heads}, {"d_ff", c.d_ff}, {"batch", B},
+            {"seq_len", T}, {"phases", phases}};
+  return 0;
+}
+#endif
 
 // The machine's float32 matmul peak through the BLAS LibTorch uses (torch::mm, square sizes),
 // and the default BERT step's achieved FLOP/s as a fraction of the best size's figure.
@@ -793,7 +918,7 @@ int main(int argc, char** argv) {
   CLI::App app{"mat-bench: micro-benchmarks (masked-backward, spectral-cost, step)"};
   std::string name, root = ".", out;
   int reps = 10, threads = 0;
-  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "spectral-compare", "output-kernel", "step", "matmul-peak"}));
+  app.add_option("name", name, "benchmark")->required()->check(CLI::IsMember({"masked-backward", "spectral-cost", "spectral-compare", "output-kernel", "step", "matmul-peak", "op-census"}));
   app.add_option("--root", root, "repository root (examples/ live there)");
   app.add_option("--reps", reps, "repeats per configuration");
   app.add_option("--out", out, "JSON result file");
@@ -806,6 +931,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", mat::bench::g_step_config,
                  "step, matmul-peak: the model/batch config, relative to --root");
   app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
+  app.add_option("--batch", mat::bench::g_batch, "op-census: batch size (default: the config's)");
   app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);
   mat::common::ConfigureAllocatorForTraining();
@@ -813,8 +939,18 @@ int main(int argc, char** argv) {
   // LibTorch's OpenMP default can be 1 thread here; use every core, as the trainer does.
   torch::set_num_threads(threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency())));
   nlohmann::json result;
+#ifndef MAT_BENCH_PROFILE
+  if (name == "op-census") {
+    std::cerr << "mat-bench: op-census reads LibTorch 1.x's legacy profiler; this build has LibTorch "
+              << TORCH_VERSION << "\n";
+    return 2;
+  }
+#endif
   int rc = name == "masked-backward" ? mat::bench::MaskedBackward(root, reps, result)
            : name == "step"           ? mat::bench::Step(root, reps, result)
+#ifdef MAT_BENCH_PROFILE
+           : name == "op-census"      ? mat::bench::OpCensus(root, result)
+#endif
            : name == "matmul-peak"    ? mat::bench::MatmulPeak(root, reps, result)
            : name == "spectral-compare" ? mat::bench::SpectralCompare(root, reps, result)
            : name == "output-kernel"  ? mat::bench::OutputKernel(root, reps, result)

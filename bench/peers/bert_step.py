@@ -79,6 +79,40 @@ class BertMlm(nn.Module):
         return F.linear(h, self.tok.weight, self.dec_bias)
 
 
+def census(a, model, opt, forward):
+    """The ops of one step after a warm-up step, per phase, by name: calls, calls that nest no
+    other op ("leaf"), their input elements (the product of each tensor argument's shape) and
+    their calls by input shapes, in mat-bench op-census's format."""
+    loss = forward()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    phases, state = {}, {}
+    steps = (("forward", lambda: state.update(loss=forward())),
+             ("backward", lambda: state["loss"].backward()),
+             ("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True))))
+    for phase, fn in steps:
+        with torch.autograd.profiler.profile(record_shapes=True) as prof:
+            fn()
+        table = {}
+        for e in prof.function_events:
+            t = table.setdefault(e.name, {"calls": 0, "leaf_calls": 0, "leaf_input_elements": 0.0,
+                                          "leaf_shapes": {}})
+            t["calls"] += 1
+            if not e.cpu_children:
+                t["leaf_calls"] += 1
+                t["leaf_input_elements"] += float(sum(
+                    math.prod(s) for s in e.input_shapes
+                    if s and all(isinstance(d, int) for d in s)))
+                key = json.dumps(e.input_shapes, separators=(",", ":"))
+                t["leaf_shapes"][key] = t["leaf_shapes"].get(key, 0) + 1
+        phases[phase] = table
+    return {"benchmark": "op-census", "program": "pytorch", "torch": torch.__version__,
+            "device": a.device, "precision": a.precision, "layers": a.layers,
+            "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "batch": a.batch,
+            "seq_len": a.seq, "phases": phases}
+
+
 def main():
     ap = argparse.ArgumentParser()
     for k, v in [("layers", 4), ("d-model", 256), ("heads", 8), ("d-ff", 1024), ("batch", 32),
@@ -89,6 +123,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="bf16: forward and loss under torch.autocast(bfloat16), as mat-train")
+    ap.add_argument("--census", action="store_true",
+                    help="print the ops of one step per phase instead of timings (mat-bench "
+                         "op-census's counterpart; bench/op_census.py compares them)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -114,6 +151,13 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    def forward():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            return F.cross_entropy(model(ids, positions), labels)
+
+    if a.census:
+        print(json.dumps(census(a, model, opt, forward)))
+        return
     times = []
     for r in range(a.reps + 1):
         sync()

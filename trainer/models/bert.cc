@@ -19,6 +19,27 @@ torch::Tensor UpIfLow(const torch::Tensor& t) {
   const auto d = t.scalar_type();
   return d == torch::kBFloat16 || d == torch::kHalf ? t.to(torch::kFloat) : t;
 }
+
+// qkv [B, T, H, 3, d_h] -> q, k, v, each [B, H, T, d_h] contiguous, so the batched matmuls read
+// contiguous operands: one strided copy forward. The backward writes the three gradients into
+// one [B, T, H, 3, d_h] tensor with one stack. (Autograd's own backward of permute, contiguous
+// and unbind stacks them as [3, B, H, T, d_h] and then copies that again into qkv's layout;
+// three selects of qkv would each write a zero-filled tensor of qkv's size.)
+class SplitQkv : public torch::autograd::Function<SplitQkv> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*,
+                                                const torch::Tensor& qkv) {
+    return qkv.permute({3, 0, 2, 1, 4}).contiguous().unbind(0);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    // Autograd materializes an unused output's gradient as zeros: all three are defined.
+    std::vector<torch::Tensor> parts;
+    for (const torch::Tensor& g : grads) parts.push_back(g.permute({0, 2, 1, 3}));  // [B,T,H,d_h]
+    return {torch::stack(parts, 3)};
+  }
+};
 }  // namespace
 
 bool IsSwitchLayer(const BertConfig& c, int64_t layer) {
@@ -164,7 +185,8 @@ void BertLayerImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> hea
 }
 
 torch::Tensor BertLayerImpl::HeadsForward(const torch::Tensor& x, const std::vector<int>& heads,
-                                          const std::vector<bool>& attached) {
+                                          const std::vector<bool>& attached,
+                                          const torch::Tensor& out_bias) {
   const int64_t B = x.size(0), T = x.size(1), H = int64_t(heads.size()),
                 dh = c_.d_model / c_.heads;
   std::vector<RowBlock> qkv_blocks, o_blocks;
@@ -181,16 +203,12 @@ torch::Tensor BertLayerImpl::HeadsForward(const torch::Tensor& x, const std::vec
     }
     recorder_->Record(std::move(site));
   }
-  // One copy into [q, k, v][B, H, T, dh], so the batched matmuls read contiguous operands; its
-  // backward is one copy too (three selects of qkv would each write a zero-filled tensor of
-  // qkv's size).
-  std::vector<torch::Tensor> parts =
-      qkv.view({B, T, H, 3, dh}).permute({3, 0, 2, 1, 4}).contiguous().unbind(0);
+  std::vector<torch::Tensor> parts = SplitQkv::apply(qkv.view({B, T, H, 3, dh}));
   torch::Tensor q = parts[0], k = parts[1], v = parts[2];  // [B,H,T,dh]
   torch::Tensor scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
   torch::Tensor probs = Dropout(torch::softmax(scores, -1), c_.dropout, is_training());
   torch::Tensor ctx = torch::matmul(probs, v).transpose(1, 2).reshape({B, T, H * dh});
-  torch::Tensor y = ColSplitForward(ctx, o_w_t, o_blocks, attached);  // [B,T,d]
+  torch::Tensor y = ColSplitForward(ctx, o_w_t, o_blocks, attached, out_bias);  // [B,T,d]
   if (recorder_ != nullptr) {
     spectral::LinearSite site{ctx, y, {}};
     for (int64_t i = 0; i < H; ++i) {
@@ -228,7 +246,7 @@ bool AllOn(const std::vector<bool>& active) {
 
 torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector<bool>& active) {
   if (!c_.detach_masked || AllOn(active)) {
-    return HeadsForward(x, All(active.size()), active) + o_b;
+    return HeadsForward(x, All(active.size()), active, o_b);
   }
   // detach: the masked heads run outside autograd (a constant in the backward), the active ones
   // in a graph of their own, so no backward work is done for the masked heads at all.
@@ -243,7 +261,8 @@ torch::Tensor BertLayerImpl::Attention(const torch::Tensor& x, const std::vector
 }
 
 torch::Tensor BertLayerImpl::SlicesForward(const torch::Tensor& x, const std::vector<int>& slices,
-                                           const std::vector<bool>& attached) {
+                                           const std::vector<bool>& attached,
+                                           const torch::Tensor& out_bias) {
   std::vector<RowBlock> blocks;
   for (int g : slices) blocks.push_back(FfnRows(g));
   torch::Tensor h = RowSplitForward(x, ff1_w, ff1_b, blocks, attached);
@@ -258,7 +277,7 @@ torch::Tensor BertLayerImpl::SlicesForward(const torch::Tensor& x, const std::ve
     recorder_->Record(std::move(site));
   }
   torch::Tensor a = Dropout(F::gelu(h), c_.dropout, is_training());
-  torch::Tensor y = ColSplitForward(a, ff2_w_t, blocks, attached);
+  torch::Tensor y = ColSplitForward(a, ff2_w_t, blocks, attached, out_bias);
   if (record) {
     spectral::LinearSite site{a, y, {}};
     for (size_t i = 0; i < slices.size(); ++i) {
@@ -273,10 +292,8 @@ torch::Tensor BertLayerImpl::SlicesForward(const torch::Tensor& x, const std::ve
 torch::Tensor BertLayerImpl::FeedForward(const torch::Tensor& x, const std::vector<bool>& active,
                                          const std::vector<bool>& expert_active) {
   if (!moe.is_empty()) return moe(x, expert_active);
-  if (active.empty()) return SlicesForward(x, {0}, {true}) + ff2_b;
-  if (!c_.detach_masked || AllOn(active)) {
-    return SlicesForward(x, All(active.size()), active) + ff2_b;
-  }
+  if (active.empty()) return SlicesForward(x, {0}, {true}, ff2_b);
+  if (!c_.detach_masked || AllOn(active)) return SlicesForward(x, All(active.size()), active, ff2_b);
   const std::vector<int> on = Where(active, true), off = Where(active, false);  // as Attention
   torch::Tensor y;
   {

@@ -119,14 +119,17 @@ class BertLayerImpl : public torch::nn::Module {
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
 
  private:
-  // Heads `heads` (ascending, a subset of the layer's) on x: [B, T, d] -> [B, T, d] without
-  // W_O's bias; weight gradients for those with attached[i].
-  torch::Tensor HeadsForward(const torch::Tensor& x, const std::vector<int>& heads,
-                             const std::vector<bool>& attached);
-  // FFN slices `slices` (ascending) on x without the output bias; weight gradients for those
+  // Heads `heads` (ascending, a subset of the layer's) on x: [B, T, d] -> [B, T, d], plus
+  // `out_bias` (W_O's bias, or undefined: none) in W_O's matmul; weight gradients for those
   // with attached[i].
+  torch::Tensor HeadsForward(const torch::Tensor& x, const std::vector<int>& heads,
+                             const std::vector<bool>& attached,
+                             const torch::Tensor& out_bias = torch::Tensor());
+  // FFN slices `slices` (ascending) on x, plus `out_bias` (W_2's bias or undefined) in W_2's
+  // matmul; weight gradients for those with attached[i].
   torch::Tensor SlicesForward(const torch::Tensor& x, const std::vector<int>& slices,
-                              const std::vector<bool>& attached);
+                              const std::vector<bool>& attached,
+                              const torch::Tensor& out_bias = torch::Tensor());
 
   BertConfig c_;
   spectral::SiteRecorder* recorder_ = nullptr;

@@ -57,7 +57,8 @@ std::vector<Run> AttachedRuns(const std::vector<int64_t>& begin, const std::vect
   return runs;
 }
 
-// transposed = false: y = x W_S^T + b_S (W [R, in]); true: y = x W_S (W [R, out], no bias).
+// transposed = false: y = x W_S^T + b_S (W [R, in]); true: y = x W_S + b (W [R, out], b [out]
+// whole or none).
 class SplitFunction : public torch::autograd::Function<SplitFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
@@ -67,8 +68,8 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
     const bool covers = CoversInOrder(begin, end, w.size(0));
     // Computed in x's dtype (the caller casts x under bf16 autocast): one cast of the weight.
     torch::Tensor ws = Gather(w, begin, end, covers).to(x.scalar_type());
-    torch::Tensor bs;
-    if (b.has_value()) bs = Gather(*b, begin, end, covers).to(x.scalar_type());
+    torch::Tensor bs;  // row-split: the blocks' rows of b; col-split: b whole (not split)
+    if (b.has_value()) bs = (transposed ? *b : Gather(*b, begin, end, covers)).to(x.scalar_type());
     ctx->save_for_backward({x, ws});
     ctx->saved_data["begin"] = begin;
     ctx->saved_data["end"] = end;
@@ -77,8 +78,15 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
     ctx->saved_data["bias"] = b.has_value();
     ctx->saved_data["rows"] = w.size(0);
     ctx->saved_data["leaf_dtype"] = static_cast<int64_t>(w.scalar_type());
-    return transposed ? torch::nn::functional::linear(x, ws.t())
-                      : torch::nn::functional::linear(x, ws, bs);
+    // One matmul over the flattened leading axes, the bias fused into it (addmm), as ATen's
+    // linear does for a 3-d input. (The C++ frontend's F::linear runs matmul and then a separate
+    // add_ of the bias for any input that is not 2-d: one more pass over the output.)
+    torch::Tensor x2 = x.reshape({-1, x.size(-1)});
+    torch::Tensor wt = transposed ? ws : ws.t();  // [in, out]
+    torch::Tensor y2 = bs.defined() ? at::addmm(bs, x2, wt) : at::mm(x2, wt);
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = y2.size(1);
+    return y2.view(shape);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
@@ -98,6 +106,10 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
     if (ctx->needs_input_grad(0)) {
       out[0] = (transposed ? torch::mm(g, ws.t()) : torch::mm(g, ws)).view(x.sizes());
     }
+    // The shared bias as nn.Linear's: summed in g's dtype, then cast (a sum with a dtype
+    // argument first copies all of g into that dtype on the CPU).
+    if (has_bias && transposed && ctx->needs_input_grad(2)) out[2] = g.sum(0).to(leaf);
+    const bool row_bias = has_bias && !transposed;  // the bias is split with the rows
     std::vector<Run> runs = AttachedRuns(begin, end, attached);
     if (runs.empty()) return out;
     std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.row < b.row; });
@@ -111,23 +123,23 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
     torch::Tensor gw, gb;
     if (whole) {  // every row attached, in order: one matmul, as nn.Linear's backward
       gw = block_grad(0, rows);
-      if (has_bias) gb = g.sum(0);
+      if (row_bias) gb = g.sum(0);
     } else if (torch::GradMode::is_enabled()) {  // differentiated again: no out= writes
       gw = torch::zeros({rows, cols}, g.options());
       for (const Run& r : runs) gw.narrow(0, r.row, r.n).copy_(block_grad(r.unit, r.n));
-      if (has_bias) {
+      if (row_bias) {
         gb = torch::zeros({rows}, g.options());
         for (const Run& r : runs) gb.narrow(0, r.row, r.n).copy_(g.narrow(1, r.unit, r.n).sum(0));
       }
     } else {
       // The layer's gradient: the attached runs written in place, every other row zero.
       gw = torch::empty({rows, cols}, g.options());
-      if (has_bias) gb = torch::empty({rows}, g.options());
+      if (row_bias) gb = torch::empty({rows}, g.options());
       int64_t next = 0;
       for (const Run& r : runs) {
         if (r.row > next) {
           gw.narrow(0, next, r.row - next).zero_();
-          if (has_bias) gb.narrow(0, next, r.row - next).zero_();
+          if (row_bias) gb.narrow(0, next, r.row - next).zero_();
         }
         torch::Tensor dst = gw.narrow(0, r.row, r.n);
         if (transposed) {
@@ -135,7 +147,7 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
         } else {
           at::mm_out(dst, g.narrow(1, r.unit, r.n).t(), x2);
         }
-        if (has_bias) {
+        if (row_bias) {
           torch::Tensor bias_dst = gb.narrow(0, r.row, r.n);
           at::sum_out(bias_dst, g.narrow(1, r.unit, r.n), {0});
         }
@@ -143,11 +155,11 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
       }
       if (next < rows) {
         gw.narrow(0, next, rows - next).zero_();
-        if (has_bias) gb.narrow(0, next, rows - next).zero_();
+        if (row_bias) gb.narrow(0, next, rows - next).zero_();
       }
     }
     out[1] = gw.to(leaf);
-    if (has_bias) out[2] = gb.to(leaf);
+    if (row_bias) out[2] = gb.to(leaf);
     return out;
   }
 };
@@ -245,13 +257,14 @@ struct Inputs {
   c10::optional<torch::Tensor> b;
 };
 
+// A shared bias (one for every block: `shared_bias`) stays attached whatever is attached.
 Inputs PrepareInputs(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
-                     const std::vector<int64_t>& attached) {
+                     const std::vector<int64_t>& attached, bool shared_bias = false) {
   bool any = false;
   for (int64_t a : attached) any = any || a != 0;
   Inputs in{x, any ? w : w.detach(), c10::nullopt};
   if (auto dtype = AutocastDtype(x.device().type())) in.x = x.to(*dtype);
-  if (b.defined()) in.b = any ? b : b.detach();
+  if (b.defined()) in.b = any || shared_bias ? b : b.detach();
   return in;
 }
 
@@ -270,7 +283,7 @@ torch::Tensor Apply(const torch::Tensor& x, const torch::Tensor& w, const torch:
     end.push_back(blocks[i].end);
     on.push_back(attached[i] ? 1 : 0);
   }
-  const Inputs in = PrepareInputs(x, w, b, on);
+  const Inputs in = PrepareInputs(x, w, b, on, /*shared_bias=*/transposed);
   return SplitFunction::apply(in.x, in.w, in.b, begin, end, on, transposed);
 }
 
@@ -305,8 +318,8 @@ torch::Tensor RowSplitForward(const torch::Tensor& x, const torch::Tensor& w, co
 
 torch::Tensor ColSplitForward(const torch::Tensor& x, const torch::Tensor& w_t,
                               const std::vector<RowBlock>& blocks,
-                              const std::vector<bool>& attached) {
-  return Apply(x, w_t, torch::Tensor(), blocks, attached, /*transposed=*/true);
+                              const std::vector<bool>& attached, const torch::Tensor& b) {
+  return Apply(x, w_t, b, blocks, attached, /*transposed=*/true);
 }
 
 }  // namespace mat::trainer

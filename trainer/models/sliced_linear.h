@@ -41,10 +41,13 @@ torch::Tensor RowSplitForward(const torch::Tensor& x,  // [..., in]
 
 // Col-split map stored transposed: w_t [R, out] holds W^T, so input unit r of the map is row r
 // and a module's input units are a row block. x: [..., Σ_i |blocks[i]|] with its units in
-// `blocks` order. Returns x W_S^T = x (w_t)_S without bias: [..., out]. Gradients as above.
+// `blocks` order. Returns x W_S^T + b = x (w_t)_S + b: [..., out]. Weight gradients as above.
+// b: [out] or undefined (no bias); it belongs to no block, so it is added in the same matmul
+// (addmm) and gets its gradient whatever is attached.
 torch::Tensor ColSplitForward(const torch::Tensor& x, const torch::Tensor& w_t,
                               const std::vector<RowBlock>& blocks,
-                              const std::vector<bool>& attached);
+                              const std::vector<bool>& attached,
+                              const torch::Tensor& b = torch::Tensor());
 
 // Per-expert maps over grouped rows (Switch experts): w [E, out, in] is the leaf, b [E, out] or
 // undefined; x [N, in] holds expert 0's rows, then expert 1's, ... (counts[e] each, Σ = N).

@@ -305,9 +305,12 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
 #ifdef MAT_BENCH_PROFILE
 // One op name's calls in a profiled region. A "leaf" call nests no other op: on a GPU that is
 // what launches a kernel (or only allocates or makes a view; bench/op_census.py tells them
-// apart). Its input elements are the product of each tensor argument's shape, summed.
+// apart). Its input elements are the product of each tensor argument's shape, summed. An
+// "innermost" call nests no call of its own name (autocast's wrapper and the kernel it calls
+// have one name), which counts the matmuls: they nest helper ops, so they are never leaves.
 struct OpTally {
   int64_t calls = 0, leaf_calls = 0;
+  int64_t innermost_calls = 0;  // calls that nest no call of the same name (autocast nests one)
   double leaf_input_elements = 0;
   std::map<std::string, int64_t> leaf_shapes;  // "[[8,128,768],[768]]" -> leaf calls
 };
@@ -327,18 +330,25 @@ std::map<std::string, OpTally> Census(const std::function<void()>& fn) {
           struct Open {
             const LegacyEvent* event;
             bool parent;
+            bool parent_of_same;  // nests a call of its own name
           };
           for (const auto& list : lists) {
             std::vector<Open> stack;
             for (const auto& e : list) {
               if (e.kind() == EventKind::PushRange) {
-                if (!stack.empty()) stack.back().parent = true;
-                stack.push_back({&e, false});
+                if (!stack.empty()) {
+                  stack.back().parent = true;
+                  if (std::string(stack.back().event->name()) == e.name()) {
+                    stack.back().parent_of_same = true;
+                  }
+                }
+                stack.push_back({&e, false, false});
               } else if (e.kind() == EventKind::PopRange && !stack.empty()) {
                 const Open o = stack.back();
                 stack.pop_back();
                 OpTally& t = tally[o.event->name()];
                 ++t.calls;
+                if (!o.parent_of_same) ++t.innermost_calls;
                 if (o.parent) continue;
                 ++t.leaf_calls;
                 const std::vector<std::vector<int64_t>> shapes = o.event->shapes();
@@ -362,6 +372,7 @@ nlohmann::json ToJson(const std::map<std::string, OpTally>& tally) {
   nlohmann::json out = nlohmann::json::object();
   for (const auto& [name, t] : tally) {
     out[name] = {{"calls", t.calls}, {"leaf_calls", t.leaf_calls},
+                 {"innermost_calls", t.innermost_calls},
                  {"leaf_input_elements", t.leaf_input_elements}, {"leaf_shapes", t.leaf_shapes}};
   }
   return out;

@@ -81,7 +81,7 @@ class BertMlm(nn.Module):
 
 def census(a, model, opt, forward):
     """The ops of one step after a warm-up step, per phase, by name: calls, calls that nest no
-    other op ("leaf"), their input elements (the product of each tensor argument's shape) and
+    other op ("leaf"), calls that nest none of their own name ("innermost"), their input elements (the product of each tensor argument's shape) and
     their calls by input shapes, in mat-bench op-census's format."""
     loss = forward()
     loss.backward()
@@ -96,9 +96,11 @@ def census(a, model, opt, forward):
             fn()
         table = {}
         for e in prof.function_events:
-            t = table.setdefault(e.name, {"calls": 0, "leaf_calls": 0, "leaf_input_elements": 0.0,
-                                          "leaf_shapes": {}})
+            t = table.setdefault(e.name, {"calls": 0, "leaf_calls": 0, "innermost_calls": 0,
+                                          "leaf_input_elements": 0.0, "leaf_shapes": {}})
             t["calls"] += 1
+            if all(c.name != e.name for c in e.cpu_children):
+                t["innermost_calls"] += 1
             if not e.cpu_children:
                 t["leaf_calls"] += 1
                 t["leaf_input_elements"] += float(sum(

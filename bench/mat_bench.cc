@@ -28,6 +28,7 @@
 #include <chrono>
 #include <fstream>
 #include <functional>
+#include <set>
 #include <iostream>
 
 #include "CLI/CLI.hpp"
@@ -36,6 +37,7 @@
 #include "torch/csrc/autograd/profiler_legacy.h"
 #define MAT_BENCH_PROFILE 1
 #endif
+#include "torch/csrc/autograd/profiler_kineto.h"
 #include "common/file_util.h"
 #include "common/allocator.h"
 #include "common/logging.h"
@@ -60,6 +62,7 @@ trainer::Precision Prec() {
 }
 std::string g_data_dir;        // --data-dir: overrides the examples' data.dir
 std::string g_step_config = "examples/bert-wikitext2.yaml";  // --config: step, matmul-peak
+std::string g_trace_path;       // --trace: step's Kineto trace (CPU ops and CUDA kernels)
 int64_t g_batch = 0;           // --batch: op-census's batch size (0: the config's)
 int g_compare_gap = 20;        // --gap: spectral-compare's training steps between probes
 
@@ -216,6 +219,42 @@ int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
   return 0;
 }
 
+// `steps` full steps under LibTorch's Kineto profiler (CPU ops and, on a GPU, CUDA kernels with
+// their device times), each inside a "mat::step" user scope, saved as a Chrome trace at `path`;
+// bench/gpu/kernels.py compares it with the PyTorch peer's (bert_step.py --trace). The same
+// calls exist in LibTorch 1.13 and 2.x. A build without Kineto (Debian's) says so and writes
+// nothing.
+int TraceSteps(const std::string& path, int steps, const torch::Device& dev,
+               const std::function<void()>& step) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  std::set<ActivityType> activities{ActivityType::CPU};
+  if (dev.is_cuda()) activities.insert(ActivityType::CUDA);
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  try {
+    prof::prepareProfiler(config, activities);
+    prof::enableProfiler(config, activities);
+    for (int i = 0; i < steps; ++i) {
+      RECORD_USER_SCOPE("mat::step");
+      step();
+    }
+    Sync(dev);
+    std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
+    result->save(path);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    std::cerr << "mat-bench: --trace: " << what.substr(0, what.find('\n')) << "\n";
+    return 2;
+  }
+  if (!std::ifstream(path).good()) {
+    std::cerr << "mat-bench: --trace: no trace written to " << path
+              << " (a LibTorch without Kineto, as Debian's, records none)\n";
+    return 2;
+  }
+  std::printf("trace of %d steps: %s\n", steps, path.c_str());
+  return 0;
+}
+
 // One full training step (forward, backward, masked AdamW with every module on) of the default
 // BERT on a random batch of the configured shape, median of `reps` — the figure bench/run
 // step-vs-pytorch compares with the PyTorch peer's.
@@ -284,6 +323,15 @@ int Step(const std::string& root, int reps, nlohmann::json& result) {
     fwd.push_back(Seconds(t0, t1));
     bwd.push_back(Seconds(t1, t2));
     (r % 2 == 0 ? optim : optim_plain).push_back(Seconds(t2, t3));
+  }
+  if (!g_trace_path.empty()) {
+    int rc = TraceSteps(g_trace_path, 3, dev, [&] {
+      model->SetMask(all);
+      torch::Tensor loss = MlmLoss(model, ids, positions, labels);
+      loss.backward();
+      if (!opt.Step(1e-4, all, ones).ok()) std::abort();  // the same step succeeded above
+    });
+    if (rc != 0) return rc;
   }
   auto f = trainer::BertStepFlops(c, B, T, positions.size(0), {});
   const double step = Median(times);
@@ -942,6 +990,8 @@ int main(int argc, char** argv) {
   app.add_option("--config", mat::bench::g_step_config,
                  "step, matmul-peak: the model/batch config, relative to --root");
   app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
+  app.add_option("--trace", mat::bench::g_trace_path,
+                 "step: also write a Chrome trace (Kineto: CPU ops, CUDA kernels) of 3 steps to PATH");
   app.add_option("--batch", mat::bench::g_batch, "op-census: batch size (default: the config's)");
   app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);

@@ -4,12 +4,15 @@
 # tests (trainer_cuda_test: CPU against CUDA, the optimizer step included; trainer_optimizer_test),
 # then our step against the PyTorch peer side by side (bench/step_vs_pytorch.py) on the default
 # BERT and on BERT-base, fp32 and bf16, each with its synchronized phases (forward, backward,
-# optimizer).
+# optimizer), then Kineto traces of BERT-base steps, ours and the peer's, compared kernel by
+# kernel (bench/gpu/kernels.py).
 #
 #   bench/gpu/step.sh DEPS_DIR OUT_DIR
 #     DEPS_DIR: bench/gpu/deps.sh's folder (.gpudeps).
 #     OUT_DIR:  machine.txt, build.log, ctest.log, step.txt (the printed ratios and phases),
-#               step-vs-pytorch-{default,base}-{fp32,bf16}.json.
+#               step-vs-pytorch-{default,base}-{fp32,bf16}.json, kernels.txt and
+#               kernels-base-{bf16,fp32}.json (device time by kernel family, ours and the
+#               peer's), trace-{ours,peer}-base-{bf16,fp32}.json.gz (the Chrome traces).
 set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")
@@ -40,5 +43,23 @@ for model in default base; do
       timeout 200 python3 bench/step_vs_pytorch.py $reps cuda "$p" 2>&1 | tail -n 3 | tee -a "$out/step.txt"
     cp "$json"/*.json "$out/step-vs-pytorch-$model-$p.json" 2> /dev/null
   done
+done
+# Where the BERT-base step's time goes on the device: Kineto traces of 3 steps of ours and of the
+# peer, compared by kernel family (bench/gpu/kernels.py); the traces are kept gzipped.
+for p in bf16 fp32; do
+  echo "== kernels base $p" | tee -a "$out/kernels.txt"
+  timeout 120 "$build/bin/mat-bench" step --root . --reps 3 --device cuda --precision "$p" \
+    --config examples/bert-base-wikitext2.yaml --out /tmp/mat-trace-step.json \
+    --trace "$out/trace-ours-base-$p.json" > /dev/null 2>> "$out/kernels.txt" || continue
+  # shellcheck disable=SC2046
+  timeout 120 python3 bench/peers/bert_step.py $(python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+print(" ".join("--%s %s" % (k.replace("_", "-"), d[v]) for k, v in (("layers", "layers"),
+      ("d_model", "d_model"), ("heads", "heads"), ("d_ff", "d_ff"), ("batch", "batch"),
+      ("seq", "seq_len"))))' /tmp/mat-trace-step.json) --reps 3 --device cuda --threads 1 \
+    --precision "$p" --trace "$out/trace-peer-base-$p.json" > /dev/null 2>> "$out/kernels.txt" || continue
+  python3 bench/gpu/kernels.py "$out/trace-ours-base-$p.json" "$out/trace-peer-base-$p.json" \
+    --out "$out/kernels-base-$p.json" 2>&1 | tee -a "$out/kernels.txt"
+  gzip -f "$out/trace-ours-base-$p.json" "$out/trace-peer-base-$p.json"
 done
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"

@@ -125,6 +125,10 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="bf16: forward and loss under torch.autocast(bfloat16), as mat-train")
+    ap.add_argument("--trace", default="",
+                    help="also write a Chrome trace (torch.profiler: CPU ops, CUDA kernels) of 3 "
+                         "steps, each in a 'mat::step' scope, to this path (mat-bench step "
+                         "--trace's counterpart; bench/gpu/kernels.py compares them)")
     ap.add_argument("--census", action="store_true",
                     help="print the ops of one step per phase instead of timings (mat-bench "
                          "op-census's counterpart; bench/op_census.py compares them)")
@@ -191,6 +195,19 @@ def main():
         phases["forward"].append(t1 - t0)
         phases["backward"].append(t2 - t1)
         phases["optimizer"].append(t3 - t2)
+    if a.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if dev.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                with torch.profiler.record_function("mat::step"):
+                    loss = forward()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            sync()
+        prof.export_chrome_trace(a.trace)
     times.sort()
     print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "device": a.device,
                       "precision": a.precision,

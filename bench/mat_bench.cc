@@ -37,7 +37,9 @@
 #include "torch/csrc/autograd/profiler_legacy.h"
 #define MAT_BENCH_PROFILE 1
 #endif
+#ifdef MAT_BENCH_KINETO
 #include "torch/csrc/autograd/profiler_kineto.h"
+#endif
 #include "common/file_util.h"
 #include "common/allocator.h"
 #include "common/logging.h"
@@ -226,6 +228,13 @@ int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
 // nothing.
 int TraceSteps(const std::string& path, int steps, const torch::Device& dev,
                const std::function<void()>& step) {
+#ifndef MAT_BENCH_KINETO
+  (void)steps, (void)dev, (void)step;
+  std::cerr << "mat-bench: --trace: this build has no Kineto profiler API (the configure's "
+               "MAT_HAVE_KINETO_API check failed against LibTorch " TORCH_VERSION "); no trace "
+            << path << "\n";
+  return 2;
+#else
   namespace prof = torch::autograd::profiler;
   using torch::profiler::impl::ActivityType;
   std::set<ActivityType> activities{ActivityType::CPU};
@@ -253,6 +262,7 @@ int TraceSteps(const std::string& path, int steps, const torch::Device& dev,
   }
   std::printf("trace of %d steps: %s\n", steps, path.c_str());
   return 0;
+#endif
 }
 
 // One full training step (forward, backward, masked AdamW with every module on) of the default

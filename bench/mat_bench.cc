@@ -221,6 +221,40 @@ int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
   return 0;
 }
 
+// What `step`, its trace and `op-census` run: the --config BERT on --device in training mode
+// (seed 0), masked AdamW over its modules, and a random batch of the config's shape (`batch`
+// rows when positive).
+struct StepRig {
+  trainer::BertConfig c;
+  torch::Device dev{torch::kCPU};
+  trainer::BertMlm model{nullptr};
+  spectral::ModulePartition partition;
+  trainer::AdamWOptions ao;
+  std::unique_ptr<trainer::MaskedAdamW> opt;
+  int64_t batch = 0, seq_len = 0;
+  torch::Tensor ids, positions, labels;
+};
+
+absl::StatusOr<std::unique_ptr<StepRig>> MakeStepRig(const std::string& root, int64_t batch) {
+  auto tc = Config(root + "/" + g_step_config);
+  if (!tc.ok()) return tc.status();
+  auto r = std::make_unique<StepRig>();
+  r->c = trainer::MakeBertConfig(*tc, 33279);
+  torch::manual_seed(0);
+  r->dev = torch::Device(g_device);
+  r->model = trainer::BertMlm(r->c);
+  r->model->to(r->dev);
+  r->model->train();
+  r->partition = r->model->Partition();
+  r->ao.weight_decay = tc->train.weight_decay;
+  r->opt = std::make_unique<trainer::MaskedAdamW>(
+      trainer::BuildParamEntries(*r->model, r->partition), r->ao);
+  r->batch = batch > 0 ? batch : tc->train.batch_size;
+  r->seq_len = tc->data.seq_len;
+  std::tie(r->ids, r->positions, r->labels) = RandomMlmBatch(r->c, r->batch, r->seq_len, r->dev);
+  return r;
+}
+
 // `steps` full steps under LibTorch's Kineto profiler (CPU ops and, on a GPU, CUDA kernels with
 // their device times), each inside a "mat::step" user scope, saved as a Chrome trace at `path`;
 // bench/gpu/kernels.py compares it with the PyTorch peer's (bert_step.py --trace). The same
@@ -269,24 +303,20 @@ int TraceSteps(const std::string& path, int steps, const torch::Device& dev,
 // BERT on a random batch of the configured shape, median of `reps` — the figure bench/run
 // step-vs-pytorch compares with the PyTorch peer's.
 int Step(const std::string& root, int reps, nlohmann::json& result) {
-  auto tc = Config(root + "/" + g_step_config);
-  if (!tc.ok()) {
-    std::cerr << "mat-bench: " << tc.status() << "\n";
+  auto rig_or = MakeStepRig(root, 0);
+  if (!rig_or.ok()) {
+    std::cerr << "mat-bench: " << rig_or.status() << "\n";
     return 2;
   }
-  trainer::BertConfig c = trainer::MakeBertConfig(*tc, 33279);
-  torch::manual_seed(0);
-  const torch::Device dev(g_device);
-  trainer::BertMlm model(c);
-  model->to(dev);
-  model->train();
-  spectral::ModulePartition partition = model->Partition();
-  trainer::AdamWOptions ao;
-  ao.weight_decay = tc->train.weight_decay;
-  trainer::MaskedAdamW opt(trainer::BuildParamEntries(*model, partition), ao);
-  const int64_t B = tc->train.batch_size, T = tc->data.seq_len;
-  torch::Tensor ids, positions, labels;
-  std::tie(ids, positions, labels) = RandomMlmBatch(c, B, T, dev);
+  StepRig& rig = **rig_or;
+  const trainer::BertConfig& c = rig.c;
+  const torch::Device dev = rig.dev;
+  trainer::BertMlm& model = rig.model;
+  spectral::ModulePartition& partition = rig.partition;
+  trainer::AdamWOptions& ao = rig.ao;
+  trainer::MaskedAdamW& opt = *rig.opt;
+  const int64_t B = rig.batch, T = rig.seq_len;
+  const torch::Tensor &ids = rig.ids, &positions = rig.positions, &labels = rig.labels;
   std::vector<uint8_t> all(partition.size(), 1);
   std::vector<double> ones(all.size(), 1.0);
   std::vector<double> times;
@@ -441,25 +471,18 @@ nlohmann::json ToJson(const std::map<std::string, OpTally>& tally) {
 // the PyTorch peer's counterpart is bench/peers/bert_step.py --census, and bench/op_census.py
 // compares the two.
 int OpCensus(const std::string& root, nlohmann::json& result) {
-  auto tc = Config(root + "/" + g_step_config);
-  if (!tc.ok()) {
-    std::cerr << "mat-bench: " << tc.status() << "\n";
+  auto rig_or = MakeStepRig(root, g_batch);
+  if (!rig_or.ok()) {
+    std::cerr << "mat-bench: " << rig_or.status() << "\n";
     return 2;
   }
-  trainer::BertConfig c = trainer::MakeBertConfig(*tc, 33279);
-  torch::manual_seed(0);
-  const torch::Device dev(g_device);
-  trainer::BertMlm model(c);
-  model->to(dev);
-  model->train();
-  spectral::ModulePartition partition = model->Partition();
-  trainer::AdamWOptions ao;
-  ao.weight_decay = tc->train.weight_decay;
-  trainer::MaskedAdamW opt(trainer::BuildParamEntries(*model, partition), ao);
-  const int64_t B = g_batch > 0 ? g_batch : tc->train.batch_size, T = tc->data.seq_len;
-  torch::Tensor ids, positions, labels;
-  std::tie(ids, positions, labels) = RandomMlmBatch(c, B, T, dev);
-  std::vector<uint8_t> all(partition.size(), 1);
+  StepRig& rig = **rig_or;
+  const trainer::BertConfig& c = rig.c;
+  trainer::BertMlm& model = rig.model;
+  trainer::MaskedAdamW& opt = *rig.opt;
+  const int64_t B = rig.batch, T = rig.seq_len;
+  const torch::Tensor &ids = rig.ids, &positions = rig.positions, &labels = rig.labels;
+  std::vector<uint8_t> all(rig.partition.size(), 1);
   std::vector<double> ones(all.size(), 1.0);
   nlohmann::json phases = nlohmann::json::object();
   for (int r = 0; r < 2; ++r) {

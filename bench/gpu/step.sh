@@ -51,13 +51,9 @@ for p in bf16 fp32; do
   timeout 120 "$build/bin/mat-bench" step --root . --reps 3 --device cuda --precision "$p" \
     --config examples/bert-base-wikitext2.yaml --out /tmp/mat-trace-step.json \
     --trace "$out/trace-ours-base-$p.json" > /dev/null 2>> "$out/kernels.txt" || continue
-  # shellcheck disable=SC2046
-  timeout 120 python3 bench/peers/bert_step.py $(python3 -c 'import json, sys
-d = json.load(open(sys.argv[1]))
-print(" ".join("--%s %s" % (k.replace("_", "-"), d[v]) for k, v in (("layers", "layers"),
-      ("d_model", "d_model"), ("heads", "heads"), ("d_ff", "d_ff"), ("batch", "batch"),
-      ("seq", "seq_len"))))' /tmp/mat-trace-step.json) --reps 3 --device cuda --threads 1 \
-    --precision "$p" --trace "$out/trace-peer-base-$p.json" > /dev/null 2>> "$out/kernels.txt" || continue
+  timeout 120 python3 bench/peers/bert_step.py --like /tmp/mat-trace-step.json --reps 3 \
+    --device cuda --threads 1 --precision "$p" --trace "$out/trace-peer-base-$p.json" \
+    > /dev/null 2>> "$out/kernels.txt" || continue
   python3 bench/gpu/kernels.py "$out/trace-ours-base-$p.json" "$out/trace-peer-base-$p.json" \
     --out "$out/kernels-base-$p.json" 2>&1 | tee -a "$out/kernels.txt"
   gzip -f "$out/trace-ours-base-$p.json" "$out/trace-peer-base-$p.json"

@@ -79,14 +79,11 @@ class BertMlm(nn.Module):
         return F.linear(h, self.tok.weight, self.dec_bias)
 
 
-def census(a, model, opt, forward):
+def census(a, opt, forward, step):
     """The ops of one step after a warm-up step, per phase, by name: calls, calls that nest no
     other op ("leaf"), calls that nest none of their own name ("innermost"), their input elements (the product of each tensor argument's shape) and
     their calls by input shapes, in mat-bench op-census's format."""
-    loss = forward()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    step()  # warm-up
     phases, state = {}, {}
     steps = (("forward", lambda: state.update(loss=forward())),
              ("backward", lambda: state["loss"].backward()),
@@ -120,6 +117,9 @@ def main():
     for k, v in [("layers", 4), ("d-model", 256), ("heads", 8), ("d-ff", 1024), ("batch", 32),
                  ("seq", 128), ("vocab", 33279), ("reps", 10), ("threads", 2)]:
         ap.add_argument("--" + k, type=int, default=v)
+    ap.add_argument("--like", default="",
+                    help="take layers, d-model, heads, d-ff, batch and seq from this JSON of "
+                         "mat-bench step (its --out)")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--pre-ln", action="store_true")
     ap.add_argument("--device", default="cpu")
@@ -133,6 +133,11 @@ def main():
                     help="print the ops of one step per phase instead of timings (mat-bench "
                          "op-census's counterpart; bench/op_census.py compares them)")
     a = ap.parse_args()
+    if a.like:
+        with open(a.like) as f:
+            ours = json.load(f)
+        a.layers, a.d_model, a.heads, a.d_ff, a.batch, a.seq = (
+            ours[k] for k in ("layers", "d_model", "heads", "d_ff", "batch", "seq_len"))
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dev = torch.device(a.device)
@@ -161,18 +166,21 @@ def main():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
             return F.cross_entropy(model(ids, positions), labels)
 
+    def step():
+        loss = forward()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
     if a.census:
-        print(json.dumps(census(a, model, opt, forward)))
+        print(json.dumps(census(a, opt, forward, step)))
         return
     times = []
     for r in range(a.reps + 1):
         sync()
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            loss = F.cross_entropy(model(ids, positions), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step()
         sync()
         if r > 0:  # the first step is warm-up
             times.append(time.perf_counter() - t0)
@@ -181,8 +189,7 @@ def main():
     for r in range(a.reps):
         sync()
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            loss = F.cross_entropy(model(ids, positions), labels)
+        loss = forward()
         sync()
         t1 = time.perf_counter()
         loss.backward()
@@ -202,10 +209,7 @@ def main():
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
                 with torch.profiler.record_function("mat::step"):
-                    loss = forward()
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    step()
             sync()
         prof.export_chrome_trace(a.trace)
     times.sort()

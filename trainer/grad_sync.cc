@@ -17,11 +17,16 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/ascii.h"
 #include "common/status.h"
 
 namespace mat::trainer {
@@ -37,14 +42,63 @@ std::vector<std::string> AvailableBackends() {
   return b;
 }
 
+namespace {
+
+bool Contains(const std::vector<std::string>& v, const std::string& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+absl::Status NotInBuild(const std::string& backend, const std::vector<std::string>& available,
+                        const std::string& why = "") {
+  return absl::InvalidArgumentError(absl::StrCat(
+      why, "process group backend '", backend, "' is not in this build (it has: ",
+      absl::StrJoin(available, ", "), "); gloo needs libgloo-dev, nccl a CUDA LibTorch"));
+}
+
+}  // namespace
+
+std::string DeviceKey(const std::string& host, const torch::Device& device,
+                      const char* cuda_visible_devices) {
+  if (!device.is_cuda()) return absl::StrCat(host, " ", device.str());
+  const int index = device.has_index() ? device.index() : 0;
+  std::string id = std::to_string(index);
+  if (cuda_visible_devices != nullptr && *cuda_visible_devices != '\0') {
+    std::vector<std::string> visible = absl::StrSplit(cuda_visible_devices, ',');
+    if (index < int(visible.size())) id = std::string(absl::StripAsciiWhitespace(visible[index]));
+  }
+  return absl::StrCat(host, " cuda:", id);
+}
+
+absl::StatusOr<std::string> ResolveBackend(const std::string& requested,
+                                           const std::vector<std::string>& rank_devices,
+                                           const std::vector<std::string>& available) {
+  if (requested != "auto") {
+    if (!Contains(available, requested)) return NotInBuild(requested, available);
+    return requested;
+  }
+  bool any_cpu = false;
+  std::string shared;  // "ranks A and B both compute on 'KEY'"
+  for (size_t a = 0; a < rank_devices.size(); ++a) {
+    if (rank_devices[a].find(" cuda:") == std::string::npos) any_cpu = true;
+    for (size_t b = a + 1; b < rank_devices.size() && shared.empty(); ++b) {
+      if (rank_devices[a] == rank_devices[b]) {
+        shared = absl::StrCat("ranks ", a, " and ", b, " both compute on '", rank_devices[a], "'");
+      }
+    }
+  }
+  if (!any_cpu && shared.empty() && Contains(available, "nccl")) return std::string("nccl");
+  if (Contains(available, "gloo")) return std::string("gloo");
+  const std::string why =
+      any_cpu ? "a rank computes on the CPU, which NCCL cannot reduce, and "
+              : !shared.empty() ? absl::StrCat(shared, ", which NCCL refuses, and ") : "";
+  return NotInBuild("gloo", available, why);
+}
+
 absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     const RendezvousOptions& o) {
   const std::vector<std::string> backends = AvailableBackends();
-  if (std::find(backends.begin(), backends.end(), o.backend) == backends.end()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "process group backend '", o.backend, "' is not in this build (it has: ",
-        absl::StrJoin(backends, ", "), "); gloo needs libgloo-dev, nccl a CUDA LibTorch"));
-  }
+  if (o.backend != "auto" && !Contains(backends, o.backend)) return NotInBuild(o.backend, backends);
+  if (backends.empty()) return NotInBuild(o.backend, backends);
   if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("rank ", o.rank, " is not in [0, world_size ", o.world_size, ")"));
@@ -78,16 +132,36 @@ absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       joined = prefixed->add("mat/joined", 0);
     }
+    std::string backend = o.backend;
+    if (backend == "auto") {
+      // Every rank publishes its device, reads all of them, and resolves the same answer.
+      std::string host = o.host;
+      if (host.empty()) {
+        char name[256] = {};
+        gethostname(name, sizeof(name) - 1);
+        host = name;
+      }
+      const std::string mine = DeviceKey(host, o.device, std::getenv("CUDA_VISIBLE_DEVICES"));
+      prefixed->set(absl::StrCat("mat/device/", o.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
+      std::vector<std::string> keys;
+      for (int r = 0; r < o.world_size; ++r) {
+        const std::vector<uint8_t> v = prefixed->get(absl::StrCat("mat/device/", r));
+        keys.emplace_back(v.begin(), v.end());
+      }
+      absl::StatusOr<std::string> resolved = ResolveBackend("auto", keys, backends);
+      if (!resolved.ok()) return resolved.status();
+      backend = *resolved;
+    }
     c10::intrusive_ptr<CollectiveGroup> group;
 #ifdef MAT_WITH_NCCL
-    if (o.backend == "nccl") {
+    if (backend == "nccl") {
       auto options = c10d::ProcessGroupNCCL::Options::create();
       options->timeout = o.timeout;
       group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, o.rank, o.world_size, options);
     }
 #endif
 #ifdef MAT_WITH_GLOO
-    if (o.backend == "gloo") {
+    if (backend == "gloo") {
       auto options = c10d::ProcessGroupGloo::Options::create(o.timeout);
       options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
           o.local_host.empty() ? o.master_host : o.local_host));

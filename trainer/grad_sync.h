@@ -48,14 +48,36 @@ using CollectiveGroup = c10d::ProcessGroup;
 // The backends this build has, e.g. {"gloo"} or {"nccl"}.
 std::vector<std::string> AvailableBackends();
 
+// Which GPU (or CPU) a rank computes on, as ResolveBackend compares them: "HOST cpu", or
+// "HOST cuda:ID" where ID is the physical GPU, CUDA_VISIBLE_DEVICES's entry for the device's
+// index when that variable is set (an index or a GPU-UUID), else the index ("cuda" = index 0).
+// `host` names the machine (DeviceKey's callers pass gethostname()).
+std::string DeviceKey(const std::string& host, const torch::Device& device,
+                      const char* cuda_visible_devices);
+
+// The backend `requested` means for ranks whose DeviceKeys are `rank_devices` (rank r's at r),
+// in a build with the backends `available`. "gloo" and "nccl" mean themselves; "auto" is:
+//   - gloo when any rank computes on the CPU (NCCL reduces CUDA tensors only);
+//   - nccl when every rank has a GPU of its own and the build has NCCL;
+//   - gloo otherwise: two ranks on one GPU (NCCL refuses them: "Duplicate GPU detected"), or no
+//     NCCL in the build. Gloo reduces CUDA tensors through host memory.
+// INVALID_ARGUMENT when the answer is not in `available`, saying why, e.g. "ranks 0 and 1 both
+// compute on 'node1 cuda:0', which NCCL refuses, and this build has no Gloo (libgloo-dev)".
+absl::StatusOr<std::string> ResolveBackend(const std::string& requested,
+                                           const std::vector<std::string>& rank_devices,
+                                           const std::vector<std::string>& available);
+
 struct RendezvousOptions {
   std::string master_host;  // rank 0's host, where it listens with the TCPStore
   int master_port = 0;      // 1..65535
   std::string local_host;   // the address this rank's Gloo transport binds to (e.g. 127.0.0.1)
   int rank = 0;
   int world_size = 1;
-  // "gloo": gradients are CPU tensors; "nccl": CUDA tensors (each rank on its own GPU).
-  std::string backend = "gloo";
+  // "gloo" (CPU or CUDA tensors), "nccl" (CUDA tensors, each rank on its own GPU) or "auto":
+  // the ranks tell each other their DeviceKey through the store and ResolveBackend chooses.
+  std::string backend = "auto";
+  torch::Device device = torch::kCPU;  // where this rank's gradients live (auto's input)
+  std::string host;  // auto's name of this machine; empty = gethostname()
   std::string prefix;       // keys namespace, e.g. "job-000003/attempt-0": attempts never mix
   std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
   // Polled while waiting for the other ranks to join; true stops the wait with CANCELLED.
@@ -64,9 +86,11 @@ struct RendezvousOptions {
 
 // The job's process group: rank 0 starts the TCPStore server on master_port; every rank connects,
 // counts itself in under `prefix`, waits until all world_size ranks did (polling `cancelled`),
-// then builds the `backend`'s group over the same store. UNAVAILABLE naming the address when the
-// store cannot be reached or the ranks do not all arrive within `timeout`; CANCELLED when
-// `cancelled` said so; INVALID_ARGUMENT for a bad rank/size/port or a backend this build lacks.
+// then builds the `backend`'s group over the same store (auto: every rank resolves the same
+// backend from the same keys; the group's getBackendName() says which). UNAVAILABLE naming the
+// address when the store cannot be reached or the ranks do not all arrive within `timeout`;
+// CANCELLED when `cancelled` said so; INVALID_ARGUMENT for a bad rank/size/port or a backend this
+// build lacks (for auto, on every rank: ResolveBackend's message).
 // On OK every rank's group is connected (gloo: a barrier after the group is made), so a rank may
 // drop its group at once without failing another's connect. NCCL connects lazily at the first
 // collective; no barrier there (1.13's NCCL barrier guesses the device from the rank).

@@ -289,7 +289,9 @@ absl::Status RankRunner::FormProcessGroup(trainer::Trainer& job_trainer) {
   r.local_host = options_.local_host;
   r.rank = assign_.rank();
   r.world_size = assign_.world_size();
-  r.backend = job_trainer.device().is_cuda() ? "nccl" : "gloo";  // gradients live on the device
+  // NCCL when every rank has a GPU of its own, Gloo on CPUs or ranks sharing a GPU.
+  r.backend = "auto";
+  r.device = job_trainer.device();
   r.prefix = absl::StrCat(job_id(), "/attempt-", assign_.attempt());
   r.timeout = options_.rendezvous_timeout;
   r.cancelled = [this] {
@@ -305,6 +307,8 @@ absl::Status RankRunner::FormProcessGroup(trainer::Trainer& job_trainer) {
                          group.status().code() != absl::StatusCode::kInvalidArgument;
     return group.status();
   }
+  spdlog::info("{} rank {}: process group of {} ranks over {}", job_id(), rank(), r.world_size,
+               (*group)->getBackendName());
   sync_ = std::make_unique<trainer::GradientSync>(
       *group, job_trainer.ParamEntries());
   // Decide's collectives must be the same on every rank: one staleness bound for the job.

@@ -19,6 +19,10 @@ pkgs="$pkgs libgrpc++-dev libgrpc++1.51 libgrpc-dev libgrpc29 protobuf-compiler-
   libprotobuf-dev libprotobuf32 libprotobuf-lite32 libprotoc32 protobuf-compiler libc-ares-dev
   libc-ares2 libre2-dev libre2-9 libssl-dev libssl3 zlib1g-dev zlib1g libsqlite3-dev libsqlite3-0
   libsystemd-dev libsystemd0"
+# Gloo's headers (49 kB), which PyTorch's pip LibTorch does not ship: ProcessGroupGloo for two
+# ranks on one GPU (NCCL refuses them). Headers only: the Gloo code is inside LibTorch, and
+# trainer/CMakeLists.txt checks that these headers build against it (MAT_GLOO_HEADERS_FIT).
+pkgs="$pkgs libgloo-dev"
 # shellcheck disable=SC2086
 (cd "$dir" && apt-get download $pkgs)
 rm -rf "$dir/wikitext-2" && cp -r ../shared/data/wikitext-2 "$dir/wikitext-2"

@@ -9,13 +9,16 @@
 # against the PyTorch peer on BERT-base (fp32 and bf16) in the same lease (MAT_STEP_BENCH=0 skips
 # it).
 #
-# With one GPU the job has one rank (NCCL with one rank); two ranks would need two GPUs (NCCL
-# refuses two ranks on one device) and are not run here.
+# Then two ranks on the same GPU: a second CUDA worker joins and a job of 2 workers runs with
+# Gloo (NCCL refuses two ranks on one device; the workers' process groups choose Gloo for ranks
+# that share a GPU, trainer/grad_sync.h ResolveBackend). It must succeed with both ranks ending on
+# the same parameters. MAT_TWO_RANKS=0 skips it.
 #
 #   bench/gpu/service.sh DEPS_DIR OUT_DIR [STEPS]   (STEPS default 300)
 #     DEPS_DIR: bench/gpu/deps.sh's folder (.gpudeps).
 #     OUT_DIR:  service.json (state, device, equal_to_mat_train, wall_seconds, the overhead
-#               against mat-train, step_vs_pytorch_worst_ratio), machine.txt, build.log,
+#               against mat-train, two_ranks: {state, backend, ranks_equal, wall_seconds},
+#               step_vs_pytorch_worst_ratio), machine.txt, build.log,
 #               service.log (the daemons' and matctl's output), step-vs-pytorch-*.json.
 # service.json is written also when a step fails or the time runs out, with what is known.
 set -euo pipefail
@@ -39,7 +42,7 @@ finish() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2> /dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2> /dev/null || true; done
   cp "$work/result.json" "$out/service.json"
-  for f in coordinator.err worker.err matctl.out mat-train.err; do
+  for f in coordinator.err worker.err worker2.err matctl.out mat-train.err; do
     [ -f "$work/$f" ] && { echo "== $f"; tail -n 40 "$work/$f"; } >> "$out/service.log"
   done
   cat "$out/service.json"
@@ -76,6 +79,8 @@ local = dict(c, train=dict(c["train"], device=device))
 yaml.safe_dump(local, open(work + "/local.yaml", "w"))
 c["resources"] = {"workers": 1, "device": "cpu" if device == "cpu" else "cuda"}
 yaml.safe_dump(c, open(work + "/job.yaml", "w"))
+c["resources"]["workers"] = 2  # batch 16 and probe_samples 8: 8 samples a rank
+yaml.safe_dump(c, open(work + "/job2.yaml", "w"))
 PY
 
 "$bin/mat-coordinator" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --state-dir "$work/state" \
@@ -111,6 +116,43 @@ r["param_checksum_service"] = (s.get("ranks") or [{}])[0].get("param_checksum")
 json.dump(r, open(sys.argv[2], "w"), indent=1)
 PY
 echo "service: job $job $(python3 -c "import json; print(json.load(open('$work/result.json'))['state'])")"
+
+# Two ranks on one device: a second worker on the same device, a job of 2 workers.
+if [ "${MAT_TWO_RANKS:-1}" != 0 ]; then
+  "$bin/mat-worker" --coordinator "$addr" --work-dir "$work/w2" --device "$device" \
+    > "$work/worker2.out" 2> "$work/worker2.err" &
+  pids+=($!)
+  t0=$(date +%s.%N)
+  set +e
+  timeout 300 "$bin/matctl" --coordinator "$addr" submit "$work/job2.yaml" --wait --no-progress \
+    > "$work/submit2.out" 2>> "$work/matctl.out"
+  job2=$(head -n 1 "$work/submit2.out")
+  t1=$(date +%s.%N)
+  "$bin/matctl" --coordinator "$addr" status "$job2" -o json > "$work/status2.json" 2>> "$work/matctl.out"
+  set -e
+  python3 - "$work/status2.json" "$work/result.json" "$(python3 -c "print($t1 - $t0)")" \
+    "$work/worker.err" "$work/worker2.err" <<'PY'
+import json, re, sys
+r = json.load(open(sys.argv[2]))
+try:
+    s = json.load(open(sys.argv[1]))
+except Exception as e:
+    s = {"state": "UNKNOWN (%s)" % e}
+ranks = s.get("ranks") or []
+sums = [k.get("param_checksum") for k in ranks]
+backends = set()
+for log in sys.argv[4:]:
+    # RankRunner: "job-... rank N: process group of 2 ranks over gloo"
+    backends.update(re.findall(r"process group of 2 ranks over (\w+)", open(log).read()))
+r["two_ranks"] = {
+    "state": s.get("state"), "job_wall_seconds": float(sys.argv[3]),
+    "wall_seconds": (s.get("summary") or {}).get("wall_seconds"),
+    "backend": ",".join(sorted(backends)) or None, "param_checksums": sums,
+    "ranks_equal": len(sums) == 2 and bool(sums[0]) and sums[0] == sums[1]}
+json.dump(r, open(sys.argv[2], "w"), indent=1)
+print("two ranks:", json.dumps(r["two_ranks"]))
+PY
+fi
 
 # The same config alone.
 t0=$(date +%s.%N)

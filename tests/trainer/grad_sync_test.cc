@@ -2,7 +2,9 @@
 // through a TCPStore on a free loopback port. Checks the averaged values (exact: small integers),
 // that masked-off modules are neither sent nor touched, the byte counts, and bucket boundaries.
 // The same over ProcessGroupNCCL on CUDA tensors where the build has NCCL and a GPU is present
-// (the CUDA check, bench/gpu/check.sh): one rank per GPU, so one rank on a one-GPU machine.
+// (the CUDA check, bench/gpu/check.sh): one rank per GPU, so one rank on a one-GPU machine; and
+// two ranks on one GPU over Gloo, which "auto" chooses for them. Which backend "auto" resolves
+// to (ResolveBackend, DeviceKey) is checked on fakes here, and for real on CPU ranks.
 #include "trainer/grad_sync.h"
 
 #include "common/net_util.h"
@@ -73,7 +75,9 @@ void OnRanks(int world, const std::string& backend, const std::vector<torch::Dev
              const ParamMaker& make = MakeParams) {
   const int port = FreePort();
   auto run = [&](int rank) {
-    auto group = ConnectProcessGroup(Loopback(port, rank, world, backend, "test/attempt-0"));
+    RendezvousOptions options = Loopback(port, rank, world, backend, "test/attempt-0");
+    options.device = devices[rank];
+    auto group = ConnectProcessGroup(options);
     ASSERT_TRUE(group.ok()) << group.status();
     std::vector<ParamEntry> params = make(rank, devices[rank]);
     GradientSync sync(*group, params, bucket_bytes);
@@ -218,6 +222,98 @@ TEST(GradientSyncNcclTest, AveragesActiveModulesOnGpus) {
     EXPECT_EQ(sync.stats().bytes_skipped, 5 * 4);
     EXPECT_EQ(sync.stats().buckets, 3);  // shared, module 0, module 2
   });
+}
+
+// Two ranks on one GPU, as on a one-GPU machine running two CUDA workers: "auto" must pick Gloo
+// (NCCL refuses them), which reduces the CUDA gradients through host memory.
+TEST(GradientSyncGlooCudaTest, TwoRanksOnOneGpuAverageOverGloo) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo";
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device gpu(torch::kCUDA, 0);
+  OnRanks(2, "auto", {gpu, gpu}, 8, [](int rank, GradientSync& sync,
+                                       std::vector<ParamEntry>& params) {
+    ASSERT_EQ(sync.world_size(), 2);
+    ASSERT_TRUE(sync.AllReduce({1, 0, 1}).ok());
+    for (size_t p = 0; p < params.size(); ++p) {
+      const torch::Tensor g = params[p].param.grad();
+      EXPECT_TRUE(g.is_cuda());
+      const int64_t n = g.numel();
+      torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
+      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * 1.5f + 100.0f * p;
+      EXPECT_TRUE(torch::equal(g.cpu().reshape({-1}), params[p].module == 1 ? mine : mean))
+          << "rank " << rank << " parameter " << p;
+    }
+    absl::StatusOr<int64_t> least = sync.AgreeMin(10 + rank);
+    ASSERT_TRUE(least.ok()) << least.status();
+    EXPECT_EQ(*least, 10);
+  });
+}
+
+TEST(DeviceKeyTest, NamesTheHostAndThePhysicalGpu) {
+  EXPECT_EQ(DeviceKey("n1", torch::kCPU, nullptr), "n1 cpu");
+  EXPECT_EQ(DeviceKey("n1", torch::Device(torch::kCUDA), nullptr), "n1 cuda:0");
+  EXPECT_EQ(DeviceKey("n1", torch::Device(torch::kCUDA, 1), nullptr), "n1 cuda:1");
+  EXPECT_EQ(DeviceKey("n1", torch::Device(torch::kCUDA, 1), ""), "n1 cuda:1");
+  // Two workers that see different GPUs as their cuda:0 are on different GPUs.
+  EXPECT_EQ(DeviceKey("n1", torch::Device(torch::kCUDA, 0), "3"), "n1 cuda:3");
+  EXPECT_EQ(DeviceKey("n1", torch::Device(torch::kCUDA, 1), "2, 5"), "n1 cuda:5");
+  EXPECT_EQ(DeviceKey("n1", torch::Device(torch::kCUDA, 0), "GPU-8d2e"), "n1 cuda:GPU-8d2e");
+}
+
+TEST(ResolveBackendTest, AutoPicksNcclOnlyForRanksWithAGpuEach) {
+  const std::vector<std::string> both = {"gloo", "nccl"};
+  auto resolve = [](const std::vector<std::string>& devices, const std::vector<std::string>& have) {
+    return ResolveBackend("auto", devices, have);
+  };
+  EXPECT_EQ(resolve({"a cuda:0", "a cuda:1"}, both).value_or("?"), "nccl");
+  EXPECT_EQ(resolve({"a cuda:0", "b cuda:0"}, both).value_or("?"), "nccl");
+  EXPECT_EQ(resolve({"a cuda:0"}, both).value_or("?"), "nccl");
+  EXPECT_EQ(resolve({"a cuda:0", "a cuda:0"}, both).value_or("?"), "gloo");
+  EXPECT_EQ(resolve({"a cpu", "b cpu"}, both).value_or("?"), "gloo");
+  EXPECT_EQ(resolve({"a cpu", "a cpu"}, {"gloo"}).value_or("?"), "gloo");
+  EXPECT_EQ(resolve({"a cuda:0", "a cuda:1"}, {"gloo"}).value_or("?"), "gloo");
+
+  // Without Gloo: say which ranks share which GPU, or that a rank is on the CPU.
+  absl::StatusOr<std::string> r = resolve({"a cuda:1", "a cuda:0", "a cuda:1"}, {"nccl"});
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("ranks 0 and 2 both compute on 'a cuda:1'"),
+            std::string::npos) << r.status();
+  EXPECT_NE(r.status().message().find("'gloo' is not in this build"), std::string::npos);
+  r = resolve({"a cpu", "b cuda:0"}, {"nccl"});
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("computes on the CPU"), std::string::npos) << r.status();
+
+  // A named backend means itself, when the build has it.
+  EXPECT_EQ(ResolveBackend("nccl", {"a cuda:0", "a cuda:0"}, both).value_or("?"), "nccl");
+  EXPECT_EQ(ResolveBackend("gloo", {"a cuda:0", "a cuda:1"}, both).value_or("?"), "gloo");
+  EXPECT_EQ(ResolveBackend("nccl", {"a cuda:0"}, {"gloo"}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// "auto" for real, on CPU ranks: the ranks exchange their devices through the store and both form
+// a Gloo group.
+TEST(ConnectProcessGroupTest, AutoFormsAGlooGroupForCpuRanks) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  OnRanks(2, "auto", {torch::kCPU, torch::kCPU}, 1 << 20,
+          [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
+            ASSERT_EQ(sync.world_size(), 2);
+            ASSERT_TRUE(sync.AllReduce({1, 1, 1}).ok());
+            const int64_t n = params[0].param.numel();
+            EXPECT_TRUE(torch::equal(params[0].param.grad(), torch::arange(1, n + 1, torch::kFloat) * 1.5f))
+                << rank;
+          });
+  const int port = FreePort();
+  std::string names[2];
+  auto connect = [&](int rank) {
+    auto group = ConnectProcessGroup(Loopback(port, rank, 2, "auto", "test/names"));
+    ASSERT_TRUE(group.ok()) << group.status();
+    names[rank] = (*group)->getBackendName();
+  };
+  std::thread second(connect, 1);
+  connect(0);
+  second.join();
+  EXPECT_EQ(names[0], "gloo");
+  EXPECT_EQ(names[1], "gloo");
 }
 
 TEST(ConnectProcessGroupTest, RejectsABackendTheBuildLacks) {

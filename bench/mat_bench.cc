@@ -4,9 +4,9 @@
 //                    the tiny and the default BERT, in both backward modes (weights, detach);
 //                    configurations interleaved round-robin in one process, median of the
 //                    repeats, ratios to the weights mode at 100 %.
-//   spectral-cost    the gram probe's cost as a fraction of training time at the default
-//                    settings (probe_samples every probe_every steps), probe and steps measured
-//                    side by side on the real data.
+//   spectral-cost    the gram probe's cost as a fraction of training time at the config's
+//                    (--config, default the default BERT's) policy settings (probe_samples every
+//                    probe_every steps), probe and steps measured side by side on the real data.
 //   spectral-compare gram vs exact (loss kernel), lanczos vs exact-output (output kernel) and
 //                    the kernels against each other on the same probe batches (tiny and
 //                    default BERT trained with full masks on the real data, --reps probes
@@ -551,7 +551,7 @@ int MatmulPeak(const std::string& root, int reps, nlohmann::json& result) {
 }
 
 int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
-  auto c = Config(root + "/examples/bert-wikitext2.yaml");
+  auto c = Config(root + "/" + g_step_config);
   if (!c.ok()) {
     std::cerr << "mat-bench: " << c.status() << "\n";
     return 2;
@@ -588,7 +588,9 @@ int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
   const double every = double(c->policy.probe_every);
   const double fraction = probe / (every * step + probe);
   result = {{"benchmark", "spectral-cost"},
+            {"config", g_step_config},
             {"device", g_device},
+            {"precision", g_precision},
             {"probe_samples", c->policy.probe_samples},
             {"probe_every", c->policy.probe_every},
             {"batch_size", c->train.batch_size},
@@ -1021,7 +1023,7 @@ int main(int argc, char** argv) {
   app.add_option("--gap", mat::bench::g_compare_gap, "spectral-compare, output-kernel: training steps between probes");
   app.add_option("--output-vocab", mat::bench::g_output_vocab, "output-kernel: vocabulary cap (the exact mNTK has V outputs per position)");
   app.add_option("--config", mat::bench::g_step_config,
-                 "step, matmul-peak: the model/batch config, relative to --root");
+                 "step, matmul-peak, spectral-cost, op-census: the model/batch config, relative to --root");
   app.add_option("--data-dir", mat::bench::g_data_dir, "corpus folder (default: the examples' data.dir)");
   app.add_option("--trace", mat::bench::g_trace_path,
                  "step: also write a Chrome trace (Kineto: CPU ops, CUDA kernels) of 3 steps to PATH");

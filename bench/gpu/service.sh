@@ -20,13 +20,17 @@
 #               against mat-train, two_ranks: {state, backend, ranks_equal, wall_seconds},
 #               step_vs_pytorch_worst_ratio), machine.txt, build.log,
 #               service.log (the daemons' and matctl's output), step-vs-pytorch-*.json.
-# service.json is written also when a step fails or the time runs out, with what is known.
+# service.json is written also when a step fails or the time runs out, with what is known. Exit
+# status 0 when the job equalled mat-train and the two ranks (when run) agreed.
+# MAT_DEADLINE (epoch seconds, budget.sh): every command ends by then.
 set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")
 steps=${3:-300}
 cd "$(dirname "$0")/../.."
 mkdir -p "$out"
+# shellcheck source=bench/gpu/budget.sh
+source bench/gpu/budget.sh
 work=/tmp/mat-gpu-service
 rm -rf "$work" && mkdir -p "$work"
 echo '{}' > "$work/result.json"
@@ -45,7 +49,7 @@ finish() {
   for f in coordinator.err worker.err worker2.err matctl.out mat-train.err; do
     [ -f "$work/$f" ] && { echo "== $f"; tail -n 40 "$work/$f"; } >> "$out/service.log"
   done
-  cat "$out/service.json"
+  cat "$out/service.json"; echo
 }
 trap finish EXIT
 
@@ -93,7 +97,7 @@ addr=$(cat "$work/state/coordinator.addr")
 pids+=($!)
 t0=$(date +%s.%N)
 set +e
-timeout 300 "$bin/matctl" --coordinator "$addr" submit "$work/job.yaml" --wait --no-progress \
+within 300 "$bin/matctl" --coordinator "$addr" submit "$work/job.yaml" --wait --no-progress \
   > "$work/submit.out" 2>> "$work/matctl.out"
 note submit_exit_code "$?"
 job=$(head -n 1 "$work/submit.out")
@@ -117,47 +121,10 @@ json.dump(r, open(sys.argv[2], "w"), indent=1)
 PY
 echo "service: job $job $(python3 -c "import json; print(json.load(open('$work/result.json'))['state'])")"
 
-# Two ranks on one device: a second worker on the same device, a job of 2 workers.
-if [ "${MAT_TWO_RANKS:-1}" != 0 ]; then
-  "$bin/mat-worker" --coordinator "$addr" --work-dir "$work/w2" --device "$device" \
-    > "$work/worker2.out" 2> "$work/worker2.err" &
-  pids+=($!)
-  t0=$(date +%s.%N)
-  set +e
-  timeout 300 "$bin/matctl" --coordinator "$addr" submit "$work/job2.yaml" --wait --no-progress \
-    > "$work/submit2.out" 2>> "$work/matctl.out"
-  job2=$(head -n 1 "$work/submit2.out")
-  t1=$(date +%s.%N)
-  "$bin/matctl" --coordinator "$addr" status "$job2" -o json > "$work/status2.json" 2>> "$work/matctl.out"
-  set -e
-  python3 - "$work/status2.json" "$work/result.json" "$(python3 -c "print($t1 - $t0)")" \
-    "$work/worker.err" "$work/worker2.err" <<'PY'
-import json, re, sys
-r = json.load(open(sys.argv[2]))
-try:
-    s = json.load(open(sys.argv[1]))
-except Exception as e:
-    s = {"state": "UNKNOWN (%s)" % e}
-ranks = s.get("ranks") or []
-sums = [k.get("param_checksum") for k in ranks]
-backends = set()
-for log in sys.argv[4:]:
-    # RankRunner: "job-... rank N: process group of 2 ranks over gloo"
-    backends.update(re.findall(r"process group of 2 ranks over (\w+)", open(log).read()))
-r["two_ranks"] = {
-    "state": s.get("state"), "job_wall_seconds": float(sys.argv[3]),
-    "wall_seconds": (s.get("summary") or {}).get("wall_seconds"),
-    "backend": ",".join(sorted(backends)) or None, "param_checksums": sums,
-    "ranks_equal": len(sums) == 2 and bool(sums[0]) and sums[0] == sums[1]}
-json.dump(r, open(sys.argv[2], "w"), indent=1)
-print("two ranks:", json.dumps(r["two_ranks"]))
-PY
-fi
-
 # The same config alone.
 t0=$(date +%s.%N)
 set +e
-timeout 300 "$bin/mat-train" --config "$work/local.yaml" --out "$work/local" --no-progress \
+within 300 "$bin/mat-train" --config "$work/local.yaml" --out "$work/local" --no-progress \
   > "$work/mat-train.out" 2> "$work/mat-train.err"
 echo "mat-train rc $?"
 set -e
@@ -197,6 +164,46 @@ json.dump(r, open(res, "w"), indent=1)
 print("equal_to_mat_train", r["equal_to_mat_train"], "losses", losses_equal, "masks", masks_equal,
       "checksum", checksum_equal)
 PY
+
+# Two ranks on one device: a second worker on the same device, a job of 2 workers.
+if [ "${MAT_TWO_RANKS:-1}" != 0 ] && [ "$(seconds_left)" -lt 30 ]; then
+  note two_ranks '"skipped for time"'
+elif [ "${MAT_TWO_RANKS:-1}" != 0 ]; then
+  "$bin/mat-worker" --coordinator "$addr" --work-dir "$work/w2" --device "$device" \
+    > "$work/worker2.out" 2> "$work/worker2.err" &
+  pids+=($!)
+  t0=$(date +%s.%N)
+  set +e
+  within 300 "$bin/matctl" --coordinator "$addr" submit "$work/job2.yaml" --wait --no-progress \
+    > "$work/submit2.out" 2>> "$work/matctl.out"
+  job2=$(head -n 1 "$work/submit2.out")
+  t1=$(date +%s.%N)
+  "$bin/matctl" --coordinator "$addr" status "$job2" -o json > "$work/status2.json" 2>> "$work/matctl.out"
+  set -e
+  python3 - "$work/status2.json" "$work/result.json" "$(python3 -c "print($t1 - $t0)")" \
+    "$work/worker.err" "$work/worker2.err" <<'PY'
+import json, re, sys
+r = json.load(open(sys.argv[2]))
+try:
+    s = json.load(open(sys.argv[1]))
+except Exception as e:
+    s = {"state": "UNKNOWN (%s)" % e}
+ranks = s.get("ranks") or []
+sums = [k.get("param_checksum") for k in ranks]
+backends = set()
+for log in sys.argv[4:]:
+    # RankRunner: "job-... rank N: process group of 2 ranks over gloo"
+    backends.update(re.findall(r"process group of 2 ranks over (\w+)", open(log).read()))
+r["two_ranks"] = {
+    "state": s.get("state"), "job_wall_seconds": float(sys.argv[3]),
+    "wall_seconds": (s.get("summary") or {}).get("wall_seconds"),
+    "backend": ",".join(sorted(backends)) or None, "param_checksums": sums,
+    "ranks_equal": len(sums) == 2 and bool(sums[0]) and sums[0] == sums[1]}
+json.dump(r, open(sys.argv[2], "w"), indent=1)
+print("two ranks:", json.dumps(r["two_ranks"]))
+PY
+fi
+
 for pid in "${pids[@]}"; do kill -TERM "$pid" 2> /dev/null || true; done
 
 # The step against the PyTorch peer on BERT-base, fp32 and bf16, in this lease.
@@ -206,7 +213,7 @@ precisions="fp32 bf16"
 for p in $precisions; do
   mkdir -p "$work/step-$p"
   MAT_BUILD_DIR=$build MAT_BENCH_OUT_DIR="$work/step-$p" MAT_BENCH_CONFIG=examples/bert-base-wikitext2.yaml \
-    timeout 200 python3 bench/step_vs_pytorch.py 10 1 "${device%%:*}" "$p" 2>&1 | tail -n 3
+    within 200 python3 bench/step_vs_pytorch.py 10 1 "${device%%:*}" "$p" 2>&1 | tail -n 3
   cp "$work/step-$p"/*.json "$out/step-vs-pytorch-base-$p.json" 2> /dev/null
 done
 set -e
@@ -222,3 +229,13 @@ r["step_vs_pytorch_worst_ratio"] = max(ratios.values()) if ratios else None
 json.dump(r, open(sys.argv[2], "w"), indent=1)
 PY
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
+# The exit status: 0 only when the job succeeded and equalled mat-train, and the two-rank job (when
+# run) succeeded with equal ranks.
+python3 - "$work/result.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+two = r.get("two_ranks", {"state": "SUCCEEDED", "ranks_equal": True})  # absent: MAT_TWO_RANKS=0
+ok = r.get("state") == "SUCCEEDED" and r.get("equal_to_mat_train") and isinstance(two, dict) \
+    and two.get("state") == "SUCCEEDED" and two.get("ranks_equal")
+sys.exit(0 if ok else 1)
+PY

@@ -156,7 +156,7 @@ TEST_F(JobStoreTest, UnknownJobIsNotFound) {
   EXPECT_EQ(store_->PutModules("nope", {{"m", "heads", 0, 0}}).code(),
             absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->GetModules("nope").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(store_->RecordDecision("nope", {0, {}, "{}", 1, 0}).code(),
+  EXPECT_EQ(store_->RecordDecision("nope", {0, {}, "{}", 1, 0, "", ""}).code(),
             absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->UpdateRankStatus("nope", 0, 0, 0, "").code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->ListAssignments("nope").status().code(), absl::StatusCode::kNotFound);
@@ -620,16 +620,16 @@ TEST_F(JobStoreTest, RefusesBadProgressAndModulesNamingTheFieldAndWritesNothing)
 
 TEST_F(JobStoreTest, RecordDecisionWritesLambdaDecisionAndMaskInOneTransaction) {
   const std::string id = Create("", Spec(1));
-  ASSERT_TRUE(store_->RecordDecision(id, {20, {1.5, 2.5}, R"({"step": 20})", 1, 2}).ok());
-  ASSERT_TRUE(store_->RecordDecision(id, {40, {}, R"({"step": 40})", 2, 1}).ok());  // no λ
+  ASSERT_TRUE(store_->RecordDecision(id, {20, {1.5, 2.5}, R"({"step": 20})", 1, 2, "", ""}).ok());
+  ASSERT_TRUE(store_->RecordDecision(id, {40, {}, R"({"step": 40})", 2, 1, "", ""}).ok());  // no λ
   // Refused ones write nothing, not even the parts that were fine.
-  EXPECT_EQ(store_->RecordDecision(id, {60, {1.0, 2.0}, "not json", 3, 1}).code(),
+  EXPECT_EQ(store_->RecordDecision(id, {60, {1.0, 2.0}, "not json", 3, 1, "", ""}).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(store_->RecordDecision(id, {60, {std::nan(""), 2.0}, "{}", 3, 1}).code(),
+  EXPECT_EQ(store_->RecordDecision(id, {60, {std::nan(""), 2.0}, "{}", 3, 1, "", ""}).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(store_->RecordDecision(id, {60, {1.0, 2.0}, "{}", 0, 1}).code(),
+  EXPECT_EQ(store_->RecordDecision(id, {60, {1.0, 2.0}, "{}", 0, 1, "", ""}).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(store_->RecordDecision(id, {-20, {1.0}, "{}", 3, 1}).code(),
+  EXPECT_EQ(store_->RecordDecision(id, {-20, {1.0}, "{}", 3, 1, "", ""}).code(),
             absl::StatusCode::kInvalidArgument);
 
   auto lambdas = store_->GetLambdas(id, 0, "");

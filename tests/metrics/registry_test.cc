@@ -114,7 +114,7 @@ TEST(RegistryTest, ExpositionReadsBackWithTypesAndValues) {
   Counter c = registry.AddCounter("req_total", "requests", {"code"});
   Gauge g = registry.AddGauge("temp", "temperature", {"where", "unit"});
   Gauge nan = registry.AddGauge("threshold", "maybe NaN", {"job"});
-  Gauge none = registry.AddGauge("busy", "0/1", {});
+  registry.AddGauge("busy", "0/1", {});  // never set: exposed with its zero
   Histogram h = registry.AddHistogram("d_seconds", "durations", {}, {0.5});
   c.Inc({"OK"});
   c.Inc({"OK"}, 2);

@@ -971,9 +971,9 @@ TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
   auto p = Policy::Create(c, modules);
   ASSERT_TRUE(p.ok()) << p.status();
   std::vector<Policy::ScheduleEntry> schedule = {
-      {0, {{"heads", 8}, {"ffn", 4}}},   // warm-up in the replayed run
-      {40, {{"heads", 3}, {"ffn", 4}}},
-      {80, {{"heads", 1}}},              // below the guard; ffn not named: rand_fraction
+      {0, {{"heads", 8}, {"ffn", 4}}, {}},  // warm-up in the replayed run
+      {40, {{"heads", 3}, {"ffn", 4}}, {}},
+      {80, {{"heads", 1}}, {}},             // below the guard; ffn not named: rand_fraction
   };
   ASSERT_TRUE((*p)->SetRandSchedule(schedule).ok());
   // step -> expected (heads, ffn) active
@@ -993,7 +993,7 @@ TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
   auto q = Policy::Create(mat, modules);
   ASSERT_TRUE(q.ok());
   EXPECT_EQ((*q)->SetRandSchedule(schedule).code(), absl::StatusCode::kInvalidArgument);
-  std::vector<Policy::ScheduleEntry> unsorted = {{40, {}}, {20, {}}};
+  std::vector<Policy::ScheduleEntry> unsorted = {{40, {}, {}}, {20, {}, {}}};
   EXPECT_EQ((*p)->SetRandSchedule(unsorted).code(), absl::StatusCode::kInvalidArgument);
 }
 
@@ -1047,7 +1047,7 @@ TEST(PolicyRandScheduleTest, EntriesFromLoggedDecisionsCarryGroupSizesThatMustMa
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("group ffn"));
   // Without sizes (an entry made by hand) only the group names are checked.
-  EXPECT_EQ((*heads_only)->SetRandSchedule({{0, {{"experts", 1}}}}).code(),
+  EXPECT_EQ((*heads_only)->SetRandSchedule({{0, {{"experts", 1}}, {}}}).code(),
             absl::StatusCode::kInvalidArgument);
 }
 

@@ -19,21 +19,24 @@
 #
 #   bench/gpu/check.sh DEPS_DIR OUT_DIR [BUDGET_SECONDS]   (default 450: 7.5 minutes)
 #     DEPS_DIR: bench/gpu/deps.sh's folder (.gpudeps).
-#     OUT_DIR:  machine.txt (card, versions, each part's time), parts.json (each part: rc or
-#               "skipped", seconds), results.json (every JSON result by name), and the parts'
-#               own files: ctest.log, step.txt, step-vs-pytorch-*.json, service.json,
-#               service.log, kernels.txt, kernels-base-*.json, trace-*.json.gz, bench.txt,
-#               build.log.
+#     OUT_DIR:  five files, as the device tool returns at most 8 from its $OUT:
+#               machine.txt (card, versions, each part's time), parts.json (each part: rc or
+#               "skipped", seconds), results.json (every JSON result by name: step-vs-pytorch-*,
+#               service, kernels-base-*, spectral-cost-*, ...), logs.tar.gz (the parts' own
+#               files: ctest.log, step.txt, service.log, kernels.txt, bench.txt, build.log and
+#               the JSONs) and traces.tar (the Kineto traces, gzipped).
+#     The parts write into /tmp/mat-gpu-check first; OUT_DIR is filled on any exit.
 #   MAT_CHECK_PARTS: the parts to run, in order (default: all, as listed).
 #   MAT_PREBUILT=DIR: a built tree instead of the prefix and the build (to try the script).
 # A part that would start with under 15 s left is recorded as skipped; one cut by the budget
 # keeps what it wrote. Everything written so far is merged into results.json on any exit.
 set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
-out=$(readlink -f "${2:?out dir}")
+final=$(readlink -f "${2:?out dir}")
 budget=${3:-450}
 cd "$(dirname "$0")/../.."
-mkdir -p "$out"
+out=/tmp/mat-gpu-check
+rm -rf "$out" && mkdir -p "$out" "$final"
 MAT_DEADLINE=$(( $(date +%s) + budget ))
 export MAT_DEADLINE
 # shellcheck source=bench/gpu/budget.sh
@@ -58,6 +61,10 @@ parts = [json.loads(l) for l in open(os.path.join(out, "parts.jsonl"))] \
 json.dump(parts, open(os.path.join(out, "parts.json"), "w"), indent=1)
 json.dump(d, open(os.path.join(out, "results.json"), "w"), indent=1)
 PY
+  cp "$out/machine.txt" "$out/parts.json" "$out/results.json" "$final/" 2> /dev/null
+  (cd "$out" && tar czf "$final/logs.tar.gz" --exclude='trace-*' ./*)
+  (cd "$out" && ls trace-* > /dev/null 2>&1 && tar cf "$final/traces.tar" trace-*)
+  ls -l "$final"
 }
 trap merge EXIT
 

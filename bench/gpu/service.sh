@@ -23,6 +23,8 @@
 # service.json is written also when a step fails or the time runs out, with what is known. Exit
 # status 0 when the job equalled mat-train and the two ranks (when run) agreed.
 # MAT_DEADLINE (epoch seconds, budget.sh): every command ends by then.
+# On the device machine run it through check.sh (MAT_CHECK_PARTS), which packs its files into
+# five: the device tool returns at most 8 files from $OUT, and alone it writes more.
 set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")

@@ -18,6 +18,8 @@
 #     kernels-bf16, kernels-fp32.
 #   MAT_PREBUILT=DIR: use a built tree (check.sh's) instead of configuring and building here.
 #   MAT_DEADLINE (epoch seconds, budget.sh): every command ends by then.
+#   On the device machine run it through check.sh (MAT_CHECK_PARTS), which packs its files into
+#   five: the device tool returns at most 8 files from $OUT, and alone it writes more.
 set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")

@@ -17,7 +17,8 @@
 //                    estimator (exact and k = 4 projections) and the loss kernel (OutputKernel).
 //   op-census        the ops one full step runs, per phase (forward, backward, optimizer), from
 //                    the autograd profiler: calls and input elements by op name, to compare
-//                    with the PyTorch peer's (bench/op_census.py). LibTorch 1.x only.
+//                    with the PyTorch peer's (bench/op_census.py). --probe: one λ probe
+//                    against one training step instead. LibTorch 1.x only.
 //
 // Figures are ratios measured in one run; absolute times are printed for context only.
 #include <algorithm>
@@ -510,6 +511,60 @@ int OpCensus(const std::string& root, nlohmann::json& result) {
             {"device", g_device}, {"precision", g_precision}, {"layers", c.layers},
             {"d_model", c.d_model}, {"heads", c.heads}, {"d_ff", c.d_ff}, {"batch", B},
             {"seq_len", T}, {"phases", phases}};
+  return 0;
+}
+
+// op-census --probe: the ops of one λ probe (Trainer::Probe: the probe forward recording the
+// sites, the estimator's backward and kernels, the eigen-statistics) against those of one
+// training step (Trainer::TrainStep, every module on), on the real data, after one unprofiled
+// probe and step. What spectral-cost times, counted: on a GPU where the step is launch-bound,
+// the probe's share of training time follows its launches.
+int ProbeCensus(const std::string& root, nlohmann::json& result) {
+  auto c = Config(root + "/" + g_step_config);
+  if (!c.ok()) {
+    std::cerr << "mat-bench: " << c.status() << "\n";
+    return 2;
+  }
+  c->policy.kind = "mat";
+  c->train.device = g_device;
+  c->train.precision = g_precision;
+  auto t = trainer::Trainer::Create(*c, {"", false, false});
+  if (!t.ok()) {
+    std::cerr << "mat-bench: " << t.status() << "\n";
+    return 2;
+  }
+  auto& tr = **t;
+  std::vector<uint8_t> all(tr.partition().size(), 1);
+  std::vector<double> ones(all.size(), 1.0);
+  trainer::MlmBatch batch = tr.train_stream().Next(c->train.batch_size);
+  nlohmann::json phases = nlohmann::json::object();
+  absl::Status s;
+  for (int r = 0; r < 2; ++r) {
+    auto probe = [&] {
+      auto p = tr.Probe(batch);
+      if (!p.ok()) s = p.status();
+    };
+    auto step = [&] {
+      auto l = tr.TrainStep(batch, all, ones, 1e-4);
+      if (!l.ok()) s = l.status();
+    };
+    if (r == 0) {
+      probe();
+      step();
+    } else {
+      phases["probe"] = ToJson(Census(probe));
+      phases["step"] = ToJson(Census(step));
+    }
+    if (!s.ok()) {
+      std::cerr << "mat-bench: " << s << "\n";
+      return 1;
+    }
+  }
+  result = {{"benchmark", "op-census"}, {"program", "mat-bench"}, {"mode", "probe"},
+            {"config", g_step_config}, {"device", g_device}, {"precision", g_precision},
+            {"estimator", c->policy.estimator}, {"probe_samples", c->policy.probe_samples},
+            {"probe_every", c->policy.probe_every}, {"batch", c->train.batch_size},
+            {"seq_len", c->data.seq_len}, {"phases", phases}};
   return 0;
 }
 #endif
@@ -1028,6 +1083,8 @@ int main(int argc, char** argv) {
   app.add_option("--trace", mat::bench::g_trace_path,
                  "step: also write a Chrome trace (Kineto: CPU ops, CUDA kernels) of 3 steps to PATH");
   app.add_option("--batch", mat::bench::g_batch, "op-census: batch size (default: the config's)");
+  bool probe_census = false;
+  app.add_flag("--probe", probe_census, "op-census: one λ probe against one training step instead");
   app.add_option("--profile", mat::bench::g_profile_path, "masked-backward: write a chrome trace of one step per model to PATH.<model>.json");
   CLI11_PARSE(app, argc, argv);
   mat::common::ConfigureAllocatorForTraining();
@@ -1045,7 +1102,8 @@ int main(int argc, char** argv) {
   int rc = name == "masked-backward" ? mat::bench::MaskedBackward(root, reps, result)
            : name == "step"           ? mat::bench::Step(root, reps, result)
 #ifdef MAT_BENCH_PROFILE
-           : name == "op-census"      ? mat::bench::OpCensus(root, result)
+           : name == "op-census"      ? (probe_census ? mat::bench::ProbeCensus(root, result)
+                                                      : mat::bench::OpCensus(root, result))
 #endif
            : name == "matmul-peak"    ? mat::bench::MatmulPeak(root, reps, result)
            : name == "spectral-compare" ? mat::bench::SpectralCompare(root, reps, result)

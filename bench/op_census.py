@@ -17,6 +17,9 @@ Writes bench/results/op-census[-PRECISION][-CONFIG].json (MAT_BENCH_OUT_DIR over
 MAT_BUILD_DIR the build).
 
     op_census.py [--config examples/bert-wikitext2.yaml] [--precision fp32|bf16] [--batch N]
+    op_census.py --probe [--config ...] [--precision ...]: one λ probe of ours (the config's
+        policy.estimator, probe_samples) against one of our training steps, no peer; writes
+        op-census-probe[-PRECISION][-CONFIG].json.
 """
 import argparse
 import json
@@ -62,14 +65,47 @@ def kernels(table):
     return out
 
 
+def probe_census(a, build):
+    """--probe: one λ probe against one training step of ours (no peer), per phase, and the ops
+    with the most launches in the probe."""
+    ours = run([os.path.join(build, "bin/mat-bench"), "op-census", "--probe", "--root", ROOT,
+                "--config", a.config, "--precision", a.precision, "--threads", "2"])
+    result = {k: ours[k] for k in ours if k != "phases"}
+    result["phases"] = {}
+    print("%s, %s, estimator %s, %d probe samples every %d steps of batch %d:"
+          % (a.config, a.precision, ours["estimator"], ours["probe_samples"], ours["probe_every"],
+             ours["batch"]))
+    for phase in ("probe", "step"):
+        k = kernels(ours["phases"][phase])
+        launches, elements = sum(v[0] for v in k.values()), sum(v[1] for v in k.values())
+        top = sorted(k.items(), key=lambda kv: -kv[1][0])[:a.top]
+        result["phases"][phase] = {"launches": launches, "input_elements": elements,
+                                   "top_ops": [{"op": n, "launches": v[0], "input_elements": v[1]}
+                                               for n, v in top],
+                                   "ops": ours["phases"][phase]}
+        print("  %-6s %6d launches, %.4g input elements; most launched: %s"
+              % (phase, launches, elements, ", ".join("%s %d" % (n, v[0]) for n, v in top[:6])))
+    p, s = result["phases"]["probe"]["launches"], result["phases"]["step"]["launches"]
+    result["probe_over_step_launches"] = p / max(s, 1)
+    print("  probe/step launches %.3f; at one probe every %d steps, the probe's share of the "
+          "launches %.4f" % (p / max(s, 1), ours["probe_every"], p / (p + ours["probe_every"] * s)))
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="examples/bert-wikitext2.yaml")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--probe", action="store_true",
+                    help="one λ probe against one training step of ours instead of the peer")
     a = ap.parse_args()
     build = os.environ.get("MAT_BUILD_DIR", os.path.join(ROOT, "build"))
+    if a.probe:
+        result = probe_census(a, build)
+        write(result, "op-census-probe", a)
+        return
     ours = run([os.path.join(build, "bin/mat-bench"), "op-census", "--root", ROOT, "--config",
                 a.config, "--precision", a.precision, "--batch", str(a.batch), "--threads", "2"])
     peer = run([sys.executable, os.path.join(ROOT, "bench/peers/bert_step.py"), "--census",
@@ -114,8 +150,12 @@ def main():
             print("  %-36s %8d %8d %12.4g %12.4g" % (d["op"], d["ours_launches"], d["peer_launches"],
                                                      d["ours_input_elements"],
                                                      d["peer_input_elements"]))
+    write(result, "op-census", a)
+
+
+def write(result, name, a):
+    """bench/results/NAME[-PRECISION][-CONFIG].json (MAT_BENCH_OUT_DIR overrides the folder)."""
     out_dir = os.environ.get("MAT_BENCH_OUT_DIR", os.path.join(ROOT, "bench/results"))
-    name = "op-census"
     if a.precision != "fp32":
         name += "-" + a.precision
     if a.config != "examples/bert-wikitext2.yaml":

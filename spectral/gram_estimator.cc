@@ -1,5 +1,10 @@
 #include "spectral/gram_estimator.h"
 
+#include <map>
+#include <tuple>
+#include <utility>
+#include <vector>
+
 #include "spectral/exact_estimator.h"
 
 namespace mat::spectral {
@@ -50,9 +55,63 @@ absl::Status ValidateSites(const ProbeBatch& probe, int64_t n, int num_modules,
   return absl::OkStatus();
 }
 
+// Columns [b, e) of `source` along `dim` for each range, concatenated in order: a view when the
+// ranges lie back to back (the heads of a layer, in order), else one index_select.
+torch::Tensor Gather(const torch::Tensor& source, int64_t dim,
+                     const std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  bool back_to_back = true;
+  for (size_t k = 1; k < ranges.size(); ++k) back_to_back &= ranges[k].first == ranges[k - 1].second;
+  if (back_to_back) {
+    return source.narrow(dim, ranges.front().first, ranges.back().second - ranges.front().first);
+  }
+  std::vector<int64_t> index;
+  for (const auto& [b, e] : ranges) {
+    for (int64_t i = b; i < e; ++i) index.push_back(i);
+  }
+  return source.index_select(dim, torch::tensor(index, torch::kLong).to(source.device()));
+}
+
+// The modules of one site, grouped so that each group's kernels are one batched matmul: modules
+// whose slices there have the same kinds and widths in the same order (a layer's heads) form a
+// group. Slice `Key` gives a slice's kind and width.
+template <typename Slice, typename Key>
+std::vector<std::vector<std::vector<const Slice*>>> GroupModules(const std::vector<Slice>& slices,
+                                                                  Key key) {
+  std::map<int, std::vector<const Slice*>> by_module;  // module -> its slices, in site order
+  for (const Slice& s : slices) by_module[s.module].push_back(&s);
+  std::map<std::vector<std::tuple<int, int64_t, bool, bool>>, size_t> group_of;
+  std::vector<std::vector<std::vector<const Slice*>>> groups;  // group -> modules -> slices
+  for (auto& [module, parts] : by_module) {
+    std::vector<std::tuple<int, int64_t, bool, bool>> signature;
+    for (const Slice* s : parts) signature.push_back(key(*s));
+    auto [it, fresh] = group_of.emplace(signature, groups.size());
+    if (fresh) groups.emplace_back();
+    groups[it->second].push_back(parts);
+  }
+  return groups;
+}
+
+// Accumulates a group's kernels k [G, rows, rows] into kernels[m] for its modules `modules`
+// (one per k row): one in-place add where they are consecutive module indices, else index_add_.
+void AddKernels(const torch::Tensor& k, const std::vector<int>& modules, torch::Tensor* all,
+                std::vector<bool>* seen) {
+  bool consecutive = true;
+  for (size_t g = 1; g < modules.size(); ++g) consecutive &= modules[g] == modules[g - 1] + 1;
+  if (consecutive) {
+    all->narrow(0, modules.front(), int64_t(modules.size())).add_(k);
+  } else {
+    std::vector<int64_t> index(modules.begin(), modules.end());
+    all->index_add_(0, torch::tensor(index, torch::kLong).to(all->device()), k.to(all->dtype()));
+  }
+  for (int m : modules) (*seen)[m] = true;
+}
+
 // Each module's kernel from the sites' output gradients. grads[s] (one per site, linear sites
 // first; undefined = zero): [reps·n, ...] with row r·n + i the gradient of scalar r of sample i,
 // so the kernels are [reps·n, reps·n]. The sites' inputs are [n, ...] and shared by the reps.
+// A module's kernel is the sum over its slices of P P^T, which is Q Q^T for Q its slices' P
+// side by side; the modules of a site that share a slice layout are computed together, one
+// bmm over [G, rows, width] (on a GPU a probe was launch-bound: one mm and add per slice).
 std::vector<torch::Tensor> KernelsFromSiteGrads(const ProbeBatch& probe, int num_modules,
                                                 const std::vector<torch::Tensor>& grads,
                                                 int64_t n, int64_t reps, double* flops) {
@@ -61,7 +120,21 @@ std::vector<torch::Tensor> KernelsFromSiteGrads(const ProbeBatch& probe, int num
   auto repeat = [reps](const torch::Tensor& x) {
     return reps == 1 ? x : x.repeat({reps, 1, 1});  // [n, T, c] -> [reps·n, T, c]
   };
-  std::vector<torch::Tensor> kernels(num_modules);
+  torch::Tensor all;  // [num_modules, rows, rows], made at the first group
+  std::vector<bool> seen(num_modules, false);
+  // One group's kernels from its per-part gathers, each [rows, G, width_j].
+  auto add_group = [&](const std::vector<torch::Tensor>& parts, const std::vector<int>& modules) {
+    torch::Tensor q = (parts.size() == 1 ? parts[0] : torch::cat(parts, 2)).transpose(0, 1);
+    if (q.size(2) == 0) return;
+    torch::Tensor k = torch::bmm(q, q.transpose(1, 2));  // [G, rows, rows]
+    *flops += 2.0 * rows * rows * q.size(2) * q.size(0);
+    if (!all.defined()) {
+      // Reduced-precision kernels accumulate in float32 (KernelStatsBatch works in float64).
+      const bool reduced = k.scalar_type() == torch::kBFloat16 || k.scalar_type() == torch::kHalf;
+      all = torch::zeros({num_modules, rows, rows}, k.options().dtype(reduced ? torch::kFloat : k.scalar_type()));
+    }
+    AddKernels(k, modules, &all, &seen);
+  };
   for (size_t si = 0; si < probe.sites.size(); ++si) {
     const LinearSite& site = probe.sites[si];
     const int64_t in = site.input.size(-1);
@@ -73,20 +146,33 @@ std::vector<torch::Tensor> KernelsFromSiteGrads(const ProbeBatch& probe, int num
     torch::Tensor per_sample_w = torch::bmm(g.transpose(1, 2), a);  // [rows, out, in]
     *flops += 2.0 * rows * t * in * out;
     torch::Tensor per_sample_b;  // [rows, out], computed on demand
-    for (const SiteSlice& s : site.slices) {
-      torch::Tensor p;
-      if (s.axis == SliceAxis::kRows) {
-        p = per_sample_w.slice(1, s.begin, s.end).reshape({rows, -1});
-        if (s.has_bias) {
-          if (!per_sample_b.defined()) per_sample_b = g.sum(1);
-          p = torch::cat({p, per_sample_b.slice(1, s.begin, s.end)}, 1);
+    auto groups = GroupModules(site.slices, [](const SiteSlice& s) {
+      return std::make_tuple(int(s.axis), s.end - s.begin, s.has_bias, false);
+    });
+    for (const auto& group : groups) {
+      const int64_t G = int64_t(group.size());
+      std::vector<int> modules;
+      for (const auto& parts : group) modules.push_back(parts.front()->module);
+      std::vector<torch::Tensor> parts;  // each [rows, G, width]
+      for (size_t j = 0; j < group.front().size(); ++j) {
+        std::vector<std::pair<int64_t, int64_t>> ranges;
+        for (const auto& module_parts : group) ranges.emplace_back(module_parts[j]->begin, module_parts[j]->end);
+        const SiteSlice& s = *group.front()[j];
+        const int64_t w = s.end - s.begin;
+        if (s.axis == SliceAxis::kRows) {
+          parts.push_back(Gather(per_sample_w, 1, ranges).reshape({rows, G, w * in}));
+          if (s.has_bias) {
+            if (!per_sample_b.defined()) per_sample_b = g.sum(1);
+            parts.push_back(Gather(per_sample_b, 1, ranges).reshape({rows, G, w}));
+          }
+        } else {
+          parts.push_back(Gather(per_sample_w, 2, ranges)
+                              .reshape({rows, out, G, w})
+                              .permute({0, 2, 1, 3})
+                              .reshape({rows, G, out * w}));
         }
-      } else {
-        p = per_sample_w.slice(2, s.begin, s.end).reshape({rows, -1});
       }
-      torch::Tensor k = torch::mm(p, p.t());
-      *flops += 2.0 * rows * rows * p.size(1);
-      kernels[s.module] = kernels[s.module].defined() ? kernels[s.module] + k : k;
+      add_group(parts, modules);
     }
   }
   // Per-channel affine sites: per row ∇_scale = Σ_t g ⊙ x (2·rows·T·C FLOPs), ∇_shift = Σ_t g
@@ -100,28 +186,40 @@ std::vector<torch::Tensor> KernelsFromSiteGrads(const ProbeBatch& probe, int num
     torch::Tensor g = grad.defined() ? grad.reshape({rows, -1, c}) : torch::zeros_like(x);
     const int64_t t = x.size(1);
     torch::Tensor per_sample_scale, per_sample_shift;  // [rows, C], computed on demand
-    for (const ChannelSlice& s : site.slices) {
-      std::vector<torch::Tensor> parts;
-      if (s.has_scale) {
-        if (!per_sample_scale.defined()) {
-          per_sample_scale = (g * x).sum(1);
-          *flops += 2.0 * rows * t * c;
+    auto groups = GroupModules(site.slices, [](const ChannelSlice& s) {
+      return std::make_tuple(0, s.end - s.begin, s.has_scale, s.has_shift);
+    });
+    for (const auto& group : groups) {
+      const int64_t G = int64_t(group.size());
+      std::vector<int> modules;
+      for (const auto& parts : group) modules.push_back(parts.front()->module);
+      std::vector<torch::Tensor> parts;  // each [rows, G, width]
+      for (size_t j = 0; j < group.front().size(); ++j) {
+        std::vector<std::pair<int64_t, int64_t>> ranges;
+        for (const auto& module_parts : group) ranges.emplace_back(module_parts[j]->begin, module_parts[j]->end);
+        const ChannelSlice& s = *group.front()[j];
+        const int64_t w = s.end - s.begin;
+        if (s.has_scale) {
+          if (!per_sample_scale.defined()) {
+            per_sample_scale = (g * x).sum(1);
+            *flops += 2.0 * rows * t * c;
+          }
+          parts.push_back(Gather(per_sample_scale, 1, ranges).reshape({rows, G, w}));
         }
-        parts.push_back(per_sample_scale.slice(1, s.begin, s.end));
-      }
-      if (s.has_shift) {
-        if (!per_sample_shift.defined()) {
-          per_sample_shift = g.sum(1);
-          *flops += 1.0 * rows * t * c;
+        if (s.has_shift) {
+          if (!per_sample_shift.defined()) {
+            per_sample_shift = g.sum(1);
+            *flops += 1.0 * rows * t * c;
+          }
+          parts.push_back(Gather(per_sample_shift, 1, ranges).reshape({rows, G, w}));
         }
-        parts.push_back(per_sample_shift.slice(1, s.begin, s.end));
       }
-      if (parts.empty()) continue;
-      torch::Tensor p = parts.size() == 1 ? parts[0] : torch::cat(parts, 1);  // [rows, numel]
-      torch::Tensor k = torch::mm(p, p.t());
-      *flops += 2.0 * rows * rows * p.size(1);
-      kernels[s.module] = kernels[s.module].defined() ? kernels[s.module] + k : k;
+      if (!parts.empty()) add_group(parts, modules);
     }
+  }
+  std::vector<torch::Tensor> kernels(num_modules);
+  for (int m = 0; m < num_modules; ++m) {
+    if (seen[m]) kernels[m] = all[m];
   }
   return kernels;
 }

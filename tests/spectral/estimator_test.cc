@@ -158,6 +158,66 @@ TEST_P(ScaleShiftSiteTest, GramMatchesExplicitPerSampleGradients) {
 
 INSTANTIATE_TEST_SUITE_P(WithAndWithoutTokens, ScaleShiftSiteTest, ::testing::Bool());
 
+// The gram estimator computes the modules of a site that share a slice layout together (one
+// batched matmul per group). One linear site y = a W^T + b (W: [10, 4]) whose slices make every
+// grouping case: modules 0 and 3 own two row ranges each with their bias, not back to back in
+// module order (a gather) and not consecutive modules (an indexed add); modules 1 and 2 one row
+// each, back to back (views); module 4 two input columns. Reference: explicit per-sample
+// gradients of W and b, sliced per module.
+TEST(EstimatorTest, GramGroupsMatchExplicitPerSampleGradients) {
+  torch::manual_seed(5);
+  const int64_t n = 5, T = 3, in = 4, out = 10;
+  torch::Tensor w = Leaf({out, in}), bias = Leaf({out});
+  torch::Tensor a = torch::randn({n, T, in}, torch::kFloat64);
+  torch::Tensor r = torch::randn({n, T, out}, torch::kFloat64);
+  ModulePartition p;
+  for (int m = 0; m < 5; ++m) p.modules.push_back({"heads", 0, m, "m" + std::to_string(m), {w}});
+  const std::vector<SiteSlice> slices = {
+      {0, SliceAxis::kRows, 0, 2, true},  {3, SliceAxis::kRows, 2, 4, true},
+      {1, SliceAxis::kRows, 4, 5, false}, {2, SliceAxis::kRows, 5, 6, false},
+      {3, SliceAxis::kRows, 6, 8, true},  {0, SliceAxis::kRows, 8, 10, true},
+      {4, SliceAxis::kCols, 0, 2, false}};
+  auto probe = [&] {
+    torch::Tensor y = torch::nn::functional::linear(a, w, bias);
+    ProbeBatch b{(torch::sin(y) * r).sum({1, 2}) + 0.5 * y.pow(2).sum({1, 2}), {}, {}};
+    b.sites.push_back({a, y, slices});
+    return b;
+  };
+  ProbeBatch ref = probe();
+  std::vector<torch::Tensor> gw, gb;
+  for (int64_t i = 0; i < n; ++i) {
+    auto g = torch::autograd::grad({ref.losses[i]}, {w, bias}, {}, /*retain_graph=*/true);
+    gw.push_back(g[0]);
+    gb.push_back(g[1]);
+  }
+  torch::Tensor W = torch::stack(gw), B = torch::stack(gb);  // [n, out, in], [n, out]
+  std::vector<std::vector<torch::Tensor>> parts(5);
+  for (const SiteSlice& s : slices) {
+    if (s.axis == SliceAxis::kCols) {
+      parts[s.module].push_back(W.slice(2, s.begin, s.end).reshape({n, -1}));
+      continue;
+    }
+    parts[s.module].push_back(W.slice(1, s.begin, s.end).reshape({n, -1}));
+    if (s.has_bias) parts[s.module].push_back(B.slice(1, s.begin, s.end));
+  }
+  auto got = GramEstimator().Estimate(p, probe());
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->modules.size(), 5u);
+  double widths = 0;
+  for (int m = 0; m < 5; ++m) {
+    SCOPED_TRACE("module " + std::to_string(m));
+    torch::Tensor q = torch::cat(parts[m], 1);
+    widths += double(q.size(1));
+    ModuleSpectrum want = KernelStats(torch::mm(q, q.t()));
+    ASSERT_GT(want.lambda_max, 0);
+    EXPECT_NEAR(got->modules[m].lambda_max, want.lambda_max, 1e-10 * want.lambda_max);
+    EXPECT_NEAR(got->modules[m].trace, want.trace, 1e-10 * want.trace);
+    EXPECT_NEAR(got->modules[m].effective_rank, want.effective_rank, 1e-9 * want.effective_rank);
+  }
+  // Per-sample grads 2·n·T·in·out, kernels 2·n²·(Σ module widths).
+  EXPECT_DOUBLE_EQ(got->flops, 2.0 * n * T * in * out + 2.0 * n * n * widths);
+}
+
 TEST(EstimatorTest, GramRejectsMalformedScaleShiftSites) {
   torch::Tensor scale = Leaf({3});
   ModulePartition p;

@@ -29,7 +29,8 @@
 #   MAT_CHECK_PARTS: the parts to run, in order (default: all, as listed).
 #   MAT_PREBUILT=DIR: a built tree instead of the prefix and the build (to try the script).
 # A part that would start with under 15 s left is recorded as skipped; one cut by the budget
-# keeps what it wrote. Everything written so far is merged into results.json on any exit.
+# keeps what it wrote. Everything written so far is merged into results.json on any exit. Exit
+# status 1 when a part failed.
 set -euo pipefail
 deps_dir=$(readlink -f "${1:?deps dir}")
 final=$(readlink -f "${2:?out dir}")
@@ -148,3 +149,5 @@ for p in ${MAT_CHECK_PARTS:-tests step-base service gram kernels-bf16 step-defau
   part "$p" "$fn"
 done
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
+# Exit status 1 when a part failed (parts.json says which; a part skipped for time is not a failure).
+! grep -qv '"rc": \(0\|"skipped"\)' "$out/parts.jsonl"

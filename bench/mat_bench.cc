@@ -222,6 +222,29 @@ int MaskedBackward(const std::string& root, int reps, nlohmann::json& result) {
   return 0;
 }
 
+// What spectral-cost and op-census --probe run: a MAT trainer (the gram probe by default) on the
+// --config model and the real data, on --device in --precision, and all-on masks for it.
+struct ProbeRig {
+  config::TrainConfig config;
+  std::unique_ptr<trainer::Trainer> trainer;
+  std::vector<uint8_t> all;  // every module on
+  std::vector<double> ones;  // every module's learning-rate scale 1
+};
+
+absl::StatusOr<ProbeRig> MakeProbeRig(const std::string& root) {
+  auto c = Config(root + "/" + g_step_config);
+  if (!c.ok()) return c.status();
+  c->policy.kind = "mat";
+  c->train.device = g_device;
+  c->train.precision = g_precision;
+  auto t = trainer::Trainer::Create(*c, {"", false, false});
+  if (!t.ok()) return t.status();
+  ProbeRig rig{*c, std::move(*t), {}, {}};
+  rig.all.assign(rig.trainer->partition().size(), 1);
+  rig.ones.assign(rig.all.size(), 1.0);
+  return rig;
+}
+
 // What `step`, its trace and `op-census` run: the --config BERT on --device in training mode
 // (seed 0), masked AdamW over its modules, and a random batch of the config's shape (`batch`
 // rows when positive).
@@ -520,22 +543,15 @@ int OpCensus(const std::string& root, nlohmann::json& result) {
 // probe and step. What spectral-cost times, counted: on a GPU where the step is launch-bound,
 // the probe's share of training time follows its launches.
 int ProbeCensus(const std::string& root, nlohmann::json& result) {
-  auto c = Config(root + "/" + g_step_config);
-  if (!c.ok()) {
-    std::cerr << "mat-bench: " << c.status() << "\n";
+  auto rig = MakeProbeRig(root);
+  if (!rig.ok()) {
+    std::cerr << "mat-bench: " << rig.status() << "\n";
     return 2;
   }
-  c->policy.kind = "mat";
-  c->train.device = g_device;
-  c->train.precision = g_precision;
-  auto t = trainer::Trainer::Create(*c, {"", false, false});
-  if (!t.ok()) {
-    std::cerr << "mat-bench: " << t.status() << "\n";
-    return 2;
-  }
-  auto& tr = **t;
-  std::vector<uint8_t> all(tr.partition().size(), 1);
-  std::vector<double> ones(all.size(), 1.0);
+  const config::TrainConfig* c = &rig->config;
+  trainer::Trainer& tr = *rig->trainer;
+  const std::vector<uint8_t>& all = rig->all;
+  const std::vector<double>& ones = rig->ones;
   trainer::MlmBatch batch = tr.train_stream().Next(c->train.batch_size);
   nlohmann::json phases = nlohmann::json::object();
   absl::Status s;
@@ -606,22 +622,15 @@ int MatmulPeak(const std::string& root, int reps, nlohmann::json& result) {
 }
 
 int SpectralCost(const std::string& root, int reps, nlohmann::json& result) {
-  auto c = Config(root + "/" + g_step_config);
-  if (!c.ok()) {
-    std::cerr << "mat-bench: " << c.status() << "\n";
+  auto rig = MakeProbeRig(root);
+  if (!rig.ok()) {
+    std::cerr << "mat-bench: " << rig.status() << "\n";
     return 2;
   }
-  c->policy.kind = "mat";
-  c->train.device = g_device;
-  c->train.precision = g_precision;
-  auto t = trainer::Trainer::Create(*c, {"", false, false});
-  if (!t.ok()) {
-    std::cerr << "mat-bench: " << t.status() << "\n";
-    return 2;
-  }
-  auto& tr = **t;
-  std::vector<uint8_t> all(tr.partition().size(), 1);
-  std::vector<double> ones(all.size(), 1.0);
+  const config::TrainConfig* c = &rig->config;
+  trainer::Trainer& tr = *rig->trainer;
+  const std::vector<uint8_t>& all = rig->all;
+  const std::vector<double>& ones = rig->ones;
   std::vector<double> step_s, probe_s;
   for (int r = -1; r < reps; ++r) {  // r = -1: warm-up
     trainer::MlmBatch batch = tr.train_stream().Next(c->train.batch_size);

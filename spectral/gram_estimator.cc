@@ -91,6 +91,28 @@ std::vector<std::vector<std::vector<const Slice*>>> GroupModules(const std::vect
   return groups;
 }
 
+// Calls add(parts, modules) for each group of `slices` (GroupModules), where modules holds the
+// group's G module indices and parts[j] = part(slice j of the group's first module, the G
+// modules' ranges of their slice j, G): tensors [rows, G, width] (none, several).
+template <typename Slice, typename Key, typename Part, typename Add>
+void ForEachGroup(const std::vector<Slice>& slices, Key key, Part part, Add add) {
+  for (const auto& group : GroupModules(slices, key)) {
+    std::vector<int> modules;
+    for (const auto& module_slices : group) modules.push_back(module_slices.front()->module);
+    std::vector<torch::Tensor> parts;
+    for (size_t j = 0; j < group.front().size(); ++j) {
+      std::vector<std::pair<int64_t, int64_t>> ranges;
+      for (const auto& module_slices : group) {
+        ranges.emplace_back(module_slices[j]->begin, module_slices[j]->end);
+      }
+      for (torch::Tensor& t : part(*group.front()[j], ranges, int64_t(group.size()))) {
+        parts.push_back(std::move(t));
+      }
+    }
+    if (!parts.empty()) add(parts, modules);
+  }
+}
+
 // Accumulates a group's kernels k [G, rows, rows] into kernels[m] for its modules `modules`
 // (one per k row): one in-place add where they are consecutive module indices, else index_add_.
 void AddKernels(const torch::Tensor& k, const std::vector<int>& modules, torch::Tensor* all,
@@ -146,34 +168,27 @@ std::vector<torch::Tensor> KernelsFromSiteGrads(const ProbeBatch& probe, int num
     torch::Tensor per_sample_w = torch::bmm(g.transpose(1, 2), a);  // [rows, out, in]
     *flops += 2.0 * rows * t * in * out;
     torch::Tensor per_sample_b;  // [rows, out], computed on demand
-    auto groups = GroupModules(site.slices, [](const SiteSlice& s) {
-      return std::make_tuple(int(s.axis), s.end - s.begin, s.has_bias, false);
-    });
-    for (const auto& group : groups) {
-      const int64_t G = int64_t(group.size());
-      std::vector<int> modules;
-      for (const auto& parts : group) modules.push_back(parts.front()->module);
-      std::vector<torch::Tensor> parts;  // each [rows, G, width]
-      for (size_t j = 0; j < group.front().size(); ++j) {
-        std::vector<std::pair<int64_t, int64_t>> ranges;
-        for (const auto& module_parts : group) ranges.emplace_back(module_parts[j]->begin, module_parts[j]->end);
-        const SiteSlice& s = *group.front()[j];
-        const int64_t w = s.end - s.begin;
-        if (s.axis == SliceAxis::kRows) {
-          parts.push_back(Gather(per_sample_w, 1, ranges).reshape({rows, G, w * in}));
+    ForEachGroup(
+        site.slices,
+        [](const SiteSlice& s) { return std::make_tuple(int(s.axis), s.end - s.begin, s.has_bias, false); },
+        [&](const SiteSlice& s, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t G) {
+          const int64_t w = s.end - s.begin;
+          std::vector<torch::Tensor> out_parts;
+          if (s.axis == SliceAxis::kCols) {
+            out_parts.push_back(Gather(per_sample_w, 2, ranges)
+                                    .reshape({rows, out, G, w})
+                                    .permute({0, 2, 1, 3})
+                                    .reshape({rows, G, out * w}));
+            return out_parts;
+          }
+          out_parts.push_back(Gather(per_sample_w, 1, ranges).reshape({rows, G, w * in}));
           if (s.has_bias) {
             if (!per_sample_b.defined()) per_sample_b = g.sum(1);
-            parts.push_back(Gather(per_sample_b, 1, ranges).reshape({rows, G, w}));
+            out_parts.push_back(Gather(per_sample_b, 1, ranges).reshape({rows, G, w}));
           }
-        } else {
-          parts.push_back(Gather(per_sample_w, 2, ranges)
-                              .reshape({rows, out, G, w})
-                              .permute({0, 2, 1, 3})
-                              .reshape({rows, G, out * w}));
-        }
-      }
-      add_group(parts, modules);
-    }
+          return out_parts;
+        },
+        add_group);
   }
   // Per-channel affine sites: per row ∇_scale = Σ_t g ⊙ x (2·rows·T·C FLOPs), ∇_shift = Σ_t g
   // (rows·T·C), each [rows, C], sliced per module and appended to the module's kernel.
@@ -186,36 +201,29 @@ std::vector<torch::Tensor> KernelsFromSiteGrads(const ProbeBatch& probe, int num
     torch::Tensor g = grad.defined() ? grad.reshape({rows, -1, c}) : torch::zeros_like(x);
     const int64_t t = x.size(1);
     torch::Tensor per_sample_scale, per_sample_shift;  // [rows, C], computed on demand
-    auto groups = GroupModules(site.slices, [](const ChannelSlice& s) {
-      return std::make_tuple(0, s.end - s.begin, s.has_scale, s.has_shift);
-    });
-    for (const auto& group : groups) {
-      const int64_t G = int64_t(group.size());
-      std::vector<int> modules;
-      for (const auto& parts : group) modules.push_back(parts.front()->module);
-      std::vector<torch::Tensor> parts;  // each [rows, G, width]
-      for (size_t j = 0; j < group.front().size(); ++j) {
-        std::vector<std::pair<int64_t, int64_t>> ranges;
-        for (const auto& module_parts : group) ranges.emplace_back(module_parts[j]->begin, module_parts[j]->end);
-        const ChannelSlice& s = *group.front()[j];
-        const int64_t w = s.end - s.begin;
-        if (s.has_scale) {
-          if (!per_sample_scale.defined()) {
-            per_sample_scale = (g * x).sum(1);
-            *flops += 2.0 * rows * t * c;
+    ForEachGroup(
+        site.slices,
+        [](const ChannelSlice& s) { return std::make_tuple(0, s.end - s.begin, s.has_scale, s.has_shift); },
+        [&](const ChannelSlice& s, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t G) {
+          const int64_t w = s.end - s.begin;
+          std::vector<torch::Tensor> out_parts;
+          if (s.has_scale) {
+            if (!per_sample_scale.defined()) {
+              per_sample_scale = (g * x).sum(1);
+              *flops += 2.0 * rows * t * c;
+            }
+            out_parts.push_back(Gather(per_sample_scale, 1, ranges).reshape({rows, G, w}));
           }
-          parts.push_back(Gather(per_sample_scale, 1, ranges).reshape({rows, G, w}));
-        }
-        if (s.has_shift) {
-          if (!per_sample_shift.defined()) {
-            per_sample_shift = g.sum(1);
-            *flops += 1.0 * rows * t * c;
+          if (s.has_shift) {
+            if (!per_sample_shift.defined()) {
+              per_sample_shift = g.sum(1);
+              *flops += 1.0 * rows * t * c;
+            }
+            out_parts.push_back(Gather(per_sample_shift, 1, ranges).reshape({rows, G, w}));
           }
-          parts.push_back(Gather(per_sample_shift, 1, ranges).reshape({rows, G, w}));
-        }
-      }
-      if (!parts.empty()) add_group(parts, modules);
-    }
+          return out_parts;
+        },
+        add_group);
   }
   std::vector<torch::Tensor> kernels(num_modules);
   for (int m = 0; m < num_modules; ++m) {

@@ -97,17 +97,25 @@ addr=$(cat "$work/state/coordinator.addr")
 "$bin/mat-worker" --coordinator "$addr" --work-dir "$work/w1" --device "$device" \
   > "$work/worker.out" 2> "$work/worker.err" &
 pids+=($!)
-t0=$(date +%s.%N)
-set +e
-within 300 "$bin/matctl" --coordinator "$addr" submit "$work/job.yaml" --wait --no-progress \
-  > "$work/submit.out" 2>> "$work/matctl.out"
-note submit_exit_code "$?"
-job=$(head -n 1 "$work/submit.out")
-t1=$(date +%s.%N)
-"$bin/matctl" --coordinator "$addr" status "$job" -o json > "$work/status.json" 2>> "$work/matctl.out"
-set -e
-note job_wall_seconds "$(python3 -c "print($t1 - $t0)")"
-python3 - "$work/status.json" "$work/result.json" <<'PY'
+# submit_and_wait TAG JOB_YAML: matctl submit --wait, then the job's status into
+# $work/status-TAG.json; sets job (its id), submit_rc and job_seconds (submit to the end).
+submit_and_wait() {
+  local t0 t1
+  t0=$(date +%s.%N)
+  set +e
+  within 300 "$bin/matctl" --coordinator "$addr" submit "$2" --wait --no-progress \
+    > "$work/submit-$1.out" 2>> "$work/matctl.out"
+  submit_rc=$?
+  job=$(head -n 1 "$work/submit-$1.out")
+  t1=$(date +%s.%N)
+  "$bin/matctl" --coordinator "$addr" status "$job" -o json > "$work/status-$1.json" 2>> "$work/matctl.out"
+  set -e
+  job_seconds=$(python3 -c "print($t1 - $t0)")
+}
+submit_and_wait one "$work/job.yaml"
+note submit_exit_code "$submit_rc"
+note job_wall_seconds "$job_seconds"
+python3 - "$work/status-one.json" "$work/result.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[2]))
 try:
@@ -174,15 +182,8 @@ elif [ "${MAT_TWO_RANKS:-1}" != 0 ]; then
   "$bin/mat-worker" --coordinator "$addr" --work-dir "$work/w2" --device "$device" \
     > "$work/worker2.out" 2> "$work/worker2.err" &
   pids+=($!)
-  t0=$(date +%s.%N)
-  set +e
-  within 300 "$bin/matctl" --coordinator "$addr" submit "$work/job2.yaml" --wait --no-progress \
-    > "$work/submit2.out" 2>> "$work/matctl.out"
-  job2=$(head -n 1 "$work/submit2.out")
-  t1=$(date +%s.%N)
-  "$bin/matctl" --coordinator "$addr" status "$job2" -o json > "$work/status2.json" 2>> "$work/matctl.out"
-  set -e
-  python3 - "$work/status2.json" "$work/result.json" "$(python3 -c "print($t1 - $t0)")" \
+  submit_and_wait two "$work/job2.yaml"
+  python3 - "$work/status-two.json" "$work/result.json" "$job_seconds" \
     "$work/worker.err" "$work/worker2.err" <<'PY'
 import json, re, sys
 r = json.load(open(sys.argv[2]))

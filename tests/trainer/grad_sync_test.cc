@@ -195,6 +195,24 @@ TEST(GradientSyncTest, RejectsAMaskOfTheWrongSize) {
   });
 }
 
+// On each of `world` ranks with MakeParams's CUDA gradients: AllReduce with module 1 masked off
+// averages every other gradient over the ranks and leaves module 1's this rank's own.
+void ExpectAveragedOnGpu(int world, int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
+  ASSERT_EQ(sync.world_size(), world);
+  ASSERT_TRUE(sync.AllReduce({1, 0, 1}).ok());
+  float mean_scale = 0;
+  for (int r = 0; r < world; ++r) mean_scale += float(r + 1) / float(world);
+  for (size_t p = 0; p < params.size(); ++p) {
+    const torch::Tensor g = params[p].param.grad();
+    EXPECT_TRUE(g.is_cuda());
+    const int64_t n = g.numel();
+    torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
+    torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * mean_scale + 100.0f * p;
+    EXPECT_TRUE(torch::equal(g.cpu().reshape({-1}), params[p].module == 1 ? mine : mean))
+        << "rank " << rank << " parameter " << p;
+  }
+}
+
 // CUDA tensors over NCCL: as many ranks as GPUs (at most 2), each on its own GPU. With one rank
 // the mean is the rank's own gradient, still sent through NCCL and counted.
 TEST(GradientSyncNcclTest, AveragesActiveModulesOnGpus) {
@@ -205,19 +223,7 @@ TEST(GradientSyncNcclTest, AveragesActiveModulesOnGpus) {
   for (int r = 0; r < world; ++r) devices.emplace_back(torch::kCUDA, r);
   OnRanks(world, "nccl", devices, 8, [world](int rank, GradientSync& sync,
                                              std::vector<ParamEntry>& params) {
-    ASSERT_EQ(sync.world_size(), world);
-    ASSERT_TRUE(sync.AllReduce({1, 0, 1}).ok());
-    for (size_t p = 0; p < params.size(); ++p) {
-      const torch::Tensor g = params[p].param.grad();
-      EXPECT_TRUE(g.is_cuda());
-      const int64_t n = g.numel();
-      torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
-      float mean_scale = 0;
-      for (int r = 0; r < world; ++r) mean_scale += float(r + 1) / float(world);
-      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * mean_scale + 100.0f * p;
-      EXPECT_TRUE(torch::equal(g.cpu().reshape({-1}), params[p].module == 1 ? mine : mean))
-          << "rank " << rank << " parameter " << p;
-    }
+    ExpectAveragedOnGpu(world, rank, sync, params);
     EXPECT_EQ(sync.stats().bytes_reduced, 17 * 4);
     EXPECT_EQ(sync.stats().bytes_skipped, 5 * 4);
     EXPECT_EQ(sync.stats().buckets, 3);  // shared, module 0, module 2
@@ -232,17 +238,7 @@ TEST(GradientSyncGlooCudaTest, TwoRanksOnOneGpuAverageOverGloo) {
   const torch::Device gpu(torch::kCUDA, 0);
   OnRanks(2, "auto", {gpu, gpu}, 8, [](int rank, GradientSync& sync,
                                        std::vector<ParamEntry>& params) {
-    ASSERT_EQ(sync.world_size(), 2);
-    ASSERT_TRUE(sync.AllReduce({1, 0, 1}).ok());
-    for (size_t p = 0; p < params.size(); ++p) {
-      const torch::Tensor g = params[p].param.grad();
-      EXPECT_TRUE(g.is_cuda());
-      const int64_t n = g.numel();
-      torch::Tensor mine = torch::arange(1, n + 1, torch::kFloat) * float(rank + 1) + 100.0f * p;
-      torch::Tensor mean = torch::arange(1, n + 1, torch::kFloat) * 1.5f + 100.0f * p;
-      EXPECT_TRUE(torch::equal(g.cpu().reshape({-1}), params[p].module == 1 ? mine : mean))
-          << "rank " << rank << " parameter " << p;
-    }
+    ExpectAveragedOnGpu(2, rank, sync, params);
     absl::StatusOr<int64_t> least = sync.AgreeMin(10 + rank);
     ASSERT_TRUE(least.ok()) << least.status();
     EXPECT_EQ(*least, 10);

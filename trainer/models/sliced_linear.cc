@@ -111,7 +111,11 @@ class SplitFunction : public torch::autograd::Function<SplitFunction> {
     if (has_bias && transposed && ctx->needs_input_grad(2)) out[2] = g.sum(0).to(leaf);
     const bool row_bias = has_bias && !transposed;  // the bias is split with the rows
     std::vector<Run> runs = AttachedRuns(begin, end, attached);
-    if (runs.empty()) return out;
+    // Nothing to do for the blocks when no block is attached, or when the caller does not want
+    // the weight's (and row bias's) gradient: a λ probe differentiates the sites' outputs only
+    // (autograd::grad with other inputs), which made this compute every weight gradient unused.
+    const bool want = ctx->needs_input_grad(1) || (row_bias && ctx->needs_input_grad(2));
+    if (runs.empty() || !want) return out;
     std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.row < b.row; });
     // Weight rows of map units [u, u + n): row-split g[:, u:u+n]^T x, col-split x[:, u:u+n]^T g.
     auto block_grad = [&](int64_t u, int64_t n) {
@@ -205,8 +209,9 @@ class GroupedFunction : public torch::autograd::Function<GroupedFunction> {
     const bool differentiable = torch::GradMode::is_enabled();  // differentiated again
     variable_list out(5);
     std::vector<torch::Tensor> gx;
-    bool any = false;
+    bool any = false;  // an attached expert whose weight gradient the caller wants
     for (int64_t a : attached) any = any || a != 0;
+    any = any && (ctx->needs_input_grad(1) || (has_bias && ctx->needs_input_grad(2)));
     torch::Tensor gw, gb;
     if (any) {  // rows of the experts written below are not zeroed first
       gw = torch::empty(wc.sizes(), g.options());
@@ -223,7 +228,7 @@ class GroupedFunction : public torch::autograd::Function<GroupedFunction> {
       const torch::Tensor ge = g.narrow(0, offset, counts[e]);
       const torch::Tensor xe = x.narrow(0, offset, counts[e]);
       if (ctx->needs_input_grad(0)) gx.push_back(torch::mm(ge, wc[e]));
-      if (attached[e]) {
+      if (any && attached[e]) {
         if (differentiable) {
           gw[e].copy_(torch::mm(ge.t(), xe));
           if (has_bias) gb[e].copy_(ge.sum(0));

@@ -3,6 +3,11 @@
 // blocks' rows only; under bf16 autocast the output stays bf16, as nn.Linear's does.
 #include "trainer/models/sliced_linear.h"
 
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 
 #include "trainer/models/autocast.h"
@@ -79,6 +84,65 @@ TEST_F(ColSplitBiasTest, UnderBf16AutocastTheOutputIsBf16AsNnLinears) {
   ASSERT_TRUE(b.grad().defined());
   EXPECT_EQ(b.grad().scalar_type(), torch::kFloat) << "the leaf's dtype";
   EXPECT_TRUE(torch::allclose(b.grad(), r_.sum(std::vector<int64_t>{0, 1}).to(torch::kFloat), 2e-2, 2e-2));
+}
+
+// The matmuls run while a MatmulCounter lives (a RecordFunction callback on every dispatched
+// op): aten::mm and aten::addmm calls, innermost ones only (autocast's wrapper has the same name).
+class MatmulCounter {
+ public:
+  MatmulCounter() {
+    count_ = 0;
+    handle_ = at::addGlobalCallback(at::RecordFunctionCallback(
+        [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+          const std::string name = fn.name();
+          if (name == "aten::mm" || name == "aten::addmm") ++count_;
+          return nullptr;
+        }));
+  }
+  ~MatmulCounter() { at::removeCallback(handle_); }
+  int count() const { return count_; }
+
+ private:
+  static inline std::atomic<int> count_{0};
+  at::CallbackHandle handle_;
+};
+
+// A λ probe differentiates the recorded maps' outputs, not the weights (autograd::grad with
+// other inputs): the split maps' backward then computes no weight or bias gradient. It did, for
+// every attached block: one matmul per map wasted in every probe.
+TEST(SplitMapsTest, NoWeightGradientWhenTheCallerWantsOnlyTheInputs) {
+  torch::manual_seed(4);
+  torch::Tensor x = torch::randn({3, 5, 6}, torch::kDouble).requires_grad_(true);
+  torch::Tensor w = torch::randn({4, 6}, torch::kDouble).requires_grad_(true);
+  torch::Tensor b = torch::randn({4}, torch::kDouble).requires_grad_(true);
+  const std::vector<RowBlock> blocks = EqualBlocks(2, 2);
+  auto matmuls_in_backward = [&](const std::vector<torch::Tensor>& wrt) {
+    torch::Tensor y = RowSplitForward(x, w, b, blocks, {true, true});
+    std::vector<torch::Tensor> g;
+    int matmuls = 0;
+    {
+      MatmulCounter counter;
+      g = torch::autograd::grad({y.pow(2).sum()}, wrt);
+      matmuls = counter.count();
+    }
+    EXPECT_TRUE(torch::allclose(g[0], 2 * torch::matmul(y.detach(), w.detach()), 1e-12, 1e-12));
+    return matmuls;
+  };
+  EXPECT_EQ(matmuls_in_backward({x}), 1) << "the input gradient only";
+  EXPECT_EQ(matmuls_in_backward({x, w}), 2) << "the input and the weight gradient";
+
+  // The same for the per-expert maps: one matmul per expert with rows, for the input only.
+  torch::Tensor we = torch::randn({2, 4, 6}, torch::kDouble).requires_grad_(true);
+  torch::Tensor be = torch::randn({2, 4}, torch::kDouble).requires_grad_(true);
+  torch::Tensor xe = torch::randn({5, 6}, torch::kDouble).requires_grad_(true);
+  auto expert_matmuls = [&](const std::vector<torch::Tensor>& wrt) {
+    torch::Tensor y = GroupedForward(xe, we, be, {2, 3}, {true, true});
+    MatmulCounter counter;
+    torch::autograd::grad({y.pow(2).sum()}, wrt);
+    return counter.count();
+  };
+  EXPECT_EQ(expert_matmuls({xe}), 2);
+  EXPECT_EQ(expert_matmuls({xe, we}), 4);
 }
 
 }  // namespace

@@ -23,10 +23,10 @@
 #include <cstdlib>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/ascii.h"
 #include "common/status.h"
 
 namespace mat::trainer {
@@ -97,8 +97,11 @@ absl::StatusOr<std::string> ResolveBackend(const std::string& requested,
 absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     const RendezvousOptions& o) {
   const std::vector<std::string> backends = AvailableBackends();
-  if (o.backend != "auto" && !Contains(backends, o.backend)) return NotInBuild(o.backend, backends);
-  if (backends.empty()) return NotInBuild(o.backend, backends);
+  if (o.backend != "auto") {  // a named backend needs no other rank's device to check
+    if (absl::StatusOr<std::string> b = ResolveBackend(o.backend, {}, backends); !b.ok()) {
+      return b.status();
+    }
+  }
   if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("rank ", o.rank, " is not in [0, world_size ", o.world_size, ")"));
@@ -135,12 +138,8 @@ absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     std::string backend = o.backend;
     if (backend == "auto") {
       // Every rank publishes its device, reads all of them, and resolves the same answer.
-      std::string host = o.host;
-      if (host.empty()) {
-        char name[256] = {};
-        gethostname(name, sizeof(name) - 1);
-        host = name;
-      }
+      char host[256] = {};
+      gethostname(host, sizeof(host) - 1);
       const std::string mine = DeviceKey(host, o.device, std::getenv("CUDA_VISIBLE_DEVICES"));
       prefixed->set(absl::StrCat("mat/device/", o.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
       std::vector<std::string> keys;

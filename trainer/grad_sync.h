@@ -51,7 +51,7 @@ std::vector<std::string> AvailableBackends();
 // Which GPU (or CPU) a rank computes on, as ResolveBackend compares them: "HOST cpu", or
 // "HOST cuda:ID" where ID is the physical GPU, CUDA_VISIBLE_DEVICES's entry for the device's
 // index when that variable is set (an index or a GPU-UUID), else the index ("cuda" = index 0).
-// `host` names the machine (DeviceKey's callers pass gethostname()).
+// `host` names the machine (ConnectProcessGroup passes gethostname()).
 std::string DeviceKey(const std::string& host, const torch::Device& device,
                       const char* cuda_visible_devices);
 
@@ -62,7 +62,8 @@ std::string DeviceKey(const std::string& host, const torch::Device& device,
 //   - gloo otherwise: two ranks on one GPU (NCCL refuses them: "Duplicate GPU detected"), or no
 //     NCCL in the build. Gloo reduces CUDA tensors through host memory.
 // INVALID_ARGUMENT when the answer is not in `available`, saying why, e.g. "ranks 0 and 1 both
-// compute on 'node1 cuda:0', which NCCL refuses, and this build has no Gloo (libgloo-dev)".
+// compute on 'node1 cuda:0', which NCCL refuses, and process group backend 'gloo' is not in this
+// build (it has: nccl); ...". `rank_devices` is read for "auto" only.
 absl::StatusOr<std::string> ResolveBackend(const std::string& requested,
                                            const std::vector<std::string>& rank_devices,
                                            const std::vector<std::string>& available);
@@ -77,7 +78,6 @@ struct RendezvousOptions {
   // the ranks tell each other their DeviceKey through the store and ResolveBackend chooses.
   std::string backend = "auto";
   torch::Device device = torch::kCPU;  // where this rank's gradients live (auto's input)
-  std::string host;  // auto's name of this machine; empty = gethostname()
   std::string prefix;       // keys namespace, e.g. "job-000003/attempt-0": attempts never mix
   std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
   // Polled while waiting for the other ranks to join; true stops the wait with CANCELLED.

@@ -95,6 +95,28 @@ TEST(EstimatorTest, RejectsMalformedProbe) {
   EXPECT_TRUE(MakeEstimator("exact-output").ok());
 }
 
+// Each of `wrt`'s gradients of each loss ℓ_i, stacked: [n, ...] per tensor of `wrt`.
+std::vector<torch::Tensor> PerSampleGrads(const torch::Tensor& losses,
+                                          const std::vector<torch::Tensor>& wrt) {
+  std::vector<std::vector<torch::Tensor>> rows(wrt.size());
+  for (int64_t i = 0; i < losses.size(0); ++i) {
+    auto g = torch::autograd::grad({losses[i]}, wrt, {}, /*retain_graph=*/true);
+    for (size_t k = 0; k < wrt.size(); ++k) rows[k].push_back(g[k]);
+  }
+  std::vector<torch::Tensor> out;
+  for (auto& r : rows) out.push_back(torch::stack(r));
+  return out;
+}
+
+// `got` is the spectrum of P Pᵀ for per-sample gradients P [n, p] (1e-10; effective rank 1e-9).
+void ExpectSpectrumOf(const ModuleSpectrum& got, const torch::Tensor& p) {
+  const ModuleSpectrum want = KernelStats(torch::mm(p, p.t()));
+  ASSERT_GT(want.lambda_max, 0);
+  EXPECT_NEAR(got.lambda_max, want.lambda_max, 1e-10 * want.lambda_max);
+  EXPECT_NEAR(got.trace, want.trace, 1e-10 * want.trace);
+  EXPECT_NEAR(got.effective_rank, want.effective_rank, 1e-9 * want.effective_rank);
+}
+
 // A per-channel affine map y = x ⊙ scale + shift (x: [n, T, C], or [n, C] without T) whose
 // channels form three modules: [0, 2) scale and shift, [2, 5) scale only, [2, 5) shift only.
 // The reference kernels come from explicit per-sample gradients (one backward per sample).
@@ -127,14 +149,9 @@ TEST_P(ScaleShiftSiteTest, GramMatchesExplicitPerSampleGradients) {
     return b;
   };
   // Reference: ∇ℓ_i with respect to the whole scale and shift, then sliced per module.
-  ProbeBatch ref = probe();
-  std::vector<torch::Tensor> gs, gb;
-  for (int64_t i = 0; i < n; ++i) {
-    auto g = torch::autograd::grad({ref.losses[i]}, {scale, shift}, {}, /*retain_graph=*/true);
-    gs.push_back(g[0]);
-    gb.push_back(g[1]);
-  }
-  torch::Tensor s = torch::stack(gs), b = torch::stack(gb);  // [n, C]
+  const torch::Tensor ref_losses = probe().losses;  // sets scale and shift
+  const std::vector<torch::Tensor> sb = PerSampleGrads(ref_losses, {scale, shift});
+  const torch::Tensor &s = sb[0], &b = sb[1];  // [n, C]
   std::vector<torch::Tensor> per_module = {
       torch::cat({s.slice(1, 0, 2), b.slice(1, 0, 2)}, 1), s.slice(1, 2, 5), b.slice(1, 2, 5)};
   auto got = GramEstimator().Estimate(p, probe());
@@ -142,10 +159,7 @@ TEST_P(ScaleShiftSiteTest, GramMatchesExplicitPerSampleGradients) {
   ASSERT_EQ(got->modules.size(), 3u);
   for (int m = 0; m < 3; ++m) {
     SCOPED_TRACE("module " + std::to_string(m));
-    ModuleSpectrum want = KernelStats(torch::mm(per_module[m], per_module[m].t()));
-    EXPECT_NEAR(got->modules[m].lambda_max, want.lambda_max, 1e-10 * want.lambda_max);
-    EXPECT_NEAR(got->modules[m].trace, want.trace, 1e-10 * want.trace);
-    EXPECT_NEAR(got->modules[m].effective_rank, want.effective_rank, 1e-9 * want.effective_rank);
+    ExpectSpectrumOf(got->modules[m], per_module[m]);
   }
   // Per-sample grads 3·n·T·C, kernels 2·n²·(4 + 3 + 3).
   const double tokens = with_t ? double(n * T) : double(n);
@@ -183,14 +197,8 @@ TEST(EstimatorTest, GramGroupsMatchExplicitPerSampleGradients) {
     b.sites.push_back({a, y, slices});
     return b;
   };
-  ProbeBatch ref = probe();
-  std::vector<torch::Tensor> gw, gb;
-  for (int64_t i = 0; i < n; ++i) {
-    auto g = torch::autograd::grad({ref.losses[i]}, {w, bias}, {}, /*retain_graph=*/true);
-    gw.push_back(g[0]);
-    gb.push_back(g[1]);
-  }
-  torch::Tensor W = torch::stack(gw), B = torch::stack(gb);  // [n, out, in], [n, out]
+  const std::vector<torch::Tensor> wb = PerSampleGrads(probe().losses, {w, bias});
+  const torch::Tensor &W = wb[0], &B = wb[1];  // [n, out, in], [n, out]
   std::vector<std::vector<torch::Tensor>> parts(5);
   for (const SiteSlice& s : slices) {
     if (s.axis == SliceAxis::kCols) {
@@ -208,11 +216,7 @@ TEST(EstimatorTest, GramGroupsMatchExplicitPerSampleGradients) {
     SCOPED_TRACE("module " + std::to_string(m));
     torch::Tensor q = torch::cat(parts[m], 1);
     widths += double(q.size(1));
-    ModuleSpectrum want = KernelStats(torch::mm(q, q.t()));
-    ASSERT_GT(want.lambda_max, 0);
-    EXPECT_NEAR(got->modules[m].lambda_max, want.lambda_max, 1e-10 * want.lambda_max);
-    EXPECT_NEAR(got->modules[m].trace, want.trace, 1e-10 * want.trace);
-    EXPECT_NEAR(got->modules[m].effective_rank, want.effective_rank, 1e-9 * want.effective_rank);
+    ExpectSpectrumOf(got->modules[m], q);
   }
   // Per-sample grads 2·n·T·in·out, kernels 2·n²·(Σ module widths).
   EXPECT_DOUBLE_EQ(got->flops, 2.0 * n * T * in * out + 2.0 * n * n * widths);

@@ -46,6 +46,7 @@ json=/tmp/mat-gpu-json
 rm -rf "$json" "$out/parts.jsonl" && mkdir -p "$json"
 
 merge() {
+  set +e
   python3 - "$json" "$out" <<'PY'
 import json, os, sys
 src, out = sys.argv[1], sys.argv[2]

@@ -23,6 +23,7 @@
 #include "client/job_client.h"
 #include "client/plot.h"
 #include "common/file_util.h"
+#include "common/net_util.h"
 #include "common/status.h"
 #include "api/artifacts.h"
 #include "api/grpc_status.h"
@@ -628,6 +629,11 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e, out, err);  // prints the help or the usage error
     return code == 0 ? kExitOk : kExitUsage;
+  }
+  // gRPC would take "127.0.0.1:99999" as some other port and "" as a failed secure channel.
+  if (absl::Status st = common::ParseHostPort(o.coordinator, /*min_port=*/1).status(); !st.ok()) {
+    err << "matctl: --coordinator: " << st.message() << "\n";
+    return kExitUsage;
   }
 
   for (const Command& c : commands) {

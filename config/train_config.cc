@@ -165,6 +165,14 @@ absl::Status Walk(TrainConfig& c, const YAML::Node& node, const std::string& pre
       }
       continue;
     }
+    if (key == "policy.rand_schedule_job") {
+      // The service's job-only key (api/job_spec.h), in every job_spec.yaml a job gives back
+      // (empty: no replay), so that file runs here too; a replay needs the coordinator's store.
+      if (kv.second.IsScalar() && kv.second.as<std::string>().empty()) continue;
+      return absl::InvalidArgumentError(
+          origin + ": policy.rand_schedule_job replays a coordinator's stored MAT job, which " +
+          "mat-train cannot read; give a MAT run's decisions.jsonl as policy.rand_schedule instead");
+    }
     if (kv.second.IsMap()) {
       bool is_section = prefix.empty() && (name == "model" || name == "data" || name == "train" ||
                                            name == "policy");

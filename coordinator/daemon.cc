@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "coordinator/artifact_store.h"
 #include "common/file_util.h"
+#include "common/net_util.h"
 #include "common/status.h"
 #include "coordinator/auth.h"
 #include "coordinator/grpc_metrics.h"
@@ -32,7 +33,7 @@ namespace mat::coordinator {
 using metrics::HttpResponse;
 using metrics::HttpServer;
 using metrics::JoinHostPort;
-using metrics::ParseHostPort;
+using common::ParseHostPort;
 
 std::string CoordinatorDaemon::AddressFilePath(const std::string& state_dir) {
   return state_dir + "/coordinator.addr";

@@ -10,6 +10,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/net_util.h"
 
 namespace mat::metrics {
 namespace {
@@ -28,24 +29,6 @@ HttpResponse MetricsResponse(const Registry& registry) {
 std::string JoinHostPort(const std::string& host, int port) {
   return host.find(':') != std::string::npos ? absl::StrCat("[", host, "]:", port)
                                              : absl::StrCat(host, ":", port);
-}
-
-absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  int port = -1;
-  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
-      port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("address '", address, "' is not HOST:PORT with a port in [0, 65535]"));
-  }
-  std::string host = address.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  if (host.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("address '", address, "' has no host"));
-  }
-  return std::make_pair(host, port);
 }
 
 struct HttpServer::Impl {
@@ -124,7 +107,7 @@ void HttpServer::Impl::Accept() {
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& address,
                                                               HttpHandler handler,
                                                               double request_timeout_seconds) {
-  auto host_port = ParseHostPort(address);
+  auto host_port = common::ParseHostPort(address);
   if (!host_port.ok()) return host_port.status();
   const auto& [host, port] = *host_port;
 

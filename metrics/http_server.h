@@ -22,10 +22,6 @@
 
 namespace mat::metrics {
 
-// "HOST:PORT" -> host and port ("[::1]:80" gives "::1"). INVALID_ARGUMENT naming `address` when
-// there is no port or it is not in [0, 65535].
-absl::StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& address);
-
 struct HttpResponse {
   int status = 200;                         // HTTP status code
   std::string content_type = "text/plain";  // Content-Type header

@@ -27,6 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/net_util.h"
 #include "common/status.h"
 
 namespace mat::trainer {
@@ -111,6 +112,26 @@ absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
         absl::StrCat("rendezvous port ", o.master_port, " is not in 1..65535"));
   }
   const std::string where = absl::StrCat(o.master_host, ":", o.master_port);
+  const auto deadline = std::chrono::steady_clock::now() + o.timeout;
+  if (o.cancelled && o.cancelled()) {
+    return absl::CancelledError(absl::StrCat("cancelled before the rendezvous at ", where));
+  }
+  if (o.rank != 0) {
+    // TCPStore's client constructor retries its connect until the timeout and cannot be
+    // stopped: a rank whose job was cancelled, or whose rank 0 is gone, sat there for the whole
+    // timeout (120 s by default) and took no other job meanwhile. Wait for rank 0's store to
+    // listen here instead, where a cancel is seen within 50 ms.
+    const absl::Status up = common::WaitForListener(o.master_host, o.master_port, deadline, o.cancelled);
+    if (up.code() == absl::StatusCode::kCancelled) {
+      return absl::CancelledError(absl::StrCat("cancelled while waiting for rank 0's store at ", where));
+    }
+    if (!up.ok()) {
+      return absl::UnavailableError(absl::StrCat("cannot form the process group of ", o.world_size,
+                                                 " ranks at ", where, " as rank ", o.rank, ": ",
+                                                 up.message(), " within ", o.timeout.count() / 1000.0,
+                                                 " s"));
+    }
+  }
   try {
     c10d::TCPStoreOptions store_options;
     store_options.port = static_cast<uint16_t>(o.master_port);
@@ -120,7 +141,6 @@ absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     store_options.timeout = o.timeout;
     auto store = c10::make_intrusive<c10d::TCPStore>(o.master_host, store_options);
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>(o.prefix, store);
-    const auto deadline = std::chrono::steady_clock::now() + o.timeout;
     int64_t joined = prefixed->add("mat/joined", 1);
     while (joined < o.world_size) {
       if (o.cancelled && o.cancelled()) {

@@ -21,11 +21,17 @@ int main(int argc, char** argv) {
   app.add_option("--set", sets, "override a key: --set policy.kind=full (repeatable)");
   app.add_option("--out", out_dir, "output directory (metrics.jsonl, decisions.jsonl, summary.json)")->required();
   app.add_flag("--resume", resume, "continue from OUT/checkpoint.pt when present");
-  app.add_option("--log-level", log_level, "trace|debug|info|warn|error");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
   app.add_flag("--log-json", log_json, "JSON log lines");
   app.add_flag("--no-progress", no_progress, "no progress bar even on a terminal");
   app.add_flag("--print-config", print_config, "print every key with its value and exit");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;  // --help: 0; a bad flag: 2, as a bad config
+  }
   mat::common::ConfigureAllocatorForTraining();
   mat::common::InitLogging(log_level, log_json);
 

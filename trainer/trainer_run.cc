@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <map>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
@@ -25,14 +27,30 @@ absl::Status Trainer::PrepareRun() {
   if (options_.resume && !options_.out_dir.empty() &&
       (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
     MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));
+    if (step_ > config_.train.steps) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the checkpoint in ", options_.out_dir, " is at step ", step_, ", past train.steps ",
+          config_.train.steps, ": raise train.steps to continue it, or start afresh without --resume"));
+    }
     resumed_from_step_ = step_;
     MAT_RETURN_IF_ERROR(TruncateLog("metrics.jsonl", step_));
     MAT_RETURN_IF_ERROR(TruncateLog("decisions.jsonl", step_ - 1));
     MAT_RETURN_IF_ERROR(TruncateLog("masks.jsonl", step_ - 1));
-    spdlog::info("resumed from {} at step {}", ckpt, step_);
+    spdlog::info("resumed at step {} from the checkpoint in {}", step_, options_.out_dir);
   } else if (!options_.out_dir.empty()) {
-    for (const char* f : {"metrics.jsonl", "decisions.jsonl", "masks.jsonl", "summary.json"})
-      std::filesystem::remove(options_.out_dir + "/" + f);
+    // A fresh run replaces an earlier run's outputs in the same folder, its checkpoints too: a
+    // checkpoint left behind became this run's checkpoint.pt.prev at its first save, and a
+    // later --resume could fall back to it and continue the other run.
+    std::vector<std::string> replaced;
+    for (const char* f : {"metrics.jsonl", "decisions.jsonl", "masks.jsonl", "summary.json",
+                          "checkpoint.pt", "checkpoint.pt.prev", "model.safetensors"}) {
+      std::error_code error;
+      if (std::filesystem::remove(options_.out_dir + "/" + f, error)) replaced.push_back(f);
+    }
+    if (!replaced.empty()) {
+      spdlog::warn("{} held an earlier run's {}: replaced by this run (--resume continues one)",
+                   options_.out_dir, absl::StrJoin(replaced, ", "));
+    }
   }
   return absl::OkStatus();
 }

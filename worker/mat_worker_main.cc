@@ -135,7 +135,8 @@ int main(int argc, char** argv) {
   auto agent = mat::worker::WorkerAgent::Create(f.config);
   if (!agent.ok()) {
     std::cerr << "mat-worker: " << agent.status().ToString() << "\n";
-    return 1;
+    // A flag the agent refused (device, threads, addresses): bad command-line usage.
+    return agent.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
   std::thread signals([&] {
     int signal = 0;

@@ -32,8 +32,9 @@ bool ValidDevice(const std::string& d) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConfig config) {
-  if (config.coordinator_address.empty()) {
-    return absl::InvalidArgumentError("--coordinator is empty (expected HOST:PORT)");
+  if (absl::Status st = common::ParseHostPort(config.coordinator_address, /*min_port=*/1).status();
+      !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--coordinator: ", st.message()));
   }
   if (!ValidDevice(config.device)) {
     return absl::InvalidArgumentError("--device '" + config.device +
@@ -56,7 +57,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   }
   if (config.memory_bytes <= 0) config.memory_bytes = PhysicalMemoryBytes();
   if (!config.metrics_listen_address.empty()) {
-    if (absl::Status st = metrics::ParseHostPort(config.metrics_listen_address).status(); !st.ok()) {
+    if (absl::Status st = common::ParseHostPort(config.metrics_listen_address).status(); !st.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", st.message()));
     }
   }

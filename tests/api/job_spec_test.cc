@@ -705,6 +705,30 @@ TEST(JobSpecYamlTest, TinyExampleRoundTrips) {
   }
 }
 
+// The job_spec.yaml a job gives back (`matctl download`: the spec as accepted, defaults filled in,
+// rand_schedule_job "" among them) is also a mat-train config, so a service job reruns locally.
+// A replay of a stored job is the service's alone: mat-train refuses it naming the key.
+TEST(JobSpecYamlTest, TheGivenBackSpecIsAMatTrainConfig) {
+  auto spec = LoadJobSpecYaml(kExamples + "/bert-wikitext2-tiny.yaml");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const std::string yaml = JobSpecToYaml(WithJobSpecDefaults(*spec));
+  ASSERT_THAT(yaml, HasSubstr("rand_schedule_job")) << yaml;
+  absl::StatusOr<config::TrainConfig> config = config::ParseTrainConfig(yaml, "job_spec.yaml");
+  ASSERT_TRUE(config.ok()) << config.status() << "\n" << yaml;
+  EXPECT_TRUE(config::ValidateTrainConfig(*config).ok()) << config::ValidateTrainConfig(*config);
+  EXPECT_EQ(config->policy.kind, spec->policy().kind());
+
+  v1::JobSpec replay = WithJobSpecDefaults(*spec);
+  replay.mutable_policy()->set_kind("rand");
+  replay.mutable_policy()->set_rand_schedule_job("job-000001");
+  absl::StatusOr<config::TrainConfig> refused =
+      config::ParseTrainConfig(JobSpecToYaml(replay), "job_spec.yaml");
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("job_spec.yaml: policy.rand_schedule_job"));
+}
+
 TEST(JobSpecYamlTest, TrainerYamlHasEveryTrainerKeyAndNoJobOnlyKey) {
   v1::JobSpec spec = WithJobSpecDefaults(v1::JobSpec());
   spec.mutable_resources()->set_workers(4);

@@ -532,6 +532,12 @@ TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(Run({"workers", "extra"}).code, 2);
   EXPECT_EQ(Run({"compare"}).code, 2) << "a run is required";
   EXPECT_EQ(Run({"compare", "a", "-o", "yaml"}).code, 2);
+  // A coordinator address that is not HOST:PORT (gRPC took 99999 as another port).
+  for (const char* bad : {"127.0.0.1:99999", "127.0.0.1", ":50051", "127.0.0.1:0"}) {
+    Result r = Run({"list"}, bad);
+    EXPECT_EQ(r.code, 2) << bad << ": " << r.err;
+    EXPECT_THAT(r.err, HasSubstr("--coordinator")) << bad;
+  }
   Result help = Run({"--help"});
   EXPECT_EQ(help.code, 0);
   for (const char* command : {"submit", "list", "status", "cancel", "watch", "spectra", "plot",

@@ -361,6 +361,30 @@ TEST(ConnectProcessGroupTest, AWaitForMissingRanksCanBeCancelledAndTimesOut) {
   EXPECT_NE(group.status().message().find("only 1 of 2 ranks"), std::string::npos) << group.status();
 }
 
+// A rank other than 0 waits for rank 0's store to listen; a cancel must stop that wait at once
+// (it used to sit in TCPStore's connect retries for the whole timeout: a cancelled job's rank
+// blocked its worker for 120 s, and the next job assigned to that worker with it).
+TEST(ConnectProcessGroupTest, ARankWaitingForRankZerosStoreCanBeCancelled) {
+  RendezvousOptions o;
+  o.master_host = "127.0.0.1";
+  o.master_port = FreePort();  // rank 0 never comes
+  o.backend = AvailableBackends().at(0);
+  o.rank = 1;
+  o.world_size = 2;
+  o.timeout = std::chrono::milliseconds(60000);
+  const auto t0 = std::chrono::steady_clock::now();
+  o.cancelled = [&] { return std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(200); };
+  auto group = ConnectProcessGroup(o);
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kCancelled) << group.status();
+  EXPECT_NE(group.status().message().find("rank 0's store at 127.0.0.1:"), std::string::npos)
+      << group.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  // Already cancelled: no wait, no store.
+  o.cancelled = [] { return true; };
+  o.rank = 0;
+  EXPECT_EQ(ConnectProcessGroup(o).status().code(), absl::StatusCode::kCancelled);
+}
+
 // The contract the flaky CI run of stop 16 broke: when ConnectProcessGroup returns OK on one rank,
 // every rank's group is connected, so a rank that drops its group at once (a job whose work is
 // refused locally, a rank that fails right after the rendezvous) cannot make another rank's

@@ -401,6 +401,27 @@ TEST_F(MatTrainCliTest, InitFromStartsFromTheSavedWeightsAndRefusesAnotherShape)
   EXPECT_THAT(missing.err, HasSubstr("nope.safetensors"));
 }
 
+// Bad command-line usage is exit code 2 too, named on stderr: an unknown --log-level used to
+// switch logging off silently (exit 0), and CLI11's own codes (106, 109) leaked out.
+TEST_F(MatTrainCliTest, BadFlagsExitWithTwoAndNameTheFlag) {
+  std::vector<std::string> loud = TinyArgs("bad_log_level");
+  loud.insert(loud.end(), {"--log-level", "loud", "--print-config"});
+  RunResult r = Run(loud);
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("--log-level"));
+  r = Run({"--config", kTinyConfig});  // no --out
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("--out"));
+  std::vector<std::string> extra = TinyArgs("bad_extra");
+  extra.push_back("stray");
+  r = Run(extra);
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("stray"));
+  r = Run({"--help"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("--log-level"));
+}
+
 // Bad input: exit code 2, nothing trained, and stderr names the problem. "{root}" in the case
 // strings is the test's temporary directory.
 struct BadInput {

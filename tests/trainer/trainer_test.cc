@@ -352,6 +352,51 @@ TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
   EXPECT_NE(std::string(s.message()).find("truncated"), std::string::npos) << s;
 }
 
+// A fresh run into a folder that holds another run's outputs replaces them, its checkpoints too:
+// the old checkpoint.pt used to become the new run's checkpoint.pt.prev, and a --resume whose
+// newest checkpoint was broken then continued the other run (its step, its parameters). A
+// checkpoint past train.steps is refused, not taken as a finished run of other length.
+TEST(TrainerSingleTest, AFreshRunLeavesNoCheckpointOfAnEarlierRun) {
+  std::string data = MakeCorpus("fresh");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  c.train.checkpoint_every = 10;
+  fs::path out = fs::temp_directory_path() / ("mat_trainer_fresh_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  const fs::path ckpt = out / "checkpoint.pt";
+  {
+    auto t = Trainer::Create(c, {out.string(), false, false});
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->Run(25).ok());  // checkpoints at 10, 20 (-> .prev) and 25
+  }
+  ASSERT_TRUE(fs::exists(ckpt.string() + ".prev"));
+  config::TrainConfig shorter = c;
+  shorter.train.steps = 20;
+  {
+    auto past = Trainer::Create(shorter, {out.string(), false, true});
+    ASSERT_TRUE(past.ok());
+    auto s = (*past)->Run();
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(std::string(s.status().message()).find("at step 25, past train.steps 20"),
+              std::string::npos) << s.status();
+  }
+  {
+    shorter.train.steps = 4;  // a fresh run with no checkpoint of its own
+    auto fresh = Trainer::Create(shorter, {out.string(), false, false});
+    ASSERT_TRUE(fresh.ok());
+    ASSERT_TRUE((*fresh)->Run().ok());
+  }
+  // Only the new run's final checkpoint (step 4); nothing of the earlier run to fall back to.
+  EXPECT_FALSE(fs::exists(ckpt.string() + ".prev")) << "the earlier run's checkpoint is still there";
+  fs::resize_file(ckpt, 100);
+  auto resumed = Trainer::Create(shorter, {out.string(), false, true});
+  ASSERT_TRUE(resumed.ok());
+  auto s = (*resumed)->Run();
+  ASSERT_FALSE(s.ok()) << "resumed the earlier run at step " << (*resumed)->resumed_from_step();
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kDataLoss) << s.status();
+  fs::remove_all(out);
+}
+
 TEST(TrainerSingleTest, LearningRateSchedule) {
   std::string data = MakeCorpus("lr");
   config::TrainConfig c = TinyTrainConfig(data, "full");

@@ -4,7 +4,9 @@
 #include <cmath>
 #include <limits>
 #include <functional>
+#include <set>
 #include <sstream>
+#include <string_view>
 
 #include "common/file_util.h"
 #include "absl/strings/str_cat.h"
@@ -40,7 +42,9 @@ Field MakeField(const std::string& key, T* target, const char* type) {
     try {
       *target = n.as<T>();
     } catch (const YAML::Exception&) {
-      return absl::InvalidArgumentError(key + ": '" + n.Scalar() + "' is not a " + type);
+      const bool vowel = std::string_view("aeiou").find(type[0]) != std::string_view::npos;
+      return absl::InvalidArgumentError(key + ": '" + n.Scalar() + "' is not " +
+                                        (vowel ? "an " : "a ") + type);
     }
     return absl::OkStatus();
   };
@@ -146,9 +150,14 @@ absl::Status SetKey(TrainConfig& c, const std::string& key, const YAML::Node& va
 
 absl::Status Walk(TrainConfig& c, const YAML::Node& node, const std::string& prefix,
                   const std::string& origin) {
+  std::set<std::string> seen;
   for (const auto& kv : node) {
     std::string name = kv.first.as<std::string>();
     std::string key = prefix.empty() ? name : prefix + "." + name;
+    // yaml-cpp keeps both entries of a repeated key and the later one would win unseen.
+    if (!seen.insert(name).second) {
+      return absl::InvalidArgumentError(origin + ": key '" + key + "' appears twice");
+    }
     const bool section_name = prefix.empty() && (name == "model" || name == "data" ||
                                                  name == "train" || name == "policy");
     if (section_name && kv.second.IsNull()) continue;  // an empty section keeps the defaults

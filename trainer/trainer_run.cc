@@ -38,6 +38,7 @@ absl::Status Trainer::PrepareRun() {
     MAT_RETURN_IF_ERROR(TruncateLog("masks.jsonl", step_ - 1));
     spdlog::info("resumed at step {} from the checkpoint in {}", step_, options_.out_dir);
   } else if (!options_.out_dir.empty()) {
+    if (options_.resume) spdlog::info("--resume: no checkpoint in {}; starting afresh", options_.out_dir);
     // A fresh run replaces an earlier run's outputs in the same folder, its checkpoints too: a
     // checkpoint left behind became this run's checkpoint.pt.prev at its first save, and a
     // later --resume could fall back to it and continue the other run.

@@ -192,7 +192,7 @@ absl::Status WorkerAgent::Run() {
     cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
   }
   ReapRunner(true, "worker shutting down");
-  spdlog::info("worker {} stopped", worker_id());
+  spdlog::info("worker {} stopped", worker_id().empty() ? "(never registered)" : worker_id());
   std::lock_guard<std::mutex> lock(mu_);
   return refused_;
 }

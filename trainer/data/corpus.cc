@@ -142,7 +142,10 @@ absl::StatusOr<Corpus> LoadCorpus(const std::string& dir) {
   Tokenize(train, true, c.vocab, c.train);
   Tokenize(valid, false, c.vocab, c.valid);
   Tokenize(test, false, c.vocab, c.test);
-  if (c.train.empty()) return absl::InvalidArgumentError("data.dir: " + dir + "/train is empty");
+  if (c.train.empty()) {
+    return absl::InvalidArgumentError("data.dir: the train split in " + dir +
+                                      " (train.txt.xz or train.txt) has no words");
+  }
   return c;
 }
 

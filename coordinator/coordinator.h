@@ -180,9 +180,10 @@ class Coordinator {
   // max_lines; NOT_FOUND for an unknown job.
   absl::StatusOr<v1::GetJobLogsReply> GetJobLogs(const v1::GetJobLogsRequest& request);
   // Whether `worker_id` may upload artifacts of `job_id` (UploadArtifact; the bytes go to the
-  // daemon's ArtifactStore): it holds rank 0 of the job's current `attempt`, and the job is
-  // RUNNING (before that rank's RankDone) or has ended (SUCCEEDED, FAILED, CANCELLED: a rank
-  // uploads what it has after a cancel too). PERMISSION_DENIED for another rank; NOT_FOUND /
+  // daemon's ArtifactStore): it holds rank 0 of the job's newest started `attempt`, and the job
+  // is RUNNING (before that rank's RankDone), RESTARTING (rank 0's part ended with a lost peer:
+  // the next attempt's rank 0 replaces the files) or has ended (SUCCEEDED, FAILED, CANCELLED: a
+  // rank uploads what it has after a cancel too). PERMISSION_DENIED for another rank; NOT_FOUND /
   // ABORTED as for the session's job messages; UNAVAILABLE while a RUNNING job's rank 0 has not
   // re-attached to this coordinator (after a restart: retry).
   absl::Status CheckArtifactUpload(const std::string& worker_id, const std::string& job_id,

@@ -282,12 +282,16 @@ absl::Status Coordinator::CheckArtifactUpload(const std::string& worker_id,
   }
   MAT_ASSIGN_OR_RETURN(JobRecord record, store_->GetJob(job_id));
   MAT_ASSIGN_OR_RETURN(std::vector<AssignmentRecord> assignments, store_->ListAssignments(job_id));
-  bool holds = false;
+  // The rank-0 row is the newest attempt that started (RESTARTING counts the next attempt in
+  // record.attempt before any rank of it starts): that attempt's rank 0 may upload.
+  const AssignmentRecord* rank0 = nullptr;
   for (const AssignmentRecord& a : assignments) {
-    holds = holds || (a.worker_id == worker_id && a.rank == 0);
+    if (a.rank == 0 && a.worker_id == worker_id) rank0 = &a;
   }
-  if (!holds) return absl::NotFoundError(absl::StrCat(worker_id, " runs no rank 0 of ", job_id));
-  if (attempt != record.attempt) {
+  if (rank0 == nullptr) {
+    return absl::NotFoundError(absl::StrCat(worker_id, " runs no rank 0 of ", job_id));
+  }
+  if (attempt != rank0->attempt) {
     return absl::AbortedError(absl::StrCat("stale attempt ", attempt, " of job ", job_id,
                                            ", now ", record.attempt));
   }
@@ -295,6 +299,10 @@ absl::Status Coordinator::CheckArtifactUpload(const std::string& worker_id,
     case v1::JOB_STATE_SUCCEEDED:
     case v1::JOB_STATE_FAILED:
     case v1::JOB_STATE_CANCELLED:
+    // A peer was lost: rank 0's part ended with its newest checkpoint's model. Kept, so that a
+    // job cancelled before its next attempt starts still gives one back; the next attempt's
+    // rank 0 replaces the files when it ends.
+    case v1::JOB_STATE_RESTARTING:
       return absl::OkStatus();
     case v1::JOB_STATE_RUNNING:
       return absl::UnavailableError(absl::StrCat(

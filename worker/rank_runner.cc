@@ -155,9 +155,8 @@ void RankRunner::Main() {
   std::string summary, checksum;
   int64_t step = 0;
   absl::Status status = Train(&summary, &checksum, &step);
-  if (assign_.rank() == 0 && options_.upload_artifact && !collective_failed_) {
-    UploadArtifacts(status.ok());
-  }
+  const bool uploads = assign_.rank() == 0 && options_.upload_artifact;
+  if (uploads && !collective_failed_) UploadArtifacts(status.ok());
   bool cancelled;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -192,6 +191,11 @@ void RankRunner::Main() {
       undelivered_done_ = m;
     }
   }
+  // A lost peer ended this attempt: the job restarts, or is cancelled before it does, and then
+  // this is all the user gets back. Uploaded after RankDone, so the restart does not wait for
+  // it; the next attempt's Assign abandons it (AbandonUploads), and that attempt's rank 0
+  // replaces the files when it ends.
+  if (uploads && collective_failed_) UploadArtifacts(false);
   sync_.reset();
   if (options_.metrics != nullptr) options_.metrics->busy.Set({}, 0);
   done_.store(true);

@@ -14,11 +14,13 @@
 //   OnProgress      Progress at every evaluation, else at most every progress_interval.
 //   CheckContinue   CANCELLED once Cancel() was called.
 //
-// Artifacts: when its part ends (trained, failed or cancelled; not when the job's process group
-// failed, which restarts the job), rank 0 writes job_spec.yaml (the Assign's spec as YAML), makes
-// model.safetensors from its newest checkpoint when the run did not finish, and uploads its
-// artifacts (worker/artifact_upload.h) before its RankDone, so that a SUCCEEDED job's artifacts
-// are on the coordinator. A file that cannot be uploaded is logged (a warning, in the job's log)
+// Artifacts: when its part ends (trained, failed or cancelled), rank 0 writes job_spec.yaml (the
+// Assign's spec as YAML), makes model.safetensors from its newest checkpoint when the run did not
+// finish, and uploads its artifacts (worker/artifact_upload.h) before its RankDone, so that a
+// SUCCEEDED job's artifacts are on the coordinator. When the job's process group failed (a peer
+// was lost: the job restarts) it uploads after its RankDone instead, so that a job cancelled
+// before its next attempt still gives back the model of its newest checkpoint; a new Assign
+// abandons that upload. A file that cannot be uploaded is logged (a warning, in the job's log)
 // and does not change how the rank ends. AbandonUploads stops an upload (a new Assign, shutdown).
 //
 // Rank 0 declares the modules (ModuleList) once the model is built. At the end every rank sends

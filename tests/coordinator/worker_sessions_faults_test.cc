@@ -178,6 +178,41 @@ TEST_F(WorkerSessionsTest, AClosedSessionRestartsItsJobWithoutClosingTheChannel)
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_CANCELLED);
 }
 
+// Rank 0 uploads its artifacts when its part ends, also when a lost peer ended it: the job is then
+// RESTARTING and already counts the next attempt, which no rank has started. That upload used to
+// be refused as stale, so a job cancelled before its next attempt gave nothing back although rank
+// 0 held the model of its newest checkpoint. Once the next attempt starts, the old one's uploads
+// are stale again.
+TEST_F(WorkerSessionsTest, RankZeroUploadsItsArtifactsWhileItsJobRestarts) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  EXPECT_TRUE(coordinator_->CheckArtifactUpload(w0.id, job, 0, 0).ok());  // RUNNING
+  coordinator_->CloseSession(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  ASSERT_EQ(GetJob(job).job().attempt(), 1);
+  absl::Status s = coordinator_->CheckArtifactUpload(w0.id, job, 0, 0);
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_EQ(coordinator_->CheckArtifactUpload(w0.id, job, 0, 1).code(), absl::StatusCode::kAborted)
+      << "attempt 1 has not started";
+  EXPECT_EQ(coordinator_->CheckArtifactUpload(w1.id, job, 0, 0).code(), absl::StatusCode::kNotFound)
+      << "rank 1's worker holds no rank 0";
+  ASSERT_TRUE(coordinator_->CancelJob(job, "").ok());
+  s = coordinator_->CheckArtifactUpload(w0.id, job, 0, 0);
+  EXPECT_TRUE(s.ok()) << s;
+}
+
+TEST_F(WorkerSessionsTest, OnceTheNextAttemptStartsTheOldOnesUploadsAreStale) {
+  Worker v0, v1;
+  const std::string again = StartTwoRankJob(&v0, &v1);
+  coordinator_->CloseSession(v1.id);
+  ASSERT_EQ(StateOf(again), v1::JOB_STATE_RESTARTING);
+  auto back = Connect(v1.id);  // attempt 1 starts
+  ASSERT_EQ(StateOf(again), v1::JOB_STATE_RUNNING);
+  absl::Status s = coordinator_->CheckArtifactUpload(v0.id, again, 0, 0);
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("stale attempt 0"));
+}
+
 TEST_F(WorkerSessionsTest, ARestartedJobContinuesItsPolicyAndRefusesTheOldAttempt) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);

@@ -6,10 +6,12 @@
 //     and `status` show their size, a second download keeps what is there;
 //   - the coordinator SIGKILLed in the middle of the model's upload and restarted: the upload
 //     resumes where the coordinator's bytes end, and the result is the same file;
-//   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint;
+//   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint; also
+//     when a lost peer had made the job RESTARTING;
 //   - a model over --max-artifact-bytes is refused with a message naming the limit (in the job's
 //     log and from `matctl download`), the job still SUCCEEDS with its summary, and the smaller
 //     files are there.
+#include <csignal>
 #include <cstring>
 
 #include "nlohmann/json.hpp"
@@ -202,6 +204,53 @@ TEST_F(ArtifactsTest, ACancelledJobLeavesTheModelOfItsNewestCheckpoint) {
   EXPECT_FALSE(header.contains("model.tok_emb.weight"));
   EXPECT_TRUE(fs::exists(out + "/metrics.jsonl"));
   EXPECT_TRUE(fs::exists(out + "/job_spec.yaml"));
+  EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");
+}
+
+// A peer's worker SIGKILLed: rank 0's part ends with a failed process group and the job is
+// RESTARTING; cancelled before its next attempt starts, it still gives back rank 0's model of its
+// newest checkpoint (rank 0 used to upload nothing when its process group failed, and the
+// coordinator refused a RESTARTING job's upload as a stale attempt).
+TEST_F(ArtifactsTest, AJobCancelledWhileItRestartsLeavesRankZerosModel) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+  const pid_t w0 = StartWorker("w0"), w1 = StartWorker("w1");
+  ASSERT_GT(w0, 0);
+  ASSERT_GT(w1, 0);
+  std::string yaml = JobYaml(5000, ", checkpoint_every: 10");
+  yaml.replace(yaml.find("workers: 1"), std::strlen("workers: 1"), "workers: 2");
+  CommandResult submitted = Matctl(address_, {"submit", WriteJob("job2.yaml", yaml)});
+  ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
+  std::string job = submitted.out;
+  while (!job.empty() && (job.back() == '\n' || job.back() == ' ')) job.pop_back();
+  const json running = WaitFor(job, [](const json& s) { return s.value("step", 0) >= 25; }, 300s);
+  ASSERT_GE(running.value("step", 0), 25) << running.dump(2) << Logs("w0") << Logs("w1");
+  const bool rank0_on_w0 = fs::exists(Rank0Dir("w0", job));
+  ASSERT_NE(rank0_on_w0, fs::exists(Rank0Dir("w1", job)));
+  ::kill(rank0_on_w0 ? w1 : w0, SIGKILL);  // rank 1's worker
+  const json restarting =
+      WaitFor(job, [](const json& s) { return s.value("state", "") == "RESTARTING"; }, 60s);
+  ASSERT_EQ(restarting.value("state", ""), "RESTARTING") << restarting.dump(2);
+  CommandResult cancel = Matctl(address_, {"cancel", job});
+  ASSERT_EQ(cancel.exit_code, 0) << cancel.err;
+
+  const std::string out = root_ + "/download";
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  CommandResult dl;
+  while (std::chrono::steady_clock::now() < deadline) {
+    dl = Matctl(address_, {"download", job, "--out", out});
+    if (dl.exit_code == 0 && fs::exists(out + "/model.safetensors")) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  const std::string rank0_worker = rank0_on_w0 ? "w0" : "w1";
+  ASSERT_TRUE(fs::exists(out + "/model.safetensors")) << dl.out << dl.err << Logs(rank0_worker);
+  const json header = SafetensorsHeader(ReadText(out + "/model.safetensors"));
+  ASSERT_TRUE(header.is_object());
+  EXPECT_EQ(header["__metadata__"].value("mat.source", ""), "checkpoint");
+  const int step = std::stoi(header["__metadata__"].value("mat.step", "-1"));
+  EXPECT_GE(step, 20);
+  EXPECT_EQ(step % 10, 0) << "a checkpoint step";
+  EXPECT_EQ(ReadText(out + "/model.safetensors"),
+            ReadText(Rank0Dir(rank0_worker, job) + "/model.safetensors"));
   EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");
 }
 

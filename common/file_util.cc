@@ -1,6 +1,7 @@
 #include "common/file_util.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -8,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+
+#include "absl/strings/str_cat.h"
 
 namespace mat::common {
 
@@ -57,6 +60,24 @@ absl::Status MakeDirs(const std::string& path) {
   std::filesystem::create_directories(path, ec);
   if (ec) return absl::InternalError("cannot create directory '" + path + "': " + ec.message());
   return absl::OkStatus();
+}
+
+absl::StatusOr<int> LockDirectory(const std::string& dir, const std::string& owner) {
+  const std::string path = dir + "/LOCK";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    ::close(fd);
+    if (err == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("'", dir, "' is in use by another ", owner, " (", path, " is locked)"));
+    }
+    return absl::UnavailableError(absl::StrCat("cannot lock '", path, "': ", std::strerror(err)));
+  }
+  return fd;
 }
 
 }  // namespace mat::common

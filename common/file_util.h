@@ -17,4 +17,10 @@ absl::Status WriteFileAtomic(const std::string& path, const std::string& data);
 // Creates a directory and its parents (like mkdir -p).
 absl::Status MakeDirs(const std::string& path);
 
+// Takes an exclusive advisory lock (flock) on `dir`/LOCK, creating the file: one process per
+// directory. Returns the descriptor, which holds the lock until the caller closes it (the kernel
+// releases it when the process dies). FAILED_PRECONDITION "'DIR' is in use by another OWNER"
+// when another process holds it; UNAVAILABLE when the file cannot be opened or locked.
+absl::StatusOr<int> LockDirectory(const std::string& dir, const std::string& owner);
+
 }  // namespace mat::common

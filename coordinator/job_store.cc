@@ -196,25 +196,6 @@ std::string Placeholders(size_t n) {
   return absl::StrJoin(q, ", ");
 }
 
-absl::Status LockStateDir(const std::string& state_dir, int* fd_out) {
-  const std::string path = state_dir + "/LOCK";
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    return absl::UnavailableError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
-  }
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    const int err = errno;
-    ::close(fd);
-    if (err == EWOULDBLOCK) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "state dir '", state_dir, "' is in use by another coordinator (", path, " is locked)"));
-    }
-    return absl::UnavailableError(absl::StrCat("cannot lock '", path, "': ", std::strerror(err)));
-  }
-  *fd_out = fd;
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 namespace store_internal {
@@ -289,8 +270,7 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& stat
   if (absl::Status st = common::MakeDirs(state_dir); !st.ok()) {
     return absl::UnavailableError(st.message());
   }
-  int lock_fd = -1;
-  MAT_RETURN_IF_ERROR(LockStateDir(state_dir, &lock_fd));
+  MAT_ASSIGN_OR_RETURN(const int lock_fd, common::LockDirectory(state_dir, "coordinator"));
   absl::StatusOr<std::unique_ptr<SqliteDb>> db = SqliteDb::Open(DatabasePath(state_dir));
   if (!db.ok()) {
     ::close(lock_fd);

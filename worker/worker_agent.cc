@@ -73,8 +73,15 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   MAT_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                        api::MakeChannelCredentials(api::TlsFiles{
                            config.tls_ca_file, config.tls_cert_file, config.tls_key_file}));
+  // Two workers on one work dir would share worker.id (the second looped on "already has an
+  // open session") and each other's checkpoints.
+  absl::StatusOr<int> lock = common::LockDirectory(config.work_dir, "mat-worker");
+  if (!lock.ok()) {
+    return absl::Status(lock.status().code(), absl::StrCat("--work-dir ", lock.status().message()));
+  }
   std::unique_ptr<WorkerAgent> agent(
       new WorkerAgent(std::move(config), std::move(credentials), std::move(join_token)));
+  agent->lock_fd_ = *lock;  // released by the destructor
   const std::string addr_file = MetricsAddressFilePath(agent->config_.work_dir);
   std::remove(addr_file.c_str());
   if (!agent->config_.metrics_listen_address.empty()) {
@@ -138,6 +145,7 @@ WorkerAgent::~WorkerAgent() {
     http_->Stop();
     std::remove(MetricsAddressFilePath(config_.work_dir).c_str());
   }
+  if (lock_fd_ >= 0) ::close(lock_fd_);
 }
 
 std::string WorkerAgent::MetricsAddressFilePath(const std::string& work_dir) {

@@ -147,6 +147,7 @@ class WorkerAgent {
   void ReapRunner(bool stop, const std::string& reason);
 
   WorkerAgentConfig config_;
+  int lock_fd_ = -1;                            // holds the flock on <work_dir>/LOCK
   WorkerMetrics metrics_;                       // outlives http_ and every runner
   std::unique_ptr<metrics::HttpServer> http_;   // /metrics; null without a listener
   std::string metrics_address_;

@@ -57,6 +57,28 @@ class LimitsTest : public testing_loopback::LoopbackTest {
   CommandResult Submit(const std::string& file) { return Matctl(address_, {"submit", file}); }
 };
 
+// One mat-worker per --work-dir (its LOCK file): a second one on the same folder used to share
+// the first's worker id and loop forever on "already has an open session". It now exits 1
+// naming the folder; once the first is gone (even SIGKILLed) the folder is free again.
+TEST_F(LimitsTest, OneWorkerPerWorkDir) {
+  StartCoordinatorWith({});
+  const pid_t first = StartWorker("w0");
+  ASSERT_GT(first, 0);
+  ASSERT_FALSE(WaitForLine(root_ + "/w0/worker.id", 15s).empty()) << ReadText(root_ + "/w0.err");
+  const std::vector<std::string> same = {testing_loopback::kWorker, "--coordinator", address_,
+                                         "--work-dir", root_ + "/w0", "--threads", "1"};
+  const pid_t second = Spawn(same, root_ + "/second.out", root_ + "/second.err");
+  ASSERT_GT(second, 0);
+  EXPECT_EQ(Wait(second, 15s), 1) << ReadText(root_ + "/second.err");
+  EXPECT_THAT(ReadText(root_ + "/second.err"),
+              HasSubstr("--work-dir '" + root_ + "/w0' is in use by another mat-worker"));
+  ::kill(first, SIGKILL);
+  Wait(first, 10s);
+  const pid_t third = Spawn(same, root_ + "/third.out", root_ + "/third.err");
+  ASSERT_GT(third, 0);
+  EXPECT_EQ(Wait(third, 2s), -1) << "exited: " << ReadText(root_ + "/third.err");
+}
+
 TEST_F(LimitsTest, DataRootAndJobsPerClient) {
   const std::string data = root_ + "/data";
   fs::create_directories(data + "/wikitext-2");

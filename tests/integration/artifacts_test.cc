@@ -55,9 +55,11 @@ json SafetensorsHeader(const std::string& bytes) {
 
 class ArtifactsTest : public testing_loopback::LoopbackTest {
  protected:
-  std::string Submit(int steps, const std::string& train_extra = "") {
-    CommandResult r =
-        Matctl(address_, {"submit", WriteJob("job.yaml", JobYaml(steps, train_extra))});
+  std::string Submit(int steps, const std::string& train_extra = "", int workers = 1) {
+    std::string yaml = JobYaml(steps, train_extra);
+    yaml.replace(yaml.find("workers: 1"), std::strlen("workers: 1"),
+                 "workers: " + std::to_string(workers));
+    CommandResult r = Matctl(address_, {"submit", WriteJob("job.yaml", yaml)});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     std::string id = r.out;
     while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
@@ -69,6 +71,34 @@ class ArtifactsTest : public testing_loopback::LoopbackTest {
       const std::string state = s.value("state", "");
       return state == "SUCCEEDED" || state == "FAILED" || state == "CANCELLED";
     }, timeout);
+  }
+
+  // `matctl download JOB --out OUT`, again every 200 ms for up to 60 s until the model is there
+  // (rank 0 uploads it after the job ended); the last attempt.
+  CommandResult DownloadOnceTheModelIsThere(const std::string& job, const std::string& out) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    CommandResult dl;
+    while (std::chrono::steady_clock::now() < deadline) {
+      dl = Matctl(address_, {"download", job, "--out", out});
+      if (dl.exit_code == 0 && fs::exists(out + "/model.safetensors")) break;
+      std::this_thread::sleep_for(200ms);
+    }
+    return dl;
+  }
+
+  // Checks that `path` is a model made from a checkpoint (mat.source) at a checkpoint step >= 20
+  // (checkpoint_every 10) and returns that step.
+  int ExpectACheckpointsModel(const std::string& path) {
+    const json header = SafetensorsHeader(ReadText(path));
+    EXPECT_TRUE(header.is_object()) << path;
+    if (!header.is_object()) return -1;
+    EXPECT_EQ(header["__metadata__"].value("mat.source", ""), "checkpoint");
+    const int step = std::stoi(header["__metadata__"].value("mat.step", "-1"));
+    EXPECT_GE(step, 20);
+    EXPECT_EQ(step % 10, 0) << "a checkpoint step";
+    EXPECT_TRUE(header.contains("tok_emb.weight"));
+    EXPECT_FALSE(header.contains("model.tok_emb.weight"));
+    return step;
   }
 
   std::string Rank0Dir(const std::string& worker, const std::string& job) {
@@ -186,22 +216,9 @@ TEST_F(ArtifactsTest, ACancelledJobLeavesTheModelOfItsNewestCheckpoint) {
   ASSERT_EQ(cancel.exit_code, 0) << cancel.err;
 
   const std::string out = root_ + "/download";
-  const auto deadline = std::chrono::steady_clock::now() + 60s;
-  CommandResult dl;
-  while (std::chrono::steady_clock::now() < deadline) {
-    dl = Matctl(address_, {"download", job, "--out", out});
-    if (dl.exit_code == 0 && fs::exists(out + "/model.safetensors")) break;
-    std::this_thread::sleep_for(200ms);
-  }
+  const CommandResult dl = DownloadOnceTheModelIsThere(job, out);
   ASSERT_TRUE(fs::exists(out + "/model.safetensors")) << dl.out << dl.err << Logs("w0");
-  const json header = SafetensorsHeader(ReadText(out + "/model.safetensors"));
-  ASSERT_TRUE(header.is_object());
-  EXPECT_EQ(header["__metadata__"].value("mat.source", ""), "checkpoint");
-  const int step = std::stoi(header["__metadata__"].value("mat.step", "-1"));
-  EXPECT_GE(step, 20);
-  EXPECT_EQ(step % 10, 0) << "a checkpoint step";
-  EXPECT_TRUE(header.contains("tok_emb.weight"));
-  EXPECT_FALSE(header.contains("model.tok_emb.weight"));
+  ExpectACheckpointsModel(out + "/model.safetensors");
   EXPECT_TRUE(fs::exists(out + "/metrics.jsonl"));
   EXPECT_TRUE(fs::exists(out + "/job_spec.yaml"));
   EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");
@@ -216,12 +233,8 @@ TEST_F(ArtifactsTest, AJobCancelledWhileItRestartsLeavesRankZerosModel) {
   const pid_t w0 = StartWorker("w0"), w1 = StartWorker("w1");
   ASSERT_GT(w0, 0);
   ASSERT_GT(w1, 0);
-  std::string yaml = JobYaml(5000, ", checkpoint_every: 10");
-  yaml.replace(yaml.find("workers: 1"), std::strlen("workers: 1"), "workers: 2");
-  CommandResult submitted = Matctl(address_, {"submit", WriteJob("job2.yaml", yaml)});
-  ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
-  std::string job = submitted.out;
-  while (!job.empty() && (job.back() == '\n' || job.back() == ' ')) job.pop_back();
+  const std::string job = Submit(5000, ", checkpoint_every: 10", /*workers=*/2);
+  ASSERT_FALSE(job.empty());
   const json running = WaitFor(job, [](const json& s) { return s.value("step", 0) >= 25; }, 300s);
   ASSERT_GE(running.value("step", 0), 25) << running.dump(2) << Logs("w0") << Logs("w1");
   const bool rank0_on_w0 = fs::exists(Rank0Dir("w0", job));
@@ -234,21 +247,10 @@ TEST_F(ArtifactsTest, AJobCancelledWhileItRestartsLeavesRankZerosModel) {
   ASSERT_EQ(cancel.exit_code, 0) << cancel.err;
 
   const std::string out = root_ + "/download";
-  const auto deadline = std::chrono::steady_clock::now() + 60s;
-  CommandResult dl;
-  while (std::chrono::steady_clock::now() < deadline) {
-    dl = Matctl(address_, {"download", job, "--out", out});
-    if (dl.exit_code == 0 && fs::exists(out + "/model.safetensors")) break;
-    std::this_thread::sleep_for(200ms);
-  }
+  const CommandResult dl = DownloadOnceTheModelIsThere(job, out);
   const std::string rank0_worker = rank0_on_w0 ? "w0" : "w1";
   ASSERT_TRUE(fs::exists(out + "/model.safetensors")) << dl.out << dl.err << Logs(rank0_worker);
-  const json header = SafetensorsHeader(ReadText(out + "/model.safetensors"));
-  ASSERT_TRUE(header.is_object());
-  EXPECT_EQ(header["__metadata__"].value("mat.source", ""), "checkpoint");
-  const int step = std::stoi(header["__metadata__"].value("mat.step", "-1"));
-  EXPECT_GE(step, 20);
-  EXPECT_EQ(step % 10, 0) << "a checkpoint step";
+  ExpectACheckpointsModel(out + "/model.safetensors");
   EXPECT_EQ(ReadText(out + "/model.safetensors"),
             ReadText(Rank0Dir(rank0_worker, job) + "/model.safetensors"));
   EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");

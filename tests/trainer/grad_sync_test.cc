@@ -339,16 +339,23 @@ TEST(ConnectProcessGroupTest, ReportsAnUnreachableStoreNamingTheAddress) {
       << group.status();
 }
 
-TEST(ConnectProcessGroupTest, AWaitForMissingRanksCanBeCancelledAndTimesOut) {
+// `rank` of a group of 2 at a free port where the other rank never comes, a 60 s timeout, and
+// `cancelled` true from 200 ms after `t0`.
+RendezvousOptions AloneAndCancelledSoon(int rank, std::chrono::steady_clock::time_point t0) {
   RendezvousOptions o;
   o.master_host = "127.0.0.1";
   o.master_port = FreePort();
   o.backend = AvailableBackends().at(0);
-  o.rank = 0;  // hosts the store; rank 1 never comes
+  o.rank = rank;
   o.world_size = 2;
   o.timeout = std::chrono::milliseconds(60000);
+  o.cancelled = [t0] { return std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(200); };
+  return o;
+}
+
+TEST(ConnectProcessGroupTest, AWaitForMissingRanksCanBeCancelledAndTimesOut) {
   const auto t0 = std::chrono::steady_clock::now();
-  o.cancelled = [&] { return std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(200); };
+  RendezvousOptions o = AloneAndCancelledSoon(/*rank=*/0, t0);  // hosts the store
   auto group = ConnectProcessGroup(o);
   EXPECT_EQ(group.status().code(), absl::StatusCode::kCancelled) << group.status();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
@@ -365,15 +372,8 @@ TEST(ConnectProcessGroupTest, AWaitForMissingRanksCanBeCancelledAndTimesOut) {
 // (it used to sit in TCPStore's connect retries for the whole timeout: a cancelled job's rank
 // blocked its worker for 120 s, and the next job assigned to that worker with it).
 TEST(ConnectProcessGroupTest, ARankWaitingForRankZerosStoreCanBeCancelled) {
-  RendezvousOptions o;
-  o.master_host = "127.0.0.1";
-  o.master_port = FreePort();  // rank 0 never comes
-  o.backend = AvailableBackends().at(0);
-  o.rank = 1;
-  o.world_size = 2;
-  o.timeout = std::chrono::milliseconds(60000);
   const auto t0 = std::chrono::steady_clock::now();
-  o.cancelled = [&] { return std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(200); };
+  RendezvousOptions o = AloneAndCancelledSoon(/*rank=*/1, t0);
   auto group = ConnectProcessGroup(o);
   EXPECT_EQ(group.status().code(), absl::StatusCode::kCancelled) << group.status();
   EXPECT_NE(group.status().message().find("rank 0's store at 127.0.0.1:"), std::string::npos)

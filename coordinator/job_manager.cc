@@ -296,6 +296,7 @@ v1::JobEvent JobManager::StateEvent(const JobRecord& job) const {
   v1::JobEvent event;
   event.set_job_id(job.id);
   event.set_time_unix_seconds(clock_.Now());
+  event.set_step(job.step);  // rank 0's latest reported step (0 before its first)
   event.mutable_state()->set_state(job.state);
   event.mutable_state()->set_error_message(job.error_message);
   return event;
@@ -365,7 +366,9 @@ absl::Status JobManager::UpdateState(const std::string& job_id, v1::JobState sta
   NoteJobState(job_id, state);
   spdlog::info("job {}: {}{}{}", job_id, JobStateName(state), error_message.empty() ? "" : ": ",
                error_message);
-  JobRecord changed;  // only what StateEvent reads
+  // The stored job (its latest step) with the state just written.
+  absl::StatusOr<JobRecord> stored = store_.GetJob(job_id);
+  JobRecord changed = stored.ok() ? *std::move(stored) : JobRecord{};
   changed.id = job_id;
   changed.state = state;
   changed.error_message = error_message;

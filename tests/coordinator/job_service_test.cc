@@ -277,6 +277,10 @@ TEST_F(JobServiceTest, WatchJobStreamsCurrentStateThenEventsAndEndsOkOnTerminalS
     }
     return 0;
   });
+  JobProgressUpdate last;
+  last.step = 50;
+  last.train_loss = 5.0;
+  ASSERT_TRUE(OnLoop([&] { return coordinator_->store().UpdateJobProgress(id, last); }).ok());
   ASSERT_TRUE(OnLoop([&] { return coordinator_->UpdateJobState(id, v1::JOB_STATE_SUCCEEDED); })
                   .ok());
 
@@ -289,6 +293,7 @@ TEST_F(JobServiceTest, WatchJobStreamsCurrentStateThenEventsAndEndsOkOnTerminalS
   }
   ASSERT_TRUE(reader->Read(&event));
   EXPECT_EQ(event.state().state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(event.step(), 50) << "a state event carries the job's latest step (matctl watch)";
   EXPECT_FALSE(reader->Read(&event)) << "the stream must end after the terminal state";
   grpc::Status s = reader->Finish();
   EXPECT_TRUE(s.ok()) << s.error_message();

@@ -55,7 +55,8 @@ namespace {
 // One non-blocking connect to any of `addresses`, waiting at most `wait` for each.
 bool ConnectsOnce(const addrinfo* addresses, std::chrono::milliseconds wait) {
   for (const addrinfo* a = addresses; a != nullptr; a = a->ai_next) {
-    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    const int fd =
+        ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
     if (fd < 0) continue;
     bool ok = ::connect(fd, a->ai_addr, a->ai_addrlen) == 0;
     if (!ok && errno == EINPROGRESS) {
@@ -94,7 +95,8 @@ absl::Status WaitForListener(const std::string& host, int port,
     }
     if (ConnectsOnce(addresses, std::chrono::milliseconds(200))) break;
     if (std::chrono::steady_clock::now() >= deadline) {
-      status = absl::DeadlineExceededError(absl::StrCat("nothing accepted a connection at ", where));
+      status =
+          absl::DeadlineExceededError(absl::StrCat("nothing accepted a connection at ", where));
       break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));

@@ -2,16 +2,12 @@
 // job_store_history.cc, workers and assignments in job_store_workers.cc, logs in job_store_logs.cc.
 #include "coordinator/job_store.h"
 
-#include <fcntl.h>
-#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <utility>
 
 #include <nlohmann/json.hpp>

@@ -121,15 +121,16 @@ absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
     // stopped: a rank whose job was cancelled, or whose rank 0 is gone, sat there for the whole
     // timeout (120 s by default) and took no other job meanwhile. Wait for rank 0's store to
     // listen here instead, where a cancel is seen within 50 ms.
-    const absl::Status up = common::WaitForListener(o.master_host, o.master_port, deadline, o.cancelled);
+    const absl::Status up =
+        common::WaitForListener(o.master_host, o.master_port, deadline, o.cancelled);
     if (up.code() == absl::StatusCode::kCancelled) {
-      return absl::CancelledError(absl::StrCat("cancelled while waiting for rank 0's store at ", where));
+      return absl::CancelledError(
+          absl::StrCat("cancelled while waiting for rank 0's store at ", where));
     }
     if (!up.ok()) {
-      return absl::UnavailableError(absl::StrCat("cannot form the process group of ", o.world_size,
-                                                 " ranks at ", where, " as rank ", o.rank, ": ",
-                                                 up.message(), " within ", o.timeout.count() / 1000.0,
-                                                 " s"));
+      return absl::UnavailableError(absl::StrCat(
+          "cannot form the process group of ", o.world_size, " ranks at ", where, " as rank ",
+          o.rank, ": ", up.message(), " within ", o.timeout.count() / 1000.0, " s"));
     }
   }
   try {

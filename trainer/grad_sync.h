@@ -89,9 +89,10 @@ struct RendezvousOptions {
 // then builds the `backend`'s group over the same store (auto: every rank resolves the same
 // backend from the same keys; the group's getBackendName() says which). UNAVAILABLE naming the
 // address when the store cannot be reached or the ranks do not all arrive within `timeout`;
-// CANCELLED when `cancelled` said so (polled from the start: also while a rank waits for rank 0's
-// store to listen, so a cancelled rank never sits in TCPStore's own connect retries); INVALID_ARGUMENT for a bad rank/size/port or a backend this
-// build lacks (for auto, on every rank: ResolveBackend's message).
+// CANCELLED when `cancelled` said so (polled from the start: also while a rank waits for rank
+// 0's store to listen, so a cancelled rank never sits in TCPStore's own connect retries);
+// INVALID_ARGUMENT for a bad rank/size/port or a backend this build lacks (for auto, on every
+// rank: ResolveBackend's message).
 // On OK every rank's group is connected (gloo: a barrier after the group is made), so a rank may
 // drop its group at once without failing another's connect. NCCL connects lazily at the first
 // collective; no barrier there (1.13's NCCL barrier guesses the device from the rank).

@@ -28,9 +28,10 @@ absl::Status Trainer::PrepareRun() {
       (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
     MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));
     if (step_ > config_.train.steps) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the checkpoint in ", options_.out_dir, " is at step ", step_, ", past train.steps ",
-          config_.train.steps, ": raise train.steps to continue it, or start afresh without --resume"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("the checkpoint in ", options_.out_dir, " is at step ", step_,
+                       ", past train.steps ", config_.train.steps,
+                       ": raise train.steps to continue it, or start afresh without --resume"));
     }
     resumed_from_step_ = step_;
     MAT_RETURN_IF_ERROR(TruncateLog("metrics.jsonl", step_));
@@ -38,7 +39,9 @@ absl::Status Trainer::PrepareRun() {
     MAT_RETURN_IF_ERROR(TruncateLog("masks.jsonl", step_ - 1));
     spdlog::info("resumed at step {} from the checkpoint in {}", step_, options_.out_dir);
   } else if (!options_.out_dir.empty()) {
-    if (options_.resume) spdlog::info("--resume: no checkpoint in {}; starting afresh", options_.out_dir);
+    if (options_.resume) {
+      spdlog::info("--resume: no checkpoint in {}; starting afresh", options_.out_dir);
+    }
     // A fresh run replaces an earlier run's outputs in the same folder, its checkpoints too: a
     // checkpoint left behind became this run's checkpoint.pt.prev at its first save, and a
     // later --resume could fall back to it and continue the other run.

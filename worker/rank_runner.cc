@@ -302,10 +302,6 @@ absl::Status RankRunner::FormProcessGroup(trainer::Trainer& job_trainer) {
     std::lock_guard<std::mutex> lock(mu_);
     return cancelled_;
   };
-  {
-    std::lock_guard<std::mutex> lock(mu_);  // cancelled while the trainer was built
-    if (cancelled_) return absl::CancelledError(cancel_reason_);
-  }
   spdlog::info("{} rank {}: forming the process group of {} ranks at {}", job_id(), rank(),
                r.world_size, address);
   absl::StatusOr<c10::intrusive_ptr<trainer::CollectiveGroup>> group =

@@ -221,6 +221,7 @@ json JobToJson(const v1::GetJobReply& reply) {
   out["client_request_id"] = job.client_request_id();
   out["state"] = StateName(job.state());
   out["error_message"] = job.error_message();
+  out["waiting"] = reply.waiting();
   out["step"] = job.step();
   out["total_steps"] = job.spec().train().steps();
   out["train_loss"] = DoubleToJson(job.train_loss());
@@ -260,6 +261,7 @@ std::string FormatJobText(const v1::GetJobReply& reply) {
   out << "job:         " << job.job_id() << "\n"
       << "state:       " << StateName(job.state()) << "\n";
   if (!job.error_message().empty()) out << "message:     " << job.error_message() << "\n";
+  if (!reply.waiting().empty()) out << "waiting:     " << reply.waiting() << "\n";
   out << "step:        " << job.step() << " / " << job.spec().train().steps() << "\n";
   const bool reported = job.train_loss() != 0 || job.has_val_loss();
   out << "loss:        train " << (reported ? FormatSignificant(job.train_loss(), 4) : "-")

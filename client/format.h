@@ -47,7 +47,8 @@ std::string FormatBytes(int64_t bytes);
 // integers as JSON integers, NaN and infinities as strings ("nan", "inf", "-inf").
 nlohmann::json JobSpecToJson(const v1::JobSpec& spec);
 
-// `status -o json`: job_id, client_request_id, state ("QUEUED"), error_message, step,
+// `status -o json`: job_id, client_request_id, state ("QUEUED"), error_message, waiting (a
+// QUEUED or RESTARTING job's wait for workers, else ""), step,
 // total_steps (spec.train.steps), train_loss, val_loss and test_loss (null until set),
 // active_modules, total_modules, mask_version, flops_total, wall_seconds, attempt,
 // created/updated (unix seconds and ISO-8601), spec, summary (the parsed summary.json once

@@ -50,6 +50,13 @@ absl::StatusOr<v1::SubmitJobReply> Coordinator::SubmitJob(const std::string& cli
 
 absl::StatusOr<v1::GetJobReply> Coordinator::GetJob(const std::string& job_id) {
   MAT_ASSIGN_OR_RETURN(v1::GetJobReply reply, jobs_.Get(job_id));
+  const v1::JobState state = reply.job().state();
+  if (state == v1::JOB_STATE_QUEUED || state == v1::JOB_STATE_RESTARTING) {
+    MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
+    const v1::ResourceSpec& resources = reply.job().spec().resources();
+    reply.set_waiting(DescribeWait(resources.workers(), resources.device(),
+                                   {workers.workers().begin(), workers.workers().end()}));
+  }
   // A running job's live state (mask acks are kept in memory between Progress messages).
   auto live = running_.find(job_id);
   if (live == running_.end()) return reply;

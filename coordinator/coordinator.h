@@ -162,7 +162,8 @@ class Coordinator {
                                                const v1::JobSpec& spec,
                                                const std::string& client = "");
   // NOT_FOUND naming the id. `ranks` (from the store's assignments) is empty until the scheduler
-  // assigns workers.
+  // assigns workers. A QUEUED or RESTARTING job's `waiting` says which workers it waits for
+  // (DescribeWait, gang_scheduler.h).
   absl::StatusOr<v1::GetJobReply> GetJob(const std::string& job_id);
   // Jobs in submission order, paged (page_size 0 = 100, at most 1000; INVALID_ARGUMENT for a
   // negative size or a malformed token), only `states` when not empty.
@@ -177,7 +178,8 @@ class Coordinator {
   // page) is empty until rank 0 declares them. NOT_FOUND for an unknown job.
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);
   // A job's log lines (GetJobLogs). INVALID_ARGUMENT for a negative rank, after_seq or
-  // max_lines; NOT_FOUND for an unknown job.
+  // max_lines, and for a rank >= the job's workers (naming its ranks); NOT_FOUND for an
+  // unknown job.
   absl::StatusOr<v1::GetJobLogsReply> GetJobLogs(const v1::GetJobLogsRequest& request);
   // Whether `worker_id` may upload artifacts of `job_id` (UploadArtifact; the bytes go to the
   // daemon's ArtifactStore): it holds rank 0 of the job's newest started `attempt`, and the job

@@ -1,7 +1,11 @@
 // GangScheduler (gang_scheduler.h): gang placement over the store's queue.
 #include "coordinator/gang_scheduler.h"
 
+#include <set>
 #include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 #include "spdlog/spdlog.h"
 
@@ -23,6 +27,37 @@ std::optional<std::vector<std::string>> PlaceGang(int world, const std::string& 
   }
   if (static_cast<int>(picked.size()) < world) return std::nullopt;
   return picked;
+}
+
+std::string DescribeWait(int world, const std::string& job_device,
+                         const std::vector<v1::WorkerInfo>& workers) {
+  int connected = 0;
+  int idle = 0;
+  std::set<std::string> busy_with;  // the jobs the matching busy workers run
+  for (const v1::WorkerInfo& w : workers) {
+    if (!DeviceMatches(job_device, w.capabilities().device())) continue;
+    if (w.state() == v1::WORKER_STATE_IDLE) {
+      ++connected;
+      ++idle;
+    } else if (w.state() == v1::WORKER_STATE_BUSY) {
+      ++connected;
+      busy_with.insert(w.job_id());
+    }
+  }
+  const std::string workers_word = world == 1 ? " worker" : " workers";
+  if (connected < world) {
+    return absl::StrCat("needs ", world, " ", job_device, workers_word, ", ", connected,
+                        connected == 1 ? " is" : " are", " connected: start ", world - connected,
+                        " more (mat-worker --device ",
+                        job_device == "cuda" ? "cuda:N" : job_device, ")");
+  }
+  std::string text = absl::StrCat("needs ", world, " idle ", job_device, workers_word, ", ", idle,
+                                  " of the ", connected, " connected ",
+                                  idle == 1 ? "is" : "are", " idle");
+  if (!busy_with.empty()) {
+    absl::StrAppend(&text, "; the others run ", absl::StrJoin(busy_with, ", "));
+  }
+  return text;
 }
 
 GangScheduler::GangScheduler(JobStore& store, IdleFn idle, StartFn start)

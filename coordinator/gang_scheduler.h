@@ -25,6 +25,7 @@
 #include "absl/status/status.h"
 #include "coordinator/job_store.h"
 #include "coordinator/session_manager.h"
+#include "mat/v1/service.pb.h"
 
 namespace mat::coordinator {
 
@@ -36,6 +37,14 @@ bool DeviceMatches(const std::string& job_device, const std::string& worker_devi
 // when there are fewer, or world < 1.
 std::optional<std::vector<std::string>> PlaceGang(int world, const std::string& job_device,
                                                   const std::vector<IdleWorker>& idle);
+
+// Why a job of `world` ranks on `job_device` ("cpu" | "cuda") has not started, from the workers
+// ListWorkers reports, for `matctl status` ("waiting:"). Matching workers only (DeviceMatches):
+//   "needs 2 cpu workers, 1 is connected: start 1 more (mat-worker --device cpu)"
+//   "needs 2 idle cpu workers, 1 of the 3 connected is idle; the others run job-000001"
+// A worker that is neither IDLE nor BUSY (DISCONNECTED) does not count as connected.
+std::string DescribeWait(int world, const std::string& job_device,
+                         const std::vector<v1::WorkerInfo>& workers);
 
 class GangScheduler {
  public:

@@ -186,6 +186,12 @@ absl::StatusOr<v1::GetJobLogsReply> JobManager::GetLogs(
   const int limit = request.max_lines() == 0 ? 1000 : std::min(request.max_lines(), 10000);
   // The state first: when it is terminal, every line the ranks sent is already stored.
   MAT_ASSIGN_OR_RETURN(JobRecord job, store_.GetJob(request.job_id()));
+  const int world = job.spec.resources().workers();
+  if (request.has_rank() && request.rank() >= world) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", request.rank(), " is not a rank of job ", request.job_id(), ": it has ",
+        world == 1 ? std::string("rank 0 only") : absl::StrCat("ranks 0 to ", world - 1)));
+  }
   std::optional<int> rank;
   if (request.has_rank()) rank = request.rank();
   MAT_ASSIGN_OR_RETURN(JobLogPage page,

@@ -15,6 +15,7 @@ namespace mat::client {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using nlohmann::json;
 
 v1::Job MakeJob(const std::string& id, v1::JobState state) {
@@ -224,6 +225,17 @@ TEST(FormatTest, JobTextNamesStateAndMessage) {
   EXPECT_THAT(text, HasSubstr("step:        0 / 2000\n"));
   EXPECT_THAT(text, HasSubstr("loss:        train -  val -  test -\n"));
   EXPECT_THAT(text, HasSubstr("modules:     -  mask -\n"));
+  EXPECT_THAT(text, Not(HasSubstr("waiting:")));
+}
+
+TEST(FormatTest, AQueuedJobSaysWhatItWaitsFor) {
+  v1::GetJobReply reply;
+  *reply.mutable_job() = MakeJob("job-000005", v1::JOB_STATE_QUEUED);
+  reply.set_waiting("needs 2 cpu workers, 1 is connected: start 1 more (mat-worker --device cpu)");
+  EXPECT_THAT(FormatJobText(reply),
+              HasSubstr("state:       QUEUED\nwaiting:     needs 2 cpu workers, 1 is connected: "
+                        "start 1 more (mat-worker --device cpu)\n"));
+  EXPECT_EQ(JobToJson(reply)["waiting"], reply.waiting());
 }
 
 TEST(FormatTest, JobTextShowsProgressLossesMaskComputeAndRanks) {

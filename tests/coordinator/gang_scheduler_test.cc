@@ -1,5 +1,5 @@
 // Tests of the gang scheduler (coordinator/gang_scheduler.h) alone: placement (device kinds, id
-// order, all or nothing) as a pure function, and the passes over a real JobStore in a temporary
+// order, all or nothing) and the wait description as pure functions, and the passes over a real JobStore in a temporary
 // directory with fake idle-worker and start callbacks: restarting jobs before queued ones,
 // submission order, backfilling past a job that does not fit, a nested Run() making one more
 // pass, and a start error ending the pass.
@@ -32,6 +32,38 @@ TEST(DeviceMatchesTest, CpuJobsOnCpuWorkersCudaJobsOnAnyCudaDevice) {
   EXPECT_FALSE(DeviceMatches("cuda", "cuda:"));
   EXPECT_FALSE(DeviceMatches("cuda", "cuda:x"));
   EXPECT_FALSE(DeviceMatches("tpu", "cpu"));
+}
+
+v1::WorkerInfo Worker(const std::string& device, v1::WorkerState state,
+                      const std::string& job = "") {
+  v1::WorkerInfo w;
+  w.mutable_capabilities()->set_device(device);
+  w.set_state(state);
+  w.set_job_id(job);
+  return w;
+}
+
+// `matctl status` of a QUEUED job said nothing of what it waits for.
+TEST(DescribeWaitTest, NamesTheMissingWorkersOrTheBusyOnesOfTheJobsDevice) {
+  EXPECT_EQ(DescribeWait(1, "cpu", {}),
+            "needs 1 cpu worker, 0 are connected: start 1 more (mat-worker --device cpu)");
+  // Disconnected workers and other devices do not count.
+  const std::vector<v1::WorkerInfo> some = {
+      Worker("cpu", v1::WORKER_STATE_IDLE), Worker("cpu", v1::WORKER_STATE_DISCONNECTED),
+      Worker("cuda:0", v1::WORKER_STATE_IDLE)};
+  EXPECT_EQ(DescribeWait(2, "cpu", some),
+            "needs 2 cpu workers, 1 is connected: start 1 more (mat-worker --device cpu)");
+  EXPECT_EQ(DescribeWait(3, "cuda", some),
+            "needs 3 cuda workers, 1 is connected: start 2 more (mat-worker --device cuda:N)");
+  // Enough connected, too few idle: the jobs holding the others, each once.
+  const std::vector<v1::WorkerInfo> busy = {
+      Worker("cpu", v1::WORKER_STATE_BUSY, "job-000002"),
+      Worker("cpu", v1::WORKER_STATE_IDLE),
+      Worker("cpu", v1::WORKER_STATE_BUSY, "job-000001"),
+      Worker("cpu", v1::WORKER_STATE_BUSY, "job-000002")};
+  EXPECT_EQ(DescribeWait(2, "cpu", busy),
+            "needs 2 idle cpu workers, 1 of the 4 connected is idle; the others run "
+            "job-000001, job-000002");
 }
 
 TEST(PlaceGangTest, TakesTheFirstMatchingWorkersInOrderOrNone) {

@@ -2,8 +2,8 @@
 // directory and a manual clock (tests/testing/manual_clock.h): admission (defaults, unknown
 // fields, idempotency), the watchers (current state first, state changes and events in order, the
 // last event ending every subscription, a listener unwatching itself), the cancel check, the
-// replayed-schedule refusals, and the job metrics (counts from the store at start, a finished
-// job's series removed after the retention).
+// replayed-schedule refusals, the log request checks, and the job metrics (counts from the store
+// at start, a finished job's series removed after the retention).
 #include <memory>
 #include <string>
 #include <vector>
@@ -103,6 +103,29 @@ TEST_F(JobManagerTest, SubmitStoresTheSpecWithDefaultsAndIsIdempotent) {
               HasSubstr("policy.alpha"));
   EXPECT_EQ(jobs_->Get("job-000042").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(jobs_->Get("").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// `matctl logs --rank 5` on a 2-rank job printed nothing and exited 0: a rank the job does not
+// have is refused, naming the ranks it has.
+TEST_F(JobManagerTest, LogsOfARankTheJobDoesNotHaveAreRefusedNamingItsRanks) {
+  v1::JobSpec two = Spec();
+  two.mutable_resources()->set_workers(2);
+  const std::string job = Submit(two);
+  const std::string single = Submit();
+  v1::GetJobLogsRequest request;
+  request.set_job_id(job);
+  request.set_rank(1);
+  EXPECT_TRUE(jobs_->GetLogs(request).ok()) << jobs_->GetLogs(request).status();
+  request.set_rank(2);
+  absl::Status beyond = jobs_->GetLogs(request).status();
+  EXPECT_EQ(beyond.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(beyond.message(),
+              HasSubstr("rank 2 is not a rank of job " + job + ": it has ranks 0 to 1"));
+  request.set_job_id(single);
+  request.set_rank(1);
+  EXPECT_THAT(jobs_->GetLogs(request).status().message(), HasSubstr("it has rank 0 only"));
+  request.set_rank(-1);
+  EXPECT_EQ(jobs_->GetLogs(request).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(JobManagerTest, WatchersSeeTheCurrentStateThenEveryEventAndTheLastEndsThem) {

@@ -80,6 +80,8 @@ TEST_F(CoordinatorCliTest, SubmitListStatusWatchCancelHealthAndRestartOnLoopback
   ASSERT_FALSE(j.is_discarded()) << status.out;
   EXPECT_EQ(j["job_id"], job);
   EXPECT_EQ(j["state"], "QUEUED");
+  EXPECT_EQ(j["waiting"],
+            "needs 2 cpu workers, 0 are connected: start 2 more (mat-worker --device cpu)");
   EXPECT_EQ(j["client_request_id"], "req-42");
   EXPECT_EQ(j["spec"]["model"]["d_model"], 128);
 

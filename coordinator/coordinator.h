@@ -44,8 +44,8 @@
 // survive a restart: assignments with each rank's step, acknowledged mask and checksum, the modules, the
 // λ history, the decisions, rank 0's progress and the summary.
 //
-// Worker loss (its session closed, no heartbeat for 3 intervals, or a rank reporting that its
-// process group failed): the job moves to RESTARTING (the store counts the attempt), its other
+// Worker loss (its session closed, a Leaving from a worker that stops, no heartbeat for 3
+// intervals, or a rank reporting that its process group failed): the job moves to RESTARTING (the store counts the attempt), its other
 // ranks get Cancel, and the scheduler starts it again, before any QUEUED job, once enough workers
 // are idle: Assign {attempt, resume = true}. The ranks continue from the newest checkpoint they
 // all hold; the job's policy is restored from the store (each decision keeps the policy's state
@@ -261,7 +261,9 @@ class Coordinator {
   // Every job message carries the sender's attempt: one of another attempt than the job's is
   // ABORTED ("stale attempt 0 of job-000003, now 1"). RankDone with ok = false and retryable
   // = true (the rank's process group failed: a peer was lost) restarts the job like a worker
-  // loss instead of failing it.
+  // loss instead of failing it. Leaving ends the worker's session as CloseSession does, naming
+  // its reason ("worker-000002 (rank 1) lost: the worker is shutting down (SIGTERM)"), and
+  // closes its channel OK.
   // A store error (UNAVAILABLE) is refused the same way and changes nothing in memory (a rank 0
   // Progress may have stored the rank's step before its job write failed).
   absl::Status HandleWorkerMessage(const v1::WorkerMessage& message);
@@ -407,6 +409,9 @@ class Coordinator {
   absl::Status HandleRankDone(const std::string& worker_id, const v1::RankDone& done);
   // Stores a rank's log lines (more than 1000 in a batch: INVALID_ARGUMENT).
   absl::Status HandleLogs(const std::string& worker_id, const v1::LogBatch& batch);
+  // The worker stops: its session ends now (DropSession, its rank's job restarts naming the
+  // reason) and its channel is closed OK.
+  void HandleLeaving(const std::string& worker_id, const v1::Leaving& leaving);
 
   // Declared in this order: the managers borrow the clock, the store and the metrics.
   std::unique_ptr<JobStore> store_;

@@ -215,6 +215,9 @@ absl::Status Coordinator::HandleBody(const std::string& worker_id,
       return HandleRankDone(worker_id, message.done());
     case v1::WorkerMessage::kLogs:
       return HandleLogs(worker_id, message.logs());
+    case v1::WorkerMessage::kLeaving:
+      HandleLeaving(worker_id, message.leaving());
+      return absl::OkStatus();
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("message from ", worker_id, " has no body"));
@@ -252,6 +255,14 @@ void Coordinator::HandleHeartbeat(const std::string& worker_id, const v1::Heartb
         absl::StrCat(worker_id, " runs no rank of ", job_id,
                      " (the job finished or the rank was never assigned to it): stop it"));
   }
+}
+
+void Coordinator::HandleLeaving(const std::string& worker_id, const v1::Leaving& leaving) {
+  std::string reason = leaving.reason().empty() ? "no reason given" : leaving.reason();
+  if (reason.size() > 200) reason = absl::StrCat(reason.substr(0, 200), "...");
+  const std::string why = absl::StrCat("the worker is shutting down (", reason, ")");
+  std::shared_ptr<WorkerChannel> channel = DropSession(worker_id, why);
+  if (channel != nullptr) channel->Close(absl::OkStatus());
 }
 
 void Coordinator::CloseSession(const std::string& worker_id) {

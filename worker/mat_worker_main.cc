@@ -142,7 +142,7 @@ int main(int argc, char** argv) {
     int signal = 0;
     sigwait(&stop_signals, &signal);
     spdlog::info("signal {}: stopping", signal);
-    (*agent)->Shutdown();
+    (*agent)->Shutdown(signal == SIGTERM ? "SIGTERM" : "SIGINT");
   });
   signals.detach();
   absl::Status status = (*agent)->Run();

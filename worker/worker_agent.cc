@@ -157,11 +157,17 @@ std::string WorkerAgent::worker_id() const {
   return worker_id_;
 }
 
-void WorkerAgent::Shutdown() {
-  stopping_.store(true);
-  std::lock_guard<std::mutex> lock(mu_);
-  if (session_context_ != nullptr) session_context_->TryCancel();
+void WorkerAgent::Shutdown(const std::string& why) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const bool first = !stopping_.exchange(true);
+  if (first) leaving_reason_ = why;
   cv_.notify_all();
+  // The heartbeat thread of an open session says Leaving; the cancel below also ends a Write
+  // that a coordinator which does not read would block.
+  if (first && stream_ != nullptr && connected_.load()) {
+    cv_.wait_for(lock, std::chrono::seconds(2), [&] { return left_ || stream_ == nullptr; });
+  }
+  if (session_context_ != nullptr) session_context_->TryCancel();
 }
 
 void WorkerAgent::AddJoinToken(grpc::ClientContext& context) const {
@@ -331,7 +337,18 @@ void WorkerAgent::HeartbeatLoop(
     std::unique_lock<std::mutex> lock(mu_);
     const auto interval = std::chrono::milliseconds(heartbeat_interval_ms_);
     cv_.wait_for(lock, interval, [&] { return stopping_.load() || stream_ != stream; });
-    if (stopping_.load() || stream_ != stream) return;
+    if (stream_ != stream) return;
+    if (stopping_.load()) {
+      v1::WorkerMessage leaving;
+      leaving.set_worker_id(worker_id_);
+      leaving.mutable_leaving()->set_reason(leaving_reason_);
+      lock.unlock();
+      Send(leaving);
+      lock.lock();
+      left_ = true;
+      cv_.notify_all();
+      return;
+    }
     lock.unlock();
     Send(Heartbeat());
     ExpireEndedJobSeries();
@@ -433,7 +450,7 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
     }
     case v1::CoordinatorMessage::kDrain:
       spdlog::info("coordinator asked this worker to drain: {}", message.drain().reason());
-      Shutdown();
+      Shutdown(absl::StrCat("drained: ", message.drain().reason()));
       return;
     case v1::CoordinatorMessage::kReject:
       spdlog::error("coordinator refused a message about {}: {} (code {})",

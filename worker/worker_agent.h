@@ -8,7 +8,9 @@
 //      coordinator asked for (listing the job this worker runs a rank of).
 //   3. Assign starts a RankRunner (worker/rank_runner.h); MaskUpdate goes to it; Cancel stops it;
 //      Reject is logged (the runner fails on its own when the coordinator cannot serve it);
-//      Drain stops it and ends the agent.
+//      Drain stops it and ends the agent. A stopping agent (Shutdown, a Drain) first says
+//      Leaving {reason} on its open session (the heartbeat thread writes it; Shutdown waits at
+//      most 2 s for it), so its job restarts naming the reason, not "lost: session closed".
 //   4. Security: with `join_token_file`, Register and Session carry its first token as
 //      "x-mat-join-token" metadata; with `tls_ca_file`, the channel is TLS (verifying the
 //      coordinator), with `tls_cert_file`/`tls_key_file` also presenting a client certificate
@@ -111,8 +113,9 @@ class WorkerAgent {
   // Serves until Shutdown (OK) or a Drain (OK). UNAUTHENTICATED / PERMISSION_DENIED when the
   // coordinator refuses this worker (a missing or wrong join token, see above).
   absl::Status Run();
-  // Stops: cancels the running rank, closes the session; Run returns.
-  void Shutdown();
+  // Stops: says Leaving {why} on an open session (waiting at most 2 s for the write), cancels
+  // the running rank, closes the session; Run returns. The first call's `why` is the one said.
+  void Shutdown(const std::string& why = "shutting down");
 
   // Whether a Session with the coordinator is open (what /readyz reports); thread-safe.
   bool connected() const { return connected_.load(); }
@@ -168,6 +171,8 @@ class WorkerAgent {
   grpc::ClientContext* session_context_ = nullptr;  // guarded by mu_; the open session's
   grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream_ = nullptr;  // mu_
   std::mutex write_mu_;                         // one Write at a time
+  std::string leaving_reason_;                  // guarded by mu_; the first Shutdown's `why`
+  bool left_ = false;                           // guarded by mu_; the Leaving was written (or failed)
   std::unique_ptr<RankRunner> runner_;          // guarded by mu_; set by the reader thread
 };
 

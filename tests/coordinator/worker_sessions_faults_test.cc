@@ -158,6 +158,35 @@ TEST_F(WorkerSessionsTest, ASilentWorkerIsLostAndItsJobRestartsWhenItComesBack) 
   EXPECT_EQ(GetJob(job).job().error_message(), "");
 }
 
+// A worker stopped with SIGTERM showed as "lost: session closed", like a crash: its Leaving
+// names why, ends its session at once and closes its channel OK.
+TEST_F(WorkerSessionsTest, ALeavingWorkersJobRestartsNamingWhyAndItsChannelClosesOk) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  v1::WorkerMessage leaving;
+  leaving.set_worker_id(w1.id);
+  leaving.mutable_leaving()->set_reason("SIGTERM");
+  ASSERT_TRUE(Send(leaving).ok());
+  ASSERT_TRUE(w1.channel->closed);
+  EXPECT_TRUE(w1.channel->close_status.ok()) << w1.channel->close_status;
+  EXPECT_FALSE(w0.channel->closed);
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.error_message(),
+            "worker-000002 (rank 1) lost: the worker is shutting down (SIGTERM)");
+  ASSERT_EQ(w0.channel->Cancels().size(), 1u) << "the survivor stops its rank";
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(Send(Heartbeat(w1.id)).code(), absl::StatusCode::kNotFound);
+  // An idle worker leaving changes no job; an overlong reason is cut.
+  v1::WorkerMessage idle;
+  idle.set_worker_id(w0.id);
+  idle.mutable_leaving()->set_reason(std::string(500, 'x'));
+  ASSERT_TRUE(Send(idle).ok());
+  EXPECT_TRUE(w0.channel->closed);
+  EXPECT_EQ(coordinator_->OpenSessionCount(), 0);
+  EXPECT_EQ(GetJob(job).job().error_message(), restarting.error_message());
+}
+
 TEST_F(WorkerSessionsTest, AClosedSessionRestartsItsJobWithoutClosingTheChannel) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);

@@ -11,6 +11,8 @@
 //     the fault-free result; `matctl list` still shows every job submitted before the kills;
 //   - the newest checkpoint of one rank corrupted (truncated) while its worker is down: the
 //     ranks agree on the previous one and the result is again the fault-free one;
+//   - one worker stopped with SIGTERM mid-job: it says why before it goes (Leaving), the job
+//     restarts naming the signal and the worker exits 0;
 //   - with --max-mask-staleness-steps, ranks whose coordinator is away train on under their
 //     last mask (at most that many steps, all ranks alike), then wait; the job still succeeds.
 //
@@ -246,6 +248,30 @@ TEST_F(FaultsTest, AWorkerKilledMidJobRestartsTheJobWithTheFaultFreeResult) {
               detected, rescheduled);
   RecordProperty("detection_seconds", std::to_string(detected));
   RecordProperty("restart_seconds", std::to_string(rescheduled));
+}
+
+// A worker stopped on purpose (SIGTERM, as systemd stops it) says so before it goes: its job
+// restarts at once naming the signal, not "lost: session closed" as after a crash, and the
+// worker exits 0.
+TEST_F(FaultsTest, AWorkerStoppedWithSigtermRestartsItsJobNamingTheSignal) {
+  StartCoordinator();
+  StartFaultWorker("w1");
+  pid_t w2 = StartFaultWorker("w2");
+  const std::string job = Submit(WriteJob("job.yaml", FaultJobYaml()));
+  json s = WaitFor(job, [](const json& j) { return j["state"] == "RUNNING" && j["step"] >= 5; },
+                   120s);
+  ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
+  ASSERT_EQ(::kill(w2, SIGTERM), 0);
+  EXPECT_EQ(Wait(w2, 15s), 0) << Logs();
+  s = WaitFor(job, [](const json& j) { return j["state"] == "RESTARTING"; }, 10s);
+  ASSERT_EQ(s["state"], "RESTARTING") << s.dump(2) << Logs();
+  EXPECT_THAT(s["error_message"].get<std::string>(),
+              ::testing::MatchesRegex("worker-00000[12] \\(rank [01]\\) lost: the worker is "
+                                      "shutting down \\(SIGTERM\\)"));
+  EXPECT_THAT(ReadText(coordinator_log_ + ".err"),
+              ::testing::HasSubstr("session ended: the worker is shutting down (SIGTERM)"));
+  CommandResult cancel = Matctl(address_, {"cancel", job});
+  EXPECT_EQ(cancel.exit_code, 0) << cancel.err;
 }
 
 TEST_F(FaultsTest, TheCoordinatorKilledThreeTimesLosesNothing) {

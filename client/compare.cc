@@ -31,8 +31,24 @@ absl::StatusOr<double> Number(const CompareRun& run, const std::string& key) {
   return it->get<double>();
 }
 
+// The run's data-parallel ranks: summary.json's FLOPs are rank 0's share, and every rank does
+// the same work (its equal batch, the same masks), so the job's FLOPs are that times the ranks.
+// 1 for a summary without "world_size" (mat-train's before it was written).
+absl::StatusOr<int64_t> Ranks(const CompareRun& run) {
+  auto it = run.summary.find("world_size");
+  if (it == run.summary.end()) return 1;
+  if (!it->is_number_integer() || it->get<int64_t>() < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(run.name, ": summary's world_size is not a positive integer: ", it->dump()));
+  }
+  return it->get<int64_t>();
+}
+
+// The eval curve with the whole run's FLOPs (Ranks).
 absl::StatusOr<Curve> ReadCurve(const CompareRun& run) {
   Curve c;
+  absl::StatusOr<int64_t> ranks = Ranks(run);
+  if (!ranks.ok()) return ranks.status();
   auto it = run.summary.find("eval_curve");
   if (it == run.summary.end()) return c;
   const json& e = *it;
@@ -51,6 +67,7 @@ absl::StatusOr<Curve> ReadCurve(const CompareRun& run) {
       out->push_back(v.get<double>());
     }
   }
+  for (double& f : c.flops) f *= static_cast<double>(*ranks);
   if (c.flops.size() != c.step.size() || c.val.size() != c.step.size() ||
       c.wall.size() != c.step.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -88,6 +105,18 @@ absl::StatusOr<CompareTable> CompareRuns(const std::vector<CompareRun>& runs, in
           absl::StrCat("budget fraction ", b, " is not in (0, 1e6]"));
     }
   }
+  // One task's runs only: a loss and an accuracy, or token and image losses, do not compare.
+  for (const CompareRun& run : runs) {
+    for (const char* key : {"test_metric_name", "train_size_unit"}) {
+      const std::string mine = run.summary.value(key, std::string());
+      const std::string base = runs[baseline].summary.value(key, std::string());
+      if (mine != base) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "runs of different tasks do not compare: ", run.name, " has ", key, " '", mine,
+            "', the baseline ", runs[baseline].name, " '", base, "'"));
+      }
+    }
+  }
   CompareTable table;
   table.baseline = runs[baseline].name;
   table.budget_fractions = budget_fractions;
@@ -100,9 +129,12 @@ absl::StatusOr<CompareTable> CompareRuns(const std::vector<CompareRun>& runs, in
     row.mode = mode->get<std::string>();
     row.seed = run.summary.value("seed", int64_t{0});
     row.steps = run.summary.value("steps", int64_t{0});
+    absl::StatusOr<int64_t> ranks = Ranks(run);
+    if (!ranks.ok()) return ranks.status();
+    row.world_size = *ranks;
     absl::StatusOr<double> v = Number(run, "flops_total");
     if (!v.ok()) return v.status();
-    row.flops_total = *v;
+    row.flops_total = *v * static_cast<double>(row.world_size);
     if (v = Number(run, "best_val_loss"); !v.ok()) return v.status();
     row.best_val_loss = *v;
     if (v = Number(run, "best_step"); !v.ok()) return v.status();
@@ -134,7 +166,10 @@ absl::StatusOr<CompareTable> CompareRuns(const std::vector<CompareRun>& runs, in
     }
     if (static_cast<int>(r) == baseline) {
       // The baseline reaches its own best at its best step.
-      row.flops_to_baseline_best = runs[r].summary.value("flops_to_best", row.flops_total);
+      row.flops_to_baseline_best =
+          runs[r].summary.contains("flops_to_best")
+              ? runs[r].summary.value("flops_to_best", 0.0) * static_cast<double>(row.world_size)
+              : row.flops_total;
       row.wall_seconds_to_baseline_best =
           runs[r].summary.value("wall_seconds_to_best", row.wall_seconds);
       continue;
@@ -227,6 +262,7 @@ json CompareToJson(const CompareTable& table) {
                     {"mode", row.mode},
                     {"seed", row.seed},
                     {"steps", row.steps},
+                    {"world_size", row.world_size},
                     {"flops_total", row.flops_total},
                     {"flops_ratio", row.flops_ratio},
                     {"val_loss_at_budget", at},

@@ -2,7 +2,9 @@
 // functions over summary.json objects (mat-train's keys; a job's Job.summary_json), no I/O and
 // no network; unit-tested.
 //
-// One run is the baseline (normally full training). For every run:
+// One run is the baseline (normally full training). Every FLOP figure is the whole run's: a
+// summary's FLOPs are rank 0's share, times its "world_size" (every rank does the same work).
+// For every run:
 //   - FLOPs, and FLOPs as a ratio to the baseline's;
 //   - the validation loss at equal FLOP budgets: budget b·F (F = the baseline's total FLOPs,
 //     b in `budget_fractions`, e.g. 0.25 … 1) reads the run's eval_curve at the LAST evaluation
@@ -39,7 +41,8 @@ struct CompareRow {
   std::string mode;            // policy kind ("full", "mat", ...)
   int64_t seed = 0;
   int64_t steps = 0;
-  double flops_total = 0;      // floating-point operations
+  int64_t world_size = 1;      // data-parallel ranks (summary's world_size; 1 when absent)
+  double flops_total = 0;      // floating-point operations, all ranks
   double flops_ratio = 0;      // flops_total / the baseline's
   std::vector<std::optional<double>> val_at_budget;  // one per budget fraction, nats
   double best_val_loss = 0;    // nats
@@ -64,9 +67,11 @@ struct CompareTable {
 int DefaultBaseline(const std::vector<CompareRun>& runs);
 
 // INVALID_ARGUMENT naming the run and the key when a summary lacks a number compare needs
-// (mode, flops_total, best_val_loss, best_step, test_metric, wall_seconds) or its eval_curve is
-// malformed (arrays of unequal length); when `baseline` is out of range; or when a budget
-// fraction is not in (0, 1e6].
+// (mode, flops_total, best_val_loss, best_step, test_metric, wall_seconds), its world_size is not
+// a positive integer or its eval_curve is malformed (arrays of unequal length); naming both runs
+// when a run's test_metric_name or train_size_unit differs from the baseline's (another task:
+// image accuracy against token loss); when `baseline` is out of range; or when a budget fraction
+// is not in (0, 1e6].
 absl::StatusOr<CompareTable> CompareRuns(const std::vector<CompareRun>& runs, int baseline,
                                          const std::vector<double>& budget_fractions);
 
@@ -74,7 +79,7 @@ absl::StatusOr<CompareTable> CompareRuns(const std::vector<CompareRun>& runs, in
 std::string FormatCompareTable(const CompareTable& table);
 
 // {"baseline", "budget_fractions", "budget_flops", "runs": [{name, mode, seed, steps,
-//  flops_total, flops_ratio, val_loss_at_budget: [x|null…], best_val_loss, best_step,
+//  world_size, flops_total, flops_ratio, val_loss_at_budget: [x|null…], best_val_loss, best_step,
 //  test_metric_name, test_metric, flops_to_baseline_best|null, wall_seconds_to_baseline_best|null,
 //  mean_active_fraction, wall_seconds}]}.
 nlohmann::json CompareToJson(const CompareTable& table);

@@ -81,6 +81,52 @@ TEST(CompareTest, ReadsEqualBudgetsAndTheCostToTheBaselinesBest) {
   EXPECT_THAT(text, HasSubstr("1.800e+01 (0.45)"));  // 18 of full's 40 to its best
 }
 
+// A service job's summary holds rank 0's FLOPs: a 2-rank job's figures were half of what it
+// cost, so it looked twice as cheap as the same work on one rank.
+TEST(CompareTest, FlopsAreTheWholeRunsSummedOverItsRanks) {
+  json two_ranks = Summary("mat", 3, {6.0, 5.5, 4.9, 4.8});  // rank 0's share of 6 per eval
+  two_ranks["world_size"] = 2;
+  json one_rank = Summary("mat", 6, {6.0, 5.5, 4.9, 4.8});
+  one_rank["world_size"] = 1;
+  std::vector<CompareRun> runs = {{"job-1", two_ranks},
+                                  {"run-1", one_rank},
+                                  {"job-2", Summary("full", 10, {6.2, 5.6, 5.2, 5.0})}};
+  absl::StatusOr<CompareTable> t = CompareRuns(runs, 2, {0.5});
+  ASSERT_TRUE(t.ok()) << t.status();
+  for (int r : {0, 1}) {
+    const CompareRow& row = t->rows[r];
+    EXPECT_DOUBLE_EQ(row.flops_total, 24) << row.name;
+    EXPECT_DOUBLE_EQ(row.flops_ratio, 0.6) << row.name;
+    EXPECT_EQ(row.val_at_budget[0], 4.9) << row.name;  // budget 20: the evaluation at 18
+    EXPECT_DOUBLE_EQ(*row.flops_to_baseline_best, 18) << row.name;
+  }
+  EXPECT_EQ(t->rows[0].world_size, 2);
+  EXPECT_EQ(CompareToJson(*t)["runs"][0]["world_size"], 2);
+  // As the baseline, its own FLOPs to its best are scaled too.
+  t = CompareRuns(runs, 0, {1.0});
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_DOUBLE_EQ(*t->rows[0].flops_to_baseline_best, 24);
+  EXPECT_EQ(t->budget_flops, std::vector<double>{24});
+
+  two_ranks["world_size"] = 0;
+  t = CompareRuns({{"job-1", two_ranks}}, 0, {1.0});
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("job-1: summary's world_size is not a positive integer: 0"));
+}
+
+// A VGG run's test accuracy stood in the BERT baseline's TEST@BEST column and its image loss
+// "reached" the baseline's token loss.
+TEST(CompareTest, RunsOfDifferentTasksAreRefusedNamingBoth) {
+  json images = Summary("mat", 1, {2.3});
+  images["test_metric_name"] = "accuracy";
+  absl::StatusOr<CompareTable> t =
+      CompareRuns({{"bert-full", Summary("full", 10, {8.6})}, {"vgg", images}}, 0, {1.0});
+  ASSERT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("runs of different tasks do not compare: vgg has test_metric_name "
+                        "'accuracy', the baseline bert-full 'loss'"));
+}
+
 TEST(CompareTest, ARunThatNeverReachesTheBaselinesBestSaysSoAndEarlyBudgetsAreMissing) {
   // rand's first evaluation costs 15 FLOPs: no value at a 10-FLOP budget.
   std::vector<CompareRun> runs = {{"full", Summary("full", 10, {6.2, 5.0})},

@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "common/file_util.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "config/vgg_layout.h"
@@ -38,6 +39,13 @@ Field MakeField(const std::string& key, T* target, const char* type) {
   Field f;
   f.key = key;
   f.set = [key, target, type](const YAML::Node& n) -> absl::Status {
+    if constexpr (std::is_same_v<T, std::string>) {
+      // `init_from:` with nothing after it is the empty string, as `--set model.init_from=` is.
+      if (n.IsNull()) {
+        target->clear();
+        return absl::OkStatus();
+      }
+    }
     if (!n.IsScalar()) return absl::InvalidArgumentError(key + ": expected a " + type + " scalar");
     try {
       *target = n.as<T>();
@@ -232,6 +240,15 @@ absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment) {
     return absl::InvalidArgumentError("--set " + key + ": " + e.what());
   }
   if (value.IsNull()) value = YAML::Node(std::string());
+  // YAML reads " #..." as a comment: '/data/wiki #2' would silently become '/data/wiki'.
+  const std::string raw = assignment.substr(eq + 1);
+  const bool comment = absl::StartsWith(raw, "#") || absl::StrContains(raw, " #") ||
+                       absl::StrContains(raw, "\t#");
+  if (comment && !(value.IsScalar() && absl::StrContains(value.Scalar(), "#"))) {
+    return absl::InvalidArgumentError("--set " + key + ": '" + raw +
+                                      "' holds a '#' that YAML reads as a comment; quote the "
+                                      "value: --set '" + key + "=\"" + raw + "\"'");
+  }
   return SetKey(config, key, value, "--set");
 }
 
@@ -477,6 +494,31 @@ std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& c
   TrainConfig copy = config;
   std::vector<std::pair<std::string, std::string>> out;
   for (const Field& f : Schema(copy)) out.emplace_back(f.key, f.get());
+  return out;
+}
+
+std::string FormatConfigYaml(const TrainConfig& config) {
+  std::string out;
+  for (const auto& [key, value] : ListConfig(config)) {
+    // Plain when YAML reads the text back as itself; double-quoted otherwise (empty, a ' #',
+    // a leading '*', '&', '{', ...).
+    bool plain = !value.empty();
+    if (plain) {
+      try {
+        const YAML::Node n = YAML::Load(value);
+        plain = n.IsScalar() && n.Scalar() == value;
+      } catch (const YAML::Exception&) {
+        plain = false;
+      }
+    }
+    if (plain) {
+      absl::StrAppend(&out, key, ": ", value, "\n");
+    } else {
+      YAML::Emitter quoted;
+      quoted << YAML::DoubleQuoted << value;
+      absl::StrAppend(&out, key, ": ", quoted.c_str(), "\n");
+    }
+  }
   return out;
 }
 

@@ -164,7 +164,8 @@ struct TrainConfig {
 // Parses YAML text onto defaults. `origin` names the source in messages.
 absl::StatusOr<TrainConfig> ParseTrainConfig(const std::string& yaml, const std::string& origin);
 absl::StatusOr<TrainConfig> LoadTrainConfig(const std::string& path);
-// Applies "a.b=value" (value is parsed as YAML scalar).
+// Applies "a.b=value" (value is parsed as YAML scalar; a ' #' that YAML would read as a comment
+// is INVALID_ARGUMENT asking to quote the value).
 absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment);
 // Range checks across fields; INVALID_ARGUMENT naming the key.
 absl::Status ValidateTrainConfig(const TrainConfig& config);
@@ -180,5 +181,9 @@ absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedu
     const std::string& decisions_jsonl);
 // Every key with its current value, as "key: value" lines (documentation and logs).
 std::vector<std::pair<std::string, std::string>> ListConfig(const TrainConfig& config);
+// The same as YAML text ("key: value\n" per key, a string quoted where YAML would read it
+// otherwise: empty, holding ' #', ...) that ParseTrainConfig reads back to an equal config
+// (`mat-train --print-config`).
+std::string FormatConfigYaml(const TrainConfig& config);
 
 }  // namespace mat::config

@@ -336,6 +336,42 @@ TEST(ListConfigTest, ReflectsValuesAndRoundTripsThroughOverrides) {
   EXPECT_EQ(AsMap(copy), listed);
 }
 
+// `mat-train --print-config` printed `model.init_from: ` (YAML null, refused when read back) and
+// a data.dir holding ' #' unquoted (read back cut at the '#').
+TEST(ListConfigTest, PrintedYamlReadsBackToTheSameConfig) {
+  TrainConfig c;
+  c.data.dir = "/data/wiki #2";
+  c.model.init_from = "";
+  c.policy.kind = "full";
+  const std::string yaml = FormatConfigYaml(c);
+  EXPECT_THAT(yaml, HasSubstr("model.init_from: \"\"\n"));
+  EXPECT_THAT(yaml, HasSubstr("data.dir: \"/data/wiki #2\"\n"));
+  EXPECT_THAT(yaml, HasSubstr("policy.kind: full\n"));
+  absl::StatusOr<TrainConfig> back = ParseTrainConfig(yaml, "printed");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(AsMap(*back), AsMap(c));
+  EXPECT_EQ(FormatConfigYaml(*back), yaml);
+  // A key with nothing after it is the empty string, as `--set model.init_from=` is.
+  absl::StatusOr<TrainConfig> empty =
+      ParseTrainConfig("model:\n  init_from:\npolicy:\n  rand_schedule:\n", "empty");
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ(empty->model.init_from, "");
+}
+
+// `--set 'data.dir=/data/wiki #2'` silently set '/data/wiki' (YAML read the rest as a comment).
+TEST(ApplyOverrideTest, AValueYamlWouldCutAtACommentIsRefusedUnlessQuoted) {
+  TrainConfig c;
+  absl::Status cut = ApplyOverride(c, "data.dir=/data/wiki #2");
+  EXPECT_EQ(cut.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(cut.message()),
+              HasSubstr("--set data.dir: '/data/wiki #2' holds a '#' that YAML reads as a comment"));
+  EXPECT_EQ(ApplyOverride(c, "data.dir=#x").code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(ApplyOverride(c, "data.dir=\"/data/wiki #2\"").ok());
+  EXPECT_EQ(c.data.dir, "/data/wiki #2");
+  ASSERT_TRUE(ApplyOverride(c, "data.dir=/data/wiki#2").ok());  // no space: not a comment
+  EXPECT_EQ(c.data.dir, "/data/wiki#2");
+}
+
 TEST(LoadTrainConfigTest, MissingFileIsAnErrorNamingThePath) {
   const std::string path = (fs::temp_directory_path() / "mat_no_such_config.yaml").string();
   auto c = LoadTrainConfig(path);

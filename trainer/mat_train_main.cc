@@ -1,5 +1,6 @@
 // mat-train: MAT in one process. Parses flags into TrainConfig, runs the Trainer, prints the
-// summary. Exit codes: 0 done, 2 bad input (config, data), 1 failure while training.
+// summary. Exit codes: 0 done, 2 bad input (config, data, an empty --out), 1 failure while
+// training or --out in use by another mat-train (OUT/LOCK, held while it runs).
 #include <unistd.h>
 
 #include <csignal>
@@ -7,6 +8,7 @@
 
 #include "CLI/CLI.hpp"
 #include "common/allocator.h"
+#include "common/file_util.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "config/train_config.h"
@@ -48,8 +50,23 @@ int main(int argc, char** argv) {
     }
   }
   if (print_config) {
-    for (const auto& [k, v] : mat::config::ListConfig(*config)) std::cout << k << ": " << v << "\n";
+    std::cout << mat::config::FormatConfigYaml(*config);
     return 0;
+  }
+  if (out_dir.empty()) {
+    // An unset $OUT would train and keep nothing.
+    std::cerr << "mat-train: --out is empty: name the directory for the run's outputs\n";
+    return 2;
+  }
+  // One run per directory: two at once would interleave their logs and checkpoints.
+  if (absl::Status made = mat::common::MakeDirs(out_dir); !made.ok()) {
+    std::cerr << "mat-train: " << made.message() << "\n";
+    return 2;
+  }
+  absl::StatusOr<int> lock = mat::common::LockDirectory(out_dir, "mat-train");
+  if (!lock.ok()) {
+    std::cerr << "mat-train: " << lock.status().message() << "\n";
+    return 1;
   }
   mat::trainer::TrainerOptions options;
   options.out_dir = out_dir;

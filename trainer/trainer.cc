@@ -19,6 +19,7 @@
 #include "spdlog/spdlog.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/models/model_io.h"
+#include "trainer/torch_status.h"
 
 namespace mat::trainer {
 namespace {
@@ -54,7 +55,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateImpl(const config::Train
   }
   std::unique_ptr<Trainer> t(new Trainer(config, std::move(options)));
   t->task_ = std::move(task);  // null: Init makes the config's
-  MAT_RETURN_IF_ERROR(t->Init());
+  MAT_RETURN_IF_ERROR(StatusFromTorch([] { return std::string("building the trainer"); },
+                                      [&] { return t->Init(); }));
   return t;
 }
 

@@ -124,7 +124,8 @@ class Trainer {
 
   // Trains until train.steps, or until `stop_at_step` (exclusive) when >= 0, then checkpoints.
   // Returns summary.json's content (also written) when it reached train.steps; else the
-  // progress so far.
+  // progress so far. What LibTorch throws (here and in Create) comes back as a status
+  // (torch_status.h: RESOURCE_EXHAUSTED when memory ran out), never as an exception.
   absl::StatusOr<nlohmann::json> Run(int64_t stop_at_step = -1);
 
   // Building blocks, public for tests and benchmarks.
@@ -178,6 +179,8 @@ class Trainer {
  private:
   Trainer(const config::TrainConfig& config, TrainerOptions options);
   // Both Creates: checks the config and options, then Init (MakeTask when `task` is null).
+  // Run without the exception guard.
+  absl::StatusOr<nlohmann::json> RunUnguarded(int64_t stop_at_step);
   static absl::StatusOr<std::unique_ptr<Trainer>> CreateImpl(const config::TrainConfig& config,
                                                              TrainerOptions options,
                                                              std::unique_ptr<Task> task);

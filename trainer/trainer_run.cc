@@ -12,6 +12,7 @@
 #include "common/stopwatch.h"
 #include "spdlog/spdlog.h"
 #include "trainer/models/model_io.h"
+#include "trainer/torch_status.h"
 #include "trainer/trainer.h"
 
 namespace mat::trainer {
@@ -208,6 +209,11 @@ absl::StatusOr<nlohmann::json> Trainer::FinishRun() {
 }
 
 absl::StatusOr<nlohmann::json> Trainer::Run(int64_t stop_at_step) {
+  return StatusFromTorch([&] { return absl::StrCat("training at step ", step_); },
+                         [&] { return RunUnguarded(stop_at_step); });
+}
+
+absl::StatusOr<nlohmann::json> Trainer::RunUnguarded(int64_t stop_at_step) {
   const auto& c = config_;
   MAT_RETURN_IF_ERROR(PrepareRun());
   const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;

@@ -5,6 +5,8 @@
 //
 // Every command runs with the working directory set to a fresh temporary directory, so the
 // default relative data.dir never points at real data.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -420,6 +422,57 @@ TEST_F(MatTrainCliTest, BadFlagsExitWithTwoAndNameTheFlag) {
   r = Run({"--help"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("--log-level"));
+  // An unset $OUT trained and kept nothing, exit 0.
+  r = Run({"--config", kTinyConfig, "--out", ""});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("--out is empty"));
+}
+
+// Two mat-train runs on one --out interleaved their metrics, decisions and checkpoints: the
+// second is refused while the first holds OUT/LOCK (here: this test holds it).
+TEST_F(MatTrainCliTest, ASecondRunOnTheSameOutIsRefused) {
+  const fs::path busy = root() / "busy";
+  fs::create_directories(busy);
+  const int fd = ::open((busy / "LOCK").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  RunResult r = Run(With(TinyArgs("busy"), {"train.steps=2"}));
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("'" + busy.string() + "' is in use by another mat-train"));
+  EXPECT_FALSE(fs::exists(busy / "metrics.jsonl"));
+  ::close(fd);
+  r = Run(With(TinyArgs("busy"), {"train.steps=2", "train.eval_every=2"}));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+// A model too large for memory aborted with an uncaught c10::Error and a stack dump (exit
+// 134): the trainer returns what LibTorch throws as a status; mat-train names it and exits 2
+// (a model this machine cannot hold) or 1 (a batch that ran out while training).
+TEST_F(MatTrainCliTest, RunningOutOfMemoryIsAnErrorNotACrash) {
+  struct Case {
+    std::string name;
+    std::vector<std::string> sets;
+    int exit_code;
+    std::string says;
+  };
+  for (const Case& c : {Case{"model", {"model.d_model=1048576", "model.d_ff=64"}, 2,
+                             "mat-train: building the trainer failed: "},
+                        Case{"batch", {"train.batch_size=4000000"}, 1, "mat-train: training"}}) {
+    std::vector<std::string> args =
+        With(TinyArgs("oom_" + c.name), {"train.steps=1", "train.eval_every=1"});
+    args = With(args, c.sets);
+    std::string cmd = "ulimit -v 6000000 && cd " + Quote(root().string()) + " && timeout 300 " +
+                      Quote(kBinary);
+    for (const std::string& a : args) cmd += " " + Quote(a);
+    const fs::path err = root() / ("oom_" + c.name + ".err");
+    cmd += " > /dev/null 2> " + Quote(err.string());
+    const int rc = std::system(("bash -c " + Quote(cmd)).c_str());
+    ASSERT_TRUE(WIFEXITED(rc)) << c.name << ": " << ReadText(err);
+    EXPECT_EQ(WEXITSTATUS(rc), c.exit_code) << c.name << ": " << ReadText(err);
+    EXPECT_THAT(ReadText(err), HasSubstr(c.says)) << c.name;
+    EXPECT_THAT(ReadText(err), HasSubstr("can't allocate memory")) << c.name;
+    EXPECT_THAT(ReadText(err), ::testing::Not(HasSubstr("terminate called"))) << c.name;
+  }
 }
 
 // Bad input: exit code 2, nothing trained, and stderr names the problem. "{root}" in the case

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -85,10 +86,44 @@ absl::StatusOr<v1::JobState> ParseState(const std::string& text) {
 // Prints events until the job finishes; the job's final state through `final_state`. With
 // `progress`, one progress bar (FormatProgressBar) redrawn in place with '\r', and state changes
 // and evaluations on lines of their own above it; otherwise one line per event.
+// How long watch, submit --wait and logs --follow keep trying to reach a coordinator they lost
+// (one restarting on its state dir keeps its jobs; its workers are back within a second).
+constexpr auto kReconnectFor = std::chrono::seconds(120);
+
+// Runs `attempt` again while it fails UNAVAILABLE after `reached()` became true (the coordinator
+// answered once), for at most kReconnectFor from the first loss, telling `err` once per loss.
+absl::Status RetryWhileUnavailable(const std::string& address, std::ostream& err,
+                                   const std::function<bool()>& reached,
+                                   const std::function<absl::Status()>& attempt) {
+  std::optional<std::chrono::steady_clock::time_point> lost;
+  while (true) {
+    absl::Status status = attempt();
+    if (status.code() != absl::StatusCode::kUnavailable || !reached()) return status;
+    const auto now = std::chrono::steady_clock::now();
+    if (!lost.has_value()) {
+      lost = now;
+      err << "matctl: lost the coordinator at " << address << " (" << status.message()
+          << "); trying again for " << kReconnectFor.count() << " s" << std::endl;
+    } else if (now - *lost > kReconnectFor) {
+      return status;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+}
+
 absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, int columns,
-                   std::ostream& out, v1::JobState* final_state) {
+                   std::ostream& out, std::ostream& err, v1::JobState* final_state) {
+  bool reached = false;  // an event arrived: the coordinator knows the job
+  const auto watch_once = [&](const std::function<void(const v1::JobEvent&)>& on_event) {
+    return RetryWhileUnavailable(client.address(), err, [&] { return reached; }, [&] {
+      return client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+        reached = true;
+        on_event(event);
+      });
+    });
+  };
   if (!progress) {
-    return client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+    return watch_once([&](const v1::JobEvent& event) {
       out << FormatJobEvent(event) << std::endl;  // flushed: someone is watching
       if (event.has_state()) *final_state = event.state().state();
     });
@@ -97,7 +132,7 @@ absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, 
   if (!job.ok()) return job.status();
   WatchState state = WatchStateFromJob(*job);
   bool bar_shown = false;
-  absl::Status status = client.WatchJob(job_id, [&](const v1::JobEvent& event) {
+  absl::Status status = watch_once([&](const v1::JobEvent& event) {
     if (event.has_state()) *final_state = event.state().state();
     if (ApplyJobEvent(event, &state)) {
       out << "\r" << FormatJobEvent(event) << kEraseLineEnd << "\n";
@@ -137,7 +172,7 @@ int Submit(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream&
   if (!o.wait) return kExitOk;
   v1::JobState final_state = v1::JOB_STATE_UNSPECIFIED;
   if (absl::Status s = Watch(client, reply->job_id(), UseProgressBar(o, terminal),
-                             terminal.columns, out, &final_state);
+                             terminal.columns, out, err, &final_state);
       !s.ok()) {
     return Fail(err, s);
   }
@@ -195,7 +230,7 @@ int WatchCommand(const MatctlOptions& o, const OutputTerminal& terminal, std::os
   JobClient& client = **made;
   v1::JobState final_state = v1::JOB_STATE_UNSPECIFIED;
   if (absl::Status s = Watch(client, o.job_id, UseProgressBar(o, terminal), terminal.columns,
-                             out, &final_state);
+                             out, err, &final_state);
       !s.ok()) {
     return Fail(err, s);
   }
@@ -441,8 +476,14 @@ int Logs(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   int64_t after = 0;
   bool first = true;
   while (true) {
-    absl::StatusOr<v1::GetJobLogsReply> reply = client.GetJobLogs(o.job_id, o.rank, after);
-    if (!reply.ok()) return Fail(err, reply.status());
+    absl::StatusOr<v1::GetJobLogsReply> reply;
+    // --follow rides out a coordinator restart, as watch does.
+    absl::Status got = RetryWhileUnavailable(
+        client.address(), err, [&] { return o.follow && !first; }, [&] {
+          reply = client.GetJobLogs(o.job_id, o.rank, after);
+          return reply.status();
+        });
+    if (!got.ok()) return Fail(err, got);
     if (first && reply->dropped() > 0) {
       err << "matctl: the coordinator dropped " << reply->dropped()
           << " older lines of " << o.job_id << " (mat-coordinator --max-log-lines)\n";

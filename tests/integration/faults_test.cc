@@ -9,6 +9,7 @@
 //   - the coordinator killed three times at random moments of a running job and restarted on
 //     the same state dir and address: the ranks keep training, reconnect and the job ends with
 //     the fault-free result; `matctl list` still shows every job submitted before the kills;
+//     `matctl watch` and `matctl logs -f` started before the kills end with the job, exit 0;
 //   - the newest checkpoint of one rank corrupted (truncated) while its worker is down: the
 //     ranks agree on the previous one and the result is again the fault-free one;
 //   - one worker stopped with SIGTERM mid-job: it says why before it goes (Leaving), the job
@@ -288,6 +289,16 @@ TEST_F(FaultsTest, TheCoordinatorKilledThreeTimesLosesNothing) {
   json s = WaitFor(job, [](const json& j) { return j["state"] == "RUNNING" && j["step"] >= 5; },
                    120s);
   ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
+  // A user watching and following the logs through the kills: both ride them out (they exited
+  // 1, "lost the coordinator", while the job went on to succeed).
+  const std::string matctl = testing_loopback::kMatctl;
+  const pid_t watch = Spawn({matctl, "--coordinator", address_, "watch", job, "--no-progress"},
+                            root_ + "/watch.out", root_ + "/watch.err");
+  const pid_t follow = Spawn({matctl, "--coordinator", address_, "logs", job, "-f"},
+                             root_ + "/follow.out", root_ + "/follow.err");
+  ASSERT_GT(watch, 0);
+  ASSERT_GT(follow, 0);
+  std::this_thread::sleep_for(500ms);  // both connected before the first kill
 
   std::mt19937 rng(static_cast<std::mt19937::result_type>(testing_loopback::TestSeed()));
   std::uniform_int_distribution<int> pause_ms(200, 1500);
@@ -328,6 +339,12 @@ TEST_F(FaultsTest, TheCoordinatorKilledThreeTimesLosesNothing) {
   s = WaitDone(job, 300s);
   EXPECT_EQ(s["attempt"], 0) << "the job restarted instead of continuing";
   ExpectFaultFreeResult(OutcomeOf(job, s));
+  EXPECT_EQ(Wait(watch, 60s), 0) << ReadText(root_ + "/watch.err");
+  EXPECT_THAT(ReadText(root_ + "/watch.out"), HasSubstr("state SUCCEEDED"));
+  EXPECT_THAT(ReadText(root_ + "/watch.err"), HasSubstr("matctl: lost the coordinator at"));
+  EXPECT_EQ(Wait(follow, 60s), 0) << ReadText(root_ + "/follow.err");
+  EXPECT_THAT(ReadText(root_ + "/follow.out"),
+              HasSubstr("[rank 0] info: " + job + " rank 0: finished 120 steps"));
 
   // Every job submitted before the kills is listed.
   CommandResult list = Matctl(address_, {"list"});

@@ -407,7 +407,8 @@ class Coordinator {
   absl::Status HandleMaskAck(const std::string& worker_id, const v1::MaskAck& ack);
   absl::Status HandleProgress(const std::string& worker_id, const v1::Progress& progress);
   absl::Status HandleRankDone(const std::string& worker_id, const v1::RankDone& done);
-  // Stores a rank's log lines (more than 1000 in a batch: INVALID_ARGUMENT).
+  // Stores a rank's log lines (more than 1000 in a batch: INVALID_ARGUMENT), also when they
+  // arrive after the job moved on (another state or attempt) from the worker holding the rank.
   absl::Status HandleLogs(const std::string& worker_id, const v1::LogBatch& batch);
   // The worker stops: its session ends now (DropSession, its rank's job restarts naming the
   // reason) and its channel is closed OK.

@@ -316,8 +316,16 @@ absl::Status Coordinator::CheckArtifactUpload(const std::string& worker_id,
 // ----- Progress -----
 
 absl::Status Coordinator::HandleLogs(const std::string& worker_id, const v1::LogBatch& batch) {
-  MAT_ASSIGN_OR_RETURN(RankRef ref,
-                       CheckRank(worker_id, batch.job_id(), batch.rank(), batch.attempt()));
+  // Lines change no state, and a failed attempt's last ones (its error) arrive after its job
+  // moved on: kept from the worker holding the rank whatever the job's state or attempt now
+  // (CheckRank refuses those FAILED_PRECONDITION or ABORTED only once it found the holder).
+  absl::StatusOr<RankRef> held =
+      CheckRank(worker_id, batch.job_id(), batch.rank(), batch.attempt());
+  if (!held.ok() && held.status().code() != absl::StatusCode::kFailedPrecondition &&
+      held.status().code() != absl::StatusCode::kAborted) {
+    return held.status();
+  }
+  const RankRef ref{nullptr, held.ok() ? held->rank : batch.rank()};
   constexpr int kMaxLinesPerBatch = 1000;
   constexpr size_t kMaxTextBytes = 4096, kMaxLevelBytes = 16;
   if (batch.lines_size() > kMaxLinesPerBatch) {

@@ -87,16 +87,21 @@ void RankRunner::OnReconnect() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (cancelled_) return;
-    for (const auto* m : {&module_list_, &waiting_report_, &undelivered_done_}) {
+    for (const auto* m : {&module_list_, &waiting_report_}) {
       if (m->has_value()) resend.push_back(**m);
     }
+    // Before RankDone: a finished rank's log is complete when the coordinator hears it ended.
+    resend.insert(resend.end(), undelivered_logs_.begin(), undelivered_logs_.end());
+    undelivered_logs_.clear();
+    if (undelivered_done_.has_value()) resend.push_back(*undelivered_done_);
     undelivered_done_.reset();
   }
   for (const v1::WorkerMessage& m : resend) {
-    if (!send_(m) && m.has_done()) {
-      std::lock_guard<std::mutex> lock(mu_);
-      undelivered_done_ = m;  // lost again: the next session tries again
-    }
+    if (send_(m)) continue;
+    // Lost again: the next session tries again.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (m.has_done()) undelivered_done_ = m;
+    if (m.has_logs()) undelivered_logs_.push_back(m);
   }
   if (!resend.empty()) {
     spdlog::info("{} rank {}: resent {} message(s) to the coordinator", job_id(), rank(),
@@ -146,7 +151,12 @@ void RankRunner::SendLogs() {
     batch->set_rank(rank());
     batch->set_attempt(assign_.attempt());
     for (v1::LogLine& line : lines) *batch->add_lines() = std::move(line);
-    send_(m);
+    if (!send_(m)) {
+      // No session: kept for OnReconnect (a failed rank's last lines are the ones that matter).
+      std::lock_guard<std::mutex> lock(mu_);
+      undelivered_logs_.push_back(std::move(m));
+      if (undelivered_logs_.size() > kMaxUndeliveredLogBatches) undelivered_logs_.pop_front();
+    }
   }
 }
 

@@ -31,7 +31,8 @@
 // The coordinator may go away and come back (its session breaks): the rank keeps training; at a
 // probe step it waits for its mask (mask_timeout), and OnReconnect (the agent's new session)
 // resends what the coordinator may have lost: rank 0's ModuleList, the SpectraReport still
-// waiting for its mask, and a RankDone that was not delivered.
+// waiting for its mask, the log lines taken while there was no session (the newest
+// kMaxUndeliveredLogBatches batches), and a RankDone that was not delivered, in that order.
 //
 // Resume (Assign.resume, a restarted job): after the process group forms, the ranks agree on the
 // newest checkpoint step every rank holds (each rank's newest readable one of checkpoint.pt and
@@ -56,6 +57,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -130,7 +132,7 @@ class RankRunner : public trainer::TrainerHooks {
   // Stops an artifact upload in progress (at its next piece); the rank then ends as it would.
   void AbandonUploads() { uploads_abandoned_.store(true); }
   // A new coordinator session is open: resends rank 0's ModuleList, the SpectraReport waiting
-  // for its mask and an undelivered RankDone (whichever exist).
+  // for its mask, undelivered log batches and an undelivered RankDone (whichever exist).
   void OnReconnect();
   // Whether the worker has a coordinator session (max_mask_staleness_steps); true at start.
   void SetConnected(bool connected);
@@ -158,8 +160,8 @@ class RankRunner : public trainer::TrainerHooks {
   absl::StatusOr<bool> WaitForMask(int64_t step, v1::MaskUpdate* mask);
   // Sends `m`; when there is no session, keeps nothing (callers keep what must be resent).
   bool Send(const v1::WorkerMessage& m);
-  // Sends the lines options_.logs kept since the last call, in batches of at most 1000 (lines
-  // that find no session are lost: logs are best effort).
+  // Sends the lines options_.logs kept since the last call, in batches of at most 1000 (batches
+  // that find no session wait for OnReconnect, the newest kMaxUndeliveredLogBatches of them).
   void SendLogs();
   // Train's steps: the spec's paths under options_.data_roots (FAILED_PRECONDITION naming the
   // key); rank 0's ModuleList (kept for a resend); the job's c10d process group and the agreed
@@ -190,6 +192,8 @@ class RankRunner : public trainer::TrainerHooks {
   std::optional<v1::WorkerMessage> module_list_;     // rank 0, once the model is built
   std::optional<v1::WorkerMessage> waiting_report_;  // a SpectraReport without its mask yet
   std::optional<v1::WorkerMessage> undelivered_done_;
+  static constexpr size_t kMaxUndeliveredLogBatches = 10;
+  std::deque<v1::WorkerMessage> undelivered_logs_;  // LogBatches sent without a session
   // The job's process group failed (RankDone.retryable); the runner's thread only.
   bool collective_failed_ = false;
   bool connected_ = true;  // guarded by mu_

@@ -187,6 +187,37 @@ TEST_F(WorkerSessionsTest, ALeavingWorkersJobRestartsNamingWhyAndItsChannelClose
   EXPECT_EQ(GetJob(job).job().error_message(), restarting.error_message());
 }
 
+// A rank's error line arrived after its job had moved to RESTARTING and was refused: `matctl
+// logs` lacked the failed attempt's error. Lines of the rank's holder are kept whatever the
+// job's state or attempt; another worker's are still refused.
+TEST_F(WorkerSessionsTest, ARanksLastLinesAreKeptAfterItsJobMovedOn) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  coordinator_->CloseSession(w1.id);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  const auto lines = [&](const std::string& worker, int rank, const std::string& text) {
+    v1::WorkerMessage m;
+    m.set_worker_id(worker);
+    v1::LogBatch* batch = m.mutable_logs();
+    batch->set_job_id(job);
+    batch->set_rank(rank);
+    batch->set_attempt(0);
+    v1::LogLine* line = batch->add_lines();
+    line->set_level("error");
+    line->set_text(text);
+    return m;
+  };
+  EXPECT_TRUE(Send(lines(w0.id, 0, "rank 0: failed: gradient all-reduce failed")).ok());
+  EXPECT_EQ(Send(lines(w0.id, 1, "not its rank")).code(), absl::StatusCode::kNotFound);
+  v1::GetJobLogsRequest request;
+  request.set_job_id(job);
+  absl::StatusOr<v1::GetJobLogsReply> kept = coordinator_->GetJobLogs(request);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  ASSERT_EQ(kept->lines_size(), 1);
+  EXPECT_EQ(kept->lines(0).rank(), 0);
+  EXPECT_EQ(kept->lines(0).text(), "rank 0: failed: gradient all-reduce failed");
+}
+
 TEST_F(WorkerSessionsTest, AClosedSessionRestartsItsJobWithoutClosingTheChannel) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);

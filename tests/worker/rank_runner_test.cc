@@ -1,13 +1,19 @@
 // RankRunner's protocol side without a coordinator: a fake session records what the rank sends.
 // Decide reports λ and blocks until the mask of its step arrives (then acks it), fails after the
 // bound, and stops on Cancel; the bit strings decode LSB-first; a bad mask is refused; the hooks
-// record the rank's metrics (step, durations, mask wait).
+// record the rank's metrics (step, durations, mask wait); lines logged without a session are
+// resent before the RankDone.
 #include "worker/rank_runner.h"
+
+#include <memory>
 
 #include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include "spdlog/spdlog.h"
+#include "worker/log_forwarder.h"
 
 namespace mat::worker {
 namespace {
@@ -19,10 +25,16 @@ using metrics::HistogramSnapshot;
 
 class FakeSession {
  public:
+  // Records `m` when connected; false (not delivered) otherwise.
   bool Send(const v1::WorkerMessage& m) {
     std::lock_guard<std::mutex> lock(mu_);
+    if (!connected_) return false;
     sent_.push_back(m);
     return true;
+  }
+  void SetConnected(bool connected) {
+    std::lock_guard<std::mutex> lock(mu_);
+    connected_ = connected;
   }
   std::vector<v1::WorkerMessage> sent() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -31,6 +43,7 @@ class FakeSession {
 
  private:
   std::mutex mu_;
+  bool connected_ = true;
   std::vector<v1::WorkerMessage> sent_;
 };
 
@@ -232,6 +245,40 @@ TEST_F(RankRunnerTest, DataDirOutsideTheWorkersDataRootsFailsTheRankBeforeOpenin
         << last.done().error_message();
     EXPECT_THAT(last.done().error_message(), HasSubstr("(mat-worker --data-root)"));
   }
+}
+
+// A rank that failed while its worker had no session lost its log lines (the error among them):
+// they wait with its RankDone and are resent first on the next session.
+TEST_F(RankRunnerTest, LinesLoggedWithoutASessionAreResentBeforeTheRankDone) {
+  auto forwarder = std::make_shared<LogForwarder>();
+  spdlog::default_logger()->sinks().push_back(forwarder);
+  v1::Assign assign = MakeAssign();
+  assign.mutable_spec()->mutable_data()->set_dir("/etc");
+  RankRunnerOptions o;
+  o.worker_id = "worker-000002";
+  o.data_roots = {"/srv/mat-data"};
+  o.logs = forwarder.get();
+  session_.SetConnected(false);
+  {
+    RankRunner runner(assign, o, [this](const v1::WorkerMessage& m) { return session_.Send(m); });
+    runner.Start();
+    runner.Join();
+    EXPECT_TRUE(session_.sent().empty());
+    session_.SetConnected(true);
+    runner.OnReconnect();
+  }
+  spdlog::default_logger()->sinks().pop_back();
+  const std::vector<v1::WorkerMessage> sent = session_.sent();
+  ASSERT_GE(sent.size(), 2u);
+  ASSERT_TRUE(sent.back().has_done());
+  EXPECT_FALSE(sent.back().done().ok());
+  std::string lines;
+  for (size_t i = 0; i + 1 < sent.size(); ++i) {
+    ASSERT_TRUE(sent[i].has_logs()) << i;
+    EXPECT_EQ(sent[i].logs().rank(), 1);
+    for (const v1::LogLine& l : sent[i].logs().lines()) lines += l.level() + " " + l.text() + "\n";
+  }
+  EXPECT_THAT(lines, HasSubstr("error job-000007 rank 1: failed: FAILED_PRECONDITION: data.dir"));
 }
 
 }  // namespace

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
@@ -279,6 +281,16 @@ absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std:
 
 absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
   MAT_ASSIGN_OR_RETURN(std::string text, common::ReadFile(path));
+  // An empty file (or only comments) would submit the default 2000-step job: a mistake, surely.
+  bool empty = true;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    line = absl::StripAsciiWhitespace(line);
+    if (!line.empty() && line.front() != '#' && line != "---" && line != "...") empty = false;
+  }
+  if (empty) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": the job spec is empty (see examples/ for one)"));
+  }
   return ParseJobSpecYaml(text, path);
 }
 

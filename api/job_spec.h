@@ -40,7 +40,8 @@ namespace mat::api {
 // booleans are YAML booleans; a null value is an error). Range checks are ValidateJobSpec's.
 absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std::string& origin);
 
-// Reads and parses a job YAML file; messages start with `path`. NOT_FOUND when it cannot be read.
+// Reads and parses a job YAML file; messages start with `path`. NOT_FOUND when it cannot be read;
+// INVALID_ARGUMENT for a file with no key (empty, or comments only).
 absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path);
 
 // A spec with every field set to its default: TrainConfig's defaults (config/train_config.h),

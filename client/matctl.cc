@@ -18,7 +18,9 @@
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "client/compare.h"
 #include "client/format.h"
 #include "client/job_client.h"
@@ -70,17 +72,19 @@ int Fail(std::ostream& err, const absl::Status& status) {
   return kExitError;
 }
 
-// "QUEUED" or "queued" -> JOB_STATE_QUEUED.
+// "QUEUED" or "queued" -> JOB_STATE_QUEUED; INVALID_ARGUMENT "unknown job state 'x' (one of
+// QUEUED, ...)".
 absl::StatusOr<v1::JobState> ParseState(const std::string& text) {
   const std::string upper = absl::AsciiStrToUpper(text);
+  std::vector<std::string> names;
   for (int s = v1::JobState_MIN; s <= v1::JobState_MAX; ++s) {
     const auto state = static_cast<v1::JobState>(s);
-    if (state != v1::JOB_STATE_UNSPECIFIED && v1::JobState_IsValid(s) &&
-        api::JobStateName(state) == upper) {
-      return state;
-    }
+    if (state == v1::JOB_STATE_UNSPECIFIED || !v1::JobState_IsValid(s)) continue;
+    if (api::JobStateName(state) == upper) return state;
+    names.push_back(api::JobStateName(state));
   }
-  return absl::InvalidArgumentError("--state: unknown job state '" + text + "'");
+  return absl::InvalidArgumentError(absl::StrCat("unknown job state '", text, "' (one of ",
+                                                 absl::StrJoin(names, ", "), ")"));
 }
 
 // Prints events until the job finishes; the job's final state through `final_state`. With
@@ -182,7 +186,7 @@ int Submit(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream&
 int List(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   std::vector<v1::JobState> states;
   for (const std::string& text : o.states) {
-    absl::StatusOr<v1::JobState> state = ParseState(text);
+    absl::StatusOr<v1::JobState> state = ParseState(text);  // checked by the parser already
     if (!state.ok()) return Fail(err, state.status());
     states.push_back(*state);
   }
@@ -318,13 +322,24 @@ absl::StatusOr<nlohmann::json> EvalCurveFromMetrics(const std::string& path) {
 
 // compare's runs: a directory holding summary.json (a mat-train --out, a downloaded job) is read
 // from disk; anything else is a job id, whose summary the coordinator holds once it finished.
+// A run named on the command line, as compare matches --baseline: "runs/a/", "./runs/a" and
+// "runs/a" are one run.
+std::string RunKey(const std::string& name) {
+  std::string key = std::filesystem::path(name).lexically_normal().string();
+  while (key.size() > 1 && key.back() == '/') key.pop_back();
+  return key;
+}
+
 absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
   std::vector<CompareRun> runs;
   std::unique_ptr<JobClient> client;
   for (const std::string& name : o.runs) {
     std::error_code error;
-    if (std::filesystem::is_directory(name, error)) {
-      const std::string path = (std::filesystem::path(name) / "summary.json").string();
+    const bool directory = std::filesystem::is_directory(name, error);
+    if (directory || std::filesystem::is_regular_file(name, error)) {
+      // A run directory, or its summary.json itself.
+      const std::string path =
+          directory ? (std::filesystem::path(name) / "summary.json").string() : name;
       absl::StatusOr<std::string> text = common::ReadFile(path);
       if (!text.ok()) return text.status();
       nlohmann::json summary = nlohmann::json::parse(*text, nullptr, false);
@@ -333,12 +348,17 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
       }
       if (!summary.contains("eval_curve")) {
         // A run from before summaries carried their curve: its metrics.jsonl has the points.
-        absl::StatusOr<nlohmann::json> curve =
-            EvalCurveFromMetrics((std::filesystem::path(name) / "metrics.jsonl").string());
+        absl::StatusOr<nlohmann::json> curve = EvalCurveFromMetrics(
+            (std::filesystem::path(path).parent_path() / "metrics.jsonl").string());
         if (curve.ok()) summary["eval_curve"] = std::move(*curve);
       }
       runs.push_back({name, std::move(summary)});
       continue;
+    }
+    if (!absl::StartsWith(name, "job-")) {
+      return absl::NotFoundError(absl::StrCat("'", name,
+                                              "' is neither a run directory (or its "
+                                              "summary.json) nor a job id (job-NNNNNN)"));
     }
     if (client == nullptr) {
       absl::StatusOr<std::unique_ptr<JobClient>> made =
@@ -443,7 +463,7 @@ int Compare(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   if (!o.baseline.empty()) {
     baseline = -1;
     for (size_t i = 0; i < runs->size(); ++i) {
-      if ((*runs)[i].name == o.baseline) baseline = static_cast<int>(i);
+      if (RunKey((*runs)[i].name) == RunKey(o.baseline)) baseline = static_cast<int>(i);
     }
     if (baseline < 0) {
       return Fail(err, absl::InvalidArgumentError("--baseline " + o.baseline +
@@ -540,7 +560,13 @@ std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
   submit->get_option("--no-progress")->needs(wait);
 
   CLI::App* list = app.add_subcommand("list", "list jobs");
-  list->add_option("--state", o.states, "only jobs in this state (repeatable)");
+  list->add_option("--state", o.states, "only jobs in this state (repeatable)")
+      ->check(CLI::Validator(
+          [](std::string& text) {
+            absl::StatusOr<v1::JobState> state = ParseState(text);
+            return state.ok() ? std::string() : std::string(state.status().message());
+          },
+          "STATE"));
 
   CLI::App* status =
       app.add_subcommand("status", "show one job (progress, losses, mask, ranks, summary)");
@@ -598,7 +624,7 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
   CLI::App* logs = app.add_subcommand(
       "logs", "print a job's log lines as its ranks forwarded them (like kubectl logs)");
   logs->add_option("job", o.job_id, "job id")->required();
-  logs->add_option("--rank", o.rank, "only this rank's lines")->check(CLI::NonNegativeNumber);
+  logs->add_option("--rank", o.rank, "only this rank's lines")->check(CLI::Range(0, 1 << 20));
   logs->add_flag("-f,--follow", o.follow, "keep printing new lines until the job ends");
 
   CLI::App* download = app.add_subcommand(
@@ -658,10 +684,16 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
                  "coordinator started with --auth-token-file)");
   app.add_option("--tls-ca", o.security.tls_ca_file,
                  "connect over TLS, verifying the coordinator's certificate against this CA (PEM)");
-  app.add_option("--tls-cert", o.security.tls_cert_file,
-                 "client certificate (PEM) for a coordinator that requires mutual TLS; needs "
-                 "--tls-key and --tls-ca");
-  app.add_option("--tls-key", o.security.tls_key_file, "the private key of --tls-cert (PEM)");
+  CLI::Option* tls_cert = app.add_option(
+      "--tls-cert", o.security.tls_cert_file,
+      "client certificate (PEM) for a coordinator that requires mutual TLS; needs --tls-key and "
+      "--tls-ca");
+  CLI::Option* tls_key =
+      app.add_option("--tls-key", o.security.tls_key_file, "the private key of --tls-cert (PEM)");
+  // Usage errors (exit 2), not failures of the command.
+  tls_cert->needs(tls_key);
+  tls_key->needs(tls_cert);
+  tls_cert->needs("--tls-ca");
 
   std::vector<Command> commands = AddJobCommands(app, o, terminal, out, err);
   for (Command& c : AddResultCommands(app, o, out, err)) commands.push_back(std::move(c));

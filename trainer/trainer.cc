@@ -137,8 +137,12 @@ absl::Status Trainer::Init() {
   for (const auto& m : partition().modules) infos.push_back({m.group, m.layer, m.index, m.name});
   MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(config::ToPolicyConfig(c), std::move(infos)));
   if (!c.policy.rand_schedule.empty()) {
-    MAT_ASSIGN_OR_RETURN(auto schedule, config::LoadActiveCountSchedule(c.policy.rand_schedule));
-    MAT_RETURN_IF_ERROR(policy_->SetRandSchedule(std::move(schedule)));
+    auto schedule = config::LoadActiveCountSchedule(c.policy.rand_schedule);
+    if (!schedule.ok()) {
+      return absl::Status(schedule.status().code(),
+                          absl::StrCat("policy.rand_schedule: ", schedule.status().message()));
+    }
+    MAT_RETURN_IF_ERROR(policy_->SetRandSchedule(std::move(*schedule)));
   }
   spectral::EstimatorOptions eo;
   eo.lanczos_iterations = static_cast<int>(c.policy.lanczos_iterations);

@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include <fstream>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -398,6 +400,22 @@ TEST(JobSpecTest, LoadNamesAMissingFile) {
   ASSERT_FALSE(spec.ok());
   EXPECT_EQ(spec.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(spec.status().message(), HasSubstr(path));
+}
+
+// `matctl submit empty.yaml` started the default 2000-step job.
+TEST(JobSpecTest, LoadRefusesAnEmptyFile) {
+  const std::string path = (fs::temp_directory_path() / "mat_empty_job.yaml").string();
+  for (const char* text : {"", "\n  \n", "# only a comment\n---\n"}) {
+    std::ofstream(path) << text;
+    auto spec = LoadJobSpecYaml(path);
+    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << text;
+    EXPECT_THAT(spec.status().message(), HasSubstr(path + ": the job spec is empty")) << text;
+  }
+  std::ofstream(path) << "# a comment\ntrain: {steps: 3}\n";
+  auto spec = LoadJobSpecYaml(path);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->train().steps(), 3);
+  fs::remove(path);
 }
 
 // ----- schema and defaults -----

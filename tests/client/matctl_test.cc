@@ -258,7 +258,7 @@ TEST_F(MatctlTest, ListStatusAndCancelShowAndChangeJobs) {
   ASSERT_EQ(filtered.code, 0) << filtered.err;
   EXPECT_THAT(filtered.out, HasSubstr("job-000001  CANCELLED"));
   EXPECT_THAT(filtered.out, ::testing::Not(HasSubstr("job-000002")));
-  EXPECT_EQ(Run({"list", "--state", "sleeping"}).code, 1);
+  EXPECT_EQ(Run({"list", "--state", "sleeping"}).code, 2);  // a usage error
 }
 
 TEST_F(MatctlTest, UnknownJobsAreNotFoundNamingTheId) {
@@ -518,6 +518,18 @@ TEST_F(MatctlTest, CompareReadsRunDirectoriesAndOldRunsMetrics) {
   Result bad = Run({"compare", root_ + "/full", "--baseline", "elsewhere"});
   EXPECT_EQ(bad.code, 1);
   EXPECT_THAT(bad.err, HasSubstr("--baseline elsewhere"));
+  // A mistyped directory was asked of the coordinator as a job id ("cannot reach the
+  // coordinator", or "job 'nosuch' not found").
+  Result typo = Run({"compare", root_ + "/full", root_ + "/nosuch"});
+  EXPECT_EQ(typo.code, 1);
+  EXPECT_THAT(typo.err, HasSubstr("'" + root_ + "/nosuch' is neither a run directory"));
+  // A summary.json itself is a run; --baseline matches a run however its path is spelled.
+  Result file = Run({"compare", root_ + "/mat/summary.json", root_ + "/full/", "--baseline",
+                     root_ + "/./full", "-o", "json"});
+  ASSERT_EQ(file.code, 0) << file.err;
+  const nlohmann::json f = nlohmann::json::parse(file.out);
+  EXPECT_EQ(f["baseline"], root_ + "/full/");
+  EXPECT_EQ(f["runs"][0]["val_loss_at_budget"], j["runs"][0]["val_loss_at_budget"]);
 }
 
 TEST_F(MatctlTest, UsageErrorsExitTwo) {
@@ -532,6 +544,17 @@ TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(Run({"workers", "extra"}).code, 2);
   EXPECT_EQ(Run({"compare"}).code, 2) << "a run is required";
   EXPECT_EQ(Run({"compare", "a", "-o", "yaml"}).code, 2);
+  // Bad flag values exited 1, as if the command had failed.
+  Result state = Run({"list", "--state", "bogus"});
+  EXPECT_EQ(state.code, 2) << state.err;
+  EXPECT_THAT(state.err, HasSubstr("--state: unknown job state 'bogus'"));
+  Result cert = Run({"--tls-cert", "c.pem", "list"});
+  EXPECT_EQ(cert.code, 2) << cert.err;
+  EXPECT_THAT(cert.err, HasSubstr("--tls-key"));
+  EXPECT_EQ(Run({"--tls-cert", "c.pem", "--tls-key", "k.pem", "list"}).code, 2) << "no --tls-ca";
+  Result rank = Run({"logs", "job-000001", "--rank", "abc"});
+  EXPECT_EQ(rank.code, 2);
+  EXPECT_THAT(rank.err, ::testing::Not(HasSubstr("1797693134862315708")));
   // A coordinator address that is not HOST:PORT (gRPC took 99999 as another port).
   for (const char* bad : {"127.0.0.1:99999", "127.0.0.1", ":50051", "127.0.0.1:0"}) {
     Result r = Run({"list"}, bad);

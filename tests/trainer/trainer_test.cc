@@ -207,6 +207,7 @@ TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
   auto m = Trainer::Create(missing, {"", false, false});
   EXPECT_FALSE(m.ok());
   EXPECT_NE(m.status().message().find("nope.jsonl"), std::string::npos) << m.status();
+  EXPECT_EQ(m.status().message().rfind("policy.rand_schedule: ", 0), 0u) << m.status();
   fs::remove_all(root);
 }
 

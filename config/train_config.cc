@@ -377,7 +377,8 @@ absl::Status ValidateTrain(const TrainConfig& c) {
                             StrCat("train.eval_batches must be >= 0, got ", t.eval_batches)));
   MAT_RETURN_IF_ERROR(Check(t.checkpoint_every >= 0, StrCat("train.checkpoint_every must be >= 0, got ",
                                                             t.checkpoint_every)));
-  MAT_RETURN_IF_ERROR(Check(t.threads >= 0, StrCat("train.threads must be >= 0, got ", t.threads)));
+  MAT_RETURN_IF_ERROR(Check(t.threads >= 0 && t.threads <= 1024,
+                            StrCat("train.threads must be in [0, 1024], got ", t.threads)));
   MAT_RETURN_IF_ERROR(Check(t.device == "cpu" || t.device == "cuda" || t.device.rfind("cuda:", 0) == 0,
                             "train.device: unknown device '" + t.device + "' (expected cpu, cuda or cuda:N)"));
   MAT_RETURN_IF_ERROR(Check(t.precision == "fp32" || t.precision == "bf16",

@@ -69,8 +69,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const config::TrainConf
 
 absl::Status Trainer::Init() {
   const auto& c = config_;
-  torch::set_num_threads(c.train.threads > 0 ? int(c.train.threads)
-                                             : int(std::max(1u, std::thread::hardware_concurrency())));
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  if (c.train.threads > int64_t{cores}) {
+    spdlog::warn("train.threads {} is more than this machine's {} cores: each step will be slower, "
+                 "not faster (0 = one per core)",
+                 c.train.threads, cores);
+  }
+  torch::set_num_threads(c.train.threads > 0 ? int(c.train.threads) : int(cores));
   torch::manual_seed(c.seed);
   // Process-wide switches, set either way so that one run's choice does not leak into the next
   // in the same process. cuBLAS reads its workspace setting when its handle is made, so before

@@ -238,6 +238,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"ZeroProbeProjections", "policy.probe_projections=0",
                                "policy.probe_projections"},
                       BadValue{"GammaOne", "policy.gamma=1", "policy.gamma"},
+                      BadValue{"ThousandsOfThreads", "train.threads=5000",
+                               "train.threads must be in [0, 1024], got 5000"},
                       BadValue{"UnknownDelta1", "policy.delta1=first", "policy.delta1"},
                       BadValue{"UnknownBackward", "policy.backward=skip", "policy.backward"},
                       BadValue{"ZeroProbePositions", "policy.probe_positions=0",

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status.h"
 #include "coordinator/coordinator.h"
 #include "spdlog/spdlog.h"
@@ -448,11 +449,24 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
       spdlog::warn("job {}: cannot store rank {}'s last step: {}", job_id, ref.rank,
                    st.ToString());
     }
-    const std::string message =
+    std::string message =
         absl::StrCat("rank ", ref.rank, " (", worker_id, "): ",
                      done.error_message().empty() ? "failed without an error message"
                                                   : done.error_message());
     if (done.retryable()) {
+      // The rank saw its process group fail; say which peer is gone when this coordinator
+      // knows (a worker without a session, or not re-attached since a coordinator restart).
+      std::vector<std::string> gone;
+      for (int r = 0; r < job.world_size; ++r) {
+        const RankState& peer = job.ranks[r];
+        if (r == ref.rank || peer.done) continue;
+        if (!peer.attached || !sessions_.HasSession(peer.worker_id)) {
+          gone.push_back(absl::StrCat("rank ", r, " (", peer.worker_id, ")"));
+        }
+      }
+      if (!gone.empty()) {
+        absl::StrAppend(&message, "; not connected: ", absl::StrJoin(gone, ", "));
+      }
       // Its process group failed (a peer was lost): the job continues from its checkpoints.
       RestartJob(job_id, message, worker_id);
     } else {

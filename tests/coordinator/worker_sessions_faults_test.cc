@@ -376,6 +376,26 @@ TEST_F(WorkerSessionsTest, ARankWhoseProcessGroupFailedRestartsTheJob) {
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
 }
 
+// Killed together with the coordinator, a worker never came back; the survivor's all-reduce
+// failed and the job restarted blaming only the survivor's rank 0. The message now names the
+// peer the coordinator knows is gone.
+TEST_F(WorkerSessionsTest, AFailedProcessGroupNamesThePeerThatIsNotConnected) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  Open();  // a new coordinator process; only worker 0 comes back
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  auto c0 = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id, {job}), c0).ok());
+  v1::WorkerMessage done = Done(w0.id, job, 0, false, "", "", "gradient all-reduce failed");
+  done.mutable_done()->set_retryable(true);
+  SendOk(done);
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.error_message(),
+            "rank 0 (worker-000001): gradient all-reduce failed; not connected: rank 1 "
+            "(worker-000002)");
+}
+
 TEST_F(WorkerSessionsTest, AHeartbeatListingAJobTheWorkerDoesNotRunGetsACancel) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);

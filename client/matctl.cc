@@ -697,6 +697,23 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
 
   std::vector<Command> commands = AddJobCommands(app, o, terminal, out, err);
   for (Command& c : AddResultCommands(app, o, out, err)) commands.push_back(std::move(c));
+  // CLI11 answers a mistyped command with "A subcommand is required": name it instead.
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (absl::StartsWith(arg, "-")) {
+      CLI::Option* option = app.get_option_no_throw(arg.substr(0, arg.find('=')));
+      if (option != nullptr && option->get_expected_min() > 0 && arg.find('=') == arg.npos) ++i;
+      continue;
+    }
+    std::vector<std::string> names;
+    for (const Command& c : commands) names.push_back(c.app->get_name());
+    if (std::find(names.begin(), names.end(), arg) == names.end()) {
+      err << "matctl: unknown command '" << arg << "' (one of " << absl::StrJoin(names, ", ")
+          << "; matctl --help)\n";
+      return kExitUsage;
+    }
+    break;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -534,7 +534,11 @@ TEST_F(MatctlTest, CompareReadsRunDirectoriesAndOldRunsMetrics) {
 
 TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(Run({}).code, 2);
-  EXPECT_EQ(Run({"frobnicate"}).code, 2);
+  Result unknown = Run({"frobnicate"});
+  EXPECT_EQ(unknown.code, 2);
+  EXPECT_THAT(unknown.err, HasSubstr("matctl: unknown command 'frobnicate' (one of submit, list"));
+  EXPECT_EQ(Run({"--timeout", "3", "lisst"}).code, 2);
+  EXPECT_EQ(Run({"--timeout=3", "list", "--state", "queued"}).code, 0) << "a command after options";
   EXPECT_EQ(Run({"status"}).code, 2);
   EXPECT_EQ(Run({"status", "job-000001", "-o", "yaml"}).code, 2);
   EXPECT_EQ(Run({"--timeout", "0", "list"}).code, 2);
@@ -550,7 +554,7 @@ TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_THAT(state.err, HasSubstr("--state: unknown job state 'bogus'"));
   Result cert = Run({"--tls-cert", "c.pem", "list"});
   EXPECT_EQ(cert.code, 2) << cert.err;
-  EXPECT_THAT(cert.err, HasSubstr("--tls-key"));
+  EXPECT_THAT(cert.err, HasSubstr("--tls-cert requires"));
   EXPECT_EQ(Run({"--tls-cert", "c.pem", "--tls-key", "k.pem", "list"}).code, 2) << "no --tls-ca";
   Result rank = Run({"logs", "job-000001", "--rank", "abc"});
   EXPECT_EQ(rank.code, 2);

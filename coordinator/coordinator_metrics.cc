@@ -10,8 +10,8 @@ std::vector<double> MaskLatencyBuckets() {
 CoordinatorMetrics::CoordinatorMetrics()
     : module_lambda_max(registry.AddGauge(
           "mat_module_lambda_max",
-          "Largest Hessian eigenvalue estimate of the module at the job's last decision, the mean "
-          "over the ranks.",
+          "Principal eigenvalue of the module's modular NTK (J_l J_l^T) at the job's last "
+          "decision, the mean over the ranks.",
           {"mat_job", "group", "layer", "module"})),
       module_active(registry.AddGauge(
           "mat_module_active", "1 when the module is trained under the job's latest mask, else 0.",
@@ -32,12 +32,15 @@ CoordinatorMetrics::CoordinatorMetrics()
           {"mat_job"})),
       job_flops_by_phase_total(registry.AddCounter(
           "mat_job_flops_by_phase_total",
-          "Rank 0's FLOPs by phase (forward, activation_grad, weight_grad, spectral) from its "
-          "summary when the job ends; the phases add up to rank 0's total.",
+          "The job's FLOPs by phase (forward, activation_grad, weight_grad, spectral), all ranks, "
+          "from rank 0's summary times the ranks when the job ends; they add up to the job's "
+          "total.",
           {"mat_job", "phase"})),
       job_flops_saved_total(registry.AddCounter(
           "mat_job_flops_saved_total",
-          "FLOPs the masks saved against full training (rank 0's summary at the end).", {"mat_job"})),
+          "FLOPs the masks saved against full training, all ranks (rank 0's summary times the "
+          "ranks, at the end).",
+          {"mat_job"})),
       job_active_modules(registry.AddGauge(
           "mat_job_active_modules", "Modules trained under the job's latest mask.", {"mat_job"})),
       mask_latency_seconds(registry.AddHistogram(

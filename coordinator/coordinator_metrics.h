@@ -10,10 +10,11 @@
 //   mat_job_step                                  gauge      mat_job                     rank 0's Progress
 //   mat_job_loss                                  gauge      mat_job, split                  rank 0's Progress: train | val | test, nats/token
 //   mat_job_flops_total                           counter    mat_job                     Σ ranks' latest Progress
-//   mat_job_flops_by_phase_total                  counter    mat_job, phase                  rank 0's summary when the job succeeds: forward |
-//                                                                                        activation_grad | weight_grad | spectral (they add up
-//                                                                                        to rank 0's total; no series is a sum of others)
-//   mat_job_flops_saved_total                     counter    mat_job                     rank 0's summary (flops_saved) at the end
+//   mat_job_flops_by_phase_total                  counter    mat_job, phase                  rank 0's summary x world_size when the job succeeds:
+//                                                                                        forward | activation_grad | weight_grad | spectral
+//                                                                                        (they add up to the job's total, all ranks; no series
+//                                                                                        is a sum of others)
+//   mat_job_flops_saved_total                     counter    mat_job                     rank 0's summary (flops_saved) x world_size at the end
 //   mat_job_active_modules                        gauge      mat_job                     decision: modules on under the latest mask
 //   mat_coordinator_mask_latency_seconds          histogram  -                           the report completing a probe step entered
 //                                                                                        HandleWorkerMessage -> every rank's MaskUpdate

@@ -423,8 +423,15 @@ void JobManager::RecordSummaryMetrics(const std::string& job_id,
   if (metrics_ == nullptr || summary_json.empty()) return;
   const nlohmann::json summary = nlohmann::json::parse(summary_json, nullptr, false);
   if (!summary.is_object()) return;
-  auto number = [](const nlohmann::json& v) {
-    return v.is_number() ? v.get<double>() : std::numeric_limits<double>::quiet_NaN();
+  // The summary's FLOPs are rank 0's share; every rank does the same work, so the job's are that
+  // times its ranks, as mat_job_flops_total (the sum of the ranks' reports) is.
+  const double ranks =
+      summary.contains("world_size") && summary["world_size"].is_number_integer() &&
+              summary["world_size"].get<int64_t>() >= 1
+          ? static_cast<double>(summary["world_size"].get<int64_t>())
+          : 1.0;
+  auto number = [ranks](const nlohmann::json& v) {
+    return v.is_number() ? v.get<double>() * ranks : std::numeric_limits<double>::quiet_NaN();
   };
   if (summary.contains("flops_by_phase") && summary["flops_by_phase"].is_object()) {
     for (const auto& [phase, value] : summary["flops_by_phase"].items()) {

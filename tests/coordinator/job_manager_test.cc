@@ -246,6 +246,13 @@ TEST_F(JobManagerTest, SummaryMetricsTakeThePhasesAndTheSaving) {
   EXPECT_EQ(metrics_.job_flops_saved_total.Value({job}), 3);
   jobs_->RecordSummaryMetrics(job, "not json");  // ignored
   EXPECT_EQ(metrics_.job_flops_saved_total.Value({job}), 3);
+  // A 2-rank job's summary holds rank 0's share: the series are the job's, as
+  // mat_job_flops_total is (the dashboard's saved fraction was half the true one).
+  const std::string two = Submit();
+  jobs_->RecordSummaryMetrics(
+      two, R"({"world_size": 2, "flops_by_phase": {"forward": 10}, "flops_saved": 3})");
+  EXPECT_EQ(metrics_.job_flops_by_phase_total.Value({two, "forward"}), 20);
+  EXPECT_EQ(metrics_.job_flops_saved_total.Value({two}), 6);
 }
 
 }  // namespace

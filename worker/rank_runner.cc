@@ -174,6 +174,10 @@ void RankRunner::Main() {
   }
   if (cancelled) {
     spdlog::info("{} rank {}: stopped ({})", job_id(), rank(), cancel_reason_);
+    // Its last lines (the upload's among them) still reach `matctl logs`; the coordinator
+    // keeps them from the rank's holder after the job ended.
+    SendLogs();
+    if (options_.logs != nullptr) options_.logs->Disarm();
   } else {
     v1::WorkerMessage m = Message();
     v1::RankDone* done = m.mutable_done();
@@ -222,7 +226,12 @@ void RankRunner::UploadArtifacts(bool ok) {
   if (!ok) {  // the model as of the newest checkpoint, if there is one
     const absl::Status s =
         ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/model.safetensors");
-    if (!s.ok() && s.code() != absl::StatusCode::kNotFound) {
+    if (s.code() == absl::StatusCode::kNotFound) {
+      // Said in the job's log: `matctl download` would otherwise just lack the model.
+      spdlog::warn("{}: no checkpoint yet, so no model.safetensors to give back "
+                   "(train.checkpoint_every is {})",
+                   job_id(), assign_.spec().train().checkpoint_every());
+    } else if (!s.ok()) {
       spdlog::warn("{}: no model from the checkpoint: {}", job_id(), s.ToString());
     }
   }

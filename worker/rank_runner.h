@@ -137,6 +137,11 @@ class RankRunner : public trainer::TrainerHooks {
   // Whether the worker has a coordinator session (max_mask_staleness_steps); true at start.
   void SetConnected(bool connected);
   bool done() const { return done_.load(); }
+  // Whether Cancel was called.
+  bool cancelled() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cancelled_;
+  }
   void Join();
 
   const std::string& job_id() const { return assign_.job_id(); }

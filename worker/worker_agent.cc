@@ -452,11 +452,20 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       spdlog::info("coordinator asked this worker to drain: {}", message.drain().reason());
       Shutdown(absl::StrCat("drained: ", message.drain().reason()));
       return;
-    case v1::CoordinatorMessage::kReject:
-      spdlog::error("coordinator refused a message about {}: {} (code {})",
-                    message.reject().job_id(), message.reject().message(),
-                    message.reject().code());
+    case v1::CoordinatorMessage::kReject: {
+      // A report that crossed its job's end (a cancel) on the way is expected, not an error.
+      bool ended = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ended = runner_ != nullptr && runner_->job_id() == message.reject().job_id() &&
+                (runner_->cancelled() || runner_->done());
+      }
+      const auto level = ended ? spdlog::level::info : spdlog::level::err;
+      spdlog::log(level, "coordinator refused a message about {}{}: {} (code {})",
+                  message.reject().job_id(), ended ? " (it has ended)" : "",
+                  message.reject().message(), message.reject().code());
       return;
+    }
     default:
       spdlog::warn("ignoring a coordinator message this worker does not know (field {})",
                    int(message.body_case()));

@@ -222,6 +222,28 @@ TEST_F(ArtifactsTest, ACancelledJobLeavesTheModelOfItsNewestCheckpoint) {
   EXPECT_TRUE(fs::exists(out + "/metrics.jsonl"));
   EXPECT_TRUE(fs::exists(out + "/job_spec.yaml"));
   EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");
+
+  // Cancelled before its first checkpoint: no model, and the job's log says why (the download
+  // just lacked it).
+  const std::string early = Submit(5000, ", checkpoint_every: 0");
+  ASSERT_FALSE(early.empty());
+  const json started = WaitFor(early, [](const json& s) { return s.value("step", 0) >= 2; }, 300s);
+  ASSERT_GE(started.value("step", 0), 2) << started.dump(2) << Logs("w0");
+  ASSERT_EQ(Matctl(address_, {"cancel", early}).exit_code, 0);
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  CommandResult logs;
+  while (std::chrono::steady_clock::now() < deadline) {
+    logs = Matctl(address_, {"logs", early});
+    if (logs.out.find("no checkpoint yet") != std::string::npos) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_THAT(logs.out, ::testing::HasSubstr(early + ": no checkpoint yet, so no "
+                                             "model.safetensors to give back "
+                                             "(train.checkpoint_every is 0)"))
+      << logs.err << Logs("w0");
+  const CommandResult none = Matctl(address_, {"download", early, "--out", root_ + "/early"});
+  EXPECT_EQ(none.exit_code, 0) << none.err;
+  EXPECT_FALSE(fs::exists(root_ + "/early/model.safetensors"));
 }
 
 // A peer's worker SIGKILLed: rank 0's part ends with a failed process group and the job is

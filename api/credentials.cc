@@ -35,6 +35,19 @@ absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
   return absl::InvalidArgumentError(absl::StrCat("'", path, "' holds no token"));
 }
 
+std::string TlsMismatchHint(const TlsFiles& files, std::string_view error) {
+  if (error.find("Socket closed") == std::string_view::npos) return "";
+  if (files.ca_file.empty()) {
+    return " (the coordinator closed the connection: if it serves TLS, give --tls-ca)";
+  }
+  if (files.cert_file.empty()) {
+    return " (the coordinator closed the connection: if it requires client certificates, "
+           "give --tls-cert and --tls-key)";
+  }
+  return " (the coordinator closed the connection: it may refuse this client certificate, "
+         "expired or of another CA)";
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
     const TlsFiles& files) {
   if (files.cert_file.empty() != files.key_file.empty()) {

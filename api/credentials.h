@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include <grpcpp/security/credentials.h>
 
@@ -17,6 +18,13 @@ struct TlsFiles {
   std::string cert_file;  // with key_file: the client certificate (mutual TLS)
   std::string key_file;
 };
+
+// What to check when the coordinator closed the connection while it was being set up
+// (gRPC: "Socket closed"), which is how a TLS mismatch looks from the client: "" for any other
+// error. Without ca_file: the coordinator may serve TLS (give --tls-ca); with it but without a
+// client certificate: it may require mutual TLS (--tls-cert, --tls-key); with one: it may refuse
+// that certificate (expired, signed by another CA).
+std::string TlsMismatchHint(const TlsFiles& files, std::string_view error);
 
 // Insecure credentials without ca_file; INVALID_ARGUMENT when only one of cert/key is set, when
 // they are set without a CA, or when a file holds no PEM data; errors name the flag

@@ -43,8 +43,11 @@ absl::StatusOr<std::unique_ptr<JobClient>> JobClient::Create(const std::string& 
     }
     token = std::move(*read);
   }
-  return std::make_unique<JobClient>(grpc::CreateChannel(address, *credentials), address,
-                                     timeout_seconds, std::move(token));
+  auto client = std::make_unique<JobClient>(grpc::CreateChannel(address, *credentials), address,
+                                            timeout_seconds, std::move(token));
+  client->tls_ = api::TlsFiles{security.tls_ca_file, security.tls_cert_file,
+                               security.tls_key_file};
+  return client;
 }
 
 JobClient::JobClient(const std::string& address, double timeout_seconds)
@@ -84,7 +87,8 @@ absl::Status JobClient::Convert(const grpc::Status& status) const {
                                                  " within ", timeout_seconds_, " s"));
     }
     return absl::UnavailableError(absl::StrCat("cannot reach the coordinator at ", address_,
-                                               ": ", status.error_message()));
+                                               ": ", status.error_message(),
+                                               api::TlsMismatchHint(tls_, status.error_message())));
   }
   return api::FromGrpcStatus(status);
 }

@@ -99,6 +99,7 @@ class JobClient {
   std::string address_;
   double timeout_seconds_;
   std::string bearer_token_;  // "" = no authorization metadata
+  api::TlsFiles tls_;         // what Create was given (for TlsMismatchHint)
 };
 
 }  // namespace mat::client

@@ -177,8 +177,13 @@ absl::Status CoordinatorDaemon::StartGrpc(std::shared_ptr<grpc::ServerCredential
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen for gRPC on '", config_.listen_address, "'"));
+    // gRPC says why only on its own log line: a taken port, or a key that does not fit.
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen for gRPC on '", config_.listen_address, "'",
+        config_.tls_cert_file.empty()
+            ? ": is the port taken?"
+            : ": is the port taken, or is --tls-key not the key of --tls-cert? (gRPC's own "
+              "line above says which)"));
   }
   grpc_address_ = JoinHostPort(host, port);
   spdlog::info("listening on {} (gRPC: JobService, WorkerService, health, reflection; {})",

@@ -247,8 +247,11 @@ bool WorkerAgent::RegisterLoop() {
       return false;
     }
     if (!warned) {
-      spdlog::warn("cannot register with the coordinator at {} ({}); retrying every {} ms",
+      spdlog::warn("cannot register with the coordinator at {} ({}){}; retrying every {} ms",
                    config_.coordinator_address, status.error_message(),
+                   api::TlsMismatchHint(api::TlsFiles{config_.tls_ca_file, config_.tls_cert_file,
+                                                      config_.tls_key_file},
+                                        status.error_message()),
                    config_.reconnect_interval.count());
       warned = true;
     }

@@ -240,7 +240,20 @@ TEST_F(AuthTest, TlsAndMutualTls) {
   CommandResult plain = Matctl(address_, {"--timeout", "3", "list"});
   EXPECT_EQ(plain.exit_code, 1);
   EXPECT_THAT(plain.err, HasSubstr("UNAVAILABLE"));
+  // What the closed socket means (users saw only "Socket closed").
+  EXPECT_THAT(plain.err, HasSubstr("if it serves TLS, give --tls-ca"));
   StopCoordinator();
+
+  // A key that is not the certificate's was reported as "cannot listen" alone.
+  const pid_t mismatched = Spawn({testing_loopback::kCoordinator, "--listen", "127.0.0.1:0",
+                                  "--metrics-listen", "", "--state-dir", root_ + "/mismatch",
+                                  "--tls-cert", tls_ + "/server.pem", "--tls-key",
+                                  tls_ + "/client.key"},
+                                 root_ + "/mismatch.out", root_ + "/mismatch.err");
+  ASSERT_GT(mismatched, 0);
+  EXPECT_EQ(Wait(mismatched, 30s), 1);
+  EXPECT_THAT(ReadText(root_ + "/mismatch.err"),
+              HasSubstr("is --tls-key not the key of --tls-cert?"));
 
   // Mutual TLS: client certificates are required.
   ASSERT_NO_FATAL_FAILURE(StartCoordinatorWith({"--tls-cert", tls_ + "/server.pem", "--tls-key",
@@ -248,6 +261,7 @@ TEST_F(AuthTest, TlsAndMutualTls) {
   CommandResult no_cert = Matctl(address_, {"--timeout", "3", "--tls-ca", ca, "list"});
   EXPECT_EQ(no_cert.exit_code, 1);
   EXPECT_THAT(no_cert.err, HasSubstr("UNAVAILABLE"));
+  EXPECT_THAT(no_cert.err, HasSubstr("give --tls-cert and --tls-key"));
   const std::vector<std::string> client_tls = {"--tls-ca", ca, "--tls-cert",
                                                tls_ + "/client.pem", "--tls-key",
                                                tls_ + "/client.key"};
@@ -288,6 +302,7 @@ TEST_F(AuthTest, ExpiredCertificatesAreRefused) {
   // With TLS 1.3 the client's side of a refused client certificate is only a closed socket
   // (gRPC: "UNAVAILABLE ... Socket closed"); the worker keeps retrying, never registered.
   EXPECT_THAT(worker_log, HasSubstr("cannot register with the coordinator"));
+  EXPECT_THAT(worker_log, HasSubstr("it may refuse this client certificate"));
   EXPECT_THAT(worker_log, Not(HasSubstr("registered with")));
   const std::vector<std::string> client_tls = {"--tls-ca", ca, "--tls-cert",
                                                tls_ + "/client.pem", "--tls-key",

@@ -30,16 +30,18 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 absl::Status WriteFileAtomic(const std::string& path, const std::string& data) {
   std::string tmp = path + ".tmp." + std::to_string(::getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) return absl::InternalError("cannot create '" + tmp + "': " + std::strerror(errno));
+  // The errno's code (NOT_FOUND for a missing folder, PERMISSION_DENIED, ...), not INTERNAL: a
+  // local file error is the caller's to fix.
+  if (fd < 0) return absl::ErrnoToStatus(errno, "cannot create '" + tmp + "'");
   size_t off = 0;
   while (off < data.size()) {
     ssize_t n = ::write(fd, data.data() + off, data.size() - off);
     if (n < 0) {
       if (errno == EINTR) continue;
-      std::string err = std::strerror(errno);
+      const int err = errno;
       ::close(fd);
       ::unlink(tmp.c_str());
-      return absl::InternalError("cannot write '" + tmp + "': " + err);
+      return absl::ErrnoToStatus(err, "cannot write '" + tmp + "'");
     }
     off += static_cast<size_t>(n);
   }
@@ -48,9 +50,9 @@ absl::Status WriteFileAtomic(const std::string& path, const std::string& data) {
     return absl::InternalError("cannot flush '" + tmp + "'");
   }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::string err = std::strerror(errno);
+    const int err = errno;
     ::unlink(tmp.c_str());
-    return absl::InternalError("cannot rename '" + tmp + "' to '" + path + "': " + err);
+    return absl::ErrnoToStatus(err, "cannot rename '" + tmp + "' to '" + path + "'");
   }
   return absl::OkStatus();
 }

@@ -1,4 +1,4 @@
-// common/file_util: LockDirectory, one holder per directory.
+// common/file_util: LockDirectory, one holder per directory; WriteFileAtomic's errors.
 #include "common/file_util.h"
 
 #include <unistd.h>
@@ -29,6 +29,22 @@ TEST(LockDirectoryTest, OneHolderAtATimeNamingTheDirectoryAndTheOwner) {
   ::close(*again);
   absl::StatusOr<int> missing = LockDirectory(dir + "/no/such/dir", "x");
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kUnavailable) << missing.status();
+  std::filesystem::remove_all(dir);
+}
+
+// `matctl plot --out missing/x.svg` said INTERNAL: a local file error carries its errno's code.
+TEST(WriteFileAtomicTest, ErrorsCarryTheErrnosCodeAndNameTheFile) {
+  const std::string dir = (std::filesystem::temp_directory_path() /
+                           ("mat_write_test_" + std::to_string(::getpid()))).string();
+  ASSERT_TRUE(MakeDirs(dir + "/a_directory").ok());
+  absl::Status missing = WriteFileAtomic(dir + "/no/such/file", "x");
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound) << missing;
+  EXPECT_NE(missing.message().find(dir + "/no/such/file"), std::string::npos) << missing;
+  absl::Status onto_dir = WriteFileAtomic(dir + "/a_directory", "x");
+  EXPECT_NE(onto_dir.code(), absl::StatusCode::kInternal) << onto_dir;
+  EXPECT_NE(onto_dir.message().find("cannot rename"), std::string::npos) << onto_dir;
+  EXPECT_TRUE(std::filesystem::is_directory(dir + "/a_directory")) << "left unchanged";
+  ASSERT_TRUE(WriteFileAtomic(dir + "/file", "x").ok());
   std::filesystem::remove_all(dir);
 }
 

@@ -385,7 +385,8 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
 
 // One artifact into `dir`: through `.NAME.download` (a download cut short goes on from its end),
 // checked against the SHA-256, then renamed into place. A file already there with that SHA-256
-// is kept.
+// is kept. A resumed download whose bytes do not match (a stale or damaged partial file) starts
+// again from scratch, once.
 absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
                               const v1::Artifact& artifact, const std::string& dir) {
   namespace fs = std::filesystem;
@@ -400,6 +401,7 @@ absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
   if (fs::is_symlink(part, ec)) fs::remove(part, ec);
   int64_t offset = fs::is_regular_file(part, ec) ? int64_t(fs::file_size(part, ec)) : 0;
   if (ec || offset > artifact.bytes()) offset = 0;
+  const int64_t resumed_from = offset;
   std::ofstream file(part, std::ios::binary | (offset > 0 ? std::ios::app : std::ios::trunc));
   if (!file) return absl::PermissionDeniedError(absl::StrCat(part, ": cannot write"));
   while (offset < artifact.bytes()) {
@@ -417,6 +419,7 @@ absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
   MAT_ASSIGN_OR_RETURN(api::FileDigest got, api::DigestFile(part));
   if (got.sha256 != artifact.sha256() || got.bytes != artifact.bytes()) {
     fs::remove(part, ec);
+    if (resumed_from > 0) return DownloadArtifact(client, job_id, artifact, dir);  // now fresh
     return absl::DataLossError(absl::StrCat(artifact.name(), ": SHA-256 ", got.sha256,
                                             " of the bytes received, the coordinator's is ",
                                             artifact.sha256(), "; removed, download again"));
@@ -434,7 +437,7 @@ int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   absl::StatusOr<v1::ListArtifactsReply> list = client.ListArtifacts(o.job_id);
   if (!list.ok()) return Fail(err, list.status());
   for (const std::string& why : list->refused()) {
-    err << "matctl: the coordinator refused artifact " << why << "\n";
+    err << "matctl: the coordinator refused an artifact: " << why << "\n";
   }
   if (list->artifacts_size() == 0) {
     absl::StatusOr<v1::GetJobReply> job = client.GetJob(o.job_id);

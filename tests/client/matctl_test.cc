@@ -586,7 +586,7 @@ class HostileArtifacts final : public v1::JobService::Service {
     v1::Artifact* a = reply->add_artifacts();
     a->set_name(name_);
     a->set_bytes(4);
-    a->set_sha256(std::string(64, '0'));  // not the SHA-256 of "abcd"
+    a->set_sha256(sha256_);
     reply->set_total_bytes(4);
     return grpc::Status::OK;
   }
@@ -594,10 +594,11 @@ class HostileArtifacts final : public v1::JobService::Service {
                             v1::ReadArtifactReply* reply) override {
     reply->set_data(std::string("abcd").substr(size_t(request->offset())));
     reply->set_total_bytes(4);
-    reply->set_sha256(std::string(64, '0'));
+    reply->set_sha256(sha256_);
     return grpc::Status::OK;
   }
   std::string name_;
+  std::string sha256_ = std::string(64, '0');  // not the SHA-256 of "abcd"
 };
 
 TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
@@ -623,6 +624,15 @@ TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
   EXPECT_THAT(tampered.err, HasSubstr("DATA_LOSS: model.safetensors: SHA-256"));
   EXPECT_FALSE(fs::exists(out + "/model.safetensors"));
   EXPECT_FALSE(fs::exists(out + "/.model.safetensors.download")) << "the bad bytes are removed";
+
+  // Honest bytes now, but a stale partial file from an earlier try: the resumed download does
+  // not match, and it starts again at once (it failed, asking to download again).
+  service.sha256_ = "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589";
+  std::ofstream(out + "/.model.safetensors.download") << "xy";
+  Result stale = Run({"download", "job-000001", "--out", out}, address);
+  EXPECT_EQ(stale.code, 0) << stale.err;
+  std::ifstream got(out + "/model.safetensors");
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(got), {}), "abcd");
   server->Shutdown();
 }
 

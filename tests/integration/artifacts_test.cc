@@ -291,7 +291,7 @@ TEST_F(ArtifactsTest, AModelOverTheLimitIsRefusedAndTheJobStillSucceeds) {
   const std::string out = root_ + "/download";
   CommandResult dl = Matctl(address_, {"download", job, "--out", out});
   ASSERT_EQ(dl.exit_code, 0) << dl.err;
-  EXPECT_THAT(dl.err, HasSubstr("refused artifact model.safetensors ("));
+  EXPECT_THAT(dl.err, HasSubstr("refused an artifact: model.safetensors ("));
   EXPECT_THAT(dl.err, HasSubstr("over the coordinator's --max-artifact-bytes 1000000"));
   EXPECT_FALSE(fs::exists(out + "/model.safetensors"));
   EXPECT_EQ(ReadText(out + "/summary.json"), ReadText(Rank0Dir("w0", job) + "/summary.json"));

@@ -11,8 +11,9 @@ namespace mat::common {
 absl::StatusOr<std::string> ReadFile(const std::string& path);
 
 // Writes `data` to `path` atomically: a temp file beside it, fsync, then rename over `path`.
-// After an error `path` is unchanged; the error carries the errno's code (NOT_FOUND for a missing
-// folder, PERMISSION_DENIED, FAILED_PRECONDITION for a directory in the way, ...) and names the file.
+// After an error `path` is unchanged; the error carries the errno's code (NOT_FOUND for a
+// missing folder, PERMISSION_DENIED, FAILED_PRECONDITION for a directory in the way, ...) and
+// names the file.
 absl::Status WriteFileAtomic(const std::string& path, const std::string& data);
 
 // Creates a directory and its parents (like mkdir -p).

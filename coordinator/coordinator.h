@@ -45,9 +45,9 @@
 // λ history, the decisions, rank 0's progress and the summary.
 //
 // Worker loss (its session closed, a Leaving from a worker that stops, no heartbeat for 3
-// intervals, or a rank reporting that its process group failed): the job moves to RESTARTING (the store counts the attempt), its other
-// ranks get Cancel, and the scheduler starts it again, before any QUEUED job, once enough workers
-// are idle: Assign {attempt, resume = true}. The ranks continue from the newest checkpoint they
+// intervals, or a rank reporting that its process group failed): the job moves to RESTARTING
+// (the store counts the attempt), its other ranks get Cancel, and the scheduler starts it again,
+// before any QUEUED job, once enough workers are idle: Assign {attempt, resume = true}. The ranks continue from the newest checkpoint they
 // all hold; the job's policy is restored from the store (each decision keeps the policy's state
 // and its MaskUpdate) to the decision at or before the first probe step a rank reports, and a
 // report of that decided step is answered with its stored MaskUpdate. After

@@ -366,7 +366,8 @@ TEST(ApplyOverrideTest, AValueYamlWouldCutAtACommentIsRefusedUnlessQuoted) {
   absl::Status cut = ApplyOverride(c, "data.dir=/data/wiki #2");
   EXPECT_EQ(cut.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(cut.message()),
-              HasSubstr("--set data.dir: '/data/wiki #2' holds a '#' that YAML reads as a comment"));
+              HasSubstr("--set data.dir: '/data/wiki #2' holds a '#' that YAML reads as a "
+                        "comment"));
   EXPECT_EQ(ApplyOverride(c, "data.dir=#x").code(), absl::StatusCode::kInvalidArgument);
   ASSERT_TRUE(ApplyOverride(c, "data.dir=\"/data/wiki #2\"").ok());
   EXPECT_EQ(c.data.dir, "/data/wiki #2");

@@ -1,6 +1,6 @@
 // Tests of the gang scheduler (coordinator/gang_scheduler.h) alone: placement (device kinds, id
-// order, all or nothing) and the wait description as pure functions, and the passes over a real JobStore in a temporary
-// directory with fake idle-worker and start callbacks: restarting jobs before queued ones,
+// order, all or nothing) and the wait description as pure functions, and the passes over a real
+// JobStore in a temporary directory with fake idle-worker and start callbacks: restarting jobs before queued ones,
 // submission order, backfilling past a job that does not fit, a nested Run() making one more
 // pass, and a start error ending the pass.
 #include <algorithm>

@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "api/run_summary.h"
 #include "client/plot.h"
 
 namespace mat::client {
@@ -31,17 +32,13 @@ absl::StatusOr<double> Number(const CompareRun& run, const std::string& key) {
   return it->get<double>();
 }
 
-// The run's data-parallel ranks: summary.json's FLOPs are rank 0's share, and every rank does
-// the same work (its equal batch, the same masks), so the job's FLOPs are that times the ranks.
-// 1 for a summary without "world_size" (mat-train's before it was written).
+// The run's data-parallel ranks (api::SummaryRanks), its error naming the run.
 absl::StatusOr<int64_t> Ranks(const CompareRun& run) {
-  auto it = run.summary.find("world_size");
-  if (it == run.summary.end()) return 1;
-  if (!it->is_number_integer() || it->get<int64_t>() < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(run.name, ": summary's world_size is not a positive integer: ", it->dump()));
+  absl::StatusOr<int64_t> ranks = api::SummaryRanks(run.summary);
+  if (!ranks.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(run.name, ": ", ranks.status().message()));
   }
-  return it->get<int64_t>();
+  return ranks;
 }
 
 // The eval curve with the whole run's FLOPs (Ranks).

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "api/run_summary.h"
 #include "common/status.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
@@ -423,13 +424,15 @@ void JobManager::RecordSummaryMetrics(const std::string& job_id,
   if (metrics_ == nullptr || summary_json.empty()) return;
   const nlohmann::json summary = nlohmann::json::parse(summary_json, nullptr, false);
   if (!summary.is_object()) return;
-  // The summary's FLOPs are rank 0's share; every rank does the same work, so the job's are that
-  // times its ranks, as mat_job_flops_total (the sum of the ranks' reports) is.
-  const double ranks =
-      summary.contains("world_size") && summary["world_size"].is_number_integer() &&
-              summary["world_size"].get<int64_t>() >= 1
-          ? static_cast<double>(summary["world_size"].get<int64_t>())
-          : 1.0;
+  // The summary's FLOPs are rank 0's share (api::SummaryRanks): the job's are that times its
+  // ranks, as mat_job_flops_total (the sum of the ranks' reports) is.
+  const absl::StatusOr<int64_t> world_size = api::SummaryRanks(summary);
+  if (!world_size.ok()) {
+    spdlog::warn("{}: its summary.json's FLOPs are not counted in the metrics: {}", job_id,
+                 std::string(world_size.status().message()));
+    return;
+  }
+  const double ranks = static_cast<double>(*world_size);
   auto number = [ranks](const nlohmann::json& v) {
     return v.is_number() ? v.get<double>() * ranks : std::numeric_limits<double>::quiet_NaN();
   };

@@ -13,7 +13,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
-#include "absl/strings/str_split.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
@@ -80,6 +79,12 @@ bool Convert(const YAML::Node& n, T* out) {
 
 absl::Status SetScalar(const YAML::Node& value, const FieldDescriptor* f, const std::string& key,
                        Message* msg) {
+  // `init_from:` with nothing after it is the empty string, as in mat-train's config
+  // (config/train_config.h); a number or a flag has no empty value.
+  if (value.IsNull() && f->cpp_type() == FieldDescriptor::CPPTYPE_STRING) {
+    msg->GetReflection()->SetString(msg, f, "");
+    return absl::OkStatus();
+  }
   if (!value.IsScalar()) {
     return absl::InvalidArgumentError(
         absl::StrCat(key, ": expected ", TypeName(f), ", got ", NodeKind(value)));
@@ -259,13 +264,17 @@ void CollectKeys(const Descriptor* d, const std::string& prefix, bool job_only,
 
 }  // namespace
 
-absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std::string& origin) {
-  YAML::Node root;
+namespace {
+
+absl::StatusOr<YAML::Node> LoadYaml(const std::string& yaml, const std::string& origin) {
   try {
-    root = YAML::Load(yaml);
+    return YAML::Load(yaml);
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(origin, ": not valid YAML: ", e.what()));
   }
+}
+
+absl::StatusOr<v1::JobSpec> SpecFromYaml(const YAML::Node& root, const std::string& origin) {
   v1::JobSpec spec;
   if (root.IsNull()) return spec;
   if (!root.IsMap()) {
@@ -279,19 +288,23 @@ absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std:
   return spec;
 }
 
+}  // namespace
+
+absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std::string& origin) {
+  MAT_ASSIGN_OR_RETURN(YAML::Node root, LoadYaml(yaml, origin));
+  return SpecFromYaml(root, origin);
+}
+
 absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path) {
   MAT_ASSIGN_OR_RETURN(std::string text, common::ReadFile(path));
-  // An empty file (or only comments) would submit the default 2000-step job: a mistake, surely.
-  bool empty = true;
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    line = absl::StripAsciiWhitespace(line);
-    if (!line.empty() && line.front() != '#' && line != "---" && line != "...") empty = false;
-  }
-  if (empty) {
+  MAT_ASSIGN_OR_RETURN(YAML::Node root, LoadYaml(text, path));
+  // An empty file (or only comments, or `null`) would submit the default 2000-step job: a
+  // mistake, surely.
+  if (root.IsNull()) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": the job spec is empty (see examples/ for one)"));
   }
-  return ParseJobSpecYaml(text, path);
+  return SpecFromYaml(root, path);
 }
 
 v1::JobSpec JobSpecDefaults() {

@@ -374,6 +374,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadYaml{"MapUnderAKey", "model:\n  layers: {a: 1}\n", "model.layers"},
         BadYaml{"SequenceForScalar", "train:\n  steps: [1, 2]\n", "train.steps"},
         BadYaml{"NullValue", "train:\n  steps:\n", "train.steps: expected an integer, got null"},
+        BadYaml{"NullFlag", "model:\n  pre_ln:\n", "model.pre_ln: expected a boolean, got null"},
         BadYaml{"NotAnInteger", "model:\n  layers: abc\n", "model.layers"},
         BadYaml{"FractionForInteger", "train:\n  steps: 2.5\n", "train.steps: '2.5'"},
         BadYaml{"ExponentForInteger", "train:\n  steps: 1e3\n", "train.steps"},
@@ -394,6 +395,15 @@ INSTANTIATE_TEST_SUITE_P(
         BadYaml{"TopLevelScalar", "hello\n", "mapping"}),
     [](const ::testing::TestParamInfo<BadYaml>& info) { return info.param.name; });
 
+// `init_from:` with nothing after it read as "" in mat-train's config but was refused here.
+TEST(JobSpecTest, AStringKeyWithNoValueIsEmpty) {
+  auto spec = ParseJobSpecYaml("model:\n  init_from:\n  kind: bert\n", "job.yaml");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->model().has_init_from());
+  EXPECT_EQ(spec->model().init_from(), "");
+  EXPECT_EQ(spec->model().kind(), "bert");
+}
+
 TEST(JobSpecTest, LoadNamesAMissingFile) {
   const std::string path = (fs::temp_directory_path() / "mat_no_such_job.yaml").string();
   auto spec = LoadJobSpecYaml(path);
@@ -405,7 +415,7 @@ TEST(JobSpecTest, LoadNamesAMissingFile) {
 // `matctl submit empty.yaml` started the default 2000-step job.
 TEST(JobSpecTest, LoadRefusesAnEmptyFile) {
   const std::string path = (fs::temp_directory_path() / "mat_empty_job.yaml").string();
-  for (const char* text : {"", "\n  \n", "# only a comment\n---\n"}) {
+  for (const char* text : {"", "\n  \n", "# only a comment\n---\n", "~\n", "null\n"}) {
     std::ofstream(path) << text;
     auto spec = LoadJobSpecYaml(path);
     EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << text;

@@ -14,6 +14,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
@@ -274,8 +275,20 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& stat
   }
   // From here the JobStore owns the lock and closes it on every path.
   std::unique_ptr<JobStore> store(new JobStore(std::move(*db), lock_fd, std::move(options)));
-  MAT_RETURN_IF_ERROR(store->Configure());
-  MAT_RETURN_IF_ERROR(store->EnsureSchema());
+  const std::string& path = store->db_->path();
+  auto named = [&path](const absl::Status& st) {  // "sqlite: ... (code 26)" alone names no file
+    return absl::StrContains(st.message(), path)
+               ? st
+               : absl::Status(st.code(), absl::StrCat(path, ": ", st.message()));
+  };
+  if (absl::Status st = store->Configure(); !st.ok()) return named(st);
+  // Otherwise it starts, reports ready, and fails every write (the first submit).
+  if (store->db_->read_only()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": the coordinator cannot write its database (the file is read-only to this user: "
+              "check its owner and mode, and those of the state directory)"));
+  }
+  if (absl::Status st = store->EnsureSchema(); !st.ok()) return named(st);
   return store;
 }
 

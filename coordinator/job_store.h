@@ -213,8 +213,9 @@ class JobStore {
  public:
   // Opens (creating when missing) the store under `state_dir` (created with its parents).
   // FAILED_PRECONDITION when another JobStore holds the directory, when the database was written
-  // by a newer schema, or when WAL mode cannot be enabled; UNAVAILABLE when the directory or file
-  // cannot be created; DATA_LOSS for a file that is not an SQLite database.
+  // by a newer schema, when WAL mode cannot be enabled, or when the database file is read-only to
+  // this process; UNAVAILABLE when the directory or file cannot be created; DATA_LOSS for a file
+  // that is not an SQLite database. Every error from the database itself names its file.
   static absl::StatusOr<std::unique_ptr<JobStore>> Open(const std::string& state_dir,
                                                         JobStoreOptions options = {});
 

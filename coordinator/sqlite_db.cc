@@ -160,6 +160,8 @@ absl::StatusOr<std::unique_ptr<SqliteDb>> SqliteDb::Open(const std::string& path
 
 SqliteDb::~SqliteDb() { sqlite3_close_v2(db_); }
 
+bool SqliteDb::read_only() const { return sqlite3_db_readonly(db_, "main") == 1; }
+
 absl::Status SqliteDb::Exec(const std::string& sql) {
   return SqliteStatus(sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, nullptr), db_, sql);
 }

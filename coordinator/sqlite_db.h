@@ -88,6 +88,9 @@ class SqliteDb {
 
   sqlite3* raw() { return db_; }
   const std::string& path() const { return path_; }
+  // Whether SQLite opened the file read-only (it does so, silently, for a file this process may
+  // read but not write).
+  bool read_only() const;
 
  private:
   SqliteDb(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}

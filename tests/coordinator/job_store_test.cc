@@ -7,6 +7,9 @@
 
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -21,6 +24,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -1067,6 +1071,43 @@ TEST_F(JobStoreTest, AFileThatIsNotADatabaseIsDataLoss) {
   auto store = JobStore::Open(other);
   ASSERT_FALSE(store.ok());
   EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
+  EXPECT_THAT(store.status().message(), HasSubstr(JobStore::DatabasePath(other) + ": sqlite: "));
+}
+
+// A database this user may read but not write: SQLite opens it read-only without a word, so the
+// coordinator started, said it was ready, and failed every submit ("attempt to write a readonly
+// database"). Run in a child process as a user without write access: nobody when the tests run
+// as root (who writes any file), else this user with the file's write bits cleared.
+TEST_F(JobStoreTest, ADatabaseThisUserCannotWriteIsRefusedAtOpenNamingIt) {
+  store_.reset();
+  const std::string db = JobStore::DatabasePath(dir_);
+  ASSERT_TRUE(fs::exists(db));
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::geteuid() == 0) {
+      // nobody may enter the test's folder and write the state dir, not the root-owned database.
+      fs::permissions(root_, fs::perms::owner_all | fs::perms::group_exec | fs::perms::others_exec);
+      fs::remove(dir_ + "/LOCK");
+      if (::chown(dir_.c_str(), 65534, 65534) != 0 || ::setgid(65534) != 0 ||
+          ::setuid(65534) != 0) {
+        ::_exit(3);
+      }
+    } else {
+      fs::permissions(db, fs::perms::owner_read | fs::perms::group_read | fs::perms::others_read);
+    }
+    auto store = JobStore::Open(dir_);
+    const bool named = !store.ok() &&
+                       store.status().code() == absl::StatusCode::kFailedPrecondition &&
+                       absl::StrContains(store.status().message(), db) &&
+                       absl::StrContains(store.status().message(), "cannot write its database");
+    if (!named) std::fprintf(stderr, "Open: %s\n", store.status().ToString().c_str());
+    ::_exit(named ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: opened, or refused without naming the file; 3: setuid";
 }
 
 TEST_F(JobStoreTest, AStateDirThatCannotBeCreatedIsUnavailable) {

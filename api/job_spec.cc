@@ -356,9 +356,10 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
   // The job-only keys.
   const v1::PolicySpec& p = s.policy();
   // Whether the replayed job exists and fits is the Coordinator's check (it needs the store).
-  MAT_RETURN_IF_ERROR(Check(p.rand_schedule_job().empty() || p.kind() == "rand",
-                            "policy.rand_schedule_job replays a MAT job's active counts for "
-                            "policy.kind rand only, got kind '" +
+  MAT_RETURN_IF_ERROR(Check(p.rand_schedule_job().empty() || p.kind() == "rand" ||
+                                p.kind() == "frozen-random" || p.kind() == "inverse",
+                            "policy.rand_schedule_job replays a MAT job's decisions for "
+                            "policy.kind rand, frozen-random or inverse only, got kind '" +
                                 p.kind() + "'"));
   const v1::TrainSpec& t = s.train();
   const v1::ResourceSpec& r = s.resources();

@@ -2,7 +2,8 @@
 //
 // The YAML format is mat-train's config (config/train_config.h: `seed` and the sections `model`,
 // `data`, `train`, `policy`) plus the job-only keys (JobOnlyKeys): a `resources` section and
-// policy.rand_schedule_job (a stored MAT job whose active counts a rand job replays):
+// policy.rand_schedule_job (a stored MAT job whose decisions a rand, frozen-random or inverse
+// job replays):
 //
 //   seed: 1
 //   model: {kind: bert, layers: 2, ...}
@@ -59,7 +60,8 @@ v1::JobSpec WithJobSpecDefaults(const v1::JobSpec& spec);
 //   - train.batch_size is a multiple of resources.workers (each rank takes
 //     batch_size / workers samples per step) and policy.probe_samples <= that per-rank batch
 //     (each rank probes the first samples of its own batch);
-//   - policy.rand_schedule_job is "" unless policy.kind is rand (whether the job it names exists,
+//   - policy.rand_schedule_job is "" unless policy.kind is rand, frozen-random or inverse
+//     (whether the job it names exists,
 //     ran policy mat and succeeded is Coordinator::SubmitJob's check: it needs the store).
 // OK or INVALID_ARGUMENT naming the first bad key.
 absl::Status ValidateJobSpec(const v1::JobSpec& spec);

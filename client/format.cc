@@ -159,12 +159,11 @@ std::string DescribePolicy(const v1::JobSpec& spec) {
     if (p.beta() > 0) absl::StrAppend(&out, " b=", FormatDouble(p.beta()));
     return out;
   }
-  if (kind == "rand") {
-    if (!p.rand_schedule_job().empty()) {
-      return absl::StrCat("rand (replays ", p.rand_schedule_job(), ")");
-    }
-    return absl::StrCat("rand f=", FormatDouble(p.rand_fraction()));
+  const bool replays = kind == "rand" || kind == "frozen-random" || kind == "inverse";
+  if (replays && !p.rand_schedule_job().empty()) {
+    return absl::StrCat(kind, " (replays ", p.rand_schedule_job(), ")");
   }
+  if (kind == "rand") return absl::StrCat("rand f=", FormatDouble(p.rand_fraction()));
   if (kind == "multirate") return absl::StrCat("multirate k=", p.multirate_k());
   return kind;
 }

@@ -33,7 +33,8 @@ std::string FormatDuration(double seconds);
 std::string DescribeModel(const v1::JobSpec& spec);
 
 // The policy kind with its main parameter: "mat a=0.3", "mat a=0.3 b=0.05", "full",
-// "rand f=0.5", "rand (replays job-000002)" (policy.rand_schedule_job), "multirate k=4".
+// "rand f=0.5", "rand (replays job-000002)" (policy.rand_schedule_job; also frozen-random and
+// inverse), "multirate k=4".
 std::string DescribePolicy(const v1::JobSpec& spec);
 
 // `list`: a header and one aligned row per job: ID, STATE, MODEL, POLICY, CREATED, ARTIFACTS

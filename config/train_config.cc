@@ -431,9 +431,10 @@ absl::Status ValidatePolicy(const TrainConfig& c) {
   MAT_RETURN_IF_ERROR(Check(p.backward == "weights" || c.model.kind != "vgg",
                             "policy.backward detach is not implemented for model.kind vgg (its "
                             "filter groups support weights only)"));
-  MAT_RETURN_IF_ERROR(Check(p.rand_schedule.empty() || p.kind == "rand",
-                            "policy.rand_schedule replays active counts for policy.kind rand only, "
-                            "got kind '" + p.kind + "'"));
+  MAT_RETURN_IF_ERROR(Check(p.rand_schedule.empty() || p.kind == "rand" ||
+                                p.kind == "frozen-random" || p.kind == "inverse",
+                            "policy.rand_schedule replays a MAT run's decisions for policy.kind "
+                            "rand, frozen-random or inverse only, got kind '" + p.kind + "'"));
   return absl::OkStatus();
 }
 

@@ -172,10 +172,11 @@ absl::Status ValidateTrainConfig(const TrainConfig& config);
 // The policy library's config for this run.
 policy::PolicyConfig ToPolicyConfig(const TrainConfig& config);
 
-// The per-group active counts (and group sizes) of every decision in a decisions.jsonl (one JSON
-// object per line with "step" and "modules": [{"group", "active"}, ...]; each line read by
+// The per-group active counts (and group sizes, and the mask by module name) of every decision in
+// a decisions.jsonl (one JSON object per line with "step" and "modules": [{"group", "active",
+// "name"}, ...]; each line read by
 // policy::ScheduleEntryFromDecisionJson, as the coordinator reads its stored decisions), for
-// Policy::SetRandSchedule.
+// Policy::SetReplayedSchedule.
 // NOT_FOUND names a missing file; INVALID_ARGUMENT names the file and line of a malformed one.
 absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedule(
     const std::string& decisions_jsonl);

@@ -36,11 +36,11 @@
 //
 // Per running job the Coordinator keeps (in memory only) the ranks' workers and reports, the
 // λ probes still waiting for ranks, the latest mask version and the job's mat::policy::Policy
-// (made from the job spec when rank 0 declares its modules; for a rand job with
-// policy.rand_schedule_job, replaying the per-group active counts of that MAT job's stored
-// decisions: Policy::SetRandSchedule, applied again whenever the policy is made anew after a
-// restart, since it is not part of the policy's saved state; a replayed job whose module groups
-// or sizes differ fails the rand job with a message naming both). The store keeps what must
+// (made from the job spec when rank 0 declares its modules; for a rand, frozen-random or inverse
+// job with policy.rand_schedule_job, replaying that MAT job's stored decisions:
+// Policy::SetReplayedSchedule, applied again whenever the policy is made anew after a restart,
+// since it is not part of the policy's saved state; a replayed job whose module groups or sizes
+// differ fails the replaying job with a message naming both). The store keeps what must
 // survive a restart: assignments with each rank's step, acknowledged mask and checksum, the modules, the
 // λ history, the decisions, rank 0's progress and the summary.
 //
@@ -153,7 +153,8 @@ class Coordinator {
   // max_model_params; RESOURCE_EXHAUSTED when `client` (the caller's non-reversible id, stored
   // with the job; JobService's ClientIdentity) already has options.max_jobs_per_client active
   // jobs (an idempotent retry of an existing job is still answered).
-  // policy.rand_schedule_job (ValidateJobSpec: rand only) must name a job of the store
+  // policy.rand_schedule_job (ValidateJobSpec: rand, frozen-random, inverse) must name a job of
+  // the store
   // (INVALID_ARGUMENT "policy.rand_schedule_job: no job 'job-000009' on this coordinator") that
   // ran policy.kind mat (INVALID_ARGUMENT naming it and its kind), is SUCCEEDED
   // (FAILED_PRECONDITION naming it and its state) and has at least one stored decision

@@ -287,13 +287,14 @@ absl::Status JobManager::ApplyRandSchedule(const std::string& job_id, const v1::
   const std::string& replayed = spec.policy().rand_schedule_job();
   if (replayed.empty()) return absl::OkStatus();
   absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> schedule = ReplayedSchedule(replayed);
-  absl::Status st = schedule.ok() ? policy.SetRandSchedule(std::move(*schedule))
+  absl::Status st = schedule.ok() ? policy.SetReplayedSchedule(std::move(*schedule))
                                   : schedule.status();
   if (!st.ok()) {
-    return absl::Status(st.code(), absl::StrCat("job ", job_id, " cannot replay the active counts "
+    return absl::Status(st.code(), absl::StrCat("job ", job_id, " cannot replay the decisions "
                                                 "of job ", replayed, ": ", st.message()));
   }
-  spdlog::info("job {}: rand replays the active counts of job {}", job_id, replayed);
+  spdlog::info("job {}: {} replays the decisions of MAT job {}", job_id, spec.policy().kind(),
+               replayed);
   return absl::OkStatus();
 }
 

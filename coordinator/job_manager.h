@@ -95,9 +95,9 @@ class JobManager {
   absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> ReplayedSchedule(
       const std::string& replayed_job_id);
   // For `spec` with policy.rand_schedule_job: `policy` (of job `job_id`) replays that job's
-  // schedule (SetRandSchedule). No-op without one. The errors of ReplayedSchedule and
-  // SetRandSchedule (other module groups or sizes), prefixed "job J cannot replay the active
-  // counts of job R: "; the policy is unchanged then.
+  // schedule (SetReplayedSchedule). No-op without one. The errors of ReplayedSchedule and
+  // SetReplayedSchedule (other module groups or sizes), prefixed "job J cannot replay the
+  // decisions of job R: "; the policy is unchanged then.
   absl::Status ApplyRandSchedule(const std::string& job_id, const v1::JobSpec& spec,
                                  policy::Policy& policy);
 

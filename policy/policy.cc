@@ -168,13 +168,13 @@ absl::StatusOr<Decision> Policy::Observe(int64_t step, const std::vector<double>
         mask = MatMask(&decision);
         break;
       case PolicyKind::kFrozenRandom:
-        mask = FrozenRandomMask(MatMask(&decision), &decision);
+        mask = FrozenRandomMask(ReplayedMatMask(step, MatMask(&decision)), &decision);
         break;
       case PolicyKind::kInverse:
-        mask = InverseMask(MatMask(&decision), &decision);
+        mask = InverseMask(ReplayedMatMask(step, MatMask(&decision)), &decision);
         break;
       case PolicyKind::kRand:
-        mask = rand_schedule_.empty() ? RandomSubset(config_.rand_fraction) : RandomSubsetAt(step);
+        mask = replayed_.empty() ? RandomSubset(config_.rand_fraction) : RandomSubsetAt(step);
         decision.rule.assign(modules_.size(), "random");
         break;
       case PolicyKind::kMultirate:
@@ -314,10 +314,12 @@ std::vector<uint8_t> Policy::RandomSubset(double fraction) {
   return mask;
 }
 
-absl::Status Policy::SetRandSchedule(std::vector<ScheduleEntry> schedule) {
-  if (config_.kind != PolicyKind::kRand) {
-    return absl::InvalidArgumentError("a replayed active-count schedule needs policy.kind rand, not " +
-                                      PolicyKindName(config_.kind));
+absl::Status Policy::SetReplayedSchedule(std::vector<ScheduleEntry> schedule) {
+  if (config_.kind != PolicyKind::kRand && config_.kind != PolicyKind::kFrozenRandom &&
+      config_.kind != PolicyKind::kInverse) {
+    return absl::InvalidArgumentError(
+        "a replayed MAT schedule needs policy.kind rand, frozen-random or inverse, not " +
+        PolicyKindName(config_.kind));
   }
   for (size_t i = 0; i < schedule.size(); ++i) {
     if (i > 0 && schedule[i].step <= schedule[i - 1].step) {
@@ -334,6 +336,18 @@ absl::Status Policy::SetRandSchedule(std::vector<ScheduleEntry> schedule) {
         return absl::InvalidArgumentError(
             absl::StrCat("schedule at step ", schedule[i].step, ": group ", group,
                          " is not a group of this model's modules"));
+      }
+    }
+    if (config_.kind == PolicyKind::kFrozenRandom) {
+      // Its masks are replayed module by module: every module of this model, in its group.
+      for (const ModuleInfo& m : modules_) {
+        auto it = schedule[i].mask.find(m.name);
+        if (it == schedule[i].mask.end() || it->second.first != m.group) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "schedule at step ", schedule[i].step, ": the replayed run's decision has no module ",
+              m.name, " in group ", m.group,
+              " (frozen-random replays the MAT run's mask module by module)"));
+        }
       }
     }
     if (schedule[i].size.empty()) continue;
@@ -356,16 +370,39 @@ absl::Status Policy::SetRandSchedule(std::vector<ScheduleEntry> schedule) {
       }
     }
   }
-  rand_schedule_ = std::move(schedule);
+  replayed_ = std::move(schedule);
   return absl::OkStatus();
 }
 
-std::vector<uint8_t> Policy::RandomSubsetAt(int64_t step) {
+const Policy::ScheduleEntry* Policy::ReplayedAt(int64_t step) const {
   const ScheduleEntry* entry = nullptr;
-  for (const ScheduleEntry& e : rand_schedule_) {
+  for (const ScheduleEntry& e : replayed_) {
     if (e.step > step) break;
     entry = &e;
   }
+  return entry;
+}
+
+std::vector<uint8_t> Policy::ReplayedMatMask(int64_t step, std::vector<uint8_t> own) const {
+  const ScheduleEntry* entry = ReplayedAt(step);
+  if (entry == nullptr) return own;
+  if (config_.kind == PolicyKind::kFrozenRandom) {  // every module is named (SetReplayedSchedule)
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      own[i] = entry->mask.at(modules_[i].name).second ? 1 : 0;
+    }
+    return own;
+  }
+  for (const auto& [group, members] : groups_) {  // kInverse: the counts only
+    auto it = entry->active.find(group);
+    if (it == entry->active.end()) continue;
+    const int count = std::min(it->second, static_cast<int>(members.size()));
+    for (int k = 0; k < static_cast<int>(members.size()); ++k) own[members[k]] = k < count ? 1 : 0;
+  }
+  return own;
+}
+
+std::vector<uint8_t> Policy::RandomSubsetAt(int64_t step) {
+  const ScheduleEntry* entry = ReplayedAt(step);
   std::vector<uint8_t> mask(modules_.size(), 0);
   for (const auto& [group, members] : groups_) {
     const int size = static_cast<int>(members.size());
@@ -472,6 +509,7 @@ absl::StatusOr<Policy::ScheduleEntry> ScheduleEntryFromDecisionJson(const nlohma
   }
   Policy::ScheduleEntry e;
   e.step = d["step"].get<int64_t>();
+  bool named = true;
   for (const auto& m : d["modules"]) {
     if (!m.is_object() || !m.contains("group") || !m["group"].is_string() ||
         !m.contains("active") || !m["active"].is_boolean()) {
@@ -479,10 +517,23 @@ absl::StatusOr<Policy::ScheduleEntry> ScheduleEntryFromDecisionJson(const nlohma
           "a module without string \"group\" and boolean \"active\"");
     }
     const std::string group = m["group"].get<std::string>();
+    const bool active = m["active"].get<bool>();
     int& count = e.active[group];
-    if (m["active"].get<bool>()) ++count;
+    if (active) ++count;
     ++e.size[group];
+    if (!m.contains("name")) {
+      named = false;
+      continue;
+    }
+    if (!m["name"].is_string()) {
+      return absl::InvalidArgumentError("a module whose \"name\" is not a string");
+    }
+    if (!e.mask.emplace(m["name"].get<std::string>(), std::make_pair(group, active)).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("module \"", m["name"].get<std::string>(), "\" appears twice"));
+    }
   }
+  if (!named) e.mask.clear();
   return e;
 }
 

@@ -21,18 +21,22 @@
 //              active, for every kind.
 //   kFull      all active always.
 //   kRand      each post-warm-up decision picks, per group, max(guard, round(rand_fraction·size))
-//              (or the count SetRandSchedule replays from another run) modules uniformly at random (partial Fisher–Yates on a std::mt19937_64 seeded with
+//              (or the count SetReplayedSchedule replays from another run) modules uniformly at random (partial Fisher–Yates on a std::mt19937_64 seeded with
 //              `seed`, bounded by rejection sampling on its raw output: the same on every
 //              platform).
 //   kMultirate the first post-warm-up decision picks, per group, max(guard,
 //              round(multirate_fast_fraction·size)) fast modules the same way; the split is then
 //              fixed. Fast modules train on every step; slow ones on steps with step % k == 0,
 //              with lr_scale = k.
-//   kFrozenRandom  kMat's mask (threshold, temporal, guard) on the same reports, carried through
-//              a per-group random permutation π drawn (as the rand draws) at the first post-warm-up
-//              decision and kept for the run: mask[π(i)] = mat_mask[i].
-//   kInverse   per group, as many active modules as kMat's mask has, filled with the lowest s
-//              (lower module index on ties).
+//   kFrozenRandom  a MAT mask carried through a per-group random permutation π drawn (as the rand
+//              draws) at the first post-warm-up decision and kept for the run:
+//              mask[π(i)] = mat_mask[i]. With a replayed schedule (SetReplayedSchedule) mat_mask is
+//              the replayed MAT run's mask at that step, so the control trains exactly its counts,
+//              each module for as long as the MAT run kept the module it stands for; without one,
+//              kMat's mask (threshold, temporal, guard) on this run's own reports, whose counts
+//              drift from any other run's.
+//   kInverse   per group, as many active modules as the MAT mask (replayed or own, as for
+//              kFrozenRandom) has, filled with the lowest s (lower module index on ties).
 // Every decision says, per module, which rule set its bit (Decision::rule).
 // Groups are visited in lexicographic order of their names, modules in index order, so the
 // random draws depend only on the config, the modules and the calls.
@@ -157,20 +161,29 @@ class Policy {
   const std::vector<ModuleInfo>& modules() const { return modules_; }
   const PolicyConfig& config() const { return config_; }
 
-  // kRand replaying another run's active counts (the paper's "-Rand" baseline): each
-  // post-warm-up decision at step t draws, per group, max(guard, count) modules, where count is
-  // the group's active count in the entry with the largest step <= t (rand_fraction before the
-  // first entry and for groups an entry does not name). Entries: ascending steps. An input,
-  // like the reports, not config: it is not in SaveState, the owner sets it again on resume.
+  // A MAT run's decisions replayed by a control, so that it trains that run's active counts:
+  //   kRand (the paper's "-Rand" baseline): each post-warm-up decision at step t draws, per
+  //     group, max(guard, count) modules, where count is the group's active count in the entry
+  //     with the largest step <= t (rand_fraction before the first entry and for groups an entry
+  //     does not name);
+  //   kFrozenRandom: that entry's mask (by module name) through the permutation;
+  //   kInverse: that entry's per-group counts, filled with the lowest s.
+  // kFrozenRandom and kInverse use their own MAT mask before the first entry. Entries: ascending
+  // steps. An input, like the reports, not config: it is not in SaveState, the owner sets it
+  // again on resume.
   // INVALID_ARGUMENT for another kind, unsorted steps, a negative count, a group this policy's
-  // modules do not have, or (for an entry with `size`) groups or group sizes other than this
-  // policy's: the replayed run trained another model. After an error the schedule is unchanged.
+  // modules do not have, (for an entry with `size`) groups or group sizes other than this
+  // policy's: the replayed run trained another model; and for kFrozenRandom an entry that does
+  // not name every module of this policy with its group (`mask`). After an error the schedule is
+  // unchanged.
   struct ScheduleEntry {
     int64_t step = 0;
     std::map<std::string, int> active;  // group -> active modules
     std::map<std::string, int> size;    // group -> modules in the replayed run; empty: unchecked
+    // module name -> (group, active); empty when the decision named no modules
+    std::map<std::string, std::pair<std::string, bool>> mask;
   };
-  absl::Status SetRandSchedule(std::vector<ScheduleEntry> schedule);
+  absl::Status SetReplayedSchedule(std::vector<ScheduleEntry> schedule);
 
   // JSON text with everything needed to continue bit-identically (format "mat.policy.state/1"),
   // including the config and the module names it was made for.
@@ -215,6 +228,11 @@ class Policy {
   std::vector<uint8_t> RandomSubset(double fraction);
   // The same with each group's count from the replayed schedule at `step`.
   std::vector<uint8_t> RandomSubsetAt(int64_t step);
+  // The replayed schedule's entry with the largest step <= `step`; nullptr before the first.
+  const ScheduleEntry* ReplayedAt(int64_t step) const;
+  // kFrozenRandom, kInverse: the replayed MAT mask at `step` (kFrozenRandom: by module name;
+  // kInverse: each group's count, as its lowest-index members), or `own` without an entry.
+  std::vector<uint8_t> ReplayedMatMask(int64_t step, std::vector<uint8_t> own) const;
   // Raises the active count of every group to the guard, in the order the file comment states;
   // marks the re-activated modules' rule "guard" when `rule` is given.
   void ApplyGuard(std::vector<uint8_t>* mask, std::vector<std::string>* rule = nullptr) const;
@@ -225,12 +243,13 @@ class Policy {
   const std::vector<ModuleInfo> modules_;
   std::map<std::string, std::vector<int>> groups_;  // group name -> module indices, ascending
   State state_;
-  std::vector<ScheduleEntry> rand_schedule_;  // SetRandSchedule; empty: rand_fraction
+  std::vector<ScheduleEntry> replayed_;  // SetReplayedSchedule; empty: rand_fraction
 };
 
 // The per-group active counts and sizes of one logged decision (a Decision::ToJson object: one
 // line of decisions.jsonl, one row of the coordinator's decisions table), for
-// Policy::SetRandSchedule. Reads "step" and "modules": [{"group", "active"}, ...] only.
+// Policy::SetReplayedSchedule. Reads "step" and "modules": [{"group", "active", "name"}, ...]
+// only ("name" optional: without it the entry has no mask).
 // INVALID_ARGUMENT saying what is missing: "not a JSON object", "no integer \"step\"", "no
 // \"modules\" array", "a module without string \"group\" and boolean \"active\"".
 absl::StatusOr<Policy::ScheduleEntry> ScheduleEntryFromDecisionJson(const nlohmann::json& decision);

@@ -147,7 +147,7 @@ absl::Status Trainer::Init() {
       return absl::Status(schedule.status().code(),
                           absl::StrCat("policy.rand_schedule: ", schedule.status().message()));
     }
-    MAT_RETURN_IF_ERROR(policy_->SetRandSchedule(std::move(*schedule)));
+    MAT_RETURN_IF_ERROR(policy_->SetReplayedSchedule(std::move(*schedule)));
   }
   spectral::EstimatorOptions eo;
   eo.lanczos_iterations = static_cast<int>(c.policy.lanczos_iterations);

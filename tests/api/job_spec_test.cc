@@ -632,8 +632,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"FastFractionAboveOne", "policy: {multirate_fast_fraction: 3}",
                  "policy.multirate_fast_fraction"},
         BadValue{"ReplayForTheDefaultKindMat", "policy: {rand_schedule_job: job-000001}",
-                 "policy.rand_schedule_job replays a MAT job's active counts for policy.kind "
-                 "rand only, got kind 'mat'"},
+                 "policy.rand_schedule_job replays a MAT job's decisions for policy.kind "
+                 "rand, frozen-random or inverse only, got kind 'mat'"},
         BadValue{"ReplayForKindFull", "policy: {kind: full, rand_schedule_job: job-000001}",
                  "policy.rand_schedule_job"},
         BadValue{"ReplayForKindMultirate",

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """bench/sweep and bench/verdict, shrunk to 20 steps a run: the sweep trains full and a
 two-setting grid (the gram and the output estimator, weights and detach backward) on one tuning
-seed and writes the chosen setting; the verdict trains the six modes (full, mat, rand replaying
-mat, frozen-random, inverse, multirate) on two seeds and writes results.json (every mode and
+seed and writes the chosen setting; the verdict trains the six modes (full, mat, rand,
+frozen-random and inverse replaying mat's decisions, multirate) on two seeds and checks the
+replays' active counts against mat's, and writes results.json (every mode and
 seed, flops_to_full_best and steps_to_full_best keys, unigram_test_loss, verdict, paired
 differences) and table.md. Then --analyze-only rebuilds the same verdict from the kept runs.
 Runs in a temporary folder; the committed results are not touched.
@@ -28,6 +29,21 @@ def run(cmd, cwd):
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} exited {r.returncode}:\n{r.stderr[-3000:]}")
     return r
+
+
+def group_counts(decisions_jsonl):
+    """Per decision: {group: (active, size)}."""
+    out = []
+    with open(decisions_jsonl) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            d = {}
+            for m in json.loads(line)["modules"]:
+                n, size = d.get(m["group"], (0, 0))
+                d[m["group"]] = (n + (1 if m["active"] else 0), size + 1)
+            out.append(d)
+    return out
 
 
 def main():
@@ -86,8 +102,21 @@ def main():
         for pair in ("mat - rand", "mat - frozen-random", "mat - inverse", "mat - multirate"):
             if pair not in res.get("paired", {}) or res["paired"][pair]["n"] != 2:
                 problems.append(f"verdict: no paired difference {pair} over 2 seeds")
+        # The three controls replay their seed's mat run: the same active count per group at
+        # every decision (the first verdict's frozen-random and inverse drifted from it).
+        for seed in (1, 2):
+            want = group_counts(os.path.join(runs, f"mat-s{seed}", "decisions.jsonl"))
+            if not any(n < size for d in want for n, size in d.values()):
+                problems.append(f"verdict: mat-s{seed} never masked a module: nothing replayed")
+            for m in ("rand", "frozen-random", "inverse"):
+                got = group_counts(os.path.join(runs, f"{m}-s{seed}", "decisions.jsonl"))
+                if got != want:
+                    problems.append(f"verdict: {m}-s{seed}'s active counts {got} are not "
+                                    f"mat-s{seed}'s {want}")
         with open(os.path.join(out, "table.md")) as f:
             md = f.read()
+        if "runs' training took" not in md:
+            problems.append("verdict: table.md does not say how long the runs trained")
         for m in MODES:
             if f"| {m} |" not in md:
                 problems.append(f"verdict: table.md has no {m} row")

@@ -85,6 +85,8 @@ TEST(FormatTest, ModelAndPolicyDescriptionsNameTheirMainParameters) {
   EXPECT_EQ(DescribePolicy(spec), "rand f=0.5");
   spec.mutable_policy()->set_rand_schedule_job("job-000003");
   EXPECT_EQ(DescribePolicy(spec), "rand (replays job-000003)");
+  spec.mutable_policy()->set_kind("frozen-random");
+  EXPECT_EQ(DescribePolicy(spec), "frozen-random (replays job-000003)");
   spec.mutable_policy()->set_kind("multirate");
   EXPECT_EQ(DescribePolicy(spec), "multirate k=4");
   spec.mutable_policy()->set_kind("full");

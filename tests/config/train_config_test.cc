@@ -460,13 +460,22 @@ TEST(ActiveCountScheduleTest, ReadsCountsPerGroupAndNamesBadLines) {
   fs::remove_all(dir);
 }
 
-TEST(ActiveCountScheduleTest, OnlyForKindRand) {
+TEST(ActiveCountScheduleTest, OnlyForKindRandAndTheControls) {
   TrainConfig c;
   c.policy.rand_schedule = "/x/decisions.jsonl";
-  c.policy.kind = "mat";
-  EXPECT_EQ(ValidateTrainConfig(c).code(), absl::StatusCode::kInvalidArgument);
-  c.policy.kind = "rand";
-  EXPECT_TRUE(ValidateTrainConfig(c).ok());
+  for (const char* kind : {"mat", "full", "multirate"}) {
+    c.policy.kind = kind;
+    absl::Status st = ValidateTrainConfig(c);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << kind;
+    EXPECT_NE(st.message().find("for policy.kind rand, frozen-random or inverse only, got kind '" +
+                                std::string(kind) + "'"),
+              std::string::npos)
+        << st;
+  }
+  for (const char* kind : {"rand", "frozen-random", "inverse"}) {
+    c.policy.kind = kind;
+    EXPECT_TRUE(ValidateTrainConfig(c).ok()) << kind;
+  }
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <random>
 #include <set>
 #include <string>
@@ -971,11 +972,11 @@ TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
   auto p = Policy::Create(c, modules);
   ASSERT_TRUE(p.ok()) << p.status();
   std::vector<Policy::ScheduleEntry> schedule = {
-      {0, {{"heads", 8}, {"ffn", 4}}, {}},  // warm-up in the replayed run
-      {40, {{"heads", 3}, {"ffn", 4}}, {}},
-      {80, {{"heads", 1}}, {}},             // below the guard; ffn not named: rand_fraction
+      {0, {{"heads", 8}, {"ffn", 4}}, {}, {}},  // warm-up in the replayed run
+      {40, {{"heads", 3}, {"ffn", 4}}, {}, {}},
+      {80, {{"heads", 1}}, {}, {}},  // below the guard; ffn not named: rand_fraction
   };
-  ASSERT_TRUE((*p)->SetRandSchedule(schedule).ok());
+  ASSERT_TRUE((*p)->SetReplayedSchedule(schedule).ok());
   // step -> expected (heads, ffn) active
   const std::vector<std::tuple<int64_t, int, int>> expected = {
       {0, 8, 4}, {20, 8, 4}, {40, 3, 4}, {60, 3, 4}, {80, 2, 2}, {100, 2, 2}};
@@ -992,9 +993,107 @@ TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
   mat.kind = PolicyKind::kMat;
   auto q = Policy::Create(mat, modules);
   ASSERT_TRUE(q.ok());
-  EXPECT_EQ((*q)->SetRandSchedule(schedule).code(), absl::StatusCode::kInvalidArgument);
-  std::vector<Policy::ScheduleEntry> unsorted = {{40, {}, {}}, {20, {}, {}}};
-  EXPECT_EQ((*p)->SetRandSchedule(unsorted).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*q)->SetReplayedSchedule(schedule).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<Policy::ScheduleEntry> unsorted = {{40, {}, {}, {}}, {20, {}, {}, {}}};
+  EXPECT_EQ((*p)->SetReplayedSchedule(unsorted).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The controls replaying a MAT run's decisions (bench/verdict): frozen-random trains exactly
+// that run's mask through its fixed permutation, inverse that run's counts with the lowest s, and
+// neither drifts to its own MAT mask's counts (which, on the same λ, would be 6 of 8 here).
+TEST(PolicyRandScheduleTest, FrozenRandomAndInverseReplayTheMatRunsMasksAndCounts) {
+  PolicyConfig c;
+  c.warmup_steps = 20;
+  c.interval_steps = 20;
+  c.gamma = 0.0;
+  c.alpha = 0.2;
+  std::vector<ModuleInfo> modules;
+  for (int i = 0; i < 8; ++i) modules.push_back({"heads", 0, i, "h" + std::to_string(i)});
+  const std::vector<double> lambda = {1, 2, 3, 4, 5, 6, 7, 8};  // own MAT mask: h2..h7
+  // The replayed MAT run's masks at its decisions (warm-up at 0, then 20 and 60).
+  const std::vector<std::pair<int64_t, std::vector<int>>> replayed = {
+      {0, {1, 1, 1, 1, 1, 1, 1, 1}}, {20, {1, 0, 1, 0, 0, 0, 0, 1}}, {60, {0, 0, 0, 0, 0, 1, 0, 0}}};
+  std::vector<Policy::ScheduleEntry> schedule;
+  for (const auto& [step, bits] : replayed) {
+    Policy::ScheduleEntry e;
+    e.step = step;
+    for (int i = 0; i < 8; ++i) {
+      e.active["heads"] += bits[i];
+      e.mask["h" + std::to_string(i)] = {"heads", bits[i] != 0};
+    }
+    e.size["heads"] = 8;
+    schedule.push_back(e);
+  }
+  auto count_at = [&replayed](int64_t step) {
+    int count = 0;
+    for (const auto& [s, bits] : replayed) {
+      if (s <= step) count = std::accumulate(bits.begin(), bits.end(), 0);
+    }
+    return count;
+  };
+
+  c.kind = PolicyKind::kFrozenRandom;
+  auto frozen = Policy::Create(c, modules);
+  ASSERT_TRUE(frozen.ok()) << frozen.status();
+  ASSERT_TRUE((*frozen)->SetReplayedSchedule(schedule).ok());
+  std::vector<uint8_t> at20, at60;
+  for (int64_t step : {20, 40, 60, 80}) {
+    absl::StatusOr<Decision> d = (*frozen)->Observe(step, lambda);
+    ASSERT_TRUE(d.ok()) << d.status();
+    EXPECT_EQ(std::accumulate(d->mask.begin(), d->mask.end(), 0), count_at(step)) << step;
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(d->rule[i], "frozen-random");
+    if (step == 20) at20 = d->mask;
+    if (step == 40) {
+      EXPECT_EQ(d->mask, at20);  // no new entry: the same mask
+    }
+    if (step == 60) at60 = d->mask;
+    if (step == 80) {
+      EXPECT_EQ(d->mask, at60);
+    }
+  }
+  // Persistence: the one module active at 60 (h5's image) was off at 20, as h5 was.
+  for (int i = 0; i < 8; ++i) {
+    if (at60[i]) {
+      EXPECT_EQ(at20[i], 0) << i;
+    }
+  }
+
+  c.kind = PolicyKind::kInverse;
+  auto inverse = Policy::Create(c, modules);
+  ASSERT_TRUE(inverse.ok()) << inverse.status();
+  ASSERT_TRUE((*inverse)->SetReplayedSchedule(schedule).ok());
+  for (int64_t step : {20, 60}) {
+    absl::StatusOr<Decision> d = (*inverse)->Observe(step, lambda);
+    ASSERT_TRUE(d.ok()) << d.status();
+    for (int i = 0; i < 8; ++i) {  // the lowest λ first: h0, h1, ...
+      EXPECT_EQ(d->mask[i], i < count_at(step) ? 1 : 0) << "step " << step << " module " << i;
+    }
+  }
+
+  // Without the schedule, inverse follows its own MAT mask's count (6): what the verdict's first
+  // controls did.
+  auto own = Policy::Create(c, modules);
+  ASSERT_TRUE(own.ok());
+  absl::StatusOr<Decision> d = (*own)->Observe(20, lambda);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(std::accumulate(d->mask.begin(), d->mask.end(), 0), 6);
+
+  // Frozen-random replays module by module: an entry that does not name every module is refused.
+  c.kind = PolicyKind::kFrozenRandom;
+  auto unnamed = Policy::Create(c, modules);
+  ASSERT_TRUE(unnamed.ok());
+  std::vector<Policy::ScheduleEntry> counts_only = schedule;
+  counts_only[1].mask.erase("h3");
+  absl::Status st = (*unnamed)->SetReplayedSchedule(counts_only);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()),
+              ::testing::HasSubstr("schedule at step 20: the replayed run's decision has no module "
+                                   "h3 in group heads"));
+  // Other kinds than rand and the two controls refuse a schedule.
+  c.kind = PolicyKind::kMultirate;
+  auto multirate = Policy::Create(c, modules);
+  ASSERT_TRUE(multirate.ok());
+  EXPECT_EQ((*multirate)->SetReplayedSchedule(schedule).code(), absl::StatusCode::kInvalidArgument);
 }
 
 // One logged decision -> its per-group active counts and sizes (the parser mat-train's
@@ -1020,10 +1119,17 @@ TEST(PolicyRandScheduleTest, EntriesFromLoggedDecisionsCarryGroupSizesThatMustMa
   for (size_t i = 0; i < modules.size(); ++i) (modules[i].group == "heads" ? heads : ffn) += d->mask[i];
   EXPECT_EQ(e->active, (std::map<std::string, int>{{"ffn", ffn}, {"heads", heads}}));
   EXPECT_EQ(e->size, (std::map<std::string, int>{{"ffn", 2}, {"heads", 4}}));
+  ASSERT_EQ(e->mask.size(), modules.size());
+  for (size_t i = 0; i < modules.size(); ++i) {
+    EXPECT_EQ(e->mask.at(modules[i].name), std::make_pair(modules[i].group, d->mask[i] != 0));
+  }
 
   for (const char* bad : {"[1]", R"({"modules": []})", R"({"step": 1.5, "modules": []})",
                           R"({"step": 0})", R"({"step": 0, "modules": [{"group": "heads"}]})",
-                          R"({"step": 0, "modules": [{"group": 1, "active": true}]})"}) {
+                          R"({"step": 0, "modules": [{"group": 1, "active": true}]})",
+                          R"({"step": 0, "modules": [{"group": "h", "active": true, "name": 3}]})",
+                          R"({"step": 0, "modules": [{"group": "h", "active": true, "name": "a"},
+                                                     {"group": "h", "active": false, "name": "a"}]})"}) {
     EXPECT_EQ(ScheduleEntryFromDecisionJson(nlohmann::json::parse(bad)).status().code(),
               absl::StatusCode::kInvalidArgument)
         << bad;
@@ -1032,22 +1138,22 @@ TEST(PolicyRandScheduleTest, EntriesFromLoggedDecisionsCarryGroupSizesThatMustMa
   c.kind = PolicyKind::kRand;
   auto same = Policy::Create(c, modules);
   ASSERT_TRUE(same.ok());
-  EXPECT_TRUE((*same)->SetRandSchedule({*e}).ok());
+  EXPECT_TRUE((*same)->SetReplayedSchedule({*e}).ok());
   std::vector<ModuleInfo> fewer = modules;
   fewer.erase(fewer.begin());  // 3 heads
   auto other = Policy::Create(c, fewer);
   ASSERT_TRUE(other.ok());
-  absl::Status st = (*other)->SetRandSchedule({*e});
+  absl::Status st = (*other)->SetReplayedSchedule({*e});
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("group heads has 3 modules"));
   std::vector<ModuleInfo> no_ffn(modules.begin(), modules.begin() + 4);
   auto heads_only = Policy::Create(c, no_ffn);
   ASSERT_TRUE(heads_only.ok());
-  st = (*heads_only)->SetRandSchedule({*e});
+  st = (*heads_only)->SetReplayedSchedule({*e});
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("group ffn"));
   // Without sizes (an entry made by hand) only the group names are checked.
-  EXPECT_EQ((*heads_only)->SetRandSchedule({{0, {{"experts", 1}}, {}}}).code(),
+  EXPECT_EQ((*heads_only)->SetReplayedSchedule({{0, {{"experts", 1}}, {}, {}}}).code(),
             absl::StatusCode::kInvalidArgument);
 }
 

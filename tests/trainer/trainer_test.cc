@@ -9,7 +9,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <random>
+#include <set>
 
 #include "common/file_util.h"
 #include "tests/trainer/leaf_layout.h"
@@ -197,6 +199,53 @@ TEST(TrainerSingleTest, RandReplaysAMatRunsActiveCounts) {
     some_masked = some_masked || a[i].second < int64_t((*tm)->partition().size());
   }
   EXPECT_TRUE(some_masked) << "the MAT run never masked a module: the replay shows nothing";
+
+  // The controls replay it too: the same counts per group at every decision (inverse), and
+  // frozen-random the MAT run's masks through one permutation per group: each module's on/off
+  // history over the decisions is one of the MAT run's modules' histories, in the same group.
+  auto histories = [](const fs::path& file) {
+    std::map<std::string, std::multiset<std::string>> out;  // group -> per-module bit strings
+    std::map<std::string, std::string> bits;                  // name -> bits over decisions
+    std::map<std::string, std::string> group;
+    std::ifstream in(file);
+    std::string line;
+    while (std::getline(in, line)) {
+      for (const auto& m : nlohmann::json::parse(line)["modules"]) {
+        bits[m["name"].get<std::string>()] += m["active"].get<bool>() ? '1' : '0';
+        group[m["name"].get<std::string>()] = m["group"].get<std::string>();
+      }
+    }
+    for (const auto& [name, b] : bits) out[group[name]].insert(b);
+    return out;
+  };
+  auto group_counts = [](const fs::path& file) {
+    std::vector<std::map<std::string, int>> out;  // per decision: group -> active
+    std::ifstream in(file);
+    std::string line;
+    while (std::getline(in, line)) {
+      std::map<std::string, int>& c = out.emplace_back();
+      for (const auto& m : nlohmann::json::parse(line)["modules"]) {
+        c[m["group"].get<std::string>()] += m["active"].get<bool>() ? 1 : 0;
+      }
+    }
+    return out;
+  };
+  for (const char* kind : {"frozen-random", "inverse"}) {
+    config::TrainConfig control = TinyTrainConfig(data, "mat");
+    control.policy.kind = kind;
+    control.policy.alpha = 0.9;  // its own MAT mask would train fewer modules than the replay
+    control.policy.rand_schedule = rand.policy.rand_schedule;
+    auto tc = Trainer::Create(control, {(root / kind).string(), false, false});
+    ASSERT_TRUE(tc.ok()) << kind << ": " << tc.status();
+    ASSERT_TRUE((*tc)->Run().ok()) << kind;
+    EXPECT_EQ(group_counts(root / kind / "decisions.jsonl"),
+              group_counts(root / "mat" / "decisions.jsonl"))
+        << kind;
+    if (std::string(kind) == "frozen-random") {
+      EXPECT_EQ(histories(root / kind / "decisions.jsonl"),
+                histories(root / "mat" / "decisions.jsonl"));
+    }
+  }
 
   config::TrainConfig wrong = TinyTrainConfig(data, "mat");
   wrong.policy.rand_schedule = rand.policy.rand_schedule;

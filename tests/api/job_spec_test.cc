@@ -661,6 +661,8 @@ TEST(JobSpecTest, BoundaryValuesValidate) {
         "resources: {workers: 32}\npolicy: {probe_samples: 2, kind: full}\ntrain: {batch_size: 64}",
         "policy: {kind: rand}", "policy: {kind: multirate, multirate_k: 1}",
         "policy: {kind: rand, rand_schedule_job: job-000001}",
+        "policy: {kind: frozen-random, rand_schedule_job: job-000001}",
+        "policy: {kind: inverse, rand_schedule_job: job-000001}",
         "policy: {kind: mat, rand_schedule_job: ''}",
         "policy: {estimator: exact}", "policy: {estimator: lanczos}",
         "policy: {estimator: exact-output}", "train: {schedule: constant}",

@@ -714,6 +714,45 @@ TEST_F(WorkerSessionsTest, ARandJobReplaysTheActiveCountsOfAFinishedMatJob) {
   EXPECT_EQ(StateOf(rand), v1::JOB_STATE_SUCCEEDED);
 }
 
+// The frozen-random and inverse controls replay a finished MAT job too: at every decision they
+// train its active count per group (their own MAT rule on these λ would not: inverse's count
+// follows the same threshold, and here the λ differ from the MAT job's).
+TEST_F(WorkerSessionsTest, TheControlsReplayTheActiveCountsOfAFinishedMatJob) {
+  const std::vector<policy::ModuleInfo> modules = TwoGroupModules();
+  Worker w = AddWorker();
+  const std::string mat = Submit(Spec(1));
+  SendOk(ModuleList(w.id, mat, modules));
+  constexpr int kProbes = 6;
+  for (int k = 0; k < kProbes; ++k) SendOk(Spectra(w.id, mat, 0, 10 * k, Lambda(0, k)));
+  SendOk(Done(w.id, mat, 0, true, "abc", R"({"steps":100})"));
+  ASSERT_EQ(StateOf(mat), v1::JOB_STATE_SUCCEEDED);
+  const std::vector<v1::MaskUpdate> mat_masks = w.channel->Masks();
+  ASSERT_EQ(mat_masks.size(), static_cast<size_t>(kProbes));
+  for (const char* kind : {"frozen-random", "inverse"}) {
+    v1::JobSpec spec = Spec(1, "cpu", kind);
+    spec.mutable_policy()->set_rand_schedule_job(mat);
+    const std::string control = Submit(spec);
+    ASSERT_EQ(StateOf(control), v1::JOB_STATE_RUNNING) << kind;
+    SendOk(ModuleList(w.id, control, modules));
+    bool own_would_differ = false;
+    for (int k = 0; k < kProbes; ++k) {
+      // Other λ than the MAT job's: the same module ranks reversed.
+      std::vector<double> lambda = Lambda(0, k);
+      std::reverse(lambda.begin(), lambda.end());
+      for (double& x : lambda) x = x * x;
+      SendOk(Spectra(w.id, control, 0, 10 * k, lambda));
+      const v1::MaskUpdate mask = w.channel->Masks().back();
+      ASSERT_EQ(mask.effective_step(), 10 * k) << kind;
+      EXPECT_EQ(CountsByGroup(mask, modules), CountsByGroup(mat_masks[k], modules))
+          << kind << " step " << 10 * k;
+      own_would_differ = own_would_differ || mask.bits() != mat_masks[k].bits();
+    }
+    EXPECT_TRUE(own_would_differ) << kind << " copied the MAT job's masks";
+    SendOk(Done(w.id, control, 0, true, "def", R"({"steps":100})"));
+    EXPECT_EQ(StateOf(control), v1::JOB_STATE_SUCCEEDED) << kind;
+  }
+}
+
 // The replayed MAT job trained another model (other group sizes): the rand job fails at its
 // ModuleList with a message naming both jobs, and its worker is told to stop.
 TEST_F(WorkerSessionsTest, ARandJobReplayingAJobWithOtherModulesFailsNamingBoth) {

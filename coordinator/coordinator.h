@@ -279,6 +279,12 @@ class Coordinator {
   // kept across a coordinator restart whose ranks are not all re-attached 10 intervals after
   // the start restarts the same way ("... did not reconnect").
   void CheckHeartbeats();
+  // OK, or UNAVAILABLE while the end of a job could not be stored ("job job-000002 ended FAILED
+  // but the store refused it: sqlite: ... database or disk is full; ..."): the job still reads
+  // RUNNING in the store, its workers were told to stop. CheckHeartbeats tries to store each
+  // such end again, until it is stored or the job has ended otherwise. /readyz answers 503 with
+  // this message meanwhile.
+  absl::Status UnstoredEnds() const;
   // Starts every QUEUED job that can start now (see the protocol's gang scheduling). Called by
   // SubmitJob, OpenSession and whenever a worker becomes idle; public for tests.
   void Schedule();
@@ -379,10 +385,17 @@ class Coordinator {
   // runtime is dropped. No-op for a job without runtime.
   void DetachJob(const std::string& job_id, const std::string& message, bool cancel,
                  const std::string& except_worker);
-  // EndJob(FAILED, message), and when the store refuses, DetachJob anyway (the job stays
-  // RUNNING in the store until the next start's Recover fails it) and Schedule.
+  // EndJob(FAILED, message), and when the store refuses, DetachJob anyway and Schedule; the end
+  // is kept (KeepUnstoredEnd) until CheckHeartbeats stores it.
   void FailJob(const std::string& job_id, const std::string& message,
                const std::string& except_worker = "");
+  // The store refused to end `job_id` in `state` (FAILED or SUCCEEDED): logged once, kept in
+  // unstored_ends_ and tried again by CheckHeartbeats (StoreUnstoredEnds).
+  void KeepUnstoredEnd(const std::string& job_id, v1::JobState state, const std::string& message,
+                       const absl::Status& refused);
+  // Stores the kept ends that the store now takes (logged); drops those whose job has ended
+  // otherwise (a state that cannot move to theirs).
+  void StoreUnstoredEnds();
   // A session ended (closed or lost): forgets it and restarts its job with "<worker> (rank R)
   // lost: <why>". Returns the session's channel (null when the worker had none).
   std::shared_ptr<WorkerChannel> DropSession(const std::string& worker_id, const std::string& why);
@@ -424,6 +437,13 @@ class Coordinator {
   GangScheduler scheduler_;
   // RUNNING jobs started (or kept) by this Coordinator, by id.
   std::map<std::string, JobRuntime> running_;
+  // Ended jobs whose end the store refused (a full disk): tried again by CheckHeartbeats.
+  struct UnstoredEnd {
+    v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
+    std::string message;  // the job's error message
+    absl::Status refused;  // the store's latest answer
+  };
+  std::map<std::string, UnstoredEnd> unstored_ends_;
   // When the worker message being handled entered HandleWorkerMessage (mask latency).
   std::chrono::steady_clock::time_point handling_since_{};
 };

@@ -299,8 +299,12 @@ HttpResponse CoordinatorDaemon::Health(bool readiness) {
   // unanswered (or broken) and the deadline answers.
   auto answer = std::make_shared<std::promise<absl::Status>>();
   std::future<absl::Status> result = answer->get_future();
-  boost::asio::post(loop_,
-                    [this, answer] { answer->set_value(coordinator_->store().CheckFile()); });
+  boost::asio::post(loop_, [this, answer, readiness] {
+    absl::Status st = coordinator_->store().CheckFile();
+    // Liveness stays OK: a restart would not make a full disk writable.
+    if (st.ok() && readiness) st = coordinator_->UnstoredEnds();
+    answer->set_value(st);
+  });
   absl::Status status = absl::DeadlineExceededError(
       absl::StrCat("coordinator loop did not answer within ", config_.health_timeout_ms, " ms"));
   if (result.wait_for(std::chrono::milliseconds(config_.health_timeout_ms)) ==

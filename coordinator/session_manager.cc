@@ -178,9 +178,7 @@ std::optional<SessionManager::Dropped> SessionManager::Drop(const std::string& w
   sessions_.erase(it);
   if (metrics_ != nullptr) metrics_->worker_heartbeat_age_seconds.Remove({worker_id});
   UpdateGauges();
-  if (absl::Status st = store_.TouchWorker(worker_id); !st.ok()) {
-    spdlog::warn("worker {}: cannot store last_seen: {}", worker_id, st.ToString());
-  }
+  NoteLastSeenStored(worker_id, store_.TouchWorker(worker_id));
   return dropped;
 }
 
@@ -223,11 +221,20 @@ void SessionManager::SendCancel(const std::string& worker_id, const std::string&
 void SessionManager::PersistLastSeen(const std::string& worker_id, Session& session, bool force) {
   const int64_t now_ms = clock_.NowMs();
   if (!force && now_ms - session.last_persisted_ms < kLastSeenPersistMs) return;
-  if (absl::Status st = store_.TouchWorker(worker_id); !st.ok()) {
-    spdlog::warn("worker {}: cannot store last_seen: {}", worker_id, st.ToString());
-    return;
+  absl::Status st = store_.TouchWorker(worker_id);
+  NoteLastSeenStored(worker_id, st);
+  if (st.ok()) session.last_persisted_ms = now_ms;
+}
+
+void SessionManager::NoteLastSeenStored(const std::string& worker_id, const absl::Status& stored) {
+  if (!stored.ok() && !last_seen_failing_) {
+    spdlog::warn("worker {}: cannot store last_seen: {} (not logged again for any worker until "
+                 "a last_seen is stored)",
+                 worker_id, stored.ToString());
+  } else if (stored.ok() && last_seen_failing_) {
+    spdlog::info("worker {}: last_seen is stored again", worker_id);
   }
-  session.last_persisted_ms = now_ms;
+  last_seen_failing_ = !stored.ok();
 }
 
 // ----- heartbeats and idle workers -----

@@ -131,6 +131,9 @@ class SessionManager {
   };
   // Writes last_seen to the store when `force` or kLastSeenPersistMs passed since the last write.
   void PersistLastSeen(const std::string& worker_id, Session& session, bool force);
+  // Logs the first failure to store a last_seen (not each heartbeat's: a full disk refuses
+  // them all, every second) and the first success after failures.
+  void NoteLastSeenStored(const std::string& worker_id, const absl::Status& stored);
   // mat_coordinator_workers from workers_ and sessions_.
   void UpdateGauges();
 
@@ -142,6 +145,7 @@ class SessionManager {
   std::map<std::string, WorkerRecord> workers_;
   // Open sessions by worker id (id order = scheduling order).
   std::map<std::string, Session> sessions_;
+  bool last_seen_failing_ = false;  // the latest last_seen write failed (NoteLastSeenStored)
 };
 
 }  // namespace mat::coordinator

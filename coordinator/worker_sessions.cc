@@ -119,7 +119,7 @@ void Coordinator::KeepJob(const JobRecord& job) {
     spdlog::info("job {}: every rank had finished before the restart", job.id);
     jobs_.RecordSummaryMetrics(job.id, job.summary_json);
     if (absl::Status st = EndJob(job.id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
-      spdlog::error("job {}: cannot store its success: {}", job.id, st.ToString());
+      KeepUnstoredEnd(job.id, v1::JOB_STATE_SUCCEEDED, "", st);
       running_.erase(job.id);
     }
     return;
@@ -324,6 +324,7 @@ void Coordinator::CheckHeartbeats() {
     }
   }
   for (const auto& [id, why] : overdue) RestartJob(id, why);
+  StoreUnstoredEnds();
 }
 
 // ----- scheduling -----
@@ -417,9 +418,50 @@ void Coordinator::FailJob(const std::string& job_id, const std::string& message,
                           const std::string& except_worker) {
   absl::Status st = EndJob(job_id, v1::JOB_STATE_FAILED, message, except_worker);
   if (st.ok()) return;
-  spdlog::error("job {}: cannot store its failure ({}): {}", job_id, message, st.ToString());
+  KeepUnstoredEnd(job_id, v1::JOB_STATE_FAILED, message, st);
   DetachJob(job_id, message, /*cancel=*/true, except_worker);
   Schedule();
+}
+
+// ----- ends the store refused -----
+
+void Coordinator::KeepUnstoredEnd(const std::string& job_id, v1::JobState state,
+                                  const std::string& message, const absl::Status& refused) {
+  spdlog::error("job {}: cannot store its end ({}{}{}): {}; it reads RUNNING until the store "
+                "takes it (tried again every {} ms; /readyz is 503 meanwhile)",
+                job_id, JobStateName(state), message.empty() ? "" : ": ", message,
+                refused.ToString(), options_.heartbeat_interval_ms);
+  unstored_ends_[job_id] = UnstoredEnd{state, message, refused};
+}
+
+void Coordinator::StoreUnstoredEnds() {
+  for (auto it = unstored_ends_.begin(); it != unstored_ends_.end();) {
+    const std::string& job_id = it->first;
+    UnstoredEnd& end = it->second;
+    absl::Status st = UpdateJobState(job_id, end.state, end.message);
+    if (st.ok()) {
+      spdlog::info("job {}: its end ({}) is stored now", job_id, JobStateName(end.state));
+    } else if (absl::IsFailedPrecondition(st) || absl::IsNotFound(st)) {
+      // Ended otherwise meanwhile (cancelled, or failed by a restarted coordinator's Recover).
+      spdlog::info("job {}: its end ({}) is not stored: the job ended otherwise ({})", job_id,
+                   JobStateName(end.state), st.ToString());
+    } else {
+      end.refused = st;
+      ++it;
+      continue;
+    }
+    it = unstored_ends_.erase(it);
+  }
+}
+
+absl::Status Coordinator::UnstoredEnds() const {
+  if (unstored_ends_.empty()) return absl::OkStatus();
+  const auto& [job_id, end] = *unstored_ends_.begin();
+  return absl::UnavailableError(absl::StrCat(
+      "the state store refuses to record the end of ", unstored_ends_.size(), " job(s): job ",
+      job_id, " ended ", JobStateName(end.state), " but the store refused it: ",
+      end.refused.message(), " (the coordinator tries again every ",
+      options_.heartbeat_interval_ms, " ms)"));
 }
 
 }  // namespace mat::coordinator

@@ -506,7 +506,7 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
     }
   }
   if (absl::Status st = EndJob(job_id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
-    spdlog::error("job {}: cannot store its success: {}", job_id, st.ToString());
+    KeepUnstoredEnd(job_id, v1::JOB_STATE_SUCCEEDED, "", st);
     DetachJob(job_id, "", /*cancel=*/false, "");
     Schedule();
   }

@@ -4,14 +4,18 @@
 // (open, touch, drop), which workers are idle or silent (exactly 3 intervals is not yet silent),
 // the live worker list, the workers gauge, and last_seen written at most every 5 s.
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_store.h"
 #include "coordinator/session_manager.h"
+#include "spdlog/sinks/ostream_sink.h"
+#include "spdlog/spdlog.h"
 #include "tests/testing/fake_worker_channel.h"
 #include "tests/testing/manual_clock.h"
 #include "tests/testing/temp_dir.h"
@@ -179,6 +183,47 @@ TEST_F(SessionManagerTest, ListIsLiveAndLastSeenIsStoredAtMostEveryFiveSeconds) 
   list = sessions_->List();
   EXPECT_EQ(list->workers(0).state(), v1::WORKER_STATE_BUSY);
   EXPECT_EQ(list->workers(0).job_id(), "job-000004");
+}
+
+// A full state disk refuses every last_seen write, one per worker per heartbeat: the log said so
+// every second for every worker. Now the first failure is logged, and the recovery.
+TEST_F(SessionManagerTest, LastSeenThatCannotBeStoredIsLoggedOnceAndItsRecoveryOnce) {
+  const std::string a = Register("cpu");
+  const std::string b = Register("cpu");
+  Open(a);
+  Open(b);
+  auto sql = [this](const char* text) {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(JobStore::DatabasePath(tmp_.path() + "/state").c_str(), &db),
+              SQLITE_OK);
+    EXPECT_EQ(sqlite3_exec(db, text, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+    sqlite3_close(db);
+  };
+  std::ostringstream out;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_st>(out)));
+  sql("CREATE TRIGGER full_disk BEFORE UPDATE ON workers "
+      "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");
+  for (int i = 0; i < 5; ++i) {
+    sessions_->SetJob(a, i % 2 ? "job-000001" : "", 0);  // each one writes last_seen
+    sessions_->SetJob(b, i % 2 ? "job-000002" : "", 0);
+  }
+  sql("DROP TRIGGER full_disk");
+  sessions_->SetJob(b, "", 0);
+  sessions_->SetJob(a, "", 0);
+  spdlog::set_default_logger(previous);
+  const std::string log = out.str();
+  size_t failures = 0;
+  for (size_t at = log.find("cannot store last_seen"); at != std::string::npos;
+       at = log.find("cannot store last_seen", at + 1)) {
+    ++failures;
+  }
+  EXPECT_EQ(failures, 1u) << log;
+  EXPECT_THAT(log, HasSubstr("worker " + a + ": cannot store last_seen: "));
+  EXPECT_THAT(log, HasSubstr("database or disk is full"));
+  EXPECT_THAT(log, HasSubstr("worker " + b + ": last_seen is stored again"));
+  EXPECT_EQ(log.find("stored again"), log.rfind("stored again")) << log;
 }
 
 TEST_F(SessionManagerTest, LoadKnowsTheStoredWorkersAfterARestart) {

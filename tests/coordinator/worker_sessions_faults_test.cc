@@ -5,6 +5,8 @@
 // restart on the same state dir that keeps running jobs.
 #include "tests/coordinator/worker_sessions_fixture.h"
 
+#include <sqlite3.h>
+
 namespace mat::coordinator {
 namespace {
 
@@ -52,6 +54,70 @@ TEST_F(WorkerSessionsTest, NonFiniteLambdaFailsOnlyThatJobAndCancelsItsRanks) {
   st = Send(Spectra(other.id, other_job, 0, 10, inf));
   EXPECT_THAT(st.message(), HasSubstr("module 9 (layer1.head4): lambda is inf"));
   EXPECT_EQ(StateOf(other_job), v1::JOB_STATE_FAILED);
+}
+
+// Runs `sql` on the coordinator's database through a connection of its own (as an operator's
+// sqlite3 shell would).
+void RawSql(const std::string& state_dir, const std::string& sql) {
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(JobStore::DatabasePath(state_dir).c_str(), &db), SQLITE_OK);
+  char* error = nullptr;
+  const int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error);
+  EXPECT_EQ(rc, SQLITE_OK) << (error != nullptr ? error : "");
+  sqlite3_free(error);
+  sqlite3_close(db);
+}
+
+// A full state disk when a job fails: the job is stopped anyway, and its failure, which the
+// store refused, was lost: the job read RUNNING for good and /readyz said ready. Now the end is
+// kept, /readyz (UnstoredEnds) says why it is not ready, and once the store takes writes again
+// the next heartbeat check stores it.
+TEST_F(WorkerSessionsTest, AnEndTheStoreRefusesIsKeptAndStoredOnceTheStoreTakesIt) {
+  Worker w = AddWorker();
+  const std::string job = Submit(Spec(1));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  SendOk(ModuleList(w.id, job));
+  // The store refuses every job end, as a full disk would.
+  RawSql(dir_ + "/state",
+         "CREATE TRIGGER full_disk BEFORE UPDATE OF state ON jobs WHEN NEW.state IN "
+         "('FAILED', 'SUCCEEDED') BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");
+  std::vector<double> bad = Lambda(0, 0);
+  bad[3] = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_EQ(Send(Spectra(w.id, job, 0, 0, bad)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);  // what the store still says
+  ASSERT_EQ(w.channel->Cancels().size(), 1u);        // but the job is stopped
+  EXPECT_EQ(WorkerInfoOf(w.id).state(), v1::WORKER_STATE_IDLE);
+  absl::Status ready = coordinator_->UnstoredEnds();
+  EXPECT_EQ(ready.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(ready.message()),
+              HasSubstr("job job-000001 ended FAILED but the store refused it: "));
+  EXPECT_THAT(std::string(ready.message()), HasSubstr("database or disk is full"));
+
+  coordinator_->CheckHeartbeats();  // still refused: kept
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  EXPECT_FALSE(coordinator_->UnstoredEnds().ok());
+
+  RawSql(dir_ + "/state", "DROP TRIGGER full_disk");
+  coordinator_->CheckHeartbeats();
+  const v1::Job stored = GetJob(job).job();
+  EXPECT_EQ(stored.state(), v1::JOB_STATE_FAILED);
+  EXPECT_THAT(stored.error_message(), HasSubstr("module 3 (layer0.head3): lambda is nan"));
+  EXPECT_TRUE(coordinator_->UnstoredEnds().ok()) << coordinator_->UnstoredEnds();
+
+  // An end kept for a job that then ends otherwise (a cancel once the store works) is dropped.
+  const std::string second = Submit(Spec(1));
+  ASSERT_EQ(StateOf(second), v1::JOB_STATE_RUNNING);
+  SendOk(ModuleList(w.id, second));
+  RawSql(dir_ + "/state",
+         "CREATE TRIGGER full_disk BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'FAILED' "
+         "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");
+  EXPECT_FALSE(Send(Spectra(w.id, second, 0, 0, bad)).ok());
+  EXPECT_FALSE(coordinator_->UnstoredEnds().ok());
+  ASSERT_TRUE(coordinator_->CancelJob(second, "by hand").ok());
+  RawSql(dir_ + "/state", "DROP TRIGGER full_disk");
+  coordinator_->CheckHeartbeats();
+  EXPECT_EQ(StateOf(second), v1::JOB_STATE_CANCELLED);
+  EXPECT_TRUE(coordinator_->UnstoredEnds().ok());
 }
 
 TEST_F(WorkerSessionsTest, RankDoneOnEveryRankSucceedsWithSummaryAndChecksums) {

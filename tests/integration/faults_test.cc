@@ -21,6 +21,7 @@
 // test that needs it). Detection and recovery times are printed (RecordProperty and stdout).
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 #include <glob.h>
+#include <sqlite3.h>
 
 #include <optional>
 #include <random>
@@ -28,6 +29,7 @@
 
 #include "nlohmann/json.hpp"
 #include "tests/integration/harness.h"
+#include "tests/integration/probes.h"
 
 namespace mat {
 namespace {
@@ -273,6 +275,45 @@ TEST_F(FaultsTest, AWorkerStoppedWithSigtermRestartsItsJobNamingTheSignal) {
               ::testing::HasSubstr("session ended: the worker is shutting down (SIGTERM)"));
   CommandResult cancel = Matctl(address_, {"cancel", job});
   EXPECT_EQ(cancel.exit_code, 0) << cancel.err;
+}
+
+// The state disk refuses the job's end (a trigger stands in for a full disk): the coordinator
+// says so on /readyz (503, naming the job) and stores the end by itself once the store takes
+// writes again. It used to leave the job RUNNING for good and answer "ready".
+TEST_F(FaultsTest, AJobEndTheStoreRefusesMakesTheCoordinatorUnreadyUntilItIsStored) {
+  StartCoordinator();
+  StartFaultWorker("w1");
+  auto sql = [this](const std::string& text) {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((state_dir_ + "/coordinator.db").c_str(), &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    EXPECT_EQ(sqlite3_exec(db, text.c_str(), nullptr, nullptr, nullptr), SQLITE_OK)
+        << sqlite3_errmsg(db);
+    sqlite3_close(db);
+  };
+  sql("CREATE TRIGGER full_disk BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'SUCCEEDED' "
+      "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");
+  std::string yaml = FaultJobYaml();
+  yaml = std::regex_replace(yaml, std::regex("steps: 120"), "steps: 20");
+  yaml = std::regex_replace(yaml, std::regex("workers: 2"), "workers: 1");
+  const std::string job = Submit(WriteJob("one.yaml", yaml));
+  const auto deadline = Clock::now() + 120s;
+  while (ReadText(coordinator_log_ + ".err").find("cannot store its end (SUCCEEDED") ==
+             std::string::npos &&
+         Clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+  }
+  auto readyz = probes::HttpGet(metrics_address_, "/readyz");
+  EXPECT_EQ(readyz.status, 503) << readyz.raw << Logs();
+  EXPECT_THAT(readyz.body, HasSubstr("job " + job + " ended SUCCEEDED but the store refused it"));
+  EXPECT_EQ(probes::HttpGet(metrics_address_, "/healthz").status, 200) << "liveness stays OK";
+  CommandResult status = Matctl(address_, {"status", job, "-o", "json"});
+  EXPECT_EQ(json::parse(status.out)["state"], "RUNNING") << status.out;
+
+  sql("DROP TRIGGER full_disk");
+  json s = WaitFor(job, [](const json& j) { return j["state"] == "SUCCEEDED"; }, 10s);
+  EXPECT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  EXPECT_EQ(probes::HttpGet(metrics_address_, "/readyz").status, 200);
 }
 
 TEST_F(FaultsTest, TheCoordinatorKilledThreeTimesLosesNothing) {

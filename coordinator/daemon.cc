@@ -181,9 +181,9 @@ absl::Status CoordinatorDaemon::StartGrpc(std::shared_ptr<grpc::ServerCredential
     return absl::UnavailableError(absl::StrCat(
         "cannot listen for gRPC on '", config_.listen_address, "'",
         config_.tls_cert_file.empty()
-            ? ": is the port taken?"
-            : ": is the port taken, or is --tls-key not the key of --tls-cert? (gRPC's own "
-              "line above says which)"));
+            ? ": is the port taken, or the address not one of this machine's?"
+            : ": is the port taken, the address not one of this machine's, or --tls-key not "
+              "the key of --tls-cert? (gRPC's own line above says which)"));
   }
   grpc_address_ = JoinHostPort(host, port);
   spdlog::info("listening on {} (gRPC: JobService, WorkerService, health, reflection; {})",
@@ -365,7 +365,8 @@ void CoordinatorDaemon::Shutdown() {
     std::remove(AddressFilePath(config_.state_dir).c_str());
     std::remove(MetricsAddressFilePath(config_.state_dir).c_str());
   }
-  spdlog::info("coordinator stopped");
+  // A daemon that never listened did not start: its error says so, not "stopped".
+  if (!grpc_address_.empty()) spdlog::info("coordinator stopped");
 }
 
 }  // namespace mat::coordinator

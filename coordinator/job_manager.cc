@@ -91,6 +91,7 @@ JobManager::JobManager(JobStore& store, const Clock& clock, CoordinatorMetrics* 
     for (const JobRecord& job : page->jobs) {
       if (IsTerminalJobState(job.state)) {
         ++terminal_job_counts_[job.state];
+        RestoreFinishedSeries(job);
       } else {
         live_job_states_[job.id] = job.state;
       }
@@ -98,6 +99,22 @@ JobManager::JobManager(JobStore& store, const Clock& clock, CoordinatorMetrics* 
     token = page->next_page_token;
   } while (!token.empty());
   UpdateJobGauges();
+}
+
+void JobManager::RestoreFinishedSeries(const JobRecord& job) {
+  const int64_t age_seconds = std::max<int64_t>(0, clock_.Now() - job.updated_unix_seconds);
+  if (age_seconds >= options_.metrics_retention_seconds) return;
+  // Expires when it would have without the restart.
+  finished_job_ms_[job.id] = clock_.NowMs() - age_seconds * 1000;
+  if (job.step > 0) metrics_->job_step.Set({job.id}, static_cast<double>(job.step));
+  if (job.step > 0) metrics_->job_loss.Set({job.id, "train"}, job.train_loss);
+  if (job.val_loss.has_value()) metrics_->job_loss.Set({job.id, "val"}, *job.val_loss);
+  if (job.test_loss.has_value()) metrics_->job_loss.Set({job.id, "test"}, *job.test_loss);
+  if (job.flops_total > 0) metrics_->job_flops_total.SetIfGreater({job.id}, job.flops_total);
+  if (job.total_modules > 0) {
+    metrics_->job_active_modules.Set({job.id}, static_cast<double>(job.active_modules));
+  }
+  RecordSummaryMetrics(job.id, job.summary_json);
 }
 
 // ----- admission -----

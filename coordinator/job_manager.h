@@ -127,6 +127,11 @@ class JobManager {
   void Publish(const v1::JobEvent& event, bool last);
   // Records a job's new state for mat_coordinator_jobs (a finished job's series expire later).
   void NoteJobState(const std::string& job_id, v1::JobState state);
+  // At start: the job-level series (step, losses, FLOPs, active modules, the summary's) of a job
+  // that finished less than metrics_retention_seconds ago (by its stored updated_unix_seconds),
+  // expiring when they would have without the restart. The per-module series (λ, threshold,
+  // module_active) are not restored.
+  void RestoreFinishedSeries(const JobRecord& job);
   void UpdateJobGauges();
 
   JobStore& store_;

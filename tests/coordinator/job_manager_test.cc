@@ -237,6 +237,47 @@ TEST_F(JobManagerTest, JobCountsStartFromTheStoreAndFinishedSeriesExpire) {
   EXPECT_FALSE(metrics_.job_step.Exists({ending}));
 }
 
+// A coordinator restart dropped every finished job's series, though the retention promised
+// them (a dashboard's baseline-job picker lost the job). The new manager restores the job-level
+// series of the jobs that ended within the retention, from the store, expiring on time.
+TEST_F(JobManagerTest, ARestartKeepsTheSeriesOfJobsThatEndedWithinTheRetention) {
+  const std::string old_job = Submit();
+  ASSERT_TRUE(jobs_->UpdateState(old_job, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(jobs_->UpdateState(old_job, v1::JOB_STATE_SUCCEEDED).ok());
+  time_.unix_seconds += 100;  // beyond the 60 s retention
+  const std::string recent = Submit();
+  ASSERT_TRUE(jobs_->UpdateState(recent, v1::JOB_STATE_RUNNING).ok());
+  JobProgressUpdate progress;
+  progress.step = 40;
+  progress.train_loss = 5.5;
+  progress.val_loss = 5.25;
+  progress.test_loss = 5.125;
+  progress.flops_total = 8e9;
+  ASSERT_TRUE(store_->UpdateJobProgress(recent, progress).ok());
+  ASSERT_TRUE(store_->SetJobSummary(recent, R"({"world_size": 2, "flops_saved": 1e9})").ok());
+  ASSERT_TRUE(jobs_->UpdateState(recent, v1::JOB_STATE_SUCCEEDED).ok());
+  time_.unix_seconds += 20;
+  time_.ms += 20'000;
+
+  jobs_.reset();  // a coordinator restart: new metrics, a new manager
+  CoordinatorMetrics fresh;
+  JobManager again(*store_, clock_, &fresh, JobManagerOptions{{}, 0, 60});
+  EXPECT_EQ(fresh.job_step.Value({recent}), 40);
+  EXPECT_EQ(fresh.job_loss.Value({recent, "train"}), 5.5);
+  EXPECT_EQ(fresh.job_loss.Value({recent, "val"}), 5.25);
+  EXPECT_EQ(fresh.job_loss.Value({recent, "test"}), 5.125);
+  EXPECT_EQ(fresh.job_flops_total.Value({recent}), 8e9);
+  EXPECT_EQ(fresh.job_flops_saved_total.Value({recent}), 2e9);
+  EXPECT_FALSE(fresh.job_step.Exists({old_job})) << "ended before the retention";
+  time_.ms += 39'000;  // 59 s after its end
+  again.ExpireFinishedSeries();
+  EXPECT_TRUE(fresh.job_step.Exists({recent}));
+  time_.ms += 1'000;
+  again.ExpireFinishedSeries();
+  EXPECT_FALSE(fresh.job_step.Exists({recent}));
+  EXPECT_FALSE(fresh.job_loss.Exists({recent, "val"}));
+}
+
 TEST_F(JobManagerTest, SummaryMetricsTakeThePhasesAndTheSaving) {
   const std::string job = Submit();
   jobs_->RecordSummaryMetrics(

@@ -9,10 +9,9 @@
 #include "common/file_util.h"
 
 namespace mat::api {
-namespace {
 
-// A PEM file's text; errors name the flag and the file.
-absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
+absl::StatusOr<std::string> ReadPemFile(const std::string& flag, const std::string& path,
+                                        PemKind kind) {
   absl::StatusOr<std::string> text = common::ReadFile(path);
   if (!text.ok()) {
     return absl::Status(text.status().code(), absl::StrCat(flag, ": ", text.status().message()));
@@ -20,10 +19,20 @@ absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& 
   if (text->find("-----BEGIN") == std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat(flag, ": '", path, "' holds no PEM data"));
   }
+  // "PRIVATE KEY-----" also matches "RSA PRIVATE KEY" and "EC PRIVATE KEY".
+  constexpr const char* kCertificate = "-----BEGIN CERTIFICATE-----";
+  constexpr const char* kKey = "PRIVATE KEY-----";
+  const bool want_key = kind == PemKind::kPrivateKey;
+  if (text->find(want_key ? kKey : kCertificate) == std::string::npos) {
+    const bool holds_other = text->find(want_key ? kCertificate : kKey) != std::string::npos;
+    return absl::InvalidArgumentError(absl::StrCat(
+        flag, ": '", path, "' holds no ", want_key ? "private key" : "certificate",
+        !holds_other ? ""
+        : want_key   ? " (it holds a certificate: the key is another file)"
+                     : " (it holds a private key: give the certificate's file)"));
+  }
   return text;
 }
-
-}  // namespace
 
 absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
   absl::StatusOr<std::string> text = common::ReadFile(path);
@@ -60,13 +69,13 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
     return grpc::InsecureChannelCredentials();
   }
   grpc::SslCredentialsOptions options;
-  absl::StatusOr<std::string> ca = ReadPem("--tls-ca", files.ca_file);
+  absl::StatusOr<std::string> ca = ReadPemFile("--tls-ca", files.ca_file, PemKind::kCertificate);
   if (!ca.ok()) return ca.status();
   options.pem_root_certs = std::move(*ca);
   if (!files.cert_file.empty()) {
-    absl::StatusOr<std::string> cert = ReadPem("--tls-cert", files.cert_file);
+    absl::StatusOr<std::string> cert = ReadPemFile("--tls-cert", files.cert_file, PemKind::kCertificate);
     if (!cert.ok()) return cert.status();
-    absl::StatusOr<std::string> key = ReadPem("--tls-key", files.key_file);
+    absl::StatusOr<std::string> key = ReadPemFile("--tls-key", files.key_file, PemKind::kPrivateKey);
     if (!key.ok()) return key.status();
     options.pem_cert_chain = std::move(*cert);
     options.pem_private_key = std::move(*key);

@@ -1,6 +1,6 @@
 // Client-side credentials shared by matctl (client/job_client.h) and mat-worker
-// (worker/worker_agent.h): TLS channel credentials from PEM files and the token-file format of
-// coordinator/auth.h. Thread-safety: pure functions; safe from any thread.
+// (worker/worker_agent.h): TLS channel credentials from PEM files (ReadPemFile, which the
+// coordinator's server credentials read too) and the token-file format of coordinator/auth.h. Thread-safety: pure functions; safe from any thread.
 #pragma once
 
 #include <memory>
@@ -26,8 +26,18 @@ struct TlsFiles {
 // that certificate (expired, signed by another CA).
 std::string TlsMismatchHint(const TlsFiles& files, std::string_view error);
 
+// The text of the PEM file `path` given as `flag`, which must hold a certificate or a private
+// key: NOT_FOUND etc. naming the flag and file when it cannot be read, INVALID_ARGUMENT naming
+// them when it holds no PEM data or not the kind asked for ("--tls-ca: 'k.pem' holds no
+// certificate (it holds a private key: give the certificate's file)"). gRPC itself only says
+// "Could not load any root certificate", then that the address list is empty.
+enum class PemKind { kCertificate, kPrivateKey };
+absl::StatusOr<std::string> ReadPemFile(const std::string& flag, const std::string& path,
+                                        PemKind kind);
+
 // Insecure credentials without ca_file; INVALID_ARGUMENT when only one of cert/key is set, when
-// they are set without a CA, or when a file holds no PEM data; errors name the flag
+// they are set without a CA, or when a file holds no PEM data or not its kind (ReadPemFile);
+// errors name the flag
 // (--tls-ca, --tls-cert, --tls-key) and the file.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
     const TlsFiles& files);

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "api/artifacts.h"
+#include "api/credentials.h"
 #include "common/file_util.h"
 #include "spdlog/spdlog.h"
 
@@ -21,19 +22,6 @@ constexpr absl::string_view kBearerPrefix("bearer ");
 const grpc::string_ref* FindMetadata(const ClientMetadata& metadata, absl::string_view key) {
   auto it = metadata.find(grpc::string_ref(key.data(), key.size()));
   return it == metadata.end() ? nullptr : &it->second;
-}
-
-// A PEM file's text; errors name the flag and the file.
-absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
-  absl::StatusOr<std::string> text = common::ReadFile(path);
-  if (!text.ok()) {
-    return absl::Status(text.status().code(), absl::StrCat(flag, ": ", text.status().message()));
-  }
-  if (text->find("-----BEGIN") == std::string::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(flag, ": '", path, "' holds no PEM data"));
-  }
-  return text;
 }
 
 }  // namespace
@@ -159,15 +147,18 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
   }
   grpc::SslServerCredentialsOptions options;
   grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-  absl::StatusOr<std::string> cert = ReadPem("--tls-cert", cert_file);
+  absl::StatusOr<std::string> cert =
+      api::ReadPemFile("--tls-cert", cert_file, api::PemKind::kCertificate);
   if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadPem("--tls-key", key_file);
+  absl::StatusOr<std::string> key =
+      api::ReadPemFile("--tls-key", key_file, api::PemKind::kPrivateKey);
   if (!key.ok()) return key.status();
   pair.cert_chain = std::move(*cert);
   pair.private_key = std::move(*key);
   options.pem_key_cert_pairs.push_back(std::move(pair));
   if (!ca_file.empty()) {
-    absl::StatusOr<std::string> ca = ReadPem("--tls-ca", ca_file);
+    absl::StatusOr<std::string> ca =
+        api::ReadPemFile("--tls-ca", ca_file, api::PemKind::kCertificate);
     if (!ca.ok()) return ca.status();
     options.pem_root_certs = std::move(*ca);
     options.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;

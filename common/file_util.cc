@@ -64,6 +64,20 @@ absl::Status MakeDirs(const std::string& path) {
   return absl::OkStatus();
 }
 
+absl::Status CheckWritableDir(const std::string& dir) {
+  std::string path = dir + "/.mat-write-check-XXXXXX";
+  const int fd = ::mkstemp(path.data());
+  auto failed = [&dir](int err) {
+    return absl::ErrnoToStatus(err, absl::StrCat("cannot write in '", dir, "'"));
+  };
+  if (fd < 0) return failed(errno);
+  const bool wrote = ::write(fd, "x", 1) == 1;
+  const int err = errno;
+  ::close(fd);
+  ::unlink(path.c_str());
+  return wrote ? absl::OkStatus() : failed(err);
+}
+
 absl::StatusOr<int> LockDirectory(const std::string& dir, const std::string& owner) {
   const std::string path = dir + "/LOCK";
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);

@@ -19,6 +19,11 @@ absl::Status WriteFileAtomic(const std::string& path, const std::string& data);
 // Creates a directory and its parents (like mkdir -p).
 absl::Status MakeDirs(const std::string& path);
 
+// OK when this process can create, write and remove a file in the directory `dir` (a short-lived
+// hidden file); otherwise the errno's code naming the directory ("cannot write in 'DIR': Read-only
+// file system"). For a folder a daemon writes much later (checkpoints), checked at its start.
+absl::Status CheckWritableDir(const std::string& dir);
+
 // Takes an exclusive advisory lock (flock) on `dir`/LOCK, creating the file: one process per
 // directory. Returns the descriptor, which holds the lock until the caller closes it (the kernel
 // releases it when the process dies). FAILED_PRECONDITION "'DIR' is in use by another OWNER"

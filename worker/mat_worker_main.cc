@@ -30,7 +30,8 @@ struct Flags {
 };
 
 void AddFlags(CLI::App& app, Flags& f) {
-  app.footer("Exit status: 0 after SIGTERM/SIGINT or a drain, 2 for bad flags, 78 when the "
+  app.footer("Exit status: 0 after SIGTERM/SIGINT (its rank's job restarts elsewhere; this is how "
+             "to drain a worker), 2 for bad flags, 78 when the "
              "coordinator refuses this worker for good (UNAUTHENTICATED or PERMISSION_DENIED: a "
              "missing or wrong --join-token-file), 1 for any other error.");
   app.add_option("--coordinator", f.config.coordinator_address, "coordinator HOST:PORT")

@@ -9,6 +9,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "api/credentials.h"
+#include "api/grpc_status.h"
 #include "common/file_util.h"
 #include "common/net_util.h"
 #include "common/status.h"
@@ -51,7 +52,14 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
         "--artifact-piece-bytes ", config.artifact_piece_bytes, " is not in 1..4194304"));
   }
   MAT_RETURN_IF_ERROR(common::MakeDirs(config.work_dir));
-  if (!config.checkpoint_dir.empty()) MAT_RETURN_IF_ERROR(common::MakeDirs(config.checkpoint_dir));
+  if (!config.checkpoint_dir.empty()) {
+    // Otherwise the worker registers IDLE and fails every job it gets, at its first checkpoint.
+    absl::Status st = common::MakeDirs(config.checkpoint_dir);
+    if (st.ok()) st = common::CheckWritableDir(config.checkpoint_dir);
+    if (!st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("--checkpoint-dir: ", st.message()));
+    }
+  }
   if (config.rendezvous_port == 0) {
     MAT_ASSIGN_OR_RETURN(config.rendezvous_port, common::PickFreePort(/*loopback_only=*/false));
   }
@@ -212,7 +220,9 @@ absl::Status WorkerAgent::Run() {
 }
 
 bool WorkerAgent::RegisterLoop() {
-  bool warned = false;
+  // The error last logged: a new line when it changes (the coordinator came back serving TLS, say,
+  // after "Connection refused"), none while it repeats.
+  std::string warned;
   while (!stopping_.load()) {
     v1::RegisterRequest request;
     request.set_worker_id(worker_id());
@@ -246,14 +256,15 @@ bool WorkerAgent::RegisterLoop() {
       stopping_.store(true);
       return false;
     }
-    if (!warned) {
-      spdlog::warn("cannot register with the coordinator at {} ({}){}; retrying every {} ms",
-                   config_.coordinator_address, status.error_message(),
-                   api::TlsMismatchHint(api::TlsFiles{config_.tls_ca_file, config_.tls_cert_file,
-                                                      config_.tls_key_file},
-                                        status.error_message()),
-                   config_.reconnect_interval.count());
-      warned = true;
+    const std::string error = absl::StrCat(
+        status.error_message(),
+        api::TlsMismatchHint(
+            api::TlsFiles{config_.tls_ca_file, config_.tls_cert_file, config_.tls_key_file},
+            status.error_message()));
+    if (error != warned) {
+      spdlog::warn("cannot register with the coordinator at {} ({}); retrying every {} ms",
+                   config_.coordinator_address, error, config_.reconnect_interval.count());
+      warned = error;
     }
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
@@ -329,8 +340,8 @@ void WorkerAgent::SessionLoop() {
   }
   if (RefusedByCoordinator(status, "Session")) return;
   if (!stopping_.load()) {
-    spdlog::warn("session with the coordinator at {} ended: {} {}", config_.coordinator_address,
-                 int(status.error_code()), status.error_message());
+    spdlog::warn("session with the coordinator at {} ended: {}", config_.coordinator_address,
+                 api::StatusLine(api::FromGrpcStatus(status)));
   }
 }
 
@@ -360,11 +371,20 @@ void WorkerAgent::HeartbeatLoop(
 
 void WorkerAgent::ExpireEndedJobSeries() {
   std::lock_guard<std::mutex> lock(mu_);
+  const auto now = std::chrono::steady_clock::now();
+  // Earlier jobs' series, kept for their linger after this worker moved on to another job.
+  for (auto it = lingering_jobs_.begin(); it != lingering_jobs_.end();) {
+    if (now - it->second < config_.metrics_linger) {
+      ++it;
+      continue;
+    }
+    metrics_.registry.RemoveSeriesWithLabel("mat_job", it->first);
+    it = lingering_jobs_.erase(it);
+  }
   if (metrics_job_id_.empty() || runner_ == nullptr || !runner_->done()) {
     rank_ended_at_.reset();
     return;
   }
-  const auto now = std::chrono::steady_clock::now();
   if (!rank_ended_at_) rank_ended_at_ = now;
   if (now - *rank_ended_at_ < config_.metrics_linger) return;
   // Under mu_, so that an Assign of the same job (a restart) cannot interleave.
@@ -396,11 +416,14 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       spdlog::info("assigned rank {}/{} of {} (attempt {})", a.rank(), a.world_size(), a.job_id(),
                    a.attempt());
       {
-        // The previous job's series go, if they have not yet; this job's start afresh.
+        // The previous job's series linger (their final values are still to be scraped) from
+        // when its rank here ended, or now; this job's go on (a restart) or start afresh.
         std::lock_guard<std::mutex> lock(mu_);
         if (!metrics_job_id_.empty() && metrics_job_id_ != a.job_id()) {
-          metrics_.registry.RemoveSeriesWithLabel("mat_job", metrics_job_id_);
+          lingering_jobs_.emplace(metrics_job_id_,
+                                  rank_ended_at_.value_or(std::chrono::steady_clock::now()));
         }
+        lingering_jobs_.erase(a.job_id());
         metrics_job_id_ = a.job_id();
         rank_ended_at_.reset();
       }
@@ -443,12 +466,17 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       return;
     }
     case v1::CoordinatorMessage::kCancel: {
-      spdlog::info("coordinator cancelled {}: {}", message.cancel().job_id(),
-                   message.cancel().reason());
-      std::lock_guard<std::mutex> lock(mu_);
-      if (runner_ != nullptr && runner_->job_id() == message.cancel().job_id()) {
-        runner_->Cancel(message.cancel().reason());
+      const std::string& job_id = message.cancel().job_id();
+      bool again;  // the coordinator repeats a cancel while a stopped rank still uploads
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        const bool ours = runner_ != nullptr && runner_->job_id() == job_id;
+        again = ours ? runner_->cancelled() : job_id == last_cancelled_job_;
+        last_cancelled_job_ = job_id;
+        if (ours) runner_->Cancel(message.cancel().reason());
       }
+      spdlog::log(again ? spdlog::level::debug : spdlog::level::info, "coordinator cancelled {}: {}",
+                  job_id, message.cancel().reason());
       return;
     }
     case v1::CoordinatorMessage::kDrain:
@@ -464,9 +492,11 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
                 (runner_->cancelled() || runner_->done());
       }
       const auto level = ended ? spdlog::level::info : spdlog::level::err;
-      spdlog::log(level, "coordinator refused a message about {}{}: {} (code {})",
-                  message.reject().job_id(), ended ? " (it has ended)" : "",
-                  message.reject().message(), message.reject().code());
+      spdlog::log(level, "coordinator refused a message about {}{}: {}",
+                  message.reject().job_id(), ended ? " (its rank here has stopped)" : "",
+                  api::StatusLine(absl::Status(static_cast<absl::StatusCode>(
+                                                   message.reject().code()),
+                                               message.reject().message())));
       return;
     }
     default:

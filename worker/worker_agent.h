@@ -36,6 +36,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -141,7 +142,8 @@ class WorkerAgent {
   // One session until it ends.
   void SessionLoop();
   void HeartbeatLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream);
-  // Removes the shown job's series once its rank here has been over for config_.metrics_linger.
+  // Removes the shown job's series once its rank here has been over for config_.metrics_linger,
+  // and those of earlier jobs (lingering_jobs_) once theirs have.
   void ExpireEndedJobSeries();
   void Dispatch(const v1::CoordinatorMessage& message);
   bool Send(const v1::WorkerMessage& message);
@@ -155,6 +157,8 @@ class WorkerAgent {
   std::unique_ptr<metrics::HttpServer> http_;   // /metrics; null without a listener
   std::string metrics_address_;
   std::string metrics_job_id_;                  // guarded by mu_; the job whose series are shown
+  // guarded by mu_; earlier jobs whose series still linger -> when their rank here ended
+  std::map<std::string, std::chrono::steady_clock::time_point> lingering_jobs_;
   // guarded by mu_; when the heartbeat thread first saw that job's rank ended (unset: running).
   std::optional<std::chrono::steady_clock::time_point> rank_ended_at_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -174,6 +178,7 @@ class WorkerAgent {
   std::string leaving_reason_;                  // guarded by mu_; the first Shutdown's `why`
   bool left_ = false;                           // guarded by mu_; the Leaving was written (or failed)
   std::unique_ptr<RankRunner> runner_;          // guarded by mu_; set by the reader thread
+  std::string last_cancelled_job_;              // guarded by mu_; the latest Cancel's job
 };
 
 }  // namespace mat::worker

@@ -18,7 +18,7 @@
 //                                              start time; read at each scrape)
 //
 // A job's series are removed --metrics-linger-seconds after its rank here ended (so that the final
-// values are scraped), or when the worker starts a rank of another job, whichever comes first.
+// values are scraped), also when the worker has started a rank of another job meanwhile.
 //
 // Thread-safety: the handles and the registry are thread-safe (metrics/registry.h). Not copyable.
 #pragma once

@@ -1,4 +1,5 @@
-// common/file_util: LockDirectory, one holder per directory; WriteFileAtomic's errors.
+// common/file_util: LockDirectory, one holder per directory; WriteFileAtomic's errors;
+// CheckWritableDir.
 #include "common/file_util.h"
 
 #include <unistd.h>
@@ -45,6 +46,24 @@ TEST(WriteFileAtomicTest, ErrorsCarryTheErrnosCodeAndNameTheFile) {
   EXPECT_NE(onto_dir.message().find("cannot rename"), std::string::npos) << onto_dir;
   EXPECT_TRUE(std::filesystem::is_directory(dir + "/a_directory")) << "left unchanged";
   ASSERT_TRUE(WriteFileAtomic(dir + "/file", "x").ok());
+  std::filesystem::remove_all(dir);
+}
+
+// A folder written much later (a worker's checkpoints) is checked at start.
+TEST(CheckWritableDirTest, OkForAWritableFolderLeavingNothingAndNamesOneItCannotWrite) {
+  const std::string dir = (std::filesystem::temp_directory_path() /
+                           ("mat_writable_test_" + std::to_string(::getpid()))).string();
+  ASSERT_TRUE(MakeDirs(dir).ok());
+  EXPECT_TRUE(CheckWritableDir(dir).ok());
+  EXPECT_TRUE(std::filesystem::is_empty(dir)) << "the probe file is removed";
+  absl::Status missing = CheckWritableDir(dir + "/none");
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound) << missing;
+  EXPECT_NE(missing.message().find("cannot write in '" + dir + "/none'"), std::string::npos)
+      << missing;
+  // Not even root writes in /proc: the check does not depend on who runs the tests.
+  absl::Status proc = CheckWritableDir("/proc");
+  EXPECT_FALSE(proc.ok());
+  EXPECT_NE(proc.message().find("cannot write in '/proc'"), std::string::npos) << proc;
   std::filesystem::remove_all(dir);
 }
 

@@ -79,6 +79,19 @@ TEST_F(LimitsTest, OneWorkerPerWorkDir) {
   EXPECT_EQ(Wait(third, 2s), -1) << "exited: " << ReadText(root_ + "/third.err");
 }
 
+// A --checkpoint-dir it cannot write: the worker registered IDLE and failed every job it got, at
+// its first checkpoint ("cannot create directory ...: Read-only file system"). It now exits 1 at
+// start naming the flag and the folder. (/proc: not writable even by root, who runs CI.)
+TEST_F(LimitsTest, AWorkerWhoseCheckpointDirCannotBeWrittenDoesNotStart) {
+  const pid_t worker = Spawn({testing_loopback::kWorker, "--coordinator", "127.0.0.1:1",
+                              "--work-dir", root_ + "/wc", "--checkpoint-dir", "/proc",
+                              "--threads", "1"},
+                             root_ + "/wc.out", root_ + "/wc.err");
+  ASSERT_GT(worker, 0);
+  EXPECT_EQ(Wait(worker, 15s), 1) << ReadText(root_ + "/wc.err");
+  EXPECT_THAT(ReadText(root_ + "/wc.err"), HasSubstr("--checkpoint-dir: cannot write in '/proc'"));
+}
+
 TEST_F(LimitsTest, DataRootAndJobsPerClient) {
   const std::string data = root_ + "/data";
   fs::create_directories(data + "/wikitext-2");

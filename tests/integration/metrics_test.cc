@@ -308,6 +308,34 @@ TEST_F(MetricsTest, PromtoolAndARealPrometheusAgreeWithTheJob) {
               count, sum, total, active, step);
 }
 
+// A worker that takes another job within the linger keeps the ended job's series until the
+// linger is over (they went at once, before Prometheus had scraped the final values).
+TEST_F(MetricsTest, AnEndedJobsWorkerSeriesLingerWhileTheWorkerRunsTheNextJob) {
+  StartCoordinator();
+  StartWorker("w1", {"--metrics-listen", "127.0.0.1:0", "--metrics-linger-seconds", "300"});
+  const std::string worker_metrics = WaitForLine(root_ + "/w1/worker.metrics.addr", 30s);
+  ASSERT_FALSE(worker_metrics.empty()) << Logs();
+  auto submit = [this](const std::string& name) {
+    std::ofstream(root_ + "/" + name) << JobYaml(20);
+    CommandResult r = Matctl(address_, {"submit", root_ + "/" + name});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.out.substr(0, r.out.find('\n'));
+  };
+  const std::string first = submit("first.yaml");
+  json s = WaitFor(first, [](const json& j) { return j["state"] == "SUCCEEDED"; }, 120s);
+  ASSERT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  const std::string second = submit("second.yaml");
+  std::string body;
+  for (auto end = std::chrono::steady_clock::now() + 60s; std::chrono::steady_clock::now() < end;) {
+    body = probes::HttpGet(worker_metrics, "/metrics").body;
+    if (body.find("mat_worker_step{mat_job=\"" + second + "\"") != std::string::npos) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_THAT(body, HasSubstr("mat_worker_step{mat_job=\"" + second + "\"")) << Logs();
+  EXPECT_THAT(body, HasSubstr("mat_worker_step{mat_job=\"" + first + "\""))
+      << "the first job's series went when the worker took the second";
+}
+
 TEST_F(MetricsTest, TheJobFailedAlertFiresOnARealPrometheus) {
   ASSERT_TRUE(fs::exists(kPrometheus)) << kPrometheus << " missing";
   StartCoordinator();

@@ -76,6 +76,13 @@ absl::Status Trainer::Init() {
                  c.train.threads, cores);
   }
   torch::set_num_threads(c.train.threads > 0 ? int(c.train.threads) : int(cores));
+  const int64_t every = c.policy.probe_every, warmup = c.policy.warmup_steps;
+  if (c.policy.kind != "full" && every > 0 && warmup % every != 0 && warmup < c.train.steps) {
+    // Decisions come only at probe steps: the warm-up lasts until the first one after it.
+    spdlog::warn("policy.warmup_steps {} is not a multiple of policy.probe_every {}: every module "
+                 "trains until the first decision after it, at step {}",
+                 warmup, every, (warmup / every + 1) * every);
+  }
   torch::manual_seed(c.seed);
   // Process-wide switches, set either way so that one run's choice does not leak into the next
   // in the same process. cuBLAS reads its workspace setting when its handle is made, so before
@@ -294,7 +301,8 @@ nlohmann::json Trainer::NominalStepFlops() const {
   const FlopCounts none = task_->NominalStepFlops(B, std::vector<uint8_t>(partition().size(), 0));
   return {{"full", full.total()}, {"full_without_decoder", full.total_without_decoder()},
           {"modules_off", none.total()},
-          {"modules_off_without_decoder", none.total_without_decoder()}};
+          {"modules_off_without_decoder", none.total_without_decoder()},
+          {"backward", config_.policy.backward}};
 }
 
 nlohmann::json Trainer::Summary(double wall_seconds) const {

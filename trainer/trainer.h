@@ -214,7 +214,8 @@ class Trainer {
   absl::StatusOr<nlohmann::json> FinishRun();
   nlohmann::json Summary(double wall_seconds) const;
   // summary.json's "step_flops": {full, full_without_decoder, modules_off,
-  // modules_off_without_decoder}, FLOPs of one nominal step (Summary's comment).
+  // modules_off_without_decoder}, FLOPs of one nominal step (Summary's comment), and "backward"
+  // (policy.backward: what modules_off still computes).
   nlohmann::json NominalStepFlops() const;
 
   config::TrainConfig config_;

@@ -53,7 +53,7 @@ absl::Status Trainer::PrepareRun() {
       if (std::filesystem::remove(options_.out_dir + "/" + f, error)) replaced.push_back(f);
     }
     if (!replaced.empty()) {
-      spdlog::warn("{} held an earlier run's {}: replaced by this run (--resume continues one)",
+      spdlog::warn("{} held an earlier run's {}: replaced by this fresh run (mat-train --resume would have continued it)",
                    options_.out_dir, absl::StrJoin(replaced, ", "));
     }
   }

@@ -286,6 +286,25 @@ TEST_F(MatTrainCliTest, MatRunWritesConsistentSummaryMetricsAndDecisions) {
     EXPECT_TRUE(d.contains("trace")) << "step " << d.value("step", -1);
 }
 
+// policy.warmup_steps 12 with probes every 5: decisions come at probe steps, so every module
+// trained to step 15. The run says so; the decisions show it (none masks before 15).
+TEST_F(MatTrainCliTest, AWarmupBetweenProbesIsNamedWithTheStepItReallyEnds) {
+  RunResult r = Run(With(TinyArgs("warmup12"), {"policy.warmup_steps=12", "policy.alpha=0.9"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, ::testing::HasSubstr(
+                         "policy.warmup_steps 12 is not a multiple of policy.probe_every 5: "
+                         "every module trains until the first decision after it, at step 15"));
+  int64_t first_policy = -1;
+  for (const json& d : ReadJsonl(root() / "warmup12" / "decisions.jsonl")) {
+    if (d["phase"] == "policy" && first_policy < 0) first_policy = d["step"].get<int64_t>();
+  }
+  EXPECT_EQ(first_policy, 15);
+  RunResult aligned = Run(With(TinyArgs("warmup10"), {"train.steps=12"}));
+  ASSERT_EQ(aligned.exit_code, 0) << aligned.err;
+  EXPECT_EQ(aligned.err.find("is not a multiple of policy.probe_every"), std::string::npos)
+      << aligned.err;
+}
+
 TEST_F(MatTrainCliTest, FullPolicySpendsNoSpectralFlops) {
   RunResult r = Run(With(TinyArgs("full"), {"policy.kind=full"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;

@@ -155,6 +155,7 @@ TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   EXPECT_GT(off, 0.5 * full);
   EXPECT_LT(full_wo, full);
   EXPECT_NEAR(full - off, full_wo - off_wo, 1e-9 * full);
+  EXPECT_EQ(sf["backward"], c.policy.backward);  // what the floor assumes
   // Masking saved less than switching every module off after the warm-up would have (the
   // modules' weight gradients do not depend on the batch's masked-token count).
   EXPECT_GT((*s)["flops_saved"].get<double>(), 0);

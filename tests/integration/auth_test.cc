@@ -253,7 +253,7 @@ TEST_F(AuthTest, TlsAndMutualTls) {
   ASSERT_GT(mismatched, 0);
   EXPECT_EQ(Wait(mismatched, 30s), 1);
   EXPECT_THAT(ReadText(root_ + "/mismatch.err"),
-              HasSubstr("is --tls-key not the key of --tls-cert?"));
+              HasSubstr("or --tls-key not the key of --tls-cert?"));
 
   // Mutual TLS: client certificates are required.
   ASSERT_NO_FATAL_FAILURE(StartCoordinatorWith({"--tls-cert", tls_ + "/server.pem", "--tls-key",

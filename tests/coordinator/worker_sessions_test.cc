@@ -654,21 +654,34 @@ std::map<std::string, int> CountsByGroup(const v1::MaskUpdate& mask,
   return out;
 }
 
+// Jobs that replay a finished MAT job.
+class ReplayTest : public WorkerSessionsTest {
+ protected:
+  static constexpr int kProbes = 6;
+  // Runs a MAT job over `modules` on `w` through kProbes probes (steps 0, 10, ...) to SUCCEEDED:
+  // its id and the masks the worker got.
+  void RunMatJob(const Worker& w, const std::vector<policy::ModuleInfo>& modules,
+                 std::string* mat, std::vector<v1::MaskUpdate>* masks) {
+    *mat = Submit(Spec(1));
+    ASSERT_EQ(StateOf(*mat), v1::JOB_STATE_RUNNING);
+    SendOk(ModuleList(w.id, *mat, modules));
+    for (int k = 0; k < kProbes; ++k) SendOk(Spectra(w.id, *mat, 0, 10 * k, Lambda(0, k)));
+    SendOk(Done(w.id, *mat, 0, true, "abc", R"({"steps":100})"));
+    ASSERT_EQ(StateOf(*mat), v1::JOB_STATE_SUCCEEDED);
+    *masks = w.channel->Masks();
+    ASSERT_EQ(masks->size(), static_cast<size_t>(kProbes));
+  }
+};
+
 // A rand job with policy.rand_schedule_job draws, at every decision, as many modules per group
 // as the finished MAT job had active at that step (which ones: at random), also after a
 // coordinator restart (the schedule is not in the policy's saved state: it is set again).
-TEST_F(WorkerSessionsTest, ARandJobReplaysTheActiveCountsOfAFinishedMatJob) {
+TEST_F(ReplayTest, ARandJobReplaysTheActiveCountsOfAFinishedMatJob) {
   const std::vector<policy::ModuleInfo> modules = TwoGroupModules();
   Worker w = AddWorker();
-  const std::string mat = Submit(Spec(1));
-  ASSERT_EQ(StateOf(mat), v1::JOB_STATE_RUNNING);
-  SendOk(ModuleList(w.id, mat, modules));
-  constexpr int kProbes = 6;
-  for (int k = 0; k < kProbes; ++k) SendOk(Spectra(w.id, mat, 0, 10 * k, Lambda(0, k)));
-  SendOk(Done(w.id, mat, 0, true, "abc", R"({"steps":100})"));
-  ASSERT_EQ(StateOf(mat), v1::JOB_STATE_SUCCEEDED);
-  const std::vector<v1::MaskUpdate> mat_masks = w.channel->Masks();
-  ASSERT_EQ(mat_masks.size(), static_cast<size_t>(kProbes));
+  std::string mat;
+  std::vector<v1::MaskUpdate> mat_masks;
+  ASSERT_NO_FATAL_FAILURE(RunMatJob(w, modules, &mat, &mat_masks));
   // rand_fraction 0.5 alone would draw 3 of 6 heads and 2 of 4 FFN slices.
   const std::map<std::string, int> by_fraction = {{"ffn", 2}, {"heads", 3}};
   std::vector<bool> differs_from_fraction(kProbes);
@@ -717,17 +730,12 @@ TEST_F(WorkerSessionsTest, ARandJobReplaysTheActiveCountsOfAFinishedMatJob) {
 // The frozen-random and inverse controls replay a finished MAT job too: at every decision they
 // train its active count per group (their own MAT rule on these λ would not: inverse's count
 // follows the same threshold, and here the λ differ from the MAT job's).
-TEST_F(WorkerSessionsTest, TheControlsReplayTheActiveCountsOfAFinishedMatJob) {
+TEST_F(ReplayTest, TheControlsReplayTheActiveCountsOfAFinishedMatJob) {
   const std::vector<policy::ModuleInfo> modules = TwoGroupModules();
   Worker w = AddWorker();
-  const std::string mat = Submit(Spec(1));
-  SendOk(ModuleList(w.id, mat, modules));
-  constexpr int kProbes = 6;
-  for (int k = 0; k < kProbes; ++k) SendOk(Spectra(w.id, mat, 0, 10 * k, Lambda(0, k)));
-  SendOk(Done(w.id, mat, 0, true, "abc", R"({"steps":100})"));
-  ASSERT_EQ(StateOf(mat), v1::JOB_STATE_SUCCEEDED);
-  const std::vector<v1::MaskUpdate> mat_masks = w.channel->Masks();
-  ASSERT_EQ(mat_masks.size(), static_cast<size_t>(kProbes));
+  std::string mat;
+  std::vector<v1::MaskUpdate> mat_masks;
+  ASSERT_NO_FATAL_FAILURE(RunMatJob(w, modules, &mat, &mat_masks));
   for (const char* kind : {"frozen-random", "inverse"}) {
     v1::JobSpec spec = Spec(1, "cpu", kind);
     spec.mutable_policy()->set_rand_schedule_job(mat);

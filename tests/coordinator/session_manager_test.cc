@@ -9,7 +9,6 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <sqlite3.h>
 
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_store.h"
@@ -18,6 +17,7 @@
 #include "spdlog/spdlog.h"
 #include "tests/testing/fake_worker_channel.h"
 #include "tests/testing/manual_clock.h"
+#include "tests/testing/raw_sql.h"
 #include "tests/testing/temp_dir.h"
 
 namespace mat::coordinator {
@@ -193,11 +193,7 @@ TEST_F(SessionManagerTest, LastSeenThatCannotBeStoredIsLoggedOnceAndItsRecoveryO
   Open(a);
   Open(b);
   auto sql = [this](const char* text) {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open(JobStore::DatabasePath(tmp_.path() + "/state").c_str(), &db),
-              SQLITE_OK);
-    EXPECT_EQ(sqlite3_exec(db, text, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
-    sqlite3_close(db);
+    tests::RunSql(JobStore::DatabasePath(tmp_.path() + "/state"), text);
   };
   std::ostringstream out;
   auto previous = spdlog::default_logger();

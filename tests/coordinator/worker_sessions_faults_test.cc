@@ -5,7 +5,7 @@
 // restart on the same state dir that keeps running jobs.
 #include "tests/coordinator/worker_sessions_fixture.h"
 
-#include <sqlite3.h>
+#include "tests/testing/raw_sql.h"
 
 namespace mat::coordinator {
 namespace {
@@ -56,16 +56,9 @@ TEST_F(WorkerSessionsTest, NonFiniteLambdaFailsOnlyThatJobAndCancelsItsRanks) {
   EXPECT_EQ(StateOf(other_job), v1::JOB_STATE_FAILED);
 }
 
-// Runs `sql` on the coordinator's database through a connection of its own (as an operator's
-// sqlite3 shell would).
+// Runs `sql` on the coordinator's database under `state_dir`.
 void RawSql(const std::string& state_dir, const std::string& sql) {
-  sqlite3* db = nullptr;
-  ASSERT_EQ(sqlite3_open(JobStore::DatabasePath(state_dir).c_str(), &db), SQLITE_OK);
-  char* error = nullptr;
-  const int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error);
-  EXPECT_EQ(rc, SQLITE_OK) << (error != nullptr ? error : "");
-  sqlite3_free(error);
-  sqlite3_close(db);
+  tests::RunSql(JobStore::DatabasePath(state_dir), sql);
 }
 
 // A full state disk when a job fails: the job is stopped anyway, and its failure, which the

@@ -21,7 +21,6 @@
 // test that needs it). Detection and recovery times are printed (RecordProperty and stdout).
 // Every child is killed in TearDown; the test is bounded by its ctest TIMEOUT.
 #include <glob.h>
-#include <sqlite3.h>
 
 #include <optional>
 #include <random>
@@ -30,6 +29,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/integration/harness.h"
 #include "tests/integration/probes.h"
+#include "tests/testing/raw_sql.h"
 
 namespace mat {
 namespace {
@@ -284,12 +284,7 @@ TEST_F(FaultsTest, AJobEndTheStoreRefusesMakesTheCoordinatorUnreadyUntilItIsStor
   StartCoordinator();
   StartFaultWorker("w1");
   auto sql = [this](const std::string& text) {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open((state_dir_ + "/coordinator.db").c_str(), &db), SQLITE_OK);
-    sqlite3_busy_timeout(db, 5000);
-    EXPECT_EQ(sqlite3_exec(db, text.c_str(), nullptr, nullptr, nullptr), SQLITE_OK)
-        << sqlite3_errmsg(db);
-    sqlite3_close(db);
+    tests::RunSql(state_dir_ + "/coordinator.db", text);
   };
   sql("CREATE TRIGGER full_disk BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'SUCCEEDED' "
       "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");

@@ -5,7 +5,9 @@ seed and writes the chosen setting; the verdict trains the six modes (full, mat,
 frozen-random and inverse replaying mat's decisions, multirate) on two seeds and checks the
 replays' active counts against mat's, and writes results.json (every mode and
 seed, flops_to_full_best and steps_to_full_best keys, unigram_test_loss, verdict, paired
-differences) and table.md. Then --analyze-only rebuilds the same verdict from the kept runs.
+differences) and table.md. Then --analyze-only rebuilds the same verdict from the kept runs,
+and judges a registered confirmation (mat against frozen-random, no full runs) from them: complete,
+a seed missing, a frozen-random run whose counts drifted, and a pooled difference.
 Runs in a temporary folder; the committed results are not touched.
 
 usage: check_verdict.py --source-dir DIR --mat-train BIN
@@ -14,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,6 +134,69 @@ def main():
             res2 = json.load(f)
         if res2["rows"] != res["rows"] or res2["verdict"] != res["verdict"]:
             problems.append("verdict: --analyze-only gave another table from the same runs")
+
+        # A registered confirmation (bench/results/confirm/): mat against the count-matched
+        # frozen-random only, no full runs; judged only when every seed has its runs and every
+        # replay has mat's counts.
+        def confirm(name, seeds, required, runs_dir, pool=None):
+            cdir = os.path.join(work, name)
+            os.makedirs(cdir)
+            with open(os.path.join(cdir, "criteria.json"), "w") as f:
+                json.dump({"design": "confirmation", "setting": [], "final_seeds": seeds,
+                           "modes": ["mat", "frozen-random"],
+                           "criteria": {"controls_beaten": ["frozen-random"],
+                                        "standard_errors": 2.0, "seeds_required": required}}, f)
+            cmd = [sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+                   "--out", cdir, "--runs", runs_dir, "--analyze-only"]
+            run(cmd + (["--pool", pool] if pool else []), a.source_dir)
+            with open(os.path.join(cdir, "results.json")) as f:
+                res = json.load(f)
+            with open(os.path.join(cdir, "table.md")) as f:
+                return res, f.read()
+
+        res, md = confirm("confirm", [1, 2], 2, runs)
+        v = res.get("verdict", "")
+        if "incomplete" in v or "confirmed" not in v:
+            problems.append(f"confirm: two complete seeds gave the verdict {v!r}")
+        if res.get("paired", {}).get("mat - frozen-random", {}).get("n") != 2:
+            problems.append(f"confirm: paired {res.get('paired')}, want mat - frozen-random over 2")
+        if {r["mode"] for r in res.get("rows", [])} != {"mat", "frozen-random"}:
+            problems.append("confirm: rows for modes other than mat and frozen-random")
+        rc = res.get("replay_check", {})
+        if sorted(rc) != ["frozen-random-s1", "frozen-random-s2"] or not all(
+                e.get("ok") and e.get("same_histories") for e in rc.values()):
+            problems.append(f"confirm: replay check {rc}")
+        if "| mat - frozen-random |" not in md:
+            problems.append("confirm: table.md has no paired difference")
+        res, md = confirm("confirm-short", [1, 2, 4], 3, runs)
+        if not res.get("verdict", "").startswith("none: the quick preset is a smoke run of the "
+                                                   "pipeline (incomplete: 2 of 3"):
+            problems.append(f"confirm: a missing seed gave the verdict {res.get('verdict')!r}")
+        if res.get("paired") or "| mat - frozen-random |" in md:
+            problems.append("confirm: a paired difference was reported before every seed ran")
+        # A frozen-random run whose counts are not mat's: the criterion is not tested.
+        tampered = os.path.join(work, "tampered-runs")
+        for d in ("mat-s1", "frozen-random-s1"):
+            shutil.copytree(os.path.join(runs, d), os.path.join(tampered, d))
+        path = os.path.join(tampered, "frozen-random-s1", "decisions.jsonl")
+        with open(path) as f:
+            lines = f.read().splitlines()
+        last = json.loads(lines[-1])
+        last["modules"][0]["active"] = not last["modules"][0]["active"]
+        lines[-1] = json.dumps(last)
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        res, md = confirm("confirm-tampered", [1], 1, tampered)
+        if "frozen-random-s1 do not replay" not in res.get("verdict", "") or res.get("paired"):
+            problems.append(f"confirm: a drifted replay gave the verdict {res.get('verdict')!r}")
+        # --pool: a pooled difference over both folders' seeds, reported beside the judged one.
+        solo = os.path.join(work, "seed2-runs")
+        for d in ("mat-s2", "frozen-random-s2"):
+            shutil.copytree(os.path.join(runs, d), os.path.join(solo, d))
+        res, md = confirm("confirm-pooled", [2], 1, solo, pool=tampered)
+        pooled = res.get("pooled", {}).get("mat - frozen-random", {})
+        if pooled.get("seeds") != [1, 2] or res["paired"]["mat - frozen-random"]["seeds"] != [2]:
+            problems.append(f"confirm: pooled {pooled}, paired {res.get('paired')}")
     for line in problems:
         print("FAIL:", line)
     print(f"{0 if problems else 1} passed, {1 if problems else 0} failed")

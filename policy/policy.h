@@ -101,10 +101,15 @@ struct Decision {
                                         // empty when the policy does not need spectra
   std::vector<double> lambda_smoothed;  // EMA after this observation (NaN: no finite report yet)
   std::map<std::string, double> threshold;  // per group λ_α (NaN when not computed: warm-up,
-                                            // kinds other than kMat, no smoothed value yet)
+                                            // kinds without MAT's rule, no smoothed value yet)
   std::vector<uint8_t> mask;          // applies to steps after `step` until the next decision;
                                       // kMultirate: the fast modules (see Policy::MaskAt)
-  std::vector<uint8_t> converged;     // temporal policy verdict so far (kMat only, else 0)
+  std::vector<uint8_t> converged;     // temporal policy verdict so far on this run's own λ
+                                      // (kMat; kFrozenRandom and kInverse too, where they apply
+                                      // MAT's rule to their own λ; else 0). With a replayed
+                                      // schedule those two take the mask from the schedule, so
+                                      // their `converged` and `threshold` are logged but decide
+                                      // nothing.
   std::vector<std::string> rejected;  // e.g. "layer0.head3: lambda is nan"
   std::string phase;                  // "warmup" | "policy"
   // Per module, the rule that set its bit: "warmup" (a warm-up decision), "full", "threshold"

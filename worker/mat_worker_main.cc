@@ -127,6 +127,10 @@ int main(int argc, char** argv) {
   f.config.logs = log_forwarder.get();
   mat::common::ConfigureAllocatorForTraining();
 
+  // Gloo writes to its peers' sockets without MSG_NOSIGNAL: a write to a peer that went away
+  // (killed, or frozen until the collective timed out) would end this process with SIGPIPE,
+  // silently, instead of failing the rank's collective with EPIPE and going on.
+  ::signal(SIGPIPE, SIG_IGN);
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);

@@ -14,6 +14,7 @@
 //     ranks agree on the previous one and the result is again the fault-free one;
 //   - one worker stopped with SIGTERM mid-job: it says why before it goes (Leaving), the job
 //     restarts naming the signal and the worker exits 0;
+//   - a worker sent SIGPIPE (what a write to a peer that went away raises) goes on;
 //   - with --max-mask-staleness-steps, ranks whose coordinator is away train on under their
 //     last mask (at most that many steps, all ranks alike), then wait; the job still succeeds.
 //
@@ -275,6 +276,22 @@ TEST_F(FaultsTest, AWorkerStoppedWithSigtermRestartsItsJobNamingTheSignal) {
               ::testing::HasSubstr("session ended: the worker is shutting down (SIGTERM)"));
   CommandResult cancel = Matctl(address_, {"cancel", job});
   EXPECT_EQ(cancel.exit_code, 0) << cancel.err;
+}
+
+// Gloo writes to its peers without MSG_NOSIGNAL: a worker that was frozen (SIGSTOP, a host
+// stall) and resumes after its peer gave up writes to a closed socket. SIGPIPE used to end it
+// silently (exit 141, no log line), and it never came back. It is ignored now: the write fails
+// with EPIPE, the rank's collective fails and the worker goes on.
+TEST_F(FaultsTest, AWorkerSurvivesSigpipe) {
+  StartCoordinator();
+  const pid_t w1 = StartFaultWorker("w1");
+  ASSERT_TRUE(WaitForWorkers("IDLE", 1, 30s)) << Logs();
+  ASSERT_EQ(::kill(w1, SIGPIPE), 0);
+  std::this_thread::sleep_for(500ms);
+  int status = 0;
+  EXPECT_EQ(::waitpid(w1, &status, WNOHANG), 0)
+      << "mat-worker ended on SIGPIPE (status " << status << ")" << Logs();
+  EXPECT_TRUE(WaitForWorkers("IDLE", 1, 5s)) << Logs();
 }
 
 // The state disk refuses the job's end (a trigger stands in for a full disk): the coordinator

@@ -29,8 +29,8 @@ std::vector<std::string> ArtifactNames(const std::string& dir) {
   return names;
 }
 
-absl::Status ModelFromCheckpoint(const std::string& checkpoint_path,
-                                 const std::string& model_path) {
+absl::Status ModelFromCheckpoint(const std::string& checkpoint_path, const std::string& model_path,
+                                 const std::map<std::string, std::string>& metadata) {
   std::error_code ec;
   if (!fs::exists(checkpoint_path, ec) && !fs::exists(checkpoint_path + ".prev", ec)) {
     return absl::NotFoundError(checkpoint_path + ": no checkpoint");
@@ -52,6 +52,7 @@ absl::Status ModelFromCheckpoint(const std::string& checkpoint_path,
   if (model.tensors.empty()) {
     return absl::DataLossError(absl::StrCat(checkpoint_path, ": holds no model tensors"));
   }
+  for (const auto& [key, value] : metadata) model.metadata[key] = value;
   model.metadata["format"] = "pt";
   model.metadata["mat.source"] = "checkpoint";
   const nlohmann::json meta = nlohmann::json::parse(checkpoint.meta, nullptr, false);

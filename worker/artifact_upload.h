@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -46,10 +47,12 @@ struct ArtifactUploadOptions {
 // The artifact files present in `dir`, in upload order (see above).
 std::vector<std::string> ArtifactNames(const std::string& dir);
 
-// Writes `model_path` from the newest valid checkpoint `checkpoint_path` (or its .prev).
+// Writes `model_path` from the newest valid checkpoint `checkpoint_path` (or its .prev), with
+// the metadata mat-train's model has: "format", "mat.step" (from the checkpoint) and `metadata`
+// (the caller's "mat.model" and "mat.seed"), plus "mat.source": "checkpoint".
 // NOT_FOUND when neither file exists; DATA_LOSS when neither is a valid checkpoint.
-absl::Status ModelFromCheckpoint(const std::string& checkpoint_path,
-                                 const std::string& model_path);
+absl::Status ModelFromCheckpoint(const std::string& checkpoint_path, const std::string& model_path,
+                                 const std::map<std::string, std::string>& metadata = {});
 
 // Uploads `path` as artifact `name`; `identity` carries worker_id, job_id, rank and attempt.
 // `stopped` is polled between calls (true: CANCELLED). Errors name the file.

@@ -224,8 +224,10 @@ void RankRunner::UploadArtifacts(bool ok) {
                           api::JobSpecToYaml(api::WithJobSpecDefaults(assign_.spec())))
       .IgnoreError();
   if (!ok) {  // the model as of the newest checkpoint, if there is one
-    const absl::Status s =
-        ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/model.safetensors");
+    const v1::JobSpec spec = api::WithJobSpecDefaults(assign_.spec());
+    const absl::Status s = ModelFromCheckpoint(
+        dir + "/checkpoint.pt", dir + "/model.safetensors",
+        {{"mat.model", spec.model().kind()}, {"mat.seed", std::to_string(spec.seed())}});
     if (s.code() == absl::StatusCode::kNotFound) {
       // Said in the job's log: `matctl download` would otherwise just lack the model.
       spdlog::warn("{}: no checkpoint yet, so no model.safetensors to give back "

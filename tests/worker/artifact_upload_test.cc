@@ -136,7 +136,9 @@ TEST_F(ArtifactUploadTest, TheModelOfAFailedRunComesFromItsCheckpoint) {
             absl::StatusCode::kNotFound);
   ASSERT_TRUE(trainer::WriteCheckpoint(dir + "/checkpoint.pt.prev", ckpt).ok());
   std::ofstream(dir + "/checkpoint.pt") << "truncated";  // the newest is broken: .prev is used
-  ASSERT_TRUE(ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/m.safetensors").ok());
+  ASSERT_TRUE(ModelFromCheckpoint(dir + "/checkpoint.pt", dir + "/m.safetensors",
+                                  {{"mat.model", "bert"}, {"mat.seed", "7"}})
+                  .ok());
   absl::StatusOr<safetensors::File> model = safetensors::ReadFile(dir + "/m.safetensors");
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_EQ(model->tensors.size(), 2u);
@@ -144,6 +146,10 @@ TEST_F(ArtifactUploadTest, TheModelOfAFailedRunComesFromItsCheckpoint) {
   EXPECT_TRUE(model->tensors.count("bn.running_mean"));
   EXPECT_EQ(model->metadata["mat.step"], "40");
   EXPECT_EQ(model->metadata["mat.source"], "checkpoint");
+  // What mat-train's model.safetensors says, so that a reader need not know where it came from.
+  EXPECT_EQ(model->metadata["mat.model"], "bert");
+  EXPECT_EQ(model->metadata["mat.seed"], "7");
+  EXPECT_EQ(model->metadata["format"], "pt");
   // A newest checkpoint with a flipped bit fails its checksum: the previous one is used.
   std::filesystem::remove(dir + "/checkpoint.pt");
   std::filesystem::remove(dir + "/checkpoint.pt.prev");

@@ -120,10 +120,15 @@ absl::StatusOr<v1::ListWorkersReply> SessionManager::List() const {
       continue;
     }
     const Session& s = session->second;
-    info->set_state(s.job_id.empty() ? v1::WORKER_STATE_IDLE : v1::WORKER_STATE_BUSY);
+    const bool stopping = s.job_id.empty() && !s.stopping_job.empty();
+    info->set_state(s.job_id.empty() && !stopping ? v1::WORKER_STATE_IDLE
+                                                  : v1::WORKER_STATE_BUSY);
     if (!s.job_id.empty()) {
       info->set_job_id(s.job_id);
       info->set_rank(s.rank);
+    } else if (stopping) {
+      info->set_job_id(s.stopping_job);
+      if (s.stopping_rank >= 0) info->set_rank(s.stopping_rank);
     }
     // Live: the store's copy may be up to kLastSeenPersistMs old.
     info->set_last_seen_unix_seconds(
@@ -187,8 +192,38 @@ void SessionManager::SetJob(const std::string& worker_id, const std::string& job
   if (it == sessions_.end()) return;
   it->second.job_id = job_id;
   it->second.rank = job_id.empty() ? -1 : rank;
+  if (!job_id.empty()) {
+    it->second.stopping_job.clear();
+    it->second.stopping_rank = -1;
+  }
   PersistLastSeen(worker_id, it->second, /*force=*/true);
   UpdateGauges();
+}
+
+void SessionManager::SetStopping(const std::string& worker_id, const std::string& job_id,
+                                 int rank) {
+  auto it = sessions_.find(worker_id);
+  if (it == sessions_.end() || job_id.empty()) return;
+  it->second.stopping_job = job_id;
+  it->second.stopping_rank = rank;
+  UpdateGauges();
+}
+
+bool SessionManager::ClearStopping(const std::string& worker_id, const std::string& job_id) {
+  auto it = sessions_.find(worker_id);
+  if (it == sessions_.end() || it->second.stopping_job.empty() ||
+      it->second.stopping_job != job_id) {
+    return false;
+  }
+  it->second.stopping_job.clear();
+  it->second.stopping_rank = -1;
+  UpdateGauges();
+  return true;
+}
+
+std::string SessionManager::StoppingJobOf(const std::string& worker_id) const {
+  auto it = sessions_.find(worker_id);
+  return it == sessions_.end() ? std::string() : it->second.stopping_job;
 }
 
 bool SessionManager::Runs(const std::string& worker_id, const std::string& job_id,
@@ -253,7 +288,7 @@ std::vector<std::pair<std::string, int64_t>> SessionManager::Silent() const {
 std::vector<IdleWorker> SessionManager::Idle() const {
   std::vector<IdleWorker> idle;
   for (const auto& [id, session] : sessions_) {
-    if (!session.job_id.empty()) continue;
+    if (!session.job_id.empty() || !session.stopping_job.empty()) continue;
     auto worker = workers_.find(id);
     if (worker != workers_.end()) idle.push_back(IdleWorker{id, worker->second.device});
   }
@@ -278,7 +313,7 @@ void SessionManager::UpdateGauges() {
     auto session = sessions_.find(id);
     if (session == sessions_.end()) {
       ++disconnected;
-    } else if (session->second.job_id.empty()) {
+    } else if (session->second.job_id.empty() && session->second.stopping_job.empty()) {
       ++idle;
     } else {
       ++busy;

@@ -95,8 +95,19 @@ class SessionManager {
   std::optional<Dropped> Drop(const std::string& worker_id);
 
   // Marks the worker BUSY with `rank` of `job_id`, or IDLE for job_id "" (persists last_seen).
-  // No-op without a session.
+  // A new job clears a stopping mark. No-op without a session.
   void SetJob(const std::string& worker_id, const std::string& job_id, int rank);
+  // Stopping: the coordinator cancelled `rank` of `job_id` here and the worker has not yet said
+  // that the rank stopped. Such a worker is not Idle (a rank stuck in a collective until its
+  // timeout would hold the new one's rendezvous, and a worker that is gone but not yet noticed
+  // would take a restart's rank), and List shows it BUSY with that job and rank. Cleared by
+  // ClearStopping (a heartbeat without the job, the rank's RankDone), SetJob of a new job, or
+  // the end of the session. No-op without a session.
+  void SetStopping(const std::string& worker_id, const std::string& job_id, int rank);
+  // Clears the mark when it is for `job_id`; true when it cleared one.
+  bool ClearStopping(const std::string& worker_id, const std::string& job_id);
+  // The job the worker is stopping a rank of ("" when none or without a session).
+  std::string StoppingJobOf(const std::string& worker_id) const;
   // True when the worker's open session runs `rank` of `job_id`.
   bool Runs(const std::string& worker_id, const std::string& job_id, int rank) const;
   // The job whose rank the worker's session runs ("" when idle or without a session).
@@ -110,7 +121,8 @@ class SessionManager {
   // Open sessions with no message for more than 3 heartbeat intervals: (worker id, silence in
   // ms), in id order.
   std::vector<std::pair<std::string, int64_t>> Silent() const;
-  // Idle registered workers with an open session, in id order (the scheduling order).
+  // Idle registered workers with an open session and no rank stopping, in id order (the
+  // scheduling order).
   std::vector<IdleWorker> Idle() const;
   int OpenCount() const { return static_cast<int>(sessions_.size()); }
 
@@ -128,6 +140,8 @@ class SessionManager {
     int64_t last_persisted_ms = 0;  // when last_seen was last written to the store
     std::string job_id;             // BUSY: the job it runs a rank of; "" = IDLE
     int rank = -1;                  // BUSY: that rank
+    std::string stopping_job;       // SetStopping: the cancelled rank's job ("" = none)
+    int stopping_rank = -1;         // and that rank
   };
   // Writes last_seen to the store when `force` or kLastSeenPersistMs passed since the last write.
   void PersistLastSeen(const std::string& worker_id, Session& session, bool force);

@@ -5,6 +5,7 @@
 //
 // Sections: helpers · recovery · registration and sessions · heartbeats · scheduling · ending
 // jobs.
+#include <algorithm>
 #include <set>
 #include <utility>
 #include <vector>
@@ -227,6 +228,13 @@ absl::Status Coordinator::HandleBody(const std::string& worker_id,
 void Coordinator::HandleHeartbeat(const std::string& worker_id, const v1::Heartbeat& heartbeat) {
   if (!sessions_.HasSession(worker_id)) return;
   const std::string current = sessions_.JobOf(worker_id);
+  const std::string stopping = sessions_.StoppingJobOf(worker_id);
+  if (!stopping.empty() && std::find(heartbeat.job_ids().begin(), heartbeat.job_ids().end(),
+                                     stopping) == heartbeat.job_ids().end()) {
+    sessions_.ClearStopping(worker_id, stopping);
+    spdlog::info("worker {}: its rank of {} stopped", worker_id, stopping);
+    Schedule();
+  }
   std::set<std::string> told;  // one Cancel per job even when listed twice
   for (const std::string& job_id : heartbeat.job_ids()) {
     if (job_id.empty() || job_id == current || !told.insert(job_id).second) continue;
@@ -254,6 +262,9 @@ void Coordinator::HandleHeartbeat(const std::string& worker_id, const v1::Heartb
         worker_id, job_id,
         absl::StrCat(worker_id, " runs no rank of ", job_id,
                      " (the job finished or the rank was never assigned to it): stop it"));
+    if (current.empty() && sessions_.StoppingJobOf(worker_id) != job_id) {
+      sessions_.SetStopping(worker_id, job_id, -1);  // a rank this coordinator did not know of
+    }
   }
 }
 
@@ -409,8 +420,14 @@ void Coordinator::DetachJob(const std::string& job_id, const std::string& messag
     if (!sessions_.Runs(worker_id, job_id, static_cast<int>(r))) {
       continue;  // done, lost, or already moved on
     }
-    if (cancel && worker_id != except_worker) sessions_.SendCancel(worker_id, job_id, message);
     sessions_.SetJob(worker_id, "", -1);
+    if (cancel && worker_id != except_worker) {
+      sessions_.SendCancel(worker_id, job_id, message);
+      // Not schedulable until the worker says the rank stopped (SessionManager::SetStopping):
+      // the rank may be stuck in a collective with a peer that is gone, or the worker itself
+      // may be gone without its session having ended yet.
+      sessions_.SetStopping(worker_id, job_id, static_cast<int>(r));
+    }
   }
 }
 

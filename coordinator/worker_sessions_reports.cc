@@ -436,6 +436,8 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
 // ----- RankDone -----
 
 absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1::RankDone& done) {
+  // A cancelled rank that ended anyway (its collective failed): the worker may take a new one.
+  if (sessions_.ClearStopping(worker_id, done.job_id())) Schedule();
   MAT_ASSIGN_OR_RETURN(RankRef ref,
                        CheckRank(worker_id, done.job_id(), done.rank(), done.attempt()));
   JobRuntime& job = *ref.job;

@@ -498,6 +498,9 @@ TEST_F(WorkerServiceTest, AClientCancellingItsSessionRestartsItsJobAndCancelsThe
   ASSERT_TRUE(cancel.has_value()) << "the other rank got no Cancel";
   EXPECT_EQ(cancel->cancel().job_id(), job.job_id);
   EXPECT_TRUE(WaitForWorkerState(job.ranks[1]->id(), v1::WORKER_STATE_DISCONNECTED));
+  // Busy until its heartbeat no longer lists the job: its rank stopped.
+  EXPECT_TRUE(WaitForWorkerState(job.ranks[0]->id(), v1::WORKER_STATE_BUSY));
+  ASSERT_TRUE(job.ranks[0]->Heartbeat());
   EXPECT_TRUE(WaitForWorkerState(job.ranks[0]->id(), v1::WORKER_STATE_IDLE));
 }
 

@@ -38,6 +38,9 @@ TEST_F(WorkerSessionsTest, NonFiniteLambdaFailsOnlyThatJobAndCancelsItsRanks) {
     ASSERT_EQ(cancels.size(), 1u) << w->id;
     EXPECT_EQ(cancels[0].job_id(), job);
     EXPECT_EQ(cancels[0].reason(), expected);
+    // Busy until the worker says its rank stopped (a heartbeat without the job).
+    EXPECT_EQ(WorkerInfoOf(w->id).state(), v1::WORKER_STATE_BUSY);
+    SendOk(Heartbeat(w->id));
     EXPECT_EQ(WorkerInfoOf(w->id).state(), v1::WORKER_STATE_IDLE);
   }
   ASSERT_EQ(w1.channel->Rejects().size(), 1u);
@@ -79,6 +82,7 @@ TEST_F(WorkerSessionsTest, AnEndTheStoreRefusesIsKeptAndStoredOnceTheStoreTakesI
   EXPECT_EQ(Send(Spectra(w.id, job, 0, 0, bad)).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);  // what the store still says
   ASSERT_EQ(w.channel->Cancels().size(), 1u);        // but the job is stopped
+  SendOk(Heartbeat(w.id));                           // and its rank stopped
   EXPECT_EQ(WorkerInfoOf(w.id).state(), v1::WORKER_STATE_IDLE);
   absl::Status ready = coordinator_->UnstoredEnds();
   EXPECT_EQ(ready.code(), absl::StatusCode::kUnavailable);
@@ -107,6 +111,7 @@ TEST_F(WorkerSessionsTest, AnEndTheStoreRefusesIsKeptAndStoredOnceTheStoreTakesI
   EXPECT_FALSE(Send(Spectra(w.id, second, 0, 0, bad)).ok());
   EXPECT_FALSE(coordinator_->UnstoredEnds().ok());
   ASSERT_TRUE(coordinator_->CancelJob(second, "by hand").ok());
+  SendOk(Heartbeat(w.id));
   RawSql(dir_ + "/state", "DROP TRIGGER full_disk");
   coordinator_->CheckHeartbeats();
   EXPECT_EQ(StateOf(second), v1::JOB_STATE_CANCELLED);
@@ -155,8 +160,17 @@ TEST_F(WorkerSessionsTest, RankDoneWithAnErrorFailsTheJobAndCancelsTheOtherRanks
   ASSERT_EQ(w0.channel->Cancels().size(), 1u);
   EXPECT_EQ(w0.channel->Cancels()[0].reason(), "rank 1 (worker-000002): CUDA out of memory");
   EXPECT_THAT(w1.channel->Cancels(), IsEmpty()) << "the failed rank stopped by itself";
-  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
   EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+  // The cancelled rank's worker is busy until the worker says the rank stopped: a heartbeat
+  // still listing the job does not.
+  const v1::WorkerInfo stopping = WorkerInfoOf(w0.id);
+  EXPECT_EQ(stopping.state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(stopping.job_id(), job);
+  EXPECT_EQ(stopping.rank(), 0);
+  SendOk(Heartbeat(w0.id, {job}));
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_BUSY);
+  SendOk(Heartbeat(w0.id));
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
 }
 
 TEST_F(WorkerSessionsTest, CancelJobCancelsEveryRankAndFreesTheWorkers) {
@@ -172,8 +186,12 @@ TEST_F(WorkerSessionsTest, CancelJobCancelsEveryRankAndFreesTheWorkers) {
     EXPECT_EQ(cancels[0].job_id(), job);
     EXPECT_EQ(cancels[0].reason(), "user changed their mind");
   }
+  EXPECT_EQ(StateOf(queued), v1::JOB_STATE_QUEUED) << "no worker said its rank stopped yet";
+  SendOk(Heartbeat(w0.id));
   EXPECT_EQ(StateOf(queued), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(w0.channel->Assigns().back().job_id(), queued);
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_BUSY);
+  SendOk(Heartbeat(w1.id));
   EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
 }
 
@@ -198,6 +216,8 @@ TEST_F(WorkerSessionsTest, ASilentWorkerIsLostAndItsJobRestartsWhenItComesBack) 
   ASSERT_EQ(w0.channel->Cancels().size(), 1u) << "the survivor stops its rank";
   EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
   EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_BUSY) << "stopping its rank";
+  SendOk(Heartbeat(w0.id));
   EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
   EXPECT_THAT(w0.channel->Assigns(), ::testing::SizeIs(1)) << "one idle worker is not enough";
   // Its messages are refused now (no session); it comes back and rejoins the pool: the job
@@ -325,6 +345,7 @@ TEST_F(WorkerSessionsTest, OnceTheNextAttemptStartsTheOldOnesUploadsAreStale) {
   const std::string again = StartTwoRankJob(&v0, &v1);
   coordinator_->CloseSession(v1.id);
   ASSERT_EQ(StateOf(again), v1::JOB_STATE_RESTARTING);
+  SendOk(Heartbeat(v0.id));    // its rank of attempt 0 stopped
   auto back = Connect(v1.id);  // attempt 1 starts
   ASSERT_EQ(StateOf(again), v1::JOB_STATE_RUNNING);
   absl::Status s = coordinator_->CheckArtifactUpload(v0.id, again, 0, 0);
@@ -345,6 +366,7 @@ TEST_F(WorkerSessionsTest, ARestartedJobContinuesItsPolicyAndRefusesTheOldAttemp
   // Rank 1's worker is lost at step 25; it comes back.
   coordinator_->CloseSession(w1.id);
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  SendOk(Heartbeat(w0.id));  // its rank of the failed attempt stopped
   auto c1 = Connect(w1.id);
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
   ASSERT_EQ(c1->Assigns().back().attempt(), 1);
@@ -401,6 +423,7 @@ TEST_F(WorkerSessionsTest, ALossAfterTheRestartLimitFailsTheJob) {
   const std::string job = StartTwoRankJob(&w0, &w1);
   coordinator_->CloseSession(w1.id);
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  SendOk(Heartbeat(w0.id));  // its rank of the failed attempt stopped
   auto c1 = Connect(w1.id);
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
   coordinator_->CloseSession(w1.id);
@@ -422,17 +445,59 @@ TEST_F(WorkerSessionsTest, ARankWhoseProcessGroupFailedRestartsTheJob) {
   SendOk(done);
   EXPECT_THAT(w0.channel->Cancels(), IsEmpty()) << "the sender stopped already";
   ASSERT_EQ(w1.channel->Cancels().size(), 1u);
-  // Both workers are idle again: it restarted at once.
-  ASSERT_EQ(events.size(), 2u);
+  ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].state().state(), v1::JOB_STATE_RESTARTING);
   EXPECT_EQ(events[0].state().error_message(),
             "rank 0 (worker-000001): gradient all-reduce failed");
+  // Rank 1 has not said it stopped (it may be stuck in the collective, or its worker gone):
+  // the next attempt waits for it.
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(w1.channel->Assigns().size(), 1u);
+  // Its own process-group failure says it stopped: the job restarts at once on both.
+  v1::WorkerMessage also = Done(w1.id, job, 1, false, "", "", "gradient all-reduce failed");
+  also.mutable_done()->set_retryable(true);
+  EXPECT_EQ(Send(also).code(), absl::StatusCode::kAborted) << "attempt 0 is over";
+  ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[1].state().state(), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(w1.channel->Assigns().back().attempt(), 1);
   // A failure that is not the process group's still fails it.
   SendOk(Attempt(Done(w1.id, job, 1, false, "", "", "out of memory"), 1));
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
+}
+
+// A worker killed with SIGKILL: its peer's all-reduce failure often arrives a few milliseconds
+// before the killed worker's session ends. The restart was placed at once on both workers, the
+// dead one included (it looked idle), and its session's end then cost a second attempt, blaming
+// the survivor first. The killed worker's rank never says it stopped, so the restart now waits
+// until its session ends, and then for a worker: one attempt per loss.
+TEST_F(WorkerSessionsTest, ARestartIsNotPlacedOnAWorkerWhoseRankHasNotStopped) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  v1::WorkerMessage done = Done(w0.id, job, 0, false, "", "", "gradient all-reduce failed");
+  done.mutable_done()->set_retryable(true);
+  SendOk(done);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(w1.channel->Assigns().size(), 1u) << "attempt 1 was sent to the dead worker";
+  coordinator_->CloseSession(w1.id);  // the kill is noticed
+  v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.attempt(), 1) << "one loss, one attempt";
+  EXPECT_EQ(restarting.error_message(), "rank 0 (worker-000001): gradient all-reduce failed");
+  // Another idle worker and the survivor take it.
+  const Worker w2 = AddWorker();
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(GetJob(job).job().attempt(), 1);
+  EXPECT_EQ(w0.channel->Assigns().back().attempt(), 1);
+  EXPECT_EQ(w2.channel->Assigns().back().attempt(), 1);
+  // A new job does not go to a worker whose cancelled rank is stuck either.
+  ASSERT_TRUE(coordinator_->CancelJob(job, "by hand").ok());
+  SendOk(Heartbeat(w2.id));
+  SendOk(Heartbeat(w0.id, {job}));  // still stuck in its collective
+  const std::string next = Submit(Spec(2));
+  EXPECT_EQ(StateOf(next), v1::JOB_STATE_QUEUED);
+  SendOk(Heartbeat(w0.id));  // its collective timed out and the rank stopped
+  EXPECT_EQ(StateOf(next), v1::JOB_STATE_RUNNING);
 }
 
 // Killed together with the coordinator, a worker never came back; the survivor's all-reduce

@@ -787,6 +787,7 @@ TEST_F(WorkerSessionsTest, ARandJobReplayingAJobWithOtherModulesFailsNamingBoth)
   }
   ASSERT_FALSE(w.channel->Cancels().empty());
   EXPECT_EQ(w.channel->Cancels().back().job_id(), rand);
+  SendOk(Heartbeat(w.id));  // its rank stopped
   EXPECT_EQ(WorkerInfoOf(w.id).state(), v1::WORKER_STATE_IDLE);
 }
 

@@ -14,6 +14,7 @@ usage: check_verdict.py --source-dir DIR --mat-train BIN
 """
 import argparse
 import json
+import lzma
 import math
 import os
 import shutil
@@ -193,10 +194,18 @@ def main():
         solo = os.path.join(work, "seed2-runs")
         for d in ("mat-s2", "frozen-random-s2"):
             shutil.copytree(os.path.join(runs, d), os.path.join(solo, d))
+        # Kept runs hold their decisions xz-compressed (bench/results/confirm/kept-runs).
+        for d in ("mat-s2", "frozen-random-s2"):
+            plain = os.path.join(solo, d, "decisions.jsonl")
+            with open(plain, "rb") as f, lzma.open(plain + ".xz", "wb") as out:
+                out.write(f.read())
+            os.remove(plain)
         res, md = confirm("confirm-pooled", [2], 1, solo, pool=tampered)
         pooled = res.get("pooled", {}).get("mat - frozen-random", {})
         if pooled.get("seeds") != [1, 2] or res["paired"]["mat - frozen-random"]["seeds"] != [2]:
             problems.append(f"confirm: pooled {pooled}, paired {res.get('paired')}")
+        if not res.get("replay_check", {}).get("frozen-random-s2", {}).get("ok"):
+            problems.append(f"confirm: xz-compressed decisions not checked: {res.get('replay_check')}")
     for line in problems:
         print("FAIL:", line)
     print(f"{0 if problems else 1} passed, {1 if problems else 0} failed")

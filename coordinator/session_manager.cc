@@ -100,6 +100,14 @@ absl::StatusOr<v1::RegisterReply> SessionManager::Register(const v1::RegisterReq
   return reply;
 }
 
+namespace {
+// A session that runs no rank and stops none (SessionManager::Session is private: deduced).
+template <typename Session>
+bool IsIdle(const Session& s) {
+  return s.job_id.empty() && s.stopping_job.empty();
+}
+}  // namespace
+
 absl::StatusOr<v1::ListWorkersReply> SessionManager::List() const {
   MAT_ASSIGN_OR_RETURN(std::vector<WorkerRecord> workers, store_.ListWorkers());
   const int64_t now_ms = clock_.NowMs();
@@ -120,13 +128,11 @@ absl::StatusOr<v1::ListWorkersReply> SessionManager::List() const {
       continue;
     }
     const Session& s = session->second;
-    const bool stopping = s.job_id.empty() && !s.stopping_job.empty();
-    info->set_state(s.job_id.empty() && !stopping ? v1::WORKER_STATE_IDLE
-                                                  : v1::WORKER_STATE_BUSY);
+    info->set_state(IsIdle(s) ? v1::WORKER_STATE_IDLE : v1::WORKER_STATE_BUSY);
     if (!s.job_id.empty()) {
       info->set_job_id(s.job_id);
       info->set_rank(s.rank);
-    } else if (stopping) {
+    } else if (!IsIdle(s)) {  // stopping a cancelled rank
       info->set_job_id(s.stopping_job);
       if (s.stopping_rank >= 0) info->set_rank(s.stopping_rank);
     }
@@ -288,7 +294,7 @@ std::vector<std::pair<std::string, int64_t>> SessionManager::Silent() const {
 std::vector<IdleWorker> SessionManager::Idle() const {
   std::vector<IdleWorker> idle;
   for (const auto& [id, session] : sessions_) {
-    if (!session.job_id.empty() || !session.stopping_job.empty()) continue;
+    if (!IsIdle(session)) continue;
     auto worker = workers_.find(id);
     if (worker != workers_.end()) idle.push_back(IdleWorker{id, worker->second.device});
   }
@@ -313,7 +319,7 @@ void SessionManager::UpdateGauges() {
     auto session = sessions_.find(id);
     if (session == sessions_.end()) {
       ++disconnected;
-    } else if (session->second.job_id.empty() && session->second.stopping_job.empty()) {
+    } else if (IsIdle(session->second)) {
       ++idle;
     } else {
       ++busy;

@@ -169,6 +169,8 @@ def main():
             problems.append(f"confirm: replay check {rc}")
         if "| mat - frozen-random |" not in md:
             problems.append("confirm: table.md has no paired difference")
+        if "unigram model's test loss" not in md:
+            problems.append("confirm: table.md does not state the regime (unigram test loss)")
         res, md = confirm("confirm-short", [1, 2, 4], 3, runs)
         if not res.get("verdict", "").startswith("none: the quick preset is a smoke run of the "
                                                    "pipeline (incomplete: 2 of 3"):

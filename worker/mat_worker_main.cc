@@ -27,6 +27,7 @@ struct Flags {
   int64_t mask_timeout_ms = config.mask_timeout.count();
   int64_t rendezvous_timeout_ms = config.rendezvous_timeout.count();
   int64_t metrics_linger_seconds = config.metrics_linger.count();
+  int64_t shutdown_upload_timeout_ms = config.shutdown_upload_timeout.count();
 };
 
 void AddFlags(CLI::App& app, Flags& f) {
@@ -68,6 +69,13 @@ void AddFlags(CLI::App& app, Flags& f) {
   app.add_option("--rendezvous-timeout-ms", f.rendezvous_timeout_ms,
                  "how long forming a job's process group may take (milliseconds)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--shutdown-upload-timeout-ms", f.shutdown_upload_timeout_ms,
+                 "when stopped (SIGTERM, a drain) while running rank 0 of a job, upload the "
+                 "job's artifacts (its newest checkpoint's model) for at most this long before "
+                 "exiting (milliseconds; 0: none); keep it under the service manager's stop "
+                 "timeout")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_option("--metrics-listen", f.config.metrics_listen_address,
                  "HTTP address HOST:PORT for /metrics (port 0: a free one, logged and written to "
@@ -119,6 +127,7 @@ int main(int argc, char** argv) {
   f.config.mask_timeout = std::chrono::milliseconds(f.mask_timeout_ms);
   f.config.metrics_linger = std::chrono::seconds(f.metrics_linger_seconds);
   f.config.rendezvous_timeout = std::chrono::milliseconds(f.rendezvous_timeout_ms);
+  f.config.shutdown_upload_timeout = std::chrono::milliseconds(f.shutdown_upload_timeout_ms);
   mat::common::InitLogging(f.log_level, f.log_json);
   // Each rank's lines also go to the coordinator (`matctl logs`).
   auto log_forwarder = std::make_shared<mat::worker::LogForwarder>();

@@ -126,6 +126,16 @@ void RankRunner::OnMask(const v1::MaskUpdate& mask) {
   cv_.notify_all();
 }
 
+void RankRunner::LimitUploads(std::chrono::milliseconds within) {
+  const int64_t until =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(
+          (std::chrono::steady_clock::now() + within).time_since_epoch())
+          .count();
+  int64_t current = uploads_until_ns_.load();
+  while (until < current && !uploads_until_ns_.compare_exchange_weak(current, until)) {
+  }
+}
+
 void RankRunner::Cancel(const std::string& reason) {
   std::lock_guard<std::mutex> lock(mu_);
   if (cancelled_) return;
@@ -165,13 +175,15 @@ void RankRunner::Main() {
   std::string summary, checksum;
   int64_t step = 0;
   absl::Status status = Train(&summary, &checksum, &step);
-  const bool uploads = assign_.rank() == 0 && options_.upload_artifact;
-  if (uploads && !collective_failed_) UploadArtifacts(status.ok());
   bool cancelled;
   {
     std::lock_guard<std::mutex> lock(mu_);
     cancelled = cancelled_;
   }
+  // Its peers, waiting in a collective for this rank, fail now rather than after the upload.
+  if (cancelled) sync_.reset();
+  const bool uploads = assign_.rank() == 0 && options_.upload_artifact;
+  if (uploads && !collective_failed_) UploadArtifacts(status.ok());
   if (cancelled) {
     spdlog::info("{} rank {}: stopped ({})", job_id(), rank(), cancel_reason_);
     // Its last lines (the upload's among them) still reach `matctl logs`; the coordinator
@@ -247,7 +259,12 @@ void RankRunner::UploadArtifacts(bool ok) {
   for (const std::string& name : ArtifactNames(dir)) {
     const absl::Status s = UploadArtifactFile(
         options_.upload_artifact, identity, name, dir + "/" + name, options_.artifact_upload,
-        deadline, [this] { return uploads_abandoned_.load(); });
+        deadline, [this] {
+          const auto now = std::chrono::steady_clock::now().time_since_epoch();
+          return uploads_abandoned_.load() ||
+                 std::chrono::duration_cast<std::chrono::nanoseconds>(now).count() >
+                     uploads_until_ns_.load();
+        });
     if (s.ok()) {
       ++uploaded;
       continue;

@@ -21,7 +21,11 @@
 // was lost: the job restarts) it uploads after its RankDone instead, so that a job cancelled
 // before its next attempt still gives back the model of its newest checkpoint; a new Assign
 // abandons that upload. A file that cannot be uploaded is logged (a warning, in the job's log)
-// and does not change how the rank ends. AbandonUploads stops an upload (a new Assign, shutdown).
+// and does not change how the rank ends. AbandonUploads stops an upload (a new Assign);
+// LimitUploads bounds it (a stopping worker: its cancelled rank 0 still gives back the model of
+// its newest checkpoint, which the coordinator takes while the job restarts or after it ended).
+// A cancelled rank leaves its process group before it uploads, so its peers' collectives fail
+// at once instead of waiting for the upload.
 //
 // Rank 0 declares the modules (ModuleList) once the model is built. At the end every rank sends
 // RankDone: ok with its param_checksum (rank 0 adds summary.json's text), or the error (with
@@ -56,8 +60,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <functional>
 #include <deque>
+#include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -131,6 +136,9 @@ class RankRunner : public trainer::TrainerHooks {
   void Cancel(const std::string& reason);
   // Stops an artifact upload in progress (at its next piece); the rank then ends as it would.
   void AbandonUploads() { uploads_abandoned_.store(true); }
+  // Lets an artifact upload (in progress or to come) run for at most `within` from now, then
+  // stops it as AbandonUploads does (a stopping worker); the earliest limit holds.
+  void LimitUploads(std::chrono::milliseconds within);
   // A new coordinator session is open: resends rank 0's ModuleList, the SpectraReport waiting
   // for its mask, undelivered log batches and an undelivered RankDone (whichever exist).
   void OnReconnect();
@@ -186,6 +194,8 @@ class RankRunner : public trainer::TrainerHooks {
   std::thread thread_;
   std::atomic<bool> done_{false};
   std::atomic<bool> uploads_abandoned_{false};
+  // LimitUploads: steady_clock nanoseconds since its epoch after which uploads stop.
+  std::atomic<int64_t> uploads_until_ns_{std::numeric_limits<int64_t>::max()};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

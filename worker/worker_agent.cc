@@ -148,7 +148,7 @@ WorkerAgent::WorkerAgent(WorkerAgentConfig config,
 
 WorkerAgent::~WorkerAgent() {
   Shutdown();
-  ReapRunner(true, "worker shutting down");
+  ReapRunner(Reap::kShutdown, "worker shutting down");
   if (http_ != nullptr) {
     http_->Stop();
     std::remove(MetricsAddressFilePath(config_.work_dir).c_str());
@@ -165,15 +165,20 @@ std::string WorkerAgent::worker_id() const {
   return worker_id_;
 }
 
-void WorkerAgent::Shutdown(const std::string& why) {
+void WorkerAgent::Shutdown(const std::string& why) { Stop(why, /*on_session_thread=*/false); }
+
+void WorkerAgent::Stop(const std::string& why, bool on_session_thread) {
   std::unique_lock<std::mutex> lock(mu_);
   const bool first = !stopping_.exchange(true);
   if (first) leaving_reason_ = why;
   cv_.notify_all();
-  // The heartbeat thread of an open session says Leaving; the cancel below also ends a Write
-  // that a coordinator which does not read would block.
+  if (on_session_thread) return;  // the heartbeat thread says Leaving; the coordinator ends it
+  // The heartbeat thread of an open session says Leaving, and the coordinator then ends the
+  // session. Cancelling it earlier can drop Leaving in transit (the job then restarts as "lost:
+  // session closed"); the cancel below ends a session (or a Write) that a coordinator which does
+  // not answer would keep open.
   if (first && stream_ != nullptr && connected_.load()) {
-    cv_.wait_for(lock, std::chrono::seconds(2), [&] { return left_ || stream_ == nullptr; });
+    cv_.wait_for(lock, std::chrono::seconds(2), [&] { return stream_ == nullptr; });
   }
   if (session_context_ != nullptr) session_context_->TryCancel();
 }
@@ -213,7 +218,7 @@ absl::Status WorkerAgent::Run() {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, config_.reconnect_interval, [&] { return stopping_.load(); });
   }
-  ReapRunner(true, "worker shutting down");
+  ReapRunner(Reap::kShutdown, "worker shutting down");
   spdlog::info("worker {} stopped", worker_id().empty() ? "(never registered)" : worker_id());
   std::lock_guard<std::mutex> lock(mu_);
   return refused_;
@@ -358,9 +363,6 @@ void WorkerAgent::HeartbeatLoop(
       leaving.mutable_leaving()->set_reason(leaving_reason_);
       lock.unlock();
       Send(leaving);
-      lock.lock();
-      left_ = true;
-      cv_.notify_all();
       return;
     }
     lock.unlock();
@@ -393,14 +395,15 @@ void WorkerAgent::ExpireEndedJobSeries() {
   rank_ended_at_.reset();
 }
 
-void WorkerAgent::ReapRunner(bool stop, const std::string& reason) {
+void WorkerAgent::ReapRunner(Reap how, const std::string& reason) {
   std::unique_ptr<RankRunner> runner;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (runner_ == nullptr || (!stop && !runner_->done())) return;
+    if (runner_ == nullptr || (how == Reap::kIfDone && !runner_->done())) return;
     runner = std::move(runner_);
   }
-  if (stop) runner->AbandonUploads();
+  if (how == Reap::kSupersede) runner->AbandonUploads();
+  if (how == Reap::kShutdown) runner->LimitUploads(config_.shutdown_upload_timeout);
   runner->Cancel(reason);
   runner->Join();
   metrics_.busy.Set({}, 0);
@@ -412,7 +415,7 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       const v1::Assign& a = message.assign();
       // A rank still running here was cancelled by the coordinator (it gives a worker a new
       // rank only once the old one ended or was cancelled): stop it before starting the new one.
-      ReapRunner(true, "superseded by " + a.job_id());
+      ReapRunner(Reap::kSupersede, "superseded by " + a.job_id());
       spdlog::info("assigned rank {}/{} of {} (attempt {})", a.rank(), a.world_size(), a.job_id(),
                    a.attempt());
       {
@@ -481,7 +484,7 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
     }
     case v1::CoordinatorMessage::kDrain:
       spdlog::info("coordinator asked this worker to drain: {}", message.drain().reason());
-      Shutdown(absl::StrCat("drained: ", message.drain().reason()));
+      Stop(absl::StrCat("drained: ", message.drain().reason()), /*on_session_thread=*/true);
       return;
     case v1::CoordinatorMessage::kReject: {
       // A report that crossed its job's end (a cancel) on the way is expected, not an error.

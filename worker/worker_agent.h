@@ -8,7 +8,8 @@
 //      coordinator asked for (listing the job this worker runs a rank of).
 //   3. Assign starts a RankRunner (worker/rank_runner.h); MaskUpdate goes to it; Cancel stops it;
 //      Reject is logged (the runner fails on its own when the coordinator cannot serve it);
-//      Drain stops it and ends the agent. A stopping agent (Shutdown, a Drain) first says
+//      Drain stops it and ends the agent (rank 0 first uploads its artifacts, for at most
+//      shutdown_upload_timeout). A stopping agent (Shutdown, a Drain) first says
 //      Leaving {reason} on its open session (the heartbeat thread writes it; Shutdown waits at
 //      most 2 s for it), so its job restarts naming the reason, not "lost: session closed".
 //   4. Security: with `join_token_file`, Register and Session carry its first token as
@@ -98,6 +99,10 @@ struct WorkerAgentConfig {
   LogForwarder* logs = nullptr;
   // Bytes per piece of rank 0's artifact upload (worker/artifact_upload.h), 1 .. 4 MiB.
   int64_t artifact_piece_bytes = 1 << 20;
+  // A stopping agent (SIGTERM, a Drain) that runs rank 0 of a job uploads that job's artifacts
+  // (the model as of its newest checkpoint) for at most this long before it exits; 0 = none. Keep it under the service manager's stop timeout (systemd's
+  // TimeoutStopSec, 90 s by default; Kubernetes' terminationGracePeriodSeconds, 30 s).
+  std::chrono::milliseconds shutdown_upload_timeout{20000};
 };
 
 class WorkerAgent {
@@ -114,8 +119,9 @@ class WorkerAgent {
   // Serves until Shutdown (OK) or a Drain (OK). UNAUTHENTICATED / PERMISSION_DENIED when the
   // coordinator refuses this worker (a missing or wrong join token, see above).
   absl::Status Run();
-  // Stops: says Leaving {why} on an open session (waiting at most 2 s for the write), cancels
-  // the running rank, closes the session; Run returns. The first call's `why` is the one said.
+  // Stops: says Leaving {why} on an open session and waits (at most 2 s) for the coordinator to
+  // end it, then cancels the session; Run then stops the running rank (see
+  // shutdown_upload_timeout) and returns. The first call's `why` is the one said.
   void Shutdown(const std::string& why = "shutting down");
 
   // Whether a Session with the coordinator is open (what /readyz reports); thread-safe.
@@ -137,6 +143,9 @@ class WorkerAgent {
   // Whether `status` is the coordinator refusing this worker; if so, records it as Run's result
   // and stops the agent.
   bool RefusedByCoordinator(const grpc::Status& status, const char* call);
+  // Shutdown's work. On the session's own thread (a Drain) it waits only for Leaving to be
+  // written and leaves the session for the coordinator to end (that thread reads its end).
+  void Stop(const std::string& why, bool on_session_thread);
   // Registers (retrying); false when shut down meanwhile.
   bool RegisterLoop();
   // One session until it ends.
@@ -148,8 +157,11 @@ class WorkerAgent {
   void Dispatch(const v1::CoordinatorMessage& message);
   bool Send(const v1::WorkerMessage& message);
   v1::WorkerMessage Heartbeat();
-  // Joins a finished runner; stops and joins a running one when `stop`.
-  void ReapRunner(bool stop, const std::string& reason);
+  // kIfDone joins a finished runner; kSupersede stops and joins a running one, abandoning its
+  // upload (a new Assign: the coordinator moved on); kShutdown stops and joins it, letting rank 0
+  // upload for at most config_.shutdown_upload_timeout.
+  enum class Reap { kIfDone, kSupersede, kShutdown };
+  void ReapRunner(Reap how, const std::string& reason);
 
   WorkerAgentConfig config_;
   int lock_fd_ = -1;                            // holds the flock on <work_dir>/LOCK
@@ -176,7 +188,6 @@ class WorkerAgent {
   grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream_ = nullptr;  // mu_
   std::mutex write_mu_;                         // one Write at a time
   std::string leaving_reason_;                  // guarded by mu_; the first Shutdown's `why`
-  bool left_ = false;                           // guarded by mu_; the Leaving was written (or failed)
   std::unique_ptr<RankRunner> runner_;          // guarded by mu_; set by the reader thread
   std::string last_cancelled_job_;              // guarded by mu_; the latest Cancel's job
 };

@@ -7,7 +7,8 @@
 //   - the coordinator SIGKILLed in the middle of the model's upload and restarted: the upload
 //     resumes where the coordinator's bytes end, and the result is the same file;
 //   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint; also
-//     when a lost peer had made the job RESTARTING;
+//     when a lost peer had made the job RESTARTING, and when rank 0's own worker was stopped
+//     (SIGTERM) before;
 //   - a model over --max-artifact-bytes is refused with a message naming the limit (in the job's
 //     log and from `matctl download`), the job still SUCCEEDS with its summary, and the smaller
 //     files are there.
@@ -275,6 +276,47 @@ TEST_F(ArtifactsTest, AJobCancelledWhileItRestartsLeavesRankZerosModel) {
   ExpectACheckpointsModel(out + "/model.safetensors");
   EXPECT_EQ(ReadText(out + "/model.safetensors"),
             ReadText(Rank0Dir(rank0_worker, job) + "/model.safetensors"));
+  EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");
+}
+
+// Rank 0's worker stopped on purpose (SIGTERM, as systemd or a Kubernetes eviction stops it):
+// before it exits it gives back the model of its newest checkpoint, which `matctl download`
+// returns once the job is cancelled. It used to abandon the upload on the way out, and the job
+// had "no artifacts" although its rank 0 had checkpointed.
+TEST_F(ArtifactsTest, RankZerosWorkerStoppedWithSigtermGivesBackItsNewestCheckpointsModel) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+  const pid_t w0 = StartWorker("w0"), w1 = StartWorker("w1");
+  ASSERT_GT(w0, 0);
+  ASSERT_GT(w1, 0);
+  const std::string job = Submit(5000, ", checkpoint_every: 10", /*workers=*/2);
+  ASSERT_FALSE(job.empty());
+  const json running = WaitFor(job, [](const json& s) { return s.value("step", 0) >= 25; }, 300s);
+  ASSERT_GE(running.value("step", 0), 25) << running.dump(2) << Logs("w0") << Logs("w1");
+  const bool rank0_on_w0 = fs::exists(Rank0Dir("w0", job));
+  ASSERT_NE(rank0_on_w0, fs::exists(Rank0Dir("w1", job)));
+  const std::string rank0_worker = rank0_on_w0 ? "w0" : "w1";
+  ASSERT_EQ(::kill(rank0_on_w0 ? w0 : w1, SIGTERM), 0);
+  // It exits 0 once its upload is done (--shutdown-upload-timeout-ms bounds it: 20 s).
+  EXPECT_EQ(Wait(rank0_on_w0 ? w0 : w1, 60s), 0) << Logs(rank0_worker);
+  EXPECT_THAT(Logs(rank0_worker),
+              ::testing::ContainsRegex(job + ": [1-9][0-9]* artifacts uploaded to the "
+                                             "coordinator"));
+  const json restarting =
+      WaitFor(job, [](const json& s) { return s.value("state", "") == "RESTARTING"; }, 10s);
+  ASSERT_EQ(restarting.value("state", ""), "RESTARTING") << restarting.dump(2);
+  EXPECT_THAT(restarting.value("error_message", ""),
+              HasSubstr("lost: the worker is shutting down (SIGTERM)"));
+  CommandResult cancel = Matctl(address_, {"cancel", job});
+  ASSERT_EQ(cancel.exit_code, 0) << cancel.err;
+
+  const std::string out = root_ + "/download";
+  const CommandResult dl = Matctl(address_, {"download", job, "--out", out});
+  ASSERT_EQ(dl.exit_code, 0) << dl.err << Logs(rank0_worker);
+  ASSERT_TRUE(fs::exists(out + "/model.safetensors")) << dl.out << Logs(rank0_worker);
+  ExpectACheckpointsModel(out + "/model.safetensors");
+  EXPECT_EQ(ReadText(out + "/model.safetensors"),
+            ReadText(Rank0Dir(rank0_worker, job) + "/model.safetensors"));
+  EXPECT_TRUE(fs::exists(out + "/metrics.jsonl"));
   EXPECT_EQ(Status(job).value("state", ""), "CANCELLED");
 }
 

@@ -396,8 +396,15 @@ absl::Status RankRunner::Train(std::string* summary_json, std::string* checksum,
     spdlog::info("{} rank {}: all-reduced {} bytes in {} buckets over {} steps; skipped {} bytes "
                  "of masked-off modules",
                  job_id(), rank(), s.bytes_reduced, s.buckets, s.steps, s.bytes_skipped);
+    // This attempt's: a restarted job's ranks count from its resume step (allreduce_steps).
     (*summary)["allreduce_bytes"] = s.bytes_reduced;
     (*summary)["allreduce_bytes_skipped"] = s.bytes_skipped;
+    (*summary)["allreduce_steps"] = s.steps;
+    // The file `matctl download` gives back says what `matctl status` does.
+    if (assign_.rank() == 0) {
+      MAT_RETURN_IF_ERROR(
+          common::WriteFileAtomic(OutDir() + "/summary.json", summary->dump(2) + "\n"));
+    }
   }
   if (assign_.rank() == 0) *summary_json = summary->dump(2);
   *checksum = trainer->ParamChecksum();

@@ -170,6 +170,12 @@ TEST_F(ServiceTest, TwoWorkersTrainOneMatJobWithIdenticalMasksAndEqualParameters
   // Gradients of masked-off modules were not all-reduced.
   EXPECT_GT(s["summary"]["allreduce_bytes"].get<double>(), 0);
   EXPECT_GT(s["summary"]["allreduce_bytes_skipped"].get<double>(), 0);
+  EXPECT_EQ(s["summary"]["allreduce_steps"], 40);
+  // Rank 0's summary.json (what `matctl download` gives back) says the same, all-reduce included.
+  const std::vector<std::string> summaries =
+      Glob(root_ + "/w*/jobs/" + job + "/rank0/summary.json");
+  ASSERT_EQ(summaries.size(), 1u) << Logs();
+  EXPECT_EQ(json::parse(ReadText(summaries[0])), s["summary"]);
 
   // The coordinator kept the λ history (averaged over the ranks).
   CommandResult spectra = Matctl(address_, {"spectra", job, "-o", "csv"});

@@ -102,6 +102,30 @@ class ArtifactsTest : public testing_loopback::LoopbackTest {
     return step;
   }
 
+  // A coordinator, workers w0 and w1, and a 2-rank job that checkpoints every 10 steps, past
+  // its step 25.
+  struct TwoRankJob {
+    std::string job;
+    std::string rank0_worker;  // "w0" or "w1"
+    pid_t rank0_pid = -1, rank1_pid = -1;
+  };
+  void StartTwoRankJobPastTwoCheckpoints(TwoRankJob* j) {
+    ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+    const pid_t w0 = StartWorker("w0"), w1 = StartWorker("w1");
+    ASSERT_GT(w0, 0);
+    ASSERT_GT(w1, 0);
+    j->job = Submit(5000, ", checkpoint_every: 10", /*workers=*/2);
+    ASSERT_FALSE(j->job.empty());
+    const json running =
+        WaitFor(j->job, [](const json& s) { return s.value("step", 0) >= 25; }, 300s);
+    ASSERT_GE(running.value("step", 0), 25) << running.dump(2) << Logs("w0") << Logs("w1");
+    const bool rank0_on_w0 = fs::exists(Rank0Dir("w0", j->job));
+    ASSERT_NE(rank0_on_w0, fs::exists(Rank0Dir("w1", j->job)));
+    j->rank0_worker = rank0_on_w0 ? "w0" : "w1";
+    j->rank0_pid = rank0_on_w0 ? w0 : w1;
+    j->rank1_pid = rank0_on_w0 ? w1 : w0;
+  }
+
   std::string Rank0Dir(const std::string& worker, const std::string& job) {
     return root_ + "/" + worker + "/jobs/" + job + "/rank0";
   }
@@ -252,17 +276,10 @@ TEST_F(ArtifactsTest, ACancelledJobLeavesTheModelOfItsNewestCheckpoint) {
 // newest checkpoint (rank 0 used to upload nothing when its process group failed, and the
 // coordinator refused a RESTARTING job's upload as a stale attempt).
 TEST_F(ArtifactsTest, AJobCancelledWhileItRestartsLeavesRankZerosModel) {
-  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
-  const pid_t w0 = StartWorker("w0"), w1 = StartWorker("w1");
-  ASSERT_GT(w0, 0);
-  ASSERT_GT(w1, 0);
-  const std::string job = Submit(5000, ", checkpoint_every: 10", /*workers=*/2);
-  ASSERT_FALSE(job.empty());
-  const json running = WaitFor(job, [](const json& s) { return s.value("step", 0) >= 25; }, 300s);
-  ASSERT_GE(running.value("step", 0), 25) << running.dump(2) << Logs("w0") << Logs("w1");
-  const bool rank0_on_w0 = fs::exists(Rank0Dir("w0", job));
-  ASSERT_NE(rank0_on_w0, fs::exists(Rank0Dir("w1", job)));
-  ::kill(rank0_on_w0 ? w1 : w0, SIGKILL);  // rank 1's worker
+  TwoRankJob j;
+  ASSERT_NO_FATAL_FAILURE(StartTwoRankJobPastTwoCheckpoints(&j));
+  const std::string& job = j.job;
+  ::kill(j.rank1_pid, SIGKILL);
   const json restarting =
       WaitFor(job, [](const json& s) { return s.value("state", "") == "RESTARTING"; }, 60s);
   ASSERT_EQ(restarting.value("state", ""), "RESTARTING") << restarting.dump(2);
@@ -271,7 +288,7 @@ TEST_F(ArtifactsTest, AJobCancelledWhileItRestartsLeavesRankZerosModel) {
 
   const std::string out = root_ + "/download";
   const CommandResult dl = DownloadOnceTheModelIsThere(job, out);
-  const std::string rank0_worker = rank0_on_w0 ? "w0" : "w1";
+  const std::string& rank0_worker = j.rank0_worker;
   ASSERT_TRUE(fs::exists(out + "/model.safetensors")) << dl.out << dl.err << Logs(rank0_worker);
   ExpectACheckpointsModel(out + "/model.safetensors");
   EXPECT_EQ(ReadText(out + "/model.safetensors"),
@@ -284,20 +301,13 @@ TEST_F(ArtifactsTest, AJobCancelledWhileItRestartsLeavesRankZerosModel) {
 // returns once the job is cancelled. It used to abandon the upload on the way out, and the job
 // had "no artifacts" although its rank 0 had checkpointed.
 TEST_F(ArtifactsTest, RankZerosWorkerStoppedWithSigtermGivesBackItsNewestCheckpointsModel) {
-  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
-  const pid_t w0 = StartWorker("w0"), w1 = StartWorker("w1");
-  ASSERT_GT(w0, 0);
-  ASSERT_GT(w1, 0);
-  const std::string job = Submit(5000, ", checkpoint_every: 10", /*workers=*/2);
-  ASSERT_FALSE(job.empty());
-  const json running = WaitFor(job, [](const json& s) { return s.value("step", 0) >= 25; }, 300s);
-  ASSERT_GE(running.value("step", 0), 25) << running.dump(2) << Logs("w0") << Logs("w1");
-  const bool rank0_on_w0 = fs::exists(Rank0Dir("w0", job));
-  ASSERT_NE(rank0_on_w0, fs::exists(Rank0Dir("w1", job)));
-  const std::string rank0_worker = rank0_on_w0 ? "w0" : "w1";
-  ASSERT_EQ(::kill(rank0_on_w0 ? w0 : w1, SIGTERM), 0);
+  TwoRankJob j;
+  ASSERT_NO_FATAL_FAILURE(StartTwoRankJobPastTwoCheckpoints(&j));
+  const std::string& job = j.job;
+  const std::string& rank0_worker = j.rank0_worker;
+  ASSERT_EQ(::kill(j.rank0_pid, SIGTERM), 0);
   // It exits 0 once its upload is done (--shutdown-upload-timeout-ms bounds it: 20 s).
-  EXPECT_EQ(Wait(rank0_on_w0 ? w0 : w1, 60s), 0) << Logs(rank0_worker);
+  EXPECT_EQ(Wait(j.rank0_pid, 60s), 0) << Logs(rank0_worker);
   EXPECT_THAT(Logs(rank0_worker),
               ::testing::ContainsRegex(job + ": [1-9][0-9]* artifacts uploaded to the "
                                              "coordinator"));

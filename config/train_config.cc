@@ -224,6 +224,15 @@ absl::StatusOr<TrainConfig> ParseTrainConfig(const std::string& yaml, const std:
 
 absl::StatusOr<TrainConfig> LoadTrainConfig(const std::string& path) {
   MAT_ASSIGN_OR_RETURN(std::string text, common::ReadFile(path));
+  // An empty file (or only comments) is a mistake, not "every default": a 2000-step run of the
+  // default model used to start from a truncated or wrong file. `matctl submit` refuses it too.
+  bool empty = false;
+  try {
+    empty = YAML::Load(text).IsNull();
+  } catch (const YAML::Exception&) {
+    // Not YAML: ParseTrainConfig says what is wrong.
+  }
+  if (empty) return absl::InvalidArgumentError(path + ": the config is empty (no key is set)");
   return ParseTrainConfig(text, path);
 }
 
@@ -344,8 +353,9 @@ absl::Status ValidateModelAndData(const TrainConfig& c) {
 absl::Status ValidateTrain(const TrainConfig& c) {
   const auto& t = c.train;
   MAT_RETURN_IF_ERROR(Check(t.steps >= 1, StrCat("train.steps must be >= 1, got ", t.steps)));
-  MAT_RETURN_IF_ERROR(
-      Check(t.batch_size >= 1, StrCat("train.batch_size must be >= 1, got ", t.batch_size)));
+  // Above the bound a typo (99999999) grew the batch's rows until the host ran out of memory.
+  MAT_RETURN_IF_ERROR(Check(t.batch_size >= 1 && t.batch_size <= 65536,
+                            StrCat("train.batch_size must be in [1, 65536], got ", t.batch_size)));
   MAT_RETURN_IF_ERROR(Check(t.lr > 0, StrCat("train.lr must be > 0, got ", t.lr)));
   MAT_RETURN_IF_ERROR(Check(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1,
                             StrCat("train.min_lr_ratio must be in [0,1], got ", t.min_lr_ratio)));

@@ -50,6 +50,11 @@ int main(int argc, char** argv) {
     }
   }
   if (print_config) {
+    // The config as it would run: one that would not run is not printed as if it would.
+    if (absl::Status valid = mat::config::ValidateTrainConfig(*config); !valid.ok()) {
+      std::cerr << "mat-train: " << valid.message() << "\n";
+      return 2;
+    }
     std::cout << mat::config::FormatConfigYaml(*config);
     return 0;
   }

@@ -238,6 +238,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BadValue{"ZeroProbeProjections", "policy.probe_projections=0",
                                "policy.probe_projections"},
                       BadValue{"GammaOne", "policy.gamma=1", "policy.gamma"},
+                      BadValue{"HugeBatch", "train.batch_size=99999999",
+                               "train.batch_size must be in [1, 65536], got 99999999"},
                       BadValue{"ThousandsOfThreads", "train.threads=5000",
                                "train.threads must be in [0, 1024], got 5000"},
                       BadValue{"UnknownDelta1", "policy.delta1=first", "policy.delta1"},
@@ -390,6 +392,22 @@ TEST(LoadTrainConfigTest, ADirectoryIsAnErrorNamingThePath) {
   fs::remove_all(tmpl, ec);
   ASSERT_FALSE(c.ok()) << "a directory was read as an empty (default) config";
   EXPECT_THAT(c.status().message(), HasSubstr(tmpl));
+}
+
+// An empty file (or one of comments only) trained the default model for 2000 steps.
+TEST(LoadTrainConfigTest, AnEmptyFileIsAnErrorNamingThePath) {
+  std::string tmpl = (fs::temp_directory_path() / "mat_config_XXXXXX").string();
+  ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+  for (const std::string text : {"", "# only a comment\n", "\n\n"}) {
+    const std::string path = tmpl + "/empty.yaml";
+    { std::ofstream(path) << text; }
+    auto c = LoadTrainConfig(path);
+    ASSERT_FALSE(c.ok()) << "'" << text << "' trained the defaults";
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(c.status().message(), HasSubstr(path + ": the config is empty"));
+  }
+  std::error_code ec;
+  fs::remove_all(tmpl, ec);
 }
 
 TEST(LoadTrainConfigTest, ErrorsNameTheFile) {

@@ -108,6 +108,7 @@ class MatTrainCliTest : public ::testing::Test {
     root_ = new fs::path(tmpl);
     WriteCorpus(*root_ / "corpus");
     WriteText(*root_ / "malformed.yaml", "model: [1, 2\ntrain:\n  steps: 3\n");
+    WriteText(*root_ / "empty.yaml", "# nothing set\n");
     WriteText(*root_ / "unknown_key.yaml", "train:\n  stepz: 3\n");
     fs::create_directories(*root_ / "config_dir");
   }
@@ -445,6 +446,13 @@ TEST_F(MatTrainCliTest, BadFlagsExitWithTwoAndNameTheFlag) {
   r = Run({"--config", kTinyConfig, "--out", ""});
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_THAT(r.err, HasSubstr("--out is empty"));
+  // --print-config printed a config that would not run (policy.alpha 1.5), exit 0.
+  std::vector<std::string> print = With(TinyArgs("print_bad"), {"policy.alpha=1.5"});
+  print.push_back("--print-config");
+  r = Run(print);
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_THAT(r.err, HasSubstr("policy.alpha"));
+  EXPECT_EQ(r.out, "");
 }
 
 // Two mat-train runs on one --out interleaved their metrics, decisions and checkpoints: the
@@ -476,7 +484,8 @@ TEST_F(MatTrainCliTest, RunningOutOfMemoryIsAnErrorNotACrash) {
   };
   for (const Case& c : {Case{"model", {"model.d_model=1048576", "model.d_ff=64"}, 2,
                              "mat-train: building the trainer failed: "},
-                        Case{"batch", {"train.batch_size=4000000"}, 1, "mat-train: training"}}) {
+                        Case{"batch", {"train.batch_size=65536", "model.d_ff=4096"}, 1,
+                             "mat-train: training"}}) {
     std::vector<std::string> args =
         With(TinyArgs("oom_" + c.name), {"train.steps=1", "train.eval_every=1"});
     args = With(args, c.sets);
@@ -533,6 +542,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"NonexistentConfig", "{root}/no_such_config.yaml", {}, {"{root}/no_such_config.yaml"}},
         BadInput{"MalformedYaml", "{root}/malformed.yaml", {}, {"{root}/malformed.yaml", "YAML"}},
         BadInput{"ConfigIsADirectory", "{root}/config_dir", {}, {"{root}/config_dir"}},
+        BadInput{"EmptyConfig", "{root}/empty.yaml", {},
+                 {"{root}/empty.yaml: the config is empty"}},
         BadInput{"UnknownKeyInConfig", "{root}/unknown_key.yaml", {},
                  {"{root}/unknown_key.yaml", "train.stepz"}},
         BadInput{"AlphaAboveOne", "", {"policy.alpha=1.5"}, {"policy.alpha"}},

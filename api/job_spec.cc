@@ -22,6 +22,7 @@
 #include "config/vgg_layout.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
+#include "google/protobuf/stubs/common.h"
 #include "yaml-cpp/yaml.h"
 
 namespace mat::api {
@@ -119,7 +120,15 @@ absl::Status SetScalar(const YAML::Node& value, const FieldDescriptor* f, const 
     }
     case FieldDescriptor::CPPTYPE_STRING: {
       std::string v;
-      if ((ok = Convert(value, &v))) r->SetString(msg, f, v);
+      if ((ok = Convert(value, &v))) {
+        // A proto string must be UTF-8: otherwise the request cannot be sent, and the user saw
+        // an empty "UNIMPLEMENTED:" instead of the key.
+        if (!google::protobuf::internal::IsStructurallyValidUTF8(v)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(key, ": not valid UTF-8 (save the file as UTF-8)"));
+        }
+        r->SetString(msg, f, v);
+      }
       break;
     }
     default:

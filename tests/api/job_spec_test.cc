@@ -404,6 +404,18 @@ TEST(JobSpecTest, AStringKeyWithNoValueIsEmpty) {
   EXPECT_EQ(spec->model().kind(), "bert");
 }
 
+// A Latin-1 path in a spec: the request could not be sent (a proto string must be UTF-8), and
+// matctl said only "UNIMPLEMENTED: ". Now the key is named.
+TEST(JobSpecTest, AStringThatIsNotUtf8IsRefusedNamingTheKey) {
+  auto spec = ParseJobSpecYaml("data: {kind: wikitext, dir: /data/caf\xe9}\n", "latin1.yaml");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(spec.status().message(), HasSubstr("data.dir: not valid UTF-8"));
+  auto utf8 = ParseJobSpecYaml("data: {kind: wikitext, dir: /data/caf\xc3\xa9}\n", "ok.yaml");
+  ASSERT_TRUE(utf8.ok()) << utf8.status();
+  EXPECT_EQ(utf8->data().dir(), "/data/caf\xc3\xa9");
+}
+
 TEST(JobSpecTest, LoadNamesAMissingFile) {
   const std::string path = (fs::temp_directory_path() / "mat_no_such_job.yaml").string();
   auto spec = LoadJobSpecYaml(path);

@@ -56,7 +56,13 @@ absl::Status ArtifactStore::Load() {
     if (!text.ok()) continue;  // a job directory whose first upload never started
     const nlohmann::json m = nlohmann::json::parse(*text, nullptr, false);
     if (!m.is_object()) {
-      return absl::DataLossError(absl::StrCat(manifest_path, ": not a JSON object"));
+      // One job's damaged manifest used to keep the whole coordinator from starting.
+      fs::rename(manifest_path, manifest_path + ".corrupt", ec);
+      spdlog::error("artifacts of {}: {} is not a JSON object; set aside as {}.corrupt, the job "
+                    "lists no artifacts until its rank 0 uploads again",
+                    job_id, manifest_path, kManifest);
+      ec.clear();
+      continue;
     }
     Job job;
     auto read_info = [](const nlohmann::json& v, FileInfo* info) {

@@ -12,7 +12,8 @@
 //                            starts, completes or is refused
 // Everything survives a restart: Open reads every manifest, drops an artifact whose file is gone
 // or has another size (logged), and takes an upload's progress from its .part file's size, so an
-// interrupted upload resumes where the bytes on disk end.
+// interrupted upload resumes where the bytes on disk end. A manifest that is not a JSON object is
+// set aside as MANIFEST.json.corrupt (logged); that job lists no artifacts.
 //
 // Limit: a job's artifacts (complete ones plus the expected sizes of its uploads in progress) take
 // at most `max_bytes_per_job`; an upload that would pass it is refused RESOURCE_EXHAUSTED with a

@@ -120,11 +120,16 @@ absl::Status CoordinatorDaemon::StartImpl() {
        {AddressFilePath(config_.state_dir), MetricsAddressFilePath(config_.state_dir)}) {
     std::remove(path.c_str());
   }
-  MAT_ASSIGN_OR_RETURN(
-      artifacts_,
-      ArtifactStore::Open(config_.artifact_dir.empty() ? config_.state_dir + "/artifacts"
-                                                       : config_.artifact_dir,
-                          config_.max_artifact_bytes));
+  const std::string artifact_dir =
+      config_.artifact_dir.empty() ? config_.state_dir + "/artifacts" : config_.artifact_dir;
+  // Otherwise every job's uploads fail, and `matctl download` says only "no artifacts".
+  if (absl::Status st = common::MakeDirs(artifact_dir); st.ok()) {
+    if (st = common::CheckWritableDir(artifact_dir); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("--artifact-dir: ", st.message()));
+    }
+  }
+  MAT_ASSIGN_OR_RETURN(artifacts_,
+                       ArtifactStore::Open(artifact_dir, config_.max_artifact_bytes));
   CoordinatorOptions coordinator_options;
   coordinator_options.heartbeat_interval_ms = config_.heartbeat_interval_ms;
   coordinator_options.metrics = &metrics_;

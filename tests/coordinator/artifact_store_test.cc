@@ -136,6 +136,26 @@ TEST_F(ArtifactStoreTest, AnUploadResumesAfterAReopenWhereTheBytesOnDiskEnd) {
   EXPECT_EQ((*reopened)->JobBytes("job-000001"), 9000);
 }
 
+// One job's damaged manifest kept the coordinator from starting (DATA_LOSS at Open).
+TEST_F(ArtifactStoreTest, ADamagedManifestIsSetAsideAndTheOtherJobsStay) {
+  const std::string file = Bytes(100);
+  {
+    auto store = ArtifactStore::Open(Dir(), 0);
+    ASSERT_TRUE(store.ok());
+    ASSERT_TRUE((*store)->Upload(Piece("metrics.jsonl", file, 0, 100)).ok());
+  }
+  fs::create_directories(Dir() + "/job-000002");
+  { std::ofstream(Dir() + "/job-000002/MANIFEST.json") << "{\"artifacts\": {tru"; }
+  auto store = ArtifactStore::Open(Dir(), 0);
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ((*store)->JobBytes("job-000001"), 100);
+  auto listed = (*store)->List("job-000002");
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->artifacts_size(), 0);
+  EXPECT_TRUE(fs::exists(Dir() + "/job-000002/MANIFEST.json.corrupt"));
+  EXPECT_FALSE(fs::exists(Dir() + "/job-000002/MANIFEST.json"));
+}
+
 TEST_F(ArtifactStoreTest, AFileWhoseBytesDoNotMatchTheChecksumIsDropped) {
   auto store = ArtifactStore::Open(Dir(), 0);
   ASSERT_TRUE(store.ok());

@@ -300,6 +300,17 @@ TEST_F(CoordinatorDaemonTest, AHeartbeatIntervalBelowOneMillisecondIsRefused) {
   EXPECT_THAT(daemon.status().message(), HasSubstr("heartbeat"));
 }
 
+// An --artifact-dir it cannot write: the daemon served, every job's uploads failed and
+// `matctl download` said only "no artifacts". It now does not start, naming the flag.
+// (/proc: not writable even by root, who runs CI.)
+TEST_F(CoordinatorDaemonTest, AnArtifactDirItCannotWriteIsRefused) {
+  config_.artifact_dir = "/proc";
+  auto daemon = CoordinatorDaemon::Start(config_);
+  ASSERT_FALSE(daemon.ok());
+  EXPECT_THAT(daemon.status().message(), HasSubstr("--artifact-dir: cannot write in '/proc'"))
+      << daemon.status();
+}
+
 TEST_F(CoordinatorDaemonTest, HealthzFailsWhileTheLoopHangsAndRecoversAfter) {
   config_.health_timeout_ms = 300;
   auto daemon = StartOk(config_);

@@ -34,7 +34,8 @@ void AddFlags(CLI::App& app, Flags& f) {
   app.footer("Exit status: 0 after SIGTERM/SIGINT (its rank's job restarts elsewhere; this is how "
              "to drain a worker), 2 for bad flags, 78 when the "
              "coordinator refuses this worker for good (UNAUTHENTICATED or PERMISSION_DENIED: a "
-             "missing or wrong --join-token-file), 1 for any other error.");
+             "missing or wrong --join-token-file; INVALID_ARGUMENT: say a bad WORK_DIR/worker.id), "
+             "1 for any other error.");
   app.add_option("--coordinator", f.config.coordinator_address, "coordinator HOST:PORT")
       ->capture_default_str();
   app.add_option("--work-dir", f.config.work_dir,
@@ -162,10 +163,12 @@ int main(int argc, char** argv) {
   absl::Status status = (*agent)->Run();
   if (!status.ok()) {
     std::cerr << "mat-worker: " << status.ToString() << "\n";
-    // Refused for good (a missing or wrong join token): retrying cannot help, so a distinct
+    // Refused for good (a missing or wrong join token, a worker id it does not take): retrying
+    // cannot help, so a distinct
     // code that the systemd unit's RestartPreventExitStatus stops on.
     if (status.code() == absl::StatusCode::kUnauthenticated ||
-        status.code() == absl::StatusCode::kPermissionDenied) {
+        status.code() == absl::StatusCode::kPermissionDenied ||
+        status.code() == absl::StatusCode::kInvalidArgument) {
       return kExitRefused;
     }
     return 1;

@@ -97,7 +97,13 @@ void RankRunner::OnReconnect() {
     undelivered_done_.reset();
   }
   for (const v1::WorkerMessage& m : resend) {
-    if (send_(m)) continue;
+    if (send_(m)) {
+      if (m.has_done()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        delivered_done_ = m;
+      }
+      continue;
+    }
     // Lost again: the next session tries again.
     std::lock_guard<std::mutex> lock(mu_);
     if (m.has_done()) undelivered_done_ = m;
@@ -134,6 +140,23 @@ void RankRunner::LimitUploads(std::chrono::milliseconds within) {
   int64_t current = uploads_until_ns_.load();
   while (until < current && !uploads_until_ns_.compare_exchange_weak(current, until)) {
   }
+}
+
+void RankRunner::OnReject(const v1::Reject& reject) {
+  if (reject.code() != static_cast<int>(absl::StatusCode::kUnavailable)) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!delivered_done_.has_value() || done_refused_) return;
+  done_refused_ = true;
+  spdlog::warn("{} rank {}: the coordinator could not take this rank's RankDone for now ({}); "
+               "sending it again with the next heartbeat",
+               job_id(), rank(), reject.message());
+}
+
+std::optional<v1::WorkerMessage> RankRunner::TakeRefusedDone() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!done_refused_) return std::nullopt;
+  done_refused_ = false;
+  return delivered_done_;
 }
 
 void RankRunner::Cancel(const std::string& reason) {
@@ -210,10 +233,13 @@ void RankRunner::Main() {
     }
     SendLogs();  // before RankDone: a finished job's log is complete
     if (options_.logs != nullptr) options_.logs->Disarm();
-    if (!send_(m)) {
+    const bool delivered = send_(m);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (delivered) {
+      delivered_done_ = m;
+    } else {
       spdlog::warn("{} rank {}: RankDone not delivered (no session); resent on reconnect",
                    job_id(), rank());
-      std::lock_guard<std::mutex> lock(mu_);
       undelivered_done_ = m;
     }
   }

@@ -144,6 +144,12 @@ class RankRunner : public trainer::TrainerHooks {
   void OnReconnect();
   // Whether the worker has a coordinator session (max_mask_staleness_steps); true at start.
   void SetConnected(bool connected);
+  // A Reject of this job. After this rank's RankDone, one with UNAVAILABLE (the coordinator's
+  // store refused it for now: a full disk) marks the RankDone to be sent again: TakeRefusedDone
+  // returns it once (the agent sends it with its next heartbeat), until the coordinator takes it
+  // or refuses it otherwise (a RankDone it already has is refused FAILED_PRECONDITION).
+  void OnReject(const v1::Reject& reject);
+  std::optional<v1::WorkerMessage> TakeRefusedDone();
   bool done() const { return done_.load(); }
   // Whether Cancel was called.
   bool cancelled() const {
@@ -207,6 +213,8 @@ class RankRunner : public trainer::TrainerHooks {
   std::optional<v1::WorkerMessage> module_list_;     // rank 0, once the model is built
   std::optional<v1::WorkerMessage> waiting_report_;  // a SpectraReport without its mask yet
   std::optional<v1::WorkerMessage> undelivered_done_;
+  std::optional<v1::WorkerMessage> delivered_done_;  // the RankDone the coordinator got
+  bool done_refused_ = false;                          // OnReject: send delivered_done_ again
   static constexpr size_t kMaxUndeliveredLogBatches = 10;
   std::deque<v1::WorkerMessage> undelivered_logs_;  // LogBatches sent without a session
   // The job's process group failed (RankDone.retryable); the runner's thread only.

@@ -6,7 +6,10 @@
 #include <fstream>
 #include <thread>
 
+#include <torch/cuda.h>
+
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "api/credentials.h"
 #include "api/grpc_status.h"
@@ -41,12 +44,27 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
     return absl::InvalidArgumentError("--device '" + config.device +
                                       "' is not cpu or cuda:N");
   }
+  if (config.device != "cpu") {
+    // Otherwise the worker registers IDLE and fails every CUDA job it is given, at its start.
+    int index = 0;
+    const int count = static_cast<int>(torch::cuda::device_count());
+    if (!absl::SimpleAtoi(config.device.substr(5), &index) || index >= count) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--device ", config.device, ": this machine has ", count, " CUDA device",
+          count == 1 ? "" : "s", " LibTorch can use",
+          count == 0 ? " (no GPU or driver, or a CPU-only LibTorch)" : ""));
+    }
+  }
   if (config.host.empty()) return absl::InvalidArgumentError("--host is empty");
   if (config.rendezvous_port < 0 || config.rendezvous_port > 65535) {
     return absl::InvalidArgumentError(
         absl::StrCat("--rendezvous-port ", config.rendezvous_port, " is not in 0..65535"));
   }
-  if (config.threads < 0) return absl::InvalidArgumentError("--threads is negative");
+  if (config.threads < 0 || config.threads > 1024) {
+    // The trainer's bound (train.threads): above it every job would fail at its start.
+    return absl::InvalidArgumentError(
+        absl::StrCat("--threads ", config.threads, " is not in 0..1024"));
+  }
   if (config.artifact_piece_bytes < 1 || config.artifact_piece_bytes > (4 << 20)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--artifact-piece-bytes ", config.artifact_piece_bytes, " is not in 1..4194304"));
@@ -257,7 +275,18 @@ bool WorkerAgent::RegisterLoop() {
       return true;
     }
     if (status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
-      spdlog::error("the coordinator refused this worker: {}", status.error_message());
+      // Retrying cannot help: Run returns the refusal (mat-worker exits non-zero).
+      const std::string id = worker_id();
+      const std::string why = absl::StrCat(
+          "the coordinator refused this worker: ", status.error_message(),
+          id.empty() ? ""
+                     : absl::StrCat(" (worker id '", id, "' from ", config_.work_dir,
+                                    "/worker.id: remove that file to get a new id)"));
+      spdlog::error("{}", why);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        refused_ = absl::InvalidArgumentError(why);
+      }
       stopping_.store(true);
       return false;
     }
@@ -367,6 +396,13 @@ void WorkerAgent::HeartbeatLoop(
     }
     lock.unlock();
     Send(Heartbeat());
+    // A RankDone the coordinator could not store yet (RankRunner::OnReject): again.
+    std::optional<v1::WorkerMessage> done;
+    {
+      std::lock_guard<std::mutex> runner_lock(mu_);
+      if (runner_ != nullptr) done = runner_->TakeRefusedDone();
+    }
+    if (done.has_value()) Send(*done);
     ExpireEndedJobSeries();
   }
 }
@@ -491,8 +527,9 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       bool ended = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        ended = runner_ != nullptr && runner_->job_id() == message.reject().job_id() &&
-                (runner_->cancelled() || runner_->done());
+        const bool ours = runner_ != nullptr && runner_->job_id() == message.reject().job_id();
+        ended = ours && (runner_->cancelled() || runner_->done());
+        if (ours) runner_->OnReject(message.reject());
       }
       const auto level = ended ? spdlog::level::info : spdlog::level::err;
       spdlog::log(level, "coordinator refused a message about {}{}: {}",

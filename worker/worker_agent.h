@@ -107,7 +107,8 @@ struct WorkerAgentConfig {
 
 class WorkerAgent {
  public:
-  // Validates the config (INVALID_ARGUMENT naming the flag), reads the join token and TLS files
+  // Validates the config (INVALID_ARGUMENT naming the flag; FAILED_PRECONDITION for a cuda:N
+  // device LibTorch does not see), reads the join token and TLS files
   // (errors name the file), creates the work dir, reserves the
   // rendezvous port, starts the metrics listener (UNAVAILABLE when it cannot bind). Does not
   // contact the coordinator yet.

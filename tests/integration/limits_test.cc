@@ -5,7 +5,10 @@
 //     root; one inside is accepted;
 //   - with --max-jobs-per-client 2, the third queued job from the same client (no auth: the peer
 //     host) is refused RESOURCE_EXHAUSTED naming the count and the limit; cancelling one frees
-//     a slot.
+//     a slot;
+//   - mat-worker refuses to start, naming the flag or file, on a --work-dir another worker
+//     holds, a --checkpoint-dir it cannot write, a --device cuda:N this machine lacks, --threads
+//     above 1024 or a saved worker.id the coordinator refuses.
 // No workers: jobs stay QUEUED, so the test takes a couple of seconds. ctest TIMEOUT 60.
 #include <signal.h>
 
@@ -90,6 +93,48 @@ TEST_F(LimitsTest, AWorkerWhoseCheckpointDirCannotBeWrittenDoesNotStart) {
   ASSERT_GT(worker, 0);
   EXPECT_EQ(Wait(worker, 15s), 1) << ReadText(root_ + "/wc.err");
   EXPECT_THAT(ReadText(root_ + "/wc.err"), HasSubstr("--checkpoint-dir: cannot write in '/proc'"));
+}
+
+// --device cuda:N on a machine without that GPU: the worker registered IDLE and failed every
+// CUDA job in the queue ("train.device: cuda:0 requested but no CUDA device is available"). It
+// now exits 1 at start naming the flag. (cuda:99: no machine here has 100 GPUs.)
+TEST_F(LimitsTest, AWorkerWhoseGpuIsNotThereDoesNotStart) {
+  const pid_t worker =
+      Spawn({testing_loopback::kWorker, "--coordinator", "127.0.0.1:1", "--work-dir",
+             root_ + "/wg", "--device", "cuda:99", "--threads", "1"},
+            root_ + "/wg.out", root_ + "/wg.err");
+  ASSERT_GT(worker, 0);
+  EXPECT_EQ(Wait(worker, 15s), 1) << ReadText(root_ + "/wg.err");
+  EXPECT_THAT(ReadText(root_ + "/wg.err"),
+              ::testing::ContainsRegex("--device cuda:99: this machine has [0-9]+ CUDA devices? "
+                                       "LibTorch can use"));
+}
+
+// --threads above the trainer's bound: every job it got failed ("train.threads must be in
+// [0, 1024]"), blaming the job. It now exits 2 at start naming the flag.
+TEST_F(LimitsTest, AWorkerWithTooManyThreadsDoesNotStart) {
+  const pid_t worker = Spawn({testing_loopback::kWorker, "--coordinator", "127.0.0.1:1",
+                              "--work-dir", root_ + "/wt", "--threads", "100000"},
+                             root_ + "/wt.out", root_ + "/wt.err");
+  ASSERT_GT(worker, 0);
+  EXPECT_EQ(Wait(worker, 15s), 2) << ReadText(root_ + "/wt.err");
+  EXPECT_THAT(ReadText(root_ + "/wt.err"), HasSubstr("--threads 100000 is not in 0..1024"));
+}
+
+// A worker.id the coordinator refuses (copied, edited): the worker logged the refusal and exited
+// 0, as after SIGTERM. It now exits 78 (the systemd unit does not restart it) naming the file.
+TEST_F(LimitsTest, AWorkerWhoseSavedIdIsRefusedExitsNamingTheFile) {
+  StartCoordinatorWith({});
+  fs::create_directories(root_ + "/wb");
+  { std::ofstream(root_ + "/wb/worker.id") << "../../etc/passwd\n"; }
+  const pid_t worker = Spawn({testing_loopback::kWorker, "--coordinator", address_,
+                              "--work-dir", root_ + "/wb", "--threads", "1"},
+                             root_ + "/wb.out", root_ + "/wb.err");
+  ASSERT_GT(worker, 0);
+  EXPECT_EQ(Wait(worker, 15s), 78) << ReadText(root_ + "/wb.err");
+  EXPECT_THAT(ReadText(root_ + "/wb.err"),
+              HasSubstr("(worker id '../../etc/passwd' from " + root_ +
+                        "/wb/worker.id: remove that file to get a new id)"));
 }
 
 TEST_F(LimitsTest, DataRootAndJobsPerClient) {

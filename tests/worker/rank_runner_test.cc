@@ -2,10 +2,11 @@
 // Decide reports λ and blocks until the mask of its step arrives (then acks it), fails after the
 // bound, and stops on Cancel; the bit strings decode LSB-first; a bad mask is refused; the hooks
 // record the rank's metrics (step, durations, mask wait); lines logged without a session are
-// resent before the RankDone.
+// resent before the RankDone; a RankDone the coordinator could not store is sent again.
 #include "worker/rank_runner.h"
 
 #include <memory>
+#include <optional>
 
 #include <thread>
 
@@ -245,6 +246,43 @@ TEST_F(RankRunnerTest, DataDirOutsideTheWorkersDataRootsFailsTheRankBeforeOpenin
         << last.done().error_message();
     EXPECT_THAT(last.done().error_message(), HasSubstr("(mat-worker --data-root)"));
   }
+}
+
+// The coordinator's store refused the RankDone for now (a full disk: UNAVAILABLE): the rank
+// hands it over once more for the next heartbeat, each time it is refused so, and not for other
+// refusals. It used to stay lost: the job stayed RUNNING and the worker BUSY for good.
+TEST_F(RankRunnerTest, ARankDoneTheCoordinatorCouldNotStoreIsSentAgain) {
+  v1::Assign assign = MakeAssign();
+  assign.mutable_spec()->mutable_data()->set_dir("/etc");  // fails at once: a RankDone
+  RankRunnerOptions o;
+  o.worker_id = "worker-000002";
+  o.data_roots = {"/srv/mat-data"};
+  RankRunner runner(assign, o, [this](const v1::WorkerMessage& m) { return session_.Send(m); });
+  EXPECT_FALSE(runner.TakeRefusedDone().has_value());
+  v1::Reject unavailable;
+  unavailable.set_job_id("job-000007");
+  unavailable.set_code(static_cast<int>(absl::StatusCode::kUnavailable));
+  unavailable.set_message("sqlite: COMMIT: database or disk is full");
+  runner.OnReject(unavailable);  // before any RankDone: nothing to send again
+  runner.Start();
+  runner.Join();
+  ASSERT_TRUE(session_.sent().back().has_done());
+  EXPECT_FALSE(runner.TakeRefusedDone().has_value()) << "not refused";
+
+  runner.OnReject(unavailable);
+  std::optional<v1::WorkerMessage> again = runner.TakeRefusedDone();
+  ASSERT_TRUE(again.has_value());
+  EXPECT_TRUE(again->has_done());
+  EXPECT_EQ(again->done().job_id(), "job-000007");
+  EXPECT_FALSE(again->done().ok());
+  EXPECT_FALSE(runner.TakeRefusedDone().has_value()) << "once per refusal";
+  runner.OnReject(unavailable);
+  EXPECT_TRUE(runner.TakeRefusedDone().has_value());
+  v1::Reject finished = unavailable;
+  finished.set_code(static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  finished.set_message("rank 1 of job job-000007 already finished (RankDone)");
+  runner.OnReject(finished);
+  EXPECT_FALSE(runner.TakeRefusedDone().has_value());
 }
 
 // A rank that failed while its worker had no session lost its log lines (the error among them):

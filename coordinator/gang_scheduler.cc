@@ -1,6 +1,7 @@
 // GangScheduler (gang_scheduler.h): gang placement over the store's queue.
 #include "coordinator/gang_scheduler.h"
 
+#include <algorithm>
 #include <set>
 #include <utility>
 
@@ -33,12 +34,18 @@ std::string DescribeWait(int world, const std::string& job_device,
                          const std::vector<v1::WorkerInfo>& workers) {
   int connected = 0;
   int idle = 0;
-  std::set<std::string> busy_with;  // the jobs the matching busy workers run
+  int stopping = 0;
+  std::set<std::string> busy_with;    // the jobs the matching busy workers run
+  std::set<std::string> stopping_of;  // the jobs whose cancelled ranks are still stopping
   for (const v1::WorkerInfo& w : workers) {
     if (!DeviceMatches(job_device, w.capabilities().device())) continue;
     if (w.state() == v1::WORKER_STATE_IDLE) {
       ++connected;
       ++idle;
+    } else if (w.state() == v1::WORKER_STATE_BUSY && w.stopping()) {
+      ++connected;
+      ++stopping;
+      stopping_of.insert(w.job_id());
     } else if (w.state() == v1::WORKER_STATE_BUSY) {
       ++connected;
       busy_with.insert(w.job_id());
@@ -55,13 +62,24 @@ std::string DescribeWait(int world, const std::string& job_device,
                                   " of the ", connected, " connected ",
                                   idle == 1 ? "is" : "are", " idle");
   if (!busy_with.empty()) {
-    absl::StrAppend(&text, "; the others run ", absl::StrJoin(busy_with, ", "));
+    absl::StrAppend(&text, "; ", stopping == 0 ? "the others" : "others", " run ",
+                    absl::StrJoin(busy_with, ", "));
+  }
+  if (stopping > 0) {
+    // A rank blocked in a collective with a lost peer only stops at the collective's timeout.
+    absl::StrAppend(&text, "; ", stopping, stopping == 1 ? " is" : " are",
+                    " still stopping a cancelled rank of ", absl::StrJoin(stopping_of, ", "),
+                    " (one blocked in a collective with a lost peer stops at the worker's "
+                    "--rendezvous-timeout-ms)");
   }
   return text;
 }
 
-GangScheduler::GangScheduler(JobStore& store, IdleFn idle, StartFn start)
-    : store_(store), idle_(std::move(idle)), start_(std::move(start)) {}
+GangScheduler::GangScheduler(JobStore& store, IdleFn idle, IdleFn in_service, StartFn start)
+    : store_(store),
+      idle_(std::move(idle)),
+      in_service_(std::move(in_service)),
+      start_(std::move(start)) {}
 
 void GangScheduler::Run() {
   if (running_) {
@@ -77,7 +95,27 @@ void GangScheduler::Run() {
 }
 
 void GangScheduler::Pass() {
-  std::vector<IdleWorker> idle = idle_();
+  std::set<std::string> reserved;  // idle workers kept for a RESTARTING job
+  auto available = [&] {
+    std::vector<IdleWorker> idle = idle_();
+    idle.erase(std::remove_if(idle.begin(), idle.end(),
+                              [&](const IdleWorker& w) { return reserved.count(w.id) != 0; }),
+               idle.end());
+    return idle;
+  };
+  // Keeps `world` idle workers of `device` (or fewer: those there are) for a RESTARTING job
+  // when enough workers of its kind are in service to run it once they are idle.
+  auto reserve = [&](int world, const std::string& device, const std::vector<IdleWorker>& idle) {
+    int in_service = 0;
+    for (const IdleWorker& w : in_service_()) in_service += DeviceMatches(device, w.device) ? 1 : 0;
+    if (in_service < world) return;
+    int kept = 0;
+    for (const IdleWorker& w : idle) {
+      if (kept == world) break;
+      if (DeviceMatches(device, w.device) && reserved.insert(w.id).second) ++kept;
+    }
+  };
+  std::vector<IdleWorker> idle = available();
   for (v1::JobState state : {v1::JOB_STATE_RESTARTING, v1::JOB_STATE_QUEUED}) {
     std::string token;
     while (!idle.empty()) {
@@ -89,15 +127,23 @@ void GangScheduler::Pass() {
       }
       for (const JobRecord& job : page->jobs) {
         if (idle.empty()) return;
-        std::optional<std::vector<std::string>> picked =
-            PlaceGang(job.spec.resources().workers(), job.spec.resources().device(), idle);
-        // Not enough workers for this one: later jobs may still fit (no head-of-line blocking).
-        if (!picked.has_value()) continue;
+        const int world = job.spec.resources().workers();
+        const std::string& device = job.spec.resources().device();
+        std::optional<std::vector<std::string>> picked = PlaceGang(world, device, idle);
+        if (!picked.has_value()) {
+          // Not enough workers for this one: later jobs may still fit (no head-of-line
+          // blocking), but not on the workers a restarting job keeps.
+          if (state == v1::JOB_STATE_RESTARTING) {
+            reserve(world, device, idle);
+            idle = available();
+          }
+          continue;
+        }
         if (absl::Status st = start_(job, *picked); !st.ok()) {
           spdlog::error("scheduler: job {} could not start: {}", job.id, st.ToString());
           return;  // a store error: try again at the next Run()
         }
-        idle = idle_();  // the picked workers, unless the job failed to start or already ended
+        idle = available();  // less the picked workers, unless the job failed or already ended
       }
       token = page->next_page_token;
       if (token.empty()) break;

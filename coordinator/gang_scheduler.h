@@ -4,10 +4,14 @@
 // taking the idle workers in id order (rank 0 = the first): all ranks or none.
 //
 // One pass: RESTARTING jobs first (they hold work already done), then QUEUED jobs, each in
-// submission order. A job that cannot start does not block later ones: a smaller or other-device
-// job behind it may start at once (backfilling, no reservation). The price: a large job can wait
-// as long as smaller jobs keep enough workers busy; the oldest such job still goes first whenever
-// enough workers are idle at one pass.
+// submission order. A RESTARTING job that cannot start yet keeps the idle workers of its kind
+// that it needs (a reservation: a lost rank's peers stop one by one, and each used to go to a
+// newer job) as long as enough workers of its kind are in service (connected, not draining) to
+// run it once they are idle; otherwise it reserves nothing. A QUEUED job that cannot start does
+// not block later ones: a smaller or other-device job behind it may start at once (backfilling,
+// no reservation). The price: a large job can wait as long as smaller jobs keep enough workers
+// busy; the oldest such job still goes first whenever enough workers are idle at one pass (a
+// finished job frees all its workers at once).
 //
 // The scheduler reads the jobs from the JobStore and the idle workers through a callback (the
 // SessionManager's), and starts a job through another (the facade's, which assigns the ranks and
@@ -42,13 +46,16 @@ std::optional<std::vector<std::string>> PlaceGang(int world, const std::string& 
 // ListWorkers reports, for `matctl status` ("waiting:"). Matching workers only (DeviceMatches):
 //   "needs 2 cpu workers, 1 is connected: start 1 more (mat-worker --device cpu)"
 //   "needs 2 idle cpu workers, 1 of the 3 connected is idle; the others run job-000001"
-// A worker that is neither IDLE nor BUSY (DISCONNECTED) does not count as connected.
+//   "needs 2 idle cpu workers, 1 of the 2 connected is idle; 1 is still stopping a cancelled
+//    rank of job-000015 (one blocked in a collective ... --rendezvous-timeout-ms)"
+// A worker that is neither IDLE nor BUSY (DISCONNECTED, DRAINING) does not count as connected.
 std::string DescribeWait(int world, const std::string& job_device,
                          const std::vector<v1::WorkerInfo>& workers);
 
 class GangScheduler {
  public:
-  // The idle workers now, in scheduling order.
+  // The idle workers now, in scheduling order; also the workers in service (idle, busy or
+  // stopping a rank; not draining).
   using IdleFn = std::function<std::vector<IdleWorker>()>;
   // Starts `job` on `workers` (rank order). A non-OK status (a store error) ends the pass; the
   // next Run() tries again.
@@ -56,7 +63,7 @@ class GangScheduler {
                                              const std::vector<std::string>& workers)>;
 
   // `store` is borrowed and must outlive the scheduler.
-  GangScheduler(JobStore& store, IdleFn idle, StartFn start);
+  GangScheduler(JobStore& store, IdleFn idle, IdleFn in_service, StartFn start);
   GangScheduler(const GangScheduler&) = delete;
   GangScheduler& operator=(const GangScheduler&) = delete;
 
@@ -69,6 +76,7 @@ class GangScheduler {
 
   JobStore& store_;
   IdleFn idle_;
+  IdleFn in_service_;
   StartFn start_;
   // True while Run() runs; a nested call only sets again_, and the running call makes another
   // pass.

@@ -1,8 +1,9 @@
 // Tests of the gang scheduler (coordinator/gang_scheduler.h) alone: placement (device kinds, id
 // order, all or nothing) and the wait description as pure functions, and the passes over a real
-// JobStore in a temporary directory with fake idle-worker and start callbacks: restarting jobs before queued ones,
-// submission order, backfilling past a job that does not fit, a nested Run() making one more
-// pass, and a start error ending the pass.
+// JobStore in a temporary directory with fake idle-worker and start callbacks: restarting jobs
+// before queued ones and keeping the idle workers they need, submission order, backfilling past a
+// queued job that does not fit, a nested Run() making one more pass, and a start error ending
+// the pass.
 #include <algorithm>
 #include <functional>
 #include <memory>
@@ -66,6 +67,26 @@ TEST(DescribeWaitTest, NamesTheMissingWorkersOrTheBusyOnesOfTheJobsDevice) {
             "job-000001, job-000002");
 }
 
+// A restarting job whose lost peer froze: its survivor's cancelled rank waits in a collective
+// until its timeout. The wait used to say the job waited for workers that "run" the job itself.
+TEST(DescribeWaitTest, SaysWhichWorkersAreStillStoppingACancelledRank) {
+  v1::WorkerInfo stopping = Worker("cpu", v1::WORKER_STATE_BUSY, "job-000015");
+  stopping.set_stopping(true);
+  const std::string tail =
+      " still stopping a cancelled rank of job-000015 (one blocked in a collective with a lost "
+      "peer stops at the worker's --rendezvous-timeout-ms)";
+  EXPECT_EQ(DescribeWait(2, "cpu", {stopping, Worker("cpu", v1::WORKER_STATE_IDLE)}),
+            "needs 2 idle cpu workers, 1 of the 2 connected is idle; 1 is" + tail);
+  EXPECT_EQ(DescribeWait(3, "cpu",
+                         {stopping, Worker("cpu", v1::WORKER_STATE_BUSY, "job-000016"),
+                          Worker("cpu", v1::WORKER_STATE_IDLE)}),
+            "needs 3 idle cpu workers, 1 of the 3 connected is idle; others run job-000016; "
+            "1 is" + tail);
+  // A draining worker is on its way out: not counted as connected.
+  EXPECT_EQ(DescribeWait(1, "cpu", {Worker("cpu", v1::WORKER_STATE_DRAINING)}),
+            "needs 1 cpu worker, 0 are connected: start 1 more (mat-worker --device cpu)");
+}
+
 TEST(PlaceGangTest, TakesTheFirstMatchingWorkersInOrderOrNone) {
   const std::vector<IdleWorker> idle = {
       {"w1", "cpu"}, {"w2", "cuda:0"}, {"w3", "cpu"}, {"w4", "cuda:1"}, {"w5", "cpu"}};
@@ -89,6 +110,11 @@ class GangSchedulerTest : public ::testing::Test {
     store_ = std::move(*store);
     scheduler_ = std::make_unique<GangScheduler>(
         *store_, [this] { return idle_; },
+        [this] {
+          std::vector<IdleWorker> in_service = busy_;
+          in_service.insert(in_service.end(), idle_.begin(), idle_.end());
+          return in_service;
+        },
         [this](const JobRecord& job, const std::vector<std::string>& workers) {
           return Start(job, workers);
         });
@@ -121,6 +147,7 @@ class GangSchedulerTest : public ::testing::Test {
   std::unique_ptr<JobStore> store_;
   std::unique_ptr<GangScheduler> scheduler_;
   std::vector<IdleWorker> idle_;
+  std::vector<IdleWorker> busy_;  // in service, not idle (running or stopping a rank)
   std::vector<std::string> started_;
   absl::Status start_error_;
   std::function<void()> on_start_;
@@ -150,6 +177,37 @@ TEST_F(GangSchedulerTest, RestartingJobsGoBeforeQueuedOnes) {
   scheduler_->Run();
   EXPECT_THAT(started_, ElementsAre(restarting + ":{ \"w1\" }"));
   EXPECT_EQ(store_->GetJob(queued)->state, v1::JOB_STATE_QUEUED);
+}
+
+// A lost rank's peers stop one by one: the first idle one is kept for the restarting job, not
+// given to a newer job, while enough workers are in service to run it.
+TEST_F(GangSchedulerTest, ARestartingJobKeepsTheIdleWorkersItNeedsWhileEnoughAreInService) {
+  const std::string restarting = Queue(2);
+  ASSERT_TRUE(store_->UpdateJobState(restarting, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(store_->UpdateJobState(restarting, v1::JOB_STATE_RESTARTING).ok());
+  const std::string small = Queue(1);
+  const std::string gpu = Queue(1, "cuda");
+  idle_ = {{"w1", "cpu"}, {"w3", "cuda:0"}};
+  busy_ = {{"w2", "cpu"}};  // still stopping its rank of the restarting job
+  scheduler_->Run();
+  EXPECT_THAT(started_, ElementsAre(gpu + ":{ \"w3\" }")) << "other kinds are not held";
+  EXPECT_EQ(store_->GetJob(small)->state, v1::JOB_STATE_QUEUED);
+  started_.clear();
+  busy_.clear();
+  idle_ = {{"w1", "cpu"}, {"w2", "cpu"}};
+  scheduler_->Run();
+  EXPECT_THAT(started_, ElementsAre(restarting + ":{ \"w1\", \"w2\" }"));
+  EXPECT_EQ(store_->GetJob(small)->state, v1::JOB_STATE_QUEUED);
+
+  // Too few workers in service to run it (the lost one is gone): nothing is held for it.
+  const std::string stuck = Queue(3);
+  ASSERT_TRUE(store_->UpdateJobState(stuck, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(store_->UpdateJobState(stuck, v1::JOB_STATE_RESTARTING).ok());
+  started_.clear();
+  idle_ = {{"w4", "cpu"}};
+  busy_ = {{"w1", "cpu"}};
+  scheduler_->Run();
+  EXPECT_THAT(started_, ElementsAre(small + ":{ \"w4\" }"));
 }
 
 TEST_F(GangSchedulerTest, ANestedRunMakesOneMorePassInsteadOfRecursing) {

@@ -304,6 +304,7 @@ std::string WorkerStateName(v1::WorkerState state) {
     case v1::WORKER_STATE_IDLE: return "IDLE";
     case v1::WORKER_STATE_BUSY: return "BUSY";
     case v1::WORKER_STATE_DISCONNECTED: return "DISCONNECTED";
+    case v1::WORKER_STATE_DRAINING: return "DRAINING";
     default: return "UNSPECIFIED";
   }
 }
@@ -313,7 +314,9 @@ std::string FormatWorkerTable(const std::vector<v1::WorkerInfo>& workers,
   std::vector<std::vector<std::string>> rows = {
       {"WORKER", "STATE", "DEVICE", "HOST", "JOB", "RANK", "LAST-SEEN"}};
   for (const v1::WorkerInfo& w : workers) {
-    const bool busy = w.state() == v1::WORKER_STATE_BUSY;
+    const bool busy = (w.state() == v1::WORKER_STATE_BUSY ||
+                       w.state() == v1::WORKER_STATE_DRAINING) &&
+                      !w.job_id().empty();
     const std::string last_seen =
         w.last_seen_unix_seconds() == 0
             ? "-"
@@ -322,7 +325,7 @@ std::string FormatWorkerTable(const std::vector<v1::WorkerInfo>& workers,
     rows.push_back({w.worker_id(), WorkerStateName(w.state()),
                     w.capabilities().device().empty() ? "-" : w.capabilities().device(),
                     w.capabilities().host().empty() ? "-" : w.capabilities().host(),
-                    busy && !w.job_id().empty() ? w.job_id() : "-",
+                    busy ? w.job_id() : "-",
                     busy ? absl::StrCat(w.rank()) : "-", last_seen});
   }
   return FormatTable(rows);

@@ -60,13 +60,14 @@ nlohmann::json JobToJson(const v1::GetJobReply& reply);
 // `status`: the same as "key: value" lines ("-" for values not reported yet).
 std::string FormatJobText(const v1::GetJobReply& reply);
 
-// "IDLE", "BUSY", "DISCONNECTED" (the enum name without WORKER_STATE_); "UNSPECIFIED" otherwise.
+// "IDLE", "BUSY", "DISCONNECTED", "DRAINING" (the enum name without WORKER_STATE_);
+// "UNSPECIFIED" otherwise.
 std::string WorkerStateName(v1::WorkerState state);
 
 // `workers`: a header and one aligned row per worker: WORKER, STATE, DEVICE, HOST, JOB, RANK,
-// LAST-SEEN. JOB and RANK are "-" unless the worker is BUSY; LAST-SEEN is the age of its last
-// message at `now_unix_seconds` ("12s ago", "3m ago"; "-" when never seen). Ends with a
-// newline; only the header for no workers.
+// LAST-SEEN. JOB and RANK are "-" unless the worker runs a rank (BUSY, DRAINING); LAST-SEEN is
+// the age of its last message at `now_unix_seconds` ("12s ago", "3m ago"; "-" when never seen).
+// Ends with a newline; only the header for no workers.
 std::string FormatWorkerTable(const std::vector<v1::WorkerInfo>& workers,
                               int64_t now_unix_seconds);
 

@@ -143,6 +143,19 @@ absl::StatusOr<v1::CancelJobReply> JobClient::CancelJob(const std::string& job_i
   return reply;
 }
 
+absl::StatusOr<v1::WorkerInfo> JobClient::DrainWorker(const std::string& worker_id,
+                                                      const std::string& reason, bool now) {
+  v1::DrainWorkerRequest request;
+  request.set_worker_id(worker_id);
+  request.set_reason(reason);
+  request.set_now(now);
+  v1::DrainWorkerReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->DrainWorker(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply.worker();
+}
+
 absl::StatusOr<v1::GetJobLogsReply> JobClient::GetJobLogs(const std::string& job_id, int rank,
                                                           int64_t after_seq) {
   v1::GetJobLogsRequest request;

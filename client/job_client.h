@@ -77,6 +77,9 @@ class JobClient {
   // Every worker the coordinator knows, by id. UNIMPLEMENTED naming the address when the
   // coordinator predates ListWorkers.
   absl::StatusOr<std::vector<v1::WorkerInfo>> ListWorkers();
+  // DrainWorker: the worker's state after the call.
+  absl::StatusOr<v1::WorkerInfo> DrainWorker(const std::string& worker_id,
+                                             const std::string& reason, bool now);
 
   // Streams the job's events into `on_event` (called on this thread) until the coordinator ends
   // the stream: OK after the job's terminal state; the stream's error otherwise (NOT_FOUND for

@@ -19,8 +19,10 @@
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "google/protobuf/stubs/common.h"
 #include "client/compare.h"
 #include "client/format.h"
 #include "client/job_client.h"
@@ -62,6 +64,9 @@ struct MatctlOptions {
   int rank = -1;                      // logs --rank
   bool follow = false;                // logs --follow
   std::string out_dir;                // download --out
+  bool force = false;                 // download --force
+  std::string worker_id;              // drain
+  bool now = false;                   // drain --now
 };
 
 // ANSI "erase to the end of the line", after a redrawn bar that may be shorter than the last.
@@ -117,6 +122,17 @@ absl::Status RetryWhileUnavailable(const std::string& address, std::ostream& err
 
 absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, int columns,
                    std::ostream& out, std::ostream& err, v1::JobState* final_state) {
+  // A QUEUED or RESTARTING job's "JOB waiting: why" line (GetJob's `waiting`, as `status`
+  // shows it), else "". Events do not carry it.
+  const auto waiting = [&](const v1::JobEvent& event) -> std::string {
+    if (!event.has_state() || (event.state().state() != v1::JOB_STATE_QUEUED &&
+                               event.state().state() != v1::JOB_STATE_RESTARTING)) {
+      return "";
+    }
+    absl::StatusOr<v1::GetJobReply> job = client.GetJob(job_id);
+    if (!job.ok() || job->waiting().empty()) return "";
+    return absl::StrCat(job_id, " waiting: ", job->waiting());
+  };
   bool reached = false;  // an event arrived: the coordinator knows the job
   const auto watch_once = [&](const std::function<void(const v1::JobEvent&)>& on_event) {
     return RetryWhileUnavailable(client.address(), err, [&] { return reached; }, [&] {
@@ -129,6 +145,7 @@ absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, 
   if (!progress) {
     return watch_once([&](const v1::JobEvent& event) {
       out << FormatJobEvent(event) << std::endl;  // flushed: someone is watching
+      if (const std::string why = waiting(event); !why.empty()) out << why << std::endl;
       if (event.has_state()) *final_state = event.state().state();
     });
   }
@@ -140,6 +157,9 @@ absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, 
     if (event.has_state()) *final_state = event.state().state();
     if (ApplyJobEvent(event, &state)) {
       out << "\r" << FormatJobEvent(event) << kEraseLineEnd << "\n";
+    }
+    if (const std::string why = waiting(event); !why.empty()) {
+      out << "\r" << why << kEraseLineEnd << "\n";
     }
     out << "\r" << FormatProgressBar(state, columns) << kEraseLineEnd << std::flush;
     bar_shown = true;
@@ -159,6 +179,9 @@ int Submit(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream&
            std::ostream& err) {
   absl::StatusOr<v1::JobSpec> spec = api::LoadJobSpecYaml(o.job_file);
   if (!spec.ok()) return Fail(err, spec.status());
+  if (!google::protobuf::internal::IsStructurallyValidUTF8(o.request_id)) {
+    return Fail(err, absl::InvalidArgumentError("--request-id: not valid UTF-8"));
+  }
   if (absl::Status valid = api::ValidateJobSpec(*spec); !valid.ok()) {
     return Fail(err, absl::InvalidArgumentError(absl::StrCat(o.job_file, ": ", valid.message())));
   }
@@ -298,6 +321,35 @@ int Workers(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
+int Drain(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  JobClient& client = **made;
+  absl::StatusOr<v1::WorkerInfo> worker = client.DrainWorker(o.worker_id, o.reason, o.now);
+  if (!worker.ok()) return Fail(err, worker.status());
+  out << o.worker_id << " " << WorkerStateName(worker->state());
+  if (worker->state() == v1::WORKER_STATE_DRAINING && !worker->job_id().empty()) {
+    out << (o.now ? ": stopping its rank " : ": it stops when the job ends; rank ")
+        << worker->rank() << " of " << worker->job_id();
+  } else if (worker->state() == v1::WORKER_STATE_DRAINING) {
+    out << ": runs no rank, told to stop";
+  }
+  out << "\n" << std::flush;
+  if (!o.wait) return kExitOk;
+  // Until it left: its session ended (DISCONNECTED).
+  while (worker->state() != v1::WORKER_STATE_DISCONNECTED) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    absl::StatusOr<std::vector<v1::WorkerInfo>> workers = client.ListWorkers();
+    if (!workers.ok()) return Fail(err, workers.status());
+    for (const v1::WorkerInfo& w : *workers) {
+      if (w.worker_id() == o.worker_id) *worker = w;
+    }
+  }
+  out << o.worker_id << " " << WorkerStateName(worker->state()) << "\n";
+  return kExitOk;
+}
+
 // A summary's "eval_curve" rebuilt from a run's metrics.jsonl (its lines with a val_loss).
 absl::StatusOr<nlohmann::json> EvalCurveFromMetrics(const std::string& path) {
   absl::StatusOr<std::string> text = common::ReadFile(path);
@@ -387,6 +439,24 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
 // checked against the SHA-256, then renamed into place. A file already there with that SHA-256
 // is kept. A resumed download whose bytes do not match (a stale or damaged partial file) starts
 // again from scratch, once.
+// Whether `dir` holds `artifact` already: true when its file there has the artifact's SHA-256,
+// false when there is none; FAILED_PRECONDITION naming the file when something else is there.
+absl::StatusOr<bool> HasArtifact(const std::string& job_id, const v1::Artifact& artifact,
+                                 const std::string& dir) {
+  namespace fs = std::filesystem;
+  MAT_RETURN_IF_ERROR(api::CheckArtifactName(artifact.name()));  // never outside `dir`
+  const std::string dest = dir + "/" + artifact.name();
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(dest, ec))) return false;
+  if (fs::is_regular_file(fs::symlink_status(dest, ec))) {
+    absl::StatusOr<api::FileDigest> have = api::DigestFile(dest);
+    if (have.ok() && have->sha256 == artifact.sha256()) return true;
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat(dest, " exists and differs from ", job_id, "'s ", artifact.name(),
+                   ": move it away, or pass --force to replace it"));
+}
+
 absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
                               const v1::Artifact& artifact, const std::string& dir) {
   namespace fs = std::filesystem;
@@ -448,6 +518,13 @@ int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
                          "; rank 0 uploads them when its part of the job ends)")));
   }
   if (absl::Status s = common::MakeDirs(o.out_dir); !s.ok()) return Fail(err, s);
+  // Nothing is written while any file there would be replaced (without --force).
+  for (const v1::Artifact& a : list->artifacts()) {
+    absl::StatusOr<bool> has = HasArtifact(o.job_id, a, o.out_dir);
+    if (!has.ok() && !(o.force && has.status().code() == absl::StatusCode::kFailedPrecondition)) {
+      return Fail(err, has.status());
+    }
+  }
   for (const v1::Artifact& a : list->artifacts()) {
     if (absl::Status s = DownloadArtifact(client, o.job_id, a, o.out_dir); !s.ok()) {
       return Fail(err, s);
@@ -600,7 +677,7 @@ std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
           {watch, [&] { return WatchCommand(o, terminal, out, err); }}};
 }
 
-// spectra, plot, workers, logs, download, compare: what a job left and the cluster.
+// spectra, plot, workers, drain, logs, download, compare: what a job left and the cluster.
 std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ostream& out,
                                        std::ostream& err) {
   CLI::App* spectra = app.add_subcommand("spectra", "print a job's λ_max history");
@@ -624,6 +701,18 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
   CLI::App* workers = app.add_subcommand(
       "workers", "list the coordinator's workers (state, device, host, job, rank, last seen)");
 
+  CLI::App* drain = app.add_subcommand(
+      "drain", "take a worker out of service: no new rank goes to it; once its job ends (or "
+               "at once with --now) it is told to stop and exits");
+  drain->footer(
+      "With --now its job restarts from its checkpoints on other workers, as after a worker "
+      "loss (this counts one of the job's restarts). The coordinator keeps the drain in memory: "
+      "drain again after a coordinator restart. A worker started again later is in service.");
+  drain->add_option("worker", o.worker_id, "worker id (matctl workers)")->required();
+  drain->add_option("--reason", o.reason, "why (the worker's log, and its job's error with --now)");
+  drain->add_flag("--now", o.now, "stop the worker's rank now instead of at its job's end");
+  drain->add_flag("--wait", o.wait, "return once the worker has left (DISCONNECTED)");
+
   CLI::App* logs = app.add_subcommand(
       "logs", "print a job's log lines as its ranks forwarded them (like kubectl logs)");
   logs->add_option("job", o.job_id, "job id")->required();
@@ -640,6 +729,8 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
       "in Python: safetensors.torch.load_file(\"DIR/model.safetensors\").");
   download->add_option("job", o.job_id, "job id")->required();
   download->add_option("--out", o.out_dir, "the directory to write (created)")->required();
+  download->add_flag("--force", o.force,
+                     "replace files there that differ from the job's (refused otherwise)");
 
   CLI::App* compare = app.add_subcommand(
       "compare", "finished runs side by side: loss at equal FLOP budgets, test, cost to the "
@@ -662,6 +753,7 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
   return {{spectra, [&] { return Spectra(o, out, err); }},
           {plot, [&] { return Plot(o, out, err); }},
           {workers, [&] { return Workers(o, out, err); }},
+          {drain, [&] { return Drain(o, out, err); }},
           {logs, [&] { return Logs(o, out, err); }},
           {download, [&] { return Download(o, out, err); }},
           {compare, [&] { return Compare(o, out, err); }}};
@@ -680,7 +772,17 @@ int RunMatctl(int argc, const char* const* argv, std::ostream& out, std::ostream
   app.add_option("--coordinator", o.coordinator, "coordinator gRPC address HOST:PORT")
       ->capture_default_str();
   app.add_option("--timeout", o.timeout_seconds, "deadline of each call, seconds")
-      ->check(CLI::PositiveNumber)
+      // NaN passed CLI::PositiveNumber and a huge value overflowed the deadline: both then read
+      // as "cannot reach the coordinator".
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            double v = 0;
+            if (!absl::SimpleAtod(text, &v) || !(v >= 0.001 && v <= 31536000.0)) {
+              return "--timeout must be a number of seconds in [0.001, 31536000], got " + text;
+            }
+            return "";
+          },
+          "SECONDS", "timeout"))
       ->capture_default_str();
   app.add_option("--token-file", o.security.token_file,
                  "send the first token of this file as 'authorization: Bearer TOKEN' (for a "

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "spdlog/spdlog.h"
 
@@ -29,7 +30,7 @@ Coordinator::Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions opt
                               options_.metrics_retention_seconds}),
       sessions_(*store_, clock_, options_.metrics, options_.heartbeat_interval_ms),
       scheduler_(
-          *store_, [this] { return sessions_.Idle(); },
+          *store_, [this] { return sessions_.Idle(); }, [this] { return sessions_.InService(); },
           [this](const JobRecord& job, const std::vector<std::string>& workers) {
             return StartJob(job, workers);
           }) {
@@ -80,6 +81,37 @@ absl::StatusOr<v1::CancelJobReply> Coordinator::CancelJob(const std::string& job
                              reason.empty() ? "cancelled by request" : reason));
   v1::CancelJobReply reply;
   reply.set_state(v1::JOB_STATE_CANCELLED);
+  return reply;
+}
+
+absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
+    const v1::DrainWorkerRequest& request) {
+  const std::string& id = request.worker_id();
+  const std::string reason = request.reason().empty() ? "drained" : request.reason();
+  MAT_RETURN_IF_ERROR(sessions_.SetDraining(id, reason));
+  // The rank it runs and has not finished (a finished one waits for its job's other ranks).
+  std::string job = sessions_.JobOf(id);
+  int rank = -1;
+  if (auto live = running_.find(job); live != running_.end()) {
+    for (int r = 0; r < live->second.world_size; ++r) {
+      const RankState& state = live->second.ranks[r];
+      if (state.worker_id == id && !state.done) rank = r;
+    }
+  }
+  if (rank < 0) job.clear();
+  spdlog::info("worker {}: draining ({}){}", id, reason,
+               job.empty()      ? ""
+               : request.now() ? absl::StrCat("; stops its rank of ", job, " now")
+                               : absl::StrCat("; its rank of ", job, " runs to the job's end"));
+  if (request.now() && !job.empty()) {
+    RestartJob(job, absl::StrCat(id, " (rank ", rank, ") drained: ", reason), "");
+  }
+  Schedule();  // an idle worker is told to stop now
+  MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
+  v1::DrainWorkerReply reply;
+  for (const v1::WorkerInfo& w : workers.workers()) {
+    if (w.worker_id() == id) *reply.mutable_worker() = w;
+  }
   return reply;
 }
 

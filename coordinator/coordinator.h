@@ -30,9 +30,11 @@
 // spec.resources.workers IDLE workers of its device kind have open sessions ("cpu" jobs on
 // device "cpu" workers, "cuda" jobs on "cuda:N" workers), taking the idle workers in id order
 // (rank 0 = the first). A job that cannot start does not block later ones: a smaller or
-// other-device job behind it may start at once (backfilling, no reservation). The price: a large
-// job can wait as long as smaller jobs keep enough workers busy; the oldest such job still goes
-// first whenever enough workers are idle at one Schedule() call.
+// other-device job behind it may start at once (backfilling, no reservation for QUEUED jobs; a
+// RESTARTING one keeps the idle workers it needs, gang_scheduler.h). The price: a large job can
+// wait as long as smaller jobs keep enough workers busy; the oldest such job still goes first
+// whenever enough workers are idle at one Schedule() call. A finished rank's worker stays with
+// its job until the job ends, so a job frees all its workers at once.
 //
 // Per running job the Coordinator keeps (in memory only) the ranks' workers and reports, the
 // λ probes still waiting for ranks, the latest mask version and the job's mat::policy::Policy
@@ -202,10 +204,16 @@ class Coordinator {
   // Live subscriptions on `job_id` (for tests and metrics).
   int WatcherCount(const std::string& job_id) const;
 
-  // Every worker the store knows, by id, with its live state (IDLE/BUSY while its session is
-  // open, else DISCONNECTED). last_seen is live for an open session (the store's copy is written
-  // at most every kLastSeenPersistMs, and on open, close and state changes).
+  // Every worker the store knows, by id, with its live state (IDLE/BUSY/DRAINING while its
+  // session is open, else DISCONNECTED). last_seen is live for an open session (the store's copy
+  // is written at most every kLastSeenPersistMs, and on open, close and state changes).
   absl::StatusOr<v1::ListWorkersReply> ListWorkers();
+  // Takes a worker out of service (DrainWorker): DRAINING, no new rank; with `now` its running
+  // job restarts as after a worker loss ("<worker> (rank R) drained: <reason>", counting an
+  // attempt); once it runs and stops no rank it gets Drain {reason} (Schedule) and leaves.
+  // In memory only: a restarted coordinator has it in service again. NOT_FOUND for an unknown
+  // worker, FAILED_PRECONDITION for one without an open session.
+  absl::StatusOr<v1::DrainWorkerReply> DrainWorker(const v1::DrainWorkerRequest& request);
 
   // ----- WorkerService (the session protocol of proto/mat/v1/service.proto) -----
 
@@ -285,8 +293,9 @@ class Coordinator {
   // such end again, until it is stored or the job has ended otherwise. /readyz answers 503 with
   // this message meanwhile.
   absl::Status UnstoredEnds() const;
-  // Starts every QUEUED job that can start now (see the protocol's gang scheduling). Called by
-  // SubmitJob, OpenSession and whenever a worker becomes idle; public for tests.
+  // Starts every QUEUED job that can start now (see the protocol's gang scheduling), then sends
+  // Drain to each draining worker that became idle. Called by SubmitJob, OpenSession and
+  // whenever a worker becomes idle; public for tests.
   void Schedule();
 
   // ----- for the scheduler and worker sessions -----

@@ -47,9 +47,9 @@ CoordinatorMetrics::CoordinatorMetrics()
           "mat_coordinator_mask_latency_seconds",
           "From the spectra report completing a probe step to every rank's mask update queued.",
           {}, MaskLatencyBuckets())),
-      workers(registry.AddGauge("mat_coordinator_workers",
-                                "Registered workers by state (idle, busy, disconnected).",
-                                {"state"})),
+      workers(registry.AddGauge(
+          "mat_coordinator_workers",
+          "Registered workers by state (idle, busy, disconnected, draining).", {"state"})),
       jobs(registry.AddGauge(
           "mat_coordinator_jobs",
           "Jobs by state (queued, running, succeeded, failed, cancelled, restarting).",

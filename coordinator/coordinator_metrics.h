@@ -19,7 +19,7 @@
 //   mat_coordinator_mask_latency_seconds          histogram  -                           the report completing a probe step entered
 //                                                                                        HandleWorkerMessage -> every rank's MaskUpdate
 //                                                                                        handed to its channel
-//   mat_coordinator_workers                       gauge      state (idle|busy|disconnected)
+//   mat_coordinator_workers                       gauge      state (idle|busy|disconnected|draining)
 //   mat_coordinator_jobs                          gauge      state (queued|running|succeeded|failed|cancelled|restarting)
 //   mat_coordinator_worker_heartbeat_age_seconds  gauge      worker                      open sessions: time since the last message
 //   mat_coordinator_spectra_reports_total         counter    -                           SpectraReports taken into a probe

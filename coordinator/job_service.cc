@@ -227,6 +227,16 @@ grpc::ServerUnaryReactor* JobService::ListWorkers(grpc::CallbackServerContext* c
   return RunOnLoop(loop_, context, reply, [this] { return coordinator_.ListWorkers(); });
 }
 
+grpc::ServerUnaryReactor* JobService::DrainWorker(grpc::CallbackServerContext* context,
+                                                  const v1::DrainWorkerRequest* request,
+                                                  v1::DrainWorkerReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
+  return RunOnLoop(loop_, context, reply,
+                   [this, request] { return coordinator_.DrainWorker(*request); });
+}
+
 grpc::ServerUnaryReactor* JobService::GetJobLogs(grpc::CallbackServerContext* context,
                                                  const v1::GetJobLogsRequest* request,
                                                  v1::GetJobLogsReply* reply) {

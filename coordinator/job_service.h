@@ -82,6 +82,9 @@ class JobService final : public v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* ListWorkers(grpc::CallbackServerContext* context,
                                         const v1::ListWorkersRequest* request,
                                         v1::ListWorkersReply* reply) override;
+  grpc::ServerUnaryReactor* DrainWorker(grpc::CallbackServerContext* context,
+                                        const v1::DrainWorkerRequest* request,
+                                        v1::DrainWorkerReply* reply) override;
   grpc::ServerUnaryReactor* GetJobLogs(grpc::CallbackServerContext* context,
                                        const v1::GetJobLogsRequest* request,
                                        v1::GetJobLogsReply* reply) override;

@@ -128,13 +128,17 @@ absl::StatusOr<v1::ListWorkersReply> SessionManager::List() const {
       continue;
     }
     const Session& s = session->second;
-    info->set_state(IsIdle(s) ? v1::WORKER_STATE_IDLE : v1::WORKER_STATE_BUSY);
+    info->set_state(s.draining  ? v1::WORKER_STATE_DRAINING
+                    : IsIdle(s) ? v1::WORKER_STATE_IDLE
+                                : v1::WORKER_STATE_BUSY);
+    if (s.draining) info->set_drain_reason(s.drain_reason);
     if (!s.job_id.empty()) {
       info->set_job_id(s.job_id);
       info->set_rank(s.rank);
     } else if (!IsIdle(s)) {  // stopping a cancelled rank
       info->set_job_id(s.stopping_job);
       if (s.stopping_rank >= 0) info->set_rank(s.stopping_rank);
+      info->set_stopping(true);
     }
     // Live: the store's copy may be up to kLastSeenPersistMs old.
     info->set_last_seen_unix_seconds(
@@ -243,6 +247,33 @@ std::string SessionManager::JobOf(const std::string& worker_id) const {
   return it == sessions_.end() ? std::string() : it->second.job_id;
 }
 
+absl::Status SessionManager::SetDraining(const std::string& worker_id, const std::string& reason) {
+  if (workers_.count(worker_id) == 0) {
+    return absl::NotFoundError(absl::StrCat("no worker '", worker_id, "' (matctl workers)"));
+  }
+  auto it = sessions_.find(worker_id);
+  if (it == sessions_.end()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", worker_id, " is not connected: nothing to drain"));
+  }
+  if (!it->second.draining) {
+    it->second.draining = true;
+    it->second.drain_reason = reason;
+    UpdateGauges();
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::pair<std::string, std::string>> SessionManager::TakeDrained() {
+  std::vector<std::pair<std::string, std::string>> drained;
+  for (auto& [id, session] : sessions_) {
+    if (!session.draining || session.drain_taken || !IsIdle(session)) continue;
+    session.drain_taken = true;
+    drained.emplace_back(id, session.drain_reason);
+  }
+  return drained;
+}
+
 void SessionManager::Send(const std::string& worker_id, const v1::CoordinatorMessage& message) {
   auto it = sessions_.find(worker_id);
   if (it == sessions_.end()) return;
@@ -294,11 +325,21 @@ std::vector<std::pair<std::string, int64_t>> SessionManager::Silent() const {
 std::vector<IdleWorker> SessionManager::Idle() const {
   std::vector<IdleWorker> idle;
   for (const auto& [id, session] : sessions_) {
-    if (!IsIdle(session)) continue;
+    if (!IsIdle(session) || session.draining) continue;
     auto worker = workers_.find(id);
     if (worker != workers_.end()) idle.push_back(IdleWorker{id, worker->second.device});
   }
   return idle;
+}
+
+std::vector<IdleWorker> SessionManager::InService() const {
+  std::vector<IdleWorker> in_service;
+  for (const auto& [id, session] : sessions_) {
+    if (session.draining) continue;
+    auto worker = workers_.find(id);
+    if (worker != workers_.end()) in_service.push_back(IdleWorker{id, worker->second.device});
+  }
+  return in_service;
 }
 
 // ----- metrics -----
@@ -314,11 +355,13 @@ void SessionManager::RefreshHeartbeatAges() {
 
 void SessionManager::UpdateGauges() {
   if (metrics_ == nullptr) return;
-  int64_t idle = 0, busy = 0, disconnected = 0;
+  int64_t idle = 0, busy = 0, disconnected = 0, draining = 0;
   for (const auto& [id, worker] : workers_) {
     auto session = sessions_.find(id);
     if (session == sessions_.end()) {
       ++disconnected;
+    } else if (session->second.draining) {
+      ++draining;
     } else if (IsIdle(session->second)) {
       ++idle;
     } else {
@@ -329,6 +372,7 @@ void SessionManager::UpdateGauges() {
   gauge.Set({"idle"}, static_cast<double>(idle));
   gauge.Set({"busy"}, static_cast<double>(busy));
   gauge.Set({"disconnected"}, static_cast<double>(disconnected));
+  gauge.Set({"draining"}, static_cast<double>(draining));
 }
 
 }  // namespace mat::coordinator

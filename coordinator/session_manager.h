@@ -3,7 +3,7 @@
 // step with it), the open Session of each connected worker with its channel, the time of its last
 // message and the rank it runs, and the worker metrics (mat_coordinator_workers, heartbeat ages).
 // It decides nothing about jobs: the facade tells it which rank a worker runs (SetJob) and asks it
-// which workers are idle (Idle) or silent (Silent).
+// which workers are idle (Idle), silent (Silent) or drained (TakeDrained).
 //
 //   Register     validates and stores a worker (INVALID_ARGUMENT naming the field).
 //   List         every stored worker with its live state (ListWorkers).
@@ -71,8 +71,8 @@ class SessionManager {
   // rendezvous_port outside 1..65535 or a worker_id that is not 1..128 of [A-Za-z0-9._-].
   // Re-registering updates its capabilities (an open session and its rank are kept).
   absl::StatusOr<v1::RegisterReply> Register(const v1::RegisterRequest& request);
-  // Every worker the store knows, with its live state (IDLE/BUSY while its session is open,
-  // else DISCONNECTED) and a live last_seen for an open session.
+  // Every worker the store knows, with its live state (IDLE/BUSY/DRAINING while its session is
+  // open, else DISCONNECTED) and a live last_seen for an open session.
   absl::StatusOr<v1::ListWorkersReply> List() const;
   // The worker's stored record, or null for an unknown id.
   const WorkerRecord* Find(const std::string& worker_id) const;
@@ -113,6 +113,14 @@ class SessionManager {
   // The job whose rank the worker's session runs ("" when idle or without a session).
   std::string JobOf(const std::string& worker_id) const;
 
+  // Draining (DrainWorker): the worker takes no new rank (Idle leaves it out) and List shows it
+  // DRAINING with `reason`; a second call keeps the first reason. Ends with its session.
+  // NOT_FOUND for an unknown worker, FAILED_PRECONDITION for one without an open session.
+  absl::Status SetDraining(const std::string& worker_id, const std::string& reason);
+  // Draining workers that run and stop no rank and were not returned before: (id, reason), in id
+  // order. The caller tells each to stop (Drain).
+  std::vector<std::pair<std::string, std::string>> TakeDrained();
+
   // Queues `message` on the worker's open session; no-op without one.
   void Send(const std::string& worker_id, const v1::CoordinatorMessage& message);
   void SendCancel(const std::string& worker_id, const std::string& job_id,
@@ -121,9 +129,12 @@ class SessionManager {
   // Open sessions with no message for more than 3 heartbeat intervals: (worker id, silence in
   // ms), in id order.
   std::vector<std::pair<std::string, int64_t>> Silent() const;
-  // Idle registered workers with an open session and no rank stopping, in id order (the
-  // scheduling order).
+  // Idle registered workers with an open session, no rank stopping and not draining, in id
+  // order (the scheduling order).
   std::vector<IdleWorker> Idle() const;
+  // Registered workers with an open session that are not draining (idle, busy or stopping a
+  // rank), in id order: the workers a job may yet run on without new ones.
+  std::vector<IdleWorker> InService() const;
   int OpenCount() const { return static_cast<int>(sessions_.size()); }
 
   // Sets mat_coordinator_worker_heartbeat_age_seconds of every open session.
@@ -142,6 +153,9 @@ class SessionManager {
     int rank = -1;                  // BUSY: that rank
     std::string stopping_job;       // SetStopping: the cancelled rank's job ("" = none)
     int stopping_rank = -1;         // and that rank
+    bool draining = false;          // SetDraining
+    std::string drain_reason;
+    bool drain_taken = false;       // returned by TakeDrained
   };
   // Writes last_seen to the store when `force` or kLastSeenPersistMs passed since the last write.
   void PersistLastSeen(const std::string& worker_id, Session& session, bool force);

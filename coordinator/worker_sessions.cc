@@ -285,7 +285,12 @@ std::shared_ptr<WorkerChannel> Coordinator::DropSession(const std::string& worke
   std::optional<SessionManager::Dropped> dropped = sessions_.Drop(worker_id);
   if (!dropped.has_value()) return nullptr;
   spdlog::info("worker {}: session ended: {}", worker_id, why);
-  if (!dropped->job_id.empty() && running_.count(dropped->job_id) != 0) {
+  auto job = running_.find(dropped->job_id);
+  // A worker whose rank finished (it waits for its job's other ranks) takes nothing with it.
+  const bool finished = job != running_.end() && dropped->rank >= 0 &&
+                        dropped->rank < job->second.world_size &&
+                        job->second.ranks[dropped->rank].done;
+  if (!dropped->job_id.empty() && job != running_.end() && !finished) {
     RestartJob(dropped->job_id,
                absl::StrCat(worker_id, " (rank ", dropped->rank, ") lost: ", why), worker_id);
   }
@@ -340,7 +345,15 @@ void Coordinator::CheckHeartbeats() {
 
 // ----- scheduling -----
 
-void Coordinator::Schedule() { scheduler_.Run(); }
+void Coordinator::Schedule() {
+  scheduler_.Run();
+  for (const auto& [worker_id, reason] : sessions_.TakeDrained()) {
+    spdlog::info("worker {}: drained ({}), runs no rank: told to stop", worker_id, reason);
+    v1::CoordinatorMessage message;
+    message.mutable_drain()->set_reason(reason);
+    sessions_.Send(worker_id, message);
+  }
+}
 
 absl::Status Coordinator::StartJob(const JobRecord& job, const std::vector<std::string>& workers) {
   const std::string& id = job.id;
@@ -421,7 +434,7 @@ void Coordinator::DetachJob(const std::string& job_id, const std::string& messag
       continue;  // done, lost, or already moved on
     }
     sessions_.SetJob(worker_id, "", -1);
-    if (cancel && worker_id != except_worker) {
+    if (cancel && worker_id != except_worker && !ranks[r].done) {
       sessions_.SendCancel(worker_id, job_id, message);
       // Not schedulable until the worker says the rank stopped (SessionManager::SetStopping):
       // the rank may be stuck in a collective with a peer that is gone, or the worker itself

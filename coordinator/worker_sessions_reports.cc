@@ -494,13 +494,12 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   rank.step = done.step();
   rank.param_checksum = done.param_checksum();
   rank.summary_json = done.summary_json();
-  sessions_.SetJob(worker_id, "", -1);
   spdlog::info("job {}: rank {} ({}) finished at step {}, checksum {}", job_id, ref.rank,
                worker_id, done.step(), done.param_checksum());
-  if (!last) {
-    Schedule();
-    return absl::OkStatus();
-  }
+  // The worker stays with the job until it ends (EndJob frees every rank's worker at once): freed
+  // one by one, each went to whichever queued job fit first, and the oldest job that needs them
+  // all was overtaken by newer, smaller ones.
+  if (!last) return absl::OkStatus();
   for (int r = 1; r < job.world_size; ++r) {
     if (job.ranks[r].param_checksum != job.ranks[0].param_checksum) {
       spdlog::warn("job {}: rank {} checksum {} differs from rank 0's {}", job_id, r,

@@ -277,7 +277,7 @@ v1::WorkerInfo MakeWorker(const std::string& id, v1::WorkerState state, const st
   return w;
 }
 
-TEST(FormatTest, WorkerTableShowsJobAndRankOnlyForBusyWorkersAndTheAgeOfTheLastMessage) {
+TEST(FormatTest, WorkerTableShowsJobAndRankOnlyForWorkersThatRunARankAndTheAgeOfTheLastMessage) {
   const int64_t now = 1700000000;
   v1::WorkerInfo busy =
       MakeWorker("worker-000001", v1::WORKER_STATE_BUSY, "cuda:0", "gpu1", now - 2);
@@ -289,16 +289,25 @@ TEST(FormatTest, WorkerTableShowsJobAndRankOnlyForBusyWorkersAndTheAgeOfTheLastM
       MakeWorker("worker-000003", v1::WORKER_STATE_DISCONNECTED, "cpu", "host-c", now - 250);
   const v1::WorkerInfo never =
       MakeWorker("worker-000004", v1::WORKER_STATE_DISCONNECTED, "", "", 0);
+  // Draining: with the rank it still runs, and without one.
+  v1::WorkerInfo draining =
+      MakeWorker("worker-000005", v1::WORKER_STATE_DRAINING, "cpu", "host-e", now - 1);
+  draining.set_job_id("job-000004");
+  draining.set_rank(0);
+  const v1::WorkerInfo drained =
+      MakeWorker("worker-000006", v1::WORKER_STATE_DRAINING, "cpu", "host-f", now);
   const std::vector<std::string> expected = {
       "WORKER         STATE         DEVICE  HOST      JOB         RANK  LAST-SEEN",
       "worker-000001  BUSY          cuda:0  gpu1      job-000003  1     2s ago",
       "worker-000002  IDLE          cpu     10.0.0.7  -           -     0s ago",
       "worker-000003  DISCONNECTED  cpu     host-c    -           -     4m ago",
       "worker-000004  DISCONNECTED  -       -         -           -     -",
+      "worker-000005  DRAINING      cpu     host-e    job-000004  0     1s ago",
+      "worker-000006  DRAINING      cpu     host-f    -           -     0s ago",
   };
   std::string want;
   for (const std::string& line : expected) want += line + "\n";
-  EXPECT_EQ(FormatWorkerTable({busy, idle, gone, never}, now), want);
+  EXPECT_EQ(FormatWorkerTable({busy, idle, gone, never, draining, drained}, now), want);
   EXPECT_EQ(FormatWorkerTable({}, now), "WORKER  STATE  DEVICE  HOST  JOB  RANK  LAST-SEEN\n");
   EXPECT_EQ(WorkerStateName(v1::WORKER_STATE_UNSPECIFIED), "UNSPECIFIED");
 }

@@ -542,6 +542,12 @@ TEST_F(MatctlTest, UsageErrorsExitTwo) {
   EXPECT_EQ(Run({"status"}).code, 2);
   EXPECT_EQ(Run({"status", "job-000001", "-o", "yaml"}).code, 2);
   EXPECT_EQ(Run({"--timeout", "0", "list"}).code, 2);
+  // NaN and a deadline past what a clock holds used to read as "cannot reach the coordinator".
+  for (const char* bad : {"nan", "1e300", "x"}) {
+    Result r = Run({"--timeout", bad, "list"});
+    EXPECT_EQ(r.code, 2) << bad;
+    EXPECT_THAT(r.err, HasSubstr("--timeout must be a number of seconds")) << bad << ": " << r.err;
+  }
   EXPECT_EQ(Run({"watch", "job-000001", "--progress", "--no-progress"}).code, 2);
   EXPECT_EQ(Run({"submit", kTinyJob, "--progress"}).code, 2) << "--progress needs --wait";
   EXPECT_EQ(Run({"plot", "job-000001"}).code, 2) << "--out is required";

@@ -179,6 +179,12 @@ TEST_F(AuthTest, DaemonRefusesEveryCallWithoutTheRightTokenButHealthStaysOpen) {
   v1::ListWorkersReply listed;
   EXPECT_EQ(jobs->ListWorkers(Context("", "").get(), {}, &listed).error_code(),
             grpc::StatusCode::UNAUTHENTICATED);
+  v1::DrainWorkerReply drained;  // an operator's call: the same tokens as every JobService call
+  EXPECT_EQ(jobs->DrainWorker(Context("", "").get(), {}, &drained).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(
+      jobs->DrainWorker(Context("authorization", "Bearer join-1").get(), {}, &drained).error_code(),
+      grpc::StatusCode::PERMISSION_DENIED);
   v1::SubmitJobReply submitted;
   EXPECT_EQ(jobs->SubmitJob(Context("authorization", "Bearer join-1").get(), {}, &submitted)
                 .error_code(),

@@ -118,6 +118,29 @@ TEST_F(WorkerSessionsTest, AnEndTheStoreRefusesIsKeptAndStoredOnceTheStoreTakesI
   EXPECT_TRUE(coordinator_->UnstoredEnds().ok());
 }
 
+// The store refuses a rank's RankDone (a full disk): it changes nothing, and the same RankDone
+// sent again once the store takes writes (mat-worker does so at its next heartbeat) ends the job
+// as it would have; a second copy of a RankDone already taken is refused.
+TEST_F(WorkerSessionsTest, ARankDoneTheStoreRefusedIsTakenWhenSentAgain) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  RawSql(dir_ + "/state",
+         "CREATE TRIGGER full_disk BEFORE UPDATE ON assignments "
+         "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");
+  const v1::WorkerMessage done1 = Done(w1.id, job, 1, true, "abc");
+  EXPECT_FALSE(Send(done1).ok());
+  ASSERT_EQ(w1.channel->Rejects().size(), 1u);
+  EXPECT_THAT(w1.channel->Rejects()[0].message(), HasSubstr("database or disk is full"));
+  RawSql(dir_ + "/state", "DROP TRIGGER full_disk");
+  SendOk(done1);
+  const absl::Status twice = Send(done1);
+  EXPECT_EQ(twice.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(twice.message(), HasSubstr("already finished"));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING) << "a copy ended the job";
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
+}
+
 TEST_F(WorkerSessionsTest, RankDoneOnEveryRankSucceedsWithSummaryAndChecksums) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);
@@ -126,7 +149,8 @@ TEST_F(WorkerSessionsTest, RankDoneOnEveryRankSucceedsWithSummaryAndChecksums) {
   Watch(job, &events);
   SendOk(Done(w1.id, job, 1, true, "cafe01"));
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING) << "succeeded before rank 0 finished";
-  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
+  // Its worker stays with the job until the job ends (the job frees its workers together).
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_BUSY);
   EXPECT_EQ(StateOf(queued), v1::JOB_STATE_QUEUED);
   // A finished rank sends nothing more for its job.
   EXPECT_EQ(Send(Done(w1.id, job, 1, true, "cafe01")).code(),

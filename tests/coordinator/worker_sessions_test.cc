@@ -195,6 +195,40 @@ TEST_F(WorkerSessionsTest, JobsRunOnlyOnWorkersOfTheirDeviceKind) {
   EXPECT_EQ(cpu.channel->Assigns()[0].job_id(), cpu_job);
 }
 
+// A finished rank's worker stays with its job until the job ends, so the job's workers are
+// freed together and the oldest queued job that needs them all gets them. Freed one by one, the
+// first went to a newer 1-rank job and the older 2-rank job was overtaken.
+TEST_F(WorkerSessionsTest, AJobFreesItsWorkersTogetherForTheOldestQueuedJob) {
+  Worker w0, w1;
+  const std::string first = StartTwoRankJob(&w0, &w1);
+  const std::string older = Submit(Spec(2));
+  const std::string newer = Submit(Spec(1));
+  SendOk(Done(w1.id, first, 1, true, "abc"));
+  EXPECT_EQ(StateOf(newer), v1::JOB_STATE_QUEUED) << "took the worker of a finished rank";
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(WorkerInfoOf(w1.id).job_id(), first);
+  SendOk(Done(w0.id, first, 0, true, "abc", R"({"steps":100})"));
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(StateOf(older), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(StateOf(newer), v1::JOB_STATE_QUEUED);
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty());
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
+}
+
+// The worker of a finished rank going away takes nothing with it: the job does not restart.
+TEST_F(WorkerSessionsTest, TheWorkerOfAFinishedRankLeavingDoesNotRestartTheJob) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w1.id, job, 1, true, "abc"));
+  coordinator_->CloseSession(w1.id);
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty());
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
+  const v1::Job done = GetJob(job).job();
+  EXPECT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(done.attempt(), 0);
+}
+
 // ----- λ, decisions and masks -----
 
 TEST_F(WorkerSessionsTest, RankAveragedLambdaIsStoredAndModulesAreListed) {
@@ -627,6 +661,111 @@ TEST_F(WorkerSessionsTest, MetricsThresholdIsNaNDuringWarmUpAndLostWorkersAreDis
   EXPECT_EQ(m.jobs.Value({"running"}), 0);
   EXPECT_FALSE(m.worker_heartbeat_age_seconds.Exists({w0.id}));
   // Without metrics the Coordinator works the same (every other test here).
+}
+
+// ----- draining a worker (DrainWorker) -----
+
+v1::DrainWorkerRequest DrainRequest(const std::string& worker, const std::string& reason,
+                                    bool now = false) {
+  v1::DrainWorkerRequest request;
+  request.set_worker_id(worker);
+  request.set_reason(reason);
+  request.set_now(now);
+  return request;
+}
+
+// A drained worker's rank runs to its job's end; no new rank goes to it meanwhile, and once
+// idle it is told to stop (Drain), and leaves.
+TEST_F(WorkerSessionsTest, ADrainedWorkerFinishesItsJobTakesNoOtherAndIsThenToldToStop) {
+  EnableMetrics();
+  const Worker w0 = AddWorker();
+  const std::string first = Submit(Spec(1));
+  ASSERT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  const Worker w1 = AddWorker();
+
+  auto drained = coordinator_->DrainWorker(DrainRequest(w0.id, "disk swap"));
+  ASSERT_TRUE(drained.ok()) << drained.status();
+  EXPECT_EQ(drained->worker().state(), v1::WORKER_STATE_DRAINING);
+  EXPECT_EQ(drained->worker().job_id(), first);
+  EXPECT_EQ(drained->worker().drain_reason(), "disk swap");
+  EXPECT_THAT(w0.channel->Drains(), IsEmpty()) << "told to stop while its rank runs";
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty()) << "its job was stopped";
+  EXPECT_EQ(metrics_->workers.Value({"draining"}), 1);
+  EXPECT_EQ(metrics_->workers.Value({"busy"}), 0);
+  EXPECT_EQ(metrics_->workers.Value({"idle"}), 1);
+
+  // New jobs go elsewhere or wait.
+  const std::string second = Submit(Spec(1));
+  EXPECT_EQ(StateOf(second), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(w1.channel->Assigns().size(), 1u);
+  const std::string third = Submit(Spec(1));
+  EXPECT_EQ(StateOf(third), v1::JOB_STATE_QUEUED);
+
+  // Its job ends: it is told to stop, and the queued job still does not go to it.
+  SendOk(Done(w0.id, first, 0, true, "abc", R"({"steps":100})"));
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_SUCCEEDED);
+  ASSERT_EQ(w0.channel->Drains().size(), 1u);
+  EXPECT_EQ(w0.channel->Drains()[0].reason(), "disk swap");
+  EXPECT_EQ(w0.channel->Assigns().size(), 1u);
+  EXPECT_EQ(StateOf(third), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_DRAINING);
+  EXPECT_EQ(WorkerInfoOf(w0.id).job_id(), "");
+  // Draining again changes nothing and is not told twice.
+  ASSERT_TRUE(coordinator_->DrainWorker(DrainRequest(w0.id, "again")).ok());
+  EXPECT_EQ(w0.channel->Drains().size(), 1u);
+  EXPECT_EQ(WorkerInfoOf(w0.id).drain_reason(), "disk swap");
+
+  // It leaves; started again it is in service and takes the queued job.
+  v1::WorkerMessage leaving = Heartbeat(w0.id);
+  leaving.mutable_leaving()->set_reason("drained: disk swap");
+  SendOk(leaving);
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(metrics_->workers.Value({"draining"}), 0);
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id), channel).ok());
+  EXPECT_EQ(StateOf(third), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(channel->Assigns().size(), 1u);
+}
+
+// --now: the worker's job restarts at once (on another worker), as after a worker loss, and the
+// worker is told to stop once its rank has stopped.
+TEST_F(WorkerSessionsTest, DrainingNowRestartsTheWorkersJobElsewhere) {
+  const Worker w0 = AddWorker();
+  const std::string job = Submit(Spec(1));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+
+  auto drained = coordinator_->DrainWorker(DrainRequest(w0.id, "", /*now=*/true));
+  ASSERT_TRUE(drained.ok()) << drained.status();
+  EXPECT_EQ(drained->worker().state(), v1::WORKER_STATE_DRAINING);
+  EXPECT_EQ(drained->worker().drain_reason(), "drained");
+  ASSERT_EQ(w0.channel->Cancels().size(), 1u);
+  const v1::Job restarting = GetJob(job).job();
+  EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(restarting.attempt(), 1);
+  EXPECT_EQ(restarting.error_message(), "worker-000001 (rank 0) drained: drained");
+  const Worker w1 = AddWorker();
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  ASSERT_EQ(w1.channel->Assigns().size(), 1u);
+  EXPECT_TRUE(w1.channel->Assigns()[0].resume());
+  EXPECT_THAT(w0.channel->Drains(), IsEmpty()) << "told to stop before its rank stopped";
+  SendOk(Heartbeat(w0.id, {job}));  // still stopping
+  EXPECT_THAT(w0.channel->Drains(), IsEmpty());
+  SendOk(Heartbeat(w0.id));  // stopped
+  EXPECT_EQ(w0.channel->Drains().size(), 1u);
+
+  // An idle worker is told at once; unknown and disconnected ones are errors naming them.
+  ASSERT_TRUE(coordinator_->DrainWorker(DrainRequest(w0.id, "x")).ok());
+  EXPECT_EQ(w0.channel->Drains().size(), 1u);
+  const Worker w2 = AddWorker();
+  ASSERT_TRUE(coordinator_->DrainWorker(DrainRequest(w2.id, "idle")).ok());
+  EXPECT_EQ(w2.channel->Drains().size(), 1u);
+  auto unknown = coordinator_->DrainWorker(DrainRequest("worker-000099", ""));
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(unknown.status().message(), HasSubstr("worker-000099"));
+  coordinator_->CloseSession(w2.id);
+  auto gone = coordinator_->DrainWorker(DrainRequest(w2.id, ""));
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(gone.status().message(), HasSubstr(w2.id + " is not connected"));
 }
 
 // ----- rand replaying a MAT job (policy.rand_schedule_job) -----

@@ -3,7 +3,8 @@
 //   - a finished job's artifacts (model.safetensors, summary.json, metrics.jsonl, masks.jsonl,
 //     job_spec.yaml) come back through `matctl download` byte for byte as rank 0 wrote them, the
 //     model is the one of the job's last step with the job's parameter checksum, `matctl list`
-//     and `status` show their size, a second download keeps what is there;
+//     and `status` show their size, a second download keeps what is there, and one into a
+//     directory holding a different file of the same name writes nothing unless --force;
 //   - the coordinator SIGKILLed in the middle of the model's upload and restarted: the upload
 //     resumes where the coordinator's bytes end, and the result is the same file;
 //   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint; also
@@ -13,6 +14,7 @@
 //     log and from `matctl download`), the job still SUCCEEDS with its summary, and the smaller
 //     files are there.
 #include <csignal>
+#include <fstream>
 #include <cstring>
 
 #include "nlohmann/json.hpp"
@@ -184,6 +186,21 @@ TEST_F(ArtifactsTest, DownloadGivesBackRankZerosFilesAndTheTrainedModel) {
   CommandResult again = Matctl(address_, {"download", job, "--out", out});
   ASSERT_EQ(again.exit_code, 0) << again.err;
   EXPECT_EQ(ReadText(out + "/model.safetensors"), ReadText(rank0 + "/model.safetensors"));
+  // A file there that differs (the user's, another job's) is not replaced, and nothing is
+  // written, unless --force. It used to be overwritten silently.
+  { std::ofstream(out + "/summary.json") << "{\"mine\": 1}\n"; }
+  fs::remove(out + "/masks.jsonl");
+  CommandResult clash = Matctl(address_, {"download", job, "--out", out});
+  EXPECT_EQ(clash.exit_code, 1);
+  EXPECT_THAT(clash.err, HasSubstr(out + "/summary.json exists and differs from " + job +
+                                   "'s summary.json"));
+  EXPECT_THAT(clash.err, HasSubstr("--force"));
+  EXPECT_EQ(ReadText(out + "/summary.json"), "{\"mine\": 1}\n");
+  EXPECT_FALSE(fs::exists(out + "/masks.jsonl")) << "written before the clash was found";
+  CommandResult forced = Matctl(address_, {"download", job, "--out", out, "--force"});
+  ASSERT_EQ(forced.exit_code, 0) << forced.err;
+  EXPECT_EQ(ReadText(out + "/summary.json"), ReadText(rank0 + "/summary.json"));
+  EXPECT_EQ(ReadText(out + "/masks.jsonl"), ReadText(rank0 + "/masks.jsonl"));
   // An unknown job is named.
   CommandResult unknown = Matctl(address_, {"download", "job-999999", "--out", out});
   EXPECT_EQ(unknown.exit_code, 1);

@@ -96,6 +96,14 @@ TEST_F(CoordinatorCliTest, SubmitListStatusWatchCancelHealthAndRestartOnLoopback
     std::this_thread::sleep_for(20ms);
   }
   ASSERT_THAT(ReadText(watch_out), HasSubstr("state QUEUED")) << ReadText(root_ + "/watch.err");
+  // It says why the job waits (no worker is connected), as `status` does.
+  while (ReadText(watch_out).find("waiting:") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_THAT(ReadText(watch_out),
+              HasSubstr(job + " waiting: needs 2 cpu workers, 0 are connected: start 2 more "
+                              "(mat-worker --device cpu)\n"));
   CommandResult cancel = Matctl(address_, {"cancel", job, "--reason", "integration test"});
   ASSERT_EQ(cancel.exit_code, 0) << cancel.err;
   EXPECT_EQ(cancel.out, job + " CANCELLED\n");

@@ -15,6 +15,8 @@
 //   - one worker stopped with SIGTERM mid-job: it says why before it goes (Leaving), the job
 //     restarts naming the signal and the worker exits 0;
 //   - a worker sent SIGPIPE (what a write to a peer that went away raises) goes on;
+//   - `matctl drain`: the drained worker's job runs to its end, then the worker exits 0; with
+//     --now the job restarts at once naming the drain;
 //   - with --max-mask-staleness-steps, ranks whose coordinator is away train on under their
 //     last mask (at most that many steps, all ranks alike), then wait; the job still succeeds.
 //
@@ -276,6 +278,60 @@ TEST_F(FaultsTest, AWorkerStoppedWithSigtermRestartsItsJobNamingTheSignal) {
               ::testing::HasSubstr("session ended: the worker is shutting down (SIGTERM)"));
   CommandResult cancel = Matctl(address_, {"cancel", job});
   EXPECT_EQ(cancel.exit_code, 0) << cancel.err;
+}
+
+// `matctl drain` (maintenance): the drained worker's rank runs to its job's end, the worker is
+// then told to stop and exits 0; with --now its job restarts at once naming the drain, and
+// --wait returns once the worker has left.
+TEST_F(FaultsTest, AWorkerDrainedWithMatctlFinishesItsJobThenExits) {
+  StartCoordinator();
+  const pid_t w1 = StartFaultWorker("w1");
+  const pid_t w2 = StartFaultWorker("w2");
+  ASSERT_TRUE(WaitForWorkers("IDLE", 2, 30s)) << Logs();
+  const std::string w1_id = WaitForLine(root_ + "/w1/worker.id", 5s);
+  const std::string w2_id = WaitForLine(root_ + "/w2/worker.id", 5s);
+  const std::string job = Submit(WriteJob("job.yaml", FaultJobYaml()));
+  json s = WaitFor(job, [](const json& j) { return j["state"] == "RUNNING" && j["step"] >= 5; },
+                   120s);
+  ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
+
+  CommandResult drain = Matctl(address_, {"drain", w2_id, "--reason", "kernel upgrade"});
+  ASSERT_EQ(drain.exit_code, 0) << drain.err;
+  EXPECT_THAT(drain.out, ::testing::MatchesRegex(w2_id + " DRAINING: it stops when the job "
+                                                 "ends; rank [01] of " + job + "\n"));
+  EXPECT_THAT(Matctl(address_, {"workers"}).out,
+              ::testing::ContainsRegex(w2_id + " +DRAINING +cpu +127.0.0.1 +" + job));
+  s = WaitDone(job, 240s);
+  EXPECT_EQ(s["state"], "SUCCEEDED") << s.dump(2) << Logs();
+  EXPECT_EQ(s["attempt"], 0) << "the drain restarted the job";
+  EXPECT_EQ(Wait(w2, 30s), 0) << Logs();
+  EXPECT_THAT(ReadText(root_ + "/w2.err"),
+              HasSubstr("coordinator asked this worker to drain: kernel upgrade"));
+  EXPECT_TRUE(WaitForWorkers("DISCONNECTED", 1, 5s)) << Logs();
+
+  // --now --wait: the job on the last worker restarts (it waits for workers), and matctl returns
+  // once the worker has gone.
+  std::string one_yaml = FaultJobYaml();
+  one_yaml.replace(one_yaml.find("workers: 2"), 10, "workers: 1");
+  const std::string one = Submit(WriteJob("one.yaml", one_yaml));
+  s = WaitFor(one, [](const json& j) { return j["state"] == "RUNNING" && j["step"] >= 5; }, 120s);
+  ASSERT_EQ(s["state"], "RUNNING") << s.dump(2) << Logs();
+  drain = Matctl(address_, {"drain", w1_id, "--now", "--wait", "--reason", "failing disk"}, 60s);
+  ASSERT_EQ(drain.exit_code, 0) << drain.err;
+  EXPECT_THAT(drain.out, HasSubstr(w1_id + " DRAINING: stopping its rank 0 of " + one));
+  EXPECT_THAT(drain.out, HasSubstr(w1_id + " DISCONNECTED\n"));
+  EXPECT_EQ(Wait(w1, 30s), 0) << Logs();
+  s = Status(one);
+  EXPECT_EQ(s["state"], "RESTARTING") << s.dump(2);
+  EXPECT_EQ(s["error_message"], w1_id + " (rank 0) drained: failing disk");
+  // Unknown and gone workers: errors naming them.
+  CommandResult unknown = Matctl(address_, {"drain", "worker-000099"});
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND: no worker 'worker-000099'"));
+  CommandResult gone = Matctl(address_, {"drain", w1_id});
+  EXPECT_EQ(gone.exit_code, 1);
+  EXPECT_THAT(gone.err, HasSubstr("FAILED_PRECONDITION: worker " + w1_id + " is not connected"));
+  EXPECT_EQ(Matctl(address_, {"cancel", one}).exit_code, 0);
 }
 
 // Gloo writes to its peers without MSG_NOSIGNAL: a worker that was frozen (SIGSTOP, a host

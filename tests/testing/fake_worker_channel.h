@@ -32,6 +32,10 @@ class FakeWorkerChannel : public coordinator::WorkerChannel {
     return Collect<v1::Cancel>(&v1::CoordinatorMessage::has_cancel,
                                &v1::CoordinatorMessage::cancel);
   }
+  std::vector<v1::Drain> Drains() const {
+    return Collect<v1::Drain>(&v1::CoordinatorMessage::has_drain,
+                              &v1::CoordinatorMessage::drain);
+  }
   std::vector<v1::Reject> Rejects() const {
     return Collect<v1::Reject>(&v1::CoordinatorMessage::has_reject,
                                &v1::CoordinatorMessage::reject);

@@ -1,10 +1,14 @@
 #include "coordinator/artifact_store.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "api/artifacts.h"
@@ -18,6 +22,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kManifest = "MANIFEST.json";
+constexpr const char* kOrphaned = "orphaned";  // folders of jobs the state does not know
 
 int64_t FileSize(const std::string& path) {
   std::error_code ec;
@@ -32,25 +37,52 @@ std::string Size(int64_t bytes) { return absl::StrCat(bytes, " bytes"); }
 ArtifactStore::ArtifactStore(std::string dir, int64_t max_bytes_per_job)
     : dir_(std::move(dir)), max_bytes_per_job_(max_bytes_per_job) {}
 
-ArtifactStore::~ArtifactStore() { io_.join(); }
+ArtifactStore::~ArtifactStore() {
+  io_.join();
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
 
-absl::StatusOr<std::unique_ptr<ArtifactStore>> ArtifactStore::Open(std::string dir,
-                                                                   int64_t max_bytes_per_job) {
+absl::StatusOr<std::unique_ptr<ArtifactStore>> ArtifactStore::Open(
+    std::string dir, int64_t max_bytes_per_job,
+    const std::function<bool(const std::string& job_id)>& known_job) {
   if (max_bytes_per_job < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max-artifact-bytes must be >= 0, got ", max_bytes_per_job));
   }
   MAT_RETURN_IF_ERROR(common::MakeDirs(dir));
   std::unique_ptr<ArtifactStore> store(new ArtifactStore(std::move(dir), max_bytes_per_job));
-  MAT_RETURN_IF_ERROR(store->Load());
+  // Two coordinators on one artifact folder would serve each other's files under their own ids.
+  MAT_ASSIGN_OR_RETURN(store->lock_fd_, common::LockDirectory(store->dir_, "coordinator"));
+  MAT_RETURN_IF_ERROR(store->Load(known_job));
   return store;
 }
 
-absl::Status ArtifactStore::Load() {
+absl::Status ArtifactStore::Load(const std::function<bool(const std::string& job_id)>& known_job) {
   std::error_code ec;
-  for (const fs::directory_entry& entry : fs::directory_iterator(dir_, ec)) {
+  // Listed first: a folder may be moved aside below.
+  std::vector<fs::directory_entry> entries;
+  for (const fs::directory_entry& entry : fs::directory_iterator(dir_, ec)) entries.push_back(entry);
+  for (const fs::directory_entry& entry : entries) {
     const std::string job_id = entry.path().filename().string();
-    if (!entry.is_directory() || !api::CheckArtifactName(job_id).ok()) continue;
+    if (!entry.is_directory() || !api::CheckArtifactName(job_id).ok() || job_id == kOrphaned) {
+      continue;
+    }
+    if (known_job && !known_job(job_id)) {
+      const std::string aside =
+          absl::StrCat(dir_, "/", kOrphaned, "/", job_id, ".", int64_t(std::time(nullptr)));
+      std::error_code move_error;
+      fs::create_directories(dir_ + "/" + kOrphaned, move_error);
+      if (!move_error) fs::rename(entry.path(), aside, move_error);
+      if (move_error) {
+        return absl::InternalError(absl::StrCat(entry.path().string(), ": a job this state does "
+                                                "not know; cannot set it aside: ",
+                                                move_error.message()));
+      }
+      spdlog::warn("artifacts: {} belongs to a job this coordinator's state does not know (a "
+                   "replaced database?); moved to {}",
+                   entry.path().string(), aside);
+      continue;
+    }
     const std::string manifest_path = JobDir(job_id) + "/" + kManifest;
     absl::StatusOr<std::string> text = common::ReadFile(manifest_path);
     if (!text.ok()) continue;  // a job directory whose first upload never started

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -41,9 +42,15 @@ namespace mat::coordinator {
 
 class ArtifactStore {
  public:
-  // Creates `dir` (with parents) and reads what it holds. `max_bytes_per_job` 0 = no limit.
-  static absl::StatusOr<std::unique_ptr<ArtifactStore>> Open(std::string dir,
-                                                             int64_t max_bytes_per_job);
+  // Creates `dir` (with parents), locks it (its LOCK file, held until the store is destroyed:
+  // FAILED_PRECONDITION "'DIR' is in use by another coordinator" while another holds
+  // it) and reads what it holds. `max_bytes_per_job` 0 = no limit. With `known_job`, the folder
+  // of a job it answers false for (a state database that was replaced) is moved to
+  // DIR/orphaned/JOB.UNIXSECONDS (logged), so that a new job with that id never serves or
+  // mixes with its files.
+  static absl::StatusOr<std::unique_ptr<ArtifactStore>> Open(
+      std::string dir, int64_t max_bytes_per_job,
+      const std::function<bool(const std::string& job_id)>& known_job = nullptr);
   ~ArtifactStore();  // waits for the I/O thread's queued work
   ArtifactStore(const ArtifactStore&) = delete;
   ArtifactStore& operator=(const ArtifactStore&) = delete;
@@ -81,7 +88,7 @@ class ArtifactStore {
   };
 
   ArtifactStore(std::string dir, int64_t max_bytes_per_job);
-  absl::Status Load();
+  absl::Status Load(const std::function<bool(const std::string& job_id)>& known_job);
   std::string JobDir(const std::string& job_id) const { return dir_ + "/" + job_id; }
   // Writes the job's MANIFEST.json (atomically). REQUIRES: mu_ held.
   absl::Status SaveManifest(const std::string& job_id, const Job& job) const;
@@ -95,6 +102,7 @@ class ArtifactStore {
 
   const std::string dir_;
   const int64_t max_bytes_per_job_;
+  int lock_fd_ = -1;  // holds DIR/LOCK
   mutable std::mutex mu_;
   std::map<std::string, Job> jobs_;  // guarded by mu_
   mutable std::mutex bytes_mu_;      // after mu_ when both are held

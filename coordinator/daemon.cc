@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <future>
 #include <memory>
 #include <utility>
@@ -122,14 +123,23 @@ absl::Status CoordinatorDaemon::StartImpl() {
   }
   const std::string artifact_dir =
       config_.artifact_dir.empty() ? config_.state_dir + "/artifacts" : config_.artifact_dir;
+  std::error_code same_error;
+  if (std::filesystem::equivalent(artifact_dir, config_.state_dir, same_error)) {
+    return absl::InvalidArgumentError(
+        "--artifact-dir must not be the --state-dir itself (the default is STATE_DIR/artifacts)");
+  }
   // Otherwise every job's uploads fail, and `matctl download` says only "no artifacts".
   if (absl::Status st = common::MakeDirs(artifact_dir); st.ok()) {
     if (st = common::CheckWritableDir(artifact_dir); !st.ok()) {
       return absl::Status(st.code(), absl::StrCat("--artifact-dir: ", st.message()));
     }
   }
+  // A job the store says it lacks (not one it could not read): its folder is set aside.
+  auto known_job = [&store](const std::string& job_id) {
+    return store->GetJob(job_id).status().code() != absl::StatusCode::kNotFound;
+  };
   MAT_ASSIGN_OR_RETURN(artifacts_,
-                       ArtifactStore::Open(artifact_dir, config_.max_artifact_bytes));
+                       ArtifactStore::Open(artifact_dir, config_.max_artifact_bytes, known_job));
   CoordinatorOptions coordinator_options;
   coordinator_options.heartbeat_interval_ms = config_.heartbeat_interval_ms;
   coordinator_options.metrics = &metrics_;

@@ -156,6 +156,40 @@ TEST_F(ArtifactStoreTest, ADamagedManifestIsSetAsideAndTheOtherJobsStay) {
   EXPECT_FALSE(fs::exists(Dir() + "/job-000002/MANIFEST.json"));
 }
 
+// A state database replaced while its artifacts folder stayed: the new job-000001 listed and
+// served the old job-000001's model. Folders of jobs the state does not know are moved aside.
+TEST_F(ArtifactStoreTest, AFolderOfAJobTheStateDoesNotKnowIsMovedAside) {
+  const std::string file = Bytes(100);
+  {
+    auto store = ArtifactStore::Open(Dir(), 0);
+    ASSERT_TRUE(store.ok());
+    ASSERT_TRUE((*store)->Upload(Piece("metrics.jsonl", file, 0, 100)).ok());
+  }
+  auto store = ArtifactStore::Open(Dir(), 0, [](const std::string& id) { return id != "job-000001"; });
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ((*store)->JobBytes("job-000001"), 0);
+  EXPECT_FALSE(fs::exists(Dir() + "/job-000001"));
+  int moved = 0;
+  for (const auto& e : fs::directory_iterator(Dir() + "/orphaned")) {
+    EXPECT_EQ(e.path().filename().string().rfind("job-000001.", 0), 0u) << e.path();
+    EXPECT_EQ(ReadAll(e.path().string() + "/metrics.jsonl"), file) << "the files are kept";
+    ++moved;
+  }
+  EXPECT_EQ(moved, 1);
+}
+
+// Two coordinators on one artifacts folder served each other's files under their own job ids.
+TEST_F(ArtifactStoreTest, OneStorePerFolder) {
+  auto first = ArtifactStore::Open(Dir(), 0);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = ArtifactStore::Open(Dir(), 0);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(second.status().message(), HasSubstr("is in use by another coordinator"));
+  first->reset();
+  EXPECT_TRUE(ArtifactStore::Open(Dir(), 0).ok()) << "the lock goes with the store";
+}
+
 TEST_F(ArtifactStoreTest, AFileWhoseBytesDoNotMatchTheChecksumIsDropped) {
   auto store = ArtifactStore::Open(Dir(), 0);
   ASSERT_TRUE(store.ok());

@@ -311,6 +311,23 @@ TEST_F(CoordinatorDaemonTest, AnArtifactDirItCannotWriteIsRefused) {
       << daemon.status();
 }
 
+// Two coordinators (two state dirs) on one --artifact-dir served each other's files under their
+// own job ids; the second is refused. The state dir itself is refused as --artifact-dir.
+TEST_F(CoordinatorDaemonTest, AnArtifactDirIsOneCoordinatorsAndNotItsStateDir) {
+  config_.artifact_dir = root_ + "/shared-artifacts";
+  std::unique_ptr<CoordinatorDaemon> first = StartOk(config_);
+  CoordinatorDaemonConfig second = config_;
+  second.state_dir = root_ + "/state2";
+  auto refused = CoordinatorDaemon::Start(second);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("'" + root_ + "/shared-artifacts' is in use by another coordinator"));
+  second.artifact_dir = second.state_dir;
+  refused = CoordinatorDaemon::Start(second);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("--artifact-dir must not be the --state-dir"));
+}
+
 TEST_F(CoordinatorDaemonTest, HealthzFailsWhileTheLoopHangsAndRecoversAfter) {
   config_.health_timeout_ms = 300;
   auto daemon = StartOk(config_);

@@ -34,8 +34,9 @@ void AddFlags(CLI::App& app, Flags& f) {
   app.footer("Exit status: 0 after SIGTERM/SIGINT (its rank's job restarts elsewhere; this is how "
              "to drain a worker), 2 for bad flags, 78 when the "
              "coordinator refuses this worker for good (UNAUTHENTICATED or PERMISSION_DENIED: a "
-             "missing or wrong --join-token-file; INVALID_ARGUMENT: say a bad WORK_DIR/worker.id), "
-             "1 for any other error.");
+             "missing or wrong --join-token-file; INVALID_ARGUMENT: say a bad WORK_DIR/worker.id; "
+             "FAILED_PRECONDITION: another worker connected with this worker's id), 1 for any "
+             "other error.");
   app.add_option("--coordinator", f.config.coordinator_address, "coordinator HOST:PORT")
       ->capture_default_str();
   app.add_option("--work-dir", f.config.work_dir,
@@ -168,7 +169,8 @@ int main(int argc, char** argv) {
     // code that the systemd unit's RestartPreventExitStatus stops on.
     if (status.code() == absl::StatusCode::kUnauthenticated ||
         status.code() == absl::StatusCode::kPermissionDenied ||
-        status.code() == absl::StatusCode::kInvalidArgument) {
+        status.code() == absl::StatusCode::kInvalidArgument ||
+        status.code() == absl::StatusCode::kFailedPrecondition) {
       return kExitRefused;
     }
     return 1;

@@ -9,6 +9,7 @@
 #include <torch/cuda.h>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "api/credentials.h"
@@ -227,9 +228,32 @@ bool WorkerAgent::RefusedByCoordinator(const grpc::Status& status, const char* c
 }
 
 absl::Status WorkerAgent::Run() {
+  // Since when every session was refused because another session holds this worker's id.
+  std::optional<std::chrono::steady_clock::time_point> duplicate_since;
   while (!stopping_.load()) {
     if (!RegisterLoop()) break;
-    SessionLoop();
+    const grpc::Status ended = SessionLoop();
+    // A restarted worker's old session is dropped within 3 heartbeat intervals; one that stays
+    // is another mat-worker with this id (a copied work dir), and retrying never ends.
+    if (ended.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+        absl::StrContains(ended.error_message(), "already has an open session")) {
+      const auto now = std::chrono::steady_clock::now();
+      if (!duplicate_since.has_value()) duplicate_since = now;
+      if (now - *duplicate_since >= kDuplicateIdFor) {
+        const std::string why = absl::StrCat(
+            "another mat-worker has been connected as ", worker_id(), " for ",
+            std::chrono::duration_cast<std::chrono::seconds>(kDuplicateIdFor).count(),
+            " s: a copied work dir? Remove ", config_.work_dir,
+            "/worker.id on one of them to give it a new id");
+        spdlog::error("{}", why);
+        std::lock_guard<std::mutex> lock(mu_);
+        refused_ = absl::FailedPreconditionError(why);
+        stopping_.store(true);
+        break;
+      }
+    } else {
+      duplicate_since.reset();
+    }
     // A running rank keeps training: the coordinator keeps the job and the rank is re-attached
     // by the next session's first Heartbeat (or cancelled there when the job is gone).
     if (stopping_.load()) break;
@@ -329,7 +353,7 @@ bool WorkerAgent::Send(const v1::WorkerMessage& message) {
   return stream->Write(message);
 }
 
-void WorkerAgent::SessionLoop() {
+grpc::Status WorkerAgent::SessionLoop() {
   grpc::ClientContext context;
   AddJoinToken(context);
   auto stream = stub_->Session(&context);
@@ -372,11 +396,12 @@ void WorkerAgent::SessionLoop() {
     std::lock_guard<std::mutex> lock(mu_);
     session_context_ = nullptr;
   }
-  if (RefusedByCoordinator(status, "Session")) return;
+  if (RefusedByCoordinator(status, "Session")) return status;
   if (!stopping_.load()) {
     spdlog::warn("session with the coordinator at {} ended: {}", config_.coordinator_address,
                  api::StatusLine(api::FromGrpcStatus(status)));
   }
+  return status;
 }
 
 void WorkerAgent::HeartbeatLoop(

@@ -17,7 +17,9 @@
 //      coordinator), with `tls_cert_file`/`tls_key_file` also presenting a client certificate
 //      (mutual TLS). A coordinator that refuses the worker (UNAUTHENTICATED or
 //      PERMISSION_DENIED on Register or Session) ends Run with that error instead of retrying.
-//   5. When the session breaks (coordinator gone or restarted), the running rank keeps training
+//   5. Sessions refused for kDuplicateIdFor because another mat-worker is connected with this
+//      worker's id (a copied WORK_DIR/worker.id) end Run with FAILED_PRECONDITION naming the file.
+//   6. When the session breaks (coordinator gone or restarted), the running rank keeps training
 //      (waiting at its next probe step for the mask) and the agent registers again with the same
 //      id every reconnect_interval; the new session's first Heartbeat lists the rank's job, and
 //      the runner then resends what the coordinator may have lost (RankRunner::OnReconnect).
@@ -149,8 +151,8 @@ class WorkerAgent {
   void Stop(const std::string& why, bool on_session_thread);
   // Registers (retrying); false when shut down meanwhile.
   bool RegisterLoop();
-  // One session until it ends.
-  void SessionLoop();
+  // One session until it ends; how it ended.
+  grpc::Status SessionLoop();
   void HeartbeatLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream);
   // Removes the shown job's series once its rank here has been over for config_.metrics_linger,
   // and those of earlier jobs (lingering_jobs_) once theirs have.
@@ -163,6 +165,10 @@ class WorkerAgent {
   // upload for at most config_.shutdown_upload_timeout.
   enum class Reap { kIfDone, kSupersede, kShutdown };
   void ReapRunner(Reap how, const std::string& reason);
+
+  // Sessions refused this long because another one holds this worker's id end Run with
+  // FAILED_PRECONDITION (a copied work dir); a restarted worker's old session goes sooner.
+  static constexpr std::chrono::seconds kDuplicateIdFor{15};
 
   WorkerAgentConfig config_;
   int lock_fd_ = -1;                            // holds the flock on <work_dir>/LOCK

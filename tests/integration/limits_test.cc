@@ -8,8 +8,10 @@
 //     a slot;
 //   - mat-worker refuses to start, naming the flag or file, on a --work-dir another worker
 //     holds, a --checkpoint-dir it cannot write, a --device cuda:N this machine lacks, --threads
-//     above 1024 or a saved worker.id the coordinator refuses.
-// No workers: jobs stay QUEUED, so the test takes a couple of seconds. ctest TIMEOUT 60.
+//     above 1024 or a saved worker.id the coordinator refuses, and stops when another worker is
+//     connected with its id.
+// Most cases start no worker, or one that exits at once; the duplicate-id case waits 15 s.
+// ctest TIMEOUT 120.
 #include <signal.h>
 
 #include <chrono>
@@ -135,6 +137,28 @@ TEST_F(LimitsTest, AWorkerWhoseSavedIdIsRefusedExitsNamingTheFile) {
   EXPECT_THAT(ReadText(root_ + "/wb.err"),
               HasSubstr("(worker id '../../etc/passwd' from " + root_ +
                         "/wb/worker.id: remove that file to get a new id)"));
+}
+
+// A work dir copied with its worker.id (a cloned VM image): the second worker registered as the
+// first and retried "already has an open session" every second, for good. After 15 s of that it
+// now exits 78 naming the file; the first worker is untouched.
+TEST_F(LimitsTest, AWorkerWhoseIdIsConnectedElsewhereExitsNamingTheFile) {
+  StartCoordinatorWith({});
+  const pid_t first = StartWorker("w0");
+  ASSERT_GT(first, 0);
+  const std::string id = WaitForLine(root_ + "/w0/worker.id", 15s);
+  ASSERT_FALSE(id.empty()) << ReadText(root_ + "/w0.err");
+  fs::create_directories(root_ + "/copy");
+  fs::copy_file(root_ + "/w0/worker.id", root_ + "/copy/worker.id");
+  const pid_t copy = Spawn({testing_loopback::kWorker, "--coordinator", address_, "--work-dir",
+                            root_ + "/copy", "--threads", "1"},
+                           root_ + "/copy.out", root_ + "/copy.err");
+  ASSERT_GT(copy, 0);
+  EXPECT_EQ(Wait(copy, 40s), 78) << ReadText(root_ + "/copy.err");
+  EXPECT_THAT(ReadText(root_ + "/copy.err"),
+              HasSubstr("another mat-worker has been connected as " + id + " for 15 s: a copied "
+                        "work dir? Remove " + root_ + "/copy/worker.id"));
+  EXPECT_EQ(Wait(first, 1s), -1) << "the first worker stopped: " << ReadText(root_ + "/w0.err");
 }
 
 TEST_F(LimitsTest, DataRootAndJobsPerClient) {

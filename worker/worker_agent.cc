@@ -460,7 +460,7 @@ void WorkerAgent::ReapRunner(Reap how, const std::string& reason) {
   std::unique_ptr<RankRunner> runner;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (runner_ == nullptr || (how == Reap::kIfDone && !runner_->done())) return;
+    if (runner_ == nullptr) return;
     runner = std::move(runner_);
   }
   if (how == Reap::kSupersede) runner->AbandonUploads();

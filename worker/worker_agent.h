@@ -160,10 +160,10 @@ class WorkerAgent {
   void Dispatch(const v1::CoordinatorMessage& message);
   bool Send(const v1::WorkerMessage& message);
   v1::WorkerMessage Heartbeat();
-  // kIfDone joins a finished runner; kSupersede stops and joins a running one, abandoning its
-  // upload (a new Assign: the coordinator moved on); kShutdown stops and joins it, letting rank 0
-  // upload for at most config_.shutdown_upload_timeout.
-  enum class Reap { kIfDone, kSupersede, kShutdown };
+  // Stops and joins the runner, if any: kSupersede abandons its upload (a new Assign: the
+  // coordinator moved on); kShutdown lets rank 0 upload for at most
+  // config_.shutdown_upload_timeout.
+  enum class Reap { kSupersede, kShutdown };
   void ReapRunner(Reap how, const std::string& reason);
 
   // Sessions refused this long because another one holds this worker's id end Run with

@@ -457,6 +457,7 @@ absl::StatusOr<bool> HasArtifact(const std::string& job_id, const v1::Artifact& 
                    ": move it away, or pass --force to replace it"));
 }
 
+// Fetches `artifact` into `dir`, replacing what is there (the caller checked it: HasArtifact).
 absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
                               const v1::Artifact& artifact, const std::string& dir) {
   namespace fs = std::filesystem;
@@ -464,10 +465,6 @@ absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
   const std::string dest = dir + "/" + artifact.name();
   const std::string part = dir + "/." + artifact.name() + ".download";
   std::error_code ec;
-  if (fs::is_regular_file(dest, ec) && !fs::is_symlink(dest, ec)) {
-    absl::StatusOr<api::FileDigest> have = api::DigestFile(dest);
-    if (have.ok() && have->sha256 == artifact.sha256()) return absl::OkStatus();
-  }
   if (fs::is_symlink(part, ec)) fs::remove(part, ec);
   int64_t offset = fs::is_regular_file(part, ec) ? int64_t(fs::file_size(part, ec)) : 0;
   if (ec || offset > artifact.bytes()) offset = 0;
@@ -518,15 +515,21 @@ int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
                          "; rank 0 uploads them when its part of the job ends)")));
   }
   if (absl::Status s = common::MakeDirs(o.out_dir); !s.ok()) return Fail(err, s);
-  // Nothing is written while any file there would be replaced (without --force).
+  // Nothing is written while any file there would be replaced (without --force); each file is
+  // digested once.
+  std::vector<bool> there;
   for (const v1::Artifact& a : list->artifacts()) {
     absl::StatusOr<bool> has = HasArtifact(o.job_id, a, o.out_dir);
     if (!has.ok() && !(o.force && has.status().code() == absl::StatusCode::kFailedPrecondition)) {
       return Fail(err, has.status());
     }
+    there.push_back(has.ok() && *has);
   }
-  for (const v1::Artifact& a : list->artifacts()) {
-    if (absl::Status s = DownloadArtifact(client, o.job_id, a, o.out_dir); !s.ok()) {
+  for (int i = 0; i < list->artifacts_size(); ++i) {
+    const v1::Artifact& a = list->artifacts(i);
+    if (absl::Status s = there[i] ? absl::OkStatus()
+                                  : DownloadArtifact(client, o.job_id, a, o.out_dir);
+        !s.ok()) {
       return Fail(err, s);
     }
     out << a.name() << "  " << FormatBytes(a.bytes()) << "  sha256 " << a.sha256() << "\n";

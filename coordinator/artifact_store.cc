@@ -50,6 +50,8 @@ absl::StatusOr<std::unique_ptr<ArtifactStore>> ArtifactStore::Open(
         absl::StrCat("--max-artifact-bytes must be >= 0, got ", max_bytes_per_job));
   }
   MAT_RETURN_IF_ERROR(common::MakeDirs(dir));
+  // Otherwise every job's uploads fail, and `matctl download` says only "no artifacts".
+  MAT_RETURN_IF_ERROR(common::CheckWritableDir(dir));
   std::unique_ptr<ArtifactStore> store(new ArtifactStore(std::move(dir), max_bytes_per_job));
   // Two coordinators on one artifact folder would serve each other's files under their own ids.
   MAT_ASSIGN_OR_RETURN(store->lock_fd_, common::LockDirectory(store->dir_, "coordinator"));

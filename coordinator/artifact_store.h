@@ -42,7 +42,8 @@ namespace mat::coordinator {
 
 class ArtifactStore {
  public:
-  // Creates `dir` (with parents), locks it (its LOCK file, held until the store is destroyed:
+  // Creates `dir` (with parents), checks that it can write there (CheckWritableDir's error),
+  // locks it (its LOCK file, held until the store is destroyed:
   // FAILED_PRECONDITION "'DIR' is in use by another coordinator" while another holds
   // it) and reads what it holds. `max_bytes_per_job` 0 = no limit. With `known_job`, the folder
   // of a job it answers false for (a state database that was replaced) is moved to

@@ -65,6 +65,10 @@ absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
     return absl::InvalidArgumentError(
         absl::StrCat("health timeout must be >= 1 ms, got ", config.health_timeout_ms));
   }
+  if (config.max_artifact_bytes < 0) {  // before the store: its errors concern --artifact-dir
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-artifact-bytes must be >= 0, got ", config.max_artifact_bytes));
+  }
   if (config.heartbeat_interval_ms < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "heartbeat interval must be >= 1 ms, got ", config.heartbeat_interval_ms));
@@ -128,18 +132,17 @@ absl::Status CoordinatorDaemon::StartImpl() {
     return absl::InvalidArgumentError(
         "--artifact-dir must not be the --state-dir itself (the default is STATE_DIR/artifacts)");
   }
-  // Otherwise every job's uploads fail, and `matctl download` says only "no artifacts".
-  if (absl::Status st = common::MakeDirs(artifact_dir); st.ok()) {
-    if (st = common::CheckWritableDir(artifact_dir); !st.ok()) {
-      return absl::Status(st.code(), absl::StrCat("--artifact-dir: ", st.message()));
-    }
-  }
   // A job the store says it lacks (not one it could not read): its folder is set aside.
   auto known_job = [&store](const std::string& job_id) {
     return store->GetJob(job_id).status().code() != absl::StatusCode::kNotFound;
   };
-  MAT_ASSIGN_OR_RETURN(artifacts_,
-                       ArtifactStore::Open(artifact_dir, config_.max_artifact_bytes, known_job));
+  absl::StatusOr<std::unique_ptr<ArtifactStore>> artifacts =
+      ArtifactStore::Open(artifact_dir, config_.max_artifact_bytes, known_job);
+  if (!artifacts.ok()) {
+    return absl::Status(artifacts.status().code(),
+                        absl::StrCat("--artifact-dir: ", artifacts.status().message()));
+  }
+  artifacts_ = std::move(*artifacts);
   CoordinatorOptions coordinator_options;
   coordinator_options.heartbeat_interval_ms = config_.heartbeat_interval_ms;
   coordinator_options.metrics = &metrics_;

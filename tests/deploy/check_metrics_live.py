@@ -193,9 +193,10 @@ def main():
             procs.append((worker, "mat-worker"))
             worker_metrics = wait_file(os.path.join(work, "worker.metrics.addr"), worker, "mat-worker")
             compare("worker", scrape(worker_metrics), names)
+            # Ready once its session is open: the address file is written before it registers.
+            wait_sample(coord_metrics, 'mat_coordinator_workers{state="idle"}', 1.0)
             check_http_probes(args.source_dir, "worker.yaml", worker_metrics)
 
-            wait_sample(coord_metrics, 'mat_coordinator_workers{state="idle"}', 1.0)
             r = subprocess.run([os.path.join(args.bin_dir, "matctl"), "--coordinator", grpc_addr, "submit",
                                 job_spec(args.source_dir, tmp)], capture_output=True, text=True, timeout=60)
             if r.returncode != 0:

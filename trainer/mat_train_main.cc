@@ -1,12 +1,14 @@
 // mat-train: MAT in one process. Parses flags into TrainConfig, runs the Trainer, prints the
-// summary. Exit codes: 0 done, 2 bad input (config, data, an empty --out), 1 failure while
-// training or --out in use by another mat-train (OUT/LOCK, held while it runs).
+// summary. Exit codes: 0 done, 2 bad input (config, data, an empty --out, an --out holding an
+// earlier run without --resume or --overwrite, a checkpoint --resume cannot load), 1 failure
+// while training or --out in use by another mat-train (OUT/LOCK, held while it runs).
 #include <unistd.h>
 
 #include <csignal>
 #include <iostream>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_join.h"
 #include "common/allocator.h"
 #include "common/file_util.h"
 #include "common/logging.h"
@@ -18,11 +20,16 @@ int main(int argc, char** argv) {
   CLI::App app{"mat-train: Modular Adaptive Training of a model in one process"};
   std::string config_path, out_dir, log_level = "info";
   std::vector<std::string> sets;
-  bool resume = false, log_json = false, no_progress = false, print_config = false;
+  bool resume = false, overwrite = false, log_json = false, no_progress = false,
+       print_config = false;
   app.add_option("--config", config_path, "job YAML (model, data, train, policy, seed)")->required();
   app.add_option("--set", sets, "override a key: --set policy.kind=full (repeatable)");
   app.add_option("--out", out_dir, "output directory (metrics.jsonl, decisions.jsonl, summary.json)")->required();
-  app.add_flag("--resume", resume, "continue from OUT/checkpoint.pt when present");
+  auto* resume_flag =
+      app.add_flag("--resume", resume, "continue from OUT/checkpoint.pt when present");
+  app.add_flag("--overwrite", overwrite,
+               "replace an earlier run's outputs in OUT (refused without it or --resume)")
+      ->excludes(resume_flag);
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
       ->capture_default_str();
@@ -73,6 +80,17 @@ int main(int argc, char** argv) {
     std::cerr << "mat-train: " << lock.status().message() << "\n";
     return 1;
   }
+  // A mistaken rerun must not delete the run that is there: a fresh run replaces its logs,
+  // checkpoints and model, so it takes --overwrite.
+  if (!resume && !overwrite) {
+    if (const std::vector<std::string> earlier = mat::trainer::EarlierRunOutputs(out_dir);
+        !earlier.empty()) {
+      std::cerr << "mat-train: " << out_dir << " holds an earlier run ("
+                << absl::StrJoin(earlier, ", ")
+                << "): --resume continues it, --overwrite replaces it, or choose another --out\n";
+      return 2;
+    }
+  }
   mat::trainer::TrainerOptions options;
   options.out_dir = out_dir;
   options.resume = resume;
@@ -87,7 +105,7 @@ int main(int argc, char** argv) {
   auto summary = (*trainer)->Run();
   if (!summary.ok()) {
     std::cerr << "mat-train: " << summary.status().message() << "\n";
-    return 1;
+    return (*trainer)->prepared() ? 1 : 2;  // not prepared: --out's checkpoint is unusable
   }
   std::cout << summary->dump(2) << std::endl;
   return 0;

@@ -92,6 +92,11 @@ class TrainerHooks {
   virtual absl::Status CheckContinue() = 0;
 };
 
+// The files of an earlier run (logs, summary, checkpoints, model) that exist in `dir`, in a
+// fixed order; empty when there are none or `dir` does not exist. A fresh Run in `dir` (no
+// resume) replaces exactly these; mat-train refuses to without --overwrite.
+std::vector<std::string> EarlierRunOutputs(const std::string& dir);
+
 struct TrainerOptions {
   std::string out_dir;       // created if missing
   bool progress_bar = false;  // a live line on a terminal instead of one log line per evaluation
@@ -171,6 +176,10 @@ class Trainer {
   int64_t step() const { return step_; }
   // The step the last Run resumed from (its checkpoint's), or -1 when it started afresh.
   int64_t resumed_from_step() const { return resumed_from_step_; }
+  // Whether the last Run got past out_dir's earlier contents (loaded its checkpoint, or cleared
+  // them for a fresh run). false after a Run that failed on them: a truncated or mismatched
+  // checkpoint is bad input (mat-train exits 2), not a failure while training.
+  bool prepared() const { return prepared_; }
   double LearningRate(int64_t step) const;
   // All parameters' and buffers' bytes hashed (FNV-1a): equal runs have equal checksums.
   std::string ParamChecksum();
@@ -220,6 +229,7 @@ class Trainer {
 
   config::TrainConfig config_;
   int64_t resumed_from_step_ = -1;
+  bool prepared_ = false;
   TrainerOptions options_;
   torch::Device device_{torch::kCPU};
   Precision precision_ = Precision::kFloat32;  // train.precision: the step's forward

@@ -21,9 +21,25 @@ namespace {
 using Clock = common::SteadyClock;
 using common::SecondsSince;
 
+// Everything a run writes into its out_dir.
+constexpr const char* kRunOutputs[] = {"metrics.jsonl",  "decisions.jsonl",    "masks.jsonl",
+                                       "summary.json",   "checkpoint.pt",      "checkpoint.pt.prev",
+                                       "model.safetensors"};
+
 }  // namespace
 
+std::vector<std::string> EarlierRunOutputs(const std::string& dir) {
+  std::vector<std::string> found;
+  if (dir.empty()) return found;
+  for (const char* f : kRunOutputs) {
+    std::error_code error;
+    if (std::filesystem::exists(dir + "/" + f, error)) found.push_back(f);
+  }
+  return found;
+}
+
 absl::Status Trainer::PrepareRun() {
+  prepared_ = false;
   const std::string ckpt = options_.out_dir + "/checkpoint.pt";
   if (options_.resume && !options_.out_dir.empty() &&
       (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
@@ -47,8 +63,7 @@ absl::Status Trainer::PrepareRun() {
     // checkpoint left behind became this run's checkpoint.pt.prev at its first save, and a
     // later --resume could fall back to it and continue the other run.
     std::vector<std::string> replaced;
-    for (const char* f : {"metrics.jsonl", "decisions.jsonl", "masks.jsonl", "summary.json",
-                          "checkpoint.pt", "checkpoint.pt.prev", "model.safetensors"}) {
+    for (const char* f : kRunOutputs) {
       std::error_code error;
       if (std::filesystem::remove(options_.out_dir + "/" + f, error)) replaced.push_back(f);
     }
@@ -57,6 +72,7 @@ absl::Status Trainer::PrepareRun() {
                    options_.out_dir, absl::StrJoin(replaced, ", "));
     }
   }
+  prepared_ = true;
   return absl::OkStatus();
 }
 

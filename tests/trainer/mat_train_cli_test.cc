@@ -16,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <ostream>
 #include <random>
 #include <sstream>
@@ -382,6 +383,58 @@ TEST_F(MatTrainCliTest, ResumeWithMoreStepsContinuesFromTheLastStep) {
     EXPECT_GE(metrics[3].value("wall_seconds", 0.0), metrics[2].value("wall_seconds", 0.0));
     EXPECT_DOUBLE_EQ(summary.value("flops_total", NAN), metrics[3]["flops"].value("total", NAN));
   }
+}
+
+// A rerun on a folder that holds a finished run deleted that run's checkpoint, model and summary
+// before its first step. Now it is refused (exit 2, naming the files and both flags), the earlier
+// run is left byte for byte; --overwrite replaces it; --resume and --overwrite exclude each
+// other; and a checkpoint --resume cannot load is bad input (exit 2), not a training failure.
+TEST_F(MatTrainCliTest, AFolderWithAnEarlierRunIsKeptUnlessOverwriteOrResume) {
+  const std::vector<std::string> args = With(TinyArgs("rerun"), {"train.steps=10"});
+  RunResult first = Run(args);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const fs::path out = root() / "rerun";
+  std::map<std::string, std::string> before;
+  for (const char* f : {"summary.json", "metrics.jsonl", "checkpoint.pt", "model.safetensors"}) {
+    ASSERT_TRUE(fs::exists(out / f)) << f;
+    before[f] = ReadText(out / f);
+  }
+
+  RunResult again = Run(With(args, {"seed=7"}));
+  EXPECT_EQ(again.exit_code, 2) << again.err;
+  EXPECT_THAT(again.err, HasSubstr(out.string() + " holds an earlier run ("));
+  EXPECT_THAT(again.err, HasSubstr("summary.json"));
+  EXPECT_THAT(again.err, HasSubstr("checkpoint.pt"));
+  EXPECT_THAT(again.err, HasSubstr("--resume continues it, --overwrite replaces it"));
+  for (const auto& [f, text] : before) EXPECT_EQ(ReadText(out / f), text) << f << " changed";
+
+  std::vector<std::string> both = args;
+  both.push_back("--resume");
+  both.push_back("--overwrite");
+  RunResult conflicting = Run(both);
+  EXPECT_EQ(conflicting.exit_code, 2) << conflicting.err;
+  EXPECT_THAT(conflicting.err, HasSubstr("excludes"));
+  for (const auto& [f, text] : before) EXPECT_EQ(ReadText(out / f), text) << f << " changed";
+
+  std::vector<std::string> overwrite = With(args, {"seed=7"});
+  overwrite.push_back("--overwrite");
+  RunResult replaced = Run(overwrite);
+  ASSERT_EQ(replaced.exit_code, 0) << replaced.err;
+  EXPECT_THAT(replaced.err, HasSubstr("replaced by this fresh run"));
+  EXPECT_NE(ReadText(out / "model.safetensors"), before["model.safetensors"])
+      << "seed 7's model equals seed 1's: the earlier run was not replaced";
+
+  // A truncated checkpoint (and no .prev to fall back to): --resume names it and exits 2.
+  fs::remove(out / "checkpoint.pt.prev");
+  const std::string ckpt = ReadText(out / "checkpoint.pt");
+  ASSERT_GT(ckpt.size(), 100u);
+  WriteText(out / "checkpoint.pt", ckpt.substr(0, ckpt.size() / 2));
+  std::vector<std::string> resume = With(args, {"train.steps=20"});
+  resume.push_back("--resume");
+  RunResult truncated = Run(resume);
+  EXPECT_EQ(truncated.exit_code, 2) << truncated.err;
+  EXPECT_THAT(truncated.err, HasSubstr("checkpoint.pt"));
+  EXPECT_THAT(truncated.err, HasSubstr("truncated"));
 }
 
 // model.init_from: a run started from another run's model.safetensors evaluates as that model

@@ -489,7 +489,11 @@ absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
     if (resumed_from > 0) return DownloadArtifact(client, job_id, artifact, dir);  // now fresh
     return absl::DataLossError(absl::StrCat(artifact.name(), ": SHA-256 ", got.sha256,
                                             " of the bytes received, the coordinator's is ",
-                                            artifact.sha256(), "; removed, download again"));
+                                            artifact.sha256(),
+                                            "; removed. Download again: when it differs again, "
+                                            "the coordinator's copy no longer matches the "
+                                            "SHA-256 recorded at upload (a damaged file in its "
+                                            "--artifact-dir)"));
   }
   fs::rename(part, dest, ec);
   if (ec) return absl::InternalError(absl::StrCat(dest, ": cannot rename: ", ec.message()));
@@ -709,8 +713,9 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
                "at once with --now) it is told to stop and exits");
   drain->footer(
       "With --now its job restarts from its checkpoints on other workers, as after a worker "
-      "loss (this counts one of the job's restarts). The coordinator keeps the drain in memory: "
-      "drain again after a coordinator restart. A worker started again later is in service.");
+      "loss (this counts one of the job's restarts). The coordinator stores the drain: it holds "
+      "across a coordinator restart and the worker's reconnects until the worker has been told to "
+      "stop and left. A worker started again after that is in service.");
   drain->add_option("worker", o.worker_id, "worker id (matctl workers)")->required();
   drain->add_option("--reason", o.reason, "why (the worker's log, and its job's error with --now)");
   drain->add_flag("--now", o.now, "stop the worker's rank now instead of at its job's end");

@@ -61,7 +61,10 @@ v1::Job JobRecordToProto(const JobRecord& record) {
   job.set_state(record.state);
   job.set_create_time_unix_seconds(record.created_unix_seconds);
   job.set_update_time_unix_seconds(record.updated_unix_seconds);
-  job.set_error_message(record.error_message);
+  // A damaged row's damage leads its message (matctl list and status print it).
+  job.set_error_message(record.damage.empty()        ? record.error_message
+                        : record.error_message.empty() ? record.damage
+                                                       : record.damage + "; " + record.error_message);
   job.set_step(record.step);
   job.set_summary_json(record.summary_json);
   job.set_train_loss(record.train_loss);

@@ -20,9 +20,13 @@
 //                   restarted job continues its policy from any decided step
 //   job_logs        (v5) (job, seq) -> rank, time (ms), level, text: the lines its ranks
 //                   forwarded (`matctl logs`), the newest max_lines per job
+//   workers.drain_reason
+//                   (v6) the operator's drain (`matctl drain`), NULL when the worker is in
+//                   service: a drain survives a coordinator restart
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
-// client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs). Open
+// client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs), 6
+// (workers.drain_reason). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -58,7 +62,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 5;
+inline constexpr int kJobStoreSchemaVersion = 6;
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -90,6 +94,10 @@ struct JobRecord {
   int64_t total_modules = 0;
   int64_t attempt = 0;               // 0 for the first start, +1 per restart
   std::string summary_json;          // SetJobSummary; "" before
+  // "" for an intact row; else what of it cannot be read ("... the stored spec does not parse"),
+  // with `spec` empty. Listing shows such a job rather than failing for every job; the
+  // coordinator fails it at start.
+  std::string damage;
 };
 
 struct CreateJobResult {
@@ -154,6 +162,9 @@ struct WorkerRecord {
   int64_t registered_unix_seconds = 0;  // set by the store on first upsert
   int64_t last_seen_unix_seconds = 0;   // set by the store on every upsert and TouchWorker
   int32_t rendezvous_port = 0;          // c10d TCPStore port on `host`; 0 in v1 rows
+  // SetWorkerDrain: the reason of the operator's drain; nullopt when in service (and in rows
+  // before v6). UpsertWorker and CreateWorker neither read nor change it.
+  std::optional<std::string> drain_reason = std::nullopt;
 };
 
 // One row of `assignments`.
@@ -215,7 +226,9 @@ class JobStore {
   // FAILED_PRECONDITION when another JobStore holds the directory, when the database was written
   // by a newer schema, when WAL mode cannot be enabled, or when the database file is read-only to
   // this process; UNAVAILABLE when the directory or file cannot be created; DATA_LOSS for a file
-  // that is not an SQLite database. Every error from the database itself names its file.
+  // that is not an SQLite database, or a database whose pages fail SQLite's `PRAGMA quick_check`
+  // (a damaged page would otherwise surface only when a request first read it). Every error from
+  // the database itself names its file.
   static absl::StatusOr<std::unique_ptr<JobStore>> Open(const std::string& state_dir,
                                                         JobStoreOptions options = {});
 
@@ -326,6 +339,10 @@ class JobStore {
   absl::Status TouchWorker(const std::string& worker_id);
   // Every worker, by id.
   absl::StatusOr<std::vector<WorkerRecord>> ListWorkers();
+  // Stores the worker's drain (`reason`; "" is a drain without a reason) or ends it (nullopt).
+  // NOT_FOUND for an unknown id.
+  absl::Status SetWorkerDrain(const std::string& worker_id,
+                              const std::optional<std::string>& reason);
   // Records that `worker_id` runs `rank` of `job_id` (replacing the rank's previous assignment).
   // NOT_FOUND for an unknown job or worker; INVALID_ARGUMENT for rank < 0 or attempt < 0.
   absl::Status PutAssignment(const std::string& job_id, int32_t rank,

@@ -19,7 +19,7 @@ namespace {
 
 constexpr const char* kWorkerColumns =
     "id, host, device, memory_bytes, registered_unix_seconds, last_seen_unix_seconds, "
-    "rendezvous_port";
+    "rendezvous_port, drain_reason";
 
 // Reads a row selected with kWorkerColumns.
 WorkerRecord ReadWorker(const SqliteStatement& row) {
@@ -31,6 +31,7 @@ WorkerRecord ReadWorker(const SqliteStatement& row) {
   w.registered_unix_seconds = row.ColumnInt64(4);
   w.last_seen_unix_seconds = row.ColumnInt64(5);
   w.rendezvous_port = static_cast<int32_t>(row.ColumnInt64(6));
+  if (!row.ColumnIsNull(7)) w.drain_reason = row.ColumnText(7);
   return w;
 }
 
@@ -113,6 +114,24 @@ absl::StatusOr<std::vector<WorkerRecord>> JobStore::ListWorkers() {
     out.push_back(ReadWorker(q));
   }
   return out;
+}
+
+absl::Status JobStore::SetWorkerDrain(const std::string& worker_id,
+                                      const std::optional<std::string>& reason) {
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
+                       db_->Prepare("UPDATE workers SET drain_reason = ? WHERE id = ?"));
+  if (reason.has_value()) {
+    MAT_RETURN_IF_ERROR(upd.BindText(1, *reason));
+  } else {
+    MAT_RETURN_IF_ERROR(upd.BindNull(1));
+  }
+  MAT_RETURN_IF_ERROR(upd.BindText(2, worker_id));
+  MAT_RETURN_IF_ERROR(upd.Run());
+  if (sqlite3_changes(db_->raw()) == 0) {
+    return absl::NotFoundError(absl::StrCat("worker '", worker_id, "' not found"));
+  }
+  return txn.Commit();
 }
 
 absl::Status JobStore::PutAssignment(const std::string& job_id, int32_t rank,

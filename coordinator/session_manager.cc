@@ -168,6 +168,11 @@ absl::Status SessionManager::Open(const std::string& id, std::shared_ptr<WorkerC
   Session& session = sessions_[id];
   session.channel = std::move(channel);
   session.last_message_ms = clock_.NowMs();
+  // A drain outlives the session and the coordinator: the worker is told to stop once idle.
+  if (const std::optional<std::string>& drain = workers_[id].drain_reason; drain.has_value()) {
+    session.draining = true;
+    session.drain_reason = *drain;
+  }
   PersistLastSeen(id, session, /*force=*/true);
   spdlog::info("worker {}: session opened", id);
   UpdateGauges();
@@ -190,6 +195,14 @@ std::optional<SessionManager::Dropped> SessionManager::Drop(const std::string& w
   auto it = sessions_.find(worker_id);
   if (it == sessions_.end()) return std::nullopt;
   Dropped dropped{std::move(it->second.channel), it->second.job_id, it->second.rank};
+  // A drained worker that was told to stop has left: the drain is done. (One that lost its
+  // session before, a crash, is still drained when it comes back.)
+  if (it->second.drain_taken) {
+    if (absl::Status st = store_.SetWorkerDrain(worker_id, std::nullopt); !st.ok()) {
+      spdlog::error("worker {}: cannot clear its drain: {}", worker_id, st.ToString());
+    }
+    workers_[worker_id].drain_reason.reset();
+  }
   sessions_.erase(it);
   if (metrics_ != nullptr) metrics_->worker_heartbeat_age_seconds.Remove({worker_id});
   UpdateGauges();
@@ -257,6 +270,8 @@ absl::Status SessionManager::SetDraining(const std::string& worker_id, const std
         absl::StrCat("worker ", worker_id, " is not connected: nothing to drain"));
   }
   if (!it->second.draining) {
+    MAT_RETURN_IF_ERROR(store_.SetWorkerDrain(worker_id, reason));
+    workers_[worker_id].drain_reason = reason;
     it->second.draining = true;
     it->second.drain_reason = reason;
     UpdateGauges();

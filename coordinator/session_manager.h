@@ -114,8 +114,11 @@ class SessionManager {
   std::string JobOf(const std::string& worker_id) const;
 
   // Draining (DrainWorker): the worker takes no new rank (Idle leaves it out) and List shows it
-  // DRAINING with `reason`; a second call keeps the first reason. Ends with its session.
-  // NOT_FOUND for an unknown worker, FAILED_PRECONDITION for one without an open session.
+  // DRAINING with `reason`; a second call keeps the first reason. Stored (JobStore::
+  // SetWorkerDrain), so it survives a lost session and a coordinator restart: a session that
+  // opens for a drained worker is draining. It ends when the session of a worker TakeDrained
+  // returned (told to stop) ends. NOT_FOUND for an unknown worker, FAILED_PRECONDITION for one
+  // without an open session; a store error leaves the worker in service.
   absl::Status SetDraining(const std::string& worker_id, const std::string& reason);
   // Draining workers that run and stop no rank and were not returned before: (id, reason), in id
   // order. The caller tells each to stop (Drain).

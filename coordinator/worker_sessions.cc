@@ -56,15 +56,29 @@ std::string JobIdOf(const v1::WorkerMessage& message) {
 void Coordinator::Recover() {
   sessions_.Load();
   // The ranks of a previous process's running jobs keep training and reconnect; RESTARTING
-  // jobs are started again by the scheduler.
+  // jobs are started again by the scheduler. A live job whose stored row is damaged (its spec
+  // does not parse) can never run: it fails now, rather than wait in the queue for ever.
   std::string token;
   do {
-    absl::StatusOr<JobPage> page = store_->ListJobs(kMaxPageSize, token, {v1::JOB_STATE_RUNNING});
+    absl::StatusOr<JobPage> page = store_->ListJobs(
+        kMaxPageSize, token,
+        {v1::JOB_STATE_RUNNING, v1::JOB_STATE_RESTARTING, v1::JOB_STATE_QUEUED});
     if (!page.ok()) {
-      spdlog::error("cannot list the running jobs to recover: {}", page.status().ToString());
+      spdlog::error("cannot list the live jobs to recover: {}", page.status().ToString());
       return;
     }
-    for (const JobRecord& job : page->jobs) KeepJob(job);
+    for (const JobRecord& job : page->jobs) {
+      if (!job.damage.empty()) {
+        spdlog::error("{}: failing it", job.damage);
+        if (absl::Status st = UpdateJobState(job.id, v1::JOB_STATE_FAILED,
+                                             "the coordinator cannot run it (failed at start)");
+            !st.ok()) {
+          spdlog::error("job {}: cannot fail it: {}", job.id, st.ToString());
+        }
+      } else if (job.state == v1::JOB_STATE_RUNNING) {
+        KeepJob(job);
+      }
+    }
     token = page->next_page_token;
   } while (!token.empty());
 }

@@ -4,6 +4,7 @@
 // ordering, the terminal event ending them, unsubscribing from inside a listener).
 #include "coordinator/coordinator.h"
 
+#include <sqlite3.h>
 #include <stdlib.h>
 
 #include <filesystem>
@@ -466,6 +467,37 @@ TEST_F(CoordinatorTest, ReopenedStateListsTheSameJobs) {
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->job_id(), a);
   EXPECT_FALSE(again->created());
+}
+
+// A queued job whose stored spec no longer parses made every listing fail (matctl list, the
+// scheduler, this recovery), and could never run. After a restart it is listed, FAILED, its
+// message naming the damage; the intact job stays queued.
+TEST_F(CoordinatorTest, AJobWithADamagedStoredSpecIsListedAndFailedAtStart) {
+  const std::string intact = Submit("", SmallSpec());
+  const std::string damaged = Submit("", SmallSpec(3));
+  coordinator_.reset();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open_v2(JobStore::DatabasePath(dir_ + "/state").c_str(), &db,
+                            SQLITE_OPEN_READWRITE, nullptr),
+            SQLITE_OK);
+  const std::string sql = "UPDATE jobs SET spec = x'ffffffff0f' WHERE id = '" + damaged + "'";
+  EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  Open();
+  auto all = coordinator_->ListJobs({});
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->jobs_size(), 2);
+  EXPECT_EQ(all->jobs(0).job_id(), intact);
+  EXPECT_EQ(all->jobs(0).state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(all->jobs(0).error_message(), "");
+  EXPECT_EQ(all->jobs(1).job_id(), damaged);
+  EXPECT_EQ(all->jobs(1).state(), v1::JOB_STATE_FAILED);
+  EXPECT_THAT(all->jobs(1).error_message(),
+              HasSubstr("job " + damaged + " is damaged in the state database: the stored spec "
+                        "does not parse; the coordinator cannot run it"));
+  auto one = coordinator_->GetJob(damaged);
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_EQ(one->job().state(), v1::JOB_STATE_FAILED);
 }
 
 }  // namespace

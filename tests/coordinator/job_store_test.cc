@@ -14,6 +14,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <set>
@@ -43,6 +44,11 @@ v1::JobSpec Spec(int64_t layers) {
   spec.mutable_model()->set_layers(layers);
   spec.mutable_resources()->set_workers(2);
   return spec;
+}
+
+std::string ReadFileBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 class JobStoreTest : public ::testing::Test {
@@ -853,7 +859,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -892,7 +898,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -911,10 +917,11 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
   RawExec("DROP INDEX jobs_client_state; ALTER TABLE jobs DROP COLUMN client; "
           "ALTER TABLE decisions DROP COLUMN policy_state; "
           "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
+          "ALTER TABLE workers DROP COLUMN drain_reason; "
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -931,15 +938,49 @@ TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
   // What a version-3 coordinator left: decisions without the policy state and the mask.
   RawExec("ALTER TABLE decisions DROP COLUMN policy_state; "
           "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
+          "ALTER TABLE workers DROP COLUMN drain_reason; "
           "UPDATE schema_version SET version = 3;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "5");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
   auto old = store_->LatestDecisionAtOrBefore(id, 100);
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_TRUE(old->has_value());
   EXPECT_EQ((*old)->step, 20);
   EXPECT_EQ((*old)->policy_state, "") << "an old row has no state: a restart must say so";
   EXPECT_EQ((*old)->mask_update, "");
+}
+
+// A drain (matctl drain) lived in the coordinator's memory only: after a restart the drained
+// worker came back in service. It is stored now (v6), untouched by re-registration, and a
+// version-5 file migrates with every worker in service.
+TEST_F(JobStoreTest, AWorkersDrainIsStoredUntilClearedAndAVersion5FileMigrates) {
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "h1", "cpu", 1, 0, 0, 29500}).ok());
+  ASSERT_TRUE(store_->UpsertWorker({"w2", "h2", "cpu", 1, 0, 0, 29501}).ok());
+  EXPECT_EQ(store_->GetWorker("w1")->drain_reason, std::nullopt);
+  ASSERT_TRUE(store_->SetWorkerDrain("w1", "kernel update").ok());
+  ASSERT_TRUE(store_->SetWorkerDrain("w2", "").ok());
+  EXPECT_EQ(store_->SetWorkerDrain("w9", "x").code(), absl::StatusCode::kNotFound);
+  // Registering again (new host or port) keeps it.
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "h1b", "cpu", 2, 0, 0, 29600}).ok());
+  Reopen();
+  auto workers = store_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->size(), 2u);
+  EXPECT_EQ((*workers)[0].host, "h1b");
+  EXPECT_EQ((*workers)[0].drain_reason, std::optional<std::string>("kernel update"));
+  EXPECT_EQ((*workers)[1].drain_reason, std::optional<std::string>(""));
+  ASSERT_TRUE(store_->SetWorkerDrain("w1", std::nullopt).ok());
+  EXPECT_EQ(store_->GetWorker("w1")->drain_reason, std::nullopt);
+
+  store_.reset();
+  RawExec("ALTER TABLE workers DROP COLUMN drain_reason; UPDATE schema_version SET version = 5;");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
+  workers = store_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->size(), 2u);
+  EXPECT_EQ((*workers)[1].drain_reason, std::nullopt);
+  EXPECT_TRUE(store_->SetWorkerDrain("w2", "again").ok());
 }
 
 TEST_F(JobStoreTest, KeepsEachDecisionsPolicyStateAndMask) {
@@ -1058,6 +1099,72 @@ TEST_F(JobStoreTest, OneStorePerStateDir) {
   store_.reset();
   auto third = JobStore::Open(dir_);
   EXPECT_TRUE(third.ok()) << third.status();
+}
+
+// One job whose stored spec did not parse made ListJobs fail for every job, and with it matctl
+// list, the scheduler and the coordinator's recovery. Such a row is now read as far as it goes
+// and says what is damaged; the other jobs list as before.
+TEST_F(JobStoreTest, ADamagedRowIsListedWithItsDamageAndTheOthersAsBefore) {
+  const std::string a = Create("", Spec(1));
+  const std::string b = Create("", Spec(2));
+  const std::string c = Create("", Spec(3));
+  RawExec("UPDATE jobs SET spec = x'ffffffff0f' WHERE id = '" + b + "'");
+  auto page = store_->ListJobs(10, "");
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->jobs.size(), 3u);
+  EXPECT_EQ(page->jobs[0].id, a);
+  EXPECT_EQ(page->jobs[0].damage, "");
+  EXPECT_EQ(page->jobs[0].spec.model().layers(), 1);
+  EXPECT_EQ(page->jobs[1].id, b);
+  EXPECT_EQ(page->jobs[1].damage,
+            "job " + b + " is damaged in the state database: the stored spec does not parse");
+  EXPECT_EQ(page->jobs[1].state, v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(page->jobs[1].spec.model().layers(), 0);
+  EXPECT_EQ(page->jobs[2].id, c);
+  EXPECT_EQ(page->jobs[2].damage, "");
+  EXPECT_EQ(page->jobs[2].spec.model().layers(), 3);
+  // The state filter still works, GetJob shows the damage too, and the job can be failed.
+  auto queued = store_->ListJobs(10, "", {v1::JOB_STATE_QUEUED});
+  ASSERT_TRUE(queued.ok()) << queued.status();
+  EXPECT_EQ(queued->jobs.size(), 3u);
+  auto damaged = store_->GetJob(b);
+  ASSERT_TRUE(damaged.ok()) << damaged.status();
+  EXPECT_THAT(damaged->damage, HasSubstr("does not parse"));
+  EXPECT_TRUE(store_->UpdateJobState(b, v1::JOB_STATE_FAILED, "x").ok());
+  EXPECT_EQ(store_->GetJob(b)->state, v1::JOB_STATE_FAILED);
+}
+
+// A damaged page (a torn write, a bad disk) surfaced only when a request first read it, maybe
+// days after the coordinator said it was ready. Open now runs PRAGMA quick_check and refuses the
+// file, naming it and the check's finding; the file is left as it was.
+TEST_F(JobStoreTest, ADatabaseWithADamagedPageIsRefusedAtOpenNamingIt) {
+  const std::string job = Create("", Spec(1));
+  // Enough log lines for pages that opening the store never reads.
+  for (int i = 0; i < 40; ++i) {
+    std::vector<LogLineRecord> lines;
+    for (int k = 0; k < 50; ++k) {
+      lines.push_back(LogLineRecord{0, 0, 0, "info", std::string(200, char('a' + (k % 26)))});
+    }
+    ASSERT_TRUE(store_->AppendJobLogs(job, 0, lines, 0).ok());
+  }
+  store_.reset();  // checkpoints the WAL into the file
+  const std::string db = JobStore::DatabasePath(dir_);
+  const uintmax_t size = fs::file_size(db);
+  ASSERT_GT(size, 16u * 4096) << "too few pages to damage one in the middle";
+  {
+    std::fstream f(db, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(size / 4096 / 2 * 4096));
+    const std::string garbage(4096, '\x5a');
+    f.write(garbage.data(), garbage.size());
+  }
+  const std::string damaged = ReadFileBytes(db);
+  auto store = JobStore::Open(dir_);
+  ASSERT_FALSE(store.ok()) << "a database with a damaged page opened";
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss) << store.status();
+  EXPECT_THAT(store.status().message(), HasSubstr(db + ": the database is damaged"));
+  EXPECT_THAT(store.status().message(), HasSubstr("quick_check"));
+  EXPECT_THAT(store.status().message(), HasSubstr("restore it from a backup"));
+  EXPECT_EQ(ReadFileBytes(db), damaged) << "the refused database was changed";
 }
 
 TEST_F(JobStoreTest, AFileThatIsNotADatabaseIsDataLoss) {

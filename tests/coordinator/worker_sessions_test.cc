@@ -768,6 +768,58 @@ TEST_F(WorkerSessionsTest, DrainingNowRestartsTheWorkersJobElsewhere) {
   EXPECT_THAT(gone.status().message(), HasSubstr(w2.id + " is not connected"));
 }
 
+// A drain lived in the coordinator's memory: after a coordinator restart the drained worker
+// reconnected in service and took the next job. It is stored now: the worker comes back
+// DRAINING with its reason and takes no queued job; when it loses its session before it was told
+// to stop (its job restarts, as after any worker loss) it is still drained when it returns, and
+// is told to stop; once it has left as told, it is in service again.
+TEST_F(WorkerSessionsTest, ADrainSurvivesACoordinatorRestartAndALostSession) {
+  const Worker w0 = AddWorker();
+  const std::string first = Submit(Spec(1));
+  ASSERT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  ASSERT_TRUE(coordinator_->DrainWorker(DrainRequest(w0.id, "disk swap")).ok());
+
+  Open();  // a new coordinator process on the same state dir
+  ASSERT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id, {first}), channel).ok());
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_DRAINING);
+  EXPECT_EQ(WorkerInfoOf(w0.id).drain_reason(), "disk swap");
+  EXPECT_EQ(WorkerInfoOf(w0.id).job_id(), first);
+  const std::string second = Submit(Spec(1));
+  EXPECT_EQ(StateOf(second), v1::JOB_STATE_QUEUED);
+  EXPECT_THAT(channel->Drains(), IsEmpty()) << "told to stop while its rank runs";
+
+  // Its session is lost (its job restarts) and it comes back: still drained, so it takes
+  // neither job and is told to stop.
+  coordinator_->CloseSession(w0.id);
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_RESTARTING);
+  channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id), channel).ok());
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_DRAINING);
+  EXPECT_THAT(channel->Assigns(), IsEmpty());
+  ASSERT_EQ(channel->Drains().size(), 1u);
+  EXPECT_EQ(channel->Drains()[0].reason(), "disk swap");
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(StateOf(second), v1::JOB_STATE_QUEUED);
+
+  // It leaves as told; the next coordinator and session see it in service: it takes the
+  // restarting job first.
+  v1::WorkerMessage leaving = Heartbeat(w0.id);
+  leaving.mutable_leaving()->set_reason("drained: disk swap");
+  SendOk(leaving);
+  Open();
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id), channel).ok());
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  ASSERT_EQ(channel->Assigns().size(), 1u);
+  EXPECT_EQ(channel->Assigns()[0].job_id(), first);
+  EXPECT_THAT(channel->Drains(), IsEmpty());
+}
+
 // ----- rand replaying a MAT job (policy.rand_schedule_job) -----
 
 // 2 layers × (3 heads + 2 FFN slices): two groups of different sizes, 10 modules (as Lambda).

@@ -202,10 +202,14 @@ std::string FormatBytes(int64_t bytes) {
 
 std::string FormatJobTable(const std::vector<v1::Job>& jobs) {
   std::vector<std::vector<std::string>> rows = {
-      {"ID", "STATE", "MODEL", "POLICY", "CREATED", "ARTIFACTS"}};
+      {"ID", "STATE", "MODEL", "POLICY", "WORKERS", "STEP", "CREATED", "ARTIFACTS"}};
   for (const v1::Job& job : jobs) {
+    const v1::ResourceSpec& r = job.spec().resources();
     rows.push_back({job.job_id(), StateName(job.state()), DescribeModel(job.spec()),
-                    DescribePolicy(job.spec()), FormatUnixTime(job.create_time_unix_seconds()),
+                    DescribePolicy(job.spec()),
+                    absl::StrCat(r.workers(), " ", r.device().empty() ? "cpu" : r.device()),
+                    job.step() > 0 ? absl::StrCat(job.step(), "/", job.spec().train().steps()) : "-",
+                    FormatUnixTime(job.create_time_unix_seconds()),
                     job.artifact_bytes() > 0 ? FormatBytes(job.artifact_bytes()) : "-"});
   }
   return FormatTable(rows);

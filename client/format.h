@@ -37,7 +37,8 @@ std::string DescribeModel(const v1::JobSpec& spec);
 // inverse), "multirate k=4".
 std::string DescribePolicy(const v1::JobSpec& spec);
 
-// `list`: a header and one aligned row per job: ID, STATE, MODEL, POLICY, CREATED, ARTIFACTS
+// `list`: a header and one aligned row per job: ID, STATE, MODEL, POLICY, WORKERS (the gang
+// asked for: "2 cpu", "1 cuda"), STEP ("1200/6000", "-" before the first), CREATED, ARTIFACTS
 // (their size on the coordinator, "-" for none). Ends with a newline; only the header for no jobs.
 std::string FormatJobTable(const std::vector<v1::Job>& jobs);
 

@@ -55,8 +55,10 @@ absl::StatusOr<v1::GetJobReply> Coordinator::GetJob(const std::string& job_id) {
   if (state == v1::JOB_STATE_QUEUED || state == v1::JOB_STATE_RESTARTING) {
     MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
     const v1::ResourceSpec& resources = reply.job().spec().resources();
+    MAT_ASSIGN_OR_RETURN(const std::vector<std::string> ahead,
+                         scheduler_.JobsAhead(job_id, state, resources.device()));
     reply.set_waiting(DescribeWait(resources.workers(), resources.device(),
-                                   {workers.workers().begin(), workers.workers().end()}));
+                                   {workers.workers().begin(), workers.workers().end()}, ahead));
   }
   // A running job's live state (mask acks are kept in memory between Progress messages).
   auto live = running_.find(job_id);

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/status.h"
 
 #include "spdlog/spdlog.h"
 
@@ -31,7 +32,17 @@ std::optional<std::vector<std::string>> PlaceGang(int world, const std::string& 
 }
 
 std::string DescribeWait(int world, const std::string& job_device,
-                         const std::vector<v1::WorkerInfo>& workers) {
+                         const std::vector<v1::WorkerInfo>& workers,
+                         const std::vector<std::string>& ahead) {
+  std::string queue;
+  if (!ahead.empty()) {
+    constexpr size_t kNamed = 5;
+    const std::vector<std::string> named(ahead.begin(),
+                                         ahead.begin() + std::min(ahead.size(), kNamed));
+    queue = absl::StrCat("; ", ahead.size(), ahead.size() == 1 ? " job is" : " jobs are",
+                         " ahead of it for ", job_device, " workers: ", absl::StrJoin(named, ", "));
+    if (ahead.size() > kNamed) absl::StrAppend(&queue, " and ", ahead.size() - kNamed, " more");
+  }
   int connected = 0;
   int idle = 0;
   int stopping = 0;
@@ -56,7 +67,7 @@ std::string DescribeWait(int world, const std::string& job_device,
     return absl::StrCat("needs ", world, " ", job_device, workers_word, ", ", connected,
                         connected == 1 ? " is" : " are", " connected: start ", world - connected,
                         " more (mat-worker --device ",
-                        job_device == "cuda" ? "cuda:N" : job_device, ")");
+                        job_device == "cuda" ? "cuda:N" : job_device, ")", queue);
   }
   std::string text = absl::StrCat("needs ", world, " idle ", job_device, workers_word, ", ", idle,
                                   " of the ", connected, " connected ",
@@ -72,7 +83,7 @@ std::string DescribeWait(int world, const std::string& job_device,
                     " (one blocked in a collective with a lost peer stops at the worker's "
                     "--rendezvous-timeout-ms)");
   }
-  return text;
+  return text + queue;
 }
 
 GangScheduler::GangScheduler(JobStore& store, IdleFn idle, IdleFn in_service, StartFn start)
@@ -92,6 +103,25 @@ void GangScheduler::Run() {
     Pass();
   } while (again_);
   running_ = false;
+}
+
+absl::StatusOr<std::vector<std::string>> GangScheduler::JobsAhead(const std::string& job_id,
+                                                                  v1::JobState state,
+                                                                  const std::string& device) {
+  std::vector<std::string> ahead;
+  for (v1::JobState s : {v1::JOB_STATE_RESTARTING, v1::JOB_STATE_QUEUED}) {
+    if (state == v1::JOB_STATE_RESTARTING && s == v1::JOB_STATE_QUEUED) break;
+    std::string token;
+    do {
+      MAT_ASSIGN_OR_RETURN(JobPage page, store_.ListJobs(kMaxPageSize, token, {s}));
+      for (const JobRecord& job : page.jobs) {
+        if (job.id == job_id) return ahead;  // its own place in the pass: the rest come after
+        if (job.spec.resources().device() == device) ahead.push_back(job.id);
+      }
+      token = page.next_page_token;
+    } while (!token.empty());
+  }
+  return ahead;
 }
 
 void GangScheduler::Pass() {

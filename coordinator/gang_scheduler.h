@@ -49,8 +49,11 @@ std::optional<std::vector<std::string>> PlaceGang(int world, const std::string& 
 //   "needs 2 idle cpu workers, 1 of the 2 connected is idle; 1 is still stopping a cancelled
 //    rank of job-000015 (one blocked in a collective ... --rendezvous-timeout-ms)"
 // A worker that is neither IDLE nor BUSY (DISCONNECTED, DRAINING) does not count as connected.
+//   ... "; 2 jobs are ahead of it for cpu workers: job-000003, job-000004" when `ahead` (JobsAhead)
+//   is not empty (at most 5 ids, then "and N more").
 std::string DescribeWait(int world, const std::string& job_device,
-                         const std::vector<v1::WorkerInfo>& workers);
+                         const std::vector<v1::WorkerInfo>& workers,
+                         const std::vector<std::string>& ahead = {});
 
 class GangScheduler {
  public:
@@ -70,6 +73,14 @@ class GangScheduler {
   // Starts every RESTARTING, then QUEUED, job that can start now. A store error listing the jobs
   // is logged and ends the pass.
   void Run();
+
+  // The jobs a pass considers before `job_id` (a QUEUED or RESTARTING job of `state`) that want
+  // workers of the same kind (`device`): every RESTARTING job submitted earlier and, for a QUEUED
+  // job, every RESTARTING job and the QUEUED ones submitted earlier. In pass order. (Backfilling
+  // may still start the job before them when they need more workers than it does.)
+  absl::StatusOr<std::vector<std::string>> JobsAhead(const std::string& job_id,
+                                                     v1::JobState state,
+                                                     const std::string& device);
 
  private:
   void Pass();

@@ -110,15 +110,20 @@ TEST(FormatTest, JobTextAndTableNameTheJobARandJobReplays) {
 TEST(FormatTest, JobTableHasHeaderAndAlignedColumns) {
   v1::Job cancelled = MakeJob("job-000002", v1::JOB_STATE_CANCELLED);
   cancelled.set_artifact_bytes(17234567);
+  cancelled.set_step(120);
+  cancelled.mutable_spec()->mutable_resources()->set_workers(2);
+  cancelled.mutable_spec()->mutable_resources()->set_device("cuda");
   const std::string table =
       FormatJobTable({MakeJob("job-000001", v1::JOB_STATE_QUEUED), cancelled});
   const std::vector<std::string> expected = {
-      "ID          STATE      MODEL            POLICY     CREATED               ARTIFACTS",
-      "job-000001  QUEUED     bert L2 d256 H8  mat a=0.3  2023-11-14T22:13:20Z  -",
-      "job-000002  CANCELLED  bert L2 d256 H8  mat a=0.3  2023-11-14T22:13:20Z  17.2 MB",
+      "ID          STATE      MODEL            POLICY     WORKERS  STEP      CREATED               "
+      "ARTIFACTS",
+      "job-000001  QUEUED     bert L2 d256 H8  mat a=0.3  1 cpu    -         2023-11-14T22:13:20Z  -",
+      "job-000002  CANCELLED  bert L2 d256 H8  mat a=0.3  2 cuda   120/2000  2023-11-14T22:13:20Z  "
+      "17.2 MB",
   };
   EXPECT_EQ(table, expected[0] + "\n" + expected[1] + "\n" + expected[2] + "\n");
-  EXPECT_EQ(FormatJobTable({}), "ID  STATE  MODEL  POLICY  CREATED  ARTIFACTS\n");
+  EXPECT_EQ(FormatJobTable({}), "ID  STATE  MODEL  POLICY  WORKERS  STEP  CREATED  ARTIFACTS\n");
 }
 
 TEST(FormatTest, BytesInDecimalUnits) {

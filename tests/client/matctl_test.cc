@@ -213,7 +213,7 @@ TEST_F(MatctlTest, SubmitChecksTheSpecBeforeSendingIt) {
   // Nothing reached the coordinator.
   Result list = Run({"list"});
   ASSERT_EQ(list.code, 0);
-  EXPECT_EQ(list.out, "ID  STATE  MODEL  POLICY  CREATED  ARTIFACTS\n");
+  EXPECT_EQ(list.out, "ID  STATE  MODEL  POLICY  WORKERS  STEP  CREATED  ARTIFACTS\n");
 }
 
 TEST_F(MatctlTest, ListStatusAndCancelShowAndChangeJobs) {

@@ -168,6 +168,47 @@ TEST_F(GangSchedulerTest, StartsQueuedJobsInSubmissionOrderAndBackfills) {
   EXPECT_THAT(started_, ElementsAre(big + ":{ \"w2\", \"w4\", \"w5\" }"));
 }
 
+// `matctl status` said what workers a queued job needs, not which jobs a pass considers before
+// it. JobsAhead names them in pass order: restarting jobs, then older queued ones, of the same
+// device kind only; the wait text carries them.
+TEST_F(GangSchedulerTest, JobsAheadAreTheRestartingThenOlderQueuedJobsOfTheSameDevice) {
+  const std::string q1 = Queue(2);
+  const std::string gpu = Queue(1, "cuda");
+  const std::string r1 = Queue(1);
+  const std::string q2 = Queue(1);
+  const std::string r2 = Queue(3);
+  for (const std::string& r : {r1, r2}) {
+    ASSERT_TRUE(store_->UpdateJobState(r, v1::JOB_STATE_RUNNING).ok());
+    ASSERT_TRUE(store_->UpdateJobState(r, v1::JOB_STATE_RESTARTING).ok());
+  }
+  auto ahead = scheduler_->JobsAhead(q2, v1::JOB_STATE_QUEUED, "cpu");
+  ASSERT_TRUE(ahead.ok()) << ahead.status();
+  EXPECT_THAT(*ahead, ElementsAre(r1, r2, q1));
+  ahead = scheduler_->JobsAhead(q1, v1::JOB_STATE_QUEUED, "cpu");
+  ASSERT_TRUE(ahead.ok()) << ahead.status();
+  EXPECT_THAT(*ahead, ElementsAre(r1, r2));
+  ahead = scheduler_->JobsAhead(r2, v1::JOB_STATE_RESTARTING, "cpu");
+  ASSERT_TRUE(ahead.ok()) << ahead.status();
+  EXPECT_THAT(*ahead, ElementsAre(r1));
+  ahead = scheduler_->JobsAhead(r1, v1::JOB_STATE_RESTARTING, "cpu");
+  ASSERT_TRUE(ahead.ok()) << ahead.status();
+  EXPECT_TRUE(ahead->empty());
+  ahead = scheduler_->JobsAhead(gpu, v1::JOB_STATE_QUEUED, "cuda");
+  ASSERT_TRUE(ahead.ok()) << ahead.status();
+  EXPECT_TRUE(ahead->empty()) << "cpu jobs do not wait for cuda workers";
+
+  EXPECT_EQ(DescribeWait(1, "cpu", {}, {r1, r2, q1}),
+            "needs 1 cpu worker, 0 are connected: start 1 more (mat-worker --device cpu); 3 jobs "
+            "are ahead of it for cpu workers: " + r1 + ", " + r2 + ", " + q1);
+  EXPECT_EQ(DescribeWait(1, "cpu", {Worker("cpu", v1::WORKER_STATE_BUSY, "job-000009")},
+                         {"a", "b", "c", "d", "e", "f", "g"}),
+            "needs 1 idle cpu worker, 0 of the 1 connected are idle; the others run job-000009; "
+            "7 jobs are ahead of it for cpu workers: a, b, c, d, e and 2 more");
+  EXPECT_EQ(DescribeWait(1, "cpu", {}, {"x"}),
+            "needs 1 cpu worker, 0 are connected: start 1 more (mat-worker --device cpu); 1 job "
+            "is ahead of it for cpu workers: x");
+}
+
 TEST_F(GangSchedulerTest, RestartingJobsGoBeforeQueuedOnes) {
   const std::string queued = Queue(1);
   const std::string restarting = Queue(1);

@@ -84,6 +84,13 @@ TEST_F(CoordinatorCliTest, SubmitListStatusWatchCancelHealthAndRestartOnLoopback
             "needs 2 cpu workers, 0 are connected: start 2 more (mat-worker --device cpu)");
   EXPECT_EQ(j["client_request_id"], "req-42");
   EXPECT_EQ(j["spec"]["model"]["d_model"], 128);
+  // The second job says which job a pass considers before it; list shows the gangs.
+  CommandResult status2 = Matctl(address_, {"status", job2, "-o", "json"});
+  ASSERT_EQ(status2.exit_code, 0) << status2.err;
+  EXPECT_EQ(nlohmann::json::parse(status2.out, nullptr, false).value("waiting", ""),
+            "needs 2 cpu workers, 0 are connected: start 2 more (mat-worker --device cpu); 1 job "
+            "is ahead of it for cpu workers: " + job);
+  EXPECT_THAT(list.out, HasSubstr("mat a=0.3  2 cpu    -     "));
 
   // watch in the background, then cancel: watch prints CANCELLED and exits 0.
   const std::string watch_out = root_ + "/watch.out";

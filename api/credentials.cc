@@ -47,7 +47,9 @@ absl::StatusOr<std::string> ReadFirstToken(const std::string& path) {
 std::string TlsMismatchHint(const TlsFiles& files, std::string_view error) {
   if (error.find("Socket closed") == std::string_view::npos) return "";
   if (files.ca_file.empty()) {
-    return " (the coordinator closed the connection: if it serves TLS, give --tls-ca)";
+    // An HTTP/1 server (the coordinator's own --metrics-listen port) closes the same way.
+    return " (the coordinator closed the connection: if it serves TLS, give --tls-ca; or the "
+           "address is not its gRPC --listen port: its --metrics-listen port closes so too)";
   }
   if (files.cert_file.empty()) {
     return " (the coordinator closed the connection: if it requires client certificates, "

@@ -21,7 +21,8 @@ struct TlsFiles {
 
 // What to check when the coordinator closed the connection while it was being set up
 // (gRPC: "Socket closed"), which is how a TLS mismatch looks from the client: "" for any other
-// error. Without ca_file: the coordinator may serve TLS (give --tls-ca); with it but without a
+// error. Without ca_file: the coordinator may serve TLS (give --tls-ca), or the address may be
+// another port (its --metrics-listen HTTP port closes so too); with ca_file but without a
 // client certificate: it may require mutual TLS (--tls-cert, --tls-key); with one: it may refuse
 // that certificate (expired, signed by another CA).
 std::string TlsMismatchHint(const TlsFiles& files, std::string_view error);

@@ -74,6 +74,8 @@ TEST_F(CredentialsTest, EachFileMustHoldItsKind) {
 TEST(TlsMismatchHintTest, NamesWhatToCheckWhenTheCoordinatorClosedTheConnection) {
   EXPECT_EQ(TlsMismatchHint(TlsFiles{}, "Connection refused"), "");
   EXPECT_THAT(TlsMismatchHint(TlsFiles{}, "Socket closed"), HasSubstr("give --tls-ca"));
+  // matctl pointed at the metrics port saw only the TLS hint (checked against a real coordinator).
+  EXPECT_THAT(TlsMismatchHint(TlsFiles{}, "Socket closed"), HasSubstr("--metrics-listen"));
   EXPECT_THAT(TlsMismatchHint(TlsFiles{"ca.pem", "", ""}, "Socket closed"),
               HasSubstr("give --tls-cert and --tls-key"));
   EXPECT_THAT(TlsMismatchHint(TlsFiles{"ca.pem", "c.pem", "c.key"}, "Socket closed"),

@@ -249,6 +249,20 @@ void Coordinator::HandleHeartbeat(const std::string& worker_id, const v1::Heartb
     spdlog::info("worker {}: its rank of {} stopped", worker_id, stopping);
     Schedule();
   }
+  if (current.empty() && stopping.empty() && heartbeat.job_ids().empty()) {
+    // The worker of a finished rank stays with its job until the job ends (the gang is freed
+    // together), also when it comes back after its session or this coordinator restarted:
+    // idle, the next pass would give it to another job first.
+    for (const auto& [job_id, runtime] : running_) {
+      for (int r = 0; r < runtime.world_size; ++r) {
+        if (!runtime.ranks[r].done || runtime.ranks[r].worker_id != worker_id) continue;
+        sessions_.SetJob(worker_id, job_id, r);
+        spdlog::info("job {}: {} is back; its rank {} finished, so it waits for the job's end",
+                     job_id, worker_id, r);
+        return;
+      }
+    }
+  }
   std::set<std::string> told;  // one Cancel per job even when listed twice
   for (const std::string& job_id : heartbeat.job_ids()) {
     if (job_id.empty() || job_id == current || !told.insert(job_id).second) continue;

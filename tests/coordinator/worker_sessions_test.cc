@@ -229,6 +229,39 @@ TEST_F(WorkerSessionsTest, TheWorkerOfAFinishedRankLeavingDoesNotRestartTheJob) 
   EXPECT_EQ(done.attempt(), 0);
 }
 
+// ... and when that worker comes back (its session ended, or the coordinator restarted), it is
+// still with its job: it reconnected idle, and the next pass gave it to a newer job before the
+// job's end freed the gang.
+TEST_F(WorkerSessionsTest, TheWorkerOfAFinishedRankComingBackWaitsForItsJobsEnd) {
+  Worker w0, w1;
+  const std::string first = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w1.id, first, 1, true, "abc"));
+  coordinator_->CloseSession(w1.id);
+  const std::string newer = Submit(Spec(1));
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), channel).ok());
+  EXPECT_EQ(StateOf(newer), v1::JOB_STATE_QUEUED) << "took the worker of a finished rank";
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(WorkerInfoOf(w1.id).job_id(), first);
+  EXPECT_THAT(channel->Assigns(), IsEmpty());
+
+  Open();  // a new coordinator process on the same state dir keeps the job
+  ASSERT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  auto c0 = std::make_shared<FakeWorkerChannel>();
+  auto c1 = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), c1).ok());
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id, {first}), c0).ok());
+  EXPECT_EQ(StateOf(newer), v1::JOB_STATE_QUEUED) << "took the worker of a finished rank";
+  EXPECT_EQ(WorkerInfoOf(w1.id).job_id(), first);
+  EXPECT_THAT(c1.get()->Assigns(), IsEmpty());
+  SendOk(Done(w0.id, first, 0, true, "abc", R"({"steps":100})"));
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(StateOf(newer), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(c0->Assigns().size() + c1->Assigns().size(), 1u);
+  EXPECT_THAT(c0->Cancels(), IsEmpty());
+  EXPECT_THAT(c1->Cancels(), IsEmpty());
+}
+
 // ----- λ, decisions and masks -----
 
 TEST_F(WorkerSessionsTest, RankAveragedLambdaIsStoredAndModulesAreListed) {

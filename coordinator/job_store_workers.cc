@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <set>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -66,15 +67,25 @@ absl::StatusOr<std::string> JobStore::CreateWorker(const WorkerRecord& worker) {
   // collides with one in use.
   MAT_ASSIGN_OR_RETURN(SqliteStatement q,
                        db_->Prepare("SELECT id FROM workers WHERE id GLOB 'worker-[0-9]*'"));
+  // Numbers past kMaxIssuedWorkerNumber are not counted: a worker that registered itself as
+  // worker-9223372036854775807 made the next id overflow into one every later worker shared.
+  constexpr int64_t kMaxIssuedWorkerNumber = 999'999'999'999;
   int64_t highest = 0;
+  std::set<std::string> taken;
   while (true) {
     MAT_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) break;
+    taken.insert(q.ColumnText(0));
     int64_t n = 0;
-    if (absl::SimpleAtoi(q.ColumnText(0).substr(7), &n)) highest = std::max(highest, n);
+    if (absl::SimpleAtoi(q.ColumnText(0).substr(7), &n) && n >= 0 && n < kMaxIssuedWorkerNumber) {
+      highest = std::max(highest, n);
+    }
   }
   WorkerRecord stored = worker;
   stored.id = absl::StrFormat("worker-%06d", highest + 1);
+  for (int64_t n = highest + 2; taken.count(stored.id) != 0; ++n) {  // a stored id may spell it
+    stored.id = absl::StrFormat("worker-%06d", n);
+  }
   MAT_RETURN_IF_ERROR(UpsertWorker(stored));
   MAT_RETURN_IF_ERROR(txn.Commit());
   return stored.id;

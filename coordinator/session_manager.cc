@@ -84,6 +84,15 @@ absl::StatusOr<v1::RegisterReply> SessionManager::Register(const v1::RegisterReq
   record.device = caps.device();
   record.memory_bytes = caps.memory_bytes();
   record.rendezvous_port = caps.rendezvous_port();
+  if (!record.id.empty() && sessions_.count(record.id) != 0) {
+    // Registering again would replace the host and rendezvous port the next job's ranks meet at
+    // while the worker is connected. Its own restart waits for the old session to be dropped
+    // (at most 3 heartbeat intervals); a second mat-worker with its id (a copied work dir)
+    // waits for ever (mat-worker gives up after a while, naming worker.id).
+    return absl::FailedPreconditionError(absl::StrCat(
+        "worker ", record.id, " already has an open session: it cannot register again until "
+        "that session ends"));
+  }
   if (record.id.empty()) {
     MAT_ASSIGN_OR_RETURN(record.id, store_.CreateWorker(record));
   } else {

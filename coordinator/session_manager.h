@@ -69,7 +69,9 @@ class SessionManager {
   // (also one this store has never seen). INVALID_ARGUMENT naming the field for an empty device,
   // a device other than "cpu"/"cuda:N", a negative memory_bytes, an empty host, a
   // rendezvous_port outside 1..65535 or a worker_id that is not 1..128 of [A-Za-z0-9._-].
-  // Re-registering updates its capabilities (an open session and its rank are kept).
+  // Re-registering a worker without an open session updates its capabilities;
+  // FAILED_PRECONDITION ("... already has an open session ...") while it has one (its host and
+  // rendezvous port would change under a connected worker).
   absl::StatusOr<v1::RegisterReply> Register(const v1::RegisterRequest& request);
   // Every worker the store knows, with its live state (IDLE/BUSY/DRAINING while its session is
   // open, else DISCONNECTED) and a live last_seen for an open session.

@@ -8,6 +8,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "coordinator/artifact_store.h"
 #include "coordinator/auth.h"
@@ -138,6 +139,16 @@ class WorkerSessionReactor final
         End(api::ToGrpcStatus(status));
         return;
       }
+    } else if (in_.worker_id() != worker_id_) {
+      // A session speaks for the worker that opened it: a message in another worker's name (a
+      // Leaving that would end its session and restart its job) ends this session instead.
+      spdlog::warn("worker {}: its session carried a message for worker '{}': ending it",
+                   worker_id_, in_.worker_id().substr(0, 64));
+      StreamEnded(grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                               absl::StrCat("this session is worker ", worker_id_,
+                                            "'s: it carried a message for worker '",
+                                            in_.worker_id().substr(0, 64), "'")));
+      return;
     } else {
       // A refused message was already answered with a Reject through the channel.
       coordinator.HandleWorkerMessage(in_).IgnoreError();

@@ -298,6 +298,14 @@ bool WorkerAgent::RegisterLoop() {
                    config_.rendezvous_port);
       return true;
     }
+    if (status.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+        absl::StrContains(status.error_message(), "already has an open session") &&
+        !worker_id().empty()) {
+      // This id's session is still open: this worker's own, not yet dropped after a restart,
+      // or a second mat-worker's with this id. The session attempt tells which (Run: it
+      // retries, and gives up after kDuplicateIdFor).
+      return true;
+    }
     if (status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
       // Retrying cannot help: Run returns the refusal (mat-worker exits non-zero).
       const std::string id = worker_id();

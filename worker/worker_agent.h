@@ -17,8 +17,10 @@
 //      coordinator), with `tls_cert_file`/`tls_key_file` also presenting a client certificate
 //      (mutual TLS). A coordinator that refuses the worker (UNAUTHENTICATED or
 //      PERMISSION_DENIED on Register or Session) ends Run with that error instead of retrying.
-//   5. Sessions refused for kDuplicateIdFor because another mat-worker is connected with this
-//      worker's id (a copied WORK_DIR/worker.id) end Run with FAILED_PRECONDITION naming the file.
+//   5. Sessions (and Registers: the coordinator refuses both while a session with the id is open)
+//      refused for kDuplicateIdFor because another mat-worker is connected with this worker's id
+//      (a copied WORK_DIR/worker.id) end Run with FAILED_PRECONDITION naming the file. A restart's
+//      own old session, not yet dropped, only delays the new one.
 //   6. When the session breaks (coordinator gone or restarted), the running rank keeps training
 //      (waiting at its next probe step for the mask) and the agent registers again with the same
 //      id every reconnect_interval; the new session's first Heartbeat lists the rank's job, and

@@ -86,6 +86,8 @@ class FakeWorker {
     message.set_worker_id(worker_id_);
     return stream_->Write(message);
   }
+  // Writes `message` with the worker id it carries (another worker's, in the tests of that).
+  bool SendAsIs(const v1::WorkerMessage& message) { return stream_->Write(message); }
 
   bool Heartbeat() {
     v1::WorkerMessage message;
@@ -407,6 +409,54 @@ TEST_F(WorkerServiceTest, SecondSessionIsRefusedAndHalfCloseEndsOkAndDisconnects
   FakeWorker& reopened = OpenSession(first.id());
   EXPECT_TRUE(reopened.Heartbeat());
   EXPECT_TRUE(WaitForWorkerState(first.id(), v1::WORKER_STATE_IDLE));
+}
+
+// A session took the worker id of each message, not the one that opened it: a registered
+// worker (any process with the join token) could send a Leaving in a busy worker's name, which
+// ended that worker's session and restarted its job. Such a message now ends the session it
+// came on; the named worker and its job are untouched.
+TEST_F(WorkerServiceTest, AMessageInAnotherWorkersNameEndsTheSessionItCameOn) {
+  RunningJob job = StartTwoRankJob();
+  ASSERT_NE(job.ranks[0], nullptr);
+  FakeWorker& intruder = ConnectOk(29510);
+  v1::WorkerMessage leaving;
+  leaving.set_worker_id(job.ranks[0]->id());
+  leaving.mutable_leaving()->set_reason("pwned");
+  intruder.SendAsIs(leaving);
+  ASSERT_TRUE(intruder.WaitEnded());
+  const grpc::Status s = intruder.Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("this session is worker " + intruder.id() + "'s"));
+  EXPECT_THAT(s.error_message(), HasSubstr(job.ranks[0]->id()));
+  EXPECT_TRUE(WaitForWorkerState(intruder.id(), v1::WORKER_STATE_DISCONNECTED));
+  EXPECT_EQ(FindWorker(job.ranks[0]->id())->state(), v1::WORKER_STATE_BUSY);
+  EXPECT_TRUE(job.ranks[0]->Heartbeat());
+  const v1::Job now = GetJob(job.job_id);
+  EXPECT_EQ(now.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(now.attempt(), 0);
+}
+
+// Registering a connected worker's id again replaced its host and rendezvous port, so the next
+// job's ranks would meet at an address of the caller's choosing. It is refused while the session
+// is open; after it ends, the worker may register again (its restart).
+TEST_F(WorkerServiceTest, RegisteringAConnectedWorkersIdIsRefused) {
+  FakeWorker& worker = ConnectOk(29500);
+  v1::RegisterRequest again = CpuWorker(29599);
+  again.set_worker_id(worker.id());
+  again.mutable_capabilities()->set_host("10.6.6.6");
+  v1::RegisterReply reply;
+  grpc::Status s = Register(again, &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr(worker.id() + " already has an open session"));
+  EXPECT_EQ(FindWorker(worker.id())->capabilities().host(), CpuWorker(29500).capabilities().host());
+  EXPECT_EQ(FindWorker(worker.id())->capabilities().rendezvous_port(), 29500);
+  EXPECT_TRUE(worker.Heartbeat());
+  worker.HalfClose();
+  ASSERT_TRUE(worker.WaitEnded());
+  EXPECT_TRUE(WaitForWorkerState(worker.id(), v1::WORKER_STATE_DISCONNECTED));
+  s = Register(again, &reply);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(FindWorker(worker.id())->capabilities().host(), "10.6.6.6");
 }
 
 TEST_F(WorkerServiceTest, TwoRanksGetAssignSameMaskThenNanRejectFailsTheJobAndCancelsBoth) {

@@ -21,6 +21,12 @@ TEST_F(WorkerSessionsTest, RegisterAssignsIdsInOrderAndKeepsAGivenOne) {
   EXPECT_EQ(Register("cpu", "d", 4), "worker-000008");
   // Re-registering updates the capabilities and keeps the id.
   EXPECT_EQ(Register("cpu", "a2", 11, "worker-000001"), "worker-000001");
+  // A worker that named itself with the largest number made the next id overflow into one
+  // every later worker shared: such numbers are not counted, and a taken id is never reissued.
+  EXPECT_EQ(Register("cpu", "e", 5, "worker-9223372036854775807"), "worker-9223372036854775807");
+  EXPECT_EQ(Register("cpu", "f", 6, "worker-000009"), "worker-000009");
+  EXPECT_EQ(Register("cpu", "g", 7), "worker-000010");
+  EXPECT_EQ(Register("cpu", "h", 8), "worker-000011");
 
   v1::RegisterRequest request;
   request.mutable_capabilities()->set_device("cpu");
@@ -32,7 +38,7 @@ TEST_F(WorkerSessionsTest, RegisterAssignsIdsInOrderAndKeepsAGivenOne) {
 
   auto workers = coordinator_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
-  ASSERT_EQ(workers->workers_size(), 5);
+  ASSERT_EQ(workers->workers_size(), 9);
   const v1::WorkerInfo& first = workers->workers(0);
   EXPECT_EQ(first.worker_id(), "worker-000001");
   EXPECT_EQ(first.capabilities().host(), "a2");

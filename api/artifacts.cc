@@ -19,6 +19,9 @@ absl::Status CheckArtifactName(std::string_view name) {
   if (name.size() > 128) return bad("longer than 128 bytes");
   if (name.front() == '.') return bad("starts with '.'");
   if (name.size() >= 5 && name.substr(name.size() - 5) == ".part") return bad("ends in '.part'");
+  // The store's own file (and its set-aside copies): an artifact of that name replaced the
+  // manifest, and the job's download failed.
+  if (name.substr(0, 13) == "MANIFEST.json") return bad("MANIFEST.json is the store's own file");
   for (char c : name) {
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                     c == '.' || c == '_' || c == '-';

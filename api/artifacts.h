@@ -21,7 +21,8 @@ inline constexpr int64_t kArtifactPieceBytes = 1 << 20;
 inline constexpr int64_t kMaxArtifactPieceBytes = 4 << 20;
 
 // OK when `name` is a plain file name: 1 to 128 bytes of [A-Za-z0-9._-], not starting with '.'
-// (so not "." or ".."), and not ending in ".part" (the coordinator's partial files). Otherwise
+// (so not "." or ".."), not ending in ".part" (the coordinator's partial files) and not starting
+// with "MANIFEST.json" (the coordinator's manifest and its set-aside copies). Otherwise
 // INVALID_ARGUMENT naming it: a name can never point outside the directory it is written to.
 absl::Status CheckArtifactName(std::string_view name);
 

@@ -189,7 +189,10 @@ absl::Status CoordinatorDaemon::StartGrpc(std::shared_ptr<grpc::ServerCredential
   builder.RegisterService(worker_service_.get());
   builder.SetMaxReceiveMessageSize(config_.max_receive_message_bytes);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> counting;
-  counting.push_back(MakeRequestCounter(metrics_.grpc_requests_total));
+  counting.push_back(MakeRequestCounter(
+      metrics_.grpc_requests_total,
+      ServedMethods({v1::JobService::service_full_name(), v1::WorkerService::service_full_name(),
+                     "grpc.reflection.v1alpha.ServerReflection"})));
   builder.experimental().SetInterceptorCreators(std::move(counting));
   // gRPC sets SO_REUSEPORT by default, which would let a second coordinator share the port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

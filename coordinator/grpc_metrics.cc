@@ -4,6 +4,8 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/descriptor.h"
 
 namespace mat::coordinator {
 namespace {
@@ -31,24 +33,41 @@ class RequestCounter final : public grpc::experimental::Interceptor {
 class RequestCounterFactory final
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  explicit RequestCounterFactory(metrics::Counter requests) : requests_(requests) {}
+  RequestCounterFactory(metrics::Counter requests, std::set<std::string> methods)
+      : requests_(requests), methods_(std::move(methods)) {}
 
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    std::string method = info->method() != nullptr ? info->method() : "unknown";
+    std::string method = info->method() != nullptr ? info->method() : "";
     if (!method.empty() && method.front() == '/') method.erase(0, 1);
+    // The path is the caller's: one per name a caller makes up would grow /metrics unbounded.
+    if (methods_.count(method) == 0) method = "unknown";
     return new RequestCounter(std::move(method), requests_);
   }
 
  private:
   const metrics::Counter requests_;
+  const std::set<std::string> methods_;
 };
 
 }  // namespace
 
+std::set<std::string> ServedMethods(const std::vector<std::string>& services) {
+  std::set<std::string> methods = {"grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch"};
+  for (const std::string& name : services) {
+    const google::protobuf::ServiceDescriptor* service =
+        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
+    if (service == nullptr) continue;
+    for (int i = 0; i < service->method_count(); ++i) {
+      methods.insert(absl::StrCat(name, "/", service->method(i)->name()));
+    }
+  }
+  return methods;
+}
+
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> MakeRequestCounter(
-    metrics::Counter requests) {
-  return std::make_unique<RequestCounterFactory>(requests);
+    metrics::Counter requests, std::set<std::string> methods) {
+  return std::make_unique<RequestCounterFactory>(requests, std::move(methods));
 }
 
 }  // namespace mat::coordinator

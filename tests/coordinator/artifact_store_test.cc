@@ -255,5 +255,27 @@ TEST_F(ArtifactStoreTest, NamesThatCouldLeaveTheDirectoryAndBadRequestsAreRefuse
   EXPECT_EQ(fs::exists(tmp_.path() + "/x"), false);
 }
 
+// An artifact named MANIFEST.json was renamed onto the store's manifest, which was then
+// rewritten: the job's download failed on the checksum. The name is refused, and the job's
+// artifacts stay listed and readable.
+TEST_F(ArtifactStoreTest, TheManifestsNameIsRefusedAndTheJobsArtifactsStay) {
+  auto store = ArtifactStore::Open(Dir(), 0);
+  ASSERT_TRUE(store.ok());
+  const std::string file = Bytes(100);
+  ASSERT_TRUE((*store)->Upload(Piece("model.safetensors", file, 0, 100)).ok());
+  for (const std::string name : {"MANIFEST.json", "MANIFEST.json.corrupt", "MANIFEST.json2"}) {
+    const auto r = (*store)->Upload(Piece(name, R"({"x":1})", 0, 7));
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << name;
+    EXPECT_THAT(r.status().message(), HasSubstr("the store's own file")) << name;
+  }
+  auto list = (*store)->List("job-000001");
+  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_EQ(list->artifacts_size(), 1);
+  EXPECT_EQ(list->artifacts(0).name(), "model.safetensors");
+  EXPECT_EQ(list->artifacts(0).bytes(), 100);
+  // Names that only contain it are fine.
+  EXPECT_TRUE((*store)->Upload(Piece("my.MANIFEST.json", file, 0, 100)).ok());
+}
+
 }  // namespace
 }  // namespace mat::coordinator

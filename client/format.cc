@@ -207,7 +207,7 @@ std::string FormatJobTable(const std::vector<v1::Job>& jobs) {
     const v1::ResourceSpec& r = job.spec().resources();
     rows.push_back({job.job_id(), StateName(job.state()), DescribeModel(job.spec()),
                     DescribePolicy(job.spec()),
-                    absl::StrCat(r.workers(), " ", r.device().empty() ? "cpu" : r.device()),
+                    r.workers() > 0 ? absl::StrCat(r.workers(), " ", r.device()) : "-",
                     job.step() > 0 ? absl::StrCat(job.step(), "/", job.spec().train().steps()) : "-",
                     FormatUnixTime(job.create_time_unix_seconds()),
                     job.artifact_bytes() > 0 ? FormatBytes(job.artifact_bytes()) : "-"});

@@ -162,14 +162,10 @@ absl::StatusOr<JobRecord> ReadJob(const SqliteStatement& row) {
   job.client_request_id = row.ColumnText(1);
   // A damaged spec is read as far as it goes (JobRecord::damage): one unreadable job must not
   // make every listing fail.
-  std::vector<std::string> damage;
   if (!job.spec.ParseFromString(row.ColumnBlob(2))) {
     job.spec.Clear();
-    damage.push_back("the stored spec does not parse");
-  }
-  if (!damage.empty()) {
-    job.damage = absl::StrCat("job ", job.id, " is damaged in the state database: ",
-                              absl::StrJoin(damage, "; "));
+    job.damage = absl::StrCat("job ", job.id,
+                              " is damaged in the state database: the stored spec does not parse");
   }
   // (The state column's CHECK constraint admits only known names.)
   MAT_ASSIGN_OR_RETURN(job.state, ParseJobState(row.ColumnText(3)));

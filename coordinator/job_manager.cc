@@ -7,6 +7,8 @@
 #include <cctype>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -118,6 +120,50 @@ void JobManager::RestoreFinishedSeries(const JobRecord& job) {
     metrics_->job_active_modules.Set({job.id}, static_cast<double>(job.active_modules));
   }
   RecordSummaryMetrics(job.id, job.summary_json);
+  RestoreDecisionSeries(job.id);
+}
+
+void JobManager::RestoreDecisionSeries(const std::string& job_id) {
+  absl::StatusOr<std::optional<StoredDecision>> last =
+      store_.LatestDecisionAtOrBefore(job_id, std::numeric_limits<int64_t>::max());
+  if (!last.ok() || !last->has_value()) return;
+  const nlohmann::json decision =
+      nlohmann::json::parse((*last)->decision_json, nullptr, /*allow_exceptions=*/false);
+  if (!decision.is_object() || !decision.contains("modules") || !decision["modules"].is_array()) {
+    spdlog::warn("{}: its last decision is not readable: its module series are not restored",
+                 job_id);
+    return;
+  }
+  v1::MaskUpdate mask;
+  const bool have_bits = !(*last)->mask_update.empty() && mask.ParseFromString((*last)->mask_update);
+  const nlohmann::json& modules = decision["modules"];
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const nlohmann::json& m = modules[i];
+    if (!m.is_object()) continue;
+    const metrics::LabelValues labels = {job_id, m.value("group", ""),
+                                         std::to_string(m.value("layer", 0)), m.value("name", "")};
+    if (m.contains("lambda") && m["lambda"].is_number()) {
+      metrics_->module_lambda_max.Set(labels, m["lambda"].get<double>());
+    }
+    const bool active =
+        have_bits ? (i / 8 < mask.bits().size() &&
+                     ((static_cast<unsigned char>(mask.bits()[i / 8]) >> (i % 8)) & 1) != 0)
+                  : m.value("active", false);
+    metrics_->module_active.Set(labels, active ? 1.0 : 0.0);
+  }
+  // Every module group has a threshold series, NaN where the decision had none (warm-up).
+  std::set<std::string> groups;
+  for (const nlohmann::json& m : modules) {
+    if (m.is_object()) groups.insert(m.value("group", ""));
+  }
+  const nlohmann::json thresholds = decision.value("threshold", nlohmann::json::object());
+  for (const std::string& group : groups) {
+    const bool known = thresholds.is_object() && thresholds.contains(group) &&
+                       thresholds[group].is_number();
+    metrics_->policy_threshold.Set({job_id, group},
+                                   known ? thresholds[group].get<double>()
+                                         : std::numeric_limits<double>::quiet_NaN());
+  }
 }
 
 // ----- admission -----

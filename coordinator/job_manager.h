@@ -129,9 +129,14 @@ class JobManager {
   void NoteJobState(const std::string& job_id, v1::JobState state);
   // At start: the job-level series (step, losses, FLOPs, active modules, the summary's) of a job
   // that finished less than metrics_retention_seconds ago (by its stored updated_unix_seconds),
-  // expiring when they would have without the restart. The per-module series (λ, threshold,
-  // module_active) are not restored.
+  // expiring when they would have without the restart, and the series of its last decision
+  // (RestoreDecisionSeries).
   void RestoreFinishedSeries(const JobRecord& job);
+  // mat_module_lambda_max, mat_module_active and mat_policy_threshold of the job's last stored
+  // decision, as MaskEngine set them then: the modules and λ from its JSON, active from the
+  // MaskUpdate sent for it (the every-step bits; the JSON's mask before schema v4). Logs and
+  // skips a decision it cannot read.
+  void RestoreDecisionSeries(const std::string& job_id);
   void UpdateJobGauges();
 
   JobStore& store_;

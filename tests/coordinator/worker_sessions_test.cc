@@ -7,6 +7,8 @@
 // restarts: worker_sessions_faults_test.cc.
 #include "tests/coordinator/worker_sessions_fixture.h"
 
+#include <sstream>
+
 namespace mat::coordinator {
 namespace {
 
@@ -679,6 +681,45 @@ TEST_F(WorkerSessionsTest, MetricsFollowDecisionsProgressAndTheEndOfAJob) {
   EXPECT_THAT(m.registry.Expose(), ::testing::Not(HasSubstr(job)));
   EXPECT_EQ(m.jobs.Value({"succeeded"}), 1) << "counts are not per job";
   EXPECT_EQ(m.rejected_messages_total.Value({"INVALID_ARGUMENT"}), 1);
+}
+
+// A coordinator restart within the retention restored a finished job's job-level series but not
+// its module and policy series (the module-spectra dashboard lost the final mask and λ). They
+// come back as the last decision set them, for every module and group, and expire on time.
+TEST_F(WorkerSessionsTest, ARestartRestoresAFinishedJobsModuleAndPolicySeries) {
+  EnableMetrics();
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  for (int k = 0; k < 2; ++k) {
+    SendOk(Spectra(w0.id, job, 0, 10 * k, Lambda(0, k)));
+    SendOk(Spectra(w1.id, job, 1, 10 * k, Lambda(1, k)));
+  }
+  SendOk(Done(w1.id, job, 1, true, "c"));
+  SendOk(Done(w0.id, job, 0, true, "c", R"({"steps":100})"));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
+  const std::string before = metrics_->registry.Expose();
+  std::vector<std::string> series;  // the module and policy lines of the job, as exposed
+  auto lines_of = [&](const std::string& text) {
+    std::vector<std::string> out;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+      if ((line.rfind("mat_module_", 0) == 0 || line.rfind("mat_policy_threshold", 0) == 0) &&
+          line.find("mat_job=\"" + job + "\"") != std::string::npos) {
+        out.push_back(line);
+      }
+    }
+    return out;
+  };
+  series = lines_of(before);
+  ASSERT_EQ(series.size(), 10u * 2 + 1) << before;  // λ and active per module; one group
+
+  now_ms_ += 20'000;
+  now_ += 20;
+  EnableMetrics();  // a new coordinator process (new metrics) on the same state dir
+  EXPECT_EQ(lines_of(metrics_->registry.Expose()), series);
+  now_ms_ += 40'000;  // 60 s after the job's end
+  coordinator_->RefreshMetrics();
+  EXPECT_TRUE(lines_of(metrics_->registry.Expose()).empty());
 }
 
 TEST_F(WorkerSessionsTest, MetricsThresholdIsNaNDuringWarmUpAndLostWorkersAreDisconnected) {

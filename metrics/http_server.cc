@@ -63,7 +63,10 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
     const bool head = request_.method() == http::verb::head;
     HttpResponse out;
     if (get || head) {
-      out = handler_(std::string(request_.target()));
+      // The path alone: a scrape config's `params:` adds a query ("/metrics?x=1"), which made
+      // every route answer 404.
+      const std::string target(request_.target());
+      out = handler_(target.substr(0, target.find('?')));
     } else {
       out = HttpResponse{405, "text/plain", "method not allowed\n"};
     }

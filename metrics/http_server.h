@@ -35,7 +35,8 @@ HttpResponse MetricsResponse(const Registry& registry);
 // "HOST:PORT" for display and address files (IPv6 hosts in brackets).
 std::string JoinHostPort(const std::string& host, int port);
 
-// Maps a request target (path and query, e.g. "/readyz") to a response.
+// Maps a request's path (its target without the query: "/metrics" for "/metrics?x=1") to a
+// response.
 using HttpHandler = std::function<HttpResponse(const std::string& target)>;
 
 class HttpServer {

@@ -28,6 +28,10 @@ TEST(HttpServerTest, ServesMetricsWithTheExpositionContentType) {
   EXPECT_THAT(probes::HttpGet((*server)->address(), "/metrics").body,
               HasSubstr("mat_test_value{job=\"j\"} 3\n"));
   EXPECT_EQ(probes::HttpGet((*server)->address(), "/other").status, 404);
+  // A query (a Prometheus scrape config's `params:`) does not change the route: it was a 404.
+  const probes::HttpResult with_query = probes::HttpGet((*server)->address(), "/metrics?x=1&y");
+  EXPECT_EQ(with_query.status, 200) << with_query.raw;
+  EXPECT_THAT(with_query.body, HasSubstr("mat_test_value{job=\"j\"} 3\n"));
   (*server)->Stop();
 }
 

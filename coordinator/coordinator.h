@@ -384,6 +384,11 @@ class Coordinator {
   // error nothing was sent and the workers stay IDLE (assignment rows may remain; they are
   // replaced at the next start). The GangScheduler's start callback.
   absl::Status StartJob(const JobRecord& job, const std::vector<std::string>& workers);
+  // A session opened without a running rank: the worker of a finished rank of a running job
+  // stays with that job until it ends (the gang is freed together), also when it comes back
+  // after its session or this coordinator restarted; idle, the next pass would give it to
+  // another job first. Once per session (OpenSession), not per heartbeat.
+  void RejoinFinishedRank(const std::string& worker_id);
   // Ends a job in `state` (FAILED, CANCELLED or SUCCEEDED) with `message`: UpdateJobState, then
   // DetachJob and Schedule. On a store error nothing changed (the caller decides whether to
   // DetachJob anyway).

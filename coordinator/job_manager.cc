@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "api/run_summary.h"
 #include "common/status.h"
+#include "coordinator/mask_engine.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 #include "google/protobuf/unknown_field_set.h"
@@ -134,36 +135,29 @@ void JobManager::RestoreDecisionSeries(const std::string& job_id) {
                  job_id);
     return;
   }
-  v1::MaskUpdate mask;
-  const bool have_bits = !(*last)->mask_update.empty() && mask.ParseFromString((*last)->mask_update);
-  const nlohmann::json& modules = decision["modules"];
-  for (size_t i = 0; i < modules.size(); ++i) {
-    const nlohmann::json& m = modules[i];
+  // Decision::ToJson's fields; λ only when every module has a number (as MaskEngine sets it).
+  std::vector<policy::ModuleInfo> modules;
+  std::vector<double> lambda;
+  std::vector<uint8_t> active;
+  for (const nlohmann::json& m : decision["modules"]) {
     if (!m.is_object()) continue;
-    const metrics::LabelValues labels = {job_id, m.value("group", ""),
-                                         std::to_string(m.value("layer", 0)), m.value("name", "")};
-    if (m.contains("lambda") && m["lambda"].is_number()) {
-      metrics_->module_lambda_max.Set(labels, m["lambda"].get<double>());
-    }
-    const bool active =
-        have_bits ? (i / 8 < mask.bits().size() &&
-                     ((static_cast<unsigned char>(mask.bits()[i / 8]) >> (i % 8)) & 1) != 0)
-                  : m.value("active", false);
-    metrics_->module_active.Set(labels, active ? 1.0 : 0.0);
+    modules.push_back({m.value("group", ""), m.value("layer", 0), m.value("index", 0),
+                       m.value("name", "")});
+    if (m.contains("lambda") && m["lambda"].is_number()) lambda.push_back(m["lambda"].get<double>());
+    active.push_back(m.value("active", false) ? 1 : 0);
   }
-  // Every module group has a threshold series, NaN where the decision had none (warm-up).
-  std::set<std::string> groups;
-  for (const nlohmann::json& m : modules) {
-    if (m.is_object()) groups.insert(m.value("group", ""));
+  if (lambda.size() != modules.size()) lambda.clear();
+  // The every-step bits sent for it, where kept (schema v4 on): what MaskEngine showed.
+  v1::MaskUpdate mask;
+  if (!(*last)->mask_update.empty() && mask.ParseFromString((*last)->mask_update)) {
+    active = UnpackModuleBits(mask.bits(), modules.size());
   }
+  std::map<std::string, double> threshold;
   const nlohmann::json thresholds = decision.value("threshold", nlohmann::json::object());
-  for (const std::string& group : groups) {
-    const bool known = thresholds.is_object() && thresholds.contains(group) &&
-                       thresholds[group].is_number();
-    metrics_->policy_threshold.Set({job_id, group},
-                                   known ? thresholds[group].get<double>()
-                                         : std::numeric_limits<double>::quiet_NaN());
+  for (const auto& [group, value] : thresholds.items()) {
+    if (value.is_number()) threshold[group] = value.get<double>();
   }
+  SetModuleSeries(*metrics_, job_id, modules, lambda, active, threshold);
 }
 
 // ----- admission -----

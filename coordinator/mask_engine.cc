@@ -29,6 +29,34 @@ std::string PackModuleBits(const std::vector<uint8_t>& on) {
   return bytes;
 }
 
+std::vector<uint8_t> UnpackModuleBits(const std::string& bytes, size_t n) {
+  std::vector<uint8_t> on(n, 0);
+  for (size_t i = 0; i < n && i / 8 < bytes.size(); ++i) {
+    on[i] = (static_cast<unsigned char>(bytes[i / 8]) >> (i % 8)) & 1u;
+  }
+  return on;
+}
+
+void SetModuleSeries(CoordinatorMetrics& metrics, const std::string& job_id,
+                     const std::vector<policy::ModuleInfo>& modules,
+                     const std::vector<double>& lambda, const std::vector<uint8_t>& active,
+                     const std::map<std::string, double>& threshold) {
+  std::set<std::string> groups;
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const metrics::LabelValues labels = {job_id, modules[i].group,
+                                         std::to_string(modules[i].layer), modules[i].name};
+    if (lambda.size() == modules.size()) metrics.module_lambda_max.Set(labels, lambda[i]);
+    metrics.module_active.Set(labels, i < active.size() && active[i] != 0 ? 1.0 : 0.0);
+    groups.insert(modules[i].group);
+  }
+  for (const std::string& group : groups) {
+    auto t = threshold.find(group);
+    metrics.policy_threshold.Set(
+        {job_id, group},
+        t != threshold.end() ? t->second : std::numeric_limits<double>::quiet_NaN());
+  }
+}
+
 MaskEngine::MaskEngine(std::string job_id, policy::PolicyConfig config, int world_size,
                        CoordinatorMetrics* metrics)
     : job_id_(std::move(job_id)), config_(std::move(config)), world_size_(world_size),
@@ -203,26 +231,8 @@ absl::StatusOr<MaskDecision> MaskEngine::Decide(JobStore& store, int64_t step,
 
 void MaskEngine::SetDecisionMetrics(const MaskDecision& decided) const {
   if (metrics_ == nullptr) return;
-  const std::vector<double>& mean = decided.mean;
-  const policy::MaskSchedule& schedule = decided.schedule;
-  const policy::Decision& decision = decided.decision;
-  const auto& modules = policy_->modules();
-  for (size_t i = 0; i < modules.size(); ++i) {
-    const metrics::LabelValues labels = {job_id_, modules[i].group,
-                                         std::to_string(modules[i].layer), modules[i].name};
-    if (mean.size() == modules.size()) metrics_->module_lambda_max.Set(labels, mean[i]);
-    metrics_->module_active.Set(
-        labels, i < schedule.every_step.size() && schedule.every_step[i] != 0 ? 1.0 : 0.0);
-  }
-  std::set<std::string> groups;
-  for (const auto& module : modules) groups.insert(module.group);
-  for (const std::string& group : groups) {
-    auto t = decision.threshold.find(group);
-    metrics_->policy_threshold.Set({job_id_, group},
-                                   t != decision.threshold.end()
-                                       ? t->second
-                                       : std::numeric_limits<double>::quiet_NaN());
-  }
+  SetModuleSeries(*metrics_, job_id_, policy_->modules(), decided.mean,
+                  decided.schedule.every_step, decided.decision.threshold);
   metrics_->job_active_modules.Set({job_id_}, static_cast<double>(decided.active_modules));
 }
 

@@ -33,6 +33,17 @@ namespace mat::coordinator {
 // The wire form of a mask: module i is bit (i % 8) of byte (i / 8), least significant bit first;
 // ceil(size / 8) bytes; a module is on when its entry is non-zero.
 std::string PackModuleBits(const std::vector<uint8_t>& on);
+// Its inverse for `n` modules (a missing byte reads as off).
+std::vector<uint8_t> UnpackModuleBits(const std::string& bytes, size_t n);
+
+// A decision's per-module series of `job_id`: mat_module_lambda_max (when `lambda` has one per
+// module), mat_module_active (`active`, one per module) and mat_policy_threshold for every
+// module group (NaN for a group `threshold` lacks: warm-up). MaskEngine at each decision, and
+// JobManager restoring a finished job's series after a restart.
+void SetModuleSeries(CoordinatorMetrics& metrics, const std::string& job_id,
+                     const std::vector<policy::ModuleInfo>& modules,
+                     const std::vector<double>& lambda, const std::vector<uint8_t>& active,
+                     const std::map<std::string, double>& threshold);
 
 // What Decide made of a complete probe step.
 struct MaskDecision {

@@ -184,10 +184,25 @@ absl::Status Coordinator::OpenSession(const v1::WorkerMessage& first,
                                       std::shared_ptr<WorkerChannel> channel) {
   MAT_CHECK(channel != nullptr) << "OpenSession needs a channel";
   MAT_RETURN_IF_ERROR(sessions_.Open(first.worker_id(), std::move(channel)));
+  if (first.has_heartbeat() && first.heartbeat().job_ids().empty()) {
+    RejoinFinishedRank(first.worker_id());
+  }
   // A refused first message got its Reject; the session stays open either way.
   HandleWorkerMessage(first).IgnoreError();
   Schedule();
   return absl::OkStatus();
+}
+
+void Coordinator::RejoinFinishedRank(const std::string& worker_id) {
+  for (const auto& [job_id, runtime] : running_) {
+    for (int r = 0; r < runtime.world_size; ++r) {
+      if (!runtime.ranks[r].done || runtime.ranks[r].worker_id != worker_id) continue;
+      sessions_.SetJob(worker_id, job_id, r);
+      spdlog::info("job {}: {} is back; its rank {} finished, so it waits for the job's end",
+                   job_id, worker_id, r);
+      return;
+    }
+  }
 }
 
 absl::Status Coordinator::HandleWorkerMessage(const v1::WorkerMessage& message) {
@@ -248,20 +263,6 @@ void Coordinator::HandleHeartbeat(const std::string& worker_id, const v1::Heartb
     sessions_.ClearStopping(worker_id, stopping);
     spdlog::info("worker {}: its rank of {} stopped", worker_id, stopping);
     Schedule();
-  }
-  if (current.empty() && stopping.empty() && heartbeat.job_ids().empty()) {
-    // The worker of a finished rank stays with its job until the job ends (the gang is freed
-    // together), also when it comes back after its session or this coordinator restarted:
-    // idle, the next pass would give it to another job first.
-    for (const auto& [job_id, runtime] : running_) {
-      for (int r = 0; r < runtime.world_size; ++r) {
-        if (!runtime.ranks[r].done || runtime.ranks[r].worker_id != worker_id) continue;
-        sessions_.SetJob(worker_id, job_id, r);
-        spdlog::info("job {}: {} is back; its rank {} finished, so it waits for the job's end",
-                     job_id, worker_id, r);
-        return;
-      }
-    }
   }
   std::set<std::string> told;  // one Cancel per job even when listed twice
   for (const std::string& job_id : heartbeat.job_ids()) {

@@ -51,6 +51,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/file_util.h"
 #include "mat/v1/service.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -353,9 +354,11 @@ int64_t NsSince(Clock::time_point t0) {
 }
 
 void RunWorker(const MaskLatencyConfig& config, Shared& shared, v1::WorkerService::Stub& stub,
-               const std::string& worker_id, std::chrono::system_clock::time_point deadline) {
+               const std::string& worker_id, const std::string& worker_secret,
+               std::chrono::system_clock::time_point deadline) {
   grpc::ClientContext context;
   context.set_deadline(deadline);
+  context.AddMetadata("x-mat-worker-secret", worker_secret);
   auto stream = stub.Session(&context);
   auto fail = [&](const std::string& why) {
     shared.Fail(absl::StrCat(worker_id, ": ", why));
@@ -502,6 +505,7 @@ int MaskLatency(const MaskLatencyConfig& config) {
   auto jobs = v1::JobService::NewStub(make_channel());
   std::vector<std::unique_ptr<v1::WorkerService::Stub>> stubs;
   std::vector<std::string> worker_ids;
+  std::vector<std::string> worker_secrets;
   for (int i = 0; i < config.workers; ++i) {
     stubs.push_back(v1::WorkerService::NewStub(make_channel()));
     v1::RegisterRequest request;
@@ -510,7 +514,10 @@ int MaskLatency(const MaskLatencyConfig& config) {
     request.mutable_capabilities()->set_rendezvous_port(20000 + i);
     request.mutable_capabilities()->set_memory_bytes(int64_t{1} << 30);
     v1::RegisterReply reply;
-    grpc::Status s = stubs.back()->Register(Deadline(10s).get(), request, &reply);
+    worker_secrets.push_back(absl::StrFormat("%064x", i + 1));  // one per worker, well formed
+    std::unique_ptr<grpc::ClientContext> context = Deadline(10s);
+    context->AddMetadata("x-mat-worker-secret", worker_secrets.back());
+    grpc::Status s = stubs.back()->Register(context.get(), request, &reply);
     if (!s.ok()) return failed("Register: " + s.error_message());
     worker_ids.push_back(reply.worker_id());
   }
@@ -538,7 +545,7 @@ int MaskLatency(const MaskLatencyConfig& config) {
   };
   for (int i = 0; i < config.workers; ++i) {
     threads.emplace_back([&, i] {
-      RunWorker(config, shared, *stubs[i], worker_ids[i], stream_deadline);
+      RunWorker(config, shared, *stubs[i], worker_ids[i], worker_secrets[i], stream_deadline);
     });
   }
   if (!shared.WaitCount(shared.opened, config.workers, 30s)) {

@@ -4,6 +4,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -27,9 +28,13 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ss.str();
 }
 
-absl::Status WriteFileAtomic(const std::string& path, const std::string& data) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+absl::Status WriteFileAtomic(const std::string& path, const std::string& data, unsigned mode) {
+  // A name of this call's own (two threads writing one path do not share a temp file), created
+  // new (O_EXCL: it gets `mode`, and a link in its place is not followed).
+  static std::atomic<uint64_t> calls{0};
+  const std::string tmp =
+      absl::StrCat(path, ".tmp.", ::getpid(), ".", calls.fetch_add(1, std::memory_order_relaxed));
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL, static_cast<mode_t>(mode));
   // The errno's code (NOT_FOUND for a missing folder, PERMISSION_DENIED, ...), not INTERNAL: a
   // local file error is the caller's to fix.
   if (fd < 0) return absl::ErrnoToStatus(errno, "cannot create '" + tmp + "'");

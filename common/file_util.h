@@ -13,8 +13,10 @@ absl::StatusOr<std::string> ReadFile(const std::string& path);
 // Writes `data` to `path` atomically: a temp file beside it, fsync, then rename over `path`.
 // After an error `path` is unchanged; the error carries the errno's code (NOT_FOUND for a
 // missing folder, PERMISSION_DENIED, FAILED_PRECONDITION for a directory in the way, ...) and
-// names the file.
-absl::Status WriteFileAtomic(const std::string& path, const std::string& data);
+// names the file. The file gets `mode` (less the umask), also when it replaces one with others:
+// 0600 for a secret.
+absl::Status WriteFileAtomic(const std::string& path, const std::string& data,
+                             unsigned mode = 0644);
 
 // Creates a directory and its parents (like mkdir -p).
 absl::Status MakeDirs(const std::string& path);

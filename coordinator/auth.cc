@@ -134,6 +134,11 @@ absl::Status CheckJoinToken(const grpc::CallbackServerContext& context, const To
   return CheckJoinTokenMetadata(context.client_metadata(), tokens, context.peer());
 }
 
+std::string WorkerSecret(const grpc::CallbackServerContext& context) {
+  const grpc::string_ref* value = FindMetadata(context.client_metadata(), kWorkerSecretMetadataKey);
+  return value == nullptr ? std::string() : std::string(value->data(), value->size());
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const std::string& cert_file, const std::string& key_file, const std::string& ca_file) {
   if (cert_file.empty() && key_file.empty()) {

@@ -1,7 +1,8 @@
 // Authentication of the coordinator's gRPC callers (issue 6 §4): the bearer tokens of JobService
 // clients ("authorization: Bearer <token>" metadata) and the join token of workers
-// ("x-mat-join-token" metadata on WorkerService Register and Session), plus the TLS server
-// credentials of `--tls-cert/--tls-key/--tls-ca`.
+// ("x-mat-join-token" metadata on every WorkerService call), plus the TLS server credentials of
+// `--tls-cert/--tls-key/--tls-ca`. A worker's own secret ("x-mat-worker-secret") is read here
+// and checked by the Coordinator, which keeps the workers.
 //
 // A token file holds one token per line; blank lines and lines starting with '#' are ignored,
 // surrounding whitespace is trimmed. A file that is missing, unreadable or holds no token is an
@@ -33,6 +34,9 @@ namespace mat::coordinator {
 
 // The metadata key of the worker join token (lower case, as gRPC delivers keys).
 inline constexpr char kJoinTokenMetadataKey[] = "x-mat-join-token";
+// The metadata key of a worker's own secret (service.proto's worker credentials; checked by
+// the Coordinator: SessionManager::Register and Authenticate).
+inline constexpr char kWorkerSecretMetadataKey[] = "x-mat-worker-secret";
 
 // True when `a` and `b` are equal; the time taken depends on their lengths only.
 bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
@@ -65,6 +69,8 @@ absl::Status CheckJoinTokenMetadata(const ClientMetadata& metadata, const TokenS
 absl::Status CheckBearer(const grpc::CallbackServerContext& context, const TokenSet* tokens);
 // WorkerService: the call's "x-mat-join-token" against `tokens` (null: OK).
 absl::Status CheckJoinToken(const grpc::CallbackServerContext& context, const TokenSet* tokens);
+// WorkerService: the call's "x-mat-worker-secret" ("" without one).
+std::string WorkerSecret(const grpc::CallbackServerContext& context);
 
 // Who a JobService caller is, for per-client limits (the per-client job limit) and logs: with
 // `tokens`, "token:" + the first 16 hex digits of SHA-256(bearer token), so the stored id cannot

@@ -87,6 +87,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -211,8 +212,8 @@ class Coordinator {
   // Takes a worker out of service (DrainWorker): DRAINING, no new rank; with `now` its running
   // job restarts as after a worker loss ("<worker> (rank R) drained: <reason>", counting an
   // attempt); once it runs and stops no rank it gets Drain {reason} (Schedule) and leaves.
-  // In memory only: a restarted coordinator has it in service again. NOT_FOUND for an unknown
-  // worker, FAILED_PRECONDITION for one without an open session.
+  // Stored: a restarted coordinator keeps the drain (SessionManager::SetDraining). NOT_FOUND for
+  // an unknown worker, FAILED_PRECONDITION for one without an open session.
   absl::StatusOr<v1::DrainWorkerReply> DrainWorker(const v1::DrainWorkerRequest& request);
 
   // ----- WorkerService (the session protocol of proto/mat/v1/service.proto) -----
@@ -222,8 +223,16 @@ class Coordinator {
   // its state). INVALID_ARGUMENT naming the field for an empty device, a device other than
   // "cpu"/"cuda:N", a negative memory_bytes, an empty host, a rendezvous_port outside 1..65535 or
   // a worker_id that is not 1..128 of [A-Za-z0-9._-]. Re-registering an id updates its
-  // capabilities (an open session and its rank are kept).
-  absl::StatusOr<v1::RegisterReply> RegisterWorker(const v1::RegisterRequest& request);
+  // capabilities; FAILED_PRECONDITION while its session is open. `secret` is the call's worker
+  // secret (SessionManager::Register: INVALID_ARGUMENT unless 64 lowercase hex digits;
+  // PERMISSION_DENIED when the id's stored secret is another; stored as SHA-256 for a new id or
+  // one without a stored secret).
+  absl::StatusOr<v1::RegisterReply> RegisterWorker(const v1::RegisterRequest& request,
+                                                   std::string_view secret);
+  // Whether a WorkerService call in `worker_id`'s name carries its secret (SessionManager::
+  // Authenticate: INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED). The adapter checks it before
+  // OpenSession and CheckArtifactUpload; HandleWorkerMessage trusts the open session.
+  absl::Status AuthenticateWorker(const std::string& worker_id, std::string_view secret) const;
   // A worker opened its Session; `first` is its first message (any body; usually a Heartbeat),
   // handled as by HandleWorkerMessage once the session is open (a refused first message gets
   // its Reject; the session is open all the same and OK is returned). INVALID_ARGUMENT for an

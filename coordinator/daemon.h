@@ -124,8 +124,8 @@ struct CoordinatorDaemonConfig {
   // JobService clients must send "authorization: Bearer <token>" with a token of this file;
   // "" = every client is admitted (a warning is logged at start).
   std::string auth_token_file;
-  // Workers must send "x-mat-join-token: <token>" with a token of this file on Register and
-  // Session; "" = every worker is admitted.
+  // Workers must send "x-mat-join-token: <token>" with a token of this file on every call;
+  // "" = every worker is admitted (each still needs its own secret: service.proto).
   std::string join_token_file;
   // TLS on the gRPC listener: certificate chain and private key (PEM), both or neither; ""
   // = plaintext.

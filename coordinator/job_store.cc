@@ -131,6 +131,11 @@ constexpr const char* kMigrationV5ToV6 = R"sql(
 ALTER TABLE workers ADD COLUMN drain_reason TEXT;
 )sql";
 
+// Version 7: the SHA-256 of each worker's secret (service.proto's worker credentials).
+constexpr const char* kMigrationV6ToV7 = R"sql(
+ALTER TABLE workers ADD COLUMN secret_sha256 TEXT NOT NULL DEFAULT '';
+)sql";
+
 constexpr const char* kMigrationV3ToV4 = R"sql(
 ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
@@ -340,6 +345,7 @@ absl::Status JobStore::EnsureSchema() {
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV3ToV4));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV4ToV5));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV5ToV6));
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV6ToV7));
     MAT_RETURN_IF_ERROR(
         db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
                                kJobStoreSchemaVersion, ")")));
@@ -383,6 +389,11 @@ absl::Status JobStore::EnsureSchema() {
   if (version == 5) {
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV5ToV6));
     MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 6"));
+    version = 6;
+  }
+  if (version == 6) {
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV6ToV7));
+    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 7"));
   }
   return txn.Commit();
 }

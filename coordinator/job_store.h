@@ -23,10 +23,13 @@
 //   workers.drain_reason
 //                   (v6) the operator's drain (`matctl drain`), NULL when the worker is in
 //                   service: a drain survives a coordinator restart
+//   workers.secret_sha256
+//                   (v7) SHA-256 (64 lowercase hex) of the worker's secret (service.proto's
+//                   worker credentials), "" for a worker that has none yet; never the secret
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
 // client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs), 6
-// (workers.drain_reason). Open
+// (workers.drain_reason), 7 (workers.secret_sha256). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -62,7 +65,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 6;
+inline constexpr int kJobStoreSchemaVersion = 7;
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -165,6 +168,9 @@ struct WorkerRecord {
   // SetWorkerDrain: the reason of the operator's drain; nullopt when in service (and in rows
   // before v6). UpsertWorker and CreateWorker neither read nor change it.
   std::optional<std::string> drain_reason = std::nullopt;
+  // SHA-256 (64 lowercase hex) of the worker's secret; "" = none (rows before v7). Written by
+  // UpsertWorker and CreateWorker as given.
+  std::string secret_sha256;
 };
 
 // One row of `assignments`.
@@ -326,8 +332,9 @@ class JobStore {
 
   // ----- workers and assignments -----
 
-  // Inserts or updates a worker by id (keeps registered_unix_seconds of an existing one; sets
-  // last_seen_unix_seconds to now). INVALID_ARGUMENT for an empty id.
+  // Inserts or updates a worker by id (keeps registered_unix_seconds and drain_reason of an
+  // existing one; sets last_seen_unix_seconds to now; writes the other fields, secret_sha256
+  // too). INVALID_ARGUMENT for an empty id.
   absl::Status UpsertWorker(const WorkerRecord& worker);
   // Inserts a new worker under the next free id "worker-NNNNNN" (one more than the highest such
   // id stored, from worker-000001) and returns the id; worker.id is ignored, the times are set

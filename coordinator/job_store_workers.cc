@@ -20,7 +20,7 @@ namespace {
 
 constexpr const char* kWorkerColumns =
     "id, host, device, memory_bytes, registered_unix_seconds, last_seen_unix_seconds, "
-    "rendezvous_port, drain_reason";
+    "rendezvous_port, drain_reason, secret_sha256";
 
 // Reads a row selected with kWorkerColumns.
 WorkerRecord ReadWorker(const SqliteStatement& row) {
@@ -33,6 +33,7 @@ WorkerRecord ReadWorker(const SqliteStatement& row) {
   w.last_seen_unix_seconds = row.ColumnInt64(5);
   w.rendezvous_port = static_cast<int32_t>(row.ColumnInt64(6));
   if (!row.ColumnIsNull(7)) w.drain_reason = row.ColumnText(7);
+  w.secret_sha256 = row.ColumnText(8);
   return w;
 }
 
@@ -46,11 +47,13 @@ absl::Status JobStore::UpsertWorker(const WorkerRecord& worker) {
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement q,
       db_->Prepare("INSERT INTO workers (id, host, device, memory_bytes, registered_unix_seconds, "
-                   "last_seen_unix_seconds, rendezvous_port) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                   "last_seen_unix_seconds, rendezvous_port, secret_sha256) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                    "ON CONFLICT (id) DO UPDATE SET host = excluded.host, "
                    "device = excluded.device, memory_bytes = excluded.memory_bytes, "
                    "last_seen_unix_seconds = excluded.last_seen_unix_seconds, "
-                   "rendezvous_port = excluded.rendezvous_port"));
+                   "rendezvous_port = excluded.rendezvous_port, "
+                   "secret_sha256 = excluded.secret_sha256"));
   MAT_RETURN_IF_ERROR(q.BindText(1, worker.id));
   MAT_RETURN_IF_ERROR(q.BindText(2, worker.host));
   MAT_RETURN_IF_ERROR(q.BindText(3, worker.device));
@@ -58,6 +61,7 @@ absl::Status JobStore::UpsertWorker(const WorkerRecord& worker) {
   MAT_RETURN_IF_ERROR(q.BindInt64(5, now));
   MAT_RETURN_IF_ERROR(q.BindInt64(6, now));
   MAT_RETURN_IF_ERROR(q.BindInt64(7, worker.rendezvous_port));
+  MAT_RETURN_IF_ERROR(q.BindText(8, worker.secret_sha256));
   return q.Run();  // one statement: atomic on its own
 }
 

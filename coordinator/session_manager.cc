@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "api/artifacts.h"
 #include "common/status.h"
 #include "spdlog/spdlog.h"
 
@@ -44,6 +45,33 @@ absl::Status ValidateRegisterRequest(const v1::RegisterRequest& request) {
   return absl::OkStatus();
 }
 
+// What the store keeps of a secret.
+std::string SecretHash(std::string_view secret) {
+  api::Sha256 digest;
+  digest.Add(secret);
+  return digest.Hex();
+}
+
+// PERMISSION_DENIED for a call in `worker_id`'s name whose secret is not `stored_hash`'s.
+absl::Status CheckSecret(const std::string& worker_id, const std::string& stored_hash,
+                         std::string_view secret) {
+  if (stored_hash.empty()) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "worker ", worker_id, " has no worker secret yet: it registers again to get one"));
+  }
+  if (secret.empty()) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "worker ", worker_id, " has a worker secret and this call carries none"));
+  }
+  if (SecretHash(secret) != stored_hash) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "the worker secret of this call is not worker ", worker_id,
+        "'s (mat-worker keeps it in WORK_DIR/worker.secret beside worker.id; a worker that lost "
+        "it registers as a new worker once its worker.id is removed too)"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 bool IsCudaDevice(const std::string& device) {
@@ -75,8 +103,29 @@ void SessionManager::Load() {
 
 // ----- registration -----
 
-absl::StatusOr<v1::RegisterReply> SessionManager::Register(const v1::RegisterRequest& request) {
+absl::StatusOr<v1::RegisterReply> SessionManager::Register(const v1::RegisterRequest& request,
+                                                           std::string_view secret) {
   MAT_RETURN_IF_ERROR(ValidateRegisterRequest(request));
+  if (secret.empty()) {
+    return absl::InvalidArgumentError(
+        "the call carries no worker secret (x-mat-worker-secret metadata, 64 lowercase hex "
+        "digits: mat-worker makes one in WORK_DIR/worker.secret; an older mat-worker sends none: "
+        "upgrade it)");
+  }
+  if (!api::CheckSha256Hex(secret).ok()) {
+    return absl::InvalidArgumentError(
+        "the call's worker secret (x-mat-worker-secret metadata) is not 64 lowercase hex digits");
+  }
+  if (!request.worker_id().empty()) {
+    // The store's row, not workers_: a failed Load leaves workers_ empty, and a stored secret
+    // must never be replaced by a caller's.
+    absl::StatusOr<WorkerRecord> stored = store_.GetWorker(request.worker_id());
+    if (!stored.ok() && !absl::IsNotFound(stored.status())) return stored.status();
+    if (stored.ok() && !stored->secret_sha256.empty()) {
+      // Before the open-session check: a caller without the secret learns nothing more.
+      MAT_RETURN_IF_ERROR(CheckSecret(request.worker_id(), stored->secret_sha256, secret));
+    }
+  }
   const v1::WorkerCapabilities& caps = request.capabilities();
   WorkerRecord record;
   record.id = request.worker_id();
@@ -84,11 +133,12 @@ absl::StatusOr<v1::RegisterReply> SessionManager::Register(const v1::RegisterReq
   record.device = caps.device();
   record.memory_bytes = caps.memory_bytes();
   record.rendezvous_port = caps.rendezvous_port();
+  record.secret_sha256 = SecretHash(secret);
   if (!record.id.empty() && sessions_.count(record.id) != 0) {
     // Registering again would replace the host and rendezvous port the next job's ranks meet at
     // while the worker is connected. Its own restart waits for the old session to be dropped
-    // (at most 3 heartbeat intervals); a second mat-worker with its id (a copied work dir)
-    // waits for ever (mat-worker gives up after a while, naming worker.id).
+    // (at most 3 heartbeat intervals); a second mat-worker with its id and secret (a work dir
+    // copied whole) waits for ever (mat-worker gives up after a while, naming worker.id).
     return absl::FailedPreconditionError(absl::StrCat(
         "worker ", record.id, " already has an open session: it cannot register again until "
         "that session ends"));
@@ -107,6 +157,17 @@ absl::StatusOr<v1::RegisterReply> SessionManager::Register(const v1::RegisterReq
   reply.set_worker_id(record.id);
   reply.set_heartbeat_interval_ms(heartbeat_interval_ms_);
   return reply;
+}
+
+absl::Status SessionManager::Authenticate(const std::string& worker_id,
+                                          std::string_view secret) const {
+  if (worker_id.empty()) return absl::InvalidArgumentError("worker_id is empty");
+  const auto known = workers_.find(worker_id);
+  if (known == workers_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("worker '", worker_id, "' is not registered (call Register first)"));
+  }
+  return CheckSecret(worker_id, known->second.secret_sha256, secret);
 }
 
 namespace {

@@ -5,7 +5,9 @@
 // It decides nothing about jobs: the facade tells it which rank a worker runs (SetJob) and asks it
 // which workers are idle (Idle), silent (Silent) or drained (TakeDrained).
 //
-//   Register     validates and stores a worker (INVALID_ARGUMENT naming the field).
+//   Register     validates and stores a worker (INVALID_ARGUMENT naming the field) with the
+//                SHA-256 of its secret; Authenticate checks a call's secret (the worker
+//                credentials of proto/mat/v1/service.proto).
 //   List         every stored worker with its live state (ListWorkers).
 //   Open, Touch, Drop   a session's life: opened once per worker, every message a sign of life,
 //                dropped when it ends (the caller then restarts the rank it ran).
@@ -19,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -72,7 +75,18 @@ class SessionManager {
   // Re-registering a worker without an open session updates its capabilities;
   // FAILED_PRECONDITION ("... already has an open session ...") while it has one (its host and
   // rendezvous port would change under a connected worker).
-  absl::StatusOr<v1::RegisterReply> Register(const v1::RegisterRequest& request);
+  // `secret` is the call's "x-mat-worker-secret": INVALID_ARGUMENT unless it is 64 lowercase hex
+  // digits. An id whose stored row has a secret needs the same one (checked before the session:
+  // PERMISSION_DENIED naming the worker); a new id, or a stored one without a secret (rows
+  // before schema v7: the first Register with the id claims it), stores its SHA-256. Registering
+  // again with the same secret is always safe (a lost reply, a coordinator crash).
+  absl::StatusOr<v1::RegisterReply> Register(const v1::RegisterRequest& request,
+                                             std::string_view secret);
+  // OK when `secret` is the worker's (their SHA-256 digests are compared: the time taken tells
+  // nothing about the secret). INVALID_ARGUMENT for an empty id, NOT_FOUND for an unknown
+  // worker (as Open); PERMISSION_DENIED naming it when the secret is missing or another, or the
+  // worker has none yet (it registers again first).
+  absl::Status Authenticate(const std::string& worker_id, std::string_view secret) const;
   // Every worker the store knows, with its live state (IDLE/BUSY/DRAINING while its session is
   // open, else DISCONNECTED) and a live last_seen for an open session.
   absl::StatusOr<v1::ListWorkersReply> List() const;

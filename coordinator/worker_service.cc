@@ -42,9 +42,11 @@ class WorkerSessionChannel final : public WorkerChannel {
 class WorkerSessionReactor final
     : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage> {
  public:
-  explicit WorkerSessionReactor(WorkerService& service)
+  // `secret`: the call's worker secret, checked against the worker the first message names.
+  WorkerSessionReactor(WorkerService& service, std::string secret)
       : service_(service),
-        channel_(std::make_shared<WorkerSessionChannel>(service.loop_, this)) {
+        channel_(std::make_shared<WorkerSessionChannel>(service.loop_, this)),
+        secret_(std::move(secret)) {
     // Start is queued before the read below can complete, so it runs first.
     boost::asio::post(service_.loop_, [this] { Start(); });
     StartRead(&in_);
@@ -132,8 +134,15 @@ class WorkerSessionReactor final
     if (!opened_) {
       opened_ = true;
       worker_id_ = in_.worker_id();
+      absl::Status status = coordinator.AuthenticateWorker(worker_id_, secret_);
+      if (!status.ok()) {
+        spdlog::warn("refused a session for worker '{}': {}", worker_id_.substr(0, 64),
+                     std::string(status.message()));
+        End(api::ToGrpcStatus(status));
+        return;
+      }
       open_ = true;  // before the call: the Coordinator may Close the channel from inside it
-      absl::Status status = coordinator.OpenSession(in_, channel_);
+      status = coordinator.OpenSession(in_, channel_);
       if (!status.ok()) {
         open_ = false;
         End(api::ToGrpcStatus(status));
@@ -193,6 +202,7 @@ class WorkerSessionReactor final
 
   WorkerService& service_;
   const std::shared_ptr<WorkerSessionChannel> channel_;
+  const std::string secret_;  // the call's "x-mat-worker-secret" ("" = none)
   v1::WorkerMessage in_;  // the read in flight; read on the loop until the next StartRead
   // ----- loop only -----
   std::string worker_id_;     // from the first message
@@ -247,8 +257,9 @@ grpc::ServerUnaryReactor* WorkerService::Register(grpc::CallbackServerContext* c
     reactor->Finish(api::ToGrpcStatus(auth));
     return reactor;
   }
-  return RunOnLoop(loop_, context, reply,
-                   [this, request] { return coordinator_.RegisterWorker(*request); });
+  return RunOnLoop(loop_, context, reply, [this, request, secret = WorkerSecret(*context)] {
+    return coordinator_.RegisterWorker(*request, secret);
+  });
 }
 
 grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerService::Session(
@@ -256,7 +267,7 @@ grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerServic
   if (absl::Status auth = CheckJoinToken(*context, options_.join_tokens); !auth.ok()) {
     return new RefusedSessionReactor(auth);
   }
-  return new WorkerSessionReactor(*this);
+  return new WorkerSessionReactor(*this, WorkerSecret(*context));
 }
 
 grpc::ServerUnaryReactor* WorkerService::UploadArtifact(grpc::CallbackServerContext* context,
@@ -274,7 +285,8 @@ grpc::ServerUnaryReactor* WorkerService::UploadArtifact(grpc::CallbackServerCont
   ArtifactStore* store = options_.artifacts;
   return CheckOnLoopThenRun(
       loop_, store->executor().get_executor(), context, reply,
-      [this, request] {
+      [this, request, secret = WorkerSecret(*context)] {
+        MAT_RETURN_IF_ERROR(coordinator_.AuthenticateWorker(request->worker_id(), secret));
         return coordinator_.CheckArtifactUpload(request->worker_id(), request->job_id(),
                                                 request->rank(), request->attempt());
       },

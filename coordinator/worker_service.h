@@ -1,8 +1,8 @@
 // WorkerService over gRPC's callback API: a thin adapter over Coordinator's worker half (DESIGN
 // §7, STYLE 3; the session protocol is in proto/mat/v1/service.proto).
 //
-//   Register   unary: posted to the loop, Coordinator::RegisterWorker, finished there with
-//              ToGrpcStatus of the result.
+//   Register   unary: posted to the loop, Coordinator::RegisterWorker (with the call's worker
+//              secret), finished there with ToGrpcStatus of the result.
 //   Session    one bidirectional stream per worker, one reactor per stream. Reads one message at
 //              a time: the first goes to Coordinator::OpenSession together with the stream's
 //              WorkerChannel, every later one to Coordinator::HandleWorkerMessage (whose Reject
@@ -12,8 +12,9 @@
 //              message at a time, in order.
 //
 // How a Session ends (every stream is finished exactly once):
-//   - OpenSession fails: the stream ends with that status (NOT_FOUND for an unregistered worker,
-//     FAILED_PRECONDITION when the worker already has an open session).
+//   - AuthenticateWorker or OpenSession fails: the stream ends with that status (NOT_FOUND for
+//     an unregistered worker, PERMISSION_DENIED for a secret that is not its, FAILED_PRECONDITION
+//     when the worker already has an open session).
 //   - The Coordinator closes the channel (heartbeat loss: UNAVAILABLE): the queued messages are
 //     written, then the stream ends with the Coordinator's status. No CloseSession follows.
 //   - The worker half-closes: CloseSession(worker_id) on the loop, the queued messages are
@@ -33,9 +34,13 @@
 // run (each stream's reactor deletes itself on the loop after gRPC's OnDone). A channel the
 // Coordinator still holds after its stream ended stays valid and drops what it is given.
 //
-// Authentication: with `join_tokens`, Register and Session first check the call's join token
+// Authentication: with `join_tokens`, every call first checks the call's join token
 // (CheckJoinToken, coordinator/auth.h) on the gRPC thread; a refused call finishes at once with
-// UNAUTHENTICATED or PERMISSION_DENIED, never reaching the loop or the Coordinator.
+// UNAUTHENTICATED or PERMISSION_DENIED, never reaching the loop or the Coordinator. Then, on the
+// loop, the worker's own secret ("x-mat-worker-secret", auth.h WorkerSecret): Register passes it
+// to RegisterWorker; a Session's first message and an UploadArtifact are checked with
+// AuthenticateWorker (the worker they name) before OpenSession / CheckArtifactUpload, and a
+// refused Session ends with that status (PERMISSION_DENIED naming the worker).
 //
 // Thread-safety: gRPC calls the handlers and reactor callbacks on its threads; they only post to
 // the loop, where every Coordinator call and all per-stream state live. A handler never blocks.
@@ -60,7 +65,7 @@ struct WorkerServiceOptions {
   // Messages queued for one worker (its stream not reading them) before the worker is handled as
   // lost, count.
   int max_queued_session_messages = 4096;
-  // Join tokens a worker must send on Register and Session (coordinator/auth.h), borrowed: must
+  // Join tokens a worker must send on every call (coordinator/auth.h), borrowed: must
   // outlive the service. nullptr: every worker is admitted.
   const TokenSet* join_tokens = nullptr;
   // Where UploadArtifact's bytes go (coordinator/artifact_store.h), borrowed: must outlive the
@@ -83,8 +88,8 @@ class WorkerService final : public v1::WorkerService::CallbackService {
                                      v1::RegisterReply* reply) override;
   grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* Session(
       grpc::CallbackServerContext* context) override;
-  // After the join token: Coordinator::CheckArtifactUpload on the loop, then
-  // ArtifactStore::Upload on the store's I/O thread.
+  // After the join token: Coordinator::AuthenticateWorker and CheckArtifactUpload on the loop,
+  // then ArtifactStore::Upload on the store's I/O thread.
   grpc::ServerUnaryReactor* UploadArtifact(grpc::CallbackServerContext* context,
                                            const v1::UploadArtifactRequest* request,
                                            v1::UploadArtifactReply* reply) override;

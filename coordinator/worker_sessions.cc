@@ -174,8 +174,14 @@ absl::Status Coordinator::CreatePolicy(const std::string& job_id, JobRuntime& jo
 
 // ----- registration and sessions -----
 
-absl::StatusOr<v1::RegisterReply> Coordinator::RegisterWorker(const v1::RegisterRequest& request) {
-  return sessions_.Register(request);
+absl::StatusOr<v1::RegisterReply> Coordinator::RegisterWorker(const v1::RegisterRequest& request,
+                                                              std::string_view secret) {
+  return sessions_.Register(request, secret);
+}
+
+absl::Status Coordinator::AuthenticateWorker(const std::string& worker_id,
+                                             std::string_view secret) const {
+  return sessions_.Authenticate(worker_id, secret);
 }
 
 absl::StatusOr<v1::ListWorkersReply> Coordinator::ListWorkers() { return sessions_.List(); }

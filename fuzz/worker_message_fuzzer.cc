@@ -64,7 +64,8 @@ std::unique_ptr<World> MakeWorld() {
     r.mutable_capabilities()->set_device("cpu");
     r.mutable_capabilities()->set_host("127.0.0.1");
     r.mutable_capabilities()->set_rendezvous_port(29500 + i);
-    auto reply = world->coordinator->RegisterWorker(r);
+    const std::string secret(64, static_cast<char>('0' + i));  // well formed, one per worker
+    auto reply = world->coordinator->RegisterWorker(r, secret);
     Must(reply.ok());
     world->worker[i] = reply->worker_id();
     mat::v1::WorkerMessage hello;

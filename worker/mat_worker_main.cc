@@ -34,9 +34,10 @@ void AddFlags(CLI::App& app, Flags& f) {
   app.footer("Exit status: 0 after SIGTERM/SIGINT (its rank's job restarts elsewhere; this is how "
              "to drain a worker), 2 for bad flags, 78 when the "
              "coordinator refuses this worker for good (UNAUTHENTICATED or PERMISSION_DENIED: a "
-             "missing or wrong --join-token-file; INVALID_ARGUMENT: say a bad WORK_DIR/worker.id; "
-             "FAILED_PRECONDITION: another worker connected with this worker's id), 1 for any "
-             "other error.");
+             "missing or wrong --join-token-file, or WORK_DIR/worker.id with another "
+             "worker.secret; INVALID_ARGUMENT: say a bad WORK_DIR/worker.id; "
+             "FAILED_PRECONDITION: another worker connected with this worker's id) or when "
+             "WORK_DIR/worker.secret holds no secret, 1 for any other error.");
   app.add_option("--coordinator", f.config.coordinator_address, "coordinator HOST:PORT")
       ->capture_default_str();
   app.add_option("--work-dir", f.config.work_dir,
@@ -152,7 +153,10 @@ int main(int argc, char** argv) {
   if (!agent.ok()) {
     std::cerr << "mat-worker: " << agent.status().ToString() << "\n";
     // A flag the agent refused (device, threads, addresses): bad command-line usage.
-    return agent.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    if (agent.status().code() == absl::StatusCode::kInvalidArgument) return 2;
+    // A damaged WORK_DIR/worker.secret: a restart cannot help (systemd stops on 78).
+    if (agent.status().code() == absl::StatusCode::kDataLoss) return kExitRefused;
+    return 1;
   }
   std::thread signals([&] {
     int signal = 0;

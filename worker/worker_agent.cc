@@ -1,7 +1,9 @@
 #include "worker/worker_agent.h"
 
+#include <sys/random.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <fstream>
 #include <thread>
@@ -9,9 +11,11 @@
 #include <torch/cuda.h>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "api/artifacts.h"
 #include "api/credentials.h"
 #include "api/grpc_status.h"
 #include "common/file_util.h"
@@ -109,6 +113,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
   std::unique_ptr<WorkerAgent> agent(
       new WorkerAgent(std::move(config), std::move(credentials), std::move(join_token)));
   agent->lock_fd_ = *lock;  // released by the destructor
+  MAT_ASSIGN_OR_RETURN(agent->worker_secret_, LoadOrMakeSecret(agent->config_.work_dir));
   const std::string addr_file = MetricsAddressFilePath(agent->config_.work_dir);
   std::remove(addr_file.c_str());
   if (!agent->config_.metrics_listen_address.empty()) {
@@ -144,11 +149,7 @@ absl::StatusOr<std::unique_ptr<WorkerAgent>> WorkerAgent::Create(WorkerAgentConf
     spdlog::info("metrics listening on {} (/metrics, /healthz, /readyz)", agent->metrics_address_);
   }
   auto saved = common::ReadFile(agent->config_.work_dir + "/worker.id");
-  if (saved.ok()) {
-    std::string id = *saved;
-    while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
-    agent->worker_id_ = id;
-  }
+  if (saved.ok()) agent->worker_id_ = std::string(absl::StripAsciiWhitespace(*saved));
   return agent;
 }
 
@@ -179,6 +180,35 @@ std::string WorkerAgent::MetricsAddressFilePath(const std::string& work_dir) {
   return work_dir + "/worker.metrics.addr";
 }
 
+std::string WorkerAgent::SecretFilePath(const std::string& work_dir) {
+  return work_dir + "/worker.secret";
+}
+
+absl::StatusOr<std::string> WorkerAgent::LoadOrMakeSecret(const std::string& work_dir) {
+  const std::string path = SecretFilePath(work_dir);
+  absl::StatusOr<std::string> saved = common::ReadFile(path);
+  if (saved.ok()) {
+    std::string secret(absl::StripAsciiWhitespace(*saved));
+    if (!api::CheckSha256Hex(secret).ok()) {
+      return absl::DataLossError(absl::StrCat(
+          path, " does not hold a worker secret (64 lowercase hex digits): remove it, and ",
+          work_dir, "/worker.id with it, to register as a new worker"));
+    }
+    return secret;
+  }
+  if (!absl::IsNotFound(saved.status())) return saved.status();
+  // 32 bytes of the kernel's CSPRNG, saved before the first Register sends them.
+  std::string bytes(32, '\0');
+  for (size_t got = 0; got < bytes.size();) {
+    const ssize_t n = ::getrandom(bytes.data() + got, bytes.size() - got, 0);
+    if (n < 0 && errno != EINTR) return absl::ErrnoToStatus(errno, "getrandom");
+    if (n > 0) got += static_cast<size_t>(n);
+  }
+  std::string secret = absl::BytesToHexString(bytes);
+  MAT_RETURN_IF_ERROR(common::WriteFileAtomic(path, secret + "\n", 0600));
+  return secret;
+}
+
 std::string WorkerAgent::worker_id() const {
   std::lock_guard<std::mutex> lock(mu_);
   return worker_id_;
@@ -202,8 +232,9 @@ void WorkerAgent::Stop(const std::string& why, bool on_session_thread) {
   if (session_context_ != nullptr) session_context_->TryCancel();
 }
 
-void WorkerAgent::AddJoinToken(grpc::ClientContext& context) const {
+void WorkerAgent::AddCredentials(grpc::ClientContext& context) const {
   if (!join_token_.empty()) context.AddMetadata("x-mat-join-token", join_token_);
+  context.AddMetadata("x-mat-worker-secret", worker_secret_);
 }
 
 bool WorkerAgent::RefusedByCoordinator(const grpc::Status& status, const char* call) {
@@ -212,7 +243,7 @@ bool WorkerAgent::RefusedByCoordinator(const grpc::Status& status, const char* c
     return false;
   }
   spdlog::error("the coordinator at {} refused this worker's {} ({}: {}); check "
-                "--join-token-file; stopping",
+                "--join-token-file and the work dir's worker.id and worker.secret; stopping",
                 config_.coordinator_address, call,
                 status.error_code() == grpc::StatusCode::UNAUTHENTICATED ? "UNAUTHENTICATED"
                                                                          : "PERMISSION_DENIED",
@@ -281,7 +312,7 @@ bool WorkerAgent::RegisterLoop() {
     v1::RegisterReply reply;
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    AddJoinToken(context);
+    AddCredentials(context);
     grpc::Status status = stub_->Register(&context, request, &reply);
     if (RefusedByCoordinator(status, "Register")) return false;
     if (status.ok()) {
@@ -363,7 +394,7 @@ bool WorkerAgent::Send(const v1::WorkerMessage& message) {
 
 grpc::Status WorkerAgent::SessionLoop() {
   grpc::ClientContext context;
-  AddJoinToken(context);
+  AddCredentials(context);
   auto stream = stub_->Session(&context);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -518,7 +549,7 @@ void WorkerAgent::Dispatch(const v1::CoordinatorMessage& message) {
       o.upload_artifact = [this](const v1::UploadArtifactRequest& request,
                                  v1::UploadArtifactReply* reply) {
         grpc::ClientContext context;
-        AddJoinToken(context);
+        AddCredentials(context);
         context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
         return stub_->UploadArtifact(&context, request, reply);
       };

@@ -12,15 +12,19 @@
 //      shutdown_upload_timeout). A stopping agent (Shutdown, a Drain) first says
 //      Leaving {reason} on its open session (the heartbeat thread writes it; Shutdown waits at
 //      most 2 s for it), so its job restarts naming the reason, not "lost: session closed".
-//   4. Security: with `join_token_file`, Register and Session carry its first token as
-//      "x-mat-join-token" metadata; with `tls_ca_file`, the channel is TLS (verifying the
-//      coordinator), with `tls_cert_file`/`tls_key_file` also presenting a client certificate
-//      (mutual TLS). A coordinator that refuses the worker (UNAUTHENTICATED or
-//      PERMISSION_DENIED on Register or Session) ends Run with that error instead of retrying.
+//   4. Security: every call carries the worker's own secret as "x-mat-worker-secret" metadata
+//      (made by the first Create on a work dir and kept in <work_dir>/worker.secret, mode 0600;
+//      the coordinator refuses calls in this worker's name with another), and with
+//      `join_token_file` also that file's first token as "x-mat-join-token". With `tls_ca_file`, the
+//      channel is TLS (verifying the coordinator), with `tls_cert_file`/`tls_key_file` also
+//      presenting a client certificate (mutual TLS). A coordinator that refuses the worker
+//      (UNAUTHENTICATED or PERMISSION_DENIED on Register or Session: a join token, or this id
+//      with another secret, such as a work dir that kept worker.id but lost worker.secret) ends
+//      Run with that error instead of retrying.
 //   5. Sessions (and Registers: the coordinator refuses both while a session with the id is open)
 //      refused for kDuplicateIdFor because another mat-worker is connected with this worker's id
-//      (a copied WORK_DIR/worker.id) end Run with FAILED_PRECONDITION naming the file. A restart's
-//      own old session, not yet dropped, only delays the new one.
+//      (a work dir copied with its worker.id and worker.secret) end Run with FAILED_PRECONDITION
+//      naming the file. A restart's own old session, not yet dropped, only delays the new one.
 //   6. When the session breaks (coordinator gone or restarted), the running rank keeps training
 //      (waiting at its next probe step for the mask) and the agent registers again with the same
 //      id every reconnect_interval; the new session's first Heartbeat lists the rank's job, and
@@ -139,12 +143,18 @@ class WorkerAgent {
   // The worker's metrics; thread-safe.
   WorkerMetrics& metrics() { return metrics_; }
   static std::string MetricsAddressFilePath(const std::string& work_dir);
+  // Where the worker keeps its secret (service.proto's worker credentials), mode 0600.
+  static std::string SecretFilePath(const std::string& work_dir);
 
  private:
   WorkerAgent(WorkerAgentConfig config, std::shared_ptr<grpc::ChannelCredentials> credentials,
               std::string join_token);
-  // Adds the join token (if any) to `context`'s metadata.
-  void AddJoinToken(grpc::ClientContext& context) const;
+  // Adds the join token (if any) and the worker secret to `context`'s metadata.
+  void AddCredentials(grpc::ClientContext& context) const;
+  // The secret in SecretFilePath(work_dir), or a new one written there (0600) when the file is
+  // missing. DATA_LOSS naming the file when it holds no secret; a read or write error names the
+  // file.
+  static absl::StatusOr<std::string> LoadOrMakeSecret(const std::string& work_dir);
   // Whether `status` is the coordinator refusing this worker; if so, records it as Run's result
   // and stops the agent.
   bool RefusedByCoordinator(const grpc::Status& status, const char* call);
@@ -191,6 +201,7 @@ class WorkerAgent {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::string worker_id_;                       // guarded by mu_
+  std::string worker_secret_;                   // set by Create, then constant
   absl::Status refused_;                        // guarded by mu_; Run's result when not OK
   int64_t heartbeat_interval_ms_ = 1000;        // guarded by mu_
   grpc::ClientContext* session_context_ = nullptr;  // guarded by mu_; the open session's

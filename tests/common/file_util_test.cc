@@ -1,10 +1,11 @@
-// common/file_util: LockDirectory, one holder per directory; WriteFileAtomic's errors;
+// common/file_util: LockDirectory, one holder per directory; WriteFileAtomic's errors and mode;
 // CheckWritableDir.
 #include "common/file_util.h"
 
 #include <unistd.h>
 
 #include <filesystem>
+#include <iterator>
 
 #include <gtest/gtest.h>
 
@@ -47,6 +48,22 @@ TEST(WriteFileAtomicTest, ErrorsCarryTheErrnosCodeAndNameTheFile) {
   EXPECT_TRUE(std::filesystem::is_directory(dir + "/a_directory")) << "left unchanged";
   ASSERT_TRUE(WriteFileAtomic(dir + "/file", "x").ok());
   std::filesystem::remove_all(dir);
+}
+
+// A worker's secret is written 0600 (also when it replaces a file of another mode).
+TEST(WriteFileAtomicTest, TheFileGetsTheModeAskedFor) {
+  namespace fs = std::filesystem;
+  const std::string dir = (fs::temp_directory_path() /
+                           ("mat_write_mode_test_" + std::to_string(::getpid()))).string();
+  ASSERT_TRUE(MakeDirs(dir).ok());
+  const std::string path = dir + "/worker.secret";
+  ASSERT_TRUE(WriteFileAtomic(path, "public\n").ok());  // 0644 less the umask
+  ASSERT_TRUE(WriteFileAtomic(path, "secret\n", 0600).ok());
+  EXPECT_EQ(fs::status(path).permissions() & fs::perms::all,
+            fs::perms::owner_read | fs::perms::owner_write);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1)
+      << "a temp file was left";
+  fs::remove_all(dir);
 }
 
 // A folder written much later (a worker's checkpoints) is checked at start.

@@ -220,9 +220,10 @@ TEST_F(AuthTest, DaemonRefusesEveryCallWithoutTheRightTokenButHealthStaysOpen) {
                                                  ? grpc::StatusCode::UNAUTHENTICATED
                                                  : grpc::StatusCode::PERMISSION_DENIED);
   }
+  auto admitted_context = Context(kJoinTokenMetadataKey, "join-1");
+  admitted_context->AddMetadata(kWorkerSecretMetadataKey, std::string(64, 'a'));
   const grpc::Status admitted =
-      workers->Register(Context(kJoinTokenMetadataKey, "join-1").get(), register_request,
-                        &registered);
+      workers->Register(admitted_context.get(), register_request, &registered);
   EXPECT_TRUE(admitted.ok()) << admitted.error_message();
 
   std::string error;

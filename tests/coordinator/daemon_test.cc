@@ -26,9 +26,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "coordinator/auth.h"
 #include "mat/v1/service.grpc.pb.h"
 #include "tests/integration/probes.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/testing/worker_secret.h"
 
 namespace mat::coordinator {
 namespace {
@@ -243,6 +245,7 @@ TEST_F(CoordinatorDaemonTest, ServesWorkerServiceAndItsHeartbeatTimerDropsSilent
 
   grpc::ClientContext register_context;
   register_context.set_deadline(std::chrono::system_clock::now() + 5s);
+  register_context.AddMetadata(kWorkerSecretMetadataKey, tests::TestWorkerSecret(1));
   v1::RegisterRequest request;
   request.mutable_capabilities()->set_device("cpu");
   request.mutable_capabilities()->set_host("127.0.0.1");
@@ -256,6 +259,7 @@ TEST_F(CoordinatorDaemonTest, ServesWorkerServiceAndItsHeartbeatTimerDropsSilent
   // One heartbeat, then silence: the daemon's own timer finds the worker lost (3 intervals).
   grpc::ClientContext session_context;
   session_context.set_deadline(std::chrono::system_clock::now() + 10s);
+  session_context.AddMetadata(kWorkerSecretMetadataKey, tests::TestWorkerSecret(1));
   auto session = workers->Session(&session_context);
   v1::WorkerMessage heartbeat;
   heartbeat.set_worker_id(reply.worker_id());
@@ -282,6 +286,7 @@ TEST_F(CoordinatorDaemonTest, ShutdownEndsOpenSessionsAtOnce) {
   auto workers = v1::WorkerService::NewStub(channel);
   auto jobs = v1::JobService::NewStub(channel);
   grpc::ClientContext register_context;
+  register_context.AddMetadata(kWorkerSecretMetadataKey, tests::TestWorkerSecret(1));
   v1::RegisterRequest request;
   request.mutable_capabilities()->set_device("cpu");
   request.mutable_capabilities()->set_host("127.0.0.1");
@@ -290,6 +295,7 @@ TEST_F(CoordinatorDaemonTest, ShutdownEndsOpenSessionsAtOnce) {
   ASSERT_TRUE(workers->Register(&register_context, request, &reply).ok());
 
   grpc::ClientContext session_context;
+  session_context.AddMetadata(kWorkerSecretMetadataKey, tests::TestWorkerSecret(1));
   auto session = workers->Session(&session_context);
   v1::WorkerMessage heartbeat;
   heartbeat.set_worker_id(reply.worker_id());

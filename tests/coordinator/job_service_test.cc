@@ -29,6 +29,7 @@
 #include "google/protobuf/unknown_field_set.h"
 #include "mat/v1/service.grpc.pb.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/testing/worker_secret.h"
 
 namespace mat::coordinator {
 namespace {
@@ -219,7 +220,7 @@ TEST_F(JobServiceTest, ListWorkersListsRegisteredWorkersById) {
     request.mutable_capabilities()->set_device("cpu");
     request.mutable_capabilities()->set_host("127.0.0.1");
     request.mutable_capabilities()->set_rendezvous_port(port);
-    ASSERT_TRUE(OnLoop([&] { return coordinator_->RegisterWorker(request); }).ok());
+    ASSERT_TRUE(OnLoop([&] { return coordinator_->RegisterWorker(request, tests::TestWorkerSecret(port)); }).ok());
   }
   ASSERT_TRUE(stub_->ListWorkers(Context().get(), v1::ListWorkersRequest(), &workers).ok());
   ASSERT_EQ(workers.workers_size(), 2);

@@ -859,7 +859,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -898,7 +898,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -918,10 +918,11 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
           "ALTER TABLE decisions DROP COLUMN policy_state; "
           "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
           "ALTER TABLE workers DROP COLUMN drain_reason; "
+          "ALTER TABLE workers DROP COLUMN secret_sha256; "
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -939,9 +940,10 @@ TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
   RawExec("ALTER TABLE decisions DROP COLUMN policy_state; "
           "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
           "ALTER TABLE workers DROP COLUMN drain_reason; "
+          "ALTER TABLE workers DROP COLUMN secret_sha256; "
           "UPDATE schema_version SET version = 3;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
   auto old = store_->LatestDecisionAtOrBefore(id, 100);
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_TRUE(old->has_value());
@@ -973,14 +975,38 @@ TEST_F(JobStoreTest, AWorkersDrainIsStoredUntilClearedAndAVersion5FileMigrates) 
   EXPECT_EQ(store_->GetWorker("w1")->drain_reason, std::nullopt);
 
   store_.reset();
-  RawExec("ALTER TABLE workers DROP COLUMN drain_reason; UPDATE schema_version SET version = 5;");
+  RawExec("ALTER TABLE workers DROP COLUMN drain_reason; "
+          "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 5;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "6");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
   workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);
   EXPECT_EQ((*workers)[1].drain_reason, std::nullopt);
   EXPECT_TRUE(store_->SetWorkerDrain("w2", "again").ok());
+}
+
+// A worker's secret (v7) is stored as given by UpsertWorker, replaced by the next one (the
+// SessionManager decides when that may happen), and a version-6 file migrates with none.
+TEST_F(JobStoreTest, AWorkersSecretHashIsStoredAndAVersion6FileMigrates) {
+  WorkerRecord w{"w1", "h1", "cpu", 1, 0, 0, 29500};
+  w.secret_sha256 = std::string(64, 'b');
+  ASSERT_TRUE(store_->UpsertWorker(w).ok());
+  auto created = store_->CreateWorker(w);
+  ASSERT_TRUE(created.ok()) << created.status();
+  Reopen();
+  EXPECT_EQ(store_->GetWorker("w1")->secret_sha256, std::string(64, 'b'));
+  EXPECT_EQ(store_->GetWorker(*created)->secret_sha256, std::string(64, 'b'));
+
+  store_.reset();
+  RawExec("ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 6;");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
+  auto workers = store_->ListWorkers();
+  ASSERT_TRUE(workers.ok()) << workers.status();
+  ASSERT_EQ(workers->size(), 2u);
+  EXPECT_EQ((*workers)[0].secret_sha256, "");
+  EXPECT_EQ((*workers)[0].host, "h1");
 }
 
 TEST_F(JobStoreTest, KeepsEachDecisionsPolicyStateAndMask) {

@@ -1,6 +1,7 @@
 // Tests of the worker and session manager (coordinator/session_manager.h) alone, on a real
 // JobStore in a temporary directory, fake channels (tests/testing/fake_worker_channel.h) and a
-// manual clock (tests/testing/manual_clock.h): registration and its refusals, a session's life
+// manual clock (tests/testing/manual_clock.h): registration and its refusals, worker secrets
+// (stored hashed at the first Register, required for the id from then on), a session's life
 // (open, touch, drop), which workers are idle or silent (exactly 3 intervals is not yet silent),
 // the live worker list, the workers gauge, and last_seen written at most every 5 s.
 #include <memory>
@@ -10,6 +11,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "api/artifacts.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_store.h"
 #include "coordinator/session_manager.h"
@@ -19,6 +21,7 @@
 #include "tests/testing/manual_clock.h"
 #include "tests/testing/raw_sql.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/testing/worker_secret.h"
 
 namespace mat::coordinator {
 namespace {
@@ -48,7 +51,7 @@ class SessionManagerTest : public ::testing::Test {
     return r;
   }
   std::string Register(const std::string& device, const std::string& id = "") {
-    auto reply = sessions_->Register(Request(device, id));
+    auto reply = sessions_->Register(Request(device, id), tests::TestWorkerSecret(++registered_));
     EXPECT_TRUE(reply.ok()) << reply.status();
     return reply.ok() ? reply->worker_id() : "";
   }
@@ -65,6 +68,7 @@ class SessionManagerTest : public ::testing::Test {
   CoordinatorMetrics metrics_;
   std::unique_ptr<JobStore> store_;
   std::unique_ptr<SessionManager> sessions_;
+  uint64_t registered_ = 0;  // Register calls: the n of the latest one's TestWorkerSecret(n)
 };
 
 TEST_F(SessionManagerTest, RegisterNamesTheBadFieldAndKeepsAGivenId) {
@@ -74,16 +78,98 @@ TEST_F(SessionManagerTest, RegisterNamesTheBadFieldAndKeepsAGivenId) {
   EXPECT_EQ(sessions_->Find("my-gpu.box_1")->device, "cuda:3");
   EXPECT_EQ(sessions_->Find("nobody"), nullptr);
 
-  auto bad = sessions_->Register(Request("tpu"));
+  auto bad = sessions_->Register(Request("tpu"), tests::TestWorkerSecret(1));
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("capabilities.device must be"));
   v1::RegisterRequest no_port = Request("cpu");
   no_port.mutable_capabilities()->set_rendezvous_port(70000);
-  EXPECT_THAT(sessions_->Register(no_port).status().message(),
+  EXPECT_THAT(sessions_->Register(no_port, tests::TestWorkerSecret(1)).status().message(),
               HasSubstr("rendezvous_port must be in 1..65535, got 70000"));
-  EXPECT_THAT(sessions_->Register(Request("cpu", "a/b")).status().message(),
+  EXPECT_THAT(sessions_->Register(Request("cpu", "a/b"), tests::TestWorkerSecret(1)).status().message(),
               HasSubstr("worker_id 'a/b' must be"));
-  EXPECT_EQ(sessions_->Register(Request("cpu")).value().heartbeat_interval_ms(), 1000);
+  EXPECT_EQ(sessions_->Register(Request("cpu"), tests::TestWorkerSecret(1)).value().heartbeat_interval_ms(), 1000);
+}
+
+TEST_F(SessionManagerTest, AWorkerSecretIsStoredHashedAtFirstRegisterAndRequiredFromThenOn) {
+  const std::string secret = tests::TestWorkerSecret(41);
+  const std::string other = tests::TestWorkerSecret(42);
+  // Register refuses a call without a well-formed secret, storing nothing.
+  for (const std::string& bad : {std::string(), std::string(64, 'A'), secret.substr(1)}) {
+    absl::Status refused = sessions_->Register(Request("cpu"), bad).status();
+    EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << "'" << bad << "'";
+    EXPECT_THAT(refused.message(), HasSubstr("x-mat-worker-secret"));
+  }
+  EXPECT_TRUE(store_->ListWorkers()->empty());
+
+  auto first = sessions_->Register(Request("cpu"), secret);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string id = first->worker_id();
+  // The store keeps the SHA-256, never the secret.
+  auto stored = store_->GetWorker(id);
+  ASSERT_TRUE(stored.ok());
+  api::Sha256 digest;
+  digest.Add(secret);
+  const std::string hash = digest.Hex();
+  EXPECT_EQ(stored->secret_sha256, hash);
+
+  EXPECT_TRUE(sessions_->Authenticate(id, secret).ok());
+  absl::Status missing = sessions_->Authenticate(id, "");
+  EXPECT_EQ(missing.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(missing.message(), HasSubstr("worker " + id + " has a worker secret and this call "
+                                           "carries none"));
+  absl::Status wrong = sessions_->Authenticate(id, other);
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(wrong.message(), HasSubstr("is not worker " + id + "'s"));
+  EXPECT_THAT(wrong.message(), HasSubstr("WORK_DIR/worker.secret"));
+  EXPECT_EQ(sessions_->Authenticate("worker-000099", secret).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(sessions_->Authenticate("", secret).code(), absl::StatusCode::kInvalidArgument);
+
+  // Registering the id again needs its secret; a refusal changes nothing. The same secret again
+  // (a retry after a lost reply) is fine.
+  v1::RegisterRequest again = Request("cuda:0", id);
+  EXPECT_EQ(sessions_->Register(again, other).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(sessions_->Find(id)->device, "cpu") << "a refused Register changed the worker";
+  EXPECT_EQ(store_->GetWorker(id)->secret_sha256, hash);
+  ASSERT_TRUE(sessions_->Register(again, secret).ok());
+  ASSERT_TRUE(sessions_->Register(again, secret).ok());
+  EXPECT_EQ(sessions_->Find(id)->device, "cuda:0");
+
+  // A restarted coordinator reads the hash back.
+  SessionManager reloaded(*store_, clock_, nullptr, 1000);
+  reloaded.Load();
+  EXPECT_TRUE(reloaded.Authenticate(id, secret).ok());
+  EXPECT_EQ(reloaded.Authenticate(id, other).code(), absl::StatusCode::kPermissionDenied);
+}
+
+TEST_F(SessionManagerTest, AStoredSecretIsCheckedEvenWhenTheWorkersCouldNotBeLoaded) {
+  const std::string id = Register("cpu");
+  // A manager whose Load never ran (as after a store error at start) knows no worker: Register
+  // still reads the stored row and refuses another secret instead of replacing the stored one.
+  SessionManager unloaded(*store_, clock_, nullptr, 1000);
+  EXPECT_EQ(unloaded.Register(Request("cpu", id), tests::TestWorkerSecret(99)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(sessions_->Authenticate(id, tests::TestWorkerSecret(registered_)).ok());
+}
+
+TEST_F(SessionManagerTest, AnIdWithoutAStoredSecretTakesTheFirstRegistersSecret) {
+  // A row from before schema v7 (or an id this store has never seen) has no secret: no call can
+  // authenticate as it until a Register stores one.
+  ASSERT_TRUE(store_->UpsertWorker({"old-worker", "h", "cpu", 1, 0, 0, 29500}).ok());
+  SessionManager reloaded(*store_, clock_, nullptr, 1000);
+  reloaded.Load();
+  absl::Status before = reloaded.Authenticate("old-worker", tests::TestWorkerSecret(7));
+  EXPECT_EQ(before.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(before.message(), HasSubstr("has no worker secret yet"));
+  ASSERT_TRUE(reloaded.Register(Request("cpu", "old-worker"), tests::TestWorkerSecret(7)).ok());
+  EXPECT_TRUE(reloaded.Authenticate("old-worker", tests::TestWorkerSecret(7)).ok());
+  EXPECT_EQ(reloaded.Register(Request("cpu", "old-worker"), tests::TestWorkerSecret(8))
+                .status()
+                .code(),
+            absl::StatusCode::kPermissionDenied);
+  ASSERT_TRUE(reloaded.Register(Request("cpu", "never-seen"), tests::TestWorkerSecret(9)).ok());
+  EXPECT_TRUE(reloaded.Authenticate("never-seen", tests::TestWorkerSecret(9)).ok());
 }
 
 TEST_F(SessionManagerTest, ASessionOpensOnceAndDropReturnsItsChannelAndRank) {

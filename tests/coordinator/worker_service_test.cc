@@ -4,7 +4,8 @@
 // each). Checks Register, the ways a Session opens and ends (unknown worker, second session,
 // half-close, cancel, heartbeat loss, server shutdown, an overflowing send queue) and one 2-rank
 // job end to end: Assign, ModuleList, spectra, the MaskUpdate both ranks get, a NaN report's
-// Reject, FAILED and Cancel.
+// Reject, FAILED and Cancel; and that every call in a worker's name needs its secret (an
+// artifact upload, a Register, a Session).
 #include "coordinator/worker_service.h"
 
 #include <grpcpp/grpcpp.h>
@@ -17,6 +18,7 @@
 #include <functional>
 #include <future>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -31,9 +33,13 @@
 #include <gtest/gtest.h>
 
 #include "coordinator/job_service.h"
+#include "api/artifacts.h"
 #include "api/job_spec.h"
+#include "coordinator/artifact_store.h"
+#include "coordinator/auth.h"
 #include "mat/v1/service.grpc.pb.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/testing/worker_secret.h"
 
 namespace mat::coordinator {
 namespace {
@@ -57,8 +63,10 @@ v1::JobSpec TwoRankSpec() {
 // thread writes (gRPC allows one reader and one writer at a time on a stream).
 class FakeWorker {
  public:
-  FakeWorker(v1::WorkerService::Stub& stub, std::string worker_id)
+  // `secret`: sent as the call's "x-mat-worker-secret" metadata; "" = none.
+  FakeWorker(v1::WorkerService::Stub& stub, std::string worker_id, const std::string& secret)
       : worker_id_(std::move(worker_id)) {
+    if (!secret.empty()) context_.AddMetadata(kWorkerSecretMetadataKey, secret);
     stream_ = stub.Session(&context_);
     reader_ = std::thread([this] {
       v1::CoordinatorMessage message;
@@ -219,8 +227,22 @@ class WorkerServiceTest : public ::testing::Test {
     return context;
   }
 
+  // Register with the worker's secret, as mat-worker does: request.worker_id's when known, a
+  // new one for a new worker.
   grpc::Status Register(const v1::RegisterRequest& request, v1::RegisterReply* reply) {
-    return workers_->Register(Context().get(), request, reply);
+    std::string secret = SecretOf(request.worker_id());
+    if (secret.empty()) secret = tests::TestWorkerSecret(secrets_.size() + 1);
+    std::unique_ptr<grpc::ClientContext> context = Context();
+    context->AddMetadata(kWorkerSecretMetadataKey, secret);
+    grpc::Status s = workers_->Register(context.get(), request, reply);
+    if (s.ok()) secrets_[reply->worker_id()] = secret;
+    return s;
+  }
+
+  // The secret Register gave `worker_id` ("" = none).
+  std::string SecretOf(const std::string& worker_id) const {
+    auto known = secrets_.find(worker_id);
+    return known == secrets_.end() ? "" : known->second;
   }
 
   v1::RegisterRequest CpuWorker(int port) {
@@ -242,14 +264,18 @@ class WorkerServiceTest : public ::testing::Test {
   // Registers a worker, opens its Session with a Heartbeat and waits until it is IDLE.
   FakeWorker& ConnectOk(int port) {
     const std::string id = RegisterOk(port);
-    fakes_.push_back(std::make_unique<FakeWorker>(*workers_, id));
+    fakes_.push_back(std::make_unique<FakeWorker>(*workers_, id, SecretOf(id)));
     EXPECT_TRUE(fakes_.back()->Heartbeat());
     EXPECT_TRUE(WaitForWorkerState(id, v1::WORKER_STATE_IDLE)) << id << " never became IDLE";
     return *fakes_.back();
   }
 
+  // A Session in `worker_id`'s name with `secret` (its own by default).
   FakeWorker& OpenSession(const std::string& worker_id) {
-    fakes_.push_back(std::make_unique<FakeWorker>(*workers_, worker_id));
+    return OpenSession(worker_id, SecretOf(worker_id));
+  }
+  FakeWorker& OpenSession(const std::string& worker_id, const std::string& secret) {
+    fakes_.push_back(std::make_unique<FakeWorker>(*workers_, worker_id, secret));
     return *fakes_.back();
   }
 
@@ -347,6 +373,7 @@ class WorkerServiceTest : public ::testing::Test {
   std::unique_ptr<v1::JobService::Stub> jobs_;
   std::unique_ptr<v1::WorkerService::Stub> workers_;
   std::vector<std::unique_ptr<FakeWorker>> fakes_;  // destroyed (cancelled) before the server
+  std::map<std::string, std::string> secrets_;      // each worker's secret, by id (Register)
 };
 
 TEST_F(WorkerServiceTest, RegisterReturnsAnIdAndTheHeartbeatIntervalAndNamesABadField) {
@@ -621,6 +648,113 @@ TEST_F(WorkerServiceSmallQueueTest, AWorkerWhoseQueueOverflowsIsDroppedAsLost) {
   grpc::Status s = worker.Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_TRUE(WaitForWorkerState(worker.id(), v1::WORKER_STATE_DISCONNECTED));
+}
+
+
+// A coordinator that keeps artifacts (in the test's temporary directory).
+class WorkerServiceArtifactTest : public WorkerServiceTest {
+ protected:
+  WorkerServiceOptions ServiceOptions() const override {
+    auto store = ArtifactStore::Open(tmp_.path() + "/artifacts", 0);
+    EXPECT_TRUE(store.ok()) << store.status();
+    if (store.ok()) artifacts_ = std::move(*store);
+    WorkerServiceOptions options;
+    options.artifacts = artifacts_.get();
+    return options;
+  }
+
+  // Uploads `data` whole as `job_id`'s summary.json in `worker_id`'s name (rank 0, attempt 0),
+  // with `secret` as the call's worker secret ("" = none).
+  grpc::Status Upload(const std::string& worker_id, const std::string& secret,
+                      const std::string& job_id, const std::string& data,
+                      v1::UploadArtifactReply* reply) {
+    v1::UploadArtifactRequest request;
+    request.set_worker_id(worker_id);
+    request.set_job_id(job_id);
+    request.set_rank(0);
+    request.set_attempt(0);
+    request.set_name("summary.json");
+    request.set_total_bytes(static_cast<int64_t>(data.size()));
+    api::Sha256 digest;
+    digest.Add(data);
+    request.set_sha256(digest.Hex());
+    request.set_offset(0);
+    request.set_data(data);
+    std::unique_ptr<grpc::ClientContext> context = Context();
+    if (!secret.empty()) context->AddMetadata(kWorkerSecretMetadataKey, secret);
+    return workers_->UploadArtifact(context.get(), request, reply);
+  }
+
+  mutable std::unique_ptr<ArtifactStore> artifacts_;  // outlives the service (TearDown)
+};
+
+// Any caller that could reach WorkerService could upload (or replace) a job's artifacts by
+// naming its rank 0's worker id, and speak as a worker whose session had ended by registering
+// or opening a session with its id. Every call in a worker's name now needs that worker's
+// secret (the "x-mat-worker-secret" its first Register stored).
+TEST_F(WorkerServiceArtifactTest, CallsInAWorkersNameNeedThatWorkersSecret) {
+  RunningJob job = StartTwoRankJob();
+  ASSERT_NE(job.ranks[0], nullptr);
+  ASSERT_NE(job.ranks[1], nullptr);
+  const std::string rank0 = job.ranks[0]->id();
+  const std::string rank1 = job.ranks[1]->id();
+  ASSERT_EQ(SecretOf(rank0).size(), 64u);
+
+  v1::UploadArtifactReply reply;
+  grpc::Status s = Upload(rank0, "", job.job_id, "{\"forged\": 1}", &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(),
+              HasSubstr("worker " + rank0 + " has a worker secret and this call carries none"));
+  s = Upload(rank0, SecretOf(rank1), job.job_id, "{\"forged\": 1}", &reply);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("is not worker " + rank0 + "'s"));
+  s = Upload(rank0, SecretOf(rank0), job.job_id, "{}", &reply);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_TRUE(reply.complete());
+  EXPECT_EQ(reply.committed_bytes(), 2);
+
+  // Registering a worker's id with another secret is refused before anything else is said
+  // (not "already has an open session"), and changes nothing; without one it is malformed.
+  v1::RegisterRequest claim = CpuWorker(29666);
+  claim.set_worker_id(rank1);
+  claim.mutable_capabilities()->set_host("10.6.6.6");
+  v1::RegisterReply claimed;
+  auto claim_with = [&](const std::string& secret) {
+    std::unique_ptr<grpc::ClientContext> context = Context();
+    if (!secret.empty()) context->AddMetadata(kWorkerSecretMetadataKey, secret);
+    return workers_->Register(context.get(), claim, &claimed);
+  };
+  s = claim_with(SecretOf(rank0));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("is not worker " + rank1 + "'s"));
+  s = claim_with("");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("carries no worker secret"));
+
+  // A session in a disconnected worker's name needs its secret too.
+  job.ranks[1]->HalfClose();
+  ASSERT_TRUE(job.ranks[1]->WaitEnded());
+  ASSERT_TRUE(WaitForWorkerState(rank1, v1::WORKER_STATE_DISCONNECTED));
+  s = claim_with(tests::TestWorkerSecret(666));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << "once disconnected";
+  for (const std::string& secret : {std::string(), SecretOf(rank0)}) {
+    FakeWorker& intruder = OpenSession(rank1, secret);
+    intruder.Heartbeat();
+    ASSERT_TRUE(intruder.WaitEnded());
+    s = intruder.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << "secret '" << secret << "'";
+    EXPECT_THAT(s.error_message(), HasSubstr(rank1));
+  }
+  const std::optional<v1::WorkerInfo> after = FindWorker(rank1);
+  ASSERT_TRUE(after.has_value());
+  EXPECT_EQ(after->state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(after->capabilities().host(), "127.0.0.1");
+  FakeWorker& back = OpenSession(rank1);  // with its own secret
+  EXPECT_TRUE(back.Heartbeat());
+  EXPECT_TRUE(WaitUntil([&] {
+    auto info = FindWorker(rank1);
+    return info.has_value() && info->state() != v1::WORKER_STATE_DISCONNECTED;
+  }));
 }
 
 }  // namespace

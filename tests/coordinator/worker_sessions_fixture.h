@@ -29,6 +29,7 @@
 #include "tests/testing/fake_worker_channel.h"
 #include "tests/testing/policy_fixtures.h"
 #include "tests/testing/temp_dir.h"
+#include "tests/testing/worker_secret.h"
 
 namespace mat::coordinator::testing_sessions {
 
@@ -209,9 +210,17 @@ class WorkerSessionsTest : public CoordinatorFixture {
     request.mutable_capabilities()->set_host(host);
     request.mutable_capabilities()->set_rendezvous_port(port);
     request.mutable_capabilities()->set_memory_bytes(int64_t{1} << 30);
-    auto reply = coordinator_->RegisterWorker(request);
+    // With the worker's secret, as mat-worker sends it (the adapter reads it from the call's
+    // metadata): a new one for a new worker.
+    auto known = secrets_.find(id);
+    const std::string secret = known != secrets_.end()
+                                   ? known->second
+                                   : tests::TestWorkerSecret(secrets_.size() + 1);
+    auto reply = coordinator_->RegisterWorker(request, secret);
     EXPECT_TRUE(reply.ok()) << reply.status();
-    return reply.ok() ? reply->worker_id() : "";
+    if (!reply.ok()) return "";
+    secrets_[reply->worker_id()] = secret;
+    return reply->worker_id();
   }
 
   std::shared_ptr<FakeWorkerChannel> Connect(const std::string& id) {
@@ -283,6 +292,7 @@ class WorkerSessionsTest : public CoordinatorFixture {
 
   int64_t now_ms_ = 5'000'000;
   int workers_added_ = 0;
+  std::map<std::string, std::string> secrets_;  // each worker's secret, by id (Register)
   int64_t max_restarts_ = 10;
   std::unique_ptr<CoordinatorMetrics> metrics_;  // outlives coordinator_ (see the destructor)
 };

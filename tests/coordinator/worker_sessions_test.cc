@@ -34,7 +34,7 @@ TEST_F(WorkerSessionsTest, RegisterAssignsIdsInOrderAndKeepsAGivenOne) {
   request.mutable_capabilities()->set_device("cpu");
   request.mutable_capabilities()->set_host("h");
   request.mutable_capabilities()->set_rendezvous_port(1);
-  auto reply = coordinator_->RegisterWorker(request);
+  auto reply = coordinator_->RegisterWorker(request, tests::TestWorkerSecret(1000));
   ASSERT_TRUE(reply.ok()) << reply.status();
   EXPECT_EQ(reply->heartbeat_interval_ms(), 1000);
 
@@ -80,7 +80,7 @@ TEST_F(WorkerSessionsTest, RegisterRejectsBadCapabilitiesNamingTheField) {
     request.mutable_capabilities()->set_host("h");
     request.mutable_capabilities()->set_rendezvous_port(29500);
     c.change(&request);
-    auto reply = coordinator_->RegisterWorker(request);
+    auto reply = coordinator_->RegisterWorker(request, tests::TestWorkerSecret(1000));
     ASSERT_FALSE(reply.ok()) << c.field;
     EXPECT_EQ(reply.status().code(), absl::StatusCode::kInvalidArgument) << reply.status();
     EXPECT_THAT(reply.status().message(), HasSubstr(c.field));

@@ -13,6 +13,9 @@
 //     right CA but expired never registers (it keeps retrying; the coordinator logs the failed
 //     handshake), and matctl against a coordinator whose server certificate is expired fails
 //     UNAVAILABLE naming the failed certificate verification.
+//   - worker secrets: mat-worker makes its own in WORK_DIR/worker.secret (0600) and returns with
+//     it; a process with the worker's id but another secret exits 78 (PERMISSION_DENIED), and
+//     the secret is in no log and not in the coordinator's database;
 // Certificates come from `openssl` (a throw-away CA valid for one day; the server certificate for
 // IP:127.0.0.1; expired ones from `openssl ca` with 2020 dates); the test fails when openssl is
 // missing (scripts/setup installs it).
@@ -22,6 +25,7 @@
 #include <stdlib.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -225,6 +229,75 @@ TEST_F(AuthTest, TokensRefuseMatctlAndWorkersWithoutTheRightOne) {
       << "worker /readyz still answers 200 without a coordinator";
   const probes::HttpResult gone = probes::HttpGet(worker_http, "/readyz");
   EXPECT_THAT(gone.body, HasSubstr("not connected to the coordinator at " + address_));
+}
+
+// Every worker has its own secret (service.proto, worker credentials): mat-worker makes it in
+// WORK_DIR/worker.secret (mode 0600) before its first Register and comes back with it; a process
+// that has the worker's id with another secret (a work dir that kept worker.id but lost
+// worker.secret, or a forged one) is refused and exits 78, and the worker itself is not harmed.
+TEST_F(AuthTest, AWorkerKeepsItsSecretAndNoProcessWithoutItTakesItsId) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatorWith({}));
+  const pid_t first = StartWorker("w");
+  ASSERT_GT(first, 0);
+  const std::string id = WaitForLine(root_ + "/w/worker.id", 30s);
+  ASSERT_FALSE(id.empty()) << ReadText(root_ + "/w.err");
+  const std::string secret_file = root_ + "/w/worker.secret";
+  const std::string secret = ReadText(secret_file);
+  ASSERT_EQ(secret.size(), 65u) << "64 hex digits and a newline: '" << secret << "'";
+  EXPECT_EQ(std::filesystem::status(secret_file).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  ASSERT_EQ(::kill(first, SIGTERM), 0);
+  ASSERT_EQ(Wait(first, 30s), 0);
+  const std::string first_log = ReadText(root_ + "/w.err") + ReadText(root_ + "/w.out");
+
+  // With another secret, or a fresh one (worker.secret lost), the id is refused for good.
+  for (const std::string& name : {std::string("thief-forged"), std::string("thief-lost")}) {
+    std::filesystem::create_directories(root_ + "/" + name);
+    std::ofstream(root_ + "/" + name + "/worker.id") << id << "\n";
+    if (name == "thief-forged") {
+      std::ofstream(root_ + "/" + name + "/worker.secret") << std::string(64, 'a') << "\n";
+    }
+    const pid_t thief = StartWorker(name);
+    ASSERT_GT(thief, 0);
+    EXPECT_EQ(Wait(thief, 60s), 78) << name;
+    const std::string err = ReadText(root_ + "/" + name + ".err");
+    EXPECT_THAT(err, HasSubstr("PERMISSION_DENIED")) << name;
+    EXPECT_THAT(err, HasSubstr("the worker secret of this call is not worker " + id + "'s"))
+        << name;
+  }
+
+  // A worker.secret that holds no secret stops mat-worker at start, naming the file.
+  std::filesystem::create_directories(root_ + "/garbled");
+  std::ofstream(root_ + "/garbled/worker.secret") << "not a secret\n";
+  const pid_t garbled = StartWorker("garbled");
+  ASSERT_GT(garbled, 0);
+  EXPECT_EQ(Wait(garbled, 30s), 78);
+  EXPECT_THAT(ReadText(root_ + "/garbled.err"),
+              HasSubstr(root_ + "/garbled/worker.secret does not hold a worker secret"));
+
+  // The worker itself comes back under its id with its secret (one worker, no second one).
+  const pid_t again = StartWorker("w");
+  ASSERT_GT(again, 0);
+  CommandResult workers;
+  for (auto until = std::chrono::steady_clock::now() + 60s;
+       std::chrono::steady_clock::now() < until; std::this_thread::sleep_for(200ms)) {
+    workers = Matctl(address_, {"workers"});
+    if (workers.out.find("IDLE") != std::string::npos) break;
+  }
+  EXPECT_THAT(workers.out, HasSubstr("IDLE")) << workers.out << workers.err
+                                              << ReadText(root_ + "/w.err");
+  EXPECT_THAT(workers.out, HasSubstr(id));
+  EXPECT_THAT(workers.out, Not(HasSubstr("worker-000002")));
+  EXPECT_EQ(ReadText(secret_file), secret) << "the secret changed on a restart";
+
+  // The secret is in no log, and not in the coordinator's database (its WAL included).
+  const std::string bare = secret.substr(0, 64);
+  EXPECT_THAT(first_log, Not(HasSubstr(bare)));
+  EXPECT_THAT(ReadText(root_ + "/w.err") + ReadText(root_ + "/w.out"), Not(HasSubstr(bare)));
+  EXPECT_THAT(ReadText(coordinator_log_ + ".err") + ReadText(coordinator_log_ + ".out"),
+              Not(HasSubstr(bare)));
+  const std::string db = state_dir_ + "/coordinator.db";
+  EXPECT_THAT(ReadText(db) + ReadText(db + "-wal"), Not(HasSubstr(bare)));
 }
 
 TEST_F(AuthTest, TlsAndMutualTls) {

@@ -139,9 +139,10 @@ TEST_F(LimitsTest, AWorkerWhoseSavedIdIsRefusedExitsNamingTheFile) {
                         "/wb/worker.id: remove that file to get a new id)"));
 }
 
-// A work dir copied with its worker.id (a cloned VM image): the second worker registered as the
-// first and retried "already has an open session" every second, for good. After 15 s of that it
-// now exits 78 naming the file; the first worker is untouched.
+// A work dir copied with its worker.id and worker.secret (a cloned VM image): the second worker
+// registered as the first and retried "already has an open session" every second, for good.
+// After 15 s of that it now exits 78 naming the file; the first worker is untouched. (A copy
+// without worker.secret is refused at once: tests/integration/auth_test.cc.)
 TEST_F(LimitsTest, AWorkerWhoseIdIsConnectedElsewhereExitsNamingTheFile) {
   StartCoordinatorWith({});
   const pid_t first = StartWorker("w0");
@@ -150,6 +151,7 @@ TEST_F(LimitsTest, AWorkerWhoseIdIsConnectedElsewhereExitsNamingTheFile) {
   ASSERT_FALSE(id.empty()) << ReadText(root_ + "/w0.err");
   fs::create_directories(root_ + "/copy");
   fs::copy_file(root_ + "/w0/worker.id", root_ + "/copy/worker.id");
+  fs::copy_file(root_ + "/w0/worker.secret", root_ + "/copy/worker.secret");
   const pid_t copy = Spawn({testing_loopback::kWorker, "--coordinator", address_, "--work-dir",
                             root_ + "/copy", "--threads", "1"},
                            root_ + "/copy.out", root_ + "/copy.err");

@@ -24,6 +24,17 @@ const grpc::string_ref* FindMetadata(const ClientMetadata& metadata, absl::strin
   return it == metadata.end() ? nullptr : &it->second;
 }
 
+// The bearer token of "authorization: Bearer <token>" (trimmed), "" when there is none.
+absl::string_view BearerToken(const ClientMetadata& metadata) {
+  const grpc::string_ref* value = FindMetadata(metadata, "authorization");
+  const absl::string_view text =
+      value == nullptr ? absl::string_view() : absl::string_view(value->data(), value->size());
+  const bool bearer = text.size() > kBearerPrefix.size() &&
+                      absl::EqualsIgnoreCase(text.substr(0, kBearerPrefix.size()), kBearerPrefix);
+  return bearer ? absl::StripAsciiWhitespace(text.substr(kBearerPrefix.size()))
+                : absl::string_view();
+}
+
 }  // namespace
 
 bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
@@ -56,6 +67,12 @@ absl::StatusOr<TokenSet> TokenSet::LoadFile(const std::string& path) {
   return Parse(*text, path);
 }
 
+TokenSet TokenSet::Union(const TokenSet& a, const TokenSet& b) {
+  TokenSet set = a;
+  set.tokens_.insert(set.tokens_.end(), b.tokens_.begin(), b.tokens_.end());
+  return set;
+}
+
 bool TokenSet::Contains(absl::string_view token) const {
   bool found = false;
   for (const std::string& t : tokens_) found |= ConstantTimeEquals(t, token);
@@ -65,13 +82,7 @@ bool TokenSet::Contains(absl::string_view token) const {
 absl::Status CheckBearerMetadata(const ClientMetadata& metadata, const TokenSet* tokens,
                                  const std::string& peer) {
   if (tokens == nullptr) return absl::OkStatus();
-  const grpc::string_ref* value = FindMetadata(metadata, "authorization");
-  const absl::string_view text =
-      value == nullptr ? absl::string_view() : absl::string_view(value->data(), value->size());
-  const bool bearer = text.size() > kBearerPrefix.size() &&
-                      absl::EqualsIgnoreCase(text.substr(0, kBearerPrefix.size()), kBearerPrefix);
-  const absl::string_view token =
-      bearer ? absl::StripAsciiWhitespace(text.substr(kBearerPrefix.size())) : absl::string_view();
+  const absl::string_view token = BearerToken(metadata);
   if (token.empty()) {
     spdlog::warn("refused a JobService call from {}: missing bearer token", peer);
     return absl::UnauthenticatedError("missing bearer token");
@@ -107,14 +118,7 @@ std::string ClientIdentity(const ClientMetadata& metadata, const TokenSet* token
     const bool has_port = colon != std::string::npos && first != std::string::npos && colon > first;
     return absl::StrCat("peer:", has_port ? peer.substr(0, colon) : peer);
   }
-  const grpc::string_ref* value = FindMetadata(metadata, "authorization");
-  absl::string_view token;
-  if (value != nullptr) {
-    const absl::string_view text(value->data(), value->size());
-    if (text.size() > kBearerPrefix.size()) {
-      token = absl::StripAsciiWhitespace(text.substr(kBearerPrefix.size()));
-    }
-  }
+  const absl::string_view token = BearerToken(metadata);
   api::Sha256 sha;
   sha.Add(std::string_view(token.data(), token.size()));
   return "token:" + sha.Hex().substr(0, 16);
@@ -132,6 +136,16 @@ absl::Status CheckBearer(const grpc::CallbackServerContext& context, const Token
 absl::Status CheckJoinToken(const grpc::CallbackServerContext& context, const TokenSet* tokens) {
   if (tokens == nullptr) return absl::OkStatus();
   return CheckJoinTokenMetadata(context.client_metadata(), tokens, context.peer());
+}
+
+bool BearerIn(const ClientMetadata& metadata, const TokenSet* tokens) {
+  if (tokens == nullptr) return false;
+  const absl::string_view token = BearerToken(metadata);
+  return !token.empty() && tokens->Contains(token);
+}
+
+bool BearerIn(const grpc::CallbackServerContext& context, const TokenSet* tokens) {
+  return BearerIn(context.client_metadata(), tokens);
 }
 
 std::string WorkerSecret(const grpc::CallbackServerContext& context) {

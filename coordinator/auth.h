@@ -48,6 +48,10 @@ class TokenSet {
   // Parse of the file at `path`; NOT_FOUND / INVALID_ARGUMENT naming the path.
   static absl::StatusOr<TokenSet> LoadFile(const std::string& path);
 
+  // The tokens of both (a coordinator's bearer tokens: --auth-token-file's and
+  // --admin-token-file's).
+  static TokenSet Union(const TokenSet& a, const TokenSet& b);
+
   // Whether `token` is one of the set; compares against every token, in constant time each.
   bool Contains(absl::string_view token) const;
   size_t size() const { return tokens_.size(); }
@@ -71,6 +75,10 @@ absl::Status CheckBearer(const grpc::CallbackServerContext& context, const Token
 absl::Status CheckJoinToken(const grpc::CallbackServerContext& context, const TokenSet* tokens);
 // WorkerService: the call's "x-mat-worker-secret" ("" without one).
 std::string WorkerSecret(const grpc::CallbackServerContext& context);
+// Whether the call's bearer token is one of `tokens` (false for null `tokens` or no token): an
+// admin token (--admin-token-file).
+bool BearerIn(const ClientMetadata& metadata, const TokenSet* tokens);
+bool BearerIn(const grpc::CallbackServerContext& context, const TokenSet* tokens);
 
 // Who a JobService caller is, for per-client limits (the per-client job limit) and logs: with
 // `tokens`, "token:" + the first 16 hex digits of SHA-256(bearer token), so the stored id cannot

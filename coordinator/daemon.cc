@@ -69,6 +69,11 @@ absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max-artifact-bytes must be >= 0, got ", config.max_artifact_bytes));
   }
+  if (!config.admin_token_file.empty() && config.auth_token_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--admin-token-file needs --auth-token-file (admin tokens are bearer tokens with more "
+        "rights: without bearer tokens every client may already do everything)");
+  }
   if (config.heartbeat_interval_ms < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "heartbeat interval must be >= 1 ms, got ", config.heartbeat_interval_ms));
@@ -108,6 +113,11 @@ absl::Status CoordinatorDaemon::StartImpl() {
   // Security material before anything starts, so a bad file stops the daemon early.
   if (!config_.auth_token_file.empty()) {
     MAT_ASSIGN_OR_RETURN(TokenSet tokens, TokenSet::LoadFile(config_.auth_token_file));
+    if (!config_.admin_token_file.empty()) {
+      MAT_ASSIGN_OR_RETURN(TokenSet admins, TokenSet::LoadFile(config_.admin_token_file));
+      tokens = TokenSet::Union(tokens, admins);  // an admin token is a bearer token too
+      admin_tokens_ = std::make_unique<TokenSet>(std::move(admins));
+    }
     bearer_tokens_ = std::make_unique<TokenSet>(std::move(tokens));
   }
   if (!config_.join_token_file.empty()) {
@@ -173,6 +183,7 @@ absl::Status CoordinatorDaemon::StartGrpc(std::shared_ptr<grpc::ServerCredential
   JobServiceOptions service_options;
   service_options.max_queued_watch_events = config_.max_queued_watch_events;
   service_options.bearer_tokens = bearer_tokens_.get();
+  service_options.admin_tokens = admin_tokens_.get();
   service_options.artifacts = artifacts_.get();
   job_service_ = std::make_unique<JobService>(loop_, *coordinator_, service_options);
   WorkerServiceOptions worker_options;
@@ -220,6 +231,10 @@ void CoordinatorDaemon::LogAdmission() const {
     spdlog::warn("no --auth-token-file: every JobService client is admitted");
   } else {
     spdlog::info("JobService requires a bearer token ({} known)", bearer_tokens_->size());
+    if (admin_tokens_ != nullptr) {
+      spdlog::info("{} admin token(s): other clients cancel only their own jobs and drain no "
+                   "worker", admin_tokens_->size());
+    }
   }
   if (config_.data_roots.empty()) {
     spdlog::warn("no --data-root: jobs may read any data.dir (a trusted single host)");

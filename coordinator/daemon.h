@@ -124,6 +124,10 @@ struct CoordinatorDaemonConfig {
   // JobService clients must send "authorization: Bearer <token>" with a token of this file;
   // "" = every client is admitted (a warning is logged at start).
   std::string auth_token_file;
+  // Admin tokens (needs auth_token_file): also bearer tokens; with them, other clients may cancel
+  // only the jobs they submitted and may not drain workers (JobServiceOptions::admin_tokens).
+  // "" = every admitted client may do both.
+  std::string admin_token_file;
   // Workers must send "x-mat-join-token: <token>" with a token of this file on every call;
   // "" = every worker is admitted (each still needs its own secret: service.proto).
   std::string join_token_file;
@@ -201,6 +205,7 @@ class CoordinatorDaemon {
   std::thread loop_thread_;
   std::unique_ptr<Coordinator> coordinator_;  // used on the loop only once the loop runs
   std::unique_ptr<TokenSet> bearer_tokens_;  // null: open; outlives job_service_
+  std::unique_ptr<TokenSet> admin_tokens_;   // null: no roles; outlives job_service_
   std::unique_ptr<TokenSet> join_tokens_;    // null: open; outlives worker_service_
   std::unique_ptr<ArtifactStore> artifacts_;       // outlives the services and the loop
   std::unique_ptr<JobService> job_service_;        // outlives server_

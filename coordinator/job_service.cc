@@ -6,6 +6,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "coordinator/artifact_store.h"
 #include "coordinator/auth.h"
@@ -194,9 +195,23 @@ grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* con
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  return RunOnLoop(loop_, context, reply, [this, request] {
-    return coordinator_.CancelJob(request->job_id(), request->reason());
-  });
+  const bool admin = BearerIn(*context, options_.admin_tokens);
+  std::string client = ClientIdentity(*context, options_.bearer_tokens);
+  return RunOnLoop(
+      loop_, context, reply,
+      [this, request, admin,
+       client = std::move(client)]() -> absl::StatusOr<v1::CancelJobReply> {
+        if (options_.admin_tokens != nullptr && !admin) {
+          // Only the submitter, or an admin. An unknown job is NOT_FOUND as before.
+          MAT_ASSIGN_OR_RETURN(JobRecord job, coordinator_.store().GetJob(request->job_id()));
+          if (job.client != client) {
+            return absl::PermissionDeniedError(absl::StrCat(
+                "job ", job.id, " was submitted by another client: only its submitter or an "
+                "admin token (the coordinator's --admin-token-file) may cancel it"));
+          }
+        }
+        return coordinator_.CancelJob(request->job_id(), request->reason());
+      });
 }
 
 grpc::ServerWriteReactor<v1::JobEvent>* JobService::WatchJob(
@@ -232,6 +247,11 @@ grpc::ServerUnaryReactor* JobService::DrainWorker(grpc::CallbackServerContext* c
                                                   v1::DrainWorkerReply* reply) {
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
+  }
+  if (options_.admin_tokens != nullptr && !BearerIn(*context, options_.admin_tokens)) {
+    return Refuse(context, absl::PermissionDeniedError(
+                               "draining a worker needs an admin token (the coordinator's "
+                               "--admin-token-file)"));
   }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.DrainWorker(*request); });

@@ -23,7 +23,11 @@
 // (CheckBearer, coordinator/auth.h) on the gRPC thread and, when it is refused, finishes the RPC
 // at once with UNAUTHENTICATED or PERMISSION_DENIED without posting to the loop. SubmitJob
 // passes the caller's ClientIdentity (a SHA-256 prefix of its token, or its peer host without
-// auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit.
+// auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit. With
+// `admin_tokens`, CancelJob of another client's job (or of one stored before clients were, with
+// "") and DrainWorker need an admin token: PERMISSION_DENIED otherwise, checked on the loop
+// before the Coordinator acts. Reading (status, logs, spectra, artifacts) stays open to every
+// admitted caller.
 //
 // Artifacts (ListArtifacts, ReadArtifact): the files are read on the ArtifactStore's own I/O
 // thread, which finishes the RPC (ListArtifacts first checks on the loop that the job exists);
@@ -49,6 +53,10 @@ struct JobServiceOptions {
   // Bearer tokens every call must carry (coordinator/auth.h), borrowed: must outlive the
   // service. nullptr: every caller is admitted.
   const TokenSet* bearer_tokens = nullptr;
+  // Admin tokens (--admin-token-file; also in bearer_tokens), borrowed like it. With them, a
+  // caller may cancel only the jobs it submitted (the same ClientIdentity) and may not drain
+  // workers, unless its token is one of these. nullptr: every admitted caller may do both.
+  const TokenSet* admin_tokens = nullptr;
   // The jobs' artifacts (coordinator/artifact_store.h), borrowed: must outlive the service.
   // nullptr: ListArtifacts and ReadArtifact are UNIMPLEMENTED, Job.artifact_bytes stays 0.
   ArtifactStore* artifacts = nullptr;

@@ -144,8 +144,8 @@ ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
 constexpr const char* kJobColumns =
     "id, client_request_id, spec, state, created_unix_seconds, updated_unix_seconds, "
     "error_message, step, train_loss, val_loss, test_loss, flops_total, wall_seconds, "
-    "mask_version, active_modules, total_modules, attempt, summary_json";
-constexpr int kJobColumnCount = 18;  // the columns of kJobColumns
+    "mask_version, active_modules, total_modules, attempt, summary_json, client";
+constexpr int kJobColumnCount = 19;  // the columns of kJobColumns
 
 
 
@@ -188,6 +188,7 @@ absl::StatusOr<JobRecord> ReadJob(const SqliteStatement& row) {
   job.total_modules = row.ColumnInt64(15);
   job.attempt = row.ColumnInt64(16);
   job.summary_json = row.ColumnText(17);
+  job.client = row.ColumnText(18);
   return job;
 }
 

@@ -79,6 +79,7 @@ struct JobStoreOptions {
 struct JobRecord {
   std::string id;                 // "job-000001", assigned by CreateJob, in submission order
   std::string client_request_id;  // "" when the submitter gave none
+  std::string client;             // CreateJob's `client` (who submitted it); "" before v3
   v1::JobSpec spec;               // as given to CreateJob
   v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
   int64_t created_unix_seconds = 0;

@@ -51,6 +51,10 @@ void AddFlags(CLI::App& app, mat::coordinator::CoordinatorDaemonConfig& config) 
                  "JobService clients must send 'authorization: Bearer TOKEN' with a token of this "
                  "file (one per line, '#' comments); without it EVERY client is admitted "
                  "(a warning is logged)");
+  app.add_option("--admin-token-file", config.admin_token_file,
+                 "operators' bearer tokens (one per line, '#' comments; needs --auth-token-file): "
+                 "with it, other clients may cancel only the jobs they submitted and may not "
+                 "drain workers; without it every admitted client may do both");
   app.add_option("--join-token-file", config.join_token_file,
                  "workers must send a token of this file (one per line, '#' comments) as "
                  "x-mat-join-token; without it every worker is admitted (a trusted single host)");

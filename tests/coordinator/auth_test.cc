@@ -245,6 +245,18 @@ TEST_F(AuthTest, DaemonDoesNotStartWithAMissingOrEmptyTokenFile) {
   daemon = CoordinatorDaemon::Start(config);
   ASSERT_FALSE(daemon.ok());
   EXPECT_THAT(daemon.status().message(), HasSubstr(config.join_token_file));
+  // Admin tokens are bearer tokens with more rights: alone they would mean nothing.
+  config.join_token_file = "";
+  config.admin_token_file = WriteFile("admins.txt", "ops\n");
+  daemon = CoordinatorDaemon::Start(config);
+  ASSERT_FALSE(daemon.ok());
+  EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(daemon.status().message(), HasSubstr("--admin-token-file needs --auth-token-file"));
+  config.auth_token_file = WriteFile("tokens.txt", "alice\n");
+  config.admin_token_file = WriteFile("no-admins.txt", "# nobody\n");
+  daemon = CoordinatorDaemon::Start(config);
+  ASSERT_FALSE(daemon.ok());
+  EXPECT_THAT(daemon.status().message(), HasSubstr(config.admin_token_file));
 }
 
 }  // namespace

@@ -1090,6 +1090,16 @@ TEST_F(JobStoreTest, LimitsActiveJobsPerClient) {
   ASSERT_TRUE(store_->UpdateJobState(a2->job_id, v1::JOB_STATE_CANCELLED, "").ok());
   EXPECT_EQ(*store_->CountActiveJobs("alice"), 1);
   EXPECT_TRUE(store_->CreateJob("", Spec(4), "alice", 2).ok());
+  // Each job reads back who submitted it (the admin-token check of CancelJob uses it).
+  EXPECT_EQ(store_->GetJob(a1->job_id)->client, "alice");
+  auto first = store_->ListJobs(1, "");  // a page of one: the paging column after the job's
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->jobs.size(), 1u);
+  EXPECT_EQ(first->jobs[0].client, "alice");
+  auto second = store_->ListJobs(1, first->next_page_token);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(second->jobs.size(), 1u);
+  EXPECT_EQ(second->jobs[0].id, a2->job_id);
 }
 
 TEST_F(JobStoreTest, AFailedMigrationLeavesTheVersion1DatabaseAsItWas) {

@@ -13,6 +13,8 @@
 //     right CA but expired never registers (it keeps retrying; the coordinator logs the failed
 //     handshake), and matctl against a coordinator whose server certificate is expired fails
 //     UNAVAILABLE naming the failed certificate verification.
+//   - roles: with --admin-token-file a client cancels only its own jobs and drains no worker, an
+//     admin token does both;
 //   - worker secrets: mat-worker makes its own in WORK_DIR/worker.secret (0600) and returns with
 //     it; a process with the worker's id but another secret exits 78 (PERMISSION_DENIED), and
 //     the secret is in no log and not in the coordinator's database;
@@ -298,6 +300,53 @@ TEST_F(AuthTest, AWorkerKeepsItsSecretAndNoProcessWithoutItTakesItsId) {
               Not(HasSubstr(bare)));
   const std::string db = state_dir_ + "/coordinator.db";
   EXPECT_THAT(ReadText(db) + ReadText(db + "-wal"), Not(HasSubstr(bare)));
+}
+
+// With --admin-token-file, a client cancels only the jobs it submitted and drains no worker; an
+// admin token does both, and is a bearer token for every other call too.
+TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminCancelsAJobAndOnlyAnAdminDrains) {
+  const std::string tokens = WriteFile("tokens.txt", "alice-token\nbob-token\n");
+  const std::string admins = WriteFile("admins.txt", "# operators\nops-token\n");
+  ASSERT_NO_FATAL_FAILURE(
+      StartCoordinatorWith({"--auth-token-file", tokens, "--admin-token-file", admins}));
+  const std::string alice = WriteFile("alice.txt", "alice-token\n");
+  const std::string bob = WriteFile("bob.txt", "bob-token\n");
+  const std::string ops = WriteFile("ops.txt", "ops-token\n");
+  const std::string spec = WriteFile(
+      "job.yaml", "model: {layers: 1, d_model: 32, heads: 2, d_ff: 64}\n"
+                  "data: {dir: '" + root_ + "'}\ntrain: {steps: 10, batch_size: 4}\n"
+                  "policy: {probe_samples: 2}\n");
+  std::vector<std::string> jobs;
+  for (int i = 0; i < 2; ++i) {  // no worker: both stay QUEUED
+    CommandResult submitted = Matctl(address_, {"--token-file", alice, "submit", spec});
+    ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
+    std::string id = submitted.out;
+    while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
+    jobs.push_back(id);
+  }
+
+  CommandResult bob_cancels = Matctl(address_, {"--token-file", bob, "cancel", jobs[0]});
+  EXPECT_EQ(bob_cancels.exit_code, 1);
+  EXPECT_THAT(bob_cancels.err, HasSubstr("PERMISSION_DENIED: job " + jobs[0] +
+                                         " was submitted by another client"));
+  CommandResult still = Matctl(address_, {"--token-file", bob, "status", jobs[0]});
+  EXPECT_EQ(still.exit_code, 0) << still.err;
+  EXPECT_THAT(still.out, HasSubstr("QUEUED")) << "reading stays open; the job is untouched";
+  CommandResult unknown = Matctl(address_, {"--token-file", bob, "cancel", "job-000099"});
+  EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND"));
+  CommandResult alice_cancels = Matctl(address_, {"--token-file", alice, "cancel", jobs[0]});
+  EXPECT_EQ(alice_cancels.exit_code, 0) << alice_cancels.err;
+  CommandResult ops_cancels = Matctl(address_, {"--token-file", ops, "cancel", jobs[1]});
+  EXPECT_EQ(ops_cancels.exit_code, 0) << ops_cancels.err;
+  CommandResult cancelled = Matctl(address_, {"--token-file", ops, "status", jobs[1]});
+  EXPECT_EQ(cancelled.exit_code, 0) << cancelled.err;
+  EXPECT_THAT(cancelled.out, HasSubstr("CANCELLED"));
+
+  CommandResult bob_drains = Matctl(address_, {"--token-file", bob, "drain", "worker-000001"});
+  EXPECT_EQ(bob_drains.exit_code, 1);
+  EXPECT_THAT(bob_drains.err, HasSubstr("PERMISSION_DENIED: draining a worker needs an admin"));
+  CommandResult ops_drains = Matctl(address_, {"--token-file", ops, "drain", "worker-000001"});
+  EXPECT_THAT(ops_drains.err, HasSubstr("NOT_FOUND")) << "past the admin check";
 }
 
 TEST_F(AuthTest, TlsAndMutualTls) {

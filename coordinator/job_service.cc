@@ -201,8 +201,9 @@ grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* con
       loop_, context, reply,
       [this, request, admin,
        client = std::move(client)]() -> absl::StatusOr<v1::CancelJobReply> {
-        if (options_.admin_tokens != nullptr && !admin) {
-          // Only the submitter, or an admin. An unknown job is NOT_FOUND as before.
+        if (options_.admin_tokens != nullptr && !admin && !request->job_id().empty()) {
+          // Only the submitter, or an admin. An unknown job is NOT_FOUND and an empty id
+          // INVALID_ARGUMENT, as without roles.
           MAT_ASSIGN_OR_RETURN(JobRecord job, coordinator_.store().GetJob(request->job_id()));
           if (job.client != client) {
             return absl::PermissionDeniedError(absl::StrCat(

@@ -119,6 +119,27 @@ TEST_F(AuthTest, CheckBearerMetadataMapsMissingAndWrongTokens) {
             absl::StatusCode::kUnauthenticated);
 }
 
+// Admin tokens: the union is the bearer set, BearerIn tells an admin's call, and a client's
+// identity does not depend on how it spells the "Bearer " prefix (jobs.client compares it).
+TEST_F(AuthTest, AdminTokensAreBearerTokensAndTheIdentityIgnoresThePrefixsSpelling) {
+  absl::StatusOr<TokenSet> users = TokenSet::Parse("alice\n", "users");
+  absl::StatusOr<TokenSet> admins = TokenSet::Parse("ops\n", "admins");
+  ASSERT_TRUE(users.ok() && admins.ok());
+  const TokenSet all = TokenSet::Union(*users, *admins);
+  EXPECT_EQ(all.size(), 2u);
+  EXPECT_TRUE(CheckBearerMetadata(Metadata("authorization", "Bearer ops"), &all, "p").ok());
+  EXPECT_TRUE(CheckBearerMetadata(Metadata("authorization", "Bearer alice"), &all, "p").ok());
+  EXPECT_TRUE(BearerIn(Metadata("authorization", "Bearer ops"), &*admins));
+  EXPECT_TRUE(BearerIn(Metadata("authorization", "bearer  ops "), &*admins));
+  EXPECT_FALSE(BearerIn(Metadata("authorization", "Bearer alice"), &*admins));
+  EXPECT_FALSE(BearerIn(Metadata("authorization", "Basic ops"), &*admins));
+  EXPECT_FALSE(BearerIn(ClientMetadata(), &*admins));
+  EXPECT_FALSE(BearerIn(Metadata("authorization", "Bearer ops"), nullptr));
+  const std::string alice = ClientIdentity(Metadata("authorization", "Bearer alice"), &all, "p");
+  EXPECT_EQ(ClientIdentity(Metadata("authorization", "bearer alice "), &all, "p"), alice);
+  EXPECT_NE(ClientIdentity(Metadata("authorization", "Bearer ops"), &all, "p"), alice);
+}
+
 TEST_F(AuthTest, CheckJoinTokenMetadataMapsMissingAndWrongTokens) {
   absl::StatusOr<TokenSet> set = TokenSet::Parse("join-me\n", "test");
   ASSERT_TRUE(set.ok());

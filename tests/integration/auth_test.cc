@@ -333,6 +333,7 @@ TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminCancelsAJobAndOnlyAnAdminDrains) {
   EXPECT_EQ(still.exit_code, 0) << still.err;
   EXPECT_THAT(still.out, HasSubstr("QUEUED")) << "reading stays open; the job is untouched";
   CommandResult unknown = Matctl(address_, {"--token-file", bob, "cancel", "job-000099"});
+  EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND"));
   CommandResult alice_cancels = Matctl(address_, {"--token-file", alice, "cancel", jobs[0]});
   EXPECT_EQ(alice_cancels.exit_code, 0) << alice_cancels.err;
@@ -346,6 +347,7 @@ TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminCancelsAJobAndOnlyAnAdminDrains) {
   EXPECT_EQ(bob_drains.exit_code, 1);
   EXPECT_THAT(bob_drains.err, HasSubstr("PERMISSION_DENIED: draining a worker needs an admin"));
   CommandResult ops_drains = Matctl(address_, {"--token-file", ops, "drain", "worker-000001"});
+  EXPECT_EQ(ops_drains.exit_code, 1);
   EXPECT_THAT(ops_drains.err, HasSubstr("NOT_FOUND")) << "past the admin check";
 }
 

@@ -171,7 +171,7 @@ struct WorkerRecord {
   std::optional<std::string> drain_reason = std::nullopt;
   // SHA-256 (64 lowercase hex) of the worker's secret; "" = none (rows before v7). Written by
   // UpsertWorker and CreateWorker as given.
-  std::string secret_sha256;
+  std::string secret_sha256 = "";
 };
 
 // One row of `assignments`.

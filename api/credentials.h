@@ -13,6 +13,12 @@
 
 namespace mat::api {
 
+// The metadata keys of the worker credentials (service.proto; lower case, as gRPC delivers
+// keys): the join token all workers share and each worker's own secret. mat-worker sends them,
+// the coordinator (coordinator/auth.h) reads them.
+inline constexpr char kJoinTokenMetadataKey[] = "x-mat-join-token";
+inline constexpr char kWorkerSecretMetadataKey[] = "x-mat-worker-secret";
+
 struct TlsFiles {
   std::string ca_file;    // set: TLS, verifying the coordinator against this CA (PEM)
   std::string cert_file;  // with key_file: the client certificate (mutual TLS)

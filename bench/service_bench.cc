@@ -52,6 +52,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "api/credentials.h"
 #include "common/file_util.h"
 #include "mat/v1/service.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -358,7 +359,7 @@ void RunWorker(const MaskLatencyConfig& config, Shared& shared, v1::WorkerServic
                std::chrono::system_clock::time_point deadline) {
   grpc::ClientContext context;
   context.set_deadline(deadline);
-  context.AddMetadata("x-mat-worker-secret", worker_secret);
+  context.AddMetadata(api::kWorkerSecretMetadataKey, worker_secret);
   auto stream = stub.Session(&context);
   auto fail = [&](const std::string& why) {
     shared.Fail(absl::StrCat(worker_id, ": ", why));
@@ -516,7 +517,7 @@ int MaskLatency(const MaskLatencyConfig& config) {
     v1::RegisterReply reply;
     worker_secrets.push_back(absl::StrFormat("%064x", i + 1));  // one per worker, well formed
     std::unique_ptr<grpc::ClientContext> context = Deadline(10s);
-    context->AddMetadata("x-mat-worker-secret", worker_secrets.back());
+    context->AddMetadata(api::kWorkerSecretMetadataKey, worker_secrets.back());
     grpc::Status s = stubs.back()->Register(context.get(), request, &reply);
     if (!s.ok()) return failed("Register: " + s.error_message());
     worker_ids.push_back(reply.worker_id());

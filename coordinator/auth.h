@@ -29,14 +29,15 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "api/credentials.h"
 
 namespace mat::coordinator {
 
-// The metadata key of the worker join token (lower case, as gRPC delivers keys).
-inline constexpr char kJoinTokenMetadataKey[] = "x-mat-join-token";
-// The metadata key of a worker's own secret (service.proto's worker credentials; checked by
-// the Coordinator: SessionManager::Register and Authenticate).
-inline constexpr char kWorkerSecretMetadataKey[] = "x-mat-worker-secret";
+// The worker credentials' metadata keys (defined once in api/credentials.h, which mat-worker
+// sends them with); a worker's secret is checked by the Coordinator (SessionManager::Register
+// and Authenticate).
+using api::kJoinTokenMetadataKey;
+using api::kWorkerSecretMetadataKey;
 
 // True when `a` and `b` are equal; the time taken depends on their lengths only.
 bool ConstantTimeEquals(absl::string_view a, absl::string_view b);

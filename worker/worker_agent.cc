@@ -233,8 +233,8 @@ void WorkerAgent::Stop(const std::string& why, bool on_session_thread) {
 }
 
 void WorkerAgent::AddCredentials(grpc::ClientContext& context) const {
-  if (!join_token_.empty()) context.AddMetadata("x-mat-join-token", join_token_);
-  context.AddMetadata("x-mat-worker-secret", worker_secret_);
+  if (!join_token_.empty()) context.AddMetadata(api::kJoinTokenMetadataKey, join_token_);
+  context.AddMetadata(api::kWorkerSecretMetadataKey, worker_secret_);
 }
 
 bool WorkerAgent::RefusedByCoordinator(const grpc::Status& status, const char* call) {

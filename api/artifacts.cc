@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace mat::api {
 
@@ -28,6 +29,16 @@ absl::Status CheckArtifactName(std::string_view name) {
     if (!ok) return bad("only letters, digits, '.', '_' and '-' are allowed");
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckJobArtifactName(std::string_view name) {
+  for (const char* known : kJobArtifactNames) {
+    if (name == known) return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("artifact name '", std::string(name.substr(0, 160)),
+                   "' is not one a job gives back (", absl::StrJoin(kJobArtifactNames, ", "),
+                   ")"));
 }
 
 absl::Status CheckSha256Hex(std::string_view hex) {

@@ -5,6 +5,7 @@
 // Thread-safety: free functions without shared state; Sha256 is a value type.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -25,6 +26,16 @@ inline constexpr int64_t kMaxArtifactPieceBytes = 4 << 20;
 // with "MANIFEST.json" (the coordinator's manifest and its set-aside copies). Otherwise
 // INVALID_ARGUMENT naming it: a name can never point outside the directory it is written to.
 absl::Status CheckArtifactName(std::string_view name);
+
+// The files rank 0 gives back, in upload order (worker/artifact_upload.h ArtifactNames): the
+// only names UploadArtifact takes. The largest (the model) is last, so that a model over the
+// coordinator's limit leaves the rest uploaded.
+inline constexpr std::array<const char*, 6> kJobArtifactNames = {
+    "job_spec.yaml", "summary.json",    "metrics.jsonl",
+    "masks.jsonl",   "decisions.jsonl", "model.safetensors"};
+
+// OK when `name` is one of kJobArtifactNames; otherwise INVALID_ARGUMENT naming it and the list.
+absl::Status CheckJobArtifactName(std::string_view name);
 
 // A streamed SHA-256 (also what a bearer token's client id is made from, coordinator/auth.h).
 class Sha256 {

@@ -107,6 +107,10 @@
 
 namespace mat::coordinator {
 
+// The most switchable modules a job may declare (a ModuleList): BERT-base has 144 heads; the
+// bound keeps one worker's message from sizing every mask, λ row and decision of its job.
+inline constexpr int kMaxJobModules = 65536;
+
 struct CoordinatorOptions {
   // Current time in seconds since the Unix epoch for events; the system clock when empty.
   std::function<int64_t()> now_unix_seconds;
@@ -190,8 +194,10 @@ class Coordinator {
   // is RUNNING (before that rank's RankDone), RESTARTING (rank 0's part ended with a lost peer:
   // the next attempt's rank 0 replaces the files) or has ended (SUCCEEDED, FAILED, CANCELLED: a
   // rank uploads what it has after a cancel too). PERMISSION_DENIED for another rank; NOT_FOUND /
-  // ABORTED as for the session's job messages; UNAVAILABLE while a RUNNING job's rank 0 has not
-  // re-attached to this coordinator (after a restart: retry).
+  // ABORTED as for the session's job messages; FAILED_PRECONDITION once that rank 0 sent its
+  // RankDone ok (it uploads before it: its artifacts are final); UNAVAILABLE while a RUNNING
+  // job's rank 0 has not re-attached to this coordinator (after a restart: retry). The names a
+  // job may give back (api::kJobArtifactNames) are the adapter's check.
   absl::Status CheckArtifactUpload(const std::string& worker_id, const std::string& job_id,
                                    int rank, int64_t attempt);
 
@@ -251,7 +257,8 @@ class Coordinator {
   //                      no such rank of the job NOT_FOUND ("worker-000002 runs no rank 1 of
   //                      job-000003"); job not RUNNING FAILED_PRECONDITION; the rank already
   //                      sent RankDone FAILED_PRECONDITION.
-  //   ModuleList   rank != 0 INVALID_ARGUMENT; a second, different list FAILED_PRECONDITION (an
+  //   ModuleList   more than kMaxJobModules INVALID_ARGUMENT (first); rank != 0
+  //                INVALID_ARGUMENT; a second, different list FAILED_PRECONDITION (an
   //                identical one, from any rank, is accepted and changes nothing); empty or
   //                invalid modules INVALID_ARGUMENT; a rand job whose policy.rand_schedule_job
   //                does not fit these modules (other groups or group sizes) INVALID_ARGUMENT
@@ -271,7 +278,9 @@ class Coordinator {
   //                val_loss); flops_total of the job sums every rank's latest.
   //   RankDone     ok = false fails the job ("rank R (worker-…): <error>"; Cancel to the other
   //                ranks still running); the last ok rank makes it SUCCEEDED with rank 0's
-  //                summary_json. Either way the sender becomes IDLE and the scheduler runs.
+  //                summary_json, or FAILED when the ranks' param_checksums differ ("the ranks'
+  //                final parameters differ: ..."). Either way the sender becomes IDLE and the
+  //                scheduler runs.
   //   Heartbeat    never refused; a listed RUNNING job whose rank this worker holds but whose
   //                session does not run it (after a coordinator restart) re-attaches the
   //                session to that rank; any other listed job id the worker runs no rank of
@@ -445,7 +454,8 @@ class Coordinator {
   absl::Status HandleProgress(const std::string& worker_id, const v1::Progress& progress);
   absl::Status HandleRankDone(const std::string& worker_id, const v1::RankDone& done);
   // Stores a rank's log lines (more than 1000 in a batch: INVALID_ARGUMENT), also when they
-  // arrive after the job moved on (another state or attempt) from the worker holding the rank.
+  // arrive after the job moved on (another state or attempt) from the worker holding the rank,
+  // but not after that rank's RankDone ok (FAILED_PRECONDITION: its log is complete).
   absl::Status HandleLogs(const std::string& worker_id, const v1::LogBatch& batch);
   // The worker stops: its session ends now (DropSession, its rank's job restarts naming the
   // reason) and its channel is closed OK.

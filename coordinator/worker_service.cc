@@ -9,10 +9,11 @@
 #include <boost/asio/post.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "api/artifacts.h"
+#include "api/grpc_status.h"
 #include "common/status.h"
 #include "coordinator/artifact_store.h"
 #include "coordinator/auth.h"
-#include "api/grpc_status.h"
 #include "coordinator/run_on_loop.h"
 #include "spdlog/spdlog.h"
 
@@ -277,6 +278,7 @@ grpc::ServerUnaryReactor* WorkerService::UploadArtifact(grpc::CallbackServerCont
   if (refused.ok() && options_.artifacts == nullptr) {
     refused = absl::UnimplementedError("this coordinator keeps no artifacts");
   }
+  if (refused.ok()) refused = api::CheckJobArtifactName(request->name());
   if (!refused.ok()) {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     reactor->Finish(api::ToGrpcStatus(refused));

@@ -115,6 +115,10 @@ absl::Status Coordinator::HandleModuleList(const std::string& worker_id,
   JobRuntime& job = *ref.job;
   MaskEngine& masks = *job.masks;
   const std::string what = absl::StrCat("ModuleList of job ", list.job_id());
+  if (list.modules_size() > kMaxJobModules) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", list.modules_size(),
+                                                   " modules; at most ", kMaxJobModules));
+  }
   std::vector<policy::ModuleInfo> modules;
   for (const v1::ModuleDescriptor& m : list.modules()) {
     modules.push_back(policy::ModuleInfo{m.group(), m.layer(), m.index(), m.name()});
@@ -296,6 +300,12 @@ absl::Status Coordinator::CheckArtifactUpload(const std::string& worker_id,
     return absl::AbortedError(absl::StrCat("stale attempt ", attempt, " of job ", job_id,
                                            ", now ", record.attempt));
   }
+  // A rank that finished sent its files before its RankDone (only a finished rank stores its
+  // checksum): nothing replaces them once the job's users may have read them.
+  if (!rank0->param_checksum.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rank 0 of job ", job_id, " already finished (RankDone): its artifacts are final"));
+  }
   switch (record.state) {
     case v1::JOB_STATE_SUCCEEDED:
     case v1::JOB_STATE_FAILED:
@@ -325,6 +335,26 @@ absl::Status Coordinator::HandleLogs(const std::string& worker_id, const v1::Log
   if (!held.ok() && held.status().code() != absl::StatusCode::kFailedPrecondition &&
       held.status().code() != absl::StatusCode::kAborted) {
     return held.status();
+  }
+  // Except from a rank that finished: its worker sends its last lines before its RankDone, so
+  // later ones would only push the job's real lines out of the kept window.
+  if (held.status().code() == absl::StatusCode::kFailedPrecondition) {
+    bool finished = false;
+    if (auto it = running_.find(batch.job_id()); it != running_.end()) {
+      finished = it->second.ranks[batch.rank()].done;  // CheckRank found the holder: in range
+    } else {
+      MAT_ASSIGN_OR_RETURN(std::vector<AssignmentRecord> assignments,
+                           store_->ListAssignments(batch.job_id()));
+      for (const AssignmentRecord& a : assignments) {
+        finished = finished || (a.rank == batch.rank() && a.worker_id == worker_id &&
+                                a.attempt == batch.attempt() && !a.param_checksum.empty());
+      }
+    }
+    if (finished) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("rank ", batch.rank(), " of job ", batch.job_id(),
+                       " already finished (RankDone): its log is complete"));
+    }
   }
   const RankRef ref{nullptr, held.ok() ? held->rank : batch.rank()};
   constexpr int kMaxLinesPerBatch = 1000;
@@ -489,7 +519,6 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   const std::string summary = ref.rank == 0 ? done.summary_json() : job.ranks[0].summary_json;
   // Rank 0's summary is stored at once: it must survive a coordinator restart.
   if (last || ref.rank == 0) MAT_RETURN_IF_ERROR(store_->SetJobSummary(job_id, summary));
-  if (last) jobs_.RecordSummaryMetrics(job_id, summary);
   rank.done = true;
   rank.step = done.step();
   rank.param_checksum = done.param_checksum();
@@ -500,12 +529,26 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   // one by one, each went to whichever queued job fit first, and the oldest job that needs them
   // all was overtaken by newer, smaller ones.
   if (!last) return absl::OkStatus();
+  // Data-parallel ranks keep bitwise identical parameters (DESIGN.md): ranks that end apart did
+  // not train the job asked for (a broken collective, or a rank that does not report what it
+  // ran). The job fails saying so; rank 0's artifacts (its model) stay to be looked at.
+  std::vector<std::string> apart;
   for (int r = 1; r < job.world_size; ++r) {
     if (job.ranks[r].param_checksum != job.ranks[0].param_checksum) {
-      spdlog::warn("job {}: rank {} checksum {} differs from rank 0's {}", job_id, r,
-                   job.ranks[r].param_checksum, job.ranks[0].param_checksum);
+      apart.push_back(absl::StrCat("rank ", r, " (", job.ranks[r].worker_id, ") ",
+                                   job.ranks[r].param_checksum));
     }
   }
+  if (!apart.empty()) {
+    const std::string message = absl::StrCat(
+        "the ranks' final parameters differ: rank 0 (", job.ranks[0].worker_id,
+        ") has checksum ", job.ranks[0].param_checksum, ", ", absl::StrJoin(apart, ", "),
+        "; data-parallel ranks must end bitwise identical");
+    spdlog::error("job {}: {}", job_id, message);
+    FailJob(job_id, message, worker_id);
+    return absl::OkStatus();
+  }
+  jobs_.RecordSummaryMetrics(job_id, summary);
   if (absl::Status st = EndJob(job_id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
     KeepUnstoredEnd(job_id, v1::JOB_STATE_SUCCEEDED, "", st);
     DetachJob(job_id, "", /*cancel=*/false, "");

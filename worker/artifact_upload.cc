@@ -21,10 +21,9 @@ namespace fs = std::filesystem;
 
 std::vector<std::string> ArtifactNames(const std::string& dir) {
   std::vector<std::string> names;
-  for (const char* name : {"job_spec.yaml", "summary.json", "metrics.jsonl", "masks.jsonl",
-                           "decisions.jsonl", "model.safetensors"}) {
+  for (const char* name : api::kJobArtifactNames) {
     std::error_code ec;
-    if (fs::is_regular_file(dir + "/" + name, ec)) names.push_back(name);
+    if (fs::is_regular_file(absl::StrCat(dir, "/", name), ec)) names.emplace_back(name);
   }
   return names;
 }

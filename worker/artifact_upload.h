@@ -2,9 +2,9 @@
 // files of the rank's directory a user wants back, each sent in pieces with its SHA-256, resumed
 // where the coordinator's bytes end after a broken call or a coordinator restart.
 //
-//   ArtifactNames      which files, in upload order: job_spec.yaml, summary.json, metrics.jsonl,
-//                      masks.jsonl, decisions.jsonl, then model.safetensors (the largest last, so
-//                      that a model over the coordinator's limit leaves the rest uploaded).
+//   ArtifactNames      which files, in upload order: those of api::kJobArtifactNames
+//                      (job_spec.yaml, summary.json, metrics.jsonl, masks.jsonl, decisions.jsonl,
+//                      then model.safetensors) that the rank's directory holds.
 //   ModelFromCheckpoint a job that ended without its final model (failed or cancelled after a
 //                      checkpoint): the model tensors ("model.*", "buffer.*") of the newest
 //                      checkpoint the checkpoint reader accepts (trainer/checkpoint/checkpoint.h

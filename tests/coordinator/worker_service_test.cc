@@ -663,17 +663,18 @@ class WorkerServiceArtifactTest : public WorkerServiceTest {
     return options;
   }
 
-  // Uploads `data` whole as `job_id`'s summary.json in `worker_id`'s name (rank 0, attempt 0),
-  // with `secret` as the call's worker secret ("" = none).
+  // Uploads `data` whole as `job_id`'s artifact `name` in `worker_id`'s name (rank 0, attempt
+  // 0), with `secret` as the call's worker secret ("" = none).
   grpc::Status Upload(const std::string& worker_id, const std::string& secret,
                       const std::string& job_id, const std::string& data,
-                      v1::UploadArtifactReply* reply) {
+                      v1::UploadArtifactReply* reply,
+                      const std::string& name = "summary.json") {
     v1::UploadArtifactRequest request;
     request.set_worker_id(worker_id);
     request.set_job_id(job_id);
     request.set_rank(0);
     request.set_attempt(0);
-    request.set_name("summary.json");
+    request.set_name(name);
     request.set_total_bytes(static_cast<int64_t>(data.size()));
     api::Sha256 digest;
     digest.Add(data);
@@ -687,6 +688,28 @@ class WorkerServiceArtifactTest : public WorkerServiceTest {
 
   mutable std::unique_ptr<ArtifactStore> artifacts_;  // outlives the service (TearDown)
 };
+
+// Rank 0 gives back the files its worker knows (api::kJobArtifactNames); any other name a
+// worker sent was stored and listed, and `matctl download` wrote it into the user's folder.
+TEST_F(WorkerServiceArtifactTest, OnlyTheFilesAJobGivesBackAreTaken) {
+  RunningJob job = StartTwoRankJob();
+  ASSERT_NE(job.ranks[0], nullptr);
+  const std::string rank0 = job.ranks[0]->id();
+  v1::UploadArtifactReply reply;
+  for (const std::string name : {"notes.txt", "model.safetensors.bak", "Summary.json"}) {
+    grpc::Status s = Upload(rank0, SecretOf(rank0), job.job_id, "{}", &reply, name);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << name;
+    EXPECT_THAT(s.error_message(), HasSubstr("artifact name '" + name + "' is not one a job"));
+    EXPECT_THAT(s.error_message(), HasSubstr("job_spec.yaml, summary.json, metrics.jsonl"));
+  }
+  for (const char* name : api::kJobArtifactNames) {
+    grpc::Status s = Upload(rank0, SecretOf(rank0), job.job_id, "{}", &reply, name);
+    EXPECT_TRUE(s.ok()) << name << ": " << s.error_message();
+  }
+  absl::StatusOr<v1::ListArtifactsReply> listed = artifacts_->List(job.job_id);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->artifacts_size(), static_cast<int>(api::kJobArtifactNames.size()));
+}
 
 // Any caller that could reach WorkerService could upload (or replace) a job's artifacts by
 // naming its rank 0's worker id, and speak as a worker whose session had ended by registering

@@ -298,20 +298,9 @@ TEST_F(WorkerSessionsTest, ARanksLastLinesAreKeptAfterItsJobMovedOn) {
   const std::string job = StartTwoRankJob(&w0, &w1);
   coordinator_->CloseSession(w1.id);
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
-  const auto lines = [&](const std::string& worker, int rank, const std::string& text) {
-    v1::WorkerMessage m;
-    m.set_worker_id(worker);
-    v1::LogBatch* batch = m.mutable_logs();
-    batch->set_job_id(job);
-    batch->set_rank(rank);
-    batch->set_attempt(0);
-    v1::LogLine* line = batch->add_lines();
-    line->set_level("error");
-    line->set_text(text);
-    return m;
-  };
-  EXPECT_TRUE(Send(lines(w0.id, 0, "rank 0: failed: gradient all-reduce failed")).ok());
-  EXPECT_EQ(Send(lines(w0.id, 1, "not its rank")).code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(
+      Send(Logs(w0.id, job, 0, "rank 0: failed: gradient all-reduce failed", "error")).ok());
+  EXPECT_EQ(Send(Logs(w0.id, job, 1, "not its rank")).code(), absl::StatusCode::kNotFound);
   v1::GetJobLogsRequest request;
   request.set_job_id(job);
   absl::StatusOr<v1::GetJobLogsReply> kept = coordinator_->GetJobLogs(request);
@@ -319,6 +308,65 @@ TEST_F(WorkerSessionsTest, ARanksLastLinesAreKeptAfterItsJobMovedOn) {
   ASSERT_EQ(kept->lines_size(), 1);
   EXPECT_EQ(kept->lines(0).rank(), 0);
   EXPECT_EQ(kept->lines(0).text(), "rank 0: failed: gradient all-reduce failed");
+}
+
+// A rank sends its last lines and rank 0 its artifacts before its RankDone ok. Anything later
+// from it was kept: lines that pushed the job's real ones out of the kept window, and files that
+// replaced a finished job's model after its users may have read it.
+TEST_F(WorkerSessionsTest, AFinishedRanksLogAndArtifactsAreFinal) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Logs(w0.id, job, 0, "rank 0: step 100"));
+  EXPECT_TRUE(coordinator_->CheckArtifactUpload(w0.id, job, 0, 0).ok());
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);  // rank 1 still runs
+  absl::Status s = Send(Logs(w0.id, job, 0, "after its RankDone"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("its log is complete"));
+  EXPECT_EQ(coordinator_->CheckArtifactUpload(w0.id, job, 0, 0).code(),
+            absl::StatusCode::kFailedPrecondition);
+  SendOk(Logs(w1.id, job, 1, "rank 1: step 100"));  // a rank still running logs on
+  SendOk(Done(w1.id, job, 1, true, "abc"));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
+  // Ended: the stored rows say the same (the runtime is gone).
+  s = coordinator_->CheckArtifactUpload(w0.id, job, 0, 0);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("its artifacts are final"));
+  for (const auto& [worker, rank] : {std::pair{w0.id, 0}, std::pair{w1.id, 1}}) {
+    s = Send(Logs(worker, job, rank, "after the end"));
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("its log is complete"));
+  }
+  v1::GetJobLogsRequest request;
+  request.set_job_id(job);
+  absl::StatusOr<v1::GetJobLogsReply> kept = coordinator_->GetJobLogs(request);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  ASSERT_EQ(kept->lines_size(), 2);
+  EXPECT_EQ(kept->lines(0).text(), "rank 0: step 100");
+  EXPECT_EQ(kept->lines(1).text(), "rank 1: step 100");
+  // A rank that did not finish (cancelled, or failed) still sends its last lines and files after
+  // the end: RankZeroUploadsItsArtifactsWhileItsJobRestarts, ARanksLastLinesAreKeptAfterItsJobMovedOn.
+}
+
+// Data-parallel ranks end with bitwise identical parameters. Ranks that report different ones
+// did not train the job asked for: the job used to SUCCEED with a warning in the log only.
+TEST_F(WorkerSessionsTest, RanksWhoseFinalParametersDifferFailTheJob) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w1.id, job, 1, true, "cafe02"));
+  SendOk(Done(w0.id, job, 0, true, "cafe01", R"({"steps":100})"));
+  const v1::GetJobReply reply = GetJob(job);
+  EXPECT_EQ(reply.job().state(), v1::JOB_STATE_FAILED);
+  EXPECT_THAT(reply.job().error_message(), HasSubstr("the ranks' final parameters differ"));
+  EXPECT_THAT(reply.job().error_message(),
+              HasSubstr(absl::StrCat("rank 0 (", w0.id, ") has checksum cafe01")));
+  EXPECT_THAT(reply.job().error_message(), HasSubstr(absl::StrCat("rank 1 (", w1.id, ") cafe02")));
+  EXPECT_EQ(reply.job().summary_json(), R"({"steps":100})");  // kept, to look at
+  // Both ranks had finished: nobody to cancel, and both workers are free again.
+  EXPECT_THAT(w0.channel->Cancels(), IsEmpty());
+  EXPECT_THAT(w1.channel->Cancels(), IsEmpty());
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_IDLE);
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_IDLE);
 }
 
 TEST_F(WorkerSessionsTest, AClosedSessionRestartsItsJobWithoutClosingTheChannel) {

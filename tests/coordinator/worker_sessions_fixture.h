@@ -163,6 +163,20 @@ inline v1::WorkerMessage Done(const std::string& worker, const std::string& job,
   return m;
 }
 
+// One log line of a rank (attempt 0; Attempt() sets another).
+inline v1::WorkerMessage Logs(const std::string& worker, const std::string& job, int rank,
+                              const std::string& text, const std::string& level = "info") {
+  v1::WorkerMessage m;
+  m.set_worker_id(worker);
+  v1::LogBatch* batch = m.mutable_logs();
+  batch->set_job_id(job);
+  batch->set_rank(rank);
+  v1::LogLine* line = batch->add_lines();
+  line->set_level(level);
+  line->set_text(text);
+  return m;
+}
+
 // `m` (a job message) as sent by a rank of `attempt`.
 inline v1::WorkerMessage Attempt(v1::WorkerMessage m, int64_t attempt) {
   switch (m.body_case()) {
@@ -171,6 +185,7 @@ inline v1::WorkerMessage Attempt(v1::WorkerMessage m, int64_t attempt) {
     case v1::WorkerMessage::kMaskAck: m.mutable_mask_ack()->set_attempt(attempt); break;
     case v1::WorkerMessage::kModules: m.mutable_modules()->set_attempt(attempt); break;
     case v1::WorkerMessage::kDone: m.mutable_done()->set_attempt(attempt); break;
+    case v1::WorkerMessage::kLogs: m.mutable_logs()->set_attempt(attempt); break;
     default: break;
   }
   return m;

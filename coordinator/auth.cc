@@ -2,6 +2,7 @@
 
 #include <grpcpp/security/server_credentials.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -53,7 +54,7 @@ absl::StatusOr<TokenSet> TokenSet::Parse(absl::string_view text, const std::stri
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     line = absl::StripAsciiWhitespace(line);
     if (line.empty() || line.front() == '#') continue;
-    set.tokens_.emplace_back(line);
+    set.Add(line);
   }
   if (set.tokens_.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("'", source, "' holds no token"));
@@ -69,8 +70,15 @@ absl::StatusOr<TokenSet> TokenSet::LoadFile(const std::string& path) {
 
 TokenSet TokenSet::Union(const TokenSet& a, const TokenSet& b) {
   TokenSet set = a;
-  set.tokens_.insert(set.tokens_.end(), b.tokens_.begin(), b.tokens_.end());
+  for (const std::string& token : b.tokens_) set.Add(token);
   return set;
+}
+
+void TokenSet::Add(absl::string_view token) {
+  // At start only, so not in constant time.
+  if (std::find(tokens_.begin(), tokens_.end(), token) == tokens_.end()) {
+    tokens_.emplace_back(token);
+  }
 }
 
 bool TokenSet::Contains(absl::string_view token) const {

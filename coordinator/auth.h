@@ -55,9 +55,11 @@ class TokenSet {
 
   // Whether `token` is one of the set; compares against every token, in constant time each.
   bool Contains(absl::string_view token) const;
-  size_t size() const { return tokens_.size(); }
+  size_t size() const { return tokens_.size(); }  // distinct tokens
 
  private:
+  void Add(absl::string_view token);  // unless already there
+
   std::vector<std::string> tokens_;  // never empty once built
 };
 

@@ -74,6 +74,14 @@ absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
         "--admin-token-file needs --auth-token-file (admin tokens are bearer tokens with more "
         "rights: without bearer tokens every client may already do everything)");
   }
+  if (!config.auth_token_file.empty() && config.join_token_file.empty() &&
+      config.tls_ca_file.empty() && !config.open_worker_service) {
+    return absl::InvalidArgumentError(
+        "--auth-token-file guards JobService, but without --join-token-file (or --tls-ca) "
+        "WorkerService admits anyone: a process that registers as a worker receives the full "
+        "spec of every job it is given, and can fail it. Add --join-token-file, or "
+        "--open-worker-service to run so on purpose");
+  }
   if (config.heartbeat_interval_ms < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "heartbeat interval must be >= 1 ms, got ", config.heartbeat_interval_ms));
@@ -230,10 +238,23 @@ void CoordinatorDaemon::LogAdmission() const {
   if (bearer_tokens_ == nullptr) {
     spdlog::warn("no --auth-token-file: every JobService client is admitted");
   } else {
-    spdlog::info("JobService requires a bearer token ({} known)", bearer_tokens_->size());
+    spdlog::info("JobService requires a bearer token ({} known, admin tokens included)",
+                 bearer_tokens_->size());
     if (admin_tokens_ != nullptr) {
       spdlog::info("{} admin token(s): other clients cancel only their own jobs and drain no "
                    "worker", admin_tokens_->size());
+    } else {
+      spdlog::warn("no --admin-token-file: every client may cancel any job and drain any worker");
+    }
+  }
+  // Tokens in plaintext are readable on the wire beyond this host.
+  if ((bearer_tokens_ != nullptr || join_tokens_ != nullptr) && config_.tls_cert_file.empty()) {
+    absl::StatusOr<std::pair<std::string, int>> listen =
+        common::ParseHostPort(config_.listen_address);
+    const std::string host = listen.ok() ? listen->first : "";
+    if (host.rfind("127.", 0) != 0 && host != "::1" && host != "localhost") {
+      spdlog::warn("tokens travel in plaintext to {}: use --tls-cert/--tls-key beyond this host",
+                   config_.listen_address);
     }
   }
   if (config_.data_roots.empty()) {
@@ -245,7 +266,11 @@ void CoordinatorDaemon::LogAdmission() const {
                "jobs per client (0 = no limit)",
                config_.max_receive_message_bytes, config_.max_spec_bytes,
                config_.max_model_params, config_.max_jobs_per_client);
-  if (join_tokens_ == nullptr) {
+  if (join_tokens_ == nullptr && config_.open_worker_service && bearer_tokens_ != nullptr &&
+      config_.tls_ca_file.empty()) {
+    spdlog::warn("WorkerService admits every worker (--open-worker-service): whoever registers "
+                 "one receives the specs of the jobs it is given");
+  } else if (join_tokens_ == nullptr) {
     spdlog::warn("no --join-token-file: every worker is admitted");
   } else {
     spdlog::info("workers must present a join token");

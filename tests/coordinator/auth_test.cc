@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include <gmock/gmock.h>
@@ -21,12 +22,15 @@
 
 #include "coordinator/daemon.h"
 #include "mat/v1/service.grpc.pb.h"
+#include "spdlog/sinks/ostream_sink.h"
+#include "spdlog/spdlog.h"
 #include "tests/integration/probes.h"
 
 namespace mat::coordinator {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 class AuthTest : public ::testing::Test {
  protected:
@@ -68,9 +72,9 @@ TEST_F(AuthTest, ConstantTimeEqualsComparesWholeStrings) {
 
 TEST_F(AuthTest, ParseSkipsBlankLinesAndCommentsAndTrims) {
   absl::StatusOr<TokenSet> set =
-      TokenSet::Parse("# clients\n\n  alpha  \n#beta\r\ngamma\r\n   \n", "tokens.txt");
+      TokenSet::Parse("# clients\n\n  alpha  \n#beta\r\ngamma\r\n   \nalpha\n", "tokens.txt");
   ASSERT_TRUE(set.ok()) << set.status();
-  EXPECT_EQ(set->size(), 2u);
+  EXPECT_EQ(set->size(), 2u);  // alpha twice counts once
   EXPECT_TRUE(set->Contains("alpha"));
   EXPECT_TRUE(set->Contains("gamma"));
   EXPECT_FALSE(set->Contains("beta"));
@@ -127,6 +131,7 @@ TEST_F(AuthTest, AdminTokensAreBearerTokensAndTheIdentityIgnoresThePrefixsSpelli
   ASSERT_TRUE(users.ok() && admins.ok());
   const TokenSet all = TokenSet::Union(*users, *admins);
   EXPECT_EQ(all.size(), 2u);
+  EXPECT_EQ(TokenSet::Union(all, *admins).size(), 2u);  // a token in both counts once
   EXPECT_TRUE(CheckBearerMetadata(Metadata("authorization", "Bearer ops"), &all, "p").ok());
   EXPECT_TRUE(CheckBearerMetadata(Metadata("authorization", "Bearer alice"), &all, "p").ok());
   EXPECT_TRUE(BearerIn(Metadata("authorization", "Bearer ops"), &*admins));
@@ -257,6 +262,7 @@ TEST_F(AuthTest, DaemonDoesNotStartWithAMissingOrEmptyTokenFile) {
   config.listen_address = "127.0.0.1:0";
   config.metrics_listen_address = "";
   config.state_dir = (dir_ / "state").string();
+  config.open_worker_service = true;  // not what this test is about
   config.auth_token_file = (dir_ / "missing.txt").string();
   auto daemon = CoordinatorDaemon::Start(config);
   ASSERT_FALSE(daemon.ok());
@@ -275,9 +281,67 @@ TEST_F(AuthTest, DaemonDoesNotStartWithAMissingOrEmptyTokenFile) {
   EXPECT_THAT(daemon.status().message(), HasSubstr("--admin-token-file needs --auth-token-file"));
   config.auth_token_file = WriteFile("tokens.txt", "alice\n");
   config.admin_token_file = WriteFile("no-admins.txt", "# nobody\n");
+  config.open_worker_service = true;
   daemon = CoordinatorDaemon::Start(config);
   ASSERT_FALSE(daemon.ok());
   EXPECT_THAT(daemon.status().message(), HasSubstr(config.admin_token_file));
+}
+
+// Bearer tokens guard JobService; a WorkerService that admits anyone would hand every job's spec
+// to whoever registers as a worker. Refused unless the operator says it is meant.
+TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) {
+  CoordinatorDaemonConfig config;
+  config.listen_address = "127.0.0.1:0";
+  config.metrics_listen_address = "";
+  config.state_dir = (dir_ / "state").string();
+  config.shutdown_grace_seconds = 1;
+  config.auth_token_file = WriteFile("tokens.txt", "alice\n");
+  auto daemon = CoordinatorDaemon::Start(config);
+  ASSERT_FALSE(daemon.ok());
+  EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(daemon.status().message(), HasSubstr("without --join-token-file (or --tls-ca)"));
+  EXPECT_THAT(daemon.status().message(), HasSubstr("--open-worker-service"));
+
+  // On purpose: it starts, says so, and workers need no join token. On every address and in
+  // plaintext, it also says that the tokens can be read on the wire, and, without admins, who
+  // may cancel and drain.
+  config.open_worker_service = true;
+  config.listen_address = "0.0.0.0:0";
+  std::ostringstream log;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  daemon = CoordinatorDaemon::Start(config);
+  spdlog::set_default_logger(previous);
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  EXPECT_THAT(log.str(), HasSubstr("WorkerService admits every worker (--open-worker-service)"));
+  EXPECT_THAT(log.str(), HasSubstr("tokens travel in plaintext to 0.0.0.0:0"));
+  EXPECT_THAT(log.str(), HasSubstr("no --admin-token-file: every client may cancel any job"));
+  auto channel =
+      grpc::CreateChannel((*daemon)->grpc_address(), grpc::InsecureChannelCredentials());
+  v1::RegisterRequest request;
+  request.mutable_capabilities()->set_device("cpu");
+  request.mutable_capabilities()->set_host("127.0.0.1");
+  request.mutable_capabilities()->set_rendezvous_port(29500);
+  v1::RegisterReply reply;
+  grpc::Status registered = v1::WorkerService::NewStub(channel)->Register(
+      Context(kWorkerSecretMetadataKey, std::string(64, 'a')).get(), request, &reply);
+  EXPECT_TRUE(registered.ok()) << registered.error_message();
+  (*daemon)->Shutdown();
+
+  config.open_worker_service = false;  // a join token closes it; loopback is this host
+  config.listen_address = "127.0.0.1:0";
+  config.join_token_file = WriteFile("join.txt", "join-1\n");
+  log.str("");
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  daemon = CoordinatorDaemon::Start(config);
+  spdlog::set_default_logger(previous);
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  EXPECT_THAT(log.str(), HasSubstr("workers must present a join token"));
+  EXPECT_THAT(log.str(), Not(HasSubstr("plaintext to")));
+  EXPECT_THAT(log.str(), Not(HasSubstr("admits every worker")));
+  (*daemon)->Shutdown();
 }
 
 }  // namespace

@@ -308,7 +308,8 @@ TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminCancelsAJobAndOnlyAnAdminDrains) {
   const std::string tokens = WriteFile("tokens.txt", "alice-token\nbob-token\n");
   const std::string admins = WriteFile("admins.txt", "# operators\nops-token\n");
   ASSERT_NO_FATAL_FAILURE(
-      StartCoordinatorWith({"--auth-token-file", tokens, "--admin-token-file", admins}));
+      StartCoordinatorWith({"--auth-token-file", tokens, "--admin-token-file", admins,
+                            "--open-worker-service"}));
   const std::string alice = WriteFile("alice.txt", "alice-token\n");
   const std::string bob = WriteFile("bob.txt", "bob-token\n");
   const std::string ops = WriteFile("ops.txt", "ops-token\n");

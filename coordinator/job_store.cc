@@ -136,13 +136,21 @@ constexpr const char* kMigrationV6ToV7 = R"sql(
 ALTER TABLE workers ADD COLUMN secret_sha256 TEXT NOT NULL DEFAULT '';
 )sql";
 
+// Version 8: a client_request_id is its client's (see job_store.h jobs.request_key).
+constexpr const char* kMigrationV7ToV8 = R"sql(
+ALTER TABLE jobs ADD COLUMN request_key TEXT;
+UPDATE jobs SET request_key = client_request_id, client_request_id = NULL
+  WHERE client_request_id IS NOT NULL;
+CREATE UNIQUE INDEX jobs_client_request_key ON jobs (client, request_key);
+)sql";
+
 constexpr const char* kMigrationV3ToV4 = R"sql(
 ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
 )sql";
 
 constexpr const char* kJobColumns =
-    "id, client_request_id, spec, state, created_unix_seconds, updated_unix_seconds, "
+    "id, request_key, spec, state, created_unix_seconds, updated_unix_seconds, "
     "error_message, step, train_loss, val_loss, test_loss, flops_total, wall_seconds, "
     "mask_version, active_modules, total_modules, attempt, summary_json, client";
 constexpr int kJobColumnCount = 19;  // the columns of kJobColumns
@@ -347,6 +355,7 @@ absl::Status JobStore::EnsureSchema() {
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV4ToV5));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV5ToV6));
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV6ToV7));
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV7ToV8));
     MAT_RETURN_IF_ERROR(
         db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
                                kJobStoreSchemaVersion, ")")));
@@ -395,6 +404,11 @@ absl::Status JobStore::EnsureSchema() {
   if (version == 6) {
     MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV6ToV7));
     MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 7"));
+    version = 7;
+  }
+  if (version == 7) {
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV7ToV8));
+    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 8"));
   }
   return txn.Commit();
 }
@@ -452,8 +466,10 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
   if (!client_request_id.empty()) {
     MAT_ASSIGN_OR_RETURN(
         SqliteStatement q,
-        db_->Prepare(absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE client_request_id = ?")));
-    MAT_RETURN_IF_ERROR(q.BindText(1, client_request_id));
+        db_->Prepare(absl::StrCat("SELECT ", kJobColumns,
+                                  " FROM jobs WHERE client = ? AND request_key = ?")));
+    MAT_RETURN_IF_ERROR(q.BindText(1, client));
+    MAT_RETURN_IF_ERROR(q.BindText(2, client_request_id));
     MAT_ASSIGN_OR_RETURN(bool found, q.Step());
     if (found) {
       MAT_ASSIGN_OR_RETURN(JobRecord existing, ReadJob(q));
@@ -485,7 +501,7 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
   const int64_t now = Now();
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement ins,
-      db_->Prepare("INSERT INTO jobs (seq, id, client_request_id, spec, state, "
+      db_->Prepare("INSERT INTO jobs (seq, id, request_key, spec, state, "
                    "created_unix_seconds, updated_unix_seconds, client) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"));
   MAT_RETURN_IF_ERROR(ins.BindInt64(1, seq));

@@ -1,7 +1,7 @@
 // The coordinator's durable state (DESIGN §8) in one SQLite database, `<state_dir>/coordinator.db`:
 //
 //   schema_version  one row: the schema this file was written with (kJobStoreSchemaVersion)
-//   jobs            id, client_request_id (UNIQUE), spec (mat.v1.JobSpec bytes), state,
+//   jobs            id, client_request_id (since v8 always NULL), spec (mat.v1.JobSpec bytes), state,
 //                   created/updated (unix seconds), error message; since v2 also rank 0's
 //                   progress (step, losses, FLOPs, wall time), the mask (version, active and
 //                   total modules), attempt and summary_json
@@ -26,10 +26,16 @@
 //   workers.secret_sha256
 //                   (v7) SHA-256 (64 lowercase hex) of the worker's secret (service.proto's
 //                   worker credentials), "" for a worker that has none yet; never the secret
+//   jobs.request_key
+//                   (v8) the submitter's client_request_id, unique per client (an index on
+//                   (client, request_key)); before v8 jobs.client_request_id held it, unique
+//                   across every client, so one client's key could name another's job. The
+//                   migration moves the keys here and leaves the old column NULL (dropping its
+//                   UNIQUE constraint would take a copy of the table)
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
 // client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs), 6
-// (workers.drain_reason), 7 (workers.secret_sha256). Open
+// (workers.drain_reason), 7 (workers.secret_sha256), 8 (jobs.request_key). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -40,8 +46,8 @@
 // on `<state_dir>/LOCK` and fails with FAILED_PRECONDITION while another JobStore holds it.
 //
 // Errors (absl::Status): INVALID_ARGUMENT bad input, naming it; NOT_FOUND unknown job;
-// FAILED_PRECONDITION illegal state transition; ALREADY_EXISTS a client_request_id reused for a
-// different spec; UNAVAILABLE the disk or the database could not be used (retry or fix);
+// FAILED_PRECONDITION illegal state transition; ALREADY_EXISTS a client's client_request_id
+// reused for a different spec; UNAVAILABLE the disk or the database could not be used (retry or fix);
 // DATA_LOSS a database that is not one or is corrupt. After an error nothing was written.
 //
 // Thread-safety: not thread-safe; call on the coordinator loop (one owner serialises all calls).
@@ -65,7 +71,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 7;
+inline constexpr int kJobStoreSchemaVersion = 8;
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -78,7 +84,7 @@ struct JobStoreOptions {
 // One row of `jobs`.
 struct JobRecord {
   std::string id;                 // "job-000001", assigned by CreateJob, in submission order
-  std::string client_request_id;  // "" when the submitter gave none
+  std::string client_request_id;  // "" when the submitter gave none; unique per client
   std::string client;             // CreateJob's `client` (who submitted it); "" before v3
   v1::JobSpec spec;               // as given to CreateJob
   v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
@@ -245,9 +251,11 @@ class JobStore {
 
   // ----- jobs -----
 
-  // Stores a new QUEUED job. Idempotent by `client_request_id`: when a job with that id exists,
-  // returns it (created = false) if its spec equals `spec`, else ALREADY_EXISTS naming both ids.
-  // An empty client_request_id never matches (every call creates a job).
+  // Stores a new QUEUED job. Idempotent by `client_request_id` within `client`: when a job of
+  // this client with that id exists, returns it (created = false) if its spec equals `spec`,
+  // else ALREADY_EXISTS naming both ids. Another client's job with the same id is not seen (two
+  // clients may use the same key). An empty client_request_id never matches (every call creates
+  // a job).
   // REQUIRES: `spec` passed ValidateJobSpec (the store keeps whatever it is given); the service
   // stores WithJobSpecDefaults(spec).
   //

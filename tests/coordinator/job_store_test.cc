@@ -76,11 +76,17 @@ class JobStoreTest : public ::testing::Test {
     store_ = std::move(*store);
   }
 
-  std::string Create(const std::string& request_id, const v1::JobSpec& spec) {
-    auto r = store_->CreateJob(request_id, spec);
+  std::string Create(const std::string& request_id, const v1::JobSpec& spec,
+                     const std::string& client = "") {
+    auto r = store_->CreateJob(request_id, spec, client);
     EXPECT_TRUE(r.ok()) << r.status();
     return r.ok() ? r->job_id : "";
   }
+
+  // What undoes version 8 in a current file (the first step of making an older one).
+  static constexpr const char* kUndoV8 =
+      "DROP INDEX jobs_client_request_key; UPDATE jobs SET client_request_id = request_key; "
+      "ALTER TABLE jobs DROP COLUMN request_key; ";
 
   // Runs one or more statements on the database file through a separate connection.
   void RawExec(const std::string& sql) {
@@ -201,6 +207,43 @@ TEST_F(JobStoreTest, SubmitIsIdempotentByClientRequestId) {
   auto job = store_->GetJob(first->job_id);
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->created_unix_seconds, 1'700'000'000);
+}
+
+// A request id was unique across every client: bob's submit with alice's key got her job back
+// (same spec) or ALREADY_EXISTS (another), and under roles he could not cancel it. Each client's
+// keys are its own since v8; a v7 file's keys move to their submitters.
+TEST_F(JobStoreTest, RequestIdsAreEachClientsOwnAndAVersion7FileMigrates) {
+  const std::string old = Create("old-key", Spec(1), "alice");
+  store_.reset();
+  RawExec(std::string(kUndoV8) + "UPDATE schema_version SET version = 7;");
+  ASSERT_EQ(RawQuery("SELECT client_request_id FROM jobs"), "old-key");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NULL"), "1");
+  EXPECT_EQ(store_->GetJob(old)->client_request_id, "old-key");
+  auto retry = store_->CreateJob("old-key", Spec(1), "alice");
+  ASSERT_TRUE(retry.ok()) << retry.status();
+  EXPECT_FALSE(retry->created);
+  EXPECT_EQ(retry->job_id, old);
+
+  // bob's equal key, with alice's spec or another: his own new jobs, then idempotent for him.
+  auto bob = store_->CreateJob("old-key", Spec(1), "bob");
+  ASSERT_TRUE(bob.ok()) << bob.status();
+  EXPECT_TRUE(bob->created);
+  EXPECT_NE(bob->job_id, old);
+  EXPECT_EQ(store_->GetJob(bob->job_id)->client, "bob");
+  EXPECT_EQ(store_->GetJob(bob->job_id)->client_request_id, "old-key");
+  auto bob_again = store_->CreateJob("old-key", Spec(1), "bob");
+  ASSERT_TRUE(bob_again.ok()) << bob_again.status();
+  EXPECT_EQ(bob_again->job_id, bob->job_id);
+  auto carol = store_->CreateJob("old-key", Spec(2), "carol");
+  ASSERT_TRUE(carol.ok()) << carol.status();
+  EXPECT_TRUE(carol->created);
+  // Within one client a key still names one job.
+  EXPECT_EQ(store_->CreateJob("old-key", Spec(2), "alice").status().code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(store_->CreateJob("old-key", Spec(2), "bob").status().code(),
+            absl::StatusCode::kAlreadyExists);
 }
 
 TEST_F(JobStoreTest, IdempotencySurvivesReopen) {
@@ -859,7 +902,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -898,7 +941,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -914,7 +957,7 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
   Create("req-1", Spec(1));
   store_.reset();
   // What a version-2 coordinator left: no client column, no index.
-  RawExec("DROP INDEX jobs_client_state; ALTER TABLE jobs DROP COLUMN client; "
+  RawExec(std::string(kUndoV8) + "DROP INDEX jobs_client_state; ALTER TABLE jobs DROP COLUMN client; "
           "ALTER TABLE decisions DROP COLUMN policy_state; "
           "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
           "ALTER TABLE workers DROP COLUMN drain_reason; "
@@ -922,7 +965,7 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -937,13 +980,13 @@ TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
   ASSERT_TRUE(store_->AppendDecision(id, 20, R"({"step":20})").ok());
   store_.reset();
   // What a version-3 coordinator left: decisions without the policy state and the mask.
-  RawExec("ALTER TABLE decisions DROP COLUMN policy_state; "
+  RawExec(std::string(kUndoV8) + "ALTER TABLE decisions DROP COLUMN policy_state; "
           "ALTER TABLE decisions DROP COLUMN mask_update; DROP TABLE job_logs; "
           "ALTER TABLE workers DROP COLUMN drain_reason; "
           "ALTER TABLE workers DROP COLUMN secret_sha256; "
           "UPDATE schema_version SET version = 3;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
   auto old = store_->LatestDecisionAtOrBefore(id, 100);
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_TRUE(old->has_value());
@@ -975,10 +1018,10 @@ TEST_F(JobStoreTest, AWorkersDrainIsStoredUntilClearedAndAVersion5FileMigrates) 
   EXPECT_EQ(store_->GetWorker("w1")->drain_reason, std::nullopt);
 
   store_.reset();
-  RawExec("ALTER TABLE workers DROP COLUMN drain_reason; "
+  RawExec(std::string(kUndoV8) + "ALTER TABLE workers DROP COLUMN drain_reason; "
           "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 5;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
   workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);
@@ -999,9 +1042,10 @@ TEST_F(JobStoreTest, AWorkersSecretHashIsStoredAndAVersion6FileMigrates) {
   EXPECT_EQ(store_->GetWorker(*created)->secret_sha256, std::string(64, 'b'));
 
   store_.reset();
-  RawExec("ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 6;");
+  RawExec(std::string(kUndoV8) +
+          "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 6;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "7");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
   auto workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);

@@ -192,8 +192,8 @@ class Coordinator {
   // Whether `worker_id` may upload artifacts of `job_id` (UploadArtifact; the bytes go to the
   // daemon's ArtifactStore): it holds rank 0 of the job's newest started `attempt`, and the job
   // is RUNNING (before that rank's RankDone), RESTARTING (rank 0's part ended with a lost peer:
-  // the next attempt's rank 0 replaces the files) or has ended (SUCCEEDED, FAILED, CANCELLED: a
-  // rank uploads what it has after a cancel too). PERMISSION_DENIED for another rank; NOT_FOUND /
+  // the next attempt's rank 0 replaces the files) or has ended without rank 0's RankDone ok
+  // (FAILED, CANCELLED: a rank uploads what it has after a cancel too). PERMISSION_DENIED for another rank; NOT_FOUND /
   // ABORTED as for the session's job messages; FAILED_PRECONDITION once that rank 0 sent its
   // RankDone ok (it uploads before it: its artifacts are final); UNAVAILABLE while a RUNNING
   // job's rank 0 has not re-attached to this coordinator (after a restart: retry). The names a
@@ -276,8 +276,9 @@ class Coordinator {
   //                wall_seconds, negative active_modules INVALID_ARGUMENT. Rank 0's is the job's
   //                progress (stored, and published as JobProgress, plus JobEvaluation with a
   //                val_loss); flops_total of the job sums every rank's latest.
-  //   RankDone     ok = false fails the job ("rank R (worker-…): <error>"; Cancel to the other
-  //                ranks still running); the last ok rank makes it SUCCEEDED with rank 0's
+  //   RankDone     ok with step < 0 or without param_checksum INVALID_ARGUMENT; ok = false
+  //                fails the job ("rank R (worker-…): <error>"; Cancel to the other ranks still
+  //                running); the last ok rank makes it SUCCEEDED with rank 0's
   //                summary_json, or FAILED when the ranks' param_checksums differ ("the ranks'
   //                final parameters differ: ..."). Either way the sender becomes IDLE and the
   //                scheduler runs.
@@ -421,6 +422,10 @@ class Coordinator {
   // is kept (KeepUnstoredEnd) until CheckHeartbeats stores it.
   void FailJob(const std::string& job_id, const std::string& message,
                const std::string& except_worker = "");
+  // Every rank of the running `job_id` sent RankDone ok (now, or before a restart): SUCCEEDED
+  // with `summary`'s metrics, or FAILED ("the ranks' final parameters differ: ...") when their
+  // param_checksums differ. A refused store write is kept as FailJob's is.
+  void EndFinishedJob(const std::string& job_id, const std::string& summary);
   // The store refused to end `job_id` in `state` (FAILED or SUCCEEDED): logged once, kept in
   // unstored_ends_ and tried again by CheckHeartbeats (StoreUnstoredEnds).
   void KeepUnstoredEnd(const std::string& job_id, v1::JobState state, const std::string& message,

@@ -191,6 +191,9 @@ struct AssignmentRecord {
   int64_t step = 0;            // latest step the rank reported, steps
   int64_t mask_version = 0;    // latest mask version it acknowledged
   std::string param_checksum;  // its final parameters' checksum (hex), once it finished
+
+  // It sent RankDone ok: only such a rank stores a checksum.
+  bool finished() const { return !param_checksum.empty(); }
 };
 
 // One switchable module of a job, as rank 0 declared it (mat.v1.ModuleDescriptor).

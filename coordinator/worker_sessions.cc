@@ -123,7 +123,7 @@ void Coordinator::KeepJob(const JobRecord& job) {
     rank.step = a.step;
     rank.acked_version = a.mask_version;
     rank.param_checksum = a.param_checksum;
-    rank.done = !a.param_checksum.empty();  // only a finished rank stores its checksum
+    rank.done = a.finished();
     rank.attached = false;
   }
   runtime.ranks[0].summary_json = job.summary_json;
@@ -132,11 +132,7 @@ void Coordinator::KeepJob(const JobRecord& job) {
   if (all_done) {
     // Every rank finished before the previous process could record the end.
     spdlog::info("job {}: every rank had finished before the restart", job.id);
-    jobs_.RecordSummaryMetrics(job.id, job.summary_json);
-    if (absl::Status st = EndJob(job.id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
-      KeepUnstoredEnd(job.id, v1::JOB_STATE_SUCCEEDED, "", st);
-      running_.erase(job.id);
-    }
+    EndFinishedJob(job.id, job.summary_json);
     return;
   }
   if (!stored_modules->empty()) {

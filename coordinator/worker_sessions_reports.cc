@@ -302,7 +302,7 @@ absl::Status Coordinator::CheckArtifactUpload(const std::string& worker_id,
   }
   // A rank that finished sent its files before its RankDone (only a finished rank stores its
   // checksum): nothing replaces them once the job's users may have read them.
-  if (!rank0->param_checksum.empty()) {
+  if (rank0->finished()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "rank 0 of job ", job_id, " already finished (RankDone): its artifacts are final"));
   }
@@ -347,7 +347,7 @@ absl::Status Coordinator::HandleLogs(const std::string& worker_id, const v1::Log
                            store_->ListAssignments(batch.job_id()));
       for (const AssignmentRecord& a : assignments) {
         finished = finished || (a.rank == batch.rank() && a.worker_id == worker_id &&
-                                a.attempt == batch.attempt() && !a.param_checksum.empty());
+                                a.attempt == batch.attempt() && a.finished());
       }
     }
     if (finished) {
@@ -474,9 +474,10 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   const std::string& job_id = done.job_id();
   if (!done.ok()) {
     // Best effort: the failure below must happen even when the store cannot take this.
+    // No checksum: a stored one marks a rank that finished (AssignmentRecord::finished).
     if (absl::Status st = store_->UpdateRankStatus(
             job_id, ref.rank, std::max<int64_t>(done.step(), 0), job.ranks[ref.rank].acked_version,
-            done.param_checksum());
+            "");
         !st.ok()) {
       spdlog::warn("job {}: cannot store rank {}'s last step: {}", job_id, ref.rank,
                    st.ToString());
@@ -510,6 +511,10 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
     return absl::InvalidArgumentError(absl::StrCat("RankDone of ", job_id, " rank ", ref.rank,
                                                    ": step must be >= 0, got ", done.step()));
   }
+  if (done.param_checksum().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("RankDone of ", job_id, " rank ", ref.rank,
+                                                   ": ok without a param_checksum"));
+  }
   RankState& rank = job.ranks[ref.rank];
   int remaining = 0;
   for (int r = 0; r < job.world_size; ++r) remaining += job.ranks[r].done ? 0 : 1;
@@ -528,7 +533,12 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   // The worker stays with the job until it ends (EndJob frees every rank's worker at once): freed
   // one by one, each went to whichever queued job fit first, and the oldest job that needs them
   // all was overtaken by newer, smaller ones.
-  if (!last) return absl::OkStatus();
+  if (last) EndFinishedJob(job_id, summary);
+  return absl::OkStatus();
+}
+
+void Coordinator::EndFinishedJob(const std::string& job_id, const std::string& summary) {
+  const JobRuntime& job = running_.at(job_id);
   // Data-parallel ranks keep bitwise identical parameters (DESIGN.md): ranks that end apart did
   // not train the job asked for (a broken collective, or a rank that does not report what it
   // ran). The job fails saying so; rank 0's artifacts (its model) stay to be looked at.
@@ -545,8 +555,8 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
         ") has checksum ", job.ranks[0].param_checksum, ", ", absl::StrJoin(apart, ", "),
         "; data-parallel ranks must end bitwise identical");
     spdlog::error("job {}: {}", job_id, message);
-    FailJob(job_id, message, worker_id);
-    return absl::OkStatus();
+    FailJob(job_id, message);  // every rank is done: nobody gets a Cancel
+    return;
   }
   jobs_.RecordSummaryMetrics(job_id, summary);
   if (absl::Status st = EndJob(job_id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
@@ -554,7 +564,6 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
     DetachJob(job_id, "", /*cancel=*/false, "");
     Schedule();
   }
-  return absl::OkStatus();
 }
 
 }  // namespace mat::coordinator

@@ -412,6 +412,22 @@ TEST_F(WorkerSessionsTest, RankZeroUploadsItsArtifactsWhileItsJobRestarts) {
   EXPECT_TRUE(s.ok()) << s;
 }
 
+// A rank whose process group failed sends RankDone ok = false, retryable, then uploads. A
+// checksum in that RankDone is not stored: a stored one marks a rank that finished, whose
+// artifacts are final.
+TEST_F(WorkerSessionsTest, AFailedRankDoneStoresNoChecksumAndItsUploadsFollow) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  v1::WorkerMessage failed = Done(w0.id, job, 0, false, "abc", "", "all-reduce failed");
+  failed.mutable_done()->set_retryable(true);
+  SendOk(failed);
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(GetJob(job).ranks(0).param_checksum(), "");
+  absl::Status s = coordinator_->CheckArtifactUpload(w0.id, job, 0, 0);
+  EXPECT_TRUE(s.ok()) << s;
+  SendOk(Logs(w0.id, job, 0, "rank 0: 6 artifacts uploaded"));
+}
+
 TEST_F(WorkerSessionsTest, OnceTheNextAttemptStartsTheOldOnesUploadsAreStale) {
   Worker v0, v1;
   const std::string again = StartTwoRankJob(&v0, &v1);
@@ -680,6 +696,20 @@ TEST_F(WorkerSessionsTest, AJobWhoseRanksAllFinishedBeforeTheRestartSucceeds) {
   Open();
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(GetJob(job).job().summary_json(), R"({"steps":100})");
+}
+
+// The same with ranks that ended apart: the restart compares their checksums too (it used to end
+// every such job SUCCEEDED).
+TEST_F(WorkerSessionsTest, AJobWhoseRanksFinishedApartBeforeTheRestartFails) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
+  ASSERT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, "abd").ok());
+  Open();
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
+  EXPECT_THAT(GetJob(job).job().error_message(),
+              HasSubstr("the ranks' final parameters differ: rank 0 (" + w0.id +
+                        ") has checksum abc, rank 1 (" + w1.id + ") abd"));
 }
 
 TEST_F(WorkerSessionsTest, AKeptJobWhoseWorkerDoesNotReturnRestarts) {

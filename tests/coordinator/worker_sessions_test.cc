@@ -467,6 +467,8 @@ TEST_F(WorkerSessionsTest, RefusedMessagesGetARejectWithTheirCodeAndChangeNothin
        absl::StatusCode::kInvalidArgument, "probe_every"},
       {"negative step", &w1, Spectra(w1.id, job, 1, -10, Lambda(1, 1)),
        absl::StatusCode::kInvalidArgument, "step must be >= 0"},
+      {"RankDone ok without a checksum", &w1, Done(w1.id, job, 1, true, ""),
+       absl::StatusCode::kInvalidArgument, "ok without a param_checksum"},
       {"wrong module count", &w1, Spectra(w1.id, job, 1, 10, short_lambda),
        absl::StatusCode::kInvalidArgument, "lambda_max has 9 values, the job has 10 modules"},
       {"wrong trace count", &w1, bad_trace, absl::StatusCode::kInvalidArgument, "trace"},

@@ -12,6 +12,7 @@
 #include "api/artifacts.h"
 #include "api/credentials.h"
 #include "common/file_util.h"
+#include "coordinator/job_store.h"
 #include "spdlog/spdlog.h"
 
 namespace mat::coordinator {
@@ -129,7 +130,7 @@ std::string ClientIdentity(const ClientMetadata& metadata, const TokenSet* token
   const absl::string_view token = BearerToken(metadata);
   api::Sha256 sha;
   sha.Add(std::string_view(token.data(), token.size()));
-  return "token:" + sha.Hex().substr(0, 16);
+  return kTokenClientPrefix + sha.Hex().substr(0, 16);
 }
 
 std::string ClientIdentity(const grpc::CallbackServerContext& context, const TokenSet* tokens) {

@@ -84,7 +84,7 @@ bool BearerIn(const ClientMetadata& metadata, const TokenSet* tokens);
 bool BearerIn(const grpc::CallbackServerContext& context, const TokenSet* tokens);
 
 // Who a JobService caller is, for per-client limits (the per-client job limit) and logs: with
-// `tokens`, "token:" + the first 16 hex digits of SHA-256(bearer token), so the stored id cannot
+// `tokens`, "token:" (kTokenClientPrefix) + the first 16 hex digits of SHA-256(bearer token), so the stored id cannot
 // be turned back into the token; without, "peer:" + the peer address without its port
 // ("peer:ipv4:127.0.0.1", "peer:ipv6:[::1]"). REQUIRES with tokens: the call passed
 // CheckBearerMetadata.

@@ -151,9 +151,10 @@ class Coordinator {
 
   // Stores WithJobSpecDefaults(spec) as a QUEUED job. INVALID_ARGUMENT naming the field when the
   // spec carries a field unknown to this server's schema ("spec.model: unknown field number 42")
-  // or fails ValidateJobSpec ("policy.alpha must be in [0,1], got 1.5"). Idempotent per
-  // `client`: the same non-empty client_request_id with an equal spec (after defaults) returns
-  // that client's existing job with created = false; with another spec ALREADY_EXISTS. A new job publishes nothing (no one can
+  // or fails ValidateJobSpec ("policy.alpha must be in [0,1], got 1.5"). Idempotent within
+  // RequestScope(client) (a bearer token's own, else shared): the same non-empty
+  // client_request_id with an equal spec (after defaults) returns the existing job with
+  // created = false; with another spec ALREADY_EXISTS. A new job publishes nothing (no one can
   // watch it yet).
   // Admission (options.spec_limits, after validation): INVALID_ARGUMENT for a spec over
   // max_spec_bytes or a data.dir outside the data roots, RESOURCE_EXHAUSTED for a model over

@@ -136,12 +136,15 @@ constexpr const char* kMigrationV6ToV7 = R"sql(
 ALTER TABLE workers ADD COLUMN secret_sha256 TEXT NOT NULL DEFAULT '';
 )sql";
 
-// Version 8: a client_request_id is its client's (see job_store.h jobs.request_key).
+// Version 8: a bearer token's client_request_ids are its own (see job_store.h
+// jobs.request_key). 'token:' is kTokenClientPrefix (RequestScope).
 constexpr const char* kMigrationV7ToV8 = R"sql(
+ALTER TABLE jobs ADD COLUMN request_scope TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs ADD COLUMN request_key TEXT;
-UPDATE jobs SET request_key = client_request_id, client_request_id = NULL
+UPDATE jobs SET request_key = client_request_id, client_request_id = NULL,
+  request_scope = CASE WHEN client LIKE 'token:%' THEN client ELSE '' END
   WHERE client_request_id IS NOT NULL;
-CREATE UNIQUE INDEX jobs_client_request_key ON jobs (client, request_key);
+CREATE UNIQUE INDEX jobs_request_scope_key ON jobs (request_scope, request_key);
 )sql";
 
 constexpr const char* kMigrationV3ToV4 = R"sql(
@@ -467,8 +470,8 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
     MAT_ASSIGN_OR_RETURN(
         SqliteStatement q,
         db_->Prepare(absl::StrCat("SELECT ", kJobColumns,
-                                  " FROM jobs WHERE client = ? AND request_key = ?")));
-    MAT_RETURN_IF_ERROR(q.BindText(1, client));
+                                  " FROM jobs WHERE request_scope = ? AND request_key = ?")));
+    MAT_RETURN_IF_ERROR(q.BindText(1, RequestScope(client)));
     MAT_RETURN_IF_ERROR(q.BindText(2, client_request_id));
     MAT_ASSIGN_OR_RETURN(bool found, q.Step());
     if (found) {
@@ -502,8 +505,8 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement ins,
       db_->Prepare("INSERT INTO jobs (seq, id, request_key, spec, state, "
-                   "created_unix_seconds, updated_unix_seconds, client) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"));
+                   "created_unix_seconds, updated_unix_seconds, client, request_scope) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"));
   MAT_RETURN_IF_ERROR(ins.BindInt64(1, seq));
   MAT_RETURN_IF_ERROR(ins.BindText(2, id));
   if (client_request_id.empty()) {
@@ -516,6 +519,7 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
   MAT_RETURN_IF_ERROR(ins.BindInt64(6, now));
   MAT_RETURN_IF_ERROR(ins.BindInt64(7, now));
   MAT_RETURN_IF_ERROR(ins.BindText(8, client));
+  MAT_RETURN_IF_ERROR(ins.BindText(9, RequestScope(client)));
   MAT_RETURN_IF_ERROR(ins.Run());
   MAT_RETURN_IF_ERROR(txn.Commit());
   return CreateJobResult{id, true};

@@ -26,16 +26,18 @@
 //   workers.secret_sha256
 //                   (v7) SHA-256 (64 lowercase hex) of the worker's secret (service.proto's
 //                   worker credentials), "" for a worker that has none yet; never the secret
-//   jobs.request_key
-//                   (v8) the submitter's client_request_id, unique per client (an index on
-//                   (client, request_key)); before v8 jobs.client_request_id held it, unique
-//                   across every client, so one client's key could name another's job. The
-//                   migration moves the keys here and leaves the old column NULL (dropping its
-//                   UNIQUE constraint would take a copy of the table)
+//   jobs.request_scope, jobs.request_key
+//                   (v8) the submitter's client_request_id (request_key), unique within its
+//                   scope (RequestScope: a bearer token's client, or '' shared by every client
+//                   without one; an index on (request_scope, request_key)). Before v8
+//                   jobs.client_request_id held it, unique across every client, so one token's
+//                   key could name another's job. The migration moves the keys here (a row of a
+//                   token client to that client's scope) and leaves the old column NULL
+//                   (dropping its UNIQUE constraint would take a copy of the table)
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
 // client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs), 6
-// (workers.drain_reason), 7 (workers.secret_sha256), 8 (jobs.request_key). Open
+// (workers.drain_reason), 7 (workers.secret_sha256), 8 (jobs.request_scope, request_key). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -46,8 +48,8 @@
 // on `<state_dir>/LOCK` and fails with FAILED_PRECONDITION while another JobStore holds it.
 //
 // Errors (absl::Status): INVALID_ARGUMENT bad input, naming it; NOT_FOUND unknown job;
-// FAILED_PRECONDITION illegal state transition; ALREADY_EXISTS a client's client_request_id
-// reused for a different spec; UNAVAILABLE the disk or the database could not be used (retry or fix);
+// FAILED_PRECONDITION illegal state transition; ALREADY_EXISTS a client_request_id reused within
+// its scope (RequestScope) for a different spec; UNAVAILABLE the disk or the database could not be used (retry or fix);
 // DATA_LOSS a database that is not one or is corrupt. After an error nothing was written.
 //
 // Thread-safety: not thread-safe; call on the coordinator loop (one owner serialises all calls).
@@ -72,6 +74,15 @@ class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
 inline constexpr int kJobStoreSchemaVersion = 8;
+
+// How a bearer token's client id starts (coordinator/auth.h ClientIdentity: "token:" + a hash).
+inline constexpr char kTokenClientPrefix[] = "token:";
+// Whose client_request_ids a job's is unique among: a bearer token's client ("token:...") has
+// its own; every other client ("peer:<host>", "") shares "", so that a resubmit from another
+// address (a re-created pod, "localhost" as ::1 then as 127.0.0.1) still finds its job.
+inline std::string RequestScope(const std::string& client) {
+  return client.rfind(kTokenClientPrefix, 0) == 0 ? client : std::string();
+}
 // Page sizes: 0 means kDefaultPageSize; larger than kMaxPageSize is clamped.
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
@@ -84,7 +95,7 @@ struct JobStoreOptions {
 // One row of `jobs`.
 struct JobRecord {
   std::string id;                 // "job-000001", assigned by CreateJob, in submission order
-  std::string client_request_id;  // "" when the submitter gave none; unique per client
+  std::string client_request_id;  // "" when the submitter gave none; unique in its RequestScope
   std::string client;             // CreateJob's `client` (who submitted it); "" before v3
   v1::JobSpec spec;               // as given to CreateJob
   v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
@@ -254,11 +265,11 @@ class JobStore {
 
   // ----- jobs -----
 
-  // Stores a new QUEUED job. Idempotent by `client_request_id` within `client`: when a job of
-  // this client with that id exists, returns it (created = false) if its spec equals `spec`,
-  // else ALREADY_EXISTS naming both ids. Another client's job with the same id is not seen (two
-  // clients may use the same key). An empty client_request_id never matches (every call creates
-  // a job).
+  // Stores a new QUEUED job. Idempotent by `client_request_id` within RequestScope(client):
+  // when a job of that scope with that id exists, returns it (created = false) if its spec
+  // equals `spec`, else ALREADY_EXISTS naming both ids. Another token's job with the same id is
+  // not seen (two tokens may use the same key). An empty client_request_id never matches (every
+  // call creates a job).
   // REQUIRES: `spec` passed ValidateJobSpec (the store keeps whatever it is given); the service
   // stores WithJobSpecDefaults(spec).
   //

@@ -85,8 +85,8 @@ class JobStoreTest : public ::testing::Test {
 
   // What undoes version 8 in a current file (the first step of making an older one).
   static constexpr const char* kUndoV8 =
-      "DROP INDEX jobs_client_request_key; UPDATE jobs SET client_request_id = request_key; "
-      "ALTER TABLE jobs DROP COLUMN request_key; ";
+      "DROP INDEX jobs_request_scope_key; UPDATE jobs SET client_request_id = request_key; "
+      "ALTER TABLE jobs DROP COLUMN request_key; ALTER TABLE jobs DROP COLUMN request_scope; ";
 
   // Runs one or more statements on the database file through a separate connection.
   void RawExec(const std::string& sql) {
@@ -210,39 +210,53 @@ TEST_F(JobStoreTest, SubmitIsIdempotentByClientRequestId) {
 }
 
 // A request id was unique across every client: bob's submit with alice's key got her job back
-// (same spec) or ALREADY_EXISTS (another), and under roles he could not cancel it. Each client's
-// keys are its own since v8; a v7 file's keys move to their submitters.
-TEST_F(JobStoreTest, RequestIdsAreEachClientsOwnAndAVersion7FileMigrates) {
-  const std::string old = Create("old-key", Spec(1), "alice");
+// (same spec) or ALREADY_EXISTS (another), and under roles he could not cancel it. Since v8 a
+// bearer token's keys are its own; clients without a token (peer hosts) still share one scope,
+// so a resubmit from another address finds its job. A v7 file's keys move to their scopes.
+TEST_F(JobStoreTest, RequestIdsAreEachTokensOwnAndAVersion7FileMigrates) {
+  const std::string alice = "token:0123456789abcdef", bob = "token:fedcba9876543210";
+  const std::string old = Create("old-key", Spec(1), alice);
+  const std::string old_peer = Create("peer-key", Spec(1), "peer:ipv4:10.0.0.1");
   store_.reset();
   RawExec(std::string(kUndoV8) + "UPDATE schema_version SET version = 7;");
-  ASSERT_EQ(RawQuery("SELECT client_request_id FROM jobs"), "old-key");
+  ASSERT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NOT NULL"), "2");
   Reopen();
   EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
-  EXPECT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NULL"), "1");
+  EXPECT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NULL"), "2");
   EXPECT_EQ(store_->GetJob(old)->client_request_id, "old-key");
-  auto retry = store_->CreateJob("old-key", Spec(1), "alice");
+  auto retry = store_->CreateJob("old-key", Spec(1), alice);
   ASSERT_TRUE(retry.ok()) << retry.status();
   EXPECT_FALSE(retry->created);
   EXPECT_EQ(retry->job_id, old);
+  // A peer client's old key is found from another address too.
+  auto moved = store_->CreateJob("peer-key", Spec(1), "peer:ipv4:10.0.0.2");
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_FALSE(moved->created);
+  EXPECT_EQ(moved->job_id, old_peer);
 
-  // bob's equal key, with alice's spec or another: his own new jobs, then idempotent for him.
-  auto bob = store_->CreateJob("old-key", Spec(1), "bob");
-  ASSERT_TRUE(bob.ok()) << bob.status();
-  EXPECT_TRUE(bob->created);
-  EXPECT_NE(bob->job_id, old);
-  EXPECT_EQ(store_->GetJob(bob->job_id)->client, "bob");
-  EXPECT_EQ(store_->GetJob(bob->job_id)->client_request_id, "old-key");
-  auto bob_again = store_->CreateJob("old-key", Spec(1), "bob");
-  ASSERT_TRUE(bob_again.ok()) << bob_again.status();
-  EXPECT_EQ(bob_again->job_id, bob->job_id);
-  auto carol = store_->CreateJob("old-key", Spec(2), "carol");
-  ASSERT_TRUE(carol.ok()) << carol.status();
-  EXPECT_TRUE(carol->created);
-  // Within one client a key still names one job.
-  EXPECT_EQ(store_->CreateJob("old-key", Spec(2), "alice").status().code(),
+  // bob's equal key, with alice's spec or another: his own new job, then idempotent for him.
+  auto b1 = store_->CreateJob("old-key", Spec(1), bob);
+  ASSERT_TRUE(b1.ok()) << b1.status();
+  EXPECT_TRUE(b1->created);
+  EXPECT_NE(b1->job_id, old);
+  EXPECT_EQ(store_->GetJob(b1->job_id)->client, bob);
+  EXPECT_EQ(store_->GetJob(b1->job_id)->client_request_id, "old-key");
+  auto b2 = store_->CreateJob("old-key", Spec(1), bob);
+  ASSERT_TRUE(b2.ok()) << b2.status();
+  EXPECT_EQ(b2->job_id, b1->job_id);
+  // A token's key is not a peer's, nor the reverse.
+  auto peer = store_->CreateJob("old-key", Spec(1), "peer:ipv4:10.0.0.1");
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  EXPECT_TRUE(peer->created);
+  auto token = store_->CreateJob("peer-key", Spec(1), alice);
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_TRUE(token->created);
+  // Within one scope a key still names one job.
+  EXPECT_EQ(store_->CreateJob("old-key", Spec(2), alice).status().code(),
             absl::StatusCode::kAlreadyExists);
-  EXPECT_EQ(store_->CreateJob("old-key", Spec(2), "bob").status().code(),
+  EXPECT_EQ(store_->CreateJob("old-key", Spec(2), bob).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(store_->CreateJob("peer-key", Spec(2), "peer:ipv4:10.0.0.3").status().code(),
             absl::StatusCode::kAlreadyExists);
 }
 

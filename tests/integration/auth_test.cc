@@ -14,7 +14,7 @@
 //     handshake), and matctl against a coordinator whose server certificate is expired fails
 //     UNAVAILABLE naming the failed certificate verification.
 //   - roles: with --admin-token-file a client cancels only its own jobs and drains no worker, an
-//     admin token does both;
+//     admin token does both, and two tokens' equal --request-id are two jobs;
 //   - worker secrets: mat-worker makes its own in WORK_DIR/worker.secret (0600) and returns with
 //     it; a process with the worker's id but another secret exits 78 (PERMISSION_DENIED), and
 //     the secret is in no log and not in the coordinator's database;
@@ -350,6 +350,21 @@ TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminCancelsAJobAndOnlyAnAdminDrains) {
   CommandResult ops_drains = Matctl(address_, {"--token-file", ops, "drain", "worker-000001"});
   EXPECT_EQ(ops_drains.exit_code, 1);
   EXPECT_THAT(ops_drains.err, HasSubstr("NOT_FOUND")) << "past the admin check";
+
+  // A request id is its token's own: bob's equal id got alice's job, which he could not cancel.
+  const auto submit = [&](const std::string& token_file) {
+    CommandResult r =
+        Matctl(address_, {"--token-file", token_file, "submit", spec, "--request-id", "nightly"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    while (!r.out.empty() && (r.out.back() == '\n' || r.out.back() == ' ')) r.out.pop_back();
+    return r.out;
+  };
+  const std::string alices = submit(alice);
+  const std::string bobs = submit(bob);
+  EXPECT_NE(alices, bobs);
+  EXPECT_EQ(submit(alice), alices) << "a retry is still idempotent";
+  CommandResult bob_cancels_his = Matctl(address_, {"--token-file", bob, "cancel", bobs});
+  EXPECT_EQ(bob_cancels_his.exit_code, 0) << bob_cancels_his.err;
 }
 
 TEST_F(AuthTest, TlsAndMutualTls) {

@@ -59,6 +59,16 @@ absl::Status WriteFileAtomic(const std::string& path, const std::string& data, u
     ::unlink(tmp.c_str());
     return absl::ErrnoToStatus(err, "cannot rename '" + tmp + "' to '" + path + "'");
   }
+  // The rename reaches the disk with its directory: flushed too, or a power loss could bring the
+  // old file back. Best effort (some filesystems cannot flush a directory), since `path` already
+  // holds `data` and an error would say it does not.
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  if (dir.empty()) dir = ".";
+  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd >= 0) {
+    (void)::fsync(dir_fd);
+    ::close(dir_fd);
+  }
   return absl::OkStatus();
 }
 

@@ -10,7 +10,8 @@ namespace mat::common {
 // Reads a whole file. NOT_FOUND names the path when it cannot be opened.
 absl::StatusOr<std::string> ReadFile(const std::string& path);
 
-// Writes `data` to `path` atomically: a temp file beside it, fsync, then rename over `path`.
+// Writes `data` to `path` atomically: a temp file beside it, fsync, then rename over `path`, then
+// fsync of its directory (best effort: not every filesystem can).
 // After an error `path` is unchanged; the error carries the errno's code (NOT_FOUND for a
 // missing folder, PERMISSION_DENIED, FAILED_PRECONDITION for a directory in the way, ...) and
 // names the file. The file gets `mode` (less the umask), also when it replaces one with others:

@@ -74,13 +74,14 @@ absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
         "--admin-token-file needs --auth-token-file (admin tokens are bearer tokens with more "
         "rights: without bearer tokens every client may already do everything)");
   }
+  // Mutual TLS is no substitute: its CA admits every client certificate, matctl users' too.
   if (!config.auth_token_file.empty() && config.join_token_file.empty() &&
-      config.tls_ca_file.empty() && !config.open_worker_service) {
+      !config.open_worker_service) {
     return absl::InvalidArgumentError(
-        "--auth-token-file guards JobService, but without --join-token-file (or --tls-ca) "
-        "WorkerService admits anyone: a process that registers as a worker receives the full "
-        "spec of every job it is given, and can fail it. Add --join-token-file, or "
-        "--open-worker-service to run so on purpose");
+        "--auth-token-file guards JobService, but without --join-token-file WorkerService admits "
+        "every client: one that registers as a worker receives the full spec of every job it is "
+        "given, and can fail it. Add --join-token-file, or --open-worker-service to run so on "
+        "purpose");
   }
   if (config.heartbeat_interval_ms < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -251,7 +252,8 @@ void CoordinatorDaemon::LogAdmission() const {
   if ((bearer_tokens_ != nullptr || join_tokens_ != nullptr) && config_.tls_cert_file.empty()) {
     absl::StatusOr<std::pair<std::string, int>> listen =
         common::ParseHostPort(config_.listen_address);
-    const std::string host = listen.ok() ? listen->first : "";
+    // (An address it cannot read, a unix socket, is this host's too.)
+    const std::string host = listen.ok() ? listen->first : "localhost";
     if (host.rfind("127.", 0) != 0 && host != "::1" && host != "localhost") {
       spdlog::warn("tokens travel in plaintext to {}: use --tls-cert/--tls-key beyond this host",
                    config_.listen_address);
@@ -266,8 +268,7 @@ void CoordinatorDaemon::LogAdmission() const {
                "jobs per client (0 = no limit)",
                config_.max_receive_message_bytes, config_.max_spec_bytes,
                config_.max_model_params, config_.max_jobs_per_client);
-  if (join_tokens_ == nullptr && config_.open_worker_service && bearer_tokens_ != nullptr &&
-      config_.tls_ca_file.empty()) {
+  if (join_tokens_ == nullptr && bearer_tokens_ != nullptr) {  // --open-worker-service
     spdlog::warn("WorkerService admits every worker (--open-worker-service): whoever registers "
                  "one receives the specs of the jobs it is given");
   } else if (join_tokens_ == nullptr) {

@@ -132,8 +132,9 @@ struct CoordinatorDaemonConfig {
   // "" = every worker is admitted (each still needs its own secret: service.proto).
   std::string join_token_file;
   // With auth_token_file, Start refuses a WorkerService that admits every worker (no
-  // join_token_file and no tls_ca_file): a process registering as a worker would receive the
-  // full spec of every job it is given, past the bearer tokens. true = run so on purpose.
+  // join_token_file; mutual TLS does not count, its CA admits matctl's certificates too): a
+  // client registering as a worker would receive the full spec of every job it is given, past
+  // the bearer tokens. true = run so on purpose.
   bool open_worker_service = false;
   // TLS on the gRPC listener: certificate chain and private key (PEM), both or neither; ""
   // = plaintext.

@@ -59,8 +59,8 @@ void AddFlags(CLI::App& app, mat::coordinator::CoordinatorDaemonConfig& config) 
                  "workers must send a token of this file (one per line, '#' comments) as "
                  "x-mat-join-token; without it every worker is admitted (a trusted single host)");
   app.add_flag("--open-worker-service", config.open_worker_service,
-               "with --auth-token-file but neither --join-token-file nor --tls-ca, start anyway "
-               "(every worker admitted; refused otherwise)");
+               "with --auth-token-file but no --join-token-file, start anyway (every worker "
+               "admitted; refused otherwise)");
   app.add_option("--tls-cert", config.tls_cert_file,
                  "serve gRPC over TLS with this certificate chain (PEM; needs --tls-key)");
   app.add_option("--tls-key", config.tls_key_file, "the private key of --tls-cert (PEM)");

@@ -299,7 +299,8 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   auto daemon = CoordinatorDaemon::Start(config);
   ASSERT_FALSE(daemon.ok());
   EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(daemon.status().message(), HasSubstr("without --join-token-file (or --tls-ca)"));
+  EXPECT_THAT(daemon.status().message(),
+              HasSubstr("without --join-token-file WorkerService admits every client"));
   EXPECT_THAT(daemon.status().message(), HasSubstr("--open-worker-service"));
 
   // On purpose: it starts, says so, and workers need no join token. On every address and in

@@ -47,6 +47,16 @@ class AuthTest : public ::testing::Test {
     return path;
   }
 
+  // A daemon on a free loopback port, without HTTP, its state in the test's folder.
+  CoordinatorDaemonConfig DaemonConfig() const {
+    CoordinatorDaemonConfig config;
+    config.listen_address = "127.0.0.1:0";
+    config.metrics_listen_address = "";
+    config.state_dir = (dir_ / "state").string();
+    config.shutdown_grace_seconds = 1;
+    return config;
+  }
+
   // Metadata holding `key: value`; the strings live in the fixture.
   ClientMetadata Metadata(const std::string& key, const std::string& value) {
     key_ = key;
@@ -182,11 +192,7 @@ std::unique_ptr<grpc::ClientContext> Context(const std::string& key, const std::
 }
 
 TEST_F(AuthTest, DaemonRefusesEveryCallWithoutTheRightTokenButHealthStaysOpen) {
-  CoordinatorDaemonConfig config;
-  config.listen_address = "127.0.0.1:0";
-  config.metrics_listen_address = "";
-  config.state_dir = (dir_ / "state").string();
-  config.shutdown_grace_seconds = 1;
+  CoordinatorDaemonConfig config = DaemonConfig();
   config.auth_token_file = WriteFile("tokens.txt", "client-1\n");
   config.join_token_file = WriteFile("join.txt", "join-1\n");
   auto daemon = CoordinatorDaemon::Start(config);
@@ -258,10 +264,7 @@ TEST_F(AuthTest, DaemonRefusesEveryCallWithoutTheRightTokenButHealthStaysOpen) {
 }
 
 TEST_F(AuthTest, DaemonDoesNotStartWithAMissingOrEmptyTokenFile) {
-  CoordinatorDaemonConfig config;
-  config.listen_address = "127.0.0.1:0";
-  config.metrics_listen_address = "";
-  config.state_dir = (dir_ / "state").string();
+  CoordinatorDaemonConfig config = DaemonConfig();
   config.open_worker_service = true;  // not what this test is about
   config.auth_token_file = (dir_ / "missing.txt").string();
   auto daemon = CoordinatorDaemon::Start(config);
@@ -287,14 +290,21 @@ TEST_F(AuthTest, DaemonDoesNotStartWithAMissingOrEmptyTokenFile) {
   EXPECT_THAT(daemon.status().message(), HasSubstr(config.admin_token_file));
 }
 
+// CoordinatorDaemon::Start with what it logs meanwhile written to `log`.
+absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> StartLogged(
+    const CoordinatorDaemonConfig& config, std::ostringstream* log) {
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(*log)));
+  auto daemon = CoordinatorDaemon::Start(config);
+  spdlog::set_default_logger(previous);
+  return daemon;
+}
+
 // Bearer tokens guard JobService; a WorkerService that admits anyone would hand every job's spec
 // to whoever registers as a worker. Refused unless the operator says it is meant.
 TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) {
-  CoordinatorDaemonConfig config;
-  config.listen_address = "127.0.0.1:0";
-  config.metrics_listen_address = "";
-  config.state_dir = (dir_ / "state").string();
-  config.shutdown_grace_seconds = 1;
+  CoordinatorDaemonConfig config = DaemonConfig();
   config.auth_token_file = WriteFile("tokens.txt", "alice\n");
   auto daemon = CoordinatorDaemon::Start(config);
   ASSERT_FALSE(daemon.ok());
@@ -309,11 +319,7 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   config.open_worker_service = true;
   config.listen_address = "0.0.0.0:0";
   std::ostringstream log;
-  auto previous = spdlog::default_logger();
-  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
-      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
-  daemon = CoordinatorDaemon::Start(config);
-  spdlog::set_default_logger(previous);
+  daemon = StartLogged(config, &log);
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   EXPECT_THAT(log.str(), HasSubstr("WorkerService admits every worker (--open-worker-service)"));
   EXPECT_THAT(log.str(), HasSubstr("tokens travel in plaintext to 0.0.0.0:0"));
@@ -334,10 +340,7 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   config.listen_address = "127.0.0.1:0";
   config.join_token_file = WriteFile("join.txt", "join-1\n");
   log.str("");
-  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
-      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
-  daemon = CoordinatorDaemon::Start(config);
-  spdlog::set_default_logger(previous);
+  daemon = StartLogged(config, &log);
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   EXPECT_THAT(log.str(), HasSubstr("workers must present a join token"));
   EXPECT_THAT(log.str(), Not(HasSubstr("plaintext to")));

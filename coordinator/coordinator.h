@@ -281,8 +281,9 @@ class Coordinator {
   //                fails the job ("rank R (worker-…): <error>"; Cancel to the other ranks still
   //                running); the last ok rank makes it SUCCEEDED with rank 0's
   //                summary_json, or FAILED when the ranks' param_checksums differ ("the ranks'
-  //                final parameters differ: ..."). Either way the sender becomes IDLE and the
-  //                scheduler runs.
+  //                final parameters differ: ..."). ok = false frees the sender at once; an ok
+  //                rank's worker stays with the job until the job ends (then all its workers
+  //                become IDLE together); the scheduler runs.
   //   Heartbeat    never refused; a listed RUNNING job whose rank this worker holds but whose
   //                session does not run it (after a coordinator restart) re-attaches the
   //                session to that rank; any other listed job id the worker runs no rank of

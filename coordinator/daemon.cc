@@ -250,11 +250,11 @@ void CoordinatorDaemon::LogAdmission() const {
   }
   // Tokens in plaintext are readable on the wire beyond this host.
   if ((bearer_tokens_ != nullptr || join_tokens_ != nullptr) && config_.tls_cert_file.empty()) {
+    // (Start refused an address that does not parse.)
     absl::StatusOr<std::pair<std::string, int>> listen =
         common::ParseHostPort(config_.listen_address);
-    // (An address it cannot read, a unix socket, is this host's too.)
-    const std::string host = listen.ok() ? listen->first : "localhost";
-    if (host.rfind("127.", 0) != 0 && host != "::1" && host != "localhost") {
+    const std::string host = listen.ok() ? listen->first : "";
+    if (listen.ok() && host.rfind("127.", 0) != 0 && host != "::1" && host != "localhost") {
       spdlog::warn("tokens travel in plaintext to {}: use --tls-cert/--tls-key beyond this host",
                    config_.listen_address);
     }

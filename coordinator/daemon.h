@@ -151,7 +151,8 @@ class CoordinatorDaemon {
   // files. FAILED_PRECONDITION when another coordinator holds state_dir; INVALID_ARGUMENT for a
   // malformed address, a heartbeat or metrics refresh interval < 1 ms or a negative retention;
   // NOT_FOUND / INVALID_ARGUMENT naming a token, certificate or key file that cannot be read or
-  // is empty;
+  // is empty; INVALID_ARGUMENT for auth_token_file without join_token_file (unless
+  // open_worker_service) and for admin_token_file without auth_token_file;
   // UNAVAILABLE when a listener cannot be
   // bound or the state cannot be written. After an error nothing keeps running and the state dir
   // is released.

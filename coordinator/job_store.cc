@@ -137,12 +137,13 @@ ALTER TABLE workers ADD COLUMN secret_sha256 TEXT NOT NULL DEFAULT '';
 )sql";
 
 // Version 8: a bearer token's client_request_ids are its own (see job_store.h
-// jobs.request_key). 'token:' is kTokenClientPrefix (RequestScope).
+// jobs.request_key). 'token:' is kTokenClientPrefix, compared as RequestScope does (LIKE would
+// ignore case).
 constexpr const char* kMigrationV7ToV8 = R"sql(
 ALTER TABLE jobs ADD COLUMN request_scope TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs ADD COLUMN request_key TEXT;
 UPDATE jobs SET request_key = client_request_id, client_request_id = NULL,
-  request_scope = CASE WHEN client LIKE 'token:%' THEN client ELSE '' END
+  request_scope = CASE WHEN substr(client, 1, 6) = 'token:' THEN client ELSE '' END
   WHERE client_request_id IS NOT NULL;
 CREATE UNIQUE INDEX jobs_request_scope_key ON jobs (request_scope, request_key);
 )sql";

@@ -16,6 +16,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -57,6 +58,19 @@ class AuthTest : public ::testing::Test {
     return config;
   }
 
+  // CoordinatorDaemon::Start with what it logs meanwhile written to `log`. The capture logger
+  // lives as long as the fixture: a daemon thread may still hold it after the default is back.
+  absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> StartLogged(
+      const CoordinatorDaemonConfig& config, std::ostringstream* log) {
+    auto previous = spdlog::default_logger();
+    captures_.push_back(std::make_shared<spdlog::logger>(
+        "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(*log)));
+    spdlog::set_default_logger(captures_.back());
+    auto daemon = CoordinatorDaemon::Start(config);
+    spdlog::set_default_logger(previous);
+    return daemon;
+  }
+
   // Metadata holding `key: value`; the strings live in the fixture.
   ClientMetadata Metadata(const std::string& key, const std::string& value) {
     key_ = key;
@@ -68,6 +82,7 @@ class AuthTest : public ::testing::Test {
 
   std::filesystem::path dir_;
   std::string key_, value_;
+  std::vector<std::shared_ptr<spdlog::logger>> captures_;  // StartLogged's loggers
 };
 
 TEST_F(AuthTest, ConstantTimeEqualsComparesWholeStrings) {
@@ -288,17 +303,6 @@ TEST_F(AuthTest, DaemonDoesNotStartWithAMissingOrEmptyTokenFile) {
   daemon = CoordinatorDaemon::Start(config);
   ASSERT_FALSE(daemon.ok());
   EXPECT_THAT(daemon.status().message(), HasSubstr(config.admin_token_file));
-}
-
-// CoordinatorDaemon::Start with what it logs meanwhile written to `log`.
-absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> StartLogged(
-    const CoordinatorDaemonConfig& config, std::ostringstream* log) {
-  auto previous = spdlog::default_logger();
-  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
-      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(*log)));
-  auto daemon = CoordinatorDaemon::Start(config);
-  spdlog::set_default_logger(previous);
-  return daemon;
 }
 
 // Bearer tokens guard JobService; a WorkerService that admits anyone would hand every job's spec

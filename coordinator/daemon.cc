@@ -274,6 +274,9 @@ void CoordinatorDaemon::LogAdmission() const {
   } else if (join_tokens_ == nullptr) {
     spdlog::warn("no --join-token-file: every worker is admitted");
   } else {
+    if (config_.open_worker_service) {
+      spdlog::warn("--open-worker-service has no effect: --join-token-file closes WorkerService");
+    }
     spdlog::info("workers must present a join token");
   }
 }

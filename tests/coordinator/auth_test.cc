@@ -340,7 +340,7 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   EXPECT_TRUE(registered.ok()) << registered.error_message();
   (*daemon)->Shutdown();
 
-  config.open_worker_service = false;  // a join token closes it; loopback is this host
+  // A join token closes it (the flag then does nothing, and says so); loopback is this host.
   config.listen_address = "127.0.0.1:0";
   config.join_token_file = WriteFile("join.txt", "join-1\n");
   log.str("");
@@ -349,6 +349,7 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   EXPECT_THAT(log.str(), HasSubstr("workers must present a join token"));
   EXPECT_THAT(log.str(), Not(HasSubstr("plaintext to")));
   EXPECT_THAT(log.str(), Not(HasSubstr("admits every worker")));
+  EXPECT_THAT(log.str(), HasSubstr("--open-worker-service has no effect"));
   (*daemon)->Shutdown();
 }
 

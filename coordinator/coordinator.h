@@ -420,8 +420,11 @@ class Coordinator {
   // runtime is dropped. No-op for a job without runtime.
   void DetachJob(const std::string& job_id, const std::string& message, bool cancel,
                  const std::string& except_worker);
-  // EndJob(FAILED, message), and when the store refuses, DetachJob anyway and Schedule; the end
-  // is kept (KeepUnstoredEnd) until CheckHeartbeats stores it.
+  // EndJob, and when the store refuses, DetachJob anyway and Schedule; the end is kept
+  // (KeepUnstoredEnd) until CheckHeartbeats stores it.
+  void EndOrKeepJob(const std::string& job_id, v1::JobState state, const std::string& message,
+                    const std::string& except_worker = "");
+  // EndOrKeepJob(FAILED, message).
   void FailJob(const std::string& job_id, const std::string& message,
                const std::string& except_worker = "");
   // Every rank of the running `job_id` sent RankDone ok (now, or before a restart): SUCCEEDED

@@ -8,6 +8,7 @@
 #include <cctype>
 #include <chrono>
 #include <cmath>
+#include <iterator>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -152,6 +153,13 @@ constexpr const char* kMigrationV3ToV4 = R"sql(
 ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
 )sql";
+
+// kMigrations[v - 1] takes a version-v file to version v + 1.
+constexpr const char* kMigrations[] = {kMigrationV1ToV2, kMigrationV2ToV3, kMigrationV3ToV4,
+                                       kMigrationV4ToV5, kMigrationV5ToV6, kMigrationV6ToV7,
+                                       kMigrationV7ToV8};
+static_assert(std::size(kMigrations) == kJobStoreSchemaVersion - 1,
+              "one migration per schema version after the first");
 
 constexpr const char* kJobColumns =
     "id, request_key, spec, state, created_unix_seconds, updated_unix_seconds, "
@@ -353,13 +361,7 @@ absl::Status JobStore::EnsureSchema() {
   if (exists == "0") {
     // A new database: the first schema, then every migration, as an old file would get them.
     MAT_RETURN_IF_ERROR(db_->Exec(kSchemaV1));
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV2ToV3));
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV3ToV4));
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV4ToV5));
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV5ToV6));
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV6ToV7));
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV7ToV8));
+    for (const char* migration : kMigrations) MAT_RETURN_IF_ERROR(db_->Exec(migration));
     MAT_RETURN_IF_ERROR(
         db_->Exec(absl::StrCat("INSERT INTO schema_version (version) VALUES (",
                                kJobStoreSchemaVersion, ")")));
@@ -379,41 +381,13 @@ absl::Status JobStore::EnsureSchema() {
     return absl::DataLossError(
         absl::StrCat(db_->path(), ": unknown old schema version ", version));
   }
-  if (version == 1) {
-    // In the same transaction: a failed migration leaves the version-1 file as it was.
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV1ToV2));
-    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 2"));
-    version = 2;
+  if (version == kJobStoreSchemaVersion) return txn.Commit();
+  // In the same transaction: a failed migration leaves the old file as it was.
+  for (int v = version; v < kJobStoreSchemaVersion; ++v) {
+    MAT_RETURN_IF_ERROR(db_->Exec(kMigrations[v - 1]));
   }
-  if (version == 2) {
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV2ToV3));
-    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 3"));
-    version = 3;
-  }
-  if (version == 3) {
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV3ToV4));
-    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 4"));
-    version = 4;
-  }
-  if (version == 4) {
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV4ToV5));
-    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 5"));
-    version = 5;
-  }
-  if (version == 5) {
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV5ToV6));
-    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 6"));
-    version = 6;
-  }
-  if (version == 6) {
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV6ToV7));
-    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 7"));
-    version = 7;
-  }
-  if (version == 7) {
-    MAT_RETURN_IF_ERROR(db_->Exec(kMigrationV7ToV8));
-    MAT_RETURN_IF_ERROR(db_->Exec("UPDATE schema_version SET version = 8"));
-  }
+  MAT_RETURN_IF_ERROR(db_->Exec(
+      absl::StrCat("UPDATE schema_version SET version = ", kJobStoreSchemaVersion)));
   return txn.Commit();
 }
 

@@ -477,10 +477,15 @@ void Coordinator::DetachJob(const std::string& job_id, const std::string& messag
 
 void Coordinator::FailJob(const std::string& job_id, const std::string& message,
                           const std::string& except_worker) {
-  absl::Status st = EndJob(job_id, v1::JOB_STATE_FAILED, message, except_worker);
+  EndOrKeepJob(job_id, v1::JOB_STATE_FAILED, message, except_worker);
+}
+
+void Coordinator::EndOrKeepJob(const std::string& job_id, v1::JobState state,
+                               const std::string& message, const std::string& except_worker) {
+  absl::Status st = EndJob(job_id, state, message, except_worker);
   if (st.ok()) return;
-  KeepUnstoredEnd(job_id, v1::JOB_STATE_FAILED, message, st);
-  DetachJob(job_id, message, /*cancel=*/true, except_worker);
+  KeepUnstoredEnd(job_id, state, message, st);
+  DetachJob(job_id, message, /*cancel=*/state != v1::JOB_STATE_SUCCEEDED, except_worker);
   Schedule();
 }
 

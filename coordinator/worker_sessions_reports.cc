@@ -559,11 +559,7 @@ void Coordinator::EndFinishedJob(const std::string& job_id, const std::string& s
     return;
   }
   jobs_.RecordSummaryMetrics(job_id, summary);
-  if (absl::Status st = EndJob(job_id, v1::JOB_STATE_SUCCEEDED, ""); !st.ok()) {
-    KeepUnstoredEnd(job_id, v1::JOB_STATE_SUCCEEDED, "", st);
-    DetachJob(job_id, "", /*cancel=*/false, "");
-    Schedule();
-  }
+  EndOrKeepJob(job_id, v1::JOB_STATE_SUCCEEDED, "");
 }
 
 }  // namespace mat::coordinator

@@ -14,7 +14,6 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -23,9 +22,8 @@
 
 #include "coordinator/daemon.h"
 #include "mat/v1/service.grpc.pb.h"
-#include "spdlog/sinks/ostream_sink.h"
-#include "spdlog/spdlog.h"
 #include "tests/integration/probes.h"
+#include "tests/testing/log_capture.h"
 
 namespace mat::coordinator {
 namespace {
@@ -58,19 +56,6 @@ class AuthTest : public ::testing::Test {
     return config;
   }
 
-  // CoordinatorDaemon::Start with what it logs meanwhile written to `log`. The capture logger
-  // lives as long as the fixture: a daemon thread may still hold it after the default is back.
-  absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> StartLogged(
-      const CoordinatorDaemonConfig& config, std::ostringstream* log) {
-    auto previous = spdlog::default_logger();
-    captures_.push_back(std::make_shared<spdlog::logger>(
-        "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(*log)));
-    spdlog::set_default_logger(captures_.back());
-    auto daemon = CoordinatorDaemon::Start(config);
-    spdlog::set_default_logger(previous);
-    return daemon;
-  }
-
   // Metadata holding `key: value`; the strings live in the fixture.
   ClientMetadata Metadata(const std::string& key, const std::string& value) {
     key_ = key;
@@ -82,7 +67,6 @@ class AuthTest : public ::testing::Test {
 
   std::filesystem::path dir_;
   std::string key_, value_;
-  std::vector<std::shared_ptr<spdlog::logger>> captures_;  // StartLogged's loggers
 };
 
 TEST_F(AuthTest, ConstantTimeEqualsComparesWholeStrings) {
@@ -308,6 +292,7 @@ TEST_F(AuthTest, DaemonDoesNotStartWithAMissingOrEmptyTokenFile) {
 // Bearer tokens guard JobService; a WorkerService that admits anyone would hand every job's spec
 // to whoever registers as a worker. Refused unless the operator says it is meant.
 TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) {
+  tests::LogCapture log;  // before the daemons: it outlives their threads
   CoordinatorDaemonConfig config = DaemonConfig();
   config.auth_token_file = WriteFile("tokens.txt", "alice\n");
   auto daemon = CoordinatorDaemon::Start(config);
@@ -322,12 +307,13 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   // may cancel and drain.
   config.open_worker_service = true;
   config.listen_address = "0.0.0.0:0";
-  std::ostringstream log;
-  daemon = StartLogged(config, &log);
+  log.Take();
+  daemon = CoordinatorDaemon::Start(config);
   ASSERT_TRUE(daemon.ok()) << daemon.status();
-  EXPECT_THAT(log.str(), HasSubstr("WorkerService admits every worker (--open-worker-service)"));
-  EXPECT_THAT(log.str(), HasSubstr("tokens travel in plaintext to 0.0.0.0:0"));
-  EXPECT_THAT(log.str(), HasSubstr("no --admin-token-file: every client may cancel any job"));
+  const std::string open = log.Take();
+  EXPECT_THAT(open, HasSubstr("WorkerService admits every worker (--open-worker-service)"));
+  EXPECT_THAT(open, HasSubstr("tokens travel in plaintext to 0.0.0.0:0"));
+  EXPECT_THAT(open, HasSubstr("no --admin-token-file: every client may cancel any job"));
   auto channel =
       grpc::CreateChannel((*daemon)->grpc_address(), grpc::InsecureChannelCredentials());
   v1::RegisterRequest request;
@@ -343,13 +329,14 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   // A join token closes it (the flag then does nothing, and says so); loopback is this host.
   config.listen_address = "127.0.0.1:0";
   config.join_token_file = WriteFile("join.txt", "join-1\n");
-  log.str("");
-  daemon = StartLogged(config, &log);
+  log.Take();
+  daemon = CoordinatorDaemon::Start(config);
   ASSERT_TRUE(daemon.ok()) << daemon.status();
-  EXPECT_THAT(log.str(), HasSubstr("workers must present a join token"));
-  EXPECT_THAT(log.str(), Not(HasSubstr("plaintext to")));
-  EXPECT_THAT(log.str(), Not(HasSubstr("admits every worker")));
-  EXPECT_THAT(log.str(), HasSubstr("--open-worker-service has no effect"));
+  const std::string closed = log.Take();
+  EXPECT_THAT(closed, HasSubstr("workers must present a join token"));
+  EXPECT_THAT(closed, Not(HasSubstr("plaintext to")));
+  EXPECT_THAT(closed, Not(HasSubstr("admits every worker")));
+  EXPECT_THAT(closed, HasSubstr("--open-worker-service has no effect"));
   (*daemon)->Shutdown();
 }
 

@@ -5,7 +5,6 @@
 // (open, touch, drop), which workers are idle or silent (exactly 3 intervals is not yet silent),
 // the live worker list, the workers gauge, and last_seen written at most every 5 s.
 #include <memory>
-#include <sstream>
 #include <string>
 
 #include <gmock/gmock.h>
@@ -15,9 +14,8 @@
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_store.h"
 #include "coordinator/session_manager.h"
-#include "spdlog/sinks/ostream_sink.h"
-#include "spdlog/spdlog.h"
 #include "tests/testing/fake_worker_channel.h"
+#include "tests/testing/log_capture.h"
 #include "tests/testing/manual_clock.h"
 #include "tests/testing/raw_sql.h"
 #include "tests/testing/temp_dir.h"
@@ -281,10 +279,7 @@ TEST_F(SessionManagerTest, LastSeenThatCannotBeStoredIsLoggedOnceAndItsRecoveryO
   auto sql = [this](const char* text) {
     tests::RunSql(JobStore::DatabasePath(tmp_.path() + "/state"), text);
   };
-  std::ostringstream out;
-  auto previous = spdlog::default_logger();
-  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
-      "capture", std::make_shared<spdlog::sinks::ostream_sink_st>(out)));
+  tests::LogCapture capture;
   sql("CREATE TRIGGER full_disk BEFORE UPDATE ON workers "
       "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");
   for (int i = 0; i < 5; ++i) {
@@ -294,8 +289,7 @@ TEST_F(SessionManagerTest, LastSeenThatCannotBeStoredIsLoggedOnceAndItsRecoveryO
   sql("DROP TRIGGER full_disk");
   sessions_->SetJob(b, "", 0);
   sessions_->SetJob(a, "", 0);
-  spdlog::set_default_logger(previous);
-  const std::string log = out.str();
+  const std::string log = capture.Take();
   size_t failures = 0;
   for (size_t at = log.find("cannot store last_seen"); at != std::string::npos;
        at = log.find("cannot store last_seen", at + 1)) {

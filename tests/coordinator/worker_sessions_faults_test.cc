@@ -418,8 +418,7 @@ TEST_F(WorkerSessionsTest, RankZeroUploadsItsArtifactsWhileItsJobRestarts) {
 TEST_F(WorkerSessionsTest, AFailedRankDoneStoresNoChecksumAndItsUploadsFollow) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);
-  v1::WorkerMessage failed = Done(w0.id, job, 0, false, "abc", "", "all-reduce failed");
-  failed.mutable_done()->set_retryable(true);
+  const v1::WorkerMessage failed = CollectiveFailed(w0.id, job, 0, "abc");
   SendOk(failed);
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
   EXPECT_EQ(GetJob(job).ranks(0).param_checksum(), "");
@@ -525,8 +524,7 @@ TEST_F(WorkerSessionsTest, ALossAfterTheRestartLimitFailsTheJob) {
 TEST_F(WorkerSessionsTest, ARankWhoseProcessGroupFailedRestartsTheJob) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);
-  v1::WorkerMessage done = Done(w0.id, job, 0, false, "", "", "gradient all-reduce failed");
-  done.mutable_done()->set_retryable(true);
+  const v1::WorkerMessage done = CollectiveFailed(w0.id, job, 0);
   std::vector<v1::JobEvent> events;
   Watch(job, &events);
   events.clear();
@@ -542,8 +540,7 @@ TEST_F(WorkerSessionsTest, ARankWhoseProcessGroupFailedRestartsTheJob) {
   EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_BUSY);
   EXPECT_EQ(w1.channel->Assigns().size(), 1u);
   // Its own process-group failure says it stopped: the job restarts at once on both.
-  v1::WorkerMessage also = Done(w1.id, job, 1, false, "", "", "gradient all-reduce failed");
-  also.mutable_done()->set_retryable(true);
+  const v1::WorkerMessage also = CollectiveFailed(w1.id, job, 1);
   EXPECT_EQ(Send(also).code(), absl::StatusCode::kAborted) << "attempt 0 is over";
   ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[1].state().state(), v1::JOB_STATE_RUNNING);
@@ -562,8 +559,7 @@ TEST_F(WorkerSessionsTest, ARankWhoseProcessGroupFailedRestartsTheJob) {
 TEST_F(WorkerSessionsTest, ARestartIsNotPlacedOnAWorkerWhoseRankHasNotStopped) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);
-  v1::WorkerMessage done = Done(w0.id, job, 0, false, "", "", "gradient all-reduce failed");
-  done.mutable_done()->set_retryable(true);
+  const v1::WorkerMessage done = CollectiveFailed(w0.id, job, 0);
   SendOk(done);
   ASSERT_EQ(StateOf(job), v1::JOB_STATE_RESTARTING);
   EXPECT_EQ(w1.channel->Assigns().size(), 1u) << "attempt 1 was sent to the dead worker";
@@ -598,8 +594,7 @@ TEST_F(WorkerSessionsTest, AFailedProcessGroupNamesThePeerThatIsNotConnected) {
   EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
   auto c0 = std::make_shared<FakeWorkerChannel>();
   ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id, {job}), c0).ok());
-  v1::WorkerMessage done = Done(w0.id, job, 0, false, "", "", "gradient all-reduce failed");
-  done.mutable_done()->set_retryable(true);
+  const v1::WorkerMessage done = CollectiveFailed(w0.id, job, 0);
   SendOk(done);
   const v1::Job restarting = GetJob(job).job();
   EXPECT_EQ(restarting.state(), v1::JOB_STATE_RESTARTING);

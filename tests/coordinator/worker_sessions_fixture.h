@@ -164,6 +164,14 @@ inline v1::WorkerMessage Done(const std::string& worker, const std::string& job,
   return m;
 }
 
+// The RankDone of a rank whose process group failed (a peer was lost): ok = false, retryable.
+inline v1::WorkerMessage CollectiveFailed(const std::string& worker, const std::string& job,
+                                          int rank, const std::string& checksum = "") {
+  v1::WorkerMessage m = Done(worker, job, rank, false, checksum, "", "gradient all-reduce failed");
+  m.mutable_done()->set_retryable(true);
+  return m;
+}
+
 // One log line of a rank (attempt 0; Attempt() sets another).
 inline v1::WorkerMessage Logs(const std::string& worker, const std::string& job, int rank,
                               const std::string& text, const std::string& level = "info") {

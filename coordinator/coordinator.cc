@@ -71,8 +71,9 @@ absl::StatusOr<v1::GetJobReply> Coordinator::GetJob(const std::string& job_id) {
   return reply;
 }
 
-absl::StatusOr<v1::ListJobsReply> Coordinator::ListJobs(const v1::ListJobsRequest& request) {
-  return jobs_.List(request);
+absl::StatusOr<v1::ListJobsReply> Coordinator::ListJobs(const v1::ListJobsRequest& request,
+                                                        const std::optional<std::string>& client) {
+  return jobs_.List(request, client);
 }
 
 absl::StatusOr<v1::CancelJobReply> Coordinator::CancelJob(const std::string& job_id,

@@ -175,8 +175,10 @@ class Coordinator {
   // (DescribeWait, gang_scheduler.h).
   absl::StatusOr<v1::GetJobReply> GetJob(const std::string& job_id);
   // Jobs in submission order, paged (page_size 0 = 100, at most 1000; INVALID_ARGUMENT for a
-  // negative size or a malformed token), only `states` when not empty.
-  absl::StatusOr<v1::ListJobsReply> ListJobs(const v1::ListJobsRequest& request);
+  // negative size or a malformed token), only `states` when not empty, only the jobs `client`
+  // submitted when set (JobRecord::client).
+  absl::StatusOr<v1::ListJobsReply> ListJobs(const v1::ListJobsRequest& request,
+                                             const std::optional<std::string>& client = {});
   // Moves the job to CANCELLED with `reason` (or "cancelled by request" when empty) as its
   // error_message and publishes the change (its watchers get their last event). Every rank still
   // running gets Cancel {job, reason}; its worker becomes IDLE and the scheduler runs.

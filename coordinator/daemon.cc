@@ -245,7 +245,7 @@ void CoordinatorDaemon::LogAdmission() const {
       spdlog::info("{} admin token(s): other clients cancel only their own jobs and drain no "
                    "worker", admin_tokens_->size());
     } else {
-      spdlog::warn("no --admin-token-file: every client may cancel any job and drain any worker");
+      spdlog::warn("no --admin-token-file: every client may read and cancel any job and drain any worker");
     }
   }
   // Tokens in plaintext are readable on the wire beyond this host.

@@ -222,11 +222,12 @@ absl::StatusOr<v1::GetJobReply> JobManager::Get(const std::string& job_id) {
   return reply;
 }
 
-absl::StatusOr<v1::ListJobsReply> JobManager::List(const v1::ListJobsRequest& request) {
+absl::StatusOr<v1::ListJobsReply> JobManager::List(const v1::ListJobsRequest& request,
+                                                   const std::optional<std::string>& client) {
   std::vector<v1::JobState> states;
   for (int s : request.states()) states.push_back(static_cast<v1::JobState>(s));
-  MAT_ASSIGN_OR_RETURN(JobPage page,
-                       store_.ListJobs(request.page_size(), request.page_token(), states));
+  MAT_ASSIGN_OR_RETURN(JobPage page, store_.ListJobs(request.page_size(), request.page_token(),
+                                                     states, client));
   v1::ListJobsReply reply;
   for (const JobRecord& record : page.jobs) *reply.add_jobs() = JobRecordToProto(record);
   reply.set_next_page_token(page.next_page_token);

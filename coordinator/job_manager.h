@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -80,7 +81,9 @@ class JobManager {
   // The stored job and its rank assignments (none while QUEUED); the rank's mask_version is the
   // stored one (the facade raises it to a running rank's live acknowledgement).
   absl::StatusOr<v1::GetJobReply> Get(const std::string& job_id);
-  absl::StatusOr<v1::ListJobsReply> List(const v1::ListJobsRequest& request);
+  // Only the jobs `client` submitted when set.
+  absl::StatusOr<v1::ListJobsReply> List(const v1::ListJobsRequest& request,
+                                         const std::optional<std::string>& client = {});
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);
   absl::StatusOr<v1::GetJobLogsReply> GetLogs(const v1::GetJobLogsRequest& request);
   // OK when the job exists and has not finished (NOT_FOUND, FAILED_PRECONDITION "job J is

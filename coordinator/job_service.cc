@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <deque>
+#include <functional>
+#include <optional>
 #include <utility>
 
 #include <boost/asio/post.hpp>
@@ -18,13 +20,14 @@ namespace mat::coordinator {
 namespace {
 
 // One WatchJob call. Its state (below the marker) is touched on the loop only; gRPC's callbacks
-// post there. It deletes itself on the loop after OnDone, gRPC's last callback.
+// post there. It deletes itself on the loop after OnDone, gRPC's last callback. `allowed` runs
+// on the loop first: a refusal ends the call with it.
 class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
   WatchJobReactor(boost::asio::io_context& loop, Coordinator& coordinator, std::string job_id,
-                  size_t max_queued)
+                  size_t max_queued, std::function<absl::Status()> allowed)
       : loop_(loop), coordinator_(coordinator), job_id_(std::move(job_id)),
-        max_queued_(max_queued) {
+        max_queued_(max_queued), allowed_(std::move(allowed)) {
     boost::asio::post(loop_, [this] { Start(); });
   }
 
@@ -52,6 +55,10 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
 
  private:
   void Start() {
+    if (absl::Status allowed = allowed_(); !allowed.ok()) {
+      FinishOnce(api::ToGrpcStatus(allowed));
+      return;
+    }
     absl::StatusOr<WatchId> id = coordinator_.WatchJob(
         job_id_, [this](const v1::JobEvent& event, bool last) { Enqueue(event, last); });
     if (!id.ok()) {
@@ -112,6 +119,7 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
   Coordinator& coordinator_;
   const std::string job_id_;
   const size_t max_queued_;
+  const std::function<absl::Status()> allowed_;
   // ----- loop only -----
   WatchId watch_id_ = 0;  // 0: not subscribed
   bool started_ = false;  // Start has returned from Coordinator::WatchJob
@@ -163,7 +171,9 @@ grpc::ServerUnaryReactor* JobService::GetJob(grpc::CallbackServerContext* contex
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  return RunOnLoop(loop_, context, reply, [this, request] {
+  return RunOnLoop(loop_, context, reply,
+                   [this, request, caller = CallerOf(*context)]() -> absl::StatusOr<v1::GetJobReply> {
+    MAT_RETURN_IF_ERROR(CheckOwner(caller, request->job_id(), "read"));
     absl::StatusOr<v1::GetJobReply> job = coordinator_.GetJob(request->job_id());
     if (job.ok() && options_.artifacts != nullptr) {
       job->mutable_job()->set_artifact_bytes(options_.artifacts->JobBytes(job->job().job_id()));
@@ -178,8 +188,11 @@ grpc::ServerUnaryReactor* JobService::ListJobs(grpc::CallbackServerContext* cont
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  return RunOnLoop(loop_, context, reply, [this, request] {
-    absl::StatusOr<v1::ListJobsReply> jobs = coordinator_.ListJobs(*request);
+  const Caller caller = CallerOf(*context);
+  std::optional<std::string> only;  // a restricted caller lists its own jobs
+  if (caller.restricted) only = caller.client;
+  return RunOnLoop(loop_, context, reply, [this, request, only = std::move(only)] {
+    absl::StatusOr<v1::ListJobsReply> jobs = coordinator_.ListJobs(*request, only);
     if (jobs.ok() && options_.artifacts != nullptr) {
       for (v1::Job& job : *jobs->mutable_jobs()) {
         job.set_artifact_bytes(options_.artifacts->JobBytes(job.job_id()));
@@ -195,22 +208,10 @@ grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* con
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  const bool admin = BearerIn(*context, options_.admin_tokens);
-  std::string client = ClientIdentity(*context, options_.bearer_tokens);
   return RunOnLoop(
       loop_, context, reply,
-      [this, request, admin,
-       client = std::move(client)]() -> absl::StatusOr<v1::CancelJobReply> {
-        if (options_.admin_tokens != nullptr && !admin && !request->job_id().empty()) {
-          // Only the submitter, or an admin. An unknown job is NOT_FOUND and an empty id
-          // INVALID_ARGUMENT, as without roles.
-          MAT_ASSIGN_OR_RETURN(JobRecord job, coordinator_.store().GetJob(request->job_id()));
-          if (job.client != client) {
-            return absl::PermissionDeniedError(absl::StrCat(
-                "job ", job.id, " was submitted by another client: only its submitter or an "
-                "admin token (the coordinator's --admin-token-file) may cancel it"));
-          }
-        }
+      [this, request, caller = CallerOf(*context)]() -> absl::StatusOr<v1::CancelJobReply> {
+        MAT_RETURN_IF_ERROR(CheckOwner(caller, request->job_id(), "cancel"));
         return coordinator_.CancelJob(request->job_id(), request->reason());
       });
 }
@@ -220,8 +221,12 @@ grpc::ServerWriteReactor<v1::JobEvent>* JobService::WatchJob(
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return new RefusedWatchReactor(auth);
   }
-  return new WatchJobReactor(loop_, coordinator_, request->job_id(),
-                             static_cast<size_t>(std::max(1, options_.max_queued_watch_events)));
+  return new WatchJobReactor(
+      loop_, coordinator_, request->job_id(),
+      static_cast<size_t>(std::max(1, options_.max_queued_watch_events)),
+      [this, caller = CallerOf(*context), job_id = request->job_id()] {
+        return CheckOwner(caller, job_id, "read");
+      });
 }
 
 grpc::ServerUnaryReactor* JobService::GetSpectra(grpc::CallbackServerContext* context,
@@ -231,7 +236,11 @@ grpc::ServerUnaryReactor* JobService::GetSpectra(grpc::CallbackServerContext* co
     return Refuse(context, auth);
   }
   return RunOnLoop(loop_, context, reply,
-                   [this, request] { return coordinator_.GetSpectra(*request); });
+                   [this, request,
+                    caller = CallerOf(*context)]() -> absl::StatusOr<v1::GetSpectraReply> {
+                     MAT_RETURN_IF_ERROR(CheckOwner(caller, request->job_id(), "read"));
+                     return coordinator_.GetSpectra(*request);
+                   });
 }
 
 grpc::ServerUnaryReactor* JobService::ListWorkers(grpc::CallbackServerContext* context,
@@ -265,7 +274,11 @@ grpc::ServerUnaryReactor* JobService::GetJobLogs(grpc::CallbackServerContext* co
     return Refuse(context, auth);
   }
   return RunOnLoop(loop_, context, reply,
-                   [this, request] { return coordinator_.GetJobLogs(*request); });
+                   [this, request,
+                    caller = CallerOf(*context)]() -> absl::StatusOr<v1::GetJobLogsReply> {
+                     MAT_RETURN_IF_ERROR(CheckOwner(caller, request->job_id(), "read"));
+                     return coordinator_.GetJobLogs(*request);
+                   });
 }
 
 absl::Status JobService::CheckArtifactCall(const grpc::CallbackServerContext& context) const {
@@ -286,7 +299,10 @@ grpc::ServerUnaryReactor* JobService::ListArtifacts(grpc::CallbackServerContext*
   // On the loop: NOT_FOUND for an unknown job, rather than an empty list.
   return CheckOnLoopThenRun(
       loop_, store->executor().get_executor(), context, reply,
-      [this, request] { return coordinator_.GetJob(request->job_id()).status(); },
+      [this, request, caller = CallerOf(*context)] {
+        MAT_RETURN_IF_ERROR(CheckOwner(caller, request->job_id(), "read"));
+        return coordinator_.GetJob(request->job_id()).status();
+      },
       [store, request] { return store->List(request->job_id()); });
 }
 
@@ -296,9 +312,18 @@ grpc::ServerUnaryReactor* JobService::ReadArtifact(grpc::CallbackServerContext* 
   if (absl::Status refused = CheckArtifactCall(*context); !refused.ok()) {
     return Refuse(context, refused);
   }
+  ArtifactStore* store = options_.artifacts;
+  if (Caller caller = CallerOf(*context); caller.restricted) {
+    // Whose job it is is known on the loop only: each piece passes there first.
+    return CheckOnLoopThenRun(
+        loop_, store->executor().get_executor(), context, reply,
+        [this, request, caller = std::move(caller)] {
+          return CheckOwner(caller, request->job_id(), "read");
+        },
+        [store, request] { return store->Read(*request); });
+  }
   // Straight to the I/O thread: the store names what it does not hold (NOT_FOUND), so a
   // download's pieces never wait for, or add work to, the coordinator loop.
-  ArtifactStore* store = options_.artifacts;
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   boost::asio::post(store->executor(), [store, request, reply, reactor] {
     absl::StatusOr<v1::ReadArtifactReply> piece = store->Read(*request);
@@ -306,6 +331,24 @@ grpc::ServerUnaryReactor* JobService::ReadArtifact(grpc::CallbackServerContext* 
     reactor->Finish(api::ToGrpcStatus(piece.status()));
   });
   return reactor;
+}
+
+JobService::Caller JobService::CallerOf(const grpc::CallbackServerContext& context) const {
+  Caller caller;
+  caller.restricted =
+      options_.admin_tokens != nullptr && !BearerIn(context, options_.admin_tokens);
+  caller.client = ClientIdentity(context, options_.bearer_tokens);
+  return caller;
+}
+
+absl::Status JobService::CheckOwner(const Caller& caller, const std::string& job_id,
+                                    const char* action) {
+  if (!caller.restricted || job_id.empty()) return absl::OkStatus();
+  MAT_ASSIGN_OR_RETURN(JobRecord job, coordinator_.store().GetJob(job_id));
+  if (job.client == caller.client) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      "job ", job.id, " was submitted by another client: only its submitter or an admin token "
+      "(the coordinator's --admin-token-file) may ", action, " it"));
 }
 
 }  // namespace mat::coordinator

@@ -24,10 +24,13 @@
 // at once with UNAUTHENTICATED or PERMISSION_DENIED without posting to the loop. SubmitJob
 // passes the caller's ClientIdentity (a SHA-256 prefix of its token, or its peer host without
 // auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit. With
-// `admin_tokens`, CancelJob of another client's job (or of one stored before clients were, with
-// "") and DrainWorker need an admin token: PERMISSION_DENIED otherwise, checked on the loop
-// before the Coordinator acts. Reading (status, logs, spectra, artifacts) stays open to every
-// admitted caller.
+// `admin_tokens` (roles), a job is its submitter's: a caller whose token is not an admin's
+// (Caller::restricted) may read (GetJob, WatchJob, GetSpectra, GetJobLogs, ListArtifacts,
+// ReadArtifact) and cancel only the jobs it submitted, the same ClientIdentity; another
+// client's job (or one stored before clients were, with "") is PERMISSION_DENIED, checked on
+// the loop before the Coordinator acts (an unknown job stays NOT_FOUND). ListJobs lists only
+// its own jobs. DrainWorker needs an admin token. Admin tokens read and cancel every job.
+// Without roles every admitted caller reads and cancels every job.
 //
 // Artifacts (ListArtifacts, ReadArtifact): the files are read on the ArtifactStore's own I/O
 // thread, which finishes the RPC (ListArtifacts first checks on the loop that the job exists);
@@ -36,6 +39,8 @@
 // Thread-safety: the handlers are called by gRPC on any thread; all Coordinator access happens on
 // the loop.
 #pragma once
+
+#include <string>
 
 #include <boost/asio/io_context.hpp>
 
@@ -54,8 +59,9 @@ struct JobServiceOptions {
   // service. nullptr: every caller is admitted.
   const TokenSet* bearer_tokens = nullptr;
   // Admin tokens (--admin-token-file; also in bearer_tokens), borrowed like it. With them, a
-  // caller may cancel only the jobs it submitted (the same ClientIdentity) and may not drain
-  // workers, unless its token is one of these. nullptr: every admitted caller may do both.
+  // caller may read, list and cancel only the jobs it submitted (the same ClientIdentity) and
+  // may not drain workers, unless its token is one of these. nullptr: every admitted caller may
+  // do all of it.
   const TokenSet* admin_tokens = nullptr;
   // The jobs' artifacts (coordinator/artifact_store.h), borrowed: must outlive the service.
   // nullptr: ListArtifacts and ReadArtifact are UNIMPLEMENTED, Job.artifact_bytes stays 0.
@@ -96,7 +102,8 @@ class JobService final : public v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* GetJobLogs(grpc::CallbackServerContext* context,
                                        const v1::GetJobLogsRequest* request,
                                        v1::GetJobLogsReply* reply) override;
-  // ListArtifacts checks on the loop that the job exists; both read on the store's I/O thread.
+  // ListArtifacts checks on the loop that the job exists (and, for a restricted caller, is its
+  // own, as ReadArtifact does then); both read on the store's I/O thread.
   grpc::ServerUnaryReactor* ListArtifacts(grpc::CallbackServerContext* context,
                                           const v1::ListArtifactsRequest* request,
                                           v1::ListArtifactsReply* reply) override;
@@ -107,6 +114,18 @@ class JobService final : public v1::JobService::CallbackService {
  private:
   // The bearer token, then whether this coordinator keeps artifacts (UNIMPLEMENTED otherwise).
   absl::Status CheckArtifactCall(const grpc::CallbackServerContext& context) const;
+
+  // A caller as the roles see it. REQUIRES: the call passed CheckBearer.
+  struct Caller {
+    bool restricted = false;  // roles are on and its token is no admin's: its own jobs only
+    std::string client;       // its ClientIdentity
+  };
+  Caller CallerOf(const grpc::CallbackServerContext& context) const;
+  // On the loop. OK for an unrestricted caller and for an empty `job_id` (the Coordinator names
+  // that); else NOT_FOUND for an unknown job and PERMISSION_DENIED for another client's, naming
+  // the job and who may `action` ("read", "cancel") it.
+  absl::Status CheckOwner(const Caller& caller, const std::string& job_id,
+                          const char* action);
 
   boost::asio::io_context& loop_;
   Coordinator& coordinator_;

@@ -511,16 +511,19 @@ absl::StatusOr<JobRecord> JobStore::GetJob(const std::string& job_id) {
 }
 
 absl::StatusOr<JobPage> JobStore::ListJobs(int page_size, const std::string& page_token,
-                                           const std::vector<v1::JobState>& states) {
+                                           const std::vector<v1::JobState>& states,
+                                           const std::optional<std::string>& client) {
   MAT_ASSIGN_OR_RETURN(const int size, EffectivePageSize(page_size));
   MAT_ASSIGN_OR_RETURN(const int64_t start, ParsePageToken(page_token));
   std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq >= ?");
   if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", Placeholders(states.size()), ")");
+  if (client.has_value()) absl::StrAppend(&sql, " AND client = ?");
   absl::StrAppend(&sql, " ORDER BY seq LIMIT ?");
   MAT_ASSIGN_OR_RETURN(SqliteStatement q, db_->Prepare(sql));
   int arg = 1;
   MAT_RETURN_IF_ERROR(q.BindInt64(arg++, start));
   for (v1::JobState s : states) MAT_RETURN_IF_ERROR(q.BindText(arg++, JobStateName(s)));
+  if (client.has_value()) MAT_RETURN_IF_ERROR(q.BindText(arg++, *client));
   MAT_RETURN_IF_ERROR(q.BindInt64(arg++, size + 1));  // one more tells whether a page follows
   JobPage page;
   while (true) {

@@ -287,10 +287,12 @@ class JobStore {
   // NOT_FOUND for an unknown id.
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
   // Jobs in submission order, `page_size` at a time (0: kDefaultPageSize; clamped to
-  // kMaxPageSize); only `states` when not empty. `page_token` is "" or a next_page_token from the
-  // same listing; INVALID_ARGUMENT for a negative page_size or a malformed token.
+  // kMaxPageSize); only `states` when not empty; only the jobs whose `client` equals `client`
+  // when set. `page_token` is "" or a next_page_token from the same listing; INVALID_ARGUMENT
+  // for a negative page_size or a malformed token.
   absl::StatusOr<JobPage> ListJobs(int page_size, const std::string& page_token,
-                                   const std::vector<v1::JobState>& states = {});
+                                   const std::vector<v1::JobState>& states = {},
+                                   const std::optional<std::string>& client = {});
   // Moves a job to `state` and stores `error_message` (replacing the previous one), updating
   // updated_unix_seconds; moving to RESTARTING also increments `attempt` (same write).
   // FAILED_PRECONDITION (naming both states) unless IsLegalJobTransition(current, state);

@@ -313,7 +313,7 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   const std::string open = log.Take();
   EXPECT_THAT(open, HasSubstr("WorkerService admits every worker (--open-worker-service)"));
   EXPECT_THAT(open, HasSubstr("tokens travel in plaintext to 0.0.0.0:0"));
-  EXPECT_THAT(open, HasSubstr("no --admin-token-file: every client may cancel any job"));
+  EXPECT_THAT(open, HasSubstr("no --admin-token-file: every client may read and cancel any job"));
   auto channel =
       grpc::CreateChannel((*daemon)->grpc_address(), grpc::InsecureChannelCredentials());
   v1::RegisterRequest request;

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <filesystem>
 #include <future>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -25,6 +26,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "api/artifacts.h"
+#include "coordinator/artifact_store.h"
 #include "coordinator/auth.h"
 #include "google/protobuf/unknown_field_set.h"
 #include "mat/v1/service.grpc.pb.h"
@@ -528,6 +531,167 @@ TEST_F(JobServiceTokenLimitsTest, EachTokenIsOneClient) {
   EXPECT_THAT(s.error_message(), HasSubstr("client 'token:"));
   EXPECT_THAT(s.error_message(), ::testing::Not(HasSubstr("alice-secret")));
   EXPECT_TRUE(SubmitAs("bob-secret", &reply).ok());
+}
+
+TEST_F(JobServiceTokenLimitsTest, WithoutAdminTokensEveryTokenReadsAndListsEveryJob) {
+  v1::SubmitJobReply alices;
+  ASSERT_TRUE(SubmitAs("alice-secret", &alices).ok());
+  grpc::ClientContext get_context;
+  get_context.AddMetadata("authorization", "Bearer bob-secret");
+  v1::GetJobRequest get;
+  get.set_job_id(alices.job_id());
+  v1::GetJobReply job;
+  EXPECT_TRUE(stub_->GetJob(&get_context, get, &job).ok());
+  grpc::ClientContext list_context;
+  list_context.AddMetadata("authorization", "Bearer bob-secret");
+  v1::ListJobsReply list;
+  ASSERT_TRUE(stub_->ListJobs(&list_context, {}, &list).ok());
+  EXPECT_EQ(list.jobs_size(), 1);
+}
+
+// With admin tokens (roles), a job is its submitter's: another client reads, lists and cancels
+// none of it; an admin token reads every job.
+class JobServiceRolesTest : public JobServiceTest {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(tmp_.ok());
+    auto artifacts = ArtifactStore::Open(tmp_.path() + "/artifacts", 0);
+    ASSERT_TRUE(artifacts.ok()) << artifacts.status();
+    artifacts_ = std::move(*artifacts);
+    JobServiceTest::SetUp();
+  }
+  void TearDown() override {
+    JobServiceTest::TearDown();
+    artifacts_.reset();
+  }
+  JobServiceOptions ServiceOptions() const override {
+    JobServiceOptions options;
+    options.bearer_tokens = &tokens_;
+    options.admin_tokens = &admins_;
+    options.artifacts = artifacts_.get();
+    return options;
+  }
+  static std::unique_ptr<grpc::ClientContext> As(const std::string& token) {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->set_deadline(std::chrono::system_clock::now() + 10s);
+    context->AddMetadata("authorization", "Bearer " + token);
+    return context;
+  }
+  std::string SubmitAs(const std::string& token) {
+    v1::SubmitJobRequest request;
+    *request.mutable_spec() = SmallSpec();
+    v1::SubmitJobReply reply;
+    const grpc::Status s = stub_->SubmitJob(As(token).get(), request, &reply);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return reply.job_id();
+  }
+  // Every reading call and CancelJob on `job_id` as `token`, by name.
+  std::map<std::string, grpc::Status> ReadAll(const std::string& token, const std::string& job_id) {
+    std::map<std::string, grpc::Status> calls;
+    v1::GetJobRequest get;
+    get.set_job_id(job_id);
+    v1::GetJobReply job;
+    calls["GetJob"] = stub_->GetJob(As(token).get(), get, &job);
+    v1::GetSpectraRequest spectra_request;
+    spectra_request.set_job_id(job_id);
+    v1::GetSpectraReply spectra;
+    calls["GetSpectra"] = stub_->GetSpectra(As(token).get(), spectra_request, &spectra);
+    v1::GetJobLogsRequest logs_request;
+    logs_request.set_job_id(job_id);
+    v1::GetJobLogsReply logs;
+    calls["GetJobLogs"] = stub_->GetJobLogs(As(token).get(), logs_request, &logs);
+    v1::ListArtifactsRequest list_request;
+    list_request.set_job_id(job_id);
+    v1::ListArtifactsReply listed;
+    calls["ListArtifacts"] = stub_->ListArtifacts(As(token).get(), list_request, &listed);
+    v1::ReadArtifactRequest read_request;
+    read_request.set_job_id(job_id);
+    read_request.set_name("summary.json");
+    v1::ReadArtifactReply piece;
+    calls["ReadArtifact"] = stub_->ReadArtifact(As(token).get(), read_request, &piece);
+    if (calls["ReadArtifact"].ok()) {
+      EXPECT_EQ(piece.data(), "{}") << token;
+    }
+    v1::WatchJobRequest watch_request;
+    watch_request.set_job_id(job_id);
+    auto watch_context = As(token);
+    auto reader = stub_->WatchJob(watch_context.get(), watch_request);
+    v1::JobEvent event;
+    if (reader->Read(&event)) {
+      EXPECT_EQ(event.state().state(), v1::JOB_STATE_QUEUED) << token;
+      watch_context->TryCancel();
+      while (reader->Read(&event)) {
+      }
+      reader->Finish().IgnoreError();
+      calls["WatchJob"] = grpc::Status::OK;
+    } else {
+      calls["WatchJob"] = reader->Finish();
+    }
+    return calls;
+  }
+  std::vector<std::string> ListAs(const std::string& token, int page_size) {
+    std::vector<std::string> ids;
+    v1::ListJobsRequest request;
+    request.set_page_size(page_size);
+    do {
+      v1::ListJobsReply page;
+      const grpc::Status s = stub_->ListJobs(As(token).get(), request, &page);
+      EXPECT_TRUE(s.ok()) << s.error_message();
+      if (!s.ok()) break;
+      for (const v1::Job& job : page.jobs()) ids.push_back(job.job_id());
+      request.set_page_token(page.next_page_token());
+    } while (!request.page_token().empty());
+    return ids;
+  }
+
+  TokenSet tokens_ = *TokenSet::Parse("alice-secret\nbob-secret\nops-secret\n", "test");
+  TokenSet admins_ = *TokenSet::Parse("ops-secret\n", "admins");
+  std::unique_ptr<ArtifactStore> artifacts_;
+};
+
+TEST_F(JobServiceRolesTest, AJobIsItsSubmittersAndAnAdminsOnly) {
+  const std::string a1 = SubmitAs("alice-secret");
+  const std::string b1 = SubmitAs("bob-secret");
+  const std::string a2 = SubmitAs("alice-secret");
+  v1::UploadArtifactRequest upload;
+  upload.set_job_id(a1);
+  upload.set_name("summary.json");
+  upload.set_data("{}");
+  upload.set_total_bytes(2);
+  api::Sha256 sha;
+  sha.Add("{}");
+  upload.set_sha256(sha.Hex());
+  auto uploaded = artifacts_->Upload(upload);
+  ASSERT_TRUE(uploaded.ok() && uploaded->complete()) << uploaded.status();
+
+  for (const auto& [call, status] : ReadAll("bob-secret", a1)) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << call;
+    EXPECT_THAT(status.error_message(),
+                HasSubstr("job " + a1 + " was submitted by another client: only its submitter "
+                          "or an admin token (the coordinator's --admin-token-file) may read it"))
+        << call;
+  }
+  v1::CancelJobRequest cancel;
+  cancel.set_job_id(a1);
+  v1::CancelJobReply cancelled;
+  grpc::Status s = stub_->CancelJob(As("bob-secret").get(), cancel, &cancelled);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("may cancel it"));
+  // An unknown job is NOT_FOUND, as without roles.
+  for (const auto& [call, status] : ReadAll("bob-secret", "job-000099")) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << call;
+  }
+  for (const std::string token : {"alice-secret", "ops-secret"}) {
+    for (const auto& [call, status] : ReadAll(token, a1)) {
+      EXPECT_TRUE(status.ok()) << token << " " << call << ": " << status.error_message();
+    }
+  }
+  // Each client lists its own jobs, page by page; an admin lists every job.
+  EXPECT_EQ(ListAs("alice-secret", 1), (std::vector<std::string>{a1, a2}));
+  EXPECT_EQ(ListAs("bob-secret", 1), (std::vector<std::string>{b1}));
+  EXPECT_EQ(ListAs("ops-secret", 0), (std::vector<std::string>{a1, b1, a2}));
+  s = stub_->CancelJob(As("alice-secret").get(), cancel, &cancelled);
+  EXPECT_TRUE(s.ok()) << s.error_message();
 }
 
 TEST(ClientIdentityTest, HashesTokensAndDropsThePeerPort) {

@@ -347,6 +347,25 @@ TEST_F(JobStoreTest, ListJobsPagesAndFilters) {
   EXPECT_EQ(some->jobs[0].id, ids[1]);
   EXPECT_EQ(some->jobs[1].id, ids[4]);
 
+  // One client's jobs (the roles' ListJobs), paged as the rest.
+  const std::string alices[] = {Create("", Spec(20), "token:a"), Create("", Spec(21), "token:a")};
+  Create("", Spec(22), "token:b");
+  auto first = store_->ListJobs(1, "", {}, std::string("token:a"));
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->jobs.size(), 1u);
+  EXPECT_EQ(first->jobs[0].id, alices[0]);
+  auto second = store_->ListJobs(1, first->next_page_token, {}, std::string("token:a"));
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(second->jobs.size(), 1u);
+  EXPECT_EQ(second->jobs[0].id, alices[1]);
+  EXPECT_EQ(second->next_page_token, "");
+  auto none = store_->ListJobs(0, "", {v1::JOB_STATE_RUNNING}, std::string("token:a"));
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->jobs.empty());
+  auto keyless = store_->ListJobs(0, "", {}, std::string(""));  // jobs stored without a client
+  ASSERT_TRUE(keyless.ok()) << keyless.status();
+  EXPECT_EQ(keyless->jobs.size(), ids.size());
+
   EXPECT_EQ(store_->ListJobs(-1, "").status().code(), absl::StatusCode::kInvalidArgument);
   for (const std::string bad : {"abc", "-3", "007", " 3", "3x"}) {
     auto page = store_->ListJobs(0, bad);

@@ -13,8 +13,9 @@
 //     right CA but expired never registers (it keeps retrying; the coordinator logs the failed
 //     handshake), and matctl against a coordinator whose server certificate is expired fails
 //     UNAVAILABLE naming the failed certificate verification.
-//   - roles: with --admin-token-file a client cancels only its own jobs and drains no worker, an
-//     admin token does both, and two tokens' equal --request-id are two jobs;
+//   - roles: with --admin-token-file a client reads, lists and cancels only its own jobs and
+//     drains no worker, an admin token does all of it, and two tokens' equal --request-id are
+//     two jobs;
 //   - worker secrets: mat-worker makes its own in WORK_DIR/worker.secret (0600) and returns with
 //     it; a process with the worker's id but another secret exits 78 (PERMISSION_DENIED), and
 //     the secret is in no log and not in the coordinator's database;
@@ -302,9 +303,9 @@ TEST_F(AuthTest, AWorkerKeepsItsSecretAndNoProcessWithoutItTakesItsId) {
   EXPECT_THAT(ReadText(db) + ReadText(db + "-wal"), Not(HasSubstr(bare)));
 }
 
-// With --admin-token-file, a client cancels only the jobs it submitted and drains no worker; an
-// admin token does both, and is a bearer token for every other call too.
-TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminCancelsAJobAndOnlyAnAdminDrains) {
+// With --admin-token-file, a client reads and cancels only the jobs it submitted and drains no
+// worker; an admin token does both, and is a bearer token for every other call too.
+TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminReadsOrCancelsAJobAndOnlyAnAdminDrains) {
   const std::string tokens = WriteFile("tokens.txt", "alice-token\nbob-token\n");
   const std::string admins = WriteFile("admins.txt", "# operators\nops-token\n");
   ASSERT_NO_FATAL_FAILURE(
@@ -330,9 +331,20 @@ TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminCancelsAJobAndOnlyAnAdminDrains) {
   EXPECT_EQ(bob_cancels.exit_code, 1);
   EXPECT_THAT(bob_cancels.err, HasSubstr("PERMISSION_DENIED: job " + jobs[0] +
                                          " was submitted by another client"));
-  CommandResult still = Matctl(address_, {"--token-file", bob, "status", jobs[0]});
+  // Reading is the submitter's too: bob neither sees alice's job nor lists it.
+  CommandResult bob_reads = Matctl(address_, {"--token-file", bob, "status", jobs[0]});
+  EXPECT_EQ(bob_reads.exit_code, 1);
+  EXPECT_THAT(bob_reads.err, HasSubstr("PERMISSION_DENIED: job " + jobs[0] +
+                                       " was submitted by another client"));
+  EXPECT_THAT(bob_reads.err, HasSubstr("may read it"));
+  CommandResult bob_lists = Matctl(address_, {"--token-file", bob, "list"});
+  EXPECT_EQ(bob_lists.exit_code, 0) << bob_lists.err;
+  EXPECT_THAT(bob_lists.out, Not(HasSubstr(jobs[0])));
+  CommandResult alice_lists = Matctl(address_, {"--token-file", alice, "list"});
+  EXPECT_THAT(alice_lists.out, HasSubstr(jobs[1]));
+  CommandResult still = Matctl(address_, {"--token-file", alice, "status", jobs[0]});
   EXPECT_EQ(still.exit_code, 0) << still.err;
-  EXPECT_THAT(still.out, HasSubstr("QUEUED")) << "reading stays open; the job is untouched";
+  EXPECT_THAT(still.out, HasSubstr("QUEUED")) << "the job is untouched";
   CommandResult unknown = Matctl(address_, {"--token-file", bob, "cancel", "job-000099"});
   EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND"));

@@ -326,7 +326,12 @@ std::string FormatWorkerTable(const std::vector<v1::WorkerInfo>& workers,
             ? "-"
             : FormatDuration(static_cast<double>(now_unix_seconds - w.last_seen_unix_seconds())) +
                   " ago";
-    rows.push_back({w.worker_id(), WorkerStateName(w.state()),
+    std::string state = WorkerStateName(w.state());
+    // A drain waiting for the worker to come back.
+    if (w.state() == v1::WORKER_STATE_DISCONNECTED && !w.drain_reason().empty()) {
+      state += "(drained)";
+    }
+    rows.push_back({w.worker_id(), state,
                     w.capabilities().device().empty() ? "-" : w.capabilities().device(),
                     w.capabilities().host().empty() ? "-" : w.capabilities().host(),
                     busy ? w.job_id() : "-",

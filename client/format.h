@@ -66,7 +66,8 @@ std::string FormatJobText(const v1::GetJobReply& reply);
 std::string WorkerStateName(v1::WorkerState state);
 
 // `workers`: a header and one aligned row per worker: WORKER, STATE, DEVICE, HOST, JOB, RANK,
-// LAST-SEEN. JOB and RANK are "-" unless the worker runs a rank (BUSY, DRAINING); LAST-SEEN is
+// LAST-SEEN. STATE is "DISCONNECTED(drained)" for a disconnected worker with a drain waiting for
+// it. JOB and RANK are "-" unless the worker runs a rank (BUSY, DRAINING); LAST-SEEN is
 // the age of its last message at `now_unix_seconds` ("12s ago", "3m ago"; "-" when never seen).
 // Ends with a newline; only the header for no workers.
 std::string FormatWorkerTable(const std::vector<v1::WorkerInfo>& workers,

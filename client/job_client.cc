@@ -156,6 +156,16 @@ absl::StatusOr<v1::WorkerInfo> JobClient::DrainWorker(const std::string& worker_
   return reply.worker();
 }
 
+absl::StatusOr<v1::WorkerInfo> JobClient::UndrainWorker(const std::string& worker_id) {
+  v1::UndrainWorkerRequest request;
+  request.set_worker_id(worker_id);
+  v1::UndrainWorkerReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->UndrainWorker(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply.worker();
+}
+
 absl::StatusOr<v1::GetJobLogsReply> JobClient::GetJobLogs(const std::string& job_id, int rank,
                                                           int64_t after_seq) {
   v1::GetJobLogsRequest request;

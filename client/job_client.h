@@ -80,6 +80,8 @@ class JobClient {
   // DrainWorker: the worker's state after the call.
   absl::StatusOr<v1::WorkerInfo> DrainWorker(const std::string& worker_id,
                                              const std::string& reason, bool now);
+  // UndrainWorker: the worker's state after the call.
+  absl::StatusOr<v1::WorkerInfo> UndrainWorker(const std::string& worker_id);
 
   // Streams the job's events into `on_event` (called on this thread) until the coordinator ends
   // the stream: OK after the job's terminal state; the stream's error otherwise (NOT_FOUND for

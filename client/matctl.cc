@@ -334,6 +334,8 @@ int Drain(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
         << worker->rank() << " of " << worker->job_id();
   } else if (worker->state() == v1::WORKER_STATE_DRAINING) {
     out << ": runs no rank, told to stop";
+  } else if (worker->state() == v1::WORKER_STATE_DISCONNECTED && !worker->drain_reason().empty()) {
+    out << ": not connected; told to stop when it comes back";
   }
   out << "\n" << std::flush;
   if (!o.wait) return kExitOk;
@@ -347,6 +349,16 @@ int Drain(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
     }
   }
   out << o.worker_id << " " << WorkerStateName(worker->state()) << "\n";
+  return kExitOk;
+}
+
+int Undrain(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  absl::StatusOr<v1::WorkerInfo> worker = (*made)->UndrainWorker(o.worker_id);
+  if (!worker.ok()) return Fail(err, worker.status());
+  out << o.worker_id << " " << WorkerStateName(worker->state()) << ": in service\n";
   return kExitOk;
 }
 
@@ -714,12 +726,18 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
   drain->footer(
       "With --now its job restarts from its checkpoints on other workers, as after a worker "
       "loss (this counts one of the job's restarts). The coordinator stores the drain: it holds "
-      "across a coordinator restart and the worker's reconnects until the worker has been told to "
-      "stop and left. A worker started again after that is in service.");
+"across a coordinator restart and the worker's reconnects until the worker has been told to "
+      "stop and left. A worker started again after that is in service. A disconnected worker "
+      "may be drained too: it is told to stop when it comes back. `matctl undrain` ends a drain "
+      "before the worker was told to stop.");
   drain->add_option("worker", o.worker_id, "worker id (matctl workers)")->required();
   drain->add_option("--reason", o.reason, "why (the worker's log, and its job's error with --now)");
   drain->add_flag("--now", o.now, "stop the worker's rank now instead of at its job's end");
   drain->add_flag("--wait", o.wait, "return once the worker has left (DISCONNECTED)");
+
+  CLI::App* undrain = app.add_subcommand(
+      "undrain", "end a worker's drain before it was told to stop: it takes ranks again");
+  undrain->add_option("worker", o.worker_id, "worker id (matctl workers)")->required();
 
   CLI::App* logs = app.add_subcommand(
       "logs", "print a job's log lines as its ranks forwarded them (like kubectl logs)");
@@ -762,6 +780,7 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
           {plot, [&] { return Plot(o, out, err); }},
           {workers, [&] { return Workers(o, out, err); }},
           {drain, [&] { return Drain(o, out, err); }},
+          {undrain, [&] { return Undrain(o, out, err); }},
           {logs, [&] { return Logs(o, out, err); }},
           {download, [&] { return Download(o, out, err); }},
           {compare, [&] { return Compare(o, out, err); }}};

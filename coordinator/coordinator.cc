@@ -103,7 +103,8 @@ absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
   }
   if (rank < 0) job.clear();
   spdlog::info("worker {}: draining ({}){}", id, reason,
-               job.empty()      ? ""
+               !sessions_.HasSession(id) ? "; not connected: told to stop when it comes back"
+               : job.empty()             ? ""
                : request.now() ? absl::StrCat("; stops its rank of ", job, " now")
                                : absl::StrCat("; its rank of ", job, " runs to the job's end"));
   if (request.now() && !job.empty()) {
@@ -112,6 +113,20 @@ absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
   Schedule();  // an idle worker is told to stop now
   MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
   v1::DrainWorkerReply reply;
+  for (const v1::WorkerInfo& w : workers.workers()) {
+    if (w.worker_id() == id) *reply.mutable_worker() = w;
+  }
+  return reply;
+}
+
+absl::StatusOr<v1::UndrainWorkerReply> Coordinator::UndrainWorker(
+    const v1::UndrainWorkerRequest& request) {
+  const std::string& id = request.worker_id();
+  MAT_RETURN_IF_ERROR(sessions_.Undrain(id));
+  spdlog::info("worker {}: drain ended, in service again", id);
+  Schedule();  // it may take a queued job now
+  MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
+  v1::UndrainWorkerReply reply;
   for (const v1::WorkerInfo& w : workers.workers()) {
     if (w.worker_id() == id) *reply.mutable_worker() = w;
   }

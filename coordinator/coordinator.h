@@ -221,9 +221,14 @@ class Coordinator {
   // Takes a worker out of service (DrainWorker): DRAINING, no new rank; with `now` its running
   // job restarts as after a worker loss ("<worker> (rank R) drained: <reason>", counting an
   // attempt); once it runs and stops no rank it gets Drain {reason} (Schedule) and leaves.
-  // Stored: a restarted coordinator keeps the drain (SessionManager::SetDraining). NOT_FOUND for
-  // an unknown worker, FAILED_PRECONDITION for one without an open session.
+  // Stored: a restarted coordinator keeps the drain (SessionManager::SetDraining). A worker
+  // without a session stays DISCONNECTED with the drain's reason and is told to stop when it
+  // comes back. NOT_FOUND for an unknown worker.
   absl::StatusOr<v1::DrainWorkerReply> DrainWorker(const v1::DrainWorkerRequest& request);
+  // Ends a drain before the worker was told to stop (UndrainWorker): it takes ranks again, and
+  // the scheduler runs. NOT_FOUND for an unknown worker, FAILED_PRECONDITION for one that is not
+  // drained or was already told to stop (SessionManager::Undrain).
+  absl::StatusOr<v1::UndrainWorkerReply> UndrainWorker(const v1::UndrainWorkerRequest& request);
 
   // ----- WorkerService (the session protocol of proto/mat/v1/service.proto) -----
 

@@ -267,6 +267,21 @@ grpc::ServerUnaryReactor* JobService::DrainWorker(grpc::CallbackServerContext* c
                    [this, request] { return coordinator_.DrainWorker(*request); });
 }
 
+grpc::ServerUnaryReactor* JobService::UndrainWorker(grpc::CallbackServerContext* context,
+                                                    const v1::UndrainWorkerRequest* request,
+                                                    v1::UndrainWorkerReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
+  if (options_.admin_tokens != nullptr && !BearerIn(*context, options_.admin_tokens)) {
+    return Refuse(context, absl::PermissionDeniedError(
+                               "undraining a worker needs an admin token (the coordinator's "
+                               "--admin-token-file)"));
+  }
+  return RunOnLoop(loop_, context, reply,
+                   [this, request] { return coordinator_.UndrainWorker(*request); });
+}
+
 grpc::ServerUnaryReactor* JobService::GetJobLogs(grpc::CallbackServerContext* context,
                                                  const v1::GetJobLogsRequest* request,
                                                  v1::GetJobLogsReply* reply) {

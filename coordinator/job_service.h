@@ -29,7 +29,7 @@
 // ReadArtifact) and cancel only the jobs it submitted, the same ClientIdentity; another
 // client's job (or one stored before clients were, with "") is PERMISSION_DENIED, checked on
 // the loop before the Coordinator acts (an unknown job stays NOT_FOUND). ListJobs lists only
-// its own jobs. DrainWorker needs an admin token. Admin tokens read and cancel every job.
+// its own jobs. DrainWorker and UndrainWorker need an admin token. Admin tokens read and cancel every job.
 // Without roles every admitted caller reads and cancels every job.
 //
 // Artifacts (ListArtifacts, ReadArtifact): the files are read on the ArtifactStore's own I/O
@@ -99,6 +99,9 @@ class JobService final : public v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* DrainWorker(grpc::CallbackServerContext* context,
                                         const v1::DrainWorkerRequest* request,
                                         v1::DrainWorkerReply* reply) override;
+  grpc::ServerUnaryReactor* UndrainWorker(grpc::CallbackServerContext* context,
+                                          const v1::UndrainWorkerRequest* request,
+                                          v1::UndrainWorkerReply* reply) override;
   grpc::ServerUnaryReactor* GetJobLogs(grpc::CallbackServerContext* context,
                                        const v1::GetJobLogsRequest* request,
                                        v1::GetJobLogsReply* reply) override;

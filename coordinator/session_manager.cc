@@ -195,6 +195,7 @@ absl::StatusOr<v1::ListWorkersReply> SessionManager::List() const {
     if (session == sessions_.end()) {
       info->set_state(v1::WORKER_STATE_DISCONNECTED);
       info->set_last_seen_unix_seconds(w.last_seen_unix_seconds);
+      if (w.drain_reason.has_value()) info->set_drain_reason(*w.drain_reason);  // waits for it
       continue;
     }
     const Session& s = session->second;
@@ -334,16 +335,37 @@ absl::Status SessionManager::SetDraining(const std::string& worker_id, const std
   if (workers_.count(worker_id) == 0) {
     return absl::NotFoundError(absl::StrCat("no worker '", worker_id, "' (matctl workers)"));
   }
-  auto it = sessions_.find(worker_id);
-  if (it == sessions_.end()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("worker ", worker_id, " is not connected: nothing to drain"));
-  }
-  if (!it->second.draining) {
-    MAT_RETURN_IF_ERROR(store_.SetWorkerDrain(worker_id, reason));
-    workers_[worker_id].drain_reason = reason;
+  if (workers_[worker_id].drain_reason.has_value()) return absl::OkStatus();  // the first reason
+  MAT_RETURN_IF_ERROR(store_.SetWorkerDrain(worker_id, reason));
+  workers_[worker_id].drain_reason = reason;
+  // Without a session it waits in the store: the session that opens next is draining.
+  if (auto it = sessions_.find(worker_id); it != sessions_.end()) {
     it->second.draining = true;
     it->second.drain_reason = reason;
+    UpdateGauges();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SessionManager::Undrain(const std::string& worker_id) {
+  auto known = workers_.find(worker_id);
+  if (known == workers_.end()) {
+    return absl::NotFoundError(absl::StrCat("no worker '", worker_id, "' (matctl workers)"));
+  }
+  if (!known->second.drain_reason.has_value()) {
+    return absl::FailedPreconditionError(absl::StrCat("worker ", worker_id, " is not drained"));
+  }
+  auto it = sessions_.find(worker_id);
+  if (it != sessions_.end() && it->second.drain_taken) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "worker ", worker_id, " was already told to stop and is leaving: start it again once it "
+        "has left (DISCONNECTED), and it is in service"));
+  }
+  MAT_RETURN_IF_ERROR(store_.SetWorkerDrain(worker_id, std::nullopt));
+  known->second.drain_reason.reset();
+  if (it != sessions_.end()) {
+    it->second.draining = false;
+    it->second.drain_reason.clear();
     UpdateGauges();
   }
   return absl::OkStatus();

@@ -130,12 +130,18 @@ class SessionManager {
   std::string JobOf(const std::string& worker_id) const;
 
   // Draining (DrainWorker): the worker takes no new rank (Idle leaves it out) and List shows it
-  // DRAINING with `reason`; a second call keeps the first reason. Stored (JobStore::
-  // SetWorkerDrain), so it survives a lost session and a coordinator restart: a session that
-  // opens for a drained worker is draining. It ends when the session of a worker TakeDrained
-  // returned (told to stop) ends. NOT_FOUND for an unknown worker, FAILED_PRECONDITION for one
-  // without an open session; a store error leaves the worker in service.
+  // DRAINING with `reason` (DISCONNECTED with `reason` while it has no session); a second call
+  // keeps the first reason. Stored (JobStore::SetWorkerDrain), so it survives a lost session and
+  // a coordinator restart, and a worker without a session may be drained: a session that opens
+  // for a drained worker is draining. It ends when the session of a worker TakeDrained returned
+  // (told to stop) ends, or with Undrain. NOT_FOUND for an unknown worker; a store error leaves
+  // the worker in service.
   absl::Status SetDraining(const std::string& worker_id, const std::string& reason);
+  // Ends a drain before the worker was told to stop: it is in service again (stored).
+  // NOT_FOUND for an unknown worker; FAILED_PRECONDITION for one that is not drained or that
+  // TakeDrained returned while its session is still open (it is leaving); a store error leaves
+  // it drained.
+  absl::Status Undrain(const std::string& worker_id);
   // Draining workers that run and stop no rank and were not returned before: (id, reason), in id
   // order. The caller tells each to stop (Drain).
   std::vector<std::pair<std::string, std::string>> TakeDrained();

@@ -301,18 +301,23 @@ TEST(FormatTest, WorkerTableShowsJobAndRankOnlyForWorkersThatRunARankAndTheAgeOf
   draining.set_rank(0);
   const v1::WorkerInfo drained =
       MakeWorker("worker-000006", v1::WORKER_STATE_DRAINING, "cpu", "host-f", now);
+  // Disconnected with a drain that waits for it.
+  v1::WorkerInfo away =
+      MakeWorker("worker-000007", v1::WORKER_STATE_DISCONNECTED, "cpu", "host-g", now - 60);
+  away.set_drain_reason("disk swap");
   const std::vector<std::string> expected = {
-      "WORKER         STATE         DEVICE  HOST      JOB         RANK  LAST-SEEN",
-      "worker-000001  BUSY          cuda:0  gpu1      job-000003  1     2s ago",
-      "worker-000002  IDLE          cpu     10.0.0.7  -           -     0s ago",
-      "worker-000003  DISCONNECTED  cpu     host-c    -           -     4m ago",
-      "worker-000004  DISCONNECTED  -       -         -           -     -",
-      "worker-000005  DRAINING      cpu     host-e    job-000004  0     1s ago",
-      "worker-000006  DRAINING      cpu     host-f    -           -     0s ago",
+      "WORKER         STATE                  DEVICE  HOST      JOB         RANK  LAST-SEEN",
+      "worker-000001  BUSY                   cuda:0  gpu1      job-000003  1     2s ago",
+      "worker-000002  IDLE                   cpu     10.0.0.7  -           -     0s ago",
+      "worker-000003  DISCONNECTED           cpu     host-c    -           -     4m ago",
+      "worker-000004  DISCONNECTED           -       -         -           -     -",
+      "worker-000005  DRAINING               cpu     host-e    job-000004  0     1s ago",
+      "worker-000006  DRAINING               cpu     host-f    -           -     0s ago",
+      "worker-000007  DISCONNECTED(drained)  cpu     host-g    -           -     1m ago",
   };
   std::string want;
   for (const std::string& line : expected) want += line + "\n";
-  EXPECT_EQ(FormatWorkerTable({busy, idle, gone, never, draining, drained}, now), want);
+  EXPECT_EQ(FormatWorkerTable({busy, idle, gone, never, draining, drained, away}, now), want);
   EXPECT_EQ(FormatWorkerTable({}, now), "WORKER  STATE  DEVICE  HOST  JOB  RANK  LAST-SEEN\n");
   EXPECT_EQ(WorkerStateName(v1::WORKER_STATE_UNSPECIFIED), "UNSPECIFIED");
 }

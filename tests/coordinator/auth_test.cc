@@ -216,6 +216,12 @@ TEST_F(AuthTest, DaemonRefusesEveryCallWithoutTheRightTokenButHealthStaysOpen) {
   EXPECT_EQ(
       jobs->DrainWorker(Context("authorization", "Bearer join-1").get(), {}, &drained).error_code(),
       grpc::StatusCode::PERMISSION_DENIED);
+  v1::UndrainWorkerReply undrained;
+  EXPECT_EQ(jobs->UndrainWorker(Context("", "").get(), {}, &undrained).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(jobs->UndrainWorker(Context("authorization", "Bearer join-1").get(), {}, &undrained)
+                .error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
   v1::SubmitJobReply submitted;
   EXPECT_EQ(jobs->SubmitJob(Context("authorization", "Bearer join-1").get(), {}, &submitted)
                 .error_code(),

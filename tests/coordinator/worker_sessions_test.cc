@@ -849,10 +849,67 @@ TEST_F(WorkerSessionsTest, DrainingNowRestartsTheWorkersJobElsewhere) {
   auto unknown = coordinator_->DrainWorker(DrainRequest("worker-000099", ""));
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(unknown.status().message(), HasSubstr("worker-000099"));
-  coordinator_->CloseSession(w2.id);
-  auto gone = coordinator_->DrainWorker(DrainRequest(w2.id, ""));
-  EXPECT_EQ(gone.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(gone.status().message(), HasSubstr(w2.id + " is not connected"));
+}
+
+// A worker without a session can be drained: it stays DISCONNECTED with the drain waiting, and is
+// told to stop when it comes back. A drain can be undone until the worker was told to stop; the
+// undone drain is gone from the store too, and the worker takes the next job.
+TEST_F(WorkerSessionsTest, ADisconnectedWorkerCanBeDrainedAndADrainUndoneUntilItIsToldToStop) {
+  EnableMetrics();
+  const Worker w0 = AddWorker();
+  const Worker w1 = AddWorker();
+  coordinator_->CloseSession(w1.id);
+  auto away = coordinator_->DrainWorker(DrainRequest(w1.id, "rack move"));
+  ASSERT_TRUE(away.ok()) << away.status();
+  EXPECT_EQ(away->worker().state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(away->worker().drain_reason(), "rack move");
+  EXPECT_EQ(metrics_->workers.Value({"disconnected"}), 1);
+  EXPECT_EQ(metrics_->workers.Value({"draining"}), 0);
+  // It comes back (after a coordinator restart, too): draining, told to stop at once.
+  Open();
+  EXPECT_EQ(Register("cpu", "host-2", 29502, w1.id), w1.id);
+  auto back = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id), back).ok());
+  EXPECT_EQ(WorkerInfoOf(w1.id).state(), v1::WORKER_STATE_DRAINING);
+  ASSERT_EQ(back->Drains().size(), 1u);
+  EXPECT_EQ(back->Drains()[0].reason(), "rack move");
+  EXPECT_THAT(back->Assigns(), IsEmpty());
+  // Told to stop: too late to undo.
+  v1::UndrainWorkerRequest undo;
+  undo.set_worker_id(w1.id);
+  auto leaving = coordinator_->UndrainWorker(undo);
+  EXPECT_EQ(leaving.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(leaving.status().message(), HasSubstr("already told to stop"));
+
+  // w0 (reconnected to this coordinator) runs a job and is drained while it does: undone, it
+  // stays with its job and takes the queued one after it, as if never drained.
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id), channel).ok());
+  const std::string first = Submit(Spec(1));
+  ASSERT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  ASSERT_TRUE(coordinator_->DrainWorker(DrainRequest(w0.id, "disk swap")).ok());
+  const std::string second = Submit(Spec(1));
+  EXPECT_EQ(StateOf(second), v1::JOB_STATE_QUEUED);
+  undo.set_worker_id(w0.id);
+  auto undone = coordinator_->UndrainWorker(undo);
+  ASSERT_TRUE(undone.ok()) << undone.status();
+  EXPECT_EQ(undone->worker().state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(undone->worker().job_id(), first);
+  EXPECT_EQ(undone->worker().drain_reason(), "");
+  auto again = coordinator_->UndrainWorker(undo);
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(again.status().message(), HasSubstr(w0.id + " is not drained"));
+  undo.set_worker_id("worker-000099");
+  EXPECT_EQ(coordinator_->UndrainWorker(undo).status().code(), absl::StatusCode::kNotFound);
+  auto stored = coordinator_->store().GetWorker(w0.id);
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_FALSE(stored->drain_reason.has_value()) << "the undone drain is still stored";
+  SendOk(Done(w0.id, first, 0, true, "abc", R"({"steps":100})"));
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_THAT(channel->Drains(), IsEmpty());
+  EXPECT_EQ(StateOf(second), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(WorkerInfoOf(w0.id).job_id(), second);
 }
 
 // A drain lived in the coordinator's memory: after a coordinator restart the drained worker

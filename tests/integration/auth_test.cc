@@ -362,6 +362,15 @@ TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminReadsOrCancelsAJobAndOnlyAnAdminDrains
   CommandResult ops_drains = Matctl(address_, {"--token-file", ops, "drain", "worker-000001"});
   EXPECT_EQ(ops_drains.exit_code, 1);
   EXPECT_THAT(ops_drains.err, HasSubstr("NOT_FOUND")) << "past the admin check";
+  CommandResult bob_undrains =
+      Matctl(address_, {"--token-file", bob, "undrain", "worker-000001"});
+  EXPECT_EQ(bob_undrains.exit_code, 1);
+  EXPECT_THAT(bob_undrains.err,
+              HasSubstr("PERMISSION_DENIED: undraining a worker needs an admin"));
+  CommandResult ops_undrains =
+      Matctl(address_, {"--token-file", ops, "undrain", "worker-000001"});
+  EXPECT_EQ(ops_undrains.exit_code, 1);
+  EXPECT_THAT(ops_undrains.err, HasSubstr("NOT_FOUND")) << "past the admin check";
 
   // A request id is its token's own: bob's equal id got alice's job, which he could not cancel.
   const auto submit = [&](const std::string& token_file) {

@@ -16,7 +16,8 @@
 //     restarts naming the signal and the worker exits 0;
 //   - a worker sent SIGPIPE (what a write to a peer that went away raises) goes on;
 //   - `matctl drain`: the drained worker's job runs to its end, then the worker exits 0; with
-//     --now the job restarts at once naming the drain;
+//     --now the job restarts at once naming the drain; a gone worker's drain waits for it and
+//     `matctl undrain` ends it;
 //   - with --max-mask-staleness-steps, ranks whose coordinator is away train on under their
 //     last mask (at most that many steps, all ranks alike), then wait; the job still succeeds.
 //
@@ -328,9 +329,19 @@ TEST_F(FaultsTest, AWorkerDrainedWithMatctlFinishesItsJobThenExits) {
   CommandResult unknown = Matctl(address_, {"drain", "worker-000099"});
   EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND: no worker 'worker-000099'"));
+  // A gone worker may be drained too (told to stop when it comes back), and a drain undone.
   CommandResult gone = Matctl(address_, {"drain", w1_id});
-  EXPECT_EQ(gone.exit_code, 1);
-  EXPECT_THAT(gone.err, HasSubstr("FAILED_PRECONDITION: worker " + w1_id + " is not connected"));
+  EXPECT_EQ(gone.exit_code, 0) << gone.err;
+  EXPECT_EQ(gone.out, w1_id + " DISCONNECTED: not connected; told to stop when it comes back\n");
+  EXPECT_THAT(Matctl(address_, {"workers"}).out,
+              ::testing::ContainsRegex(w1_id + " +DISCONNECTED\\(drained\\)"));
+  CommandResult undrained = Matctl(address_, {"undrain", w1_id});
+  EXPECT_EQ(undrained.exit_code, 0) << undrained.err;
+  EXPECT_EQ(undrained.out, w1_id + " DISCONNECTED: in service\n");
+  CommandResult not_drained = Matctl(address_, {"undrain", w1_id});
+  EXPECT_EQ(not_drained.exit_code, 1);
+  EXPECT_THAT(not_drained.err, HasSubstr("FAILED_PRECONDITION: worker " + w1_id +
+                                         " is not drained"));
   EXPECT_EQ(Matctl(address_, {"cancel", one}).exit_code, 0);
 }
 

@@ -156,6 +156,16 @@ absl::StatusOr<v1::WorkerInfo> JobClient::DrainWorker(const std::string& worker_
   return reply.worker();
 }
 
+absl::StatusOr<int64_t> JobClient::DeleteJob(const std::string& job_id) {
+  v1::DeleteJobRequest request;
+  request.set_job_id(job_id);
+  v1::DeleteJobReply reply;
+  auto context = UnaryContext();
+  absl::Status status = Convert(stub_->DeleteJob(context.get(), request, &reply));
+  if (!status.ok()) return status;
+  return reply.artifact_bytes_freed();
+}
+
 absl::StatusOr<v1::WorkerInfo> JobClient::UndrainWorker(const std::string& worker_id) {
   v1::UndrainWorkerRequest request;
   request.set_worker_id(worker_id);

@@ -80,6 +80,8 @@ class JobClient {
   // DrainWorker: the worker's state after the call.
   absl::StatusOr<v1::WorkerInfo> DrainWorker(const std::string& worker_id,
                                              const std::string& reason, bool now);
+  // DeleteJob: the artifact bytes freed.
+  absl::StatusOr<int64_t> DeleteJob(const std::string& job_id);
   // UndrainWorker: the worker's state after the call.
   absl::StatusOr<v1::WorkerInfo> UndrainWorker(const std::string& worker_id);
 

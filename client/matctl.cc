@@ -249,6 +249,16 @@ int Cancel(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
+int Delete(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<std::unique_ptr<JobClient>> made =
+      JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
+  if (!made.ok()) return Fail(err, made.status());
+  absl::StatusOr<int64_t> freed = (*made)->DeleteJob(o.job_id);
+  if (!freed.ok()) return Fail(err, freed.status());
+  out << o.job_id << " deleted (" << FormatBytes(*freed) << " of artifacts freed)\n";
+  return kExitOk;
+}
+
 int WatchCommand(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream& out,
                  std::ostream& err) {
   absl::StatusOr<std::unique_ptr<JobClient>> made =
@@ -678,6 +688,11 @@ std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
   cancel->add_option("job", o.job_id, "job id")->required();
   cancel->add_option("--reason", o.reason, "stored as the job's message");
 
+  CLI::App* del = app.add_subcommand(
+      "delete", "delete a finished job and everything the coordinator keeps of it (model and "
+                "other artifacts, logs, λ history); download what you need first");
+  del->add_option("job", o.job_id, "job id")->required();
+
   CLI::App* watch =
       app.add_subcommand("watch", "follow a job until it finishes (a progress bar on a terminal)");
   watch->footer(
@@ -693,6 +708,7 @@ std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
           {list, [&] { return List(o, out, err); }},
           {status, [&] { return Status(o, out, err); }},
           {cancel, [&] { return Cancel(o, out, err); }},
+          {del, [&] { return Delete(o, out, err); }},
           {watch, [&] { return WatchCommand(o, terminal, out, err); }}};
 }
 

@@ -335,6 +335,33 @@ void ArtifactStore::PublishBytes(const std::string& job_id, const Job& job) {
   job_bytes_[job_id] = total;
 }
 
+absl::StatusOr<int64_t> ArtifactStore::RemoveJob(const std::string& job_id) {
+  MAT_RETURN_IF_ERROR(api::CheckArtifactName(job_id));  // a job id is one path component
+  std::lock_guard<std::mutex> lock(mu_);
+  jobs_.erase(job_id);
+  {
+    std::lock_guard<std::mutex> bytes_lock(bytes_mu_);
+    job_bytes_.erase(job_id);
+  }
+  std::error_code ec;
+  int64_t bytes = 0;
+  for (fs::recursive_directory_iterator it(JobDir(job_id), ec), end; !ec && it != end;
+       it.increment(ec)) {
+    std::error_code size_error;
+    if (it->is_regular_file(size_error)) {
+      const std::uintmax_t size = it->file_size(size_error);
+      if (!size_error) bytes += static_cast<int64_t>(size);
+    }
+  }
+  ec.clear();
+  fs::remove_all(JobDir(job_id), ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot remove ", JobDir(job_id), ": ", ec.message()));
+  }
+  return bytes;
+}
+
 int64_t ArtifactStore::JobBytes(const std::string& job_id) const {
   std::lock_guard<std::mutex> lock(bytes_mu_);
   auto it = job_bytes_.find(job_id);

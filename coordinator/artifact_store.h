@@ -66,6 +66,10 @@ class ArtifactStore {
   // A piece of a complete artifact: NOT_FOUND naming it when there is none, OUT_OF_RANGE for an
   // offset past its end.
   absl::StatusOr<v1::ReadArtifactReply> Read(const v1::ReadArtifactRequest& request) const;
+  // Removes everything the store holds of the job (its folder, uploads in progress included)
+  // and returns the size of the files removed, bytes (0: it held nothing). INVALID_ARGUMENT for a
+  // job id that is not one path component; INTERNAL naming the folder when it cannot be removed.
+  absl::StatusOr<int64_t> RemoveJob(const std::string& job_id);
   // The job's complete artifacts' bytes (0 for none). No I/O and never waits for it (its own
   // lock): the coordinator loop calls it for ListJobs and GetJob.
   int64_t JobBytes(const std::string& job_id) const;

@@ -87,6 +87,12 @@ absl::StatusOr<v1::CancelJobReply> Coordinator::CancelJob(const std::string& job
   return reply;
 }
 
+absl::Status Coordinator::DeleteJob(const std::string& job_id) {
+  MAT_RETURN_IF_ERROR(jobs_.Delete(job_id));
+  spdlog::info("job {}: deleted", job_id);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
     const v1::DrainWorkerRequest& request) {
   const std::string& id = request.worker_id();

@@ -17,6 +17,7 @@
 //               store), stores it QUEUED, runs the scheduler; idempotent by client_request_id
 //               (ALREADY_EXISTS when reused for a different spec).
 //   GetJob, ListJobs, GetSpectra, GetJobLogs   read the store (NOT_FOUND naming an unknown job).
+//   DeleteJob   a finished job's state is deleted (its row stays as a tombstone).
 //   CancelJob   QUEUED | RUNNING | RESTARTING -> CANCELLED, Cancel to every rank still running;
 //               FAILED_PRECONDITION when finished.
 //   WatchJob    subscribes a listener to a job's events (see JobEventListener).
@@ -185,6 +186,12 @@ class Coordinator {
   // NOT_FOUND naming an unknown id; FAILED_PRECONDITION naming the state of a finished job.
   absl::StatusOr<v1::CancelJobReply> CancelJob(const std::string& job_id,
                                                const std::string& reason);
+  // Deletes a finished job's state (JobManager::Delete): afterwards every call naming it is
+  // NOT_FOUND "job 'J' was deleted", and its late artifact uploads and log lines are refused.
+  // The caller removes its artifacts (ArtifactStore::RemoveJob). NOT_FOUND for an unknown or
+  // deleted job, FAILED_PRECONDITION for one that has not finished or whose decisions an
+  // unfinished job replays.
+  absl::Status DeleteJob(const std::string& job_id);
   // λ_max history from the store, paged by probe steps (paging as ListJobs). `modules` (every
   // page) is empty until rank 0 declares them. NOT_FOUND for an unknown job.
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);

@@ -151,9 +151,25 @@ absl::Status CoordinatorDaemon::StartImpl() {
     return absl::InvalidArgumentError(
         "--artifact-dir must not be the --state-dir itself (the default is STATE_DIR/artifacts)");
   }
-  // A job the store says it lacks (not one it could not read): its folder is set aside.
+  // A deleted job's folder that outlived its DeleteJob (the coordinator stopped between the
+  // store's delete and the files'): removed now.
+  std::error_code list_error;
+  for (const auto& entry : std::filesystem::directory_iterator(artifact_dir, list_error)) {
+    const std::string job_id = entry.path().filename().string();
+    if (absl::StatusOr<bool> deleted = store->IsDeletedJob(job_id); deleted.ok() && *deleted) {
+      std::error_code remove_error;
+      std::filesystem::remove_all(entry.path(), remove_error);
+      if (remove_error) {
+        spdlog::warn("artifacts: cannot remove {} of deleted job {}: {}", entry.path().string(),
+                     job_id, remove_error.message());
+      } else {
+        spdlog::info("artifacts: removed {} of deleted job {}", entry.path().string(), job_id);
+      }
+    }
+  }
+  // A job the store says it never had (not one it could not read): its folder is set aside.
   auto known_job = [&store](const std::string& job_id) {
-    return store->GetJob(job_id).status().code() != absl::StatusCode::kNotFound;
+    return store->IsDeletedJob(job_id).status().code() != absl::StatusCode::kNotFound;
   };
   absl::StatusOr<std::unique_ptr<ArtifactStore>> artifacts =
       ArtifactStore::Open(artifact_dir, config_.max_artifact_bytes, known_job);

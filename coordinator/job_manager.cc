@@ -200,6 +200,14 @@ absl::Status JobManager::CheckCancellable(const std::string& job_id) {
   return absl::OkStatus();
 }
 
+absl::Status JobManager::Delete(const std::string& job_id) {
+  MAT_RETURN_IF_ERROR(CheckJobId(job_id));
+  MAT_RETURN_IF_ERROR(store_.DeleteJob(job_id));
+  finished_job_ms_.erase(job_id);
+  if (metrics_ != nullptr) metrics_->registry.RemoveSeriesWithLabel("mat_job", job_id);
+  return absl::OkStatus();
+}
+
 // ----- reads -----
 
 absl::StatusOr<v1::GetJobReply> JobManager::Get(const std::string& job_id) {

@@ -89,6 +89,9 @@ class JobManager {
   // OK when the job exists and has not finished (NOT_FOUND, FAILED_PRECONDITION "job J is
   // already SUCCEEDED: nothing to cancel").
   absl::Status CheckCancellable(const std::string& job_id);
+  // Deletes a finished job from the store (JobStore::DeleteJob's errors; INVALID_ARGUMENT for an
+  // empty id) and removes its metric series at once.
+  absl::Status Delete(const std::string& job_id);
 
   // The active-count schedule of the MAT job `replayed_job_id` (policy.rand_schedule_job): one
   // entry per stored decision (policy::ScheduleEntryFromDecisionJson), ascending steps.

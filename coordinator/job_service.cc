@@ -216,6 +216,37 @@ grpc::ServerUnaryReactor* JobService::CancelJob(grpc::CallbackServerContext* con
       });
 }
 
+grpc::ServerUnaryReactor* JobService::DeleteJob(grpc::CallbackServerContext* context,
+                                                const v1::DeleteJobRequest* request,
+                                                v1::DeleteJobReply* reply) {
+  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
+    return Refuse(context, auth);
+  }
+  auto delete_state = [this, request, caller = CallerOf(*context)] {
+    MAT_RETURN_IF_ERROR(CheckOwner(caller, request->job_id(), "delete"));
+    return coordinator_.DeleteJob(request->job_id());
+  };
+  ArtifactStore* store = options_.artifacts;
+  if (store == nullptr) {
+    return RunOnLoop(loop_, context, reply,
+                     [delete_state]() -> absl::StatusOr<v1::DeleteJobReply> {
+                       MAT_RETURN_IF_ERROR(delete_state());
+                       return v1::DeleteJobReply();
+                     });
+  }
+  // Uploads are checked on the loop and written on the I/O thread in order: a piece that passed
+  // its check before the delete is written before the files go, and none passes after it.
+  return CheckOnLoopThenRun(loop_, store->executor().get_executor(), context, reply,
+                            delete_state,
+                            [store, request]() -> absl::StatusOr<v1::DeleteJobReply> {
+                              MAT_ASSIGN_OR_RETURN(const int64_t freed,
+                                                   store->RemoveJob(request->job_id()));
+                              v1::DeleteJobReply deleted;
+                              deleted.set_artifact_bytes_freed(freed);
+                              return deleted;
+                            });
+}
+
 grpc::ServerWriteReactor<v1::JobEvent>* JobService::WatchJob(
     grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {

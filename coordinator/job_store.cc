@@ -149,6 +149,12 @@ UPDATE jobs SET request_key = client_request_id, client_request_id = NULL,
 CREATE UNIQUE INDEX jobs_request_scope_key ON jobs (request_scope, request_key);
 )sql";
 
+// Version 9: a deleted job (DeleteJob) keeps its row, so that its id is never given again
+// (ids come from MAX(seq)), marked with when it was deleted.
+constexpr const char* kMigrationV8ToV9 = R"sql(
+ALTER TABLE jobs ADD COLUMN deleted_unix_seconds INTEGER;
+)sql";
+
 constexpr const char* kMigrationV3ToV4 = R"sql(
 ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
@@ -157,7 +163,7 @@ ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
 // kMigrations[v - 1] takes a version-v file to version v + 1.
 constexpr const char* kMigrations[] = {kMigrationV1ToV2, kMigrationV2ToV3, kMigrationV3ToV4,
                                        kMigrationV4ToV5, kMigrationV5ToV6, kMigrationV6ToV7,
-                                       kMigrationV7ToV8};
+                                       kMigrationV7ToV8, kMigrationV8ToV9};
 static_assert(std::size(kMigrations) == kJobStoreSchemaVersion - 1,
               "one migration per schema version after the first");
 
@@ -414,11 +420,21 @@ absl::StatusOr<std::string> JobStore::Pragma(const std::string& name) {
 }
 
 absl::Status JobStore::RequireJob(const std::string& job_id) {
-  MAT_ASSIGN_OR_RETURN(SqliteStatement q, db_->Prepare("SELECT 1 FROM jobs WHERE id = ?"));
+  MAT_ASSIGN_OR_RETURN(bool deleted, IsDeletedJob(job_id));
+  return deleted ? DeletedError(job_id) : absl::OkStatus();
+}
+
+absl::StatusOr<bool> JobStore::IsDeletedJob(const std::string& job_id) {
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare("SELECT deleted_unix_seconds FROM jobs WHERE id = ?"));
   MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
   MAT_ASSIGN_OR_RETURN(bool found, q.Step());
   if (!found) return absl::NotFoundError(absl::StrCat("job '", job_id, "' not found"));
-  return absl::OkStatus();
+  return !q.ColumnIsNull(0);
+}
+
+absl::Status JobStore::DeletedError(const std::string& job_id) {
+  return absl::NotFoundError(absl::StrCat("job '", job_id, "' was deleted (matctl delete)"));
 }
 
 // ----- jobs -----
@@ -501,13 +517,59 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
 }
 
 absl::StatusOr<JobRecord> JobStore::GetJob(const std::string& job_id) {
-  MAT_ASSIGN_OR_RETURN(
-      SqliteStatement q,
-      db_->Prepare(absl::StrCat("SELECT ", kJobColumns, " FROM jobs WHERE id = ?")));
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare(absl::StrCat("SELECT ", kJobColumns,
+                                                 ", deleted_unix_seconds FROM jobs WHERE id = ?")));
   MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
   MAT_ASSIGN_OR_RETURN(bool found, q.Step());
   if (!found) return absl::NotFoundError(absl::StrCat("job '", job_id, "' not found"));
+  if (!q.ColumnIsNull(kJobColumnCount)) return DeletedError(job_id);
   return ReadJob(q);
+}
+
+absl::Status JobStore::DeleteJob(const std::string& job_id) {
+  MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
+  MAT_ASSIGN_OR_RETURN(JobRecord job, GetJob(job_id));
+  if (!api::IsTerminalJobState(job.state)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job_id, " is ", JobStateName(job.state),
+        ": only a finished job (SUCCEEDED, FAILED or CANCELLED) can be deleted; cancel it first "
+        "(matctl cancel ", job_id, ")"));
+  }
+  // A job that still has to replay this one's decisions (policy.rand_schedule_job).
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement active,
+      db_->Prepare("SELECT id, spec FROM jobs WHERE state IN (?, ?, ?) "
+                   "AND deleted_unix_seconds IS NULL ORDER BY seq"));
+  int arg = 1;
+  for (v1::JobState s : {v1::JOB_STATE_QUEUED, v1::JOB_STATE_RUNNING, v1::JOB_STATE_RESTARTING}) {
+    MAT_RETURN_IF_ERROR(active.BindText(arg++, JobStateName(s)));
+  }
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, active.Step());
+    if (!row) break;
+    v1::JobSpec spec;
+    if (spec.ParseFromString(active.ColumnBlob(1)) &&
+        spec.policy().rand_schedule_job() == job_id) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job ", active.ColumnText(0), " replays the decisions of job ", job_id,
+          " (policy.rand_schedule_job) and has not finished: delete ", job_id, " after it"));
+    }
+  }
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement mark,
+      db_->Prepare("UPDATE jobs SET deleted_unix_seconds = ?, request_key = NULL, "
+                   "summary_json = '' WHERE id = ?"));
+  MAT_RETURN_IF_ERROR(mark.BindInt64(1, Now()));
+  MAT_RETURN_IF_ERROR(mark.BindText(2, job_id));
+  MAT_RETURN_IF_ERROR(mark.Run());
+  for (const char* table : {"assignments", "lambda_history", "decisions", "modules", "job_logs"}) {
+    MAT_ASSIGN_OR_RETURN(SqliteStatement del,
+                         db_->Prepare(absl::StrCat("DELETE FROM ", table, " WHERE job_id = ?")));
+    MAT_RETURN_IF_ERROR(del.BindText(1, job_id));
+    MAT_RETURN_IF_ERROR(del.Run());
+  }
+  return txn.Commit();
 }
 
 absl::StatusOr<JobPage> JobStore::ListJobs(int page_size, const std::string& page_token,
@@ -515,7 +577,8 @@ absl::StatusOr<JobPage> JobStore::ListJobs(int page_size, const std::string& pag
                                            const std::optional<std::string>& client) {
   MAT_ASSIGN_OR_RETURN(const int size, EffectivePageSize(page_size));
   MAT_ASSIGN_OR_RETURN(const int64_t start, ParsePageToken(page_token));
-  std::string sql = absl::StrCat("SELECT ", kJobColumns, ", seq FROM jobs WHERE seq >= ?");
+  std::string sql = absl::StrCat("SELECT ", kJobColumns,
+                                 ", seq FROM jobs WHERE seq >= ? AND deleted_unix_seconds IS NULL");
   if (!states.empty()) absl::StrAppend(&sql, " AND state IN (", Placeholders(states.size()), ")");
   if (client.has_value()) absl::StrAppend(&sql, " AND client = ?");
   absl::StrAppend(&sql, " ORDER BY seq LIMIT ?");

@@ -34,10 +34,15 @@
 //                   key could name another's job. The migration moves the keys here (a row of a
 //                   token client to that client's scope) and leaves the old column NULL
 //                   (dropping its UNIQUE constraint would take a copy of the table)
+//   jobs.deleted_unix_seconds
+//                   (v9) when the job was deleted (DeleteJob), NULL while it is not: a deleted
+//                   job keeps its row (ids come from MAX(seq) and are never given twice) and
+//                   loses everything else
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
 // client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs), 6
-// (workers.drain_reason), 7 (workers.secret_sha256), 8 (jobs.request_scope, request_key). Open
+// (workers.drain_reason), 7 (workers.secret_sha256), 8 (jobs.request_scope, request_key), 9
+// (jobs.deleted_unix_seconds). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -73,7 +78,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 8;
+inline constexpr int kJobStoreSchemaVersion = 9;
 
 // How a bearer token's client id starts (coordinator/auth.h ClientIdentity: "token:" + a hash).
 inline constexpr char kTokenClientPrefix[] = "token:";
@@ -284,9 +289,20 @@ class JobStore {
                                             int64_t max_active_jobs = 0);
   // Jobs of `client` in QUEUED, RUNNING or RESTARTING, count.
   absl::StatusOr<int64_t> CountActiveJobs(const std::string& client);
-  // NOT_FOUND for an unknown id.
+  // NOT_FOUND for an unknown id, and for a deleted job ("job 'X' was deleted (matctl
+  // delete)"): every read and write of a job goes through here or RequireJob, so a deleted job
+  // is gone from every call.
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
-  // Jobs in submission order, `page_size` at a time (0: kDefaultPageSize; clamped to
+  // Whether the job was deleted; NOT_FOUND when there never was such a job.
+  absl::StatusOr<bool> IsDeletedJob(const std::string& job_id);
+  // Deletes a finished job (DeleteJob): its row stays, marked deleted_unix_seconds (its id is
+  // never given again, and GetJob, RequireJob and ListJobs no longer see it) with its
+  // request_key freed and its summary cleared; its assignments, λ history, decisions, modules
+  // and log lines are removed. One transaction. NOT_FOUND for an unknown or deleted job;
+  // FAILED_PRECONDITION for one that is not SUCCEEDED, FAILED or CANCELLED, and for one whose
+  // decisions an unfinished job still replays (policy.rand_schedule_job), naming it.
+  absl::Status DeleteJob(const std::string& job_id);
+  // Jobs that were not deleted in submission order, `page_size` at a time (0: kDefaultPageSize; clamped to
   // kMaxPageSize); only `states` when not empty; only the jobs whose `client` equals `client`
   // when set. `page_token` is "" or a next_page_token from the same listing; INVALID_ARGUMENT
   // for a negative page_size or a malformed token.
@@ -406,8 +422,10 @@ class JobStore {
   absl::Status Configure();     // pragmas
   absl::Status EnsureSchema();  // create, migrate or check the schema
   int64_t Now() const;
-  // NOT_FOUND unless the job exists.
+  // NOT_FOUND unless the job exists and was not deleted.
   absl::Status RequireJob(const std::string& job_id);
+  // NOT_FOUND "job 'X' was deleted (matctl delete)".
+  static absl::Status DeletedError(const std::string& job_id);
   // The statements of AppendLambdas / AppendDecision, inside the caller's transaction (after
   // RequireJob and input checks).
   absl::Status WriteLambdas(const std::string& job_id, int64_t step,

@@ -107,6 +107,45 @@ TEST_F(ArtifactStoreTest, PiecesMakeTheFileAndReadsGiveItBack) {
   EXPECT_TRUE(empty->complete());
 }
 
+// RemoveJob (DeleteJob): the job's folder goes, uploads in progress included, and the store
+// holds nothing of it any more; another job's files stay.
+TEST_F(ArtifactStoreTest, RemoveJobTakesTheJobsFilesAndReportsTheirSize) {
+  auto store = ArtifactStore::Open(Dir(), 0);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const std::string file = Bytes(5000);
+  ASSERT_TRUE((*store)->Upload(Piece("model.safetensors", file, 0, 5000)).ok());
+  ASSERT_TRUE((*store)->Upload(Piece("metrics.jsonl", file, 0, 1000)).ok());  // in progress
+  v1::UploadArtifactRequest other = Piece("summary.json", "{}", 0, 2);
+  other.set_job_id("job-000002");
+  ASSERT_TRUE((*store)->Upload(other).ok());
+  ASSERT_TRUE(fs::exists(Dir() + "/job-000001/metrics.jsonl.part"));
+
+  auto freed = (*store)->RemoveJob("job-000001");
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  // The model, the 1000 bytes of the upload in progress, and the manifest.
+  EXPECT_GE(*freed, 6000);
+  EXPECT_LT(*freed, 7000);
+  EXPECT_FALSE(fs::exists(Dir() + "/job-000001"));
+  EXPECT_EQ((*store)->JobBytes("job-000001"), 0);
+  auto list = (*store)->List("job-000001");
+  ASSERT_TRUE(list.ok()) << list.status();
+  EXPECT_EQ(list->artifacts_size(), 0);
+  v1::ReadArtifactRequest read;
+  read.set_job_id("job-000001");
+  read.set_name("model.safetensors");
+  EXPECT_EQ((*store)->Read(read).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(*(*store)->RemoveJob("job-000001"), 0) << "nothing left to remove";
+  EXPECT_EQ((*store)->RemoveJob("../job-000002").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*store)->JobBytes("job-000002"), 2);
+  // A reopened store does not bring it back.
+  store->reset();
+  store = ArtifactStore::Open(Dir(), 0);
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ((*store)->JobBytes("job-000001"), 0);
+  EXPECT_EQ((*store)->JobBytes("job-000002"), 2);
+}
+
 TEST_F(ArtifactStoreTest, AnUploadResumesAfterAReopenWhereTheBytesOnDiskEnd) {
   const std::string file = Bytes(9000);
   {

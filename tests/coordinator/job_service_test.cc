@@ -692,6 +692,34 @@ TEST_F(JobServiceRolesTest, AJobIsItsSubmittersAndAnAdminsOnly) {
   EXPECT_EQ(ListAs("ops-secret", 0), (std::vector<std::string>{a1, b1, a2}));
   s = stub_->CancelJob(As("alice-secret").get(), cancel, &cancelled);
   EXPECT_TRUE(s.ok()) << s.error_message();
+
+  // Deleting: the submitter's (or an admin's), and only once the job finished.
+  v1::DeleteJobRequest del;
+  del.set_job_id(a1);
+  v1::DeleteJobReply deleted;
+  s = stub_->DeleteJob(As("bob-secret").get(), del, &deleted);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("may delete it"));
+  del.set_job_id(a2);
+  s = stub_->DeleteJob(As("alice-secret").get(), del, &deleted);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("is QUEUED: only a finished job"));
+  del.set_job_id(a1);
+  s = stub_->DeleteJob(As("alice-secret").get(), del, &deleted);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_GE(deleted.artifact_bytes_freed(), 2);  // summary.json and the manifest
+  EXPECT_FALSE(fs::exists(tmp_.path() + "/artifacts/" + a1));
+  for (const std::string token : {"alice-secret", "ops-secret"}) {
+    for (const auto& [call, status] : ReadAll(token, a1)) {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << token << " " << call;
+      // An admin's ReadArtifact goes straight to the files, which are gone.
+      EXPECT_THAT(status.error_message(),
+                  HasSubstr(token == "ops-secret" && call == "ReadArtifact" ? "has no artifact"
+                                                                            : "was deleted"))
+          << token << " " << call;
+    }
+  }
+  EXPECT_EQ(ListAs("ops-secret", 0), (std::vector<std::string>{b1, a2}));
 }
 
 TEST(ClientIdentityTest, HashesTokensAndDropsThePeerPort) {

@@ -83,8 +83,9 @@ class JobStoreTest : public ::testing::Test {
     return r.ok() ? r->job_id : "";
   }
 
-  // What undoes version 8 in a current file (the first step of making an older one).
+  // What undoes versions 9 and 8 in a current file (the first step of making an older one).
   static constexpr const char* kUndoV8 =
+      "ALTER TABLE jobs DROP COLUMN deleted_unix_seconds; "
       "DROP INDEX jobs_request_scope_key; UPDATE jobs SET client_request_id = request_key; "
       "ALTER TABLE jobs DROP COLUMN request_key; ALTER TABLE jobs DROP COLUMN request_scope; ";
 
@@ -221,7 +222,7 @@ TEST_F(JobStoreTest, RequestIdsAreEachTokensOwnAndAVersion7FileMigrates) {
   RawExec(std::string(kUndoV8) + "UPDATE schema_version SET version = 7;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NOT NULL"), "2");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NULL"), "2");
   EXPECT_EQ(store_->GetJob(old)->client_request_id, "old-key");
   auto retry = store_->CreateJob("old-key", Spec(1), alice);
@@ -563,6 +564,62 @@ std::vector<LogLineRecord> Lines(const std::vector<std::string>& texts) {
   std::vector<LogLineRecord> out;
   for (const std::string& t : texts) out.push_back({99, 7, 1700000000123, "info", t});
   return out;
+}
+
+// A finished job can be deleted: its row stays as a tombstone (its id is never given again,
+// its request id is free), everything else of it goes, and every call naming it is NOT_FOUND.
+TEST_F(JobStoreTest, DeleteJobRemovesAFinishedJobButNeverGivesItsIdAgain) {
+  const std::string done = Create("nightly", Spec(1), "token:a");
+  ASSERT_TRUE(store_->UpdateJobState(done, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(store_->AppendLambdas(done, 10, {1.0, 2.0}).ok());
+  ASSERT_TRUE(store_->AppendDecision(done, 10, R"({"step":10})").ok());
+  ASSERT_TRUE(store_->AppendJobLogs(done, 0, Lines({"a0"}), 0).ok());
+  // A running job cannot be deleted, nor one a queued job still replays.
+  auto running = store_->DeleteJob(done);
+  EXPECT_EQ(running.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(running.message(), HasSubstr("is RUNNING: only a finished job"));
+  EXPECT_THAT(running.message(), HasSubstr("matctl cancel " + done));
+  ASSERT_TRUE(store_->UpdateJobState(done, v1::JOB_STATE_SUCCEEDED).ok());
+  v1::JobSpec replaying = Spec(2);
+  replaying.mutable_policy()->set_rand_schedule_job(done);
+  const std::string replay = Create("", replaying);
+  auto replayed = store_->DeleteJob(done);
+  EXPECT_EQ(replayed.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(replayed.message(),
+              HasSubstr("job " + replay + " replays the decisions of job " + done));
+  ASSERT_TRUE(store_->UpdateJobState(replay, v1::JOB_STATE_CANCELLED).ok());
+
+  ASSERT_TRUE(store_->DeleteJob(done).ok());
+  auto gone = store_->GetJob(done);
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(gone.status().message(), HasSubstr("job '" + done + "' was deleted"));
+  EXPECT_EQ(store_->GetLambdas(done, 0, "").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->GetJobLogs(done, std::nullopt, 0, 100).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->AppendJobLogs(done, 0, Lines({"late"}), 0).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->DeleteJob(done).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(*store_->IsDeletedJob(done), true);
+  EXPECT_EQ(*store_->IsDeletedJob(replay), false);
+  EXPECT_EQ(store_->IsDeletedJob("job-000099").status().code(), absl::StatusCode::kNotFound);
+  for (const char* table : {"lambda_history", "decisions", "job_logs", "assignments"}) {
+    EXPECT_EQ(RawQuery(absl::StrCat("SELECT count(*) FROM ", table, " WHERE job_id = '",
+                                        done, "'")),
+              "0")
+        << table;
+  }
+  auto listed = store_->ListJobs(0, "");
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->jobs.size(), 1u);
+  EXPECT_EQ(listed->jobs[0].id, replay);
+  // The request id makes a new job; deleting the newest job does not hand its id out again.
+  ASSERT_TRUE(store_->DeleteJob(replay).ok());
+  auto again = store_->CreateJob("nightly", Spec(1), "token:a");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->created);
+  EXPECT_NE(again->job_id, done);
+  EXPECT_NE(again->job_id, replay);
+  EXPECT_EQ(again->job_id, "job-000003");
 }
 
 TEST_F(JobStoreTest, LogsAreNumberedPerJobFilteredByRankBoundedAndSurviveReopen) {
@@ -935,7 +992,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -974,7 +1031,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -998,7 +1055,7 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -1019,7 +1076,7 @@ TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
           "ALTER TABLE workers DROP COLUMN secret_sha256; "
           "UPDATE schema_version SET version = 3;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
   auto old = store_->LatestDecisionAtOrBefore(id, 100);
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_TRUE(old->has_value());
@@ -1054,7 +1111,7 @@ TEST_F(JobStoreTest, AWorkersDrainIsStoredUntilClearedAndAVersion5FileMigrates) 
   RawExec(std::string(kUndoV8) + "ALTER TABLE workers DROP COLUMN drain_reason; "
           "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 5;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
   workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);
@@ -1078,7 +1135,7 @@ TEST_F(JobStoreTest, AWorkersSecretHashIsStoredAndAVersion6FileMigrates) {
   RawExec(std::string(kUndoV8) +
           "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 6;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "8");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
   auto workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);

@@ -5,6 +5,8 @@
 //     model is the one of the job's last step with the job's parameter checksum, `matctl list`
 //     and `status` show their size, a second download keeps what is there, and one into a
 //     directory holding a different file of the same name writes nothing unless --force;
+//     `matctl delete` then removes the job's files and records (every call naming it is
+//     NOT_FOUND), and a folder of it left by a stop in between goes at the next start;
 //   - the coordinator SIGKILLed in the middle of the model's upload and restarted: the upload
 //     resumes where the coordinator's bytes end, and the result is the same file;
 //   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint; also
@@ -205,6 +207,32 @@ TEST_F(ArtifactsTest, DownloadGivesBackRankZerosFilesAndTheTrainedModel) {
   CommandResult unknown = Matctl(address_, {"download", "job-999999", "--out", out});
   EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_THAT(unknown.err, HasSubstr("job-999999"));
+
+  // Deleted: the coordinator's files and records of it go; the user's download stays.
+  CommandResult deleted = Matctl(address_, {"delete", job});
+  ASSERT_EQ(deleted.exit_code, 0) << deleted.err;
+  EXPECT_THAT(deleted.out, ::testing::MatchesRegex(job + " deleted \\([0-9.]+ MB of artifacts "
+                                                         "freed\\)\n"));
+  EXPECT_FALSE(fs::exists(state_dir_ + "/artifacts/" + job));
+  EXPECT_TRUE(fs::exists(out + "/model.safetensors"));
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"status", job}, {"logs", job}, {"delete", job},
+        {"download", job, "--out", root_ + "/again"}}) {
+    CommandResult r = Matctl(address_, args);
+    EXPECT_EQ(r.exit_code, 1) << args[0];
+    EXPECT_THAT(r.err, HasSubstr("NOT_FOUND: job '" + job + "' was deleted")) << args[0];
+  }
+  EXPECT_THAT(Matctl(address_, {"list"}).out, Not(HasSubstr(job)));
+  // A folder of it that outlived the delete (a coordinator stopped in between) is removed at the
+  // next start.
+  fs::create_directories(state_dir_ + "/artifacts/" + job);
+  { std::ofstream(state_dir_ + "/artifacts/" + job + "/model.safetensors") << "left over"; }
+  const std::string address = address_;
+  ASSERT_EQ(::kill(coordinator_pid_, SIGTERM), 0);
+  ASSERT_EQ(Wait(coordinator_pid_, 30s), 0);
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator({}, address));
+  EXPECT_FALSE(fs::exists(state_dir_ + "/artifacts/" + job));
+  EXPECT_FALSE(fs::exists(state_dir_ + "/artifacts/orphaned"));
 }
 
 TEST_F(ArtifactsTest, AnUploadCutByACoordinatorKillResumesAfterItsRestart) {

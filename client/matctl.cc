@@ -65,7 +65,7 @@ struct MatctlOptions {
   bool follow = false;                // logs --follow
   std::string out_dir;                // download --out
   bool force = false;                 // download --force
-  std::string worker_id;              // drain
+  std::string worker_id;              // drain, undrain
   bool now = false;                   // drain --now
 };
 
@@ -348,7 +348,8 @@ int Drain(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
     out << ": not connected; told to stop when it comes back";
   }
   out << "\n" << std::flush;
-  if (!o.wait) return kExitOk;
+  // A worker that is not connected has nothing to leave: --wait returns at once.
+  if (!o.wait || worker->state() == v1::WORKER_STATE_DISCONNECTED) return kExitOk;
   // Until it left: its session ended (DISCONNECTED).
   while (worker->state() != v1::WORKER_STATE_DISCONNECTED) {
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
@@ -358,7 +359,9 @@ int Drain(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
       if (w.worker_id() == o.worker_id) *worker = w;
     }
   }
-  out << o.worker_id << " " << WorkerStateName(worker->state()) << "\n";
+  // A worker that crashed before it was told to stop: the drain still waits for it.
+  out << o.worker_id << " " << WorkerStateName(worker->state())
+      << (worker->drain_reason().empty() ? "" : ": the drain waits for it to come back") << "\n";
   return kExitOk;
 }
 
@@ -655,7 +658,7 @@ struct Command {
   std::function<int()> run;
 };
 
-// submit, list, status, cancel, watch: a job's life.
+// submit, list, status, cancel, delete, watch: a job's life.
 std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
                                     const OutputTerminal& terminal, std::ostream& out,
                                     std::ostream& err) {
@@ -712,7 +715,8 @@ std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
           {watch, [&] { return WatchCommand(o, terminal, out, err); }}};
 }
 
-// spectra, plot, workers, drain, logs, download, compare: what a job left and the cluster.
+// spectra, plot, workers, drain, undrain, logs, download, compare: what a job left and the
+// cluster.
 std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ostream& out,
                                        std::ostream& err) {
   CLI::App* spectra = app.add_subcommand("spectra", "print a job's λ_max history");
@@ -742,7 +746,7 @@ std::vector<Command> AddResultCommands(CLI::App& app, MatctlOptions& o, std::ost
   drain->footer(
       "With --now its job restarts from its checkpoints on other workers, as after a worker "
       "loss (this counts one of the job's restarts). The coordinator stores the drain: it holds "
-"across a coordinator restart and the worker's reconnects until the worker has been told to "
+      "across a coordinator restart and the worker's reconnects until the worker has been told to "
       "stop and left. A worker started again after that is in service. A disconnected worker "
       "may be drained too: it is told to stop when it comes back. `matctl undrain` ends a drain "
       "before the worker was told to stop.");

@@ -98,19 +98,24 @@ absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
   const std::string& id = request.worker_id();
   const std::string reason = request.reason().empty() ? "drained" : request.reason();
   MAT_RETURN_IF_ERROR(sessions_.SetDraining(id, reason));
-  // The rank it runs and has not finished (a finished one waits for its job's other ranks).
-  std::string job = sessions_.JobOf(id);
+  // The rank it runs and has not finished (a finished one waits for its job's other ranks),
+  // also while it has no session: a restarted coordinator keeps a running job's ranks for
+  // their workers to come back.
+  std::string job;
   int rank = -1;
-  if (auto live = running_.find(job); live != running_.end()) {
-    for (int r = 0; r < live->second.world_size; ++r) {
-      const RankState& state = live->second.ranks[r];
-      if (state.worker_id == id && !state.done) rank = r;
+  for (const auto& [job_id, live] : running_) {
+    for (int r = 0; r < live.world_size; ++r) {
+      const RankState& state = live.ranks[r];
+      if (state.worker_id == id && !state.done) {
+        job = job_id;
+        rank = r;
+      }
     }
   }
-  if (rank < 0) job.clear();
-  spdlog::info("worker {}: draining ({}){}", id, reason,
-               !sessions_.HasSession(id) ? "; not connected: told to stop when it comes back"
-               : job.empty()             ? ""
+  const bool connected = sessions_.HasSession(id);
+  spdlog::info("worker {}: draining ({}){}{}", id, reason,
+               connected ? "" : "; not connected: told to stop when it comes back",
+               job.empty()     ? ""
                : request.now() ? absl::StrCat("; stops its rank of ", job, " now")
                                : absl::StrCat("; its rank of ", job, " runs to the job's end"));
   if (request.now() && !job.empty()) {

@@ -258,10 +258,12 @@ void CoordinatorDaemon::LogAdmission() const {
     spdlog::info("JobService requires a bearer token ({} known, admin tokens included)",
                  bearer_tokens_->size());
     if (admin_tokens_ != nullptr) {
-      spdlog::info("{} admin token(s): other clients cancel only their own jobs and drain no "
-                   "worker", admin_tokens_->size());
+      spdlog::info("{} admin token(s): other clients read, list, cancel and delete only their "
+                   "own jobs and drain or undrain no worker",
+                   admin_tokens_->size());
     } else {
-      spdlog::warn("no --admin-token-file: every client may read and cancel any job and drain any worker");
+      spdlog::warn("no --admin-token-file: every client may read, cancel and delete any job and "
+                   "drain any worker");
     }
   }
   // Tokens in plaintext are readable on the wire beyond this host.

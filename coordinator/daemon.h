@@ -125,7 +125,7 @@ struct CoordinatorDaemonConfig {
   // "" = every client is admitted (a warning is logged at start).
   std::string auth_token_file;
   // Admin tokens (needs auth_token_file): also bearer tokens; with them, other clients may read,
-  // list and cancel only the jobs they submitted and may not drain workers
+  // list, cancel and delete only the jobs they submitted and may not drain or undrain workers
   // (JobServiceOptions::admin_tokens). "" = every admitted client may do all of it.
   std::string admin_token_file;
   // Workers must send "x-mat-join-token: <token>" with a token of this file on every call;

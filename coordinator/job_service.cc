@@ -159,10 +159,15 @@ grpc::ServerUnaryReactor* JobService::SubmitJob(grpc::CallbackServerContext* con
   if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
     return Refuse(context, auth);
   }
-  std::string client = ClientIdentity(*context, options_.bearer_tokens);
-  return RunOnLoop(loop_, context, reply, [this, request, client = std::move(client)] {
-    return coordinator_.SubmitJob(request->client_request_id(), request->spec(), client);
-  });
+  return RunOnLoop(loop_, context, reply,
+                   [this, request,
+                    caller = CallerOf(*context)]() -> absl::StatusOr<v1::SubmitJobReply> {
+                     // A replay reads the replayed job's decisions (and its errors its state).
+                     MAT_RETURN_IF_ERROR(CheckOwner(
+                         caller, request->spec().policy().rand_schedule_job(), "replay"));
+                     return coordinator_.SubmitJob(request->client_request_id(),
+                                                   request->spec(), caller.client);
+                   });
 }
 
 grpc::ServerUnaryReactor* JobService::GetJob(grpc::CallbackServerContext* context,

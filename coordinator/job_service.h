@@ -23,14 +23,17 @@
 // (CheckBearer, coordinator/auth.h) on the gRPC thread and, when it is refused, finishes the RPC
 // at once with UNAUTHENTICATED or PERMISSION_DENIED without posting to the loop. SubmitJob
 // passes the caller's ClientIdentity (a SHA-256 prefix of its token, or its peer host without
-// auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit. With
-// `admin_tokens` (roles), a job is its submitter's: a caller whose token is not an admin's
+// auth) to Coordinator::SubmitJob, which stores it and applies the per-client job limit.
+//
+// Roles: with `admin_tokens`, a job is its submitter's. A caller whose token is not an admin's
 // (Caller::restricted) may read (GetJob, WatchJob, GetSpectra, GetJobLogs, ListArtifacts,
-// ReadArtifact) and cancel only the jobs it submitted, the same ClientIdentity; another
-// client's job (or one stored before clients were, with "") is PERMISSION_DENIED, checked on
-// the loop before the Coordinator acts (an unknown job stays NOT_FOUND). ListJobs lists only
-// its own jobs. DrainWorker and UndrainWorker need an admin token. Admin tokens read and cancel every job.
-// Without roles every admitted caller reads and cancels every job.
+// ReadArtifact), cancel, delete and replay (SubmitJob with policy.rand_schedule_job) only the
+// jobs it submitted, the same ClientIdentity: another client's job (or one stored before clients
+// were, with "") is PERMISSION_DENIED, checked on the loop before the Coordinator acts (an
+// unknown job stays NOT_FOUND). ListJobs lists only its own jobs. DrainWorker and UndrainWorker
+// need an admin token (checked on the gRPC thread). Admin tokens do all of it on every job.
+// Without roles every admitted caller does all of it. ListWorkers shows every caller which job
+// each busy worker runs.
 //
 // Artifacts (ListArtifacts, ReadArtifact): the files are read on the ArtifactStore's own I/O
 // thread, which finishes the RPC (ListArtifacts first checks on the loop that the job exists);
@@ -59,8 +62,8 @@ struct JobServiceOptions {
   // service. nullptr: every caller is admitted.
   const TokenSet* bearer_tokens = nullptr;
   // Admin tokens (--admin-token-file; also in bearer_tokens), borrowed like it. With them, a
-  // caller may read, list and cancel only the jobs it submitted (the same ClientIdentity) and
-  // may not drain workers, unless its token is one of these. nullptr: every admitted caller may
+  // caller may read, list, cancel, delete and replay only the jobs it submitted (the same
+  // ClientIdentity) and may not drain or undrain workers, unless its token is one of these. nullptr: every admitted caller may
   // do all of it.
   const TokenSet* admin_tokens = nullptr;
   // The jobs' artifacts (coordinator/artifact_store.h), borrowed: must outlive the service.

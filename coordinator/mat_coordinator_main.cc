@@ -53,8 +53,9 @@ void AddFlags(CLI::App& app, mat::coordinator::CoordinatorDaemonConfig& config) 
                  "(a warning is logged)");
   app.add_option("--admin-token-file", config.admin_token_file,
                  "operators' bearer tokens (one per line, '#' comments; needs --auth-token-file): "
-                 "with it, other clients may read, list and cancel only the jobs they submitted "
-                 "and may not drain workers; without it every admitted client may do all of it");
+                 "with it, other clients may read, list, cancel and delete only the jobs they "
+                 "submitted and may not drain or undrain workers; without it every admitted "
+                 "client may do all of it");
   app.add_option("--join-token-file", config.join_token_file,
                  "workers must send a token of this file (one per line, '#' comments) as "
                  "x-mat-join-token; without it every worker is admitted (a trusted single host)");

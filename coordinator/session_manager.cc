@@ -195,7 +195,11 @@ absl::StatusOr<v1::ListWorkersReply> SessionManager::List() const {
     if (session == sessions_.end()) {
       info->set_state(v1::WORKER_STATE_DISCONNECTED);
       info->set_last_seen_unix_seconds(w.last_seen_unix_seconds);
-      if (w.drain_reason.has_value()) info->set_drain_reason(*w.drain_reason);  // waits for it
+      // A drain that waits for it (this manager's copy: the one OpenSession and Undrain use).
+      if (auto known = workers_.find(w.id);
+          known != workers_.end() && known->second.drain_reason.has_value()) {
+        info->set_drain_reason(*known->second.drain_reason);
+      }
       continue;
     }
     const Session& s = session->second;
@@ -270,9 +274,11 @@ std::optional<SessionManager::Dropped> SessionManager::Drop(const std::string& w
   // session before, a crash, is still drained when it comes back.)
   if (it->second.drain_taken) {
     if (absl::Status st = store_.SetWorkerDrain(worker_id, std::nullopt); !st.ok()) {
+      // Kept as stored: when it comes back it is told to stop again.
       spdlog::error("worker {}: cannot clear its drain: {}", worker_id, st.ToString());
+    } else {
+      workers_[worker_id].drain_reason.reset();
     }
-    workers_[worker_id].drain_reason.reset();
   }
   sessions_.erase(it);
   if (metrics_ != nullptr) metrics_->worker_heartbeat_age_seconds.Remove({worker_id});

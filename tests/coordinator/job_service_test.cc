@@ -693,6 +693,17 @@ TEST_F(JobServiceRolesTest, AJobIsItsSubmittersAndAnAdminsOnly) {
   s = stub_->CancelJob(As("alice-secret").get(), cancel, &cancelled);
   EXPECT_TRUE(s.ok()) << s.error_message();
 
+  // Replaying another client's job would read its decisions.
+  v1::SubmitJobRequest replay;
+  *replay.mutable_spec() = SmallSpec();
+  replay.mutable_spec()->mutable_policy()->set_rand_schedule_job(b1);
+  v1::SubmitJobReply replayed;
+  s = stub_->SubmitJob(As("alice-secret").get(), replay, &replayed);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("job " + b1 + " was submitted by another client"));
+  EXPECT_THAT(s.error_message(), HasSubstr("may replay it"));
+  EXPECT_EQ(ListAs("ops-secret", 0).size(), 3u) << "no job was stored";
+
   // Deleting: the submitter's (or an admin's), and only once the job finished.
   v1::DeleteJobRequest del;
   del.set_job_id(a1);

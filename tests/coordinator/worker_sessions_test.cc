@@ -912,6 +912,37 @@ TEST_F(WorkerSessionsTest, ADisconnectedWorkerCanBeDrainedAndADrainUndoneUntilIt
   EXPECT_EQ(WorkerInfoOf(w0.id).job_id(), second);
 }
 
+// After a coordinator restart, a worker that has not come back yet still holds its rank of a
+// running job: drained with `now`, that job restarts at once. An undone drain of a disconnected
+// worker brings it back in service.
+TEST_F(WorkerSessionsTest, DrainingNowAWorkerNotYetBackRestartsItsJobAndAnUndoneDrainIsForgotten) {
+  const Worker w0 = AddWorker();
+  const std::string first = Submit(Spec(1));
+  ASSERT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  Open();  // a new coordinator: w0 has no session yet, its rank is kept for it
+  ASSERT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+  auto drained = coordinator_->DrainWorker(DrainRequest(w0.id, "bad disk", /*now=*/true));
+  ASSERT_TRUE(drained.ok()) << drained.status();
+  EXPECT_EQ(drained->worker().state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(drained->worker().drain_reason(), "bad disk");
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_RESTARTING);
+  EXPECT_EQ(GetJob(first).job().error_message(), w0.id + " (rank 0) drained: bad disk");
+
+  v1::UndrainWorkerRequest undo;
+  undo.set_worker_id(w0.id);
+  auto undone = coordinator_->UndrainWorker(undo);
+  ASSERT_TRUE(undone.ok()) << undone.status();
+  EXPECT_EQ(undone->worker().state(), v1::WORKER_STATE_DISCONNECTED);
+  EXPECT_EQ(undone->worker().drain_reason(), "");
+  // It comes back in service and takes its restarting job.
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  auto channel = std::make_shared<FakeWorkerChannel>();
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id), channel).ok());
+  EXPECT_THAT(channel->Drains(), IsEmpty());
+  EXPECT_EQ(WorkerInfoOf(w0.id).state(), v1::WORKER_STATE_BUSY);
+  EXPECT_EQ(StateOf(first), v1::JOB_STATE_RUNNING);
+}
+
 // A drain lived in the coordinator's memory: after a coordinator restart the drained worker
 // reconnected in service and took the next job. It is stored now: the worker comes back
 // DRAINING with its reason and takes no queued job; when it loses its session before it was told

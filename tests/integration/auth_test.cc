@@ -303,8 +303,9 @@ TEST_F(AuthTest, AWorkerKeepsItsSecretAndNoProcessWithoutItTakesItsId) {
   EXPECT_THAT(ReadText(db) + ReadText(db + "-wal"), Not(HasSubstr(bare)));
 }
 
-// With --admin-token-file, a client reads and cancels only the jobs it submitted and drains no
-// worker; an admin token does both, and is a bearer token for every other call too.
+// With --admin-token-file, a client reads and cancels only the jobs it submitted and drains or
+// undrains no worker; an admin token does all of it, and is a bearer token for every other call
+// too.
 TEST_F(AuthTest, OnlyTheSubmitterOrAnAdminReadsOrCancelsAJobAndOnlyAnAdminDrains) {
   const std::string tokens = WriteFile("tokens.txt", "alice-token\nbob-token\n");
   const std::string admins = WriteFile("admins.txt", "# operators\nops-token\n");

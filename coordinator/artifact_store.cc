@@ -44,7 +44,7 @@ ArtifactStore::~ArtifactStore() {
 
 absl::StatusOr<std::unique_ptr<ArtifactStore>> ArtifactStore::Open(
     std::string dir, int64_t max_bytes_per_job,
-    const std::function<bool(const std::string& job_id)>& known_job) {
+    const std::function<KnownJob(const std::string& job_id)>& known_job) {
   if (max_bytes_per_job < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max-artifact-bytes must be >= 0, got ", max_bytes_per_job));
@@ -59,7 +59,8 @@ absl::StatusOr<std::unique_ptr<ArtifactStore>> ArtifactStore::Open(
   return store;
 }
 
-absl::Status ArtifactStore::Load(const std::function<bool(const std::string& job_id)>& known_job) {
+absl::Status ArtifactStore::Load(
+    const std::function<KnownJob(const std::string& job_id)>& known_job) {
   std::error_code ec;
   // Listed first: a folder may be moved aside below.
   std::vector<fs::directory_entry> entries;
@@ -69,7 +70,20 @@ absl::Status ArtifactStore::Load(const std::function<bool(const std::string& job
     if (!entry.is_directory() || !api::CheckArtifactName(job_id).ok() || job_id == kOrphaned) {
       continue;
     }
-    if (known_job && !known_job(job_id)) {
+    const KnownJob known = known_job ? known_job(job_id) : KnownJob::kKnown;
+    if (known == KnownJob::kDeleted) {
+      std::error_code remove_error;
+      fs::remove_all(entry.path(), remove_error);
+      if (remove_error) {
+        return absl::InternalError(absl::StrCat(entry.path().string(), ": the files of a deleted "
+                                                "job; cannot remove them: ",
+                                                remove_error.message()));
+      }
+      spdlog::info("artifacts: removed {}, the files of deleted job {}", entry.path().string(),
+                   job_id);
+      continue;
+    }
+    if (known == KnownJob::kUnknown) {
       const std::string aside =
           absl::StrCat(dir_, "/", kOrphaned, "/", job_id, ".", int64_t(std::time(nullptr)));
       std::error_code move_error;
@@ -337,6 +351,9 @@ void ArtifactStore::PublishBytes(const std::string& job_id, const Job& job) {
 
 absl::StatusOr<int64_t> ArtifactStore::RemoveJob(const std::string& job_id) {
   MAT_RETURN_IF_ERROR(api::CheckArtifactName(job_id));  // a job id is one path component
+  if (job_id == kOrphaned || job_id == "LOCK") {
+    return absl::InvalidArgumentError(absl::StrCat("'", job_id, "' is not a job of the store"));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   jobs_.erase(job_id);
   {

@@ -40,18 +40,26 @@
 
 namespace mat::coordinator {
 
+// What the coordinator's state says of a job whose folder the store finds at Open.
+enum class KnownJob {
+  kKnown,    // a job of the state: its files are loaded
+  kUnknown,  // none (a replaced database): its folder is set aside
+  kDeleted,  // deleted (DeleteJob) before its files went: its folder is removed
+};
+
 class ArtifactStore {
  public:
   // Creates `dir` (with parents), checks that it can write there (CheckWritableDir's error),
   // locks it (its LOCK file, held until the store is destroyed:
   // FAILED_PRECONDITION "'DIR' is in use by another coordinator" while another holds
   // it) and reads what it holds. `max_bytes_per_job` 0 = no limit. With `known_job`, the folder
-  // of a job it answers false for (a state database that was replaced) is moved to
+  // of a job it answers kUnknown for (a state database that was replaced) is moved to
   // DIR/orphaned/JOB.UNIXSECONDS (logged), so that a new job with that id never serves or
-  // mixes with its files.
+  // mixes with its files, and the folder of one it answers kDeleted for (the coordinator stopped
+  // between the job's delete and its files') is removed (logged), both after the lock is taken.
   static absl::StatusOr<std::unique_ptr<ArtifactStore>> Open(
       std::string dir, int64_t max_bytes_per_job,
-      const std::function<bool(const std::string& job_id)>& known_job = nullptr);
+      const std::function<KnownJob(const std::string& job_id)>& known_job = nullptr);
   ~ArtifactStore();  // waits for the I/O thread's queued work
   ArtifactStore(const ArtifactStore&) = delete;
   ArtifactStore& operator=(const ArtifactStore&) = delete;
@@ -93,7 +101,7 @@ class ArtifactStore {
   };
 
   ArtifactStore(std::string dir, int64_t max_bytes_per_job);
-  absl::Status Load(const std::function<bool(const std::string& job_id)>& known_job);
+  absl::Status Load(const std::function<KnownJob(const std::string& job_id)>& known_job);
   std::string JobDir(const std::string& job_id) const { return dir_ + "/" + job_id; }
   // Writes the job's MANIFEST.json (atomically). REQUIRES: mu_ held.
   absl::Status SaveManifest(const std::string& job_id, const Job& job) const;

@@ -93,17 +93,41 @@ absl::Status Coordinator::DeleteJob(const std::string& job_id) {
   return absl::OkStatus();
 }
 
+std::vector<std::string> Coordinator::DeleteExpiredJobs(int limit) {
+  std::vector<std::string> deleted;
+  if (options_.job_retention_seconds <= 0) return deleted;
+  absl::StatusOr<std::vector<std::string>> expired =
+      store_->ListFinishedBefore(options_.job_retention_seconds, limit);
+  if (!expired.ok()) {
+    spdlog::error("job retention: cannot list finished jobs: {}", expired.status().ToString());
+    return deleted;
+  }
+  for (const std::string& job_id : *expired) {
+    const absl::Status s = jobs_.Delete(job_id);
+    if (s.code() == absl::StatusCode::kFailedPrecondition) continue;  // replayed: later
+    if (!s.ok()) {
+      spdlog::error("job retention: cannot delete {}: {}", job_id, s.ToString());
+      break;
+    }
+    spdlog::info("job {}: deleted, finished more than {} s ago (--job-retention-days)", job_id,
+                 options_.job_retention_seconds);
+    deleted.push_back(job_id);
+  }
+  return deleted;
+}
+
 absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
     const v1::DrainWorkerRequest& request) {
   const std::string& id = request.worker_id();
   const std::string reason = request.reason().empty() ? "drained" : request.reason();
   MAT_RETURN_IF_ERROR(sessions_.SetDraining(id, reason));
-  // The rank it runs and has not finished (a finished one waits for its job's other ranks),
-  // also while it has no session: a restarted coordinator keeps a running job's ranks for
-  // their workers to come back.
+  // The rank it runs and has not finished (a finished one waits for its job's other ranks):
+  // its session's; without a session, the one a restarted coordinator keeps for it to come back.
+  const bool connected = sessions_.HasSession(id);
   std::string job;
   int rank = -1;
   for (const auto& [job_id, live] : running_) {
+    if (connected && job_id != sessions_.JobOf(id)) continue;
     for (int r = 0; r < live.world_size; ++r) {
       const RankState& state = live.ranks[r];
       if (state.worker_id == id && !state.done) {
@@ -112,7 +136,6 @@ absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
       }
     }
   }
-  const bool connected = sessions_.HasSession(id);
   spdlog::info("worker {}: draining ({}){}{}", id, reason,
                connected ? "" : "; not connected: told to stop when it comes back",
                job.empty()     ? ""

@@ -134,6 +134,9 @@ struct CoordinatorOptions {
   int64_t max_restarts = 10;
   // Log lines kept per job (LogBatch; GetJobLogs), the newest; 0 = unbounded.
   int64_t max_log_lines_per_job = 10000;
+  // A finished job is deleted (DeleteExpiredJobs) this long after its last state change,
+  // seconds (by the store's clock); 0 = kept until DeleteJob.
+  int64_t job_retention_seconds = 0;
 };
 
 class Coordinator {
@@ -192,6 +195,11 @@ class Coordinator {
   // deleted job, FAILED_PRECONDITION for one that has not finished or whose decisions an
   // unfinished job replays.
   absl::Status DeleteJob(const std::string& job_id);
+  // Deletes, oldest first and at most `limit`, the finished jobs whose last state change is more
+  // than options.job_retention_seconds old (none when that is 0), and returns their ids: the
+  // caller removes their artifacts. A job whose decisions an unfinished job replays waits for it;
+  // a store error is logged and ends the round.
+  std::vector<std::string> DeleteExpiredJobs(int limit = 100);
   // λ_max history from the store, paged by probe steps (paging as ListJobs). `modules` (every
   // page) is empty until rank 0 declares them. NOT_FOUND for an unknown job.
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);

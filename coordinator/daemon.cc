@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <future>
@@ -59,6 +60,12 @@ absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> CoordinatorDaemon::Start(
 
 namespace {
 
+// --job-retention-days in whole seconds; at least 1 when not 0.
+int64_t RetentionSeconds(double days) {
+  if (!(days > 0)) return 0;
+  return std::max<int64_t>(1, std::llround(days * 86400));
+}
+
 // The flags' values that Start refuses before it touches anything.
 absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
   if (config.health_timeout_ms < 1) {
@@ -86,6 +93,11 @@ absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
   if (config.heartbeat_interval_ms < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "heartbeat interval must be >= 1 ms, got ", config.heartbeat_interval_ms));
+  }
+  if (!(config.job_retention_days >= 0) || config.job_retention_days > 100 * 365) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--job-retention-days must be a number of days in [0, 36500], got ",
+        config.job_retention_days));
   }
   if (config.metrics_refresh_interval_ms < 1 || config.metrics_retention_seconds < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -151,25 +163,13 @@ absl::Status CoordinatorDaemon::StartImpl() {
     return absl::InvalidArgumentError(
         "--artifact-dir must not be the --state-dir itself (the default is STATE_DIR/artifacts)");
   }
-  // A deleted job's folder that outlived its DeleteJob (the coordinator stopped between the
-  // store's delete and the files'): removed now.
-  std::error_code list_error;
-  for (const auto& entry : std::filesystem::directory_iterator(artifact_dir, list_error)) {
-    const std::string job_id = entry.path().filename().string();
-    if (absl::StatusOr<bool> deleted = store->IsDeletedJob(job_id); deleted.ok() && *deleted) {
-      std::error_code remove_error;
-      std::filesystem::remove_all(entry.path(), remove_error);
-      if (remove_error) {
-        spdlog::warn("artifacts: cannot remove {} of deleted job {}: {}", entry.path().string(),
-                     job_id, remove_error.message());
-      } else {
-        spdlog::info("artifacts: removed {} of deleted job {}", entry.path().string(), job_id);
-      }
-    }
-  }
-  // A job the store says it never had (not one it could not read): its folder is set aside.
+  // A job the store says it never had (not one it could not read) has its folder set aside; a
+  // deleted one's folder (a stop between the delete and its files') is removed.
   auto known_job = [&store](const std::string& job_id) {
-    return store->IsDeletedJob(job_id).status().code() != absl::StatusCode::kNotFound;
+    const absl::StatusOr<bool> deleted = store->IsDeletedJob(job_id);
+    if (deleted.ok() && *deleted) return KnownJob::kDeleted;
+    return deleted.status().code() == absl::StatusCode::kNotFound ? KnownJob::kUnknown
+                                                                   : KnownJob::kKnown;
   };
   absl::StatusOr<std::unique_ptr<ArtifactStore>> artifacts =
       ArtifactStore::Open(artifact_dir, config_.max_artifact_bytes, known_job);
@@ -187,6 +187,7 @@ absl::Status CoordinatorDaemon::StartImpl() {
   coordinator_options.spec_limits.max_model_params = config_.max_model_params;
   coordinator_options.max_jobs_per_client = config_.max_jobs_per_client;
   coordinator_options.max_log_lines_per_job = config_.max_log_lines;
+  coordinator_options.job_retention_seconds = RetentionSeconds(config_.job_retention_days);
   coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
   heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   metrics_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
@@ -372,8 +373,27 @@ void CoordinatorDaemon::ScheduleMetricsRefresh() {
   metrics_timer_->async_wait([this](const boost::system::error_code& error) {
     if (error || heartbeats_stopped_) return;  // cancelled by Shutdown
     coordinator_->RefreshMetrics();
+    DeleteExpiredJobs();
     ScheduleMetricsRefresh();
   });
+}
+
+void CoordinatorDaemon::DeleteExpiredJobs() {
+  const int64_t retention = RetentionSeconds(config_.job_retention_days);
+  if (retention <= 0) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (now < next_retention_check_) return;
+  next_retention_check_ =
+      now + std::chrono::seconds(std::clamp<int64_t>(retention / 10, 1, 60));
+  for (const std::string& job_id : coordinator_->DeleteExpiredJobs()) {
+    if (artifacts_ == nullptr) continue;
+    boost::asio::post(artifacts_->executor(), [store = artifacts_.get(), job_id] {
+      if (absl::StatusOr<int64_t> freed = store->RemoveJob(job_id); !freed.ok()) {
+        spdlog::error("job {}: its artifacts were not removed: {}", job_id,
+                      freed.status().ToString());
+      }
+    });
+  }
 }
 
 HttpResponse CoordinatorDaemon::Health(bool readiness) {

@@ -120,6 +120,10 @@ struct CoordinatorDaemonConfig {
   int64_t metrics_retention_seconds = 600;
   // Period of the metrics refresh (heartbeat ages, retention), milliseconds >= 1.
   int64_t metrics_refresh_interval_ms = 1000;
+  // A finished job and everything kept of it (artifacts, logs, λ history) is deleted this long
+  // after it ended, days >= 0 (fractions allowed); 0 = kept until `matctl delete`. Checked every
+  // tenth of it (at least every second, at most every minute).
+  double job_retention_days = 0;
   // Security (coordinator/auth.h). Token files: one token per line, '#' comments.
   // JobService clients must send "authorization: Bearer <token>" with a token of this file;
   // "" = every client is admitted (a warning is logged at start).
@@ -197,8 +201,12 @@ class CoordinatorDaemon {
   absl::Status Announce();
   // Arms the heartbeat timer once more. Loop only.
   void ScheduleHeartbeatCheck();
-  // Arms the metrics refresh timer once more. Loop only.
+  // Arms the metrics refresh timer once more; each refresh also deletes the expired jobs when
+  // their check is due (DeleteExpiredJobs). Loop only.
   void ScheduleMetricsRefresh();
+  // Deletes the jobs past --job-retention-days and posts the removal of their artifacts. Loop
+  // only.
+  void DeleteExpiredJobs();
   // Sends WATCHDOG=1 and arms the watchdog timer once more. Loop only.
   void ScheduleWatchdog();
   // /healthz (readiness=false) and /readyz: see the file comment. HTTP thread.
@@ -220,6 +228,7 @@ class CoordinatorDaemon {
   std::unique_ptr<boost::asio::steady_timer> heartbeat_timer_;
   bool heartbeats_stopped_ = false;  // loop only
   std::unique_ptr<boost::asio::steady_timer> metrics_timer_;  // RefreshMetrics; loop only
+  std::chrono::steady_clock::time_point next_retention_check_{};  // loop only
   std::unique_ptr<boost::asio::steady_timer> watchdog_timer_;  // systemd pings; loop only
   std::chrono::microseconds watchdog_interval_{0};  // 0: no watchdog
   std::unique_ptr<grpc::Server> server_;

@@ -104,6 +104,13 @@ JobManager::JobManager(JobStore& store, const Clock& clock, CoordinatorMetrics* 
     }
     token = page->next_page_token;
   } while (!token.empty());
+  // Deleted jobs are left out of ListJobs, but still jobs the state dir had.
+  if (absl::StatusOr<std::map<v1::JobState, int64_t>> deleted = store_.CountDeletedJobs();
+      deleted.ok()) {
+    for (const auto& [state, count] : *deleted) terminal_job_counts_[state] += count;
+  } else {
+    spdlog::error("metrics: cannot count the deleted jobs: {}", deleted.status().ToString());
+  }
   UpdateJobGauges();
 }
 
@@ -312,6 +319,9 @@ absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> JobManager::ReplayedS
   const std::string key = "policy.rand_schedule_job";
   absl::StatusOr<JobRecord> job = store_.GetJob(replayed_job_id);
   if (absl::IsNotFound(job.status())) {
+    if (store_.IsDeletedJob(replayed_job_id).value_or(false)) {
+      return absl::InvalidArgumentError(absl::StrCat(key, ": ", job.status().message()));
+    }
     return absl::InvalidArgumentError(
         absl::StrCat(key, ": no job '", replayed_job_id, "' on this coordinator"));
   }

@@ -163,8 +163,12 @@ grpc::ServerUnaryReactor* JobService::SubmitJob(grpc::CallbackServerContext* con
                    [this, request,
                     caller = CallerOf(*context)]() -> absl::StatusOr<v1::SubmitJobReply> {
                      // A replay reads the replayed job's decisions (and its errors its state).
-                     MAT_RETURN_IF_ERROR(CheckOwner(
-                         caller, request->spec().policy().rand_schedule_job(), "replay"));
+                     // An unknown job is the spec's error (SubmitJob names the field).
+                     if (absl::Status owner = CheckOwner(
+                             caller, request->spec().policy().rand_schedule_job(), "replay");
+                         !owner.ok() && !absl::IsNotFound(owner)) {
+                       return owner;
+                     }
                      return coordinator_.SubmitJob(request->client_request_id(),
                                                    request->spec(), caller.client);
                    });
@@ -177,7 +181,8 @@ grpc::ServerUnaryReactor* JobService::GetJob(grpc::CallbackServerContext* contex
     return Refuse(context, auth);
   }
   return RunOnLoop(loop_, context, reply,
-                   [this, request, caller = CallerOf(*context)]() -> absl::StatusOr<v1::GetJobReply> {
+                   [this, request,
+                    caller = CallerOf(*context)]() -> absl::StatusOr<v1::GetJobReply> {
     MAT_RETURN_IF_ERROR(CheckOwner(caller, request->job_id(), "read"));
     absl::StatusOr<v1::GetJobReply> job = coordinator_.GetJob(request->job_id());
     if (job.ok() && options_.artifacts != nullptr) {

@@ -3,7 +3,9 @@
 // Every handler runs on a gRPC thread and never blocks it: it posts the work to the coordinator
 // loop (`loop`, the io_context whose one thread owns the Coordinator), which calls the
 // Coordinator and finishes the RPC there with ToGrpcStatus of the result (RunOnLoop,
-// coordinator/run_on_loop.h). Every RPC is finished exactly once. ListWorkers is
+// coordinator/run_on_loop.h), or, for the artifacts' file work (ListArtifacts, ReadArtifact,
+// DeleteJob), on the ArtifactStore's I/O thread after the loop's check (CheckOnLoopThenRun).
+// Every RPC is finished exactly once. ListWorkers is
 // Coordinator::ListWorkers (the workers of WorkerService, coordinator/worker_service.h).
 //
 // WatchJob is a server-streaming reactor fed from the loop: the job's current state first, then
@@ -63,8 +65,8 @@ struct JobServiceOptions {
   const TokenSet* bearer_tokens = nullptr;
   // Admin tokens (--admin-token-file; also in bearer_tokens), borrowed like it. With them, a
   // caller may read, list, cancel, delete and replay only the jobs it submitted (the same
-  // ClientIdentity) and may not drain or undrain workers, unless its token is one of these. nullptr: every admitted caller may
-  // do all of it.
+  // ClientIdentity) and may not drain or undrain workers, unless its token is one of these.
+  // nullptr: every admitted caller may do all of it.
   const TokenSet* admin_tokens = nullptr;
   // The jobs' artifacts (coordinator/artifact_store.h), borrowed: must outlive the service.
   // nullptr: ListArtifacts and ReadArtifact are UNIMPLEMENTED, Job.artifact_bytes stays 0.

@@ -572,6 +572,41 @@ absl::Status JobStore::DeleteJob(const std::string& job_id) {
   return txn.Commit();
 }
 
+absl::StatusOr<std::map<v1::JobState, int64_t>> JobStore::CountDeletedJobs() {
+  MAT_ASSIGN_OR_RETURN(SqliteStatement q,
+                       db_->Prepare("SELECT state, count(*) FROM jobs "
+                                    "WHERE deleted_unix_seconds IS NOT NULL GROUP BY state"));
+  std::map<v1::JobState, int64_t> counts;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    MAT_ASSIGN_OR_RETURN(const v1::JobState state, ParseJobState(q.ColumnText(0)));
+    counts[state] = q.ColumnInt64(1);
+  }
+  return counts;
+}
+
+absl::StatusOr<std::vector<std::string>> JobStore::ListFinishedBefore(int64_t max_age_seconds,
+                                                                      int limit) {
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement q,
+      db_->Prepare("SELECT id FROM jobs WHERE state IN (?, ?, ?) AND deleted_unix_seconds IS NULL "
+                   "AND updated_unix_seconds < ? ORDER BY seq LIMIT ?"));
+  int arg = 1;
+  for (v1::JobState s : {v1::JOB_STATE_SUCCEEDED, v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED}) {
+    MAT_RETURN_IF_ERROR(q.BindText(arg++, JobStateName(s)));
+  }
+  MAT_RETURN_IF_ERROR(q.BindInt64(arg++, Now() - max_age_seconds));
+  MAT_RETURN_IF_ERROR(q.BindInt64(arg++, limit));
+  std::vector<std::string> ids;
+  while (true) {
+    MAT_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    ids.push_back(q.ColumnText(0));
+  }
+  return ids;
+}
+
 absl::StatusOr<JobPage> JobStore::ListJobs(int page_size, const std::string& page_token,
                                            const std::vector<v1::JobState>& states,
                                            const std::optional<std::string>& client) {

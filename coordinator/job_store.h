@@ -36,8 +36,10 @@
 //                   (dropping its UNIQUE constraint would take a copy of the table)
 //   jobs.deleted_unix_seconds
 //                   (v9) when the job was deleted (DeleteJob), NULL while it is not: a deleted
-//                   job keeps its row (ids come from MAX(seq) and are never given twice) and
-//                   loses everything else
+//                   job keeps its row (ids come from MAX(seq) and are never given twice; the
+//                   row keeps its spec, state, client and figures, its request_key is freed and
+//                   its summary cleared) and loses its assignments, λ history, decisions,
+//                   modules and log lines
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
 // client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs), 6
@@ -63,6 +65,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -302,8 +305,15 @@ class JobStore {
   // FAILED_PRECONDITION for one that is not SUCCEEDED, FAILED or CANCELLED, and for one whose
   // decisions an unfinished job still replays (policy.rand_schedule_job), naming it.
   absl::Status DeleteJob(const std::string& job_id);
-  // Jobs that were not deleted in submission order, `page_size` at a time (0: kDefaultPageSize; clamped to
-  // kMaxPageSize); only `states` when not empty; only the jobs whose `client` equals `client`
+  // Deleted jobs by the state they ended in (mat_coordinator_jobs counts every job the state dir
+  // had).
+  absl::StatusOr<std::map<v1::JobState, int64_t>> CountDeletedJobs();
+  // Finished (SUCCEEDED, FAILED, CANCELLED) jobs that were not deleted and whose last state
+  // change is more than `max_age_seconds` (>= 0) old, oldest first, at most `limit`.
+  absl::StatusOr<std::vector<std::string>> ListFinishedBefore(int64_t max_age_seconds,
+                                                              int limit);
+  // Jobs that were not deleted, in submission order, `page_size` at a time (0:
+  // kDefaultPageSize; clamped to kMaxPageSize); only `states` when not empty; only the jobs whose `client` equals `client`
   // when set. `page_token` is "" or a next_page_token from the same listing; INVALID_ARGUMENT
   // for a negative page_size or a malformed token.
   absl::StatusOr<JobPage> ListJobs(int page_size, const std::string& page_token,

@@ -47,6 +47,12 @@ void AddFlags(CLI::App& app, mat::coordinator::CoordinatorDaemonConfig& config) 
                  "how long a finished job's metric series stay on /metrics (seconds)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--job-retention-days", config.job_retention_days,
+                 "delete a finished job and everything kept of it (model and other artifacts, "
+                 "logs, λ history) this many days after it ended (fractions allowed); 0 = keep "
+                 "until `matctl delete`")
+      ->check(CLI::Range(0.0, 36500.0))
+      ->capture_default_str();
   app.add_option("--auth-token-file", config.auth_token_file,
                  "JobService clients must send 'authorization: Bearer TOKEN' with a token of this "
                  "file (one per line, '#' comments); without it EVERY client is admitted "

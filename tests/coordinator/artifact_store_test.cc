@@ -144,6 +144,18 @@ TEST_F(ArtifactStoreTest, RemoveJobTakesTheJobsFilesAndReportsTheirSize) {
   ASSERT_TRUE(store.ok()) << store.status();
   EXPECT_EQ((*store)->JobBytes("job-000001"), 0);
   EXPECT_EQ((*store)->JobBytes("job-000002"), 2);
+  // A deleted job's folder that outlived its delete goes at the next Open, never loaded; the
+  // other jobs stay.
+  store->reset();
+  fs::create_directories(Dir() + "/job-000003");
+  { std::ofstream(Dir() + "/job-000003/model.safetensors") << "left over"; }
+  store = ArtifactStore::Open(Dir(), 0, [](const std::string& id) {
+    return id == "job-000003" ? KnownJob::kDeleted : KnownJob::kKnown;
+  });
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_FALSE(fs::exists(Dir() + "/job-000003"));
+  EXPECT_FALSE(fs::exists(Dir() + "/orphaned"));
+  EXPECT_EQ((*store)->JobBytes("job-000002"), 2);
 }
 
 TEST_F(ArtifactStoreTest, AnUploadResumesAfterAReopenWhereTheBytesOnDiskEnd) {
@@ -204,7 +216,9 @@ TEST_F(ArtifactStoreTest, AFolderOfAJobTheStateDoesNotKnowIsMovedAside) {
     ASSERT_TRUE(store.ok());
     ASSERT_TRUE((*store)->Upload(Piece("metrics.jsonl", file, 0, 100)).ok());
   }
-  auto store = ArtifactStore::Open(Dir(), 0, [](const std::string& id) { return id != "job-000001"; });
+  auto store = ArtifactStore::Open(Dir(), 0, [](const std::string& id) {
+    return id == "job-000001" ? KnownJob::kUnknown : KnownJob::kKnown;
+  });
   ASSERT_TRUE(store.ok()) << store.status();
   EXPECT_EQ((*store)->JobBytes("job-000001"), 0);
   EXPECT_FALSE(fs::exists(Dir() + "/job-000001"));

@@ -216,6 +216,9 @@ TEST_F(AuthTest, DaemonRefusesEveryCallWithoutTheRightTokenButHealthStaysOpen) {
   EXPECT_EQ(
       jobs->DrainWorker(Context("authorization", "Bearer join-1").get(), {}, &drained).error_code(),
       grpc::StatusCode::PERMISSION_DENIED);
+  v1::DeleteJobReply deleted;
+  EXPECT_EQ(jobs->DeleteJob(Context("", "").get(), {}, &deleted).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
   v1::UndrainWorkerReply undrained;
   EXPECT_EQ(jobs->UndrainWorker(Context("", "").get(), {}, &undrained).error_code(),
             grpc::StatusCode::UNAUTHENTICATED);
@@ -319,7 +322,8 @@ TEST_F(AuthTest, DaemonRefusesBearerTokensWithAnOpenWorkerServiceUnlessAskedTo) 
   const std::string open = log.Take();
   EXPECT_THAT(open, HasSubstr("WorkerService admits every worker (--open-worker-service)"));
   EXPECT_THAT(open, HasSubstr("tokens travel in plaintext to 0.0.0.0:0"));
-  EXPECT_THAT(open, HasSubstr("no --admin-token-file: every client may read and cancel any job"));
+  EXPECT_THAT(open,
+              HasSubstr("no --admin-token-file: every client may read, cancel and delete any job"));
   auto channel =
       grpc::CreateChannel((*daemon)->grpc_address(), grpc::InsecureChannelCredentials());
   v1::RegisterRequest request;

@@ -93,6 +93,48 @@ TEST_F(CoordinatorTest, SubmitJobStoresQueuedJobWithDefaultsFilled) {
   EXPECT_TRUE(MessageDifferencer::Equals(job->job().spec(), api::WithJobSpecDefaults(SmallSpec())));
 }
 
+// --job-retention-days: finished jobs past the retention are deleted, oldest first; the others,
+// and one a queued job replays, stay. Without a retention nothing is.
+class CoordinatorRetentionTest : public CoordinatorTest {
+ protected:
+  CoordinatorOptions Options() override {
+    CoordinatorOptions options = CoordinatorTest::Options();
+    options.job_retention_seconds = retention_;
+    return options;
+  }
+  int64_t retention_ = 3600;
+};
+
+TEST_F(CoordinatorRetentionTest, FinishedJobsPastTheRetentionAreDeleted) {
+  const std::string old_job = Submit("", SmallSpec());
+  const std::string replayed = Submit("", SmallSpec());
+  const std::string running = Submit("", SmallSpec());
+  JobStore& store = coordinator_->store();
+  ASSERT_TRUE(coordinator_->CancelJob(old_job, "").ok());
+  ASSERT_TRUE(store.UpdateJobState(replayed, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(store.UpdateJobState(replayed, v1::JOB_STATE_SUCCEEDED).ok());
+  // A queued job that replays `replayed` (stored as the facade would, past its checks).
+  v1::JobSpec rand = SmallSpec();
+  rand.mutable_policy()->set_kind("rand");
+  rand.mutable_policy()->set_rand_schedule_job(replayed);
+  ASSERT_TRUE(store.CreateJob("", rand).ok());
+  EXPECT_TRUE(coordinator_->DeleteExpiredJobs().empty()) << "nothing is an hour old yet";
+  now_ += 3601;
+  const std::string young = Submit("", SmallSpec());
+  ASSERT_TRUE(coordinator_->CancelJob(young, "").ok());
+  EXPECT_EQ(coordinator_->DeleteExpiredJobs(), (std::vector<std::string>{old_job}));
+  EXPECT_EQ(coordinator_->GetJob(old_job).status().code(), absl::StatusCode::kNotFound);
+  for (const std::string& kept : {replayed, running, young}) {
+    EXPECT_TRUE(coordinator_->GetJob(kept).ok()) << kept;
+  }
+  EXPECT_TRUE(coordinator_->DeleteExpiredJobs().empty());
+
+  retention_ = 0;
+  Open();
+  now_ += 100000;
+  EXPECT_TRUE(coordinator_->DeleteExpiredJobs().empty()) << "no retention, no delete";
+}
+
 TEST_F(CoordinatorTest, SubmitJobIsIdempotentByClientRequestId) {
   const std::string first = Submit("req-1", SmallSpec());
   auto again = coordinator_->SubmitJob("req-1", SmallSpec());

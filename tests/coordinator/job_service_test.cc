@@ -696,6 +696,7 @@ TEST_F(JobServiceRolesTest, AJobIsItsSubmittersAndAnAdminsOnly) {
   // Replaying another client's job would read its decisions.
   v1::SubmitJobRequest replay;
   *replay.mutable_spec() = SmallSpec();
+  replay.mutable_spec()->mutable_policy()->set_kind("rand");
   replay.mutable_spec()->mutable_policy()->set_rand_schedule_job(b1);
   v1::SubmitJobReply replayed;
   s = stub_->SubmitJob(As("alice-secret").get(), replay, &replayed);
@@ -703,6 +704,11 @@ TEST_F(JobServiceRolesTest, AJobIsItsSubmittersAndAnAdminsOnly) {
   EXPECT_THAT(s.error_message(), HasSubstr("job " + b1 + " was submitted by another client"));
   EXPECT_THAT(s.error_message(), HasSubstr("may replay it"));
   EXPECT_EQ(ListAs("ops-secret", 0).size(), 3u) << "no job was stored";
+  // Her own job passes the owner check (and is refused for what it is: cancelled, not mat).
+  replay.mutable_spec()->mutable_policy()->set_rand_schedule_job(a1);
+  s = stub_->SubmitJob(As("alice-secret").get(), replay, &replayed);
+  EXPECT_NE(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("policy.rand_schedule_job: job " + a1));
 
   // Deleting: the submitter's (or an admin's), and only once the job finished.
   v1::DeleteJobRequest del;
@@ -731,6 +737,14 @@ TEST_F(JobServiceRolesTest, AJobIsItsSubmittersAndAnAdminsOnly) {
     }
   }
   EXPECT_EQ(ListAs("ops-secret", 0), (std::vector<std::string>{b1, a2}));
+  // A replay of it names the field and the delete, for its submitter and for another client.
+  for (const std::string token : {"alice-secret", "bob-secret"}) {
+    s = stub_->SubmitJob(As(token).get(), replay, &replayed);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << token;
+    EXPECT_THAT(s.error_message(),
+                HasSubstr("policy.rand_schedule_job: job '" + a1 + "' was deleted"))
+        << token;
+  }
 }
 
 TEST(ClientIdentityTest, HashesTokensAndDropsThePeerPort) {

@@ -574,6 +574,9 @@ TEST_F(JobStoreTest, DeleteJobRemovesAFinishedJobButNeverGivesItsIdAgain) {
   ASSERT_TRUE(store_->AppendLambdas(done, 10, {1.0, 2.0}).ok());
   ASSERT_TRUE(store_->AppendDecision(done, 10, R"({"step":10})").ok());
   ASSERT_TRUE(store_->AppendJobLogs(done, 0, Lines({"a0"}), 0).ok());
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "host1", "cpu", 1 << 30, 0, 0}).ok());
+  ASSERT_TRUE(store_->PutAssignment(done, 0, "w1", 0).ok());
+  ASSERT_TRUE(store_->PutModules(done, {{"m", "heads", 0, 0}}).ok());
   // A running job cannot be deleted, nor one a queued job still replays.
   auto running = store_->DeleteJob(done);
   EXPECT_EQ(running.code(), absl::StatusCode::kFailedPrecondition);
@@ -602,7 +605,8 @@ TEST_F(JobStoreTest, DeleteJobRemovesAFinishedJobButNeverGivesItsIdAgain) {
   EXPECT_EQ(*store_->IsDeletedJob(done), true);
   EXPECT_EQ(*store_->IsDeletedJob(replay), false);
   EXPECT_EQ(store_->IsDeletedJob("job-000099").status().code(), absl::StatusCode::kNotFound);
-  for (const char* table : {"lambda_history", "decisions", "job_logs", "assignments"}) {
+  for (const char* table :
+       {"lambda_history", "decisions", "job_logs", "assignments", "modules"}) {
     EXPECT_EQ(RawQuery(absl::StrCat("SELECT count(*) FROM ", table, " WHERE job_id = '",
                                         done, "'")),
               "0")
@@ -620,6 +624,29 @@ TEST_F(JobStoreTest, DeleteJobRemovesAFinishedJobButNeverGivesItsIdAgain) {
   EXPECT_NE(again->job_id, done);
   EXPECT_NE(again->job_id, replay);
   EXPECT_EQ(again->job_id, "job-000003");
+  auto counted = store_->CountDeletedJobs();
+  ASSERT_TRUE(counted.ok()) << counted.status();
+  EXPECT_EQ(*counted, (std::map<v1::JobState, int64_t>{{v1::JOB_STATE_SUCCEEDED, 1},
+                                                       {v1::JOB_STATE_CANCELLED, 1}}));
+}
+
+// The jobs retention deletes: finished, not deleted, last changed more than the age ago.
+TEST_F(JobStoreTest, ListFinishedBeforeFindsTheFinishedJobsPastTheAge) {
+  const std::string old_done = Create("", Spec(1));
+  const std::string old_running = Create("", Spec(1));
+  const std::string old_deleted = Create("", Spec(1));
+  ASSERT_TRUE(store_->UpdateJobState(old_done, v1::JOB_STATE_FAILED).ok());
+  ASSERT_TRUE(store_->UpdateJobState(old_running, v1::JOB_STATE_RUNNING).ok());
+  ASSERT_TRUE(store_->UpdateJobState(old_deleted, v1::JOB_STATE_CANCELLED).ok());
+  ASSERT_TRUE(store_->DeleteJob(old_deleted).ok());
+  now_ += 100;
+  const std::string young = Create("", Spec(1));
+  ASSERT_TRUE(store_->UpdateJobState(young, v1::JOB_STATE_CANCELLED).ok());
+  now_ += 1;
+  EXPECT_EQ(*store_->ListFinishedBefore(50, 10), (std::vector<std::string>{old_done}));
+  EXPECT_EQ(*store_->ListFinishedBefore(0, 10), (std::vector<std::string>{old_done, young}));
+  EXPECT_EQ(*store_->ListFinishedBefore(0, 1), (std::vector<std::string>{old_done}));
+  EXPECT_TRUE(store_->ListFinishedBefore(200, 10)->empty());
 }
 
 TEST_F(JobStoreTest, LogsAreNumberedPerJobFilteredByRankBoundedAndSurviveReopen) {

@@ -12,6 +12,7 @@
 //   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint; also
 //     when a lost peer had made the job RESTARTING, and when rank 0's own worker was stopped
 //     (SIGTERM) before;
+//   - with --job-retention-days, a finished job and its files go once it ended that long ago;
 //   - a model over --max-artifact-bytes is refused with a message naming the limit (in the job's
 //     log and from `matctl download`), the job still SUCCEEDS with its summary, and the smaller
 //     files are there.
@@ -233,6 +234,37 @@ TEST_F(ArtifactsTest, DownloadGivesBackRankZerosFilesAndTheTrainedModel) {
   ASSERT_NO_FATAL_FAILURE(StartCoordinator({}, address));
   EXPECT_FALSE(fs::exists(state_dir_ + "/artifacts/" + job));
   EXPECT_FALSE(fs::exists(state_dir_ + "/artifacts/orphaned"));
+}
+
+// --job-retention-days: a finished job goes with its files once it ended that long ago; a
+// queued one stays. (A job cancelled while queued, and a file put in its folder as rank 0's
+// upload would: the daemon's timer and the artifact removal are what is tested.)
+TEST_F(ArtifactsTest, AFinishedJobPastTheRetentionIsDeletedWithItsFiles) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator({"--job-retention-days", "0.00004"}));  // 3.5 s
+  const std::string ended = Submit(10);
+  const std::string queued = Submit(10);
+  ASSERT_FALSE(ended.empty());
+  ASSERT_FALSE(queued.empty());
+  fs::create_directories(state_dir_ + "/artifacts/" + ended);
+  { std::ofstream(state_dir_ + "/artifacts/" + ended + "/summary.json") << "{}"; }
+  ASSERT_EQ(Matctl(address_, {"cancel", ended}).exit_code, 0);
+  CommandResult status;
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    status = Matctl(address_, {"status", ended});
+    if (status.exit_code != 0) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_THAT(status.err, HasSubstr("NOT_FOUND: job '" + ended + "' was deleted"));
+  for (auto until = std::chrono::steady_clock::now() + 5s;
+       fs::exists(state_dir_ + "/artifacts/" + ended) && std::chrono::steady_clock::now() < until;
+       std::this_thread::sleep_for(100ms)) {
+  }
+  EXPECT_FALSE(fs::exists(state_dir_ + "/artifacts/" + ended));
+  EXPECT_EQ(Matctl(address_, {"status", queued}).exit_code, 0) << "a queued job stays";
+  EXPECT_THAT(ReadText(coordinator_log_ + ".err") + ReadText(coordinator_log_ + ".out"),
+              HasSubstr("job " + ended + ": deleted, finished more than 3 s ago"));
+  ASSERT_EQ(Matctl(address_, {"cancel", queued}).exit_code, 0);
 }
 
 TEST_F(ArtifactsTest, AnUploadCutByACoordinatorKillResumesAfterItsRestart) {

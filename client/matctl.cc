@@ -58,6 +58,7 @@ struct MatctlOptions {
   bool no_progress = false;  // --no-progress: one line per event even on a terminal
   std::string plot_file;     // plot --out
   std::vector<std::string> runs;      // compare: job ids or run directories
+  std::vector<std::string> job_ids;   // delete
   std::string baseline;               // compare --baseline
   std::vector<double> budgets = {0.25, 0.5, 0.75, 1.0};  // compare --budgets
   std::string svg_file;               // compare --svg
@@ -253,10 +254,17 @@ int Delete(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   absl::StatusOr<std::unique_ptr<JobClient>> made =
       JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
   if (!made.ok()) return Fail(err, made.status());
-  absl::StatusOr<int64_t> freed = (*made)->DeleteJob(o.job_id);
-  if (!freed.ok()) return Fail(err, freed.status());
-  out << o.job_id << " deleted (" << FormatBytes(*freed) << " of artifacts freed)\n";
-  return kExitOk;
+  // Each job on its own: one that is refused does not keep the others.
+  int code = kExitOk;
+  for (const std::string& job_id : o.job_ids) {
+    absl::StatusOr<int64_t> freed = (*made)->DeleteJob(job_id);
+    if (!freed.ok()) {
+      code = Fail(err, freed.status());
+      continue;
+    }
+    out << job_id << " deleted (" << FormatBytes(*freed) << " of artifacts freed)\n" << std::flush;
+  }
+  return code;
 }
 
 int WatchCommand(const MatctlOptions& o, const OutputTerminal& terminal, std::ostream& out,
@@ -694,7 +702,7 @@ std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
   CLI::App* del = app.add_subcommand(
       "delete", "delete a finished job and everything the coordinator keeps of it (model and "
                 "other artifacts, logs, λ history); download what you need first");
-  del->add_option("job", o.job_id, "job id")->required();
+  del->add_option("jobs", o.job_ids, "job ids")->required();
 
   CLI::App* watch =
       app.add_subcommand("watch", "follow a job until it finishes (a progress bar on a terminal)");

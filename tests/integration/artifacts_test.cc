@@ -209,9 +209,11 @@ TEST_F(ArtifactsTest, DownloadGivesBackRankZerosFilesAndTheTrainedModel) {
   EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_THAT(unknown.err, HasSubstr("job-999999"));
 
-  // Deleted: the coordinator's files and records of it go; the user's download stays.
-  CommandResult deleted = Matctl(address_, {"delete", job});
-  ASSERT_EQ(deleted.exit_code, 0) << deleted.err;
+  // Deleted: the coordinator's files and records of it go; the user's download stays. An unknown
+  // id beside it fails alone.
+  CommandResult deleted = Matctl(address_, {"delete", "job-999999", job});
+  EXPECT_EQ(deleted.exit_code, 1);
+  EXPECT_THAT(deleted.err, HasSubstr("NOT_FOUND: job 'job-999999' not found"));
   EXPECT_THAT(deleted.out, ::testing::MatchesRegex(job + " deleted \\([0-9.]+ MB of artifacts "
                                                          "freed\\)\n"));
   EXPECT_FALSE(fs::exists(state_dir_ + "/artifacts/" + job));

@@ -341,6 +341,7 @@ v1::JobSpec JobSpecDefaults() {
     s->mutable_policy()->set_rand_schedule_job("");  // no replay
     s->mutable_resources()->set_workers(1);
     s->mutable_resources()->set_device("cpu");
+    s->mutable_resources()->set_max_train_seconds(0);  // no limit
     return s;
   }();
   return *kDefaults;
@@ -377,6 +378,10 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
   MAT_RETURN_IF_ERROR(Check(r.device() == "cpu" || r.device() == "cuda",
                             "resources.device: unknown device '" + r.device() +
                                 "' (expected cpu or cuda)"));
+  MAT_RETURN_IF_ERROR(Check(std::isfinite(r.max_train_seconds()) && r.max_train_seconds() >= 0,
+                            absl::StrCat("resources.max_train_seconds must be a number of "
+                                         "seconds >= 0 (0: no limit), got ",
+                                         r.max_train_seconds())));
   MAT_RETURN_IF_ERROR(Check(t.batch_size() % r.workers() == 0,
                             absl::StrCat("train.batch_size must be a multiple of "
                                          "resources.workers (each rank takes an equal share), "

@@ -176,7 +176,7 @@ absl::Status Walk(TrainConfig& c, const YAML::Node& node, const std::string& pre
       if (!kv.second.IsMap()) return absl::InvalidArgumentError(origin + ": resources must be a mapping");
       for (const auto& r : kv.second) {
         const std::string rkey = r.first.as<std::string>();
-        if (rkey != "workers" && rkey != "device") {
+        if (rkey != "workers" && rkey != "device" && rkey != "max_train_seconds") {
           return absl::InvalidArgumentError(origin + ": unknown key 'resources." + rkey + "'");
         }
       }

@@ -460,6 +460,13 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
                                                  : std::numeric_limits<double>::quiet_NaN());
     PublishJobEvent(eval);
   }
+  if (const double limit = job.spec.resources().max_train_seconds();
+      limit > 0 && progress.wall_seconds() > limit) {
+    FailJob(job_id, absl::StrCat("trained for ", absl::SixDigits(progress.wall_seconds()),
+                                 " s by step ", progress.step(),
+                                 ", past resources.max_train_seconds (", absl::SixDigits(limit),
+                                 " s)"));  // `job` is gone after this
+  }
   return absl::OkStatus();
 }
 

@@ -61,7 +61,7 @@ const std::vector<std::string> kTrainerKeys = {
 // The keys mat-train does not have: what the cluster must provide, and the stored MAT job a rand
 // job replays. JobSpecToTrainerYaml leaves them out.
 const std::vector<std::string> kJobOnlyKeys = {"policy.rand_schedule_job", "resources.workers",
-                                               "resources.device"};
+                                               "resources.device", "resources.max_train_seconds"};
 
 // Every set scalar of `msg` as key -> text (doubles via StrCat: 6 significant digits).
 void Flatten(const Message& msg, const std::string& prefix, std::map<std::string, std::string>* out) {
@@ -310,7 +310,7 @@ TEST(JobSpecTest, ParsesEveryTypeAndKeepsExplicitDefaultValues) {
       "model: {layers: 3, pre_ln: true, dropout: 0, ffn_groups: 0}\n"
       "data:\n  dir: /some/where\n  mask_prob: 0.2\n"
       "train: {lr: 1.0e-3, schedule: cosine, steps: 16}\n"
-      "resources: {workers: 2, device: cuda}\n");
+      "resources: {workers: 2, device: cuda, max_train_seconds: 3600}\n");
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_EQ(spec->seed(), std::numeric_limits<uint64_t>::max());
   EXPECT_EQ(spec->model().layers(), 3);
@@ -322,6 +322,7 @@ TEST(JobSpecTest, ParsesEveryTypeAndKeepsExplicitDefaultValues) {
   EXPECT_EQ(spec->train().steps(), 16);
   EXPECT_EQ(spec->resources().workers(), 2);
   EXPECT_EQ(spec->resources().device(), "cuda");
+  EXPECT_EQ(spec->resources().max_train_seconds(), 3600);
   // Zero is a value, not "unset": presence survives and defaults do not overwrite it.
   ASSERT_TRUE(spec->model().has_dropout());
   ASSERT_TRUE(spec->model().has_ffn_groups());
@@ -502,7 +503,8 @@ TEST(JobSpecTest, DefaultsSetEveryKeyToTheDocumentedValue) {
       {"policy.delta1", "warmup"}, {"policy.probe_projections", "1"},
       {"policy.probe_positions", "1"}, {"policy.backward", "weights"},
       {"policy.lanczos_iterations", "8"},
-      {"resources.workers", "1"}, {"resources.device", "cpu"}};
+      {"resources.workers", "1"}, {"resources.device", "cpu"},
+      {"resources.max_train_seconds", "0"}};
   EXPECT_EQ(Flatten(JobSpecDefaults()), documented);
   EXPECT_TRUE(ValidateJobSpec(JobSpecDefaults()).ok()) << ValidateJobSpec(JobSpecDefaults());
   EXPECT_TRUE(ValidateJobSpec(v1::JobSpec()).ok()) << "an empty spec means all defaults";
@@ -654,6 +656,10 @@ INSTANTIATE_TEST_SUITE_P(
         BadValue{"ZeroWorkers", "resources: {workers: 0}", "resources.workers"},
         BadValue{"NegativeWorkers", "resources: {workers: -2}", "resources.workers"},
         BadValue{"UnknownDevice", "resources: {device: tpu}", "resources.device"},
+        BadValue{"NegativeTimeLimit", "resources: {max_train_seconds: -1}",
+                 "resources.max_train_seconds must be a number of seconds >= 0"},
+        BadValue{"NaNTimeLimit", "resources: {max_train_seconds: .nan}",
+                 "resources.max_train_seconds"},
         BadValue{"BatchNotSplittable", "resources: {workers: 3}", "resources.workers"},
         BadValue{"ProbeAbovePerRankBatch", "resources: {workers: 4}", "policy.probe_samples"}),
     [](const ::testing::TestParamInfo<BadValue>& info) { return info.param.name; });

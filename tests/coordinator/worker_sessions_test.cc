@@ -567,6 +567,24 @@ TEST_F(WorkerSessionsTest, AReportBeforeTheModuleListWaitsForItAndAfterTheJobEnd
 
 // ----- progress -----
 
+// resources.max_train_seconds: rank 0's reported training time past it fails the job (every
+// rank told to stop); rank 1's does not count, and up to the limit the job goes on.
+TEST_F(WorkerSessionsTest, AJobPastItsTrainingTimeLimitFails) {
+  v1::JobSpec spec = Spec(2);
+  spec.mutable_resources()->set_max_train_seconds(30);
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1, spec);
+  SendOk(Progress(w0.id, job, 0, 20, 4.5, 6e12, 30.0));
+  SendOk(Progress(w1.id, job, 1, 20, 4.5, 6e12, 45.0));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING) << "at the limit, or rank 1 past it";
+  SendOk(Progress(w0.id, job, 0, 40, 4.0, 8e12, 30.5));
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(GetJob(job).job().error_message(),
+            "trained for 30.5 s by step 40, past resources.max_train_seconds (30 s)");
+  EXPECT_EQ(w0.channel->Cancels().size(), 1u);
+  EXPECT_EQ(w1.channel->Cancels().size(), 1u);
+}
+
 TEST_F(WorkerSessionsTest, RankZeroProgressIsTheJobsProgressAndIsPublished) {
   Worker w0, w1;
   const std::string job = StartTwoRankJob(&w0, &w1);

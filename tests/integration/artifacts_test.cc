@@ -12,6 +12,7 @@
 //   - a job cancelled after a checkpoint: rank 0 uploads the model of its newest checkpoint; also
 //     when a lost peer had made the job RESTARTING, and when rank 0's own worker was stopped
 //     (SIGTERM) before;
+//   - a job past its resources.max_train_seconds FAILS naming it, and its worker goes on;
 //   - with --job-retention-days, a finished job and its files go once it ended that long ago;
 //   - a model over --max-artifact-bytes is refused with a message naming the limit (in the job's
 //     log and from `matctl download`), the job still SUCCEEDS with its summary, and the smaller
@@ -267,6 +268,27 @@ TEST_F(ArtifactsTest, AFinishedJobPastTheRetentionIsDeletedWithItsFiles) {
   EXPECT_THAT(ReadText(coordinator_log_ + ".err") + ReadText(coordinator_log_ + ".out"),
               HasSubstr("job " + ended + ": deleted, finished more than 3 s ago"));
   ASSERT_EQ(Matctl(address_, {"cancel", queued}).exit_code, 0);
+}
+
+// resources.max_train_seconds on a real worker: the job FAILS once rank 0 reports more training
+// time, naming the limit, and its rank stops (the worker takes the next job).
+TEST_F(ArtifactsTest, AJobPastItsTrainingTimeLimitFailsNamingIt) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+  ASSERT_GT(StartWorker("w0"), 0);
+  std::string yaml = JobYaml(100000);
+  yaml.replace(yaml.find("device: cpu}"), std::strlen("device: cpu}"),
+               "device: cpu, max_train_seconds: 1}");
+  CommandResult r = Matctl(address_, {"submit", WriteJob("limited.yaml", yaml)});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string job = r.out;
+  while (!job.empty() && (job.back() == '\n' || job.back() == ' ')) job.pop_back();
+  const json status = WaitEnded(job, 120s);
+  ASSERT_EQ(status.value("state", ""), "FAILED") << status.dump(2) << Logs("w0");
+  EXPECT_THAT(status.value("error_message", ""),
+              HasSubstr("past resources.max_train_seconds (1 s)"));
+  EXPECT_LT(status.value("step", int64_t{0}), 100000);
+  const std::string next = Submit(10);
+  EXPECT_EQ(WaitEnded(next, 120s).value("state", ""), "SUCCEEDED") << Logs("w0");
 }
 
 TEST_F(ArtifactsTest, AnUploadCutByACoordinatorKillResumesAfterItsRestart) {

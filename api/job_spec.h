@@ -46,7 +46,8 @@ absl::StatusOr<v1::JobSpec> ParseJobSpecYaml(const std::string& yaml, const std:
 absl::StatusOr<v1::JobSpec> LoadJobSpecYaml(const std::string& path);
 
 // A spec with every field set to its default: TrainConfig's defaults (config/train_config.h),
-// resources {workers: 1, device: cpu} and policy.rand_schedule_job "" (no replay).
+// resources {workers: 1, device: cpu, max_train_seconds: 0 (no limit)} and
+// policy.rand_schedule_job "" (no replay).
 v1::JobSpec JobSpecDefaults();
 
 // `spec` with every unset field set to its default (set fields are kept as they are).
@@ -57,6 +58,7 @@ v1::JobSpec WithJobSpecDefaults(const v1::JobSpec& spec);
 // coordinator rejects a job before a worker would: "train.lr must be a finite number, got inf"),
 // and on the job-only keys:
 //   - resources.workers >= 1; resources.device is "cpu" or "cuda";
+//     resources.max_train_seconds is finite and >= 0;
 //   - train.batch_size is a multiple of resources.workers (each rank takes
 //     batch_size / workers samples per step) and policy.probe_samples <= that per-rank batch
 //     (each rank probes the first samples of its own batch);

@@ -260,6 +260,12 @@ int Delete(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
     absl::StatusOr<int64_t> freed = (*made)->DeleteJob(job_id);
     if (!freed.ok()) {
       code = Fail(err, freed.status());
+      // The coordinator, not the job: the next ones would fail the same way, each after a wait.
+      const absl::StatusCode c = freed.status().code();
+      if (c == absl::StatusCode::kUnavailable || c == absl::StatusCode::kUnauthenticated ||
+          c == absl::StatusCode::kDeadlineExceeded) {
+        return code;
+      }
       continue;
     }
     out << job_id << " deleted (" << FormatBytes(*freed) << " of artifacts freed)\n" << std::flush;
@@ -700,7 +706,7 @@ std::vector<Command> AddJobCommands(CLI::App& app, MatctlOptions& o,
   cancel->add_option("--reason", o.reason, "stored as the job's message");
 
   CLI::App* del = app.add_subcommand(
-      "delete", "delete a finished job and everything the coordinator keeps of it (model and "
+      "delete", "delete finished jobs and what the coordinator keeps of them (model and "
                 "other artifacts, logs, λ history); download what you need first");
   del->add_option("jobs", o.job_ids, "job ids")->required();
 

@@ -94,7 +94,7 @@ absl::Status CheckWritableDir(const std::string& dir) {
 }
 
 absl::StatusOr<int> LockDirectory(const std::string& dir, const std::string& owner) {
-  const std::string path = dir + "/LOCK";
+  const std::string path = absl::StrCat(dir, "/", kLockFileName);
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     return absl::UnavailableError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));

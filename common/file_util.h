@@ -27,6 +27,9 @@ absl::Status MakeDirs(const std::string& path);
 // file system"). For a folder a daemon writes much later (checkpoints), checked at its start.
 absl::Status CheckWritableDir(const std::string& dir);
 
+// The file LockDirectory locks in its directory.
+inline constexpr const char* kLockFileName = "LOCK";
+
 // Takes an exclusive advisory lock (flock) on `dir`/LOCK, creating the file: one process per
 // directory. Returns the descriptor, which holds the lock until the caller closes it (the kernel
 // releases it when the process dies). FAILED_PRECONDITION "'DIR' is in use by another OWNER"

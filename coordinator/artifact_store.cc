@@ -351,7 +351,7 @@ void ArtifactStore::PublishBytes(const std::string& job_id, const Job& job) {
 
 absl::StatusOr<int64_t> ArtifactStore::RemoveJob(const std::string& job_id) {
   MAT_RETURN_IF_ERROR(api::CheckArtifactName(job_id));  // a job id is one path component
-  if (job_id == kOrphaned || job_id == "LOCK") {
+  if (job_id == kOrphaned || job_id == common::kLockFileName) {
     return absl::InvalidArgumentError(absl::StrCat("'", job_id, "' is not a job of the store"));
   }
   std::lock_guard<std::mutex> lock(mu_);

@@ -93,8 +93,9 @@ absl::Status Coordinator::DeleteJob(const std::string& job_id) {
   return absl::OkStatus();
 }
 
-std::vector<std::string> Coordinator::DeleteExpiredJobs(int limit) {
+std::vector<std::string> Coordinator::DeleteExpiredJobs(int limit, bool* more) {
   std::vector<std::string> deleted;
+  if (more != nullptr) *more = false;
   if (options_.job_retention_seconds <= 0) return deleted;
   absl::StatusOr<std::vector<std::string>> expired =
       store_->ListFinishedBefore(options_.job_retention_seconds, limit);
@@ -102,6 +103,7 @@ std::vector<std::string> Coordinator::DeleteExpiredJobs(int limit) {
     spdlog::error("job retention: cannot list finished jobs: {}", expired.status().ToString());
     return deleted;
   }
+  if (more != nullptr) *more = static_cast<int>(expired->size()) == limit;
   for (const std::string& job_id : *expired) {
     const absl::Status s = jobs_.Delete(job_id);
     if (s.code() == absl::StatusCode::kFailedPrecondition) continue;  // replayed: later

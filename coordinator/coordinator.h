@@ -195,11 +195,12 @@ class Coordinator {
   // deleted job, FAILED_PRECONDITION for one that has not finished or whose decisions an
   // unfinished job replays.
   absl::Status DeleteJob(const std::string& job_id);
-  // Deletes, oldest first and at most `limit`, the finished jobs whose last state change is more
-  // than options.job_retention_seconds old (none when that is 0), and returns their ids: the
-  // caller removes their artifacts. A job whose decisions an unfinished job replays waits for it;
-  // a store error is logged and ends the round.
-  std::vector<std::string> DeleteExpiredJobs(int limit = 100);
+  // Deletes, in submission order and at most `limit` (a round keeps the loop short), the
+  // finished jobs whose last state change is more than options.job_retention_seconds old (none
+  // when that is 0), and returns their ids: the caller removes their artifacts. `more` (when
+  // given) says whether the round was full, so that the caller comes back at once. A job whose
+  // decisions an unfinished job replays waits for it; a store error is logged and ends the round.
+  std::vector<std::string> DeleteExpiredJobs(int limit = 10, bool* more = nullptr);
   // λ_max history from the store, paged by probe steps (paging as ListJobs). `modules` (every
   // page) is empty until rank 0 declares them. NOT_FOUND for an unknown job.
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);

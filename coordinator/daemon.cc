@@ -383,9 +383,12 @@ void CoordinatorDaemon::DeleteExpiredJobs() {
   if (retention <= 0) return;
   const auto now = std::chrono::steady_clock::now();
   if (now < next_retention_check_) return;
+  bool more = false;
+  const std::vector<std::string> deleted = coordinator_->DeleteExpiredJobs(10, &more);
+  // A full round (a backlog) goes on at the next refresh, a few jobs at a time.
   next_retention_check_ =
-      now + std::chrono::seconds(std::clamp<int64_t>(retention / 10, 1, 60));
-  for (const std::string& job_id : coordinator_->DeleteExpiredJobs()) {
+      more ? now : now + std::chrono::seconds(std::clamp<int64_t>(retention / 10, 1, 60));
+  for (const std::string& job_id : deleted) {
     if (artifacts_ == nullptr) continue;
     boost::asio::post(artifacts_->executor(), [store = artifacts_.get(), job_id] {
       if (absl::StatusOr<int64_t> freed = store->RemoveJob(job_id); !freed.ok()) {

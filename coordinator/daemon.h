@@ -7,7 +7,9 @@
 // that post to that loop, plus grpc.health.v1.Health (SERVING while up) and server reflection. A
 // timer on the loop calls Coordinator::CheckHeartbeats every heartbeat interval (workers silent
 // for 3 intervals are lost), and another every second Coordinator::RefreshMetrics (heartbeat ages;
-// a finished job's series are removed metrics_retention_seconds after its end). A second, small
+// a finished job's series are removed metrics_retention_seconds after its end) and, with
+// job_retention_days, Coordinator::DeleteExpiredJobs (the jobs' artifacts then go on the
+// ArtifactStore's I/O thread). A second, small
 // thread (metrics/http_server.h) serves HTTP `/healthz`, `/readyz` and `/metrics` (the
 // Prometheus text of coordinator_metrics.h) on the metrics listener. `/healthz` posts a check to
 // the coordinator loop and waits at most health_timeout_ms for it: the loop answers by opening
@@ -121,8 +123,9 @@ struct CoordinatorDaemonConfig {
   // Period of the metrics refresh (heartbeat ages, retention), milliseconds >= 1.
   int64_t metrics_refresh_interval_ms = 1000;
   // A finished job and everything kept of it (artifacts, logs, λ history) is deleted this long
-  // after it ended, days >= 0 (fractions allowed); 0 = kept until `matctl delete`. Checked every
-  // tenth of it (at least every second, at most every minute).
+  // after it ended, days in [0, 36500] (fractions allowed; whole seconds, at least 1); 0 = kept
+  // until `matctl delete`. Checked at a metrics refresh every tenth of it (at least every
+  // second, at most every minute), at most 10 jobs a refresh.
   double job_retention_days = 0;
   // Security (coordinator/auth.h). Token files: one token per line, '#' comments.
   // JobService clients must send "authorization: Bearer <token>" with a token of this file;

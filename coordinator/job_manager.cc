@@ -179,7 +179,13 @@ absl::StatusOr<v1::SubmitJobReply> JobManager::Submit(const std::string& client_
     return limits;
   }
   if (const std::string& replayed = spec.policy().rand_schedule_job(); !replayed.empty()) {
-    MAT_RETURN_IF_ERROR(ReplayedSchedule(replayed).status());
+    // A resubmit of an accepted job is answered by CreateJob, even once the job it replayed is
+    // gone (deleted).
+    std::optional<JobRecord> accepted;
+    if (!client_request_id.empty()) {
+      MAT_ASSIGN_OR_RETURN(accepted, store_.FindRequest(client, client_request_id));
+    }
+    if (!accepted.has_value()) MAT_RETURN_IF_ERROR(ReplayedSchedule(replayed).status());
   }
   absl::StatusOr<CreateJobResult> created = store_.CreateJob(
       client_request_id, api::WithJobSpecDefaults(spec), client, options_.max_jobs_per_client);

@@ -296,13 +296,8 @@ grpc::ServerUnaryReactor* JobService::ListWorkers(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* JobService::DrainWorker(grpc::CallbackServerContext* context,
                                                   const v1::DrainWorkerRequest* request,
                                                   v1::DrainWorkerReply* reply) {
-  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
-    return Refuse(context, auth);
-  }
-  if (options_.admin_tokens != nullptr && !BearerIn(*context, options_.admin_tokens)) {
-    return Refuse(context, absl::PermissionDeniedError(
-                               "draining a worker needs an admin token (the coordinator's "
-                               "--admin-token-file)"));
+  if (absl::Status refused = CheckAdmin(*context, "draining a worker"); !refused.ok()) {
+    return Refuse(context, refused);
   }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.DrainWorker(*request); });
@@ -311,13 +306,8 @@ grpc::ServerUnaryReactor* JobService::DrainWorker(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* JobService::UndrainWorker(grpc::CallbackServerContext* context,
                                                     const v1::UndrainWorkerRequest* request,
                                                     v1::UndrainWorkerReply* reply) {
-  if (absl::Status auth = CheckBearer(*context, options_.bearer_tokens); !auth.ok()) {
-    return Refuse(context, auth);
-  }
-  if (options_.admin_tokens != nullptr && !BearerIn(*context, options_.admin_tokens)) {
-    return Refuse(context, absl::PermissionDeniedError(
-                               "undraining a worker needs an admin token (the coordinator's "
-                               "--admin-token-file)"));
+  if (absl::Status refused = CheckAdmin(*context, "undraining a worker"); !refused.ok()) {
+    return Refuse(context, refused);
   }
   return RunOnLoop(loop_, context, reply,
                    [this, request] { return coordinator_.UndrainWorker(*request); });
@@ -387,6 +377,16 @@ grpc::ServerUnaryReactor* JobService::ReadArtifact(grpc::CallbackServerContext* 
     reactor->Finish(api::ToGrpcStatus(piece.status()));
   });
   return reactor;
+}
+
+absl::Status JobService::CheckAdmin(const grpc::CallbackServerContext& context,
+                                    const char* action) const {
+  MAT_RETURN_IF_ERROR(CheckBearer(context, options_.bearer_tokens));
+  if (options_.admin_tokens != nullptr && !BearerIn(context, options_.admin_tokens)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        action, " needs an admin token (the coordinator's --admin-token-file)"));
+  }
+  return absl::OkStatus();
 }
 
 JobService::Caller JobService::CallerOf(const grpc::CallbackServerContext& context) const {

@@ -128,6 +128,9 @@ class JobService final : public v1::JobService::CallbackService {
   // The bearer token, then whether this coordinator keeps artifacts (UNIMPLEMENTED otherwise).
   absl::Status CheckArtifactCall(const grpc::CallbackServerContext& context) const;
 
+  // The bearer token, then (with roles) an admin token: PERMISSION_DENIED "<action> needs an
+  // admin token ...".
+  absl::Status CheckAdmin(const grpc::CallbackServerContext& context, const char* action) const;
   // A caller as the roles see it. REQUIRES: the call passed CheckBearer.
   struct Caller {
     bool restricted = false;  // roles are on and its token is no admin's: its own jobs only

@@ -434,7 +434,8 @@ absl::StatusOr<bool> JobStore::IsDeletedJob(const std::string& job_id) {
 }
 
 absl::Status JobStore::DeletedError(const std::string& job_id) {
-  return absl::NotFoundError(absl::StrCat("job '", job_id, "' was deleted (matctl delete)"));
+  return absl::NotFoundError(
+      absl::StrCat("job '", job_id, "' was deleted (matctl delete or --job-retention-days)"));
 }
 
 // ----- jobs -----
@@ -458,15 +459,9 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
                                                     int64_t max_active_jobs) {
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   if (!client_request_id.empty()) {
-    MAT_ASSIGN_OR_RETURN(
-        SqliteStatement q,
-        db_->Prepare(absl::StrCat("SELECT ", kJobColumns,
-                                  " FROM jobs WHERE request_scope = ? AND request_key = ?")));
-    MAT_RETURN_IF_ERROR(q.BindText(1, RequestScope(client)));
-    MAT_RETURN_IF_ERROR(q.BindText(2, client_request_id));
-    MAT_ASSIGN_OR_RETURN(bool found, q.Step());
-    if (found) {
-      MAT_ASSIGN_OR_RETURN(JobRecord existing, ReadJob(q));
+    MAT_ASSIGN_OR_RETURN(std::optional<JobRecord> found, FindRequest(client, client_request_id));
+    if (found.has_value()) {
+      const JobRecord& existing = *found;
       if (!google::protobuf::util::MessageDifferencer::Equals(existing.spec, spec)) {
         return absl::AlreadyExistsError(absl::StrCat(
             "client_request_id '", client_request_id, "' was used for job ", existing.id,
@@ -514,6 +509,20 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
   MAT_RETURN_IF_ERROR(ins.Run());
   MAT_RETURN_IF_ERROR(txn.Commit());
   return CreateJobResult{id, true};
+}
+
+absl::StatusOr<std::optional<JobRecord>> JobStore::FindRequest(const std::string& client,
+                                                               const std::string& request_key) {
+  MAT_ASSIGN_OR_RETURN(
+      SqliteStatement q,
+      db_->Prepare(absl::StrCat("SELECT ", kJobColumns,
+                                " FROM jobs WHERE request_scope = ? AND request_key = ?")));
+  MAT_RETURN_IF_ERROR(q.BindText(1, RequestScope(client)));
+  MAT_RETURN_IF_ERROR(q.BindText(2, request_key));
+  MAT_ASSIGN_OR_RETURN(bool found, q.Step());
+  if (!found) return std::nullopt;
+  MAT_ASSIGN_OR_RETURN(JobRecord job, ReadJob(q));
+  return job;
 }
 
 absl::StatusOr<JobRecord> JobStore::GetJob(const std::string& job_id) {

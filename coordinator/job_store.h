@@ -290,10 +290,14 @@ class JobStore {
                                             const v1::JobSpec& spec,
                                             const std::string& client = "",
                                             int64_t max_active_jobs = 0);
+  // The job `client` submitted with `request_key` (a client_request_id, in its RequestScope),
+  // if any.
+  absl::StatusOr<std::optional<JobRecord>> FindRequest(const std::string& client,
+                                                       const std::string& request_key);
   // Jobs of `client` in QUEUED, RUNNING or RESTARTING, count.
   absl::StatusOr<int64_t> CountActiveJobs(const std::string& client);
   // NOT_FOUND for an unknown id, and for a deleted job ("job 'X' was deleted (matctl
-  // delete)"): every read and write of a job goes through here or RequireJob, so a deleted job
+  // delete or --job-retention-days)"): every read and write of a job goes through here or RequireJob, so a deleted job
   // is gone from every call.
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
   // Whether the job was deleted; NOT_FOUND when there never was such a job.
@@ -309,7 +313,7 @@ class JobStore {
   // had).
   absl::StatusOr<std::map<v1::JobState, int64_t>> CountDeletedJobs();
   // Finished (SUCCEEDED, FAILED, CANCELLED) jobs that were not deleted and whose last state
-  // change is more than `max_age_seconds` (>= 0) old, oldest first, at most `limit`.
+  // change is more than `max_age_seconds` (>= 0) old, in submission order, at most `limit`.
   absl::StatusOr<std::vector<std::string>> ListFinishedBefore(int64_t max_age_seconds,
                                                               int limit);
   // Jobs that were not deleted, in submission order, `page_size` at a time (0:
@@ -434,7 +438,7 @@ class JobStore {
   int64_t Now() const;
   // NOT_FOUND unless the job exists and was not deleted.
   absl::Status RequireJob(const std::string& job_id);
-  // NOT_FOUND "job 'X' was deleted (matctl delete)".
+  // NOT_FOUND "job 'X' was deleted (matctl delete or --job-retention-days)".
   static absl::Status DeletedError(const std::string& job_id);
   // The statements of AppendLambdas / AppendDecision, inside the caller's transaction (after
   // RequireJob and input checks).

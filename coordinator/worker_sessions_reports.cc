@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
 #include "coordinator/coordinator.h"
@@ -462,10 +463,10 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
   }
   if (const double limit = job.spec.resources().max_train_seconds();
       limit > 0 && progress.wall_seconds() > limit) {
-    FailJob(job_id, absl::StrCat("trained for ", absl::SixDigits(progress.wall_seconds()),
-                                 " s by step ", progress.step(),
-                                 ", past resources.max_train_seconds (", absl::SixDigits(limit),
-                                 " s)"));  // `job` is gone after this
+    FailJob(job_id, absl::StrFormat("trained for %.1f s by step %d, past "
+                                    "resources.max_train_seconds (%.1f s)",
+                                    progress.wall_seconds(), progress.step(),
+                                    limit));  // `job` is gone after this
   }
   return absl::OkStatus();
 }

@@ -242,6 +242,20 @@ TEST_F(CoordinatorTest, SubmitJobChecksTheMatJobARandJobReplays) {
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->job().spec().policy().rand_schedule_job(), mat);
   EXPECT_EQ(job->job().spec().policy().kind(), "rand");
+
+  // Once the replay finished and the MAT job is deleted, a resubmit of the replay (its request
+  // id) is still answered with its job; a new replay of the deleted job names the delete.
+  auto keyed = coordinator_->SubmitJob("nightly-rand", rand);
+  ASSERT_TRUE(keyed.ok()) << keyed.status();
+  ASSERT_TRUE(coordinator_->CancelJob(keyed->job_id(), "").ok());
+  ASSERT_TRUE(coordinator_->CancelJob(accepted->job_id(), "").ok());
+  ASSERT_TRUE(coordinator_->DeleteJob(mat).ok());
+  auto again = coordinator_->SubmitJob("nightly-rand", rand);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->job_id(), keyed->job_id());
+  EXPECT_FALSE(again->created());
+  expect_refused(coordinator_->SubmitJob("", rand), absl::StatusCode::kInvalidArgument,
+                 {"job '" + mat + "' was deleted"});
 }
 
 TEST_F(CoordinatorTest, SubmitJobRejectsFieldsUnknownToThisSchema) {

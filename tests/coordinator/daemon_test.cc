@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -334,6 +335,15 @@ TEST_F(CoordinatorDaemonTest, AHeartbeatIntervalBelowOneMillisecondIsRefused) {
   auto daemon = CoordinatorDaemon::Start(config_);
   EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument) << daemon.status();
   EXPECT_THAT(daemon.status().message(), HasSubstr("heartbeat"));
+}
+
+TEST_F(CoordinatorDaemonTest, AJobRetentionThatIsNoNumberOfDaysInRangeIsRefused) {
+  for (const double days : {-1.0, std::nan(""), 40000.0}) {
+    config_.job_retention_days = days;
+    auto daemon = CoordinatorDaemon::Start(config_);
+    EXPECT_EQ(daemon.status().code(), absl::StatusCode::kInvalidArgument) << days;
+    EXPECT_THAT(daemon.status().message(), HasSubstr("--job-retention-days")) << days;
+  }
 }
 
 // An --artifact-dir it cannot write: the daemon served, every job's uploads failed and

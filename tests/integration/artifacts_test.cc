@@ -243,7 +243,7 @@ TEST_F(ArtifactsTest, DownloadGivesBackRankZerosFilesAndTheTrainedModel) {
 // queued one stays. (A job cancelled while queued, and a file put in its folder as rank 0's
 // upload would: the daemon's timer and the artifact removal are what is tested.)
 TEST_F(ArtifactsTest, AFinishedJobPastTheRetentionIsDeletedWithItsFiles) {
-  ASSERT_NO_FATAL_FAILURE(StartCoordinator({"--job-retention-days", "0.00004"}));  // 3.5 s
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator({"--job-retention-days", "0.00004"}));  // 3 s
   const std::string ended = Submit(10);
   const std::string queued = Submit(10);
   ASSERT_FALSE(ended.empty());
@@ -285,7 +285,7 @@ TEST_F(ArtifactsTest, AJobPastItsTrainingTimeLimitFailsNamingIt) {
   const json status = WaitEnded(job, 120s);
   ASSERT_EQ(status.value("state", ""), "FAILED") << status.dump(2) << Logs("w0");
   EXPECT_THAT(status.value("error_message", ""),
-              HasSubstr("past resources.max_train_seconds (1 s)"));
+              HasSubstr("past resources.max_train_seconds (1.0 s)"));
   EXPECT_LT(status.value("step", int64_t{0}), 100000);
   const std::string next = Submit(10);
   EXPECT_EQ(WaitEnded(next, 120s).value("state", ""), "SUCCEEDED") << Logs("w0");

@@ -256,7 +256,8 @@ int Delete(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   if (!made.ok()) return Fail(err, made.status());
   // Each job on its own: one that is refused does not keep the others.
   int code = kExitOk;
-  for (const std::string& job_id : o.job_ids) {
+  for (size_t i = 0; i < o.job_ids.size(); ++i) {
+    const std::string& job_id = o.job_ids[i];
     absl::StatusOr<int64_t> freed = (*made)->DeleteJob(job_id);
     if (!freed.ok()) {
       code = Fail(err, freed.status());
@@ -264,6 +265,12 @@ int Delete(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
       const absl::StatusCode c = freed.status().code();
       if (c == absl::StatusCode::kUnavailable || c == absl::StatusCode::kUnauthenticated ||
           c == absl::StatusCode::kDeadlineExceeded) {
+        if (i + 1 < o.job_ids.size()) {
+          err << "matctl: not tried: "
+              << absl::StrJoin(o.job_ids.begin() + static_cast<std::ptrdiff_t>(i) + 1,
+                               o.job_ids.end(), " ")
+              << "\n";
+        }
         return code;
       }
       continue;

@@ -97,18 +97,24 @@ std::vector<std::string> Coordinator::DeleteExpiredJobs(int limit, bool* more) {
   std::vector<std::string> deleted;
   if (more != nullptr) *more = false;
   if (options_.job_retention_seconds <= 0) return deleted;
-  absl::StatusOr<std::vector<std::string>> expired =
-      store_->ListFinishedBefore(options_.job_retention_seconds, limit);
+  absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> expired =
+      store_->ListFinishedBefore(options_.job_retention_seconds, limit, retention_after_seq_);
   if (!expired.ok()) {
     spdlog::error("job retention: cannot list finished jobs: {}", expired.status().ToString());
     return deleted;
   }
-  if (more != nullptr) *more = static_cast<int>(expired->size()) == limit;
-  for (const std::string& job_id : *expired) {
+  // A full round goes on after its last job next time (past jobs that must wait); a short one
+  // starts again from the first.
+  const bool full = static_cast<int>(expired->size()) == limit;
+  retention_after_seq_ = full ? expired->back().first : 0;
+  if (more != nullptr) *more = full;
+  for (const auto& [seq, job_id] : *expired) {
     const absl::Status s = jobs_.Delete(job_id);
     if (s.code() == absl::StatusCode::kFailedPrecondition) continue;  // replayed: later
     if (!s.ok()) {
       spdlog::error("job retention: cannot delete {}: {}", job_id, s.ToString());
+      retention_after_seq_ = 0;
+      if (more != nullptr) *more = false;
       break;
     }
     spdlog::info("job {}: deleted, finished more than {} s ago (--job-retention-days)", job_id,

@@ -197,9 +197,11 @@ class Coordinator {
   absl::Status DeleteJob(const std::string& job_id);
   // Deletes, in submission order and at most `limit` (a round keeps the loop short), the
   // finished jobs whose last state change is more than options.job_retention_seconds old (none
-  // when that is 0), and returns their ids: the caller removes their artifacts. `more` (when
-  // given) says whether the round was full, so that the caller comes back at once. A job whose
-  // decisions an unfinished job replays waits for it; a store error is logged and ends the round.
+  // when that is 0), and returns their ids: the caller removes their artifacts. A full round's
+  // next one goes on after its last job, and `more` (when given) says so, so that the caller
+  // comes back at once; a short round's next one starts from the first job again. A job whose
+  // decisions an unfinished job replays waits for it (the rounds go past it); a store error is
+  // logged and ends the round.
   std::vector<std::string> DeleteExpiredJobs(int limit = 10, bool* more = nullptr);
   // λ_max history from the store, paged by probe steps (paging as ListJobs). `modules` (every
   // page) is empty until rank 0 declares them. NOT_FOUND for an unknown job.
@@ -503,6 +505,8 @@ class Coordinator {
   GangScheduler scheduler_;
   // RUNNING jobs started (or kept) by this Coordinator, by id.
   std::map<std::string, JobRuntime> running_;
+  // DeleteExpiredJobs' next round lists the jobs after this seq (0: from the first).
+  int64_t retention_after_seq_ = 0;
   // Ended jobs whose end the store refused (a full disk): tried again by CheckHeartbeats.
   struct UnstoredEnd {
     v1::JobState state = v1::JOB_STATE_UNSPECIFIED;

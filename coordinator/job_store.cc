@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
+#include "api/job_spec.h"
 #include "common/status.h"
 #include "coordinator/job_store_internal.h"
 #include "coordinator/sqlite_db.h"
@@ -462,7 +463,10 @@ absl::StatusOr<CreateJobResult> JobStore::CreateJob(const std::string& client_re
     MAT_ASSIGN_OR_RETURN(std::optional<JobRecord> found, FindRequest(client, client_request_id));
     if (found.has_value()) {
       const JobRecord& existing = *found;
-      if (!google::protobuf::util::MessageDifferencer::Equals(existing.spec, spec)) {
+      // With the defaults on both sides: a job stored before a field existed has that field's
+      // default (a resubmit after an upgrade is the same job).
+      if (!google::protobuf::util::MessageDifferencer::Equals(
+              api::WithJobSpecDefaults(existing.spec), api::WithJobSpecDefaults(spec))) {
         return absl::AlreadyExistsError(absl::StrCat(
             "client_request_id '", client_request_id, "' was used for job ", existing.id,
             " with a different spec"));
@@ -595,25 +599,28 @@ absl::StatusOr<std::map<v1::JobState, int64_t>> JobStore::CountDeletedJobs() {
   return counts;
 }
 
-absl::StatusOr<std::vector<std::string>> JobStore::ListFinishedBefore(int64_t max_age_seconds,
-                                                                      int limit) {
+absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> JobStore::ListFinishedBefore(
+    int64_t max_age_seconds, int limit, int64_t after_seq) {
+  // From `after_seq` on: seq is the rowid, so a round does not walk the rows before it.
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement q,
-      db_->Prepare("SELECT id FROM jobs WHERE state IN (?, ?, ?) AND deleted_unix_seconds IS NULL "
-                   "AND updated_unix_seconds < ? ORDER BY seq LIMIT ?"));
+      db_->Prepare("SELECT seq, id FROM jobs WHERE seq > ? AND state IN (?, ?, ?) "
+                   "AND deleted_unix_seconds IS NULL AND updated_unix_seconds < ? "
+                   "ORDER BY seq LIMIT ?"));
   int arg = 1;
+  MAT_RETURN_IF_ERROR(q.BindInt64(arg++, after_seq));
   for (v1::JobState s : {v1::JOB_STATE_SUCCEEDED, v1::JOB_STATE_FAILED, v1::JOB_STATE_CANCELLED}) {
     MAT_RETURN_IF_ERROR(q.BindText(arg++, JobStateName(s)));
   }
   MAT_RETURN_IF_ERROR(q.BindInt64(arg++, Now() - max_age_seconds));
   MAT_RETURN_IF_ERROR(q.BindInt64(arg++, limit));
-  std::vector<std::string> ids;
+  std::vector<std::pair<int64_t, std::string>> jobs;
   while (true) {
     MAT_ASSIGN_OR_RETURN(bool row, q.Step());
     if (!row) break;
-    ids.push_back(q.ColumnText(0));
+    jobs.emplace_back(q.ColumnInt64(0), q.ColumnText(1));
   }
-  return ids;
+  return jobs;
 }
 
 absl::StatusOr<JobPage> JobStore::ListJobs(int page_size, const std::string& page_token,

@@ -275,7 +275,8 @@ class JobStore {
 
   // Stores a new QUEUED job. Idempotent by `client_request_id` within RequestScope(client):
   // when a job of that scope with that id exists, returns it (created = false) if its spec
-  // equals `spec`, else ALREADY_EXISTS naming both ids. Another token's job with the same id is
+  // equals `spec` (both with api::WithJobSpecDefaults: a job stored before a field existed has
+  // that field's default), else ALREADY_EXISTS naming both ids. Another token's job with the same id is
   // not seen (two tokens may use the same key). An empty client_request_id never matches (every
   // call creates a job).
   // REQUIRES: `spec` passed ValidateJobSpec (the store keeps whatever it is given); the service
@@ -296,9 +297,9 @@ class JobStore {
                                                        const std::string& request_key);
   // Jobs of `client` in QUEUED, RUNNING or RESTARTING, count.
   absl::StatusOr<int64_t> CountActiveJobs(const std::string& client);
-  // NOT_FOUND for an unknown id, and for a deleted job ("job 'X' was deleted (matctl
-  // delete or --job-retention-days)"): every read and write of a job goes through here or RequireJob, so a deleted job
-  // is gone from every call.
+  // NOT_FOUND for an unknown id, and for a deleted job ("job 'X' was deleted (matctl delete or
+  // --job-retention-days)"): every read and write of a job goes through here or RequireJob, so
+  // a deleted job is gone from every call.
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
   // Whether the job was deleted; NOT_FOUND when there never was such a job.
   absl::StatusOr<bool> IsDeletedJob(const std::string& job_id);
@@ -313,9 +314,10 @@ class JobStore {
   // had).
   absl::StatusOr<std::map<v1::JobState, int64_t>> CountDeletedJobs();
   // Finished (SUCCEEDED, FAILED, CANCELLED) jobs that were not deleted and whose last state
-  // change is more than `max_age_seconds` (>= 0) old, in submission order, at most `limit`.
-  absl::StatusOr<std::vector<std::string>> ListFinishedBefore(int64_t max_age_seconds,
-                                                              int limit);
+  // change is more than `max_age_seconds` (>= 0) old, submitted after the job of seq
+  // `after_seq` (0: from the first), in submission order, at most `limit`: (seq, id).
+  absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> ListFinishedBefore(
+      int64_t max_age_seconds, int limit, int64_t after_seq = 0);
   // Jobs that were not deleted, in submission order, `page_size` at a time (0:
   // kDefaultPageSize; clamped to kMaxPageSize); only `states` when not empty; only the jobs whose `client` equals `client`
   // when set. `page_token` is "" or a next_page_token from the same listing; INVALID_ARGUMENT

@@ -463,8 +463,8 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
   }
   if (const double limit = job.spec.resources().max_train_seconds();
       limit > 0 && progress.wall_seconds() > limit) {
-    FailJob(job_id, absl::StrFormat("trained for %.1f s by step %d, past "
-                                    "resources.max_train_seconds (%.1f s)",
+    FailJob(job_id, absl::StrFormat("trained for %.3f s by step %d, past "
+                                    "resources.max_train_seconds (%g s)",
                                     progress.wall_seconds(), progress.step(),
                                     limit));  // `job` is gone after this
   }

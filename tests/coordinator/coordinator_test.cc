@@ -93,7 +93,7 @@ TEST_F(CoordinatorTest, SubmitJobStoresQueuedJobWithDefaultsFilled) {
   EXPECT_TRUE(MessageDifferencer::Equals(job->job().spec(), api::WithJobSpecDefaults(SmallSpec())));
 }
 
-// --job-retention-days: finished jobs past the retention are deleted, oldest first; the others,
+// --job-retention-days: finished jobs past the retention are deleted, in submission order; the others,
 // and one a queued job replays, stay. Without a retention nothing is.
 class CoordinatorRetentionTest : public CoordinatorTest {
  protected:
@@ -133,6 +133,37 @@ TEST_F(CoordinatorRetentionTest, FinishedJobsPastTheRetentionAreDeleted) {
   Open();
   now_ += 100000;
   EXPECT_TRUE(coordinator_->DeleteExpiredJobs().empty()) << "no retention, no delete";
+}
+
+// Rounds of `limit`: a full round says there is more and the next goes on after it, past jobs
+// that must wait for a replay (they used to be listed again every round, and nothing behind
+// them was ever deleted); a short round starts from the first again.
+TEST_F(CoordinatorRetentionTest, RoundsGoPastJobsThatMustWait) {
+  JobStore& store = coordinator_->store();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i) {
+    ids.push_back(Submit("", SmallSpec()));
+    ASSERT_TRUE(store.UpdateJobState(ids.back(), v1::JOB_STATE_RUNNING).ok());
+    ASSERT_TRUE(store.UpdateJobState(ids.back(), v1::JOB_STATE_SUCCEEDED).ok());
+  }
+  // The first two are replayed by queued jobs.
+  for (int i = 0; i < 2; ++i) {
+    v1::JobSpec rand = SmallSpec();
+    rand.mutable_policy()->set_kind("rand");
+    rand.mutable_policy()->set_rand_schedule_job(ids[i]);
+    ASSERT_TRUE(store.CreateJob("", rand).ok());
+  }
+  now_ += 3601;
+  bool more = false;
+  EXPECT_TRUE(coordinator_->DeleteExpiredJobs(2, &more).empty()) << "both must wait";
+  EXPECT_TRUE(more);
+  EXPECT_EQ(coordinator_->DeleteExpiredJobs(2, &more),
+            (std::vector<std::string>{ids[2], ids[3]}));
+  EXPECT_TRUE(more);
+  EXPECT_EQ(coordinator_->DeleteExpiredJobs(2, &more), (std::vector<std::string>{ids[4]}));
+  EXPECT_FALSE(more);
+  EXPECT_TRUE(coordinator_->DeleteExpiredJobs(2, &more).empty()) << "from the first: both wait";
+  EXPECT_TRUE(more);
 }
 
 TEST_F(CoordinatorTest, SubmitJobIsIdempotentByClientRequestId) {

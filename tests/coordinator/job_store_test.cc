@@ -566,6 +566,23 @@ std::vector<LogLineRecord> Lines(const std::vector<std::string>& texts) {
   return out;
 }
 
+// A spec stored before a field existed (here: resources.max_train_seconds unset) is the same
+// spec as one with that field's default: a resubmit after an upgrade returns the job.
+TEST_F(JobStoreTest, AResubmitMatchesAJobStoredBeforeAFieldExisted) {
+  v1::JobSpec old_spec = Spec(1);
+  old_spec.mutable_resources()->clear_max_train_seconds();
+  const std::string id = Create("before-upgrade", old_spec, "token:a");
+  v1::JobSpec now_spec = Spec(1);
+  now_spec.mutable_resources()->set_max_train_seconds(0);
+  auto again = store_->CreateJob("before-upgrade", now_spec, "token:a");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->created);
+  EXPECT_EQ(again->job_id, id);
+  now_spec.mutable_resources()->set_max_train_seconds(60);
+  EXPECT_EQ(store_->CreateJob("before-upgrade", now_spec, "token:a").status().code(),
+            absl::StatusCode::kAlreadyExists);
+}
+
 // A finished job can be deleted: its row stays as a tombstone (its id is never given again,
 // its request id is free), everything else of it goes, and every call naming it is NOT_FOUND.
 TEST_F(JobStoreTest, DeleteJobRemovesAFinishedJobButNeverGivesItsIdAgain) {
@@ -643,9 +660,20 @@ TEST_F(JobStoreTest, ListFinishedBeforeFindsTheFinishedJobsPastTheAge) {
   const std::string young = Create("", Spec(1));
   ASSERT_TRUE(store_->UpdateJobState(young, v1::JOB_STATE_CANCELLED).ok());
   now_ += 1;
-  EXPECT_EQ(*store_->ListFinishedBefore(50, 10), (std::vector<std::string>{old_done}));
-  EXPECT_EQ(*store_->ListFinishedBefore(0, 10), (std::vector<std::string>{old_done, young}));
-  EXPECT_EQ(*store_->ListFinishedBefore(0, 1), (std::vector<std::string>{old_done}));
+  auto ids = [](const absl::StatusOr<std::vector<std::pair<int64_t, std::string>>>& listed) {
+    EXPECT_TRUE(listed.ok()) << listed.status();
+    std::vector<std::string> out;
+    if (listed.ok()) {
+      for (const auto& [seq, id] : *listed) out.push_back(id);
+    }
+    return out;
+  };
+  EXPECT_EQ(ids(store_->ListFinishedBefore(50, 10)), (std::vector<std::string>{old_done}));
+  EXPECT_EQ(ids(store_->ListFinishedBefore(0, 10)), (std::vector<std::string>{old_done, young}));
+  auto first = store_->ListFinishedBefore(0, 1);
+  EXPECT_EQ(ids(first), (std::vector<std::string>{old_done}));
+  EXPECT_EQ(ids(store_->ListFinishedBefore(0, 10, first->front().first)),
+            (std::vector<std::string>{young}));
   EXPECT_TRUE(store_->ListFinishedBefore(200, 10)->empty());
 }
 

@@ -580,7 +580,7 @@ TEST_F(WorkerSessionsTest, AJobPastItsTrainingTimeLimitFails) {
   SendOk(Progress(w0.id, job, 0, 40, 4.0, 8e12, 30.5));
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
   EXPECT_EQ(GetJob(job).job().error_message(),
-            "trained for 30.5 s by step 40, past resources.max_train_seconds (30.0 s)");
+            "trained for 30.500 s by step 40, past resources.max_train_seconds (30 s)");
   EXPECT_EQ(w0.channel->Cancels().size(), 1u);
   EXPECT_EQ(w1.channel->Cancels().size(), 1u);
 }

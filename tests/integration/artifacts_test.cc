@@ -285,7 +285,7 @@ TEST_F(ArtifactsTest, AJobPastItsTrainingTimeLimitFailsNamingIt) {
   const json status = WaitEnded(job, 120s);
   ASSERT_EQ(status.value("state", ""), "FAILED") << status.dump(2) << Logs("w0");
   EXPECT_THAT(status.value("error_message", ""),
-              HasSubstr("past resources.max_train_seconds (1.0 s)"));
+              HasSubstr("past resources.max_train_seconds (1 s)"));
   EXPECT_LT(status.value("step", int64_t{0}), 100000);
   const std::string next = Submit(10);
   EXPECT_EQ(WaitEnded(next, 120s).value("state", ""), "SUCCEEDED") << Logs("w0");

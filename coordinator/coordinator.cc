@@ -132,10 +132,11 @@ absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
   // The rank it runs and has not finished (a finished one waits for its job's other ranks):
   // its session's; without a session, the one a restarted coordinator keeps for it to come back.
   const bool connected = sessions_.HasSession(id);
+  const std::string session_job = sessions_.JobOf(id);
   std::string job;
   int rank = -1;
   for (const auto& [job_id, live] : running_) {
-    if (connected && job_id != sessions_.JobOf(id)) continue;
+    if (connected && job_id != session_job) continue;
     for (int r = 0; r < live.world_size; ++r) {
       const RankState& state = live.ranks[r];
       if (state.worker_id == id && !state.done) {
@@ -153,12 +154,17 @@ absl::StatusOr<v1::DrainWorkerReply> Coordinator::DrainWorker(
     RestartJob(job, absl::StrCat(id, " (rank ", rank, ") drained: ", reason), "");
   }
   Schedule();  // an idle worker is told to stop now
-  MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
   v1::DrainWorkerReply reply;
-  for (const v1::WorkerInfo& w : workers.workers()) {
-    if (w.worker_id() == id) *reply.mutable_worker() = w;
-  }
+  MAT_ASSIGN_OR_RETURN(*reply.mutable_worker(), WorkerInfoOf(id));
   return reply;
+}
+
+absl::StatusOr<v1::WorkerInfo> Coordinator::WorkerInfoOf(const std::string& worker_id) {
+  MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
+  for (const v1::WorkerInfo& w : workers.workers()) {
+    if (w.worker_id() == worker_id) return w;
+  }
+  return v1::WorkerInfo();
 }
 
 absl::StatusOr<v1::UndrainWorkerReply> Coordinator::UndrainWorker(
@@ -167,11 +173,8 @@ absl::StatusOr<v1::UndrainWorkerReply> Coordinator::UndrainWorker(
   MAT_RETURN_IF_ERROR(sessions_.Undrain(id));
   spdlog::info("worker {}: drain ended, in service again", id);
   Schedule();  // it may take a queued job now
-  MAT_ASSIGN_OR_RETURN(v1::ListWorkersReply workers, sessions_.List());
   v1::UndrainWorkerReply reply;
-  for (const v1::WorkerInfo& w : workers.workers()) {
-    if (w.worker_id() == id) *reply.mutable_worker() = w;
-  }
+  MAT_ASSIGN_OR_RETURN(*reply.mutable_worker(), WorkerInfoOf(id));
   return reply;
 }
 

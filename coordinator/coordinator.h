@@ -505,6 +505,9 @@ class Coordinator {
   GangScheduler scheduler_;
   // RUNNING jobs started (or kept) by this Coordinator, by id.
   std::map<std::string, JobRuntime> running_;
+  // The worker's ListWorkers entry (empty when the store does not list it): the reply of
+  // DrainWorker and UndrainWorker.
+  absl::StatusOr<v1::WorkerInfo> WorkerInfoOf(const std::string& worker_id);
   // DeleteExpiredJobs' next round lists the jobs after this seq (0: from the first).
   int64_t retention_after_seq_ = 0;
   // Ended jobs whose end the store refused (a full disk): tried again by CheckHeartbeats.

@@ -45,8 +45,20 @@ std::string CoordinatorDaemon::MetricsAddressFilePath(const std::string& state_d
   return state_dir + "/coordinator.metrics.addr";
 }
 
+namespace {
+
+// --job-retention-days in whole seconds; at least 1 when not 0.
+int64_t RetentionSeconds(double days) {
+  if (!(days > 0)) return 0;
+  return std::max<int64_t>(1, std::llround(days * 86400));
+}
+
+}  // namespace
+
 CoordinatorDaemon::CoordinatorDaemon(CoordinatorDaemonConfig config)
-    : config_(std::move(config)), work_guard_(boost::asio::make_work_guard(loop_)) {}
+    : config_(std::move(config)),
+      work_guard_(boost::asio::make_work_guard(loop_)),
+      job_retention_seconds_(RetentionSeconds(config_.job_retention_days)) {}
 
 CoordinatorDaemon::~CoordinatorDaemon() { Shutdown(); }
 
@@ -59,12 +71,6 @@ absl::StatusOr<std::unique_ptr<CoordinatorDaemon>> CoordinatorDaemon::Start(
 }
 
 namespace {
-
-// --job-retention-days in whole seconds; at least 1 when not 0.
-int64_t RetentionSeconds(double days) {
-  if (!(days > 0)) return 0;
-  return std::max<int64_t>(1, std::llround(days * 86400));
-}
 
 // The flags' values that Start refuses before it touches anything.
 absl::Status ValidateDaemonConfig(const CoordinatorDaemonConfig& config) {
@@ -187,7 +193,7 @@ absl::Status CoordinatorDaemon::StartImpl() {
   coordinator_options.spec_limits.max_model_params = config_.max_model_params;
   coordinator_options.max_jobs_per_client = config_.max_jobs_per_client;
   coordinator_options.max_log_lines_per_job = config_.max_log_lines;
-  coordinator_options.job_retention_seconds = RetentionSeconds(config_.job_retention_days);
+  coordinator_options.job_retention_seconds = job_retention_seconds_;
   coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
   heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   metrics_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
@@ -379,7 +385,7 @@ void CoordinatorDaemon::ScheduleMetricsRefresh() {
 }
 
 void CoordinatorDaemon::DeleteExpiredJobs() {
-  const int64_t retention = RetentionSeconds(config_.job_retention_days);
+  const int64_t retention = job_retention_seconds_;
   if (retention <= 0) return;
   const auto now = std::chrono::steady_clock::now();
   if (now < next_retention_check_) return;

@@ -232,6 +232,7 @@ class CoordinatorDaemon {
   bool heartbeats_stopped_ = false;  // loop only
   std::unique_ptr<boost::asio::steady_timer> metrics_timer_;  // RefreshMetrics; loop only
   std::chrono::steady_clock::time_point next_retention_check_{};  // loop only
+  const int64_t job_retention_seconds_;  // job_retention_days in whole seconds; 0 = none
   std::unique_ptr<boost::asio::steady_timer> watchdog_timer_;  // systemd pings; loop only
   std::chrono::microseconds watchdog_interval_{0};  // 0: no watchdog
   std::unique_ptr<grpc::Server> server_;

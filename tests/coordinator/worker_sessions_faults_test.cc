@@ -684,11 +684,7 @@ TEST_F(WorkerSessionsTest, ACoordinatorRestartKeepsRunningJobsAndReattachesTheir
 
 TEST_F(WorkerSessionsTest, AJobWhoseRanksAllFinishedBeforeTheRestartSucceeds) {
   Worker w0, w1;
-  const std::string job = StartTwoRankJob(&w0, &w1);
-  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
-  // The previous process stored rank 1's end but died before the job's.
-  ASSERT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, "abc").ok());
-  Open();
+  const std::string job = FinishBothRanksThenRestart(&w0, &w1, "abc");
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(GetJob(job).job().summary_json(), R"({"steps":100})");
 }
@@ -697,10 +693,7 @@ TEST_F(WorkerSessionsTest, AJobWhoseRanksAllFinishedBeforeTheRestartSucceeds) {
 // every such job SUCCEEDED).
 TEST_F(WorkerSessionsTest, AJobWhoseRanksFinishedApartBeforeTheRestartFails) {
   Worker w0, w1;
-  const std::string job = StartTwoRankJob(&w0, &w1);
-  SendOk(Done(w0.id, job, 0, true, "abc", R"({"steps":100})"));
-  ASSERT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, "abd").ok());
-  Open();
+  const std::string job = FinishBothRanksThenRestart(&w0, &w1, "abd");
   EXPECT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
   EXPECT_THAT(GetJob(job).job().error_message(),
               HasSubstr("the ranks' final parameters differ: rank 0 (" + w0.id +

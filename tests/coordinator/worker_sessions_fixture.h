@@ -314,6 +314,18 @@ class WorkerSessionsTest : public CoordinatorFixture {
     return job;
   }
 
+  // A two-rank job whose rank 0 finished (checksum "abc") and whose rank 1's end, with
+  // `rank1_checksum`, the previous process stored before it died, before the job's end; then a
+  // coordinator restart (Open).
+  std::string FinishBothRanksThenRestart(Worker* w0, Worker* w1,
+                                         const std::string& rank1_checksum) {
+    const std::string job = StartTwoRankJob(w0, w1);
+    SendOk(Done(w0->id, job, 0, true, "abc", R"({"steps":100})"));
+    EXPECT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, rank1_checksum).ok());
+    Open();
+    return job;
+  }
+
   int64_t now_ms_ = 5'000'000;
   int workers_added_ = 0;
   std::map<std::string, std::string> secrets_;  // each worker's secret, by id (Register)

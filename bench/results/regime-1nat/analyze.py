@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Prints each pilot's validation curve and where it first reaches the qualifying loss.
+
+Reads only val_loss (the pilots' plan: README.md beside this file). Usage:
+  bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
+"""
+import json
+import pathlib
+import sys
+
+UNIGRAM_VAL = 6.015
+QUALIFY = UNIGRAM_VAL - 1.10
+
+
+def main(root):
+    for pilot in sorted(p for p in pathlib.Path(root).iterdir() if p.is_dir()):
+        rows = [json.loads(line) for line in (pilot / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+        rows = [r for r in rows if "val_loss" in r]
+        if not rows:
+            print(f"{pilot.name}: no evaluation yet")
+            continue
+        per_step = rows[-1]["wall_seconds"] / rows[-1]["step"]
+        crossed = next((r for r in rows if r["val_loss"] <= QUALIFY), None)
+        best = min(rows, key=lambda r: r["val_loss"])
+        print(f"{pilot.name}: {rows[-1]['step']} steps, {per_step:.3f} s/step, best val "
+              f"{best['val_loss']:.4f} at {best['step']} (margin {UNIGRAM_VAL - best['val_loss']:.3f} nat)"
+              + (f", reaches {QUALIFY:.3f} at step {crossed['step']}" if crossed else
+                 f", does not reach {QUALIFY:.3f}"))
+        print("  step  val_loss  train_loss")
+        for r in rows:
+            print(f"  {r['step']:5d}  {r['val_loss']:.4f}    {r['train_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "pilots")

@@ -27,6 +27,16 @@ struct MlmTaskBatch : TaskBatch {
 
 const MlmBatch& Mlm(const TaskBatch& batch) { return static_cast<const MlmTaskBatch&>(batch).batch; }
 
+// The labels of every batch, in order: the tokens an evaluation's loss averages over.
+std::vector<int32_t> EvalLabels(const std::vector<MlmBatch>& batches) {
+  std::vector<int32_t> labels;
+  for (const MlmBatch& b : batches) {
+    const torch::Tensor l = b.labels.to(torch::kInt32).contiguous();
+    labels.insert(labels.end(), l.data_ptr<int32_t>(), l.data_ptr<int32_t>() + l.numel());
+  }
+  return labels;
+}
+
 }  // namespace
 
 BertConfig MakeBertConfig(const config::TrainConfig& c, int64_t vocab_size) {
@@ -61,13 +71,21 @@ absl::Status MaskedLmTask::Init() {
   MAT_ASSIGN_OR_RETURN(corpus_, LoadCorpus(c.data.dir));
   if (c.data.vocab_size > 0) CapVocabulary(corpus_, c.data.vocab_size);
   const int64_t real = corpus_.vocab.size();
-  // The context-free baselines (bench/repro's regime check): fitted on the whole training
-  // split, and on the prefix this run trains on.
-  unigram_test_loss_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
   mlm_.seq_len = c.data.seq_len;
   mlm_.mask_prob = c.data.mask_prob;
   mlm_.mask_id = real;  // [MASK] is the last id
   mlm_.num_real_tokens = real;
+  valid_batches_ = MakeEvalBatches(corpus_.valid, mlm_, c.train.batch_size, c.train.eval_batches, 1234);
+  test_batches_ = MakeEvalBatches(corpus_.test, mlm_, c.train.batch_size, c.train.eval_batches, 4321);
+  if (valid_batches_.empty() || test_batches_.empty()) {
+    return absl::InvalidArgumentError("data.dir: valid or test split has fewer than data.seq_len tokens");
+  }
+  // The context-free baselines (bench/verdict's regime check), fitted on the whole training
+  // split: on every test token, and on the tokens val_loss and test_loss are measured on (the
+  // masked positions of the fixed evaluation batches), which a model's loss is paired with.
+  unigram_test_loss_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
+  unigram_eval_val_loss_ = UnigramCrossEntropy(corpus_.train, EvalLabels(valid_batches_), real);
+  unigram_eval_test_loss_ = UnigramCrossEntropy(corpus_.train, EvalLabels(test_batches_), real);
 
   train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
   corpus_.train.resize(static_cast<size_t>(train_size_));
@@ -85,11 +103,6 @@ absl::Status MaskedLmTask::Init() {
             ? "data.train_fraction " + std::to_string(c.data.train_fraction) + " leaves " +
                   std::to_string(train_size_) + " training tokens, fewer than data.seq_len"
             : std::string("data.dir: train split has fewer than data.seq_len tokens"));
-  }
-  valid_batches_ = MakeEvalBatches(corpus_.valid, mlm_, c.train.batch_size, c.train.eval_batches, 1234);
-  test_batches_ = MakeEvalBatches(corpus_.test, mlm_, c.train.batch_size, c.train.eval_batches, 4321);
-  if (valid_batches_.empty() || test_batches_.empty()) {
-    return absl::InvalidArgumentError("data.dir: valid or test split has fewer than data.seq_len tokens");
   }
   return absl::OkStatus();
 }
@@ -222,11 +235,14 @@ void MaskedLmTask::AddEvalFields(nlohmann::json* line) {
 }
 
 void MaskedLmTask::AddSummaryFields(nlohmann::json* summary) const {
-  // A unigram model's test loss (nats/token, add-one smoothing): fitted on all of the training
-  // split, and on the part this run trains on (data.train_fraction).
+  // A unigram model's loss (nats/token, add-one smoothing), fitted on all of the training split
+  // (on every test token; on the part this run trains on, data.train_fraction; on the tokens of
+  // the evaluation batches, the same as val_loss and test_loss).
   (*summary)["vocab_size"] = corpus_.vocab.size();
   (*summary)["unigram_test_loss"] = unigram_test_loss_;
   (*summary)["unigram_test_loss_train_prefix"] = unigram_test_loss_prefix_;
+  (*summary)["unigram_eval_val_loss"] = unigram_eval_val_loss_;
+  (*summary)["unigram_eval_test_loss"] = unigram_eval_test_loss_;
 }
 
 void MaskedLmTask::SaveState(nlohmann::json* meta) const {

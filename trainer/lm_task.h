@@ -71,6 +71,7 @@ class MaskedLmTask : public Task {
   std::unique_ptr<MlmStream> stream_;
   std::vector<MlmBatch> valid_batches_, test_batches_;
   double unigram_test_loss_ = 0, unigram_test_loss_prefix_ = 0;  // nats/token
+  double unigram_eval_val_loss_ = 0, unigram_eval_test_loss_ = 0;  // on the evaluation batches
   int64_t train_size_ = 0;  // training tokens after data.train_fraction
   double aux_sum_ = 0;      // switch: load-balancing loss since the last evaluation
   int64_t aux_count_ = 0;

@@ -4,8 +4,11 @@
 // weights never move while an active one's always do, the FLOPs saved come from the task's own formulas, the task's
 // evaluation and summary fields reach metrics.jsonl and summary.json, and a run stopped half way
 // and resumed from its checkpoint (the task's data state included) ends bitwise equal to an
-// uninterrupted one. Also: MakeTask picks the task of model.kind.
+// uninterrupted one. Also: MakeTask picks the task of model.kind, and the masked-LM task's
+// unigram baselines are measured on the tokens its evaluations average over.
+#include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,6 +19,7 @@
 
 #include "tests/testing/temp_dir.h"
 #include "tests/trainer/toy_run.h"
+#include "trainer/data/corpus.h"
 #include "trainer/task.h"
 #include "trainer/trainer.h"
 
@@ -229,6 +233,47 @@ TEST(TaskTest, MakeTaskPicksTheTaskOfModelKind) {
   EXPECT_NE(std::string(images.status().message()).find("data.dir"), std::string::npos)
       << images.status();
   std::filesystem::remove_all(corpus);
+}
+
+// The paired baselines: each split opens with one word repeated (alpha in valid, beta in test),
+// longer than the one evaluation batch, and goes on with the toy text. So every label the
+// evaluations average over is that word, and a unigram model's loss on them is the closed form
+// -log((count + 1) / (N + V)) of the training split, far from its loss on the whole split.
+TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
+  namespace fs = std::filesystem;
+  const std::string dir = testing::WriteToyCorpus("task_unigram");
+  const auto prepend = [&](const std::string& split, const std::string& word, int repeat) {
+    std::ifstream in(fs::path(dir) / (split + ".txt"));
+    const std::string rest((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream out(fs::path(dir) / (split + ".txt"));
+    for (int i = 0; i < repeat; ++i) out << word << ' ';
+    out << "\n" << rest;
+  };
+  prepend("train", "alpha beta", 30);  // 30 of each in training
+  prepend("valid", "alpha", 200);
+  prepend("test", "beta", 200);
+  TaskContext context;
+  context.config = testing::ToyConfig(dir);
+  context.config.train.eval_batches = 1;  // 8 sequences of 16: 128 tokens, all of them the word
+  auto lm = MakeTask(context);
+  ASSERT_TRUE(lm.ok()) << lm.status();
+  nlohmann::json summary;
+  (*lm)->AddSummaryFields(&summary);
+
+  auto corpus = LoadCorpus(dir);
+  ASSERT_TRUE(corpus.ok()) << corpus.status();
+  const double n = double(corpus->train.size()), v = double(corpus->vocab.size());
+  const double closed_form = -std::log((30.0 + 1.0) / (n + v));
+  EXPECT_NEAR(summary.at("unigram_eval_val_loss").get<double>(), closed_form, 1e-9);
+  EXPECT_NEAR(summary.at("unigram_eval_test_loss").get<double>(), closed_form, 1e-9);
+  EXPECT_NEAR(summary.at("unigram_test_loss").get<double>(),
+              UnigramCrossEntropy(corpus->train, corpus->test, corpus->vocab.size()), 1e-9);
+  EXPECT_GT(std::abs(summary.at("unigram_test_loss").get<double>() -
+                     summary.at("unigram_eval_test_loss").get<double>()),
+            0.5)
+      << "the whole test split is mostly the toy text, about three times as frequent in training "
+         "as beta";
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -410,6 +410,11 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
   task_->SaveState(&meta);  // "data" (and the task's averages)
   ckpt.meta = meta.dump();
   ckpt.tensors["rng.torch"] = at::detail::getDefaultCPUGenerator().get_state();
+  // On a GPU, dropout draws from the device's generator: without its state a resumed run would
+  // replay step 0's noise.
+  if (device_.is_cuda()) {
+    ckpt.tensors["rng.cuda"] = at::globalContext().defaultGenerator(device_).get_state();
+  }
   return WriteCheckpoint(path, ckpt);
 }
 
@@ -488,6 +493,16 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     MAT_ASSIGN_OR_RETURN(const torch::Tensor rng, tensor("rng.torch"));
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     gen.set_state(rng);
+    if (device_.is_cuda()) {
+      if (const auto it = ckpt.tensors.find("rng.cuda"); it != ckpt.tensors.end()) {
+        at::Generator cuda = at::globalContext().defaultGenerator(device_);
+        cuda.set_state(it->second);
+      } else {
+        spdlog::warn("checkpoint {} holds no CUDA generator state (written on a CPU or by an "
+                     "earlier version): the GPU's dropout noise does not continue the run's",
+                     used);
+      }
+    }
   } catch (const c10::Error& e) {
     return absl::DataLossError("checkpoint " + used + " is incomplete: " + e.what_without_backtrace());
   } catch (const nlohmann::json::exception& e) {

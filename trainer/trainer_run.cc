@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
@@ -26,6 +27,26 @@ constexpr const char* kRunOutputs[] = {"metrics.jsonl",  "decisions.jsonl",    "
                                        "summary.json",   "checkpoint.pt",      "checkpoint.pt.prev",
                                        "model.safetensors"};
 
+// Removes what a write cut short left in `dir`: WriteFileAtomic's `NAME.tmp.PID.N` and
+// WriteCheckpoint's `checkpoint.pt.prev.tmp`, full-size files that nothing else reads or
+// removes. Only this run writes into `dir` (mat-train holds its LOCK; a worker's rank has its
+// own folder). Returns the names removed.
+std::vector<std::string> RemoveLeftoverTemps(const std::string& dir) {
+  std::vector<std::string> removed;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    const std::string name = entry.path().filename().string();
+    for (const char* f : kRunOutputs) {
+      if (absl::StartsWith(name, absl::StrCat(f, ".tmp"))) {
+        std::error_code ignored;
+        if (std::filesystem::remove(entry.path(), ignored)) removed.push_back(name);
+        break;
+      }
+    }
+  }
+  return removed;
+}
+
 }  // namespace
 
 std::vector<std::string> EarlierRunOutputs(const std::string& dir) {
@@ -41,6 +62,13 @@ std::vector<std::string> EarlierRunOutputs(const std::string& dir) {
 absl::Status Trainer::PrepareRun() {
   prepared_ = false;
   const std::string ckpt = options_.out_dir + "/checkpoint.pt";
+  if (!options_.out_dir.empty()) {
+    if (const std::vector<std::string> temps = RemoveLeftoverTemps(options_.out_dir);
+        !temps.empty()) {
+      spdlog::warn("{}: removed what an interrupted write left: {}", options_.out_dir,
+                   absl::StrJoin(temps, ", "));
+    }
+  }
   if (options_.resume && !options_.out_dir.empty() &&
       (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
     MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));

@@ -183,5 +183,38 @@ TEST(CudaTrainerTest, TrainsOnCudaWithFiniteLosses) {
   }
 }
 
+// Dropout on a GPU draws from the device's generator: a run stopped at its checkpoint and
+// resumed ends with the parameters of the uninterrupted run.
+TEST(CudaTrainerTest, AResumedRunWithDropoutEqualsTheUninterruptedOne) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  config::TrainConfig c = testing::ToyConfig(testing::WriteToyCorpus("cuda_resume"));
+  c.train.steps = 20;
+  c.train.eval_every = 10;
+  c.train.checkpoint_every = 10;
+  c.train.device = "cuda";
+  c.train.deterministic = true;
+  c.model.dropout = 0.2;
+  c.policy.warmup_steps = 5;
+  c.policy.probe_every = 5;
+  const std::string root =
+      (std::filesystem::temp_directory_path() / ("mat_cuda_resume_" + std::to_string(::getpid())))
+          .string();
+  auto straight = Trainer::Create(c, {root + "/straight", false, false});
+  ASSERT_TRUE(straight.ok()) << straight.status();
+  ASSERT_TRUE((*straight)->Run().ok());
+  const std::string expected = (*straight)->ParamChecksum();
+  {
+    auto first = Trainer::Create(c, {root + "/cut", false, false});
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run(10).ok());
+  }
+  auto second = Trainer::Create(c, {root + "/cut", false, true});
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE((*second)->Run().ok());
+  EXPECT_EQ((*second)->resumed_from_step(), 10);
+  EXPECT_EQ((*second)->ParamChecksum(), expected);
+  std::filesystem::remove_all(root);
+}
+
 }  // namespace
 }  // namespace mat::trainer

@@ -448,6 +448,32 @@ TEST(TrainerSingleTest, AFreshRunLeavesNoCheckpointOfAnEarlierRun) {
   fs::remove_all(out);
 }
 
+// What a write cut short leaves (a full-size temp file per crash) is removed when the next run
+// starts in the folder, resumed or fresh; files that are not the run's own stay.
+TEST(TrainerSingleTest, ARunRemovesTheTempFilesOfAnInterruptedWrite) {
+  std::string data = MakeCorpus("temps");
+  config::TrainConfig c = TinyTrainConfig(data, "full");
+  c.train.steps = 4;
+  c.train.checkpoint_every = 2;
+  fs::path out = fs::temp_directory_path() / ("mat_trainer_temps_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  fs::create_directories(out);
+  const std::vector<std::string> temps = {"checkpoint.pt.tmp.999999.0", "checkpoint.pt.prev.tmp",
+                                          "model.safetensors.tmp.999999.3"};
+  for (bool resume : {false, true}) {
+    for (const std::string& name : temps) std::ofstream(out / name) << "cut short";
+    std::ofstream(out / "notes.tmp.txt") << "the user's";
+    auto t = Trainer::Create(c, {out.string(), false, resume});
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+    for (const std::string& name : temps) {
+      EXPECT_FALSE(fs::exists(out / name)) << name << (resume ? " (resumed)" : " (fresh)");
+    }
+    EXPECT_TRUE(fs::exists(out / "notes.tmp.txt"));
+  }
+  fs::remove_all(out);
+}
+
 TEST(TrainerSingleTest, LearningRateSchedule) {
   std::string data = MakeCorpus("lr");
   config::TrainConfig c = TinyTrainConfig(data, "full");

@@ -65,6 +65,7 @@ absl::StatusOr<EstimateResult> LanczosEstimator::Estimate(const ModulePartition&
   EstimateResult result;
   result.modules.resize(partition.modules.size());
   if (leaves->leaves.empty()) return result;
+  result.backward_passes = 1;  // the create_graph pass; each module's matvecs add theirs
 
   // g = J^T w0 for every leaf, a graph linear in w0.
   torch::Tensor w0 = torch::zeros_like(outputs).detach().requires_grad_(true);
@@ -153,6 +154,7 @@ absl::StatusOr<EstimateResult> LanczosEstimator::Estimate(const ModulePartition&
       basis.push_back(z / b);
     }
     result.modules[m] = FromRitz(alpha, beta, exhausted, d);
+    result.backward_passes += 2 * static_cast<int64_t>(alpha.size());  // each matvec's two
     const double p_m = double(partition.modules[m].NumParams());
     result.flops += double(alpha.size()) * 4.0 * 2.0 * p_m * double(TokensOf(probe, int(m), n));
   }

@@ -21,10 +21,19 @@ struct ParamSlice {
   // The whole tensor.
   ParamSlice(torch::Tensor p);  // NOLINT(google-explicit-constructor): a leaf is its own slice
   ParamSlice(torch::Tensor p, int64_t b, int64_t e) : param(std::move(p)), begin(b), end(e) {}
+  // Row `index` of a leaf that stacks one tensor per module along its leading axis (Switch's
+  // experts: w1 [E, d_ff, d_model], b1 [E, d_ff]): the module's own tensor is param[index], so
+  // per-tensor rules (weight decay on matrices only) look at that shape, not the stack's.
+  static ParamSlice Stacked(torch::Tensor p, int64_t index) {
+    ParamSlice s(std::move(p), index, index + 1);
+    s.stacked = true;
+    return s;
+  }
 
   torch::Tensor param;  // the leaf (shared storage with the model)
   int64_t begin = 0;
   int64_t end = 0;
+  bool stacked = false;  // see Stacked
 
   bool whole() const;
   // The module's part of the leaf: param.narrow(0, begin, end - begin) (param itself if whole).

@@ -406,6 +406,36 @@ TEST_F(SwitchMaskTest, OptimizerLeavesMaskedOffExpertsUntouched) {
   EXPECT_EQ(off_seen, 2 * 4);
 }
 
+// Weight decay on matrices only, as with the per-expert leaves the experts once were: an
+// expert's weights (rows of the [E, ., .] stacks) decay, its biases (rows of [E, .]) do not,
+// like every other bias and LayerNorm.
+TEST(SwitchOptimizerTest, ExpertWeightsDecayAndExpertBiasesDoNot) {
+  torch::manual_seed(4);
+  BertMlm m(SwitchConfig());
+  std::map<std::string, bool> decay;
+  for (const ParamEntry& e : BuildParamEntries(*m, m->Partition())) decay[e.name] = e.decay;
+  for (const char* layer : {"layer0.moe.", "layer2.moe."}) {
+    SCOPED_TRACE(layer);
+    ASSERT_EQ(decay.count(std::string(layer) + "b1"), 1u);
+    EXPECT_TRUE(decay.at(std::string(layer) + "w1"));
+    EXPECT_TRUE(decay.at(std::string(layer) + "w2"));
+    EXPECT_FALSE(decay.at(std::string(layer) + "b1"));
+    EXPECT_FALSE(decay.at(std::string(layer) + "b2"));
+  }
+  EXPECT_TRUE(decay.at("layer0.wqkv"));
+  EXPECT_FALSE(decay.at("layer0.bqkv"));
+
+  // And in a step: with no gradient signal (zero gradients), AdamW moves only what decays.
+  torch::NoGradGuard guard;
+  m->layers[0]->moe->b1.fill_(1.0);
+  const torch::Tensor w1 = m->layers[0]->moe->w1.clone();
+  MaskedAdamW opt(BuildParamEntries(*m, m->Partition()), {});
+  for (auto& p : m->parameters()) p.mutable_grad() = torch::zeros_like(p);
+  ASSERT_TRUE(opt.Step(1e-2, std::vector<uint8_t>(m->num_modules(), 1), {}).ok());
+  EXPECT_TRUE(torch::equal(m->layers[0]->moe->b1, torch::ones_like(m->layers[0]->moe->b1)));
+  EXPECT_FALSE(torch::equal(m->layers[0]->moe->w1, w1));
+}
+
 // ----- FLOPs -----
 
 TEST(SwitchFlopsTest, ExpertsCountTheirRoutedTokensAndWeightGradsOnlyWhenActive) {

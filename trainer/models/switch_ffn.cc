@@ -60,7 +60,8 @@ SwitchFfnImpl::SwitchFfnImpl(const SwitchFfnConfig& c) : c_(c) {
 }
 
 std::vector<spectral::ParamSlice> SwitchFfnImpl::ExpertParams(int64_t e) const {
-  return {{w1, e, e + 1}, {b1, e, e + 1}, {w2, e, e + 1}, {b2, e, e + 1}};
+  return {spectral::ParamSlice::Stacked(w1, e), spectral::ParamSlice::Stacked(b1, e),
+          spectral::ParamSlice::Stacked(w2, e), spectral::ParamSlice::Stacked(b2, e)};
 }
 
 void SwitchFfnImpl::set_recorder(spectral::SiteRecorder* r, std::vector<int> modules) {

@@ -20,18 +20,22 @@ std::vector<ParamEntry> BuildParamEntries(torch::nn::Module& model,
   // Per leaf: the row ranges modules own, and whether one module owns it whole.
   std::unordered_map<const void*, std::vector<ParamSegment>> owned;
   std::unordered_map<const void*, int> whole;
+  std::unordered_map<const void*, bool> stacked;  // one tensor per module along the leading axis
   for (int m = 0; m < partition.size(); ++m) {
     for (const spectral::ParamSlice& p : partition.modules[m].params) {
       const void* key = p.param.unsafeGetTensorImpl();
       if (p.whole()) whole[key] = m;
       owned[key].push_back({p.begin, p.end, m});
+      if (p.stacked) stacked[key] = true;
     }
   }
   std::vector<ParamEntry> entries;
   for (const auto& kv : model.named_parameters()) {
     const torch::Tensor& t = kv.value();
-    ParamEntry e{kv.key(), t, -1, t.dim() >= 2, {}};
     const void* key = t.unsafeGetTensorImpl();
+    // Decay on matrices: a stack's own tensors are one dimension less (an expert's bias is not).
+    const int64_t dims = t.dim() - (stacked.count(key) != 0 ? 1 : 0);
+    ParamEntry e{kv.key(), t, -1, dims >= 2, {}};
     if (auto w = whole.find(key); w != whole.end() && owned[key].size() == 1) {
       e.module = w->second;
     } else if (auto o = owned.find(key); o != owned.end()) {

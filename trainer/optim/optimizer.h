@@ -62,7 +62,8 @@ struct ParamEntry {
 
 // One entry per named parameter of `model`, with its module index from `partition` (-1 when the
 // tensor belongs to no module), or its row segments when modules own row ranges of it, and
-// weight decay on matrices (dim >= 2) only. Throws c10::Error when two modules' rows overlap.
+// weight decay on matrices (dim >= 2; for a stacked leaf, spectral::ParamSlice::Stacked, the
+// dim of one module's tensor) only. Throws c10::Error when two modules' rows overlap.
 std::vector<ParamEntry> BuildParamEntries(torch::nn::Module& model,
                                           const spectral::ModulePartition& partition);
 

@@ -135,6 +135,16 @@ def main():
             res2 = json.load(f)
         if res2["rows"] != res["rows"] or res2["verdict"] != res["verdict"]:
             problems.append("verdict: --analyze-only gave another table from the same runs")
+        if "incomplete" in res["verdict"]:
+            problems.append(f"verdict: two complete seeds gave the verdict {res['verdict']!r}")
+        # A registered seed without its runs: the criteria are not judged.
+        short = os.path.join(work, "verdict-short")
+        run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+             "--seeds", "1,2,4", "--out", short, "--runs", runs, "--analyze-only"], a.source_dir)
+        with open(os.path.join(short, "results.json")) as f:
+            v = json.load(f)["verdict"]
+        if "(incomplete: 2 of 3 registered seeds" not in v:
+            problems.append(f"verdict: a missing seed gave the verdict {v!r}")
 
         # A registered confirmation (bench/results/confirm/): mat against the count-matched
         # frozen-random only, no full runs; judged only when every seed has its runs and every
@@ -192,6 +202,17 @@ def main():
         res, md = confirm("confirm-tampered", [1], 1, tampered)
         if "frozen-random-s1 do not replay" not in res.get("verdict", "") or res.get("paired"):
             problems.append(f"confirm: a drifted replay gave the verdict {res.get('verdict')!r}")
+        # The same drifted run in a verdict (seed 1's six modes): not judged either.
+        for m in MODES:
+            if not os.path.exists(os.path.join(tampered, f"{m}-s1")):
+                shutil.copytree(os.path.join(runs, f"{m}-s1"), os.path.join(tampered, f"{m}-s1"))
+        drifted = os.path.join(work, "verdict-tampered")
+        run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+             "--seeds", "1", "--out", drifted, "--runs", tampered, "--analyze-only"], a.source_dir)
+        with open(os.path.join(drifted, "results.json")) as f:
+            v = json.load(f)["verdict"]
+        if "frozen-random-s1 do not replay" not in v:
+            problems.append(f"verdict: a drifted replay gave the verdict {v!r}")
         # --pool: a pooled difference over both folders' seeds, reported beside the judged one.
         solo = os.path.join(work, "seed2-runs")
         for d in ("mat-s2", "frozen-random-s2"):

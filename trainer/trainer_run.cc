@@ -82,6 +82,14 @@ absl::Status Trainer::PrepareRun() {
     MAT_RETURN_IF_ERROR(TruncateLog("metrics.jsonl", step_));
     MAT_RETURN_IF_ERROR(TruncateLog("decisions.jsonl", step_ - 1));
     MAT_RETURN_IF_ERROR(TruncateLog("masks.jsonl", step_ - 1));
+    // A summary of an earlier end (a run continued with a larger train.steps) would stand for
+    // this run until it ends, and for good if it dies: tools read summary.json as "finished".
+    std::error_code error;
+    if (step_ < config_.train.steps &&
+        std::filesystem::remove(options_.out_dir + "/summary.json", error)) {
+      spdlog::info("{}/summary.json of the run's earlier end removed: rewritten when it ends",
+                   options_.out_dir);
+    }
     spdlog::info("resumed at step {} from the checkpoint in {}", step_, options_.out_dir);
   } else if (!options_.out_dir.empty()) {
     if (options_.resume) {

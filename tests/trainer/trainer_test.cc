@@ -474,6 +474,37 @@ TEST(TrainerSingleTest, ARunRemovesTheTempFilesOfAnInterruptedWrite) {
   fs::remove_all(out);
 }
 
+// A finished run continued with a larger train.steps loses its summary.json at the resume: if
+// the continuation dies, nothing reads the earlier end's summary as this run's result.
+TEST(TrainerSingleTest, ContinuingAFinishedRunRemovesItsSummaryUntilItEnds) {
+  std::string data = MakeCorpus("longer");
+  config::TrainConfig c = TinyTrainConfig(data, "full");
+  c.train.steps = 4;
+  fs::path out = fs::temp_directory_path() / ("mat_trainer_longer_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  {
+    auto t = Trainer::Create(c, {out.string(), false, false});
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run().ok());
+  }
+  ASSERT_TRUE(fs::exists(out / "summary.json"));
+  c.train.steps = 8;
+  {
+    auto t = Trainer::Create(c, {out.string(), false, true});
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run(6).ok());  // stops at step 6, as if killed
+    EXPECT_EQ((*t)->resumed_from_step(), 4);
+  }
+  EXPECT_FALSE(fs::exists(out / "summary.json")) << "the 4-step summary still stands";
+  auto t = Trainer::Create(c, {out.string(), false, true});
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->Run().ok());
+  std::ifstream in(out / "summary.json");
+  const nlohmann::json summary = nlohmann::json::parse(in);
+  EXPECT_EQ(summary.at("steps").get<int64_t>(), 8);
+  fs::remove_all(out);
+}
+
 TEST(TrainerSingleTest, LearningRateSchedule) {
   std::string data = MakeCorpus("lr");
   config::TrainConfig c = TinyTrainConfig(data, "full");

@@ -20,7 +20,9 @@
 // Cost per module: K matvecs, each one backward pass from outputs down to θ_m plus one pass
 // through the backward graph above θ_m; plus one create_graph backward per probe for all
 // modules: EstimateResult::backward_passes = 1 + 2 · Σ_m K_m, each charged by its owner as one
-// activation-gradient pass of the probe batch. `flops` is a rough count of what the passes must at least do at module m itself:
+// activation-gradient pass of the probe batch (the create_graph pass and the double-backward
+// ones cost more than a plain pass, a matvec's first pass stops at θ_m and costs less, and the
+// products at θ_m below are also part of the passes: the total is an estimate, not a bound). `flops` is a rough count of what the passes must at least do at module m itself:
 // per matvec 4 · 2 · p_m · N (N = tokens of the site holding θ_m, or n without sites: two
 // passes, each forming a weight-sized product and an activation-sized one), not the layers
 // above. d small (n·k ~ 16) makes the d-pass exact-output cheaper than K·M pass pairs; Lanczos

@@ -423,6 +423,18 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
   std::string warning;
   MAT_ASSIGN_OR_RETURN(std::string used, LoadNewestCheckpoint(path, &ckpt, &warning));
   if (!warning.empty()) spdlog::warn("{}; resuming from {}", warning, used);
+  std::error_code error;
+  if (used != path && std::filesystem::exists(path, error)) {
+    // The unreadable newest file goes aside: left in place, this run's next save would rotate it
+    // over `.prev`, the one good checkpoint, until the save after that.
+    std::filesystem::rename(path, path + ".corrupt", error);
+    if (error) {
+      spdlog::warn("cannot move the unreadable {} aside ({}): the next save replaces {}.prev "
+                   "with it", path, error.message(), path);
+    } else {
+      spdlog::warn("the unreadable {} is kept as {}.corrupt", path, path);
+    }
+  }
   if (int n = task_->UpgradeTensors(&ckpt.tensors); n > 0) {
     spdlog::info("checkpoint {}: {} tensor groups of an earlier storage layout rewritten", used, n);
   }
@@ -495,8 +507,14 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     gen.set_state(rng);
     if (device_.is_cuda()) {
       if (const auto it = ckpt.tensors.find("rng.cuda"); it != ckpt.tensors.end()) {
-        at::Generator cuda = at::globalContext().defaultGenerator(device_);
-        cuda.set_state(it->second);
+        try {
+          at::Generator cuda = at::globalContext().defaultGenerator(device_);
+          cuda.set_state(it->second);
+        } catch (const c10::Error& e) {  // e.g. a state of another LibTorch version's size
+          spdlog::warn("checkpoint {}: the CUDA generator state does not load ({}): the GPU's "
+                       "dropout noise does not continue the run's", used,
+                       e.what_without_backtrace());
+        }
       } else {
         spdlog::warn("checkpoint {} holds no CUDA generator state (written on a CPU or by an "
                      "earlier version): the GPU's dropout noise does not continue the run's",

@@ -13,6 +13,7 @@ Runs in a temporary folder; the committed results are not touched.
 usage: check_verdict.py --source-dir DIR --mat-train BIN
 """
 import argparse
+import hashlib
 import json
 import lzma
 import math
@@ -213,6 +214,50 @@ def main():
             v = json.load(f)["verdict"]
         if "frozen-random-s1 do not replay" not in v:
             problems.append(f"verdict: a drifted replay gave the verdict {v!r}")
+        # Kept runs without their decisions.jsonl (bench/results/verdict/kept-runs) are judged
+        # by replay-check.json beside the criteria: an entry counts only for the run whose
+        # summary.json it names, and only when it shows a full replay.
+        kept = os.path.join(work, "kept-runs")
+        for m in MODES:
+            shutil.copytree(os.path.join(runs, f"{m}-s1"), os.path.join(kept, f"{m}-s1"))
+        n_dec = len(group_counts(os.path.join(kept, "mat-s1", "decisions.jsonl")))
+        n_eval = sum(1 for line in open(os.path.join(kept, "rand-s1", "metrics.jsonl"))
+                     if line.strip())
+        for m in ("rand", "frozen-random"):
+            os.remove(os.path.join(kept, f"{m}-s1", "decisions.jsonl"))
+
+        def sha(m):
+            with open(os.path.join(kept, f"{m}-s1", "summary.json"), "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+
+        def judged(name, entries):
+            vdir = os.path.join(work, name)
+            os.makedirs(vdir)
+            if entries is not None:
+                with open(os.path.join(vdir, "replay-check.json"), "w") as f:
+                    json.dump({"runs": entries}, f)
+            run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+                 "--seeds", "1", "--out", vdir, "--runs", kept, "--analyze-only"], a.source_dir)
+            with open(os.path.join(vdir, "results.json")) as f:
+                return json.load(f)["verdict"]
+
+        good = {"rand-s1": {"evaluations": n_eval, "same_counts": n_eval, "summary_sha256": sha("rand")},
+                "frozen-random-s1": {"decisions": n_dec, "same_counts": n_dec, "same_steps": True,
+                                     "permuted_histories": True,
+                                     "summary_sha256": sha("frozen-random")}}
+        v = judged("kept-recorded", good)
+        if "incomplete" in v:
+            problems.append(f"verdict: recorded replay checks were not taken: {v!r}")
+        short = json.loads(json.dumps(good))
+        short["frozen-random-s1"]["same_counts"] = n_dec - 1
+        other = json.loads(json.dumps(good))
+        other["rand-s1"]["summary_sha256"] = sha("mat")  # an entry about another run
+        for name, entries, want in (("kept-short", short, "frozen-random-s1 do not replay"),
+                                    ("kept-other", other, "rand-s1 do not replay"),
+                                    ("kept-none", None, "frozen-random-s1, rand-s1 do not replay")):
+            v = judged(name, entries)
+            if want not in v:
+                problems.append(f"verdict: {name} gave the verdict {v!r}, want {want!r}")
         # --pool: a pooled difference over both folders' seeds, reported beside the judged one.
         solo = os.path.join(work, "seed2-runs")
         for d in ("mat-s2", "frozen-random-s2"):

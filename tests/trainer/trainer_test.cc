@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -403,6 +404,38 @@ TEST(TrainerSingleTest, TruncatedNewestCheckpointFallsBackToPrevious) {
   EXPECT_NE(std::string(s.message()).find("truncated"), std::string::npos) << s;
 }
 
+// The unreadable newest checkpoint goes aside (kept, byte for byte, as checkpoint.pt.corrupt):
+// left in place, the resumed run's next save would rotate it over `.prev`, the one good
+// checkpoint, and a crash before the save after that would leave none.
+TEST(TrainerSingleTest, AnUnreadableNewestCheckpointGoesAsideAndPrevIsKept) {
+  std::string data = MakeCorpus("aside");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  c.train.checkpoint_every = 10;
+  fs::path out = fs::temp_directory_path() / ("mat_trainer_aside_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  {
+    auto t = Trainer::Create(c, {out.string(), false, false});
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE((*t)->Run(25).ok());  // checkpoints at 10, 20 (-> .prev) and 25
+  }
+  const fs::path ckpt = out / "checkpoint.pt";
+  fs::resize_file(ckpt, fs::file_size(ckpt) / 2);
+  const auto half = fs::file_size(ckpt);
+  auto t = Trainer::Create(c, {out.string(), false, true});
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE((*t)->Run(30).ok());  // resumes at 20 (.prev), saves once, at 30
+  EXPECT_EQ((*t)->resumed_from_step(), 20);
+  ASSERT_TRUE(fs::exists(ckpt.string() + ".corrupt"));
+  EXPECT_EQ(fs::file_size(ckpt.string() + ".corrupt"), half);
+  auto prev = ReadCheckpointStep(ckpt.string() + ".prev");
+  ASSERT_TRUE(prev.ok()) << prev.status();
+  EXPECT_EQ(*prev, 20) << "the save rotated the truncated file over .prev";
+  auto newest = ReadCheckpointStep(ckpt.string());
+  ASSERT_TRUE(newest.ok()) << newest.status();
+  EXPECT_EQ(*newest, 30);
+  fs::remove_all(out);
+}
+
 // A fresh run into a folder that holds another run's outputs replaces them, its checkpoints too:
 // the old checkpoint.pt used to become the new run's checkpoint.pt.prev, and a --resume whose
 // newest checkpoint was broken then continued the other run (its step, its parameters). A
@@ -448,8 +481,10 @@ TEST(TrainerSingleTest, AFreshRunLeavesNoCheckpointOfAnEarlierRun) {
   fs::remove_all(out);
 }
 
-// What a write cut short leaves (a full-size temp file per crash) is removed when the next run
-// starts in the folder, resumed or fresh; files that are not the run's own stay.
+// What a write cut short leaves (a full-size temp file per crash, NAME.tmp.PID.N) is removed
+// when the next run starts in the folder, resumed or fresh, once process PID has ended. A live
+// PID's file (this process's: a worker's upload in progress) and files that are not the run's
+// own stay.
 TEST(TrainerSingleTest, ARunRemovesTheTempFilesOfAnInterruptedWrite) {
   std::string data = MakeCorpus("temps");
   config::TrainConfig c = TinyTrainConfig(data, "full");
@@ -458,18 +493,25 @@ TEST(TrainerSingleTest, ARunRemovesTheTempFilesOfAnInterruptedWrite) {
   fs::path out = fs::temp_directory_path() / ("mat_trainer_temps_" + std::to_string(::getpid()));
   fs::remove_all(out);
   fs::create_directories(out);
-  const std::vector<std::string> temps = {"checkpoint.pt.tmp.999999.0", "checkpoint.pt.prev.tmp",
-                                          "model.safetensors.tmp.999999.3"};
+  const pid_t child = ::fork();  // a process that has ended: its temp files are leftovers
+  if (child == 0) ::_exit(0);
+  ASSERT_GT(child, 0);
+  ASSERT_EQ(::waitpid(child, nullptr, 0), child);
+  const std::string dead = std::to_string(child), me = std::to_string(::getpid());
+  const std::vector<std::string> leftovers = {"checkpoint.pt.tmp." + dead + ".0",
+                                              "model.safetensors.tmp." + dead + ".3"};
+  const std::vector<std::string> kept = {"model.safetensors.tmp." + me + ".9",
+                                         "checkpoint.pt.tmpsave", "notes.tmp.1.2"};
   for (bool resume : {false, true}) {
-    for (const std::string& name : temps) std::ofstream(out / name) << "cut short";
-    std::ofstream(out / "notes.tmp.txt") << "the user's";
+    for (const std::string& name : leftovers) std::ofstream(out / name) << "cut short";
+    for (const std::string& name : kept) std::ofstream(out / name) << "in use";
     auto t = Trainer::Create(c, {out.string(), false, resume});
     ASSERT_TRUE(t.ok()) << t.status();
     ASSERT_TRUE((*t)->Run().ok());
-    for (const std::string& name : temps) {
+    for (const std::string& name : leftovers) {
       EXPECT_FALSE(fs::exists(out / name)) << name << (resume ? " (resumed)" : " (fresh)");
     }
-    EXPECT_TRUE(fs::exists(out / "notes.tmp.txt"));
+    for (const std::string& name : kept) EXPECT_TRUE(fs::exists(out / name)) << name;
   }
   fs::remove_all(out);
 }

@@ -116,20 +116,7 @@ absl::StatusOr<std::string> LoadNewestCheckpoint(const std::string& path, Checkp
   const std::string prev = path + ".prev";
   absl::StatusOr<Checkpoint> older = ReadCheckpoint(prev);
   if (older.ok()) {
-    std::string why(newest.status().message());
-    // The unreadable file goes aside: left in place, the next save would rotate it over `.prev`,
-    // the one good checkpoint, until the save after that.
-    std::error_code ec;
-    if (std::filesystem::exists(path, ec)) {
-      const std::string aside = path + ".corrupt";
-      std::filesystem::rename(path, aside, ec);
-      if (ec) {
-        return absl::InternalError("cannot move the unreadable checkpoint " + path +
-                                   " aside (" + ec.message() + "): " + why);
-      }
-      why += " (kept as " + aside + ")";
-    }
-    if (warning) *warning = why;
+    if (warning) *warning = std::string(newest.status().message());
     *checkpoint = *std::move(older);
     return prev;
   }

@@ -39,8 +39,7 @@ absl::Status WriteCheckpoint(const std::string& path, const Checkpoint& checkpoi
 absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& path);
 
 // Tries `path`, then `path.prev`, into `checkpoint`. Returns the path actually loaded; `warning`
-// gets the reason the newest one was skipped (empty when it loaded). An unreadable `path` is
-// renamed `path.corrupt` when `.prev` loads, so the next WriteCheckpoint keeps `.prev` as it is.
+// gets the reason the newest one was skipped (empty when it loaded).
 absl::StatusOr<std::string> LoadNewestCheckpoint(const std::string& path, Checkpoint* checkpoint,
                                                  std::string* warning);
 

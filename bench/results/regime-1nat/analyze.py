@@ -13,7 +13,8 @@ QUALIFY = UNIGRAM_VAL - 1.10
 
 
 def main(root):
-    for pilot in sorted(p for p in pathlib.Path(root).iterdir() if p.is_dir()):
+    for pilot in sorted(p for p in pathlib.Path(root).iterdir()
+                        if (p / "metrics.jsonl").is_file()):
         rows = [json.loads(line) for line in (pilot / "metrics.jsonl").read_text().splitlines()
                 if line.strip()]
         rows = [r for r in rows if "val_loss" in r]

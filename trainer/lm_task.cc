@@ -27,11 +27,21 @@ struct MlmTaskBatch : TaskBatch {
 
 const MlmBatch& Mlm(const TaskBatch& batch) { return static_cast<const MlmTaskBatch&>(batch).batch; }
 
-// The labels of every batch, in order: the tokens an evaluation's loss averages over.
-std::vector<int32_t> EvalLabels(const std::vector<MlmBatch>& batches) {
+// Which of a batch's predicted positions show [MASK] in the input: [M] bool. The others (BERT's
+// 10 % random and 10 % unchanged) show a token, the right one for the unchanged, which a model
+// can learn to copy.
+torch::Tensor MaskTokenPositions(const MlmBatch& b, int64_t mask_id) {
+  return b.input_ids.reshape({-1}).index_select(0, b.positions) == mask_id;
+}
+
+// The labels of every batch, in order: the tokens an evaluation's loss averages over (only
+// those at [MASK] inputs when `mask_id` >= 0).
+std::vector<int32_t> EvalLabels(const std::vector<MlmBatch>& batches, int64_t mask_id = -1) {
   std::vector<int32_t> labels;
   for (const MlmBatch& b : batches) {
-    const torch::Tensor l = b.labels.to(torch::kInt32).contiguous();
+    torch::Tensor l = b.labels;
+    if (mask_id >= 0) l = l.masked_select(MaskTokenPositions(b, mask_id));
+    l = l.to(torch::kInt32).contiguous();
     labels.insert(labels.end(), l.data_ptr<int32_t>(), l.data_ptr<int32_t>() + l.numel());
   }
   return labels;
@@ -86,6 +96,8 @@ absl::Status MaskedLmTask::Init() {
   unigram_test_loss_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
   unigram_eval_val_loss_ = UnigramCrossEntropy(corpus_.train, EvalLabels(valid_batches_), real);
   unigram_eval_test_loss_ = UnigramCrossEntropy(corpus_.train, EvalLabels(test_batches_), real);
+  unigram_eval_val_loss_at_mask_ =
+      UnigramCrossEntropy(corpus_.train, EvalLabels(valid_batches_, mlm_.mask_id), real);
 
   train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
   corpus_.train.resize(static_cast<size_t>(train_size_));
@@ -206,29 +218,40 @@ absl::StatusOr<RecordedProbe> MaskedLmTask::RecordProbe(const MlmBatch& batch, i
 }
 
 EvalResult MaskedLmTask::Evaluate(EvalSplit split) {
-  return EvalResult{Evaluate(split == EvalSplit::kValid ? valid_batches_ : test_batches_), 0};
+  const bool valid = split == EvalSplit::kValid;
+  double at_mask = 0;
+  const double loss = Evaluate(valid ? valid_batches_ : test_batches_, &at_mask);
+  if (valid) val_loss_at_mask_ = at_mask;
+  return EvalResult{loss, 0};
 }
 
-double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches) {
+double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches, double* at_mask) {
   const torch::Device& device = context_.device;
   torch::NoGradGuard guard;
   model_->eval();
   model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
-  double sum = 0;
-  int64_t count = 0;
+  double sum = 0, sum_mask = 0;
+  int64_t count = 0, count_mask = 0;
   for (const MlmBatch& b : batches) {
     torch::Tensor logits = model_->forward(b.input_ids.to(device), b.positions.to(device));
     torch::Tensor ce = torch::nn::functional::cross_entropy(
         logits, b.labels.to(device),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    sum += ce.item<double>();
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+    sum += ce.sum().item<double>();
     count += b.labels.size(0);
+    const torch::Tensor shown = MaskTokenPositions(b, mlm_.mask_id).to(device);
+    sum_mask += ce.masked_select(shown).sum().item<double>();
+    count_mask += shown.sum().item<int64_t>();
   }
   model_->train();
+  if (at_mask != nullptr) *at_mask = sum_mask / double(std::max<int64_t>(count_mask, 1));
   return sum / double(std::max<int64_t>(count, 1));
 }
 
 void MaskedLmTask::AddEvalFields(nlohmann::json* line) {
+  // The validation loss at the positions whose input is [MASK] only: what is left once copying
+  // a shown token is no help (unigram_eval_val_loss_at_mask in summary.json is its baseline).
+  (*line)["val_loss_at_mask"] = val_loss_at_mask_;
   if (aux_count_ > 0) (*line)["train_aux_loss"] = aux_sum_ / double(aux_count_);
   aux_sum_ = 0;
   aux_count_ = 0;
@@ -243,6 +266,7 @@ void MaskedLmTask::AddSummaryFields(nlohmann::json* summary) const {
   (*summary)["unigram_test_loss_train_prefix"] = unigram_test_loss_prefix_;
   (*summary)["unigram_eval_val_loss"] = unigram_eval_val_loss_;
   (*summary)["unigram_eval_test_loss"] = unigram_eval_test_loss_;
+  (*summary)["unigram_eval_val_loss_at_mask"] = unigram_eval_val_loss_at_mask_;
 }
 
 void MaskedLmTask::SaveState(nlohmann::json* meta) const {

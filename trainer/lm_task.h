@@ -54,8 +54,9 @@ class MaskedLmTask : public Task {
                                          const std::vector<uint8_t>& active);
   absl::StatusOr<RecordedProbe> RecordProbe(const MlmBatch& batch, int64_t n,
                                             const spectral::Estimator& estimator);
-  // Mean masked-LM loss over `batches` (no gradients, dropout off, every module active).
-  double Evaluate(const std::vector<MlmBatch>& batches);
+  // Mean masked-LM loss over `batches` (no gradients, dropout off, every module active);
+  // `at_mask`, when given, gets the mean over the positions whose input is [MASK] only.
+  double Evaluate(const std::vector<MlmBatch>& batches, double* at_mask = nullptr);
   BertMlm& model() { return model_; }
   MlmStream& stream() { return *stream_; }
 
@@ -72,6 +73,8 @@ class MaskedLmTask : public Task {
   std::vector<MlmBatch> valid_batches_, test_batches_;
   double unigram_test_loss_ = 0, unigram_test_loss_prefix_ = 0;  // nats/token
   double unigram_eval_val_loss_ = 0, unigram_eval_test_loss_ = 0;  // on the evaluation batches
+  double unigram_eval_val_loss_at_mask_ = 0;  // ... at the positions whose input is [MASK]
+  double val_loss_at_mask_ = 0;               // the newest validation's loss there
   int64_t train_size_ = 0;  // training tokens after data.train_fraction
   double aux_sum_ = 0;      // switch: load-balancing loss since the last evaluation
   int64_t aux_count_ = 0;

@@ -266,6 +266,7 @@ TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
   const double closed_form = -std::log((30.0 + 1.0) / (n + v));
   EXPECT_NEAR(summary.at("unigram_eval_val_loss").get<double>(), closed_form, 1e-9);
   EXPECT_NEAR(summary.at("unigram_eval_test_loss").get<double>(), closed_form, 1e-9);
+  EXPECT_NEAR(summary.at("unigram_eval_val_loss_at_mask").get<double>(), closed_form, 1e-9);
   EXPECT_NEAR(summary.at("unigram_test_loss").get<double>(),
               UnigramCrossEntropy(corpus->train, corpus->test, corpus->vocab.size()), 1e-9);
   EXPECT_GT(std::abs(summary.at("unigram_test_loss").get<double>() -
@@ -273,6 +274,14 @@ TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
             0.5)
       << "the whole test split is mostly the toy text, about three times as frequent in training "
          "as beta";
+
+  // An evaluation line carries the validation loss at [MASK] inputs beside val_loss.
+  const EvalResult val = (*lm)->Evaluate(EvalSplit::kValid);
+  nlohmann::json line;
+  (*lm)->AddEvalFields(&line);
+  const double at_mask = line.at("val_loss_at_mask").get<double>();
+  EXPECT_TRUE(std::isfinite(at_mask) && at_mask > 0) << at_mask;
+  EXPECT_NE(at_mask, val.loss) << "the same positions as val_loss";
   fs::remove_all(dir);
 }
 

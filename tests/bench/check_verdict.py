@@ -138,12 +138,23 @@ def main():
             problems.append("verdict: --analyze-only gave another table from the same runs")
         if "incomplete" in res["verdict"]:
             problems.append(f"verdict: two complete seeds gave the verdict {res['verdict']!r}")
+
+        def verdict_of(name, seeds, runs_dir, recorded=None):
+            """The quick verdict from runs_dir's kept runs, into work/name (with `recorded` as
+            its replay-check.json's "runs", when given)."""
+            vdir = os.path.join(work, name)
+            os.makedirs(vdir)
+            if recorded is not None:
+                with open(os.path.join(vdir, "replay-check.json"), "w") as f:
+                    json.dump({"runs": recorded}, f)
+            run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+                 "--seeds", seeds, "--out", vdir, "--runs", runs_dir, "--analyze-only"],
+                a.source_dir)
+            with open(os.path.join(vdir, "results.json")) as f:
+                return json.load(f)["verdict"]
+
         # A registered seed without its runs: the criteria are not judged.
-        short = os.path.join(work, "verdict-short")
-        run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
-             "--seeds", "1,2,4", "--out", short, "--runs", runs, "--analyze-only"], a.source_dir)
-        with open(os.path.join(short, "results.json")) as f:
-            v = json.load(f)["verdict"]
+        v = verdict_of("verdict-short", "1,2,4", runs)
         if "(incomplete: 2 of 3 registered seeds" not in v:
             problems.append(f"verdict: a missing seed gave the verdict {v!r}")
 
@@ -207,11 +218,7 @@ def main():
         for m in MODES:
             if not os.path.exists(os.path.join(tampered, f"{m}-s1")):
                 shutil.copytree(os.path.join(runs, f"{m}-s1"), os.path.join(tampered, f"{m}-s1"))
-        drifted = os.path.join(work, "verdict-tampered")
-        run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
-             "--seeds", "1", "--out", drifted, "--runs", tampered, "--analyze-only"], a.source_dir)
-        with open(os.path.join(drifted, "results.json")) as f:
-            v = json.load(f)["verdict"]
+        v = verdict_of("verdict-tampered", "1", tampered)
         if "frozen-random-s1 do not replay" not in v:
             problems.append(f"verdict: a drifted replay gave the verdict {v!r}")
         # Kept runs without their decisions.jsonl (bench/results/verdict/kept-runs) are judged
@@ -230,22 +237,11 @@ def main():
             with open(os.path.join(kept, f"{m}-s1", "summary.json"), "rb") as f:
                 return hashlib.sha256(f.read()).hexdigest()
 
-        def judged(name, entries):
-            vdir = os.path.join(work, name)
-            os.makedirs(vdir)
-            if entries is not None:
-                with open(os.path.join(vdir, "replay-check.json"), "w") as f:
-                    json.dump({"runs": entries}, f)
-            run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
-                 "--seeds", "1", "--out", vdir, "--runs", kept, "--analyze-only"], a.source_dir)
-            with open(os.path.join(vdir, "results.json")) as f:
-                return json.load(f)["verdict"]
-
         good = {"rand-s1": {"evaluations": n_eval, "same_counts": n_eval, "summary_sha256": sha("rand")},
                 "frozen-random-s1": {"decisions": n_dec, "same_counts": n_dec, "same_steps": True,
                                      "permuted_histories": True,
                                      "summary_sha256": sha("frozen-random")}}
-        v = judged("kept-recorded", good)
+        v = verdict_of("kept-recorded", "1", kept, good)
         if "incomplete" in v:
             problems.append(f"verdict: recorded replay checks were not taken: {v!r}")
         short = json.loads(json.dumps(good))
@@ -255,7 +251,7 @@ def main():
         for name, entries, want in (("kept-short", short, "frozen-random-s1 do not replay"),
                                     ("kept-other", other, "rand-s1 do not replay"),
                                     ("kept-none", None, "frozen-random-s1, rand-s1 do not replay")):
-            v = judged(name, entries)
+            v = verdict_of(name, "1", kept, entries)
             if want not in v:
                 problems.append(f"verdict: {name} gave the verdict {v!r}, want {want!r}")
         # --pool: a pooled difference over both folders' seeds, reported beside the judged one.

@@ -64,6 +64,7 @@ absl::StatusOr<EstimateResult> LanczosEstimator::Estimate(const ModulePartition&
 
   EstimateResult result;
   result.modules.resize(partition.modules.size());
+  result.backward_passes = 0;
   if (leaves->leaves.empty()) return result;
   result.backward_passes = 1;  // the create_graph pass; each module's matvecs add theirs
 

@@ -219,10 +219,8 @@ absl::StatusOr<RecordedProbe> MaskedLmTask::RecordProbe(const MlmBatch& batch, i
 
 EvalResult MaskedLmTask::Evaluate(EvalSplit split) {
   const bool valid = split == EvalSplit::kValid;
-  double at_mask = 0;
-  const double loss = Evaluate(valid ? valid_batches_ : test_batches_, &at_mask);
-  if (valid) val_loss_at_mask_ = at_mask;
-  return EvalResult{loss, 0};
+  return EvalResult{valid ? Evaluate(valid_batches_, &val_loss_at_mask_)
+                          : Evaluate(test_batches_), 0};
 }
 
 double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches, double* at_mask) {
@@ -230,22 +228,29 @@ double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches, double* at_m
   torch::NoGradGuard guard;
   model_->eval();
   model_->SetMask(std::vector<uint8_t>(partition_.size(), 1));
-  double sum = 0, sum_mask = 0;
+  // Sums stay on the device (one host copy per evaluation, not per batch); each batch's sum is
+  // added in float64.
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64).device(device);
+  torch::Tensor sum = torch::zeros({}, f64), sum_mask = torch::zeros({}, f64);
   int64_t count = 0, count_mask = 0;
   for (const MlmBatch& b : batches) {
     torch::Tensor logits = model_->forward(b.input_ids.to(device), b.positions.to(device));
     torch::Tensor ce = torch::nn::functional::cross_entropy(
         logits, b.labels.to(device),
         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-    sum += ce.sum().item<double>();
+    sum += ce.sum().to(torch::kFloat64);
     count += b.labels.size(0);
-    const torch::Tensor shown = MaskTokenPositions(b, mlm_.mask_id).to(device);
-    sum_mask += ce.masked_select(shown).sum().item<double>();
-    count_mask += shown.sum().item<int64_t>();
+    if (at_mask != nullptr) {
+      const torch::Tensor shown = MaskTokenPositions(b, mlm_.mask_id);  // host
+      sum_mask += (ce * shown.to(device, ce.scalar_type())).sum().to(torch::kFloat64);
+      count_mask += shown.sum().item<int64_t>();
+    }
   }
   model_->train();
-  if (at_mask != nullptr) *at_mask = sum_mask / double(std::max<int64_t>(count_mask, 1));
-  return sum / double(std::max<int64_t>(count, 1));
+  if (at_mask != nullptr) {
+    *at_mask = sum_mask.item<double>() / double(std::max<int64_t>(count_mask, 1));
+  }
+  return sum.item<double>() / double(std::max<int64_t>(count, 1));
 }
 
 void MaskedLmTask::AddEvalFields(nlohmann::json* line) {

@@ -425,14 +425,18 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
   if (!warning.empty()) spdlog::warn("{}; resuming from {}", warning, used);
   std::error_code error;
   if (used != path && std::filesystem::exists(path, error)) {
-    // The unreadable newest file goes aside: left in place, this run's next save would rotate it
-    // over `.prev`, the one good checkpoint, until the save after that.
-    std::filesystem::rename(path, path + ".corrupt", error);
+    // The unreadable newest file goes aside, under a name no earlier one holds: left in place,
+    // this run's next save would rotate it over `.prev`, the one good checkpoint.
+    std::string aside = path + ".corrupt";
+    for (int k = 1; std::filesystem::exists(aside, error) && k < 1000; ++k) {
+      aside = path + ".corrupt." + std::to_string(k);
+    }
+    std::filesystem::rename(path, aside, error);
     if (error) {
       spdlog::warn("cannot move the unreadable {} aside ({}): the next save replaces {}.prev "
                    "with it", path, error.message(), path);
     } else {
-      spdlog::warn("the unreadable {} is kept as {}.corrupt", path, path);
+      spdlog::warn("the unreadable {} is kept as {}", path, aside);
     }
   }
   if (int n = task_->UpgradeTensors(&ckpt.tensors); n > 0) {

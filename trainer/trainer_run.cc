@@ -34,10 +34,8 @@ constexpr const char* kRunOutputs[] = {"metrics.jsonl",  "decisions.jsonl",    "
                                        "model.safetensors"};
 
 // Removes what a write cut short left in `dir`: WriteFileAtomic's `NAME.tmp.PID.N` of a run
-// output NAME, full-size files that nothing else reads or removes, when process PID has ended.
-// A live PID's file may be a write in progress: this process's own (a worker's model upload
-// for an earlier attempt of the rank, in the same folder) or another's. Returns the names
-// removed.
+// output NAME, full-size files that nothing else reads or removes, when process PID (on this
+// host) has ended. A live PID's file may be a write in progress. Returns the names removed.
 std::vector<std::string> RemoveLeftoverTemps(const std::string& dir) {
   std::vector<std::string> removed;
   std::error_code error;
@@ -78,7 +76,9 @@ std::vector<std::string> EarlierRunOutputs(const std::string& dir) {
 absl::Status Trainer::PrepareRun() {
   prepared_ = false;
   const std::string ckpt = options_.out_dir + "/checkpoint.pt";
-  if (!options_.out_dir.empty()) {
+  // Only a run that owns its folder alone (mat-train holds its LOCK): a service rank's folder
+  // may be on storage other hosts write, whose processes kill(2) cannot see.
+  if (!options_.out_dir.empty() && options_.hooks == nullptr) {
     if (const std::vector<std::string> temps = RemoveLeftoverTemps(options_.out_dir);
         !temps.empty()) {
       spdlog::warn("{}: removed what an interrupted write left: {}", options_.out_dir,

@@ -237,10 +237,12 @@ def main():
             with open(os.path.join(kept, f"{m}-s1", "summary.json"), "rb") as f:
                 return hashlib.sha256(f.read()).hexdigest()
 
-        good = {"rand-s1": {"evaluations": n_eval, "same_counts": n_eval, "summary_sha256": sha("rand")},
+        good = {"rand-s1": {"evaluations": n_eval, "same_counts": n_eval,
+                            "summary_sha256": sha("rand"), "mat_summary_sha256": sha("mat")},
                 "frozen-random-s1": {"decisions": n_dec, "same_counts": n_dec, "same_steps": True,
                                      "permuted_histories": True,
-                                     "summary_sha256": sha("frozen-random")}}
+                                     "summary_sha256": sha("frozen-random"),
+                                     "mat_summary_sha256": sha("mat")}}
         v = verdict_of("kept-recorded", "1", kept, good)
         if "incomplete" in v:
             problems.append(f"verdict: recorded replay checks were not taken: {v!r}")
@@ -248,8 +250,17 @@ def main():
         short["frozen-random-s1"]["same_counts"] = n_dec - 1
         other = json.loads(json.dumps(good))
         other["rand-s1"]["summary_sha256"] = sha("mat")  # an entry about another run
+        other_mat = json.loads(json.dumps(good))
+        other_mat["rand-s1"]["mat_summary_sha256"] = sha("inverse")  # another mat run replayed
+        counts_only = json.loads(json.dumps(good))  # frozen-random needs mat's histories
+        counts_only["frozen-random-s1"] = {"evaluations": n_eval, "same_counts": n_eval,
+                                           "summary_sha256": sha("frozen-random"),
+                                           "mat_summary_sha256": sha("mat")}
         for name, entries, want in (("kept-short", short, "frozen-random-s1 do not replay"),
                                     ("kept-other", other, "rand-s1 do not replay"),
+                                    ("kept-other-mat", other_mat, "rand-s1 do not replay"),
+                                    ("kept-counts-only", counts_only,
+                                     "frozen-random-s1 do not replay"),
                                     ("kept-none", None, "frozen-random-s1, rand-s1 do not replay")):
             v = verdict_of(name, "1", kept, entries)
             if want not in v:

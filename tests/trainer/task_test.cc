@@ -20,6 +20,8 @@
 #include "tests/testing/temp_dir.h"
 #include "tests/trainer/toy_run.h"
 #include "trainer/data/corpus.h"
+#include "trainer/data/mlm_data.h"
+#include "trainer/lm_task.h"
 #include "trainer/task.h"
 #include "trainer/trainer.h"
 
@@ -275,13 +277,72 @@ TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
       << "the whole test split is mostly the toy text, about three times as frequent in training "
          "as beta";
 
-  // An evaluation line carries the validation loss at [MASK] inputs beside val_loss.
-  const EvalResult val = (*lm)->Evaluate(EvalSplit::kValid);
+  fs::remove_all(dir);
+}
+
+// On mixed text, the [MASK]-only baseline and loss cover exactly the predicted positions whose
+// input is [MASK]: rebuilt here from the evaluation batches (MakeEvalBatches, validation's seed
+// 1234) by reading each position's input token.
+TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
+  namespace fs = std::filesystem;
+  const std::string dir = testing::WriteToyCorpus("task_at_mask");
+  TaskContext context;
+  context.config = testing::ToyConfig(dir);
+  auto task = MaskedLmTask::Create(context);
+  ASSERT_TRUE(task.ok()) << task.status();
+  auto corpus = LoadCorpus(dir);
+  ASSERT_TRUE(corpus.ok()) << corpus.status();
+  const config::TrainConfig& c = context.config;
+  const int64_t real = corpus->vocab.size();
+  MlmOptions opt;
+  opt.seq_len = c.data.seq_len;
+  opt.mask_prob = c.data.mask_prob;
+  opt.mask_id = real;
+  opt.num_real_tokens = real;
+  const std::vector<MlmBatch> batches =
+      MakeEvalBatches(corpus->valid, opt, c.train.batch_size, c.train.eval_batches, 1234);
+  std::vector<int32_t> at_mask, shown;
+  for (const MlmBatch& b : batches) {
+    const auto ids = b.input_ids.reshape({-1});
+    for (int64_t i = 0; i < b.positions.size(0); ++i) {
+      const int32_t label = int32_t(b.labels[i].item<int64_t>());
+      (ids[b.positions[i].item<int64_t>()].item<int64_t>() == real ? at_mask : shown)
+          .push_back(label);
+    }
+  }
+  ASSERT_FALSE(at_mask.empty());
+  ASSERT_FALSE(shown.empty()) << "no random or unchanged position: nothing told apart";
+  nlohmann::json summary;
+  (*task)->AddSummaryFields(&summary);
+  EXPECT_NEAR(summary.at("unigram_eval_val_loss_at_mask").get<double>(),
+              UnigramCrossEntropy(corpus->train, at_mask, real), 1e-9);
+
+  // The loss there, from the model's own per-position losses over the same batches.
+  const double val = (*task)->Evaluate(EvalSplit::kValid).loss;
   nlohmann::json line;
-  (*lm)->AddEvalFields(&line);
-  const double at_mask = line.at("val_loss_at_mask").get<double>();
-  EXPECT_TRUE(std::isfinite(at_mask) && at_mask > 0) << at_mask;
-  EXPECT_NE(at_mask, val.loss) << "the same positions as val_loss";
+  (*task)->AddEvalFields(&line);
+  double sum_mask = 0, sum = 0;
+  int64_t n = 0;
+  {
+    torch::NoGradGuard guard;
+    (*task)->model()->eval();
+    for (const MlmBatch& b : batches) {
+      const torch::Tensor ce = torch::nn::functional::cross_entropy(
+          (*task)->model()->forward(b.input_ids, b.positions), b.labels,
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+      const auto ids = b.input_ids.reshape({-1});
+      for (int64_t i = 0; i < ce.size(0); ++i) {
+        const double x = ce[i].item<double>();
+        sum += x;
+        if (ids[b.positions[i].item<int64_t>()].item<int64_t>() == real) {
+          sum_mask += x;
+          ++n;
+        }
+      }
+    }
+  }
+  EXPECT_NEAR(line.at("val_loss_at_mask").get<double>(), sum_mask / double(n), 1e-5);
+  EXPECT_NEAR(val, sum / double(at_mask.size() + shown.size()), 1e-5);
   fs::remove_all(dir);
 }
 

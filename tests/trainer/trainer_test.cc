@@ -482,9 +482,8 @@ TEST(TrainerSingleTest, AFreshRunLeavesNoCheckpointOfAnEarlierRun) {
 }
 
 // What a write cut short leaves (a full-size temp file per crash, NAME.tmp.PID.N) is removed
-// when the next run starts in the folder, resumed or fresh, once process PID has ended. A live
-// PID's file (this process's: a worker's upload in progress) and files that are not the run's
-// own stay.
+// when the next run of mat-train starts in the folder, resumed or fresh, once process PID has
+// ended. A live PID's file (a write in progress) and files that are not the run's own stay.
 TEST(TrainerSingleTest, ARunRemovesTheTempFilesOfAnInterruptedWrite) {
   std::string data = MakeCorpus("temps");
   config::TrainConfig c = TinyTrainConfig(data, "full");
@@ -501,7 +500,7 @@ TEST(TrainerSingleTest, ARunRemovesTheTempFilesOfAnInterruptedWrite) {
   const std::vector<std::string> leftovers = {"checkpoint.pt.tmp." + dead + ".0",
                                               "model.safetensors.tmp." + dead + ".3"};
   const std::vector<std::string> kept = {"model.safetensors.tmp." + me + ".9",
-                                         "checkpoint.pt.tmpsave", "notes.tmp.1.2"};
+                                         "checkpoint.pt.tmpsave", "notes.tmp." + dead + ".2"};
   for (bool resume : {false, true}) {
     for (const std::string& name : leftovers) std::ofstream(out / name) << "cut short";
     for (const std::string& name : kept) std::ofstream(out / name) << "in use";

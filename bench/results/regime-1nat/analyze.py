@@ -28,9 +28,11 @@ def main(root):
               f"{best['val_loss']:.4f} at {best['step']} (margin {UNIGRAM_VAL - best['val_loss']:.3f} nat)"
               + (f", reaches {QUALIFY:.3f} at step {crossed['step']}" if crossed else
                  f", does not reach {QUALIFY:.3f}"))
-        print("  step  val_loss  train_loss")
+        at_mask = all("val_loss_at_mask" in r for r in rows)
+        print("  step  val_loss  train_loss" + ("  val_loss_at_mask" if at_mask else ""))
         for r in rows:
-            print(f"  {r['step']:5d}  {r['val_loss']:.4f}    {r['train_loss']:.4f}")
+            print(f"  {r['step']:5d}  {r['val_loss']:.4f}    {r['train_loss']:.4f}"
+                  + (f"      {r['val_loss_at_mask']:.4f}" if at_mask else ""))
 
 
 if __name__ == "__main__":

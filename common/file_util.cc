@@ -1,6 +1,7 @@
 #include "common/file_util.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <unistd.h>
 
@@ -11,9 +12,18 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace mat::common {
+namespace {
+
+// WriteFileAtomic's temp files are PATH.tmp.PID.N (N counts its calls in process PID).
+constexpr const char* kTempInfix = ".tmp.";
+
+}  // namespace
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
   std::error_code ec;
@@ -32,8 +42,8 @@ absl::Status WriteFileAtomic(const std::string& path, const std::string& data, u
   // A name of this call's own (two threads writing one path do not share a temp file), created
   // new (O_EXCL: it gets `mode`, and a link in its place is not followed).
   static std::atomic<uint64_t> calls{0};
-  const std::string tmp =
-      absl::StrCat(path, ".tmp.", ::getpid(), ".", calls.fetch_add(1, std::memory_order_relaxed));
+  const std::string tmp = absl::StrCat(path, kTempInfix, ::getpid(), ".",
+                                       calls.fetch_add(1, std::memory_order_relaxed));
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL, static_cast<mode_t>(mode));
   // The errno's code (NOT_FOUND for a missing folder, PERMISSION_DENIED, ...), not INTERNAL: a
   // local file error is the caller's to fix.
@@ -109,6 +119,33 @@ absl::StatusOr<int> LockDirectory(const std::string& dir, const std::string& own
     return absl::UnavailableError(absl::StrCat("cannot lock '", path, "': ", std::strerror(err)));
   }
   return fd;
+}
+
+
+std::vector<std::string> RemoveAbandonedTemps(const std::string& dir,
+                                              const std::vector<std::string>& names) {
+  std::vector<std::string> removed;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    const std::string file = entry.path().filename().string();
+    for (const std::string& name : names) {
+      const std::string prefix = absl::StrCat(name, kTempInfix);
+      if (!absl::StartsWith(file, prefix)) continue;
+      const std::vector<std::string> parts =
+          absl::StrSplit(file.substr(prefix.size()), absl::MaxSplits('.', 1));
+      int64_t pid = 0, n = 0;
+      if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &pid) ||
+          !absl::SimpleAtoi(parts[1], &n) || pid <= 0) {
+        break;  // not a name WriteFileAtomic makes
+      }
+      const bool alive = pid == ::getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 ||
+                         errno == EPERM;
+      std::error_code ignored;
+      if (!alive && std::filesystem::remove(entry.path(), ignored)) removed.push_back(file);
+      break;
+    }
+  }
+  return removed;
 }
 
 }  // namespace mat::common

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -18,6 +19,13 @@ absl::StatusOr<std::string> ReadFile(const std::string& path);
 // 0600 for a secret.
 absl::Status WriteFileAtomic(const std::string& path, const std::string& data,
                              unsigned mode = 0644);
+
+// Removes the temp files WriteFileAtomic left in `dir` for the files named `names` (writes cut
+// short: full-size files nothing else reads) whose writing process, on this host, has ended; a
+// live process's may be a write in progress. Only for a folder no other host writes. Returns
+// the names removed.
+std::vector<std::string> RemoveAbandonedTemps(const std::string& dir,
+                                              const std::vector<std::string>& names);
 
 // Creates a directory and its parents (like mkdir -p).
 absl::Status MakeDirs(const std::string& path);

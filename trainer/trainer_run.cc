@@ -1,19 +1,12 @@
 // Trainer::Run and its phases (trainer.h): probe -> decide -> masked step -> evaluate ->
 // checkpoint, the same for every task (task.h): nothing here knows the model family. The rest of
 // the Trainer is trainer.cc.
-#include <signal.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <map>
 
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
@@ -33,34 +26,6 @@ constexpr const char* kRunOutputs[] = {"metrics.jsonl",  "decisions.jsonl",    "
                                        "summary.json",   "checkpoint.pt",      "checkpoint.pt.prev",
                                        "model.safetensors"};
 
-// Removes what a write cut short left in `dir`: WriteFileAtomic's `NAME.tmp.PID.N` of a run
-// output NAME, full-size files that nothing else reads or removes, when process PID (on this
-// host) has ended. A live PID's file may be a write in progress. Returns the names removed.
-std::vector<std::string> RemoveLeftoverTemps(const std::string& dir) {
-  std::vector<std::string> removed;
-  std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
-    const std::string name = entry.path().filename().string();
-    for (const char* f : kRunOutputs) {
-      const std::string prefix = absl::StrCat(f, ".tmp.");
-      if (!absl::StartsWith(name, prefix)) continue;
-      const std::vector<std::string> parts =
-          absl::StrSplit(name.substr(prefix.size()), absl::MaxSplits('.', 1));
-      int64_t pid = 0, n = 0;
-      if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &pid) ||
-          !absl::SimpleAtoi(parts[1], &n) || pid <= 0) {
-        break;  // not a name WriteFileAtomic makes
-      }
-      const bool alive = pid == ::getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 ||
-                         errno == EPERM;
-      std::error_code ignored;
-      if (!alive && std::filesystem::remove(entry.path(), ignored)) removed.push_back(name);
-      break;
-    }
-  }
-  return removed;
-}
-
 }  // namespace
 
 std::vector<std::string> EarlierRunOutputs(const std::string& dir) {
@@ -79,7 +44,8 @@ absl::Status Trainer::PrepareRun() {
   // Only a run that owns its folder alone (mat-train holds its LOCK): a service rank's folder
   // may be on storage other hosts write, whose processes kill(2) cannot see.
   if (!options_.out_dir.empty() && options_.hooks == nullptr) {
-    if (const std::vector<std::string> temps = RemoveLeftoverTemps(options_.out_dir);
+    if (const std::vector<std::string> temps = common::RemoveAbandonedTemps(
+            options_.out_dir, std::vector<std::string>(std::begin(kRunOutputs), std::end(kRunOutputs)));
         !temps.empty()) {
       spdlog::warn("{}: removed what an interrupted write left: {}", options_.out_dir,
                    absl::StrJoin(temps, ", "));

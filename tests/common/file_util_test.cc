@@ -1,11 +1,14 @@
 // common/file_util: LockDirectory, one holder per directory; WriteFileAtomic's errors and mode;
-// CheckWritableDir.
+// RemoveAbandonedTemps; CheckWritableDir.
 #include "common/file_util.h"
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <iterator>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -63,6 +66,29 @@ TEST(WriteFileAtomicTest, TheFileGetsTheModeAskedFor) {
             fs::perms::owner_read | fs::perms::owner_write);
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1)
       << "a temp file was left";
+  fs::remove_all(dir);
+}
+
+// The temp files of a writer that has ended go; a live writer's (this process's), other files'
+// temps and names WriteFileAtomic does not make stay.
+TEST(RemoveAbandonedTempsTest, RemovesOnlyTheNamedFilesTempsOfEndedWriters) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("mat_abandoned_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  ASSERT_TRUE(MakeDirs(dir.string()).ok());
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ASSERT_GT(child, 0);
+  ASSERT_EQ(::waitpid(child, nullptr, 0), child);
+  const std::string dead = std::to_string(child), me = std::to_string(::getpid());
+  for (const std::string& name : std::vector<std::string>{
+           "a.json.tmp." + dead + ".0", "a.json.tmp." + me + ".1", "a.json.tmpsave",
+        "a.json.tmp." + dead, "b.json.tmp." + dead + ".2", "a.json"}) {
+    std::ofstream(dir / name) << "x";
+  }
+  EXPECT_EQ(RemoveAbandonedTemps(dir.string(), {"a.json"}),
+            std::vector<std::string>{"a.json.tmp." + dead + ".0"});
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 5);
   fs::remove_all(dir);
 }
 

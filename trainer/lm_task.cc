@@ -98,6 +98,8 @@ absl::Status MaskedLmTask::Init() {
   unigram_eval_test_loss_ = UnigramCrossEntropy(corpus_.train, EvalLabels(test_batches_), real);
   unigram_eval_val_loss_at_mask_ =
       UnigramCrossEntropy(corpus_.train, EvalLabels(valid_batches_, mlm_.mask_id), real);
+  unigram_eval_test_loss_at_mask_ =
+      UnigramCrossEntropy(corpus_.train, EvalLabels(test_batches_, mlm_.mask_id), real);
 
   train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
   corpus_.train.resize(static_cast<size_t>(train_size_));
@@ -218,9 +220,12 @@ absl::StatusOr<RecordedProbe> MaskedLmTask::RecordProbe(const MlmBatch& batch, i
 }
 
 EvalResult MaskedLmTask::Evaluate(EvalSplit split) {
-  const bool valid = split == EvalSplit::kValid;
-  return EvalResult{valid ? Evaluate(valid_batches_, &val_loss_at_mask_)
-                          : Evaluate(test_batches_), 0};
+  if (split == EvalSplit::kValid) return EvalResult{Evaluate(valid_batches_, &val_loss_at_mask_), 0};
+  double at_mask = 0;
+  const double loss = Evaluate(test_batches_, &at_mask);
+  test_loss_at_mask_ = at_mask;
+  test_evaluated_ = true;
+  return EvalResult{loss, 0};
 }
 
 double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches, double* at_mask) {
@@ -257,6 +262,9 @@ void MaskedLmTask::AddEvalFields(nlohmann::json* line) {
   // The validation loss at the positions whose input is [MASK] only: what is left once copying
   // a shown token is no help (unigram_eval_val_loss_at_mask in summary.json is its baseline).
   (*line)["val_loss_at_mask"] = val_loss_at_mask_;
+  // The same on test, on the lines where test was evaluated (the trainer's test_loss).
+  if (test_evaluated_) (*line)["test_loss_at_mask"] = *test_loss_at_mask_;
+  test_evaluated_ = false;
   if (aux_count_ > 0) (*line)["train_aux_loss"] = aux_sum_ / double(aux_count_);
   aux_sum_ = 0;
   aux_count_ = 0;
@@ -272,11 +280,17 @@ void MaskedLmTask::AddSummaryFields(nlohmann::json* summary) const {
   (*summary)["unigram_eval_val_loss"] = unigram_eval_val_loss_;
   (*summary)["unigram_eval_test_loss"] = unigram_eval_test_loss_;
   (*summary)["unigram_eval_val_loss_at_mask"] = unigram_eval_val_loss_at_mask_;
+  (*summary)["unigram_eval_test_loss_at_mask"] = unigram_eval_test_loss_at_mask_;
+  // The test loss at [MASK] of the newest test evaluation, which the trainer runs only at a new
+  // best validation loss: test_loss_at_best's companion. Absent when a run resumed from a
+  // checkpoint that predates it and has not improved since.
+  if (test_loss_at_mask_) (*summary)["test_loss_at_mask_at_best"] = *test_loss_at_mask_;
 }
 
 void MaskedLmTask::SaveState(nlohmann::json* meta) const {
   (*meta)["data"] = stream_->SaveState();
   (*meta)["aux_acc"] = {aux_sum_, double(aux_count_)};
+  if (test_loss_at_mask_) (*meta)["test_at_mask"] = *test_loss_at_mask_;
 }
 
 absl::Status MaskedLmTask::LoadState(const nlohmann::json& meta) {
@@ -285,6 +299,8 @@ absl::Status MaskedLmTask::LoadState(const nlohmann::json& meta) {
     aux_sum_ = meta["aux_acc"][0];
     aux_count_ = int64_t(meta["aux_acc"][1].get<double>());
   }
+  test_loss_at_mask_.reset();
+  if (meta.contains("test_at_mask")) test_loss_at_mask_ = meta["test_at_mask"].get<double>();
   return absl::OkStatus();
 }
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -73,8 +74,11 @@ class MaskedLmTask : public Task {
   std::vector<MlmBatch> valid_batches_, test_batches_;
   double unigram_test_loss_ = 0, unigram_test_loss_prefix_ = 0;  // nats/token
   double unigram_eval_val_loss_ = 0, unigram_eval_test_loss_ = 0;  // on the evaluation batches
-  double unigram_eval_val_loss_at_mask_ = 0;  // ... at the positions whose input is [MASK]
-  double val_loss_at_mask_ = 0;               // the newest validation's loss there
+  double unigram_eval_val_loss_at_mask_ = 0;   // ... at the positions whose input is [MASK]
+  double unigram_eval_test_loss_at_mask_ = 0;
+  double val_loss_at_mask_ = 0;                // the newest validation's loss there
+  std::optional<double> test_loss_at_mask_;    // the newest test evaluation's (at the best step)
+  bool test_evaluated_ = false;                // since the last AddEvalFields
   int64_t train_size_ = 0;  // training tokens after data.train_fraction
   double aux_sum_ = 0;      // switch: load-balancing loss since the last evaluation
   int64_t aux_count_ = 0;

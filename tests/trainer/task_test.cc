@@ -280,9 +280,9 @@ TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
   fs::remove_all(dir);
 }
 
-// On mixed text, the [MASK]-only baseline and loss cover exactly the predicted positions whose
+// On mixed text, the [MASK]-only baselines and losses cover exactly the predicted positions whose
 // input is [MASK]: rebuilt here from the evaluation batches (MakeEvalBatches, validation's seed
-// 1234) by reading each position's input token.
+// 1234, test's 4321) by reading each position's input token.
 TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
   namespace fs = std::filesystem;
   const std::string dir = testing::WriteToyCorpus("task_at_mask");
@@ -299,50 +299,84 @@ TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
   opt.mask_prob = c.data.mask_prob;
   opt.mask_id = real;
   opt.num_real_tokens = real;
-  const std::vector<MlmBatch> batches =
-      MakeEvalBatches(corpus->valid, opt, c.train.batch_size, c.train.eval_batches, 1234);
-  std::vector<int32_t> at_mask, shown;
-  for (const MlmBatch& b : batches) {
-    const auto ids = b.input_ids.reshape({-1});
-    for (int64_t i = 0; i < b.positions.size(0); ++i) {
-      const int32_t label = int32_t(b.labels[i].item<int64_t>());
-      (ids[b.positions[i].item<int64_t>()].item<int64_t>() == real ? at_mask : shown)
-          .push_back(label);
-    }
-  }
-  ASSERT_FALSE(at_mask.empty());
-  ASSERT_FALSE(shown.empty()) << "no random or unchanged position: nothing told apart";
   nlohmann::json summary;
   (*task)->AddSummaryFields(&summary);
-  EXPECT_NEAR(summary.at("unigram_eval_val_loss_at_mask").get<double>(),
-              UnigramCrossEntropy(corpus->train, at_mask, real), 1e-9);
+  EXPECT_FALSE(summary.contains("test_loss_at_mask_at_best")) << "no test evaluation yet";
 
-  // The loss there, from the model's own per-position losses over the same batches.
-  const double val = (*task)->Evaluate(EvalSplit::kValid).loss;
-  nlohmann::json line;
-  (*task)->AddEvalFields(&line);
-  double sum_mask = 0, sum = 0;
-  int64_t n = 0;
-  {
-    torch::NoGradGuard guard;
-    (*task)->model()->eval();
+  struct Split {
+    EvalSplit split;
+    const std::vector<int32_t>* tokens;
+    uint64_t seed;
+    std::string name;
+  };
+  for (const Split& split : {Split{EvalSplit::kValid, &corpus->valid, 1234, "val"},
+                             Split{EvalSplit::kTest, &corpus->test, 4321, "test"}}) {
+    SCOPED_TRACE(split.name);
+    const std::vector<MlmBatch> batches =
+        MakeEvalBatches(*split.tokens, opt, c.train.batch_size, c.train.eval_batches, split.seed);
+    std::vector<int32_t> at_mask, shown;
     for (const MlmBatch& b : batches) {
-      const torch::Tensor ce = torch::nn::functional::cross_entropy(
-          (*task)->model()->forward(b.input_ids, b.positions), b.labels,
-          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
       const auto ids = b.input_ids.reshape({-1});
-      for (int64_t i = 0; i < ce.size(0); ++i) {
-        const double x = ce[i].item<double>();
-        sum += x;
-        if (ids[b.positions[i].item<int64_t>()].item<int64_t>() == real) {
-          sum_mask += x;
-          ++n;
-        }
+      for (int64_t i = 0; i < b.positions.size(0); ++i) {
+        const int32_t label = int32_t(b.labels[i].item<int64_t>());
+        (ids[b.positions[i].item<int64_t>()].item<int64_t>() == real ? at_mask : shown)
+            .push_back(label);
       }
     }
+    ASSERT_FALSE(at_mask.empty());
+    ASSERT_FALSE(shown.empty()) << "no random or unchanged position: nothing told apart";
+    EXPECT_NEAR(summary.at("unigram_eval_" + split.name + "_loss_at_mask").get<double>(),
+                UnigramCrossEntropy(corpus->train, at_mask, real), 1e-9);
+
+    // The loss there, from the model's own per-position losses over the same batches.
+    const double loss = (*task)->Evaluate(split.split).loss;
+    nlohmann::json line;
+    (*task)->AddEvalFields(&line);
+    double sum_mask = 0, sum = 0;
+    int64_t n = 0;
+    {
+      torch::NoGradGuard guard;
+      (*task)->model()->eval();
+      for (const MlmBatch& b : batches) {
+        const torch::Tensor ce = torch::nn::functional::cross_entropy(
+            (*task)->model()->forward(b.input_ids, b.positions), b.labels,
+            torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+        const auto ids = b.input_ids.reshape({-1});
+        for (int64_t i = 0; i < ce.size(0); ++i) {
+          const double x = ce[i].item<double>();
+          sum += x;
+          if (ids[b.positions[i].item<int64_t>()].item<int64_t>() == real) {
+            sum_mask += x;
+            ++n;
+          }
+        }
+      }
+      (*task)->model()->train();
+    }
+    EXPECT_NEAR(loss, sum / double(at_mask.size() + shown.size()), 1e-5);
+    if (split.split == EvalSplit::kValid) {
+      EXPECT_NEAR(line.at("val_loss_at_mask").get<double>(), sum_mask / double(n), 1e-5);
+      EXPECT_FALSE(line.contains("test_loss_at_mask")) << "test was not evaluated";
+    } else {
+      EXPECT_NEAR(line.at("test_loss_at_mask").get<double>(), sum_mask / double(n), 1e-5);
+      nlohmann::json after;
+      (*task)->AddEvalFields(&after);
+      EXPECT_FALSE(after.contains("test_loss_at_mask")) << "written once per test evaluation";
+      nlohmann::json s;
+      (*task)->AddSummaryFields(&s);
+      EXPECT_NEAR(s.at("test_loss_at_mask_at_best").get<double>(), sum_mask / double(n), 1e-5);
+    }
   }
-  EXPECT_NEAR(line.at("val_loss_at_mask").get<double>(), sum_mask / double(n), 1e-5);
-  EXPECT_NEAR(val, sum / double(at_mask.size() + shown.size()), 1e-5);
+
+  // A resumed task reports the test loss at [MASK] of the best step before the checkpoint.
+  nlohmann::json meta, before, after;
+  (*task)->SaveState(&meta);
+  (*task)->AddSummaryFields(&before);
+  auto resumed = MaskedLmTask::Create(context);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  ASSERT_TRUE((*resumed)->LoadState(meta).ok());
+  (*resumed)->AddSummaryFields(&after);
+  EXPECT_EQ(after.at("test_loss_at_mask_at_best"), before.at("test_loss_at_mask_at_best"));
   fs::remove_all(dir);
 }
 

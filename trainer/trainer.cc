@@ -12,10 +12,13 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/fnv1a.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
+#include "config/resume.h"
 #include "spdlog/spdlog.h"
 #include "trainer/checkpoint/checkpoint.h"
 #include "trainer/models/model_io.h"
@@ -407,6 +410,11 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
       {"schedule", {{"has", has_schedule_}, {"every_step", schedule_.every_step},
                     {"slow", schedule_.slow}, {"slow_every", schedule_.slow_every}}},
   };
+  // The settings it was written under: a resumed run must keep those that shape training
+  // (config::ResumeConflicts).
+  nlohmann::json settings = nlohmann::json::object();
+  for (const auto& [key, value] : config::ListConfig(config_)) settings[key] = value;
+  meta["config"] = std::move(settings);
   task_->SaveState(&meta);  // "data" (and the task's averages)
   ckpt.meta = meta.dump();
   ckpt.tensors["rng.torch"] = at::detail::getDefaultCPUGenerator().get_state();
@@ -416,6 +424,25 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
     ckpt.tensors["rng.cuda"] = at::globalContext().defaultGenerator(device_).get_state();
   }
   return WriteCheckpoint(path, ckpt);
+}
+
+absl::Status Trainer::CheckResumedSettings(const std::string& path,
+                                           const nlohmann::json& meta) const {
+  if (!meta.contains("config") || !meta["config"].is_object()) {
+    spdlog::warn("checkpoint {} does not record its settings (written before they were saved): "
+                 "not checked against this run's", path);
+    return absl::OkStatus();
+  }
+  std::map<std::string, std::string> saved;
+  for (const auto& [key, value] : meta["config"].items()) {
+    if (value.is_string()) saved[key] = value.get<std::string>();
+  }
+  const std::vector<std::string> conflicts = config::ResumeConflicts(saved, config_);
+  if (conflicts.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "checkpoint ", path, " was written under other settings (", absl::StrJoin(conflicts, "; "),
+      "): a resumed run keeps the settings that shape training; continue it with the "
+      "checkpoint's, or start a new run (--overwrite, or another --out)"));
 }
 
 absl::Status Trainer::LoadCheckpoint(const std::string& path) {
@@ -439,6 +466,9 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
       spdlog::warn("the unreadable {} is kept as {}", path, aside);
     }
   }
+  nlohmann::json meta = nlohmann::json::parse(ckpt.meta, nullptr, false);
+  if (!meta.is_object()) return absl::DataLossError("checkpoint " + used + ": has malformed metadata: not a JSON object");
+  MAT_RETURN_IF_ERROR(CheckResumedSettings(used, meta));
   if (int n = task_->UpgradeTensors(&ckpt.tensors); n > 0) {
     spdlog::info("checkpoint {}: {} tensor groups of an earlier storage layout rewritten", used, n);
   }
@@ -468,7 +498,6 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
       kv.value().copy_(t);
     }
     MAT_RETURN_IF_ERROR(sgd_ != nullptr ? sgd_->Load(ckpt.tensors) : optimizer_->Load(ckpt.tensors));
-    nlohmann::json meta = nlohmann::json::parse(ckpt.meta);
     step_ = meta["step"];
     MAT_RETURN_IF_ERROR(policy_->LoadState(meta["policy"].get<std::string>()));
     MAT_RETURN_IF_ERROR(task_->LoadState(meta));

@@ -196,6 +196,9 @@ class Trainer {
   absl::Status Init();
   absl::Status AppendLine(const std::string& file, const nlohmann::json& line);
   absl::Status TruncateLog(const std::string& file, int64_t max_step);
+  // INVALID_ARGUMENT naming every setting that shapes training in which this run differs from
+  // the one that wrote checkpoint `path` (its metadata `meta`; config::ResumeConflicts).
+  absl::Status CheckResumedSettings(const std::string& path, const nlohmann::json& meta) const;
   void ShowProgress(double loss, int active, double elapsed);
   // hooks->AverageBuffers over the model's buffers, when there are hooks and buffers.
   absl::Status SyncBuffers();

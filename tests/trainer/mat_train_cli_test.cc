@@ -357,7 +357,23 @@ TEST_F(MatTrainCliTest, ResumeWithMoreStepsContinuesFromTheLastStep) {
   ASSERT_EQ(metrics_before.size(), 3u);
   ASSERT_TRUE(fs::exists(out / "checkpoint.pt"));
 
-  std::vector<std::string> args = With(TinyArgs("resume"), {"train.steps=40"});
+  // Settings that shape training must be the checkpoint's: refused (exit 2, naming each with
+  // both values), and the run's files are left as they were.
+  const std::string checkpoint_before = ReadText(out / "checkpoint.pt");
+  std::vector<std::string> other =
+      With(TinyArgs("resume"), {"train.steps=40", "data.mask_prob=0.25", "policy.alpha=0.9"});
+  other.push_back("--resume");
+  RunResult refused = Run(other);
+  EXPECT_EQ(refused.exit_code, 2) << refused.err;
+  EXPECT_THAT(refused.err, HasSubstr("was written under other settings"));
+  EXPECT_THAT(refused.err, HasSubstr("data.mask_prob: 0.15 -> 0.25"));
+  EXPECT_THAT(refused.err, HasSubstr("policy.alpha: "));
+  EXPECT_THAT(refused.err, ::testing::Not(HasSubstr("train.steps:")));
+  EXPECT_EQ(ReadJsonl(out / "metrics.jsonl"), metrics_before);
+  EXPECT_EQ(ReadText(out / "checkpoint.pt"), checkpoint_before);
+
+  std::vector<std::string> args =
+      With(TinyArgs("resume"), {"train.steps=40", "train.checkpoint_every=7"});
   args.push_back("--resume");
   RunResult second = Run(args);
   ASSERT_EQ(second.exit_code, 0) << second.err;

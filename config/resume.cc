@@ -9,8 +9,9 @@ namespace mat::config {
 std::vector<std::string> ResumeConflicts(const std::map<std::string, std::string>& saved,
                                          const TrainConfig& now) {
   static const std::set<std::string> kMayChange = {
-      "train.steps",      "data.dir",               "model.init_from", "train.eval_every",
-      "train.checkpoint_every", "train.threads",    "train.device",    "train.deterministic"};
+      "train.steps",      "data.dir",               "model.init_from", "policy.rand_schedule",
+      "train.eval_every", "train.checkpoint_every", "train.threads",   "train.device",
+      "train.deterministic"};
   std::vector<std::string> out;
   for (const auto& [key, value] : ListConfig(now)) {
     const auto it = saved.find(key);

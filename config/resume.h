@@ -15,7 +15,8 @@ namespace mat::config {
 // ListConfig keys to their values then), each as "key: SAVED -> NOW", in ListConfig's order;
 // empty when the run may continue. May differ: train.steps (a run continued past its end, its
 // learning-rate schedule stretched to the new end) and what does not shape training: where the
-// data and the initial weights are read from (data.dir, model.init_from), how often to evaluate
+// data, the initial weights and a replayed schedule are read from (data.dir, model.init_from,
+// policy.rand_schedule: paths, not what the files hold), how often to evaluate
 // and checkpoint, threads, device and deterministic kernels. Every other key, from the model and
 // data to the optimizer and the policy, must match. A key `saved` lacks (one added to the
 // configuration after the checkpoint was written) is not compared.

@@ -296,8 +296,8 @@ void MaskedLmTask::SaveState(nlohmann::json* meta) const {
 absl::Status MaskedLmTask::LoadState(const nlohmann::json& meta) {
   MAT_RETURN_IF_ERROR(stream_->LoadState(meta.at("data").get<std::string>()));
   if (meta.contains("aux_acc")) {  // switch; absent in checkpoints written before it was saved
-    aux_sum_ = meta["aux_acc"][0];
-    aux_count_ = int64_t(meta["aux_acc"][1].get<double>());
+    aux_sum_ = meta["aux_acc"].at(0);
+    aux_count_ = int64_t(meta["aux_acc"].at(1).get<double>());
   }
   test_loss_at_mask_.reset();
   if (meta.contains("test_at_mask")) test_loss_at_mask_ = meta["test_at_mask"].get<double>();

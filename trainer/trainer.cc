@@ -450,6 +450,12 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
   std::string warning;
   MAT_ASSIGN_OR_RETURN(std::string used, LoadNewestCheckpoint(path, &ckpt, &warning));
   if (!warning.empty()) spdlog::warn("{}; resuming from {}", warning, used);
+  // Before anything is moved: a refused resume leaves the folder as it was.
+  nlohmann::json meta = nlohmann::json::parse(ckpt.meta, nullptr, false);
+  if (!meta.is_object()) {
+    return absl::DataLossError("checkpoint " + used + " has malformed metadata: not a JSON object");
+  }
+  MAT_RETURN_IF_ERROR(CheckResumedSettings(used, meta));
   std::error_code error;
   if (used != path && std::filesystem::exists(path, error)) {
     // The unreadable newest file goes aside, under a name no earlier one holds: left in place,
@@ -466,9 +472,6 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
       spdlog::warn("the unreadable {} is kept as {}", path, aside);
     }
   }
-  nlohmann::json meta = nlohmann::json::parse(ckpt.meta, nullptr, false);
-  if (!meta.is_object()) return absl::DataLossError("checkpoint " + used + ": has malformed metadata: not a JSON object");
-  MAT_RETURN_IF_ERROR(CheckResumedSettings(used, meta));
   if (int n = task_->UpgradeTensors(&ckpt.tensors); n > 0) {
     spdlog::info("checkpoint {}: {} tensor groups of an earlier storage layout rewritten", used, n);
   }
@@ -530,10 +533,10 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     }
     if (meta.contains("schedule")) {
       const auto& sch = meta["schedule"];
-      has_schedule_ = sch["has"];
-      schedule_.every_step = sch["every_step"].get<std::vector<uint8_t>>();
-      schedule_.slow = sch["slow"].get<std::vector<uint8_t>>();
-      schedule_.slow_every = sch["slow_every"];
+      has_schedule_ = sch.at("has");
+      schedule_.every_step = sch.at("every_step").get<std::vector<uint8_t>>();
+      schedule_.slow = sch.at("slow").get<std::vector<uint8_t>>();
+      schedule_.slow_every = sch.at("slow_every");
     }
     MAT_ASSIGN_OR_RETURN(const torch::Tensor rng, tensor("rng.torch"));
     at::Generator gen = at::detail::getDefaultCPUGenerator();

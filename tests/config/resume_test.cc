@@ -43,6 +43,7 @@ TEST(ResumeConflictsTest, LengthPlacesAndCadenceMayChange) {
   const TrainConfig saved;
   const TrainConfig now =
       With({"train.steps=99999", "data.dir=/elsewhere", "model.init_from=/a/model.safetensors",
+            "policy.rand_schedule=/moved/decisions.jsonl",
             "train.eval_every=7", "train.checkpoint_every=3", "train.threads=1",
             "train.device=cuda", "train.deterministic=true"});
   EXPECT_TRUE(ResumeConflicts(Saved(saved), now).empty());

@@ -222,6 +222,8 @@ json CheckFinishedRun(const fs::path& out, const RunResult& r, const std::string
     for (const char* key : {"forward", "activation_grad", "weight_grad", "spectral"})
       EXPECT_TRUE(m["flops"].contains(key)) << "flops." << key;
     EXPECT_TRUE(m["active_modules"].is_object());
+    // The test loss at [MASK] comes with the test loss, on the lines with a new best only.
+    EXPECT_EQ(m.contains("test_loss_at_mask"), m.contains("test_loss"));
     const double train_loss = m.value("train_loss", NAN), val_loss = m.value("val_loss", NAN);
     EXPECT_TRUE(std::isfinite(train_loss) && train_loss > 0) << train_loss;
     EXPECT_TRUE(std::isfinite(val_loss) && val_loss > 0) << val_loss;
@@ -242,6 +244,8 @@ json CheckFinishedRun(const fs::path& out, const RunResult& r, const std::string
   if (!best.is_null()) {
     EXPECT_DOUBLE_EQ(best.value("val_loss", NAN), min_val);
     EXPECT_DOUBLE_EQ(summary.value("test_loss_at_best", NAN), best.value("test_loss", NAN));
+    EXPECT_DOUBLE_EQ(summary.value("test_loss_at_mask_at_best", NAN),
+                     best.value("test_loss_at_mask", NAN));
     EXPECT_DOUBLE_EQ(summary.value("flops_to_best", NAN), best["flops"].value("total", NAN));
   }
   if (!metrics.empty()) {

@@ -377,6 +377,12 @@ TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
   ASSERT_TRUE((*resumed)->LoadState(meta).ok());
   (*resumed)->AddSummaryFields(&after);
   EXPECT_EQ(after.at("test_loss_at_mask_at_best"), before.at("test_loss_at_mask_at_best"));
+  // One written before the value was saved leaves it unknown, not the earlier run's.
+  meta.erase("test_at_mask");
+  ASSERT_TRUE((*task)->LoadState(meta).ok());
+  nlohmann::json older;
+  (*task)->AddSummaryFields(&older);
+  EXPECT_FALSE(older.contains("test_loss_at_mask_at_best"));
   fs::remove_all(dir);
 }
 

@@ -214,8 +214,13 @@ absl::StatusOr<RecordedProbe> MaskedLmTask::RecordProbe(const MlmBatch& batch, i
   }
   const int64_t m = positions.size(0);
   const BertConfig& bc = model_->config();
-  out.forward_flops = BertForwardFlops(bc, n, T, m, probe_routed).forward;
+  const FlopCounts forward = BertForwardFlops(bc, n, T, m, probe_routed);
+  out.forward_flops = forward.forward;
+  out.forward_decoder_flops = forward.decoder;
   out.backward_pass_flops = BertStepFlops(bc, n, T, m, {}, probe_routed).activation_grad;
+  // The loss gradient passes back through the tied decoder (m x V times V x d): as many FLOPs as
+  // its forward.
+  out.backward_pass_decoder_flops = forward.decoder;
   return out;
 }
 

@@ -59,6 +59,9 @@ struct RecordedProbe {
   spectral::ProbeBatch probe;
   double forward_flops = 0;          // the probe's forward pass
   double backward_pass_flops = 0;    // one backward pass of the probe batch (activation grads)
+  // The decoder's part of each (FlopCounts::decoder; 0 for a model without one).
+  double forward_decoder_flops = 0;
+  double backward_pass_decoder_flops = 0;
 };
 
 // Which fixed evaluation batches.

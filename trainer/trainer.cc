@@ -235,6 +235,8 @@ absl::StatusOr<ProbeResult> Trainer::FinishProbe(absl::StatusOr<RecordedProbe> r
   r.modules = std::move(est->modules);
   r.flops = recorded->forward_flops +
             double(est->backward_passes) * recorded->backward_pass_flops + est->flops;
+  r.decoder_flops = recorded->forward_decoder_flops +
+                    double(est->backward_passes) * recorded->backward_pass_decoder_flops;
   r.seconds = SecondsSince(t0);
   return r;
 }

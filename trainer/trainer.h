@@ -44,6 +44,7 @@ namespace mat::trainer {
 struct ProbeResult {
   std::vector<spectral::ModuleSpectrum> modules;  // empty when the policy needs no spectra
   double flops = 0;
+  double decoder_flops = 0;  // the part of `flops` in the decoder's forward and backward passes
   double seconds = 0;
 };
 

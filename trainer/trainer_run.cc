@@ -108,6 +108,7 @@ absl::Status Trainer::ProbeAndDecide(const TaskBatch& batch) {
                            estimator_.get(), t0));
     for (const auto& s : probe.modules) lambda.push_back(s.lambda_max);
     flops_.spectral += probe.flops;
+    flops_.decoder += probe.decoder_flops;
     spectral_seconds_ += probe.seconds;
   }
   nlohmann::json line;

@@ -279,6 +279,14 @@ TEST(TrainerSingleTest, ProbeReportsAFiniteSpectrumPerModule) {
   }
   // The probe leaves no gradients behind.
   for (const auto& p : (*t)->model()->parameters()) EXPECT_FALSE(p.grad().defined());
+  // Its decoder FLOPs (counted out of the "without decoder" figures): the tied decoder's forward
+  // on the probe's predicted positions, and the gram estimator's one backward pass through it.
+  const int64_t n = (*t)->config().policy.probe_samples, T = (*t)->config().data.seq_len;
+  const int64_t m = (batch.positions < n * T).sum().item<int64_t>();
+  const auto& bc = (*t)->model()->config();
+  ASSERT_GT(m, 0);
+  EXPECT_DOUBLE_EQ(r->decoder_flops, 2.0 * (2.0 * double(m) * double(bc.d_model) * double(bc.vocab_size)));
+  EXPECT_LT(r->decoder_flops, r->flops);
 }
 
 // policy.estimator=lanczos (output kernel of the projected logits) through the real model: the

@@ -30,7 +30,7 @@ struct FlopCounts {
   double activation_grad = 0;
   double weight_grad = 0;
   double spectral = 0;
-  double decoder = 0;  // part of the three training phases above that belongs to the decoder
+  double decoder = 0;  // part of the phases above that belongs to the decoder (a probe's passes too)
 
   double total() const { return forward + activation_grad + weight_grad + spectral; }
   double total_without_decoder() const { return total() - decoder; }

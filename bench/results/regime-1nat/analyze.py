@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Prints each pilot's validation curve and where it first reaches the qualifying loss.
+"""Prints each pilot's validation curve and where it first reaches the qualifying loss, then
+MAT's pilot j against full training's i (addendum 2) at equal steps and equal FLOPs.
 
-Reads only val_loss (the pilots' plan: README.md beside this file). Usage:
+Reads only validation figures (the pilots' plan: README.md beside this file). Usage:
   bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
 """
 import json
@@ -12,12 +13,55 @@ UNIGRAM_VAL = 6.015
 QUALIFY = UNIGRAM_VAL - 1.10
 
 
+UNIGRAM_VAL_AT_MASK = 6.0270  # h's and i's summary.json: unigram_eval_val_loss_at_mask
+
+
+def evaluations(pilot):
+    rows = [json.loads(line) for line in (pilot / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    return [r for r in rows if "val_loss" in r]
+
+
+def compare(full_dir, mat_dir):
+    """MAT against full at every evaluation both reached, and where MAT first reaches full's best
+    validation loss (its FLOPs as a fraction of full's FLOPs to that best)."""
+    full, mat = evaluations(full_dir), evaluations(mat_dir)
+    if not full or not mat:
+        return
+    by_step = {r["step"]: r for r in mat}
+    print(f"\n{mat_dir.name} (mat) against {full_dir.name} (full), validation only")
+    print("  step  full val  mat val  mat-full  full@[MASK]  mat@[MASK]  mat FLOPs/full FLOPs  "
+          "active")
+    for f in full:
+        m = by_step.get(f["step"])
+        if m is None:
+            continue
+        print(f"  {f['step']:5d}  {f['val_loss']:.4f}   {m['val_loss']:.4f}  "
+              f"{m['val_loss'] - f['val_loss']:+.4f}   {f.get('val_loss_at_mask', float('nan')):.4f}"
+              f"      {m.get('val_loss_at_mask', float('nan')):.4f}      "
+              f"{m['flops']['total'] / f['flops']['total']:.3f}               "
+              f"{sum(m['active_modules'].values())}")
+    best_full = min(full, key=lambda r: r["val_loss"])
+    best_mat = min(mat, key=lambda r: r["val_loss"])
+    print(f"  best: full {best_full['val_loss']:.4f} at {best_full['step']}, mat "
+          f"{best_mat['val_loss']:.4f} at {best_mat['step']} (mat - full "
+          f"{best_mat['val_loss'] - best_full['val_loss']:+.4f}); at [MASK]: full "
+          f"{best_full.get('val_loss_at_mask', float('nan')):.4f}, mat "
+          f"{best_mat.get('val_loss_at_mask', float('nan')):.4f} (unigram {UNIGRAM_VAL_AT_MASK})")
+    reach = next((m for m in mat if m["val_loss"] <= best_full["val_loss"]), None)
+    if reach:
+        print(f"  mat first reaches full's best at step {reach['step']}, with "
+              f"{reach['flops']['total'] / best_full['flops']['total']:.3f} of full's FLOPs to "
+              f"its best ({reach['flops']['total_without_decoder'] / best_full['flops']['total_without_decoder']:.3f} "
+              f"without the decoder)")
+    else:
+        print("  mat does not reach full's best")
+
+
 def main(root):
     for pilot in sorted(p for p in pathlib.Path(root).iterdir()
                         if (p / "metrics.jsonl").is_file()):
-        rows = [json.loads(line) for line in (pilot / "metrics.jsonl").read_text().splitlines()
-                if line.strip()]
-        rows = [r for r in rows if "val_loss" in r]
+        rows = evaluations(pilot)
         if not rows:
             print(f"{pilot.name}: no evaluation yet")
             continue
@@ -33,6 +77,11 @@ def main(root):
         for r in rows:
             print(f"  {r['step']:5d}  {r['val_loss']:.4f}    {r['train_loss']:.4f}"
                   + (f"      {r['val_loss_at_mask']:.4f}" if at_mask else ""))
+
+
+    root = pathlib.Path(root)
+    if (root / "i" / "metrics.jsonl").is_file() and (root / "j" / "metrics.jsonl").is_file():
+        compare(root / "i", root / "j")
 
 
 if __name__ == "__main__":

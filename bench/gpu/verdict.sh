@@ -7,8 +7,9 @@
 # CUDA's MPS daemon is started where it works, so that the small runs' kernels share the GPU
 # instead of taking turns.
 #
-#   bench/gpu/verdict.sh DEPS_DIR OUT_DIR [SECONDS [JOBS]]   (runs' limit, default 480 s; JOBS
-#                                                            default 15 at once with MPS, 8 without)
+#   bench/gpu/verdict.sh DEPS_DIR OUT_DIR [SECONDS [JOBS [CRITERIA]]]   (runs' limit, default
+#       480 s; JOBS default 15 at once with MPS, 8 without; CRITERIA: a registered criteria.json,
+#       default bench/results/verdict/criteria.json; its "config" is the runs' config)
 #     DEPS_DIR: bench/gpu/deps.sh's folder (.gpudeps).
 #     OUT_DIR:  machine.txt, build.log, smoke.log, verdict.log, runs.tar.xz (every finished run's
 #               summary.json, metrics.jsonl, decisions.jsonl, mat-train.log), verdict/table.md
@@ -19,9 +20,10 @@ deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")
 seconds=${3:-480}
 jobs=${4:-auto}  # auto: 15 at once with MPS, 8 without
+criteria_arg=${5:+$(readlink -f "$5")}
 cd "$(dirname "$0")/../.."
+criteria=${criteria_arg:-bench/results/verdict/criteria.json}
 mkdir -p "$out"
-criteria=bench/results/verdict/criteria.json
 python3 -c "import json,sys; sys.exit(json.load(open('$criteria'))['setting'] is None)" \
   || { echo "$criteria: the setting is null (bench/sweep first)"; exit 1; }
 # shellcheck source=bench/gpu/prepare.sh
@@ -47,7 +49,8 @@ echo "mps: $mps; $jobs runs at once" | tee -a "$out/machine.txt"
 mapfile -t setting < <(python3 -c "
 import json
 for s in json.load(open('$criteria'))['setting']: print('--set'); print(s)")
-common=(--config examples/bert-wikitext2-verdict.yaml "${setting[@]}" --set train.device=cuda
+config=$(python3 -c "import json; print(json.load(open('$criteria')).get('config') or 'examples/bert-wikitext2-verdict.yaml')")
+common=(--config "$config" "${setting[@]}" --set train.device=cuda
   --set "data.dir=$deps_dir/wikitext-2" --set train.threads=1 --no-progress --log-level warn)
 smoke=(--set train.steps=100 --set train.eval_every=50 --set train.eval_batches=2
   --set policy.warmup_steps=20)

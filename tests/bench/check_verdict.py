@@ -158,6 +158,47 @@ def main():
         if "(incomplete: 2 of 3 registered seeds" not in v:
             problems.append(f"verdict: a missing seed gave the verdict {v!r}")
 
+        # A regime registered on the loss at [MASK]: judged on full's test_loss_at_mask_at_best
+        # against unigram_eval_test_loss_at_mask (the means over full's seeds), not on the
+        # whole test loss; an unknown basis and a --config other than the registered one are
+        # refused.
+        def with_criteria(name, criteria, extra=()):
+            vdir = os.path.join(work, name)
+            os.makedirs(vdir)
+            with open(os.path.join(vdir, "criteria.json"), "w") as f:
+                json.dump(criteria, f)
+            return vdir, subprocess.run(
+                [sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--quick",
+                 "--seeds", "1,2", "--out", vdir, "--runs", runs, "--analyze-only", *extra],
+                cwd=a.source_dir, capture_output=True, text=True, timeout=900)
+
+        vdir, r = with_criteria("verdict-at-mask", {"setting": [], "criteria": {
+            "regime_basis": "test_at_mask", "regime_margin_nats": -100.0}})
+        if r.returncode != 0:
+            problems.append(f"verdict at [MASK]: exited {r.returncode}: {r.stderr[-500:]}")
+        else:
+            with open(os.path.join(vdir, "results.json")) as f:
+                regime = json.load(f)["checks"][0]
+            sums = []
+            for seed in (1, 2):
+                with open(os.path.join(runs, f"full-s{seed}", "summary.json")) as f:
+                    sums.append(json.load(f))
+            base = sum(x["unigram_eval_test_loss_at_mask"] for x in sums) / 2
+            loss = sum(x["test_loss_at_mask_at_best"] for x in sums) / 2
+            want = f"unigram {base:.4f}, full {loss:.4f} at [MASK]: {base - loss:.3f} nat below"
+            if regime.get("value") != want or not regime.get("met") or "[MASK]" not in regime.get(
+                    "text", ""):
+                problems.append(f"verdict at [MASK]: regime check {regime}, want value {want!r}")
+        _, r = with_criteria("verdict-bad-basis", {"setting": [], "criteria": {
+            "regime_basis": "val"}})
+        if r.returncode == 0 or "regime_basis 'val'" not in r.stderr:
+            problems.append(f"verdict: an unknown regime_basis was not refused: {r.stderr[-300:]}")
+        _, r = with_criteria("verdict-other-config", {"setting": [], "config": "examples/x.yaml"},
+                             ["--config", "examples/bert-wikitext2-tiny.yaml"])
+        if r.returncode == 0 or "is not the config registered" not in r.stderr:
+            problems.append(f"verdict: a --config other than the registered one was not refused: "
+                            f"{r.stderr[-300:]}")
+
         # A registered confirmation (bench/results/confirm/): mat against the count-matched
         # frozen-random only, no full runs; judged only when every seed has its runs and every
         # replay has mat's counts.

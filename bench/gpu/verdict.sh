@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The verdict's final runs (bench/verdict: six modes x seeds 1-5 with the setting committed in
-# bench/results/verdict/criteria.json) on a CUDA machine (Ubuntu 24.04 + pip PyTorch, no gRPC or
+# bench/results/verdict/criteria.json, or another registered criteria.json's modes and seeds) on a CUDA machine (Ubuntu 24.04 + pip PyTorch, no gRPC or
 # SQLite; see check.sh): builds mat-train against PyTorch's LibTorch (-DMAT_WITH_SERVICE=OFF),
 # checks every policy kind for a few steps on the GPU, then trains the table several runs at
 # once with train.device=cuda (fp32), seed by seed, so that a time limit leaves whole seeds.
@@ -20,6 +20,7 @@ deps_dir=$(readlink -f "${1:?deps dir}")
 out=$(readlink -f "${2:?out dir}")
 seconds=${3:-480}
 jobs=${4:-auto}  # auto: 15 at once with MPS, 8 without
+if [ -n "${5:-}" ] && [ ! -f "$5" ]; then echo "criteria $5: no such file"; exit 2; fi
 criteria_arg=${5:+$(readlink -f "$5")}
 cd "$(dirname "$0")/../.."
 criteria=${criteria_arg:-bench/results/verdict/criteria.json}
@@ -71,6 +72,9 @@ cat "$out/smoke.log"
 echo "smoke: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 runs=/tmp/mat-verdict-runs
+expected=$(python3 -c "
+import json; c = json.load(open('$criteria'))
+print(len(c.get('modes') or range(6)) * len(c.get('final_seeds') or range(5)))")
 mkdir -p "$runs"
 pack() {
   # timeout stops bench/verdict, not the mat-train runs it started: stop them first.
@@ -79,7 +83,7 @@ pack() {
   (cd "$runs" && find . -maxdepth 2 \( -name summary.json -o -name metrics.jsonl \
      -o -name decisions.jsonl -o -name mat-train.log \) -print0 \
      | tar --null -T - --warning=no-file-changed -I 'xz -T0' -cf "$out/runs.tar.xz") || true
-  echo "runs finished: $(find "$runs" -name summary.json | wc -l) of 30; total $(( $(date +%s) - start )) s" \
+  echo "runs finished: $(find "$runs" -name summary.json | wc -l) of $expected; total $(( $(date +%s) - start )) s" \
     | tee -a "$out/machine.txt"
 }
 trap pack EXIT

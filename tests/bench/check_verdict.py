@@ -189,6 +189,15 @@ def main():
             if regime.get("value") != want or not regime.get("met") or "[MASK]" not in regime.get(
                     "text", ""):
                 problems.append(f"verdict at [MASK]: regime check {regime}, want value {want!r}")
+            res = json.load(open(os.path.join(vdir, "results.json")))
+            if res.get("regime") != {"basis": "test_at_mask", "unigram": base, "full": loss}:
+                problems.append(f"verdict at [MASK]: results.json regime {res.get('regime')}")
+            # A margin beyond the one reached is not met.
+            vdir, r = with_criteria("verdict-at-mask-unmet", {"setting": [], "criteria": {
+                "regime_basis": "test_at_mask", "regime_margin_nats": base - loss + 0.001}})
+            with open(os.path.join(vdir, "results.json")) as f:
+                if r.returncode != 0 or json.load(f)["checks"][0].get("met") is not False:
+                    problems.append("verdict at [MASK]: a margin beyond the reached one was met")
         _, r = with_criteria("verdict-bad-basis", {"setting": [], "criteria": {
             "regime_basis": "val"}})
         if r.returncode == 0 or "regime_basis 'val'" not in r.stderr:

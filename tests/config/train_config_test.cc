@@ -140,7 +140,9 @@ TEST_P(ExampleConfigTest, ParsesAndValidates) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Examples, ExampleConfigTest,
-                         ::testing::Values("bert-wikitext2-tiny.yaml", "bert-wikitext2.yaml"));
+                         ::testing::Values("bert-wikitext2-tiny.yaml", "bert-wikitext2.yaml",
+                                           "bert-wikitext2-verdict.yaml",
+                                           "bert-wikitext2-regime.yaml"));
 
 TEST(TrainConfigTest, TinyExampleHasItsDocumentedValues) {
   auto c = LoadTrainConfig(std::string(MAT_SOURCE_DIR) + "/examples/bert-wikitext2-tiny.yaml");

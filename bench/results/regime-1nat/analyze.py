@@ -6,6 +6,7 @@ Reads only validation figures (the pilots' plan: README.md beside this file). Us
   bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
 """
 import json
+import lzma
 import pathlib
 import sys
 
@@ -58,6 +59,33 @@ def compare(full_dir, mat_dir):
         print("  mat does not reach full's best")
 
 
+def active_sets(mat_dir):
+    """Which modules MAT trained: how many distinct modules were ever active after step 2,000,
+    and at the last decision the smoothed λ of the active modules against the inactive ones'
+    largest, per group (decisions.jsonl, or decisions.jsonl.xz)."""
+    path = mat_dir / "decisions.jsonl"
+    opener = open if path.is_file() else lzma.open
+    if not path.is_file():
+        path = mat_dir / "decisions.jsonl.xz"
+        if not path.is_file():
+            return
+    with opener(path, "rt") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    later = [r for r in rows if r["step"] > 2000]
+    ever = sorted({m["name"] for r in later for m in r["modules"] if m["active"]})
+    print(f"\n{mat_dir.name}: {len(rows)} decisions; modules ever trained after step 2,000: "
+          f"{len(ever)} of {len(rows[-1]['modules'])} ({', '.join(ever)})")
+    converged = sum(m["converged"] for m in rows[-1]["modules"])
+    print(f"  at the last decision (step {rows[-1]['step']}): {converged} modules converged "
+          "(temporal rule)")
+    for group in sorted({m["group"] for m in rows[-1]["modules"]}):
+        on = [m["lambda_smoothed"] for m in rows[-1]["modules"] if m["group"] == group and m["active"]]
+        off = [m["lambda_smoothed"] for m in rows[-1]["modules"] if m["group"] == group and not m["active"]]
+        print(f"  {group}: threshold {rows[-1]['threshold'][group]:.4g}; active λ "
+              f"{', '.join(f'{x:.4g}' for x in sorted(on))}; inactive λ at most "
+              f"{max(off) if off else float('nan'):.4g} ({len(off)} modules)")
+
+
 def main(root):
     for pilot in sorted(p for p in pathlib.Path(root).iterdir()
                         if (p / "metrics.jsonl").is_file()):
@@ -82,6 +110,7 @@ def main(root):
     root = pathlib.Path(root)
     if (root / "i" / "metrics.jsonl").is_file() and (root / "j" / "metrics.jsonl").is_file():
         compare(root / "i", root / "j")
+        active_sets(root / "j")
 
 
 if __name__ == "__main__":

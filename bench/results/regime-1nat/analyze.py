@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Prints each pilot's validation curve and where it first reaches the qualifying loss, then
-MAT's pilot j against full training's i (addendum 2) at equal steps and equal FLOPs.
+MAT's pilot j against full training's i (addendum 2): at equal steps, full's margins below the
+unigram model (whole and at [MASK]), full's validation loss at MAT's total FLOPs (with and
+without the decoder), and which modules MAT trained.
 
 Reads only validation figures (the pilots' plan: README.md beside this file). Usage:
   bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
@@ -49,6 +51,29 @@ def compare(full_dir, mat_dir):
           f"{best_mat['val_loss'] - best_full['val_loss']:+.4f}); at [MASK]: full "
           f"{best_full.get('val_loss_at_mask', float('nan')):.4f}, mat "
           f"{best_mat.get('val_loss_at_mask', float('nan')):.4f} (unigram {UNIGRAM_VAL_AT_MASK})")
+    with open(full_dir / "summary.json") as fh:
+        summary = json.load(fh)
+    end = full[-1]
+    print(f"  full's end: {summary['unigram_eval_val_loss'] - end['val_loss']:.4f} nat below the "
+          f"unigram model on the same tokens ({summary['unigram_eval_val_loss']:.4f}); "
+          f"{summary['unigram_eval_val_loss_at_mask'] - end['val_loss_at_mask']:.4f} at [MASK] "
+          f"({summary['unigram_eval_val_loss_at_mask']:.4f})")
+    one_nat = summary["unigram_eval_val_loss_at_mask"] - 1.0
+    cross = next((f for f in full if f["val_loss_at_mask"] <= one_nat), None)
+    if cross:
+        print(f"  full first 1 nat below it at [MASK] ({one_nat:.4f}) at step {cross['step']}")
+    for key, name in (("total", "FLOPs"), ("total_without_decoder", "FLOPs without the decoder")):
+        budget = mat[-1]["flops"][key]
+        after = next((k for k, f in enumerate(full) if f["flops"][key] >= budget), None)
+        if after is None or after == 0:
+            continue
+        a, b = full[after - 1], full[after]
+        t = (budget - a["flops"][key]) / (b["flops"][key] - a["flops"][key])
+        step = a["step"] + t * (b["step"] - a["step"])
+        val = a["val_loss"] + t * (b["val_loss"] - a["val_loss"])
+        print(f"  at mat's total {name} ({budget:.3e}, {budget / end['flops'][key]:.3f} of "
+              f"full's): full at step {step:.0f}, val {val:.4f} (linear between evaluations); "
+              f"mat's end {mat[-1]['val_loss']:.4f} is {mat[-1]['val_loss'] - val:+.4f} from it")
     reach = next((m for m in mat if m["val_loss"] <= best_full["val_loss"]), None)
     if reach:
         print(f"  mat first reaches full's best at step {reach['step']}, with "
@@ -72,12 +97,16 @@ def active_sets(mat_dir):
     with opener(path, "rt") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     later = [r for r in rows if r["step"] > 2000]
+    after5k = [r for r in rows if r["step"] > 5000]
+    small = sum(1 for r in after5k if sum(m["active"] for m in r["modules"]) in (3, 4))
+    print(f"\n{mat_dir.name}: after step 5,000, {small} of {len(after5k)} decisions trained 3 or 4 "
+          "modules")
     ever = sorted({m["name"] for r in later for m in r["modules"] if m["active"]})
-    print(f"\n{mat_dir.name}: {len(rows)} decisions; modules ever trained after step 2,000: "
+    print(f"{mat_dir.name}: {len(rows)} decisions; modules ever trained after step 2,000: "
           f"{len(ever)} of {len(rows[-1]['modules'])} ({', '.join(ever)})")
-    converged = sum(m["converged"] for m in rows[-1]["modules"])
-    print(f"  at the last decision (step {rows[-1]['step']}): {converged} modules converged "
-          "(temporal rule)")
+    converged = max(sum(m["converged"] for m in r["modules"]) for r in rows)
+    print(f"  modules converged (the temporal rule) at any decision: at most {converged}")
+    print(f"  at the last decision (step {rows[-1]['step']}):")
     for group in sorted({m["group"] for m in rows[-1]["modules"]}):
         on = [m["lambda_smoothed"] for m in rows[-1]["modules"] if m["group"] == group and m["active"]]
         off = [m["lambda_smoothed"] for m in rows[-1]["modules"] if m["group"] == group and not m["active"]]

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -22,5 +23,7 @@ namespace mat::config {
 // configuration after the checkpoint was written) is not compared.
 std::vector<std::string> ResumeConflicts(const std::map<std::string, std::string>& saved,
                                          const TrainConfig& now);
+// The ListConfig keys that may differ, as above.
+const std::set<std::string>& SettingsThatMayChangeOnResume();
 
 }  // namespace mat::config

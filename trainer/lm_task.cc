@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "common/status.h"
@@ -258,7 +259,9 @@ double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches, double* at_m
   }
   model_->train();
   if (at_mask != nullptr) {
-    *at_mask = sum_mask.item<double>() / double(std::max<int64_t>(count_mask, 1));
+    // No position showing [MASK] (a tiny split or mask_prob): no figure, not 0.
+    *at_mask = count_mask > 0 ? sum_mask.item<double>() / double(count_mask)
+                              : std::numeric_limits<double>::quiet_NaN();
   }
   return sum.item<double>() / double(std::max<int64_t>(count, 1));
 }

@@ -418,7 +418,9 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
   for (const auto& [key, value] : config::ListConfig(config_)) settings[key] = value;
   meta["config"] = std::move(settings);
   task_->SaveState(&meta);  // "data" (and the task's averages)
-  ckpt.meta = meta.dump();
+  // Paths among the settings may hold bytes that are not UTF-8: replaced, not thrown on (the
+  // settings a resume compares are not paths).
+  ckpt.meta = meta.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   ckpt.tensors["rng.torch"] = at::detail::getDefaultCPUGenerator().get_state();
   // On a GPU, dropout draws from the device's generator: without its state a resumed run would
   // replay step 0's noise.
@@ -430,14 +432,21 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
 
 absl::Status Trainer::CheckResumedSettings(const std::string& path,
                                            const nlohmann::json& meta) const {
-  if (!meta.contains("config") || !meta["config"].is_object()) {
+  if (!meta.contains("config")) {
     spdlog::warn("checkpoint {} does not record its settings (written before they were saved): "
                  "not checked against this run's", path);
     return absl::OkStatus();
   }
+  if (!meta["config"].is_object()) {
+    return absl::DataLossError("checkpoint " + path + " has malformed metadata: config is not an object");
+  }
   std::map<std::string, std::string> saved;
   for (const auto& [key, value] : meta["config"].items()) {
-    if (value.is_string()) saved[key] = value.get<std::string>();
+    if (!value.is_string()) {
+      return absl::DataLossError("checkpoint " + path + " has malformed metadata: config." + key +
+                                 " is not a string");
+    }
+    saved[key] = value.get<std::string>();
   }
   const std::vector<std::string> conflicts = config::ResumeConflicts(saved, config_);
   if (conflicts.empty()) return absl::OkStatus();

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The verdict's final runs (bench/verdict: six modes x seeds 1-5 with the setting committed in
-# bench/results/verdict/criteria.json, or another registered criteria.json's modes and seeds) on a CUDA machine (Ubuntu 24.04 + pip PyTorch, no gRPC or
+# bench/results/verdict/criteria.json, or another registered criteria.json's modes and seeds)
+# on a CUDA machine (Ubuntu 24.04 + pip PyTorch, no gRPC or
 # SQLite; see check.sh): builds mat-train against PyTorch's LibTorch (-DMAT_WITH_SERVICE=OFF),
 # checks every policy kind for a few steps on the GPU, then trains the table several runs at
 # once with train.device=cuda (fp32), seed by seed, so that a time limit leaves whole seeds.
@@ -25,7 +26,7 @@ criteria_arg=${5:+$(readlink -f "$5")}
 cd "$(dirname "$0")/../.."
 criteria=${criteria_arg:-bench/results/verdict/criteria.json}
 mkdir -p "$out"
-python3 -c "import json,sys; sys.exit(json.load(open('$criteria'))['setting'] is None)" \
+python3 -c "import json,sys; sys.exit(json.load(open(sys.argv[1]))['setting'] is None)" "$criteria" \
   || { echo "$criteria: the setting is null (bench/sweep first)"; exit 1; }
 # shellcheck source=bench/gpu/prepare.sh
 source bench/gpu/prepare.sh
@@ -48,9 +49,10 @@ echo "mps: $mps; $jobs runs at once" | tee -a "$out/machine.txt"
 # Every policy kind for 100 steps on the GPU (probes from step 20), at once: a CUDA failure shows
 # here, before the table's runs.
 mapfile -t setting < <(python3 -c "
-import json
-for s in json.load(open('$criteria'))['setting']: print('--set'); print(s)")
-config=$(python3 -c "import json; print(json.load(open('$criteria')).get('config') or 'examples/bert-wikitext2-verdict.yaml')")
+import json, sys
+for s in json.load(open(sys.argv[1]))['setting']: print('--set'); print(s)" "$criteria")
+# bench/verdict's default when the criteria name no config.
+config=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('config') or 'examples/bert-wikitext2-verdict.yaml')" "$criteria")
 common=(--config "$config" "${setting[@]}" --set train.device=cuda
   --set "data.dir=$deps_dir/wikitext-2" --set train.threads=1 --no-progress --log-level warn)
 smoke=(--set train.steps=100 --set train.eval_every=50 --set train.eval_batches=2
@@ -72,9 +74,10 @@ cat "$out/smoke.log"
 echo "smoke: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 runs=/tmp/mat-verdict-runs
+# bench/verdict's defaults when the criteria name no modes or seeds: 6 modes, seeds 1-5.
 expected=$(python3 -c "
-import json; c = json.load(open('$criteria'))
-print(len(c.get('modes') or range(6)) * len(c.get('final_seeds') or range(5)))")
+import json, sys; c = json.load(open(sys.argv[1]))
+print(len(c.get('modes') or range(6)) * len(c.get('final_seeds') or range(5)))" "$criteria")
 mkdir -p "$runs"
 pack() {
   # timeout stops bench/verdict, not the mat-train runs it started: stop them first.

@@ -2,6 +2,7 @@
 #include "config/resume.h"
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,12 @@ TEST(ResumeConflictsTest, LengthPlacesAndCadenceMayChange) {
             "train.eval_every=7", "train.checkpoint_every=3", "train.threads=1",
             "train.device=cuda", "train.deterministic=true"});
   EXPECT_TRUE(ResumeConflicts(Saved(saved), now).empty());
+}
+
+TEST(ResumeConflictsTest, EverySettingThatMayChangeIsAKey) {
+  std::set<std::string> keys;
+  for (const auto& [key, value] : ListConfig(TrainConfig{})) keys.insert(key);
+  for (const std::string& key : SettingsThatMayChangeOnResume()) EXPECT_EQ(keys.count(key), 1u) << key;
 }
 
 TEST(ResumeConflictsTest, AKeyTheCheckpointPredatesIsNotCompared) {

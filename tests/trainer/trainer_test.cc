@@ -133,6 +133,56 @@ TEST(TrainerSingleTest, ACheckpointOfTheLeafLayoutResumesTheSameRun) {
   EXPECT_EQ((*second)->ParamChecksum(), (*straight)->ParamChecksum());
 }
 
+// A checkpoint records the settings it was written under: one from before they were saved
+// resumes (not checked), a damaged record is DATA_LOSS naming it, and a setting that shapes
+// training refuses the resume naming it with both values.
+TEST(TrainerSingleTest, ResumeChecksTheSettingsTheCheckpointRecords) {
+  std::string data = MakeCorpus("resume_settings");
+  config::TrainConfig c = TinyTrainConfig(data, "full");
+  const fs::path dir = fs::temp_directory_path() / ("mat_trainer_settings_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  {
+    auto first = Trainer::Create(c, {dir.string(), false, false});
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_TRUE((*first)->Run(/*stop_at_step=*/10).ok());
+  }
+  const std::string ckpt = (dir / "checkpoint.pt").string();
+  fs::remove(ckpt + ".prev");
+  auto read = ReadCheckpoint(ckpt);
+  ASSERT_TRUE(read.ok()) << read.status();
+  const nlohmann::json meta = nlohmann::json::parse(read->meta);
+  ASSERT_TRUE(meta.at("config").is_object());
+  EXPECT_EQ(meta["config"].at("train.batch_size"), std::to_string(c.train.batch_size));
+  auto resume_with = [&](const nlohmann::json& m, const config::TrainConfig& config) {
+    Checkpoint edited = *read;
+    edited.meta = m.dump();
+    EXPECT_TRUE(WriteCheckpoint(ckpt, edited).ok());
+    fs::remove(ckpt + ".prev");
+    auto t = Trainer::Create(config, {dir.string(), false, true});
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? (*t)->Run(/*stop_at_step=*/11).status() : t.status();
+  };
+  nlohmann::json older = meta;
+  older.erase("config");
+  EXPECT_TRUE(resume_with(older, c).ok());
+  nlohmann::json not_object = meta;
+  not_object["config"] = "batch 8";
+  absl::Status s = resume_with(not_object, c);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_NE(std::string(s.message()).find("config is not an object"), std::string::npos) << s;
+  nlohmann::json not_string = meta;
+  not_string["config"]["train.batch_size"] = 8;
+  s = resume_with(not_string, c);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_NE(std::string(s.message()).find("config.train.batch_size is not a string"), std::string::npos) << s;
+  config::TrainConfig other = c;
+  other.train.lr *= 2;
+  s = resume_with(meta, other);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(std::string(s.message()).find("train.lr: "), std::string::npos) << s;
+  fs::remove_all(dir);
+}
+
 TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   std::string data = MakeCorpus("mat");
   config::TrainConfig c = TinyTrainConfig(data, "mat");

@@ -94,17 +94,16 @@ absl::Status MaskedLmTask::Init() {
   // The context-free baselines (bench/verdict's regime check), fitted on the whole training
   // split: on every test token, and on the tokens val_loss and test_loss are measured on (the
   // masked positions of the fixed evaluation batches), which a model's loss is paired with.
-  unigram_test_loss_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
-  unigram_eval_val_loss_ = UnigramCrossEntropy(corpus_.train, EvalLabels(valid_batches_), real);
-  unigram_eval_test_loss_ = UnigramCrossEntropy(corpus_.train, EvalLabels(test_batches_), real);
-  unigram_eval_val_loss_at_mask_ =
-      UnigramCrossEntropy(corpus_.train, EvalLabels(valid_batches_, mlm_.mask_id), real);
-  unigram_eval_test_loss_at_mask_ =
-      UnigramCrossEntropy(corpus_.train, EvalLabels(test_batches_, mlm_.mask_id), real);
+  const UnigramModel unigram(corpus_.train, real);
+  unigram_test_loss_ = unigram.CrossEntropy(corpus_.test);
+  unigram_eval_val_loss_ = unigram.CrossEntropy(EvalLabels(valid_batches_));
+  unigram_eval_test_loss_ = unigram.CrossEntropy(EvalLabels(test_batches_));
+  unigram_eval_val_loss_at_mask_ = unigram.CrossEntropy(EvalLabels(valid_batches_, mlm_.mask_id));
+  unigram_eval_test_loss_at_mask_ = unigram.CrossEntropy(EvalLabels(test_batches_, mlm_.mask_id));
 
   train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
   corpus_.train.resize(static_cast<size_t>(train_size_));
-  unigram_test_loss_prefix_ = UnigramCrossEntropy(corpus_.train, corpus_.test, real);
+  unigram_test_loss_prefix_ = UnigramModel(corpus_.train, real).CrossEntropy(corpus_.test);
 
   model_ = BertMlm(MakeBertConfig(c, real + 1));
   model_->to(context_.device);
@@ -219,22 +218,15 @@ absl::StatusOr<RecordedProbe> MaskedLmTask::RecordProbe(const MlmBatch& batch, i
   out.forward_flops = forward.forward;
   out.forward_decoder_flops = forward.decoder;
   out.backward_pass_flops = BertStepFlops(bc, n, T, m, {}, probe_routed).activation_grad;
-  // The loss gradient passes back through the tied decoder (m x V times V x d): as many FLOPs as
-  // its forward.
-  out.backward_pass_decoder_flops = forward.decoder;
+  out.backward_pass_decoder_flops = BertDecoderPassFlops(bc, m);  // the loss gradient's pass
   return out;
 }
 
 EvalResult MaskedLmTask::Evaluate(EvalSplit split) {
-  if (split == EvalSplit::kValid) return EvalResult{Evaluate(valid_batches_, &val_loss_at_mask_), 0};
-  double at_mask = 0;
-  const double loss = Evaluate(test_batches_, &at_mask);
-  test_loss_at_mask_ = at_mask;
-  test_evaluated_ = true;
-  return EvalResult{loss, 0};
+  return Evaluate(eval_batches(split));
 }
 
-double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches, double* at_mask) {
+EvalResult MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches) {
   const torch::Device& device = context_.device;
   torch::NoGradGuard guard;
   model_->eval();
@@ -251,28 +243,20 @@ double MaskedLmTask::Evaluate(const std::vector<MlmBatch>& batches, double* at_m
         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
     sum += ce.sum().to(torch::kFloat64);
     count += b.labels.size(0);
-    if (at_mask != nullptr) {
-      const torch::Tensor shown = MaskTokenPositions(b, mlm_.mask_id);  // host
-      sum_mask += (ce * shown.to(device, ce.scalar_type())).sum().to(torch::kFloat64);
-      count_mask += shown.sum().item<int64_t>();
-    }
+    const torch::Tensor shown = MaskTokenPositions(b, mlm_.mask_id);  // host
+    sum_mask += (ce * shown.to(device, ce.scalar_type())).sum().to(torch::kFloat64);
+    count_mask += shown.sum().item<int64_t>();
   }
   model_->train();
-  if (at_mask != nullptr) {
-    // No position showing [MASK] (a tiny split or mask_prob): no figure, not 0.
-    *at_mask = count_mask > 0 ? sum_mask.item<double>() / double(count_mask)
-                              : std::numeric_limits<double>::quiet_NaN();
-  }
-  return sum.item<double>() / double(std::max<int64_t>(count, 1));
+  EvalResult out;
+  out.loss = sum.item<double>() / double(std::max<int64_t>(count, 1));
+  // No position showing [MASK] (a tiny split or mask_prob): no figure, not 0.
+  out.loss_at_mask = count_mask > 0 ? sum_mask.item<double>() / double(count_mask)
+                                    : std::numeric_limits<double>::quiet_NaN();
+  return out;
 }
 
 void MaskedLmTask::AddEvalFields(nlohmann::json* line) {
-  // The validation loss at the positions whose input is [MASK] only: what is left once copying
-  // a shown token is no help (unigram_eval_val_loss_at_mask in summary.json is its baseline).
-  (*line)["val_loss_at_mask"] = val_loss_at_mask_;
-  // The same on test, on the lines where test was evaluated (the trainer's test_loss).
-  if (test_evaluated_) (*line)["test_loss_at_mask"] = *test_loss_at_mask_;
-  test_evaluated_ = false;
   if (aux_count_ > 0) (*line)["train_aux_loss"] = aux_sum_ / double(aux_count_);
   aux_sum_ = 0;
   aux_count_ = 0;
@@ -289,16 +273,11 @@ void MaskedLmTask::AddSummaryFields(nlohmann::json* summary) const {
   (*summary)["unigram_eval_test_loss"] = unigram_eval_test_loss_;
   (*summary)["unigram_eval_val_loss_at_mask"] = unigram_eval_val_loss_at_mask_;
   (*summary)["unigram_eval_test_loss_at_mask"] = unigram_eval_test_loss_at_mask_;
-  // The test loss at [MASK] of the newest test evaluation, which the trainer runs only at a new
-  // best validation loss: test_loss_at_best's companion. Absent when a run resumed from a
-  // checkpoint that predates it and has not improved since.
-  if (test_loss_at_mask_) (*summary)["test_loss_at_mask_at_best"] = *test_loss_at_mask_;
 }
 
 void MaskedLmTask::SaveState(nlohmann::json* meta) const {
   (*meta)["data"] = stream_->SaveState();
   (*meta)["aux_acc"] = {aux_sum_, double(aux_count_)};
-  if (test_loss_at_mask_) (*meta)["test_at_mask"] = *test_loss_at_mask_;
 }
 
 absl::Status MaskedLmTask::LoadState(const nlohmann::json& meta) {
@@ -307,8 +286,6 @@ absl::Status MaskedLmTask::LoadState(const nlohmann::json& meta) {
     aux_sum_ = meta["aux_acc"].at(0);
     aux_count_ = int64_t(meta["aux_acc"].at(1).get<double>());
   }
-  test_loss_at_mask_.reset();
-  if (meta.contains("test_at_mask")) test_loss_at_mask_ = meta["test_at_mask"].get<double>();
   return absl::OkStatus();
 }
 

@@ -7,7 +7,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,9 +54,13 @@ class MaskedLmTask : public Task {
                                          const std::vector<uint8_t>& active);
   absl::StatusOr<RecordedProbe> RecordProbe(const MlmBatch& batch, int64_t n,
                                             const spectral::Estimator& estimator);
-  // Mean masked-LM loss over `batches` (no gradients, dropout off, every module active);
-  // `at_mask`, when given, gets the mean over the positions whose input is [MASK] only.
-  double Evaluate(const std::vector<MlmBatch>& batches, double* at_mask = nullptr);
+  // Mean masked-LM loss over `batches` (no gradients, dropout off, every module active), and
+  // the mean over the positions whose input is [MASK] only (EvalResult::loss_at_mask).
+  EvalResult Evaluate(const std::vector<MlmBatch>& batches);
+  // The fixed evaluation batches Evaluate(split) averages over.
+  const std::vector<MlmBatch>& eval_batches(EvalSplit split) const {
+    return split == EvalSplit::kValid ? valid_batches_ : test_batches_;
+  }
   BertMlm& model() { return model_; }
   MlmStream& stream() { return *stream_; }
 
@@ -76,9 +79,6 @@ class MaskedLmTask : public Task {
   double unigram_eval_val_loss_ = 0, unigram_eval_test_loss_ = 0;  // on the evaluation batches
   double unigram_eval_val_loss_at_mask_ = 0;   // ... at the positions whose input is [MASK]
   double unigram_eval_test_loss_at_mask_ = 0;
-  double val_loss_at_mask_ = 0;                // the newest validation's loss there
-  std::optional<double> test_loss_at_mask_;    // the newest test evaluation's (at the best step)
-  bool test_evaluated_ = false;                // since the last AddEvalFields
   int64_t train_size_ = 0;  // training tokens after data.train_fraction
   double aux_sum_ = 0;      // switch: load-balancing loss since the last evaluation
   int64_t aux_count_ = 0;

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,10 @@ namespace mat::trainer {
 struct EvalResult {
   double loss = 0;
   double accuracy = 0;
+  // Masked LM: the mean loss over the predicted positions whose input is [MASK] only (what is
+  // left once copying a shown token is no help); NaN when the batches have no such position.
+  // Absent for a task without [MASK] positions.
+  std::optional<double> loss_at_mask;
 };
 
 // What every task is built from.

@@ -262,7 +262,7 @@ EvalResult Trainer::Evaluate(const std::vector<ImageBatch>& batches) {
 }
 
 double Trainer::Evaluate(const std::vector<MlmBatch>& batches) {
-  return lm_ == nullptr ? 0 : lm_->Evaluate(batches);
+  return lm_ == nullptr ? 0 : lm_->Evaluate(batches).loss;
 }
 
 absl::Status Trainer::AppendLine(const std::string& file, const nlohmann::json& line) {
@@ -370,6 +370,9 @@ nlohmann::json Trainer::Summary(double wall_seconds) const {
     s["val_accuracy_at_best"] = val_accuracy_at_best_;
     s["test_accuracy_at_best"] = test_accuracy_at_best_;
   }
+  // test_loss_at_best's companion at [MASK]. Absent when the task has no [MASK] positions, or
+  // when a run resumed from a checkpoint that predates it and has not improved since.
+  if (test_loss_at_mask_at_best_) s["test_loss_at_mask_at_best"] = *test_loss_at_mask_at_best_;
   task_->AddSummaryFields(&s);
   return s;
 }
@@ -417,6 +420,7 @@ absl::Status Trainer::SaveCheckpoint(const std::string& path) {
   nlohmann::json settings = nlohmann::json::object();
   for (const auto& [key, value] : config::ListConfig(config_)) settings[key] = value;
   meta["config"] = std::move(settings);
+  if (test_loss_at_mask_at_best_) meta["test_at_mask"] = *test_loss_at_mask_at_best_;
   task_->SaveState(&meta);  // "data" (and the task's averages)
   // Paths among the settings may hold bytes that are not UTF-8: replaced, not thrown on (the
   // settings a resume compares are not paths).
@@ -531,6 +535,12 @@ absl::Status Trainer::LoadCheckpoint(const std::string& path) {
     test_loss_at_best_ = b[2];
     flops_to_best_ = b[3];
     seconds_to_best_ = b[4];
+    test_loss_at_mask_at_best_.reset();  // absent in checkpoints written before it was saved
+    if (meta.contains("test_at_mask")) {  // NaN (no [MASK] position) is written as null
+      const nlohmann::json& v = meta["test_at_mask"];
+      test_loss_at_mask_at_best_ =
+          v.is_null() ? std::numeric_limits<double>::quiet_NaN() : v.get<double>();
+    }
     if (meta.contains("best_accuracy")) {
       val_accuracy_at_best_ = meta["best_accuracy"][0];
       test_accuracy_at_best_ = meta["best_accuracy"][1];

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -257,6 +258,9 @@ class Trainer {
   double test_loss_at_best_ = 0;
   double val_accuracy_at_best_ = 0;   // a task that classifies
   double test_accuracy_at_best_ = 0;
+  // Masked LM: test loss at [MASK] at the best step (EvalResult::loss_at_mask); absent for other
+  // tasks, and after resuming from a checkpoint that predates it until validation improves.
+  std::optional<double> test_loss_at_mask_at_best_;
   double flops_to_best_ = 0;
   double seconds_to_best_ = 0;
   double loss_sum_ = 0;          // train loss since the last evaluation

@@ -185,6 +185,7 @@ absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_no
     test_loss_at_best_ = test.loss;
     val_accuracy_at_best_ = val_eval.accuracy;
     test_accuracy_at_best_ = test.accuracy;
+    test_loss_at_mask_at_best_ = test.loss_at_mask;
     flops_to_best_ = flops_.total();
     seconds_to_best_ = train_seconds_;
   }
@@ -208,6 +209,12 @@ absl::Status Trainer::EvaluateAndLog(const policy::StepMask& mask, int active_no
   if (task_->classifies()) {
     line["val_accuracy"] = val_eval.accuracy;
     if (best) line["test_accuracy"] = test_accuracy_at_best_;
+  }
+  if (val_eval.loss_at_mask) {
+    // The loss at the positions whose input is [MASK] only: what is left once copying a shown
+    // token is no help (unigram_eval_*_loss_at_mask in summary.json are its baselines).
+    line["val_loss_at_mask"] = *val_eval.loss_at_mask;
+    if (best && test_loss_at_mask_at_best_) line["test_loss_at_mask"] = *test_loss_at_mask_at_best_;
   }
   task_->AddEvalFields(&line);
   MAT_RETURN_IF_ERROR(AppendLine("metrics.jsonl", line));

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -61,7 +62,8 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
   std::string straight_dir = Out("straight"), split_dir = Out("split");
   auto straight = Trainer::Create(c, {straight_dir, false, false});
   ASSERT_TRUE(straight.ok()) << straight.status();
-  ASSERT_TRUE((*straight)->Run().ok());
+  auto straight_summary = (*straight)->Run();
+  ASSERT_TRUE(straight_summary.ok()) << straight_summary.status();
   std::string straight_sum = (*straight)->ParamChecksum();
   EXPECT_EQ((*straight)->resumed_from_step(), -1) << "a run without resume starts afresh";
   {
@@ -86,7 +88,12 @@ TEST_P(TrainerTest, ResumeReproducesTheUninterruptedRun) {
     EXPECT_EQ(a[i]["train_loss"].get<double>(), b[i]["train_loss"].get<double>()) << i;
     EXPECT_EQ(a[i]["val_loss"].get<double>(), b[i]["val_loss"].get<double>()) << i;
     EXPECT_EQ(a[i]["flops"]["total"].get<double>(), b[i]["flops"]["total"].get<double>()) << i;
+    EXPECT_EQ(a[i]["val_loss_at_mask"].get<double>(), b[i]["val_loss_at_mask"].get<double>()) << i;
+    EXPECT_EQ(a[i].contains("test_loss_at_mask"), a[i].contains("test_loss")) << i;
+    EXPECT_EQ(a[i].value("test_loss_at_mask", -1.0), b[i].value("test_loss_at_mask", -1.0)) << i;
   }
+  EXPECT_EQ(summary->at("test_loss_at_mask_at_best").get<double>(),
+            straight_summary->at("test_loss_at_mask_at_best").get<double>());
   auto da = ReadJsonLines(straight_dir + "/decisions.jsonl"), db = ReadJsonLines(split_dir + "/decisions.jsonl");
   ASSERT_EQ(da.size(), 8u);
   ASSERT_EQ(db.size(), da.size());
@@ -160,24 +167,44 @@ TEST(TrainerSingleTest, ResumeChecksTheSettingsTheCheckpointRecords) {
     fs::remove(ckpt + ".prev");
     auto t = Trainer::Create(config, {dir.string(), false, true});
     EXPECT_TRUE(t.ok()) << t.status();
-    return t.ok() ? (*t)->Run(/*stop_at_step=*/11).status() : t.status();
+    return t.ok() ? (*t)->Run(/*stop_at_step=*/11) : absl::StatusOr<nlohmann::json>(t.status());
   };
   nlohmann::json older = meta;
   older.erase("config");
   EXPECT_TRUE(resume_with(older, c).ok());
+
+  // The test loss at [MASK] at the best step (10, before the checkpoint) comes back with it; a
+  // checkpoint written before it was saved leaves it unknown, and NaN (no [MASK] position,
+  // written as null) stays NaN.
+  ASSERT_TRUE(meta.at("test_at_mask").is_number());
+  auto resumed = resume_with(meta, c);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ(resumed->at("best_step"), 10);
+  EXPECT_EQ(resumed->at("test_loss_at_mask_at_best").get<double>(), meta["test_at_mask"].get<double>());
+  nlohmann::json before_at_mask = meta;
+  before_at_mask.erase("test_at_mask");
+  resumed = resume_with(before_at_mask, c);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_FALSE(resumed->contains("test_loss_at_mask_at_best"));
+  nlohmann::json nan_at_mask = meta;
+  nan_at_mask["test_at_mask"] = nullptr;
+  resumed = resume_with(nan_at_mask, c);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_TRUE(std::isnan(resumed->at("test_loss_at_mask_at_best").get<double>()));
+
   nlohmann::json not_object = meta;
   not_object["config"] = "batch 8";
-  absl::Status s = resume_with(not_object, c);
+  absl::Status s = resume_with(not_object, c).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
   EXPECT_NE(std::string(s.message()).find("config is not an object"), std::string::npos) << s;
   nlohmann::json not_string = meta;
   not_string["config"]["train.batch_size"] = 8;
-  s = resume_with(not_string, c);
+  s = resume_with(not_string, c).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
   EXPECT_NE(std::string(s.message()).find("config.train.batch_size is not a string"), std::string::npos) << s;
   config::TrainConfig other = c;
   other.train.lr *= 2;
-  s = resume_with(meta, other);
+  s = resume_with(meta, other).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(std::string(s.message()).find("train.lr: "), std::string::npos) << s;
   fs::remove_all(dir);

@@ -116,6 +116,7 @@ TEST(VggTrainerTest, LearnsAndReportsTopOneAccuracy) {
   // Chance is 0.1; the bars are easy to tell apart.
   EXPECT_GT((*s)["test_accuracy_at_best"].get<double>(), 0.5);
   EXPECT_GT((*s)["val_accuracy_at_best"].get<double>(), 0.5);
+  EXPECT_FALSE(s->contains("test_loss_at_mask_at_best")) << "images have no [MASK] positions";
   std::printf("val accuracy %.3f, test accuracy %.3f at step %d\n",
               (*s)["val_accuracy_at_best"].get<double>(), (*s)["test_accuracy_at_best"].get<double>(),
               (*s)["best_step"].get<int>());
@@ -123,6 +124,7 @@ TEST(VggTrainerTest, LearnsAndReportsTopOneAccuracy) {
   ASSERT_EQ(metrics.size(), 6u);
   for (const auto& m : metrics) {
     ASSERT_TRUE(m.contains("val_accuracy")) << m.dump();
+    EXPECT_FALSE(m.contains("val_loss_at_mask")) << m.dump();
     EXPECT_GE(m["val_accuracy"].get<double>(), 0.0);
     EXPECT_LE(m["val_accuracy"].get<double>(), 1.0);
   }

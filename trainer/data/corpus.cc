@@ -124,13 +124,16 @@ void CapVocabulary(Corpus& corpus, int64_t max_size) {
   corpus.vocab = std::move(capped);
 }
 
-double UnigramCrossEntropy(const std::vector<int32_t>& fit, const std::vector<int32_t>& tokens,
-                           int64_t vocab_size) {
-  std::vector<double> count(vocab_size, 1.0);  // add-one
-  for (int32_t id : fit) count[id] += 1.0;
+UnigramModel::UnigramModel(const std::vector<int32_t>& fit, int64_t vocab_size)
+    : log_prob_(vocab_size, 1.0) {  // add-one counts first
+  for (int32_t id : fit) log_prob_[id] += 1.0;
   const double total = double(fit.size()) + double(vocab_size);
+  for (double& p : log_prob_) p = std::log(p / total);
+}
+
+double UnigramModel::CrossEntropy(const std::vector<int32_t>& tokens) const {
   double sum = 0;
-  for (int32_t id : tokens) sum -= std::log(count[id] / total);
+  for (int32_t id : tokens) sum -= log_prob_[id];
   return tokens.empty() ? 0.0 : sum / double(tokens.size());
 }
 

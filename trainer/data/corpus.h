@@ -42,11 +42,18 @@ absl::StatusOr<Corpus> LoadCorpus(const std::string& dir);
 // most max_size words. REQUIRES: max_size >= 2.
 void CapVocabulary(Corpus& corpus, int64_t max_size);
 
-// The cross-entropy in nats per token of `tokens` under a unigram model fitted on `fit` with
-// add-one smoothing over `vocab_size` types: the loss a model that ignores the context reaches
-// (the MLM loss of one that predicts word frequencies). REQUIRES: ids in [0, vocab_size).
-double UnigramCrossEntropy(const std::vector<int32_t>& fit, const std::vector<int32_t>& tokens,
-                           int64_t vocab_size);
+// A unigram model fitted on `fit` with add-one smoothing over `vocab_size` types: the loss it
+// reaches is what a model that ignores the context reaches (the MLM loss of one that predicts
+// word frequencies). REQUIRES: ids in [0, vocab_size).
+class UnigramModel {
+ public:
+  UnigramModel(const std::vector<int32_t>& fit, int64_t vocab_size);
+  // The cross-entropy in nats per token of `tokens` (0 when empty).
+  double CrossEntropy(const std::vector<int32_t>& tokens) const;
+
+ private:
+  std::vector<double> log_prob_;  // [vocab_size]
+};
 
 // Decompresses a whole .xz stream held in memory.
 absl::StatusOr<std::string> DecompressXz(const std::string& compressed, const std::string& what);

@@ -11,6 +11,10 @@ FlopCounts& FlopCounts::operator+=(const FlopCounts& o) {
   return *this;
 }
 
+double BertDecoderPassFlops(const BertConfig& c, int64_t masked) {
+  return 2 * double(masked) * double(c.d_model) * double(c.vocab_size);
+}
+
 namespace {
 
 FlopCounts Count(const BertConfig& c, int64_t B, int64_t T, int64_t M,
@@ -63,7 +67,7 @@ FlopCounts Count(const BertConfig& c, int64_t B, int64_t T, int64_t M,
     }
   }
   // MLM head on the M predicted positions: dense d x d, then the tied decoder d x V.
-  const double dense = 2 * double(M) * d * d, dec = 2 * double(M) * d * c.vocab_size;
+  const double dense = 2 * double(M) * d * d, dec = BertDecoderPassFlops(c, M);
   r.forward += dense + dec;
   r.decoder += dec;
   if (backward) {

@@ -44,6 +44,10 @@ FlopCounts BertStepFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_
                          const std::vector<uint8_t>& active,
                          const std::vector<int64_t>& routed = {});
 
+// One pass through the tied decoder ([M, d] x [d, V]) on `masked` predicted positions: its
+// forward, its activation gradient and its weight gradient each cost this much.
+double BertDecoderPassFlops(const BertConfig& c, int64_t masked);
+
 // The forward pass only (evaluation or the probe's forward).
 FlopCounts BertForwardFlops(const BertConfig& c, int64_t batch, int64_t seq, int64_t masked,
                             const std::vector<int64_t>& routed = {});

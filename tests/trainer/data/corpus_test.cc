@@ -349,7 +349,7 @@ TEST(VocabularyTest, AddIsIdempotentAndFindReportsAbsence) {
 
 // CapVocabulary keeps the max_size − 1 most frequent training words (ties: first appearance) and
 // "<unk>", renumbers in order of first appearance, and maps every other word of every split to
-// "<unk>"; UnigramCrossEntropy is the add-one closed form.
+// "<unk>"; UnigramModel is the add-one closed form.
 TEST(CapVocabularyTest, KeepsTheMostFrequentWordsAndMapsTheRestToUnk) {
   Corpus c;
   for (const char* w : {"<eos>", "a", "b", "c", "d"}) c.vocab.Add(w);
@@ -372,9 +372,9 @@ TEST(CapVocabularyTest, KeepsTheMostFrequentWordsAndMapsTheRestToUnk) {
   EXPECT_EQ(same.vocab.size(), 4);
 }
 
-TEST(CapVocabularyTest, UnigramCrossEntropyIsTheAddOneClosedForm) {
+TEST(CapVocabularyTest, UnigramModelIsTheAddOneClosedForm) {
   // fit: ids 0,0,0,1 over 3 types -> p = (3+1)/7, (1+1)/7, (0+1)/7.
-  const double ce = UnigramCrossEntropy({0, 0, 0, 1}, {0, 1, 2}, 3);
+  const double ce = UnigramModel({0, 0, 0, 1}, 3).CrossEntropy({0, 1, 2});
   EXPECT_NEAR(ce, -(std::log(4.0 / 7) + std::log(2.0 / 7) + std::log(1.0 / 7)) / 3, 1e-12);
 }
 
@@ -389,8 +389,8 @@ TEST_F(WikiText2Test, CappedVocabularyOfWikiText2) {
     for (int32_t id : *split) ASSERT_LT(id, 8192);
   }
   // A unigram model is a worse predictor with all 33,278 words than with the cap's <unk> class.
-  EXPECT_LT(UnigramCrossEntropy(c.train, c.test, c.vocab.size()),
-            UnigramCrossEntropy(corpus_->train, corpus_->test, corpus_->vocab.size()));
+  EXPECT_LT(UnigramModel(c.train, c.vocab.size()).CrossEntropy(c.test),
+            UnigramModel(corpus_->train, corpus_->vocab.size()).CrossEntropy(corpus_->test));
 }
 
 }  // namespace

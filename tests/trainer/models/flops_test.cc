@@ -29,6 +29,7 @@ TEST(FlopsTest, MatchesHandCountForOneLayer) {
   EXPECT_DOUBLE_EQ(f.activation_grad, 3072 + 1024 + 4096 + 2048 + 384 + 480);
   EXPECT_DOUBLE_EQ(f.weight_grad, 3072 + 1024 + 4096 + 384 + 480);
   EXPECT_DOUBLE_EQ(f.decoder, 3 * 480);
+  EXPECT_DOUBLE_EQ(BertDecoderPassFlops(OneLayer(), 3), 480);
   EXPECT_DOUBLE_EQ(f.spectral, 0);
   EXPECT_DOUBLE_EQ(f.total_without_decoder(), f.total() - 1440);
   EXPECT_DOUBLE_EQ(BertForwardFlops(OneLayer(), 2, 4, 3).total(), f.forward);

@@ -26,8 +26,9 @@ criteria_arg=${5:+$(readlink -f "$5")}
 cd "$(dirname "$0")/../.."
 criteria=${criteria_arg:-bench/results/verdict/criteria.json}
 mkdir -p "$out"
-python3 -c "import json,sys; sys.exit(json.load(open(sys.argv[1]))['setting'] is None)" "$criteria" \
-  || { echo "$criteria: the setting is null (bench/sweep first)"; exit 1; }
+# The runs' config, setting, modes and seeds, as bench/verdict resolves them from the criteria
+# (refused before the build when the setting is null or the registered config was edited).
+plan=$(python3 bench/verdict --criteria "$criteria" --plan)
 # shellcheck source=bench/gpu/prepare.sh
 source bench/gpu/prepare.sh
 ninja -C build-gpu -j "$(nproc)" mat-train >> "$out/build.log" 2>&1 \
@@ -48,11 +49,10 @@ echo "mps: $mps; $jobs runs at once" | tee -a "$out/machine.txt"
 
 # Every policy kind for 100 steps on the GPU (probes from step 20), at once: a CUDA failure shows
 # here, before the table's runs.
+config=$(python3 -c "import json, sys; print(json.loads(sys.argv[1])['config'])" "$plan")
 mapfile -t setting < <(python3 -c "
 import json, sys
-for s in json.load(open(sys.argv[1]))['setting']: print('--set'); print(s)" "$criteria")
-# bench/verdict's default when the criteria name no config.
-config=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('config') or 'examples/bert-wikitext2-verdict.yaml')" "$criteria")
+for s in json.loads(sys.argv[1])['sets']: print('--set'); print(s)" "$plan")
 common=(--config "$config" "${setting[@]}" --set train.device=cuda
   --set "data.dir=$deps_dir/wikitext-2" --set train.threads=1 --no-progress --log-level warn)
 smoke=(--set train.steps=100 --set train.eval_every=50 --set train.eval_batches=2
@@ -74,10 +74,8 @@ cat "$out/smoke.log"
 echo "smoke: $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"
 
 runs=/tmp/mat-verdict-runs
-# bench/verdict's defaults when the criteria name no modes or seeds: 6 modes, seeds 1-5.
 expected=$(python3 -c "
-import json, sys; c = json.load(open(sys.argv[1]))
-print(len(c.get('modes') or range(6)) * len(c.get('final_seeds') or range(5)))" "$criteria")
+import json, sys; p = json.loads(sys.argv[1]); print(len(p['modes']) * len(p['seeds']))" "$plan")
 mkdir -p "$runs"
 pack() {
   # timeout stops bench/verdict, not the mat-train runs it started: stop them first.

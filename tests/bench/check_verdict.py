@@ -207,6 +207,41 @@ def main():
         if r.returncode == 0 or "is not the config registered" not in r.stderr:
             problems.append(f"verdict: a --config other than the registered one was not refused: "
                             f"{r.stderr[-300:]}")
+        # --plan prints what the runs would be (bench/gpu/verdict.sh reads it): the registered
+        # config, setting, modes and seeds.
+        plan_dir = os.path.join(work, "verdict-plan")
+        os.makedirs(plan_dir)
+        with open(os.path.join(plan_dir, "criteria.json"), "w") as f:
+            json.dump({"setting": ["policy.alpha=0.2"], "config": "examples/bert-wikitext2-tiny.yaml",
+                       "modes": ["full", "mat"], "final_seeds": [7, 8]}, f)
+        r = run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--criteria",
+                 os.path.join(plan_dir, "criteria.json"), "--set", "train.threads=1", "--plan"],
+                a.source_dir)
+        plan = json.loads(r.stdout)
+        want = {"config": "examples/bert-wikitext2-tiny.yaml",
+                "sets": ["policy.alpha=0.2", "train.threads=1"], "modes": ["full", "mat"],
+                "seeds": [7, 8]}
+        if plan != want:
+            problems.append(f"verdict --plan printed {plan}, want {want}")
+        # A registered config_sha256 binds the config's content: another hash is refused, the
+        # right one runs and results.json records the hash of the config the runs used.
+        tiny = "examples/bert-wikitext2-tiny.yaml"
+        with open(os.path.join(a.source_dir, tiny), "rb") as f:
+            tiny_sha = hashlib.sha256(f.read()).hexdigest()
+        _, r = with_criteria("verdict-edited-config", {"setting": [], "config": tiny,
+                                                       "config_sha256": "0" * 64})
+        if r.returncode == 0 or f"has sha256 {tiny_sha}, not the config_sha256" not in r.stderr:
+            problems.append(f"verdict: a config whose sha256 is not the registered one was not "
+                            f"refused: {r.stderr[-300:]}")
+        vdir, r = with_criteria("verdict-config-hash", {"setting": [], "config": tiny,
+                                                        "config_sha256": tiny_sha})
+        if r.returncode != 0:
+            problems.append(f"verdict: the registered config_sha256 was refused: {r.stderr[-300:]}")
+        else:
+            with open(os.path.join(vdir, "results.json")) as f:
+                got = json.load(f)["meta"].get("config_sha256")
+            if got != tiny_sha:
+                problems.append(f"verdict: results.json meta config_sha256 {got}, want {tiny_sha}")
 
         # A registered confirmation (bench/results/confirm/): mat against the count-matched
         # frozen-random only, no full runs; judged only when every seed has its runs and every

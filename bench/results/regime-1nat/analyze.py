@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Prints each pilot's validation curve and where it first reaches the qualifying loss, then
-MAT's pilot j against full training's i (addendum 2): at equal steps, full's margins below the
-unigram model (whole and at [MASK]), full's validation loss at MAT's total FLOPs (with and
-without the decoder), and which modules MAT trained.
+MAT's pilots j (addendum 2) and k (addendum 4) and rand's l (addendum 4) against full
+training's i: at equal steps, full's margins below the unigram model (whole and at [MASK]),
+full's validation loss at the other run's total FLOPs (with and without the decoder), and which
+modules MAT trained; then l against j at equal steps (addendum 4's rule).
 
 Reads only validation figures (the pilots' plan: README.md beside this file). Usage:
   bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
@@ -104,6 +105,19 @@ def active_sets(mat_dir):
     ever = sorted({m["name"] for r in later for m in r["modules"] if m["active"]})
     print(f"{mat_dir.name}: {len(rows)} decisions; modules ever trained after step 2,000: "
           f"{len(ever)} of {len(rows[-1]['modules'])} ({', '.join(ever)})")
+    counts = {}
+    for r in after5k:
+        n = sum(m["active"] for m in r["modules"])
+        counts[n] = counts.get(n, 0) + 1
+    print(f"  active modules per decision after step 5,000: "
+          + ", ".join(f"{n}: {counts[n]}" for n in sorted(counts)))
+    changed = sum(1 for a, b in zip(later, later[1:])
+                  if [m["active"] for m in a["modules"]] != [m["active"] for m in b["modules"]])
+    print(f"  after step 2,000, {changed} of {len(later) - 1} decisions changed the active set; "
+          "share of those decisions each module was active:")
+    for k, m in enumerate(rows[-1]["modules"]):
+        share = sum(r["modules"][k]["active"] for r in later) / len(later)
+        print(f"    {m['name']:24s} {share:.2f}")
     converged = max(sum(m["converged"] for m in r["modules"]) for r in rows)
     print(f"  modules converged (the temporal rule) at any decision: at most {converged}")
     print(f"  at the last decision (step {rows[-1]['step']}):")
@@ -137,9 +151,37 @@ def main(root):
 
 
     root = pathlib.Path(root)
-    if (root / "i" / "metrics.jsonl").is_file() and (root / "j" / "metrics.jsonl").is_file():
-        compare(root / "i", root / "j")
-        active_sets(root / "j")
+    if not (root / "i" / "metrics.jsonl").is_file():
+        return
+    # Addendum 2: j (MAT, the verdict's setting); addendum 4: k (MAT keeping at least half of
+    # each group) and l (rand at j's active counts), each against full (i).
+    for other in ("j", "k", "l"):
+        if (root / other / "metrics.jsonl").is_file():
+            compare(root / "i", root / other)
+            if other != "l":
+                active_sets(root / other)
+    if (root / "j" / "metrics.jsonl").is_file() and (root / "l" / "metrics.jsonl").is_file():
+        rand_against_mat(root / "j", root / "l")
+
+
+def rand_against_mat(mat_dir, rand_dir):
+    """Addendum 4's rule: rand at MAT's counts (l) against MAT (j), at every common evaluation
+    and at the end; and whether l trained exactly j's per-group active counts."""
+    mat = {r["step"]: r for r in evaluations(mat_dir)}
+    rand = evaluations(rand_dir)
+    print(f"\n{rand_dir.name} (rand at {mat_dir.name}'s counts) against {mat_dir.name} (mat), "
+          "validation only")
+    print("  step  mat val  rand val  rand-mat  mat@[MASK]  rand@[MASK]  rand FLOPs/mat FLOPs")
+    for r in rand:
+        m = mat.get(r["step"])
+        if m is None:
+            continue
+        print(f"  {r['step']:5d}  {m['val_loss']:.4f}   {r['val_loss']:.4f}  "
+              f"{r['val_loss'] - m['val_loss']:+.4f}   {m['val_loss_at_mask']:.4f}      "
+              f"{r['val_loss_at_mask']:.4f}       {r['flops']['total'] / m['flops']['total']:.3f}")
+    same = all(mat[r["step"]]["active_modules"] == r["active_modules"] for r in rand
+               if r["step"] in mat)
+    print(f"  per-group active counts at every common evaluation equal: {same}")
 
 
 if __name__ == "__main__":

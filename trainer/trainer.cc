@@ -56,6 +56,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateImpl(const config::Train
                                       " is not a multiple of the " +
                                       std::to_string(options.world_size) + " ranks");
   }
+  const int64_t per_rank = config.train.batch_size / options.world_size;
+  if (config.policy.probe_samples > per_rank) {  // each rank probes its own share of the batch
+    return absl::InvalidArgumentError(
+        "policy.probe_samples " + std::to_string(config.policy.probe_samples) +
+        " is more than a rank's share of train.batch_size (" + std::to_string(per_rank) + " of " +
+        std::to_string(config.train.batch_size) + " over " + std::to_string(options.world_size) +
+        " ranks)");
+  }
   std::unique_ptr<Trainer> t(new Trainer(config, std::move(options)));
   t->task_ = std::move(task);  // null: Init makes the config's
   MAT_RETURN_IF_ERROR(StatusFromTorch([] { return std::string("building the trainer"); },

@@ -210,6 +210,26 @@ TEST(TrainerSingleTest, ResumeChecksTheSettingsTheCheckpointRecords) {
   fs::remove_all(dir);
 }
 
+// Each rank probes its own share of the batch: a probe larger than that share is refused at
+// creation, naming the key (the service checks it at submit; a trainer built directly, too).
+TEST(TrainerSingleTest, CreateRefusesAProbeLargerThanARanksShareOfTheBatch) {
+  std::string data = MakeCorpus("probe_share");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");  // batch 8, probe 4
+  TrainerOptions four;
+  four.world_size = 4;
+  auto t = Trainer::Create(c, four);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(t.status().message()).find("policy.probe_samples 4 is more than a rank's "
+                                                   "share of train.batch_size (2 of 8 over 4 ranks)"),
+            std::string::npos)
+      << t.status();
+  TrainerOptions two;
+  two.world_size = 2;  // 4 of 8: exactly a rank's share
+  EXPECT_TRUE(Trainer::Create(c, two).ok());
+  fs::remove_all(data);
+}
+
 TEST(TrainerSingleTest, MatSwitchesModulesOffAndSavesFlops) {
   std::string data = MakeCorpus("mat");
   config::TrainConfig c = TinyTrainConfig(data, "mat");

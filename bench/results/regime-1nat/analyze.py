@@ -26,16 +26,16 @@ def evaluations(pilot):
     return [r for r in rows if "val_loss" in r]
 
 
-def compare(full_dir, mat_dir):
+def compare(full_dir, mat_dir, kind="mat"):
     """MAT against full at every evaluation both reached, and where MAT first reaches full's best
     validation loss (its FLOPs as a fraction of full's FLOPs to that best)."""
     full, mat = evaluations(full_dir), evaluations(mat_dir)
     if not full or not mat:
         return
     by_step = {r["step"]: r for r in mat}
-    print(f"\n{mat_dir.name} (mat) against {full_dir.name} (full), validation only")
-    print("  step  full val  mat val  mat-full  full@[MASK]  mat@[MASK]  mat FLOPs/full FLOPs  "
-          "active")
+    print(f"\n{mat_dir.name} ({kind}) against {full_dir.name} (full), validation only")
+    print(f"  step  full val  {kind} val  {kind}-full  full@[MASK]  {kind}@[MASK]  "
+          f"{kind} FLOPs/full FLOPs  active")
     for f in full:
         m = by_step.get(f["step"])
         if m is None:
@@ -157,7 +157,7 @@ def main(root):
     # each group) and l (rand at j's active counts), each against full (i).
     for other in ("j", "k", "l"):
         if (root / other / "metrics.jsonl").is_file():
-            compare(root / "i", root / other)
+            compare(root / "i", root / other, "rand" if other == "l" else "mat")
             if other != "l":
                 active_sets(root / other)
     if (root / "j" / "metrics.jsonl").is_file() and (root / "l" / "metrics.jsonl").is_file():

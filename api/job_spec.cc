@@ -371,7 +371,6 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
                             "policy.rand_schedule_job replays a MAT job's decisions for "
                             "policy.kind rand, frozen-random or inverse only, got kind '" +
                                 p.kind() + "'"));
-  const v1::TrainSpec& t = s.train();
   const v1::ResourceSpec& r = s.resources();
   MAT_RETURN_IF_ERROR(Check(r.workers() >= 1,
                             absl::StrCat("resources.workers must be >= 1, got ", r.workers())));
@@ -382,18 +381,8 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
                             absl::StrCat("resources.max_train_seconds must be a number of "
                                          "seconds >= 0 (0: no limit), got ",
                                          r.max_train_seconds())));
-  MAT_RETURN_IF_ERROR(Check(t.batch_size() % r.workers() == 0,
-                            absl::StrCat("train.batch_size must be a multiple of "
-                                         "resources.workers (each rank takes an equal share), "
-                                         "got ",
-                                         t.batch_size(), " for ", r.workers(), " workers")));
-  const int64_t per_rank = t.batch_size() / r.workers();
-  MAT_RETURN_IF_ERROR(Check(p.probe_samples() <= per_rank,
-                            absl::StrCat("policy.probe_samples must be <= train.batch_size / "
-                                         "resources.workers (each rank probes its own batch), "
-                                         "got ",
-                                         p.probe_samples(), " with ", per_rank,
-                                         " samples per rank")));
+  // Each worker is a rank: the batch splits evenly and each rank probes its own share.
+  MAT_RETURN_IF_ERROR(config::ValidateRankShare(c, r.workers()));
   return absl::OkStatus();
 }
 

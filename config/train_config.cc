@@ -458,6 +458,23 @@ absl::Status ValidateTrainConfig(const TrainConfig& c) {
   return policy::ValidatePolicyConfig(ToPolicyConfig(c));
 }
 
+absl::Status ValidateRankShare(const TrainConfig& c, int64_t world_size) {
+  if (c.train.batch_size % world_size != 0) {
+    return absl::InvalidArgumentError(
+        StrCat("train.batch_size ", c.train.batch_size, " is not a multiple of the ", world_size,
+               " ranks (resources.workers; each rank takes an equal share)"));
+  }
+  const int64_t per_rank = c.train.batch_size / world_size;
+  if (c.policy.probe_samples > per_rank) {
+    return absl::InvalidArgumentError(
+        StrCat("policy.probe_samples ", c.policy.probe_samples,
+               " is more than a rank's share of train.batch_size (", per_rank, " of ",
+               c.train.batch_size, " over ", world_size,
+               " ranks, resources.workers; each rank probes its own)"));
+  }
+  return absl::OkStatus();
+}
+
 policy::PolicyConfig ToPolicyConfig(const TrainConfig& c) {
   policy::PolicyConfig p;
   auto kind = policy::ParsePolicyKind(c.policy.kind);

@@ -169,6 +169,10 @@ absl::StatusOr<TrainConfig> LoadTrainConfig(const std::string& path);
 absl::Status ApplyOverride(TrainConfig& config, const std::string& assignment);
 // Range checks across fields; INVALID_ARGUMENT naming the key.
 absl::Status ValidateTrainConfig(const TrainConfig& config);
+// Data parallelism over `world_size` ranks: each rank takes train.batch_size / world_size
+// samples a step and probes its own share. INVALID_ARGUMENT naming the key when the batch does
+// not split evenly or policy.probe_samples is more than a rank's share. REQUIRES: world_size >= 1.
+absl::Status ValidateRankShare(const TrainConfig& config, int64_t world_size);
 // The policy library's config for this run.
 policy::PolicyConfig ToPolicyConfig(const TrainConfig& config);
 

@@ -186,6 +186,10 @@ absl::StatusOr<RecordedProbe> MaskedLmTask::RecordProbe(const TaskBatch& batch, 
 absl::StatusOr<RecordedProbe> MaskedLmTask::RecordProbe(const MlmBatch& batch, int64_t n,
                                                         const spectral::Estimator& estimator) {
   const torch::Device& device = context_.device;
+  if (batch.input_ids.size(0) < n) {
+    return absl::InvalidArgumentError("probe batch has " + std::to_string(batch.input_ids.size(0)) +
+                                      " sequences, policy.probe_samples is " + std::to_string(n));
+  }
   const int64_t T = context_.config.data.seq_len;
   spectral::SiteRecorder recorder;
   RecordedProbe out;

@@ -102,8 +102,8 @@ class Task {
   virtual absl::StatusOr<RecordedProbe> RecordProbe(const TaskBatch& batch, int64_t n,
                                                     const spectral::Estimator& estimator) = 0;
 
-  // Mean loss (and accuracy) over the fixed batches of `split`, with no gradients and every
-  // module active.
+  // Mean loss (and accuracy, and for a masked LM the loss at [MASK]) over the fixed batches of
+  // `split`, with no gradients and every module active.
   virtual EvalResult Evaluate(EvalSplit split) = 0;
   // True when Evaluate's accuracy means something (the table's test metric is then accuracy).
   virtual bool classifies() const = 0;

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <thread>
@@ -51,19 +52,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateImpl(const config::Train
                                       " is not in [0, world_size " +
                                       std::to_string(options.world_size) + ")");
   }
-  if (config.train.batch_size % options.world_size != 0) {
-    return absl::InvalidArgumentError("train.batch_size " + std::to_string(config.train.batch_size) +
-                                      " is not a multiple of the " +
-                                      std::to_string(options.world_size) + " ranks");
-  }
-  const int64_t per_rank = config.train.batch_size / options.world_size;
-  if (config.policy.probe_samples > per_rank) {  // each rank probes its own share of the batch
-    return absl::InvalidArgumentError(
-        "policy.probe_samples " + std::to_string(config.policy.probe_samples) +
-        " is more than a rank's share of train.batch_size (" + std::to_string(per_rank) + " of " +
-        std::to_string(config.train.batch_size) + " over " + std::to_string(options.world_size) +
-        " ranks)");
-  }
+  MAT_RETURN_IF_ERROR(config::ValidateRankShare(config, options.world_size));
   std::unique_ptr<Trainer> t(new Trainer(config, std::move(options)));
   t->task_ = std::move(task);  // null: Init makes the config's
   MAT_RETURN_IF_ERROR(StatusFromTorch([] { return std::string("building the trainer"); },

@@ -105,7 +105,8 @@ struct TrainerOptions {
   bool resume = false;        // continue from out_dir/checkpoint.pt (or its .prev) when present
   // Data parallelism (mat-worker): this rank reads every world_size-th block of the shuffled
   // training data and takes train.batch_size / world_size samples a step; only rank 0 evaluates.
-  // REQUIRES: 0 <= rank < world_size, batch_size % world_size == 0.
+  // REQUIRES: 0 <= rank < world_size; Create refuses a batch or probe that does not fit
+  // (config::ValidateRankShare).
   int rank = 0;
   int world_size = 1;
   // Borrowed; must outlive Run. nullptr: mat-train (local policy, no reduction).

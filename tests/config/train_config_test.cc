@@ -428,6 +428,22 @@ TEST(LoadTrainConfigTest, ErrorsNameTheFile) {
   EXPECT_THAT(c.status().message(), HasSubstr("train.stepz"));
 }
 
+// Each of the ranks takes an equal share of the batch and probes its own share.
+TEST(ValidateRankShareTest, TheBatchSplitsEvenlyAndTheProbeFitsARanksShare) {
+  TrainConfig c;
+  c.train.batch_size = 8;
+  c.policy.probe_samples = 4;
+  EXPECT_TRUE(ValidateRankShare(c, 1).ok());
+  EXPECT_TRUE(ValidateRankShare(c, 2).ok());  // exactly a rank's share
+  absl::Status uneven = ValidateRankShare(c, 3);
+  EXPECT_EQ(uneven.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(uneven.message(), HasSubstr("train.batch_size 8 is not a multiple of the 3 ranks"));
+  absl::Status probe = ValidateRankShare(c, 4);
+  EXPECT_EQ(probe.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(probe.message(), HasSubstr("policy.probe_samples 4 is more than a rank's share of "
+                                         "train.batch_size (2 of 8 over 4 ranks"));
+}
+
 TEST(ToPolicyConfigTest, CopiesThePolicySection) {
   TrainConfig c;
   ASSERT_TRUE(ApplyOverride(c, "policy.kind=multirate").ok());

@@ -281,6 +281,28 @@ TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
   fs::remove_all(dir);
 }
 
+// A probe of more samples than the batch holds is refused, naming both (the Task contract; the
+// image task has the same check).
+TEST(TaskTest, MaskedLmProbeRefusesABatchShorterThanTheProbe) {
+  namespace fs = std::filesystem;
+  const std::string dir = testing::WriteToyCorpus("task_short_probe");
+  TaskContext context;
+  context.config = testing::ToyConfig(dir);
+  auto task = MaskedLmTask::Create(context);
+  ASSERT_TRUE(task.ok()) << task.status();
+  auto gram = spectral::MakeEstimator("gram");
+  ASSERT_TRUE(gram.ok()) << gram.status();
+  const std::unique_ptr<TaskBatch> two = (*task)->NextBatch(2);
+  auto probe = (*task)->RecordProbe(*two, 3, **gram);
+  EXPECT_EQ(probe.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(probe.status().message()).find("probe batch has 2 sequences, "
+                                                       "policy.probe_samples is 3"),
+            std::string::npos)
+      << probe.status();
+  EXPECT_TRUE((*task)->RecordProbe(*two, 2, **gram).ok());
+  fs::remove_all(dir);
+}
+
 // On mixed text, the [MASK]-only baselines and losses cover exactly the predicted positions whose
 // input is [MASK]: rebuilt here from the task's evaluation batches by reading each position's
 // input token.

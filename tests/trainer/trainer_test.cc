@@ -221,12 +221,30 @@ TEST(TrainerSingleTest, CreateRefusesAProbeLargerThanARanksShareOfTheBatch) {
   ASSERT_FALSE(t.ok());
   EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(t.status().message()).find("policy.probe_samples 4 is more than a rank's "
-                                                   "share of train.batch_size (2 of 8 over 4 ranks)"),
+                                                   "share of train.batch_size (2 of 8 over 4 ranks"),
             std::string::npos)
       << t.status();
   TrainerOptions two;
   two.world_size = 2;  // 4 of 8: exactly a rank's share
   EXPECT_TRUE(Trainer::Create(c, two).ok());
+  fs::remove_all(data);
+}
+
+// summary.json's test loss at [MASK] comes with the first test evaluation (at the first
+// evaluation, step 10), not before it.
+TEST(TrainerSingleTest, TheTestLossAtMaskComesWithTheFirstTestEvaluation) {
+  std::string data = MakeCorpus("at_mask_first");
+  config::TrainConfig c = TinyTrainConfig(data, "full");
+  for (const auto& [stop, has] : {std::pair{5, false}, std::pair{10, true}}) {
+    auto t = Trainer::Create(c, {"", false, false});
+    ASSERT_TRUE(t.ok()) << t.status();
+    auto summary = (*t)->Run(stop);
+    ASSERT_TRUE(summary.ok()) << summary.status();
+    EXPECT_EQ(summary->contains("test_loss_at_mask_at_best"), has) << "stopped at " << stop;
+    if (has) {
+      EXPECT_TRUE(std::isfinite(summary->at("test_loss_at_mask_at_best").get<double>()));
+    }
+  }
   fs::remove_all(data);
 }
 

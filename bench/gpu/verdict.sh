@@ -27,7 +27,8 @@ cd "$(dirname "$0")/../.."
 criteria=${criteria_arg:-bench/results/verdict/criteria.json}
 mkdir -p "$out"
 # The runs' config, setting, modes and seeds, as bench/verdict resolves them from the criteria
-# (refused before the build when the setting is null or the registered config was edited).
+# (refused before the build when the setting is null, or when the config was edited since a
+# registered config_sha256: neither committed criteria.json has one yet).
 plan=$(python3 bench/verdict --criteria "$criteria" --plan)
 # shellcheck source=bench/gpu/prepare.sh
 source bench/gpu/prepare.sh
@@ -50,9 +51,11 @@ echo "mps: $mps; $jobs runs at once" | tee -a "$out/machine.txt"
 # Every policy kind for 100 steps on the GPU (probes from step 20), at once: a CUDA failure shows
 # here, before the table's runs.
 config=$(python3 -c "import json, sys; print(json.loads(sys.argv[1])['config'])" "$plan")
-mapfile -t setting < <(python3 -c "
+sets=$(python3 -c "
 import json, sys
 for s in json.loads(sys.argv[1])['sets']: print('--set'); print(s)" "$plan")
+setting=()
+[ -z "$sets" ] || mapfile -t setting <<< "$sets"
 common=(--config "$config" "${setting[@]}" --set train.device=cuda
   --set "data.dir=$deps_dir/wikitext-2" --set train.threads=1 --no-progress --log-level warn)
 smoke=(--set train.steps=100 --set train.eval_every=50 --set train.eval_batches=2

@@ -208,40 +208,54 @@ def main():
             problems.append(f"verdict: a --config other than the registered one was not refused: "
                             f"{r.stderr[-300:]}")
         # --plan prints what the runs would be (bench/gpu/verdict.sh reads it): the registered
-        # config, setting, modes and seeds.
+        # config, setting, modes and seeds; it writes nothing (not even --out).
         plan_dir = os.path.join(work, "verdict-plan")
         os.makedirs(plan_dir)
         with open(os.path.join(plan_dir, "criteria.json"), "w") as f:
             json.dump({"setting": ["policy.alpha=0.2"], "config": "examples/bert-wikitext2-tiny.yaml",
                        "modes": ["full", "mat"], "final_seeds": [7, 8]}, f)
+        plan_out = os.path.join(work, "verdict-plan-out")
         r = run([sys.executable, os.path.join(a.source_dir, "bench", "verdict"), "--criteria",
-                 os.path.join(plan_dir, "criteria.json"), "--set", "train.threads=1", "--plan"],
-                a.source_dir)
+                 os.path.join(plan_dir, "criteria.json"), "--set", "train.threads=1",
+                 "--out", plan_out, "--plan"], a.source_dir)
         plan = json.loads(r.stdout)
         want = {"config": "examples/bert-wikitext2-tiny.yaml",
                 "sets": ["policy.alpha=0.2", "train.threads=1"], "modes": ["full", "mat"],
                 "seeds": [7, 8]}
         if plan != want:
             problems.append(f"verdict --plan printed {plan}, want {want}")
-        # A registered config_sha256 binds the config's content: another hash is refused, the
-        # right one runs and results.json records the hash of the config the runs used.
-        tiny = "examples/bert-wikitext2-tiny.yaml"
-        with open(os.path.join(a.source_dir, tiny), "rb") as f:
-            tiny_sha = hashlib.sha256(f.read()).hexdigest()
-        _, r = with_criteria("verdict-edited-config", {"setting": [], "config": tiny,
-                                                       "config_sha256": "0" * 64})
-        if r.returncode == 0 or f"has sha256 {tiny_sha}, not the config_sha256" not in r.stderr:
-            problems.append(f"verdict: a config whose sha256 is not the registered one was not "
-                            f"refused: {r.stderr[-300:]}")
-        vdir, r = with_criteria("verdict-config-hash", {"setting": [], "config": tiny,
-                                                        "config_sha256": tiny_sha})
+        if os.path.exists(plan_out):
+            problems.append("verdict --plan created its --out folder")
+
+        # A registered config_sha256 binds the registered config's content: another hash, a
+        # malformed one and one without a config are refused; the right one is judged, and
+        # results.json records the hash of the config the table used (here --quick's tiny
+        # config, not the registered one).
+        def sha(rel):
+            with open(os.path.join(a.source_dir, rel), "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        registered_cfg, tiny = "examples/bert-wikitext2-verdict.yaml", "examples/bert-wikitext2-tiny.yaml"
+        for name, crit, want_err in (
+                ("verdict-edited-config", {"config": registered_cfg, "config_sha256": "0" * 64},
+                 f"has sha256 {sha(registered_cfg)}, not the config_sha256"),
+                ("verdict-bad-hash", {"config": registered_cfg, "config_sha256": "abc"},
+                 "is not 64 lowercase hex digits"),
+                ("verdict-hash-alone", {"config_sha256": sha(registered_cfg)},
+                 "config_sha256 without the config")):
+            _, r = with_criteria(name, {"setting": [], **crit})
+            if r.returncode == 0 or want_err not in r.stderr:
+                problems.append(f"verdict: {name} was not refused with {want_err!r}: "
+                                f"{r.stderr[-300:]}")
+        vdir, r = with_criteria("verdict-config-hash", {"setting": [], "config": registered_cfg,
+                                                        "config_sha256": sha(registered_cfg)})
         if r.returncode != 0:
             problems.append(f"verdict: the registered config_sha256 was refused: {r.stderr[-300:]}")
         else:
             with open(os.path.join(vdir, "results.json")) as f:
-                got = json.load(f)["meta"].get("config_sha256")
-            if got != tiny_sha:
-                problems.append(f"verdict: results.json meta config_sha256 {got}, want {tiny_sha}")
+                meta = json.load(f)["meta"]
+            if meta.get("config_sha256_at_analysis") != sha(tiny) or "config_sha256" in meta:
+                problems.append(f"verdict: results.json meta {meta} does not record the used "
+                                f"config's hash {sha(tiny)} as config_sha256_at_analysis")
 
         # A registered confirmation (bench/results/confirm/): mat against the count-matched
         # frozen-random only, no full runs; judged only when every seed has its runs and every

@@ -3,7 +3,9 @@
 MAT's pilots j (addendum 2) and k (addendum 4) and rand's l (addendum 4) against full
 training's i: at equal steps, full's margins below the unigram model (whole and at [MASK]),
 full's validation loss at the other run's total FLOPs (with and without the decoder), and which
-modules MAT trained; then l against j at equal steps (addendum 4's rule).
+modules MAT trained; then l against j at equal steps (addendum 4's rule); then addendum 5: m
+(i's command, k's build) against i, k and n (frozen-random at k's counts) against m, and n
+against k.
 
 Reads only validation figures (the pilots' plan: README.md beside this file). Usage:
   bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
@@ -154,33 +156,66 @@ def main(root):
 
 
     root = pathlib.Path(root)
+
+    def has(name):
+        return (root / name / "metrics.jsonl").is_file()
+
     # Addendum 2: j (MAT, the verdict's setting); addendum 4: k (MAT keeping at least half of
-    # each group) and l (rand at j's active counts), each against full (i).
-    for other in ("j", "k", "l"):
-        if (root / "i" / "metrics.jsonl").is_file() and (root / other / "metrics.jsonl").is_file():
-            compare(root / "i", root / other, "rand" if other == "l" else "mat")
-            if other != "l":
+    # each group) and l (rand at j's active counts), each against full (i); addendum 5: m (i's
+    # command with k's and l's build) and n (frozen-random at k's counts).
+    for other, kind in (("j", "mat"), ("k", "mat"), ("l", "rand")):
+        if has("i") and has(other):
+            compare(root / "i", root / other, kind)
+            if kind == "mat":
                 active_sets(root / other)
-    if (root / "j" / "metrics.jsonl").is_file() and (root / "l" / "metrics.jsonl").is_file():
-        rand_against_mat(root / "j", root / "l")
+    if has("j") and has("l"):
+        control_against_mat(root / "j", root / "l", "rand")
+    if has("i") and has("m"):
+        build_drift(root / "i", root / "m")
+    for other, kind in (("k", "mat"), ("n", "frozen-random")):
+        if has("m") and has(other):
+            compare(root / "m", root / other, kind)
+    if has("k") and has("n"):
+        control_against_mat(root / "k", root / "n", "frozen-random")
 
 
-def rand_against_mat(mat_dir, rand_dir):
-    """Addendum 4's rule: rand at MAT's counts (l) against MAT (j), at every common evaluation
-    and at the end; and whether l trained exactly j's per-group active counts."""
+def build_drift(old_dir, new_dir):
+    """Addendum 5: the same full run with two builds (i: da0b3f1's, m: 7c5b355's), at every
+    common evaluation: how far apart the builds' validation losses are."""
+    old = {r["step"]: r for r in evaluations(old_dir)}
+    rows = [(r, old[r["step"]]) for r in evaluations(new_dir) if r["step"] in old]
+    if not rows:
+        return
+    print(f"\n{new_dir.name} ({old_dir.name}'s command, another build) against {old_dir.name}")
+    print("  step  " + old_dir.name + " val   " + new_dir.name + " val   difference  at [MASK]")
+    for r, o in rows:
+        print(f"  {r['step']:5d}  {o['val_loss']:.4f}  {r['val_loss']:.4f}  "
+              f"{r['val_loss'] - o['val_loss']:+.2e}    "
+              f"{r['val_loss_at_mask'] - o['val_loss_at_mask']:+.2e}")
+    worst = max(rows, key=lambda p: abs(p[0]["val_loss"] - p[1]["val_loss"]))
+    print(f"  largest |difference| {abs(worst[0]['val_loss'] - worst[1]['val_loss']):.2e} at step "
+          f"{worst[0]['step']}; at the last common step ({rows[-1][0]['step']}) "
+          f"{rows[-1][0]['val_loss'] - rows[-1][1]['val_loss']:+.2e}")
+
+
+def control_against_mat(mat_dir, ctrl_dir, kind):
+    """Addenda 4 and 5: a control replaying a MAT run's decisions (l: rand at j's counts; n:
+    frozen-random at k's) against that run, at every common evaluation and at the end; and
+    whether it trained exactly the MAT run's per-group active counts."""
     mat = {r["step"]: r for r in evaluations(mat_dir)}
-    rand = evaluations(rand_dir)
-    print(f"\n{rand_dir.name} (rand at {mat_dir.name}'s counts) against {mat_dir.name} (mat), "
+    ctrl = evaluations(ctrl_dir)
+    print(f"\n{ctrl_dir.name} ({kind} at {mat_dir.name}'s counts) against {mat_dir.name} (mat), "
           "validation only")
-    print("  step  mat val  rand val  rand-mat  mat@[MASK]  rand@[MASK]  rand FLOPs/mat FLOPs")
-    for r in rand:
+    print(f"  step  mat val  {kind} val  {kind}-mat  mat@[MASK]  {kind}@[MASK]  "
+          f"{kind} FLOPs/mat FLOPs")
+    for r in ctrl:
         m = mat.get(r["step"])
         if m is None:
             continue
         print(f"  {r['step']:5d}  {m['val_loss']:.4f}   {r['val_loss']:.4f}  "
               f"{r['val_loss'] - m['val_loss']:+.4f}   {m['val_loss_at_mask']:.4f}      "
               f"{r['val_loss_at_mask']:.4f}       {r['flops']['total'] / m['flops']['total']:.3f}")
-    common = [r for r in rand if r["step"] in mat]
+    common = [r for r in ctrl if r["step"] in mat]
     same = sum(mat[r["step"]]["active_modules"] == r["active_modules"] for r in common)
     print(f"  per-group active counts equal at {same} of {len(common)} common evaluations")
 

@@ -4,8 +4,8 @@ MAT's pilots j (addendum 2) and k (addendum 4) and rand's l (addendum 4) against
 training's i: at equal steps, full's margins below the unigram model (whole and at [MASK]),
 full's validation loss at the other run's total FLOPs (with and without the decoder), and which
 modules MAT trained; then l against j at equal steps (addendum 4's rule); then addendum 5: m
-(i's command, k's build) against i, k and n (frozen-random at k's counts) against m, and n
-against k.
+(i's command, k's build) against i, k and n (frozen-random at j's counts) against m, and n
+against j and l.
 
 Reads only validation figures (the pilots' plan: README.md beside this file). Usage:
   bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
@@ -47,6 +47,9 @@ def compare(full_dir, mat_dir, kind="mat"):
               f"      {m.get('val_loss_at_mask', float('nan')):.4f}      "
               f"{m['flops']['total'] / f['flops']['total']:.3f}               "
               f"{sum(m['active_modules'].values())}")
+    if not (full_dir / "summary.json").is_file() or not (mat_dir / "summary.json").is_file():
+        print("  (unfinished: no summary.json yet; the end, the best and equal FLOPs are not read)")
+        return
     best_full = min(full, key=lambda r: r["val_loss"])
     best_mat = min(mat, key=lambda r: r["val_loss"])
     print(f"  best: full {best_full['val_loss']:.4f} at {best_full['step']}, mat "
@@ -162,7 +165,7 @@ def main(root):
 
     # Addendum 2: j (MAT, the verdict's setting); addendum 4: k (MAT keeping at least half of
     # each group) and l (rand at j's active counts), each against full (i); addendum 5: m (i's
-    # command with k's and l's build) and n (frozen-random at k's counts).
+    # command with k's and l's build) and n (frozen-random at j's counts).
     for other, kind in (("j", "mat"), ("k", "mat"), ("l", "rand")):
         if has("i") and has(other):
             compare(root / "i", root / other, kind)
@@ -175,8 +178,10 @@ def main(root):
     for other, kind in (("k", "mat"), ("n", "frozen-random")):
         if has("m") and has(other):
             compare(root / "m", root / other, kind)
-    if has("k") and has("n"):
-        control_against_mat(root / "k", root / "n", "frozen-random")
+    if has("j") and has("n"):
+        control_against_mat(root / "j", root / "n", "frozen-random")
+    if has("l") and has("n"):
+        control_against_mat(root / "l", root / "n", "frozen-random", base_kind="rand")
 
 
 def build_drift(old_dir, new_dir):
@@ -198,16 +203,16 @@ def build_drift(old_dir, new_dir):
           f"{rows[-1][0]['val_loss'] - rows[-1][1]['val_loss']:+.2e}")
 
 
-def control_against_mat(mat_dir, ctrl_dir, kind):
+def control_against_mat(mat_dir, ctrl_dir, kind, base_kind="mat"):
     """Addenda 4 and 5: a control replaying a MAT run's decisions (l: rand at j's counts; n:
-    frozen-random at k's) against that run, at every common evaluation and at the end; and
-    whether it trained exactly the MAT run's per-group active counts."""
+    frozen-random at j's) against that run (or against another control at the same counts: n
+    against l), at every common evaluation and at the end; and whether the two trained the same
+    per-group active counts."""
     mat = {r["step"]: r for r in evaluations(mat_dir)}
     ctrl = evaluations(ctrl_dir)
-    print(f"\n{ctrl_dir.name} ({kind} at {mat_dir.name}'s counts) against {mat_dir.name} (mat), "
-          "validation only")
-    print(f"  step  mat val  {kind} val  {kind}-mat  mat@[MASK]  {kind}@[MASK]  "
-          f"{kind} FLOPs/mat FLOPs")
+    print(f"\n{ctrl_dir.name} ({kind}) against {mat_dir.name} ({base_kind}), validation only")
+    print(f"  step  {base_kind} val  {kind} val  {kind}-{base_kind}  {base_kind}@[MASK]  "
+          f"{kind}@[MASK]  {kind} FLOPs/{base_kind} FLOPs")
     for r in ctrl:
         m = mat.get(r["step"])
         if m is None:

@@ -42,6 +42,9 @@ struct ToyBatch : TaskBatch {
   torch::Tensor x, y;
 };
 
+// What the toy task's "loss at [MASK]" adds to its loss on each split.
+constexpr double kValidAtMask = 1.25, kTestAtMask = 2.5;
+
 // Training pairs from a counter (the data state): batch k is drawn from a generator seeded by k.
 class ToyTask : public Task {
  public:
@@ -112,6 +115,8 @@ class ToyTask : public Task {
     const torch::Tensor x = split == EvalSplit::kValid ? eval_x_ : eval_x_ * 2;
     EvalResult out;
     out.loss = torch::mse_loss(net_->a(x) + net_->b(x), torch::mm(x, target_)).item<double>();
+    // A figure of its own per split, so that the trainer's use of each can be told apart.
+    out.loss_at_mask = out.loss + (split == EvalSplit::kValid ? kValidAtMask : kTestAtMask);
     return out;
   }
   bool classifies() const override { return false; }
@@ -192,6 +197,22 @@ TEST(TaskTest, TheLoopTrainsAThirdTaskUnderMasksWithItsOwnFieldsAndFlops) {
   EXPECT_EQ(metrics[3].at("toy_batches_drawn"), 40);
   EXPECT_LT(metrics[3].at("val_loss").get<double>(), metrics[0].at("val_loss").get<double>())
       << "the heads learn the map";
+  // The task's loss at [MASK]: validation's on every evaluation line, test's where test was
+  // evaluated (a new best), and the best step's in the summary.
+  int tested = 0;
+  for (const auto& m : metrics) {
+    EXPECT_DOUBLE_EQ(m.at("val_loss_at_mask").get<double>(),
+                     m.at("val_loss").get<double>() + kValidAtMask);
+    ASSERT_EQ(m.contains("test_loss_at_mask"), m.contains("test_loss")) << m.dump();
+    if (m.contains("test_loss")) {
+      ++tested;
+      EXPECT_DOUBLE_EQ(m.at("test_loss_at_mask").get<double>(),
+                       m.at("test_loss").get<double>() + kTestAtMask);
+    }
+  }
+  EXPECT_GE(tested, 1);
+  EXPECT_DOUBLE_EQ((*summary)["test_loss_at_mask_at_best"].get<double>(),
+                   (*summary)["test_loss_at_best"].get<double>() + kTestAtMask);
   EXPECT_EQ(testing::ReadJsonLines(tmp.path() + "/run/decisions.jsonl").size(), 8u);
 }
 

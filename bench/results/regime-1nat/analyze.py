@@ -52,10 +52,10 @@ def compare(full_dir, mat_dir, kind="mat"):
         return
     best_full = min(full, key=lambda r: r["val_loss"])
     best_mat = min(mat, key=lambda r: r["val_loss"])
-    print(f"  best: full {best_full['val_loss']:.4f} at {best_full['step']}, mat "
-          f"{best_mat['val_loss']:.4f} at {best_mat['step']} (mat - full "
+    print(f"  best: full {best_full['val_loss']:.4f} at {best_full['step']}, {kind} "
+          f"{best_mat['val_loss']:.4f} at {best_mat['step']} ({kind} - full "
           f"{best_mat['val_loss'] - best_full['val_loss']:+.4f}); at [MASK]: full "
-          f"{best_full.get('val_loss_at_mask', float('nan')):.4f}, mat "
+          f"{best_full.get('val_loss_at_mask', float('nan')):.4f}, {kind} "
           f"{best_mat.get('val_loss_at_mask', float('nan')):.4f} (unigram {UNIGRAM_VAL_AT_MASK})")
     with open(full_dir / "summary.json") as fh:
         summary = json.load(fh)
@@ -77,17 +77,17 @@ def compare(full_dir, mat_dir, kind="mat"):
         t = (budget - a["flops"][key]) / (b["flops"][key] - a["flops"][key])
         step = a["step"] + t * (b["step"] - a["step"])
         val = a["val_loss"] + t * (b["val_loss"] - a["val_loss"])
-        print(f"  at mat's total {name} ({budget:.3e}, {budget / end['flops'][key]:.3f} of "
+        print(f"  at {kind}'s total {name} ({budget:.3e}, {budget / end['flops'][key]:.3f} of "
               f"full's): full at step {step:.0f}, val {val:.4f} (linear between evaluations); "
-              f"mat's end {mat[-1]['val_loss']:.4f} is {mat[-1]['val_loss'] - val:+.4f} from it")
+              f"{kind}'s end {mat[-1]['val_loss']:.4f} is {mat[-1]['val_loss'] - val:+.4f} from it")
     reach = next((m for m in mat if m["val_loss"] <= best_full["val_loss"]), None)
     if reach:
-        print(f"  mat first reaches full's best at step {reach['step']}, with "
+        print(f"  {kind} first reaches full's best at step {reach['step']}, with "
               f"{reach['flops']['total'] / best_full['flops']['total']:.3f} of full's FLOPs to "
               f"its best ({reach['flops']['total_without_decoder'] / best_full['flops']['total_without_decoder']:.3f} "
               f"without the decoder)")
     else:
-        print("  mat does not reach full's best")
+        print(f"  {kind} does not reach full's best")
 
 
 def active_sets(mat_dir):

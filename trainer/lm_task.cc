@@ -101,9 +101,12 @@ absl::Status MaskedLmTask::Init() {
   unigram_eval_val_loss_at_mask_ = unigram.CrossEntropy(EvalLabels(valid_batches_, mlm_.mask_id));
   unigram_eval_test_loss_at_mask_ = unigram.CrossEntropy(EvalLabels(test_batches_, mlm_.mask_id));
 
-  train_size_ = TrainPrefix(c.data.train_fraction, static_cast<int64_t>(corpus_.train.size()));
+  const auto whole = static_cast<int64_t>(corpus_.train.size());
+  train_size_ = TrainPrefix(c.data.train_fraction, whole);
   corpus_.train.resize(static_cast<size_t>(train_size_));
-  unigram_test_loss_prefix_ = UnigramModel(corpus_.train, real).CrossEntropy(corpus_.test);
+  unigram_test_loss_prefix_ = train_size_ == whole
+                                  ? unigram_test_loss_  // the same fit
+                                  : UnigramModel(corpus_.train, real).CrossEntropy(corpus_.test);
 
   model_ = BertMlm(MakeBertConfig(c, real + 1));
   model_->to(context_.device);

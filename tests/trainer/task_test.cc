@@ -302,25 +302,33 @@ TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
   fs::remove_all(dir);
 }
 
+// A masked-LM task on a fresh toy corpus in a folder named after `name` (removed by the caller).
+std::unique_ptr<MaskedLmTask> ToyMlmTask(const std::string& name, std::string* dir) {
+  *dir = testing::WriteToyCorpus(name);
+  TaskContext context;
+  context.config = testing::ToyConfig(*dir);
+  auto task = MaskedLmTask::Create(context);
+  EXPECT_TRUE(task.ok()) << task.status();
+  return task.ok() ? std::move(*task) : nullptr;
+}
+
 // A probe of more samples than the batch holds is refused, naming both (the Task contract; the
 // image task has the same check).
 TEST(TaskTest, MaskedLmProbeRefusesABatchShorterThanTheProbe) {
   namespace fs = std::filesystem;
-  const std::string dir = testing::WriteToyCorpus("task_short_probe");
-  TaskContext context;
-  context.config = testing::ToyConfig(dir);
-  auto task = MaskedLmTask::Create(context);
-  ASSERT_TRUE(task.ok()) << task.status();
+  std::string dir;
+  auto task = ToyMlmTask("task_short_probe", &dir);
+  ASSERT_NE(task, nullptr);
   auto gram = spectral::MakeEstimator("gram");
   ASSERT_TRUE(gram.ok()) << gram.status();
-  const std::unique_ptr<TaskBatch> two = (*task)->NextBatch(2);
-  auto probe = (*task)->RecordProbe(*two, 3, **gram);
+  const std::unique_ptr<TaskBatch> two = task->NextBatch(2);
+  auto probe = task->RecordProbe(*two, 3, **gram);
   EXPECT_EQ(probe.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(probe.status().message()).find("probe batch has 2 sequences, "
                                                        "policy.probe_samples is 3"),
             std::string::npos)
       << probe.status();
-  EXPECT_TRUE((*task)->RecordProbe(*two, 2, **gram).ok());
+  EXPECT_TRUE(task->RecordProbe(*two, 2, **gram).ok());
   fs::remove_all(dir);
 }
 
@@ -329,16 +337,14 @@ TEST(TaskTest, MaskedLmProbeRefusesABatchShorterThanTheProbe) {
 // input token.
 TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
   namespace fs = std::filesystem;
-  const std::string dir = testing::WriteToyCorpus("task_at_mask");
-  TaskContext context;
-  context.config = testing::ToyConfig(dir);
-  auto task = MaskedLmTask::Create(context);
-  ASSERT_TRUE(task.ok()) << task.status();
+  std::string dir;
+  auto task = ToyMlmTask("task_at_mask", &dir);
+  ASSERT_NE(task, nullptr);
   auto corpus = LoadCorpus(dir);
   ASSERT_TRUE(corpus.ok()) << corpus.status();
   const int64_t real = corpus->vocab.size();  // [MASK]'s id
   nlohmann::json summary;
-  (*task)->AddSummaryFields(&summary);
+  task->AddSummaryFields(&summary);
 
   struct Split {
     EvalSplit split;
@@ -346,7 +352,7 @@ TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
   };
   for (const Split& split : {Split{EvalSplit::kValid, "val"}, Split{EvalSplit::kTest, "test"}}) {
     SCOPED_TRACE(split.name);
-    const std::vector<MlmBatch>& batches = (*task)->eval_batches(split.split);
+    const std::vector<MlmBatch>& batches = task->eval_batches(split.split);
     std::vector<int32_t> at_mask, shown;
     for (const MlmBatch& b : batches) {
       const auto ids = b.input_ids.reshape({-1});
@@ -362,15 +368,15 @@ TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
                 UnigramModel(corpus->train, real).CrossEntropy(at_mask), 1e-9);
 
     // The loss there, from the model's own per-position losses over the same batches.
-    const EvalResult result = (*task)->Evaluate(split.split);
+    const EvalResult result = task->Evaluate(split.split);
     double sum_mask = 0, sum = 0;
     int64_t n = 0;
     {
       torch::NoGradGuard guard;
-      (*task)->model()->eval();
+      task->model()->eval();
       for (const MlmBatch& b : batches) {
         const torch::Tensor ce = torch::nn::functional::cross_entropy(
-            (*task)->model()->forward(b.input_ids, b.positions), b.labels,
+            task->model()->forward(b.input_ids, b.positions), b.labels,
             torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
         const auto ids = b.input_ids.reshape({-1});
         for (int64_t i = 0; i < ce.size(0); ++i) {
@@ -382,7 +388,7 @@ TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
           }
         }
       }
-      (*task)->model()->train();
+      task->model()->train();
     }
     EXPECT_NEAR(result.loss, sum / double(at_mask.size() + shown.size()), 1e-5);
     ASSERT_TRUE(result.loss_at_mask.has_value());

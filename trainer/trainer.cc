@@ -258,10 +258,6 @@ EvalResult Trainer::Evaluate(const std::vector<ImageBatch>& batches) {
   return images_ == nullptr ? EvalResult{} : images_->Evaluate(batches);
 }
 
-double Trainer::Evaluate(const std::vector<MlmBatch>& batches) {
-  return lm_ == nullptr ? 0 : lm_->Evaluate(batches).loss;
-}
-
 absl::Status Trainer::AppendLine(const std::string& file, const nlohmann::json& line) {
   if (options_.out_dir.empty()) return absl::OkStatus();
   std::ofstream out(options_.out_dir + "/" + file, std::ios::app);
@@ -298,7 +294,7 @@ void Trainer::ShowProgress(double loss, int active, double elapsed) {
 }
 
 nlohmann::json Trainer::NominalStepFlops() const {
-  const int64_t B = config_.train.batch_size / options_.world_size;
+  const int64_t B = RankBatchSize();
   const FlopCounts full = task_->NominalStepFlops(B, {});
   const FlopCounts none = task_->NominalStepFlops(B, std::vector<uint8_t>(partition().size(), 0));
   return {{"full", full.total()}, {"full_without_decoder", full.total_without_decoder()},

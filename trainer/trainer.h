@@ -151,8 +151,6 @@ class Trainer {
                                     spectral::Estimator* estimator = nullptr);
   absl::StatusOr<ProbeResult> Probe(const ImageBatch& batch,
                                     spectral::Estimator* estimator = nullptr);
-  // Mean masked-LM loss over fixed batches (no gradients, dropout off); 0 on a VGG trainer.
-  double Evaluate(const std::vector<MlmBatch>& batches);
   // Mean cross-entropy per image and top-1 accuracy (no gradients, BatchNorm in eval mode);
   // zeros on a masked-LM trainer.
   EvalResult Evaluate(const std::vector<ImageBatch>& batches);
@@ -232,6 +230,9 @@ class Trainer {
   // modules_off_without_decoder}, FLOPs of one nominal step (Summary's comment), and "backward"
   // (policy.backward: what modules_off still computes).
   nlohmann::json NominalStepFlops() const;
+  // This rank's samples per step: train.batch_size / world_size (Create checked that it splits
+  // evenly: config::ValidateRankShare).
+  int64_t RankBatchSize() const { return config_.train.batch_size / options_.world_size; }
 
   config::TrainConfig config_;
   int64_t resumed_from_step_ = -1;

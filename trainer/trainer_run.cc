@@ -259,7 +259,7 @@ absl::StatusOr<nlohmann::json> Trainer::RunUnguarded(int64_t stop_at_step) {
   const auto& c = config_;
   MAT_RETURN_IF_ERROR(PrepareRun());
   const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;
-  const int64_t B = c.train.batch_size / options_.world_size;
+  const int64_t B = RankBatchSize();
   const double seconds_before = train_seconds_;
   TrainerHooks* hooks = options_.hooks;
   while (step_ < end) {

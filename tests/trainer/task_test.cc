@@ -397,5 +397,42 @@ TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
   fs::remove_all(dir);
 }
 
+// Batches in which no predicted position shows [MASK] (each [MASK] input put back to its label)
+// have a loss but no loss at [MASK]: NaN, not 0 or the loss.
+TEST(TaskTest, MaskedLmLossAtMaskIsNanWhenNoPositionShowsMask) {
+  namespace fs = std::filesystem;
+  std::string dir;
+  auto task = ToyMlmTask("task_no_mask", &dir);
+  ASSERT_NE(task, nullptr);
+  auto corpus = LoadCorpus(dir);
+  ASSERT_TRUE(corpus.ok()) << corpus.status();
+  const int64_t real = corpus->vocab.size();  // [MASK]'s id
+  std::vector<MlmBatch> unmasked;
+  int64_t put_back = 0;
+  for (const MlmBatch& b : task->eval_batches(EvalSplit::kValid)) {
+    MlmBatch c{b.input_ids.clone(), b.positions, b.labels};
+    auto ids = c.input_ids.view({-1});
+    for (int64_t i = 0; i < c.positions.size(0); ++i) {
+      const int64_t at = c.positions[i].item<int64_t>();
+      if (ids[at].item<int64_t>() == real) {
+        ids[at] = c.labels[i];
+        ++put_back;
+      }
+    }
+    ASSERT_EQ(c.input_ids.eq(real).sum().item<int64_t>(), 0);
+    unmasked.push_back(std::move(c));
+  }
+  ASSERT_GT(put_back, 0) << "the toy batches showed no [MASK]: nothing tested";
+  const EvalResult result = task->Evaluate(unmasked);
+  EXPECT_TRUE(std::isfinite(result.loss)) << result.loss;
+  ASSERT_TRUE(result.loss_at_mask.has_value());
+  EXPECT_TRUE(std::isnan(*result.loss_at_mask)) << *result.loss_at_mask;
+  // The task's own batches, untouched, still have one.
+  const EvalResult own = task->Evaluate(EvalSplit::kValid);
+  ASSERT_TRUE(own.loss_at_mask.has_value());
+  EXPECT_TRUE(std::isfinite(*own.loss_at_mask));
+  fs::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace mat::trainer

@@ -5,7 +5,8 @@ training's i: at equal steps, full's margins below the unigram model (whole and 
 full's validation loss at the other run's total FLOPs (with and without the decoder), and which
 modules MAT trained; then l against j at equal steps (addendum 4's rule); then addendum 5: m
 (i's command, k's build) against i, k and n (frozen-random at j's counts) against m, and n
-against j and l.
+against j and l; then addendum 6: o (frozen-random at k's counts) against k, p (inverse at j's
+counts) against j and n, and which modules n, o and p trained.
 
 Reads only validation figures (the pilots' plan: README.md beside this file). Usage:
   bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
@@ -182,6 +183,17 @@ def main(root):
         control_against_mat(root / "j", root / "n", "frozen-random")
     if has("l") and has("n"):
         control_against_mat(root / "l", root / "n", "frozen-random", base_kind="rand")
+    # Addendum 6: o (frozen-random at k's counts) against k; p (inverse: the lowest-λ modules
+    # at j's counts) against j and against n (frozen-random at j's counts), with which modules
+    # o and p trained and how often their sets changed.
+    for base, ctrl, kind, base_kind in (("k", "o", "frozen-random", "mat"),
+                                        ("j", "p", "inverse", "mat"),
+                                        ("n", "p", "inverse", "frozen-random")):
+        if has(base) and has(ctrl):
+            control_against_mat(root / base, root / ctrl, kind, base_kind=base_kind)
+    for ctrl in ("n", "o", "p"):
+        if has(ctrl):
+            active_sets(root / ctrl)
 
 
 def build_drift(old_dir, new_dir):

@@ -95,14 +95,9 @@ def active_sets(mat_dir):
     """Which modules MAT trained: how many distinct modules were ever active after step 2,000,
     and at the last decision the smoothed λ of the active modules against the inactive ones'
     largest, per group (decisions.jsonl, or decisions.jsonl.xz)."""
-    path = mat_dir / "decisions.jsonl"
-    opener = open if path.is_file() else lzma.open
-    if not path.is_file():
-        path = mat_dir / "decisions.jsonl.xz"
-        if not path.is_file():
-            return
-    with opener(path, "rt") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = read_decisions(mat_dir)
+    if rows is None:
+        return
     later = [r for r in rows if r["step"] > 2000]
     after5k = [r for r in rows if r["step"] > 5000]
     if not later:
@@ -194,6 +189,51 @@ def main(root):
     for ctrl in ("n", "o", "p"):
         if has(ctrl):
             active_sets(root / ctrl)
+    # Exploratory (read after n, in no plan): does λ follow training?
+    print("\nExploratory, in no plan: how far each run's trained set is the top of its own λ "
+          "ranking")
+    for name in ("j", "k", "n", "o", "p"):
+        if has(name):
+            lambda_follows_training(root / name)
+
+
+def read_decisions(run_dir):
+    """decisions.jsonl (or .xz) as a list of dicts; None when there is neither."""
+    for name, opener in (("decisions.jsonl", open), ("decisions.jsonl.xz", lzma.open)):
+        if (run_dir / name).is_file():
+            with opener(run_dir / name, "rt") as fh:
+                return [json.loads(line) for line in fh if line.strip()]
+    return None
+
+
+def lambda_follows_training(run_dir):
+    """Exploratory (not in any addendum's plan; read after n had run). Per 2,000 steps, over every
+    post-warm-up decision and group with some but not all modules active (k of them): the share of
+    the k active modules that are among the group's k largest smoothed λ of the run's own reports,
+    against k / (group size), the share a set drawn without regard to λ would have. MAT (j, k)
+    trains its top by construction (1.0, less where the guard adds modules); a control whose
+    identities are random (n, o) that drifts far above the chance share means its modules' λ
+    rose because they were trained."""
+    rows = read_decisions(run_dir)
+    if rows is None:
+        return
+    bins = {}
+    for r in rows:
+        if r["phase"] != "policy":
+            continue
+        for group in sorted({m["group"] for m in r["modules"]}):
+            members = [m for m in r["modules"] if m["group"] == group]
+            active = {m["name"] for m in members if m["active"]}
+            k = len(active)
+            if k in (0, len(members)):
+                continue
+            top = {m["name"] for m in sorted(members, key=lambda m: -float(m["lambda_smoothed"]))[:k]}
+            b = bins.setdefault(r["step"] // 2000, [0.0, 0.0, 0])
+            b[0] += len(top & active) / k
+            b[1] += k / len(members)
+            b[2] += 1
+    print(f"  {run_dir.name}: share of active modules in the top-k of λ (chance) per 2,000 steps: "
+          + ", ".join(f"{2 * b}k {v[0] / v[2]:.2f} ({v[1] / v[2]:.2f})" for b, v in sorted(bins.items())))
 
 
 def build_drift(old_dir, new_dir):

@@ -8,8 +8,10 @@ modules MAT trained; then l against j at equal steps (addendum 4's rule); then a
 against j and l; then addendum 6: o (frozen-random at k's counts) against k, p (inverse at j's
 counts) against j and n, and which modules n, o and p trained.
 
-Reads only validation figures (the pilots' plan: README.md beside this file). Usage:
-  bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots
+Reads only validation figures (the pilots' plan: README.md beside this file), and decisions.
+Usage (the second argument, optional: the exploratory λ reading on a verdict's kept runs):
+  bench/results/regime-1nat/analyze.py bench/results/regime-1nat/pilots \
+      bench/results/confirm/kept-runs
 """
 import json
 import lzma
@@ -232,8 +234,30 @@ def lambda_follows_training(run_dir):
             b[0] += len(top & active) / k
             b[1] += k / len(members)
             b[2] += 1
+    if not bins:
+        return None
     print(f"  {run_dir.name}: share of active modules in the top-k of λ (chance) per 2,000 steps: "
           + ", ".join(f"{2 * b}k {v[0] / v[2]:.2f} ({v[1] / v[2]:.2f})" for b, v in sorted(bins.items())))
+    last = bins[max(bins)]
+    return last[0] / last[2], last[1] / last[2]
+
+
+def lambda_follows_training_kept(kept_runs):
+    """The same reading on a verdict's kept runs (bench/results/confirm/kept-runs: 10 seeds of
+    mat and of frozen-random replaying each seed's mat), with the last 2,000 steps' shares of the
+    frozen-random seeds summarised."""
+    print(f"\nExploratory, in no plan: the same on {kept_runs}")
+    last = {}
+    for run in sorted(p for p in pathlib.Path(kept_runs).iterdir() if p.is_dir()):
+        share = lambda_follows_training(run)
+        if share is not None and run.name.startswith("frozen-random"):
+            last[run.name] = share
+    if last:
+        above = sum(1 for s, c in last.values() if s > c)
+        print(f"  frozen-random, last 2,000 steps: share above chance in {above} of {len(last)} runs; "
+              f"mean share {sum(s for s, _ in last.values()) / len(last):.2f} against mean chance "
+              f"{sum(c for _, c in last.values()) / len(last):.2f}; lowest share "
+              f"{min(s for s, _ in last.values()):.2f}")
 
 
 def build_drift(old_dir, new_dir):
@@ -279,3 +303,5 @@ def control_against_mat(mat_dir, ctrl_dir, kind, base_kind="mat"):
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "pilots")
+    if len(sys.argv) > 2:
+        lambda_follows_training_kept(sys.argv[2])

@@ -15,6 +15,7 @@ Usage (the second argument, optional: the exploratory λ reading on a verdict's 
 """
 import json
 import lzma
+import math
 import pathlib
 import sys
 
@@ -93,10 +94,12 @@ def compare(full_dir, mat_dir, kind="mat"):
         print(f"  {kind} does not reach full's best")
 
 
-def active_sets(mat_dir):
-    """Which modules MAT trained: how many distinct modules were ever active after step 2,000,
-    and at the last decision the smoothed λ of the active modules against the inactive ones'
-    largest, per group (decisions.jsonl, or decisions.jsonl.xz)."""
+def active_sets(mat_dir, kind="mat"):
+    """Which modules a run trained (MAT's, or a control's: `kind`): how many distinct modules were
+    ever active after step 2,000, and at the last decision the smoothed λ of the active modules
+    against the inactive ones' largest, per group (decisions.jsonl, or decisions.jsonl.xz). A
+    control replaying another run's decisions also logs its own MAT rules' threshold and
+    converged modules; they decide nothing there."""
     rows = read_decisions(mat_dir)
     if rows is None:
         return
@@ -124,15 +127,18 @@ def active_sets(mat_dir):
     for k, m in enumerate(rows[-1]["modules"]):
         share = sum(r["modules"][k]["active"] for r in later) / len(later)
         print(f"    {m['name']:24s} {share:.2f}")
+    logged = "" if kind == "mat" else f" (logged by {kind}'s own MAT rules; they decide nothing)"
     converged = max(sum(m["converged"] for m in r["modules"]) for r in rows)
-    print(f"  modules converged (the temporal rule) at any decision: at most {converged}")
+    print(f"  modules converged (the temporal rule) at any decision: at most {converged}{logged}")
     print(f"  at the last decision (step {rows[-1]['step']}):")
     for group in sorted({m["group"] for m in rows[-1]["modules"]}):
-        on = [m["lambda_smoothed"] for m in rows[-1]["modules"] if m["group"] == group and m["active"]]
-        off = [m["lambda_smoothed"] for m in rows[-1]["modules"] if m["group"] == group and not m["active"]]
-        print(f"  {group}: threshold {rows[-1]['threshold'][group]:.4g}; active λ "
+        members = [m for m in rows[-1]["modules"] if m["group"] == group]
+        on = [float(m["lambda_smoothed"]) for m in members if m["active"]]
+        off = [x for x in (float(m["lambda_smoothed"]) for m in members if not m["active"])
+               if math.isfinite(x)]
+        print(f"  {group}: threshold{logged} {float(rows[-1]['threshold'][group]):.4g}; active λ "
               f"{', '.join(f'{x:.4g}' for x in sorted(on))}; inactive λ at most "
-              f"{max(off) if off else float('nan'):.4g} ({len(off)} modules)")
+              f"{max(off) if off else float('nan'):.4g} ({len(members) - len(on)} modules)")
 
 
 def main(root):
@@ -188,10 +194,11 @@ def main(root):
                                         ("n", "p", "inverse", "frozen-random")):
         if has(base) and has(ctrl):
             control_against_mat(root / base, root / ctrl, kind, base_kind=base_kind)
-    for ctrl in ("n", "o", "p"):
+    for ctrl, kind in (("n", "frozen-random"), ("o", "frozen-random"), ("p", "inverse")):
         if has(ctrl):
-            active_sets(root / ctrl)
-    # Exploratory (read after n, in no plan): does λ follow training?
+            active_sets(root / ctrl, kind)
+    # Exploratory (read after n, in no plan): does λ follow training? (l, rand, does not probe: no
+    # λ to read.)
     print("\nExploratory, in no plan: how far each run's trained set is the top of its own λ "
           "ranking")
     for name in ("j", "k", "n", "o", "p"):
@@ -209,55 +216,74 @@ def read_decisions(run_dir):
 
 
 def lambda_follows_training(run_dir):
-    """Exploratory (not in any addendum's plan; read after n had run). Per 2,000 steps, over every
-    post-warm-up decision and group with some but not all modules active (k of them): the share of
-    the k active modules that are among the group's k largest smoothed λ of the run's own reports,
-    against k / (group size), the share a set drawn without regard to λ would have. MAT (j, k)
-    trains its top by construction (1.0, less where the guard adds modules); a control whose
-    identities are random (n, o) that drifts far above the chance share means its modules' λ
-    rose because they were trained."""
+    """Exploratory (not in any addendum's plan; read after n had run). Over each post-warm-up
+    decision and group with some but not all modules active (k of them) and every smoothed λ
+    finite: the share of the k active modules that are among the group's k largest smoothed λ of
+    the run's own reports (every module is probed, active or not), against k / (group size), the
+    mean share of a set drawn without regard to λ. Printed at the first post-warm-up decision
+    (for frozen-random the permutation is drawn there, from the seed alone: the run's paired
+    null) and per 2,000 steps. MAT (j, k) trains its top by construction (1.0; less where the
+    temporal rule switches a converged high-λ module off and the guard fills in); inverse (p) 0
+    by construction. A control with random identities (n, o) whose share
+    climbs far above its first decision's says that training a module raises its own λ against
+    its group's untrained modules (a module's weights set its λ; masked ones keep theirs), so a
+    set chosen by λ reinforces itself; it says nothing of whether the chosen modules are useful.
+    Returns ((first share, chance), (last bin's share, chance)), or None."""
     rows = read_decisions(run_dir)
     if rows is None:
-        return
-    bins = {}
+        return None
+    first, bins = None, {}
     for r in rows:
-        if r["phase"] != "policy":
+        if r.get("phase") != "policy" or "modules" not in r:
             continue
+        here = [0.0, 0.0, 0]
         for group in sorted({m["group"] for m in r["modules"]}):
             members = [m for m in r["modules"] if m["group"] == group]
+            lam = {m["name"]: float(m["lambda_smoothed"]) for m in members}
             active = {m["name"] for m in members if m["active"]}
             k = len(active)
-            if k in (0, len(members)):
+            if k in (0, len(members)) or not all(math.isfinite(x) for x in lam.values()):
                 continue
-            top = {m["name"] for m in sorted(members, key=lambda m: -float(m["lambda_smoothed"]))[:k]}
-            b = bins.setdefault(r["step"] // 2000, [0.0, 0.0, 0])
-            b[0] += len(top & active) / k
-            b[1] += k / len(members)
-            b[2] += 1
-    if not bins:
+            top = set(sorted(lam, key=lambda name: -lam[name])[:k])
+            here[0] += len(top & active) / k
+            here[1] += k / len(members)
+            here[2] += 1
+        if here[2] == 0:
+            continue
+        if first is None:
+            first = (here[0] / here[2], here[1] / here[2])
+        b = bins.setdefault(r["step"] // 2000, [0.0, 0.0, 0])
+        for i in range(3):
+            b[i] += here[i]
+    if first is None:
         return None
-    print(f"  {run_dir.name}: share of active modules in the top-k of λ (chance) per 2,000 steps: "
+    print(f"  {run_dir.name}: share of active modules in the top-k of λ (chance): first decision "
+          f"{first[0]:.2f} ({first[1]:.2f}); per 2,000 steps "
           + ", ".join(f"{2 * b}k {v[0] / v[2]:.2f} ({v[1] / v[2]:.2f})" for b, v in sorted(bins.items())))
     last = bins[max(bins)]
-    return last[0] / last[2], last[1] / last[2]
+    return first, (last[0] / last[2], last[1] / last[2])
 
 
 def lambda_follows_training_kept(kept_runs):
     """The same reading on a verdict's kept runs (bench/results/confirm/kept-runs: 10 seeds of
-    mat and of frozen-random replaying each seed's mat), with the last 2,000 steps' shares of the
-    frozen-random seeds summarised."""
+    mat and of frozen-random replaying each seed's mat), the frozen-random seeds summarised: mean
+    share at the first decision and in the last 2,000 steps, each with its chance, and in how many
+    seeds the last share exceeds the first (one permutation per seed: the seeds are the units)."""
     print(f"\nExploratory, in no plan: the same on {kept_runs}")
-    last = {}
+    shares = {}
     for run in sorted(p for p in pathlib.Path(kept_runs).iterdir() if p.is_dir()):
-        share = lambda_follows_training(run)
-        if share is not None and run.name.startswith("frozen-random"):
-            last[run.name] = share
-    if last:
-        above = sum(1 for s, c in last.values() if s > c)
-        print(f"  frozen-random, last 2,000 steps: share above chance in {above} of {len(last)} runs; "
-              f"mean share {sum(s for s, _ in last.values()) / len(last):.2f} against mean chance "
-              f"{sum(c for _, c in last.values()) / len(last):.2f}; lowest share "
-              f"{min(s for s, _ in last.values()):.2f}")
+        got = lambda_follows_training(run)
+        if got is not None and run.name.startswith("frozen-random"):
+            shares[run.name] = got
+    if shares:
+        n = len(shares)
+        mean = lambda f: sum(f(v) for v in shares.values()) / n
+        rose = sum(1 for (a, _), (b, _) in shares.values() if b > a)
+        print(f"  frozen-random, {n} seeds: mean share at the first decision "
+              f"{mean(lambda v: v[0][0]):.2f} (chance {mean(lambda v: v[0][1]):.2f}), in the last "
+              f"2,000 steps {mean(lambda v: v[1][0]):.2f} (chance {mean(lambda v: v[1][1]):.2f}); "
+              f"higher at the end than at the first decision in {rose} of {n} seeds; lowest last "
+              f"share {min(v[1][0] for v in shares.values()):.2f}")
 
 
 def build_drift(old_dir, new_dir):

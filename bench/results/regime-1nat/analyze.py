@@ -5,8 +5,10 @@ training's i: at equal steps, full's margins below the unigram model (whole and 
 full's validation loss at the other run's total FLOPs (with and without the decoder), and which
 modules MAT trained; then l against j at equal steps (addendum 4's rule); then addendum 5: m
 (i's command, k's build) against i, k and n (frozen-random at j's counts) against m, and n
-against j and l; then addendum 6: o (frozen-random at k's counts) against k, p (inverse at j's
-counts) against j and n, and which modules n, o and p trained.
+against j and l; then addendum 6: o (frozen-random at k's counts) and p (inverse at j's counts)
+against i, o against k, p against j and n, and which modules n, o and p trained; then, exploratory
+and in no plan, how far each run's trained set is the top of its own λ ranking (and, given a
+verdict's kept runs, the same over its seeds, with the spread of mat - frozen-random over them).
 
 Reads only validation figures (the pilots' plan: README.md beside this file), and decisions.
 Usage (the second argument, optional: the exploratory λ reading on a verdict's kept runs):
@@ -170,7 +172,8 @@ def main(root):
     # Addendum 2: j (MAT, the verdict's setting); addendum 4: k (MAT keeping at least half of
     # each group) and l (rand at j's active counts), each against full (i); addendum 5: m (i's
     # command with k's and l's build) and n (frozen-random at j's counts).
-    for other, kind in (("j", "mat"), ("k", "mat"), ("l", "rand")):
+    for other, kind in (("j", "mat"), ("k", "mat"), ("l", "rand"), ("o", "frozen-random"),
+                        ("p", "inverse")):
         if has("i") and has(other):
             compare(root / "i", root / other, kind)
             if kind == "mat":
@@ -275,6 +278,18 @@ def lambda_follows_training_kept(kept_runs):
         got = lambda_follows_training(run)
         if got is not None and run.name.startswith("frozen-random"):
             shares[run.name] = got
+    results = pathlib.Path(kept_runs).parent / "results.json"
+    if results.is_file():  # context for one seed's paired difference: its spread over seeds
+        rows = json.loads(results.read_text())["rows"]
+        best = {(r["mode"], r["seed"]): r["best_val_loss"] for r in rows}
+        diffs = [best["mat", s] - best["frozen-random", s] for (mode, s) in sorted(best)
+                 if mode == "mat" and ("frozen-random", s) in best]
+        if len(diffs) > 1:
+            mean = sum(diffs) / len(diffs)
+            sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+            print(f"  mat - frozen-random, best validation loss, {len(diffs)} seeds: mean "
+                  f"{mean:+.4f}, standard deviation over seeds {sd:.4f} (range {min(diffs):+.3f} to "
+                  f"{max(diffs):+.3f})")
     if shares:
         n = len(shares)
         mean = lambda f: sum(f(v) for v in shares.values()) / n

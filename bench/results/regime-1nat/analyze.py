@@ -125,7 +125,7 @@ def active_sets(mat_dir, kind="mat"):
     changed = sum(1 for a, b in zip(later, later[1:])
                   if [m["active"] for m in a["modules"]] != [m["active"] for m in b["modules"]])
     print(f"  after step 2,000, {changed} of {len(later) - 1} decisions changed the active set; "
-          "share of those decisions each module was active:")
+          f"share of the {len(later)} decisions after step 2,000 in which each module was active:")
     for k, m in enumerate(rows[-1]["modules"]):
         share = sum(r["modules"][k]["active"] for r in later) / len(later)
         print(f"    {m['name']:24s} {share:.2f}")
@@ -135,12 +135,11 @@ def active_sets(mat_dir, kind="mat"):
     print(f"  at the last decision (step {rows[-1]['step']}):")
     for group in sorted({m["group"] for m in rows[-1]["modules"]}):
         members = [m for m in rows[-1]["modules"] if m["group"] == group]
-        on = [float(m["lambda_smoothed"]) for m in members if m["active"]]
-        off = [x for x in (float(m["lambda_smoothed"]) for m in members if not m["active"])
-               if math.isfinite(x)]
+        on = sorted(float(m["lambda_smoothed"]) for m in members if m["active"])
+        off = sorted(float(m["lambda_smoothed"]) for m in members if not m["active"])
         print(f"  {group}: threshold{logged} {float(rows[-1]['threshold'][group]):.4g}; active λ "
-              f"{', '.join(f'{x:.4g}' for x in sorted(on))}; inactive λ at most "
-              f"{max(off) if off else float('nan'):.4g} ({len(members) - len(on)} modules)")
+              f"{', '.join(f'{x:.4g}' for x in on)}; inactive λ "
+              f"{', '.join(f'{x:.4g}' for x in off)}")
 
 
 def main(root):
@@ -219,27 +218,26 @@ def read_decisions(run_dir):
 
 
 def lambda_follows_training(run_dir):
-    """Exploratory (not in any addendum's plan; read after n had run). Over each post-warm-up
-    decision and group with some but not all modules active (k of them) and every smoothed λ
-    finite: the share of the k active modules that are among the group's k largest smoothed λ of
-    the run's own reports (every module is probed, active or not), against k / (group size), the
-    mean share of a set drawn without regard to λ. Printed at the first post-warm-up decision
-    (for frozen-random the permutation is drawn there, from the seed alone: the run's paired
-    null) and per 2,000 steps. MAT (j, k) trains its top by construction (1.0; less where the
-    temporal rule switches a converged high-λ module off and the guard fills in); inverse (p) 0
-    by construction. A control with random identities (n, o) whose share
-    climbs far above its first decision's says that training a module raises its own λ against
-    its group's untrained modules (a module's weights set its λ; masked ones keep theirs), so a
-    set chosen by λ reinforces itself; it says nothing of whether the chosen modules are useful.
-    Returns ((first share, chance), (last bin's share, chance)), or None."""
+    """Exploratory (not in any addendum's plan; read after n had run). Per group, over each
+    post-warm-up decision where the group has some but not all modules active (k of them) and
+    every smoothed λ finite: the share of the k active modules that are among the group's k
+    largest smoothed λ of the run's own reports (every module is probed, active or not), against
+    k / (group size), the mean share of a set drawn without regard to λ. Printed at the first
+    post-warm-up decision (for frozen-random the permutation is drawn there, from the seed alone:
+    the run's paired null) and per 2,000 steps. MAT (j, k) trains its top by construction (1.0;
+    less where the temporal rule switches a converged high-λ module off and the guard fills in);
+    inverse (p) 0 by construction. A control with random identities (n, o) whose share climbs far
+    above its first decision's says that training a module raises its own λ against its group's
+    untrained modules, so a set chosen by λ reinforces itself; it says nothing of whether the
+    chosen modules are useful. Returns {group: ((first share, chance), (last bin's share,
+    chance))}, or None."""
     rows = read_decisions(run_dir)
     if rows is None:
         return None
-    first, bins = None, {}
+    first, bins = {}, {}
     for r in rows:
         if r.get("phase") != "policy" or "modules" not in r:
-            continue
-        here = [0.0, 0.0, 0]
+            continue  # warm-up, or a coordinator's decision line without modules
         for group in sorted({m["group"] for m in r["modules"]}):
             members = [m for m in r["modules"] if m["group"] == group]
             lam = {m["name"]: float(m["lambda_smoothed"]) for m in members}
@@ -248,38 +246,54 @@ def lambda_follows_training(run_dir):
             if k in (0, len(members)) or not all(math.isfinite(x) for x in lam.values()):
                 continue
             top = set(sorted(lam, key=lambda name: -lam[name])[:k])
-            here[0] += len(top & active) / k
-            here[1] += k / len(members)
-            here[2] += 1
-        if here[2] == 0:
-            continue
-        if first is None:
-            first = (here[0] / here[2], here[1] / here[2])
-        b = bins.setdefault(r["step"] // 2000, [0.0, 0.0, 0])
-        for i in range(3):
-            b[i] += here[i]
-    if first is None:
+            share, chance = len(top & active) / k, k / len(members)
+            first.setdefault(group, (share, chance))
+            b = bins.setdefault(group, {}).setdefault(r["step"] // 2000, [0.0, 0.0, 0])
+            b[0] += share
+            b[1] += chance
+            b[2] += 1
+    if not first:
         return None
-    print(f"  {run_dir.name}: share of active modules in the top-k of λ (chance): first decision "
-          f"{first[0]:.2f} ({first[1]:.2f}); per 2,000 steps "
-          + ", ".join(f"{2 * b}k {v[0] / v[2]:.2f} ({v[1] / v[2]:.2f})" for b, v in sorted(bins.items())))
-    last = bins[max(bins)]
-    return first, (last[0] / last[2], last[1] / last[2])
+    out = {}
+    for group in sorted(first):
+        per_bin = bins[group]
+        print(f"  {run_dir.name} {group}: share of active modules in the top-k of λ (chance): first "
+              f"decision {first[group][0]:.2f} ({first[group][1]:.2f}); per 2,000 steps "
+              + ", ".join(f"{2 * b}k {v[0] / v[2]:.2f} ({v[1] / v[2]:.2f})"
+                          for b, v in sorted(per_bin.items())))
+        last = per_bin[max(per_bin)]
+        out[group] = (first[group], (last[0] / last[2], last[1] / last[2]))
+    return out
 
 
 def lambda_follows_training_kept(kept_runs):
     """The same reading on a verdict's kept runs (bench/results/confirm/kept-runs: 10 seeds of
-    mat and of frozen-random replaying each seed's mat), the frozen-random seeds summarised: mean
-    share at the first decision and in the last 2,000 steps, each with its chance, and in how many
-    seeds the last share exceeds the first (one permutation per seed: the seeds are the units)."""
+    mat and of frozen-random replaying each seed's mat), the frozen-random seeds summarised per
+    group: mean share at the first decision and in the last 2,000 steps, each with its chance, and
+    in how many seeds the last share exceeds the first (one permutation per seed: the seeds are
+    the units); then, as context for one seed's paired difference, the verdict's per-seed
+    mat - frozen-random of the best validation loss."""
+    kept_runs = pathlib.Path(kept_runs)
+    if not kept_runs.is_dir():
+        print(f"\n{kept_runs}: no such folder")
+        return
     print(f"\nExploratory, in no plan: the same on {kept_runs}")
     shares = {}
-    for run in sorted(p for p in pathlib.Path(kept_runs).iterdir() if p.is_dir()):
+    for run in sorted(p for p in kept_runs.iterdir() if p.is_dir()):
         got = lambda_follows_training(run)
         if got is not None and run.name.startswith("frozen-random"):
-            shares[run.name] = got
-    results = pathlib.Path(kept_runs).parent / "results.json"
-    if results.is_file():  # context for one seed's paired difference: its spread over seeds
+            for group, v in got.items():
+                shares.setdefault(group, []).append(v)
+    for group, runs in sorted(shares.items()):
+        n = len(runs)
+        rose = sum(1 for (a, _), (b, _) in runs if b > a)
+        print(f"  frozen-random {group}, {n} seeds: mean share at the first decision "
+              f"{sum(v[0][0] for v in runs) / n:.2f} (chance {sum(v[0][1] for v in runs) / n:.2f}), "
+              f"in the last 2,000 steps {sum(v[1][0] for v in runs) / n:.2f} (chance "
+              f"{sum(v[1][1] for v in runs) / n:.2f}); higher at the end than at the first decision "
+              f"in {rose} of {n} seeds; lowest last share {min(v[1][0] for v in runs):.2f}")
+    results = kept_runs.parent / "results.json"
+    if results.is_file():
         rows = json.loads(results.read_text())["rows"]
         best = {(r["mode"], r["seed"]): r["best_val_loss"] for r in rows}
         diffs = [best["mat", s] - best["frozen-random", s] for (mode, s) in sorted(best)
@@ -290,15 +304,6 @@ def lambda_follows_training_kept(kept_runs):
             print(f"  mat - frozen-random, best validation loss, {len(diffs)} seeds: mean "
                   f"{mean:+.4f}, standard deviation over seeds {sd:.4f} (range {min(diffs):+.3f} to "
                   f"{max(diffs):+.3f})")
-    if shares:
-        n = len(shares)
-        mean = lambda f: sum(f(v) for v in shares.values()) / n
-        rose = sum(1 for (a, _), (b, _) in shares.values() if b > a)
-        print(f"  frozen-random, {n} seeds: mean share at the first decision "
-              f"{mean(lambda v: v[0][0]):.2f} (chance {mean(lambda v: v[0][1]):.2f}), in the last "
-              f"2,000 steps {mean(lambda v: v[1][0]):.2f} (chance {mean(lambda v: v[1][1]):.2f}); "
-              f"higher at the end than at the first decision in {rose} of {n} seeds; lowest last "
-              f"share {min(v[1][0] for v in shares.values()):.2f}")
 
 
 def build_drift(old_dir, new_dir):

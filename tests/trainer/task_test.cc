@@ -302,13 +302,21 @@ TEST(TaskTest, MaskedLmUnigramBaselinesArePairedWithTheEvaluationTokens) {
   fs::remove_all(dir);
 }
 
-// A masked-LM task on a fresh toy corpus in a folder named after `name` (removed by the caller).
-std::unique_ptr<MaskedLmTask> ToyMlmTask(const std::string& name, std::string* dir) {
+// A masked-LM task on a fresh toy corpus in a folder named after `name` (removed by the caller);
+// `mask_id`, when given, receives the corpus's [MASK] id (its vocabulary size). nullptr on error.
+std::unique_ptr<MaskedLmTask> ToyMlmTask(const std::string& name, std::string* dir,
+                                         int64_t* mask_id = nullptr) {
   *dir = testing::WriteToyCorpus(name);
   TaskContext context;
   context.config = testing::ToyConfig(*dir);
   auto task = MaskedLmTask::Create(context);
   EXPECT_TRUE(task.ok()) << task.status();
+  if (mask_id != nullptr) {
+    auto corpus = LoadCorpus(*dir);
+    EXPECT_TRUE(corpus.ok()) << corpus.status();
+    if (!corpus.ok()) return nullptr;
+    *mask_id = corpus->vocab.size();
+  }
   return task.ok() ? std::move(*task) : nullptr;
 }
 
@@ -402,11 +410,9 @@ TEST(TaskTest, MaskedLmLossAtMaskCoversThePositionsShowingMask) {
 TEST(TaskTest, MaskedLmLossAtMaskIsNanWhenNoPositionShowsMask) {
   namespace fs = std::filesystem;
   std::string dir;
-  auto task = ToyMlmTask("task_no_mask", &dir);
+  int64_t real = -1;  // [MASK]'s id
+  auto task = ToyMlmTask("task_no_mask", &dir, &real);
   ASSERT_NE(task, nullptr);
-  auto corpus = LoadCorpus(dir);
-  ASSERT_TRUE(corpus.ok()) << corpus.status();
-  const int64_t real = corpus->vocab.size();  // [MASK]'s id
   std::vector<MlmBatch> unmasked;
   int64_t put_back = 0;
   for (const MlmBatch& b : task->eval_batches(EvalSplit::kValid)) {

@@ -28,9 +28,22 @@ QUALIFY = UNIGRAM_VAL - 1.10
 UNIGRAM_VAL_AT_MASK = 6.0270  # h's and i's summary.json: unigram_eval_val_loss_at_mask
 
 
+def json_lines(lines):
+    """Each non-blank line parsed; a last line that does not parse (a run still writing it) is
+    left out, any other bad line raises."""
+    lines = [line for line in lines if line.strip()]
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k + 1 < len(lines):
+                raise
+    return rows
+
+
 def evaluations(pilot):
-    rows = [json.loads(line) for line in (pilot / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = json_lines((pilot / "metrics.jsonl").read_text().splitlines())
     return [r for r in rows if "val_loss" in r]
 
 
@@ -213,7 +226,7 @@ def read_decisions(run_dir):
     for name, opener in (("decisions.jsonl", open), ("decisions.jsonl.xz", lzma.open)):
         if (run_dir / name).is_file():
             with opener(run_dir / name, "rt") as fh:
-                return [json.loads(line) for line in fh if line.strip()]
+                return json_lines(fh)
     return None
 
 

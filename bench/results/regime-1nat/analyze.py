@@ -302,7 +302,8 @@ def lambda_follows_training_kept(kept_runs):
         rose = sum(1 for (a, _), (b, _) in runs if b > a)
         print(f"  frozen-random {group}, {n} seeds: mean share at the first decision "
               f"{sum(v[0][0] for v in runs) / n:.2f} (chance {sum(v[0][1] for v in runs) / n:.2f}), "
-              f"in the last 2,000 steps {sum(v[1][0] for v in runs) / n:.2f} (chance "
+              f"in each seed's last 2,000-step bin with a partly active group "
+              f"{sum(v[1][0] for v in runs) / n:.2f} (chance "
               f"{sum(v[1][1] for v in runs) / n:.2f}); higher at the end than at the first decision "
               f"in {rose} of {n} seeds; lowest last share {min(v[1][0] for v in runs):.2f}")
     results = kept_runs.parent / "results.json"

@@ -19,6 +19,7 @@ import json
 import lzma
 import math
 import pathlib
+import statistics
 import sys
 
 UNIGRAM_VAL = 6.015
@@ -313,10 +314,9 @@ def lambda_follows_training_kept(kept_runs):
         diffs = [best["mat", s] - best["frozen-random", s] for (mode, s) in sorted(best)
                  if mode == "mat" and ("frozen-random", s) in best]
         if len(diffs) > 1:
-            mean = sum(diffs) / len(diffs)
-            sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
             print(f"  mat - frozen-random, best validation loss, {len(diffs)} seeds: mean "
-                  f"{mean:+.4f}, standard deviation over seeds {sd:.4f} (range {min(diffs):+.3f} to "
+                  f"{statistics.mean(diffs):+.4f}, standard deviation over seeds "
+                  f"{statistics.stdev(diffs):.4f} (range {min(diffs):+.3f} to "
                   f"{max(diffs):+.3f})")
 
 

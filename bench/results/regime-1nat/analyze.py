@@ -8,7 +8,9 @@ modules MAT trained; then l against j at equal steps (addendum 4's rule); then a
 against j and l; then addendum 6: o (frozen-random at k's counts) and p (inverse at j's counts)
 against i, o against k, p against j and n, and which modules n, o and p trained; then, exploratory
 and in no plan, how far each run's trained set is the top of its own λ ranking (and, given a
-verdict's kept runs, the same over its seeds, with the spread of mat - frozen-random over them).
+verdict's kept runs, the same over its seeds, with the spread of mat - frozen-random over them);
+then addendum 7: r (o's command on seed 20) against q (k's command on seed 20), with its rule and
+both seeds' differences side by side.
 
 Reads only validation figures (the pilots' plan: README.md beside this file), and decisions.
 Usage (the second argument, optional: the exploratory λ reading on a verdict's kept runs):
@@ -180,7 +182,7 @@ def main(root):
     root = pathlib.Path(root)
 
     def has(name):
-        return (root / name / "metrics.jsonl").is_file()
+        return has_run(root, name)
 
     # Addendum 2: j (MAT, the verdict's setting); addendum 4: k (MAT keeping at least half of
     # each group) and l (rand at j's active counts), each against full (i); addendum 5: m (i's
@@ -220,6 +222,75 @@ def main(root):
     for name in ("j", "k", "n", "o", "p"):
         if has(name):
             lambda_follows_training(root / name)
+    # Addendum 7: o against k once more, on seed 20 (q: k's command, r: o's), one new build.
+    if has("q") and has("r"):
+        addendum7(root)
+
+
+def mean_active_fraction(run_dir):
+    """The mean share of active modules over the post-warm-up decisions."""
+    rows = [r for r in read_decisions(run_dir) if r["phase"] != "warmup"]
+    return statistics.fmean(r["num_active"] / len(r["modules"]) for r in rows), len(rows)
+
+
+def loss_at_flops(curve, flops):
+    """A run's validation loss at `flops` total FLOPs, linear between its evaluations; None
+    outside the curve."""
+    for a, b in zip(curve, curve[1:]):
+        fa, fb = a["flops"]["total"], b["flops"]["total"]
+        if fa <= flops <= fb:
+            return a["val_loss"] + (b["val_loss"] - a["val_loss"]) * (flops - fa) / (fb - fa)
+    return None
+
+
+def addendum7(root):
+    """Addendum 7's rule: r (frozen-random replaying k's masks, seed 20) against q (MAT with the
+    floor, seed 20) at the last evaluation, step 24,000; also at equal FLOPs when their totals
+    differ by more than 2 %; then both seeds' differences (o - k, r - q) side by side."""
+    q, r = root / "q", root / "r"
+    control_against_mat(q, r, "frozen-random")
+    for run, kind in ((q, "mat"), (r, "frozen-random")):
+        active_sets(run, kind)
+    print("\nExploratory, in no plan: the same λ reading for q and r")
+    for run in (q, r):
+        lambda_follows_training(run)
+    qe, re_ = evaluations(q), evaluations(r)
+    print("\nAddendum 7's rule (validation, the last evaluation)")
+    if qe[-1]["step"] != 24000 or re_[-1]["step"] != 24000:
+        print(f"  unfinished (q at step {qe[-1]['step']}, r at {re_[-1]['step']}): no rule applied")
+        return
+    d = re_[-1]["val_loss"] - qe[-1]["val_loss"]
+    print(f"  q (mat) {qe[-1]['val_loss']:.4f}, r (frozen-random) {re_[-1]['val_loss']:.4f}: "
+          f"r - q {d:+.4f} (best: q {min(x['val_loss'] for x in qe):.4f}, r "
+          f"{min(x['val_loss'] for x in re_):.4f}; at [MASK]: q {qe[-1]['val_loss_at_mask']:.4f}, "
+          f"r {re_[-1]['val_loss_at_mask']:.4f})")
+    for run in (q, r):
+        frac, n = mean_active_fraction(run)
+        print(f"  {run.name}: mean active fraction {frac:.4f} over {n} post-warm-up decisions")
+    ratio = re_[-1]["flops"]["total"] / qe[-1]["flops"]["total"]
+    print(f"  r's total FLOPs / q's: {ratio:.4f}")
+    readings = [("at the end", d)]
+    if abs(ratio - 1) > 0.02:
+        at = loss_at_flops(qe, re_[-1]["flops"]["total"])
+        if at is not None:
+            readings.append(("at equal FLOPs (q's curve at r's total)", re_[-1]["val_loss"] - at))
+        else:
+            print("  r's total FLOPs lie outside q's curve: no equal-FLOPs reading")
+    for label, diff in readings:
+        verdict = ("o's result holds on a second seed (λ's choice did worse than a persistent "
+                   "random one)" if diff < -0.1 else
+                   "λ's choice did better on this seed; o is not replicated" if diff > 0.1 else
+                   "level on this seed (within 0.1 nat)")
+        print(f"  {label}: r - q {diff:+.4f} → {verdict}")
+    if has_run(root, "k") and has_run(root, "o"):
+        ke, oe = evaluations(root / "k"), evaluations(root / "o")
+        d1 = oe[-1]["val_loss"] - ke[-1]["val_loss"]
+        print(f"  both seeds: seed 1 o - k {d1:+.4f}, seed 20 r - q {d:+.4f}, mean "
+              f"{(d1 + d) / 2:+.4f}; the signs {'agree' if (d1 < 0) == (d < 0) else 'disagree'}")
+
+
+def has_run(root, name):
+    return (root / name / "metrics.jsonl").is_file()
 
 
 def read_decisions(run_dir):

@@ -497,7 +497,12 @@ policy::PolicyConfig ToPolicyConfig(const TrainConfig& c) {
 
 absl::StatusOr<std::vector<policy::Policy::ScheduleEntry>> LoadActiveCountSchedule(
     const std::string& path) {
-  MAT_ASSIGN_OR_RETURN(std::string text, common::ReadFile(path));
+  absl::StatusOr<std::string> read = common::ReadFile(path);
+  if (!read.ok()) {
+    return absl::Status(read.status().code(),
+                        absl::StrCat("policy.rand_schedule: ", read.status().message()));
+  }
+  const std::string& text = *read;
   std::vector<policy::Policy::ScheduleEntry> out;
   std::istringstream in(text);
   std::string line;

@@ -322,6 +322,13 @@ absl::Status Policy::SetReplayedSchedule(std::vector<ScheduleEntry> schedule) {
         PolicyKindName(config_.kind));
   }
   for (size_t i = 0; i < schedule.size(); ++i) {
+    if (schedule[i].step % config_.interval_steps != 0) {
+      // This run holds each replayed entry from its own decision at or after the entry's step:
+      // an entry between two of its decisions would not be matched until the next one.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "schedule at step ", schedule[i].step, ": not a decision step of this run (probe_every ",
+          config_.interval_steps, "): replay a run whose probe_every is a multiple of this one's"));
+    }
     if (i > 0 && schedule[i].step <= schedule[i - 1].step) {
       return absl::InvalidArgumentError(absl::StrCat("schedule steps must ascend: ",
                                                      schedule[i - 1].step, " then ",

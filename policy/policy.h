@@ -176,7 +176,9 @@ class Policy {
   // kFrozenRandom and kInverse use their own MAT mask before the first entry. Entries: ascending
   // steps. An input, like the reports, not config: it is not in SaveState, the owner sets it
   // again on resume.
-  // INVALID_ARGUMENT for another kind, unsorted steps, a negative count, a group this policy's
+  // INVALID_ARGUMENT for another kind, an entry's step that is not a multiple of interval_steps
+  // (the replayed run decided between this one's decisions, whose counts would then lag its
+  // counts), unsorted steps, a negative count, a group this policy's
   // modules do not have, (for an entry with `size`) groups or group sizes other than this
   // policy's: the replayed run trained another model; and for kFrozenRandom an entry that does
   // not name every module of this policy with its group (`mask`). After an error the schedule is

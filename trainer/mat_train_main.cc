@@ -1,7 +1,8 @@
 // mat-train: MAT in one process. Parses flags into TrainConfig, runs the Trainer, prints the
 // summary. Exit codes: 0 done, 2 bad input (config, data, an empty --out, an --out holding an
-// earlier run without --resume or --overwrite, a checkpoint --resume cannot load), 1 failure
-// while training or --out in use by another mat-train (OUT/LOCK, held while it runs).
+// earlier run without --resume or --overwrite, or with --resume but no checkpoint, a checkpoint
+// --resume cannot load), 1 failure while training or --out in use by another mat-train
+// (OUT/LOCK, held while it runs).
 #include <unistd.h>
 
 #include <csignal>
@@ -26,7 +27,7 @@ int main(int argc, char** argv) {
   app.add_option("--set", sets, "override a key: --set policy.kind=full (repeatable)");
   app.add_option("--out", out_dir, "output directory (metrics.jsonl, decisions.jsonl, summary.json)")->required();
   auto* resume_flag =
-      app.add_flag("--resume", resume, "continue from OUT/checkpoint.pt when present");
+      app.add_flag("--resume", resume, "continue from OUT/checkpoint.pt (OUT without an earlier run: start afresh)");
   app.add_flag("--overwrite", overwrite,
                "replace an earlier run's outputs in OUT (refused without it or --resume)")
       ->excludes(resume_flag);
@@ -88,6 +89,17 @@ int main(int argc, char** argv) {
       std::cerr << "mat-train: " << out_dir << " holds an earlier run ("
                 << absl::StrJoin(earlier, ", ")
                 << "): --resume continues it, --overwrite replaces it, or choose another --out\n";
+      return 2;
+    }
+  }
+  // --resume with nothing to resume from would start afresh and replace the earlier run's files.
+  if (resume && !mat::trainer::HasCheckpoint(out_dir)) {
+    if (const std::vector<std::string> earlier = mat::trainer::EarlierRunOutputs(out_dir);
+        !earlier.empty()) {
+      std::cerr << "mat-train: " << out_dir << " holds an earlier run ("
+                << absl::StrJoin(earlier, ", ")
+                << ") but no checkpoint (checkpoint.pt or checkpoint.pt.prev) for --resume to "
+                   "continue it from: --overwrite replaces it, or choose another --out\n";
       return 2;
     }
   }

@@ -83,6 +83,19 @@ absl::Status Trainer::Init() {
                  "trains until the first decision after it, at step {}",
                  warmup, every, (warmup / every + 1) * every);
   }
+  if (const int64_t first = every > 0 ? (warmup + every - 1) / every * every : warmup;
+      c.policy.kind != "full" && first >= c.train.steps) {
+    // A short run under the default warm-up would be full training labelled with the policy.
+    spdlog::warn("policy.kind {} masks nothing in this run: its first decision after "
+                 "policy.warmup_steps {} would come at step {}, not before train.steps {} (every "
+                 "module trains every step; lower policy.warmup_steps to mask)",
+                 c.policy.kind, warmup, first, c.train.steps);
+  }
+  if (c.train.warmup_steps > c.train.steps) {
+    spdlog::warn("train.warmup_steps {} is more than train.steps {}: the learning rate never "
+                 "reaches train.lr {}",
+                 c.train.warmup_steps, c.train.steps, c.train.lr);
+  }
   torch::manual_seed(c.seed);
   // Process-wide switches, set either way so that one run's choice does not leak into the next
   // in the same process. cuBLAS reads its workspace setting when its handle is made, so before
@@ -149,12 +162,12 @@ absl::Status Trainer::Init() {
   for (const auto& m : partition().modules) infos.push_back({m.group, m.layer, m.index, m.name});
   MAT_ASSIGN_OR_RETURN(policy_, policy::Policy::Create(config::ToPolicyConfig(c), std::move(infos)));
   if (!c.policy.rand_schedule.empty()) {
-    auto schedule = config::LoadActiveCountSchedule(c.policy.rand_schedule);
-    if (!schedule.ok()) {
-      return absl::Status(schedule.status().code(),
-                          absl::StrCat("policy.rand_schedule: ", schedule.status().message()));
+    // LoadActiveCountSchedule's errors name the key and the file already.
+    MAT_ASSIGN_OR_RETURN(auto schedule, config::LoadActiveCountSchedule(c.policy.rand_schedule));
+    if (absl::Status set = policy_->SetReplayedSchedule(std::move(schedule)); !set.ok()) {
+      return absl::Status(set.code(), absl::StrCat("policy.rand_schedule: ", c.policy.rand_schedule,
+                                                   ": ", set.message()));
     }
-    MAT_RETURN_IF_ERROR(policy_->SetReplayedSchedule(std::move(*schedule)));
   }
   spectral::EstimatorOptions eo;
   eo.lanczos_iterations = static_cast<int>(c.policy.lanczos_iterations);
@@ -281,11 +294,11 @@ absl::Status Trainer::TruncateLog(const std::string& file, int64_t max_step) {
   return common::WriteFileAtomic(path, kept);
 }
 
-void Trainer::ShowProgress(double loss, int active, double elapsed) {
+void Trainer::ShowProgress(double loss, int active, int64_t steps_done, double elapsed) {
   const int64_t total = config_.train.steps;
   const int width = 30;
   int filled = int(width * double(step_) / double(total));
-  double rate = elapsed > 0 ? double(step_) / elapsed : 0;
+  double rate = elapsed > 0 ? double(steps_done) / elapsed : 0;
   double eta = rate > 0 ? double(total - step_) / rate : 0;
   std::fprintf(stderr, "\r[%s%s] %lld/%lld %.2f step/s loss %.3f active %d/%d ETA %.0fs ",
                std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),

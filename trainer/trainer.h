@@ -98,6 +98,8 @@ class TrainerHooks {
 // fixed order; empty when there are none or `dir` does not exist. A fresh Run in `dir` (no
 // resume) replaces exactly these; mat-train refuses to without --overwrite.
 std::vector<std::string> EarlierRunOutputs(const std::string& dir);
+// Whether `dir` holds a checkpoint a resumed Run would load (checkpoint.pt or its .prev).
+bool HasCheckpoint(const std::string& dir);
 
 struct TrainerOptions {
   std::string out_dir;       // created if missing
@@ -200,7 +202,9 @@ class Trainer {
   // INVALID_ARGUMENT naming every setting that shapes training in which this run differs from
   // the one that wrote checkpoint `path` (its metadata `meta`; config::ResumeConflicts).
   absl::Status CheckResumedSettings(const std::string& path, const nlohmann::json& meta) const;
-  void ShowProgress(double loss, int active, double elapsed);
+  // `steps_done` steps in `elapsed` seconds since this Run began (a resumed run's earlier steps
+  // are not this process's).
+  void ShowProgress(double loss, int active, int64_t steps_done, double elapsed);
   // hooks->AverageBuffers over the model's buffers, when there are hooks and buffers.
   absl::Status SyncBuffers();
   // The end of every training step (after the task's ForwardBackward): INTERNAL when the loss

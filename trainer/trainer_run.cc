@@ -38,6 +38,13 @@ std::vector<std::string> EarlierRunOutputs(const std::string& dir) {
   return found;
 }
 
+bool HasCheckpoint(const std::string& dir) {
+  std::error_code error;
+  const std::string ckpt = dir + "/checkpoint.pt";
+  return !dir.empty() &&
+         (std::filesystem::exists(ckpt, error) || std::filesystem::exists(ckpt + ".prev", error));
+}
+
 absl::Status Trainer::PrepareRun() {
   prepared_ = false;
   const std::string ckpt = options_.out_dir + "/checkpoint.pt";
@@ -51,8 +58,7 @@ absl::Status Trainer::PrepareRun() {
                    absl::StrJoin(temps, ", "));
     }
   }
-  if (options_.resume && !options_.out_dir.empty() &&
-      (std::filesystem::exists(ckpt) || std::filesystem::exists(ckpt + ".prev"))) {
+  if (options_.resume && HasCheckpoint(options_.out_dir)) {
     MAT_RETURN_IF_ERROR(LoadCheckpoint(ckpt));
     if (step_ > config_.train.steps) {
       return absl::InvalidArgumentError(
@@ -261,6 +267,7 @@ absl::StatusOr<nlohmann::json> Trainer::RunUnguarded(int64_t stop_at_step) {
   const int64_t end = stop_at_step >= 0 ? std::min(stop_at_step, c.train.steps) : c.train.steps;
   const int64_t B = RankBatchSize();
   const double seconds_before = train_seconds_;
+  const int64_t step_before = step_;
   TrainerHooks* hooks = options_.hooks;
   while (step_ < end) {
     if (hooks != nullptr) MAT_RETURN_IF_ERROR(hooks->CheckContinue());
@@ -276,7 +283,9 @@ absl::StatusOr<nlohmann::json> Trainer::RunUnguarded(int64_t stop_at_step) {
     ++loss_count_;
     ++step_;
     train_seconds_ += SecondsSince(t0);
-    if (options_.progress_bar) ShowProgress(loss, active_now, train_seconds_ - seconds_before);
+    if (options_.progress_bar) {
+      ShowProgress(loss, active_now, step_ - step_before, train_seconds_ - seconds_before);
+    }
 
     const bool checkpoint_now = c.train.checkpoint_every > 0 &&
                                 step_ % c.train.checkpoint_every == 0 && step_ < end &&
@@ -299,6 +308,18 @@ absl::StatusOr<nlohmann::json> Trainer::RunUnguarded(int64_t stop_at_step) {
       hooks->OnProgress(progress);
     }
     if (checkpoint_now) MAT_RETURN_IF_ERROR(SaveCheckpoint(options_.out_dir + "/checkpoint.pt"));
+  }
+  if (hooks == nullptr && step_ == c.train.steps && loss_count_ > 0) {
+    // Resumed at its end with steps not yet evaluated (train.steps lowered to a checkpoint's
+    // step): evaluated here, as the step that reached train.steps would have been. The mask is
+    // the last trained step's. (A service job's train.steps cannot change on a restart.)
+    const policy::StepMask mask = policy_->MaskAt(step_ - 1);
+    int active_now = 0;
+    for (uint8_t a : mask.active) active_now += a;
+    TrainerProgress progress;
+    progress.step = step_;
+    MAT_RETURN_IF_ERROR(options_.rank > 0 ? LogTrainLoss()
+                                          : EvaluateAndLog(mask, active_now, &progress));
   }
   return FinishRun();
 }

@@ -996,6 +996,13 @@ TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
   EXPECT_EQ((*q)->SetReplayedSchedule(schedule).code(), absl::StatusCode::kInvalidArgument);
   std::vector<Policy::ScheduleEntry> unsorted = {{40, {}, {}, {}}, {20, {}, {}, {}}};
   EXPECT_EQ((*p)->SetReplayedSchedule(unsorted).code(), absl::StatusCode::kInvalidArgument);
+  // A run that decided every 10 steps: its decision at 50 falls between this run's at 40 and 60.
+  std::vector<Policy::ScheduleEntry> finer = {{40, {{"heads", 3}}, {}, {}}, {50, {{"heads", 5}}, {}, {}}};
+  absl::Status st = (*p)->SetReplayedSchedule(finer);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()),
+              ::testing::HasSubstr("schedule at step 50: not a decision step of this run "
+                                   "(probe_every 20)"));
 }
 
 // The controls replaying a MAT run's decisions (bench/verdict): frozen-random trains exactly

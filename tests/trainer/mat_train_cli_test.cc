@@ -311,6 +311,57 @@ TEST_F(MatTrainCliTest, AWarmupBetweenProbesIsNamedWithTheStepItReallyEnds) {
       << aligned.err;
 }
 
+// A warm-up that outlasts the run leaves nothing for the policy to mask: named, as is a
+// learning-rate warm-up longer than the run; a warm-up with a decision inside the run is not.
+TEST_F(MatTrainCliTest, AWarmupThatCoversTheWholeRunIsNamed) {
+  // Decisions come every 5 steps: after a warm-up of 26 the first is at step 30, train.steps.
+  RunResult r = Run(With(TinyArgs("warmup_all"), {"policy.warmup_steps=26", "train.warmup_steps=40"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("policy.kind mat masks nothing in this run: its first decision after "
+                               "policy.warmup_steps 26 would come at step 30, not before "
+                               "train.steps 30"));
+  EXPECT_THAT(r.err, HasSubstr("train.warmup_steps 40 is more than train.steps 30"));
+  const json summary = json::parse(ReadText(root() / "warmup_all" / "summary.json"), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded());
+  EXPECT_EQ(summary.value("mean_active_fraction", -1.0), 1.0);
+  RunResult inside = Run(With(TinyArgs("warmup_inside"), {"policy.warmup_steps=25"}));
+  ASSERT_EQ(inside.exit_code, 0) << inside.err;
+  EXPECT_THAT(inside.err, ::testing::Not(HasSubstr("masks nothing")));
+  EXPECT_THAT(inside.err, ::testing::Not(HasSubstr("train.warmup_steps")));
+}
+
+// --resume where the earlier run has no checkpoint left (deleted to save disk, or never written
+// under checkpoint_every 0) would start afresh and replace that run: refused, every file kept;
+// --resume on a folder without an earlier run starts afresh.
+TEST_F(MatTrainCliTest, ResumeWithoutACheckpointKeepsTheEarlierRun) {
+  const std::vector<std::string> args = With(TinyArgs("nockpt"), {"train.steps=10"});
+  RunResult first = Run(args);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const fs::path out = root() / "nockpt";
+  fs::remove(out / "checkpoint.pt");
+  fs::remove(out / "checkpoint.pt.prev");
+  std::map<std::string, std::string> before;
+  for (const char* f : {"summary.json", "metrics.jsonl", "decisions.jsonl", "model.safetensors"}) {
+    ASSERT_TRUE(fs::exists(out / f)) << f;
+    before[f] = ReadText(out / f);
+  }
+  std::vector<std::string> resume = args;
+  resume.push_back("--resume");
+  RunResult refused = Run(resume);
+  EXPECT_EQ(refused.exit_code, 2) << refused.err;
+  EXPECT_THAT(refused.err, HasSubstr(out.string() + " holds an earlier run ("));
+  EXPECT_THAT(refused.err, HasSubstr("but no checkpoint"));
+  EXPECT_THAT(refused.err, HasSubstr("--overwrite replaces it"));
+  for (const auto& [f, text] : before) EXPECT_EQ(ReadText(out / f), text) << f << " changed";
+
+  std::vector<std::string> fresh = With(TinyArgs("nockpt_fresh"), {"train.steps=10"});
+  fresh.push_back("--resume");
+  RunResult started = Run(fresh);
+  ASSERT_EQ(started.exit_code, 0) << started.err;
+  EXPECT_THAT(started.err, HasSubstr("no checkpoint in"));
+  EXPECT_TRUE(fs::exists(root() / "nockpt_fresh" / "summary.json"));
+}
+
 TEST_F(MatTrainCliTest, FullPolicySpendsNoSpectralFlops) {
   RunResult r = Run(With(TinyArgs("full"), {"policy.kind=full"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;

@@ -670,6 +670,43 @@ TEST(TrainerSingleTest, ContinuingAFinishedRunRemovesItsSummaryUntilItEnds) {
   fs::remove_all(out);
 }
 
+// A run stopped between evaluations and then ended where it stopped (--resume with train.steps
+// lowered to the checkpoint's step) is evaluated there: its metrics and summary end with that
+// evaluation, as a run that stepped to train.steps would, not with no best at all.
+TEST(TrainerSingleTest, EndingARunAtItsCheckpointEvaluatesThere) {
+  std::string data = MakeCorpus("lowered");
+  config::TrainConfig c = TinyTrainConfig(data, "mat");
+  ASSERT_EQ(c.train.eval_every, 10);
+  fs::path out = fs::temp_directory_path() / ("mat_trainer_lowered_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  {
+    auto t = Trainer::Create(c, {out.string(), false, false});
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->Run(6).ok());  // stops at step 6, before the first evaluation
+  }
+  EXPECT_TRUE(ReadJsonLines((out / "metrics.jsonl").string()).empty());
+  c.train.steps = 6;
+  auto t = Trainer::Create(c, {out.string(), false, true});
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto summary = (*t)->Run();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ((*t)->resumed_from_step(), 6);
+  const std::vector<nlohmann::json> metrics = ReadJsonLines((out / "metrics.jsonl").string());
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_EQ(metrics[0].value("step", -1), 6);
+  EXPECT_TRUE(std::isfinite(metrics[0].value("val_loss", NAN))) << metrics[0].dump();
+  EXPECT_EQ(metrics[0]["active_modules"].value("heads", -1), 8) << "the warm-up trains every head";
+  EXPECT_EQ(summary->value("best_step", -1), 6);
+  EXPECT_NEAR(summary->value("best_val_loss", NAN), metrics[0].value("val_loss", 0.0), 1e-6);
+  EXPECT_EQ((*summary)["eval_curve"].value("step", nlohmann::json()), nlohmann::json({6}));
+  // Resumed again at its end, it has nothing left to evaluate: no second line.
+  auto again = Trainer::Create(c, {out.string(), false, true});
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE((*again)->Run().ok());
+  EXPECT_EQ(ReadJsonLines((out / "metrics.jsonl").string()).size(), 1u);
+  fs::remove_all(out);
+}
+
 TEST(TrainerSingleTest, LearningRateSchedule) {
   std::string data = MakeCorpus("lr");
   config::TrainConfig c = TinyTrainConfig(data, "full");

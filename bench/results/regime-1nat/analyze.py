@@ -92,13 +92,10 @@ def compare(full_dir, mat_dir, kind="mat"):
         print(f"  full first 1 nat below it at [MASK] ({one_nat:.4f}) at step {cross['step']}")
     for key, name in (("total", "FLOPs"), ("total_without_decoder", "FLOPs without the decoder")):
         budget = mat[-1]["flops"][key]
-        after = next((k for k, f in enumerate(full) if f["flops"][key] >= budget), None)
-        if after is None or after == 0:
+        at = at_flops(full, budget, key)
+        if at is None:
             continue
-        a, b = full[after - 1], full[after]
-        t = (budget - a["flops"][key]) / (b["flops"][key] - a["flops"][key])
-        step = a["step"] + t * (b["step"] - a["step"])
-        val = a["val_loss"] + t * (b["val_loss"] - a["val_loss"])
+        step, val = at
         print(f"  at {kind}'s total {name} ({budget:.3e}, {budget / end['flops'][key]:.3f} of "
               f"full's): full at step {step:.0f}, val {val:.4f} (linear between evaluations); "
               f"{kind}'s end {mat[-1]['val_loss']:.4f} is {mat[-1]['val_loss'] - val:+.4f} from it")
@@ -233,14 +230,15 @@ def mean_active_fraction(run_dir):
     return statistics.fmean(r["num_active"] / len(r["modules"]) for r in rows), len(rows)
 
 
-def loss_at_flops(curve, flops):
-    """A run's validation loss at `flops` total FLOPs, linear between its evaluations; None
-    outside the curve."""
-    for a, b in zip(curve, curve[1:]):
-        fa, fb = a["flops"]["total"], b["flops"]["total"]
-        if fa <= flops <= fb:
-            return a["val_loss"] + (b["val_loss"] - a["val_loss"]) * (flops - fa) / (fb - fa)
-    return None
+def at_flops(curve, flops, key="total"):
+    """(step, validation loss) of a run's curve at `flops` FLOPs (flops[key]), linear between the
+    two evaluations around it; None before its first evaluation's FLOPs or past its last."""
+    after = next((k for k, r in enumerate(curve) if r["flops"][key] >= flops), None)
+    if after is None or after == 0:
+        return None
+    a, b = curve[after - 1], curve[after]
+    t = (flops - a["flops"][key]) / (b["flops"][key] - a["flops"][key])
+    return a["step"] + t * (b["step"] - a["step"]), a["val_loss"] + t * (b["val_loss"] - a["val_loss"])
 
 
 def addendum7(root):
@@ -271,9 +269,9 @@ def addendum7(root):
     print(f"  r's total FLOPs / q's: {ratio:.4f}")
     readings = [("at the end", d)]
     if abs(ratio - 1) > 0.02:
-        at = loss_at_flops(qe, re_[-1]["flops"]["total"])
+        at = at_flops(qe, re_[-1]["flops"]["total"])
         if at is not None:
-            readings.append(("at equal FLOPs (q's curve at r's total)", re_[-1]["val_loss"] - at))
+            readings.append(("at equal FLOPs (q's curve at r's total)", re_[-1]["val_loss"] - at[1]))
         else:
             print("  r's total FLOPs lie outside q's curve: no equal-FLOPs reading")
     for label, diff in readings:

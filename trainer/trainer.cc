@@ -76,20 +76,19 @@ absl::Status Trainer::Init() {
                  c.train.threads, cores);
   }
   torch::set_num_threads(c.train.threads > 0 ? int(c.train.threads) : int(cores));
+  // Decisions come only at probe steps: the warm-up lasts until the first one at or after it.
   const int64_t every = c.policy.probe_every, warmup = c.policy.warmup_steps;
-  if (c.policy.kind != "full" && every > 0 && warmup % every != 0 && warmup < c.train.steps) {
-    // Decisions come only at probe steps: the warm-up lasts until the first one after it.
-    spdlog::warn("policy.warmup_steps {} is not a multiple of policy.probe_every {}: every module "
-                 "trains until the first decision after it, at step {}",
-                 warmup, every, (warmup / every + 1) * every);
-  }
-  if (const int64_t first = every > 0 ? (warmup + every - 1) / every * every : warmup;
-      c.policy.kind != "full" && first >= c.train.steps) {
+  const int64_t first = every > 0 ? (warmup + every - 1) / every * every : warmup;
+  if (c.policy.kind != "full" && first >= c.train.steps) {
     // A short run under the default warm-up would be full training labelled with the policy.
     spdlog::warn("policy.kind {} masks nothing in this run: its first decision after "
                  "policy.warmup_steps {} would come at step {}, not before train.steps {} (every "
                  "module trains every step; lower policy.warmup_steps to mask)",
                  c.policy.kind, warmup, first, c.train.steps);
+  } else if (c.policy.kind != "full" && first != warmup) {
+    spdlog::warn("policy.warmup_steps {} is not a multiple of policy.probe_every {}: every module "
+                 "trains until the first decision after it, at step {}",
+                 warmup, every, first);
   }
   if (c.train.warmup_steps > c.train.steps) {
     spdlog::warn("train.warmup_steps {} is more than train.steps {}: the learning rate never "

@@ -169,8 +169,9 @@ class Coordinator {
   // the store
   // (INVALID_ARGUMENT "policy.rand_schedule_job: no job 'job-000009' on this coordinator") that
   // ran policy.kind mat (INVALID_ARGUMENT naming it and its kind), is SUCCEEDED
-  // (FAILED_PRECONDITION naming it and its state) and has at least one stored decision
-  // (INVALID_ARGUMENT naming it).
+  // (FAILED_PRECONDITION naming it and its state), has at least one stored decision
+  // (INVALID_ARGUMENT naming it) and decided only at multiples of this spec's policy.probe_every
+  // (INVALID_ARGUMENT naming the first other step and the probe_every).
   absl::StatusOr<v1::SubmitJobReply> SubmitJob(const std::string& client_request_id,
                                                const v1::JobSpec& spec,
                                                const std::string& client = "");

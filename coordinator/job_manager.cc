@@ -185,7 +185,17 @@ absl::StatusOr<v1::SubmitJobReply> JobManager::Submit(const std::string& client_
     if (!client_request_id.empty()) {
       MAT_ASSIGN_OR_RETURN(accepted, store_.FindRequest(client, client_request_id));
     }
-    if (!accepted.has_value()) MAT_RETURN_IF_ERROR(ReplayedSchedule(replayed).status());
+    if (!accepted.has_value()) {
+      MAT_ASSIGN_OR_RETURN(std::vector<policy::Policy::ScheduleEntry> schedule,
+                           ReplayedSchedule(replayed));
+      // Checked here, not first when the job's worker declares its modules (ApplyRandSchedule).
+      const int64_t probe_every = api::WithJobSpecDefaults(spec).policy().probe_every();
+      if (absl::Status steps = policy::CheckReplayedScheduleSteps(schedule, probe_every);
+          !steps.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("policy.rand_schedule_job: job ", replayed,
+                                                       "'s ", steps.message()));
+      }
+    }
   }
   absl::StatusOr<CreateJobResult> created = store_.CreateJob(
       client_request_id, api::WithJobSpecDefaults(spec), client, options_.max_jobs_per_client);

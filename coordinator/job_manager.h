@@ -8,7 +8,11 @@
 //
 //   Submit       fills the spec's defaults, validates it (INVALID_ARGUMENT naming the field, also
 //                for fields this server does not know), checks admission and
-//                policy.rand_schedule_job, stores it QUEUED; idempotent by client_request_id.
+//                policy.rand_schedule_job (ReplayedSchedule's errors; INVALID_ARGUMENT when a
+//                decision of the replayed job is not at a multiple of this spec's
+//                policy.probe_every), stores it QUEUED; idempotent by client_request_id.
+//                Module groups and sizes are checked when the job's worker declares its
+//                modules (ApplyRandSchedule): the spec alone does not name them.
 //   Get, List, GetSpectra, GetLogs   read the store (NOT_FOUND naming an unknown job).
 //   CheckCancellable  FAILED_PRECONDITION naming the state of a finished job.
 //   Watch, Unwatch, WatcherCount, UpdateState, PublishEvent   the watch subscriptions.

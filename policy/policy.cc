@@ -321,14 +321,8 @@ absl::Status Policy::SetReplayedSchedule(std::vector<ScheduleEntry> schedule) {
         "a replayed MAT schedule needs policy.kind rand, frozen-random or inverse, not " +
         PolicyKindName(config_.kind));
   }
+  MAT_RETURN_IF_ERROR(CheckReplayedScheduleSteps(schedule, config_.interval_steps));
   for (size_t i = 0; i < schedule.size(); ++i) {
-    if (schedule[i].step % config_.interval_steps != 0) {
-      // This run holds each replayed entry from its own decision at or after the entry's step:
-      // an entry between two of its decisions would not be matched until the next one.
-      return absl::InvalidArgumentError(absl::StrCat(
-          "schedule at step ", schedule[i].step, ": not a decision step of this run (probe_every ",
-          config_.interval_steps, "): replay a run whose probe_every is a multiple of this one's"));
-    }
     if (i > 0 && schedule[i].step <= schedule[i - 1].step) {
       return absl::InvalidArgumentError(absl::StrCat("schedule steps must ascend: ",
                                                      schedule[i - 1].step, " then ",
@@ -504,6 +498,21 @@ StepMask MaskFromSchedule(const MaskSchedule& schedule, int64_t step) {
     }
   }
   return out;
+}
+
+absl::Status CheckReplayedScheduleSteps(const std::vector<Policy::ScheduleEntry>& schedule,
+                                        int64_t interval_steps) {
+  MAT_CHECK(interval_steps >= 1) << "interval_steps " << interval_steps;
+  for (const Policy::ScheduleEntry& entry : schedule) {
+    if (entry.step % interval_steps != 0) {
+      // The replaying run holds each entry from its own decision at or after the entry's step:
+      // an entry between two of its decisions would not be matched until the next one.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "schedule at step ", entry.step, ": not a decision step of this run (probe_every ",
+          interval_steps, "): replay a run whose probe_every is a multiple of this one's"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Policy::ScheduleEntry> ScheduleEntryFromDecisionJson(const nlohmann::json& d) {

@@ -261,4 +261,12 @@ class Policy {
 // \"modules\" array", "a module without string \"group\" and boolean \"active\"".
 absl::StatusOr<Policy::ScheduleEntry> ScheduleEntryFromDecisionJson(const nlohmann::json& decision);
 
+// OK when every entry of `schedule` is at a decision step of a run that decides every
+// `interval_steps` steps (its policy.probe_every): the check SetReplayedSchedule makes, for a
+// caller that knows the replaying run's interval before its policy exists (the coordinator, at
+// submit). Else INVALID_ARGUMENT naming the first such entry's step and the interval.
+// REQUIRES: interval_steps >= 1.
+absl::Status CheckReplayedScheduleSteps(const std::vector<Policy::ScheduleEntry>& schedule,
+                                        int64_t interval_steps);
+
 }  // namespace mat::policy

@@ -267,6 +267,17 @@ TEST_F(CoordinatorTest, SubmitJobChecksTheMatJobARandJobReplays) {
                                   R"({"step":0,"modules":[{"group":"heads","active":true},)"
                                   R"({"group":"heads","active":false}]})")
                   .ok());
+  // A decision at step 10 cannot be replayed by a job that decides every 4 steps (it would match
+  // it at step 12 only); by one that decides every 5 or 10 it can.
+  ASSERT_TRUE(store
+                  .AppendDecision(mat, 10,
+                                  R"({"step":10,"modules":[{"group":"heads","active":true},)"
+                                  R"({"group":"heads","active":true}]})")
+                  .ok());
+  rand.mutable_policy()->set_probe_every(4);
+  expect_refused(replaying(mat), absl::StatusCode::kInvalidArgument,
+                 {"job " + mat + "'s schedule at step 10", "probe_every 4"});
+  rand.mutable_policy()->set_probe_every(5);
   auto accepted = replaying(mat);
   ASSERT_TRUE(accepted.ok()) << accepted.status();
   auto job = coordinator_->GetJob(accepted->job_id());

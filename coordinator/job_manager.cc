@@ -192,8 +192,8 @@ absl::StatusOr<v1::SubmitJobReply> JobManager::Submit(const std::string& client_
       const int64_t probe_every = api::WithJobSpecDefaults(spec).policy().probe_every();
       if (absl::Status steps = policy::CheckReplayedScheduleSteps(schedule, probe_every);
           !steps.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("policy.rand_schedule_job: job ", replayed,
-                                                       "'s ", steps.message()));
+        return absl::InvalidArgumentError(
+            absl::StrCat("policy.rand_schedule_job: job ", replayed, ": ", steps.message()));
       }
     }
   }

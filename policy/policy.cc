@@ -508,8 +508,9 @@ absl::Status CheckReplayedScheduleSteps(const std::vector<Policy::ScheduleEntry>
       // The replaying run holds each entry from its own decision at or after the entry's step:
       // an entry between two of its decisions would not be matched until the next one.
       return absl::InvalidArgumentError(absl::StrCat(
-          "schedule at step ", entry.step, ": not a decision step of this run (probe_every ",
-          interval_steps, "): replay a run whose probe_every is a multiple of this one's"));
+          "the replayed run decided at step ", entry.step, ", not a multiple of this run's "
+          "policy.probe_every (", interval_steps, "): replay a run whose probe_every is a multiple "
+          "of this one's, or give this run a probe_every that divides it"));
     }
   }
   return absl::OkStatus();

@@ -268,7 +268,7 @@ TEST_F(CoordinatorTest, SubmitJobChecksTheMatJobARandJobReplays) {
                                   R"({"group":"heads","active":false}]})")
                   .ok());
   // A decision at step 10 cannot be replayed by a job that decides every 4 steps (it would match
-  // it at step 12 only); by one that decides every 5 or 10 it can.
+  // it at step 12 only), and the refused job is not stored; by one that decides every 5 it can.
   ASSERT_TRUE(store
                   .AppendDecision(mat, 10,
                                   R"({"step":10,"modules":[{"group":"heads","active":true},)"
@@ -276,7 +276,11 @@ TEST_F(CoordinatorTest, SubmitJobChecksTheMatJobARandJobReplays) {
                   .ok());
   rand.mutable_policy()->set_probe_every(4);
   expect_refused(replaying(mat), absl::StatusCode::kInvalidArgument,
-                 {"job " + mat + "'s schedule at step 10", "probe_every 4"});
+                 {"job " + mat + ": the replayed run decided at step 10",
+                  "policy.probe_every (4)"});
+  listed = coordinator_->ListJobs(v1::ListJobsRequest());
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->jobs_size(), 2) << "the refused replay was stored";
   rand.mutable_policy()->set_probe_every(5);
   auto accepted = replaying(mat);
   ASSERT_TRUE(accepted.ok()) << accepted.status();

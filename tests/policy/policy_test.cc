@@ -1001,8 +1001,8 @@ TEST(PolicyRandScheduleTest, ReplaysActiveCountsPerGroupAndStep) {
   absl::Status st = (*p)->SetReplayedSchedule(finer);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(st.message()),
-              ::testing::HasSubstr("schedule at step 50: not a decision step of this run "
-                                   "(probe_every 20)"));
+              ::testing::HasSubstr("the replayed run decided at step 50, not a multiple of this "
+                                   "run's policy.probe_every (20)"));
 }
 
 // The controls replaying a MAT run's decisions (bench/verdict): frozen-random trains exactly

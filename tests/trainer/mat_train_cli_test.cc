@@ -377,6 +377,23 @@ TEST_F(MatTrainCliTest, FullPolicySpendsNoSpectralFlops) {
   EXPECT_DOUBLE_EQ(summary.value("mean_active_fraction", -1.0), 1.0);
 }
 
+// A run whose training loss stops being finite (here an lr of 1e30: the first update blows the
+// weights up) ends with exit 1 naming the step, without a summary that would pass it off as a
+// finished run and without a crash; its folder's lock is released, so the same --out can be run
+// again (--overwrite) at once.
+TEST_F(MatTrainCliTest, ANonFiniteLossEndsTheRunNamingTheStep) {
+  RunResult r = Run(With(TinyArgs("diverged"), {"train.lr=1e30", "train.warmup_steps=0"}));
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("mat-train: training loss is not finite at step "));
+  EXPECT_THAT(r.err, ::testing::Not(HasSubstr("terminate called")));
+  EXPECT_FALSE(fs::exists(root() / "diverged" / "summary.json"));
+  std::vector<std::string> again = With(TinyArgs("diverged"), {"train.steps=2", "train.eval_every=2"});
+  again.push_back("--overwrite");
+  RunResult sane = Run(again);
+  EXPECT_EQ(sane.exit_code, 0) << sane.err;
+  EXPECT_TRUE(fs::exists(root() / "diverged" / "summary.json"));
+}
+
 // train.deterministic (torch's deterministic kernels; what bench/gpu/service.sh sets on CUDA to
 // compare a service job with mat-train) changes nothing on the CPU: the same checksum, the same
 // losses. The checksum in summary.json is the same FNV-1a hash a service rank reports.

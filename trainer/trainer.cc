@@ -90,6 +90,14 @@ absl::Status Trainer::Init() {
                  "trains until the first decision after it, at step {}",
                  warmup, every, first);
   }
+  if (c.policy.kind == "multirate" && c.train.optimizer == "adamw" && c.policy.multirate_k > 1) {
+    // bench/results/verdict: every multirate seed stalled near the unigram loss this way.
+    spdlog::warn("policy.kind multirate under train.optimizer adamw: slow modules step every "
+                 "policy.multirate_k {} steps with lr × {}, a rule that compensates plain SGD; "
+                 "AdamW's update is already normalised, so each slow step moves its weights about "
+                 "{} times as far as a fast step (train.optimizer sgd is what the rule assumes)",
+                 c.policy.multirate_k, c.policy.multirate_k, c.policy.multirate_k);
+  }
   if (c.train.warmup_steps > c.train.steps) {
     spdlog::warn("train.warmup_steps {} is more than train.steps {}: the learning rate never "
                  "reaches train.lr {}",

@@ -330,6 +330,20 @@ TEST_F(MatTrainCliTest, AWarmupThatCoversTheWholeRunIsNamed) {
   EXPECT_THAT(inside.err, ::testing::Not(HasSubstr("train.warmup_steps")));
 }
 
+// Multirate's lr × k for its slow modules compensates plain SGD; under AdamW (the default) each
+// slow step is k times as large, which stalled every multirate seed of the verdict: named at start.
+TEST_F(MatTrainCliTest, MultirateUnderAdamWIsNamed) {
+  const std::vector<std::string> multirate = {"policy.kind=multirate", "policy.multirate_k=3",
+                                              "train.steps=2", "train.eval_every=2"};
+  RunResult adamw = Run(With(TinyArgs("multirate_adamw"), multirate));
+  ASSERT_EQ(adamw.exit_code, 0) << adamw.err;
+  EXPECT_THAT(adamw.err, HasSubstr("policy.kind multirate under train.optimizer adamw: slow modules "
+                                   "step every policy.multirate_k 3 steps with lr × 3"));
+  RunResult sgd = Run(With(With(TinyArgs("multirate_sgd"), multirate), {"train.optimizer=sgd"}));
+  ASSERT_EQ(sgd.exit_code, 0) << sgd.err;
+  EXPECT_THAT(sgd.err, ::testing::Not(HasSubstr("policy.kind multirate under")));
+}
+
 // --resume where the earlier run has no checkpoint left (deleted to save disk, or never written
 // under checkpoint_every 0) would start afresh and replace that run: refused, every file kept;
 // --resume on a folder without an earlier run starts afresh.

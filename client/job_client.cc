@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <iterator>
+#include <optional>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -21,6 +23,31 @@ std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
 }
 
 }  // namespace
+
+absl::Status RetryWhileUnavailable(const std::string& address, std::ostream& err,
+                                   std::chrono::milliseconds reconnect_for,
+                                   const std::function<int64_t()>& answers,
+                                   const std::function<absl::Status()>& attempt) {
+  std::optional<std::chrono::steady_clock::time_point> lost;
+  int64_t answers_at_loss = 0;
+  while (true) {
+    absl::Status status = attempt();
+    if (status.code() != absl::StatusCode::kUnavailable || answers() == 0) return status;
+    const auto now = std::chrono::steady_clock::now();
+    if (lost.has_value() && answers() != answers_at_loss) lost.reset();  // back, then lost again
+    if (!lost.has_value()) {
+      lost = now;
+      answers_at_loss = answers();
+      err << "matctl: lost the coordinator at " << address << " (" << status.message()
+          << "); trying again for "
+          << std::chrono::duration_cast<std::chrono::seconds>(reconnect_for).count() << " s"
+          << std::endl;
+    } else if (now - *lost > reconnect_for) {
+      return status;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+}
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeJobClientCredentials(
     const JobClientSecurity& security) {

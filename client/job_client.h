@@ -12,8 +12,11 @@
 // Thread-safety: the calls may be made from several threads at once (gRPC stubs are).
 #pragma once
 
+#include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -42,6 +45,18 @@ struct JobClientSecurity {
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeJobClientCredentials(
     const JobClientSecurity& security);
 
+
+// Runs `attempt` again while it fails UNAVAILABLE after the coordinator answered (`answers()`,
+// a count of what the attempts received, e.g. watch events, is > 0), for at most `reconnect_for`
+// from the loss, telling `err` once per loss ("matctl: lost the coordinator at ADDRESS (why);
+// trying again for N s"). A loss after the attempts received something new since the last one is
+// a new loss, with its own `reconnect_for` (a watch rides out any number of coordinator
+// restarts, each within the window). Returns the last attempt's status (OK, another error, or
+// UNAVAILABLE once the window has passed); with answers() == 0 the first failure as it is.
+absl::Status RetryWhileUnavailable(const std::string& address, std::ostream& err,
+                                   std::chrono::milliseconds reconnect_for,
+                                   const std::function<int64_t()>& answers,
+                                   const std::function<absl::Status()>& attempt);
 
 class JobClient {
  public:

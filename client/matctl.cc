@@ -100,27 +100,6 @@ absl::StatusOr<v1::JobState> ParseState(const std::string& text) {
 // (one restarting on its state dir keeps its jobs; its workers are back within a second).
 constexpr auto kReconnectFor = std::chrono::seconds(120);
 
-// Runs `attempt` again while it fails UNAVAILABLE after `reached()` became true (the coordinator
-// answered once), for at most kReconnectFor from the first loss, telling `err` once per loss.
-absl::Status RetryWhileUnavailable(const std::string& address, std::ostream& err,
-                                   const std::function<bool()>& reached,
-                                   const std::function<absl::Status()>& attempt) {
-  std::optional<std::chrono::steady_clock::time_point> lost;
-  while (true) {
-    absl::Status status = attempt();
-    if (status.code() != absl::StatusCode::kUnavailable || !reached()) return status;
-    const auto now = std::chrono::steady_clock::now();
-    if (!lost.has_value()) {
-      lost = now;
-      err << "matctl: lost the coordinator at " << address << " (" << status.message()
-          << "); trying again for " << kReconnectFor.count() << " s" << std::endl;
-    } else if (now - *lost > kReconnectFor) {
-      return status;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  }
-}
-
 absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, int columns,
                    std::ostream& out, std::ostream& err, v1::JobState* final_state) {
   // A QUEUED or RESTARTING job's "JOB waiting: why" line (GetJob's `waiting`, as `status`
@@ -134,11 +113,11 @@ absl::Status Watch(JobClient& client, const std::string& job_id, bool progress, 
     if (!job.ok() || job->waiting().empty()) return "";
     return absl::StrCat(job_id, " waiting: ", job->waiting());
   };
-  bool reached = false;  // an event arrived: the coordinator knows the job
+  int64_t events = 0;  // events received: the coordinator knows the job once there is one
   const auto watch_once = [&](const std::function<void(const v1::JobEvent&)>& on_event) {
-    return RetryWhileUnavailable(client.address(), err, [&] { return reached; }, [&] {
+    return RetryWhileUnavailable(client.address(), err, kReconnectFor, [&] { return events; }, [&] {
       return client.WatchJob(job_id, [&](const v1::JobEvent& event) {
-        reached = true;
+        ++events;
         on_event(event);
       });
     });
@@ -553,16 +532,39 @@ int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   JobClient& client = **made;
   absl::StatusOr<v1::ListArtifactsReply> list = client.ListArtifacts(o.job_id);
   if (!list.ok()) return Fail(err, list.status());
+  absl::StatusOr<v1::GetJobReply> job = client.GetJob(o.job_id);
+  if (!job.ok()) return Fail(err, job.status());
+  const v1::JobState state = job->job().state();
   for (const std::string& why : list->refused()) {
     err << "matctl: the coordinator refused an artifact: " << why << "\n";
   }
   if (list->artifacts_size() == 0) {
-    absl::StatusOr<v1::GetJobReply> job = client.GetJob(o.job_id);
-    if (!job.ok()) return Fail(err, job.status());
     return Fail(err, absl::NotFoundError(absl::StrCat(
-                         "job ", o.job_id, " has no artifacts (it is ",
-                         api::JobStateName(job->job().state()),
+                         "job ", o.job_id, " has no artifacts (it is ", api::JobStateName(state),
                          "; rank 0 uploads them when its part of the job ends)")));
+  }
+  // Only a SUCCEEDED job's files are known to be all of them (its rank 0 uploads before it says
+  // it finished). After a cancel, a failure or a lost peer rank 0 uploads what it has once it has
+  // stopped, after the job's state changed; a job still running has an earlier attempt's files.
+  const auto listed = [&](const std::string& name) {
+    for (const v1::Artifact& a : list->artifacts()) {
+      if (a.name() == name) return true;
+    }
+    for (const std::string& why : list->refused()) {
+      if (absl::StartsWith(why, name + " ")) return true;
+    }
+    return false;
+  };
+  if (!api::IsTerminalJobState(state)) {
+    err << "matctl: " << o.job_id << " is " << api::JobStateName(state)
+        << ": these are the files an earlier attempt's rank 0 gave back; the job's own come when "
+           "its rank 0's part ends\n";
+  } else if (state != v1::JOB_STATE_SUCCEEDED && !listed("model.safetensors")) {
+    err << "matctl: no model.safetensors from " << o.job_id << " (" << api::JobStateName(state)
+        << ") yet: after a cancel or a failure rank 0 gives back what it has once it has "
+           "stopped, the model only from a checkpoint; `matctl logs "
+        << o.job_id << "` says when it is done (\"artifacts uploaded to the coordinator\") or "
+                       "that there is none (\"no checkpoint yet\"): download again then\n";
   }
   if (absl::Status s = common::MakeDirs(o.out_dir); !s.ok()) return Fail(err, s);
   // Nothing is written while any file there would be replaced (without --force); each file is
@@ -632,7 +634,7 @@ int Logs(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
     absl::StatusOr<v1::GetJobLogsReply> reply;
     // --follow rides out a coordinator restart, as watch does.
     absl::Status got = RetryWhileUnavailable(
-        client.address(), err, [&] { return o.follow && !first; }, [&] {
+        client.address(), err, kReconnectFor, [&] { return int64_t{o.follow && !first}; }, [&] {
           reply = client.GetJobLogs(o.job_id, o.rank, after);
           return reply.status();
         });

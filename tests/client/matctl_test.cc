@@ -603,8 +603,15 @@ class HostileArtifacts final : public v1::JobService::Service {
     reply->set_sha256(sha256_);
     return grpc::Status::OK;
   }
+  grpc::Status GetJob(grpc::ServerContext*, const v1::GetJobRequest* request,
+                      v1::GetJobReply* reply) override {
+    reply->mutable_job()->set_job_id(request->job_id());
+    reply->mutable_job()->set_state(state_);
+    return grpc::Status::OK;
+  }
   std::string name_;
   std::string sha256_ = std::string(64, '0');  // not the SHA-256 of "abcd"
+  v1::JobState state_ = v1::JOB_STATE_SUCCEEDED;
 };
 
 TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
@@ -639,6 +646,42 @@ TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
   EXPECT_EQ(stale.code, 0) << stale.err;
   std::ifstream got(out + "/model.safetensors");
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(got), {}), "abcd");
+  EXPECT_THAT(stale.err, ::testing::Not(HasSubstr("no model.safetensors")));
+  server->Shutdown();
+}
+
+// Only a SUCCEEDED job's files are all of them: a cancelled or failed job's rank 0 uploads after
+// the state changed (a download right after a cancel may lack the model), and a running job's
+// files are an earlier attempt's. The download says so (and still writes what there is).
+TEST_F(MatctlTest, DownloadSaysWhenTheFilesMayNotBeAllOfThem) {
+  HostileArtifacts service;
+  service.name_ = "summary.json";
+  service.sha256_ = "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589";
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(port, 0);
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+
+  service.state_ = v1::JOB_STATE_CANCELLED;
+  Result cancelled = Run({"download", "job-000001", "--out", root_ + "/cancelled"}, address);
+  EXPECT_EQ(cancelled.code, 0) << cancelled.err;
+  EXPECT_TRUE(fs::exists(root_ + "/cancelled/summary.json"));
+  EXPECT_THAT(cancelled.err, HasSubstr("no model.safetensors from job-000001 (CANCELLED) yet"));
+  EXPECT_THAT(cancelled.err, HasSubstr("matctl logs job-000001"));
+
+  service.state_ = v1::JOB_STATE_RUNNING;
+  Result running = Run({"download", "job-000001", "--out", root_ + "/running"}, address);
+  EXPECT_EQ(running.code, 0) << running.err;
+  EXPECT_THAT(running.err, HasSubstr("job-000001 is RUNNING: these are the files an earlier "
+                                     "attempt's rank 0 gave back"));
+
+  service.state_ = v1::JOB_STATE_SUCCEEDED;
+  Result succeeded = Run({"download", "job-000001", "--out", root_ + "/succeeded"}, address);
+  EXPECT_EQ(succeeded.code, 0) << succeeded.err;
+  EXPECT_EQ(succeeded.err, "");
   server->Shutdown();
 }
 

@@ -370,6 +370,7 @@ TEST_F(ArtifactsTest, ACancelledJobLeavesTheModelOfItsNewestCheckpoint) {
   const CommandResult none = Matctl(address_, {"download", early, "--out", root_ + "/early"});
   EXPECT_EQ(none.exit_code, 0) << none.err;
   EXPECT_FALSE(fs::exists(root_ + "/early/model.safetensors"));
+  EXPECT_THAT(none.err, HasSubstr("no model.safetensors from " + early + " (CANCELLED) yet"));
 }
 
 // A peer's worker SIGKILLed: rank 0's part ends with a failed process group and the job is

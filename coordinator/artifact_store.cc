@@ -1,8 +1,11 @@
 #include "coordinator/artifact_store.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -31,6 +34,17 @@ int64_t FileSize(const std::string& path) {
 }
 
 std::string Size(int64_t bytes) { return absl::StrCat(bytes, " bytes"); }
+
+// fsync of a complete upload's bytes; INTERNAL naming the file and the errno's text.
+absl::Status SyncFile(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::InternalError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  const bool synced = ::fsync(fd) == 0;
+  const int error = errno;
+  ::close(fd);
+  if (!synced) return absl::InternalError(absl::StrCat(path, ": fsync: ", std::strerror(error)));
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -214,6 +228,9 @@ absl::Status ArtifactStore::CompleteUpload(const std::string& job_id, Job& job,
         digest.ok() ? digest->sha256 : std::string(digest.status().message()), ", not ",
         expected.sha256, "; dropped, upload it again"));
   }
+  // On disk before the manifest says it is complete: after a power loss a complete artifact
+  // whose bytes never left the page cache would be dropped, and rank 0 may not upload it again.
+  MAT_RETURN_IF_ERROR(SyncFile(part));
   fs::rename(part, JobDir(job_id) + "/" + name, ec);
   if (ec) return absl::InternalError(absl::StrCat(part, ": cannot rename: ", ec.message()));
   job.uploads.erase(name);

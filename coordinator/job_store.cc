@@ -572,7 +572,7 @@ absl::Status JobStore::DeleteJob(const std::string& job_id) {
   MAT_ASSIGN_OR_RETURN(
       SqliteStatement mark,
       db_->Prepare("UPDATE jobs SET deleted_unix_seconds = ?, request_key = NULL, "
-                   "summary_json = '' WHERE id = ?"));
+                   "summary_json = '', spec = x'', error_message = '' WHERE id = ?"));
   MAT_RETURN_IF_ERROR(mark.BindInt64(1, Now()));
   MAT_RETURN_IF_ERROR(mark.BindText(2, job_id));
   MAT_RETURN_IF_ERROR(mark.Run());

@@ -37,8 +37,8 @@
 //   jobs.deleted_unix_seconds
 //                   (v9) when the job was deleted (DeleteJob), NULL while it is not: a deleted
 //                   job keeps its row (ids come from MAX(seq) and are never given twice; the
-//                   row keeps its spec, state, client and figures, its request_key is freed and
-//                   its summary cleared) and loses its assignments, λ history, decisions,
+//                   row keeps its state, client and figures, its request_key is freed and
+//                   its spec, summary and error message cleared) and loses its assignments, λ history, decisions,
 //                   modules and log lines
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
@@ -305,7 +305,8 @@ class JobStore {
   absl::StatusOr<bool> IsDeletedJob(const std::string& job_id);
   // Deletes a finished job (DeleteJob): its row stays, marked deleted_unix_seconds (its id is
   // never given again, and GetJob, RequireJob and ListJobs no longer see it) with its
-  // request_key freed and its summary cleared; its assignments, λ history, decisions, modules
+  // request_key freed and its spec, summary and error message cleared (a tombstone holds its id,
+  // state, client and times only); its assignments, λ history, decisions, modules
   // and log lines are removed. One transaction. NOT_FOUND for an unknown or deleted job;
   // FAILED_PRECONDITION for one that is not SUCCEEDED, FAILED or CANCELLED, and for one whose
   // decisions an unfinished job still replays (policy.rand_schedule_job), naming it.

@@ -620,6 +620,8 @@ TEST_F(JobStoreTest, DeleteJobRemovesAFinishedJobButNeverGivesItsIdAgain) {
             absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->DeleteJob(done).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(*store_->IsDeletedJob(done), true);
+  // The tombstone keeps the id and the state, not the spec (up to the spec limit a job).
+  EXPECT_EQ(RawQuery("SELECT length(spec) FROM jobs WHERE id = '" + done + "'"), "0");
   EXPECT_EQ(*store_->IsDeletedJob(replay), false);
   EXPECT_EQ(store_->IsDeletedJob("job-000099").status().code(), absl::StatusCode::kNotFound);
   for (const char* table :

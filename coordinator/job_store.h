@@ -372,8 +372,10 @@ class JobStore {
                                             const std::string& page_token);
   // One policy decision in one transaction: the λ row of update.step (as AppendLambdas, skipped
   // when update.lambda is empty), the decision (as AppendDecision) and the job's mask_version and
-  // active_modules. INVALID_ARGUMENT as those two, or for mask_version < 1 or
-  // active_modules < 0; NOT_FOUND for an unknown job.
+  // active_modules; and it removes the job's λ rows and decisions of later steps (an abandoned
+  // attempt's, which got further than the checkpoint a restarted attempt resumed from: one
+  // history, and a later restore continues this attempt's). INVALID_ARGUMENT as those two, or
+  // for mask_version < 1 or active_modules < 0; NOT_FOUND for an unknown job.
   absl::Status RecordDecision(const std::string& job_id, const DecisionUpdate& update);
 
   // ----- logs -----

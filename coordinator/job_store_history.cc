@@ -162,6 +162,17 @@ absl::Status JobStore::RecordDecision(const std::string& job_id, const DecisionU
   }
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  // A decision at `step` starts the job's history anew from there: rows of later steps are an
+  // abandoned attempt's (it got further before it failed than the checkpoint this attempt
+  // resumed from), and a later restore must not continue from them.
+  for (const char* table : {"lambda_history", "decisions"}) {
+    MAT_ASSIGN_OR_RETURN(SqliteStatement later,
+                         db_->Prepare(absl::StrCat("DELETE FROM ", table,
+                                                   " WHERE job_id = ? AND step > ?")));
+    MAT_RETURN_IF_ERROR(later.BindText(1, job_id));
+    MAT_RETURN_IF_ERROR(later.BindInt64(2, update.step));
+    MAT_RETURN_IF_ERROR(later.Run());
+  }
   if (!update.lambda.empty()) {
     MAT_RETURN_IF_ERROR(WriteLambdas(job_id, update.step, update.lambda));
   }

@@ -847,6 +847,36 @@ TEST_F(JobStoreTest, RecordDecisionWritesLambdaDecisionAndMaskInOneTransaction) 
   EXPECT_EQ(job->active_modules, 1);
 }
 
+// A restarted attempt resumed from a checkpoint before the failed attempt's last decisions:
+// its decision at a step replaces that step's and drops the later ones (λ too), so the history
+// is this attempt's and a later restore (LatestDecisionAtOrBefore) never continues the
+// abandoned attempt's policy.
+TEST_F(JobStoreTest, ADecisionDropsTheLaterDecisionsOfAnAbandonedAttempt) {
+  const std::string id = Create("", Spec(1));
+  for (int64_t step : {100, 200, 300, 400}) {
+    ASSERT_TRUE(store_->RecordDecision(id, {step, {1.0, 2.0}, absl::StrCat(R"({"attempt":0,"step":)", step, "}"),
+                                            step / 100, 2, "state-0", ""})
+                    .ok());
+  }
+  ASSERT_TRUE(store_->RecordDecision(id, {200, {3.0, 4.0}, R"({"attempt":1,"step":200})", 5, 1,
+                                          "state-1", ""})
+                  .ok());
+  auto decisions = store_->GetDecisions(id, 0, "");
+  ASSERT_TRUE(decisions.ok()) << decisions.status();
+  ASSERT_EQ(decisions->decisions.size(), 2u);
+  EXPECT_EQ(decisions->decisions[0].json, R"({"attempt":0,"step":100})");
+  EXPECT_EQ(decisions->decisions[1].json, R"({"attempt":1,"step":200})");
+  auto lambdas = store_->GetLambdas(id, 0, "");
+  ASSERT_TRUE(lambdas.ok()) << lambdas.status();
+  ASSERT_EQ(lambdas->points.size(), 2u);
+  EXPECT_THAT(lambdas->points[1].lambda, ElementsAre(3.0, 4.0));
+  auto restored = store_->LatestDecisionAtOrBefore(id, 400);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  ASSERT_TRUE(restored->has_value());
+  EXPECT_EQ((*restored)->step, 200);
+  EXPECT_EQ((*restored)->policy_state, "state-1");
+}
+
 // ----- workers and assignments -----
 
 TEST_F(JobStoreTest, WorkersUpsertKeepsRegistrationTime) {

@@ -718,12 +718,16 @@ absl::Status JobStore::UpdateJobProgress(const std::string& job_id,
 absl::Status JobStore::SetJobSummary(const std::string& job_id, const std::string& summary_json) {
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
+  MAT_RETURN_IF_ERROR(WriteJobSummary(job_id, summary_json));
+  return txn.Commit();
+}
+
+absl::Status JobStore::WriteJobSummary(const std::string& job_id, const std::string& summary_json) {
   MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
                        db_->Prepare("UPDATE jobs SET summary_json = ? WHERE id = ?"));
   MAT_RETURN_IF_ERROR(upd.BindText(1, summary_json));
   MAT_RETURN_IF_ERROR(upd.BindText(2, job_id));
-  MAT_RETURN_IF_ERROR(upd.Run());
-  return txn.Commit();
+  return upd.Run();
 }
 
 // ----- modules -----

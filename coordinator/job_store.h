@@ -415,10 +415,13 @@ class JobStore {
   absl::Status PutAssignment(const std::string& job_id, int32_t rank,
                              const std::string& worker_id, int64_t attempt);
   // Stores what rank `rank` of `job_id` reported: its latest step, the latest mask version it
-  // acknowledged and its final parameter checksum ("" until it finished). NOT_FOUND for an
-  // unknown job or a rank without an assignment; INVALID_ARGUMENT for a negative step or version.
+  // acknowledged and its final parameter checksum ("" until it finished); with `summary_json`
+  // set, also the job's summary (as SetJobSummary), in the same transaction: a finished rank 0 is
+  // never stored without its summary. NOT_FOUND for an unknown job or a rank without an
+  // assignment; INVALID_ARGUMENT for a negative step or version.
   absl::Status UpdateRankStatus(const std::string& job_id, int32_t rank, int64_t step,
-                                int64_t mask_version, const std::string& param_checksum);
+                                int64_t mask_version, const std::string& param_checksum,
+                                const std::string* summary_json = nullptr);
   // A job's assignments in rank order (NOT_FOUND for an unknown job).
   absl::StatusOr<std::vector<AssignmentRecord>> ListAssignments(const std::string& job_id);
 
@@ -452,6 +455,8 @@ class JobStore {
   absl::Status WriteDecision(const std::string& job_id, int64_t step,
                              const std::string& decision_json, const std::string& policy_state,
                              const std::string& mask_update);
+  // The statement of SetJobSummary, inside the caller's transaction (after RequireJob).
+  absl::Status WriteJobSummary(const std::string& job_id, const std::string& summary_json);
 
   std::unique_ptr<SqliteDb> db_;
   int lock_fd_;  // holds the flock on <state_dir>/LOCK; closed on destruction

@@ -178,7 +178,8 @@ absl::Status JobStore::PutAssignment(const std::string& job_id, int32_t rank,
 }
 
 absl::Status JobStore::UpdateRankStatus(const std::string& job_id, int32_t rank, int64_t step,
-                                        int64_t mask_version, const std::string& param_checksum) {
+                                        int64_t mask_version, const std::string& param_checksum,
+                                        const std::string* summary_json) {
   if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
   if (mask_version < 0) {
     return absl::InvalidArgumentError(
@@ -198,6 +199,7 @@ absl::Status JobStore::UpdateRankStatus(const std::string& job_id, int32_t rank,
   if (sqlite3_changes(db_->raw()) == 0) {
     return absl::NotFoundError(absl::StrCat("job ", job_id, " has no rank ", rank));
   }
+  if (summary_json != nullptr) MAT_RETURN_IF_ERROR(WriteJobSummary(job_id, *summary_json));
   return txn.Commit();
 }
 

@@ -527,11 +527,13 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   int remaining = 0;
   for (int r = 0; r < job.world_size; ++r) remaining += job.ranks[r].done ? 0 : 1;
   const bool last = remaining == 1;  // this rank is the only one not done yet
-  MAT_RETURN_IF_ERROR(store_->UpdateRankStatus(job_id, ref.rank, done.step(), rank.acked_version,
-                                               done.param_checksum()));
   const std::string summary = ref.rank == 0 ? done.summary_json() : job.ranks[0].summary_json;
-  // Rank 0's summary is stored at once: it must survive a coordinator restart.
-  if (last || ref.rank == 0) MAT_RETURN_IF_ERROR(store_->SetJobSummary(job_id, summary));
+  // Rank 0's summary is stored at once, with its status: it must survive a coordinator restart,
+  // and a restarted coordinator takes a rank stored as finished as done (it sends no RankDone
+  // again).
+  MAT_RETURN_IF_ERROR(store_->UpdateRankStatus(job_id, ref.rank, done.step(), rank.acked_version,
+                                               done.param_checksum(),
+                                               last || ref.rank == 0 ? &summary : nullptr));
   rank.done = true;
   rank.step = done.step();
   rank.param_checksum = done.param_checksum();

@@ -965,6 +965,15 @@ TEST_F(JobStoreTest, RankStatusIsStoredPerAssignmentAndResetByANewAssignment) {
   EXPECT_EQ((*list)[0].mask_version, 6);
   EXPECT_EQ((*list)[1].param_checksum, "beef");
   EXPECT_EQ((*list)[1].step, 200);
+  // Rank 0 finishing stores its summary in the same transaction; a refused update stores neither.
+  const std::string summary = R"({"best_val_loss": 3.5})";
+  EXPECT_EQ(store_->UpdateRankStatus(id, 0, -1, 0, "cafe", &summary).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->GetJob(id)->summary_json, "");
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 300, 8, "cafe", &summary).ok());
+  Reopen();
+  EXPECT_EQ(store_->GetJob(id)->summary_json, summary);
+  EXPECT_EQ((*store_->ListAssignments(id))[0].param_checksum, "cafe");
   // A new assignment of the rank (a restart) starts from a clean status.
   ASSERT_TRUE(store_->PutAssignment(id, 1, "w1", 1).ok());
   list = store_->ListAssignments(id);

@@ -142,9 +142,10 @@ struct CoordinatorOptions {
 class Coordinator {
  public:
   // Takes ownership of an open store. The store's own clock (JobStoreOptions) stamps jobs;
-  // `options.now_unix_seconds` stamps events, `options.now_ms` times heartbeats. Fails every
-  // RUNNING or RESTARTING job of the store (see "Restart" above); a store error there is logged
-  // and leaves those jobs as they are.
+  // `options.now_unix_seconds` stamps events, `options.now_ms` times heartbeats. Keeps the
+  // store's RUNNING jobs for their workers to re-attach and leaves its RESTARTING jobs to the
+  // scheduler ("Coordinator restart" above); a store error there is logged and leaves those jobs
+  // as they are.
   explicit Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions options = {});
   Coordinator(const Coordinator&) = delete;
   Coordinator& operator=(const Coordinator&) = delete;

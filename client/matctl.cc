@@ -530,11 +530,13 @@ int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
       JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
   if (!made.ok()) return Fail(err, made.status());
   JobClient& client = **made;
-  absl::StatusOr<v1::ListArtifactsReply> list = client.ListArtifacts(o.job_id);
-  if (!list.ok()) return Fail(err, list.status());
+  // The state first: a job seen SUCCEEDED has all its files listed (rank 0 uploads before it
+  // says it finished); listed first, a job that succeeded in between could lack the last ones.
   absl::StatusOr<v1::GetJobReply> job = client.GetJob(o.job_id);
   if (!job.ok()) return Fail(err, job.status());
   const v1::JobState state = job->job().state();
+  absl::StatusOr<v1::ListArtifactsReply> list = client.ListArtifacts(o.job_id);
+  if (!list.ok()) return Fail(err, list.status());
   for (const std::string& why : list->refused()) {
     err << "matctl: the coordinator refused an artifact: " << why << "\n";
   }
@@ -545,7 +547,8 @@ int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   }
   // Only a SUCCEEDED job's files are known to be all of them (its rank 0 uploads before it says
   // it finished). After a cancel, a failure or a lost peer rank 0 uploads what it has once it has
-  // stopped, after the job's state changed; a job still running has an earlier attempt's files.
+  // stopped, after the job's state changed; a job still running has an earlier attempt's files,
+  // or its rank 0's while other ranks still run.
   const auto listed = [&](const std::string& name) {
     for (const v1::Artifact& a : list->artifacts()) {
       if (a.name() == name) return true;
@@ -557,8 +560,8 @@ int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   };
   if (!api::IsTerminalJobState(state)) {
     err << "matctl: " << o.job_id << " is " << api::JobStateName(state)
-        << ": these are the files an earlier attempt's rank 0 gave back; the job's own come when "
-           "its rank 0's part ends\n";
+        << ": these files may be an earlier attempt's, or not yet final; the job's own are "
+           "final when it has SUCCEEDED\n";
   } else if (state != v1::JOB_STATE_SUCCEEDED && !listed("model.safetensors")) {
     err << "matctl: no model.safetensors from " << o.job_id << " (" << api::JobStateName(state)
         << ") yet: after a cancel or a failure rank 0 gives back what it has once it has "

@@ -374,7 +374,10 @@ class JobStore {
   // when update.lambda is empty), the decision (as AppendDecision) and the job's mask_version and
   // active_modules; and it removes the job's λ rows and decisions of later steps (an abandoned
   // attempt's, which got further than the checkpoint a restarted attempt resumed from: one
-  // history, and a later restore continues this attempt's). INVALID_ARGUMENT as those two, or
+  // history, and a later restore no longer finds them). Not covered: a restarted attempt whose
+  // first report is at a step the abandoned one decided (its checkpoint between two probe steps)
+  // continues from that stored decision (MaskEngine::RestoreIfNeeded), as a coordinator restart
+  // does; the same on deterministic kernels. INVALID_ARGUMENT as those two, or
   // for mask_version < 1 or active_modules < 0; NOT_FOUND for an unknown job.
   absl::Status RecordDecision(const std::string& job_id, const DecisionUpdate& update);
 

@@ -675,8 +675,8 @@ TEST_F(MatctlTest, DownloadSaysWhenTheFilesMayNotBeAllOfThem) {
   service.state_ = v1::JOB_STATE_RUNNING;
   Result running = Run({"download", "job-000001", "--out", root_ + "/running"}, address);
   EXPECT_EQ(running.code, 0) << running.err;
-  EXPECT_THAT(running.err, HasSubstr("job-000001 is RUNNING: these are the files an earlier "
-                                     "attempt's rank 0 gave back"));
+  EXPECT_THAT(running.err, HasSubstr("job-000001 is RUNNING: these files may be an earlier "
+                                     "attempt's, or not yet final"));
 
   service.state_ = v1::JOB_STATE_SUCCEEDED;
   Result succeeded = Run({"download", "job-000001", "--out", root_ + "/succeeded"}, address);

@@ -849,14 +849,14 @@ TEST_F(JobStoreTest, RecordDecisionWritesLambdaDecisionAndMaskInOneTransaction) 
 
 // A restarted attempt resumed from a checkpoint before the failed attempt's last decisions:
 // its decision at a step replaces that step's and drops the later ones (λ too), so the history
-// is this attempt's and a later restore (LatestDecisionAtOrBefore) never continues the
-// abandoned attempt's policy.
+// is this attempt's and a later restore (LatestDecisionAtOrBefore) does not find the abandoned
+// attempt's later decisions.
 TEST_F(JobStoreTest, ADecisionDropsTheLaterDecisionsOfAnAbandonedAttempt) {
   const std::string id = Create("", Spec(1));
   for (int64_t step : {100, 200, 300, 400}) {
-    ASSERT_TRUE(store_->RecordDecision(id, {step, {1.0, 2.0}, absl::StrCat(R"({"attempt":0,"step":)", step, "}"),
-                                            step / 100, 2, "state-0", ""})
-                    .ok());
+    const std::string json = absl::StrCat(R"({"attempt":0,"step":)", step, "}");
+    ASSERT_TRUE(
+        store_->RecordDecision(id, {step, {1.0, 2.0}, json, step / 100, 2, "state-0", ""}).ok());
   }
   ASSERT_TRUE(store_->RecordDecision(id, {200, {3.0, 4.0}, R"({"attempt":1,"step":200})", 5, 1,
                                           "state-1", ""})

@@ -614,15 +614,23 @@ class HostileArtifacts final : public v1::JobService::Service {
   v1::JobState state_ = v1::JOB_STATE_SUCCEEDED;
 };
 
-TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
-  HostileArtifacts service;
+// `service` on a loopback port; its address in `address`; null when it could not start.
+std::unique_ptr<grpc::Server> Serve(v1::JobService::Service& service, std::string* address) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  ASSERT_NE(port, 0);
-  const std::string address = "127.0.0.1:" + std::to_string(port);
+  if (port == 0) return nullptr;
+  *address = "127.0.0.1:" + std::to_string(port);
+  return server;
+}
+
+TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
+  HostileArtifacts service;
+  std::string address;
+  std::unique_ptr<grpc::Server> server = Serve(service, &address);
+  ASSERT_NE(server, nullptr);
   const std::string out = root_ + "/dl";
 
   service.name_ = "../escaped.txt";
@@ -652,18 +660,14 @@ TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
 
 // Only a SUCCEEDED job's files are all of them: a cancelled or failed job's rank 0 uploads after
 // the state changed (a download right after a cancel may lack the model), and a running job's
-// files are an earlier attempt's. The download says so (and still writes what there is).
+// files may be an earlier attempt's. The download says so (and still writes what there is).
 TEST_F(MatctlTest, DownloadSaysWhenTheFilesMayNotBeAllOfThem) {
   HostileArtifacts service;
   service.name_ = "summary.json";
   service.sha256_ = "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589";
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  ASSERT_NE(port, 0);
-  const std::string address = "127.0.0.1:" + std::to_string(port);
+  std::string address;
+  std::unique_ptr<grpc::Server> server = Serve(service, &address);
+  ASSERT_NE(server, nullptr);
 
   service.state_ = v1::JOB_STATE_CANCELLED;
   Result cancelled = Run({"download", "job-000001", "--out", root_ + "/cancelled"}, address);

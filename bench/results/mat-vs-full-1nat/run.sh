@@ -23,11 +23,19 @@ one() {  # NAME: kind-sSEED
     full) extra=(--set policy.kind=full) ;;
     mat) ;;
     frozen-random)
-      while [[ ! -f "$root/mat-s$seed/summary.json" ]]; do sleep 30; done
+      # (After the runs, from a review: waiting for summary.json alone never ended if the MAT run
+      # failed; it waits for the run's end and skips without a summary.)
+      while [[ ! -f "$root/mat-s$seed.done" ]]; do sleep 30; done
+      if [[ ! -f "$root/mat-s$seed/summary.json" ]]; then
+        echo "$name: mat-s$seed did not finish; not run" >&2
+        touch "$root/$name.done"
+        return
+      fi
       extra=(--set policy.kind=frozen-random --set "policy.rand_schedule=mat-s$seed/decisions.jsonl") ;;
   esac
   (cd "$root" && "$bin" "${common[@]}" --set "seed=$seed" "${extra[@]}" --out "$name" \
       > "$name.log" 2>&1) || true
+  touch "$root/$name.done"
 }
 
 slot() {  # takes the next queue index under a lock until the queue is empty

@@ -8,7 +8,9 @@ errors: MAT lower; above 0 by more: MAT higher; otherwise not resolved), which a
 all ten runs reached step 24,000. Then the secondary extension of ../lambda-vs-random/:
 frozen-random - mat on seeds 25 and 26, pooled with that test's seeds 21-23. Without a criterion:
 signs, differences at [MASK] and at the best, FLOPs fractions, where full reached MAT's final
-loss, seconds per step. Reads metrics.jsonl and decisions.jsonl(.xz) only; no test figure.
+loss, seconds per step. Then the exploratory addendum (full-equal-s21, -s22: full training with
+MAT's compute and its own schedule). Reads metrics.jsonl and decisions.jsonl(.xz) only; no
+test figure.
 Usage:
   bench/results/mat-vs-full-1nat/analyze.py [RUNS]   (default: kept-runs beside this file)
 MAT runs of seeds 21-23 are read from ../lambda-vs-random/kept-runs (the plan reuses them).
@@ -149,10 +151,37 @@ def secondary(runs):
          "λ's choice better")
 
 
+def at_step(evals, step):
+    """The validation loss at `step`, linear between the evaluations around it (None outside)."""
+    for a, b in zip(evals, evals[1:]):
+        if a["step"] <= step <= b["step"]:
+            t = (step - a["step"]) / (b["step"] - a["step"])
+            return a["val_loss"] + t * (b["val_loss"] - a["val_loss"])
+    return None
+
+
+def addendum(runs):
+    """The exploratory addendum: full training with mat-sN's compute and its own schedule."""
+    print("\nAddendum (exploratory, no rule): full with MAT's compute and its own schedule")
+    for seed in (21, 22):
+        equal = curve(runs, "full-equal", seed)
+        if equal is None:
+            print(f"  seed {seed}: no evaluation yet")
+            continue
+        mat, full = curve(runs, "mat", seed), curve(runs, "full", seed)
+        e = equal[-1]
+        long_run = at_step(full, e["step"])
+        print(f"  seed {seed}: full-equal {e['val_loss']:.4f} at step {e['step']}"
+              f" (FLOPs {e['flops']['total'] / mat[-1]['flops']['total']:.4f} x mat's); "
+              f"mat - it {mat[-1]['val_loss'] - e['val_loss']:+.4f}; the 24,000-step full run "
+              f"there {long_run:.4f} (it - full-equal {long_run - e['val_loss']:+.4f})")
+
+
 def main(runs):
     runs = pathlib.Path(runs)
     primary(runs)
     secondary(runs)
+    addendum(runs)
 
 
 if __name__ == "__main__":

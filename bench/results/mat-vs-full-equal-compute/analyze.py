@@ -6,7 +6,9 @@ g_N = mat - full-equal in validation loss at each run's last evaluation; the mea
 deviation, standard error (SD / sqrt(5)) and the criterion (mean below 0 by more than 2 standard
 errors: MAT lower; above 0 by more: MAT higher; otherwise not resolved), which applies only when
 all ten runs reached their last step and each full-equal run's FLOPs are within 1 % of its MAT
-run's. Secondary: h_N = frozen-random - full-equal on the same seeds (the same rule). Without a
+run's. Secondary: h_N = frozen-random - full-equal on the same seeds (the same rule, applied only
+when those runs are complete, within 1 % of the FLOPs, and frozen-random-s27/-s28 kept their MAT
+runs' per-group counts at every decision). Without a
 criterion: g pooled with ../mat-vs-full-1nat's exploratory seeds 21 and 22, differences at
 [MASK], FLOPs fractions, full-equal against the 24,000-step full run at the same step (seeds 23,
 25, 26), seconds per step, and frozen-random - mat on seeds 27 and 28 beside
@@ -100,11 +102,13 @@ def against_full_equal(runs, kind, seeds):
         ratio = o["flops"]["total"] / e["flops"]["total"]
         if e["step"] != planned or o["step"] != STEPS:
             complete = False
-        if kind == "mat" and abs(ratio - 1) > 0.01:
+        if abs(ratio - 1) > 0.01:
             complete = False
         full = curve(runs, "full", seed) if seed in (21, 22, 23, 25, 26) else None
         long_run = mvf.at_step(full, e["step"]) if full else None
-        steps = f"{e['step']}" + ("" if e["step"] == planned else f" of {planned}")
+        # (Seeds 21 and 22, the earlier addendum's, used their own full run's curve: no "of".)
+        steps = f"{e['step']}" + ("" if e["step"] == planned or seed in (21, 22)
+                                  else f" of {planned}")
         other_end = f"{o['val_loss']:.4f}" + ("" if o["step"] == STEPS else f" (step {o['step']})")
         there = "-" if long_run is None else f"{long_run:.4f}"
         print(f"{seed:4d}  {e['val_loss']:.4f} ({steps})   {other_end}         "
@@ -131,6 +135,10 @@ def main(runs):
         summary("Exploratory: g pooled with ../mat-vs-full-1nat's addendum (seeds 21, 22; "
                 "known before this plan)", old + g)
     h, h_complete = against_full_equal(runs, "frozen-random", SEEDS)
+    for seed in NEW_SEEDS:  # the plan: the new frozen-random runs kept MAT's counts throughout
+        replay = lvr.replay_matches(run_dir(runs, "mat", seed), run_dir(runs, "frozen-random", seed))
+        if replay is None or replay[1] != 0:
+            h_complete = False
     if h_complete:
         mvf.rule("Secondary, h = frozen-random - full-equal (validation, last evaluation)", h,
                  "the fixed random set lower at MAT's compute",

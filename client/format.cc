@@ -92,6 +92,12 @@ std::string FormatTable(const std::vector<std::vector<std::string>>& rows) {
 
 json OptionalDoubleToJson(bool has, double v) { return has ? DoubleToJson(v) : json(nullptr); }
 
+// Whether the job has reported a training loss: the field is 0 until the first Progress (a real
+// loss is never exactly 0 nats), and a job with a validation loss has reported.
+bool TrainLossReported(const v1::Job& job) {
+  return job.train_loss() != 0 || job.has_val_loss();
+}
+
 }  // namespace
 
 std::string FormatUnixTime(int64_t unix_seconds) {
@@ -227,7 +233,7 @@ json JobToJson(const v1::GetJobReply& reply) {
   out["waiting"] = reply.waiting();
   out["step"] = job.step();
   out["total_steps"] = job.spec().train().steps();
-  out["train_loss"] = DoubleToJson(job.train_loss());
+  out["train_loss"] = OptionalDoubleToJson(TrainLossReported(job), job.train_loss());
   out["val_loss"] = OptionalDoubleToJson(job.has_val_loss(), job.val_loss());
   out["test_loss"] = OptionalDoubleToJson(job.has_test_loss(), job.test_loss());
   out["active_modules"] = job.active_modules();
@@ -266,8 +272,8 @@ std::string FormatJobText(const v1::GetJobReply& reply) {
   if (!job.error_message().empty()) out << "message:     " << job.error_message() << "\n";
   if (!reply.waiting().empty()) out << "waiting:     " << reply.waiting() << "\n";
   out << "step:        " << job.step() << " / " << job.spec().train().steps() << "\n";
-  const bool reported = job.train_loss() != 0 || job.has_val_loss();
-  out << "loss:        train " << (reported ? FormatSignificant(job.train_loss(), 4) : "-")
+  out << "loss:        train "
+      << (TrainLossReported(job) ? FormatSignificant(job.train_loss(), 4) : "-")
       << "  val " << (job.has_val_loss() ? FormatSignificant(job.val_loss(), 4) : "-")
       << "  test " << (job.has_test_loss() ? FormatSignificant(job.test_loss(), 4) : "-")
       << "\n";
@@ -381,7 +387,7 @@ WatchState WatchStateFromJob(const v1::GetJobReply& reply) {
   s.state = job.state();
   s.step = job.step();
   s.total_steps = job.spec().train().steps();
-  if (job.train_loss() != 0) s.train_loss = job.train_loss();
+  if (TrainLossReported(job)) s.train_loss = job.train_loss();
   if (job.has_val_loss()) s.val_loss = job.val_loss();
   s.active_modules = job.active_modules();
   s.total_modules = job.total_modules();

@@ -162,6 +162,15 @@ TEST(FormatTest, JobJsonHasStateSpecAndRanksWithTypedValues) {
   EXPECT_TRUE(JobToJson(reply)["summary"].is_null());
 }
 
+TEST(FormatTest, JobJsonHasNoTrainingLossBeforeTheFirstReport) {
+  v1::GetJobReply reply;
+  *reply.mutable_job() = MakeJob("job-000009", v1::JOB_STATE_RUNNING);
+  EXPECT_TRUE(JobToJson(reply)["train_loss"].is_null()) << "0 is the unset field, not a loss";
+  EXPECT_NE(FormatJobText(reply).find("loss:        train -"), std::string::npos);
+  reply.mutable_job()->set_train_loss(6.5);
+  EXPECT_EQ(JobToJson(reply)["train_loss"], 6.5);
+}
+
 TEST(FormatTest, JobJsonHasProgressLossesMaskAndComputeWithNullForUnsetLosses) {
   v1::GetJobReply reply;
   *reply.mutable_job() = MakeJob("job-000008", v1::JOB_STATE_RUNNING);

@@ -446,9 +446,15 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
     absl::StatusOr<v1::GetJobReply> job = client->GetJob(name);
     if (!job.ok()) return job.status();
     if (job->job().summary_json().empty()) {
+      const v1::Job& j = job->job();
+      if (api::IsTerminalJobState(j.state())) {  // it never will have one
+        return absl::FailedPreconditionError(absl::StrCat(
+            name, " has no summary: it ended ", api::JobStateName(j.state()),
+            j.error_message().empty() ? "" : absl::StrCat(" (", j.error_message(), ")"),
+            " before writing one; compare needs jobs that succeeded"));
+      }
       return absl::FailedPreconditionError(
-          absl::StrCat(name, " has no summary yet (state ",
-                       api::JobStateName(job->job().state()),
+          absl::StrCat(name, " has no summary yet (state ", api::JobStateName(j.state()),
                        "); compare needs finished jobs"));
     }
     nlohmann::json summary = nlohmann::json::parse(job->job().summary_json(), nullptr, false);

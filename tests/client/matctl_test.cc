@@ -234,7 +234,7 @@ TEST_F(MatctlTest, ListStatusAndCancelShowAndChangeJobs) {
   EXPECT_EQ(j["error_message"], "");
   EXPECT_EQ(j["step"], 0);
   EXPECT_EQ(j["total_steps"], 1000);
-  EXPECT_EQ(j["train_loss"], 0);
+  EXPECT_TRUE(j["train_loss"].is_null()) << "no loss reported yet";
   EXPECT_TRUE(j["val_loss"].is_null());
   EXPECT_TRUE(j["test_loss"].is_null());
   for (const char* key : {"active_modules", "total_modules", "mask_version", "flops_total",
@@ -259,6 +259,15 @@ TEST_F(MatctlTest, ListStatusAndCancelShowAndChangeJobs) {
   EXPECT_THAT(filtered.out, HasSubstr("job-000001  CANCELLED"));
   EXPECT_THAT(filtered.out, ::testing::Not(HasSubstr("job-000002")));
   EXPECT_EQ(Run({"list", "--state", "sleeping"}).code, 2);  // a usage error
+
+  // compare: a job still queued has no summary yet; a cancelled one never will.
+  Result queued = Run({"compare", "job-000002"});
+  EXPECT_EQ(queued.code, 1);
+  EXPECT_THAT(queued.err, HasSubstr("job-000002 has no summary yet (state QUEUED)"));
+  Result ended = Run({"compare", "job-000001"});
+  EXPECT_EQ(ended.code, 1);
+  EXPECT_THAT(ended.err, HasSubstr("job-000001 has no summary: it ended CANCELLED"));
+  EXPECT_THAT(ended.err, HasSubstr("compare needs jobs that succeeded"));
 }
 
 TEST_F(MatctlTest, UnknownJobsAreNotFoundNamingTheId) {

@@ -72,7 +72,9 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
 
   void Enqueue(const v1::JobEvent& event, bool last) {
     if (finished_) return;
-    if (queue_.size() >= max_queued_ && !event.has_state()) {
+    // State changes and evaluations are never dropped (a job has one evaluation per
+    // train.eval_every steps); progress and mask events, which the next one supersedes, are.
+    if (queue_.size() >= max_queued_ && !event.has_state() && !event.has_evaluation()) {
       if (dropped_++ == 0) {
         spdlog::warn("job {}: a WatchJob client reads too slowly; dropping progress events",
                      job_id_);

@@ -14,8 +14,9 @@
 // (NOT_FOUND) for an unknown job. Its subscription is removed on the loop in every case.
 //
 // A watcher that reads slower than events arrive gets at most `max_queued_watch_events` queued;
-// beyond that, progress/evaluation/mask events are dropped (state changes never are), so a slow
-// client costs bounded memory and still sees how the job ends.
+// beyond that, progress and mask events are dropped (each is superseded by the next), state
+// changes and evaluations never are (one per train.eval_every steps), so a slow client costs
+// bounded memory and still sees every evaluation and how the job ends.
 //
 // Lifetime: `loop` and `coordinator` must outlive the service, and the loop must keep running
 // until the grpc::Server serving this service has shut down (Server::Shutdown returns), because

@@ -386,7 +386,7 @@ class JobServiceSlowWatcherTest : public JobServiceTest {
   }
 };
 
-TEST_F(JobServiceSlowWatcherTest, ABurstBeyondTheQueueDropsProgressButNeverStateChanges) {
+TEST_F(JobServiceSlowWatcherTest, ABurstBeyondTheQueueDropsProgressButNeverStatesOrEvaluations) {
   const std::string id = SubmitOk();
   grpc::ClientContext context;
   v1::WatchJobRequest request;
@@ -404,6 +404,13 @@ TEST_F(JobServiceSlowWatcherTest, ABurstBeyondTheQueueDropsProgressButNeverState
       progress.set_step(step);
       progress.mutable_progress();
       coordinator_->PublishJobEvent(progress);
+      if (step % 10 == 0) {  // five evaluations, all after the queue is full
+        v1::JobEvent evaluation;
+        evaluation.set_job_id(id);
+        evaluation.set_step(step);
+        evaluation.mutable_evaluation()->set_val_loss(7.0 - step / 10);
+        coordinator_->PublishJobEvent(evaluation);
+      }
     }
     EXPECT_TRUE(coordinator_->UpdateJobState(id, v1::JOB_STATE_SUCCEEDED).ok());
     return 0;
@@ -413,13 +420,16 @@ TEST_F(JobServiceSlowWatcherTest, ABurstBeyondTheQueueDropsProgressButNeverState
   EXPECT_EQ(event.state().state(), v1::JOB_STATE_RUNNING);
   int progress_events = 0;
   int64_t last_step = 0;
-  while (reader->Read(&event) && event.has_progress()) {
-    ++progress_events;
-    EXPECT_GT(event.step(), last_step);
+  std::vector<int64_t> evaluated;
+  while (reader->Read(&event) && !event.has_state()) {
+    EXPECT_GE(event.step(), last_step) << "events out of order";
     last_step = event.step();
+    if (event.has_evaluation()) evaluated.push_back(event.step());
+    if (event.has_progress()) ++progress_events;
   }
   EXPECT_GE(progress_events, 1);
   EXPECT_LE(progress_events, 4) << "the queue bound was not applied";
+  EXPECT_EQ(evaluated, (std::vector<int64_t>{10, 20, 30, 40, 50})) << "an evaluation was dropped";
   EXPECT_EQ(event.state().state(), v1::JOB_STATE_SUCCEEDED) << "the terminal state was dropped";
   EXPECT_FALSE(reader->Read(&event));
   EXPECT_TRUE(reader->Finish().ok());

@@ -92,8 +92,10 @@ std::string FormatTable(const std::vector<std::vector<std::string>>& rows) {
 
 json OptionalDoubleToJson(bool has, double v) { return has ? DoubleToJson(v) : json(nullptr); }
 
-// Whether the job has reported a training loss: the field is 0 until the first Progress (a real
-// loss is never exactly 0 nats), and a job with a validation loss has reported.
+// Whether the job has reported a training loss: the field is 0 until the first Progress (the
+// job's step alone does not say: it also follows other reports, and a restarted coordinator's
+// job has one before any Progress). A loss of exactly 0 reads as unreported unless the job has
+// a validation loss.
 bool TrainLossReported(const v1::Job& job) {
   return job.train_loss() != 0 || job.has_val_loss();
 }

@@ -92,7 +92,8 @@ struct WatchState {
 };
 
 // The state of a job as GetJob reports it (steps_per_second: step / wall_seconds, the average so
-// far; train_loss unset while it is 0, i.e. before the first Progress).
+// far; train_loss unset while it is 0 and there is no validation loss, i.e. before the first
+// Progress).
 WatchState WatchStateFromJob(const v1::GetJobReply& reply);
 
 // Folds `event` into `state`. Returns true when the event deserves a line of its own above the

@@ -447,6 +447,10 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
     if (!job.ok()) return job.status();
     if (job->job().summary_json().empty()) {
       const v1::Job& j = job->job();
+      if (j.state() == v1::JOB_STATE_SUCCEEDED) {  // rank 0 reported none (or an old store)
+        return absl::FailedPreconditionError(absl::StrCat(
+            name, " succeeded, but the coordinator holds no summary of it (rank 0 sent none)"));
+      }
       if (api::IsTerminalJobState(j.state())) {  // it never will have one
         return absl::FailedPreconditionError(absl::StrCat(
             name, " has no summary: it ended ", api::JobStateName(j.state()),

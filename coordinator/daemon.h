@@ -105,7 +105,8 @@ struct CoordinatorDaemonConfig {
   // Bytes of artifacts kept per job (an upload that would pass it is refused and reported by
   // `matctl download`); 0 = no limit.
   int64_t max_artifact_bytes = int64_t{4} << 30;
-  // Events queued per WatchJob stream before its progress events are dropped, count.
+  // Events queued per WatchJob stream before its progress and mask events are dropped (its
+  // evaluations beyond 4 times as many), count.
   int max_queued_watch_events = 1024;
   // Workers must send something at least this often (RegisterReply.heartbeat_interval_ms); one
   // silent for 3 intervals is lost. Also the period of the loss check, milliseconds >= 1.

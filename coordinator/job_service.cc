@@ -72,11 +72,12 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
 
   void Enqueue(const v1::JobEvent& event, bool last) {
     if (finished_) return;
-    // State changes and evaluations are never dropped (a job has one evaluation per
-    // train.eval_every steps); progress and mask events, which the next one supersedes, are.
-    if (queue_.size() >= max_queued_ && !event.has_state() && !event.has_evaluation()) {
+    // Progress and mask events, which the next one supersedes, are dropped first; evaluations
+    // only when the queue holds 4 times as many events; state changes never.
+    const size_t bound = event.has_evaluation() ? 4 * max_queued_ : max_queued_;
+    if (queue_.size() >= bound && !event.has_state()) {
       if (dropped_++ == 0) {
-        spdlog::warn("job {}: a WatchJob client reads too slowly; dropping progress events",
+        spdlog::warn("job {}: a WatchJob client reads too slowly; dropping progress and mask events",
                      job_id_);
       }
       return;

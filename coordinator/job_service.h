@@ -14,9 +14,10 @@
 // (NOT_FOUND) for an unknown job. Its subscription is removed on the loop in every case.
 //
 // A watcher that reads slower than events arrive gets at most `max_queued_watch_events` queued;
-// beyond that, progress and mask events are dropped (each is superseded by the next), state
-// changes and evaluations never are (one per train.eval_every steps), so a slow client costs
-// bounded memory and still sees every evaluation and how the job ends.
+// beyond that, progress and mask events are dropped (each is superseded by the next), and
+// evaluations only beyond 4 times as many queued events; state changes never are. So a slow
+// client costs bounded memory and still sees how the job ends and, unless it stalls for
+// thousands of evaluations, every evaluation.
 //
 // Lifetime: `loop` and `coordinator` must outlive the service, and the loop must keep running
 // until the grpc::Server serving this service has shut down (Server::Shutdown returns), because
@@ -59,7 +60,8 @@ class TokenSet;
 class ArtifactStore;
 
 struct JobServiceOptions {
-  // Events queued per WatchJob stream before non-state events are dropped, count.
+  // Events queued per WatchJob stream before progress and mask events are dropped (evaluations
+  // beyond 4 times as many; state changes never), count.
   int max_queued_watch_events = 1024;
   // Bearer tokens every call must carry (coordinator/auth.h), borrowed: must outlive the
   // service. nullptr: every caller is admitted.

@@ -169,6 +169,12 @@ TEST(FormatTest, JobJsonHasNoTrainingLossBeforeTheFirstReport) {
   EXPECT_NE(FormatJobText(reply).find("loss:        train -"), std::string::npos);
   reply.mutable_job()->set_train_loss(6.5);
   EXPECT_EQ(JobToJson(reply)["train_loss"], 6.5);
+  // A loss of exactly 0 beside a validation loss is a reported loss, in all three views.
+  reply.mutable_job()->set_train_loss(0);
+  reply.mutable_job()->set_val_loss(0.5);
+  EXPECT_EQ(JobToJson(reply)["train_loss"], 0.0);
+  EXPECT_EQ(WatchStateFromJob(reply).train_loss, 0.0);
+  EXPECT_NE(FormatJobText(reply).find("loss:        train 0"), std::string::npos);
 }
 
 TEST(FormatTest, JobJsonHasProgressLossesMaskAndComputeWithNullForUnsetLosses) {

@@ -268,6 +268,15 @@ TEST_F(MatctlTest, ListStatusAndCancelShowAndChangeJobs) {
   EXPECT_EQ(ended.code, 1);
   EXPECT_THAT(ended.err, HasSubstr("job-000001 has no summary: it ended CANCELLED"));
   EXPECT_THAT(ended.err, HasSubstr("compare needs jobs that succeeded"));
+  ASSERT_TRUE(OnLoop([](coordinator::Coordinator& c) {
+                return c.UpdateJobState("job-000002", v1::JOB_STATE_RUNNING);
+              }).ok());
+  ASSERT_TRUE(OnLoop([](coordinator::Coordinator& c) {
+                return c.UpdateJobState("job-000002", v1::JOB_STATE_SUCCEEDED);
+              }).ok());
+  Result bare = Run({"compare", "job-000002"});
+  EXPECT_EQ(bare.code, 1);
+  EXPECT_THAT(bare.err, HasSubstr("job-000002 succeeded, but the coordinator holds no summary"));
 }
 
 TEST_F(MatctlTest, UnknownJobsAreNotFoundNamingTheId) {

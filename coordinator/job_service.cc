@@ -77,7 +77,8 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
     const size_t bound = event.has_evaluation() ? 4 * max_queued_ : max_queued_;
     if (queue_.size() >= bound && !event.has_state()) {
       if (dropped_++ == 0) {
-        spdlog::warn("job {}: a WatchJob client reads too slowly; dropping progress and mask events",
+        spdlog::warn("job {}: a WatchJob client reads too slowly; dropping its progress and mask "
+                     "events (and evaluations past 4 x its queue)",
                      job_id_);
       }
       return;

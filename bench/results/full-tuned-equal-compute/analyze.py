@@ -55,30 +55,49 @@ def peak_lr(rows, steps):
     return None if row is None else row["lr"] * (steps - WARMUP) / (steps - row["step"] + 1)
 
 
+def diverged(runs, name):
+    """Whether the run stopped on a non-finite training loss (its log: NAME.log beside the run
+    while run.sh runs, NAME/mat-train.log once kept)."""
+    for log in (runs / f"{name}.log", runs / name / "mat-train.log"):
+        if log.is_file() and "training loss is not finite" in log.read_text(errors="replace"):
+            return True
+    return False
+
+
 def tuning(runs):
-    """Prints the tuning table; returns the chosen rate (a string of TUNING_LRS) or None."""
+    """Prints the tuning table; returns the chosen rate (a string of TUNING_LRS) or None. A run
+    that stopped on a non-finite loss is ranked last (a rate that diverges is a result); any other
+    unfinished run means no choice. Ties (equal losses) go to the config's rate, then the lower."""
     print(f"Tuning: full training, {TUNING_STEPS} steps, seed {TUNING_SEED} (validation, last "
           f"evaluation)")
     print("peak lr   val loss  at [MASK]  step   peak lr read back  s/step")
     ends, complete = {}, True
+    full_per_step = meq.full_flops_per_step()
     for lr in TUNING_LRS:
-        rows = evals(runs / f"tune-lr{lr}-s{TUNING_SEED}")
+        name = f"tune-lr{lr}-s{TUNING_SEED}"
+        rows = evals(runs / name)
+        if diverged(runs, name):
+            print(f"{lr:8s}  diverged (a non-finite training loss) after step "
+                  f"{rows[-1]['step'] if rows else 0}: ranked last")
+            continue
         if not rows:
             print(f"{lr:8s}  no evaluation yet")
             complete = False
             continue
         last, peak = rows[-1], peak_lr(rows, TUNING_STEPS)
-        ok = last["step"] == TUNING_STEPS and peak is not None and abs(peak / float(lr) - 1) < 0.01
+        per_step = last["flops"]["total"] / last["step"]
+        ok = (last["step"] == TUNING_STEPS and peak is not None
+              and abs(peak / float(lr) - 1) < 0.01 and abs(per_step / full_per_step - 1) < 0.01)
         complete = complete and ok
         print(f"{lr:8s}  {last['val_loss']:.4f}    {last['val_loss_at_mask']:.4f}     "
               f"{last['step']:5d}  {peak if peak is None else f'{peak:.6f}'}           "
               f"{last['wall_seconds'] / last['step']:.3f}")
         ends[lr] = last["val_loss"]
-    if not complete:
-        print("Not all four tuning runs reached their last step at their learning rate: "
-              "no rate chosen (README.md's plan).")
+    if not complete or not ends:
+        print("Not every tuning run either reached its last step at its learning rate (as full "
+              "training) or diverged: no rate chosen (README.md's plan).")
         return None
-    chosen = min(ends, key=ends.get)
+    chosen = min(ends, key=lambda lr: (ends[lr], lr != CONFIG_LR, float(lr)))
     print(f"chosen: {chosen} (lowest validation loss{', the config' + chr(39) + 's' if chosen == CONFIG_LR else ''})")
     return chosen
 
@@ -144,7 +163,7 @@ def main(runs):
         d = []
         for seed in SEEDS:
             tuned = evals(tuned_dir(runs, chosen, seed))
-            if tuned:
+            if tuned and tuned[-1]["step"] == meq.equal_steps(meq.run_dir(MEQ_RUNS, "mat", seed)):
                 d.append(tuned[-1]["val_loss"]
                          - meq.curve(MEQ_RUNS, "full-equal", seed)[-1]["val_loss"])
         if len(d) == len(SEEDS):
@@ -153,7 +172,7 @@ def main(runs):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--chosen-lr":
-        with contextlib.redirect_stdout(sys.stderr):  # the table goes to the run's log
+        with contextlib.redirect_stdout(sys.stderr):  # the table: run.sh's stderr
             lr = tuning(pathlib.Path(sys.argv[2]))
         if lr is None:
             sys.exit(1)

@@ -25,7 +25,7 @@ chosen_lr() {  # waits for the four tuning runs; prints the chosen learning rate
   for name in "${tuning[@]}"; do
     while [[ ! -f "$root/$name.done" ]]; do sleep 30; done
   done
-  python3 "$here/analyze.py" --chosen-lr "$root"
+  python3 "$here/analyze.py" --chosen-lr "$root" 2>> "$root/choice.log"  # the tuning table
 }
 
 one() {  # NAME: tune-lrLR-s101 or full-tuned-sSEED
@@ -34,7 +34,7 @@ one() {  # NAME: tune-lrLR-s101 or full-tuned-sSEED
     tune-*) lr=${name#tune-lr}; lr=${lr%-s*}; steps=$TUNING_STEPS ;;
     full-tuned-*)
       if ! lr=$(chosen_lr); then
-        echo "$name: no learning rate chosen (a tuning run did not finish); not run" >&2
+        echo "$name: no learning rate chosen (see $root/choice.log); not run" >&2
         touch "$root/$name.done"
         return
       fi
@@ -43,7 +43,11 @@ one() {  # NAME: tune-lrLR-s101 or full-tuned-sSEED
         touch "$root/$name.done"
         return
       fi
-      steps=$(python3 "$here/analyze.py" --equal-steps "$seed") ;;
+      if ! steps=$(python3 "$here/analyze.py" --equal-steps "$seed"); then
+        echo "$name: no step count (analyze.py --equal-steps failed); not run" >&2
+        touch "$root/$name.done"
+        return
+      fi ;;
   esac
   (cd "$root" && "$bin" "${common[@]}" --set "seed=$seed" --set "train.lr=$lr" \
       --set "train.steps=$steps" --out "$name" > "$name.log" 2>&1) || true
@@ -60,8 +64,16 @@ slot() {  # takes the next queue index under a lock until the queue is empty
 }
 
 mkdir -p "$root"
+if compgen -G "$root/*.done" > /dev/null; then  # an earlier start's runs would pass for these
+  echo "run.sh: $root holds runs of an earlier start; give another OUT_ROOT" >&2
+  exit 1
+fi
 sha256sum "$bin" > "$root/mat-train.sha256"
 echo 0 > "$root/queue.next"
-slot &
-slot &
-wait
+slot & first=$!
+slot & second=$!
+rc=0
+wait "$first" || rc=$?
+wait "$second" || rc=$?
+(( rc == 0 )) || echo "run.sh: a slot ended with status $rc: its queue entries may not have run" >&2
+exit "$rc"

@@ -382,7 +382,7 @@ class Coordinator {
     std::string worker_id;
     int64_t step = 0;            // latest Progress step
     int64_t acked_version = 0;   // latest MaskAck
-    double flops_total = 0;      // latest Progress flops_total
+    double flops_total = 0;      // latest Progress flops_total (stored: kept across a restart)
     bool done = false;           // sent RankDone ok
     bool attached = true;        // its worker's session runs it (false after a coordinator
                                  // restart until the worker's Heartbeat re-attaches it)

@@ -156,6 +156,12 @@ constexpr const char* kMigrationV8ToV9 = R"sql(
 ALTER TABLE jobs ADD COLUMN deleted_unix_seconds INTEGER;
 )sql";
 
+// Version 10: each rank's FLOPs so far, so that a restarted coordinator's job total counts the
+// ranks that have not reported since.
+constexpr const char* kMigrationV9ToV10 = R"sql(
+ALTER TABLE assignments ADD COLUMN flops_total REAL NOT NULL DEFAULT 0;
+)sql";
+
 constexpr const char* kMigrationV3ToV4 = R"sql(
 ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
@@ -164,7 +170,7 @@ ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
 // kMigrations[v - 1] takes a version-v file to version v + 1.
 constexpr const char* kMigrations[] = {kMigrationV1ToV2, kMigrationV2ToV3, kMigrationV3ToV4,
                                        kMigrationV4ToV5, kMigrationV5ToV6, kMigrationV6ToV7,
-                                       kMigrationV7ToV8, kMigrationV8ToV9};
+                                       kMigrationV7ToV8, kMigrationV8ToV9, kMigrationV9ToV10};
 static_assert(std::size(kMigrations) == kJobStoreSchemaVersion - 1,
               "one migration per schema version after the first");
 
@@ -219,6 +225,15 @@ absl::StatusOr<JobRecord> ReadJob(const SqliteStatement& row) {
   return job;
 }
 
+std::string Placeholders(size_t n) {
+  std::vector<std::string> q(n, "?");
+  return absl::StrJoin(q, ", ");
+}
+
+}  // namespace
+
+namespace store_internal {
+
 // INVALID_ARGUMENT naming `field` unless `value` is finite (and >= 0 when `non_negative`).
 absl::Status CheckNumber(const std::string& field, double value, bool non_negative) {
   if (!std::isfinite(value)) {
@@ -230,15 +245,6 @@ absl::Status CheckNumber(const std::string& field, double value, bool non_negati
   }
   return absl::OkStatus();
 }
-
-std::string Placeholders(size_t n) {
-  std::vector<std::string> q(n, "?");
-  return absl::StrJoin(q, ", ");
-}
-
-}  // namespace
-
-namespace store_internal {
 
 // INVALID_ARGUMENT naming the first non-finite λ (as AppendLambdas documents).
 absl::Status CheckLambdas(const std::string& job_id, int64_t step,

@@ -81,7 +81,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 9;
+inline constexpr int kJobStoreSchemaVersion = 10;
 
 // How a bearer token's client id starts (coordinator/auth.h ClientIdentity: "token:" + a hash).
 inline constexpr char kTokenClientPrefix[] = "token:";
@@ -209,6 +209,7 @@ struct AssignmentRecord {
   // UpdateRankStatus; 0 / "" before.
   int64_t step = 0;            // latest step the rank reported, steps
   int64_t mask_version = 0;    // latest mask version it acknowledged
+  double flops_total = 0;      // its latest Progress's flops_total (the job's sums the ranks')
   std::string param_checksum;  // its final parameters' checksum (hex), once it finished
 
   // It sent RankDone ok: only such a rank stores a checksum.
@@ -418,12 +419,15 @@ class JobStore {
   absl::Status PutAssignment(const std::string& job_id, int32_t rank,
                              const std::string& worker_id, int64_t attempt);
   // Stores what rank `rank` of `job_id` reported: its latest step, the latest mask version it
-  // acknowledged and its final parameter checksum ("" until it finished); with `summary_json`
-  // set, also the job's summary (as SetJobSummary), in the same transaction: a finished rank 0 is
-  // never stored without its summary. NOT_FOUND for an unknown job or a rank without an
-  // assignment; INVALID_ARGUMENT for a negative step or version.
+  // acknowledged, its FLOPs so far (a restarted coordinator sums the ranks' before each has
+  // reported again) and its final parameter checksum ("" until it finished); with
+  // `summary_json` set, also the job's summary (as SetJobSummary), in the same transaction: a
+  // finished rank 0 is never stored without its summary. NOT_FOUND for an unknown job or a rank
+  // without an assignment; INVALID_ARGUMENT for a negative step or version, or FLOPs negative or
+  // not finite.
   absl::Status UpdateRankStatus(const std::string& job_id, int32_t rank, int64_t step,
-                                int64_t mask_version, const std::string& param_checksum,
+                                int64_t mask_version, double flops_total,
+                                const std::string& param_checksum,
                                 const std::string* summary_json = nullptr);
   // A job's assignments in rank order (NOT_FOUND for an unknown job).
   absl::StatusOr<std::vector<AssignmentRecord>> ListAssignments(const std::string& job_id);

@@ -10,6 +10,8 @@
 
 namespace mat::coordinator::store_internal {
 
+// INVALID_ARGUMENT naming `field` unless `value` is finite (and >= 0 when `non_negative`).
+absl::Status CheckNumber(const std::string& field, double value, bool non_negative);
 // INVALID_ARGUMENT naming the first non-finite λ (as AppendLambdas documents).
 absl::Status CheckLambdas(const std::string& job_id, int64_t step,
                           const std::vector<double>& lambda);

@@ -178,23 +178,27 @@ absl::Status JobStore::PutAssignment(const std::string& job_id, int32_t rank,
 }
 
 absl::Status JobStore::UpdateRankStatus(const std::string& job_id, int32_t rank, int64_t step,
-                                        int64_t mask_version, const std::string& param_checksum,
+                                        int64_t mask_version, double flops_total,
+                                        const std::string& param_checksum,
                                         const std::string* summary_json) {
   if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
   if (mask_version < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("mask_version must be >= 0, got ", mask_version));
   }
+  MAT_RETURN_IF_ERROR(CheckNumber("flops_total", flops_total, /*non_negative=*/true));
   MAT_ASSIGN_OR_RETURN(SqliteTransaction txn, SqliteTransaction::Begin(*db_));
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
   MAT_ASSIGN_OR_RETURN(SqliteStatement upd,
                        db_->Prepare("UPDATE assignments SET step = ?, mask_version = ?, "
-                                    "param_checksum = ? WHERE job_id = ? AND rank = ?"));
+                                    "flops_total = ?, param_checksum = ? "
+                                    "WHERE job_id = ? AND rank = ?"));
   MAT_RETURN_IF_ERROR(upd.BindInt64(1, step));
   MAT_RETURN_IF_ERROR(upd.BindInt64(2, mask_version));
-  MAT_RETURN_IF_ERROR(upd.BindText(3, param_checksum));
-  MAT_RETURN_IF_ERROR(upd.BindText(4, job_id));
-  MAT_RETURN_IF_ERROR(upd.BindInt64(5, rank));
+  MAT_RETURN_IF_ERROR(upd.BindDouble(3, flops_total));
+  MAT_RETURN_IF_ERROR(upd.BindText(4, param_checksum));
+  MAT_RETURN_IF_ERROR(upd.BindText(5, job_id));
+  MAT_RETURN_IF_ERROR(upd.BindInt64(6, rank));
   MAT_RETURN_IF_ERROR(upd.Run());
   if (sqlite3_changes(db_->raw()) == 0) {
     return absl::NotFoundError(absl::StrCat("job ", job_id, " has no rank ", rank));
@@ -208,8 +212,8 @@ absl::StatusOr<std::vector<AssignmentRecord>> JobStore::ListAssignments(
   MAT_RETURN_IF_ERROR(RequireJob(job_id));
   MAT_ASSIGN_OR_RETURN(SqliteStatement q,
                        db_->Prepare("SELECT job_id, rank, worker_id, attempt, "
-                                    "assigned_unix_seconds, step, mask_version, param_checksum "
-                                    "FROM assignments WHERE job_id = ? ORDER BY rank"));
+                                    "assigned_unix_seconds, step, mask_version, param_checksum, "
+                                    "flops_total FROM assignments WHERE job_id = ? ORDER BY rank"));
   MAT_RETURN_IF_ERROR(q.BindText(1, job_id));
   std::vector<AssignmentRecord> out;
   while (true) {
@@ -224,6 +228,7 @@ absl::StatusOr<std::vector<AssignmentRecord>> JobStore::ListAssignments(
     a.step = q.ColumnInt64(5);
     a.mask_version = q.ColumnInt64(6);
     a.param_checksum = q.ColumnText(7);
+    a.flops_total = q.ColumnDouble(8);
     out.push_back(std::move(a));
   }
   return out;

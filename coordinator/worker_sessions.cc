@@ -123,6 +123,7 @@ void Coordinator::KeepJob(const JobRecord& job) {
     rank.step = a.step;
     rank.acked_version = a.mask_version;
     rank.param_checksum = a.param_checksum;
+    rank.flops_total = a.flops_total;  // the job's total sums it until the rank reports again
     rank.done = a.finished();
     rank.attached = false;
   }

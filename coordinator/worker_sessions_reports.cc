@@ -408,7 +408,8 @@ absl::Status Coordinator::HandleProgress(const std::string& worker_id,
     flops += r == ref.rank ? progress.flops_total() : job.ranks[r].flops_total;
   }
   MAT_RETURN_IF_ERROR(store_->UpdateRankStatus(job_id, ref.rank, progress.step(),
-                                               rank.acked_version, rank.param_checksum));
+                                               rank.acked_version, progress.flops_total(),
+                                               rank.param_checksum));
   if (ref.rank == 0) {
     JobProgressUpdate update;
     update.step = progress.step();
@@ -485,7 +486,7 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
     // No checksum: a stored one marks a rank that finished (AssignmentRecord::finished).
     if (absl::Status st = store_->UpdateRankStatus(
             job_id, ref.rank, std::max<int64_t>(done.step(), 0), job.ranks[ref.rank].acked_version,
-            "");
+            job.ranks[ref.rank].flops_total, "");
         !st.ok()) {
       spdlog::warn("job {}: cannot store rank {}'s last step: {}", job_id, ref.rank,
                    st.ToString());
@@ -532,7 +533,7 @@ absl::Status Coordinator::HandleRankDone(const std::string& worker_id, const v1:
   // and a restarted coordinator takes a rank stored as finished as done (it sends no RankDone
   // again).
   MAT_RETURN_IF_ERROR(store_->UpdateRankStatus(job_id, ref.rank, done.step(), rank.acked_version,
-                                               done.param_checksum(),
+                                               rank.flops_total, done.param_checksum(),
                                                last || ref.rank == 0 ? &summary : nullptr));
   rank.done = true;
   rank.step = done.step();

@@ -83,8 +83,11 @@ class JobStoreTest : public ::testing::Test {
     return r.ok() ? r->job_id : "";
   }
 
-  // What undoes versions 9 and 8 in a current file (the first step of making an older one).
+  // What undoes version 10 in a current file (the first step of making an older one).
+  static constexpr const char* kUndoV10 = "ALTER TABLE assignments DROP COLUMN flops_total; ";
+  // What undoes versions 10, 9 and 8 in a current file.
   static constexpr const char* kUndoV8 =
+      "ALTER TABLE assignments DROP COLUMN flops_total; "
       "ALTER TABLE jobs DROP COLUMN deleted_unix_seconds; "
       "DROP INDEX jobs_request_scope_key; UPDATE jobs SET client_request_id = request_key; "
       "ALTER TABLE jobs DROP COLUMN request_key; ALTER TABLE jobs DROP COLUMN request_scope; ";
@@ -175,7 +178,7 @@ TEST_F(JobStoreTest, UnknownJobIsNotFound) {
   EXPECT_EQ(store_->GetModules("nope").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->RecordDecision("nope", {0, {}, "{}", 1, 0, "", ""}).code(),
             absl::StatusCode::kNotFound);
-  EXPECT_EQ(store_->UpdateRankStatus("nope", 0, 0, 0, "").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->UpdateRankStatus("nope", 0, 0, 0, 0, "").code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->ListAssignments("nope").status().code(), absl::StatusCode::kNotFound);
 }
 
@@ -222,7 +225,7 @@ TEST_F(JobStoreTest, RequestIdsAreEachTokensOwnAndAVersion7FileMigrates) {
   RawExec(std::string(kUndoV8) + "UPDATE schema_version SET version = 7;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NOT NULL"), "2");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NULL"), "2");
   EXPECT_EQ(store_->GetJob(old)->client_request_id, "old-key");
   auto retry = store_->CreateJob("old-key", Spec(1), alice);
@@ -952,11 +955,16 @@ TEST_F(JobStoreTest, RankStatusIsStoredPerAssignmentAndResetByANewAssignment) {
   ASSERT_TRUE(store_->UpsertWorker({"w2", "h2", "cpu", 1, 0, 0, 2}).ok());
   ASSERT_TRUE(store_->PutAssignment(id, 0, "w1", 0).ok());
   ASSERT_TRUE(store_->PutAssignment(id, 1, "w2", 0).ok());
-  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 120, 6, "").ok());
-  ASSERT_TRUE(store_->UpdateRankStatus(id, 1, 200, 7, "beef").ok());
-  EXPECT_EQ(store_->UpdateRankStatus(id, 2, 0, 0, "").code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(store_->UpdateRankStatus(id, 0, -1, 0, "").code(),
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 120, 6, 1.5e12, "").ok());
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 1, 200, 7, 2.5e12, "beef").ok());
+  EXPECT_EQ(store_->UpdateRankStatus(id, 2, 0, 0, 0, "").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->UpdateRankStatus(id, 0, -1, 0, 0, "").code(),
             absl::StatusCode::kInvalidArgument);
+  for (double bad : {-1.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    absl::Status st = store_->UpdateRankStatus(id, 0, 130, 6, bad, "");
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(st.message(), HasSubstr("flops_total")) << bad;
+  }
   Reopen();
   auto list = store_->ListAssignments(id);
   ASSERT_TRUE(list.ok()) << list.status();
@@ -965,12 +973,14 @@ TEST_F(JobStoreTest, RankStatusIsStoredPerAssignmentAndResetByANewAssignment) {
   EXPECT_EQ((*list)[0].mask_version, 6);
   EXPECT_EQ((*list)[1].param_checksum, "beef");
   EXPECT_EQ((*list)[1].step, 200);
+  EXPECT_EQ((*list)[0].flops_total, 1.5e12) << "a refused update changes nothing";
+  EXPECT_EQ((*list)[1].flops_total, 2.5e12);
   // Rank 0 finishing stores its summary in the same transaction; a refused update stores neither.
   const std::string summary = R"({"best_val_loss": 3.5})";
-  EXPECT_EQ(store_->UpdateRankStatus(id, 0, -1, 0, "cafe", &summary).code(),
+  EXPECT_EQ(store_->UpdateRankStatus(id, 0, -1, 0, 0, "cafe", &summary).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(store_->GetJob(id)->summary_json, "");
-  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 300, 8, "cafe", &summary).ok());
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 300, 8, 3e12, "cafe", &summary).ok());
   Reopen();
   EXPECT_EQ(store_->GetJob(id)->summary_json, summary);
   EXPECT_EQ((*store_->ListAssignments(id))[0].param_checksum, "cafe");
@@ -979,7 +989,27 @@ TEST_F(JobStoreTest, RankStatusIsStoredPerAssignmentAndResetByANewAssignment) {
   list = store_->ListAssignments(id);
   ASSERT_TRUE(list.ok());
   EXPECT_EQ((*list)[1].step, 0);
+  EXPECT_EQ((*list)[1].flops_total, 0);
   EXPECT_EQ((*list)[1].param_checksum, "");
+}
+
+// A version-9 file (no per-rank FLOPs) migrates: its ranks count 0 FLOPs until they report.
+TEST_F(JobStoreTest, AVersion9FileMigratesWithNoFlopsPerRank) {
+  const std::string id = Create("", Spec(1));
+  ASSERT_TRUE(store_->UpsertWorker({"w1", "h1", "cpu", 1, 0, 0, 1}).ok());
+  ASSERT_TRUE(store_->PutAssignment(id, 0, "w1", 0).ok());
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 120, 6, 1.5e12, "").ok());
+  store_.reset();
+  RawExec(std::string(kUndoV10) + "UPDATE schema_version SET version = 9;");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  auto list = store_->ListAssignments(id);
+  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].step, 120);
+  EXPECT_EQ((*list)[0].flops_total, 0);
+  ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 130, 6, 1.6e12, "").ok());
+  EXPECT_EQ((*store_->ListAssignments(id))[0].flops_total, 1.6e12);
 }
 
 // ----- durability and the state directory -----
@@ -1088,7 +1118,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -1122,12 +1152,12 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   // The new calls work on the migrated file, and everything survives another reopen.
   ASSERT_TRUE(store_->PutModules("job-000001", {{"layer0.head0", "heads", 0, 0}}).ok());
   ASSERT_TRUE(store_->UpdateJobProgress("job-000001", {40, 6.5, 6.75, std::nullopt, 1e9, 3}).ok());
-  ASSERT_TRUE(store_->UpdateRankStatus("job-000001", 0, 40, 2, "").ok());
+  ASSERT_TRUE(store_->UpdateRankStatus("job-000001", 0, 40, 2, 1e9, "").ok());
   auto created = store_->CreateWorker({"", "h2", "cpu", 1, 0, 0, 29500});
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -1151,7 +1181,7 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -1172,7 +1202,7 @@ TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
           "ALTER TABLE workers DROP COLUMN secret_sha256; "
           "UPDATE schema_version SET version = 3;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
   auto old = store_->LatestDecisionAtOrBefore(id, 100);
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_TRUE(old->has_value());
@@ -1207,7 +1237,7 @@ TEST_F(JobStoreTest, AWorkersDrainIsStoredUntilClearedAndAVersion5FileMigrates) 
   RawExec(std::string(kUndoV8) + "ALTER TABLE workers DROP COLUMN drain_reason; "
           "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 5;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
   workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);
@@ -1231,7 +1261,7 @@ TEST_F(JobStoreTest, AWorkersSecretHashIsStoredAndAVersion6FileMigrates) {
   RawExec(std::string(kUndoV8) +
           "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 6;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "9");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
   auto workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);

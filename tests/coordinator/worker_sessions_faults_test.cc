@@ -682,6 +682,29 @@ TEST_F(WorkerSessionsTest, ACoordinatorRestartKeepsRunningJobsAndReattachesTheir
   EXPECT_EQ(Register("cpu", "x", 1), "worker-000003") << "new ids continue after the old ones";
 }
 
+// The job's FLOPs sum every rank's latest report; after a coordinator restart the ranks that have
+// not reported again count with what the store kept of them, not 0.
+TEST_F(WorkerSessionsTest, ACoordinatorRestartKeepsEachRanksFlopsInTheJobsTotal) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Progress(w1.id, job, 1, 20, 4.5, 5e12, 10.0));
+  SendOk(Progress(w0.id, job, 0, 20, 4.5, 6e12, 10.0));
+  ASSERT_EQ(GetJob(job).job().flops_total(), 11e12);
+
+  Open();  // a new process on the same state dir
+  EXPECT_EQ(Register("cpu", "host-1", 29501, w0.id), w0.id);
+  EXPECT_EQ(Register("cpu", "host-2", 29502, w1.id), w1.id);
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w0.id, {job}),
+                                        std::make_shared<FakeWorkerChannel>()).ok());
+  ASSERT_TRUE(coordinator_->OpenSession(Heartbeat(w1.id, {job}),
+                                        std::make_shared<FakeWorkerChannel>()).ok());
+  SendOk(Progress(w0.id, job, 0, 30, 4.0, 7e12, 15.0));  // rank 1 has not reported again
+  EXPECT_EQ(GetJob(job).job().flops_total(), 7e12 + 5e12);
+  SendOk(Progress(w1.id, job, 1, 30, 4.0, 6.5e12, 15.0));
+  SendOk(Progress(w0.id, job, 0, 40, 3.5, 8e12, 20.0));
+  EXPECT_EQ(GetJob(job).job().flops_total(), 8e12 + 6.5e12);
+}
+
 TEST_F(WorkerSessionsTest, AJobWhoseRanksAllFinishedBeforeTheRestartSucceeds) {
   Worker w0, w1;
   const std::string job = FinishBothRanksThenRestart(&w0, &w1, "abc");

@@ -321,7 +321,7 @@ class WorkerSessionsTest : public CoordinatorFixture {
                                          const std::string& rank1_checksum) {
     const std::string job = StartTwoRankJob(w0, w1);
     SendOk(Done(w0->id, job, 0, true, "abc", R"({"steps":100})"));
-    EXPECT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, rank1_checksum).ok());
+    EXPECT_TRUE(coordinator_->store().UpdateRankStatus(job, 1, 100, 0, 0, rank1_checksum).ok());
     Open();
     return job;
   }

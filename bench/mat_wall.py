@@ -6,7 +6,7 @@ config's policy with the --set keys: "mat" in the output, MAT in the regime's co
 thread each, on the same config and seed, and stops both
 after --seconds (SIGTERM; the runs are thrown away). Per run it reads metrics.jsonl's evaluation
 rows: seconds and FLOPs per step over the window from the first row at or after --skip steps
-(past MAT's warm-up, when every module still trains) to the last row. Per round: MAT's seconds
+(past MAT's warm-up, in which every module trains) to the last row. Per round: MAT's seconds
 per step over full's (the wall ratio) and its FLOPs per step over full's (the FLOPs ratio); the
 median over rounds of each. The two processes share the machine alike, as the registered tests'
 runs did (two at a time, one thread each); a round's ratio is the figure, not either side's
@@ -89,7 +89,6 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mat-train", default=os.path.join(ROOT, "build/bin/mat-train"))
     p.add_argument("--config", default=os.path.join(ROOT, "examples/bert-wikitext2-regime.yaml"))
-    # (Both paths are made absolute below: the runs start in the repository's root.)
     p.add_argument("--seconds", type=float, default=150, help="each round's length")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--skip", type=int, default=1000, help="steps before the window")

@@ -53,11 +53,11 @@ def window(run_dir, skip):
 
 def one_round(args, sets, tmp, k):
     policies = {"full": ["--set", "policy.kind=full"], "mat": []}
-    procs, logs = {}, {}
+    procs, logs, outs = {}, {}, {}
     for name, extra in policies.items():
-        out = os.path.join(tmp, "%s-%d" % (name, k))
-        logs[name] = open(out + ".log", "w")
-        cmd = [args.mat_train, "--config", args.config, "--out", out, "--no-progress",
+        outs[name] = os.path.join(tmp, "%s-%d" % (name, k))
+        logs[name] = open(outs[name] + ".log", "w")
+        cmd = [args.mat_train, "--config", args.config, "--out", outs[name], "--no-progress",
                "--set", "train.threads=1"] + sets + extra
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=logs[name], stderr=subprocess.STDOUT)
     result, deadline = {}, time.monotonic() + args.seconds
@@ -71,9 +71,9 @@ def one_round(args, sets, tmp, k):
             proc.terminate()
             proc.wait()
         logs[name].close()
-        w = window(os.path.join(tmp, "%s-%d" % (name, k)), args.skip)
+        w = window(outs[name], args.skip)
         if w is None:
-            with open(os.path.join(tmp, "%s-%d.log" % (name, k))) as f:
+            with open(outs[name] + ".log") as f:
                 tail = f.read()[-2000:]
             raise SystemExit("mat-wall: the %s run of round %d has fewer than two evaluations "
                              "past step %d in %g s (raise --seconds, lower --skip or "

@@ -6,7 +6,8 @@ full training given the wall time MAT's steps take on this CPU (full-wall: the c
 run's last evaluation; the mean, standard deviation, standard error (SD / sqrt(5)) and the
 criterion (mean below 0 by more than 2 standard errors: MAT lower; above 0 by more: MAT higher;
 otherwise not resolved), applied only when all five full-wall runs reached their last step at the
-config's peak rate as full training. Secondary: v_N = frozen-random - full-wall, the same rule.
+config's peak rate as full training (summary.json: seed N, 21,891 steps; the binary's sha256
+99c7589d...). Secondary: v_N = frozen-random - full-wall, the same rule.
 Without a criterion: full-wall against full-equal and against the 24,000-step full runs at the
 same step, differences at [MASK], seconds per step. Reads metrics.jsonl only; no test figure.
 Usage:
@@ -33,16 +34,31 @@ mvf = meq.mvf
 MEQ_RUNS = HERE.parent / "mat-vs-full-equal-compute" / "kept-runs"
 
 SEEDS = meq.SEEDS
-# ../mat-wall.json's wall_ratio_median as committed in b0e67a5 (seed 23, floor 1/2, steps
+# ../mat-wall.json's wall_ratio_median as committed in 5e777d5, unchanged at b0e67a5 (seed 23, floor 1/2, steps
 # 1,000-2,500, two rounds of 150 s side by side, one thread each): fixed here so that a later
 # `bench/run mat-wall` cannot move the plan.
 WALL_RATIO = 0.912108205189984
 WALL_STEPS = round(meq.STEPS * WALL_RATIO)  # 21,891
 CONFIG_LR = 0.001
+BINARY = "99c7589dc973c7d982f01af360934e9cbf89c477655e7032e8ef078240506e2f"
 
 
 def evals(d):
     return meq.regime.evaluations(d) if (d / "metrics.jsonl").is_file() else []
+
+
+def binary_ok(runs):
+    sha = runs / "mat-train.sha256"
+    return sha.is_file() and sha.read_text().split()[:1] == [BINARY]
+
+
+def finished(runs, seed):
+    """Whether full-wall-sSEED ended normally as planned (summary.json: its seed, 21,891 steps)."""
+    summary = runs / f"full-wall-s{seed}" / "summary.json"
+    if not summary.is_file():
+        return False
+    s = meq.json.loads(summary.read_text())
+    return s.get("seed") == seed and s.get("steps") == WALL_STEPS and s.get("mode") == "full"
 
 
 def against_wall(runs, kind):
@@ -53,13 +69,19 @@ def against_wall(runs, kind):
     full_per_step = meq.full_flops_per_step()
     for seed in SEEDS:
         wall, other = evals(runs / f"full-wall-s{seed}"), meq.curve(MEQ_RUNS, kind, seed)
+        if ftec.diverged(runs, f"full-wall-s{seed}"):
+            print(f"{seed:4d}  full-wall diverged (a non-finite training loss) after step "
+                  f"{wall[-1]['step'] if wall else 0}")
+            complete = False
+            continue
         if not wall or other is None:
             print(f"{seed:4d}  no evaluation yet of {'full-wall' if not wall else kind}")
             complete = False
             continue
         w, o = wall[-1], other[-1]
         peak = ftec.peak_lr(wall, WALL_STEPS)
-        if (w["step"] != WALL_STEPS or o["step"] != meq.STEPS or peak is None
+        if (w["step"] != WALL_STEPS or not finished(runs, seed) or o["step"] != meq.STEPS
+                or peak is None
                 or abs(peak / CONFIG_LR - 1) > 0.01
                 or abs(w["flops"]["total"] / w["step"] / full_per_step - 1) > 0.01):
             complete = False
@@ -73,7 +95,7 @@ def against_wall(runs, kind):
               f"{'-' if long_run is None else f'{long_run:.4f}'}                "
               f"{w['wall_seconds'] / w['step']:.3f}")
         diffs.append(o["val_loss"] - w["val_loss"])
-    return diffs, complete and len(diffs) == len(SEEDS)
+    return diffs, complete and len(diffs) == len(SEEDS) and binary_ok(runs)
 
 
 def main(runs):
@@ -87,7 +109,7 @@ def main(runs):
                  "MAT higher at equal wall time (this CPU's ratio)")
     else:
         print("\nNot all five full-wall runs reached their last step at the config's rate as "
-              "full training: no conclusion (README.md's plan).")
+              "full training with the planned binary: no conclusion (README.md's plan).")
     v, v_complete = against_wall(runs, "frozen-random")
     if v_complete:
         mvf.rule("Secondary, v = frozen-random - full-wall (validation, last evaluation)", v,
@@ -95,14 +117,11 @@ def main(runs):
                  "the fixed random set higher at MAT's wall time")
     else:
         print("\nSecondary unfinished: not applied (README.md's plan).")
-    d = []
-    for seed in SEEDS:
-        wall = evals(runs / f"full-wall-s{seed}")
-        if wall and wall[-1]["step"] == WALL_STEPS:
-            d.append(wall[-1]["val_loss"] - meq.curve(MEQ_RUNS, "full-equal", seed)[-1]["val_loss"])
-    if len(d) == len(SEEDS):
-        meq.summary("Without a rule: full-wall - full-equal (what 3,000 more steps gave full "
-                    "training)", d)
+    if complete:
+        d = [evals(runs / f"full-wall-s{seed}")[-1]["val_loss"]
+             - meq.curve(MEQ_RUNS, "full-equal", seed)[-1]["val_loss"] for seed in SEEDS]
+        meq.summary("Without a rule: full-wall - full-equal (what 2,603-3,334 more steps gave "
+                    "full training)", d)
 
 
 if __name__ == "__main__":

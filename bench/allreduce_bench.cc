@@ -83,10 +83,10 @@ std::vector<Measured> Run(const config::TrainConfig& tc, const std::vector<doubl
         torch::Tensor labels = torch::randint(0, c.vocab_size - 1, {positions.size(0)}, torch::kLong);
         torch::nn::functional::cross_entropy(model->forward(ids, positions), labels).backward();
         const auto t0 = std::chrono::steady_clock::now();
-        absl::Status s = sync.AllReduce(active);
+        absl::StatusOr<int> s = sync.AllReduce(active, true);
         times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         if (!s.ok()) {
-          std::cerr << s << "\n";
+          std::cerr << s.status() << "\n";
           std::exit(1);
         }
         for (auto& p : model->parameters()) p.mutable_grad().reset();

@@ -272,7 +272,8 @@ absl::Status GradientSync::AverageTensors(const std::vector<torch::Tensor>& tens
   return absl::OkStatus();
 }
 
-absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
+absl::StatusOr<int> GradientSync::AllReduce(const std::vector<uint8_t>& active,
+                                            bool loss_finite) {
   if (active.size() != size_t(num_modules_)) {
     return absl::InvalidArgumentError(absl::StrCat("mask has ", active.size(), " modules, the ",
                                                    "model ", num_modules_));
@@ -311,20 +312,34 @@ absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
     buckets.back().numel += rows.numel();
     buckets.back().grads.push_back(std::move(rows));
   }
+  // The last bucket (or a bucket of its own when nothing else is reduced) carries one more
+  // element: 1 where this rank's loss is not finite, summed over the ranks.
+  Bucket* counted = nullptr;
+  for (Bucket& b : buckets) {
+    if (!b.grads.empty()) counted = &b;
+  }
+  if (counted == nullptr) counted = &buckets.back();
+  const torch::TensorOptions count_options =
+      !counted->grads.empty() ? counted->grads.front().options()
+      : params_.empty()       ? torch::TensorOptions(torch::kFloat)
+                              : params_.front().param.options();
   const double world = group_->getSize();
+  int not_finite = 0;
   try {
     std::vector<c10::intrusive_ptr<c10d::Work>> work;
     for (Bucket& b : buckets) {
-      if (b.grads.empty()) continue;
+      if (b.grads.empty() && &b != counted) continue;
       std::vector<torch::Tensor> flat_views;
       for (const torch::Tensor& g : b.grads) flat_views.push_back(g.reshape({-1}));
+      if (&b == counted) flat_views.push_back(torch::full({1}, loss_finite ? 0.0 : 1.0, count_options));
       b.flat = torch::cat(flat_views);
       std::vector<torch::Tensor> tensors{b.flat};
       work.push_back(group_->allreduce(tensors));
-      stats_.bytes_reduced += b.flat.numel() * int64_t(b.flat.element_size());
-      ++stats_.buckets;
+      stats_.bytes_reduced += b.numel * int64_t(b.flat.element_size());
+      if (!b.grads.empty()) ++stats_.buckets;
     }
     for (auto& w : work) w->wait();
+    not_finite = static_cast<int>(std::lround(counted->flat[-1].item<double>()));
     for (Bucket& b : buckets) {
       if (b.grads.empty()) continue;
       b.flat.div_(world);
@@ -339,7 +354,7 @@ absl::Status GradientSync::AllReduce(const std::vector<uint8_t>& active) {
   }
   stats_.bytes_skipped += skipped;
   ++stats_.steps;
-  return absl::OkStatus();
+  return not_finite;
 }
 
 }  // namespace mat::trainer

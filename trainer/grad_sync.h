@@ -102,7 +102,8 @@ absl::StatusOr<c10::intrusive_ptr<CollectiveGroup>> ConnectProcessGroup(
 struct GradSyncStats {
   int64_t steps = 0;            // AllReduce calls
   int64_t buckets = 0;          // buckets all-reduced, count
-  int64_t bytes_reduced = 0;    // gradient bytes this rank put into all-reduces
+  int64_t bytes_reduced = 0;    // gradient bytes this rank put into all-reduces (the loss
+                                // count's element not included)
   int64_t bytes_skipped = 0;    // gradient bytes of masked-off modules not sent
 };
 
@@ -117,9 +118,14 @@ class GradientSync {
 
   // Averages the gradients of the shared parameters and of the modules with active[m] = 1 over
   // the ranks. A shared parameter without a gradient is reduced as zeros (and gets that
-  // gradient). REQUIRES: active.size() == number of modules; every active module's tensors have
-  // gradients. INTERNAL with the collective's error (e.g. a peer gone, a timeout).
-  absl::Status AllReduce(const std::vector<uint8_t>& active);
+  // gradient). `loss_finite`: whether this rank's loss at this step is finite; the same
+  // all-reduce (one more element in the last bucket) counts the ranks whose loss is not, so
+  // every rank learns it at the same step instead of waiting for the failed rank in the next
+  // collective. Returns that count (0 .. world size; when > 0 the averaged gradients are not
+  // finite either and must not be applied). REQUIRES: active.size() == number of modules; every
+  // active module's tensors have gradients. INTERNAL with the collective's error (e.g. a peer
+  // gone, a timeout).
+  absl::StatusOr<int> AllReduce(const std::vector<uint8_t>& active, bool loss_finite);
 
   // The minimum of `value` over the ranks (every rank calls it at the same point; e.g. the
   // newest checkpoint step every rank holds). INTERNAL with the collective's error.
@@ -130,7 +136,8 @@ class GradientSync {
   // same values. INTERNAL with the collective's error.
   absl::Status AverageTensors(const std::vector<torch::Tensor>& tensors);
 
-  // Bytes AllReduce(active) puts into all-reduces, without communicating.
+  // Gradient bytes AllReduce(active, ...) puts into all-reduces (the count of non-finite losses
+  // not included), without communicating.
   int64_t BytesFor(const std::vector<uint8_t>& active) const;
 
   const GradSyncStats& stats() const { return stats_; }

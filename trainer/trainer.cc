@@ -198,10 +198,19 @@ absl::Status Trainer::SyncBuffers() {
 
 absl::StatusOr<double> Trainer::FinishStep(double loss_value, const std::vector<uint8_t>& active,
                                           const std::vector<double>& lr_scale, double lr) {
-  if (!std::isfinite(loss_value)) {
+  const bool finite = std::isfinite(loss_value);
+  if (options_.hooks != nullptr) {
+    // Every rank takes part in the reduction, so a peer learns of this rank's loss here.
+    MAT_ASSIGN_OR_RETURN(const int not_finite, options_.hooks->ReduceGradients(active, finite));
+    if (not_finite > 0) {
+      return absl::InternalError(absl::StrCat(
+          "training loss is not finite at step ", step_, " on ", not_finite, " of ",
+          options_.world_size, " ranks", finite ? " (not this one)" : " (this one included)"));
+    }
+  }
+  if (!finite) {
     return absl::InternalError("training loss is not finite at step " + std::to_string(step_));
   }
-  if (options_.hooks != nullptr) MAT_RETURN_IF_ERROR(options_.hooks->ReduceGradients(active));
   MAT_RETURN_IF_ERROR(sgd_ != nullptr ? sgd_->Step(lr, active, lr_scale)
                                       : optimizer_->Step(lr, active, lr_scale));
   return loss_value;

@@ -76,8 +76,12 @@ class TrainerHooks {
   // the error) when it does not arrive in time.
   virtual absl::StatusOr<policy::MaskSchedule> Decide(int64_t step, const ProbeResult& probe) = 0;
   // After backward, before the optimizer step: average the gradients over the ranks. `active`
-  // is this step's mask (masked-off modules have no gradient, identically on every rank).
-  virtual absl::Status ReduceGradients(const std::vector<uint8_t>& active) = 0;
+  // is this step's mask (masked-off modules have no gradient, identically on every rank);
+  // `loss_finite` whether this rank's loss is. Returns the number of ranks whose loss at this
+  // step is not finite (this one's included): when it is > 0 every rank's Run fails at this
+  // step, before its optimizer step, instead of the others waiting for the failed rank.
+  virtual absl::StatusOr<int> ReduceGradients(const std::vector<uint8_t>& active,
+                                              bool loss_finite) = 0;
   // Replace each tensor by its mean over the ranks (the model's buffers: VGG's BatchNorm
   // running statistics, which each rank updates from its own share of the batch). The trainer
   // calls it on every rank before the buffers are read: before a probe, an evaluation step and a
@@ -207,9 +211,9 @@ class Trainer {
   void ShowProgress(double loss, int active, int64_t steps_done, double elapsed);
   // hooks->AverageBuffers over the model's buffers, when there are hooks and buffers.
   absl::Status SyncBuffers();
-  // The end of every training step (after the task's ForwardBackward): INTERNAL when the loss
-  // is not finite, else the hooks' gradient reduction and the optimizer's step; returns
-  // loss_value.
+  // The end of every training step (after the task's ForwardBackward): the hooks' gradient
+  // reduction, then INTERNAL when the loss is not finite here or on another rank, else the
+  // optimizer's step; returns loss_value.
   absl::StatusOr<double> FinishStep(double loss_value, const std::vector<uint8_t>& active,
                                     const std::vector<double>& lr_scale, double lr);
   // The end of every probe: runs `estimator` on the task's recorded probe (catching LibTorch

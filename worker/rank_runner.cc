@@ -623,10 +623,13 @@ absl::StatusOr<bool> RankRunner::WaitForMask(int64_t step, v1::MaskUpdate* mask)
   }
 }
 
-absl::Status RankRunner::ReduceGradients(const std::vector<uint8_t>& active) {
-  if (sync_ == nullptr) return absl::OkStatus();
-  absl::Status status = sync_->AllReduce(active);
-  if (!status.ok() && status.code() == absl::StatusCode::kInternal) collective_failed_ = true;
+absl::StatusOr<int> RankRunner::ReduceGradients(const std::vector<uint8_t>& active,
+                                                bool loss_finite) {
+  if (sync_ == nullptr) return loss_finite ? 0 : 1;
+  absl::StatusOr<int> not_finite = sync_->AllReduce(active, loss_finite);
+  if (!not_finite.ok() && not_finite.status().code() == absl::StatusCode::kInternal) {
+    collective_failed_ = true;
+  }
   if (options_.metrics != nullptr) {
     const metrics::LabelValues labels = {job_id(), std::to_string(rank())};
     const trainer::GradSyncStats& s = sync_->stats();
@@ -637,7 +640,7 @@ absl::Status RankRunner::ReduceGradients(const std::vector<uint8_t>& active) {
     reported_bytes_reduced_ = s.bytes_reduced;
     reported_bytes_skipped_ = s.bytes_skipped;
   }
-  return status;
+  return not_finite;
 }
 
 absl::Status RankRunner::AverageBuffers(const std::vector<torch::Tensor>& buffers) {

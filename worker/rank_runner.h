@@ -166,7 +166,7 @@ class RankRunner : public trainer::TrainerHooks {
   // ----- trainer::TrainerHooks (the runner's thread) -----
   absl::StatusOr<policy::MaskSchedule> Decide(int64_t step,
                                               const trainer::ProbeResult& probe) override;
-  absl::Status ReduceGradients(const std::vector<uint8_t>& active) override;
+  absl::StatusOr<int> ReduceGradients(const std::vector<uint8_t>& active, bool loss_finite) override;
   absl::Status AverageBuffers(const std::vector<torch::Tensor>& buffers) override;
   void OnProgress(const trainer::TrainerProgress& progress) override;
   absl::Status CheckContinue() override;

@@ -101,7 +101,7 @@ TEST(GradientSyncTest, AveragesActiveModulesAndSkipsMaskedOnes) {
   OnTwoRanks(1 << 20, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
     ASSERT_EQ(sync.world_size(), 2);
     const std::vector<uint8_t> active = {1, 0, 1};
-    ASSERT_TRUE(sync.AllReduce(active).ok());
+    ASSERT_TRUE(sync.AllReduce(active, true).ok());
     for (size_t p = 0; p < params.size(); ++p) {
       const torch::Tensor g = params[p].param.grad();
       const int64_t n = g.numel();
@@ -139,7 +139,7 @@ TEST(GradientSyncTest, BucketsCloseOnlyAtModuleBoundaries) {
   if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
   // 8-byte buckets: shared (16 B) alone, module 0 (36 B) whole, module 1, module 2: 4 buckets.
   OnTwoRanks(8, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
-    ASSERT_TRUE(sync.AllReduce({1, 1, 1}).ok());
+    ASSERT_TRUE(sync.AllReduce({1, 1, 1}, true).ok());
     EXPECT_EQ(sync.stats().buckets, 4);
     for (size_t p = 0; p < params.size(); ++p) {
       const int64_t n = params[p].param.numel();
@@ -169,7 +169,7 @@ std::vector<ParamEntry> MakeSplitParams(int rank, const torch::Device& device) {
 TEST(GradientSyncTest, SplitTensorsReduceTheActiveModulesRowsOnly) {
   if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
   OnTwoRanks(8, [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
-    ASSERT_TRUE(sync.AllReduce({1, 0}).ok());
+    ASSERT_TRUE(sync.AllReduce({1, 0}, true).ok());
     for (size_t p = 0; p < params.size(); ++p) {
       const torch::Tensor g = params[p].param.grad().reshape({-1});
       const int64_t n = g.numel();
@@ -187,10 +187,42 @@ TEST(GradientSyncTest, SplitTensorsReduceTheActiveModulesRowsOnly) {
   }, MakeSplitParams);
 }
 
+// A rank whose loss is not finite still takes part in the reduction, and every rank gets the
+// count of such ranks from the same all-reduce: no rank waits for another in a later collective
+// (which, before, ended only at the timeout, and as a retryable collective failure).
+TEST(GradientSyncTest, EveryRankCountsTheRanksWhoseLossIsNotFinite) {
+  if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
+  OnTwoRanks(1 << 20, [](int rank, GradientSync& sync, std::vector<ParamEntry>&) {
+    for (const auto& [active, rank0, rank1, count] :
+         std::vector<std::tuple<std::vector<uint8_t>, bool, bool, int>>{
+             {{1, 1, 1}, true, true, 0}, {{1, 0, 1}, true, false, 1},
+             {{0, 0, 0}, false, true, 1}, {{1, 1, 1}, false, false, 2}}) {
+      absl::StatusOr<int> not_finite = sync.AllReduce(active, rank == 0 ? rank0 : rank1);
+      ASSERT_TRUE(not_finite.ok()) << not_finite.status();
+      EXPECT_EQ(*not_finite, count) << "rank " << rank;
+    }
+    // The count's element is not a gradient byte: 22 + 17 + 4 (the shared p0) + 22 floats.
+    EXPECT_EQ(sync.stats().bytes_reduced, (22 + 17 + 4 + 22) * 4);
+  });
+  // With nothing else to reduce (no shared parameter, every module masked off), the count goes
+  // alone.
+  OnTwoRanks(1 << 20, [](int rank, GradientSync& sync, std::vector<ParamEntry>&) {
+    absl::StatusOr<int> not_finite = sync.AllReduce({0, 0, 0}, rank == 0);
+    ASSERT_TRUE(not_finite.ok()) << not_finite.status();
+    EXPECT_EQ(*not_finite, 1) << "rank " << rank;
+    EXPECT_EQ(sync.stats().bytes_reduced, 0);
+    EXPECT_EQ(sync.stats().buckets, 0);
+  }, [](int rank, const torch::Device& device) {
+    std::vector<ParamEntry> params = MakeParams(rank, device);
+    params.erase(params.begin());  // p0, the shared one
+    return params;
+  });
+}
+
 TEST(GradientSyncTest, RejectsAMaskOfTheWrongSize) {
   if (!Has("gloo")) GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
   OnTwoRanks(1 << 20, [](int, GradientSync& sync, std::vector<ParamEntry>&) {
-    absl::Status s = sync.AllReduce({1, 1});
+    absl::Status s = sync.AllReduce({1, 1}, true).status();
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   });
 }
@@ -199,7 +231,7 @@ TEST(GradientSyncTest, RejectsAMaskOfTheWrongSize) {
 // averages every other gradient over the ranks and leaves module 1's this rank's own.
 void ExpectAveragedOnGpu(int world, int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
   ASSERT_EQ(sync.world_size(), world);
-  ASSERT_TRUE(sync.AllReduce({1, 0, 1}).ok());
+  ASSERT_TRUE(sync.AllReduce({1, 0, 1}, true).ok());
   float mean_scale = 0;
   for (int r = 0; r < world; ++r) mean_scale += float(r + 1) / float(world);
   for (size_t p = 0; p < params.size(); ++p) {
@@ -293,7 +325,7 @@ TEST(ConnectProcessGroupTest, AutoFormsAGlooGroupForCpuRanks) {
   OnRanks(2, "auto", {torch::kCPU, torch::kCPU}, 1 << 20,
           [](int rank, GradientSync& sync, std::vector<ParamEntry>& params) {
             ASSERT_EQ(sync.world_size(), 2);
-            ASSERT_TRUE(sync.AllReduce({1, 1, 1}).ok());
+            ASSERT_TRUE(sync.AllReduce({1, 1, 1}, true).ok());
             const int64_t n = params[0].param.numel();
             EXPECT_TRUE(torch::equal(params[0].param.grad(), torch::arange(1, n + 1, torch::kFloat) * 1.5f))
                 << rank;

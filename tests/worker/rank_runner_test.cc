@@ -166,8 +166,14 @@ TEST_F(RankRunnerTest, HooksRecordTheRanksMetrics) {
   runner.OnProgress(p);
   EXPECT_EQ(metrics.step.Value(labels), 2);
   EXPECT_NEAR(metrics.step_duration_seconds.Get(labels).sum, 0.1 + 0.125, 1e-9);
-  // A single rank all-reduces nothing (no process group): no bytes series.
-  ASSERT_TRUE(runner.ReduceGradients({1, 1, 1}).ok());
+  // A single rank all-reduces nothing (no process group): no bytes series; its own loss is the
+  // only one counted.
+  absl::StatusOr<int> not_finite = runner.ReduceGradients({1, 1, 1}, true);
+  ASSERT_TRUE(not_finite.ok()) << not_finite.status();
+  EXPECT_EQ(*not_finite, 0);
+  not_finite = runner.ReduceGradients({1, 1, 1}, false);
+  ASSERT_TRUE(not_finite.ok()) << not_finite.status();
+  EXPECT_EQ(*not_finite, 1);
   EXPECT_FALSE(metrics.allreduce_bytes_total.Exists(labels));
 }
 

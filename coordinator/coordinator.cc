@@ -33,8 +33,13 @@ Coordinator::Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions opt
           *store_, [this] { return sessions_.Idle(); }, [this] { return sessions_.InService(); },
           [this](const JobRecord& job, const std::vector<std::string>& workers) {
             return StartJob(job, workers);
-          }) {
-  Recover();
+          }) {}
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<JobStore> store,
+                                                                 CoordinatorOptions options) {
+  std::unique_ptr<Coordinator> coordinator(new Coordinator(std::move(store), std::move(options)));
+  MAT_RETURN_IF_ERROR(coordinator->Recover());
+  return coordinator;
 }
 
 Coordinator::~Coordinator() = default;

@@ -144,9 +144,13 @@ class Coordinator {
   // Takes ownership of an open store. The store's own clock (JobStoreOptions) stamps jobs;
   // `options.now_unix_seconds` stamps events, `options.now_ms` times heartbeats. Keeps the
   // store's RUNNING jobs for their workers to re-attach and leaves its RESTARTING jobs to the
-  // scheduler ("Coordinator restart" above); a store error there is logged and leaves those jobs
-  // as they are.
-  explicit Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions options = {});
+  // scheduler ("Coordinator restart" above). Fails with the store's error, saying what could not
+  // be read, when the store cannot list the workers or the live jobs: a coordinator started
+  // without them would leave those jobs RUNNING with no one to end them. A job that cannot run
+  // and must fail at start but whose end the store refuses is kept as an unstored end (tried
+  // again; UnstoredEnds() is not OK meanwhile).
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Create(std::unique_ptr<JobStore> store,
+                                                             CoordinatorOptions options = {});
   Coordinator(const Coordinator&) = delete;
   Coordinator& operator=(const Coordinator&) = delete;
   // Drops every subscription without calling its listener.
@@ -408,11 +412,18 @@ class Coordinator {
 
   // ----- recovery and job lifecycle (worker_sessions.cc) -----
 
-  // Loads the workers; keeps the RUNNING jobs of a previous process (KeepJob).
-  void Recover();
+  Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions options);
+  // Create's recovery: loads the workers; keeps the RUNNING jobs of a previous process
+  // (KeepJob), fails the damaged live ones (KeepUnstoredEnd when the store refuses that). The
+  // store's error when it cannot list the workers or the live jobs.
+  absl::Status Recover();
   // The runtime of a RUNNING job from the store: spec, ranks (not attached), modules and policy
-  // (restored at its first report), attempt. A job that cannot be rebuilt fails.
+  // (restored at its first report), attempt. A job that cannot be rebuilt fails (or is kept as an
+  // unstored end).
   void KeepJob(const JobRecord& job);
+  // Moves a live job that can never run to FAILED at start, or keeps that end (KeepUnstoredEnd)
+  // when the store refuses it.
+  void FailAtStart(const std::string& job_id, const std::string& message);
   // The spec's trainer config, validated (StartJob, KeepJob).
   absl::StatusOr<policy::PolicyConfig> JobPolicyConfig(const JobRecord& job);
   // A new runtime for `job` with `world` ranks and its mask engine (continued from the store's

@@ -194,7 +194,7 @@ absl::Status CoordinatorDaemon::StartImpl() {
   coordinator_options.max_jobs_per_client = config_.max_jobs_per_client;
   coordinator_options.max_log_lines_per_job = config_.max_log_lines;
   coordinator_options.job_retention_seconds = job_retention_seconds_;
-  coordinator_ = std::make_unique<Coordinator>(std::move(store), coordinator_options);
+  MAT_ASSIGN_OR_RETURN(coordinator_, Coordinator::Create(std::move(store), coordinator_options));
   heartbeat_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   metrics_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);
   watchdog_timer_ = std::make_unique<boost::asio::steady_timer>(loop_);

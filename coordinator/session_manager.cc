@@ -88,17 +88,19 @@ SessionManager::SessionManager(JobStore& store, const Clock& clock, CoordinatorM
       << "heartbeat_interval_ms must be > 0, got " << heartbeat_interval_ms_;
 }
 
-void SessionManager::Load() {
+absl::Status SessionManager::Load() {
   absl::StatusOr<std::vector<WorkerRecord>> workers = store_.ListWorkers();
-  if (workers.ok()) {
-    for (WorkerRecord& w : *workers) {
-      std::string id = w.id;
-      workers_.emplace(std::move(id), std::move(w));
-    }
-  } else {
-    spdlog::error("cannot read the workers from the store: {}", workers.status().ToString());
+  if (!workers.ok()) {
+    return absl::Status(workers.status().code(),
+                        absl::StrCat("cannot read the workers from the state store: ",
+                                     workers.status().message()));
+  }
+  for (WorkerRecord& w : *workers) {
+    std::string id = w.id;
+    workers_.emplace(std::move(id), std::move(w));
   }
   UpdateGauges();
+  return absl::OkStatus();
 }
 
 // ----- registration -----

@@ -65,8 +65,8 @@ class SessionManager {
   SessionManager(const SessionManager&) = delete;
   SessionManager& operator=(const SessionManager&) = delete;
 
-  // Loads the workers the store knows (a store error is logged; no worker is known then).
-  void Load();
+  // Loads the workers the store knows; the store's error, saying so, when it cannot list them.
+  absl::Status Load();
 
   // Stores the worker: a new id "worker-000001"... for an empty request.worker_id, else that id
   // (also one this store has never seen). INVALID_ARGUMENT naming the field for an empty device,

@@ -53,8 +53,8 @@ std::string JobIdOf(const v1::WorkerMessage& message) {
 
 // ----- recovery -----
 
-void Coordinator::Recover() {
-  sessions_.Load();
+absl::Status Coordinator::Recover() {
+  MAT_RETURN_IF_ERROR(sessions_.Load());
   // The ranks of a previous process's running jobs keep training and reconnect; RESTARTING
   // jobs are started again by the scheduler. A live job whose stored row is damaged (its spec
   // does not parse) can never run: it fails now, rather than wait in the queue for ever.
@@ -64,23 +64,27 @@ void Coordinator::Recover() {
         kMaxPageSize, token,
         {v1::JOB_STATE_RUNNING, v1::JOB_STATE_RESTARTING, v1::JOB_STATE_QUEUED});
     if (!page.ok()) {
-      spdlog::error("cannot list the live jobs to recover: {}", page.status().ToString());
-      return;
+      return absl::Status(page.status().code(),
+                          absl::StrCat("cannot list the live jobs to recover from the state "
+                                       "store: ", page.status().message()));
     }
     for (const JobRecord& job : page->jobs) {
       if (!job.damage.empty()) {
         spdlog::error("{}: failing it", job.damage);
-        if (absl::Status st = UpdateJobState(job.id, v1::JOB_STATE_FAILED,
-                                             "the coordinator cannot run it (failed at start)");
-            !st.ok()) {
-          spdlog::error("job {}: cannot fail it: {}", job.id, st.ToString());
-        }
+        FailAtStart(job.id, "the coordinator cannot run it (failed at start)");
       } else if (job.state == v1::JOB_STATE_RUNNING) {
         KeepJob(job);
       }
     }
     token = page->next_page_token;
   } while (!token.empty());
+  return absl::OkStatus();
+}
+
+void Coordinator::FailAtStart(const std::string& job_id, const std::string& message) {
+  if (absl::Status st = UpdateJobState(job_id, v1::JOB_STATE_FAILED, message); !st.ok()) {
+    KeepUnstoredEnd(job_id, v1::JOB_STATE_FAILED, message, st);
+  }
 }
 
 Coordinator::JobRuntime& Coordinator::AddRuntime(const JobRecord& job, int world,
@@ -98,11 +102,7 @@ Coordinator::JobRuntime& Coordinator::AddRuntime(const JobRecord& job, int world
 
 void Coordinator::KeepJob(const JobRecord& job) {
   auto fail = [&](const std::string& why) {
-    const std::string message =
-        absl::StrCat("cannot continue the job after a coordinator restart: ", why);
-    if (absl::Status st = UpdateJobState(job.id, v1::JOB_STATE_FAILED, message); !st.ok()) {
-      spdlog::error("job {}: cannot fail it ({}): {}", job.id, message, st.ToString());
-    }
+    FailAtStart(job.id, absl::StrCat("cannot continue the job after a coordinator restart: ", why));
   };
   absl::StatusOr<policy::PolicyConfig> config = JobPolicyConfig(job);
   if (!config.ok()) return fail(std::string(config.status().message()));

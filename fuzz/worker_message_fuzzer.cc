@@ -58,7 +58,9 @@ std::unique_ptr<World> MakeWorld() {
   mat::coordinator::CoordinatorOptions options;
   int64_t clock_ms = 0;
   options.now_ms = [clock_ms]() mutable { return clock_ms += 1; };
-  world->coordinator = std::make_unique<Coordinator>(std::move(*store), options);
+  auto coordinator = Coordinator::Create(std::move(*store), options);
+  Must(coordinator.ok());
+  world->coordinator = std::move(*coordinator);
   for (int i = 0; i < 2; ++i) {
     mat::v1::RegisterRequest r;
     r.mutable_capabilities()->set_device("cpu");

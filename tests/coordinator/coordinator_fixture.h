@@ -37,7 +37,9 @@ class CoordinatorFixture : public ::testing::Test {
     store_options.now_unix_seconds = [this] { return now_; };
     auto store = JobStore::Open(dir_ + "/state", store_options);
     ASSERT_TRUE(store.ok()) << store.status();
-    coordinator_ = std::make_unique<Coordinator>(std::move(*store), Options());
+    auto coordinator = Coordinator::Create(std::move(*store), Options());
+    ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+    coordinator_ = std::move(*coordinator);
   }
 
   tests::TempDir tmp_;  // outlives the members below

@@ -57,7 +57,9 @@ class JobServiceTest : public ::testing::Test {
     dir_ = tmp_.path();
     auto store = JobStore::Open(dir_ + "/state");
     ASSERT_TRUE(store.ok()) << store.status();
-    coordinator_ = std::make_unique<Coordinator>(std::move(*store), CoordinatorOpts());
+    auto coordinator = Coordinator::Create(std::move(*store), CoordinatorOpts());
+    ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+    coordinator_ = std::move(*coordinator);
     loop_thread_ = std::thread([this] { loop_.run(); });
     service_ = std::make_unique<JobService>(loop_, *coordinator_, ServiceOptions());
     grpc::ServerBuilder builder;

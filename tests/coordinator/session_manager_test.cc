@@ -37,7 +37,7 @@ class SessionManagerTest : public ::testing::Test {
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = std::move(*store);
     sessions_ = std::make_unique<SessionManager>(*store_, clock_, &metrics_, 1000);
-    sessions_->Load();
+    ASSERT_TRUE(sessions_->Load().ok());
   }
 
   v1::RegisterRequest Request(const std::string& device, const std::string& id = "") {
@@ -136,7 +136,7 @@ TEST_F(SessionManagerTest, AWorkerSecretIsStoredHashedAtFirstRegisterAndRequired
 
   // A restarted coordinator reads the hash back.
   SessionManager reloaded(*store_, clock_, nullptr, 1000);
-  reloaded.Load();
+  ASSERT_TRUE(reloaded.Load().ok());
   EXPECT_TRUE(reloaded.Authenticate(id, secret).ok());
   EXPECT_EQ(reloaded.Authenticate(id, other).code(), absl::StatusCode::kPermissionDenied);
 }
@@ -156,7 +156,7 @@ TEST_F(SessionManagerTest, AnIdWithoutAStoredSecretTakesTheFirstRegistersSecret)
   // authenticate as it until a Register stores one.
   ASSERT_TRUE(store_->UpsertWorker({"old-worker", "h", "cpu", 1, 0, 0, 29500}).ok());
   SessionManager reloaded(*store_, clock_, nullptr, 1000);
-  reloaded.Load();
+  ASSERT_TRUE(reloaded.Load().ok());
   absl::Status before = reloaded.Authenticate("old-worker", tests::TestWorkerSecret(7));
   EXPECT_EQ(before.code(), absl::StatusCode::kPermissionDenied);
   EXPECT_THAT(before.message(), HasSubstr("has no worker secret yet"));
@@ -306,7 +306,7 @@ TEST_F(SessionManagerTest, LoadKnowsTheStoredWorkersAfterARestart) {
   const std::string w = Register("cuda:1");
   SessionManager again(*store_, clock_, nullptr, 1000);
   EXPECT_EQ(again.Find(w), nullptr);
-  again.Load();
+  ASSERT_TRUE(again.Load().ok());
   ASSERT_NE(again.Find(w), nullptr);
   EXPECT_EQ(again.Find(w)->device, "cuda:1");
   auto channel = std::make_shared<FakeWorkerChannel>();

@@ -173,7 +173,9 @@ class WorkerServiceTest : public ::testing::Test {
     ASSERT_TRUE(store.ok()) << store.status();
     CoordinatorOptions options;
     options.heartbeat_interval_ms = HeartbeatIntervalMs();
-    coordinator_ = std::make_unique<Coordinator>(std::move(*store), options);
+    auto coordinator = Coordinator::Create(std::move(*store), options);
+    ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+    coordinator_ = std::move(*coordinator);
     loop_thread_ = std::thread([this] { loop_.run(); });
     job_service_ = std::make_unique<JobService>(loop_, *coordinator_);
     worker_service_ = std::make_unique<WorkerService>(loop_, *coordinator_, ServiceOptions());

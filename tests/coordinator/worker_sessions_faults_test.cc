@@ -749,5 +749,52 @@ TEST_F(WorkerSessionsTest, AKeptJobWhoseWorkerDoesNotReturnRestarts) {
   EXPECT_EQ(restarting.summary_json(), R"({"steps":100})") << "rank 0's summary was kept";
 }
 
+// A restarted coordinator fails a RUNNING job it cannot continue; when the store refused that
+// (a full disk), the job read RUNNING for good with no one to end it. Now the end is kept as any
+// refused end is: /readyz (UnstoredEnds) says so, and the heartbeat check stores it once the store
+// takes writes again.
+TEST_F(WorkerSessionsTest, AnEndTheStoreRefusesAtARestartIsKeptAndStoredLater) {
+  AddWorker();
+  const std::string job = Submit(Spec(1));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);
+  coordinator_.reset();
+  RawSql(dir_ + "/state", "DELETE FROM assignments WHERE job_id = '" + job + "'");
+  RawSql(dir_ + "/state",
+         "CREATE TRIGGER full_disk BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'FAILED' "
+         "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END");
+  Open();
+  EXPECT_EQ(StateOf(job), v1::JOB_STATE_RUNNING);  // what the store still says
+  absl::Status ready = coordinator_->UnstoredEnds();
+  EXPECT_EQ(ready.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(ready.message()),
+              HasSubstr("job " + job + " ended FAILED but the store refused it: "));
+
+  RawSql(dir_ + "/state", "DROP TRIGGER full_disk");
+  coordinator_->CheckHeartbeats();
+  const v1::Job stored = GetJob(job).job();
+  EXPECT_EQ(stored.state(), v1::JOB_STATE_FAILED);
+  EXPECT_THAT(stored.error_message(),
+              HasSubstr("cannot continue the job after a coordinator restart: the store has 0 "
+                        "rank assignments for 1 ranks"));
+  EXPECT_TRUE(coordinator_->UnstoredEnds().ok()) << coordinator_->UnstoredEnds();
+}
+
+// A store that cannot list the workers (or the live jobs) at a restart: the coordinator used to
+// log it and serve without them, its RUNNING jobs kept by no one. Now it is not created, and the
+// error says what could not be read.
+TEST_F(WorkerSessionsTest, ACoordinatorWhoseStoreCannotListTheWorkersIsNotCreated) {
+  AddWorker();
+  coordinator_.reset();
+  RawSql(dir_ + "/state",
+         "ALTER TABLE workers RENAME TO workers_kept; "
+         "CREATE VIEW workers AS SELECT no_such_column FROM workers_kept");
+  auto store = JobStore::Open(dir_ + "/state");
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto coordinator = Coordinator::Create(std::move(*store), Options());
+  ASSERT_FALSE(coordinator.ok());
+  EXPECT_THAT(std::string(coordinator.status().message()),
+              HasSubstr("cannot read the workers from the state store: "));
+}
+
 }  // namespace
 }  // namespace mat::coordinator

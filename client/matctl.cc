@@ -469,10 +469,6 @@ absl::StatusOr<std::vector<CompareRun>> LoadRuns(const MatctlOptions& o) {
   return runs;
 }
 
-// One artifact into `dir`: through `.NAME.download` (a download cut short goes on from its end),
-// checked against the SHA-256, then renamed into place. A file already there with that SHA-256
-// is kept. A resumed download whose bytes do not match (a stale or damaged partial file) starts
-// again from scratch, once.
 // Whether `dir` holds `artifact` already: true when its file there has the artifact's SHA-256,
 // false when there is none; FAILED_PRECONDITION naming the file when something else is there.
 absl::StatusOr<bool> HasArtifact(const std::string& job_id, const v1::Artifact& artifact,
@@ -491,7 +487,10 @@ absl::StatusOr<bool> HasArtifact(const std::string& job_id, const v1::Artifact& 
                    ": move it away, or pass --force to replace it"));
 }
 
-// Fetches `artifact` into `dir`, replacing what is there (the caller checked it: HasArtifact).
+// Fetches `artifact` into `dir`, replacing what is there (the caller checked it: HasArtifact):
+// through `.NAME.download` (a download cut short goes on from its end), checked against the
+// SHA-256, then renamed into place. A resumed download whose bytes do not match (a stale or
+// damaged partial file) starts again from scratch, once.
 absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
                               const v1::Artifact& artifact, const std::string& dir) {
   namespace fs = std::filesystem;

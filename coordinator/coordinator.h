@@ -414,16 +414,12 @@ class Coordinator {
 
   Coordinator(std::unique_ptr<JobStore> store, CoordinatorOptions options);
   // Create's recovery: loads the workers; keeps the RUNNING jobs of a previous process
-  // (KeepJob), fails the damaged live ones (KeepUnstoredEnd when the store refuses that). The
-  // store's error when it cannot list the workers or the live jobs.
+  // (KeepJob), fails the damaged live ones (FailJob: kept as an unstored end when the store
+  // refuses it). The store's error when it cannot list the workers or the live jobs.
   absl::Status Recover();
   // The runtime of a RUNNING job from the store: spec, ranks (not attached), modules and policy
-  // (restored at its first report), attempt. A job that cannot be rebuilt fails (or is kept as an
-  // unstored end).
+  // (restored at its first report), attempt. A job that cannot be rebuilt fails (FailJob).
   void KeepJob(const JobRecord& job);
-  // Moves a live job that can never run to FAILED at start, or keeps that end (KeepUnstoredEnd)
-  // when the store refuses it.
-  void FailAtStart(const std::string& job_id, const std::string& message);
   // The spec's trainer config, validated (StartJob, KeepJob).
   absl::StatusOr<policy::PolicyConfig> JobPolicyConfig(const JobRecord& job);
   // A new runtime for `job` with `world` ranks and its mask engine (continued from the store's

@@ -71,7 +71,7 @@ absl::Status Coordinator::Recover() {
     for (const JobRecord& job : page->jobs) {
       if (!job.damage.empty()) {
         spdlog::error("{}: failing it", job.damage);
-        FailAtStart(job.id, "the coordinator cannot run it (failed at start)");
+        FailJob(job.id, "the coordinator cannot run it (failed at start)");
       } else if (job.state == v1::JOB_STATE_RUNNING) {
         KeepJob(job);
       }
@@ -79,12 +79,6 @@ absl::Status Coordinator::Recover() {
     token = page->next_page_token;
   } while (!token.empty());
   return absl::OkStatus();
-}
-
-void Coordinator::FailAtStart(const std::string& job_id, const std::string& message) {
-  if (absl::Status st = UpdateJobState(job_id, v1::JOB_STATE_FAILED, message); !st.ok()) {
-    KeepUnstoredEnd(job_id, v1::JOB_STATE_FAILED, message, st);
-  }
 }
 
 Coordinator::JobRuntime& Coordinator::AddRuntime(const JobRecord& job, int world,
@@ -102,7 +96,7 @@ Coordinator::JobRuntime& Coordinator::AddRuntime(const JobRecord& job, int world
 
 void Coordinator::KeepJob(const JobRecord& job) {
   auto fail = [&](const std::string& why) {
-    FailAtStart(job.id, absl::StrCat("cannot continue the job after a coordinator restart: ", why));
+    FailJob(job.id, absl::StrCat("cannot continue the job after a coordinator restart: ", why));
   };
   absl::StatusOr<policy::PolicyConfig> config = JobPolicyConfig(job);
   if (!config.ok()) return fail(std::string(config.status().message()));

@@ -10,9 +10,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "common/net_util.h"
+#include "tests/trainer/loopback_ranks.h"
 #include "tests/trainer/toy_run.h"
-#include "trainer/grad_sync.h"
 
 namespace mat::trainer {
 namespace {
@@ -44,14 +43,13 @@ class GlooHooks : public TrainerHooks {
 // next collective until the timeout (and then failing as a collective error, which the
 // coordinator retries).
 TEST(DataParallelTest, ALossThatIsNotFiniteOnOneRankFailsEveryRankAtThatStep) {
-  const std::vector<std::string> backends = AvailableBackends();
-  if (std::find(backends.begin(), backends.end(), "gloo") == backends.end()) {
+  if (!testing::Has("gloo")) {
     GTEST_SKIP() << "this build has no Gloo (the CUDA check's NCCL-only build)";
   }
   const std::string data = testing::WriteToyCorpus("data_parallel");
   config::TrainConfig c = testing::TinyTrainConfig(data, "full");
-  absl::StatusOr<int> port = common::PickFreePort();
-  ASSERT_TRUE(port.ok()) << port.status();
+  const int port = testing::FreePort();
+  ASSERT_NE(port, 0);
   absl::Status ends[2];
   auto rank = [&](int r) {
     GlooHooks hooks;
@@ -62,16 +60,7 @@ TEST(DataParallelTest, ALossThatIsNotFiniteOnOneRankFailsEveryRankAtThatStep) {
     auto t = Trainer::Create(c, o);
     ASSERT_TRUE(t.ok()) << t.status();
     hooks.modules = (*t)->partition().size();
-    RendezvousOptions g;
-    g.master_host = "127.0.0.1";
-    g.master_port = *port;
-    g.local_host = "127.0.0.1";
-    g.rank = r;
-    g.world_size = 2;
-    g.backend = "gloo";
-    g.prefix = "data-parallel/attempt-0";
-    g.timeout = std::chrono::milliseconds(20000);
-    auto group = ConnectProcessGroup(g);
+    auto group = ConnectProcessGroup(testing::Loopback(port, r, 2, "gloo", "data-parallel/attempt-0"));
     ASSERT_TRUE(group.ok()) << group.status();
     hooks.sync = std::make_unique<GradientSync>(*group, (*t)->ParamEntries());
     if (r == 1) {

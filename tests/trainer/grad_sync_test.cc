@@ -7,7 +7,7 @@
 // to (ResolveBackend, DeviceKey) is checked on fakes here, and for real on CPU ranks.
 #include "trainer/grad_sync.h"
 
-#include "common/net_util.h"
+#include "tests/trainer/loopback_ranks.h"
 
 #include <unistd.h>
 
@@ -20,12 +20,9 @@
 namespace mat::trainer {
 namespace {
 
-// A free TCP port on 127.0.0.1.
-int FreePort() {
-  absl::StatusOr<int> port = common::PickFreePort();
-  EXPECT_TRUE(port.ok()) << port.status();
-  return port.value_or(0);
-}
+using testing::FreePort;
+using testing::Has;
+using testing::Loopback;
 
 // Shared [4], module 0: [2,3] + [3], module 1: [5], module 2: [2,2]. Gradients = (rank+1)·(i+1)
 // for element i of parameter p, plus 100·p, so the mean over ranks 0 and 1 is 1.5·(i+1) + 100·p.
@@ -43,26 +40,6 @@ std::vector<ParamEntry> MakeParams(int rank, const torch::Device& device = torch
     out.push_back({"p" + std::to_string(p), t, shapes[p].second, true});
   }
   return out;
-}
-
-bool Has(const std::string& backend) {
-  auto b = AvailableBackends();
-  return std::find(b.begin(), b.end(), backend) != b.end();
-}
-
-// Rank `rank` of `world` meeting on 127.0.0.1:port under `prefix`, 20 s timeout.
-RendezvousOptions Loopback(int port, int rank, int world, const std::string& backend,
-                           const std::string& prefix) {
-  RendezvousOptions o;
-  o.master_host = "127.0.0.1";
-  o.master_port = port;
-  o.local_host = "127.0.0.1";
-  o.rank = rank;
-  o.world_size = world;
-  o.backend = backend;
-  o.prefix = prefix;
-  o.timeout = std::chrono::milliseconds(20000);
-  return o;
 }
 
 using ParamMaker = std::function<std::vector<ParamEntry>(int rank, const torch::Device& device)>;

@@ -38,7 +38,7 @@ WALL_RATIO = 0.8587850040775074
 WALL_STEPS = round(wall.meq.STEPS * WALL_RATIO)  # 20,611
 wall.WALL_RATIO, wall.WALL_STEPS = WALL_RATIO, WALL_STEPS
 # The linear estimate of w that ../mat-vs-full-equal-wall/README.md stated before these runs
-# (between each seed's full-equal and 21,891-step ends), by seed.
+# (between each seed's full-equal and 21,891-step ends, at 20,616 steps), by seed.
 ESTIMATE = {23: -0.119, 25: -0.139, 26: +0.060, 27: -0.091, 28: -0.028}
 
 
@@ -49,16 +49,16 @@ def main(runs):
     w, complete = wall.against_wall(runs, "mat")
     if complete:
         wall.mvf.rule("Primary, w = mat - full-wall (validation, last evaluation)", w,
-                      "MAT lower at equal wall time (the longer window's ratio)",
-                      "MAT higher at equal wall time (the longer window's ratio)")
+                      "MAT lower at the step count the longer window's ratio makes equal",
+                      "MAT higher at the step count the longer window's ratio makes equal")
     else:
         print("\nNot all five full-wall runs reached their last step at the config's rate as "
               "full training with the planned binary: no conclusion (README.md's plan).")
     v, v_complete = wall.against_wall(runs, "frozen-random")
     if v_complete:
         wall.mvf.rule("Secondary, v = frozen-random - full-wall (validation, last evaluation)", v,
-                      "the fixed random set lower at MAT's wall time",
-                      "the fixed random set higher at MAT's wall time")
+                      "the fixed random set lower at that step count (its wall time not measured)",
+                      "the fixed random set higher at that step count (its wall time not measured)")
     else:
         print("\nSecondary unfinished: not applied (README.md's plan).")
     if not complete:

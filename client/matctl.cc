@@ -489,8 +489,9 @@ absl::StatusOr<bool> HasArtifact(const std::string& job_id, const v1::Artifact& 
 
 // Fetches `artifact` into `dir`, replacing what is there (the caller checked it: HasArtifact):
 // through `.NAME.download` (a download cut short goes on from its end), checked against the
-// SHA-256, then renamed into place. A resumed download whose bytes do not match (a stale or
-// damaged partial file) starts again from scratch, once.
+// SHA-256, then put in place by common::CommitFile (flushed, renamed, its folder flushed: a crash
+// right after cannot leave an empty or partial file under the name). A resumed download whose
+// bytes do not match (a stale or damaged partial file) starts again from scratch, once.
 absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
                               const v1::Artifact& artifact, const std::string& dir) {
   namespace fs = std::filesystem;
@@ -528,9 +529,7 @@ absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
                                             "SHA-256 recorded at upload (a damaged file in its "
                                             "--artifact-dir)"));
   }
-  fs::rename(part, dest, ec);
-  if (ec) return absl::InternalError(absl::StrCat(dest, ": cannot rename: ", ec.message()));
-  return absl::OkStatus();
+  return common::CommitFile(part, dest);
 }
 
 int Download(const MatctlOptions& o, std::ostream& out, std::ostream& err) {

@@ -23,6 +23,24 @@ namespace {
 // WriteFileAtomic's temp files are PATH.tmp.PID.N (N counts its calls in process PID).
 constexpr const char* kTempInfix = ".tmp.";
 
+// Renames `from` (its bytes flushed) over `to`, then flushes their directory: the rename reaches
+// the disk with it, or a power loss could bring the old file back. Best effort (some filesystems
+// cannot flush a directory), since `to` already holds the bytes and an error would say it does
+// not. After an error `from` is left where it was.
+absl::Status RenameAndSyncDir(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    return absl::ErrnoToStatus(errno, "cannot rename '" + from + "' to '" + to + "'");
+  }
+  std::string dir = std::filesystem::path(to).parent_path().string();
+  if (dir.empty()) dir = ".";
+  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd >= 0) {
+    (void)::fsync(dir_fd);
+    ::close(dir_fd);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
@@ -64,22 +82,21 @@ absl::Status WriteFileAtomic(const std::string& path, const std::string& data, u
     ::unlink(tmp.c_str());
     return absl::InternalError("cannot flush '" + tmp + "'");
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+  absl::Status renamed = RenameAndSyncDir(tmp, path);
+  if (!renamed.ok()) ::unlink(tmp.c_str());
+  return renamed;
+}
+
+absl::Status CommitFile(const std::string& from, const std::string& to) {
+  const int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::ErrnoToStatus(errno, "cannot open '" + from + "'");
+  if (::fsync(fd) != 0) {
     const int err = errno;
-    ::unlink(tmp.c_str());
-    return absl::ErrnoToStatus(err, "cannot rename '" + tmp + "' to '" + path + "'");
+    ::close(fd);
+    return absl::ErrnoToStatus(err, "cannot flush '" + from + "'");
   }
-  // The rename reaches the disk with its directory: flushed too, or a power loss could bring the
-  // old file back. Best effort (some filesystems cannot flush a directory), since `path` already
-  // holds `data` and an error would say it does not.
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd >= 0) {
-    (void)::fsync(dir_fd);
-    ::close(dir_fd);
-  }
-  return absl::OkStatus();
+  ::close(fd);
+  return RenameAndSyncDir(from, to);
 }
 
 absl::Status MakeDirs(const std::string& path) {

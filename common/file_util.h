@@ -20,6 +20,12 @@ absl::StatusOr<std::string> ReadFile(const std::string& path);
 absl::Status WriteFileAtomic(const std::string& path, const std::string& data,
                              unsigned mode = 0644);
 
+// Puts a file written in full at `from` (a temp file beside `to`) in place as WriteFileAtomic
+// does: fsync of its bytes, rename over `to`, fsync of the directory (best effort). After an
+// error `to` is unchanged and `from` is left for the caller; the error carries the errno's code
+// and names the file.
+absl::Status CommitFile(const std::string& from, const std::string& to);
+
 // Removes the temp files WriteFileAtomic left in `dir` for the files named `names` (writes cut
 // short: full-size files nothing else reads) whose writing process, on this host, has ended; a
 // live process's may be a write in progress. Only for a folder no other host writes. Returns

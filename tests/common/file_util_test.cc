@@ -1,5 +1,5 @@
 // common/file_util: LockDirectory, one holder per directory; WriteFileAtomic's errors and mode;
-// RemoveAbandonedTemps; CheckWritableDir.
+// CommitFile; RemoveAbandonedTemps; CheckWritableDir.
 #include "common/file_util.h"
 
 #include <sys/wait.h>
@@ -51,6 +51,32 @@ TEST(WriteFileAtomicTest, ErrorsCarryTheErrnosCodeAndNameTheFile) {
   EXPECT_TRUE(std::filesystem::is_directory(dir + "/a_directory")) << "left unchanged";
   ASSERT_TRUE(WriteFileAtomic(dir + "/file", "x").ok());
   std::filesystem::remove_all(dir);
+}
+
+// matctl download puts its finished `.NAME.download` in place with CommitFile: the bytes move
+// over the old file; a failed commit leaves both files as they were and names them.
+TEST(CommitFileTest, MovesTheFileOverItsNameOrLeavesBothAsTheyWere) {
+  namespace fs = std::filesystem;
+  const std::string dir = (fs::temp_directory_path() /
+                           ("mat_commit_test_" + std::to_string(::getpid()))).string();
+  ASSERT_TRUE(MakeDirs(dir + "/a_directory").ok());
+  ASSERT_TRUE(WriteFileAtomic(dir + "/.model.download", "new bytes").ok());
+  ASSERT_TRUE(WriteFileAtomic(dir + "/model", "old").ok());
+  ASSERT_TRUE(CommitFile(dir + "/.model.download", dir + "/model").ok());
+  EXPECT_EQ(*ReadFile(dir + "/model"), "new bytes");
+  EXPECT_FALSE(fs::exists(dir + "/.model.download"));
+
+  absl::Status missing = CommitFile(dir + "/.gone.download", dir + "/model");
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound) << missing;
+  EXPECT_NE(missing.message().find(dir + "/.gone.download"), std::string::npos) << missing;
+  ASSERT_TRUE(WriteFileAtomic(dir + "/.x.download", "x").ok());
+  absl::Status onto_dir = CommitFile(dir + "/.x.download", dir + "/a_directory");
+  EXPECT_NE(onto_dir.code(), absl::StatusCode::kOk);
+  EXPECT_NE(onto_dir.message().find("cannot rename"), std::string::npos) << onto_dir;
+  EXPECT_EQ(*ReadFile(dir + "/.x.download"), "x") << "the source is left for the caller";
+  EXPECT_TRUE(fs::is_directory(dir + "/a_directory"));
+  EXPECT_EQ(*ReadFile(dir + "/model"), "new bytes");
+  fs::remove_all(dir);
 }
 
 // A worker's secret is written 0600 (also when it replaces a file of another mode).

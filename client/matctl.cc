@@ -631,8 +631,8 @@ int Compare(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   return kExitOk;
 }
 
-// Prints the job's kept lines; with --follow, polls for new ones until the job has ended and
-// every line is printed.
+// Prints the job's kept lines; with --follow, polls for new ones until the job has ended, no rank
+// will send more (GetJobLogsReply.log_complete) and every line is printed.
 int Logs(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
   absl::StatusOr<std::unique_ptr<JobClient>> made =
       JobClient::Create(o.coordinator, o.timeout_seconds, o.security);
@@ -658,7 +658,11 @@ int Logs(const MatctlOptions& o, std::ostream& out, std::ostream& err) {
     out << std::flush;
     after = reply->last_seq();
     if (reply->lines_size() > 0) continue;  // maybe more pages
-    if (!o.follow || api::IsTerminalJobState(reply->state())) return kExitOk;
+    // A cancelled rank sends its last lines after its job ended: its coordinator says when no
+    // more will come (one without the field: the terminal state).
+    const bool complete = reply->has_log_complete() ? reply->log_complete()
+                                                    : api::IsTerminalJobState(reply->state());
+    if (!o.follow || complete) return kExitOk;
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
   }
 }

@@ -185,7 +185,25 @@ absl::StatusOr<v1::UndrainWorkerReply> Coordinator::UndrainWorker(
 
 absl::StatusOr<v1::GetJobLogsReply> Coordinator::GetJobLogs(
     const v1::GetJobLogsRequest& request) {
-  return jobs_.GetLogs(request);
+  MAT_ASSIGN_OR_RETURN(v1::GetJobLogsReply reply, jobs_.GetLogs(request));
+  reply.set_log_complete(LogComplete(request.job_id(), reply.state()));  // on this loop turn
+  return reply;
+}
+
+bool Coordinator::LogComplete(const std::string& job_id, v1::JobState state) {
+  if (!IsTerminalJobState(state) || sessions_.Holds(job_id)) return false;
+  if (clock_.NowMs() > recovered_ms_ + 10 * options_.heartbeat_interval_ms) return true;
+  absl::StatusOr<JobRecord> job = store_->GetJob(job_id);
+  if (!job.ok()) return false;
+  if (job->updated_unix_seconds >= recovered_unix_seconds_) return true;  // ended by this process
+  absl::StatusOr<std::vector<AssignmentRecord>> ranks = store_->ListAssignments(job_id);
+  if (!ranks.ok()) return false;
+  int64_t newest = 0;
+  for (const AssignmentRecord& rank : *ranks) newest = std::max(newest, rank.attempt);
+  for (const AssignmentRecord& rank : *ranks) {
+    if (rank.attempt == newest && !rank.finished()) return false;
+  }
+  return true;
 }
 
 absl::StatusOr<v1::GetSpectraReply> Coordinator::GetSpectra(

@@ -214,7 +214,8 @@ class Coordinator {
   absl::StatusOr<v1::GetSpectraReply> GetSpectra(const v1::GetSpectraRequest& request);
   // A job's log lines (GetJobLogs). INVALID_ARGUMENT for a negative rank, after_seq or
   // max_lines, and for a rank >= the job's workers (naming its ranks); NOT_FOUND for an
-  // unknown job.
+  // unknown job. log_complete is set (true or false): the job has ended and no rank will send
+  // more lines (LogComplete).
   absl::StatusOr<v1::GetJobLogsReply> GetJobLogs(const v1::GetJobLogsRequest& request);
   // Whether `worker_id` may upload artifacts of `job_id` (UploadArtifact; the bytes go to the
   // daemon's ArtifactStore): it holds rank 0 of the job's newest started `attempt`, and the job
@@ -504,6 +505,14 @@ class Coordinator {
   // The worker stops: its session ends now (DropSession, its rank's job restarts naming the
   // reason) and its channel is closed OK.
   void HandleLeaving(const std::string& worker_id, const v1::Leaving& leaving);
+  // GetJobLogsReply.log_complete of a job read in `state`: the state is terminal, no open
+  // session runs or is stopping a rank of the job (a cancelled rank sends its last lines before
+  // its worker's heartbeat stops listing the job), and, for a job that ended before this
+  // coordinator started, within 10 heartbeat intervals of its start (as long as a re-attaching
+  // rank gets), no rank of the job's newest attempt ended without its RankDone ok: its worker
+  // may not have reconnected yet to send its last lines. A store error reads as not complete
+  // (the follower asks again).
+  bool LogComplete(const std::string& job_id, v1::JobState state);
 
   // Declared in this order: the managers borrow the clock, the store and the metrics.
   std::unique_ptr<JobStore> store_;
@@ -519,6 +528,10 @@ class Coordinator {
   absl::StatusOr<v1::WorkerInfo> WorkerInfoOf(const std::string& worker_id);
   // DeleteExpiredJobs' next round lists the jobs after this seq (0: from the first).
   int64_t retention_after_seq_ = 0;
+  // clock_.NowMs() and clock_.Now() when Recover ran (LogComplete's restart window, for jobs
+  // whose last state change came before it).
+  int64_t recovered_ms_ = 0;
+  int64_t recovered_unix_seconds_ = 0;
   // Ended jobs whose end the store refused (a full disk): tried again by CheckHeartbeats.
   struct UnstoredEnd {
     v1::JobState state = v1::JOB_STATE_UNSPECIFIED;

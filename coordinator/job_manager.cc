@@ -277,7 +277,7 @@ absl::StatusOr<v1::GetJobLogsReply> JobManager::GetLogs(
                                                    request.max_lines()));
   }
   const int limit = request.max_lines() == 0 ? 1000 : std::min(request.max_lines(), 10000);
-  // The state first: when it is terminal, every line the ranks sent is already stored.
+  // The state first, then the lines (Coordinator::GetJobLogs adds whether more may come).
   MAT_ASSIGN_OR_RETURN(JobRecord job, store_.GetJob(request.job_id()));
   const int world = job.spec.resources().workers();
   if (request.has_rank() && request.rank() >= world) {

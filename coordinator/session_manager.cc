@@ -339,6 +339,14 @@ std::string SessionManager::JobOf(const std::string& worker_id) const {
   return it == sessions_.end() ? std::string() : it->second.job_id;
 }
 
+bool SessionManager::Holds(const std::string& job_id) const {
+  if (job_id.empty()) return false;
+  for (const auto& [id, session] : sessions_) {
+    if (session.job_id == job_id || session.stopping_job == job_id) return true;
+  }
+  return false;
+}
+
 absl::Status SessionManager::SetDraining(const std::string& worker_id, const std::string& reason) {
   if (workers_.count(worker_id) == 0) {
     return absl::NotFoundError(absl::StrCat("no worker '", worker_id, "' (matctl workers)"));

@@ -128,6 +128,9 @@ class SessionManager {
   bool Runs(const std::string& worker_id, const std::string& job_id, int rank) const;
   // The job whose rank the worker's session runs ("" when idle or without a session).
   std::string JobOf(const std::string& worker_id) const;
+  // True when an open session runs a rank of `job_id` or is stopping one (the worker has not yet
+  // said that the rank stopped): that rank may still send log lines.
+  bool Holds(const std::string& job_id) const;
 
   // Draining (DrainWorker): the worker takes no new rank (Idle leaves it out) and List shows it
   // DRAINING with `reason` (DISCONNECTED with `reason` while it has no session); a second call

@@ -54,6 +54,8 @@ std::string JobIdOf(const v1::WorkerMessage& message) {
 // ----- recovery -----
 
 absl::Status Coordinator::Recover() {
+  recovered_ms_ = clock_.NowMs();
+  recovered_unix_seconds_ = clock_.Now();
   MAT_RETURN_IF_ERROR(sessions_.Load());
   // The ranks of a previous process's running jobs keep training and reconnect; RESTARTING
   // jobs are started again by the scheduler. A live job whose stored row is damaged (its spec

@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -703,6 +704,55 @@ TEST_F(MatctlTest, DownloadSaysWhenTheFilesMayNotBeAllOfThem) {
   Result succeeded = Run({"download", "job-000001", "--out", root_ + "/succeeded"}, address);
   EXPECT_EQ(succeeded.code, 0) << succeeded.err;
   EXPECT_EQ(succeeded.err, "");
+  server->Shutdown();
+}
+
+// A cancelled job whose rank sends its last line after the job ended: its coordinator says
+// log_complete = false for `held_` polls, then serves the line and says true. `complete_unset_`:
+// a coordinator without the field.
+class TrailingLogs final : public v1::JobService::Service {
+ public:
+  grpc::Status GetJobLogs(grpc::ServerContext*, const v1::GetJobLogsRequest* request,
+                          v1::GetJobLogsReply* reply) override {
+    const int call = ++calls_;
+    reply->set_state(v1::JOB_STATE_CANCELLED);
+    reply->set_last_seq(request->after_seq());
+    const bool arrived = call > held_;
+    if (arrived && request->after_seq() == 0) {
+      v1::LogLine* line = reply->add_lines();
+      line->set_seq(1);
+      line->set_rank(1);
+      line->set_level("info");
+      line->set_text("stopped (cancelled at step 40)");
+      reply->set_last_seq(1);
+    }
+    if (!complete_unset_) reply->set_log_complete(arrived);
+    return grpc::Status::OK;
+  }
+  std::atomic<int> calls_{0};
+  int held_ = 2;
+  bool complete_unset_ = false;
+};
+
+// `logs -f` ended at the job's terminal state and missed a cancelled rank's last lines, sent
+// after it: it follows until the coordinator says no more will come.
+TEST_F(MatctlTest, LogsFollowWaitsForTheLinesOfRanksStillStopping) {
+  TrailingLogs service;
+  std::string address;
+  std::unique_ptr<grpc::Server> server = Serve(service, &address);
+  ASSERT_NE(server, nullptr);
+  Result followed = Run({"logs", "job-000001", "-f"}, address);
+  EXPECT_EQ(followed.code, 0) << followed.err;
+  EXPECT_THAT(followed.out, HasSubstr("stopped (cancelled at step 40)"));
+  EXPECT_EQ(service.calls_.load(), 4) << "two held, the line, then the complete empty page";
+
+  // A coordinator without the field: the terminal state ends the follow, as before.
+  service.calls_ = 0;
+  service.complete_unset_ = true;
+  Result old = Run({"logs", "job-000001", "-f"}, address);
+  EXPECT_EQ(old.code, 0) << old.err;
+  EXPECT_EQ(old.out, "");
+  EXPECT_EQ(service.calls_.load(), 1);
   server->Shutdown();
 }
 

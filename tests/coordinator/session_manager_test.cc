@@ -182,10 +182,20 @@ TEST_F(SessionManagerTest, ASessionOpensOnceAndDropReturnsItsChannelAndRank) {
   EXPECT_EQ(sessions_->OpenCount(), 1);
   EXPECT_EQ(Gauge("idle"), 1);
 
+  EXPECT_FALSE(sessions_->Holds("job-000001"));
   sessions_->SetJob(w, "job-000001", 2);
   EXPECT_TRUE(sessions_->Runs(w, "job-000001", 2));
   EXPECT_FALSE(sessions_->Runs(w, "job-000001", 1));
   EXPECT_EQ(sessions_->JobOf(w), "job-000001");
+  EXPECT_TRUE(sessions_->Holds("job-000001"));
+  EXPECT_FALSE(sessions_->Holds("job-000002"));
+  EXPECT_FALSE(sessions_->Holds(""));
+  sessions_->SetJob(w, "", -1);  // the job ended: its rank is cancelled, not yet stopped
+  sessions_->SetStopping(w, "job-000001", 2);
+  EXPECT_TRUE(sessions_->Holds("job-000001"));
+  EXPECT_TRUE(sessions_->ClearStopping(w, "job-000001"));
+  EXPECT_FALSE(sessions_->Holds("job-000001"));
+  sessions_->SetJob(w, "job-000001", 2);
   EXPECT_EQ(Gauge("busy"), 1);
   EXPECT_TRUE(sessions_->Idle().empty());
 

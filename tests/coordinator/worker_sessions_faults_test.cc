@@ -310,6 +310,83 @@ TEST_F(WorkerSessionsTest, ARanksLastLinesAreKeptAfterItsJobMovedOn) {
   EXPECT_EQ(kept->lines(0).text(), "rank 0: failed: gradient all-reduce failed");
 }
 
+// The job's lines, with log_complete.
+v1::GetJobLogsReply LogsOf(Coordinator& coordinator, const std::string& job) {
+  v1::GetJobLogsRequest request;
+  request.set_job_id(job);
+  absl::StatusOr<v1::GetJobLogsReply> reply = coordinator.GetJobLogs(request);
+  EXPECT_TRUE(reply.ok()) << reply.status();
+  if (!reply.ok()) return v1::GetJobLogsReply();
+  EXPECT_TRUE(reply->has_log_complete());
+  return *reply;
+}
+
+// `matctl logs -f` stopped at a cancelled job's terminal state, before its ranks' last lines
+// (sent after the Cancel): the log is complete once no worker runs or stops a rank of the job.
+TEST_F(WorkerSessionsTest, ACancelledJobsLogIsCompleteOnceEveryRankStopped) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  EXPECT_FALSE(LogsOf(*coordinator_, job).log_complete()) << "running";
+  ASSERT_TRUE(coordinator_->CancelJob(job, "user").ok());
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_CANCELLED);
+  EXPECT_FALSE(LogsOf(*coordinator_, job).log_complete()) << "both ranks still stopping";
+  SendOk(Logs(w0.id, job, 0, "rank 0: stopped"));
+  SendOk(Heartbeat(w0.id));  // rank 0 stopped
+  EXPECT_FALSE(LogsOf(*coordinator_, job).log_complete()) << "rank 1 still stopping";
+  SendOk(Logs(w1.id, job, 1, "rank 1: stopped"));
+  coordinator_->CloseSession(w1.id);  // its worker gone: nothing more can come from it
+  const v1::GetJobLogsReply done = LogsOf(*coordinator_, job);
+  EXPECT_TRUE(done.log_complete());
+  ASSERT_EQ(done.lines_size(), 2);
+  EXPECT_EQ(done.lines(1).text(), "rank 1: stopped");
+}
+
+// A rank that failed ended its own part; the rank cancelled for it has not yet.
+TEST_F(WorkerSessionsTest, AFailedJobsLogWaitsForTheRanksCancelledForIt) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  SendOk(Logs(w1.id, job, 1, "rank 1: CUDA out of memory", "error"));
+  SendOk(Done(w1.id, job, 1, false, "", "", "CUDA out of memory"));
+  ASSERT_EQ(StateOf(job), v1::JOB_STATE_FAILED);
+  EXPECT_FALSE(LogsOf(*coordinator_, job).log_complete());
+  SendOk(Heartbeat(w0.id, {job}));  // still stopping
+  EXPECT_FALSE(LogsOf(*coordinator_, job).log_complete());
+  SendOk(Heartbeat(w0.id));
+  EXPECT_TRUE(LogsOf(*coordinator_, job).log_complete());
+}
+
+// After a coordinator restart the workers of a job cancelled before it reconnect and send their
+// last lines: until they could have (10 heartbeat intervals, as a re-attaching rank gets), a
+// rank that ended without its RankDone ok keeps the log open.
+TEST_F(WorkerSessionsTest, AfterARestartAJobsLogWaitsForItsWorkersToComeBack) {
+  Worker w0, w1;
+  const std::string job = StartTwoRankJob(&w0, &w1);
+  ASSERT_TRUE(coordinator_->CancelJob(job, "user").ok());
+  now_ += 5;
+  Open();  // the restart: no session survives it
+  EXPECT_FALSE(LogsOf(*coordinator_, job).log_complete()) << "no worker back yet";
+  auto back = Connect(w0.id);
+  SendOk(Heartbeat(w0.id, {job}));  // its rank is still stopping: told to stop again
+  ASSERT_EQ(back->Cancels().size(), 1u);
+  SendOk(Logs(w0.id, job, 0, "rank 0: stopped"));
+  SendOk(Heartbeat(w0.id));
+  now_ms_ += 10 * 1000;
+  EXPECT_FALSE(LogsOf(*coordinator_, job).log_complete()) << "rank 1's worker may come back";
+  now_ms_ += 1;
+  const v1::GetJobLogsReply done = LogsOf(*coordinator_, job);
+  EXPECT_TRUE(done.log_complete());
+  ASSERT_EQ(done.lines_size(), 1);
+  EXPECT_EQ(done.lines(0).text(), "rank 0: stopped");
+  // A job that ended after the restart is complete by its sessions alone.
+  const std::string later = Submit(Spec(1));
+  ASSERT_EQ(StateOf(later), v1::JOB_STATE_RUNNING);
+  const std::string holder = GetJob(later).ranks(0).worker_id();
+  now_ += 5;
+  now_ms_ -= 10 * 1000;  // back within the window
+  SendOk(Done(holder, later, 0, false, "", "", "out of memory"));
+  EXPECT_TRUE(LogsOf(*coordinator_, later).log_complete());
+}
+
 // A rank sends its last lines and rank 0 its artifacts before its RankDone ok. Anything later
 // from it was kept: lines that pushed the job's real ones out of the kept window, and files that
 // replaced a finished job's model after its users may have read it.
@@ -344,6 +421,7 @@ TEST_F(WorkerSessionsTest, AFinishedRanksLogAndArtifactsAreFinal) {
   ASSERT_EQ(kept->lines_size(), 2);
   EXPECT_EQ(kept->lines(0).text(), "rank 0: step 100");
   EXPECT_EQ(kept->lines(1).text(), "rank 1: step 100");
+  EXPECT_TRUE(kept->log_complete()) << "every rank sent its RankDone ok";
   // A rank that did not finish (cancelled, or failed) still sends its last lines and files after
   // the end: RankZeroUploadsItsArtifactsWhileItsJobRestarts, ARanksLastLinesAreKeptAfterItsJobMovedOn.
 }

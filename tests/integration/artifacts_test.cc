@@ -356,17 +356,15 @@ TEST_F(ArtifactsTest, ACancelledJobLeavesTheModelOfItsNewestCheckpoint) {
   const json started = WaitFor(early, [](const json& s) { return s.value("step", 0) >= 2; }, 300s);
   ASSERT_GE(started.value("step", 0), 2) << started.dump(2) << Logs("w0");
   ASSERT_EQ(Matctl(address_, {"cancel", early}).exit_code, 0);
-  const auto deadline = std::chrono::steady_clock::now() + 60s;
-  CommandResult logs;
-  while (std::chrono::steady_clock::now() < deadline) {
-    logs = Matctl(address_, {"logs", early});
-    if (logs.out.find("no checkpoint yet") != std::string::npos) break;
-    std::this_thread::sleep_for(200ms);
-  }
+  // The rank sends these lines after its job ended: `logs --follow` waits for them (it used to
+  // end at the CANCELLED state, before them).
+  const CommandResult logs = Matctl(address_, {"logs", early, "--follow"}, 60s);
+  ASSERT_EQ(logs.exit_code, 0) << logs.err << Logs("w0");
   EXPECT_THAT(logs.out, ::testing::HasSubstr(early + ": no checkpoint yet, so no "
                                              "model.safetensors to give back "
                                              "(train.checkpoint_every is 0)"))
       << logs.err << Logs("w0");
+  EXPECT_THAT(logs.out, ::testing::HasSubstr(early + " rank 0: stopped ("));
   const CommandResult none = Matctl(address_, {"download", early, "--out", root_ + "/early"});
   EXPECT_EQ(none.exit_code, 0) << none.err;
   EXPECT_FALSE(fs::exists(root_ + "/early/model.safetensors"));

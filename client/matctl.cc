@@ -491,7 +491,8 @@ absl::StatusOr<bool> HasArtifact(const std::string& job_id, const v1::Artifact& 
 // through `.NAME.download` (a download cut short goes on from its end), checked against the
 // SHA-256, then put in place by common::CommitFile (flushed, renamed, its folder flushed: a crash
 // right after cannot leave an empty or partial file under the name). A resumed download whose
-// bytes do not match (a stale or damaged partial file) starts again from scratch, once.
+// bytes do not match (a stale or damaged partial file) starts again from scratch, once. A piece
+// whose file is no longer the listed one (ReadArtifactReply's size and SHA-256) ends it: ABORTED.
 absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
                               const v1::Artifact& artifact, const std::string& dir) {
   namespace fs = std::filesystem;
@@ -508,6 +509,15 @@ absl::Status DownloadArtifact(JobClient& client, const std::string& job_id,
   while (offset < artifact.bytes()) {
     MAT_ASSIGN_OR_RETURN(v1::ReadArtifactReply piece,
                          client.ReadArtifact(job_id, artifact.name(), offset));
+    if (piece.sha256() != artifact.sha256() || piece.total_bytes() != artifact.bytes()) {
+      // A later upload replaced the file (a restarted job's rank 0): these bytes mix two files.
+      file.close();
+      fs::remove(part, ec);
+      return absl::AbortedError(absl::StrCat(
+          artifact.name(), " of ", job_id, " changed on the coordinator during the download (",
+          piece.total_bytes(), " bytes, SHA-256 ", piece.sha256(), "; listed with ",
+          artifact.bytes(), " bytes, ", artifact.sha256(), "); removed. Download again"));
+    }
     if (piece.data().empty()) {
       return absl::DataLossError(absl::StrCat(artifact.name(), ": the coordinator sent nothing at ",
                                               offset, " of ", artifact.bytes(), " bytes"));

@@ -618,7 +618,7 @@ class HostileArtifacts final : public v1::JobService::Service {
                             v1::ReadArtifactReply* reply) override {
     reply->set_data(std::string("abcd").substr(size_t(request->offset())));
     reply->set_total_bytes(4);
-    reply->set_sha256(sha256_);
+    reply->set_sha256(read_sha256_.empty() ? sha256_ : read_sha256_);
     return grpc::Status::OK;
   }
   grpc::Status GetJob(grpc::ServerContext*, const v1::GetJobRequest* request,
@@ -629,6 +629,7 @@ class HostileArtifacts final : public v1::JobService::Service {
   }
   std::string name_;
   std::string sha256_ = std::string(64, '0');  // not the SHA-256 of "abcd"
+  std::string read_sha256_;  // ReadArtifact's, when not sha256_: the file changed after the list
   v1::JobState state_ = v1::JOB_STATE_SUCCEEDED;
 };
 
@@ -673,6 +674,19 @@ TEST_F(MatctlTest, DownloadRefusesAPathOutsideItsDirectoryAndABadChecksum) {
   std::ifstream got(out + "/model.safetensors");
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(got), {}), "abcd");
   EXPECT_THAT(stale.err, ::testing::Not(HasSubstr("no model.safetensors")));
+
+  // The file changed on the coordinator after it was listed (a new upload): the download stops
+  // at its first piece, names it, and keeps nothing of it.
+  service.sha256_ = std::string(64, 'e');
+  service.read_sha256_ = std::string(64, 'f');
+  Result changed = Run({"download", "job-000001", "--out", out, "--force"}, address);
+  EXPECT_EQ(changed.code, 1);
+  EXPECT_THAT(changed.err, HasSubstr("ABORTED: model.safetensors of job-000001 changed on the "
+                                     "coordinator during the download"));
+  EXPECT_FALSE(fs::exists(out + "/.model.safetensors.download"));
+  std::ifstream kept(out + "/model.safetensors");
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(kept), {}), "abcd")
+      << "the earlier download is kept";
   server->Shutdown();
 }
 

@@ -162,6 +162,13 @@ constexpr const char* kMigrationV9ToV10 = R"sql(
 ALTER TABLE assignments ADD COLUMN flops_total REAL NOT NULL DEFAULT 0;
 )sql";
 
+// Version 11: the jobs of a state in seq order (the scheduler's queue, a restart's live jobs)
+// without reading every job: without it, a page of QUEUED jobs walked every row by seq, each
+// finished job included.
+constexpr const char* kMigrationV10ToV11 = R"sql(
+CREATE INDEX jobs_state_seq ON jobs (state, seq);
+)sql";
+
 constexpr const char* kMigrationV3ToV4 = R"sql(
 ALTER TABLE decisions ADD COLUMN policy_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
@@ -170,7 +177,8 @@ ALTER TABLE decisions ADD COLUMN mask_update BLOB NOT NULL DEFAULT x'';
 // kMigrations[v - 1] takes a version-v file to version v + 1.
 constexpr const char* kMigrations[] = {kMigrationV1ToV2, kMigrationV2ToV3, kMigrationV3ToV4,
                                        kMigrationV4ToV5, kMigrationV5ToV6, kMigrationV6ToV7,
-                                       kMigrationV7ToV8, kMigrationV8ToV9, kMigrationV9ToV10};
+                                       kMigrationV7ToV8, kMigrationV8ToV9, kMigrationV9ToV10,
+                                       kMigrationV10ToV11};
 static_assert(std::size(kMigrations) == kJobStoreSchemaVersion - 1,
               "one migration per schema version after the first");
 

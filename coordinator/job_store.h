@@ -40,11 +40,15 @@
 //                   row keeps its state, client and figures, its request_key is freed and
 //                   its spec, summary and error message cleared) and loses its assignments, λ history, decisions,
 //                   modules and log lines
+//   assignments.flops_total
+//                   (v10) the rank's FLOPs so far
+//   jobs_state_seq  (v11) an index on jobs (state, seq): ListJobs of some states (the
+//                   scheduler's queue, a restart's live jobs) reads those jobs only
 //
 // Schema versions: 1 (the first release), 2 (the columns and table marked v2 above), 3 (the
 // client column and its index), 4 (the decisions' policy state and mask), 5 (job_logs), 6
 // (workers.drain_reason), 7 (workers.secret_sha256), 8 (jobs.request_scope, request_key), 9
-// (jobs.deleted_unix_seconds). Open
+// (jobs.deleted_unix_seconds), 10 (assignments.flops_total), 11 (the jobs_state_seq index). Open
 // migrates an older database in place, in one transaction (ALTER TABLE ... ADD COLUMN with
 // defaults: 0, "" or NULL for the losses; CREATE TABLE modules), so it either fully migrates or
 // stays as it was.
@@ -81,7 +85,7 @@ namespace mat::coordinator {
 class SqliteDb;  // coordinator/sqlite_db.h
 
 // The schema this code reads and writes. A database with a higher version is refused.
-inline constexpr int kJobStoreSchemaVersion = 10;
+inline constexpr int kJobStoreSchemaVersion = 11;
 
 // How a bearer token's client id starts (coordinator/auth.h ClientIdentity: "token:" + a hash).
 inline constexpr char kTokenClientPrefix[] = "token:";

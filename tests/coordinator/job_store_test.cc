@@ -83,11 +83,14 @@ class JobStoreTest : public ::testing::Test {
     return r.ok() ? r->job_id : "";
   }
 
-  // What undoes version 10 in a current file (the first step of making an older one).
-  static constexpr const char* kUndoV10 = "ALTER TABLE assignments DROP COLUMN flops_total; ";
-  // What undoes versions 10, 9 and 8 in a current file.
+  // What undoes version 11 in a current file (the first step of making an older one).
+  static constexpr const char* kUndoV11 = "DROP INDEX jobs_state_seq; ";
+  // What undoes versions 11 and 10 in a current file.
+  static constexpr const char* kUndoV10 =
+      "DROP INDEX jobs_state_seq; ALTER TABLE assignments DROP COLUMN flops_total; ";
+  // What undoes versions 11, 10, 9 and 8 in a current file.
   static constexpr const char* kUndoV8 =
-      "ALTER TABLE assignments DROP COLUMN flops_total; "
+      "DROP INDEX jobs_state_seq; ALTER TABLE assignments DROP COLUMN flops_total; "
       "ALTER TABLE jobs DROP COLUMN deleted_unix_seconds; "
       "DROP INDEX jobs_request_scope_key; UPDATE jobs SET client_request_id = request_key; "
       "ALTER TABLE jobs DROP COLUMN request_key; ALTER TABLE jobs DROP COLUMN request_scope; ";
@@ -106,8 +109,8 @@ class JobStoreTest : public ::testing::Test {
   }
 
   // Runs SQL on the database file through a separate connection (as an operator's sqlite3 shell
-  // would), returning the first column of the first row.
-  std::string RawQuery(const std::string& sql) {
+  // would), returning `column` (0: the first) of the first row.
+  std::string RawQuery(const std::string& sql, int column = 0) {
     sqlite3* db = nullptr;
     EXPECT_EQ(sqlite3_open_v2(JobStore::DatabasePath(dir_).c_str(), &db, SQLITE_OPEN_READWRITE,
                               nullptr),
@@ -116,8 +119,8 @@ class JobStoreTest : public ::testing::Test {
     std::string out;
     if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK) {
       const int rc = sqlite3_step(stmt);
-      if (rc == SQLITE_ROW && sqlite3_column_text(stmt, 0) != nullptr) {
-        out = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+      if (rc == SQLITE_ROW && sqlite3_column_text(stmt, column) != nullptr) {
+        out = reinterpret_cast<const char*>(sqlite3_column_text(stmt, column));
       }
       EXPECT_TRUE(rc == SQLITE_ROW || rc == SQLITE_DONE) << sqlite3_errmsg(db);
     } else {
@@ -225,7 +228,7 @@ TEST_F(JobStoreTest, RequestIdsAreEachTokensOwnAndAVersion7FileMigrates) {
   RawExec(std::string(kUndoV8) + "UPDATE schema_version SET version = 7;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NOT NULL"), "2");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM jobs WHERE client_request_id IS NULL"), "2");
   EXPECT_EQ(store_->GetJob(old)->client_request_id, "old-key");
   auto retry = store_->CreateJob("old-key", Spec(1), alice);
@@ -1002,7 +1005,7 @@ TEST_F(JobStoreTest, AVersion9FileMigratesWithNoFlopsPerRank) {
   store_.reset();
   RawExec(std::string(kUndoV10) + "UPDATE schema_version SET version = 9;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   auto list = store_->ListAssignments(id);
   ASSERT_TRUE(list.ok()) << list.status();
   ASSERT_EQ(list->size(), 1u);
@@ -1010,6 +1013,29 @@ TEST_F(JobStoreTest, AVersion9FileMigratesWithNoFlopsPerRank) {
   EXPECT_EQ((*list)[0].flops_total, 0);
   ASSERT_TRUE(store_->UpdateRankStatus(id, 0, 130, 6, 1.6e12, "").ok());
   EXPECT_EQ((*store_->ListAssignments(id))[0].flops_total, 1.6e12);
+}
+
+// A version-10 file migrates: the jobs of a state are found through an index, not by reading
+// every job (the scheduler lists its queue on every change).
+TEST_F(JobStoreTest, AVersion10FileMigratesWithAnIndexOfTheJobsStates) {
+  const std::string done = Create("", Spec(1));
+  ASSERT_TRUE(store_->UpdateJobState(done, v1::JOB_STATE_CANCELLED, "").ok());
+  const std::string queued = Create("", Spec(1));
+  store_.reset();
+  RawExec(std::string(kUndoV11) + "UPDATE schema_version SET version = 10;");
+  Reopen();
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
+  EXPECT_EQ(RawQuery("SELECT sql FROM sqlite_master WHERE name = 'jobs_state_seq'"),
+            "CREATE INDEX jobs_state_seq ON jobs (state, seq)");
+  // The plan of ListJobs' query (its WHERE and ORDER BY) for one state uses it.
+  EXPECT_THAT(RawQuery("EXPLAIN QUERY PLAN SELECT seq FROM jobs WHERE seq >= 0 AND "
+                       "deleted_unix_seconds IS NULL AND state IN ('QUEUED') ORDER BY seq LIMIT 11",
+                       /*column=*/3),
+              HasSubstr("USING INDEX jobs_state_seq"));
+  auto page = store_->ListJobs(10, "", {v1::JOB_STATE_QUEUED});
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->jobs.size(), 1u);
+  EXPECT_EQ(page->jobs[0].id, queued);
 }
 
 // ----- durability and the state directory -----
@@ -1118,7 +1144,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
 
   Reopen();
 
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   EXPECT_EQ(RawQuery("SELECT count(*) FROM schema_version"), "1");
   // The old rows read with the new columns at their defaults.
   auto job = store_->GetJob("job-000001");
@@ -1157,7 +1183,7 @@ TEST_F(JobStoreTest, MigratesAVersion1DatabaseInPlace) {
   ASSERT_TRUE(created.ok()) << created.status();
   EXPECT_EQ(*created, "worker-000002");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   job = store_->GetJob("job-000001");
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->step, 40);
@@ -1181,7 +1207,7 @@ TEST_F(JobStoreTest, MigratesAVersion2DatabaseAddingTheClientColumn) {
           "UPDATE schema_version SET version = 2;");
   ASSERT_EQ(RawQuery("SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'client'"), "0");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   EXPECT_EQ(RawQuery("SELECT client FROM jobs WHERE id = 'job-000001'"), "");
   auto active = store_->CountActiveJobs("");
   ASSERT_TRUE(active.ok()) << active.status();
@@ -1202,7 +1228,7 @@ TEST_F(JobStoreTest, MigratesAVersion3DatabaseAddingThePolicyState) {
           "ALTER TABLE workers DROP COLUMN secret_sha256; "
           "UPDATE schema_version SET version = 3;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   auto old = store_->LatestDecisionAtOrBefore(id, 100);
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_TRUE(old->has_value());
@@ -1237,7 +1263,7 @@ TEST_F(JobStoreTest, AWorkersDrainIsStoredUntilClearedAndAVersion5FileMigrates) 
   RawExec(std::string(kUndoV8) + "ALTER TABLE workers DROP COLUMN drain_reason; "
           "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 5;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);
@@ -1261,7 +1287,7 @@ TEST_F(JobStoreTest, AWorkersSecretHashIsStoredAndAVersion6FileMigrates) {
   RawExec(std::string(kUndoV8) +
           "ALTER TABLE workers DROP COLUMN secret_sha256; UPDATE schema_version SET version = 6;");
   Reopen();
-  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "10");
+  EXPECT_EQ(RawQuery("SELECT version FROM schema_version"), "11");
   auto workers = store_->ListWorkers();
   ASSERT_TRUE(workers.ok()) << workers.status();
   ASSERT_EQ(workers->size(), 2u);

@@ -198,12 +198,9 @@ bool Coordinator::LogComplete(const std::string& job_id, v1::JobState state) {
   if (job->updated_unix_seconds >= recovered_unix_seconds_) return true;  // ended by this process
   absl::StatusOr<std::vector<AssignmentRecord>> ranks = store_->ListAssignments(job_id);
   if (!ranks.ok()) return false;
-  int64_t newest = 0;
-  for (const AssignmentRecord& rank : *ranks) newest = std::max(newest, rank.attempt);
-  for (const AssignmentRecord& rank : *ranks) {
-    if (rank.attempt == newest && !rank.finished()) return false;
-  }
-  return true;
+  // One row per rank (its newest assignment): an unfinished one may still send lines.
+  return std::all_of(ranks->begin(), ranks->end(),
+                     [](const AssignmentRecord& rank) { return rank.finished(); });
 }
 
 absl::StatusOr<v1::GetSpectraReply> Coordinator::GetSpectra(

@@ -509,9 +509,9 @@ class Coordinator {
   // session runs or is stopping a rank of the job (a cancelled rank sends its last lines before
   // its worker's heartbeat stops listing the job), and, for a job that ended before this
   // coordinator started, within 10 heartbeat intervals of its start (as long as a re-attaching
-  // rank gets), no rank of the job's newest attempt ended without its RankDone ok: its worker
-  // may not have reconnected yet to send its last lines. A store error reads as not complete
-  // (the follower asks again).
+  // rank gets), no rank of the job (its newest assignment) ended without its RankDone ok: its
+  // worker may not have reconnected yet to send its last lines. A store error reads as not
+  // complete (the follower asks again).
   bool LogComplete(const std::string& job_id, v1::JobState state);
 
   // Declared in this order: the managers borrow the clock, the store and the metrics.

@@ -8,8 +8,8 @@ run's last evaluation; the mean, SD, SE (SD / sqrt(5)) and the criterion (below 
 2 SE: rand lower; above by more: rand higher; otherwise not resolved), applied only when all ten
 runs ended as planned (README.md). Without a rule: rand against the 24,000-step full runs (seeds
 23, 25, 26), against MAT and frozen-random at 24,000 steps, and full-wall here against the longer
-full-wall runs; seconds per step. Reads metrics.jsonl, summary.json and decisions.jsonl only; no
-test figure.
+full-wall runs; seconds per step. Reads the runs' metrics.jsonl, summary.json, decisions.jsonl
+and logs (divergence) and mat-train.sha256; no test figure.
 Usage:
   bench/results/rand-vs-full-equal-wall/analyze.py [RUNS]   (default: kept-runs beside this file)
   bench/results/rand-vs-full-equal-wall/analyze.py --wall-steps   (run.sh's train.steps)
@@ -42,6 +42,7 @@ SEEDS = (23, 25, 26, 27, 28)
 STEPS = meq.STEPS  # 24,000, the config's
 RAND_FRACTION = 0.5
 WARMUP = 300  # the config's policy.warmup_steps: every decision before it is all active
+PROBE_EVERY = 40  # the config's policy.probe_every: rand decides at every such step
 # `bench/run mat-wall` with policy.kind=rand, rand_fraction 0.5, one round each, two runs side by
 # side, one thread each, nothing else running, steps from 1,000: wall_ratio as each file holds it.
 # Fixed here so that a later measurement cannot move the plan.
@@ -71,8 +72,8 @@ def rand_finished(d, seed):
     if s.get("mode") != "rand" or s.get("seed") != seed or s.get("steps") != STEPS:
         return False, f"summary says mode {s.get('mode')}, seed {s.get('seed')}, steps {s.get('steps')}"
     rows = decisions(d)
-    if not rows or rows[-1]["step"] < STEPS - 40:
-        return False, "decisions end early"
+    if [r["step"] for r in rows] != list(range(0, STEPS, PROBE_EVERY)):
+        return False, f"decisions are not one at every {PROBE_EVERY}th step from 0 to {STEPS - PROBE_EVERY}"
     for row in rows:
         size, active = {}, {}
         for m in row["modules"]:
@@ -84,13 +85,24 @@ def rand_finished(d, seed):
     return True, ""
 
 
-def full_finished(runs, seed):
-    """Whether full-wall-sSEED ended as planned: summary.json mode full, its seed, WALL_STEPS."""
+def full_finished(runs, seed, rows, full_per_step):
+    """Whether full-wall-sSEED ended as planned: summary.json mode full, its seed, WALL_STEPS; its
+    last evaluation at WALL_STEPS with full training's FLOPs per step (within 1 %) and the config's
+    peak rate (within 1 %). Returns (ok, why-not)."""
     summary = runs / f"full-wall-s{seed}" / "summary.json"
     if not summary.is_file():
-        return False
+        return False, "no summary.json"
     s = json.loads(summary.read_text())
-    return s.get("seed") == seed and s.get("steps") == WALL_STEPS and s.get("mode") == "full"
+    if s.get("seed") != seed or s.get("steps") != WALL_STEPS or s.get("mode") != "full":
+        return False, f"summary says mode {s.get('mode')}, seed {s.get('seed')}, steps {s.get('steps')}"
+    last, peak = rows[-1], ftec.peak_lr(rows, WALL_STEPS)
+    if last["step"] != WALL_STEPS:
+        return False, f"last evaluation at step {last['step']}"
+    if abs(last["flops"]["total"] / last["step"] / full_per_step - 1) > 0.01:
+        return False, "FLOPs per step not full training's"
+    if peak is None or abs(peak / wall.CONFIG_LR - 1) > 0.01:
+        return False, f"peak rate {peak}, not the config's {wall.CONFIG_LR}"
+    return True, ""
 
 
 def primary(runs):
@@ -112,13 +124,11 @@ def primary(runs):
             continue
         w, r = fw[-1], rd[-1]
         ok, why = rand_finished(runs / f"rand-s{seed}", seed)
-        peak = ftec.peak_lr(fw, WALL_STEPS)
-        if not ok:
-            print(f"      rand-s{seed} not as planned: {why}")
-        if (not ok or w["step"] != WALL_STEPS or r["step"] != STEPS
-                or not full_finished(runs, seed) or peak is None
-                or abs(peak / wall.CONFIG_LR - 1) > 0.01
-                or abs(w["flops"]["total"] / w["step"] / full_per_step - 1) > 0.01):
+        fok, fwhy = full_finished(runs, seed, fw, full_per_step)
+        for name, good, reason in ((f"rand-s{seed}", ok, why), (f"full-wall-s{seed}", fok, fwhy)):
+            if not good:
+                print(f"      {name} not as planned: {reason}")
+        if not ok or not fok or r["step"] != STEPS:
             complete = False
         steps = f"{w['step']}" + ("" if w["step"] == WALL_STEPS else f" of {WALL_STEPS}")
         rend = f"{r['val_loss']:.4f}" + ("" if r["step"] == STEPS else f" (step {r['step']})")

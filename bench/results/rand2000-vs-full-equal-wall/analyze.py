@@ -113,30 +113,43 @@ def tests(runs):
 
 
 def unruled(runs):
-    new = {s: wall.evals(runs / f"rand2000-s{s}")[-1] for s in SEEDS}
-    at_mask = [new[s]["val_loss_at_mask"] - wall.evals(RW_RUNS / f"full-wall-s{s}")[-1]["val_loss_at_mask"]
-               for s in SEEDS]
-    print("\nWithout a rule: p at [MASK]: " + ", ".join(f"{x:+.4f}" for x in at_mask))
-    for kind in ("mat", "frozen-random"):
-        other = {s: meq.curve(rw.MEQ_RUNS, kind, s)[-1]["val_loss"] for s in SEEDS}
-        meq.summary(f"Without a rule: rand2000 - {kind} (both 24,000 steps)",
-                    [new[s]["val_loss"] - other[s] for s in SEEDS])
-    full = {s: meq.curve(rw.MEQ_RUNS, "full", s)[-1]["val_loss"] for s in (23, 25, 26)}
-    print("\nWithout a rule: rand2000 - full training at 24,000 steps (../mat-vs-full-1nat/, seeds "
-          "23, 25, 26): " + ", ".join(f"{new[s]['val_loss'] - full[s]:+.4f}" for s in full))
+    """Without a rule, over the rand2000 runs that have an evaluation at step 24,000 (all five when
+    the rules applied; what finished otherwise)."""
+    done = [s for s in SEEDS if (ev := wall.evals(runs / f"rand2000-s{s}")) and ev[-1]["step"] == STEPS]
+    new = {s: wall.evals(runs / f"rand2000-s{s}")[-1] for s in done}
+    if done:
+        at_mask = [new[s]["val_loss_at_mask"]
+                   - wall.evals(RW_RUNS / f"full-wall-s{s}")[-1]["val_loss_at_mask"] for s in done]
+        print(f"\nWithout a rule: p at [MASK] (seeds {done}): " + ", ".join(f"{x:+.4f}" for x in at_mask))
+    if len(done) >= 2:
+        for kind in ("mat", "frozen-random"):
+            other = {s: meq.curve(rw.MEQ_RUNS, kind, s)[-1]["val_loss"] for s in done}
+            meq.summary(f"Without a rule: rand2000 - {kind} (both 24,000 steps; seeds {done})",
+                        [new[s]["val_loss"] - other[s] for s in done])
+    full = {s: meq.curve(rw.MEQ_RUNS, "full", s)[-1]["val_loss"] for s in (23, 25, 26) if s in done}
+    if full:
+        print("\nWithout a rule: rand2000 - full training at 24,000 steps (../mat-vs-full-1nat/): "
+              + ", ".join(f"s{s} {new[s]['val_loss'] - full[s]:+.4f}" for s in full))
     print("\nValidation loss every 2,000 steps:")
     for s in SEEDS:
-        print(f"  rand2000-s{s}: " + " ".join(f"{x['val_loss']:.2f}" for x in wall.evals(runs / f"rand2000-s{s}")
-                                             if x["step"] % 2000 == 0))
+        ev = wall.evals(runs / f"rand2000-s{s}")
+        print(f"  rand2000-s{s}: " + (" ".join(f"{x['val_loss']:.2f}" for x in ev if x["step"] % 2000 == 0)
+                                      or "no evaluation"))
     d = runs / "full-wall-s29"
     ev = wall.evals(d)
-    if ev and (d / "summary.json").is_file():
-        seed29 = {n: wall.evals(PILOT_RUNS / n)[-1]["val_loss"] for n in ("rand2000-s29", "rand40-s29")}
-        print(f"\nWithout a rule (seed 29, the pilot's seed): full-wall-s29 {ev[-1]['val_loss']:.4f} at "
-              f"step {ev[-1]['step']}; rand2000-s29 - it {seed29['rand2000-s29'] - ev[-1]['val_loss']:+.4f}, "
-              f"rand40-s29 - it {seed29['rand40-s29'] - ev[-1]['val_loss']:+.4f}")
-    else:
+    if not ev or not (d / "summary.json").is_file():
         print("\nfull-wall-s29: not finished")
+        return
+    s = json.loads((d / "summary.json").read_text())
+    if s.get("mode") != "full" or s.get("seed") != 29 or s.get("steps") != WALL_STEPS \
+            or ev[-1]["step"] != WALL_STEPS or ftec.diverged(runs, "full-wall-s29"):
+        print(f"\nfull-wall-s29 not as planned: mode {s.get('mode')}, seed {s.get('seed')}, steps "
+              f"{s.get('steps')}, last evaluation at {ev[-1]['step']}")
+        return
+    seed29 = {n: wall.evals(PILOT_RUNS / n)[-1]["val_loss"] for n in ("rand2000-s29", "rand40-s29")}
+    print(f"\nWithout a rule (seed 29, the pilot's seed): full-wall-s29 {ev[-1]['val_loss']:.4f} at "
+          f"step {ev[-1]['step']}; rand2000-s29 - it {seed29['rand2000-s29'] - ev[-1]['val_loss']:+.4f}, "
+          f"rand40-s29 - it {seed29['rand40-s29'] - ev[-1]['val_loss']:+.4f}")
 
 
 def main(runs):
@@ -145,14 +158,17 @@ def main(runs):
           f"full-wall and rand: ../rand-vs-full-equal-wall/kept-runs ({WALL_STEPS} and 24,000 steps)")
     p, q, complete = tests(runs)
     if not complete:
-        print("\nNot all five new runs ended as planned (README.md): no conclusion.")
+        print("\nNot all five new runs ended as planned (README.md): no conclusion. What finished:")
+        unruled(runs)
         return
     mvf.rule("Primary, p = rand2000 - full-wall (validation, last evaluation)", p,
              "rand2000 lower at the step count rand's measured wall ratio makes equal",
              "rand2000 higher at the step count rand's measured wall ratio makes equal")
     mvf.rule("Secondary, q = rand2000 - rand (validation, both 24,000 steps)", q,
-             "re-drawing every 2,000 steps ends lower than every 40",
-             "re-drawing every 2,000 steps ends higher than every 40")
+             "rand2000 (a half kept 2,000 steps, from step 0) ends lower than rand (re-drawn every 40, "
+             "all modules for its first 320 steps)",
+             "rand2000 (a half kept 2,000 steps, from step 0) ends higher than rand (re-drawn every 40, "
+             "all modules for its first 320 steps)")
     unruled(runs)
 
 

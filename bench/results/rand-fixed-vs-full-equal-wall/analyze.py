@@ -100,6 +100,14 @@ def unruled(runs):
     if full:
         print("\nWithout a rule: randfixed - full training at 24,000 steps (../mat-vs-full-1nat/): "
               + ", ".join(f"s{s} {new[s]['val_loss'] - full[s]:+.4f}" for s in full))
+    same = []
+    for s in SEEDS:  # the same first half as rand2000-sN: the same figures up to its first re-draw
+        mine = {e["step"]: e for e in wall.evals(runs / f"randfixed-s{s}")}
+        theirs = {e["step"]: e for e in wall.evals(R2K_RUNS / f"rand2000-s{s}")}
+        same.append(f"s{s} " + ("yes" if all(k in mine and all(mine[k][f] == theirs[k][f] for f in (
+            "train_loss", "val_loss", "flops")) for k in (1000, 2000)) else "no"))
+    print("\nWithout a rule: train and validation loss and FLOPs at steps 1,000 and 2,000 equal to "
+          "rand2000's (the same first half): " + ", ".join(same))
     print("\nValidation loss every 2,000 steps:")
     for s in SEEDS:
         ev = wall.evals(runs / f"randfixed-s{s}")

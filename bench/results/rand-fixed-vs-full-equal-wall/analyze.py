@@ -108,8 +108,18 @@ def unruled(runs):
             "train_loss", "val_loss", "flops")) for k in (1000, 2000)) else "no"))
     print("\nWithout a rule: train and validation loss and FLOPs at steps 1,000 and 2,000 equal to "
           "rand2000's (the same first half): " + ", ".join(same))
+    d = runs / "randfixed-s29"  # added before its run, no rule
+    ev = wall.evals(d)
+    ok, why = r2k.rand2000_finished(d, 29)
+    if ev and ok and ev[-1]["step"] == STEPS:
+        others = {"full-wall-s29 (17,996)": R2K_RUNS / "full-wall-s29",
+                  "rand2000-s29": r2k.PILOT_RUNS / "rand2000-s29", "rand40-s29": r2k.PILOT_RUNS / "rand40-s29"}
+        print(f"\nWithout a rule (seed 29): randfixed-s29 {ev[-1]['val_loss']:.4f}; minus "
+              + ", ".join(f"{n} {ev[-1]['val_loss'] - wall.evals(o)[-1]['val_loss']:+.4f}" for n, o in others.items()))
+    else:
+        print(f"\nrandfixed-s29: not finished as planned ({why or 'last evaluation not at 24,000'})")
     print("\nValidation loss every 2,000 steps:")
-    for s in SEEDS:
+    for s in SEEDS + (29,):
         ev = wall.evals(runs / f"randfixed-s{s}")
         print(f"  randfixed-s{s}: " + (" ".join(f"{x['val_loss']:.2f}" for x in ev if x["step"] % 2000 == 0)
                                        or "no evaluation"))

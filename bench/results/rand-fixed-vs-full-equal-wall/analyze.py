@@ -100,6 +100,16 @@ def unruled(runs):
     if full:
         print("\nWithout a rule: randfixed - full training at 24,000 steps (../mat-vs-full-1nat/): "
               + ", ".join(f"s{s} {new[s]['val_loss'] - full[s]:+.4f}" for s in full))
+    if len(done) >= 2:  # added after the results were read (no rule): the step count's uncertainty
+        longer = {"full-equal (18,557-19,288 steps; ../mat-vs-full-equal-compute/)":
+                      lambda s: meq.run_dir(rw.MEQ_RUNS, "full-equal", s),
+                  "full-wall (20,611; ../mat-vs-full-equal-wall-long/)": lambda s: rw.LONG_RUNS / f"full-wall-s{s}",
+                  "full-wall (21,891; ../mat-vs-full-equal-wall/)": lambda s: wall.HERE / "kept-runs" / f"full-wall-s{s}"}
+        for name, where in longer.items():
+            ends = {s: wall.evals(where(s))[-1] for s in done}
+            meq.summary(f"Without a rule, added after the results: randfixed - {name}; steps "
+                        + ", ".join(str(e["step"]) for e in ends.values()),
+                        [new[s]["val_loss"] - ends[s]["val_loss"] for s in done])
     same = []
     for s in SEEDS:  # the same first half as rand2000-sN: the same figures up to its first re-draw
         mine = {e["step"]: e for e in wall.evals(runs / f"randfixed-s{s}")}

@@ -42,64 +42,14 @@ r2k.REDRAW = STEPS  # one decision, at step 0: exactly half of every group, kept
 BINARY = r2k.BINARY  # the rand2000 test's binary, rebuilt from 259fb24 and checked there
 
 
-def tests(runs):
-    """Rows per seed; (p, q, complete)."""
-    print("\nseed  randfixed (24,000)  full-wall (17,996)  rand2000 (24,000)  p = randfixed - full-wall"
-          "  q = randfixed - rand2000  FLOPs randfixed/24k full  s/step randfixed")
-    p, q, complete = [], [], True
-    full_per_step = meq.full_flops_per_step()
-    for seed in SEEDS:
-        name = f"randfixed-s{seed}"
-        if ftec.diverged(runs, name):
-            print(f"{seed:4d}  {name} diverged (a non-finite training loss)")
-            complete = False
-            continue
-        ev = wall.evals(runs / name)
-        if not ev:
-            print(f"{seed:4d}  no evaluation yet of {name}")
-            complete = False
-            continue
-        ok, why = r2k.rand2000_finished(runs / name, seed)
-        if not ok or ev[-1]["step"] != STEPS:
-            print(f"      {name} not as planned: {why or 'last evaluation at step ' + str(ev[-1]['step'])}")
-            complete = False
-        fw = wall.evals(RW_RUNS / f"full-wall-s{seed}")[-1]
-        r2 = wall.evals(R2K_RUNS / f"rand2000-s{seed}")[-1]
-        e = ev[-1]
-        print(f"{seed:4d}  {e['val_loss']:.4f}{'' if e['step'] == STEPS else ' (step %d)' % e['step']}"
-              f"              {fw['val_loss']:.4f}              {r2['val_loss']:.4f}             "
-              f"{e['val_loss'] - fw['val_loss']:+.4f}                     "
-              f"{e['val_loss'] - r2['val_loss']:+.4f}                   "
-              f"{e['flops']['total'] / (e['step'] * full_per_step):.4f}                  "
-              f"{e['wall_seconds'] / e['step']:.4f}")
-        p.append(e["val_loss"] - fw["val_loss"])
-        q.append(e["val_loss"] - r2["val_loss"])
-    sha_ok = r2k.binary_ok(runs)
-    if not sha_ok:
-        print("\nmat-train.sha256 is not the planned binary's")
-    return p, q, complete and len(p) == len(SEEDS) and sha_ok
-
-
 def unruled(runs):
     """Without a rule, over the runs with an evaluation at step 24,000."""
-    done = [s for s in SEEDS if (ev := wall.evals(runs / f"randfixed-s{s}")) and ev[-1]["step"] == STEPS]
-    new = {s: wall.evals(runs / f"randfixed-s{s}")[-1] for s in done}
+    new = r2k.common_unruled(runs, "randfixed")
+    done = list(new)
+    rand = [new[s]["val_loss"] - wall.evals(RW_RUNS / f"rand-s{s}")[-1]["val_loss"] for s in done]
     if done:
-        at_mask = [new[s]["val_loss_at_mask"]
-                   - wall.evals(RW_RUNS / f"full-wall-s{s}")[-1]["val_loss_at_mask"] for s in done]
-        print(f"\nWithout a rule: p at [MASK] (seeds {done}): " + ", ".join(f"{x:+.4f}" for x in at_mask))
-        rand = [new[s]["val_loss"] - wall.evals(RW_RUNS / f"rand-s{s}")[-1]["val_loss"] for s in done]
-        print(f"Without a rule: randfixed - rand (re-drawn every 40; seeds {done}): "
+        print(f"\nWithout a rule: randfixed - rand (re-drawn every 40; seeds {done}): "
               + ", ".join(f"{x:+.4f}" for x in rand))
-    if len(done) >= 2:
-        for kind in ("frozen-random", "mat"):
-            other = {s: meq.curve(rw.MEQ_RUNS, kind, s)[-1]["val_loss"] for s in done}
-            meq.summary(f"Without a rule: randfixed - {kind} (both 24,000 steps; seeds {done})",
-                        [new[s]["val_loss"] - other[s] for s in done])
-    full = {s: meq.curve(rw.MEQ_RUNS, "full", s)[-1]["val_loss"] for s in (23, 25, 26) if s in done}
-    if full:
-        print("\nWithout a rule: randfixed - full training at 24,000 steps (../mat-vs-full-1nat/): "
-              + ", ".join(f"s{s} {new[s]['val_loss'] - full[s]:+.4f}" for s in full))
     if len(done) >= 2:  # added after the results were read (no rule): the step count's uncertainty
         longer = {"full-equal (18,557-19,288 steps; ../mat-vs-full-equal-compute/)":
                       lambda s: meq.run_dir(rw.MEQ_RUNS, "full-equal", s),
@@ -128,11 +78,6 @@ def unruled(runs):
               + ", ".join(f"{n} {ev[-1]['val_loss'] - wall.evals(o)[-1]['val_loss']:+.4f}" for n, o in others.items()))
     else:
         print(f"\nrandfixed-s29: not finished as planned ({why or 'last evaluation not at 24,000'})")
-    print("\nValidation loss every 2,000 steps:")
-    for s in SEEDS + (29,):
-        ev = wall.evals(runs / f"randfixed-s{s}")
-        print(f"  randfixed-s{s}: " + (" ".join(f"{x['val_loss']:.2f}" for x in ev if x["step"] % 2000 == 0)
-                                       or "no evaluation"))
 
 
 def main(runs):
@@ -140,7 +85,7 @@ def main(runs):
     print("randfixed: 24,000 steps, one half of each group drawn at step 0 and kept; full-wall: "
           f"../rand-vs-full-equal-wall/kept-runs ({r2k.WALL_STEPS} steps); rand2000: "
           "../rand2000-vs-full-equal-wall/kept-runs")
-    p, q, complete = tests(runs)
+    p, q, complete = r2k.paired(runs, "randfixed", "rand2000", R2K_RUNS)
     if not complete:
         print("\nNot all five new runs ended as planned (README.md): no conclusion. What finished:")
         unruled(runs)

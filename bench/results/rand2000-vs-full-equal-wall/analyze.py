@@ -74,14 +74,17 @@ def binary_ok(runs):
     return sha.is_file() and sha.read_text().split()[:1] == [BINARY]
 
 
-def tests(runs):
-    """Rows per seed; (p, q, complete)."""
-    print("\nseed  rand2000 (24,000)  full-wall (17,996)  rand (24,000)  p = rand2000 - full-wall"
-          "  q = rand2000 - rand  FLOPs rand2000/24k full  s/step rand2000")
+def paired(runs, arm, other, other_runs):
+    """Rows per seed of ARM-sN (in runs) against full-wall-sN (../rand-vs-full-equal-wall/) and
+    OTHER-sN (in other_runs): p = ARM - full-wall, q = ARM - OTHER at each run's last evaluation;
+    ARM's run checked by rand2000_finished (its REDRAW). Returns (p, q, complete). Also used by
+    ../rand-fixed-vs-full-equal-wall/analyze.py."""
+    print(f"\nseed  {arm} (24,000)  full-wall (17,996)  {other} (24,000)  p = {arm} - full-wall"
+          f"  q = {arm} - {other}  FLOPs {arm}/24k full  s/step {arm}")
     p, q, complete = [], [], True
     full_per_step = meq.full_flops_per_step()
     for seed in SEEDS:
-        name = f"rand2000-s{seed}"
+        name = f"{arm}-s{seed}"
         if ftec.diverged(runs, name):
             print(f"{seed:4d}  {name} diverged (a non-finite training loss)")
             complete = False
@@ -96,27 +99,26 @@ def tests(runs):
             print(f"      {name} not as planned: {why or 'last evaluation at step ' + str(ev[-1]['step'])}")
             complete = False
         fw = wall.evals(RW_RUNS / f"full-wall-s{seed}")[-1]
-        rd = wall.evals(RW_RUNS / f"rand-s{seed}")[-1]
+        ot = wall.evals(other_runs / f"{other}-s{seed}")[-1]
         e = ev[-1]
         print(f"{seed:4d}  {e['val_loss']:.4f}{'' if e['step'] == STEPS else ' (step %d)' % e['step']}"
-              f"             {fw['val_loss']:.4f}              {rd['val_loss']:.4f}         "
-              f"{e['val_loss'] - fw['val_loss']:+.4f}                    "
-              f"{e['val_loss'] - rd['val_loss']:+.4f}               "
-              f"{e['flops']['total'] / (e['step'] * full_per_step):.4f}                 "
-              f"{e['wall_seconds'] / e['step']:.4f}")
+              f"  {fw['val_loss']:.4f}  {ot['val_loss']:.4f}  {e['val_loss'] - fw['val_loss']:+.4f}"
+              f"  {e['val_loss'] - ot['val_loss']:+.4f}"
+              f"  {e['flops']['total'] / (e['step'] * full_per_step):.4f}  {e['wall_seconds'] / e['step']:.4f}")
         p.append(e["val_loss"] - fw["val_loss"])
-        q.append(e["val_loss"] - rd["val_loss"])
-    complete = complete and len(p) == len(SEEDS) and binary_ok(runs)
-    if not binary_ok(runs):
+        q.append(e["val_loss"] - ot["val_loss"])
+    sha_ok = binary_ok(runs)
+    if not sha_ok:
         print("\nmat-train.sha256 is not the planned binary's")
-    return p, q, complete
+    return p, q, complete and len(p) == len(SEEDS) and sha_ok
 
 
-def unruled(runs):
-    """Without a rule, over the rand2000 runs that have an evaluation at step 24,000 (all five when
-    the rules applied; what finished otherwise)."""
-    done = [s for s in SEEDS if (ev := wall.evals(runs / f"rand2000-s{s}")) and ev[-1]["step"] == STEPS]
-    new = {s: wall.evals(runs / f"rand2000-s{s}")[-1] for s in done}
+def common_unruled(runs, arm):
+    """Without a rule, over the ARM-sN runs that have an evaluation at step 24,000 (all five when
+    the rules applied; what finished otherwise): p at [MASK], ARM - MAT and - frozen-random, ARM -
+    full training at 24,000 steps, the curves every 2,000 steps. Returns {seed: last evaluation}."""
+    done = [s for s in SEEDS if (ev := wall.evals(runs / f"{arm}-s{s}")) and ev[-1]["step"] == STEPS]
+    new = {s: wall.evals(runs / f"{arm}-s{s}")[-1] for s in done}
     if done:
         at_mask = [new[s]["val_loss_at_mask"]
                    - wall.evals(RW_RUNS / f"full-wall-s{s}")[-1]["val_loss_at_mask"] for s in done]
@@ -124,17 +126,23 @@ def unruled(runs):
     if len(done) >= 2:
         for kind in ("mat", "frozen-random"):
             other = {s: meq.curve(rw.MEQ_RUNS, kind, s)[-1]["val_loss"] for s in done}
-            meq.summary(f"Without a rule: rand2000 - {kind} (both 24,000 steps; seeds {done})",
+            meq.summary(f"Without a rule: {arm} - {kind} (both 24,000 steps; seeds {done})",
                         [new[s]["val_loss"] - other[s] for s in done])
     full = {s: meq.curve(rw.MEQ_RUNS, "full", s)[-1]["val_loss"] for s in (23, 25, 26) if s in done}
     if full:
-        print("\nWithout a rule: rand2000 - full training at 24,000 steps (../mat-vs-full-1nat/): "
+        print(f"\nWithout a rule: {arm} - full training at 24,000 steps (../mat-vs-full-1nat/): "
               + ", ".join(f"s{s} {new[s]['val_loss'] - full[s]:+.4f}" for s in full))
     print("\nValidation loss every 2,000 steps:")
-    for s in SEEDS:
-        ev = wall.evals(runs / f"rand2000-s{s}")
-        print(f"  rand2000-s{s}: " + (" ".join(f"{x['val_loss']:.2f}" for x in ev if x["step"] % 2000 == 0)
-                                      or "no evaluation"))
+    for s in SEEDS + (29,):
+        ev = wall.evals(runs / f"{arm}-s{s}")
+        if ev or s in SEEDS:
+            print(f"  {arm}-s{s}: " + (" ".join(f"{x['val_loss']:.2f}" for x in ev if x["step"] % 2000 == 0)
+                                       or "no evaluation"))
+    return new
+
+
+def unruled(runs):
+    common_unruled(runs, "rand2000")
     d = runs / "full-wall-s29"
     ev = wall.evals(d)
     if not ev or not (d / "summary.json").is_file():
@@ -156,7 +164,7 @@ def main(runs):
     runs = pathlib.Path(runs)
     print(f"rand2000: 24,000 steps, a new half of each group at every {REDRAW}th step from 0; "
           f"full-wall and rand: ../rand-vs-full-equal-wall/kept-runs ({WALL_STEPS} and 24,000 steps)")
-    p, q, complete = tests(runs)
+    p, q, complete = paired(runs, "rand2000", "rand", RW_RUNS)
     if not complete:
         print("\nNot all five new runs ended as planned (README.md): no conclusion. What finished:")
         unruled(runs)
